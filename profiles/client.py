@@ -1,0 +1,147 @@
+"""Opens a channel to a Profiles service, for internal backends and the services themselves.
+
+    async with open_channel("127.0.0.1:50054", api_key) as channel:
+        stub = query_service_pb2_grpc.QueryServiceStub(channel)
+        reply = await stub.GetProfile(request)
+
+Every call carries the key and a deadline (10 s unless the call sets its own), and the channel's
+service config retries idempotent calls (those marked NO_SIDE_EFFECTS or IDEMPOTENT in the
+contract) on UNAVAILABLE with exponential backoff, so a restarting replica costs a retry, not an
+error.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import grpc
+from google.protobuf import descriptor_pb2
+
+from profiles.diagnostics.v1 import diagnostics_service_pb2
+from profiles.identity.v1 import identity_service_pb2
+from profiles.ingest.v1 import ingest_service_pb2
+from profiles.query.v1 import query_service_pb2
+from profiles.segments.v1 import segments_service_pb2
+
+DEFAULT_TIMEOUT_SECONDS = 10.0
+PROJECT_HEADER = "x-profiles-project"
+
+_FILES = (
+    ingest_service_pb2,
+    identity_service_pb2,
+    segments_service_pb2,
+    query_service_pb2,
+    diagnostics_service_pb2,
+)
+_RETRIABLE = {
+    descriptor_pb2.MethodOptions.NO_SIDE_EFFECTS,
+    descriptor_pb2.MethodOptions.IDEMPOTENT,
+}
+
+
+def idempotent_methods() -> list[tuple[str, str]]:
+    """(service full name, method) of every RPC the contract marks safe to retry."""
+    found = []
+    for module in _FILES:
+        for service in module.DESCRIPTOR.services_by_name.values():
+            for method in service.methods:
+                level = method.GetOptions().idempotency_level
+                if level in _RETRIABLE:
+                    found.append((service.full_name, method.name))
+    return found
+
+
+def service_config(methods: Iterable[tuple[str, str]] | None = None) -> str:
+    names = [{"service": s, "method": m} for s, m in (methods or idempotent_methods())]
+    return json.dumps(
+        {
+            "methodConfig": [
+                {
+                    "name": names,
+                    "retryPolicy": {
+                        "maxAttempts": 4,
+                        "initialBackoff": "0.1s",
+                        "maxBackoff": "2s",
+                        "backoffMultiplier": 2,
+                        "retryableStatusCodes": ["UNAVAILABLE"],
+                    },
+                }
+            ]
+        }
+    )
+
+
+class _Defaults(
+    grpc.aio.UnaryUnaryClientInterceptor,
+    grpc.aio.UnaryStreamClientInterceptor,
+    grpc.aio.StreamUnaryClientInterceptor,
+    grpc.aio.StreamStreamClientInterceptor,
+):
+    """Adds the credential to every call, and a deadline to unary calls that set none."""
+
+    def __init__(self, metadata: Sequence[tuple[str, str]], timeout: float) -> None:
+        self._metadata = tuple(metadata)
+        self._timeout = timeout
+
+    def _details(self, details: grpc.aio.ClientCallDetails, unary: bool) -> Any:
+        metadata = grpc.aio.Metadata(*self._metadata)
+        for key, value in details.metadata or ():
+            metadata.add(key, value)
+        timeout = details.timeout
+        if timeout is None and unary:
+            timeout = self._timeout
+        return grpc.aio.ClientCallDetails(
+            details.method, timeout, metadata, details.credentials, details.wait_for_ready
+        )
+
+    async def intercept_unary_unary(
+        self, continuation: Callable[..., Any], details: Any, request: Any
+    ) -> Any:
+        return await continuation(self._details(details, True), request)
+
+    async def intercept_stream_unary(
+        self, continuation: Callable[..., Any], details: Any, requests: Any
+    ) -> Any:
+        return await continuation(self._details(details, True), requests)
+
+    async def intercept_unary_stream(
+        self, continuation: Callable[..., Any], details: Any, request: Any
+    ) -> Any:
+        return await continuation(self._details(details, False), request)
+
+    async def intercept_stream_stream(
+        self, continuation: Callable[..., Any], details: Any, requests: Any
+    ) -> Any:
+        return await continuation(self._details(details, False), requests)
+
+
+def open_channel(
+    address: str,
+    api_key: str,
+    *,
+    project_id: str | None = None,
+    timeout: float = DEFAULT_TIMEOUT_SECONDS,
+    secure: bool = False,
+) -> grpc.aio.Channel:
+    """A channel to `address` whose calls carry `api_key` (an API key, or the internal service
+    credential together with `project_id`) and a default deadline of `timeout` seconds."""
+    metadata = [("authorization", f"Bearer {api_key}")]
+    if project_id is not None:
+        metadata.append((PROJECT_HEADER, project_id))
+    options = [
+        ("grpc.service_config", service_config()),
+        ("grpc.enable_retries", 1),
+        ("grpc.max_receive_message_length", 8 * 1024 * 1024),
+        ("grpc.max_send_message_length", 8 * 1024 * 1024),
+    ]
+    interceptors = [_Defaults(metadata, timeout)]
+    if secure:
+        return grpc.aio.secure_channel(
+            address, grpc.ssl_channel_credentials(), options=options, interceptors=interceptors
+        )
+    return grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)
+
+
+__all__ = ["idempotent_methods", "open_channel", "service_config"]

@@ -1,0 +1,1 @@
+"""Common runtime of the Profiles suite: settings, logs, auth, database, bus, server bootstrap."""

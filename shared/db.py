@@ -1,0 +1,116 @@
+"""The asyncpg pool and the versioned migrations every service applies at start-up.
+
+Migrations are numbered `.sql` files in shared/migrations, applied in order under a session-level
+advisory lock (so several processes starting at once apply each file exactly once), each in its
+own transaction, and recorded with a checksum: an applied file that was edited afterwards stops
+start-up instead of leaving the schema in an unknown state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+import structlog
+
+log = structlog.get_logger(__name__)
+
+MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+# Any constant works as long as nothing else in the database uses it; this is "profiles" in ASCII.
+MIGRATION_LOCK_ID = 0x70726F66696C6573
+
+CREATE_MIGRATIONS_TABLE = """
+    CREATE TABLE IF NOT EXISTS schema_migrations (
+        version integer PRIMARY KEY,
+        name text NOT NULL,
+        checksum text NOT NULL,
+        apply_time timestamptz NOT NULL DEFAULT now()
+    )"""
+SELECT_APPLIED = "SELECT version, name, checksum FROM schema_migrations ORDER BY version"
+INSERT_APPLIED = "INSERT INTO schema_migrations (version, name, checksum) VALUES ($1, $2, $3)"
+
+_FILE_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+
+
+class MigrationError(RuntimeError):
+    """The database's recorded migrations do not match the files shipped with this version."""
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+    @property
+    def checksum(self) -> str:
+        return hashlib.sha256(self.sql.encode()).hexdigest()
+
+
+def load_migrations(directory: Path = MIGRATIONS_DIR) -> list[Migration]:
+    migrations = []
+    for path in sorted(directory.glob("*.sql")):
+        match = _FILE_NAME.match(path.name)
+        if match is None:
+            raise MigrationError(f"migration file name not NNNN_name.sql: {path.name}")
+        migrations.append(Migration(int(match[1]), match[2], path.read_text()))
+    versions = [m.version for m in migrations]
+    if versions != list(range(1, len(versions) + 1)):
+        raise MigrationError(f"migration versions must be 1..N without gaps: {versions}")
+    return migrations
+
+
+async def migrate(database_url: str, directory: Path = MIGRATIONS_DIR) -> list[int]:
+    """Applies the migrations not yet applied; returns their versions. Safe to run concurrently."""
+    migrations = load_migrations(directory)
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_ID)
+        try:
+            await conn.execute(CREATE_MIGRATIONS_TABLE)
+            applied = {r["version"]: r for r in await conn.fetch(SELECT_APPLIED)}
+            newly_applied = []
+            for migration in migrations:
+                recorded = applied.get(migration.version)
+                if recorded is not None:
+                    if recorded["checksum"] != migration.checksum:
+                        raise MigrationError(
+                            f"migration {migration.version}_{migration.name} was edited after it"
+                            " was applied; add a new migration instead"
+                        )
+                    continue
+                async with conn.transaction():
+                    await conn.execute(migration.sql)
+                    await conn.execute(
+                        INSERT_APPLIED, migration.version, migration.name, migration.checksum
+                    )
+                newly_applied.append(migration.version)
+                log.info("migration_applied", version=migration.version, name=migration.name)
+            unknown = set(applied) - {m.version for m in migrations}
+            if unknown:
+                raise MigrationError(f"database has migrations this version lacks: {unknown}")
+            return newly_applied
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_ID)
+    finally:
+        await conn.close()
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    for type_name in ("json", "jsonb"):
+        await conn.set_type_codec(
+            type_name, encoder=json.dumps, decoder=json.loads, schema="pg_catalog"
+        )
+
+
+async def create_pool(database_url: str, *, max_size: int = 10) -> asyncpg.Pool:
+    """A pool whose connections decode json/jsonb to Python values."""
+    pool = await asyncpg.create_pool(
+        database_url, min_size=1, max_size=max_size, init=_init_connection
+    )
+    assert pool is not None
+    return pool

@@ -1,0 +1,266 @@
+"""The one server interceptor: authentication, authorization, error mapping, logs and metrics.
+
+It wraps each handler's behaviour rather than chaining several interceptors, so every call pays
+for one wrapper. Domain errors become gRPC statuses here and nowhere else, with a
+`google.rpc.ErrorInfo` (stable reason) and, for invalid arguments, one `BadRequest` field
+violation per field path. Anything unexpected is INTERNAL with a generic message; its traceback
+is logged once with the request id. CancelledError is never swallowed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+import structlog
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from shared import errors
+from shared.auth import Authenticator, authorize, reset_current_caller, set_current_caller
+from shared.auth_policy import is_public
+from shared.metrics import RPC_SECONDS, RPC_TOTAL
+
+log = structlog.get_logger(__name__)
+
+ERROR_DOMAIN = "profiles.dev"
+REQUEST_ID_HEADER = "x-request-id"
+
+STATUS_CODES: dict[type[errors.DomainError], grpc.StatusCode] = {
+    errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.NotFound: grpc.StatusCode.NOT_FOUND,
+    errors.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+    errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+    errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    errors.Aborted: grpc.StatusCode.ABORTED,
+    errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+}
+
+
+class TooManyStreams(errors.ResourceExhausted):
+    reason = "TOO_MANY_STREAMS"
+
+
+class ShuttingDown(errors.Unavailable):
+    reason = "SHUTTING_DOWN"
+
+
+def status_code_of(error: errors.DomainError) -> grpc.StatusCode:
+    for kind in type(error).__mro__:
+        code = STATUS_CODES.get(kind)
+        if code is not None:
+            return code
+    return grpc.StatusCode.UNKNOWN
+
+
+def rich_status(error: errors.DomainError) -> status_pb2.Status:
+    """The google.rpc.Status of a domain error, with ErrorInfo and field violations."""
+    code = status_code_of(error)
+    info = error_details_pb2.ErrorInfo(
+        reason=error.reason, domain=ERROR_DOMAIN, metadata=error.metadata
+    )
+    details = [info]
+    if isinstance(error, errors.InvalidArgument) and error.violations:
+        details.append(
+            error_details_pb2.BadRequest(
+                field_violations=[
+                    error_details_pb2.BadRequest.FieldViolation(
+                        field=v.field, description=v.description, reason=v.reason
+                    )
+                    for v in error.violations
+                ]
+            )
+        )
+    packed = []
+    for detail in details:
+        holder = any_pb2.Any()
+        holder.Pack(detail)
+        packed.append(holder)
+    return status_pb2.Status(code=code.value[0], message=error.message, details=packed)
+
+
+def status_of_error(error: errors.DomainError) -> status_pb2.Status:
+    """Same as rich_status; the name used where a per-item status is embedded in a response."""
+    return rich_status(error)
+
+
+OK_STATUS = status_pb2.Status(code=code_pb2.OK)
+
+
+class StreamGate:
+    """Caps long-lived streams apart from unary calls, and ends them at once on shutdown."""
+
+    def __init__(self, max_streams: int) -> None:
+        self._slots = asyncio.BoundedSemaphore(max_streams)
+        self.draining = asyncio.Event()
+
+    def try_enter(self) -> bool:
+        if self._slots.locked():
+            return False
+        # acquire() on an unlocked semaphore completes without suspending.
+        self._slots._value -= 1
+        return True
+
+    def leave(self) -> None:
+        self._slots.release()
+
+
+async def _until_drained(items: AsyncIterator[Any], draining: asyncio.Event) -> AsyncIterator[Any]:
+    """Yields from `items` until they end or the server starts draining."""
+    drained = asyncio.ensure_future(draining.wait())
+    try:
+        while True:
+            next_item = asyncio.ensure_future(anext(items))
+            done, _ = await asyncio.wait({next_item, drained}, return_when=asyncio.FIRST_COMPLETED)
+            if next_item not in done:
+                next_item.cancel()
+                # Let the generator see its cancellation before aclose(), which refuses to
+                # close a generator that is still running; wait() never raises, so our own
+                # cancellation is not swallowed here.
+                await asyncio.wait({next_item})
+                raise ShuttingDown("the server is shutting down; reconnect to another replica")
+            try:
+                item = next_item.result()
+            except StopAsyncIteration:
+                return
+            yield item
+    finally:
+        drained.cancel()
+        aclose = getattr(items, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+class ServerInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, authenticator: Authenticator, streams: StreamGate) -> None:
+        self._auth = authenticator
+        self._streams = streams
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or is_public(method):
+            return handler
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                self._wrap_unary(method, handler.unary_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(
+                self._wrap_unary(method, handler.stream_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        behavior = handler.unary_stream or handler.stream_stream
+        factory = (
+            grpc.unary_stream_rpc_method_handler
+            if handler.unary_stream
+            else grpc.stream_stream_rpc_method_handler
+        )
+        return factory(
+            self._wrap_stream(method, behavior),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    async def _enter(self, method: str, context: grpc.aio.ServicerContext) -> object:
+        metadata = context.invocation_metadata() or ()
+        request_id = (
+            next((v for k, v in metadata if k == REQUEST_ID_HEADER and isinstance(v, str)), None)
+            or uuid.uuid4().hex
+        )
+        structlog.contextvars.bind_contextvars(rpc=method, request_id=request_id)
+        caller = await self._auth.authenticate(metadata)
+        structlog.contextvars.bind_contextvars(project_id=str(caller.project_id))
+        authorize(caller, method)
+        return set_current_caller(caller)
+
+    def _wrap_unary(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
+        async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            started = time.perf_counter()
+            code = grpc.StatusCode.OK
+            token = None
+            try:
+                token = await self._enter(method, context)
+                return await behavior(request, context)
+            except BaseException as exc:
+                code = await self._fail(exc, context)
+                raise
+            finally:
+                self._finish(method, code, started, token, context)
+
+        return wrapper
+
+    def _wrap_stream(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
+        async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            started = time.perf_counter()
+            code = grpc.StatusCode.OK
+            token = None
+            entered = False
+            try:
+                token = await self._enter(method, context)
+                if not self._streams.try_enter():
+                    raise TooManyStreams("too many open streams on this server; retry later")
+                entered = True
+                async for item in _until_drained(
+                    behavior(request, context), self._streams.draining
+                ):
+                    yield item
+            except BaseException as exc:
+                code = await self._fail(exc, context)
+                raise
+            finally:
+                if entered:
+                    self._streams.leave()
+                self._finish(method, code, started, token, context)
+
+        return wrapper
+
+    async def _fail(self, exc: BaseException, context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+        """Turns `exc` into the call's status (by aborting) and returns the code for metrics."""
+        if isinstance(exc, asyncio.CancelledError):
+            return grpc.StatusCode.CANCELLED
+        if isinstance(exc, grpc.aio.AbortError):  # a status already set is left alone
+            return context.code() or grpc.StatusCode.UNKNOWN
+        if isinstance(exc, errors.DomainError):
+            status = rpc_status.to_status(rich_status(exc))
+            log.info("rpc_refused", reason=exc.reason, code=status.code.name)
+            await context.abort(status.code, status.details, status.trailing_metadata)
+        if isinstance(exc, GeneratorExit):
+            return grpc.StatusCode.CANCELLED
+        log.error("rpc_internal_error", exc_info=exc)
+        await context.abort(
+            grpc.StatusCode.INTERNAL, "internal error; the server log has the request id"
+        )
+        return grpc.StatusCode.INTERNAL  # not reached: abort raises
+
+    def _finish(
+        self,
+        method: str,
+        code: grpc.StatusCode,
+        started: float,
+        token: object | None,
+        context: grpc.aio.ServicerContext,
+    ) -> None:
+        elapsed = time.perf_counter() - started
+        if code is grpc.StatusCode.OK:
+            code = context.code() or grpc.StatusCode.OK
+        RPC_TOTAL.labels(method, code.name).inc()
+        RPC_SECONDS.labels(method).observe(elapsed)
+        log.info("rpc_finished", code=code.name, latency_ms=round(elapsed * 1000, 3))
+        if token is not None:
+            reset_current_caller(token)
+        structlog.contextvars.unbind_contextvars("rpc", "request_id", "project_id")

@@ -1,0 +1,220 @@
+"""One bootstrap for all four services: runtime, gRPC server, health, reflection, shutdown.
+
+A service contributes a `build(runtime) -> ServiceDefinition`; everything else (auth, errors,
+metrics, health, reflection, limits, graceful shutdown) is the same for every service.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import asyncpg
+import grpc
+import structlog
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+from redis.asyncio import Redis
+
+from shared import diagnostics
+from shared.auth import Authenticator
+from shared.clock import Clock, SystemClock
+from shared.db import create_pool, migrate
+from shared.interceptors import ServerInterceptor, StreamGate
+from shared.logging import configure_logging
+from shared.metrics import start_metrics_server
+from shared.settings import Settings
+from shared.tenancy import TenancyRepository
+
+log = structlog.get_logger(__name__)
+
+MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+
+
+class BackgroundWorker(Protocol):
+    """A loop a service runs beside its server (bus consumers, the outbox relay, sweeps)."""
+
+    async def run(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+@dataclass(slots=True)
+class Runtime:
+    """What a service's build function gets: connections and shared components, built once."""
+
+    service_name: str
+    settings: Settings
+    pool: asyncpg.Pool
+    redis: Redis
+    clock: Clock
+    tenancy: TenancyRepository
+
+
+@dataclass(slots=True)
+class ServiceDefinition:
+    """What a service contributes: its servicers and its background workers."""
+
+    full_names: Sequence[str]
+    register: Callable[[grpc.aio.Server], None]
+    workers: list[BackgroundWorker] = field(default_factory=list)
+
+
+Build = Callable[[Runtime], Awaitable[ServiceDefinition]]
+
+
+class PortInUse(RuntimeError):
+    def __init__(self, service: str, address: str) -> None:
+        super().__init__(f"{service}: cannot listen on {address}: the port is already in use")
+        self.service = service
+        self.address = address
+
+
+def server_options() -> list[tuple[str, int]]:
+    return [
+        # 8 MiB so that ingest can read a 4 MiB+ request and refuse it with INVALID_ARGUMENT itself.
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        # Without this, Linux lets a second server bind a port that is in use and share it.
+        ("grpc.so_reuseport", 0),
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+
+
+class RunningService:
+    def __init__(
+        self,
+        name: str,
+        server: grpc.aio.Server,
+        health: HealthServicer,
+        streams: StreamGate,
+        runtime: Runtime,
+        definition: ServiceDefinition,
+        port: int,
+    ) -> None:
+        self.name = name
+        self.port = port
+        self.runtime = runtime
+        self._server = server
+        self._health = health
+        self._streams = streams
+        self._definition = definition
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopped = asyncio.Event()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start_workers(self) -> None:
+        for worker in self._definition.workers:
+            task = asyncio.create_task(worker.run(), name=f"{self.name}:{type(worker).__name__}")
+            task.add_done_callback(self._worker_done)
+            self._tasks.append(task)
+
+    def _worker_done(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("worker_failed", worker=task.get_name(), exc_info=task.exception())
+
+    async def stop(self, grace: float) -> None:
+        """Drains: NOT_SERVING, end open streams with UNAVAILABLE, finish in-flight unary calls,
+        stop the workers (the outbox relay flushes what is committed), close connections."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        log.info("service_stopping", service=self.name, grace_s=grace)
+        await self._health.enter_graceful_shutdown()
+        self._streams.draining.set()
+        await self._server.stop(grace)
+        for worker in self._definition.workers:
+            try:
+                async with asyncio.timeout(grace):
+                    await worker.stop()
+            except Exception:
+                log.exception("worker_stop_failed", worker=type(worker).__name__)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.runtime.redis.aclose()
+        await self.runtime.pool.close()
+        log.info("service_stopped", service=self.name)
+
+
+async def start_service(
+    name: str,
+    settings: Settings,
+    build: Build,
+    *,
+    port: int | None = None,
+    clock: Clock | None = None,
+    metrics: bool = True,
+) -> RunningService:
+    """Migrates, connects, builds the service and starts serving; returns once it is SERVING."""
+    await migrate(settings.database_url)
+    pool = await create_pool(settings.database_url, max_size=settings.db_pool_size)
+    redis = Redis.from_url(settings.redis_url)
+    tenancy = TenancyRepository(pool)
+    runtime = Runtime(name, settings, pool, redis, clock or SystemClock(), tenancy)
+    try:
+        definition = await build(runtime)
+        streams = StreamGate(settings.max_streams)
+        server = grpc.aio.server(
+            interceptors=[
+                ServerInterceptor(Authenticator(tenancy, settings.internal_token), streams)
+            ],
+            options=server_options(),
+            maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
+        )
+        health = HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health, server)
+        definition.register(server)
+        full_names = [*definition.full_names, diagnostics.register(server)]
+        reflection.enable_server_reflection(
+            [
+                *full_names,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ],
+            server,
+        )
+        wanted = settings.ports[name] if port is None else port
+        address = f"{settings.bind_address}:{wanted}"
+        try:
+            bound = server.add_insecure_port(address)
+        except RuntimeError as exc:
+            raise PortInUse(name, address) from exc
+        if bound == 0:
+            raise PortInUse(name, address)
+        await server.start()
+    except BaseException:
+        await redis.aclose()
+        await pool.close()
+        raise
+    if metrics:
+        start_metrics_server(settings.metrics_ports[name], settings.bind_address)
+    running = RunningService(name, server, health, streams, runtime, definition, bound)
+    running.start_workers()
+    for service in ("", *full_names):
+        await health.set(service, health_pb2.HealthCheckResponse.SERVING)
+    log.info("service_started", service=name, port=bound)
+    return running
+
+
+async def serve_forever(name: str, settings: Settings, build: Build) -> None:
+    """Runs one service until SIGTERM or SIGINT, then shuts it down gracefully."""
+    configure_logging(settings.log_level, service=name)
+    service = await start_service(name, settings, build)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await service.stop(settings.shutdown_grace_seconds)

@@ -1,0 +1,142 @@
+"""Settings from environment variables: one table, read once at start-up.
+
+`SETTINGS` is the single source of the README's configuration table and of the docker-compose
+check, so a variable cannot be documented, composed or read under two different names.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Self
+
+SERVICE_NAMES = ("ingest", "identity", "segments", "query")
+DEFAULT_PORTS = {"ingest": 50051, "identity": 50052, "segments": 50053, "query": 50054}
+DEFAULT_METRICS_PORTS = {"ingest": 9451, "identity": 9452, "segments": 9453, "query": 9454}
+
+
+@dataclass(frozen=True, slots=True)
+class Setting:
+    env: str
+    default: str
+    description: str
+
+
+def _service_settings() -> list[Setting]:
+    rows = []
+    for name in SERVICE_NAMES:
+        upper = name.upper()
+        rows.append(
+            Setting(f"PROFILES_{upper}_PORT", str(DEFAULT_PORTS[name]), f"gRPC port of {name}")
+        )
+        rows.append(
+            Setting(
+                f"PROFILES_{upper}_METRICS_PORT",
+                str(DEFAULT_METRICS_PORTS[name]),
+                f"Prometheus /metrics port of {name}; 0 turns it off",
+            )
+        )
+        rows.append(
+            Setting(
+                f"PROFILES_{upper}_ADDRESS",
+                f"127.0.0.1:{DEFAULT_PORTS[name]}",
+                f"where the other services reach {name} (host:port)",
+            )
+        )
+    return rows
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting(
+        "PROFILES_DATABASE_URL",
+        "",
+        "PostgreSQL URL; empty: `profiles up` starts an embedded PostgreSQL",
+    ),
+    Setting("PROFILES_REDIS_URL", "", "Redis URL; empty: `profiles up` starts an embedded Redis"),
+    Setting("PROFILES_REDIS_PREFIX", "profiles", "prefix of every Redis key of this suite"),
+    Setting(
+        "PROFILES_INTERNAL_TOKEN",
+        "",
+        "credential the services use to call each other; `profiles up` generates one",
+    ),
+    Setting("PROFILES_BIND_ADDRESS", "127.0.0.1", "address the gRPC and metrics servers bind"),
+    *_service_settings(),
+    Setting("PROFILES_LOG_LEVEL", "info", "debug, info, warning or error"),
+    Setting("PROFILES_DATA_DIR", "~/.profiles", "`profiles up`: embedded databases and keys"),
+    Setting("PROFILES_DB_POOL_SIZE", "10", "most PostgreSQL connections per service process"),
+    Setting("PROFILES_SHUTDOWN_GRACE_SECONDS", "10", "time in-flight calls get on shutdown"),
+    Setting("PROFILES_MAX_CONCURRENT_RPCS", "1000", "calls a server runs at once; more wait"),
+    Setting("PROFILES_MAX_STREAMS", "100", "long-lived streams a server keeps open at once"),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    database_url: str = ""
+    redis_url: str = ""
+    redis_prefix: str = "profiles"
+    internal_token: str = ""
+    bind_address: str = "127.0.0.1"
+    ports: Mapping[str, int] = field(default_factory=lambda: dict(DEFAULT_PORTS))
+    metrics_ports: Mapping[str, int] = field(default_factory=lambda: dict(DEFAULT_METRICS_PORTS))
+    addresses: Mapping[str, str] = field(
+        default_factory=lambda: {n: f"127.0.0.1:{p}" for n, p in DEFAULT_PORTS.items()}
+    )
+    log_level: str = "info"
+    data_dir: Path = field(default_factory=lambda: Path("~/.profiles").expanduser())
+    db_pool_size: int = 10
+    shutdown_grace_seconds: float = 10.0
+    max_concurrent_rpcs: int = 1000
+    max_streams: int = 100
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Self:
+        env = os.environ if environ is None else environ
+        values = {s.env: env.get(s.env, s.default) for s in SETTINGS}
+
+        def per_service(kind: str) -> dict[str, str]:
+            return {n: values[f"PROFILES_{n.upper()}_{kind}"] for n in SERVICE_NAMES}
+
+        return cls(
+            database_url=values["PROFILES_DATABASE_URL"],
+            redis_url=values["PROFILES_REDIS_URL"],
+            redis_prefix=values["PROFILES_REDIS_PREFIX"],
+            internal_token=values["PROFILES_INTERNAL_TOKEN"],
+            bind_address=values["PROFILES_BIND_ADDRESS"],
+            ports={n: int(v) for n, v in per_service("PORT").items()},
+            metrics_ports={n: int(v) for n, v in per_service("METRICS_PORT").items()},
+            addresses=per_service("ADDRESS"),
+            log_level=values["PROFILES_LOG_LEVEL"],
+            data_dir=Path(values["PROFILES_DATA_DIR"]).expanduser(),
+            db_pool_size=int(values["PROFILES_DB_POOL_SIZE"]),
+            shutdown_grace_seconds=float(values["PROFILES_SHUTDOWN_GRACE_SECONDS"]),
+            max_concurrent_rpcs=int(values["PROFILES_MAX_CONCURRENT_RPCS"]),
+            max_streams=int(values["PROFILES_MAX_STREAMS"]),
+        )
+
+    def to_env(self) -> dict[str, str]:
+        """The environment that reproduces these settings in a child process."""
+        env = {
+            "PROFILES_DATABASE_URL": self.database_url,
+            "PROFILES_REDIS_URL": self.redis_url,
+            "PROFILES_REDIS_PREFIX": self.redis_prefix,
+            "PROFILES_INTERNAL_TOKEN": self.internal_token,
+            "PROFILES_BIND_ADDRESS": self.bind_address,
+            "PROFILES_LOG_LEVEL": self.log_level,
+            "PROFILES_DATA_DIR": str(self.data_dir),
+            "PROFILES_DB_POOL_SIZE": str(self.db_pool_size),
+            "PROFILES_SHUTDOWN_GRACE_SECONDS": str(self.shutdown_grace_seconds),
+            "PROFILES_MAX_CONCURRENT_RPCS": str(self.max_concurrent_rpcs),
+            "PROFILES_MAX_STREAMS": str(self.max_streams),
+        }
+        for name in SERVICE_NAMES:
+            upper = name.upper()
+            env[f"PROFILES_{upper}_PORT"] = str(self.ports[name])
+            env[f"PROFILES_{upper}_METRICS_PORT"] = str(self.metrics_ports[name])
+            env[f"PROFILES_{upper}_ADDRESS"] = self.addresses[name]
+        return env
+
+    def with_changes(self, **changes: object) -> Settings:
+        return replace(self, **changes)  # type: ignore[arg-type]

@@ -1,0 +1,197 @@
+"""Session fixtures: one PostgreSQL and one Redis per test session, a fresh database per test.
+
+By default they are embedded servers started from pip packages in a temporary directory, so the
+suite needs nothing installed by hand. PROFILES_TEST_DATABASE_URL / PROFILES_TEST_REDIS_URL point
+the tests at external servers instead; tests never read PROFILES_DATABASE_URL, so they cannot
+drop the databases of a running suite.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import grpc
+import pytest
+from hypothesis import HealthCheck, settings
+
+from shared.settings import Settings
+from shared.tenancy import TenancyRepository
+
+settings.register_profile(
+    "ci",
+    deadline=None,
+    derandomize=True,
+    max_examples=50,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def with_database(url: str, name: str) -> str:
+    """The same server URL pointing at database `name` (keeps ?host=/socket/dir)."""
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, f"/{name}", parts.query, parts.fragment))
+
+
+@pytest.fixture(scope="session")
+def embedded_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("embedded")
+
+
+@pytest.fixture(scope="session")
+def postgres_server_url(embedded_dir: Path) -> Iterator[str]:
+    external = os.environ.get("PROFILES_TEST_DATABASE_URL")
+    if external:
+        yield external
+        return
+    from shared.embedded import EmbeddedPostgres
+
+    server = EmbeddedPostgres(embedded_dir / "pg", fast_unsafe=True)
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_url(embedded_dir: Path) -> Iterator[str]:
+    external = os.environ.get("PROFILES_TEST_REDIS_URL")
+    if external:
+        yield external
+        return
+    from shared.embedded import EmbeddedRedis
+
+    server = EmbeddedRedis(embedded_dir / "redis", persist=False)
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+async def template_database(postgres_server_url: str) -> AsyncIterator[str]:
+    """A database migrated once; each test gets a copy of it (CREATE DATABASE ... TEMPLATE)."""
+    from shared.db import migrate
+
+    name = f"tpl_{uuid.uuid4().hex}"
+    admin = await asyncpg.connect(postgres_server_url)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        await migrate(with_database(postgres_server_url, name))
+        yield name
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+@pytest.fixture
+async def database_url(postgres_server_url: str, template_database: str) -> AsyncIterator[str]:
+    name = f"t_{uuid.uuid4().hex}"
+    admin = await asyncpg.connect(postgres_server_url)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_database}"')
+        yield with_database(postgres_server_url, name)
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+@pytest.fixture
+def redis_prefix() -> str:
+    return f"test-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def settings_for_test(database_url: str, redis_url: str, redis_prefix: str) -> Settings:
+    return Settings(
+        database_url=database_url,
+        redis_url=redis_url,
+        redis_prefix=redis_prefix,
+        internal_token=f"internal-{uuid.uuid4().hex}",
+        db_pool_size=5,
+        shutdown_grace_seconds=5.0,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class TestProject:
+    project_id: uuid.UUID
+    keys: dict[str, str]  # role -> plain key
+
+    def metadata(self, role: str) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self.keys[role]}"),)
+
+
+async def create_test_project(database_url: str, name: str = "") -> TestProject:
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
+    try:
+        tenancy = TenancyRepository(pool)
+        project = await tenancy.create_project(name or f"p-{uuid.uuid4().hex[:8]}")
+        keys = {}
+        for role in ("sdk", "read", "admin"):
+            keys[role] = (await tenancy.create_key(project.project_id, role)).plain_key
+        return TestProject(project.project_id, keys)
+    finally:
+        await pool.close()
+
+
+@pytest.fixture
+async def project(database_url: str) -> TestProject:
+    return await create_test_project(database_url)
+
+
+StartServices = Callable[..., Awaitable[dict[str, "ServiceHandle"]]]
+
+
+@dataclass(slots=True)
+class ServiceHandle:
+    running: object  # shared.server.RunningService
+    channel: grpc.aio.Channel
+
+    @property
+    def address(self) -> str:
+        return self.running.address  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+async def start_services(settings_for_test: Settings) -> AsyncIterator[StartServices]:
+    """Starts services in-process on free ports, each with a real gRPC channel to it."""
+    from profiles.runner import BUILDERS
+    from shared.server import start_service
+
+    started: list[ServiceHandle] = []
+
+    async def start(*names: str, settings: Settings | None = None, **kwargs: object) -> dict:
+        handles = {}
+        for name in names or tuple(BUILDERS):
+            running = await start_service(
+                name,
+                settings or settings_for_test,
+                BUILDERS[name],
+                port=0,
+                metrics=False,
+                **kwargs,  # type: ignore[arg-type]
+            )
+            handle = ServiceHandle(running, grpc.aio.insecure_channel(running.address))
+            started.append(handle)
+            handles[name] = handle
+        return handles
+
+    yield start
+    for handle in reversed(started):
+        await handle.channel.close()
+        await handle.running.stop(grace=1.0)  # type: ignore[attr-defined]
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], *, within: float = 10.0) -> None:
+    """Polls `check` until it is true; fails after `within` seconds (a deadline, not a timing)."""
+    async with asyncio.timeout(within):
+        while not await check():  # noqa: ASYNC110 - polling an outside system has no event
+            await asyncio.sleep(0.02)

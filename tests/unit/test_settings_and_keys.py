@@ -1,0 +1,74 @@
+"""Pure rules of settings, keys and per-project settings."""
+
+from __future__ import annotations
+
+import pytest
+
+from shared.errors import InvalidArgument
+from shared.project_settings import PROJECT_SETTINGS, validate_setting, with_defaults
+from shared.settings import SETTINGS, Settings
+from shared.tenancy import hash_secret, secret_matches, split_key
+
+
+def test_settings_read_every_documented_variable() -> None:
+    env = {s.env: s.default for s in SETTINGS}
+    env["PROFILES_QUERY_PORT"] = "60054"
+    env["PROFILES_DB_POOL_SIZE"] = "3"
+    settings = Settings.from_env(env)
+    assert settings.ports["query"] == 60054
+    assert settings.db_pool_size == 3
+    assert Settings.from_env(settings.to_env()) == settings
+
+
+def test_every_variable_the_settings_emit_is_documented() -> None:
+    documented = {s.env for s in SETTINGS}
+    assert set(Settings().to_env()) == documented
+
+
+def test_defaults_use_the_contract_ports() -> None:
+    assert Settings.from_env({}).ports == {
+        "ingest": 50051,
+        "identity": 50052,
+        "segments": 50053,
+        "query": 50054,
+    }
+
+
+@pytest.mark.parametrize(
+    ("key", "expected"),
+    [
+        ("prf_abc_secret", ("abc", "secret")),
+        ("prf_abc_sec_ret", ("abc", "sec_ret")),
+        ("prf__secret", None),
+        ("prf_abc_", None),
+        ("abc_secret", None),
+        ("", None),
+    ],
+)
+def test_split_key(key: str, expected: tuple[str, str] | None) -> None:
+    assert split_key(key) == expected
+
+
+def test_secret_matches_only_the_hashed_secret() -> None:
+    stored = hash_secret("s3cret")
+    assert secret_matches("s3cret", stored)
+    assert not secret_matches("s3cret ", stored)
+
+
+def test_project_settings_refuse_unknown_names_and_bad_values() -> None:
+    validate_setting("identity.quarantine_days", 10)
+    with pytest.raises(InvalidArgument) as unknown:
+        validate_setting("identity.quarantine_dayz", 10)
+    assert unknown.value.reason == "UNKNOWN_SETTING"
+    for bad in (-1, "10", True, 10_000):
+        with pytest.raises(InvalidArgument) as refused:
+            validate_setting("identity.quarantine_days", bad)
+        assert refused.value.violations[0].field == "value"
+    with pytest.raises(InvalidArgument):
+        validate_setting("identity.extra_junk_custom_ids", ["ok", ""])
+
+
+def test_with_defaults_fills_every_known_setting() -> None:
+    merged = with_defaults({"segments.new_days": 3})
+    assert merged["segments.new_days"] == 3
+    assert set(merged) == set(PROJECT_SETTINGS)
