@@ -241,6 +241,8 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             await context.abort(status.code, status.details, status.trailing_metadata)
         if isinstance(exc, GeneratorExit):
             return grpc.StatusCode.CANCELLED
+        if isinstance(exc, NotImplementedError):  # the generated base servicer's answer
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this RPC is not implemented yet")
         log.error("rpc_internal_error", exc_info=exc)
         await context.abort(
             grpc.StatusCode.INTERNAL, "internal error; the server log has the request id"

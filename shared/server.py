@@ -22,13 +22,16 @@ from redis.asyncio import Redis
 
 from shared import diagnostics
 from shared.auth import Authenticator
+from shared.bus import Bus
 from shared.clock import Clock, SystemClock
 from shared.db import create_pool, migrate
 from shared.interceptors import ServerInterceptor, StreamGate
 from shared.logging import configure_logging
 from shared.metrics import start_metrics_server
+from shared.outbox import OutboxRelay
 from shared.settings import Settings
 from shared.tenancy import TenancyRepository
+from shared.topics import TOPICS
 
 log = structlog.get_logger(__name__)
 
@@ -51,6 +54,7 @@ class Runtime:
     settings: Settings
     pool: asyncpg.Pool
     redis: Redis
+    bus: Bus
     clock: Clock
     tenancy: TenancyRepository
 
@@ -65,6 +69,26 @@ class ServiceDefinition:
 
 
 Build = Callable[[Runtime], Awaitable[ServiceDefinition]]
+
+
+class RelayWorker:
+    """Runs the outbox relay beside the server; on stop, publishes what is committed."""
+
+    def __init__(self, relay: OutboxRelay, flush_timeout: float) -> None:
+        self._relay = relay
+        self._flush_timeout = flush_timeout
+        self._finished = asyncio.Event()
+
+    async def run(self) -> None:
+        try:
+            await self._relay.run()
+        finally:
+            self._finished.set()
+
+    async def stop(self) -> None:
+        self._relay.stop()
+        await self._finished.wait()
+        await self._relay.flush(self._flush_timeout)
 
 
 class PortInUse(RuntimeError):
@@ -159,12 +183,17 @@ async def start_service(
 ) -> RunningService:
     """Migrates, connects, builds the service and starts serving; returns once it is SERVING."""
     await migrate(settings.database_url)
-    pool = await create_pool(settings.database_url, max_size=settings.db_pool_size)
-    redis = Redis.from_url(settings.redis_url)
+    # One connection more than configured: the outbox relay holds one for LISTEN.
+    pool = await create_pool(settings.database_url, max_size=settings.db_pool_size + 1)
+    bus = Bus.from_url(settings.redis_url, settings.redis_prefix)
+    redis = bus.redis
     tenancy = TenancyRepository(pool)
-    runtime = Runtime(name, settings, pool, redis, clock or SystemClock(), tenancy)
+    runtime = Runtime(name, settings, pool, redis, bus, clock or SystemClock(), tenancy)
     try:
         definition = await build(runtime)
+        # Every process relays the outbox; SKIP LOCKED lets replicas share the rows.
+        relay = OutboxRelay(pool, bus, TOPICS)
+        definition.workers.append(RelayWorker(relay, settings.shutdown_grace_seconds))
         streams = StreamGate(settings.max_streams)
         server = grpc.aio.server(
             interceptors=[

@@ -95,6 +95,13 @@ class Settings:
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Self:
         env = os.environ if environ is None else environ
         values = {s.env: env.get(s.env, s.default) for s in SETTINGS}
+        for name in SERVICE_NAMES:
+            # A moved port moves the address the other services use, unless that is set too.
+            upper = name.upper()
+            if f"PROFILES_{upper}_ADDRESS" not in env:
+                values[f"PROFILES_{upper}_ADDRESS"] = (
+                    f"127.0.0.1:{values[f'PROFILES_{upper}_PORT']}"
+                )
 
         def per_service(kind: str) -> dict[str, str]:
             return {n: values[f"PROFILES_{n.upper()}_{kind}"] for n in SERVICE_NAMES}

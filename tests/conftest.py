@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -20,6 +22,7 @@ import asyncpg
 import grpc
 import pytest
 from hypothesis import HealthCheck, settings
+from redis.asyncio import Redis
 
 from shared.settings import Settings
 from shared.tenancy import TenancyRepository
@@ -41,8 +44,12 @@ def with_database(url: str, name: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def embedded_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("embedded")
+def embedded_dir() -> Iterator[Path]:
+    # Not under pytest's tmp_path: pytest prunes old base temp dirs, and a second pytest run
+    # on the same machine would delete the data of this session's running servers.
+    directory = Path(tempfile.mkdtemp(prefix="profiles-test-"))
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -104,8 +111,17 @@ async def database_url(postgres_server_url: str, template_database: str) -> Asyn
 
 
 @pytest.fixture
-def redis_prefix() -> str:
-    return f"test-{uuid.uuid4().hex[:12]}"
+async def redis_prefix(redis_url: str) -> AsyncIterator[str]:
+    """A key prefix of this test's own; its keys are deleted afterwards (never FLUSHALL)."""
+    prefix = f"test-{uuid.uuid4().hex[:12]}"
+    yield prefix
+    client = Redis.from_url(redis_url)
+    try:
+        keys = [key async for key in client.scan_iter(match=f"{prefix}:*", count=1000)]
+        if keys:
+            await client.delete(*keys)
+    finally:
+        await client.aclose()
 
 
 @pytest.fixture

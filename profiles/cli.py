@@ -1,0 +1,486 @@
+"""The `profiles` command: run the suite (`up`, `serve`) and manage projects, keys and settings.
+
+Admin commands connect to PROFILES_DATABASE_URL or, when it is empty, to the embedded PostgreSQL
+of the data directory (started for the command if `profiles up` is not running, and stopped again
+afterwards). Domain errors print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from contextlib import asynccontextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from shared.errors import DomainError
+from shared.settings import SERVICE_NAMES, Settings
+
+if TYPE_CHECKING:
+    from shared.tenancy import TenancyRepository
+
+Handler = Callable[[argparse.Namespace], int]
+
+DESCRIPTION = """\
+Profiles: a gRPC microservice suite that keeps one real-time view of every customer.
+
+Run everything on this machine with `profiles up`; manage tenants with `profiles project`,
+`profiles keys` and `profiles settings`. Configuration comes from PROFILES_* environment
+variables (see the README's table); flags override them."""
+
+UP_DESCRIPTION = """\
+Starts the whole suite on this machine: an embedded PostgreSQL and Redis (unless
+--database-url / --redis-url or PROFILES_DATABASE_URL / PROFILES_REDIS_URL are given),
+migrations, a default project with one key per role on first run, and the four services as
+child processes. Prints the endpoints and keys, then runs until Ctrl-C or SIGTERM, when it
+stops everything. Data is kept in the data directory across restarts.
+
+Ports come from PROFILES_<SERVICE>_PORT and PROFILES_<SERVICE>_METRICS_PORT (defaults:
+ingest 50051, identity 50052, segments 50053, query 50054; metrics 9451-9454)."""
+
+EXAMPLES = """\
+examples:
+  profiles up
+  PROFILES_QUERY_PORT=60054 profiles up --data-dir /tmp/profiles
+  profiles keys --json
+  profiles project create shop
+  profiles keys create --project shop --role read --name dashboard
+  profiles settings set --project shop identity.quarantine_days 60"""
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    sys.exit(run(argv))
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler: Handler | None = getattr(args, "handler", None)
+    if handler is None:
+        # A command group typed without its subcommand: show what it offers.
+        getattr(args, "group_parser", parser).print_help()
+        return 2
+    try:
+        return handler(args)
+    except DomainError as exc:
+        print(f"profiles: {exc.message}", file=sys.stderr)
+        return 2
+
+
+# --- parser ------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="profiles",
+        description=DESCRIPTION,
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+    _add_up(commands)
+    _add_serve(commands)
+    _add_health(commands)
+    _add_project(commands)
+    _add_keys(commands)
+    _add_settings(commands)
+    return parser
+
+
+def _connection_options() -> argparse.ArgumentParser:
+    # SUPPRESS, so that a subcommand's unset option does not erase the same option given to its
+    # group (`profiles keys --data-dir X list`) and an unset flag falls back to the environment.
+    options = argparse.ArgumentParser(add_help=False)
+    options.add_argument(
+        "--data-dir",
+        default=argparse.SUPPRESS,
+        help="data directory of `profiles up` (default: PROFILES_DATA_DIR or ~/.profiles)",
+    )
+    options.add_argument(
+        "--database-url",
+        default=argparse.SUPPRESS,
+        help="PostgreSQL URL (default: PROFILES_DATABASE_URL; empty: the embedded one)",
+    )
+    return options
+
+
+def _add_up(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    up = commands.add_parser(
+        "up",
+        parents=[_connection_options()],
+        help="run the whole suite on this machine (embedded PostgreSQL and Redis)",
+        description=UP_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    up.add_argument(
+        "--redis-url",
+        default=argparse.SUPPRESS,
+        help="Redis URL (default: PROFILES_REDIS_URL; empty: an embedded Redis)",
+    )
+    up.set_defaults(handler=_up)
+
+
+def _add_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    serve = commands.add_parser(
+        "serve",
+        help="run one service against PROFILES_DATABASE_URL and PROFILES_REDIS_URL",
+        description="Runs one service in the foreground against PROFILES_DATABASE_URL and"
+        " PROFILES_REDIS_URL (what docker-compose and `profiles up` start). Applies migrations"
+        " first; stops gracefully on SIGTERM or Ctrl-C.",
+    )
+    serve.add_argument("service", choices=SERVICE_NAMES, help="the service to run")
+    serve.set_defaults(handler=_serve)
+
+
+def _add_health(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    health = commands.add_parser(
+        "health",
+        help="check that a service answers SERVING (for container health checks)",
+        description="Calls grpc.health.v1.Health/Check on ADDRESS; exits 0 when it answers"
+        " SERVING, 1 otherwise. Used by docker-compose's health checks.",
+    )
+    health.add_argument("address", help="host:port of a service, e.g. 127.0.0.1:50054")
+    health.add_argument("--service", default="", help="service name to check (default: all)")
+    health.set_defaults(handler=_health)
+
+
+def _health(args: argparse.Namespace) -> int:
+    with grpc.insecure_channel(args.address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        try:
+            reply = stub.Check(health_pb2.HealthCheckRequest(service=args.service), timeout=3.0)
+        except grpc.RpcError as error:
+            print(f"{args.address}: {error.code().name}", file=sys.stderr)
+            return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    print(f"{args.address}: {status}")
+    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
+def _add_project(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    project = commands.add_parser(
+        "project", help="create and list projects (tenants)", description="Projects are tenants."
+    )
+    project.set_defaults(group_parser=project)
+    actions = project.add_subparsers(title="actions", metavar="ACTION")
+    create = actions.add_parser(
+        "create",
+        parents=[_connection_options()],
+        help="create a project",
+        description=("Creates a project; then give it keys with `profiles keys create`."),
+    )
+    create.add_argument("name", help="unique project name (1 to 100 characters)")
+    create.set_defaults(handler=_async(_project_create))
+    listing = actions.add_parser(
+        "list", parents=[_connection_options()], help="list projects", description="Lists projects."
+    )
+    listing.add_argument("--json", action="store_true", help="print JSON lines")
+    listing.set_defaults(handler=_async(_project_list))
+
+
+def _add_keys(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    keys = commands.add_parser(
+        "keys",
+        parents=[_connection_options()],
+        help="show the keys of `profiles up`; create, revoke and list API keys",
+        description="Without an action: prints the default project's keys that `profiles up`"
+        " stored in the data directory. Actions manage the API keys of any project; only key"
+        " hashes are stored, so a plain key is shown once, when it is created.",
+    )
+    keys.add_argument("--json", action="store_true", help="print the stored keys as JSON")
+    keys.add_argument("--role", choices=("sdk", "read", "admin"), help="print only this key")
+    keys.set_defaults(handler=_keys_stored)
+    actions = keys.add_subparsers(title="actions", metavar="ACTION")
+    create = actions.add_parser(
+        "create",
+        parents=[_connection_options()],
+        help="create a key and print it once",
+        description="Creates an API key; the plain key is printed once and never stored.",
+    )
+    create.add_argument("--project", required=True, help="project name")
+    create.add_argument(
+        "--role",
+        required=True,
+        choices=("sdk", "read", "admin"),
+        help="sdk: tracking and identity calls of apps; read: query and segment reads;"
+        " admin: everything",
+    )
+    create.add_argument("--name", default="", help="what the key is for (shown by `keys list`)")
+    create.set_defaults(handler=_async(_keys_create))
+    revoke = actions.add_parser(
+        "revoke",
+        parents=[_connection_options()],
+        help="revoke a key",
+        description="Revokes a key at once: calls with it are refused from now on.",
+    )
+    revoke.add_argument("key_id", help="the key ID (as `keys list` shows it)")
+    revoke.set_defaults(handler=_async(_keys_revoke))
+    listing = actions.add_parser(
+        "list",
+        parents=[_connection_options()],
+        help="list keys (never their secrets)",
+        description="Lists keys, revoked ones included, of one project or of all.",
+    )
+    listing.add_argument("--project", help="project name (default: all projects)")
+    listing.add_argument("--json", action="store_true", help="print JSON lines")
+    listing.set_defaults(handler=_async(_keys_list))
+
+
+def _add_settings(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    settings = commands.add_parser(
+        "settings",
+        help="read and change per-project settings",
+        description="Per-project settings (for example identity.quarantine_days).",
+    )
+    settings.set_defaults(group_parser=settings)
+    actions = settings.add_subparsers(title="actions", metavar="ACTION")
+    get = actions.add_parser(
+        "get",
+        parents=[_connection_options()],
+        help="print settings as JSON",
+        description="Prints one setting, or all of them with their defaults, as JSON.",
+    )
+    get.add_argument("--project", required=True, help="project name")
+    get.add_argument("setting", nargs="?", help="setting name (default: all)")
+    get.set_defaults(handler=_async(_settings_get))
+    set_ = actions.add_parser(
+        "set",
+        parents=[_connection_options()],
+        help="change a setting",
+        description='Changes a setting. VALUE is read as JSON (60, true, ["a", "b"]) and'
+        " otherwise taken as a plain string.",
+    )
+    set_.add_argument("--project", required=True, help="project name")
+    set_.add_argument("setting", help="setting name")
+    set_.add_argument("value", help="new value, as JSON or a plain string")
+    set_.set_defaults(handler=_async(_settings_set))
+
+
+# --- running the suite -------------------------------------------------------------------------
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    """PROFILES_* environment, overridden by the flags given."""
+    settings = Settings.from_env()
+    changes: dict[str, object] = {}
+    if getattr(args, "data_dir", None):
+        changes["data_dir"] = Path(args.data_dir).expanduser().absolute()
+    if getattr(args, "database_url", None):
+        changes["database_url"] = args.database_url
+    if getattr(args, "redis_url", None):
+        changes["redis_url"] = args.redis_url
+    return settings.with_changes(**changes) if changes else settings
+
+
+def _up(args: argparse.Namespace) -> int:
+    from profiles.up import run_up  # grpc and the embedded servers only when needed
+
+    return run_up(settings_from(args))
+
+
+def _serve(args: argparse.Namespace) -> int:
+    settings = Settings.from_env()
+    missing = [
+        env
+        for env, value in (
+            ("PROFILES_DATABASE_URL", settings.database_url),
+            ("PROFILES_REDIS_URL", settings.redis_url),
+        )
+        if not value
+    ]
+    if missing:
+        print(
+            f"profiles serve: {' and '.join(missing)} must be set"
+            " (`profiles up` starts embedded databases and sets them)",
+            file=sys.stderr,
+        )
+        return 2
+    from profiles.runner import run_service
+    from shared.server import PortInUse
+
+    try:
+        run_service(args.service, settings)
+    except PortInUse as exc:
+        env = f"PROFILES_{args.service.upper()}_PORT"
+        print(f"profiles serve: {exc}; choose another with {env}", file=sys.stderr)
+        return 1
+    return 0
+
+
+# --- admin commands ----------------------------------------------------------------------------
+
+
+def _async(command: Callable[[argparse.Namespace], Coroutine[Any, Any, int]]) -> Handler:
+    def handler(args: argparse.Namespace) -> int:
+        from shared.logging import configure_logging
+
+        configure_logging("warning")  # migration notices would mix with the output
+        return asyncio.run(command(args))
+
+    return handler
+
+
+@asynccontextmanager
+async def tenancy_for(args: argparse.Namespace) -> AsyncIterator[TenancyRepository]:
+    """A TenancyRepository on the configured or embedded database, migrated."""
+    from profiles.datadir import DataDir
+    from shared.db import create_pool, migrate
+    from shared.embedded import EmbeddedPostgres
+    from shared.tenancy import TenancyRepository
+
+    settings = settings_from(args)
+    url = settings.database_url
+    postgres: EmbeddedPostgres | None = None
+    if not url:
+        data_dir = DataDir(settings.data_dir)
+        data_dir.create()
+        embedded = EmbeddedPostgres(data_dir.postgres)
+        # Stopped afterwards only if this command started it (not when `profiles up` runs).
+        postgres = None if embedded.is_running() else embedded
+        url = await asyncio.to_thread(embedded.start)
+    try:
+        await migrate(url)
+        pool = await create_pool(url, max_size=2)
+        try:
+            yield TenancyRepository(pool)
+        finally:
+            await pool.close()
+    finally:
+        if postgres is not None:
+            await asyncio.to_thread(postgres.stop)
+
+
+async def _project_create(args: argparse.Namespace) -> int:
+    async with tenancy_for(args) as tenancy:
+        project = await tenancy.create_project(args.name)
+    print(f"Created project {project.name} ({project.project_id}).")
+    print(f"Give it a key: profiles keys create --project {project.name} --role admin")
+    return 0
+
+
+async def _project_list(args: argparse.Namespace) -> int:
+    async with tenancy_for(args) as tenancy:
+        projects = await tenancy.list_projects()
+    rows = [
+        {"name": p.name, "project_id": str(p.project_id), "create_time": _time(p.create_time)}
+        for p in projects
+    ]
+    _print_rows(rows, as_json=args.json, empty="No projects yet: profiles project create NAME")
+    return 0
+
+
+async def _keys_create(args: argparse.Namespace) -> int:
+    async with tenancy_for(args) as tenancy:
+        project = await tenancy.get_project_by_name(args.project)
+        issued = await tenancy.create_key(project.project_id, args.role, args.name)
+    print(f"Created {issued.key.role} key {issued.key.key_id} of project {project.name}.")
+    print("The key is shown this once; store it now:")
+    print(issued.plain_key)
+    return 0
+
+
+async def _keys_revoke(args: argparse.Namespace) -> int:
+    async with tenancy_for(args) as tenancy:
+        key = await tenancy.revoke_key(args.key_id)
+    print(f"Revoked {key.role} key {key.key_id} (project {key.project_id}).")
+    return 0
+
+
+async def _keys_list(args: argparse.Namespace) -> int:
+    async with tenancy_for(args) as tenancy:
+        if args.project:
+            projects = [await tenancy.get_project_by_name(args.project)]
+        else:
+            projects = await tenancy.list_projects()
+        rows = []
+        for project in projects:
+            for key in await tenancy.list_keys(project.project_id):
+                rows.append(
+                    {
+                        "key_id": key.key_id,
+                        "project": project.name,
+                        "role": key.role,
+                        "name": key.display_name,
+                        "create_time": _time(key.create_time),
+                        "revoke_time": _time(key.revoke_time),
+                    }
+                )
+    _print_rows(rows, as_json=args.json, empty="No keys.")
+    return 0
+
+
+def _keys_stored(args: argparse.Namespace) -> int:
+    from profiles.datadir import DataDir
+
+    keys = DataDir(settings_from(args).data_dir).read_keys()
+    if args.role:
+        print(keys[args.role])
+    elif args.json:
+        print(json.dumps(keys, indent=2))
+    else:
+        for role, key in keys.items():
+            print(f"{role:<6} {key}")
+    return 0
+
+
+async def _settings_get(args: argparse.Namespace) -> int:
+    async with tenancy_for(args) as tenancy:
+        project = await tenancy.get_project_by_name(args.project)
+        values = await tenancy.get_settings(project.project_id)
+    if args.setting is None:
+        print(json.dumps(values, indent=2, sort_keys=True))
+        return 0
+    if args.setting not in values:
+        from shared.errors import NotFound
+
+        raise NotFound(f"no setting named {args.setting!r}; known: {', '.join(sorted(values))}")
+    print(json.dumps(values[args.setting]))
+    return 0
+
+
+async def _settings_set(args: argparse.Namespace) -> int:
+    value = parse_value(args.value)
+    async with tenancy_for(args) as tenancy:
+        project = await tenancy.get_project_by_name(args.project)
+        await tenancy.set_setting(project.project_id, args.setting, value)
+    print(f"{project.name}: {args.setting} = {json.dumps(value)}")
+    return 0
+
+
+def parse_value(text: str) -> Any:
+    """JSON if it parses (60, true, ["a"]), else the text itself, so words need no quotes."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _time(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat(timespec="seconds")
+
+
+def _print_rows(rows: list[dict[str, str | None]], *, as_json: bool, empty: str) -> None:
+    if as_json:
+        for record in rows:
+            print(json.dumps(record))
+        return
+    if not rows:
+        print(empty)
+        return
+    table = [{c: v or "" for c, v in row.items()} for row in rows]  # null prints as blank
+    columns = list(table[0])
+    widths = {c: max(len(c), *(len(r[c]) for r in table)) for c in columns}
+    print("  ".join(c.upper().ljust(widths[c]) for c in columns).rstrip())
+    for line in table:
+        print("  ".join(line[c].ljust(widths[c]) for c in columns).rstrip())
+
+
+if __name__ == "__main__":
+    main()

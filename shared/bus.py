@@ -1,0 +1,620 @@
+"""The Redis bus: Streams with consumer groups for work that must not be lost, pub/sub for notices.
+
+Key layout (every key starts with the configured prefix, `PROFILES_REDIS_PREFIX`):
+
+    {prefix}:{<topic>}          stream of a topic, e.g. `profiles:{profile-merges}`
+    {prefix}:{<topic>}:dead     its dead-letter stream (poison entries, too many deliveries)
+    {prefix}:notice:<channel>   pub/sub channel of live notices (not a key; nothing is stored)
+
+The topic name in braces is a Redis Cluster hash tag: a stream and its dead-letter stream live in
+the same slot, so moving an entry to the dead stream and acking it is one MULTI. Different topics
+spread over the cluster.
+
+One stream entry is exactly one serialized protobuf message, with the fields
+`kind` (the message's full name, e.g. `profiles.common.v1.ProfileMerged`), `data` (its bytes),
+`project` (the project id) and `id` (the sender's message id, e.g. the outbox id; for tracing and
+dedupe). A dead-letter entry keeps those fields and adds `reason`, `entry` (the original entry id),
+`group` and `deliveries`.
+
+Delivery is at least once: a consumer acks an entry only after its handler returned, entries of a
+crashed consumer are claimed by another after `claim_idle_ms`, so handlers must be idempotent.
+The catalogue of real topics is shared/topics.py; this module is only the mechanism.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import re
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Self
+
+import structlog
+from google.protobuf.message import DecodeError, Message
+from prometheus_client import Counter, Gauge
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_MAXLEN = 1_000_000
+# Errors that mean "Redis is away for now": retried with backoff, never fatal. The built-in
+# TimeoutError is what asyncio.timeout() raises around a read that hangs on a dead connection.
+REDIS_UNAVAILABLE: tuple[type[Exception], ...] = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    TimeoutError,
+)
+# Without XINFO's `lag` (Redis < 7, or after deletions) the lag is counted with XRANGE, read
+# no further than this so a metrics update stays cheap; the gauge then says "at least".
+LAG_SCAN_LIMIT = 1000
+
+_TOPIC_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
+
+PUBLISHED = Counter(
+    "profiles_bus_messages_published_total", "Stream entries added by the bus.", ["topic"]
+)
+HANDLED = Counter(
+    "profiles_bus_messages_handled_total",
+    "Stream entries whose handler returned and which were acked.",
+    ["topic", "group"],
+)
+HANDLER_FAILURES = Counter(
+    "profiles_bus_handler_failures_total",
+    "Handler calls that raised; the entry stays pending and is retried.",
+    ["topic", "group"],
+)
+DEAD_LETTERED = Counter(
+    "profiles_bus_messages_dead_lettered_total",
+    "Stream entries moved to the dead-letter stream.",
+    ["topic", "group", "reason"],
+)
+CONSUMER_LAG = Gauge(
+    "profiles_bus_consumer_lag",
+    "Entries of the stream not yet delivered to the group.",
+    ["topic", "group"],
+)
+PENDING_ENTRIES = Gauge(
+    "profiles_bus_pending_entries",
+    "Entries delivered to the group and not yet acked.",
+    ["topic", "group"],
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Topic:
+    """A stream and the protobuf message classes allowed on it."""
+
+    name: str
+    messages: tuple[type[Message], ...]
+    _by_kind: Mapping[str, type[Message]] = field(init=False, repr=False, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        if not _TOPIC_NAME.match(self.name):
+            # Braces or colons would break the hash tag and the key layout.
+            raise ValueError(f"topic name must match {_TOPIC_NAME.pattern}: {self.name!r}")
+        by_kind = {m.DESCRIPTOR.full_name: m for m in self.messages}
+        object.__setattr__(self, "_by_kind", by_kind)
+
+    def message_class(self, kind: str) -> type[Message] | None:
+        return self._by_kind.get(kind)
+
+    def kind_of(self, message: Message) -> str:
+        """The message's kind; raises ValueError if the topic does not carry it."""
+        kind = message.DESCRIPTOR.full_name
+        if self._by_kind.get(kind) is not type(message):
+            raise ValueError(f"topic {self.name} does not carry {kind}")
+        return kind
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """One message to publish, already serialized (the outbox stores it so)."""
+
+    project_id: str
+    kind: str
+    data: bytes
+    message_id: str = ""
+
+    @classmethod
+    def of(cls, topic: Topic, project_id: object, message: Message, message_id: str = "") -> Self:
+        return cls(str(project_id), topic.kind_of(message), message.SerializeToString(), message_id)
+
+    def fields(self) -> dict[bytes, bytes]:
+        return {
+            b"kind": self.kind.encode(),
+            b"data": self.data,
+            b"project": self.project_id.encode(),
+            b"id": self.message_id.encode(),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Notice:
+    """A live notice received on a pub/sub channel (name without the prefix)."""
+
+    channel: str
+    data: bytes
+
+
+class PoisonMessage(ValueError):
+    """An entry no handler can ever process: unknown kind, missing field or undecodable data."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def decode_entry(topic: Topic, fields: Mapping[bytes, bytes]) -> tuple[str, Message]:
+    """The entry's project id and message; raises PoisonMessage if it cannot be decoded."""
+    try:
+        kind = fields[b"kind"].decode()
+        data = fields[b"data"]
+        project_id = fields[b"project"].decode()
+    except (KeyError, UnicodeDecodeError) as exc:
+        raise PoisonMessage("malformed_entry") from exc
+    message_class = topic.message_class(kind)
+    if message_class is None:
+        raise PoisonMessage("unknown_kind")
+    try:
+        return project_id, message_class.FromString(data)
+    except DecodeError as exc:
+        raise PoisonMessage("undecodable_data") from exc
+
+
+class Backoff:
+    """Bounded exponential backoff with jitter that logs an outage once, and its end once."""
+
+    def __init__(self, event: str, *, initial: float, maximum: float, **log_context: Any) -> None:
+        self._event = event
+        self._initial = initial
+        self._maximum = maximum
+        self._context = log_context
+        self._failures = 0
+
+    def failed(self, exc: BaseException) -> float:
+        """Records a failure; returns how long to wait before the next attempt (seconds)."""
+        if self._failures == 0:
+            log.warning(self._event, error=type(exc).__name__, **self._context)
+        self._failures += 1
+        delay = min(self._maximum, self._initial * 2 ** (self._failures - 1))
+        # Jitter so that every consumer of a restarted Redis does not reconnect at the same instant.
+        return delay * random.uniform(0.5, 1.0)
+
+    def recovered(self) -> None:
+        if self._failures:
+            log.info(f"{self._event}_recovered", attempts=self._failures, **self._context)
+            self._failures = 0
+
+
+async def sleep_unless(stop: asyncio.Event, seconds: float) -> None:
+    """Sleeps, but returns at once when `stop` is set, so a stop never waits out a backoff."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            await stop.wait()
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class Bus:
+    """Publishes to topic streams and pub/sub channels under one key prefix."""
+
+    def __init__(self, redis: Redis, prefix: str, *, maxlen: int = DEFAULT_MAXLEN) -> None:
+        self.redis = redis
+        self.prefix = prefix
+        self.maxlen = maxlen
+
+    @classmethod
+    def from_url(cls, url: str, prefix: str, *, maxlen: int = DEFAULT_MAXLEN) -> Self:
+        """A bus with its own client; `aclose()` it on shutdown."""
+        redis = Redis.from_url(
+            url,
+            # Above the longest XREADGROUP BLOCK a consumer uses, so a block is not a timeout.
+            socket_timeout=30,
+            socket_connect_timeout=5,
+            health_check_interval=30,
+            # One quick retry re-dials a connection that a Redis restart left stale; longer
+            # outages are the callers' business (consumers and relay back off on their own).
+            retry=Retry(ExponentialBackoff(cap=0.2, base=0.05), retries=1),
+        )
+        return cls(redis, prefix, maxlen=maxlen)
+
+    async def aclose(self) -> None:
+        await self.redis.aclose()
+
+    def stream_key(self, topic_name: str) -> str:
+        return f"{self.prefix}:{{{topic_name}}}"
+
+    def dead_key(self, topic_name: str) -> str:
+        return f"{self.stream_key(topic_name)}:dead"
+
+    def channel_key(self, channel: str) -> str:
+        return f"{self.prefix}:notice:{channel}"
+
+    async def publish(self, topic: Topic, items: Sequence[Envelope]) -> list[str]:
+        """Adds one entry per item (one round trip); returns the entry ids in order.
+
+        Raises ValueError for a kind the topic does not carry, before anything is sent.
+        """
+        return await self.publish_batches([(topic, items)])
+
+    async def publish_batches(
+        self, batches: Sequence[tuple[Topic, Sequence[Envelope]]]
+    ) -> list[str]:
+        """Publishes to several topics in one pipeline; returns all entry ids in order."""
+        for topic, items in batches:
+            for item in items:
+                if topic.message_class(item.kind) is None:
+                    raise ValueError(f"topic {topic.name} does not carry {item.kind}")
+        if not any(items for _, items in batches):
+            return []
+        # No MULTI: the topics may live in different cluster slots, and a partial publish only
+        # means duplicates on retry, which consumers tolerate.
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for topic, items in batches:
+                key = self.stream_key(topic.name)
+                for item in items:
+                    fields: dict[Any, Any] = item.fields()  # redis-py types fields invariantly
+                    pipe.xadd(key, fields, maxlen=self.maxlen, approximate=True)
+            entry_ids = await pipe.execute()
+        for topic, items in batches:
+            if items:
+                PUBLISHED.labels(topic.name).inc(len(items))
+        return [_text(entry_id) for entry_id in entry_ids]
+
+    async def dead_letter(
+        self,
+        topic_name: str,
+        fields: Mapping[bytes, bytes],
+        reason: str,
+        *,
+        group: str = "",
+        entry_id: str = "",
+        deliveries: int = 0,
+    ) -> None:
+        """Adds an entry to the topic's dead-letter stream and, given a group, acks the original.
+
+        Both happen in one MULTI (same hash tag), so an entry is never both dead and pending.
+        """
+        dead_fields: dict[Any, Any] = {
+            **fields,
+            b"reason": reason.encode(),
+            b"entry": entry_id.encode(),
+            b"group": group.encode(),
+            b"deliveries": str(deliveries).encode(),
+        }
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.xadd(self.dead_key(topic_name), dead_fields, maxlen=self.maxlen, approximate=True)
+            if group and entry_id:
+                pipe.xack(self.stream_key(topic_name), group, entry_id)
+            await pipe.execute()
+        DEAD_LETTERED.labels(topic_name, group, reason).inc()
+        log.warning(
+            "bus_entry_dead_lettered",
+            topic=topic_name,
+            group=group,
+            entry_id=entry_id,
+            reason=reason,
+            deliveries=deliveries,
+        )
+
+    async def notify(self, channel: str, message: Message | bytes) -> int:
+        """Publishes a live notice; returns how many listeners got it. Best effort: no retry."""
+        data = message if isinstance(message, bytes) else message.SerializeToString()
+        return int(await self.redis.publish(self.channel_key(channel), data))
+
+    async def listen(
+        self,
+        channels: Iterable[str],
+        *,
+        backoff_initial_s: float = 0.1,
+        backoff_max_s: float = 5.0,
+    ) -> AsyncIterator[Notice]:
+        """Yields notices from the channels until the caller stops iterating.
+
+        Reconnects and resubscribes on its own; notices sent while Redis was away are missed,
+        which is what pub/sub promises. Redis drops a subscriber that falls too far behind
+        (client-output-buffer-limit), so a slow reader costs no unbounded memory here either.
+        """
+        keys = {self.channel_key(c): c for c in channels}
+        prefix_len = len(self.channel_key(""))
+        backoff = Backoff(
+            "bus_listen_redis_unavailable", initial=backoff_initial_s, maximum=backoff_max_s
+        )
+        while True:
+            pubsub = self.redis.pubsub()
+            try:
+                await pubsub.subscribe(*keys)
+                while True:
+                    raw = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                    backoff.recovered()
+                    if raw is None or raw.get("type") != "message":
+                        continue
+                    channel = _text(raw["channel"])[prefix_len:]
+                    yield Notice(channel, raw["data"])
+            except REDIS_UNAVAILABLE as exc:
+                await asyncio.sleep(backoff.failed(exc))
+            finally:
+                with contextlib.suppress(*REDIS_UNAVAILABLE):
+                    await pubsub.aclose()
+
+
+Handler = Callable[[str, Message, str], Awaitable[None]]
+"""A bus handler: (project id, decoded message, entry id). Raising leaves the entry pending."""
+
+
+class Consumer:
+    """Runs `handler` for every entry of `topic` delivered to `name` in consumer group `group`.
+
+    On start (and after every reconnect) it re-reads its own pending entries from `0`, then reads
+    new ones with `>`; every `claim_interval_s` it claims entries idle longer than `claim_idle_ms`
+    (from crashed or failing consumers). An entry is acked only after its handler returned. An
+    entry is dead-lettered when it cannot be decoded, or when its handler failed on its
+    `max_deliveries`-th delivery. Handlers run one at a time, at most `count` entries per read.
+    """
+
+    def __init__(
+        self,
+        bus: Bus,
+        topic: Topic,
+        group: str,
+        name: str,
+        handler: Handler,
+        *,
+        count: int = 100,
+        block_ms: int = 2000,
+        claim_idle_ms: int = 60_000,
+        claim_interval_s: float | None = None,
+        max_deliveries: int = 5,
+        start_id: str = "0",
+        handler_timeout_s: float | None = None,
+        metrics_interval_s: float = 15.0,
+        backoff_initial_s: float = 0.1,
+        backoff_max_s: float = 5.0,
+    ) -> None:
+        self._bus = bus
+        self._redis = bus.redis
+        self._topic = topic
+        self._key = bus.stream_key(topic.name)
+        self._group = group
+        self._name = name
+        self._handler = handler
+        self._count = count
+        self._block_ms = block_ms
+        self._claim_idle_ms = claim_idle_ms
+        self._claim_interval_s = (
+            claim_interval_s if claim_interval_s is not None else claim_idle_ms / 2000
+        )
+        self._max_deliveries = max_deliveries
+        # "0": a new group also gets what the stream already retains, so messages published
+        # before the group existed (first deploy, a Redis restart) are not skipped.
+        self._start_id = start_id
+        self._handler_timeout_s = handler_timeout_s
+        self._metrics_interval_s = metrics_interval_s
+        self._backoff_initial_s = backoff_initial_s
+        self._backoff_max_s = backoff_max_s
+        self._stop = asyncio.Event()
+        self._group_ready = False
+        self._own_pending_due = True
+        self._next_claim = 0.0
+        self._next_metrics = 0.0
+        self._log = log.bind(topic=topic.name, group=group, consumer=name)
+
+    def stop(self) -> None:
+        """Asks `run()` to return once the current batch is handled."""
+        self._stop.set()
+
+    async def run(self) -> None:
+        """Consumes until `stop()`; survives Redis outages and handler failures."""
+        self._stop.clear()
+        self._group_ready = False
+        self._own_pending_due = True
+        backoff = Backoff(
+            "bus_consumer_redis_unavailable",
+            initial=self._backoff_initial_s,
+            maximum=self._backoff_max_s,
+            topic=self._topic.name,
+            group=self._group,
+            consumer=self._name,
+        )
+        self._log.info("bus_consumer_started")
+        try:
+            while not self._stop.is_set():
+                try:
+                    await self._step()
+                    backoff.recovered()
+                except REDIS_UNAVAILABLE as exc:
+                    # A new connection may reach a Redis that lost its data: recreate the group
+                    # and re-read our own pending entries before anything else.
+                    self._group_ready = False
+                    self._own_pending_due = True
+                    await sleep_unless(self._stop, backoff.failed(exc))
+                except ResponseError as exc:
+                    if str(exc).startswith("NOGROUP"):
+                        # The stream or group was deleted under us (e.g. Redis restarted empty).
+                        self._log.warning("bus_consumer_group_missing")
+                        self._group_ready = False
+                        continue
+                    self._log.error("bus_consumer_redis_error", error=type(exc).__name__)
+                    await sleep_unless(self._stop, backoff.failed(exc))
+                except Exception:
+                    # A bug here must not stop consumption for good; log it and go on slowly.
+                    self._log.exception("bus_consumer_failed")
+                    await sleep_unless(self._stop, self._backoff_max_s)
+        finally:
+            self._log.info("bus_consumer_stopped")
+
+    async def _step(self) -> None:
+        if not self._group_ready:
+            await self._create_group()
+        if self._own_pending_due:
+            await self._handle_own_pending()
+        now = time.monotonic()
+        if now >= self._next_claim:
+            await self._claim_idle()
+            self._next_claim = time.monotonic() + self._claim_interval_s
+        if now >= self._next_metrics:
+            await self.update_metrics()
+            self._next_metrics = time.monotonic() + self._metrics_interval_s
+        if not self._stop.is_set():
+            await self._read_new()
+
+    async def _create_group(self) -> None:
+        try:
+            await self._redis.xgroup_create(self._key, self._group, self._start_id, mkstream=True)
+        except ResponseError as exc:
+            if not str(exc).startswith("BUSYGROUP"):
+                raise
+        self._group_ready = True
+        self._own_pending_due = True
+
+    async def _handle_own_pending(self) -> None:
+        """Re-handles entries delivered to this consumer name and never acked (a restart)."""
+        cursor = "0"
+        while not self._stop.is_set():  # stopped: the rest waits for the next run
+            entries = await self._read(cursor, block_ms=None)
+            if not entries:
+                self._own_pending_due = False
+                return
+            # Failed entries stay pending; moving the cursor past them ends the pass.
+            cursor = _text(entries[-1][0])
+            await self._process(entries, await self._delivery_counts(entries))
+
+    async def _claim_idle(self) -> None:
+        cursor = "0-0"
+        while not self._stop.is_set():
+            async with asyncio.timeout(self._remote_timeout_s()):
+                result = await self._redis.xautoclaim(
+                    self._key,
+                    self._group,
+                    self._name,
+                    min_idle_time=self._claim_idle_ms,
+                    start_id=cursor,
+                    count=self._count,
+                )
+            cursor = _text(result[0])
+            entries = result[1]
+            if entries:
+                await self._process(entries, await self._delivery_counts(entries))
+            if cursor == "0-0":
+                return
+
+    async def _read_new(self) -> None:
+        entries = await self._read(">", block_ms=self._block_ms)
+        if entries:
+            # A `>` read is by definition the first delivery.
+            await self._process(entries, {})
+
+    async def _read(self, cursor: str, *, block_ms: int | None) -> list[Any]:
+        async with asyncio.timeout(self._remote_timeout_s()):
+            # Typed for RESP3 too; this client speaks RESP2: [[key, [(id, fields), ...]]].
+            response: Any = await self._redis.xreadgroup(
+                self._group, self._name, {self._key: cursor}, count=self._count, block=block_ms
+            )
+        return list(response[0][1]) if response else []
+
+    def _remote_timeout_s(self) -> float:
+        # Long enough for a full BLOCK, short enough that a silently dead connection is noticed.
+        return self._block_ms / 1000 + 10
+
+    async def _delivery_counts(self, entries: Sequence[Any]) -> dict[str, int]:
+        """Delivery count of each entry, from XPENDING, in one round trip."""
+        ids = [_text(entry_id) for entry_id, _ in entries if entry_id is not None]
+        if not ids:
+            return {}
+        async with asyncio.timeout(self._remote_timeout_s()):
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for entry_id in ids:
+                    pipe.xpending_range(self._key, self._group, entry_id, entry_id, 1)
+                replies = await pipe.execute()
+        return {
+            _text(row["message_id"]): int(row["times_delivered"])
+            for reply in replies
+            for row in reply
+        }
+
+    async def _process(self, entries: Sequence[Any], deliveries: Mapping[str, int]) -> None:
+        for raw_id, fields in entries:
+            if raw_id is None:
+                # Redis 6.2 claims an entry trimmed from the stream as (nil, nil) and keeps it in
+                # our pending list; the next read from `0` shows its id so it can be acked.
+                self._own_pending_due = True
+                continue
+            entry_id = _text(raw_id)
+            if not fields:
+                # Trimmed (MAXLEN) or deleted while pending: nothing left to handle.
+                await self._redis.xack(self._key, self._group, entry_id)
+                continue
+            await self._process_one(entry_id, fields, deliveries.get(entry_id, 1))
+
+    async def _process_one(
+        self, entry_id: str, fields: Mapping[bytes, bytes], delivery: int
+    ) -> None:
+        try:
+            project_id, message = decode_entry(self._topic, fields)
+        except PoisonMessage as exc:
+            await self._dead_letter(entry_id, fields, exc.reason, delivery)
+            return
+        if delivery > self._max_deliveries:
+            # Delivered too often without a handler failure being seen: its consumers crashed
+            # (or timed out) while handling it. Stop trying.
+            await self._dead_letter(entry_id, fields, "max_deliveries", delivery)
+            return
+        if await self._call_handler(project_id, message, entry_id, delivery):
+            await self._redis.xack(self._key, self._group, entry_id)
+            HANDLED.labels(self._topic.name, self._group).inc()
+        elif delivery >= self._max_deliveries:
+            await self._dead_letter(entry_id, fields, "handler_failed", delivery)
+
+    async def _call_handler(
+        self, project_id: str, message: Message, entry_id: str, delivery: int
+    ) -> bool:
+        try:
+            async with asyncio.timeout(self._handler_timeout_s):
+                await self._handler(project_id, message, entry_id)
+        except Exception:
+            # Left pending: another delivery (via claim) retries it, up to max_deliveries.
+            HANDLER_FAILURES.labels(self._topic.name, self._group).inc()
+            self._log.exception("bus_handler_failed", entry_id=entry_id, delivery=delivery)
+            return False
+        return True
+
+    async def _dead_letter(
+        self, entry_id: str, fields: Mapping[bytes, bytes], reason: str, delivery: int
+    ) -> None:
+        await self._bus.dead_letter(
+            self._topic.name,
+            fields,
+            reason,
+            group=self._group,
+            entry_id=entry_id,
+            deliveries=delivery,
+        )
+
+    async def update_metrics(self) -> None:
+        """Sets the lag and pending gauges of this topic and group from XINFO GROUPS."""
+        async with asyncio.timeout(self._remote_timeout_s()):
+            groups = await self._redis.xinfo_groups(self._key)
+            info = next((g for g in groups if _text(g["name"]) == self._group), None)
+            if info is None:
+                return
+            lag = info.get("lag")
+            if lag is None:
+                lag = await self._count_undelivered(_text(info["last-delivered-id"]))
+        CONSUMER_LAG.labels(self._topic.name, self._group).set(int(lag))
+        PENDING_ENTRIES.labels(self._topic.name, self._group).set(int(info["pending"]))
+
+    async def _count_undelivered(self, last_delivered_id: str) -> int:
+        entries: Any = await self._redis.xrange(
+            self._key, min=f"({last_delivered_id}", max="+", count=LAG_SCAN_LIMIT
+        )
+        return len(entries)

