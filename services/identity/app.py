@@ -6,15 +6,19 @@ import grpc
 
 from profiles.identity.v1 import identity_service_pb2 as pb
 from profiles.identity.v1 import identity_service_pb2_grpc as pb_grpc
+from services.identity.repository import IdentityRepository
+from services.identity.service import IdentityService
+from services.identity.servicer import IdentityServicer
 from shared.server import Runtime, ServiceDefinition
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["IdentityService"].full_name
 
 
 async def build(runtime: Runtime) -> ServiceDefinition:
-    # The behaviour of this service lands with its own issue; until then the generated base
-    # servicer answers every RPC with UNIMPLEMENTED, behind the real auth and error handling.
-    servicer = pb_grpc.IdentityServiceServicer()  # type: ignore[abstract]
+    # Migrations are applied before build, so the tables a merge must move are all there now.
+    repository = await IdentityRepository.connect(runtime.pool)
+    service = IdentityService(repository, runtime.tenancy, runtime.clock)
+    servicer = IdentityServicer(service)
 
     def register(server: grpc.aio.Server) -> None:
         pb_grpc.add_IdentityServiceServicer_to_server(servicer, server)

@@ -6,17 +6,26 @@ import grpc
 
 from profiles.ingest.v1 import ingest_service_pb2 as pb
 from profiles.ingest.v1 import ingest_service_pb2_grpc as pb_grpc
+from services.ingest.identity_client import IdentityChannelWorker, IdentityClient
+from services.ingest.repository import IngestRepository
+from services.ingest.service import IngestService
+from services.ingest.servicer import IngestServicer
 from shared.server import Runtime, ServiceDefinition
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["IngestService"].full_name
 
 
 async def build(runtime: Runtime) -> ServiceDefinition:
-    # The behaviour of this service lands with its own issue; until then the generated base
-    # servicer answers every RPC with UNIMPLEMENTED, behind the real auth and error handling.
-    servicer = pb_grpc.IngestServiceServicer()  # type: ignore[abstract]
+    settings = runtime.settings
+    identity = IdentityClient(settings.addresses["identity"], settings.internal_token)
+    service = IngestService(IngestRepository(runtime.pool), identity, runtime.clock)
+    servicer = IngestServicer(service)
 
     def register(server: grpc.aio.Server) -> None:
         pb_grpc.add_IngestServiceServicer_to_server(servicer, server)
 
-    return ServiceDefinition(full_names=[SERVICE_NAME], register=register)
+    return ServiceDefinition(
+        full_names=[SERVICE_NAME],
+        register=register,
+        workers=[IdentityChannelWorker(identity)],
+    )

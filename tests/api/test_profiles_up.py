@@ -21,6 +21,8 @@ import psutil
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from profiles.query.v1 import query_service_pb2 as query_pb
+from profiles.query.v1 import query_service_pb2_grpc as query_grpc
 from shared.settings import SERVICE_NAMES
 
 READY_LINE = "Profiles is up"
@@ -155,10 +157,43 @@ async def test_profiles_up_serves_all_four_services_and_stops_leaving_nothing_be
     assert all(key.startswith("prf_") for key in keys.values())
 
     assert len(processes_of(suite.data_dir)) >= 6  # the check below sees what is running
+    await check_keys_reach_the_query_service(suite.ports["query"], keys["read"])
 
     assert await stop(started_up) == 0
 
     assert processes_of(suite.data_dir) == []
+    check_call_logs(suite.data_dir / "logs" / "query.log", secret=keys["read"])
+
+
+async def check_keys_reach_the_query_service(port: int, read_key: str) -> None:
+    """The issue's "done when": no key is refused; the printed read key reaches the service."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = query_grpc.QueryServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.GetOverview(query_pb.GetOverviewRequest(), timeout=10)
+        assert refused.value.code() is grpc.StatusCode.UNAUTHENTICATED
+        metadata = (("authorization", f"Bearer {read_key}"), ("x-request-id", "req-up-1"))
+        code = grpc.StatusCode.OK
+        try:
+            await stub.GetOverview(query_pb.GetOverviewRequest(), metadata=metadata, timeout=10)
+        except grpc.aio.AioRpcError as error:  # an RPC whose issue has not landed yet
+            code = error.code()
+        assert code not in (
+            grpc.StatusCode.UNAUTHENTICATED,
+            grpc.StatusCode.PERMISSION_DENIED,
+            grpc.StatusCode.INTERNAL,
+        )
+
+
+def check_call_logs(log_file: Path, secret: str) -> None:
+    """Each call is one JSON line with rpc, project, request id and latency; no key in sight."""
+    text = log_file.read_text()
+    assert secret not in text
+    calls = [json.loads(line) for line in text.splitlines() if '"rpc_finished"' in line]
+    call = next(c for c in calls if c.get("request_id") == "req-up-1")
+    assert call["rpc"] == "/profiles.query.v1.QueryService/GetOverview"
+    assert call["project_id"]
+    assert isinstance(call["latency_ms"], float)
 
 
 async def test_profiles_up_stops_everything_when_a_service_dies(

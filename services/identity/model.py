@@ -1,0 +1,345 @@
+"""Identity's rules without I/O: which keys are valid, which Identify rule applies, what a merge
+does with custom IDs, and the answers kept for retried requests."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, fields
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+from services.identity.errors import (
+    CustomIdConflict,
+    CustomIdInvalid,
+    InstallationIdInvalid,
+    KeyMissing,
+    MergeIntoItself,
+    RequestIdInvalid,
+)
+from shared.errors import FieldViolation, InvalidArgument
+
+MAX_KEYS = 1000
+MAX_INSTALLATION_ID_LENGTH = 128
+MAX_CUSTOM_ID_LENGTH = 512
+MAX_REQUEST_ID_LENGTH = 64
+
+# Values that SDKs and backends send when they have no real user ID ("null" from a JSON
+# serializer, "[object Object]" from string concatenation, "0"/"-1" from unset integers...).
+# Accepting one would merge everyone who sent it into one profile. Compared case-insensitively.
+BUILT_IN_JUNK_CUSTOM_IDS = frozenset(
+    {
+        "null",
+        "undefined",
+        "nil",
+        "none",
+        "nan",
+        "infinity",
+        "true",
+        "false",
+        "0",
+        "-1",
+        "anonymous",
+        "guest",
+        "[object object]",
+    }
+)
+_QUOTES = ("'", '"')
+
+
+def _unquoted(value: str) -> str:
+    """`value` without one pair of matching single or double quotes around it."""
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in _QUOTES:
+        return value[1:-1]
+    return value
+
+
+def custom_id_problem(custom_id: str, extra_junk: Iterable[str] = ()) -> str | None:
+    """Why `custom_id` is refused, or None when it is acceptable.
+
+    Refused: empty, longer than 512 characters (never truncated), leading or trailing
+    whitespace, and the junk values above or in `extra_junk` (a project's own list), compared
+    case-insensitively, also when wrapped in single or double quotes.
+    """
+    if not custom_id:
+        return "must not be empty"
+    if len(custom_id) > MAX_CUSTOM_ID_LENGTH:
+        return f"must be at most {MAX_CUSTOM_ID_LENGTH} characters"
+    if custom_id != custom_id.strip():
+        return "must not start or end with whitespace"
+    folded = {custom_id.casefold(), _unquoted(custom_id).casefold()}
+    junk = BUILT_IN_JUNK_CUSTOM_IDS | {value.casefold() for value in extra_junk}
+    if folded & junk:
+        return "is a placeholder value, not a user ID"
+    return None
+
+
+def installation_id_problem(installation_id: str) -> str | None:
+    """Why `installation_id` is refused, or None when it is acceptable (1 to 128 characters)."""
+    if not 1 <= len(installation_id) <= MAX_INSTALLATION_ID_LENGTH:
+        return f"must be 1 to {MAX_INSTALLATION_ID_LENGTH} characters"
+    return None
+
+
+def check_installation_id(installation_id: str, field: str = "installation_id") -> None:
+    """Raises InstallationIdInvalid (with `field`) unless the installation ID is acceptable."""
+    problem = installation_id_problem(installation_id)
+    if problem is not None:
+        raise InstallationIdInvalid(
+            f"{field} {problem}", [FieldViolation(field, problem, InstallationIdInvalid.reason)]
+        )
+
+
+def check_custom_id(custom_id: str, extra_junk: Iterable[str], field: str = "custom_id") -> None:
+    """Raises CustomIdInvalid (with `field`) unless the custom ID is acceptable."""
+    problem = custom_id_problem(custom_id, extra_junk)
+    if problem is not None:
+        raise CustomIdInvalid(
+            f"{field} {problem}", [FieldViolation(field, problem, CustomIdInvalid.reason)]
+        )
+
+
+def check_request_id(request_id: str) -> None:
+    """Raises RequestIdInvalid unless `request_id` is empty (none) or at most 64 characters."""
+    if len(request_id) > MAX_REQUEST_ID_LENGTH:
+        problem = f"must be at most {MAX_REQUEST_ID_LENGTH} characters"
+        raise RequestIdInvalid(
+            f"request_id {problem}",
+            [FieldViolation("request_id", problem, RequestIdInvalid.reason)],
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ProfileKey:
+    """One key of a ResolveProfiles batch: exactly one of the two is set when valid."""
+
+    installation_id: str | None = None
+    custom_id: str | None = None
+
+
+def key_problem(index: int, key: ProfileKey, extra_junk: Iterable[str]) -> InvalidArgument | None:
+    """The error of one ResolveProfiles key (field `keys[index]`), or None when it is valid."""
+    field = f"keys[{index}]"
+    if key.installation_id is not None:
+        problem = installation_id_problem(key.installation_id)
+        kind: type[InvalidArgument] = InstallationIdInvalid
+        what = "installation_id"
+    elif key.custom_id is not None:
+        problem = custom_id_problem(key.custom_id, extra_junk)
+        kind = CustomIdInvalid
+        what = "custom_id"
+    else:
+        problem = "must have an installation_id or a custom_id"
+        return KeyMissing(f"{field} {problem}", [FieldViolation(field, problem, KeyMissing.reason)])
+    if problem is None:
+        return None
+    return kind(f"{field}.{what} {problem}", [FieldViolation(field, problem, kind.reason)])
+
+
+@dataclass(frozen=True, slots=True)
+class Resolution:
+    """The current profile of one key."""
+
+    profile_id: UUID | None
+    created: bool = False
+    erased: bool = False
+    identified: bool = False
+    link_version: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Profile:
+    """A live profile as identity sees it (locked while a change is decided)."""
+
+    profile_id: UUID
+    custom_id: str | None
+    merged_into: UUID | None = None
+    version: int = 1
+
+    @property
+    def identified(self) -> bool:
+        return self.custom_id is not None
+
+
+@dataclass(frozen=True, slots=True)
+class InstallationLink:
+    installation_id: str
+    profile_id: UUID
+    link_version: int
+
+
+class IdentifyOutcome(enum.Enum):
+    IDENTIFIED = "identified"  # rule 1
+    MERGED = "merged"  # rule 2
+    ALREADY_IDENTIFIED = "already_identified"  # rule 3
+    MOVED = "moved"  # rule 4
+
+
+def choose_identify_rule(current: Profile, holder: Profile | None) -> IdentifyOutcome:
+    """Which Identify rule applies to an installation on `current` logging in with a custom ID
+    held by `holder` (directly or as an alias; None when nobody holds it)."""
+    if holder is not None and holder.profile_id == current.profile_id:
+        return IdentifyOutcome.ALREADY_IDENTIFIED
+    if not current.identified:
+        return IdentifyOutcome.IDENTIFIED if holder is None else IdentifyOutcome.MERGED
+    return IdentifyOutcome.MOVED
+
+
+class ChangeKind(enum.Enum):
+    MERGE = "merge"
+    SPLIT = "split"
+
+
+class ChangeCause(enum.Enum):
+    IDENTIFY = "identify"
+    LOGOUT = "logout"
+    OPERATOR_MERGE = "operator_merge"
+    TOKEN_REINTEGRATION = "token_reintegration"
+    IDENTIFY_SWITCH = "identify_switch"
+
+
+@dataclass(frozen=True, slots=True)
+class IdentityChange:
+    """One recorded merge or split (see identity_changes in 0003_identity.sql)."""
+
+    change_id: UUID
+    kind: ChangeKind
+    cause: ChangeCause
+    source_profile_id: UUID
+    target_profile_id: UUID
+    installation_ids: tuple[str, ...]
+    change_time: datetime
+    alias_custom_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class MergePlan:
+    """What an operator merge does with custom IDs, decided before anything moves."""
+
+    # The source's custom ID, kept as an alias resolving to the target.
+    alias_custom_id: str | None
+    # The source's custom ID, moved onto an anonymous target.
+    inherited_custom_id: str | None
+
+
+def check_merge_ids(source_id: UUID, target_id: UUID) -> None:
+    """Raises MergeIntoItself when an operator names one profile as both source and target."""
+    if source_id == target_id:
+        raise MergeIntoItself(
+            "a profile cannot be merged into itself",
+            [FieldViolation("target_profile_id", "equals source_profile_id", "MERGE_INTO_ITSELF")],
+        )
+
+
+def plan_merge(source: Profile, target: Profile, allow_custom_id_conflict: bool) -> MergePlan:
+    """Raises MergeIntoItself or CustomIdConflict; otherwise says what happens to custom IDs.
+
+    Two identified profiles with different custom IDs merge only when the operator allows it,
+    and then the source's custom ID becomes an alias of the target: a person with two accounts
+    stays reachable under both. An identified source merged into an anonymous target gives the
+    target its custom ID, so the custom ID keeps resolving to the person's data.
+    """
+    check_merge_ids(source.profile_id, target.profile_id)
+    if source.custom_id is None:
+        return MergePlan(alias_custom_id=None, inherited_custom_id=None)
+    if target.custom_id is None:
+        return MergePlan(alias_custom_id=None, inherited_custom_id=source.custom_id)
+    if not allow_custom_id_conflict:
+        raise CustomIdConflict(
+            "both profiles are identified with different custom IDs; set"
+            " allow_custom_id_conflict to merge them and keep the source's as an alias",
+            metadata={
+                "source_profile_id": str(source.profile_id),
+                "target_profile_id": str(target.profile_id),
+            },
+        )
+    return MergePlan(alias_custom_id=source.custom_id, inherited_custom_id=None)
+
+
+@dataclass(frozen=True, slots=True)
+class IdentifyResult:
+    outcome: IdentifyOutcome
+    profile_id: UUID
+    merged_profile_id: UUID | None = None
+    previous_profile_id: UUID | None = None
+    profile_created: bool = False
+    change_id: UUID | None = None
+
+
+class LogoutOutcome(enum.Enum):
+    NEW_ANONYMOUS_PROFILE = "new_anonymous_profile"
+    UNCHANGED = "unchanged"
+
+
+@dataclass(frozen=True, slots=True)
+class LogoutResult:
+    outcome: LogoutOutcome
+    profile_id: UUID
+    previous_profile_id: UUID | None = None
+    change_id: UUID | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class MergeResult:
+    target_profile_id: UUID
+    source_profile_id: UUID
+    already_merged: bool
+    alias_custom_id: str | None = None
+    change_id: UUID | None = None
+    merge_time: datetime | None = None
+
+
+# Answers are kept as JSON (identity_requests.answer) so that a retried request gets exactly the
+# first answer back; these turn a result into plain JSON values and back.
+Answer = IdentifyResult | LogoutResult | MergeResult
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, UUID):
+        return str(value)
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return value
+
+
+def answer_to_json(answer: Answer) -> dict[str, Any]:
+    return {f.name: _plain(getattr(answer, f.name)) for f in fields(answer)}
+
+
+def _uuid(value: Any) -> UUID | None:
+    return None if value is None else UUID(value)
+
+
+def identify_result_from_json(data: Mapping[str, Any]) -> IdentifyResult:
+    return IdentifyResult(
+        outcome=IdentifyOutcome(data["outcome"]),
+        profile_id=UUID(data["profile_id"]),
+        merged_profile_id=_uuid(data["merged_profile_id"]),
+        previous_profile_id=_uuid(data["previous_profile_id"]),
+        profile_created=bool(data["profile_created"]),
+        change_id=_uuid(data["change_id"]),
+    )
+
+
+def logout_result_from_json(data: Mapping[str, Any]) -> LogoutResult:
+    return LogoutResult(
+        outcome=LogoutOutcome(data["outcome"]),
+        profile_id=UUID(data["profile_id"]),
+        previous_profile_id=_uuid(data["previous_profile_id"]),
+        change_id=_uuid(data["change_id"]),
+    )
+
+
+def merge_result_from_json(data: Mapping[str, Any]) -> MergeResult:
+    merge_time = data["merge_time"]
+    return MergeResult(
+        target_profile_id=UUID(data["target_profile_id"]),
+        source_profile_id=UUID(data["source_profile_id"]),
+        already_merged=bool(data["already_merged"]),
+        alias_custom_id=data["alias_custom_id"],
+        change_id=_uuid(data["change_id"]),
+        merge_time=None if merge_time is None else datetime.fromisoformat(merge_time),
+    )

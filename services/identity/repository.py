@@ -1,0 +1,514 @@
+"""Every SQL statement of identity, and only SQL. Methods return model dataclasses.
+
+Lock order, so that concurrent changes queue instead of deadlocking (a deadlock that still
+happens is retried by the service): the custom ID's advisory lock, then the installation row,
+then profile rows in ascending profile_id order, then the other installations of a profile
+merged away (ascending installation_id), then the rows of the other tables.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, cast
+from uuid import UUID, uuid4
+
+import asyncpg
+from asyncpg.pool import PoolConnectionProxy
+
+from services.identity.errors import ConcurrentChange
+from services.identity.model import (
+    IdentityChange,
+    InstallationLink,
+    Profile,
+    Resolution,
+)
+from shared.outbox import OutboxItem, enqueue_many
+
+# Read first for every batch, outside any transaction: installations.profile_id is always a live
+# profile (identity changes it in the same transaction as any merge), so one join answers both
+# "which profile" and "identified?" through the two primary keys.
+SELECT_INSTALLATION_LINKS = """
+    SELECT i.installation_id, i.profile_id, i.link_version, p.custom_id IS NOT NULL AS identified
+    FROM installations i
+    JOIN profiles p ON p.project_id = i.project_id AND p.profile_id = i.profile_id
+    WHERE i.project_id = $1 AND i.installation_id = ANY($2::text[])"""
+
+# One statement creates the installations and their profiles. The installation row is inserted
+# first with ON CONFLICT DO NOTHING, so when two callers race for one new installation the
+# primary key picks the winner and only the winner's profile is inserted (from RETURNING); the
+# foreign key to profiles is checked at the end of the statement, when both rows exist. Callers
+# pass the IDs sorted so that two overlapping batches wait for each other instead of deadlocking.
+INSERT_ANONYMOUS_INSTALLATIONS = """
+    WITH linked AS (
+        INSERT INTO installations (project_id, installation_id, profile_id, create_time)
+        SELECT $1, k.installation_id, k.profile_id, $4
+        FROM unnest($2::text[], $3::uuid[]) AS k(installation_id, profile_id)
+        ON CONFLICT (project_id, installation_id) DO NOTHING
+        RETURNING installation_id, profile_id
+    ), created AS (
+        INSERT INTO profiles (project_id, profile_id, create_time, update_time)
+        SELECT $1, profile_id, $4, $4 FROM linked
+        RETURNING profile_id
+    )
+    SELECT installation_id, profile_id FROM linked"""
+
+# A custom ID is held either by a live profile (unique index profiles_by_custom_id) or by an
+# alias left by an operator merge; both are looked up by primary or unique key in one pass.
+SELECT_CUSTOM_ID_HOLDERS = """
+    SELECT k.custom_id, coalesce(p.profile_id, a.target_profile_id) AS profile_id
+    FROM unnest($2::text[]) AS k(custom_id)
+    LEFT JOIN profiles p ON p.project_id = $1 AND p.custom_id = k.custom_id
+    LEFT JOIN custom_id_aliases a ON a.project_id = $1 AND a.custom_id = k.custom_id
+    WHERE p.profile_id IS NOT NULL OR a.target_profile_id IS NOT NULL"""
+
+# Transaction-scoped advisory locks, one per custom ID, taken before a custom ID is given to a
+# profile or made an alias: the unique index alone cannot stop a new profile from taking a
+# custom ID that a concurrent merge is turning into an alias. Two-key form in its own
+# namespace (the first key), so it never meets the migration lock; a hash collision only makes
+# two custom IDs queue. Callers pass the IDs sorted, so batches lock in one order.
+LOCK_CUSTOM_IDS = """
+    SELECT pg_advisory_xact_lock($1::int, hashtext($2::text || ':' || c))
+    FROM unnest($3::text[]) AS c"""
+CUSTOM_ID_LOCK_NAMESPACE = 0x1D
+
+# Profiles for new custom IDs, under their advisory locks: skipped when the custom ID is an
+# alias, and ON CONFLICT leaves a concurrent creation in place (the caller then reads it).
+INSERT_IDENTIFIED_PROFILES = """
+    INSERT INTO profiles (project_id, profile_id, custom_id, create_time, update_time)
+    SELECT $1, k.profile_id, k.custom_id, $4, $4
+    FROM unnest($2::text[], $3::uuid[]) AS k(custom_id, profile_id)
+    WHERE NOT EXISTS (
+        SELECT 1 FROM custom_id_aliases a WHERE a.project_id = $1 AND a.custom_id = k.custom_id
+    )
+    ON CONFLICT (project_id, custom_id) WHERE custom_id IS NOT NULL DO NOTHING
+    RETURNING profile_id, custom_id"""
+
+# The installation first: ingest reads it FOR SHARE when it stores events, so holding it FOR
+# UPDATE makes events wait until the move commits and then land on the new profile.
+LOCK_INSTALLATION = """
+    SELECT installation_id, profile_id, link_version FROM installations
+    WHERE project_id = $1 AND installation_id = $2
+    FOR UPDATE"""
+
+# Profiles locked in ascending profile_id order (LockRows runs above the sort), the one order
+# every identity transaction uses.
+LOCK_PROFILES = """
+    SELECT profile_id, custom_id, merged_into, version FROM profiles
+    WHERE project_id = $1 AND profile_id = ANY($2::uuid[])
+    ORDER BY profile_id
+    FOR UPDATE"""
+
+# Unlocked read of profiles and, for tombstones, their survivor (one hop, as merges keep it).
+SELECT_PROFILES_AND_SURVIVORS = """
+    SELECT p.profile_id AS requested_id, s.profile_id, s.custom_id, s.merged_into, s.version
+    FROM profiles p
+    JOIN profiles s ON s.project_id = p.project_id
+        AND s.profile_id = coalesce(p.merged_into, p.profile_id)
+    WHERE p.project_id = $1 AND p.profile_id = ANY($2::uuid[])"""
+
+INSERT_ANONYMOUS_PROFILE = """
+    INSERT INTO profiles (project_id, profile_id, create_time, update_time)
+    VALUES ($1, $2, $3, $3)"""
+
+INSERT_IDENTIFIED_PROFILE = """
+    INSERT INTO profiles (project_id, profile_id, custom_id, create_time, update_time)
+    VALUES ($1, $2, $3, $4, $4)"""
+
+# Rule 1 and an operator merge into an anonymous target: the profile takes the custom ID.
+SET_CUSTOM_ID = """
+    UPDATE profiles SET custom_id = $3, version = version + 1, update_time = $4
+    WHERE project_id = $1 AND profile_id = $2"""
+
+# Every transaction that changes what a profile view shows raises its version (read contract in
+# 0002_profiles.sql), so cached views can tell they are stale.
+BUMP_PROFILE_VERSIONS = """
+    UPDATE profiles SET version = version + 1, update_time = $3
+    WHERE project_id = $1 AND profile_id = ANY($2::uuid[])"""
+
+# link_version rises with every move, so a caller that cached the old link notices.
+MOVE_INSTALLATION = """
+    UPDATE installations SET profile_id = $3, link_version = link_version + 1
+    WHERE project_id = $1 AND installation_id = $2"""
+
+# A merge moves every installation of the source, not only the caller's: each is locked first,
+# in installation_id order, so an event being stored for any of them finishes or waits.
+LOCK_INSTALLATIONS_OF_PROFILE = """
+    SELECT installation_id FROM installations
+    WHERE project_id = $1 AND profile_id = $2
+    ORDER BY installation_id
+    FOR UPDATE"""
+
+MOVE_INSTALLATIONS_OF_PROFILE = """
+    UPDATE installations SET profile_id = $3, link_version = link_version + 1
+    WHERE project_id = $1 AND profile_id = $2
+    RETURNING installation_id"""
+
+# The source becomes a tombstone. Its custom ID goes in the same statement (a tombstone has
+# none, by a CHECK), before the caller gives it to the target or makes it an alias.
+MARK_MERGED = """
+    UPDATE profiles SET merged_into = $3, custom_id = NULL, version = version + 1, update_time = $4
+    WHERE project_id = $1 AND profile_id = $2"""
+
+# Chains resolve in one hop: tombstones of the source now point at the target directly.
+REDIRECT_TOMBSTONES = """
+    UPDATE profiles SET merged_into = $3, update_time = $4
+    WHERE project_id = $1 AND merged_into = $2
+    RETURNING profile_id"""
+
+# Aliases follow their profile when it is merged away, so they also resolve in one hop.
+REDIRECT_ALIASES = """
+    UPDATE custom_id_aliases SET target_profile_id = $3
+    WHERE project_id = $1 AND target_profile_id = $2"""
+
+INSERT_ALIAS = """
+    INSERT INTO custom_id_aliases (project_id, custom_id, target_profile_id, change_id, create_time)
+    VALUES ($1, $2, $3, $4, $5)"""
+
+INSERT_CHANGE = """
+    INSERT INTO identity_changes (project_id, change_id, kind, cause, source_profile_id,
+        target_profile_id, installation_ids, alias_custom_id, change_time)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"""
+
+# Answers younger than the cutoff ($4) count; older ones are as good as absent.
+SELECT_REQUEST = """
+    SELECT fingerprint, answer FROM identity_requests
+    WHERE project_id = $1 AND rpc = $2 AND request_id = $3 AND create_time > $4"""
+
+# Written in the change's transaction. A concurrent twin of the same request waits on the
+# primary key and then finds a fresh answer: the update is skipped, nothing is returned, and
+# the twin's transaction is retried, which then reads this answer. An expired answer is
+# overwritten.
+SAVE_REQUEST = """
+    INSERT INTO identity_requests (project_id, rpc, request_id, fingerprint, answer, create_time)
+    VALUES ($1, $2, $3, $4, $5, $6)
+    ON CONFLICT (project_id, rpc, request_id) DO UPDATE
+        SET fingerprint = EXCLUDED.fingerprint, answer = EXCLUDED.answer,
+            create_time = EXCLUDED.create_time
+        WHERE identity_requests.create_time <= $7
+    RETURNING 1"""
+
+# The tables whose rows belong to a profile: every base table of the schema with both a
+# project_id and a profile_id column. Read once at start-up (migrations are applied before any
+# service starts), so tables added by other services (events, attributes, subscriptions,
+# sessions...) are moved by merges without identity knowing them.
+SELECT_PROFILE_TABLES = """
+    SELECT c.table_name
+    FROM information_schema.columns c
+    JOIN information_schema.tables t
+        ON t.table_schema = c.table_schema AND t.table_name = c.table_name
+    WHERE c.table_schema = current_schema() AND t.table_type = 'BASE TABLE'
+        AND c.column_name IN ('project_id', 'profile_id')
+    GROUP BY c.table_name
+    HAVING count(*) = 2
+    ORDER BY c.table_name"""
+
+# A table whose key includes profile_id (say, one row per profile and attribute) cannot just be
+# updated: the target may have the same key. Its owner then defines a function
+# `profiles_merge_<table>(project_id uuid, source uuid, target uuid)` that applies its merge
+# rules; identity calls it instead of MOVE_PROFILE_ROWS, in the merge's transaction.
+SELECT_MERGE_FUNCTIONS = r"""
+    SELECT p.proname FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+    WHERE n.nspname = current_schema() AND p.proname LIKE 'profiles\_merge\_%'"""
+MERGE_FUNCTION_PREFIX = "profiles_merge_"
+
+# Format templates; names come from the catalog (SELECT_PROFILE_TABLES) and are quoted.
+MOVE_PROFILE_ROWS = """
+    UPDATE {table} SET profile_id = $3 WHERE project_id = $1 AND profile_id = $2"""
+CALL_MERGE_FUNCTION = "SELECT {function}($1, $2, $3)"
+
+# identity's own tables with a profile_id column, handled by its own statements above; the
+# outbox keeps its rows' profile_id (a merge must not wait for the relay's row locks, and an
+# erasure purges by tombstone IDs too).
+IDENTITY_OWNED_TABLES = frozenset({"profiles", "installations", "outbox"})
+
+# Lost races: PostgreSQL's deadlock detector, serialization failures, and unique violations of
+# the keys two identity transactions may race for (a new installation, custom ID, alias or
+# request answer). The transaction rolled back entirely, so the service may retry it. Any other
+# unique violation is a bug (say, a table keyed by profile_id without its profiles_merge_
+# function) and must not pass for a race: it stays an error (INTERNAL, logged).
+RACE_ERRORS: tuple[type[Exception], ...] = (
+    asyncpg.DeadlockDetectedError,
+    asyncpg.SerializationError,
+    asyncpg.LockNotAvailableError,
+)
+RACED_UNIQUE_KEYS = frozenset(
+    {
+        "installations_pkey",
+        "profiles_by_custom_id",
+        "custom_id_aliases_pkey",
+        "identity_requests_pkey",
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ProfileTables:
+    """The statements that move a profile's rows in other tables, found at start-up."""
+
+    statements: tuple[str, ...]
+
+
+async def discover_profile_tables(conn: asyncpg.Connection) -> ProfileTables:
+    """Finds every table with project_id and profile_id (except identity's own) and how to
+    move its rows from one profile to another."""
+    tables = [r["table_name"] for r in await conn.fetch(SELECT_PROFILE_TABLES)]
+    functions = {r["proname"] for r in await conn.fetch(SELECT_MERGE_FUNCTIONS)}
+    statements = []
+    for table in tables:
+        if table in IDENTITY_OWNED_TABLES:
+            continue
+        function = MERGE_FUNCTION_PREFIX + table
+        if function in functions:
+            statements.append(CALL_MERGE_FUNCTION.format(function=_quoted(function)))
+        else:
+            statements.append(MOVE_PROFILE_ROWS.format(table=_quoted(table)))
+    return ProfileTables(tuple(statements))
+
+
+def _quoted(identifier: str) -> str:
+    """An SQL identifier quoted like PostgreSQL's quote_ident (always quoted)."""
+    return '"' + identifier.replace('"', '""') + '"'
+
+
+async def move_profile_rows(
+    conn: asyncpg.Connection,
+    tables: ProfileTables,
+    project_id: UUID,
+    source: UUID,
+    target: UUID,
+) -> None:
+    """Moves every row of `source` to `target` in every other service's table (events,
+    sessions, attributes, subscriptions...), in the caller's transaction, in table-name order."""
+    for statement in tables.statements:
+        await conn.execute(statement, project_id, source, target)
+
+
+def _connection(conn: PoolConnectionProxy[asyncpg.Record]) -> asyncpg.Connection:
+    """A pooled connection typed as the Connection it stands for (it forwards every call)."""
+    return cast(asyncpg.Connection, conn)
+
+
+def _profile(row: asyncpg.Record) -> Profile:
+    return Profile(
+        profile_id=row["profile_id"],
+        custom_id=row["custom_id"],
+        merged_into=row["merged_into"],
+        version=row["version"],
+    )
+
+
+class IdentityRepository:
+    """Reads without a transaction, and opens the transactions of the service's use cases."""
+
+    def __init__(self, pool: asyncpg.Pool, tables: ProfileTables) -> None:
+        self._pool = pool
+        self._tables = tables
+
+    @classmethod
+    async def connect(cls, pool: asyncpg.Pool) -> IdentityRepository:
+        async with pool.acquire() as conn:
+            tables = await discover_profile_tables(_connection(conn))
+        return cls(pool, tables)
+
+    @property
+    def profile_tables(self) -> ProfileTables:
+        return self._tables
+
+    async def find_installations(
+        self, project_id: UUID, installation_ids: Sequence[str]
+    ) -> dict[str, Resolution]:
+        rows = await self._pool.fetch(SELECT_INSTALLATION_LINKS, project_id, installation_ids)
+        return {
+            r["installation_id"]: Resolution(
+                profile_id=r["profile_id"],
+                identified=r["identified"],
+                link_version=r["link_version"],
+            )
+            for r in rows
+        }
+
+    async def find_custom_id_holders(
+        self, project_id: UUID, custom_ids: Sequence[str]
+    ) -> dict[str, UUID]:
+        rows = await self._pool.fetch(SELECT_CUSTOM_ID_HOLDERS, project_id, custom_ids)
+        return {r["custom_id"]: r["profile_id"] for r in rows}
+
+    async def find_profiles(
+        self, project_id: UUID, profile_ids: Sequence[UUID]
+    ) -> dict[UUID, Profile]:
+        """Each requested ID that exists, mapped to its live profile (itself or its survivor)."""
+        rows = await self._pool.fetch(SELECT_PROFILES_AND_SURVIVORS, project_id, profile_ids)
+        return {r["requested_id"]: _profile(r) for r in rows}
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[IdentityTransaction]:
+        """One short READ COMMITTED transaction; a lost race surfaces as ConcurrentChange after
+        the rollback, never as a driver error."""
+        try:
+            async with self._pool.acquire() as conn, conn.transaction():
+                yield IdentityTransaction(_connection(conn), self._tables)
+        except RACE_ERRORS as exc:
+            raise ConcurrentChange(
+                "a concurrent change to the same profiles won; nothing was changed, retry"
+            ) from exc
+        except asyncpg.UniqueViolationError as exc:
+            if exc.constraint_name not in RACED_UNIQUE_KEYS:
+                raise
+            raise ConcurrentChange(
+                "a concurrent change created the same key; nothing was changed, retry"
+            ) from exc
+
+
+class IdentityTransaction:
+    """The statements of one open transaction."""
+
+    def __init__(self, conn: asyncpg.Connection, tables: ProfileTables) -> None:
+        self._conn = conn
+        self._tables = tables
+
+    async def create_installations(
+        self, project_id: UUID, installation_ids: Sequence[str], now: datetime
+    ) -> dict[str, UUID]:
+        """Creates the installations not yet known, each on a new anonymous profile; returns
+        those this call created. IDs known or created concurrently are left alone."""
+        ordered = sorted(set(installation_ids))
+        new_profile_ids = [uuid4() for _ in ordered]
+        rows = await self._conn.fetch(
+            INSERT_ANONYMOUS_INSTALLATIONS, project_id, ordered, new_profile_ids, now
+        )
+        return {r["installation_id"]: r["profile_id"] for r in rows}
+
+    async def lock_custom_ids(self, project_id: UUID, custom_ids: Sequence[str]) -> None:
+        await self._conn.execute(
+            LOCK_CUSTOM_IDS, CUSTOM_ID_LOCK_NAMESPACE, str(project_id), sorted(set(custom_ids))
+        )
+
+    async def create_identified_profiles(
+        self, project_id: UUID, custom_ids: Sequence[str], now: datetime
+    ) -> dict[str, UUID]:
+        """Creates profiles for the custom IDs nobody holds (locks first); returns those created."""
+        ordered = sorted(set(custom_ids))
+        await self.lock_custom_ids(project_id, ordered)
+        new_profile_ids = [uuid4() for _ in ordered]
+        rows = await self._conn.fetch(
+            INSERT_IDENTIFIED_PROFILES, project_id, ordered, new_profile_ids, now
+        )
+        return {r["custom_id"]: r["profile_id"] for r in rows}
+
+    async def find_custom_id_holder(self, project_id: UUID, custom_id: str) -> UUID | None:
+        row = await self._conn.fetchrow(SELECT_CUSTOM_ID_HOLDERS, project_id, [custom_id])
+        return None if row is None else row["profile_id"]
+
+    async def lock_installation(
+        self, project_id: UUID, installation_id: str
+    ) -> InstallationLink | None:
+        row = await self._conn.fetchrow(LOCK_INSTALLATION, project_id, installation_id)
+        if row is None:
+            return None
+        return InstallationLink(row["installation_id"], row["profile_id"], row["link_version"])
+
+    async def lock_profiles(
+        self, project_id: UUID, profile_ids: Sequence[UUID]
+    ) -> dict[UUID, Profile]:
+        rows = await self._conn.fetch(LOCK_PROFILES, project_id, sorted(set(profile_ids)))
+        return {r["profile_id"]: _profile(r) for r in rows}
+
+    async def find_profiles(
+        self, project_id: UUID, profile_ids: Sequence[UUID]
+    ) -> dict[UUID, Profile]:
+        """Each requested ID that exists, mapped to its live profile (itself or its survivor);
+        not locked."""
+        rows = await self._conn.fetch(SELECT_PROFILES_AND_SURVIVORS, project_id, profile_ids)
+        return {r["requested_id"]: _profile(r) for r in rows}
+
+    async def create_anonymous_profile(self, project_id: UUID, now: datetime) -> UUID:
+        profile_id = uuid4()
+        await self._conn.execute(INSERT_ANONYMOUS_PROFILE, project_id, profile_id, now)
+        return profile_id
+
+    async def create_identified_profile(
+        self, project_id: UUID, custom_id: str, now: datetime
+    ) -> UUID:
+        """Only under the custom ID's advisory lock, after checking nobody holds it."""
+        profile_id = uuid4()
+        await self._conn.execute(INSERT_IDENTIFIED_PROFILE, project_id, profile_id, custom_id, now)
+        return profile_id
+
+    async def set_custom_id(
+        self, project_id: UUID, profile_id: UUID, custom_id: str, now: datetime
+    ) -> None:
+        await self._conn.execute(SET_CUSTOM_ID, project_id, profile_id, custom_id, now)
+
+    async def bump_versions(
+        self, project_id: UUID, profile_ids: Sequence[UUID], now: datetime
+    ) -> None:
+        await self._conn.execute(BUMP_PROFILE_VERSIONS, project_id, list(profile_ids), now)
+
+    async def move_installation(
+        self, project_id: UUID, installation_id: str, profile_id: UUID
+    ) -> None:
+        await self._conn.execute(MOVE_INSTALLATION, project_id, installation_id, profile_id)
+
+    async def merge(
+        self, project_id: UUID, source: UUID, target: UUID, now: datetime
+    ) -> tuple[list[str], list[UUID]]:
+        """Moves everything of `source` to `target` and leaves `source` a tombstone; both must be
+        locked already. Returns the installations moved and the tombstones redirected. The
+        caller handles custom IDs (alias or inheritance) and records the change."""
+        await self._conn.fetch(LOCK_INSTALLATIONS_OF_PROFILE, project_id, source)
+        moved = await self._conn.fetch(MOVE_INSTALLATIONS_OF_PROFILE, project_id, source, target)
+        await move_profile_rows(self._conn, self._tables, project_id, source, target)
+        await self._conn.execute(MARK_MERGED, project_id, source, target, now)
+        redirected = await self._conn.fetch(REDIRECT_TOMBSTONES, project_id, source, target, now)
+        await self._conn.execute(REDIRECT_ALIASES, project_id, source, target)
+        return (
+            sorted(r["installation_id"] for r in moved),
+            sorted(r["profile_id"] for r in redirected),
+        )
+
+    async def add_alias(
+        self, project_id: UUID, custom_id: str, target: UUID, change_id: UUID, now: datetime
+    ) -> None:
+        await self._conn.execute(INSERT_ALIAS, project_id, custom_id, target, change_id, now)
+
+    async def record_change(self, project_id: UUID, change: IdentityChange) -> None:
+        await self._conn.execute(
+            INSERT_CHANGE,
+            project_id,
+            change.change_id,
+            change.kind.value,
+            change.cause.value,
+            change.source_profile_id,
+            change.target_profile_id,
+            list(change.installation_ids),
+            change.alias_custom_id,
+            change.change_time,
+        )
+
+    async def find_answer(
+        self, project_id: UUID, rpc: str, request_id: str, not_before: datetime
+    ) -> tuple[str, dict[str, Any]] | None:
+        row = await self._conn.fetchrow(SELECT_REQUEST, project_id, rpc, request_id, not_before)
+        return None if row is None else (row["fingerprint"], row["answer"])
+
+    async def save_answer(
+        self,
+        project_id: UUID,
+        rpc: str,
+        request_id: str,
+        fingerprint: str,
+        answer: dict[str, Any],
+        now: datetime,
+        not_before: datetime,
+    ) -> None:
+        saved = await self._conn.fetchval(
+            SAVE_REQUEST, project_id, rpc, request_id, fingerprint, answer, now, not_before
+        )
+        if saved is None:
+            raise ConcurrentChange("the same request is being answered concurrently; retry")
+
+    async def enqueue(self, items: Sequence[OutboxItem]) -> None:
+        await enqueue_many(self._conn, items)

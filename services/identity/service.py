@@ -1,0 +1,588 @@
+"""Identity's use cases: resolve, identify, logout, merge. Each owns its transaction, applies the
+rules of model.py, and publishes what changed through the outbox in that same transaction."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime, timedelta
+from typing import Any, TypeVar
+from uuid import UUID, uuid4
+
+import structlog
+
+from services.identity import messages
+from services.identity.errors import (
+    ConcurrentChange,
+    InstallationNotFound,
+    KeysInvalid,
+    ProfileNotFound,
+    RequestIdReused,
+)
+from services.identity.model import (
+    MAX_KEYS,
+    ChangeCause,
+    ChangeKind,
+    IdentifyOutcome,
+    IdentifyResult,
+    IdentityChange,
+    LogoutOutcome,
+    LogoutResult,
+    MergeResult,
+    Profile,
+    ProfileKey,
+    Resolution,
+    answer_to_json,
+    check_custom_id,
+    check_installation_id,
+    check_merge_ids,
+    check_request_id,
+    choose_identify_rule,
+    identify_result_from_json,
+    key_problem,
+    logout_result_from_json,
+    merge_result_from_json,
+    plan_merge,
+)
+from services.identity.repository import IdentityRepository, IdentityTransaction
+from shared.clock import Clock
+from shared.errors import FieldViolation, InvalidArgument
+from shared.tenancy import TenancyRepository
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+
+# A request_id is honoured this long (AIP-155: "within 24 hours").
+ANSWER_LIFETIME = timedelta(hours=24)
+# A project's junk list is re-read at most this often; operational, so monotonic time.
+SETTINGS_CACHE_SECONDS = 5.0
+
+
+def fingerprint(*fields: str) -> str:
+    """The request's other fields, hashed: identity_requests keeps no custom ID in clear."""
+    return hashlib.sha256("\x00".join(fields).encode()).hexdigest()
+
+
+def _same_identity(locked: Profile | None, read: Profile) -> bool:
+    """True when a profile read before its lock is still live with the same custom ID."""
+    return (
+        locked is not None
+        and locked.merged_into is None
+        and read.merged_into is None
+        and locked.custom_id == read.custom_id
+    )
+
+
+class IdentityService:
+    def __init__(
+        self,
+        repository: IdentityRepository,
+        tenancy: TenancyRepository,
+        clock: Clock,
+        *,
+        attempts: int = 8,
+    ) -> None:
+        self._repository = repository
+        self._tenancy = tenancy
+        self._clock = clock
+        self._attempts = attempts
+        self._junk: dict[UUID, tuple[float, tuple[str, ...]]] = {}
+
+    async def extra_junk_custom_ids(self, project_id: UUID) -> tuple[str, ...]:
+        """The project's own junk custom IDs (setting identity.extra_junk_custom_ids)."""
+        cached = self._junk.get(project_id)
+        if cached is not None and cached[0] > time.monotonic():
+            return cached[1]
+        settings = await self._tenancy.get_settings(project_id)
+        junk = tuple(settings["identity.extra_junk_custom_ids"])
+        if len(self._junk) > 10_000:  # bounded: one entry per active project
+            self._junk.clear()
+        self._junk[project_id] = (time.monotonic() + SETTINGS_CACHE_SECONDS, junk)
+        return junk
+
+    # -- ResolveProfiles ------------------------------------------------------------------
+
+    async def resolve(
+        self, project_id: UUID, keys: Sequence[ProfileKey]
+    ) -> list[Resolution | InvalidArgument]:
+        """Each key's current profile, in order, creating profiles for new keys; an invalid key
+        gets its error instead. Idempotent. Raises KeysInvalid for 0 or over 1,000 keys."""
+        if not 1 <= len(keys) <= MAX_KEYS:
+            why = f"must hold 1 to {MAX_KEYS} keys"
+            raise KeysInvalid(f"keys {why}", [FieldViolation("keys", why, KeysInvalid.reason)])
+        needs_junk = any(k.custom_id is not None for k in keys)
+        junk = await self.extra_junk_custom_ids(project_id) if needs_junk else ()
+        problems = [key_problem(i, key, junk) for i, key in enumerate(keys)]
+        installation_ids = [
+            k.installation_id
+            for k, p in zip(keys, problems, strict=True)
+            if p is None and k.installation_id is not None
+        ]
+        custom_ids = [
+            k.custom_id
+            for k, p in zip(keys, problems, strict=True)
+            if p is None and k.installation_id is None and k.custom_id is not None
+        ]
+        by_installation = (
+            await self._retrying(lambda: self._resolve_installations(project_id, installation_ids))
+            if installation_ids
+            else {}
+        )
+        by_custom_id = (
+            await self._retrying(lambda: self._resolve_custom_ids(project_id, custom_ids))
+            if custom_ids
+            else {}
+        )
+        results: list[Resolution | InvalidArgument] = []
+        for key, problem in zip(keys, problems, strict=True):
+            if problem is not None:
+                results.append(problem)
+            elif key.installation_id is not None:
+                results.append(by_installation[key.installation_id])
+            else:
+                assert key.custom_id is not None
+                results.append(by_custom_id[key.custom_id])
+        return results
+
+    async def _resolve_installations(
+        self, project_id: UUID, installation_ids: Sequence[str]
+    ) -> dict[str, Resolution]:
+        # Known installations (the usual case) cost one indexed read and no transaction.
+        found = await self._repository.find_installations(project_id, installation_ids)
+        missing = sorted(set(installation_ids) - found.keys())
+        if not missing:
+            return found
+        now = self._clock.now()
+        async with self._repository.transaction() as tx:
+            created = await tx.create_installations(project_id, missing, now)
+            await tx.enqueue(
+                [
+                    messages.profile_created(project_id, profile_id, installation_id, False, now)
+                    for installation_id, profile_id in created.items()
+                ]
+            )
+        for installation_id, profile_id in created.items():
+            found[installation_id] = Resolution(profile_id, created=True, link_version=1)
+        raced = [i for i in missing if i not in created]
+        if raced:  # created by a concurrent caller meanwhile: read what it made
+            found.update(await self._repository.find_installations(project_id, raced))
+        if len(found) < len(set(installation_ids)):
+            raise ConcurrentChange("an installation vanished while it was being resolved")
+        return found
+
+    async def _resolve_custom_ids(
+        self, project_id: UUID, custom_ids: Sequence[str]
+    ) -> dict[str, Resolution]:
+        holders = await self._repository.find_custom_id_holders(project_id, custom_ids)
+        found = {c: Resolution(p, identified=True) for c, p in holders.items()}
+        missing = sorted(set(custom_ids) - found.keys())
+        if not missing:
+            return found
+        now = self._clock.now()
+        async with self._repository.transaction() as tx:
+            created = await tx.create_identified_profiles(project_id, missing, now)
+            await tx.enqueue(
+                [
+                    messages.profile_created(project_id, profile_id, "", True, now)
+                    for profile_id in created.values()
+                ]
+            )
+        for custom_id, profile_id in created.items():
+            found[custom_id] = Resolution(profile_id, created=True, identified=True)
+        raced = [c for c in missing if c not in created]
+        if raced:  # created concurrently, or an alias appeared: read the holder
+            holders = await self._repository.find_custom_id_holders(project_id, raced)
+            found.update({c: Resolution(p, identified=True) for c, p in holders.items()})
+        if len(found) < len(set(custom_ids)):
+            raise ConcurrentChange("a custom ID's profile vanished while it was being resolved")
+        return found
+
+    # -- Identify ------------------------------------------------------------------------
+
+    async def identify(
+        self, project_id: UUID, installation_id: str, custom_id: str, request_id: str
+    ) -> IdentifyResult:
+        """Applies Identify rules 1-4 in one transaction (see the proto). Retries a lost race,
+        then raises ConcurrentChange (ABORTED) with nothing changed. Idempotent per request_id.
+        Raises InstallationIdInvalid, CustomIdInvalid, RequestIdInvalid, RequestIdReused."""
+        check_installation_id(installation_id)
+        check_custom_id(custom_id, await self.extra_junk_custom_ids(project_id))
+        check_request_id(request_id)
+        digest = fingerprint(installation_id, custom_id)
+        # "A never-seen installation first gets an anonymous profile": committed on its own, it
+        # is the state any first event would have created, so an ABORTED Identify after it
+        # leaves nothing partial.
+        resolved = await self._retrying(
+            lambda: self._resolve_installations(project_id, [installation_id])
+        )
+        installation_created = resolved[installation_id].created
+        result = await self._retrying(
+            lambda: self._identify_once(
+                project_id, installation_id, custom_id, request_id, digest, installation_created
+            )
+        )
+        log.info("identified", outcome=result.outcome.value, profile_id=str(result.profile_id))
+        return result
+
+    async def _identify_once(
+        self,
+        project_id: UUID,
+        installation_id: str,
+        custom_id: str,
+        request_id: str,
+        digest: str,
+        installation_created: bool,
+    ) -> IdentifyResult:
+        now = self._clock.now()
+        async with self._repository.transaction() as tx:
+            stored = await self._stored_answer(tx, project_id, "Identify", request_id, digest, now)
+            if stored is not None:
+                return identify_result_from_json(stored)
+            # Lock order: custom ID, installation, profiles (see repository.py).
+            await tx.lock_custom_ids(project_id, [custom_id])
+            link = await tx.lock_installation(project_id, installation_id)
+            if link is None:  # erased between the resolve and now
+                raise ConcurrentChange("the installation was unlinked concurrently")
+            holder_id = await tx.find_custom_id_holder(project_id, custom_id)
+            wanted = [link.profile_id] if holder_id is None else [link.profile_id, holder_id]
+            locked = await tx.lock_profiles(project_id, wanted)
+            current = locked.get(link.profile_id)
+            holder = None if holder_id is None else locked.get(holder_id)
+            if (
+                current is None
+                or current.merged_into is not None
+                or (holder_id is not None and (holder is None or holder.merged_into is not None))
+            ):
+                raise ConcurrentChange("a profile changed while Identify was deciding")
+            outcome = choose_identify_rule(current, holder)
+            if outcome is IdentifyOutcome.ALREADY_IDENTIFIED:
+                result = IdentifyResult(outcome, current.profile_id)
+            elif outcome is IdentifyOutcome.IDENTIFIED:
+                await tx.set_custom_id(project_id, current.profile_id, custom_id, now)
+                await tx.enqueue(
+                    [
+                        messages.profile_identified(
+                            project_id, uuid4(), current.profile_id, installation_id, now
+                        )
+                    ]
+                )
+                result = IdentifyResult(
+                    outcome, current.profile_id, profile_created=installation_created
+                )
+            elif outcome is IdentifyOutcome.MERGED:
+                assert holder is not None
+                change = await self._merge(
+                    tx, project_id, current.profile_id, holder.profile_id, ChangeCause.IDENTIFY, now
+                )
+                result = IdentifyResult(
+                    outcome,
+                    holder.profile_id,
+                    merged_profile_id=current.profile_id,
+                    change_id=change.change_id,
+                )
+            else:
+                result = await self._switch(
+                    tx, project_id, installation_id, current.profile_id, holder, custom_id, now
+                )
+            await self._save_answer(tx, project_id, "Identify", request_id, digest, result, now)
+        return result
+
+    async def _switch(
+        self,
+        tx: IdentityTransaction,
+        project_id: UUID,
+        installation_id: str,
+        previous_id: UUID,
+        holder: Profile | None,
+        custom_id: str,
+        now: datetime,
+    ) -> IdentifyResult:
+        """Rule 4: the installation leaves its identified profile for the custom ID's profile,
+        created if nobody holds it; nothing of the previous profile is copied."""
+        created = holder is None
+        if holder is None:
+            target_id = await tx.create_identified_profile(project_id, custom_id, now)
+        else:
+            target_id = holder.profile_id
+        await tx.move_installation(project_id, installation_id, target_id)
+        await tx.bump_versions(project_id, [previous_id, target_id], now)
+        change = IdentityChange(
+            change_id=uuid4(),
+            kind=ChangeKind.SPLIT,
+            cause=ChangeCause.IDENTIFY_SWITCH,
+            source_profile_id=previous_id,
+            target_profile_id=target_id,
+            installation_ids=(installation_id,),
+            change_time=now,
+        )
+        await tx.record_change(project_id, change)
+        items = [messages.profile_split(project_id, change, created)]
+        if created:
+            items.insert(0, messages.profile_created(project_id, target_id, "", True, now))
+        await tx.enqueue(items)
+        return IdentifyResult(
+            IdentifyOutcome.MOVED,
+            target_id,
+            previous_profile_id=previous_id,
+            profile_created=created,
+            change_id=change.change_id,
+        )
+
+    async def _merge(
+        self,
+        tx: IdentityTransaction,
+        project_id: UUID,
+        source_id: UUID,
+        target_id: UUID,
+        cause: ChangeCause,
+        now: datetime,
+        *,
+        alias_custom_id: str | None = None,
+        inherited_custom_id: str | None = None,
+    ) -> IdentityChange:
+        """Merges `source` into `target` (both locked, custom IDs already locked): moves
+        installations and every other table's rows, leaves a tombstone, redirects older
+        tombstones and aliases, handles the source's custom ID, records and publishes."""
+        change_id = uuid4()
+        installation_ids, redirected = await tx.merge(project_id, source_id, target_id, now)
+        if inherited_custom_id is not None:
+            await tx.set_custom_id(project_id, target_id, inherited_custom_id, now)
+        else:
+            await tx.bump_versions(project_id, [target_id], now)
+        if alias_custom_id is not None:
+            await tx.add_alias(project_id, alias_custom_id, target_id, change_id, now)
+        change = IdentityChange(
+            change_id=change_id,
+            kind=ChangeKind.MERGE,
+            cause=cause,
+            source_profile_id=source_id,
+            target_profile_id=target_id,
+            installation_ids=tuple(installation_ids),
+            change_time=now,
+            alias_custom_id=alias_custom_id,
+        )
+        await tx.record_change(project_id, change)
+        await tx.enqueue([messages.profile_merged(project_id, change, redirected)])
+        log.info(
+            "profile_merged",
+            cause=cause.value,
+            source_profile_id=str(source_id),
+            target_profile_id=str(target_id),
+            installations=len(installation_ids),
+        )
+        return change
+
+    # -- Logout --------------------------------------------------------------------------
+
+    async def logout(self, project_id: UUID, installation_id: str, request_id: str) -> LogoutResult:
+        """Moves an installation on an identified profile to a brand-new anonymous profile; on
+        an anonymous profile changes nothing. Idempotent per request_id. Raises
+        InstallationNotFound, InstallationIdInvalid, RequestIdInvalid, ConcurrentChange."""
+        check_installation_id(installation_id)
+        check_request_id(request_id)
+        digest = fingerprint(installation_id)
+        result = await self._retrying(
+            lambda: self._logout_once(project_id, installation_id, request_id, digest)
+        )
+        log.info("logged_out", outcome=result.outcome.value, profile_id=str(result.profile_id))
+        return result
+
+    async def _logout_once(
+        self, project_id: UUID, installation_id: str, request_id: str, digest: str
+    ) -> LogoutResult:
+        now = self._clock.now()
+        async with self._repository.transaction() as tx:
+            stored = await self._stored_answer(tx, project_id, "Logout", request_id, digest, now)
+            if stored is not None:
+                return logout_result_from_json(stored)
+            link = await tx.lock_installation(project_id, installation_id)
+            if link is None:
+                raise InstallationNotFound(
+                    "no such installation in this project",
+                    metadata={"field": "installation_id"},
+                )
+            current = (await tx.lock_profiles(project_id, [link.profile_id])).get(link.profile_id)
+            if current is None or current.merged_into is not None:
+                raise ConcurrentChange("the installation's profile changed during Logout")
+            if not current.identified:
+                result = LogoutResult(LogoutOutcome.UNCHANGED, current.profile_id)
+            else:
+                # Always a new profile, never an earlier anonymous one: the person who logs
+                # in next on this device must not inherit someone else's anonymous history.
+                new_id = await tx.create_anonymous_profile(project_id, now)
+                await tx.move_installation(project_id, installation_id, new_id)
+                await tx.bump_versions(project_id, [current.profile_id], now)
+                change = IdentityChange(
+                    change_id=uuid4(),
+                    kind=ChangeKind.SPLIT,
+                    cause=ChangeCause.LOGOUT,
+                    source_profile_id=current.profile_id,
+                    target_profile_id=new_id,
+                    installation_ids=(installation_id,),
+                    change_time=now,
+                )
+                await tx.record_change(project_id, change)
+                await tx.enqueue(
+                    [
+                        messages.profile_created(project_id, new_id, installation_id, False, now),
+                        messages.profile_split(project_id, change, True),
+                    ]
+                )
+                result = LogoutResult(
+                    LogoutOutcome.NEW_ANONYMOUS_PROFILE,
+                    new_id,
+                    previous_profile_id=current.profile_id,
+                    change_id=change.change_id,
+                )
+            await self._save_answer(tx, project_id, "Logout", request_id, digest, result, now)
+        return result
+
+    # -- MergeProfiles -------------------------------------------------------------------
+
+    async def merge_profiles(
+        self,
+        project_id: UUID,
+        source_id: UUID,
+        target_id: UUID,
+        allow_custom_id_conflict: bool,
+        request_id: str,
+    ) -> MergeResult:
+        """An operator's merge of `source_id` into `target_id` (merged-away IDs resolve to their
+        survivor first). Idempotent per request_id. Raises MergeIntoItself, ProfileNotFound,
+        CustomIdConflict, RequestIdInvalid, ConcurrentChange."""
+        check_merge_ids(source_id, target_id)
+        check_request_id(request_id)
+        digest = fingerprint(str(source_id), str(target_id), str(allow_custom_id_conflict))
+        return await self._retrying(
+            lambda: self._merge_once(
+                project_id, source_id, target_id, allow_custom_id_conflict, request_id, digest
+            )
+        )
+
+    async def _merge_once(
+        self,
+        project_id: UUID,
+        source_id: UUID,
+        target_id: UUID,
+        allow_custom_id_conflict: bool,
+        request_id: str,
+        digest: str,
+    ) -> MergeResult:
+        now = self._clock.now()
+        async with self._repository.transaction() as tx:
+            stored = await self._stored_answer(
+                tx, project_id, "MergeProfiles", request_id, digest, now
+            )
+            if stored is not None:
+                return merge_result_from_json(stored)
+            found = await tx.find_profiles(project_id, [source_id, target_id])
+            named = (("source_profile_id", source_id), ("target_profile_id", target_id))
+            for field, wanted in named:
+                if wanted not in found:
+                    raise ProfileNotFound(
+                        f"no profile {wanted} in this project", metadata={"field": field}
+                    )
+            source, target = found[source_id], found[target_id]
+            if source.profile_id == target.profile_id:
+                result = MergeResult(target.profile_id, source.profile_id, already_merged=True)
+            else:
+                # The custom ID's lock comes first, as everywhere; then the profiles, re-read
+                # under their locks: anything moved meanwhile means retry.
+                if source.custom_id is not None:
+                    await tx.lock_custom_ids(project_id, [source.custom_id])
+                locked = await tx.lock_profiles(project_id, [source.profile_id, target.profile_id])
+                if not (
+                    _same_identity(locked.get(source.profile_id), source)
+                    and _same_identity(locked.get(target.profile_id), target)
+                ):
+                    raise ConcurrentChange("a profile changed while the merge was deciding")
+                plan = plan_merge(source, target, allow_custom_id_conflict)
+                change = await self._merge(
+                    tx,
+                    project_id,
+                    source.profile_id,
+                    target.profile_id,
+                    ChangeCause.OPERATOR_MERGE,
+                    now,
+                    alias_custom_id=plan.alias_custom_id,
+                    inherited_custom_id=plan.inherited_custom_id,
+                )
+                result = MergeResult(
+                    target.profile_id,
+                    source.profile_id,
+                    already_merged=False,
+                    alias_custom_id=plan.alias_custom_id,
+                    change_id=change.change_id,
+                    merge_time=now,
+                )
+            await self._save_answer(
+                tx, project_id, "MergeProfiles", request_id, digest, result, now
+            )
+        return result
+
+    # -- retries and answers --------------------------------------------------------------
+
+    async def _retrying(self, attempt: Callable[[], Awaitable[T]]) -> T:
+        """Runs `attempt` (one whole transaction) again after a lost race, with a short random
+        pause so the racers do not collide again; the last ConcurrentChange goes through."""
+        for number in range(1, self._attempts + 1):
+            try:
+                return await attempt()
+            except ConcurrentChange as exc:
+                if number == self._attempts:
+                    log.warning("identity_race_lost", attempts=number)
+                    raise
+                cause = type(exc.__cause__).__name__
+                log.info("identity_race_retried", attempt=number, cause=cause)
+                await asyncio.sleep(random.uniform(0, 0.005 * 2**number))
+        raise AssertionError("unreachable")
+
+    async def _stored_answer(
+        self,
+        tx: IdentityTransaction,
+        project_id: UUID,
+        rpc: str,
+        request_id: str,
+        digest: str,
+        now: datetime,
+    ) -> dict[str, Any] | None:
+        if not request_id:
+            return None
+        stored = await tx.find_answer(project_id, rpc, request_id, now - ANSWER_LIFETIME)
+        if stored is None:
+            return None
+        if stored[0] != digest:
+            raise RequestIdReused(
+                "this request_id was used for another request",
+                [
+                    FieldViolation(
+                        "request_id", "was used with other fields", RequestIdReused.reason
+                    )
+                ],
+            )
+        return stored[1]
+
+    async def _save_answer(
+        self,
+        tx: IdentityTransaction,
+        project_id: UUID,
+        rpc: str,
+        request_id: str,
+        digest: str,
+        result: IdentifyResult | LogoutResult | MergeResult,
+        now: datetime,
+    ) -> None:
+        if request_id:
+            await tx.save_answer(
+                project_id,
+                rpc,
+                request_id,
+                digest,
+                answer_to_json(result),
+                now,
+                now - ANSWER_LIFETIME,
+            )

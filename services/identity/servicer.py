@@ -1,0 +1,168 @@
+"""IdentityServicer: protobuf in, protobuf out; the use cases live in service.py."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from uuid import UUID
+
+from grpc.aio import ServicerContext
+
+from profiles.identity.v1 import identity_service_pb2 as pb
+from profiles.identity.v1 import identity_service_pb2_grpc as pb_grpc
+from services.identity.errors import ProfileIdInvalid
+from services.identity.messages import timestamp
+from services.identity.model import (
+    IdentifyOutcome,
+    IdentifyResult,
+    LogoutOutcome,
+    LogoutResult,
+    MergeResult,
+    ProfileKey,
+    Resolution,
+)
+from services.identity.service import IdentityService
+from shared.auth import current_caller
+from shared.errors import FieldViolation, InvalidArgument
+from shared.interceptors import OK_STATUS, status_of_error
+
+IDENTIFY_OUTCOMES: dict[IdentifyOutcome, pb.IdentifyOutcome.ValueType] = {
+    IdentifyOutcome.IDENTIFIED: pb.IDENTIFY_OUTCOME_IDENTIFIED,
+    IdentifyOutcome.MERGED: pb.IDENTIFY_OUTCOME_MERGED,
+    IdentifyOutcome.ALREADY_IDENTIFIED: pb.IDENTIFY_OUTCOME_ALREADY_IDENTIFIED,
+    IdentifyOutcome.MOVED: pb.IDENTIFY_OUTCOME_MOVED,
+}
+LOGOUT_OUTCOMES: dict[LogoutOutcome, pb.LogoutOutcome.ValueType] = {
+    LogoutOutcome.NEW_ANONYMOUS_PROFILE: pb.LOGOUT_OUTCOME_NEW_ANONYMOUS_PROFILE,
+    LogoutOutcome.UNCHANGED: pb.LOGOUT_OUTCOME_UNCHANGED,
+}
+
+
+def key_from_proto(key: pb.ProfileKey) -> ProfileKey:
+    which = key.WhichOneof("key")
+    if which == "installation_id":
+        return ProfileKey(installation_id=key.installation_id)
+    if which == "custom_id":
+        return ProfileKey(custom_id=key.custom_id)
+    return ProfileKey()
+
+
+def profile_id_from_proto(value: str, field: str) -> UUID:
+    """A profile ID in canonical form; raises ProfileIdInvalid with `field` otherwise."""
+    try:
+        parsed = UUID(value)
+    except ValueError:
+        parsed = None
+    if parsed is None or str(parsed) != value.lower():
+        problem = "must be a UUID"
+        raise ProfileIdInvalid(
+            f"{field} {problem}", [FieldViolation(field, problem, ProfileIdInvalid.reason)]
+        )
+    return parsed
+
+
+def _text(value: object | None) -> str:
+    return "" if value is None else str(value)
+
+
+def resolution_to_proto(result: Resolution | InvalidArgument) -> pb.ResolvedProfile:
+    if isinstance(result, InvalidArgument):
+        return pb.ResolvedProfile(status=status_of_error(result))
+    return pb.ResolvedProfile(
+        status=OK_STATUS,
+        profile_id=_text(result.profile_id),
+        created=result.created,
+        erased=result.erased,
+        identified=result.identified,
+        link_version=result.link_version,
+    )
+
+
+def identify_to_proto(result: IdentifyResult) -> pb.IdentifyResponse:
+    return pb.IdentifyResponse(
+        outcome=IDENTIFY_OUTCOMES[result.outcome],
+        profile_id=str(result.profile_id),
+        merged_profile_id=_text(result.merged_profile_id),
+        previous_profile_id=_text(result.previous_profile_id),
+        profile_created=result.profile_created,
+        change_id=_text(result.change_id),
+    )
+
+
+def logout_to_proto(result: LogoutResult) -> pb.LogoutResponse:
+    return pb.LogoutResponse(
+        outcome=LOGOUT_OUTCOMES[result.outcome],
+        profile_id=str(result.profile_id),
+        previous_profile_id=_text(result.previous_profile_id),
+        change_id=_text(result.change_id),
+    )
+
+
+def merge_to_proto(result: MergeResult) -> pb.MergeProfilesResponse:
+    response = pb.MergeProfilesResponse(
+        target_profile_id=str(result.target_profile_id),
+        source_profile_id=str(result.source_profile_id),
+        already_merged=result.already_merged,
+        alias_custom_id=result.alias_custom_id or "",
+        change_id=_text(result.change_id),
+    )
+    if result.merge_time is not None:
+        response.merge_time.CopyFrom(timestamp(result.merge_time))
+    return response
+
+
+class IdentityServicer(pb_grpc.IdentityServiceServicer):
+    """Translates the RPCs to IdentityService calls. DeleteProfile and ExportProfile are not
+    implemented yet and answer UNIMPLEMENTED."""
+
+    def __init__(self, service: IdentityService) -> None:
+        self._service = service
+
+    async def ResolveProfiles(
+        self, request: pb.ResolveProfilesRequest, context: ServicerContext
+    ) -> pb.ResolveProfilesResponse:
+        keys = [key_from_proto(key) for key in request.keys]
+        results = await self._service.resolve(current_caller().project_id, keys)
+        return pb.ResolveProfilesResponse(results=[resolution_to_proto(r) for r in results])
+
+    async def Identify(
+        self, request: pb.IdentifyRequest, context: ServicerContext
+    ) -> pb.IdentifyResponse:
+        result = await self._service.identify(
+            current_caller().project_id,
+            request.installation_id,
+            request.custom_id,
+            request.request_id,
+        )
+        return identify_to_proto(result)
+
+    async def Logout(
+        self, request: pb.LogoutRequest, context: ServicerContext
+    ) -> pb.LogoutResponse:
+        result = await self._service.logout(
+            current_caller().project_id, request.installation_id, request.request_id
+        )
+        return logout_to_proto(result)
+
+    async def MergeProfiles(
+        self, request: pb.MergeProfilesRequest, context: ServicerContext
+    ) -> pb.MergeProfilesResponse:
+        source = profile_id_from_proto(request.source_profile_id, "source_profile_id")
+        target = profile_id_from_proto(request.target_profile_id, "target_profile_id")
+        result = await self._service.merge_profiles(
+            current_caller().project_id,
+            source,
+            target,
+            request.allow_custom_id_conflict,
+            request.request_id,
+        )
+        return merge_to_proto(result)
+
+    async def DeleteProfile(
+        self, request: pb.DeleteProfileRequest, context: ServicerContext
+    ) -> pb.DeleteProfileResponse:
+        raise NotImplementedError("DeleteProfile")  # the interceptor answers UNIMPLEMENTED
+
+    def ExportProfile(
+        self, request: pb.ExportProfileRequest, context: ServicerContext
+    ) -> AsyncIterator[pb.ExportProfileResponse]:
+        raise NotImplementedError("ExportProfile")  # the interceptor answers UNIMPLEMENTED

@@ -1,0 +1,501 @@
+"""Ingest's pure rules: reason codes, value formats, and how profile state follows event time.
+
+No I/O and no grpc here: the service reads current state, calls these functions and writes the
+result back, all in one transaction, so every rule is a unit test.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from functools import cache
+from typing import Any, Literal
+from urllib.parse import urlsplit
+from zoneinfo import available_timezones
+
+# Rejection reasons: stable codes listed on IngestService in the contract.
+EVENT_ID_INVALID = "EVENT_ID_INVALID"
+ORIGIN_MISSING = "ORIGIN_MISSING"
+INSTALLATION_ID_INVALID = "INSTALLATION_ID_INVALID"
+CUSTOM_ID_INVALID = "CUSTOM_ID_INVALID"
+ERASED = "ERASED"
+PLATFORM_MISSING = "PLATFORM_MISSING"
+EVENT_TIME_MISSING = "EVENT_TIME_MISSING"
+EVENT_TIME_IN_FUTURE = "EVENT_TIME_IN_FUTURE"
+EVENT_TIME_TOO_OLD = "EVENT_TIME_TOO_OLD"
+PAYLOAD_MISSING = "PAYLOAD_MISSING"
+SESSION_ID_INVALID = "SESSION_ID_INVALID"
+NAME_INVALID = "NAME_INVALID"
+LABEL_INVALID = "LABEL_INVALID"
+ATTRIBUTE_NAME_INVALID = "ATTRIBUTE_NAME_INVALID"
+TOO_MANY_ATTRIBUTES = "TOO_MANY_ATTRIBUTES"
+VALUE_INVALID = "VALUE_INVALID"
+OPERATION_INVALID = "OPERATION_INVALID"
+EMAIL_INVALID = "EMAIL_INVALID"
+PHONE_INVALID = "PHONE_INVALID"
+LANGUAGE_INVALID = "LANGUAGE_INVALID"
+REGION_INVALID = "REGION_INVALID"
+COUNTRY_INVALID = "COUNTRY_INVALID"
+TIMEZONE_INVALID = "TIMEZONE_INVALID"
+PROFILE_ATTRIBUTE_LIMIT = "PROFILE_ATTRIBUTE_LIMIT"
+DURATION_INVALID = "DURATION_INVALID"
+SUBSCRIPTION_INVALID = "SUBSCRIPTION_INVALID"
+EVENT_TOO_LARGE = "EVENT_TOO_LARGE"
+
+# Limits of the contract (ingest_service.proto and types.proto).
+MAX_EVENTS_PER_REQUEST = 1000
+MAX_REQUEST_BYTES = 4 * 1024 * 1024
+MAX_EVENT_BYTES = 32 * 1024
+MAX_EVENT_ID_LENGTH = 64
+MAX_INSTALLATION_ID_LENGTH = 128
+MAX_CUSTOM_ID_LENGTH = 512
+MAX_SESSION_ID_LENGTH = 64
+MAX_ATTRIBUTES_PER_EVENT = 20
+MAX_OPERATIONS_PER_EVENT = 20
+MAX_CUSTOM_ATTRIBUTES_PER_PROFILE = 50
+MAX_STRING_LENGTH = 300
+MAX_LABEL_LENGTH = 200
+MAX_URL_LENGTH = 2048
+MAX_LIST_ITEMS = 25
+MAX_EMAIL_LENGTH = 254
+MAX_VERSION_LENGTH = 64
+MAX_DEVICE_MODEL_LENGTH = 128
+MAX_PUSH_TOKEN_LENGTH = 4096
+# Appends, removes and increments kept per attribute so a late one can be replayed in place;
+# older ones are folded into the base value (a late operation older than the fold is dropped).
+MAX_PENDING_OPERATIONS = 50
+
+# base_time of an attribute that was never set, only incremented, appended to or removed from.
+# Before any event time ImportEvents accepts (see OLDEST_EVENT_TIME); asyncpg would read year 1
+# back as a naive datetime.min, hence not that.
+NO_BASE_TIME = datetime(1800, 1, 1, tzinfo=UTC)
+# The oldest event time accepted at all, also by ImportEvents.
+OLDEST_EVENT_TIME = datetime(1900, 1, 1, tzinfo=UTC)
+
+NAME_PATTERN = re.compile(r"[a-zA-Z0-9_]{1,30}")
+PHONE_PATTERN = re.compile(r"\+[1-9][0-9]{1,14}")
+# An RFC 5322 addr-spec without comments or quoted local parts: what mail providers accept.
+EMAIL_PATTERN = re.compile(
+    r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
+    r"@([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,63}"
+)
+
+
+def _codes(text: str) -> frozenset[str]:
+    return frozenset(text.split())
+
+
+LANGUAGES = _codes(
+    "aa ab ae af ak am an ar as av ay az ba be bg bh bi bm bn bo br bs ca ce ch co cr cs cu cv"
+    " cy da de dv dz ee el en eo es et eu fa ff fi fj fo fr fy ga gd gl gn gu gv ha he hi ho hr"
+    " ht hu hy hz ia id ie ig ii ik io is it iu ja jv ka kg ki kj kk kl km kn ko kr ks ku kv kw"
+    " ky la lb lg li ln lo lt lu lv mg mh mi mk ml mn mr ms mt my na nb nd ne ng nl nn no nr nv"
+    " ny oc oj om or os pa pi pl ps pt qu rm rn ro ru rw sa sc sd se sg si sk sl sm sn so sq sr"
+    " ss st su sv sw ta te tg th ti tk tl tn to tr ts tt tw ty ug uk ur uz ve vi vo wa wo xh yi"
+    " yo za zh zu"
+)
+# ISO 3166-1 alpha-2, as the tz database's iso3166.tab lists them.
+COUNTRIES = _codes(
+    "AD AE AF AG AI AL AM AO AQ AR AS AT AU AW AX AZ BA BB BD BE BF BG BH BI BJ BL BM BN BO BQ"
+    " BR BS BT BV BW BY BZ CA CC CD CF CG CH CI CK CL CM CN CO CR CU CV CW CX CY CZ DE DJ DK DM"
+    " DO DZ EC EE EG EH ER ES ET FI FJ FK FM FO FR GA GB GD GE GF GG GH GI GL GM GN GP GQ GR GS"
+    " GT GU GW GY HK HM HN HR HT HU ID IE IL IM IN IO IQ IR IS IT JE JM JO JP KE KG KH KI KM KN"
+    " KP KR KW KY KZ LA LB LC LI LK LR LS LT LU LV LY MA MC MD ME MF MG MH MK ML MM MN MO MP MQ"
+    " MR MS MT MU MV MW MX MY MZ NA NC NE NF NG NI NL NO NP NR NU NZ OM PA PE PF PG PH PK PL PM"
+    " PN PR PS PT PW PY QA RE RO RS RU RW SA SB SC SD SE SG SH SI SJ SK SL SM SN SO SR SS ST SV"
+    " SX SY SZ TC TD TF TG TH TJ TK TL TM TN TO TR TT TV TW TZ UA UG UM US UY UZ VA VC VE VG VI"
+    " VN VU WF WS YE YT ZA ZM ZW"
+)
+
+# Custom IDs that SDKs send by mistake ("null" from a JSON serializer, "0" from a default...):
+# accepting them would merge thousands of strangers into one profile. Identity keeps the same
+# rule for Identify; services share no code, so this is ingest's own copy.
+JUNK_CUSTOM_IDS = frozenset(
+    {
+        "null",
+        "undefined",
+        "nil",
+        "none",
+        "nan",
+        "infinity",
+        "true",
+        "false",
+        "0",
+        "-1",
+        "anonymous",
+        "guest",
+        "[object object]",
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """Why one event was refused: a stable reason, the field path within the event, a message."""
+
+    reason: str
+    field_path: str
+    message: str
+
+
+class Invalid(Exception):
+    """Raised by checks deep inside an event; the validator turns it into a Rejection."""
+
+    def __init__(self, reason: str, field_path: str, message: str) -> None:
+        super().__init__(message)
+        self.rejection = Rejection(reason, field_path, message)
+
+
+def has_nul(text: str) -> bool:
+    # PostgreSQL text and jsonb cannot hold U+0000: refuse it up front rather than fail a batch.
+    return "\x00" in text
+
+
+def is_name(text: str) -> bool:
+    return NAME_PATTERN.fullmatch(text) is not None
+
+
+def is_junk_custom_id(custom_id: str) -> bool:
+    """True for empty, whitespace-padded or junk values, also wrapped in quotes."""
+    if not custom_id or custom_id != custom_id.strip():
+        return True
+    lowered = custom_id.lower()
+    if len(lowered) >= 2 and lowered[0] == lowered[-1] and lowered[0] in "'\"":
+        lowered = lowered[1:-1]
+    return lowered in JUNK_CUSTOM_IDS
+
+
+def custom_id_problem(custom_id: str) -> str | None:
+    """Why `custom_id` cannot name a profile, or None."""
+    if len(custom_id) > MAX_CUSTOM_ID_LENGTH:
+        return f"custom_id is over {MAX_CUSTOM_ID_LENGTH} characters"
+    if has_nul(custom_id):
+        return "custom_id contains a NUL character"
+    if is_junk_custom_id(custom_id):
+        return "custom_id is empty, whitespace-padded or a junk value"
+    return None
+
+
+def is_url(text: str) -> bool:
+    """An absolute URL with a scheme and a host, at most 2048 characters."""
+    if len(text) > MAX_URL_LENGTH or has_nul(text) or any(c.isspace() for c in text):
+        return False
+    try:
+        parts = urlsplit(text)
+    except ValueError:
+        return False
+    return bool(parts.scheme) and bool(parts.hostname)
+
+
+def is_http_url(text: str) -> bool:
+    return is_url(text) and urlsplit(text).scheme.lower() in ("http", "https")
+
+
+def is_email(text: str) -> bool:
+    return len(text) <= MAX_EMAIL_LENGTH and EMAIL_PATTERN.fullmatch(text) is not None
+
+
+def is_phone(text: str) -> bool:
+    return PHONE_PATTERN.fullmatch(text) is not None
+
+
+def is_language(text: str) -> bool:
+    return text.lower() in LANGUAGES
+
+
+def is_country(text: str) -> bool:
+    return text.upper() in COUNTRIES
+
+
+@cache
+def _timezones() -> frozenset[str]:
+    return frozenset(available_timezones())
+
+
+def is_timezone(text: str) -> bool:
+    return text in _timezones()
+
+
+def is_finite(number: float) -> bool:
+    return math.isfinite(number)
+
+
+# ---------------------------------------------------------------------------------------------
+# Values and operations
+
+
+ValueType = Literal["string", "number", "bool", "timestamp", "url", "string_list"]
+
+
+@dataclass(frozen=True, slots=True)
+class Value:
+    """A typed attribute value; timestamps are ISO 8601 strings in UTC."""
+
+    type: ValueType
+    value: Any
+
+    def to_json(self) -> dict[str, Any]:
+        return {"type": self.type, "value": self.value}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Value:
+        return cls(data["type"], data["value"])
+
+
+OperationKind = Literal["set", "set_once", "unset", "increment", "append", "remove"]
+
+
+@dataclass(frozen=True, slots=True)
+class AttributeOperation:
+    """One validated operation on a native (typed) or custom attribute; name is lower-case."""
+
+    kind: OperationKind
+    native: bool
+    name: str
+    value: Value | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TimedOperation:
+    """An operation with the event time it applies at; `order` breaks ties deterministically."""
+
+    time: datetime
+    order: tuple[int, int]
+    operation: AttributeOperation
+
+
+@dataclass(frozen=True, slots=True)
+class PendingOperation:
+    """An increment, append or remove kept beside the base value so late ones replay in place."""
+
+    time: datetime
+    kind: Literal["increment", "append", "remove"]
+    operand: Any  # float for increment, list[str] for append and remove
+
+    def to_json(self) -> dict[str, Any]:
+        return {"time": self.time.isoformat(), "kind": self.kind, "operand": self.operand}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> PendingOperation:
+        return cls(datetime.fromisoformat(data["time"]), data["kind"], data["operand"])
+
+
+@dataclass(frozen=True, slots=True)
+class AttributeState:
+    """One attribute of one profile, as stored.
+
+    `base` is the value of the latest set, set-once or unset by event time (None after an
+    unset, kept as a tombstone so a late older set cannot revive the attribute), `base_time` its
+    event time and `set_once` whether it came from a set-once. `pending` holds the increments,
+    appends and removes later than `base_time`, in event-time order; the current value is the
+    base with them replayed. `update_time` is the latest event time that changed anything.
+    """
+
+    base: Value | None
+    base_time: datetime
+    set_once: bool
+    pending: tuple[PendingOperation, ...]
+    update_time: datetime
+
+    @property
+    def value(self) -> Value | None:
+        return replay(self.base, self.pending)
+
+
+def _as_list(value: Value | None) -> list[str]:
+    if value is None:
+        return []
+    if value.type == "string_list":
+        return list(value.value)
+    if value.type == "string":
+        return [value.value]
+    return []
+
+
+def replay(base: Value | None, pending: Iterable[PendingOperation]) -> Value | None:
+    """The value after applying `pending` (in event-time order) to `base`."""
+    value = base
+    for op in pending:
+        if op.kind == "increment":
+            current = value.value if value is not None and value.type == "number" else 0.0
+            value = Value("number", float(current) + float(op.operand))
+        elif op.kind == "append":
+            # A list keeps its latest 25 items: the oldest make room for the new.
+            items = [*_as_list(value), *op.operand][-MAX_LIST_ITEMS:]
+            value = Value("string_list", items)
+        else:
+            removed = set(op.operand)
+            value = Value("string_list", [i for i in _as_list(value) if i not in removed])
+    return value
+
+
+def _fold(state: AttributeState) -> AttributeState:
+    """Bounds the pending operations by folding the oldest into the base."""
+    extra = len(state.pending) - MAX_PENDING_OPERATIONS
+    if extra <= 0:
+        return state
+    folded, kept = state.pending[:extra], state.pending[extra:]
+    return replace(
+        state,
+        base=replay(state.base, folded),
+        base_time=folded[-1].time,
+        set_once=False,
+        pending=kept,
+    )
+
+
+def apply_operation(
+    state: AttributeState | None, operation: AttributeOperation, time: datetime
+) -> AttributeState | None:
+    """The attribute's state after `operation` at event `time`, whatever the arrival order.
+
+    A set or unset wins over everything earlier and loses to anything later; a set-once only
+    takes effect where no earlier value exists (the earliest set-once wins); increments add up
+    in any order; appends and removes replay in event-time order after the latest set.
+    """
+    kind = operation.kind
+    newest = time if state is None else max(state.update_time, time)
+    if kind in ("set", "unset"):
+        value = operation.value if kind == "set" else None
+        if state is None:
+            return AttributeState(value, time, False, (), time)
+        # A set-once's value is provisional against a set: a set earlier than it means the
+        # set-once found a value and did nothing.
+        if time >= state.base_time or (kind == "set" and state.set_once):
+            later = tuple(p for p in state.pending if p.time >= time)
+            return AttributeState(value, time, False, later, newest)
+        return state
+    if kind == "set_once":
+        if state is None:
+            return AttributeState(operation.value, time, True, (), time)
+        unset_before = state.base is None and state.base_time <= time and not state.pending
+        earlier_once = state.set_once and time < state.base_time
+        if unset_before or earlier_once:
+            later = tuple(p for p in state.pending if p.time >= time)
+            return AttributeState(operation.value, time, True, later, newest)
+        return state
+    # increment, append, remove
+    if state is not None and time < state.base_time:
+        return state  # a later set or unset already overrode it
+    assert operation.value is not None
+    operand: Any = (
+        float(operation.value.value) if kind == "increment" else _as_list(operation.value)
+    )
+    pending_op = PendingOperation(time, kind, operand)  # type: ignore[arg-type]
+    if state is None:
+        # No set yet: any later-arriving earlier increment still counts, hence the oldest time.
+        return AttributeState(None, NO_BASE_TIME, False, (pending_op,), time)
+    pending = sorted([*state.pending, pending_op], key=lambda p: p.time)
+    return _fold(replace(state, pending=tuple(pending), update_time=newest))
+
+
+def apply_operations(
+    current: Mapping[tuple[bool, str], AttributeState],
+    operations: Sequence[TimedOperation],
+) -> dict[tuple[bool, str], AttributeState | None]:
+    """The new state of every attribute that `operations` touch, keyed by (native, name)."""
+    states: dict[tuple[bool, str], AttributeState | None] = {}
+    for timed in sorted(operations, key=lambda t: (t.time, t.order)):
+        key = (timed.operation.native, timed.operation.name)
+        before = states[key] if key in states else current.get(key)
+        states[key] = apply_operation(before, timed.operation, timed.time)
+    return states
+
+
+def creates_custom_attribute(state: AttributeState | None, operation: AttributeOperation) -> bool:
+    """True when `operation` would give the profile a custom attribute it does not hold."""
+    if operation.native or operation.kind in ("unset", "remove"):
+        return False
+    return state is None or state.value is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Subscriptions
+
+
+@dataclass(frozen=True, slots=True)
+class SubscriptionChange:
+    """An opt-in or opt-out for one channel (email, sms, push) and kind (marketing, ...)."""
+
+    channel: str
+    kind: str
+    subscribed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class TimedSubscriptionChange:
+    profile_id: str
+    time: datetime
+    order: int
+    change: SubscriptionChange
+
+
+def latest_subscription_changes(
+    changes: Iterable[TimedSubscriptionChange],
+) -> list[TimedSubscriptionChange]:
+    """Per profile, channel and kind, the change with the latest event time (ties: the later
+    in the batch); the store then keeps it only if it is later than what it holds."""
+    latest: dict[tuple[str, str, str], TimedSubscriptionChange] = {}
+    for change in changes:
+        key = (change.profile_id, change.change.channel, change.change.kind)
+        held = latest.get(key)
+        if held is None or (change.time, change.order) >= (held.time, held.order):
+            latest[key] = change
+    return sorted(latest.values(), key=lambda c: (c.profile_id, c.change.channel, c.change.kind))
+
+
+# ---------------------------------------------------------------------------------------------
+# Installations
+
+INSTALLATION_FIELDS = (
+    "platform",
+    "app_version",
+    "os_version",
+    "device_model",
+    "push_token",
+    "push_opt_in",
+    "language",
+    "timezone",
+    "uninstalled",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class InstallationState:
+    """What ingest knows of one installation; each field with the event time that set it."""
+
+    values: Mapping[str, Any] = field(default_factory=dict)
+    times: Mapping[str, datetime] = field(default_factory=dict)
+    first_seen: datetime | None = None
+    last_seen: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class InstallationChange:
+    """Fields an event sets on its installation (platform on every event, more on updates)."""
+
+    time: datetime
+    values: Mapping[str, Any]
+
+
+def apply_installation_changes(
+    state: InstallationState | None, changes: Iterable[InstallationChange]
+) -> InstallationState:
+    """Each field keeps the value of its latest change by event time, so a late update does not
+    overwrite a newer one; first and last seen widen to every event's time."""
+    values = dict(state.values) if state else {}
+    times = dict(state.times) if state else {}
+    first_seen = state.first_seen if state else None
+    last_seen = state.last_seen if state else None
+    for change in sorted(changes, key=lambda c: c.time):
+        first_seen = change.time if first_seen is None else min(first_seen, change.time)
+        last_seen = change.time if last_seen is None else max(last_seen, change.time)
+        for name, value in change.values.items():
+            held = times.get(name)
+            if held is None or change.time >= held:
+                values[name] = value
+                times[name] = change.time
+    return InstallationState(values, times, first_seen, last_seen)

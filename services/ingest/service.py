@@ -1,0 +1,483 @@
+"""Ingest's use case: validate a batch, resolve its origins, store it in one transaction.
+
+Order of work for one batch (TrackEvents, one StreamEvents batch, ImportEvents):
+1. validate every event (pure; invalid ones become rejections with a reason and a field path);
+2. resolve the installations and custom IDs not known yet with one ResolveProfiles call,
+   outside any transaction;
+3. one short transaction: insert the events (taking each installation's profile under a share
+   lock), bump the touched profiles' versions, apply attribute, subscription and installation
+   changes by event time, keep the rejected events, enqueue one EventsIngested in the outbox;
+4. answer one result per event, in order. Everything is committed before the answer.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Literal, Protocol
+from uuid import UUID
+
+import asyncpg
+import structlog
+from google.protobuf.timestamp_pb2 import Timestamp
+from prometheus_client import Counter
+
+from profiles.common.v1 import bus_pb2
+from profiles.ingest.v1 import ingest_service_pb2 as pb
+from services.ingest import model
+from services.ingest.errors import StorageUnavailable
+from services.ingest.identity_client import OriginKey, Resolution
+from services.ingest.model import (
+    AttributeState,
+    InstallationChange,
+    Rejection,
+    TimedOperation,
+    TimedSubscriptionChange,
+)
+from services.ingest.repository import IngestRepository, InsertedEvent, TransactionConflict
+from services.ingest.validation import (
+    RejectedEvent,
+    ValidEvent,
+    ingested_event,
+    reject,
+    validate_event,
+    validate_request,
+)
+from shared.clock import Clock
+from shared.outbox import OutboxItem, enqueue_many
+from shared.topics import EVENTS
+
+log = structlog.get_logger(__name__)
+
+REJECTED_EVENTS = Counter(
+    "profiles_ingest_rejected_events_total", "Events rejected by ingest, by reason.", ["reason"]
+)
+STORED_EVENTS = Counter(
+    "profiles_ingest_events_total", "Events answered by ingest, by outcome.", ["outcome"]
+)
+
+# How often a transaction that lost a race (deadlock, serialization) is tried again, and how
+# often events whose installation vanished (erased) since resolution are resolved again.
+MAX_TRANSACTION_ATTEMPTS = 3
+MAX_RESOLVE_ROUNDS = 3
+KNOWN_ORIGINS_CAPACITY = 100_000
+
+Outcome = Literal["accepted", "duplicate", "rejected"]
+
+
+class Resolver(Protocol):
+    async def resolve(self, project_id: UUID, keys: Sequence[OriginKey]) -> list[Resolution]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class EventResult:
+    index: int
+    event_id: str
+    outcome: Outcome
+    profile_id: UUID | None = None
+    rejection: Rejection | None = None
+
+
+@dataclass(slots=True)
+class BatchResult:
+    results: list[EventResult] = field(default_factory=list)
+
+    def count(self, outcome: Outcome) -> int:
+        return sum(1 for r in self.results if r.outcome == outcome)
+
+
+class KnownOrigins:
+    """A bounded LRU of origins known to identity: installations known to exist (their profile
+    is read in the insert itself) and custom IDs with their resolved profile (a merge leaves a
+    tombstone the insert follows). A stale entry costs one more resolution, never a wrong
+    profile: an insert that finds no row for it is resolved again."""
+
+    def __init__(self, capacity: int = KNOWN_ORIGINS_CAPACITY) -> None:
+        self._capacity = capacity
+        self._entries: OrderedDict[tuple[UUID, OriginKey], UUID] = OrderedDict()
+
+    def get(self, project_id: UUID, key: OriginKey) -> UUID | None:
+        found = self._entries.get((project_id, key))
+        if found is not None:
+            self._entries.move_to_end((project_id, key))
+        return found
+
+    def put(self, project_id: UUID, key: OriginKey, profile_id: UUID) -> None:
+        self._entries[(project_id, key)] = profile_id
+        self._entries.move_to_end((project_id, key))
+        while len(self._entries) > self._capacity:
+            self._entries.popitem(last=False)
+
+    def forget(self, project_id: UUID, key: OriginKey) -> None:
+        self._entries.pop((project_id, key), None)
+
+
+def origin_of(event: ValidEvent) -> OriginKey:
+    if event.custom_id is not None:
+        return OriginKey(True, event.custom_id)
+    assert event.installation_id is not None
+    return OriginKey(False, event.installation_id)
+
+
+@dataclass(slots=True)
+class _Stored:
+    """What one transaction did."""
+
+    accepted: dict[int, UUID] = field(default_factory=dict)  # index -> profile
+    duplicates: set[int] = field(default_factory=set)
+    orphans: list[ValidEvent] = field(default_factory=list)
+    late_rejections: list[RejectedEvent] = field(default_factory=list)
+
+
+class IngestService:
+    def __init__(
+        self,
+        repository: IngestRepository,
+        resolver: Resolver,
+        clock: Clock,
+        known: KnownOrigins | None = None,
+    ) -> None:
+        self._repository = repository
+        self._resolver = resolver
+        self._clock = clock
+        self._known = known or KnownOrigins()
+
+    async def ingest(
+        self,
+        project_id: UUID,
+        events: Sequence[pb.Event],
+        send_time: Timestamp | None,
+        request_bytes: int,
+        *,
+        imported: bool = False,
+    ) -> BatchResult:
+        """Stores the valid events of a batch and answers one result per event, in order.
+
+        Raises BatchInvalid for a malformed request as a whole (nothing stored),
+        IdentityUnavailable or StorageUnavailable when the batch could not be committed
+        (retrying the same batch is safe: event IDs deduplicate). Idempotent per event.
+        """
+        validate_request(len(events), request_bytes)
+        receive_time = self._clock.now()
+        by_index = {i: e for i, e in enumerate(events)}
+        results: dict[int, EventResult] = {}
+        rejected: list[RejectedEvent] = []
+        valid: list[ValidEvent] = []
+        for index, event in enumerate(events):
+            checked = validate_event(
+                index, event, request_send_time=send_time, now=receive_time, imported=imported
+            )
+            if isinstance(checked, ValidEvent):
+                valid.append(checked)
+            else:
+                rejected.append(checked)
+                results[index] = _rejected_result(checked, event)
+
+        for round_ in range(MAX_RESOLVE_ROUNDS):
+            profiles, refused = await self._resolve(project_id, valid, by_index)
+            rejected.extend(refused)
+            refused_indexes = {r.index for r in refused}
+            candidates, in_batch_duplicates = self._first_occurrences(
+                [e for e in valid if e.index not in refused_indexes]
+            )
+            for index in in_batch_duplicates:
+                results[index] = EventResult(index, by_index[index].event_id, "duplicate")
+            stored = await self._store_with_retries(
+                project_id, receive_time, imported, candidates, profiles, rejected, by_index
+            )
+            rejected = []  # stored with the first transaction
+            for index, profile_id in stored.accepted.items():
+                results[index] = EventResult(
+                    index, by_index[index].event_id, "accepted", profile_id
+                )
+            for index in stored.duplicates:
+                results[index] = EventResult(index, by_index[index].event_id, "duplicate")
+            for late in [*stored.late_rejections, *refused]:
+                results[late.index] = _rejected_result(late, by_index[late.index])
+            if not stored.orphans:
+                break
+            # Their installation or profile was erased since it was resolved (or the cache was
+            # stale): forget it and resolve again, so identity gives them a fresh profile.
+            log.info("ingest_resolving_again", events=len(stored.orphans), round=round_)
+            for orphan in stored.orphans:
+                self._known.forget(project_id, origin_of(orphan))
+            valid = stored.orphans
+        else:
+            raise StorageUnavailable("the batch's installations kept vanishing; retry it")
+        batch = BatchResult([results[i] for i in range(len(events))])
+        outcomes: tuple[Outcome, ...] = ("accepted", "duplicate", "rejected")
+        for outcome in outcomes:
+            STORED_EVENTS.labels(outcome).inc(batch.count(outcome))
+        return batch
+
+    async def _resolve(
+        self, project_id: UUID, events: Sequence[ValidEvent], by_index: dict[int, pb.Event]
+    ) -> tuple[dict[OriginKey, UUID], list[RejectedEvent]]:
+        """Profiles of the events' origins (from the cache, else one ResolveProfiles call) and
+        the events identity refused (erased or invalid custom IDs)."""
+        profiles: dict[OriginKey, UUID] = {}
+        unknown: list[OriginKey] = []
+        for event in events:
+            key = origin_of(event)
+            if key in profiles or key in unknown:
+                continue
+            cached = self._known.get(project_id, key)
+            if cached is None:
+                unknown.append(key)
+            else:
+                profiles[key] = cached
+        refused_keys: dict[OriginKey, Rejection] = {}
+        if unknown:
+            answers = await self._resolver.resolve(project_id, unknown)
+            for key, answer in zip(unknown, answers, strict=True):
+                if answer.profile_id is not None:
+                    profiles[key] = answer.profile_id
+                    self._known.put(project_id, key, answer.profile_id)
+                elif answer.erased:
+                    refused_keys[key] = Rejection(
+                        model.ERASED, "custom_id", "the custom ID was erased"
+                    )
+                else:
+                    fallback = (
+                        model.CUSTOM_ID_INVALID if key.custom else (model.INSTALLATION_ID_INVALID)
+                    )
+                    path = "custom_id" if key.custom else "installation_id"
+                    refused_keys[key] = Rejection(
+                        answer.reason or fallback, path, answer.message or "refused by identity"
+                    )
+        refused = [
+            reject(e.index, by_index[e.index], refused_keys[origin_of(e)])
+            for e in events
+            if origin_of(e) in refused_keys
+        ]
+        return profiles, refused
+
+    @staticmethod
+    def _first_occurrences(events: Sequence[ValidEvent]) -> tuple[list[ValidEvent], list[int]]:
+        """The first event of each (origin, event_id), and the indexes of later repeats."""
+        seen: set[tuple[OriginKey, str]] = set()
+        first, repeats = [], []
+        for event in events:
+            key = (origin_of(event), event.event_id)
+            if key in seen:
+                repeats.append(event.index)
+            else:
+                seen.add(key)
+                first.append(event)
+        return first, repeats
+
+    async def _store_with_retries(
+        self,
+        project_id: UUID,
+        receive_time: datetime,
+        imported: bool,
+        events: Sequence[ValidEvent],
+        profiles: dict[OriginKey, UUID],
+        rejected: Sequence[RejectedEvent],
+        by_index: dict[int, pb.Event],
+    ) -> _Stored:
+        for attempt in range(1, MAX_TRANSACTION_ATTEMPTS + 1):
+            try:
+                async with self._repository.transaction() as conn:
+                    stored = await self._store(
+                        conn, project_id, receive_time, imported, events, profiles, by_index
+                    )
+                    all_rejected = [*rejected, *stored.late_rejections]
+                    await self._repository.insert_rejected_events(
+                        conn, project_id, receive_time, all_rejected
+                    )
+                    await self._enqueue(
+                        conn, project_id, receive_time, imported, events, stored.accepted
+                    )
+            except TransactionConflict:
+                if attempt == MAX_TRANSACTION_ATTEMPTS:
+                    raise
+                log.info("ingest_transaction_conflict", attempt=attempt)
+                continue
+            for refusal in all_rejected:
+                REJECTED_EVENTS.labels(refusal.rejection.reason).inc()
+            return stored
+        raise AssertionError("unreachable")
+
+    async def _store(
+        self,
+        conn: asyncpg.Connection,
+        project_id: UUID,
+        receive_time: datetime,
+        imported: bool,
+        events: Sequence[ValidEvent],
+        profiles: dict[OriginKey, UUID],
+        by_index: dict[int, pb.Event],
+    ) -> _Stored:
+        repo = self._repository
+        from_installations = [e for e in events if e.installation_id is not None]
+        from_custom_ids = [e for e in events if e.custom_id is not None]
+        # Custom-ID events first: they lock their profiles, which the version bump locks again.
+        inserted: list[tuple[bool, InsertedEvent]] = [
+            (True, row)
+            for row in await repo.insert_custom_id_events(
+                conn,
+                project_id,
+                receive_time,
+                imported,
+                from_custom_ids,
+                [profiles[origin_of(e)] for e in from_custom_ids],
+            )
+        ]
+        inserted += [
+            (False, row)
+            for row in await repo.insert_installation_events(
+                conn, project_id, receive_time, imported, from_installations
+            )
+        ]
+        stored = _Stored()
+        new_rows = {(custom, r.origin, r.event_id): r for custom, r in inserted}
+        accepted: list[tuple[ValidEvent, InsertedEvent]] = []
+        missing: list[ValidEvent] = []
+        for event in events:
+            key = origin_of(event)
+            row = new_rows.get((key.custom, key.value, event.event_id))
+            if row is None:
+                missing.append(event)
+            else:
+                accepted.append((event, row))
+        if missing:
+            for custom in (False, True):
+                group = [e for e in missing if origin_of(e).custom is custom]
+                found = await repo.existing_events(
+                    conn,
+                    project_id,
+                    [(origin_of(e).value, e.event_id) for e in group],
+                    by_custom_id=custom,
+                )
+                for event in group:
+                    if (origin_of(event).value, event.event_id) in found:
+                        stored.duplicates.add(event.index)
+                    else:
+                        stored.orphans.append(event)
+        if not accepted:
+            return stored
+        await repo.bump_profile_versions(conn, project_id, [row.profile_id for _, row in accepted])
+        refused = await self._apply_attributes(conn, project_id, accepted)
+        if refused:
+            await repo.delete_events(
+                conn, project_id, [row.event_seq for e, row in accepted if e.index in refused]
+            )
+            stored.late_rejections = [
+                reject(index, by_index[index], rejection) for index, rejection in refused.items()
+            ]
+            accepted = [(e, row) for e, row in accepted if e.index not in refused]
+        await repo.save_subscriptions(
+            conn,
+            project_id,
+            model.latest_subscription_changes(
+                TimedSubscriptionChange(str(row.profile_id), e.event_time, e.index, e.subscription)
+                for e, row in accepted
+                if e.subscription is not None
+            ),
+        )
+        await self._apply_installation_changes(conn, project_id, [e for e, _ in accepted])
+        stored.accepted = {e.index: row.profile_id for e, row in accepted}
+        return stored
+
+    async def _apply_attributes(
+        self,
+        conn: asyncpg.Connection,
+        project_id: UUID,
+        accepted: Sequence[tuple[ValidEvent, InsertedEvent]],
+    ) -> dict[int, Rejection]:
+        """Applies attribute operations in event-time order per profile; returns the events
+        refused because they would exceed the profile's custom attribute limit."""
+        with_operations = [(e, row) for e, row in accepted if e.operations]
+        if not with_operations:
+            return {}
+        profile_ids = sorted({row.profile_id for _, row in with_operations})
+        current = await self._repository.attributes(conn, project_id, profile_ids)
+        refused: dict[int, Rejection] = {}
+        changed: list[tuple[UUID, bool, str, AttributeState]] = []
+        for profile_id in profile_ids:
+            states: dict[tuple[bool, str], AttributeState | None] = dict(
+                current.get(profile_id, {})
+            )
+            touched: set[tuple[bool, str]] = set()
+            events = sorted(
+                (e for e, row in with_operations if row.profile_id == profile_id),
+                key=lambda e: (e.event_time, e.index),
+            )
+            for event in events:
+                timed = [
+                    TimedOperation(event.event_time, (event.index, i), op)
+                    for i, op in enumerate(event.operations)
+                ]
+                after = model.apply_operations(
+                    {k: v for k, v in states.items() if v is not None}, timed
+                )
+                held = sum(1 for (native, _), s in states.items() if not native and _present(s))
+                added = sum(
+                    1
+                    for (native, name), s in after.items()
+                    if not native and _present(s) and not _present(states.get((native, name)))
+                )
+                if added and held + added > model.MAX_CUSTOM_ATTRIBUTES_PER_PROFILE:
+                    refused[event.index] = Rejection(
+                        model.PROFILE_ATTRIBUTE_LIMIT,
+                        "attribute_operations.operations",
+                        "the profile already holds 50 custom attributes",
+                    )
+                    continue
+                states.update(after)
+                touched.update(after)
+            for native, name in sorted(touched):
+                state = states[(native, name)]
+                if state is not None:
+                    changed.append((profile_id, native, name, state))
+        await self._repository.save_attributes(conn, project_id, changed)
+        return refused
+
+    async def _apply_installation_changes(
+        self, conn: asyncpg.Connection, project_id: UUID, events: Sequence[ValidEvent]
+    ) -> None:
+        changes: dict[str, list[InstallationChange]] = {}
+        for event in events:
+            if event.installation_id is not None and event.installation_values is not None:
+                changes.setdefault(event.installation_id, []).append(
+                    InstallationChange(event.event_time, event.installation_values)
+                )
+        if not changes:
+            return
+        ids = sorted(changes)
+        current = await self._repository.installation_details(conn, project_id, ids)
+        merged = [(i, model.apply_installation_changes(current.get(i), changes[i])) for i in ids]
+        await self._repository.save_installation_details(conn, project_id, merged)
+
+    async def _enqueue(
+        self,
+        conn: asyncpg.Connection,
+        project_id: UUID,
+        receive_time: datetime,
+        imported: bool,
+        events: Sequence[ValidEvent],
+        accepted: dict[int, UUID],
+    ) -> None:
+        if not accepted:
+            return
+        message = bus_pb2.EventsIngested(project_id=str(project_id), batch_id=str(uuid.uuid4()))
+        message.commit_time.FromDatetime(self._clock.now())
+        for event in events:
+            profile_id = accepted.get(event.index)
+            if profile_id is not None:
+                message.events.append(
+                    ingested_event(event, str(profile_id), receive_time, imported=imported)
+                )
+        await enqueue_many(conn, [OutboxItem(project_id, EVENTS, message)])
+
+
+def _present(state: AttributeState | None) -> bool:
+    return state is not None and state.value is not None
+
+
+def _rejected_result(rejected: RejectedEvent, event: pb.Event) -> EventResult:
+    return EventResult(rejected.index, event.event_id, "rejected", None, rejected.rejection)

@@ -1,0 +1,120 @@
+"""IngestServicer: protobuf in, protobuf out; the service does the work."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+from google.rpc import status_pb2
+
+from profiles.ingest.v1 import ingest_service_pb2 as pb
+from profiles.ingest.v1 import ingest_service_pb2_grpc as pb_grpc
+from services.ingest import model
+from services.ingest.errors import EventErased, EventInvalid
+from services.ingest.service import BatchResult, EventResult, IngestService
+from shared.auth import current_caller
+from shared.errors import FieldViolation, InvalidArgument
+from shared.interceptors import OK_STATUS, status_of_error
+
+OUTCOMES = {
+    "accepted": pb.EVENT_OUTCOME_ACCEPTED,
+    "duplicate": pb.EVENT_OUTCOME_DUPLICATE,
+    "rejected": pb.EVENT_OUTCOME_REJECTED,
+}
+
+
+def result_to_proto(result: EventResult) -> pb.EventResult:
+    message = pb.EventResult(event_id=result.event_id, outcome=OUTCOMES[result.outcome])
+    rejection = result.rejection
+    if rejection is None:
+        message.status.CopyFrom(OK_STATUS)
+        if result.profile_id is not None:
+            message.profile_id = str(result.profile_id)
+        return message
+    path = f"events[{result.index}]" + (f".{rejection.field_path}" if rejection.field_path else "")
+    error: EventErased | EventInvalid
+    if rejection.reason == model.ERASED:
+        error = EventErased(rejection.message)
+    else:
+        error = EventInvalid(
+            rejection.message, [FieldViolation(path, rejection.message, rejection.reason)]
+        )
+        error.reason = rejection.reason
+    message.status.CopyFrom(status_of_error(error))
+    message.reason = rejection.reason
+    message.field_path = rejection.field_path
+    return message
+
+
+def _fill(
+    response: pb.TrackEventsResponse | pb.ImportEventsResponse | pb.StreamEventsResponse,
+    batch: BatchResult,
+) -> None:
+    response.results.extend(result_to_proto(r) for r in batch.results)
+    response.accepted_count = batch.count("accepted")
+    response.duplicate_count = batch.count("duplicate")
+    response.rejected_count = batch.count("rejected")
+
+
+def _send_time(
+    request: pb.TrackEventsRequest | pb.ImportEventsRequest | pb.StreamEventsRequest,
+) -> Timestamp | None:
+    return request.send_time if request.HasField("send_time") else None
+
+
+class IngestServicer(pb_grpc.IngestServiceServicer):
+    def __init__(self, service: IngestService, *, read_ahead: int = 4) -> None:
+        self._service = service
+        self._read_ahead = read_ahead
+
+    async def TrackEvents(
+        self, request: pb.TrackEventsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.TrackEventsResponse:
+        batch = await self._service.ingest(
+            current_caller().project_id, request.events, _send_time(request), request.ByteSize()
+        )
+        response = pb.TrackEventsResponse()
+        _fill(response, batch)
+        return response
+
+    async def ImportEvents(
+        self, request: pb.ImportEventsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ImportEventsResponse:
+        batch = await self._service.ingest(
+            current_caller().project_id,
+            request.events,
+            _send_time(request),
+            request.ByteSize(),
+            imported=True,
+        )
+        response = pb.ImportEventsResponse()
+        _fill(response, batch)
+        return response
+
+    async def StreamEvents(
+        self,
+        request_iterator: AsyncIterator[pb.StreamEventsRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[pb.StreamEventsResponse]:
+        # One batch at a time, answered before the next is read: responses stay in order, and
+        # HTTP/2 flow control holds back a client that sends faster than batches commit.
+        project_id = current_caller().project_id
+        async for request in request_iterator:
+            response = pb.StreamEventsResponse(batch_id=request.batch_id[:64])
+            try:
+                batch = await self._service.ingest(
+                    project_id, request.events, _send_time(request), request.ByteSize()
+                )
+            except InvalidArgument as exc:
+                response.status.CopyFrom(status_of_error(exc))
+            else:
+                response.status.CopyFrom(status_pb2.Status(code=0))
+                _fill(response, batch)
+            yield response
+
+    async def ImportTokens(
+        self, request: pb.ImportTokensRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ImportTokensResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "ImportTokens is not implemented yet")
+        raise AssertionError("abort raises")

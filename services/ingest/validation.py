@@ -1,0 +1,607 @@
+"""Turns contract messages into validated events, or into a precise rejection per event.
+
+Pure functions: no I/O, no grpc (protobuf messages are data). Each event is checked on its own
+and gets at most one rejection, the first problem found, with a stable reason code and the path
+of the offending field within the event (`custom.attributes["price"]`). Only a malformed request
+as a whole raises (BatchInvalid).
+"""
+
+from __future__ import annotations
+
+import base64
+import ipaddress
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from google.protobuf import json_format
+from google.protobuf.message import Message
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from profiles.common.v1 import bus_pb2, types_pb2
+from profiles.ingest.v1 import ingest_service_pb2 as pb
+from services.ingest import model
+from services.ingest.errors import BatchInvalid, RequestTooLarge, TooManyEvents
+from services.ingest.model import AttributeOperation, Invalid, Rejection, Value
+from shared.errors import FieldViolation
+
+FUTURE_LIMIT = timedelta(minutes=10)
+PAST_LIMIT = timedelta(days=30)
+MAX_SESSION_DURATION = timedelta(hours=24)
+
+# The range google.protobuf.Timestamp allows (0001-01-01 to 9999-12-31), in seconds.
+MIN_TIMESTAMP_SECONDS = -62_135_596_800
+MAX_TIMESTAMP_SECONDS = 253_402_300_799
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+NANOS = 1_000_000_000
+
+PLATFORMS = frozenset(
+    {
+        types_pb2.PLATFORM_IOS,
+        types_pb2.PLATFORM_ANDROID,
+        types_pb2.PLATFORM_WEB,
+        types_pb2.PLATFORM_API,
+    }
+)
+CHANNELS = {
+    types_pb2.CHANNEL_EMAIL: "email",
+    types_pb2.CHANNEL_SMS: "sms",
+    types_pb2.CHANNEL_PUSH: "push",
+}
+SUBSCRIPTION_KINDS = {
+    types_pb2.SUBSCRIPTION_KIND_MARKETING: "marketing",
+    types_pb2.SUBSCRIPTION_KIND_TRANSACTIONAL: "transactional",
+}
+OPERATION_KINDS: dict[int, model.OperationKind] = {
+    types_pb2.ATTRIBUTE_OPERATION_KIND_SET: "set",
+    types_pb2.ATTRIBUTE_OPERATION_KIND_SET_ONCE: "set_once",
+    types_pb2.ATTRIBUTE_OPERATION_KIND_UNSET: "unset",
+    types_pb2.ATTRIBUTE_OPERATION_KIND_INCREMENT: "increment",
+    types_pb2.ATTRIBUTE_OPERATION_KIND_APPEND: "append",
+    types_pb2.ATTRIBUTE_OPERATION_KIND_REMOVE: "remove",
+}
+NATIVE_NAMES = {
+    types_pb2.NATIVE_ATTRIBUTE_EMAIL: "email",
+    types_pb2.NATIVE_ATTRIBUTE_PHONE: "phone",
+    types_pb2.NATIVE_ATTRIBUTE_LANGUAGE: "language",
+    types_pb2.NATIVE_ATTRIBUTE_REGION: "region",
+    types_pb2.NATIVE_ATTRIBUTE_TIMEZONE: "timezone",
+    types_pb2.NATIVE_ATTRIBUTE_FIRST_NAME: "first_name",
+    types_pb2.NATIVE_ATTRIBUTE_LAST_NAME: "last_name",
+    types_pb2.NATIVE_ATTRIBUTE_AVATAR_URL: "avatar_url",
+    types_pb2.NATIVE_ATTRIBUTE_COUNTRY: "country",
+}
+KINDS = {
+    "custom": types_pb2.EVENT_KIND_CUSTOM,
+    "session_start": types_pb2.EVENT_KIND_SESSION_START,
+    "session_heartbeat": types_pb2.EVENT_KIND_SESSION_HEARTBEAT,
+    "session_end": types_pb2.EVENT_KIND_SESSION_END,
+    "attribute_operations": types_pb2.EVENT_KIND_ATTRIBUTE_CHANGE,
+    "subscription_change": types_pb2.EVENT_KIND_SUBSCRIPTION_CHANGE,
+    "installation_update": types_pb2.EVENT_KIND_INSTALLATION_UPDATE,
+    "crash": types_pb2.EVENT_KIND_CRASH,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ValidEvent:
+    """An event that passed validation, ready to store; `event_time` is skew-corrected.
+
+    `detail` is the bus message of its kind (bus_pb2.*Detail) and `payload` the JSON stored in
+    events.payload: the same detail in proto JSON with field names kept (plus `stack_trace` for
+    crashes), never a push token or an IP.
+    """
+
+    index: int
+    event_id: str
+    installation_id: str | None
+    custom_id: str | None
+    platform: int
+    kind: int
+    name: str | None
+    event_time: datetime
+    session_id: str | None
+    detail_field: str
+    detail: Message
+    payload: dict[str, Any]
+    operations: tuple[AttributeOperation, ...] = ()
+    subscription: model.SubscriptionChange | None = None
+    installation_values: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RejectedEvent:
+    """An event refused with its reason; `raw` is the event as JSON (no client IP, no NUL)."""
+
+    index: int
+    event_id: str
+    installation_id: str
+    custom_id: str
+    rejection: Rejection
+    raw: dict[str, Any] | None
+
+
+def validate_request(event_count: int, request_bytes: int, *, path: str = "events") -> None:
+    """Raises BatchInvalid for a request that is malformed as a whole."""
+    if event_count == 0:
+        raise BatchInvalid(
+            "the request has no events",
+            [FieldViolation(path, "at least one event is required", "EVENTS_MISSING")],
+        )
+    if event_count > model.MAX_EVENTS_PER_REQUEST:
+        raise TooManyEvents(
+            f"the request has {event_count} events; at most {model.MAX_EVENTS_PER_REQUEST}",
+            [FieldViolation(path, "at most 1000 events per request", TooManyEvents.reason)],
+        )
+    if request_bytes > model.MAX_REQUEST_BYTES:
+        raise RequestTooLarge(
+            f"the request is {request_bytes} bytes; at most {model.MAX_REQUEST_BYTES}",
+            [FieldViolation(path, "at most 4 MiB per request", RequestTooLarge.reason)],
+        )
+
+
+def _ns_of(stamp: Timestamp) -> int | None:
+    """Nanoseconds since the epoch, or None for a malformed Timestamp."""
+    if not 0 <= stamp.nanos < NANOS:
+        return None
+    if not MIN_TIMESTAMP_SECONDS <= stamp.seconds <= MAX_TIMESTAMP_SECONDS:
+        return None
+    return stamp.seconds * NANOS + stamp.nanos
+
+
+def _ns_of_datetime(moment: datetime) -> int:
+    return (moment - EPOCH) // timedelta(microseconds=1) * 1000
+
+
+def _ns_of_delta(delta: timedelta) -> int:
+    return delta // timedelta(microseconds=1) * 1000
+
+
+def _datetime_of_ns(ns: int) -> datetime:
+    # PostgreSQL keeps microseconds; nanoseconds are truncated.
+    return EPOCH + timedelta(microseconds=ns // 1000)
+
+
+def corrected_event_time(
+    event: pb.Event, request_send_time: Timestamp | None, now: datetime, *, imported: bool
+) -> datetime:
+    """`event_time + (receive_time - send_time)` within the limits, or Invalid."""
+    if not event.HasField("event_time"):
+        raise Invalid(model.EVENT_TIME_MISSING, "event_time", "event_time is required")
+    event_ns = _ns_of(event.event_time)
+    if event_ns is None:
+        raise Invalid(model.EVENT_TIME_MISSING, "event_time", "event_time is malformed")
+    send_path = "send_time"
+    send: Timestamp | None = event.send_time if event.HasField("send_time") else None
+    if send is None:
+        send, send_path = request_send_time, "request.send_time"
+    now_ns = _ns_of_datetime(now)
+    corrected = event_ns
+    if send is not None:
+        send_ns = _ns_of(send)
+        if send_ns is None:
+            raise Invalid(model.EVENT_TIME_MISSING, send_path, f"{send_path} is malformed")
+        corrected = event_ns + (now_ns - send_ns)
+    if corrected > now_ns + _ns_of_delta(FUTURE_LIMIT):
+        raise Invalid(
+            model.EVENT_TIME_IN_FUTURE,
+            "event_time",
+            "event_time is over 10 minutes in the future after clock-skew correction",
+        )
+    oldest = _ns_of_datetime(model.OLDEST_EVENT_TIME)
+    if not imported:
+        oldest = max(oldest, now_ns - _ns_of_delta(PAST_LIMIT))
+    if corrected < oldest:
+        raise Invalid(
+            model.EVENT_TIME_TOO_OLD,
+            "event_time",
+            "event_time is over 30 days in the past (use ImportEvents) or before 1900",
+        )
+    return _datetime_of_ns(corrected)
+
+
+def _text(value: str, path: str, reason: str, *, limit: int, minimum: int = 0) -> str:
+    if not minimum <= len(value) <= limit:
+        raise Invalid(reason, path, f"{path} must be {minimum} to {limit} characters")
+    if model.has_nul(value):
+        raise Invalid(reason, path, f"{path} contains a NUL character")
+    return value
+
+
+def _attribute_value(value: types_pb2.AttributeValue, path: str) -> Value:
+    which = value.WhichOneof("value")
+    if which == "string_value":
+        return Value("string", _text(value.string_value, path, model.VALUE_INVALID, limit=300))
+    if which == "number_value":
+        if not model.is_finite(value.number_value):
+            raise Invalid(model.VALUE_INVALID, path, f"{path} is not a finite number")
+        return Value("number", value.number_value)
+    if which == "bool_value":
+        return Value("bool", value.bool_value)
+    if which == "timestamp_value":
+        ns = _ns_of(value.timestamp_value)
+        if ns is None:
+            raise Invalid(model.VALUE_INVALID, path, f"{path} is not a valid timestamp")
+        return Value("timestamp", _datetime_of_ns(ns).isoformat())
+    if which == "url_value":
+        if not model.is_url(value.url_value):
+            raise Invalid(
+                model.VALUE_INVALID, path, f"{path} is not a URL with scheme and host (<= 2048)"
+            )
+        return Value("url", value.url_value)
+    if which == "string_list_value":
+        items = list(value.string_list_value.values)
+        if len(items) > model.MAX_LIST_ITEMS:
+            raise Invalid(model.VALUE_INVALID, path, f"{path} has over 25 items")
+        for i, item in enumerate(items):
+            _text(item, f"{path}[{i}]", model.VALUE_INVALID, limit=model.MAX_STRING_LENGTH)
+        return Value("string_list", items)
+    raise Invalid(model.VALUE_INVALID, path, f"{path} has no value")
+
+
+def _custom(event: pb.Event) -> tuple[str, bus_pb2.CustomEventDetail]:
+    custom = event.custom
+    if not model.is_name(custom.name):
+        raise Invalid(
+            model.NAME_INVALID, "custom.name", "custom.name must match [a-zA-Z0-9_]{1,30}"
+        )
+    _text(custom.label, "custom.label", model.LABEL_INVALID, limit=model.MAX_LABEL_LENGTH)
+    if len(custom.attributes) > model.MAX_ATTRIBUTES_PER_EVENT:
+        raise Invalid(
+            model.TOO_MANY_ATTRIBUTES, "custom.attributes", "at most 20 attributes per event"
+        )
+    detail = bus_pb2.CustomEventDetail(name=custom.name.lower(), label=custom.label)
+    for name, value in custom.attributes.items():
+        path = f'custom.attributes["{name}"]'
+        if not model.is_name(name):
+            raise Invalid(model.ATTRIBUTE_NAME_INVALID, path, "names match [a-zA-Z0-9_]{1,30}")
+        if name.lower() in detail.attributes:
+            raise Invalid(model.ATTRIBUTE_NAME_INVALID, path, "two names equal once lower-cased")
+        _attribute_value(value, path)
+        detail.attributes[name.lower()].CopyFrom(value)
+    return custom.name.lower(), detail
+
+
+def _native_value(name: str, operation: types_pb2.AttributeOperation, path: str) -> Value:
+    which = operation.value.WhichOneof("value")
+    expected = "url_value" if name == "avatar_url" else "string_value"
+    if which != expected:
+        raise Invalid(model.VALUE_INVALID, f"{path}.value", f"{name} takes a {expected}")
+    text = getattr(operation.value, expected)
+    value_path = f"{path}.value"
+    checks: dict[str, tuple[Callable[[str], bool], str, Callable[[str], str]]] = {
+        "email": (model.is_email, model.EMAIL_INVALID, str.lower),
+        "phone": (model.is_phone, model.PHONE_INVALID, str),
+        "language": (model.is_language, model.LANGUAGE_INVALID, str.lower),
+        "region": (model.is_country, model.REGION_INVALID, str.upper),
+        "country": (model.is_country, model.COUNTRY_INVALID, str.upper),
+        "timezone": (model.is_timezone, model.TIMEZONE_INVALID, str),
+        "avatar_url": (model.is_http_url, model.VALUE_INVALID, str),
+    }
+    if name in checks:
+        check, reason, normalize = checks[name]
+        if model.has_nul(text) or not check(text):
+            raise Invalid(reason, value_path, f"{value_path} is not a valid {name}")
+        return Value("url" if name == "avatar_url" else "string", normalize(text))
+    return Value("string", _text(text, value_path, model.VALUE_INVALID, limit=300, minimum=1))
+
+
+def _operation(operation: types_pb2.AttributeOperation, path: str) -> AttributeOperation:
+    kind = OPERATION_KINDS.get(operation.kind)
+    if kind is None:
+        raise Invalid(model.OPERATION_INVALID, f"{path}.kind", "kind is required")
+    which = operation.WhichOneof("attribute")
+    has_value = operation.HasField("value")
+    if kind == "unset" and has_value:
+        raise Invalid(model.VALUE_INVALID, f"{path}.value", "unset takes no value")
+    if kind != "unset" and not has_value:
+        raise Invalid(model.VALUE_INVALID, f"{path}.value", f"{kind} needs a value")
+    if which == "native_attribute":
+        name = NATIVE_NAMES.get(operation.native_attribute)
+        if name is None:
+            raise Invalid(model.ATTRIBUTE_NAME_INVALID, f"{path}.native_attribute", "unknown")
+        if kind not in ("set", "set_once", "unset"):
+            raise Invalid(
+                model.OPERATION_INVALID, f"{path}.kind", f"{kind} is not allowed on {name}"
+            )
+        value = None if kind == "unset" else _native_value(name, operation, path)
+        return AttributeOperation(kind, True, name, value)
+    if which != "custom_attribute" or not model.is_name(operation.custom_attribute):
+        raise Invalid(
+            model.ATTRIBUTE_NAME_INVALID,
+            f"{path}.custom_attribute",
+            "a custom attribute name matching [a-zA-Z0-9_]{1,30} is required",
+        )
+    name = operation.custom_attribute.lower()
+    if kind == "unset":
+        return AttributeOperation(kind, False, name, None)
+    value = _attribute_value(operation.value, f"{path}.value")
+    if kind == "increment" and value.type != "number":
+        raise Invalid(model.VALUE_INVALID, f"{path}.value", "increment takes a number_value")
+    if kind in ("append", "remove") and value.type not in ("string", "string_list"):
+        raise Invalid(
+            model.VALUE_INVALID, f"{path}.value", f"{kind} takes a string or a string list"
+        )
+    return AttributeOperation(kind, False, name, value)
+
+
+def _attribute_operations(
+    event: pb.Event,
+) -> tuple[tuple[AttributeOperation, ...], bus_pb2.AttributeChangeDetail]:
+    operations = event.attribute_operations.operations
+    if not operations:
+        raise Invalid(
+            model.PAYLOAD_MISSING, "attribute_operations.operations", "at least one operation"
+        )
+    if len(operations) > model.MAX_OPERATIONS_PER_EVENT:
+        raise Invalid(
+            model.TOO_MANY_ATTRIBUTES,
+            "attribute_operations.operations",
+            "at most 20 operations per event",
+        )
+    parsed = tuple(
+        _operation(op, f"attribute_operations.operations[{i}]") for i, op in enumerate(operations)
+    )
+    detail = bus_pb2.AttributeChangeDetail()
+    for op, checked in zip(operations, parsed, strict=True):
+        copy = detail.operations.add()
+        copy.CopyFrom(op)
+        if checked.native:  # store the normalized form (lower-case email...)
+            assert checked.value is not None or checked.kind == "unset"
+            if checked.value is not None:
+                field = "url_value" if checked.value.type == "url" else "string_value"
+                setattr(copy.value, field, checked.value.value)
+        else:
+            copy.custom_attribute = checked.name
+    return parsed, detail
+
+
+def _duration(message: pb.SessionHeartbeat | pb.SessionEnd, path: str) -> timedelta:
+    duration = message.duration
+    if not -NANOS < duration.nanos < NANOS or duration.seconds < 0 or duration.nanos < 0:
+        raise Invalid(model.DURATION_INVALID, path, f"{path} must not be negative")
+    if duration.seconds > MAX_SESSION_DURATION.total_seconds():
+        raise Invalid(model.DURATION_INVALID, path, f"{path} must be at most 24 hours")
+    value = timedelta(seconds=duration.seconds, microseconds=duration.nanos // 1000)
+    if value > MAX_SESSION_DURATION:
+        raise Invalid(model.DURATION_INVALID, path, f"{path} must be at most 24 hours")
+    return value
+
+
+def _installation_update(
+    event: pb.Event,
+) -> tuple[dict[str, Any], bus_pb2.InstallationUpdateDetail]:
+    update = event.installation_update
+    present = {descriptor.name for descriptor, _ in update.ListFields()}
+    values: dict[str, Any] = {}
+    detail = bus_pb2.InstallationUpdateDetail()
+    limits = {
+        "app_version": model.MAX_VERSION_LENGTH,
+        "os_version": model.MAX_VERSION_LENGTH,
+        "device_model": model.MAX_DEVICE_MODEL_LENGTH,
+        "push_token": model.MAX_PUSH_TOKEN_LENGTH,
+    }
+    for name, limit in limits.items():
+        if name in present:
+            path = f"installation_update.{name}"
+            values[name] = _text(getattr(update, name), path, model.VALUE_INVALID, limit=limit)
+            if name == "push_token":
+                detail.push_token_present = bool(values[name])
+                values[name] = values[name] or None  # an empty token clears it
+            else:
+                setattr(detail, name, values[name])
+    if update.HasField("language"):
+        if not model.is_language(update.language):
+            raise Invalid(model.LANGUAGE_INVALID, "installation_update.language", "not ISO 639-1")
+        values["language"] = detail.language = update.language.lower()
+    if update.HasField("timezone"):
+        if not model.is_timezone(update.timezone):
+            raise Invalid(
+                model.TIMEZONE_INVALID, "installation_update.timezone", "not an IANA time zone"
+            )
+        values["timezone"] = detail.timezone = update.timezone
+    for name in ("push_opt_in", "uninstalled"):
+        if name in present:
+            values[name] = getattr(update, name)
+            setattr(detail, name, values[name])
+    return values, detail
+
+
+def _payload(event: pb.Event, fields: dict[str, Any]) -> None:
+    """Checks the payload; fills `fields` with the ValidEvent fields that depend on it."""
+    which = event.WhichOneof("payload")
+    if which is None:
+        raise Invalid(model.PAYLOAD_MISSING, "payload", "exactly one payload is required")
+    fields["kind"] = KINDS[which]
+    if which.startswith("session_") and not event.session_id:
+        raise Invalid(model.SESSION_ID_INVALID, "session_id", f"{which} needs a session_id")
+    detail: Message
+    if which == "custom":
+        fields["name"], detail = _custom(event)
+        fields["detail_field"] = "custom"
+    elif which == "session_start":
+        start = event.session_start
+        country = ""
+        if start.country:
+            if not model.is_country(start.country):
+                raise Invalid(model.COUNTRY_INVALID, "session_start.country", "not ISO 3166-1")
+            country = start.country.upper()
+        elif start.client_ip:
+            try:
+                ipaddress.ip_address(start.client_ip)
+            except ValueError:
+                raise Invalid(
+                    model.VALUE_INVALID, "session_start.client_ip", "not an IP address"
+                ) from None
+        detail = bus_pb2.SessionDetail(country=country)
+        fields["detail_field"] = "session"
+        # A session is a sign of life: it clears an earlier uninstall.
+        fields["installation_values"] = {"uninstalled": False}
+    elif which in ("session_heartbeat", "session_end"):
+        duration = _duration(getattr(event, which), f"{which}.duration")
+        detail = bus_pb2.SessionDetail()
+        detail.duration.FromTimedelta(duration)
+        fields["detail_field"] = "session"
+    elif which == "attribute_operations":
+        fields["operations"], detail = _attribute_operations(event)
+        fields["detail_field"] = "attribute_change"
+    elif which == "subscription_change":
+        change = event.subscription_change
+        channel = CHANNELS.get(change.channel)
+        kind = SUBSCRIPTION_KINDS.get(change.kind)
+        if channel is None or kind is None:
+            path = "subscription_change.channel" if channel is None else "subscription_change.kind"
+            raise Invalid(model.SUBSCRIPTION_INVALID, path, "channel and kind are required")
+        fields["subscription"] = model.SubscriptionChange(channel, kind, change.subscribed)
+        detail = types_pb2.SubscriptionChange()
+        detail.CopyFrom(change)
+        fields["detail_field"] = "subscription_change"
+    elif which == "installation_update":
+        fields["installation_values"], detail = _installation_update(event)
+        fields["detail_field"] = "installation_update"
+    else:
+        crash = event.crash
+        _text(crash.name, "crash.name", model.NAME_INVALID, limit=300, minimum=1)
+        _text(crash.reason, "crash.reason", model.VALUE_INVALID, limit=300)
+        _text(
+            crash.stack_trace, "crash.stack_trace", model.VALUE_INVALID, limit=model.MAX_EVENT_BYTES
+        )
+        detail = bus_pb2.CrashDetail(name=crash.name, reason=crash.reason, fatal=crash.fatal)
+        fields["detail_field"] = "crash"
+    fields["detail"] = detail
+    payload = json_format.MessageToDict(detail, preserving_proto_field_name=True)
+    if which == "crash" and event.crash.stack_trace:
+        payload["stack_trace"] = event.crash.stack_trace
+    fields["payload"] = payload
+
+
+def _origin(event: pb.Event) -> tuple[str | None, str | None]:
+    which = event.WhichOneof("origin")
+    if which is None:
+        raise Invalid(model.ORIGIN_MISSING, "origin", "installation_id or custom_id is required")
+    if which == "installation_id":
+        _text(
+            event.installation_id,
+            "installation_id",
+            model.INSTALLATION_ID_INVALID,
+            limit=model.MAX_INSTALLATION_ID_LENGTH,
+            minimum=1,
+        )
+        return event.installation_id, None
+    problem = model.custom_id_problem(event.custom_id)
+    if problem is not None:
+        raise Invalid(model.CUSTOM_ID_INVALID, "custom_id", problem)
+    return None, event.custom_id
+
+
+def raw_event(event: pb.Event) -> dict[str, Any]:
+    """The event as JSON for rejected_events: never the client IP, never a NUL character."""
+    copy = event
+    if event.WhichOneof("payload") == "session_start" and event.session_start.client_ip:
+        copy = pb.Event()
+        copy.CopyFrom(event)
+        copy.session_start.ClearField("client_ip")
+    try:
+        as_json = json_format.MessageToDict(copy, preserving_proto_field_name=True)
+    except (json_format.Error, ValueError):
+        # Not expressible in proto JSON (a malformed Timestamp...): keep the exact bytes.
+        return {"serialized_base64": base64.b64encode(copy.SerializeToString()).decode()}
+    return _without_nul(as_json)
+
+
+def _without_nul(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd")
+    if isinstance(value, dict):
+        return {_without_nul(k): _without_nul(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_without_nul(v) for v in value]
+    return value
+
+
+def reject(index: int, event: pb.Event, rejection: Rejection) -> RejectedEvent:
+    """A RejectedEvent keeping the raw event, except for ERASED (no payload, no custom ID)."""
+    erased = rejection.reason == model.ERASED
+    return RejectedEvent(
+        index=index,
+        event_id=_without_nul(event.event_id[:256]),
+        installation_id=_without_nul(
+            event.installation_id[:256] if event.WhichOneof("origin") == "installation_id" else ""
+        ),
+        custom_id="" if erased else _without_nul(event.custom_id[:512]),
+        rejection=rejection,
+        raw=None if erased else raw_event(event),
+    )
+
+
+def validate_event(
+    index: int,
+    event: pb.Event,
+    *,
+    request_send_time: Timestamp | None,
+    now: datetime,
+    imported: bool = False,
+) -> ValidEvent | RejectedEvent:
+    """Checks one event against every rule of the contract; never raises for a bad event."""
+    try:
+        if event.ByteSize() > model.MAX_EVENT_BYTES:
+            raise Invalid(model.EVENT_TOO_LARGE, "", "the event is over 32 KiB serialized")
+        _text(
+            event.event_id,
+            "event_id",
+            model.EVENT_ID_INVALID,
+            limit=model.MAX_EVENT_ID_LENGTH,
+            minimum=1,
+        )
+        installation_id, custom_id = _origin(event)
+        if event.platform not in PLATFORMS:
+            raise Invalid(model.PLATFORM_MISSING, "platform", "a known platform is required")
+        event_time = corrected_event_time(event, request_send_time, now, imported=imported)
+        _text(
+            event.session_id,
+            "session_id",
+            model.SESSION_ID_INVALID,
+            limit=model.MAX_SESSION_ID_LENGTH,
+        )
+        fields: dict[str, Any] = {}
+        _payload(event, fields)
+    except Invalid as invalid:
+        return reject(index, event, invalid.rejection)
+    installation_values = fields.pop("installation_values", None)
+    if installation_id is not None:
+        installation_values = {"platform": event.platform, **(installation_values or {})}
+    else:
+        installation_values = None
+    return ValidEvent(
+        index=index,
+        event_id=event.event_id,
+        installation_id=installation_id,
+        custom_id=custom_id,
+        platform=event.platform,
+        name=fields.pop("name", None),
+        event_time=event_time,
+        session_id=event.session_id or None,
+        installation_values=installation_values,
+        **fields,
+    )
+
+
+def ingested_event(
+    event: ValidEvent, profile_id: str, receive_time: datetime, *, imported: bool
+) -> bus_pb2.IngestedEvent:
+    """The bus form of a stored event."""
+    message = bus_pb2.IngestedEvent(
+        event_id=event.event_id,
+        installation_id=event.installation_id or "",
+        custom_id=event.custom_id or "",
+        profile_id=profile_id,
+        platform=event.platform,  # type: ignore[arg-type]
+        kind=event.kind,  # type: ignore[arg-type]
+        session_id=event.session_id or "",
+        imported=imported,
+    )
+    message.event_time.FromDatetime(event.event_time)
+    message.receive_time.FromDatetime(receive_time)
+    getattr(message, event.detail_field).CopyFrom(event.detail)
+    return message

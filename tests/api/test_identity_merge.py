@@ -1,0 +1,291 @@
+"""Identity over real gRPC, PostgreSQL and Redis: operator merges, rows of other tables, project
+isolation and the bus messages."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+import asyncpg
+import grpc
+import pytest
+from redis.asyncio import Redis
+
+from profiles.common.v1 import bus_pb2
+from profiles.identity.v1 import identity_service_pb2 as pb
+from shared.settings import Settings
+from tests.api.test_identity_helpers import (
+    Identity,
+    count,
+    error_info,
+    identity_messages,
+    new_id,
+    of_type,
+    profile_row,
+    violations,
+)
+from tests.conftest import create_test_project, eventually
+
+if TYPE_CHECKING:
+    from tests.conftest import TestProject
+
+INVALID = grpc.StatusCode.INVALID_ARGUMENT.value[0]
+
+
+@pytest.fixture
+async def db(database_url: str) -> AsyncIterator[asyncpg.Pool]:
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=4)
+    assert pool is not None
+    yield pool
+    await pool.close()
+
+
+@pytest.fixture
+async def channel(start_services: Any) -> grpc.aio.Channel:
+    return (await start_services("identity"))["identity"].channel
+
+
+@pytest.fixture
+def identity(channel: grpc.aio.Channel, project: TestProject) -> Identity:
+    return Identity(channel, project)
+
+
+# -- MergeProfiles ----------------------------------------------------------------------------
+
+
+async def test_an_anonymous_profile_merges_into_an_identified_one(
+    identity: Identity, db: asyncpg.Pool
+) -> None:
+    installation = new_id()
+    anonymous = await identity.profile_of(installation)
+    target = await identity.profile_of_custom_id("pat")
+    reply = await identity.merge(anonymous, target)
+    assert (reply.source_profile_id, reply.target_profile_id) == (anonymous, target)
+    assert not reply.already_merged
+    assert reply.change_id
+    assert reply.merge_time.seconds > 0
+    assert await identity.profile_of(installation) == target
+    change = await db.fetchrow(
+        "SELECT cause FROM identity_changes WHERE change_id = $1", uuid.UUID(reply.change_id)
+    )
+    assert change is not None
+    assert change["cause"] == "operator_merge"
+
+
+async def test_two_identified_profiles_need_an_explicit_permission(identity: Identity) -> None:
+    source = await identity.profile_of_custom_id("quinn")
+    target = await identity.profile_of_custom_id("rita")
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await identity.merge(source, target)
+    assert raised.value.code() is grpc.StatusCode.FAILED_PRECONDITION
+    assert error_info(raised.value).reason == "CUSTOM_ID_CONFLICT"
+    assert await identity.profile_of_custom_id("quinn") == source
+
+
+async def test_an_allowed_conflict_leaves_the_source_custom_id_as_an_alias(
+    identity: Identity, db: asyncpg.Pool
+) -> None:
+    installation = new_id()
+    source = (await identity.identify(installation, "sam")).profile_id
+    target = await identity.profile_of_custom_id("tom")
+    reply = await identity.merge(source, target, allow_conflict=True)
+    assert reply.alias_custom_id == "sam"
+    (resolved,) = await identity.resolve(pb.ProfileKey(custom_id="sam"))
+    assert resolved.profile_id == target
+    assert not resolved.created
+    assert await identity.profile_of(installation) == target
+    # Identify with the alias lands on the target too: already there, then from elsewhere.
+    again = await identity.identify(installation, "sam")
+    assert again.outcome == pb.IDENTIFY_OUTCOME_ALREADY_IDENTIFIED
+    assert again.profile_id == target
+    other = await identity.identify(new_id(), "sam")
+    assert other.outcome == pb.IDENTIFY_OUTCOME_MERGED
+    assert other.profile_id == target
+    assert await count(db, "SELECT count(*) FROM profiles WHERE custom_id = 'sam'") == 0
+
+
+async def test_an_identified_source_gives_its_custom_id_to_an_anonymous_target(
+    identity: Identity,
+) -> None:
+    source = await identity.profile_of_custom_id("uma")
+    target = await identity.profile_of(new_id())
+    reply = await identity.merge(source, target)
+    assert not reply.alias_custom_id
+    (resolved,) = await identity.resolve(pb.ProfileKey(custom_id="uma"))
+    assert resolved.profile_id == target
+    assert resolved.identified
+
+
+async def test_merged_away_ids_resolve_to_their_survivor(
+    identity: Identity, db: asyncpg.Pool
+) -> None:
+    a, b, c = [await identity.profile_of(new_id()) for _ in range(3)]
+    await identity.merge(a, b)
+    reply = await identity.merge(b, c)
+    assert reply.source_profile_id == b
+    # A was merged into B, then B into C: A points at C in one hop.
+    assert (await profile_row(db, identity.project, a))["merged_into"] == uuid.UUID(c)
+    again = await identity.merge(a, c)
+    assert again.already_merged
+    assert again.target_profile_id == c
+    assert not again.change_id
+    assert not again.HasField("merge_time")
+
+
+async def test_merging_a_profile_into_itself_is_invalid(identity: Identity) -> None:
+    profile = await identity.profile_of(new_id())
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await identity.merge(profile, profile)
+    assert raised.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert error_info(raised.value).reason == "MERGE_INTO_ITSELF"
+
+
+@pytest.mark.parametrize("bad", ["", "not-a-uuid", "ABCDEF00-0000-0000-0000-000000000000x"])
+async def test_a_malformed_profile_id_is_invalid(identity: Identity, bad: str) -> None:
+    profile = await identity.profile_of(new_id())
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await identity.merge(bad, profile)
+    assert raised.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert violations(raised.value) == ["source_profile_id"]
+
+
+async def test_an_unknown_profile_is_not_found(identity: Identity) -> None:
+    profile = await identity.profile_of(new_id())
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await identity.merge(profile, str(uuid.uuid4()))
+    assert raised.value.code() is grpc.StatusCode.NOT_FOUND
+    assert error_info(raised.value).reason == "PROFILE_NOT_FOUND"
+    assert error_info(raised.value).metadata["field"] == "target_profile_id"
+
+
+async def test_merge_profiles_needs_the_admin_key(identity: Identity) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await identity.stub.MergeProfiles(
+            pb.MergeProfilesRequest(), metadata=identity.project.metadata("sdk"), timeout=5
+        )
+    assert raised.value.code() is grpc.StatusCode.PERMISSION_DENIED
+
+
+# -- rows of other tables, isolation, bus ------------------------------------------------------
+
+
+async def test_a_merge_moves_rows_of_every_table_with_a_profile_id(
+    start_services: Any, database_url: str, project: TestProject, db: asyncpg.Pool
+) -> None:
+    # Tables that exist when identity starts are found in the catalogue, like ingest's will be.
+    await db.execute(
+        "CREATE TABLE test_notes (project_id uuid, profile_id uuid, note text,"
+        " PRIMARY KEY (project_id, note))"
+    )
+    await db.execute(
+        "CREATE TABLE test_scores (project_id uuid, profile_id uuid, score int,"
+        " PRIMARY KEY (project_id, profile_id))"
+    )
+    # A table whose key includes profile_id supplies its own merge rule.
+    await db.execute(
+        """CREATE FUNCTION profiles_merge_test_scores(p uuid, s uuid, t uuid) RETURNS void
+           LANGUAGE sql AS $$
+             UPDATE test_scores SET score = score + (
+               SELECT coalesce(sum(score), 0) FROM test_scores WHERE project_id = p
+                 AND profile_id = s) WHERE project_id = p AND profile_id = t;
+             DELETE FROM test_scores WHERE project_id = p AND profile_id = s;
+           $$"""
+    )
+    channel = (await start_services("identity"))["identity"].channel
+    identity = Identity(channel, project)
+    target = await identity.profile_of_custom_id("vic")
+    installation = new_id()
+    source = await identity.profile_of(installation)
+    pid = project.project_id
+    await db.executemany(
+        "INSERT INTO test_notes VALUES ($1, $2, $3)",
+        [(pid, uuid.UUID(source), "s1"), (pid, uuid.UUID(source), "s2")],
+    )
+    await db.executemany(
+        "INSERT INTO test_scores VALUES ($1, $2, $3)",
+        [(pid, uuid.UUID(source), 2), (pid, uuid.UUID(target), 3)],
+    )
+    await identity.identify(installation, "vic")
+    notes = await db.fetch("SELECT DISTINCT profile_id FROM test_notes")
+    assert [r["profile_id"] for r in notes] == [uuid.UUID(target)]
+    scores = await db.fetch("SELECT profile_id, score FROM test_scores")
+    assert [(r["profile_id"], r["score"]) for r in scores] == [(uuid.UUID(target), 5)]
+
+
+async def test_a_project_cannot_reach_another_projects_profiles(
+    channel: grpc.aio.Channel, project: TestProject, database_url: str, db: asyncpg.Pool
+) -> None:
+    p = Identity(channel, project)
+    q = Identity(channel, await create_test_project(database_url))
+    installation = new_id()
+    p_profile = (await p.identify(installation, "wendy")).profile_id
+    # The same installation and custom ID in Q are Q's own, new profiles.
+    assert await q.profile_of(installation) != p_profile
+    q_reply = await q.identify(installation, "wendy")
+    assert q_reply.profile_id != p_profile
+    assert q_reply.outcome == pb.IDENTIFY_OUTCOME_IDENTIFIED
+    q_profile = await q.profile_of_custom_id("xena")
+    for source, target in ((p_profile, q_profile), (q_profile, p_profile)):
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await q.merge(source, target)
+        assert raised.value.code() is grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await q.logout(new_id())
+    assert raised.value.code() is grpc.StatusCode.NOT_FOUND
+    row = await profile_row(db, project, p_profile)
+    assert row["custom_id"] == "wendy"
+    assert row["merged_into"] is None
+    assert await p.profile_of(installation) == p_profile
+
+
+async def test_merges_splits_and_creations_are_published(
+    identity: Identity, db: asyncpg.Pool, redis_url: str, settings_for_test: Settings
+) -> None:
+    known = await identity.profile_of_custom_id("yves")
+    installation = new_id()
+    anonymous = await identity.profile_of(installation)
+    merged = await identity.identify(installation, "yves")
+    out = await identity.logout(installation)
+    other = new_id()
+    identified = await identity.identify(other, "zoe")
+    redis = Redis.from_url(redis_url)
+
+    async def all_published() -> bool:
+        found = await identity_messages(db, redis, settings_for_test.redis_prefix, identity.project)
+        return (
+            len(of_type(found, bus_pb2.ProfileCreated)) == 4
+            and len(of_type(found, bus_pb2.ProfileMerged)) == 1
+            and len(of_type(found, bus_pb2.ProfileSplit)) == 1
+            and len(of_type(found, bus_pb2.ProfileIdentified)) == 1
+        )
+
+    try:
+        await eventually(all_published)
+        found = await identity_messages(db, redis, settings_for_test.redis_prefix, identity.project)
+    finally:
+        await redis.aclose()
+    (merge,) = of_type(found, bus_pb2.ProfileMerged)
+    assert (merge.source_profile_id, merge.target_profile_id) == (anonymous, known)
+    assert merge.change_id == merged.change_id
+    assert list(merge.installation_ids) == [installation]
+    assert merge.cause == 1  # IDENTITY_CHANGE_CAUSE_IDENTIFY
+    (split,) = of_type(found, bus_pb2.ProfileSplit)
+    assert (split.old_profile_id, split.new_profile_id) == (known, out.profile_id)
+    assert split.new_profile_created
+    assert split.installation_id == installation
+    (identify,) = of_type(found, bus_pb2.ProfileIdentified)
+    assert identify.profile_id == identified.profile_id
+    assert identify.installation_id == other
+    created = {m.profile_id for m in of_type(found, bus_pb2.ProfileCreated)}
+    assert created == {known, anonymous, out.profile_id, identified.profile_id}
+
+
+async def test_delete_and_export_are_not_implemented_yet(identity: Identity) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await identity.stub.DeleteProfile(
+            pb.DeleteProfileRequest(profile_id=str(uuid.uuid4())),
+            metadata=identity.project.metadata("admin"),
+            timeout=5,
+        )
+    assert raised.value.code() is grpc.StatusCode.UNIMPLEMENTED

@@ -1,0 +1,484 @@
+"""Every ingest validation rule, with a rejected and an accepted case at its boundary, and the
+rules by which profile state follows event time. Pure: no database, no gRPC."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from profiles.common.v1 import types_pb2
+from profiles.ingest.v1 import ingest_service_pb2 as pb
+from services.ingest import model
+from services.ingest.errors import BatchInvalid
+from services.ingest.model import (
+    AttributeOperation,
+    InstallationChange,
+    TimedSubscriptionChange,
+    Value,
+)
+from services.ingest.validation import (
+    RejectedEvent,
+    ValidEvent,
+    validate_event,
+    validate_request,
+)
+
+NOW = datetime(2030, 6, 1, 12, 0, tzinfo=UTC)
+
+
+def base_event() -> pb.Event:
+    event = pb.Event(event_id="e1", installation_id="inst", platform=types_pb2.PLATFORM_WEB)
+    event.event_time.FromDatetime(NOW)
+    event.custom.name = "view"
+    return event
+
+
+def check(event: pb.Event, *, imported: bool = False) -> ValidEvent | RejectedEvent:
+    return validate_event(0, event, request_send_time=None, now=NOW, imported=imported)
+
+
+def reason(event: pb.Event, *, imported: bool = False) -> str:
+    result = check(event, imported=imported)
+    return "" if isinstance(result, ValidEvent) else result.rejection.reason
+
+
+def path(event: pb.Event) -> str:
+    result = check(event)
+    assert isinstance(result, RejectedEvent)
+    return result.rejection.field_path
+
+
+Edit = Callable[[pb.Event], object]
+
+
+def edited(edit: Edit) -> pb.Event:
+    event = base_event()
+    edit(event)
+    return event
+
+
+def _attr(name: str, setter: Callable[[types_pb2.AttributeValue], object]) -> Edit:
+    return lambda e: setter(e.custom.attributes[name])
+
+
+def _operation(kind: int, native: int = 0, custom: str = "", value: Edit | None = None) -> Edit:
+    def edit(event: pb.Event) -> None:
+        event.ClearField("custom")
+        operation = event.attribute_operations.operations.add(kind=kind)
+        if native:
+            operation.native_attribute = native  # type: ignore[assignment]
+        else:
+            operation.custom_attribute = custom
+        if value is not None:
+            value(operation.value)
+
+    return edit
+
+
+def _native_set(native: int, text: str, field: str = "string_value") -> Edit:
+    return _operation(
+        types_pb2.ATTRIBUTE_OPERATION_KIND_SET,
+        native=native,
+        value=lambda v: setattr(v, field, text),
+    )
+
+
+def _session(which: str, seconds: int = 0, nanos: int = 0, session_id: str = "s1") -> Edit:
+    def edit(event: pb.Event) -> None:
+        event.ClearField("custom")
+        event.session_id = session_id
+        payload = getattr(event, which)
+        payload.SetInParent()
+        if which != "session_start":
+            payload.duration.seconds = seconds
+            payload.duration.nanos = nanos
+
+    return edit
+
+
+def _update(**fields: object) -> Edit:
+    def edit(event: pb.Event) -> None:
+        event.ClearField("custom")
+        event.installation_update.SetInParent()
+        for name, value in fields.items():
+            setattr(event.installation_update, name, value)
+
+    return edit
+
+
+def _subscription(channel: int, kind: int) -> Edit:
+    def edit(event: pb.Event) -> None:
+        event.ClearField("custom")
+        event.subscription_change.channel = channel  # type: ignore[assignment]
+        event.subscription_change.kind = kind  # type: ignore[assignment]
+
+    return edit
+
+
+def _crash(name: str, why: str = "") -> Edit:
+    def edit(event: pb.Event) -> None:
+        event.ClearField("custom")
+        event.crash.name = name
+        event.crash.reason = why
+
+    return edit
+
+
+def _attributes(count: int) -> Edit:
+    def edit(event: pb.Event) -> None:
+        for i in range(count):
+            event.custom.attributes[f"a{i}"].bool_value = True
+
+    return edit
+
+
+def _operations(count: int) -> Edit:
+    def edit(event: pb.Event) -> None:
+        event.ClearField("custom")
+        for i in range(count):
+            event.attribute_operations.operations.add(
+                kind=types_pb2.ATTRIBUTE_OPERATION_KIND_UNSET, custom_attribute=f"a{i}"
+            )
+
+    return edit
+
+
+SET = types_pb2.ATTRIBUTE_OPERATION_KIND_SET
+EMAIL = types_pb2.NATIVE_ATTRIBUTE_EMAIL
+AVATAR = types_pb2.NATIVE_ATTRIBUTE_AVATAR_URL
+
+# (rule, edit accepted at the boundary, edit rejected just past it, expected reason)
+BOUNDARIES: list[tuple[str, Edit, Edit, str]] = [
+    ("event id 64", lambda e: setattr(e, "event_id", "x" * 64),
+     lambda e: setattr(e, "event_id", "x" * 65), model.EVENT_ID_INVALID),
+    ("event id empty", lambda e: setattr(e, "event_id", "x"),
+     lambda e: setattr(e, "event_id", ""), model.EVENT_ID_INVALID),
+    ("installation 128", lambda e: setattr(e, "installation_id", "i" * 128),
+     lambda e: setattr(e, "installation_id", "i" * 129), model.INSTALLATION_ID_INVALID),
+    ("installation empty", lambda e: setattr(e, "installation_id", "i"),
+     lambda e: setattr(e, "installation_id", ""), model.INSTALLATION_ID_INVALID),
+    ("origin", lambda e: None, lambda e: e.ClearField("installation_id"), model.ORIGIN_MISSING),
+    ("custom id 512", lambda e: setattr(e, "custom_id", "c" * 512),
+     lambda e: setattr(e, "custom_id", "c" * 513), model.CUSTOM_ID_INVALID),
+    ("custom id junk", lambda e: setattr(e, "custom_id", "nullable"),
+     lambda e: setattr(e, "custom_id", "NULL"), model.CUSTOM_ID_INVALID),
+    ("custom id quoted junk", lambda e: setattr(e, "custom_id", "'guest1'"),
+     lambda e: setattr(e, "custom_id", "'guest'"), model.CUSTOM_ID_INVALID),
+    ("custom id padded", lambda e: setattr(e, "custom_id", "a b"),
+     lambda e: setattr(e, "custom_id", " ab"), model.CUSTOM_ID_INVALID),
+    ("platform", lambda e: setattr(e, "platform", types_pb2.PLATFORM_API),
+     lambda e: setattr(e, "platform", types_pb2.PLATFORM_UNSPECIFIED), model.PLATFORM_MISSING),
+    ("event time", lambda e: None, lambda e: e.ClearField("event_time"), model.EVENT_TIME_MISSING),
+    ("future", lambda e: e.event_time.FromDatetime(NOW + timedelta(minutes=10)),
+     lambda e: e.event_time.FromDatetime(NOW + timedelta(minutes=10, microseconds=1)),
+     model.EVENT_TIME_IN_FUTURE),
+    ("past", lambda e: e.event_time.FromDatetime(NOW - timedelta(days=30)),
+     lambda e: e.event_time.FromDatetime(NOW - timedelta(days=30, microseconds=1)),
+     model.EVENT_TIME_TOO_OLD),
+    ("payload", lambda e: None, lambda e: e.ClearField("custom"), model.PAYLOAD_MISSING),
+    ("session id 64", lambda e: setattr(e, "session_id", "s" * 64),
+     lambda e: setattr(e, "session_id", "s" * 65), model.SESSION_ID_INVALID),
+    ("session id on a session event", _session("session_start"),
+     _session("session_start", session_id=""), model.SESSION_ID_INVALID),
+    ("name 30", lambda e: setattr(e.custom, "name", "N" * 30),
+     lambda e: setattr(e.custom, "name", "N" * 31), model.NAME_INVALID),
+    ("name charset", lambda e: setattr(e.custom, "name", "a_B_9"),
+     lambda e: setattr(e.custom, "name", "a-b"), model.NAME_INVALID),
+    ("label 200", lambda e: setattr(e.custom, "label", "l" * 200),
+     lambda e: setattr(e.custom, "label", "l" * 201), model.LABEL_INVALID),
+    ("attributes 20", _attributes(20), _attributes(21), model.TOO_MANY_ATTRIBUTES),
+    ("attribute name", _attr("ok_1", lambda v: setattr(v, "bool_value", True)),
+     _attr("not ok", lambda v: setattr(v, "bool_value", True)), model.ATTRIBUTE_NAME_INVALID),
+    ("string 300", _attr("s", lambda v: setattr(v, "string_value", "s" * 300)),
+     _attr("s", lambda v: setattr(v, "string_value", "s" * 301)), model.VALUE_INVALID),
+    ("url 2048", _attr("u", lambda v: setattr(v, "url_value", "https://a.io/" + "p" * 2035)),
+     _attr("u", lambda v: setattr(v, "url_value", "https://a.io/" + "p" * 2036)),
+     model.VALUE_INVALID),
+    ("url host", _attr("u", lambda v: setattr(v, "url_value", "myapp://host")),
+     _attr("u", lambda v: setattr(v, "url_value", "/relative/path")), model.VALUE_INVALID),
+    ("list 25", _attr("l", lambda v: v.string_list_value.values.extend(["x"] * 25)),
+     _attr("l", lambda v: v.string_list_value.values.extend(["x"] * 26)), model.VALUE_INVALID),
+    ("finite number", _attr("n", lambda v: setattr(v, "number_value", 1e308)),
+     _attr("n", lambda v: setattr(v, "number_value", float("nan"))), model.VALUE_INVALID),
+    ("no value", _attr("b", lambda v: setattr(v, "bool_value", False)),
+     _attr("b", lambda v: None), model.VALUE_INVALID),
+    ("email", _native_set(EMAIL, "Ann.Lee+x@Example.co"),
+     _native_set(EMAIL, "ann@localhost"), model.EMAIL_INVALID),
+    ("phone", _native_set(types_pb2.NATIVE_ATTRIBUTE_PHONE, "+123456789012345"),
+     _native_set(types_pb2.NATIVE_ATTRIBUTE_PHONE, "+1234567890123456"), model.PHONE_INVALID),
+    ("language", _native_set(types_pb2.NATIVE_ATTRIBUTE_LANGUAGE, "FR"),
+     _native_set(types_pb2.NATIVE_ATTRIBUTE_LANGUAGE, "xx"), model.LANGUAGE_INVALID),
+    ("region", _native_set(types_pb2.NATIVE_ATTRIBUTE_REGION, "de"),
+     _native_set(types_pb2.NATIVE_ATTRIBUTE_REGION, "UK"), model.REGION_INVALID),
+    ("country", _native_set(types_pb2.NATIVE_ATTRIBUTE_COUNTRY, "GB"),
+     _native_set(types_pb2.NATIVE_ATTRIBUTE_COUNTRY, "EU"), model.COUNTRY_INVALID),
+    ("timezone", _native_set(types_pb2.NATIVE_ATTRIBUTE_TIMEZONE, "Europe/Paris"),
+     _native_set(types_pb2.NATIVE_ATTRIBUTE_TIMEZONE, "Europe/Atlantis"), model.TIMEZONE_INVALID),
+    ("avatar", _native_set(AVATAR, "https://a.io/x.png", "url_value"),
+     _native_set(AVATAR, "ftp://a.io/x.png", "url_value"),
+     model.VALUE_INVALID),
+    ("first name 300", _native_set(types_pb2.NATIVE_ATTRIBUTE_FIRST_NAME, "a" * 300),
+     _native_set(types_pb2.NATIVE_ATTRIBUTE_FIRST_NAME, "a" * 301), model.VALUE_INVALID),
+    ("native operation", _native_set(EMAIL, "a@b.io"),
+     _operation(types_pb2.ATTRIBUTE_OPERATION_KIND_INCREMENT, native=EMAIL,
+                value=lambda v: setattr(v, "number_value", 1)), model.OPERATION_INVALID),
+    ("operation kind", _operation(SET, custom="c", value=lambda v: setattr(v, "bool_value", True)),
+     _operation(0, custom="c", value=lambda v: setattr(v, "bool_value", True)),
+     model.OPERATION_INVALID),
+    ("increment number", _operation(types_pb2.ATTRIBUTE_OPERATION_KIND_INCREMENT, custom="n",
+                                    value=lambda v: setattr(v, "number_value", -2)),
+     _operation(types_pb2.ATTRIBUTE_OPERATION_KIND_INCREMENT, custom="n",
+                value=lambda v: setattr(v, "string_value", "2")), model.VALUE_INVALID),
+    ("unset takes no value", _operation(types_pb2.ATTRIBUTE_OPERATION_KIND_UNSET, custom="c"),
+     _operation(types_pb2.ATTRIBUTE_OPERATION_KIND_UNSET, custom="c",
+                value=lambda v: setattr(v, "bool_value", True)), model.VALUE_INVALID),
+    ("custom attribute name", _operation(SET, custom="A" * 30,
+                                         value=lambda v: setattr(v, "bool_value", True)),
+     _operation(SET, custom="A" * 31, value=lambda v: setattr(v, "bool_value", True)),
+     model.ATTRIBUTE_NAME_INVALID),
+    ("operations 20", _operations(20), _operations(21), model.TOO_MANY_ATTRIBUTES),
+    ("operations 1", _operations(1), _operations(0), model.PAYLOAD_MISSING),
+    ("duration 24h", _session("session_end", seconds=86_400),
+     _session("session_end", seconds=86_400, nanos=1000), model.DURATION_INVALID),
+    ("duration sign", _session("session_heartbeat", seconds=0),
+     _session("session_heartbeat", seconds=-1), model.DURATION_INVALID),
+    ("subscription", _subscription(types_pb2.CHANNEL_SMS, types_pb2.SUBSCRIPTION_KIND_MARKETING),
+     _subscription(types_pb2.CHANNEL_SMS, 0), model.SUBSCRIPTION_INVALID),
+    ("app version 64", _update(app_version="v" * 64), _update(app_version="v" * 65),
+     model.VALUE_INVALID),
+    ("device model 128", _update(device_model="d" * 128), _update(device_model="d" * 129),
+     model.VALUE_INVALID),
+    ("push token 4096", _update(push_token="t" * 4096), _update(push_token="t" * 4097),
+     model.VALUE_INVALID),
+    ("installation language", _update(language="en"), _update(language="eng"),
+     model.LANGUAGE_INVALID),
+    ("installation timezone", _update(timezone="UTC"), _update(timezone="Mars/Base"),
+     model.TIMEZONE_INVALID),
+    ("crash name", _crash("n" * 300), _crash("n" * 301), model.NAME_INVALID),
+    ("crash reason", _crash("n", "r" * 300), _crash("n", "r" * 301), model.VALUE_INVALID),
+    ("no NUL", lambda e: setattr(e.custom, "label", "ok"),
+     lambda e: setattr(e.custom, "label", "a\x00b"), model.LABEL_INVALID),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("accepted", "rejected", "expected"),
+    [pytest.param(a, r, x, id=name) for name, a, r, x in BOUNDARIES],
+)
+def test_each_rule_accepts_its_boundary_and_rejects_just_past_it(
+    accepted: Edit, rejected: Edit, expected: str
+) -> None:
+    assert reason(edited(accepted)) == ""
+    assert reason(edited(rejected)) == expected
+
+
+def test_an_event_of_32_kib_is_accepted_and_one_byte_more_is_too_large() -> None:
+    event = edited(_crash("Boom"))
+    event.crash.stack_trace = "x"
+    padding = model.MAX_EVENT_BYTES - event.ByteSize()
+    event.crash.stack_trace = "x" * (1 + padding)
+    while event.ByteSize() > model.MAX_EVENT_BYTES:  # the length prefix may have grown
+        event.crash.stack_trace = event.crash.stack_trace[:-1]
+    assert event.ByteSize() == model.MAX_EVENT_BYTES
+    assert reason(event) == ""
+    event.crash.stack_trace += "x"
+    assert reason(event) == model.EVENT_TOO_LARGE
+
+
+def test_import_lifts_the_past_limit_but_not_the_future_one() -> None:
+    old = edited(lambda e: e.event_time.FromDatetime(NOW - timedelta(days=3000)))
+    assert reason(old, imported=True) == ""
+    future = edited(lambda e: e.event_time.FromDatetime(NOW + timedelta(hours=1)))
+    assert reason(future, imported=True) == model.EVENT_TIME_IN_FUTURE
+
+
+def test_skew_correction_adds_receive_minus_send_time() -> None:
+    event = edited(lambda e: e.event_time.FromDatetime(NOW - timedelta(hours=5, minutes=2)))
+    event.send_time.FromDatetime(NOW - timedelta(hours=5))
+    result = check(event)
+    assert isinstance(result, ValidEvent)
+    assert result.event_time == NOW - timedelta(minutes=2)
+
+
+def test_the_request_send_time_applies_when_the_event_has_none() -> None:
+    event = edited(lambda e: e.event_time.FromDatetime(NOW + timedelta(hours=3)))
+    send = pb.TrackEventsRequest().send_time
+    send.FromDatetime(NOW + timedelta(hours=3, seconds=1))
+    result = validate_event(0, event, request_send_time=send, now=NOW)
+    assert isinstance(result, ValidEvent)
+    assert result.event_time == NOW - timedelta(seconds=1)
+
+
+def test_a_malformed_timestamp_is_rejected_not_raised() -> None:
+    event = edited(lambda e: setattr(e.event_time, "nanos", -5))
+    assert reason(event) == model.EVENT_TIME_MISSING
+    huge = edited(lambda e: setattr(e.event_time, "seconds", 2**62))
+    assert reason(huge) == model.EVENT_TIME_MISSING  # outside the Timestamp range
+
+
+def test_field_paths_name_the_offending_attribute() -> None:
+    event = edited(_attr("price", lambda v: setattr(v, "string_value", "s" * 301)))
+    assert path(event) == 'custom.attributes["price"]'
+    event = edited(_native_set(EMAIL, "nope"))
+    assert path(event) == "attribute_operations.operations[0].value"
+
+
+def test_attribute_names_equal_once_lower_cased_are_rejected() -> None:
+    event = base_event()
+    event.custom.attributes["Price"].number_value = 1
+    event.custom.attributes["price"].number_value = 2
+    assert reason(event) == model.ATTRIBUTE_NAME_INVALID
+
+
+def test_names_and_native_values_are_normalized() -> None:
+    event = edited(_native_set(EMAIL, "Ann@Example.COM"))
+    result = check(event)
+    assert isinstance(result, ValidEvent)
+    assert result.operations == (
+        AttributeOperation("set", True, "email", Value("string", "ann@example.com")),
+    )
+    custom = check(edited(lambda e: setattr(e.custom, "name", "Add_To_Cart")))
+    assert isinstance(custom, ValidEvent)
+    assert custom.name == "add_to_cart"
+
+
+def test_the_client_ip_is_dropped_and_never_kept_in_a_rejection() -> None:
+    event = edited(_session("session_start"))
+    event.session_start.client_ip = "203.0.113.9"
+    event.event_id = ""  # rejected
+    result = check(event)
+    assert isinstance(result, RejectedEvent)
+    assert "203.0.113.9" not in repr(result.raw)
+
+
+def test_an_installation_update_keeps_only_the_fields_present() -> None:
+    result = check(edited(_update(push_opt_in=False, push_token="")))
+    assert isinstance(result, ValidEvent)
+    assert result.installation_values == {
+        "platform": types_pb2.PLATFORM_WEB,
+        "push_opt_in": False,
+        "push_token": None,
+    }
+    assert "push_token" not in result.payload
+
+
+@pytest.mark.parametrize(("count", "ok"), [(1, True), (1000, True), (1001, False), (0, False)])
+def test_a_request_holds_1_to_1000_events(count: int, ok: bool) -> None:
+    if ok:
+        validate_request(count, 100)
+    else:
+        with pytest.raises(BatchInvalid):
+            validate_request(count, 100)
+
+
+def test_a_request_holds_at_most_4_mib() -> None:
+    validate_request(1, model.MAX_REQUEST_BYTES)
+    with pytest.raises(BatchInvalid) as raised:
+        validate_request(1, model.MAX_REQUEST_BYTES + 1)
+    assert raised.value.reason == "REQUEST_TOO_LARGE"
+    assert [v.field for v in raised.value.violations] == ["events"]
+
+
+# --- profile state follows event time -------------------------------------------------------
+
+T = [NOW + timedelta(minutes=i) for i in range(10)]
+
+
+def apply(*steps: tuple[str, object, datetime]) -> Value | None:
+    state = None
+    for kind, value, time in steps:
+        operand = None
+        if kind in ("set", "set_once"):
+            operand = Value("string", value)
+        elif kind == "increment":
+            operand = Value("number", value)
+        elif kind in ("append", "remove"):
+            operand = Value("string_list", value)
+        state = model.apply_operation(
+            state,
+            AttributeOperation(kind, False, "a", operand),
+            time,  # type: ignore[arg-type]
+        )
+    return None if state is None else state.value
+
+
+def test_a_late_older_set_does_not_overwrite_a_newer_one() -> None:
+    assert apply(("set", "new", T[2]), ("set", "old", T[1])) == Value("string", "new")
+    assert apply(("set", "old", T[1]), ("set", "new", T[2])) == Value("string", "new")
+
+
+def test_a_late_older_set_does_not_revive_an_unset_attribute() -> None:
+    assert apply(("unset", None, T[2]), ("set", "old", T[1])) is None
+    assert apply(("set", "old", T[1]), ("unset", None, T[2])) is None
+
+
+def test_set_once_keeps_the_earliest_in_any_order() -> None:
+    assert apply(("set_once", "b", T[2]), ("set_once", "a", T[1])) == Value("string", "a")
+    assert apply(("set_once", "a", T[1]), ("set_once", "b", T[2])) == Value("string", "a")
+
+
+def test_set_once_after_a_set_changes_nothing_and_a_later_set_wins() -> None:
+    assert apply(("set", "s", T[1]), ("set_once", "o", T[2])) == Value("string", "s")
+    assert apply(("set_once", "o", T[2]), ("set", "s", T[1])) == Value("string", "s")
+    assert apply(("set_once", "o", T[1]), ("set", "s", T[2])) == Value("string", "s")
+
+
+def test_increments_add_up_in_any_order_and_a_later_set_resets() -> None:
+    assert apply(("increment", 2, T[2]), ("increment", 3, T[1])) == Value("number", 5.0)
+    steps = [("increment", 2, T[1]), ("set", "x", T[3]), ("increment", 5, T[2])]
+    assert apply(*steps) == Value("string", "x")  # type: ignore[arg-type]
+
+
+def test_appends_and_removes_replay_in_event_time_order() -> None:
+    late_remove = apply(
+        ("append", ["a", "b"], T[1]), ("append", ["c"], T[3]), ("remove", ["c"], T[2])
+    )
+    assert late_remove == Value("string_list", ["a", "b", "c"])
+    in_order = apply(("append", ["a", "b"], T[1]), ("remove", ["a"], T[2]), ("append", ["a"], T[3]))
+    assert in_order == Value("string_list", ["b", "a"])
+
+
+def test_a_list_keeps_its_latest_25_items() -> None:
+    value = apply(*[("append", [str(i)], T[0] + timedelta(seconds=i)) for i in range(30)])
+    assert value is not None
+    assert value.value == [str(i) for i in range(5, 30)]
+
+
+def test_the_latest_subscription_change_by_event_time_wins() -> None:
+    def change(time: datetime, subscribed: bool, order: int) -> TimedSubscriptionChange:
+        return TimedSubscriptionChange(
+            "p", time, order, model.SubscriptionChange("email", "marketing", subscribed)
+        )
+
+    latest = model.latest_subscription_changes([change(T[3], True, 0), change(T[1], False, 1)])
+    assert [c.change.subscribed for c in latest] == [True]
+
+
+def test_installation_fields_keep_their_latest_update_by_event_time() -> None:
+    state = model.apply_installation_changes(
+        None,
+        [
+            InstallationChange(T[3], {"app_version": "2.0", "uninstalled": True}),
+            InstallationChange(T[1], {"app_version": "1.0", "push_opt_in": True}),
+        ],
+    )
+    late = model.apply_installation_changes(
+        state, [InstallationChange(T[2], {"app_version": "1.5"})]
+    )
+    assert late.values == {"app_version": "2.0", "uninstalled": True, "push_opt_in": True}
+    assert (late.first_seen, late.last_seen) == (T[1], T[3])
+    reinstalled = model.apply_installation_changes(
+        late, [InstallationChange(T[4], {"uninstalled": False})]
+    )
+    assert reinstalled.values["uninstalled"] is False
+
+
+@pytest.mark.parametrize(
+    ("custom_id", "junk"),
+    [("null", True), ('"undefined"', True), ("[object Object]", True), ("-1", True),
+     ("", True), ("user ", True), ("0x1", False), ("guest42", False), ("None1", False)],
+)  # fmt: skip
+def test_junk_custom_ids(custom_id: str, junk: bool) -> None:
+    assert model.is_junk_custom_id(custom_id) is junk
