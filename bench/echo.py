@@ -110,6 +110,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--payload-bytes", type=int, default=64, help="Echo payload (64)")
     parser.add_argument("--service", default="query", help="suite service to measure (query)")
+    parser.add_argument(
+        "--log-level",
+        default="warning",
+        help="PROFILES_LOG_LEVEL of the service (warning: per-call logs dropped; info: written)",
+    )
     return parser.parse_args(argv)
 
 
@@ -210,15 +215,16 @@ def print_phase(title: str, results: dict[str, list[LoadResult]], suite: str, ba
         print(f"  per round, {label}: p50 ms {p50s}; calls/s {rates}")
 
 
-def print_report(outcome: Outcome, suite: str, bare: str, service: str, payload: int) -> None:
+def print_report(outcome: Outcome, suite: str, bare: str, args: argparse.Namespace) -> None:
     sizes = outcome.sizes
     print(
-        f"\nEcho, payload {payload} B, concurrency {sizes.concurrency}, {sizes.rounds} rounds per"
-        " side and phase, alternating (suite, bare, bare, suite, ...), one client process"
+        f"\nEcho, payload {args.payload_bytes} B, concurrency {sizes.concurrency},"
+        f" {sizes.rounds} rounds per side and phase, alternating (suite, bare, bare, suite, ...),"
+        " one client process"
     )
     print(
-        f"suite: `{service}` service subprocess: auth interceptor (admin key, cached), metrics,"
-        " structlog at PROFILES_LOG_LEVEL=warning (so per-call logs are filtered, not written)"
+        f"suite: `{args.service}` service subprocess: auth interceptor (admin key, cached),"
+        f" metrics, structlog at PROFILES_LOG_LEVEL={args.log_level}"
     )
     print("bare:  bench.bare_echo subprocess: same servicer and server options, no interceptors")
     print(
@@ -291,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
         work_dir = make_work_dir(stack)
         backends = start_backends(stack, work_dir, args.database_url, args.redis_url)
         project = asyncio.run(create_project(backends.database_url, roles=("admin",)))
-        settings = service_settings(backends, args.service, work_dir, log_level="warning")
+        settings = service_settings(backends, args.service, work_dir, log_level=args.log_level)
         suite = start_service_process(stack, args.service, settings, work_dir)
         bare, bare_address = start_bare_echo(stack, work_dir)
         print(f"started {args.service} (pid {suite.pid}) and bare echo (pid {bare.pid})")
@@ -300,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
             Target(bare_label, bare_address, bare),
         ]
         outcome = asyncio.run(measure(targets, sizes, project.keys["admin"], payload))
-    print_report(outcome, suite_label, bare_label, args.service, args.payload_bytes)
+    print_report(outcome, suite_label, bare_label, args)
     ok = errors_acceptable(outcome)
     print_figures(BENCH, figures_of(outcome, suite_label, bare_label), quick=args.quick)
     return 0 if ok else 1
