@@ -1,0 +1,218 @@
+"""Bus handlers: decoded message in, service call, return. Also the proto → domain conversion of
+ingested events, and the worker adapters that run consumers and the sweep beside the server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from datetime import UTC, timedelta
+from uuid import UUID
+
+import structlog
+from google.protobuf.message import Message
+
+from profiles.common.v1 import bus_pb2, types_pb2
+from services.segments.model import (
+    ProfileActivity,
+    SessionUpdate,
+    TimeZoneUpdate,
+    fold_sessions,
+    valid_time_zone,
+)
+from services.segments.service import SegmentsService
+from shared.bus import Consumer, sleep_unless
+from shared.clock import Clock
+
+log = structlog.get_logger(__name__)
+
+SESSION_KINDS = frozenset(
+    {
+        types_pb2.EVENT_KIND_SESSION_START,
+        types_pb2.EVENT_KIND_SESSION_HEARTBEAT,
+        types_pb2.EVENT_KIND_SESSION_END,
+    }
+)
+TIME_ZONE_OPERATIONS = frozenset(
+    {
+        types_pb2.ATTRIBUTE_OPERATION_KIND_SET,
+        types_pb2.ATTRIBUTE_OPERATION_KIND_SET_ONCE,
+        types_pb2.ATTRIBUTE_OPERATION_KIND_UNSET,
+    }
+)
+
+
+def _uuid(value: str) -> UUID | None:
+    try:
+        return UUID(value)
+    except ValueError:
+        return None
+
+
+def session_key(event: bus_pb2.IngestedEvent) -> str:
+    """A session's identity: its source (installation or custom ID) and client session ID."""
+    source = f"i:{event.installation_id}" if event.installation_id else f"c:{event.custom_id}"
+    return f"{source}:{event.session_id}"
+
+
+def session_update(event: bus_pb2.IngestedEvent) -> SessionUpdate | None:
+    if event.kind not in SESSION_KINDS or not event.session_id:
+        return None
+    event_time = event.event_time.ToDatetime(tzinfo=UTC)
+    duration = max(event.session.duration.ToTimedelta(), timedelta())
+    if event.kind == types_pb2.EVENT_KIND_SESSION_START:
+        return SessionUpdate(session_key(event), event.platform, event_time, True, timedelta())
+    return SessionUpdate(session_key(event), event.platform, event_time - duration, False, duration)
+
+
+def time_zone_update(event: bus_pb2.IngestedEvent) -> TimeZoneUpdate | None:
+    """The last time zone signal of the event: the native timezone attribute, or the zone an
+    installation reported. Unknown zone names are ignored."""
+    event_time = event.event_time.ToDatetime(tzinfo=UTC)
+    found: TimeZoneUpdate | None = None
+    detail = event.WhichOneof("detail")
+    if detail == "attribute_change":
+        for operation in event.attribute_change.operations:
+            if (
+                operation.WhichOneof("attribute") != "native_attribute"
+                or operation.native_attribute != types_pb2.NATIVE_ATTRIBUTE_TIMEZONE
+                or operation.kind not in TIME_ZONE_OPERATIONS
+            ):
+                continue
+            if operation.kind == types_pb2.ATTRIBUTE_OPERATION_KIND_UNSET:
+                found = TimeZoneUpdate(None, event_time)
+            elif valid_time_zone(operation.value.string_value):
+                found = TimeZoneUpdate(operation.value.string_value, event_time)
+    elif (
+        detail == "installation_update"
+        and event.installation_update.HasField("timezone")
+        and valid_time_zone(event.installation_update.timezone)
+    ):
+        found = TimeZoneUpdate(event.installation_update.timezone, event_time)
+    return found
+
+
+def activities_of(message: bus_pb2.EventsIngested) -> list[ProfileActivity]:
+    """What the batch says about each profile, in first-seen order; events naming no valid
+    profile ID are skipped (ingest never sends them)."""
+    activities: dict[str, ProfileActivity] = {}
+    sessions: dict[str, list[SessionUpdate]] = {}
+    for event in message.events:
+        profile_id = _uuid(event.profile_id)
+        if profile_id is None:
+            log.warning("segments_event_without_profile", event_id=event.event_id)
+            continue
+        key = str(profile_id)
+        activity = activities.setdefault(key, ProfileActivity(key))
+        activity.add_event_time(event.event_time.ToDatetime(tzinfo=UTC))
+        update = session_update(event)
+        if update is not None:
+            sessions.setdefault(key, []).append(update)
+        zone = time_zone_update(event)
+        if zone is not None:
+            activity.add_time_zone(zone)
+    for key, updates in sessions.items():
+        activities[key].sessions = fold_sessions(updates)
+    return list(activities.values())
+
+
+async def on_events_ingested(
+    service: SegmentsService, project_id: str, message: Message, entry_id: str
+) -> None:
+    assert isinstance(message, bus_pb2.EventsIngested)
+    project = _uuid(project_id)
+    if project is None:
+        return
+    await service.record_activity(project, activities_of(message))
+
+
+async def on_identity_change(
+    service: SegmentsService, project_id: str, message: Message, entry_id: str
+) -> None:
+    project = _uuid(project_id)
+    if project is None:
+        return
+    if isinstance(message, bus_pb2.ProfileMerged):
+        target = _uuid(message.target_profile_id)
+        sources = [
+            s
+            for s in map(_uuid, [message.source_profile_id, *message.redirected_profile_ids])
+            if s is not None
+        ]
+        if target is not None and sources:
+            await service.merge_profiles(project, sources, target)
+    elif isinstance(message, bus_pb2.ProfileDeleted):
+        ids = [
+            p
+            for p in map(_uuid, [message.profile_id, *message.tombstone_profile_ids])
+            if p is not None
+        ]
+        if ids:
+            await service.delete_profiles(project, ids)
+    elif isinstance(message, bus_pb2.ProfileCreated):
+        profile = _uuid(message.profile_id)
+        if profile is not None:
+            await service.register_profiles(project, [profile])
+    # Splits keep both profiles' data (segments reclassifies them on their next events);
+    # identifications and installation messages change nothing segments keeps.
+
+
+class ConsumerWorker:
+    """Runs a bus consumer beside the server. stop() asks it to stop reading and waits a moment
+    for the batch in hand; past that the server cancels it, which is safe: an entry is acked only
+    after its handler's transactions committed, so an interrupted one is delivered again."""
+
+    def __init__(self, consumer: Consumer, *, stop_wait_s: float = 0.5) -> None:
+        self._consumer = consumer
+        self._stop_wait_s = stop_wait_s
+        self._finished = asyncio.Event()
+
+    async def run(self) -> None:
+        try:
+            await self._consumer.run()
+        finally:
+            self._finished.set()
+
+    async def stop(self) -> None:
+        self._consumer.stop()
+        # A consumer blocked in XREADGROUP only sees the stop when its BLOCK ends.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self._stop_wait_s):
+                await self._finished.wait()
+
+
+class SweepWorker:
+    """Runs the sweep every `interval_s` (time-only transitions reach the change stream at
+    most that late), and until no due state is left each time."""
+
+    def __init__(
+        self, service: SegmentsService, clock: Clock, *, interval_s: float = 30.0, batch: int = 500
+    ) -> None:
+        self._service = service
+        self._clock = clock
+        self._interval_s = interval_s
+        self._batch = batch
+        self._stop = asyncio.Event()
+
+    async def sweep_once(self) -> int:
+        total = 0
+        while not self._stop.is_set():
+            moved = await self._service.sweep(self._batch)
+            total += moved
+            if moved < self._batch:
+                break
+        if total:
+            log.info("segments_swept", states=total)
+        return total
+
+    async def run(self) -> None:
+        self._stop.clear()
+        while not self._stop.is_set():
+            try:
+                await self.sweep_once()
+            except Exception:
+                # A database outage or a bug must not stop the sweep for good.
+                log.exception("segments_sweep_failed")
+            await sleep_unless(self._stop, self._interval_s)
+
+    async def stop(self) -> None:
+        self._stop.set()

@@ -1,0 +1,49 @@
+"""Bus forms of segments' domain values: SegmentMembershipChanged both ways."""
+
+from __future__ import annotations
+
+from datetime import UTC
+from uuid import UUID
+
+from profiles.common.v1 import bus_pb2, types_pb2
+from services.segments.model import ChangeCause, MembershipChange, SegmentFlag, SmartSegment
+
+
+def change_to_bus(
+    project_id: UUID, profile_id: UUID, change: MembershipChange
+) -> bus_pb2.SegmentMembershipChanged:
+    message = bus_pb2.SegmentMembershipChanged(
+        project_id=str(project_id),
+        profile_id=str(profile_id),
+        transition=(
+            types_pb2.MEMBERSHIP_CHANGE_ENTERED
+            if change.entered
+            else types_pb2.MEMBERSHIP_CHANGE_LEFT
+        ),
+        cause=int(change.cause),  # type: ignore[arg-type]  # same numbers by design
+    )
+    if change.segment is not None:
+        message.smart_segment = int(change.segment)  # type: ignore[assignment]
+    elif change.flag is not None:
+        message.flag = int(change.flag)  # type: ignore[assignment]
+    message.change_time.FromDatetime(change.change_time)
+    return message
+
+
+def change_from_bus(message: bus_pb2.SegmentMembershipChanged) -> MembershipChange | None:
+    """The domain change, or None for a kind segments does not serve (custom segments, causes
+    this version does not know)."""
+    which = message.WhichOneof("segment")
+    try:
+        cause = ChangeCause(message.cause)
+    except ValueError:
+        cause = ChangeCause.EVENT  # unknown causes read as an event, as the bus proto says
+    entered = message.transition == types_pb2.MEMBERSHIP_CHANGE_ENTERED
+    change_time = message.change_time.ToDatetime(tzinfo=UTC)
+    if which == "smart_segment":
+        return MembershipChange(
+            entered, change_time, cause, segment=SmartSegment(message.smart_segment)
+        )
+    if which == "flag":
+        return MembershipChange(entered, change_time, cause, flag=SegmentFlag(message.flag))
+    return None

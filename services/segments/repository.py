@@ -1,0 +1,417 @@
+"""Every SQL statement of segments, and only SQL; methods return model dataclasses.
+
+Tables (shared/migrations/0005_segments.sql): segment_profiles (who segments knows, time zone,
+merge and erasure marks), segment_sessions (one row per session), segment_states (stored
+classification per profile and platform, with its schedule of time-only transitions).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import cast
+from uuid import UUID
+
+import asyncpg
+from asyncpg.pool import PoolConnectionProxy
+
+from services.segments.errors import ConcurrentChange
+from services.segments.messages import change_to_bus
+from services.segments.model import (
+    ALL_PLATFORMS,
+    Classification,
+    History,
+    MembershipChange,
+    SegmentFlag,
+    Session,
+    SessionUpdate,
+    SmartSegment,
+    Step,
+    StoredState,
+    zone_of,
+)
+from shared.outbox import OutboxItem, enqueue_many
+from shared.topics import SEGMENT_CHANGES
+
+# Lost races between writers of the same profiles (an event transaction that followed a merged
+# ID into its survivor while a merge locked them the other way round): the transaction rolled
+# back entirely and may be retried.
+RACE_ERRORS: tuple[type[Exception], ...] = (
+    asyncpg.DeadlockDetectedError,
+    asyncpg.SerializationError,
+)
+
+# Registers a profile on first sight (an event, or identity's ProfileCreated); an existing row,
+# live, merged or erased, is left alone so that a late message cannot revive an erased profile.
+INSERT_PROFILES = """
+    INSERT INTO segment_profiles (project_id, profile_id)
+    SELECT $1, p FROM unnest($2::uuid[]) AS p
+    ON CONFLICT (project_id, profile_id) DO NOTHING"""
+
+# Row locks on the profiles a transaction changes: every writer of a profile's sessions and
+# states takes them first (merges in profile_id order), so two writers of one profile queue up
+# instead of computing from each other's half-written rows.
+LOCK_PROFILES = """
+    SELECT profile_id, time_zone, time_zone_time, merged_into, erase_time
+    FROM segment_profiles
+    WHERE project_id = $1 AND profile_id = ANY($2::uuid[])
+    ORDER BY profile_id
+    FOR UPDATE"""
+
+# Reads resolve a merged-away ID through its row; merges flatten chains, so one hop is enough.
+SELECT_PROFILE = """
+    SELECT p.profile_id, p.erase_time, p.time_zone,
+           s.profile_id AS survivor_id, s.erase_time AS survivor_erase_time,
+           s.time_zone AS survivor_time_zone
+    FROM segment_profiles p
+    LEFT JOIN segment_profiles s
+        ON s.project_id = p.project_id AND s.profile_id = p.merged_into
+    WHERE p.project_id = $1 AND p.profile_id = $2"""
+
+# The latest time zone signal by event time wins, whatever order the events arrive in.
+UPDATE_TIME_ZONE = """
+    UPDATE segment_profiles SET time_zone = $3, time_zone_time = $4
+    WHERE project_id = $1 AND profile_id = $2
+      AND (time_zone_time IS NULL OR time_zone_time <= $4)"""
+
+# One row per session key, so replays and redeliveries update instead of adding: a known start
+# beats a guessed one, otherwise the earliest start and the longest duration win. The caller
+# folds a batch to one row per key first (ON CONFLICT may touch a row only once per statement).
+UPSERT_SESSIONS = """
+    INSERT INTO segment_sessions AS s
+        (project_id, profile_id, session_key, platform, start_time, start_known, duration_ms)
+    SELECT $1, $2, e.*
+    FROM unnest($3::text[], $4::smallint[], $5::timestamptz[], $6::boolean[], $7::bigint[]) AS e
+    ON CONFLICT (project_id, profile_id, session_key) DO UPDATE SET
+        start_time = CASE
+            WHEN s.start_known AND NOT EXCLUDED.start_known THEN s.start_time
+            WHEN EXCLUDED.start_known AND NOT s.start_known THEN EXCLUDED.start_time
+            ELSE least(s.start_time, EXCLUDED.start_time) END,
+        start_known = s.start_known OR EXCLUDED.start_known,
+        duration_ms = greatest(s.duration_ms, EXCLUDED.duration_ms)"""
+
+# A merge moves the source's sessions to the survivor in one statement; a session both have
+# (never expected: session keys include the installation) is combined like a redelivery.
+MOVE_SESSIONS = """
+    WITH moved AS (
+        DELETE FROM segment_sessions WHERE project_id = $1 AND profile_id = ANY($2::uuid[])
+        RETURNING session_key, platform, start_time, start_known, duration_ms
+    )
+    INSERT INTO segment_sessions AS s
+        (project_id, profile_id, session_key, platform, start_time, start_known, duration_ms)
+    SELECT DISTINCT ON (session_key) $1, $3::uuid, m.*
+    FROM moved m ORDER BY session_key, start_known DESC, duration_ms DESC
+    ON CONFLICT (project_id, profile_id, session_key) DO UPDATE SET
+        start_time = CASE
+            WHEN s.start_known AND NOT EXCLUDED.start_known THEN s.start_time
+            WHEN EXCLUDED.start_known AND NOT s.start_known THEN EXCLUDED.start_time
+            ELSE least(s.start_time, EXCLUDED.start_time) END,
+        start_known = s.start_known OR EXCLUDED.start_known,
+        duration_ms = greatest(s.duration_ms, EXCLUDED.duration_ms)"""
+
+# Marks merged-away profiles (and tombstones that pointed at them) as pointing at the survivor,
+# so chains resolve in one hop; their own time zone is dropped (the survivor's counts).
+MARK_MERGED = """
+    UPDATE segment_profiles SET merged_into = $3, time_zone = NULL, time_zone_time = NULL
+    WHERE project_id = $1 AND (profile_id = ANY($2::uuid[]) OR merged_into = ANY($2::uuid[]))
+      AND profile_id <> $3"""
+
+# Erasure keeps only the ID and when, so entries still queued for it are skipped; everything
+# else segments knew about the profile goes.
+MARK_ERASED = """
+    UPDATE segment_profiles
+    SET erase_time = $3, merged_into = NULL, time_zone = NULL, time_zone_time = NULL
+    WHERE project_id = $1 AND profile_id = ANY($2::uuid[])"""
+DELETE_SESSIONS = """
+    DELETE FROM segment_sessions WHERE project_id = $1 AND profile_id = ANY($2::uuid[])"""
+DELETE_STATES = """
+    DELETE FROM segment_states WHERE project_id = $1 AND profile_id = ANY($2::uuid[])"""
+
+# Totals over all sessions ever, per platform and over all (platform NULL), in one pass over
+# the profile's rows (PK prefix); calendar days in the profile's zone.
+SELECT_AGGREGATES = """
+    SELECT platform, count(*) AS session_count, min(start_time) AS first_session_time,
+           max(start_time) AS last_session_time,
+           count(DISTINCT (start_time AT TIME ZONE $3)::date) AS total_active_days
+    FROM segment_sessions
+    WHERE project_id = $1 AND profile_id = $2
+    GROUP BY GROUPING SETS ((platform), ())"""
+
+# Only the sessions the windows need (segment_sessions_by_start), however long the history.
+SELECT_RECENT_SESSIONS = """
+    SELECT platform, start_time, duration_ms
+    FROM segment_sessions
+    WHERE project_id = $1 AND profile_id = $2 AND start_time >= $3
+    ORDER BY start_time"""
+
+SELECT_STATES_FOR_UPDATE = """
+    SELECT platform, segment, flag, upcoming_times, upcoming_segments, upcoming_flags
+    FROM segment_states
+    WHERE project_id = $1 AND profile_id = $2
+    FOR UPDATE"""
+
+UPSERT_STATE = """
+    INSERT INTO segment_states AS s
+        (project_id, profile_id, platform, segment, flag, next_transition_time,
+         upcoming_times, upcoming_segments, upcoming_flags, update_time)
+    VALUES ($1, $2, $3, $4, $5, coalesce($6::timestamptz, 'infinity'), $7, $8, $9, $10)
+    ON CONFLICT (project_id, profile_id, platform) DO UPDATE SET
+        segment = EXCLUDED.segment, flag = EXCLUDED.flag,
+        next_transition_time = EXCLUDED.next_transition_time,
+        upcoming_times = EXCLUDED.upcoming_times, upcoming_segments = EXCLUDED.upcoming_segments,
+        upcoming_flags = EXCLUDED.upcoming_flags, update_time = EXCLUDED.update_time"""
+# (next_transition_time NULL means "only a new session can change it": stored as 'infinity', so
+# the distribution's "> now" test needs no IS NULL branch.)
+
+# The sweep, over every project, oldest transition first through segment_states_due. SKIP
+# LOCKED: a row an event transaction holds is being reclassified by it anyway, and replicas
+# running the sweep take disjoint rows.
+SELECT_DUE_STATES = """
+    SELECT project_id, profile_id, platform, segment, flag,
+           upcoming_times, upcoming_segments, upcoming_flags
+    FROM segment_states
+    WHERE next_transition_time <= $1
+    ORDER BY next_transition_time
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED"""
+
+# READ CONTRACT: the function is defined and documented in 0005_segments.sql; query calls the
+# same function for its overview, so both are exact as of the `as_of` they pass.
+SELECT_DISTRIBUTION = """
+    SELECT segment, flag, profile_count FROM segment_distribution($1, $2::smallint, $3)"""
+
+
+@dataclass(frozen=True, slots=True)
+class ProfileRow:
+    profile_id: UUID
+    time_zone: str | None
+    time_zone_time: datetime | None
+    merged_into: UUID | None
+    erase_time: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class ResolvedProfile:
+    """A requested profile ID resolved to its live profile; `erased` when it is gone."""
+
+    profile_id: UUID
+    erased: bool
+    time_zone: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class DueState:
+    project_id: UUID
+    profile_id: UUID
+    platform: int
+    state: StoredState
+
+
+def _stored(row: asyncpg.Record) -> StoredState:
+    steps = tuple(
+        Step(t, Classification(SmartSegment(s), SegmentFlag(f)))
+        for t, s, f in zip(
+            row["upcoming_times"], row["upcoming_segments"], row["upcoming_flags"], strict=True
+        )
+    )
+    return StoredState(
+        Classification(SmartSegment(row["segment"]), SegmentFlag(row["flag"])), steps
+    )
+
+
+def _connection(conn: PoolConnectionProxy[asyncpg.Record]) -> asyncpg.Connection:
+    """A pooled connection typed as the Connection it stands for (it forwards every call)."""
+    return cast(asyncpg.Connection, conn)
+
+
+class SegmentsRepository:
+    """Reads without a transaction, and opens the transactions of the service's use cases."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[SegmentsTransaction]:
+        """One short transaction; a lost race surfaces as ConcurrentChange after the rollback."""
+        try:
+            async with self._pool.acquire() as conn, conn.transaction():
+                yield SegmentsTransaction(_connection(conn))
+        except RACE_ERRORS as exc:
+            raise ConcurrentChange("a concurrent change to the same profiles won; retry") from exc
+
+    async def resolve_profile(self, project_id: UUID, profile_id: UUID) -> ResolvedProfile | None:
+        """The live profile of `profile_id` (itself or its survivor); None when unknown."""
+        row = await self._pool.fetchrow(SELECT_PROFILE, project_id, profile_id)
+        if row is None:
+            return None
+        if row["survivor_id"] is not None:
+            return ResolvedProfile(
+                row["survivor_id"],
+                row["survivor_erase_time"] is not None,
+                row["survivor_time_zone"],
+            )
+        return ResolvedProfile(row["profile_id"], row["erase_time"] is not None, row["time_zone"])
+
+    async def histories(
+        self, project_id: UUID, profile_id: UUID, time_zone: str | None, recent_since: datetime
+    ) -> dict[int, History]:
+        async with self._pool.acquire() as conn:
+            return await SegmentsTransaction(_connection(conn)).histories(
+                project_id, profile_id, time_zone, recent_since
+            )
+
+    async def distribution(
+        self, project_id: UUID, platform: int, as_of: datetime
+    ) -> dict[Classification, int]:
+        rows = await self._pool.fetch(SELECT_DISTRIBUTION, project_id, platform, as_of)
+        return {
+            Classification(SmartSegment(r["segment"]), SegmentFlag(r["flag"])): r["profile_count"]
+            for r in rows
+        }
+
+
+class SegmentsTransaction:
+    """The statements of one open transaction."""
+
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self._conn = conn
+
+    async def lock_profiles(
+        self, project_id: UUID, profile_ids: Sequence[UUID]
+    ) -> dict[UUID, ProfileRow]:
+        """Registers the profiles not yet known, then locks them all (in profile_id order)."""
+        ids = sorted(set(profile_ids))
+        await self._conn.execute(INSERT_PROFILES, project_id, ids)
+        rows = await self._conn.fetch(LOCK_PROFILES, project_id, ids)
+        return {
+            r["profile_id"]: ProfileRow(
+                r["profile_id"],
+                r["time_zone"],
+                r["time_zone_time"],
+                r["merged_into"],
+                r["erase_time"],
+            )
+            for r in rows
+        }
+
+    async def register_profiles(self, project_id: UUID, profile_ids: Sequence[UUID]) -> None:
+        await self._conn.execute(INSERT_PROFILES, project_id, sorted(set(profile_ids)))
+
+    async def enqueue_changes(
+        self, project_id: UUID, profile_id: UUID, changes: Sequence[MembershipChange]
+    ) -> None:
+        """Adds the changes to the outbox, in this transaction and in order."""
+        await enqueue_many(
+            self._conn,
+            [
+                OutboxItem(
+                    project_id,
+                    SEGMENT_CHANGES,
+                    change_to_bus(project_id, profile_id, c),
+                    profile_id,
+                )
+                for c in changes
+            ],
+        )
+
+    async def update_time_zone(
+        self, project_id: UUID, profile_id: UUID, time_zone: str | None, event_time: datetime
+    ) -> None:
+        await self._conn.execute(UPDATE_TIME_ZONE, project_id, profile_id, time_zone, event_time)
+
+    async def upsert_sessions(
+        self, project_id: UUID, profile_id: UUID, sessions: Sequence[SessionUpdate]
+    ) -> None:
+        if not sessions:
+            return
+        await self._conn.execute(
+            UPSERT_SESSIONS,
+            project_id,
+            profile_id,
+            [s.session_key for s in sessions],
+            [s.platform for s in sessions],
+            [s.start_time for s in sessions],
+            [s.start_known for s in sessions],
+            [s.duration // timedelta(milliseconds=1) for s in sessions],
+        )
+
+    async def move_sessions(
+        self, project_id: UUID, source_ids: Sequence[UUID], target_id: UUID
+    ) -> None:
+        await self._conn.execute(MOVE_SESSIONS, project_id, list(source_ids), target_id)
+
+    async def mark_merged(
+        self, project_id: UUID, source_ids: Sequence[UUID], target_id: UUID
+    ) -> None:
+        await self._conn.execute(MARK_MERGED, project_id, list(source_ids), target_id)
+
+    async def erase(self, project_id: UUID, profile_ids: Sequence[UUID], now: datetime) -> None:
+        ids = list(profile_ids)
+        await self._conn.execute(DELETE_SESSIONS, project_id, ids)
+        await self._conn.execute(DELETE_STATES, project_id, ids)
+        await self._conn.execute(MARK_ERASED, project_id, ids, now)
+
+    async def delete_states(self, project_id: UUID, profile_ids: Sequence[UUID]) -> None:
+        await self._conn.execute(DELETE_STATES, project_id, list(profile_ids))
+
+    async def histories(
+        self, project_id: UUID, profile_id: UUID, time_zone: str | None, recent_since: datetime
+    ) -> dict[int, History]:
+        """The profile's history over all platforms (key 0) and per platform it has sessions
+        on; `recent_sessions` are those started at or after `recent_since`."""
+        zone = zone_of(time_zone).key
+        aggregates = await self._conn.fetch(SELECT_AGGREGATES, project_id, profile_id, zone)
+        recent = [
+            Session(r["start_time"], timedelta(milliseconds=r["duration_ms"]), r["platform"])
+            for r in await self._conn.fetch(
+                SELECT_RECENT_SESSIONS, project_id, profile_id, recent_since
+            )
+        ]
+        histories = {ALL_PLATFORMS: History.empty(zone)}
+        for row in aggregates:
+            platform = ALL_PLATFORMS if row["platform"] is None else row["platform"]
+            histories[platform] = History(
+                session_count=row["session_count"],
+                first_session_time=row["first_session_time"],
+                last_session_time=row["last_session_time"],
+                total_active_days=row["total_active_days"],
+                recent_sessions=tuple(s for s in recent if platform in (ALL_PLATFORMS, s.platform)),
+                time_zone=zone,
+            )
+        return histories
+
+    async def states_for_update(self, project_id: UUID, profile_id: UUID) -> dict[int, StoredState]:
+        rows = await self._conn.fetch(SELECT_STATES_FOR_UPDATE, project_id, profile_id)
+        return {r["platform"]: _stored(r) for r in rows}
+
+    async def save_states(
+        self,
+        project_id: UUID,
+        profile_id: UUID,
+        states: Iterable[tuple[int, StoredState]],
+        now: datetime,
+    ) -> None:
+        await self._conn.executemany(
+            UPSERT_STATE,
+            [
+                (
+                    project_id,
+                    profile_id,
+                    platform,
+                    int(state.classification.segment),
+                    int(state.classification.flag),
+                    state.next_transition_time,
+                    [s.time for s in state.schedule],
+                    [int(s.classification.segment) for s in state.schedule],
+                    [int(s.classification.flag) for s in state.schedule],
+                    now,
+                )
+                for platform, state in states
+            ],
+        )
+
+    async def due_states(self, now: datetime, limit: int) -> list[DueState]:
+        rows = await self._conn.fetch(SELECT_DUE_STATES, now, limit)
+        return [DueState(r["project_id"], r["profile_id"], r["platform"], _stored(r)) for r in rows]

@@ -1,0 +1,393 @@
+"""Segments' use cases: record sessions, merges and erasures from the bus, classify, sweep the
+transitions time causes, answer reads exact as of the clock's now, and serve the change stream.
+
+Every write to a profile's sessions recomputes its stored classification in the same
+transaction and enqueues the membership changes (outbox, SEGMENT_CHANGES) there too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TypeVar
+from uuid import UUID
+
+import structlog
+
+from services.segments.change_stream import (
+    ChangeStream,
+    RecordedChange,
+    cursor_before,
+    parse_cursor,
+)
+from services.segments.errors import (
+    ConcurrentChange,
+    CursorExpired,
+    ProfileNotFound,
+)
+from services.segments.model import (
+    ALL_PLATFORMS,
+    NO_SEGMENT,
+    ChangeCause,
+    Distribution,
+    Engagement,
+    History,
+    MembershipChange,
+    ProfileActivity,
+    SegmentFlag,
+    SmartSegment,
+    SmartSegmentFacts,
+    StoredState,
+    Thresholds,
+    advance,
+    changes_between,
+    classify,
+    engagement,
+    reclassify,
+)
+from services.segments.repository import ProfileRow, SegmentsRepository, SegmentsTransaction
+from shared.clock import Clock
+from shared.tenancy import TenancyRepository
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+
+# A profile ID followed through merges: our own merges flatten chains, but a merge message may
+# be handled after an event of the merged profile's later survivor; a few hops cover it.
+MAX_HOPS = 4
+RACE_RETRIES = 3
+WATCH_BATCH = 500
+
+
+@dataclass(frozen=True, slots=True)
+class WatchFilter:
+    """Which changes a watcher wants: all (every field None), one segment or one flag."""
+
+    segment: SmartSegment | None = None
+    flag: SegmentFlag | None = None
+
+    def matches(self, change: MembershipChange) -> bool:
+        if self.segment is not None:
+            return change.segment == self.segment
+        if self.flag is not None:
+            return change.flag == self.flag
+        return True
+
+
+@dataclass(frozen=True, slots=True)
+class WatchStart:
+    """Where a watch starts: after a cursor, at a time (epoch ms), or (both None) at the end."""
+
+    after: str | None = None
+    time_ms: int | None = None
+
+
+class SegmentsService:
+    def __init__(
+        self,
+        repository: SegmentsRepository,
+        tenancy: TenancyRepository,
+        clock: Clock,
+        changes: ChangeStream,
+    ) -> None:
+        self._repository = repository
+        self._tenancy = tenancy
+        self._clock = clock
+        self._changes = changes
+
+    async def _thresholds(self, project_id: UUID) -> Thresholds:
+        return Thresholds.from_settings(await self._tenancy.get_settings(project_id))
+
+    async def _retrying(self, work: Callable[[], Awaitable[T]]) -> T:
+        """Runs a transaction again when it lost a deadlock to another writer of its profiles."""
+        for attempt in range(1, RACE_RETRIES + 1):
+            try:
+                return await work()
+            except ConcurrentChange:
+                if attempt == RACE_RETRIES:
+                    raise
+                log.info("segments_transaction_retried", attempt=attempt)
+        raise AssertionError("unreachable")
+
+    # --- writes from the bus ---------------------------------------------------------------
+
+    async def register_profiles(self, project_id: UUID, profile_ids: Sequence[UUID]) -> None:
+        """Makes the profiles known (no session yet). Idempotent."""
+        async with self._repository.transaction() as tx:
+            await tx.register_profiles(project_id, profile_ids)
+
+    async def record_activity(
+        self, project_id: UUID, activities: Sequence[ProfileActivity]
+    ) -> None:
+        """Stores what one ingested batch says about each profile and reclassifies it, one short
+        transaction per profile. Idempotent: sessions are keyed, so a replay changes nothing."""
+        thresholds = await self._thresholds(project_id)
+        for activity in activities:
+
+            async def work(activity: ProfileActivity = activity) -> None:
+                await self._record_one(project_id, activity, thresholds)
+
+            await self._retrying(work)
+
+    async def _record_one(
+        self, project_id: UUID, activity: ProfileActivity, thresholds: Thresholds
+    ) -> None:
+        now = self._clock.now()
+        async with self._repository.transaction() as tx:
+            row = await self._lock_live(tx, project_id, UUID(activity.profile_id))
+            if row is None:
+                return  # erased meanwhile: its queued events are skipped
+            time_zone = row.time_zone
+            update = activity.time_zone
+            if update is not None and (
+                row.time_zone_time is None or update.event_time >= row.time_zone_time
+            ):
+                await tx.update_time_zone(
+                    project_id, row.profile_id, update.time_zone, update.event_time
+                )
+                time_zone = update.time_zone
+            await tx.upsert_sessions(project_id, row.profile_id, activity.sessions)
+            await self._reclassify(
+                tx,
+                project_id,
+                row.profile_id,
+                time_zone,
+                thresholds,
+                now,
+                ChangeCause.EVENT,
+                activity.latest_event_time or now,
+            )
+
+    async def _lock_live(
+        self, tx: SegmentsTransaction, project_id: UUID, profile_id: UUID
+    ) -> ProfileRow | None:
+        """Locks the live profile of `profile_id` (registering it if new); None when erased."""
+        for _ in range(MAX_HOPS):
+            row = (await tx.lock_profiles(project_id, [profile_id]))[profile_id]
+            if row.erase_time is not None:
+                return None
+            if row.merged_into is None:
+                return row
+            profile_id = row.merged_into
+        log.warning("segments_merge_chain_too_long", profile_id=str(profile_id))
+        return None
+
+    async def _reclassify(
+        self,
+        tx: SegmentsTransaction,
+        project_id: UUID,
+        profile_id: UUID,
+        time_zone: str | None,
+        thresholds: Thresholds,
+        now: datetime,
+        cause: ChangeCause,
+        change_time: datetime,
+    ) -> None:
+        """Recomputes the profile's stored states from its sessions and enqueues the changes of
+        its all-platform classification (what time did since the last write, then `cause`)."""
+        histories = await tx.histories(project_id, profile_id, time_zone, now - thresholds.lookback)
+        stored = await tx.states_for_update(project_id, profile_id)
+        states: list[tuple[int, StoredState]] = []
+        changes: list[MembershipChange] = []
+        for platform, history in histories.items():
+            facts = classify(history, now, thresholds)
+            if platform == ALL_PLATFORMS:
+                changes = reclassify(stored.get(ALL_PLATFORMS), facts, now, cause, change_time)
+            if history.session_count:
+                states.append((platform, StoredState(facts.classification, facts.schedule)))
+        gone = [p for p in stored if p not in {platform for platform, _ in states}]
+        if gone:
+            # Only possible when the profile has no session left (e.g. a recompute); all or none.
+            await tx.delete_states(project_id, [profile_id])
+        await tx.save_states(project_id, profile_id, states, now)
+        await tx.enqueue_changes(project_id, profile_id, changes)
+
+    async def merge_profiles(
+        self, project_id: UUID, source_ids: Sequence[UUID], target_id: UUID
+    ) -> None:
+        """The survivor's history becomes the union of both; the merged-away profiles leave
+        every segment (cause MERGE) and the survivor is reclassified. Idempotent."""
+        thresholds = await self._thresholds(project_id)
+
+        async def work() -> None:
+            await self._merge(project_id, source_ids, target_id, thresholds)
+
+        await self._retrying(work)
+
+    async def _merge(
+        self,
+        project_id: UUID,
+        source_ids: Sequence[UUID],
+        target_id: UUID,
+        thresholds: Thresholds,
+    ) -> None:
+        now = self._clock.now()
+        async with self._repository.transaction() as tx:
+            rows = await tx.lock_profiles(project_id, [*source_ids, target_id])
+            target = rows[target_id]
+            sources = [s for s in dict.fromkeys(source_ids) if s != target_id]
+            if target.erase_time is not None:
+                await self._erase(tx, project_id, sources, now)
+                return
+            if target.merged_into is not None:
+                # Merged again since (messages handled out of order): merge into its survivor.
+                live = await self._lock_live(tx, project_id, target.merged_into)
+                if live is None:
+                    await self._erase(tx, project_id, sources, now)
+                    return
+                target = live
+            for source_id in sources:
+                await self._leave_everything(tx, project_id, source_id, now, ChangeCause.MERGE)
+            await tx.delete_states(project_id, sources)
+            await tx.move_sessions(project_id, sources, target.profile_id)
+            time_zone, time_zone_time = target.time_zone, target.time_zone_time
+            for source_id in sources:
+                source = rows[source_id]
+                if source.time_zone_time is not None and (
+                    time_zone_time is None or source.time_zone_time > time_zone_time
+                ):
+                    time_zone, time_zone_time = source.time_zone, source.time_zone_time
+            if time_zone_time is not None and time_zone_time != target.time_zone_time:
+                await tx.update_time_zone(project_id, target.profile_id, time_zone, time_zone_time)
+            await tx.mark_merged(project_id, sources, target.profile_id)
+            await self._reclassify(
+                tx,
+                project_id,
+                target.profile_id,
+                time_zone,
+                thresholds,
+                now,
+                ChangeCause.MERGE,
+                now,
+            )
+
+    async def _leave_everything(
+        self,
+        tx: SegmentsTransaction,
+        project_id: UUID,
+        profile_id: UUID,
+        now: datetime,
+        cause: ChangeCause,
+    ) -> None:
+        stored = (await tx.states_for_update(project_id, profile_id)).get(ALL_PLATFORMS)
+        if stored is None:
+            return
+        moved, changes = advance(stored, now)
+        changes.extend(changes_between(moved.classification, NO_SEGMENT, now, cause))
+        await tx.enqueue_changes(project_id, profile_id, changes)
+
+    async def delete_profiles(self, project_id: UUID, profile_ids: Sequence[UUID]) -> None:
+        """Removes every trace of the profiles but their IDs (so queued events are skipped);
+        they leave every segment (cause DELETION). Idempotent."""
+
+        async def work() -> None:
+            async with self._repository.transaction() as tx:
+                await tx.lock_profiles(project_id, profile_ids)
+                await self._erase(tx, project_id, profile_ids, self._clock.now())
+
+        await self._retrying(work)
+
+    async def _erase(
+        self, tx: SegmentsTransaction, project_id: UUID, profile_ids: Sequence[UUID], now: datetime
+    ) -> None:
+        for profile_id in profile_ids:
+            await self._leave_everything(tx, project_id, profile_id, now, ChangeCause.DELETION)
+        await tx.erase(project_id, profile_ids, now)
+
+    async def sweep(self, limit: int = 500) -> int:
+        """Moves stored states whose next transition has passed along their schedule, and
+        enqueues those changes (cause TIME, at each transition's exact time); returns how many
+        states moved. Reads are exact without it; it makes the change stream and the stored
+        columns catch up. Safe to run on several replicas (SKIP LOCKED)."""
+        now = self._clock.now()
+        async with self._repository.transaction() as tx:
+            due = await tx.due_states(now, limit)
+            for item in due:
+                moved, changes = advance(item.state, now)
+                await tx.save_states(
+                    item.project_id, item.profile_id, [(item.platform, moved)], now
+                )
+                if item.platform == ALL_PLATFORMS:
+                    await tx.enqueue_changes(item.project_id, item.profile_id, changes)
+        return len(due)
+
+    # --- reads -----------------------------------------------------------------------------
+
+    async def _history(
+        self, project_id: UUID, profile_id: UUID, platform: int, now: datetime
+    ) -> tuple[UUID, History, Thresholds]:
+        resolved = await self._repository.resolve_profile(project_id, profile_id)
+        if resolved is None or resolved.erased:
+            raise ProfileNotFound(f"no profile {profile_id} in this project")
+        thresholds = await self._thresholds(project_id)
+        histories = await self._repository.histories(
+            project_id, resolved.profile_id, resolved.time_zone, now - thresholds.lookback
+        )
+        history = histories.get(platform) or History.empty(histories[ALL_PLATFORMS].time_zone)
+        return resolved.profile_id, history, thresholds
+
+    async def get_engagement(self, project_id: UUID, profile_id: UUID) -> tuple[UUID, Engagement]:
+        """The engagement score as of now; raises ProfileNotFound. A merged-away ID resolves
+        to its survivor, whose ID is returned."""
+        now = self._clock.now()
+        live_id, history, _ = await self._history(project_id, profile_id, ALL_PLATFORMS, now)
+        return live_id, engagement(history, now)
+
+    async def get_smart_segment(
+        self, project_id: UUID, profile_id: UUID, platform: int
+    ) -> tuple[UUID, SmartSegmentFacts]:
+        """The classification as of now from the sessions themselves (on `platform` only,
+        unless 0); raises ProfileNotFound."""
+        now = self._clock.now()
+        live_id, history, thresholds = await self._history(project_id, profile_id, platform, now)
+        return live_id, classify(history, now, thresholds)
+
+    async def distribution(self, project_id: UUID, platform: int = ALL_PLATFORMS) -> Distribution:
+        """Profiles per smart segment and flag, exact as of now, over the stored states (the
+        read contract `segment_distribution`), on one platform or all."""
+        now = self._clock.now()
+        counts = await self._repository.distribution(project_id, platform, now)
+        return Distribution(platform, now, counts)
+
+    # --- change stream ---------------------------------------------------------------------
+
+    async def watch_changes(
+        self, project_id: UUID, wanted: WatchFilter, start: WatchStart
+    ) -> AsyncIterator[list[RecordedChange]]:
+        """Yields the project's changes in stream order, in batches of 1 to 500, from `start`
+        until the caller stops; reads at the caller's pace. Raises CursorExpired when
+        `start.after` is older than the project's retention or than the oldest retained entry."""
+        settings = await self._tenancy.get_settings(project_id)
+        retention_ms = int(settings["segments.change_retention_days"]) * 86_400_000
+        oldest_ms = await self._changes.server_time_ms() - retention_ms
+        if start.after is not None:
+            parsed = parse_cursor(start.after)
+            assert parsed is not None  # checked by the servicer
+            first = await self._changes.first_cursor()
+            trimmed = first is not None and (parse_cursor(first) or (0, 0)) > parsed
+            if parsed[0] < oldest_ms or trimmed:
+                raise CursorExpired(
+                    "start_after is older than the change stream's retention; "
+                    "resume with start_time, accepting a gap",
+                    metadata={"start_after": start.after},
+                )
+            cursor = start.after
+        elif start.time_ms is not None:
+            cursor = cursor_before(max(start.time_ms, oldest_ms))
+        else:
+            cursor = await self._changes.last_cursor()
+        project = str(project_id)
+        while True:
+            cursor, changes = await self._changes.read_after(cursor, WATCH_BATCH)
+            # Entries past the retention are not served even if Redis still holds them.
+            wanted_changes = [
+                c
+                for c in changes
+                if c.project_id == project
+                and wanted.matches(c.change)
+                and (parse_cursor(c.cursor) or (0, 0))[0] >= oldest_ms
+            ]
+            if wanted_changes:
+                yield wanted_changes

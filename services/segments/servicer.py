@@ -1,0 +1,200 @@
+"""SegmentsServicer: protobuf in, protobuf out; the use cases live in service.py.
+
+RPCs not implemented yet (custom segments, funnels, RecomputeAll) are inherited from the
+generated base, which the shared interceptor turns into UNIMPLEMENTED.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from uuid import UUID
+
+from google.protobuf.duration_pb2 import Duration
+from google.protobuf.timestamp_pb2 import Timestamp
+from grpc.aio import ServicerContext
+
+from profiles.common.v1 import types_pb2
+from profiles.segments.v1 import segments_pb2
+from profiles.segments.v1 import segments_service_pb2 as pb
+from profiles.segments.v1 import segments_service_pb2_grpc as pb_grpc
+from services.segments.change_stream import RecordedChange, parse_cursor
+from services.segments.errors import (
+    CursorInvalid,
+    PlatformInvalid,
+    ProfileIdInvalid,
+    SegmentFilterInvalid,
+    SegmentIdInvalid,
+    SegmentNotFound,
+)
+from services.segments.model import SegmentFlag, SmartSegment
+from services.segments.service import SegmentsService, WatchFilter, WatchStart
+from shared.auth import current_caller
+from shared.errors import FieldViolation
+
+PLATFORMS = frozenset(types_pb2.Platform.values())
+
+
+def timestamp(moment: datetime) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromDatetime(moment)
+    return stamp
+
+
+def profile_id_from_proto(value: str, field: str = "profile_id") -> UUID:
+    """A profile ID in canonical form; raises ProfileIdInvalid with `field` otherwise."""
+    try:
+        parsed = UUID(value)
+    except ValueError:
+        parsed = None
+    if parsed is None or str(parsed) != value.lower():
+        problem = "must be a UUID"
+        raise ProfileIdInvalid(
+            f"{field} {problem}", [FieldViolation(field, problem, ProfileIdInvalid.reason)]
+        )
+    return parsed
+
+
+def platform_from_proto(value: int, field: str = "platform") -> int:
+    if value not in PLATFORMS:
+        problem = "must be a known platform or PLATFORM_UNSPECIFIED"
+        raise PlatformInvalid(
+            f"{field} {problem}", [FieldViolation(field, problem, PlatformInvalid.reason)]
+        )
+    return value
+
+
+def watch_filter_from_proto(request: pb.WatchSegmentChangesRequest) -> WatchFilter:
+    which = request.WhichOneof("segment")
+    if which == "smart_segment":
+        if request.smart_segment == types_pb2.SMART_SEGMENT_UNSPECIFIED or (
+            request.smart_segment not in SmartSegment._value2member_map_
+        ):
+            problem = "must be a smart segment, not SMART_SEGMENT_UNSPECIFIED"
+            raise SegmentFilterInvalid(
+                f"smart_segment {problem}",
+                [FieldViolation("smart_segment", problem, SegmentFilterInvalid.reason)],
+            )
+        return WatchFilter(segment=SmartSegment(request.smart_segment))
+    if which == "flag":
+        if request.flag == types_pb2.SMART_SEGMENT_FLAG_UNSPECIFIED or (
+            request.flag not in SegmentFlag._value2member_map_
+        ):
+            problem = "must be a flag, not SMART_SEGMENT_FLAG_UNSPECIFIED"
+            raise SegmentFilterInvalid(
+                f"flag {problem}", [FieldViolation("flag", problem, SegmentFilterInvalid.reason)]
+            )
+        return WatchFilter(flag=SegmentFlag(request.flag))
+    if which == "custom_segment_id":
+        try:
+            UUID(request.custom_segment_id)
+        except ValueError:
+            problem = "must be a UUID"
+            raise SegmentIdInvalid(
+                f"custom_segment_id {problem}",
+                [FieldViolation("custom_segment_id", problem, SegmentIdInvalid.reason)],
+            ) from None
+        # Custom segments are not implemented yet, so no custom segment exists.
+        raise SegmentNotFound(f"no custom segment {request.custom_segment_id}")
+    return WatchFilter()
+
+
+def watch_start_from_proto(request: pb.WatchSegmentChangesRequest) -> WatchStart:
+    which = request.WhichOneof("start")
+    if which == "start_after":
+        if parse_cursor(request.start_after) is None:
+            problem = "must be a cursor from an earlier SegmentChange"
+            raise CursorInvalid(
+                f"start_after {problem}",
+                [FieldViolation("start_after", problem, CursorInvalid.reason)],
+            )
+        return WatchStart(after=request.start_after)
+    if which == "start_time":
+        moment = request.start_time.ToDatetime(tzinfo=UTC)
+        return WatchStart(time_ms=int(moment.timestamp() * 1000))
+    return WatchStart()
+
+
+def change_to_proto(recorded: RecordedChange) -> segments_pb2.SegmentChange:
+    change = recorded.change
+    message = segments_pb2.SegmentChange(
+        cursor=recorded.cursor,
+        change_time=timestamp(change.change_time),
+        profile_id=recorded.profile_id,
+        transition=(
+            segments_pb2.SEGMENT_TRANSITION_ENTERED
+            if change.entered
+            else segments_pb2.SEGMENT_TRANSITION_LEFT
+        ),
+        cause=int(change.cause),  # type: ignore[arg-type]  # same numbers by design
+    )
+    if change.segment is not None:
+        message.smart_segment = int(change.segment)  # type: ignore[assignment]
+    elif change.flag is not None:
+        message.flag = int(change.flag)  # type: ignore[assignment]
+    return message
+
+
+class SegmentsServicer(pb_grpc.SegmentsServiceServicer):
+    def __init__(self, service: SegmentsService) -> None:
+        self._service = service
+
+    async def GetEngagement(
+        self, request: pb.GetEngagementRequest, context: ServicerContext
+    ) -> pb.GetEngagementResponse:
+        profile_id = profile_id_from_proto(request.profile_id)
+        live_id, score = await self._service.get_engagement(current_caller().project_id, profile_id)
+        average = Duration()
+        average.FromTimedelta(score.average_session_duration)
+        return pb.GetEngagementResponse(
+            profile_id=str(live_id),
+            score1=score.score1,
+            score2=score.score2,
+            score3=score.score3,
+            score=score.score,
+            percentage=score.percentage,
+            window_start_time=timestamp(score.window_start_time),
+            window_end_time=timestamp(score.window_end_time),
+            session_count=score.session_count,
+            average_session_duration=average,
+            time_zone=score.time_zone,
+        )
+
+    async def GetSmartSegment(
+        self, request: pb.GetSmartSegmentRequest, context: ServicerContext
+    ) -> pb.GetSmartSegmentResponse:
+        profile_id = profile_id_from_proto(request.profile_id)
+        platform = platform_from_proto(request.platform)
+        live_id, facts = await self._service.get_smart_segment(
+            current_caller().project_id, profile_id, platform
+        )
+        response = pb.GetSmartSegmentResponse(
+            profile_id=str(live_id),
+            platform=platform,  # type: ignore[arg-type]
+            segment=int(facts.classification.segment),  # type: ignore[arg-type]
+            flag=int(facts.classification.flag),  # type: ignore[arg-type]
+            recent_active_days=facts.recent_active_days,
+            total_active_days=facts.total_active_days,
+            session_count=facts.session_count,
+            as_of_time=timestamp(facts.as_of_time),
+            time_zone=facts.time_zone,
+        )
+        if facts.next_transition_time is not None:
+            response.next_transition_time.CopyFrom(timestamp(facts.next_transition_time))
+        if facts.first_session_time is not None:
+            response.first_session_time.CopyFrom(timestamp(facts.first_session_time))
+        if facts.last_session_time is not None:
+            response.last_session_time.CopyFrom(timestamp(facts.last_session_time))
+        return response
+
+    async def WatchSegmentChanges(
+        self, request: pb.WatchSegmentChangesRequest, context: ServicerContext
+    ) -> AsyncIterator[pb.WatchSegmentChangesResponse]:
+        wanted = watch_filter_from_proto(request)
+        start = watch_start_from_proto(request)
+        changes = self._service.watch_changes(current_caller().project_id, wanted, start)
+        try:
+            async for batch in changes:
+                yield pb.WatchSegmentChangesResponse(changes=[change_to_proto(c) for c in batch])
+        finally:
+            await changes.aclose()  # type: ignore[attr-defined]
