@@ -52,7 +52,9 @@ examples:
   profiles keys --json
   profiles project create shop
   profiles keys create --project shop --role read --name dashboard
-  profiles settings set --project shop identity.quarantine_days 60"""
+  profiles settings set --project shop identity.quarantine_days 60
+  profiles demo --users 200
+  profiles import bench/sample_events.jsonl"""
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -91,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_project(commands)
     _add_keys(commands)
     _add_settings(commands)
+    _add_demo(commands)
+    _add_import(commands)
     return parser
 
 
@@ -264,6 +268,110 @@ def _add_settings(commands: argparse._SubParsersAction[argparse.ArgumentParser])
 
 
 # --- running the suite -------------------------------------------------------------------------
+
+
+def _data_dir_option() -> argparse.ArgumentParser:
+    options = argparse.ArgumentParser(add_help=False)
+    options.add_argument(
+        "--data-dir",
+        default=argparse.SUPPRESS,
+        help="data directory of `profiles up`, where its keys are (default: PROFILES_DATA_DIR"
+        " or ~/.profiles)",
+    )
+    return options
+
+
+def _add_demo(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    demo = commands.add_parser(
+        "demo",
+        parents=[_data_dir_option()],
+        help="feed the running suite with realistic synthetic users",
+        description="Sends synthetic traffic through the public API of the running suite:"
+        " installations on iOS, Android and Web, weeks of sessions (ImportEvents), logins and"
+        " logouts (Identify, Logout), consent changes, crashes and a few live sessions"
+        " (TrackEvents). Uses the default project's keys stored by `profiles up` and the"
+        " addresses of PROFILES_INGEST_ADDRESS and PROFILES_IDENTITY_ADDRESS. A progress bar"
+        " goes to stderr, a summary to stdout.",
+    )
+    demo.add_argument("--users", type=int, default=100, help="synthetic users (default 100)")
+    demo.add_argument(
+        "--seed", type=int, help="random seed; the same seed sends the same (duplicate) events"
+    )
+    demo.set_defaults(handler=_demo)
+
+
+def _add_import(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    importer = commands.add_parser(
+        "import",
+        parents=[_data_dir_option()],
+        help="backfill events from a JSONL file through ImportEvents",
+        description="Sends every line of FILE (one profiles.ingest.v1.Event in proto JSON per"
+        ' line; see the README\'s "Events: validation rules") through ImportEvents in batches'
+        " of 500, with a progress bar on stderr, then prints how many events were accepted,"
+        " duplicates or rejected (by reason). Safe to re-run: events already stored come back"
+        " as duplicates, so an interrupted import resumes. Exits 1 if any line was rejected or"
+        " unreadable.",
+    )
+    importer.add_argument("file", type=Path, help="the JSONL file")
+    importer.add_argument("--address", help="ingest's host:port (default: PROFILES_INGEST_ADDRESS)")
+    importer.add_argument("--key", help="an admin API key (default: the one `profiles up` stored)")
+    importer.add_argument("--json", action="store_true", help="print the summary as JSON")
+    importer.set_defaults(handler=_import)
+
+
+def _stored_key(args: argparse.Namespace, role: str) -> str:
+    from profiles.datadir import DataDir
+
+    return DataDir(settings_from(args).data_dir).read_keys()[role]
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from profiles.demo import run_demo
+
+    if args.users < 1:
+        print("profiles demo: --users must be at least 1", file=sys.stderr)
+        return 2
+    settings = settings_from(args)
+    try:
+        summary = asyncio.run(
+            run_demo(
+                args.users,
+                settings.addresses["ingest"],
+                settings.addresses["identity"],
+                _stored_key(args, "sdk"),
+                _stored_key(args, "admin"),
+                seed=args.seed,
+            )
+        )
+    except grpc.aio.AioRpcError as error:
+        print(f"profiles demo: {error.code().name}: {error.details()}", file=sys.stderr)
+        return 1
+    print(
+        f"{summary.users} users: {summary.events_accepted} events stored,"
+        f" {summary.events_rejected} rejected, {summary.logins} logins, {summary.logouts} logouts"
+    )
+    return 0
+
+
+def _import(args: argparse.Namespace) -> int:
+    from profiles.importer import run_import
+
+    path: Path = args.file
+    if not path.is_file():
+        print(f"profiles import: {path}: no such file", file=sys.stderr)
+        return 2
+    address = args.address or settings_from(args).addresses["ingest"]
+    key = args.key or _stored_key(args, "admin")
+    try:
+        summary = asyncio.run(run_import(path, address, key, size=path.stat().st_size))
+    except grpc.aio.AioRpcError as error:
+        print(
+            f"profiles import: {error.code().name}: {error.details()}; re-run to resume",
+            file=sys.stderr,
+        )
+        return 1
+    print(json.dumps(summary.as_dict(), indent=2) if args.json else summary.text())
+    return 1 if summary.rejected or summary.unreadable else 0
 
 
 def settings_from(args: argparse.Namespace) -> Settings:

@@ -34,9 +34,11 @@ POLICY: dict[str, frozenset[str]] = {
     f"/{_INGEST}/ImportTokens": _ADMIN,
     # Ingest resolves every batch through identity with the internal credential.
     f"/{_IDENTITY}/ResolveProfiles": frozenset({ADMIN, INTERNAL}),
-    f"/{_IDENTITY}/Identify": _WRITE,
+    # Ingest folds an imported push-token installation into the real one with the internal
+    # credential (ImportTokens); it passes the caller's project along.
+    f"/{_IDENTITY}/Identify": frozenset({SDK, ADMIN, INTERNAL}),
     f"/{_IDENTITY}/Logout": _WRITE,
-    f"/{_IDENTITY}/MergeProfiles": _ADMIN,
+    f"/{_IDENTITY}/MergeProfiles": frozenset({ADMIN, INTERNAL}),
     f"/{_IDENTITY}/DeleteProfile": _ADMIN,
     f"/{_IDENTITY}/ExportProfile": _ADMIN,
     f"/{_SEGMENTS}/GetEngagement": _READ,

@@ -144,24 +144,29 @@ class StreamGate:
 async def _until_drained(items: AsyncIterator[Any], draining: asyncio.Event) -> AsyncIterator[Any]:
     """Yields from `items` until they end or the server starts draining."""
     drained = asyncio.ensure_future(draining.wait())
+    pending: asyncio.Future[Any] | None = None
     try:
         while True:
-            next_item = asyncio.ensure_future(anext(items))
-            done, _ = await asyncio.wait({next_item, drained}, return_when=asyncio.FIRST_COMPLETED)
-            if next_item not in done:
-                next_item.cancel()
-                # Let the generator see its cancellation before aclose(), which refuses to
-                # close a generator that is still running; wait() never raises, so our own
-                # cancellation is not swallowed here.
-                await asyncio.wait({next_item})
+            pending = asyncio.ensure_future(anext(items))
+            done, _ = await asyncio.wait({pending, drained}, return_when=asyncio.FIRST_COMPLETED)
+            if pending not in done:
                 raise ShuttingDown("the server is shutting down; reconnect to another replica")
+            item_future, pending = pending, None
             try:
-                item = next_item.result()
+                item = item_future.result()
             except StopAsyncIteration:
                 return
             yield item
     finally:
         drained.cancel()
+        if pending is not None:
+            # Draining, or the client went away while the servicer was producing: the generator
+            # must see its cancellation before aclose(), which refuses a running generator.
+            # wait() never raises, so a cancellation of our own is not swallowed here.
+            pending.cancel()
+            await asyncio.wait({pending})
+            if not pending.cancelled():
+                pending.exception()  # retrieved, so asyncio does not log it as lost
         aclose = getattr(items, "aclose", None)
         if aclose is not None:
             await aclose()

@@ -4,9 +4,11 @@ does with custom IDs, and the answers kept for retried requests."""
 from __future__ import annotations
 
 import enum
+import hashlib
+import hmac
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID
 
@@ -290,9 +292,98 @@ class MergeResult:
     merge_time: datetime | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Erasure:
+    """What one erasure removed, as the repository reports it."""
+
+    # Tombstones that pointed at the erased profile, erased with it.
+    tombstone_profile_ids: tuple[UUID, ...]
+    # Installations unlinked (their next event starts a fresh anonymous profile).
+    installation_ids: tuple[str, ...]
+    # Events turned into bare dedupe markers.
+    event_count: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteResult:
+    profile_id: UUID
+    custom_id_quarantined: bool
+    quarantine_expire_time: datetime | None
+    deleted_event_count: int
+    unlinked_installation_count: int
+    delete_time: datetime
+
+
+# -- Keyed hashes of custom IDs (erasure) -------------------------------------------------------
+# One random secret per project (custom_id_hmac_keys) yields a key per purpose, so the quarantine
+# hash of a custom ID and its events' dedupe markers cannot be joined with each other.
+QUARANTINE_PURPOSE = b"profiles.identity.quarantine.v1"
+EVENT_MARKER_PURPOSE = b"profiles.identity.event-marker.v1"
+# Erased server-side events keep this prefix plus a keyed hash in events.custom_id: the column
+# must stay set (one of installation_id and custom_id is), and no SDK sends such a custom ID.
+EVENT_MARKER_PREFIX = "erased:"
+
+
+def _derived_key(secret: bytes, purpose: bytes) -> bytes:
+    return hmac.new(secret, purpose, hashlib.sha256).digest()
+
+
+def quarantine_digest(secret: bytes, custom_id: str) -> bytes:
+    """The HMAC-SHA256 of a custom ID kept in quarantined_custom_ids."""
+    key = _derived_key(secret, QUARANTINE_PURPOSE)
+    return hmac.new(key, custom_id.encode(), hashlib.sha256).digest()
+
+
+def event_marker(secret: bytes, custom_id: str) -> str:
+    """What replaces an erased server-side event's custom ID: a keyed hash, unlinkable to the
+    quarantine entry and meaningless without the project's secret."""
+    key = _derived_key(secret, EVENT_MARKER_PURPOSE)
+    return EVENT_MARKER_PREFIX + hmac.new(key, custom_id.encode(), hashlib.sha256).hexdigest()
+
+
+def quarantine_end(now: datetime, quarantine_days: int) -> datetime | None:
+    """When a custom ID erased now leaves quarantine; None when the project keeps no quarantine
+    (setting identity.quarantine_days is 0)."""
+    if quarantine_days <= 0:
+        return None
+    return now + timedelta(days=quarantine_days)
+
+
+# -- ExportProfile ------------------------------------------------------------------------------
+class ExportSection(enum.Enum):
+    """The sections of an export, in stream order (ExportSection in the proto)."""
+
+    PROFILE = "profile"
+    ATTRIBUTES = "attributes"
+    SUBSCRIPTIONS = "subscriptions"
+    INSTALLATIONS = "installations"
+    IDENTITY_HISTORY = "identityHistory"
+    SESSIONS = "sessions"
+    EVENTS = "events"
+    REJECTED_EVENTS = "rejectedEvents"
+
+
+EXPORT_FORMAT_VERSION = 1
+# A chunk holds at most this many records, and at most about this many bytes of JSON (one
+# record larger than that, say an event with a long stack trace, still goes alone).
+EXPORT_CHUNK_RECORDS = 500
+EXPORT_CHUNK_BYTES = 900 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class ExportChunk:
+    """One chunk of an export: a JSON document and how many records it holds."""
+
+    section: ExportSection
+    section_chunk_index: int
+    json: str
+    record_count: int
+    section_end: bool
+
+
 # Answers are kept as JSON (identity_requests.answer) so that a retried request gets exactly the
 # first answer back; these turn a result into plain JSON values and back.
-Answer = IdentifyResult | LogoutResult | MergeResult
+Answer = IdentifyResult | LogoutResult | MergeResult | DeleteResult
 
 
 def _plain(value: Any) -> Any:
@@ -342,4 +433,21 @@ def merge_result_from_json(data: Mapping[str, Any]) -> MergeResult:
         alias_custom_id=data["alias_custom_id"],
         change_id=_uuid(data["change_id"]),
         merge_time=None if merge_time is None else datetime.fromisoformat(merge_time),
+    )
+
+
+def _time(value: Any) -> datetime | None:
+    return None if value is None else datetime.fromisoformat(value)
+
+
+def delete_result_from_json(data: Mapping[str, Any]) -> DeleteResult:
+    delete_time = _time(data["delete_time"])
+    assert delete_time is not None
+    return DeleteResult(
+        profile_id=UUID(data["profile_id"]),
+        custom_id_quarantined=bool(data["custom_id_quarantined"]),
+        quarantine_expire_time=_time(data["quarantine_expire_time"]),
+        deleted_event_count=int(data["deleted_event_count"]),
+        unlinked_installation_count=int(data["unlinked_installation_count"]),
+        delete_time=delete_time,
     )

@@ -7,16 +7,17 @@ import asyncio
 import hashlib
 import random
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 from uuid import UUID, uuid4
 
 import structlog
 
-from services.identity import messages
+from services.identity import export, messages
 from services.identity.errors import (
     ConcurrentChange,
+    CustomIdErased,
     InstallationNotFound,
     KeysInvalid,
     ProfileNotFound,
@@ -24,8 +25,12 @@ from services.identity.errors import (
 )
 from services.identity.model import (
     MAX_KEYS,
+    Answer,
     ChangeCause,
     ChangeKind,
+    DeleteResult,
+    ExportChunk,
+    ExportSection,
     IdentifyOutcome,
     IdentifyResult,
     IdentityChange,
@@ -41,11 +46,15 @@ from services.identity.model import (
     check_merge_ids,
     check_request_id,
     choose_identify_rule,
+    delete_result_from_json,
+    event_marker,
     identify_result_from_json,
     key_problem,
     logout_result_from_json,
     merge_result_from_json,
     plan_merge,
+    quarantine_digest,
+    quarantine_end,
 )
 from services.identity.repository import IdentityRepository, IdentityTransaction
 from shared.clock import Clock
@@ -65,6 +74,17 @@ SETTINGS_CACHE_SECONDS = 5.0
 def fingerprint(*fields: str) -> str:
     """The request's other fields, hashed: identity_requests keeps no custom ID in clear."""
     return hashlib.sha256("\x00".join(fields).encode()).hexdigest()
+
+
+def _erased() -> CustomIdErased:
+    return CustomIdErased(
+        "this custom ID belonged to an erased profile and is quarantined",
+        metadata={"field": "custom_id"},
+    )
+
+
+def _digest(secret: bytes | None, custom_id: str) -> bytes | None:
+    return None if secret is None else quarantine_digest(secret, custom_id)
 
 
 def _same_identity(locked: Profile | None, read: Profile) -> bool:
@@ -91,6 +111,7 @@ class IdentityService:
         self._clock = clock
         self._attempts = attempts
         self._junk: dict[UUID, tuple[float, tuple[str, ...]]] = {}
+        self._secrets: dict[UUID, bytes] = {}
 
     async def extra_junk_custom_ids(self, project_id: UUID) -> tuple[str, ...]:
         """The project's own junk custom IDs (setting identity.extra_junk_custom_ids)."""
@@ -177,14 +198,28 @@ class IdentityService:
     async def _resolve_custom_ids(
         self, project_id: UUID, custom_ids: Sequence[str]
     ) -> dict[str, Resolution]:
-        holders = await self._repository.find_custom_id_holders(project_id, custom_ids)
-        found = {c: Resolution(p, identified=True) for c, p in holders.items()}
-        missing = sorted(set(custom_ids) - found.keys())
+        now = self._clock.now()
+        secret = await self._known_secret(project_id)
+        found = {
+            c: Resolution(None, erased=True)
+            for c in await self._quarantined(project_id, secret, custom_ids, now)
+        }
+        live = [c for c in custom_ids if c not in found]
+        if not live:
+            return found
+        holders = await self._repository.find_custom_id_holders(project_id, live)
+        found.update({c: Resolution(p, identified=True) for c, p in holders.items()})
+        missing = sorted(set(live) - found.keys())
         if not missing:
             return found
-        now = self._clock.now()
         async with self._repository.transaction() as tx:
-            created = await tx.create_identified_profiles(project_id, missing, now)
+            await tx.lock_custom_ids(project_id, missing)
+            # Read under the locks: an erasure that quarantined one of them meanwhile (perhaps
+            # the project's first, making its secret) has committed by now.
+            secret = secret or await tx.find_hmac_key(project_id)
+            created = await tx.create_identified_profiles(
+                project_id, missing, now, lambda c: _digest(secret, c)
+            )
             await tx.enqueue(
                 [
                     messages.profile_created(project_id, profile_id, "", True, now)
@@ -194,12 +229,41 @@ class IdentityService:
         for custom_id, profile_id in created.items():
             found[custom_id] = Resolution(profile_id, created=True, identified=True)
         raced = [c for c in missing if c not in created]
-        if raced:  # created concurrently, or an alias appeared: read the holder
+        if raced:  # created concurrently, an alias appeared, or quarantined: read again
             holders = await self._repository.find_custom_id_holders(project_id, raced)
             found.update({c: Resolution(p, identified=True) for c, p in holders.items()})
+            unheld = [c for c in raced if c not in holders]
+            secret = secret or await self._known_secret(project_id)
+            for custom_id in await self._quarantined(project_id, secret, unheld, now):
+                found[custom_id] = Resolution(None, erased=True)
         if len(found) < len(set(custom_ids)):
             raise ConcurrentChange("a custom ID's profile vanished while it was being resolved")
         return found
+
+    async def _known_secret(self, project_id: UUID) -> bytes | None:
+        """The project's HMAC secret, or None before its first erasure. Kept once read: it
+        never changes. Its absence is not kept, since another process may erase meanwhile."""
+        secret = self._secrets.get(project_id)
+        if secret is None:
+            secret = await self._repository.find_hmac_key(project_id)
+            if secret is not None:
+                self._remember_secret(project_id, secret)
+        return secret
+
+    def _remember_secret(self, project_id: UUID, secret: bytes) -> None:
+        if len(self._secrets) > 10_000:  # bounded: one entry per active project
+            self._secrets.clear()
+        self._secrets[project_id] = secret
+
+    async def _quarantined(
+        self, project_id: UUID, secret: bytes | None, custom_ids: Sequence[str], now: datetime
+    ) -> set[str]:
+        """The custom IDs whose quarantine has not ended at `now`."""
+        if secret is None or not custom_ids:
+            return set()
+        by_digest = {quarantine_digest(secret, c): c for c in custom_ids}
+        hits = await self._repository.find_quarantined(project_id, list(by_digest), now)
+        return {by_digest[d] for d in hits}
 
     # -- Identify ------------------------------------------------------------------------
 
@@ -213,6 +277,11 @@ class IdentityService:
         check_custom_id(custom_id, await self.extra_junk_custom_ids(project_id))
         check_request_id(request_id)
         digest = fingerprint(installation_id, custom_id)
+        # Checked again under the custom ID's lock; this early read only spares an erased
+        # custom ID the installation's creation below.
+        secret = await self._known_secret(project_id)
+        if await self._quarantined(project_id, secret, [custom_id], self._clock.now()):
+            raise _erased()
         # "A never-seen installation first gets an anonymous profile": committed on its own, it
         # is the state any first event would have created, so an ABORTED Identify after it
         # leaves nothing partial.
@@ -244,6 +313,11 @@ class IdentityService:
                 return identify_result_from_json(stored)
             # Lock order: custom ID, installation, profiles (see repository.py).
             await tx.lock_custom_ids(project_id, [custom_id])
+            secret = self._secrets.get(project_id) or await tx.find_hmac_key(project_id)
+            if secret is not None and await tx.is_quarantined(
+                project_id, quarantine_digest(secret, custom_id), now
+            ):
+                raise _erased()
             link = await tx.lock_installation(project_id, installation_id)
             if link is None:  # erased between the resolve and now
                 raise ConcurrentChange("the installation was unlinked concurrently")
@@ -524,6 +598,156 @@ class IdentityService:
             )
         return result
 
+    # -- DeleteProfile -------------------------------------------------------------------
+
+    async def delete_profile(
+        self, project_id: UUID, profile_id: UUID, request_id: str
+    ) -> DeleteResult:
+        """Erases a profile (a merged-away ID resolves to its survivor) with its tombstones, in
+        one transaction with the lock order of merges, so a racing merge either lands before
+        (and is erased too) or finds the profile gone. Quarantines its custom IDs for the
+        project's identity.quarantine_days. Idempotent per request_id; otherwise a second call
+        raises ProfileNotFound. Raises RequestIdInvalid, RequestIdReused, ConcurrentChange."""
+        check_request_id(request_id)
+        digest = fingerprint(str(profile_id))
+        settings = await self._tenancy.get_settings(project_id)
+        quarantine_days = int(settings["identity.quarantine_days"])
+        result, secret = await self._retrying(
+            lambda: self._delete_once(project_id, profile_id, request_id, digest, quarantine_days)
+        )
+        if secret is not None:  # committed now: safe to keep
+            self._remember_secret(project_id, secret)
+        log.info(
+            "profile_deleted",
+            profile_id=str(result.profile_id),
+            events=result.deleted_event_count,
+            installations=result.unlinked_installation_count,
+            quarantined=result.custom_id_quarantined,
+        )
+        return result
+
+    async def _delete_once(
+        self,
+        project_id: UUID,
+        profile_id: UUID,
+        request_id: str,
+        digest: str,
+        quarantine_days: int,
+    ) -> tuple[DeleteResult, bytes | None]:
+        now = self._clock.now()
+        async with self._repository.transaction() as tx:
+            stored = await self._stored_answer(
+                tx, project_id, "DeleteProfile", request_id, digest, now
+            )
+            if stored is not None:
+                return delete_result_from_json(stored), None
+            found = await tx.find_profiles(project_id, [profile_id])
+            if profile_id not in found:
+                raise ProfileNotFound(
+                    f"no profile {profile_id} in this project", metadata={"field": "profile_id"}
+                )
+            profile = found[profile_id]
+            aliases = await tx.find_aliases(project_id, profile.profile_id)
+            custom_ids = sorted({*aliases, *([profile.custom_id] if profile.custom_id else [])})
+            # Merge lock order: custom IDs, then the profile (then, in erase(), its tombstones
+            # and installations), each re-read under its lock.
+            await tx.lock_custom_ids(project_id, custom_ids)
+            locked = await tx.lock_profiles(project_id, [profile.profile_id])
+            if not _same_identity(locked.get(profile.profile_id), profile) or (
+                await tx.find_aliases(project_id, profile.profile_id) != aliases
+            ):
+                raise ConcurrentChange("the profile changed while its erasure was deciding")
+            secret = await tx.ensure_hmac_key(project_id, now)
+            erasure = await tx.erase(
+                project_id,
+                profile.profile_id,
+                custom_ids,
+                lambda custom_id: event_marker(secret, custom_id),
+            )
+            expire_time = quarantine_end(now, quarantine_days) if custom_ids else None
+            if expire_time is not None:
+                await tx.quarantine(
+                    project_id,
+                    [quarantine_digest(secret, c) for c in custom_ids],
+                    expire_time,
+                    now,
+                )
+            result = DeleteResult(
+                profile_id=profile.profile_id,
+                custom_id_quarantined=expire_time is not None,
+                quarantine_expire_time=expire_time,
+                deleted_event_count=erasure.event_count,
+                unlinked_installation_count=len(erasure.installation_ids),
+                delete_time=now,
+            )
+            await tx.enqueue([messages.profile_deleted(project_id, result, erasure)])
+            await self._save_answer(
+                tx, project_id, "DeleteProfile", request_id, digest, result, now
+            )
+        return result, secret
+
+    # -- ExportProfile -------------------------------------------------------------------
+
+    async def export_profile(
+        self, project_id: UUID, profile_id: UUID
+    ) -> AsyncIterator[ExportChunk]:
+        """Everything stored about a profile (a merged-away ID resolves to its survivor) as JSON
+        chunks, section by section, from one snapshot. No side effects. Raises ProfileNotFound
+        before the first chunk."""
+        now = self._clock.now()
+        async with self._repository.snapshot() as reader:
+            found = await reader.find_profiles(project_id, [profile_id])
+            row = (
+                None
+                if profile_id not in found
+                else await reader.profile(project_id, found[profile_id].profile_id)
+            )
+            if row is None:
+                raise ProfileNotFound(
+                    f"no profile {profile_id} in this project", metadata={"field": "profile_id"}
+                )
+            live: UUID = row["profile_id"]
+            custom_ids = [
+                *([row["custom_id"]] if row["custom_id"] else []),
+                *row["alias_custom_ids"],
+            ]
+            yield export.object_chunk(ExportSection.PROFILE, export.profile_record(row, now))
+            attributes = await reader.attributes(project_id, live)
+            yield export.object_chunk(
+                ExportSection.ATTRIBUTES, export.attributes_record(attributes)
+            )
+            subscriptions = await reader.subscriptions(project_id, live)
+            async for chunk in export.array_chunks(
+                ExportSection.SUBSCRIPTIONS, [export.subscription_record(r) for r in subscriptions]
+            ):
+                yield chunk
+            installations = await reader.installations(project_id, live)
+            async for chunk in export.array_chunks(
+                ExportSection.INSTALLATIONS, [export.installation_record(r) for r in installations]
+            ):
+                yield chunk
+            changes = await reader.changes(project_id, [live, *row["merged_profile_ids"]])
+            async for chunk in export.array_chunks(
+                ExportSection.IDENTITY_HISTORY, [export.history_record(c) for c in changes]
+            ):
+                yield chunk
+            sessions = await reader.sessions(project_id, live)
+            async for chunk in export.array_chunks(
+                ExportSection.SESSIONS, [export.session_record(r) for r in sessions]
+            ):
+                yield chunk
+            events = (export.event_record(r) async for r in reader.events(project_id, live))
+            async for chunk in export.array_chunks(ExportSection.EVENTS, events):
+                yield chunk
+            rejected = await reader.rejected_events(
+                project_id, [r["installation_id"] for r in installations], custom_ids
+            )
+            async for chunk in export.array_chunks(
+                ExportSection.REJECTED_EVENTS, [export.rejected_event_record(r) for r in rejected]
+            ):
+                yield chunk
+        log.info("profile_exported", profile_id=str(live))
+
     # -- retries and answers --------------------------------------------------------------
 
     async def _retrying(self, attempt: Callable[[], Awaitable[T]]) -> T:
@@ -573,7 +797,7 @@ class IdentityService:
         rpc: str,
         request_id: str,
         digest: str,
-        result: IdentifyResult | LogoutResult | MergeResult,
+        result: Answer,
         now: datetime,
     ) -> None:
         if request_id:

@@ -12,6 +12,9 @@ from profiles.identity.v1 import identity_service_pb2_grpc as pb_grpc
 from services.identity.errors import ProfileIdInvalid
 from services.identity.messages import timestamp
 from services.identity.model import (
+    DeleteResult,
+    ExportChunk,
+    ExportSection,
     IdentifyOutcome,
     IdentifyResult,
     LogoutOutcome,
@@ -110,9 +113,44 @@ def merge_to_proto(result: MergeResult) -> pb.MergeProfilesResponse:
     return response
 
 
+def delete_to_proto(result: DeleteResult) -> pb.DeleteProfileResponse:
+    response = pb.DeleteProfileResponse(
+        profile_id=str(result.profile_id),
+        custom_id_quarantined=result.custom_id_quarantined,
+        deleted_event_count=result.deleted_event_count,
+        unlinked_installation_count=result.unlinked_installation_count,
+        delete_time=timestamp(result.delete_time),
+    )
+    if result.quarantine_expire_time is not None:
+        response.quarantine_expire_time.CopyFrom(timestamp(result.quarantine_expire_time))
+    return response
+
+
+EXPORT_SECTIONS: dict[ExportSection, pb.ExportSection.ValueType] = {
+    ExportSection.PROFILE: pb.EXPORT_SECTION_PROFILE,
+    ExportSection.ATTRIBUTES: pb.EXPORT_SECTION_ATTRIBUTES,
+    ExportSection.SUBSCRIPTIONS: pb.EXPORT_SECTION_SUBSCRIPTIONS,
+    ExportSection.INSTALLATIONS: pb.EXPORT_SECTION_INSTALLATIONS,
+    ExportSection.IDENTITY_HISTORY: pb.EXPORT_SECTION_IDENTITY_HISTORY,
+    ExportSection.SESSIONS: pb.EXPORT_SECTION_SESSIONS,
+    ExportSection.EVENTS: pb.EXPORT_SECTION_EVENTS,
+    ExportSection.REJECTED_EVENTS: pb.EXPORT_SECTION_REJECTED_EVENTS,
+}
+
+
+def export_chunk_to_proto(index: int, chunk: ExportChunk) -> pb.ExportProfileResponse:
+    return pb.ExportProfileResponse(
+        chunk_index=index,
+        section=EXPORT_SECTIONS[chunk.section],
+        section_chunk_index=chunk.section_chunk_index,
+        json=chunk.json,
+        record_count=chunk.record_count,
+        section_end=chunk.section_end,
+    )
+
+
 class IdentityServicer(pb_grpc.IdentityServiceServicer):
-    """Translates the RPCs to IdentityService calls. DeleteProfile and ExportProfile are not
-    implemented yet and answer UNIMPLEMENTED."""
+    """Translates the RPCs to IdentityService calls."""
 
     def __init__(self, service: IdentityService) -> None:
         self._service = service
@@ -160,9 +198,18 @@ class IdentityServicer(pb_grpc.IdentityServiceServicer):
     async def DeleteProfile(
         self, request: pb.DeleteProfileRequest, context: ServicerContext
     ) -> pb.DeleteProfileResponse:
-        raise NotImplementedError("DeleteProfile")  # the interceptor answers UNIMPLEMENTED
+        profile_id = profile_id_from_proto(request.profile_id, "profile_id")
+        result = await self._service.delete_profile(
+            current_caller().project_id, profile_id, request.request_id
+        )
+        return delete_to_proto(result)
 
-    def ExportProfile(
+    async def ExportProfile(
         self, request: pb.ExportProfileRequest, context: ServicerContext
     ) -> AsyncIterator[pb.ExportProfileResponse]:
-        raise NotImplementedError("ExportProfile")  # the interceptor answers UNIMPLEMENTED
+        profile_id = profile_id_from_proto(request.profile_id, "profile_id")
+        chunks = self._service.export_profile(current_caller().project_id, profile_id)
+        index = 0
+        async for chunk in chunks:
+            yield export_chunk_to_proto(index, chunk)
+            index += 1

@@ -6,26 +6,48 @@ import grpc
 
 from profiles.ingest.v1 import ingest_service_pb2 as pb
 from profiles.ingest.v1 import ingest_service_pb2_grpc as pb_grpc
+from services.ingest.geoip import CountryResolver
 from services.ingest.identity_client import IdentityChannelWorker, IdentityClient
+from services.ingest.notices import LiveNotices, NoticeWorker
 from services.ingest.repository import IngestRepository
 from services.ingest.service import IngestService
 from services.ingest.servicer import IngestServicer
-from shared.server import Runtime, ServiceDefinition
+from services.ingest.sweeper import SWEEP_INTERVAL_S, SessionSweeper
+from shared.server import Build, Runtime, ServiceDefinition
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["IngestService"].full_name
 
 
-async def build(runtime: Runtime) -> ServiceDefinition:
-    settings = runtime.settings
-    identity = IdentityClient(settings.addresses["identity"], settings.internal_token)
-    service = IngestService(IngestRepository(runtime.pool), identity, runtime.clock)
-    servicer = IngestServicer(service)
+def make_build(*, sweep_interval_s: float = SWEEP_INTERVAL_S) -> Build:
+    """The build function, with how often idle sessions are looked for (tests shorten it)."""
 
-    def register(server: grpc.aio.Server) -> None:
-        pb_grpc.add_IngestServiceServicer_to_server(servicer, server)
+    async def build(runtime: Runtime) -> ServiceDefinition:
+        settings = runtime.settings
+        identity = IdentityClient(settings.addresses["identity"], settings.internal_token)
+        notices = LiveNotices()
+        service = IngestService(
+            IngestRepository(runtime.pool),
+            identity,
+            runtime.clock,
+            countries=CountryResolver(),
+            notices=notices,
+        )
+        servicer = IngestServicer(service)
 
-    return ServiceDefinition(
-        full_names=[SERVICE_NAME],
-        register=register,
-        workers=[IdentityChannelWorker(identity)],
-    )
+        def register(server: grpc.aio.Server) -> None:
+            pb_grpc.add_IngestServiceServicer_to_server(servicer, server)
+
+        return ServiceDefinition(
+            full_names=[SERVICE_NAME],
+            register=register,
+            workers=[
+                IdentityChannelWorker(identity),
+                NoticeWorker(notices, runtime.bus),
+                SessionSweeper(service, sweep_interval_s),
+            ],
+        )
+
+    return build
+
+
+build = make_build()

@@ -39,3 +39,10 @@ class StorageUnavailable(Unavailable):
     """The batch could not be committed; nothing of it was stored, retry it."""
 
     reason = "STORAGE_UNAVAILABLE"
+
+
+class TokenRefused(FailedPrecondition):
+    """One imported token names a custom ID, which cannot be imported yet; carried as its
+    status, never raised."""
+
+    reason = "CUSTOM_ID_UNSUPPORTED"

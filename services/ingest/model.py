@@ -6,11 +6,12 @@ result back, all in one transaction, so every rule is a unit test.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from functools import cache
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -44,6 +45,12 @@ PROFILE_ATTRIBUTE_LIMIT = "PROFILE_ATTRIBUTE_LIMIT"
 DURATION_INVALID = "DURATION_INVALID"
 SUBSCRIPTION_INVALID = "SUBSCRIPTION_INVALID"
 EVENT_TOO_LARGE = "EVENT_TOO_LARGE"
+# ImportTokens rejection reasons (TokenResult.reason).
+PLATFORM_INVALID = "PLATFORM_INVALID"
+PUSH_TOKEN_INVALID = "PUSH_TOKEN_INVALID"
+# A token with a custom ID cannot be imported yet: linking an installation to an identified
+# profile is identity's Identify, which the internal credential may not call (see README).
+CUSTOM_ID_UNSUPPORTED = "CUSTOM_ID_UNSUPPORTED"
 
 # Limits of the contract (ingest_service.proto and types.proto).
 MAX_EVENTS_PER_REQUEST = 1000
@@ -64,6 +71,7 @@ MAX_EMAIL_LENGTH = 254
 MAX_VERSION_LENGTH = 64
 MAX_DEVICE_MODEL_LENGTH = 128
 MAX_PUSH_TOKEN_LENGTH = 4096
+MAX_TOKENS_PER_REQUEST = 1000
 # Appends, removes and increments kept per attribute so a late one can be replayed in place;
 # older ones are folded into the base value (a late operation older than the fold is dropped).
 MAX_PENDING_OPERATIONS = 50
@@ -499,3 +507,99 @@ def apply_installation_changes(
                 values[name] = value
                 times[name] = change.time
     return InstallationState(values, times, first_seen, last_seen)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sessions
+
+# A session with no end is closed this long after its last activity (start, heartbeat or any
+# event naming it), with the duration seen so far.
+SESSION_TIMEOUT = timedelta(minutes=30)
+
+SessionEventKind = Literal["start", "heartbeat", "end", "other"]
+
+
+@dataclass(frozen=True, slots=True)
+class SessionEvent:
+    """One stored event that names a session of an installation."""
+
+    installation_id: str
+    session_id: str
+    profile_id: str
+    platform: int
+    kind: SessionEventKind
+    time: datetime
+    duration: timedelta | None = None  # heartbeat and end
+    country: str = ""  # start
+
+
+@dataclass(frozen=True, slots=True)
+class SessionDelta:
+    """What one batch says about one session; the store merges it with what it holds.
+
+    start_time and last_activity_time span the batch's events of the session; for an ended
+    session end_time and duration are those of its latest end by event time, otherwise
+    duration is the longest seen so far (a heartbeat's, or last activity minus start).
+    """
+
+    installation_id: str
+    session_id: str
+    profile_id: str
+    platform: int
+    country: str
+    start_time: datetime
+    last_activity_time: datetime
+    end_time: datetime | None
+    duration: timedelta
+    event_count: int
+    started: bool
+    ended: bool
+
+
+def session_deltas(events: Iterable[SessionEvent]) -> list[SessionDelta]:
+    """One delta per (installation, session) of the batch, in key order (the lock order)."""
+    grouped: dict[tuple[str, str], list[SessionEvent]] = {}
+    for event in events:
+        grouped.setdefault((event.installation_id, event.session_id), []).append(event)
+    deltas = []
+    for (installation_id, session_id), group in sorted(grouped.items()):
+        group.sort(key=lambda e: e.time)
+        start_time, last_time = group[0].time, group[-1].time
+        starts = [e for e in group if e.kind == "start"]
+        ends = [e for e in group if e.kind == "end"]
+        country = next((e.country for e in starts if e.country), "")
+        if ends:
+            end_time: datetime | None = ends[-1].time
+            duration = ends[-1].duration or timedelta(0)
+        else:
+            end_time = None
+            beats = [e.duration for e in group if e.kind == "heartbeat" and e.duration]
+            duration = max([last_time - start_time, *beats])
+        deltas.append(
+            SessionDelta(
+                installation_id=installation_id,
+                session_id=session_id,
+                profile_id=group[0].profile_id,
+                platform=group[-1].platform,
+                country=country,
+                start_time=start_time,
+                last_activity_time=last_time,
+                end_time=end_time,
+                duration=duration,
+                event_count=len(group),
+                started=bool(starts),
+                ended=bool(ends),
+            )
+        )
+    return deltas
+
+
+# ---------------------------------------------------------------------------------------------
+# Imported push tokens
+
+
+def imported_installation_id(platform_name: str, push_token: str) -> str:
+    """The installation ID ImportTokens gives a token: stable (a re-run finds it again), never a
+    valid SDK installation ID by accident, and without the token itself (a hash prefix)."""
+    digest = hashlib.sha256(push_token.encode()).hexdigest()[:32]
+    return f"imported:{platform_name}:{digest}"

@@ -10,7 +10,7 @@ import json
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, cast
 from uuid import UUID
 
@@ -21,6 +21,7 @@ from services.ingest.model import (
     AttributeState,
     InstallationState,
     PendingOperation,
+    SessionDelta,
     TimedSubscriptionChange,
     Value,
 )
@@ -101,7 +102,8 @@ BUMP_PROFILE_VERSIONS = """
     )
     UPDATE profiles p SET version = p.version + 1, update_time = now()
     FROM locked
-    WHERE p.project_id = $1 AND p.profile_id = locked.profile_id"""
+    WHERE p.project_id = $1 AND p.profile_id = locked.profile_id
+    RETURNING p.profile_id, p.version"""
 
 # All attributes of the touched profiles: the rules need the current state of the operated
 # ones and the count of custom ones (limit of 50). The profile locks above keep them current.
@@ -137,6 +139,67 @@ UPSERT_SUBSCRIPTIONS = """
         subscribed = EXCLUDED.subscribed, change_time = EXCLUDED.change_time
     WHERE profile_subscriptions.change_time <= EXCLUDED.change_time"""
 
+# One row per (installation, session) of the batch, merged with what is stored: the span of
+# event times widens, counts add up, the latest explicit end by event time sets end_time and
+# duration, and until then duration is the longest seen. The first known country stays.
+# profile_id is kept from the first event (identity's merge moves it). Rows in key order, so
+# two batches lock the same sessions in the same order. RETURNING gives the country of every
+# touched session, which heartbeat and end events carry on the bus.
+UPSERT_SESSIONS = """
+    INSERT INTO sessions AS s (project_id, installation_id, session_id, profile_id, platform,
+        country, start_time, last_activity_time, end_time, duration, event_count, started,
+        ended, closed)
+    SELECT $1, d.installation_id, d.session_id, d.profile_id, d.platform, nullif(d.country, ''),
+           d.start_time, d.last_activity_time, d.end_time, d.duration, d.event_count,
+           d.started, d.ended, d.ended
+    FROM unnest($2::text[], $3::text[], $4::uuid[], $5::smallint[], $6::text[],
+                $7::timestamptz[], $8::timestamptz[], $9::timestamptz[], $10::interval[],
+                $11::integer[], $12::boolean[], $13::boolean[])
+         AS d(installation_id, session_id, profile_id, platform, country, start_time,
+              last_activity_time, end_time, duration, event_count, started, ended)
+    ORDER BY d.installation_id, d.session_id
+    ON CONFLICT (project_id, installation_id, session_id) DO UPDATE SET
+        platform = EXCLUDED.platform,
+        country = coalesce(s.country, EXCLUDED.country),
+        start_time = least(s.start_time, EXCLUDED.start_time),
+        last_activity_time = greatest(s.last_activity_time, EXCLUDED.last_activity_time),
+        end_time = CASE
+            WHEN EXCLUDED.ended AND (NOT s.ended OR EXCLUDED.end_time >= s.end_time)
+                THEN EXCLUDED.end_time
+            ELSE s.end_time END,
+        duration = CASE
+            WHEN EXCLUDED.ended AND (NOT s.ended OR EXCLUDED.end_time >= s.end_time)
+                THEN EXCLUDED.duration
+            WHEN s.ended THEN s.duration
+            ELSE greatest(s.duration, EXCLUDED.duration,
+                          greatest(s.last_activity_time, EXCLUDED.last_activity_time)
+                          - least(s.start_time, EXCLUDED.start_time)) END,
+        event_count = s.event_count + EXCLUDED.event_count,
+        started = s.started OR EXCLUDED.started,
+        ended = s.ended OR EXCLUDED.ended,
+        closed = s.closed OR EXCLUDED.ended
+    RETURNING installation_id, session_id, country"""
+
+# The sweeper's statement, across projects like the outbox relay: open sessions idle since
+# before $1 are closed at their last activity with the duration seen so far. SKIP LOCKED: a
+# session being updated by an ingest batch is left for the next sweep; several sweepers
+# (replicas) take disjoint rows. Oldest first through sessions_open_by_activity.
+CLOSE_IDLE_SESSIONS = """
+    WITH idle AS (
+        SELECT project_id, installation_id, session_id FROM sessions
+        WHERE NOT closed AND last_activity_time < $1
+        ORDER BY last_activity_time
+        LIMIT $2
+        FOR UPDATE SKIP LOCKED
+    )
+    UPDATE sessions s SET closed = true, end_time = s.last_activity_time,
+        duration = greatest(s.duration, s.last_activity_time - s.start_time)
+    FROM idle
+    WHERE s.project_id = idle.project_id AND s.installation_id = idle.installation_id
+        AND s.session_id = idle.session_id
+    RETURNING s.project_id, s.installation_id, s.session_id, s.profile_id, s.platform,
+              s.country, s.end_time, s.duration"""
+
 SELECT_INSTALLATION_DETAILS = """
     SELECT installation_id, platform, app_version, os_version, device_model, push_token,
            push_opt_in, language, timezone, uninstalled, field_times, first_seen, last_seen
@@ -161,6 +224,34 @@ UPSERT_INSTALLATION_DETAILS = """
         language = EXCLUDED.language, timezone = EXCLUDED.timezone,
         uninstalled = EXCLUDED.uninstalled, field_times = EXCLUDED.field_times,
         first_seen = EXCLUDED.first_seen, last_seen = EXCLUDED.last_seen"""
+
+# Installations that already hold one of the tokens for its platform (imported earlier, or
+# sent by an SDK), with their current profile; the partial index by push token serves it.
+# An SDK installation is preferred to an imported one, then the smallest ID, so the answer is
+# stable.
+SELECT_TOKEN_HOLDERS = """
+    SELECT DISTINCT ON (d.platform, d.push_token) d.platform, d.push_token, d.installation_id,
+           i.profile_id
+    FROM unnest($2::smallint[], $3::text[]) AS k(platform, push_token)
+    JOIN installation_details d ON d.project_id = $1 AND d.platform = k.platform
+                                AND d.push_token = k.push_token
+    JOIN installations i ON i.project_id = $1 AND i.installation_id = d.installation_id
+    ORDER BY d.platform, d.push_token, d.imported, d.installation_id"""
+
+# The imported installations' details. Their IDs derive from the token, so a concurrent import
+# of the same token conflicts here and only one is reported IMPORTED (RETURNING).
+INSERT_IMPORTED_INSTALLATIONS = """
+    INSERT INTO installation_details (project_id, installation_id, platform, push_token,
+        push_opt_in, field_times, first_seen, last_seen, imported)
+    SELECT $1, t.installation_id, t.platform, t.push_token, t.push_opt_in,
+           jsonb_build_object('platform', $6::text, 'push_token', $6::text,
+                              'push_opt_in', $6::text),
+           $7, $7, true
+    FROM unnest($2::text[], $3::smallint[], $4::text[], $5::boolean[])
+         AS t(installation_id, platform, push_token, push_opt_in)
+    ORDER BY t.installation_id
+    ON CONFLICT (project_id, installation_id) DO NOTHING
+    RETURNING installation_id"""
 
 INSERT_REJECTED_EVENTS = """
     INSERT INTO rejected_events (project_id, receive_time, reason, field_path, message,
@@ -196,6 +287,20 @@ UNAVAILABLE: tuple[type[Exception], ...] = (
 
 class TransactionConflict(Aborted):
     reason = "TRANSACTION_CONFLICT"
+
+
+@dataclass(frozen=True, slots=True)
+class ClosedSession:
+    """A session the sweeper closed for lack of activity."""
+
+    project_id: UUID
+    installation_id: str
+    session_id: str
+    profile_id: UUID
+    platform: int
+    country: str
+    end_time: datetime
+    duration: timedelta
 
 
 @dataclass(frozen=True, slots=True)
@@ -309,9 +414,55 @@ class IngestRepository:
 
     async def bump_profile_versions(
         self, conn: asyncpg.Connection, project_id: UUID, profile_ids: Sequence[UUID]
-    ) -> None:
-        if profile_ids:
-            await conn.execute(BUMP_PROFILE_VERSIONS, project_id, sorted(set(profile_ids)))
+    ) -> dict[UUID, int]:
+        """Raises the profiles' versions; returns the new version of each."""
+        if not profile_ids:
+            return {}
+        rows = await conn.fetch(BUMP_PROFILE_VERSIONS, project_id, sorted(set(profile_ids)))
+        return {r["profile_id"]: r["version"] for r in rows}
+
+    async def save_sessions(
+        self, conn: asyncpg.Connection, project_id: UUID, deltas: Sequence[SessionDelta]
+    ) -> dict[tuple[str, str], str]:
+        """Merges the deltas into the stored sessions; returns (installation, session) ->
+        the session's country ("" when unknown)."""
+        if not deltas:
+            return {}
+        rows = await conn.fetch(
+            UPSERT_SESSIONS,
+            project_id,
+            [d.installation_id for d in deltas],
+            [d.session_id for d in deltas],
+            [UUID(d.profile_id) for d in deltas],
+            [d.platform for d in deltas],
+            [d.country for d in deltas],
+            [d.start_time for d in deltas],
+            [d.last_activity_time for d in deltas],
+            [d.end_time for d in deltas],
+            [d.duration for d in deltas],
+            [d.event_count for d in deltas],
+            [d.started for d in deltas],
+            [d.ended for d in deltas],
+        )
+        return {(r["installation_id"], r["session_id"]): r["country"] or "" for r in rows}
+
+    async def close_idle_sessions(
+        self, conn: asyncpg.Connection, idle_before: datetime, limit: int
+    ) -> list[ClosedSession]:
+        rows = await conn.fetch(CLOSE_IDLE_SESSIONS, idle_before, limit)
+        return [
+            ClosedSession(
+                project_id=r["project_id"],
+                installation_id=r["installation_id"],
+                session_id=r["session_id"],
+                profile_id=r["profile_id"],
+                platform=r["platform"],
+                country=r["country"] or "",
+                end_time=r["end_time"],
+                duration=r["duration"],
+            )
+            for r in rows
+        ]
 
     async def attributes(
         self, conn: asyncpg.Connection, project_id: UUID, profile_ids: Sequence[UUID]
@@ -426,3 +577,39 @@ class IngestRepository:
             [r.custom_id or None for r in rejected],
             [r.raw for r in rejected],
         )
+
+    async def token_holders(
+        self, project_id: UUID, tokens: Sequence[tuple[int, str]]
+    ) -> dict[tuple[int, str], tuple[str, UUID]]:
+        """(platform, token) -> (installation ID, profile) for tokens already held."""
+        if not tokens:
+            return {}
+        rows = await self._pool.fetch(
+            SELECT_TOKEN_HOLDERS, project_id, [t[0] for t in tokens], [t[1] for t in tokens]
+        )
+        return {
+            (r["platform"], r["push_token"]): (r["installation_id"], r["profile_id"]) for r in rows
+        }
+
+    async def insert_imported_installations(
+        self,
+        conn: asyncpg.Connection,
+        project_id: UUID,
+        installations: Sequence[tuple[str, int, str, bool]],
+        now: datetime,
+    ) -> set[str]:
+        """Inserts (installation ID, platform, token, opt-in) rows; returns the IDs inserted
+        (the others existed already)."""
+        if not installations:
+            return set()
+        rows = await conn.fetch(
+            INSERT_IMPORTED_INSTALLATIONS,
+            project_id,
+            [i[0] for i in installations],
+            [i[1] for i in installations],
+            [i[2] for i in installations],
+            [i[3] for i in installations],
+            now.isoformat(),
+            now,
+        )
+        return {r["installation_id"] for r in rows}

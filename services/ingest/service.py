@@ -12,6 +12,7 @@ Order of work for one batch (TrackEvents, one StreamEvents batch, ImportEvents):
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -25,7 +26,7 @@ import structlog
 from google.protobuf.timestamp_pb2 import Timestamp
 from prometheus_client import Counter
 
-from profiles.common.v1 import bus_pb2
+from profiles.common.v1 import bus_pb2, types_pb2
 from profiles.ingest.v1 import ingest_service_pb2 as pb
 from services.ingest import model
 from services.ingest.errors import StorageUnavailable
@@ -34,21 +35,32 @@ from services.ingest.model import (
     AttributeState,
     InstallationChange,
     Rejection,
+    SessionEvent,
     TimedOperation,
     TimedSubscriptionChange,
 )
-from services.ingest.repository import IngestRepository, InsertedEvent, TransactionConflict
+from services.ingest.notices import LiveNotices
+from services.ingest.repository import (
+    ClosedSession,
+    IngestRepository,
+    InsertedEvent,
+    TransactionConflict,
+)
 from services.ingest.validation import (
     RejectedEvent,
     ValidEvent,
+    ValidToken,
     ingested_event,
     reject,
     validate_event,
     validate_request,
+    validate_token,
+    validate_token_request,
+    with_country,
 )
 from shared.clock import Clock
 from shared.outbox import OutboxItem, enqueue_many
-from shared.topics import EVENTS
+from shared.topics import EVENTS, IDENTITY
 
 log = structlog.get_logger(__name__)
 
@@ -72,6 +84,24 @@ class Resolver(Protocol):
     async def resolve(self, project_id: UUID, keys: Sequence[OriginKey]) -> list[Resolution]: ...
 
 
+class Countries(Protocol):
+    async def countries(self, ips: Sequence[str]) -> list[str]: ...
+
+
+SESSION_KINDS: dict[int, model.SessionEventKind] = {
+    types_pb2.EVENT_KIND_SESSION_START: "start",
+    types_pb2.EVENT_KIND_SESSION_HEARTBEAT: "heartbeat",
+    types_pb2.EVENT_KIND_SESSION_END: "end",
+}
+# What a ProfileChanged says beside EVENTS, by the kind of the events stored.
+CHANGE_KINDS = {
+    types_pb2.EVENT_KIND_ATTRIBUTE_CHANGE: bus_pb2.PROFILE_CHANGE_KIND_ATTRIBUTES,
+    types_pb2.EVENT_KIND_SUBSCRIPTION_CHANGE: bus_pb2.PROFILE_CHANGE_KIND_SUBSCRIPTIONS,
+    types_pb2.EVENT_KIND_INSTALLATION_UPDATE: bus_pb2.PROFILE_CHANGE_KIND_INSTALLATIONS,
+}
+SWEEP_BATCH_SIZE = 500
+
+
 @dataclass(frozen=True, slots=True)
 class EventResult:
     index: int
@@ -87,6 +117,18 @@ class BatchResult:
 
     def count(self, outcome: Outcome) -> int:
         return sum(1 for r in self.results if r.outcome == outcome)
+
+
+TokenOutcome = Literal["imported", "already_known", "rejected"]
+
+
+@dataclass(frozen=True, slots=True)
+class TokenResult:
+    index: int
+    outcome: TokenOutcome
+    installation_id: str = ""
+    profile_id: UUID | None = None
+    rejection: Rejection | None = None
 
 
 class KnownOrigins:
@@ -130,6 +172,9 @@ class _Stored:
     duplicates: set[int] = field(default_factory=set)
     orphans: list[ValidEvent] = field(default_factory=list)
     late_rejections: list[RejectedEvent] = field(default_factory=list)
+    versions: dict[UUID, int] = field(default_factory=dict)  # touched profile -> version
+    session_countries: dict[tuple[str, str], str] = field(default_factory=dict)
+    ingested: list[bus_pb2.IngestedEvent] = field(default_factory=list)
 
 
 class IngestService:
@@ -139,11 +184,16 @@ class IngestService:
         resolver: Resolver,
         clock: Clock,
         known: KnownOrigins | None = None,
+        *,
+        countries: Countries | None = None,
+        notices: LiveNotices | None = None,
     ) -> None:
         self._repository = repository
         self._resolver = resolver
         self._clock = clock
         self._known = known or KnownOrigins()
+        self._countries = countries
+        self._notices = notices
 
     async def ingest(
         self,
@@ -176,6 +226,7 @@ class IngestService:
                 rejected.append(checked)
                 results[index] = _rejected_result(checked, event)
 
+        valid = await self._resolve_countries(valid)
         for round_ in range(MAX_RESOLVE_ROUNDS):
             profiles, refused = await self._resolve(project_id, valid, by_index)
             rejected.extend(refused)
@@ -212,6 +263,88 @@ class IngestService:
         for outcome in outcomes:
             STORED_EVENTS.labels(outcome).inc(batch.count(outcome))
         return batch
+
+    async def import_tokens(
+        self, project_id: UUID, tokens: Sequence[pb.ImportedToken]
+    ) -> list[TokenResult]:
+        """Creates one imported installation per new push token, on a new anonymous profile
+        (through identity's ResolveProfiles), and publishes InstallationsImported. A token an
+        installation of the platform already holds is ALREADY_KNOWN and changes nothing.
+        Raises BatchInvalid for no tokens or over 1,000, IdentityUnavailable or
+        StorageUnavailable when nothing could be stored (a retry is safe). Idempotent."""
+        validate_token_request(len(tokens))
+        results: dict[int, TokenResult] = {}
+        valid: list[ValidToken] = []
+        for index, raw in enumerate(tokens):
+            checked = validate_token(index, raw)
+            if isinstance(checked, ValidToken) and checked.custom_id is not None:
+                checked = Rejection(
+                    model.CUSTOM_ID_UNSUPPORTED,
+                    "custom_id",
+                    "tokens with a custom ID cannot be imported yet; import it without one",
+                )
+            if isinstance(checked, ValidToken):
+                valid.append(checked)
+            else:
+                results[index] = TokenResult(index, "rejected", rejection=checked)
+        holders = await self._repository.token_holders(
+            project_id, sorted({(t.platform, t.push_token) for t in valid})
+        )
+        new: dict[str, ValidToken] = {}
+        for token in valid:
+            held = holders.get((token.platform, token.push_token))
+            if held is not None:
+                results[token.index] = TokenResult(token.index, "already_known", *held)
+            else:
+                new.setdefault(token.installation_id, token)
+        if new:
+            keys = [OriginKey(False, installation_id) for installation_id in sorted(new)]
+            answers = await self._resolver.resolve(project_id, keys)
+            profiles = {k.value: a.profile_id for k, a in zip(keys, answers, strict=True)}
+            now = self._clock.now()
+            async with self._repository.transaction() as conn:
+                inserted = await self._repository.insert_imported_installations(
+                    conn,
+                    project_id,
+                    [(i, t.platform, t.push_token, t.push_opt_in) for i, t in sorted(new.items())],
+                    now,
+                )
+                message = bus_pb2.InstallationsImported(project_id=str(project_id))
+                message.import_time.FromDatetime(now)
+                for installation_id in sorted(inserted):
+                    message.installations.add(
+                        installation_id=installation_id,
+                        profile_id=str(profiles[installation_id]),
+                        platform=new[installation_id].platform,
+                        push_opt_in=new[installation_id].push_opt_in,
+                    )
+                if inserted:
+                    await enqueue_many(conn, [OutboxItem(project_id, IDENTITY, message)])
+            first_of = {t.index for t in new.values()}
+            for token in valid:
+                if token.index in results:
+                    continue
+                installation_id = token.installation_id
+                imported = installation_id in inserted and token.index in first_of
+                results[token.index] = TokenResult(
+                    token.index,
+                    "imported" if imported else "already_known",
+                    installation_id,
+                    profiles[installation_id],
+                )
+            log.info("tokens_imported", imported=len(inserted), tokens=len(tokens))
+        return [results[i] for i in range(len(tokens))]
+
+    async def _resolve_countries(self, events: list[ValidEvent]) -> list[ValidEvent]:
+        """Session starts that carry a client IP get its country; the IP is dropped here."""
+        with_ip = [e for e in events if e.client_ip is not None]
+        if not with_ip:
+            return events
+        codes = [""] * len(with_ip)
+        if self._countries is not None:
+            codes = await self._countries.countries([e.client_ip or "" for e in with_ip])
+        resolved = {e.index: with_country(e, code) for e, code in zip(with_ip, codes, strict=True)}
+        return [resolved.get(e.index, e) for e in events]
 
     async def _resolve(
         self, project_id: UUID, events: Sequence[ValidEvent], by_index: dict[int, pb.Event]
@@ -289,9 +422,7 @@ class IngestService:
                     await self._repository.insert_rejected_events(
                         conn, project_id, receive_time, all_rejected
                     )
-                    await self._enqueue(
-                        conn, project_id, receive_time, imported, events, stored.accepted
-                    )
+                    await self._enqueue(conn, project_id, receive_time, imported, events, stored)
             except TransactionConflict:
                 if attempt == MAX_TRANSACTION_ATTEMPTS:
                     raise
@@ -299,6 +430,7 @@ class IngestService:
                 continue
             for refusal in all_rejected:
                 REJECTED_EVENTS.labels(refusal.rejection.reason).inc()
+            self._announce(project_id, stored.ingested, stored.versions)
             return stored
         raise AssertionError("unreachable")
 
@@ -360,7 +492,9 @@ class IngestService:
                         stored.orphans.append(event)
         if not accepted:
             return stored
-        await repo.bump_profile_versions(conn, project_id, [row.profile_id for _, row in accepted])
+        stored.versions = await repo.bump_profile_versions(
+            conn, project_id, [row.profile_id for _, row in accepted]
+        )
         refused = await self._apply_attributes(conn, project_id, accepted)
         if refused:
             await repo.delete_events(
@@ -380,6 +514,15 @@ class IngestService:
             ),
         )
         await self._apply_installation_changes(conn, project_id, [e for e, _ in accepted])
+        stored.session_countries = await repo.save_sessions(
+            conn,
+            project_id,
+            model.session_deltas(
+                _session_event(e, row.profile_id)
+                for e, row in accepted
+                if e.installation_id is not None and e.session_id is not None
+            ),
+        )
         stored.accepted = {e.index: row.profile_id for e, row in accepted}
         return stored
 
@@ -415,13 +558,17 @@ class IngestService:
                 after = model.apply_operations(
                     {k: v for k, v in states.items() if v is not None}, timed
                 )
-                held = sum(1 for (native, _), s in states.items() if not native and _present(s))
-                added = sum(
-                    1
+                # Only an event that adds a custom attribute is refused, and only if the profile
+                # would then hold over 50: a merge may have left more, which stay (nothing is
+                # dropped) and may still be changed or unset.
+                added = any(
+                    not native and _present(s) and not _present(states.get((native, name)))
                     for (native, name), s in after.items()
-                    if not native and _present(s) and not _present(states.get((native, name)))
                 )
-                if added and held + added > model.MAX_CUSTOM_ATTRIBUTES_PER_PROFILE:
+                held_after = sum(
+                    1 for key, s in {**states, **after}.items() if not key[0] and _present(s)
+                )
+                if added and held_after > model.MAX_CUSTOM_ATTRIBUTES_PER_PROFILE:
                     refused[event.index] = Rejection(
                         model.PROFILE_ATTRIBUTE_LIMIT,
                         "attribute_operations.operations",
@@ -460,19 +607,122 @@ class IngestService:
         receive_time: datetime,
         imported: bool,
         events: Sequence[ValidEvent],
-        accepted: dict[int, UUID],
+        stored: _Stored,
     ) -> None:
-        if not accepted:
+        if not stored.accepted:
             return
         message = bus_pb2.EventsIngested(project_id=str(project_id), batch_id=str(uuid.uuid4()))
         message.commit_time.FromDatetime(self._clock.now())
         for event in events:
-            profile_id = accepted.get(event.index)
-            if profile_id is not None:
-                message.events.append(
-                    ingested_event(event, str(profile_id), receive_time, imported=imported)
-                )
+            profile_id = stored.accepted.get(event.index)
+            if profile_id is None:
+                continue
+            ingested = ingested_event(event, str(profile_id), receive_time, imported=imported)
+            if ingested.HasField("session") and not ingested.session.country:
+                key = (event.installation_id or "", event.session_id or "")
+                ingested.session.country = stored.session_countries.get(key, "")
+            message.events.append(ingested)
+        stored.ingested = list(message.events)
         await enqueue_many(conn, [OutboxItem(project_id, EVENTS, message)])
+
+    def _announce(
+        self,
+        project_id: UUID,
+        events: Sequence[bus_pb2.IngestedEvent],
+        versions: dict[UUID, int],
+    ) -> None:
+        """Queues one ProfileChanged per touched profile (after commit; never blocks)."""
+        if self._notices is None or not events:
+            return
+        by_profile: dict[str, list[bus_pb2.IngestedEvent]] = {}
+        for event in events:
+            by_profile.setdefault(event.profile_id, []).append(event)
+        now = self._clock.now()
+        notices = []
+        for profile_id, profile_events in by_profile.items():
+            caused = {CHANGE_KINDS[e.kind] for e in profile_events if e.kind in CHANGE_KINDS}
+            kinds = [bus_pb2.PROFILE_CHANGE_KIND_EVENTS, *sorted(caused)]
+            notice = bus_pb2.ProfileChanged(
+                project_id=str(project_id),
+                profile_id=profile_id,
+                kinds=kinds,
+                profile_version=versions.get(UUID(profile_id), 0),
+                events=profile_events,
+            )
+            notice.change_time.FromDatetime(now)
+            notices.append(notice)
+        self._notices.offer(notices)
+
+    async def close_idle_sessions(self, batch_size: int = SWEEP_BATCH_SIZE) -> int:
+        """Closes every open session idle for over 30 minutes (by the clock), at its last
+        activity with the duration seen so far, and publishes a session end for each through
+        the outbox (EventsIngested). Returns how many were closed. Safe to run concurrently."""
+        now = self._clock.now()
+        total = 0
+        while True:
+            async with self._repository.transaction() as conn:
+                closed = await self._repository.close_idle_sessions(
+                    conn, now - model.SESSION_TIMEOUT, batch_size
+                )
+                messages: dict[UUID, bus_pb2.EventsIngested] = {}
+                for session in closed:
+                    message = messages.get(session.project_id)
+                    if message is None:
+                        message = messages[session.project_id] = bus_pb2.EventsIngested(
+                            project_id=str(session.project_id), batch_id=str(uuid.uuid4())
+                        )
+                        message.commit_time.FromDatetime(now)
+                    message.events.append(_timeout_end(session, now))
+                await enqueue_many(
+                    conn, [OutboxItem(p, EVENTS, m) for p, m in sorted(messages.items())]
+                )
+            for project_id, message in messages.items():
+                self._announce(project_id, message.events, {})
+            total += len(closed)
+            if len(closed) < batch_size:
+                if total:
+                    log.info("sessions_closed_idle", count=total)
+                return total
+
+
+def timeout_event_id(session_id: str) -> str:
+    """The event ID of the session end ingest publishes for an idle session: the same for a
+    session however often it is published, so consumers deduplicate it."""
+    return "session_timeout:" + hashlib.sha256(session_id.encode()).hexdigest()[:40]
+
+
+def _timeout_end(session: ClosedSession, now: datetime) -> bus_pb2.IngestedEvent:
+    event = bus_pb2.IngestedEvent(
+        event_id=timeout_event_id(session.session_id),
+        installation_id=session.installation_id,
+        profile_id=str(session.profile_id),
+        platform=session.platform,  # type: ignore[arg-type]
+        kind=types_pb2.EVENT_KIND_SESSION_END,
+        session_id=session.session_id,
+    )
+    event.event_time.FromDatetime(session.end_time)
+    event.receive_time.FromDatetime(now)
+    event.session.duration.FromTimedelta(session.duration)
+    event.session.country = session.country
+    return event
+
+
+def _session_event(event: ValidEvent, profile_id: UUID) -> SessionEvent:
+    assert event.installation_id is not None
+    assert event.session_id is not None
+    country = ""
+    if event.kind == types_pb2.EVENT_KIND_SESSION_START:
+        country = getattr(event.detail, "country", "")
+    return SessionEvent(
+        installation_id=event.installation_id,
+        session_id=event.session_id,
+        profile_id=str(profile_id),
+        platform=event.platform,
+        kind=SESSION_KINDS.get(event.kind, "other"),
+        time=event.event_time,
+        duration=event.session_duration,
+        country=country,
+    )
 
 
 def _present(state: AttributeState | None) -> bool:

@@ -11,8 +11,8 @@ from google.rpc import status_pb2
 from profiles.ingest.v1 import ingest_service_pb2 as pb
 from profiles.ingest.v1 import ingest_service_pb2_grpc as pb_grpc
 from services.ingest import model
-from services.ingest.errors import EventErased, EventInvalid
-from services.ingest.service import BatchResult, EventResult, IngestService
+from services.ingest.errors import EventErased, EventInvalid, TokenRefused
+from services.ingest.service import BatchResult, EventResult, IngestService, TokenResult
 from shared.auth import current_caller
 from shared.errors import FieldViolation, InvalidArgument
 from shared.interceptors import OK_STATUS, status_of_error
@@ -44,6 +44,37 @@ def result_to_proto(result: EventResult) -> pb.EventResult:
     message.status.CopyFrom(status_of_error(error))
     message.reason = rejection.reason
     message.field_path = rejection.field_path
+    return message
+
+
+TOKEN_OUTCOMES = {
+    "imported": pb.TOKEN_OUTCOME_IMPORTED,
+    "already_known": pb.TOKEN_OUTCOME_ALREADY_KNOWN,
+    "rejected": pb.TOKEN_OUTCOME_REJECTED,
+}
+
+
+def token_result_to_proto(result: TokenResult) -> pb.TokenResult:
+    message = pb.TokenResult(
+        outcome=TOKEN_OUTCOMES[result.outcome], installation_id=result.installation_id
+    )
+    if result.profile_id is not None:
+        message.profile_id = str(result.profile_id)
+    rejection = result.rejection
+    if rejection is None:
+        message.status.CopyFrom(OK_STATUS)
+        return message
+    path = f"tokens[{result.index}].{rejection.field_path}"
+    error: TokenRefused | EventInvalid
+    if rejection.reason == model.CUSTOM_ID_UNSUPPORTED:
+        error = TokenRefused(rejection.message)
+    else:
+        error = EventInvalid(
+            rejection.message, [FieldViolation(path, rejection.message, rejection.reason)]
+        )
+        error.reason = rejection.reason
+    message.status.CopyFrom(status_of_error(error))
+    message.reason = rejection.reason
     return message
 
 
@@ -116,5 +147,9 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
     async def ImportTokens(
         self, request: pb.ImportTokensRequest, context: grpc.aio.ServicerContext
     ) -> pb.ImportTokensResponse:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "ImportTokens is not implemented yet")
-        raise AssertionError("abort raises")
+        results = await self._service.import_tokens(current_caller().project_id, request.tokens)
+        response = pb.ImportTokensResponse(results=[token_result_to_proto(r) for r in results])
+        response.imported_count = sum(1 for r in results if r.outcome == "imported")
+        response.already_known_count = sum(1 for r in results if r.outcome == "already_known")
+        response.rejected_count = sum(1 for r in results if r.outcome == "rejected")
+        return response

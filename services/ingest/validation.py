@@ -11,7 +11,7 @@ from __future__ import annotations
 import base64
 import ipaddress
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -72,6 +72,11 @@ NATIVE_NAMES = {
     types_pb2.NATIVE_ATTRIBUTE_AVATAR_URL: "avatar_url",
     types_pb2.NATIVE_ATTRIBUTE_COUNTRY: "country",
 }
+TOKEN_PLATFORMS: dict[int, str] = {
+    types_pb2.PLATFORM_IOS: "ios",
+    types_pb2.PLATFORM_ANDROID: "android",
+    types_pb2.PLATFORM_WEB: "web",
+}
 KINDS = {
     "custom": types_pb2.EVENT_KIND_CUSTOM,
     "session_start": types_pb2.EVENT_KIND_SESSION_START,
@@ -108,6 +113,11 @@ class ValidEvent:
     operations: tuple[AttributeOperation, ...] = ()
     subscription: model.SubscriptionChange | None = None
     installation_values: Mapping[str, Any] | None = None
+    # Session heartbeat and end: the duration sent.
+    session_duration: timedelta | None = None
+    # Session start without a country: the client IP to resolve the country from, then drop.
+    # Never stored, logged or published (neither `detail` nor `payload` holds it).
+    client_ip: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -434,6 +444,7 @@ def _payload(event: pb.Event, fields: dict[str, Any]) -> None:
                 raise Invalid(
                     model.VALUE_INVALID, "session_start.client_ip", "not an IP address"
                 ) from None
+            fields["client_ip"] = start.client_ip
         detail = bus_pb2.SessionDetail(country=country)
         fields["detail_field"] = "session"
         # A session is a sign of life: it clears an earlier uninstall.
@@ -442,6 +453,7 @@ def _payload(event: pb.Event, fields: dict[str, Any]) -> None:
         duration = _duration(getattr(event, which), f"{which}.duration")
         detail = bus_pb2.SessionDetail()
         detail.duration.FromTimedelta(duration)
+        fields["session_duration"] = duration
         fields["detail_field"] = "session"
     elif which == "attribute_operations":
         fields["operations"], detail = _attribute_operations(event)
@@ -470,10 +482,38 @@ def _payload(event: pb.Event, fields: dict[str, Any]) -> None:
         detail = bus_pb2.CrashDetail(name=crash.name, reason=crash.reason, fatal=crash.fatal)
         fields["detail_field"] = "crash"
     fields["detail"] = detail
-    payload = json_format.MessageToDict(detail, preserving_proto_field_name=True)
+    if isinstance(detail, bus_pb2.CustomEventDetail):
+        payload = custom_payload(detail)  # the most common kind: json_format is slow
+    else:
+        payload = json_format.MessageToDict(detail, preserving_proto_field_name=True)
     if which == "crash" and event.crash.stack_trace:
         payload["stack_trace"] = event.crash.stack_trace
     fields["payload"] = payload
+
+
+def _value_json(value: types_pb2.AttributeValue) -> dict[str, Any]:
+    which = value.WhichOneof("value")
+    if which == "number_value":
+        return {which: float(value.number_value)}
+    if which == "timestamp_value":
+        return {which: value.timestamp_value.ToJsonString()}
+    if which == "string_list_value":
+        items = list(value.string_list_value.values)
+        return {which: {"values": items} if items else {}}
+    if which is None:
+        return {}
+    return {which: getattr(value, which)}
+
+
+def custom_payload(detail: bus_pb2.CustomEventDetail) -> dict[str, Any]:
+    """The same dict as json_format.MessageToDict(detail, preserving_proto_field_name=True),
+    built directly (a unit test checks they are equal)."""
+    payload: dict[str, Any] = {"name": detail.name}
+    if detail.label:
+        payload["label"] = detail.label
+    if detail.attributes:
+        payload["attributes"] = {k: _value_json(v) for k, v in detail.attributes.items()}
+    return payload
 
 
 def _origin(event: pb.Event) -> tuple[str | None, str | None]:
@@ -605,3 +645,57 @@ def ingested_event(
     message.receive_time.FromDatetime(receive_time)
     getattr(message, event.detail_field).CopyFrom(event.detail)
     return message
+
+
+def with_country(event: ValidEvent, country: str) -> ValidEvent:
+    """A session start with the country resolved from its client IP, and the IP dropped."""
+    detail = bus_pb2.SessionDetail(country=country)
+    payload = json_format.MessageToDict(detail, preserving_proto_field_name=True)
+    return replace(event, detail=detail, payload=payload, client_ip=None)
+
+
+@dataclass(frozen=True, slots=True)
+class ValidToken:
+    """A push token to import; `push_token` is a secret (kept out of reprs and logs)."""
+
+    index: int
+    platform: int
+    push_token: str = field(repr=False)
+    custom_id: str | None
+    push_opt_in: bool
+
+    @property
+    def installation_id(self) -> str:
+        return model.imported_installation_id(TOKEN_PLATFORMS[self.platform], self.push_token)
+
+
+def validate_token_request(token_count: int) -> None:
+    """Raises BatchInvalid for no tokens or over 1,000."""
+    if token_count == 0:
+        raise BatchInvalid(
+            "the request has no tokens",
+            [FieldViolation("tokens", "at least one token is required", "TOKENS_MISSING")],
+        )
+    if token_count > model.MAX_TOKENS_PER_REQUEST:
+        raise TooManyEvents(
+            f"the request has {token_count} tokens; at most {model.MAX_TOKENS_PER_REQUEST}",
+            [FieldViolation("tokens", "at most 1000 tokens per request", "TOO_MANY_TOKENS")],
+        )
+
+
+def validate_token(index: int, token: pb.ImportedToken) -> ValidToken | Rejection:
+    """Checks one imported token; the rejection's field path is relative to the token."""
+    if token.platform not in TOKEN_PLATFORMS:
+        return Rejection(model.PLATFORM_INVALID, "platform", "iOS, Android or Web is required")
+    if not 1 <= len(token.push_token) <= model.MAX_PUSH_TOKEN_LENGTH or model.has_nul(
+        token.push_token
+    ):
+        return Rejection(
+            model.PUSH_TOKEN_INVALID, "push_token", "push_token must be 1 to 4096 characters"
+        )
+    custom_id = token.custom_id or None
+    if custom_id is not None:
+        problem = model.custom_id_problem(custom_id)
+        if problem is not None:
+            return Rejection(model.CUSTOM_ID_INVALID, "custom_id", problem)
+    return ValidToken(index, token.platform, token.push_token, custom_id, token.push_opt_in)

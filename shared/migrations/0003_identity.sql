@@ -57,10 +57,21 @@ CREATE TABLE identity_requests (
 CREATE INDEX identity_requests_by_time ON identity_requests (create_time);
 
 -- Custom IDs of erased profiles, refused until expire_time. Only a keyed hash (HMAC-SHA256) of
--- the custom ID is kept, linked to nothing else.
+-- the custom ID is kept, linked to nothing else; expired rows are ignored, and purged by the
+-- project's next erasure.
 CREATE TABLE quarantined_custom_ids (
     project_id uuid NOT NULL,
     custom_id_hmac bytea NOT NULL,
     expire_time timestamptz NOT NULL,
     PRIMARY KEY (project_id, custom_id_hmac)
+);
+
+-- Each project's secret for keyed hashes of custom IDs (quarantine entries, erased events'
+-- dedupe markers), 32 random bytes made by identity on the project's first erasure and never
+-- changed (a new one would unquarantine every erased custom ID). Never logged or exported.
+CREATE TABLE custom_id_hmac_keys (
+    project_id uuid NOT NULL REFERENCES projects ON DELETE CASCADE,
+    hmac_key bytea NOT NULL CHECK (octet_length(hmac_key) = 32),
+    create_time timestamptz NOT NULL,
+    PRIMARY KEY (project_id)
 );

@@ -25,6 +25,7 @@ class ScriptedQueryServicer(pb_grpc.QueryServiceServicer):
         self.release = asyncio.Event()
         self.in_flight = asyncio.Event()
         self.streaming = 0
+        self.streams_closed = 0
 
     async def GetProfile(self, request: pb.GetProfileRequest, context) -> pb.GetProfileResponse:  # type: ignore[no-untyped-def, override]
         script = dict(context.invocation_metadata()).get("x-test", "")
@@ -49,9 +50,12 @@ class ScriptedQueryServicer(pb_grpc.QueryServiceServicer):
         self, request: pb.WatchProfileRequest, context
     ) -> AsyncIterator[pb.WatchProfileResponse]:
         self.streaming += 1
-        while True:
-            yield pb.WatchProfileResponse()
-            await asyncio.sleep(0.05)
+        try:
+            while True:
+                yield pb.WatchProfileResponse()
+                await asyncio.sleep(0.05)
+        finally:
+            self.streams_closed += 1
 
 
 @pytest.fixture
@@ -187,3 +191,18 @@ async def test_shutdown_finishes_in_flight_calls_and_ends_streams_unavailable(  
     await asyncio.wait_for(stopping, 15)
     with pytest.raises(grpc.aio.AioRpcError):
         await health.Check(health_pb2.HealthCheckRequest(), timeout=2)
+
+
+async def test_a_client_cancelling_a_stream_ends_the_servicer_generator(  # type: ignore[no-untyped-def]
+    scripted, servicer, project
+) -> None:
+    _, channel = scripted
+    stub = pb_grpc.QueryServiceStub(channel)
+    stream = stub.WatchProfile(pb.WatchProfileRequest(), metadata=project.metadata("read"))
+    await stream.read()
+    stream.cancel()
+
+    async def generator_closed() -> bool:
+        return servicer.streams_closed == 1
+
+    await eventually(generator_closed)

@@ -279,13 +279,3 @@ async def test_merges_splits_and_creations_are_published(
     assert identify.installation_id == other
     created = {m.profile_id for m in of_type(found, bus_pb2.ProfileCreated)}
     assert created == {known, anonymous, out.profile_id, identified.profile_id}
-
-
-async def test_delete_and_export_are_not_implemented_yet(identity: Identity) -> None:
-    with pytest.raises(grpc.aio.AioRpcError) as raised:
-        await identity.stub.DeleteProfile(
-            pb.DeleteProfileRequest(profile_id=str(uuid.uuid4())),
-            metadata=identity.project.metadata("admin"),
-            timeout=5,
-        )
-    assert raised.value.code() is grpc.StatusCode.UNIMPLEMENTED

@@ -1,0 +1,319 @@
+"""Ingest benchmark: TrackEvents throughput end to end, as a ratio to a raw COPY of the same rows.
+
+    python -m bench.ingest [--quick] [--clients C] [--duration S]
+
+Starts identity and ingest as subprocesses (`profiles serve`) on embedded PostgreSQL and Redis
+(the default of `profiles up`), creates a project, then:
+- warm-up: one batch per group of installations, so identity knows all of them (steady state:
+  most traffic comes from installations already seen);
+- load: C concurrent clients (default 4, one channel each, in this process) send batches of 500
+  realistic events (custom events with attributes, session start/heartbeat/end, attribute
+  operations, consent changes, installation updates, crashes; over 5,000 installations) back
+  to back for S seconds; per batch the latency and the accepted count are recorded. When
+  TrackEvents returns, its accepted events are committed, so accepted/s is committed/s; the
+  count of rows in `events` is checked against it at the end;
+- baseline, in the same run: the rows just stored, read back and written with asyncpg's COPY
+  (`copy_records_to_table`) in batches of 500 over one connection into a table created
+  `LIKE events INCLUDING ALL` (same columns, identity, primary key and indexes), no service in
+  between.
+
+Output: a report, then JSON lines; the headline is `trackevents_events_per_s` with baseline
+`raw_copy_rows_per_s`. Everything shares this machine's cores (client, two services, PostgreSQL,
+Redis), so the ratio is the figure, not the absolute rates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import random
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+import grpc
+
+from bench.common import (
+    ChildProcess,
+    Figure,
+    LatencySummary,
+    add_backend_arguments,
+    create_project,
+    free_port,
+    make_work_dir,
+    print_figures,
+    run_main,
+    service_settings,
+    start_backends,
+    start_service_process,
+    wait_serving,
+)
+from profiles.client import open_channel
+from profiles.common.v1 import types_pb2
+from profiles.ingest.v1 import ingest_service_pb2 as pb
+from profiles.ingest.v1 import ingest_service_pb2_grpc as pb_grpc
+from shared.logging import configure_logging
+
+BENCH = "ingest"
+BATCH_SIZE = 500
+INSTALLATIONS = 5_000
+EVENT_COLUMNS = (
+    "project_id",
+    "installation_id",
+    "custom_id",
+    "event_id",
+    "profile_id",
+    "kind",
+    "name",
+    "event_time",
+    "receive_time",
+    "session_id",
+    "platform",
+    "payload",
+    "imported",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Sizes:
+    clients: int
+    duration_s: float
+
+
+QUICK = Sizes(clients=4, duration_s=15.0)
+FULL = Sizes(clients=4, duration_s=60.0)
+
+
+class Traffic:
+    """Realistic batches: a mix of payload kinds over many installations, unique event IDs."""
+
+    def __init__(self, seed: int) -> None:
+        self._rng = random.Random(seed)
+        self._installations = [
+            (f"bench-{i:05d}", (types_pb2.PLATFORM_IOS, types_pb2.PLATFORM_ANDROID,
+                                types_pb2.PLATFORM_WEB)[i % 3])
+            for i in range(INSTALLATIONS)
+        ]  # fmt: skip
+        self._sequence = 0
+
+    def warmup_batches(self) -> list[list[pb.Event]]:
+        events = [self._event(i, p, "custom") for i, p in self._installations]
+        return [events[k : k + BATCH_SIZE] for k in range(0, len(events), BATCH_SIZE)]
+
+    def batch(self) -> list[pb.Event]:
+        rng = self._rng
+        kinds = rng.choices(
+            ("custom", "session_start", "session_heartbeat", "session_end", "attributes",
+             "subscription", "installation", "crash"),
+            (60, 8, 6, 6, 10, 3, 5, 2),
+            k=BATCH_SIZE,
+        )  # fmt: skip
+        return [self._event(*rng.choice(self._installations), kind) for kind in kinds]
+
+    def _event(self, installation_id: str, platform: int, kind: str) -> pb.Event:
+        rng = self._rng
+        self._sequence += 1
+        event = pb.Event(
+            event_id=uuid.UUID(int=rng.getrandbits(128)).hex,
+            installation_id=installation_id,
+            platform=platform,  # type: ignore[arg-type]
+            session_id=f"{installation_id}-s{self._sequence % 7}",
+        )
+        event.event_time.FromDatetime(datetime.now(UTC) - timedelta(seconds=rng.randint(0, 600)))
+        if kind == "custom":
+            event.custom.name = rng.choice(("view_item", "add_to_cart", "search", "purchase"))
+            event.custom.label = "catalog"
+            event.custom.attributes["item"].string_value = f"sku-{rng.randint(1, 5000)}"
+            event.custom.attributes["price"].number_value = round(rng.uniform(1, 300), 2)
+            event.custom.attributes["in_stock"].bool_value = rng.random() < 0.9
+        elif kind == "session_start":
+            event.session_start.country = rng.choice(("FR", "US", "DE", "BR", "JP"))
+        elif kind == "session_heartbeat":
+            event.session_heartbeat.duration.FromSeconds(rng.randint(10, 600))
+        elif kind == "session_end":
+            event.session_end.duration.FromSeconds(rng.randint(10, 900))
+        elif kind == "attributes":
+            operations = event.attribute_operations.operations
+            visits = operations.add(kind=types_pb2.ATTRIBUTE_OPERATION_KIND_INCREMENT)
+            visits.custom_attribute = "visits"
+            visits.value.number_value = 1
+            plan = operations.add(kind=types_pb2.ATTRIBUTE_OPERATION_KIND_SET)
+            plan.custom_attribute = "plan"
+            plan.value.string_value = rng.choice(("free", "pro", "team"))
+        elif kind == "subscription":
+            event.subscription_change.channel = types_pb2.CHANNEL_EMAIL
+            event.subscription_change.kind = types_pb2.SUBSCRIPTION_KIND_MARKETING
+            event.subscription_change.subscribed = rng.random() < 0.5
+        elif kind == "installation":
+            event.installation_update.app_version = rng.choice(("4.1.0", "4.2.0"))
+            event.installation_update.push_opt_in = rng.random() < 0.7
+        else:
+            event.crash.name = "NullPointerException"
+            event.crash.reason = "cart was null"
+            event.crash.stack_trace = "at Cart.total(Cart.java:42)\n" * 10
+            event.crash.fatal = True
+        return event
+
+
+@dataclass(slots=True)
+class LoadOutcome:
+    latencies_s: list[float] = field(default_factory=list)
+    accepted: int = 0
+    rejected: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+    elapsed_s: float = 0.0
+
+
+async def run_load(address: str, key: str, sizes: Sizes, traffic: Traffic) -> LoadOutcome:
+    outcome = LoadOutcome()
+    warm = open_channel(address, key, timeout=60)
+    try:
+        stub = pb_grpc.IngestServiceStub(warm)
+        for batch in traffic.warmup_batches():
+            await stub.TrackEvents(pb.TrackEventsRequest(events=batch))
+    finally:
+        await warm.close()
+    # Batches are built ahead, so the clients measure the service, not protobuf building.
+    pool = [traffic.batch() for _ in range(sizes.clients * 4)]
+    deadline = time.monotonic() + sizes.duration_s
+
+    async def client(number: int) -> None:
+        channel = open_channel(address, key, timeout=60)
+        stub = pb_grpc.IngestServiceStub(channel)
+        turn = number
+        try:
+            while time.monotonic() < deadline:
+                request = pb.TrackEventsRequest(events=pool[turn % len(pool)])
+                pool[turn % len(pool)] = traffic.batch()  # fresh IDs for the next use
+                turn += sizes.clients
+                started = time.perf_counter()
+                try:
+                    reply = await stub.TrackEvents(request)
+                except grpc.aio.AioRpcError as error:
+                    name = error.code().name
+                    outcome.errors[name] = outcome.errors.get(name, 0) + 1
+                    continue
+                outcome.latencies_s.append(time.perf_counter() - started)
+                outcome.accepted += reply.accepted_count
+                outcome.rejected += reply.rejected_count
+        finally:
+            await channel.close()
+
+    started = time.perf_counter()
+    async with asyncio.TaskGroup() as group:
+        for number in range(sizes.clients):
+            group.create_task(client(number))
+    outcome.elapsed_s = time.perf_counter() - started
+    return outcome
+
+
+async def raw_copy_rate(database_url: str, rows: int) -> tuple[float, int]:
+    """Rows per second of COPY into a table like `events` (same indexes), 500 rows per COPY
+    over one connection, of the last `rows` rows stored. Returns (rate, rows copied)."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        records = await conn.fetch(
+            f"SELECT {', '.join(EVENT_COLUMNS)} FROM events ORDER BY event_seq DESC LIMIT $1",
+            rows,
+        )
+        await conn.execute("DROP TABLE IF EXISTS bench_events_copy")
+        await conn.execute("CREATE TABLE bench_events_copy (LIKE events INCLUDING ALL)")
+        values = [tuple(r) for r in records]
+        started = time.perf_counter()
+        for k in range(0, len(values), BATCH_SIZE):
+            await conn.copy_records_to_table(
+                "bench_events_copy", records=values[k : k + BATCH_SIZE], columns=EVENT_COLUMNS
+            )
+        elapsed = time.perf_counter() - started
+        await conn.execute("DROP TABLE bench_events_copy")
+        return len(values) / elapsed, len(values)
+    finally:
+        await conn.close()
+
+
+async def stored_events(database_url: str) -> int:
+    conn = await asyncpg.connect(database_url)
+    try:
+        return int(await conn.fetchval("SELECT count(*) FROM events"))
+    finally:
+        await conn.close()
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.ingest", description=__doc__)
+    add_backend_arguments(parser)
+    parser.add_argument("--clients", type=int, help="concurrent clients (default 4)")
+    parser.add_argument("--duration", type=float, help="load seconds (quick 15, full 60)")
+    parser.add_argument("--log-level", default="warning", help="services' log level")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    base = QUICK if args.quick else FULL
+    sizes = Sizes(args.clients or base.clients, args.duration or base.duration_s)
+    configure_logging("warning")
+    with contextlib.ExitStack() as stack:
+        work_dir = make_work_dir(stack)
+        backends = start_backends(stack, work_dir, args.database_url, args.redis_url)
+        project = asyncio.run(create_project(backends.database_url, roles=("sdk",)))
+        identity_settings = service_settings(
+            backends, "identity", work_dir, log_level=args.log_level
+        )
+        ingest_port = free_port()
+        ingest_settings = identity_settings.with_changes(
+            ports={**identity_settings.ports, "ingest": ingest_port},
+            metrics_ports={**identity_settings.metrics_ports, "ingest": free_port()},
+            addresses={
+                **identity_settings.addresses,
+                "identity": f"127.0.0.1:{identity_settings.ports['identity']}",
+            },
+        )
+        identity = start_service_process(stack, "identity", identity_settings, work_dir)
+        ingest = start_service_process(stack, "ingest", ingest_settings, work_dir)
+        address = f"127.0.0.1:{ingest_port}"
+        asyncio.run(wait_all(identity, ingest_settings.addresses["identity"], ingest, address))
+        print(
+            f"started identity (pid {identity.pid}) and ingest (pid {ingest.pid});"
+            f" {sizes.clients} clients x batches of {BATCH_SIZE} for {sizes.duration_s:.0f} s"
+        )
+        outcome = asyncio.run(run_load(address, project.keys["sdk"], sizes, Traffic(seed=1)))
+        ingest.check_alive()
+        total = asyncio.run(stored_events(backends.database_url))
+        copy_rate, copied = asyncio.run(raw_copy_rate(backends.database_url, outcome.accepted))
+    rate = outcome.accepted / outcome.elapsed_s
+    latency = LatencySummary.of(outcome.latencies_s)
+    print(
+        f"TrackEvents: {outcome.accepted} events accepted in {outcome.elapsed_s:.1f} s"
+        f" = {rate:.0f} events/s (all committed: {total} rows in events incl. warm-up);"
+        f" {len(outcome.latencies_s)} batches, p50 {latency.p50_ms:.1f} ms,"
+        f" p99 {latency.p99_ms:.1f} ms; rejected {outcome.rejected}; errors {outcome.errors}"
+    )
+    print(f"raw COPY: {copied} rows at {copy_rate:.0f} rows/s (one connection, 500 per COPY)")
+    print(f"ratio: {rate / copy_rate:.3f}")
+    print_figures(
+        BENCH,
+        [
+            Figure("trackevents_events_per_s", rate, "events/s", "raw_copy_rows_per_s", copy_rate),
+            Figure("trackevents_batch_p50_ms", latency.p50_ms, "ms", "none", float("nan")),
+            Figure("trackevents_batch_p99_ms", latency.p99_ms, "ms", "none", float("nan")),
+        ],
+        quick=args.quick,
+    )
+    if outcome.errors or outcome.rejected:
+        return 1
+    return 0
+
+
+async def wait_all(
+    identity: ChildProcess, identity_address: str, ingest: ChildProcess, address: str
+) -> None:
+    await wait_serving(identity_address, identity)
+    await wait_serving(address, ingest)
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,339 @@
+"""DeleteProfile: erasure for a privacy request leaves no row of the person behind in any table
+(found from the schema, so tables added later are checked too), only the HMAC quarantine and
+bare event-ID markers; the quarantine refuses the custom ID until it ends."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+import asyncpg
+import grpc
+import pytest
+from redis.asyncio import Redis
+
+from profiles.identity.v1 import identity_service_pb2 as pb
+from profiles.ingest.v1 import ingest_service_pb2 as ipb
+from profiles.ingest.v1 import ingest_service_pb2_grpc as ipb_grpc
+from shared.clock import FrozenClock
+from tests.api.test_identity_helpers import (
+    Identity,
+    bus_pb2,
+    count,
+    error_info,
+    identity_messages,
+    installation_row,
+    of_type,
+    person_events,
+    start_identity_and_ingest,
+)
+from tests.api.test_ingest_helpers import NOW, Ingest, custom_event
+from tests.conftest import create_test_project, eventually
+
+if TYPE_CHECKING:
+    from tests.conftest import TestProject
+
+ACCEPTED = ipb.EVENT_OUTCOME_ACCEPTED
+DUPLICATE = ipb.EVENT_OUTCOME_DUPLICATE
+REJECTED = ipb.EVENT_OUTCOME_REJECTED
+
+# Text, JSON, array and byte columns can hold an ID or a value; bytea is read with its printable
+# bytes as they are (encode 'escape'), so an ID inside a serialized message is found too.
+SCANNED_TYPES = ("text", "character varying", "uuid", "jsonb", "json", "ARRAY", "bytea")
+COLUMNS = """
+    SELECT c.table_name, c.column_name, c.data_type
+    FROM information_schema.columns c
+    JOIN information_schema.tables t
+        ON t.table_schema = c.table_schema AND t.table_name = c.table_name
+    WHERE c.table_schema = current_schema() AND t.table_type = 'BASE TABLE'
+    ORDER BY c.table_name, c.column_name"""
+
+
+@pytest.fixture
+async def db(database_url: str) -> AsyncIterator[asyncpg.Pool]:
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=4)
+    assert pool is not None
+    yield pool
+    await pool.close()
+
+
+@pytest.fixture
+def clock() -> FrozenClock:
+    return FrozenClock(NOW)
+
+
+@pytest.fixture
+async def services(
+    start_services: Any, settings_for_test: Any, project: TestProject, database_url: str, clock: Any
+) -> tuple[Identity, Ingest]:
+    identity_channel, ingest_channel = await start_identity_and_ingest(
+        start_services, settings_for_test, clock
+    )
+    ingest = Ingest(
+        ipb_grpc.IngestServiceStub(ingest_channel),
+        project.metadata("sdk"),
+        project.metadata("admin"),
+        database_url,
+    )
+    return Identity(identity_channel, project), ingest
+
+
+async def leftovers(
+    db: asyncpg.Pool, project: TestProject, values: set[str]
+) -> list[tuple[str, str, str]]:
+    """(table, column, value) for every cell of the project that still contains one of
+    `values`, except the documented remains: bare event markers (installation ID and event ID
+    of a row without profile, payload or time of its own), the DeleteProfile answer kept for
+    retries, and the ProfileDeleted message on its way to the bus."""
+    found = []
+    columns = await db.fetch(COLUMNS)
+    by_table: dict[str, dict[str, str]] = {}
+    for row in columns:
+        by_table.setdefault(row["table_name"], {})[row["column_name"]] = row["data_type"]
+    for table, types in by_table.items():
+        tenant = "project_id" in types
+        for column, data_type in types.items():
+            if data_type not in SCANNED_TYPES or column == "project_id":
+                continue
+            cell = (
+                f"encode(\"{column}\", 'escape')" if data_type == "bytea" else f'"{column}"::text'
+            )
+            allowed = "true"
+            if table == "events" and column in ("installation_id", "event_id"):
+                allowed = "NOT (profile_id IS NULL AND payload IS NULL AND name IS NULL)"
+            elif table == "identity_requests":
+                allowed = "rpc <> 'DeleteProfile'"
+            elif table == "outbox":
+                allowed = "kind <> 'profiles.common.v1.ProfileDeleted'"
+            where = "project_id = $1 AND " if tenant else ""
+            args: list[Any] = [project.project_id] if tenant else []
+            for value in sorted(values):
+                hits = await db.fetchval(
+                    f'SELECT count(*) FROM "{table}" WHERE {where}'
+                    f" strpos({cell}, ${len(args) + 1}) > 0 AND ({allowed})",
+                    *args,
+                    value,
+                )
+                if hits:
+                    found.append((table, column, value))
+    return found
+
+
+async def test_erasure_leaves_nothing_of_the_person_in_any_table(
+    services: tuple[Identity, Ingest], db: asyncpg.Pool, project: TestProject
+) -> None:
+    identity, ingest = services
+    phone, tablet, bob_phone = (f"inst-{tag}-{uuid.uuid4().hex[:8]}" for tag in "ptb")
+    alice = f"alice-{uuid.uuid4().hex[:8]}"
+    alice_alt = f"alice-alt-{uuid.uuid4().hex[:8]}"
+    phone_batch = await person_events(ingest, phone, "alice")
+    anonymous_phone = await identity.profile_of(phone)
+    await identity.identify(phone, alice)
+    await person_events(ingest, tablet, "alice2")
+    tablet_anonymous = await identity.profile_of(tablet)
+    merged = await identity.identify(tablet, alice)
+    assert merged.outcome == pb.IDENTIFY_OUTCOME_MERGED
+    survivor = merged.profile_id
+    # Server-side data, a second account merged by an operator (its custom ID an alias), and a
+    # rejected event of the phone.
+    server_side = custom_event(None, custom_id=alice, event_id="srv-1", note="server-alice")
+    assert (await ingest.track(server_side)).results[0].outcome == ACCEPTED
+    alt_profile = await identity.profile_of_custom_id(alice_alt)
+    alt_event = custom_event(None, custom_id=alice_alt, event_id="srv-2", note="alt-alice")
+    assert (await ingest.track(alt_event)).results[0].outcome == ACCEPTED
+    merge = await identity.merge(alt_profile, survivor, allow_conflict=True)
+    assert merge.alias_custom_id == alice_alt
+    bad = custom_event(phone, event_id="bad-1", name="Not A Valid Name!", sku="sku-rejected")
+    assert (await ingest.track(bad)).results[0].outcome == REJECTED
+    # Someone else, who must keep everything.
+    await person_events(ingest, bob_phone, "bob")
+    bob = await identity.profile_of(bob_phone)
+    bob_events = await count(
+        db, "SELECT count(*) FROM events WHERE profile_id = $1", uuid.UUID(bob)
+    )
+    # Published messages leave the outbox; what is still queued must go with the erasure.
+    await eventually(lambda: _outbox_empty(db))
+    stored_events = await count(
+        db, "SELECT count(*) FROM events WHERE profile_id = $1", uuid.UUID(survivor)
+    )
+    assert stored_events == 2 * len(phone_batch) + 2
+    survivor_rows = "SELECT count(*) FROM {} WHERE profile_id = $1"
+    for table, expected in (("sessions", 2), ("profile_subscriptions", 1)):
+        assert await count(db, survivor_rows.format(table), uuid.UUID(survivor)) == expected
+
+    # A merged-away ID resolves to its survivor, which is erased with its tombstones.
+    reply = await identity.delete(tablet_anonymous, request_id="erase-1")
+
+    assert reply.profile_id == survivor
+    assert reply.custom_id_quarantined
+    assert reply.quarantine_expire_time.ToDatetime().date() == (NOW + timedelta(days=30)).date()
+    assert reply.deleted_event_count == stored_events
+    assert reply.unlinked_installation_count == 2
+    secrets = {
+        survivor,
+        anonymous_phone,
+        tablet_anonymous,
+        alt_profile,
+        alice,
+        alice_alt,
+        phone,
+        tablet,
+        "alice@example.com",
+        "alice2@example.com",
+        "tier-alice-gold",
+        "sku-alice-991",
+        "push-token-alice",
+        "push-token-alice2",
+        "server-alice",
+        "alt-alice",
+        "sku-rejected",
+        "alice-session",
+    }
+    assert await leftovers(db, project, secrets) == []
+    # What remains: two quarantine hashes and the bare markers.
+    assert await count(db, "SELECT count(*) FROM quarantined_custom_ids") == 2
+    markers = await db.fetch("SELECT * FROM events WHERE profile_id IS NULL ORDER BY event_seq")
+    assert len(markers) == stored_events
+    assert {m["installation_id"] for m in markers} == {phone, tablet, None}
+    assert all(m["custom_id"].startswith("erased:") for m in markers if m["custom_id"])
+    assert all(m["payload"] is None and m["session_id"] is None for m in markers)
+    # Bob keeps everything.
+    assert (
+        await count(db, "SELECT count(*) FROM events WHERE profile_id = $1", uuid.UUID(bob))
+        == bob_events
+    )
+    assert await identity.profile_of(bob_phone) == bob
+    assert await leftovers(db, project, {bob, "bob@example.com", "push-token-bob"}) != []
+
+    # A retried DeleteProfile returns its first answer; without request_id it is NOT_FOUND.
+    assert await identity.delete(tablet_anonymous, request_id="erase-1") == reply
+    with pytest.raises(grpc.aio.AioRpcError) as gone:
+        await identity.delete(survivor)
+    assert gone.value.code() is grpc.StatusCode.NOT_FOUND
+    assert error_info(gone.value).reason == "PROFILE_NOT_FOUND"
+
+    # An SDK retrying the old batch stores nothing and brings nothing back...
+    retried = await ingest.track(*phone_batch)
+    assert [r.outcome for r in retried.results] == [DUPLICATE] * len(phone_batch)
+    # ...and the phone's next event starts a fresh anonymous profile.
+    later = await ingest.track(custom_event(phone, event_id="after-erasure"))
+    fresh = later.results[0].profile_id
+    assert later.results[0].outcome == ACCEPTED
+    assert fresh not in secrets
+    assert (
+        await count(db, "SELECT count(*) FROM events WHERE profile_id = $1", uuid.UUID(fresh)) == 1
+    )
+    for table in ("profile_attributes", "profile_subscriptions", "sessions"):
+        assert (
+            await count(db, f"SELECT count(*) FROM {table} WHERE profile_id = $1", uuid.UUID(fresh))
+            == 0
+        )
+    details = await db.fetchrow(
+        "SELECT * FROM installation_details WHERE installation_id = $1", phone
+    )
+    assert details is None or details["push_token"] is None
+    row = await installation_row(db, project, phone)
+    assert row is not None
+    assert str(row["profile_id"]) == fresh
+
+
+async def _outbox_empty(db: asyncpg.Pool) -> bool:
+    return await count(db, "SELECT count(*) FROM outbox") == 0
+
+
+async def test_an_erased_custom_id_is_quarantined_until_the_period_ends(
+    services: tuple[Identity, Ingest], db: asyncpg.Pool, project: TestProject, clock: FrozenClock
+) -> None:
+    identity, ingest = services
+    installation = f"inst-{uuid.uuid4().hex[:8]}"
+    custom_id = f"carol-{uuid.uuid4().hex[:8]}"
+    profile = (await identity.identify(installation, custom_id)).profile_id
+    await identity.delete(profile)
+
+    (resolved,) = await identity.resolve(pb.ProfileKey(custom_id=custom_id))
+    assert resolved.status.code == 0
+    assert resolved.erased
+    assert not resolved.profile_id
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await identity.identify(f"inst-{uuid.uuid4().hex[:8]}", custom_id)
+    assert refused.value.code() is grpc.StatusCode.FAILED_PRECONDITION
+    assert error_info(refused.value).reason == "CUSTOM_ID_ERASED"
+    server_side = await ingest.track(custom_event(None, custom_id=custom_id, event_id="s1"))
+    assert server_side.results[0].outcome == REJECTED
+    rejected = await db.fetch("SELECT * FROM rejected_events WHERE event_id = 's1'")
+    assert [(r["reason"], r["custom_id"], r["payload"]) for r in rejected] == [
+        ("ERASED", None, None)
+    ]
+    assert await count(db, "SELECT count(*) FROM profiles WHERE custom_id = $1", custom_id) == 0
+
+    clock.advance(timedelta(days=30, seconds=1))  # the project's default period is over
+
+    again = await identity.identify(installation, custom_id)
+    assert again.outcome == pb.IDENTIFY_OUTCOME_IDENTIFIED
+    assert again.profile_id != profile
+    (resolved,) = await identity.resolve(pb.ProfileKey(custom_id=custom_id))
+    assert not resolved.erased
+    assert resolved.profile_id == again.profile_id
+
+
+async def test_an_anonymous_profile_is_erased_without_quarantine_and_announced(
+    services: tuple[Identity, Ingest], db: asyncpg.Pool, redis_url: str, redis_prefix: str
+) -> None:
+    identity, ingest = services
+    installation = f"inst-{uuid.uuid4().hex[:8]}"
+    await ingest.track(custom_event(installation, event_id="a1"))
+    profile = await identity.profile_of(installation)
+    reply = await identity.delete(profile)
+    assert not reply.custom_id_quarantined
+    assert not reply.HasField("quarantine_expire_time")
+    assert reply.deleted_event_count == 1
+    assert reply.unlinked_installation_count == 1
+    assert await count(db, "SELECT count(*) FROM quarantined_custom_ids") == 0
+    (resolved,) = await identity.resolve(pb.ProfileKey(installation_id=installation))
+    assert resolved.created
+    assert resolved.profile_id != profile
+    redis = Redis.from_url(redis_url)
+    try:
+        found = await identity_messages(db, redis, redis_prefix, identity.project)
+    finally:
+        await redis.aclose()
+    (deleted,) = of_type(found, bus_pb2.ProfileDeleted)
+    assert deleted.profile_id == profile
+    assert list(deleted.installation_ids) == [installation]
+    assert not deleted.custom_id_quarantined
+    assert deleted.delete_time == reply.delete_time
+
+
+async def test_delete_refuses_an_invalid_or_unknown_profile(identity_only: Identity) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as invalid:
+        await identity_only.delete("not-a-uuid")
+    assert invalid.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert error_info(invalid.value).reason == "PROFILE_ID_INVALID"
+    with pytest.raises(grpc.aio.AioRpcError) as unknown:
+        await identity_only.delete(str(uuid.uuid4()))
+    assert unknown.value.code() is grpc.StatusCode.NOT_FOUND
+
+
+@pytest.fixture
+async def identity_channel(start_services: Any) -> grpc.aio.Channel:
+    channel: grpc.aio.Channel = (await start_services("identity"))["identity"].channel
+    return channel
+
+
+@pytest.fixture
+def identity_only(identity_channel: grpc.aio.Channel, project: TestProject) -> Identity:
+    return Identity(identity_channel, project)
+
+
+async def test_another_projects_key_cannot_delete_or_export_a_profile(
+    identity_only: Identity, identity_channel: grpc.aio.Channel, database_url: str
+) -> None:
+    profile = (await identity_only.identify(f"inst-{uuid.uuid4().hex[:8]}", "dave-1")).profile_id
+    other = Identity(identity_channel, await create_test_project(database_url))
+    for call in (other.delete(profile), other.export(profile)):
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await call
+        assert refused.value.code() is grpc.StatusCode.NOT_FOUND
+    assert await identity_only.profile_of_custom_id("dave-1") == profile

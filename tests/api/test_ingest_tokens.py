@@ -1,0 +1,159 @@
+"""ImportTokens: push tokens from a previous provider become imported installations."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+import grpc
+import pytest
+from redis.asyncio import Redis
+
+from profiles.common.v1 import bus_pb2, types_pb2
+from profiles.ingest.v1 import ingest_service_pb2 as pb
+from profiles.ingest.v1 import ingest_service_pb2_grpc as pb_grpc
+from shared.bus import Bus, decode_entry
+from shared.clock import FrozenClock
+from shared.topics import IDENTITY
+from tests.api.test_ingest_helpers import NOW, Ingest, stamp
+from tests.api.test_ingest_support import running_ingest
+from tests.conftest import eventually
+
+if TYPE_CHECKING:
+    from shared.settings import Settings
+    from tests.conftest import TestProject
+
+IOS, ANDROID, WEB = types_pb2.PLATFORM_IOS, types_pb2.PLATFORM_ANDROID, types_pb2.PLATFORM_WEB
+IMPORTED, KNOWN, REJECTED = (
+    pb.TOKEN_OUTCOME_IMPORTED,
+    pb.TOKEN_OUTCOME_ALREADY_KNOWN,
+    pb.TOKEN_OUTCOME_REJECTED,
+)
+
+
+@pytest.fixture
+async def ingest(
+    start_services: Any, settings_for_test: Settings, project: TestProject, database_url: str
+) -> AsyncIterator[Ingest]:
+    handles = await start_services("identity")
+    settings = settings_for_test.with_changes(
+        addresses={**settings_for_test.addresses, "identity": handles["identity"].address}
+    )
+    async with running_ingest(settings, FrozenClock(NOW)) as channel:
+        yield Ingest(
+            pb_grpc.IngestServiceStub(channel),
+            project.metadata("sdk"),
+            project.metadata("admin"),
+            database_url,
+        )
+
+
+async def import_tokens(ingest: Ingest, *tokens: pb.ImportedToken) -> pb.ImportTokensResponse:
+    return await ingest.stub.ImportTokens(
+        pb.ImportTokensRequest(tokens=tokens), metadata=ingest.admin, timeout=20
+    )
+
+
+async def identity_messages(redis_url: str, prefix: str) -> list[Any]:
+    client = Redis.from_url(redis_url)
+    try:
+        entries = await client.xrange(Bus(client, prefix).stream_key(IDENTITY.name))
+    finally:
+        await client.aclose()
+    return [decode_entry(IDENTITY, fields)[1] for _, fields in entries]
+
+
+async def test_new_tokens_become_imported_installations_and_a_rerun_changes_nothing(
+    ingest: Ingest, redis_url: str, redis_prefix: str
+) -> None:
+    tokens = [
+        pb.ImportedToken(platform=IOS, push_token="apns-1", push_opt_in=True),
+        pb.ImportedToken(platform=ANDROID, push_token="fcm-1"),
+        pb.ImportedToken(platform=WEB, push_token="apns-1"),  # same token, other platform
+        pb.ImportedToken(platform=IOS, push_token="apns-1"),  # repeated in the request
+        pb.ImportedToken(platform=types_pb2.PLATFORM_API, push_token="x"),
+        pb.ImportedToken(platform=IOS, push_token=""),
+        pb.ImportedToken(platform=IOS, push_token="apns-2", custom_id="null"),
+    ]
+    reply = await import_tokens(ingest, *tokens)
+    assert [r.outcome for r in reply.results] == [IMPORTED] * 3 + [KNOWN] + [REJECTED] * 3
+    assert [r.reason for r in reply.results[4:]] == [
+        "PLATFORM_INVALID",
+        "PUSH_TOKEN_INVALID",
+        "CUSTOM_ID_INVALID",
+    ]
+    assert (reply.imported_count, reply.already_known_count, reply.rejected_count) == (3, 1, 3)
+    first = reply.results[0]
+    assert first.installation_id.startswith("imported:ios:")
+    assert "apns-1" not in first.installation_id
+    assert reply.results[3].installation_id == first.installation_id
+    assert len({r.profile_id for r in reply.results[:3]}) == 3  # one anonymous profile each
+
+    rows = await ingest.fetch(
+        "SELECT d.installation_id, d.platform, d.push_token, d.push_opt_in, d.imported,"
+        " i.profile_id::text FROM installation_details d JOIN installations i"
+        " USING (project_id, installation_id) ORDER BY d.platform"
+    )
+    assert [(r["platform"], r["push_token"], r["push_opt_in"], r["imported"]) for r in rows] == [
+        (IOS, "apns-1", True, True),
+        (ANDROID, "fcm-1", False, True),
+        (WEB, "apns-1", False, True),
+    ]
+    assert rows[0]["profile_id"] == first.profile_id
+
+    again = await import_tokens(ingest, *tokens[:3])
+    assert [r.outcome for r in again.results] == [KNOWN] * 3
+    assert [r.installation_id for r in again.results] == [
+        r.installation_id for r in reply.results[:3]
+    ]
+
+    async def imported_message() -> list[bus_pb2.InstallationsImported]:
+        messages = await identity_messages(redis_url, redis_prefix)
+        return [m for m in messages if isinstance(m, bus_pb2.InstallationsImported)]
+
+    async def published() -> bool:
+        return len(await imported_message()) == 1
+
+    await eventually(published)
+    (message,) = await imported_message()
+    assert sorted(i.installation_id for i in message.installations) == sorted(
+        r.installation_id for r in reply.results[:3]
+    )
+    assert "apns-1" not in str(message)
+
+
+async def test_a_token_an_sdk_installation_holds_is_already_known(ingest: Ingest) -> None:
+    update = pb.Event(
+        event_id="u1",
+        installation_id="device-1",
+        platform=IOS,
+        event_time=stamp(NOW),
+    )
+    update.installation_update.push_token = "apns-live"
+    assert (await ingest.track(update)).accepted_count == 1
+    reply = await import_tokens(ingest, pb.ImportedToken(platform=IOS, push_token="apns-live"))
+    assert reply.results[0].outcome == KNOWN
+    assert reply.results[0].installation_id == "device-1"
+
+
+async def test_a_token_with_a_custom_id_is_refused_until_identity_allows_it(
+    ingest: Ingest,
+) -> None:
+    reply = await import_tokens(
+        ingest, pb.ImportedToken(platform=IOS, push_token="apns-3", custom_id="user-7")
+    )
+    result = reply.results[0]
+    assert (result.outcome, result.reason) == (REJECTED, "CUSTOM_ID_UNSUPPORTED")
+    assert result.status.code == grpc.StatusCode.FAILED_PRECONDITION.value[0]
+
+
+async def test_import_tokens_is_for_admins_and_refuses_empty_requests(ingest: Ingest) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as denied:
+        await ingest.stub.ImportTokens(
+            pb.ImportTokensRequest(tokens=[pb.ImportedToken(platform=IOS, push_token="t")]),
+            metadata=ingest.metadata,
+        )
+    assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    with pytest.raises(grpc.aio.AioRpcError) as empty:
+        await import_tokens(ingest)
+    assert empty.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -1,0 +1,335 @@
+"""ListEvents, ListSessions, GetActivity, ListRejectedEvents and ListProfiles: paging with no gaps
+and no repeats, filters and sort orders."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import timedelta
+from typing import Any
+
+import grpc
+import pytest
+
+from profiles.common.v1 import types_pb2
+from profiles.ingest.v1 import ingest_service_pb2 as ingest_pb
+from profiles.query.v1 import query_service_pb2 as pb
+from profiles.query.v1 import timeline_pb2
+from tests.api.test_identity_helpers import new_id, violations
+from tests.api.test_query_helpers import (
+    NOW,
+    Suite,
+    attribute_event,
+    base_event,
+    crash,
+    custom_event,
+    op,
+    session_end,
+    session_start,
+    start_suite,
+)
+from tests.conftest import create_test_project
+
+
+@pytest.fixture
+async def suite(start_services, settings_for_test, project, database_url) -> Suite:  # type: ignore[no-untyped-def]
+    return await start_suite(start_services, settings_for_test, project, database_url)
+
+
+async def pages(suite: Suite, rpc: str, request: Any, field: str, between: Any = None) -> list[Any]:
+    """Every item over every page; `between` runs after each page (to write meanwhile)."""
+    items: list[Any] = []
+    while True:
+        reply = await suite.call(rpc, request)
+        items.extend(getattr(reply, field))
+        if between is not None:
+            await between()
+        if not reply.next_page_token:
+            return items
+        request.page_token = reply.next_page_token
+
+
+async def test_events_page_newest_first_without_gaps_or_repeats_while_events_arrive(
+    suite: Suite,
+) -> None:
+    inst = new_id()
+    times = [NOW - timedelta(minutes=200 - i) for i in range(60)]
+    # Same-instant events too: ties are ordered by arrival.
+    await suite.track(*[custom_event(inst, time=t) for t in times])
+    await suite.track(*[custom_event(inst, time=times[10]) for _ in range(5)])
+    profile_id = await suite.identity.profile_of(inst)
+    stored = await suite.fetch(
+        "SELECT event_id FROM events WHERE profile_id = $1"
+        " ORDER BY event_time DESC, event_seq DESC",
+        uuid.UUID(profile_id),
+    )
+    arrivals = 0
+
+    async def more() -> None:
+        nonlocal arrivals
+        arrivals += 1
+        # New events, newer and older than the position reached: none may show up.
+        await suite.track(
+            custom_event(inst, time=NOW - timedelta(seconds=arrivals)),
+            custom_event(inst, time=NOW - timedelta(minutes=500 + arrivals)),
+        )
+
+    seen = await pages(
+        suite,
+        "ListEvents",
+        pb.ListEventsRequest(profile_id=profile_id, page_size=7),
+        "events",
+        more,
+    )
+    assert [e.event_id for e in seen] == [r["event_id"] for r in stored]
+    assert arrivals == 10
+    fresh = await suite.call(
+        "ListEvents", pb.ListEventsRequest(profile_id=profile_id, page_size=500)
+    )
+    assert len(fresh.events) == 65 + 2 * arrivals
+    assert fresh.next_page_token == ""
+
+
+async def test_events_filters_by_kind_name_session_and_time(suite: Suite) -> None:
+    inst = new_id()
+    t = NOW - timedelta(hours=2)
+    await suite.track(
+        session_start(inst, "s1", t),
+        custom_event(inst, name="view", time=t + timedelta(minutes=1)),
+        custom_event(inst, name="buy", time=t + timedelta(minutes=2)),
+        session_end(inst, "s1", t + timedelta(minutes=3), 180),
+        crash(inst, t + timedelta(minutes=4)),
+        attribute_event(inst, [op("set", "plan", "pro")], time=t + timedelta(minutes=5)),
+    )
+    profile_id = await suite.identity.profile_of(inst)
+
+    async def kinds_of(**fields: Any) -> list[int]:
+        reply = await suite.call(
+            "ListEvents", pb.ListEventsRequest(profile_id=profile_id, **fields)
+        )
+        return [e.kind for e in reply.events]
+
+    k = timeline_pb2
+    assert await kinds_of() == [
+        k.TIMELINE_EVENT_KIND_ATTRIBUTE_CHANGE,
+        k.TIMELINE_EVENT_KIND_CRASH,
+        k.TIMELINE_EVENT_KIND_SESSION,
+        k.TIMELINE_EVENT_KIND_CUSTOM,
+        k.TIMELINE_EVENT_KIND_CUSTOM,
+        k.TIMELINE_EVENT_KIND_SESSION,
+    ]
+    assert await kinds_of(kinds=[k.TIMELINE_EVENT_KIND_SESSION]) == [2, 2]
+    assert await kinds_of(event_names=["BUY"]) == [k.TIMELINE_EVENT_KIND_CUSTOM]
+    assert await kinds_of(session_id="s1") == [2, 2]
+    start, end = (t + timedelta(minutes=1)), (t + timedelta(minutes=3))
+    from tests.api.test_query_helpers import stamp
+
+    assert await kinds_of(start_time=stamp(start), end_time=stamp(end)) == [1, 1]
+    reply = await suite.call("ListEvents", pb.ListEventsRequest(profile_id=profile_id))
+    by_kind = {e.kind: e for e in reply.events}
+    assert by_kind[k.TIMELINE_EVENT_KIND_CRASH].crash.stack_trace == "at main()"
+    session = [e for e in reply.events if e.kind == k.TIMELINE_EVENT_KIND_SESSION]
+    assert session[0].session.type == k.SESSION_EVENT_TYPE_END
+    assert session[0].session.duration.seconds == 180
+    assert session[1].session.type == k.SESSION_EVENT_TYPE_START
+    operation = by_kind[k.TIMELINE_EVENT_KIND_ATTRIBUTE_CHANGE].attribute_change.operations[0]
+    assert (operation.type, operation.name, operation.native) == (
+        k.ATTRIBUTE_OPERATION_TYPE_SET,
+        "plan",
+        False,
+    )
+    assert operation.value.string_value == "pro"
+
+
+async def test_merges_and_splits_are_in_the_timeline(suite: Suite) -> None:
+    a, b = new_id(), new_id()
+    await suite.track(custom_event(a, time=NOW - timedelta(hours=1)))
+    await suite.identity.identify(a, "frank")
+    await suite.track(custom_event(b, time=NOW - timedelta(hours=1)))
+    anonymous = await suite.identity.profile_of(b)
+    survivor = (await suite.identity.identify(b, "frank")).profile_id
+    await suite.identity.logout(a)
+    reply = await suite.call(
+        "ListEvents",
+        pb.ListEventsRequest(
+            profile_id=anonymous,
+            kinds=[timeline_pb2.TIMELINE_EVENT_KIND_MERGE, timeline_pb2.TIMELINE_EVENT_KIND_SPLIT],
+        ),
+    )
+    assert reply.profile_id == survivor
+    assert [e.kind for e in reply.events] == [
+        timeline_pb2.TIMELINE_EVENT_KIND_SPLIT,
+        timeline_pb2.TIMELINE_EVENT_KIND_MERGE,
+    ]
+    assert reply.events[1].identity_change.source_profile_id == anonymous
+    everything = await pages(
+        suite, "ListEvents", pb.ListEventsRequest(profile_id=survivor, page_size=1), "events"
+    )
+    assert len(everything) == 4  # two custom events, the merge, the split
+
+
+@pytest.mark.parametrize(
+    ("fields", "paths"),
+    [
+        ({"page_size": -1}, ["page_size"]),
+        ({"kinds": [0]}, ["kinds[0]"]),
+        ({"event_names": ["bad name"]}, ["event_names[0]"]),
+        ({"page_token": "garbage!"}, ["page_token"]),
+    ],
+)
+async def test_bad_event_requests_name_their_fields(
+    suite: Suite, fields: dict[str, Any], paths: list[str]
+) -> None:
+    inst = new_id()
+    await suite.track(custom_event(inst))
+    profile_id = await suite.identity.profile_of(inst)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await suite.call("ListEvents", pb.ListEventsRequest(profile_id=profile_id, **fields))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert violations(caught.value) == paths
+
+
+async def test_a_page_token_is_only_valid_with_the_same_filters(suite: Suite) -> None:
+    inst = new_id()
+    await suite.track(*[custom_event(inst, time=NOW - timedelta(minutes=i)) for i in range(3)])
+    profile_id = await suite.identity.profile_of(inst)
+    first = await suite.call("ListEvents", pb.ListEventsRequest(profile_id=profile_id, page_size=1))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await suite.call(
+            "ListEvents",
+            pb.ListEventsRequest(
+                profile_id=profile_id, page_size=1, page_token=first.next_page_token, kinds=[1]
+            ),
+        )
+    assert violations(caught.value) == ["page_token"]
+
+
+async def test_sessions_and_daily_activity(suite: Suite) -> None:
+    inst = new_id()
+    day = NOW.replace(hour=1, minute=0) - timedelta(days=2)
+    batch: list[ingest_pb.Event] = []
+    for i in range(5):
+        start = day + timedelta(days=i // 2, hours=i)
+        batch += [
+            session_start(inst, f"s{i}", start, country="FR" if i < 4 else "DE"),
+            custom_event(inst, time=start + timedelta(minutes=1)),
+            session_end(inst, f"s{i}", start + timedelta(minutes=2), 60 * (i + 1)),
+        ]
+    await suite.track(*batch)
+    profile_id = await suite.identity.profile_of(inst)
+    sessions = await pages(
+        suite,
+        "ListSessions",
+        pb.ListSessionsRequest(profile_id=profile_id, page_size=2),
+        "sessions",
+    )
+    assert [s.session_id for s in sessions] == ["s4", "s3", "s2", "s1", "s0"]
+    assert sessions[0].country == "DE"
+    assert sessions[0].duration.seconds == 300
+    assert sessions[0].HasField("end_time")
+    assert not sessions[0].timed_out
+    assert sessions[0].platform == types_pb2.PLATFORM_IOS
+    view = (await suite.get(profile_id=profile_id)).profile
+    assert view.counters.session_count == 5
+    assert view.counters.total_time_spent.seconds == 60 * 15
+    assert view.summary.last_session_country == "DE"
+    activity = await suite.call(
+        "GetActivity",
+        pb.GetActivityRequest(
+            profile_id=profile_id,
+            start_date=(day.date() - timedelta(days=1)).isoformat(),
+            end_date=(day.date() + timedelta(days=3)).isoformat(),
+            time_zone="UTC",
+        ),
+    )
+    assert [(d.session_count, d.event_count) for d in activity.days] == [
+        (0, 0),
+        (2, 6),
+        (2, 6),
+        (1, 3),
+        (0, 0),
+    ]
+    assert activity.days[1].time_spent.seconds == 60 + 120
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await suite.call(
+            "GetActivity",
+            pb.GetActivityRequest(
+                profile_id=profile_id, start_date="2030-01-02", end_date="2030-01-01"
+            ),
+        )
+    assert violations(caught.value) == ["end_date"]
+
+
+async def test_rejected_events_page_and_filter(suite: Suite) -> None:
+    inst = new_id()
+    no_payload = base_event(inst, NOW)
+    no_platform = custom_event(inst)
+    no_platform.platform = types_pb2.PLATFORM_UNSPECIFIED
+    reply = await suite.track(no_payload, no_platform, no_payload, custom_event(inst))
+    assert reply.rejected_count == 3
+    everything = await pages(
+        suite, "ListRejectedEvents", pb.ListRejectedEventsRequest(page_size=2), "rejected_events"
+    )
+    assert [r.reason for r in everything] == [
+        "PAYLOAD_MISSING",
+        "PLATFORM_MISSING",
+        "PAYLOAD_MISSING",
+    ]
+    assert everything[0].installation_id == inst
+    assert '"installation_id"' in everything[0].raw_payload_json
+    only = await suite.call(
+        "ListRejectedEvents", pb.ListRejectedEventsRequest(reasons=["PLATFORM_MISSING"])
+    )
+    assert [r.reason for r in only.rejected_events] == ["PLATFORM_MISSING"]
+    other = await create_test_project(suite.database_url)
+    theirs = await suite.query.ListRejectedEvents(
+        pb.ListRejectedEventsRequest(), metadata=other.metadata("read"), timeout=10
+    )
+    assert list(theirs.rejected_events) == []
+
+
+async def test_the_users_table_filters_sorts_and_never_repeats(suite: Suite) -> None:
+    installs = [new_id() for _ in range(6)]
+    for n, inst in enumerate(installs):
+        batch = []
+        for s in range(n):
+            start = NOW - timedelta(hours=10 * (n + 1) - s)
+            batch += [
+                session_start(inst, f"s{s}", start, country="FR" if n % 2 else "US"),
+                session_end(inst, f"s{s}", start + timedelta(minutes=5), 60 * n),
+            ]
+        batch.append(custom_event(inst, time=NOW - timedelta(hours=n)))
+        await suite.track(*batch)
+    await suite.identity.identify(installs[1], "user-1")
+    await suite.track(
+        attribute_event(
+            installs[2], [op("set", "LAST_NAME", "Smith")], time=NOW - timedelta(hours=2.5)
+        )
+    )
+    ids = [await suite.identity.profile_of(i) for i in installs]
+
+    async def rows(**fields: Any) -> list[pb.ProfileRow]:
+        return await pages(
+            suite, "ListProfiles", pb.ListProfilesRequest(page_size=2, **fields), "profiles"
+        )
+
+    by_last_seen = await rows()
+    assert [r.profile_id for r in by_last_seen] == ids  # most recently seen first
+    by_sessions = await rows(order_by=pb.PROFILE_ORDER_BY_SESSION_COUNT)
+    assert [r.session_count for r in by_sessions] == [5, 4, 3, 2, 1, 0]
+    ascending = await rows(
+        order_by=pb.PROFILE_ORDER_BY_TIME_SPENT, sort_order=pb.SORT_ORDER_ASCENDING
+    )
+    assert [r.total_time_spent.seconds for r in ascending] == [0, 60, 240, 540, 960, 1500]
+    assert [
+        r.profile_id for r in await rows(identity_filter=pb.PROFILE_IDENTITY_FILTER_IDENTIFIED)
+    ] == [ids[1]]
+    assert len(await rows(identity_filter=pb.PROFILE_IDENTITY_FILTER_ANONYMOUS)) == 5
+    details = await rows(identity_filter=pb.PROFILE_IDENTITY_FILTER_HAS_USER_DETAILS)
+    assert [(r.profile_id, r.last_name) for r in details] == [(ids[2], "Smith")]
+    french = await rows(country="fr")
+    assert [r.profile_id for r in french] == [ids[1], ids[3], ids[5]]
+    assert french[0].platform == types_pb2.PLATFORM_IOS
+    assert await rows(platform=types_pb2.PLATFORM_WEB) == []
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await suite.call("ListProfiles", pb.ListProfilesRequest(segment_id="x"))
+    assert violations(caught.value) == ["segment_id"]
