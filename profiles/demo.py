@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import unicodedata
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -113,7 +114,7 @@ class EventFactory:
             if number == 0:
                 profile = self._event(installation_id, platform, start + timedelta(seconds=1))
                 ops = profile.attribute_operations.operations
-                email = f"{first}.{last}.{user.index}@example.com".lower()
+                email = _ascii(f"{first}.{last}.{user.index}@example.com".lower())
                 source = rng.choice(("ads", "seo", "friend"))
                 _operation(ops, "SET", native=types_pb2.NATIVE_ATTRIBUTE_FIRST_NAME, text=first)
                 _operation(ops, "SET", native=types_pb2.NATIVE_ATTRIBUTE_LAST_NAME, text=last)
@@ -311,3 +312,9 @@ async def run_demo(
 
 
 __all__ = ["DemoSummary", "run_demo"]
+
+
+def _ascii(text: str) -> str:
+    """ "chloé" -> "chloe": demo addresses stay plain ASCII, which every validator accepts."""
+    decomposed = unicodedata.normalize("NFKD", text)
+    return decomposed.encode("ascii", "ignore").decode()
