@@ -476,8 +476,16 @@ def profile_to_proto(view: ProfileView) -> profile_pb2.Profile:
         )
         custom.value.CopyFrom(attribute_value(attribute.value))
         custom.update_time.CopyFrom(stamp(attribute.update_time))
-    # Engagement, custom segment memberships and funnel progress are the segments service's
-    # unfinished work (no read contract for them yet): left unset / empty.
+    # Custom segment memberships and funnel progress are the segments service's unfinished
+    # work (no read contract for them yet): left empty.
+    if view.engagement is not None:
+        engagement = view.engagement
+        message.engagement.score1 = engagement.score1
+        message.engagement.score2 = engagement.score2
+        message.engagement.score3 = engagement.score3
+        message.engagement.score = engagement.score
+        message.engagement.percentage = engagement.percentage
+        message.engagement.window_end_time.CopyFrom(stamp(engagement.window_end_time))
     if view.smart_segment is not None:
         message.smart_segment.segment = view.smart_segment.segment  # type: ignore[assignment]
         message.smart_segment.flag = view.smart_segment.flag  # type: ignore[assignment]

@@ -1,8 +1,10 @@
-"""Every SQL statement of query, and only SQL. Query owns no data of its own (yet): it reads the
-tables of identity (profiles, installations, identity_changes, custom_id_aliases), ingest
-(events, rejected_events, profile_attributes, profile_subscriptions, installation_details) and
-segments (segment_states, segment_distribution()), read-only, through the read contracts
-their migrations document. Every statement filters on project_id first.
+"""Every SQL statement of query, and only SQL. Query reads the tables of identity (profiles,
+installations, identity_changes, custom_id_aliases), ingest (events, rejected_events,
+profile_attributes, profile_subscriptions, installation_details) and segments
+(segment_sessions, segment_states, segment_distribution()), read-only, through the read
+contracts their migrations document; it writes only its own projection (query_profiles,
+query_installations, query_counters in 0006), recounted from those tables when the bus says
+they changed. Every statement filters on project_id first.
 
 Reads that make one view run in one READ ONLY REPEATABLE READ transaction, so a view is "as of
 one consistent read" even though it takes several statements.
@@ -10,6 +12,7 @@ one consistent read" even though it takes several statements.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -19,6 +22,7 @@ from uuid import UUID
 
 import asyncpg
 
+from services.query.rollup import CounterKey, InstallationFacts, ProfileFacts
 from services.query.views import (
     AttributeView,
     CountersView,
@@ -90,12 +94,16 @@ SELECT_PROFILE = """
     ) s
     WHERE p.project_id = $1 AND p.profile_id = $2 AND p.merged_into IS NULL"""
 
+SELECT_INSTALLATION_PROFILES = """
+    SELECT installation_id, profile_id FROM installations
+    WHERE project_id = $1 AND installation_id = ANY($2::text[])"""
+
 # An installation known to identity but never seen by ingest (Identify before any event) has
 # no details yet: LEFT JOIN, first seen from its creation. Most recently seen first.
 SELECT_INSTALLATIONS = """
     SELECT i.installation_id, i.create_time, d.platform, d.app_version, d.os_version,
            d.device_model, d.push_token IS NOT NULL AS push_token_present, d.push_opt_in,
-           d.language, d.timezone, d.uninstalled, d.first_seen, d.last_seen
+           d.language, d.timezone, d.uninstalled, d.first_seen, d.last_seen, d.imported
     FROM installations i
     LEFT JOIN installation_details d
         ON d.project_id = i.project_id AND d.installation_id = i.installation_id
@@ -164,6 +172,21 @@ SELECT_SMART_SEGMENT = """
            upcoming_flags
     FROM segment_states
     WHERE project_id = $1 AND profile_id = $2 AND platform = 0"""
+
+# Engagement over segments' session history (0005 segment_sessions: one row per session, kept
+# by segments from the events stream, merged with the profile). Segments documents no
+# per-profile engagement read contract, so query applies segments' formula
+# (services/segments/model.py `engagement`) to the same rows: sessions started in
+# [now - 168 h, now], their count, average duration, and distinct calendar days in the
+# profile's time zone as segments keeps it (segment_profiles.time_zone), else UTC.
+SELECT_ENGAGEMENT = """
+    SELECT count(*) AS session_count, coalesce(avg(s.duration_ms), 0)::float8 AS average_ms,
+           count(DISTINCT (s.start_time AT TIME ZONE coalesce(
+               (SELECT sp.time_zone FROM segment_profiles sp
+                WHERE sp.project_id = $1 AND sp.profile_id = $2), 'UTC'))::date) AS active_days
+    FROM segment_sessions s
+    WHERE s.project_id = $1 AND s.profile_id = $2
+      AND s.start_time >= $3::timestamptz - interval '168 hours' AND s.start_time <= $3"""
 
 # -- timelines --------------------------------------------------------------------------------
 
@@ -385,107 +408,193 @@ SELECT_PROFILE_ROWS_PAGE = f"""
 
 # -- the overview -----------------------------------------------------------------------------
 
-# Installation figures, grouped so one pass gives the totals and both installation breakdowns
-# (platform, app version). $2 = 0: every platform. Installations identity knows but ingest
-# never saw have no platform: counted only without a platform filter.
-SELECT_INSTALLATION_FIGURES = """
-    SELECT d.platform, d.app_version, coalesce(d.uninstalled, false) AS uninstalled,
-           count(*) AS installs, count(d.push_token) AS push_tokens,
-           count(*) FILTER (WHERE d.push_opt_in) AS push_opt_ins
-    FROM installations i
-    LEFT JOIN installation_details d
-        ON d.project_id = i.project_id AND d.installation_id = i.installation_id
-    WHERE i.project_id = $1 AND ($2 = 0 OR d.platform = $2)
-    GROUP BY 1, 2, 3"""
-
-# One row of facts per live profile (of the platform, when one is asked for), grouped by every
-# fact the overview counts, so a single scan feeds every figure; the groups are few (facts are
-# booleans and a few codes). Direct aggregates: correct, but their cost grows with the project
-# (rollups fed by the bus are the planned replacement, see the report).
-SELECT_PROFILE_FIGURES = """
-    WITH f AS (
-        SELECT p.custom_id IS NOT NULL AS identified,
-               em.profile_id IS NOT NULL AS has_email,
-               ph.profile_id IS NOT NULL AS has_phone,
-               coalesce(inst.has_token, false) AS has_token,
-               coalesce(inst.push_reachable, false) AS push_reachable,
-               coalesce(sub.email_marketing, false) AS email_marketing,
-               coalesce(sub.email_transactional, false) AS email_transactional,
-               coalesce(sub.sms_marketing, false) AS sms_marketing,
-               coalesce(sub.sms_transactional, false) AS sms_transactional,
-               coalesce(sub.push_marketing, false) AS push_marketing,
-               coalesce(sub.push_transactional, false) AS push_transactional,
-               coalesce(lang.value ->> 'value', inst.language) AS language,
-               reg.value ->> 'value' AS region,
-               lc.country,
-               EXISTS (
-                   SELECT 1 FROM sessions s
-                   WHERE s.project_id = p.project_id AND s.profile_id = p.profile_id
-               ) AS has_session
-        FROM profiles p
-        LEFT JOIN profile_attributes em ON em.project_id = p.project_id
-            AND em.profile_id = p.profile_id AND em.native AND em.name = 'email'
-            AND em.value IS NOT NULL
-        LEFT JOIN profile_attributes ph ON ph.project_id = p.project_id
-            AND ph.profile_id = p.profile_id AND ph.native AND ph.name = 'phone'
-            AND ph.value IS NOT NULL
-        LEFT JOIN profile_attributes lang ON lang.project_id = p.project_id
-            AND lang.profile_id = p.profile_id AND lang.native AND lang.name = 'language'
-            AND lang.value IS NOT NULL
-        LEFT JOIN profile_attributes reg ON reg.project_id = p.project_id
-            AND reg.profile_id = p.profile_id AND reg.native AND reg.name = 'region'
-            AND reg.value IS NOT NULL
-        LEFT JOIN LATERAL (
-            SELECT bool_or(d.push_token IS NOT NULL) AS has_token,
-                   bool_or(d.push_token IS NOT NULL AND d.push_opt_in) AS push_reachable,
-                   (array_agg(d.language ORDER BY d.last_seen DESC)
-                        FILTER (WHERE d.language IS NOT NULL))[1] AS language,
-                   bool_or(d.platform = $2) AS on_platform
-            FROM installations i
-            JOIN installation_details d
-                ON d.project_id = i.project_id AND d.installation_id = i.installation_id
-            WHERE i.project_id = p.project_id AND i.profile_id = p.profile_id
-        ) inst ON true
-        LEFT JOIN LATERAL (
-            SELECT bool_or(s.subscribed) FILTER (
-                       WHERE s.channel = 'email' AND s.kind = 'marketing') AS email_marketing,
-                   bool_or(s.subscribed) FILTER (
-                       WHERE s.channel = 'email' AND s.kind = 'transactional')
-                       AS email_transactional,
-                   bool_or(s.subscribed) FILTER (
-                       WHERE s.channel = 'sms' AND s.kind = 'marketing') AS sms_marketing,
-                   bool_or(s.subscribed) FILTER (
-                       WHERE s.channel = 'sms' AND s.kind = 'transactional')
-                       AS sms_transactional,
-                   bool_or(s.subscribed) FILTER (
-                       WHERE s.channel = 'push' AND s.kind = 'marketing') AS push_marketing,
-                   bool_or(s.subscribed) FILTER (
-                       WHERE s.channel = 'push' AND s.kind = 'transactional')
-                       AS push_transactional
-            FROM profile_subscriptions s
-            WHERE s.project_id = p.project_id AND s.profile_id = p.profile_id
-        ) sub ON true
-        LEFT JOIN LATERAL (
-            SELECT s.country FROM sessions s
-            WHERE s.project_id = p.project_id AND s.profile_id = p.profile_id
-              AND coalesce(s.country, '') <> ''
-            ORDER BY s.start_time DESC
-            LIMIT 1
-        ) lc ON true
-        WHERE p.project_id = $1 AND p.merged_into IS NULL
-          AND ($2 = 0 OR coalesce(inst.on_platform, false))
-    )
-    SELECT identified, has_email, has_phone, has_token, push_reachable, email_marketing,
-           email_transactional, sms_marketing, sms_transactional, push_marketing,
-           push_transactional, language, region, country, has_session, count(*) AS profiles
-    FROM f
-    GROUP BY identified, has_email, has_phone, has_token, push_reachable, email_marketing,
-             email_transactional, sms_marketing, sms_transactional, push_marketing,
-             push_transactional, language, region, country, has_session"""
-
 # Segments' read contract (0005): the distribution exact as of $3, per platform ($2, 0 = all).
 SELECT_SEGMENT_DISTRIBUTION = """
     SELECT segment, flag, profile_count FROM segment_distribution($1, $2::smallint, $3)"""
+
+# -- the rollups (query's projection, 0006) ---------------------------------------------------
+
+# GetOverview reads one project's and platform's counters: an index range of the primary key,
+# as many rows as distinct values (languages, countries, app versions...), whatever the number
+# of profiles.
+SELECT_COUNTERS = """
+    SELECT metric, value, count FROM query_counters
+    WHERE project_id = $1 AND platform = $2 AND count <> 0"""
+
+# The facts of live profiles, recounted from identity's and ingest's tables (read contracts of
+# 0002 and 0004); each lateral read is one profile's rows by its index. {where} narrows it to
+# the profiles a message touched, or to nothing more for a rebuild of the whole project.
+PROFILE_FACTS = """
+    SELECT p.profile_id, p.custom_id IS NOT NULL AS identified, p.custom_id,
+           coalesce(a.has_email, false) AS has_email,
+           coalesce(a.has_phone, false) AS has_phone,
+           coalesce(inst.has_token, false) AS has_token,
+           coalesce(inst.push_reachable, false) AS push_reachable,
+           coalesce(sub.subscribed, '{{}}') AS subscribed,
+           coalesce(a.language, inst.language) AS language,
+           a.region, ss.country,
+           coalesce(inst.platforms, '{{}}') AS platforms,
+           a.first_name, a.last_name, coalesce(a.has_details, false) AS has_details,
+           inst.device_model, coalesce(inst.device_platform, 0) AS device_platform,
+           ls.last_seen, coalesce(ss.session_count, 0) AS session_count,
+           coalesce(ss.time_spent_ms, 0) AS time_spent_ms
+    FROM profiles p
+    LEFT JOIN LATERAL (
+        SELECT bool_or(a.name = 'email') AS has_email,
+               bool_or(a.name = 'phone') AS has_phone,
+               max(a.value ->> 'value') FILTER (WHERE a.name = 'language') AS language,
+               max(a.value ->> 'value') FILTER (WHERE a.name = 'region') AS region,
+               max(a.value ->> 'value') FILTER (WHERE a.name = 'first_name') AS first_name,
+               max(a.value ->> 'value') FILTER (WHERE a.name = 'last_name') AS last_name,
+               bool_or(a.name IN ('first_name', 'last_name', 'email', 'phone')) AS has_details
+        FROM profile_attributes a
+        WHERE a.project_id = p.project_id AND a.profile_id = p.profile_id AND a.native
+          AND a.value IS NOT NULL
+    ) a ON true
+    LEFT JOIN LATERAL (
+        SELECT bool_or(d.push_token IS NOT NULL) AS has_token,
+               bool_or(d.push_token IS NOT NULL AND d.push_opt_in) AS push_reachable,
+               (array_agg(d.language ORDER BY d.last_seen DESC)
+                    FILTER (WHERE d.language IS NOT NULL))[1] AS language,
+               array_agg(DISTINCT d.platform) FILTER (WHERE d.platform > 0) AS platforms,
+               (array_agg(d.device_model ORDER BY d.last_seen DESC, i.installation_id))[1]
+                   AS device_model,
+               (array_agg(d.platform ORDER BY d.last_seen DESC, i.installation_id))[1]
+                   AS device_platform
+        FROM installations i
+        JOIN installation_details d
+            ON d.project_id = i.project_id AND d.installation_id = i.installation_id
+        WHERE i.project_id = p.project_id AND i.profile_id = p.profile_id
+    ) inst ON true
+    LEFT JOIN LATERAL (
+        SELECT array_agg(s.channel || ':' || s.kind ORDER BY s.channel, s.kind) AS subscribed
+        FROM profile_subscriptions s
+        WHERE s.project_id = p.project_id AND s.profile_id = p.profile_id AND s.subscribed
+    ) sub ON true
+    LEFT JOIN LATERAL (
+        SELECT count(*) AS session_count,
+               coalesce(sum(extract(epoch FROM s.duration) * 1000), 0)::bigint AS time_spent_ms,
+               (array_agg(s.country ORDER BY s.start_time DESC)
+                    FILTER (WHERE coalesce(s.country, '') <> ''))[1] AS country
+        FROM sessions s
+        WHERE s.project_id = p.project_id AND s.profile_id = p.profile_id
+    ) ss ON true
+    LEFT JOIN LATERAL (
+        SELECT e.event_time AS last_seen FROM events e
+        WHERE e.project_id = p.project_id AND e.profile_id = p.profile_id
+        ORDER BY e.event_time DESC
+        LIMIT 1
+    ) ls ON true
+    WHERE p.project_id = $1 AND p.merged_into IS NULL {where}"""
+
+PROFILE_FACT_COLUMNS = """identified, custom_id, has_email, has_phone, has_token,
+    push_reachable, subscribed, language, region, country, platforms, first_name, last_name,
+    has_details, device_model, device_platform, last_seen, session_count, time_spent_ms"""
+
+# Concurrent recounts of one profile or installation (replicas, redeliveries) take turns, so
+# each diffs against the facts the previous one stored. Keys are locked in one order.
+LOCK_FACTS = """
+    SELECT pg_advisory_xact_lock(hashtextextended($1::text || ':' || k, 0))
+    FROM unnest($2::text[]) AS k ORDER BY k"""
+
+SELECT_STORED_PROFILES = f"""
+    SELECT profile_id, {PROFILE_FACT_COLUMNS}
+    FROM query_profiles
+    WHERE project_id = $1 AND profile_id = ANY($2::uuid[])"""
+
+# Recounts the touched profiles and stores the result in one statement: live ones are upserted,
+# the others (merged away, erased) deleted. Returns the recounted facts.
+RECOUNT_PROFILES = f"""
+    WITH f AS ({PROFILE_FACTS.format(where="AND p.profile_id = ANY($2::uuid[])")}),
+    gone AS (
+        DELETE FROM query_profiles q
+        WHERE q.project_id = $1 AND q.profile_id = ANY($2::uuid[])
+          AND NOT EXISTS (SELECT 1 FROM f WHERE f.profile_id = q.profile_id)
+    ),
+    up AS (
+        INSERT INTO query_profiles (project_id, profile_id, {PROFILE_FACT_COLUMNS}, update_time)
+        SELECT $1, f.*, $3 FROM f
+        ORDER BY f.profile_id
+        ON CONFLICT (project_id, profile_id) DO UPDATE SET
+            identified = EXCLUDED.identified, custom_id = EXCLUDED.custom_id,
+            has_email = EXCLUDED.has_email, has_phone = EXCLUDED.has_phone,
+            has_token = EXCLUDED.has_token, push_reachable = EXCLUDED.push_reachable,
+            subscribed = EXCLUDED.subscribed, language = EXCLUDED.language,
+            region = EXCLUDED.region, country = EXCLUDED.country,
+            platforms = EXCLUDED.platforms, first_name = EXCLUDED.first_name,
+            last_name = EXCLUDED.last_name, has_details = EXCLUDED.has_details,
+            device_model = EXCLUDED.device_model, device_platform = EXCLUDED.device_platform,
+            last_seen = EXCLUDED.last_seen, session_count = EXCLUDED.session_count,
+            time_spent_ms = EXCLUDED.time_spent_ms, update_time = EXCLUDED.update_time
+    )
+    SELECT * FROM f"""
+
+# A rebuild of one project's profile facts (bench, operators): the same recount over all of it.
+REBUILD_PROFILES = f"""
+    INSERT INTO query_profiles (project_id, profile_id, {PROFILE_FACT_COLUMNS}, update_time)
+    SELECT $1, f.*, $2 FROM ({PROFILE_FACTS.format(where="")}) f"""
+
+# An installation known to identity but never seen by ingest has no details: platform 0.
+INSTALLATION_FACTS = """
+    SELECT i.installation_id, coalesce(d.platform, 0)::smallint AS platform, d.app_version,
+           coalesce(d.uninstalled, false) AS uninstalled,
+           coalesce(d.push_token IS NOT NULL, false) AS has_token,
+           coalesce(d.push_opt_in, false) AS push_opt_in,
+           coalesce(d.imported, false) AS imported
+    FROM installations i
+    LEFT JOIN installation_details d
+        ON d.project_id = i.project_id AND d.installation_id = i.installation_id
+    WHERE i.project_id = $1 {where}"""
+
+INSTALLATION_FACT_COLUMNS = "platform, app_version, uninstalled, has_token, push_opt_in, imported"
+
+SELECT_STORED_INSTALLATIONS = f"""
+    SELECT installation_key AS installation_id, {INSTALLATION_FACT_COLUMNS}
+    FROM query_installations
+    WHERE project_id = $1 AND installation_key = ANY($2::text[])"""
+
+RECOUNT_INSTALLATIONS = f"""
+    WITH f AS ({INSTALLATION_FACTS.format(where="AND i.installation_id = ANY($2::text[])")}),
+    gone AS (
+        DELETE FROM query_installations q
+        WHERE q.project_id = $1 AND q.installation_key = ANY($2::text[])
+          AND NOT EXISTS (SELECT 1 FROM f WHERE f.installation_id = q.installation_key)
+    ),
+    up AS (
+        INSERT INTO query_installations (project_id, installation_key,
+                                         {INSTALLATION_FACT_COLUMNS})
+        SELECT $1, f.* FROM f
+        ORDER BY f.installation_id
+        ON CONFLICT (project_id, installation_key) DO UPDATE SET
+            platform = EXCLUDED.platform, app_version = EXCLUDED.app_version,
+            uninstalled = EXCLUDED.uninstalled, has_token = EXCLUDED.has_token,
+            push_opt_in = EXCLUDED.push_opt_in, imported = EXCLUDED.imported
+    )
+    SELECT * FROM f"""
+
+REBUILD_INSTALLATIONS = f"""
+    INSERT INTO query_installations (project_id, installation_key, {INSTALLATION_FACT_COLUMNS})
+    SELECT $1, f.* FROM ({INSTALLATION_FACTS.format(where="")}) f"""
+
+# Counters move by deltas, in key order (the caller sorts them) so two writers never wait on
+# each other's rows in opposite orders.
+MOVE_COUNTERS = """
+    INSERT INTO query_counters AS c (project_id, platform, metric, value, count)
+    SELECT $1, k.* FROM unnest($2::smallint[], $3::text[], $4::text[], $5::bigint[])
+        AS k(platform, metric, value, count)
+    ON CONFLICT (project_id, platform, metric, value) DO UPDATE
+        SET count = c.count + EXCLUDED.count"""
+
+DELETE_PROJECT_ROLLUPS = (
+    "DELETE FROM query_profiles WHERE project_id = $1",
+    "DELETE FROM query_installations WHERE project_id = $1",
+    "DELETE FROM query_counters WHERE project_id = $1",
+)
+SELECT_ALL_PROFILE_FACTS = f"""
+    SELECT profile_id, {PROFILE_FACT_COLUMNS} FROM query_profiles WHERE project_id = $1"""
+SELECT_ALL_INSTALLATION_FACTS = f"""
+    SELECT installation_key AS installation_id, {INSTALLATION_FACT_COLUMNS}
+    FROM query_installations WHERE project_id = $1"""
 
 # -- live feed --------------------------------------------------------------------------------
 
@@ -546,9 +655,7 @@ def _installation(r: asyncpg.Record) -> InstallationView:
         first_seen=r["first_seen"] or r["create_time"],
         last_seen=r["last_seen"],
         uninstalled=bool(r["uninstalled"]),
-        # Imported push tokens (ImportTokens) are ingest's part 2: until installation_details
-        # says which rows were imported, none is reported so.
-        imported=False,
+        imported=bool(r["imported"]),
     )
 
 
@@ -580,10 +687,110 @@ class QueryRepository:
             yield QueryReads(cast(asyncpg.Connection, conn))
 
     @asynccontextmanager
+    async def rollup_writes(self) -> AsyncIterator[RollupWrites]:
+        """A short READ COMMITTED transaction for one recount: each statement reads what is
+        committed when it starts, after the recount's locks are held."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            yield RollupWrites(cast(asyncpg.Connection, conn))
+
+    @asynccontextmanager
     async def reads(self) -> AsyncIterator[QueryReads]:
         """One pooled connection, no transaction: for single-statement reads."""
         async with self._pool.acquire() as conn:
             yield QueryReads(cast(asyncpg.Connection, conn))
+
+
+def _profile_facts(r: asyncpg.Record) -> ProfileFacts:
+    return ProfileFacts(
+        identified=r["identified"],
+        has_email=r["has_email"],
+        has_phone=r["has_phone"],
+        has_token=r["has_token"],
+        push_reachable=r["push_reachable"],
+        subscribed=frozenset(r["subscribed"]),
+        language=_text(r["language"]),
+        region=_text(r["region"]),
+        country=_text(r["country"]),
+        platforms=frozenset(r["platforms"]),
+        has_session=r["session_count"] > 0,
+    )
+
+
+def _installation_facts(r: asyncpg.Record) -> InstallationFacts:
+    return InstallationFacts(
+        platform=r["platform"],
+        app_version=_text(r["app_version"]),
+        uninstalled=r["uninstalled"],
+        has_token=r["has_token"],
+        push_opt_in=r["push_opt_in"],
+        imported=r["imported"],
+    )
+
+
+class RollupWrites:
+    """The projection's statements, in one transaction."""
+
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self._conn = conn
+
+    async def lock(self, project_id: UUID, keys: Sequence[str]) -> None:
+        await self._conn.execute(LOCK_FACTS, str(project_id), sorted(set(keys)))
+
+    async def stored_profiles(
+        self, project_id: UUID, profile_ids: Sequence[UUID]
+    ) -> dict[UUID, ProfileFacts]:
+        rows = await self._conn.fetch(SELECT_STORED_PROFILES, project_id, list(profile_ids))
+        return {r["profile_id"]: _profile_facts(r) for r in rows}
+
+    async def recount_profiles(
+        self, project_id: UUID, profile_ids: Sequence[UUID], now: datetime
+    ) -> dict[UUID, ProfileFacts]:
+        """Recounts and stores the facts of the profiles; the live ones' facts are returned."""
+        rows = await self._conn.fetch(RECOUNT_PROFILES, project_id, list(profile_ids), now)
+        return {r["profile_id"]: _profile_facts(r) for r in rows}
+
+    async def stored_installations(
+        self, project_id: UUID, installation_ids: Sequence[str]
+    ) -> dict[str, InstallationFacts]:
+        rows = await self._conn.fetch(
+            SELECT_STORED_INSTALLATIONS, project_id, list(installation_ids)
+        )
+        return {r["installation_id"]: _installation_facts(r) for r in rows}
+
+    async def recount_installations(
+        self, project_id: UUID, installation_ids: Sequence[str]
+    ) -> dict[str, InstallationFacts]:
+        rows = await self._conn.fetch(RECOUNT_INSTALLATIONS, project_id, list(installation_ids))
+        return {r["installation_id"]: _installation_facts(r) for r in rows}
+
+    async def move_counters(
+        self, project_id: UUID, changes: Sequence[tuple[CounterKey, int]]
+    ) -> None:
+        if not changes:
+            return
+        await self._conn.execute(
+            MOVE_COUNTERS,
+            project_id,
+            [k[0] for k, _ in changes],
+            [k[1] for k, _ in changes],
+            [k[2] for k, _ in changes],
+            [n for _, n in changes],
+        )
+
+    async def rebuild(self, project_id: UUID, now: datetime) -> None:
+        """Recounts every profile and installation of the project and its counters."""
+        for statement in DELETE_PROJECT_ROLLUPS:
+            await self._conn.execute(statement, project_id)
+        await self._conn.execute(REBUILD_PROFILES, project_id, now)
+        await self._conn.execute(REBUILD_INSTALLATIONS, project_id)
+        totals: Counter[CounterKey] = Counter()
+        for statement, facts_of in (
+            (SELECT_ALL_PROFILE_FACTS, _profile_facts),
+            (SELECT_ALL_INSTALLATION_FACTS, _installation_facts),
+        ):
+            async for r in self._conn.cursor(statement, project_id, prefetch=10_000):
+                totals.update(facts_of(r).counter_keys())
+        await self.move_counters(project_id, sorted(totals.items()))
 
 
 class QueryReads:
@@ -609,6 +816,14 @@ class QueryReads:
             UUID | None,
             await self._conn.fetchval(RESOLVE_INSTALLATION, project_id, installation_id),
         )
+
+    async def installation_profiles(
+        self, project_id: UUID, installation_ids: Sequence[str]
+    ) -> dict[str, UUID]:
+        rows = await self._conn.fetch(
+            SELECT_INSTALLATION_PROFILES, project_id, list(installation_ids)
+        )
+        return {r["installation_id"]: r["profile_id"] for r in rows}
 
     async def resolve_native_value(self, project_id: UUID, name: str, value: str) -> list[UUID]:
         rows = await self._conn.fetch(RESOLVE_NATIVE_VALUE, project_id, name, value)
@@ -707,6 +922,14 @@ class QueryReads:
         if next_time is None and stored_next.year < 9999 and stored_next > now:
             next_time = stored_next
         return SmartSegmentView(segment, flag, next_time)
+
+    async def engagement_inputs(
+        self, project_id: UUID, profile_id: UUID, now: datetime
+    ) -> tuple[int, float, int]:
+        """(sessions, average duration in ms, active days) over the 168 h before `now`."""
+        r = await self._conn.fetchrow(SELECT_ENGAGEMENT, project_id, profile_id, now)
+        assert r is not None
+        return r["session_count"], r["average_ms"], r["active_days"]
 
     async def counters(
         self, project_id: UUID, profile_id: UUID, event_count: int, crash_count: int
@@ -959,11 +1182,11 @@ class QueryReads:
 
     # -- the overview
 
-    async def installation_figures(self, project_id: UUID, platform: int) -> list[asyncpg.Record]:
-        return list(await self._conn.fetch(SELECT_INSTALLATION_FIGURES, project_id, platform))
-
-    async def profile_figures(self, project_id: UUID, platform: int) -> list[asyncpg.Record]:
-        return list(await self._conn.fetch(SELECT_PROFILE_FIGURES, project_id, platform))
+    async def overview_counters(
+        self, project_id: UUID, platform: int
+    ) -> list[tuple[str, str, int]]:
+        rows = await self._conn.fetch(SELECT_COUNTERS, project_id, platform)
+        return [(r["metric"], r["value"], r["count"]) for r in rows]
 
     async def segment_distribution(
         self, project_id: UUID, platform: int, as_of: datetime

@@ -4,20 +4,21 @@ resolution, paging (keysets and snapshots) and arithmetic over what was read."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, timedelta
 from typing import Literal
 from uuid import UUID
 from zoneinfo import ZoneInfo
 
 from profiles.common.v1 import types_pb2
-from services.query import paging
+from services.query import paging, rollup
 from services.query.errors import AmbiguousLookup, ProfileNotFound, SegmentNotFound
 from services.query.repository import MAX_BIGINT, QueryReads, QueryRepository
 from services.query.views import (
     BreakdownView,
     DayView,
+    EngagementView,
     EventView,
     IdentityChangeView,
     OverviewView,
@@ -36,6 +37,8 @@ LookupKind = Literal["profile_id", "custom_id", "email", "phone", "installation_
 
 # The identity history a profile view carries (ListEvents pages through all of it).
 MAX_IDENTITY_CHANGES = 50
+# The identity changes read to tell which profile each timeline event was first attached to.
+MAX_ATTRIBUTED = 1000
 # AMBIGUOUS_LOOKUP names at most this many profiles.
 MAX_AMBIGUOUS_IDS = 10
 
@@ -57,8 +60,12 @@ EVENT_KINDS_OF: dict[int, tuple[int, ...]] = {
 CHANGE_KINDS_OF: dict[int, str] = {7: "merge", 8: "split"}
 ALL_TIMELINE_KINDS = (1, 2, 3, 4, 5, 6, 7, 8)
 
-CHANNELS = ("email", "sms", "push")
-SUBSCRIPTION_KINDS = ("marketing", "transactional")
+CHANNELS = rollup.CHANNELS
+SUBSCRIPTION_KINDS = rollup.SUBSCRIPTION_KINDS
+# Counter metrics whose value may be "" (unknown) and still belong to a breakdown.
+VALUED_METRICS = frozenset(
+    {rollup.LANGUAGE, rollup.REGION, rollup.COUNTRY, rollup.LIVE_PLATFORM, rollup.APP_VERSION}
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,6 +188,7 @@ class QueryService:
         row = await reads.profile(project_id, profile_id)
         if row is None:
             raise _not_found()
+        now = self._clock.now()
         return ProfileView(
             profile_id=profile_id,
             custom_id=row["custom_id"] or "",
@@ -197,7 +205,10 @@ class QueryService:
             identity_changes=await reads.identity_changes(
                 project_id, profile_id, MAX_IDENTITY_CHANGES
             ),
-            smart_segment=await reads.smart_segment(project_id, profile_id, self._clock.now()),
+            smart_segment=await reads.smart_segment(project_id, profile_id, now),
+            engagement=engagement(
+                *await reads.engagement_inputs(project_id, profile_id, now), now=now
+            ),
         )
 
     async def _live_profile(self, reads: QueryReads, project_id: UUID, profile_id: UUID) -> UUID:
@@ -254,20 +265,30 @@ class QueryService:
                 change_after = (POS_INFINITY, MAX_UUID)
             items: list[TimelineItem] = []
             if event_kinds:
-                items.extend(
-                    await reads.events_page(
-                        project_id,
-                        profile_id,
-                        max_seq=max_seq,
-                        after=event_after,
-                        start=start,
-                        end=end,
-                        kinds=event_kinds,
-                        names=query.names,
-                        session_id=query.session_id,
-                        limit=size + 1,
-                    )
+                events = await reads.events_page(
+                    project_id,
+                    profile_id,
+                    max_seq=max_seq,
+                    after=event_after,
+                    start=start,
+                    end=end,
+                    kinds=event_kinds,
+                    names=query.names,
+                    session_id=query.session_id,
+                    limit=size + 1,
                 )
+                if events and max_change_time is not None:
+                    # Only a profile with merges or splits holds events first attached to
+                    # another profile.
+                    events = merged_from(
+                        events,
+                        await reads.identity_changes(project_id, profile_id, MAX_ATTRIBUTED),
+                        await reads.installation_profiles(
+                            project_id, sorted({e.installation_id for e in events})
+                        ),
+                        profile_id,
+                    )
+                items.extend(events)
             if change_kinds and max_change_time is not None:
                 items.extend(
                     await reads.changes_page(
@@ -464,102 +485,71 @@ class QueryService:
     # -- GetOverview -------------------------------------------------------------------------
 
     async def overview(self, project_id: UUID, platform: int, top: int) -> OverviewView:
-        """The userbase figures of the project (or one platform), from one snapshot."""
+        """The userbase figures of the project (or one platform): the rollups' counters (as of
+        the last message the projection handled) and the smart segment distribution exact as
+        of now. Reads a few hundred rows at most, whatever the number of profiles."""
         as_of = self._clock.now()
         async with self._repository.snapshot() as reads:
-            installs = await reads.installation_figures(project_id, platform)
-            profiles = await reads.profile_figures(project_id, platform)
+            rows = await reads.overview_counters(project_id, platform)
             distribution = await reads.segment_distribution(project_id, platform, as_of)
-        install_count = sum(r["installs"] for r in installs)
-        platforms: dict[str, int] = {}
-        app_versions: dict[tuple[str, int], int] = {}
-        platform_unknown = version_unknown = 0
-        for r in installs:
-            if r["uninstalled"]:
-                continue
-            if r["platform"]:
-                name = _platform_name(r["platform"])
-                platforms[name] = platforms.get(name, 0) + r["installs"]
+        single: dict[str, int] = {}
+        valued: dict[str, dict[str, int]] = {}
+        for metric, value, count in rows:
+            if value or metric in VALUED_METRICS:
+                valued.setdefault(metric, {})[value] = count
             else:
-                platform_unknown += r["installs"]
-            if r["app_version"] and r["platform"]:
-                key = (r["app_version"], r["platform"])
-                app_versions[key] = app_versions.get(key, 0) + r["installs"]
-            else:
-                version_unknown += r["installs"]
-        rates = {
-            (c, k): [0, 0] for c in CHANNELS for k in SUBSCRIPTION_KINDS
-        }  # addressable, subscribed
-        reach = dict.fromkeys(CHANNELS, 0)
-        identified = anonymous = sessionless = 0
-        languages: dict[str, int] = {}
-        regions: dict[str, int] = {}
-        countries: dict[str, int] = {}
-        unknown = {"language": 0, "region": 0, "country": 0}
-        for r in profiles:
-            n = r["profiles"]
-            if r["identified"]:
-                identified += n
-            else:
-                anonymous += n
-            if not r["has_session"]:
-                sessionless += n
-            address = {"email": r["has_email"], "sms": r["has_phone"], "push": r["has_token"]}
-            for channel in CHANNELS:
-                for kind in SUBSCRIPTION_KINDS:
-                    if address[channel]:
-                        rates[(channel, kind)][0] += n
-                        if r[f"{channel}_{kind}"]:
-                            rates[(channel, kind)][1] += n
-            if r["has_email"] and r["email_marketing"]:
-                reach["email"] += n
-            if r["has_phone"] and r["sms_marketing"]:
-                reach["sms"] += n
-            if r["push_reachable"]:
-                reach["push"] += n
-            for name, counts in (
-                ("language", languages),
-                ("region", regions),
-                ("country", countries),
-            ):
-                value = r[name]
-                if value:
-                    counts[value] = counts.get(value, 0) + n
-                else:
-                    unknown[name] += n
+                single[metric] = count
+        profiles = single.get(rollup.PROFILES, 0)
+        identified = single.get(rollup.IDENTIFIED, 0)
+        addressable = valued.get(rollup.ADDRESSABLE, {})
+        subscribed = valued.get(rollup.SUBSCRIBED, {})
+        reachable = valued.get(rollup.REACHABLE, {})
+        live_platforms = dict(valued.get(rollup.LIVE_PLATFORM, {}))
+        platform_unknown = live_platforms.pop("0", 0)
+        app_versions = dict(valued.get(rollup.APP_VERSION, {}))
+        version_unknown = app_versions.pop("", 0)
         smart: dict[int, dict[int, int]] = {s: {} for s in (1, 2, 3, 4)}
         for segment, flag, count in distribution:
             flags = smart.setdefault(segment, {})
             flags[flag] = flags.get(flag, 0) + count
+
+        def by_value(metric: str) -> BreakdownView:
+            counts = dict(valued.get(metric, {}))
+            unknown = counts.pop("", 0)
+            return _breakdown([(v, c, 0) for v, c in counts.items()], top, unknown)
+
+        versions = []
+        for key, count in app_versions.items():
+            number, _, version = key.partition(":")
+            versions.append((version, count, int(number)))
         return OverviewView(
             platform=platform,
             as_of=as_of,
-            install_count=install_count,
-            push_token_count=sum(r["push_tokens"] for r in installs),
-            push_opt_in_count=sum(r["push_opt_ins"] for r in installs),
-            # Imported tokens are ingest's part 2 (ImportTokens): none can be told apart yet.
-            imported_unseen_token_count=0,
+            install_count=single.get(rollup.INSTALLS, 0),
+            push_token_count=single.get(rollup.PUSH_TOKENS, 0),
+            push_opt_in_count=single.get(rollup.PUSH_OPT_INS, 0),
+            imported_unseen_token_count=single.get(rollup.IMPORTED_UNSEEN, 0),
             subscription_rates=tuple(
-                SubscriptionRateView(c, k, v[0], v[1]) for (c, k), v in rates.items()
+                SubscriptionRateView(
+                    c, k, addressable.get(f"{c}:{k}", 0), subscribed.get(f"{c}:{k}", 0)
+                )
+                for c in CHANNELS
+                for k in SUBSCRIPTION_KINDS
             ),
-            reach=reach,
+            reach={c: reachable.get(c, 0) for c in CHANNELS},
             identified_count=identified,
-            anonymous_count=anonymous,
-            sessionless_count=sessionless,
+            anonymous_count=profiles - identified,
+            sessionless_count=single.get(rollup.SESSIONLESS, 0),
             smart_segments=smart,
             platforms=_breakdown(
-                [(name, count, 0) for name, count in platforms.items()], top, platform_unknown
+                [(_platform_name(int(n)), c, 0) for n, c in live_platforms.items()],
+                top,
+                platform_unknown,
             ),
-            languages=_breakdown(
-                [(v, c, 0) for v, c in languages.items()], top, unknown["language"]
-            ),
-            regions=_breakdown([(v, c, 0) for v, c in regions.items()], top, unknown["region"]),
-            countries=_breakdown(
-                [(v, c, 0) for v, c in countries.items()], top, unknown["country"]
-            ),
-            app_versions=_breakdown(
-                [(v, c, p) for (v, p), c in app_versions.items()], top, version_unknown
-            ),
+            languages=by_value(rollup.LANGUAGE),
+            regions=by_value(rollup.REGION),
+            countries=by_value(rollup.COUNTRY),
+            app_versions=_breakdown(versions, top, version_unknown),
         )
 
     async def profile_version(self, project_id: UUID, profile_id: UUID) -> int | None:
@@ -570,6 +560,48 @@ class QueryService:
         """The live profile for `profile_id` (itself or its survivor); raises ProfileNotFound."""
         async with self._repository.reads() as reads:
             return await self._live_profile(reads, project_id, profile_id)
+
+
+def engagement(
+    session_count: int, average_ms: float, active_days: int, *, now: datetime
+) -> EngagementView:
+    """Segments' engagement formula (Countly's; services/segments/model.py), applied to the
+    inputs read from segments' session history: query restates it because segments exposes no
+    per-profile read contract for it."""
+    return EngagementView(
+        score1=min(average_ms / 60_000, 2.0),
+        score2=min(session_count, 20),
+        score3=min(active_days, 7),
+        window_end_time=now,
+    )
+
+
+def merged_from(
+    events: Sequence[EventView],
+    changes: Sequence[IdentityChangeView],
+    current: Mapping[str, UUID],
+    profile_id: UUID,
+) -> list[EventView]:
+    """Each event with `merged_from_profile_id` set when the profile it was first attached to
+    is not `profile_id`. An event joined the profile its installation belonged to when it was
+    received; that is the source of the installation's first merge or split after the event
+    (identity records each with the installations it moved), else the installation's current
+    profile (`current`). Server-side events (no installation) are left unmarked."""
+    moves: dict[str, list[IdentityChangeView]] = {}
+    for change in sorted(changes, key=lambda c: (c.change_time, c.change_id)):
+        for installation_id in change.installation_ids:
+            moves.setdefault(installation_id, []).append(change)
+    marked = []
+    for event in events:
+        first: UUID | None = None
+        if event.installation_id:
+            history = moves.get(event.installation_id, ())
+            move = next((c for c in history if c.change_time > event.receive_time), None)
+            first = move.source_profile_id if move else current.get(event.installation_id)
+        if first is not None and first != profile_id:
+            event = replace(event, merged_from_profile_id=first)
+        marked.append(event)
+    return marked
 
 
 def _breakdown(values: Sequence[tuple[str, int, int]], top: int, unknown: int) -> BreakdownView:
@@ -590,3 +622,42 @@ def _platform_name(number: int) -> str:
 
 def _not_found() -> ProfileNotFound:
     return ProfileNotFound("no such profile in this project")
+
+
+class RollupService:
+    """Keeps query's projection (0006) up to date: every bus message names the profiles and
+    installations it touched, and each is recounted from the source tables."""
+
+    def __init__(self, repository: QueryRepository, clock: Clock) -> None:
+        self._repository = repository
+        self._clock = clock
+
+    async def recount(
+        self, project_id: UUID, profile_ids: Iterable[UUID], installation_ids: Iterable[str]
+    ) -> int:
+        """Recounts the profiles and installations in one short transaction and moves the
+        counters by the difference with the stored facts. Idempotent: a second recount of
+        unchanged data moves nothing. Returns how many counters moved."""
+        profiles = sorted(set(profile_ids))
+        installations = sorted(set(installation_ids))
+        if not profiles and not installations:
+            return 0
+        keys = [f"p:{p}" for p in profiles] + [f"i:{i}" for i in installations]
+        async with self._repository.rollup_writes() as writes:
+            await writes.lock(project_id, keys)
+            old_profiles = await writes.stored_profiles(project_id, profiles)
+            old_installations = await writes.stored_installations(project_id, installations)
+            new_profiles = await writes.recount_profiles(project_id, profiles, self._clock.now())
+            new_installations = await writes.recount_installations(project_id, installations)
+            changes = rollup.counter_changes(
+                [*old_profiles.values(), *old_installations.values()],
+                [*new_profiles.values(), *new_installations.values()],
+            )
+            await writes.move_counters(project_id, changes)
+        return len(changes)
+
+    async def rebuild(self, project_id: UUID) -> None:
+        """Recounts the whole project (bench loads, operators). Run it while no recount of the
+        project is under way: it replaces the projection's rows without the recount locks."""
+        async with self._repository.rollup_writes() as writes:
+            await writes.rebuild(project_id, self._clock.now())

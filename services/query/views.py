@@ -72,6 +72,22 @@ class SmartSegmentView:
 
 
 @dataclass(frozen=True, slots=True)
+class EngagementView:
+    score1: float  # average session minutes, capped at 2
+    score2: int  # sessions, capped at 20
+    score3: int  # active days, capped at 7
+    window_end_time: datetime
+
+    @property
+    def score(self) -> float:
+        return self.score1 * self.score2 * self.score3
+
+    @property
+    def percentage(self) -> float:
+        return round(self.score / 280 * 100, 2)
+
+
+@dataclass(frozen=True, slots=True)
 class CountersView:
     event_count: int
     crash_count: int
@@ -94,6 +110,7 @@ class ProfileView:
     counters: CountersView
     identity_changes: tuple[IdentityChangeView, ...]
     smart_segment: SmartSegmentView | None
+    engagement: EngagementView | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,15 +13,18 @@ from profiles.segments.v1 import segments_service_pb2_grpc as pb_grpc
 from services.segments.change_stream import ChangeStream
 from services.segments.consumers import (
     ConsumerWorker,
+    EvaluationWorker,
+    RecomputeOwner,
     SweepWorker,
     on_events_ingested,
     on_identity_change,
 )
-from services.segments.repository import SegmentsRepository
+from services.segments.definitions import DefinitionsService
+from services.segments.repository import DefinitionsRepository, SegmentsRepository
 from services.segments.service import SegmentsService
 from services.segments.servicer import SegmentsServicer
 from shared.bus import Consumer
-from shared.server import Runtime, ServiceDefinition
+from shared.server import Build, Runtime, ServiceDefinition
 from shared.topics import EVENTS, IDENTITY
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SegmentsService"].full_name
@@ -31,6 +34,8 @@ CONSUMER_GROUP = "segments"
 CLAIM_IDLE_MS = 30_000
 HANDLER_TIMEOUT_S = 60.0
 SWEEP_INTERVAL_S = 30.0
+# Custom segments are re-evaluated this often; their changes reach the stream at most this late.
+EVALUATION_INTERVAL_S = 5.0
 
 
 def consumer_name() -> str:
@@ -39,11 +44,34 @@ def consumer_name() -> str:
     return os.environ.get("PROFILES_SEGMENTS_CONSUMER") or f"segments-{socket.gethostname()}"
 
 
-async def build(runtime: Runtime) -> ServiceDefinition:
+def make_build(
+    *,
+    sweep_interval_s: float = SWEEP_INTERVAL_S,
+    evaluation_interval_s: float = EVALUATION_INTERVAL_S,
+) -> Build:
+    """The build function, with the background intervals tests may change."""
+
+    async def build(runtime: Runtime) -> ServiceDefinition:
+        return await _build(runtime, sweep_interval_s, evaluation_interval_s)
+
+    return build
+
+
+async def _build(
+    runtime: Runtime, sweep_interval_s: float, evaluation_interval_s: float
+) -> ServiceDefinition:
     repository = SegmentsRepository(runtime.pool)
-    service = SegmentsService(repository, runtime.tenancy, runtime.clock, ChangeStream(runtime.bus))
-    # The RPCs not implemented yet fall through to the generated base: UNIMPLEMENTED.
-    servicer = SegmentsServicer(service)  # type: ignore[abstract]
+    definitions_repository = DefinitionsRepository(runtime.pool)
+    definitions = DefinitionsService(definitions_repository, runtime.clock)
+    service = SegmentsService(
+        repository,
+        runtime.tenancy,
+        runtime.clock,
+        ChangeStream(runtime.bus),
+        definitions,
+        definitions_repository,
+    )
+    servicer = SegmentsServicer(service, definitions)
     name = consumer_name()
     consumers = [
         Consumer(
@@ -66,6 +94,11 @@ async def build(runtime: Runtime) -> ServiceDefinition:
         register=register,
         workers=[
             *(ConsumerWorker(c) for c in consumers),
-            SweepWorker(service, runtime.clock, interval_s=SWEEP_INTERVAL_S),
+            SweepWorker(service, runtime.clock, interval_s=sweep_interval_s),
+            EvaluationWorker(definitions, interval_s=evaluation_interval_s),
+            RecomputeOwner(service),
         ],
     )
+
+
+build = make_build()

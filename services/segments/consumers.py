@@ -12,6 +12,7 @@ import structlog
 from google.protobuf.message import Message
 
 from profiles.common.v1 import bus_pb2, types_pb2
+from services.segments.definitions import DefinitionsService
 from services.segments.model import (
     ProfileActivity,
     SessionUpdate,
@@ -216,3 +217,44 @@ class SweepWorker:
 
     async def stop(self) -> None:
         self._stop.set()
+
+
+class EvaluationWorker:
+    """Evaluates every custom segment every `interval_s` and announces who entered and who left
+    (the custom segment part of the change stream is at most that late)."""
+
+    def __init__(self, definitions: DefinitionsService, *, interval_s: float = 5.0) -> None:
+        self._definitions = definitions
+        self._interval_s = interval_s
+        self._stop = asyncio.Event()
+
+    async def run(self) -> None:
+        self._stop.clear()
+        while not self._stop.is_set():
+            try:
+                announced = await self._definitions.evaluate_all()
+                if announced:
+                    log.info("custom_segments_evaluated", changes=announced)
+            except Exception:
+                # A database outage or a bug must not stop the evaluation for good.
+                log.exception("custom_segment_evaluation_failed")
+            await sleep_unless(self._stop, self._interval_s)
+
+    async def stop(self) -> None:
+        self._stop.set()
+
+
+class RecomputeOwner:
+    """Owns the RecomputeAll runs: on shutdown they are cancelled, so their followers end with
+    UNAVAILABLE and the next call starts a new run."""
+
+    def __init__(self, service: SegmentsService) -> None:
+        self._service = service
+        self._stop = asyncio.Event()
+
+    async def run(self) -> None:
+        await self._stop.wait()
+
+    async def stop(self) -> None:
+        self._stop.set()
+        await self._service.stop_recomputes()

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from shared.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound
+from shared.errors import (
+    Aborted,
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
 
 
 class ProfileIdInvalid(InvalidArgument):
@@ -49,3 +57,47 @@ class ConcurrentChange(Aborted):
     """Two transactions on the same profiles deadlocked; the loser rolled back and may retry."""
 
     reason = "CONCURRENT_CHANGE"
+
+
+class DefinitionInvalid(InvalidArgument):
+    """A segment or funnel definition with bad fields; one violation per field."""
+
+    reason = "DEFINITION_INVALID"
+
+
+class FunnelIdInvalid(InvalidArgument):
+    reason = "FUNNEL_ID_INVALID"
+
+
+class PageInvalid(InvalidArgument):
+    """A negative `page_size` or a malformed `page_token`."""
+
+    reason = "PAGE_INVALID"
+
+
+class FunnelNotFound(NotFound):
+    reason = "FUNNEL_NOT_FOUND"
+
+
+class NameTaken(AlreadyExists):
+    """Another segment (or funnel) of the project has this display name."""
+
+    reason = "DISPLAY_NAME_TAKEN"
+
+
+class RequestIdReused(FailedPrecondition):
+    """The request_id created a different definition."""
+
+    reason = "REQUEST_ID_REUSED"
+
+
+class LimitReached(ResourceExhausted):
+    """The project already has the most segments (100) or funnels (50) allowed."""
+
+    reason = "DEFINITION_LIMIT_REACHED"
+
+
+class RecomputeInterrupted(Unavailable):
+    """The server running a RecomputeAll stopped; the next call starts a new run."""
+
+    reason = "RECOMPUTE_INTERRUPTED"

@@ -26,13 +26,15 @@ def change_to_bus(
         message.smart_segment = int(change.segment)  # type: ignore[assignment]
     elif change.flag is not None:
         message.flag = int(change.flag)  # type: ignore[assignment]
+    elif change.custom_segment_id is not None:
+        message.custom_segment_id = str(change.custom_segment_id)
     message.change_time.FromDatetime(change.change_time)
     return message
 
 
 def change_from_bus(message: bus_pb2.SegmentMembershipChanged) -> MembershipChange | None:
-    """The domain change, or None for a kind segments does not serve (custom segments, causes
-    this version does not know)."""
+    """The domain change, or None for a kind segments does not serve (a malformed custom
+    segment ID)."""
     which = message.WhichOneof("segment")
     try:
         cause = ChangeCause(message.cause)
@@ -46,4 +48,10 @@ def change_from_bus(message: bus_pb2.SegmentMembershipChanged) -> MembershipChan
         )
     if which == "flag":
         return MembershipChange(entered, change_time, cause, flag=SegmentFlag(message.flag))
+    if which == "custom_segment_id":
+        try:
+            segment_id = UUID(message.custom_segment_id)
+        except ValueError:
+            return None
+        return MembershipChange(entered, change_time, cause, custom_segment_id=segment_id)
     return None

@@ -24,11 +24,15 @@ Rules (each threshold a per-project setting, defaults in brackets):
 
 from __future__ import annotations
 
+import bisect
 import enum
+import hashlib
+import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any, Self
+from uuid import UUID
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 ALL_PLATFORMS = 0
@@ -327,13 +331,15 @@ class StoredState:
 
 @dataclass(frozen=True, slots=True)
 class MembershipChange:
-    """A profile entering or leaving one smart segment or one flag (exactly one is set)."""
+    """A profile entering or leaving one smart segment, one flag or one custom segment (exactly
+    one of the three is set)."""
 
     entered: bool
     change_time: datetime
     cause: ChangeCause
     segment: SmartSegment | None = None
     flag: SegmentFlag | None = None
+    custom_segment_id: UUID | None = None
 
 
 def changes_between(
@@ -469,3 +475,432 @@ class Distribution:
 
     def flag_count(self, flag: SegmentFlag) -> int:
         return sum(n for c, n in self.counts.items() if c.flag == flag)
+
+
+# --- custom segments: the filter tree ------------------------------------------------------
+#
+# A validated filter, as the SQL compiler (filter_sql.py) and storage (JSON) see it. Enum-like
+# fields keep the proto numbers (operators, platforms, smart segments); names are lower-case.
+
+MAX_CONDITIONS = 31
+MAX_DEPTH = 8
+MAX_IN_VALUES = 64
+MAX_SEGMENTS_PER_PROJECT = 100
+MAX_FUNNELS_PER_PROJECT = 50
+
+
+class Operator(enum.IntEnum):
+    """Values equal profiles.segments.v1.Operator."""
+
+    EQUALS = 1
+    NOT_EQUALS = 2
+    LESS_THAN = 3
+    LESS_THAN_OR_EQUAL = 4
+    GREATER_THAN = 5
+    GREATER_THAN_OR_EQUAL = 6
+    IN = 7
+    CONTAINS = 8
+    STARTS_WITH = 9
+    EXISTS = 10
+
+
+COMPARISONS = frozenset(
+    {
+        Operator.EQUALS,
+        Operator.NOT_EQUALS,
+        Operator.LESS_THAN,
+        Operator.LESS_THAN_OR_EQUAL,
+        Operator.GREATER_THAN,
+        Operator.GREATER_THAN_OR_EQUAL,
+    }
+)
+ORDERED_TYPES = frozenset({"number", "timestamp"})
+# Which operand types each operator accepts (EXISTS takes none).
+OPERATOR_TYPES: Mapping[Operator, frozenset[str]] = {
+    Operator.EQUALS: frozenset({"string", "url", "number", "bool", "timestamp", "string_list"}),
+    Operator.NOT_EQUALS: frozenset({"string", "url", "number", "bool", "timestamp", "string_list"}),
+    Operator.LESS_THAN: ORDERED_TYPES,
+    Operator.LESS_THAN_OR_EQUAL: ORDERED_TYPES,
+    Operator.GREATER_THAN: ORDERED_TYPES,
+    Operator.GREATER_THAN_OR_EQUAL: ORDERED_TYPES,
+    Operator.IN: frozenset({"string", "url", "number"}),
+    Operator.CONTAINS: frozenset({"string", "url"}),
+    Operator.STARTS_WITH: frozenset({"string", "url"}),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Operand:
+    """A typed operand: string, url (str), number (float), bool, timestamp (aware datetime) or
+    string_list (tuple of str)."""
+
+    type: str
+    value: Any
+
+
+@dataclass(frozen=True, slots=True)
+class AttributeTest:
+    """A native (name from NATIVE_ATTRIBUTES) or custom attribute of a profile, or an attribute
+    of an event for a funnel step (native False)."""
+
+    native: bool
+    name: str
+    operator: Operator
+    value: Operand | None = None
+    values: tuple[Operand, ...] = ()
+    ignore_case: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class PlatformTest:
+    platforms: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class CountryTest:
+    countries: tuple[str, ...]  # upper-case
+
+
+@dataclass(frozen=True, slots=True)
+class SubscriptionTest:
+    channel: str  # email, sms, push (profile_subscriptions.channel)
+    kind: str  # marketing, transactional
+    subscribed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class SmartSegmentTest:
+    segments: tuple[int, ...] = ()
+    flags: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class EngagementTest:
+    operator: Operator
+    score: float
+
+
+@dataclass(frozen=True, slots=True)
+class SeenTest:
+    """First seen (last False) or last seen in [start, end) or within the last N x 24 h."""
+
+    last: bool
+    start_time: datetime | None = None
+    end_time: datetime | None = None
+    within_last_days: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EventCountTest:
+    event_name: str
+    operator: Operator
+    count: int
+    within_last_days: int
+
+
+Condition = (
+    AttributeTest
+    | PlatformTest
+    | CountryTest
+    | SubscriptionTest
+    | SmartSegmentTest
+    | EngagementTest
+    | SeenTest
+    | EventCountTest
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Group:
+    operator: str  # "and", "or", "not"
+    children: tuple[FilterNode, ...]
+
+
+FilterNode = Group | Condition
+
+
+def count_conditions(node: FilterNode) -> int:
+    if isinstance(node, Group):
+        return sum(count_conditions(c) for c in node.children)
+    return 1
+
+
+def _operand_to_json(operand: Operand) -> dict[str, Any]:
+    value = operand.value
+    if operand.type == "timestamp":
+        value = value.isoformat()
+    elif operand.type == "string_list":
+        value = list(value)
+    return {"type": operand.type, "value": value}
+
+
+def _operand_from_json(data: Mapping[str, Any]) -> Operand:
+    value = data["value"]
+    if data["type"] == "timestamp":
+        value = datetime.fromisoformat(value)
+    elif data["type"] == "string_list":
+        value = tuple(value)
+    elif data["type"] == "number":
+        value = float(value)
+    return Operand(data["type"], value)
+
+
+def _time_or_none(value: str | None) -> datetime | None:
+    return None if value is None else datetime.fromisoformat(value)
+
+
+def filter_to_json(node: FilterNode) -> dict[str, Any]:
+    """The stored form of a filter; filter_from_json(filter_to_json(f)) == f."""
+    if isinstance(node, Group):
+        return {"group": node.operator, "children": [filter_to_json(c) for c in node.children]}
+    if isinstance(node, AttributeTest):
+        return {
+            "attribute": {
+                "native": node.native,
+                "name": node.name,
+                "operator": int(node.operator),
+                "value": None if node.value is None else _operand_to_json(node.value),
+                "values": [_operand_to_json(v) for v in node.values],
+                "ignore_case": node.ignore_case,
+            }
+        }
+    if isinstance(node, PlatformTest):
+        return {"platform": list(node.platforms)}
+    if isinstance(node, CountryTest):
+        return {"country": list(node.countries)}
+    if isinstance(node, SubscriptionTest):
+        return {
+            "subscription": {
+                "channel": node.channel,
+                "kind": node.kind,
+                "subscribed": node.subscribed,
+            }
+        }
+    if isinstance(node, SmartSegmentTest):
+        return {"smart_segment": {"segments": list(node.segments), "flags": list(node.flags)}}
+    if isinstance(node, EngagementTest):
+        return {"engagement": {"operator": int(node.operator), "score": node.score}}
+    if isinstance(node, SeenTest):
+        return {
+            "seen": {
+                "last": node.last,
+                "start_time": None if node.start_time is None else node.start_time.isoformat(),
+                "end_time": None if node.end_time is None else node.end_time.isoformat(),
+                "within_last_days": node.within_last_days,
+            }
+        }
+    return {
+        "event_count": {
+            "event_name": node.event_name,
+            "operator": int(node.operator),
+            "count": node.count,
+            "within_last_days": node.within_last_days,
+        }
+    }
+
+
+def filter_from_json(data: Mapping[str, Any]) -> FilterNode:
+    if "group" in data:
+        return Group(data["group"], tuple(filter_from_json(c) for c in data["children"]))
+    if "attribute" in data:
+        a = data["attribute"]
+        return AttributeTest(
+            a["native"],
+            a["name"],
+            Operator(a["operator"]),
+            None if a["value"] is None else _operand_from_json(a["value"]),
+            tuple(_operand_from_json(v) for v in a["values"]),
+            a["ignore_case"],
+        )
+    if "platform" in data:
+        return PlatformTest(tuple(data["platform"]))
+    if "country" in data:
+        return CountryTest(tuple(data["country"]))
+    if "subscription" in data:
+        s = data["subscription"]
+        return SubscriptionTest(s["channel"], s["kind"], s["subscribed"])
+    if "smart_segment" in data:
+        m = data["smart_segment"]
+        return SmartSegmentTest(tuple(m["segments"]), tuple(m["flags"]))
+    if "engagement" in data:
+        e = data["engagement"]
+        return EngagementTest(Operator(e["operator"]), float(e["score"]))
+    if "seen" in data:
+        t = data["seen"]
+        return SeenTest(
+            t["last"],
+            _time_or_none(t["start_time"]),
+            _time_or_none(t["end_time"]),
+            t["within_last_days"],
+        )
+    c = data["event_count"]
+    return EventCountTest(
+        c["event_name"], Operator(c["operator"]), int(c["count"]), int(c["within_last_days"])
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentDefinition:
+    """What CreateSegment asks for; `fingerprint` tells two definitions apart (request_id)."""
+
+    display_name: str
+    description: str
+    filter: FilterNode
+    request_id: UUID | None = None
+
+    @property
+    def fingerprint(self) -> str:
+        body = [self.display_name, self.description, filter_to_json(self.filter)]
+        text = json.dumps(body, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class CustomSegment:
+    segment_id: UUID
+    display_name: str
+    description: str
+    filter: FilterNode
+    create_time: datetime
+    size: int
+
+
+# --- funnels -------------------------------------------------------------------------------
+
+MIN_FUNNEL_STEPS = 2
+MAX_FUNNEL_STEPS = 10
+MIN_CONVERSION_WINDOW = timedelta(minutes=1)
+MAX_CONVERSION_WINDOW = timedelta(days=90)
+
+
+@dataclass(frozen=True, slots=True)
+class FunnelStep:
+    event_name: str  # lower-case
+    condition: AttributeTest | None = None  # native False: an event attribute
+
+
+def steps_to_json(steps: Sequence[FunnelStep]) -> list[dict[str, Any]]:
+    return [
+        {
+            "event_name": s.event_name,
+            "condition": None if s.condition is None else filter_to_json(s.condition),
+        }
+        for s in steps
+    ]
+
+
+def steps_from_json(data: Sequence[Mapping[str, Any]]) -> tuple[FunnelStep, ...]:
+    steps = []
+    for item in data:
+        condition = None if item["condition"] is None else filter_from_json(item["condition"])
+        assert condition is None or isinstance(condition, AttributeTest)
+        steps.append(FunnelStep(item["event_name"], condition))
+    return tuple(steps)
+
+
+@dataclass(frozen=True, slots=True)
+class FunnelDefinition:
+    display_name: str
+    description: str
+    steps: tuple[FunnelStep, ...]
+    conversion_window: timedelta
+    request_id: UUID | None = None
+
+    @property
+    def fingerprint(self) -> str:
+        body = [
+            self.display_name,
+            self.description,
+            steps_to_json(self.steps),
+            self.conversion_window // timedelta(milliseconds=1),
+        ]
+        text = json.dumps(body, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class Funnel:
+    funnel_id: UUID
+    display_name: str
+    description: str
+    steps: tuple[FunnelStep, ...]
+    conversion_window: timedelta
+    create_time: datetime
+    reached_profile_counts: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class FunnelAttempt:
+    """A profile's best attempt: the time of each completed step (empty: step 1 never
+    happened), and when its conversion window closes."""
+
+    step_times: tuple[datetime, ...]
+    step_count: int
+    conversion_window: timedelta
+
+    @property
+    def start_time(self) -> datetime | None:
+        return self.step_times[0] if self.step_times else None
+
+    @property
+    def deadline_time(self) -> datetime | None:
+        start = self.start_time
+        return None if start is None else start + self.conversion_window
+
+    @property
+    def converted(self) -> bool:
+        return len(self.step_times) == self.step_count
+
+
+def best_attempt(
+    occurrences: Sequence[Sequence[datetime]], conversion_window: timedelta
+) -> FunnelAttempt:
+    """The best attempt through a funnel of len(occurrences) steps, from the times each step's
+    event happened (any order, duplicates allowed).
+
+    An attempt starts at an occurrence of step 1; each later step is the first occurrence
+    strictly after the previous step and strictly before start + window (taking the earliest
+    never loses a later step). The best attempt completes the most steps; the earliest start
+    wins a tie.
+    """
+    ordered = [sorted(times) for times in occurrences]
+    best: tuple[datetime, ...] = ()
+    if not ordered:
+        return FunnelAttempt(best, 0, conversion_window)
+    for start in ordered[0]:
+        deadline = start + conversion_window
+        times = [start]
+        for step in ordered[1:]:
+            index = bisect.bisect_right(step, times[-1])
+            if index == len(step) or step[index] >= deadline:
+                break
+            times.append(step[index])
+        if len(times) > len(best):
+            best = tuple(times)
+            if len(best) == len(ordered):
+                break  # starts are ascending: no later attempt can beat a full one
+    return FunnelAttempt(best, len(ordered), conversion_window)
+
+
+# --- recompute ----------------------------------------------------------------------------
+
+
+class RecomputePhase(enum.IntEnum):
+    """Values equal profiles.segments.v1.RecomputePhase."""
+
+    AGGREGATES = 1
+    SMART_SEGMENTS = 2
+    CUSTOM_SEGMENTS = 3
+    FUNNELS = 4
+    DONE = 5
+
+
+@dataclass(frozen=True, slots=True)
+class RecomputeProgress:
+    recompute_id: UUID
+    phase: RecomputePhase
+    profiles_done: int
+    profiles_total: int
+    changed_profile_count: int
+    start_time: datetime
+    update_time: datetime

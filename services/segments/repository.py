@@ -11,25 +11,40 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import cast
+from typing import Any, cast
 from uuid import UUID
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
 from services.segments.errors import ConcurrentChange
+from services.segments.filter_sql import (
+    SqlBuilder,
+    compile_filter,
+    funnel_counts_sql,
+    funnel_occurrences_sql,
+)
 from services.segments.messages import change_to_bus
 from services.segments.model import (
     ALL_PLATFORMS,
     Classification,
+    CustomSegment,
+    FilterNode,
+    Funnel,
+    FunnelDefinition,
     History,
     MembershipChange,
+    SegmentDefinition,
     SegmentFlag,
     Session,
     SessionUpdate,
     SmartSegment,
     Step,
     StoredState,
+    filter_from_json,
+    filter_to_json,
+    steps_from_json,
+    steps_to_json,
     zone_of,
 )
 from shared.outbox import OutboxItem, enqueue_many
@@ -415,3 +430,390 @@ class SegmentsTransaction:
     async def due_states(self, now: datetime, limit: int) -> list[DueState]:
         rows = await self._conn.fetch(SELECT_DUE_STATES, now, limit)
         return [DueState(r["project_id"], r["profile_id"], r["platform"], _stored(r)) for r in rows]
+
+
+# --- custom segments and funnels ------------------------------------------------------------
+
+# Serializes definition writes of one project (the count limit and the name check happen in
+# the same transaction as the insert); `kind` keeps segments and funnels apart.
+LOCK_DEFINITIONS = """
+    SELECT pg_advisory_xact_lock(hashtextextended($2::text || ':' || $1::uuid::text, 0))"""
+
+SELECT_SEGMENT_COLUMNS = """
+    SELECT segment_id, display_name, description, filter, create_time, create_seq,
+           definition_hash
+    FROM custom_segments"""
+SELECT_SEGMENT_BY_ID = SELECT_SEGMENT_COLUMNS + " WHERE project_id = $1 AND segment_id = $2"
+SELECT_SEGMENT_BY_REQUEST_ID = SELECT_SEGMENT_COLUMNS + " WHERE project_id = $1 AND request_id = $2"
+# Oldest first, keyset on create_seq (custom_segments_by_seq).
+LIST_SEGMENTS = (
+    SELECT_SEGMENT_COLUMNS
+    + " WHERE project_id = $1 AND create_seq > $2 ORDER BY create_seq LIMIT $3"
+)
+SEGMENT_NAME_TAKEN = """
+    SELECT EXISTS (SELECT 1 FROM custom_segments
+                   WHERE project_id = $1 AND lower(display_name) = lower($2))"""
+COUNT_SEGMENTS = "SELECT count(*) FROM custom_segments WHERE project_id = $1"
+INSERT_SEGMENT = """
+    INSERT INTO custom_segments (project_id, segment_id, display_name, description, filter,
+                                 request_id, definition_hash, create_time, evaluate_time)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8)"""
+DELETE_SEGMENT = """
+    DELETE FROM custom_segments WHERE project_id = $1 AND segment_id = $2 RETURNING 1"""
+DELETE_SEGMENT_MEMBERS = """
+    DELETE FROM custom_segment_members WHERE project_id = $1 AND segment_id = $2"""
+# Every segment of every project, for the evaluation worker (at most 100 per project).
+SELECT_ALL_SEGMENTS = """
+    SELECT project_id, segment_id, filter FROM custom_segments ORDER BY project_id, create_seq"""
+SELECT_PROJECT_SEGMENTS = """
+    SELECT project_id, segment_id, filter FROM custom_segments
+    WHERE project_id = $1 ORDER BY create_seq"""
+# One evaluator per segment at a time: replicas skip a segment another one is evaluating, and
+# a deleted segment is skipped.
+LOCK_SEGMENT = """
+    SELECT filter FROM custom_segments WHERE project_id = $1 AND segment_id = $2
+    FOR UPDATE SKIP LOCKED"""
+TOUCH_SEGMENT = """
+    UPDATE custom_segments SET evaluate_time = $3 WHERE project_id = $1 AND segment_id = $2"""
+INSERT_MEMBERS = """
+    INSERT INTO custom_segment_members (project_id, segment_id, profile_id)
+    SELECT $1, $2, unnest($3::uuid[]) ON CONFLICT DO NOTHING"""
+DELETE_MEMBERS = """
+    DELETE FROM custom_segment_members
+    WHERE project_id = $1 AND segment_id = $2 AND profile_id = ANY($3::uuid[])"""
+
+# Templates completed with a compiled filter (filter_sql.compile_filter: fixed SQL text with
+# $n parameters only): {where} is the filter over `p`, {n} the number of the first parameter
+# after the filter's. The universe is the project's live profiles (merged-away ones point at
+# their survivor; erased ones are deleted by identity).
+# ($2, the moment of evaluation, is typed here because a filter without time conditions does
+# not mention it, and PostgreSQL must know every parameter's type.)
+LIVE_PROFILES = (
+    "FROM profiles p WHERE p.project_id = $1 AND p.merged_into IS NULL"
+    " AND $2::timestamptz IS NOT NULL"
+)
+# The exact size: one pass over the project's live profiles, each condition a correlated
+# lookup through the per-profile indexes of its table; linear in the project's profiles.
+COUNT_MATCHING = "SELECT count(*) " + LIVE_PROFILES + " AND {where}"
+FILL_MEMBERS = (
+    "INSERT INTO custom_segment_members (project_id, segment_id, profile_id)"
+    " SELECT $1, ${n}::uuid, p.profile_id " + LIVE_PROFILES + " AND {where}"
+)
+# Live matching profiles not yet members, a bounded batch in profile_id order.
+SELECT_ENTERED = (
+    "SELECT p.profile_id " + LIVE_PROFILES + " AND {where} AND NOT EXISTS (SELECT 1"
+    " FROM custom_segment_members m WHERE m.project_id = $1 AND m.segment_id = ${n}::uuid"
+    " AND m.profile_id = p.profile_id) ORDER BY p.profile_id LIMIT ${m}::int"
+)
+# Members that no longer match, with why: erased (no profile row), merged away, or the filter.
+SELECT_LEFT = (
+    "SELECT m.profile_id, p.profile_id IS NULL AS erased, p.merged_into IS NOT NULL AS merged"
+    " FROM custom_segment_members m LEFT JOIN profiles p"
+    " ON p.project_id = m.project_id AND p.profile_id = m.profile_id"
+    " WHERE m.project_id = $1 AND m.segment_id = ${n}::uuid AND $2::timestamptz IS NOT NULL"
+    " AND NOT (CASE WHEN p.profile_id IS NULL OR p.merged_into IS NOT NULL THEN false"
+    " ELSE {where} END) ORDER BY m.profile_id LIMIT ${m}::int"
+)
+
+SELECT_FUNNEL_COLUMNS = """
+    SELECT funnel_id, display_name, description, steps, conversion_window_ms, create_time,
+           create_seq, definition_hash
+    FROM funnels"""
+SELECT_FUNNEL_BY_ID = SELECT_FUNNEL_COLUMNS + " WHERE project_id = $1 AND funnel_id = $2"
+SELECT_FUNNEL_BY_REQUEST_ID = SELECT_FUNNEL_COLUMNS + " WHERE project_id = $1 AND request_id = $2"
+LIST_FUNNELS = (
+    SELECT_FUNNEL_COLUMNS
+    + " WHERE project_id = $1 AND create_seq > $2 ORDER BY create_seq LIMIT $3"
+)
+FUNNEL_NAME_TAKEN = """
+    SELECT EXISTS (SELECT 1 FROM funnels
+                   WHERE project_id = $1 AND lower(display_name) = lower($2))"""
+COUNT_FUNNELS = "SELECT count(*) FROM funnels WHERE project_id = $1"
+INSERT_FUNNEL = """
+    INSERT INTO funnels (project_id, funnel_id, display_name, description, steps,
+                         conversion_window_ms, request_id, definition_hash, create_time)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"""
+DELETE_FUNNEL = "DELETE FROM funnels WHERE project_id = $1 AND funnel_id = $2 RETURNING 1"
+
+# RecomputeAll: the project's live profiles known to segments, a keyset batch at a time.
+COUNT_LIVE_SEGMENT_PROFILES = """
+    SELECT count(*) FROM segment_profiles
+    WHERE project_id = $1 AND merged_into IS NULL AND erase_time IS NULL"""
+SELECT_LIVE_SEGMENT_PROFILES = """
+    SELECT profile_id FROM segment_profiles
+    WHERE project_id = $1 AND merged_into IS NULL AND erase_time IS NULL AND profile_id > $2
+    ORDER BY profile_id LIMIT $3"""
+COUNT_LIVE_PROFILES = (
+    "SELECT count(*) FROM profiles p WHERE p.project_id = $1 AND p.merged_into IS NULL"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class StoredSegment:
+    segment: CustomSegment
+    seq: int
+    fingerprint: str
+
+
+@dataclass(frozen=True, slots=True)
+class StoredFunnel:
+    funnel: Funnel
+    seq: int
+    fingerprint: str
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentRef:
+    project_id: UUID
+    segment_id: UUID
+    filter: FilterNode
+
+
+@dataclass(frozen=True, slots=True)
+class LeftMember:
+    profile_id: UUID
+    erased: bool
+    merged: bool
+
+
+def _compiled(node: FilterNode, template: str, extra: int = 0) -> tuple[str, list[Any], int]:
+    """The template completed with the filter; returns (sql, filter params, first extra $n)."""
+    builder = SqlBuilder(first=3)
+    where = compile_filter(node, builder)
+    n = builder.next_number()
+    return template.format(where=where, n=n, m=n + 1), builder.params, n
+
+
+def _segment(row: asyncpg.Record, size: int) -> StoredSegment:
+    return StoredSegment(
+        CustomSegment(
+            row["segment_id"],
+            row["display_name"],
+            row["description"],
+            filter_from_json(row["filter"]),
+            row["create_time"],
+            size,
+        ),
+        row["create_seq"],
+        row["definition_hash"],
+    )
+
+
+def _funnel(row: asyncpg.Record) -> StoredFunnel:
+    return StoredFunnel(
+        Funnel(
+            row["funnel_id"],
+            row["display_name"],
+            row["description"],
+            steps_from_json(row["steps"]),
+            timedelta(milliseconds=row["conversion_window_ms"]),
+            row["create_time"],
+        ),
+        row["create_seq"],
+        row["definition_hash"],
+    )
+
+
+class DefinitionsRepository:
+    """Custom segments and funnels: definitions, live sizes and counts, membership diffs."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[DefinitionsTransaction]:
+        async with self._pool.acquire() as conn, conn.transaction():
+            yield DefinitionsTransaction(_connection(conn))
+
+    async def count_matching(self, project_id: UUID, node: FilterNode, now: datetime) -> int:
+        sql, params, _ = _compiled(node, COUNT_MATCHING)
+        return int(await self._pool.fetchval(sql, project_id, now, *params))
+
+    async def segment(self, project_id: UUID, segment_id: UUID) -> StoredSegment | None:
+        row = await self._pool.fetchrow(SELECT_SEGMENT_BY_ID, project_id, segment_id)
+        return None if row is None else _segment(row, 0)
+
+    async def segments(self, project_id: UUID, after_seq: int, limit: int) -> list[StoredSegment]:
+        rows = await self._pool.fetch(LIST_SEGMENTS, project_id, after_seq, limit)
+        return [_segment(r, 0) for r in rows]
+
+    async def all_segments(self, project_id: UUID | None = None) -> list[SegmentRef]:
+        if project_id is None:
+            rows = await self._pool.fetch(SELECT_ALL_SEGMENTS)
+        else:
+            rows = await self._pool.fetch(SELECT_PROJECT_SEGMENTS, project_id)
+        return [
+            SegmentRef(r["project_id"], r["segment_id"], filter_from_json(r["filter"]))
+            for r in rows
+        ]
+
+    async def funnel(self, project_id: UUID, funnel_id: UUID) -> StoredFunnel | None:
+        row = await self._pool.fetchrow(SELECT_FUNNEL_BY_ID, project_id, funnel_id)
+        return None if row is None else _funnel(row)
+
+    async def funnels(self, project_id: UUID, after_seq: int, limit: int) -> list[StoredFunnel]:
+        rows = await self._pool.fetch(LIST_FUNNELS, project_id, after_seq, limit)
+        return [_funnel(r) for r in rows]
+
+    async def funnel_counts(self, project_id: UUID, funnel: Funnel, now: datetime) -> list[int]:
+        builder = SqlBuilder(first=3)
+        window_ms = funnel.conversion_window // timedelta(milliseconds=1)
+        sql = funnel_counts_sql(funnel.steps, window_ms, builder)
+        row = await self._pool.fetchrow(sql, project_id, now, *builder.params)
+        assert row is not None
+        return [int(v) for v in row.values()]
+
+    async def funnel_occurrences(
+        self, project_id: UUID, profile_id: UUID, funnel: Funnel, now: datetime
+    ) -> list[list[datetime]]:
+        """Per step, the times of the profile's events that count for it."""
+        builder = SqlBuilder(first=4)
+        sql = funnel_occurrences_sql(funnel.steps, builder)
+        rows = await self._pool.fetch(sql, project_id, now, profile_id, *builder.params)
+        occurrences: list[list[datetime]] = [[] for _ in funnel.steps]
+        for row in rows:
+            occurrences[row["step"]].append(row["event_time"])
+        return occurrences
+
+    async def profile_exists(self, project_id: UUID, profile_id: UUID) -> UUID | None:
+        """The live profile of an ID (itself, or its survivor), from identity's table."""
+        row = await self._pool.fetchrow(SELECT_LIVE_PROFILE, project_id, profile_id)
+        return None if row is None else row["live_id"]
+
+    async def count_live_segment_profiles(self, project_id: UUID) -> int:
+        return int(await self._pool.fetchval(COUNT_LIVE_SEGMENT_PROFILES, project_id))
+
+    async def live_segment_profiles(self, project_id: UUID, after: UUID, limit: int) -> list[UUID]:
+        rows = await self._pool.fetch(SELECT_LIVE_SEGMENT_PROFILES, project_id, after, limit)
+        return [r["profile_id"] for r in rows]
+
+    async def count_live_profiles(self, project_id: UUID) -> int:
+        return int(await self._pool.fetchval(COUNT_LIVE_PROFILES, project_id))
+
+
+# Identity's profiles table: a merged-away ID points at its survivor in one hop; an erased one
+# has no row.
+SELECT_LIVE_PROFILE = """
+    SELECT coalesce(p.merged_into, p.profile_id) AS live_id
+    FROM profiles p WHERE p.project_id = $1 AND p.profile_id = $2"""
+
+
+class DefinitionsTransaction:
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self._conn = conn
+
+    async def lock_definitions(self, project_id: UUID, kind: str) -> None:
+        await self._conn.execute(LOCK_DEFINITIONS, project_id, kind)
+
+    async def segment_by_request_id(
+        self, project_id: UUID, request_id: UUID
+    ) -> StoredSegment | None:
+        row = await self._conn.fetchrow(SELECT_SEGMENT_BY_REQUEST_ID, project_id, request_id)
+        return None if row is None else _segment(row, 0)
+
+    async def segment_name_taken(self, project_id: UUID, name: str) -> bool:
+        return bool(await self._conn.fetchval(SEGMENT_NAME_TAKEN, project_id, name))
+
+    async def count_segments(self, project_id: UUID) -> int:
+        return int(await self._conn.fetchval(COUNT_SEGMENTS, project_id))
+
+    async def insert_segment(
+        self,
+        project_id: UUID,
+        segment_id: UUID,
+        definition: SegmentDefinition,
+        now: datetime,
+    ) -> int:
+        """Stores the segment and its current members (silently); returns its size."""
+        await self._conn.execute(
+            INSERT_SEGMENT,
+            project_id,
+            segment_id,
+            definition.display_name,
+            definition.description,
+            filter_to_json(definition.filter),
+            definition.request_id,
+            definition.fingerprint,
+            now,
+        )
+        sql, params, _ = _compiled(definition.filter, FILL_MEMBERS)
+        status = await self._conn.execute(sql, project_id, now, *params, segment_id)
+        return int(status.split()[-1])
+
+    async def delete_segment(self, project_id: UUID, segment_id: UUID) -> bool:
+        deleted = await self._conn.fetchval(DELETE_SEGMENT, project_id, segment_id)
+        await self._conn.execute(DELETE_SEGMENT_MEMBERS, project_id, segment_id)
+        return deleted is not None
+
+    async def lock_segment(self, project_id: UUID, segment_id: UUID) -> FilterNode | None:
+        """The segment's filter, locked for evaluation; None if deleted or locked elsewhere."""
+        row = await self._conn.fetchrow(LOCK_SEGMENT, project_id, segment_id)
+        return None if row is None else filter_from_json(row["filter"])
+
+    async def entered(
+        self, project_id: UUID, segment_id: UUID, node: FilterNode, now: datetime, limit: int
+    ) -> list[UUID]:
+        sql, params, _ = _compiled(node, SELECT_ENTERED)
+        rows = await self._conn.fetch(sql, project_id, now, *params, segment_id, limit)
+        return [r["profile_id"] for r in rows]
+
+    async def left(
+        self, project_id: UUID, segment_id: UUID, node: FilterNode, now: datetime, limit: int
+    ) -> list[LeftMember]:
+        sql, params, _ = _compiled(node, SELECT_LEFT)
+        rows = await self._conn.fetch(sql, project_id, now, *params, segment_id, limit)
+        return [LeftMember(r["profile_id"], r["erased"], r["merged"]) for r in rows]
+
+    async def apply_members(
+        self,
+        project_id: UUID,
+        segment_id: UUID,
+        entered: Sequence[UUID],
+        left: Sequence[UUID],
+        now: datetime,
+    ) -> None:
+        if entered:
+            await self._conn.execute(INSERT_MEMBERS, project_id, segment_id, list(entered))
+        if left:
+            await self._conn.execute(DELETE_MEMBERS, project_id, segment_id, list(left))
+        await self._conn.execute(TOUCH_SEGMENT, project_id, segment_id, now)
+
+    async def enqueue_changes(
+        self, project_id: UUID, changes: Sequence[tuple[UUID, MembershipChange]]
+    ) -> None:
+        await enqueue_many(
+            self._conn,
+            [
+                OutboxItem(project_id, SEGMENT_CHANGES, change_to_bus(project_id, p, c), p)
+                for p, c in changes
+            ],
+        )
+
+    async def funnel_by_request_id(self, project_id: UUID, request_id: UUID) -> StoredFunnel | None:
+        row = await self._conn.fetchrow(SELECT_FUNNEL_BY_REQUEST_ID, project_id, request_id)
+        return None if row is None else _funnel(row)
+
+    async def funnel_name_taken(self, project_id: UUID, name: str) -> bool:
+        return bool(await self._conn.fetchval(FUNNEL_NAME_TAKEN, project_id, name))
+
+    async def count_funnels(self, project_id: UUID) -> int:
+        return int(await self._conn.fetchval(COUNT_FUNNELS, project_id))
+
+    async def insert_funnel(
+        self, project_id: UUID, funnel_id: UUID, definition: FunnelDefinition, now: datetime
+    ) -> None:
+        await self._conn.execute(
+            INSERT_FUNNEL,
+            project_id,
+            funnel_id,
+            definition.display_name,
+            definition.description,
+            steps_to_json(definition.steps),
+            definition.conversion_window // timedelta(milliseconds=1),
+            definition.request_id,
+            definition.fingerprint,
+            now,
+        )
+
+    async def delete_funnel(self, project_id: UUID, funnel_id: UUID) -> bool:
+        return await self._conn.fetchval(DELETE_FUNNEL, project_id, funnel_id) is not None

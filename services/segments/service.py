@@ -7,6 +7,9 @@ transaction and enqueues the membership changes (outbox, SEGMENT_CHANGES) there 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -21,10 +24,12 @@ from services.segments.change_stream import (
     cursor_before,
     parse_cursor,
 )
+from services.segments.definitions import DefinitionsService
 from services.segments.errors import (
     ConcurrentChange,
     CursorExpired,
     ProfileNotFound,
+    RecomputeInterrupted,
 )
 from services.segments.model import (
     ALL_PLATFORMS,
@@ -35,6 +40,8 @@ from services.segments.model import (
     History,
     MembershipChange,
     ProfileActivity,
+    RecomputePhase,
+    RecomputeProgress,
     SegmentFlag,
     SmartSegment,
     SmartSegmentFacts,
@@ -46,7 +53,12 @@ from services.segments.model import (
     engagement,
     reclassify,
 )
-from services.segments.repository import ProfileRow, SegmentsRepository, SegmentsTransaction
+from services.segments.repository import (
+    DefinitionsRepository,
+    ProfileRow,
+    SegmentsRepository,
+    SegmentsTransaction,
+)
 from shared.clock import Clock
 from shared.tenancy import TenancyRepository
 
@@ -59,6 +71,10 @@ T = TypeVar("T")
 MAX_HOPS = 4
 RACE_RETRIES = 3
 WATCH_BATCH = 500
+# Profiles reclassified between two progress updates of RecomputeAll (one transaction each).
+RECOMPUTE_BATCH = 200
+# How often a RecomputeAll follower hears about progress within a phase.
+PROGRESS_INTERVAL_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,12 +83,15 @@ class WatchFilter:
 
     segment: SmartSegment | None = None
     flag: SegmentFlag | None = None
+    custom_segment_id: UUID | None = None
 
     def matches(self, change: MembershipChange) -> bool:
         if self.segment is not None:
             return change.segment == self.segment
         if self.flag is not None:
             return change.flag == self.flag
+        if self.custom_segment_id is not None:
+            return change.custom_segment_id == self.custom_segment_id
         return True
 
 
@@ -91,11 +110,16 @@ class SegmentsService:
         tenancy: TenancyRepository,
         clock: Clock,
         changes: ChangeStream,
+        definitions: DefinitionsService | None = None,
+        definitions_repository: DefinitionsRepository | None = None,
     ) -> None:
         self._repository = repository
         self._tenancy = tenancy
         self._clock = clock
         self._changes = changes
+        self._definitions = definitions
+        self._definitions_repository = definitions_repository
+        self._recomputes: dict[UUID, RecomputeRun] = {}
 
     async def _thresholds(self, project_id: UUID) -> Thresholds:
         return Thresholds.from_settings(await self._tenancy.get_settings(project_id))
@@ -184,9 +208,10 @@ class SegmentsService:
         now: datetime,
         cause: ChangeCause,
         change_time: datetime,
-    ) -> None:
+    ) -> list[MembershipChange]:
         """Recomputes the profile's stored states from its sessions and enqueues the changes of
-        its all-platform classification (what time did since the last write, then `cause`)."""
+        its all-platform classification (what time did since the last write, then `cause`);
+        returns them."""
         histories = await tx.histories(project_id, profile_id, time_zone, now - thresholds.lookback)
         stored = await tx.states_for_update(project_id, profile_id)
         states: list[tuple[int, StoredState]] = []
@@ -203,6 +228,7 @@ class SegmentsService:
             await tx.delete_states(project_id, [profile_id])
         await tx.save_states(project_id, profile_id, states, now)
         await tx.enqueue_changes(project_id, profile_id, changes)
+        return changes
 
     async def merge_profiles(
         self, project_id: UUID, source_ids: Sequence[UUID], target_id: UUID
@@ -391,3 +417,168 @@ class SegmentsService:
             ]
             if wanted_changes:
                 yield wanted_changes
+
+    # --- RecomputeAll ----------------------------------------------------------------------
+
+    async def recompute_all(self, project_id: UUID) -> AsyncIterator[RecomputeProgress]:
+        """Starts the project's recomputation, or follows the one running, and yields its
+        progress (each phase change, and about once a second) until DONE. The run goes on if
+        the follower stops. Raises RecomputeInterrupted if the server stops it."""
+        run = self._recomputes.get(project_id)
+        if run is None or run.finished:
+            run = RecomputeRun(uuid.uuid4(), project_id, self._clock.now())
+            self._recomputes[project_id] = run
+            run.task = asyncio.create_task(self._recompute(run), name=f"recompute-{project_id}")
+        async for progress in run.follow():
+            yield progress
+
+    async def stop_recomputes(self) -> None:
+        """Cancels running recomputations (server shutdown); their followers get UNAVAILABLE."""
+        tasks = [r.task for r in self._recomputes.values() if r.task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _recompute(self, run: RecomputeRun) -> None:
+        try:
+            await self._recompute_phases(run)
+        except asyncio.CancelledError:
+            run.fail(RecomputeInterrupted("the server stopped; call RecomputeAll again"))
+            raise
+        except Exception as exc:
+            log.exception("recompute_failed", recompute_id=str(run.recompute_id))
+            run.fail(exc)
+
+    async def _recompute_phases(self, run: RecomputeRun) -> None:
+        assert self._definitions is not None
+        assert self._definitions_repository is not None
+        project_id = run.project_id
+        definitions = self._definitions_repository
+        thresholds = await self._thresholds(project_id)
+        total = await definitions.count_live_segment_profiles(project_id)
+        # Aggregates are not stored apart from the sessions (every classification reads them
+        # from segment_sessions), so there is nothing to rebuild: the phase ends at once.
+        run.update(self._clock.now(), RecomputePhase.AGGREGATES, 0, total)
+        run.update(self._clock.now(), RecomputePhase.AGGREGATES, total, total)
+        run.update(self._clock.now(), RecomputePhase.SMART_SEGMENTS, 0, total)
+        done = 0
+        after = UUID(int=0)
+        while True:
+            batch = await definitions.live_segment_profiles(project_id, after, RECOMPUTE_BATCH)
+            for profile_id in batch:
+
+                async def work(profile_id: UUID = profile_id) -> list[MembershipChange]:
+                    return await self._recompute_one(project_id, profile_id, thresholds)
+
+                if await self._retrying(work):
+                    run.changed.add(profile_id)
+            done += len(batch)
+            run.update(self._clock.now(), RecomputePhase.SMART_SEGMENTS, min(done, total), total)
+            if len(batch) < RECOMPUTE_BATCH:
+                break
+            after = batch[-1]
+        live = await definitions.count_live_profiles(project_id)
+        run.update(self._clock.now(), RecomputePhase.CUSTOM_SEGMENTS, 0, live)
+
+        def segment_done(index: int, count: int, changed: set[UUID]) -> None:
+            run.changed.update(changed)
+            run.update(
+                self._clock.now(), RecomputePhase.CUSTOM_SEGMENTS, live * index // count, live
+            )
+
+        await self._definitions.evaluate_project(project_id, ChangeCause.RECOMPUTE, segment_done)
+        run.update(self._clock.now(), RecomputePhase.CUSTOM_SEGMENTS, live, live)
+        # Funnel progress is computed from events at read time; nothing is stored to redo.
+        run.update(self._clock.now(), RecomputePhase.FUNNELS, live, live)
+        run.update(self._clock.now(), RecomputePhase.DONE, live, live)
+        log.info("recompute_done", recompute_id=str(run.recompute_id), changed=len(run.changed))
+
+    async def _recompute_one(
+        self, project_id: UUID, profile_id: UUID, thresholds: Thresholds
+    ) -> list[MembershipChange]:
+        now = self._clock.now()
+        async with self._repository.transaction() as tx:
+            row = (await tx.lock_profiles(project_id, [profile_id]))[profile_id]
+            if row.erase_time is not None or row.merged_into is not None:
+                return []
+            return await self._reclassify(
+                tx,
+                project_id,
+                profile_id,
+                row.time_zone,
+                thresholds,
+                now,
+                ChangeCause.RECOMPUTE,
+                now,
+            )
+
+
+class RecomputeRun:
+    """One project's running recomputation and its progress, followed by any number of
+    callers. Keeps each phase's first and last snapshots (a dozen at most) so that a follower
+    sees every phase change."""
+
+    def __init__(self, recompute_id: UUID, project_id: UUID, start_time: datetime) -> None:
+        self.recompute_id = recompute_id
+        self.project_id = project_id
+        self.start_time = start_time
+        self.task: asyncio.Task[None] | None = None
+        self.changed: set[UUID] = set()
+        self.milestones: list[RecomputeProgress] = []
+        self.latest: RecomputeProgress | None = None
+        self.error: BaseException | None = None
+        self._updated = asyncio.Event()
+
+    @property
+    def finished(self) -> bool:
+        done = self.latest is not None and self.latest.phase == RecomputePhase.DONE
+        return done or self.error is not None
+
+    def update(self, now: datetime, phase: RecomputePhase, done: int, total: int) -> None:
+        progress = RecomputeProgress(
+            self.recompute_id, phase, done, total, len(self.changed), self.start_time, now
+        )
+        if self.latest is None or self.latest.phase != phase:
+            # A phase change is announced with the previous phase's final count first.
+            if self.latest is not None and self.latest is not self.milestones[-1]:
+                self.milestones.append(self.latest)
+            self.milestones.append(progress)
+        self.latest = progress
+        self._wake()
+
+    def fail(self, error: BaseException) -> None:
+        self.error = error
+        self._wake()
+
+    def _wake(self) -> None:
+        self._updated.set()
+        self._updated = asyncio.Event()
+
+    async def follow(self) -> AsyncIterator[RecomputeProgress]:
+        loop = asyncio.get_running_loop()
+        seen_milestones = 0
+        last_sent: RecomputeProgress | None = None
+        last_time = loop.time()
+        while True:
+            updated = self._updated
+            while seen_milestones < len(self.milestones):
+                last_sent = self.milestones[seen_milestones]
+                seen_milestones += 1
+                last_time = loop.time()
+                yield last_sent
+            latest = self.latest
+            if latest is not None and latest is not last_sent:
+                due = latest.phase == RecomputePhase.DONE or (
+                    loop.time() - last_time >= PROGRESS_INTERVAL_S
+                )
+                if due:
+                    last_sent, last_time = latest, loop.time()
+                    yield latest
+            if latest is not None and latest.phase == RecomputePhase.DONE and latest is last_sent:
+                return
+            if self.error is not None:
+                raise self.error
+            wait = max(PROGRESS_INTERVAL_S - (loop.time() - last_time), 0.01)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    await updated.wait()

@@ -1,8 +1,6 @@
-"""SegmentsServicer: protobuf in, protobuf out; the use cases live in service.py.
-
-RPCs not implemented yet (custom segments, funnels, RecomputeAll) are inherited from the
-generated base, which the shared interceptor turns into UNIMPLEMENTED.
-"""
+"""SegmentsServicer: protobuf in, protobuf out; the use cases live in service.py (engagement,
+smart segments, change stream, RecomputeAll) and definitions.py (custom segments, funnels).
+Definition conversions live in convert.py."""
 
 from __future__ import annotations
 
@@ -15,19 +13,26 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from grpc.aio import ServicerContext
 
 from profiles.common.v1 import types_pb2
-from profiles.segments.v1 import segments_pb2
+from profiles.segments.v1 import funnels_pb2, segments_pb2
 from profiles.segments.v1 import segments_service_pb2 as pb
 from profiles.segments.v1 import segments_service_pb2_grpc as pb_grpc
 from services.segments.change_stream import RecordedChange, parse_cursor
+from services.segments.convert import (
+    funnel_definition_from_proto,
+    funnel_to_proto,
+    segment_definition_from_proto,
+    segment_to_proto,
+)
+from services.segments.definitions import DefinitionsService, FunnelProgress
 from services.segments.errors import (
     CursorInvalid,
+    FunnelIdInvalid,
     PlatformInvalid,
     ProfileIdInvalid,
     SegmentFilterInvalid,
     SegmentIdInvalid,
-    SegmentNotFound,
 )
-from services.segments.model import SegmentFlag, SmartSegment
+from services.segments.model import RecomputeProgress, SegmentFlag, SmartSegment
 from services.segments.service import SegmentsService, WatchFilter, WatchStart
 from shared.auth import current_caller
 from shared.errors import FieldViolation
@@ -64,6 +69,26 @@ def platform_from_proto(value: int, field: str = "platform") -> int:
     return value
 
 
+def segment_id_from_proto(value: str, field: str = "segment_id") -> UUID:
+    try:
+        return UUID(value)
+    except ValueError:
+        problem = "must be a UUID"
+        raise SegmentIdInvalid(
+            f"{field} {problem}", [FieldViolation(field, problem, SegmentIdInvalid.reason)]
+        ) from None
+
+
+def funnel_id_from_proto(value: str, field: str = "funnel_id") -> UUID:
+    try:
+        return UUID(value)
+    except ValueError:
+        problem = "must be a UUID"
+        raise FunnelIdInvalid(
+            f"{field} {problem}", [FieldViolation(field, problem, FunnelIdInvalid.reason)]
+        ) from None
+
+
 def watch_filter_from_proto(request: pb.WatchSegmentChangesRequest) -> WatchFilter:
     which = request.WhichOneof("segment")
     if which == "smart_segment":
@@ -86,16 +111,8 @@ def watch_filter_from_proto(request: pb.WatchSegmentChangesRequest) -> WatchFilt
             )
         return WatchFilter(flag=SegmentFlag(request.flag))
     if which == "custom_segment_id":
-        try:
-            UUID(request.custom_segment_id)
-        except ValueError:
-            problem = "must be a UUID"
-            raise SegmentIdInvalid(
-                f"custom_segment_id {problem}",
-                [FieldViolation("custom_segment_id", problem, SegmentIdInvalid.reason)],
-            ) from None
-        # Custom segments are not implemented yet, so no custom segment exists.
-        raise SegmentNotFound(f"no custom segment {request.custom_segment_id}")
+        segment_id = segment_id_from_proto(request.custom_segment_id, "custom_segment_id")
+        return WatchFilter(custom_segment_id=segment_id)
     return WatchFilter()
 
 
@@ -132,12 +149,51 @@ def change_to_proto(recorded: RecordedChange) -> segments_pb2.SegmentChange:
         message.smart_segment = int(change.segment)  # type: ignore[assignment]
     elif change.flag is not None:
         message.flag = int(change.flag)  # type: ignore[assignment]
+    elif change.custom_segment_id is not None:
+        message.custom_segment_id = str(change.custom_segment_id)
     return message
 
 
+def funnel_progress_to_proto(progress: FunnelProgress) -> funnels_pb2.FunnelProgress:
+    funnel, attempt = progress.funnel, progress.attempt
+    completed = len(attempt.step_times)
+    message = funnels_pb2.FunnelProgress(
+        funnel_id=str(funnel.funnel_id),
+        display_name=funnel.display_name,
+        completed_step_count=completed,
+        converted=attempt.converted,
+    )
+    for index, step in enumerate(funnel.steps):
+        item = message.steps.add(step_number=index + 1, event_name=step.event_name)
+        if index < completed:
+            item.status = funnels_pb2.FUNNEL_STEP_STATUS_COMPLETED
+            item.complete_time.CopyFrom(timestamp(attempt.step_times[index]))
+        elif index == completed:
+            item.status = funnels_pb2.FUNNEL_STEP_STATUS_NOT_COMPLETED
+        else:
+            item.status = funnels_pb2.FUNNEL_STEP_STATUS_NOT_REACHED
+    if attempt.start_time is not None and attempt.deadline_time is not None:
+        message.attempt_start_time.CopyFrom(timestamp(attempt.start_time))
+        message.attempt_deadline_time.CopyFrom(timestamp(attempt.deadline_time))
+    return message
+
+
+def recompute_to_proto(progress: RecomputeProgress) -> pb.RecomputeAllResponse:
+    return pb.RecomputeAllResponse(
+        recompute_id=str(progress.recompute_id),
+        phase=int(progress.phase),  # type: ignore[arg-type]  # same numbers by design
+        profiles_done=progress.profiles_done,
+        profiles_total=progress.profiles_total,
+        changed_profile_count=progress.changed_profile_count,
+        start_time=timestamp(progress.start_time),
+        update_time=timestamp(progress.update_time),
+    )
+
+
 class SegmentsServicer(pb_grpc.SegmentsServiceServicer):
-    def __init__(self, service: SegmentsService) -> None:
+    def __init__(self, service: SegmentsService, definitions: DefinitionsService) -> None:
         self._service = service
+        self._definitions = definitions
 
     async def GetEngagement(
         self, request: pb.GetEngagementRequest, context: ServicerContext
@@ -192,9 +248,94 @@ class SegmentsServicer(pb_grpc.SegmentsServiceServicer):
     ) -> AsyncIterator[pb.WatchSegmentChangesResponse]:
         wanted = watch_filter_from_proto(request)
         start = watch_start_from_proto(request)
-        changes = self._service.watch_changes(current_caller().project_id, wanted, start)
+        project_id = current_caller().project_id
+        if wanted.custom_segment_id is not None:
+            await self._definitions.require_segment(project_id, wanted.custom_segment_id)
+        changes = self._service.watch_changes(project_id, wanted, start)
         try:
             async for batch in changes:
                 yield pb.WatchSegmentChangesResponse(changes=[change_to_proto(c) for c in batch])
         finally:
             await changes.aclose()  # type: ignore[attr-defined]
+
+    async def CreateSegment(
+        self, request: pb.CreateSegmentRequest, context: ServicerContext
+    ) -> pb.CreateSegmentResponse:
+        definition = segment_definition_from_proto(request)
+        segment = await self._definitions.create_segment(current_caller().project_id, definition)
+        return pb.CreateSegmentResponse(segment=segment_to_proto(segment))
+
+    async def GetSegment(
+        self, request: pb.GetSegmentRequest, context: ServicerContext
+    ) -> pb.GetSegmentResponse:
+        segment_id = segment_id_from_proto(request.segment_id)
+        segment = await self._definitions.get_segment(current_caller().project_id, segment_id)
+        return pb.GetSegmentResponse(segment=segment_to_proto(segment))
+
+    async def ListSegments(
+        self, request: pb.ListSegmentsRequest, context: ServicerContext
+    ) -> pb.ListSegmentsResponse:
+        page = await self._definitions.list_segments(
+            current_caller().project_id, request.page_size, request.page_token
+        )
+        return pb.ListSegmentsResponse(
+            segments=[segment_to_proto(s) for s in page.items],
+            next_page_token=page.next_page_token,
+        )
+
+    async def DeleteSegment(
+        self, request: pb.DeleteSegmentRequest, context: ServicerContext
+    ) -> pb.DeleteSegmentResponse:
+        segment_id = segment_id_from_proto(request.segment_id)
+        await self._definitions.delete_segment(
+            current_caller().project_id, segment_id, request.allow_missing
+        )
+        return pb.DeleteSegmentResponse()
+
+    async def CreateFunnel(
+        self, request: pb.CreateFunnelRequest, context: ServicerContext
+    ) -> pb.CreateFunnelResponse:
+        definition = funnel_definition_from_proto(request)
+        funnel = await self._definitions.create_funnel(current_caller().project_id, definition)
+        return pb.CreateFunnelResponse(funnel=funnel_to_proto(funnel))
+
+    async def ListFunnels(
+        self, request: pb.ListFunnelsRequest, context: ServicerContext
+    ) -> pb.ListFunnelsResponse:
+        page = await self._definitions.list_funnels(
+            current_caller().project_id, request.page_size, request.page_token
+        )
+        return pb.ListFunnelsResponse(
+            funnels=[funnel_to_proto(f) for f in page.items], next_page_token=page.next_page_token
+        )
+
+    async def DeleteFunnel(
+        self, request: pb.DeleteFunnelRequest, context: ServicerContext
+    ) -> pb.DeleteFunnelResponse:
+        funnel_id = funnel_id_from_proto(request.funnel_id)
+        await self._definitions.delete_funnel(
+            current_caller().project_id, funnel_id, request.allow_missing
+        )
+        return pb.DeleteFunnelResponse()
+
+    async def GetFunnelProgress(
+        self, request: pb.GetFunnelProgressRequest, context: ServicerContext
+    ) -> pb.GetFunnelProgressResponse:
+        profile_id = profile_id_from_proto(request.profile_id)
+        funnel_id = funnel_id_from_proto(request.funnel_id) if request.funnel_id else None
+        live_id, progress = await self._definitions.funnel_progress(
+            current_caller().project_id, profile_id, funnel_id
+        )
+        return pb.GetFunnelProgressResponse(
+            profile_id=str(live_id), funnels=[funnel_progress_to_proto(p) for p in progress]
+        )
+
+    async def RecomputeAll(
+        self, request: pb.RecomputeAllRequest, context: ServicerContext
+    ) -> AsyncIterator[pb.RecomputeAllResponse]:
+        progress = self._service.recompute_all(current_caller().project_id)
+        try:
+            async for item in progress:
+                yield recompute_to_proto(item)
+        finally:
+            await progress.aclose()  # type: ignore[attr-defined]

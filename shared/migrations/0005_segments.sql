@@ -108,3 +108,77 @@ CREATE FUNCTION profiles_erase_segment_profiles(uuid, uuid[]) RETURNS void
 LANGUAGE plpgsql AS $$ BEGIN RETURN; END $$;
 CREATE FUNCTION profiles_erase_segment_states(uuid, uuid[]) RETURNS void
 LANGUAGE plpgsql AS $$ BEGIN RETURN; END $$;
+
+-- Custom segments: a stored filter tree (model.Filter as JSON, see services/segments/model.py),
+-- evaluated live by SQL compiled from it (services/segments/filter_sql.py). request_id makes a
+-- retried CreateSegment a no-op while the segment exists; definition_hash tells a retry of the
+-- same definition from a reuse of the key for another one.
+CREATE TABLE custom_segments (
+    project_id uuid NOT NULL,
+    segment_id uuid NOT NULL,
+    display_name text NOT NULL,
+    description text NOT NULL DEFAULT '',
+    filter jsonb NOT NULL,
+    request_id uuid,
+    definition_hash text NOT NULL,
+    create_time timestamptz NOT NULL,
+    create_seq bigint GENERATED ALWAYS AS IDENTITY,
+    evaluate_time timestamptz,
+    PRIMARY KEY (project_id, segment_id)
+);
+-- Names are unique per project, case-insensitively: the database settles two racing creates.
+CREATE UNIQUE INDEX custom_segments_by_name ON custom_segments (project_id, lower(display_name));
+CREATE UNIQUE INDEX custom_segments_by_request_id ON custom_segments (project_id, request_id)
+    WHERE request_id IS NOT NULL;
+-- Oldest first for ListSegments (keyset on create_seq).
+CREATE INDEX custom_segments_by_seq ON custom_segments (project_id, create_seq);
+
+-- The members of each custom segment as of its last evaluation: the evaluation worker diffs the
+-- filter's live result against these rows and announces the difference (ENTERED/LEFT). Filled
+-- silently at creation (creating a segment announces nothing); deleted with the segment.
+CREATE TABLE custom_segment_members (
+    project_id uuid NOT NULL,
+    segment_id uuid NOT NULL,
+    profile_id uuid NOT NULL,
+    PRIMARY KEY (project_id, segment_id, profile_id)
+);
+
+-- Funnels: ordered steps (model.FunnelStep list as JSON) and a conversion window. Progress and
+-- per-step counts are computed from events at read time, so nothing per profile is stored.
+CREATE TABLE funnels (
+    project_id uuid NOT NULL,
+    funnel_id uuid NOT NULL,
+    display_name text NOT NULL,
+    description text NOT NULL DEFAULT '',
+    steps jsonb NOT NULL,
+    conversion_window_ms bigint NOT NULL CHECK (conversion_window_ms > 0),
+    request_id uuid,
+    definition_hash text NOT NULL,
+    create_time timestamptz NOT NULL,
+    create_seq bigint GENERATED ALWAYS AS IDENTITY,
+    PRIMARY KEY (project_id, funnel_id)
+);
+CREATE UNIQUE INDEX funnels_by_name ON funnels (project_id, lower(display_name));
+CREATE UNIQUE INDEX funnels_by_request_id ON funnels (project_id, request_id)
+    WHERE request_id IS NOT NULL;
+CREATE INDEX funnels_by_seq ON funnels (project_id, create_seq);
+
+-- A profile's smart segment and flag as of `p_as_of` from one stored segment_states row: the
+-- stored values while the next transition is ahead, else the last scheduled step at or before
+-- it (the same rule as segment_distribution). Used by custom segment filters.
+CREATE FUNCTION segment_state_at(
+    p_segment smallint, p_flag smallint, p_next timestamptz, p_times timestamptz[],
+    p_segments smallint[], p_flags smallint[], p_as_of timestamptz
+) RETURNS smallint[] LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE WHEN p_next > p_as_of THEN ARRAY[p_segment, p_flag]
+    ELSE (SELECT ARRAY[x.segment, x.flag]
+          FROM unnest(p_times, p_segments, p_flags) AS x(step_time, segment, flag)
+          WHERE x.step_time <= p_as_of ORDER BY x.step_time DESC LIMIT 1) END
+$$;
+
+-- Membership rows follow segments' own evaluation, not identity's merge or erasure: the worker
+-- announces the merged-away or erased profile leaving (cause MERGE or DELETION), then drops it.
+CREATE FUNCTION profiles_merge_custom_segment_members(uuid, uuid, uuid) RETURNS void
+LANGUAGE plpgsql AS $$ BEGIN RETURN; END $$;
+CREATE FUNCTION profiles_erase_custom_segment_members(uuid, uuid[]) RETURNS void
+LANGUAGE plpgsql AS $$ BEGIN RETURN; END $$;

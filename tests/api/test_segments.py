@@ -207,14 +207,6 @@ async def test_bad_and_unknown_profiles_are_refused_with_field_paths(segments: S
         assert error_details(missing.value)[0] == "PROFILE_NOT_FOUND"
 
 
-async def test_rpcs_not_built_yet_answer_unimplemented(segments: Segments) -> None:
-    with pytest.raises(grpc.aio.AioRpcError) as error:
-        await segments.stub.ListSegments(
-            pb.ListSegmentsRequest(), metadata=segments.project.metadata("admin")
-        )
-    assert error.value.code() == grpc.StatusCode.UNIMPLEMENTED
-
-
 async def read_changes(
     segments: Segments, request: pb.WatchSegmentChangesRequest, count: int
 ) -> list[segments_pb2.SegmentChange]:

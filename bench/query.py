@@ -1,0 +1,387 @@
+"""Query benchmark: the profile view, the timeline's first page and the overview under load.
+
+    python -m bench.query [--quick] [--rate R] [--concurrency C] [--duration S] [--rounds N]
+
+Bulk-loads a project through SQL in the real tables' layout (identity's profiles and
+installations, ingest's events, sessions, attributes, subscriptions and installation details,
+segments' stored states), then builds query's rollups with the same recount the bus consumer
+runs (RollupWrites.rebuild). Full: 100,000 profiles and 2,000,000 events; --quick: 10,000 and
+200,000.
+
+Then, from one client process (one channel, the admin key), at the same fixed rate and
+concurrency and in alternating rounds: GetProfile of random profiles, ListEvents (first page)
+of random profiles, GetOverview, the query service's own Echo (the baseline: the suite's bare
+cost of one RPC), and a raw asyncpg primary-key lookup of a profile row from this process.
+Finally the project grows to 1,000,000 profiles (--quick: 100,000), the rollups are rebuilt,
+and GetOverview is measured again: its cost must not grow with the user base.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import random
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import asyncpg
+
+from bench.common import (
+    Call,
+    Figure,
+    LatencySummary,
+    LoadPlan,
+    LoadResult,
+    add_backend_arguments,
+    alternate,
+    create_project,
+    make_work_dir,
+    print_figures,
+    run_main,
+    service_settings,
+    start_backends,
+    start_service_process,
+    wait_serving,
+)
+from profiles.client import open_channel
+from profiles.diagnostics.v1 import diagnostics_service_pb2 as diagnostics_pb
+from profiles.diagnostics.v1 import diagnostics_service_pb2_grpc as diagnostics_grpc
+from profiles.query.v1 import query_service_pb2 as pb
+from profiles.query.v1 import query_service_pb2_grpc as pb_grpc
+from services.query.repository import QueryRepository
+from services.query.service import RollupService
+from shared.clock import SystemClock
+from shared.logging import configure_logging
+
+BENCH = "query"
+SERVICE = pb.DESCRIPTOR.services_by_name["QueryService"].full_name
+MAX_ERROR_FRACTION = 0.001
+
+
+@dataclass(frozen=True, slots=True)
+class Sizes:
+    profiles: int
+    events: int
+    large_profiles: int
+    rate: float
+    concurrency: int
+    duration_s: float
+    rounds: int
+    warmup_s: float
+
+
+QUICK = Sizes(10_000, 200_000, 100_000, 500, 16, 4.0, 2, 1.0)
+FULL = Sizes(100_000, 2_000_000, 1_000_000, 1000, 16, 10.0, 3, 3.0)
+
+# --- bulk load -------------------------------------------------------------------------------
+# Profile n (1-based) has ID profile_uuid(n), installation "inst-n" on platform 1 + n % 3, one
+# session, events / profiles events (one session start in 20), an email on every second
+# profile, a language, an email marketing subscription on every third, a push token on every
+# second installation, and a stored smart segment. Rows are generated in the database.
+
+PROFILE_ID = "('00000000-0000-4000-8000-' || lpad(to_hex({n}), 12, '0'))::uuid"
+
+LOAD_STATEMENTS = (
+    f"""INSERT INTO profiles (project_id, profile_id, custom_id, create_time, update_time)
+    SELECT $1, {PROFILE_ID.format(n="n")}, CASE WHEN n % 4 = 0 THEN 'user-' || n END,
+           $4::timestamptz, $4::timestamptz
+    FROM generate_series($2::int, $3::int) AS n""",
+    f"""INSERT INTO installations (project_id, installation_id, profile_id, create_time)
+    SELECT $1, 'inst-' || n, {PROFILE_ID.format(n="n")}, $4::timestamptz
+    FROM generate_series($2::int, $3::int) AS n""",
+    """INSERT INTO installation_details (project_id, installation_id, platform, app_version,
+        os_version, device_model, push_token, push_opt_in, language, timezone, first_seen,
+        last_seen)
+    SELECT $1, 'inst-' || n, 1 + n % 3, '1.' || n % 5, '17.0', 'Model' || n % 7,
+           CASE WHEN n % 2 = 0 THEN 'token-' || n END, n % 4 = 0,
+           (ARRAY['fr', 'en', 'de'])[1 + n % 3], 'Europe/Paris',
+           $4::timestamptz - interval '30 days', $4::timestamptz
+    FROM generate_series($2::int, $3::int) AS n""",
+    f"""INSERT INTO sessions (project_id, installation_id, session_id, profile_id, platform,
+        country, start_time, last_activity_time, end_time, duration, event_count, started,
+        ended, closed)
+    SELECT $1, 'inst-' || n, 's1', {PROFILE_ID.format(n="n")}, 1 + n % 3,
+           (ARRAY['FR', 'US', 'DE', 'ES'])[1 + n % 4], $4::timestamptz - interval '1 day',
+           $4::timestamptz - interval '1 day' + interval '5 minutes',
+           $4::timestamptz - interval '1 day' + interval '5 minutes', interval '5 minutes', 10,
+           true, true, true
+    FROM generate_series($2::int, $3::int) AS n""",
+    f"""INSERT INTO profile_attributes (project_id, profile_id, native, name, value, value_type,
+        base, base_time, update_time)
+    SELECT $1, {PROFILE_ID.format(n="n")}, true, a.name, a.value, 'string', a.value,
+           $4::timestamptz, $4::timestamptz
+    FROM generate_series($2::int, $3::int) AS n
+    CROSS JOIN LATERAL (
+        SELECT 'language' AS name,
+               jsonb_build_object('type', 'string', 'value',
+                                  (ARRAY['fr', 'en', 'de'])[1 + n % 3]) AS value
+        UNION ALL
+        SELECT 'email', jsonb_build_object('type', 'string', 'value', 'u' || n || '@example.com')
+        WHERE n % 2 = 0
+    ) a""",
+    f"""INSERT INTO profile_subscriptions (project_id, profile_id, channel, kind, subscribed,
+        change_time)
+    SELECT $1, {PROFILE_ID.format(n="n")}, 'email', 'marketing', true, $4::timestamptz
+    FROM generate_series($2::int, $3::int) AS n WHERE n % 3 = 0""",
+    f"""INSERT INTO segment_states (project_id, profile_id, platform, segment, flag,
+        update_time)
+    SELECT $1, {PROFILE_ID.format(n="n")}, 0, 1 + n % 4, 0, $4::timestamptz
+    FROM generate_series($2::int, $3::int) AS n""",
+)
+
+# Events of profiles $2..$3: $5 per profile, spread over the last 30 days.
+LOAD_EVENTS = f"""
+    INSERT INTO events (project_id, installation_id, event_id, profile_id, kind, name,
+        event_time, receive_time, session_id, platform, payload)
+    SELECT $1, 'inst-' || n, 'e' || k, {PROFILE_ID.format(n="n")},
+           CASE WHEN k % 20 = 0 THEN 2 ELSE 1 END,
+           CASE WHEN k % 20 = 0 THEN NULL ELSE 'view_item' END,
+           $4::timestamptz - make_interval(secs => (n * 7919 + k * 104729) % 2592000),
+           $4::timestamptz, 's1', 1 + n % 3,
+           CASE WHEN k % 20 = 0 THEN '{{"country": "FR"}}'::jsonb
+                ELSE jsonb_build_object('name', 'view_item', 'label', 'item ' || k) END
+    FROM generate_series($2::int, $3::int) AS n, generate_series(1, $5::int) AS k"""
+
+CHUNK = 50_000
+
+
+async def load(
+    database_url: str, project_id: uuid.UUID, first: int, last: int, events: int
+) -> None:
+    """Loads profiles first..last with `events` events each, in chunks, then ANALYZEs."""
+    now = datetime.now(UTC)
+    conn = await asyncpg.connect(database_url)
+    try:
+        for start in range(first, last + 1, CHUNK):
+            end = min(start + CHUNK - 1, last)
+            async with conn.transaction():
+                for statement in LOAD_STATEMENTS:
+                    await conn.execute(statement, project_id, start, end, now)
+                await conn.execute(LOAD_EVENTS, project_id, start, end, now, events)
+        await conn.execute("ANALYZE")
+    finally:
+        await conn.close()
+
+
+async def rebuild_rollups(database_url: str, project_id: uuid.UUID) -> float:
+    """Builds query's projection of the project as the bus consumer would; returns seconds."""
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
+    try:
+        started = time.perf_counter()
+        await RollupService(QueryRepository(pool), SystemClock()).rebuild(project_id)
+        async with pool.acquire() as conn:
+            await conn.execute("ANALYZE query_profiles, query_installations, query_counters")
+        return time.perf_counter() - started
+    finally:
+        await pool.close()
+
+
+def profile_uuid(n: int) -> str:
+    return f"00000000-0000-4000-8000-{n:012x}"
+
+
+# --- measuring -------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.query", description=__doc__.split("\n\n")[0]
+    )
+    add_backend_arguments(parser)
+    parser.add_argument("--rate", type=float, help="calls per second (quick 500, full 1000)")
+    parser.add_argument("--concurrency", type=int, help="calls in flight at most (16)")
+    parser.add_argument("--duration", type=float, help="seconds per round and RPC (4 / 10)")
+    parser.add_argument("--rounds", type=int, help="rounds per RPC (2 / 3)")
+    return parser.parse_args(argv)
+
+
+def sizes_of(args: argparse.Namespace) -> Sizes:
+    base = QUICK if args.quick else FULL
+    return Sizes(
+        base.profiles,
+        base.events,
+        base.large_profiles,
+        args.rate or base.rate,
+        args.concurrency or base.concurrency,
+        args.duration or base.duration_s,
+        args.rounds or base.rounds,
+        base.warmup_s,
+    )
+
+
+async def measure(
+    address: str,
+    api_key: str,
+    database_url: str,
+    project_id: uuid.UUID,
+    profiles: int,
+    sizes: Sizes,
+    labels: tuple[str, ...],
+) -> dict[str, list[LoadResult]]:
+    rng = random.Random(7)
+    pool = await asyncpg.create_pool(database_url, min_size=sizes.concurrency, max_size=32)
+    try:
+        async with open_channel(address, api_key) as channel:
+            query = pb_grpc.QueryServiceStub(channel)
+            diagnostics = diagnostics_grpc.DiagnosticsServiceStub(channel)
+            echo_request = diagnostics_pb.EchoRequest(payload=b"x" * 64)
+
+            def some_profile() -> str:
+                return profile_uuid(rng.randint(1, profiles))
+
+            async def echo() -> object:
+                return await diagnostics.Echo(echo_request)
+
+            async def get_profile() -> object:
+                return await query.GetProfile(pb.GetProfileRequest(profile_id=some_profile()))
+
+            async def list_events() -> object:
+                return await query.ListEvents(pb.ListEventsRequest(profile_id=some_profile()))
+
+            async def overview() -> object:
+                return await query.GetOverview(pb.GetOverviewRequest())
+
+            async def primary_key() -> object:
+                async with pool.acquire() as conn:
+                    return await conn.fetchrow(
+                        "SELECT * FROM profiles WHERE project_id = $1 AND profile_id = $2",
+                        project_id,
+                        uuid.UUID(some_profile()),
+                    )
+
+            every: dict[str, Call] = {
+                "echo": echo,
+                "getprofile": get_profile,
+                "listevents": list_events,
+                "overview": overview,
+                "pk_lookup": primary_key,
+            }
+            for label in labels:  # each must answer before it is timed
+                await every[label]()
+            return await alternate(
+                {label: every[label] for label in labels},
+                LoadPlan(sizes.rate, sizes.concurrency, sizes.duration_s),
+                sizes.rounds,
+                warmup=LoadPlan(sizes.rate, sizes.concurrency, sizes.warmup_s),
+            )
+    finally:
+        await pool.close()
+
+
+def print_table(title: str, results: dict[str, list[LoadResult]]) -> dict[str, LatencySummary]:
+    print(title)
+    print(
+        f"  {'':<14}{'calls':>8}{'errors':>7}{'late':>6}{'rate/s':>9}{'p50 ms':>9}"
+        f"{'p90 ms':>9}{'p99 ms':>9}{'max ms':>9}"
+    )
+    summaries = {}
+    for label, rounds in results.items():
+        merged = LoadResult.merged(rounds)
+        s = summaries[label] = LatencySummary.of(merged.latencies_s)
+        print(
+            f"  {label:<14}{merged.completed:>8}{merged.error_count:>7}{merged.late_starts:>6}"
+            f"{merged.achieved_rate:>9.1f}{s.p50_ms:>9.3f}{s.p90_ms:>9.3f}{s.p99_ms:>9.3f}"
+            f"{s.max_ms:>9.2f}"
+        )
+        if merged.error_count > MAX_ERROR_FRACTION * max(merged.completed, 1):
+            raise SystemExit(f"too many errors on {label}: {dict(merged.errors)}")
+    return summaries
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    sizes = sizes_of(args)
+    configure_logging("warning")
+    per_profile = sizes.events // sizes.profiles
+    with contextlib.ExitStack() as stack:
+        work_dir = make_work_dir(stack)
+        backends = start_backends(stack, work_dir, args.database_url, args.redis_url)
+        project = asyncio.run(create_project(backends.database_url, roles=("admin",)))
+        started = time.perf_counter()
+        asyncio.run(load(backends.database_url, project.project_id, 1, sizes.profiles, per_profile))
+        loaded_s = time.perf_counter() - started
+        rollup_s = asyncio.run(rebuild_rollups(backends.database_url, project.project_id))
+        print(
+            f"loaded {sizes.profiles} profiles, {sizes.profiles * per_profile} events in"
+            f" {loaded_s:.1f} s; rollups built in {rollup_s:.1f} s"
+        )
+        settings = service_settings(backends, "query", work_dir, log_level="warning")
+        process = start_service_process(stack, "query", settings, work_dir)
+        address = f"127.0.0.1:{settings.ports['query']}"
+        asyncio.run(wait_serving(address, process, SERVICE))
+        key = project.keys["admin"]
+        small = asyncio.run(
+            measure(
+                address,
+                key,
+                backends.database_url,
+                project.project_id,
+                sizes.profiles,
+                sizes,
+                ("echo", "getprofile", "listevents", "overview", "pk_lookup"),
+            )
+        )
+        started = time.perf_counter()
+        asyncio.run(
+            load(
+                backends.database_url,
+                project.project_id,
+                sizes.profiles + 1,
+                sizes.large_profiles,
+                1,
+            )
+        )
+        grown_s = time.perf_counter() - started
+        rollup_large_s = asyncio.run(rebuild_rollups(backends.database_url, project.project_id))
+        print(
+            f"grown to {sizes.large_profiles} profiles in {grown_s:.1f} s;"
+            f" rollups rebuilt in {rollup_large_s:.1f} s"
+        )
+        large = asyncio.run(
+            measure(
+                address,
+                key,
+                backends.database_url,
+                project.project_id,
+                sizes.large_profiles,
+                sizes,
+                ("overview",),
+            )
+        )
+    header = (
+        f"at {sizes.rate:g} calls/s, concurrency {sizes.concurrency},"
+        f" {sizes.rounds} rounds x {sizes.duration_s:g} s, alternating, one client process"
+    )
+    s = print_table(f"\n{sizes.profiles} profiles, {header}", small)
+    big = print_table(f"\n{sizes.large_profiles} profiles, {header}", large)
+    print()
+    print_figures(
+        BENCH,
+        [
+            Figure(
+                "getprofile_p99_ms", s["getprofile"].p99_ms, "ms", "echo_p99_ms", s["echo"].p99_ms
+            ),
+            Figure(
+                "listevents_p99_ms", s["listevents"].p99_ms, "ms", "echo_p99_ms", s["echo"].p99_ms
+            ),
+            Figure(
+                "overview_p99_ms_1m",
+                big["overview"].p99_ms,
+                "ms",
+                "overview_p99_ms_100k",
+                s["overview"].p99_ms,
+            ),
+            Figure(
+                "pk_lookup_p99_ms", s["pk_lookup"].p99_ms, "ms", "echo_p99_ms", s["echo"].p99_ms
+            ),
+        ],
+        quick=args.quick,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

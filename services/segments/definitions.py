@@ -1,0 +1,344 @@
+"""Use cases of custom segments and funnels: definitions, live sizes and per-step counts, funnel
+progress, and the periodic evaluation that turns custom segment membership changes into
+SegmentMembershipChanged messages (outbox, SEGMENT_CHANGES).
+
+Sizes, counts and progress are computed at read time with the compiled SQL, so they are exact
+as of the clock's now (time-driven conditions included). Memberships are stored only to find
+who entered and who left since the previous evaluation.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Generic, TypeVar
+from uuid import UUID
+
+import asyncpg
+import structlog
+
+from services.segments.errors import (
+    FunnelNotFound,
+    LimitReached,
+    NameTaken,
+    PageInvalid,
+    ProfileNotFound,
+    RequestIdReused,
+    SegmentNotFound,
+)
+from services.segments.model import (
+    MAX_FUNNELS_PER_PROJECT,
+    MAX_SEGMENTS_PER_PROJECT,
+    ChangeCause,
+    CustomSegment,
+    Funnel,
+    FunnelAttempt,
+    FunnelDefinition,
+    MembershipChange,
+    SegmentDefinition,
+    best_attempt,
+)
+from services.segments.repository import DefinitionsRepository, SegmentRef
+from shared.clock import Clock
+from shared.errors import FieldViolation
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 200
+# Profiles entering or leaving one segment per evaluation transaction: bounds the rows held in
+# memory and the outbox rows of one commit.
+EVALUATION_BATCH = 500
+
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Page(Generic[T]):
+    items: list[T]
+    next_page_token: str
+
+
+def page_size(requested: int) -> int:
+    if requested < 0:
+        why = "must not be negative"
+        raise PageInvalid(
+            f"page_size {why}", [FieldViolation("page_size", why, PageInvalid.reason)]
+        )
+    return DEFAULT_PAGE_SIZE if requested == 0 else min(requested, MAX_PAGE_SIZE)
+
+
+def encode_token(kind: str, seq: int) -> str:
+    raw = json.dumps({"v": 1, "k": kind, "s": seq}, separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_token(kind: str, token: str) -> int:
+    """The position after which the next page starts; 0 for no token."""
+    if not token:
+        return 0
+    try:
+        body = json.loads(base64.urlsafe_b64decode((token + "=" * (-len(token) % 4)).encode()))
+    except (binascii.Error, ValueError, UnicodeDecodeError):
+        body = None
+    if (
+        not isinstance(body, dict)
+        or body.get("v") != 1
+        or body.get("k") != kind
+        or not isinstance(body.get("s"), int)
+    ):
+        why = "is not a page token of this RPC"
+        raise PageInvalid(
+            f"page_token {why}", [FieldViolation("page_token", why, PageInvalid.reason)]
+        )
+    return int(body["s"])
+
+
+@dataclass(frozen=True, slots=True)
+class FunnelProgress:
+    funnel: Funnel
+    attempt: FunnelAttempt
+
+
+class DefinitionsService:
+    def __init__(self, repository: DefinitionsRepository, clock: Clock) -> None:
+        self._repository = repository
+        self._clock = clock
+
+    # --- custom segments -----------------------------------------------------------------
+
+    async def create_segment(
+        self, project_id: UUID, definition: SegmentDefinition
+    ) -> CustomSegment:
+        """Stores the segment with its current members (announcing nothing: creation is not a
+        membership change) and returns it with its size. Idempotent with request_id. Raises
+        RequestIdReused, NameTaken, LimitReached."""
+        now = self._clock.now()
+        try:
+            async with self._repository.transaction() as tx:
+                await tx.lock_definitions(project_id, "segments")
+                if definition.request_id is not None:
+                    existing = await tx.segment_by_request_id(project_id, definition.request_id)
+                    if existing is not None:
+                        if existing.fingerprint != definition.fingerprint:
+                            raise RequestIdReused(
+                                "request_id already created a different segment",
+                                metadata={"segment_id": str(existing.segment.segment_id)},
+                            )
+                        return await self._sized(project_id, existing.segment)
+                if await tx.segment_name_taken(project_id, definition.display_name):
+                    raise NameTaken("another segment has this display_name")
+                if await tx.count_segments(project_id) >= MAX_SEGMENTS_PER_PROJECT:
+                    raise LimitReached(
+                        f"the project has {MAX_SEGMENTS_PER_PROJECT} segments; delete one first"
+                    )
+                segment_id = uuid.uuid4()
+                size = await tx.insert_segment(project_id, segment_id, definition, now)
+        except asyncpg.UniqueViolationError as exc:  # a race the advisory lock did not cover
+            raise NameTaken("another segment has this display_name") from exc
+        log.info("custom_segment_created", segment_id=str(segment_id), size=size)
+        return CustomSegment(
+            segment_id,
+            definition.display_name,
+            definition.description,
+            definition.filter,
+            now,
+            size,
+        )
+
+    async def _sized(self, project_id: UUID, segment: CustomSegment) -> CustomSegment:
+        size = await self._repository.count_matching(project_id, segment.filter, self._clock.now())
+        return replace(segment, size=size)
+
+    async def get_segment(self, project_id: UUID, segment_id: UUID) -> CustomSegment:
+        stored = await self._repository.segment(project_id, segment_id)
+        if stored is None:
+            raise SegmentNotFound(f"no custom segment {segment_id} in this project")
+        return await self._sized(project_id, stored.segment)
+
+    async def require_segment(self, project_id: UUID, segment_id: UUID) -> None:
+        if await self._repository.segment(project_id, segment_id) is None:
+            raise SegmentNotFound(f"no custom segment {segment_id} in this project")
+
+    async def list_segments(
+        self, project_id: UUID, requested_size: int, token: str
+    ) -> Page[CustomSegment]:
+        size = page_size(requested_size)
+        after = decode_token("segments", token)
+        stored = await self._repository.segments(project_id, after, size + 1)
+        items = [await self._sized(project_id, s.segment) for s in stored[:size]]
+        next_token = encode_token("segments", stored[size - 1].seq) if len(stored) > size else ""
+        return Page(items, next_token)
+
+    async def delete_segment(self, project_id: UUID, segment_id: UUID, allow_missing: bool) -> None:
+        """Deletes the segment and its stored members; members get no LEFT change."""
+        async with self._repository.transaction() as tx:
+            deleted = await tx.delete_segment(project_id, segment_id)
+        if not deleted and not allow_missing:
+            raise SegmentNotFound(f"no custom segment {segment_id} in this project")
+
+    # --- evaluation ------------------------------------------------------------------------
+
+    async def evaluate_all(self, cause: ChangeCause = ChangeCause.EVENT) -> int:
+        """Evaluates every custom segment of every project; returns the changes announced."""
+        total = 0
+        for ref in await self._repository.all_segments():
+            total += await self.evaluate(ref, cause)
+        return total
+
+    async def evaluate_project(
+        self,
+        project_id: UUID,
+        cause: ChangeCause,
+        on_segment_done: Callable[[int, int, set[UUID]], None] | None = None,
+    ) -> set[UUID]:
+        """Evaluates the project's segments; returns the profiles whose membership changed."""
+        refs = await self._repository.all_segments(project_id)
+        changed: set[UUID] = set()
+        for index, ref in enumerate(refs, start=1):
+            await self.evaluate(ref, cause, changed)
+            if on_segment_done is not None:
+                on_segment_done(index, len(refs), changed)
+        return changed
+
+    async def evaluate(
+        self, ref: SegmentRef, cause: ChangeCause, changed: set[UUID] | None = None
+    ) -> int:
+        """Diffs the segment's live members against the stored ones, in bounded batches, and
+        announces each profile that entered or left (a merged-away profile leaves with cause
+        MERGE, an erased one with DELETION). Safe on several replicas: the segment row is
+        locked (SKIP LOCKED) for each batch."""
+        announced = 0
+        while True:
+            now = self._clock.now()
+            async with self._repository.transaction() as tx:
+                node = await tx.lock_segment(ref.project_id, ref.segment_id)
+                if node is None:
+                    return announced  # deleted, or another replica is evaluating it
+                entered = await tx.entered(
+                    ref.project_id, ref.segment_id, node, now, EVALUATION_BATCH
+                )
+                left = await tx.left(ref.project_id, ref.segment_id, node, now, EVALUATION_BATCH)
+                changes: list[tuple[UUID, MembershipChange]] = []
+                for member in left:
+                    why = (
+                        ChangeCause.DELETION
+                        if member.erased
+                        else ChangeCause.MERGE
+                        if member.merged
+                        else cause
+                    )
+                    changes.append(
+                        (
+                            member.profile_id,
+                            MembershipChange(False, now, why, custom_segment_id=ref.segment_id),
+                        )
+                    )
+                changes.extend(
+                    (p, MembershipChange(True, now, cause, custom_segment_id=ref.segment_id))
+                    for p in entered
+                )
+                await tx.apply_members(
+                    ref.project_id, ref.segment_id, entered, [m.profile_id for m in left], now
+                )
+                await tx.enqueue_changes(ref.project_id, changes)
+            announced += len(changes)
+            if changed is not None:
+                changed.update(p for p, _ in changes)
+            if len(entered) < EVALUATION_BATCH and len(left) < EVALUATION_BATCH:
+                return announced
+
+    # --- funnels ---------------------------------------------------------------------------
+
+    async def create_funnel(self, project_id: UUID, definition: FunnelDefinition) -> Funnel:
+        """Stores the funnel and returns it with its per-step counts. Idempotent with
+        request_id. Raises RequestIdReused, NameTaken, LimitReached."""
+        now = self._clock.now()
+        try:
+            async with self._repository.transaction() as tx:
+                await tx.lock_definitions(project_id, "funnels")
+                if definition.request_id is not None:
+                    existing = await tx.funnel_by_request_id(project_id, definition.request_id)
+                    if existing is not None:
+                        if existing.fingerprint != definition.fingerprint:
+                            raise RequestIdReused(
+                                "request_id already created a different funnel",
+                                metadata={"funnel_id": str(existing.funnel.funnel_id)},
+                            )
+                        return await self._counted(project_id, existing.funnel)
+                if await tx.funnel_name_taken(project_id, definition.display_name):
+                    raise NameTaken("another funnel has this display_name")
+                if await tx.count_funnels(project_id) >= MAX_FUNNELS_PER_PROJECT:
+                    raise LimitReached(
+                        f"the project has {MAX_FUNNELS_PER_PROJECT} funnels; delete one first"
+                    )
+                funnel_id = uuid.uuid4()
+                await tx.insert_funnel(project_id, funnel_id, definition, now)
+        except asyncpg.UniqueViolationError as exc:
+            raise NameTaken("another funnel has this display_name") from exc
+        funnel = Funnel(
+            funnel_id,
+            definition.display_name,
+            definition.description,
+            definition.steps,
+            definition.conversion_window,
+            now,
+        )
+        return await self._counted(project_id, funnel)
+
+    async def _counted(self, project_id: UUID, funnel: Funnel) -> Funnel:
+        counts = await self._repository.funnel_counts(project_id, funnel, self._clock.now())
+        return replace(funnel, reached_profile_counts=tuple(counts))
+
+    async def list_funnels(self, project_id: UUID, requested_size: int, token: str) -> Page[Funnel]:
+        size = page_size(requested_size)
+        after = decode_token("funnels", token)
+        stored = await self._repository.funnels(project_id, after, size + 1)
+        items = [await self._counted(project_id, s.funnel) for s in stored[:size]]
+        next_token = encode_token("funnels", stored[size - 1].seq) if len(stored) > size else ""
+        return Page(items, next_token)
+
+    async def delete_funnel(self, project_id: UUID, funnel_id: UUID, allow_missing: bool) -> None:
+        async with self._repository.transaction() as tx:
+            deleted = await tx.delete_funnel(project_id, funnel_id)
+        if not deleted and not allow_missing:
+            raise FunnelNotFound(f"no funnel {funnel_id} in this project")
+
+    async def funnel_progress(
+        self, project_id: UUID, profile_id: UUID, funnel_id: UUID | None
+    ) -> tuple[UUID, list[FunnelProgress]]:
+        """The profile's best attempt in every funnel (or one), oldest funnel first; a merged-
+        away ID resolves to its survivor, whose events include the merged ones. Raises
+        ProfileNotFound, FunnelNotFound."""
+        live_id = await self._repository.profile_exists(project_id, profile_id)
+        if live_id is None:
+            raise ProfileNotFound(f"no profile {profile_id} in this project")
+        if funnel_id is not None:
+            stored = await self._repository.funnel(project_id, funnel_id)
+            if stored is None:
+                raise FunnelNotFound(f"no funnel {funnel_id} in this project")
+            funnels = [stored.funnel]
+        else:
+            funnels = []
+            after = 0
+            while True:
+                batch = await self._repository.funnels(project_id, after, MAX_PAGE_SIZE)
+                funnels.extend(s.funnel for s in batch)
+                if len(batch) < MAX_PAGE_SIZE:
+                    break
+                after = batch[-1].seq
+        now = self._clock.now()
+        progress = []
+        for funnel in funnels:
+            occurrences = await self._repository.funnel_occurrences(
+                project_id, live_id, funnel, now
+            )
+            progress.append(
+                FunnelProgress(funnel, best_attempt(occurrences, funnel.conversion_window))
+            )
+        return live_id, progress

@@ -1,0 +1,352 @@
+"""Custom segments over real gRPC, PostgreSQL and Redis, fed through identity and ingest: each
+kind of condition, exact sizes, hostile names and values, validation, idempotency, and the
+ENTERED/LEFT changes of the evaluation."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import timedelta
+
+import grpc
+import pytest
+
+from profiles.common.v1 import types_pb2
+from profiles.segments.v1 import filters_pb2 as f
+from profiles.segments.v1 import segments_pb2
+from profiles.segments.v1 import segments_service_pb2 as pb
+from tests.api.test_ingest_helpers import NOW
+from tests.api.test_segments_custom_helpers import (
+    ANDROID,
+    WEB,
+    Stack,
+    all_of,
+    attribute,
+    condition,
+    custom_event,
+    days_ago,
+    error_details,
+    group,
+    not_,
+    session,
+    set_attributes,
+    stack,
+    subscription,
+)
+
+__all__ = ["stack"]
+
+EQ, NE, IN = f.OPERATOR_EQUALS, f.OPERATOR_NOT_EQUALS, f.OPERATOR_IN
+LT, GE = f.OPERATOR_LESS_THAN, f.OPERATOR_GREATER_THAN_OR_EQUAL
+CONTAINS, STARTS, EXISTS = f.OPERATOR_CONTAINS, f.OPERATOR_STARTS_WITH, f.OPERATOR_EXISTS
+HOSTILE = "x'); DROP TABLE profiles; --"
+
+
+async def test_attribute_conditions_compare_by_type(stack: Stack) -> None:
+    a, b, c = await stack.track(
+        set_attributes(
+            "inst-a",
+            plan="Pro",
+            age=30,
+            vip=True,
+            tags=["red", "Blue"],
+            signup=days_ago(3),
+            native={types_pb2.NATIVE_ATTRIBUTE_EMAIL: "Ann@Example.com"},
+        ),
+        set_attributes("inst-b", plan="free", age=17.5, vip=False, tags=["green"]),
+        set_attributes("inst-c", plan=42, native={types_pb2.NATIVE_ATTRIBUTE_FIRST_NAME: "Bob"}),
+    )
+    cases = [
+        (attribute("plan", EQ, "Pro"), {a}),
+        (attribute("plan", EQ, "pro"), set()),
+        (attribute("PLAN", EQ, "pro", ignore_case=True), {a}),
+        # NOT_EQUALS needs a value of the operand's type: c's plan is a number.
+        (attribute("plan", NE, "Pro"), {b}),
+        (not_(attribute("plan", EQ, "Pro")), {b, c}),
+        (attribute("plan", IN, values=["free", "gold"]), {b}),
+        (attribute("plan", IN, values=[42, 7]), {c}),
+        (attribute("plan", CONTAINS, "r"), {a, b}),
+        (attribute("plan", STARTS, "fr"), {b}),
+        (attribute("plan", EXISTS), {a, b, c}),
+        (attribute("age", GE, 18), {a}),
+        (attribute("age", LT, 18), {b}),
+        (attribute("vip", EQ, True), {a}),
+        (attribute("vip", NE, True), {b}),
+        (attribute("tags", CONTAINS, "red"), {a}),
+        (attribute("tags", CONTAINS, "blue", ignore_case=True), {a}),
+        (attribute("tags", EQ, ["red", "Blue"]), {a}),
+        (attribute("tags", EQ, ["Blue", "red"]), set()),
+        (attribute("signup", f.OPERATOR_GREATER_THAN, days_ago(4)), {a}),
+        (attribute("signup", LT, days_ago(4)), set()),
+        # Email is always case-insensitive (and stored lower-case).
+        (attribute(types_pb2.NATIVE_ATTRIBUTE_EMAIL, EQ, "ANN@example.COM"), {a}),
+        (attribute(types_pb2.NATIVE_ATTRIBUTE_FIRST_NAME, STARTS, "Bo"), {c}),
+        (not_(attribute(types_pb2.NATIVE_ATTRIBUTE_FIRST_NAME, EXISTS)), {a, b}),
+    ]
+    for filter_node, expected in cases:
+        assert await stack.members(filter_node) == expected, filter_node
+
+
+async def test_platform_country_subscription_and_engagement_conditions(stack: Stack) -> None:
+    ios_user, *_ = await stack.track(
+        *session("inst-ios", NOW - timedelta(hours=5), 2.0, country="FR"),
+        *session("inst-ios", NOW - timedelta(days=1, hours=5), 2.0, country="DE"),
+    )
+    (web_user,) = await stack.track(custom_event("inst-web", "visit", NOW, platform=WEB))
+    (android_user,) = await stack.track(
+        subscription(
+            "inst-and", types_pb2.CHANNEL_EMAIL, types_pb2.SUBSCRIPTION_KIND_MARKETING, True
+        )
+    )
+    everyone = {ios_user, web_user, android_user}
+    platforms = condition(platform=f.PlatformCondition(platforms=[WEB, ANDROID]))
+    assert await stack.members(platforms) == {web_user}
+    ios = condition(platform=f.PlatformCondition(platforms=[types_pb2.PLATFORM_IOS]))
+    assert await stack.members(ios) == {ios_user, android_user}
+    assert await stack.members(condition(country=f.CountryCondition(countries=["fr"]))) == {
+        ios_user
+    }
+    assert await stack.members(condition(country=f.CountryCondition(countries=["DE"]))) == set()
+    subscribed = f.SubscriptionCondition(
+        channel=types_pb2.CHANNEL_EMAIL,
+        kind=types_pb2.SUBSCRIPTION_KIND_MARKETING,
+        subscribed=True,
+    )
+    assert await stack.members(condition(subscription=subscribed)) == {android_user}
+    subscribed.subscribed = False
+    assert await stack.members(condition(subscription=subscribed)) == everyone - {android_user}
+    # 2 sessions of 2 minutes on 2 days: 2 x 2 x 2 = 8 points.
+    engagement = f.EngagementCondition(operator=EQ, score=8)
+    assert await stack.members(condition(engagement=engagement)) == {ios_user}
+    engagement.operator, engagement.score = LT, 1
+    assert await stack.members(condition(engagement=engagement)) == everyone - {ios_user}
+    new = f.SmartSegmentCondition(segments=[types_pb2.SMART_SEGMENT_NEW])
+    assert await stack.members(condition(smart_segment=new)) == {ios_user}
+    none = f.SmartSegmentCondition(segments=[types_pb2.SMART_SEGMENT_UNSPECIFIED])
+    assert await stack.members(condition(smart_segment=none)) == everyone - {ios_user}
+    promising = f.SmartSegmentCondition(flags=[types_pb2.SMART_SEGMENT_FLAG_PROMISING_NEW])
+    assert await stack.members(condition(smart_segment=promising)) == {ios_user}
+
+
+async def test_seen_and_event_count_conditions_follow_the_clock(stack: Stack) -> None:
+    buyer, *_ = await stack.track(
+        custom_event("inst-1", "purchase", days_ago(20)),
+        custom_event("inst-1", "purchase", days_ago(10)),
+        custom_event("inst-1", "Purchase", days_ago(2)),
+        custom_event("inst-1", "view", days_ago(1)),
+    )
+    (viewer,) = await stack.import_events(custom_event("inst-2", "view", days_ago(40)))
+    at_least_3 = condition(
+        event_count=f.EventCountCondition(
+            event_name="PURCHASE", operator=GE, count=3, within_last_days=30
+        )
+    )
+    assert await stack.size(at_least_3) == 1
+    fewer_than_1 = condition(
+        event_count=f.EventCountCondition(
+            event_name="purchase", operator=LT, count=1, within_last_days=30
+        )
+    )
+    assert await stack.members(fewer_than_1) == {viewer}
+    last_week = condition(last_seen=f.TimeWindow(within_last_days=7))
+    assert await stack.members(last_week) == {buyer}
+    first_in_range = condition(
+        first_seen=f.TimeWindow(
+            range=f.TimeRange(start_time=_stamp(days_ago(45)), end_time=_stamp(days_ago(30)))
+        )
+    )
+    assert await stack.members(first_in_range) == {viewer}
+    # Eleven days later, the 20-day-old purchase is outside the 30 days and nobody was seen
+    # in the last week: time alone changed both answers.
+    stack.clock.advance(timedelta(days=11))
+    assert await stack.size(at_least_3) == 0
+    assert await stack.size(last_week) == 0
+
+
+def _stamp(moment: object) -> object:
+    from tests.api.test_ingest_helpers import stamp
+
+    return stamp(moment)  # type: ignore[arg-type]
+
+
+async def test_hostile_names_and_values_are_stored_and_matched_literally(stack: Stack) -> None:
+    (target,) = await stack.track(set_attributes("inst-h", plan=HOSTILE, note="%_\\"))
+    await stack.track(set_attributes("inst-o", plan="x", note="abc"))
+    created = await stack.segments.CreateSegment(
+        pb.CreateSegmentRequest(
+            display_name=HOSTILE,
+            description="'; SELECT pg_sleep(10); --",
+            filter=attribute("plan", EQ, HOSTILE),
+        ),
+        metadata=stack.admin,
+    )
+    assert created.segment.display_name == HOSTILE
+    assert created.segment.size == 1
+    # LIKE wildcards are characters like any other.
+    assert await stack.members(attribute("note", CONTAINS, "%_")) == {target}
+    assert await stack.members(attribute("note", STARTS, "_")) == set()
+    got = await stack.segments.GetSegment(
+        pb.GetSegmentRequest(segment_id=created.segment.segment_id), metadata=stack.read
+    )
+    assert got.segment.filter == created.segment.filter
+    assert await stack.pool.fetchval("SELECT count(*) FROM profiles") == 2
+
+
+async def test_malformed_filters_are_refused_with_each_path(stack: Stack) -> None:
+    tree = all_of(
+        attribute("plan", EQ, "pro"),
+        attribute("bad name", EQ, "x"),
+        attribute("age", CONTAINS, 3),
+        condition(event_count=f.EventCountCondition(event_name="buy", operator=CONTAINS)),
+        group(f.GROUP_OPERATOR_NOT),
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stack.segments.CreateSegment(
+            pb.CreateSegmentRequest(display_name="", filter=tree), metadata=stack.admin
+        )
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    reason, fields = error_details(caught.value)
+    assert reason == "DEFINITION_INVALID"
+    assert fields == [
+        "display_name",
+        "filter.group.children[1].condition.attribute.custom_attribute",
+        "filter.group.children[2].condition.attribute.value",
+        "filter.group.children[3].condition.event_count.operator",
+        "filter.group.children[3].condition.event_count.within_last_days",
+        "filter.group.children[4].group.children",
+    ]
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stack.segments.CreateSegment(
+            pb.CreateSegmentRequest(
+                display_name="s", filter=all_of(*[attribute("a", EXISTS)] * 32)
+            ),
+            metadata=stack.admin,
+        )
+    assert error_details(caught.value)[1] == ["filter.group.children", "filter"]
+
+
+async def test_create_is_idempotent_names_are_unique_and_delete_allows_missing(
+    stack: Stack,
+) -> None:
+    request_id = str(uuid.uuid4())
+    request = pb.CreateSegmentRequest(
+        display_name="Pros", filter=attribute("plan", EQ, "pro"), request_id=request_id
+    )
+    first = await stack.segments.CreateSegment(request, metadata=stack.admin)
+    again = await stack.segments.CreateSegment(request, metadata=stack.admin)
+    assert again.segment.segment_id == first.segment.segment_id
+    request.description = "changed"
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stack.segments.CreateSegment(request, metadata=stack.admin)
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert error_details(caught.value)[0] == "REQUEST_ID_REUSED"
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stack.segments.CreateSegment(
+            pb.CreateSegmentRequest(display_name="PROS", filter=attribute("a", EXISTS)),
+            metadata=stack.admin,
+        )
+    assert caught.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stack.segments.CreateSegment(request, metadata=stack.read)
+    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    segment_id = first.segment.segment_id
+    await stack.segments.DeleteSegment(
+        pb.DeleteSegmentRequest(segment_id=segment_id), metadata=stack.admin
+    )
+    await stack.segments.DeleteSegment(
+        pb.DeleteSegmentRequest(segment_id=segment_id, allow_missing=True), metadata=stack.admin
+    )
+    for call in (
+        stack.segments.DeleteSegment(
+            pb.DeleteSegmentRequest(segment_id=segment_id), metadata=stack.admin
+        ),
+        stack.segments.GetSegment(pb.GetSegmentRequest(segment_id=segment_id), metadata=stack.read),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call
+        assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_list_segments_pages_oldest_first_and_the_limit_is_100(stack: Stack) -> None:
+    for i in range(100):
+        await stack.segments.CreateSegment(
+            pb.CreateSegmentRequest(display_name=f"seg {i:03}", filter=attribute("a", EXISTS)),
+            metadata=stack.admin,
+        )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stack.segments.CreateSegment(
+            pb.CreateSegmentRequest(display_name="one more", filter=attribute("a", EXISTS)),
+            metadata=stack.admin,
+        )
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    names: list[str] = []
+    token = ""
+    while True:
+        page = await stack.segments.ListSegments(
+            pb.ListSegmentsRequest(page_size=40, page_token=token), metadata=stack.read
+        )
+        names.extend(s.display_name for s in page.segments)
+        token = page.next_page_token
+        if not token:
+            break
+    assert names == [f"seg {i:03}" for i in range(100)]
+    for bad in (pb.ListSegmentsRequest(page_size=-1), pb.ListSegmentsRequest(page_token="x")):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stack.segments.ListSegments(bad, metadata=stack.read)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def read_changes(
+    stack: Stack, request: pb.WatchSegmentChangesRequest, count: int
+) -> list[segments_pb2.SegmentChange]:
+    changes: list[segments_pb2.SegmentChange] = []
+    call = stack.segments.WatchSegmentChanges(request, metadata=stack.read)
+    try:
+        async with asyncio.timeout(10):
+            async for response in call:
+                changes.extend(response.changes)
+                if len(changes) >= count:
+                    break
+    finally:
+        call.cancel()
+    return changes
+
+
+async def test_profiles_entering_and_leaving_are_announced_not_the_creation(
+    stack: Stack,
+) -> None:
+    (existing,) = await stack.track(set_attributes("inst-1", plan="pro"))
+    created = await stack.segments.CreateSegment(
+        pb.CreateSegmentRequest(display_name="Pros", filter=attribute("plan", EQ, "pro")),
+        metadata=stack.admin,
+    )
+    segment_id = created.segment.segment_id
+    assert created.segment.size == 1
+    assert await stack.definitions.evaluate_all() == 0  # creation announces nothing
+    (newcomer,) = await stack.track(set_attributes("inst-2", plan="pro"))
+    await stack.track(set_attributes("inst-1", plan="free"))
+    assert await stack.definitions.evaluate_all() == 2
+    assert await stack.definitions.evaluate_all() == 0  # nothing twice
+    watch = pb.WatchSegmentChangesRequest(
+        custom_segment_id=segment_id, start_time=_stamp(NOW - timedelta(days=3650))
+    )
+    changes = await read_changes(stack, watch, 2)
+    seen = {
+        (c.profile_id, segments_pb2.SegmentTransition.Name(c.transition), c.custom_segment_id)
+        for c in changes
+    }
+    assert seen == {
+        (existing, "SEGMENT_TRANSITION_LEFT", segment_id),
+        (newcomer, "SEGMENT_TRANSITION_ENTERED", segment_id),
+    }
+    got = await stack.segments.GetSegment(
+        pb.GetSegmentRequest(segment_id=segment_id), metadata=stack.read
+    )
+    assert got.segment.size == 1
+    # A deleted segment can no longer be watched.
+    await stack.segments.DeleteSegment(
+        pb.DeleteSegmentRequest(segment_id=segment_id), metadata=stack.admin
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await read_changes(stack, pb.WatchSegmentChangesRequest(custom_segment_id=segment_id), 1)
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
