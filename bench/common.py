@@ -45,6 +45,7 @@ from pathlib import Path
 from types import FrameType
 from typing import IO
 
+import asyncpg
 import grpc
 import psutil
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -158,6 +159,67 @@ async def create_project(database_url: str, roles: Iterable[str] = ("admin",)) -
         await pool.close()
 
 
+# The columns a bulk copy writes: all but those the database fills (identity, generated).
+CATALOG_COLUMNS = """
+    SELECT column_name FROM information_schema.columns
+    WHERE table_schema = current_schema() AND table_name = $1
+      AND is_identity = 'NO' AND is_generated = 'NEVER'
+    ORDER BY ordinal_position"""
+
+# Names come from the catalog and the benchmark's own code, quoted; values are parameters.
+CLONE_ROWS = """
+    INSERT INTO {table} ({columns})
+    SELECT {values}
+    FROM {clones} AS m
+    JOIN {table} AS x ON x.project_id = $1::uuid AND x.{by} = m.{template}"""
+
+
+async def clone_profile_rows(
+    conn: asyncpg.Connection,
+    table: str,
+    source_project: uuid.UUID,
+    target_project: uuid.UUID,
+    clones: str,
+    *,
+    by: str = "profile_id",
+    expressions: Mapping[str, str] | None = None,
+) -> int:
+    """Copies every row of `table` that belongs to a template profile (or installation, `by`)
+    to each of its clones, in one INSERT ... SELECT; returns the rows written.
+
+    `clones` names a table with columns template_profile_id, template_installation_id,
+    profile_id and installation_id, one row per clone. Rows take the clone's project_id,
+    profile_id and installation_id; `expressions` overrides other columns (SQL over `x`, the
+    template row, and `m`, the clone). Columns filled by the database (identity, generated) are
+    left to it. Bulk loading by copying rows the real services wrote for a template keeps the
+    loaded rows exactly as the services would write them."""
+    columns = await conn.fetch(CATALOG_COLUMNS, table)
+    if not columns:
+        raise BenchError(f"no table {table}")
+    own = {
+        "project_id": "$2::uuid",
+        "profile_id": "m.profile_id",
+        "installation_id": "m.installation_id",
+        **(expressions or {}),
+    }
+    names = [r["column_name"] for r in columns]
+    values = [own.get(n, f"x.{_quoted(n)}") for n in names]
+    statement = CLONE_ROWS.format(
+        table=_quoted(table),
+        columns=", ".join(_quoted(n) for n in names),
+        values=", ".join(values),
+        clones=_quoted(clones),
+        by=_quoted(by),
+        template="template_profile_id" if by == "profile_id" else "template_installation_id",
+    )
+    status = await conn.execute(statement, source_project, target_project)
+    return int(status.rsplit(" ", 1)[-1])
+
+
+def _quoted(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
 # --- processes -------------------------------------------------------------------------------
 
 
@@ -180,6 +242,25 @@ def service_settings(
         internal_token=secrets.token_urlsafe(32),
         ports={**DEFAULT_PORTS, name: free_port()},
         metrics_ports={**DEFAULT_METRICS_PORTS, name: free_port()},
+        log_level=log_level,
+        data_dir=work_dir,
+    )
+
+
+def suite_settings(
+    backends: Backends, names: Sequence[str], work_dir: Path, *, log_level: str = "warning"
+) -> Settings:
+    """Settings shared by several services that talk to each other (one Redis prefix, one
+    internal credential): each named service on free ports, the others reaching it there."""
+    ports = {**DEFAULT_PORTS, **{name: free_port() for name in names}}
+    return Settings(
+        database_url=backends.database_url,
+        redis_url=backends.redis_url,
+        redis_prefix=f"bench-{uuid.uuid4().hex[:8]}",
+        internal_token=secrets.token_urlsafe(32),
+        ports=ports,
+        metrics_ports={**DEFAULT_METRICS_PORTS, **{name: free_port() for name in names}},
+        addresses={name: f"127.0.0.1:{port}" for name, port in ports.items()},
         log_level=log_level,
         data_dir=work_dir,
     )
