@@ -1,6 +1,7 @@
 """Ingest benchmark: TrackEvents throughput end to end, as a ratio to a raw COPY of the same rows.
 
     python -m bench.ingest [--quick] [--clients C] [--duration S]
+    python -m bench.ingest --soak [--soak-minutes 15] [--warmup-minutes 2]
 
 Starts identity and ingest as subprocesses (`profiles serve`) on embedded PostgreSQL and Redis
 (the default of `profiles up`), creates a project, then:
@@ -16,6 +17,11 @@ Starts identity and ingest as subprocesses (`profiles serve`) on embedded Postgr
   (`copy_records_to_table`) in batches of 500 over one connection into a table created
   `LIKE events INCLUDING ALL` (same columns, identity, primary key and indexes), no service in
   between.
+
+--soak: the same load, sustained; after the warm-up (default 2 minutes) the ingest process's RSS
+is sampled every 30 s for 15 minutes and the growth from first to last sample is printed as the
+JSON line `ingest_rss_growth_pct` (goal: under 5%). Shorter --soak-minutes/--warmup-minutes runs
+are labelled SHORTENED (and `quick`).
 
 Output: a report, then JSON lines; the headline is `trackevents_events_per_s` with baseline
 `raw_copy_rows_per_s`. Everything shares this machine's cores (client, two services, PostgreSQL,
@@ -35,6 +41,7 @@ from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import grpc
+import psutil
 
 from bench.common import (
     ChildProcess,
@@ -84,6 +91,9 @@ class Sizes:
 
 
 QUICK = Sizes(clients=4, duration_s=15.0)
+SOAK_MINUTES = 15.0
+SOAK_WARMUP_MINUTES = 2.0
+SOAK_SAMPLE_S = 30.0
 FULL = Sizes(clients=4, duration_s=60.0)
 
 
@@ -242,48 +252,141 @@ async def stored_events(database_url: str) -> int:
         await conn.close()
 
 
+async def run_soak(
+    address: str, key: str, ingest: ChildProcess, soak: SoakPlan, traffic: Traffic
+) -> tuple[LoadOutcome, list[tuple[float, int]]]:
+    """Sustained load for warm-up + soak minutes; the ingest process's RSS is sampled every
+    `sample_s` once the warm-up is over. Returns the load and the (seconds since the warm-up
+    ended, RSS bytes) samples."""
+    process = psutil.Process(ingest.pid)
+    sizes = Sizes(soak.clients, soak.warmup_s + soak.soak_s)
+    samples: list[tuple[float, int]] = []
+
+    async def sample() -> None:
+        await asyncio.sleep(soak.warmup_s)
+        started = time.monotonic()
+        while True:
+            ingest.check_alive()
+            elapsed = time.monotonic() - started
+            samples.append((elapsed, process.memory_info().rss))
+            print(f"  soak {elapsed:6.0f} s: ingest RSS {samples[-1][1] / 2**20:.1f} MiB")
+            if elapsed >= soak.soak_s - 1:
+                return
+            await asyncio.sleep(min(soak.sample_s, soak.soak_s - elapsed))
+
+    async with asyncio.TaskGroup() as group:
+        load = group.create_task(run_load(address, key, sizes, traffic))
+        group.create_task(sample())
+    return load.result(), samples
+
+
+@dataclass(frozen=True, slots=True)
+class SoakPlan:
+    clients: int
+    warmup_s: float
+    soak_s: float
+    sample_s: float = SOAK_SAMPLE_S
+
+    @property
+    def shortened(self) -> bool:
+        return self.warmup_s < SOAK_WARMUP_MINUTES * 60 or self.soak_s < SOAK_MINUTES * 60
+
+
+def soak_main(args: argparse.Namespace) -> int:
+    soak = SoakPlan(args.clients or FULL.clients, args.warmup_minutes * 60, args.soak_minutes * 60)
+    with contextlib.ExitStack() as stack:
+        address, key, _, ingest, _ = start_suite(stack, args)
+        print(
+            f"soak: {soak.clients} clients x batches of {BATCH_SIZE}, warm-up"
+            f" {args.warmup_minutes:g} min, then RSS every {soak.sample_s:.0f} s for"
+            f" {args.soak_minutes:g} min" + (" (SHORTENED run)" if soak.shortened else "")
+        )
+        outcome, samples = asyncio.run(run_soak(address, key, ingest, soak, Traffic(seed=2)))
+    first, last = samples[0][1], samples[-1][1]
+    peak = max(rss for _, rss in samples)
+    growth = (last - first) * 100 / first
+    print(
+        f"ingest RSS: {first / 2**20:.1f} MiB after warm-up -> {last / 2**20:.1f} MiB"
+        f" (peak {peak / 2**20:.1f} MiB) = {growth:+.2f}% over {samples[-1][0] / 60:.1f} min;"
+        f" {outcome.accepted} events accepted ({outcome.accepted / outcome.elapsed_s:.0f}/s),"
+        f" errors {outcome.errors}"
+        + (" [SHORTENED soak: not the 2 + 15 min run]" if soak.shortened else "")
+    )
+    print_figures(
+        BENCH,
+        [Figure("ingest_rss_growth_pct", growth, "%", "none", float("nan"))],
+        quick=soak.shortened,
+    )
+    return 1 if outcome.errors else 0
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.ingest", description=__doc__)
     add_backend_arguments(parser)
     parser.add_argument("--clients", type=int, help="concurrent clients (default 4)")
     parser.add_argument("--duration", type=float, help="load seconds (quick 15, full 60)")
     parser.add_argument("--log-level", default="warning", help="services' log level")
+    parser.add_argument(
+        "--soak",
+        action="store_true",
+        help="memory soak instead: sustained load, ingest RSS sampled every 30 s after a warm-up",
+    )
+    parser.add_argument(
+        "--soak-minutes", type=float, default=SOAK_MINUTES, help="soak minutes (default 15)"
+    )
+    parser.add_argument(
+        "--warmup-minutes",
+        type=float,
+        default=SOAK_WARMUP_MINUTES,
+        help="warm-up minutes before the first sample (default 2)",
+    )
     return parser.parse_args(argv)
+
+
+def start_suite(
+    stack: contextlib.ExitStack, args: argparse.Namespace
+) -> tuple[str, str, str, ChildProcess, ChildProcess]:
+    """Back-ends, a project, identity and ingest; returns (ingest address, sdk key, database
+    URL, ingest process, identity process)."""
+    work_dir = make_work_dir(stack)
+    backends = start_backends(stack, work_dir, args.database_url, args.redis_url)
+    project = asyncio.run(create_project(backends.database_url, roles=("sdk",)))
+    identity_settings = service_settings(backends, "identity", work_dir, log_level=args.log_level)
+    ingest_port = free_port()
+    ingest_settings = identity_settings.with_changes(
+        ports={**identity_settings.ports, "ingest": ingest_port},
+        metrics_ports={**identity_settings.metrics_ports, "ingest": free_port()},
+        addresses={
+            **identity_settings.addresses,
+            "identity": f"127.0.0.1:{identity_settings.ports['identity']}",
+        },
+    )
+    identity = start_service_process(stack, "identity", identity_settings, work_dir)
+    ingest = start_service_process(stack, "ingest", ingest_settings, work_dir)
+    address = f"127.0.0.1:{ingest_port}"
+    asyncio.run(wait_all(identity, ingest_settings.addresses["identity"], ingest, address))
+    print(f"started identity (pid {identity.pid}) and ingest (pid {ingest.pid})")
+    return address, project.keys["sdk"], backends.database_url, ingest, identity
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    configure_logging("warning")
+    if args.soak:
+        return soak_main(args)
     base = QUICK if args.quick else FULL
     sizes = Sizes(args.clients or base.clients, args.duration or base.duration_s)
-    configure_logging("warning")
     with contextlib.ExitStack() as stack:
-        work_dir = make_work_dir(stack)
-        backends = start_backends(stack, work_dir, args.database_url, args.redis_url)
-        project = asyncio.run(create_project(backends.database_url, roles=("sdk",)))
-        identity_settings = service_settings(
-            backends, "identity", work_dir, log_level=args.log_level
-        )
-        ingest_port = free_port()
-        ingest_settings = identity_settings.with_changes(
-            ports={**identity_settings.ports, "ingest": ingest_port},
-            metrics_ports={**identity_settings.metrics_ports, "ingest": free_port()},
-            addresses={
-                **identity_settings.addresses,
-                "identity": f"127.0.0.1:{identity_settings.ports['identity']}",
-            },
-        )
-        identity = start_service_process(stack, "identity", identity_settings, work_dir)
-        ingest = start_service_process(stack, "ingest", ingest_settings, work_dir)
-        address = f"127.0.0.1:{ingest_port}"
-        asyncio.run(wait_all(identity, ingest_settings.addresses["identity"], ingest, address))
-        print(
-            f"started identity (pid {identity.pid}) and ingest (pid {ingest.pid});"
-            f" {sizes.clients} clients x batches of {BATCH_SIZE} for {sizes.duration_s:.0f} s"
-        )
-        outcome = asyncio.run(run_load(address, project.keys["sdk"], sizes, Traffic(seed=1)))
+        address, key, database_url, ingest, _ = start_suite(stack, args)
+        print(f"{sizes.clients} clients x batches of {BATCH_SIZE} for {sizes.duration_s:.0f} s")
+        cpu_before = ingest.cpu_seconds()
+        outcome = asyncio.run(run_load(address, key, sizes, Traffic(seed=1)))
         ingest.check_alive()
-        total = asyncio.run(stored_events(backends.database_url))
-        copy_rate, copied = asyncio.run(raw_copy_rate(backends.database_url, outcome.accepted))
+        # Includes the warm-up batches: CPU per event is what contention on this shared
+        # machine disturbs least.
+        ingest_cpu_s = ingest.cpu_seconds() - cpu_before
+        total = asyncio.run(stored_events(database_url))
+        copy_rate, copied = asyncio.run(raw_copy_rate(database_url, outcome.accepted))
     rate = outcome.accepted / outcome.elapsed_s
     latency = LatencySummary.of(outcome.latencies_s)
     print(
@@ -292,6 +395,8 @@ def main(argv: list[str] | None = None) -> int:
         f" {len(outcome.latencies_s)} batches, p50 {latency.p50_ms:.1f} ms,"
         f" p99 {latency.p99_ms:.1f} ms; rejected {outcome.rejected}; errors {outcome.errors}"
     )
+    cpu_us_per_event = ingest_cpu_s * 1e6 / max(1, outcome.accepted + INSTALLATIONS)
+    print(f"ingest CPU: {ingest_cpu_s:.1f} s = {cpu_us_per_event:.0f} us per event")
     print(f"raw COPY: {copied} rows at {copy_rate:.0f} rows/s (one connection, 500 per COPY)")
     print(f"ratio: {rate / copy_rate:.3f}")
     print_figures(
@@ -300,6 +405,7 @@ def main(argv: list[str] | None = None) -> int:
             Figure("trackevents_events_per_s", rate, "events/s", "raw_copy_rows_per_s", copy_rate),
             Figure("trackevents_batch_p50_ms", latency.p50_ms, "ms", "none", float("nan")),
             Figure("trackevents_batch_p99_ms", latency.p99_ms, "ms", "none", float("nan")),
+            Figure("ingest_cpu_us_per_event", cpu_us_per_event, "us", "none", float("nan")),
         ],
         quick=args.quick,
     )

@@ -6,6 +6,7 @@ import grpc
 
 from profiles.identity.v1 import identity_service_pb2 as pb
 from profiles.identity.v1 import identity_service_pb2_grpc as pb_grpc
+from services.identity.notices import LiveNotices, NoticeWorker
 from services.identity.repository import IdentityRepository
 from services.identity.service import IdentityService
 from services.identity.servicer import IdentityServicer
@@ -17,10 +18,15 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["IdentityService"].full_name
 async def build(runtime: Runtime) -> ServiceDefinition:
     # Migrations are applied before build, so the tables a merge must move are all there now.
     repository = await IdentityRepository.connect(runtime.pool)
-    service = IdentityService(repository, runtime.tenancy, runtime.clock)
+    notices = LiveNotices()
+    service = IdentityService(repository, runtime.tenancy, runtime.clock, notices=notices)
     servicer = IdentityServicer(service)
 
     def register(server: grpc.aio.Server) -> None:
         pb_grpc.add_IdentityServiceServicer_to_server(servicer, server)
 
-    return ServiceDefinition(full_names=[SERVICE_NAME], register=register)
+    return ServiceDefinition(
+        full_names=[SERVICE_NAME],
+        register=register,
+        workers=[NoticeWorker(notices, runtime.bus)],
+    )

@@ -1,15 +1,23 @@
-"""Bus messages identity publishes through the outbox, built from model values."""
+"""Bus messages identity publishes, built from model values: durable ones through the outbox
+(in the transaction), live ProfileChanged notices through notices.py (after commit)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from uuid import UUID
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from profiles.common.v1 import bus_pb2, types_pb2
-from services.identity.model import ChangeCause, ChangeKind, DeleteResult, Erasure, IdentityChange
+from services.identity.model import (
+    ChangeCause,
+    ChangeKind,
+    DeleteResult,
+    Erasure,
+    IdentityChange,
+    MergeMoves,
+)
 from shared.outbox import OutboxItem
 from shared.topics import IDENTITY
 
@@ -63,7 +71,14 @@ def profile_identified(
 def profile_merged(
     project_id: UUID, change: IdentityChange, redirected_profile_ids: Sequence[UUID]
 ) -> OutboxItem:
-    message = bus_pb2.ProfileMerged(
+    message = merged_message(project_id, change, redirected_profile_ids)
+    return OutboxItem(project_id, IDENTITY, message, change.target_profile_id)
+
+
+def merged_message(
+    project_id: UUID, change: IdentityChange, redirected_profile_ids: Sequence[UUID]
+) -> bus_pb2.ProfileMerged:
+    return bus_pb2.ProfileMerged(
         project_id=str(project_id),
         change_id=str(change.change_id),
         cause=CAUSES[change.cause],
@@ -74,13 +89,19 @@ def profile_merged(
         alias_custom_id=change.alias_custom_id or "",
         merge_time=timestamp(change.change_time),
     )
-    return OutboxItem(project_id, IDENTITY, message, change.target_profile_id)
 
 
 def profile_split(
     project_id: UUID, change: IdentityChange, new_profile_created: bool
 ) -> OutboxItem:
-    message = bus_pb2.ProfileSplit(
+    message = split_message(project_id, change, new_profile_created)
+    return OutboxItem(project_id, IDENTITY, message, change.target_profile_id)
+
+
+def split_message(
+    project_id: UUID, change: IdentityChange, new_profile_created: bool
+) -> bus_pb2.ProfileSplit:
+    return bus_pb2.ProfileSplit(
         project_id=str(project_id),
         change_id=str(change.change_id),
         cause=CAUSES[change.cause],
@@ -90,7 +111,6 @@ def profile_split(
         new_profile_created=new_profile_created,
         split_time=timestamp(change.change_time),
     )
-    return OutboxItem(project_id, IDENTITY, message, change.target_profile_id)
 
 
 def profile_deleted(project_id: UUID, result: DeleteResult, erasure: Erasure) -> OutboxItem:
@@ -105,6 +125,77 @@ def profile_deleted(project_id: UUID, result: DeleteResult, erasure: Erasure) ->
         delete_time=timestamp(result.delete_time),
     )
     return OutboxItem(project_id, IDENTITY, message)
+
+
+# -- Live notices (ProfileChanged), one per profile involved --------------------------------------
+
+
+def identified_notice(
+    project_id: UUID, profile_id: UUID, version: int, now: datetime
+) -> bus_pb2.ProfileChanged:
+    """Rule 1: the profile received a custom ID."""
+    return bus_pb2.ProfileChanged(
+        project_id=str(project_id),
+        profile_id=str(profile_id),
+        kinds=[bus_pb2.PROFILE_CHANGE_KIND_IDENTIFIED],
+        profile_version=version,
+        change_time=timestamp(now),
+    )
+
+
+def merge_notices(
+    project_id: UUID, change: IdentityChange, moves: MergeMoves, target_version: int
+) -> list[bus_pb2.ProfileChanged]:
+    """The target's MERGED_IN, then the source's MERGED_AWAY, in that order: a watcher of the
+    source moves to the target's channel only on MERGED_AWAY, so it does not also get the
+    target's notice of the same merge."""
+    merge = merged_message(project_id, change, moves.redirected_profile_ids)
+    sides = (
+        (change.target_profile_id, bus_pb2.PROFILE_CHANGE_KIND_MERGED_IN, target_version),
+        (change.source_profile_id, bus_pb2.PROFILE_CHANGE_KIND_MERGED_AWAY, moves.source_version),
+    )
+    return [
+        bus_pb2.ProfileChanged(
+            project_id=str(project_id),
+            profile_id=str(profile_id),
+            kinds=[kind],
+            profile_version=version,
+            change_time=merge.merge_time,
+            merge=merge,
+        )
+        for profile_id, kind, version in sides
+    ]
+
+
+def split_notices(
+    project_id: UUID,
+    change: IdentityChange,
+    new_profile_created: bool,
+    versions: Mapping[UUID, int],
+) -> list[bus_pb2.ProfileChanged]:
+    """The profile the installation left, then the one it joined; both carry the split."""
+    split = split_message(project_id, change, new_profile_created)
+    return [
+        bus_pb2.ProfileChanged(
+            project_id=str(project_id),
+            profile_id=str(profile_id),
+            kinds=[bus_pb2.PROFILE_CHANGE_KIND_SPLIT],
+            profile_version=versions.get(profile_id, 0),
+            change_time=split.split_time,
+            split=split,
+        )
+        for profile_id in (change.source_profile_id, change.target_profile_id)
+    ]
+
+
+def deleted_notice(project_id: UUID, result: DeleteResult) -> bus_pb2.ProfileChanged:
+    """The erased profile: its watchers end. Version 0: the profile has none any more."""
+    return bus_pb2.ProfileChanged(
+        project_id=str(project_id),
+        profile_id=str(result.profile_id),
+        kinds=[bus_pb2.PROFILE_CHANGE_KIND_DELETED],
+        change_time=timestamp(result.delete_time),
+    )
 
 
 def history_entry(change: IdentityChange) -> types_pb2.IdentityHistoryEntry:

@@ -150,6 +150,10 @@ class Resolution:
     link_version: int = 0
 
 
+# A profile's version when it is created (profiles.version DEFAULT 1, 0002_profiles.sql).
+FIRST_VERSION = 1
+
+
 @dataclass(frozen=True, slots=True)
 class Profile:
     """A live profile as identity sees it (locked while a change is decided)."""
@@ -157,7 +161,7 @@ class Profile:
     profile_id: UUID
     custom_id: str | None
     merged_into: UUID | None = None
-    version: int = 1
+    version: int = FIRST_VERSION
 
     @property
     def identified(self) -> bool:
@@ -213,6 +217,17 @@ class IdentityChange:
     installation_ids: tuple[str, ...]
     change_time: datetime
     alias_custom_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class MergeMoves:
+    """What the repository moved when it merged a source profile into a target."""
+
+    installation_ids: tuple[str, ...]
+    # Older tombstones of the source, now pointing at the target directly.
+    redirected_profile_ids: tuple[UUID, ...]
+    # The source's version once it became a tombstone.
+    source_version: int
 
 
 @dataclass(frozen=True, slots=True)

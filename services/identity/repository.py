@@ -26,6 +26,7 @@ from services.identity.model import (
     Erasure,
     IdentityChange,
     InstallationLink,
+    MergeMoves,
     Profile,
     Resolution,
 )
@@ -129,13 +130,16 @@ INSERT_IDENTIFIED_PROFILE = """
 # Rule 1 and an operator merge into an anonymous target: the profile takes the custom ID.
 SET_CUSTOM_ID = """
     UPDATE profiles SET custom_id = $3, version = version + 1, update_time = $4
-    WHERE project_id = $1 AND profile_id = $2"""
+    WHERE project_id = $1 AND profile_id = $2
+    RETURNING version"""
 
 # Every transaction that changes what a profile view shows raises its version (read contract in
-# 0002_profiles.sql), so cached views can tell they are stale.
+# 0002_profiles.sql), so cached views can tell they are stale. The new versions go into the
+# live notices sent after commit.
 BUMP_PROFILE_VERSIONS = """
     UPDATE profiles SET version = version + 1, update_time = $3
-    WHERE project_id = $1 AND profile_id = ANY($2::uuid[])"""
+    WHERE project_id = $1 AND profile_id = ANY($2::uuid[])
+    RETURNING profile_id, version"""
 
 # link_version rises with every move, so a caller that cached the old link notices.
 MOVE_INSTALLATION = """
@@ -159,7 +163,8 @@ MOVE_INSTALLATIONS_OF_PROFILE = """
 # none, by a CHECK), before the caller gives it to the target or makes it an alias.
 MARK_MERGED = """
     UPDATE profiles SET merged_into = $3, custom_id = NULL, version = version + 1, update_time = $4
-    WHERE project_id = $1 AND profile_id = $2"""
+    WHERE project_id = $1 AND profile_id = $2
+    RETURNING version"""
 
 # Chains resolve in one hop: tombstones of the source now point at the target directly.
 REDIRECT_TOMBSTONES = """
@@ -694,13 +699,17 @@ class IdentityTransaction:
 
     async def set_custom_id(
         self, project_id: UUID, profile_id: UUID, custom_id: str, now: datetime
-    ) -> None:
-        await self._conn.execute(SET_CUSTOM_ID, project_id, profile_id, custom_id, now)
+    ) -> int:
+        """Gives the (locked) profile the custom ID; returns its new version."""
+        version = await self._conn.fetchval(SET_CUSTOM_ID, project_id, profile_id, custom_id, now)
+        return int(version)
 
     async def bump_versions(
         self, project_id: UUID, profile_ids: Sequence[UUID], now: datetime
-    ) -> None:
-        await self._conn.execute(BUMP_PROFILE_VERSIONS, project_id, list(profile_ids), now)
+    ) -> dict[UUID, int]:
+        """Raises the profiles' versions; returns the new version of each."""
+        rows = await self._conn.fetch(BUMP_PROFILE_VERSIONS, project_id, list(profile_ids), now)
+        return {r["profile_id"]: r["version"] for r in rows}
 
     async def move_installation(
         self, project_id: UUID, installation_id: str, profile_id: UUID
@@ -709,19 +718,21 @@ class IdentityTransaction:
 
     async def merge(
         self, project_id: UUID, source: UUID, target: UUID, now: datetime
-    ) -> tuple[list[str], list[UUID]]:
+    ) -> MergeMoves:
         """Moves everything of `source` to `target` and leaves `source` a tombstone; both must be
-        locked already. Returns the installations moved and the tombstones redirected. The
-        caller handles custom IDs (alias or inheritance) and records the change."""
+        locked already. Returns the installations moved, the tombstones redirected and the
+        tombstone's version. The caller handles custom IDs (alias or inheritance) and records
+        the change."""
         await self._conn.fetch(LOCK_INSTALLATIONS_OF_PROFILE, project_id, source)
         moved = await self._conn.fetch(MOVE_INSTALLATIONS_OF_PROFILE, project_id, source, target)
         await move_profile_rows(self._conn, self._tables, project_id, source, target)
-        await self._conn.execute(MARK_MERGED, project_id, source, target, now)
+        source_version = await self._conn.fetchval(MARK_MERGED, project_id, source, target, now)
         redirected = await self._conn.fetch(REDIRECT_TOMBSTONES, project_id, source, target, now)
         await self._conn.execute(REDIRECT_ALIASES, project_id, source, target)
-        return (
-            sorted(r["installation_id"] for r in moved),
-            sorted(r["profile_id"] for r in redirected),
+        return MergeMoves(
+            installation_ids=tuple(sorted(r["installation_id"] for r in moved)),
+            redirected_profile_ids=tuple(sorted(r["profile_id"] for r in redirected)),
+            source_version=int(source_version),
         )
 
     async def add_alias(

@@ -1,5 +1,6 @@
 """Identity's use cases: resolve, identify, logout, merge. Each owns its transaction, applies the
-rules of model.py, and publishes what changed through the outbox in that same transaction."""
+rules of model.py, and publishes what changed through the outbox in that same transaction; live
+notices (ProfileChanged) of the profiles involved are queued after commit, best effort."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from uuid import UUID, uuid4
 
 import structlog
 
+from profiles.common.v1 import bus_pb2
 from services.identity import export, messages
 from services.identity.errors import (
     ConcurrentChange,
@@ -24,6 +26,7 @@ from services.identity.errors import (
     RequestIdReused,
 )
 from services.identity.model import (
+    FIRST_VERSION,
     MAX_KEYS,
     Answer,
     ChangeCause,
@@ -56,6 +59,7 @@ from services.identity.model import (
     quarantine_digest,
     quarantine_end,
 )
+from services.identity.notices import LiveNotices
 from services.identity.repository import IdentityRepository, IdentityTransaction
 from shared.clock import Clock
 from shared.errors import FieldViolation, InvalidArgument
@@ -105,11 +109,13 @@ class IdentityService:
         clock: Clock,
         *,
         attempts: int = 8,
+        notices: LiveNotices | None = None,
     ) -> None:
         self._repository = repository
         self._tenancy = tenancy
         self._clock = clock
         self._attempts = attempts
+        self._notices = notices
         self._junk: dict[UUID, tuple[float, tuple[str, ...]]] = {}
         self._secrets: dict[UUID, bytes] = {}
 
@@ -307,6 +313,7 @@ class IdentityService:
         installation_created: bool,
     ) -> IdentifyResult:
         now = self._clock.now()
+        notices: list[bus_pb2.ProfileChanged] = []
         async with self._repository.transaction() as tx:
             stored = await self._stored_answer(tx, project_id, "Identify", request_id, digest, now)
             if stored is not None:
@@ -336,7 +343,10 @@ class IdentityService:
             if outcome is IdentifyOutcome.ALREADY_IDENTIFIED:
                 result = IdentifyResult(outcome, current.profile_id)
             elif outcome is IdentifyOutcome.IDENTIFIED:
-                await tx.set_custom_id(project_id, current.profile_id, custom_id, now)
+                version = await tx.set_custom_id(project_id, current.profile_id, custom_id, now)
+                notices.append(
+                    messages.identified_notice(project_id, current.profile_id, version, now)
+                )
                 await tx.enqueue(
                     [
                         messages.profile_identified(
@@ -349,7 +359,7 @@ class IdentityService:
                 )
             elif outcome is IdentifyOutcome.MERGED:
                 assert holder is not None
-                change = await self._merge(
+                change, notices = await self._merge(
                     tx, project_id, current.profile_id, holder.profile_id, ChangeCause.IDENTIFY, now
                 )
                 result = IdentifyResult(
@@ -359,10 +369,11 @@ class IdentityService:
                     change_id=change.change_id,
                 )
             else:
-                result = await self._switch(
+                result, notices = await self._switch(
                     tx, project_id, installation_id, current.profile_id, holder, custom_id, now
                 )
             await self._save_answer(tx, project_id, "Identify", request_id, digest, result, now)
+        self._announce(notices)
         return result
 
     async def _switch(
@@ -374,16 +385,17 @@ class IdentityService:
         holder: Profile | None,
         custom_id: str,
         now: datetime,
-    ) -> IdentifyResult:
+    ) -> tuple[IdentifyResult, list[bus_pb2.ProfileChanged]]:
         """Rule 4: the installation leaves its identified profile for the custom ID's profile,
-        created if nobody holds it; nothing of the previous profile is copied."""
+        created if nobody holds it; nothing of the previous profile is copied. Returns the
+        result and the live notices to send after commit."""
         created = holder is None
         if holder is None:
             target_id = await tx.create_identified_profile(project_id, custom_id, now)
         else:
             target_id = holder.profile_id
         await tx.move_installation(project_id, installation_id, target_id)
-        await tx.bump_versions(project_id, [previous_id, target_id], now)
+        versions = await tx.bump_versions(project_id, [previous_id, target_id], now)
         change = IdentityChange(
             change_id=uuid4(),
             kind=ChangeKind.SPLIT,
@@ -398,13 +410,14 @@ class IdentityService:
         if created:
             items.insert(0, messages.profile_created(project_id, target_id, "", True, now))
         await tx.enqueue(items)
-        return IdentifyResult(
+        result = IdentifyResult(
             IdentifyOutcome.MOVED,
             target_id,
             previous_profile_id=previous_id,
             profile_created=created,
             change_id=change.change_id,
         )
+        return result, messages.split_notices(project_id, change, created, versions)
 
     async def _merge(
         self,
@@ -417,16 +430,18 @@ class IdentityService:
         *,
         alias_custom_id: str | None = None,
         inherited_custom_id: str | None = None,
-    ) -> IdentityChange:
+    ) -> tuple[IdentityChange, list[bus_pb2.ProfileChanged]]:
         """Merges `source` into `target` (both locked, custom IDs already locked): moves
         installations and every other table's rows, leaves a tombstone, redirects older
-        tombstones and aliases, handles the source's custom ID, records and publishes."""
+        tombstones and aliases, handles the source's custom ID, records and publishes.
+        Returns the change and the live notices to send after commit."""
         change_id = uuid4()
-        installation_ids, redirected = await tx.merge(project_id, source_id, target_id, now)
+        moves = await tx.merge(project_id, source_id, target_id, now)
         if inherited_custom_id is not None:
-            await tx.set_custom_id(project_id, target_id, inherited_custom_id, now)
+            target_version = await tx.set_custom_id(project_id, target_id, inherited_custom_id, now)
         else:
-            await tx.bump_versions(project_id, [target_id], now)
+            versions = await tx.bump_versions(project_id, [target_id], now)
+            target_version = versions.get(target_id, 0)
         if alias_custom_id is not None:
             await tx.add_alias(project_id, alias_custom_id, target_id, change_id, now)
         change = IdentityChange(
@@ -435,20 +450,22 @@ class IdentityService:
             cause=cause,
             source_profile_id=source_id,
             target_profile_id=target_id,
-            installation_ids=tuple(installation_ids),
+            installation_ids=moves.installation_ids,
             change_time=now,
             alias_custom_id=alias_custom_id,
         )
         await tx.record_change(project_id, change)
-        await tx.enqueue([messages.profile_merged(project_id, change, redirected)])
+        await tx.enqueue(
+            [messages.profile_merged(project_id, change, moves.redirected_profile_ids)]
+        )
         log.info(
             "profile_merged",
             cause=cause.value,
             source_profile_id=str(source_id),
             target_profile_id=str(target_id),
-            installations=len(installation_ids),
+            installations=len(moves.installation_ids),
         )
-        return change
+        return change, messages.merge_notices(project_id, change, moves, target_version)
 
     # -- Logout --------------------------------------------------------------------------
 
@@ -469,6 +486,7 @@ class IdentityService:
         self, project_id: UUID, installation_id: str, request_id: str, digest: str
     ) -> LogoutResult:
         now = self._clock.now()
+        notices: list[bus_pb2.ProfileChanged] = []
         async with self._repository.transaction() as tx:
             stored = await self._stored_answer(tx, project_id, "Logout", request_id, digest, now)
             if stored is not None:
@@ -489,7 +507,7 @@ class IdentityService:
                 # in next on this device must not inherit someone else's anonymous history.
                 new_id = await tx.create_anonymous_profile(project_id, now)
                 await tx.move_installation(project_id, installation_id, new_id)
-                await tx.bump_versions(project_id, [current.profile_id], now)
+                versions = await tx.bump_versions(project_id, [current.profile_id], now)
                 change = IdentityChange(
                     change_id=uuid4(),
                     kind=ChangeKind.SPLIT,
@@ -512,7 +530,11 @@ class IdentityService:
                     previous_profile_id=current.profile_id,
                     change_id=change.change_id,
                 )
+                notices = messages.split_notices(
+                    project_id, change, True, {**versions, new_id: FIRST_VERSION}
+                )
             await self._save_answer(tx, project_id, "Logout", request_id, digest, result, now)
+        self._announce(notices)
         return result
 
     # -- MergeProfiles -------------------------------------------------------------------
@@ -547,6 +569,7 @@ class IdentityService:
         digest: str,
     ) -> MergeResult:
         now = self._clock.now()
+        notices: list[bus_pb2.ProfileChanged] = []
         async with self._repository.transaction() as tx:
             stored = await self._stored_answer(
                 tx, project_id, "MergeProfiles", request_id, digest, now
@@ -575,7 +598,7 @@ class IdentityService:
                 ):
                     raise ConcurrentChange("a profile changed while the merge was deciding")
                 plan = plan_merge(source, target, allow_custom_id_conflict)
-                change = await self._merge(
+                change, notices = await self._merge(
                     tx,
                     project_id,
                     source.profile_id,
@@ -596,6 +619,7 @@ class IdentityService:
             await self._save_answer(
                 tx, project_id, "MergeProfiles", request_id, digest, result, now
             )
+        self._announce(notices)
         return result
 
     # -- DeleteProfile -------------------------------------------------------------------
@@ -684,6 +708,7 @@ class IdentityService:
             await self._save_answer(
                 tx, project_id, "DeleteProfile", request_id, digest, result, now
             )
+        self._announce([messages.deleted_notice(project_id, result)])
         return result, secret
 
     # -- ExportProfile -------------------------------------------------------------------
@@ -749,6 +774,12 @@ class IdentityService:
         log.info("profile_exported", profile_id=str(live))
 
     # -- retries and answers --------------------------------------------------------------
+
+    def _announce(self, notices: Sequence[bus_pb2.ProfileChanged]) -> None:
+        """Queues live notices once their transaction has committed; never waits, never
+        fails (a full queue drops and counts them: watchers may miss notices)."""
+        if self._notices is not None and notices:
+            self._notices.offer(notices)
 
     async def _retrying(self, attempt: Callable[[], Awaitable[T]]) -> T:
         """Runs `attempt` (one whole transaction) again after a lost race, with a short random

@@ -24,7 +24,8 @@ class EventInvalid(InvalidArgument):
 
 
 class EventErased(FailedPrecondition):
-    """One event names a custom ID quarantined after an erasure; carried as its status."""
+    """One event (or imported token) names a custom ID quarantined after an erasure; carried
+    as its status, never raised."""
 
     reason = "ERASED"
 
@@ -39,10 +40,3 @@ class StorageUnavailable(Unavailable):
     """The batch could not be committed; nothing of it was stored, retry it."""
 
     reason = "STORAGE_UNAVAILABLE"
-
-
-class TokenRefused(FailedPrecondition):
-    """One imported token names a custom ID, which cannot be imported yet; carried as its
-    status, never raised."""
-
-    reason = "CUSTOM_ID_UNSUPPORTED"

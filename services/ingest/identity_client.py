@@ -1,15 +1,18 @@
-"""Calls identity's ResolveProfiles with the internal credential, on behalf of a project."""
+"""Calls identity with the internal credential, on behalf of a project: ResolveProfiles for every
+batch, Identify and MergeProfiles for imported push tokens (ImportTokens)."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 from uuid import UUID
 
 import grpc
 import structlog
 from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 from profiles.client import open_channel
 from profiles.identity.v1 import identity_service_pb2 as identity_pb
@@ -20,11 +23,12 @@ from shared.auth import PROJECT_HEADER
 log = structlog.get_logger(__name__)
 
 RESOLVE_TIMEOUT_S = 5.0
+CALL_TIMEOUT_S = 10.0
 
 
-@dataclass(frozen=True, slots=True)
-class OriginKey:
-    """An installation ID or, for server-side events, a custom ID."""
+class OriginKey(NamedTuple):
+    """An installation ID or, for server-side events, a custom ID. A tuple: hashed in C, and
+    ingest hashes one several times per event."""
 
     custom: bool
     value: str
@@ -38,6 +42,39 @@ class Resolution:
     erased: bool = False
     reason: str = ""
     message: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Identified:
+    """Identify's answer: the installation's profile now, or why identity refused."""
+
+    profile_id: UUID | None = None
+    reason: str = ""
+    message: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Merged:
+    """MergeProfiles' answer: the surviving profile, or why identity refused."""
+
+    profile_id: UUID | None = None
+    reason: str = ""
+
+
+# Answers that are identity's decision about the request, not an outage: not worth a retry.
+REFUSALS = frozenset(
+    {
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.NOT_FOUND,
+    }
+)
+
+
+def _reason_of_error(exc: grpc.aio.AioRpcError) -> str:
+    """The ErrorInfo reason of a failed call (google.rpc.Status in the trailing metadata)."""
+    status = rpc_status.from_call(exc)
+    return "" if status is None else _reason_of(status)
 
 
 def _reason_of(status: object) -> str:
@@ -87,6 +124,50 @@ class IdentityClient:
             else:
                 resolutions.append(Resolution(profile_id=UUID(result.profile_id)))
         return resolutions
+
+    async def identify(
+        self, project_id: UUID, installation_id: str, custom_id: str, request_id: str
+    ) -> Identified:
+        """Links an installation to the identified profile of `custom_id` (identity's Identify,
+        with the internal credential on behalf of the project); idempotent per request_id.
+        A refusal (junk or quarantined custom ID) comes back as a reason, not raised. Raises
+        IdentityUnavailable when identity cannot answer."""
+        request = identity_pb.IdentifyRequest(
+            installation_id=installation_id, custom_id=custom_id, request_id=request_id
+        )
+        try:
+            reply = await self._stub.Identify(
+                request, metadata=((PROJECT_HEADER, str(project_id)),), timeout=CALL_TIMEOUT_S
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() in REFUSALS:
+                return Identified(reason=_reason_of_error(exc), message=exc.details() or "")
+            log.warning("identify_failed", code=exc.code().name)
+            raise IdentityUnavailable("identity could not link the installation") from exc
+        return Identified(profile_id=UUID(reply.profile_id))
+
+    async def merge_profiles(
+        self, project_id: UUID, source_id: UUID, target_id: UUID, request_id: str
+    ) -> Merged:
+        """Merges `source_id` into `target_id` with identity's rules (MergeProfiles, internal
+        credential, the project's header); idempotent per request_id. A refusal (custom ID
+        conflict, a profile gone) comes back as a reason. Raises IdentityUnavailable when
+        identity cannot answer or lost a race (a later attempt may succeed)."""
+        request = identity_pb.MergeProfilesRequest(
+            source_profile_id=str(source_id),
+            target_profile_id=str(target_id),
+            request_id=request_id,
+        )
+        try:
+            reply = await self._stub.MergeProfiles(
+                request, metadata=((PROJECT_HEADER, str(project_id)),), timeout=CALL_TIMEOUT_S
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() in REFUSALS:
+                return Merged(reason=_reason_of_error(exc))
+            log.warning("merge_profiles_failed", code=exc.code().name)
+            raise IdentityUnavailable("identity could not merge the profiles") from exc
+        return Merged(profile_id=UUID(reply.target_profile_id))
 
     async def close(self) -> None:
         await self._channel.close()

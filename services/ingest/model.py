@@ -10,7 +10,7 @@ import hashlib
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from functools import cache
 from typing import Any, Literal
@@ -48,9 +48,6 @@ EVENT_TOO_LARGE = "EVENT_TOO_LARGE"
 # ImportTokens rejection reasons (TokenResult.reason).
 PLATFORM_INVALID = "PLATFORM_INVALID"
 PUSH_TOKEN_INVALID = "PUSH_TOKEN_INVALID"
-# A token with a custom ID cannot be imported yet: linking an installation to an identified
-# profile is identity's Identify, which the internal credential may not call (see README).
-CUSTOM_ID_UNSUPPORTED = "CUSTOM_ID_UNSUPPORTED"
 
 # Limits of the contract (ingest_service.proto and types.proto).
 MAX_EVENTS_PER_REQUEST = 1000
@@ -118,27 +115,6 @@ COUNTRIES = _codes(
     " VN VU WF WS YE YT ZA ZM ZW"
 )
 
-# Custom IDs that SDKs send by mistake ("null" from a JSON serializer, "0" from a default...):
-# accepting them would merge thousands of strangers into one profile. Identity keeps the same
-# rule for Identify; services share no code, so this is ingest's own copy.
-JUNK_CUSTOM_IDS = frozenset(
-    {
-        "null",
-        "undefined",
-        "nil",
-        "none",
-        "nan",
-        "infinity",
-        "true",
-        "false",
-        "0",
-        "-1",
-        "anonymous",
-        "guest",
-        "[object object]",
-    }
-)
-
 
 @dataclass(frozen=True, slots=True)
 class Rejection:
@@ -166,24 +142,17 @@ def is_name(text: str) -> bool:
     return NAME_PATTERN.fullmatch(text) is not None
 
 
-def is_junk_custom_id(custom_id: str) -> bool:
-    """True for empty, whitespace-padded or junk values, also wrapped in quotes."""
-    if not custom_id or custom_id != custom_id.strip():
-        return True
-    lowered = custom_id.lower()
-    if len(lowered) >= 2 and lowered[0] == lowered[-1] and lowered[0] in "'\"":
-        lowered = lowered[1:-1]
-    return lowered in JUNK_CUSTOM_IDS
-
-
 def custom_id_problem(custom_id: str) -> str | None:
-    """Why `custom_id` cannot name a profile, or None."""
+    """Why `custom_id` cannot name a profile as far as ingest checks it (empty, too long, a NUL
+    character), or None. Junk values ("null", "undefined", a project's own list) and padding are
+    identity's rule: ResolveProfiles refuses them per key (CUSTOM_ID_INVALID), and ingest
+    rejects the event with identity's answer, so the rule lives in one place."""
+    if not custom_id:
+        return "custom_id is empty"
     if len(custom_id) > MAX_CUSTOM_ID_LENGTH:
         return f"custom_id is over {MAX_CUSTOM_ID_LENGTH} characters"
     if has_nul(custom_id):
         return "custom_id contains a NUL character"
-    if is_junk_custom_id(custom_id):
-        return "custom_id is empty, whitespace-padded or a junk value"
     return None
 
 
@@ -456,57 +425,9 @@ def latest_subscription_changes(
 
 
 # ---------------------------------------------------------------------------------------------
-# Installations
-
-INSTALLATION_FIELDS = (
-    "platform",
-    "app_version",
-    "os_version",
-    "device_model",
-    "push_token",
-    "push_opt_in",
-    "language",
-    "timezone",
-    "uninstalled",
-)
-
-
-@dataclass(frozen=True, slots=True)
-class InstallationState:
-    """What ingest knows of one installation; each field with the event time that set it."""
-
-    values: Mapping[str, Any] = field(default_factory=dict)
-    times: Mapping[str, datetime] = field(default_factory=dict)
-    first_seen: datetime | None = None
-    last_seen: datetime | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class InstallationChange:
-    """Fields an event sets on its installation (platform on every event, more on updates)."""
-
-    time: datetime
-    values: Mapping[str, Any]
-
-
-def apply_installation_changes(
-    state: InstallationState | None, changes: Iterable[InstallationChange]
-) -> InstallationState:
-    """Each field keeps the value of its latest change by event time, so a late update does not
-    overwrite a newer one; first and last seen widen to every event's time."""
-    values = dict(state.values) if state else {}
-    times = dict(state.times) if state else {}
-    first_seen = state.first_seen if state else None
-    last_seen = state.last_seen if state else None
-    for change in sorted(changes, key=lambda c: c.time):
-        first_seen = change.time if first_seen is None else min(first_seen, change.time)
-        last_seen = change.time if last_seen is None else max(last_seen, change.time)
-        for name, value in change.values.items():
-            held = times.get(name)
-            if held is None or change.time >= held:
-                values[name] = value
-                times[name] = change.time
-    return InstallationState(values, times, first_seen, last_seen)
+# Installations: each field keeps the value of its latest change by event time, so a late update
+# does not overwrite a newer one; first and last seen widen to every event's time. Applied to a
+# whole batch in SQL (repository.UPSERT_INSTALLATION_DETAILS, profiles_ingest_field_wins).
 
 
 # ---------------------------------------------------------------------------------------------
@@ -516,82 +437,9 @@ def apply_installation_changes(
 # event naming it), with the duration seen so far.
 SESSION_TIMEOUT = timedelta(minutes=30)
 
-SessionEventKind = Literal["start", "heartbeat", "end", "other"]
-
-
-@dataclass(frozen=True, slots=True)
-class SessionEvent:
-    """One stored event that names a session of an installation."""
-
-    installation_id: str
-    session_id: str
-    profile_id: str
-    platform: int
-    kind: SessionEventKind
-    time: datetime
-    duration: timedelta | None = None  # heartbeat and end
-    country: str = ""  # start
-
-
-@dataclass(frozen=True, slots=True)
-class SessionDelta:
-    """What one batch says about one session; the store merges it with what it holds.
-
-    start_time and last_activity_time span the batch's events of the session; for an ended
-    session end_time and duration are those of its latest end by event time, otherwise
-    duration is the longest seen so far (a heartbeat's, or last activity minus start).
-    """
-
-    installation_id: str
-    session_id: str
-    profile_id: str
-    platform: int
-    country: str
-    start_time: datetime
-    last_activity_time: datetime
-    end_time: datetime | None
-    duration: timedelta
-    event_count: int
-    started: bool
-    ended: bool
-
-
-def session_deltas(events: Iterable[SessionEvent]) -> list[SessionDelta]:
-    """One delta per (installation, session) of the batch, in key order (the lock order)."""
-    grouped: dict[tuple[str, str], list[SessionEvent]] = {}
-    for event in events:
-        grouped.setdefault((event.installation_id, event.session_id), []).append(event)
-    deltas = []
-    for (installation_id, session_id), group in sorted(grouped.items()):
-        group.sort(key=lambda e: e.time)
-        start_time, last_time = group[0].time, group[-1].time
-        starts = [e for e in group if e.kind == "start"]
-        ends = [e for e in group if e.kind == "end"]
-        country = next((e.country for e in starts if e.country), "")
-        if ends:
-            end_time: datetime | None = ends[-1].time
-            duration = ends[-1].duration or timedelta(0)
-        else:
-            end_time = None
-            beats = [e.duration for e in group if e.kind == "heartbeat" and e.duration]
-            duration = max([last_time - start_time, *beats])
-        deltas.append(
-            SessionDelta(
-                installation_id=installation_id,
-                session_id=session_id,
-                profile_id=group[0].profile_id,
-                platform=group[-1].platform,
-                country=country,
-                start_time=start_time,
-                last_activity_time=last_time,
-                end_time=end_time,
-                duration=duration,
-                event_count=len(group),
-                started=bool(starts),
-                ended=bool(ends),
-            )
-        )
-    return deltas
+# What one batch does to its sessions is applied in SQL (repository.UPSERT_SESSIONS): the span
+# of event times widens, counts add up, the latest end by event time sets end time and duration,
+# and until then duration is the longest seen (a heartbeat's, or last activity minus start).
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,6 +22,10 @@ log = structlog.get_logger(__name__)
 
 QUEUE_SIZE = 10_000
 PUBLISH_TIMEOUT_S = 2.0
+# At most this many notices per publishing round trip.
+PUBLISH_BATCH = 500
+# PUBLISH every ARGV[i] on channel KEYS[i], in order.
+PUBLISH_ALL = "for i = 1, #KEYS do redis.call('PUBLISH', KEYS[i], ARGV[i]) end return #KEYS"
 
 NOTICES_DROPPED = Counter(
     "profiles_ingest_notices_dropped_total",
@@ -54,6 +58,7 @@ class NoticeWorker:
         self._bus = bus
         self._stop = asyncio.Event()
         self._backoff = Backoff("live_notice_redis_unavailable", initial=0.1, maximum=5.0)
+        self._publish_all = bus.redis.register_script(PUBLISH_ALL)
 
     async def run(self) -> None:
         queue = self._notices.queue
@@ -68,16 +73,25 @@ class NoticeWorker:
                     getter.cancel()
             if not getter.done() or getter.cancelled():
                 continue
-            notice = getter.result()
+            # One batch of TrackEvents queues a notice per touched profile: publish what is
+            # queued in one round trip (bounded), not one round trip per notice.
+            batch = [getter.result()]
+            while len(batch) < PUBLISH_BATCH and not queue.empty():
+                batch.append(queue.get_nowait())
             try:
                 async with asyncio.timeout(PUBLISH_TIMEOUT_S):
-                    await self._bus.notify(
-                        profile_channel(notice.project_id, notice.profile_id), notice
-                    )
+                    await self._publish(batch)
                 self._backoff.recovered()
             except (RedisError, OSError, TimeoutError) as exc:
-                NOTICES_DROPPED.labels("redis_unavailable").inc()
+                NOTICES_DROPPED.labels("redis_unavailable").inc(len(batch))
                 await sleep_unless(self._stop, self._backoff.failed(exc))
+
+    async def _publish(self, notices: Sequence[bus_pb2.ProfileChanged]) -> None:
+        # One script call publishes them all: one command to pack and one reply to parse,
+        # instead of a reply per notice (redis-py parses replies in Python).
+        bus = self._bus
+        channels = [bus.channel_key(profile_channel(n.project_id, n.profile_id)) for n in notices]
+        await self._publish_all(keys=channels, args=[n.SerializeToString() for n in notices])
 
     async def stop(self) -> None:
         self._stop.set()

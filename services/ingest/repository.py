@@ -19,9 +19,7 @@ import asyncpg
 from services.ingest.errors import StorageUnavailable
 from services.ingest.model import (
     AttributeState,
-    InstallationState,
     PendingOperation,
-    SessionDelta,
     TimedSubscriptionChange,
     Value,
 )
@@ -139,24 +137,51 @@ UPSERT_SUBSCRIPTIONS = """
         subscribed = EXCLUDED.subscribed, change_time = EXCLUDED.change_time
     WHERE profile_subscriptions.change_time <= EXCLUDED.change_time"""
 
-# One row per (installation, session) of the batch, merged with what is stored: the span of
-# event times widens, counts add up, the latest explicit end by event time sets end_time and
-# duration, and until then duration is the longest seen. The first known country stays.
-# profile_id is kept from the first event (identity's merge moves it). Rows in key order, so
-# two batches lock the same sessions in the same order. RETURNING gives the country of every
-# touched session, which heartbeat and end events carry on the bus.
+# One row per accepted event that names a session of an installation; the statement reduces
+# them to one row per (installation, session), then merges that with what is stored. Per
+# session of the batch: the span of event times; the profile of its earliest event and the
+# platform of its latest (identity's merge moves profile_id later); the country of its earliest
+# start that has one; the latest end by event time (ties: later in the batch) gives end_time
+# and duration, else duration is the longest seen (a heartbeat's, or last activity minus
+# start); every event counts. Kinds are profiles.common.v1.EventKind: 2 session start,
+# 3 heartbeat, 4 end. Merged with the stored row: the span widens, counts add up, the latest
+# explicit end by event time sets end_time and duration, and until then duration is the
+# longest seen; the first known country stays. Rows in key order, so two batches lock the same
+# sessions in the same order. RETURNING gives the country of every touched session, which
+# heartbeat and end events carry on the bus.
 UPSERT_SESSIONS = """
+    WITH e AS (
+        SELECT * FROM unnest($2::text[], $3::text[], $4::uuid[], $5::smallint[], $6::smallint[],
+                             $7::timestamptz[], $8::interval[], $9::text[])
+             WITH ORDINALITY AS e(installation_id, session_id, profile_id, platform, kind,
+                                  event_time, duration, country, ord)
+    ),
+    d AS (
+        SELECT installation_id, session_id,
+               (array_agg(profile_id ORDER BY event_time, ord))[1] AS profile_id,
+               (array_agg(platform ORDER BY event_time DESC, ord DESC))[1] AS platform,
+               (array_agg(country ORDER BY event_time, ord)
+                    FILTER (WHERE kind = 2 AND country <> ''))[1] AS country,
+               min(event_time) AS start_time, max(event_time) AS last_activity_time,
+               (array_agg(event_time ORDER BY event_time DESC, ord DESC)
+                    FILTER (WHERE kind = 4))[1] AS end_time,
+               (array_agg(duration ORDER BY event_time DESC, ord DESC)
+                    FILTER (WHERE kind = 4))[1] AS end_duration,
+               max(duration) FILTER (WHERE kind = 3) AS longest_heartbeat,
+               count(*) AS event_count, bool_or(kind = 2) AS started, bool_or(kind = 4) AS ended
+        FROM e
+        GROUP BY installation_id, session_id
+    )
     INSERT INTO sessions AS s (project_id, installation_id, session_id, profile_id, platform,
         country, start_time, last_activity_time, end_time, duration, event_count, started,
         ended, closed)
-    SELECT $1, d.installation_id, d.session_id, d.profile_id, d.platform, nullif(d.country, ''),
-           d.start_time, d.last_activity_time, d.end_time, d.duration, d.event_count,
-           d.started, d.ended, d.ended
-    FROM unnest($2::text[], $3::text[], $4::uuid[], $5::smallint[], $6::text[],
-                $7::timestamptz[], $8::timestamptz[], $9::timestamptz[], $10::interval[],
-                $11::integer[], $12::boolean[], $13::boolean[])
-         AS d(installation_id, session_id, profile_id, platform, country, start_time,
-              last_activity_time, end_time, duration, event_count, started, ended)
+    SELECT $1, d.installation_id, d.session_id, d.profile_id, d.platform, d.country,
+           d.start_time, d.last_activity_time, d.end_time,
+           CASE WHEN d.ended THEN coalesce(d.end_duration, '0')
+                ELSE greatest(d.last_activity_time - d.start_time,
+                              coalesce(d.longest_heartbeat, '0')) END,
+           d.event_count, d.started, d.ended, d.ended
+    FROM d
     ORDER BY d.installation_id, d.session_id
     ON CONFLICT (project_id, installation_id, session_id) DO UPDATE SET
         platform = EXCLUDED.platform,
@@ -200,30 +225,81 @@ CLOSE_IDLE_SESSIONS = """
     RETURNING s.project_id, s.installation_id, s.session_id, s.profile_id, s.platform,
               s.country, s.end_time, s.duration"""
 
-SELECT_INSTALLATION_DETAILS = """
-    SELECT installation_id, platform, app_version, os_version, device_model, push_token,
-           push_opt_in, language, timezone, uninstalled, field_times, first_seen, last_seen
-    FROM installation_details
-    WHERE project_id = $1 AND installation_id = ANY($2::text[])"""
-
-# Rows in installation_id order, so two batches upserting the same installations lock them in
-# the same order. The per-field merge was done by the service under the profile locks.
+# Installation upkeep for a whole batch in one statement, no read-modify-write in Python: one
+# row per accepted installation event (its event time, platform, and the fields it sets as a
+# JSON object, NULL for none). Per installation and field the batch's latest change by event
+# time wins (ties: the later event of the batch), then the upsert keeps, per field, whichever
+# of stored and new is later (profiles_ingest_field_wins); first/last seen widen. Rows in
+# installation_id order, so two batches upserting the same installations lock them in the same
+# order. RETURNING: per installation that started a session in this batch ($6) and now holds a
+# push token, the imported installation (ImportTokens) holding the same token for its platform
+# and not yet reintegrated, if any; the service then folds it into the real one.
 UPSERT_INSTALLATION_DETAILS = """
-    INSERT INTO installation_details (project_id, installation_id, platform, app_version,
-        os_version, device_model, push_token, push_opt_in, language, timezone, uninstalled,
-        field_times, first_seen, last_seen)
-    SELECT $1, d.* FROM unnest($2::text[], $3::smallint[], $4::text[], $5::text[], $6::text[],
-                              $7::text[], $8::boolean[], $9::text[], $10::text[],
-                              $11::boolean[], $12::jsonb[], $13::timestamptz[],
-                              $14::timestamptz[]) AS d
-    ORDER BY 2
-    ON CONFLICT (project_id, installation_id) DO UPDATE SET
-        platform = EXCLUDED.platform, app_version = EXCLUDED.app_version,
-        os_version = EXCLUDED.os_version, device_model = EXCLUDED.device_model,
-        push_token = EXCLUDED.push_token, push_opt_in = EXCLUDED.push_opt_in,
-        language = EXCLUDED.language, timezone = EXCLUDED.timezone,
-        uninstalled = EXCLUDED.uninstalled, field_times = EXCLUDED.field_times,
-        first_seen = EXCLUDED.first_seen, last_seen = EXCLUDED.last_seen"""
+    WITH batch AS (
+        SELECT c.installation_id, c.event_time, c.ord,
+               jsonb_build_object('platform', c.platform) || coalesce(c.changes, '{}') AS changes
+        FROM unnest($2::text[], $3::timestamptz[], $4::smallint[], $5::jsonb[])
+             WITH ORDINALITY AS c(installation_id, event_time, platform, changes, ord)
+    ),
+    latest AS (
+        SELECT DISTINCT ON (b.installation_id, f.key) b.installation_id, f.key, f.value,
+               b.event_time
+        FROM batch b CROSS JOIN LATERAL jsonb_each(b.changes) AS f
+        ORDER BY b.installation_id, f.key, b.event_time DESC, b.ord DESC
+    ),
+    merged AS (
+        SELECT l.installation_id, jsonb_object_agg(l.key, l.value) AS v,
+               jsonb_object_agg(l.key, l.event_time) AS times,
+               min(s.first_seen) AS first_seen, max(s.last_seen) AS last_seen
+        FROM latest l
+        JOIN (SELECT installation_id, min(event_time) AS first_seen,
+                     max(event_time) AS last_seen
+              FROM batch GROUP BY installation_id) s USING (installation_id)
+        GROUP BY l.installation_id
+    ),
+    upserted AS (
+        INSERT INTO installation_details AS d (project_id, installation_id, platform,
+            app_version, os_version, device_model, push_token, push_opt_in, language, timezone,
+            uninstalled, field_times, first_seen, last_seen)
+        SELECT $1, m.installation_id, (m.v->>'platform')::smallint, m.v->>'app_version',
+               m.v->>'os_version', m.v->>'device_model', m.v->>'push_token',
+               (m.v->>'push_opt_in')::boolean, m.v->>'language', m.v->>'timezone',
+               coalesce((m.v->>'uninstalled')::boolean, false), m.times, m.first_seen,
+               m.last_seen
+        FROM merged m
+        ORDER BY m.installation_id
+        ON CONFLICT (project_id, installation_id) DO UPDATE SET
+            platform = CASE WHEN profiles_ingest_field_wins(EXCLUDED.field_times,
+                d.field_times, 'platform') THEN EXCLUDED.platform ELSE d.platform END,
+            app_version = CASE WHEN profiles_ingest_field_wins(EXCLUDED.field_times,
+                d.field_times, 'app_version') THEN EXCLUDED.app_version ELSE d.app_version END,
+            os_version = CASE WHEN profiles_ingest_field_wins(EXCLUDED.field_times,
+                d.field_times, 'os_version') THEN EXCLUDED.os_version ELSE d.os_version END,
+            device_model = CASE WHEN profiles_ingest_field_wins(EXCLUDED.field_times,
+                d.field_times, 'device_model') THEN EXCLUDED.device_model
+                ELSE d.device_model END,
+            push_token = CASE WHEN profiles_ingest_field_wins(EXCLUDED.field_times,
+                d.field_times, 'push_token') THEN EXCLUDED.push_token ELSE d.push_token END,
+            push_opt_in = CASE WHEN profiles_ingest_field_wins(EXCLUDED.field_times,
+                d.field_times, 'push_opt_in') THEN EXCLUDED.push_opt_in ELSE d.push_opt_in END,
+            language = CASE WHEN profiles_ingest_field_wins(EXCLUDED.field_times,
+                d.field_times, 'language') THEN EXCLUDED.language ELSE d.language END,
+            timezone = CASE WHEN profiles_ingest_field_wins(EXCLUDED.field_times,
+                d.field_times, 'timezone') THEN EXCLUDED.timezone ELSE d.timezone END,
+            uninstalled = CASE WHEN profiles_ingest_field_wins(EXCLUDED.field_times,
+                d.field_times, 'uninstalled') THEN EXCLUDED.uninstalled ELSE d.uninstalled END,
+            field_times = profiles_ingest_field_times(EXCLUDED.field_times, d.field_times),
+            first_seen = least(d.first_seen, EXCLUDED.first_seen),
+            last_seen = greatest(d.last_seen, EXCLUDED.last_seen)
+        RETURNING d.installation_id, d.platform, d.push_token
+    )
+    SELECT u.installation_id, t.installation_id AS imported_installation_id
+    FROM upserted u
+    JOIN installation_details t
+        ON t.project_id = $1 AND t.platform = u.platform AND t.push_token = u.push_token
+           AND t.imported AND t.installation_id <> u.installation_id
+    WHERE u.installation_id = ANY($6::text[]) AND u.push_token IS NOT NULL
+    ORDER BY u.installation_id, t.installation_id"""
 
 # Installations that already hold one of the tokens for its platform (imported earlier, or
 # sent by an SDK), with their current profile; the partial index by push token serves it.
@@ -253,23 +329,35 @@ INSERT_IMPORTED_INSTALLATIONS = """
     ON CONFLICT (project_id, installation_id) DO NOTHING
     RETURNING installation_id"""
 
+# The current profile of installations (identity's link) and whether it is identified; read
+# to decide the direction of a reintegration merge.
+SELECT_INSTALLATION_PROFILES = """
+    SELECT i.installation_id, i.profile_id, p.custom_id IS NOT NULL AS identified
+    FROM installations i
+    JOIN profiles p ON p.project_id = i.project_id AND p.profile_id = i.profile_id
+    WHERE i.project_id = $1 AND i.installation_id = ANY($2::text[])"""
+
+# Folds an imported installation into the SDK installation that sent a session with its token:
+# no longer imported, token dropped (it is the real one's now), the real one recorded. Only
+# while still imported, so two batches racing to fold it fold it once (RETURNING says who did).
+FOLD_IMPORTED_INSTALLATION = """
+    UPDATE installation_details
+    SET imported = false, push_token = NULL, reintegrated_into = $3, reintegrate_time = $4
+    WHERE project_id = $1 AND installation_id = $2 AND imported
+    RETURNING installation_id"""
+
 INSERT_REJECTED_EVENTS = """
     INSERT INTO rejected_events (project_id, receive_time, reason, field_path, message,
                                  event_id, installation_id, custom_id, payload)
     SELECT $1, $2, r.* FROM unnest($3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
                                   $8::text[], $9::jsonb[]) AS r"""
 
-DETAIL_COLUMNS = (
-    "platform",
-    "app_version",
-    "os_version",
-    "device_model",
-    "push_token",
-    "push_opt_in",
-    "language",
-    "timezone",
-    "uninstalled",
-)
+# One accepted installation event: installation ID, event time, platform, and the other
+# fields it sets (None when it sets none).
+InstallationChangeRow = tuple[str, datetime, int, dict[str, Any] | None]
+# One accepted event naming a session: installation ID, session ID, profile, platform, kind,
+# event time, duration (heartbeat and end, else None), country (session start, else "").
+SessionEventRow = tuple[str, str, UUID, int, int, datetime, timedelta | None, str]
 
 # Lost races PostgreSQL settles by aborting one side: the whole transaction is retried.
 CONFLICTS: tuple[type[Exception], ...] = (
@@ -422,28 +510,13 @@ class IngestRepository:
         return {r["profile_id"]: r["version"] for r in rows}
 
     async def save_sessions(
-        self, conn: asyncpg.Connection, project_id: UUID, deltas: Sequence[SessionDelta]
+        self, conn: asyncpg.Connection, project_id: UUID, events: Sequence[SessionEventRow]
     ) -> dict[tuple[str, str], str]:
-        """Merges the deltas into the stored sessions; returns (installation, session) ->
-        the session's country ("" when unknown)."""
-        if not deltas:
+        """Merges the batch's session events into the stored sessions (UPSERT_SESSIONS);
+        returns (installation, session) -> the session's country ("" when unknown)."""
+        if not events:
             return {}
-        rows = await conn.fetch(
-            UPSERT_SESSIONS,
-            project_id,
-            [d.installation_id for d in deltas],
-            [d.session_id for d in deltas],
-            [UUID(d.profile_id) for d in deltas],
-            [d.platform for d in deltas],
-            [d.country for d in deltas],
-            [d.start_time for d in deltas],
-            [d.last_activity_time for d in deltas],
-            [d.end_time for d in deltas],
-            [d.duration for d in deltas],
-            [d.event_count for d in deltas],
-            [d.started for d in deltas],
-            [d.ended for d in deltas],
-        )
+        rows = await conn.fetch(UPSERT_SESSIONS, project_id, *map(list, zip(*events, strict=True)))
         return {(r["installation_id"], r["session_id"]): r["country"] or "" for r in rows}
 
     async def close_idle_sessions(
@@ -521,40 +594,28 @@ class IngestRepository:
             [c.time for c in changes],
         )
 
-    async def installation_details(
-        self, conn: asyncpg.Connection, project_id: UUID, installation_ids: Sequence[str]
-    ) -> dict[str, InstallationState]:
-        rows = await conn.fetch(SELECT_INSTALLATION_DETAILS, project_id, list(installation_ids))
-        found = {}
-        for r in rows:
-            times = {k: datetime.fromisoformat(v) for k, v in r["field_times"].items()}
-            values = {k: r[k] for k in DETAIL_COLUMNS if k in times}
-            found[r["installation_id"]] = InstallationState(
-                values, times, r["first_seen"], r["last_seen"]
-            )
-        return found
-
-    async def save_installation_details(
+    async def save_installations(
         self,
         conn: asyncpg.Connection,
         project_id: UUID,
-        states: Sequence[tuple[str, InstallationState]],
-    ) -> None:
-        if not states:
-            return
-        columns: list[list[Any]] = [
-            [s.values.get(c, False if c == "uninstalled" else None) for _, s in states]
-            for c in DETAIL_COLUMNS
-        ]
-        await conn.execute(
+        changes: Sequence[InstallationChangeRow],
+        session_starters: Sequence[str],
+    ) -> list[tuple[str, str]]:
+        """Applies the batch's installation changes by event time (UPSERT_INSTALLATION_DETAILS);
+        returns (installation ID, imported installation ID) for every installation of
+        `session_starters` that holds the token of an imported installation not yet folded."""
+        if not changes:
+            return []
+        rows = await conn.fetch(
             UPSERT_INSTALLATION_DETAILS,
             project_id,
-            [i for i, _ in states],
-            *columns,
-            [{k: t.isoformat() for k, t in s.times.items()} for _, s in states],
-            [s.first_seen for _, s in states],
-            [s.last_seen for _, s in states],
+            [c[0] for c in changes],
+            [c[1] for c in changes],
+            [c[2] for c in changes],
+            [c[3] for c in changes],
+            list(session_starters),
         )
+        return [(r[0], r[1]) for r in rows]
 
     async def insert_rejected_events(
         self,
@@ -577,6 +638,30 @@ class IngestRepository:
             [r.custom_id or None for r in rejected],
             [r.raw for r in rejected],
         )
+
+    async def installation_profiles(
+        self, project_id: UUID, installation_ids: Sequence[str]
+    ) -> dict[str, tuple[UUID, bool]]:
+        """installation ID -> (its profile, identified) for those linked to a profile."""
+        rows = await self._pool.fetch(
+            SELECT_INSTALLATION_PROFILES, project_id, list(installation_ids)
+        )
+        return {r["installation_id"]: (r["profile_id"], r["identified"]) for r in rows}
+
+    async def fold_imported_installation(
+        self,
+        conn: asyncpg.Connection,
+        project_id: UUID,
+        imported_installation_id: str,
+        installation_id: str,
+        now: datetime,
+    ) -> bool:
+        """Marks the imported installation folded into `installation_id`; False when it was
+        not (or no longer) imported."""
+        row = await conn.fetchrow(
+            FOLD_IMPORTED_INSTALLATION, project_id, imported_installation_id, installation_id, now
+        )
+        return row is not None
 
     async def token_holders(
         self, project_id: UUID, tokens: Sequence[tuple[int, str]]

@@ -12,11 +12,12 @@ Order of work for one batch (TrackEvents, one StreamEvents batch, ImportEvents):
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import uuid
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Literal, Protocol
 from uuid import UUID
@@ -29,13 +30,11 @@ from prometheus_client import Counter
 from profiles.common.v1 import bus_pb2, types_pb2
 from profiles.ingest.v1 import ingest_service_pb2 as pb
 from services.ingest import model
-from services.ingest.errors import StorageUnavailable
-from services.ingest.identity_client import OriginKey, Resolution
+from services.ingest.errors import IdentityUnavailable, StorageUnavailable
+from services.ingest.identity_client import Identified, Merged, OriginKey, Resolution
 from services.ingest.model import (
     AttributeState,
-    InstallationChange,
     Rejection,
-    SessionEvent,
     TimedOperation,
     TimedSubscriptionChange,
 )
@@ -47,12 +46,13 @@ from services.ingest.repository import (
     TransactionConflict,
 )
 from services.ingest.validation import (
+    BatchValidator,
     RejectedEvent,
     ValidEvent,
     ValidToken,
     ingested_event,
     reject,
-    validate_event,
+    timestamp_of,
     validate_request,
     validate_token,
     validate_token_request,
@@ -81,18 +81,23 @@ Outcome = Literal["accepted", "duplicate", "rejected"]
 
 
 class Resolver(Protocol):
+    """Identity, as ingest calls it (identity_client.IdentityClient)."""
+
     async def resolve(self, project_id: UUID, keys: Sequence[OriginKey]) -> list[Resolution]: ...
+
+    async def identify(
+        self, project_id: UUID, installation_id: str, custom_id: str, request_id: str
+    ) -> Identified: ...
+
+    async def merge_profiles(
+        self, project_id: UUID, source_id: UUID, target_id: UUID, request_id: str
+    ) -> Merged: ...
 
 
 class Countries(Protocol):
     async def countries(self, ips: Sequence[str]) -> list[str]: ...
 
 
-SESSION_KINDS: dict[int, model.SessionEventKind] = {
-    types_pb2.EVENT_KIND_SESSION_START: "start",
-    types_pb2.EVENT_KIND_SESSION_HEARTBEAT: "heartbeat",
-    types_pb2.EVENT_KIND_SESSION_END: "end",
-}
 # What a ProfileChanged says beside EVENTS, by the kind of the events stored.
 CHANGE_KINDS = {
     types_pb2.EVENT_KIND_ATTRIBUTE_CHANGE: bus_pb2.PROFILE_CHANGE_KIND_ATTRIBUTES,
@@ -100,6 +105,10 @@ CHANGE_KINDS = {
     types_pb2.EVENT_KIND_INSTALLATION_UPDATE: bus_pb2.PROFILE_CHANGE_KIND_INSTALLATIONS,
 }
 SWEEP_BATCH_SIZE = 500
+# Identify calls in flight at once for one ImportTokens request (tokens with a custom ID).
+IDENTIFY_CONCURRENCY = 8
+# Identity's reason for a quarantined custom ID; a token naming one is rejected as ERASED.
+CUSTOM_ID_ERASED = "CUSTOM_ID_ERASED"
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,22 +148,25 @@ class KnownOrigins:
 
     def __init__(self, capacity: int = KNOWN_ORIGINS_CAPACITY) -> None:
         self._capacity = capacity
-        self._entries: OrderedDict[tuple[UUID, OriginKey], UUID] = OrderedDict()
+        # Keyed by the project's UUID as an int: UUID hashes in Python, an int in C.
+        self._entries: OrderedDict[tuple[int, OriginKey], UUID] = OrderedDict()
 
     def get(self, project_id: UUID, key: OriginKey) -> UUID | None:
-        found = self._entries.get((project_id, key))
+        entry = (project_id.int, key)
+        found = self._entries.get(entry)
         if found is not None:
-            self._entries.move_to_end((project_id, key))
+            self._entries.move_to_end(entry)
         return found
 
     def put(self, project_id: UUID, key: OriginKey, profile_id: UUID) -> None:
-        self._entries[(project_id, key)] = profile_id
-        self._entries.move_to_end((project_id, key))
+        entry = (project_id.int, key)
+        self._entries[entry] = profile_id
+        self._entries.move_to_end(entry)
         while len(self._entries) > self._capacity:
             self._entries.popitem(last=False)
 
     def forget(self, project_id: UUID, key: OriginKey) -> None:
-        self._entries.pop((project_id, key), None)
+        self._entries.pop((project_id.int, key), None)
 
 
 def origin_of(event: ValidEvent) -> OriginKey:
@@ -175,6 +187,8 @@ class _Stored:
     versions: dict[UUID, int] = field(default_factory=dict)  # touched profile -> version
     session_countries: dict[tuple[str, str], str] = field(default_factory=dict)
     ingested: list[bus_pb2.IngestedEvent] = field(default_factory=list)
+    # (SDK installation, imported installation holding its push token) to fold after commit.
+    reintegrations: list[tuple[str, str]] = field(default_factory=list)
 
 
 class IngestService:
@@ -216,10 +230,9 @@ class IngestService:
         results: dict[int, EventResult] = {}
         rejected: list[RejectedEvent] = []
         valid: list[ValidEvent] = []
+        check = BatchValidator(send_time, receive_time, imported=imported).check
         for index, event in enumerate(events):
-            checked = validate_event(
-                index, event, request_send_time=send_time, now=receive_time, imported=imported
-            )
+            checked = check(index, event)
             if isinstance(checked, ValidEvent):
                 valid.append(checked)
             else:
@@ -227,6 +240,7 @@ class IngestService:
                 results[index] = _rejected_result(checked, event)
 
         valid = await self._resolve_countries(valid)
+        reintegrations: list[tuple[str, str]] = []
         for round_ in range(MAX_RESOLVE_ROUNDS):
             profiles, refused = await self._resolve(project_id, valid, by_index)
             rejected.extend(refused)
@@ -240,6 +254,7 @@ class IngestService:
                 project_id, receive_time, imported, candidates, profiles, rejected, by_index
             )
             rejected = []  # stored with the first transaction
+            reintegrations.extend(stored.reintegrations)
             for index, profile_id in stored.accepted.items():
                 results[index] = EventResult(
                     index, by_index[index].event_id, "accepted", profile_id
@@ -258,6 +273,8 @@ class IngestService:
             valid = stored.orphans
         else:
             raise StorageUnavailable("the batch's installations kept vanishing; retry it")
+        if reintegrations:
+            await self._reintegrate(project_id, reintegrations)
         batch = BatchResult([results[i] for i in range(len(events))])
         outcomes: tuple[Outcome, ...] = ("accepted", "duplicate", "rejected")
         for outcome in outcomes:
@@ -268,21 +285,18 @@ class IngestService:
         self, project_id: UUID, tokens: Sequence[pb.ImportedToken]
     ) -> list[TokenResult]:
         """Creates one imported installation per new push token, on a new anonymous profile
-        (through identity's ResolveProfiles), and publishes InstallationsImported. A token an
-        installation of the platform already holds is ALREADY_KNOWN and changes nothing.
-        Raises BatchInvalid for no tokens or over 1,000, IdentityUnavailable or
-        StorageUnavailable when nothing could be stored (a retry is safe). Idempotent."""
+        (identity's ResolveProfiles) or, for a token with a custom ID, on that custom ID's
+        identified profile, created if new (identity's Identify); publishes
+        InstallationsImported. A token an installation of the platform already holds is
+        ALREADY_KNOWN and changes nothing; a custom ID identity refuses rejects its token alone
+        (CUSTOM_ID_INVALID, ERASED). Raises BatchInvalid for no tokens or over 1,000,
+        IdentityUnavailable or StorageUnavailable when nothing could be stored (a retry is
+        safe). Idempotent."""
         validate_token_request(len(tokens))
         results: dict[int, TokenResult] = {}
         valid: list[ValidToken] = []
         for index, raw in enumerate(tokens):
             checked = validate_token(index, raw)
-            if isinstance(checked, ValidToken) and checked.custom_id is not None:
-                checked = Rejection(
-                    model.CUSTOM_ID_UNSUPPORTED,
-                    "custom_id",
-                    "tokens with a custom ID cannot be imported yet; import it without one",
-                )
             if isinstance(checked, ValidToken):
                 valid.append(checked)
             else:
@@ -297,16 +311,15 @@ class IngestService:
                 results[token.index] = TokenResult(token.index, "already_known", *held)
             else:
                 new.setdefault(token.installation_id, token)
-        if new:
-            keys = [OriginKey(False, installation_id) for installation_id in sorted(new)]
-            answers = await self._resolver.resolve(project_id, keys)
-            profiles = {k.value: a.profile_id for k, a in zip(keys, answers, strict=True)}
+        profiles = await self._link_imported(project_id, new, results)
+        if profiles:
             now = self._clock.now()
+            linked = sorted(profiles)
             async with self._repository.transaction() as conn:
                 inserted = await self._repository.insert_imported_installations(
                     conn,
                     project_id,
-                    [(i, t.platform, t.push_token, t.push_opt_in) for i, t in sorted(new.items())],
+                    [(i, new[i].platform, new[i].push_token, new[i].push_opt_in) for i in linked],
                     now,
                 )
                 message = bus_pb2.InstallationsImported(project_id=str(project_id))
@@ -325,6 +338,11 @@ class IngestService:
                 if token.index in results:
                     continue
                 installation_id = token.installation_id
+                if installation_id not in profiles:  # its first occurrence was refused
+                    results[token.index] = replace(
+                        results[new[installation_id].index], index=token.index
+                    )
+                    continue
                 imported = installation_id in inserted and token.index in first_of
                 results[token.index] = TokenResult(
                     token.index,
@@ -333,7 +351,112 @@ class IngestService:
                     profiles[installation_id],
                 )
             log.info("tokens_imported", imported=len(inserted), tokens=len(tokens))
+        for token in valid:  # a repeat of a token identity refused gets the same answer
+            if token.index not in results:
+                results[token.index] = replace(
+                    results[new[token.installation_id].index], index=token.index
+                )
         return [results[i] for i in range(len(tokens))]
+
+    async def _link_imported(
+        self, project_id: UUID, new: dict[str, ValidToken], results: dict[int, TokenResult]
+    ) -> dict[str, UUID]:
+        """The profile of each new imported installation: anonymous ones through one
+        ResolveProfiles call, those with a custom ID through Identify (a few at a time). A
+        refused custom ID puts its token's rejection in `results` and leaves it out."""
+        profiles: dict[str, UUID] = {}
+        anonymous = sorted(i for i, t in new.items() if t.custom_id is None)
+        if anonymous:
+            keys = [OriginKey(False, installation_id) for installation_id in anonymous]
+            answers = await self._resolver.resolve(project_id, keys)
+            for key, answer in zip(keys, answers, strict=True):
+                if answer.profile_id is None:  # cannot happen for IDs ingest derives
+                    raise IdentityUnavailable("identity refused an imported installation")
+                profiles[key.value] = answer.profile_id
+        identified = sorted((i, t) for i, t in new.items() if t.custom_id is not None)
+        if not identified:
+            return profiles
+        limit = asyncio.Semaphore(IDENTIFY_CONCURRENCY)
+
+        async def link(installation_id: str, token: ValidToken) -> None:
+            assert token.custom_id is not None
+            request_id = "import-token:" + _digest(installation_id, token.custom_id)
+            async with limit:
+                answer = await self._resolver.identify(
+                    project_id, installation_id, token.custom_id, request_id
+                )
+            if answer.profile_id is not None:
+                profiles[installation_id] = answer.profile_id
+                return
+            rejection = (
+                Rejection(model.ERASED, "custom_id", "the custom ID was erased")
+                if answer.reason == CUSTOM_ID_ERASED
+                else Rejection(
+                    model.CUSTOM_ID_INVALID, "custom_id", answer.message or "refused by identity"
+                )
+            )
+            results[token.index] = TokenResult(token.index, "rejected", rejection=rejection)
+
+        try:
+            async with asyncio.TaskGroup() as group:
+                for installation_id, token in identified:
+                    group.create_task(link(installation_id, token))
+        except* IdentityUnavailable as failed:
+            raise failed.exceptions[0] from None
+        return profiles
+
+    async def _reintegrate(self, project_id: UUID, pairs: Sequence[tuple[str, str]]) -> None:
+        """Folds each imported installation into the SDK installation that just sent a session
+        with its push token (after the batch committed; nothing remote inside a transaction).
+        A failure is logged and left for that installation's next session."""
+        for installation_id, imported_id in pairs:
+            try:
+                await self._reintegrate_one(project_id, installation_id, imported_id)
+            except (IdentityUnavailable, StorageUnavailable, TransactionConflict) as exc:
+                log.warning("token_reintegration_postponed", error=type(exc).__name__)
+
+    async def _reintegrate_one(
+        self, project_id: UUID, installation_id: str, imported_id: str
+    ) -> None:
+        linked = await self._repository.installation_profiles(
+            project_id, [installation_id, imported_id]
+        )
+        real = linked.get(installation_id)
+        if real is None:
+            return  # unlinked (erased) since the batch: its next session tries again
+        profile_id = real[0]
+        before = linked.get(imported_id)
+        if before is not None and before[0] != profile_id:
+            # Same rules as any merge, by identity: the imported profile is merged into the
+            # real one's, except that an anonymous side always goes into an identified one.
+            source, target = before[0], profile_id
+            if before[1] and not real[1]:
+                source, target = target, source
+            request_id = "reintegrate:" + _digest(imported_id, str(source), str(target))
+            merged = await self._resolver.merge_profiles(project_id, source, target, request_id)
+            if merged.profile_id is None:
+                # Two identified profiles with different custom IDs (or one gone): the profiles
+                # stay apart; the token still moves to the installation that holds it now.
+                log.info("token_reintegration_without_merge", reason=merged.reason)
+            else:
+                profile_id = merged.profile_id
+        now = self._clock.now()
+        async with self._repository.transaction() as conn:
+            folded = await self._repository.fold_imported_installation(
+                conn, project_id, imported_id, installation_id, now
+            )
+            if folded:
+                message = bus_pb2.InstallationReintegrated(
+                    project_id=str(project_id),
+                    imported_installation_id=imported_id,
+                    installation_id=installation_id,
+                    imported_profile_id="" if before is None else str(before[0]),
+                    profile_id=str(profile_id),
+                    reintegrate_time=timestamp_of(now),
+                )
+                await enqueue_many(conn, [OutboxItem(project_id, IDENTITY, message)])
+        if folded:
+            log.info("token_reintegrated")
 
     async def _resolve_countries(self, events: list[ValidEvent]) -> list[ValidEvent]:
         """Session starts that carry a client IP get its country; the IP is dropped here."""
@@ -513,15 +636,44 @@ class IngestService:
                 if e.subscription is not None
             ),
         )
-        await self._apply_installation_changes(conn, project_id, [e for e, _ in accepted])
+        stored.reintegrations = await repo.save_installations(
+            conn,
+            project_id,
+            [
+                (
+                    e.installation_id,
+                    e.event_time,
+                    e.platform,
+                    None if e.installation_values is None else dict(e.installation_values),
+                )
+                for e, _ in accepted
+                if e.installation_id is not None
+            ],
+            sorted(
+                {
+                    e.installation_id
+                    for e, _ in accepted
+                    if e.kind == types_pb2.EVENT_KIND_SESSION_START and e.installation_id
+                }
+            ),
+        )
         stored.session_countries = await repo.save_sessions(
             conn,
             project_id,
-            model.session_deltas(
-                _session_event(e, row.profile_id)
+            [
+                (
+                    e.installation_id,
+                    e.session_id,
+                    row.profile_id,
+                    e.platform,
+                    e.kind,
+                    e.event_time,
+                    e.session_duration,
+                    e.detail.country if e.kind == types_pb2.EVENT_KIND_SESSION_START else "",  # type: ignore[attr-defined]
+                )
                 for e, row in accepted
                 if e.installation_id is not None and e.session_id is not None
-            ),
+            ],
         )
         stored.accepted = {e.index: row.profile_id for e, row in accepted}
         return stored
@@ -584,22 +736,6 @@ class IngestService:
         await self._repository.save_attributes(conn, project_id, changed)
         return refused
 
-    async def _apply_installation_changes(
-        self, conn: asyncpg.Connection, project_id: UUID, events: Sequence[ValidEvent]
-    ) -> None:
-        changes: dict[str, list[InstallationChange]] = {}
-        for event in events:
-            if event.installation_id is not None and event.installation_values is not None:
-                changes.setdefault(event.installation_id, []).append(
-                    InstallationChange(event.event_time, event.installation_values)
-                )
-        if not changes:
-            return
-        ids = sorted(changes)
-        current = await self._repository.installation_details(conn, project_id, ids)
-        merged = [(i, model.apply_installation_changes(current.get(i), changes[i])) for i in ids]
-        await self._repository.save_installation_details(conn, project_id, merged)
-
     async def _enqueue(
         self,
         conn: asyncpg.Connection,
@@ -612,17 +748,26 @@ class IngestService:
         if not stored.accepted:
             return
         message = bus_pb2.EventsIngested(project_id=str(project_id), batch_id=str(uuid.uuid4()))
-        message.commit_time.FromDatetime(self._clock.now())
+        message.commit_time.CopyFrom(timestamp_of(self._clock.now()))
+        received = timestamp_of(receive_time)
+        accepted = stored.accepted
+        countries = stored.session_countries
+        profile_ids: dict[UUID, str] = {}
+        ingested = []
         for event in events:
-            profile_id = stored.accepted.get(event.index)
+            profile_id = accepted.get(event.index)
             if profile_id is None:
                 continue
-            ingested = ingested_event(event, str(profile_id), receive_time, imported=imported)
-            if ingested.HasField("session") and not ingested.session.country:
+            text = profile_ids.get(profile_id)
+            if text is None:
+                text = profile_ids[profile_id] = str(profile_id)
+            one = ingested_event(event, text, received, imported=imported)
+            if event.detail_field == "session" and not one.session.country:
                 key = (event.installation_id or "", event.session_id or "")
-                ingested.session.country = stored.session_countries.get(key, "")
-            message.events.append(ingested)
-        stored.ingested = list(message.events)
+                one.session.country = countries.get(key, "")
+            ingested.append(one)
+        message.events.extend(ingested)
+        stored.ingested = ingested
         await enqueue_many(conn, [OutboxItem(project_id, EVENTS, message)])
 
     def _announce(
@@ -637,20 +782,23 @@ class IngestService:
         by_profile: dict[str, list[bus_pb2.IngestedEvent]] = {}
         for event in events:
             by_profile.setdefault(event.profile_id, []).append(event)
-        now = self._clock.now()
+        version_of = {str(p): v for p, v in versions.items()}
+        change_time = timestamp_of(self._clock.now())
+        project = str(project_id)
         notices = []
         for profile_id, profile_events in by_profile.items():
             caused = {CHANGE_KINDS[e.kind] for e in profile_events if e.kind in CHANGE_KINDS}
             kinds = [bus_pb2.PROFILE_CHANGE_KIND_EVENTS, *sorted(caused)]
-            notice = bus_pb2.ProfileChanged(
-                project_id=str(project_id),
-                profile_id=profile_id,
-                kinds=kinds,
-                profile_version=versions.get(UUID(profile_id), 0),
-                events=profile_events,
+            notices.append(
+                bus_pb2.ProfileChanged(
+                    project_id=project,
+                    profile_id=profile_id,
+                    kinds=kinds,
+                    profile_version=version_of.get(profile_id, 0),
+                    events=profile_events,
+                    change_time=change_time,
+                )
             )
-            notice.change_time.FromDatetime(now)
-            notices.append(notice)
         self._notices.offer(notices)
 
     async def close_idle_sessions(self, batch_size: int = SWEEP_BATCH_SIZE) -> int:
@@ -707,22 +855,9 @@ def _timeout_end(session: ClosedSession, now: datetime) -> bus_pb2.IngestedEvent
     return event
 
 
-def _session_event(event: ValidEvent, profile_id: UUID) -> SessionEvent:
-    assert event.installation_id is not None
-    assert event.session_id is not None
-    country = ""
-    if event.kind == types_pb2.EVENT_KIND_SESSION_START:
-        country = getattr(event.detail, "country", "")
-    return SessionEvent(
-        installation_id=event.installation_id,
-        session_id=event.session_id,
-        profile_id=str(profile_id),
-        platform=event.platform,
-        kind=SESSION_KINDS.get(event.kind, "other"),
-        time=event.event_time,
-        duration=event.session_duration,
-        country=country,
-    )
+def _digest(*parts: str) -> str:
+    """A short stable digest for request IDs (identity keeps them at most 64 characters)."""
+    return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:40]
 
 
 def _present(state: AttributeState | None) -> bool:

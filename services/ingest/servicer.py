@@ -11,7 +11,7 @@ from google.rpc import status_pb2
 from profiles.ingest.v1 import ingest_service_pb2 as pb
 from profiles.ingest.v1 import ingest_service_pb2_grpc as pb_grpc
 from services.ingest import model
-from services.ingest.errors import EventErased, EventInvalid, TokenRefused
+from services.ingest.errors import EventErased, EventInvalid
 from services.ingest.service import BatchResult, EventResult, IngestService, TokenResult
 from shared.auth import current_caller
 from shared.errors import FieldViolation, InvalidArgument
@@ -65,9 +65,9 @@ def token_result_to_proto(result: TokenResult) -> pb.TokenResult:
         message.status.CopyFrom(OK_STATUS)
         return message
     path = f"tokens[{result.index}].{rejection.field_path}"
-    error: TokenRefused | EventInvalid
-    if rejection.reason == model.CUSTOM_ID_UNSUPPORTED:
-        error = TokenRefused(rejection.message)
+    error: EventErased | EventInvalid
+    if rejection.reason == model.ERASED:
+        error = EventErased(rejection.message)
     else:
         error = EventInvalid(
             rejection.message, [FieldViolation(path, rejection.message, rejection.reason)]

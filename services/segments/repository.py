@@ -2,7 +2,9 @@
 
 Tables (shared/migrations/0005_segments.sql): segment_profiles (who segments knows, time zone,
 merge and erasure marks), segment_sessions (one row per session), segment_states (stored
-classification per profile and platform, with its schedule of time-only transitions).
+classification per profile and platform, with its schedule of time-only transitions), and
+segment_state_counts (profiles per stored segment and flag, kept by triggers on segment_states
+in the same transactions, so no statement here maintains it).
 """
 
 from __future__ import annotations
@@ -193,7 +195,9 @@ SELECT_DUE_STATES = """
     FOR UPDATE SKIP LOCKED"""
 
 # READ CONTRACT: the function is defined and documented in 0005_segments.sql; query calls the
-# same function for its overview, so both are exact as of the `as_of` they pass.
+# same function for its overview, so both are exact as of the `as_of` they pass. It reads the
+# project's stored counts and corrects only its due rows, so its cost does not grow with the
+# number of profiles.
 SELECT_DISTRIBUTION = """
     SELECT segment, flag, profile_count FROM segment_distribution($1, $2::smallint, $3)"""
 

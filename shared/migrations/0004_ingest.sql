@@ -97,7 +97,10 @@ CREATE TABLE profile_subscriptions (
 -- (field_times: {"app_version": "<iso time>", ...}) so a late update cannot overwrite a newer
 -- one. platform is the Platform number. first_seen/last_seen span its events' times.
 -- imported: created by ImportTokens from a previous provider's push token and not yet seen by
--- an SDK (first_seen/last_seen are then the import time).
+-- an SDK (first_seen/last_seen are then the import time). reintegrated_into: the SDK
+-- installation this imported one was folded into when it sent its first session with the same
+-- token (imported is then false and push_token NULL: the token belongs to the real one only);
+-- such a row is history, not an installation to count.
 CREATE TABLE installation_details (
     project_id uuid NOT NULL,
     installation_id text NOT NULL,
@@ -114,10 +117,30 @@ CREATE TABLE installation_details (
     first_seen timestamptz NOT NULL,
     last_seen timestamptz NOT NULL,
     imported boolean NOT NULL DEFAULT false,
+    reintegrated_into text,
+    reintegrate_time timestamptz,
     PRIMARY KEY (project_id, installation_id)
 );
 CREATE INDEX installation_details_by_push_token ON installation_details (project_id, platform, push_token)
     WHERE push_token IS NOT NULL;
+
+-- Per-field event-time rule of installation_details, for ingest's set-based upsert: a field
+-- named in `changed` (field -> event time, as written to field_times) takes its new value when
+-- it is at least as late as the time stored for it (model.apply_installation_changes).
+CREATE FUNCTION profiles_ingest_field_wins(changed jsonb, stored jsonb, field text)
+RETURNS boolean LANGUAGE sql STABLE AS $$
+    SELECT changed ? field
+        AND (NOT stored ? field OR (changed->>field)::timestamptz >= (stored->>field)::timestamptz)
+$$;
+
+-- The merged field_times: each field keeps the later of its stored and changed times.
+CREATE FUNCTION profiles_ingest_field_times(changed jsonb, stored jsonb)
+RETURNS jsonb LANGUAGE sql STABLE AS $$
+    SELECT stored || coalesce(
+        (SELECT jsonb_object_agg(c.key, c.value) FROM jsonb_each(changed) AS c
+         WHERE profiles_ingest_field_wins(changed, stored, c.key)),
+        '{}'::jsonb)
+$$;
 
 -- Sessions, maintained from session start, heartbeat and end events (and counted from every
 -- event naming the session) in the transaction that stores them. Keyed by installation and the

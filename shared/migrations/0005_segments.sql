@@ -50,12 +50,108 @@ CREATE TABLE segment_states (
     update_time timestamptz NOT NULL,
     PRIMARY KEY (project_id, profile_id, platform)
 );
--- The distribution: an index-only scan per project and platform, split at "now".
+-- The distribution's due rows: those of one project and platform whose next transition has
+-- passed (a range scan up to "now"; the sweep keeps them few).
 CREATE INDEX segment_states_distribution
     ON segment_states (project_id, platform, next_transition_time) INCLUDE (segment, flag);
 -- The sweep, over every project: only rows with a transition ahead.
 CREATE INDEX segment_states_due ON segment_states (next_transition_time)
     WHERE next_transition_time < 'infinity';
+
+-- How many segment_states rows hold each stored (segment, flag), per project and platform, so
+-- the distribution reads a few dozen rows instead of every profile. Kept by the triggers below,
+-- in the transaction of every statement that writes segment_states (events, the sweep, merges,
+-- erasures, RecomputeAll, bulk loads alike): no writer can forget it, and a reader's snapshot
+-- sees the states and their counts together. The profile_count of one (segment, flag) is the
+-- sum over its shards: a transaction adds its deltas to a shard no concurrent writer uses (see
+-- segment_state_counts_shard), so writers never queue, nor deadlock, on these rows.
+CREATE TABLE segment_state_counts (
+    project_id uuid NOT NULL,
+    platform smallint NOT NULL,
+    segment smallint NOT NULL,
+    flag smallint NOT NULL,
+    shard smallint NOT NULL,
+    profile_count bigint NOT NULL,
+    PRIMARY KEY (project_id, platform, segment, flag, shard)
+);
+
+-- The counter shard (0..15) of the calling transaction: the first, from one that depends on the
+-- backend, whose transaction-scoped advisory lock (two-key form, namespace 0x5C, apart from
+-- identity's custom ID locks 0x1D and the migration lock) it gets or already holds, so that
+-- two open transactions never add to the same shard. With more than 16 concurrent writers the
+-- backend's own shard is shared: row locks then queue them, still exactly.
+CREATE FUNCTION segment_state_counts_shard() RETURNS smallint
+LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    first integer := pg_backend_pid() % 16;
+BEGIN
+    FOR i IN 0..15 LOOP
+        IF pg_try_advisory_xact_lock(x'5C'::integer, (first + i) % 16) THEN
+            RETURN (first + i) % 16;
+        END IF;
+    END LOOP;
+    RETURN first;
+END $$;
+
+-- Statement-level, over the transition tables: one upsert per statement and changed bucket
+-- (a bulk load of a million rows is one aggregate, not a million upserts), and none at all for
+-- an update that keeps every row's (segment, flag), the common case of a reclassification.
+-- Rows are upserted in key order, so writers sharing a shard lock them in one order. The shard
+-- is an InitPlan, so it is taken only when there is something to add.
+CREATE FUNCTION segment_states_count() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP = 'INSERT' THEN
+        INSERT INTO segment_state_counts AS c
+            (project_id, platform, segment, flag, shard, profile_count)
+        SELECT d.project_id, d.platform, d.segment, d.flag,
+               (SELECT segment_state_counts_shard()), d.n
+        FROM (SELECT project_id, platform, segment, flag, count(*) AS n
+              FROM new_rows GROUP BY project_id, platform, segment, flag) d
+        ORDER BY d.project_id, d.platform, d.segment, d.flag
+        ON CONFLICT (project_id, platform, segment, flag, shard)
+        DO UPDATE SET profile_count = c.profile_count + EXCLUDED.profile_count;
+    ELSIF TG_OP = 'UPDATE' THEN
+        INSERT INTO segment_state_counts AS c
+            (project_id, platform, segment, flag, shard, profile_count)
+        SELECT d.project_id, d.platform, d.segment, d.flag,
+               (SELECT segment_state_counts_shard()), d.n
+        FROM (SELECT project_id, platform, segment, flag, sum(n) AS n
+              FROM (SELECT project_id, platform, segment, flag, 1 AS n FROM new_rows
+                    UNION ALL
+                    SELECT project_id, platform, segment, flag, -1 FROM old_rows) x
+              GROUP BY project_id, platform, segment, flag
+              HAVING sum(n) <> 0) d
+        ORDER BY d.project_id, d.platform, d.segment, d.flag
+        ON CONFLICT (project_id, platform, segment, flag, shard)
+        DO UPDATE SET profile_count = c.profile_count + EXCLUDED.profile_count;
+    ELSIF TG_OP = 'DELETE' THEN
+        INSERT INTO segment_state_counts AS c
+            (project_id, platform, segment, flag, shard, profile_count)
+        SELECT d.project_id, d.platform, d.segment, d.flag,
+               (SELECT segment_state_counts_shard()), -d.n
+        FROM (SELECT project_id, platform, segment, flag, count(*) AS n
+              FROM old_rows GROUP BY project_id, platform, segment, flag) d
+        ORDER BY d.project_id, d.platform, d.segment, d.flag
+        ON CONFLICT (project_id, platform, segment, flag, shard)
+        DO UPDATE SET profile_count = c.profile_count + EXCLUDED.profile_count;
+    ELSE  -- TRUNCATE
+        DELETE FROM segment_state_counts;
+    END IF;
+    RETURN NULL;
+END $$;
+-- (A trigger with transition tables may fire on one event only, hence three.)
+CREATE TRIGGER segment_states_count_insert AFTER INSERT ON segment_states
+    REFERENCING NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION segment_states_count();
+CREATE TRIGGER segment_states_count_update AFTER UPDATE ON segment_states
+    REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION segment_states_count();
+CREATE TRIGGER segment_states_count_delete AFTER DELETE ON segment_states
+    REFERENCING OLD TABLE AS old_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION segment_states_count();
+CREATE TRIGGER segment_states_count_truncate AFTER TRUNCATE ON segment_states
+    FOR EACH STATEMENT EXECUTE FUNCTION segment_states_count();
 
 -- READ CONTRACT (query's overview, bench): the smart segment distribution of a project, on one
 -- platform (0 for all), exact as of `as_of` including transitions caused only by time passing.
@@ -63,30 +159,38 @@ CREATE INDEX segment_states_due ON segment_states (next_transition_time)
 -- has passed (the sweep runs every 30 s) are classified from their stored schedule: the last
 -- step at or before `as_of`. Returns one row per (segment, flag) with at least one profile;
 -- profiles with no session (on that platform) are not counted.
+-- Cost: the project's counter rows (segment_state_counts: at most 16 shards per bucket) plus
+-- its due rows (segment_states_distribution, next_transition_time <= as_of), whatever the
+-- number of profiles: the stored counts, minus each due row's stored (segment, flag), plus
+-- the (segment, flag) its schedule gives as of `as_of`. One statement, so one snapshot: counts
+-- and rows agree.
 CREATE FUNCTION segment_distribution(p_project_id uuid, p_platform smallint, p_as_of timestamptz)
 RETURNS TABLE (segment smallint, flag smallint, profile_count bigint)
 LANGUAGE sql STABLE AS $$
-    SELECT c.segment, c.flag, count(*)
+    SELECT c.segment, c.flag, sum(c.n)::bigint
     FROM (
-        SELECT s.segment, s.flag
-        FROM segment_states s
-        WHERE s.project_id = p_project_id AND s.platform = p_platform
-          AND s.next_transition_time > p_as_of
+        SELECT k.segment, k.flag, k.profile_count AS n
+        FROM segment_state_counts k
+        WHERE k.project_id = p_project_id AND k.platform = p_platform
         UNION ALL
-        SELECT u.segment, u.flag
+        SELECT v.segment, v.flag, v.n
         FROM segment_states s
-        CROSS JOIN LATERAL (
+        LEFT JOIN LATERAL (
             SELECT x.segment, x.flag
             FROM unnest(s.upcoming_times, s.upcoming_segments, s.upcoming_flags)
                 AS x(step_time, segment, flag)
             WHERE x.step_time <= p_as_of
             ORDER BY x.step_time DESC
             LIMIT 1
-        ) u
+        ) u ON true
+        CROSS JOIN LATERAL (VALUES (s.segment, s.flag, -1), (u.segment, u.flag, 1))
+            AS v(segment, flag, n)
         WHERE s.project_id = p_project_id AND s.platform = p_platform
           AND s.next_transition_time <= p_as_of
+          AND v.segment IS NOT NULL  -- (no step at or before as_of: the row is not counted)
     ) c
     GROUP BY c.segment, c.flag
+    HAVING sum(c.n) <> 0
 $$;
 
 -- Identity's merge moves the rows of every table with project_id and profile_id in its own

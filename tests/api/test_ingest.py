@@ -231,9 +231,16 @@ async def test_server_side_events_by_custom_id_land_on_the_identified_profile(
         custom_event(custom_id="user-42", event_id="s1"),
         custom_event(custom_id="user-42", event_id="s2"),
         custom_event(custom_id="null", event_id="junk"),
+        custom_event(custom_id="'Guest'", event_id="quoted"),
+        custom_event(custom_id=" user-42", event_id="padded"),
     )
-    assert [r.outcome for r in reply.results] == [ACCEPTED, ACCEPTED, REJECTED]
-    assert reply.results[2].reason == "CUSTOM_ID_INVALID"
+    assert [r.outcome for r in reply.results] == [ACCEPTED, ACCEPTED] + [REJECTED] * 3
+    # Junk custom IDs are identity's rule: ingest rejects what ResolveProfiles refuses.
+    assert [(r.reason, r.field_path) for r in reply.results[2:]] == [
+        ("CUSTOM_ID_INVALID", "custom_id")
+    ] * 3
+    kept = await ingest.fetch("SELECT reason FROM rejected_events WHERE event_id = 'junk'")
+    assert [r["reason"] for r in kept] == ["CUSTOM_ID_INVALID"]
     assert reply.results[0].profile_id == reply.results[1].profile_id
     rows = await ingest.fetch(
         "SELECT p.custom_id, e.custom_id AS origin FROM events e"

@@ -93,6 +93,45 @@ async def test_a_session_is_kept_from_its_events_and_counted_once(ingest: Ingest
     }
 
 
+async def test_one_unordered_batch_takes_the_latest_end_and_the_longest_open_duration(
+    ingest: Ingest,
+) -> None:
+    start = NOW - 20 * MINUTE
+    other = custom_event("i1", event_id="other", time=start + 4 * MINUTE)
+    other.session_id = "s5"
+    await ingest.track(
+        session_event("end", "i1", "s3", start + 9 * MINUTE, duration=9 * MINUTE),
+        session_event("start", "i1", "s3", start, country="FR"),
+        session_event("heartbeat", "i1", "s3", start + 5 * MINUTE, duration=5 * MINUTE),
+        session_event("end", "i1", "s3", start + 8 * MINUTE, duration=8 * MINUTE),
+        session_event("start", "i1", "s4", start),
+        session_event("heartbeat", "i1", "s4", start + 2 * MINUTE, duration=6 * MINUTE),
+        session_event("start", "i2", "s5", start),
+        other,
+    )
+    rows = await sessions(ingest)
+    ended = rows["s3"]
+    assert (ended["start_time"], ended["last_activity_time"], ended["end_time"]) == (
+        start,
+        start + 9 * MINUTE,
+        start + 9 * MINUTE,
+    )
+    assert (ended["duration"], ended["country"], ended["event_count"]) == (9 * MINUTE, "FR", 4)
+    assert (rows["s4"]["duration"], rows["s4"]["end_time"]) == (6 * MINUTE, None)
+    # Sessions are keyed by installation: i1's event naming s5 is not i2's session s5.
+    s5 = [
+        dict(r)
+        for r in await ingest.fetch(
+            "SELECT installation_id, duration, event_count FROM sessions"
+            " WHERE session_id = 's5' ORDER BY installation_id"
+        )
+    ]
+    assert s5 == [
+        {"installation_id": "i1", "duration": timedelta(0), "event_count": 1},
+        {"installation_id": "i2", "duration": timedelta(0), "event_count": 1},
+    ]
+
+
 async def test_events_arriving_before_their_start_are_fine(ingest: Ingest) -> None:
     start = NOW - 50 * MINUTE
     await ingest.track(session_event("end", "i1", "s2", start + 4 * MINUTE, duration=4 * MINUTE))
