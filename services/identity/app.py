@@ -6,10 +6,10 @@ import grpc
 
 from profiles.identity.v1 import identity_service_pb2 as pb
 from profiles.identity.v1 import identity_service_pb2_grpc as pb_grpc
-from services.identity.notices import LiveNotices, NoticeWorker
 from services.identity.repository import IdentityRepository
 from services.identity.service import IdentityService
 from services.identity.servicer import IdentityServicer
+from shared.notices import LiveNotices, NoticeWorker
 from shared.server import Runtime, ServiceDefinition
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["IdentityService"].full_name
@@ -18,7 +18,7 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["IdentityService"].full_name
 async def build(runtime: Runtime) -> ServiceDefinition:
     # Migrations are applied before build, so the tables a merge must move are all there now.
     repository = await IdentityRepository.connect(runtime.pool)
-    notices = LiveNotices()
+    notices = LiveNotices("identity")
     service = IdentityService(repository, runtime.tenancy, runtime.clock, notices=notices)
     servicer = IdentityServicer(service)
 

@@ -59,10 +59,10 @@ from services.identity.model import (
     quarantine_digest,
     quarantine_end,
 )
-from services.identity.notices import LiveNotices
 from services.identity.repository import IdentityRepository, IdentityTransaction
 from shared.clock import Clock
 from shared.errors import FieldViolation, InvalidArgument
+from shared.notices import LiveNotices
 from shared.tenancy import TenancyRepository
 
 log = structlog.get_logger(__name__)

@@ -8,11 +8,11 @@ from profiles.ingest.v1 import ingest_service_pb2 as pb
 from profiles.ingest.v1 import ingest_service_pb2_grpc as pb_grpc
 from services.ingest.geoip import CountryResolver
 from services.ingest.identity_client import IdentityChannelWorker, IdentityClient
-from services.ingest.notices import LiveNotices, NoticeWorker
 from services.ingest.repository import IngestRepository
 from services.ingest.service import IngestService
 from services.ingest.servicer import IngestServicer
 from services.ingest.sweeper import SWEEP_INTERVAL_S, SessionSweeper
+from shared.notices import LiveNotices, NoticeWorker
 from shared.server import Build, Runtime, ServiceDefinition
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["IngestService"].full_name
@@ -24,7 +24,7 @@ def make_build(*, sweep_interval_s: float = SWEEP_INTERVAL_S) -> Build:
     async def build(runtime: Runtime) -> ServiceDefinition:
         settings = runtime.settings
         identity = IdentityClient(settings.addresses["identity"], settings.internal_token)
-        notices = LiveNotices()
+        notices = LiveNotices("ingest")
         service = IngestService(
             IngestRepository(runtime.pool),
             identity,

@@ -38,7 +38,6 @@ from services.ingest.model import (
     TimedOperation,
     TimedSubscriptionChange,
 )
-from services.ingest.notices import LiveNotices
 from services.ingest.repository import (
     ClosedSession,
     IngestRepository,
@@ -59,6 +58,7 @@ from services.ingest.validation import (
     with_country,
 )
 from shared.clock import Clock
+from shared.notices import LiveNotices
 from shared.outbox import OutboxItem, enqueue_many
 from shared.topics import EVENTS, IDENTITY
 

@@ -241,7 +241,9 @@ async def private_redis(tmp_path: Path) -> AsyncIterator[EmbeddedRedis]:
 
 
 def dropped(reason: str) -> float:
-    value = REGISTRY.get_sample_value("profiles_identity_notices_dropped_total", {"reason": reason})
+    value = REGISTRY.get_sample_value(
+        "profiles_live_notices_dropped_total", {"service": "identity", "reason": reason}
+    )
     return value or 0.0
 
 

@@ -1,8 +1,9 @@
 """Live notices (ProfileChanged on a profile's pub/sub channel), published after commit.
 
-Best effort by contract: a watcher may miss notices. So the RPC never waits for Redis: it hands
-the notices to a bounded queue and returns; `NoticeWorker` publishes them. When the queue is full
-(Redis slow or down) new notices are dropped and counted, never buffered without bound.
+Best effort by contract: a watcher may miss notices. So an RPC never waits for Redis: it hands
+its notices to a bounded queue and returns; `NoticeWorker` publishes them in order, up to
+`PUBLISH_BATCH` per round trip. When the queue is full (Redis slow or down) new notices are
+dropped and counted, never buffered without bound.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 
-import structlog
 from prometheus_client import Counter
 from redis.exceptions import RedisError
 
@@ -18,26 +18,23 @@ from profiles.common.v1 import bus_pb2
 from shared.bus import Backoff, Bus, sleep_unless
 from shared.topics import profile_channel
 
-log = structlog.get_logger(__name__)
-
 QUEUE_SIZE = 10_000
 PUBLISH_TIMEOUT_S = 2.0
-# At most this many notices per publishing round trip.
+# One TrackEvents batch queues a notice per touched profile: publish what is queued together.
 PUBLISH_BATCH = 500
-# PUBLISH every ARGV[i] on channel KEYS[i], in order.
-PUBLISH_ALL = "for i = 1, #KEYS do redis.call('PUBLISH', KEYS[i], ARGV[i]) end return #KEYS"
 
 NOTICES_DROPPED = Counter(
-    "profiles_ingest_notices_dropped_total",
-    "ProfileChanged notices not published (queue full or Redis unavailable).",
-    ["reason"],
+    "profiles_live_notices_dropped_total",
+    "ProfileChanged notices not published (queue full or Redis unavailable), by service.",
+    ["service", "reason"],
 )
 
 
 class LiveNotices:
     """The queue between the RPCs and the publishing worker."""
 
-    def __init__(self, size: int = QUEUE_SIZE) -> None:
+    def __init__(self, service: str, size: int = QUEUE_SIZE) -> None:
+        self.service = service
         self.queue: asyncio.Queue[bus_pb2.ProfileChanged] = asyncio.Queue(maxsize=size)
 
     def offer(self, notices: Sequence[bus_pb2.ProfileChanged]) -> None:
@@ -46,19 +43,20 @@ class LiveNotices:
             try:
                 self.queue.put_nowait(notice)
             except asyncio.QueueFull:
-                NOTICES_DROPPED.labels("queue_full").inc()
+                NOTICES_DROPPED.labels(self.service, "queue_full").inc()
 
 
 class NoticeWorker:
-    """Publishes queued notices with `Bus.notify`; on a Redis failure drops the notice and backs
-    off, so an outage costs missed notices, not memory."""
+    """Publishes queued notices; on a Redis failure drops that batch and backs off, so an outage
+    costs missed notices, not memory."""
 
     def __init__(self, notices: LiveNotices, bus: Bus) -> None:
         self._notices = notices
         self._bus = bus
         self._stop = asyncio.Event()
-        self._backoff = Backoff("live_notice_redis_unavailable", initial=0.1, maximum=5.0)
-        self._publish_all = bus.redis.register_script(PUBLISH_ALL)
+        self._backoff = Backoff(
+            "live_notice_redis_unavailable", initial=0.1, maximum=5.0, service=notices.service
+        )
 
     async def run(self) -> None:
         queue = self._notices.queue
@@ -73,8 +71,6 @@ class NoticeWorker:
                     getter.cancel()
             if not getter.done() or getter.cancelled():
                 continue
-            # One batch of TrackEvents queues a notice per touched profile: publish what is
-            # queued in one round trip (bounded), not one round trip per notice.
             batch = [getter.result()]
             while len(batch) < PUBLISH_BATCH and not queue.empty():
                 batch.append(queue.get_nowait())
@@ -83,15 +79,18 @@ class NoticeWorker:
                     await self._publish(batch)
                 self._backoff.recovered()
             except (RedisError, OSError, TimeoutError) as exc:
-                NOTICES_DROPPED.labels("redis_unavailable").inc(len(batch))
+                NOTICES_DROPPED.labels(self._notices.service, "redis_unavailable").inc(len(batch))
                 await sleep_unless(self._stop, self._backoff.failed(exc))
 
     async def _publish(self, notices: Sequence[bus_pb2.ProfileChanged]) -> None:
-        # One script call publishes them all: one command to pack and one reply to parse,
-        # instead of a reply per notice (redis-py parses replies in Python).
+        # A plain pipeline, not a script: channels of different profiles would be keys of
+        # different slots in one script, which Redis Cluster refuses (CROSSSLOT).
         bus = self._bus
-        channels = [bus.channel_key(profile_channel(n.project_id, n.profile_id)) for n in notices]
-        await self._publish_all(keys=channels, args=[n.SerializeToString() for n in notices])
+        async with bus.redis.pipeline(transaction=False) as pipe:
+            for notice in notices:
+                channel = bus.channel_key(profile_channel(notice.project_id, notice.profile_id))
+                pipe.publish(channel, notice.SerializeToString())
+            await pipe.execute()
 
     async def stop(self) -> None:
         self._stop.set()
