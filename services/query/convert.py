@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime
 from typing import Any
 from uuid import UUID
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from google.protobuf import json_format
 from google.protobuf.duration_pb2 import Duration
+from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from profiles.common.v1 import bus_pb2, types_pb2
@@ -110,6 +111,17 @@ SESSION_TYPES = {
     types_pb2.EVENT_KIND_SESSION_HEARTBEAT: timeline_pb2.SESSION_EVENT_TYPE_HEARTBEAT,
     types_pb2.EVENT_KIND_SESSION_END: timeline_pb2.SESSION_EVENT_TYPE_END,
 }
+# Known enum numbers, read once from the descriptors rather than on every request.
+TIMELINE_KIND_NUMBERS = frozenset(timeline_pb2.TimelineEventKind.values()) - {0}
+PLATFORM_NUMBERS = frozenset(types_pb2.Platform.values())
+PROFILES_QUERY_ENUMS = {
+    "identity_filter": frozenset(pb.ProfileIdentityFilter.values()),
+    "smart_segment": frozenset(types_pb2.SmartSegment.values()),
+    "smart_segment_flag": frozenset(types_pb2.SmartSegmentFlag.values()),
+    "platform": PLATFORM_NUMBERS,
+    "order_by": frozenset(pb.ProfileOrderBy.values()),
+    "sort_order": frozenset(pb.SortOrder.values()),
+}
 # Flags that apply to each main smart segment (common/v1/types.proto).
 SEGMENT_FLAGS = {
     types_pb2.SMART_SEGMENT_NEW: (types_pb2.SMART_SEGMENT_FLAG_PROMISING_NEW,),
@@ -197,7 +209,7 @@ def events_query_from_proto(request: pb.ListEventsRequest) -> EventsQuery:
     if len(request.kinds) > MAX_KINDS:
         violations.append(_violation("kinds", f"must hold at most {MAX_KINDS} kinds"))
     for i, kind in enumerate(request.kinds):
-        if kind not in timeline_pb2.TimelineEventKind.values() or kind == 0:
+        if kind not in TIMELINE_KIND_NUMBERS:
             violations.append(_violation(f"kinds[{i}]", "must be a known kind, not UNSPECIFIED"))
     if request.page_size < 0:
         violations.append(_violation("page_size", "must not be negative"))
@@ -271,16 +283,8 @@ def profiles_query_from_proto(request: pb.ListProfilesRequest) -> ProfilesQuery:
             segment_id = UUID(request.segment_id)
         except ValueError:
             violations.append(_violation("segment_id", "is not a UUID"))
-    enums = (
-        ("identity_filter", request.identity_filter, pb.ProfileIdentityFilter.values()),
-        ("smart_segment", request.smart_segment, types_pb2.SmartSegment.values()),
-        ("smart_segment_flag", request.smart_segment_flag, types_pb2.SmartSegmentFlag.values()),
-        ("platform", request.platform, types_pb2.Platform.values()),
-        ("order_by", request.order_by, pb.ProfileOrderBy.values()),
-        ("sort_order", request.sort_order, pb.SortOrder.values()),
-    )
-    for name, value, known in enums:
-        if value not in known:
+    for name, known in PROFILES_QUERY_ENUMS.items():
+        if getattr(request, name) not in known:
             violations.append(_violation(name, "is not a known value"))
     _raise_all(violations)
     return ProfilesQuery(
@@ -333,7 +337,7 @@ def top_values_of(request: pb.GetOverviewRequest) -> int:
     violations = []
     if request.top_values < 0:
         violations.append(_violation("top_values", "must not be negative"))
-    if request.platform not in types_pb2.Platform.values():
+    if request.platform not in PLATFORM_NUMBERS:
         violations.append(_violation("platform", "is not a known value"))
     _raise_all(violations)
     if request.top_values == 0:
@@ -344,15 +348,34 @@ def top_values_of(request: pb.GetOverviewRequest) -> int:
 # -- responses --------------------------------------------------------------------------------
 
 
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def set_time(target: Timestamp, moment: datetime) -> None:
+    """Sets `target` to `moment` (naive: UTC). Timestamp.FromDatetime goes through
+    calendar.timegm, several times slower; this is on every timeline event's path."""
+    delta = (moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)) - EPOCH
+    target.seconds = delta.days * 86_400 + delta.seconds
+    target.nanos = delta.microseconds * 1000
+
+
 def stamp(moment: datetime) -> Timestamp:
     result = Timestamp()
-    result.FromDatetime(moment)
+    set_time(result, moment)
     return result
+
+
+def set_duration_ms(target: Duration, milliseconds: int) -> None:
+    # Seconds and nanos carry the same sign (what Duration.FromTimedelta produces).
+    sign = -1 if milliseconds < 0 else 1
+    magnitude = abs(milliseconds)
+    target.seconds = sign * (magnitude // 1000)
+    target.nanos = sign * (magnitude % 1000) * 1_000_000
 
 
 def duration_ms(milliseconds: int) -> Duration:
     result = Duration()
-    result.FromTimedelta(timedelta(milliseconds=milliseconds))
+    set_duration_ms(result, milliseconds)
     return result
 
 
@@ -402,9 +425,9 @@ def installation_to_proto(view: InstallationView) -> profile_pb2.Installation:
         uninstalled=view.uninstalled,
         imported=view.imported,
     )
-    message.first_seen_time.CopyFrom(stamp(view.first_seen))
+    set_time(message.first_seen_time, view.first_seen)
     if view.last_seen is not None:
-        message.last_seen_time.CopyFrom(stamp(view.last_seen))
+        set_time(message.last_seen_time, view.last_seen)
     return message
 
 
@@ -418,7 +441,7 @@ def identity_change_to_proto(view: IdentityChangeView) -> profile_pb2.IdentityCh
         installation_ids=list(view.installation_ids),
         alias_custom_id=view.alias_custom_id,
     )
-    message.change_time.CopyFrom(stamp(view.change_time))
+    set_time(message.change_time, view.change_time)
     return message
 
 
@@ -430,7 +453,7 @@ def crash_to_proto(view: CrashView) -> profile_pb2.Crash:
         installation_id=view.installation_id,
         event_id=view.event_id,
     )
-    message.crash_time.CopyFrom(stamp(view.crash_time))
+    set_time(message.crash_time, view.crash_time)
     return message
 
 
@@ -451,9 +474,9 @@ def profile_to_proto(view: ProfileView) -> profile_pb2.Profile:
         avatar_url=native.get("avatar_url", ""),
     )
     if view.first_seen is not None:
-        summary.first_seen_time.CopyFrom(stamp(view.first_seen))
+        set_time(summary.first_seen_time, view.first_seen)
     if view.last_seen is not None:
-        summary.last_seen_time.CopyFrom(stamp(view.last_seen))
+        set_time(summary.last_seen_time, view.last_seen)
     message = profile_pb2.Profile(summary=summary, version=view.version)
     held = {(s.channel, s.kind): s for s in view.subscriptions}
     for channel, channel_number in CHANNELS.items():
@@ -462,7 +485,7 @@ def profile_to_proto(view: ProfileView) -> profile_pb2.Profile:
             state = held.get((channel, kind))
             if state is not None:
                 entry.subscribed = state.subscribed
-                entry.last_change_time.CopyFrom(stamp(state.change_time))
+                set_time(entry.last_change_time, state.change_time)
     message.installations.extend(installation_to_proto(i) for i in view.installations)
     message.native_attributes.CopyFrom(
         profile_pb2.NativeAttributes(**{n: native.get(n, "") for n in NATIVE_NAMES})
@@ -475,7 +498,7 @@ def profile_to_proto(view: ProfileView) -> profile_pb2.Profile:
             type=ATTRIBUTE_TYPES.get(str(attribute.value.get("type")), 0),
         )
         custom.value.CopyFrom(attribute_value(attribute.value))
-        custom.update_time.CopyFrom(stamp(attribute.update_time))
+        set_time(custom.update_time, attribute.update_time)
     # Custom segment memberships and funnel progress are the segments service's unfinished
     # work (no read contract for them yet): left empty.
     if view.engagement is not None:
@@ -485,21 +508,22 @@ def profile_to_proto(view: ProfileView) -> profile_pb2.Profile:
         message.engagement.score3 = engagement.score3
         message.engagement.score = engagement.score
         message.engagement.percentage = engagement.percentage
-        message.engagement.window_end_time.CopyFrom(stamp(engagement.window_end_time))
+        set_time(message.engagement.window_end_time, engagement.window_end_time)
     if view.smart_segment is not None:
         message.smart_segment.segment = view.smart_segment.segment  # type: ignore[assignment]
         message.smart_segment.flag = view.smart_segment.flag  # type: ignore[assignment]
         if view.smart_segment.next_transition_time is not None:
-            message.smart_segment.next_transition_time.CopyFrom(
-                stamp(view.smart_segment.next_transition_time)
+            set_time(
+                message.smart_segment.next_transition_time,
+                view.smart_segment.next_transition_time,
             )
     counters = view.counters
     message.counters.event_count = counters.event_count
     message.counters.session_count = counters.session_count
     message.counters.crash_count = counters.crash_count
-    message.counters.total_time_spent.CopyFrom(duration_ms(counters.total_time_ms))
+    set_duration_ms(message.counters.total_time_spent, counters.total_time_ms)
     average = counters.total_time_ms // counters.session_count if counters.session_count else 0
-    message.counters.average_session_duration.CopyFrom(duration_ms(average))
+    set_duration_ms(message.counters.average_session_duration, average)
     if counters.last_crash is not None:
         message.counters.last_crash.CopyFrom(crash_to_proto(counters.last_crash))
     message.identity_changes.extend(identity_change_to_proto(c) for c in view.identity_changes)
@@ -526,30 +550,143 @@ def _attribute_operation(
     return result
 
 
-def timeline_details(
+def _set_value(value: Mapping[str, Any], target: types_pb2.AttributeValue) -> None:
+    """Fills `target` from an AttributeValue in proto JSON (field names kept); KeyError on a
+    field it does not know."""
+    for field, raw in value.items():
+        if field == "string_value":
+            target.string_value = raw
+        elif field == "number_value":
+            if isinstance(raw, bool):
+                raise TypeError(field)
+            target.number_value = float(raw)
+        elif field == "bool_value":
+            if not isinstance(raw, bool):
+                raise TypeError(field)
+            target.bool_value = raw
+        elif field == "timestamp_value":
+            target.timestamp_value.FromJsonString(raw)
+        elif field == "url_value":
+            target.url_value = raw
+        elif field == "string_list_value":
+            target.string_list_value.SetInParent()
+            target.string_list_value.values.extend(raw.get("values", ()))
+        else:
+            raise KeyError(field)
+
+
+def _custom_details(payload: Mapping[str, Any], details: timeline_pb2.CustomEventDetails) -> None:
+    for field, raw in payload.items():
+        if field == "name":
+            details.name = raw
+        elif field == "label":
+            details.label = raw
+        elif field == "attributes":
+            for name, value in raw.items():
+                _set_value(value, details.attributes[name])
+        else:
+            raise KeyError(field)
+
+
+def _session_details(payload: Mapping[str, Any], details: timeline_pb2.SessionEventDetails) -> None:
+    for field, raw in payload.items():
+        if field == "country":
+            details.country = raw
+        elif field == "duration":
+            details.duration.FromJsonString(raw)
+        else:
+            raise KeyError(field)
+
+
+def _consent_details(
+    payload: Mapping[str, Any], details: timeline_pb2.ConsentChangeDetails
+) -> None:
+    for field, raw in payload.items():
+        if field == "channel":
+            details.channel = types_pb2.Channel.Value(raw)
+        elif field == "kind":
+            details.kind = types_pb2.SubscriptionKind.Value(raw)
+        elif field == "subscribed":
+            if not isinstance(raw, bool):
+                raise TypeError(field)
+            details.subscribed = raw
+        else:
+            raise KeyError(field)
+
+
+# Details whose stored payload holds scalar fields of the same names only.
+SCALAR_DETAIL_FIELDS = {
+    "installation_update": frozenset(
+        timeline_pb2.InstallationUpdateDetails.DESCRIPTOR.fields_by_name
+    ),
+    "crash": frozenset(timeline_pb2.CrashDetails.DESCRIPTOR.fields_by_name),
+}
+
+
+def _scalar_details(
+    payload: Mapping[str, Any], details: Message, field_names: frozenset[str]
+) -> None:
+    for field, raw in payload.items():
+        if field not in field_names:
+            raise KeyError(field)
+        if isinstance(getattr(details, field), bool) and not isinstance(raw, bool):
+            raise TypeError(field)
+        setattr(details, field, raw)
+
+
+def _parsed_details(
     kind: int, payload: Mapping[str, Any], event: timeline_pb2.TimelineEvent
 ) -> None:
-    """Fills `event`'s details from events.payload (the bus detail message in proto JSON)."""
+    """The general (slow) way: json_format reads any proto JSON of the detail."""
     data = dict(payload)
     if kind == types_pb2.EVENT_KIND_CUSTOM:
         json_format.ParseDict(data, event.custom, ignore_unknown_fields=True)
     elif kind in SESSION_TYPES:
         json_format.ParseDict(data, event.session, ignore_unknown_fields=True)
-        event.session.type = SESSION_TYPES[kind]  # type: ignore[index]
-        if kind == types_pb2.EVENT_KIND_SESSION_START:
-            event.session.ClearField("duration")
-    elif kind == types_pb2.EVENT_KIND_ATTRIBUTE_CHANGE:
-        detail = bus_pb2.AttributeChangeDetail()
-        json_format.ParseDict(data, detail, ignore_unknown_fields=True)
-        event.attribute_change.operations.extend(
-            _attribute_operation(op) for op in detail.operations
-        )
     elif kind == types_pb2.EVENT_KIND_SUBSCRIPTION_CHANGE:
         json_format.ParseDict(data, event.consent_change, ignore_unknown_fields=True)
     elif kind == types_pb2.EVENT_KIND_INSTALLATION_UPDATE:
         json_format.ParseDict(data, event.installation_update, ignore_unknown_fields=True)
     elif kind == types_pb2.EVENT_KIND_CRASH:
         json_format.ParseDict(data, event.crash, ignore_unknown_fields=True)
+
+
+def timeline_details(
+    kind: int, payload: Mapping[str, Any], event: timeline_pb2.TimelineEvent
+) -> None:
+    """Fills `event`'s details from events.payload (the bus detail message in proto JSON, field
+    names kept, as ingest stores it). The stored shapes are read field by field (json_format is
+    several times slower, and this runs for every event of a timeline page); anything else
+    (a JSON name, an unknown field) goes through json_format as before."""
+    if kind == types_pb2.EVENT_KIND_ATTRIBUTE_CHANGE:
+        detail = bus_pb2.AttributeChangeDetail()
+        json_format.ParseDict(dict(payload), detail, ignore_unknown_fields=True)
+        event.attribute_change.operations.extend(
+            _attribute_operation(op) for op in detail.operations
+        )
+        return
+    try:
+        if kind == types_pb2.EVENT_KIND_CUSTOM:
+            _custom_details(payload, event.custom)
+        elif kind in SESSION_TYPES:
+            _session_details(payload, event.session)
+        elif kind == types_pb2.EVENT_KIND_SUBSCRIPTION_CHANGE:
+            _consent_details(payload, event.consent_change)
+        elif kind == types_pb2.EVENT_KIND_INSTALLATION_UPDATE:
+            _scalar_details(
+                payload, event.installation_update, SCALAR_DETAIL_FIELDS["installation_update"]
+            )
+        elif kind == types_pb2.EVENT_KIND_CRASH:
+            _scalar_details(payload, event.crash, SCALAR_DETAIL_FIELDS["crash"])
+    except (KeyError, TypeError, ValueError, AttributeError):
+        field = event.WhichOneof("details")
+        if field is not None:
+            event.ClearField(field)
+        _parsed_details(kind, payload, event)
+    if kind in SESSION_TYPES:
+        event.session.type = SESSION_TYPES[kind]  # type: ignore[index]
+        if kind == types_pb2.EVENT_KIND_SESSION_START:
+            event.session.ClearField("duration")
 
 
 def event_to_proto(view: EventView) -> timeline_pb2.TimelineEvent:
@@ -561,8 +698,8 @@ def event_to_proto(view: EventView) -> timeline_pb2.TimelineEvent:
         platform=view.platform,  # type: ignore[arg-type]
         imported=view.imported,
     )
-    message.event_time.CopyFrom(stamp(view.event_time))
-    message.receive_time.CopyFrom(stamp(view.receive_time))
+    set_time(message.event_time, view.event_time)
+    set_time(message.receive_time, view.receive_time)
     if view.merged_from_profile_id is not None:
         message.merged_from_profile_id = str(view.merged_from_profile_id)
     timeline_details(view.kind, view.payload, message)
@@ -579,8 +716,8 @@ def change_event_to_proto(view: IdentityChangeView) -> timeline_pb2.TimelineEven
         ),
         installation_id=view.installation_ids[0] if view.kind == "split" else "",
     )
-    message.event_time.CopyFrom(stamp(view.change_time))
-    message.receive_time.CopyFrom(stamp(view.change_time))
+    set_time(message.event_time, view.change_time)
+    set_time(message.receive_time, view.change_time)
     message.identity_change.CopyFrom(identity_change_to_proto(view))
     return message
 
@@ -624,10 +761,10 @@ def session_to_proto(view: SessionView) -> timeline_pb2.Session:
         country=view.country,
         event_count=view.event_count,
     )
-    message.start_time.CopyFrom(stamp(view.start_time))
+    set_time(message.start_time, view.start_time)
     if view.end_time is not None:
-        message.end_time.CopyFrom(stamp(view.end_time))
-    message.duration.CopyFrom(duration_ms(view.duration_ms))
+        set_time(message.end_time, view.end_time)
+    set_duration_ms(message.duration, view.duration_ms)
     return message
 
 
@@ -635,7 +772,7 @@ def day_to_proto(view: DayView) -> timeline_pb2.DayActivity:
     message = timeline_pb2.DayActivity(
         date=view.date, session_count=view.session_count, event_count=view.event_count
     )
-    message.time_spent.CopyFrom(duration_ms(view.time_spent_ms))
+    set_duration_ms(message.time_spent, view.time_spent_ms)
     return message
 
 
@@ -651,7 +788,7 @@ def rejected_to_proto(view: RejectedView) -> timeline_pb2.RejectedEvent:
         platform=view.platform,  # type: ignore[arg-type]
         raw_payload_json="" if view.payload is None else json.dumps(view.payload, sort_keys=True),
     )
-    message.receive_time.CopyFrom(stamp(view.receive_time))
+    set_time(message.receive_time, view.receive_time)
     return message
 
 
@@ -670,8 +807,8 @@ def profile_row_to_proto(view: ProfileRowView) -> pb.ProfileRow:
         smart_segment_flag=view.smart_segment_flag,  # type: ignore[arg-type]
     )
     if view.last_seen is not None:
-        message.last_seen_time.CopyFrom(stamp(view.last_seen))
-    message.total_time_spent.CopyFrom(duration_ms(view.time_spent_ms))
+        set_time(message.last_seen_time, view.last_seen)
+    set_duration_ms(message.total_time_spent, view.time_spent_ms)
     return message
 
 
@@ -705,7 +842,7 @@ def overview_to_proto(view: OverviewView) -> overview_pb2.Overview:
         countries=_breakdown(view.countries),
         app_versions=_breakdown(view.app_versions),
     )
-    message.as_of_time.CopyFrom(stamp(view.as_of))
+    set_time(message.as_of_time, view.as_of)
     for rate in view.subscription_rates:
         message.subscription_rates.add(
             channel=CHANNELS[rate.channel],
@@ -731,7 +868,7 @@ def watch_item(
 ) -> pb.WatchProfileResponse:
     """One WatchProfileResponse; `item` names the oneof field set (started=..., event=...)."""
     message = pb.WatchProfileResponse(profile_id=profile_id, version=version, **item)
-    message.publish_time.CopyFrom(stamp(publish_time))
+    set_time(message.publish_time, publish_time)
     return message
 
 

@@ -16,7 +16,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, cast
 from uuid import UUID
 
@@ -32,18 +32,19 @@ from services.query.views import (
     IdentityChangeView,
     InstallationView,
     ProfileRowView,
+    ProfileView,
     RejectedView,
     SessionView,
     SmartSegmentView,
     SubscriptionView,
 )
 
-# profiles.common.v1.EventKind numbers, as events.kind stores them.
-KIND_SESSION_START = 2
-KIND_SESSION_HEARTBEAT = 3
-KIND_SESSION_END = 4
-KIND_CRASH = 8
 MAX_BIGINT = 9_223_372_036_854_775_807
+# Keyset positions before the first row of an ascending or descending walk.
+NEG_INFINITY = datetime(1, 1, 1, tzinfo=UTC)
+POS_INFINITY = datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)
+NIL_UUID = UUID(int=0)
+MAX_UUID = UUID(int=(1 << 128) - 1)
 
 # -- lookups ----------------------------------------------------------------------------------
 
@@ -131,13 +132,6 @@ SELECT_LAST_CRASH = """
     ORDER BY event_time DESC, event_seq DESC
     LIMIT 1"""
 
-SELECT_LAST_SESSION_COUNTRY = """
-    SELECT country
-    FROM sessions
-    WHERE project_id = $1 AND profile_id = $2 AND coalesce(country, '') <> ''
-    ORDER BY start_time DESC
-    LIMIT 1"""
-
 # Sessions come from ingest's sessions table (read contract of 0004: one row per session,
 # `closed` says whether it still counts as live), by sessions_by_profile_time.
 SELECT_SESSION_TOTALS = """
@@ -173,33 +167,122 @@ SELECT_SMART_SEGMENT = """
     FROM segment_states
     WHERE project_id = $1 AND profile_id = $2 AND platform = 0"""
 
-# Engagement over segments' session history (0005 segment_sessions: one row per session, kept
-# by segments from the events stream, merged with the profile). Segments documents no
-# per-profile engagement read contract, so query applies segments' formula
-# (services/segments/model.py `engagement`) to the same rows: sessions started in
-# [now - 168 h, now], their count, average duration, and distinct calendar days in the
-# profile's time zone as segments keeps it (segment_profiles.time_zone), else UTC.
-SELECT_ENGAGEMENT = """
-    SELECT count(*) AS session_count, coalesce(avg(s.duration_ms), 0)::float8 AS average_ms,
-           count(DISTINCT (s.start_time AT TIME ZONE coalesce(
-               (SELECT sp.time_zone FROM segment_profiles sp
-                WHERE sp.project_id = $1 AND sp.profile_id = $2), 'UTC'))::date) AS active_days
-    FROM segment_sessions s
-    WHERE s.project_id = $1 AND s.profile_id = $2
-      AND s.start_time >= $3::timestamptz - interval '168 hours' AND s.start_time <= $3"""
+# The whole profile view in one statement, hence one round trip and one snapshot (a single
+# statement needs no transaction to read consistently). {target} resolves the lookup to at most
+# one row (profile_id, resolved_from, holders): the live profile, the merged-away ID looked up,
+# and for an email or phone every holder (up to 11, to tell an ambiguous lookup). The columns
+# are the statements above, correlated on the target profile; lists come back as arrays of
+# anonymous records (asyncpg decodes them to tuples; a jsonb inside one is cast to json, whose
+# binary form is the text the pool's JSON codec reads). $1 project, $2 the
+# looked-up value, $3 now (engagement's window end). No row: nothing found by the lookup; a row
+# with a NULL profile_id: ambiguous, or found but not live.
+PROFILE_VIEW = """
+    WITH target AS ({target})
+    SELECT t.holders, t.resolved_from, p.profile_id, p.custom_id, p.version,
+           s.first_seen, s.last_seen, s.event_count, s.crash_count,
+           (SELECT x.country FROM sessions x
+            WHERE x.project_id = $1 AND x.profile_id = p.profile_id
+              AND coalesce(x.country, '') <> ''
+            ORDER BY x.start_time DESC
+            LIMIT 1) AS last_session_country,
+           ARRAY(
+               SELECT ROW(i.installation_id, i.create_time, d.platform, d.app_version,
+                          d.os_version, d.device_model, d.push_token IS NOT NULL, d.push_opt_in,
+                          d.language, d.timezone, d.uninstalled, d.first_seen, d.last_seen,
+                          d.imported)
+               FROM installations i
+               LEFT JOIN installation_details d
+                   ON d.project_id = i.project_id AND d.installation_id = i.installation_id
+               WHERE i.project_id = $1 AND i.profile_id = p.profile_id
+               ORDER BY d.last_seen DESC NULLS LAST, i.installation_id) AS installations,
+           ARRAY(
+               SELECT ROW(a.native, a.name, a.value::json, a.update_time)
+               FROM profile_attributes a
+               WHERE a.project_id = $1 AND a.profile_id = p.profile_id AND a.value IS NOT NULL
+               ORDER BY a.native DESC, a.name) AS attributes,
+           ARRAY(
+               SELECT ROW(b.channel, b.kind, b.subscribed, b.change_time)
+               FROM profile_subscriptions b
+               WHERE b.project_id = $1 AND b.profile_id = p.profile_id) AS subscriptions,
+           (SELECT ROW(count(*),
+                       coalesce(sum(extract(epoch FROM x.duration) * 1000), 0)::bigint)
+            FROM sessions x
+            WHERE x.project_id = $1 AND x.profile_id = p.profile_id) AS session_totals,
+           CASE WHEN s.crash_count > 0 THEN (
+               SELECT ROW(e.event_id, coalesce(e.installation_id, ''), e.event_time,
+                          coalesce(e.payload ->> 'name', ''), coalesce(e.payload ->> 'reason', ''),
+                          coalesce((e.payload ->> 'fatal')::boolean, false))
+               FROM events e
+               WHERE e.project_id = $1 AND e.profile_id = p.profile_id AND e.kind = 8
+               ORDER BY e.event_time DESC, e.event_seq DESC
+               LIMIT 1) END AS last_crash,
+           ARRAY(
+               SELECT ROW(c.change_id, c.kind, c.cause, c.change_time, c.source_profile_id,
+                          c.target_profile_id, c.installation_ids, c.alias_custom_id)
+               FROM identity_changes c
+               WHERE c.project_id = $1
+                 AND (c.source_profile_id IN (
+                          SELECT p.profile_id UNION ALL
+                          SELECT m.profile_id FROM profiles m
+                          WHERE m.project_id = $1 AND m.merged_into = p.profile_id)
+                      OR c.target_profile_id IN (
+                          SELECT p.profile_id UNION ALL
+                          SELECT m.profile_id FROM profiles m
+                          WHERE m.project_id = $1 AND m.merged_into = p.profile_id))
+               ORDER BY c.change_time DESC, c.change_id DESC
+               LIMIT $4) AS identity_changes,
+           g.segment, g.flag, g.next_transition_time, g.upcoming_times, g.upcoming_segments,
+           g.upcoming_flags,
+           (SELECT ROW(count(*), coalesce(avg(x.duration_ms), 0)::float8,
+                       count(DISTINCT (x.start_time AT TIME ZONE coalesce(
+                           (SELECT sp.time_zone FROM segment_profiles sp
+                            WHERE sp.project_id = $1 AND sp.profile_id = p.profile_id),
+                           'UTC'))::date))
+            FROM segment_sessions x
+            WHERE x.project_id = $1 AND x.profile_id = p.profile_id
+              AND x.start_time >= $3::timestamptz - interval '168 hours'
+              AND x.start_time <= $3::timestamptz) AS engagement
+    FROM target t
+    LEFT JOIN profiles p
+        ON p.project_id = $1 AND p.profile_id = t.profile_id AND p.merged_into IS NULL
+    LEFT JOIN LATERAL (
+        SELECT min(e.event_time) AS first_seen, max(e.event_time) AS last_seen,
+               count(*) AS event_count, count(*) FILTER (WHERE e.kind = 8) AS crash_count
+        FROM events e
+        WHERE e.project_id = $1 AND e.profile_id = p.profile_id
+    ) s ON true
+    -- Columns, not a record: asyncpg decodes a record's arrays only of types it already knows.
+    LEFT JOIN segment_states g
+        ON g.project_id = $1 AND g.profile_id = p.profile_id AND g.platform = 0"""
+
+# The lookups above, shaped as PROFILE_VIEW's target.
+PROFILE_VIEW_TARGETS = {
+    "profile_id": """
+        SELECT coalesce(merged_into, profile_id) AS profile_id,
+               CASE WHEN merged_into IS NOT NULL THEN profile_id END AS resolved_from,
+               NULL::uuid[] AS holders
+        FROM profiles
+        WHERE project_id = $1 AND profile_id = $2::uuid""",
+    "custom_id": f"""
+        SELECT r.profile_id, NULL::uuid AS resolved_from, NULL::uuid[] AS holders
+        FROM ({RESOLVE_CUSTOM_ID}) r""",
+    "installation_id": f"""
+        SELECT r.profile_id, NULL::uuid AS resolved_from, NULL::uuid[] AS holders
+        FROM ({RESOLVE_INSTALLATION}) r""",
+    **{
+        name: f"""
+        SELECT CASE WHEN cardinality(h.ids) = 1 THEN h.ids[1] END AS profile_id,
+               NULL::uuid AS resolved_from, h.ids AS holders
+        FROM (SELECT ARRAY({RESOLVE_NATIVE_VALUE.replace("$2", f"'{name}'").replace("$3", "$2")})
+              AS ids) h"""
+        for name in ("email", "phone")
+    },
+}
+PROFILE_VIEW_BY_LOOKUP = {
+    kind: PROFILE_VIEW.format(target=target) for kind, target in PROFILE_VIEW_TARGETS.items()
+}
 
 # -- timelines --------------------------------------------------------------------------------
-
-# The snapshot the first page fixes: the newest event_seq of the project (a backward scan of
-# the primary key) and the newest identity change of the profile. Later pages read nothing
-# newer, so events arriving while a client pages cause no repeats and no gaps.
-SELECT_TIMELINE_SNAPSHOT = f"""
-    WITH ids AS ({PROFILE_AND_TOMBSTONES})
-    SELECT (SELECT coalesce(max(event_seq), 0) FROM events WHERE project_id = $1) AS max_seq,
-           (SELECT max(change_time) FROM identity_changes c
-            WHERE c.project_id = $1
-              AND (c.source_profile_id IN (SELECT id FROM ids)
-                   OR c.target_profile_id IN (SELECT id FROM ids))) AS max_change_time"""
 
 # Keyset paging on events_by_profile_time: the row comparison continues strictly after the
 # last row of the previous page (the first page passes 'infinity'), so the index is entered at
@@ -236,6 +319,91 @@ SELECT_CHANGES_PAGE = f"""
       AND c.change_time >= $7 AND c.change_time < $8
     ORDER BY c.change_time DESC, c.change_id DESC
     LIMIT $9"""
+
+# A page of the timeline in one statement (one round trip, one snapshot): the live profile ($2
+# or its survivor), the snapshot a first page fixes (newest event_seq of the project, newest
+# identity change of the profile: asked for by $16), the events page (SELECT_EVENTS_PAGE; no
+# kinds, no scan), the merges and splits page (SELECT_CHANGES_PAGE; skipped without kinds or
+# bound) and, when $17 asks and the profile has any identity change, what tells which
+# profile each event was first attached to: the newest changes and the current profile of
+# each installation on the page. Lists are arrays of anonymous records (payload cast to json,
+# whose binary form is the text the pool's JSON codec reads); the service orders them. No row:
+# no such live profile.
+SELECT_TIMELINE_PAGE = """
+    WITH live AS (
+        SELECT coalesce(merged_into, profile_id) AS profile_id FROM profiles
+        WHERE project_id = $1 AND profile_id = $2
+    ),
+    ids AS (
+        SELECT profile_id AS id FROM live
+        UNION ALL
+        SELECT m.profile_id FROM profiles m
+        WHERE m.project_id = $1 AND m.merged_into = (SELECT profile_id FROM live)
+    ),
+    changed AS (
+        SELECT max(c.change_time) AS max_change_time FROM identity_changes c
+        WHERE c.project_id = $1
+          AND (c.source_profile_id IN (SELECT id FROM ids)
+               OR c.target_profile_id IN (SELECT id FROM ids))
+    ),
+    page AS (
+        SELECT e.event_seq, e.event_id, e.kind, e.event_time, e.receive_time,
+               coalesce(e.installation_id, '') AS installation_id,
+               coalesce(e.session_id, '') AS session_id, e.platform, e.payload::json AS payload,
+               e.imported
+        FROM events e
+        WHERE e.project_id = $1 AND e.profile_id = (SELECT profile_id FROM live)
+          AND cardinality($8::smallint[]) > 0
+          AND e.event_seq <= $3
+          AND (e.event_time, e.event_seq) < ($4::timestamptz, $5::bigint)
+          AND e.event_time >= $6 AND e.event_time < $7
+          AND e.kind = ANY($8::smallint[])
+          AND (cardinality($9::text[]) = 0 OR e.name = ANY($9::text[]))
+          AND ($10::text = '' OR e.session_id = $10)
+          AND e.payload IS NOT NULL
+        ORDER BY e.event_time DESC, e.event_seq DESC
+        LIMIT $11
+    ),
+    attributed AS (
+        SELECT $17::boolean AND EXISTS (SELECT 1 FROM page)
+               AND (SELECT max_change_time FROM changed) IS NOT NULL AS wanted
+    )
+    SELECT l.profile_id,
+           CASE WHEN $16::boolean THEN
+               (SELECT coalesce(max(event_seq), 0) FROM events WHERE project_id = $1)
+           END AS max_seq,
+           (SELECT max_change_time FROM changed) AS max_change_time,
+           ARRAY(SELECT ROW(page.*) FROM page) AS events,
+           ARRAY(
+               SELECT ROW(c.change_id, c.kind, c.cause, c.change_time, c.source_profile_id,
+                          c.target_profile_id, c.installation_ids, c.alias_custom_id)
+               FROM identity_changes c
+               WHERE c.project_id = $1
+                 AND cardinality($12::text[]) > 0 AND $13::timestamptz IS NOT NULL
+                 AND (c.source_profile_id IN (SELECT id FROM ids)
+                      OR c.target_profile_id IN (SELECT id FROM ids))
+                 AND c.kind = ANY($12::text[])
+                 AND c.change_time <= $13
+                 AND (c.change_time, c.change_id) < ($14::timestamptz, $15::uuid)
+                 AND c.change_time >= $6 AND c.change_time < $7
+               ORDER BY c.change_time DESC, c.change_id DESC
+               LIMIT $11) AS changes,
+           ARRAY(
+               SELECT ROW(c.change_id, c.kind, c.cause, c.change_time, c.source_profile_id,
+                          c.target_profile_id, c.installation_ids, c.alias_custom_id)
+               FROM identity_changes c
+               WHERE c.project_id = $1 AND (SELECT wanted FROM attributed)
+                 AND (c.source_profile_id IN (SELECT id FROM ids)
+                      OR c.target_profile_id IN (SELECT id FROM ids))
+               ORDER BY c.change_time DESC, c.change_id DESC
+               LIMIT $18) AS attribution_changes,
+           ARRAY(
+               SELECT ROW(i.installation_id, i.profile_id)
+               FROM installations i
+               WHERE i.project_id = $1 AND (SELECT wanted FROM attributed)
+                 AND i.installation_id IN (SELECT installation_id FROM page)
+           ) AS installation_profiles
+    FROM live l"""
 
 # The snapshot of a session history: its newest start when the first page was read (sessions
 # have no arrival sequence; one that starts later is not in the pages of this listing).
@@ -304,55 +472,23 @@ SELECT_REJECTED_PAGE = """
 
 # -- the users table --------------------------------------------------------------------------
 
-# Direct SQL over live profiles: each row's columns come from lateral reads of its events,
-# installations and attributes, so the figures are exact as of the read but the cost grows
-# with the project (a projection fed by the bus is the planned replacement, see the report).
-# The sort key is one bigint, ascending: the requested column (last seen in microseconds,
-# sessions, time spent in ms), negated for a descending order, and the largest bigint for a
-# profile never seen, so it sorts last in both directions; ties by profile_id. Filters that are
-# not asked for are constants (0, '') so one statement serves every combination.
-PROFILE_ROWS_FRAGMENT = """
-    SELECT p.profile_id, coalesce(p.custom_id, '') AS custom_id,
-           coalesce(fn.value ->> 'value', '') AS first_name,
-           coalesce(ln.value ->> 'value', '') AS last_name,
-           coalesce(dev.device_model, '') AS device_model,
-           coalesce(dev.platform, 0)::int AS platform,
-           ls.last_seen, coalesce(ss.session_count, 0) AS session_count,
-           coalesce(ss.time_spent_ms, 0) AS time_spent_ms,
-           coalesce(lc.country, '') AS country,
+# The users table reads query's projection (query_profiles, 0006): one row per live profile
+# with the table's columns, kept by the rollup consumer (so it lags writes by the bus lag), and
+# indexed per sort key. A page walks one index from the keyset position, (value, profile_id)
+# ascending or both descending, so its cost is the page, not the project. A profile never seen
+# (last_seen NULL) sorts last in both directions, by profile_id: the second branch of the
+# UNION ALL, read only when the first ends short ($8: the position is already among them, $11
+# the profile_id after which they continue). The smart segment comes from segments' stored state
+# as of $2 (as in SELECT_PROFILE_VIEW). Filters not asked for are constants (0, ''), so one
+# statement per sort order serves every combination.
+PROFILE_ROWS_FROM = """
+    SELECT q.profile_id, coalesce(q.custom_id, '') AS custom_id,
+           coalesce(q.first_name, '') AS first_name, coalesce(q.last_name, '') AS last_name,
+           coalesce(q.device_model, '') AS device_model, q.device_platform::int AS platform,
+           q.last_seen, q.session_count, q.time_spent_ms, coalesce(q.country, '') AS country,
            coalesce(sg.segment, 0)::int AS smart_segment,
-           coalesce(sg.flag, 0)::int AS smart_segment_flag
-    FROM profiles p
-    LEFT JOIN profile_attributes fn ON fn.project_id = p.project_id
-        AND fn.profile_id = p.profile_id AND fn.native AND fn.name = 'first_name'
-    LEFT JOIN profile_attributes ln ON ln.project_id = p.project_id
-        AND ln.profile_id = p.profile_id AND ln.native AND ln.name = 'last_name'
-    LEFT JOIN LATERAL (
-        SELECT d.device_model, d.platform
-        FROM installations i
-        JOIN installation_details d
-            ON d.project_id = i.project_id AND d.installation_id = i.installation_id
-        WHERE i.project_id = p.project_id AND i.profile_id = p.profile_id
-        ORDER BY d.last_seen DESC, i.installation_id
-        LIMIT 1
-    ) dev ON true
-    LEFT JOIN LATERAL (
-        SELECT max(e.event_time) AS last_seen FROM events e
-        WHERE e.project_id = p.project_id AND e.profile_id = p.profile_id
-    ) ls ON true
-    LEFT JOIN LATERAL (
-        SELECT count(*) AS session_count,
-               coalesce(sum(extract(epoch FROM s.duration) * 1000), 0)::bigint AS time_spent_ms
-        FROM sessions s
-        WHERE s.project_id = p.project_id AND s.profile_id = p.profile_id
-    ) ss ON true
-    LEFT JOIN LATERAL (
-        SELECT s.country FROM sessions s
-        WHERE s.project_id = p.project_id AND s.profile_id = p.profile_id
-          AND coalesce(s.country, '') <> ''
-        ORDER BY s.start_time DESC
-        LIMIT 1
-    ) lc ON true
+           coalesce(sg.flag, 0)::int AS smart_segment_flag, q.{column} AS sort_value
+    FROM query_profiles q
     LEFT JOIN LATERAL (
         SELECT CASE WHEN s.next_transition_time > $2 THEN s.segment ELSE u.segment END AS segment,
                CASE WHEN s.next_transition_time > $2 THEN s.flag ELSE u.flag END AS flag
@@ -365,46 +501,47 @@ PROFILE_ROWS_FRAGMENT = """
             ORDER BY x.step_time DESC
             LIMIT 1
         ) u ON true
-        WHERE s.project_id = p.project_id AND s.profile_id = p.profile_id AND s.platform = 0
+        WHERE s.project_id = q.project_id AND s.profile_id = q.profile_id AND s.platform = 0
     ) sg ON true
-    WHERE p.project_id = $1 AND p.merged_into IS NULL
-      AND ($3 = 0
-           OR ($3 = 1 AND p.custom_id IS NOT NULL)
-           OR ($3 = 2 AND p.custom_id IS NULL)
-           OR ($3 = 3 AND EXISTS (
-                SELECT 1 FROM profile_attributes a
-                WHERE a.project_id = p.project_id AND a.profile_id = p.profile_id AND a.native
-                  AND a.name IN ('first_name', 'last_name', 'email', 'phone')
-                  AND a.value IS NOT NULL)))
-      AND ($4 = 0 OR EXISTS (
-            SELECT 1 FROM installations i
-            JOIN installation_details d
-                ON d.project_id = i.project_id AND d.installation_id = i.installation_id
-            WHERE i.project_id = p.project_id AND i.profile_id = p.profile_id
-              AND d.platform = $4))"""
+    WHERE q.project_id = $1
+      AND ($3::int = 0
+           OR ($3 = 1 AND q.identified)
+           OR ($3 = 2 AND NOT q.identified)
+           OR ($3 = 3 AND q.has_details))
+      AND ($4::int = 0 OR $4::smallint = ANY(q.platforms))
+      AND ($5::text = '' OR q.country = $5)
+      AND ($6::int = 0 OR coalesce(sg.segment, 0) = $6)
+      AND ($7::int = 0 OR coalesce(sg.flag, 0) = $7)"""
 
-SELECT_PROFILE_ROWS_PAGE = f"""
-    WITH r AS ({PROFILE_ROWS_FRAGMENT}),
-    k AS (
-        SELECT r.*,
-               CASE WHEN v.value IS NULL THEN {MAX_BIGINT}
-                    WHEN $8 THEN v.value ELSE -v.value END AS sort_key
-        FROM r
-        CROSS JOIN LATERAL (
-            SELECT CASE $7::int
-                       WHEN 1 THEN (extract(epoch FROM r.last_seen) * 1000000)::bigint
-                       WHEN 2 THEN r.session_count
-                       ELSE r.time_spent_ms
-                   END AS value
-        ) v
-        WHERE ($5 = '' OR r.country = $5)
-          AND ($6::int = 0 OR r.smart_segment = $6)
-          AND ($9::int = 0 OR r.smart_segment_flag = $9)
-    )
-    SELECT * FROM k
-    WHERE (k.sort_key, k.profile_id) > ($10::bigint, $11::uuid)
-    ORDER BY k.sort_key, k.profile_id
+PROFILE_ROWS_PAGE = f"""
+    (SELECT * FROM ({PROFILE_ROWS_FROM}
+          AND NOT $8::boolean AND q.{{column}} IS NOT NULL
+          AND (q.{{column}}, q.profile_id) {{compare}} ($9::{{type}}, $10::uuid)
+        ORDER BY q.{{column}} {{direction}}, q.profile_id {{direction}}
+        LIMIT $12) seen)
+    UNION ALL
+    (SELECT * FROM ({PROFILE_ROWS_FROM}
+          AND q.{{column}} IS NULL AND q.profile_id > $11::uuid
+        ORDER BY q.profile_id
+        LIMIT $12) unseen)
     LIMIT $12"""
+
+# ProfileOrderBy -> the projection's column and its type.
+PROFILE_SORT_COLUMNS = {
+    1: ("last_seen", "timestamptz"),
+    2: ("session_count", "bigint"),
+    3: ("time_spent_ms", "bigint"),
+}
+SELECT_PROFILE_ROWS_PAGE = {
+    (order_by, ascending): PROFILE_ROWS_PAGE.format(
+        column=column,
+        type=type_name,
+        compare=">" if ascending else "<",
+        direction="ASC" if ascending else "DESC",
+    )
+    for order_by, (column, type_name) in PROFILE_SORT_COLUMNS.items()
+    for ascending in (True, False)
+}
 
 # -- the overview -----------------------------------------------------------------------------
 
@@ -619,6 +756,33 @@ UNAVAILABLE: tuple[type[Exception], ...] = (
 
 
 @dataclass(frozen=True, slots=True)
+class ProfileRead:
+    """What PROFILE_VIEW read: `view` is None when the lookup found no live profile (or several
+    holders); engagement is left to the service, which applies segments' formula to
+    `engagement_inputs` (sessions, average duration in ms, active days)."""
+
+    holders: tuple[UUID, ...]
+    resolved_from: UUID | None
+    view: ProfileView | None
+    engagement_inputs: tuple[int, float, int]
+
+
+@dataclass(frozen=True, slots=True)
+class TimelineRead:
+    """What SELECT_TIMELINE_PAGE read: the live profile, the snapshot's newest event_seq and
+    identity change time, a page of events and of changes, and what attributes the events
+    (empty unless asked for and the profile has identity changes)."""
+
+    profile_id: UUID
+    max_seq: int
+    max_change_time: datetime | None
+    events: list[EventView]
+    changes: list[IdentityChangeView]
+    attribution_changes: list[IdentityChangeView]
+    installation_profiles: dict[str, UUID]
+
+
+@dataclass(frozen=True, slots=True)
 class SessionTotals:
     session_count: int
     total_time_ms: int
@@ -628,34 +792,55 @@ def _text(value: str | None) -> str:
     return value or ""
 
 
-def _change(r: asyncpg.Record) -> IdentityChangeView:
+def _smart_segment(state: Sequence[Any] | asyncpg.Record, now: datetime) -> SmartSegmentView:
+    """Segments' stored state (SELECT_SMART_SEGMENT's columns, in their order) as of `now`:
+    the scheduled time-only transitions already due are applied (the same rule as
+    segment_distribution() in 0005)."""
+    segment, flag, stored_next, upcoming_times, upcoming_segments, upcoming_flags = state
+    next_time = None
+    for step_time, step_segment, step_flag in sorted(
+        zip(upcoming_times, upcoming_segments, upcoming_flags, strict=True)
+    ):
+        if step_time <= now:
+            segment, flag = step_segment, step_flag
+        elif next_time is None:
+            next_time = step_time
+    # 'infinity' (no transition ahead) reads back as datetime.max.
+    if next_time is None and stored_next.year < 9999 and stored_next > now:
+        next_time = stored_next
+    return SmartSegmentView(segment, flag, next_time)
+
+
+def _change(c: Sequence[Any] | asyncpg.Record) -> IdentityChangeView:
+    """An identity change from a record of SELECT_IDENTITY_CHANGES's columns, in their order."""
     return IdentityChangeView(
-        change_id=r["change_id"],
-        kind=r["kind"],
-        cause=r["cause"],
-        change_time=r["change_time"],
-        source_profile_id=r["source_profile_id"],
-        target_profile_id=r["target_profile_id"],
-        installation_ids=tuple(r["installation_ids"]),
-        alias_custom_id=_text(r["alias_custom_id"]),
+        change_id=c[0],
+        kind=c[1],
+        cause=c[2],
+        change_time=c[3],
+        source_profile_id=c[4],
+        target_profile_id=c[5],
+        installation_ids=tuple(c[6]),
+        alias_custom_id=c[7] or "",
     )
 
 
-def _installation(r: asyncpg.Record) -> InstallationView:
+def _installation(r: Sequence[Any] | asyncpg.Record) -> InstallationView:
+    """An installation from a record of SELECT_INSTALLATIONS's columns, in their order."""
     return InstallationView(
-        installation_id=r["installation_id"],
-        platform=r["platform"] or 0,
-        app_version=_text(r["app_version"]),
-        os_version=_text(r["os_version"]),
-        device_model=_text(r["device_model"]),
-        push_token_present=bool(r["push_token_present"]),
-        push_opt_in=bool(r["push_opt_in"]),
-        language=_text(r["language"]),
-        timezone=_text(r["timezone"]),
-        first_seen=r["first_seen"] or r["create_time"],
-        last_seen=r["last_seen"],
-        uninstalled=bool(r["uninstalled"]),
-        imported=bool(r["imported"]),
+        installation_id=r[0],
+        platform=r[2] or 0,
+        app_version=r[3] or "",
+        os_version=r[4] or "",
+        device_model=r[5] or "",
+        push_token_present=bool(r[6]),
+        push_opt_in=bool(r[7]),
+        language=r[8] or "",
+        timezone=r[9] or "",
+        first_seen=r[11] or r[1],
+        last_seen=r[12],
+        uninstalled=bool(r[10]),
+        imported=bool(r[13]),
     )
 
 
@@ -806,17 +991,6 @@ class QueryReads:
         row = await self._conn.fetchrow(RESOLVE_PROFILE_ID, project_id, profile_id)
         return None if row is None else (row["profile_id"], row["merged"])
 
-    async def resolve_custom_id(self, project_id: UUID, custom_id: str) -> UUID | None:
-        return cast(
-            UUID | None, await self._conn.fetchval(RESOLVE_CUSTOM_ID, project_id, custom_id)
-        )
-
-    async def resolve_installation(self, project_id: UUID, installation_id: str) -> UUID | None:
-        return cast(
-            UUID | None,
-            await self._conn.fetchval(RESOLVE_INSTALLATION, project_id, installation_id),
-        )
-
     async def installation_profiles(
         self, project_id: UUID, installation_ids: Sequence[str]
     ) -> dict[str, UUID]:
@@ -825,11 +999,59 @@ class QueryReads:
         )
         return {r["installation_id"]: r["profile_id"] for r in rows}
 
-    async def resolve_native_value(self, project_id: UUID, name: str, value: str) -> list[UUID]:
-        rows = await self._conn.fetch(RESOLVE_NATIVE_VALUE, project_id, name, value)
-        return [r["profile_id"] for r in rows]
-
     # -- the profile view
+
+    async def profile_view(
+        self, project_id: UUID, kind: str, value: str | UUID, now: datetime, max_changes: int
+    ) -> ProfileRead | None:
+        """The view of the profile a lookup (`kind`: profile_id, custom_id, email, phone,
+        installation_id) names, in one statement; None when the lookup found nothing."""
+        r = await self._conn.fetchrow(
+            PROFILE_VIEW_BY_LOOKUP[kind], project_id, value, now, max_changes
+        )
+        if r is None:
+            return None
+        holders = tuple(r["holders"] or ())
+        engagement_inputs = r["engagement"] or (0, 0.0, 0)
+        if r["profile_id"] is None:
+            return ProfileRead(holders, r["resolved_from"], None, engagement_inputs)
+        session_count, total_time_ms = r["session_totals"]
+        crash = r["last_crash"]
+        view = ProfileView(
+            profile_id=r["profile_id"],
+            custom_id=r["custom_id"] or "",
+            version=r["version"],
+            first_seen=r["first_seen"],
+            last_seen=r["last_seen"],
+            last_session_country=_text(r["last_session_country"]),
+            installations=tuple(_installation(i) for i in r["installations"]),
+            attributes=tuple(AttributeView(*a) for a in r["attributes"]),
+            subscriptions=tuple(SubscriptionView(*b) for b in r["subscriptions"]),
+            counters=CountersView(
+                event_count=r["event_count"],
+                crash_count=r["crash_count"],
+                session_count=session_count,
+                total_time_ms=total_time_ms,
+                last_crash=None if crash is None else CrashView(*crash),
+            ),
+            identity_changes=tuple(_change(c) for c in r["identity_changes"]),
+            smart_segment=(
+                None
+                if r["segment"] is None
+                else _smart_segment(
+                    (
+                        r["segment"],
+                        r["flag"],
+                        r["next_transition_time"],
+                        r["upcoming_times"],
+                        r["upcoming_segments"],
+                        r["upcoming_flags"],
+                    ),
+                    now,
+                )
+            ),
+        )
+        return ProfileRead(holders, r["resolved_from"], view, engagement_inputs)
 
     async def profile(self, project_id: UUID, profile_id: UUID) -> asyncpg.Record | None:
         return await self._conn.fetchrow(SELECT_PROFILE, project_id, profile_id)
@@ -887,19 +1109,10 @@ class QueryReads:
             fatal=bool(payload.get("fatal", False)),
         )
 
-    async def last_session_country(self, project_id: UUID, profile_id: UUID) -> str:
-        return _text(await self._conn.fetchval(SELECT_LAST_SESSION_COUNTRY, project_id, profile_id))
-
     async def session_totals(self, project_id: UUID, profile_id: UUID) -> SessionTotals:
         r = await self._conn.fetchrow(SELECT_SESSION_TOTALS, project_id, profile_id)
         assert r is not None
         return SessionTotals(r["session_count"], r["total_time_ms"])
-
-    async def identity_changes(
-        self, project_id: UUID, profile_id: UUID, limit: int
-    ) -> tuple[IdentityChangeView, ...]:
-        rows = await self._conn.fetch(SELECT_IDENTITY_CHANGES, project_id, profile_id, limit)
-        return tuple(_change(r) for r in rows)
 
     async def smart_segment(
         self, project_id: UUID, profile_id: UUID, now: datetime
@@ -907,56 +1120,16 @@ class QueryReads:
         r = await self._conn.fetchrow(SELECT_SMART_SEGMENT, project_id, profile_id)
         if r is None:
             return None
-        segment, flag = r["segment"], r["flag"]
-        upcoming = list(
-            zip(r["upcoming_times"], r["upcoming_segments"], r["upcoming_flags"], strict=True)
-        )
-        next_time = None
-        for step_time, step_segment, step_flag in sorted(upcoming):
-            if step_time <= now:
-                segment, flag = step_segment, step_flag
-            elif next_time is None:
-                next_time = step_time
-        stored_next = r["next_transition_time"]
-        # 'infinity' (no transition ahead) reads back as datetime.max.
-        if next_time is None and stored_next.year < 9999 and stored_next > now:
-            next_time = stored_next
-        return SmartSegmentView(segment, flag, next_time)
-
-    async def engagement_inputs(
-        self, project_id: UUID, profile_id: UUID, now: datetime
-    ) -> tuple[int, float, int]:
-        """(sessions, average duration in ms, active days) over the 168 h before `now`."""
-        r = await self._conn.fetchrow(SELECT_ENGAGEMENT, project_id, profile_id, now)
-        assert r is not None
-        return r["session_count"], r["average_ms"], r["active_days"]
-
-    async def counters(
-        self, project_id: UUID, profile_id: UUID, event_count: int, crash_count: int
-    ) -> CountersView:
-        totals = await self.session_totals(project_id, profile_id)
-        return CountersView(
-            event_count=event_count,
-            crash_count=crash_count,
-            session_count=totals.session_count,
-            total_time_ms=totals.total_time_ms,
-            last_crash=await self.last_crash(project_id, profile_id) if crash_count else None,
-        )
+        return _smart_segment(r, now)
 
     # -- timelines
 
-    async def timeline_snapshot(
-        self, project_id: UUID, profile_id: UUID
-    ) -> tuple[int, datetime | None]:
-        r = await self._conn.fetchrow(SELECT_TIMELINE_SNAPSHOT, project_id, profile_id)
-        assert r is not None
-        return r["max_seq"], r["max_change_time"]
-
-    async def events_page(
+    async def timeline_page(
         self,
         project_id: UUID,
         profile_id: UUID,
         *,
+        first_page: bool,
         max_seq: int,
         after: tuple[datetime, int],
         start: datetime,
@@ -965,9 +1138,17 @@ class QueryReads:
         names: Sequence[str],
         session_id: str,
         limit: int,
-    ) -> list[EventView]:
-        rows = await self._conn.fetch(
-            SELECT_EVENTS_PAGE,
+        change_kinds: Sequence[str],
+        max_change_time: datetime | None,
+        change_after: tuple[datetime, UUID],
+        attribute: bool,
+        max_attributed: int,
+    ) -> TimelineRead | None:
+        """A page of events and of identity changes (SELECT_TIMELINE_PAGE), unordered; None
+        when the profile is not found. `first_page` reads the snapshot's max_seq; the changes
+        page is read when `change_kinds` and `max_change_time` (its upper bound) are given."""
+        r = await self._conn.fetchrow(
+            SELECT_TIMELINE_PAGE,
             project_id,
             profile_id,
             max_seq,
@@ -979,48 +1160,25 @@ class QueryReads:
             list(names),
             session_id,
             limit,
-        )
-        return [
-            EventView(
-                event_seq=r["event_seq"],
-                event_id=r["event_id"],
-                kind=r["kind"],
-                event_time=r["event_time"],
-                receive_time=r["receive_time"],
-                installation_id=r["installation_id"],
-                session_id=r["session_id"],
-                platform=r["platform"],
-                payload=r["payload"],
-                imported=r["imported"],
-            )
-            for r in rows
-        ]
-
-    async def changes_page(
-        self,
-        project_id: UUID,
-        profile_id: UUID,
-        *,
-        kinds: Sequence[str],
-        max_change_time: datetime,
-        after: tuple[datetime, UUID],
-        start: datetime,
-        end: datetime,
-        limit: int,
-    ) -> list[IdentityChangeView]:
-        rows = await self._conn.fetch(
-            SELECT_CHANGES_PAGE,
-            project_id,
-            profile_id,
-            list(kinds),
+            list(change_kinds),
             max_change_time,
-            after[0],
-            after[1],
-            start,
-            end,
-            limit,
+            change_after[0],
+            change_after[1],
+            first_page,
+            attribute,
+            max_attributed,
         )
-        return [_change(r) for r in rows]
+        if r is None:
+            return None
+        return TimelineRead(
+            profile_id=r["profile_id"],
+            max_seq=r["max_seq"] if first_page else max_seq,
+            max_change_time=r["max_change_time"],
+            events=[EventView(*e) for e in r["events"]],
+            changes=[_change(c) for c in r["changes"]],
+            attribution_changes=[_change(c) for c in r["attribution_changes"]],
+            installation_profiles=dict(r["installation_profiles"]),
+        )
 
     async def now(self) -> datetime:
         return cast(datetime, await self._conn.fetchval(SELECT_NOW))
@@ -1141,27 +1299,42 @@ class QueryReads:
         smart_segment_flag: int,
         order_by: int,
         ascending: bool,
-        after: tuple[int, UUID],
+        after: tuple[int | datetime | None, UUID] | None,
         limit: int,
-    ) -> list[tuple[int, ProfileRowView]]:
+    ) -> list[tuple[int | datetime | None, ProfileRowView]]:
+        """A page of the users table after `after` (sort value, None for a profile never seen;
+        profile ID), or from the start; each row with its sort value."""
+        column_type = PROFILE_SORT_COLUMNS[order_by][1]
+        in_unseen = after is not None and after[0] is None
+        start: tuple[int | datetime | None, UUID]
+        if after is None or in_unseen:
+            value: int | datetime | None
+            if column_type == "timestamptz":
+                value = NEG_INFINITY if ascending else POS_INFINITY
+            else:
+                value = -MAX_BIGINT - 1 if ascending else MAX_BIGINT
+            start = (value, NIL_UUID if ascending else MAX_UUID)
+        else:
+            start = after
+        unseen_after = after[1] if after is not None and in_unseen else NIL_UUID
         rows = await self._conn.fetch(
-            SELECT_PROFILE_ROWS_PAGE,
+            SELECT_PROFILE_ROWS_PAGE[(order_by, ascending)],
             project_id,
             now,
             identity_filter,
             platform,
             country,
             smart_segment,
-            order_by,
-            ascending,
             smart_segment_flag,
-            after[0],
-            after[1],
+            in_unseen,
+            start[0],
+            start[1],
+            unseen_after,
             limit,
         )
         return [
             (
-                r["sort_key"],
+                r["sort_value"],
                 ProfileRowView(
                     profile_id=r["profile_id"],
                     custom_id=r["custom_id"],

@@ -14,7 +14,15 @@ from zoneinfo import ZoneInfo
 from profiles.common.v1 import types_pb2
 from services.query import paging, rollup
 from services.query.errors import AmbiguousLookup, ProfileNotFound, SegmentNotFound
-from services.query.repository import MAX_BIGINT, QueryReads, QueryRepository
+from services.query.repository import (
+    MAX_BIGINT,
+    MAX_UUID,
+    NEG_INFINITY,
+    NIL_UUID,
+    POS_INFINITY,
+    QueryReads,
+    QueryRepository,
+)
 from services.query.views import (
     BreakdownView,
     DayView,
@@ -42,10 +50,6 @@ MAX_ATTRIBUTED = 1000
 # AMBIGUOUS_LOOKUP names at most this many profiles.
 MAX_AMBIGUOUS_IDS = 10
 
-NEG_INFINITY = datetime(1, 1, 1, tzinfo=UTC)
-POS_INFINITY = datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)
-NIL_UUID = UUID(int=0)
-MAX_UUID = UUID(int=(1 << 128) - 1)
 
 # TimelineEventKind -> the EventKind numbers stored in events.kind.
 EVENT_KINDS_OF: dict[int, tuple[int, ...]] = {
@@ -150,66 +154,30 @@ class QueryService:
     # -- GetProfile --------------------------------------------------------------------------
 
     async def get_profile(self, project_id: UUID, lookup: Lookup) -> tuple[ProfileView, Resolved]:
-        """The full view of the profile `lookup` names, read in one snapshot. Raises
-        ProfileNotFound, AmbiguousLookup (an email or phone held by several profiles)."""
-        async with self._repository.snapshot() as reads:
-            resolved = await self._resolve(reads, project_id, lookup)
-            view = await self._profile_view(reads, project_id, resolved.profile_id)
-        return view, resolved
-
-    async def _resolve(self, reads: QueryReads, project_id: UUID, lookup: Lookup) -> Resolved:
-        if lookup.kind == "profile_id":
-            found = await reads.profile_exists(project_id, UUID(lookup.value))
-            if found is None:
-                raise _not_found()
-            live, merged = found
-            return Resolved(live, UUID(lookup.value) if merged else None)
-        if lookup.kind == "custom_id":
-            profile_id = await reads.resolve_custom_id(project_id, lookup.value)
-        elif lookup.kind == "installation_id":
-            profile_id = await reads.resolve_installation(project_id, lookup.value)
-        else:
-            holders = await reads.resolve_native_value(project_id, lookup.kind, lookup.value)
-            if len(holders) > 1:
-                shown = ",".join(str(h) for h in holders[:MAX_AMBIGUOUS_IDS])
-                raise AmbiguousLookup(
-                    f"{len(holders) if len(holders) <= MAX_AMBIGUOUS_IDS else 'over 10'} "
-                    f"profiles have this {lookup.kind}; look one up by profile ID",
-                    metadata={"profile_ids": shown, "field": lookup.kind},
-                )
-            profile_id = holders[0] if holders else None
-        if profile_id is None:
-            raise _not_found()
-        return Resolved(profile_id)
-
-    async def _profile_view(
-        self, reads: QueryReads, project_id: UUID, profile_id: UUID
-    ) -> ProfileView:
-        row = await reads.profile(project_id, profile_id)
-        if row is None:
-            raise _not_found()
+        """The full view of the profile `lookup` names, read by one statement (one round trip,
+        one snapshot) from the source tables, so it shows every write committed before the
+        call. Raises ProfileNotFound, AmbiguousLookup (an email or phone held by several
+        profiles)."""
         now = self._clock.now()
-        return ProfileView(
-            profile_id=profile_id,
-            custom_id=row["custom_id"] or "",
-            version=row["version"],
-            first_seen=row["first_seen"],
-            last_seen=row["last_seen"],
-            last_session_country=await reads.last_session_country(project_id, profile_id),
-            installations=await reads.installations(project_id, profile_id),
-            attributes=await reads.attributes(project_id, profile_id),
-            subscriptions=await reads.subscriptions(project_id, profile_id),
-            counters=await reads.counters(
-                project_id, profile_id, row["event_count"], row["crash_count"]
-            ),
-            identity_changes=await reads.identity_changes(
-                project_id, profile_id, MAX_IDENTITY_CHANGES
-            ),
-            smart_segment=await reads.smart_segment(project_id, profile_id, now),
-            engagement=engagement(
-                *await reads.engagement_inputs(project_id, profile_id, now), now=now
-            ),
-        )
+        value: str | UUID = UUID(lookup.value) if lookup.kind == "profile_id" else lookup.value
+        async with self._repository.reads() as reads:
+            read = await reads.profile_view(
+                project_id, lookup.kind, value, now, MAX_IDENTITY_CHANGES
+            )
+        if read is None:
+            raise _not_found()
+        holders = read.holders
+        if len(holders) > 1:
+            shown = ",".join(str(h) for h in holders[:MAX_AMBIGUOUS_IDS])
+            raise AmbiguousLookup(
+                f"{len(holders) if len(holders) <= MAX_AMBIGUOUS_IDS else 'over 10'} "
+                f"profiles have this {lookup.kind}; look one up by profile ID",
+                metadata={"profile_ids": shown, "field": lookup.kind},
+            )
+        if read.view is None:
+            raise _not_found()
+        view = replace(read.view, engagement=engagement(*read.engagement_inputs, now=now))
+        return view, Resolved(view.profile_id, read.resolved_from)
 
     async def _live_profile(self, reads: QueryReads, project_id: UUID, profile_id: UUID) -> UUID:
         found = await reads.profile_exists(project_id, profile_id)
@@ -243,65 +211,55 @@ class QueryService:
             change_kinds = []
         start = query.start or NEG_INFINITY
         end = query.end or POS_INFINITY
-        async with self._repository.snapshot() as reads:
-            profile_id = await self._live_profile(reads, project_id, query.profile_id)
-            if query.page_token:
-                position = paging.decode_token(
-                    query.page_token, bound_to, ("t", "k", "s", "c", "ms", "mc")
-                )
-                max_seq = int(position["ms"])
-                max_change = position["mc"]
-                max_change_time = None if max_change is None else from_micros(int(max_change))
-                cursor_time = from_micros(int(position["t"]))
-                cursor_kind = int(position["k"])
-                event_after = (cursor_time, int(position["s"]) if cursor_kind == 0 else MAX_BIGINT)
-                change_after = (
-                    cursor_time,
-                    UUID(str(position["c"])) if cursor_kind == 1 else NIL_UUID,
-                )
-            else:
-                max_seq, max_change_time = await reads.timeline_snapshot(project_id, profile_id)
-                event_after = (POS_INFINITY, MAX_BIGINT)
-                change_after = (POS_INFINITY, MAX_UUID)
-            items: list[TimelineItem] = []
-            if event_kinds:
-                events = await reads.events_page(
-                    project_id,
-                    profile_id,
-                    max_seq=max_seq,
-                    after=event_after,
-                    start=start,
-                    end=end,
-                    kinds=event_kinds,
-                    names=query.names,
-                    session_id=query.session_id,
-                    limit=size + 1,
-                )
-                if events and max_change_time is not None:
-                    # Only a profile with merges or splits holds events first attached to
-                    # another profile.
-                    events = merged_from(
-                        events,
-                        await reads.identity_changes(project_id, profile_id, MAX_ATTRIBUTED),
-                        await reads.installation_profiles(
-                            project_id, sorted({e.installation_id for e in events})
-                        ),
-                        profile_id,
-                    )
-                items.extend(events)
-            if change_kinds and max_change_time is not None:
-                items.extend(
-                    await reads.changes_page(
-                        project_id,
-                        profile_id,
-                        kinds=change_kinds,
-                        max_change_time=max_change_time,
-                        after=change_after,
-                        start=start,
-                        end=end,
-                        limit=size + 1,
-                    )
-                )
+        if query.page_token:
+            position = paging.decode_token(
+                query.page_token, bound_to, ("t", "k", "s", "c", "ms", "mc")
+            )
+            max_seq = int(position["ms"])
+            max_change = position["mc"]
+            bound = None if max_change is None else from_micros(int(max_change))
+            cursor_time = from_micros(int(position["t"]))
+            cursor_kind = int(position["k"])
+            event_after = (cursor_time, int(position["s"]) if cursor_kind == 0 else MAX_BIGINT)
+            change_after = (cursor_time, UUID(str(position["c"])) if cursor_kind == 1 else NIL_UUID)
+        else:
+            # One statement reads the page and fixes the snapshot: nothing newer is visible to
+            # it, so the first page needs no bound.
+            max_seq, bound = MAX_BIGINT, POS_INFINITY
+            event_after = (POS_INFINITY, MAX_BIGINT)
+            change_after = (POS_INFINITY, MAX_UUID)
+        async with self._repository.reads() as reads:
+            read = await reads.timeline_page(
+                project_id,
+                query.profile_id,
+                first_page=not query.page_token,
+                max_seq=max_seq,
+                after=event_after,
+                start=start,
+                end=end,
+                kinds=event_kinds,
+                names=query.names,
+                session_id=query.session_id,
+                limit=size + 1,
+                change_kinds=change_kinds,
+                max_change_time=bound,
+                change_after=change_after,
+                # Only a profile with merges or splits holds events first attached to another
+                # profile (a later page: one that had some when the first page was read).
+                attribute=bound is not None,
+                max_attributed=MAX_ATTRIBUTED,
+            )
+        if read is None:
+            raise _not_found()
+        profile_id = read.profile_id
+        max_seq = read.max_seq
+        max_change_time = read.max_change_time if not query.page_token else bound
+        events = read.events
+        if read.attribution_changes:
+            events = merged_from(
+                events, read.attribution_changes, read.installation_profiles, profile_id
+            )
+        items: list[TimelineItem] = [*events, *read.changes]
         items.sort(key=_timeline_key, reverse=True)
         token = ""
         if len(items) > size:
@@ -435,7 +393,8 @@ class QueryService:
     # -- ListProfiles ------------------------------------------------------------------------
 
     async def list_profiles(self, project_id: UUID, query: ProfilesQuery) -> Page[ProfileRowView]:
-        """A page of the users table. Keyset on (sort value, profile ID): a profile is never
+        """A page of the users table, read from query's projection (it lags writes by the bus
+        lag). Keyset on (sort value, profile ID), profiles never seen last: a profile is never
         repeated, though one whose sort value changes meanwhile may be skipped. Raises
         PageTokenInvalid, SegmentNotFound."""
         size = paging.page_size(query.page_size)
@@ -446,7 +405,8 @@ class QueryService:
                 "no such custom segment in this project", metadata={"field": "segment_id"}
             )
         bound_to = paging.fingerprint(
-            "profiles",
+            # Tokens of the direct-SQL users table (sort keys negated) are not valid here.
+            "profiles-projection",
             project_id,
             query.identity_filter,
             query.smart_segment,
@@ -456,11 +416,14 @@ class QueryService:
             query.order_by,
             query.ascending,
         )
+        after: tuple[int | datetime | None, UUID] | None = None
         if query.page_token:
             position = paging.decode_token(query.page_token, bound_to, ("k", "p"))
-            after = (int(position["k"]), UUID(str(position["p"])))
-        else:
-            after = (-MAX_BIGINT - 1, NIL_UUID)
+            key = position["k"]
+            value: int | datetime | None = None
+            if key is not None:
+                value = from_micros(int(key)) if query.order_by == 1 else int(key)
+            after = (value, UUID(str(position["p"])))
         async with self._repository.reads() as reads:
             rows = await reads.profile_rows_page(
                 project_id,
@@ -478,7 +441,8 @@ class QueryService:
         token = ""
         if len(rows) > size:
             rows = rows[:size]
-            key, last = rows[-1]
+            last_value, last = rows[-1]
+            key = last_value if not isinstance(last_value, datetime) else _micros(last_value)
             token = paging.encode_token(bound_to, {"k": key, "p": str(last.profile_id)})
         return Page(tuple(view for _, view in rows), token)
 

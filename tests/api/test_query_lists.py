@@ -14,6 +14,7 @@ from profiles.common.v1 import types_pb2
 from profiles.ingest.v1 import ingest_service_pb2 as ingest_pb
 from profiles.query.v1 import query_service_pb2 as pb
 from profiles.query.v1 import timeline_pb2
+from services.query import convert
 from tests.api.test_identity_helpers import new_id, violations
 from tests.api.test_query_helpers import (
     NOW,
@@ -306,6 +307,7 @@ async def test_the_users_table_filters_sorts_and_never_repeats(suite: Suite) -> 
         )
     )
     ids = [await suite.identity.profile_of(i) for i in installs]
+    await suite.settle()  # the users table reads query's projection, fed by the bus
 
     async def rows(**fields: Any) -> list[pb.ProfileRow]:
         return await pages(
@@ -333,3 +335,75 @@ async def test_the_users_table_filters_sorts_and_never_repeats(suite: Suite) -> 
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await suite.call("ListProfiles", pb.ListProfilesRequest(segment_id="x"))
     assert violations(caught.value) == ["segment_id"]
+
+
+async def test_the_users_table_shows_profiles_never_seen_last_in_both_orders(suite: Suite) -> None:
+    seen = [new_id() for _ in range(2)]
+    for n, inst in enumerate(seen):
+        await suite.track(custom_event(inst, time=NOW - timedelta(hours=n + 1)))
+    unseen = [new_id() for _ in range(3)]
+    for n, inst in enumerate(unseen):
+        await suite.identity.identify(inst, f"never-seen-{n}")  # a profile, no event
+    seen_ids = [await suite.identity.profile_of(i) for i in seen]
+    unseen_ids = sorted([await suite.identity.profile_of(i) for i in unseen], key=uuid.UUID)
+    await suite.settle()
+
+    async def order(**fields: Any) -> list[str]:
+        rows = await pages(
+            suite, "ListProfiles", pb.ListProfilesRequest(page_size=1, **fields), "profiles"
+        )
+        return [r.profile_id for r in rows]
+
+    assert await order() == [*seen_ids, *unseen_ids]
+    assert await order(sort_order=pb.SORT_ORDER_ASCENDING) == [*seen_ids[::-1], *unseen_ids]
+
+
+# Stored payloads (ingest's proto JSON, field names kept) and shapes only json_format reads
+# (JSON names, unknown fields): the timeline's direct reading must agree with json_format's.
+STORED_PAYLOADS = [
+    (
+        types_pb2.EVENT_KIND_CUSTOM,
+        {
+            "name": "view_item",
+            "label": "x",
+            "attributes": {
+                "a": {"string_value": "s"},
+                "b": {"number_value": 2.5},
+                "c": {"bool_value": True},
+                "d": {"timestamp_value": "2024-01-02T03:04:05.123Z"},
+                "e": {"url_value": "https://example.com/a"},
+                "f": {"string_list_value": {"values": ["p", "q"]}},
+                "g": {"string_list_value": {}},
+            },
+        },
+    ),
+    (types_pb2.EVENT_KIND_CUSTOM, {"name": "n", "attributes": {"a": {"stringValue": "camel"}}}),
+    (types_pb2.EVENT_KIND_CUSTOM, {"name": "n", "unknown": 3}),
+    (types_pb2.EVENT_KIND_SESSION_START, {"country": "FR"}),
+    (types_pb2.EVENT_KIND_SESSION_HEARTBEAT, {"duration": "30s"}),
+    (types_pb2.EVENT_KIND_SESSION_END, {"duration": "300.500s"}),
+    (
+        types_pb2.EVENT_KIND_SUBSCRIPTION_CHANGE,
+        {"channel": "CHANNEL_EMAIL", "kind": "SUBSCRIPTION_KIND_MARKETING", "subscribed": True},
+    ),
+    (types_pb2.EVENT_KIND_SUBSCRIPTION_CHANGE, {"channel": 2, "kind": 1}),
+    (
+        types_pb2.EVENT_KIND_INSTALLATION_UPDATE,
+        {"app_version": "1.2", "push_token_present": True, "push_opt_in": False, "language": "fr"},
+    ),
+    (types_pb2.EVENT_KIND_INSTALLATION_UPDATE, {"appVersion": "1.2", "uninstalled": True}),
+    (types_pb2.EVENT_KIND_CRASH, {"name": "Boom", "reason": "r", "fatal": True}),
+]
+
+
+@pytest.mark.parametrize(("kind", "payload"), STORED_PAYLOADS)
+def test_timeline_details_read_directly_equal_json_format(kind: int, payload: Any) -> None:
+    direct = timeline_pb2.TimelineEvent()
+    convert.timeline_details(kind, payload, direct)
+    parsed = timeline_pb2.TimelineEvent()
+    convert._parsed_details(kind, payload, parsed)
+    if kind in convert.SESSION_TYPES:
+        parsed.session.type = convert.SESSION_TYPES[kind]  # type: ignore[index]
+        if kind == types_pb2.EVENT_KIND_SESSION_START:
+            parsed.session.ClearField("duration")
+    assert direct == parsed
