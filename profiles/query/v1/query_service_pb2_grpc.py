@@ -118,6 +118,8 @@ class QueryServiceServicer:
         """Lists profiles as the users table: filtered, sorted and paged. Paging never repeats a
         profile, but a profile whose sort value changes while you page (a new session moves its
         last seen time) may move past your position and be missed by the pages still to come.
+        The table is a projection fed by the bus: it lags writes by the bus lag (under a second
+        normally); GetProfile reads the source tables and always shows a profile's latest state.
         Errors: INVALID_ARGUMENT (`page_size`, `page_token`, `country`, `segment_id`), NOT_FOUND
         (`segment_id` unknown).
         """

@@ -56,6 +56,8 @@ class QueryServiceStub:
     """Lists profiles as the users table: filtered, sorted and paged. Paging never repeats a
     profile, but a profile whose sort value changes while you page (a new session moves its
     last seen time) may move past your position and be missed by the pages still to come.
+    The table is a projection fed by the bus: it lags writes by the bus lag (under a second
+    normally); GetProfile reads the source tables and always shows a profile's latest state.
     Errors: INVALID_ARGUMENT (`page_size`, `page_token`, `country`, `segment_id`), NOT_FOUND
     (`segment_id` unknown).
     """
@@ -127,6 +129,8 @@ class QueryServiceAsyncStub(QueryServiceStub):
     """Lists profiles as the users table: filtered, sorted and paged. Paging never repeats a
     profile, but a profile whose sort value changes while you page (a new session moves its
     last seen time) may move past your position and be missed by the pages still to come.
+    The table is a projection fed by the bus: it lags writes by the bus lag (under a second
+    normally); GetProfile reads the source tables and always shows a profile's latest state.
     Errors: INVALID_ARGUMENT (`page_size`, `page_token`, `country`, `segment_id`), NOT_FOUND
     (`segment_id` unknown).
     """
@@ -207,6 +211,8 @@ class QueryServiceServicer(metaclass=_abc_1.ABCMeta):
         """Lists profiles as the users table: filtered, sorted and paged. Paging never repeats a
         profile, but a profile whose sort value changes while you page (a new session moves its
         last seen time) may move past your position and be missed by the pages still to come.
+        The table is a projection fed by the bus: it lags writes by the bus lag (under a second
+        normally); GetProfile reads the source tables and always shows a profile's latest state.
         Errors: INVALID_ARGUMENT (`page_size`, `page_token`, `country`, `segment_id`), NOT_FOUND
         (`segment_id` unknown).
         """
