@@ -618,3 +618,27 @@ class Consumer:
             self._key, min=f"({last_delivered_id}", max="+", count=LAG_SCAN_LIMIT
         )
         return len(entries)
+
+
+class ConsumerWorker:
+    """Runs a Consumer beside a server (shared.server's worker protocol). stop() asks it to stop
+    reading and waits a moment for the batch in hand; past that the server cancels it, which is
+    safe: an entry is acked only after its handler returned, so an interrupted one comes again."""
+
+    def __init__(self, consumer: Consumer, *, stop_wait_s: float = 0.5) -> None:
+        self._consumer = consumer
+        self._stop_wait_s = stop_wait_s
+        self._finished = asyncio.Event()
+
+    async def run(self) -> None:
+        try:
+            await self._consumer.run()
+        finally:
+            self._finished.set()
+
+    async def stop(self) -> None:
+        self._consumer.stop()
+        # A consumer blocked in XREADGROUP only sees the stop when its BLOCK ends.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self._stop_wait_s):
+                await self._finished.wait()

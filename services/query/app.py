@@ -11,12 +11,12 @@ import grpc
 
 from profiles.query.v1 import query_service_pb2 as pb
 from profiles.query.v1 import query_service_pb2_grpc as pb_grpc
-from services.query.consumers import ConsumerWorker, on_message
+from services.query.consumers import on_message
 from services.query.live import ProfileWatch
 from services.query.repository import QueryRepository
 from services.query.service import QueryService, RollupService
 from services.query.servicer import QueryServicer
-from shared.bus import Consumer
+from shared.bus import Consumer, ConsumerWorker
 from shared.server import Runtime, ServiceDefinition
 from shared.topics import EVENTS, IDENTITY
 

@@ -3,8 +3,6 @@ touched recounted, return. Also the worker that runs a consumer beside the serve
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from collections.abc import Iterable
 from uuid import UUID
 
@@ -13,7 +11,6 @@ from google.protobuf.message import Message
 
 from profiles.common.v1 import bus_pb2
 from services.query.service import RollupService
-from shared.bus import Consumer
 
 log = structlog.get_logger(__name__)
 
@@ -73,27 +70,3 @@ async def on_message(
         installations=len(installations),
         counters_moved=moved,
     )
-
-
-class ConsumerWorker:
-    """Runs a bus consumer beside the server. stop() asks it to stop reading and waits a moment
-    for the batch in hand; past that the server cancels it, which is safe: an entry is acked only
-    after its recount committed, so an interrupted one is delivered again."""
-
-    def __init__(self, consumer: Consumer, *, stop_wait_s: float = 0.5) -> None:
-        self._consumer = consumer
-        self._stop_wait_s = stop_wait_s
-        self._finished = asyncio.Event()
-
-    async def run(self) -> None:
-        try:
-            await self._consumer.run()
-        finally:
-            self._finished.set()
-
-    async def stop(self) -> None:
-        self._consumer.stop()
-        # A consumer blocked in XREADGROUP only sees the stop when its BLOCK ends.
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(self._stop_wait_s):
-                await self._finished.wait()

@@ -12,7 +12,6 @@ from profiles.segments.v1 import segments_service_pb2 as pb
 from profiles.segments.v1 import segments_service_pb2_grpc as pb_grpc
 from services.segments.change_stream import ChangeStream
 from services.segments.consumers import (
-    ConsumerWorker,
     EvaluationWorker,
     RecomputeOwner,
     SweepWorker,
@@ -23,7 +22,7 @@ from services.segments.definitions import DefinitionsService
 from services.segments.repository import DefinitionsRepository, SegmentsRepository
 from services.segments.service import SegmentsService
 from services.segments.servicer import SegmentsServicer
-from shared.bus import Consumer
+from shared.bus import Consumer, ConsumerWorker
 from shared.server import Build, Runtime, ServiceDefinition
 from shared.topics import EVENTS, IDENTITY
 

@@ -4,7 +4,6 @@ ingested events, and the worker adapters that run consumers and the sweep beside
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from datetime import UTC, timedelta
 from uuid import UUID
 
@@ -21,7 +20,7 @@ from services.segments.model import (
     valid_time_zone,
 )
 from services.segments.service import SegmentsService
-from shared.bus import Consumer, sleep_unless
+from shared.bus import sleep_unless
 from shared.clock import Clock
 
 log = structlog.get_logger(__name__)
@@ -155,30 +154,6 @@ async def on_identity_change(
             await service.register_profiles(project, [profile])
     # Splits keep both profiles' data (segments reclassifies them on their next events);
     # identifications and installation messages change nothing segments keeps.
-
-
-class ConsumerWorker:
-    """Runs a bus consumer beside the server. stop() asks it to stop reading and waits a moment
-    for the batch in hand; past that the server cancels it, which is safe: an entry is acked only
-    after its handler's transactions committed, so an interrupted one is delivered again."""
-
-    def __init__(self, consumer: Consumer, *, stop_wait_s: float = 0.5) -> None:
-        self._consumer = consumer
-        self._stop_wait_s = stop_wait_s
-        self._finished = asyncio.Event()
-
-    async def run(self) -> None:
-        try:
-            await self._consumer.run()
-        finally:
-            self._finished.set()
-
-    async def stop(self) -> None:
-        self._consumer.stop()
-        # A consumer blocked in XREADGROUP only sees the stop when its BLOCK ends.
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(self._stop_wait_s):
-                await self._finished.wait()
 
 
 class SweepWorker:
