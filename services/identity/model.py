@@ -9,7 +9,7 @@ import hmac
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 from uuid import UUID
 
 from services.identity.errors import (
@@ -112,9 +112,12 @@ def check_request_id(request_id: str) -> None:
         )
 
 
-@dataclass(frozen=True, slots=True)
-class ProfileKey:
-    """One key of a ResolveProfiles batch: exactly one of the two is set when valid."""
+class ProfileKey(NamedTuple):
+    """One key of a ResolveProfiles batch: exactly one of the two is set when valid.
+
+    A named tuple rather than a dataclass (like Resolution below): a batch decodes up to 1,000
+    of them per call, and a tuple is built and unpacked at a fraction of a frozen dataclass's
+    cost (measured with bench/identity.py)."""
 
     installation_id: str | None = None
     custom_id: str | None = None
@@ -140,8 +143,42 @@ def key_problem(index: int, key: ProfileKey, extra_junk: Iterable[str]) -> Inval
 
 
 @dataclass(frozen=True, slots=True)
-class Resolution:
-    """The current profile of one key."""
+class KeyBatch:
+    """A ResolveProfiles batch sorted out in one pass: the valid installation IDs and custom IDs
+    (in request order, repeats kept) and the error of each invalid key by its index."""
+
+    installation_ids: list[str]
+    custom_ids: list[str]
+    problems: dict[int, InvalidArgument]
+
+
+def split_keys(keys: Iterable[ProfileKey], extra_junk: Iterable[str]) -> KeyBatch:
+    """Sorts a batch's keys into valid installation IDs, valid custom IDs and errors (those of
+    key_problem). One loop; key_problem, which builds the error, runs for invalid keys only."""
+    installation_ids: list[str] = []
+    custom_ids: list[str] = []
+    problems: dict[int, InvalidArgument] = {}
+    junk = tuple(extra_junk)
+    for index, (installation_id, custom_id) in enumerate(keys):
+        if installation_id is not None:
+            if installation_id_problem(installation_id) is None:
+                installation_ids.append(installation_id)
+                continue
+        elif custom_id is not None and custom_id_problem(custom_id, junk) is None:
+            custom_ids.append(custom_id)
+            continue
+        problem = key_problem(index, ProfileKey(installation_id, custom_id), junk)
+        assert problem is not None
+        problems[index] = problem
+    return KeyBatch(installation_ids, custom_ids, problems)
+
+
+class Resolution(NamedTuple):
+    """The current profile of one key.
+
+    A named tuple, not a dataclass: ResolveProfiles makes one per key (up to 1,000 per call,
+    ingest calls it for every batch), and a frozen slotted dataclass's __init__ costs about
+    twice a tuple's construction; the fields stay named and immutable all the same."""
 
     profile_id: UUID | None
     created: bool = False

@@ -52,12 +52,12 @@ from services.identity.model import (
     delete_result_from_json,
     event_marker,
     identify_result_from_json,
-    key_problem,
     logout_result_from_json,
     merge_result_from_json,
     plan_merge,
     quarantine_digest,
     quarantine_end,
+    split_keys,
 )
 from services.identity.repository import IdentityRepository, IdentityTransaction
 from shared.clock import Clock
@@ -143,36 +143,30 @@ class IdentityService:
             raise KeysInvalid(f"keys {why}", [FieldViolation("keys", why, KeysInvalid.reason)])
         needs_junk = any(k.custom_id is not None for k in keys)
         junk = await self.extra_junk_custom_ids(project_id) if needs_junk else ()
-        problems = [key_problem(i, key, junk) for i, key in enumerate(keys)]
-        installation_ids = [
-            k.installation_id
-            for k, p in zip(keys, problems, strict=True)
-            if p is None and k.installation_id is not None
-        ]
-        custom_ids = [
-            k.custom_id
-            for k, p in zip(keys, problems, strict=True)
-            if p is None and k.installation_id is None and k.custom_id is not None
-        ]
+        batch = split_keys(keys, junk)
+        installation_ids, custom_ids = batch.installation_ids, batch.custom_ids
         by_installation = (
             await self._retrying(lambda: self._resolve_installations(project_id, installation_ids))
             if installation_ids
             else {}
         )
+        if len(installation_ids) == len(keys):  # the usual batch: valid installation IDs only
+            return [by_installation[i] for i in installation_ids]
         by_custom_id = (
             await self._retrying(lambda: self._resolve_custom_ids(project_id, custom_ids))
             if custom_ids
             else {}
         )
         results: list[Resolution | InvalidArgument] = []
-        for key, problem in zip(keys, problems, strict=True):
+        for index, (installation_id, custom_id) in enumerate(keys):
+            problem = batch.problems.get(index)
             if problem is not None:
                 results.append(problem)
-            elif key.installation_id is not None:
-                results.append(by_installation[key.installation_id])
+            elif installation_id is not None:
+                results.append(by_installation[installation_id])
             else:
-                assert key.custom_id is not None
-                results.append(by_custom_id[key.custom_id])
+                assert custom_id is not None
+                results.append(by_custom_id[custom_id])
         return results
 
     async def _resolve_installations(
@@ -546,16 +540,26 @@ class IdentityService:
         target_id: UUID,
         allow_custom_id_conflict: bool,
         request_id: str,
+        *,
+        cause: ChangeCause = ChangeCause.OPERATOR_MERGE,
     ) -> MergeResult:
-        """An operator's merge of `source_id` into `target_id` (merged-away IDs resolve to their
-        survivor first). Idempotent per request_id. Raises MergeIntoItself, ProfileNotFound,
-        CustomIdConflict, RequestIdInvalid, ConcurrentChange."""
+        """An explicit merge of `source_id` into `target_id` (merged-away IDs resolve to their
+        survivor first), recorded and published with `cause`: OPERATOR_MERGE, or
+        TOKEN_REINTEGRATION when ingest folds an imported installation. Idempotent per
+        request_id. Raises MergeIntoItself, ProfileNotFound, CustomIdConflict,
+        RequestIdInvalid, ConcurrentChange."""
         check_merge_ids(source_id, target_id)
         check_request_id(request_id)
         digest = fingerprint(str(source_id), str(target_id), str(allow_custom_id_conflict))
         return await self._retrying(
             lambda: self._merge_once(
-                project_id, source_id, target_id, allow_custom_id_conflict, request_id, digest
+                project_id,
+                source_id,
+                target_id,
+                allow_custom_id_conflict,
+                request_id,
+                digest,
+                cause,
             )
         )
 
@@ -567,6 +571,7 @@ class IdentityService:
         allow_custom_id_conflict: bool,
         request_id: str,
         digest: str,
+        cause: ChangeCause,
     ) -> MergeResult:
         now = self._clock.now()
         notices: list[bus_pb2.ProfileChanged] = []
@@ -603,7 +608,7 @@ class IdentityService:
                     project_id,
                     source.profile_id,
                     target.profile_id,
-                    ChangeCause.OPERATOR_MERGE,
+                    cause,
                     now,
                     alias_custom_id=plan.alias_custom_id,
                     inherited_custom_id=plan.inherited_custom_id,

@@ -294,7 +294,9 @@ async def identity_messages(
         for _, fields in entries
         if fields[b"project"].decode() == str(project.project_id)
     ]
-    for kind, data in raw:
+    # Read outbox first, then stream: a row relayed in between is in both, so identical
+    # entries (every message carries its own IDs) are one message.
+    for kind, data in dict.fromkeys(raw):
         message_class = IDENTITY.message_class(kind)
         assert message_class is not None, kind
         decoded.append(message_class.FromString(data))

@@ -12,7 +12,7 @@ import grpc
 import pytest
 from redis.asyncio import Redis
 
-from profiles.common.v1 import bus_pb2
+from profiles.common.v1 import bus_pb2, types_pb2
 from profiles.identity.v1 import identity_service_pb2 as pb
 from shared.settings import Settings
 from tests.api.test_identity_helpers import (
@@ -71,6 +71,51 @@ async def test_an_anonymous_profile_merges_into_an_identified_one(
     )
     assert change is not None
     assert change["cause"] == "operator_merge"
+
+
+async def test_a_merge_by_the_internal_credential_is_recorded_as_token_reintegration(
+    identity: Identity, db: asyncpg.Pool, redis_url: str, settings_for_test: Settings
+) -> None:
+    # Only ingest calls MergeProfiles with the internal credential, to fold an installation
+    # imported by ImportTokens into the real one with the same push token.
+    installation = new_id()
+    imported = await identity.profile_of(installation)
+    real = await identity.profile_of_custom_id("tess")
+    reply = await identity.stub.MergeProfiles(
+        pb.MergeProfilesRequest(source_profile_id=imported, target_profile_id=real),
+        metadata=(
+            ("authorization", f"Bearer {settings_for_test.internal_token}"),
+            ("x-profiles-project", str(identity.project.project_id)),
+        ),
+        timeout=60,
+    )
+    assert await identity.profile_of(installation) == real
+    cause = await db.fetchval(
+        "SELECT cause FROM identity_changes WHERE change_id = $1", uuid.UUID(reply.change_id)
+    )
+    assert cause == "token_reintegration"
+    redis = Redis.from_url(redis_url)
+
+    async def merges() -> list[Any]:
+        found = await identity_messages(db, redis, settings_for_test.redis_prefix, identity.project)
+        return of_type(found, bus_pb2.ProfileMerged)
+
+    async def published() -> bool:
+        return len(await merges()) == 1
+
+    try:
+        await eventually(published)
+        (merged,) = await merges()
+    finally:
+        await redis.aclose()
+    assert merged.change_id == reply.change_id
+    assert merged.cause == types_pb2.IDENTITY_CHANGE_CAUSE_TOKEN_REINTEGRATION
+    # The admin key's merges stay operator merges.
+    other = await identity.merge(await identity.profile_of(new_id()), real)
+    cause = await db.fetchval(
+        "SELECT cause FROM identity_changes WHERE change_id = $1", uuid.UUID(other.change_id)
+    )
+    assert cause == "operator_merge"
 
 
 async def test_two_identified_profiles_need_an_explicit_permission(identity: Identity) -> None:

@@ -35,6 +35,7 @@ from services.identity.model import (
     logout_result_from_json,
     merge_result_from_json,
     plan_merge,
+    split_keys,
 )
 
 JUNK = [
@@ -217,3 +218,27 @@ def test_kept_answers_come_back_identical() -> None:
     for answer in answers:
         reader = readers[[IdentifyResult, LogoutResult, MergeResult].index(type(answer))]
         assert reader(answer_to_json(answer)) == answer
+
+
+def test_a_batch_splits_into_installations_custom_ids_and_problems_by_index() -> None:
+    batch = split_keys(
+        [
+            ProfileKey(installation_id="i"),
+            ProfileKey(custom_id="bob"),
+            ProfileKey(),
+            ProfileKey(custom_id="null"),
+            ProfileKey(installation_id=""),
+            ProfileKey(installation_id="i"),
+            ProfileKey(custom_id="blocked"),
+        ],
+        ["BLOCKED"],
+    )
+    assert batch.installation_ids == ["i", "i"]
+    assert batch.custom_ids == ["bob"]
+    assert sorted(batch.problems) == [2, 3, 4, 6]
+    assert [p.reason for p in batch.problems.values()] == [
+        "KEY_MISSING",
+        "CUSTOM_ID_INVALID",
+        "INSTALLATION_ID_INVALID",
+        "CUSTOM_ID_INVALID",
+    ]

@@ -272,9 +272,9 @@ class ResolvedProfile(_message.Message):
     """
     @_builtins.property
     def status(self) -> _status_pb2.Status:
-        """OK when resolved (also when `erased`); INVALID_ARGUMENT with an ErrorInfo reason
-        (INSTALLATION_ID_INVALID, CUSTOM_ID_INVALID, KEY_MISSING) and a BadRequest violation on
-        `keys[i]` otherwise.
+        """OK when resolved (also when `erased`): left unset then, which reads as code 0 (OK);
+        INVALID_ARGUMENT with an ErrorInfo reason (INSTALLATION_ID_INVALID, CUSTOM_ID_INVALID,
+        KEY_MISSING) and a BadRequest violation on `keys[i]` otherwise.
         """
 
     def __init__(
