@@ -26,11 +26,18 @@ On embedded PostgreSQL and Redis (the default of `profiles up`):
    the Echo RPC of the same segments process, one call in flight, 200 calls/s (about the pace
    of the polling), 100 calls per round.
 
-Custom segment size is not measured: segments has no custom segments yet (CreateSegment answers
-UNIMPLEMENTED; the run checks and says so), and a figure for a query that does not exist would be
-invented.
+4. Custom segment size, at the larger size, with the services running: the clones also get
+   what custom segment filters read (an identity profile row, an installation with its platform,
+   a custom `plan` attribute on every second profile, `pro` on every fourth, and 0 to 4
+   `purchase` events in the last 30 days on every third), and one realistic segment is created
+   through CreateSegment: Engaged (smart segment) AND on iOS AND plan = "pro" AND at least 3
+   `purchase` in the last 30 days. Then GetSegment (its size, computed live) is timed beside the
+   same filter written by hand as one bare SQL count, alternating, median of R runs each; both
+   counts must agree. The segment stays for the freshness part, so every tracked event is
+   evaluated against it (and the 5 s sweep runs over it), as in production.
 Output: a report with the goals, then JSON lines; headlines `distribution_s` (baseline
-`bare_group_by_s`) and `engagement_lag_p99_ms` (baseline `echo_p99_ms`).
+`bare_group_by_s`), `segment_size_s` (baseline `bare_segment_count_s`) and
+`engagement_lag_p99_ms` (baseline `echo_p99_ms`).
 """
 
 from __future__ import annotations
@@ -75,6 +82,7 @@ from profiles.diagnostics.v1 import diagnostics_service_pb2 as diagnostics_pb
 from profiles.diagnostics.v1 import diagnostics_service_pb2_grpc as diagnostics_grpc
 from profiles.ingest.v1 import ingest_service_pb2 as ingest_pb
 from profiles.ingest.v1 import ingest_service_pb2_grpc as ingest_grpc
+from profiles.segments.v1 import filters_pb2
 from profiles.segments.v1 import segments_service_pb2 as segments_pb
 from profiles.segments.v1 import segments_service_pb2_grpc as segments_grpc
 from services.segments.change_stream import ChangeStream
@@ -94,6 +102,7 @@ TIME_ZONES = ("Europe/Paris", "America/New_York", "Asia/Tokyo", "Australia/Sydne
 DISTRIBUTION_GOAL_S = 2.0
 DISTRIBUTION_BARE_RATIO_GOAL = 3.0
 LAG_P99_GOAL_MS = 1000.0
+SEGMENT_SIZE_GOAL_S = 2.0
 POLL_INTERVAL_S = 0.002
 LAG_TIMEOUT_S = 10.0
 # The baseline: Echo on segments at about the polling's pace, one call in flight.
@@ -213,8 +222,10 @@ async def load_profiles(
     end: int,
 ) -> dict[str, int]:
     """Copies templates to profiles number first..end-1 of the project, CLONE_CHUNK per
-    transaction; returns rows written per table."""
+    transaction, with the rows custom segment filters read (FILTER_ROWS); returns rows written
+    per table."""
     written = dict.fromkeys(SEGMENT_TABLES, 0)
+    now = datetime.now(UTC)
     await conn.execute(f"DROP TABLE IF EXISTS {CLONES_TABLE}")
     await conn.execute(CREATE_CLONES)
     for start in range(first, end, CLONE_CHUNK):
@@ -229,8 +240,47 @@ async def load_profiles(
                     conn, table, template_project, project_id, CLONES_TABLE,
                     expressions=expressions,
                 )  # fmt: skip
-    await conn.execute(f"VACUUM ANALYZE {', '.join(SEGMENT_TABLES)}")
+            for table, statement in zip(FILTER_TABLES, FILTER_ROWS, strict=True):
+                status = await conn.execute(statement, project_id, now)
+                written[table] = written.get(table, 0) + int(status.split()[-1])
+    await conn.execute(f"VACUUM ANALYZE {', '.join((*SEGMENT_TABLES, *FILTER_TABLES))}")
     return written
+
+
+# What custom segment filters read, for the clones of one chunk (bench_clones; clone g has
+# installation inst-g): identity's profile and installation rows, an installation on platform
+# 1 + g % 3 (iOS for a third), a custom attribute plan on every second profile ("pro" on every
+# fourth), and g % 5 purchase events within the last 30 days on every third. $1 project, $2 now.
+CLONE_G = "substr(c.installation_id, 6)::int"
+FILTER_ROWS = (
+    f"""INSERT INTO profiles (project_id, profile_id, create_time, update_time)
+    SELECT $1, c.profile_id, $2::timestamptz, $2::timestamptz FROM {CLONES_TABLE} c""",
+    f"""INSERT INTO installations (project_id, installation_id, profile_id, create_time)
+    SELECT $1, c.installation_id, c.profile_id, $2::timestamptz FROM {CLONES_TABLE} c""",
+    f"""INSERT INTO installation_details (project_id, installation_id, platform, app_version,
+        first_seen, last_seen)
+    SELECT $1, c.installation_id, 1 + {CLONE_G} % 3, '1.0',
+           $2::timestamptz - interval '60 days', $2::timestamptz
+    FROM {CLONES_TABLE} c""",
+    f"""INSERT INTO profile_attributes (project_id, profile_id, native, name, value, value_type,
+        base, base_time, update_time)
+    SELECT $1, c.profile_id, false, 'plan', v.value, 'string', v.value, $2::timestamptz,
+           $2::timestamptz
+    FROM {CLONES_TABLE} c
+    CROSS JOIN LATERAL (SELECT jsonb_build_object('type', 'string', 'value',
+        CASE WHEN {CLONE_G} % 4 = 0 THEN 'pro' ELSE 'free' END) AS value) v
+    WHERE {CLONE_G} % 2 = 0""",
+    f"""INSERT INTO events (project_id, installation_id, event_id, profile_id, kind, name,
+        event_time, receive_time, platform, payload)
+    SELECT $1, c.installation_id, 'p' || k, c.profile_id, 1, 'purchase',
+           $2::timestamptz - make_interval(secs => ({CLONE_G} * 7919 + k * 104729) % 2592000),
+           $2::timestamptz,
+           1 + {CLONE_G} % 3, '{{"name": "purchase"}}'::jsonb
+    FROM {CLONES_TABLE} c, generate_series(1, {CLONE_G} % 5) AS k
+    WHERE {CLONE_G} % 3 = 0""",
+)
+FILTER_TABLES = ("profiles", "installations", "installation_details", "profile_attributes",
+                 "events")  # fmt: skip
 
 
 # --- distribution --------------------------------------------------------------------------
@@ -404,17 +454,127 @@ async def lag_once(stubs: Stubs, installation_id: str) -> float:
 class LagOutcome:
     lags_s: list[float]
     echo: LoadResult
-    create_segment_code: str  # what CreateSegment answered an empty request
 
 
-async def probe_create_segment(stubs: Stubs) -> str:
-    """The status of CreateSegment for an empty (invalid) request, which creates nothing:
-    UNIMPLEMENTED while segments has no custom segments."""
+# The benchmark's custom segment, as CreateSegment takes it.
+def engaged_ios_buyers() -> filters_pb2.FilterNode:
+    def node(**condition: object) -> filters_pb2.FilterNode:
+        return filters_pb2.FilterNode(condition=filters_pb2.Condition(**condition))  # type: ignore[arg-type]
+
+    plan = filters_pb2.AttributeCondition(
+        custom_attribute="plan",
+        operator=filters_pb2.OPERATOR_EQUALS,
+        value=types_pb2.AttributeValue(string_value="pro"),
+    )
+    return filters_pb2.FilterNode(
+        group=filters_pb2.FilterGroup(
+            operator=filters_pb2.GROUP_OPERATOR_AND,
+            children=[
+                node(
+                    smart_segment=filters_pb2.SmartSegmentCondition(
+                        segments=[types_pb2.SMART_SEGMENT_ENGAGED]
+                    )
+                ),
+                node(platform=filters_pb2.PlatformCondition(platforms=[types_pb2.PLATFORM_IOS])),
+                node(attribute=plan),
+                node(
+                    event_count=filters_pb2.EventCountCondition(
+                        event_name="purchase",
+                        operator=filters_pb2.OPERATOR_GREATER_THAN_OR_EQUAL,
+                        count=3,
+                        within_last_days=30,
+                    )
+                ),
+            ],
+        )
+    )
+
+
+# The same filter written by hand: the smart segment as of $2 from the stored state (the rule of
+# segment_state_at), an iOS installation, plan = "pro", and 3 purchases in the 30 days to $2.
+BARE_SEGMENT_COUNT = """
+    SELECT count(*) FROM profiles p
+    WHERE p.project_id = $1 AND p.merged_into IS NULL
+      AND EXISTS (SELECT 1 FROM segment_states s
+                  WHERE s.project_id = $1 AND s.profile_id = p.profile_id AND s.platform = 0
+                    AND (segment_state_at(s.segment, s.flag, s.next_transition_time,
+                         s.upcoming_times, s.upcoming_segments, s.upcoming_flags, $2))[1] = 3)
+      AND EXISTS (SELECT 1 FROM installations i JOIN installation_details d
+                      ON d.project_id = i.project_id AND d.installation_id = i.installation_id
+                  WHERE i.project_id = $1 AND i.profile_id = p.profile_id AND d.platform = 1)
+      AND EXISTS (SELECT 1 FROM profile_attributes a
+                  WHERE a.project_id = $1 AND a.profile_id = p.profile_id AND NOT a.native
+                    AND a.name = 'plan' AND a.value->>'value' = 'pro')
+      AND (SELECT count(*) FROM events e
+           WHERE e.project_id = $1 AND e.profile_id = p.profile_id AND e.kind = 1
+             AND e.name = 'purchase' AND e.event_time > $2 - interval '30 days'
+             AND e.event_time <= $2) >= 3"""
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentSizeOutcome:
+    size: int
+    create_s: float
+    rpc_s: list[float]
+    bare_s: list[float]
+    bare_count: int
+
+    @property
+    def rpc_median_s(self) -> float:
+        return statistics.median(self.rpc_s)
+
+    @property
+    def bare_median_s(self) -> float:
+        return statistics.median(self.bare_s)
+
+
+async def measure_segment_size(
+    addresses: dict[str, str], api_key: str, database_url: str, project_id: uuid.UUID, repeats: int
+) -> SegmentSizeOutcome:
+    """Creates the benchmark's custom segment, then times GetSegment beside the bare count,
+    alternating after one warm-up each; both must give the same number."""
+    conn = await asyncpg.connect(database_url)
     try:
-        await stubs.segments.CreateSegment(segments_pb.CreateSegmentRequest())
-    except grpc.aio.AioRpcError as exc:
-        return str(exc.code().name)
-    return "OK"
+        async with open_channel(addresses["segments"], api_key) as channel:
+            stub = segments_grpc.SegmentsServiceStub(channel)
+            started = time.perf_counter()
+            created = await stub.CreateSegment(
+                segments_pb.CreateSegmentRequest(
+                    display_name="Engaged iOS buyers", filter=engaged_ios_buyers()
+                ),
+                timeout=600,
+            )
+            create_s = time.perf_counter() - started
+            request = segments_pb.GetSegmentRequest(segment_id=created.segment.segment_id)
+
+            async def rpc() -> tuple[float, int]:
+                started = time.perf_counter()
+                reply = await stub.GetSegment(request, timeout=60)
+                return time.perf_counter() - started, reply.segment.size
+
+            async def bare() -> tuple[float, int]:
+                started = time.perf_counter()
+                count = await conn.fetchval(BARE_SEGMENT_COUNT, project_id, datetime.now(UTC))
+                return time.perf_counter() - started, int(count)
+
+            await rpc()
+            await bare()
+            rpc_s: list[float] = []
+            bare_s: list[float] = []
+            size = bare_count = 0
+            for run in range(repeats):
+                for side in ("rpc", "bare") if run % 2 == 0 else ("bare", "rpc"):
+                    if side == "rpc":
+                        elapsed, size = await rpc()
+                        rpc_s.append(elapsed)
+                    else:
+                        elapsed, bare_count = await bare()
+                        bare_s.append(elapsed)
+    finally:
+        await conn.close()
+    if size != bare_count:
+        raise BenchError(f"GetSegment counted {size} profiles, the bare SQL {bare_count}")
+    return SegmentSizeOutcome(size, create_s, rpc_s, bare_s, bare_count)
 
 
 async def measure_lag(
@@ -431,7 +591,6 @@ async def measure_lag(
             segments_grpc.SegmentsServiceStub(segments_channel),
             diagnostics_grpc.DiagnosticsServiceStub(segments_channel),
         )
-        create_segment_code = await probe_create_segment(stubs)
         for installation_id in installations:  # first sessions: every profile known
             profile_id = await track_session(stubs, installation_id, "s1")
             await wait_sessions(stubs, profile_id, 1)
@@ -451,7 +610,7 @@ async def measure_lag(
             if not round_no % 2:
                 echoes.append(await drive(echo, echo_plan))
             segments.check_alive()
-    return LagOutcome(lags, LoadResult.merged(echoes), create_segment_code)
+    return LagOutcome(lags, LoadResult.merged(echoes))
 
 
 # --- report --------------------------------------------------------------------------------
@@ -535,29 +694,38 @@ def print_lag(lag: LagOutcome, sizes: Sizes, quick: bool) -> None:
     )
 
 
-def print_custom_segment(create_segment_code: str) -> None:
-    if create_segment_code == "UNIMPLEMENTED":
-        print(
-            "\ncustom segment size (segment_size_s): not measured. Segments has no custom"
-            " segments yet (CreateSegment answered UNIMPLEMENTED in this run), so there is no"
-            " segment to size; no figure is printed rather than an invented one."
-        )
-        return
+def print_custom_segment(outcome: SegmentSizeOutcome, profiles: int, quick: bool) -> None:
     print(
-        "\ncustom segment size (segment_size_s): not measured by this benchmark, although"
-        f" CreateSegment answered {create_segment_code} (not UNIMPLEMENTED) for an empty"
-        " request in this run: custom segments have landed, and this benchmark must be extended"
-        " to create one and time its size."
+        f'\ncustom segment size over {profiles:,} profiles: Engaged AND on iOS AND plan = "pro"'
+        " AND at least 3 purchase in the last 30 days; GetSegment (size computed live) beside"
+        " the same filter as one bare SQL count, one in flight, alternating, warm"
+    )
+    print(
+        f"  size {outcome.size:,} ({outcome.size / profiles:.2%}); CreateSegment (stores the"
+        f" members) took {outcome.create_s:.3f} s"
+    )
+    runs_r = " ".join(f"{s:.3f}" for s in outcome.rpc_s)
+    runs_b = " ".join(f"{s:.3f}" for s in outcome.bare_s)
+    print(
+        f"  GetSegment median {outcome.rpc_median_s:.3f} s, bare count median"
+        f" {outcome.bare_median_s:.3f} s (x{outcome.rpc_median_s / outcome.bare_median_s:.2f});"
+        f" runs {runs_r} / {runs_b}"
+    )
+    print(
+        f"  goal segment size under {SEGMENT_SIZE_GOAL_S:g} s ({outcome.rpc_median_s:.3f} s): "
+        + _verdict(outcome.rpc_median_s < SEGMENT_SIZE_GOAL_S, quick)
     )
 
 
-def figures_of(load: LoadOutcome, lag: LagOutcome) -> list[Figure]:
+def figures_of(load: LoadOutcome, size: SegmentSizeOutcome, lag: LagOutcome) -> list[Figure]:
     small, large = load.times
     s = LatencySummary.of(lag.lags_s)
     e = LatencySummary.of(lag.echo.latencies_s)
     return [
         Figure("distribution_s", large.contract_median_s, "s", "bare_group_by_s",
                large.bare_median_s),
+        Figure("segment_size_s", size.rpc_median_s, "s", "bare_segment_count_s",
+               size.bare_median_s),
         Figure(f"distribution_{small.profiles}_s", small.contract_median_s, "s",
                f"bare_group_by_{small.profiles}_s", small.bare_median_s),
         Figure("distribution_growth", large.contract_median_s / small.contract_median_s, "x",
@@ -626,16 +794,25 @@ def main(argv: list[str] | None = None) -> int:
         processes = {n: start_service_process(stack, n, settings, work_dir) for n in names}
         addresses = {n: settings.addresses[n] for n in names}
         asyncio.run(wait_all(processes, addresses))
+        size = asyncio.run(
+            measure_segment_size(
+                addresses,
+                project.keys["admin"],
+                backends.database_url,
+                project.project_id,
+                sizes.repeats,
+            )
+        )
+        print_custom_segment(size, sizes.profiles[-1], args.quick)
         lag = asyncio.run(
             measure_lag(addresses, project.keys["admin"], sizes, processes["segments"])
         )
     print_lag(lag, sizes, args.quick)
-    print_custom_segment(lag.create_segment_code)
     print()
     ok = not lag.echo.error_count
     if not ok:
         print(f"INVALID: Echo errors {dict(lag.echo.errors)}")
-    print_figures(BENCH, figures_of(load, lag), quick=args.quick)
+    print_figures(BENCH, figures_of(load, size, lag), quick=args.quick)
     return 0 if ok else 1
 
 

@@ -32,6 +32,7 @@ from services.query.views import (
     CrashView,
     DayView,
     EventView,
+    FunnelProgressView,
     IdentityChangeView,
     InstallationView,
     OverviewView,
@@ -527,6 +528,34 @@ def profile_to_proto(view: ProfileView) -> profile_pb2.Profile:
     if counters.last_crash is not None:
         message.counters.last_crash.CopyFrom(crash_to_proto(counters.last_crash))
     message.identity_changes.extend(identity_change_to_proto(c) for c in view.identity_changes)
+    for membership in view.segment_memberships:
+        member = message.segment_memberships.add(
+            segment_id=str(membership.segment_id), display_name=membership.display_name
+        )
+        set_time(member.enter_time, membership.enter_time)
+    message.funnels.extend(funnel_progress_to_proto(f) for f in view.funnels)
+    return message
+
+
+def funnel_progress_to_proto(view: FunnelProgressView) -> profile_pb2.FunnelProgress:
+    """Steps before the first not completed one are COMPLETED (with their time), that one
+    NOT_COMPLETED, the rest NOT_REACHED."""
+    completed = view.completed_step_count
+    message = profile_pb2.FunnelProgress(
+        funnel_id=str(view.funnel_id),
+        display_name=view.display_name,
+        completed_step_count=completed,
+        converted=completed == len(view.steps),
+    )
+    for step in view.steps:
+        progress = message.steps.add(step_number=step.step_number, event_name=step.event_name)
+        if step.complete_time is not None:
+            progress.status = profile_pb2.FUNNEL_STEP_STATUS_COMPLETED
+            set_time(progress.complete_time, step.complete_time)
+        elif step.step_number == completed + 1:
+            progress.status = profile_pb2.FUNNEL_STEP_STATUS_NOT_COMPLETED
+        else:
+            progress.status = profile_pb2.FUNNEL_STEP_STATUS_NOT_REACHED
     return message
 
 

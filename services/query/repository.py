@@ -1,7 +1,8 @@
 """Every SQL statement of query, and only SQL. Query reads the tables of identity (profiles,
 installations, identity_changes, custom_id_aliases), ingest (events, rejected_events,
 profile_attributes, profile_subscriptions, installation_details) and segments
-(segment_sessions, segment_states, segment_distribution()), read-only, through the read
+(segment_sessions, segment_states, segment_distribution(), custom_segment_members,
+profile_funnel_progress()), read-only, through the read
 contracts their migrations document; it writes only its own projection (query_profiles,
 query_installations, query_counters in 0006), recounted from those tables when the bus says
 they changed. Every statement filters on project_id first.
@@ -15,7 +16,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, cast
 from uuid import UUID
@@ -29,11 +30,14 @@ from services.query.views import (
     CrashView,
     DayView,
     EventView,
+    FunnelProgressView,
+    FunnelStepView,
     IdentityChangeView,
     InstallationView,
     ProfileRowView,
     ProfileView,
     RejectedView,
+    SegmentMembershipView,
     SessionView,
     SmartSegmentView,
     SubscriptionView,
@@ -173,9 +177,12 @@ SELECT_SMART_SEGMENT = """
 # and for an email or phone every holder (up to 11, to tell an ambiguous lookup). The columns
 # are the statements above, correlated on the target profile; lists come back as arrays of
 # anonymous records (asyncpg decodes them to tuples; a jsonb inside one is cast to json, whose
-# binary form is the text the pool's JSON codec reads). $1 project, $2 the
-# looked-up value, $3 now (engagement's window end). No row: nothing found by the lookup; a row
-# with a NULL profile_id: ambiguous, or found but not live.
+# binary form is the text the pool's JSON codec reads). Custom segment memberships and funnel
+# progress come from segments' read contracts (0005): custom_segment_members (current as of
+# segments' last evaluation of the profile: its last event, or the periodic sweep for changes
+# time alone makes) and profile_funnel_progress() (computed from events as of $3). $1 project,
+# $2 the looked-up value, $3 now (engagement's window end, funnels' as-of). No row: nothing
+# found by the lookup; a row with a NULL profile_id: ambiguous, or found but not live.
 PROFILE_VIEW = """
     WITH target AS ({target})
     SELECT t.holders, t.resolved_from, p.profile_id, p.custom_id, p.version,
@@ -241,7 +248,20 @@ PROFILE_VIEW = """
             FROM segment_sessions x
             WHERE x.project_id = $1 AND x.profile_id = p.profile_id
               AND x.start_time >= $3::timestamptz - interval '168 hours'
-              AND x.start_time <= $3::timestamptz) AS engagement
+              AND x.start_time <= $3::timestamptz) AS engagement,
+           ARRAY(
+               SELECT ROW(m.segment_id, c.display_name, m.enter_time)
+               FROM custom_segment_members m
+               JOIN custom_segments c
+                   ON c.project_id = m.project_id AND c.segment_id = m.segment_id
+               WHERE m.project_id = $1 AND m.profile_id = p.profile_id
+               ORDER BY lower(c.display_name), c.segment_id) AS segment_memberships,
+           CASE WHEN p.profile_id IS NOT NULL THEN ARRAY(
+               SELECT ROW(f.funnel_id, f.display_name, f.step_number, f.event_name,
+                          f.complete_time)
+               FROM profile_funnel_progress($1, p.profile_id, $3::timestamptz)
+                   WITH ORDINALITY AS f
+               ORDER BY f.ordinality) END AS funnel_steps
     FROM target t
     LEFT JOIN profiles p
         ON p.project_id = $1 AND p.profile_id = t.profile_id AND p.merged_into IS NULL
@@ -792,6 +812,18 @@ def _text(value: str | None) -> str:
     return value or ""
 
 
+def _funnels(rows: Sequence[Sequence[Any]]) -> tuple[FunnelProgressView, ...]:
+    """profile_funnel_progress() rows (one per funnel and step, in order) grouped by funnel."""
+    funnels: dict[UUID, tuple[str, list[FunnelStepView]]] = {}
+    for funnel_id, display_name, step_number, event_name, complete_time in rows:
+        _, steps = funnels.setdefault(funnel_id, (display_name, []))
+        steps.append(FunnelStepView(step_number, event_name, complete_time))
+    return tuple(
+        FunnelProgressView(funnel_id, name, tuple(steps))
+        for funnel_id, (name, steps) in funnels.items()
+    )
+
+
 def _smart_segment(state: Sequence[Any] | asyncpg.Record, now: datetime) -> SmartSegmentView:
     """Segments' stored state (SELECT_SMART_SEGMENT's columns, in their order) as of `now`:
     the scheduled time-only transitions already due are applied (the same rule as
@@ -1050,6 +1082,11 @@ class QueryReads:
                     now,
                 )
             ),
+        )
+        view = replace(
+            view,
+            segment_memberships=tuple(SegmentMembershipView(*m) for m in r["segment_memberships"]),
+            funnels=_funnels(r["funnel_steps"] or ()),
         )
         return ProfileRead(holders, r["resolved_from"], view, engagement_inputs)
 

@@ -97,6 +97,31 @@ class CountersView:
 
 
 @dataclass(frozen=True, slots=True)
+class SegmentMembershipView:
+    segment_id: UUID
+    display_name: str
+    enter_time: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class FunnelStepView:
+    step_number: int  # from 1
+    event_name: str
+    complete_time: datetime | None  # None: not completed in the best attempt
+
+
+@dataclass(frozen=True, slots=True)
+class FunnelProgressView:
+    funnel_id: UUID
+    display_name: str
+    steps: tuple[FunnelStepView, ...]
+
+    @property
+    def completed_step_count(self) -> int:
+        return sum(1 for s in self.steps if s.complete_time is not None)
+
+
+@dataclass(frozen=True, slots=True)
 class ProfileView:
     profile_id: UUID
     custom_id: str
@@ -111,6 +136,8 @@ class ProfileView:
     identity_changes: tuple[IdentityChangeView, ...]
     smart_segment: SmartSegmentView | None
     engagement: EngagementView | None = None
+    segment_memberships: tuple[SegmentMembershipView, ...] = ()
+    funnels: tuple[FunnelProgressView, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

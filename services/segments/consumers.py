@@ -13,6 +13,7 @@ from google.protobuf.message import Message
 from profiles.common.v1 import bus_pb2, types_pb2
 from services.segments.definitions import DefinitionsService
 from services.segments.model import (
+    ChangeCause,
     ProfileActivity,
     SessionUpdate,
     TimeZoneUpdate,
@@ -152,8 +153,31 @@ async def on_identity_change(
         profile = _uuid(message.profile_id)
         if profile is not None:
             await service.register_profiles(project, [profile])
-    # Splits keep both profiles' data (segments reclassifies them on their next events);
-    # identifications and installation messages change nothing segments keeps.
+    elif isinstance(message, bus_pb2.ProfileSplit | bus_pb2.InstallationReintegrated):
+        # An installation moved between profiles: platform conditions of both may change.
+        # (Sessions stay with the profile they were recorded for.)
+        if isinstance(message, bus_pb2.ProfileSplit):
+            named, cause = [message.old_profile_id, message.new_profile_id], ChangeCause.SPLIT
+        else:
+            named = [message.imported_profile_id, message.profile_id]
+            cause = ChangeCause.EVENT
+        await _evaluate(service, project, named, cause)
+    elif isinstance(message, bus_pb2.InstallationsImported):
+        await _evaluate(
+            service,
+            project,
+            [i.profile_id for i in message.installations],
+            ChangeCause.EVENT,
+        )
+    # Identifications change nothing segments' conditions read.
+
+
+async def _evaluate(
+    service: SegmentsService, project: UUID, named: list[str], cause: ChangeCause
+) -> None:
+    ids = [p for p in map(_uuid, named) if p is not None]
+    if ids:
+        await service.evaluate_custom_segments(project, ids, cause)
 
 
 class SweepWorker:
@@ -196,7 +220,9 @@ class SweepWorker:
 
 class EvaluationWorker:
     """Evaluates every custom segment every `interval_s` and announces who entered and who left
-    (the custom segment part of the change stream is at most that late)."""
+    (cause TIME). Events evaluate their own profile as they are handled, so this sweep carries
+    what time alone changes ("within the last N days" windows, smart segment transitions) and
+    what reached the source tables without an event: at most `interval_s` late."""
 
     def __init__(self, definitions: DefinitionsService, *, interval_s: float = 5.0) -> None:
         self._definitions = definitions

@@ -13,8 +13,9 @@ import base64
 import binascii
 import json
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from datetime import datetime
 from typing import Generic, TypeVar
 from uuid import UUID
 
@@ -22,6 +23,7 @@ import asyncpg
 import structlog
 
 from services.segments.errors import (
+    ConcurrentChange,
     FunnelNotFound,
     LimitReached,
     NameTaken,
@@ -42,7 +44,12 @@ from services.segments.model import (
     SegmentDefinition,
     best_attempt,
 )
-from services.segments.repository import DefinitionsRepository, SegmentRef
+from services.segments.repository import (
+    DefinitionsRepository,
+    DefinitionsTransaction,
+    ProfileCheck,
+    SegmentRef,
+)
 from shared.clock import Clock
 from shared.errors import FieldViolation
 
@@ -184,11 +191,16 @@ class DefinitionsService:
 
     # --- evaluation ------------------------------------------------------------------------
 
-    async def evaluate_all(self, cause: ChangeCause = ChangeCause.EVENT) -> int:
-        """Evaluates every custom segment of every project; returns the changes announced."""
+    async def evaluate_all(self, cause: ChangeCause = ChangeCause.TIME) -> int:
+        """Evaluates every custom segment of every project; returns the changes announced. A
+        segment whose batch lost a deadlock to an event transaction (which locks the same
+        profiles) is left to the next run."""
         total = 0
         for ref in await self._repository.all_segments():
-            total += await self.evaluate(ref, cause)
+            try:
+                total += await self.evaluate(ref, cause)
+            except ConcurrentChange:
+                log.info("custom_segment_evaluation_retried_later", segment_id=str(ref.segment_id))
         return total
 
     async def evaluate_project(
@@ -212,7 +224,9 @@ class DefinitionsService:
         """Diffs the segment's live members against the stored ones, in bounded batches, and
         announces each profile that entered or left (a merged-away profile leaves with cause
         MERGE, an erased one with DELETION). Safe on several replicas: the segment row is
-        locked (SKIP LOCKED) for each batch."""
+        locked (SKIP LOCKED) for each batch. Safe beside the event transactions, which evaluate
+        their profile as they handle it: the candidates are locked as those transactions lock
+        them, then checked again, so a profile an event just moved is not announced twice."""
         announced = 0
         while True:
             now = self._clock.now()
@@ -224,34 +238,75 @@ class DefinitionsService:
                     ref.project_id, ref.segment_id, node, now, EVALUATION_BATCH
                 )
                 left = await tx.left(ref.project_id, ref.segment_id, node, now, EVALUATION_BATCH)
+                candidates = [*entered, *left]
                 changes: list[tuple[UUID, MembershipChange]] = []
-                for member in left:
-                    why = (
-                        ChangeCause.DELETION
-                        if member.erased
-                        else ChangeCause.MERGE
-                        if member.merged
-                        else cause
+                if candidates:
+                    await tx.lock_segment_profiles(ref.project_id, candidates)
+                    checks = await tx.check_profiles(
+                        ref.project_id, ref.segment_id, node, candidates, now
                     )
-                    changes.append(
-                        (
-                            member.profile_id,
-                            MembershipChange(False, now, why, custom_segment_id=ref.segment_id),
-                        )
+                    changes = await _apply(
+                        tx,
+                        ref.project_id,
+                        ref.segment_id,
+                        [c for c in checks if c.matches and not c.member],
+                        [c for c in checks if c.member and not c.matches],
+                        now,
+                        cause,
                     )
-                changes.extend(
-                    (p, MembershipChange(True, now, cause, custom_segment_id=ref.segment_id))
-                    for p in entered
-                )
-                await tx.apply_members(
-                    ref.project_id, ref.segment_id, entered, [m.profile_id for m in left], now
-                )
+                else:
+                    await tx.apply_members(ref.project_id, ref.segment_id, [], [], now)
                 await tx.enqueue_changes(ref.project_id, changes)
             announced += len(changes)
             if changed is not None:
                 changed.update(p for p, _ in changes)
-            if len(entered) < EVALUATION_BATCH and len(left) < EVALUATION_BATCH:
+            full = len(entered) >= EVALUATION_BATCH or len(left) >= EVALUATION_BATCH
+            if not full or not changes:
                 return announced
+
+    async def evaluate_profiles(
+        self,
+        tx: DefinitionsTransaction,
+        project_id: UUID,
+        profile_ids: Sequence[UUID],
+        now: datetime,
+        cause: ChangeCause,
+    ) -> list[tuple[UUID, MembershipChange]]:
+        """Evaluates every custom segment of the project for each profile, in the caller's
+        transaction (which must hold the profiles' segment_profiles locks), writes the
+        memberships that changed and enqueues their ENTERED/LEFT changes (outbox); returns
+        them. A merged-away profile leaves with cause MERGE, an erased one with DELETION.
+        Idempotent: a second run finds nothing to change."""
+        segments = await tx.segments_for_profile(project_id)
+        if not segments:
+            return []
+        nodes = [node for _, node in segments]
+        changes: list[tuple[UUID, MembershipChange]] = []
+        for profile_id in dict.fromkeys(profile_ids):
+            members = await tx.memberships(project_id, profile_id)
+            match = await tx.match_profile(project_id, profile_id, nodes, now)
+            erased = match is None
+            merged = match is not None and match.merged
+            for index, (segment_id, _) in enumerate(segments):
+                matches = match is not None and match.matches[index]
+                member = segment_id in members
+                if matches == member:
+                    continue
+                check = ProfileCheck(profile_id, erased, merged, member, matches)
+                changes.extend(
+                    await _apply(
+                        tx,
+                        project_id,
+                        segment_id,
+                        [check] if matches else [],
+                        [] if matches else [check],
+                        now,
+                        cause,
+                        touch=False,
+                    )
+                )
+        await tx.enqueue_changes(project_id, changes)
+        return changes
 
     # --- funnels ---------------------------------------------------------------------------
 
@@ -342,3 +397,42 @@ class DefinitionsService:
                 FunnelProgress(funnel, best_attempt(occurrences, funnel.conversion_window))
             )
         return live_id, progress
+
+
+async def _apply(
+    tx: DefinitionsTransaction,
+    project_id: UUID,
+    segment_id: UUID,
+    entering: Sequence[ProfileCheck],
+    leaving: Sequence[ProfileCheck],
+    now: datetime,
+    cause: ChangeCause,
+    *,
+    touch: bool = True,
+) -> list[tuple[UUID, MembershipChange]]:
+    """Writes one segment's membership difference; returns the changes to announce (only the
+    rows really written), leavers first."""
+    entered, left = await tx.apply_members(
+        project_id,
+        segment_id,
+        [c.profile_id for c in entering],
+        [c.profile_id for c in leaving],
+        now,
+        touch=touch,
+    )
+    why = {c.profile_id: _leave_cause(c, cause) for c in leaving}
+    changes = [
+        (p, MembershipChange(False, now, why[p], custom_segment_id=segment_id)) for p in left
+    ]
+    changes.extend(
+        (p, MembershipChange(True, now, cause, custom_segment_id=segment_id)) for p in entered
+    )
+    return changes
+
+
+def _leave_cause(check: ProfileCheck, cause: ChangeCause) -> ChangeCause:
+    if check.erased:
+        return ChangeCause.DELETION
+    if check.merged:
+        return ChangeCause.MERGE
+    return cause

@@ -375,6 +375,10 @@ class SegmentsTransaction:
     async def delete_states(self, project_id: UUID, profile_ids: Sequence[UUID]) -> None:
         await self._conn.execute(DELETE_STATES, project_id, list(profile_ids))
 
+    def definitions(self) -> DefinitionsTransaction:
+        """The custom segment statements, in this same transaction."""
+        return DefinitionsTransaction(self._conn)
+
     async def histories(
         self, project_id: UUID, profile_id: UUID, time_zone: str | None, recent_since: datetime
     ) -> dict[int, History]:
@@ -473,18 +477,48 @@ SELECT_PROJECT_SEGMENTS = """
     SELECT project_id, segment_id, filter FROM custom_segments
     WHERE project_id = $1 ORDER BY create_seq"""
 # One evaluator per segment at a time: replicas skip a segment another one is evaluating, and
-# a deleted segment is skipped.
+# a deleted segment is skipped. NO KEY UPDATE, so that event transactions, which hold the
+# project's segments FOR KEY SHARE while they evaluate one profile, neither wait for the sweep
+# nor make it skip the segment.
 LOCK_SEGMENT = """
     SELECT filter FROM custom_segments WHERE project_id = $1 AND segment_id = $2
-    FOR UPDATE SKIP LOCKED"""
+    FOR NO KEY UPDATE SKIP LOCKED"""
+# The project's segments, for evaluating one profile in an event transaction. FOR KEY SHARE: a
+# DeleteSegment waits until the transaction commits (so no member row outlives its segment),
+# while the sweep's NO KEY UPDATE lock and its evaluate_time update go on beside it.
+SELECT_SEGMENTS_FOR_PROFILE = """
+    SELECT segment_id, filter FROM custom_segments WHERE project_id = $1
+    ORDER BY create_seq
+    FOR KEY SHARE"""
+# A profile's memberships (custom_segment_members_by_profile).
+SELECT_PROFILE_MEMBERSHIPS = """
+    SELECT segment_id FROM custom_segment_members WHERE project_id = $1 AND profile_id = $2"""
+# The sweep locks the profiles it is about to move in or out, as every event transaction does
+# (segment_profiles rows, profile_id order), so that it re-checks them after any event being
+# handled has committed and never announces from a stale read. A live profile segments has not
+# heard of yet is registered, as lock_profiles does.
+REGISTER_LIVE_PROFILES = """
+    INSERT INTO segment_profiles (project_id, profile_id)
+    SELECT $1, p.profile_id FROM profiles p
+    WHERE p.project_id = $1 AND p.profile_id = ANY($2::uuid[])
+    ON CONFLICT (project_id, profile_id) DO NOTHING"""
+LOCK_SEGMENT_PROFILES = """
+    SELECT profile_id FROM segment_profiles
+    WHERE project_id = $1 AND profile_id = ANY($2::uuid[])
+    ORDER BY profile_id
+    FOR UPDATE"""
 TOUCH_SEGMENT = """
     UPDATE custom_segments SET evaluate_time = $3 WHERE project_id = $1 AND segment_id = $2"""
+# Both return the rows they really changed: only those are announced, so two evaluators that
+# raced on one profile (which the profile locks prevent) still could not announce it twice.
 INSERT_MEMBERS = """
-    INSERT INTO custom_segment_members (project_id, segment_id, profile_id)
-    SELECT $1, $2, unnest($3::uuid[]) ON CONFLICT DO NOTHING"""
+    INSERT INTO custom_segment_members (project_id, segment_id, profile_id, enter_time)
+    SELECT $1, $2, unnest($3::uuid[]), $4 ON CONFLICT DO NOTHING
+    RETURNING profile_id"""
 DELETE_MEMBERS = """
     DELETE FROM custom_segment_members
-    WHERE project_id = $1 AND segment_id = $2 AND profile_id = ANY($3::uuid[])"""
+    WHERE project_id = $1 AND segment_id = $2 AND profile_id = ANY($3::uuid[])
+    RETURNING profile_id"""
 
 # Templates completed with a compiled filter (filter_sql.compile_filter: fixed SQL text with
 # $n parameters only): {where} is the filter over `p`, {n} the number of the first parameter
@@ -500,8 +534,8 @@ LIVE_PROFILES = (
 # lookup through the per-profile indexes of its table; linear in the project's profiles.
 COUNT_MATCHING = "SELECT count(*) " + LIVE_PROFILES + " AND {where}"
 FILL_MEMBERS = (
-    "INSERT INTO custom_segment_members (project_id, segment_id, profile_id)"
-    " SELECT $1, ${n}::uuid, p.profile_id " + LIVE_PROFILES + " AND {where}"
+    "INSERT INTO custom_segment_members (project_id, segment_id, profile_id, enter_time)"
+    " SELECT $1, ${n}::uuid, p.profile_id, $2 " + LIVE_PROFILES + " AND {where}"
 )
 # Live matching profiles not yet members, a bounded batch in profile_id order.
 SELECT_ENTERED = (
@@ -511,13 +545,37 @@ SELECT_ENTERED = (
 )
 # Members that no longer match, with why: erased (no profile row), merged away, or the filter.
 SELECT_LEFT = (
-    "SELECT m.profile_id, p.profile_id IS NULL AS erased, p.merged_into IS NOT NULL AS merged"
-    " FROM custom_segment_members m LEFT JOIN profiles p"
+    "SELECT m.profile_id FROM custom_segment_members m LEFT JOIN profiles p"
     " ON p.project_id = m.project_id AND p.profile_id = m.profile_id"
     " WHERE m.project_id = $1 AND m.segment_id = ${n}::uuid AND $2::timestamptz IS NOT NULL"
     " AND NOT (CASE WHEN p.profile_id IS NULL OR p.merged_into IS NOT NULL THEN false"
     " ELSE {where} END) ORDER BY m.profile_id LIMIT ${m}::int"
 )
+# The sweep's re-check of its candidates, once locked: for each, whether it is erased (no
+# profile row), merged away, a member, and matching now.
+CHECK_PROFILES = (
+    "SELECT $2::timestamptz AS as_of, c.profile_id, p.profile_id IS NULL AS erased,"
+    " p.merged_into IS NOT NULL AS merged,"
+    " EXISTS (SELECT 1 FROM custom_segment_members m WHERE m.project_id = $1"
+    " AND m.segment_id = ${n}::uuid AND m.profile_id = c.profile_id) AS member,"
+    " CASE WHEN p.profile_id IS NULL OR p.merged_into IS NOT NULL THEN false"
+    " ELSE coalesce({where}, false) END AS matches"
+    " FROM unnest(${m}::uuid[]) AS c(profile_id) LEFT JOIN profiles p"
+    " ON p.project_id = $1 AND p.profile_id = c.profile_id ORDER BY c.profile_id"
+)
+# One profile ($3) against several segments' filters at once (one column each, {columns}):
+# the per-profile evaluation of an event transaction, one round trip per chunk of segments,
+# each condition a lookup through the per-profile indexes. No row: the profile is erased.
+MATCH_PROFILE = (
+    "SELECT $2::timestamptz AS as_of, p.merged_into IS NOT NULL AS merged,"
+    " ARRAY[{columns}]::boolean[] AS matches"
+    " FROM profiles p WHERE p.project_id = $1 AND p.profile_id = $3"
+)
+# (as_of comes first: PostgreSQL types a parameter at its first use, and the filters use $2 in
+# arithmetic that would otherwise make it an interval.)
+# Segments per MATCH_PROFILE statement: keeps its parameters (a few per condition, at most 31
+# conditions per segment) far below PostgreSQL's 32,767.
+MATCH_CHUNK = 25
 
 SELECT_FUNNEL_COLUMNS = """
     SELECT funnel_id, display_name, description, steps, conversion_window_ms, create_time,
@@ -574,10 +632,22 @@ class SegmentRef:
 
 
 @dataclass(frozen=True, slots=True)
-class LeftMember:
+class ProfileCheck:
+    """Where one profile stands against one segment's filter, as of one evaluation."""
+
     profile_id: UUID
     erased: bool
     merged: bool
+    member: bool
+    matches: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ProfileMatch:
+    """One profile against its project's segments: `matches[i]` for the i-th segment given."""
+
+    merged: bool
+    matches: tuple[bool, ...]
 
 
 def _compiled(node: FilterNode, template: str, extra: int = 0) -> tuple[str, list[Any], int]:
@@ -626,8 +696,12 @@ class DefinitionsRepository:
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[DefinitionsTransaction]:
-        async with self._pool.acquire() as conn, conn.transaction():
-            yield DefinitionsTransaction(_connection(conn))
+        """One short transaction; a lost race surfaces as ConcurrentChange after the rollback."""
+        try:
+            async with self._pool.acquire() as conn, conn.transaction():
+                yield DefinitionsTransaction(_connection(conn))
+        except RACE_ERRORS as exc:
+            raise ConcurrentChange("a concurrent change to the same profiles won; retry") from exc
 
     async def count_matching(self, project_id: UUID, node: FilterNode, now: datetime) -> int:
         sql, params, _ = _compiled(node, COUNT_MATCHING)
@@ -763,10 +837,70 @@ class DefinitionsTransaction:
 
     async def left(
         self, project_id: UUID, segment_id: UUID, node: FilterNode, now: datetime, limit: int
-    ) -> list[LeftMember]:
+    ) -> list[UUID]:
         sql, params, _ = _compiled(node, SELECT_LEFT)
         rows = await self._conn.fetch(sql, project_id, now, *params, segment_id, limit)
-        return [LeftMember(r["profile_id"], r["erased"], r["merged"]) for r in rows]
+        return [r["profile_id"] for r in rows]
+
+    async def lock_segment_profiles(self, project_id: UUID, profile_ids: Sequence[UUID]) -> None:
+        """Locks the profiles as an event transaction would (registering live unknown ones)."""
+        ids = sorted(set(profile_ids))
+        await self._conn.execute(REGISTER_LIVE_PROFILES, project_id, ids)
+        await self._conn.fetch(LOCK_SEGMENT_PROFILES, project_id, ids)
+
+    async def check_profiles(
+        self,
+        project_id: UUID,
+        segment_id: UUID,
+        node: FilterNode,
+        profile_ids: Sequence[UUID],
+        now: datetime,
+    ) -> list[ProfileCheck]:
+        sql, params, _ = _compiled(node, CHECK_PROFILES)
+        rows = await self._conn.fetch(
+            sql, project_id, now, *params, segment_id, sorted(set(profile_ids))
+        )
+        return [
+            ProfileCheck(r["profile_id"], r["erased"], r["merged"], r["member"], r["matches"])
+            for r in rows
+        ]
+
+    async def segments_for_profile(self, project_id: UUID) -> list[tuple[UUID, FilterNode]]:
+        """The project's segments, oldest first, share-locked against deletion."""
+        rows = await self._conn.fetch(SELECT_SEGMENTS_FOR_PROFILE, project_id)
+        return [(r["segment_id"], filter_from_json(r["filter"])) for r in rows]
+
+    async def memberships(self, project_id: UUID, profile_id: UUID) -> set[UUID]:
+        rows = await self._conn.fetch(SELECT_PROFILE_MEMBERSHIPS, project_id, profile_id)
+        return {r["segment_id"] for r in rows}
+
+    async def match_profile(
+        self, project_id: UUID, profile_id: UUID, nodes: Sequence[FilterNode], now: datetime
+    ) -> ProfileMatch | None:
+        """Whether the profile passes each filter as of `now`; None when it is erased."""
+        merged = False
+        matches: list[bool] = []
+        for start in range(0, len(nodes), MATCH_CHUNK):
+            builder = SqlBuilder(first=4)
+            columns = ", ".join(
+                f"coalesce({compile_filter(node, builder)}, false)"
+                for node in nodes[start : start + MATCH_CHUNK]
+            )
+            row = await self._conn.fetchrow(
+                MATCH_PROFILE.format(columns=columns), project_id, now, profile_id, *builder.params
+            )
+            if row is None:
+                return None
+            merged = row["merged"]
+            matches.extend(bool(m) and not merged for m in row["matches"])
+        if not nodes:
+            row = await self._conn.fetchrow(
+                MATCH_PROFILE.format(columns="true"), project_id, now, profile_id
+            )
+            if row is None:
+                return None
+            merged = row["merged"]
+        return ProfileMatch(merged, tuple(matches))
 
     async def apply_members(
         self,
@@ -775,12 +909,23 @@ class DefinitionsTransaction:
         entered: Sequence[UUID],
         left: Sequence[UUID],
         now: datetime,
-    ) -> None:
+        *,
+        touch: bool = True,
+    ) -> tuple[list[UUID], list[UUID]]:
+        """Writes the difference; returns the profiles that really entered and left."""
+        really_entered: list[UUID] = []
+        really_left: list[UUID] = []
         if entered:
-            await self._conn.execute(INSERT_MEMBERS, project_id, segment_id, list(entered))
+            rows = await self._conn.fetch(
+                INSERT_MEMBERS, project_id, segment_id, list(entered), now
+            )
+            really_entered = [r["profile_id"] for r in rows]
         if left:
-            await self._conn.execute(DELETE_MEMBERS, project_id, segment_id, list(left))
-        await self._conn.execute(TOUCH_SEGMENT, project_id, segment_id, now)
+            rows = await self._conn.fetch(DELETE_MEMBERS, project_id, segment_id, list(left))
+            really_left = [r["profile_id"] for r in rows]
+        if touch:
+            await self._conn.execute(TOUCH_SEGMENT, project_id, segment_id, now)
+        return really_entered, really_left
 
     async def enqueue_changes(
         self, project_id: UUID, changes: Sequence[tuple[UUID, MembershipChange]]

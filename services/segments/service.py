@@ -183,6 +183,11 @@ class SegmentsService:
                 ChangeCause.EVENT,
                 activity.latest_event_time or now,
             )
+            # Whatever the events' kinds (a custom event, an attribute, subscription or
+            # installation change may change a custom segment's conditions as much as a
+            # session), the profile's custom segments are evaluated here, after its smart
+            # segment state is saved (filters read it), so their changes go out with the event.
+            await self._evaluate_custom(tx, project_id, [row.profile_id], now, ChangeCause.EVENT)
 
     async def _lock_live(
         self, tx: SegmentsTransaction, project_id: UUID, profile_id: UUID
@@ -288,6 +293,9 @@ class SegmentsService:
                 ChangeCause.MERGE,
                 now,
             )
+            await self._evaluate_custom(
+                tx, project_id, [*sources, target.profile_id], now, ChangeCause.MERGE
+            )
 
     async def _leave_everything(
         self,
@@ -321,6 +329,35 @@ class SegmentsService:
         for profile_id in profile_ids:
             await self._leave_everything(tx, project_id, profile_id, now, ChangeCause.DELETION)
         await tx.erase(project_id, profile_ids, now)
+        await self._evaluate_custom(tx, project_id, profile_ids, now, ChangeCause.DELETION)
+
+    async def _evaluate_custom(
+        self,
+        tx: SegmentsTransaction,
+        project_id: UUID,
+        profile_ids: Sequence[UUID],
+        now: datetime,
+        cause: ChangeCause,
+    ) -> None:
+        """Evaluates the locked profiles' custom segments in this transaction (their changes
+        go out with it); the periodic sweep catches up on what time alone changes."""
+        if self._definitions is not None:
+            await self._definitions.evaluate_profiles(
+                tx.definitions(), project_id, profile_ids, now, cause
+            )
+
+    async def evaluate_custom_segments(
+        self, project_id: UUID, profile_ids: Sequence[UUID], cause: ChangeCause
+    ) -> None:
+        """Re-evaluates the profiles' custom segments now, for changes that reach segments
+        without events of theirs (identity moving installations: splits, imports). Idempotent."""
+
+        async def work() -> None:
+            async with self._repository.transaction() as tx:
+                await tx.lock_profiles(project_id, profile_ids)
+                await self._evaluate_custom(tx, project_id, profile_ids, self._clock.now(), cause)
+
+        await self._retrying(work)
 
     async def sweep(self, limit: int = 500) -> int:
         """Moves stored states whose next transition has passed along their schedule, and

@@ -237,15 +237,31 @@ CREATE UNIQUE INDEX custom_segments_by_request_id ON custom_segments (project_id
 -- Oldest first for ListSegments (keyset on create_seq).
 CREATE INDEX custom_segments_by_seq ON custom_segments (project_id, create_seq);
 
--- The members of each custom segment as of its last evaluation: the evaluation worker diffs the
--- filter's live result against these rows and announces the difference (ENTERED/LEFT). Filled
--- silently at creation (creating a segment announces nothing); deleted with the segment.
+-- READ CONTRACT (query's profile view): the members of each custom segment as of its last
+-- evaluation, with when each entered (most recently). Kept current by segments itself:
+--  * in the transaction that handles a profile's events (every kind: sessions, custom events,
+--    attribute, subscription and installation changes) and identity's merges, splits, imports
+--    and deletions, segments evaluates every custom segment of the project for that profile
+--    and writes the difference here, with its ENTERED/LEFT changes (outbox, SEGMENT_CHANGES);
+--  * a periodic sweep (every 5 s by default) evaluates each whole segment and writes what time
+--    alone changed ("within the last N days" windows, smart segment transitions), and anything
+--    written to the source tables without an event (e.g. a segment created while the event
+--    was handled).
+-- So a profile's rows are current as of the last event segments handled for it, and at most
+-- one sweep interval behind for changes caused by time alone. Filled silently at creation
+-- (creating a segment announces nothing; enter_time is then the creation time); deleted with the
+-- segment. A row can name a merged-away or erased profile until the next evaluation of it:
+-- readers join live profiles. GetSegment's size is computed live, not from these rows.
 CREATE TABLE custom_segment_members (
     project_id uuid NOT NULL,
     segment_id uuid NOT NULL,
     profile_id uuid NOT NULL,
+    enter_time timestamptz NOT NULL,
     PRIMARY KEY (project_id, segment_id, profile_id)
 );
+-- A profile's memberships (the per-profile evaluation and query's profile view).
+CREATE INDEX custom_segment_members_by_profile
+    ON custom_segment_members (project_id, profile_id);
 
 -- Funnels: ordered steps (model.FunnelStep list as JSON) and a conversion window. Progress and
 -- per-step counts are computed from events at read time, so nothing per profile is stored.
@@ -286,3 +302,181 @@ CREATE FUNCTION profiles_merge_custom_segment_members(uuid, uuid, uuid) RETURNS 
 LANGUAGE plpgsql AS $$ BEGIN RETURN; END $$;
 CREATE FUNCTION profiles_erase_custom_segment_members(uuid, uuid[]) RETURNS void
 LANGUAGE plpgsql AS $$ BEGIN RETURN; END $$;
+
+-- Whether one event attribute value (the proto JSON of AttributeValue, as stored in
+-- events.payload: {"number_value": 1.5}, {"string_list_value": {"values": [...]}}) passes one
+-- funnel step condition (model.AttributeTest as stored in funnels.steps: {"operator": 1,
+-- "value": {"type": "number", "value": 1.5}, "values": [...], "ignore_case": false, ...}).
+-- The same rule as services/segments/filter_sql.py event_condition_sql (a test compares both
+-- on every operator and type): a value of another type than the operand's never matches
+-- (NOT_EQUALS included); ignore_case folds text; a string CONTAINS also looks into string lists.
+CREATE FUNCTION funnel_step_value_matches(p_test jsonb, p_value jsonb)
+RETURNS boolean LANGUAGE plpgsql IMMUTABLE AS $$
+DECLARE
+    op integer := (p_test->>'operator')::integer;
+    fold boolean := coalesce((p_test->>'ignore_case')::boolean, false);
+    operand jsonb := CASE WHEN jsonb_typeof(p_test->'value') = 'object' THEN p_test->'value'
+                          ELSE p_test->'values'->0 END;
+    value_type text;
+    operand_type text;
+    stored text;
+    items jsonb;
+BEGIN
+    IF p_value IS NULL OR jsonb_typeof(p_value) <> 'object' THEN
+        RETURN false;
+    END IF;
+    value_type := CASE WHEN p_value ? 'string_value' THEN 'string'
+                       WHEN p_value ? 'url_value' THEN 'url'
+                       WHEN p_value ? 'number_value' THEN 'number'
+                       WHEN p_value ? 'bool_value' THEN 'bool'
+                       WHEN p_value ? 'timestamp_value' THEN 'timestamp'
+                       WHEN p_value ? 'string_list_value' THEN 'string_list' END;
+    IF op = 10 THEN  -- EXISTS
+        RETURN value_type IS NOT NULL;
+    END IF;
+    operand_type := operand->>'type';
+    IF value_type IS NULL OR NOT (value_type = operand_type
+            OR (op = 8 AND operand_type = 'string' AND value_type = 'string_list')) THEN
+        RETURN false;
+    END IF;
+    IF value_type = 'string_list' THEN
+        items := coalesce(p_value->'string_list_value'->'values', '[]');
+        IF op = 8 THEN  -- CONTAINS: one item equals the operand
+            RETURN EXISTS (
+                SELECT 1 FROM jsonb_array_elements_text(items) AS i(item)
+                WHERE CASE WHEN fold THEN lower(i.item) = lower(operand->>'value')
+                           ELSE i.item = operand->>'value' END);
+        END IF;
+        IF fold THEN
+            RETURN funnel_compare(lower(items::text), lower((operand->'value')::text), op);
+        END IF;
+        RETURN funnel_compare(items, operand->'value', op);
+    END IF;
+    stored := coalesce(p_value->>'string_value', p_value->>'url_value',
+                       p_value->>'number_value', p_value->>'bool_value',
+                       p_value->>'timestamp_value');
+    IF value_type = 'number' THEN
+        IF op = 7 THEN
+            RETURN stored::float8 IN (
+                SELECT (x->>'value')::float8 FROM jsonb_array_elements(p_test->'values') x);
+        END IF;
+        RETURN funnel_compare(stored::float8, (operand->>'value')::float8, op);
+    ELSIF value_type = 'bool' THEN
+        RETURN funnel_compare(stored::boolean, (operand->>'value')::boolean, op);
+    ELSIF value_type = 'timestamp' THEN
+        RETURN funnel_compare(stored::timestamptz, (operand->>'value')::timestamptz, op);
+    END IF;
+    -- string, url
+    IF fold THEN
+        stored := lower(stored);
+    END IF;
+    IF op = 7 THEN  -- IN
+        RETURN stored IN (
+            SELECT CASE WHEN fold THEN lower(x->>'value') ELSE x->>'value' END
+            FROM jsonb_array_elements(p_test->'values') x);
+    ELSIF op = 8 THEN
+        RETURN strpos(stored, CASE WHEN fold THEN lower(operand->>'value')
+                                   ELSE operand->>'value' END) > 0;
+    ELSIF op = 9 THEN
+        RETURN starts_with(stored, CASE WHEN fold THEN lower(operand->>'value')
+                                        ELSE operand->>'value' END);
+    END IF;
+    RETURN funnel_compare(stored, CASE WHEN fold THEN lower(operand->>'value')
+                                       ELSE operand->>'value' END, op);
+END $$;
+
+-- model.Operator's comparisons (1 =, 2 <>, 3 <, 4 <=, 5 >, 6 >=) on two values of one type.
+CREATE FUNCTION funnel_compare(a anyelement, b anyelement, op integer)
+RETURNS boolean LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE op WHEN 1 THEN a = b WHEN 2 THEN a <> b WHEN 3 THEN a < b WHEN 4 THEN a <= b
+                   WHEN 5 THEN a > b WHEN 6 THEN a >= b END
+$$;
+
+-- READ CONTRACT (query's profile view): one profile's progress in every funnel of its project
+-- as of `p_as_of`, from its events (a merged profile's events are the survivor's: identity
+-- moves them). One row per funnel and step, funnels oldest first (create_seq), steps in order:
+-- the step's number (from 1) and event name, and when the profile's best attempt completed it
+-- (NULL: not completed). The same rule as model.best_attempt (a test compares them): an
+-- attempt starts at an occurrence of step 1; each later step is the first matching event
+-- strictly after the previous step and strictly before start + conversion window; the best
+-- attempt completes the most steps, the earliest start winning a tie. A step's events are the
+-- custom events (kind 1) with its lower-case name whose attribute passes its condition, if any
+-- (funnel_step_value_matches). Pass the live profile ID (a merged-away one has no events).
+-- Cost: one read of the profile's events with the funnels' names per funnel
+-- (events_by_profile_time), then a single pass over them (the next candidate of each step only
+-- moves forward, as attempts start later).
+CREATE FUNCTION profile_funnel_progress(p_project_id uuid, p_profile_id uuid, p_as_of timestamptz)
+RETURNS TABLE (funnel_id uuid, display_name text, step_number integer, event_name text,
+               complete_time timestamptz)
+LANGUAGE plpgsql STABLE AS $$
+#variable_conflict use_column
+DECLARE
+    f record;
+    n integer;
+    occurrence_steps integer[];
+    occurrence_times timestamptz[];
+    first_of integer[];
+    last_of integer[];
+    next_of integer[];
+    best timestamptz[];
+    attempt timestamptz[];
+    deadline timestamptz;
+    i integer;
+    k integer;
+BEGIN
+    FOR f IN
+        SELECT u.funnel_id, u.display_name, u.steps, u.conversion_window_ms
+        FROM funnels u WHERE u.project_id = p_project_id ORDER BY u.create_seq
+    LOOP
+        n := jsonb_array_length(f.steps);
+        SELECT coalesce(array_agg(o.step ORDER BY o.step, o.event_time), '{}'),
+               coalesce(array_agg(o.event_time ORDER BY o.step, o.event_time), '{}')
+        INTO occurrence_steps, occurrence_times
+        FROM (
+            SELECT s.step::integer AS step, e.event_time
+            FROM jsonb_array_elements(f.steps) WITH ORDINALITY AS s(def, step)
+            JOIN events e
+                ON e.project_id = p_project_id AND e.profile_id = p_profile_id
+               AND e.kind = 1 AND e.name = s.def->>'event_name' AND e.event_time <= p_as_of
+            WHERE jsonb_typeof(s.def->'condition') IS DISTINCT FROM 'object'
+               OR funnel_step_value_matches(
+                      s.def->'condition'->'attribute',
+                      e.payload->'attributes'->(s.def->'condition'->'attribute'->>'name'))
+        ) o;
+        first_of := array_fill(0, ARRAY[n]);
+        last_of := array_fill(-1, ARRAY[n]);
+        FOR i IN 1..cardinality(occurrence_times) LOOP
+            k := occurrence_steps[i];
+            IF first_of[k] = 0 THEN
+                first_of[k] := i;
+            END IF;
+            last_of[k] := i;
+        END LOOP;
+        best := '{}';
+        next_of := first_of;
+        IF first_of[1] > 0 THEN
+            FOR i IN first_of[1]..last_of[1] LOOP
+                attempt := ARRAY[occurrence_times[i]];
+                deadline := occurrence_times[i] + f.conversion_window_ms * interval '1 millisecond';
+                FOR k IN 2..n LOOP
+                    EXIT WHEN first_of[k] = 0;
+                    WHILE next_of[k] <= last_of[k]
+                          AND occurrence_times[next_of[k]] <= attempt[k - 1] LOOP
+                        next_of[k] := next_of[k] + 1;
+                    END LOOP;
+                    EXIT WHEN next_of[k] > last_of[k] OR occurrence_times[next_of[k]] >= deadline;
+                    attempt := attempt || occurrence_times[next_of[k]];
+                END LOOP;
+                IF cardinality(attempt) > cardinality(best) THEN
+                    best := attempt;
+                    EXIT WHEN cardinality(best) = n;  -- starts ascend: nothing beats a full one
+                END IF;
+            END LOOP;
+        END IF;
+        RETURN QUERY
+            SELECT f.funnel_id, f.display_name, s.step::integer, s.def->>'event_name',
+                   best[s.step]
+            FROM jsonb_array_elements(f.steps) WITH ORDINALITY AS s(def, step)
+            ORDER BY s.step;
+    END LOOP;
+END $$;

@@ -8,12 +8,14 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+from google.protobuf.duration_pb2 import Duration
 
 from profiles.common.v1 import types_pb2
 from profiles.ingest.v1 import ingest_service_pb2_grpc as ingest_grpc
 from profiles.query.v1 import profile_pb2, timeline_pb2
 from profiles.query.v1 import query_service_pb2 as pb
 from profiles.query.v1 import query_service_pb2_grpc as query_grpc
+from profiles.segments.v1 import filters_pb2, funnels_pb2
 from profiles.segments.v1 import segments_service_pb2 as segments_pb
 from profiles.segments.v1 import segments_service_pb2_grpc as segments_grpc
 from shared.clock import FrozenClock
@@ -70,6 +72,43 @@ async def test_a_user_on_ios_and_web_is_shown_exactly_as_they_behaved(suite: Any
     suite, segments = suite
     clock = suite.clock
     t0 = clock.now()
+    # An operator defines two custom segments and a funnel beforehand.
+    admin = suite.project.metadata("admin")
+    segment_ids = {}
+    for name, condition in (
+        (
+            "Web users",
+            filters_pb2.Condition(platform=filters_pb2.PlatformCondition(platforms=[WEB])),
+        ),
+        (
+            "Email marketing",
+            filters_pb2.Condition(
+                subscription=filters_pb2.SubscriptionCondition(
+                    channel=EMAIL, kind=MARKETING, subscribed=True
+                )
+            ),
+        ),
+    ):
+        created = await segments.CreateSegment(
+            segments_pb.CreateSegmentRequest(
+                display_name=name, filter=filters_pb2.FilterNode(condition=condition)
+            ),
+            metadata=admin,
+        )
+        segment_ids[name] = created.segment.segment_id
+    hour = Duration()
+    hour.FromTimedelta(timedelta(hours=1))
+    await segments.CreateFunnel(
+        segments_pb.CreateFunnelRequest(
+            display_name="Checkout",
+            steps=[
+                funnels_pb2.FunnelStep(event_name="view_item"),
+                funnels_pb2.FunnelStep(event_name="purchase"),
+            ],
+            conversion_window=hour,
+        ),
+        metadata=admin,
+    )
     # Installs on iOS (push allowed) and on the Web, browses anonymously on both.
     await suite.track(
         installation_update(
@@ -141,6 +180,17 @@ async def test_a_user_on_ios_and_web_is_shown_exactly_as_they_behaved(suite: Any
     assert (profile.engagement.score3, profile.engagement.score) == (1, 4.0)
     assert profile.smart_segment.segment == types_pb2.SMART_SEGMENT_NEW
     assert profile.smart_segment.flag == types_pb2.SMART_SEGMENT_FLAG_UNSPECIFIED
+    # Custom segments as the events left them (no periodic evaluation needed): alice opted in,
+    # and the Web installation left with the logout for the new anonymous profile.
+    assert [m.display_name for m in profile.segment_memberships] == ["Email marketing"]
+    web_view = (await suite.get(profile_id=web_after)).profile
+    assert [m.segment_id for m in web_view.segment_memberships] == [segment_ids["Web users"]]
+    (checkout,) = profile.funnels
+    assert [(s.event_name, s.status) for s in checkout.steps] == [
+        ("view_item", profile_pb2.FUNNEL_STEP_STATUS_COMPLETED),
+        ("purchase", profile_pb2.FUNNEL_STEP_STATUS_NOT_COMPLETED),
+    ]
+    assert checkout.steps[0].complete_time.ToDatetime(tzinfo=t0.tzinfo) == t0 + timedelta(minutes=1)
 
     # The timeline, newest first: the crash, the split, the consent, the merge, the browsing.
     timeline = await suite.call("ListEvents", pb.ListEventsRequest(profile_id=alice, page_size=100))

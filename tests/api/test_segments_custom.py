@@ -325,8 +325,8 @@ async def test_profiles_entering_and_leaving_are_announced_not_the_creation(
     assert await stack.definitions.evaluate_all() == 0  # creation announces nothing
     (newcomer,) = await stack.track(set_attributes("inst-2", plan="pro"))
     await stack.track(set_attributes("inst-1", plan="free"))
-    assert await stack.definitions.evaluate_all() == 2
-    assert await stack.definitions.evaluate_all() == 0  # nothing twice
+    # The events' own transactions announced both; the sweep finds nothing left to announce.
+    assert await stack.definitions.evaluate_all() == 0
     watch = pb.WatchSegmentChangesRequest(
         custom_segment_id=segment_id, start_time=_stamp(NOW - timedelta(days=3650))
     )
@@ -350,3 +350,69 @@ async def test_profiles_entering_and_leaving_are_announced_not_the_creation(
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await read_changes(stack, pb.WatchSegmentChangesRequest(custom_segment_id=segment_id), 1)
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_an_event_announces_its_custom_segment_changes_without_the_sweep(
+    stack: Stack,
+) -> None:
+    # The fixture's sweep runs once at start, then every hour: far beyond read_changes' 10 s
+    # deadline, so whatever arrives here was announced by the event transactions themselves.
+    created = await stack.segments.CreateSegment(
+        pb.CreateSegmentRequest(
+            display_name="Buyers",
+            filter=all_of(
+                attribute("plan", EQ, "pro"),
+                condition(
+                    event_count=f.EventCountCondition(
+                        event_name="purchase", operator=GE, count=1, within_last_days=30
+                    )
+                ),
+            ),
+        ),
+        metadata=stack.admin,
+    )
+    segment_id = created.segment.segment_id
+    assert created.segment.size == 0
+    # Each kind of event moves the profile: an attribute change alone is not enough, the
+    # custom event completes it, and a later attribute change takes it out again.
+    (profile,) = await stack.track(set_attributes("inst-1", plan="pro"))
+    await stack.track(custom_event("inst-1", "purchase", NOW - timedelta(hours=1)))
+    await stack.track(set_attributes("inst-1", plan="free"))
+    watch = pb.WatchSegmentChangesRequest(
+        custom_segment_id=segment_id, start_time=_stamp(NOW - timedelta(days=3650))
+    )
+    changes = await read_changes(stack, watch, 2)
+    assert [(c.profile_id, segments_pb2.SegmentTransition.Name(c.transition)) for c in changes] == [
+        (profile, "SEGMENT_TRANSITION_ENTERED"),
+        (profile, "SEGMENT_TRANSITION_LEFT"),
+    ]
+    assert {c.cause for c in changes} == {segments_pb2.SEGMENT_CHANGE_CAUSE_EVENT}
+    rows = await stack.pool.fetch(
+        "SELECT profile_id FROM custom_segment_members WHERE segment_id = $1",
+        uuid.UUID(segment_id),
+    )
+    assert rows == []
+
+
+async def test_a_subscription_change_alone_moves_a_profile_at_once(stack: Stack) -> None:
+    created = await stack.segments.CreateSegment(
+        pb.CreateSegmentRequest(
+            display_name="Email marketing",
+            filter=condition(
+                subscription=f.SubscriptionCondition(
+                    channel=types_pb2.CHANNEL_EMAIL,
+                    kind=types_pb2.SUBSCRIPTION_KIND_MARKETING,
+                    subscribed=True,
+                )
+            ),
+        ),
+        metadata=stack.admin,
+    )
+    (profile,) = await stack.track(
+        subscription("inst-9", types_pb2.CHANNEL_EMAIL, types_pb2.SUBSCRIPTION_KIND_MARKETING, True)
+    )
+    rows = await stack.pool.fetch(
+        "SELECT profile_id, enter_time FROM custom_segment_members WHERE segment_id = $1",
+        uuid.UUID(created.segment.segment_id),
+    )
+    assert [(str(r["profile_id"]), r["enter_time"]) for r in rows] == [(profile, NOW)]

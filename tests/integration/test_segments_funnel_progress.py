@@ -1,0 +1,232 @@
+"""Segments' read contract profile_funnel_progress() (0005_segments.sql) gives what
+model.best_attempt gives, on the unit cases and on random ones; its step conditions
+(funnel_step_value_matches) agree with the compiled SQL of filter_sql.event_condition_sql."""
+
+from __future__ import annotations
+
+import json
+import random
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+import pytest
+
+from services.segments.filter_sql import SqlBuilder, event_condition_sql
+from services.segments.model import (
+    OPERATOR_TYPES,
+    AttributeTest,
+    FunnelStep,
+    Operand,
+    Operator,
+    best_attempt,
+    filter_to_json,
+    steps_to_json,
+)
+from shared.db import create_pool
+
+T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
+AS_OF = T0 + timedelta(days=30)
+HOUR = timedelta(hours=1)
+
+PROGRESS = """
+    SELECT funnel_id, step_number, event_name, complete_time
+    FROM profile_funnel_progress($1, $2, $3)"""
+INSERT_FUNNEL = """
+    INSERT INTO funnels (project_id, funnel_id, display_name, steps, conversion_window_ms,
+                         definition_hash, create_time)
+    VALUES ($1, $2, $3, $4, $5, '', $6)"""
+INSERT_EVENTS = """
+    INSERT INTO events (project_id, installation_id, event_id, profile_id, kind, name,
+                        event_time, receive_time, platform, payload)
+    SELECT $1, 'inst', e.id, $2, 1, e.name, e.t, $3, 1, e.payload
+    FROM unnest($4::text[], $5::text[], $6::timestamptz[], $7::jsonb[]) AS e(id, name, t, payload)
+"""
+
+
+@pytest.fixture
+async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
+    pool = await create_pool(database_url, max_size=2)
+    try:
+        yield pool
+    finally:
+        await pool.close()
+
+
+def at(hours: float) -> datetime:
+    return T0 + timedelta(hours=hours)
+
+
+async def progress_in_sql(
+    pool: asyncpg.Pool,
+    steps: Sequence[str],
+    events: Sequence[tuple[str, datetime]],
+    window: timedelta,
+    as_of: datetime = AS_OF,
+) -> tuple[datetime, ...]:
+    """The completed step times profile_funnel_progress() gives one profile with `events`
+    (name, time) for a funnel of `steps` (event names), in a project of their own."""
+    project_id, profile_id, funnel_id = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    await pool.execute(
+        INSERT_FUNNEL,
+        project_id,
+        funnel_id,
+        "f",
+        steps_to_json([FunnelStep(s) for s in steps]),
+        window // timedelta(milliseconds=1),
+        T0,
+    )
+    await pool.execute(
+        INSERT_EVENTS,
+        project_id,
+        profile_id,
+        T0,
+        [f"e{i}" for i in range(len(events))],
+        [name for name, _ in events],
+        [t for _, t in events],
+        [{"name": name} for name, _ in events],
+    )
+    rows = await pool.fetch(PROGRESS, project_id, profile_id, as_of)
+    assert [(r["funnel_id"], r["step_number"], r["event_name"]) for r in rows] == [
+        (funnel_id, n, name) for n, name in enumerate(steps, start=1)
+    ]
+    times = [r["complete_time"] for r in rows]
+    completed = tuple(t for t in times if t is not None)
+    # Completed steps are a prefix: once a step is missing, none after it is completed.
+    assert times[: len(completed)] == list(completed)
+    return completed
+
+
+def in_python(
+    steps: Sequence[str], events: Sequence[tuple[str, datetime]], window: timedelta
+) -> tuple[datetime, ...]:
+    occurrences = [[t for name, t in events if name == step] for step in steps]
+    return best_attempt(occurrences, window).step_times
+
+
+# The cases of tests/unit/test_segments_funnels.py, as events.
+UNIT_CASES: list[tuple[list[str], list[tuple[str, datetime]], timedelta]] = [
+    (["a", "b", "c"], [("a", at(0)), ("b", at(1)), ("c", at(2))], timedelta(days=1)),
+    (["a", "b", "c"], [("a", at(0)), ("b", at(1))], timedelta(days=1)),
+    (["a", "b", "c"], [("a", at(5)), ("b", at(1)), ("c", at(6))], timedelta(days=1)),
+    (["a", "b"], [("a", at(5)), ("b", at(5))], timedelta(days=1)),
+    (["a", "b"], [("a", at(0)), ("b", at(2))], 2 * HOUR),
+    (["a", "b"], [("a", at(0)), ("b", at(1.99))], 2 * HOUR),
+    (["a", "b", "c"], [("a", at(0)), ("b", at(1)), ("c", at(2.5))], 2 * HOUR),
+    (
+        ["a", "b", "c"],
+        [("a", at(0)), ("a", at(10)), ("b", at(1)), ("b", at(11)), ("c", at(12))],
+        3 * HOUR,
+    ),
+    (["a", "b", "c"], [("a", at(10)), ("a", at(0)), ("b", at(1)), ("b", at(11))], 3 * HOUR),
+    (["a", "b"], [("b", at(1))], 3 * HOUR),
+    (["view", "view", "view"], [("view", at(0)), ("view", at(1))], 5 * HOUR),
+    (["a", "b"], [], HOUR),
+]
+
+
+@pytest.mark.parametrize(("steps", "events", "window"), UNIT_CASES)
+async def test_progress_in_sql_equals_best_attempt_on_the_unit_cases(
+    pool: asyncpg.Pool,
+    steps: list[str],
+    events: list[tuple[str, datetime]],
+    window: timedelta,
+) -> None:
+    assert await progress_in_sql(pool, steps, events, window) == in_python(steps, events, window)
+
+
+async def test_progress_in_sql_equals_best_attempt_on_random_histories(
+    pool: asyncpg.Pool,
+) -> None:
+    rng = random.Random(20240501)
+    for _ in range(150):
+        steps = [rng.choice("abc") for _ in range(rng.randint(2, 5))]
+        # Whole hours on a short grid, so ties, repeats and window edges are frequent.
+        events = [(rng.choice("abcd"), at(rng.randint(0, 12))) for _ in range(rng.randint(0, 12))]
+        window = rng.randint(1, 6) * HOUR
+        expected = in_python(steps, events, window)
+        assert await progress_in_sql(pool, steps, events, window) == expected, (steps, events)
+
+
+async def test_events_after_as_of_do_not_count(pool: asyncpg.Pool) -> None:
+    events = [("a", at(0)), ("b", at(1)), ("b", at(3))]
+    assert await progress_in_sql(pool, ["a", "b"], events, 5 * HOUR, as_of=at(2)) == (
+        at(0),
+        at(1),
+    )
+    assert await progress_in_sql(pool, ["a", "b"], events, 5 * HOUR, as_of=at(0.5)) == (at(0),)
+
+
+# Event attribute values as stored in events.payload (proto JSON of AttributeValue).
+VALUES: list[dict[str, Any] | None] = [
+    None,
+    {"string_value": "Pro"},
+    {"string_value": "pro plan"},
+    {"url_value": "https://example.com/Pro"},
+    {"number_value": 5},
+    {"number_value": 12.5},
+    {"bool_value": True},
+    {"bool_value": False},
+    {"timestamp_value": "2024-05-01T12:00:00Z"},
+    {"string_list_value": {"values": ["red", "Blue"]}},
+    {"string_list_value": {}},
+]
+OPERANDS: dict[str, list[Operand]] = {
+    "string": [Operand("string", "Pro"), Operand("string", "pro"), Operand("string", "blue")],
+    "url": [Operand("url", "https://example.com/pro")],
+    "number": [Operand("number", 5.0), Operand("number", 10.0)],
+    "bool": [Operand("bool", True)],
+    "timestamp": [Operand("timestamp", T0), Operand("timestamp", T0 + HOUR)],
+    "string_list": [Operand("string_list", ("red", "Blue")), Operand("string_list", ("red",))],
+}
+
+
+def condition_tests() -> list[AttributeTest]:
+    tests = [AttributeTest(False, "price", Operator.EXISTS)]
+    for operator, types in OPERATOR_TYPES.items():
+        for value_type in sorted(types):
+            for operand in OPERANDS[value_type]:
+                for ignore_case in (False, True):
+                    if operator == Operator.IN:
+                        others = OPERANDS[value_type]
+                        tests.append(
+                            AttributeTest(
+                                False,
+                                "price",
+                                operator,
+                                values=tuple(others),
+                                ignore_case=ignore_case,
+                            )
+                        )
+                    else:
+                        tests.append(
+                            AttributeTest(
+                                False, "price", operator, operand, ignore_case=ignore_case
+                            )
+                        )
+    return tests
+
+
+async def test_step_conditions_in_sql_agree_with_the_compiled_filters(
+    pool: asyncpg.Pool,
+) -> None:
+    checked = 0
+    async with pool.acquire() as conn:
+        for test in condition_tests():
+            builder = SqlBuilder(first=2)
+            compiled = event_condition_sql(test, builder)
+            statement = f"SELECT {compiled} FROM (SELECT $1::jsonb AS payload) e"
+            stored = filter_to_json(test)["attribute"]
+            for value in VALUES:
+                payload = {"attributes": {} if value is None else {"price": value}}
+                expected = await conn.fetchval(statement, payload, *builder.params)
+                got = await conn.fetchval(
+                    "SELECT funnel_step_value_matches($1::jsonb, $2::jsonb)",
+                    stored,
+                    value,
+                )
+                assert got is expected, (json.dumps(stored), value, expected, got)
+                checked += 1
+    assert checked > 500
