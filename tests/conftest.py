@@ -111,6 +111,15 @@ async def database_url(postgres_server_url: str, template_database: str) -> Asyn
 
 
 @pytest.fixture
+async def db(database_url: str) -> AsyncIterator[asyncpg.Pool]:
+    """A small pool on this test's database, for checking rows directly."""
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=4)
+    assert pool is not None
+    yield pool
+    await pool.close()
+
+
+@pytest.fixture
 async def redis_prefix(redis_url: str) -> AsyncIterator[str]:
     """A key prefix of this test's own; its keys are deleted afterwards (never FLUSHALL)."""
     prefix = f"test-{uuid.uuid4().hex[:12]}"

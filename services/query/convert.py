@@ -3,6 +3,7 @@ RequestInvalid with field paths), views to responses. No I/O."""
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping, Sequence
 from datetime import UTC, date, datetime
@@ -806,8 +807,6 @@ def day_to_proto(view: DayView) -> timeline_pb2.DayActivity:
 
 
 def rejected_to_proto(view: RejectedView) -> timeline_pb2.RejectedEvent:
-    import json
-
     message = timeline_pb2.RejectedEvent(
         reason=view.reason,
         field_path=view.field_path,

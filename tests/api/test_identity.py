@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import asyncpg
 import grpc
@@ -27,27 +26,9 @@ from tests.api.test_identity_helpers import (
 )
 
 if TYPE_CHECKING:
-    from tests.conftest import TestProject
+    pass
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT.value[0]
-
-
-@pytest.fixture
-async def db(database_url: str) -> AsyncIterator[asyncpg.Pool]:
-    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=4)
-    assert pool is not None
-    yield pool
-    await pool.close()
-
-
-@pytest.fixture
-async def channel(start_services: Any) -> grpc.aio.Channel:
-    return (await start_services("identity"))["identity"].channel
-
-
-@pytest.fixture
-def identity(channel: grpc.aio.Channel, project: TestProject) -> Identity:
-    return Identity(channel, project)
 
 
 # -- ResolveProfiles ----------------------------------------------------------------------

@@ -4,11 +4,9 @@ checked against what was ingested."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-import asyncpg
 import grpc
 import pytest
 
@@ -29,14 +27,6 @@ if TYPE_CHECKING:
     from tests.conftest import TestProject
 
 ACCEPTED = ipb.EVENT_OUTCOME_ACCEPTED
-
-
-@pytest.fixture
-async def db(database_url: str) -> AsyncIterator[asyncpg.Pool]:
-    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=4)
-    assert pool is not None
-    yield pool
-    await pool.close()
 
 
 @pytest.fixture

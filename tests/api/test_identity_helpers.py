@@ -57,6 +57,7 @@ class Identity:
     """A project's view of the identity service: calls with the project's keys."""
 
     def __init__(self, channel: grpc.aio.Channel, project: TestProject) -> None:
+        self.channel = channel
         self.stub = pb_grpc.IdentityServiceStub(channel)
         self.project = project
 

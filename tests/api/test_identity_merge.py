@@ -4,7 +4,6 @@ isolation and the bus messages."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
@@ -31,24 +30,6 @@ if TYPE_CHECKING:
     from tests.conftest import TestProject
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT.value[0]
-
-
-@pytest.fixture
-async def db(database_url: str) -> AsyncIterator[asyncpg.Pool]:
-    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=4)
-    assert pool is not None
-    yield pool
-    await pool.close()
-
-
-@pytest.fixture
-async def channel(start_services: Any) -> grpc.aio.Channel:
-    return (await start_services("identity"))["identity"].channel
-
-
-@pytest.fixture
-def identity(channel: grpc.aio.Channel, project: TestProject) -> Identity:
-    return Identity(channel, project)
 
 
 # -- MergeProfiles ----------------------------------------------------------------------------
@@ -259,10 +240,10 @@ async def test_a_merge_moves_rows_of_every_table_with_a_profile_id(
 
 
 async def test_a_project_cannot_reach_another_projects_profiles(
-    channel: grpc.aio.Channel, project: TestProject, database_url: str, db: asyncpg.Pool
+    identity: Identity, database_url: str, db: asyncpg.Pool
 ) -> None:
-    p = Identity(channel, project)
-    q = Identity(channel, await create_test_project(database_url))
+    p = identity
+    q = Identity(identity.channel, await create_test_project(database_url))
     installation = new_id()
     p_profile = (await p.identify(installation, "wendy")).profile_id
     # The same installation and custom ID in Q are Q's own, new profiles.
@@ -278,7 +259,7 @@ async def test_a_project_cannot_reach_another_projects_profiles(
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await q.logout(new_id())
     assert raised.value.code() is grpc.StatusCode.NOT_FOUND
-    row = await profile_row(db, project, p_profile)
+    row = await profile_row(db, p.project, p_profile)
     assert row["custom_id"] == "wendy"
     assert row["merged_into"] is None
     assert await p.profile_of(installation) == p_profile

@@ -71,24 +71,11 @@ async def listening(redis_url: str, prefix: str, project: TestProject) -> AsyncI
 
 
 @pytest.fixture
-async def identity(start_services: Any, project: TestProject) -> Identity:
-    return Identity((await start_services("identity"))["identity"].channel, project)
-
-
-@pytest.fixture
 async def notices(
     redis_url: str, redis_prefix: str, project: TestProject
 ) -> AsyncIterator[Notices]:
     async with listening(redis_url, redis_prefix, project) as notices:
         yield notices
-
-
-@pytest.fixture
-async def db(database_url: str) -> AsyncIterator[asyncpg.Pool]:
-    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
-    assert pool is not None
-    yield pool
-    await pool.close()
 
 
 async def version_of(db: asyncpg.Pool, project: TestProject, profile_id: str) -> int:

@@ -6,32 +6,15 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import asyncpg
-import grpc
-import pytest
 
 from profiles.identity.v1 import identity_service_pb2 as pb
 from tests.api.test_identity_helpers import Identity, count, new_id, profile_row
 
 if TYPE_CHECKING:
-    from tests.conftest import TestProject
-
-
-@pytest.fixture
-async def db(database_url: str) -> AsyncIterator[asyncpg.Pool]:
-    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=4)
-    assert pool is not None
-    yield pool
-    await pool.close()
-
-
-@pytest.fixture
-async def identity(start_services: Any, project: TestProject) -> Identity:
-    channel: grpc.aio.Channel = (await start_services("identity"))["identity"].channel
-    return Identity(channel, project)
+    pass
 
 
 async def test_fifty_installations_logging_in_with_one_new_custom_id_end_on_one_profile(
