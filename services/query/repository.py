@@ -648,6 +648,13 @@ PROFILE_FACT_COLUMNS = """identified, custom_id, has_email, has_phone, has_token
     push_reachable, subscribed, language, region, country, platforms, first_name, last_name,
     has_details, device_model, device_platform, last_seen, session_count, time_spent_ms"""
 
+
+def _set_from_excluded(columns: str) -> str:
+    """`a = EXCLUDED.a, b = EXCLUDED.b` for an upsert, derived from the column list so the two
+    can never drift apart."""
+    return ", ".join(f"{c} = EXCLUDED.{c}" for c in (c.strip() for c in columns.split(",")))
+
+
 # Concurrent recounts of one profile or installation (replicas, redeliveries) take turns, so
 # each diffs against the facts the previous one stored. Keys are locked in one order.
 LOCK_FACTS = """
@@ -673,16 +680,7 @@ RECOUNT_PROFILES = f"""
         SELECT $1, f.*, $3 FROM f
         ORDER BY f.profile_id
         ON CONFLICT (project_id, profile_id) DO UPDATE SET
-            identified = EXCLUDED.identified, custom_id = EXCLUDED.custom_id,
-            has_email = EXCLUDED.has_email, has_phone = EXCLUDED.has_phone,
-            has_token = EXCLUDED.has_token, push_reachable = EXCLUDED.push_reachable,
-            subscribed = EXCLUDED.subscribed, language = EXCLUDED.language,
-            region = EXCLUDED.region, country = EXCLUDED.country,
-            platforms = EXCLUDED.platforms, first_name = EXCLUDED.first_name,
-            last_name = EXCLUDED.last_name, has_details = EXCLUDED.has_details,
-            device_model = EXCLUDED.device_model, device_platform = EXCLUDED.device_platform,
-            last_seen = EXCLUDED.last_seen, session_count = EXCLUDED.session_count,
-            time_spent_ms = EXCLUDED.time_spent_ms, update_time = EXCLUDED.update_time
+            {_set_from_excluded(PROFILE_FACT_COLUMNS)}, update_time = EXCLUDED.update_time
     )
     SELECT * FROM f"""
 
@@ -723,9 +721,7 @@ RECOUNT_INSTALLATIONS = f"""
         SELECT $1, f.* FROM f
         ORDER BY f.installation_id
         ON CONFLICT (project_id, installation_key) DO UPDATE SET
-            platform = EXCLUDED.platform, app_version = EXCLUDED.app_version,
-            uninstalled = EXCLUDED.uninstalled, has_token = EXCLUDED.has_token,
-            push_opt_in = EXCLUDED.push_opt_in, imported = EXCLUDED.imported
+            {_set_from_excluded(INSTALLATION_FACT_COLUMNS)}
     )
     SELECT * FROM f"""
 

@@ -245,6 +245,16 @@ def _connection(conn: PoolConnectionProxy[asyncpg.Record]) -> asyncpg.Connection
     return cast(asyncpg.Connection, conn)
 
 
+@asynccontextmanager
+async def _race_safe_transaction(pool: asyncpg.Pool) -> AsyncIterator[asyncpg.Connection]:
+    """One short transaction; a lost race surfaces as ConcurrentChange after the rollback."""
+    try:
+        async with pool.acquire() as conn, conn.transaction():
+            yield _connection(conn)
+    except RACE_ERRORS as exc:
+        raise ConcurrentChange("a concurrent change to the same profiles won; retry") from exc
+
+
 class SegmentsRepository:
     """Reads without a transaction, and opens the transactions of the service's use cases."""
 
@@ -254,11 +264,8 @@ class SegmentsRepository:
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[SegmentsTransaction]:
         """One short transaction; a lost race surfaces as ConcurrentChange after the rollback."""
-        try:
-            async with self._pool.acquire() as conn, conn.transaction():
-                yield SegmentsTransaction(_connection(conn))
-        except RACE_ERRORS as exc:
-            raise ConcurrentChange("a concurrent change to the same profiles won; retry") from exc
+        async with _race_safe_transaction(self._pool) as conn:
+            yield SegmentsTransaction(conn)
 
     async def resolve_profile(self, project_id: UUID, profile_id: UUID) -> ResolvedProfile | None:
         """The live profile of `profile_id` (itself or its survivor); None when unknown."""
@@ -697,11 +704,8 @@ class DefinitionsRepository:
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[DefinitionsTransaction]:
         """One short transaction; a lost race surfaces as ConcurrentChange after the rollback."""
-        try:
-            async with self._pool.acquire() as conn, conn.transaction():
-                yield DefinitionsTransaction(_connection(conn))
-        except RACE_ERRORS as exc:
-            raise ConcurrentChange("a concurrent change to the same profiles won; retry") from exc
+        async with _race_safe_transaction(self._pool) as conn:
+            yield DefinitionsTransaction(conn)
 
     async def count_matching(self, project_id: UUID, node: FilterNode, now: datetime) -> int:
         sql, params, _ = _compiled(node, COUNT_MATCHING)
