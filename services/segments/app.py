@@ -15,6 +15,7 @@ from services.segments.consumers import (
     EvaluationWorker,
     RecomputeOwner,
     SweepWorker,
+    ThresholdsWorker,
     on_events_ingested,
     on_identity_change,
 )
@@ -35,6 +36,9 @@ HANDLER_TIMEOUT_S = 60.0
 SWEEP_INTERVAL_S = 30.0
 # Custom segments are re-evaluated this often; their changes reach the stream at most this late.
 EVALUATION_INTERVAL_S = 5.0
+# Projects' segment thresholds are compared with those their states were computed with this
+# often; a change starts the project's recomputation.
+THRESHOLDS_INTERVAL_S = 10.0
 
 
 def consumer_name() -> str:
@@ -47,17 +51,21 @@ def make_build(
     *,
     sweep_interval_s: float = SWEEP_INTERVAL_S,
     evaluation_interval_s: float = EVALUATION_INTERVAL_S,
+    thresholds_interval_s: float = THRESHOLDS_INTERVAL_S,
 ) -> Build:
     """The build function, with the background intervals tests may change."""
 
     async def build(runtime: Runtime) -> ServiceDefinition:
-        return await _build(runtime, sweep_interval_s, evaluation_interval_s)
+        return await _build(runtime, sweep_interval_s, evaluation_interval_s, thresholds_interval_s)
 
     return build
 
 
 async def _build(
-    runtime: Runtime, sweep_interval_s: float, evaluation_interval_s: float
+    runtime: Runtime,
+    sweep_interval_s: float,
+    evaluation_interval_s: float,
+    thresholds_interval_s: float,
 ) -> ServiceDefinition:
     repository = SegmentsRepository(runtime.pool)
     definitions_repository = DefinitionsRepository(runtime.pool)
@@ -95,6 +103,7 @@ async def _build(
             *(ConsumerWorker(c) for c in consumers),
             SweepWorker(service, runtime.clock, interval_s=sweep_interval_s),
             EvaluationWorker(definitions, interval_s=evaluation_interval_s),
+            ThresholdsWorker(service, interval_s=thresholds_interval_s),
             RecomputeOwner(service),
         ],
     )

@@ -219,10 +219,12 @@ class SweepWorker:
 
 
 class EvaluationWorker:
-    """Evaluates every custom segment every `interval_s` and announces who entered and who left
+    """Evaluates the custom segments every `interval_s` and announces who entered and who left
     (cause TIME). Events evaluate their own profile as they are handled, so this sweep carries
-    what time alone changes ("within the last N days" windows, smart segment transitions) and
-    what reached the source tables without an event: at most `interval_s` late."""
+    what time alone changes ("within the last N days" windows, smart segment transitions): at
+    most `interval_s` late (plus the evaluations' own time). A segment time cannot change is
+    evaluated only while it settles after creation, then every few minutes as a safety net for
+    writes that reached the source tables without an event (model.sweep_due)."""
 
     def __init__(self, definitions: DefinitionsService, *, interval_s: float = 5.0) -> None:
         self._definitions = definitions
@@ -233,12 +235,36 @@ class EvaluationWorker:
         self._stop.clear()
         while not self._stop.is_set():
             try:
-                announced = await self._definitions.evaluate_all()
+                announced = await self._definitions.evaluate_all(due_only=True)
                 if announced:
                     log.info("custom_segments_evaluated", changes=announced)
             except Exception:
                 # A database outage or a bug must not stop the evaluation for good.
                 log.exception("custom_segment_evaluation_failed")
+            await sleep_unless(self._stop, self._interval_s)
+
+    async def stop(self) -> None:
+        self._stop.set()
+
+
+class ThresholdsWorker:
+    """Checks every `interval_s` whether a project's segment thresholds changed (the settings
+    are written by `profiles settings`, with no message) and starts its recomputation: the
+    stored states follow a change at most `interval_s` plus the recomputation's time later."""
+
+    def __init__(self, service: SegmentsService, *, interval_s: float = 10.0) -> None:
+        self._service = service
+        self._interval_s = interval_s
+        self._stop = asyncio.Event()
+
+    async def run(self) -> None:
+        self._stop.clear()
+        while not self._stop.is_set():
+            try:
+                await self._service.apply_threshold_changes()
+            except Exception:
+                # A database outage or a bug must not stop the checks for good.
+                log.exception("segment_thresholds_check_failed")
             await sleep_unless(self._stop, self._interval_s)
 
     async def stop(self) -> None:

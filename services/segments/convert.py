@@ -655,6 +655,7 @@ def segment_to_proto(segment: CustomSegment) -> segments_pb2.Segment:
         filter=filter_to_proto(segment.filter),
         create_time=_timestamp(segment.create_time),
         size=segment.size,
+        size_time=_timestamp(segment.size_time),
     )
 
 

@@ -2,9 +2,12 @@
 progress, and the periodic evaluation that turns custom segment membership changes into
 SegmentMembershipChanged messages (outbox, SEGMENT_CHANGES).
 
-Sizes, counts and progress are computed at read time with the compiled SQL, so they are exact
-as of the clock's now (time-driven conditions included). Memberships are stored only to find
-who entered and who left since the previous evaluation.
+A segment's size is the number of its stored members (custom_segment_members, counted by
+triggers into custom_segment_sizes), so reading it costs a few rows at any number of profiles.
+Members change in the transaction of every event, merge and erasure of the profile, and with
+what time alone changes at each evaluation of the segment by the sweep: the size is exact as
+of that evaluation (model.size_exact_as_of), and the sweep skips segments time cannot change.
+Funnel counts and progress are computed at read time with the compiled SQL.
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ from services.segments.model import (
     MembershipChange,
     SegmentDefinition,
     best_attempt,
+    size_exact_as_of,
+    sweep_due,
 )
 from services.segments.repository import (
     DefinitionsRepository,
@@ -137,7 +142,7 @@ class DefinitionsService:
                                 "request_id already created a different segment",
                                 metadata={"segment_id": str(existing.segment.segment_id)},
                             )
-                        return await self._sized(project_id, existing.segment)
+                        return self._as_of(existing.segment)
                 if await tx.segment_name_taken(project_id, definition.display_name):
                     raise NameTaken("another segment has this display_name")
                 if await tx.count_segments(project_id) >= MAX_SEGMENTS_PER_PROJECT:
@@ -156,17 +161,20 @@ class DefinitionsService:
             definition.filter,
             now,
             size,
+            now,
         )
 
-    async def _sized(self, project_id: UUID, segment: CustomSegment) -> CustomSegment:
-        size = await self._repository.count_matching(project_id, segment.filter, self._clock.now())
-        return replace(segment, size=size)
+    def _as_of(self, segment: CustomSegment) -> CustomSegment:
+        """The stored segment with the time its size is exact as of (stored: its last complete
+        evaluation)."""
+        size_time = size_exact_as_of(segment.filter, segment.size_time, self._clock.now())
+        return replace(segment, size_time=size_time)
 
     async def get_segment(self, project_id: UUID, segment_id: UUID) -> CustomSegment:
         stored = await self._repository.segment(project_id, segment_id)
         if stored is None:
             raise SegmentNotFound(f"no custom segment {segment_id} in this project")
-        return await self._sized(project_id, stored.segment)
+        return self._as_of(stored.segment)
 
     async def require_segment(self, project_id: UUID, segment_id: UUID) -> None:
         if await self._repository.segment(project_id, segment_id) is None:
@@ -178,7 +186,7 @@ class DefinitionsService:
         size = page_size(requested_size)
         after = decode_token("segments", token)
         stored = await self._repository.segments(project_id, after, size + 1)
-        items = [await self._sized(project_id, s.segment) for s in stored[:size]]
+        items = [self._as_of(s.segment) for s in stored[:size]]
         next_token = encode_token("segments", stored[size - 1].seq) if len(stored) > size else ""
         return Page(items, next_token)
 
@@ -191,12 +199,18 @@ class DefinitionsService:
 
     # --- evaluation ------------------------------------------------------------------------
 
-    async def evaluate_all(self, cause: ChangeCause = ChangeCause.TIME) -> int:
-        """Evaluates every custom segment of every project; returns the changes announced. A
-        segment whose batch lost a deadlock to an event transaction (which locks the same
-        profiles) is left to the next run."""
+    async def evaluate_all(
+        self, cause: ChangeCause = ChangeCause.TIME, *, due_only: bool = False
+    ) -> int:
+        """Evaluates every custom segment of every project (with `due_only`, those model.sweep_due
+        picks: a segment time alone cannot change is left alone once settled); returns the
+        changes announced. A segment whose batch lost a deadlock to an event transaction (which
+        locks the same profiles) is left to the next run."""
         total = 0
+        now = self._clock.now()
         for ref in await self._repository.all_segments():
+            if due_only and not sweep_due(ref.filter, ref.create_time, ref.evaluate_time, now):
+                continue
             try:
                 total += await self.evaluate(ref, cause)
             except ConcurrentChange:
@@ -239,6 +253,9 @@ class DefinitionsService:
                 )
                 left = await tx.left(ref.project_id, ref.segment_id, node, now, EVALUATION_BATCH)
                 candidates = [*entered, *left]
+                # Only a batch that found less than a batch to move ends the evaluation: it
+                # alone records the time the members were exact as of (evaluate_time).
+                full = len(entered) >= EVALUATION_BATCH or len(left) >= EVALUATION_BATCH
                 changes: list[tuple[UUID, MembershipChange]] = []
                 if candidates:
                     await tx.lock_segment_profiles(ref.project_id, candidates)
@@ -253,6 +270,7 @@ class DefinitionsService:
                         [c for c in checks if c.member and not c.matches],
                         now,
                         cause,
+                        touch=not full,
                     )
                 else:
                     await tx.apply_members(ref.project_id, ref.segment_id, [], [], now)
@@ -260,7 +278,6 @@ class DefinitionsService:
             announced += len(changes)
             if changed is not None:
                 changed.update(p for p, _ in changes)
-            full = len(entered) >= EVALUATION_BATCH or len(left) >= EVALUATION_BATCH
             if not full or not changes:
                 return announced
 

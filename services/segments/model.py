@@ -91,6 +91,19 @@ class Thresholds:
             risky_after_days=int(settings["segments.risky_after_days"]),
         )
 
+    @classmethod
+    def from_stored(cls, stored: Mapping[str, Any] | None) -> Self:
+        """Thresholds stored as settings (names to values); a missing name has its default."""
+        return cls.from_settings({**cls().to_settings(), **(stored or {})})
+
+    def to_settings(self) -> dict[str, int]:
+        return {
+            "segments.new_days": self.new_days,
+            "segments.active_window_days": self.active_window_days,
+            "segments.engaged_min_active_days": self.engaged_min_active_days,
+            "segments.risky_after_days": self.risky_after_days,
+        }
+
     @property
     def lookback(self) -> timedelta:
         """How far back sessions must be loaded for every rule: the active-day window (one day
@@ -757,12 +770,54 @@ class SegmentDefinition:
 
 @dataclass(frozen=True, slots=True)
 class CustomSegment:
+    """`size` is the number of stored members; it is exact as of `size_time` (see
+    size_exact_as_of)."""
+
     segment_id: UUID
     display_name: str
     description: str
     filter: FilterNode
     create_time: datetime
     size: int
+    size_time: datetime
+
+
+def depends_on_time(node: FilterNode) -> bool:
+    """Whether time passing alone can change the filter's result for a profile whose data does
+    not change: conditions read "now" (smart segments and flags, the engagement score, relative
+    last/first seen windows, event counts in the last N days). Absolute dates do not."""
+    if isinstance(node, Group):
+        return any(depends_on_time(child) for child in node.children)
+    if isinstance(node, SeenTest):
+        return node.within_last_days is not None
+    return isinstance(node, SmartSegmentTest | EngagementTest | EventCountTest)
+
+
+def size_exact_as_of(node: FilterNode, evaluate_time: datetime, now: datetime) -> datetime:
+    """When stored members were last exactly the profiles matching the filter. Every event,
+    merge and erasure updates them in its own transaction (within the bus lag), so only what
+    time alone changes waits for the sweep: for a filter that depends on time that is the end of
+    its last complete evaluation, otherwise now."""
+    return evaluate_time if depends_on_time(node) else now
+
+
+# Time-independent segments change only with data, which reaches their members with each event
+# in the same transaction. The sweep still evaluates them for this long after their creation (an
+# event handled while the segment was being created did not see it) and then this often, as a
+# safety net for writes that reached the source tables without a bus message.
+SETTLE_AFTER_CREATION = timedelta(minutes=1)
+TIME_INDEPENDENT_EVALUATION_INTERVAL = timedelta(minutes=5)
+
+
+def sweep_due(
+    node: FilterNode, create_time: datetime, evaluate_time: datetime | None, now: datetime
+) -> bool:
+    """Whether the periodic evaluation should evaluate the segment now."""
+    if depends_on_time(node) or evaluate_time is None:
+        return True
+    if evaluate_time < create_time + SETTLE_AFTER_CREATION:
+        return True
+    return now - evaluate_time >= TIME_INDEPENDENT_EVALUATION_INTERVAL
 
 
 # --- funnels -------------------------------------------------------------------------------

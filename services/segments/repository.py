@@ -43,6 +43,7 @@ from services.segments.model import (
     SmartSegment,
     Step,
     StoredState,
+    Thresholds,
     filter_from_json,
     filter_to_json,
     steps_from_json,
@@ -194,6 +195,25 @@ SELECT_DUE_STATES = """
     LIMIT $2
     FOR UPDATE SKIP LOCKED"""
 
+# The segments.* thresholds each project set, beside those its stored states were last
+# recomputed with as a whole (segment_thresholds_applied, 0007): a project whose two differ needs
+# a recomputation. Only projects with one or the other: a project that never set a threshold nor
+# recomputed has run on the defaults throughout. ($1: the threshold setting names.)
+SELECT_THRESHOLDS = """
+    SELECT p.project_id, a.thresholds AS applied,
+           (SELECT jsonb_object_agg(s.name, s.value) FROM project_settings s
+            WHERE s.project_id = p.project_id AND s.name = ANY($1::text[])) AS current
+    FROM projects p
+    LEFT JOIN segment_thresholds_applied a ON a.project_id = p.project_id
+    WHERE a.project_id IS NOT NULL
+       OR EXISTS (SELECT 1 FROM project_settings s
+                  WHERE s.project_id = p.project_id AND s.name = ANY($1::text[]))"""
+UPSERT_THRESHOLDS_APPLIED = """
+    INSERT INTO segment_thresholds_applied (project_id, thresholds, apply_time)
+    VALUES ($1, $2, $3)
+    ON CONFLICT (project_id) DO UPDATE SET
+        thresholds = EXCLUDED.thresholds, apply_time = EXCLUDED.apply_time"""
+
 # READ CONTRACT: the function is defined and documented in 0005_segments.sql; query calls the
 # same function for its overview, so both are exact as of the `as_of` they pass. It reads the
 # project's stored counts and corrects only its due rows, so its cost does not grow with the
@@ -218,6 +238,16 @@ class ResolvedProfile:
     profile_id: UUID
     erased: bool
     time_zone: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class ProjectThresholds:
+    """A project's current segment thresholds and those its stored states were last
+    recomputed with as a whole."""
+
+    project_id: UUID
+    current: Thresholds
+    applied: Thresholds
 
 
 @dataclass(frozen=True, slots=True)
@@ -287,6 +317,27 @@ class SegmentsRepository:
             return await SegmentsTransaction(_connection(conn)).histories(
                 project_id, profile_id, time_zone, recent_since
             )
+
+    async def thresholds(self) -> list[ProjectThresholds]:
+        """Every project that set a threshold or was recomputed, with both sets."""
+        names = list(Thresholds().to_settings())
+        rows = await self._pool.fetch(SELECT_THRESHOLDS, names)
+        return [
+            ProjectThresholds(
+                r["project_id"],
+                Thresholds.from_stored(r["current"]),
+                Thresholds.from_stored(r["applied"]),
+            )
+            for r in rows
+        ]
+
+    async def record_thresholds(
+        self, project_id: UUID, thresholds: Thresholds, now: datetime
+    ) -> None:
+        """Records that every stored state of the project was recomputed with `thresholds`."""
+        await self._pool.execute(
+            UPSERT_THRESHOLDS_APPLIED, project_id, thresholds.to_settings(), now
+        )
 
     async def distribution(
         self, project_id: UUID, platform: int, as_of: datetime
@@ -454,10 +505,15 @@ class SegmentsTransaction:
 LOCK_DEFINITIONS = """
     SELECT pg_advisory_xact_lock(hashtextextended($2::text || ':' || $1::uuid::text, 0))"""
 
+# The size is the sum of the segment's counter shards (custom_segment_sizes, kept by triggers on
+# custom_segment_members, 0007): a few rows whatever the number of profiles, read in the same
+# statement (one snapshot) as the segment and its last evaluation time.
 SELECT_SEGMENT_COLUMNS = """
     SELECT segment_id, display_name, description, filter, create_time, create_seq,
-           definition_hash
-    FROM custom_segments"""
+           definition_hash, evaluate_time,
+           (SELECT coalesce(sum(z.member_count), 0) FROM custom_segment_sizes z
+            WHERE z.project_id = g.project_id AND z.segment_id = g.segment_id) AS size
+    FROM custom_segments g"""
 SELECT_SEGMENT_BY_ID = SELECT_SEGMENT_COLUMNS + " WHERE project_id = $1 AND segment_id = $2"
 SELECT_SEGMENT_BY_REQUEST_ID = SELECT_SEGMENT_COLUMNS + " WHERE project_id = $1 AND request_id = $2"
 # Oldest first, keyset on create_seq (custom_segments_by_seq).
@@ -477,11 +533,15 @@ DELETE_SEGMENT = """
     DELETE FROM custom_segments WHERE project_id = $1 AND segment_id = $2 RETURNING 1"""
 DELETE_SEGMENT_MEMBERS = """
     DELETE FROM custom_segment_members WHERE project_id = $1 AND segment_id = $2"""
+# After the members: their trigger has brought the shards to zero; the rows go with the segment.
+DELETE_SEGMENT_SIZES = """
+    DELETE FROM custom_segment_sizes WHERE project_id = $1 AND segment_id = $2"""
 # Every segment of every project, for the evaluation worker (at most 100 per project).
 SELECT_ALL_SEGMENTS = """
-    SELECT project_id, segment_id, filter FROM custom_segments ORDER BY project_id, create_seq"""
+    SELECT project_id, segment_id, filter, create_time, evaluate_time FROM custom_segments
+    ORDER BY project_id, create_seq"""
 SELECT_PROJECT_SEGMENTS = """
-    SELECT project_id, segment_id, filter FROM custom_segments
+    SELECT project_id, segment_id, filter, create_time, evaluate_time FROM custom_segments
     WHERE project_id = $1 ORDER BY create_seq"""
 # One evaluator per segment at a time: replicas skip a segment another one is evaluating, and
 # a deleted segment is skipped. NO KEY UPDATE, so that event transactions, which hold the
@@ -514,6 +574,8 @@ LOCK_SEGMENT_PROFILES = """
     WHERE project_id = $1 AND profile_id = ANY($2::uuid[])
     ORDER BY profile_id
     FOR UPDATE"""
+# Written by the last batch of an evaluation only (it found fewer than a batch to move, so
+# after it every profile matches as of its moment): the time as of which the size is exact.
 TOUCH_SEGMENT = """
     UPDATE custom_segments SET evaluate_time = $3 WHERE project_id = $1 AND segment_id = $2"""
 # Both return the rows they really changed: only those are announced, so two evaluators that
@@ -537,8 +599,9 @@ LIVE_PROFILES = (
     "FROM profiles p WHERE p.project_id = $1 AND p.merged_into IS NULL"
     " AND $2::timestamptz IS NOT NULL"
 )
-# The exact size: one pass over the project's live profiles, each condition a correlated
-# lookup through the per-profile indexes of its table; linear in the project's profiles.
+# The live count: one pass over the project's live profiles, each condition a correlated
+# lookup through the per-profile indexes of its table; linear in the project's profiles, so
+# sizes are read from the counted members instead (SELECT_SEGMENT_COLUMNS).
 COUNT_MATCHING = "SELECT count(*) " + LIVE_PROFILES + " AND {where}"
 FILL_MEMBERS = (
     "INSERT INTO custom_segment_members (project_id, segment_id, profile_id, enter_time)"
@@ -636,6 +699,8 @@ class SegmentRef:
     project_id: UUID
     segment_id: UUID
     filter: FilterNode
+    create_time: datetime
+    evaluate_time: datetime | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -665,7 +730,9 @@ def _compiled(node: FilterNode, template: str, extra: int = 0) -> tuple[str, lis
     return template.format(where=where, n=n, m=n + 1), builder.params, n
 
 
-def _segment(row: asyncpg.Record, size: int) -> StoredSegment:
+def _segment(row: asyncpg.Record) -> StoredSegment:
+    """The stored segment; its size_time is its last complete evaluation (the service tells
+    when the size is exact from it, see model.size_exact_as_of)."""
     return StoredSegment(
         CustomSegment(
             row["segment_id"],
@@ -673,7 +740,8 @@ def _segment(row: asyncpg.Record, size: int) -> StoredSegment:
             row["description"],
             filter_from_json(row["filter"]),
             row["create_time"],
-            size,
+            int(row["size"]),
+            row["evaluate_time"] or row["create_time"],
         ),
         row["create_seq"],
         row["definition_hash"],
@@ -708,16 +776,18 @@ class DefinitionsRepository:
             yield DefinitionsTransaction(conn)
 
     async def count_matching(self, project_id: UUID, node: FilterNode, now: datetime) -> int:
+        """The live count of the profiles matching the filter as of `now` (one pass over the
+        project's live profiles: the reference the stored sizes are checked against)."""
         sql, params, _ = _compiled(node, COUNT_MATCHING)
         return int(await self._pool.fetchval(sql, project_id, now, *params))
 
     async def segment(self, project_id: UUID, segment_id: UUID) -> StoredSegment | None:
         row = await self._pool.fetchrow(SELECT_SEGMENT_BY_ID, project_id, segment_id)
-        return None if row is None else _segment(row, 0)
+        return None if row is None else _segment(row)
 
     async def segments(self, project_id: UUID, after_seq: int, limit: int) -> list[StoredSegment]:
         rows = await self._pool.fetch(LIST_SEGMENTS, project_id, after_seq, limit)
-        return [_segment(r, 0) for r in rows]
+        return [_segment(r) for r in rows]
 
     async def all_segments(self, project_id: UUID | None = None) -> list[SegmentRef]:
         if project_id is None:
@@ -725,7 +795,13 @@ class DefinitionsRepository:
         else:
             rows = await self._pool.fetch(SELECT_PROJECT_SEGMENTS, project_id)
         return [
-            SegmentRef(r["project_id"], r["segment_id"], filter_from_json(r["filter"]))
+            SegmentRef(
+                r["project_id"],
+                r["segment_id"],
+                filter_from_json(r["filter"]),
+                r["create_time"],
+                r["evaluate_time"],
+            )
             for r in rows
         ]
 
@@ -791,7 +867,7 @@ class DefinitionsTransaction:
         self, project_id: UUID, request_id: UUID
     ) -> StoredSegment | None:
         row = await self._conn.fetchrow(SELECT_SEGMENT_BY_REQUEST_ID, project_id, request_id)
-        return None if row is None else _segment(row, 0)
+        return None if row is None else _segment(row)
 
     async def segment_name_taken(self, project_id: UUID, name: str) -> bool:
         return bool(await self._conn.fetchval(SEGMENT_NAME_TAKEN, project_id, name))
@@ -825,6 +901,7 @@ class DefinitionsTransaction:
     async def delete_segment(self, project_id: UUID, segment_id: UUID) -> bool:
         deleted = await self._conn.fetchval(DELETE_SEGMENT, project_id, segment_id)
         await self._conn.execute(DELETE_SEGMENT_MEMBERS, project_id, segment_id)
+        await self._conn.execute(DELETE_SEGMENT_SIZES, project_id, segment_id)
         return deleted is not None
 
     async def lock_segment(self, project_id: UUID, segment_id: UUID) -> FilterNode | None:

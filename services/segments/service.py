@@ -463,11 +463,38 @@ class SegmentsService:
         the follower stops. Raises RecomputeInterrupted if the server stops it."""
         run = self._recomputes.get(project_id)
         if run is None or run.finished:
-            run = RecomputeRun(uuid.uuid4(), project_id, self._clock.now())
-            self._recomputes[project_id] = run
-            run.task = asyncio.create_task(self._recompute(run), name=f"recompute-{project_id}")
+            run = self._start_recompute(project_id)
         async for progress in run.follow():
             yield progress
+
+    def _start_recompute(self, project_id: UUID) -> RecomputeRun:
+        run = RecomputeRun(uuid.uuid4(), project_id, self._clock.now())
+        self._recomputes[project_id] = run
+        run.task = asyncio.create_task(self._recompute(run), name=f"recompute-{project_id}")
+        return run
+
+    async def apply_threshold_changes(self) -> list[UUID]:
+        """Starts the recomputation of every project whose segment thresholds (project settings)
+        differ from those its stored states were last recomputed with, so that a settings
+        change reaches the stored states, the distribution and the custom segments reading them
+        without an operator; the changes go out with cause RECOMPUTE. A project being recomputed
+        is left to the next call (the run records the thresholds it used, which may be the
+        previous ones). Returns the projects started. Idempotent."""
+        started = []
+        for item in await self._repository.thresholds():
+            if item.current == item.applied:
+                continue
+            run = self._recomputes.get(item.project_id)
+            if run is not None and not run.finished:
+                continue
+            log.info(
+                "segment_thresholds_changed",
+                project_id=str(item.project_id),
+                thresholds=item.current.to_settings(),
+            )
+            self._start_recompute(item.project_id)
+            started.append(item.project_id)
+        return started
 
     async def stop_recomputes(self) -> None:
         """Cancels running recomputations (server shutdown); their followers get UNAVAILABLE."""
@@ -525,6 +552,8 @@ class SegmentsService:
 
         await self._definitions.evaluate_project(project_id, ChangeCause.RECOMPUTE, segment_done)
         run.update(self._clock.now(), RecomputePhase.CUSTOM_SEGMENTS, live, live)
+        # Every stored state now follows these thresholds (apply_threshold_changes compares).
+        await self._repository.record_thresholds(project_id, thresholds, self._clock.now())
         # Funnel progress is computed from events at read time; nothing is stored to redo.
         run.update(self._clock.now(), RecomputePhase.FUNNELS, live, live)
         run.update(self._clock.now(), RecomputePhase.DONE, live, live)

@@ -28,13 +28,14 @@ from tests.api.test_segments_custom_helpers import (
     error_details,
     group,
     not_,
+    segments_build,
     session,
     set_attributes,
     stack,
     subscription,
 )
 
-__all__ = ["stack"]
+__all__ = ["segments_build", "stack"]
 
 EQ, NE, IN = f.OPERATOR_EQUALS, f.OPERATOR_NOT_EQUALS, f.OPERATOR_IN
 LT, GE = f.OPERATOR_LESS_THAN, f.OPERATOR_GREATER_THAN_OR_EQUAL

@@ -26,7 +26,7 @@ from services.segments.definitions import DefinitionsService
 from services.segments.repository import DefinitionsRepository
 from shared.bus import Bus
 from shared.clock import FrozenClock
-from shared.server import start_service
+from shared.server import Build, start_service
 from shared.tenancy import TenancyRepository
 from shared.topics import EVENTS
 from tests.api.test_ingest_helpers import NOW, stamp
@@ -289,22 +289,29 @@ def session(
 
 
 @pytest.fixture
+def segments_build() -> Build:
+    """The segments service of the stack. Its background evaluation and thresholds check run
+    once at start, then every hour: tests evaluate by hand (a module may override this)."""
+    return make_build(evaluation_interval_s=3600.0, thresholds_interval_s=3600.0)
+
+
+@pytest.fixture
 async def stack(
     start_services: StartServices,
     settings_for_test: Settings,
     project: TestProject,
     database_url: str,
+    segments_build: Build,
 ) -> AsyncIterator[Stack]:
     clock = FrozenClock(NOW)
     handles = await start_services("identity")
     settings = settings_for_test.with_changes(
         addresses={**settings_for_test.addresses, "identity": handles["identity"].address}
     )
-    # The background evaluation runs once at start, then every hour: tests evaluate by hand.
     segments = await start_service(
         "segments",
         settings_for_test,
-        make_build(evaluation_interval_s=3600.0),
+        segments_build,
         port=0,
         clock=clock,
         metrics=False,

@@ -25,11 +25,12 @@ from tests.api.test_segments_custom_helpers import (
     custom_event,
     error_details,
     operand,
+    segments_build,
     session,
     stack,
 )
 
-__all__ = ["stack"]
+__all__ = ["segments_build", "stack"]
 
 HOUR = timedelta(hours=1)
 COMPLETED = funnels_pb2.FUNNEL_STEP_STATUS_COMPLETED

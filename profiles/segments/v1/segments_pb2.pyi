@@ -94,7 +94,10 @@ Global___SegmentChangeCause: _TypeAlias = SegmentChangeCause  # noqa: Y015
 
 @_typing.final
 class Segment(_message.Message):
-    """A custom segment: a stored filter over the project's profiles, evaluated live."""
+    """A custom segment: a stored filter over the project's profiles. Its members are kept by the
+    server: with each event, merge and erasure of a profile (within the bus lag, about a second),
+    and with what time alone changes by a periodic evaluation (every 5 s by default).
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -104,6 +107,7 @@ class Segment(_message.Message):
     FILTER_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     SIZE_FIELD_NUMBER: _builtins.int
+    SIZE_TIME_FIELD_NUMBER: _builtins.int
     segment_id: _builtins.str
     """The segment's ID, a UUID string assigned by the server."""
     display_name: _builtins.str
@@ -111,8 +115,11 @@ class Segment(_message.Message):
     description: _builtins.str
     """A free description, at most 1,000 characters; may be empty."""
     size: _builtins.int
-    """Output only: the number of profiles that match the filter, exact as of the response
-    (time-driven conditions included). Merged-away and erased profiles never count.
+    """Output only: the number of the segment's members: the profiles that matched the filter as
+    of `size_time`, updated since by every event, merge and erasure the server has handled
+    (they reach it within the bus lag, about a second; until then a merged-away or erased
+    profile may still count). Read from a maintained count, so it costs the same at any number
+    of profiles.
     """
     @_builtins.property
     def filter(self) -> _filters_pb2.FilterNode:
@@ -121,6 +128,15 @@ class Segment(_message.Message):
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """When the segment was created."""
+
+    @_builtins.property
+    def size_time(self) -> _timestamp_pb2.Timestamp:
+        """Output only: the moment `size` is exact as of for changes caused by time passing alone
+        ("within the last N days" windows, smart segment transitions, the engagement score): the
+        end of the segment's last complete periodic evaluation, usually a few seconds ago (more
+        while the evaluations of a large project take longer). For a filter without such a
+        condition time changes nothing, and it is the time of the response.
+        """
 
     def __init__(
         self,
@@ -131,10 +147,11 @@ class Segment(_message.Message):
         filter: _filters_pb2.FilterNode | None = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         size: _builtins.int = ...,
+        size_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "filter", b"filter"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "filter", b"filter", "size_time", b"size_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "description", b"description", "display_name", b"display_name", "filter", b"filter", "segment_id", b"segment_id", "size", b"size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "description", b"description", "display_name", b"display_name", "filter", b"filter", "segment_id", b"segment_id", "size", b"size", "size_time", b"size_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -370,7 +370,7 @@ class ListSegmentsResponse(_message.Message):
     """The token for the next page, opaque; empty only when this is the last page."""
     @_builtins.property
     def segments(self) -> _containers.RepeatedCompositeFieldContainer[_segments_pb2.Segment]:
-        """The segments, oldest first, each with its current size."""
+        """The segments, oldest first, each with its size and `size_time`."""
 
     def __init__(
         self,
@@ -417,7 +417,7 @@ class GetSegmentResponse(_message.Message):
     SEGMENT_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def segment(self) -> _segments_pb2.Segment:
-        """The segment's definition and current size."""
+        """The segment's definition, size and `size_time`."""
 
     def __init__(
         self,

@@ -138,7 +138,8 @@ class SegmentsServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def CreateSegment(self, request, context):
-        """Creates a custom segment from a filter tree and returns it with its current size. At most
+        """Creates a custom segment from a filter tree and returns it with its size (the profiles
+        matching it at creation, stored as its members; creation announces no change). At most
         100 segments per project. Idempotent with `request_id`. Admin only. Errors:
         INVALID_ARGUMENT (each bad node with its path and why), ALREADY_EXISTS (another segment has
         this display name), FAILED_PRECONDITION with reason REQUEST_ID_REUSED (the `request_id`
@@ -149,15 +150,16 @@ class SegmentsServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListSegments(self, request, context):
-        """Lists the project's custom segments, oldest first, each with its current size. Read or
-        admin. Errors: INVALID_ARGUMENT (`page_size` negative, `page_token` malformed).
+        """Lists the project's custom segments, oldest first, each with its size and `size_time` (see
+        Segment.size). Read or admin. Errors: INVALID_ARGUMENT (`page_size` negative, `page_token` malformed).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetSegment(self, request, context):
-        """Returns one custom segment's definition and current size. Read or admin. Errors:
+        """Returns one custom segment's definition, size and `size_time` (see Segment.size). Read or
+        admin. Errors:
         INVALID_ARGUMENT (`segment_id` not a UUID), NOT_FOUND (no such segment).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

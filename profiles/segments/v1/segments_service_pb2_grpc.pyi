@@ -54,18 +54,20 @@ class SegmentsServiceStub:
     NOT_FOUND (no such profile).
     """
     CreateSegment: _grpc.UnaryUnaryMultiCallable[_segments_service_pb2.CreateSegmentRequest, _segments_service_pb2.CreateSegmentResponse]
-    """Creates a custom segment from a filter tree and returns it with its current size. At most
+    """Creates a custom segment from a filter tree and returns it with its size (the profiles
+    matching it at creation, stored as its members; creation announces no change). At most
     100 segments per project. Idempotent with `request_id`. Admin only. Errors:
     INVALID_ARGUMENT (each bad node with its path and why), ALREADY_EXISTS (another segment has
     this display name), FAILED_PRECONDITION with reason REQUEST_ID_REUSED (the `request_id`
     created a different segment), RESOURCE_EXHAUSTED (the project has 100 segments).
     """
     ListSegments: _grpc.UnaryUnaryMultiCallable[_segments_service_pb2.ListSegmentsRequest, _segments_service_pb2.ListSegmentsResponse]
-    """Lists the project's custom segments, oldest first, each with its current size. Read or
-    admin. Errors: INVALID_ARGUMENT (`page_size` negative, `page_token` malformed).
+    """Lists the project's custom segments, oldest first, each with its size and `size_time` (see
+    Segment.size). Read or admin. Errors: INVALID_ARGUMENT (`page_size` negative, `page_token` malformed).
     """
     GetSegment: _grpc.UnaryUnaryMultiCallable[_segments_service_pb2.GetSegmentRequest, _segments_service_pb2.GetSegmentResponse]
-    """Returns one custom segment's definition and current size. Read or admin. Errors:
+    """Returns one custom segment's definition, size and `size_time` (see Segment.size). Read or
+    admin. Errors:
     INVALID_ARGUMENT (`segment_id` not a UUID), NOT_FOUND (no such segment).
     """
     DeleteSegment: _grpc.UnaryUnaryMultiCallable[_segments_service_pb2.DeleteSegmentRequest, _segments_service_pb2.DeleteSegmentResponse]
@@ -140,18 +142,20 @@ class SegmentsServiceAsyncStub(SegmentsServiceStub):
     NOT_FOUND (no such profile).
     """
     CreateSegment: _aio.UnaryUnaryMultiCallable[_segments_service_pb2.CreateSegmentRequest, _segments_service_pb2.CreateSegmentResponse]  # type: ignore[assignment]
-    """Creates a custom segment from a filter tree and returns it with its current size. At most
+    """Creates a custom segment from a filter tree and returns it with its size (the profiles
+    matching it at creation, stored as its members; creation announces no change). At most
     100 segments per project. Idempotent with `request_id`. Admin only. Errors:
     INVALID_ARGUMENT (each bad node with its path and why), ALREADY_EXISTS (another segment has
     this display name), FAILED_PRECONDITION with reason REQUEST_ID_REUSED (the `request_id`
     created a different segment), RESOURCE_EXHAUSTED (the project has 100 segments).
     """
     ListSegments: _aio.UnaryUnaryMultiCallable[_segments_service_pb2.ListSegmentsRequest, _segments_service_pb2.ListSegmentsResponse]  # type: ignore[assignment]
-    """Lists the project's custom segments, oldest first, each with its current size. Read or
-    admin. Errors: INVALID_ARGUMENT (`page_size` negative, `page_token` malformed).
+    """Lists the project's custom segments, oldest first, each with its size and `size_time` (see
+    Segment.size). Read or admin. Errors: INVALID_ARGUMENT (`page_size` negative, `page_token` malformed).
     """
     GetSegment: _aio.UnaryUnaryMultiCallable[_segments_service_pb2.GetSegmentRequest, _segments_service_pb2.GetSegmentResponse]  # type: ignore[assignment]
-    """Returns one custom segment's definition and current size. Read or admin. Errors:
+    """Returns one custom segment's definition, size and `size_time` (see Segment.size). Read or
+    admin. Errors:
     INVALID_ARGUMENT (`segment_id` not a UUID), NOT_FOUND (no such segment).
     """
     DeleteSegment: _aio.UnaryUnaryMultiCallable[_segments_service_pb2.DeleteSegmentRequest, _segments_service_pb2.DeleteSegmentResponse]  # type: ignore[assignment]
@@ -241,7 +245,8 @@ class SegmentsServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _segments_service_pb2.CreateSegmentRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_segments_service_pb2.CreateSegmentResponse, _abc.Awaitable[_segments_service_pb2.CreateSegmentResponse]]:
-        """Creates a custom segment from a filter tree and returns it with its current size. At most
+        """Creates a custom segment from a filter tree and returns it with its size (the profiles
+        matching it at creation, stored as its members; creation announces no change). At most
         100 segments per project. Idempotent with `request_id`. Admin only. Errors:
         INVALID_ARGUMENT (each bad node with its path and why), ALREADY_EXISTS (another segment has
         this display name), FAILED_PRECONDITION with reason REQUEST_ID_REUSED (the `request_id`
@@ -254,8 +259,8 @@ class SegmentsServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _segments_service_pb2.ListSegmentsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_segments_service_pb2.ListSegmentsResponse, _abc.Awaitable[_segments_service_pb2.ListSegmentsResponse]]:
-        """Lists the project's custom segments, oldest first, each with its current size. Read or
-        admin. Errors: INVALID_ARGUMENT (`page_size` negative, `page_token` malformed).
+        """Lists the project's custom segments, oldest first, each with its size and `size_time` (see
+        Segment.size). Read or admin. Errors: INVALID_ARGUMENT (`page_size` negative, `page_token` malformed).
         """
 
     @_abc_1.abstractmethod
@@ -264,7 +269,8 @@ class SegmentsServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _segments_service_pb2.GetSegmentRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_segments_service_pb2.GetSegmentResponse, _abc.Awaitable[_segments_service_pb2.GetSegmentResponse]]:
-        """Returns one custom segment's definition and current size. Read or admin. Errors:
+        """Returns one custom segment's definition, size and `size_time` (see Segment.size). Read or
+        admin. Errors:
         INVALID_ARGUMENT (`segment_id` not a UUID), NOT_FOUND (no such segment).
         """
 
