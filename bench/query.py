@@ -12,6 +12,8 @@ Then, from one client process (one channel, the admin key), at the same fixed ra
 concurrency and in alternating rounds: GetProfile of random profiles, ListEvents (first page)
 of random profiles, GetOverview, the query service's own Echo (the baseline: the suite's bare
 cost of one RPC), and a raw asyncpg primary-key lookup of a profile row from this process.
+The query process's CPU per call is recorded beside each of its RPCs (Echo's is the bare cost
+of a call through the suite's stack).
 Finally the project grows to 1,000,000 profiles (--quick: 100,000), the rollups are rebuilt,
 and GetOverview is measured again: its cost must not grow with the user base.
 """
@@ -31,6 +33,7 @@ import asyncpg
 
 from bench.common import (
     Call,
+    ChildProcess,
     Figure,
     LatencySummary,
     LoadPlan,
@@ -59,6 +62,8 @@ from shared.logging import configure_logging
 BENCH = "query"
 SERVICE = pb.DESCRIPTOR.services_by_name["QueryService"].full_name
 MAX_ERROR_FRACTION = 0.001
+# The calls the query process answers (pk_lookup goes from this process to PostgreSQL).
+SERVER_LABELS = frozenset({"echo", "getprofile", "listevents", "overview"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,6 +225,7 @@ async def measure(
     profiles: int,
     sizes: Sizes,
     labels: tuple[str, ...],
+    server: ChildProcess,
 ) -> dict[str, list[LoadResult]]:
     rng = random.Random(7)
     pool = await asyncpg.create_pool(database_url, min_size=sizes.concurrency, max_size=32)
@@ -266,6 +272,8 @@ async def measure(
                 LoadPlan(sizes.rate, sizes.concurrency, sizes.duration_s),
                 sizes.rounds,
                 warmup=LoadPlan(sizes.rate, sizes.concurrency, sizes.warmup_s),
+                # The query process's CPU per call: Echo's is the suite's bare cost of an RPC.
+                processes={label: server for label in labels if label in SERVER_LABELS},
             )
     finally:
         await pool.close()
@@ -275,7 +283,7 @@ def print_table(title: str, results: dict[str, list[LoadResult]]) -> dict[str, L
     print(title)
     print(
         f"  {'':<14}{'calls':>8}{'errors':>7}{'late':>6}{'rate/s':>9}{'p50 ms':>9}"
-        f"{'p90 ms':>9}{'p99 ms':>9}{'max ms':>9}"
+        f"{'p90 ms':>9}{'p99 ms':>9}{'max ms':>9}{'cpu us':>9}"
     )
     summaries = {}
     for label, rounds in results.items():
@@ -284,7 +292,7 @@ def print_table(title: str, results: dict[str, list[LoadResult]]) -> dict[str, L
         print(
             f"  {label:<14}{merged.completed:>8}{merged.error_count:>7}{merged.late_starts:>6}"
             f"{merged.achieved_rate:>9.1f}{s.p50_ms:>9.3f}{s.p90_ms:>9.3f}{s.p99_ms:>9.3f}"
-            f"{s.max_ms:>9.2f}"
+            f"{s.max_ms:>9.2f}{merged.server_cpu_us_per_call:>9.0f}"
         )
         if merged.error_count > MAX_ERROR_FRACTION * max(merged.completed, 1):
             raise SystemExit(f"too many errors on {label}: {dict(merged.errors)}")
@@ -322,6 +330,7 @@ def main(argv: list[str] | None = None) -> int:
                 sizes.profiles,
                 sizes,
                 ("echo", "getprofile", "listevents", "overview", "pk_lookup"),
+                process,
             )
         )
         started = time.perf_counter()
@@ -349,6 +358,7 @@ def main(argv: list[str] | None = None) -> int:
                 sizes.large_profiles,
                 sizes,
                 ("overview",),
+                process,
             )
         )
     header = (
@@ -356,6 +366,9 @@ def main(argv: list[str] | None = None) -> int:
         f" {sizes.rounds} rounds x {sizes.duration_s:g} s, alternating, one client process"
     )
     s = print_table(f"\n{sizes.profiles} profiles, {header}", small)
+    cpu = {
+        label: LoadResult.merged(rounds).server_cpu_us_per_call for label, rounds in small.items()
+    }
     big = print_table(f"\n{sizes.large_profiles} profiles, {header}", large)
     print()
     print_figures(
@@ -376,6 +389,16 @@ def main(argv: list[str] | None = None) -> int:
             ),
             Figure(
                 "pk_lookup_p99_ms", s["pk_lookup"].p99_ms, "ms", "echo_p99_ms", s["echo"].p99_ms
+            ),
+            *(
+                Figure(
+                    f"{label}_cpu_us_per_call",
+                    cpu[label],
+                    "us",
+                    "echo_cpu_us_per_call",
+                    cpu["echo"],
+                )
+                for label in ("getprofile", "listevents")
             ),
         ],
         quick=args.quick,
