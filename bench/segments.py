@@ -791,7 +791,7 @@ def print_custom_segment(outcome: SegmentSizeOutcome, profiles: int, quick: bool
         f" (runs {' '.join(f'{s:.3f}' for s in outcome.live_s)})"
     )
     print(
-        f"  one sweep evaluation of the segment (entered + left scans, every 5 s while the"
+        f"  one sweep evaluation of the segment (entered + left scans, every 30 s while the"
         f" filter depends on time) median {outcome.sweep_median_s:.3f} s"
         f" (runs {' '.join(f'{s:.3f}' for s in outcome.sweep_s)})"
     )

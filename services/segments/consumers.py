@@ -219,12 +219,12 @@ class SweepWorker:
 
 
 class EvaluationWorker:
-    """Evaluates the custom segments every `interval_s` and announces who entered and who left
-    (cause TIME). Events evaluate their own profile as they are handled, so this sweep carries
-    what time alone changes ("within the last N days" windows, smart segment transitions): at
-    most `interval_s` late (plus the evaluations' own time). A segment time cannot change is
-    evaluated only while it settles after creation, then every few minutes as a safety net for
-    writes that reached the source tables without an event (model.sweep_due)."""
+    """Every `interval_s`, evaluates the custom segments that are due and announces who entered
+    and who left (cause TIME). Events evaluate their own profile as they are handled, so this
+    sweep carries what time alone changes ("within the last N days" windows, smart segment
+    transitions): a segment whose filter depends on time is due 30 s after its last evaluation;
+    one time cannot change only while it settles after creation, then every few minutes as a
+    safety net for writes that reached the source tables without an event (model.sweep_due)."""
 
     def __init__(self, definitions: DefinitionsService, *, interval_s: float = 5.0) -> None:
         self._definitions = definitions

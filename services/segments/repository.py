@@ -607,16 +607,22 @@ FILL_MEMBERS = (
     "INSERT INTO custom_segment_members (project_id, segment_id, profile_id, enter_time)"
     " SELECT $1, ${n}::uuid, p.profile_id, $2 " + LIVE_PROFILES + " AND {where}"
 )
-# Live matching profiles not yet members, a bounded batch in profile_id order.
+# Live matching profiles not yet members, a bounded batch in no particular order: an order would
+# walk the primary key and fetch the heap at random (2.5-3.0 s at a million profiles against
+# 2.1 s for this sequential scan); each batch asks again for those not yet members, and the
+# candidates are locked in profile_id order anyway.
 SELECT_ENTERED = (
     "SELECT p.profile_id " + LIVE_PROFILES + " AND {where} AND NOT EXISTS (SELECT 1"
     " FROM custom_segment_members m WHERE m.project_id = $1 AND m.segment_id = ${n}::uuid"
-    " AND m.profile_id = p.profile_id) ORDER BY p.profile_id LIMIT ${m}::int"
+    " AND m.profile_id = p.profile_id) LIMIT ${m}::int"
 )
 # Members that no longer match, with why: erased (no profile row), merged away, or the filter.
+# The profile is looked up per member (LATERAL ... LIMIT 1 keeps the planner from hashing the
+# whole profiles table: 0.4 s at a million profiles for a segment of 6,000 members).
 SELECT_LEFT = (
-    "SELECT m.profile_id FROM custom_segment_members m LEFT JOIN profiles p"
-    " ON p.project_id = m.project_id AND p.profile_id = m.profile_id"
+    "SELECT m.profile_id FROM custom_segment_members m LEFT JOIN LATERAL (SELECT * FROM"
+    " profiles q WHERE q.project_id = m.project_id AND q.profile_id = m.profile_id LIMIT 1) p"
+    " ON true"
     " WHERE m.project_id = $1 AND m.segment_id = ${n}::uuid AND $2::timestamptz IS NOT NULL"
     " AND NOT (CASE WHEN p.profile_id IS NULL OR p.merged_into IS NOT NULL THEN false"
     " ELSE {where} END) ORDER BY m.profile_id LIMIT ${m}::int"

@@ -11,6 +11,7 @@ import pytest
 from services.segments.filter_sql import SqlBuilder, compile_filter
 from services.segments.model import (
     SETTLE_AFTER_CREATION,
+    TIME_DEPENDENT_EVALUATION_INTERVAL,
     TIME_INDEPENDENT_EVALUATION_INTERVAL,
     AttributeTest,
     CountryTest,
@@ -74,8 +75,10 @@ def test_the_sweep_evaluates_time_independent_segments_only_to_settle_and_as_a_s
     created = NOW - timedelta(hours=1)
     engaged = SmartSegmentTest(segments=(3,))
     settled = created + SETTLE_AFTER_CREATION
-    # A time-dependent filter: every run.
-    assert sweep_due(engaged, created, NOW - timedelta(seconds=1), NOW)
+    # A time-dependent filter: when its last evaluation is 30 s old.
+    assert not sweep_due(engaged, created, NOW - timedelta(seconds=29), NOW)
+    assert sweep_due(engaged, created, NOW - TIME_DEPENDENT_EVALUATION_INTERVAL, NOW)
+    assert sweep_due(engaged, created, None, NOW)
     # A time-independent one: until an evaluation ended at least a minute after creation...
     assert sweep_due(PLAN, created, None, NOW)
     assert sweep_due(PLAN, created, settled - timedelta(seconds=1), settled + timedelta(seconds=5))

@@ -96,7 +96,7 @@ Global___SegmentChangeCause: _TypeAlias = SegmentChangeCause  # noqa: Y015
 class Segment(_message.Message):
     """A custom segment: a stored filter over the project's profiles. Its members are kept by the
     server: with each event, merge and erasure of a profile (within the bus lag, about a second),
-    and with what time alone changes by a periodic evaluation (every 5 s by default).
+    and with what time alone changes by a periodic evaluation (every 30 s by default).
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -133,7 +133,7 @@ class Segment(_message.Message):
     def size_time(self) -> _timestamp_pb2.Timestamp:
         """Output only: the moment `size` is exact as of for changes caused by time passing alone
         ("within the last N days" windows, smart segment transitions, the engagement score): the
-        end of the segment's last complete periodic evaluation, usually a few seconds ago (more
+        end of the segment's last complete periodic evaluation, usually under 30 s ago (more
         while the evaluations of a large project take longer). For a filter without such a
         condition time changes nothing, and it is the time of the response.
         """
