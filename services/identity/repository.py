@@ -8,6 +8,8 @@ merged away (ascending installation_id), then the rows of the other tables.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import secrets
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -196,6 +198,12 @@ MARK_MERGED = """
     SELECT (SELECT version FROM tombstone) AS source_version,
         coalesce((SELECT array_agg(profile_id ORDER BY profile_id) FROM redirected), '{}')
             AS redirected_profile_ids"""
+
+# Tells every identity replica, at commit, which profiles' installations now resolve
+# differently (cache.py): NOTIFY is transactional, so a rolled-back change announces nothing and
+# a committed one is announced before any later transaction can see its effects elsewhere.
+NOTIFY_LINKS = "SELECT pg_notify($1, $2)"
+LINKS_CHANNEL = "profiles_identity_links"
 
 INSERT_ALIAS = """
     INSERT INTO custom_id_aliases (project_id, custom_id, target_profile_id, change_id, create_time)
@@ -540,6 +548,45 @@ async def move_profile_rows(
         await conn.execute(statement, project_id, source, target)
 
 
+class LinkListener:
+    """A dedicated connection LISTENing on LINKS_CHANNEL (not a pooled one: a pool resets
+    listeners on release, and this one is held for the life of the process)."""
+
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self._conn = conn
+        self._lost = asyncio.Event()
+        conn.add_termination_listener(lambda _conn: self._lost.set())
+
+    @classmethod
+    async def open(cls, database_url: str, on_payload: Callable[[str], None]) -> LinkListener:
+        conn = await asyncpg.connect(database_url)
+        listener = cls(conn)
+        await conn.add_listener(LINKS_CHANNEL, lambda _c, _pid, _channel, p: on_payload(p))
+        return listener
+
+    async def lost(self) -> None:
+        """Returns when the connection is gone (checked every few seconds as well, since a
+        silently dropped socket triggers no termination callback until it is used)."""
+        while not self._lost.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._lost.wait(), LISTENER_CHECK_S)
+            if self._conn.is_closed():
+                return
+            try:
+                await self._conn.execute(PROBE)
+            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+                return
+
+    async def close(self) -> None:
+        await self._conn.close(timeout=5)
+
+
+PROBE = "SELECT 1"
+# How often the LISTEN connection is probed; a change made while it was silently dead is then
+# missed for at most this long by this replica's cache.
+LISTENER_CHECK_S = 5.0
+
+
 def _connection(conn: PoolConnectionProxy[asyncpg.Record]) -> asyncpg.Connection:
     """A pooled connection typed as the Connection it stands for (it forwards every call)."""
     return cast(asyncpg.Connection, conn)
@@ -729,6 +776,11 @@ class IdentityTransaction:
         """Raises the profiles' versions; returns the new version of each."""
         rows = await self._conn.fetch(BUMP_PROFILE_VERSIONS, project_id, list(profile_ids), now)
         return {r["profile_id"]: r["version"] for r in rows}
+
+    async def announce_link_change(self, project_id: UUID, payload: str) -> None:
+        """Queues the change's notification to every replica; sent when the transaction
+        commits, dropped if it rolls back."""
+        await self._conn.execute(NOTIFY_LINKS, LINKS_CHANNEL, payload)
 
     async def move_installation(
         self, project_id: UUID, installation_id: str, profile_id: UUID

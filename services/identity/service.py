@@ -17,6 +17,7 @@ import structlog
 
 from profiles.common.v1 import bus_pb2
 from services.identity import export, messages
+from services.identity.cache import ResolutionCache, links_payload
 from services.identity.errors import (
     ConcurrentChange,
     CustomIdErased,
@@ -110,8 +111,10 @@ class IdentityService:
         *,
         attempts: int = 8,
         notices: LiveNotices | None = None,
+        cache: ResolutionCache | None = None,
     ) -> None:
         self._repository = repository
+        self._cache = cache
         self._tenancy = tenancy
         self._clock = clock
         self._attempts = attempts
@@ -169,12 +172,45 @@ class IdentityService:
                 results.append(by_custom_id[custom_id])
         return results
 
+    async def resolve_installations(
+        self, project_id: UUID, installation_ids: Sequence[str]
+    ) -> list[Resolution | InvalidArgument]:
+        """`resolve` for a batch of installation IDs only (what ingest sends): answered from the
+        cache when every one is there, without decoding keys or validating (only valid IDs are
+        ever cached); otherwise as `resolve`."""
+        cache = self._cache
+        if cache is not None and 1 <= len(installation_ids) <= MAX_KEYS:
+            get, project = cache.get, project_id.int
+            hits = [get(project, i) for i in installation_ids]
+            if None not in hits:
+                return hits  # type: ignore[return-value]  # no None left: all Resolutions
+        return await self.resolve(project_id, [ProfileKey(i, None) for i in installation_ids])
+
     async def _resolve_installations(
         self, project_id: UUID, installation_ids: Sequence[str]
     ) -> dict[str, Resolution]:
+        found: dict[str, Resolution] = {}
+        unknown = installation_ids
+        cache = self._cache
+        generation = 0
+        if cache is not None:
+            project = project_id.int
+            unknown = []
+            for installation_id in installation_ids:
+                hit = cache.get(project, installation_id)
+                if hit is None:
+                    unknown.append(installation_id)
+                else:
+                    found[installation_id] = hit
+            if not unknown:
+                return found
+            generation = cache.generation  # before the read: see ResolutionCache.store
         # Known installations (the usual case) cost one indexed read and no transaction.
-        found = await self._repository.find_installations(project_id, installation_ids)
-        missing = sorted(set(installation_ids) - found.keys())
+        read = await self._repository.find_installations(project_id, unknown)
+        if cache is not None:
+            cache.store(project_id, read, generation)
+        found.update(read)
+        missing = sorted(set(unknown) - read.keys())
         if not missing:
             return found
         now = self._clock.now()
@@ -308,6 +344,7 @@ class IdentityService:
     ) -> IdentifyResult:
         now = self._clock.now()
         notices: list[bus_pb2.ProfileChanged] = []
+        changed: list[UUID] = []  # profiles whose installations now resolve differently
         async with self._repository.transaction() as tx:
             stored = await self._stored_answer(tx, project_id, "Identify", request_id, digest, now)
             if stored is not None:
@@ -338,6 +375,10 @@ class IdentityService:
                 result = IdentifyResult(outcome, current.profile_id)
             elif outcome is IdentifyOutcome.IDENTIFIED:
                 version = await tx.set_custom_id(project_id, current.profile_id, custom_id, now)
+                # Nothing moves (link_version stays), but the installations' answers now say
+                # `identified`: cached ones are dropped.
+                changed = [current.profile_id]
+                await self._announce_links(tx, project_id, changed)
                 notices.append(
                     messages.identified_notice(project_id, current.profile_id, version, now)
                 )
@@ -356,6 +397,7 @@ class IdentityService:
                 change, notices = await self._merge(
                     tx, project_id, current.profile_id, holder.profile_id, ChangeCause.IDENTIFY, now
                 )
+                changed = [current.profile_id, holder.profile_id]
                 result = IdentifyResult(
                     outcome,
                     holder.profile_id,
@@ -366,7 +408,9 @@ class IdentityService:
                 result, notices = await self._switch(
                     tx, project_id, installation_id, current.profile_id, holder, custom_id, now
                 )
+                changed = [current.profile_id, result.profile_id]
             await self._save_answer(tx, project_id, "Identify", request_id, digest, result, now)
+        self._forget(project_id, changed)
         self._announce(notices)
         return result
 
@@ -389,6 +433,7 @@ class IdentityService:
         else:
             target_id = holder.profile_id
         await tx.move_installation(project_id, installation_id, target_id)
+        await self._announce_links(tx, project_id, [previous_id, target_id])
         versions = await tx.bump_versions(project_id, [previous_id, target_id], now)
         change = IdentityChange(
             change_id=uuid4(),
@@ -431,6 +476,7 @@ class IdentityService:
         Returns the change and the live notices to send after commit."""
         change_id = uuid4()
         moves = await tx.merge(project_id, source_id, target_id, now)
+        await self._announce_links(tx, project_id, [source_id, target_id])
         if inherited_custom_id is not None:
             target_version = await tx.set_custom_id(project_id, target_id, inherited_custom_id, now)
         else:
@@ -481,6 +527,7 @@ class IdentityService:
     ) -> LogoutResult:
         now = self._clock.now()
         notices: list[bus_pb2.ProfileChanged] = []
+        changed: list[UUID] = []
         async with self._repository.transaction() as tx:
             stored = await self._stored_answer(tx, project_id, "Logout", request_id, digest, now)
             if stored is not None:
@@ -501,6 +548,8 @@ class IdentityService:
                 # in next on this device must not inherit someone else's anonymous history.
                 new_id = await tx.create_anonymous_profile(project_id, now)
                 await tx.move_installation(project_id, installation_id, new_id)
+                changed = [current.profile_id, new_id]
+                await self._announce_links(tx, project_id, changed)
                 versions = await tx.bump_versions(project_id, [current.profile_id], now)
                 change = IdentityChange(
                     change_id=uuid4(),
@@ -528,6 +577,7 @@ class IdentityService:
                     project_id, change, True, {**versions, new_id: FIRST_VERSION}
                 )
             await self._save_answer(tx, project_id, "Logout", request_id, digest, result, now)
+        self._forget(project_id, changed)
         self._announce(notices)
         return result
 
@@ -575,6 +625,7 @@ class IdentityService:
     ) -> MergeResult:
         now = self._clock.now()
         notices: list[bus_pb2.ProfileChanged] = []
+        changed: list[UUID] = []
         async with self._repository.transaction() as tx:
             stored = await self._stored_answer(
                 tx, project_id, "MergeProfiles", request_id, digest, now
@@ -613,6 +664,7 @@ class IdentityService:
                     alias_custom_id=plan.alias_custom_id,
                     inherited_custom_id=plan.inherited_custom_id,
                 )
+                changed = [source.profile_id, target.profile_id]
                 result = MergeResult(
                     target.profile_id,
                     source.profile_id,
@@ -624,6 +676,7 @@ class IdentityService:
             await self._save_answer(
                 tx, project_id, "MergeProfiles", request_id, digest, result, now
             )
+        self._forget(project_id, changed)
         self._announce(notices)
         return result
 
@@ -693,6 +746,8 @@ class IdentityService:
                 custom_ids,
                 lambda custom_id: event_marker(secret, custom_id),
             )
+            changed = [profile.profile_id, *erasure.tombstone_profile_ids]
+            await self._announce_links(tx, project_id, changed)
             expire_time = quarantine_end(now, quarantine_days) if custom_ids else None
             if expire_time is not None:
                 await tx.quarantine(
@@ -713,6 +768,7 @@ class IdentityService:
             await self._save_answer(
                 tx, project_id, "DeleteProfile", request_id, digest, result, now
             )
+        self._forget(project_id, changed)
         self._announce([messages.deleted_notice(project_id, result)])
         return result, secret
 
@@ -779,6 +835,19 @@ class IdentityService:
         log.info("profile_exported", profile_id=str(live))
 
     # -- retries and answers --------------------------------------------------------------
+
+    async def _announce_links(
+        self, tx: IdentityTransaction, project_id: UUID, profile_ids: Sequence[UUID]
+    ) -> None:
+        """In the change's transaction: every replica drops the cached answers of these
+        profiles' installations when it commits (cache.py)."""
+        await tx.announce_link_change(project_id, links_payload(project_id, profile_ids))
+
+    def _forget(self, project_id: UUID, profile_ids: Sequence[UUID]) -> None:
+        """After commit, before the RPC returns: this replica's cache drops them at once,
+        without waiting for its own notification."""
+        if self._cache is not None and profile_ids:
+            self._cache.invalidate_profiles(project_id, profile_ids)
 
     def _announce(self, notices: Sequence[bus_pb2.ProfileChanged]) -> None:
         """Queues live notices once their transaction has committed; never waits, never

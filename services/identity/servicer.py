@@ -192,8 +192,15 @@ class IdentityServicer(pb_grpc.IdentityServiceServicer):
     async def ResolveProfiles(
         self, request: pb.ResolveProfilesRequest, context: ServicerContext
     ) -> pb.ResolveProfilesResponse:
-        keys = keys_from_proto(request.keys)
-        results = await self._service.resolve(current_caller().project_id, keys)
+        project_id = current_caller().project_id
+        # The usual batch names installations only: every key's installation_id is then
+        # non-empty (a custom ID key or an empty key reads as ""), and one attribute read per
+        # key replaces the general decoding.
+        installation_ids = [key.installation_id for key in request.keys]
+        if all(installation_ids):
+            results = await self._service.resolve_installations(project_id, installation_ids)
+        else:
+            results = await self._service.resolve(project_id, keys_from_proto(request.keys))
         return resolutions_to_proto(results)
 
     async def Identify(
