@@ -406,6 +406,29 @@ def reclassify(
     return changes
 
 
+def reclassification(
+    histories: Mapping[int, History],
+    stored: Mapping[int, StoredState],
+    thresholds: Thresholds,
+    now: datetime,
+    cause: ChangeCause,
+    change_time: datetime,
+) -> tuple[list[tuple[int, StoredState]], list[MembershipChange], bool]:
+    """A profile's fresh states (per platform it has sessions on, and all: 0), the changes of its
+    all-platform classification (see reclassify), and whether stored states must go first (a
+    platform, or all of them, with no session left)."""
+    states: list[tuple[int, StoredState]] = []
+    changes: list[MembershipChange] = []
+    for platform, history in histories.items():
+        facts = classify(history, now, thresholds)
+        if platform == ALL_PLATFORMS:
+            changes = reclassify(stored.get(ALL_PLATFORMS), facts, now, cause, change_time)
+        if history.session_count:
+            states.append((platform, StoredState(facts.classification, facts.schedule)))
+    kept = {platform for platform, _ in states}
+    return states, changes, any(p not in kept for p in stored)
+
+
 # --- session events -----------------------------------------------------------------------
 
 

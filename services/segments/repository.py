@@ -164,6 +164,27 @@ SELECT_RECENT_SESSIONS = """
     WHERE project_id = $1 AND profile_id = $2 AND start_time >= $3
     ORDER BY start_time"""
 
+# The same for a batch of profiles (RecomputeAll, 200 at a time), each day count in its
+# profile's zone ($3, aligned with $2): one statement instead of one per profile.
+SELECT_AGGREGATES_MANY = """
+    SELECT s.profile_id, s.platform, count(*) AS session_count,
+           min(s.start_time) AS first_session_time, max(s.start_time) AS last_session_time,
+           count(DISTINCT (s.start_time AT TIME ZONE z.zone)::date) AS total_active_days
+    FROM unnest($2::uuid[], $3::text[]) AS z(profile_id, zone)
+    JOIN segment_sessions s ON s.project_id = $1 AND s.profile_id = z.profile_id
+    GROUP BY GROUPING SETS ((s.profile_id, s.platform), (s.profile_id))"""
+SELECT_RECENT_SESSIONS_MANY = """
+    SELECT profile_id, platform, start_time, duration_ms
+    FROM segment_sessions
+    WHERE project_id = $1 AND profile_id = ANY($2::uuid[]) AND start_time >= $3
+    ORDER BY profile_id, start_time"""
+SELECT_STATES_FOR_UPDATE_MANY = """
+    SELECT profile_id, platform, segment, flag, upcoming_times, upcoming_segments, upcoming_flags
+    FROM segment_states
+    WHERE project_id = $1 AND profile_id = ANY($2::uuid[])
+    ORDER BY profile_id, platform
+    FOR UPDATE"""
+
 SELECT_STATES_FOR_UPDATE = """
     SELECT platform, segment, flag, upcoming_times, upcoming_segments, upcoming_flags
     FROM segment_states
@@ -268,6 +289,21 @@ def _stored(row: asyncpg.Record) -> StoredState:
     return StoredState(
         Classification(SmartSegment(row["segment"]), SegmentFlag(row["flag"])), steps
     )
+
+
+def _history(row: asyncpg.Record, recent: Sequence[Session], zone: str) -> dict[int, History]:
+    """One aggregate row (a platform, or all: platform NULL) as the History of that platform."""
+    platform = ALL_PLATFORMS if row["platform"] is None else row["platform"]
+    return {
+        platform: History(
+            session_count=row["session_count"],
+            first_session_time=row["first_session_time"],
+            last_session_time=row["last_session_time"],
+            total_active_days=row["total_active_days"],
+            recent_sessions=tuple(s for s in recent if platform in (ALL_PLATFORMS, s.platform)),
+            time_zone=zone,
+        )
+    }
 
 
 def _connection(conn: PoolConnectionProxy[asyncpg.Record]) -> asyncpg.Connection:
@@ -452,16 +488,76 @@ class SegmentsTransaction:
         ]
         histories = {ALL_PLATFORMS: History.empty(zone)}
         for row in aggregates:
-            platform = ALL_PLATFORMS if row["platform"] is None else row["platform"]
-            histories[platform] = History(
-                session_count=row["session_count"],
-                first_session_time=row["first_session_time"],
-                last_session_time=row["last_session_time"],
-                total_active_days=row["total_active_days"],
-                recent_sessions=tuple(s for s in recent if platform in (ALL_PLATFORMS, s.platform)),
-                time_zone=zone,
+            histories.update(_history(row, recent, zone))
+        return histories
+
+    async def histories_many(
+        self, project_id: UUID, time_zones: dict[UUID, str | None], recent_since: datetime
+    ) -> dict[UUID, dict[int, History]]:
+        """`histories` of several profiles (keys of `time_zones`) in two statements."""
+        ids = list(time_zones)
+        zones = {p: zone_of(z).key for p, z in time_zones.items()}
+        aggregates = await self._conn.fetch(
+            SELECT_AGGREGATES_MANY, project_id, ids, [zones[p] for p in ids]
+        )
+        recent: dict[UUID, list[Session]] = {}
+        for r in await self._conn.fetch(SELECT_RECENT_SESSIONS_MANY, project_id, ids, recent_since):
+            recent.setdefault(r["profile_id"], []).append(
+                Session(r["start_time"], timedelta(milliseconds=r["duration_ms"]), r["platform"])
+            )
+        histories = {p: {ALL_PLATFORMS: History.empty(zones[p])} for p in ids}
+        for row in aggregates:
+            profile_id = row["profile_id"]
+            histories[profile_id].update(
+                _history(row, recent.get(profile_id, []), zones[profile_id])
             )
         return histories
+
+    async def states_for_update_many(
+        self, project_id: UUID, profile_ids: Sequence[UUID]
+    ) -> dict[UUID, dict[int, StoredState]]:
+        rows = await self._conn.fetch(SELECT_STATES_FOR_UPDATE_MANY, project_id, list(profile_ids))
+        states: dict[UUID, dict[int, StoredState]] = {p: {} for p in profile_ids}
+        for r in rows:
+            states[r["profile_id"]][r["platform"]] = _stored(r)
+        return states
+
+    async def save_states_many(
+        self,
+        project_id: UUID,
+        states: Iterable[tuple[UUID, int, StoredState]],
+        now: datetime,
+    ) -> None:
+        await self._conn.executemany(
+            UPSERT_STATE,
+            [
+                (
+                    project_id,
+                    profile_id,
+                    platform,
+                    int(state.classification.segment),
+                    int(state.classification.flag),
+                    state.next_transition_time,
+                    [s.time for s in state.schedule],
+                    [int(s.classification.segment) for s in state.schedule],
+                    [int(s.classification.flag) for s in state.schedule],
+                    now,
+                )
+                for profile_id, platform, state in states
+            ],
+        )
+
+    async def enqueue_changes_many(
+        self, project_id: UUID, changes: Sequence[tuple[UUID, MembershipChange]]
+    ) -> None:
+        """Adds the changes (profile, change) to the outbox, in this transaction and in order."""
+        await enqueue_many(
+            self._conn,
+            [
+                OutboxItem(project_id, SEGMENT_CHANGES, change_to_bus(project_id, p, c), p)
+                for p, c in changes
+            ],
+        )
 
     async def states_for_update(self, project_id: UUID, profile_id: UUID) -> dict[int, StoredState]:
         rows = await self._conn.fetch(SELECT_STATES_FOR_UPDATE, project_id, profile_id)

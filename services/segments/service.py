@@ -51,7 +51,7 @@ from services.segments.model import (
     changes_between,
     classify,
     engagement,
-    reclassify,
+    reclassification,
 )
 from services.segments.repository import (
     DefinitionsRepository,
@@ -71,7 +71,7 @@ T = TypeVar("T")
 MAX_HOPS = 4
 RACE_RETRIES = 3
 WATCH_BATCH = 500
-# Profiles reclassified between two progress updates of RecomputeAll (one transaction each).
+# Profiles reclassified per transaction of RecomputeAll (and between two progress updates).
 RECOMPUTE_BATCH = 200
 # How often a RecomputeAll follower hears about progress within a phase.
 PROGRESS_INTERVAL_S = 1.0
@@ -219,15 +219,9 @@ class SegmentsService:
         returns them."""
         histories = await tx.histories(project_id, profile_id, time_zone, now - thresholds.lookback)
         stored = await tx.states_for_update(project_id, profile_id)
-        states: list[tuple[int, StoredState]] = []
-        changes: list[MembershipChange] = []
-        for platform, history in histories.items():
-            facts = classify(history, now, thresholds)
-            if platform == ALL_PLATFORMS:
-                changes = reclassify(stored.get(ALL_PLATFORMS), facts, now, cause, change_time)
-            if history.session_count:
-                states.append((platform, StoredState(facts.classification, facts.schedule)))
-        gone = [p for p in stored if p not in {platform for platform, _ in states}]
+        states, changes, gone = reclassification(
+            histories, stored, thresholds, now, cause, change_time
+        )
         if gone:
             # Only possible when the profile has no session left (e.g. a recompute); all or none.
             await tx.delete_states(project_id, [profile_id])
@@ -529,13 +523,12 @@ class SegmentsService:
         after = UUID(int=0)
         while True:
             batch = await definitions.live_segment_profiles(project_id, after, RECOMPUTE_BATCH)
-            for profile_id in batch:
 
-                async def work(profile_id: UUID = profile_id) -> list[MembershipChange]:
-                    return await self._recompute_one(project_id, profile_id, thresholds)
+            async def work(batch: list[UUID] = batch) -> set[UUID]:
+                return await self._recompute_batch(project_id, batch, thresholds)
 
-                if await self._retrying(work):
-                    run.changed.add(profile_id)
+            if batch:
+                run.changed.update(await self._retrying(work))
             done += len(batch)
             run.update(self._clock.now(), RecomputePhase.SMART_SEGMENTS, min(done, total), total)
             if len(batch) < RECOMPUTE_BATCH:
@@ -559,24 +552,45 @@ class SegmentsService:
         run.update(self._clock.now(), RecomputePhase.DONE, live, live)
         log.info("recompute_done", recompute_id=str(run.recompute_id), changed=len(run.changed))
 
-    async def _recompute_one(
-        self, project_id: UUID, profile_id: UUID, thresholds: Thresholds
-    ) -> list[MembershipChange]:
+    async def _recompute_batch(
+        self, project_id: UUID, profile_ids: Sequence[UUID], thresholds: Thresholds
+    ) -> set[UUID]:
+        """Reclassifies a batch of profiles in one transaction (the rule of _reclassify, with a
+        few statements for the whole batch instead of several per profile: about 1 ms per
+        profile one by one); returns those whose all-platform classification changed."""
         now = self._clock.now()
         async with self._repository.transaction() as tx:
-            row = (await tx.lock_profiles(project_id, [profile_id]))[profile_id]
-            if row.erase_time is not None or row.merged_into is not None:
-                return []
-            return await self._reclassify(
-                tx,
-                project_id,
-                profile_id,
-                row.time_zone,
-                thresholds,
-                now,
-                ChangeCause.RECOMPUTE,
-                now,
-            )
+            rows = await tx.lock_profiles(project_id, profile_ids)
+            live = {
+                p: r.time_zone
+                for p, r in rows.items()
+                if r.erase_time is None and r.merged_into is None
+            }
+            if not live:
+                return set()
+            histories = await tx.histories_many(project_id, live, now - thresholds.lookback)
+            stored = await tx.states_for_update_many(project_id, list(live))
+            states: list[tuple[UUID, int, StoredState]] = []
+            changes: list[tuple[UUID, MembershipChange]] = []
+            gone: list[UUID] = []
+            for profile_id in live:
+                fresh, changed, stale = reclassification(
+                    histories[profile_id],
+                    stored[profile_id],
+                    thresholds,
+                    now,
+                    ChangeCause.RECOMPUTE,
+                    now,
+                )
+                states.extend((profile_id, platform, state) for platform, state in fresh)
+                changes.extend((profile_id, change) for change in changed)
+                if stale:
+                    gone.append(profile_id)
+            if gone:
+                await tx.delete_states(project_id, gone)
+            await tx.save_states_many(project_id, states, now)
+            await tx.enqueue_changes_many(project_id, changes)
+        return {p for p, _ in changes}
 
 
 class RecomputeRun:
