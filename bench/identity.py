@@ -22,8 +22,9 @@ the same server and interceptors), at the same rate and concurrency, after a war
   of a stored identified profile, a real rule-2 merge (checked: outcome MERGED, and afterwards
   no event left on a merged-away profile); each pair is used once.
 - ResolveProfiles: batches of 500 installations known to identity, 50 distinct batches over
-  25,000 installations, each resolved once before measuring (warm: identity keeps no resolve
-  cache of its own, so "warm" means the rows are in PostgreSQL's memory).
+  25,000 installations, each resolved once before measuring (warm: identity's cache of known
+  installations holds them, services/identity/cache.py, except those whose profiles the
+  Identify phase changed since, which the phase's warm-up reads again).
 All calls use the admin key (the one role that may call all three RPCs), so authentication
 costs the same on both sides. Output: a report with the goals, then JSON lines; headlines
 `identify_p99_ms` and `resolve_p99_ms`, each with baseline `echo_p99_ms` of its phase.

@@ -14,7 +14,11 @@ import pytest
 
 from profiles.identity.v1 import identity_service_pb2 as pb
 from profiles.ingest.v1 import ingest_service_pb2_grpc as ipb_grpc
-from shared.clock import FrozenClock
+from services.identity.cache import ResolutionCache
+from services.identity.repository import IdentityRepository
+from services.identity.service import IdentityService
+from shared.clock import FrozenClock, SystemClock
+from shared.tenancy import TenancyRepository
 from tests.api.test_identity_helpers import Identity, new_id
 from tests.api.test_ingest_helpers import NOW, Ingest, custom_event
 
@@ -220,3 +224,52 @@ async def test_events_after_logout_on_one_replica_land_on_the_new_profile_throug
     after = await ingest.track(*[custom_event(installation) for _ in range(20)])
     assert {r.profile_id for r in after.results} == {reply.profile_id}
     assert reply.profile_id not in identified
+
+
+@pytest.fixture
+async def lone_service(db: asyncpg.Pool) -> tuple[IdentityService, ResolutionCache]:
+    """A service whose cache hears no notification (no listener, enabled by hand): what it
+    answers after a change can only come from its own invalidation before returning."""
+    cache = ResolutionCache()
+    cache.enable()
+    repository = await IdentityRepository.connect(db)
+    service = IdentityService(repository, TenancyRepository(db), SystemClock(), cache=cache)
+    return service, cache
+
+
+async def resolved(service: IdentityService, project: TestProject, installation: str) -> Any:
+    (result,) = await service.resolve_installations(project.project_id, [installation])
+    assert not isinstance(result, Exception)
+    return result
+
+
+async def test_the_replica_that_changes_a_link_answers_the_change_before_any_notification(
+    lone_service: tuple[IdentityService, ResolutionCache], project: TestProject
+) -> None:
+    service, cache = lone_service
+    project_id = project.project_id
+    one, two, three = new_id(), new_id(), new_id()
+    for installation in (one, two, three):
+        await resolved(service, project, installation)
+        await resolved(service, project, installation)  # now cached
+    assert len(cache) == 3
+    # Rule 1: same profile, now identified.
+    await service.identify(project_id, one, "gina", "")
+    assert (await resolved(service, project, one)).identified
+    # Rule 2: two's anonymous profile merges into gina's.
+    gina = (await resolved(service, project, one)).profile_id
+    await service.identify(project_id, two, "gina", "")
+    assert (await resolved(service, project, two)).profile_id == gina
+    # Logout: a brand-new anonymous profile.
+    logged_out = await service.logout(project_id, two, "")
+    assert (await resolved(service, project, two)).profile_id == logged_out.profile_id
+    # Operator merge: three's profile into gina's.
+    three_profile = (await resolved(service, project, three)).profile_id
+    await service.merge_profiles(project_id, three_profile, gina, False, "")
+    assert (await resolved(service, project, three)).profile_id == gina
+    # Erasure: one and three were on gina's profile; they start over.
+    await service.delete_profile(project_id, gina, "")
+    for installation in (one, three):
+        fresh = await resolved(service, project, installation)
+        assert fresh.created
+        assert fresh.profile_id != gina
