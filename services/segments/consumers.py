@@ -180,18 +180,45 @@ async def _evaluate(
         await service.evaluate_custom_segments(project, ids, cause)
 
 
-class SweepWorker:
+class PeriodicWorker:
+    """Runs `tick` every `interval_s` until stopped. A failing tick is logged and the next one
+    runs as planned: a database outage or a bug must not stop the work for good."""
+
+    failure_event = "segments_periodic_work_failed"
+
+    def __init__(self, interval_s: float) -> None:
+        self._interval_s = interval_s
+        self._stop = asyncio.Event()
+
+    async def tick(self) -> None:
+        raise NotImplementedError
+
+    async def run(self) -> None:
+        self._stop.clear()
+        while not self._stop.is_set():
+            try:
+                await self.tick()
+            except Exception:
+                log.exception(self.failure_event)
+            await sleep_unless(self._stop, self._interval_s)
+
+    async def stop(self) -> None:
+        self._stop.set()
+
+
+class SweepWorker(PeriodicWorker):
     """Runs the sweep every `interval_s` (time-only transitions reach the change stream at
     most that late), and until no due state is left each time."""
+
+    failure_event = "segments_sweep_failed"
 
     def __init__(
         self, service: SegmentsService, clock: Clock, *, interval_s: float = 30.0, batch: int = 500
     ) -> None:
+        super().__init__(interval_s)
         self._service = service
         self._clock = clock
-        self._interval_s = interval_s
         self._batch = batch
-        self._stop = asyncio.Event()
 
     async def sweep_once(self) -> int:
         total = 0
@@ -204,21 +231,11 @@ class SweepWorker:
             log.info("segments_swept", states=total)
         return total
 
-    async def run(self) -> None:
-        self._stop.clear()
-        while not self._stop.is_set():
-            try:
-                await self.sweep_once()
-            except Exception:
-                # A database outage or a bug must not stop the sweep for good.
-                log.exception("segments_sweep_failed")
-            await sleep_unless(self._stop, self._interval_s)
-
-    async def stop(self) -> None:
-        self._stop.set()
+    async def tick(self) -> None:
+        await self.sweep_once()
 
 
-class EvaluationWorker:
+class EvaluationWorker(PeriodicWorker):
     """Every `interval_s`, evaluates the custom segments that are due and announces who entered
     and who left (cause TIME). Events evaluate their own profile as they are handled, so this
     sweep carries what time alone changes ("within the last N days" windows, smart segment
@@ -226,49 +243,31 @@ class EvaluationWorker:
     one time cannot change only while it settles after creation, then every few minutes as a
     safety net for writes that reached the source tables without an event (model.sweep_due)."""
 
+    failure_event = "custom_segment_evaluation_failed"
+
     def __init__(self, definitions: DefinitionsService, *, interval_s: float = 5.0) -> None:
+        super().__init__(interval_s)
         self._definitions = definitions
-        self._interval_s = interval_s
-        self._stop = asyncio.Event()
 
-    async def run(self) -> None:
-        self._stop.clear()
-        while not self._stop.is_set():
-            try:
-                announced = await self._definitions.evaluate_all(due_only=True)
-                if announced:
-                    log.info("custom_segments_evaluated", changes=announced)
-            except Exception:
-                # A database outage or a bug must not stop the evaluation for good.
-                log.exception("custom_segment_evaluation_failed")
-            await sleep_unless(self._stop, self._interval_s)
-
-    async def stop(self) -> None:
-        self._stop.set()
+    async def tick(self) -> None:
+        announced = await self._definitions.evaluate_all(due_only=True)
+        if announced:
+            log.info("custom_segments_evaluated", changes=announced)
 
 
-class ThresholdsWorker:
+class ThresholdsWorker(PeriodicWorker):
     """Checks every `interval_s` whether a project's segment thresholds changed (the settings
     are written by `profiles settings`, with no message) and starts its recomputation: the
     stored states follow a change at most `interval_s` plus the recomputation's time later."""
 
+    failure_event = "segment_thresholds_check_failed"
+
     def __init__(self, service: SegmentsService, *, interval_s: float = 10.0) -> None:
+        super().__init__(interval_s)
         self._service = service
-        self._interval_s = interval_s
-        self._stop = asyncio.Event()
 
-    async def run(self) -> None:
-        self._stop.clear()
-        while not self._stop.is_set():
-            try:
-                await self._service.apply_threshold_changes()
-            except Exception:
-                # A database outage or a bug must not stop the checks for good.
-                log.exception("segment_thresholds_check_failed")
-            await sleep_unless(self._stop, self._interval_s)
-
-    async def stop(self) -> None:
-        self._stop.set()
+    async def tick(self) -> None:
+        await self._service.apply_threshold_changes()
 
 
 class RecomputeOwner:

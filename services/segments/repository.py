@@ -570,23 +570,8 @@ class SegmentsTransaction:
         states: Iterable[tuple[int, StoredState]],
         now: datetime,
     ) -> None:
-        await self._conn.executemany(
-            UPSERT_STATE,
-            [
-                (
-                    project_id,
-                    profile_id,
-                    platform,
-                    int(state.classification.segment),
-                    int(state.classification.flag),
-                    state.next_transition_time,
-                    [s.time for s in state.schedule],
-                    [int(s.classification.segment) for s in state.schedule],
-                    [int(s.classification.flag) for s in state.schedule],
-                    now,
-                )
-                for platform, state in states
-            ],
+        await self.save_states_many(
+            project_id, ((profile_id, platform, state) for platform, state in states), now
         )
 
     async def due_states(self, now: datetime, limit: int) -> list[DueState]:
