@@ -89,6 +89,15 @@ class ResolutionCache:
             for installation_id in self._by_profile.pop((project, profile_id), ()):
                 self._entries.pop((project, installation_id), None)
 
+    def forget_installations(self, project_id: UUID, installation_ids: Iterable[str]) -> None:
+        """Drops these installations' answers: a fresh read found or will find them otherwise."""
+        self._generation += 1
+        project = project_id.int
+        for installation_id in installation_ids:
+            previous = self._entries.pop((project, installation_id), None)
+            if previous is not None:
+                self._unindex(project, previous.profile_id, installation_id)
+
     def enable(self) -> None:
         """Called once changes of every replica are being listened to."""
         self._drop_everything()

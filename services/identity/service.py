@@ -137,10 +137,11 @@ class IdentityService:
     # -- ResolveProfiles ------------------------------------------------------------------
 
     async def resolve(
-        self, project_id: UUID, keys: Sequence[ProfileKey]
+        self, project_id: UUID, keys: Sequence[ProfileKey], *, fresh: bool = False
     ) -> list[Resolution | InvalidArgument]:
         """Each key's current profile, in order, creating profiles for new keys; an invalid key
-        gets its error instead. Idempotent. Raises KeysInvalid for 0 or over 1,000 keys."""
+        gets its error instead. Idempotent. `fresh` reads past the cache (another replica's
+        change may not have reached it yet). Raises KeysInvalid for 0 or over 1,000 keys."""
         if not 1 <= len(keys) <= MAX_KEYS:
             why = f"must hold 1 to {MAX_KEYS} keys"
             raise KeysInvalid(f"keys {why}", [FieldViolation("keys", why, KeysInvalid.reason)])
@@ -149,7 +150,9 @@ class IdentityService:
         batch = split_keys(keys, junk)
         installation_ids, custom_ids = batch.installation_ids, batch.custom_ids
         by_installation = (
-            await self._retrying(lambda: self._resolve_installations(project_id, installation_ids))
+            await self._retrying(
+                lambda: self._resolve_installations(project_id, installation_ids, fresh)
+            )
             if installation_ids
             else {}
         )
@@ -173,38 +176,42 @@ class IdentityService:
         return results
 
     async def resolve_installations(
-        self, project_id: UUID, installation_ids: Sequence[str]
+        self, project_id: UUID, installation_ids: Sequence[str], *, fresh: bool = False
     ) -> list[Resolution | InvalidArgument]:
         """`resolve` for a batch of installation IDs only (what ingest sends): answered from the
         cache when every one is there, without decoding keys or validating (only valid IDs are
-        ever cached); otherwise as `resolve`."""
+        ever cached); otherwise, or when `fresh`, as `resolve`."""
         cache = self._cache
-        if cache is not None and 1 <= len(installation_ids) <= MAX_KEYS:
+        if cache is not None and not fresh and 1 <= len(installation_ids) <= MAX_KEYS:
             get, project = cache.get, project_id.int
             hits = [get(project, i) for i in installation_ids]
             if None not in hits:
                 return hits  # type: ignore[return-value]  # no None left: all Resolutions
-        return await self.resolve(project_id, [ProfileKey(i, None) for i in installation_ids])
+        keys = [ProfileKey(i, None) for i in installation_ids]
+        return await self.resolve(project_id, keys, fresh=fresh)
 
     async def _resolve_installations(
-        self, project_id: UUID, installation_ids: Sequence[str]
+        self, project_id: UUID, installation_ids: Sequence[str], fresh: bool
     ) -> dict[str, Resolution]:
         found: dict[str, Resolution] = {}
         unknown = installation_ids
         cache = self._cache
         generation = 0
         if cache is not None:
-            project = project_id.int
-            unknown = []
-            for installation_id in installation_ids:
-                hit = cache.get(project, installation_id)
-                if hit is None:
-                    unknown.append(installation_id)
-                else:
-                    found[installation_id] = hit
-            if not unknown:
-                return found
+            if fresh:  # the caller found an answer untrue: what the cache holds goes
+                cache.forget_installations(project_id, installation_ids)
             generation = cache.generation  # before the read: see ResolutionCache.store
+            if not fresh:
+                project = project_id.int
+                unknown = []
+                for installation_id in installation_ids:
+                    hit = cache.get(project, installation_id)
+                    if hit is None:
+                        unknown.append(installation_id)
+                    else:
+                        found[installation_id] = hit
+                if not unknown:
+                    return found
         # Known installations (the usual case) cost one indexed read and no transaction.
         read = await self._repository.find_installations(project_id, unknown)
         if cache is not None:
@@ -322,7 +329,7 @@ class IdentityService:
         # is the state any first event would have created, so an ABORTED Identify after it
         # leaves nothing partial.
         resolved = await self._retrying(
-            lambda: self._resolve_installations(project_id, [installation_id])
+            lambda: self._resolve_installations(project_id, [installation_id], False)
         )
         installation_created = resolved[installation_id].created
         result = await self._retrying(

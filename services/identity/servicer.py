@@ -197,10 +197,14 @@ class IdentityServicer(pb_grpc.IdentityServiceServicer):
         # non-empty (a custom ID key or an empty key reads as ""), and one attribute read per
         # key replaces the general decoding.
         installation_ids = [key.installation_id for key in request.keys]
+        fresh = request.fresh
         if all(installation_ids):
-            results = await self._service.resolve_installations(project_id, installation_ids)
+            results = await self._service.resolve_installations(
+                project_id, installation_ids, fresh=fresh
+            )
         else:
-            results = await self._service.resolve(project_id, keys_from_proto(request.keys))
+            keys = keys_from_proto(request.keys)
+            results = await self._service.resolve(project_id, keys, fresh=fresh)
         return resolutions_to_proto(results)
 
     async def Identify(

@@ -92,10 +92,12 @@ class IdentityClient:
         self._channel = open_channel(address, internal_token)
         self._stub = identity_grpc.IdentityServiceStub(self._channel)
 
-    async def resolve(self, project_id: UUID, keys: Sequence[OriginKey]) -> list[Resolution]:
-        """One Resolution per key, in order. Raises IdentityUnavailable if identity cannot
-        answer (the caller then stores nothing)."""
-        request = identity_pb.ResolveProfilesRequest()
+    async def resolve(
+        self, project_id: UUID, keys: Sequence[OriginKey], *, fresh: bool = False
+    ) -> list[Resolution]:
+        """One Resolution per key, in order (`fresh`: read past identity's cache). Raises
+        IdentityUnavailable if identity cannot answer (the caller then stores nothing)."""
+        request = identity_pb.ResolveProfilesRequest(fresh=fresh)
         for key in keys:
             item = request.keys.add()
             if key.custom:

@@ -83,7 +83,9 @@ Outcome = Literal["accepted", "duplicate", "rejected"]
 class Resolver(Protocol):
     """Identity, as ingest calls it (identity_client.IdentityClient)."""
 
-    async def resolve(self, project_id: UUID, keys: Sequence[OriginKey]) -> list[Resolution]: ...
+    async def resolve(
+        self, project_id: UUID, keys: Sequence[OriginKey], *, fresh: bool = False
+    ) -> list[Resolution]: ...
 
     async def identify(
         self, project_id: UUID, installation_id: str, custom_id: str, request_id: str
@@ -242,7 +244,9 @@ class IngestService:
         valid = await self._resolve_countries(valid)
         reintegrations: list[tuple[str, str]] = []
         for round_ in range(MAX_RESOLVE_ROUNDS):
-            profiles, refused = await self._resolve(project_id, valid, by_index)
+            # After a round found installations gone, resolve past identity's cache: another
+            # identity replica may not have heard of the erasure yet.
+            profiles, refused = await self._resolve(project_id, valid, by_index, fresh=round_ > 0)
             rejected.extend(refused)
             refused_indexes = {r.index for r in refused}
             candidates, in_batch_duplicates = self._first_occurrences(
@@ -470,7 +474,12 @@ class IngestService:
         return [resolved.get(e.index, e) for e in events]
 
     async def _resolve(
-        self, project_id: UUID, events: Sequence[ValidEvent], by_index: dict[int, pb.Event]
+        self,
+        project_id: UUID,
+        events: Sequence[ValidEvent],
+        by_index: dict[int, pb.Event],
+        *,
+        fresh: bool = False,
     ) -> tuple[dict[OriginKey, UUID], list[RejectedEvent]]:
         """Profiles of the events' origins (from the cache, else one ResolveProfiles call) and
         the events identity refused (erased or invalid custom IDs)."""
@@ -487,7 +496,7 @@ class IngestService:
                 profiles[key] = cached
         refused_keys: dict[OriginKey, Rejection] = {}
         if unknown:
-            answers = await self._resolver.resolve(project_id, unknown)
+            answers = await self._resolver.resolve(project_id, unknown, fresh=fresh)
             for key, answer in zip(unknown, answers, strict=True):
                 if answer.profile_id is not None:
                     profiles[key] = answer.profile_id

@@ -13,6 +13,7 @@ import asyncpg
 import pytest
 
 from profiles.identity.v1 import identity_service_pb2 as pb
+from profiles.ingest.v1 import ingest_service_pb2 as ipb
 from profiles.ingest.v1 import ingest_service_pb2_grpc as ipb_grpc
 from services.identity.cache import ResolutionCache
 from services.identity.repository import IdentityRepository
@@ -273,3 +274,79 @@ async def test_the_replica_that_changes_a_link_answers_the_change_before_any_not
         fresh = await resolved(service, project, installation)
         assert fresh.created
         assert fresh.profile_id != gina
+
+
+async def test_a_fresh_resolve_reads_past_a_stale_cache(
+    replicas: tuple[Identity, Identity], db: asyncpg.Pool, project: TestProject
+) -> None:
+    """The installation is moved behind identity's back (no notification), so only the cache
+    still names its old profile: a `fresh` request reads the database, and both stay usable."""
+    _, b = replicas
+    installation = new_id()
+    await answer(b, installation)  # creates it (a creation's answer is never cached)
+    cached = await answered_from_cache(b, db, project, installation)
+    decoy = uuid.uuid4()
+    await db.execute(
+        "INSERT INTO profiles (project_id, profile_id, create_time, update_time)"
+        " VALUES ($1, $2, now(), now())",
+        project.project_id,
+        decoy,
+    )
+    await db.execute(
+        "UPDATE installations SET profile_id = $3 WHERE project_id = $1 AND installation_id = $2",
+        project.project_id,
+        installation,
+        decoy,
+    )
+    key = pb.ProfileKey(installation_id=installation)
+    for request, expected in (
+        (pb.ResolveProfilesRequest(keys=[key]), cached.profile_id),
+        (pb.ResolveProfilesRequest(keys=[key], fresh=True), str(decoy)),
+        # A batch with a custom ID takes the general path: `fresh` holds there too.
+        (
+            pb.ResolveProfilesRequest(keys=[key, pb.ProfileKey(custom_id="gina")], fresh=True),
+            str(decoy),
+        ),
+    ):
+        reply = await b.stub.ResolveProfiles(request, metadata=project.metadata("admin"))
+        assert reply.results[0].profile_id == expected
+
+
+async def test_ingest_stores_events_whose_installation_vanished_behind_a_stale_cache(
+    start_services: Any,
+    settings_for_test: Any,
+    project: TestProject,
+    database_url: str,
+    db: asyncpg.Pool,
+) -> None:
+    """Ingest resolves through replica B, whose cache still names a profile the installation
+    no longer has (its link deleted behind identity's back, as an erasure on a replica B has
+    not heard from yet): ingest's write finds the link gone, and its next resolve reads past
+    B's cache, so the events land on a new profile instead of failing the batch."""
+    clock = FrozenClock(NOW)  # the events' times are relative to NOW
+    identity = (await start_services("identity", clock=clock))["identity"]
+    settings = settings_for_test.with_changes(
+        addresses={**settings_for_test.addresses, "identity": identity.address}
+    )
+    started = await start_services("ingest", settings=settings, clock=clock)
+    ingest = Ingest(
+        ipb_grpc.IngestServiceStub(started["ingest"].channel),
+        project.metadata("sdk"),
+        project.metadata("admin"),
+        database_url,
+    )
+    b = Identity(identity.channel, project)
+    installation = new_id()
+    before = await ingest.track(custom_event(installation))
+    (old_profile,) = {r.profile_id for r in before.results}
+    await answered_from_cache(b, db, project, installation)
+    await db.execute(
+        "DELETE FROM installations WHERE project_id = $1 AND installation_id = $2",
+        project.project_id,
+        installation,
+    )
+    after = await ingest.track(*[custom_event(installation) for _ in range(3)])
+    assert {r.outcome for r in after.results} == {ipb.EVENT_OUTCOME_ACCEPTED}, after
+    (new_profile,) = {r.profile_id for r in after.results}
+    assert new_profile != old_profile
+    assert (await answer(b, installation)).profile_id == new_profile

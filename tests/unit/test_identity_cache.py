@@ -76,6 +76,20 @@ def test_an_installation_stored_again_on_another_profile_leaves_the_old_profiles
     assert cache.get(PROJECT.int, "a") == Resolution(new)
 
 
+def test_forgetting_installations_drops_them_and_refuses_reads_from_before() -> None:
+    cache = enabled_cache()
+    profile = uuid4()
+    cache.store(PROJECT, {"a": Resolution(profile), "b": Resolution(profile)}, cache.generation)
+    generation = cache.generation
+    cache.forget_installations(PROJECT, ["a", "unknown"])
+    assert cache.get(PROJECT.int, "a") is None
+    assert cache.get(PROJECT.int, "b") == Resolution(profile)
+    cache.store(PROJECT, {"a": Resolution(profile)}, generation)  # read before: refused
+    assert cache.get(PROJECT.int, "a") is None
+    cache.invalidate_profiles(PROJECT, [profile])  # the reverse index no longer names "a"
+    assert len(cache) == 0
+
+
 def test_disabling_forgets_everything() -> None:
     cache = enabled_cache()
     cache.store(PROJECT, {"a": Resolution(uuid4())}, cache.generation)

@@ -174,6 +174,13 @@ class ResolveProfilesRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     KEYS_FIELD_NUMBER: _builtins.int
+    FRESH_FIELD_NUMBER: _builtins.int
+    fresh: _builtins.bool
+    """Read every key from the database, not from the replica's cache of answers. For a caller
+    whose write found an answer no longer true (ingest, when an installation it resolved was
+    erased before its events were stored): another replica's change reaches this replica's
+    cache a few milliseconds after it commits, and a fresh read never waits for that.
+    """
     @_builtins.property
     def keys(self) -> _containers.RepeatedCompositeFieldContainer[Global___ProfileKey]:
         """The keys, 1 to 1,000; duplicates are allowed and answered alike."""
@@ -182,10 +189,11 @@ class ResolveProfilesRequest(_message.Message):
         self,
         *,
         keys: _abc.Iterable[Global___ProfileKey] | None = ...,
+        fresh: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["keys", b"keys"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fresh", b"fresh", "keys", b"keys"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
