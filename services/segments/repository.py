@@ -551,13 +551,7 @@ class SegmentsTransaction:
         self, project_id: UUID, changes: Sequence[tuple[UUID, MembershipChange]]
     ) -> None:
         """Adds the changes (profile, change) to the outbox, in this transaction and in order."""
-        await enqueue_many(
-            self._conn,
-            [
-                OutboxItem(project_id, SEGMENT_CHANGES, change_to_bus(project_id, p, c), p)
-                for p, c in changes
-            ],
-        )
+        await _enqueue_changes(self._conn, project_id, changes)
 
     async def states_for_update(self, project_id: UUID, profile_id: UUID) -> dict[int, StoredState]:
         rows = await self._conn.fetch(SELECT_STATES_FOR_UPDATE, project_id, profile_id)
@@ -1098,13 +1092,7 @@ class DefinitionsTransaction:
     async def enqueue_changes(
         self, project_id: UUID, changes: Sequence[tuple[UUID, MembershipChange]]
     ) -> None:
-        await enqueue_many(
-            self._conn,
-            [
-                OutboxItem(project_id, SEGMENT_CHANGES, change_to_bus(project_id, p, c), p)
-                for p, c in changes
-            ],
-        )
+        await _enqueue_changes(self._conn, project_id, changes)
 
     async def funnel_by_request_id(self, project_id: UUID, request_id: UUID) -> StoredFunnel | None:
         row = await self._conn.fetchrow(SELECT_FUNNEL_BY_REQUEST_ID, project_id, request_id)
@@ -1134,3 +1122,17 @@ class DefinitionsTransaction:
 
     async def delete_funnel(self, project_id: UUID, funnel_id: UUID) -> bool:
         return await self._conn.fetchval(DELETE_FUNNEL, project_id, funnel_id) is not None
+
+
+async def _enqueue_changes(
+    conn: asyncpg.Connection, project_id: UUID, changes: Sequence[tuple[UUID, MembershipChange]]
+) -> None:
+    """Adds the changes (profile, change) to the outbox, in the connection's transaction and in
+    order: the one way both transaction kinds announce membership changes."""
+    await enqueue_many(
+        conn,
+        [
+            OutboxItem(project_id, SEGMENT_CHANGES, change_to_bus(project_id, p, c), p)
+            for p, c in changes
+        ],
+    )

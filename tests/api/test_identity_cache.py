@@ -44,6 +44,31 @@ async def answer(identity: Identity, installation_id: str) -> pb.ResolvedProfile
     return result
 
 
+async def add_decoy_profile(db: asyncpg.Pool, project: TestProject) -> uuid.UUID:
+    """A live profile written behind identity's back."""
+    decoy = uuid.uuid4()
+    await db.execute(
+        "INSERT INTO profiles (project_id, profile_id, create_time, update_time)"
+        " VALUES ($1, $2, now(), now())",
+        project.project_id,
+        decoy,
+    )
+    return decoy
+
+
+async def relink(
+    db: asyncpg.Pool, project: TestProject, installation_id: str, profile_id: uuid.UUID
+) -> None:
+    """Moves the installation behind identity's back: no notification, so only a cached answer
+    can still name its previous profile."""
+    await db.execute(
+        "UPDATE installations SET profile_id = $3 WHERE project_id = $1 AND installation_id = $2",
+        project.project_id,
+        installation_id,
+        profile_id,
+    )
+
+
 async def answered_from_cache(
     identity: Identity, db: asyncpg.Pool, project: TestProject, installation_id: str
 ) -> pb.ResolvedProfile:
@@ -52,46 +77,18 @@ async def answered_from_cache(
     only a cached answer can still name the old profile. The row is put back after."""
     deadline = asyncio.get_running_loop().time() + DEADLINE_S
     cached = await answer(identity, installation_id)
-    decoy = uuid.uuid4()
-    await db.execute(
-        "INSERT INTO profiles (project_id, profile_id, create_time, update_time)"
-        " VALUES ($1, $2, now(), now())",
-        project.project_id,
-        decoy,
-    )
-    await db.execute(
-        "UPDATE installations SET profile_id = $3 WHERE project_id = $1 AND installation_id = $2",
-        project.project_id,
-        installation_id,
-        decoy,
-    )
+    original = uuid.UUID(cached.profile_id)
+    decoy = await add_decoy_profile(db, project)
+    await relink(db, project, installation_id, decoy)
     try:
         while (await answer(identity, installation_id)).profile_id != cached.profile_id:
             assert asyncio.get_running_loop().time() < deadline, "the replica never cached"
             # Cache it (the row says decoy now, so this answer is the decoy's: drop it again).
-            await db.execute(
-                "UPDATE installations SET profile_id = $3"
-                " WHERE project_id = $1 AND installation_id = $2",
-                project.project_id,
-                installation_id,
-                uuid.UUID(cached.profile_id),
-            )
+            await relink(db, project, installation_id, original)
             await answer(identity, installation_id)
-            await db.execute(
-                "UPDATE installations SET profile_id = $3"
-                " WHERE project_id = $1 AND installation_id = $2",
-                project.project_id,
-                installation_id,
-                decoy,
-            )
+            await relink(db, project, installation_id, decoy)
     finally:
-        await db.execute(
-            "UPDATE installations SET profile_id = $3"
-            " WHERE project_id = $1 AND installation_id = $2",
-            project.project_id,
-            installation_id,
-            uuid.UUID(cached.profile_id),
-        )
+        await relink(db, project, installation_id, original)
         await db.execute(
             "DELETE FROM profiles WHERE project_id = $1 AND profile_id = $2",
             project.project_id,
@@ -285,19 +282,8 @@ async def test_a_fresh_resolve_reads_past_a_stale_cache(
     installation = new_id()
     await answer(b, installation)  # creates it (a creation's answer is never cached)
     cached = await answered_from_cache(b, db, project, installation)
-    decoy = uuid.uuid4()
-    await db.execute(
-        "INSERT INTO profiles (project_id, profile_id, create_time, update_time)"
-        " VALUES ($1, $2, now(), now())",
-        project.project_id,
-        decoy,
-    )
-    await db.execute(
-        "UPDATE installations SET profile_id = $3 WHERE project_id = $1 AND installation_id = $2",
-        project.project_id,
-        installation,
-        decoy,
-    )
+    decoy = await add_decoy_profile(db, project)
+    await relink(db, project, installation, decoy)
     key = pb.ProfileKey(installation_id=installation)
     for request, expected in (
         (pb.ResolveProfilesRequest(keys=[key]), cached.profile_id),
