@@ -183,10 +183,17 @@ SELECT_SMART_SEGMENT = """
 # time alone makes) and profile_funnel_progress() (computed from events as of $3). $1 project,
 # $2 the looked-up value, $3 now (engagement's window end, funnels' as-of). No row: nothing
 # found by the lookup; a row with a NULL profile_id: ambiguous, or found but not live.
+# Nothing here grows with the profile's events: their totals come from profile_event_counts
+# (0008), first and last seen are each one end of events_by_profile_time, the last crash the
+# top of events_crashes_by_profile.
 PROFILE_VIEW = """
     WITH target AS ({target})
     SELECT t.holders, t.resolved_from, p.profile_id, p.custom_id, p.version,
-           s.first_seen, s.last_seen, s.event_count, s.crash_count,
+           (SELECT min(e.event_time) FROM events e
+            WHERE e.project_id = $1 AND e.profile_id = p.profile_id) AS first_seen,
+           (SELECT max(e.event_time) FROM events e
+            WHERE e.project_id = $1 AND e.profile_id = p.profile_id) AS last_seen,
+           coalesce(s.event_count, 0) AS event_count, coalesce(s.crash_count, 0) AS crash_count,
            (SELECT x.country FROM sessions x
             WHERE x.project_id = $1 AND x.profile_id = p.profile_id
               AND coalesce(x.country, '') <> ''
@@ -265,12 +272,7 @@ PROFILE_VIEW = """
     FROM target t
     LEFT JOIN profiles p
         ON p.project_id = $1 AND p.profile_id = t.profile_id AND p.merged_into IS NULL
-    LEFT JOIN LATERAL (
-        SELECT min(e.event_time) AS first_seen, max(e.event_time) AS last_seen,
-               count(*) AS event_count, count(*) FILTER (WHERE e.kind = 8) AS crash_count
-        FROM events e
-        WHERE e.project_id = $1 AND e.profile_id = p.profile_id
-    ) s ON true
+    LEFT JOIN profile_event_counts s ON s.project_id = $1 AND s.profile_id = p.profile_id
     -- Columns, not a record: asyncpg decodes a record's arrays only of types it already knows.
     LEFT JOIN segment_states g
         ON g.project_id = $1 AND g.profile_id = p.profile_id AND g.platform = 0"""
