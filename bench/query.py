@@ -8,8 +8,12 @@ segments' stored states), then builds query's rollups with the same recount the 
 runs (RollupWrites.rebuild). Full: 100,000 profiles and 2,000,000 events; --quick: 10,000 and
 200,000.
 
+One more profile holds far more events than the others (full: 200,000; --quick: 20,000):
+a heavy user, or a back-end sending on behalf of one account.
+
 Then, from one client process (one channel, the admin key), at the same fixed rate and
-concurrency and in alternating rounds: GetProfile of random profiles, ListEvents (first page)
+concurrency and in alternating rounds: GetProfile of random profiles, GetProfile of the heavy
+profile (its cost must not grow with the profile's events), ListEvents (first page)
 of random profiles, GetOverview, the query service's own Echo (the baseline: the suite's bare
 cost of one RPC), and a raw asyncpg primary-key lookup of a profile row from this process.
 The query process's CPU per call is recorded beside each of its RPCs (Echo's is the bare cost
@@ -66,7 +70,7 @@ BENCH = "query"
 SERVICE = pb.DESCRIPTOR.services_by_name["QueryService"].full_name
 MAX_ERROR_FRACTION = 0.001
 # The calls the query process answers (pk_lookup goes from this process to PostgreSQL).
-SERVER_LABELS = frozenset({"echo", "getprofile", "listevents", "overview"})
+SERVER_LABELS = frozenset({"echo", "getprofile", "getprofile_heavy", "listevents", "overview"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +78,7 @@ class Sizes:
     profiles: int
     events: int
     large_profiles: int
+    heavy_events: int
     rate: float
     concurrency: int
     duration_s: float
@@ -81,8 +86,8 @@ class Sizes:
     warmup_s: float
 
 
-QUICK = Sizes(10_000, 200_000, 100_000, 500, 16, 4.0, 2, 1.0)
-FULL = Sizes(100_000, 2_000_000, 1_000_000, 1000, 16, 10.0, 3, 3.0)
+QUICK = Sizes(10_000, 200_000, 100_000, 20_000, 500, 16, 4.0, 2, 1.0)
+FULL = Sizes(100_000, 2_000_000, 1_000_000, 200_000, 1000, 16, 10.0, 3, 3.0)
 
 # --- bulk load -------------------------------------------------------------------------------
 # Profile n (1-based) has ID profile_uuid(n), installation "inst-n" on platform 1 + n % 3, one
@@ -212,6 +217,7 @@ def sizes_of(args: argparse.Namespace) -> Sizes:
         base.profiles,
         base.events,
         base.large_profiles,
+        base.heavy_events,
         args.rate or base.rate,
         args.concurrency or base.concurrency,
         args.duration or base.duration_s,
@@ -231,6 +237,7 @@ async def measure(
     server: ChildProcess,
 ) -> dict[str, list[LoadResult]]:
     rng = random.Random(7)
+    heavy_profile = profile_uuid(profiles + 1)
     pool = await asyncpg.create_pool(database_url, min_size=sizes.concurrency, max_size=32)
     try:
         async with open_channel(address, api_key) as channel:
@@ -246,6 +253,9 @@ async def measure(
 
             async def get_profile() -> object:
                 return await query.GetProfile(pb.GetProfileRequest(profile_id=some_profile()))
+
+            async def get_heavy_profile() -> object:
+                return await query.GetProfile(pb.GetProfileRequest(profile_id=heavy_profile))
 
             async def list_events() -> object:
                 return await query.ListEvents(pb.ListEventsRequest(profile_id=some_profile()))
@@ -264,6 +274,7 @@ async def measure(
             every: dict[str, Call] = {
                 "echo": echo,
                 "getprofile": get_profile,
+                "getprofile_heavy": get_heavy_profile,
                 "listevents": list_events,
                 "overview": overview,
                 "pk_lookup": primary_key,
@@ -318,7 +329,7 @@ async def measure_overview_growth(
 def print_table(title: str, results: dict[str, list[LoadResult]]) -> dict[str, LatencySummary]:
     print(title)
     print(
-        f"  {'':<14}{'calls':>8}{'errors':>7}{'late':>6}{'rate/s':>9}{'p50 ms':>9}"
+        f"  {'':<16}{'calls':>8}{'errors':>7}{'late':>6}{'rate/s':>9}{'p50 ms':>9}"
         f"{'p90 ms':>9}{'p99 ms':>9}{'max ms':>9}{'cpu us':>9}"
     )
     summaries = {}
@@ -326,7 +337,7 @@ def print_table(title: str, results: dict[str, list[LoadResult]]) -> dict[str, L
         merged = LoadResult.merged(rounds)
         s = summaries[label] = LatencySummary.of(merged.latencies_s)
         print(
-            f"  {label:<14}{merged.completed:>8}{merged.error_count:>7}{merged.late_starts:>6}"
+            f"  {label:<16}{merged.completed:>8}{merged.error_count:>7}{merged.late_starts:>6}"
             f"{merged.achieved_rate:>9.1f}{s.p50_ms:>9.3f}{s.p90_ms:>9.3f}{s.p99_ms:>9.3f}"
             f"{s.max_ms:>9.2f}{merged.server_cpu_us_per_call:>9.0f}"
         )
@@ -346,11 +357,16 @@ def main(argv: list[str] | None = None) -> int:
         project = asyncio.run(create_project(backends.database_url, roles=("admin",)))
         started = time.perf_counter()
         asyncio.run(load(backends.database_url, project.project_id, 1, sizes.profiles, per_profile))
+        heavy = sizes.profiles + 1
+        asyncio.run(
+            load(backends.database_url, project.project_id, heavy, heavy, sizes.heavy_events)
+        )
         loaded_s = time.perf_counter() - started
         rollup_s = asyncio.run(rebuild_rollups(backends.database_url, project.project_id))
         print(
             f"loaded {sizes.profiles} profiles, {sizes.profiles * per_profile} events in"
-            f" {loaded_s:.1f} s; rollups built in {rollup_s:.1f} s"
+            f" {loaded_s:.1f} s (and one profile of {sizes.heavy_events} events);"
+            f" rollups built in {rollup_s:.1f} s"
         )
         settings = service_settings(backends, "query", work_dir, log_level="warning")
         process = start_service_process(stack, "query", settings, work_dir)
@@ -365,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
                 project.project_id,
                 sizes.profiles,
                 sizes,
-                ("echo", "getprofile", "listevents", "overview", "pk_lookup"),
+                ("echo", "getprofile", "getprofile_heavy", "listevents", "overview", "pk_lookup"),
                 process,
             )
         )
@@ -403,6 +419,13 @@ def main(argv: list[str] | None = None) -> int:
         [
             Figure(
                 "getprofile_p99_ms", s["getprofile"].p99_ms, "ms", "echo_p99_ms", s["echo"].p99_ms
+            ),
+            Figure(
+                "getprofile_heavy_p99_ms",
+                s["getprofile_heavy"].p99_ms,
+                "ms",
+                "getprofile_p99_ms",
+                s["getprofile"].p99_ms,
             ),
             Figure(
                 "listevents_p99_ms", s["listevents"].p99_ms, "ms", "echo_p99_ms", s["echo"].p99_ms
