@@ -152,7 +152,8 @@ LOAD_EVENTS = f"""
     SELECT $1, 'inst-' || n, 'e' || k, {PROFILE_ID.format(n="n")},
            CASE WHEN k % 20 = 0 THEN 2 ELSE 1 END,
            CASE WHEN k % 20 = 0 THEN NULL ELSE 'view_item' END,
-           $4::timestamptz - make_interval(secs => (n::bigint * 7919 + k * 104729) % 2592000),
+           $4::timestamptz
+               - make_interval(secs => (n::bigint * 7919 + k::bigint * 104729) % 2592000),
            $4::timestamptz, 's1', 1 + n % 3,
            CASE WHEN k % 20 = 0 THEN '{{"country": "FR"}}'::jsonb
                 ELSE jsonb_build_object('name', 'view_item', 'label', 'item ' || k) END

@@ -120,7 +120,7 @@ class Ingest:
 async def start_ingest(
     start_services: Any, settings_for_test: Any, **kwargs: Any
 ) -> grpc.aio.Channel:
-    handles = await start_services("identity")
+    handles = await start_services("identity", settings=settings_for_test)
     settings = settings_for_test.with_changes(
         addresses={**settings_for_test.addresses, "identity": handles["identity"].address}
     )

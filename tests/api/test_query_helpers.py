@@ -132,7 +132,9 @@ async def start_suite(
     query_settings: Any = None,
 ) -> Suite:
     clock = clock or FrozenClock(NOW)
-    handles = await start_services("identity")
+    # Every service on the same settings: an outbox relay publishes whatever rows it finds, so a
+    # service on another Redis would carry the others' messages there.
+    handles = await start_services("identity", settings=settings_for_test)
     settings = settings_for_test.with_changes(
         addresses={**settings_for_test.addresses, "identity": handles["identity"].address}
     )
