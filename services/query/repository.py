@@ -571,12 +571,6 @@ SELECT_PROFILE_ROWS_PAGE = {
     for ascending in (True, False)
 }
 
-# -- the overview -----------------------------------------------------------------------------
-
-# Segments' read contract (0005): the distribution exact as of $3, per platform ($2, 0 = all).
-SELECT_SEGMENT_DISTRIBUTION = """
-    SELECT segment, flag, profile_count FROM segment_distribution($1, $2::smallint, $3)"""
-
 # -- the rollups (query's projection, 0006) ---------------------------------------------------
 
 # GetOverview reads one project's and platform's counters: an index range of the primary key,
@@ -585,6 +579,17 @@ SELECT_SEGMENT_DISTRIBUTION = """
 SELECT_COUNTERS = """
     SELECT metric, value, count FROM query_counters
     WHERE project_id = $1 AND platform = $2 AND count <> 0"""
+
+# The whole overview in one statement, hence one snapshot without a transaction (BEGIN and
+# COMMIT were two of its four round trips): the counters above (segment and flag NULL), then
+# segments' read contract (0005), the smart segment distribution exact as of $3 on platform $2
+# (0: all), with metric NULL.
+SELECT_OVERVIEW = f"""
+    SELECT c.metric, c.value, c.count, NULL::smallint AS segment, NULL::smallint AS flag
+    FROM ({SELECT_COUNTERS}) c
+    UNION ALL
+    SELECT NULL, NULL, d.profile_count, d.segment, d.flag
+    FROM segment_distribution($1, $2::smallint, $3) d"""
 
 # The facts of live profiles, recounted from identity's and ingest's tables (read contracts of
 # 0002 and 0004); each lateral read is one profile's rows by its index. {where} narrows it to
@@ -1410,17 +1415,21 @@ class QueryReads:
 
     # -- the overview
 
-    async def overview_counters(
-        self, project_id: UUID, platform: int
-    ) -> list[tuple[str, str, int]]:
-        rows = await self._conn.fetch(SELECT_COUNTERS, project_id, platform)
-        return [(r["metric"], r["value"], r["count"]) for r in rows]
-
-    async def segment_distribution(
+    async def overview(
         self, project_id: UUID, platform: int, as_of: datetime
-    ) -> list[tuple[int, int, int]]:
-        rows = await self._conn.fetch(SELECT_SEGMENT_DISTRIBUTION, project_id, platform, as_of)
-        return [(r["segment"], r["flag"], r["profile_count"]) for r in rows]
+    ) -> tuple[list[tuple[str, str, int]], list[tuple[int, int, int]]]:
+        """The project's (platform's) rollup counters as (metric, value, count) and its smart
+        segment distribution as of `as_of` as (segment, flag, count), read in one snapshot."""
+        counters: list[tuple[str, str, int]] = []
+        distribution: list[tuple[int, int, int]] = []
+        for metric, value, count, segment, flag in await self._conn.fetch(
+            SELECT_OVERVIEW, project_id, platform, as_of
+        ):
+            if metric is None:
+                distribution.append((segment, flag, count))
+            else:
+                counters.append((metric, value, count))
+        return counters, distribution
 
     # -- live feed
 

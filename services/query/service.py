@@ -453,9 +453,8 @@ class QueryService:
         the last message the projection handled) and the smart segment distribution exact as
         of now. Reads a few hundred rows at most, whatever the number of profiles."""
         as_of = self._clock.now()
-        async with self._repository.snapshot() as reads:
-            rows = await reads.overview_counters(project_id, platform)
-            distribution = await reads.segment_distribution(project_id, platform, as_of)
+        async with self._repository.reads() as reads:
+            rows, distribution = await reads.overview(project_id, platform, as_of)
         single: dict[str, int] = {}
         valued: dict[str, dict[str, int]] = {}
         for metric, value, count in rows:
