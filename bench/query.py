@@ -9,7 +9,9 @@ runs (RollupWrites.rebuild). Full: 100,000 profiles and 2,000,000 events; --quic
 200,000.
 
 One more profile holds far more events than the others (full: 200,000; --quick: 20,000):
-a heavy user, or a back-end sending on behalf of one account.
+a heavy user, or a back-end sending on behalf of one account. Events carry a shop's names
+(view_item, search, add_to_cart, app_open, purchase, share) and the project defines two
+funnels over them (FUNNELS), so every profile view computes funnel progress from the events.
 
 Then, from one client process (one channel, the admin key), at the same fixed rate and
 concurrency and in alternating rounds: GetProfile of random profiles, GetProfile of the heavy
@@ -30,11 +32,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import random
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
 
@@ -63,6 +66,7 @@ from profiles.query.v1 import query_service_pb2 as pb
 from profiles.query.v1 import query_service_pb2_grpc as pb_grpc
 from services.query.repository import QueryRepository
 from services.query.service import RollupService
+from services.segments.model import AttributeTest, FunnelStep, Operand, Operator, steps_to_json
 from shared.clock import SystemClock
 from shared.logging import configure_logging
 
@@ -145,19 +149,51 @@ LOAD_STATEMENTS = (
     FROM generate_series($2::int, $3::int) AS n""",
 )
 
+# A shop's custom event names, by k % 100 (a session start replaces one event in 20).
+EVENT_NAME = """CASE WHEN k % 100 < 5 THEN 'app_open' WHEN k % 100 < 65 THEN 'view_item'
+    WHEN k % 100 < 85 THEN 'search' WHEN k % 100 < 95 THEN 'add_to_cart'
+    WHEN k % 100 < 97 THEN 'purchase' ELSE 'share' END"""
+
 # Events of profiles $2..$3: $5 per profile, spread over the last 30 days.
 LOAD_EVENTS = f"""
     INSERT INTO events (project_id, installation_id, event_id, profile_id, kind, name,
         event_time, receive_time, session_id, platform, payload)
     SELECT $1, 'inst-' || n, 'e' || k, {PROFILE_ID.format(n="n")},
            CASE WHEN k % 20 = 0 THEN 2 ELSE 1 END,
-           CASE WHEN k % 20 = 0 THEN NULL ELSE 'view_item' END,
+           CASE WHEN k % 20 = 0 THEN NULL ELSE {EVENT_NAME} END,
            $4::timestamptz
                - make_interval(secs => (n::bigint * 7919 + k::bigint * 104729) % 2592000),
            $4::timestamptz, 's1', 1 + n % 3,
            CASE WHEN k % 20 = 0 THEN '{{"country": "FR"}}'::jsonb
-                ELSE jsonb_build_object('name', 'view_item', 'label', 'item ' || k) END
+                ELSE jsonb_build_object(
+                    'name', {EVENT_NAME}, 'label', 'item ' || k,
+                    'attributes', jsonb_build_object(
+                        'price', jsonb_build_object('number_value', k % 40))) END
     FROM generate_series($2::int, $3::int) AS n, generate_series(1, $5::int) AS k"""
+
+# The funnels a shop defines (segments' stored form), so every profile view computes progress.
+FUNNELS = (
+    (
+        "Checkout",
+        (
+            FunnelStep("app_open"),
+            FunnelStep("view_item"),
+            FunnelStep(
+                "add_to_cart",
+                AttributeTest(
+                    False, "price", Operator.GREATER_THAN_OR_EQUAL, Operand("number", 10.0)
+                ),
+            ),
+            FunnelStep("purchase"),
+        ),
+        timedelta(hours=1),
+    ),
+    ("Search", (FunnelStep("search"), FunnelStep("view_item")), timedelta(minutes=10)),
+)
+INSERT_FUNNEL = """
+    INSERT INTO funnels (project_id, funnel_id, display_name, steps, conversion_window_ms,
+        definition_hash, create_time)
+    VALUES ($1, $2, $3, $4, $5, '', now())"""
 
 CHUNK = 50_000
 
@@ -176,6 +212,25 @@ async def load(
                     await conn.execute(statement, project_id, start, end, now)
                 await conn.execute(LOAD_EVENTS, project_id, start, end, now, events)
         await conn.execute("ANALYZE")
+    finally:
+        await conn.close()
+
+
+async def define_funnels(database_url: str, project_id: uuid.UUID) -> None:
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.set_type_codec(
+            "jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog"
+        )
+        for name, steps, window in FUNNELS:
+            await conn.execute(
+                INSERT_FUNNEL,
+                project_id,
+                uuid.uuid4(),
+                name,
+                steps_to_json(steps),
+                window // timedelta(milliseconds=1),
+            )
     finally:
         await conn.close()
 
@@ -362,6 +417,7 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(
             load(backends.database_url, project.project_id, heavy, heavy, sizes.heavy_events)
         )
+        asyncio.run(define_funnels(backends.database_url, project.project_id))
         loaded_s = time.perf_counter() - started
         rollup_s = asyncio.run(rebuild_rollups(backends.database_url, project.project_id))
         print(
