@@ -59,28 +59,15 @@ def at(hours: float) -> datetime:
     return T0 + timedelta(hours=hours)
 
 
-async def progress_in_sql(
+async def insert_events(
     pool: asyncpg.Pool,
-    steps: Sequence[str | FunnelStep],
+    project_id: uuid.UUID,
+    profile_id: uuid.UUID,
     events: Sequence[tuple[str, datetime]],
-    window: timedelta,
-    as_of: datetime = AS_OF,
     prices: Sequence[int] | None = None,
-) -> tuple[datetime, ...]:
-    """The completed step times profile_funnel_progress() gives one profile with `events`
-    (name, time) for a funnel of `steps` (event names, or steps with a condition), in a project
-    of their own; `prices`, one per event, are the events' "price" attribute."""
-    funnel_steps = [s if isinstance(s, FunnelStep) else FunnelStep(s) for s in steps]
-    project_id, profile_id, funnel_id = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
-    await pool.execute(
-        INSERT_FUNNEL,
-        project_id,
-        funnel_id,
-        "f",
-        steps_to_json(funnel_steps),
-        window // timedelta(milliseconds=1),
-        T0,
-    )
+) -> None:
+    """Custom events (name, time) of one profile; `prices`, one per event, are their "price"
+    attribute."""
     await pool.execute(
         INSERT_EVENTS,
         project_id,
@@ -96,6 +83,31 @@ async def progress_in_sql(
             for (name, _), price in zip(events, prices or [0] * len(events), strict=True)
         ],
     )
+
+
+async def progress_in_sql(
+    pool: asyncpg.Pool,
+    steps: Sequence[str | FunnelStep],
+    events: Sequence[tuple[str, datetime]],
+    window: timedelta,
+    as_of: datetime = AS_OF,
+    prices: Sequence[int] | None = None,
+) -> tuple[datetime, ...]:
+    """The completed step times profile_funnel_progress() gives one profile with `events`
+    (name, time) for a funnel of `steps` (event names, or steps with a condition), in a project
+    of their own, with `prices` as in insert_events."""
+    funnel_steps = [s if isinstance(s, FunnelStep) else FunnelStep(s) for s in steps]
+    project_id, profile_id, funnel_id = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    await pool.execute(
+        INSERT_FUNNEL,
+        project_id,
+        funnel_id,
+        "f",
+        steps_to_json(funnel_steps),
+        window // timedelta(milliseconds=1),
+        T0,
+    )
+    await insert_events(pool, project_id, profile_id, events, prices)
     rows = await pool.fetch(PROGRESS, project_id, profile_id, as_of)
     assert [(r["funnel_id"], r["step_number"], r["event_name"]) for r in rows] == [
         (funnel_id, n, step.event_name) for n, step in enumerate(funnel_steps, start=1)
@@ -287,19 +299,10 @@ async def test_progress_reads_the_steps_events_and_no_other(pool: asyncpg.Pool) 
     await pool.execute(
         INSERT_FUNNEL, project_id, uuid.uuid4(), "f", steps_to_json(steps), 3_600_000, T0
     )
-    funnel_events = [("open", at(1), 0), ("cart", at(1.2), 5), ("cart", at(1.3), 20)]
-    other_events = [("view", at(i / 100), 0) for i in range(4_000)]
-    events = funnel_events + other_events
-    await pool.execute(
-        INSERT_EVENTS,
-        project_id,
-        profile_id,
-        T0,
-        [f"e{i}" for i in range(len(events))],
-        [name for name, _, _ in events],
-        [t for _, t, _ in events],
-        [{"name": name, "attributes": {"price": {"number_value": p}}} for name, _, p in events],
-    )
+    funnel_events = [("open", at(1)), ("cart", at(1.2)), ("cart", at(1.3))]
+    other_events = [("view", at(i / 100)) for i in range(4_000)]
+    prices = [0, 5, 20] + [0] * len(other_events)
+    await insert_events(pool, project_id, profile_id, funnel_events + other_events, prices)
     await pool.execute("ANALYZE events")
     async with pool.acquire() as conn, conn.transaction():
         before = await conn.fetchval(EVENTS_ROWS_READ)
