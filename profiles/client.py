@@ -4,7 +4,8 @@
         stub = query_service_pb2_grpc.QueryServiceStub(channel)
         reply = await stub.GetProfile(request)
 
-Every call carries the key and a deadline (10 s unless the call sets its own), and the channel's
+Every call carries the key; unary calls get a deadline (10 s unless the call sets its own),
+streaming calls none (they are long-lived); and the channel's
 service config retries idempotent calls (those marked NO_SIDE_EFFECTS or IDEMPOTENT in the
 contract) on UNAVAILABLE with exponential backoff, so a restarting replica costs a retry, not an
 error.
@@ -73,19 +74,14 @@ def service_config(methods: Iterable[tuple[str, str]] | None = None) -> str:
     )
 
 
-class _Defaults(
-    grpc.aio.UnaryUnaryClientInterceptor,
-    grpc.aio.UnaryStreamClientInterceptor,
-    grpc.aio.StreamUnaryClientInterceptor,
-    grpc.aio.StreamStreamClientInterceptor,
-):
+class _Defaults:
     """Adds the credential to every call, and a deadline to unary calls that set none."""
 
     def __init__(self, metadata: Sequence[tuple[str, str]], timeout: float) -> None:
         self._metadata = tuple(metadata)
         self._timeout = timeout
 
-    def _details(self, details: grpc.aio.ClientCallDetails, unary: bool) -> Any:
+    def details(self, details: grpc.aio.ClientCallDetails, unary: bool) -> Any:
         metadata = grpc.aio.Metadata(*self._metadata)
         for key, value in details.metadata or ():
             metadata.add(key, value)
@@ -96,25 +92,51 @@ class _Defaults(
             details.method, timeout, metadata, details.credentials, details.wait_for_ready
         )
 
+
+# grpc.aio files an interceptor object under the first call type it implements only, so an
+# object implementing all four would serve unary calls alone: one object per call type.
+class _UnaryUnary(grpc.aio.UnaryUnaryClientInterceptor):
+    def __init__(self, defaults: _Defaults) -> None:
+        self._defaults = defaults
+
     async def intercept_unary_unary(
         self, continuation: Callable[..., Any], details: Any, request: Any
     ) -> Any:
-        return await continuation(self._details(details, True), request)
+        return await continuation(self._defaults.details(details, True), request)
+
+
+class _StreamUnary(grpc.aio.StreamUnaryClientInterceptor):
+    def __init__(self, defaults: _Defaults) -> None:
+        self._defaults = defaults
 
     async def intercept_stream_unary(
         self, continuation: Callable[..., Any], details: Any, requests: Any
     ) -> Any:
-        return await continuation(self._details(details, True), requests)
+        return await continuation(self._defaults.details(details, True), requests)
+
+
+class _UnaryStream(grpc.aio.UnaryStreamClientInterceptor):
+    """Streams are long-lived (watches, exports): they carry the key but no default deadline."""
+
+    def __init__(self, defaults: _Defaults) -> None:
+        self._defaults = defaults
 
     async def intercept_unary_stream(
         self, continuation: Callable[..., Any], details: Any, request: Any
     ) -> Any:
-        return await continuation(self._details(details, False), request)
+        return await continuation(self._defaults.details(details, False), request)
+
+
+class _StreamStream(grpc.aio.StreamStreamClientInterceptor):
+    """Streams are long-lived (StreamEvents): they carry the key but no default deadline."""
+
+    def __init__(self, defaults: _Defaults) -> None:
+        self._defaults = defaults
 
     async def intercept_stream_stream(
         self, continuation: Callable[..., Any], details: Any, requests: Any
     ) -> Any:
-        return await continuation(self._details(details, False), requests)
+        return await continuation(self._defaults.details(details, False), requests)
 
 
 def open_channel(
@@ -136,7 +158,13 @@ def open_channel(
         ("grpc.max_receive_message_length", 8 * 1024 * 1024),
         ("grpc.max_send_message_length", 8 * 1024 * 1024),
     ]
-    interceptors = [_Defaults(metadata, timeout)]
+    defaults = _Defaults(metadata, timeout)
+    interceptors: list[grpc.aio.ClientInterceptor] = [
+        _UnaryUnary(defaults),
+        _StreamUnary(defaults),
+        _UnaryStream(defaults),
+        _StreamStream(defaults),
+    ]
     if secure:
         return grpc.aio.secure_channel(
             address, grpc.ssl_channel_credentials(), options=options, interceptors=interceptors
