@@ -1,4 +1,5 @@
-"""The one server interceptor: authentication, authorization, error mapping, logs and metrics.
+"""The one server interceptor: authentication, authorization, the rules every request follows
+(shared/contract_rules.py), error mapping, logs and metrics.
 
 It wraps each handler's behaviour rather than chaining several interceptors, so every call pays
 for one wrapper. Domain errors become gRPC statuses here and nowhere else, with a
@@ -25,6 +26,7 @@ from grpc_status import rpc_status
 from shared import errors
 from shared.auth import Authenticator, authorize, reset_current_caller, set_current_caller
 from shared.auth_policy import is_public
+from shared.contract_rules import check_request, tolerant
 from shared.metrics import RPC_SECONDS, RPC_TOTAL
 
 log = structlog.get_logger(__name__)
@@ -172,6 +174,14 @@ async def _until_drained(items: AsyncIterator[Any], draining: asyncio.Event) -> 
             await aclose()
 
 
+async def _checked(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    """The messages of a client stream, each held to the rules every request follows: a broken
+    one ends the call with INVALID_ARGUMENT."""
+    async for request in requests:
+        check_request(request)
+        yield request
+
+
 class ServerInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, authenticator: Authenticator, streams: StreamGate) -> None:
         self._auth = authenticator
@@ -198,27 +208,30 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         return wrapped
 
     def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        # Undecodable bytes reach the wrapper as an Undecodable, so they are refused after
+        # authentication, counted and logged like any other refusal (gRPC would answer UNKNOWN).
+        deserializer = tolerant(handler.request_deserializer)
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                self._wrap_unary(method, handler.unary_unary),
-                request_deserializer=handler.request_deserializer,
+                self._wrap_unary(method, handler.unary_unary, streaming=False),
+                request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
-                self._wrap_unary(method, handler.stream_unary),
-                request_deserializer=handler.request_deserializer,
+                self._wrap_unary(method, handler.stream_unary, streaming=True),
+                request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
-        behavior = handler.unary_stream or handler.stream_stream
-        factory = (
-            grpc.unary_stream_rpc_method_handler
-            if handler.unary_stream
-            else grpc.stream_stream_rpc_method_handler
-        )
-        return factory(
-            self._wrap_stream(method, behavior),
-            request_deserializer=handler.request_deserializer,
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                self._wrap_stream(method, handler.unary_stream, streaming=False),
+                request_deserializer=deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return grpc.stream_stream_rpc_method_handler(
+            self._wrap_stream(method, handler.stream_stream, streaming=True),
+            request_deserializer=deserializer,
             response_serializer=handler.response_serializer,
         )
 
@@ -234,13 +247,19 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         authorize(caller, method)
         return set_current_caller(caller)
 
-    def _wrap_unary(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
+    def _wrap_unary(
+        self, method: str, behavior: Callable[..., Any], *, streaming: bool
+    ) -> Callable[..., Any]:
         async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
             started = time.perf_counter()
             code = grpc.StatusCode.OK
             token = None
             try:
                 token = await self._enter(method, context)
+                if streaming:
+                    request = _checked(request)
+                else:
+                    check_request(request)
                 return await behavior(request, context)
             except BaseException as exc:
                 code = await self._fail(exc, context)
@@ -250,7 +269,9 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
 
         return wrapper
 
-    def _wrap_stream(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Any]:
+    def _wrap_stream(
+        self, method: str, behavior: Callable[..., Any], *, streaming: bool
+    ) -> Callable[..., Any]:
         async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             started = time.perf_counter()
             code = grpc.StatusCode.OK
@@ -258,6 +279,10 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             entered = False
             try:
                 token = await self._enter(method, context)
+                if streaming:
+                    request = _checked(request)
+                else:
+                    check_request(request)
                 if not self._streams.try_enter():
                     raise TooManyStreams("too many open streams on this server; retry later")
                 entered = True

@@ -1,0 +1,137 @@
+"""A string the database cannot store (one holding U+0000) is invalid everywhere: every string
+field of every request message, found from the descriptors, answers INVALID_ARGUMENT with its
+path; in a batch answered per item, only the item holding it is rejected."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+import pytest
+
+from profiles.common.v1 import types_pb2
+from profiles.ingest.v1 import ingest_service_pb2 as ingest_pb
+from shared.contract_rules import ANSWERED_PER_ITEM
+from tests.api.test_bad_input_helpers import (
+    NOW,
+    Rpc,
+    call,
+    contract_rpcs,
+    contract_suite,
+    put_nul,
+    still_serving,
+    string_paths,
+    violations,
+)
+from tests.api.test_ingest_helpers import custom_event, stamp
+from tests.conftest import TestProject
+
+__all__ = ["contract_suite"]
+
+
+def _whole_request_cases() -> list[tuple[Rpc, str, Any]]:
+    cases = []
+    for rpc in contract_rpcs():
+        per_item = ANSWERED_PER_ITEM.get(rpc.method.input_type.full_name)
+        for steps in string_paths(rpc.method.input_type):
+            if steps[0][0].name == per_item:
+                continue
+            request = rpc.request_class()
+            path = put_nul(request, steps)
+            cases.append((rpc, path, request))
+    return cases
+
+
+def test_every_rpc_has_string_fields_to_check() -> None:
+    """The generator finds the fields the issue named, so a silent empty list cannot pass."""
+    paths = {(str(rpc), path) for rpc, path, _ in _whole_request_cases()}
+    assert ("/profiles.identity.v1.IdentityService/Logout", "installation_id") in paths
+    assert ("/profiles.identity.v1.IdentityService/ResolveProfiles", "keys[0].custom_id") in paths
+    assert ("/profiles.query.v1.QueryService/ListEvents", "session_id") in paths
+    assert ("/profiles.query.v1.QueryService/ListRejectedEvents", "reasons[0]") in paths
+    assert ("/profiles.ingest.v1.IngestService/StreamEvents", "batch_id") in paths
+
+
+async def test_a_nul_in_any_string_of_any_request_is_invalid_argument_with_its_path(
+    contract_suite: dict[str, Any], project: TestProject
+) -> None:
+    wrong = []
+    for rpc, path, request in _whole_request_cases():
+        channel = contract_suite[rpc.host].channel
+        try:
+            await call(channel, rpc, request, project.metadata("admin"))
+        except grpc.aio.AioRpcError as error:
+            reason, fields = violations(error)
+            if (error.code(), reason, fields) == (
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "STRING_UNSTORABLE",
+                [path],
+            ):
+                continue
+            wrong.append(f"{rpc} {path}: {error.code().name} {reason} {fields}")
+        else:
+            wrong.append(f"{rpc} {path}: answered OK")
+    assert wrong == []
+    await still_serving(contract_suite)
+
+
+def _event_with_nul(steps: Any) -> tuple[ingest_pb.Event, str]:
+    event = custom_event("inst-nul")
+    path = put_nul(event, steps)
+    return event, path
+
+
+@pytest.mark.parametrize("rpc_name", ["TrackEvents", "ImportEvents", "StreamEvents"])
+async def test_a_nul_in_any_string_of_an_event_rejects_that_event_alone(
+    contract_suite: dict[str, Any], project: TestProject, db: Any, rpc_name: str
+) -> None:
+    rpc = next(r for r in contract_rpcs() if r.method.name == rpc_name)
+    events = [custom_event("inst-ok", event_id="valid-1")]
+    paths = []
+    for steps in string_paths(ingest_pb.Event.DESCRIPTOR):
+        event, path = _event_with_nul(steps)
+        events.append(event)
+        paths.append(path)
+    events.append(custom_event("inst-ok", event_id="valid-2"))
+    request = rpc.request_class(events=events)
+    request.send_time.CopyFrom(stamp(NOW))
+    (response,) = await call(
+        contract_suite["ingest"].channel, rpc, request, project.metadata("admin")
+    )
+    outcomes = [r.outcome for r in response.results]
+    assert outcomes[0] == outcomes[-1] == ingest_pb.EVENT_OUTCOME_ACCEPTED
+    refused = [
+        p
+        for p, o in zip(paths, outcomes[1:-1], strict=True)
+        if o != ingest_pb.EVENT_OUTCOME_REJECTED
+    ]
+    assert refused == []
+    stored = await db.fetchval(
+        "SELECT count(*) FROM events WHERE project_id = $1 AND event_id LIKE 'valid-%'",
+        project.project_id,
+    )
+    assert stored == 2
+    rejected = await db.fetchval(
+        "SELECT count(*) FROM rejected_events WHERE project_id = $1", project.project_id
+    )
+    assert rejected == len(paths)
+
+
+async def test_a_nul_in_an_imported_token_rejects_that_token_alone(
+    contract_suite: dict[str, Any], project: TestProject
+) -> None:
+    rpc = next(r for r in contract_rpcs() if r.method.name == "ImportTokens")
+    tokens = [ingest_pb.ImportedToken(platform=types_pb2.PLATFORM_IOS, push_token="token-ok")]
+    for steps in string_paths(ingest_pb.ImportedToken.DESCRIPTOR):
+        token = ingest_pb.ImportedToken(platform=types_pb2.PLATFORM_IOS, push_token="token-2")
+        put_nul(token, steps)
+        tokens.append(token)
+    (response,) = await call(
+        contract_suite["ingest"].channel,
+        rpc,
+        ingest_pb.ImportTokensRequest(tokens=tokens),
+        project.metadata("admin"),
+    )
+    outcomes = [r.outcome for r in response.results]
+    assert outcomes[0] == ingest_pb.TOKEN_OUTCOME_IMPORTED
+    assert set(outcomes[1:]) == {ingest_pb.TOKEN_OUTCOME_REJECTED}
