@@ -25,6 +25,7 @@ from profiles.ingest.v1 import ingest_service_pb2 as pb
 from services.ingest import model
 from services.ingest.errors import BatchInvalid, RequestTooLarge, TooManyEvents
 from services.ingest.model import AttributeOperation, Invalid, Rejection, Value
+from shared.contract_rules import key_path
 from shared.errors import FieldViolation
 
 FUTURE_LIMIT = timedelta(minutes=10)
@@ -272,13 +273,14 @@ def _custom(event: pb.Event) -> tuple[str, bus_pb2.CustomEventDetail, dict[str, 
     for key in attributes:  # the map's own iteration: .items() is a slow pure-Python view
         value = attributes[key]
         if NAME_MATCH(key) is None:
-            path = f'custom.attributes["{key}"]'
+            path = f"custom.attributes{key_path(key)}"
             raise Invalid(model.ATTRIBUTE_NAME_INVALID, path, "names match [a-zA-Z0-9_]{1,30}")
         lowered_key = key.lower()
         if lowered_key in values:
-            path = f'custom.attributes["{key}"]'
+            path = f"custom.attributes{key_path(key)}"
             raise Invalid(model.ATTRIBUTE_NAME_INVALID, path, "two names equal once lower-cased")
         as_sent = as_sent and lowered_key == key
+        # A valid name needs no escaping: the cheap spelling of key_path(key).
         values[lowered_key] = _checked_value_json(value, f'custom.attributes["{key}"]')
     if values:
         payload["attributes"] = values
@@ -613,8 +615,15 @@ def _without_nul(value: Any) -> Any:
 
 
 def reject(index: int, event: pb.Event, rejection: Rejection) -> RejectedEvent:
-    """A RejectedEvent keeping the raw event, except for ERASED (no payload, no custom ID)."""
+    """A RejectedEvent keeping the raw event, except for ERASED (no payload, no custom ID);
+    every text of it storable (U+0000 replaced)."""
     erased = rejection.reason == model.ERASED
+    if model.has_nul(rejection.field_path) or model.has_nul(rejection.message):
+        # Paths and messages are built from what the client sent (and from identity's answer):
+        # whatever is stored about a rejected event must be storable, or the batch would fail.
+        rejection = Rejection(
+            rejection.reason, _without_nul(rejection.field_path), _without_nul(rejection.message)
+        )
     return RejectedEvent(
         index=index,
         event_id=_without_nul(event.event_id[:256]),

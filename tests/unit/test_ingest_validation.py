@@ -324,6 +324,16 @@ def test_field_paths_name_the_offending_attribute() -> None:
     assert path(event) == "attribute_operations.operations[0].value"
 
 
+def test_a_rejection_keeps_nothing_the_database_cannot_store() -> None:
+    event = base_event()
+    event.custom.attributes["a\x00b"].number_value = 1
+    rejected = check(event)
+    assert isinstance(rejected, RejectedEvent)
+    assert rejected.rejection.reason == model.ATTRIBUTE_NAME_INVALID
+    assert rejected.rejection.field_path == 'custom.attributes["a\\u0000b"]'
+    assert "\x00" not in repr(rejected.raw)
+
+
 def test_attribute_names_equal_once_lower_cased_are_rejected() -> None:
     event = base_event()
     event.custom.attributes["Price"].number_value = 1

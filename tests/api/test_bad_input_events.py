@@ -1,0 +1,64 @@
+"""One bad event never fails its batch: what is stored about a rejected event is storable
+whatever the client sent, and StreamEvents goes on after it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from profiles.ingest.v1 import ingest_service_pb2 as pb
+from profiles.ingest.v1 import ingest_service_pb2_grpc as pb_grpc
+from services.ingest import model
+from shared.clock import FrozenClock
+from tests.api.test_ingest_helpers import NOW, Ingest, aiter_of, custom_event, start_ingest
+
+
+@pytest.fixture
+async def ingest(start_services, settings_for_test, project, database_url) -> Ingest:  # type: ignore[no-untyped-def]
+    channel = await start_ingest(start_services, settings_for_test, clock=FrozenClock(NOW))
+    return Ingest(
+        pb_grpc.IngestServiceStub(channel),
+        project.metadata("sdk"),
+        project.metadata("admin"),
+        database_url,
+    )
+
+
+def _bad_then_good() -> list[pb.Event]:
+    bad = custom_event("inst-1", event_id="bad")
+    bad.custom.attributes["a\x00b"].string_value = "x"
+    return [bad, custom_event("inst-1", event_id="good")]
+
+
+async def test_an_attribute_name_with_a_nul_rejects_its_event_and_keeps_the_batch(
+    ingest: Ingest,
+) -> None:
+    reply = await ingest.track(*_bad_then_good())
+    bad, good = reply.results
+    assert bad.outcome == pb.EVENT_OUTCOME_REJECTED
+    assert bad.reason == model.ATTRIBUTE_NAME_INVALID
+    assert bad.field_path == 'custom.attributes["a\\u0000b"]'
+    assert good.outcome == pb.EVENT_OUTCOME_ACCEPTED
+    rows = await ingest.fetch("SELECT reason, field_path FROM rejected_events")
+    assert [(r["reason"], r["field_path"]) for r in rows] == [
+        (model.ATTRIBUTE_NAME_INVALID, 'custom.attributes["a\\u0000b"]')
+    ]
+    assert [r["event_id"] for r in await ingest.fetch("SELECT event_id FROM events")] == ["good"]
+
+
+async def test_stream_events_goes_on_after_a_batch_holding_such_an_event(ingest: Ingest) -> None:
+    requests: list[Any] = [
+        pb.StreamEventsRequest(batch_id="1", events=_bad_then_good()),
+        pb.StreamEventsRequest(batch_id="2", events=[custom_event("inst-1", event_id="later")]),
+    ]
+    replies = [
+        reply
+        async for reply in ingest.stub.StreamEvents(aiter_of(*requests), metadata=ingest.metadata)
+    ]
+    assert [r.batch_id for r in replies] == ["1", "2"]
+    assert [r.outcome for r in replies[0].results] == [
+        pb.EVENT_OUTCOME_REJECTED,
+        pb.EVENT_OUTCOME_ACCEPTED,
+    ]
+    assert replies[1].accepted_count == 1
