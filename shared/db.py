@@ -128,3 +128,33 @@ async def create_pool(database_url: str, *, max_size: int = 10) -> asyncpg.Pool:
     )
     assert pool is not None
     return pool
+
+
+# Errors that say the database, or the way to it, is gone for now rather than that the request
+# is wrong: a terminated backend, a server shutting down or refusing connections, a full server,
+# a socket reset, the pool closing during shutdown. A retry (elsewhere, or later) may succeed.
+_LOST = (
+    asyncpg.PostgresConnectionError,  # class 08, including ConnectionDoesNotExistError
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.CrashShutdownError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.TooManyConnectionsError,
+    ConnectionError,
+)
+
+
+def connection_lost(exc: BaseException) -> bool:
+    """True if `exc`, or what it was raised from, is a lost or refused database connection."""
+    seen = 0
+    current: BaseException | None = exc
+    while current is not None and seen < 8:
+        if isinstance(current, _LOST):
+            return True
+        # asyncpg spells a closed connection or pool only in the message of an InterfaceError.
+        if isinstance(current, asyncpg.InterfaceError) and (
+            "is closed" in str(current) or "is closing" in str(current)
+        ):
+            return True
+        current = current.__cause__ or current.__context__
+        seen += 1
+    return False

@@ -27,6 +27,7 @@ from shared import errors
 from shared.auth import Authenticator, authorize, reset_current_caller, set_current_caller
 from shared.auth_policy import is_public
 from shared.contract_rules import check_request, tolerant
+from shared.db import connection_lost
 from shared.metrics import RPC_SECONDS, RPC_TOTAL
 
 log = structlog.get_logger(__name__)
@@ -53,6 +54,10 @@ class TooManyStreams(errors.ResourceExhausted):
 
 class ShuttingDown(errors.Unavailable):
     reason = "SHUTTING_DOWN"
+
+
+class DatabaseUnavailable(errors.Unavailable):
+    reason = "DATABASE_UNAVAILABLE"
 
 
 def status_code_of(error: errors.DomainError) -> grpc.StatusCode:
@@ -306,6 +311,10 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             return grpc.StatusCode.CANCELLED
         if isinstance(exc, grpc.aio.AbortError):  # a status already set is left alone
             return context.code() or grpc.StatusCode.UNKNOWN
+        if not isinstance(exc, errors.DomainError) and connection_lost(exc):
+            # Transient: the client helper retries safe RPCs on UNAVAILABLE.
+            log.warning("database_unavailable", error=type(exc).__name__)
+            exc = DatabaseUnavailable("the database is unreachable for now; retry the call")
         if isinstance(exc, errors.DomainError):
             status = rpc_status.to_status(rich_status(exc))
             log.info("rpc_refused", reason=exc.reason, code=status.code.name)
