@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable, Sequence
+from contextvars import ContextVar
 from typing import Any
 
 import grpc
@@ -28,6 +29,12 @@ from profiles.segments.v1 import segments_service_pb2
 
 DEFAULT_TIMEOUT_SECONDS = 10.0
 PROJECT_HEADER = "x-profiles-project"
+REQUEST_ID_HEADER = "x-request-id"
+
+# The request id every call made in this context sends, unless the call brings its own: a
+# service's server interceptor sets it to the id of the call it serves, so one id follows a call
+# through every service it reaches (TrackEvents through ingest and identity) in the logs.
+outgoing_request_id: ContextVar[str | None] = ContextVar("profiles_request_id", default=None)
 
 _FILES = (
     ingest_service_pb2,
@@ -75,7 +82,8 @@ def service_config(methods: Iterable[tuple[str, str]] | None = None) -> str:
 
 
 class _Defaults:
-    """Adds the credential to every call, and a deadline to unary calls that set none."""
+    """Adds the credential (and the request id being served, if any) to every call, and a
+    deadline to unary calls that set none."""
 
     def __init__(self, metadata: Sequence[tuple[str, str]], timeout: float) -> None:
         self._metadata = tuple(metadata)
@@ -85,6 +93,9 @@ class _Defaults:
         metadata = grpc.aio.Metadata(*self._metadata)
         for key, value in details.metadata or ():
             metadata.add(key, value)
+        request_id = outgoing_request_id.get()
+        if request_id is not None and REQUEST_ID_HEADER not in metadata:
+            metadata.add(REQUEST_ID_HEADER, request_id)
         timeout = details.timeout
         if timeout is None and unary:
             timeout = self._timeout
@@ -172,4 +183,4 @@ def open_channel(
     return grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)
 
 
-__all__ = ["idempotent_methods", "open_channel", "service_config"]
+__all__ = ["idempotent_methods", "open_channel", "outgoing_request_id", "service_config"]

@@ -23,6 +23,7 @@ from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from profiles.client import REQUEST_ID_HEADER, outgoing_request_id
 from shared import errors
 from shared.auth import Authenticator, authorize, reset_current_caller, set_current_caller
 from shared.auth_policy import is_public
@@ -33,7 +34,8 @@ from shared.metrics import RPC_SECONDS, RPC_TOTAL
 log = structlog.get_logger(__name__)
 
 ERROR_DOMAIN = "profiles.dev"
-REQUEST_ID_HEADER = "x-request-id"
+# Longer ids sent by a client are cut: the id is logged with every line of the call and echoed.
+MAX_REQUEST_ID_LENGTH = 128
 
 STATUS_CODES: dict[type[errors.DomainError], grpc.StatusCode] = {
     errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
@@ -68,12 +70,15 @@ def status_code_of(error: errors.DomainError) -> grpc.StatusCode:
     return grpc.StatusCode.UNKNOWN
 
 
-def rich_status(error: errors.DomainError) -> status_pb2.Status:
-    """The google.rpc.Status of a domain error, with ErrorInfo and field violations."""
+def rich_status(error: errors.DomainError, *, request_id: str = "") -> status_pb2.Status:
+    """The google.rpc.Status of a domain error, with ErrorInfo (its metadata holding the call's
+    `request_id` when given) and field violations."""
     code = status_code_of(error)
     info = error_details_pb2.ErrorInfo(
         reason=error.reason, domain=ERROR_DOMAIN, metadata=error.metadata
     )
+    if request_id:
+        info.metadata["request_id"] = request_id
     details = [info]
     if isinstance(error, errors.InvalidArgument) and error.violations:
         details.append(
@@ -242,11 +247,14 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
 
     async def _enter(self, method: str, context: grpc.aio.ServicerContext) -> object:
         metadata = context.invocation_metadata() or ()
-        request_id = (
-            next((v for k, v in metadata if k == REQUEST_ID_HEADER and isinstance(v, str)), None)
-            or new_request_id()
-        )
+        sent = next((v for k, v in metadata if k == REQUEST_ID_HEADER and isinstance(v, str)), "")
+        request_id = sent[:MAX_REQUEST_ID_LENGTH] or new_request_id()
         structlog.contextvars.bind_contextvars(rpc=method, request_id=request_id)
+        # Echoed to the caller (an abort adds it to its own trailing metadata, see _fail), and
+        # sent on by the client helper with every call this one makes to another service. Each
+        # call runs in a task of its own, so the variable ends with the call.
+        context.set_trailing_metadata(((REQUEST_ID_HEADER, request_id),))
+        outgoing_request_id.set(request_id)
         caller = await self._auth.authenticate(metadata)
         structlog.contextvars.bind_contextvars(project_id=str(caller.project_id))
         authorize(caller, method)
@@ -315,17 +323,21 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             # Transient: the client helper retries safe RPCs on UNAVAILABLE.
             log.warning("database_unavailable", error=type(exc).__name__)
             exc = DatabaseUnavailable("the database is unreachable for now; retry the call")
+        request_id = outgoing_request_id.get() or ""
+        echoed = ((REQUEST_ID_HEADER, request_id),) if request_id else ()
         if isinstance(exc, errors.DomainError):
-            status = rpc_status.to_status(rich_status(exc))
+            status = rpc_status.to_status(rich_status(exc, request_id=request_id))
             log.info("rpc_refused", reason=exc.reason, code=status.code.name)
-            await context.abort(status.code, status.details, status.trailing_metadata)
+            await context.abort(status.code, status.details, (*status.trailing_metadata, *echoed))
         if isinstance(exc, GeneratorExit):
             return grpc.StatusCode.CANCELLED
         if isinstance(exc, NotImplementedError):  # the generated base servicer's answer
-            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this RPC is not implemented yet")
+            await context.abort(
+                grpc.StatusCode.UNIMPLEMENTED, "this RPC is not implemented yet", echoed
+            )
         log.error("rpc_internal_error", exc_info=exc)
         await context.abort(
-            grpc.StatusCode.INTERNAL, "internal error; the server log has the request id"
+            grpc.StatusCode.INTERNAL, "internal error; the server log has the request id", echoed
         )
         return grpc.StatusCode.INTERNAL  # not reached: abort raises
 

@@ -121,7 +121,8 @@ async def test_not_found_keeps_its_reason_and_metadata(scripted, project) -> Non
     assert raised.value.code() is grpc.StatusCode.NOT_FOUND
     info, _ = _details(raised.value)
     assert info.reason == "NOT_FOUND"
-    assert dict(info.metadata) == {"profile_id": "p1"}
+    assert dict(info.metadata) == {"profile_id": "p1", "request_id": info.metadata["request_id"]}
+    assert info.metadata["request_id"]
 
 
 async def test_an_unexpected_error_is_internal_and_reveals_nothing(scripted, project) -> None:  # type: ignore[no-untyped-def]
