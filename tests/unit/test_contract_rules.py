@@ -8,7 +8,7 @@ from profiles.identity.v1 import identity_service_pb2 as identity_pb
 from profiles.ingest.v1 import ingest_service_pb2 as ingest_pb
 from shared.contract_rules import (
     RequestUndecodable,
-    StringUnstorable,
+    RequestInvalid,
     Undecodable,
     check_request,
     key_path,
@@ -41,16 +41,34 @@ def test_paths_reach_nested_lists_and_map_keys_and_values() -> None:
 
 def test_a_request_with_a_nul_names_every_path() -> None:
     request = identity_pb.IdentifyRequest(installation_id="a\x00", custom_id="b\x00")
-    with pytest.raises(StringUnstorable) as raised:
+    with pytest.raises(RequestInvalid) as raised:
         check_request(request)
+    assert raised.value.reason == "STRING_UNSTORABLE"
     assert sorted(v.field for v in raised.value.violations) == ["custom_id", "installation_id"]
+
+
+def test_a_timestamp_or_duration_outside_its_range_is_invalid() -> None:
+    from profiles.query.v1 import query_service_pb2 as query_pb
+
+    request = query_pb.ListSessionsRequest()
+    request.start_time.nanos = -1
+    with pytest.raises(RequestInvalid) as raised:
+        check_request(request)
+    assert raised.value.reason == "TIMESTAMP_INVALID"
+    assert [v.field for v in raised.value.violations] == ["start_time"]
+    request.start_time.nanos = 0
+    request.start_time.seconds = 253_402_300_800  # year 10000
+    with pytest.raises(RequestInvalid):
+        check_request(request)
+    request.start_time.seconds = 253_402_300_799
+    check_request(request)
 
 
 def test_items_answered_one_by_one_are_left_to_the_service() -> None:
     request = ingest_pb.StreamEventsRequest(events=[ingest_pb.Event(event_id="a\x00")])
     check_request(request)
     request.batch_id = "b\x00"
-    with pytest.raises(StringUnstorable) as raised:
+    with pytest.raises(RequestInvalid) as raised:
         check_request(request)
     assert [v.field for v in raised.value.violations] == ["batch_id"]
 
