@@ -225,11 +225,19 @@ async def contract_suite(start_services: Any, settings_for_test: Any) -> dict[st
     return handles
 
 
-async def still_serving(handles: dict[str, Any]) -> None:
-    """Every service answers its health check."""
+async def still_serving(
+    handles: dict[str, Any], admin: tuple[tuple[str, str], ...] | None = None
+) -> None:
+    """Every service answers its health check (and, given an admin key, a real call)."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from profiles.diagnostics.v1 import diagnostics_service_pb2_grpc
 
     for handle in handles.values():
         stub = health_pb2_grpc.HealthStub(handle.channel)
         reply = await asyncio.wait_for(stub.Check(health_pb2.HealthCheckRequest()), 10)
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        if admin is not None:
+            echo = diagnostics_service_pb2_grpc.DiagnosticsServiceStub(handle.channel).Echo
+            request = diagnostics_service_pb2.EchoRequest(payload=b"still")
+            assert (await echo(request, metadata=admin, timeout=10)).payload == b"still"

@@ -7,7 +7,6 @@ from __future__ import annotations
 from typing import Any
 
 import grpc
-import pytest
 
 from profiles.common.v1 import types_pb2
 from profiles.ingest.v1 import ingest_service_pb2 as ingest_pb
@@ -81,45 +80,46 @@ def _event_with_nul(steps: Any) -> tuple[ingest_pb.Event, str]:
     return event, path
 
 
-@pytest.mark.parametrize("rpc_name", ["TrackEvents", "ImportEvents", "StreamEvents"])
-async def test_a_nul_in_any_string_of_an_event_rejects_that_event_alone(
-    contract_suite: dict[str, Any], project: TestProject, db: Any, rpc_name: str
+async def _batch_keeps_its_valid_events(
+    handles: dict[str, Any], project: TestProject, db: Any, rpc_name: str
 ) -> None:
     rpc = next(r for r in contract_rpcs() if r.method.name == rpc_name)
-    events = [custom_event("inst-ok", event_id="valid-1")]
+    events = [custom_event("inst-ok", event_id=f"{rpc_name}-valid-1")]
     paths = []
     for steps in string_paths(ingest_pb.Event.DESCRIPTOR):
         event, path = _event_with_nul(steps)
         events.append(event)
         paths.append(path)
-    events.append(custom_event("inst-ok", event_id="valid-2"))
-    request = rpc.request_class(events=events)
-    request.send_time.CopyFrom(stamp(NOW))
-    (response,) = await call(
-        contract_suite["ingest"].channel, rpc, request, project.metadata("admin")
-    )
+    events.append(custom_event("inst-ok", event_id=f"{rpc_name}-valid-2"))
+    request = rpc.request_class(events=events, send_time=stamp(NOW))
+    (response,) = await call(handles["ingest"].channel, rpc, request, project.metadata("admin"))
     outcomes = [r.outcome for r in response.results]
-    assert outcomes[0] == outcomes[-1] == ingest_pb.EVENT_OUTCOME_ACCEPTED
-    refused = [
+    assert outcomes[0] == outcomes[-1] == ingest_pb.EVENT_OUTCOME_ACCEPTED, rpc_name
+    accepted = [
         p
         for p, o in zip(paths, outcomes[1:-1], strict=True)
         if o != ingest_pb.EVENT_OUTCOME_REJECTED
     ]
-    assert refused == []
+    assert accepted == [], rpc_name
     stored = await db.fetchval(
-        "SELECT count(*) FROM events WHERE project_id = $1 AND event_id LIKE 'valid-%'",
+        "SELECT count(*) FROM events WHERE project_id = $1 AND event_id LIKE $2",
         project.project_id,
+        f"{rpc_name}-valid-%",
     )
-    assert stored == 2
+    assert stored == 2, rpc_name
+
+
+async def test_a_nul_in_any_string_of_an_item_rejects_that_item_alone(
+    contract_suite: dict[str, Any], project: TestProject, db: Any
+) -> None:
+    """Every string of an event (TrackEvents, ImportEvents, StreamEvents) and of an imported
+    token: the item is rejected, the others of its batch are kept, and the rejection stored."""
+    for rpc_name in ("TrackEvents", "ImportEvents", "StreamEvents"):
+        await _batch_keeps_its_valid_events(contract_suite, project, db, rpc_name)
     rejected = await db.fetchval(
         "SELECT count(*) FROM rejected_events WHERE project_id = $1", project.project_id
     )
-    assert rejected == len(paths)
-
-
-async def test_a_nul_in_an_imported_token_rejects_that_token_alone(
-    contract_suite: dict[str, Any], project: TestProject
-) -> None:
+    assert rejected == 3 * len(string_paths(ingest_pb.Event.DESCRIPTOR))
     rpc = next(r for r in contract_rpcs() if r.method.name == "ImportTokens")
     tokens = [ingest_pb.ImportedToken(platform=types_pb2.PLATFORM_IOS, push_token="token-ok")]
     for steps in string_paths(ingest_pb.ImportedToken.DESCRIPTOR):
