@@ -1,8 +1,9 @@
-"""Rules every request of the contract follows, whatever its RPC: checked once per call by the
-server interceptor, so no servicer repeats them and a field added later is covered too.
+"""Rules every request of the contract follows, whatever its RPC: checked once per call as the
+server interceptor decodes the request, so no servicer repeats them and a field added later is
+covered too. A broken request is refused after authentication (UNAUTHENTICATED comes first).
 
 - A request body that does not decode (truncated bytes, invalid UTF-8 in a string, nesting past
-  protobuf's depth limit) is refused as REQUEST_UNDECODABLE, after authentication.
+  protobuf's depth limit) is refused as REQUEST_UNDECODABLE.
 - No string of a request may hold U+0000: PostgreSQL text and jsonb cannot store it, so a string
   the database cannot store is invalid everywhere (STRING_UNSTORABLE, one field violation per
   path).
@@ -18,9 +19,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator
+from functools import cache
 from typing import Any
 
-from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import DecodeError, Message
 
 from shared.errors import FieldViolation, InvalidArgument
@@ -60,29 +62,63 @@ class RequestInvalid(InvalidArgument):
     reason = "REQUEST_INVALID"
 
 
-class Undecodable:
-    """What the tolerant deserializer hands on for bytes that are no valid request: the handler
-    then refuses the call after authenticating it, instead of gRPC answering UNKNOWN first."""
+class Refused:
+    """What the tolerant deserializer hands on instead of a request that breaks a rule: the
+    wrapped handler raises `error` once the caller is authenticated (gRPC itself would answer
+    UNKNOWN, before authentication, had the deserializer raised)."""
 
-    __slots__ = ("problem",)
+    __slots__ = ("error",)
 
-    def __init__(self, problem: str) -> None:
-        self.problem = problem
+    def __init__(self, error: InvalidArgument) -> None:
+        self.error = error
 
 
 def tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
-    """`deserializer` returning an Undecodable instead of raising."""
+    """`deserializer`, handing on a Refused instead of raising or of a request that breaks a
+    rule above."""
     if deserializer is None:
         return None
 
     def deserialize(data: bytes) -> Any:
         try:
-            return deserializer(data)
+            message = deserializer(data)
         except (DecodeError, ValueError, RecursionError) as exc:
             # upb's messages name the problem (bad UTF-8, MaxDepth), never the bytes sent.
-            return Undecodable(str(exc)[:200])
+            return Refused(
+                RequestUndecodable(
+                    f"the request body is not a valid message of this RPC: {str(exc)[:200]}"
+                )
+            )
+        # U+0000 is encoded as a zero byte: a body without one holds no NUL, and most calls
+        # skip the walk over strings (a ResolveProfiles of 1,000 keys: 6 ms of Python).
+        error = broken_rule(message, strings=b"\x00" in data)
+        return message if error is None else Refused(error)
 
     return deserialize
+
+
+def check_request(request: object) -> None:
+    """Raises the error of a request the tolerant deserializer refused."""
+    if type(request) is Refused:
+        raise request.error
+
+
+def broken_rule(message: Message, *, strings: bool = True) -> InvalidArgument | None:
+    """The error of a request that breaks a rule above, or None (`strings`: look for NUL)."""
+    descriptor = message.DESCRIPTOR
+    if not strings and not _holds_time(descriptor):
+        return None
+    skip = ANSWERED_PER_ITEM.get(descriptor.full_name, "")
+    found = list(violations(message, skip=skip, strings=strings))
+    if not found:
+        return None
+    error = RequestInvalid(
+        "the request breaks a rule of the contract: "
+        + ", ".join(f"{v.field} {v.description}" for v in found[:10]),
+        found,
+    )
+    error.reason = found[0].reason
+    return error
 
 
 def key_path(key: object) -> str:
@@ -91,6 +127,19 @@ def key_path(key: object) -> str:
     if isinstance(key, str):
         return f"[{json.dumps(key, ensure_ascii=False)}]"
     return f"[{key}]"
+
+
+@cache
+def _holds_time(descriptor: Descriptor, seen: frozenset[str] = frozenset()) -> bool:
+    """Whether a message of this type can hold a Timestamp or Duration, at any depth."""
+    if descriptor.full_name in (TIMESTAMP, DURATION):
+        return True
+    seen = seen | {descriptor.full_name}
+    return any(
+        _holds_time(field.message_type, seen)
+        for field in descriptor.fields
+        if field.message_type is not None and field.message_type.full_name not in seen
+    )
 
 
 def _time_problem(message: Message) -> tuple[str, str] | None:
@@ -113,48 +162,57 @@ def _time_problem(message: Message) -> tuple[str, str] | None:
     return None
 
 
-def violations(message: Message, prefix: str = "", skip: str = "") -> Iterator[FieldViolation]:
+def violations(
+    message: Message, prefix: str = "", skip: str = "", *, strings: bool = True
+) -> Iterator[FieldViolation]:
     """A violation for every string in `message` (nested messages, lists and maps included, map
-    keys too) that holds U+0000 and every malformed Timestamp or Duration; the top-level field
-    named `skip` is not looked at."""
+    keys too) that holds U+0000 (unless not `strings`) and every malformed Timestamp or
+    Duration; the top-level field named `skip` is not looked at."""
     for field, value in message.ListFields():
         if field.name == skip:
             continue
-        path = f"{prefix}{field.name}"
-        if not field.is_repeated:
-            if field.type == _STRING:
+        if field.type == _STRING:
+            if not strings:
+                continue
+            path = f"{prefix}{field.name}"
+            if not field.is_repeated:
                 if NUL in value:
                     yield _nul(path)
-            elif field.type == _MESSAGE:
-                yield from _message_violations(value, path)
-        elif field.message_type is not None and field.message_type.GetOptions().map_entry:
-            key_field = field.message_type.fields_by_name["key"]
-            value_field = field.message_type.fields_by_name["value"]
+            else:
+                for i, item in enumerate(value):
+                    if NUL in item:
+                        yield _nul(f"{path}[{i}]")
+            continue
+        entry = field.message_type
+        if entry is None or not (strings or _holds_time(entry)):
+            continue
+        path = f"{prefix}{field.name}"
+        if not field.is_repeated:
+            yield from _message_violations(value, path, strings)
+        elif entry.GetOptions().map_entry:
+            key_field = entry.fields_by_name["key"]
+            value_field = entry.fields_by_name["value"]
             for key in value:
                 item_path = f"{path}{key_path(key)}"
-                if key_field.type == _STRING and NUL in key:
+                if strings and key_field.type == _STRING and NUL in key:
                     yield _nul(item_path)
                 item = value[key]
                 if value_field.type == _STRING:
-                    if NUL in item:
+                    if strings and NUL in item:
                         yield _nul(item_path)
                 elif value_field.type == _MESSAGE:
-                    yield from _message_violations(item, item_path)
-        elif field.type == _STRING:
+                    yield from _message_violations(item, item_path, strings)
+        else:
             for i, item in enumerate(value):
-                if NUL in item:
-                    yield _nul(f"{path}[{i}]")
-        elif field.type == _MESSAGE:
-            for i, item in enumerate(value):
-                yield from _message_violations(item, f"{path}[{i}]")
+                yield from _message_violations(item, f"{path}[{i}]", strings)
 
 
-def _message_violations(message: Message, path: str) -> Iterator[FieldViolation]:
+def _message_violations(message: Message, path: str, strings: bool) -> Iterator[FieldViolation]:
     problem = _time_problem(message)
     if problem is not None:
         yield FieldViolation(path, problem[1], problem[0])
         return
-    yield from violations(message, f"{path}.")
+    yield from violations(message, f"{path}.", strings=strings)
 
 
 def _nul(path: str) -> FieldViolation:
@@ -164,22 +222,3 @@ def _nul(path: str) -> FieldViolation:
 def unstorable_paths(message: Message) -> list[str]:
     """The paths of the strings in `message` that hold U+0000."""
     return [v.field for v in violations(message) if v.reason == STRING_UNSTORABLE]
-
-
-def check_request(request: object) -> None:
-    """Raises RequestUndecodable or RequestInvalid for a request that breaks a rule above."""
-    if isinstance(request, Undecodable):
-        raise RequestUndecodable(
-            f"the request body is not a valid message of this RPC: {request.problem}"
-        )
-    if not isinstance(request, Message):
-        return
-    found = list(violations(request, skip=ANSWERED_PER_ITEM.get(request.DESCRIPTOR.full_name, "")))
-    if found:
-        error = RequestInvalid(
-            "the request breaks a rule of the contract: "
-            + ", ".join(f"{v.field} {v.description}" for v in found[:10]),
-            found,
-        )
-        error.reason = found[0].reason
-        raise error
