@@ -48,6 +48,11 @@ ANSWERED_PER_ITEM: dict[str, str] = {
     "profiles.ingest.v1.ImportTokensRequest": "tokens",
 }
 
+# Client streams whose every message gets its own answer with a status (StreamEvents answers a
+# malformed batch and goes on): their broken messages are handed to the servicer as Refused
+# rather than ending the call.
+STREAMS_ANSWERED_PER_MESSAGE = frozenset({"/profiles.ingest.v1.IngestService/StreamEvents"})
+
 _STRING = FieldDescriptor.TYPE_STRING
 _MESSAGE = FieldDescriptor.TYPE_MESSAGE
 
@@ -65,12 +70,14 @@ class RequestInvalid(InvalidArgument):
 class Refused:
     """What the tolerant deserializer hands on instead of a request that breaks a rule: the
     wrapped handler raises `error` once the caller is authenticated (gRPC itself would answer
-    UNKNOWN, before authentication, had the deserializer raised)."""
+    UNKNOWN, before authentication, had the deserializer raised). `message` is the request as
+    decoded, if it decoded."""
 
-    __slots__ = ("error",)
+    __slots__ = ("error", "message")
 
-    def __init__(self, error: InvalidArgument) -> None:
+    def __init__(self, error: InvalidArgument, message: Message | None = None) -> None:
         self.error = error
+        self.message = message
 
 
 def tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
@@ -92,7 +99,7 @@ def tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], A
         # U+0000 is encoded as a zero byte: a body without one holds no NUL, and most calls
         # skip the walk over strings (a ResolveProfiles of 1,000 keys: 6 ms of Python).
         error = broken_rule(message, strings=b"\x00" in data)
-        return message if error is None else Refused(error)
+        return message if error is None else Refused(error, message)
 
     return deserialize
 

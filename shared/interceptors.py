@@ -15,7 +15,7 @@ import itertools
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, Literal
 
 import grpc
 import structlog
@@ -27,7 +27,7 @@ from profiles.client import REQUEST_ID_HEADER, outgoing_request_id
 from shared import errors
 from shared.auth import Authenticator, authorize, reset_current_caller, set_current_caller
 from shared.auth_policy import is_public
-from shared.contract_rules import check_request, tolerant
+from shared.contract_rules import STREAMS_ANSWERED_PER_MESSAGE, check_request, tolerant
 from shared.db import connection_lost
 from shared.metrics import RPC_SECONDS, RPC_TOTAL
 
@@ -184,6 +184,24 @@ async def _until_drained(items: AsyncIterator[Any], draining: asyncio.Event) -> 
             await aclose()
 
 
+# How a handler's requests are held to the rules every request follows (shared/contract_rules):
+# one request, each message of a client stream, or left to the servicer (it answers each message).
+Requests = Literal["one", "each", "servicer"]
+ONE: Requests = "one"
+EACH: Requests = "each"
+SERVICER: Requests = "servicer"
+
+
+def _held_to_rules(request: Any, requests: Requests) -> Any:
+    """The request (or stream of requests) the servicer gets; raises for a broken one."""
+    if requests == ONE:
+        check_request(request)
+        return request
+    if requests == EACH:
+        return _checked(request)
+    return request
+
+
 async def _checked(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
     """The messages of a client stream, each held to the rules every request follows: a broken
     one ends the call with INVALID_ARGUMENT."""
@@ -223,24 +241,29 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         deserializer = tolerant(handler.request_deserializer)
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                self._wrap_unary(method, handler.unary_unary, streaming=False),
+                self._wrap_unary(method, handler.unary_unary, ONE),
                 request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
-                self._wrap_unary(method, handler.stream_unary, streaming=True),
+                self._wrap_unary(method, handler.stream_unary, EACH),
                 request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                self._wrap_stream(method, handler.unary_stream, streaming=False),
+                self._wrap_stream(method, handler.unary_stream, ONE),
                 request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
         return grpc.stream_stream_rpc_method_handler(
-            self._wrap_stream(method, handler.stream_stream, streaming=True),
+            # A stream answering each message with its own status answers a broken one itself.
+            self._wrap_stream(
+                method,
+                handler.stream_stream,
+                SERVICER if method in STREAMS_ANSWERED_PER_MESSAGE else EACH,
+            ),
             request_deserializer=deserializer,
             response_serializer=handler.response_serializer,
         )
@@ -261,7 +284,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         return set_current_caller(caller)
 
     def _wrap_unary(
-        self, method: str, behavior: Callable[..., Any], *, streaming: bool
+        self, method: str, behavior: Callable[..., Any], requests: Requests
     ) -> Callable[..., Any]:
         async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
             started = time.perf_counter()
@@ -269,10 +292,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             token = None
             try:
                 token = await self._enter(method, context)
-                if streaming:
-                    request = _checked(request)
-                else:
-                    check_request(request)
+                request = _held_to_rules(request, requests)
                 return await behavior(request, context)
             except BaseException as exc:
                 code = await self._fail(exc, context)
@@ -283,7 +303,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         return wrapper
 
     def _wrap_stream(
-        self, method: str, behavior: Callable[..., Any], *, streaming: bool
+        self, method: str, behavior: Callable[..., Any], requests: Requests
     ) -> Callable[..., Any]:
         async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             started = time.perf_counter()
@@ -292,10 +312,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             entered = False
             try:
                 token = await self._enter(method, context)
-                if streaming:
-                    request = _checked(request)
-                else:
-                    check_request(request)
+                request = _held_to_rules(request, requests)
                 if not self._streams.try_enter():
                     raise TooManyStreams("too many open streams on this server; retry later")
                 entered = True

@@ -14,6 +14,7 @@ from services.ingest import model
 from services.ingest.errors import EventErased, EventInvalid
 from services.ingest.service import BatchResult, EventResult, IngestService, TokenResult
 from shared.auth import current_caller
+from shared.contract_rules import Refused
 from shared.errors import FieldViolation, InvalidArgument
 from shared.interceptors import OK_STATUS, status_of_error
 
@@ -125,13 +126,22 @@ class IngestServicer(pb_grpc.IngestServiceServicer):
 
     async def StreamEvents(
         self,
-        request_iterator: AsyncIterator[pb.StreamEventsRequest],
+        request_iterator: AsyncIterator[pb.StreamEventsRequest | Refused],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pb.StreamEventsResponse]:
         # One batch at a time, answered before the next is read: responses stay in order, and
         # HTTP/2 flow control holds back a client that sends faster than batches commit.
         project_id = current_caller().project_id
         async for request in request_iterator:
+            if isinstance(request, Refused):
+                # A batch the interceptor found broken (undecodable, a NUL outside its events):
+                # answered as malformed like any other, and the stream goes on.
+                sent = request.message
+                yield pb.StreamEventsResponse(
+                    batch_id=sent.batch_id[:64] if isinstance(sent, pb.StreamEventsRequest) else "",
+                    status=status_of_error(request.error),
+                )
+                continue
             response = pb.StreamEventsResponse(batch_id=request.batch_id[:64])
             try:
                 batch = await self._service.ingest(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import grpc
 import pytest
 
 from profiles.ingest.v1 import ingest_service_pb2 as pb
@@ -15,8 +16,12 @@ from tests.api.test_ingest_helpers import NOW, Ingest, aiter_of, custom_event, s
 
 
 @pytest.fixture
-async def ingest(start_services, settings_for_test, project, database_url) -> Ingest:  # type: ignore[no-untyped-def]
-    channel = await start_ingest(start_services, settings_for_test, clock=FrozenClock(NOW))
+async def channel(start_services: Any, settings_for_test: Any) -> grpc.aio.Channel:
+    return await start_ingest(start_services, settings_for_test, clock=FrozenClock(NOW))
+
+
+@pytest.fixture
+async def ingest(channel, project, database_url) -> Ingest:  # type: ignore[no-untyped-def]
     return Ingest(
         pb_grpc.IngestServiceStub(channel),
         project.metadata("sdk"),
@@ -62,3 +67,30 @@ async def test_stream_events_goes_on_after_a_batch_holding_such_an_event(ingest:
         pb.EVENT_OUTCOME_ACCEPTED,
     ]
     assert replies[1].accepted_count == 1
+
+
+async def test_stream_events_answers_a_broken_batch_as_malformed_and_goes_on(
+    ingest: Ingest, channel: grpc.aio.Channel
+) -> None:
+    """An undecodable batch and one with a NUL outside its events: each answered with an
+    INVALID_ARGUMENT status, as the contract answers a malformed batch, and the stream goes on."""
+    stream = channel.stream_stream(
+        "/profiles.ingest.v1.IngestService/StreamEvents",
+        request_serializer=lambda data: data,
+        response_deserializer=pb.StreamEventsResponse.FromString,
+    )
+    bodies = [
+        bytes.fromhex("0a0e0a04fffec3281204696e73743001"),
+        pb.StreamEventsRequest(
+            batch_id="a\x00b", events=[custom_event("inst-1", event_id="nul-batch")]
+        ).SerializeToString(),
+        pb.StreamEventsRequest(
+            batch_id="3", events=[custom_event("inst-1", event_id="after")]
+        ).SerializeToString(),
+    ]
+    replies = [reply async for reply in stream(aiter_of(*bodies), metadata=ingest.metadata)]
+    assert [r.status.code for r in replies] == [3, 3, 0]
+    assert replies[1].batch_id == "a\x00b"
+    assert replies[2].accepted_count == 1
+    stored = await ingest.fetch("SELECT event_id FROM events")
+    assert [r["event_id"] for r in stored] == ["after"]

@@ -25,6 +25,7 @@ from tests.api.test_bad_input_helpers import (
     call,
     contract_rpcs,
     contract_suite,
+    refused_in,
     still_serving,
 )
 from tests.api.test_ingest_helpers import custom_event, stamp
@@ -250,6 +251,11 @@ async def test_random_and_malformed_requests_to_every_rpc_get_precise_answers(
                 )
             ):
                 problems.append(f"{rpc} {credential}: batch refused, {error.code().name}")
+            return
+        refused = refused_in(replies)
+        if refused is not None:  # a StreamEvents batch malformed as a whole: nothing stored
+            if refused[0] in FORBIDDEN:
+                problems.append(f"{rpc} {credential}: batch answered {refused}")
             return
         if valid_id is not None and replies:
             result = replies[0].results[-1]

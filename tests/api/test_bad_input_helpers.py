@@ -15,7 +15,7 @@ import pytest
 from google.protobuf.descriptor import Descriptor, FieldDescriptor, MethodDescriptor
 from google.protobuf.message import Message
 from google.protobuf.message_factory import GetMessageClass
-from google.rpc import error_details_pb2
+from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from profiles.diagnostics.v1 import diagnostics_service_pb2
@@ -116,6 +116,61 @@ def string_paths(descriptor: Descriptor, seen: tuple[str, ...] = ()) -> list[tup
     return paths
 
 
+TIMES = ("google.protobuf.Timestamp", "google.protobuf.Duration")
+
+
+def time_paths(descriptor: Descriptor, seen: tuple[str, ...] = ()) -> list[tuple[Step, ...]]:
+    """Every way down to a Timestamp or Duration field, as string_paths."""
+    seen = (*seen, descriptor.full_name)
+    paths: list[tuple[Step, ...]] = []
+    for field in descriptor.fields:
+        if field.type != _MESSAGE:
+            continue
+        how = "item" if field.is_repeated else "one"
+        target = field.message_type
+        if _is_map(field):
+            how, target = "value", field.message_type.fields_by_name["value"].message_type
+            if target is None:
+                continue
+        if target.full_name in TIMES:
+            paths.append(((field, how),))
+        elif target.full_name not in seen:
+            paths.extend(((field, how), *sub) for sub in time_paths(target, seen))
+    return paths
+
+
+def time_reason(steps: tuple[Step, ...]) -> str:
+    """The reason the server gives for the malformed time at `steps`."""
+    field, how = steps[-1]
+    target = field.message_type
+    if how == "value":
+        target = target.fields_by_name["value"].message_type
+    return "TIMESTAMP_INVALID" if target.full_name == TIMES[0] else "DURATION_INVALID"
+
+
+def put_bad_time(message: Message, steps: tuple[Step, ...]) -> str:
+    """Sets nanos -1 (outside the range of either type) on the time at `steps`; returns its
+    field path as the server names it."""
+    target = message
+    parts: list[str] = []
+    for field, how in steps:
+        container = getattr(target, field.name)
+        if how == "value":
+            target = container.get_or_create("k")
+            parts.append(f'{field.name}["k"]')
+        elif how == "item":
+            target = container.add()
+            parts.append(f"{field.name}[0]")
+        else:
+            target = container
+            target.SetInParent()
+            parts.append(field.name)
+    target.nanos = -1  # type: ignore[attr-defined]
+    if target.DESCRIPTOR.full_name == TIMES[1]:
+        target.seconds = 1  # type: ignore[attr-defined]  # a Duration's nanos take its sign
+    return ".".join(parts).replace(".[", "[")
+
+
 def put_nul(message: Message, steps: tuple[Step, ...]) -> str:
     """Sets the string at `steps` in `message` to NUL_TEXT; returns its field path as the
     server names it (`keys[0].custom_id`, `attributes["k"]`, `attributes["a\\u0000b"]`)."""
@@ -153,9 +208,13 @@ def put_nul(message: Message, steps: tuple[Step, ...]) -> str:
     return ".".join(parts).replace(".[", "[")
 
 
-def violations(error: grpc.aio.AioRpcError) -> tuple[str, list[str]]:
-    """The ErrorInfo reason and the BadRequest field paths of a failed call."""
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+def violations(error: grpc.aio.AioRpcError | status_pb2.Status) -> tuple[str, list[str]]:
+    """The ErrorInfo reason and the BadRequest field paths of a failed call (or of the status
+    a streamed answer carries)."""
+    if isinstance(error, status_pb2.Status):
+        status: status_pb2.Status | None = error
+    else:
+        status = rpc_status.from_call(error)  # type: ignore[arg-type]
     reason, fields = "", []
     for detail in status.details if status is not None else ():
         info, bad = error_details_pb2.ErrorInfo(), error_details_pb2.BadRequest()
@@ -164,6 +223,18 @@ def violations(error: grpc.aio.AioRpcError) -> tuple[str, list[str]]:
         elif detail.Unpack(bad):
             fields = [v.field for v in bad.field_violations]
     return reason, fields
+
+
+def refused_in(replies: list[Any]) -> tuple[grpc.StatusCode, str, list[str]] | None:
+    """(code, reason, field paths) of an answer that refuses its request in a `status` of its
+    own (StreamEvents answers a malformed batch so and goes on), else None."""
+    if not replies or "status" not in replies[0].DESCRIPTOR.fields_by_name:
+        return None
+    status = replies[0].status
+    if not isinstance(status, status_pb2.Status) or status.code == 0:
+        return None
+    code = next(c for c in grpc.StatusCode if c.value[0] == status.code)
+    return (code, *violations(status))
 
 
 async def _once(item: Any) -> AsyncIterator[Any]:

@@ -1,6 +1,7 @@
 """A string the database cannot store (one holding U+0000) is invalid everywhere: every string
 field of every request message, found from the descriptors, answers INVALID_ARGUMENT with its
-path; in a batch answered per item, only the item holding it is rejected."""
+path; in a batch answered per item, only the item holding it is rejected. So does a Timestamp or
+Duration outside its range, in every time field of every request message."""
 
 from __future__ import annotations
 
@@ -17,9 +18,13 @@ from tests.api.test_bad_input_helpers import (
     call,
     contract_rpcs,
     contract_suite,
+    put_bad_time,
     put_nul,
+    refused_in,
     still_serving,
     string_paths,
+    time_paths,
+    time_reason,
     violations,
 )
 from tests.api.test_ingest_helpers import custom_event, stamp
@@ -28,48 +33,49 @@ from tests.conftest import TestProject
 __all__ = ["contract_suite"]
 
 
-def _whole_request_cases() -> list[tuple[Rpc, str, Any]]:
+def _whole_request_cases() -> list[tuple[Rpc, str, Any, str]]:
+    """(RPC, field path, request, expected reason) for every string and time field outside the
+    items answered one by one."""
     cases = []
     for rpc in contract_rpcs():
         per_item = ANSWERED_PER_ITEM.get(rpc.method.input_type.full_name)
         for steps in string_paths(rpc.method.input_type):
-            if steps[0][0].name == per_item:
-                continue
-            request = rpc.request_class()
-            path = put_nul(request, steps)
-            cases.append((rpc, path, request))
+            if steps[0][0].name != per_item:
+                request = rpc.request_class()
+                cases.append((rpc, put_nul(request, steps), request, "STRING_UNSTORABLE"))
+        for steps in time_paths(rpc.method.input_type):
+            if steps[0][0].name != per_item:
+                request = rpc.request_class()
+                cases.append((rpc, put_bad_time(request, steps), request, time_reason(steps)))
     return cases
 
 
 def test_every_rpc_has_string_fields_to_check() -> None:
     """The generator finds the fields the issue named, so a silent empty list cannot pass."""
-    paths = {(str(rpc), path) for rpc, path, _ in _whole_request_cases()}
+    paths = {(str(rpc), path) for rpc, path, _, _ in _whole_request_cases()}
     assert ("/profiles.identity.v1.IdentityService/Logout", "installation_id") in paths
     assert ("/profiles.identity.v1.IdentityService/ResolveProfiles", "keys[0].custom_id") in paths
     assert ("/profiles.query.v1.QueryService/ListEvents", "session_id") in paths
     assert ("/profiles.query.v1.QueryService/ListRejectedEvents", "reasons[0]") in paths
     assert ("/profiles.ingest.v1.IngestService/StreamEvents", "batch_id") in paths
+    assert ("/profiles.query.v1.QueryService/ListSessions", "start_time") in paths
+    assert ("/profiles.ingest.v1.IngestService/TrackEvents", "send_time") in paths
 
 
-async def test_a_nul_in_any_string_of_any_request_is_invalid_argument_with_its_path(
+async def test_a_nul_or_a_malformed_time_in_any_request_is_invalid_argument_with_its_path(
     contract_suite: dict[str, Any], project: TestProject
 ) -> None:
     wrong = []
-    for rpc, path, request in _whole_request_cases():
+    for rpc, path, request, expected in _whole_request_cases():
         channel = contract_suite[rpc.host].channel
         try:
-            await call(channel, rpc, request, project.metadata("admin"))
+            replies = await call(channel, rpc, request, project.metadata("admin"))
         except grpc.aio.AioRpcError as error:
-            reason, fields = violations(error)
-            if (error.code(), reason, fields) == (
-                grpc.StatusCode.INVALID_ARGUMENT,
-                "STRING_UNSTORABLE",
-                [path],
-            ):
-                continue
-            wrong.append(f"{rpc} {path}: {error.code().name} {reason} {fields}")
+            answer = (error.code(), *violations(error))
         else:
-            wrong.append(f"{rpc} {path}: answered OK")
+            answer = refused_in(replies) or (grpc.StatusCode.OK, "", [])
+        if answer != (grpc.StatusCode.INVALID_ARGUMENT, expected, [path]):
+            wrong.append(f"{rpc} {path}: {answer}")
     assert wrong == []
     await still_serving(contract_suite)
 
