@@ -17,6 +17,7 @@ are left to the service, which refuses such an item alone rather than its batch.
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Callable, Iterator
 from functools import cache
@@ -38,6 +39,7 @@ MIN_TIMESTAMP_SECONDS = -62_135_596_800
 MAX_TIMESTAMP_SECONDS = 253_402_300_799
 MAX_DURATION_SECONDS = 315_576_000_000
 NANOS = 1_000_000_000
+MAX_VIOLATIONS = 20
 
 # Request message -> its repeated field whose items the service answers one by one (each with
 # its own status): a NUL in one item rejects that item, not the request.
@@ -116,12 +118,14 @@ def broken_rule(message: Message, *, strings: bool = True) -> InvalidArgument | 
     if not strings and not _holds_time(descriptor):
         return None
     skip = ANSWERED_PER_ITEM.get(descriptor.full_name, "")
-    found = list(violations(message, skip=skip, strings=strings))
+    # The interceptor sends the first 20 violations at most (trailing metadata is capped): no
+    # use finding a thousand.
+    found = list(itertools.islice(violations(message, skip=skip, strings=strings), MAX_VIOLATIONS))
     if not found:
         return None
     error = RequestInvalid(
         "the request breaks a rule of the contract: "
-        + ", ".join(f"{v.field} {v.description}" for v in found[:10]),
+        + ", ".join(f"{v.field} {v.description}" for v in found[:5]),
         found,
     )
     error.reason = found[0].reason

@@ -36,6 +36,7 @@ log = structlog.get_logger(__name__)
 ERROR_DOMAIN = "profiles.dev"
 # Longer ids sent by a client are cut: the id is logged with every line of the call and echoed.
 MAX_REQUEST_ID_LENGTH = 128
+MAX_FIELD_VIOLATIONS = 20
 
 STATUS_CODES: dict[type[errors.DomainError], grpc.StatusCode] = {
     errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
@@ -87,7 +88,9 @@ def rich_status(error: errors.DomainError, *, request_id: str = "") -> status_pb
                     error_details_pb2.BadRequest.FieldViolation(
                         field=v.field, description=v.description, reason=v.reason
                     )
-                    for v in error.violations
+                    # The status travels in trailing metadata, which clients cap (8 KiB by
+                    # default; beyond it they see RESOURCE_EXHAUSTED): the first few paths.
+                    for v in error.violations[:MAX_FIELD_VIOLATIONS]
                 ]
             )
         )

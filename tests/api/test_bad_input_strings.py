@@ -141,3 +141,20 @@ async def test_a_nul_in_any_string_of_an_item_rejects_that_item_alone(
     outcomes = [r.outcome for r in response.results]
     assert outcomes[0] == ingest_pb.TOKEN_OUTCOME_IMPORTED
     assert set(outcomes[1:]) == {ingest_pb.TOKEN_OUTCOME_REJECTED}
+
+
+async def test_a_thousand_bad_keys_are_refused_naming_the_first_twenty(
+    start_services: Any, project: TestProject
+) -> None:
+    """The refusal fits in the trailing metadata a client accepts (8 KiB by default)."""
+    rpc = next(r for r in contract_rpcs() if r.method.name == "ResolveProfiles")
+    request = rpc.request_class()
+    for i in range(1000):
+        request.keys.add(installation_id=f"installation-{i:04d}-\x00")  # type: ignore[attr-defined]
+    channel = (await start_services("identity"))["identity"].channel
+    try:
+        await call(channel, rpc, request, project.metadata("admin"))
+    except grpc.aio.AioRpcError as error:
+        answer = (error.code(), *violations(error))
+    assert answer[:2] == (grpc.StatusCode.INVALID_ARGUMENT, "STRING_UNSTORABLE")
+    assert len(answer[2]) == 20

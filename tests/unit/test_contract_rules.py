@@ -66,6 +66,15 @@ def test_a_request_with_a_nul_is_refused_naming_every_path() -> None:
     assert sorted(v.field for v in error.violations) == ["custom_id", "installation_id"]
 
 
+def test_a_refusal_names_at_most_twenty_paths_so_it_fits_in_trailing_metadata() -> None:
+    request = identity_pb.ResolveProfilesRequest()
+    for i in range(1000):
+        request.keys.add(installation_id=f"inst-{i}\x00")
+    error = _refusal(request)
+    assert len(error.violations) == 20
+    assert error.violations[0].field == "keys[0].installation_id"
+
+
 def test_a_request_without_a_nul_passes_untouched() -> None:
     request = identity_pb.ResolveProfilesRequest()
     for i in range(3):
