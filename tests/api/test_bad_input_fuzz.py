@@ -62,26 +62,19 @@ _INT_RANGES = {
 }
 
 
+# Strings a hostile client tries first: what the database cannot store, the empty, the blank,
+# the over-long, look-alikes of real values.
+HOSTILE_TEXTS = ["a\x00b", "\x00", "", " ", "x" * 600, "null", "\U0001f600", "' OR 1=1 --"]
+
+
 def _texts(known: list[str]) -> st.SearchStrategy[str]:
-    """Random text, and values a real client might send (ids the suite knows, UUIDs, names)."""
+    """Hostile text, values a real client might send (ids the suite knows, UUIDs, names), and
+    random text."""
     return st.one_of(
-        st.text(max_size=24),
-        st.sampled_from(
-            [
-                *known,
-                "",
-                " ",
-                "a\x00b",
-                "x" * 600,
-                "null",
-                "user-1",
-                "purchase",
-                "FR",
-                "2030-06-01T12:00:00Z",
-                "\U0001f600",
-            ]
-        ),
+        st.sampled_from(HOSTILE_TEXTS),
+        st.sampled_from([*known, "user-1", "purchase", "FR", "2030-06-01T12:00:00Z"]),
         st.uuids().map(str),
+        st.text(max_size=24),
     )
 
 
@@ -112,7 +105,7 @@ def messages(
     @st.composite
     def build(draw: Callable[[st.SearchStrategy[Any]], Any]) -> Message:
         message = GetMessageClass(descriptor)()
-        chosen = draw(st.sets(st.sampled_from(fields), max_size=4)) if fields else set()
+        chosen = draw(st.sets(st.sampled_from(fields), max_size=6)) if fields else set()
         for field in sorted(chosen, key=lambda f: f.number):
             target = getattr(message, field.name)
             entry = field.message_type
