@@ -4,7 +4,8 @@
         stub = query_service_pb2_grpc.QueryServiceStub(channel)
         reply = await stub.GetProfile(request)
 
-Every call carries the key; unary calls get a deadline (10 s unless the call sets its own),
+Every call carries the key (and, inside a service, the `x-request-id` of the call it serves);
+unary calls get a deadline (10 s unless the call sets its own),
 streaming calls none (they are long-lived); and the channel's
 service config retries idempotent calls (those marked NO_SIDE_EFFECTS or IDEMPOTENT in the
 contract) on UNAVAILABLE with exponential backoff, so a restarting replica costs a retry, not an
