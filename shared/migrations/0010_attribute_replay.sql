@@ -21,7 +21,10 @@
 -- Every accepted attribute operation, one row each (the event's own row in `events` holds the
 -- same operations in its payload; this is their replay order and typed value). value is
 -- {"type", "value"} as in profile_attributes; NULL for unset. The primary key is the replay
--- order per attribute: profiles_ingest_fold_attribute walks it forwards from a starting point.
+-- order per attribute. state/state_time is the attribute's value (NULL when absent) and
+-- update_time just after this operation in the replay, so a late operation is replayed from
+-- the state of the one before it: the cost is the operations after it (a few, as clients
+-- reorder within minutes), not the history's length. NULL on a row not replayed yet.
 CREATE TABLE attribute_operations (
     project_id uuid NOT NULL,
     profile_id uuid NOT NULL,
@@ -34,28 +37,20 @@ CREATE TABLE attribute_operations (
     kind text NOT NULL
         CHECK (kind IN ('set', 'set_once', 'unset', 'increment', 'append', 'remove')),
     value jsonb,
+    state jsonb,
+    state_time timestamptz,
     PRIMARY KEY (project_id, profile_id, native, name, event_time, event_id, origin, position)
 );
--- Sets and unsets decide the state whatever came before them: a late operation is replayed from
--- the latest of them before it, found here without walking the increments in between.
-CREATE INDEX attribute_operations_resets
-    ON attribute_operations (project_id, profile_id, native, name, event_time, event_id, origin,
-                             position)
-    WHERE kind IN ('set', 'unset');
 
 -- profile_attributes stays the folded current state that query, segments and identity's export
--- read (value, value_type, update_time; value NULL when absent). last_* is the replay key of
--- the latest operation folded in: operations after it continue from the stored value, an
--- earlier one replays from the latest set or unset before it.
-ALTER TABLE profile_attributes
-    ADD COLUMN last_event_time timestamptz,
-    ADD COLUMN last_event_id text COLLATE "C",
-    ADD COLUMN last_origin text COLLATE "C",
-    ADD COLUMN last_position smallint;
+-- read (value, value_type, update_time; value NULL when absent): the state after the last
+-- operation of the replay.
 
--- The one place the fold rule is written. Brings one attribute's stored state up to date after
--- operations were added to its log, the earliest of them at (s_time, s_event_id, s_origin,
--- s_position). Callers hold the profile's lock (ingest's version bump, identity's merge).
+-- The one place the fold rule is written (profiles_ingest_apply is its step). Brings one
+-- attribute up to date after operations were added to its log, the earliest of them at
+-- (s_time, s_event_id, s_origin, s_position): from the state just before that point, replays
+-- every operation from it on, recording each one's state, and stores the last as the
+-- attribute's. Callers hold the profile's lock (ingest's version bump, identity's merge).
 CREATE FUNCTION profiles_ingest_fold_attribute(
     p_project uuid, p_profile uuid, p_native boolean, p_name text,
     s_time timestamptz, s_event_id text, s_origin text, s_position smallint
@@ -63,109 +58,70 @@ CREATE FUNCTION profiles_ingest_fold_attribute(
 DECLARE
     since_event text COLLATE "C" := s_event_id;
     since_origin text COLLATE "C" := s_origin;
-    stored profile_attributes%ROWTYPE;
-    start attribute_operations%ROWTYPE;
     op attribute_operations%ROWTYPE;
-    last_op attribute_operations%ROWTYPE;
     state_value jsonb;  -- NULL while the attribute is absent
     changed timestamptz;
+    applied jsonb;
 BEGIN
-    SELECT * INTO stored FROM profile_attributes
-    WHERE project_id = p_project AND profile_id = p_profile AND native = p_native
-        AND name = p_name;
-    IF FOUND AND stored.last_event_time IS NOT NULL
-        AND (s_time, since_event, since_origin, s_position)
-            > (stored.last_event_time, stored.last_event_id, stored.last_origin,
-               stored.last_position) THEN
-        -- Everything new comes after what is folded (the usual case): continue from there.
-        state_value := stored.value;
-        changed := stored.update_time;
-        start.event_time := stored.last_event_time;
-        start.event_id := stored.last_event_id;
-        start.origin := stored.last_origin;
-        start.position := stored.last_position;
-        FOR op IN
-            SELECT * FROM attribute_operations a
-            WHERE a.project_id = p_project AND a.profile_id = p_profile AND a.native = p_native
-                AND a.name = p_name
-                AND (a.event_time, a.event_id, a.origin, a.position)
-                    > (start.event_time, start.event_id, start.origin, start.position)
-            ORDER BY a.event_time, a.event_id, a.origin, a.position
-        LOOP
-            SELECT * INTO state_value, changed FROM profiles_ingest_apply(state_value, changed, op);
-            last_op := op;
-        END LOOP;
-    ELSE
-        -- A late operation: replay from the latest set or unset at or before the earliest new
-        -- one (nothing before it matters), or from the beginning when there is none.
-        SELECT * INTO start FROM attribute_operations a
+    SELECT a.state, a.state_time INTO state_value, changed FROM attribute_operations a
+    WHERE a.project_id = p_project AND a.profile_id = p_profile AND a.native = p_native
+        AND a.name = p_name
+        AND (a.event_time, a.event_id, a.origin, a.position)
+            < (s_time, since_event, since_origin, s_position)
+    ORDER BY a.event_time DESC, a.event_id DESC, a.origin DESC, a.position DESC
+    LIMIT 1;
+    FOR op IN
+        SELECT * FROM attribute_operations a
         WHERE a.project_id = p_project AND a.profile_id = p_profile AND a.native = p_native
-            AND a.name = p_name AND a.kind IN ('set', 'unset')
+            AND a.name = p_name
             AND (a.event_time, a.event_id, a.origin, a.position)
-                <= (s_time, since_event, since_origin, s_position)
-        ORDER BY a.event_time DESC, a.event_id DESC, a.origin DESC, a.position DESC
-        LIMIT 1;
-        state_value := NULL;
-        changed := NULL;
-        FOR op IN
-            SELECT * FROM attribute_operations a
-            WHERE a.project_id = p_project AND a.profile_id = p_profile AND a.native = p_native
-                AND a.name = p_name
-                AND (start.event_time IS NULL
-                     OR (a.event_time, a.event_id, a.origin, a.position)
-                        >= (start.event_time, start.event_id, start.origin, start.position))
-            ORDER BY a.event_time, a.event_id, a.origin, a.position
-        LOOP
-            SELECT * INTO state_value, changed FROM profiles_ingest_apply(state_value, changed, op);
-            last_op := op;
-        END LOOP;
-    END IF;
-    IF last_op.event_time IS NULL THEN
-        RETURN;  -- nothing after what is folded: the stored state stands
+                >= (s_time, since_event, since_origin, s_position)
+        ORDER BY a.event_time, a.event_id, a.origin, a.position
+    LOOP
+        applied := profiles_ingest_apply(state_value, op);
+        -- A set-once that finds a value applies nothing: the value keeps its time.
+        IF NOT (op.kind = 'set_once' AND state_value IS NOT NULL) THEN
+            changed := op.event_time;
+        END IF;
+        state_value := applied;
+        IF op.state IS DISTINCT FROM state_value OR op.state_time IS DISTINCT FROM changed THEN
+            UPDATE attribute_operations a SET state = state_value, state_time = changed
+            WHERE a.project_id = p_project AND a.profile_id = p_profile
+                AND a.native = p_native AND a.name = p_name AND a.event_time = op.event_time
+                AND a.event_id = op.event_id AND a.origin = op.origin
+                AND a.position = op.position;
+        END IF;
+    END LOOP;
+    IF changed IS NULL THEN
+        RETURN;  -- no operation at all: nothing to store
     END IF;
     INSERT INTO profile_attributes (project_id, profile_id, native, name, value, value_type,
-                                    update_time, last_event_time, last_event_id, last_origin,
-                                    last_position)
-    VALUES (p_project, p_profile, p_native, p_name, state_value, state_value->>'type', changed,
-            last_op.event_time, last_op.event_id, last_op.origin, last_op.position)
+                                    update_time)
+    VALUES (p_project, p_profile, p_native, p_name, state_value, state_value->>'type', changed)
     ON CONFLICT (project_id, profile_id, native, name) DO UPDATE SET
         value = EXCLUDED.value, value_type = EXCLUDED.value_type,
-        update_time = EXCLUDED.update_time, last_event_time = EXCLUDED.last_event_time,
-        last_event_id = EXCLUDED.last_event_id, last_origin = EXCLUDED.last_origin,
-        last_position = EXCLUDED.last_position;
+        update_time = EXCLUDED.update_time;
 END $$;
 
--- One step of the replay: the state (value, NULL when absent, and update_time) after `op`.
-CREATE FUNCTION profiles_ingest_apply(
-    state_value jsonb, changed timestamptz, op attribute_operations,
-    OUT value jsonb, OUT update_time timestamptz
-) LANGUAGE plpgsql IMMUTABLE AS $$
+-- One step of the replay: the value (NULL when absent) after `op` applies to `state_value`.
+CREATE FUNCTION profiles_ingest_apply(state_value jsonb, op attribute_operations)
+RETURNS jsonb LANGUAGE plpgsql IMMUTABLE AS $$
 DECLARE
     items jsonb;
     operand jsonb;
     total integer;
 BEGIN
-    value := state_value;
-    update_time := op.event_time;
     IF op.kind = 'set' THEN
-        value := op.value;
-        RETURN;
+        RETURN op.value;
     ELSIF op.kind = 'unset' THEN
-        value := NULL;
-        RETURN;
+        RETURN NULL;
     ELSIF op.kind = 'set_once' THEN
-        IF state_value IS NULL THEN
-            value := op.value;
-        ELSE
-            update_time := changed;  -- skipped: the value stays, and its time
-        END IF;
-        RETURN;
+        RETURN coalesce(state_value, op.value);
     ELSIF op.kind = 'increment' THEN
-        value := jsonb_build_object('type', 'number', 'value',
+        RETURN jsonb_build_object('type', 'number', 'value',
             CASE WHEN state_value->>'type' = 'number'
                  THEN (state_value->>'value')::float8 ELSE 0 END
             + (op.value->>'value')::float8);
-        RETURN;
     END IF;
     items := CASE state_value->>'type'
         WHEN 'string_list' THEN state_value->'value'
@@ -187,7 +143,7 @@ BEGIN
         FROM jsonb_array_elements(items) WITH ORDINALITY AS t(x, n)
         WHERE NOT operand @> jsonb_build_array(x);
     END IF;
-    value := jsonb_build_object('type', 'string_list', 'value', items);
+    RETURN jsonb_build_object('type', 'string_list', 'value', items);
 END $$;
 
 -- Backfill: each stored attribute becomes the operations its state was made of (its base as a
