@@ -1,7 +1,10 @@
-"""Ingest's pure rules: reason codes, value formats, and how profile state follows event time.
+"""Ingest's pure rules: reason codes, value formats, limits, and the origin of an event.
 
-No I/O and no grpc here: the service reads current state, calls these functions and writes the
-result back, all in one transaction, so every rule is a unit test.
+No I/O and no grpc here, so every rule is a unit test. One rule lives in SQL instead: the
+replay of attribute operations in event-time order (profiles_ingest_fold_attribute in
+0010_attribute_replay.sql), because identity's merge must apply it in its own transaction;
+ingest adds operations to the log and calls it, and tests/api/test_attribute_replay.py checks
+it against a plain-Python replay.
 """
 
 from __future__ import annotations

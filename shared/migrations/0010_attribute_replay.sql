@@ -168,6 +168,13 @@ SELECT a.project_id, a.profile_id, a.native, a.name, (p->>'time')::timestamptz, 
 FROM profile_attributes a
 CROSS JOIN LATERAL jsonb_array_elements(a.pending) WITH ORDINALITY AS q(p, n);
 
+ALTER TABLE profile_attributes
+    DROP COLUMN base,
+    DROP COLUMN base_time,
+    DROP COLUMN set_once,
+    DROP COLUMN pending;
+
+-- Then every backfilled attribute is replayed from its first operation.
 SELECT profiles_ingest_fold_attribute(f.project_id, f.profile_id, f.native, f.name,
                                       f.event_time, f.event_id, f.origin, f.position)
 FROM (
@@ -175,12 +182,6 @@ FROM (
     FROM attribute_operations
     ORDER BY project_id, profile_id, native, name, event_time, event_id, origin, position
 ) f;
-
-ALTER TABLE profile_attributes
-    DROP COLUMN base,
-    DROP COLUMN base_time,
-    DROP COLUMN set_once,
-    DROP COLUMN pending;
 
 DROP FUNCTION profiles_ingest_replay(jsonb, jsonb);
 DROP FUNCTION profiles_ingest_source_base_wins(jsonb, timestamptz, boolean, jsonb, timestamptz,
