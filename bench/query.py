@@ -127,9 +127,8 @@ LOAD_STATEMENTS = (
            true, true, true
     FROM generate_series($2::int, $3::int) AS n""",
     f"""INSERT INTO profile_attributes (project_id, profile_id, native, name, value, value_type,
-        base, base_time, update_time)
-    SELECT $1, {PROFILE_ID.format(n="n")}, true, a.name, a.value, 'string', a.value,
-           $4::timestamptz, $4::timestamptz
+        update_time)
+    SELECT $1, {PROFILE_ID.format(n="n")}, true, a.name, a.value, 'string', $4::timestamptz
     FROM generate_series($2::int, $3::int) AS n
     CROSS JOIN LATERAL (
         SELECT 'language' AS name,

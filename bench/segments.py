@@ -267,9 +267,8 @@ FILTER_ROWS = (
            $2::timestamptz - interval '60 days', $2::timestamptz
     FROM {CLONES_TABLE} c""",
     f"""INSERT INTO profile_attributes (project_id, profile_id, native, name, value, value_type,
-        base, base_time, update_time)
-    SELECT $1, c.profile_id, false, 'plan', v.value, 'string', v.value, $2::timestamptz,
-           $2::timestamptz
+        update_time)
+    SELECT $1, c.profile_id, false, 'plan', v.value, 'string', $2::timestamptz
     FROM {CLONES_TABLE} c
     CROSS JOIN LATERAL (SELECT jsonb_build_object('type', 'string', 'value',
         CASE WHEN {CLONE_G} % 4 = 0 THEN 'pro' ELSE 'free' END) AS value) v

@@ -1,7 +1,10 @@
-"""Ingest's pure rules: reason codes, value formats, and how profile state follows event time.
+"""Ingest's pure rules: reason codes, value formats, limits, and the origin of an event.
 
-No I/O and no grpc here: the service reads current state, calls these functions and writes the
-result back, all in one transaction, so every rule is a unit test.
+No I/O and no grpc here, so every rule is a unit test. One rule lives in SQL instead: the
+replay of attribute operations in event-time order (profiles_ingest_fold_attribute in
+0010_attribute_replay.sql), because identity's merge must apply it in its own transaction;
+ingest adds operations to the log and calls it, and tests/api/test_attribute_replay.py checks
+it against a plain-Python replay.
 """
 
 from __future__ import annotations
@@ -9,8 +12,8 @@ from __future__ import annotations
 import hashlib
 import math
 import re
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import cache
 from typing import Any, Literal
@@ -69,14 +72,6 @@ MAX_VERSION_LENGTH = 64
 MAX_DEVICE_MODEL_LENGTH = 128
 MAX_PUSH_TOKEN_LENGTH = 4096
 MAX_TOKENS_PER_REQUEST = 1000
-# Appends, removes and increments kept per attribute so a late one can be replayed in place;
-# older ones are folded into the base value (a late operation older than the fold is dropped).
-MAX_PENDING_OPERATIONS = 50
-
-# base_time of an attribute that was never set, only incremented, appended to or removed from.
-# Before any event time ImportEvents accepts (see OLDEST_EVENT_TIME); asyncpg would read year 1
-# back as a naive datetime.min, hence not that.
-NO_BASE_TIME = datetime(1800, 1, 1, tzinfo=UTC)
 # The oldest event time accepted at all, also by ImportEvents.
 OLDEST_EVENT_TIME = datetime(1900, 1, 1, tzinfo=UTC)
 
@@ -235,158 +230,33 @@ class AttributeOperation:
     value: Value | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class TimedOperation:
-    """An operation with the event time it applies at; `order` breaks ties deterministically."""
-
-    time: datetime
-    order: tuple[int, int]
-    operation: AttributeOperation
-
-
-@dataclass(frozen=True, slots=True)
-class PendingOperation:
-    """An increment, append or remove kept beside the base value so late ones replay in place."""
-
-    time: datetime
-    kind: Literal["increment", "append", "remove"]
-    operand: Any  # float for increment, list[str] for append and remove
-
-    def to_json(self) -> dict[str, Any]:
-        return {"time": self.time.isoformat(), "kind": self.kind, "operand": self.operand}
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> PendingOperation:
-        return cls(datetime.fromisoformat(data["time"]), data["kind"], data["operand"])
+def event_origin(installation_id: str | None, custom_id: str | None) -> str:
+    """An event's origin in the replay order of attribute operations and consent changes:
+    events of one time sort by event ID, then by this ('c:' custom ID, 'i:' installation ID;
+    an event is unique per origin and event ID), then by their own order of operations. The
+    order itself is the database's (0010_attribute_replay.sql), the one place that folds."""
+    if custom_id is not None:
+        return "c:" + custom_id
+    assert installation_id is not None
+    return "i:" + installation_id
 
 
-@dataclass(frozen=True, slots=True)
-class AttributeState:
-    """One attribute of one profile, as stored.
-
-    `base` is the value of the latest set, set-once or unset by event time (None after an
-    unset, kept as a tombstone so a late older set cannot revive the attribute), `base_time` its
-    event time and `set_once` whether it came from a set-once. `pending` holds the increments,
-    appends and removes later than `base_time`, in event-time order; the current value is the
-    base with them replayed. `update_time` is the latest event time that changed anything.
-    """
-
-    base: Value | None
-    base_time: datetime
-    set_once: bool
-    pending: tuple[PendingOperation, ...]
-    update_time: datetime
-
-    @property
-    def value(self) -> Value | None:
-        return replay(self.base, self.pending)
-
-
-def _as_list(value: Value | None) -> list[str]:
-    if value is None:
-        return []
-    if value.type == "string_list":
-        return list(value.value)
-    if value.type == "string":
-        return [value.value]
-    return []
-
-
-def replay(base: Value | None, pending: Iterable[PendingOperation]) -> Value | None:
-    """The value after applying `pending` (in event-time order) to `base`."""
-    value = base
-    for op in pending:
-        if op.kind == "increment":
-            current = value.value if value is not None and value.type == "number" else 0.0
-            value = Value("number", float(current) + float(op.operand))
-        elif op.kind == "append":
-            # A list keeps its latest 25 items: the oldest make room for the new.
-            items = [*_as_list(value), *op.operand][-MAX_LIST_ITEMS:]
-            value = Value("string_list", items)
+def custom_attributes_after(
+    held: Iterable[str], operations: Iterable[AttributeOperation]
+) -> set[str]:
+    """The custom attributes a profile holding `held` holds once an arriving event's
+    `operations` apply, in the event's order: an unset removes one, any other operation may
+    give one. This is admission, judged on arrival against the limit of 50 (an event refused
+    is never stored, so the replay never sees it); the state itself is the replay's."""
+    names = set(held)
+    for op in operations:
+        if op.native:
+            continue
+        if op.kind == "unset":
+            names.discard(op.name)
         else:
-            removed = set(op.operand)
-            value = Value("string_list", [i for i in _as_list(value) if i not in removed])
-    return value
-
-
-def _fold(state: AttributeState) -> AttributeState:
-    """Bounds the pending operations by folding the oldest into the base."""
-    extra = len(state.pending) - MAX_PENDING_OPERATIONS
-    if extra <= 0:
-        return state
-    folded, kept = state.pending[:extra], state.pending[extra:]
-    return replace(
-        state,
-        base=replay(state.base, folded),
-        base_time=folded[-1].time,
-        set_once=False,
-        pending=kept,
-    )
-
-
-def apply_operation(
-    state: AttributeState | None, operation: AttributeOperation, time: datetime
-) -> AttributeState | None:
-    """The attribute's state after `operation` at event `time`, whatever the arrival order.
-
-    A set or unset wins over everything earlier and loses to anything later; a set-once only
-    takes effect where no earlier value exists (the earliest set-once wins); increments add up
-    in any order; appends and removes replay in event-time order after the latest set.
-    """
-    kind = operation.kind
-    newest = time if state is None else max(state.update_time, time)
-    if kind in ("set", "unset"):
-        value = operation.value if kind == "set" else None
-        if state is None:
-            return AttributeState(value, time, False, (), time)
-        # A set-once's value is provisional against a set: a set earlier than it means the
-        # set-once found a value and did nothing.
-        if time >= state.base_time or (kind == "set" and state.set_once):
-            later = tuple(p for p in state.pending if p.time >= time)
-            return AttributeState(value, time, False, later, newest)
-        return state
-    if kind == "set_once":
-        if state is None:
-            return AttributeState(operation.value, time, True, (), time)
-        unset_before = state.base is None and state.base_time <= time and not state.pending
-        earlier_once = state.set_once and time < state.base_time
-        if unset_before or earlier_once:
-            later = tuple(p for p in state.pending if p.time >= time)
-            return AttributeState(operation.value, time, True, later, newest)
-        return state
-    # increment, append, remove
-    if state is not None and time < state.base_time:
-        return state  # a later set or unset already overrode it
-    assert operation.value is not None
-    operand: Any = (
-        float(operation.value.value) if kind == "increment" else _as_list(operation.value)
-    )
-    pending_op = PendingOperation(time, kind, operand)  # type: ignore[arg-type]
-    if state is None:
-        # No set yet: any later-arriving earlier increment still counts, hence the oldest time.
-        return AttributeState(None, NO_BASE_TIME, False, (pending_op,), time)
-    pending = sorted([*state.pending, pending_op], key=lambda p: p.time)
-    return _fold(replace(state, pending=tuple(pending), update_time=newest))
-
-
-def apply_operations(
-    current: Mapping[tuple[bool, str], AttributeState],
-    operations: Sequence[TimedOperation],
-) -> dict[tuple[bool, str], AttributeState | None]:
-    """The new state of every attribute that `operations` touch, keyed by (native, name)."""
-    states: dict[tuple[bool, str], AttributeState | None] = {}
-    for timed in sorted(operations, key=lambda t: (t.time, t.order)):
-        key = (timed.operation.native, timed.operation.name)
-        before = states[key] if key in states else current.get(key)
-        states[key] = apply_operation(before, timed.operation, timed.time)
-    return states
-
-
-def creates_custom_attribute(state: AttributeState | None, operation: AttributeOperation) -> bool:
-    """True when `operation` would give the profile a custom attribute it does not hold."""
-    if operation.native or operation.kind in ("unset", "remove"):
-        return False
-    return state is None or state.value is None
+            names.add(op.name)
+    return names
 
 
 # ---------------------------------------------------------------------------------------------
@@ -400,28 +270,6 @@ class SubscriptionChange:
     channel: str
     kind: str
     subscribed: bool
-
-
-@dataclass(frozen=True, slots=True)
-class TimedSubscriptionChange:
-    profile_id: str
-    time: datetime
-    order: int
-    change: SubscriptionChange
-
-
-def latest_subscription_changes(
-    changes: Iterable[TimedSubscriptionChange],
-) -> list[TimedSubscriptionChange]:
-    """Per profile, channel and kind, the change with the latest event time (ties: the later
-    in the batch); the store then keeps it only if it is later than what it holds."""
-    latest: dict[tuple[str, str, str], TimedSubscriptionChange] = {}
-    for change in changes:
-        key = (change.profile_id, change.change.channel, change.change.kind)
-        held = latest.get(key)
-        if held is None or (change.time, change.order) >= (held.time, held.order):
-            latest[key] = change
-    return sorted(latest.values(), key=lambda c: (c.profile_id, c.change.channel, c.change.kind))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,7 +6,6 @@ here; driver errors become domain errors at that boundary.
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -17,12 +16,6 @@ from uuid import UUID
 import asyncpg
 
 from services.ingest.errors import StorageUnavailable
-from services.ingest.model import (
-    AttributeState,
-    PendingOperation,
-    TimedSubscriptionChange,
-    Value,
-)
 from services.ingest.validation import RejectedEvent, ValidEvent
 from shared.errors import Aborted
 
@@ -103,39 +96,57 @@ BUMP_PROFILE_VERSIONS = """
     WHERE p.project_id = $1 AND p.profile_id = locked.profile_id
     RETURNING p.profile_id, p.version"""
 
-# All attributes of the touched profiles: the rules need the current state of the operated
-# ones and the count of custom ones (limit of 50). The profile locks above keep them current.
-SELECT_ATTRIBUTES = """
-    SELECT profile_id, native, name, base, base_time, set_once, pending, update_time
-    FROM profile_attributes
-    WHERE project_id = $1 AND profile_id = ANY($2::uuid[])"""
+# The custom attributes the touched profiles hold now, for the limit of 50 per profile. The
+# profile locks above keep them current until the batch commits.
+SELECT_HELD_CUSTOM_ATTRIBUTES = """
+    SELECT profile_id, name FROM profile_attributes
+    WHERE project_id = $1 AND profile_id = ANY($2::uuid[]) AND NOT native
+        AND value IS NOT NULL"""
 
-# The service computed each touched attribute's whole new state; one upsert writes them.
-# pending travels as JSON text: asyncpg would read a Python list inside jsonb[] as a dimension.
-UPSERT_ATTRIBUTES = """
-    INSERT INTO profile_attributes (project_id, profile_id, native, name, value, value_type,
-                                    base, base_time, set_once, pending, update_time)
-    SELECT $1, a.profile_id, a.native, a.name, a.value, a.value_type, a.base, a.base_time,
-           a.set_once, a.pending::jsonb, a.update_time
-    FROM unnest($2::uuid[], $3::boolean[], $4::text[], $5::jsonb[], $6::text[], $7::jsonb[],
-                $8::timestamptz[], $9::boolean[], $10::text[], $11::timestamptz[])
-         AS a(profile_id, native, name, value, value_type, base, base_time, set_once, pending,
-              update_time)
-    ON CONFLICT (project_id, profile_id, native, name) DO UPDATE SET
-        value = EXCLUDED.value, value_type = EXCLUDED.value_type, base = EXCLUDED.base,
-        base_time = EXCLUDED.base_time, set_once = EXCLUDED.set_once,
-        pending = EXCLUDED.pending, update_time = EXCLUDED.update_time"""
+# Every accepted operation joins its attribute's log (0010_attribute_replay.sql), keyed by
+# replay order. A retried event was refused as a duplicate before it got here, so a key is
+# never written twice.
+INSERT_ATTRIBUTE_OPERATIONS = """
+    INSERT INTO attribute_operations (project_id, profile_id, native, name, event_time,
+                                      event_id, origin, position, kind, value)
+    SELECT $1, o.* FROM unnest($2::uuid[], $3::boolean[], $4::text[], $5::timestamptz[],
+                               $6::text[], $7::text[], $8::smallint[], $9::text[], $10::jsonb[])
+         AS o"""
 
-# Latest change by event time wins: the WHERE keeps a stored newer change against a late one.
-# The batch is reduced to one row per key first (a row cannot be updated twice per statement).
+# Then each touched attribute's state is replayed from its earliest new operation (the fold
+# continues from the stored state when they all come after it). The rule lives in
+# profiles_ingest_fold_attribute, which identity's merge calls too. In key order, so two
+# batches would lock rows in the same order (the profile locks serialize them anyway).
+FOLD_ATTRIBUTES = """
+    SELECT profiles_ingest_fold_attribute($1, f.profile_id, f.native, f.name, f.event_time,
+                                          f.event_id, f.origin, f.position)
+    FROM (
+        SELECT DISTINCT ON (o.profile_id, o.native, o.name) o.*
+        FROM unnest($2::uuid[], $3::boolean[], $4::text[], $5::timestamptz[], $6::text[],
+                    $7::text[], $8::smallint[])
+             AS o(profile_id, native, name, event_time, event_id, origin, position)
+        ORDER BY o.profile_id, o.native, o.name, o.event_time, o.event_id COLLATE "C",
+                 o.origin COLLATE "C", o.position
+    ) f
+    ORDER BY f.profile_id, f.native, f.name"""
+
+# Consent follows the replay order of attributes: per profile, channel and kind, the change
+# latest by (event time, event ID, origin) wins, within the batch (DISTINCT ON: a row cannot be
+# updated twice per statement) and against the stored one (the WHERE).
 UPSERT_SUBSCRIPTIONS = """
-    INSERT INTO profile_subscriptions (project_id, profile_id, channel, kind, subscribed,
-                                       change_time)
-    SELECT $1, s.* FROM unnest($2::uuid[], $3::text[], $4::text[], $5::boolean[],
-                              $6::timestamptz[]) AS s
+    INSERT INTO profile_subscriptions AS t (project_id, profile_id, channel, kind, subscribed,
+                                            change_time, change_event_id, change_origin)
+    SELECT DISTINCT ON (s.profile_id, s.channel, s.kind) $1, s.*
+    FROM unnest($2::uuid[], $3::text[], $4::text[], $5::boolean[], $6::timestamptz[],
+                $7::text[], $8::text[])
+         AS s(profile_id, channel, kind, subscribed, change_time, change_event_id, change_origin)
+    ORDER BY s.profile_id, s.channel, s.kind, s.change_time DESC,
+             s.change_event_id COLLATE "C" DESC, s.change_origin COLLATE "C" DESC
     ON CONFLICT (project_id, profile_id, channel, kind) DO UPDATE SET
-        subscribed = EXCLUDED.subscribed, change_time = EXCLUDED.change_time
-    WHERE profile_subscriptions.change_time <= EXCLUDED.change_time"""
+        subscribed = EXCLUDED.subscribed, change_time = EXCLUDED.change_time,
+        change_event_id = EXCLUDED.change_event_id, change_origin = EXCLUDED.change_origin
+    WHERE (t.change_time, t.change_event_id, t.change_origin)
+        < (EXCLUDED.change_time, EXCLUDED.change_event_id, EXCLUDED.change_origin)"""
 
 # One row per accepted event that names a session of an installation; the statement reduces
 # them to one row per (installation, session), then merges that with what is stored. Per
@@ -352,6 +363,12 @@ INSERT_REJECTED_EVENTS = """
     SELECT $1, $2, r.* FROM unnest($3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
                                   $8::text[], $9::jsonb[]) AS r"""
 
+# One attribute operation of an accepted event: profile, native, name, event time, event ID,
+# origin (model.event_origin), position in the event, kind, value ({"type", "value"}, None for
+# unset).
+OperationRow = tuple[UUID, bool, str, datetime, str, str, int, str, dict[str, Any] | None]
+# One accepted consent change: profile, channel, kind, subscribed, event time, event ID, origin.
+SubscriptionRow = tuple[UUID, str, str, bool, datetime, str, str]
 # One accepted installation event: installation ID, event time, platform, and the other
 # fields it sets (None when it sets none).
 InstallationChangeRow = tuple[str, datetime, int, dict[str, Any] | None]
@@ -537,61 +554,39 @@ class IngestRepository:
             for r in rows
         ]
 
-    async def attributes(
+    async def held_custom_attributes(
         self, conn: asyncpg.Connection, project_id: UUID, profile_ids: Sequence[UUID]
-    ) -> dict[UUID, dict[tuple[bool, str], AttributeState]]:
-        rows = await conn.fetch(SELECT_ATTRIBUTES, project_id, list(profile_ids))
-        states: dict[UUID, dict[tuple[bool, str], AttributeState]] = {}
+    ) -> dict[UUID, set[str]]:
+        """profile -> the names of the custom attributes it holds (a value, not unset)."""
+        rows = await conn.fetch(SELECT_HELD_CUSTOM_ATTRIBUTES, project_id, list(profile_ids))
+        held: dict[UUID, set[str]] = {}
         for r in rows:
-            states.setdefault(r["profile_id"], {})[(r["native"], r["name"])] = AttributeState(
-                base=None if r["base"] is None else Value.from_json(r["base"]),
-                base_time=r["base_time"],
-                set_once=r["set_once"],
-                pending=tuple(PendingOperation.from_json(p) for p in r["pending"]),
-                update_time=r["update_time"],
-            )
-        return states
+            held.setdefault(r["profile_id"], set()).add(r["name"])
+        return held
 
-    async def save_attributes(
+    async def add_attribute_operations(
         self,
         conn: asyncpg.Connection,
         project_id: UUID,
-        states: Sequence[tuple[UUID, bool, str, AttributeState]],
+        operations: Sequence[OperationRow],
     ) -> None:
-        if not states:
+        """Adds the operations to their attributes' logs and replays the attributes touched."""
+        if not operations:
             return
-        values = [s.value for _, _, _, s in states]
-        await conn.execute(
-            UPSERT_ATTRIBUTES,
-            project_id,
-            [p for p, _, _, _ in states],
-            [n for _, n, _, _ in states],
-            [name for _, _, name, _ in states],
-            [None if v is None else v.to_json() for v in values],
-            [None if v is None else v.type for v in values],
-            [None if s.base is None else s.base.to_json() for _, _, _, s in states],
-            [s.base_time for _, _, _, s in states],
-            [s.set_once for _, _, _, s in states],
-            [json.dumps([p.to_json() for p in s.pending]) for _, _, _, s in states],
-            [s.update_time for _, _, _, s in states],
-        )
+        columns = [list(c) for c in zip(*operations, strict=True)]
+        await conn.execute(INSERT_ATTRIBUTE_OPERATIONS, project_id, *columns)
+        await conn.execute(FOLD_ATTRIBUTES, project_id, *columns[:7])
 
     async def save_subscriptions(
         self,
         conn: asyncpg.Connection,
         project_id: UUID,
-        changes: Sequence[TimedSubscriptionChange],
+        changes: Sequence[SubscriptionRow],
     ) -> None:
         if not changes:
             return
         await conn.execute(
-            UPSERT_SUBSCRIPTIONS,
-            project_id,
-            [UUID(c.profile_id) for c in changes],
-            [c.change.channel for c in changes],
-            [c.change.kind for c in changes],
-            [c.change.subscribed for c in changes],
-            [c.time for c in changes],
+            UPSERT_SUBSCRIPTIONS, project_id, *[list(c) for c in zip(*changes, strict=True)]
         )
 
     async def save_installations(

@@ -32,16 +32,12 @@ from profiles.ingest.v1 import ingest_service_pb2 as pb
 from services.ingest import model
 from services.ingest.errors import IdentityUnavailable, StorageUnavailable
 from services.ingest.identity_client import Identified, Merged, OriginKey, Resolution
-from services.ingest.model import (
-    AttributeState,
-    Rejection,
-    TimedOperation,
-    TimedSubscriptionChange,
-)
+from services.ingest.model import Rejection
 from services.ingest.repository import (
     ClosedSession,
     IngestRepository,
     InsertedEvent,
+    OperationRow,
     TransactionConflict,
 )
 from services.ingest.validation import (
@@ -639,11 +635,19 @@ class IngestService:
         await repo.save_subscriptions(
             conn,
             project_id,
-            model.latest_subscription_changes(
-                TimedSubscriptionChange(str(row.profile_id), e.event_time, e.index, e.subscription)
+            [
+                (
+                    row.profile_id,
+                    e.subscription.channel,
+                    e.subscription.kind,
+                    e.subscription.subscribed,
+                    e.event_time,
+                    e.event_id,
+                    model.event_origin(e.installation_id, e.custom_id),
+                )
                 for e, row in accepted
                 if e.subscription is not None
-            ),
+            ],
         )
         stored.reintegrations = await repo.save_installations(
             conn,
@@ -693,56 +697,46 @@ class IngestService:
         project_id: UUID,
         accepted: Sequence[tuple[ValidEvent, InsertedEvent]],
     ) -> dict[int, Rejection]:
-        """Applies attribute operations in event-time order per profile; returns the events
-        refused because they would exceed the profile's custom attribute limit."""
+        """Adds the operations of the accepted events to their profiles' attribute logs, which
+        the database replays in event-time order; returns the events refused because they would
+        give a profile over 50 custom attributes (those are not stored)."""
         with_operations = [(e, row) for e, row in accepted if e.operations]
         if not with_operations:
             return {}
         profile_ids = sorted({row.profile_id for _, row in with_operations})
-        current = await self._repository.attributes(conn, project_id, profile_ids)
+        held = await self._repository.held_custom_attributes(conn, project_id, profile_ids)
         refused: dict[int, Rejection] = {}
-        changed: list[tuple[UUID, bool, str, AttributeState]] = []
-        for profile_id in profile_ids:
-            states: dict[tuple[bool, str], AttributeState | None] = dict(
-                current.get(profile_id, {})
+        operations: list[OperationRow] = []
+        for event, row in sorted(with_operations, key=lambda p: (p[0].event_time, p[0].index)):
+            names = held.setdefault(row.profile_id, set())
+            # Only an event that adds a custom attribute is refused, and only if the profile
+            # would then hold over 50: a merge may have left more, which stay (nothing is
+            # dropped) and may still be changed or unset.
+            after = model.custom_attributes_after(names, event.operations)
+            if after - names and len(after) > model.MAX_CUSTOM_ATTRIBUTES_PER_PROFILE:
+                refused[event.index] = Rejection(
+                    model.PROFILE_ATTRIBUTE_LIMIT,
+                    "attribute_operations.operations",
+                    "the profile already holds 50 custom attributes",
+                )
+                continue
+            held[row.profile_id] = after
+            origin = model.event_origin(event.installation_id, event.custom_id)
+            operations.extend(
+                (
+                    row.profile_id,
+                    op.native,
+                    op.name,
+                    event.event_time,
+                    event.event_id,
+                    origin,
+                    position,
+                    op.kind,
+                    None if op.value is None else op.value.to_json(),
+                )
+                for position, op in enumerate(event.operations)
             )
-            touched: set[tuple[bool, str]] = set()
-            events = sorted(
-                (e for e, row in with_operations if row.profile_id == profile_id),
-                key=lambda e: (e.event_time, e.index),
-            )
-            for event in events:
-                timed = [
-                    TimedOperation(event.event_time, (event.index, i), op)
-                    for i, op in enumerate(event.operations)
-                ]
-                after = model.apply_operations(
-                    {k: v for k, v in states.items() if v is not None}, timed
-                )
-                # Only an event that adds a custom attribute is refused, and only if the profile
-                # would then hold over 50: a merge may have left more, which stay (nothing is
-                # dropped) and may still be changed or unset.
-                added = any(
-                    not native and _present(s) and not _present(states.get((native, name)))
-                    for (native, name), s in after.items()
-                )
-                held_after = sum(
-                    1 for key, s in {**states, **after}.items() if not key[0] and _present(s)
-                )
-                if added and held_after > model.MAX_CUSTOM_ATTRIBUTES_PER_PROFILE:
-                    refused[event.index] = Rejection(
-                        model.PROFILE_ATTRIBUTE_LIMIT,
-                        "attribute_operations.operations",
-                        "the profile already holds 50 custom attributes",
-                    )
-                    continue
-                states.update(after)
-                touched.update(after)
-            for native, name in sorted(touched):
-                state = states[(native, name)]
-                if state is not None:
-                    changed.append((profile_id, native, name, state))
-        await self._repository.save_attributes(conn, project_id, changed)
+        await self._repository.add_attribute_operations(conn, project_id, operations)
         return refused
 
     async def _enqueue(
@@ -867,10 +861,6 @@ def _timeout_end(session: ClosedSession, now: datetime) -> bus_pb2.IngestedEvent
 def _digest(*parts: str) -> str:
     """A short stable digest for request IDs (identity keeps them at most 64 characters)."""
     return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:40]
-
-
-def _present(state: AttributeState | None) -> bool:
-    return state is not None and state.value is not None
 
 
 def _rejected_result(rejected: RejectedEvent, event: pb.Event) -> EventResult:

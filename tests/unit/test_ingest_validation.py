@@ -1,5 +1,6 @@
-"""Every ingest validation rule, with a rejected and an accepted case at its boundary, and the
-rules by which profile state follows event time. Pure: no database, no gRPC."""
+"""Every ingest validation rule, with a rejected and an accepted case at its boundary. Pure: no
+database, no gRPC. (The replay of attribute operations is the database's: see
+tests/api/test_attribute_replay.py.)"""
 
 from __future__ import annotations
 
@@ -12,11 +13,7 @@ from profiles.common.v1 import types_pb2
 from profiles.ingest.v1 import ingest_service_pb2 as pb
 from services.ingest import model
 from services.ingest.errors import BatchInvalid
-from services.ingest.model import (
-    AttributeOperation,
-    TimedSubscriptionChange,
-    Value,
-)
+from services.ingest.model import AttributeOperation, Value
 from services.ingest.validation import (
     RejectedEvent,
     ValidEvent,
@@ -387,78 +384,3 @@ def test_a_request_holds_at_most_4_mib() -> None:
         validate_request(1, model.MAX_REQUEST_BYTES + 1)
     assert raised.value.reason == "REQUEST_TOO_LARGE"
     assert [v.field for v in raised.value.violations] == ["events"]
-
-
-# --- profile state follows event time -------------------------------------------------------
-
-T = [NOW + timedelta(minutes=i) for i in range(10)]
-
-
-def apply(*steps: tuple[str, object, datetime]) -> Value | None:
-    state = None
-    for kind, value, time in steps:
-        operand = None
-        if kind in ("set", "set_once"):
-            operand = Value("string", value)
-        elif kind == "increment":
-            operand = Value("number", value)
-        elif kind in ("append", "remove"):
-            operand = Value("string_list", value)
-        state = model.apply_operation(
-            state,
-            AttributeOperation(kind, False, "a", operand),
-            time,  # type: ignore[arg-type]
-        )
-    return None if state is None else state.value
-
-
-def test_a_late_older_set_does_not_overwrite_a_newer_one() -> None:
-    assert apply(("set", "new", T[2]), ("set", "old", T[1])) == Value("string", "new")
-    assert apply(("set", "old", T[1]), ("set", "new", T[2])) == Value("string", "new")
-
-
-def test_a_late_older_set_does_not_revive_an_unset_attribute() -> None:
-    assert apply(("unset", None, T[2]), ("set", "old", T[1])) is None
-    assert apply(("set", "old", T[1]), ("unset", None, T[2])) is None
-
-
-def test_set_once_keeps_the_earliest_in_any_order() -> None:
-    assert apply(("set_once", "b", T[2]), ("set_once", "a", T[1])) == Value("string", "a")
-    assert apply(("set_once", "a", T[1]), ("set_once", "b", T[2])) == Value("string", "a")
-
-
-def test_set_once_after_a_set_changes_nothing_and_a_later_set_wins() -> None:
-    assert apply(("set", "s", T[1]), ("set_once", "o", T[2])) == Value("string", "s")
-    assert apply(("set_once", "o", T[2]), ("set", "s", T[1])) == Value("string", "s")
-    assert apply(("set_once", "o", T[1]), ("set", "s", T[2])) == Value("string", "s")
-
-
-def test_increments_add_up_in_any_order_and_a_later_set_resets() -> None:
-    assert apply(("increment", 2, T[2]), ("increment", 3, T[1])) == Value("number", 5.0)
-    steps = [("increment", 2, T[1]), ("set", "x", T[3]), ("increment", 5, T[2])]
-    assert apply(*steps) == Value("string", "x")  # type: ignore[arg-type]
-
-
-def test_appends_and_removes_replay_in_event_time_order() -> None:
-    late_remove = apply(
-        ("append", ["a", "b"], T[1]), ("append", ["c"], T[3]), ("remove", ["c"], T[2])
-    )
-    assert late_remove == Value("string_list", ["a", "b", "c"])
-    in_order = apply(("append", ["a", "b"], T[1]), ("remove", ["a"], T[2]), ("append", ["a"], T[3]))
-    assert in_order == Value("string_list", ["b", "a"])
-
-
-def test_a_list_keeps_its_latest_25_items() -> None:
-    value = apply(*[("append", [str(i)], T[0] + timedelta(seconds=i)) for i in range(30)])
-    assert value is not None
-    assert value.value == [str(i) for i in range(5, 30)]
-
-
-def test_the_latest_subscription_change_by_event_time_wins() -> None:
-    def change(time: datetime, subscribed: bool, order: int) -> TimedSubscriptionChange:
-        return TimedSubscriptionChange(
-            "p", time, order, model.SubscriptionChange("email", "marketing", subscribed)
-        )
-
-    latest = model.latest_subscription_changes([change(T[3], True, 0), change(T[1], False, 1)])
-    assert [c.change.subscribed for c in latest] == [True]

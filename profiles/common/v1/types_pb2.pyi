@@ -317,33 +317,41 @@ class _AttributeOperationKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper
     ATTRIBUTE_OPERATION_KIND_UNSPECIFIED: _AttributeOperationKind.ValueType  # 0
     """Not set; rejected with INVALID_ARGUMENT."""
     ATTRIBUTE_OPERATION_KIND_SET: _AttributeOperationKind.ValueType  # 1
-    """Sets the value; the set or unset with the latest event time wins."""
+    """Sets the value."""
     ATTRIBUTE_OPERATION_KIND_SET_ONCE: _AttributeOperationKind.ValueType  # 2
-    """Sets the value unless one was set earlier in event time; the earliest set-once wins."""
+    """Sets the value if the attribute is absent at this point (so again after an unset);
+    otherwise does nothing.
+    """
     ATTRIBUTE_OPERATION_KIND_UNSET: _AttributeOperationKind.ValueType  # 3
-    """Removes the attribute; it wins over sets with an earlier event time. Takes no value."""
+    """Removes the attribute. Takes no value."""
     ATTRIBUTE_OPERATION_KIND_INCREMENT: _AttributeOperationKind.ValueType  # 4
-    """Adds a number (may be negative) to a custom number attribute, 0 if absent; order-free."""
+    """Adds a number (may be negative) to a custom number attribute, 0 if absent."""
     ATTRIBUTE_OPERATION_KIND_APPEND: _AttributeOperationKind.ValueType  # 5
-    """Appends string(s) to a custom string-list attribute, in event-time order; at most 25 items."""
+    """Appends string(s) to a custom string-list attribute; at most 25 items (the oldest go)."""
     ATTRIBUTE_OPERATION_KIND_REMOVE: _AttributeOperationKind.ValueType  # 6
     """Removes every occurrence of the string(s) from a custom string-list attribute."""
 
 class AttributeOperationKind(_AttributeOperationKind, metaclass=_AttributeOperationKindEnumTypeWrapper):
-    """What an attribute operation does. Profile state follows event time, not arrival order."""
+    """What an attribute operation does. A profile's attribute state is the replay of every
+    operation it received, in event-time order whatever the arrival order (same event time: by
+    event ID, then by origin; within an event, in the order listed); each kind below acts at its
+    point of that replay.
+    """
 
 ATTRIBUTE_OPERATION_KIND_UNSPECIFIED: AttributeOperationKind.ValueType  # 0
 """Not set; rejected with INVALID_ARGUMENT."""
 ATTRIBUTE_OPERATION_KIND_SET: AttributeOperationKind.ValueType  # 1
-"""Sets the value; the set or unset with the latest event time wins."""
+"""Sets the value."""
 ATTRIBUTE_OPERATION_KIND_SET_ONCE: AttributeOperationKind.ValueType  # 2
-"""Sets the value unless one was set earlier in event time; the earliest set-once wins."""
+"""Sets the value if the attribute is absent at this point (so again after an unset);
+otherwise does nothing.
+"""
 ATTRIBUTE_OPERATION_KIND_UNSET: AttributeOperationKind.ValueType  # 3
-"""Removes the attribute; it wins over sets with an earlier event time. Takes no value."""
+"""Removes the attribute. Takes no value."""
 ATTRIBUTE_OPERATION_KIND_INCREMENT: AttributeOperationKind.ValueType  # 4
-"""Adds a number (may be negative) to a custom number attribute, 0 if absent; order-free."""
+"""Adds a number (may be negative) to a custom number attribute, 0 if absent."""
 ATTRIBUTE_OPERATION_KIND_APPEND: AttributeOperationKind.ValueType  # 5
-"""Appends string(s) to a custom string-list attribute, in event-time order; at most 25 items."""
+"""Appends string(s) to a custom string-list attribute; at most 25 items (the oldest go)."""
 ATTRIBUTE_OPERATION_KIND_REMOVE: AttributeOperationKind.ValueType  # 6
 """Removes every occurrence of the string(s) from a custom string-list attribute."""
 Global___AttributeOperationKind: _TypeAlias = AttributeOperationKind  # noqa: Y015

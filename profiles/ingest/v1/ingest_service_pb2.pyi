@@ -567,7 +567,9 @@ Global___SessionEnd: _TypeAlias = SessionEnd  # noqa: Y015
 
 @_typing.final
 class AttributeOperations(_message.Message):
-    """Operations on the profile's attributes, applied in event-time order with other events."""
+    """Operations on the profile's attributes, replayed in event-time order with those of other
+    events (see AttributeOperationKind).
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
