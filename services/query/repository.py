@@ -594,6 +594,8 @@ SELECT_OVERVIEW = f"""
 # The facts of live profiles, recounted from identity's and ingest's tables (read contracts of
 # 0002 and 0004); each lateral read is one profile's rows by its index. {where} narrows it to
 # the profiles a message touched, or to nothing more for a rebuild of the whole project.
+# Imported installations folded into an SDK installation are left out, as in
+# INSTALLATION_FACTS below: they give a profile no platform, token or device.
 PROFILE_FACTS = """
     SELECT p.profile_id, p.custom_id IS NOT NULL AS identified, p.custom_id,
            coalesce(a.has_email, false) AS has_email,
@@ -635,6 +637,7 @@ PROFILE_FACTS = """
         JOIN installation_details d
             ON d.project_id = i.project_id AND d.installation_id = i.installation_id
         WHERE i.project_id = p.project_id AND i.profile_id = p.profile_id
+          AND d.reintegrated_into IS NULL
     ) inst ON true
     LEFT JOIN LATERAL (
         SELECT array_agg(s.channel || ':' || s.kind ORDER BY s.channel, s.kind) AS subscribed
@@ -702,7 +705,10 @@ REBUILD_PROFILES = f"""
     INSERT INTO query_profiles (project_id, profile_id, {PROFILE_FACT_COLUMNS}, update_time)
     SELECT $1, f.*, $2 FROM ({PROFILE_FACTS.format(where="")}) f"""
 
-# An installation known to identity but never seen by ingest has no details: platform 0.
+# An installation known to identity but never seen by ingest has no details: platform 0. An
+# imported installation folded into the SDK installation that sent its token
+# (reintegrated_into) is history, not an installation: it has no facts, so a recount deletes
+# its row and takes it out of the counters, and the device counts once, as itself.
 INSTALLATION_FACTS = """
     SELECT i.installation_id, coalesce(d.platform, 0)::smallint AS platform, d.app_version,
            coalesce(d.uninstalled, false) AS uninstalled,
@@ -712,7 +718,7 @@ INSTALLATION_FACTS = """
     FROM installations i
     LEFT JOIN installation_details d
         ON d.project_id = i.project_id AND d.installation_id = i.installation_id
-    WHERE i.project_id = $1 {where}"""
+    WHERE i.project_id = $1 AND d.reintegrated_into IS NULL {where}"""
 
 INSTALLATION_FACT_COLUMNS = "platform, app_version, uninstalled, has_token, push_opt_in, imported"
 

@@ -244,7 +244,8 @@ async def direct_overview(suite: Suite, platform: int = 0) -> dict[str, Any]:
         " d.push_opt_in, d.language, d.uninstalled, d.last_seen, d.imported"
         " FROM installations i LEFT JOIN installation_details d"
         " ON d.project_id = i.project_id AND d.installation_id = i.installation_id"
-        " WHERE i.project_id = $1",
+        # An imported installation folded into a device is history (0004), not counted.
+        " WHERE i.project_id = $1 AND d.reintegrated_into IS NULL",
         project_id,
     )
     subscribed: dict[Any, set[str]] = {}
