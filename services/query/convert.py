@@ -501,8 +501,6 @@ def profile_to_proto(view: ProfileView) -> profile_pb2.Profile:
         )
         custom.value.CopyFrom(attribute_value(attribute.value))
         set_time(custom.update_time, attribute.update_time)
-    # Custom segment memberships and funnel progress are the segments service's unfinished
-    # work (no read contract for them yet): left empty.
     if view.engagement is not None:
         engagement = view.engagement
         message.engagement.score1 = engagement.score1

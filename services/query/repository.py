@@ -508,7 +508,10 @@ SELECT_REJECTED_PAGE = """
 # UNION ALL, read only when the first ends short ($8: the position is already among them, $11
 # the profile_id after which they continue). The smart segment comes from segments' stored state
 # as of $2 (as in SELECT_PROFILE_VIEW). Filters not asked for are constants (0, ''), so one
-# statement per sort order serves every combination.
+# statement per sort order serves every combination; the custom segment filter ($13) has
+# statements of its own (PROFILE_ROWS_IN_SEGMENT), so that the planner sees a plain semi-join
+# on segments' custom_segment_members (0005) and may drive a small segment from its members
+# instead of walking the sort index past non-members.
 PROFILE_ROWS_FROM = """
     SELECT q.profile_id, coalesce(q.custom_id, '') AS custom_id,
            coalesce(q.first_name, '') AS first_name, coalesce(q.last_name, '') AS last_name,
@@ -539,7 +542,13 @@ PROFILE_ROWS_FROM = """
       AND ($4::int = 0 OR $4::smallint = ANY(q.platforms))
       AND ($5::text = '' OR q.country = $5)
       AND ($6::int = 0 OR coalesce(sg.segment, 0) = $6)
-      AND ($7::int = 0 OR coalesce(sg.flag, 0) = $7)"""
+      AND ($7::int = 0 OR coalesce(sg.flag, 0) = $7){members}"""
+
+# The members of custom segment $13 as segments stored them (rows naming a merged-away or
+# erased profile drop out here: query_profiles holds live profiles only).
+PROFILE_ROWS_IN_SEGMENT = """
+      AND q.profile_id IN (SELECT m.profile_id FROM custom_segment_members m
+                           WHERE m.project_id = $1 AND m.segment_id = $13::uuid)"""
 
 PROFILE_ROWS_PAGE = f"""
     (SELECT * FROM ({PROFILE_ROWS_FROM}
@@ -561,15 +570,20 @@ PROFILE_SORT_COLUMNS = {
     3: ("time_spent_ms", "bigint"),
 }
 SELECT_PROFILE_ROWS_PAGE = {
-    (order_by, ascending): PROFILE_ROWS_PAGE.format(
+    (order_by, ascending, in_segment): PROFILE_ROWS_PAGE.format(
         column=column,
         type=type_name,
         compare=">" if ascending else "<",
         direction="ASC" if ascending else "DESC",
+        members=PROFILE_ROWS_IN_SEGMENT if in_segment else "",
     )
     for order_by, (column, type_name) in PROFILE_SORT_COLUMNS.items()
     for ascending in (True, False)
+    for in_segment in (True, False)
 }
+
+SELECT_SEGMENT_EXISTS = """
+    SELECT 1 FROM custom_segments WHERE project_id = $1 AND segment_id = $2"""
 
 # -- the rollups (query's projection, 0006) ---------------------------------------------------
 
@@ -1353,6 +1367,10 @@ class QueryReads:
 
     # -- the users table
 
+    async def segment_exists(self, project_id: UUID, segment_id: UUID) -> bool:
+        """Whether the project has this custom segment (segments' custom_segments, 0005)."""
+        return await self._conn.fetchval(SELECT_SEGMENT_EXISTS, project_id, segment_id) is not None
+
     async def profile_rows_page(
         self,
         project_id: UUID,
@@ -1367,9 +1385,11 @@ class QueryReads:
         ascending: bool,
         after: tuple[int | datetime | None, UUID] | None,
         limit: int,
+        segment_id: UUID | None = None,
     ) -> list[tuple[int | datetime | None, ProfileRowView]]:
         """A page of the users table after `after` (sort value, None for a profile never seen;
-        profile ID), or from the start; each row with its sort value."""
+        profile ID), or from the start; each row with its sort value. With `segment_id`, only
+        the members of that custom segment."""
         column_type = PROFILE_SORT_COLUMNS[order_by][1]
         in_unseen = after is not None and after[0] is None
         start: tuple[int | datetime | None, UUID]
@@ -1383,8 +1403,9 @@ class QueryReads:
         else:
             start = after
         unseen_after = after[1] if after is not None and in_unseen else NIL_UUID
+        in_segment = () if segment_id is None else (segment_id,)
         rows = await self._conn.fetch(
-            SELECT_PROFILE_ROWS_PAGE[(order_by, ascending)],
+            SELECT_PROFILE_ROWS_PAGE[(order_by, ascending, bool(in_segment))],
             project_id,
             now,
             identity_filter,
@@ -1397,6 +1418,7 @@ class QueryReads:
             start[1],
             unseen_after,
             limit,
+            *in_segment,
         )
         return [
             (
