@@ -146,6 +146,7 @@ def _sessions(
             start_time=now - timedelta(days=age),
             start_known=True,
             duration=timedelta(seconds=rng.randint(5, 1200)),
+            ended=True,
         )
         for number, age in enumerate(sorted(ages[:count], reverse=True))
     ]

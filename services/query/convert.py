@@ -522,8 +522,7 @@ def profile_to_proto(view: ProfileView) -> profile_pb2.Profile:
     message.counters.session_count = counters.session_count
     message.counters.crash_count = counters.crash_count
     set_duration_ms(message.counters.total_time_spent, counters.total_time_ms)
-    average = counters.total_time_ms // counters.session_count if counters.session_count else 0
-    set_duration_ms(message.counters.average_session_duration, average)
+    set_duration_ms(message.counters.average_session_duration, counters.average_session_ms)
     if counters.last_crash is not None:
         message.counters.last_crash.CopyFrom(crash_to_proto(counters.last_crash))
     message.identity_changes.extend(identity_change_to_proto(c) for c in view.identity_changes)

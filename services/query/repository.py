@@ -183,6 +183,12 @@ SELECT_SMART_SEGMENT = """
 # time alone makes) and profile_funnel_progress() (computed from events as of $3). $1 project,
 # $2 the looked-up value, $3 now (engagement's window end, funnels' as-of). No row: nothing
 # found by the lookup; a row with a NULL profile_id: ambiguous, or found but not live.
+# Two averages of session length, on purpose over two windows: session_totals' third column
+# is the all-time average over ingest's closed sessions (ended, or closed by the idle sweep;
+# Counters.average_session_duration), engagement's the average over segments' ended sessions
+# started in the 168 hours up to $3 (score1, segments' rule, 0010); an open session's length
+# is not known yet, so neither counts it. Sessions that all ended inside the window give both
+# the same value.
 # Nothing here grows with the profile's events: their totals come from profile_event_counts
 # (0008), first and last seen are each one end of events_by_profile_time, the last crash the
 # top of events_crashes_by_profile.
@@ -219,7 +225,9 @@ PROFILE_VIEW = """
                FROM profile_subscriptions b
                WHERE b.project_id = $1 AND b.profile_id = p.profile_id) AS subscriptions,
            (SELECT ROW(count(*),
-                       coalesce(sum(extract(epoch FROM x.duration) * 1000), 0)::bigint)
+                       coalesce(sum(extract(epoch FROM x.duration) * 1000), 0)::bigint,
+                       coalesce(avg(extract(epoch FROM x.duration) * 1000)
+                                    FILTER (WHERE x.closed), 0)::bigint)
             FROM sessions x
             WHERE x.project_id = $1 AND x.profile_id = p.profile_id) AS session_totals,
            CASE WHEN s.crash_count > 0 THEN (
@@ -247,7 +255,7 @@ PROFILE_VIEW = """
                LIMIT $4) AS identity_changes,
            g.segment, g.flag, g.next_transition_time, g.upcoming_times, g.upcoming_segments,
            g.upcoming_flags,
-           (SELECT ROW(count(*), coalesce(avg(x.duration_ms), 0)::float8,
+           (SELECT ROW(count(*), coalesce(avg(x.duration_ms) FILTER (WHERE x.ended), 0)::float8,
                        count(DISTINCT (x.start_time AT TIME ZONE coalesce(
                            (SELECT sp.time_zone FROM segment_profiles sp
                             WHERE sp.project_id = $1 AND sp.profile_id = p.profile_id),
@@ -1093,7 +1101,7 @@ class QueryReads:
         engagement_inputs = r["engagement"] or (0, 0.0, 0)
         if r["profile_id"] is None:
             return ProfileRead(holders, r["resolved_from"], None, engagement_inputs)
-        session_count, total_time_ms = r["session_totals"]
+        session_count, total_time_ms, average_session_ms = r["session_totals"]
         crash = r["last_crash"]
         view = ProfileView(
             profile_id=r["profile_id"],
@@ -1110,6 +1118,7 @@ class QueryReads:
                 crash_count=r["crash_count"],
                 session_count=session_count,
                 total_time_ms=total_time_ms,
+                average_session_ms=average_session_ms,
                 last_crash=None if crash is None else CrashView(*crash),
             ),
             identity_changes=tuple(_change(c) for c in r["identity_changes"]),

@@ -130,6 +130,7 @@ async def start_suite(
     *,
     clock: FrozenClock | None = None,
     query_settings: Any = None,
+    ingest_build: Any = None,
 ) -> Suite:
     clock = clock or FrozenClock(NOW)
     # Every service on the same settings: an outbox relay publishes whatever rows it finds, so a
@@ -138,7 +139,7 @@ async def start_suite(
     settings = settings_for_test.with_changes(
         addresses={**settings_for_test.addresses, "identity": handles["identity"].address}
     )
-    ingest = await start_services("ingest", settings=settings, clock=clock)
+    ingest = await start_services("ingest", settings=settings, clock=clock, build=ingest_build)
     query = await start_services("query", settings=query_settings or settings, clock=clock)
     return Suite(
         query=pb_grpc.QueryServiceStub(query["query"].channel),
