@@ -403,6 +403,15 @@ class SegmentsTransaction:
     def __init__(self, conn: asyncpg.Connection) -> None:
         self._conn = conn
 
+    async def record_thresholds(
+        self, project_id: UUID, thresholds: Thresholds, now: datetime
+    ) -> None:
+        """Records, in this transaction, that every stored state of the project follows
+        `thresholds`."""
+        await self._conn.execute(
+            UPSERT_THRESHOLDS_APPLIED, project_id, thresholds.to_settings(), now
+        )
+
     async def lock_profiles(
         self, project_id: UUID, profile_ids: Sequence[UUID]
     ) -> dict[UUID, ProfileRow]:
