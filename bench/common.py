@@ -9,7 +9,7 @@ A benchmark runs in one process that owns everything it starts:
         settings = service_settings(backends, "query", work_dir)
         service = start_service_process(stack, "query", settings, work_dir)
         figures = asyncio.run(measure(...))  # wait_serving, drive, summarize
-    print_figures("echo", figures, quick=args.quick)
+    print_figures("echo", figures, quick=labelled_quick(args))
 
 Everything started is stopped when the `with` block ends, in reverse order, also on Ctrl-C and
 SIGTERM (`run_main` turns SIGTERM into KeyboardInterrupt). Life-cycle steps are synchronous on
@@ -43,7 +43,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import IO
+from typing import IO, TypeVar
 
 import asyncpg
 import grpc
@@ -60,6 +60,8 @@ STOP_TIMEOUT_S = 15.0
 # A call that starts this much after its slot in the schedule found every worker busy.
 LATE_START_S = 0.005
 
+T = TypeVar("T")
+
 
 class BenchError(RuntimeError):
     """The benchmark cannot go on (a process did not start, a check call failed)."""
@@ -69,16 +71,35 @@ class BenchError(RuntimeError):
 
 
 def add_backend_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
+    sizes = parser.add_mutually_exclusive_group()
+    sizes.add_argument(
         "--quick",
         action="store_true",
         help="small sizes (under two minutes); figures are labelled quick and carry no verdict",
+    )
+    sizes.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny sizes (seconds): checks that the benchmark runs end to end, as the tests do;"
+        " figures are labelled quick and mean nothing",
     )
     parser.add_argument(
         "--database-url",
         help="PostgreSQL to use instead of an embedded one (a project bench-<random> is created)",
     )
     parser.add_argument("--redis-url", help="Redis to use instead of an embedded one")
+
+
+def size_choice(args: argparse.Namespace, smoke: T, quick: T, full: T) -> T:
+    """The sizes the arguments ask for: --smoke, --quick, or the full run."""
+    if args.smoke:
+        return smoke
+    return quick if args.quick else full
+
+
+def labelled_quick(args: argparse.Namespace) -> bool:
+    """Whether the figures are labelled quick (no verdict): every run but the full one."""
+    return bool(args.quick or args.smoke)
 
 
 class Terminated(KeyboardInterrupt):

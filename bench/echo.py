@@ -42,10 +42,12 @@ from bench.common import (
     add_backend_arguments,
     alternate,
     create_project,
+    labelled_quick,
     make_work_dir,
     print_figures,
     run_main,
     service_settings,
+    size_choice,
     start_backends,
     start_bare_echo,
     start_service_process,
@@ -76,6 +78,8 @@ class Sizes:
 # latencies are per-call costs, not queueing.
 QUICK = Sizes(rate=300, concurrency=8, duration_s=5.0, rounds=3, warmup_s=2.0, throughput_s=3.0)
 FULL = Sizes(rate=300, concurrency=8, duration_s=20, rounds=5, warmup_s=5.0, throughput_s=10.0)
+# Only checks that the bench runs end to end (the tests run it).
+SMOKE = Sizes(rate=100, concurrency=2, duration_s=0.5, rounds=1, warmup_s=0.2, throughput_s=0.5)
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,7 +123,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def sizes_of(args: argparse.Namespace) -> Sizes:
-    base = QUICK if args.quick else FULL
+    base = size_choice(args, SMOKE, QUICK, FULL)
     return Sizes(
         rate=args.rate or base.rate,
         concurrency=args.concurrency or base.concurrency,
@@ -308,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         outcome = asyncio.run(measure(targets, sizes, project.keys["admin"], payload))
     print_report(outcome, suite_label, bare_label, args)
     ok = errors_acceptable(outcome)
-    print_figures(BENCH, figures_of(outcome, suite_label, bare_label), quick=args.quick)
+    print_figures(BENCH, figures_of(outcome, suite_label, bare_label), quick=labelled_quick(args))
     return 0 if ok else 1
 
 

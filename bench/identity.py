@@ -8,7 +8,8 @@ Starts identity and ingest as subprocesses (`profiles serve`) on embedded Postgr
   which resolves them through identity): a "merge" template with 100 events (two sessions,
   custom events, attribute operations, consent changes, an installation update, a crash) and a
   small "stored" template;
-- 100,000 stored profiles (half identified, `user-<n>`) and N anonymous profiles to merge are
+- 100,000 stored profiles (half identified, `user-<n>`; --smoke: 1,000) and N anonymous
+  profiles to merge are
   bulk-loaded through SQL: profiles and installations as identity writes them, and every row the
   services wrote for the template (events, sessions, attributes, subscriptions, installation
   details) copied to each clone with its own profile and installation (bench.common
@@ -59,9 +60,11 @@ from bench.common import (
     alternate,
     clone_profile_rows,
     create_project,
+    labelled_quick,
     make_work_dir,
     print_figures,
     run_main,
+    size_choice,
     start_backends,
     start_service_process,
     suite_settings,
@@ -78,24 +81,25 @@ from profiles.ingest.v1 import ingest_service_pb2_grpc as ingest_grpc
 from shared.logging import configure_logging
 
 BENCH = "identity"
-STORED_PROFILES = 100_000
 MERGE_EVENTS = 100
 RESOLVE_BATCH = 500
-RESOLVE_BATCHES = 50
 ECHO_PAYLOAD = os.urandom(64)
 # Goals of the identity issue (Speed).
 IDENTIFY_P99_GOAL_MS = 20.0
 IDENTIFY_ECHO_RATIO_GOAL = 10.0
 RESOLVE_ECHO_RATIO_GOAL = 3.0
-# Tables identity writes itself (the profiles and installations rows are written below) or
-# whose rows belong to no template (the outbox is drained by the relays).
-NOT_CLONED = frozenset({"profiles", "installations", "outbox"})
+# Tables identity writes itself (the profiles and installations rows are written below), whose
+# rows belong to no template (the outbox is drained by the relays), or that triggers keep from
+# another table (profile_event_counts, from the events copied: 0008).
+NOT_CLONED = frozenset({"profiles", "installations", "outbox", "profile_event_counts"})
 
 IDENTIFY, RESOLVE, ECHO = "Identify", f"ResolveProfiles ({RESOLVE_BATCH})", "Echo"
 
 
 @dataclass(frozen=True, slots=True)
 class Sizes:
+    stored_profiles: int
+    resolve_batches: int  # distinct ResolveProfiles calls, RESOLVE_BATCH installations each
     stored_events: int  # events per stored profile (its template)
     rate: float  # calls per second, both sides of both phases
     concurrency: int
@@ -111,8 +115,16 @@ class Sizes:
 
 # The rate is well below what identity sustains for Identify here, so latencies are per-call
 # costs, not queueing; Echo and ResolveProfiles run at the same rate.
-QUICK = Sizes(stored_events=6, rate=40, concurrency=8, duration_s=5, rounds=3, warmup_s=1)
-FULL = Sizes(stored_events=20, rate=40, concurrency=8, duration_s=20, rounds=5, warmup_s=3)
+QUICK = Sizes(
+    100_000, 50, stored_events=6, rate=40, concurrency=8, duration_s=5, rounds=3, warmup_s=1
+)
+FULL = Sizes(
+    100_000, 50, stored_events=20, rate=40, concurrency=8, duration_s=20, rounds=5, warmup_s=3
+)
+# Only checks that the bench runs end to end (the tests run it).
+SMOKE = Sizes(
+    1_000, 2, stored_events=4, rate=20, concurrency=2, duration_s=0.5, rounds=1, warmup_s=0.2
+)
 
 
 # --- templates through the real path ---------------------------------------------------------
@@ -301,15 +313,16 @@ async def bulk_load(
     stored: Template,
     merge: Template,
     pairs: int,
+    stored_profiles: int,
 ) -> dict[str, dict[str, int]]:
     """The stored profiles (even numbers identified) and `pairs` anonymous profiles to merge."""
-    if pairs > STORED_PROFILES // 2:
+    if pairs > stored_profiles // 2:
         raise BenchError(f"{pairs} merges need more identified stored profiles")
     conn = await asyncpg.connect(database_url)
     try:
         stored_clones = [
             Clone(f"stored-{n:06d}", f"user-{n:06d}" if n % 2 == 0 else None)
-            for n in range(STORED_PROFILES)
+            for n in range(stored_profiles)
         ]
         merge_clones = [Clone(f"anon-{n:06d}", None) for n in range(pairs)]
         written = {
@@ -373,9 +386,11 @@ def echo_call(stub: diagnostics_grpc.DiagnosticsServiceStub) -> Call:
     return call
 
 
-def resolve_requests(seed: int) -> list[identity_pb.ResolveProfilesRequest]:
-    """RESOLVE_BATCHES batches of distinct stored installations (none of them merged)."""
-    numbers = random.Random(seed).sample(range(STORED_PROFILES), RESOLVE_BATCH * RESOLVE_BATCHES)
+def resolve_requests(seed: int, sizes: Sizes) -> list[identity_pb.ResolveProfilesRequest]:
+    """sizes.resolve_batches batches of distinct stored installations (none of them merged)."""
+    numbers = random.Random(seed).sample(
+        range(sizes.stored_profiles), RESOLVE_BATCH * sizes.resolve_batches
+    )
     return [
         identity_pb.ResolveProfilesRequest(
             keys=[
@@ -415,7 +430,7 @@ async def measure(
     processes = {IDENTIFY: identity, RESOLVE: identity, ECHO: identity}
     tally = IdentifyTally()
     merge_pairs = iter([(f"anon-{n:06d}", f"user-{2 * n:06d}") for n in range(pairs)])
-    requests = resolve_requests(seed=3)
+    requests = resolve_requests(3, sizes)
     async with open_channel(address, api_key) as channel:
         stub = identity_grpc.IdentityServiceStub(channel)
         echo = echo_call(diagnostics_grpc.DiagnosticsServiceStub(channel))
@@ -523,7 +538,7 @@ def goal_lines(outcome: Outcome, quick: bool) -> list[str]:
 
 def print_report(outcome: Outcome, sizes: Sizes, quick: bool) -> None:
     print(
-        f"\nidentity, {STORED_PROFILES:,} stored profiles; fixed rate {sizes.rate:g} calls/s,"
+        f"\nidentity, {sizes.stored_profiles:,} stored profiles; fixed rate {sizes.rate:g} calls/s,"
         f" concurrency {sizes.concurrency} (clients in flight at most, one channel, one client"
         f" process); {sizes.rounds} rounds of {sizes.duration_s:g} s per side, alternating with"
         " Echo on the same identity process, admin key on every call"
@@ -587,8 +602,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def sizes_of(args: argparse.Namespace) -> Sizes:
-    base = QUICK if args.quick else FULL
+    base = size_choice(args, SMOKE, QUICK, FULL)
     return Sizes(
+        stored_profiles=base.stored_profiles,
+        resolve_batches=base.resolve_batches,
         stored_events=base.stored_events,
         rate=args.rate or base.rate,
         concurrency=args.concurrency or base.concurrency,
@@ -640,7 +657,14 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()
         stored, merge = asyncio.run(make_templates(settings.addresses["ingest"], key, sizes))
         written = asyncio.run(
-            bulk_load(backends.database_url, project.project_id, stored, merge, pairs)
+            bulk_load(
+                backends.database_url,
+                project.project_id,
+                stored,
+                merge,
+                pairs,
+                sizes.stored_profiles,
+            )
         )
         print(f"loaded in {time.perf_counter() - started:.1f} s (templates through TrackEvents):")
         for part, tables in written.items():
@@ -652,10 +676,10 @@ def main(argv: list[str] | None = None) -> int:
         )
     if merge_problem:
         problems.append(merge_problem)
-    print_report(outcome, sizes, args.quick)
+    print_report(outcome, sizes, labelled_quick(args))
     for problem in problems:
         print(f"INVALID: {problem}")
-    print_figures(BENCH, figures_of(outcome), quick=args.quick)
+    print_figures(BENCH, figures_of(outcome), quick=labelled_quick(args))
     return 1 if problems else 0
 
 

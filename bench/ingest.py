@@ -50,10 +50,12 @@ from bench.common import (
     add_backend_arguments,
     create_project,
     free_port,
+    labelled_quick,
     make_work_dir,
     print_figures,
     run_main,
     service_settings,
+    size_choice,
     start_backends,
     start_service_process,
     wait_serving,
@@ -88,9 +90,12 @@ EVENT_COLUMNS = (
 class Sizes:
     clients: int
     duration_s: float
+    installations: int = INSTALLATIONS  # each sends one event in the warm-up
 
 
 QUICK = Sizes(clients=4, duration_s=15.0)
+# Only checks that the bench runs end to end (the tests run it).
+SMOKE = Sizes(clients=2, duration_s=1.0, installations=BATCH_SIZE)
 SOAK_MINUTES = 15.0
 SOAK_WARMUP_MINUTES = 2.0
 SOAK_SAMPLE_S = 30.0
@@ -100,12 +105,12 @@ FULL = Sizes(clients=4, duration_s=60.0)
 class Traffic:
     """Realistic batches: a mix of payload kinds over many installations, unique event IDs."""
 
-    def __init__(self, seed: int) -> None:
+    def __init__(self, seed: int, installations: int = INSTALLATIONS) -> None:
         self._rng = random.Random(seed)
         self._installations = [
             (f"bench-{i:05d}", (types_pb2.PLATFORM_IOS, types_pb2.PLATFORM_ANDROID,
                                 types_pb2.PLATFORM_WEB)[i % 3])
-            for i in range(INSTALLATIONS)
+            for i in range(installations)
         ]  # fmt: skip
         self._sequence = 0
 
@@ -374,13 +379,17 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging("warning")
     if args.soak:
         return soak_main(args)
-    base = QUICK if args.quick else FULL
-    sizes = Sizes(args.clients or base.clients, args.duration or base.duration_s)
+    base = size_choice(args, SMOKE, QUICK, FULL)
+    sizes = Sizes(
+        args.clients or base.clients, args.duration or base.duration_s, base.installations
+    )
     with contextlib.ExitStack() as stack:
         address, key, database_url, ingest, _ = start_suite(stack, args)
         print(f"{sizes.clients} clients x batches of {BATCH_SIZE} for {sizes.duration_s:.0f} s")
         cpu_before = ingest.cpu_seconds()
-        outcome = asyncio.run(run_load(address, key, sizes, Traffic(seed=1)))
+        outcome = asyncio.run(
+            run_load(address, key, sizes, Traffic(seed=1, installations=sizes.installations))
+        )
         ingest.check_alive()
         # Includes the warm-up batches: CPU per event is what contention on this shared
         # machine disturbs least.
@@ -395,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
         f" {len(outcome.latencies_s)} batches, p50 {latency.p50_ms:.1f} ms,"
         f" p99 {latency.p99_ms:.1f} ms; rejected {outcome.rejected}; errors {outcome.errors}"
     )
-    cpu_us_per_event = ingest_cpu_s * 1e6 / max(1, outcome.accepted + INSTALLATIONS)
+    cpu_us_per_event = ingest_cpu_s * 1e6 / max(1, outcome.accepted + sizes.installations)
     print(f"ingest CPU: {ingest_cpu_s:.1f} s = {cpu_us_per_event:.0f} us per event")
     print(f"raw COPY: {copied} rows at {copy_rate:.0f} rows/s (one connection, 500 per COPY)")
     print(f"ratio: {rate / copy_rate:.3f}")
@@ -407,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
             Figure("trackevents_batch_p99_ms", latency.p99_ms, "ms", "none", float("nan")),
             Figure("ingest_cpu_us_per_event", cpu_us_per_event, "us", "none", float("nan")),
         ],
-        quick=args.quick,
+        quick=labelled_quick(args),
     )
     if outcome.errors or outcome.rejected:
         return 1

@@ -51,10 +51,12 @@ from bench.common import (
     add_backend_arguments,
     alternate,
     create_project,
+    labelled_quick,
     make_work_dir,
     print_figures,
     run_main,
     service_settings,
+    size_choice,
     start_backends,
     start_service_process,
     wait_serving,
@@ -92,6 +94,8 @@ class Sizes:
 
 QUICK = Sizes(10_000, 200_000, 100_000, 20_000, 500, 16, 4.0, 2, 1.0)
 FULL = Sizes(100_000, 2_000_000, 1_000_000, 200_000, 1000, 16, 10.0, 3, 3.0)
+# Only checks that the bench runs end to end (the tests run it).
+SMOKE = Sizes(200, 2_000, 1_000, 500, 50, 2, 0.3, 1, 0.1)
 
 # --- bulk load -------------------------------------------------------------------------------
 # Profile n (1-based) has ID profile_uuid(n), installation "inst-n" on platform 1 + n % 3, one
@@ -267,7 +271,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def sizes_of(args: argparse.Namespace) -> Sizes:
-    base = QUICK if args.quick else FULL
+    base = size_choice(args, SMOKE, QUICK, FULL)
     return Sizes(
         base.profiles,
         base.events,
@@ -507,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
                 for label in ("getprofile", "listevents")
             ),
         ],
-        quick=args.quick,
+        quick=labelled_quick(args),
     )
     return 0
 

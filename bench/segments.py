@@ -71,9 +71,11 @@ from bench.common import (
     clone_profile_rows,
     create_project,
     drive,
+    labelled_quick,
     make_work_dir,
     print_figures,
     run_main,
+    size_choice,
     start_backends,
     start_service_process,
     suite_settings,
@@ -127,6 +129,8 @@ class Sizes:
 
 QUICK = Sizes(profiles=(20_000, 100_000), templates=500, repeats=5, sessions=50, rounds=5)
 FULL = Sizes(profiles=(100_000, 1_000_000), templates=2_000, repeats=7, sessions=200, rounds=10)
+# Only checks that the bench runs end to end (the tests run it).
+SMOKE = Sizes(profiles=(200, 400), templates=20, repeats=1, sessions=2, rounds=1)
 
 
 # --- templates, stored by segments' own code ------------------------------------------------
@@ -146,6 +150,7 @@ def _sessions(
             start_time=now - timedelta(days=age),
             start_known=True,
             duration=timedelta(seconds=rng.randint(5, 1200)),
+            ended=True,
         )
         for number, age in enumerate(sorted(ages[:count], reverse=True))
     ]
@@ -842,7 +847,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def sizes_of(args: argparse.Namespace) -> Sizes:
-    base = QUICK if args.quick else FULL
+    base = size_choice(args, SMOKE, QUICK, FULL)
     profiles = base.profiles
     if args.sizes:
         small, large = (int(v) for v in args.sizes.split(","))
@@ -878,7 +883,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         # Reported at once: a service failing to start later must not lose these figures.
         print_load(load, sizes)
-        print_distribution(load, args.quick)
+        print_distribution(load, labelled_quick(args))
         settings = suite_settings(backends, names, work_dir, log_level=args.log_level)
         processes = {n: start_service_process(stack, n, settings, work_dir) for n in names}
         addresses = {n: settings.addresses[n] for n in names}
@@ -892,16 +897,16 @@ def main(argv: list[str] | None = None) -> int:
                 sizes.repeats,
             )
         )
-        print_custom_segment(size, sizes.profiles[-1], args.quick)
+        print_custom_segment(size, sizes.profiles[-1], labelled_quick(args))
         lag = asyncio.run(
             measure_lag(addresses, project.keys["admin"], sizes, processes["segments"])
         )
-    print_lag(lag, sizes, args.quick)
+    print_lag(lag, sizes, labelled_quick(args))
     print()
     ok = not lag.echo.error_count
     if not ok:
         print(f"INVALID: Echo errors {dict(lag.echo.errors)}")
-    print_figures(BENCH, figures_of(load, size, lag), quick=args.quick)
+    print_figures(BENCH, figures_of(load, size, lag), quick=labelled_quick(args))
     return 0 if ok else 1
 
 

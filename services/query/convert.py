@@ -501,8 +501,6 @@ def profile_to_proto(view: ProfileView) -> profile_pb2.Profile:
         )
         custom.value.CopyFrom(attribute_value(attribute.value))
         set_time(custom.update_time, attribute.update_time)
-    # Custom segment memberships and funnel progress are the segments service's unfinished
-    # work (no read contract for them yet): left empty.
     if view.engagement is not None:
         engagement = view.engagement
         message.engagement.score1 = engagement.score1
@@ -524,8 +522,7 @@ def profile_to_proto(view: ProfileView) -> profile_pb2.Profile:
     message.counters.session_count = counters.session_count
     message.counters.crash_count = counters.crash_count
     set_duration_ms(message.counters.total_time_spent, counters.total_time_ms)
-    average = counters.total_time_ms // counters.session_count if counters.session_count else 0
-    set_duration_ms(message.counters.average_session_duration, average)
+    set_duration_ms(message.counters.average_session_duration, counters.average_session_ms)
     if counters.last_crash is not None:
         message.counters.last_crash.CopyFrom(crash_to_proto(counters.last_crash))
     message.identity_changes.extend(identity_change_to_proto(c) for c in view.identity_changes)

@@ -24,6 +24,9 @@ class ProfileNotFound(NotFound):
 
 
 class SegmentNotFound(NotFound):
+    """No such custom segment in the caller's project (never created, deleted, or another
+    project's)."""
+
     reason = "SEGMENT_NOT_FOUND"
 
 

@@ -183,6 +183,12 @@ SELECT_SMART_SEGMENT = """
 # time alone makes) and profile_funnel_progress() (computed from events as of $3). $1 project,
 # $2 the looked-up value, $3 now (engagement's window end, funnels' as-of). No row: nothing
 # found by the lookup; a row with a NULL profile_id: ambiguous, or found but not live.
+# Two averages of session length, on purpose over two windows: session_totals' third column
+# is the all-time average over ingest's closed sessions (ended, or closed by the idle sweep;
+# Counters.average_session_duration), engagement's the average over segments' ended sessions
+# started in the 168 hours up to $3 (score1, segments' rule, 0010); an open session's length
+# is not known yet, so neither counts it. Sessions that all ended inside the window give both
+# the same value.
 # Nothing here grows with the profile's events: their totals come from profile_event_counts
 # (0008), first and last seen are each one end of events_by_profile_time, the last crash the
 # top of events_crashes_by_profile.
@@ -219,7 +225,9 @@ PROFILE_VIEW = """
                FROM profile_subscriptions b
                WHERE b.project_id = $1 AND b.profile_id = p.profile_id) AS subscriptions,
            (SELECT ROW(count(*),
-                       coalesce(sum(extract(epoch FROM x.duration) * 1000), 0)::bigint)
+                       coalesce(sum(extract(epoch FROM x.duration) * 1000), 0)::bigint,
+                       coalesce(avg(extract(epoch FROM x.duration) * 1000)
+                                    FILTER (WHERE x.closed), 0)::bigint)
             FROM sessions x
             WHERE x.project_id = $1 AND x.profile_id = p.profile_id) AS session_totals,
            CASE WHEN s.crash_count > 0 THEN (
@@ -247,7 +255,7 @@ PROFILE_VIEW = """
                LIMIT $4) AS identity_changes,
            g.segment, g.flag, g.next_transition_time, g.upcoming_times, g.upcoming_segments,
            g.upcoming_flags,
-           (SELECT ROW(count(*), coalesce(avg(x.duration_ms), 0)::float8,
+           (SELECT ROW(count(*), coalesce(avg(x.duration_ms) FILTER (WHERE x.ended), 0)::float8,
                        count(DISTINCT (x.start_time AT TIME ZONE coalesce(
                            (SELECT sp.time_zone FROM segment_profiles sp
                             WHERE sp.project_id = $1 AND sp.profile_id = p.profile_id),
@@ -508,7 +516,10 @@ SELECT_REJECTED_PAGE = """
 # UNION ALL, read only when the first ends short ($8: the position is already among them, $11
 # the profile_id after which they continue). The smart segment comes from segments' stored state
 # as of $2 (as in SELECT_PROFILE_VIEW). Filters not asked for are constants (0, ''), so one
-# statement per sort order serves every combination.
+# statement per sort order serves every combination; the custom segment filter ($13) has
+# statements of its own (PROFILE_ROWS_IN_SEGMENT), so that the planner sees a plain semi-join
+# on segments' custom_segment_members (0005) and may drive a small segment from its members
+# instead of walking the sort index past non-members.
 PROFILE_ROWS_FROM = """
     SELECT q.profile_id, coalesce(q.custom_id, '') AS custom_id,
            coalesce(q.first_name, '') AS first_name, coalesce(q.last_name, '') AS last_name,
@@ -539,7 +550,13 @@ PROFILE_ROWS_FROM = """
       AND ($4::int = 0 OR $4::smallint = ANY(q.platforms))
       AND ($5::text = '' OR q.country = $5)
       AND ($6::int = 0 OR coalesce(sg.segment, 0) = $6)
-      AND ($7::int = 0 OR coalesce(sg.flag, 0) = $7)"""
+      AND ($7::int = 0 OR coalesce(sg.flag, 0) = $7){members}"""
+
+# The members of custom segment $13 as segments stored them (rows naming a merged-away or
+# erased profile drop out here: query_profiles holds live profiles only).
+PROFILE_ROWS_IN_SEGMENT = """
+      AND q.profile_id IN (SELECT m.profile_id FROM custom_segment_members m
+                           WHERE m.project_id = $1 AND m.segment_id = $13::uuid)"""
 
 PROFILE_ROWS_PAGE = f"""
     (SELECT * FROM ({PROFILE_ROWS_FROM}
@@ -561,15 +578,20 @@ PROFILE_SORT_COLUMNS = {
     3: ("time_spent_ms", "bigint"),
 }
 SELECT_PROFILE_ROWS_PAGE = {
-    (order_by, ascending): PROFILE_ROWS_PAGE.format(
+    (order_by, ascending, in_segment): PROFILE_ROWS_PAGE.format(
         column=column,
         type=type_name,
         compare=">" if ascending else "<",
         direction="ASC" if ascending else "DESC",
+        members=PROFILE_ROWS_IN_SEGMENT if in_segment else "",
     )
     for order_by, (column, type_name) in PROFILE_SORT_COLUMNS.items()
     for ascending in (True, False)
+    for in_segment in (True, False)
 }
+
+SELECT_SEGMENT_EXISTS = """
+    SELECT 1 FROM custom_segments WHERE project_id = $1 AND segment_id = $2"""
 
 # -- the rollups (query's projection, 0006) ---------------------------------------------------
 
@@ -594,6 +616,8 @@ SELECT_OVERVIEW = f"""
 # The facts of live profiles, recounted from identity's and ingest's tables (read contracts of
 # 0002 and 0004); each lateral read is one profile's rows by its index. {where} narrows it to
 # the profiles a message touched, or to nothing more for a rebuild of the whole project.
+# Imported installations folded into an SDK installation are left out, as in
+# INSTALLATION_FACTS below: they give a profile no platform, token or device.
 PROFILE_FACTS = """
     SELECT p.profile_id, p.custom_id IS NOT NULL AS identified, p.custom_id,
            coalesce(a.has_email, false) AS has_email,
@@ -635,6 +659,7 @@ PROFILE_FACTS = """
         JOIN installation_details d
             ON d.project_id = i.project_id AND d.installation_id = i.installation_id
         WHERE i.project_id = p.project_id AND i.profile_id = p.profile_id
+          AND d.reintegrated_into IS NULL
     ) inst ON true
     LEFT JOIN LATERAL (
         SELECT array_agg(s.channel || ':' || s.kind ORDER BY s.channel, s.kind) AS subscribed
@@ -702,7 +727,10 @@ REBUILD_PROFILES = f"""
     INSERT INTO query_profiles (project_id, profile_id, {PROFILE_FACT_COLUMNS}, update_time)
     SELECT $1, f.*, $2 FROM ({PROFILE_FACTS.format(where="")}) f"""
 
-# An installation known to identity but never seen by ingest has no details: platform 0.
+# An installation known to identity but never seen by ingest has no details: platform 0. An
+# imported installation folded into the SDK installation that sent its token
+# (reintegrated_into) is history, not an installation: it has no facts, so a recount deletes
+# its row and takes it out of the counters, and the device counts once, as itself.
 INSTALLATION_FACTS = """
     SELECT i.installation_id, coalesce(d.platform, 0)::smallint AS platform, d.app_version,
            coalesce(d.uninstalled, false) AS uninstalled,
@@ -712,7 +740,7 @@ INSTALLATION_FACTS = """
     FROM installations i
     LEFT JOIN installation_details d
         ON d.project_id = i.project_id AND d.installation_id = i.installation_id
-    WHERE i.project_id = $1 {where}"""
+    WHERE i.project_id = $1 AND d.reintegrated_into IS NULL {where}"""
 
 INSTALLATION_FACT_COLUMNS = "platform, app_version, uninstalled, has_token, push_opt_in, imported"
 
@@ -1073,7 +1101,7 @@ class QueryReads:
         engagement_inputs = r["engagement"] or (0, 0.0, 0)
         if r["profile_id"] is None:
             return ProfileRead(holders, r["resolved_from"], None, engagement_inputs)
-        session_count, total_time_ms = r["session_totals"]
+        session_count, total_time_ms, average_session_ms = r["session_totals"]
         crash = r["last_crash"]
         view = ProfileView(
             profile_id=r["profile_id"],
@@ -1090,6 +1118,7 @@ class QueryReads:
                 crash_count=r["crash_count"],
                 session_count=session_count,
                 total_time_ms=total_time_ms,
+                average_session_ms=average_session_ms,
                 last_crash=None if crash is None else CrashView(*crash),
             ),
             identity_changes=tuple(_change(c) for c in r["identity_changes"]),
@@ -1347,6 +1376,10 @@ class QueryReads:
 
     # -- the users table
 
+    async def segment_exists(self, project_id: UUID, segment_id: UUID) -> bool:
+        """Whether the project has this custom segment (segments' custom_segments, 0005)."""
+        return await self._conn.fetchval(SELECT_SEGMENT_EXISTS, project_id, segment_id) is not None
+
     async def profile_rows_page(
         self,
         project_id: UUID,
@@ -1361,9 +1394,11 @@ class QueryReads:
         ascending: bool,
         after: tuple[int | datetime | None, UUID] | None,
         limit: int,
+        segment_id: UUID | None = None,
     ) -> list[tuple[int | datetime | None, ProfileRowView]]:
         """A page of the users table after `after` (sort value, None for a profile never seen;
-        profile ID), or from the start; each row with its sort value."""
+        profile ID), or from the start; each row with its sort value. With `segment_id`, only
+        the members of that custom segment."""
         column_type = PROFILE_SORT_COLUMNS[order_by][1]
         in_unseen = after is not None and after[0] is None
         start: tuple[int | datetime | None, UUID]
@@ -1377,8 +1412,9 @@ class QueryReads:
         else:
             start = after
         unseen_after = after[1] if after is not None and in_unseen else NIL_UUID
+        in_segment = () if segment_id is None else (segment_id,)
         rows = await self._conn.fetch(
-            SELECT_PROFILE_ROWS_PAGE[(order_by, ascending)],
+            SELECT_PROFILE_ROWS_PAGE[(order_by, ascending, bool(in_segment))],
             project_id,
             now,
             identity_filter,
@@ -1391,6 +1427,7 @@ class QueryReads:
             start[1],
             unseen_after,
             limit,
+            *in_segment,
         )
         return [
             (

@@ -395,15 +395,11 @@ class QueryService:
     async def list_profiles(self, project_id: UUID, query: ProfilesQuery) -> Page[ProfileRowView]:
         """A page of the users table, read from query's projection (it lags writes by the bus
         lag). Keyset on (sort value, profile ID), profiles never seen last: a profile is never
-        repeated, though one whose sort value changes meanwhile may be skipped. Raises
+        repeated, though one whose sort value changes meanwhile may be skipped. With a segment,
+        only its members as segments stored them (custom_segment_members: current after the
+        last event segments handled, time-driven changes at most one sweep behind). Raises
         PageTokenInvalid, SegmentNotFound."""
         size = paging.page_size(query.page_size)
-        if query.segment_id is not None:
-            # Custom segments are the segments service's unfinished work: no definitions table
-            # exists to read yet, so every segment ID is unknown.
-            raise SegmentNotFound(
-                "no such custom segment in this project", metadata={"field": "segment_id"}
-            )
         bound_to = paging.fingerprint(
             # Tokens of the direct-SQL users table (sort keys negated) are not valid here.
             "profiles-projection",
@@ -415,6 +411,7 @@ class QueryService:
             query.country,
             query.order_by,
             query.ascending,
+            query.segment_id,
         )
         after: tuple[int | datetime | None, UUID] | None = None
         if query.page_token:
@@ -425,6 +422,12 @@ class QueryService:
                 value = from_micros(int(key)) if query.order_by == 1 else int(key)
             after = (value, UUID(str(position["p"])))
         async with self._repository.reads() as reads:
+            if query.segment_id is not None and not await reads.segment_exists(
+                project_id, query.segment_id
+            ):
+                raise SegmentNotFound(
+                    "no such custom segment in this project", metadata={"field": "segment_id"}
+                )
             rows = await reads.profile_rows_page(
                 project_id,
                 now=self._clock.now(),
@@ -437,6 +440,7 @@ class QueryService:
                 ascending=query.ascending,
                 after=after,
                 limit=size + 1,
+                segment_id=query.segment_id,
             )
         token = ""
         if len(rows) > size:

@@ -93,6 +93,8 @@ class CountersView:
     crash_count: int
     session_count: int
     total_time_ms: int
+    # Over the closed sessions only (ended, or closed by ingest's idle sweep), all time.
+    average_session_ms: int
     last_crash: CrashView | None
 
 

@@ -62,7 +62,10 @@ def session_update(event: bus_pb2.IngestedEvent) -> SessionUpdate | None:
     duration = max(event.session.duration.ToTimedelta(), timedelta())
     if event.kind == types_pb2.EVENT_KIND_SESSION_START:
         return SessionUpdate(session_key(event), event.platform, event_time, True, timedelta())
-    return SessionUpdate(session_key(event), event.platform, event_time - duration, False, duration)
+    ended = event.kind == types_pb2.EVENT_KIND_SESSION_END  # ingest's idle sweep sends one too
+    return SessionUpdate(
+        session_key(event), event.platform, event_time - duration, False, duration, ended
+    )
 
 
 def time_zone_update(event: bus_pb2.IngestedEvent) -> TimeZoneUpdate | None:

@@ -190,10 +190,12 @@ def _smart_segment(node: SmartSegmentTest, b: SqlBuilder) -> str:
     return "(" + " AND ".join(parts) + ")"
 
 
-# Countly's score over sessions started in the 168 h up to $2, days in the profile's zone
-# (model.engagement is the same rule in Python); 0 with no session.
+# Countly's score over sessions started in the 168 h up to $2, days in the profile's zone, the
+# average duration over the ended ones (model.engagement is the same rule in Python); 0 with
+# no session.
 ENGAGEMENT_SQL = (
-    "coalesce((SELECT least(avg(ss.duration_ms) / 60000.0, 2) * least(count(*), 20)"
+    "coalesce((SELECT least(coalesce(avg(ss.duration_ms) FILTER (WHERE ss.ended), 0)"
+    " / 60000.0, 2) * least(count(*), 20)"
     " * least(count(DISTINCT (ss.start_time AT TIME ZONE coalesce((SELECT sp.time_zone"
     " FROM segment_profiles sp WHERE sp.project_id = $1 AND sp.profile_id = p.profile_id),"
     " 'UTC'))::date), 7) FROM segment_sessions ss WHERE ss.project_id = $1"

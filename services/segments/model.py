@@ -18,8 +18,9 @@ Rules (each threshold a per-project setting, defaults in brackets):
 - Dormant: not New nor One-time, and fewer active days than that. Flag Promising Dormant: at
   least one active day in the window and exactly one short of Engaged.
 - Engagement (Countly): over sessions started in the rolling 168 h up to now, score1 = average
-  duration in minutes capped at 2, score2 = count capped at 20, score3 = distinct calendar days
-  capped at 7; score = score1 x score2 x score3 out of 280.
+  duration in minutes of the ended ones (an open session's length is not known yet) capped at
+  2, score2 = count capped at 20, score3 = distinct calendar days capped at 7; score = score1 x
+  score2 x score3 out of 280.
 """
 
 from __future__ import annotations
@@ -116,6 +117,9 @@ class Session:
     start_time: datetime
     duration: timedelta
     platform: int
+    # Whether its end was seen (the SDK's, or the idle sweep's): only ended sessions have a
+    # known length, so only they make the engagement's average duration.
+    ended: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,12 +195,14 @@ class Engagement:
 
 
 def engagement(history: History, now: datetime) -> Engagement:
-    """Countly's engagement score over the sessions started in [now - 168 h, now]."""
+    """Countly's engagement score over the sessions started in [now - 168 h, now]; the
+    average duration is over the ended ones among them."""
     start = now - ENGAGEMENT_WINDOW
     zone = zone_of(history.time_zone)
     sessions = [s for s in history.recent_sessions if start <= s.start_time <= now]
     count = len(sessions)
-    average = sum((s.duration for s in sessions), timedelta()) / count if count else timedelta()
+    ended = [s.duration for s in sessions if s.ended]
+    average = sum(ended, timedelta()) / len(ended) if ended else timedelta()
     days = {local_day(s.start_time, zone) for s in sessions}
     return Engagement(
         window_start_time=start,
@@ -435,13 +441,15 @@ def reclassification(
 @dataclass(frozen=True, slots=True)
 class SessionUpdate:
     """What a batch of events says about one session: its start when a start event was seen
-    (else a guess: the event time minus the duration), and the longest duration reported."""
+    (else a guess: the event time minus the duration), the longest duration reported, and
+    whether an end was seen."""
 
     session_key: str
     platform: int
     start_time: datetime
     start_known: bool
     duration: timedelta
+    ended: bool = False
 
     def combined(self, other: SessionUpdate) -> SessionUpdate:
         """Both updates as one; order-free, so replays and reordering give the same result."""
@@ -456,6 +464,7 @@ class SessionUpdate:
             start,
             known,
             max(self.duration, other.duration),
+            self.ended or other.ended,
         )
 
 

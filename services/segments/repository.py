@@ -95,30 +95,35 @@ UPDATE_TIME_ZONE = """
       AND (time_zone_time IS NULL OR time_zone_time <= $4)"""
 
 # One row per session key, so replays and redeliveries update instead of adding: a known start
-# beats a guessed one, otherwise the earliest start and the longest duration win. The caller
-# folds a batch to one row per key first (ON CONFLICT may touch a row only once per statement).
+# beats a guessed one, otherwise the earliest start and the longest duration win; once an end
+# was seen the session stays ended (0010). The caller folds a batch to one row per key first
+# (ON CONFLICT may touch a row only once per statement).
 UPSERT_SESSIONS = """
     INSERT INTO segment_sessions AS s
-        (project_id, profile_id, session_key, platform, start_time, start_known, duration_ms)
+        (project_id, profile_id, session_key, platform, start_time, start_known, duration_ms,
+         ended)
     SELECT $1, $2, e.*
-    FROM unnest($3::text[], $4::smallint[], $5::timestamptz[], $6::boolean[], $7::bigint[]) AS e
+    FROM unnest($3::text[], $4::smallint[], $5::timestamptz[], $6::boolean[], $7::bigint[],
+                $8::boolean[]) AS e
     ON CONFLICT (project_id, profile_id, session_key) DO UPDATE SET
         start_time = CASE
             WHEN s.start_known AND NOT EXCLUDED.start_known THEN s.start_time
             WHEN EXCLUDED.start_known AND NOT s.start_known THEN EXCLUDED.start_time
             ELSE least(s.start_time, EXCLUDED.start_time) END,
         start_known = s.start_known OR EXCLUDED.start_known,
-        duration_ms = greatest(s.duration_ms, EXCLUDED.duration_ms)"""
+        duration_ms = greatest(s.duration_ms, EXCLUDED.duration_ms),
+        ended = s.ended OR EXCLUDED.ended"""
 
 # A merge moves the source's sessions to the survivor in one statement; a session both have
 # (never expected: session keys include the installation) is combined like a redelivery.
 MOVE_SESSIONS = """
     WITH moved AS (
         DELETE FROM segment_sessions WHERE project_id = $1 AND profile_id = ANY($2::uuid[])
-        RETURNING session_key, platform, start_time, start_known, duration_ms
+        RETURNING session_key, platform, start_time, start_known, duration_ms, ended
     )
     INSERT INTO segment_sessions AS s
-        (project_id, profile_id, session_key, platform, start_time, start_known, duration_ms)
+        (project_id, profile_id, session_key, platform, start_time, start_known, duration_ms,
+         ended)
     SELECT DISTINCT ON (session_key) $1, $3::uuid, m.*
     FROM moved m ORDER BY session_key, start_known DESC, duration_ms DESC
     ON CONFLICT (project_id, profile_id, session_key) DO UPDATE SET
@@ -127,7 +132,8 @@ MOVE_SESSIONS = """
             WHEN EXCLUDED.start_known AND NOT s.start_known THEN EXCLUDED.start_time
             ELSE least(s.start_time, EXCLUDED.start_time) END,
         start_known = s.start_known OR EXCLUDED.start_known,
-        duration_ms = greatest(s.duration_ms, EXCLUDED.duration_ms)"""
+        duration_ms = greatest(s.duration_ms, EXCLUDED.duration_ms),
+        ended = s.ended OR EXCLUDED.ended"""
 
 # Marks merged-away profiles (and tombstones that pointed at them) as pointing at the survivor,
 # so chains resolve in one hop; their own time zone is dropped (the survivor's counts).
@@ -159,7 +165,7 @@ SELECT_AGGREGATES = """
 
 # Only the sessions the windows need (segment_sessions_by_start), however long the history.
 SELECT_RECENT_SESSIONS = """
-    SELECT platform, start_time, duration_ms
+    SELECT platform, start_time, duration_ms, ended
     FROM segment_sessions
     WHERE project_id = $1 AND profile_id = $2 AND start_time >= $3
     ORDER BY start_time"""
@@ -174,7 +180,7 @@ SELECT_AGGREGATES_MANY = """
     JOIN segment_sessions s ON s.project_id = $1 AND s.profile_id = z.profile_id
     GROUP BY GROUPING SETS ((s.profile_id, s.platform), (s.profile_id))"""
 SELECT_RECENT_SESSIONS_MANY = """
-    SELECT profile_id, platform, start_time, duration_ms
+    SELECT profile_id, platform, start_time, duration_ms, ended
     FROM segment_sessions
     WHERE project_id = $1 AND profile_id = ANY($2::uuid[]) AND start_time >= $3
     ORDER BY profile_id, start_time"""
@@ -291,6 +297,12 @@ def _stored(row: asyncpg.Record) -> StoredState:
     )
 
 
+def _session(r: asyncpg.Record) -> Session:
+    return Session(
+        r["start_time"], timedelta(milliseconds=r["duration_ms"]), r["platform"], r["ended"]
+    )
+
+
 def _history(row: asyncpg.Record, recent: Sequence[Session], zone: str) -> dict[int, History]:
     """One aggregate row (a platform, or all: platform NULL) as the History of that platform."""
     platform = ALL_PLATFORMS if row["platform"] is None else row["platform"]
@@ -391,6 +403,15 @@ class SegmentsTransaction:
     def __init__(self, conn: asyncpg.Connection) -> None:
         self._conn = conn
 
+    async def record_thresholds(
+        self, project_id: UUID, thresholds: Thresholds, now: datetime
+    ) -> None:
+        """Records, in this transaction, that every stored state of the project follows
+        `thresholds`."""
+        await self._conn.execute(
+            UPSERT_THRESHOLDS_APPLIED, project_id, thresholds.to_settings(), now
+        )
+
     async def lock_profiles(
         self, project_id: UUID, profile_ids: Sequence[UUID]
     ) -> dict[UUID, ProfileRow]:
@@ -448,6 +469,7 @@ class SegmentsTransaction:
             [s.start_time for s in sessions],
             [s.start_known for s in sessions],
             [s.duration // timedelta(milliseconds=1) for s in sessions],
+            [s.ended for s in sessions],
         )
 
     async def move_sessions(
@@ -481,7 +503,7 @@ class SegmentsTransaction:
         zone = zone_of(time_zone).key
         aggregates = await self._conn.fetch(SELECT_AGGREGATES, project_id, profile_id, zone)
         recent = [
-            Session(r["start_time"], timedelta(milliseconds=r["duration_ms"]), r["platform"])
+            _session(r)
             for r in await self._conn.fetch(
                 SELECT_RECENT_SESSIONS, project_id, profile_id, recent_since
             )
@@ -502,9 +524,7 @@ class SegmentsTransaction:
         )
         recent: dict[UUID, list[Session]] = {}
         for r in await self._conn.fetch(SELECT_RECENT_SESSIONS_MANY, project_id, ids, recent_since):
-            recent.setdefault(r["profile_id"], []).append(
-                Session(r["start_time"], timedelta(milliseconds=r["duration_ms"]), r["platform"])
-            )
+            recent.setdefault(r["profile_id"], []).append(_session(r))
         histories = {p: {ALL_PLATFORMS: History.empty(zones[p])} for p in ids}
         for row in aggregates:
             profile_id = row["profile_id"]

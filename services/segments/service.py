@@ -520,20 +520,28 @@ class SegmentsService:
         run.update(self._clock.now(), RecomputePhase.AGGREGATES, total, total)
         run.update(self._clock.now(), RecomputePhase.SMART_SEGMENTS, 0, total)
         done = 0
-        after = UUID(int=0)
-        while True:
-            batch = await definitions.live_segment_profiles(project_id, after, RECOMPUTE_BATCH)
+        batch = await definitions.live_segment_profiles(project_id, UUID(int=0), RECOMPUTE_BATCH)
+        if not batch:
+            await self._repository.record_thresholds(project_id, thresholds, self._clock.now())
+        while batch:
+            # The next batch is read before this one is written, so that the last write knows
+            # it is the last: it records the thresholds in its own transaction. Whoever sees
+            # every stored state recomputed (the distribution, a custom segment reading smart
+            # segments) then sees the record too, and a run that fails before its last batch
+            # records nothing, so the next check starts another.
+            following: list[UUID] = []
+            if len(batch) == RECOMPUTE_BATCH:
+                following = await definitions.live_segment_profiles(
+                    project_id, batch[-1], RECOMPUTE_BATCH
+                )
 
-            async def work(batch: list[UUID] = batch) -> set[UUID]:
-                return await self._recompute_batch(project_id, batch, thresholds)
+            async def work(batch: list[UUID] = batch, last: bool = not following) -> set[UUID]:
+                return await self._recompute_batch(project_id, batch, thresholds, record=last)
 
-            if batch:
-                run.changed.update(await self._retrying(work))
+            run.changed.update(await self._retrying(work))
             done += len(batch)
             run.update(self._clock.now(), RecomputePhase.SMART_SEGMENTS, min(done, total), total)
-            if len(batch) < RECOMPUTE_BATCH:
-                break
-            after = batch[-1]
+            batch = following
         live = await definitions.count_live_profiles(project_id)
         run.update(self._clock.now(), RecomputePhase.CUSTOM_SEGMENTS, 0, live)
 
@@ -543,23 +551,32 @@ class SegmentsService:
                 self._clock.now(), RecomputePhase.CUSTOM_SEGMENTS, live * index // count, live
             )
 
+        # Custom segments reading smart segments follow the states here (and, should the run
+        # stop before, at their next sweep evaluation: such filters depend on time).
         await self._definitions.evaluate_project(project_id, ChangeCause.RECOMPUTE, segment_done)
         run.update(self._clock.now(), RecomputePhase.CUSTOM_SEGMENTS, live, live)
-        # Every stored state now follows these thresholds (apply_threshold_changes compares).
-        await self._repository.record_thresholds(project_id, thresholds, self._clock.now())
         # Funnel progress is computed from events at read time; nothing is stored to redo.
         run.update(self._clock.now(), RecomputePhase.FUNNELS, live, live)
         run.update(self._clock.now(), RecomputePhase.DONE, live, live)
         log.info("recompute_done", recompute_id=str(run.recompute_id), changed=len(run.changed))
 
     async def _recompute_batch(
-        self, project_id: UUID, profile_ids: Sequence[UUID], thresholds: Thresholds
+        self,
+        project_id: UUID,
+        profile_ids: Sequence[UUID],
+        thresholds: Thresholds,
+        *,
+        record: bool = False,
     ) -> set[UUID]:
         """Reclassifies a batch of profiles in one transaction (the rule of _reclassify, with a
         few statements for the whole batch instead of several per profile: about 1 ms per
-        profile one by one); returns those whose all-platform classification changed."""
+        profile one by one); returns those whose all-platform classification changed. With
+        `record`, the same transaction records that every stored state of the project now
+        follows `thresholds` (apply_threshold_changes compares)."""
         now = self._clock.now()
         async with self._repository.transaction() as tx:
+            if record:
+                await tx.record_thresholds(project_id, thresholds, now)
             rows = await tx.lock_profiles(project_id, profile_ids)
             live = {
                 p: r.time_zone

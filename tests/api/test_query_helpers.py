@@ -130,6 +130,7 @@ async def start_suite(
     *,
     clock: FrozenClock | None = None,
     query_settings: Any = None,
+    ingest_build: Any = None,
 ) -> Suite:
     clock = clock or FrozenClock(NOW)
     # Every service on the same settings: an outbox relay publishes whatever rows it finds, so a
@@ -138,7 +139,7 @@ async def start_suite(
     settings = settings_for_test.with_changes(
         addresses={**settings_for_test.addresses, "identity": handles["identity"].address}
     )
-    ingest = await start_services("ingest", settings=settings, clock=clock)
+    ingest = await start_services("ingest", settings=settings, clock=clock, build=ingest_build)
     query = await start_services("query", settings=query_settings or settings, clock=clock)
     return Suite(
         query=pb_grpc.QueryServiceStub(query["query"].channel),
@@ -244,7 +245,8 @@ async def direct_overview(suite: Suite, platform: int = 0) -> dict[str, Any]:
         " d.push_opt_in, d.language, d.uninstalled, d.last_seen, d.imported"
         " FROM installations i LEFT JOIN installation_details d"
         " ON d.project_id = i.project_id AND d.installation_id = i.installation_id"
-        " WHERE i.project_id = $1",
+        # An imported installation folded into a device is history (0004), not counted.
+        " WHERE i.project_id = $1 AND d.reintegrated_into IS NULL",
         project_id,
     )
     subscribed: dict[Any, set[str]] = {}

@@ -26,7 +26,7 @@ from tests.api.test_query_helpers import (
     start_suite,
     subscription,
 )
-from tests.conftest import create_test_project
+from tests.conftest import create_test_project, eventually
 
 IOS, ANDROID, WEB = types_pb2.PLATFORM_IOS, types_pb2.PLATFORM_ANDROID, types_pb2.PLATFORM_WEB
 EMAIL, SMS, PUSH = types_pb2.CHANNEL_EMAIL, types_pb2.CHANNEL_SMS, types_pb2.CHANNEL_PUSH
@@ -255,3 +255,69 @@ async def test_the_rollups_equal_a_direct_count_after_merges_splits_deletions_an
         suite.project.project_id,
     )
     assert after == before
+
+
+async def test_an_imported_token_a_device_picks_up_counts_once(suite: Suite) -> None:
+    tokens = [
+        ingest_pb.ImportedToken(platform=IOS, push_token="apns-a", push_opt_in=True),
+        ingest_pb.ImportedToken(platform=ANDROID, push_token="fcm-b", push_opt_in=True),
+        # Imported for custom ID u7; the device that picks it up logs in as u8: no merge.
+        ingest_pb.ImportedToken(
+            platform=IOS, push_token="apns-c", push_opt_in=True, custom_id="u7"
+        ),
+    ]
+    imported = await suite.ingest.ImportTokens(
+        ingest_pb.ImportTokensRequest(tokens=tokens),
+        metadata=suite.project.metadata("admin"),
+        timeout=20,
+    )
+    assert imported.imported_count == 3
+
+    async def figures(platform: int) -> tuple[int, ...]:
+        reply = await suite.call("GetOverview", pb.GetOverviewRequest(platform=platform))
+        o = reply.overview
+        return (
+            o.install_count,
+            o.push_token_count,
+            o.push_opt_in_count,
+            o.imported_unseen_token_count,
+            o.identified_profile_count,
+            o.anonymous_profile_count,
+        )
+
+    await suite.settle()
+    # installs, tokens, opt-ins, imported unseen, identified, anonymous
+    assert await figures(0) == (3, 3, 3, 3, 1, 2)
+    assert await figures(IOS) == (2, 2, 2, 2, 1, 1)
+    assert await figures(ANDROID) == (1, 1, 1, 1, 0, 1)
+
+    device, other = new_id(), new_id()
+    await suite.identity.identify(other, "u8")
+    await suite.track(
+        installation_update(device, T, IOS, push_token="apns-a", push_opt_in=True),
+        session_start(device, "s1", T + timedelta(minutes=1), platform=IOS),
+        installation_update(other, T, IOS, push_token="apns-c", push_opt_in=True),
+        session_start(other, "s2", T + timedelta(minutes=1), platform=IOS),
+    )
+
+    async def folded() -> bool:
+        found = await suite.fetchval(
+            "SELECT count(*) FROM installation_details"
+            " WHERE project_id = $1 AND reintegrated_into IS NOT NULL",
+            suite.project.project_id,
+        )
+        return bool(found == 2)
+
+    await eventually(folded)
+    await suite.settle()
+    # Each iOS device counts once, as itself; the imported Android token is still unseen. The
+    # imported anonymous profile went into the device's; u7 stays apart from u8, with no
+    # installation of its own left.
+    assert await figures(0) == (3, 3, 3, 1, 2, 2)
+    assert await figures(IOS) == (2, 2, 2, 0, 1, 1)
+    assert await figures(ANDROID) == (1, 1, 1, 1, 0, 1)
+    for platform in (0, IOS, ANDROID, WEB):
+        reply = await suite.call(
+            "GetOverview", pb.GetOverviewRequest(platform=platform, top_values=100)
+        )
+        assert overview_figures(reply.overview) == await direct_overview(suite, platform), platform

@@ -1,29 +1,33 @@
-"""GetProfile's custom segment memberships and funnel progress, read from segments' read
-contracts (custom_segment_members, profile_funnel_progress()) with identity, ingest, segments
-and query running."""
+"""GetProfile's custom segment memberships and funnel progress, and the users table of one custom
+segment, read from segments' read contracts (custom_segment_members, profile_funnel_progress())
+with identity, ingest, segments and query running."""
 
 from __future__ import annotations
 
+import uuid
 from datetime import timedelta
 from typing import Any
 
+import grpc
 import pytest
 from google.protobuf.duration_pb2 import Duration
 
 from profiles.query.v1 import profile_pb2
+from profiles.query.v1 import query_service_pb2 as query_pb
 from profiles.segments.v1 import filters_pb2 as f
 from profiles.segments.v1 import funnels_pb2
 from profiles.segments.v1 import segments_service_pb2 as segments_pb
 from profiles.segments.v1 import segments_service_pb2_grpc as segments_grpc
 from tests.api.test_identity_helpers import new_id
-from tests.api.test_query_helpers import NOW, Suite, start_suite
+from tests.api.test_query_helpers import NOW, Suite, session_end, session_start, start_suite
 from tests.api.test_segments_custom_helpers import (
     attribute,
     custom_event,
+    error_details,
     operand,
     set_attributes,
 )
-from tests.conftest import eventually
+from tests.conftest import create_test_project, eventually
 
 COMPLETED = profile_pb2.FUNNEL_STEP_STATUS_COMPLETED
 NOT_COMPLETED = profile_pb2.FUNNEL_STEP_STATUS_NOT_COMPLETED
@@ -144,3 +148,119 @@ async def test_the_view_shows_custom_segments_and_every_funnels_progress(stack: 
         return not (await suite.get(profile_id=profile_id)).profile.segment_memberships
 
     await eventually(left)
+
+
+SORTS = [
+    (order_by, sort_order)
+    for order_by in (
+        query_pb.PROFILE_ORDER_BY_LAST_SEEN,
+        query_pb.PROFILE_ORDER_BY_SESSION_COUNT,
+        query_pb.PROFILE_ORDER_BY_TIME_SPENT,
+    )
+    for sort_order in (query_pb.SORT_ORDER_DESCENDING, query_pb.SORT_ORDER_ASCENDING)
+]
+
+
+async def users_table(suite: Suite, **fields: Any) -> list[str]:
+    """Every row's profile ID over every page of ListProfiles, one row a page."""
+    request = query_pb.ListProfilesRequest(page_size=1, **fields)
+    found: list[str] = []
+    while True:
+        reply = await suite.call("ListProfiles", request)
+        found.extend(r.profile_id for r in reply.profiles)
+        if not reply.next_page_token:
+            return found
+        request.page_token = reply.next_page_token
+
+
+async def test_the_users_table_of_a_custom_segment_lists_its_members_in_every_order(
+    stack: Any,
+) -> None:
+    suite: Suite
+    suite, segments = stack
+    admin = suite.project.metadata("admin")
+    pro = await segments.CreateSegment(
+        segments_pb.CreateSegmentRequest(
+            display_name="Pro plan", filter=attribute("plan", f.OPERATOR_EQUALS, "pro")
+        ),
+        metadata=admin,
+    )
+    segment_id = pro.segment.segment_id
+    installs = [new_id() for _ in range(7)]
+    for n, inst in enumerate(installs):
+        batch = []
+        for s in range(n % 4):  # session counts and times spent that differ, some equal
+            start = NOW - timedelta(hours=10 * (n + 1) - s)
+            batch += [
+                session_start(inst, f"s{s}", start, country="FR" if n % 2 else "US"),
+                session_end(inst, f"s{s}", start + timedelta(minutes=5), 60 * (n + 1)),
+            ]
+        batch.append(
+            set_attributes(inst, NOW - timedelta(hours=n), plan="pro" if n != 1 else "free")
+        )
+        await suite.track(*batch)
+    ids = [await suite.identity.profile_of(i) for i in installs]
+
+    async def direct_members() -> set[str]:
+        """The segment's stored members that are live profiles, read directly."""
+        rows = await suite.fetch(
+            "SELECT m.profile_id::text FROM custom_segment_members m JOIN profiles p"
+            " ON p.project_id = m.project_id AND p.profile_id = m.profile_id"
+            " WHERE m.project_id = $1 AND m.segment_id = $2 AND p.merged_into IS NULL",
+            suite.project.project_id,
+            uuid.UUID(segment_id),
+        )
+        return {r["profile_id"] for r in rows}
+
+    async def check(expected: set[str]) -> None:
+        await suite.settle(groups=("query", "segments"))
+        assert await direct_members() == expected
+        for order_by, sort_order in SORTS:
+            everyone = await users_table(suite, order_by=order_by, sort_order=sort_order)
+            members = await users_table(
+                suite, segment_id=segment_id, order_by=order_by, sort_order=sort_order
+            )
+            # The same rows in the same order as the whole table, restricted to the members.
+            assert members == [p for p in everyone if p in expected], (order_by, sort_order)
+        french = await users_table(suite, segment_id=segment_id, country="FR")
+        assert french == [p for p in await users_table(suite, country="FR") if p in expected]
+
+    await check({ids[n] for n in (0, 2, 3, 4, 5, 6)})
+    # Members leave: two change plan, one is erased, one is merged into a non-member that
+    # keeps its own plan.
+    await suite.track(
+        set_attributes(installs[2], NOW - timedelta(minutes=1), plan="free"),
+        set_attributes(installs[5], NOW - timedelta(minutes=1), plan="gold"),
+    )
+    await suite.identity.delete(ids[3])
+    await suite.track(set_attributes(installs[1], NOW, plan="free"))
+    await suite.identity.merge(ids[6], ids[1])
+    await check({ids[0], ids[4]})
+
+    # A page token belongs to its segment.
+    first = await suite.call(
+        "ListProfiles", query_pb.ListProfilesRequest(page_size=1, segment_id=segment_id)
+    )
+    assert first.next_page_token
+    with pytest.raises(grpc.aio.AioRpcError) as reused:
+        await suite.call(
+            "ListProfiles", query_pb.ListProfilesRequest(page_token=first.next_page_token)
+        )
+    assert reused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    # Unknown, deleted and other projects' segments are NOT_FOUND.
+    other = await create_test_project(suite.database_url)
+    with pytest.raises(grpc.aio.AioRpcError) as foreign:
+        await suite.query.ListProfiles(
+            query_pb.ListProfilesRequest(segment_id=segment_id),
+            metadata=other.metadata("read"),
+            timeout=10,
+        )
+    assert foreign.value.code() == grpc.StatusCode.NOT_FOUND
+    await segments.DeleteSegment(
+        segments_pb.DeleteSegmentRequest(segment_id=segment_id), metadata=admin
+    )
+    for unknown in (segment_id, str(uuid.uuid4())):
+        with pytest.raises(grpc.aio.AioRpcError) as missing:
+            await suite.call("ListProfiles", query_pb.ListProfilesRequest(segment_id=unknown))
+        assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+        assert error_details(missing.value)[0] == "SEGMENT_NOT_FOUND"

@@ -104,3 +104,42 @@ async def test_a_thresholds_change_is_applied_without_recompute_all(stack: Stack
         return await distribution(stack) == {NEW: 3} and await size(stack, segment_id) == 3
 
     await eventually(restored)
+
+
+async def test_recomputed_states_show_only_together_with_their_thresholds_record(
+    stack: Stack,
+) -> None:
+    """The record of the thresholds applied commits with the recomputation's last states, so
+    nobody sees the states recomputed and the record missing (what made the test above fail
+    under load): while the record cannot be written, the recomputed states stay invisible."""
+    for i in range(3):
+        await stack.track(*session(f"i-{i}", NOW - timedelta(days=3)))
+    assert await distribution(stack) == {NEW: 3}
+    blocker = await stack.pool.acquire()
+    try:
+        transaction = blocker.transaction()
+        await transaction.start()
+        # Lets readers in and keeps every writer of the table waiting.
+        await blocker.execute("LOCK TABLE segment_thresholds_applied IN EXCLUSIVE MODE")
+        await stack.tenancy.set_setting(stack.project.project_id, "segments.new_days", 2)
+
+        async def recording_waits() -> bool:
+            waiting = await stack.pool.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                " AND wait_event_type = 'Lock' AND query LIKE '%segment_thresholds_applied%'"
+            )
+            return bool(waiting)
+
+        await eventually(recording_waits)
+        assert await distribution(stack) == {NEW: 3}
+        assert await stack.pool.fetchval(APPLIED, stack.project.project_id) is None
+        await transaction.rollback()
+    finally:
+        await stack.pool.release(blocker)
+
+    async def applied() -> bool:
+        return await distribution(stack) == {ONE_TIME: 3}
+
+    await eventually(applied)
+    row = await stack.pool.fetchval(APPLIED, stack.project.project_id)
+    assert '"segments.new_days": 2' in row

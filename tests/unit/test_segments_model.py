@@ -3,6 +3,7 @@ sides of each threshold, transitions by time alone, and the changes between two 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -110,6 +111,15 @@ def test_sessions_under_a_minute_score_a_fraction_of_a_minute() -> None:
     assert (score.score1, score.score2, score.score3) == (0.5, 3, 1)
     assert score.score == pytest.approx(1.5)
     assert score.percentage == 0.54
+
+
+def test_open_sessions_count_but_only_ended_ones_make_the_average() -> None:
+    ended = history(at(19, 9), at(19, 10), minutes=1.5).recent_sessions
+    open_ = (Session(at(19, 11), timedelta(minutes=10), 1, ended=False),)
+    score = engagement(replace(history(at(19, 9)), recent_sessions=ended + open_), NOW)
+    assert (score.session_count, score.score2) == (3, 3)
+    assert score.average_session_duration == timedelta(seconds=90)
+    assert score.score1 == 1.5
 
 
 def test_a_session_exactly_168_hours_ago_counts_and_one_a_moment_earlier_does_not() -> None:
@@ -316,8 +326,8 @@ def test_an_event_after_a_missed_time_step_reports_both() -> None:
 def test_session_events_fold_into_one_update_whatever_their_order() -> None:
     start = SessionUpdate("i1:s1", 1, at(19, 9), True, timedelta())
     heartbeat = SessionUpdate("i1:s1", 1, at(19, 9, 1), False, timedelta(minutes=1))
-    end = SessionUpdate("i1:s1", 1, at(19, 9, 2), False, timedelta(minutes=3))
-    expected = SessionUpdate("i1:s1", 1, at(19, 9), True, timedelta(minutes=3))
+    end = SessionUpdate("i1:s1", 1, at(19, 9, 2), False, timedelta(minutes=3), ended=True)
+    expected = SessionUpdate("i1:s1", 1, at(19, 9), True, timedelta(minutes=3), ended=True)
     assert fold_sessions([start, heartbeat, end]) == [expected]
     assert fold_sessions([end, start, heartbeat, end]) == [expected]
     other = SessionUpdate("i1:s2", 1, at(19, 10), True, timedelta())

@@ -54,7 +54,10 @@ class Overview(_message.Message):
     installations only.
     """
     install_count: _builtins.int
-    """Every installation ever seen, uninstalled ones and imported tokens included."""
+    """Every installation ever seen, uninstalled ones and imported tokens included. An imported
+    token folded into the SDK installation that sent it counts once, as that installation (in
+    every installation and profile figure).
+    """
     push_token_count: _builtins.int
     """Installations with a push token."""
     push_opt_in_count: _builtins.int

@@ -552,7 +552,10 @@ class Engagement(_message.Message):
     PERCENTAGE_FIELD_NUMBER: _builtins.int
     WINDOW_END_TIME_FIELD_NUMBER: _builtins.int
     score1: _builtins.float
-    """Score 1: the sessions' average duration in minutes, capped at 2."""
+    """Score 1: the average duration in minutes of the sessions started in the last 168 hours
+    that ended (open ones are left out), capped at 2; the same as GetEngagement's. Not
+    `counters.average_session_duration`, which covers all time.
+    """
     score2: _builtins.int
     """Score 2: the number of sessions, capped at 20."""
     score3: _builtins.int
@@ -753,7 +756,12 @@ class Counters(_message.Message):
 
     @_builtins.property
     def average_session_duration(self) -> _duration_pb2.Duration:
-        """`total_time_spent` divided by `session_count`; zero with no session."""
+        """The average length of the closed sessions (ended by the SDK, or closed by the idle sweep
+        30 minutes after their last activity) over all time; open sessions are left out, their
+        length is not known yet. Zero with no closed session. `engagement.score1` (as
+        GetEngagement's) averages only the ended sessions started in the last 168 hours, so the
+        two agree when every closed session started within that window.
+        """
 
     @_builtins.property
     def last_crash(self) -> Global___Crash:

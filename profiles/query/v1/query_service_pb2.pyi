@@ -215,7 +215,12 @@ class ListProfilesRequest(_message.Message):
     empty for no filter.
     """
     segment_id: _builtins.str
-    """Only members of this custom segment (a UUID string); empty for no filter."""
+    """Only members of this custom segment (a UUID string), as the segments service stored them
+    (current after the last event it handled for a profile; changes caused by time alone at
+    most one evaluation sweep later); empty for no filter. The other filters, the order and
+    paging apply to the members as to the whole table. NOT_FOUND when the project has no such
+    segment.
+    """
     order_by: Global___ProfileOrderBy.ValueType
     """The sort column; default last seen."""
     sort_order: Global___SortOrder.ValueType

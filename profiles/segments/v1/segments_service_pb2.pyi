@@ -109,7 +109,7 @@ class GetEngagementResponse(_message.Message):
     profile_id: _builtins.str
     """The profile scored, a UUID string: the survivor when the request named a merged-away ID."""
     score1: _builtins.float
-    """Score 1: the sessions' average duration in minutes, capped at 2 (0 with no session)."""
+    """Score 1: `average_session_duration` in minutes, capped at 2 (0 with no ended session)."""
     score2: _builtins.int
     """Score 2: the number of sessions, capped at 20."""
     score3: _builtins.int
@@ -132,7 +132,12 @@ class GetEngagementResponse(_message.Message):
 
     @_builtins.property
     def average_session_duration(self) -> _duration_pb2.Duration:
-        """The uncapped average session duration in the window; zero with no session."""
+        """The uncapped average duration of the sessions started in the window that ended (by the
+        SDK, or closed by ingest's idle sweep); open sessions count in `session_count` but not
+        here, their length is not known yet. Zero with no ended session. Query's
+        `Profile.counters.average_session_duration` averages the closed sessions of all time
+        instead, so the two agree when every closed session started within the window.
+        """
 
     def __init__(
         self,

@@ -1,0 +1,82 @@
+"""Every benchmark under bench/ runs end to end at its --smoke size (seconds) on the tests'
+PostgreSQL and Redis, so a bench that breaks fails CI. Nothing is asserted about the figures:
+only that the bench exits 0 and ends with its JSON lines."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from redis.asyncio import Redis
+
+ROOT = Path(__file__).resolve().parents[2]
+# A deadline against a hung bench, not a timing: a smoke run takes seconds.
+BENCH_TIMEOUT_S = 240.0
+FIGURE_KEYS = ["bench", "metric", "value", "unit", "baseline", "baseline_value", "ratio", "quick"]
+
+
+def benches() -> list[str]:
+    """The runnable benchmarks: every module of bench/ with a main (a new one is picked up)."""
+    return sorted(
+        path.stem for path in (ROOT / "bench").glob("*.py") if "run_main(main)" in path.read_text()
+    )
+
+
+def test_every_bench_is_found() -> None:
+    assert {"echo", "identity", "ingest", "query", "segments"} <= set(benches())
+
+
+async def bench_keys(redis_url: str) -> set[bytes]:
+    client = Redis.from_url(redis_url)
+    try:
+        return {key async for key in client.scan_iter(match="bench-*", count=1000)}
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.parametrize("name", benches())
+async def test_the_bench_runs_at_its_smoke_size(
+    name: str, database_url: str, redis_url: str
+) -> None:
+    before = await bench_keys(redis_url)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        f"bench.{name}",
+        "--smoke",
+        "--database-url",
+        database_url,
+        "--redis-url",
+        redis_url,
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        async with asyncio.timeout(BENCH_TIMEOUT_S):
+            stdout, stderr = await process.communicate()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        # The bench's Redis keys (its own random prefix) go with it.
+        client = Redis.from_url(redis_url)
+        try:
+            left = await bench_keys(redis_url) - before
+            if left:
+                await client.delete(*left)
+        finally:
+            await client.aclose()
+    output = stdout.decode(errors="replace")
+    assert process.returncode == 0, output[-3000:] + stderr.decode(errors="replace")[-3000:]
+    lines = [line for line in output.splitlines() if line.startswith("{")]
+    assert lines, output[-3000:]
+    assert output.rstrip().endswith(lines[-1])  # the JSON lines come last
+    for line in lines:
+        figure = json.loads(line)
+        assert list(figure) == FIGURE_KEYS
+        assert figure["bench"] == name
+        assert figure["quick"] is True
