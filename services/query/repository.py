@@ -186,7 +186,7 @@ SELECT_SMART_SEGMENT = """
 # Two averages of session length, on purpose over two windows: session_totals' third column
 # is the all-time average over ingest's closed sessions (ended, or closed by the idle sweep;
 # Counters.average_session_duration), engagement's the average over segments' ended sessions
-# started in the 168 hours up to $3 (score1, segments' rule, 0010); an open session's length
+# started in the 168 hours up to $3 (score1, segments' rule, 0011); an open session's length
 # is not known yet, so neither counts it. Sessions that all ended inside the window give both
 # the same value.
 # Nothing here grows with the profile's events: their totals come from profile_event_counts

@@ -96,7 +96,7 @@ UPDATE_TIME_ZONE = """
 
 # One row per session key, so replays and redeliveries update instead of adding: a known start
 # beats a guessed one, otherwise the earliest start and the longest duration win; once an end
-# was seen the session stays ended (0010). The caller folds a batch to one row per key first
+# was seen the session stays ended (0011). The caller folds a batch to one row per key first
 # (ON CONFLICT may touch a row only once per statement).
 UPSERT_SESSIONS = """
     INSERT INTO segment_sessions AS s
