@@ -124,12 +124,30 @@ class TakenPort:
 
 
 @dataclass(slots=True)
+class Restarts:
+    """When a service that died is started again (time is an argument: no clock inside)."""
+
+    # Times of its deaths within the last CRASH_WINDOW_SECONDS.
+    deaths: deque[float] = field(default_factory=deque)
+
+    def after_death(self, now: float) -> float | None:
+        """Seconds to wait before starting it again, doubling with each recent death; None
+        when it died CRASH_LIMIT times within CRASH_WINDOW_SECONDS (restarting will not help)."""
+        self.deaths.append(now)
+        while now - self.deaths[0] > CRASH_WINDOW_SECONDS:
+            self.deaths.popleft()
+        if len(self.deaths) >= CRASH_LIMIT:
+            return None
+        delay = RESTART_FIRST_DELAY_SECONDS * 2 ** (len(self.deaths) - 1)
+        return min(delay, RESTART_MAX_DELAY_SECONDS)
+
+
+@dataclass(slots=True)
 class Child:
     spec: ServiceSpec
     log_path: Path
     process: subprocess.Popen[bytes] | None = None
-    # Monotonic times of its deaths within the last CRASH_WINDOW_SECONDS.
-    deaths: deque[float] = field(default_factory=deque)
+    restarts: Restarts = field(default_factory=Restarts)
     restart_at: float | None = None
 
     @property
@@ -472,21 +490,16 @@ class Supervisor:
     def _note_death(self, child: Child, code: int, now: float) -> bool:
         """Schedules the restart of a dead service; False when it died too often to go on."""
         child.process = None
-        child.deaths.append(now)
-        while now - child.deaths[0] > CRASH_WINDOW_SECONDS:
-            child.deaths.popleft()
         how = describe_exit(code)
         _append_log_line(child.log_path, {"event": "service_exited", "how": how, "code": code})
-        if len(child.deaths) >= CRASH_LIMIT:
+        delay = child.restarts.after_death(now)
+        if delay is None:
             self._error(
-                f"{child.name} died {len(child.deaths)} times within"
-                f" {CRASH_WINDOW_SECONDS:.0f} s (last: {how}); stopping everything."
-                f" Its log: {child.log_path}; its end:\n{log_tail(child.log_path)}"
+                f"{child.name} died {CRASH_LIMIT} times within {CRASH_WINDOW_SECONDS:.0f} s"
+                f" (last: {how}); stopping everything. Its log: {child.log_path}; its end:\n"
+                + log_tail(child.log_path)
             )
             return False
-        delay = min(
-            RESTART_FIRST_DELAY_SECONDS * 2 ** (len(child.deaths) - 1), RESTART_MAX_DELAY_SECONDS
-        )
         child.restart_at = now + delay
         self._error(
             f"{child.name} exited ({how}); restarting it in {delay:g} s. Its log: {child.log_path}"
