@@ -49,8 +49,12 @@ UP_DESCRIPTION = """\
 Starts the whole suite on this machine: an embedded PostgreSQL and Redis (unless
 --database-url / --redis-url or PROFILES_DATABASE_URL / PROFILES_REDIS_URL are given),
 migrations, a default project with one key per role on first run, and the four services as
-child processes. Prints the endpoints and keys, then runs until Ctrl-C or SIGTERM, when it
-stops everything. Data is kept in the data directory across restarts.
+child processes. Prints the endpoints and keys, then runs until Ctrl-C, SIGTERM or
+`profiles down`, when it stops everything. Data is kept in the data directory across restarts.
+
+One `profiles up` per data directory: a second one refuses, naming the running one; what a
+killed one left running is stopped by the next start. A service that dies is started again
+(after 0.5, 1, 2, 4 s); the fifth death within 60 s stops everything.
 
 Ports come from PROFILES_<SERVICE>_PORT and PROFILES_<SERVICE>_METRICS_PORT (defaults:
 ingest 50051, identity 50052, segments 50053, query 50054; metrics 9451-9454)."""

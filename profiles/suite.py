@@ -43,7 +43,7 @@ class ServiceRecord:
     port: int
     metrics_port: int  # 0: off
     health: HealthKind
-    pid: int
+    pid: int  # 0 while it waits to be started again
     log: str
 
 
@@ -58,8 +58,11 @@ class RunRecord:
     services: dict[str, ServiceRecord] = field(default_factory=dict)
 
     def ports_text(self) -> str:
-        """`ingest 50051, identity 50052, ...`: what a person needs to recognise the suite."""
-        return ", ".join(f"{name} {s.port}" for name, s in self.services.items())
+        """`ports ingest 50051, identity 50052, ...`: what a person needs to recognise the
+        suite (`still starting` before its services are)."""
+        if not self.services:
+            return "still starting"
+        return "ports " + ", ".join(f"{name} {s.port}" for name, s in self.services.items())
 
     def addresses(self) -> dict[str, str]:
         return {name: s.address for name, s in self.services.items()}

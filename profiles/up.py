@@ -32,6 +32,7 @@ import psutil
 from profiles.datadir import DataDir
 from profiles.suite import (
     HEALTH_GRPC,
+    HEALTH_HTTP,
     SERVING,
     HealthKind,
     RunRecord,
@@ -280,7 +281,7 @@ class Supervisor:
     def _refuse(self) -> None:
         record = read_record(self._data_dir.path)
         running = (
-            f"pid {record.pid}, ports {record.ports_text()}"
+            f"pid {record.pid}, {record.ports_text()}"
             if record is not None
             else "it is still starting"
         )
@@ -296,6 +297,9 @@ class Supervisor:
         except RuntimeError as exc:
             self._error(str(exc))
             return 1
+        # At once, so that a refused start can name this one, and a start after this one is
+        # killed (even before its services run) knows to clean up after it.
+        self._write_record()
         taken = taken_ports(self._settings)
         if taken:
             for port in taken:
@@ -544,6 +548,8 @@ class Supervisor:
             metrics_port = spec.metrics_port(settings)
             metrics = f"http://{endpoint(bind, metrics_port)}/metrics" if metrics_port else "off"
             address = endpoint(bind, spec.port(settings))
+            if spec.health == HEALTH_HTTP:
+                address = f"http://{address}"
             self._say(f"  {spec.name:<9} {address:<22} metrics {metrics}")
         self._say()
         flag = self._data_dir_flag()
@@ -590,6 +596,8 @@ def _port_of(name: str, settings: Settings) -> int:
 def _orphaned_service(pid: int, name: str, data_dir: Path) -> psutil.Process | None:
     """The process of service `name` a killed `profiles up` on data_dir left running, if pid is
     still that process (and not a reused pid)."""
+    if pid <= 0:  # a service that was waiting to be started again
+        return None
     try:
         process = psutil.Process(pid)
         command = process.cmdline()

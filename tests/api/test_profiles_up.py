@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -251,17 +252,18 @@ async def test_a_second_profiles_up_on_the_same_data_directory_refuses_and_touch
     await check_keys_reach_the_query_service(suite.ports["query"], keys["read"])
 
 
-async def test_a_killed_service_is_started_again_while_the_others_keep_serving(
+async def test_a_killed_service_is_started_again_and_one_that_keeps_dying_stops_everything(
     suite: Suite, started_up: asyncio.subprocess.Process
 ) -> None:
     first = record_of(suite)["services"]
     others = {name: first[name]["pid"] for name in SERVICE_NAMES if name != "query"}
-    psutil.Process(first["query"]["pid"]).kill()
+    killed = first["query"]["pid"]
+    psutil.Process(killed).kill()
 
     async with asyncio.timeout(START_TIMEOUT):
         while True:
             pid = record_of(suite)["services"]["query"]["pid"]
-            if pid != first["query"]["pid"] and await serving(suite.ports["query"]):
+            if pid != killed and await serving(suite.ports["query"]):
                 break
             await asyncio.sleep(0.2)
 
@@ -269,12 +271,32 @@ async def test_a_killed_service_is_started_again_while_the_others_keep_serving(
     assert {name: record_of(suite)["services"][name]["pid"] for name in others} == others
     keys = json.loads((suite.data_dir / "keys.json").read_text())
     await check_keys_reach_the_query_service(suite.ports["query"], keys["read"])
-    assert await stop(started_up) == 0
-    assert started_up.stderr is not None
-    errors = (await started_up.stderr.read()).decode()
-    assert "query exited (killed by SIGKILL); restarting it" in errors
     assert '"service_exited"' in (suite.data_dir / "logs" / "query.log").read_text()
+
+    # Four more deaths within the minute: restarting will not help, everything stops.
+    for _ in range(4):
+        killed = await next_pid_of(suite, "query", after=killed)
+        with contextlib.suppress(psutil.NoSuchProcess):
+            psutil.Process(killed).kill()
+    async with asyncio.timeout(STOP_TIMEOUT):
+        _, errors_bytes = await started_up.communicate()
+
+    errors = errors_bytes.decode()
+    assert started_up.returncode == 1
+    assert "query exited (killed by SIGKILL); restarting it in 0.5 s" in errors
+    assert "query died 5 times within 60 s" in errors
+    assert str(suite.data_dir / "logs" / "query.log") in errors
     assert processes_of(suite.data_dir) == []
+
+
+async def next_pid_of(suite: Suite, name: str, after: int) -> int:
+    """The pid of the process `profiles up` started for name after the one with pid `after`."""
+    async with asyncio.timeout(START_TIMEOUT):
+        while True:
+            pid = int(record_of(suite)["services"][name]["pid"])
+            if pid not in (after, 0):  # 0: waiting to be started again
+                return pid
+            await asyncio.sleep(0.05)
 
 
 async def serving(port: int) -> bool:
