@@ -206,7 +206,8 @@ def _status(args: argparse.Namespace) -> int:
         print(f"profiles up (pid {record.pid}) runs on {record.data_dir}: {record.state}")
         for name, service in record.services.items():
             print(f"  {name:<9} {service.address:<22} {health[name]:<15} pid {service.pid}")
-    return 0 if all(status == SERVING for status in health.values()) else 1
+    serving = bool(health) and all(status == SERVING for status in health.values())
+    return 0 if serving else 1
 
 
 def _down(args: argparse.Namespace) -> int:
@@ -226,6 +227,12 @@ def _down(args: argparse.Namespace) -> int:
         process.wait(DOWN_TIMEOUT_SECONDS)
     except psutil.NoSuchProcess:
         pass
+    except psutil.AccessDenied:
+        print(
+            f"profiles down: pid {record.pid} belongs to another user; stop it as that user",
+            file=sys.stderr,
+        )
+        return 1
     except psutil.TimeoutExpired:
         print(
             f"profiles down: pid {record.pid} still runs after {DOWN_TIMEOUT_SECONDS} s;"

@@ -17,6 +17,7 @@ runs", also printed, so a page can show any command without breaking this test.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shlex
@@ -30,6 +31,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import pytest
 
 from profiles.suite import read_record
@@ -171,7 +173,8 @@ def running_suite() -> Iterator[RunningSuite]:
         except subprocess.TimeoutExpired:
             process.kill()
         for leftover in processes_of(tmp_path):
-            leftover.kill()
+            with contextlib.suppress(psutil.NoSuchProcess):
+                leftover.kill()
         shutil.rmtree(tmp_path, ignore_errors=True)
 
 

@@ -74,7 +74,8 @@ def suite() -> Iterator[Suite]:
     yield Suite(data_dir, env, grpc_ports)
     # Whatever a failed test left running, nothing outlives it.
     for proc in processes_of(tmp_path):
-        proc.kill()
+        with contextlib.suppress(psutil.NoSuchProcess):  # it may end on its own meanwhile
+            proc.kill()
     shutil.rmtree(tmp_path, ignore_errors=True)
 
 
@@ -100,8 +101,12 @@ async def started_up(suite: Suite) -> AsyncIterator[asyncio.subprocess.Process]:
     process = await start_profiles_up(suite)
     yield process
     if process.returncode is None:
-        process.kill()
-        await process.wait()
+        # As Ctrl-C stops it: a SIGKILL would leave its services and databases to the fixture.
+        try:
+            await stop(process)
+        except TimeoutError:
+            process.kill()
+            await process.wait()
 
 
 async def start_profiles_up(suite: Suite) -> asyncio.subprocess.Process:
