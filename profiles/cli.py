@@ -622,6 +622,7 @@ def _async(command: Callable[[argparse.Namespace], Coroutine[Any, Any, int]]) ->
 async def tenancy_for(args: argparse.Namespace) -> AsyncIterator[TenancyRepository]:
     """A TenancyRepository on the configured or embedded database, migrated."""
     from profiles.datadir import DataDir
+    from profiles.suite import release_lock, take_lock
     from shared.db import create_pool, migrate
     from shared.embedded import EmbeddedPostgres
     from shared.tenancy import TenancyRepository
@@ -629,12 +630,17 @@ async def tenancy_for(args: argparse.Namespace) -> AsyncIterator[TenancyReposito
     settings = settings_from(args)
     url = settings.database_url
     postgres: EmbeddedPostgres | None = None
+    lock = None
     if not url:
         data_dir = DataDir(settings.data_dir)
         data_dir.create()
+        # Held while this command uses the directory's PostgreSQL on its own, so that a
+        # `profiles up` cannot adopt a server this command is about to stop. None: a
+        # `profiles up` owns the directory and its server.
+        lock = take_lock(data_dir.path)
         embedded = EmbeddedPostgres(data_dir.postgres)
         # Stopped afterwards only if this command started it (not when `profiles up` runs).
-        postgres = None if embedded.is_running() else embedded
+        postgres = None if embedded.is_running() or lock is None else embedded
         url = await asyncio.to_thread(embedded.start)
     try:
         await migrate(url)
@@ -646,6 +652,7 @@ async def tenancy_for(args: argparse.Namespace) -> AsyncIterator[TenancyReposito
     finally:
         if postgres is not None:
             await asyncio.to_thread(postgres.stop)
+        release_lock(lock)
 
 
 async def _project_create(args: argparse.Namespace) -> int:

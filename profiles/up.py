@@ -280,15 +280,20 @@ class Supervisor:
 
     def _refuse(self) -> None:
         record = read_record(self._data_dir.path)
-        running = (
-            f"pid {record.pid}, {record.ports_text()}"
-            if record is not None
-            else "it is still starting"
-        )
+        if record is None:
+            # Between taking the lock and writing the record, or an admin command
+            # (`profiles keys create` ...) running on the directory's PostgreSQL: seconds.
+            self._error(
+                f"another `profiles` command holds {self._data_dir.path} (a `profiles up`"
+                " starting, or a command using its database); nothing was started. Try again"
+                " in a moment, or give this one another --data-dir"
+            )
+            return
         self._error(
-            f"another `profiles up` owns {self._data_dir.path} ({running}); nothing was started."
-            f" Stop it with `profiles down{self._data_dir_flag()}` (or Ctrl-C in its terminal),"
-            " or give this one another --data-dir"
+            f"another `profiles up` owns {self._data_dir.path} (pid {record.pid},"
+            f" {record.ports_text()}); nothing was started. Stop it with"
+            f" `profiles down{self._data_dir_flag()}` (or Ctrl-C in its terminal), or give this"
+            " one another --data-dir"
         )
 
     def _run_as_owner(self) -> int:
