@@ -54,8 +54,9 @@ DEFAULT_PROJECT = "default"
 READY_TIMEOUT_SECONDS = 60.0
 # On top of the services' own grace period, before they are killed.
 KILL_AFTER_EXTRA_SECONDS = 5.0
-# A service that dies is started again after 0.5 s, then 1, 2, 4, 8 s while it keeps dying; the
-# fifth death within a minute means restarting will not help, so everything stops.
+# A service that dies is started again after 0.5 s, then 1, 2 and 4 s while it keeps dying (never
+# more than 8 s); the fifth death within a minute means restarting will not help, so everything
+# stops.
 RESTART_FIRST_DELAY_SECONDS = 0.5
 RESTART_MAX_DELAY_SECONDS = 8.0
 CRASH_LIMIT = 5
@@ -88,7 +89,9 @@ def _grpc_service(name: str) -> ServiceSpec:
 
 
 # Every process of the suite, in start order; the banner, the port check, the health wait, the
-# record and the supervision all follow this table.
+# record and the supervision all follow this table. An HTTP service is one more entry:
+#   ServiceSpec("edge", ("serve", "edge"), "PROFILES_EDGE_PORT", "PROFILES_EDGE_METRICS_PORT",
+#               HEALTH_HTTP)  # healthy when GET /healthz answers 200
 SUITE: tuple[ServiceSpec, ...] = tuple(_grpc_service(name) for name in SERVICE_NAMES)
 
 
