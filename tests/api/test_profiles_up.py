@@ -232,9 +232,11 @@ def moved_ports(suite: Suite) -> tuple[dict[str, str], dict[str, int]]:
     return env, grpc_ports
 
 
-async def test_a_second_profiles_up_on_the_same_data_directory_refuses_and_touches_nothing(
+async def test_a_second_up_on_the_data_directory_refuses_and_status_and_down_reach_the_first(
     suite: Suite, started_up: asyncio.subprocess.Process
 ) -> None:
+    """The second start touches nothing of the first; from another terminal, `profiles status`
+    describes the first and `profiles down` stops it as Ctrl-C would."""
     record_before = (suite.data_dir / "up.json").read_text()
     keys = json.loads((suite.data_dir / "keys.json").read_text())
     running = {p.pid for p in processes_of(suite.data_dir)}
@@ -255,6 +257,28 @@ async def test_a_second_profiles_up_on_the_same_data_directory_refuses_and_touch
         status = await health_status(suite.ports[name])
         assert status == health_pb2.HealthCheckResponse.SERVING, name
     await check_keys_reach_the_query_service(suite.ports["query"], keys["read"])
+
+    code, out, _ = await run_profiles(suite.env, "status")
+    assert code == 0
+    assert f"pid {started_up.pid}" in out
+    for name in SERVICE_NAMES:
+        assert f"127.0.0.1:{suite.ports[name]}" in out
+    assert out.count("SERVING") == len(SERVICE_NAMES)
+
+    code, out, _ = await run_profiles(suite.env, "down")
+
+    assert code == 0
+    assert "Stopped." in out
+    async with asyncio.timeout(STOP_TIMEOUT):
+        assert await started_up.wait() == 0  # stopped as Ctrl-C stops it
+    assert processes_of(suite.data_dir) == []
+    assert not (suite.data_dir / "up.json").exists()
+    code, _, errors = await run_profiles(suite.env, "status")
+    assert code == 1
+    assert "no `profiles up` runs on" in errors
+    code, out, _ = await run_profiles(suite.env, "down")
+    assert code == 0
+    assert "nothing to stop" in out
 
 
 async def test_a_killed_service_is_started_again_and_one_that_keeps_dying_stops_everything(
@@ -309,32 +333,6 @@ async def serving(port: int) -> bool:
         return await health_status(port) == health_pb2.HealthCheckResponse.SERVING
     except grpc.aio.AioRpcError:
         return False
-
-
-async def test_status_and_down_from_another_terminal(
-    suite: Suite, started_up: asyncio.subprocess.Process
-) -> None:
-    code, out, _ = await run_profiles(suite.env, "status")
-    assert code == 0
-    assert f"pid {started_up.pid}" in out
-    for name in SERVICE_NAMES:
-        assert f"127.0.0.1:{suite.ports[name]}" in out
-    assert out.count("SERVING") == len(SERVICE_NAMES)
-
-    code, out, _ = await run_profiles(suite.env, "down")
-
-    assert code == 0
-    assert "Stopped." in out
-    async with asyncio.timeout(STOP_TIMEOUT):
-        assert await started_up.wait() == 0  # stopped as Ctrl-C stops it
-    assert processes_of(suite.data_dir) == []
-    assert not (suite.data_dir / "up.json").exists()
-    code, _, errors = await run_profiles(suite.env, "status")
-    assert code == 1
-    assert "no `profiles up` runs on" in errors
-    code, out, _ = await run_profiles(suite.env, "down")
-    assert code == 0
-    assert "nothing to stop" in out
 
 
 async def test_the_start_after_a_killed_profiles_up_stops_what_it_left_and_starts(
