@@ -3,6 +3,11 @@
 Admin commands connect to PROFILES_DATABASE_URL or, when it is empty, to the embedded PostgreSQL
 of the data directory (started for the command if `profiles up` is not running, and stopped again
 afterwards). Domain errors print one line and exit 2.
+
+Commands that call the services (`demo`, `import`, `status`) find the suite of their data
+directory in the record `profiles up` keeps there (profiles/suite.py): its addresses, and the
+keys it stored. Explicit flags (--address, --key) and PROFILES_<SERVICE>_ADDRESS win. A call that
+fails prints one line: what was tried, what came back, what to do.
 """
 
 from __future__ import annotations
@@ -10,6 +15,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import signal
 import sys
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
@@ -28,6 +35,9 @@ if TYPE_CHECKING:
 
 Handler = Callable[[argparse.Namespace], int]
 
+# `profiles up` gives its services their grace period, then stops PostgreSQL (up to 30 s).
+DOWN_TIMEOUT_SECONDS = 120
+
 DESCRIPTION = """\
 Profiles: a gRPC microservice suite that keeps one real-time view of every customer.
 
@@ -39,8 +49,12 @@ UP_DESCRIPTION = """\
 Starts the whole suite on this machine: an embedded PostgreSQL and Redis (unless
 --database-url / --redis-url or PROFILES_DATABASE_URL / PROFILES_REDIS_URL are given),
 migrations, a default project with one key per role on first run, and the four services as
-child processes. Prints the endpoints and keys, then runs until Ctrl-C or SIGTERM, when it
-stops everything. Data is kept in the data directory across restarts.
+child processes. Prints the endpoints and keys, then runs until Ctrl-C, SIGTERM or
+`profiles down`, when it stops everything. Data is kept in the data directory across restarts.
+
+One `profiles up` per data directory: a second one refuses, naming the running one; what a
+killed one left running is stopped by the next start. A service that dies is started again
+(after 0.5, 1, 2, 4 s); the fifth death within 60 s stops everything.
 
 Ports come from PROFILES_<SERVICE>_PORT and PROFILES_<SERVICE>_METRICS_PORT (defaults:
 ingest 50051, identity 50052, segments 50053, query 50054; metrics 9451-9454)."""
@@ -49,6 +63,8 @@ EXAMPLES = """\
 examples:
   profiles up
   PROFILES_QUERY_PORT=60054 profiles up --data-dir /tmp/profiles
+  profiles status --data-dir /tmp/profiles
+  profiles down --data-dir /tmp/profiles
   profiles keys --json
   profiles project create shop
   profiles keys create --project shop --role read --name dashboard
@@ -88,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
     _add_up(commands)
+    _add_status(commands)
+    _add_down(commands)
     _add_serve(commands)
     _add_health(commands)
     _add_project(commands)
@@ -129,6 +147,101 @@ def _add_up(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         help="Redis URL (default: PROFILES_REDIS_URL; empty: an embedded Redis)",
     )
     up.set_defaults(handler=_up)
+
+
+def _add_status(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    status = commands.add_parser(
+        "status",
+        parents=[_data_dir_option()],
+        help="is a suite running on the data directory, and does each service serve",
+        description="Reads the record `profiles up` keeps in the data directory and checks each"
+        " service's health. Prints the pid of `profiles up`, and each service's address, health"
+        " and pid. Exits 0 only when a suite runs there and every service answers SERVING.",
+    )
+    status.add_argument("--json", action="store_true", help="print the record and health as JSON")
+    status.set_defaults(handler=_status)
+
+
+def _add_down(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    down = commands.add_parser(
+        "down",
+        parents=[_data_dir_option()],
+        help="stop the suite running on the data directory (as Ctrl-C would)",
+        description="Sends SIGTERM to the `profiles up` of the data directory and waits until it"
+        " has stopped its services and embedded databases. Exits 0 when nothing runs there any"
+        " more (also when nothing ran), 1 if it did not stop in time.",
+    )
+    down.set_defaults(handler=_down)
+
+
+def _status(args: argparse.Namespace) -> int:
+    from profiles.suite import SERVING, check_health, read_record
+
+    data_dir = settings_from(args).data_dir
+    record = read_record(data_dir)
+    if record is None or not record.is_alive():
+        stale = "" if record is None else f" (a record of pid {record.pid} remains; it is gone)"
+        print(f"profiles status: no `profiles up` runs on {data_dir}{stale}", file=sys.stderr)
+        return 1
+    health = {
+        name: check_health(service.health, service.address)
+        for name, service in record.services.items()
+    }
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "pid": record.pid,
+                    "data_dir": record.data_dir,
+                    "state": record.state,
+                    "services": {
+                        name: {"address": s.address, "pid": s.pid, "health": health[name]}
+                        for name, s in record.services.items()
+                    },
+                },
+                indent=2,
+            )
+        )
+    else:
+        print(f"profiles up (pid {record.pid}) runs on {record.data_dir}: {record.state}")
+        for name, service in record.services.items():
+            print(f"  {name:<9} {service.address:<22} {health[name]:<15} pid {service.pid}")
+    serving = bool(health) and all(status == SERVING for status in health.values())
+    return 0 if serving else 1
+
+
+def _down(args: argparse.Namespace) -> int:
+    import psutil
+
+    from profiles.suite import live_record
+
+    data_dir = settings_from(args).data_dir
+    record = live_record(data_dir)
+    if record is None:
+        print(f"No `profiles up` runs on {data_dir}; nothing to stop.")
+        return 0
+    print(f"Stopping `profiles up` (pid {record.pid}) on {data_dir} ...", flush=True)
+    try:
+        process = psutil.Process(record.pid)
+        process.send_signal(signal.SIGTERM)
+        process.wait(DOWN_TIMEOUT_SECONDS)
+    except psutil.NoSuchProcess:
+        pass
+    except psutil.AccessDenied:
+        print(
+            f"profiles down: pid {record.pid} belongs to another user; stop it as that user",
+            file=sys.stderr,
+        )
+        return 1
+    except psutil.TimeoutExpired:
+        print(
+            f"profiles down: pid {record.pid} still runs after {DOWN_TIMEOUT_SECONDS} s;"
+            f" see its terminal and {data_dir / 'logs'}",
+            file=sys.stderr,
+        )
+        return 1
+    print("Stopped.")
+    return 0
 
 
 def _add_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -289,11 +402,19 @@ def _add_demo(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         description="Sends synthetic traffic through the public API of the running suite:"
         " installations on iOS, Android and Web, weeks of sessions (ImportEvents), logins and"
         " logouts (Identify, Logout), consent changes, crashes and a few live sessions"
-        " (TrackEvents). Uses the default project's keys stored by `profiles up` and the"
-        " addresses of PROFILES_INGEST_ADDRESS and PROFILES_IDENTITY_ADDRESS. A progress bar"
-        " goes to stderr, a summary to stdout.",
+        " (TrackEvents). Calls the suite `profiles up` runs on the data directory, with the"
+        " keys it stored there (flags and PROFILES_INGEST_ADDRESS / PROFILES_IDENTITY_ADDRESS"
+        " win). Identified users get the custom IDs user-1, user-2, ... (user-1 always logs"
+        " in). A progress bar goes to stderr, a summary to stdout.",
     )
     demo.add_argument("--users", type=int, default=100, help="synthetic users (default 100)")
+    demo.add_argument("--ingest-address", help="ingest's host:port (default: the running suite's)")
+    demo.add_argument(
+        "--identity-address", help="identity's host:port (default: the running suite's)"
+    )
+    demo.add_argument(
+        "--key", help="an admin API key for every call (default: the keys `profiles up` stored)"
+    )
     demo.add_argument(
         "--seed", type=int, help="random seed; the same seed sends the same (duplicate) events"
     )
@@ -313,7 +434,10 @@ def _add_import(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         " unreadable.",
     )
     importer.add_argument("file", type=Path, help="the JSONL file")
-    importer.add_argument("--address", help="ingest's host:port (default: PROFILES_INGEST_ADDRESS)")
+    importer.add_argument(
+        "--address",
+        help="ingest's host:port (default: the running suite's, or PROFILES_INGEST_ADDRESS)",
+    )
     importer.add_argument("--key", help="an admin API key (default: the one `profiles up` stored)")
     importer.add_argument("--json", action="store_true", help="print the summary as JSON")
     importer.set_defaults(handler=_import)
@@ -325,31 +449,42 @@ def _stored_key(args: argparse.Namespace, role: str) -> str:
     return DataDir(settings_from(args).data_dir).read_keys()[role]
 
 
+def _key_source(args: argparse.Namespace) -> str:
+    from profiles.datadir import DataDir
+
+    if getattr(args, "key", None):
+        return "the key given with --key"
+    return f"the keys stored in {DataDir(settings_from(args).data_dir).keys_file}"
+
+
 def _demo(args: argparse.Namespace) -> int:
     from profiles.demo import run_demo
 
     if args.users < 1:
         print("profiles demo: --users must be at least 1", file=sys.stderr)
         return 2
-    settings = settings_from(args)
+    addresses = suite_addresses(args)
+    ingest = args.ingest_address or addresses["ingest"]
+    identity = args.identity_address or addresses["identity"]
+    sdk_key = args.key or _stored_key(args, "sdk")
+    admin_key = args.key or _stored_key(args, "admin")
     try:
         summary = asyncio.run(
-            run_demo(
-                args.users,
-                settings.addresses["ingest"],
-                settings.addresses["identity"],
-                _stored_key(args, "sdk"),
-                _stored_key(args, "admin"),
-                seed=args.seed,
-            )
+            run_demo(args.users, ingest, identity, sdk_key, admin_key, seed=args.seed)
         )
-    except grpc.aio.AioRpcError as error:
-        print(f"profiles demo: {error.code().name}: {error.details()}", file=sys.stderr)
+    except (grpc.aio.AioRpcError, ExceptionGroup) as failure:
+        error = first_rpc_error(failure)
+        if error is None:
+            raise
+        tried = f"ingest at {ingest} and identity at {identity} with {_key_source(args)}"
+        print(call_failed("profiles demo", tried, error, "--ingest-address"), file=sys.stderr)
         return 1
     print(
         f"{summary.users} users: {summary.events_accepted} events stored,"
         f" {summary.events_rejected} rejected, {summary.logins} logins, {summary.logouts} logouts"
     )
+    if summary.logins:
+        print("Look one up: GetProfile with custom_id user-1 (see the README)")
     return 0
 
 
@@ -360,18 +495,66 @@ def _import(args: argparse.Namespace) -> int:
     if not path.is_file():
         print(f"profiles import: {path}: no such file", file=sys.stderr)
         return 2
-    address = args.address or settings_from(args).addresses["ingest"]
+    address = args.address or suite_addresses(args)["ingest"]
     key = args.key or _stored_key(args, "admin")
     try:
         summary = asyncio.run(run_import(path, address, key, size=path.stat().st_size))
-    except grpc.aio.AioRpcError as error:
-        print(
-            f"profiles import: {error.code().name}: {error.details()}; re-run to resume",
-            file=sys.stderr,
-        )
+    except (grpc.aio.AioRpcError, ExceptionGroup) as failure:
+        error = first_rpc_error(failure)
+        if error is None:
+            raise
+        tried = f"ingest at {address} with {_key_source(args)}"
+        message = call_failed("profiles import", tried, error, "--address")
+        print(f"{message}; re-run to resume", file=sys.stderr)
         return 1
     print(json.dumps(summary.as_dict(), indent=2) if args.json else summary.text())
     return 1 if summary.rejected or summary.unreadable else 0
+
+
+def first_rpc_error(failure: BaseException) -> grpc.aio.AioRpcError | None:
+    """The call error behind failure, also when a TaskGroup wrapped it in an ExceptionGroup."""
+    if isinstance(failure, grpc.aio.AioRpcError):
+        return failure
+    if isinstance(failure, BaseExceptionGroup):
+        for inner in failure.exceptions:
+            found = first_rpc_error(inner)
+            if found is not None:
+                return found
+    return None
+
+
+def call_failed(command: str, tried: str, error: grpc.aio.AioRpcError, address_flag: str) -> str:
+    """One line: what was tried, what came back, what to do."""
+    code = error.code()
+    answer = f"{code.name} ({error.details()})"
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        advice = (
+            "is the suite running? `profiles up` starts it, `profiles status` shows where it"
+            f" listens; or pass {address_flag}"
+        )
+    elif code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+        advice = (
+            "that suite does not know this key: is it the suite of this data directory"
+            " (`profiles status`, --data-dir)? Or pass --key"
+        )
+    else:
+        advice = "see the services' logs (`profiles status` shows where they are)"
+    return f"{command}: tried {tried}: {answer}; {advice}"
+
+
+def suite_addresses(args: argparse.Namespace) -> dict[str, str]:
+    """Each service's address: PROFILES_<SERVICE>_ADDRESS when set, else the address of the
+    suite `profiles up` runs on the data directory, else the default."""
+    from profiles.suite import live_record
+
+    settings = settings_from(args)
+    addresses = dict(settings.addresses)
+    record = live_record(settings.data_dir)
+    if record is not None:
+        for name, address in record.addresses().items():
+            if f"PROFILES_{name.upper()}_ADDRESS" not in os.environ:
+                addresses[name] = address
+    return addresses
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
@@ -439,6 +622,7 @@ def _async(command: Callable[[argparse.Namespace], Coroutine[Any, Any, int]]) ->
 async def tenancy_for(args: argparse.Namespace) -> AsyncIterator[TenancyRepository]:
     """A TenancyRepository on the configured or embedded database, migrated."""
     from profiles.datadir import DataDir
+    from profiles.suite import release_lock, take_lock
     from shared.db import create_pool, migrate
     from shared.embedded import EmbeddedPostgres
     from shared.tenancy import TenancyRepository
@@ -446,12 +630,17 @@ async def tenancy_for(args: argparse.Namespace) -> AsyncIterator[TenancyReposito
     settings = settings_from(args)
     url = settings.database_url
     postgres: EmbeddedPostgres | None = None
+    lock = None
     if not url:
         data_dir = DataDir(settings.data_dir)
         data_dir.create()
+        # Held while this command uses the directory's PostgreSQL on its own, so that a
+        # `profiles up` cannot adopt a server this command is about to stop. None: a
+        # `profiles up` owns the directory and its server.
+        lock = take_lock(data_dir.path)
         embedded = EmbeddedPostgres(data_dir.postgres)
         # Stopped afterwards only if this command started it (not when `profiles up` runs).
-        postgres = None if embedded.is_running() else embedded
+        postgres = None if embedded.is_running() or lock is None else embedded
         url = await asyncio.to_thread(embedded.start)
     try:
         await migrate(url)
@@ -463,6 +652,7 @@ async def tenancy_for(args: argparse.Namespace) -> AsyncIterator[TenancyReposito
     finally:
         if postgres is not None:
             await asyncio.to_thread(postgres.stop)
+        release_lock(lock)
 
 
 async def _project_create(args: argparse.Namespace) -> int:

@@ -4,8 +4,10 @@ For each synthetic user: one or two installations (iOS, Android, Web), a few wee
 with custom events, attribute changes, consent changes, installation updates and the odd crash,
 backfilled through ImportEvents (admin key); then logins (Identify, sdk key), a few logouts, and
 a live session for some users through TrackEvents. Everything goes through the running suite's
-gRPC API, exactly as apps and backends would send it. IDs derive from --seed, so re-running with
-the same seed only produces duplicates.
+gRPC API, exactly as apps and backends would send it. Installation and event IDs derive from
+--seed, so re-running with the same seed only produces duplicates. Custom IDs are the same in
+every run (user-1, user-2, ...; user-1 always logs in), so the README's examples find them; a run
+with another seed logs the same people in on new devices.
 """
 
 from __future__ import annotations
@@ -193,14 +195,15 @@ def make_users(count: int, rng: random.Random, tag: str) -> list[User]:
     for index in range(count):
         platforms = rng.sample(PLATFORMS, rng.choice((1, 1, 2)))
         installations = [(f"demo-{tag}-{index}-{p}", p) for p in platforms]
-        logs_in = rng.random() < 0.6
+        # The first user always logs in and stays logged in: user-1 is the README's example.
+        logs_in = index == 0 or rng.random() < 0.6
         users.append(
             User(
                 index=index,
-                custom_id=f"demo-{tag}-user-{index}",
+                custom_id=f"user-{index + 1}",
                 installations=installations,
                 logs_in=logs_in,
-                logs_out=logs_in and rng.random() < 0.15,
+                logs_out=logs_in and index > 0 and rng.random() < 0.15,
                 live=rng.random() < 0.3,
             )
         )

@@ -1,15 +1,19 @@
 """`profiles up`: the whole suite on one machine, from pip packages only.
 
-Order matters on the way up and, reversed, on the way down: ports are checked before anything
-starts (so a taken port costs nothing to undo), then PostgreSQL and Redis, migrations and the
-default project, then the four services as child processes, each in its own session so that a
-Ctrl-C in the terminal reaches only this supervisor, which stops the services before the
-databases they are still using.
+Order matters on the way up and, reversed, on the way down: the data directory's lock is taken
+first (one `profiles up` per data directory; what a killed one left running is stopped), ports
+are checked before anything starts (so a taken port costs nothing to undo), then PostgreSQL and
+Redis, migrations and the default project, then the services of `SUITE` as child processes, each
+in its own session so that a Ctrl-C in the terminal reaches only this supervisor, which stops the
+services before the databases they are still using. A service that dies meanwhile is started
+again with backoff; one that keeps dying stops everything.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import os
 import signal
 import socket
@@ -17,32 +21,86 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import IO
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+import psutil
 
 from profiles.datadir import DataDir
+from profiles.suite import (
+    HEALTH_GRPC,
+    HEALTH_HTTP,
+    SERVING,
+    HealthKind,
+    RunRecord,
+    ServiceRecord,
+    check_health,
+    read_record,
+    release_lock,
+    remove_record,
+    take_lock,
+    write_record,
+)
 from shared.db import create_pool, migrate
 from shared.embedded import EmbeddedPostgres, EmbeddedRedis
 from shared.logging import configure_logging
-from shared.settings import SERVICE_NAMES, Settings
+from shared.settings import SERVICE_NAMES, SETTINGS, Settings
 from shared.tenancy import ROLES, ProjectNameTaken, TenancyRepository
 
 DEFAULT_PROJECT = "default"
 READY_TIMEOUT_SECONDS = 60.0
 # On top of the services' own grace period, before they are killed.
 KILL_AFTER_EXTRA_SECONDS = 5.0
+# A service that dies is started again after 0.5 s, then 1, 2 and 4 s while it keeps dying (never
+# more than 8 s); the fifth death within a minute means restarting will not help, so everything
+# stops.
+RESTART_FIRST_DELAY_SECONDS = 0.5
+RESTART_MAX_DELAY_SECONDS = 8.0
+CRASH_LIMIT = 5
+CRASH_WINDOW_SECONDS = 60.0
 _LOOPBACK_ALIASES = {"", "0.0.0.0", "::", "[::]"}
-# Short reconnect backoff: the default (1 s, growing) would add seconds to every start-up.
-_PROBE_OPTIONS = [
-    ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 250),
-]
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceSpec:
+    """One process `profiles up` runs: `python -m profiles.cli <command>`, its port settings
+    (names of settings that `Settings.to_env()` passes on) and how its health is checked."""
+
+    name: str
+    command: tuple[str, ...]
+    port_env: str
+    metrics_port_env: str
+    health: HealthKind
+
+    def port(self, settings: Settings) -> int:
+        return _setting_int(settings, self.port_env)
+
+    def metrics_port(self, settings: Settings) -> int:
+        return _setting_int(settings, self.metrics_port_env)
+
+
+def _grpc_service(name: str) -> ServiceSpec:
+    upper = name.upper()
+    ports = f"PROFILES_{upper}_PORT", f"PROFILES_{upper}_METRICS_PORT"
+    return ServiceSpec(name, ("serve", name), *ports, HEALTH_GRPC)
+
+
+# Every process of the suite, in start order; the banner, the port check, the health wait, the
+# record and the supervision all follow this table. An HTTP service is one more entry:
+#   ServiceSpec("edge", ("serve", "edge"), "PROFILES_EDGE_PORT", "PROFILES_EDGE_METRICS_PORT",
+#               HEALTH_HTTP)  # healthy when GET /healthz answers 200
+SUITE: tuple[ServiceSpec, ...] = tuple(_grpc_service(name) for name in SERVICE_NAMES)
+
+
+def _setting_int(settings: Settings, env: str) -> int:
+    values = settings.to_env()
+    if env in values:
+        return int(values[env])
+    default = next(s.default for s in SETTINGS if s.env == env)
+    return int(os.environ.get(env, default))
 
 
 class StartupFailed(Exception):
@@ -56,7 +114,7 @@ class Interrupted(Exception):
 @dataclass(frozen=True, slots=True)
 class TakenPort:
     service: str
-    kind: str  # "gRPC" or "metrics"
+    kind: str  # "gRPC", "HTTP" or "metrics"
     port: int
     env: str
 
@@ -70,10 +128,35 @@ class TakenPort:
 
 
 @dataclass(slots=True)
+class Restarts:
+    """When a service that died is started again (time is an argument: no clock inside)."""
+
+    # Times of its deaths within the last CRASH_WINDOW_SECONDS.
+    deaths: deque[float] = field(default_factory=deque)
+
+    def after_death(self, now: float) -> float | None:
+        """Seconds to wait before starting it again, doubling with each recent death; None
+        when it died CRASH_LIMIT times within CRASH_WINDOW_SECONDS (restarting will not help)."""
+        self.deaths.append(now)
+        while now - self.deaths[0] > CRASH_WINDOW_SECONDS:
+            self.deaths.popleft()
+        if len(self.deaths) >= CRASH_LIMIT:
+            return None
+        delay = RESTART_FIRST_DELAY_SECONDS * 2 ** (len(self.deaths) - 1)
+        return min(delay, RESTART_MAX_DELAY_SECONDS)
+
+
+@dataclass(slots=True)
 class Child:
-    name: str
-    process: subprocess.Popen[bytes]
+    spec: ServiceSpec
     log_path: Path
+    process: subprocess.Popen[bytes] | None = None
+    restarts: Restarts = field(default_factory=Restarts)
+    restart_at: float | None = None
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
 
 
 def port_is_free(host: str, port: int) -> bool:
@@ -105,12 +188,12 @@ def suggest_port(host: str, taken: int) -> int:
 def taken_ports(settings: Settings) -> list[TakenPort]:
     """Every configured port some other process (or another service of ours) already has."""
     wanted: list[TakenPort] = []
-    for name in SERVICE_NAMES:
-        upper = name.upper()
-        wanted.append(TakenPort(name, "gRPC", settings.ports[name], f"PROFILES_{upper}_PORT"))
-        metrics = settings.metrics_ports[name]
+    for spec in SUITE:
+        kind = "gRPC" if spec.health == HEALTH_GRPC else "HTTP"
+        wanted.append(TakenPort(spec.name, kind, spec.port(settings), spec.port_env))
+        metrics = spec.metrics_port(settings)
         if metrics:  # 0 turns the metrics server off
-            wanted.append(TakenPort(name, "metrics", metrics, f"PROFILES_{upper}_METRICS_PORT"))
+            wanted.append(TakenPort(spec.name, "metrics", metrics, spec.metrics_port_env))
     taken, seen = [], set()
     for candidate in wanted:
         if candidate.port in seen or not port_is_free(settings.bind_address, candidate.port):
@@ -127,6 +210,16 @@ def probe_host(bind_address: str) -> str:
 def endpoint(bind_address: str, port: int) -> str:
     host = probe_host(bind_address)
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def describe_exit(code: int) -> str:
+    """`exit code 3`, `killed by SIGKILL`: a Popen return code as a person reads it."""
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
 
 
 async def bootstrap(database_url: str, data_dir: DataDir) -> dict[str, str] | None:
@@ -161,7 +254,7 @@ def log_tail(path: Path, lines: int = 20) -> str:
 
 
 class Supervisor:
-    """Runs the suite until a signal (exit 0) or until a service dies (exit 1)."""
+    """Runs the suite until a signal (exit 0), or until a service keeps dying (exit 1)."""
 
     def __init__(self, settings: Settings, out: IO[str] = sys.stdout) -> None:
         self._settings = settings
@@ -171,9 +264,50 @@ class Supervisor:
         self._postgres: EmbeddedPostgres | None = None
         self._redis: EmbeddedRedis | None = None
         self._children: list[Child] = []
+        self._env: dict[str, str] = {}
+        self._state = "starting"
 
     def run(self) -> int:
         self._install_signal_handlers()
+        # Only the directory itself, so that a refused start changes nothing of the running one.
+        self._data_dir.path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        lock = take_lock(self._data_dir.path)
+        if lock is None:
+            self._refuse()
+            return 1
+        try:
+            return self._run_as_owner()
+        finally:
+            remove_record(self._data_dir.path)
+            release_lock(lock)
+
+    def _refuse(self) -> None:
+        record = read_record(self._data_dir.path)
+        if record is None:
+            # Between taking the lock and writing the record, or an admin command
+            # (`profiles keys create` ...) running on the directory's PostgreSQL: seconds.
+            self._error(
+                f"another `profiles` command holds {self._data_dir.path} (a `profiles up`"
+                " starting, or a command using its database); nothing was started. Try again"
+                " in a moment, or give this one another --data-dir"
+            )
+            return
+        self._error(
+            f"another `profiles up` owns {self._data_dir.path} (pid {record.pid},"
+            f" {record.ports_text()}); nothing was started. Stop it with"
+            f" `profiles down{self._data_dir_flag()}` (or Ctrl-C in its terminal), or give this"
+            " one another --data-dir"
+        )
+
+    def _run_as_owner(self) -> int:
+        try:
+            self._stop_what_a_killed_run_left()
+        except RuntimeError as exc:
+            self._error(str(exc))
+            return 1
+        # At once, so that a refused start can name this one, and a start after this one is
+        # killed (even before its services run) knows to clean up after it.
+        self._write_record()
         taken = taken_ports(self._settings)
         if taken:
             for port in taken:
@@ -187,6 +321,8 @@ class Supervisor:
             )
             self._start_services(settings)
             self._wait_until_serving(settings)
+            self._state = "serving"
+            self._write_record()
             self._print_ready(settings, new_keys)
             return self._supervise()
         except Interrupted:
@@ -196,6 +332,41 @@ class Supervisor:
             return 1
         finally:
             self._shutdown()
+
+    def _stop_what_a_killed_run_left(self) -> None:
+        """A record without a lock holder: its `profiles up` was killed and may have left its
+        services and embedded databases running, holding ports and the data. Stops them."""
+        stale = read_record(self._data_dir.path)
+        if stale is None:
+            return
+        stopped = []
+        orphans = [
+            (name, process)
+            for name, service in stale.services.items()
+            if (process := _orphaned_service(service.pid, name, self._data_dir.path)) is not None
+        ]
+        for name, process in orphans:
+            with contextlib.suppress(psutil.Error):
+                process.terminate()
+            stopped.append(f"{name} (pid {process.pid})")
+        _, alive = psutil.wait_procs([p for _, p in orphans], timeout=KILL_AFTER_EXTRA_SECONDS)
+        for process in alive:
+            with contextlib.suppress(psutil.Error):
+                process.kill()
+        redis = EmbeddedRedis(self._data_dir.redis)
+        if redis.is_running():
+            redis.stop()
+            stopped.append("Redis")
+        postgres = EmbeddedPostgres(self._data_dir.postgres)
+        if postgres.is_running():
+            postgres.stop()
+            stopped.append("PostgreSQL")
+        remove_record(self._data_dir.path)
+        left = ", ".join(stopped) if stopped else "nothing was left running"
+        self._error(
+            f"the previous `profiles up` on {self._data_dir.path} (pid {stale.pid}) is gone;"
+            f" stopped what it left running: {left}. Starting normally."
+        )
 
     def _install_signal_handlers(self) -> None:
         def request_stop(signum: int, frame: FrameType | None) -> None:
@@ -243,65 +414,109 @@ class Supervisor:
         return new_keys
 
     def _start_services(self, settings: Settings) -> None:
-        env = {**os.environ, **settings.to_env()}
-        self._say("Starting " + ", ".join(SERVICE_NAMES) + " ...")
-        for name in SERVICE_NAMES:
-            log_path = self._data_dir.logs / f"{name}.log"
-            with log_path.open("ab") as log_file:
-                process = subprocess.Popen(
-                    [sys.executable, "-m", "profiles.cli", "serve", name],
-                    stdin=subprocess.DEVNULL,
-                    stdout=log_file,
-                    stderr=subprocess.STDOUT,
-                    env=env,
-                    start_new_session=True,
-                )
-            self._children.append(Child(name, process, log_path))
+        self._env = {**os.environ, **settings.to_env()}
+        self._say("Starting " + ", ".join(spec.name for spec in SUITE) + " ...")
+        for spec in SUITE:
+            child = Child(spec, self._data_dir.logs / f"{spec.name}.log")
+            self._spawn(child)
+            self._children.append(child)
+        self._write_record()
+
+    def _spawn(self, child: Child) -> None:
+        with child.log_path.open("ab") as log_file:
+            child.process = subprocess.Popen(
+                [sys.executable, "-m", "profiles.cli", *child.spec.command],
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                env=self._env,
+                start_new_session=True,
+            )
+
+    def _write_record(self) -> None:
+        bind = self._settings.bind_address
+        services = {
+            child.name: ServiceRecord(
+                address=endpoint(bind, child.spec.port(self._settings)),
+                port=child.spec.port(self._settings),
+                metrics_port=child.spec.metrics_port(self._settings),
+                health=child.spec.health,
+                pid=child.process.pid if child.process is not None else 0,
+                log=str(child.log_path),
+            )
+            for child in self._children
+        }
+        me = psutil.Process()
+        record = RunRecord(
+            pid=me.pid,
+            create_time=me.create_time(),
+            data_dir=str(self._data_dir.path),
+            state=self._state,
+            services=services,
+        )
+        write_record(self._data_dir.path, record)
 
     def _wait_until_serving(self, settings: Settings) -> None:
         deadline = time.monotonic() + READY_TIMEOUT_SECONDS
         pending = {c.name: c for c in self._children}
-        channels = {
-            name: grpc.insecure_channel(
-                endpoint(settings.bind_address, settings.ports[name]), options=_PROBE_OPTIONS
-            )
-            for name in pending
-        }
-        try:
-            while pending:
-                self._check_interrupted()
-                self._raise_if_a_child_died()
-                for name in list(pending):
-                    if _is_serving(channels[name]):
-                        del pending[name]
-                if pending and time.monotonic() > deadline:
-                    raise StartupFailed(
-                        f"not SERVING after {READY_TIMEOUT_SECONDS:.0f} s: {', '.join(pending)};"
-                        f" see {self._data_dir.logs}"
-                    )
-                self._stop.wait(0.1)
-        finally:
-            for channel in channels.values():
-                channel.close()
+        while pending:
+            self._check_interrupted()
+            self._raise_if_a_child_died()
+            for name, child in list(pending.items()):
+                address = endpoint(settings.bind_address, child.spec.port(settings))
+                if check_health(child.spec.health, address, timeout=1.0) == SERVING:
+                    del pending[name]
+            if pending and time.monotonic() > deadline:
+                raise StartupFailed(
+                    f"not SERVING after {READY_TIMEOUT_SECONDS:.0f} s: {', '.join(pending)};"
+                    f" see {self._data_dir.logs}"
+                )
+            self._stop.wait(0.1)
 
     def _raise_if_a_child_died(self) -> None:
+        # While starting, a death is a configuration problem that a restart would repeat.
         for child in self._children:
-            code = child.process.poll()
+            code = None if child.process is None else child.process.poll()
             if code is not None:
                 raise StartupFailed(
-                    f"{child.name} exited with code {code}; end of {child.log_path}:\n"
+                    f"{child.name} exited ({describe_exit(code)}); end of {child.log_path}:\n"
                     + log_tail(child.log_path)
                 )
 
     def _supervise(self) -> int:
         while not self._stop.wait(0.2):
-            try:
-                self._raise_if_a_child_died()
-            except StartupFailed as exc:
-                self._error(f"stopping everything: {exc}")
-                return 1
+            now = time.monotonic()
+            for child in self._children:
+                if child.process is not None and child.process.poll() is not None:
+                    if not self._note_death(child, child.process.returncode, now):
+                        return 1
+                elif child.restart_at is not None and now >= child.restart_at:
+                    child.restart_at = None
+                    self._spawn(child)
+                    self._write_record()
+                    assert child.process is not None
+                    self._say(f"Restarted {child.name} (pid {child.process.pid}).")
         self._say("Stopping ...")
         return 0
+
+    def _note_death(self, child: Child, code: int, now: float) -> bool:
+        """Schedules the restart of a dead service; False when it died too often to go on."""
+        child.process = None
+        how = describe_exit(code)
+        _append_log_line(child.log_path, {"event": "service_exited", "how": how, "code": code})
+        delay = child.restarts.after_death(now)
+        if delay is None:
+            self._error(
+                f"{child.name} died {CRASH_LIMIT} times within {CRASH_WINDOW_SECONDS:.0f} s"
+                f" (last: {how}); stopping everything. Its log: {child.log_path}; its end:\n"
+                + log_tail(child.log_path)
+            )
+            return False
+        child.restart_at = now + delay
+        self._error(
+            f"{child.name} exited ({how}); restarting it in {delay:g} s. Its log: {child.log_path}"
+        )
+        return True
 
     def _shutdown(self) -> None:
         self._stop_services()
@@ -315,30 +530,38 @@ class Supervisor:
             self._say("Stopped.")
 
     def _stop_services(self) -> None:
-        running = [c for c in self._children if c.process.poll() is None]
-        for child in running:
-            child.process.send_signal(signal.SIGTERM)
+        running = [
+            (c.name, c.process)
+            for c in self._children
+            if c.process is not None and c.process.poll() is None
+        ]
+        for _, process in running:
+            process.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + self._settings.shutdown_grace_seconds
         deadline += KILL_AFTER_EXTRA_SECONDS
-        for child in running:
+        for name, process in running:
             try:
-                child.process.wait(max(0.0, deadline - time.monotonic()))
+                process.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                self._error(f"{child.name} did not stop in time; killing it")
-                child.process.kill()
-                child.process.wait()
+                self._error(f"{name} did not stop in time; killing it")
+                process.kill()
+                process.wait()
 
     def _print_ready(self, settings: Settings, new_keys: dict[str, str] | None) -> None:
         bind = settings.bind_address
         self._say()
         self._say(f"Profiles is up. Data directory: {self._data_dir.path}")
         self._say()
-        for name in SERVICE_NAMES:
-            metrics_port = settings.metrics_ports[name]
+        for spec in SUITE:
+            metrics_port = spec.metrics_port(settings)
             metrics = f"http://{endpoint(bind, metrics_port)}/metrics" if metrics_port else "off"
-            self._say(f"  {name:<9} {endpoint(bind, settings.ports[name]):<22} metrics {metrics}")
+            address = endpoint(bind, spec.port(settings))
+            if spec.health == HEALTH_HTTP:
+                address = f"http://{address}"
+            self._say(f"  {spec.name:<9} {address:<22} metrics {metrics}")
         self._say()
-        keys_command = "profiles keys" + self._data_dir_flag()
+        flag = self._data_dir_flag()
+        keys_command = f"profiles keys{flag}"
         if new_keys is not None:
             self._say(
                 f'Keys of project "{DEFAULT_PROJECT}" (shown once; kept owner-only in'
@@ -351,20 +574,22 @@ class Supervisor:
                 f'Keys of project "{DEFAULT_PROJECT}": {self._data_dir.keys_file}'
                 f" (print them with `{keys_command} --json`)"
             )
-        query = endpoint(bind, settings.ports["query"])
+        query = endpoint(bind, _port_of("query", settings))
         self._say()
         self._say("Try it:")
         self._say(f"  grpcurl -plaintext {query} list")
-        self._say(
-            f'  grpcurl -plaintext -d \'{{"service": "profiles.query.v1.QueryService"}}\''
-            f" {query} grpc.health.v1.Health/Check"
-        )
+        self._say(f"  grpcurl -plaintext {query} grpc.health.v1.Health/Check")
         self._say(
             f'  grpcurl -plaintext -H "authorization: Bearer $({keys_command} --role read)"'
             f" -d '{{}}' {query} profiles.query.v1.QueryService/GetOverview"
         )
+        self._say(f"  profiles demo{flag}")
+        self._say(f"  profiles status{flag}")
         self._say()
-        self._say(f"Logs: {self._data_dir.logs}/<service>.log. Press Ctrl-C to stop.")
+        self._say(
+            f"Logs: {self._data_dir.logs}/<service>.log. Press Ctrl-C to stop"
+            f" (or run `profiles down{flag}`)."
+        )
 
     def _data_dir_flag(self) -> str:
         if self._data_dir.path == Settings().data_dir:
@@ -372,13 +597,31 @@ class Supervisor:
         return f" --data-dir {self._data_dir.path}"
 
 
-def _is_serving(channel: grpc.Channel) -> bool:
-    stub = health_pb2_grpc.HealthStub(channel)
+def _port_of(name: str, settings: Settings) -> int:
+    return next(spec.port(settings) for spec in SUITE if spec.name == name)
+
+
+def _orphaned_service(pid: int, name: str, data_dir: Path) -> psutil.Process | None:
+    """The process of service `name` a killed `profiles up` on data_dir left running, if pid is
+    still that process (and not a reused pid)."""
+    if pid <= 0:  # a service that was waiting to be started again
+        return None
     try:
-        reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
-    except grpc.RpcError:
-        return False
-    return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+        process = psutil.Process(pid)
+        command = process.cmdline()
+        environment = process.environ()
+    except psutil.Error:
+        return None
+    if name not in command or environment.get("PROFILES_DATA_DIR") != str(data_dir):
+        return None
+    return process
+
+
+def _append_log_line(path: Path, entry: dict[str, object]) -> None:
+    """One JSON line in a service's log, in the services' own format, from the supervisor."""
+    line = {"level": "error", "logger": "profiles.up", **entry}
+    with contextlib.suppress(OSError), path.open("a") as log_file:
+        log_file.write(json.dumps(line) + "\n")
 
 
 def run_up(settings: Settings) -> int:

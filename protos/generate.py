@@ -21,6 +21,9 @@ from pathlib import Path
 PROTO_ROOT = Path(__file__).resolve().parent
 REPO_ROOT = PROTO_ROOT.parent
 GENERATED_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py", "_pb2_grpc.pyi")
+# The contract's descriptors with their comments (source info), which the generated modules
+# leave out: the servers answer reflection from it, so `grpcurl describe` shows the comments.
+SOURCE_DESCRIPTORS = Path("profiles") / "descriptors.binpb"
 
 
 def _include_dir(module: str, levels_up: int) -> Path:
@@ -52,6 +55,7 @@ def _plugin(name: str) -> str:
 
 
 def generate(out_dir: Path) -> None:
+    (out_dir / SOURCE_DESCRIPTORS).parent.mkdir(parents=True, exist_ok=True)
     args = [
         "protoc",
         *(f"-I{p}" for p in include_paths()),
@@ -61,6 +65,8 @@ def generate(out_dir: Path) -> None:
         f"--grpc_python_out={out_dir}",
         f"--mypy_out={out_dir}",
         f"--mypy_grpc_out={out_dir}",
+        f"--descriptor_set_out={out_dir / SOURCE_DESCRIPTORS}",
+        "--include_source_info",
         *(str(p.relative_to(PROTO_ROOT)) for p in proto_files()),
     ]
     # protoc runs in a child process: grpc_tools.protoc.main is not re-entrant across calls.
@@ -76,11 +82,12 @@ def generate(out_dir: Path) -> None:
 
 
 def generated_files(root: Path) -> set[Path]:
-    return {
+    found = {
         p.relative_to(root)
         for p in root.glob("profiles/**/*")
         if p.name.endswith(GENERATED_SUFFIXES)
     }
+    return found | ({SOURCE_DESCRIPTORS} if (root / SOURCE_DESCRIPTORS).exists() else set())
 
 
 def check() -> list[str]:

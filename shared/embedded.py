@@ -411,16 +411,30 @@ class EmbeddedRedis:
         finally:
             client.close()
 
-    def _stop_stale_server(self) -> None:
-        """Stops a redis-server a killed previous run left on this socket, so it can be reused."""
+    def is_running(self) -> bool:
+        """True while a redis-server (of this object or of a killed run) serves this socket."""
+        if self._process is not None and self._process.poll() is None:
+            return True
+        return self._server_pid() is not None
+
+    def _server_pid(self) -> int | None:
+        """The pid in the pid file, if it is a redis-server of this socket."""
         try:
             pid = int(self._pid_file.read_text().strip())
         except (OSError, ValueError):
-            return
+            return None
         proc = _process(pid)
-        if proc is not None:
-            with contextlib.suppress(psutil.Error):
-                # redis-server rewrites its process title to "<binary> unixsocket:<path>".
-                if str(self.socket_path) in " ".join(proc.cmdline()):
-                    _terminate([pid], timeout=_STOP_TIMEOUT)
+        if proc is None:
+            return None
+        try:
+            # redis-server rewrites its process title to "<binary> unixsocket:<path>".
+            return pid if str(self.socket_path) in " ".join(proc.cmdline()) else None
+        except psutil.Error:
+            return None
+
+    def _stop_stale_server(self) -> None:
+        """Stops a redis-server a killed previous run left on this socket, so it can be reused."""
+        pid = self._server_pid()
+        if pid is not None:
+            _terminate([pid], timeout=_STOP_TIMEOUT)
         self._pid_file.unlink(missing_ok=True)

@@ -30,6 +30,7 @@ from shared.interceptors import ServerInterceptor, StreamGate
 from shared.logging import configure_logging
 from shared.metrics import start_metrics_server
 from shared.outbox import OutboxRelay
+from shared.reflection import enable_reflection
 from shared.settings import Settings
 from shared.tenancy import TenancyRepository
 from shared.topics import TOPICS
@@ -207,7 +208,7 @@ async def start_service(
         health_pb2_grpc.add_HealthServicer_to_server(health, server)
         definition.register(server)
         full_names = [*definition.full_names, diagnostics.register(server)]
-        reflection.enable_server_reflection(
+        enable_reflection(
             [
                 *full_names,
                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,

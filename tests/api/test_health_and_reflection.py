@@ -18,6 +18,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 
 from profiles.runner import BUILDERS
 from shared.auth_policy import POLICY, service_of
+from shared.reflection import contract_sources
 
 SERVICE_NAMES = {
     "ingest": "profiles.ingest.v1.IngestService",
@@ -101,6 +102,8 @@ async def test_grpcurl_lists_describes_and_checks_health(all_services) -> None: 
             check=True,
         )
         assert "rpc " in described.stdout
+        # The contract's comments, which only descriptors with source info carry.
+        assert service_comment(SERVICE_NAMES[name]) in described.stdout
         health = await asyncio.to_thread(
             subprocess.run,
             [_grpcurl(), "-plaintext", handle.address, "grpc.health.v1.Health/Check"],
@@ -110,3 +113,20 @@ async def test_grpcurl_lists_describes_and_checks_health(all_services) -> None: 
             check=True,
         )
         assert '"SERVING"' in health.stdout
+
+
+def service_comment(full_name: str) -> str:
+    """The first line of a service's comment in protos/, as grpcurl prints it."""
+    package, short = full_name.rsplit(".", 1)
+    for raw in contract_sources().values():
+        file = descriptor_pb2.FileDescriptorProto.FromString(raw)
+        if file.package != package:
+            continue
+        for index, service in enumerate(file.service):
+            if service.name != short:
+                continue
+            location = next(
+                loc for loc in file.source_code_info.location if list(loc.path) == [6, index]
+            )
+            return "// " + location.leading_comments.strip().splitlines()[0]
+    raise AssertionError(f"{full_name} is not in the contract's descriptors")

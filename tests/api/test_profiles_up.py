@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -15,6 +16,7 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import psutil
@@ -72,7 +74,8 @@ def suite() -> Iterator[Suite]:
     yield Suite(data_dir, env, grpc_ports)
     # Whatever a failed test left running, nothing outlives it.
     for proc in processes_of(tmp_path):
-        proc.kill()
+        with contextlib.suppress(psutil.NoSuchProcess):  # it may end on its own meanwhile
+            proc.kill()
     shutil.rmtree(tmp_path, ignore_errors=True)
 
 
@@ -98,8 +101,12 @@ async def started_up(suite: Suite) -> AsyncIterator[asyncio.subprocess.Process]:
     process = await start_profiles_up(suite)
     yield process
     if process.returncode is None:
-        process.kill()
-        await process.wait()
+        # As Ctrl-C stops it: a SIGKILL would leave its services and databases to the fixture.
+        try:
+            await stop(process)
+        except TimeoutError:
+            process.kill()
+            await process.wait()
 
 
 async def start_profiles_up(suite: Suite) -> asyncio.subprocess.Process:
@@ -196,17 +203,164 @@ def check_call_logs(log_file: Path, secret: str) -> None:
     assert isinstance(call["latency_ms"], float)
 
 
-async def test_profiles_up_stops_everything_when_a_service_dies(
+async def run_profiles(env: dict[str, str], *args: str) -> tuple[int, str, str]:
+    """Runs `profiles ARGS` to its end; returns its exit code, stdout and stderr."""
+    process = await asyncio.create_subprocess_exec(
+        *profiles_command(), *args, env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    async with asyncio.timeout(STOP_TIMEOUT):
+        out, err = await process.communicate()
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+def record_of(suite: Suite) -> dict[str, Any]:
+    record: dict[str, Any] = json.loads((suite.data_dir / "up.json").read_text())
+    return record
+
+
+def moved_ports(suite: Suite) -> tuple[dict[str, str], dict[str, int]]:
+    """The same data directory, every port moved to another free one."""
+    env = dict(suite.env)
+    ports = free_ports(2 * len(SERVICE_NAMES))
+    grpc_ports = {}
+    for index, name in enumerate(SERVICE_NAMES):
+        grpc_ports[name] = ports[2 * index]
+        env[f"PROFILES_{name.upper()}_PORT"] = str(ports[2 * index])
+        env[f"PROFILES_{name.upper()}_METRICS_PORT"] = str(ports[2 * index + 1])
+    return env, grpc_ports
+
+
+async def test_a_second_up_on_the_data_directory_refuses_and_status_and_down_reach_the_first(
     suite: Suite, started_up: asyncio.subprocess.Process
 ) -> None:
-    [query] = [p for p in processes_of(suite.data_dir) if "serve query" in " ".join(p.cmdline())]
-    query.kill()
+    """The second start touches nothing of the first; from another terminal, `profiles status`
+    describes the first and `profiles down` stops it as Ctrl-C would."""
+    record_before = (suite.data_dir / "up.json").read_text()
+    keys = json.loads((suite.data_dir / "keys.json").read_text())
+    running = {p.pid for p in processes_of(suite.data_dir)}
+    other_env, other_ports = moved_ports(suite)
 
+    code, _, errors = await run_profiles(other_env, "up")
+
+    assert code != 0
+    assert f"pid {started_up.pid}" in errors
+    assert f"query {suite.ports['query']}" in errors
+    assert "profiles down" in errors
+    assert (suite.data_dir / "up.json").read_text() == record_before
+    assert {p.pid for p in processes_of(suite.data_dir)} == running
+    for port in other_ports.values():
+        with socket.socket() as probe:
+            assert probe.connect_ex(("127.0.0.1", port)) != 0  # nothing of the second started
+    for name in SERVICE_NAMES:
+        status = await health_status(suite.ports[name])
+        assert status == health_pb2.HealthCheckResponse.SERVING, name
+    await check_keys_reach_the_query_service(suite.ports["query"], keys["read"])
+
+    code, out, _ = await run_profiles(suite.env, "status")
+    assert code == 0
+    assert f"pid {started_up.pid}" in out
+    for name in SERVICE_NAMES:
+        assert f"127.0.0.1:{suite.ports[name]}" in out
+    assert out.count("SERVING") == len(SERVICE_NAMES)
+
+    code, out, _ = await run_profiles(suite.env, "down")
+
+    assert code == 0
+    assert "Stopped." in out
     async with asyncio.timeout(STOP_TIMEOUT):
-        _, errors = await started_up.communicate()
+        assert await started_up.wait() == 0  # stopped as Ctrl-C stops it
+    assert processes_of(suite.data_dir) == []
+    assert not (suite.data_dir / "up.json").exists()
+    code, _, errors = await run_profiles(suite.env, "status")
+    assert code == 1
+    assert "no `profiles up` runs on" in errors
+    code, out, _ = await run_profiles(suite.env, "down")
+    assert code == 0
+    assert "nothing to stop" in out
 
-    assert started_up.returncode != 0
-    assert "query exited" in errors.decode()
+
+async def test_a_killed_service_is_started_again_and_one_that_keeps_dying_stops_everything(
+    suite: Suite, started_up: asyncio.subprocess.Process
+) -> None:
+    first = record_of(suite)["services"]
+    others = {name: first[name]["pid"] for name in SERVICE_NAMES if name != "query"}
+    killed = first["query"]["pid"]
+    psutil.Process(killed).kill()
+
+    async with asyncio.timeout(START_TIMEOUT):
+        while True:
+            pid = record_of(suite)["services"]["query"]["pid"]
+            if pid != killed and await serving(suite.ports["query"]):
+                break
+            await asyncio.sleep(0.2)
+
+    assert started_up.returncode is None
+    assert {name: record_of(suite)["services"][name]["pid"] for name in others} == others
+    keys = json.loads((suite.data_dir / "keys.json").read_text())
+    await check_keys_reach_the_query_service(suite.ports["query"], keys["read"])
+    assert '"service_exited"' in (suite.data_dir / "logs" / "query.log").read_text()
+
+    # Four more deaths within the minute: restarting will not help, everything stops.
+    for _ in range(4):
+        killed = await next_pid_of(suite, "query", after=killed)
+        with contextlib.suppress(psutil.NoSuchProcess):
+            psutil.Process(killed).kill()
+    async with asyncio.timeout(STOP_TIMEOUT):
+        _, errors_bytes = await started_up.communicate()
+
+    errors = errors_bytes.decode()
+    assert started_up.returncode == 1
+    assert "query exited (killed by SIGKILL); restarting it in 0.5 s" in errors
+    assert "query died 5 times within 60 s" in errors
+    assert str(suite.data_dir / "logs" / "query.log") in errors
+    assert processes_of(suite.data_dir) == []
+
+
+async def next_pid_of(suite: Suite, name: str, after: int) -> int:
+    """The pid of the process `profiles up` started for name after the one with pid `after`."""
+    async with asyncio.timeout(START_TIMEOUT):
+        while True:
+            pid = int(record_of(suite)["services"][name]["pid"])
+            if pid not in (after, 0):  # 0: waiting to be started again
+                return pid
+            await asyncio.sleep(0.05)
+
+
+async def serving(port: int) -> bool:
+    try:
+        return await health_status(port) == health_pb2.HealthCheckResponse.SERVING
+    except grpc.aio.AioRpcError:
+        return False
+
+
+async def test_the_start_after_a_killed_profiles_up_stops_what_it_left_and_starts(
+    suite: Suite,
+) -> None:
+    killed = await start_profiles_up(suite)
+    left = record_of(suite)
+    killed.kill()  # SIGKILL: no shutdown; services, PostgreSQL and Redis stay behind
+    await killed.wait()
+    assert processes_of(suite.data_dir) != []
+
+    process = await asyncio.create_subprocess_exec(
+        *profiles_command(), "up", env=suite.env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        await read_until_ready(process)
+        assert await health_status(suite.ports["query"]) == health_pb2.HealthCheckResponse.SERVING
+        assert record_of(suite)["pid"] == process.pid
+        for name in SERVICE_NAMES:
+            assert not psutil.pid_exists(left["services"][name]["pid"]), name
+    finally:
+        assert await stop(process) == 0
+    assert process.stderr is not None
+    errors = (await process.stderr.read()).decode()
+    assert f"(pid {left['pid']}) is gone; stopped what it left running" in errors
+    assert "PostgreSQL" in errors
+    assert "Redis" in errors
     assert processes_of(suite.data_dir) == []
 
 
