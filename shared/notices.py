@@ -83,14 +83,9 @@ class NoticeWorker:
                 await sleep_unless(self._stop, self._backoff.failed(exc))
 
     async def _publish(self, notices: Sequence[bus_pb2.ProfileChanged]) -> None:
-        # A plain pipeline, not a script: channels of different profiles would be keys of
-        # different slots in one script, which Redis Cluster refuses (CROSSSLOT).
-        bus = self._bus
-        async with bus.redis.pipeline(transaction=False) as pipe:
-            for notice in notices:
-                channel = bus.channel_key(profile_channel(notice.project_id, notice.profile_id))
-                pipe.publish(channel, notice.SerializeToString())
-            await pipe.execute()
+        await self._bus.notify_many(
+            [(profile_channel(n.project_id, n.profile_id), n) for n in notices]
+        )
 
     async def stop(self) -> None:
         self._stop.set()

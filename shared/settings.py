@@ -54,7 +54,13 @@ SETTINGS: tuple[Setting, ...] = (
         "",
         "PostgreSQL URL; empty: `profiles up` starts an embedded PostgreSQL",
     ),
-    Setting("PROFILES_REDIS_URL", "", "Redis URL; empty: `profiles up` starts an embedded Redis"),
+    Setting(
+        "PROFILES_REDIS_URL",
+        "",
+        "Redis URL (`redis://host:port/0`, `unix:///path`), or a Redis Cluster as"
+        " `redis+cluster://host:port,host:port` (seed nodes; `rediss+cluster://` for TLS);"
+        " empty: `profiles up` starts an embedded Redis",
+    ),
     Setting("PROFILES_REDIS_PREFIX", "profiles", "prefix of every Redis key of this suite"),
     Setting(
         "PROFILES_INTERNAL_TOKEN",
