@@ -26,7 +26,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import pytest
@@ -429,13 +429,13 @@ async def check_segment_changes(bus: Bus, suite: Suite) -> None:
     """Per profile and segment the stream alternates ENTERED and LEFT, starting with ENTERED
     (a change announced twice would repeat one), and what a live profile is in by the stream is
     what segments stored for it."""
-    entries = await bus.redis.xrange(bus.stream_key(SEGMENT_CHANGES.name))
+    entries: Any = await bus.redis.xrange(bus.stream_key(SEGMENT_CHANGES.name))
     member: dict[tuple[str, str], bool] = {}
     for _, fields in entries:
         change = bus_pb2.SegmentMembershipChanged.FromString(fields[b"data"])
         if change.project_id != str(suite.project.project_id):
             continue
-        which = change.WhichOneof("segment")
+        which = change.WhichOneof("segment") or ""
         key = (change.profile_id, f"{which}:{getattr(change, which)}")
         entered = change.transition == types_pb2.MEMBERSHIP_CHANGE_ENTERED
         assert member.get(key, False) != entered, (key, entered)
