@@ -38,8 +38,8 @@ from prometheus_client import Counter, Gauge
 from redis.asyncio.client import PubSub
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
+from redis.exceptions import ClusterDownError, ResponseError, SlotNotCoveredError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared.redis_client import RedisClient, connect, pubsub
@@ -48,11 +48,15 @@ log = structlog.get_logger(__name__)
 
 DEFAULT_MAXLEN = 1_000_000
 # Errors that mean "Redis is away for now": retried with backoff, never fatal. The built-in
-# TimeoutError is what asyncio.timeout() raises around a read that hangs on a dead connection.
+# TimeoutError is what asyncio.timeout() raises around a read that hangs on a dead connection;
+# the cluster ones are what a Redis Cluster answers while a failover moves slots to a replica.
 REDIS_UNAVAILABLE: tuple[type[Exception], ...] = (
     RedisConnectionError,
     RedisTimeoutError,
     TimeoutError,
+    ClusterDownError,
+    TryAgainError,
+    SlotNotCoveredError,
 )
 # Without XINFO's `lag` (Redis < 7, or after deletions) the lag is counted with XRANGE, read
 # no further than this so a metrics update stays cheap; the gauge then says "at least".

@@ -12,7 +12,7 @@ import asyncio
 from collections.abc import Sequence
 
 from prometheus_client import Counter
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, SlotNotCoveredError
 
 from profiles.common.v1 import bus_pb2
 from shared.bus import Backoff, Bus, sleep_unless
@@ -78,7 +78,7 @@ class NoticeWorker:
                 async with asyncio.timeout(PUBLISH_TIMEOUT_S):
                     await self._publish(batch)
                 self._backoff.recovered()
-            except (RedisError, OSError, TimeoutError) as exc:
+            except (RedisError, SlotNotCoveredError, OSError, TimeoutError) as exc:
                 NOTICES_DROPPED.labels(self._notices.service, "redis_unavailable").inc(len(batch))
                 await sleep_unless(self._stop, self._backoff.failed(exc))
 
