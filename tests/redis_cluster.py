@@ -58,7 +58,18 @@ class RedisClusterProcesses:
         """The suite's cluster URL form: every node as a seed."""
         return "redis+cluster://" + ",".join(f"127.0.0.1:{port}" for port in self.ports)
 
-    def start(self) -> str:
+    def start(self, attempts: int = 3) -> str:
+        """Starts the nodes and forms the cluster; returns its URL. A port another process
+        took between the check and the bind costs one more attempt on other ports."""
+        for attempt in range(attempts):
+            try:
+                return self._start()
+            except RuntimeError:
+                if attempt == attempts - 1:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _start(self) -> str:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.ports = free_cluster_ports(self.masters)
         for port in self.ports:
@@ -139,11 +150,13 @@ class RedisClusterProcesses:
             with contextlib.suppress(redis.ConnectionError, redis.TimeoutError):
                 if check():  # type: ignore[operator]
                     return
-            if time.monotonic() > deadline:
+            exited = [p for p in self._processes if p.poll() is not None]
+            if exited or time.monotonic() > deadline:
                 logs = "\n".join(
                     (self.directory / f"redis-{p}.log").read_text(errors="replace")[-2000:]
                     for p in self.ports
                     if (self.directory / f"redis-{p}.log").exists()
                 )
-                raise RuntimeError(f"Redis Cluster: no {what} after {START_TIMEOUT_S} s\n{logs}")
+                why = "a node exited" if exited else f"no {what} after {START_TIMEOUT_S} s"
+                raise RuntimeError(f"Redis Cluster: {why}\n{logs}")
             time.sleep(0.05)
