@@ -66,6 +66,10 @@ def service_config(methods: Iterable[tuple[str, str]] | None = None) -> str:
     names = [{"service": s, "method": m} for s, m in (methods or idempotent_methods())]
     return json.dumps(
         {
+            # Every address the target resolves to gets calls in turn (a DNS name with one
+            # record per replica, or `ipv4:host:port,host:port`), and a replica that went
+            # away is skipped until it answers again; one address behaves as before.
+            "loadBalancingConfig": [{"round_robin": {}}],
             "methodConfig": [
                 {
                     "name": names,
@@ -77,7 +81,7 @@ def service_config(methods: Iterable[tuple[str, str]] | None = None) -> str:
                         "retryableStatusCodes": ["UNAVAILABLE"],
                     },
                 }
-            ]
+            ],
         }
     )
 

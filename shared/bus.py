@@ -35,22 +35,28 @@ from typing import Any, Self
 import structlog
 from google.protobuf.message import DecodeError, Message
 from prometheus_client import Counter, Gauge
-from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
+from redis.exceptions import ClusterDownError, ResponseError, SlotNotCoveredError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from shared.redis_client import RedisClient, connect, pubsub
 
 log = structlog.get_logger(__name__)
 
 DEFAULT_MAXLEN = 1_000_000
 # Errors that mean "Redis is away for now": retried with backoff, never fatal. The built-in
-# TimeoutError is what asyncio.timeout() raises around a read that hangs on a dead connection.
+# TimeoutError is what asyncio.timeout() raises around a read that hangs on a dead connection;
+# the cluster ones are what a Redis Cluster answers while a failover moves slots to a replica.
 REDIS_UNAVAILABLE: tuple[type[Exception], ...] = (
     RedisConnectionError,
     RedisTimeoutError,
     TimeoutError,
+    ClusterDownError,
+    TryAgainError,
+    SlotNotCoveredError,
 )
 # Without XINFO's `lag` (Redis < 7, or after deletions) the lag is counted with XRANGE, read
 # no further than this so a metrics update stays cheap; the gauge then says "at least".
@@ -208,15 +214,16 @@ def _text(value: bytes | str) -> str:
 class Bus:
     """Publishes to topic streams and pub/sub channels under one key prefix."""
 
-    def __init__(self, redis: Redis, prefix: str, *, maxlen: int = DEFAULT_MAXLEN) -> None:
+    def __init__(self, redis: RedisClient, prefix: str, *, maxlen: int = DEFAULT_MAXLEN) -> None:
         self.redis = redis
         self.prefix = prefix
         self.maxlen = maxlen
 
     @classmethod
     def from_url(cls, url: str, prefix: str, *, maxlen: int = DEFAULT_MAXLEN) -> Self:
-        """A bus with its own client; `aclose()` it on shutdown."""
-        redis = Redis.from_url(
+        """A bus with its own client (one server or a cluster: shared.redis_client); `aclose()`
+        it on shutdown."""
+        redis = connect(
             url,
             # Above the longest XREADGROUP BLOCK a consumer uses, so a block is not a timeout.
             socket_timeout=30,
@@ -308,9 +315,29 @@ class Bus:
         )
 
     async def notify(self, channel: str, message: Message | bytes) -> int:
-        """Publishes a live notice; returns how many listeners got it. Best effort: no retry."""
-        data = message if isinstance(message, bytes) else message.SerializeToString()
-        return int(await self.redis.publish(self.channel_key(channel), data))
+        """Publishes a live notice; returns how many listeners got it (on a cluster: those
+        subscribed on the node it reached, so 0 says nothing). Best effort: no retry."""
+        return (await self.notify_many([(channel, message)]))[0]
+
+    async def notify_many(self, notices: Sequence[tuple[str, Message | bytes]]) -> list[int]:
+        """Publishes (channel, message) notices in order, in one round trip per node; returns
+        the receiver counts as `notify` does. Best effort: no retry."""
+        if not notices:
+            return []
+        # A plain pipeline, not MULTI or a script: channels hash to different cluster slots.
+        # PUBLISH goes through execute_command because redis-py's cluster pipeline refuses its
+        # publish() method, yet routes the command itself (by the channel's slot) well; a
+        # cluster forwards a plain PUBLISH to every node, so subscribers anywhere hear it.
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for channel, message in notices:
+                data = message if isinstance(message, bytes) else message.SerializeToString()
+                pipe.execute_command("PUBLISH", self.channel_key(channel), data)
+            replies = await pipe.execute()
+        return [int(reply) for reply in replies]
+
+    async def pubsub(self) -> PubSub:
+        """A pub/sub connection for a reader of its own (WatchProfile); `aclose()` it."""
+        return await pubsub(self.redis)
 
     async def listen(
         self,
@@ -331,11 +358,12 @@ class Bus:
             "bus_listen_redis_unavailable", initial=backoff_initial_s, maximum=backoff_max_s
         )
         while True:
-            pubsub = self.redis.pubsub()
+            subscriber: PubSub | None = None
             try:
-                await pubsub.subscribe(*keys)
+                subscriber = await self.pubsub()
+                await subscriber.subscribe(*keys)
                 while True:
-                    raw = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                    raw = await subscriber.get_message(ignore_subscribe_messages=True, timeout=1.0)
                     backoff.recovered()
                     if raw is None or raw.get("type") != "message":
                         continue
@@ -344,8 +372,9 @@ class Bus:
             except REDIS_UNAVAILABLE as exc:
                 await asyncio.sleep(backoff.failed(exc))
             finally:
-                with contextlib.suppress(*REDIS_UNAVAILABLE):
-                    await pubsub.aclose()
+                if subscriber is not None:
+                    with contextlib.suppress(*REDIS_UNAVAILABLE):
+                        await subscriber.aclose()
 
 
 Handler = Callable[[str, Message, str], Awaitable[None]]

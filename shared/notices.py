@@ -12,7 +12,7 @@ import asyncio
 from collections.abc import Sequence
 
 from prometheus_client import Counter
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, SlotNotCoveredError
 
 from profiles.common.v1 import bus_pb2
 from shared.bus import Backoff, Bus, sleep_unless
@@ -78,19 +78,14 @@ class NoticeWorker:
                 async with asyncio.timeout(PUBLISH_TIMEOUT_S):
                     await self._publish(batch)
                 self._backoff.recovered()
-            except (RedisError, OSError, TimeoutError) as exc:
+            except (RedisError, SlotNotCoveredError, OSError, TimeoutError) as exc:
                 NOTICES_DROPPED.labels(self._notices.service, "redis_unavailable").inc(len(batch))
                 await sleep_unless(self._stop, self._backoff.failed(exc))
 
     async def _publish(self, notices: Sequence[bus_pb2.ProfileChanged]) -> None:
-        # A plain pipeline, not a script: channels of different profiles would be keys of
-        # different slots in one script, which Redis Cluster refuses (CROSSSLOT).
-        bus = self._bus
-        async with bus.redis.pipeline(transaction=False) as pipe:
-            for notice in notices:
-                channel = bus.channel_key(profile_channel(notice.project_id, notice.profile_id))
-                pipe.publish(channel, notice.SerializeToString())
-            await pipe.execute()
+        await self._bus.notify_many(
+            [(profile_channel(n.project_id, n.profile_id), n) for n in notices]
+        )
 
     async def stop(self) -> None:
         self._stop.set()

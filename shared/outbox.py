@@ -23,7 +23,7 @@ import asyncpg
 import structlog
 from google.protobuf.message import Message
 from prometheus_client import Counter, Gauge
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, SlotNotCoveredError
 
 from shared.bus import Backoff, Bus, Envelope, Topic, sleep_unless
 
@@ -61,9 +61,10 @@ DELETE_BATCH = "DELETE FROM outbox WHERE outbox_id = ANY($1::bigint[])"
 # long Redis outage can grow the table to millions of rows.
 COUNT_BACKLOG = "SELECT count(*) FROM outbox"
 
-# Redis away, refusing (OOM, MISCONF) or too slow (asyncio.timeout's TimeoutError): all mean
-# "not published yet", so the rows stay and the relay tries again later.
-REDIS_FAILURES: tuple[type[Exception], ...] = (RedisError, TimeoutError)
+# Redis away, refusing (OOM, MISCONF), too slow (asyncio.timeout's TimeoutError) or a cluster
+# without an owner for a slot during a failover: all mean "not published yet", so the rows stay
+# and the relay tries again later.
+REDIS_FAILURES: tuple[type[Exception], ...] = (RedisError, TimeoutError, SlotNotCoveredError)
 
 OUTBOX_BACKLOG = Gauge("profiles_outbox_backlog", "Outbox rows waiting to be published.")
 OUTBOX_PUBLISHED = Counter(

@@ -19,7 +19,6 @@ import structlog
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
-from redis.asyncio import Redis
 
 from shared import diagnostics
 from shared.auth import Authenticator
@@ -30,6 +29,7 @@ from shared.interceptors import ServerInterceptor, StreamGate
 from shared.logging import configure_logging
 from shared.metrics import start_metrics_server
 from shared.outbox import OutboxRelay
+from shared.redis_client import RedisClient
 from shared.reflection import enable_reflection
 from shared.settings import Settings
 from shared.tenancy import TenancyRepository
@@ -55,7 +55,7 @@ class Runtime:
     service_name: str
     settings: Settings
     pool: asyncpg.Pool
-    redis: Redis
+    redis: RedisClient
     bus: Bus
     clock: Clock
     tenancy: TenancyRepository

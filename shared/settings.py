@@ -54,7 +54,13 @@ SETTINGS: tuple[Setting, ...] = (
         "",
         "PostgreSQL URL; empty: `profiles up` starts an embedded PostgreSQL",
     ),
-    Setting("PROFILES_REDIS_URL", "", "Redis URL; empty: `profiles up` starts an embedded Redis"),
+    Setting(
+        "PROFILES_REDIS_URL",
+        "",
+        "Redis URL (`redis://host:port/0`, `unix:///path`), or a Redis Cluster as"
+        " `redis+cluster://host:port,host:port` (seed nodes; `rediss+cluster://` for TLS);"
+        " empty: `profiles up` starts an embedded Redis",
+    ),
     Setting("PROFILES_REDIS_PREFIX", "profiles", "prefix of every Redis key of this suite"),
     Setting(
         "PROFILES_INTERNAL_TOKEN",
@@ -69,6 +75,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("PROFILES_SHUTDOWN_GRACE_SECONDS", "10", "time in-flight calls get on shutdown"),
     Setting("PROFILES_MAX_CONCURRENT_RPCS", "1000", "calls a server runs at once; more wait"),
     Setting("PROFILES_MAX_STREAMS", "100", "long-lived streams a server keeps open at once"),
+    Setting(
+        "PROFILES_CLAIM_IDLE_SECONDS",
+        "30",
+        "a bus entry a replica took and has not acked for this long is taken over by another"
+        " replica of its service (how long a crashed replica's work waits); above the slowest"
+        " handler",
+    ),
 )
 
 
@@ -90,6 +103,7 @@ class Settings:
     shutdown_grace_seconds: float = 10.0
     max_concurrent_rpcs: int = 1000
     max_streams: int = 100
+    claim_idle_seconds: float = 30.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Self:
@@ -121,6 +135,7 @@ class Settings:
             shutdown_grace_seconds=float(values["PROFILES_SHUTDOWN_GRACE_SECONDS"]),
             max_concurrent_rpcs=int(values["PROFILES_MAX_CONCURRENT_RPCS"]),
             max_streams=int(values["PROFILES_MAX_STREAMS"]),
+            claim_idle_seconds=float(values["PROFILES_CLAIM_IDLE_SECONDS"]),
         )
 
     def to_env(self) -> dict[str, str]:
@@ -137,6 +152,7 @@ class Settings:
             "PROFILES_SHUTDOWN_GRACE_SECONDS": str(self.shutdown_grace_seconds),
             "PROFILES_MAX_CONCURRENT_RPCS": str(self.max_concurrent_rpcs),
             "PROFILES_MAX_STREAMS": str(self.max_streams),
+            "PROFILES_CLAIM_IDLE_SECONDS": str(self.claim_idle_seconds),
         }
         for name in SERVICE_NAMES:
             upper = name.upper()

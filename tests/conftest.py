@@ -23,8 +23,8 @@ import asyncpg
 import grpc
 import pytest
 from hypothesis import HealthCheck, settings
-from redis.asyncio import Redis
 
+from shared.redis_client import connect
 from shared.settings import Settings
 from shared.tenancy import TenancyRepository
 
@@ -120,18 +120,48 @@ async def db(database_url: str) -> AsyncIterator[asyncpg.Pool]:
     await pool.close()
 
 
+@pytest.fixture(scope="session")
+def redis_cluster_url(embedded_dir: Path) -> Iterator[str]:
+    """A real Redis Cluster of three masters on loopback (tests/redis_cluster.py), as a
+    `redis+cluster://` URL; PROFILES_TEST_REDIS_CLUSTER_URL points at an external one instead."""
+    external = os.environ.get("PROFILES_TEST_REDIS_CLUSTER_URL")
+    if external:
+        yield external
+        return
+    from tests.redis_cluster import RedisClusterProcesses
+
+    cluster = RedisClusterProcesses(embedded_dir / "redis-cluster")
+    try:
+        yield cluster.start()
+    finally:
+        cluster.stop()
+
+
+async def delete_prefixed_keys(url: str, prefix: str) -> None:
+    """Deletes the keys under `prefix` (on every node of a cluster); never FLUSHALL."""
+    client = connect(url)
+    try:
+        keys = [key async for key in client.scan_iter(match=f"{prefix}:*", count=1000)]
+        for key in keys:  # one by one: on a cluster they live in different slots
+            await client.delete(key)
+    finally:
+        await client.aclose()
+
+
 @pytest.fixture
 async def redis_prefix(redis_url: str) -> AsyncIterator[str]:
     """A key prefix of this test's own; its keys are deleted afterwards (never FLUSHALL)."""
     prefix = f"test-{uuid.uuid4().hex[:12]}"
     yield prefix
-    client = Redis.from_url(redis_url)
-    try:
-        keys = [key async for key in client.scan_iter(match=f"{prefix}:*", count=1000)]
-        if keys:
-            await client.delete(*keys)
-    finally:
-        await client.aclose()
+    await delete_prefixed_keys(redis_url, prefix)
+
+
+@pytest.fixture
+async def cluster_prefix(redis_cluster_url: str) -> AsyncIterator[str]:
+    """`redis_prefix` for the Redis Cluster."""
+    prefix = f"test-{uuid.uuid4().hex[:12]}"
+    yield prefix
+    await delete_prefixed_keys(redis_cluster_url, prefix)
 
 
 @pytest.fixture

@@ -23,8 +23,6 @@ from shared.topics import EVENTS, IDENTITY
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["QueryService"].full_name
 # One consumer group: replicas share the streams' entries.
 CONSUMER_GROUP = "query"
-# A handler is one short transaction; an entry idle this long belongs to a dead consumer.
-CLAIM_IDLE_MS = 30_000
 HANDLER_TIMEOUT_S = 30.0
 
 
@@ -48,7 +46,9 @@ async def build(runtime: Runtime) -> ServiceDefinition:
             CONSUMER_GROUP,
             name,
             functools.partial(on_message, rollups),
-            claim_idle_ms=CLAIM_IDLE_MS,
+            # Handlers are short transactions: an entry idle this long belongs to a replica
+            # that died (PROFILES_CLAIM_IDLE_SECONDS).
+            claim_idle_ms=int(runtime.settings.claim_idle_seconds * 1000),
             handler_timeout_s=HANDLER_TIMEOUT_S,
         )
         for topic in (EVENTS, IDENTITY)

@@ -175,9 +175,9 @@ class ProfileWatch:
         return found[0]
 
     async def _subscribe(self, state: _State) -> PubSub:
-        pubsub = self._bus.redis.pubsub()
         key = self._bus.channel_key(profile_channel(state.project_id, state.profile_id))
         async with asyncio.timeout(SUBSCRIBE_TIMEOUT_S):
+            pubsub = await self._bus.pubsub()
             await pubsub.subscribe(key)
             # The confirmation comes back once Redis has registered the subscription.
             while True:

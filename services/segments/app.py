@@ -30,8 +30,6 @@ from shared.topics import EVENTS, IDENTITY
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SegmentsService"].full_name
 # One consumer group: replicas share the streams' entries.
 CONSUMER_GROUP = "segments"
-# A handler is a few short transactions; an entry idle this long belongs to a dead consumer.
-CLAIM_IDLE_MS = 30_000
 HANDLER_TIMEOUT_S = 60.0
 SWEEP_INTERVAL_S = 30.0
 # Custom segments are re-evaluated this often; their changes reach the stream at most this late.
@@ -87,7 +85,9 @@ async def _build(
             CONSUMER_GROUP,
             name,
             functools.partial(handler, service),
-            claim_idle_ms=CLAIM_IDLE_MS,
+            # Handlers are short transactions: an entry idle this long belongs to a replica
+            # that died (PROFILES_CLAIM_IDLE_SECONDS).
+            claim_idle_ms=int(runtime.settings.claim_idle_seconds * 1000),
             handler_timeout_s=HANDLER_TIMEOUT_S,
         )
         for topic, handler in ((EVENTS, on_events_ingested), (IDENTITY, on_identity_change))

@@ -10,6 +10,7 @@ from datetime import timedelta
 
 import grpc
 import pytest
+from redis.asyncio import RedisCluster
 
 from profiles.common.v1 import bus_pb2, types_pb2
 from profiles.query.v1 import query_service_pb2 as pb
@@ -51,7 +52,11 @@ async def next_item(call: grpc.aio.UnaryStreamCall) -> pb.WatchProfileResponse: 
 
 async def subscribers(bus: Bus, project_id: object, profile_id: str) -> int:
     key = bus.channel_key(profile_channel(project_id, profile_id))
-    ((_, count),) = await bus.redis.pubsub_numsub(key)
+    if isinstance(bus.redis, RedisCluster):
+        # Each node counts its own subscribers: ask all of them (redis-py adds the counts up).
+        ((_, count),) = await bus.redis.pubsub_numsub(key, target_nodes=RedisCluster.ALL_NODES)
+    else:
+        ((_, count),) = await bus.redis.pubsub_numsub(key)
     return int(count)
 
 

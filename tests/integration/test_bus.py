@@ -306,8 +306,14 @@ async def test_notices_reach_listeners(bus: Bus, eventually: Any) -> None:
     task = asyncio.create_task(listen())
     try:
         # Subscribing takes a moment; a notice sent before it is lost, as pub/sub promises.
-        await eventually(lambda: bus.notify("profile", EchoRequest(payload=b"hi")))
-        await eventually(lambda: received)
+        # So send until one arrives (notify's count cannot tell: on a cluster it counts the
+        # subscribers of the node it reached only).
+        async def sent_and_received() -> bool:
+            await bus.notify("profile", EchoRequest(payload=b"hi"))
+            await asyncio.sleep(0.05)
+            return bool(received)
+
+        await eventually(sent_and_received)
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
