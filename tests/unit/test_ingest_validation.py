@@ -452,3 +452,21 @@ def test_the_latest_subscription_change_by_event_time_wins() -> None:
 
     latest = model.latest_subscription_changes([change(T[3], True, 0), change(T[1], False, 1)])
     assert [c.change.subscribed for c in latest] == [True]
+
+
+def test_untranslated_message_is_rejected_with_the_gateways_reason_and_kept_whole() -> None:
+    event = pb.Event(event_id="m1")
+    event.untranslated.reason = "ALIAS_REFUSED"
+    event.untranslated.dialect = "segment"
+    event.untranslated.message.update({"type": "alias", "previousId": "u1", "userId": "u2"})
+    result = check(event)
+    assert isinstance(result, RejectedEvent)
+    assert result.rejection.reason == "ALIAS_REFUSED"
+    assert result.raw is not None
+    assert result.raw["untranslated"]["message"]["previousId"] == "u1"
+
+
+def test_untranslated_message_with_a_malformed_reason_is_rejected_as_untranslated() -> None:
+    event = pb.Event(event_id="m1")
+    event.untranslated.reason = "not a code"
+    assert reason(event) == model.UNTRANSLATED
