@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -187,6 +188,7 @@ class Supervisor:
             )
             self._start_services(settings)
             self._wait_until_serving(settings)
+            self._start_edge(settings)
             self._print_ready(settings, new_keys)
             return self._supervise()
         except Interrupted:
@@ -257,6 +259,37 @@ class Supervisor:
                     start_new_session=True,
                 )
             self._children.append(Child(name, process, log_path))
+
+    # --- the edge: the HTTP gateway for SDKs, started once ingest and identity serve ---------
+
+    def _start_edge(self, settings: Settings) -> None:
+        """Starts `profiles serve edge` beside the gRPC services (supervised and stopped with
+        them) and waits until its /healthz answers ready."""
+        log_path = self._data_dir.logs / "edge.log"
+        with log_path.open("ab") as log_file:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "profiles.cli", "serve", "edge"],
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **settings.to_env()},
+                start_new_session=True,
+            )
+        self._children.append(Child("edge", process, log_path))
+        url = f"http://{endpoint(settings.bind_address, settings.edge_port)}/healthz"
+        deadline = time.monotonic() + READY_TIMEOUT_SECONDS
+        while True:
+            self._check_interrupted()
+            self._raise_if_a_child_died()
+            try:
+                with urllib.request.urlopen(url, timeout=1) as reply:
+                    if reply.status == 200:
+                        return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise StartupFailed(f"edge not ready after {READY_TIMEOUT_SECONDS:.0f} s")
+            self._stop.wait(0.1)
 
     def _wait_until_serving(self, settings: Settings) -> None:
         deadline = time.monotonic() + READY_TIMEOUT_SECONDS
@@ -337,6 +370,14 @@ class Supervisor:
             metrics_port = settings.metrics_ports[name]
             metrics = f"http://{endpoint(bind, metrics_port)}/metrics" if metrics_port else "off"
             self._say(f"  {name:<9} {endpoint(bind, settings.ports[name]):<22} metrics {metrics}")
+        edge_metrics = settings.edge_metrics_port
+        edge_metrics_url = (
+            f"http://{endpoint(bind, edge_metrics)}/metrics" if edge_metrics else "off"
+        )
+        self._say(
+            f"  {'edge':<9} {'http://' + endpoint(bind, settings.edge_port):<22}"
+            f" metrics {edge_metrics_url}  (Segment, PostHog, Countly SDKs; docs/edge.md)"
+        )
         self._say()
         keys_command = "profiles keys" + self._data_dir_flag()
         if new_keys is not None:

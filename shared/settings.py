@@ -69,6 +69,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("PROFILES_SHUTDOWN_GRACE_SECONDS", "10", "time in-flight calls get on shutdown"),
     Setting("PROFILES_MAX_CONCURRENT_RPCS", "1000", "calls a server runs at once; more wait"),
     Setting("PROFILES_MAX_STREAMS", "100", "long-lived streams a server keeps open at once"),
+    Setting("PROFILES_EDGE_PORT", "8340", "HTTP port of the edge gateway (SDK traffic)"),
+    Setting(
+        "PROFILES_EDGE_METRICS_PORT", "9455", "Prometheus /metrics port of the edge; 0 turns it off"
+    ),
+    Setting("PROFILES_EDGE_RATE_LIMIT", "500", "edge: requests per second allowed per SDK key"),
+    Setting("PROFILES_EDGE_RATE_BURST", "1000", "edge: requests an SDK key may burst above it"),
 )
 
 
@@ -90,6 +96,10 @@ class Settings:
     shutdown_grace_seconds: float = 10.0
     max_concurrent_rpcs: int = 1000
     max_streams: int = 100
+    edge_port: int = 8340
+    edge_metrics_port: int = 9455
+    edge_rate_limit: float = 500.0
+    edge_rate_burst: int = 1000
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Self:
@@ -121,6 +131,10 @@ class Settings:
             shutdown_grace_seconds=float(values["PROFILES_SHUTDOWN_GRACE_SECONDS"]),
             max_concurrent_rpcs=int(values["PROFILES_MAX_CONCURRENT_RPCS"]),
             max_streams=int(values["PROFILES_MAX_STREAMS"]),
+            edge_port=int(values["PROFILES_EDGE_PORT"]),
+            edge_metrics_port=int(values["PROFILES_EDGE_METRICS_PORT"]),
+            edge_rate_limit=float(values["PROFILES_EDGE_RATE_LIMIT"]),
+            edge_rate_burst=int(values["PROFILES_EDGE_RATE_BURST"]),
         )
 
     def to_env(self) -> dict[str, str]:
@@ -137,6 +151,10 @@ class Settings:
             "PROFILES_SHUTDOWN_GRACE_SECONDS": str(self.shutdown_grace_seconds),
             "PROFILES_MAX_CONCURRENT_RPCS": str(self.max_concurrent_rpcs),
             "PROFILES_MAX_STREAMS": str(self.max_streams),
+            "PROFILES_EDGE_PORT": str(self.edge_port),
+            "PROFILES_EDGE_METRICS_PORT": str(self.edge_metrics_port),
+            "PROFILES_EDGE_RATE_LIMIT": str(self.edge_rate_limit),
+            "PROFILES_EDGE_RATE_BURST": str(self.edge_rate_burst),
         }
         for name in SERVICE_NAMES:
             upper = name.upper()

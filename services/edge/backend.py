@@ -1,0 +1,244 @@
+"""The edge's client layer: runs a Translation's steps against ingest and identity.
+
+One channel per backend, shared by every request; each call carries the caller's SDK key as its
+credential (a channel per key would open a connection per key). The channel's service config
+(profiles.client.service_config) retries idempotent calls (TrackEvents) on UNAVAILABLE with
+backoff; what still fails is raised as a BackendError that the handlers answer with the status
+the SDK retries on. Nothing is acknowledged before ingest acknowledged it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import grpc
+from google.protobuf import struct_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from profiles.client import service_config
+from profiles.identity.v1 import identity_service_pb2 as identity_pb
+from profiles.identity.v1 import identity_service_pb2_grpc as identity_grpc
+from profiles.ingest.v1 import ingest_service_pb2 as ingest_pb
+from profiles.ingest.v1 import ingest_service_pb2_grpc as ingest_grpc
+from services.edge.steps import Identify, Logout, Reject, Step, Track, Translation
+
+MAX_EVENTS_PER_CALL = 1000
+MAX_BYTES_PER_CALL = 3 * 1024 * 1024  # under ingest's 4 MiB, with room for the envelope
+CALL_TIMEOUT_SECONDS = 10.0
+HEALTH_TIMEOUT_SECONDS = 2.0
+
+
+class BackendError(Exception):
+    """A call failed as a whole. `kind` says what the SDK should be told: "unauthenticated"
+    (401), "forbidden" (403), "rate_limited" (429), "unavailable" (503 + Retry-After), or
+    "invalid" (400)."""
+
+    def __init__(self, kind: str, detail: str) -> None:
+        super().__init__(detail)
+        self.kind = kind
+        self.detail = detail
+
+
+_KINDS = {
+    grpc.StatusCode.UNAUTHENTICATED: "unauthenticated",
+    grpc.StatusCode.PERMISSION_DENIED: "forbidden",
+    grpc.StatusCode.RESOURCE_EXHAUSTED: "rate_limited",
+    grpc.StatusCode.UNAVAILABLE: "unavailable",
+    grpc.StatusCode.DEADLINE_EXCEEDED: "unavailable",
+    grpc.StatusCode.ABORTED: "unavailable",
+    grpc.StatusCode.CANCELLED: "unavailable",
+    grpc.StatusCode.INVALID_ARGUMENT: "invalid",
+}
+
+
+def _error(exc: grpc.aio.AioRpcError) -> BackendError:
+    # Anything unexpected (INTERNAL, UNKNOWN) is worth a retry too: 503 keeps the SDK's data.
+    return BackendError(_KINDS.get(exc.code(), "unavailable"), exc.code().name)
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What the steps of one request did, for metrics and tests."""
+
+    accepted: int = 0
+    duplicate: int = 0
+    rejected: int = 0
+    logins: int = 0
+
+
+def _channel(address: str) -> grpc.aio.Channel:
+    options = [
+        ("grpc.service_config", service_config()),
+        ("grpc.enable_retries", 1),
+        ("grpc.max_send_message_length", 8 * 1024 * 1024),
+        ("grpc.max_receive_message_length", 8 * 1024 * 1024),
+        ("grpc.keepalive_time_ms", 30_000),
+    ]
+    return grpc.aio.insecure_channel(address, options=options)
+
+
+def untranslated_event(reject: Reject, dialect: str) -> ingest_pb.Event:
+    """The event that carries an untranslatable message to ingest's rejected events."""
+    event = ingest_pb.Event(event_id=reject.event_id[:64])
+    if reject.installation_id:
+        event.installation_id = reject.installation_id[:128]
+    elif reject.custom_id:
+        event.custom_id = reject.custom_id[:512]
+    event.untranslated.reason = reject.reason
+    event.untranslated.explanation = reject.explanation[:300]
+    event.untranslated.dialect = dialect
+    message = struct_pb2.Struct()
+    try:
+        message.update(dict(reject.message))
+    except (ValueError, TypeError):
+        message.update({"unreadable": True})
+    if message.ByteSize() > 24 * 1024:
+        # The whole message would make the event too large to keep: its top-level scalars stay.
+        message = struct_pb2.Struct()
+        message.update(
+            {k: v for k, v in reject.message.items() if isinstance(v, str | int | float | bool)}
+        )
+    event.untranslated.message.CopyFrom(message)
+    return event
+
+
+def _batches(events: Sequence[ingest_pb.Event]) -> list[list[ingest_pb.Event]]:
+    """Events in calls of at most 1,000 events and about 3 MiB, in order."""
+    batches: list[list[ingest_pb.Event]] = []
+    current: list[ingest_pb.Event] = []
+    size = 0
+    for event in events:
+        event_size = event.ByteSize() + 8
+        if current and (
+            len(current) >= MAX_EVENTS_PER_CALL or size + event_size > MAX_BYTES_PER_CALL
+        ):
+            batches.append(current)
+            current, size = [], 0
+        current.append(event)
+        size += event_size
+    if current:
+        batches.append(current)
+    return batches
+
+
+class Backend:
+    """Ingest and identity, as the edge calls them."""
+
+    def __init__(self, ingest_address: str, identity_address: str) -> None:
+        self._ingest_channel = _channel(ingest_address)
+        self._identity_channel = _channel(identity_address)
+        self._ingest = ingest_grpc.IngestServiceStub(self._ingest_channel)
+        self._identity = identity_grpc.IdentityServiceStub(self._identity_channel)
+
+    async def close(self) -> None:
+        await self._ingest_channel.close()
+        await self._identity_channel.close()
+
+    async def ready(self) -> bool:
+        """True when both ingest and identity answer their health check SERVING."""
+
+        async def serving(channel: grpc.aio.Channel) -> bool:
+            stub = health_pb2_grpc.HealthStub(channel)
+            try:
+                reply = await stub.Check(
+                    health_pb2.HealthCheckRequest(), timeout=HEALTH_TIMEOUT_SECONDS
+                )
+            except grpc.aio.AioRpcError:
+                return False
+            return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+        results = await asyncio.gather(
+            serving(self._ingest_channel), serving(self._identity_channel)
+        )
+        return all(results)
+
+    async def execute(self, translation: Translation, api_key: str, dialect: str) -> Outcome:
+        """Runs the steps in order; consecutive Track and Reject steps go in one TrackEvents
+        call. Raises BackendError when a call failed as a whole (some earlier steps may have
+        been applied: the SDK's retry repeats them harmlessly, by event and request IDs)."""
+        metadata = (("authorization", f"Bearer {api_key}"),)
+        outcome = Outcome()
+        pending: list[ingest_pb.Event] = []
+        for step in translation.steps:
+            if isinstance(step, Track):
+                pending.extend(step.events)
+            elif isinstance(step, Reject):
+                pending.append(untranslated_event(step, dialect))
+            else:
+                await self._track(pending, metadata, outcome)
+                pending = []
+                await self._identity_step(step, metadata, outcome, dialect)
+        await self._track(pending, metadata, outcome)
+        return outcome
+
+    async def _track(
+        self,
+        events: Sequence[ingest_pb.Event],
+        metadata: tuple[tuple[str, str], ...],
+        outcome: Outcome,
+    ) -> None:
+        for batch in _batches(events):
+            try:
+                reply = await self._ingest.TrackEvents(
+                    ingest_pb.TrackEventsRequest(events=batch),
+                    metadata=metadata,
+                    timeout=CALL_TIMEOUT_SECONDS,
+                )
+            except grpc.aio.AioRpcError as exc:
+                raise _error(exc) from exc
+            outcome.accepted += reply.accepted_count
+            outcome.duplicate += reply.duplicate_count
+            outcome.rejected += reply.rejected_count
+
+    async def _identity_step(
+        self,
+        step: Step,
+        metadata: tuple[tuple[str, str], ...],
+        outcome: Outcome,
+        dialect: str,
+    ) -> None:
+        try:
+            if isinstance(step, Identify):
+                await self._identity.Identify(
+                    identity_pb.IdentifyRequest(
+                        installation_id=step.installation_id,
+                        custom_id=step.custom_id,
+                        request_id=step.request_id,
+                    ),
+                    metadata=metadata,
+                    timeout=CALL_TIMEOUT_SECONDS,
+                )
+            elif isinstance(step, Logout):
+                await self._identity.Logout(
+                    identity_pb.LogoutRequest(
+                        installation_id=step.installation_id, request_id=step.request_id
+                    ),
+                    metadata=metadata,
+                    timeout=CALL_TIMEOUT_SECONDS,
+                )
+            outcome.logins += 1
+        except grpc.aio.AioRpcError as exc:
+            code = exc.code()
+            if isinstance(step, Logout) and code == grpc.StatusCode.NOT_FOUND:
+                return  # an installation never seen is already logged out
+            if isinstance(step, Identify) and code in (
+                grpc.StatusCode.INVALID_ARGUMENT,
+                grpc.StatusCode.FAILED_PRECONDITION,
+            ):
+                # A junk or erased custom ID can never succeed: kept as rejected, not retried.
+                reason = (
+                    "CUSTOM_ID_ERASED"
+                    if code == grpc.StatusCode.FAILED_PRECONDITION
+                    else "LOGIN_REFUSED"
+                )
+                refused = Reject(
+                    reason=reason,
+                    explanation=f"identity refused the login: {code.name}",
+                    message={"type": "login", "installationId": step.installation_id},
+                    installation_id=step.installation_id,
+                )
+                await self._track([untranslated_event(refused, dialect)], metadata, outcome)
+                return
+            raise _error(exc) from exc
