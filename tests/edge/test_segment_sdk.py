@@ -82,7 +82,9 @@ async def test_anonymous_events_then_a_login_land_on_one_identified_profile(edge
     assert profile.native_attributes.email == "ada@example.com"
     assert profile.native_attributes.first_name == "Ada"
     assert {a.name: a.value.string_value for a in profile.custom_attributes} == {"plan": "pro"}
-    events = {e.custom.name: e for e in await edge.events(profile.summary.profile_id) if e.custom.name}
+    events = {
+        e.custom.name: e for e in await edge.events(profile.summary.profile_id) if e.custom.name
+    }
     viewed = events["product_viewed"].custom
     assert {k: v.number_value or v.string_value for k, v in viewed.attributes.items()} == {
         "price": 9.5,

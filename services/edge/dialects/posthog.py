@@ -145,10 +145,18 @@ def _translate(
         builder.identify(installation_id, custom_id, request_id)
 
     origin = Origin(installation_id, "", platform, event_time, send_time)
-    builder.details(origin, _details(properties))
-    ip = text(message.get("ip")) or text(properties.get("$ip")) or connection_ip
-    session = text(properties.get("$session_id"))[:64] or window_session_id(event_time)
-    session_id = builder.session(origin, session, ip)
+    activity = name_text not in LOGIN_EVENTS and name_text not in ATTRIBUTE_ONLY_EVENTS
+    session_id = ""
+    if activity:
+        # Logins and $set calls often come from a server SDK on the user's behalf: they are not
+        # the device's activity, so neither its details nor a session come from them.
+        if platform != types_pb2.PLATFORM_API:
+            # A server library's $os and $os_version describe the server (posthog-python sets
+            # them to its host's), not the user's device.
+            builder.details(origin, _details(properties))
+        ip = text(message.get("ip")) or text(properties.get("$ip")) or connection_ip
+        session = text(properties.get("$session_id"))[:64] or window_session_id(event_time)
+        session_id = builder.session(origin, session, ip)
 
     operations = []
     for key, kind in (
@@ -168,7 +176,7 @@ def _translate(
         operations.extend(found)
     if operations:
         builder.add(*attribute_events(derived_id("attrs", event_id), origin, operations))
-    if name_text in LOGIN_EVENTS or name_text in ATTRIBUTE_ONLY_EVENTS:
+    if not activity:
         return
 
     name = normalize_name(name_text)
