@@ -16,6 +16,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from services.edge.backend import Backend
+from services.edge.countly_routes import countly_routes
 from services.edge.handlers import Gateway, posthog_handler, segment_handler
 from services.edge.limits import RateLimiter
 from shared.logging import configure_logging
@@ -43,6 +44,7 @@ def routes(gateway: Gateway) -> list[Route]:
             for kind in SEGMENT_TYPES
         ),
     ]
+    table.extend(countly_routes(gateway))
     for path in POSTHOG_PATHS:
         handler = posthog_handler(gateway)
         table.append(Route(path, handler, methods=["POST"]))

@@ -199,6 +199,15 @@ def check_request(params: Mapping[str, Any]) -> str:
     return device_id
 
 
+def check_bulk(params: Mapping[str, Any]) -> list[Any]:
+    """The requests of an `/i/bulk` request; raises RequestInvalid (400, Countly's wording)
+    when `requests` is missing or not a JSON list."""
+    requests = _json(params.get("requests"))
+    if not isinstance(requests, list):
+        raise RequestInvalid(MISSING_REQUESTS)
+    return requests
+
+
 def translate(
     params: Mapping[str, Any],
     *,
@@ -228,9 +237,7 @@ def translate_bulk(
     request, in order. A bulk request that is not one of the caller's app key, or has no
     usable device ID, is rejected and listed (Countly skips them silently). Raises
     RequestInvalid (400) when `requests` is missing or not a JSON list."""
-    requests = _json(params.get("requests"))
-    if not isinstance(requests, list):
-        raise RequestInvalid(MISSING_REQUESTS)
+    requests = check_bulk(params)
     app_key = request_app_key(params)
     book = SessionBook() if sessions is None else sessions
     scope = _scope(app_key)
@@ -890,6 +897,7 @@ def _timezone(offset: Any) -> str:
 __all__: Sequence[str] = (
     "DIALECT",
     "SessionBook",
+    "check_bulk",
     "check_request",
     "request_app_key",
     "translate",
