@@ -142,8 +142,12 @@ class Backend:
         async def serving(channel: grpc.aio.Channel) -> bool:
             stub = health_pb2_grpc.HealthStub(channel)
             try:
+                # wait_for_ready: a channel backing off after an outage reconnects within the
+                # timeout instead of failing at once.
                 reply = await stub.Check(
-                    health_pb2.HealthCheckRequest(), timeout=HEALTH_TIMEOUT_SECONDS
+                    health_pb2.HealthCheckRequest(),
+                    timeout=HEALTH_TIMEOUT_SECONDS,
+                    wait_for_ready=True,
                 )
             except grpc.aio.AioRpcError:
                 return False

@@ -23,6 +23,7 @@ class Edge:
     """A running edge and what a test needs around it."""
 
     url: str
+    settings: Settings
     project: TestProject
     query: query_grpc.QueryServiceStub
     restart_ingest: Callable[[], Awaitable[None]]
@@ -110,6 +111,7 @@ async def edge(
     try:
         yield Edge(
             url=url,
+            settings=settings,
             project=project,
             query=query_grpc.QueryServiceStub(rest["query"].channel),
             restart_ingest=restart_ingest,
