@@ -52,6 +52,8 @@ DIALECT = "posthog"
 MAX_REQUEST_BYTES = 5 * 1024 * 1024
 LOGIN_EVENTS = frozenset({"$identify", "$create_alias"})
 ATTRIBUTE_ONLY_EVENTS = frozenset({"$set", "$set_once"})
+# Properties PostHog's SDKs put beside the user's without a `$`: dropped like the `$` ones.
+SDK_OWN_PROPERTIES = frozenset({"token", "distinct_id", "alias"})
 
 
 def api_key_of(body: Any) -> str:
@@ -183,7 +185,9 @@ def _translate(
     if name is None:
         refuse("NAME_UNUSABLE", "the event name has no usable character")
         return
-    attributes = custom_attributes(properties)
+    attributes = custom_attributes(
+        {k: v for k, v in properties.items() if k not in SDK_OWN_PROPERTIES}
+    )
     if attributes.unusable:
         refuse("PROPERTY_NAME_UNUSABLE", f"no usable name in {attributes.unusable[:5]}")
         return
