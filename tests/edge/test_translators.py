@@ -285,3 +285,18 @@ def test_names_follow_one_rule() -> None:
 def test_scrub_removes_keys_and_ips_at_any_depth() -> None:
     message = {"writeKey": "k", "context": {"ip": "1.2.3.4", "app": {"name": "x"}}, "token": "t"}
     assert scrub(message) == {"context": {"app": {"name": "x"}}}
+
+
+def test_compose_runs_the_edge_with_documented_variables_only() -> None:
+    from pathlib import Path
+
+    import yaml
+
+    from shared.settings import SETTINGS
+
+    compose = yaml.safe_load((Path(__file__).parents[2] / "docker-compose.yml").read_text())
+    edge = compose["services"]["edge"]
+    assert edge["command"] == ["serve", "edge"]
+    assert "8340:8340" in edge["ports"]
+    assert set(edge["environment"]) <= {s.env for s in SETTINGS}
+    assert "PROFILES_DATABASE_URL" not in edge["environment"]
