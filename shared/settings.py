@@ -73,7 +73,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "PROFILES_EDGE_METRICS_PORT", "9455", "Prometheus /metrics port of the edge; 0 turns it off"
     ),
-    Setting("PROFILES_EDGE_RATE_LIMIT", "500", "edge: requests per second allowed per SDK key"),
+    Setting(
+        "PROFILES_EDGE_RATE_LIMIT",
+        "500",
+        "edge: requests per second allowed per SDK key; 0 turns it off",
+    ),
     Setting("PROFILES_EDGE_RATE_BURST", "1000", "edge: requests an SDK key may burst above it"),
 )
 
