@@ -12,13 +12,15 @@ import pytest
 
 from profiles.common.v1 import types_pb2
 from profiles.ingest.v1 import ingest_service_pb2 as ingest_pb
+from services.edge.countly_routes import parameters
 from services.edge.dialects import countly
 from services.edge.steps import Identify, Reject, RequestInvalid, Track, Translation
 
 NOW = datetime(2026, 12, 2, 20, 0, tzinfo=UTC)
 T0 = int(NOW.timestamp() * 1000)
 NODE_SDK = "javascript_native_nodejs"
-KINDS = types_pb2  # enum values read as types_pb2.X
+FORM = "application/x-www-form-urlencoded"
+JSON = "application/json"
 
 
 def request(**params: Any) -> dict[str, Any]:
@@ -545,3 +547,59 @@ def test_a_session_duration_that_is_not_a_number_is_rejected() -> None:
     (reject,) = rejects_of(translate(request(session_duration="soon")))
 
     assert reject.reason == countly.PARAMETER_INVALID
+
+
+def test_two_apps_with_the_same_device_id_have_their_own_sessions() -> None:
+    book = countly.SessionBook()
+    translate(request(begin_session="1"), book)
+    translate(request(app_key="app-key-2", timestamp=str(T0 + 50_000), begin_session="1"), book)
+
+    (end,) = events_of(
+        translate(request(timestamp=str(T0 + 60_000), end_session="1", session_duration=10), book)
+    )
+
+    assert end.session_end.duration.ToTimedelta() == timedelta(seconds=60)
+
+
+def test_the_book_forgets_the_least_recently_used_device_first() -> None:
+    book = countly.SessionBook(capacity=2)
+    for device in ("a", "b", "c"):
+        translate(request(device_id=device, begin_session="1"), book)
+
+    assert len(book) == 2
+    (beat,) = events_of(translate(request(device_id="a", session_duration="5"), book))
+    assert beat.session_heartbeat.duration.ToTimedelta() == timedelta(seconds=5)
+
+
+def test_query_form_json_and_multipart_parameters_are_read_alike() -> None:
+    form = parameters("app_key=k&device_id=d", b"events=%5B%5D&device_id=e", FORM)
+    as_json = parameters("app_key=k", b'{"device_id": "d", "metrics": {"_os": "iOS"}}', JSON)
+    multipart = parameters(
+        "",
+        b"--XX\r\n"
+        b'Content-Disposition: form-data; name="app_key"\r\n\r\nk\r\n'
+        b"--XX\r\n"
+        b'Content-Disposition: form-data; name="user_picture"; filename="a.png"\r\n'
+        b"Content-Type: image/png\r\n\r\n\x89PNG\r\n"
+        b"--XX--\r\n",
+        "multipart/form-data; boundary=XX",
+    )
+
+    assert form == {"app_key": "k", "device_id": "e", "events": "[]"}
+    assert as_json == {"app_key": "k", "device_id": "d", "metrics": {"_os": "iOS"}}
+    assert multipart == {"app_key": "k"}
+
+
+@pytest.mark.parametrize(
+    ("query", "body", "content_type"),
+    [
+        ("&".join(f"p{i}=1" for i in range(500)), b"", ""),
+        ("", b"<xml/>", "application/xml"),
+        ("", b"[1, 2]", JSON),
+    ],
+)
+def test_hostile_or_unreadable_parameters_are_refused(
+    query: str, body: bytes, content_type: str
+) -> None:
+    with pytest.raises(RequestInvalid):
+        parameters(query, body, content_type)
