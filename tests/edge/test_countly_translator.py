@@ -603,3 +603,39 @@ def test_hostile_or_unreadable_parameters_are_refused(
 ) -> None:
     with pytest.raises(RequestInvalid):
         parameters(query, body, content_type)
+
+
+def test_a_heartbeat_after_the_end_of_a_session_does_not_extend_it() -> None:
+    book = countly.SessionBook()
+    translate(request(begin_session="1"), book)
+    ended = request(timestamp=str(T0 + 20_000), end_session="1", session_duration="20")
+    (end,) = events_of(translate(ended, book))
+    (retried_end,) = events_of(translate(ended, book))
+
+    (late,) = events_of(translate(request(timestamp=str(T0 + 90_000), session_duration=5), book))
+
+    assert retried_end == end
+    assert late.session_id != end.session_id
+    assert late.session_heartbeat.duration.ToTimedelta() == timedelta(seconds=5)
+
+
+def test_a_session_started_over_a_day_ago_is_not_continued() -> None:
+    book = countly.SessionBook()
+    translate(request(begin_session="1"), book)
+    day_later = str(T0 + 25 * 3_600_000)
+
+    (beat,) = events_of(translate(request(timestamp=day_later, session_duration=60), book))
+
+    assert beat.session_heartbeat.duration.ToTimedelta() == timedelta(seconds=60)
+
+
+def test_a_login_after_the_session_ended_starts_no_session() -> None:
+    book = countly.SessionBook()
+    translate(request(device_id="anon", begin_session="1"), book)
+    translate(request(device_id="anon", timestamp=str(T0 + 5_000), end_session="1"), book)
+
+    change = translate(
+        request(device_id="user-9", old_device_id="anon", timestamp=str(T0 + 9_000)), book
+    )
+
+    assert [type(step) for step in change.steps] == [Identify, Identify]

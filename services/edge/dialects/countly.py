@@ -324,7 +324,13 @@ def _device_id_change(request: _Request, output: _Output) -> None:
     new_id = request.device_id
     old_request = replace(request, device_id=old_device_id)
     session = request.session(old_device_id)
-    if session is not None and session.start_time <= request.time:
+    # Only a session still open at the change (or ended by this very request, retried).
+    if session is not None and (
+        session.start_time > request.time
+        or (session.end_time is not None and session.end_time != request.time)
+    ):
+        session = None
+    if session is not None:
         _end_session(old_request, output, session, "old_device_id", new_id)
     output.message_count += 1
     for installation_id in (old_device_id, new_id):
@@ -342,11 +348,13 @@ def _device_id_change(request: _Request, output: _Output) -> None:
 
 @dataclass(frozen=True, slots=True)
 class OpenSession:
-    """A device's current Countly session: the contract session ID its start was given, and
-    when it started (the begin_session request's time)."""
+    """A device's current Countly session: the contract session ID its start was given, when
+    it started (the begin_session request's time) and, once ended, when (kept so that a
+    retried end is translated as the first)."""
 
     session_id: str
     start_time: datetime
+    end_time: datetime | None = None
 
 
 class SessionBook:
@@ -396,9 +404,15 @@ def _session_start(request: _Request, output: _Output) -> None:
 
 def _current_session(request: _Request, seconds: int) -> OpenSession:
     """The device's session; one starting `seconds` before this request when the book does
-    not know the device."""
+    not know the device, or knows only a session that ended before this request or started
+    over the contract's longest session ago."""
     session = request.session(request.device_id)
-    if session is None or session.start_time > request.time:
+    if (
+        session is None
+        or session.start_time > request.time
+        or request.time - session.start_time > _MAX_SESSION
+        or (session.end_time is not None and session.end_time < request.time)
+    ):
         start_time = request.time - timedelta(seconds=seconds)
         session = OpenSession(derived_id("session", request.device_id, request.stamp), start_time)
         request.remember(session)
@@ -427,6 +441,7 @@ def _session_end(request: _Request, output: _Output) -> None:
 
 
 def _end_session(request: _Request, output: _Output, session: OpenSession, *content: Any) -> None:
+    request.remember(replace(session, end_time=request.time))
     duration = min(request.time - session.start_time, _MAX_SESSION)
     event = _event(request, output, *content)
     event.session_id = session.session_id
