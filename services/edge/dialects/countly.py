@@ -458,14 +458,16 @@ def _installation_details(request: _Request, metrics: Mapping[str, Any], output:
     """`metrics` (sent with begin_session) and `tz` to the installation's details; the other
     metrics (resolution, carrier, density, store, browser...) have no contract field."""
     update = ingest_pb.InstallationUpdate()
-    for metric, target in (
-        ("_app_version", "app_version"),
-        ("_os_version", "os_version"),
-        ("_device", "device_model"),
+    # Cut to the contract's lengths, as the other dialects do: a long OS build string must not
+    # cost the whole update.
+    for metric, target, limit in (
+        ("_app_version", "app_version", 64),
+        ("_os_version", "os_version", 64),
+        ("_device", "device_model", 128),
     ):
         value = metrics.get(metric)
         if isinstance(value, str | int | float) and not isinstance(value, bool) and str(value):
-            setattr(update, target, str(value))
+            setattr(update, target, str(value)[:limit])
     language = language_of(metrics.get("_locale"))
     if language:
         update.language = language
