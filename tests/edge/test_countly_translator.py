@@ -639,3 +639,12 @@ def test_a_login_after_the_session_ended_starts_no_session() -> None:
     )
 
     assert [type(step) for step in change.steps] == [Identify, Identify]
+
+
+@pytest.mark.parametrize(("ip_address", "kept"), [("198.51.100.4", "198.51.100.4"), ("?", "")])
+def test_the_ip_address_parameter_stands_for_the_connection_when_it_is_one(
+    ip_address: str, kept: str
+) -> None:
+    (start,) = events_of(translate(request(begin_session="1", ip_address=ip_address, tz="330")))
+
+    assert start.session_start.client_ip == (kept or "203.0.113.7")

@@ -16,6 +16,7 @@ same IDs, and ingest stores it once.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 import re
 from collections import OrderedDict
@@ -287,7 +288,7 @@ def _translate_request(
         stamp=stamp,
         time=_time(stamp) or receive_time,
         platform=_platform(params.get("sdk_name"), metrics.get("_os")),
-        client_ip=str(params.get("ip_address") or client_ip),
+        client_ip=_ip(params.get("ip_address")) or client_ip,
         sessions=sessions,
     )
     _device_id_change(request, output)
@@ -836,6 +837,15 @@ def _device_id(value: Any) -> str | None:
     if not isinstance(value, str) or not value:
         return None
     return value
+
+
+def _ip(value: Any) -> str:
+    """Countly's `ip_address` parameter (a server-side SDK reporting for its user) when it is an
+    IP address; "" otherwise, and the connection's address is used."""
+    try:
+        return str(ipaddress.ip_address(str(value).strip())) if value else ""
+    except ValueError:
+        return ""
 
 
 def _flag(value: Any) -> bool:
