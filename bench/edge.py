@@ -8,7 +8,8 @@ and Redis, creates a project with an sdk key, then alternates two closed loops o
 clients (default 8) for S seconds per round:
 - edge: each client holds one HTTP/1.1 keep-alive connection and posts Segment batches of 100
   realistic `track` messages (analytics.js context: library, page, user agent, locale, IP;
-  4 to 6 properties; over 5,000 anonymous IDs; fresh message IDs every batch) to /v1/batch;
+  4 to 6 properties; fresh message IDs every batch) to /v1/batch, each client for its own share
+  of 5,000 anonymous IDs (an installation's events come from one sender at a time);
 - grpc: each client holds one channel and calls TrackEvents with the custom events the edge
   sends for the same messages (translated once per template, before timing; fresh event IDs
   every batch).
@@ -36,6 +37,8 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+
+import grpc
 
 from bench.common import (
     BenchError,
@@ -95,9 +98,9 @@ QUICK = Sizes(clients=8, duration_s=6.0, rounds=3, warmup_s=2.0)
 SMOKE = Sizes(clients=2, duration_s=1.0, rounds=1, warmup_s=0.5)
 
 
-def message(rng: random.Random, now: datetime) -> dict[str, object]:
-    """One realistic analytics.js `track` message."""
-    anonymous_id = f"anon-{rng.randrange(INSTALLATIONS):05d}"
+def message(rng: random.Random, now: datetime, users: range) -> dict[str, object]:
+    """One realistic analytics.js `track` message from one of `users`."""
+    anonymous_id = f"anon-{rng.choice(users):05d}"
     properties: dict[str, object] = {
         "product_id": f"sku-{rng.randrange(10_000)}",
         "price": round(rng.uniform(1, 300), 2),
@@ -133,12 +136,17 @@ class Template:
     events: list[pb.Event]
 
 
-def make_templates(seed: int = 7) -> list[Template]:
-    rng = random.Random(seed)
+def make_templates(client: int, clients: int, seed: int = 7) -> list[Template]:
+    """The batches of one client: each client sends for its own share of the installations, as
+    a device, or a backend serving its own users, does (an installation's events come from one
+    sender, not from several at once)."""
+    rng = random.Random(seed + client)
+    share = INSTALLATIONS // clients
+    users = range(client * share, (client + 1) * share)
     now = datetime.now(UTC)
     templates = []
     for _ in range(TEMPLATES):
-        messages = [message(rng, now) for _ in range(BATCH_SIZE)]
+        messages = [message(rng, now, users) for _ in range(BATCH_SIZE)]
         for one in messages:
             one["messageId"] = str(uuid.uuid4())
         steps = segment.translate_batch({"batch": messages}, now).steps
@@ -149,6 +157,18 @@ def make_templates(seed: int = 7) -> list[Template]:
             raise BenchError(f"a template translated to {len(events)} custom events")
         templates.append(Template(messages, events))
     return templates
+
+
+class HttpStatusError(grpc.aio.AioRpcError):
+    """A non-200 answer of the edge, counted by `drive` as errors are (by its status)."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(
+            grpc.StatusCode.UNAVAILABLE if status == 503 else grpc.StatusCode.UNKNOWN,
+            grpc.aio.Metadata(),
+            grpc.aio.Metadata(),
+            details=f"HTTP {status}",
+        )
 
 
 # --- the HTTP side: a minimal HTTP/1.1 keep-alive client (the stdlib has no async one) -------
@@ -194,39 +214,49 @@ class Connection:
 
 
 def edge_call(
-    port: int, api_key: str, templates: list[Template], pool: asyncio.Queue[Connection]
+    port: int,
+    api_key: str,
+    templates: list[list[Template]],
+    pool: asyncio.Queue[tuple[int, Connection]],
 ) -> Callable[[], Awaitable[object]]:
     import base64
 
     auth = base64.b64encode(f"{api_key}:".encode()).decode()
-    for _ in range(pool.maxsize):
-        pool.put_nowait(Connection("127.0.0.1", port, auth))
+    for client in range(pool.maxsize):
+        pool.put_nowait((client, Connection("127.0.0.1", port, auth)))
     counter = iter(range(10**12))
 
     async def call() -> None:
         n = next(counter)
-        template = templates[n % len(templates)]
-        batch = [{**m, "messageId": f"e{n}-{i}"} for i, m in enumerate(template.messages)]
-        body = json.dumps({"batch": batch, "sentAt": datetime.now(UTC).isoformat()}).encode()
-        connection = await pool.get()
+        client, connection = await pool.get()
         try:
+            template = templates[client][n % TEMPLATES]
+            batch = [{**m, "messageId": f"e{n}-{i}"} for i, m in enumerate(template.messages)]
+            body = json.dumps({"batch": batch, "sentAt": datetime.now(UTC).isoformat()}).encode()
             status = await connection.post("/v1/batch", body)
         finally:
-            pool.put_nowait(connection)
+            pool.put_nowait((client, connection))
         if status != 200:
-            raise BenchError(f"the edge answered {status}")
+            # Counted like a gRPC error by `drive` (by status), not timed.
+            raise HttpStatusError(status)
 
     return call
 
 
 def grpc_call(
-    stubs: list[pb_grpc.IngestServiceStub], templates: list[Template]
+    pool: asyncio.Queue[tuple[int, pb_grpc.IngestServiceStub]], templates: list[list[Template]]
 ) -> Callable[[], Awaitable[object]]:
     counter = iter(range(10**12))
 
     async def call() -> None:
         n = next(counter)
-        template = templates[n % len(templates)]
+        client, stub = await pool.get()
+        try:
+            await send(n, stub, templates[client][n % TEMPLATES])
+        finally:
+            pool.put_nowait((client, stub))
+
+    async def send(n: int, stub: pb_grpc.IngestServiceStub, template: Template) -> None:
         events = []
         for i, event in enumerate(template.events):
             copy = pb.Event()
@@ -235,7 +265,7 @@ def grpc_call(
             events.append(copy)
         request = pb.TrackEventsRequest(events=events)
         request.send_time.FromDatetime(datetime.now(UTC))
-        reply = await stubs[n % len(stubs)].TrackEvents(request)
+        reply = await stub.TrackEvents(request)
         if reply.rejected_count:
             raise BenchError(f"ingest rejected {reply.rejected_count} events")
 
@@ -257,10 +287,12 @@ async def measure(
     edge: ChildProcess,
     ingest: ChildProcess,
 ) -> Outcome:
-    templates = make_templates()
-    pool: asyncio.Queue[Connection] = asyncio.Queue(maxsize=sizes.clients)
+    templates = [make_templates(c, sizes.clients) for c in range(sizes.clients)]
+    pool: asyncio.Queue[tuple[int, Connection]] = asyncio.Queue(maxsize=sizes.clients)
     channels = [open_channel(ingest_address, api_key) for _ in range(sizes.clients)]
-    stubs = [pb_grpc.IngestServiceStub(c) for c in channels]
+    stubs: asyncio.Queue[tuple[int, pb_grpc.IngestServiceStub]] = asyncio.Queue()
+    for client, channel in enumerate(channels):
+        stubs.put_nowait((client, pb_grpc.IngestServiceStub(channel)))
     calls = {
         "edge": edge_call(edge_port, api_key, templates, pool),
         "grpc": grpc_call(stubs, templates),
@@ -277,7 +309,7 @@ async def measure(
         ingest_cpu = sum(r.server_cpu_s or 0.0 for r in results["grpc"])
     finally:
         while not pool.empty():
-            await pool.get_nowait().close()
+            await pool.get_nowait()[1].close()
         for channel in channels:
             await channel.close()
     return Outcome(
@@ -377,6 +409,7 @@ def main(argv: list[str] | None = None) -> int:
         outcome = asyncio.run(
             measure(sizes, settings.edge_port, settings.addresses["ingest"], key, edge, ingest)
         )
+        edge_log = edge.log_tail(30)
     print_report(outcome, sizes)
     problems = [
         f"{label}: errors {dict(r.errors)}"
@@ -385,6 +418,8 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for problem in problems:
         print(f"INVALID: {problem}")
+    if outcome.edge.error_count:
+        print("end of the edge's log:\n" + edge_log)
     print_figures(BENCH, figures_of(outcome), quick=quick)
     return 1 if problems else 0
 

@@ -39,8 +39,14 @@ def routes(gateway: Gateway) -> list[Route]:
     table = [
         Route("/healthz", healthz, methods=["GET"]),
         Route("/v1/batch", segment_handler(gateway, ""), methods=["POST"]),
+        Route("/v1/b", segment_handler(gateway, ""), methods=["POST"]),
         *(
             Route(f"/v1/{kind}", segment_handler(gateway, kind), methods=["POST"])
+            for kind in SEGMENT_TYPES
+        ),
+        # analytics.js (analytics-next) posts to the first letter of the type: /v1/t, /v1/p...
+        *(
+            Route(f"/v1/{kind[0]}", segment_handler(gateway, kind), methods=["POST"])
             for kind in SEGMENT_TYPES
         ),
     ]

@@ -10,8 +10,9 @@ the SDK retries on. Nothing is acknowledged before ingest acknowledged it.
 from __future__ import annotations
 
 import asyncio
+from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 from google.protobuf import struct_pb2
@@ -62,6 +63,7 @@ def _error(exc: grpc.aio.AioRpcError) -> BackendError:
 class Outcome:
     """What the steps of one request did, for metrics and tests."""
 
+    api_key: str = field(default="", repr=False)
     accepted: int = 0
     duplicate: int = 0
     rejected: int = 0
@@ -123,10 +125,52 @@ def _batches(events: Sequence[ingest_pb.Event]) -> list[list[ingest_pb.Event]]:
     return batches
 
 
+# Event IDs the edge derives for what it adds to a request (services/edge/build.py).
+_SKIPPABLE_PREFIXES = ("session:", "details:")
+_ACKNOWLEDGED = (ingest_pb.EVENT_OUTCOME_ACCEPTED, ingest_pb.EVENT_OUTCOME_DUPLICATE)
+
+
+class AcknowledgedEvents:
+    """The edge-added events (derived session starts, installation details) ingest recently
+    acknowledged, by key, installation and event ID, so that they are not sent again with every
+    request of the same session: a batch of 100 messages would otherwise carry up to 200 events
+    more, each answered DUPLICATE. Only a shortcut: a forgotten entry (restart, eviction,
+    another replica) costs one resend, which ingest answers DUPLICATE; at most `capacity`
+    entries, least recently used forgotten first."""
+
+    def __init__(self, capacity: int = 200_000) -> None:
+        self._capacity = capacity
+        self._seen: OrderedDict[tuple[str, str, str], None] = OrderedDict()
+
+    def needed(self, api_key: str, events: Sequence[ingest_pb.Event]) -> list[ingest_pb.Event]:
+        kept = []
+        for event in events:
+            if event.event_id.startswith(_SKIPPABLE_PREFIXES):
+                entry = (api_key, event.installation_id, event.event_id)
+                if entry in self._seen:
+                    self._seen.move_to_end(entry)
+                    continue
+            kept.append(event)
+        return kept
+
+    def record(
+        self,
+        api_key: str,
+        events: Sequence[ingest_pb.Event],
+        results: Sequence[ingest_pb.EventResult],
+    ) -> None:
+        for event, result in zip(events, results, strict=False):
+            if result.outcome in _ACKNOWLEDGED and event.event_id.startswith(_SKIPPABLE_PREFIXES):
+                self._seen[(api_key, event.installation_id, event.event_id)] = None
+        while len(self._seen) > self._capacity:
+            self._seen.popitem(last=False)
+
+
 class Backend:
     """Ingest and identity, as the edge calls them."""
 
     def __init__(self, ingest_address: str, identity_address: str) -> None:
+        self.acknowledged = AcknowledgedEvents()
         self._ingest_channel = _channel(ingest_address)
         self._identity_channel = _channel(identity_address)
         self._ingest = ingest_grpc.IngestServiceStub(self._ingest_channel)
@@ -163,7 +207,7 @@ class Backend:
         call. Raises BackendError when a call failed as a whole (some earlier steps may have
         been applied: the SDK's retry repeats them harmlessly, by event and request IDs)."""
         metadata = (("authorization", f"Bearer {api_key}"),)
-        outcome = Outcome()
+        outcome = Outcome(api_key=api_key)
         pending: list[ingest_pb.Event] = []
         for step in translation.steps:
             if isinstance(step, Track):
@@ -183,7 +227,7 @@ class Backend:
         metadata: tuple[tuple[str, str], ...],
         outcome: Outcome,
     ) -> None:
-        for batch in _batches(events):
+        for batch in _batches(self.acknowledged.needed(outcome.api_key, events)):
             try:
                 reply = await self._ingest.TrackEvents(
                     ingest_pb.TrackEventsRequest(events=batch),
@@ -192,6 +236,7 @@ class Backend:
                 )
             except grpc.aio.AioRpcError as exc:
                 raise _error(exc) from exc
+            self.acknowledged.record(outcome.api_key, batch, reply.results)
             outcome.accepted += reply.accepted_count
             outcome.duplicate += reply.duplicate_count
             outcome.rejected += reply.rejected_count

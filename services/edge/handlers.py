@@ -144,6 +144,7 @@ class Gateway:
                 result = await self.backend.execute(translation, key, dialect)
             except BackendError as exc:
                 outcome = exc.kind
+                log.info("edge_backend_failed", dialect=dialect, kind=exc.kind, code=exc.detail)
                 if exc.kind == "unauthenticated":
                     return self._refuse(request, dialect, outcome, *answer.unauthenticated)
                 if exc.kind == "forbidden":
@@ -222,7 +223,8 @@ def segment_handler(gateway: Gateway, single_type: str) -> Callable[[Request], A
 
     async def handle(request: Request) -> Response:
         async def read() -> tuple[str, Translate]:
-            body = _json_object(await gateway.body(request, limit))
+            data = await gateway.body(request, limit)
+            body = _json_object(data)
             if not isinstance(body, dict):
                 raise RequestInvalid("The body is not a JSON object")
             key = _basic_user(request.headers.get("authorization", ""))
@@ -230,7 +232,7 @@ def segment_handler(gateway: Gateway, single_type: str) -> Callable[[Request], A
                 key = body["writeKey"]
 
             def translate(now: datetime, ip: str) -> Translation:
-                return segment.translate_batch(body, now, ip, single_type)
+                return segment.translate_batch(body, now, ip, single_type, len(data))
 
             return key, translate
 

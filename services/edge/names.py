@@ -15,12 +15,16 @@ lower-case). SDKs send free text: "Order Completed", "$current_url", "Größe", 
    rejected as NAME_UNUSABLE (an event name) or the property is left out and listed in the
    event's rejection (a property name) - never guessed.
 
+Names repeat from message to message (the same properties, the same events), so the last 8,192
+distinct names are remembered (a pure function: the cache changes nothing but time).
+
 `flatten`: nested objects become one level, their keys joined with `_` before normalizing
 ({"plan": {"tier": "pro"}} -> {"plan_tier": "pro"}); lists are values, not flattened.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 import unicodedata
@@ -32,6 +36,7 @@ _NOT_WORD = re.compile(r"[^a-zA-Z0-9]+")
 _KEPT = MAX_NAME_LENGTH - 7
 
 
+@functools.lru_cache(maxsize=8192)
 def normalize_name(text: str) -> str | None:
     """The contract name for a free-text SDK name, or None when nothing usable is left."""
     ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
@@ -48,7 +53,7 @@ def flatten(properties: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[s
     """(joined key, value) for every leaf of a nested object; keys are not normalized yet."""
     for key, value in properties.items():
         joined = f"{prefix}_{key}" if prefix else str(key)
-        if isinstance(value, Mapping):
+        if isinstance(value, dict):
             yield from flatten(value, joined)
         else:
             yield joined, value

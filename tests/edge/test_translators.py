@@ -300,3 +300,21 @@ def test_compose_runs_the_edge_with_documented_variables_only() -> None:
     assert "8340:8340" in edge["ports"]
     assert set(edge["environment"]) <= {s.env for s in SETTINGS}
     assert "PROFILES_DATABASE_URL" not in edge["environment"]
+
+
+def test_edge_added_events_already_acknowledged_are_not_sent_again() -> None:
+    from profiles.ingest.v1 import ingest_service_pb2 as ingest_pb
+    from services.edge.backend import AcknowledgedEvents
+
+    acknowledged = AcknowledgedEvents(capacity=2)
+    start = ingest_pb.Event(event_id="session:abc", installation_id="i1")
+    custom = ingest_pb.Event(event_id="m-1", installation_id="i1")
+    assert acknowledged.needed("k", [start, custom]) == [start, custom]
+    duplicate = ingest_pb.EventResult(outcome=ingest_pb.EVENT_OUTCOME_DUPLICATE)
+    acknowledged.record("k", [start, custom], [duplicate, duplicate])
+    assert acknowledged.needed("k", [start, custom]) == [custom]  # SDK events always go
+    assert acknowledged.needed("other key", [start]) == [start]
+    for n in range(2):  # the least recently used is forgotten first
+        other = ingest_pb.Event(event_id=f"details:{n}", installation_id="i1")
+        acknowledged.record("k", [other], [duplicate])
+    assert acknowledged.needed("k", [start]) == [start]

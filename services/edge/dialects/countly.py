@@ -388,12 +388,10 @@ class SessionBook:
 
 
 def _session_start(request: _Request, output: _Output) -> None:
-    start = ingest_pb.SessionStart()
-    country = request.params.get("country_code")
-    if isinstance(country, str) and len(country) == 2 and country.isalpha():
-        start.country = country.upper()
-    elif request.client_ip:
-        start.client_ip = request.client_ip
+    """The session's country comes from the IP (`ip_address`, else the connection's): Countly's
+    `country_code` is a free-form override that ingest would refuse when it is not ISO 3166
+    ("UK"), which would cost the session its start."""
+    start = ingest_pb.SessionStart(client_ip=request.client_ip)
     session = OpenSession(derived_id("session", request.device_id, request.stamp), request.time)
     request.remember(session)
     event = _event(request, output, "begin_session")

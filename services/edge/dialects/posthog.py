@@ -59,13 +59,13 @@ SDK_OWN_PROPERTIES = frozenset({"token", "distinct_id", "alias"})
 def api_key_of(body: Any) -> str:
     """The project key: top-level `api_key` or `token`, else the first event's
     `properties.token` (posthog-js)."""
-    if isinstance(body, Mapping):
+    if isinstance(body, dict):
         for name in ("api_key", "token"):
             if isinstance(body.get(name), str) and body[name]:
                 return str(body[name])
     for message in messages_of(body)[:1]:
-        properties = message.get("properties") if isinstance(message, Mapping) else None
-        if isinstance(properties, Mapping) and isinstance(properties.get("token"), str):
+        properties = message.get("properties") if isinstance(message, dict) else None
+        if isinstance(properties, dict) and isinstance(properties.get("token"), str):
             return str(properties["token"])
     return ""
 
@@ -74,7 +74,7 @@ def messages_of(body: Any) -> Sequence[Any]:
     """The events of a body: `{"batch": [...]}`, a list, or one event object."""
     if isinstance(body, list):
         return body
-    if isinstance(body, Mapping):
+    if isinstance(body, dict):
         batch = body.get("batch")
         if isinstance(batch, list):
             return batch
@@ -86,7 +86,7 @@ def messages_of(body: Any) -> Sequence[Any]:
 def translate(body: Any, now: datetime, client_ip: str = "") -> Translation:
     """The steps for a parsed request body of /batch/, /capture/, /e/ or /i/v0/e/."""
     messages = messages_of(body)
-    sent = parse_time(body.get("sent_at")) if isinstance(body, Mapping) else None
+    sent = parse_time(body.get("sent_at")) if isinstance(body, dict) else None
     builder = StepBuilder(DIALECT)
     for message in messages:
         _translate(builder, message, now, sent, client_ip)
@@ -96,11 +96,11 @@ def translate(body: Any, now: datetime, client_ip: str = "") -> Translation:
 def _translate(
     builder: StepBuilder, message: Any, now: datetime, sent: datetime | None, connection_ip: str
 ) -> None:
-    if not isinstance(message, Mapping):
+    if not isinstance(message, dict):
         builder.reject(rejection("MESSAGE_INVALID", "an event is not a JSON object", {}))
         return
     properties = message.get("properties")
-    properties = properties if isinstance(properties, Mapping) else {}
+    properties = properties if isinstance(properties, dict) else {}
     name_text = message.get("event")
     event_id = message_id(message.get("uuid"), "posthog", message)
     distinct_id = identifier(message.get("distinct_id") or properties.get("distinct_id"))
@@ -166,7 +166,7 @@ def _translate(
         ("$set_once", types_pb2.ATTRIBUTE_OPERATION_KIND_SET_ONCE),
     ):
         for source in (message.get(key), properties.get(key)):
-            if isinstance(source, Mapping):
+            if isinstance(source, dict):
                 found, unusable = trait_operations(source, kind)
                 if unusable:
                     refuse("PROPERTY_NAME_UNUSABLE", f"no usable name in {unusable[:5]}")

@@ -61,11 +61,18 @@ _SUMMARY_KEYS = ("type", "messageId", "event", "name", "anonymousId", "userId", 
 
 
 def translate_batch(
-    body: Mapping[str, Any], now: datetime, client_ip: str = "", single_type: str = ""
+    body: Mapping[str, Any],
+    now: datetime,
+    client_ip: str = "",
+    single_type: str = "",
+    body_size: int | None = None,
 ) -> Translation:
     """The steps for a parsed request body: `/v1/batch` (`single_type` empty: the body's
     `batch` list) or a single-message endpoint such as `/v1/track` (`single_type` "track": the
-    body is the message). `now` stands in for a missing timestamp."""
+    body is the message). `now` stands in for a missing timestamp. `body_size`, the size of the
+    body as received: when it is within 32 KB no message can be over, and sizing each message
+    is skipped."""
+    check_size = body_size is None or body_size > MAX_MESSAGE_BYTES
     if single_type:
         messages: Sequence[Any] = [{**body, "type": single_type}]
         batch_sent = None
@@ -75,10 +82,10 @@ def translate_batch(
         messages = raw if isinstance(raw, list) else []
         batch_sent = parse_time(body.get("sentAt"))
         context = body.get("context")
-        batch_context = context if isinstance(context, Mapping) else {}
+        batch_context = context if isinstance(context, dict) else {}
     builder = StepBuilder(DIALECT)
     for message in messages:
-        _translate(builder, message, now, batch_sent, batch_context, client_ip)
+        _translate(builder, message, now, batch_sent, batch_context, client_ip, check_size)
     return Translation(steps=builder.finish(), message_count=len(messages))
 
 
@@ -89,8 +96,9 @@ def _translate(
     batch_sent: datetime | None,
     batch_context: Mapping[str, Any],
     connection_ip: str,
+    check_size: bool = True,
 ) -> None:
-    if not isinstance(message, Mapping):
+    if not isinstance(message, dict):
         builder.reject(rejection("MESSAGE_INVALID", "a message is not a JSON object", {}))
         return
     kind = message.get("type")
@@ -110,7 +118,7 @@ def _translate(
             )
         )
 
-    size = len(json.dumps(message, separators=(",", ":"), default=str))
+    size = len(json.dumps(message, separators=(",", ":"), default=str)) if check_size else 0
     if size > MAX_MESSAGE_BYTES:
         refuse("MESSAGE_TOO_LARGE", f"{size} bytes, over 32 KB", summary(message, _SUMMARY_KEYS))
         return
@@ -118,7 +126,7 @@ def _translate(
         refuse("MESSAGE_TYPE_UNKNOWN", f"unknown message type {str(kind)[:40]!r}")
         return
     context = message.get("context")
-    context = {**batch_context, **context} if isinstance(context, Mapping) else batch_context
+    context = {**batch_context, **context} if isinstance(context, dict) else batch_context
     event_time = parse_time(message.get("timestamp") or message.get("originalTimestamp"))
     if event_time is None:
         if message.get("timestamp") is not None:
@@ -147,7 +155,7 @@ def _translate(
 
     if kind == "identify":
         traits = message.get("traits")
-        if not isinstance(traits, Mapping):
+        if not isinstance(traits, dict):
             traits = _get(context, "traits") or {}
         operations, unusable = trait_operations(traits)
         if unusable:
@@ -170,7 +178,7 @@ def _translate(
         return
 
     properties = message.get("properties")
-    properties = properties if isinstance(properties, Mapping) else {}
+    properties = properties if isinstance(properties, dict) else {}
     label = ""
     if kind == "track":
         raw_name = message.get("event")
@@ -229,7 +237,7 @@ def _details(context: Mapping[str, Any]) -> Details:
 def _get(mapping: Mapping[str, Any], *path: str) -> Any:
     value: Any = mapping
     for key in path:
-        if not isinstance(value, Mapping):
+        if not isinstance(value, dict):
             return None
         value = value.get(key)
     return value
