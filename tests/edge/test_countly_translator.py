@@ -74,7 +74,7 @@ METRICS = {
 def test_begin_session_starts_a_session_and_sets_installation_details() -> None:
     translation = translate(request(begin_session="1", metrics=json.dumps(METRICS)))
 
-    start, details = events_of(translation)
+    start, details, locale = events_of(translation)
     assert start.WhichOneof("payload") == "session_start"
     assert start.session_id
     assert start.installation_id == "device-1"
@@ -86,8 +86,11 @@ def test_begin_session_starts_a_session_and_sets_installation_details() -> None:
         "14",
         "Pixel 8",
     )
-    assert (update.language, update.timezone) == ("fr", "Etc/GMT-1")
+    assert update.timezone == "Etc/GMT-1"
     assert not update.HasField("push_token")
+    # Its own update: a language ingest refuses costs nothing else.
+    assert [f.name for f, _ in locale.installation_update.ListFields()] == ["language"]
+    assert locale.installation_update.language == "fr"
 
 
 def test_parameters_as_objects_translate_as_json_text_does() -> None:
@@ -97,11 +100,11 @@ def test_parameters_as_objects_translate_as_json_text_does() -> None:
     assert events_of(as_text) == events_of(as_objects)
 
 
-def test_country_code_wins_over_the_connection_address() -> None:
-    (start,) = events_of(translate(request(begin_session="1", country_code="de", tz="330")))
+def test_the_session_country_comes_from_the_address_not_country_code() -> None:
+    (start,) = events_of(translate(request(begin_session="1", country_code="UK", tz="330")))
 
-    assert start.session_start.country == "DE"
-    assert not start.session_start.client_ip
+    assert not start.session_start.country
+    assert start.session_start.client_ip == "203.0.113.7"
 
 
 def test_heartbeat_and_end_carry_the_duration_since_the_start_of_the_session() -> None:

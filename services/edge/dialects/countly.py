@@ -467,17 +467,18 @@ def _installation_details(request: _Request, metrics: Mapping[str, Any], output:
         value = metrics.get(metric)
         if isinstance(value, str | int | float) and not isinstance(value, bool) and str(value):
             setattr(update, target, str(value)[:limit])
-    language = language_of(metrics.get("_locale"))
-    if language:
-        update.language = language
     timezone = _timezone(request.params.get("tz"))
     if timezone:
         update.timezone = timezone
-    if update.ListFields():
-        event = _event(request, output, "metrics", update.SerializeToString().hex())
-        event.installation_update.CopyFrom(update)
-        output.message_count += 1
-        output.event(event)
+    # The language in an update of its own: ingest refuses a code that is not ISO 639-1 ("zz"),
+    # which must not cost the app version and the rest.
+    language = language_of(metrics.get("_locale"))
+    for one in (update, ingest_pb.InstallationUpdate(language=language) if language else None):
+        if one is not None and one.ListFields():
+            event = _event(request, output, "metrics", one.SerializeToString().hex())
+            event.installation_update.CopyFrom(one)
+            output.message_count += 1
+            output.event(event)
 
 
 def _push_token(request: _Request, output: _Output) -> None:
