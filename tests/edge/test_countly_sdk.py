@@ -240,11 +240,13 @@ async def test_a_request_sent_again_after_a_lost_answer_stores_nothing_twice(
             ["end_session"],
         ],
         fail_first=["events"],
+        force_post=True,
     )
 
     assert final["failed"] == 1
     sent = [line for line in driver.lines if "events" in line.get("params", [])]
     assert [(line["status"], line["edge_status"]) for line in sent] == [(502, 200), (200, 200)]
+    assert {line["method"] for line in driver.lines if "method" in line} == {"POST"}
     profile = await wait_for_names(edge, ["tap", "tap"], installation_id=final["device_id"])
     events = await edge.events(profile.summary.profile_id)
     assert sorted(e.custom.attributes["n"].number_value for e in events if e.custom.name) == [1, 2]

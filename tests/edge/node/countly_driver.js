@@ -5,6 +5,7 @@
 // and queues survive between runs, as an app's do), "device_id" (optional), "fail_first"
 // (optional: parameter names; the first request holding one of them is forwarded to the edge,
 // which stores it, but the SDK is answered 502, so it sends the very same request again),
+// "force_post" (optional: the SDK posts forms instead of GET requests),
 // "steps": [[action, ...args], ...]}.
 //
 // The SDK talks to the edge through a small proxy in this process, which prints one JSON line
@@ -77,7 +78,12 @@ function startProxy() {
                             status = 502;
                             text = Buffer.from("answer lost on the way back");
                         }
-                        say({ status, edge_status: answer.statusCode, params: names });
+                        say({
+                            status,
+                            edge_status: answer.statusCode,
+                            method: request.method,
+                            params: names,
+                        });
                         response.writeHead(status, { "content-type": "application/json" });
                         response.end(text);
                     });
@@ -132,6 +138,8 @@ async function main() {
         fail_timeout: 1,
         debug: Boolean(scenario.debug),
         app_version: "2.0.0",
+        // POST (a urlencoded form) instead of GET for every request.
+        force_post: Boolean(scenario.force_post),
     };
     if (scenario.device_id) {
         config.device_id = scenario.device_id;
