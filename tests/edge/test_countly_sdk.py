@@ -137,6 +137,12 @@ def seconds(duration: Any) -> float:
     return float(duration.ToTimedelta() / timedelta(seconds=1))
 
 
+def within_fake_clock(duration: float, advanced: int) -> bool:
+    """A session's duration is the time the driver's fake clock was moved forward, plus the
+    little real time the SDK took between its calls (generous: CI machines are busy)."""
+    return advanced <= duration < advanced + 30
+
+
 ANONYMOUS_VISIT: list[list[Any]] = [
     ["begin_session"],
     ["event", {"key": "Added to Cart", "count": 2, "sum": 19.5, "segmentation": {"sku": "A1"}}],
@@ -178,7 +184,7 @@ async def test_anonymous_visit_then_login_logout_and_login_again(
     (installation,) = anonymous.installations
     assert (installation.platform, installation.app_version) == (types_pb2.PLATFORM_API, "2.0.0")
     (session,) = await edge.sessions(anonymous.summary.profile_id)
-    assert 120 <= seconds(session.duration) < 125
+    assert within_fake_clock(seconds(session.duration), 120)
     assert session.end_time.seconds > 0
 
     # Login: the SDK's device ID change with merge, the new ID being the user's.
@@ -205,11 +211,9 @@ async def test_anonymous_visit_then_login_logout_and_login_again(
     sessions = await edge.sessions(identified.summary.profile_id)
     by_installation = sorted((s.installation_id == user_id, seconds(s.duration)) for s in sessions)
     # The first visit (120 s), the second until the login (10 s), then the user's (40 s).
-    assert [(mine, int(d)) for mine, d in by_installation] == [
-        (False, 10),
-        (False, 120),
-        (True, 40),
-    ]
+    assert [mine for mine, _ in by_installation] == [False, False, True]
+    for (_, duration), expected in zip(by_installation, (10, 120, 40), strict=True):
+        assert within_fake_clock(duration, expected)
 
     # Logout: a change without merge; the new ID is a new anonymous installation.
     other_id = f"anon-{uuid.uuid4().hex[:8]}"
