@@ -112,6 +112,11 @@ def taken_ports(settings: Settings) -> list[TakenPort]:
         metrics = settings.metrics_ports[name]
         if metrics:  # 0 turns the metrics server off
             wanted.append(TakenPort(name, "metrics", metrics, f"PROFILES_{upper}_METRICS_PORT"))
+    wanted.append(TakenPort("edge", "HTTP", settings.edge_port, "PROFILES_EDGE_PORT"))
+    if settings.edge_metrics_port:
+        wanted.append(
+            TakenPort("edge", "metrics", settings.edge_metrics_port, "PROFILES_EDGE_METRICS_PORT")
+        )
     taken, seen = [], set()
     for candidate in wanted:
         if candidate.port in seen or not port_is_free(settings.bind_address, candidate.port):

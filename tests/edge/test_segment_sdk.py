@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import requests
@@ -196,3 +197,28 @@ async def test_a_push_token_in_the_device_context_reaches_the_installation(edge:
     profile = await edge.profile(installation_id="anon-push")
     assert profile.installations[0].device_model == "iPhone15,2"
     assert profile.installations[0].platform == types_pb2.PLATFORM_IOS
+
+
+async def test_a_derived_session_lasts_from_its_first_to_its_last_event(edge: Edge) -> None:
+    # Two events six minutes apart within one 30-minute window of the recent past.
+    window = int(datetime.now(UTC).timestamp()) // 1800 - 1
+    first = datetime.fromtimestamp(window * 1800 + 60, UTC)
+    client = sdk(edge)
+    for minutes in (0, 6):
+        client.track(
+            anonymous_id="anon-s",
+            event="Read",
+            timestamp=first + timedelta(minutes=minutes),
+        )
+    await flush(client)
+
+    async def one_session() -> bool:
+        profile = await edge.profile(installation_id="anon-s")
+        sessions = await edge.sessions(profile.summary.profile_id)
+        return len(sessions) == 1 and sessions[0].duration.seconds == 360
+
+    await eventually(one_session)
+    profile = await edge.profile(installation_id="anon-s")
+    (session,) = await edge.sessions(profile.summary.profile_id)
+    assert session.platform == types_pb2.PLATFORM_API  # analytics-python: a server library
+    assert session.event_count == 3  # the derived start and the two events
