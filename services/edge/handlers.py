@@ -49,6 +49,10 @@ LATENCY = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
 
+# Segment's and PostHog's SDKs put at most a few short parameters in the query string
+# (`compression`, `ver`, `_`): a longer one is refused before it is parsed.
+MAX_QUERY_BYTES = 4096
+
 # Seconds an SDK is told to wait when the suite cannot take its data now.
 UNAVAILABLE_RETRY_AFTER = "2"
 
@@ -190,6 +194,13 @@ class Gateway:
         return JSONResponse(body, status, headers=headers)
 
 
+def _short_query(request: Request) -> None:
+    """Refuses a query string over MAX_QUERY_BYTES (Segment and PostHog; Countly's GET carries
+    its whole request there and has its own limit)."""
+    if len(request.scope.get("query_string", b"")) > MAX_QUERY_BYTES:
+        raise RequestInvalid("The query string is too long")
+
+
 def _message(exc: Exception) -> str:
     if isinstance(exc, RequestInvalid):
         return exc.message
@@ -223,6 +234,7 @@ def segment_handler(gateway: Gateway, single_type: str) -> Callable[[Request], A
 
     async def handle(request: Request) -> Response:
         async def read() -> tuple[str, Translate]:
+            _short_query(request)
             data = await gateway.body(request, limit)
             body = _json_object(data)
             if not isinstance(body, dict):
@@ -261,6 +273,7 @@ def posthog_handler(gateway: Gateway) -> Callable[[Request], Any]:
 
     async def handle(request: Request) -> Response:
         async def read() -> tuple[str, Translate]:
+            _short_query(request)
             compression = request.query_params.get("compression", "")
             encoding = request.headers.get("content-encoding", "")
             if not encoding and compression in ("gzip", "gzip-js"):

@@ -175,3 +175,9 @@ async def test_analytics_js_short_paths_and_text_plain_bodies_are_segment_calls(
         return [e.custom.name for e in events if e.HasField("custom")] == ["clicked"]
 
     await eventually(stored)
+
+
+async def test_a_hostile_query_string_is_refused_before_it_is_parsed(edge: Edge) -> None:
+    query = "&".join(f"x{i}=1" for i in range(2000))
+    reply = await send(f"{edge.url}/batch/?{query}", {"api_key": edge.sdk_key, "batch": []})
+    assert reply.status_code == 400
