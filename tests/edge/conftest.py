@@ -124,3 +124,50 @@ async def edge(
 
 
 __all__ = ["Edge", "eventually"]
+
+
+class LossyProxy:
+    """A TCP proxy in front of the edge that lets the first `drops` requests reach it and then
+    cuts their connection before the answer gets back: the SDK sees a lost answer for data the
+    edge stored, and retries the same batch."""
+
+    def __init__(self, target_url: str, drops: int) -> None:
+        self._target = target_url.removeprefix("http://").rsplit(":", 1)
+        self.drops = drops
+        self.url = ""
+        self._server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> LossyProxy:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        port = self._server.sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        await self._server.wait_closed()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        host, port = self._target
+        up_reader, up_writer = await asyncio.open_connection(host, int(port))
+
+        async def pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            while data := await source.read(65536):
+                sink.write(data)
+                await sink.drain()
+
+        upstream = asyncio.create_task(pump(reader, up_writer))
+        try:
+            if self.drops > 0:
+                first = await up_reader.read(65536)  # the edge answered: the data is stored
+                if first:
+                    self.drops -= 1
+                return
+            await pump(up_reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            upstream.cancel()
+            up_writer.close()
+            writer.close()

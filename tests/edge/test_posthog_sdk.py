@@ -14,7 +14,7 @@ from posthog import Posthog
 from profiles.common.v1 import types_pb2
 from services.edge.handlers import REQUESTS
 from tests.conftest import eventually
-from tests.edge.conftest import Edge
+from tests.edge.conftest import Edge, LossyProxy
 
 
 def sdk(edge: Edge) -> Posthog:
@@ -206,3 +206,23 @@ async def test_identify_with_anon_distinct_id_and_a_mobile_event_after_it(edge: 
         "17.4",
         "iPhone16,1",
     )
+
+
+async def test_a_flush_whose_answer_was_lost_is_retried_and_stored_once(edge: Edge) -> None:
+    answered = REQUESTS.labels("posthog", "ok")
+    before = answered._value.get()
+    async with LossyProxy(edge.url, drops=1) as proxy:
+        client = Posthog(edge.sdk_key, host=proxy.url, gzip=True, max_retries=20)
+        for n in range(3):
+            client.capture("Lost Answer", distinct_id="ph-lost", properties={"n": n})
+        await flush(client)
+        assert proxy.drops == 0  # the first attempt was stored, its answer lost, then retried
+    assert answered._value.get() - before == 2  # the same batch, twice
+
+    async def stored() -> bool:
+        profile = await edge.profile(installation_id="ph-lost")
+        return len(await custom_names(edge, profile.summary.profile_id)) >= 3
+
+    await eventually(stored)
+    profile = await edge.profile(installation_id="ph-lost")
+    assert await custom_names(edge, profile.summary.profile_id) == ["lost_answer"] * 3

@@ -14,7 +14,7 @@ from segment.analytics.client import Client
 from profiles.common.v1 import types_pb2
 from services.edge.handlers import REQUESTS
 from tests.conftest import eventually
-from tests.edge.conftest import Edge
+from tests.edge.conftest import Edge, LossyProxy
 
 
 def sdk(edge: Edge, **options: Any) -> Client:
@@ -222,3 +222,23 @@ async def test_a_derived_session_lasts_from_its_first_to_its_last_event(edge: Ed
     (session,) = await edge.sessions(profile.summary.profile_id)
     assert session.platform == types_pb2.PLATFORM_API  # analytics-python: a server library
     assert session.event_count == 3  # the derived start and the two events
+
+
+async def test_a_flush_whose_answer_was_lost_is_retried_and_stored_once(edge: Edge) -> None:
+    answered = REQUESTS.labels("segment", "ok")
+    before = answered._value.get()
+    async with LossyProxy(edge.url, drops=1) as proxy:
+        client = Client(edge.sdk_key, host=proxy.url, max_retries=20)
+        for n in range(3):
+            client.track(anonymous_id="anon-lost", event="Lost Answer", properties={"n": n})
+        await flush(client)
+        assert proxy.drops == 0  # the first attempt was stored, its answer lost, then retried
+    assert answered._value.get() - before == 2  # the same batch, twice
+
+    async def stored() -> bool:
+        profile = await edge.profile(installation_id="anon-lost")
+        return len(await custom_names(edge, profile.summary.profile_id)) >= 3
+
+    await eventually(stored)
+    profile = await edge.profile(installation_id="anon-lost")
+    assert await custom_names(edge, profile.summary.profile_id) == ["lost_answer"] * 3
