@@ -12,8 +12,10 @@ import requests
 from segment.analytics.client import Client
 
 from profiles.common.v1 import types_pb2
+from profiles.segments.v1 import segments_service_pb2 as segments_pb
+from profiles.segments.v1 import segments_service_pb2_grpc as segments_grpc
 from services.edge.handlers import REQUESTS
-from tests.conftest import eventually
+from tests.conftest import StartServices, eventually
 from tests.edge.conftest import Edge, LossyProxy
 
 
@@ -199,7 +201,11 @@ async def test_a_push_token_in_the_device_context_reaches_the_installation(edge:
     assert profile.installations[0].platform == types_pb2.PLATFORM_IOS
 
 
-async def test_a_derived_session_lasts_from_its_first_to_its_last_event(edge: Edge) -> None:
+async def test_a_derived_session_lasts_from_its_first_to_its_last_event(
+    edge: Edge, start_services: StartServices
+) -> None:
+    segments = await start_services("segments", settings=edge.settings)
+    engagement = segments_grpc.SegmentsServiceStub(segments["segments"].channel)
     # Two events six minutes apart within one 30-minute window of the recent past.
     window = int(datetime.now(UTC).timestamp()) // 1800 - 1
     first = datetime.fromtimestamp(window * 1800 + 60, UTC)
@@ -222,6 +228,15 @@ async def test_a_derived_session_lasts_from_its_first_to_its_last_event(edge: Ed
     (session,) = await edge.sessions(profile.summary.profile_id)
     assert session.platform == types_pb2.PLATFORM_API  # analytics-python: a server library
     assert session.event_count == 3  # the derived start and the two events
+
+    async def engaged() -> bool:
+        reply = await engagement.GetEngagement(
+            segments_pb.GetEngagementRequest(profile_id=profile.summary.profile_id),
+            metadata=edge.read(),
+        )
+        return reply.session_count == 1
+
+    await eventually(engaged)
 
 
 async def test_a_flush_whose_answer_was_lost_is_retried_and_stored_once(edge: Edge) -> None:
