@@ -31,6 +31,16 @@ CALL_TIMEOUT_SECONDS = 10.0
 HEALTH_TIMEOUT_SECONDS = 2.0
 
 
+LOGIN_CONCURRENCY = 16
+
+
+def _shares_key(login: Identify, logins: Sequence[Identify]) -> bool:
+    return any(
+        login.installation_id == other.installation_id or login.custom_id == other.custom_id
+        for other in logins
+    )
+
+
 class BackendError(Exception):
     """A call failed as a whole. `kind` says what the SDK should be told: "unauthenticated"
     (401), "forbidden" (403), "rate_limited" (429), "unavailable" (503 + Retry-After), or
@@ -209,7 +219,21 @@ class Backend:
         metadata = (("authorization", f"Bearer {api_key}"),)
         outcome = Outcome(api_key=api_key)
         pending: list[ingest_pb.Event] = []
+        logins: list[Identify] = []
         for step in translation.steps:
+            if isinstance(step, Identify):
+                if logins and _shares_key(step, logins):
+                    await self._logins(logins, metadata, outcome, dialect)
+                    logins = []
+                if not logins:
+                    # The events before a group of logins are stored before any of them.
+                    await self._track(pending, metadata, outcome)
+                    pending = []
+                logins.append(step)
+                continue
+            if logins:
+                await self._logins(logins, metadata, outcome, dialect)
+                logins = []
             if isinstance(step, Track):
                 pending.extend(step.events)
             elif isinstance(step, Reject):
@@ -218,8 +242,31 @@ class Backend:
                 await self._track(pending, metadata, outcome)
                 pending = []
                 await self._identity_step(step, metadata, outcome, dialect)
+        await self._logins(logins, metadata, outcome, dialect)
         await self._track(pending, metadata, outcome)
         return outcome
+
+    async def _logins(
+        self,
+        logins: Sequence[Identify],
+        metadata: tuple[tuple[str, str], ...],
+        outcome: Outcome,
+        dialect: str,
+    ) -> None:
+        """Consecutive logins that share no installation and no custom ID, run concurrently
+        (at most LOGIN_CONCURRENCY at a time): their order cannot change the outcome."""
+        for start in range(0, len(logins), LOGIN_CONCURRENCY):
+            results = await asyncio.gather(
+                *(
+                    self._identity_step(login, metadata, outcome, dialect)
+                    for login in logins[start : start + LOGIN_CONCURRENCY]
+                ),
+                return_exceptions=True,
+            )
+            # Every login of the group has ended; the first failure answers the request.
+            for result in results:
+                if isinstance(result, BaseException):
+                    raise result
 
     async def _track(
         self,

@@ -243,23 +243,38 @@ class StepBuilder:
     _sessions: set[tuple[str, str]] = field(default_factory=set)
     _details: set[tuple[str, Details]] = field(default_factory=set)
     _identified: set[tuple[str, str]] = field(default_factory=set)
+    # Logins not placed yet, and the installations and custom IDs they and the current events
+    # name: a login waits in front of the current events unless they share one.
+    _logins: list[Identify] = field(default_factory=list)
+    _login_keys: set[str] = field(default_factory=set)
+    _origins: set[str] = field(default_factory=set)
 
     def add(self, *events: ingest_pb.Event) -> None:
+        for one in events:
+            self._origins.add(one.installation_id or one.custom_id)
         self._events.extend(events)
 
     def _flush(self) -> None:
+        self.steps.extend(self._logins)
+        self._logins, self._login_keys = [], set()
         if self._events:
             self.steps.append(Track(events=self._events))
-            self._events = []
+            self._events, self._origins = [], set()
 
     def identify(self, installation_id: str, custom_id: str, request_id: str) -> None:
-        """Logs the installation in, once per pair per request; events added before it are
-        stored before the login."""
+        """Logs the installation in, once per pair per request. Events of that installation (or
+        custom ID) added before it are stored before the login; events of others may be stored
+        after it, so the logins of a batch of many users go out together, before its events,
+        and the client layer runs them concurrently (a login per user would otherwise wait for
+        the one before)."""
         if (installation_id, custom_id) in self._identified:
             return
         self._identified.add((installation_id, custom_id))
-        self._flush()
-        self.steps.append(Identify(installation_id, custom_id, request_id))
+        keys = (installation_id, custom_id)
+        if any(k in self._origins or k in self._login_keys for k in keys):
+            self._flush()
+        self._logins.append(Identify(installation_id, custom_id, request_id))
+        self._login_keys.update(keys)
 
     def reject(self, reject: Reject) -> None:
         # Rejections travel in the same TrackEvents call as the events around them.

@@ -318,3 +318,15 @@ def test_edge_added_events_already_acknowledged_are_not_sent_again() -> None:
         other = ingest_pb.Event(event_id=f"details:{n}", installation_id="i1")
         acknowledged.record("k", [other], [duplicate])
     assert acknowledged.needed("k", [start]) == [start]
+
+
+def test_logins_of_a_batch_of_users_go_out_together_before_their_events() -> None:
+    batch = [
+        {"type": "track", "anonymousId": f"a{n}", "userId": f"u{n}", "event": "E"} for n in range(3)
+    ]
+    batch.append({"type": "track", "anonymousId": "a0", "event": "Before Switch"})
+    batch.append({"type": "identify", "anonymousId": "a0", "userId": "other"})
+    steps = segment.translate_batch({"batch": batch}, NOW).steps
+    assert kinds(steps) == ["Identify", "Identify", "Identify", "Track", "Identify"]
+    # a0's second login waits for a0's events sent before it.
+    assert steps[4] == Identify("a0", "other", steps[4].request_id)  # type: ignore[union-attr]
