@@ -98,6 +98,9 @@ def server(settings: Settings, port: int | None = None) -> uvicorn.Server:
         access_log=False,
         log_level="warning",
         timeout_keep_alive=75,
+        # On SIGTERM: stop accepting, let in-flight requests finish (each ends with ingest's
+        # answer, so nothing acknowledged is lost), within the suite's grace period.
+        timeout_graceful_shutdown=int(settings.shutdown_grace_seconds),
         server_header=False,
     )
     return uvicorn.Server(config)
