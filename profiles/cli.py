@@ -252,7 +252,12 @@ def _add_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         " PROFILES_REDIS_URL (what docker-compose and `profiles up` start). Applies migrations"
         " first; stops gracefully on SIGTERM or Ctrl-C.",
     )
-    serve.add_argument("service", choices=SERVICE_NAMES, help="the service to run")
+    serve.add_argument(
+        "service",
+        choices=(*SERVICE_NAMES, "edge"),
+        help="the service to run (edge: the HTTP gateway for SDKs, a client of ingest and"
+        " identity, which needs no database)",
+    )
     serve.set_defaults(handler=_serve)
 
 
@@ -578,6 +583,8 @@ def _up(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
+    if args.service == "edge":
+        return _serve_edge(settings)
     missing = [
         env
         for env, value in (
@@ -602,6 +609,15 @@ def _serve(args: argparse.Namespace) -> int:
         env = f"PROFILES_{args.service.upper()}_PORT"
         print(f"profiles serve: {exc}; choose another with {env}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _serve_edge(settings: Settings) -> int:
+    """The edge talks to ingest and identity only (PROFILES_INGEST_ADDRESS and
+    PROFILES_IDENTITY_ADDRESS), never to PostgreSQL or Redis."""
+    from services.edge.app import run
+
+    run(settings)
     return 0
 
 

@@ -89,10 +89,14 @@ def _grpc_service(name: str) -> ServiceSpec:
 
 
 # Every process of the suite, in start order; the banner, the port check, the health wait, the
-# record and the supervision all follow this table. An HTTP service is one more entry:
-#   ServiceSpec("edge", ("serve", "edge"), "PROFILES_EDGE_PORT", "PROFILES_EDGE_METRICS_PORT",
-#               HEALTH_HTTP)  # healthy when GET /healthz answers 200
-SUITE: tuple[ServiceSpec, ...] = tuple(_grpc_service(name) for name in SERVICE_NAMES)
+# record and the supervision all follow this table. An HTTP service is healthy when GET /healthz
+# answers 200 (the edge's only once ingest and identity answer).
+SUITE: tuple[ServiceSpec, ...] = (
+    *(_grpc_service(name) for name in SERVICE_NAMES),
+    ServiceSpec(
+        "edge", ("serve", "edge"), "PROFILES_EDGE_PORT", "PROFILES_EDGE_METRICS_PORT", HEALTH_HTTP
+    ),
+)
 
 
 def _setting_int(settings: Settings, env: str) -> int:

@@ -82,6 +82,16 @@ SETTINGS: tuple[Setting, ...] = (
         " replica of its service (how long a crashed replica's work waits); above the slowest"
         " handler",
     ),
+    Setting("PROFILES_EDGE_PORT", "8340", "HTTP port of the edge gateway (SDK traffic)"),
+    Setting(
+        "PROFILES_EDGE_METRICS_PORT", "9455", "Prometheus /metrics port of the edge; 0 turns it off"
+    ),
+    Setting(
+        "PROFILES_EDGE_RATE_LIMIT",
+        "500",
+        "edge: requests per second allowed per SDK key; 0 turns it off",
+    ),
+    Setting("PROFILES_EDGE_RATE_BURST", "1000", "edge: requests an SDK key may burst above it"),
 )
 
 
@@ -104,6 +114,10 @@ class Settings:
     max_concurrent_rpcs: int = 1000
     max_streams: int = 100
     claim_idle_seconds: float = 30.0
+    edge_port: int = 8340
+    edge_metrics_port: int = 9455
+    edge_rate_limit: float = 500.0
+    edge_rate_burst: int = 1000
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Self:
@@ -136,6 +150,10 @@ class Settings:
             max_concurrent_rpcs=int(values["PROFILES_MAX_CONCURRENT_RPCS"]),
             max_streams=int(values["PROFILES_MAX_STREAMS"]),
             claim_idle_seconds=float(values["PROFILES_CLAIM_IDLE_SECONDS"]),
+            edge_port=int(values["PROFILES_EDGE_PORT"]),
+            edge_metrics_port=int(values["PROFILES_EDGE_METRICS_PORT"]),
+            edge_rate_limit=float(values["PROFILES_EDGE_RATE_LIMIT"]),
+            edge_rate_burst=int(values["PROFILES_EDGE_RATE_BURST"]),
         )
 
     def to_env(self) -> dict[str, str]:
@@ -153,6 +171,10 @@ class Settings:
             "PROFILES_MAX_CONCURRENT_RPCS": str(self.max_concurrent_rpcs),
             "PROFILES_MAX_STREAMS": str(self.max_streams),
             "PROFILES_CLAIM_IDLE_SECONDS": str(self.claim_idle_seconds),
+            "PROFILES_EDGE_PORT": str(self.edge_port),
+            "PROFILES_EDGE_METRICS_PORT": str(self.edge_metrics_port),
+            "PROFILES_EDGE_RATE_LIMIT": str(self.edge_rate_limit),
+            "PROFILES_EDGE_RATE_BURST": str(self.edge_rate_burst),
         }
         for name in SERVICE_NAMES:
             upper = name.upper()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import ipaddress
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
@@ -636,6 +637,17 @@ def reject(index: int, event: pb.Event, rejection: Rejection) -> RejectedEvent:
     )
 
 
+_REASON_CODE = re.compile(r"[A-Z][A-Z0-9_]{0,63}")
+
+
+def _untranslated(message: pb.UntranslatedMessage) -> Invalid:
+    """An edge gateway's untranslatable message: always refused, with the gateway's reason when
+    it is a well-formed code, so ListRejectedEvents can filter on it."""
+    reason = message.reason if _REASON_CODE.fullmatch(message.reason) else model.UNTRANSLATED
+    explanation = message.explanation[:300] or "the gateway could not translate the message"
+    return Invalid(reason, "untranslated", explanation)
+
+
 class BatchValidator:
     """Checks the events of one request against every rule of the contract, with what the
     request shares (its send time, the receive time and the time limits) computed once."""
@@ -663,6 +675,8 @@ class BatchValidator:
         try:
             if event.ByteSize() > model.MAX_EVENT_BYTES:
                 raise Invalid(model.EVENT_TOO_LARGE, "", "the event is over 32 KiB serialized")
+            if event.HasField("untranslated"):
+                raise _untranslated(event.untranslated)
             event_id = event.event_id
             if not 1 <= len(event_id) <= model.MAX_EVENT_ID_LENGTH or "\x00" in event_id:
                 _text(

@@ -12,6 +12,7 @@ import socket
 import stat
 import sys
 import tempfile
+import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -63,7 +64,7 @@ def suite() -> Iterator[Suite]:
     # permission away from pytest's base directory again.
     tmp_path = Path(tempfile.mkdtemp(prefix="profiles-test-", dir="/tmp"))
     data_dir = tmp_path / "data"
-    ports = free_ports(2 * len(SERVICE_NAMES))
+    ports = free_ports(2 * len(SERVICE_NAMES) + 2)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PROFILES_")}
     env["PROFILES_DATA_DIR"] = str(data_dir)
     grpc_ports = {}
@@ -71,6 +72,8 @@ def suite() -> Iterator[Suite]:
         grpc_ports[name] = ports[2 * index]
         env[f"PROFILES_{name.upper()}_PORT"] = str(ports[2 * index])
         env[f"PROFILES_{name.upper()}_METRICS_PORT"] = str(ports[2 * index + 1])
+    # The edge (HTTP gateway) too: never its fixed 8340 and 9455, which others may hold.
+    env["PROFILES_EDGE_PORT"], env["PROFILES_EDGE_METRICS_PORT"] = map(str, ports[-2:])
     yield Suite(data_dir, env, grpc_ports)
     # Whatever a failed test left running, nothing outlives it.
     for proc in processes_of(tmp_path):
@@ -163,7 +166,9 @@ async def test_profiles_up_serves_all_four_services_and_stops_leaving_nothing_be
     assert sorted(keys) == ["admin", "read", "sdk"]
     assert all(key.startswith("prf_") for key in keys.values())
 
-    assert len(processes_of(suite.data_dir)) >= 6  # the check below sees what is running
+    edge = f"http://127.0.0.1:{suite.env['PROFILES_EDGE_PORT']}/healthz"
+    assert await asyncio.to_thread(lambda: urllib.request.urlopen(edge, timeout=10).status) == 200
+    assert len(processes_of(suite.data_dir)) >= 7  # the check below sees what is running
     await check_keys_reach_the_query_service(suite.ports["query"], keys["read"])
 
     assert await stop(started_up) == 0

@@ -384,3 +384,21 @@ def test_a_request_holds_at_most_4_mib() -> None:
         validate_request(1, model.MAX_REQUEST_BYTES + 1)
     assert raised.value.reason == "REQUEST_TOO_LARGE"
     assert [v.field for v in raised.value.violations] == ["events"]
+
+
+def test_untranslated_message_is_rejected_with_the_gateways_reason_and_kept_whole() -> None:
+    event = pb.Event(event_id="m1")
+    event.untranslated.reason = "ALIAS_REFUSED"
+    event.untranslated.dialect = "segment"
+    event.untranslated.message.update({"type": "alias", "previousId": "u1", "userId": "u2"})
+    result = check(event)
+    assert isinstance(result, RejectedEvent)
+    assert result.rejection.reason == "ALIAS_REFUSED"
+    assert result.raw is not None
+    assert result.raw["untranslated"]["message"]["previousId"] == "u1"
+
+
+def test_untranslated_message_with_a_malformed_reason_is_rejected_as_untranslated() -> None:
+    event = pb.Event(event_id="m1")
+    event.untranslated.reason = "not a code"
+    assert reason(event) == model.UNTRANSLATED

@@ -23,12 +23,13 @@ _sym_db = _symbol_database.Default()
 
 
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
+from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 from profiles.common.v1 import types_pb2 as profiles_dot_common_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'profiles/ingest/v1/ingest_service.proto\x12\x12profiles.ingest.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\x1a\x1eprofiles/common/v1/types.proto\"n\n\x12TrackEventsRequest\x12)\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x19.profiles.ingest.v1.Event\x12-\n\tsend_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x90\x01\n\x13TrackEventsResponse\x12\x30\n\x07results\x18\x01 \x03(\x0b\x32\x1f.profiles.ingest.v1.EventResult\x12\x16\n\x0e\x61\x63\x63\x65pted_count\x18\x02 \x01(\x05\x12\x17\n\x0f\x64uplicate_count\x18\x03 \x01(\x05\x12\x16\n\x0erejected_count\x18\x04 \x01(\x05\"\x81\x01\n\x13StreamEventsRequest\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12)\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x19.profiles.ingest.v1.Event\x12-\n\tsend_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xc7\x01\n\x14StreamEventsResponse\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12\"\n\x06status\x18\x02 \x01(\x0b\x32\x12.google.rpc.Status\x12\x30\n\x07results\x18\x03 \x03(\x0b\x32\x1f.profiles.ingest.v1.EventResult\x12\x16\n\x0e\x61\x63\x63\x65pted_count\x18\x04 \x01(\x05\x12\x17\n\x0f\x64uplicate_count\x18\x05 \x01(\x05\x12\x16\n\x0erejected_count\x18\x06 \x01(\x05\"o\n\x13ImportEventsRequest\x12)\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x19.profiles.ingest.v1.Event\x12-\n\tsend_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x91\x01\n\x14ImportEventsResponse\x12\x30\n\x07results\x18\x01 \x03(\x0b\x32\x1f.profiles.ingest.v1.EventResult\x12\x16\n\x0e\x61\x63\x63\x65pted_count\x18\x02 \x01(\x05\x12\x17\n\x0f\x64uplicate_count\x18\x03 \x01(\x05\x12\x16\n\x0erejected_count\x18\x04 \x01(\x05\"\xec\x05\n\x05\x45vent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x19\n\x0finstallation_id\x18\x02 \x01(\tH\x00\x12\x13\n\tcustom_id\x18\x03 \x01(\tH\x00\x12.\n\nevent_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tsend_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\x08platform\x18\x06 \x01(\x0e\x32\x1c.profiles.common.v1.Platform\x12\x12\n\nsession_id\x18\x07 \x01(\t\x12\x31\n\x06\x63ustom\x18\n \x01(\x0b\x32\x1f.profiles.ingest.v1.CustomEventH\x01\x12\x39\n\rsession_start\x18\x0b \x01(\x0b\x32 .profiles.ingest.v1.SessionStartH\x01\x12\x41\n\x11session_heartbeat\x18\x0c \x01(\x0b\x32$.profiles.ingest.v1.SessionHeartbeatH\x01\x12\x35\n\x0bsession_end\x18\r \x01(\x0b\x32\x1e.profiles.ingest.v1.SessionEndH\x01\x12G\n\x14\x61ttribute_operations\x18\x0e \x01(\x0b\x32\'.profiles.ingest.v1.AttributeOperationsH\x01\x12\x45\n\x13subscription_change\x18\x0f \x01(\x0b\x32&.profiles.common.v1.SubscriptionChangeH\x01\x12\x45\n\x13installation_update\x18\x10 \x01(\x0b\x32&.profiles.ingest.v1.InstallationUpdateH\x01\x12*\n\x05\x63rash\x18\x11 \x01(\x0b\x32\x19.profiles.ingest.v1.CrashH\x01\x42\x08\n\x06originB\t\n\x07payload\"\xc6\x01\n\x0b\x43ustomEvent\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05label\x18\x02 \x01(\t\x12\x43\n\nattributes\x18\x03 \x03(\x0b\x32/.profiles.ingest.v1.CustomEvent.AttributesEntry\x1aU\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x31\n\x05value\x18\x02 \x01(\x0b\x32\".profiles.common.v1.AttributeValue:\x02\x38\x01\"2\n\x0cSessionStart\x12\x0f\n\x07\x63ountry\x18\x01 \x01(\t\x12\x11\n\tclient_ip\x18\x02 \x01(\t\"?\n\x10SessionHeartbeat\x12+\n\x08\x64uration\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\"9\n\nSessionEnd\x12+\n\x08\x64uration\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\"Q\n\x13\x41ttributeOperations\x12:\n\noperations\x18\x01 \x03(\x0b\x32&.profiles.common.v1.AttributeOperation\"\xd6\x02\n\x12InstallationUpdate\x12\x18\n\x0b\x61pp_version\x18\x01 \x01(\tH\x00\x88\x01\x01\x12\x17\n\nos_version\x18\x02 \x01(\tH\x01\x88\x01\x01\x12\x19\n\x0c\x64\x65vice_model\x18\x03 \x01(\tH\x02\x88\x01\x01\x12\x17\n\npush_token\x18\x04 \x01(\tH\x03\x88\x01\x01\x12\x18\n\x0bpush_opt_in\x18\x05 \x01(\x08H\x04\x88\x01\x01\x12\x15\n\x08language\x18\x06 \x01(\tH\x05\x88\x01\x01\x12\x15\n\x08timezone\x18\x07 \x01(\tH\x06\x88\x01\x01\x12\x18\n\x0buninstalled\x18\x08 \x01(\x08H\x07\x88\x01\x01\x42\x0e\n\x0c_app_versionB\r\n\x0b_os_versionB\x0f\n\r_device_modelB\r\n\x0b_push_tokenB\x0e\n\x0c_push_opt_inB\x0b\n\t_languageB\x0b\n\t_timezoneB\x0e\n\x0c_uninstalled\"I\n\x05\x43rash\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x13\n\x0bstack_trace\x18\x03 \x01(\t\x12\r\n\x05\x66\x61tal\x18\x04 \x01(\x08\"\xae\x01\n\x0b\x45ventResult\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x31\n\x07outcome\x18\x02 \x01(\x0e\x32 .profiles.ingest.v1.EventOutcome\x12\"\n\x06status\x18\x03 \x01(\x0b\x32\x12.google.rpc.Status\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x12\n\nfield_path\x18\x05 \x01(\t\x12\x12\n\nprofile_id\x18\x06 \x01(\t\"H\n\x13ImportTokensRequest\x12\x31\n\x06tokens\x18\x01 \x03(\x0b\x32!.profiles.ingest.v1.ImportedToken\"\x95\x01\n\x14ImportTokensResponse\x12\x30\n\x07results\x18\x01 \x03(\x0b\x32\x1f.profiles.ingest.v1.TokenResult\x12\x16\n\x0eimported_count\x18\x02 \x01(\x05\x12\x1b\n\x13\x61lready_known_count\x18\x03 \x01(\x05\x12\x16\n\x0erejected_count\x18\x04 \x01(\x05\"{\n\rImportedToken\x12.\n\x08platform\x18\x01 \x01(\x0e\x32\x1c.profiles.common.v1.Platform\x12\x12\n\npush_token\x18\x02 \x01(\t\x12\x11\n\tcustom_id\x18\x03 \x01(\t\x12\x13\n\x0bpush_opt_in\x18\x04 \x01(\x08\"\xa1\x01\n\x0bTokenResult\x12\x31\n\x07outcome\x18\x01 \x01(\x0e\x32 .profiles.ingest.v1.TokenOutcome\x12\"\n\x06status\x18\x02 \x01(\x0b\x32\x12.google.rpc.Status\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x17\n\x0finstallation_id\x18\x04 \x01(\t\x12\x12\n\nprofile_id\x18\x05 \x01(\t*\x82\x01\n\x0c\x45ventOutcome\x12\x1d\n\x19\x45VENT_OUTCOME_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x45VENT_OUTCOME_ACCEPTED\x10\x01\x12\x1b\n\x17\x45VENT_OUTCOME_DUPLICATE\x10\x02\x12\x1a\n\x16\x45VENT_OUTCOME_REJECTED\x10\x03*\x86\x01\n\x0cTokenOutcome\x12\x1d\n\x19TOKEN_OUTCOME_UNSPECIFIED\x10\x00\x12\x1a\n\x16TOKEN_OUTCOME_IMPORTED\x10\x01\x12\x1f\n\x1bTOKEN_OUTCOME_ALREADY_KNOWN\x10\x02\x12\x1a\n\x16TOKEN_OUTCOME_REJECTED\x10\x03\x32\xab\x03\n\rIngestService\x12\x63\n\x0bTrackEvents\x12&.profiles.ingest.v1.TrackEventsRequest\x1a\'.profiles.ingest.v1.TrackEventsResponse\"\x03\x90\x02\x02\x12\x65\n\x0cStreamEvents\x12\'.profiles.ingest.v1.StreamEventsRequest\x1a(.profiles.ingest.v1.StreamEventsResponse(\x01\x30\x01\x12\x66\n\x0cImportEvents\x12\'.profiles.ingest.v1.ImportEventsRequest\x1a(.profiles.ingest.v1.ImportEventsResponse\"\x03\x90\x02\x02\x12\x66\n\x0cImportTokens\x12\'.profiles.ingest.v1.ImportTokensRequest\x1a(.profiles.ingest.v1.ImportTokensResponse\"\x03\x90\x02\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'profiles/ingest/v1/ingest_service.proto\x12\x12profiles.ingest.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\x1a\x1eprofiles/common/v1/types.proto\"n\n\x12TrackEventsRequest\x12)\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x19.profiles.ingest.v1.Event\x12-\n\tsend_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x90\x01\n\x13TrackEventsResponse\x12\x30\n\x07results\x18\x01 \x03(\x0b\x32\x1f.profiles.ingest.v1.EventResult\x12\x16\n\x0e\x61\x63\x63\x65pted_count\x18\x02 \x01(\x05\x12\x17\n\x0f\x64uplicate_count\x18\x03 \x01(\x05\x12\x16\n\x0erejected_count\x18\x04 \x01(\x05\"\x81\x01\n\x13StreamEventsRequest\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12)\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x19.profiles.ingest.v1.Event\x12-\n\tsend_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xc7\x01\n\x14StreamEventsResponse\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12\"\n\x06status\x18\x02 \x01(\x0b\x32\x12.google.rpc.Status\x12\x30\n\x07results\x18\x03 \x03(\x0b\x32\x1f.profiles.ingest.v1.EventResult\x12\x16\n\x0e\x61\x63\x63\x65pted_count\x18\x04 \x01(\x05\x12\x17\n\x0f\x64uplicate_count\x18\x05 \x01(\x05\x12\x16\n\x0erejected_count\x18\x06 \x01(\x05\"o\n\x13ImportEventsRequest\x12)\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x19.profiles.ingest.v1.Event\x12-\n\tsend_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x91\x01\n\x14ImportEventsResponse\x12\x30\n\x07results\x18\x01 \x03(\x0b\x32\x1f.profiles.ingest.v1.EventResult\x12\x16\n\x0e\x61\x63\x63\x65pted_count\x18\x02 \x01(\x05\x12\x17\n\x0f\x64uplicate_count\x18\x03 \x01(\x05\x12\x16\n\x0erejected_count\x18\x04 \x01(\x05\"\xad\x06\n\x05\x45vent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x19\n\x0finstallation_id\x18\x02 \x01(\tH\x00\x12\x13\n\tcustom_id\x18\x03 \x01(\tH\x00\x12.\n\nevent_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tsend_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\x08platform\x18\x06 \x01(\x0e\x32\x1c.profiles.common.v1.Platform\x12\x12\n\nsession_id\x18\x07 \x01(\t\x12\x31\n\x06\x63ustom\x18\n \x01(\x0b\x32\x1f.profiles.ingest.v1.CustomEventH\x01\x12\x39\n\rsession_start\x18\x0b \x01(\x0b\x32 .profiles.ingest.v1.SessionStartH\x01\x12\x41\n\x11session_heartbeat\x18\x0c \x01(\x0b\x32$.profiles.ingest.v1.SessionHeartbeatH\x01\x12\x35\n\x0bsession_end\x18\r \x01(\x0b\x32\x1e.profiles.ingest.v1.SessionEndH\x01\x12G\n\x14\x61ttribute_operations\x18\x0e \x01(\x0b\x32\'.profiles.ingest.v1.AttributeOperationsH\x01\x12\x45\n\x13subscription_change\x18\x0f \x01(\x0b\x32&.profiles.common.v1.SubscriptionChangeH\x01\x12\x45\n\x13installation_update\x18\x10 \x01(\x0b\x32&.profiles.ingest.v1.InstallationUpdateH\x01\x12*\n\x05\x63rash\x18\x11 \x01(\x0b\x32\x19.profiles.ingest.v1.CrashH\x01\x12?\n\x0cuntranslated\x18\x12 \x01(\x0b\x32\'.profiles.ingest.v1.UntranslatedMessageH\x01\x42\x08\n\x06originB\t\n\x07payload\"\xc6\x01\n\x0b\x43ustomEvent\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05label\x18\x02 \x01(\t\x12\x43\n\nattributes\x18\x03 \x03(\x0b\x32/.profiles.ingest.v1.CustomEvent.AttributesEntry\x1aU\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x31\n\x05value\x18\x02 \x01(\x0b\x32\".profiles.common.v1.AttributeValue:\x02\x38\x01\"2\n\x0cSessionStart\x12\x0f\n\x07\x63ountry\x18\x01 \x01(\t\x12\x11\n\tclient_ip\x18\x02 \x01(\t\"?\n\x10SessionHeartbeat\x12+\n\x08\x64uration\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\"9\n\nSessionEnd\x12+\n\x08\x64uration\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\"Q\n\x13\x41ttributeOperations\x12:\n\noperations\x18\x01 \x03(\x0b\x32&.profiles.common.v1.AttributeOperation\"\xd6\x02\n\x12InstallationUpdate\x12\x18\n\x0b\x61pp_version\x18\x01 \x01(\tH\x00\x88\x01\x01\x12\x17\n\nos_version\x18\x02 \x01(\tH\x01\x88\x01\x01\x12\x19\n\x0c\x64\x65vice_model\x18\x03 \x01(\tH\x02\x88\x01\x01\x12\x17\n\npush_token\x18\x04 \x01(\tH\x03\x88\x01\x01\x12\x18\n\x0bpush_opt_in\x18\x05 \x01(\x08H\x04\x88\x01\x01\x12\x15\n\x08language\x18\x06 \x01(\tH\x05\x88\x01\x01\x12\x15\n\x08timezone\x18\x07 \x01(\tH\x06\x88\x01\x01\x12\x18\n\x0buninstalled\x18\x08 \x01(\x08H\x07\x88\x01\x01\x42\x0e\n\x0c_app_versionB\r\n\x0b_os_versionB\x0f\n\r_device_modelB\r\n\x0b_push_tokenB\x0e\n\x0c_push_opt_inB\x0b\n\t_languageB\x0b\n\t_timezoneB\x0e\n\x0c_uninstalled\"u\n\x13UntranslatedMessage\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x13\n\x0b\x65xplanation\x18\x02 \x01(\t\x12\x0f\n\x07\x64ialect\x18\x03 \x01(\t\x12(\n\x07message\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\"I\n\x05\x43rash\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x13\n\x0bstack_trace\x18\x03 \x01(\t\x12\r\n\x05\x66\x61tal\x18\x04 \x01(\x08\"\xae\x01\n\x0b\x45ventResult\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x31\n\x07outcome\x18\x02 \x01(\x0e\x32 .profiles.ingest.v1.EventOutcome\x12\"\n\x06status\x18\x03 \x01(\x0b\x32\x12.google.rpc.Status\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x12\n\nfield_path\x18\x05 \x01(\t\x12\x12\n\nprofile_id\x18\x06 \x01(\t\"H\n\x13ImportTokensRequest\x12\x31\n\x06tokens\x18\x01 \x03(\x0b\x32!.profiles.ingest.v1.ImportedToken\"\x95\x01\n\x14ImportTokensResponse\x12\x30\n\x07results\x18\x01 \x03(\x0b\x32\x1f.profiles.ingest.v1.TokenResult\x12\x16\n\x0eimported_count\x18\x02 \x01(\x05\x12\x1b\n\x13\x61lready_known_count\x18\x03 \x01(\x05\x12\x16\n\x0erejected_count\x18\x04 \x01(\x05\"{\n\rImportedToken\x12.\n\x08platform\x18\x01 \x01(\x0e\x32\x1c.profiles.common.v1.Platform\x12\x12\n\npush_token\x18\x02 \x01(\t\x12\x11\n\tcustom_id\x18\x03 \x01(\t\x12\x13\n\x0bpush_opt_in\x18\x04 \x01(\x08\"\xa1\x01\n\x0bTokenResult\x12\x31\n\x07outcome\x18\x01 \x01(\x0e\x32 .profiles.ingest.v1.TokenOutcome\x12\"\n\x06status\x18\x02 \x01(\x0b\x32\x12.google.rpc.Status\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x17\n\x0finstallation_id\x18\x04 \x01(\t\x12\x12\n\nprofile_id\x18\x05 \x01(\t*\x82\x01\n\x0c\x45ventOutcome\x12\x1d\n\x19\x45VENT_OUTCOME_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x45VENT_OUTCOME_ACCEPTED\x10\x01\x12\x1b\n\x17\x45VENT_OUTCOME_DUPLICATE\x10\x02\x12\x1a\n\x16\x45VENT_OUTCOME_REJECTED\x10\x03*\x86\x01\n\x0cTokenOutcome\x12\x1d\n\x19TOKEN_OUTCOME_UNSPECIFIED\x10\x00\x12\x1a\n\x16TOKEN_OUTCOME_IMPORTED\x10\x01\x12\x1f\n\x1bTOKEN_OUTCOME_ALREADY_KNOWN\x10\x02\x12\x1a\n\x16TOKEN_OUTCOME_REJECTED\x10\x03\x32\xab\x03\n\rIngestService\x12\x63\n\x0bTrackEvents\x12&.profiles.ingest.v1.TrackEventsRequest\x1a\'.profiles.ingest.v1.TrackEventsResponse\"\x03\x90\x02\x02\x12\x65\n\x0cStreamEvents\x12\'.profiles.ingest.v1.StreamEventsRequest\x1a(.profiles.ingest.v1.StreamEventsResponse(\x01\x30\x01\x12\x66\n\x0cImportEvents\x12\'.profiles.ingest.v1.ImportEventsRequest\x1a(.profiles.ingest.v1.ImportEventsResponse\"\x03\x90\x02\x02\x12\x66\n\x0cImportTokens\x12\'.profiles.ingest.v1.ImportTokensRequest\x1a(.profiles.ingest.v1.ImportTokensResponse\"\x03\x90\x02\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,50 +44,52 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INGESTSERVICE'].methods_by_name['ImportEvents']._serialized_options = b'\220\002\002'
   _globals['_INGESTSERVICE'].methods_by_name['ImportTokens']._loaded_options = None
   _globals['_INGESTSERVICE'].methods_by_name['ImportTokens']._serialized_options = b'\220\002\002'
-  _globals['_EVENTOUTCOME']._serialized_start=3363
-  _globals['_EVENTOUTCOME']._serialized_end=3493
-  _globals['_TOKENOUTCOME']._serialized_start=3496
-  _globals['_TOKENOUTCOME']._serialized_end=3630
-  _globals['_TRACKEVENTSREQUEST']._serialized_start=185
-  _globals['_TRACKEVENTSREQUEST']._serialized_end=295
-  _globals['_TRACKEVENTSRESPONSE']._serialized_start=298
-  _globals['_TRACKEVENTSRESPONSE']._serialized_end=442
-  _globals['_STREAMEVENTSREQUEST']._serialized_start=445
-  _globals['_STREAMEVENTSREQUEST']._serialized_end=574
-  _globals['_STREAMEVENTSRESPONSE']._serialized_start=577
-  _globals['_STREAMEVENTSRESPONSE']._serialized_end=776
-  _globals['_IMPORTEVENTSREQUEST']._serialized_start=778
-  _globals['_IMPORTEVENTSREQUEST']._serialized_end=889
-  _globals['_IMPORTEVENTSRESPONSE']._serialized_start=892
-  _globals['_IMPORTEVENTSRESPONSE']._serialized_end=1037
-  _globals['_EVENT']._serialized_start=1040
-  _globals['_EVENT']._serialized_end=1788
-  _globals['_CUSTOMEVENT']._serialized_start=1791
-  _globals['_CUSTOMEVENT']._serialized_end=1989
-  _globals['_CUSTOMEVENT_ATTRIBUTESENTRY']._serialized_start=1904
-  _globals['_CUSTOMEVENT_ATTRIBUTESENTRY']._serialized_end=1989
-  _globals['_SESSIONSTART']._serialized_start=1991
-  _globals['_SESSIONSTART']._serialized_end=2041
-  _globals['_SESSIONHEARTBEAT']._serialized_start=2043
-  _globals['_SESSIONHEARTBEAT']._serialized_end=2106
-  _globals['_SESSIONEND']._serialized_start=2108
-  _globals['_SESSIONEND']._serialized_end=2165
-  _globals['_ATTRIBUTEOPERATIONS']._serialized_start=2167
-  _globals['_ATTRIBUTEOPERATIONS']._serialized_end=2248
-  _globals['_INSTALLATIONUPDATE']._serialized_start=2251
-  _globals['_INSTALLATIONUPDATE']._serialized_end=2593
-  _globals['_CRASH']._serialized_start=2595
-  _globals['_CRASH']._serialized_end=2668
-  _globals['_EVENTRESULT']._serialized_start=2671
-  _globals['_EVENTRESULT']._serialized_end=2845
-  _globals['_IMPORTTOKENSREQUEST']._serialized_start=2847
-  _globals['_IMPORTTOKENSREQUEST']._serialized_end=2919
-  _globals['_IMPORTTOKENSRESPONSE']._serialized_start=2922
-  _globals['_IMPORTTOKENSRESPONSE']._serialized_end=3071
-  _globals['_IMPORTEDTOKEN']._serialized_start=3073
-  _globals['_IMPORTEDTOKEN']._serialized_end=3196
-  _globals['_TOKENRESULT']._serialized_start=3199
-  _globals['_TOKENRESULT']._serialized_end=3360
-  _globals['_INGESTSERVICE']._serialized_start=3633
-  _globals['_INGESTSERVICE']._serialized_end=4060
+  _globals['_EVENTOUTCOME']._serialized_start=3577
+  _globals['_EVENTOUTCOME']._serialized_end=3707
+  _globals['_TOKENOUTCOME']._serialized_start=3710
+  _globals['_TOKENOUTCOME']._serialized_end=3844
+  _globals['_TRACKEVENTSREQUEST']._serialized_start=215
+  _globals['_TRACKEVENTSREQUEST']._serialized_end=325
+  _globals['_TRACKEVENTSRESPONSE']._serialized_start=328
+  _globals['_TRACKEVENTSRESPONSE']._serialized_end=472
+  _globals['_STREAMEVENTSREQUEST']._serialized_start=475
+  _globals['_STREAMEVENTSREQUEST']._serialized_end=604
+  _globals['_STREAMEVENTSRESPONSE']._serialized_start=607
+  _globals['_STREAMEVENTSRESPONSE']._serialized_end=806
+  _globals['_IMPORTEVENTSREQUEST']._serialized_start=808
+  _globals['_IMPORTEVENTSREQUEST']._serialized_end=919
+  _globals['_IMPORTEVENTSRESPONSE']._serialized_start=922
+  _globals['_IMPORTEVENTSRESPONSE']._serialized_end=1067
+  _globals['_EVENT']._serialized_start=1070
+  _globals['_EVENT']._serialized_end=1883
+  _globals['_CUSTOMEVENT']._serialized_start=1886
+  _globals['_CUSTOMEVENT']._serialized_end=2084
+  _globals['_CUSTOMEVENT_ATTRIBUTESENTRY']._serialized_start=1999
+  _globals['_CUSTOMEVENT_ATTRIBUTESENTRY']._serialized_end=2084
+  _globals['_SESSIONSTART']._serialized_start=2086
+  _globals['_SESSIONSTART']._serialized_end=2136
+  _globals['_SESSIONHEARTBEAT']._serialized_start=2138
+  _globals['_SESSIONHEARTBEAT']._serialized_end=2201
+  _globals['_SESSIONEND']._serialized_start=2203
+  _globals['_SESSIONEND']._serialized_end=2260
+  _globals['_ATTRIBUTEOPERATIONS']._serialized_start=2262
+  _globals['_ATTRIBUTEOPERATIONS']._serialized_end=2343
+  _globals['_INSTALLATIONUPDATE']._serialized_start=2346
+  _globals['_INSTALLATIONUPDATE']._serialized_end=2688
+  _globals['_UNTRANSLATEDMESSAGE']._serialized_start=2690
+  _globals['_UNTRANSLATEDMESSAGE']._serialized_end=2807
+  _globals['_CRASH']._serialized_start=2809
+  _globals['_CRASH']._serialized_end=2882
+  _globals['_EVENTRESULT']._serialized_start=2885
+  _globals['_EVENTRESULT']._serialized_end=3059
+  _globals['_IMPORTTOKENSREQUEST']._serialized_start=3061
+  _globals['_IMPORTTOKENSREQUEST']._serialized_end=3133
+  _globals['_IMPORTTOKENSRESPONSE']._serialized_start=3136
+  _globals['_IMPORTTOKENSRESPONSE']._serialized_end=3285
+  _globals['_IMPORTEDTOKEN']._serialized_start=3287
+  _globals['_IMPORTEDTOKEN']._serialized_end=3410
+  _globals['_TOKENRESULT']._serialized_start=3413
+  _globals['_TOKENRESULT']._serialized_end=3574
+  _globals['_INGESTSERVICE']._serialized_start=3847
+  _globals['_INGESTSERVICE']._serialized_end=4274
 # @@protoc_insertion_point(module_scope)

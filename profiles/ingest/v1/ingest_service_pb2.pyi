@@ -7,6 +7,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
+from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -331,6 +332,7 @@ class Event(_message.Message):
     SUBSCRIPTION_CHANGE_FIELD_NUMBER: _builtins.int
     INSTALLATION_UPDATE_FIELD_NUMBER: _builtins.int
     CRASH_FIELD_NUMBER: _builtins.int
+    UNTRANSLATED_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
     """The client's idempotency key: 1 to 64 characters, usually a UUID. Unique per installation
     (or per custom ID for server-side events): the same key from the same origin is stored once.
@@ -396,6 +398,13 @@ class Event(_message.Message):
     def crash(self) -> Global___Crash:
         """A crash."""
 
+    @_builtins.property
+    def untranslated(self) -> Global___UntranslatedMessage:
+        """A message an edge gateway received from an SDK but could not translate into an event (an
+        unknown type, a refused alias, an unusable name): always rejected, with the gateway's
+        reason, and kept for ListRejectedEvents so that nothing sent disappears silently.
+        """
+
     def __init__(
         self,
         *,
@@ -414,14 +423,15 @@ class Event(_message.Message):
         subscription_change: _types_pb2.SubscriptionChange | None = ...,
         installation_update: Global___InstallationUpdate | None = ...,
         crash: Global___Crash | None = ...,
+        untranslated: Global___UntranslatedMessage | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["attribute_operations", b"attribute_operations", "crash", b"crash", "custom", b"custom", "custom_id", b"custom_id", "event_time", b"event_time", "installation_id", b"installation_id", "installation_update", b"installation_update", "origin", b"origin", "payload", b"payload", "send_time", b"send_time", "session_end", b"session_end", "session_heartbeat", b"session_heartbeat", "session_start", b"session_start", "subscription_change", b"subscription_change"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["attribute_operations", b"attribute_operations", "crash", b"crash", "custom", b"custom", "custom_id", b"custom_id", "event_time", b"event_time", "installation_id", b"installation_id", "installation_update", b"installation_update", "origin", b"origin", "payload", b"payload", "send_time", b"send_time", "session_end", b"session_end", "session_heartbeat", b"session_heartbeat", "session_start", b"session_start", "subscription_change", b"subscription_change", "untranslated", b"untranslated"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attribute_operations", b"attribute_operations", "crash", b"crash", "custom", b"custom", "custom_id", b"custom_id", "event_id", b"event_id", "event_time", b"event_time", "installation_id", b"installation_id", "installation_update", b"installation_update", "origin", b"origin", "payload", b"payload", "platform", b"platform", "send_time", b"send_time", "session_end", b"session_end", "session_heartbeat", b"session_heartbeat", "session_id", b"session_id", "session_start", b"session_start", "subscription_change", b"subscription_change"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attribute_operations", b"attribute_operations", "crash", b"crash", "custom", b"custom", "custom_id", b"custom_id", "event_id", b"event_id", "event_time", b"event_time", "installation_id", b"installation_id", "installation_update", b"installation_update", "origin", b"origin", "payload", b"payload", "platform", b"platform", "send_time", b"send_time", "session_end", b"session_end", "session_heartbeat", b"session_heartbeat", "session_id", b"session_id", "session_start", b"session_start", "subscription_change", b"subscription_change", "untranslated", b"untranslated"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_origin: _TypeAlias = _typing.Literal["installation_id", "custom_id"]  # noqa: Y015
     _WhichOneofArgType_origin: _TypeAlias = _typing.Literal["origin", b"origin"]  # noqa: Y015
-    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["custom", "session_start", "session_heartbeat", "session_end", "attribute_operations", "subscription_change", "installation_update", "crash"]  # noqa: Y015
+    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["custom", "session_start", "session_heartbeat", "session_end", "attribute_operations", "subscription_change", "installation_update", "crash", "untranslated"]  # noqa: Y015
     _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType_origin) -> _WhichOneofReturnType_origin | None: ...
@@ -673,6 +683,50 @@ class InstallationUpdate(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__uninstalled) -> _WhichOneofReturnType__uninstalled | None: ...
 
 Global___InstallationUpdate: _TypeAlias = InstallationUpdate  # noqa: Y015
+
+@_typing.final
+class UntranslatedMessage(_message.Message):
+    """A message an edge gateway could not translate. Ingest never stores it as an event: it answers
+    REJECTED with `reason` (or UNTRANSLATED when `reason` is not an UPPER_SNAKE code) and keeps
+    the event, `message` included, as a rejected event. The event's `event_id` and origin are
+    optional here: the gateway sets them when the message carried them.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REASON_FIELD_NUMBER: _builtins.int
+    EXPLANATION_FIELD_NUMBER: _builtins.int
+    DIALECT_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    reason: _builtins.str
+    """The gateway's reason code, UPPER_SNAKE, 1 to 64 characters, such as ALIAS_REFUSED or
+    MESSAGE_TYPE_UNKNOWN; it becomes the rejection reason.
+    """
+    explanation: _builtins.str
+    """A human-readable explanation, at most 300 characters (longer is cut)."""
+    dialect: _builtins.str
+    """The SDK dialect the message came in, such as "segment", "posthog" or "countly"."""
+    @_builtins.property
+    def message(self) -> _struct_pb2.Struct:
+        """The message as the SDK sent it, with API keys and IP addresses removed by the gateway;
+        bounded by the 32 KiB event limit.
+        """
+
+    def __init__(
+        self,
+        *,
+        reason: _builtins.str = ...,
+        explanation: _builtins.str = ...,
+        dialect: _builtins.str = ...,
+        message: _struct_pb2.Struct | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dialect", b"dialect", "explanation", b"explanation", "message", b"message", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UntranslatedMessage: _TypeAlias = UntranslatedMessage  # noqa: Y015
 
 @_typing.final
 class Crash(_message.Message):

@@ -46,7 +46,8 @@ class IngestServiceStub:
     bad URL, list over 25 items), OPERATION_INVALID (kind not allowed on that attribute),
     EMAIL_INVALID, PHONE_INVALID, LANGUAGE_INVALID, REGION_INVALID, COUNTRY_INVALID,
     TIMEZONE_INVALID, PROFILE_ATTRIBUTE_LIMIT (the profile already holds 50 custom attributes),
-    DURATION_INVALID, SUBSCRIPTION_INVALID, EVENT_TOO_LARGE (over 32 KiB serialized).
+    DURATION_INVALID, SUBSCRIPTION_INVALID, EVENT_TOO_LARGE (over 32 KiB serialized), and for an
+    UntranslatedMessage the edge gateway's own code (UNTRANSLATED when it sent none usable).
     """
 
     def __init__(self, channel):
@@ -98,7 +99,8 @@ class IngestServiceServicer:
     bad URL, list over 25 items), OPERATION_INVALID (kind not allowed on that attribute),
     EMAIL_INVALID, PHONE_INVALID, LANGUAGE_INVALID, REGION_INVALID, COUNTRY_INVALID,
     TIMEZONE_INVALID, PROFILE_ATTRIBUTE_LIMIT (the profile already holds 50 custom attributes),
-    DURATION_INVALID, SUBSCRIPTION_INVALID, EVENT_TOO_LARGE (over 32 KiB serialized).
+    DURATION_INVALID, SUBSCRIPTION_INVALID, EVENT_TOO_LARGE (over 32 KiB serialized), and for an
+    UntranslatedMessage the edge gateway's own code (UNTRANSLATED when it sent none usable).
     """
 
     def TrackEvents(self, request, context):
@@ -203,7 +205,8 @@ class IngestService:
     bad URL, list over 25 items), OPERATION_INVALID (kind not allowed on that attribute),
     EMAIL_INVALID, PHONE_INVALID, LANGUAGE_INVALID, REGION_INVALID, COUNTRY_INVALID,
     TIMEZONE_INVALID, PROFILE_ATTRIBUTE_LIMIT (the profile already holds 50 custom attributes),
-    DURATION_INVALID, SUBSCRIPTION_INVALID, EVENT_TOO_LARGE (over 32 KiB serialized).
+    DURATION_INVALID, SUBSCRIPTION_INVALID, EVENT_TOO_LARGE (over 32 KiB serialized), and for an
+    UntranslatedMessage the edge gateway's own code (UNTRANSLATED when it sent none usable).
     """
 
     @staticmethod

@@ -47,7 +47,8 @@ class IngestServiceStub:
     bad URL, list over 25 items), OPERATION_INVALID (kind not allowed on that attribute),
     EMAIL_INVALID, PHONE_INVALID, LANGUAGE_INVALID, REGION_INVALID, COUNTRY_INVALID,
     TIMEZONE_INVALID, PROFILE_ATTRIBUTE_LIMIT (the profile already holds 50 custom attributes),
-    DURATION_INVALID, SUBSCRIPTION_INVALID, EVENT_TOO_LARGE (over 32 KiB serialized).
+    DURATION_INVALID, SUBSCRIPTION_INVALID, EVENT_TOO_LARGE (over 32 KiB serialized), and for an
+    UntranslatedMessage the edge gateway's own code (UNTRANSLATED when it sent none usable).
     """
 
     @_typing.overload
@@ -111,7 +112,8 @@ class IngestServiceAsyncStub(IngestServiceStub):
     bad URL, list over 25 items), OPERATION_INVALID (kind not allowed on that attribute),
     EMAIL_INVALID, PHONE_INVALID, LANGUAGE_INVALID, REGION_INVALID, COUNTRY_INVALID,
     TIMEZONE_INVALID, PROFILE_ATTRIBUTE_LIMIT (the profile already holds 50 custom attributes),
-    DURATION_INVALID, SUBSCRIPTION_INVALID, EVENT_TOO_LARGE (over 32 KiB serialized).
+    DURATION_INVALID, SUBSCRIPTION_INVALID, EVENT_TOO_LARGE (over 32 KiB serialized), and for an
+    UntranslatedMessage the edge gateway's own code (UNTRANSLATED when it sent none usable).
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -171,7 +173,8 @@ class IngestServiceServicer(metaclass=_abc_1.ABCMeta):
     bad URL, list over 25 items), OPERATION_INVALID (kind not allowed on that attribute),
     EMAIL_INVALID, PHONE_INVALID, LANGUAGE_INVALID, REGION_INVALID, COUNTRY_INVALID,
     TIMEZONE_INVALID, PROFILE_ATTRIBUTE_LIMIT (the profile already holds 50 custom attributes),
-    DURATION_INVALID, SUBSCRIPTION_INVALID, EVENT_TOO_LARGE (over 32 KiB serialized).
+    DURATION_INVALID, SUBSCRIPTION_INVALID, EVENT_TOO_LARGE (over 32 KiB serialized), and for an
+    UntranslatedMessage the edge gateway's own code (UNTRANSLATED when it sent none usable).
     """
 
     @_abc_1.abstractmethod

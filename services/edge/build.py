@@ -1,0 +1,339 @@
+"""Contract messages the Segment and PostHog translators build alike: event IDs, times,
+derived sessions, trait operations and installation details. Pure functions, no I/O.
+
+Derived sessions. Segment and PostHog send no session events, yet engagement and smart segments
+count sessions. The edge is a pure client of the contract and keeps no state between requests
+(any replica may serve any request, a restart forgets nothing), so a derived session is a pure
+function of the event: PostHog's `$session_id` when the SDK sends one; otherwise the
+installation's 30-minute window of event time (`w<n>` where n = event time // 30 min, UTC). The
+first event of a (installation, session) pair in a request is preceded by a SessionStart whose
+event ID is derived from the pair, so the later requests of the same session store it once
+(DUPLICATE); ingest widens the session to the span of its events and closes it 30 minutes after
+its last one, which gives its duration. See docs/edge.md ("Sessions").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from profiles.common.v1 import types_pb2
+from profiles.ingest.v1 import ingest_service_pb2 as ingest_pb
+from services.edge.names import flatten, normalize_name
+from services.edge.properties import attribute_value
+from services.edge.steps import Identify, Reject, Step, Track, scrub
+
+SESSION_WINDOW_SECONDS = 30 * 60
+MAX_ID_LENGTH = 64
+
+# Trait names (after normalize_name) that are native profile attributes; every other trait is a
+# custom attribute. Shared by Segment's traits and PostHog's $set / $set_once.
+NATIVE_TRAITS: dict[str, int] = {
+    "email": types_pb2.NATIVE_ATTRIBUTE_EMAIL,
+    "phone": types_pb2.NATIVE_ATTRIBUTE_PHONE,
+    "phone_number": types_pb2.NATIVE_ATTRIBUTE_PHONE,
+    "firstname": types_pb2.NATIVE_ATTRIBUTE_FIRST_NAME,
+    "first_name": types_pb2.NATIVE_ATTRIBUTE_FIRST_NAME,
+    "lastname": types_pb2.NATIVE_ATTRIBUTE_LAST_NAME,
+    "last_name": types_pb2.NATIVE_ATTRIBUTE_LAST_NAME,
+    "avatar": types_pb2.NATIVE_ATTRIBUTE_AVATAR_URL,
+    "avatar_url": types_pb2.NATIVE_ATTRIBUTE_AVATAR_URL,
+    "language": types_pb2.NATIVE_ATTRIBUTE_LANGUAGE,
+    "timezone": types_pb2.NATIVE_ATTRIBUTE_TIMEZONE,
+    "country": types_pb2.NATIVE_ATTRIBUTE_COUNTRY,
+    "address_country": types_pb2.NATIVE_ATTRIBUTE_COUNTRY,
+    "region": types_pb2.NATIVE_ATTRIBUTE_REGION,
+}
+
+
+def derived_id(prefix: str, *parts: object) -> str:
+    """A deterministic ID of at most 64 characters: the same parts give the same ID, so a
+    retried request carries the same event and request IDs."""
+    digest = hashlib.sha256("\x1f".join(map(str, parts)).encode()).hexdigest()[:40]
+    return f"{prefix}:{digest}"
+
+
+def message_id(value: object, prefix: str, message: Mapping[str, Any]) -> str:
+    """The SDK's message ID as the event ID when usable; a digest of the message otherwise."""
+    if isinstance(value, str | int) and 1 <= len(str(value)) <= MAX_ID_LENGTH:
+        return str(value)
+    return derived_id(prefix, json.dumps(message, sort_keys=True, default=str))
+
+
+def identifier(value: object) -> str:
+    """An SDK identifier as text ("" when missing); SDKs send numbers for user IDs too."""
+    if isinstance(value, bool) or value is None:
+        return ""
+    if isinstance(value, int | float | str):
+        return str(value).strip() if not isinstance(value, float) else str(int(value))
+    return ""
+
+
+def parse_time(value: object) -> datetime | None:
+    """An ISO 8601 time (with Z or an offset; naive is UTC) or epoch milliseconds, or None."""
+    if isinstance(value, str) and value:
+        try:
+            parsed = datetime.fromisoformat(value.strip())
+        except ValueError:
+            return None
+        return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        try:
+            return datetime.fromtimestamp(value / 1000, UTC)
+        except (OverflowError, ValueError, OSError):
+            return None
+    return None
+
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def timestamp(moment: datetime) -> Timestamp:
+    # Integer arithmetic on the timedelta: FromDatetime is several times slower, per event.
+    delta = moment - EPOCH
+    seconds = delta.days * 86_400 + delta.seconds
+    return Timestamp(seconds=seconds, nanos=delta.microseconds * 1000)
+
+
+def window_session_id(moment: datetime) -> str:
+    """The derived session of an event with no session from its SDK (see the module doc)."""
+    return f"w{int(moment.timestamp()) // SESSION_WINDOW_SECONDS}"
+
+
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """Who a message comes from, its platform and its times."""
+
+    installation_id: str
+    custom_id: str
+    platform: int
+    event_time: datetime
+    send_time: datetime | None
+    event_stamp: Timestamp = field(init=False, repr=False, compare=False)
+    send_stamp: Timestamp | None = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # Computed once per message, copied into each of its events.
+        object.__setattr__(self, "event_stamp", timestamp(self.event_time))
+        send = None if self.send_time is None else timestamp(self.send_time)
+        object.__setattr__(self, "send_stamp", send)
+
+
+def event(event_id: str, origin: Origin, session_id: str = "") -> ingest_pb.Event:
+    """An event without payload: the installation wins as origin when both are known (the
+    login the message implies was done before)."""
+    built = ingest_pb.Event(event_id=event_id, platform=origin.platform, session_id=session_id)  # type: ignore[arg-type]
+    if origin.installation_id:
+        built.installation_id = origin.installation_id
+    elif origin.custom_id:
+        built.custom_id = origin.custom_id
+    built.event_time.CopyFrom(origin.event_stamp)
+    if origin.send_stamp is not None:
+        built.send_time.CopyFrom(origin.send_stamp)
+    return built
+
+
+def trait_operations(
+    traits: Mapping[str, Any], kind: int = types_pb2.ATTRIBUTE_OPERATION_KIND_SET
+) -> tuple[list[types_pb2.AttributeOperation], list[str]]:
+    """One operation per trait (flattened, names normalized), native where the name is native,
+    custom otherwise; nulls unset. Also the trait names nothing usable was left of."""
+    operations: list[types_pb2.AttributeOperation] = []
+    unusable: list[str] = []
+    for key, value in flatten(traits):
+        if key.startswith("$"):
+            continue
+        name = normalize_name(key)
+        if name is None:
+            unusable.append(key)
+            continue
+        operation = types_pb2.AttributeOperation(kind=kind)  # type: ignore[arg-type]
+        native = NATIVE_TRAITS.get(name)
+        if native is not None:
+            operation.native_attribute = native  # type: ignore[assignment]
+        else:
+            operation.custom_attribute = name
+        if value is None:
+            operation.kind = types_pb2.ATTRIBUTE_OPERATION_KIND_UNSET
+        elif native is not None:
+            text = str(value)
+            if native == types_pb2.NATIVE_ATTRIBUTE_AVATAR_URL:
+                operation.value.url_value = text
+            else:
+                operation.value.string_value = text
+        else:
+            converted = attribute_value(value)
+            if converted is None:
+                continue
+            operation.value.CopyFrom(converted)
+        operations.append(operation)
+    return operations, unusable
+
+
+def attribute_events(
+    event_id: str, origin: Origin, operations: list[types_pb2.AttributeOperation]
+) -> list[ingest_pb.Event]:
+    """Attribute operations as events of at most 20 operations each (the contract's limit per
+    event), IDs derived from `event_id` after the first."""
+    built = []
+    for start in range(0, len(operations), 20):
+        part_id = event_id if start == 0 else derived_id("attrs", event_id, start)
+        one = event(part_id, origin)
+        one.attribute_operations.operations.extend(operations[start : start + 20])
+        built.append(one)
+    return built
+
+
+@dataclass(frozen=True, slots=True)
+class Details:
+    """Installation details from an SDK's context ($os_version, context.app.version...)."""
+
+    app_version: str = ""
+    os_version: str = ""
+    device_model: str = ""
+    push_token: str = ""
+    language: str = ""
+    timezone: str = ""
+
+    def update(self) -> ingest_pb.InstallationUpdate | None:
+        update = ingest_pb.InstallationUpdate()
+        if self.app_version:
+            update.app_version = self.app_version[:64]
+        if self.os_version:
+            update.os_version = self.os_version[:64]
+        if self.device_model:
+            update.device_model = self.device_model[:128]
+        if self.push_token:
+            update.push_token = self.push_token
+        if self.language:
+            update.language = self.language
+        if self.timezone:
+            update.timezone = self.timezone
+        return update if update.ListFields() else None
+
+
+def language_of(locale: object) -> str:
+    """The ISO 639-1 part of a locale ("en-US" -> "en"), or ""."""
+    if not isinstance(locale, str):
+        return ""
+    code = locale.replace("_", "-").split("-")[0].strip().lower()
+    return code if len(code) == 2 and code.isalpha() else ""
+
+
+def text(value: object) -> str:
+    return value.strip() if isinstance(value, str) else ""
+
+
+@dataclass(slots=True)
+class StepBuilder:
+    """Collects a request's steps in order: events are appended to the current Track step;
+    an Identify or Reject closes it. Starts each derived session once per request, updates each
+    installation's details once per request, and identifies each (installation, custom ID)
+    pair once per request."""
+
+    dialect: str
+    steps: list[Step] = field(default_factory=list)
+    _events: list[ingest_pb.Event] = field(default_factory=list)
+    _sessions: set[tuple[str, str]] = field(default_factory=set)
+    _details: set[tuple[str, Details]] = field(default_factory=set)
+    _identified: set[tuple[str, str]] = field(default_factory=set)
+    # Logins not placed yet, and the installations and custom IDs they and the current events
+    # name: a login waits in front of the current events unless they share one.
+    _logins: list[Identify] = field(default_factory=list)
+    _login_keys: set[str] = field(default_factory=set)
+    _origins: set[str] = field(default_factory=set)
+
+    def add(self, *events: ingest_pb.Event) -> None:
+        for one in events:
+            self._origins.add(one.installation_id or one.custom_id)
+        self._events.extend(events)
+
+    def _flush(self) -> None:
+        self.steps.extend(self._logins)
+        self._logins, self._login_keys = [], set()
+        if self._events:
+            self.steps.append(Track(events=self._events))
+            self._events, self._origins = [], set()
+
+    def identify(self, installation_id: str, custom_id: str, request_id: str) -> None:
+        """Logs the installation in, once per pair per request. Events of that installation (or
+        custom ID) added before it are stored before the login; events of others may be stored
+        after it, so the logins of a batch of many users go out together, before its events,
+        and the client layer runs them concurrently (a login per user would otherwise wait for
+        the one before)."""
+        if (installation_id, custom_id) in self._identified:
+            return
+        self._identified.add((installation_id, custom_id))
+        keys = (installation_id, custom_id)
+        if any(k in self._origins or k in self._login_keys for k in keys):
+            self._flush()
+        self._logins.append(Identify(installation_id, custom_id, request_id))
+        self._login_keys.update(keys)
+
+    def reject(self, reject: Reject) -> None:
+        # Rejections travel in the same TrackEvents call as the events around them.
+        self._flush()
+        self.steps.append(reject)
+
+    def session(self, origin: Origin, session_id: str, client_ip: str) -> str:
+        """The session ID for an event of `origin`, after adding its SessionStart the first
+        time the request names it. Server-side events (no installation) have no session."""
+        if not origin.installation_id:
+            return ""
+        key = (origin.installation_id, session_id)
+        if key not in self._sessions:
+            self._sessions.add(key)
+            start = event(derived_id("session", *key), origin, session_id)
+            start.session_start.SetInParent()
+            if client_ip:
+                start.session_start.client_ip = client_ip
+            self.add(start)
+        return session_id
+
+    def details(self, origin: Origin, details: Details) -> None:
+        """An InstallationUpdate when the details differ from those already sent in this
+        request. Its ID is derived from the details and the UTC day, so that the same details
+        sent all day are stored once a day, not once a request."""
+        if not origin.installation_id or (origin.installation_id, details) in self._details:
+            return
+        update = details.update()
+        if update is None:
+            return
+        self._details.add((origin.installation_id, details))
+        day = origin.event_time.date().isoformat()
+        one = event(derived_id("details", origin.installation_id, details, day), origin)
+        one.installation_update.CopyFrom(update)
+        self.add(one)
+
+    def finish(self) -> list[Step]:
+        self._flush()
+        return self.steps
+
+
+def rejection(
+    reason: str,
+    explanation: str,
+    message: Mapping[str, Any],
+    event_id: str = "",
+    installation_id: str = "",
+    custom_id: str = "",
+) -> Reject:
+    return Reject(
+        reason=reason,
+        explanation=explanation,
+        message=scrub(message),
+        event_id=event_id,
+        installation_id=installation_id,
+        custom_id=custom_id,
+    )
+
+
+def summary(message: Mapping[str, Any], keys: Iterable[str]) -> dict[str, Any]:
+    """The few top-level fields of an oversized message worth keeping in its rejection."""
+    return {k: message[k] for k in keys if k in message and not isinstance(message[k], dict)}

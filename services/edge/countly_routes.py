@@ -1,0 +1,129 @@
+"""Countly's write API on the edge: `/i` and `/i/bulk`, GET and POST, parameters in the query
+string, a form (urlencoded or multipart, as the Node.js SDK's picture upload sends) or a JSON
+object. The handler reads and merges them, the translator (dialects/countly.py) does the rest;
+answers are Countly's: 200 {"result": "Success"} once ingest has the data, 400 {"result": ...}
+for a request that can never succeed (an unknown app key: "App does not exist"), 503 with
+Retry-After when the suite cannot take it (every Countly SDK keeps the request and retries)."""
+
+from __future__ import annotations
+
+import email.parser
+import email.policy
+import json
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+from urllib.parse import parse_qsl
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from services.edge.dialects import countly
+from services.edge.handlers import Answer, Gateway, Translate
+from services.edge.steps import RequestInvalid, Translation
+
+# Countly's server limits a request to 1 MB by default; so does the edge.
+MAX_REQUEST_BYTES = 1024 * 1024
+# Countly requests hold a dozen parameters; far more is a hostile query string.
+MAX_PARAMETERS = 200
+
+COUNTLY = Answer(
+    ok=(200, {"result": "Success"}),
+    invalid=lambda message: (400, {"result": message}),
+    unauthenticated=(400, {"result": "App does not exist"}),
+)
+
+
+def _pairs(text: str) -> list[tuple[str, str]]:
+    try:
+        return parse_qsl(
+            text, keep_blank_values=True, strict_parsing=False, max_num_fields=MAX_PARAMETERS
+        )
+    except ValueError as exc:
+        raise RequestInvalid("Too many parameters") from exc
+
+
+def _multipart(data: bytes, content_type: str) -> dict[str, Any]:
+    """The text fields of a multipart form; file parts (the SDK's `user_picture`) are left
+    out: the contract takes a picture's URL, not its bytes."""
+    head = f"Content-Type: {content_type}\r\nMIME-Version: 1.0\r\n\r\n".encode()
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + data)
+    if not message.is_multipart():
+        raise RequestInvalid("The multipart body is unreadable")
+    fields: dict[str, Any] = {}
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        if not name or part.get_filename():
+            continue
+        if len(fields) >= MAX_PARAMETERS:
+            raise RequestInvalid("Too many parameters")
+        payload = part.get_payload(decode=True)
+        text = payload.decode("utf-8", "replace") if isinstance(payload, bytes) else ""
+        fields[str(name)] = text
+    return fields
+
+
+def parameters(query: str, body: bytes, content_type: str) -> dict[str, Any]:
+    """The request's parameters: the query string's, then the body's (a body parameter wins,
+    as in Countly's server). A JSON body is an object whose values may be objects already."""
+    params: dict[str, Any] = dict(_pairs(query))
+    if not body.strip():
+        return params
+    kind = content_type.split(";")[0].strip().lower()
+    if kind == "application/json" or (not kind and body.lstrip().startswith(b"{")):
+        parsed = json.loads(body)
+        if not isinstance(parsed, dict):
+            raise RequestInvalid("The body is not a JSON object")
+        if len(parsed) > MAX_PARAMETERS:
+            raise RequestInvalid("Too many parameters")
+        params.update(parsed)
+    elif kind == "multipart/form-data":
+        params.update(_multipart(body, content_type))
+    elif kind in ("application/x-www-form-urlencoded", "text/plain", ""):
+        params.update(_pairs(body.decode()))
+    else:
+        raise RequestInvalid(f"Unsupported content type {kind[:40]!r}")
+    return params
+
+
+def countly_handler(
+    gateway: Gateway, sessions: countly.SessionBook, bulk: bool
+) -> Callable[[Request], Any]:
+    """The handler of `/i` (`bulk` False) or `/i/bulk`."""
+
+    async def handle(request: Request) -> Response:
+        async def read() -> tuple[str, Translate]:
+            body = b""
+            if request.method == "POST":
+                body = await gateway.body(request, MAX_REQUEST_BYTES)
+            params = parameters(request.url.query, body, request.headers.get("content-type", ""))
+            key = countly.request_app_key(params)
+            # What the translator refuses as a whole is refused before anything is sent.
+            if bulk:
+                countly.check_bulk(params)
+            else:
+                countly.check_request(params)
+
+            def translate(now: datetime, ip: str) -> Translation:
+                run = countly.translate_bulk if bulk else countly.translate
+                return run(params, receive_time=now, client_ip=ip, sessions=sessions)
+
+            return key, translate
+
+        return await gateway.run(request, countly.DIALECT, COUNTLY, read)
+
+    return handle
+
+
+def countly_routes(gateway: Gateway) -> list[Route]:
+    """`/i` and `/i/bulk`, sharing one book of open sessions (see countly.SessionBook)."""
+    sessions = countly.SessionBook()
+    methods = ["GET", "POST"]
+    return [
+        Route("/i", countly_handler(gateway, sessions, bulk=False), methods=methods),
+        Route("/i/bulk", countly_handler(gateway, sessions, bulk=True), methods=methods),
+    ]
+
+
+__all__ = ["COUNTLY", "countly_routes", "parameters"]

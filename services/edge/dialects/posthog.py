@@ -1,0 +1,216 @@
+"""PostHog's capture API (what posthog-python, posthog-js, posthog-node... send) to the
+contract. Pure: a parsed body in, steps out. The rule table is in docs/edge.md.
+
+- The installation is `$device_id` when the SDK sends one (posthog-js, mobile SDKs), else
+  `distinct_id`. The custom ID is `distinct_id` when `$user_state` is "identified" (then the
+  event implies a login of the installation), and on the logins below.
+- Logins: `$identify` logs the installation `$anon_distinct_id` (else `$device_id`, else
+  `distinct_id` itself) in with `distinct_id`; `$create_alias` (posthog-python's `alias()`) logs
+  the installation `distinct_id` in with `properties.alias`. A login also logs the custom ID in
+  as an installation of its own, so that later events a server SDK sends under that distinct_id
+  land on the identified profile without the edge keeping any state.
+- `$set` and `$set_once`, at top level or in `properties`, set attributes (native where native,
+  custom otherwise); `$unset` (a list of names) unsets them.
+- Every other event is a custom event, its name normalized (`$pageview` -> `pageview`,
+  `$screen` -> `screen`, with `$current_url` as attribute `url` and `$screen_name` as label);
+  `$`-prefixed properties are PostHog's own: `$os`, `$lib` give the platform, `$app_version`,
+  `$os_version`, `$device_model`, `$locale`, `$timezone` installation details, `$ip` the
+  session's country (never stored); the rest are dropped.
+- `uuid` is the event ID; `timestamp` with `sent_at` gives skew correction; `$session_id` is the
+  session (else a derived one, see services/edge/build.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+from profiles.common.v1 import types_pb2
+from services.edge.build import (
+    Details,
+    Origin,
+    StepBuilder,
+    attribute_events,
+    derived_id,
+    event,
+    identifier,
+    language_of,
+    message_id,
+    parse_time,
+    rejection,
+    text,
+    trait_operations,
+    window_session_id,
+)
+from services.edge.names import normalize_name
+from services.edge.platforms import platform_of
+from services.edge.properties import custom_attributes
+from services.edge.steps import Translation
+
+DIALECT = "posthog"
+MAX_REQUEST_BYTES = 5 * 1024 * 1024
+LOGIN_EVENTS = frozenset({"$identify", "$create_alias"})
+ATTRIBUTE_ONLY_EVENTS = frozenset({"$set", "$set_once"})
+# Properties PostHog's SDKs put beside the user's without a `$`: dropped like the `$` ones.
+SDK_OWN_PROPERTIES = frozenset({"token", "distinct_id", "alias"})
+
+
+def api_key_of(body: Any) -> str:
+    """The project key: top-level `api_key` or `token`, else the first event's
+    `properties.token` (posthog-js)."""
+    if isinstance(body, dict):
+        for name in ("api_key", "token"):
+            if isinstance(body.get(name), str) and body[name]:
+                return str(body[name])
+    for message in messages_of(body)[:1]:
+        properties = message.get("properties") if isinstance(message, dict) else None
+        if isinstance(properties, dict) and isinstance(properties.get("token"), str):
+            return str(properties["token"])
+    return ""
+
+
+def messages_of(body: Any) -> Sequence[Any]:
+    """The events of a body: `{"batch": [...]}`, a list, or one event object."""
+    if isinstance(body, list):
+        return body
+    if isinstance(body, dict):
+        batch = body.get("batch")
+        if isinstance(batch, list):
+            return batch
+        if "event" in body:
+            return [body]
+    return []
+
+
+def translate(body: Any, now: datetime, client_ip: str = "") -> Translation:
+    """The steps for a parsed request body of /batch/, /capture/, /e/ or /i/v0/e/."""
+    messages = messages_of(body)
+    sent = parse_time(body.get("sent_at")) if isinstance(body, dict) else None
+    builder = StepBuilder(DIALECT)
+    for message in messages:
+        _translate(builder, message, now, sent, client_ip)
+    return Translation(steps=builder.finish(), message_count=len(messages))
+
+
+def _translate(
+    builder: StepBuilder, message: Any, now: datetime, sent: datetime | None, connection_ip: str
+) -> None:
+    if not isinstance(message, dict):
+        builder.reject(rejection("MESSAGE_INVALID", "an event is not a JSON object", {}))
+        return
+    properties = message.get("properties")
+    properties = properties if isinstance(properties, dict) else {}
+    name_text = message.get("event")
+    event_id = message_id(message.get("uuid"), "posthog", message)
+    distinct_id = identifier(message.get("distinct_id") or properties.get("distinct_id"))
+    device_id = identifier(properties.get("$device_id"))
+    installation_id = device_id or distinct_id
+    custom_id = ""
+    if properties.get("$user_state") == "identified" and distinct_id != installation_id:
+        custom_id = distinct_id
+
+    def refuse(reason: str, explanation: str) -> None:
+        builder.reject(rejection(reason, explanation, message, event_id, installation_id or "", ""))
+
+    if not isinstance(name_text, str) or not name_text:
+        refuse("NAME_UNUSABLE", "the event has no name")
+        return
+    if not distinct_id:
+        refuse("ORIGIN_MISSING", "no distinct_id")
+        return
+    event_time = parse_time(message.get("timestamp"))
+    if event_time is None:
+        if message.get("timestamp") is not None:
+            refuse("TIMESTAMP_INVALID", "timestamp is not an ISO 8601 time")
+            return
+        event_time = now
+    send_time = parse_time(message.get("sent_at")) or sent
+    platform = platform_of(properties.get("$os"), properties.get("$lib"), types_pb2.PLATFORM_API)
+    request_id = derived_id("identify", event_id)
+
+    if name_text == "$identify":
+        anonymous = identifier(properties.get("$anon_distinct_id")) or device_id or distinct_id
+        installation_id, custom_id = anonymous, distinct_id
+        builder.identify(anonymous, distinct_id, request_id)
+        if anonymous != distinct_id:
+            builder.identify(distinct_id, distinct_id, derived_id("identify-self", event_id))
+    elif name_text == "$create_alias":
+        alias = identifier(properties.get("alias"))
+        if not alias:
+            refuse("ALIAS_INVALID", "$create_alias without alias")
+            return
+        installation_id, custom_id = distinct_id, alias
+        builder.identify(distinct_id, alias, request_id)
+        builder.identify(alias, alias, derived_id("identify-self", event_id))
+    elif custom_id:
+        builder.identify(installation_id, custom_id, request_id)
+
+    origin = Origin(installation_id, "", platform, event_time, send_time)
+    activity = name_text not in LOGIN_EVENTS and name_text not in ATTRIBUTE_ONLY_EVENTS
+    session_id = ""
+    if activity:
+        # Logins and $set calls often come from a server SDK on the user's behalf: they are not
+        # the device's activity, so neither its details nor a session come from them.
+        if platform != types_pb2.PLATFORM_API:
+            # A server library's $os and $os_version describe the server (posthog-python sets
+            # them to its host's), not the user's device.
+            builder.details(origin, _details(properties))
+        ip = text(message.get("ip")) or text(properties.get("$ip")) or connection_ip
+        session = text(properties.get("$session_id"))[:64] or window_session_id(event_time)
+        session_id = builder.session(origin, session, ip)
+
+    operations = []
+    for key, kind in (
+        ("$set", types_pb2.ATTRIBUTE_OPERATION_KIND_SET),
+        ("$set_once", types_pb2.ATTRIBUTE_OPERATION_KIND_SET_ONCE),
+    ):
+        for source in (message.get(key), properties.get(key)):
+            if isinstance(source, dict):
+                found, unusable = trait_operations(source, kind)
+                if unusable:
+                    refuse("PROPERTY_NAME_UNUSABLE", f"no usable name in {unusable[:5]}")
+                    return
+                operations.extend(found)
+    unset = properties.get("$unset") or message.get("$unset")
+    if isinstance(unset, list):
+        found, _ = trait_operations(dict.fromkeys(str(u) for u in unset))
+        operations.extend(found)
+    if operations:
+        builder.add(*attribute_events(derived_id("attrs", event_id), origin, operations))
+    if not activity:
+        return
+
+    name = normalize_name(name_text)
+    if name is None:
+        refuse("NAME_UNUSABLE", "the event name has no usable character")
+        return
+    attributes = custom_attributes(
+        {k: v for k, v in properties.items() if k not in SDK_OWN_PROPERTIES}
+    )
+    if attributes.unusable:
+        refuse("PROPERTY_NAME_UNUSABLE", f"no usable name in {attributes.unusable[:5]}")
+        return
+    one = event(event_id, origin, session_id)
+    one.custom.name = name
+    if name_text == "$pageview" and isinstance(properties.get("$current_url"), str):
+        attributes.values.setdefault("url", _url_value(properties["$current_url"]))
+    if name_text == "$screen":
+        one.custom.label = text(properties.get("$screen_name"))[:200]
+    for key, value in attributes.values.items():
+        one.custom.attributes[key].CopyFrom(value)
+    builder.add(one)
+
+
+def _url_value(url: str) -> types_pb2.AttributeValue:
+    return types_pb2.AttributeValue(url_value=url)
+
+
+def _details(properties: Mapping[str, Any]) -> Details:
+    return Details(
+        app_version=text(properties.get("$app_version")),
+        os_version=text(properties.get("$os_version")),
+        device_model=text(properties.get("$device_model")),
+        language=language_of(properties.get("$locale") or properties.get("$browser_language")),
+        timezone=text(properties.get("$timezone")),
+    )

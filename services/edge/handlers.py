@@ -1,0 +1,294 @@
+"""The edge's HTTP handlers: read the body within its limits, find the key, translate (pure),
+run the steps (backend), answer as the SDK's own service would. One function per dialect shape;
+everything they share is in `Gateway`."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import parse_qs
+
+import structlog
+from prometheus_client import Counter, Histogram
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from services.edge.backend import Backend, BackendError
+from services.edge.dialects import posthog, segment
+from services.edge.limits import (
+    BodyTooLarge,
+    BodyUnreadable,
+    RateLimiter,
+    decompress,
+    read_limited,
+    retry_after,
+)
+from services.edge.steps import RequestInvalid, Translation
+
+log = structlog.get_logger("edge")
+
+REQUESTS = Counter(
+    "profiles_edge_requests_total", "HTTP requests, by dialect and outcome", ["dialect", "outcome"]
+)
+EVENTS = Counter(
+    "profiles_edge_events_total",
+    "Contract events sent to ingest, by dialect and ingest's outcome",
+    ["dialect", "outcome"],
+)
+MESSAGES = Counter("profiles_edge_messages_total", "SDK messages read, by dialect", ["dialect"])
+LATENCY = Histogram(
+    "profiles_edge_request_seconds",
+    "HTTP request latency in seconds, by dialect",
+    ["dialect"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+
+# Segment's and PostHog's SDKs put at most a few short parameters in the query string
+# (`compression`, `ver`, `_`): a longer one is refused before it is parsed.
+MAX_QUERY_BYTES = 4096
+
+# Seconds an SDK is told to wait when the suite cannot take its data now.
+UNAVAILABLE_RETRY_AFTER = "2"
+
+Translate = Callable[[datetime, str], Translation]
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """What a dialect answers for each outcome: (status, JSON body)."""
+
+    ok: tuple[int, Any]
+    invalid: Callable[[str], tuple[int, Any]]
+    unauthenticated: tuple[int, Any]
+
+
+SEGMENT = Answer(
+    ok=(200, {"success": True}),
+    invalid=lambda message: (400, {"success": False, "message": message}),
+    unauthenticated=(401, {"success": False, "message": "Invalid write key"}),
+)
+POSTHOG = Answer(
+    ok=(200, {"status": 1}),
+    invalid=lambda message: (
+        400,
+        {"type": "validation_error", "code": "invalid_payload", "detail": message},
+    ),
+    unauthenticated=(
+        401,
+        {
+            "type": "authentication_error",
+            "code": "invalid_api_key",
+            "detail": "Project API key invalid.",
+        },
+    ),
+)
+
+
+class Gateway:
+    """What every handler shares: the backend, the rate limiter, the metrics."""
+
+    def __init__(self, backend: Backend, limiter: RateLimiter) -> None:
+        self.backend = backend
+        self.limiter = limiter
+
+    async def body(self, request: Request, limit: int, encoding: str = "") -> bytes:
+        raw = await read_limited(request.stream(), request.headers.get("content-length"), limit)
+        return decompress(raw, encoding or request.headers.get("content-encoding", ""))
+
+    async def run(
+        self,
+        request: Request,
+        dialect: str,
+        answer: Answer,
+        read: Callable[[], Any],
+    ) -> Response:
+        """Reads (await read() -> (key, translate)), limits, translates, executes, answers;
+        one metric per request, one log line for every refusal (path only: never the query
+        string, a key or an IP)."""
+        started = time.perf_counter()
+        outcome = "ok"
+        headers: dict[str, str] = {}
+        try:
+            try:
+                key, translate = await read()
+            except BodyTooLarge as exc:
+                outcome = "too_large"
+                status, body = answer.invalid(f"Request too large: {exc}")
+                if dialect == "posthog":
+                    status = 413
+                return self._refuse(request, dialect, outcome, status, body)
+            except (BodyUnreadable, RequestInvalid, ValueError, UnicodeDecodeError) as exc:
+                outcome = "invalid"
+                status, body = answer.invalid(_message(exc))
+                return self._refuse(request, dialect, outcome, status, body)
+            if not key:
+                outcome = "unauthenticated"
+                return self._refuse(request, dialect, outcome, *answer.unauthenticated)
+            wait = self.limiter.acquire(key, time.monotonic())
+            if wait:
+                outcome = "rate_limited"
+                return self._refuse(
+                    request,
+                    dialect,
+                    outcome,
+                    429,
+                    {"message": "Too many requests"},
+                    {"Retry-After": retry_after(wait)},
+                )
+            client_ip = request.client.host if request.client else ""
+            translation = translate(datetime.now(UTC), client_ip)
+            MESSAGES.labels(dialect).inc(translation.message_count)
+            try:
+                result = await self.backend.execute(translation, key, dialect)
+            except BackendError as exc:
+                outcome = exc.kind
+                log.info("edge_backend_failed", dialect=dialect, kind=exc.kind, code=exc.detail)
+                if exc.kind == "unauthenticated":
+                    return self._refuse(request, dialect, outcome, *answer.unauthenticated)
+                if exc.kind == "forbidden":
+                    return self._refuse(
+                        request, dialect, outcome, 403, {"message": "Key not allowed to send"}
+                    )
+                if exc.kind == "rate_limited":
+                    headers = {"Retry-After": "1"}
+                    return self._refuse(
+                        request, dialect, outcome, 429, {"message": "Too many requests"}, headers
+                    )
+                if exc.kind == "invalid":
+                    return self._refuse(request, dialect, outcome, *answer.invalid(exc.detail))
+                headers = {"Retry-After": UNAVAILABLE_RETRY_AFTER}
+                return self._refuse(
+                    request, dialect, "unavailable", 503, {"message": "Try again later"}, headers
+                )
+            EVENTS.labels(dialect, "accepted").inc(result.accepted)
+            EVENTS.labels(dialect, "duplicate").inc(result.duplicate)
+            EVENTS.labels(dialect, "rejected").inc(result.rejected)
+            status, body = answer.ok
+            return JSONResponse(body, status)
+        finally:
+            REQUESTS.labels(dialect, outcome).inc()
+            LATENCY.labels(dialect).observe(time.perf_counter() - started)
+
+    @staticmethod
+    def _refuse(
+        request: Request,
+        dialect: str,
+        outcome: str,
+        status: int,
+        body: Any,
+        headers: dict[str, str] | None = None,
+    ) -> Response:
+        log.info(
+            "edge_request_refused",
+            dialect=dialect,
+            path=request.url.path,
+            status=status,
+            outcome=outcome,
+        )
+        return JSONResponse(body, status, headers=headers)
+
+
+def _short_query(request: Request) -> None:
+    """Refuses a query string over MAX_QUERY_BYTES (Segment and PostHog; Countly's GET carries
+    its whole request there and has its own limit)."""
+    if len(request.scope.get("query_string", b"")) > MAX_QUERY_BYTES:
+        raise RequestInvalid("The query string is too long")
+
+
+def _message(exc: Exception) -> str:
+    if isinstance(exc, RequestInvalid):
+        return exc.message
+    if isinstance(exc, json.JSONDecodeError):
+        return "Invalid JSON"
+    return str(exc)[:200] or type(exc).__name__
+
+
+def _json_object(data: bytes) -> Any:
+    return json.loads(data)
+
+
+# --- Segment ---------------------------------------------------------------------------------
+
+
+def _basic_user(header: str) -> str:
+    """The user name of an HTTP Basic Authorization header (Segment's write key), or ""."""
+    scheme, _, credentials = header.partition(" ")
+    if scheme.lower() != "basic" or not credentials:
+        return ""
+    try:
+        decoded = base64.b64decode(credentials.strip(), validate=True).decode()
+    except (binascii.Error, UnicodeDecodeError):
+        return ""
+    return decoded.partition(":")[0]
+
+
+def segment_handler(gateway: Gateway, single_type: str) -> Callable[[Request], Any]:
+    """The handler of /v1/batch (`single_type` "") or of a single-message endpoint."""
+    limit = segment.MAX_BATCH_BYTES if not single_type else segment.MAX_MESSAGE_BYTES
+
+    async def handle(request: Request) -> Response:
+        async def read() -> tuple[str, Translate]:
+            _short_query(request)
+            data = await gateway.body(request, limit)
+            body = _json_object(data)
+            if not isinstance(body, dict):
+                raise RequestInvalid("The body is not a JSON object")
+            key = _basic_user(request.headers.get("authorization", ""))
+            if not key and isinstance(body.get("writeKey"), str):
+                key = body["writeKey"]
+
+            def translate(now: datetime, ip: str) -> Translation:
+                return segment.translate_batch(body, now, ip, single_type, len(data))
+
+            return key, translate
+
+        return await gateway.run(request, segment.DIALECT, SEGMENT, read)
+
+    return handle
+
+
+# --- PostHog ---------------------------------------------------------------------------------
+
+
+def _posthog_body(data: bytes, content_type: str) -> Any:
+    """posthog-js posts JSON, or a form whose `data` field holds base64 JSON; others JSON."""
+    if content_type.startswith("application/x-www-form-urlencoded") or data.startswith(b"data="):
+        fields = parse_qs(data.decode(), keep_blank_values=True, max_num_fields=20)
+        value = (fields.get("data") or [""])[0]
+        try:
+            data = base64.b64decode(value + "=" * (-len(value) % 4))
+        except binascii.Error as exc:
+            raise RequestInvalid("The data field is not base64") from exc
+    return json.loads(data)
+
+
+def posthog_handler(gateway: Gateway) -> Callable[[Request], Any]:
+    """The handler of /batch/, /capture/, /e/ and /i/v0/e/."""
+
+    async def handle(request: Request) -> Response:
+        async def read() -> tuple[str, Translate]:
+            _short_query(request)
+            compression = request.query_params.get("compression", "")
+            encoding = request.headers.get("content-encoding", "")
+            if not encoding and compression in ("gzip", "gzip-js"):
+                encoding = "gzip"
+            data = await gateway.body(request, posthog.MAX_REQUEST_BYTES, encoding)
+            body = _posthog_body(data, request.headers.get("content-type", ""))
+            if not isinstance(body, dict | list):
+                raise RequestInvalid("The body is not a JSON object or array")
+            key = posthog.api_key_of(body)
+
+            def translate(now: datetime, ip: str) -> Translation:
+                return posthog.translate(body, now, ip)
+
+            return key, translate
+
+        return await gateway.run(request, posthog.DIALECT, POSTHOG, read)
+
+    return handle

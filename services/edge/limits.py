@@ -1,0 +1,107 @@
+"""Request limits of the edge: reading a body within a size cap, decompressing within a cap,
+and a token bucket per SDK key. Pure asyncio and zlib: no HTTP framework here."""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+MAX_DECOMPRESSED_BYTES = 10 * 1024 * 1024
+
+
+class BodyTooLarge(Exception):
+    """The body is over the limit (announced or read so far); nothing more is read."""
+
+
+class BodyUnreadable(Exception):
+    """The body could not be decoded (bad gzip, unknown encoding)."""
+
+
+async def read_limited(
+    chunks: AsyncIterator[bytes], content_length: str | None, limit: int
+) -> bytes:
+    """The whole body, refusing it as soon as it is known to exceed `limit` bytes: from its
+    Content-Length before reading anything, else while reading."""
+    if content_length is not None:
+        try:
+            announced = int(content_length)
+        except ValueError as exc:
+            raise BodyUnreadable("Content-Length is not a number") from exc
+        if announced > limit:
+            raise BodyTooLarge(f"{announced} bytes announced, over {limit}")
+    parts: list[bytes] = []
+    size = 0
+    async for chunk in chunks:
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge(f"over {limit} bytes")
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+def decompress(body: bytes, encoding: str, limit: int = MAX_DECOMPRESSED_BYTES) -> bytes:
+    """The body decoded from gzip or deflate, stopping at `limit` bytes of output (a gzip bomb
+    costs at most that much memory); identity returns it unchanged."""
+    encoding = encoding.strip().lower()
+    if encoding in ("", "identity"):
+        return body
+    if encoding in ("gzip", "x-gzip", "gzip-js"):
+        wbits = 16 + zlib.MAX_WBITS
+    elif encoding == "deflate":
+        wbits = zlib.MAX_WBITS
+    else:
+        raise BodyUnreadable(f"unsupported content encoding {encoding[:20]!r}")
+    inflater = zlib.decompressobj(wbits)
+    try:
+        out = inflater.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise BodyUnreadable("the compressed body is corrupt") from exc
+    if len(out) > limit or inflater.unconsumed_tail:
+        raise BodyTooLarge(f"over {limit} bytes decompressed")
+    return out
+
+
+@dataclass(slots=True)
+class _Bucket:
+    tokens: float
+    updated: float
+
+
+class RateLimiter:
+    """A token bucket per key: `rate` tokens a second, at most `burst` saved. In memory, per
+    process: each edge replica limits on its own (N replicas allow N times the rate). At most
+    `max_keys` buckets are kept; the least recently used is forgotten (a forgotten bucket
+    restarts full, which is what an idle key's bucket is anyway)."""
+
+    def __init__(self, rate: float, burst: int, max_keys: int = 100_000) -> None:
+        self._rate = rate
+        self._burst = float(burst)
+        self._max_keys = max_keys
+        self._buckets: OrderedDict[str, _Bucket] = OrderedDict()
+
+    def acquire(self, key: str, now: float) -> float:
+        """0 when the request may go; else the seconds to wait before retrying."""
+        if self._rate <= 0:
+            return 0.0
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            bucket = _Bucket(self._burst, now)
+            self._buckets[key] = bucket
+            if len(self._buckets) > self._max_keys:
+                self._buckets.popitem(last=False)
+        else:
+            self._buckets.move_to_end(key)
+            bucket.tokens = min(self._burst, bucket.tokens + (now - bucket.updated) * self._rate)
+            bucket.updated = now
+        if bucket.tokens >= 1:
+            bucket.tokens -= 1
+            return 0.0
+        return (1 - bucket.tokens) / self._rate
+
+
+def retry_after(seconds: float) -> str:
+    """A Retry-After header value: whole seconds, at least 1."""
+    return str(max(1, math.ceil(seconds)))

@@ -1,0 +1,183 @@
+"""What every dialect shares over HTTP: size limits before reading, gzip bombs, bad JSON, keys,
+rate limiting, CORS preflight, /healthz, and keys never in a log line."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+from typing import Any
+
+import requests
+import structlog
+
+from tests.conftest import eventually
+from tests.edge.conftest import Edge, serve_edge
+
+
+def post(url: str, data: bytes, headers: dict[str, str] | None = None) -> requests.Response:
+    return requests.post(
+        url, data=data, headers={"Content-Type": "application/json", **(headers or {})}, timeout=10
+    )
+
+
+async def send(url: str, body: Any, headers: dict[str, str] | None = None) -> requests.Response:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return await asyncio.to_thread(post, url, data, headers)
+
+
+def segment_batch(key: str, count: int = 1, padding: int = 0) -> dict[str, Any]:
+    return {
+        "writeKey": key,
+        "batch": [
+            {
+                "type": "track",
+                "messageId": f"x-{i}",
+                "anonymousId": "anon-limits",
+                "event": "Tap",
+                "properties": {"pad": "p" * padding},
+            }
+            for i in range(count)
+        ],
+    }
+
+
+async def test_segment_refuses_an_oversized_batch_or_message_with_400(edge: Edge) -> None:
+    big = await send(f"{edge.url}/v1/batch", segment_batch(edge.sdk_key, 20, 30_000))
+    assert big.status_code == 400
+    assert big.json()["success"] is False
+    single = await send(
+        f"{edge.url}/v1/track",
+        {
+            "writeKey": edge.sdk_key,
+            "anonymousId": "a",
+            "event": "e",
+            "properties": {"p": "x" * 40_000},
+        },
+    )
+    assert single.status_code == 400
+
+
+async def test_an_oversized_message_inside_a_batch_is_rejected_and_listed(edge: Edge) -> None:
+    body = segment_batch(edge.sdk_key, 1, 40_000)
+    reply = await send(f"{edge.url}/v1/batch", body)
+    assert reply.status_code == 200
+    rejected = await edge.rejected()
+    assert [r.reason for r in rejected] == ["MESSAGE_TOO_LARGE"]
+
+
+async def test_malformed_json_unknown_keys_and_missing_keys_are_refused(edge: Edge) -> None:
+    assert (await send(f"{edge.url}/v1/batch", b"{not json")).status_code == 400
+    assert (await send(f"{edge.url}/batch/", b"[1, 2")).status_code == 400
+    assert (await send(f"{edge.url}/v1/batch", segment_batch(""))).status_code == 401
+    unknown = await send(f"{edge.url}/v1/batch", segment_batch("not-a-key"))
+    assert unknown.status_code == 401
+    posthog = await send(
+        f"{edge.url}/batch/",
+        {"api_key": "not-a-key", "batch": [{"event": "x", "distinct_id": "d"}]},
+    )
+    assert posthog.status_code == 401
+    read_key = await send(f"{edge.url}/v1/batch", segment_batch(edge.project.keys["read"]))
+    assert read_key.status_code == 403
+    assert await edge.rejected() == []
+
+
+async def test_a_gzip_bomb_stops_at_ten_megabytes(edge: Edge) -> None:
+    bomb = gzip.compress(b"[" + b" " * (11 * 1024 * 1024) + b"]")
+    assert len(bomb) < 5 * 1024 * 1024
+    reply = await send(f"{edge.url}/batch/", bomb, {"Content-Encoding": "gzip"})
+    assert reply.status_code == 413
+    corrupt = await send(f"{edge.url}/batch/", b"\x1f\x8b not gzip", {"Content-Encoding": "gzip"})
+    assert corrupt.status_code == 400
+
+
+async def test_a_posthog_body_over_five_megabytes_is_refused_before_being_read(edge: Edge) -> None:
+    reply = await send(f"{edge.url}/batch/", b"[" + b" " * (5 * 1024 * 1024 + 10) + b"]")
+    assert reply.status_code == 413
+
+
+async def test_a_key_over_its_rate_is_answered_429_with_retry_after(edge: Edge) -> None:
+    # One token per 100 s: however slow this machine, no token comes back during the test.
+    settings = edge.settings.with_changes(edge_rate_limit=0.01, edge_rate_burst=2)
+    url, stop = await serve_edge(settings)
+    try:
+        statuses = []
+        for _ in range(3):
+            reply = await send(f"{url}/v1/batch", segment_batch(edge.sdk_key))
+            statuses.append(reply.status_code)
+        assert statuses == [200, 200, 429]
+        assert 1 <= int(reply.headers["Retry-After"]) <= 100
+        other_key = await send(f"{url}/v1/batch", segment_batch("another-key"))
+        assert other_key.status_code == 401  # its own bucket: limited later, refused for its key
+    finally:
+        await stop()
+
+
+async def test_browsers_get_a_cors_preflight_answer(edge: Edge) -> None:
+    def preflight() -> requests.Response:
+        return requests.options(
+            f"{edge.url}/i/v0/e/",
+            headers={
+                "Origin": "https://shop.example",
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "content-type",
+            },
+            timeout=10,
+        )
+
+    reply = await asyncio.to_thread(preflight)
+    assert reply.status_code == 200
+    assert reply.headers["Access-Control-Allow-Origin"] in ("*", "https://shop.example")
+    assert "POST" in reply.headers["Access-Control-Allow-Methods"]
+    simple = await send(
+        f"{edge.url}/v1/batch", segment_batch(edge.sdk_key), {"Origin": "https://shop.example"}
+    )
+    assert simple.headers["Access-Control-Allow-Origin"] == "*"
+
+
+async def test_healthz_is_ready_only_while_ingest_answers(edge: Edge) -> None:
+    def health(url: str) -> int:
+        return requests.get(f"{url}/healthz", timeout=10).status_code
+
+    assert await asyncio.to_thread(health, edge.url) == 200
+    await edge.stop_ingest()
+    assert await asyncio.to_thread(health, edge.url) == 503
+    await edge.restart_ingest()
+
+    async def ready_again() -> bool:
+        return await asyncio.to_thread(health, edge.url) == 200
+
+    await eventually(ready_again)
+
+
+async def test_refusals_are_logged_without_keys_or_query_strings(edge: Edge) -> None:
+    with structlog.testing.capture_logs() as logs:
+        await send(f"{edge.url}/v1/batch?writeKey={edge.sdk_key}", segment_batch("bad-key"))
+        await send(f"{edge.url}/batch/?token=secret-token", b"{oops")
+    assert [entry["status"] for entry in logs if entry["event"] == "edge_request_refused"] == [
+        401,
+        400,
+    ]
+    text = repr(logs)
+    assert "bad-key" not in text
+    assert "secret-token" not in text
+    assert edge.sdk_key not in text
+
+
+async def test_analytics_js_short_paths_and_text_plain_bodies_are_segment_calls(edge: Edge) -> None:
+    message = {"writeKey": edge.sdk_key, "anonymousId": "anon-ajs", "event": "Clicked"}
+    reply = await send(f"{edge.url}/v1/t", message, {"Content-Type": "text/plain"})
+    assert reply.status_code == 200
+
+    async def stored() -> bool:
+        profile = await edge.profile(installation_id="anon-ajs")
+        events = await edge.events(profile.summary.profile_id)
+        return [e.custom.name for e in events if e.HasField("custom")] == ["clicked"]
+
+    await eventually(stored)
+
+
+async def test_a_hostile_query_string_is_refused_before_it_is_parsed(edge: Edge) -> None:
+    query = "&".join(f"x{i}=1" for i in range(2000))
+    reply = await send(f"{edge.url}/batch/?{query}", {"api_key": edge.sdk_key, "batch": []})
+    assert reply.status_code == 400

@@ -1,0 +1,228 @@
+"""The real posthog SDK (posthog-python), pointed at an edge started with the suite: what it
+sends arrives once, on the right profiles, as query shows it."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+from typing import Any
+
+import requests
+from posthog import Posthog
+
+from profiles.common.v1 import types_pb2
+from services.edge.handlers import REQUESTS
+from tests.conftest import eventually
+from tests.edge.conftest import Edge, LossyProxy
+
+
+def sdk(edge: Edge) -> Posthog:
+    return Posthog(edge.sdk_key, host=edge.url, gzip=True, max_retries=20, flush_interval=0.05)
+
+
+async def flush(client: Posthog) -> None:
+    await asyncio.to_thread(client.flush)
+
+
+async def custom_names(edge: Edge, profile_id: str) -> list[str]:
+    return sorted(e.custom.name for e in await edge.events(profile_id) if e.HasField("custom"))
+
+
+def post(url: str, body: Any, headers: dict[str, str] | None = None) -> requests.Response:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return requests.post(url, data=data, headers=headers or {}, timeout=10)
+
+
+async def test_anonymous_events_then_an_alias_land_on_one_identified_profile(edge: Edge) -> None:
+    client = sdk(edge)
+    android = {"$os": "Android", "$os_version": "14", "$app_version": "3.2", "$session_id": "s-1"}
+    client.capture(
+        "$pageview",
+        distinct_id="ph-anon",
+        properties={**android, "$current_url": "https://shop.example/", "plan": "free"},
+    )
+    client.capture("Button Clicked", distinct_id="ph-anon", properties={**android, "n": 2})
+    await flush(client)
+
+    async def anonymous_history() -> bool:
+        profile = await edge.profile(installation_id="ph-anon")
+        return len(await custom_names(edge, profile.summary.profile_id)) == 2
+
+    await eventually(anonymous_history)
+
+    client.alias(previous_id="ph-anon", distinct_id="ph-user")
+    client.set(distinct_id="ph-user", properties={"email": "bo@example.com", "tier": "gold"})
+    client.capture("Purchased", distinct_id="ph-user", properties={"amount": 12})
+    await flush(client)
+
+    async def merged() -> bool:
+        profile = await edge.profile(custom_id="ph-user")
+        names = await custom_names(edge, profile.summary.profile_id)
+        return profile.native_attributes.email != "" and names == [
+            "button_clicked",
+            "pageview",
+            "purchased",
+        ]
+
+    await eventually(merged)
+    profile = await edge.profile(custom_id="ph-user")
+    assert profile.native_attributes.email == "bo@example.com"
+    assert {a.name: a.value.string_value for a in profile.custom_attributes} == {"tier": "gold"}
+    # posthog-python reports its host's OS: a server-side library is PLATFORM_API, and the
+    # host's OS is no device's detail.
+    server_side = [i for i in profile.installations if i.installation_id == "ph-anon"]
+    assert server_side[0].platform == types_pb2.PLATFORM_API
+    assert server_side[0].os_version == ""
+    sessions = await edge.sessions(profile.summary.profile_id)
+    assert "s-1" in {s.session_id for s in sessions}
+    pageview = next(
+        e for e in await edge.events(profile.summary.profile_id) if e.custom.name == "pageview"
+    )
+    assert pageview.custom.attributes["url"].url_value == "https://shop.example/"
+    assert pageview.custom.attributes["plan"].string_value == "free"
+
+
+async def test_a_retried_batch_stores_nothing_twice(edge: Edge) -> None:
+    body = {
+        "api_key": edge.sdk_key,
+        "batch": [
+            {
+                "event": "Tap",
+                "distinct_id": "ph-r",
+                "uuid": f"0190a000-0000-7000-8000-00000000000{i}",
+            }
+            for i in range(3)
+        ],
+    }
+    data = gzip.compress(json.dumps(body).encode())
+    for _ in range(2):
+        reply = await asyncio.to_thread(
+            post, f"{edge.url}/batch/", data, {"Content-Encoding": "gzip"}
+        )
+        assert reply.status_code == 200
+        assert reply.json() == {"status": 1}
+
+    async def stored() -> bool:
+        profile = await edge.profile(installation_id="ph-r")
+        return len(await custom_names(edge, profile.summary.profile_id)) >= 3
+
+    await eventually(stored)
+    profile = await edge.profile(installation_id="ph-r")
+    assert await custom_names(edge, profile.summary.profile_id) == ["tap"] * 3
+
+
+async def test_events_sent_while_ingest_is_down_arrive_once_it_is_back(edge: Edge) -> None:
+    refused = REQUESTS.labels("posthog", "unavailable")
+    before = refused._value.get()
+    await edge.stop_ingest()
+    client = sdk(edge)
+    client.capture("Offline Tap", distinct_id="ph-down")
+    flushing = asyncio.create_task(flush(client))
+
+    async def answered_unavailable() -> bool:
+        return refused._value.get() > before
+
+    await eventually(answered_unavailable)
+    await edge.restart_ingest()
+    await asyncio.wait_for(flushing, 30)
+
+    async def arrived() -> bool:
+        profile = await edge.profile(installation_id="ph-down")
+        return await custom_names(edge, profile.summary.profile_id) == ["offline_tap"]
+
+    await eventually(arrived)
+
+
+async def test_an_event_with_too_many_properties_is_rejected_and_listed(edge: Edge) -> None:
+    client = sdk(edge)
+    client.capture(
+        "Wide", distinct_id="ph-wide", properties={f"p{i}": i for i in range(25)}, uuid=None
+    )
+    client.capture("$$$", distinct_id="ph-wide")
+    await flush(client)
+
+    async def listed() -> bool:
+        return len(await edge.rejected()) == 2
+
+    await eventually(listed)
+    assert sorted(r.reason for r in await edge.rejected()) == [
+        "NAME_UNUSABLE",
+        "TOO_MANY_ATTRIBUTES",
+    ]
+
+
+async def test_identify_with_anon_distinct_id_and_a_mobile_event_after_it(edge: Edge) -> None:
+    body = {
+        "api_key": edge.sdk_key,
+        "batch": [
+            {
+                "event": "$identify",
+                "distinct_id": "ph-id-user",
+                "uuid": "0190a000-0000-7000-8000-0000000000a1",
+                "properties": {"$anon_distinct_id": "ph-device", "$os": "iOS"},
+                "$set": {"first_name": "Cy"},
+            },
+            {
+                "event": "App Opened",
+                "distinct_id": "ph-id-user",
+                "uuid": "0190a000-0000-7000-8000-0000000000a2",
+                "properties": {
+                    "$device_id": "ph-device",
+                    "$user_state": "identified",
+                    "$lib": "posthog-ios",
+                    "$os": "iOS",
+                    "$os_version": "17.4",
+                    "$app_version": "5.0",
+                    "$device_model": "iPhone16,1",
+                    "$ip": "203.0.113.7",
+                },
+            },
+        ],
+    }
+    reply = await asyncio.to_thread(post, f"{edge.url}/capture/", body)
+    assert reply.status_code == 200
+
+    async def identified() -> bool:
+        profile = await edge.profile(custom_id="ph-id-user")
+        return profile.native_attributes.first_name == "Cy"
+
+    await eventually(identified)
+    profile = await edge.profile(installation_id="ph-device")
+    assert profile.summary.custom_id == "ph-id-user"
+
+    async def device_details() -> bool:
+        found = await edge.profile(installation_id="ph-device")
+        return any(i.app_version == "5.0" for i in found.installations)
+
+    await eventually(device_details)
+    device = next(
+        i
+        for i in (await edge.profile(installation_id="ph-device")).installations
+        if i.installation_id == "ph-device"
+    )
+    assert (device.platform, device.os_version, device.device_model) == (
+        types_pb2.PLATFORM_IOS,
+        "17.4",
+        "iPhone16,1",
+    )
+
+
+async def test_a_flush_whose_answer_was_lost_is_retried_and_stored_once(edge: Edge) -> None:
+    answered = REQUESTS.labels("posthog", "ok")
+    before = answered._value.get()
+    async with LossyProxy(edge.url, drops=1) as proxy:
+        client = Posthog(edge.sdk_key, host=proxy.url, gzip=True, max_retries=20)
+        for n in range(3):
+            client.capture("Lost Answer", distinct_id="ph-lost", properties={"n": n})
+        await flush(client)
+        assert proxy.drops == 0  # the first attempt was stored, its answer lost, then retried
+    assert answered._value.get() - before == 2  # the same batch, twice
+
+    async def stored() -> bool:
+        profile = await edge.profile(installation_id="ph-lost")
+        return len(await custom_names(edge, profile.summary.profile_id)) >= 3
+
+    await eventually(stored)
+    profile = await edge.profile(installation_id="ph-lost")
+    assert await custom_names(edge, profile.summary.profile_id) == ["lost_answer"] * 3

@@ -1,0 +1,259 @@
+"""The real segment-analytics-python SDK, pointed at an edge started with the suite: what it
+sends arrives once, on the right profiles, as query shows it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import requests
+from segment.analytics.client import Client
+
+from profiles.common.v1 import types_pb2
+from profiles.segments.v1 import segments_service_pb2 as segments_pb
+from profiles.segments.v1 import segments_service_pb2_grpc as segments_grpc
+from services.edge.handlers import REQUESTS
+from tests.conftest import StartServices, eventually
+from tests.edge.conftest import Edge, LossyProxy
+
+
+def sdk(edge: Edge, **options: Any) -> Client:
+    return Client(edge.sdk_key, host=edge.url, max_retries=20, **options)
+
+
+async def flush(client: Client) -> None:
+    # The SDK blocks its caller until its queue is sent; the edge runs on this test's loop.
+    await asyncio.to_thread(client.flush)
+
+
+def post(url: str, body: Any, **kwargs: Any) -> requests.Response:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    headers = {"Content-Type": "application/json", **kwargs.pop("headers", {})}
+    return requests.post(url, data=data, headers=headers, timeout=10, **kwargs)
+
+
+async def custom_names(edge: Edge, profile_id: str) -> list[str]:
+    return [e.custom.name for e in await edge.events(profile_id) if e.HasField("custom")]
+
+
+async def test_anonymous_events_then_a_login_land_on_one_identified_profile(edge: Edge) -> None:
+    client = sdk(edge)
+    ios = {"os": {"name": "iOS", "version": "17.1"}, "app": {"version": "2.0.1"}}
+    client.track(
+        anonymous_id="anon-1",
+        event="Product Viewed",
+        properties={"price": 9.5, "sku": "A1", "plan": {"tier": "pro"}},
+        context=ios,
+    )
+    client.screen(anonymous_id="anon-1", name="Home", context=ios)
+    await flush(client)
+
+    async def anonymous_history() -> bool:
+        profile = await edge.profile(installation_id="anon-1")
+        return len(await custom_names(edge, profile.summary.profile_id)) == 2
+
+    await eventually(anonymous_history)
+    anonymous = await edge.profile(installation_id="anon-1")
+    assert anonymous.summary.anonymous
+    assert [(i.platform, i.app_version, i.os_version) for i in anonymous.installations] == [
+        (types_pb2.PLATFORM_IOS, "2.0.1", "17.1")
+    ]
+
+    client.identify(
+        user_id="user-1",
+        anonymous_id="anon-1",
+        traits={"email": "Ada@Example.com", "firstName": "Ada", "plan": "pro"},
+        context=ios,
+    )
+    client.track(user_id="user-1", event="Order Completed", properties={"total": 30})
+    await flush(client)
+
+    async def merged() -> bool:
+        profile = await edge.profile(custom_id="user-1")
+        names = await custom_names(edge, profile.summary.profile_id)
+        return profile.native_attributes.email != "" and sorted(names) == [
+            "order_completed",
+            "product_viewed",
+            "screen",
+        ]
+
+    await eventually(merged)
+    profile = await edge.profile(custom_id="user-1")
+    assert not profile.summary.anonymous
+    assert profile.native_attributes.email == "ada@example.com"
+    assert profile.native_attributes.first_name == "Ada"
+    assert {a.name: a.value.string_value for a in profile.custom_attributes} == {"plan": "pro"}
+    events = {
+        e.custom.name: e for e in await edge.events(profile.summary.profile_id) if e.custom.name
+    }
+    viewed = events["product_viewed"].custom
+    assert {k: v.number_value or v.string_value for k, v in viewed.attributes.items()} == {
+        "price": 9.5,
+        "sku": "A1",
+        "plan_tier": "pro",
+    }
+    assert events["screen"].custom.label == "Home"
+    sessions = await edge.sessions(profile.summary.profile_id)
+    assert [s.installation_id for s in sessions] == ["anon-1"]
+    assert sessions[0].event_count >= 2
+
+
+async def test_a_retried_batch_stores_nothing_twice(edge: Edge) -> None:
+    batch = {
+        "writeKey": edge.sdk_key,
+        "batch": [
+            {"type": "track", "messageId": f"m-{i}", "anonymousId": "anon-r", "event": "Tap"}
+            for i in range(3)
+        ],
+    }
+    for _ in range(2):  # the SDK's retry after a lost answer sends the same messages again
+        reply = await asyncio.to_thread(post, f"{edge.url}/v1/batch", batch)
+        assert reply.status_code == 200
+        assert reply.json() == {"success": True}
+
+    async def stored() -> bool:
+        profile = await edge.profile(installation_id="anon-r")
+        return len(await custom_names(edge, profile.summary.profile_id)) >= 3
+
+    await eventually(stored)
+    profile = await edge.profile(installation_id="anon-r")
+    assert await custom_names(edge, profile.summary.profile_id) == ["tap"] * 3
+
+
+async def test_events_sent_while_ingest_is_down_arrive_once_it_is_back(edge: Edge) -> None:
+    refused = REQUESTS.labels("segment", "unavailable")
+    before = refused._value.get()
+    await edge.stop_ingest()
+    client = sdk(edge)
+    client.track(anonymous_id="anon-down", event="Offline Tap")
+    flushing = asyncio.create_task(flush(client))
+
+    async def answered_unavailable() -> bool:
+        return refused._value.get() > before
+
+    await eventually(answered_unavailable)
+    await edge.restart_ingest()
+    await asyncio.wait_for(flushing, 30)
+
+    async def arrived() -> bool:
+        profile = await edge.profile(installation_id="anon-down")
+        return await custom_names(edge, profile.summary.profile_id) == ["offline_tap"]
+
+    await eventually(arrived)
+
+
+async def test_untranslatable_messages_are_listed_as_rejected_without_keys(edge: Edge) -> None:
+    batch = {
+        "writeKey": edge.sdk_key,
+        "batch": [
+            {"type": "bogus", "messageId": "b-1", "anonymousId": "anon-b"},
+            {"type": "alias", "messageId": "b-2", "previousId": "user-a", "userId": "user-b"},
+            {"type": "track", "messageId": "b-3", "anonymousId": "anon-b", "event": "???"},
+            {"type": "track", "messageId": "b-4", "anonymousId": "anon-b", "event": "Fine"},
+        ],
+        "context": {"ip": "203.0.113.9"},
+    }
+    reply = await asyncio.to_thread(post, f"{edge.url}/v1/batch", batch)
+    assert reply.status_code == 200
+
+    async def listed() -> bool:
+        return len(await edge.rejected()) == 3
+
+    await eventually(listed)
+    rejected = {r.event_id: r for r in await edge.rejected()}
+    assert {k: r.reason for k, r in rejected.items()} == {
+        "b-1": "MESSAGE_TYPE_UNKNOWN",
+        "b-2": "ALIAS_REFUSED",
+        "b-3": "NAME_UNUSABLE",
+    }
+    kept = json.loads(rejected["b-2"].raw_payload_json)
+    assert kept["untranslated"]["message"]["previousId"] == "user-a"
+    assert edge.sdk_key not in rejected["b-2"].raw_payload_json
+    assert "203.0.113.9" not in "".join(r.raw_payload_json for r in rejected.values())
+
+
+async def test_a_push_token_in_the_device_context_reaches_the_installation(edge: Edge) -> None:
+    message = {
+        "type": "track",
+        "messageId": "p-1",
+        "anonymousId": "anon-push",
+        "event": "App Opened",
+        "context": {
+            "device": {"token": "ff" * 32, "model": "iPhone15,2"},
+            "os": {"name": "iOS", "version": "17.2"},
+            "locale": "fr-FR",
+            "timezone": "Europe/Paris",
+        },
+    }
+    auth = (edge.sdk_key, "")
+    reply = await asyncio.to_thread(post, f"{edge.url}/v1/track", message, auth=auth)
+    assert reply.status_code == 200
+
+    async def has_token() -> bool:
+        profile = await edge.profile(installation_id="anon-push")
+        return any(i.push_token_present for i in profile.installations)
+
+    await eventually(has_token)
+    profile = await edge.profile(installation_id="anon-push")
+    assert profile.installations[0].device_model == "iPhone15,2"
+    assert profile.installations[0].platform == types_pb2.PLATFORM_IOS
+
+
+async def test_a_derived_session_lasts_from_its_first_to_its_last_event(
+    edge: Edge, start_services: StartServices
+) -> None:
+    segments = await start_services("segments", settings=edge.settings)
+    engagement = segments_grpc.SegmentsServiceStub(segments["segments"].channel)
+    # Two events six minutes apart within one 30-minute window of the recent past.
+    window = int(datetime.now(UTC).timestamp()) // 1800 - 1
+    first = datetime.fromtimestamp(window * 1800 + 60, UTC)
+    client = sdk(edge)
+    for minutes in (0, 6):
+        client.track(
+            anonymous_id="anon-s",
+            event="Read",
+            timestamp=first + timedelta(minutes=minutes),
+        )
+    await flush(client)
+
+    async def one_session() -> bool:
+        profile = await edge.profile(installation_id="anon-s")
+        sessions = await edge.sessions(profile.summary.profile_id)
+        return len(sessions) == 1 and sessions[0].duration.seconds == 360
+
+    await eventually(one_session)
+    profile = await edge.profile(installation_id="anon-s")
+    (session,) = await edge.sessions(profile.summary.profile_id)
+    assert session.platform == types_pb2.PLATFORM_API  # analytics-python: a server library
+    assert session.event_count == 3  # the derived start and the two events
+
+    async def engaged() -> bool:
+        reply = await engagement.GetEngagement(
+            segments_pb.GetEngagementRequest(profile_id=profile.summary.profile_id),
+            metadata=edge.read(),
+        )
+        return reply.session_count == 1
+
+    await eventually(engaged)
+
+
+async def test_a_flush_whose_answer_was_lost_is_retried_and_stored_once(edge: Edge) -> None:
+    answered = REQUESTS.labels("segment", "ok")
+    before = answered._value.get()
+    async with LossyProxy(edge.url, drops=1) as proxy:
+        client = Client(edge.sdk_key, host=proxy.url, max_retries=20)
+        for n in range(3):
+            client.track(anonymous_id="anon-lost", event="Lost Answer", properties={"n": n})
+        await flush(client)
+        assert proxy.drops == 0  # the first attempt was stored, its answer lost, then retried
+    assert answered._value.get() - before == 2  # the same batch, twice
+
+    async def stored() -> bool:
+        profile = await edge.profile(installation_id="anon-lost")
+        return len(await custom_names(edge, profile.summary.profile_id)) >= 3
+
+    await eventually(stored)
+    profile = await edge.profile(installation_id="anon-lost")
+    assert await custom_names(edge, profile.summary.profile_id) == ["lost_answer"] * 3

@@ -1,0 +1,332 @@
+"""The Segment and PostHog translators and the shared rules, on the payloads the dialects
+document (Segment's HTTP Tracking API spec, PostHog's capture API docs). Pure: no I/O."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from profiles.common.v1 import types_pb2
+from services.edge.dialects import posthog, segment
+from services.edge.names import normalize_name
+from services.edge.steps import Identify, Reject, Track, scrub
+
+NOW = datetime(2030, 1, 15, 12, 0, tzinfo=UTC)
+
+
+def events(steps: Any) -> list[Any]:
+    return [e for s in steps if isinstance(s, Track) for e in s.events]
+
+
+def kinds(steps: Any) -> list[str]:
+    return [type(s).__name__ for s in steps]
+
+
+# Segment's documented track call (segment.com/docs/connections/spec/track/), trimmed.
+SEGMENT_TRACK = {
+    "anonymousId": "23adfd82-aa0f-45a7-a756-24f2a7a4c895",
+    "context": {
+        "library": {"name": "analytics.js", "version": "2.11.1"},
+        "page": {"path": "/academy/", "url": "https://segment.com/academy/"},
+        "userAgent": "Mozilla/5.0",
+        "ip": "108.0.78.21",
+        "locale": "en-US",
+    },
+    "event": "Course Clicked",
+    "messageId": "ajs-f8ca1e4de5024d9430b3928bd8ac6b96",
+    "properties": {"title": "Intro to Analytics"},
+    "receivedAt": "2030-01-15T11:59:59.000Z",
+    "sentAt": "2030-01-15T11:59:58.000Z",
+    "timestamp": "2030-01-15T11:59:57.000Z",
+    "type": "track",
+    "userId": "97980cfea0067",
+    "originalTimestamp": "2030-01-15T11:59:57.000Z",
+}
+
+
+def test_segment_track_with_both_ids_logs_in_then_tracks_on_the_installation() -> None:
+    steps = segment.translate_batch({"batch": [SEGMENT_TRACK]}, NOW).steps
+    assert kinds(steps) == ["Identify", "Track"]
+    assert steps[0] == Identify(
+        "23adfd82-aa0f-45a7-a756-24f2a7a4c895", "97980cfea0067", steps[0].request_id
+    )
+    start, custom = [e for e in events(steps) if not e.HasField("installation_update")]
+    assert start.HasField("session_start")
+    assert start.session_start.client_ip == "108.0.78.21"
+    assert custom.event_id == "ajs-f8ca1e4de5024d9430b3928bd8ac6b96"
+    assert custom.installation_id == "23adfd82-aa0f-45a7-a756-24f2a7a4c895"
+    assert custom.platform == types_pb2.PLATFORM_WEB
+    assert custom.custom.name == "course_clicked"
+    assert custom.custom.attributes["title"].string_value == "Intro to Analytics"
+    assert custom.session_id == start.session_id
+    assert custom.event_time.ToDatetime(UTC) == datetime(2030, 1, 15, 11, 59, 57, tzinfo=UTC)
+    assert custom.send_time.ToDatetime(UTC) == datetime(2030, 1, 15, 11, 59, 58, tzinfo=UTC)
+
+
+def test_segment_server_side_track_has_the_custom_id_as_origin_and_no_session() -> None:
+    message = {"type": "track", "userId": "u1", "event": "Refund", "messageId": "m1"}
+    steps = segment.translate_batch({"batch": [message]}, NOW).steps
+    (only,) = events(steps)
+    assert only.custom_id == "u1"
+    assert only.platform == types_pb2.PLATFORM_API
+    assert only.session_id == ""
+    assert only.event_time.ToDatetime(UTC) == NOW
+
+
+def test_segment_identify_traits_go_to_native_and_custom_attributes() -> None:
+    message = {
+        "type": "identify",
+        "messageId": "m2",
+        "anonymousId": "a1",
+        "userId": "u1",
+        "traits": {
+            "email": "peter@example.com",
+            "firstName": "Peter",
+            "lastName": "Gibbons",
+            "phone": "+33612345678",
+            "plan": "premium",
+            "logins": 5,
+            "address": {"city": "Paris", "country": "FR"},
+        },
+    }
+    steps = segment.translate_batch({"batch": [message]}, NOW).steps
+    assert kinds(steps) == ["Identify", "Track"]
+    operations = next(e for e in events(steps) if e.HasField("attribute_operations"))
+    by_target = {
+        op.custom_attribute or types_pb2.NativeAttribute.Name(op.native_attribute): op.value
+        for op in operations.attribute_operations.operations
+    }
+    assert by_target["NATIVE_ATTRIBUTE_EMAIL"].string_value == "peter@example.com"
+    assert by_target["NATIVE_ATTRIBUTE_FIRST_NAME"].string_value == "Peter"
+    assert by_target["NATIVE_ATTRIBUTE_PHONE"].string_value == "+33612345678"
+    assert by_target["NATIVE_ATTRIBUTE_COUNTRY"].string_value == "FR"
+    assert by_target["plan"].string_value == "premium"
+    assert by_target["logins"].number_value == 5
+    assert by_target["address_city"].string_value == "Paris"
+
+
+def test_segment_alias_of_an_anonymous_id_is_a_login_and_of_a_custom_id_is_refused() -> None:
+    login = {"type": "alias", "previousId": "23adfd82-aa0f-45a7-a756-24f2a7a4c895", "userId": "u"}
+    refused = {"type": "alias", "previousId": "old-user", "userId": "u", "messageId": "m3"}
+    steps = segment.translate_batch({"batch": [login, refused]}, NOW).steps
+    assert kinds(steps) == ["Identify", "Reject"]
+    assert isinstance(steps[1], Reject)
+    assert steps[1].reason == "ALIAS_REFUSED"
+    assert steps[1].event_id == "m3"
+
+
+def test_segment_page_and_screen_are_custom_events_labelled_with_their_name() -> None:
+    page = {
+        "type": "page",
+        "anonymousId": "a",
+        "name": "Pricing",
+        "properties": {"url": "https://x.io/p"},
+    }
+    screen = {
+        "type": "screen",
+        "anonymousId": "a",
+        "name": "Home",
+        "context": {"os": {"name": "Android"}},
+    }
+    found = events(segment.translate_batch({"batch": [page, screen]}, NOW).steps)
+    customs = [e for e in found if e.HasField("custom")]
+    assert [(e.custom.name, e.custom.label) for e in customs] == [
+        ("page", "Pricing"),
+        ("screen", "Home"),
+    ]
+    assert customs[0].custom.attributes["url"].url_value == "https://x.io/p"
+    assert customs[1].platform == types_pb2.PLATFORM_ANDROID
+
+
+def test_segment_message_without_id_gets_the_same_derived_id_on_a_retry() -> None:
+    message = {
+        "type": "track",
+        "anonymousId": "a",
+        "event": "E",
+        "timestamp": "2030-01-15T10:00:00Z",
+    }
+    first = events(segment.translate_batch({"batch": [message]}, NOW).steps)[-1]
+    again = events(segment.translate_batch({"batch": [dict(message)]}, NOW).steps)[-1]
+    assert first.event_id == again.event_id
+    assert 1 <= len(first.event_id) <= 64
+
+
+def test_segment_unknown_type_and_missing_origin_are_rejected_with_the_message() -> None:
+    unknown = {"type": "boom", "anonymousId": "a", "writeKey": "secret"}
+    no_origin = {"type": "track", "event": "E"}
+    steps = segment.translate_batch({"batch": [unknown, no_origin]}, NOW).steps
+    assert [s.reason for s in steps if isinstance(s, Reject)] == [
+        "MESSAGE_TYPE_UNKNOWN",
+        "ORIGIN_MISSING",
+    ]
+    assert "writeKey" not in steps[0].message  # type: ignore[union-attr]
+
+
+def test_segment_context_gives_installation_details_once_per_request() -> None:
+    context = {
+        "app": {"version": "3.0"},
+        "os": {"name": "iOS", "version": "17.0"},
+        "device": {"model": "iPhone15,2", "token": "abc"},
+        "locale": "fr-FR",
+        "timezone": "Europe/Paris",
+    }
+    batch = [
+        {"type": "track", "anonymousId": "a", "event": f"E{i}", "context": context}
+        for i in range(3)
+    ]
+    updates = [
+        e
+        for e in events(segment.translate_batch({"batch": batch}, NOW).steps)
+        if e.HasField("installation_update")
+    ]
+    assert len(updates) == 1
+    update = updates[0].installation_update
+    assert (update.app_version, update.os_version, update.device_model) == (
+        "3.0",
+        "17.0",
+        "iPhone15,2",
+    )
+    assert (update.push_token, update.language, update.timezone) == ("abc", "fr", "Europe/Paris")
+
+
+def test_derived_sessions_follow_thirty_minute_windows_of_event_time() -> None:
+    times = ["2030-01-15T10:00:00Z", "2030-01-15T10:20:00Z", "2030-01-15T10:31:00Z"]
+    batch = [{"type": "track", "anonymousId": "a", "event": "E", "timestamp": t} for t in times]
+    found = events(segment.translate_batch({"batch": batch}, NOW).steps)
+    starts = [e for e in found if e.HasField("session_start")]
+    customs = [e for e in found if e.HasField("custom")]
+    assert len(starts) == 2
+    assert customs[0].session_id == customs[1].session_id != customs[2].session_id
+
+
+# PostHog's documented capture payloads (posthog.com/docs/api/capture).
+POSTHOG_BATCH = {
+    "api_key": "phc_key",
+    "batch": [
+        {
+            "event": "$pageview",
+            "distinct_id": "anon-1",
+            "uuid": "0190a5f7-2c4b-7000-8000-000000000001",
+            "timestamp": "2030-01-15T11:00:00Z",
+            "properties": {
+                "$current_url": "https://example.com/pricing",
+                "$session_id": "0190a5f7-0000-7000-8000-00000000beef",
+                "$lib": "web",
+                "$ip": "203.0.113.5",
+                "plan": "free",
+            },
+        },
+        {
+            "event": "$identify",
+            "distinct_id": "user-9",
+            "uuid": "0190a5f7-2c4b-7000-8000-000000000002",
+            "properties": {"$anon_distinct_id": "anon-1", "$set": {"email": "a@b.co"}},
+            "$set_once": {"first_plan": "free"},
+        },
+    ],
+}
+
+
+def test_posthog_pageview_then_identify() -> None:
+    assert posthog.api_key_of(POSTHOG_BATCH) == "phc_key"
+    steps = posthog.translate(POSTHOG_BATCH, NOW).steps
+    assert kinds(steps) == ["Track", "Identify", "Identify", "Track"]
+    start, pageview = steps[0].events  # type: ignore[union-attr]
+    assert start.session_id == pageview.session_id == "0190a5f7-0000-7000-8000-00000000beef"
+    assert start.session_start.client_ip == "203.0.113.5"
+    assert pageview.event_id == "0190a5f7-2c4b-7000-8000-000000000001"
+    assert pageview.platform == types_pb2.PLATFORM_WEB
+    assert pageview.custom.name == "pageview"
+    assert pageview.custom.attributes["url"].url_value == "https://example.com/pricing"
+    assert set(pageview.custom.attributes) == {"url", "plan"}
+    assert steps[1] == Identify("anon-1", "user-9", steps[1].request_id)  # type: ignore[union-attr]
+    assert steps[2] == Identify("user-9", "user-9", steps[2].request_id)  # type: ignore[union-attr]
+    (attributes,) = steps[3].events  # type: ignore[union-attr]
+    operations = attributes.attribute_operations.operations
+    assert [(o.kind, o.native_attribute or o.custom_attribute) for o in operations] == [
+        (types_pb2.ATTRIBUTE_OPERATION_KIND_SET, types_pb2.NATIVE_ATTRIBUTE_EMAIL),
+        (types_pb2.ATTRIBUTE_OPERATION_KIND_SET_ONCE, "first_plan"),
+    ]
+
+
+def test_posthog_create_alias_logs_the_previous_distinct_id_in() -> None:
+    alias = {
+        "event": "$create_alias",
+        "distinct_id": "anon-2",
+        "properties": {"distinct_id": "anon-2", "alias": "user-2"},
+    }
+    steps = posthog.translate({"api_key": "k", "batch": [alias]}, NOW).steps
+    assert [(s.installation_id, s.custom_id) for s in steps if isinstance(s, Identify)] == [
+        ("anon-2", "user-2"),
+        ("user-2", "user-2"),
+    ]
+
+
+def test_posthog_single_event_and_token_in_properties() -> None:
+    body = {"event": "Signed Up", "properties": {"distinct_id": "d", "token": "phc_t"}}
+    assert posthog.api_key_of(body) == "phc_t"
+    (custom,) = [e for e in events(posthog.translate(body, NOW).steps) if e.HasField("custom")]
+    assert custom.custom.name == "signed_up"
+    assert dict(custom.custom.attributes) == {}
+
+
+def test_names_follow_one_rule() -> None:
+    assert normalize_name("Order Completed") == "order_completed"
+    assert normalize_name("$current_url") == "current_url"
+    assert normalize_name("plan.tier") == "plan_tier"
+    assert normalize_name("Größe") == "groe"
+    assert normalize_name("!!!") is None
+    long = normalize_name("a very long event name that goes on and on")
+    assert long is not None
+    assert len(long) <= 30
+    assert long != normalize_name("a very long event name that goes on and off")
+
+
+def test_scrub_removes_keys_and_ips_at_any_depth() -> None:
+    message = {"writeKey": "k", "context": {"ip": "1.2.3.4", "app": {"name": "x"}}, "token": "t"}
+    assert scrub(message) == {"context": {"app": {"name": "x"}}}
+
+
+def test_compose_runs_the_edge_with_documented_variables_only() -> None:
+    from pathlib import Path
+
+    import yaml
+
+    from shared.settings import SETTINGS
+
+    compose = yaml.safe_load((Path(__file__).parents[2] / "docker-compose.yml").read_text())
+    edge = compose["services"]["edge"]
+    assert edge["command"] == ["serve", "edge"]
+    assert "8340:8340" in edge["ports"]
+    assert set(edge["environment"]) <= {s.env for s in SETTINGS}
+    assert "PROFILES_DATABASE_URL" not in edge["environment"]
+
+
+def test_edge_added_events_already_acknowledged_are_not_sent_again() -> None:
+    from profiles.ingest.v1 import ingest_service_pb2 as ingest_pb
+    from services.edge.backend import AcknowledgedEvents
+
+    acknowledged = AcknowledgedEvents(capacity=2)
+    start = ingest_pb.Event(event_id="session:abc", installation_id="i1")
+    custom = ingest_pb.Event(event_id="m-1", installation_id="i1")
+    assert acknowledged.needed("k", [start, custom]) == [start, custom]
+    duplicate = ingest_pb.EventResult(outcome=ingest_pb.EVENT_OUTCOME_DUPLICATE)
+    acknowledged.record("k", [start, custom], [duplicate, duplicate])
+    assert acknowledged.needed("k", [start, custom]) == [custom]  # SDK events always go
+    assert acknowledged.needed("other key", [start]) == [start]
+    for n in range(2):  # the least recently used is forgotten first
+        other = ingest_pb.Event(event_id=f"details:{n}", installation_id="i1")
+        acknowledged.record("k", [other], [duplicate])
+    assert acknowledged.needed("k", [start]) == [start]
+
+
+def test_logins_of_a_batch_of_users_go_out_together_before_their_events() -> None:
+    batch = [
+        {"type": "track", "anonymousId": f"a{n}", "userId": f"u{n}", "event": "E"} for n in range(3)
+    ]
+    batch.append({"type": "track", "anonymousId": "a0", "event": "Before Switch"})
+    batch.append({"type": "identify", "anonymousId": "a0", "userId": "other"})
+    steps = segment.translate_batch({"batch": batch}, NOW).steps
+    assert kinds(steps) == ["Identify", "Identify", "Identify", "Track", "Identify"]
+    # a0's second login waits for a0's events sent before it.
+    assert steps[4] == Identify("a0", "other", steps[4].request_id)  # type: ignore[union-attr]
