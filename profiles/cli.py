@@ -139,7 +139,11 @@ def _add_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         " PROFILES_REDIS_URL (what docker-compose and `profiles up` start). Applies migrations"
         " first; stops gracefully on SIGTERM or Ctrl-C.",
     )
-    serve.add_argument("service", choices=SERVICE_NAMES, help="the service to run")
+    serve.add_argument(
+        "service",
+        choices=(*SERVICE_NAMES, "console"),
+        help="the service (or the web console) to run",
+    )
     serve.set_defaults(handler=_serve)
 
 
@@ -395,6 +399,8 @@ def _up(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
+    if args.service == "console":
+        return _serve_console(settings)
     missing = [
         env
         for env, value in (
@@ -418,6 +424,24 @@ def _serve(args: argparse.Namespace) -> int:
     except PortInUse as exc:
         env = f"PROFILES_{args.service.upper()}_PORT"
         print(f"profiles serve: {exc}; choose another with {env}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _serve_console(settings: Settings) -> int:
+    """The web console needs Redis only (its session store); it reads through the services."""
+    if not settings.redis_url:
+        print("profiles serve: PROFILES_REDIS_URL must be set", file=sys.stderr)
+        return 2
+    from services.console.app import run_console
+
+    try:
+        run_console(settings)
+    except OSError as exc:  # the port is taken
+        print(
+            f"profiles serve: console: {exc}; choose another port with PROFILES_CONSOLE_PORT",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

@@ -69,6 +69,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("PROFILES_SHUTDOWN_GRACE_SECONDS", "10", "time in-flight calls get on shutdown"),
     Setting("PROFILES_MAX_CONCURRENT_RPCS", "1000", "calls a server runs at once; more wait"),
     Setting("PROFILES_MAX_STREAMS", "100", "long-lived streams a server keeps open at once"),
+    Setting("PROFILES_CONSOLE_PORT", "8341", "HTTP port of the web console"),
+    Setting(
+        "PROFILES_CONSOLE_METRICS_PORT",
+        "9456",
+        "Prometheus /metrics port of the console; 0 turns it off",
+    ),
 )
 
 
@@ -90,6 +96,8 @@ class Settings:
     shutdown_grace_seconds: float = 10.0
     max_concurrent_rpcs: int = 1000
     max_streams: int = 100
+    console_port: int = 8341
+    console_metrics_port: int = 9456
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Self:
@@ -121,6 +129,8 @@ class Settings:
             shutdown_grace_seconds=float(values["PROFILES_SHUTDOWN_GRACE_SECONDS"]),
             max_concurrent_rpcs=int(values["PROFILES_MAX_CONCURRENT_RPCS"]),
             max_streams=int(values["PROFILES_MAX_STREAMS"]),
+            console_port=int(values["PROFILES_CONSOLE_PORT"]),
+            console_metrics_port=int(values["PROFILES_CONSOLE_METRICS_PORT"]),
         )
 
     def to_env(self) -> dict[str, str]:
@@ -137,6 +147,8 @@ class Settings:
             "PROFILES_SHUTDOWN_GRACE_SECONDS": str(self.shutdown_grace_seconds),
             "PROFILES_MAX_CONCURRENT_RPCS": str(self.max_concurrent_rpcs),
             "PROFILES_MAX_STREAMS": str(self.max_streams),
+            "PROFILES_CONSOLE_PORT": str(self.console_port),
+            "PROFILES_CONSOLE_METRICS_PORT": str(self.console_metrics_port),
         }
         for name in SERVICE_NAMES:
             upper = name.upper()
