@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -111,6 +112,7 @@ def taken_ports(settings: Settings) -> list[TakenPort]:
         metrics = settings.metrics_ports[name]
         if metrics:  # 0 turns the metrics server off
             wanted.append(TakenPort(name, "metrics", metrics, f"PROFILES_{upper}_METRICS_PORT"))
+    wanted += _console_ports(settings)
     taken, seen = [], set()
     for candidate in wanted:
         if candidate.port in seen or not port_is_free(settings.bind_address, candidate.port):
@@ -244,8 +246,8 @@ class Supervisor:
 
     def _start_services(self, settings: Settings) -> None:
         env = {**os.environ, **settings.to_env()}
-        self._say("Starting " + ", ".join(SERVICE_NAMES) + " ...")
-        for name in SERVICE_NAMES:
+        self._say("Starting " + ", ".join(SERVICE_NAMES) + f" and the {CONSOLE} ...")
+        for name in (*SERVICE_NAMES, CONSOLE):
             log_path = self._data_dir.logs / f"{name}.log"
             with log_path.open("ab") as log_file:
                 process = subprocess.Popen(
@@ -266,13 +268,18 @@ class Supervisor:
                 endpoint(settings.bind_address, settings.ports[name]), options=_PROBE_OPTIONS
             )
             for name in pending
+            if name != CONSOLE
         }
         try:
             while pending:
                 self._check_interrupted()
                 self._raise_if_a_child_died()
                 for name in list(pending):
-                    if _is_serving(channels[name]):
+                    if name == CONSOLE:
+                        ready = _console_is_up(console_url(settings))
+                    else:
+                        ready = _is_serving(channels[name])
+                    if ready:
                         del pending[name]
                 if pending and time.monotonic() > deadline:
                     raise StartupFailed(
@@ -337,6 +344,7 @@ class Supervisor:
             metrics_port = settings.metrics_ports[name]
             metrics = f"http://{endpoint(bind, metrics_port)}/metrics" if metrics_port else "off"
             self._say(f"  {name:<9} {endpoint(bind, settings.ports[name]):<22} metrics {metrics}")
+        self._say_console(settings)
         self._say()
         keys_command = "profiles keys" + self._data_dir_flag()
         if new_keys is not None:
@@ -366,10 +374,45 @@ class Supervisor:
         self._say()
         self._say(f"Logs: {self._data_dir.logs}/<service>.log. Press Ctrl-C to stop.")
 
+    def _say_console(self, settings: Settings) -> None:
+        metrics_port = settings.console_metrics_port
+        bind = settings.bind_address
+        metrics = f"http://{endpoint(bind, metrics_port)}/metrics" if metrics_port else "off"
+        self._say(f"  {CONSOLE:<9} {console_url(settings):<22} metrics {metrics}")
+        self._say("            (web console: sign in with the read or admin key below)")
+
     def _data_dir_flag(self) -> str:
         if self._data_dir.path == Settings().data_dir:
             return ""
         return f" --data-dir {self._data_dir.path}"
+
+
+# --- the web console: an HTTP child process beside the four gRPC services ---------------------
+
+CONSOLE = "console"
+
+
+def _console_ports(settings: Settings) -> list[TakenPort]:
+    ports = [TakenPort(CONSOLE, "HTTP", settings.console_port, "PROFILES_CONSOLE_PORT")]
+    if settings.console_metrics_port:
+        ports.append(
+            TakenPort(
+                CONSOLE, "metrics", settings.console_metrics_port, "PROFILES_CONSOLE_METRICS_PORT"
+            )
+        )
+    return ports
+
+
+def console_url(settings: Settings) -> str:
+    return f"http://{endpoint(settings.bind_address, settings.console_port)}"
+
+
+def _console_is_up(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/healthz", timeout=1.0) as reply:
+            return bool(reply.status == 200)
+    except OSError:
+        return False
 
 
 def _is_serving(channel: grpc.Channel) -> bool:
