@@ -12,7 +12,6 @@ import contextlib
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import jinja2
 import structlog
@@ -26,8 +25,8 @@ from starlette.templating import Jinja2Templates
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.console import pages, present
-from services.console.backend import Backend
-from services.console.live import LiveHub
+from services.console.backend import DEFAULT_CALL_TIMEOUT_SECONDS, Backend
+from services.console.live import MAX_WATCHES, LiveHub
 from services.console.sessions import SessionStore
 from shared.logging import configure_logging
 from shared.metrics import start_metrics_server
@@ -67,7 +66,7 @@ class Guard:
 
     def __init__(self, app: ASGIApp, hub: LiveHub) -> None:
         self._app = app
-        self._hub = hub
+        self.hub = hub  # public: tests and the benchmark read how many watches are open
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -88,7 +87,7 @@ class Guard:
                 route = _route_name(scope)
                 REQUEST_SECONDS.labels(route).observe(time.perf_counter() - started)
                 REQUESTS.labels(route, str(status)).inc()
-                LIVE_WATCHES.set(self._hub.watch_count)
+                LIVE_WATCHES.set(self.hub.watch_count)
             await send(message)
 
         await self._app(scope, receive, send_with_headers)
@@ -152,10 +151,15 @@ ROUTES = [
 ]
 
 
-def build_app(settings: Settings, *, call_timeout: float | None = None) -> Any:
+def build_app(
+    settings: Settings,
+    *,
+    call_timeout: float = DEFAULT_CALL_TIMEOUT_SECONDS,
+    max_watches: int = MAX_WATCHES,
+) -> Guard:
     """The console's ASGI app; Redis and the gRPC channels open and close with its lifespan."""
-    backend = Backend(settings.addresses, **({"timeout": call_timeout} if call_timeout else {}))
-    hub = LiveHub(backend)
+    backend = Backend(settings.addresses, call_timeout)
+    hub = LiveHub(backend, max_watches)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

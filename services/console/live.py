@@ -38,6 +38,8 @@ class _Watch:
     profile_id: str
     subscribers: set[asyncio.Queue[Any]] = field(default_factory=set)
     task: asyncio.Task[None] | None = None
+    # The stream's `started` item: a tab joining later gets it too, to know it is live.
+    started: Any = None
 
 
 class LiveHub:
@@ -64,6 +66,8 @@ class LiveHub:
             self._watches[profile_id] = watch
             watch.task = asyncio.get_running_loop().create_task(self._pump(watch, key))
         queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=QUEUE_SIZE)
+        if watch.started is not None:
+            queue.put_nowait(watch.started)
         watch.subscribers.add(queue)
         try:
             yield queue
@@ -79,6 +83,8 @@ class LiveHub:
         request = query_pb.WatchProfileRequest(profile_id=watch.profile_id)
         try:
             async for item in self._backend.stream(key, "query", "WatchProfile", request):
+                if item.WhichOneof("item") == "started":
+                    watch.started = item
                 for queue in list(watch.subscribers):
                     try:
                         queue.put_nowait(item)

@@ -632,6 +632,8 @@ def sse(data: dict[str, Any], *, event: str = "message", event_id: str = "") -> 
 def live_item(item: Any) -> dict[str, Any] | None:
     """A WatchProfileResponse as the JSON the page renders (as text, never as HTML)."""
     kind = item.WhichOneof("item")
+    if kind == "started":
+        return {"kind": "started"}
     if kind == "event":
         return event_json(item.event)
     if kind == "attribute_change":
@@ -727,6 +729,9 @@ async def profile_live(request: Request, session: ConsoleSession) -> Response:
                     return
                 live = live_item(item)
                 if live is None:
+                    continue
+                if live["kind"] == "started":
+                    yield sse(live, event="started")
                     continue
                 if live["kind"] == "event":
                     newest = max(newest, live["iso"])

@@ -1,6 +1,6 @@
 """A real suite fed by the demo, the console in front of it, and a real Chromium to drive it.
 
-Module-scoped: the services, the demo's data and the browser are started once for the browser
+Package-scoped: the services, the demo's data and the browser are started once for the browser
 tests (each test gets a fresh page). Chromium is Debian's (/usr/bin/chromium, installed by
 .ci/run); axe-core comes from npm (package-lock.json beside this file). Under CI (env CI set) a
 missing browser or axe-core fails instead of skipping.
@@ -9,6 +9,7 @@ missing browser or axe-core fails instead of skipping.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import socket
@@ -68,7 +69,7 @@ def _free_socket() -> socket.socket:
     return sock
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="package")
 async def console_suite(
     postgres_server_url: str, template_database: str, redis_url: str
 ) -> AsyncIterator[ConsoleSuite]:
@@ -110,24 +111,30 @@ async def console_suite(
             quiet=True,
         )
         await _wait_for_users_table(addresses["query"], project.keys["read"])
-        sock = _free_socket()
-        server = uvicorn.Server(
-            uvicorn.Config(build_app(settings), log_level="warning", lifespan="on")
-        )
-        serving = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
-        port = sock.getsockname()[1]
-        async with asyncio.timeout(10):
-            while not server.started:  # noqa: ASYNC110 - uvicorn offers no event to wait on
-                await asyncio.sleep(0.02)
-        yield ConsoleSuite(f"http://127.0.0.1:{port}", project, addresses, settings)
-        server.should_exit = True
-        await serving
-        sock.close()
+        async with start_console(build_app(settings)) as url:
+            yield ConsoleSuite(url, project, addresses, settings)
     finally:
         for handle in reversed(running):
             await handle.stop(grace=1.0)
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await admin.close()
+
+
+@contextlib.asynccontextmanager
+async def start_console(app: Any) -> AsyncIterator[str]:
+    """Serves a console app in this event loop on a free port; yields its base URL."""
+    sock = _free_socket()
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    serving = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
+    try:
+        async with asyncio.timeout(10):
+            while not server.started:  # noqa: ASYNC110 - uvicorn offers no event to wait on
+                await asyncio.sleep(0.02)
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        await serving
+        sock.close()
 
 
 async def _wait_for_users_table(query_address: str, key: str) -> None:
@@ -142,7 +149,7 @@ async def _wait_for_users_table(query_address: str, key: str) -> None:
         await eventually(filled, within=30)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="package")
 async def browser() -> AsyncIterator[Any]:
     if not CHROMIUM.exists():  # noqa: ASYNC240 - once per module, before any server traffic
         _missing(f"Chromium at {CHROMIUM}")
@@ -156,7 +163,7 @@ async def browser() -> AsyncIterator[Any]:
         await chromium.close()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="package")
 def axe_source() -> str:
     if not AXE.exists() and shutil.which("npm"):
         subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=HERE, check=False)

@@ -28,8 +28,10 @@ function followProfile(box) {
   let url = box.dataset.source;
   if (box.dataset.since) url += "?since=" + encodeURIComponent(box.dataset.since);
   const source = new EventSource(url);
-  source.onopen = () => { status.textContent = "Live updates on."; };
+  source.onopen = () => { status.textContent = "Live updates connecting…"; };
   source.onerror = () => { status.textContent = "Live updates reconnecting…"; };
+  // Sent once the service follows the profile: from then on nothing is missed.
+  source.addEventListener("started", () => { status.textContent = "Live updates on."; });
   source.onmessage = (message) => {
     const item = JSON.parse(message.data);
     if (item.event_id) {
