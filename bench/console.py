@@ -91,15 +91,20 @@ class Http:
         self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
 
     async def get(self, path: str) -> bytes:
-        if self._idle:
-            reader, writer = self._idle.pop()
-        else:
-            reader, writer = await asyncio.open_connection(self._host, self._port)
         request = (
             f"GET {path} HTTP/1.1\r\nHost: {self._host}\r\nCookie: {COOKIE}={self._cookie}\r\n\r\n"
         )
-        writer.write(request.encode())
-        status = await reader.readline()
+        status = b""
+        if self._idle:
+            reader, writer = self._idle.pop()
+            writer.write(request.encode())
+            # The server closes connections idle longer than its keep-alive: open a new one.
+            with contextlib.suppress(ConnectionError):
+                status = await reader.readline()
+        if not status:
+            reader, writer = await asyncio.open_connection(self._host, self._port)
+            writer.write(request.encode())
+            status = await reader.readline()
         headers: dict[str, str] = {}
         while (line := await reader.readline()) not in (b"\r\n", b""):
             name, _, value = line.decode().partition(":")
@@ -166,7 +171,12 @@ def wait_http(url: str, process: ChildProcess, limit_s: float = 60.0) -> None:
 
 
 async def measure(
-    base_url: str, session_id: str, addresses: dict[str, str], key: str, sizes: Sizes
+    base_url: str,
+    session_id: str,
+    addresses: dict[str, str],
+    key: str,
+    sizes: Sizes,
+    console: ChildProcess,
 ) -> tuple[dict[str, list[LoadResult]], dict[str, int]]:
     rng = random.Random(7)
     parts = urllib.parse.urlsplit(base_url)
@@ -228,6 +238,8 @@ async def measure(
                 plan,
                 sizes.rounds,
                 warmup=warmup,
+                # The console's CPU per page: steadier than latency on a busy machine.
+                processes={"profile_page": console, "users_page": console},
             )
     finally:
         http.close()
@@ -300,13 +312,16 @@ def main(argv: list[str] | None = None) -> int:
         wait_http(f"{base_url}/healthz", console)
         session_id = sign_in(base_url, project.keys["read"])
         results, weights = asyncio.run(
-            measure(base_url, session_id, addresses, project.keys["read"], sizes)
+            measure(base_url, session_id, addresses, project.keys["read"], sizes, console)
         )
     print(
         f"\n{sizes.profiles} profiles, at {sizes.rate:g} requests/s, concurrency"
         f" {sizes.concurrency}, {sizes.rounds} rounds x {sizes.duration_s:g} s, alternating"
     )
-    print(f"  {'':<16}{'calls':>8}{'errors':>7}{'late':>6}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}")
+    print(
+        f"  {'':<16}{'calls':>8}{'errors':>7}{'late':>6}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}"
+        f"{'console cpu us':>16}"
+    )
     s: dict[str, LatencySummary] = {}
     for label, rounds in results.items():
         merged = LoadResult.merged(rounds)
@@ -314,6 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"  {label:<16}{merged.completed:>8}{merged.error_count:>7}{merged.late_starts:>6}"
             f"{summary.p50_ms:>9.2f}{summary.p90_ms:>9.2f}{summary.p99_ms:>9.2f}"
+            f"{merged.server_cpu_us_per_call:>16.0f}"
         )
         if merged.error_count:
             raise BenchError(f"errors on {label}: {dict(merged.errors)}")

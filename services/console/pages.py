@@ -216,6 +216,8 @@ async def signin(request: Request) -> Response:
         return again("This is an SDK key; the console needs a read or admin key.", 403)
     except ServiceDown as down:
         return again(f"The {down.service} service is not answering; try again shortly.", 503)
+    # A new session ID at every sign-in (no fixation); the previous session of this browser ends.
+    await console.sessions.delete(request.cookies.get(COOKIE, ""))
     session = await console.sessions.create(key, role)
     log.info("console_signed_in", role=role)
     response = RedirectResponse(target, status_code=303)
@@ -393,8 +395,10 @@ async def users_page(request: Request, session: ConsoleSession) -> Response:
         return "/users?" + urlencode({k: v for k, v in state.items() if v and v != "all"})
 
     def sort_link(column: str) -> str:
-        flipped = "asc" if (sort == column and order == "desc") else "desc"
-        return link(sort=column, order=flipped)
+        if sort == column:
+            return link(sort=column, order="asc" if order == "desc" else "desc")
+        # A first click sorts names A to Z, and figures largest or latest first.
+        return link(sort=column, order="asc" if column == "name" else "desc")
 
     return render(
         request,

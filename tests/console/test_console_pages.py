@@ -149,9 +149,16 @@ async def test_the_users_table_sorts_by_clicking_a_header(
         int(t) for t in await page.locator("table.users td.num:nth-child(3)").all_inner_texts()
     ]
     assert counts == sorted(counts)
+    await page.get_by_role("link", name="Name", exact=True).click()
+    await expect(header).to_have_attribute("aria-sort", "ascending")
+    names = await page.locator("table.users tbody td:first-child a").all_inner_texts()
+    named = [n.lower() for n in names if not n.startswith("Anonymous ")]
+    assert named == sorted(named)
+    assert len(named) > 1
+    await page.get_by_role("link", name=re.compile("Total sessions")).click()
     # The Identified tab keeps the sort (a deep link of tab and sort).
     await page.get_by_role("link", name="Identified", exact=True).click()
-    await expect(page).to_have_url(re.compile(r"tab=identified&sort=sessions&order=asc"))
+    await expect(page).to_have_url(re.compile(r"tab=identified&sort=sessions&order=desc"))
 
 
 async def test_the_overview_switches_platform(page: Any, console_suite: ConsoleSuite) -> None:
