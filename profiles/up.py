@@ -379,7 +379,7 @@ class Supervisor:
         bind = settings.bind_address
         metrics = f"http://{endpoint(bind, metrics_port)}/metrics" if metrics_port else "off"
         self._say(f"  {CONSOLE:<9} {console_url(settings):<22} metrics {metrics}")
-        self._say("            (web console: sign in with the read or admin key below)")
+        self._say("            (web console: sign in with the read or admin key)")
 
     def _data_dir_flag(self) -> str:
         if self._data_dir.path == Settings().data_dir:
