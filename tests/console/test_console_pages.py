@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -176,6 +176,11 @@ async def test_the_overview_switches_platform(page: Any, console_suite: ConsoleS
     await expect(page.get_by_role("link", name="iOS", exact=True)).to_have_attribute(
         "aria-current", "page"
     )
+    # What the page's script fetches every 10 s to refresh the figures in place.
+    refresh = await page.locator("#overview").get_attribute("data-refresh")
+    assert refresh == "/overview/fragment?platform=ios"
+    fragment = await page.request.get(console_suite.url + refresh)
+    assert f'id="installs">{ios.overview.install_count}<' in await fragment.text()
 
 
 async def test_a_new_event_appears_live_on_an_open_profile_page(
@@ -240,6 +245,34 @@ async def test_only_an_admin_key_can_download_the_gdpr_export(
     assert document["profile"]["profileId"] == profile.summary.profile_id
     assert isinstance(document["events"], list)
     assert document["events"]
+
+
+async def test_rejected_events_are_listed_with_their_reason_and_filtered(
+    page: Any, console_suite: ConsoleSuite
+) -> None:
+    profile = await identified_profile(console_suite)
+    future = custom_event(
+        profile.installations[0].installation_id,
+        name="from_the_future",
+        time=datetime.now(UTC) + timedelta(days=30),
+    )
+    async with open_channel(
+        console_suite.addresses["ingest"], console_suite.project.keys["sdk"]
+    ) as channel:
+        reply = await ingest_grpc.IngestServiceStub(channel).TrackEvents(
+            ingest_pb.TrackEventsRequest(events=[future])
+        )
+    assert reply.results[0].reason == "EVENT_TIME_IN_FUTURE"
+    await sign_in(page, console_suite)
+    await page.goto(console_suite.url + "/rejected")
+    await page.get_by_label("Reason").fill("EVENT_TIME_IN_FUTURE")
+    await page.get_by_role("button", name="Filter").click()
+    await expect(page).to_have_url(re.compile(r"reason=EVENT_TIME_IN_FUTURE"))
+    row = page.locator("table.rejected tbody tr", has_text=future.event_id)
+    await expect(row).to_have_count(1)
+    await expect(row).to_contain_text("EVENT_TIME_IN_FUTURE")
+    await page.goto(console_suite.url + "/rejected?reason=NAME_INVALID")
+    await expect(page.locator("table.rejected tbody")).to_contain_text("Nothing rejected")
 
 
 PAGES = (
