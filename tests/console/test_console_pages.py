@@ -275,6 +275,18 @@ async def test_rejected_events_are_listed_with_their_reason_and_filtered(
     await expect(page.locator("table.rejected tbody")).to_contain_text("Nothing rejected")
 
 
+async def test_the_segments_page_streams_entries_and_exits(
+    page: Any, console_suite: ConsoleSuite
+) -> None:
+    await sign_in(page, console_suite)
+    await page.goto(console_suite.url + "/segments")
+    await expect(page.locator("#segment-status")).to_contain_text("Live")
+    # The demo's profiles entered smart segments within the hour the stream starts from.
+    rows = page.locator("#segment-changes tbody tr")
+    await expect(rows.first).to_be_visible()
+    await expect(rows.first.locator("td").nth(2)).to_have_text(re.compile("entered|left"))
+
+
 PAGES = (
     ("overview", "/overview"),
     ("users", "/users?tab=identified"),
