@@ -103,6 +103,7 @@ def templates() -> Jinja2Templates:
     environment = jinja2.Environment(
         loader=jinja2.FileSystemLoader(HERE / "templates"),
         autoescape=True,  # every value from events and attributes is text, never markup
+        auto_reload=False,  # templates ship with the code: no stat() per page
         undefined=jinja2.StrictUndefined,
     )
     for name in (

@@ -64,7 +64,8 @@ class SessionStore:
         if not session_id:
             return None
         name = self._name(session_id)
-        async with self._redis.pipeline(transaction=True) as pipe:
+        # One round trip without MULTI: an EXPIRE of a key that vanished meanwhile does nothing.
+        async with self._redis.pipeline(transaction=False) as pipe:
             pipe.hgetall(name)
             pipe.expire(name, self._idle)
             fields, _ = await pipe.execute()
