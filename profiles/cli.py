@@ -254,9 +254,9 @@ def _add_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     serve.add_argument(
         "service",
-        choices=(*SERVICE_NAMES, "edge"),
+        choices=(*SERVICE_NAMES, "edge", "console"),
         help="the service to run (edge: the HTTP gateway for SDKs, a client of ingest and"
-        " identity, which needs no database)",
+        " identity, which needs no database; console: the web console)",
     )
     serve.set_defaults(handler=_serve)
 
@@ -585,6 +585,8 @@ def _serve(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
     if args.service == "edge":
         return _serve_edge(settings)
+    if args.service == "console":
+        return _serve_console(settings)
     missing = [
         env
         for env, value in (
@@ -618,6 +620,24 @@ def _serve_edge(settings: Settings) -> int:
     from services.edge.app import run
 
     run(settings)
+    return 0
+
+
+def _serve_console(settings: Settings) -> int:
+    """The web console needs Redis only (its session store); it reads through the services."""
+    if not settings.redis_url:
+        print("profiles serve: PROFILES_REDIS_URL must be set", file=sys.stderr)
+        return 2
+    from services.console.app import run_console
+
+    try:
+        run_console(settings)
+    except OSError as exc:  # the port is taken
+        print(
+            f"profiles serve: console: {exc}; choose another port with PROFILES_CONSOLE_PORT",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

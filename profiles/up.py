@@ -96,6 +96,13 @@ SUITE: tuple[ServiceSpec, ...] = (
     ServiceSpec(
         "edge", ("serve", "edge"), "PROFILES_EDGE_PORT", "PROFILES_EDGE_METRICS_PORT", HEALTH_HTTP
     ),
+    ServiceSpec(
+        "console",
+        ("serve", "console"),
+        "PROFILES_CONSOLE_PORT",
+        "PROFILES_CONSOLE_METRICS_PORT",
+        HEALTH_HTTP,
+    ),
 )
 
 
@@ -563,6 +570,8 @@ class Supervisor:
             if spec.health == HEALTH_HTTP:
                 address = f"http://{address}"
             self._say(f"  {spec.name:<9} {address:<22} metrics {metrics}")
+            if spec.name == "console":
+                self._say("            (web console: sign in with the read or admin key)")
         self._say()
         flag = self._data_dir_flag()
         keys_command = f"profiles keys{flag}"

@@ -92,6 +92,12 @@ SETTINGS: tuple[Setting, ...] = (
         "edge: requests per second allowed per SDK key; 0 turns it off",
     ),
     Setting("PROFILES_EDGE_RATE_BURST", "1000", "edge: requests an SDK key may burst above it"),
+    Setting("PROFILES_CONSOLE_PORT", "8341", "HTTP port of the web console"),
+    Setting(
+        "PROFILES_CONSOLE_METRICS_PORT",
+        "9456",
+        "Prometheus /metrics port of the console; 0 turns it off",
+    ),
 )
 
 
@@ -118,6 +124,8 @@ class Settings:
     edge_metrics_port: int = 9455
     edge_rate_limit: float = 500.0
     edge_rate_burst: int = 1000
+    console_port: int = 8341
+    console_metrics_port: int = 9456
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Self:
@@ -154,6 +162,8 @@ class Settings:
             edge_metrics_port=int(values["PROFILES_EDGE_METRICS_PORT"]),
             edge_rate_limit=float(values["PROFILES_EDGE_RATE_LIMIT"]),
             edge_rate_burst=int(values["PROFILES_EDGE_RATE_BURST"]),
+            console_port=int(values["PROFILES_CONSOLE_PORT"]),
+            console_metrics_port=int(values["PROFILES_CONSOLE_METRICS_PORT"]),
         )
 
     def to_env(self) -> dict[str, str]:
@@ -175,6 +185,8 @@ class Settings:
             "PROFILES_EDGE_METRICS_PORT": str(self.edge_metrics_port),
             "PROFILES_EDGE_RATE_LIMIT": str(self.edge_rate_limit),
             "PROFILES_EDGE_RATE_BURST": str(self.edge_rate_burst),
+            "PROFILES_CONSOLE_PORT": str(self.console_port),
+            "PROFILES_CONSOLE_METRICS_PORT": str(self.console_metrics_port),
         }
         for name in SERVICE_NAMES:
             upper = name.upper()

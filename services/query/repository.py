@@ -48,6 +48,8 @@ MAX_BIGINT = 9_223_372_036_854_775_807
 NEG_INFINITY = datetime(1, 1, 1, tzinfo=UTC)
 POS_INFINITY = datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)
 NIL_UUID = UUID(int=0)
+# Above every name in code point order (collation "C"): the start of a descending name walk.
+MAX_TEXT = "\U0010ffff" * 4
 MAX_UUID = UUID(int=(1 << 128) - 1)
 
 # -- lookups ----------------------------------------------------------------------------------
@@ -576,6 +578,7 @@ PROFILE_SORT_COLUMNS = {
     1: ("last_seen", "timestamptz"),
     2: ("session_count", "bigint"),
     3: ("time_spent_ms", "bigint"),
+    4: ("sort_name", "text"),  # collation "C" (0012): MAX_TEXT is above every name
 }
 SELECT_PROFILE_ROWS_PAGE = {
     (order_by, ascending, in_segment): PROFILE_ROWS_PAGE.format(
@@ -1392,20 +1395,22 @@ class QueryReads:
         smart_segment_flag: int,
         order_by: int,
         ascending: bool,
-        after: tuple[int | datetime | None, UUID] | None,
+        after: tuple[int | datetime | str | None, UUID] | None,
         limit: int,
         segment_id: UUID | None = None,
-    ) -> list[tuple[int | datetime | None, ProfileRowView]]:
+    ) -> list[tuple[int | datetime | str | None, ProfileRowView]]:
         """A page of the users table after `after` (sort value, None for a profile never seen;
         profile ID), or from the start; each row with its sort value. With `segment_id`, only
         the members of that custom segment."""
         column_type = PROFILE_SORT_COLUMNS[order_by][1]
         in_unseen = after is not None and after[0] is None
-        start: tuple[int | datetime | None, UUID]
+        start: tuple[int | datetime | str | None, UUID]
         if after is None or in_unseen:
-            value: int | datetime | None
+            value: int | datetime | str | None
             if column_type == "timestamptz":
                 value = NEG_INFINITY if ascending else POS_INFINITY
+            elif column_type == "text":
+                value = "" if ascending else MAX_TEXT
             else:
                 value = -MAX_BIGINT - 1 if ascending else MAX_BIGINT
             start = (value, NIL_UUID if ascending else MAX_UUID)

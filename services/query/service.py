@@ -118,7 +118,7 @@ class ProfilesQuery:
     platform: int = 0
     country: str = ""
     segment_id: UUID | None = None
-    order_by: int = 1  # ProfileOrderBy: 1 last seen, 2 sessions, 3 time spent
+    order_by: int = 1  # ProfileOrderBy: 1 last seen, 2 sessions, 3 time spent, 4 name
     ascending: bool = False
 
 
@@ -413,13 +413,18 @@ class QueryService:
             query.ascending,
             query.segment_id,
         )
-        after: tuple[int | datetime | None, UUID] | None = None
+        after: tuple[int | datetime | str | None, UUID] | None = None
         if query.page_token:
             position = paging.decode_token(query.page_token, bound_to, ("k", "p"))
             key = position["k"]
-            value: int | datetime | None = None
+            value: int | datetime | str | None = None
             if key is not None:
-                value = from_micros(int(key)) if query.order_by == 1 else int(key)
+                if query.order_by == 1:
+                    value = from_micros(int(key))
+                elif query.order_by == 4:  # by name: the text itself
+                    value = str(key)
+                else:
+                    value = int(key)
             after = (value, UUID(str(position["p"])))
         async with self._repository.reads() as reads:
             if query.segment_id is not None and not await reads.segment_exists(

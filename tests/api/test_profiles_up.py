@@ -66,6 +66,8 @@ def suite() -> Iterator[Suite]:
     data_dir = tmp_path / "data"
     ports = free_ports(2 * len(SERVICE_NAMES) + 2)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PROFILES_")}
+    env["PROFILES_CONSOLE_PORT"] = str(ports[-2])
+    env["PROFILES_CONSOLE_METRICS_PORT"] = str(ports[-1])
     env["PROFILES_DATA_DIR"] = str(data_dir)
     grpc_ports = {}
     for index, name in enumerate(SERVICE_NAMES):
@@ -170,6 +172,9 @@ async def test_profiles_up_serves_all_four_services_and_stops_leaving_nothing_be
     assert await asyncio.to_thread(lambda: urllib.request.urlopen(edge, timeout=10).status) == 200
     assert len(processes_of(suite.data_dir)) >= 7  # the check below sees what is running
     await check_keys_reach_the_query_service(suite.ports["query"], keys["read"])
+    console = f"http://127.0.0.1:{suite.env['PROFILES_CONSOLE_PORT']}"
+    with urllib.request.urlopen(f"{console}/healthz", timeout=5) as reply:  # noqa: ASYNC210
+        assert reply.status == 200
 
     assert await stop(started_up) == 0
 

@@ -358,6 +358,45 @@ async def test_the_users_table_shows_profiles_never_seen_last_in_both_orders(sui
     assert await order(sort_order=pb.SORT_ORDER_ASCENDING) == [*seen_ids[::-1], *unseen_ids]
 
 
+async def test_the_users_table_sorts_by_name_and_pages_it_with_nameless_profiles_last(
+    suite: Suite,
+) -> None:
+    installs = [new_id() for _ in range(5)]
+    named = {0: ("zoé", "Adams"), 1: ("Ana", "Lopez"), 2: ("", "Brown")}
+    for n, inst in enumerate(installs):
+        operations = []
+        if n in named:
+            first, last = named[n]
+            if first:
+                operations.append(op("set", "FIRST_NAME", first))
+            operations.append(op("set", "LAST_NAME", last))
+            await suite.track(attribute_event(inst, operations, time=NOW - timedelta(hours=n)))
+        else:
+            await suite.track(custom_event(inst, time=NOW - timedelta(hours=n)))
+    await suite.identity.identify(installs[3], "carol-77")  # no name: sorted by custom ID
+    ids = [await suite.identity.profile_of(i) for i in installs]
+    await suite.settle()
+
+    async def order(**fields: Any) -> list[str]:
+        rows = await pages(
+            suite,
+            "ListProfiles",
+            pb.ListProfilesRequest(page_size=2, order_by=pb.PROFILE_ORDER_BY_NAME, **fields),
+            "profiles",
+        )
+        return [r.profile_id for r in rows]
+
+    # "ana lopez" < "brown" < "carol-77" < "zoé adams"; the anonymous profile without a name last.
+    assert await order(sort_order=pb.SORT_ORDER_ASCENDING) == [
+        ids[1],
+        ids[2],
+        ids[3],
+        ids[0],
+        ids[4],
+    ]
+    assert await order() == [ids[0], ids[3], ids[2], ids[1], ids[4]]
+
+
 # Stored payloads (ingest's proto JSON, field names kept) and shapes only json_format reads
 # (JSON names, unknown fields): the timeline's direct reading must agree with json_format's.
 STORED_PAYLOADS = [

@@ -68,6 +68,10 @@ class _ProfileOrderByEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Profil
     """By total number of sessions."""
     PROFILE_ORDER_BY_TIME_SPENT: _ProfileOrderBy.ValueType  # 3
     """By total time spent in sessions."""
+    PROFILE_ORDER_BY_NAME: _ProfileOrderBy.ValueType  # 4
+    """By the name the table shows: "first last", else the custom ID, compared lower-cased in
+    code point order; profiles with neither (anonymous, no name) sort last.
+    """
 
 class ProfileOrderBy(_ProfileOrderBy, metaclass=_ProfileOrderByEnumTypeWrapper):
     """The column the users table is sorted by; ties are broken by profile ID."""
@@ -80,6 +84,10 @@ PROFILE_ORDER_BY_SESSION_COUNT: ProfileOrderBy.ValueType  # 2
 """By total number of sessions."""
 PROFILE_ORDER_BY_TIME_SPENT: ProfileOrderBy.ValueType  # 3
 """By total time spent in sessions."""
+PROFILE_ORDER_BY_NAME: ProfileOrderBy.ValueType  # 4
+"""By the name the table shows: "first last", else the custom ID, compared lower-cased in
+code point order; profiles with neither (anonymous, no name) sort last.
+"""
 Global___ProfileOrderBy: _TypeAlias = ProfileOrderBy  # noqa: Y015
 
 class _SortOrder:

@@ -1,0 +1,202 @@
+"""Builds the console's ASGI app and runs it: `profiles serve console`.
+
+One Starlette app: the routing table below, and one middleware that every response passes
+(security headers, request metrics by route template, never by URL: a query string may hold an
+email being searched for).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import jinja2
+import structlog
+import uvicorn
+from prometheus_client import Counter, Gauge, Histogram
+from redis.asyncio import Redis
+from starlette.applications import Starlette
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+from starlette.templating import Jinja2Templates
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from services.console import pages, present
+from services.console.backend import DEFAULT_CALL_TIMEOUT_SECONDS, Backend
+from services.console.live import MAX_WATCHES, LiveHub
+from services.console.sessions import SessionStore
+from shared.logging import configure_logging
+from shared.metrics import start_metrics_server
+from shared.settings import Settings
+
+log = structlog.get_logger(__name__)
+HERE = Path(__file__).parent
+
+REQUESTS = Counter(
+    "profiles_console_requests_total",
+    "Console HTTP requests, by route and status",
+    ["route", "status"],
+)
+REQUEST_SECONDS = Histogram(
+    "profiles_console_request_seconds",
+    "Console time to the response's first byte, by route",
+    ["route"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+LIVE_WATCHES = Gauge("profiles_console_live_watches", "Upstream WatchProfile streams open")
+
+# No inline script or style anywhere: everything the page runs or styles comes from /static.
+CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:;"
+    " connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+)
+SECURITY_HEADERS = [
+    (b"content-security-policy", CSP.encode()),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"x-frame-options", b"DENY"),
+]
+
+
+class Guard:
+    """Security headers, no caching of pages, request metrics and one log line per request."""
+
+    def __init__(self, app: ASGIApp, hub: LiveHub) -> None:
+        self._app = app
+        self.hub = hub  # public: tests and the benchmark read how many watches are open
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def send_with_headers(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = list(message.get("headers", []))
+                headers += SECURITY_HEADERS
+                if not scope["path"].startswith("/static/"):
+                    headers.append((b"cache-control", b"no-store"))
+                message["headers"] = headers
+                route = _route_name(scope)
+                REQUEST_SECONDS.labels(route).observe(time.perf_counter() - started)
+                REQUESTS.labels(route, str(status)).inc()
+                LIVE_WATCHES.set(self.hub.watch_count)
+            await send(message)
+
+        await self._app(scope, receive, send_with_headers)
+
+
+def _route_name(scope: Scope) -> str:
+    route = scope.get("route")
+    path = getattr(route, "path", None)
+    return str(path) if path else "other"
+
+
+def templates() -> Jinja2Templates:
+    environment = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(HERE / "templates"),
+        autoescape=True,  # every value from events and attributes is text, never markup
+        auto_reload=False,  # templates ship with the code: no stat() per page
+        undefined=jinja2.StrictUndefined,
+    )
+    for name in (
+        "when",
+        "span",
+        "platform",
+        "smart_segment",
+        "smart_flag",
+        "percent",
+        "attribute_value",
+        "attribute_type",
+        "event_title",
+        "event_details",
+        "identity_change",
+        "funnel_step_status",
+        "filter_words",
+        "iso",
+        "gauge_arc",
+    ):
+        environment.filters[name] = getattr(present, name)
+    environment.globals["display_name"] = present.display_name
+    environment.globals["hbars"] = present.hbars
+    environment.globals["TOKEN_MEANING"] = present.TOKEN_MEANING
+    environment.globals["SMART_SEGMENTS"] = present.SMART_SEGMENTS
+    environment.globals["SMART_FLAGS"] = present.SMART_FLAGS
+    return Jinja2Templates(env=environment)
+
+
+ROUTES = [
+    Route("/", pages.home),
+    Route("/healthz", pages.healthz),
+    Route("/signin", pages.signin_form, methods=["GET"]),
+    Route("/signin", pages.signin, methods=["POST"]),
+    Route("/signout", pages.signout, methods=["POST"]),
+    Route("/overview", pages.overview_page),
+    Route("/overview/fragment", pages.overview_fragment),
+    Route("/users", pages.users_page),
+    Route("/search", pages.search),
+    Route("/profiles/{profile_id}", pages.profile_page),
+    Route("/profiles/{profile_id}/export", pages.profile_export),
+    Route("/live/profiles/{profile_id}", pages.profile_live),
+    Route("/segments", pages.segments_page),
+    Route("/live/segments", pages.segments_live),
+    Route("/rejected", pages.rejected_page),
+    Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
+]
+
+
+def build_app(
+    settings: Settings,
+    *,
+    call_timeout: float = DEFAULT_CALL_TIMEOUT_SECONDS,
+    max_watches: int = MAX_WATCHES,
+) -> Guard:
+    """The console's ASGI app; Redis and the gRPC channels open and close with its lifespan."""
+    backend = Backend(settings.addresses, call_timeout)
+    hub = LiveHub(backend, max_watches)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        redis = Redis.from_url(settings.redis_url)
+        app.state.redis = redis
+        app.state.console = pages.Console(
+            backend, SessionStore(redis, settings.redis_prefix), hub, templates()
+        )
+        try:
+            yield
+        finally:
+            await backend.close()
+            await redis.aclose()
+
+    app = Starlette(routes=ROUTES, lifespan=lifespan)
+    return Guard(app, hub)
+
+
+def run_console(settings: Settings) -> None:
+    """Runs the console until SIGTERM/SIGINT (what `profiles serve console` does)."""
+    configure_logging(settings.log_level, service="console")
+    start_metrics_server(settings.console_metrics_port, settings.bind_address)
+    config = uvicorn.Config(
+        build_app(settings),
+        host=settings.bind_address,
+        port=settings.console_port,
+        loop="uvloop",
+        http="httptools",
+        access_log=False,  # the query string may hold an email: Guard logs routes instead
+        log_level="warning",
+        timeout_graceful_shutdown=int(settings.shutdown_grace_seconds),
+        lifespan="on",
+    )
+    server = uvicorn.Server(config)
+    log.info("console_starting", port=settings.console_port)
+    asyncio.run(server.serve())
+
+
+__all__ = ["build_app", "run_console"]

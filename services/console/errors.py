@@ -1,0 +1,42 @@
+"""What can go wrong when the console calls a service, in the words a page needs.
+
+Plain exceptions, no gRPC: backend.py translates status codes into these once.
+"""
+
+from __future__ import annotations
+
+
+class ConsoleError(Exception):
+    """Base of the console's errors."""
+
+
+class SignedOut(ConsoleError):
+    """The key was refused (UNAUTHENTICATED): revoked or unknown; the session ends."""
+
+
+class Forbidden(ConsoleError):
+    """The key's role may not make this call (PERMISSION_DENIED)."""
+
+
+class NotFound(ConsoleError):
+    """No such profile, segment or funnel in the key's project (NOT_FOUND)."""
+
+
+class BadInput(ConsoleError):
+    """The service refused what the person typed (INVALID_ARGUMENT, FAILED_PRECONDITION)."""
+
+    def __init__(self, message: str, reason: str = "", metadata: dict[str, str] | None = None):
+        super().__init__(message)
+        self.message = message
+        self.reason = reason
+        self.metadata = metadata or {}
+
+
+class ServiceDown(ConsoleError):
+    """A service did not answer: unreachable, failing, or slower than the console waits."""
+
+    def __init__(self, service: str, timed_out: bool, detail: str = "") -> None:
+        super().__init__(f"{service}: {'timed out' if timed_out else 'unavailable'}")
+        self.service = service
+        self.timed_out = timed_out
+        self.detail = detail

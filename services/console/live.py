@@ -1,0 +1,112 @@
+"""Live feeds for the browser: one upstream WatchProfile per profile, shared by every tab.
+
+A tab subscribes with a bounded queue; the hub's pump task reads the gRPC stream and copies each
+item to every queue. A tab that lets its queue fill is dropped (its page reconnects and re-reads
+what it missed), so one slow browser never holds the others back. At most `max_watches`
+upstream streams per process: beyond that a page is told that live updates are paused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from profiles.query.v1 import query_service_pb2 as query_pb
+from services.console.backend import Backend
+from services.console.errors import ConsoleError, SignedOut
+
+log = structlog.get_logger(__name__)
+
+MAX_WATCHES = 50
+QUEUE_SIZE = 256
+
+
+class Ended:
+    """The last item a subscriber reads: why its feed stopped."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason  # "signed_out", "lagging", "closed"
+
+
+@dataclass(eq=False, slots=True)
+class _Watch:
+    profile_id: str
+    subscribers: set[asyncio.Queue[Any]] = field(default_factory=set)
+    task: asyncio.Task[None] | None = None
+    # The stream's `started` item: a tab joining later gets it too, to know it is live.
+    started: Any = None
+
+
+class LiveHub:
+    def __init__(self, backend: Backend, max_watches: int = MAX_WATCHES) -> None:
+        self._backend = backend
+        self._max = max_watches
+        self._watches: dict[str, _Watch] = {}
+
+    @property
+    def watch_count(self) -> int:
+        return len(self._watches)
+
+    @contextlib.asynccontextmanager
+    async def follow(self, key: str, profile_id: str) -> AsyncIterator[asyncio.Queue[Any] | None]:
+        """A queue of WatchProfileResponse items (then one Ended) for this profile; None when
+        the process already follows `max_watches` profiles. The caller must have checked that
+        the key may read the profile: the upstream stream may run with another tab's key."""
+        watch = self._watches.get(profile_id)
+        if watch is None:
+            if len(self._watches) >= self._max:
+                yield None
+                return
+            watch = _Watch(profile_id)
+            self._watches[profile_id] = watch
+            watch.task = asyncio.get_running_loop().create_task(self._pump(watch, key))
+        queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=QUEUE_SIZE)
+        if watch.started is not None:
+            queue.put_nowait(watch.started)
+        watch.subscribers.add(queue)
+        try:
+            yield queue
+        finally:
+            watch.subscribers.discard(queue)
+            if not watch.subscribers and self._watches.get(profile_id) is watch:
+                del self._watches[profile_id]
+                if watch.task is not None:
+                    watch.task.cancel()
+
+    async def _pump(self, watch: _Watch, key: str) -> None:
+        reason = "closed"
+        request = query_pb.WatchProfileRequest(profile_id=watch.profile_id)
+        try:
+            async for item in self._backend.stream(key, "query", "WatchProfile", request):
+                if item.WhichOneof("item") == "started":
+                    watch.started = item
+                for queue in list(watch.subscribers):
+                    try:
+                        queue.put_nowait(item)
+                    except asyncio.QueueFull:
+                        watch.subscribers.discard(queue)
+                        _end(queue, Ended("lagging"))
+        except SignedOut:
+            reason = "signed_out"
+        except ConsoleError as exc:
+            log.info("console_watch_ended", error=type(exc).__name__)
+        finally:
+            if self._watches.get(watch.profile_id) is watch:
+                del self._watches[watch.profile_id]
+            for queue in list(watch.subscribers):
+                _end(queue, Ended(reason))
+
+
+def _end(queue: asyncio.Queue[Any], ended: Ended) -> None:
+    # The subscriber must see the end even when its queue is full: make room for it.
+    while True:
+        try:
+            queue.put_nowait(ended)
+            return
+        except asyncio.QueueFull:
+            queue.get_nowait()

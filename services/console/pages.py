@@ -1,0 +1,873 @@
+"""The console's request handlers: parse the query string, call the contract, render a template.
+
+Every page is a URL with its filters and sort in the query string (shareable deep links). A
+handler that needs a signed-in person is wrapped by `signed_in`, which also turns the console's
+errors into pages: a refused key signs out, a down service names itself, a slow one says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+from urllib.parse import urlencode
+
+import structlog
+from starlette.requests import Request
+from starlette.responses import (
+    PlainTextResponse,
+    RedirectResponse,
+    Response,
+    StreamingResponse,
+)
+
+from profiles.identity.v1 import identity_service_pb2 as identity_pb
+from profiles.query.v1 import query_service_pb2 as query_pb
+from profiles.segments.v1 import segments_service_pb2 as segments_pb
+from services.console import present
+from services.console.backend import Backend
+from services.console.errors import BadInput, Forbidden, NotFound, ServiceDown, SignedOut
+from services.console.live import Ended, LiveHub
+from services.console.sessions import (
+    COOKIE,
+    SIGNIN_CSRF_COOKIE,
+    ConsoleSession,
+    SessionStore,
+    new_token,
+    tokens_match,
+)
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+Handler = Callable[[Request, ConsoleSession], Awaitable[Response]]
+
+SORTS = {"last_seen": 1, "sessions": 2, "time_spent": 3, "name": 4}
+TABS = {"all": 0, "identified": 1, "anonymous": 2}
+HEARTBEAT_SECONDS = 15.0
+
+
+class Console:
+    """What the handlers share: the backend, the session store, the live hub, templates."""
+
+    def __init__(
+        self, backend: Backend, sessions: SessionStore, hub: LiveHub, templates: Any
+    ) -> None:
+        self.backend = backend
+        self.sessions = sessions
+        self.hub = hub
+        self.templates = templates
+
+
+def console_of(request: Request) -> Console:
+    console: Console = request.app.state.console
+    return console
+
+
+def render(
+    request: Request,
+    template: str,
+    context: dict[str, Any],
+    *,
+    session: ConsoleSession | None = None,
+    status: int = 200,
+) -> Response:
+    context = {"request": request, "session": session, **context}
+    return console_of(request).templates.TemplateResponse(
+        request, template, context, status_code=status
+    )
+
+
+def _secure(request: Request) -> bool:
+    return request.url.scheme == "https"
+
+
+def signed_in(handler: Handler) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+    async def wrapped(request: Request) -> Response:
+        console = console_of(request)
+        session = await console.sessions.get(request.cookies.get(COOKIE, ""))
+        if session is None:
+            target = request.url.path
+            if request.url.query:
+                target += "?" + request.url.query
+            return RedirectResponse("/signin?" + urlencode({"next": target}), status_code=303)
+        try:
+            return await handler(request, session)
+        except SignedOut:
+            await console.sessions.delete(session.session_id)
+            response = RedirectResponse("/signin?expired=1", status_code=303)
+            response.delete_cookie(COOKIE, path="/")
+            return response
+        except ServiceDown as down:
+            return render(request, "problem.html", {"down": down}, session=session, status=503)
+        except NotFound:
+            return render(request, "problem.html", {"missing": True}, session=session, status=404)
+        except Forbidden:
+            return render(request, "problem.html", {"forbidden": True}, session=session, status=403)
+        except BadInput as bad:
+            return render(request, "problem.html", {"bad": bad}, session=session, status=400)
+
+    return wrapped
+
+
+async def both(first: Awaitable[T], *others: Awaitable[Any]) -> list[Any]:
+    """Runs calls concurrently; re-raises the first failure as itself (not a group)."""
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(_wrap(c)) for c in (first, *others)]
+    except BaseExceptionGroup as failed:
+        raise failed.exceptions[0] from None
+    return [task.result() for task in tasks]
+
+
+async def _wrap(call: Awaitable[T]) -> T:
+    return await call
+
+
+# -- sign-in and sign-out -------------------------------------------------------------------------
+
+
+def _safe_next(target: str) -> str:
+    # Only paths of this console: never another site (an open redirect).
+    if target.startswith("/") and not target.startswith("//") and "\\" not in target:
+        return target
+    return "/overview"
+
+
+async def signin_form(request: Request) -> Response:
+    token = new_token()
+    response = render(
+        request,
+        "signin.html",
+        {
+            "csrf_token": token,
+            "next": _safe_next(request.query_params.get("next", "/overview")),
+            "expired": "expired" in request.query_params,
+            "error": "",
+        },
+    )
+    response.set_cookie(
+        SIGNIN_CSRF_COOKIE,
+        token,
+        httponly=True,
+        samesite="strict",
+        secure=_secure(request),
+        path="/signin",
+    )
+    return response
+
+
+async def role_of(backend: Backend, key: str) -> str:
+    """'read' or 'admin'; raises SignedOut for an unknown key, Forbidden for an sdk key."""
+    await backend.call(key, "query", "GetOverview", query_pb.GetOverviewRequest(top_values=1))
+    # Export is the admin-only read: for a profile that cannot exist, an admin key gets NOT_FOUND
+    # and a read key PERMISSION_DENIED (roles are checked before existence).
+    probe = identity_pb.ExportProfileRequest(profile_id=str(uuid.uuid4()))
+    try:
+        async for _ in backend.stream(key, "identity", "ExportProfile", probe):
+            break
+    except NotFound:
+        return "admin"
+    except (Forbidden, ServiceDown, BadInput):
+        # Identity down: sign in as read; the admin-only download stays hidden.
+        return "read"
+    return "admin"
+
+
+async def signin(request: Request) -> Response:
+    console = console_of(request)
+    form = await request.form()
+    given = str(form.get("csrf_token", ""))
+    key = str(form.get("key", "")).strip()
+    target = _safe_next(str(form.get("next", "/overview")))
+
+    def again(error: str, status: int) -> Response:
+        token = new_token()
+        response = render(
+            request,
+            "signin.html",
+            {"csrf_token": token, "next": target, "expired": False, "error": error},
+            status=status,
+        )
+        response.set_cookie(
+            SIGNIN_CSRF_COOKIE,
+            token,
+            httponly=True,
+            samesite="strict",
+            secure=_secure(request),
+            path="/signin",
+        )
+        return response
+
+    if not tokens_match(request.cookies.get(SIGNIN_CSRF_COOKIE, ""), given):
+        return again("The form expired; please sign in again.", 403)
+    if not key:
+        return again("Enter a project key.", 400)
+    try:
+        role = await role_of(console.backend, key)
+    except SignedOut:
+        log.info("console_signin_refused", why="unknown_key")
+        return again("This key is not valid: unknown or revoked.", 401)
+    except Forbidden:
+        log.info("console_signin_refused", why="sdk_key")
+        return again("This is an SDK key; the console needs a read or admin key.", 403)
+    except ServiceDown as down:
+        return again(f"The {down.service} service is not answering; try again shortly.", 503)
+    # A new session ID at every sign-in (no fixation); the previous session of this browser ends.
+    await console.sessions.delete(request.cookies.get(COOKIE, ""))
+    session = await console.sessions.create(key, role)
+    log.info("console_signed_in", role=role)
+    response = RedirectResponse(target, status_code=303)
+    response.set_cookie(
+        COOKIE,
+        session.session_id,
+        httponly=True,
+        samesite="strict",
+        secure=_secure(request),
+        path="/",
+    )
+    response.delete_cookie(SIGNIN_CSRF_COOKIE, path="/signin")
+    return response
+
+
+async def signout(request: Request) -> Response:
+    console = console_of(request)
+    session = await console.sessions.get(request.cookies.get(COOKIE, ""))
+    form = await request.form()
+    if session is not None:
+        if not tokens_match(session.csrf_token, str(form.get("csrf_token", ""))):
+            return PlainTextResponse("Sign-out refused: the form expired.", status_code=403)
+        await console.sessions.delete(session.session_id)
+    response = RedirectResponse("/signin", status_code=303)
+    response.delete_cookie(COOKIE, path="/")
+    return response
+
+
+async def healthz(request: Request) -> Response:
+    try:
+        async with asyncio.timeout(2):
+            await request.app.state.redis.ping()
+    except (OSError, TimeoutError, ConnectionError):
+        return PlainTextResponse("redis unavailable", status_code=503)
+    return PlainTextResponse("ok")
+
+
+async def home(request: Request) -> Response:
+    return RedirectResponse("/overview", status_code=303)
+
+
+# -- overview -----------------------------------------------------------------------------------
+
+
+def _platform(request: Request) -> tuple[str, int]:
+    name = request.query_params.get("platform", "all")
+    if name not in present.PLATFORMS:
+        name = "all"
+    return name, present.PLATFORMS[name]
+
+
+async def _overview_context(request: Request, session: ConsoleSession) -> dict[str, Any]:
+    name, value = _platform(request)
+    reply = await console_of(request).backend.call(
+        session.key,
+        "query",
+        "GetOverview",
+        query_pb.GetOverviewRequest(platform=value, top_values=10),  # type: ignore[arg-type]
+    )
+    overview = reply.overview
+    smart = []
+    for count in overview.smart_segments:
+        flags = [(present.smart_flag(f.flag), f.profile_count) for f in count.flags]
+        smart.append((present.smart_segment(count.segment), count.profile_count, flags))
+    chart = present.bar_chart(
+        [
+            (
+                label,
+                total,
+                f"{label}: {total}" + "".join(f"; {flag}: {n}" for flag, n in flags if n),
+            )
+            for label, total, flags in smart
+        ],
+        width=480,
+        height=140,
+    )
+    return {
+        "platform": name,
+        "platforms": list(present.PLATFORMS),
+        "overview": overview,
+        "smart": smart,
+        "chart": chart,
+    }
+
+
+@signed_in
+async def overview_page(request: Request, session: ConsoleSession) -> Response:
+    context = await _overview_context(request, session)
+    return render(request, "overview.html", context, session=session)
+
+
+@signed_in
+async def overview_fragment(request: Request, session: ConsoleSession) -> Response:
+    context = await _overview_context(request, session)
+    return render(request, "_overview_body.html", context, session=session)
+
+
+# -- users --------------------------------------------------------------------------------------
+
+
+def _segment_filter(value: str) -> dict[str, Any]:
+    """'smart:3', 'flag:1' or 'custom:<uuid>' as ListProfiles fields."""
+    kind, _, rest = value.partition(":")
+    if kind == "smart" and rest.isdigit() and int(rest) in present.SMART_SEGMENTS:
+        return {"smart_segment": int(rest)}
+    if kind == "flag" and rest.isdigit() and int(rest) in present.SMART_FLAGS:
+        return {"smart_segment_flag": int(rest)}
+    if kind == "custom" and rest:
+        return {"segment_id": rest}
+    return {}
+
+
+@signed_in
+async def users_page(request: Request, session: ConsoleSession) -> Response:
+    console = console_of(request)
+    params = request.query_params
+    tab = params.get("tab", "all") if params.get("tab", "all") in TABS else "all"
+    sort = params.get("sort", "last_seen") if params.get("sort") in SORTS else "last_seen"
+    order = "asc" if params.get("order") == "asc" else "desc"
+    segment = params.get("segment", "")
+    platform_name, platform_value = _platform(request)
+    page_token = params.get("page_token", "")
+    request_fields = {
+        "page_size": 50,
+        "page_token": page_token,
+        "identity_filter": TABS[tab],
+        "platform": platform_value,
+        "order_by": SORTS[sort],
+        "sort_order": 1 if order == "asc" else 2,
+        **_segment_filter(segment),
+    }
+    if SORTS[sort] not in query_pb.ProfileOrderBy.values():
+        request_fields["order_by"] = 1
+    segments: list[Any] = []
+    segments_down: ServiceDown | None = None
+    problem = ""
+
+    async def list_segments() -> list[Any]:
+        nonlocal segments_down
+        try:
+            reply = await console.backend.call(
+                session.key,
+                "segments",
+                "ListSegments",
+                segments_pb.ListSegmentsRequest(page_size=100),
+            )
+        except ServiceDown as down:
+            segments_down = down  # the table still works; only the segment list is missing
+            return []
+        return list(reply.segments)
+
+    async def list_profiles() -> Any:
+        nonlocal problem
+        try:
+            return await console.backend.call(
+                session.key, "query", "ListProfiles", query_pb.ListProfilesRequest(**request_fields)
+            )
+        except NotFound:
+            problem = "The query service does not know this segment."
+        except BadInput as bad:
+            problem = bad.message
+        return query_pb.ListProfilesResponse()
+
+    segments, reply = await both(list_segments(), list_profiles())
+
+    def link(**changes: str) -> str:
+        state = {
+            "tab": tab,
+            "sort": sort,
+            "order": order,
+            "segment": segment,
+            "platform": platform_name,
+        }
+        state.update(changes)
+        return "/users?" + urlencode({k: v for k, v in state.items() if v and v != "all"})
+
+    def sort_link(column: str) -> str:
+        if sort == column:
+            return link(sort=column, order="asc" if order == "desc" else "desc")
+        # A first click sorts names A to Z, and figures largest or latest first.
+        return link(sort=column, order="asc" if column == "name" else "desc")
+
+    return render(
+        request,
+        "users.html",
+        {
+            "tab": tab,
+            "sort": sort,
+            "order": order,
+            "segment": segment,
+            "platform": platform_name,
+            "platforms": list(present.PLATFORMS),
+            "rows": reply.profiles,
+            "next_page": link(page_token=reply.next_page_token) if reply.next_page_token else "",
+            "first_page": link() if page_token else "",
+            "link": link,
+            "sort_link": sort_link,
+            "segments": segments,
+            "segments_down": segments_down,
+            "problem": problem,
+            "name_sort": SORTS["name"] in query_pb.ProfileOrderBy.values(),
+        },
+        session=session,
+    )
+
+
+# -- search -------------------------------------------------------------------------------------
+
+
+def lookups(text: str, kind: str) -> list[dict[str, str]]:
+    """The GetProfile lookups to try, in order, for what was typed into the search box."""
+    text = text.strip()
+    if kind in ("email", "phone", "custom_id", "installation_id", "profile_id"):
+        return [{kind: text}]
+    if "@" in text:
+        return [{"email": text}]
+    if text.startswith("+") and text[1:].isdigit():
+        return [{"phone": text}]
+    try:
+        uuid.UUID(text)
+    except ValueError:
+        return [{"custom_id": text}, {"installation_id": text}]
+    return [{"profile_id": text}, {"custom_id": text}, {"installation_id": text}]
+
+
+@signed_in
+async def search(request: Request, session: ConsoleSession) -> Response:
+    console = console_of(request)
+    text = request.query_params.get("q", "").strip()
+    kind = request.query_params.get("by", "auto")
+    context: dict[str, Any] = {"q": text, "by": kind, "ambiguous": [], "message": ""}
+    if text:
+        for lookup in lookups(text, kind):
+            try:
+                reply = await console.backend.call(
+                    session.key, "query", "GetProfile", query_pb.GetProfileRequest(**lookup)
+                )
+            except NotFound:
+                continue
+            except BadInput as bad:
+                if bad.reason == "AMBIGUOUS_LOOKUP":
+                    ids = bad.metadata.get("profile_ids", "")
+                    context["ambiguous"] = [i for i in ids.split(",") if i]
+                    context["message"] = "Several profiles have this address:"
+                else:
+                    context["message"] = bad.message
+                break
+            return RedirectResponse(f"/profiles/{reply.profile.summary.profile_id}", 303)
+        else:
+            context["message"] = "No profile matches."
+    return render(request, "search.html", context, session=session)
+
+
+# -- profile ------------------------------------------------------------------------------------
+
+
+@signed_in
+async def profile_page(request: Request, session: ConsoleSession) -> Response:
+    console = console_of(request)
+    profile_id = request.path_params["profile_id"]
+    session_id = request.query_params.get("session", "")
+    events_token = request.query_params.get("events_page", "")
+    today = datetime.now(UTC).date()
+    profile_reply, sessions_reply, events_reply, activity = await both(
+        console.backend.call(
+            session.key, "query", "GetProfile", query_pb.GetProfileRequest(profile_id=profile_id)
+        ),
+        console.backend.call(
+            session.key,
+            "query",
+            "ListSessions",
+            query_pb.ListSessionsRequest(profile_id=profile_id, page_size=20),
+        ),
+        console.backend.call(
+            session.key,
+            "query",
+            "ListEvents",
+            query_pb.ListEventsRequest(
+                profile_id=profile_id, page_size=50, session_id=session_id, page_token=events_token
+            ),
+        ),
+        console.backend.call(
+            session.key,
+            "query",
+            "GetActivity",
+            query_pb.GetActivityRequest(
+                profile_id=profile_id,
+                start_date=(today - timedelta(days=29)).isoformat(),
+                end_date=today.isoformat(),
+            ),
+        ),
+    )
+    profile = profile_reply.profile
+    canonical = profile.summary.profile_id
+    if canonical != profile_id:
+        return RedirectResponse(f"/profiles/{canonical}", status_code=303)
+    days = activity.days
+    chart = present.bar_chart(
+        [
+            (
+                day.date[5:],
+                day.event_count,
+                f"{day.date}: {day.session_count} sessions, {day.event_count} events,"
+                f" {present.span(day.time_spent)}",
+            )
+            for day in days
+        ],
+        width=600,
+        height=100,
+    )
+    events = list(events_reply.events)
+    newest = max((present.iso(e.event_time) for e in events), default="")
+    next_events = ""
+    if events_reply.next_page_token:
+        next_events = "?" + urlencode(
+            {
+                k: v
+                for k, v in (("session", session_id), ("events_page", events_reply.next_page_token))
+                if v
+            }
+        )
+    return render(
+        request,
+        "profile.html",
+        {
+            "profile": profile,
+            "summary": profile.summary,
+            "native": present.native_attributes(profile.native_attributes),
+            "sessions": sessions_reply.sessions,
+            "events": events,
+            "selected_session": session_id,
+            "next_events": next_events,
+            "chart": chart,
+            "activity_zone": activity.time_zone,
+            "newest": newest,
+            "live_enabled": not events_token and not session_id,
+        },
+        session=session,
+    )
+
+
+@signed_in
+async def profile_export(request: Request, session: ConsoleSession) -> Response:
+    if not session.admin:
+        raise Forbidden
+    console = console_of(request)
+    profile_id = request.path_params["profile_id"]
+    chunks = console.backend.stream(
+        session.key,
+        "identity",
+        "ExportProfile",
+        identity_pb.ExportProfileRequest(profile_id=profile_id),
+    )
+    # The first chunk before any byte is sent, so an unknown profile is a 404 page, not a
+    # broken download.
+    first = await anext(chunks)
+
+    async def body() -> AsyncIterator[bytes]:
+        names = identity_pb.ExportSection
+        open_array = False
+        section_index = 0
+        async for chunk in _prepend(first, chunks):
+            name = names.Name(chunk.section).removeprefix("EXPORT_SECTION_").lower()
+            member = _camel(name)
+            if chunk.section_chunk_index == 0:
+                separator = "{" if section_index == 0 else ","
+                section_index += 1
+                yield f"{separator}{json.dumps(member)}:".encode()
+            text = chunk.json.strip()
+            if text.startswith("["):
+                inner = text[1:-1].strip()
+                if chunk.section_chunk_index == 0:
+                    yield b"["
+                    open_array = False
+                if inner:
+                    if open_array:
+                        yield b","
+                    yield inner.encode()
+                    open_array = True
+                if chunk.section_end:
+                    yield b"]"
+            else:
+                yield text.encode()
+        yield b"}"
+
+    log.info("console_export", profile_id=profile_id)
+    return StreamingResponse(
+        body(),
+        media_type="application/json",
+        headers={"Content-Disposition": f'attachment; filename="profile-{profile_id}.json"'},
+    )
+
+
+async def _prepend(first: Any, rest: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    yield first
+    async for item in rest:
+        yield item
+
+
+def _camel(name: str) -> str:
+    head, *tail = name.split("_")
+    return head + "".join(part.title() for part in tail)
+
+
+# -- live feeds (server-sent events) --------------------------------------------------------------
+
+
+def sse(data: dict[str, Any], *, event: str = "message", event_id: str = "") -> bytes:
+    lines = [f"event: {event}"]
+    if event_id:
+        lines.append(f"id: {event_id}")
+    lines.append("data: " + json.dumps(data, separators=(",", ":")))
+    return ("\n".join(lines) + "\n\n").encode()
+
+
+def live_item(item: Any) -> dict[str, Any] | None:
+    """A WatchProfileResponse as the JSON the page renders (as text, never as HTML)."""
+    kind = item.WhichOneof("item")
+    if kind == "started":
+        return {"kind": "started"}
+    if kind == "event":
+        return event_json(item.event)
+    if kind == "attribute_change":
+        change = item.attribute_change
+        return {
+            "kind": "attribute",
+            "title": f"Attribute {change.name} is now {present.attribute_value(change.value)}",
+            "time": present.when(change.update_time),
+        }
+    if kind == "subscription_change":
+        change = item.subscription_change
+        state = "subscribed" if change.subscribed else "unsubscribed"
+        channel = (
+            f"{present.CHANNELS.get(change.channel, '?')} {present.KINDS.get(change.kind, '?')}"
+        )
+        return {
+            "kind": "consent",
+            "title": f"{channel}: {state}",
+            "time": present.when(change.change_time),
+        }
+    if kind == "identity_change":
+        return {"kind": "identity", "title": present.identity_change(item.identity_change),
+                "time": present.when(item.publish_time)}  # fmt: skip
+    if kind == "segment_change":
+        change = item.segment_change
+        verb = "Entered" if change.transition == 1 else "Left"
+        return {"kind": "segment", "title": f"{verb} {change.display_name}",
+                "time": present.when(change.change_time)}  # fmt: skip
+    if kind == "dropped":
+        return {"kind": "dropped", "title": f"{item.dropped.dropped_count} live items were lost;"
+                " refresh to see everything", "time": present.when(item.publish_time)}  # fmt: skip
+    return None
+
+
+def event_json(event: Any) -> dict[str, Any]:
+    return {
+        "kind": "event",
+        "event_id": event.event_id,
+        "title": present.event_title(event),
+        "time": present.when(event.event_time),
+        "iso": present.iso(event.event_time),
+        "details": present.event_details(event),
+    }
+
+
+@signed_in
+async def profile_live(request: Request, session: ConsoleSession) -> Response:
+    console = console_of(request)
+    profile_id = request.path_params["profile_id"]
+    since = request.headers.get("last-event-id") or request.query_params.get("since", "")
+    # Checks the person may read the profile (the shared upstream may run on another key).
+    await console.backend.call(
+        session.key,
+        "query",
+        "ListEvents",
+        query_pb.ListEventsRequest(profile_id=profile_id, page_size=1),
+    )
+
+    async def stream() -> AsyncIterator[bytes]:
+        newest = since
+        yield b"retry: 2000\n\n"
+        async with console.hub.follow(session.key, profile_id) as queue:
+            if queue is None:
+                yield sse({}, event="paused")
+                return
+            # Subscribed first, then the re-read: whatever arrives meanwhile is in the queue,
+            # and the page drops what it already shows by event ID.
+            if since:
+                request_fields: dict[str, Any] = {"profile_id": profile_id, "page_size": 200}
+                start = _parse_iso(since)
+                if start is not None:
+                    missed = query_pb.ListEventsRequest(**request_fields)
+                    missed.start_time.FromDatetime(start)
+                    try:
+                        reply = await console.backend.call(
+                            session.key, "query", "ListEvents", missed
+                        )
+                    except (ServiceDown, BadInput, NotFound):
+                        reply = query_pb.ListEventsResponse()
+                    for event in reversed(reply.events):
+                        data = event_json(event)
+                        newest = max(newest, data["iso"])
+                        yield sse(data, event_id=newest)
+            while True:
+                try:
+                    async with asyncio.timeout(HEARTBEAT_SECONDS):
+                        item = await queue.get()
+                except TimeoutError:
+                    yield b": heartbeat\n\n"
+                    continue
+                if isinstance(item, Ended):
+                    yield sse({"reason": item.reason}, event="ended")
+                    return
+                live = live_item(item)
+                if live is None:
+                    continue
+                if live["kind"] == "started":
+                    yield sse(live, event="started")
+                    continue
+                if live["kind"] == "event":
+                    newest = max(newest, live["iso"])
+                yield sse(live, event_id=newest)
+
+    return StreamingResponse(
+        stream(), media_type="text/event-stream", headers={"Cache-Control": "no-store"}
+    )
+
+
+def _parse_iso(text: str) -> datetime | None:
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+# -- segments and funnels -------------------------------------------------------------------------
+
+
+@signed_in
+async def segments_page(request: Request, session: ConsoleSession) -> Response:
+    console = console_of(request)
+    segments, funnels = await both(
+        console.backend.call(
+            session.key, "segments", "ListSegments", segments_pb.ListSegmentsRequest(page_size=100)
+        ),
+        console.backend.call(
+            session.key, "segments", "ListFunnels", segments_pb.ListFunnelsRequest(page_size=100)
+        ),
+    )
+    return render(
+        request,
+        "segments.html",
+        {"segments": segments.segments, "funnels": funnels.funnels},
+        session=session,
+    )
+
+
+def segment_change_json(change: Any, names: dict[str, str]) -> dict[str, Any]:
+    which = change.WhichOneof("segment")
+    if which == "smart_segment":
+        segment = present.smart_segment(change.smart_segment)
+    elif which == "flag":
+        segment = present.smart_flag(change.flag)
+    else:
+        segment = names.get(change.custom_segment_id, change.custom_segment_id)
+    return {
+        "time": present.when(change.change_time),
+        "profile_id": change.profile_id,
+        "transition": "entered" if change.transition == 1 else "left",
+        "segment": segment,
+    }
+
+
+@signed_in
+async def segments_live(request: Request, session: ConsoleSession) -> Response:
+    console = console_of(request)
+    reply = await console.backend.call(
+        session.key, "segments", "ListSegments", segments_pb.ListSegmentsRequest(page_size=100)
+    )
+    names = {s.segment_id: s.display_name for s in reply.segments}
+    watch = segments_pb.WatchSegmentChangesRequest()
+    cursor = request.headers.get("last-event-id", "")
+    if cursor:
+        watch.start_after = cursor
+    else:
+        watch.start_time.FromDatetime(datetime.now(UTC) - timedelta(hours=1))
+
+    async def stream() -> AsyncIterator[bytes]:
+        yield b"retry: 2000\n\n"
+        changes = console.backend.stream(session.key, "segments", "WatchSegmentChanges", watch)
+        # The read is not cancelled by a heartbeat tick (that would end the gRPC stream): it
+        # stays pending across ticks.
+        pending: asyncio.Future[Any] | None = None
+        try:
+            while True:
+                if pending is None:
+                    pending = asyncio.ensure_future(anext(changes))
+                done, _ = await asyncio.wait({pending}, timeout=HEARTBEAT_SECONDS)
+                if not done:
+                    yield b": heartbeat\n\n"
+                    continue
+                batch, pending = pending.result(), None
+                for change in batch.changes:
+                    yield sse(segment_change_json(change, names), event_id=change.cursor)
+        except StopAsyncIteration:
+            return
+        except SignedOut:
+            yield sse({"reason": "signed_out"}, event="ended")
+        except (ServiceDown, BadInput, NotFound):
+            yield sse({"reason": "closed"}, event="ended")
+        finally:
+            if pending is not None:
+                pending.cancel()
+            await changes.aclose()
+
+    return StreamingResponse(
+        stream(), media_type="text/event-stream", headers={"Cache-Control": "no-store"}
+    )
+
+
+# -- rejected events ----------------------------------------------------------------------------
+
+
+@signed_in
+async def rejected_page(request: Request, session: ConsoleSession) -> Response:
+    console = console_of(request)
+    params = request.query_params
+    reason = params.get("reason", "").strip()
+    start = params.get("start", "")
+    end = params.get("end", "")
+    page_token = params.get("page_token", "")
+    listing = query_pb.ListRejectedEventsRequest(page_size=50, page_token=page_token)
+    if reason:
+        listing.reasons.append(reason)
+    start_time, end_time = _parse_iso(start) if start else None, _parse_iso(end) if end else None
+    if start_time:
+        listing.start_time.FromDatetime(start_time)
+    if end_time:
+        listing.end_time.FromDatetime(end_time)
+    reply = await console.backend.call(session.key, "query", "ListRejectedEvents", listing)
+    state = {"reason": reason, "start": start, "end": end}
+    next_page = ""
+    if reply.next_page_token:
+        next_page = "/rejected?" + urlencode(
+            {**{k: v for k, v in state.items() if v}, "page_token": reply.next_page_token}
+        )
+    return render(
+        request,
+        "rejected.html",
+        {**state, "rows": reply.rejected_events, "next_page": next_page},
+        session=session,
+    )

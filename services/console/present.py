@@ -1,0 +1,340 @@
+"""How contract messages read on a page: names, times, durations, values, charts, definitions.
+
+Pure functions of protobuf messages and plain values: no I/O, no HTTP, unit-testable. Templates
+call them as filters and globals; everything they return is plain text (autoescaped by Jinja)
+or numbers for SVG geometry.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from google.protobuf import duration_pb2, timestamp_pb2
+
+from profiles.common.v1 import types_pb2
+from profiles.query.v1 import profile_pb2, timeline_pb2
+from profiles.segments.v1 import filters_pb2
+
+PLATFORMS = {"all": 0, "ios": 1, "android": 2, "web": 3}
+PLATFORM_LABELS = {0: "—", 1: "iOS", 2: "Android", 3: "Web", 4: "API"}
+SMART_SEGMENTS = {1: "New", 2: "One-time", 3: "Engaged", 4: "Dormant"}
+SMART_FLAGS = {1: "Promising New", 2: "Promising Dormant", 3: "Risky Engaged"}
+CHANNELS = {1: "Email", 2: "SMS", 3: "Push"}
+KINDS = {1: "Marketing", 2: "Transactional"}
+# What a push token means on each platform, for the opt-in figure's hover text.
+TOKEN_MEANING = (
+    "iOS: a token the app registered with APNs; Android: an FCM registration token;"
+    " Web: a browser push subscription. Opted in means the person allowed notifications."
+)
+
+
+def ts(value: timestamp_pb2.Timestamp) -> datetime | None:
+    """A set Timestamp as an aware datetime; None when unset (all zero)."""
+    if value.seconds == 0 and value.nanos == 0:
+        return None
+    return value.ToDatetime(UTC)
+
+
+def when(value: timestamp_pb2.Timestamp | datetime | None) -> str:
+    """'2026-12-02 20:31:05 UTC', or '—' when unset."""
+    moment = ts(value) if isinstance(value, timestamp_pb2.Timestamp) else value
+    return moment.strftime("%Y-%m-%d %H:%M:%S UTC") if moment else "—"
+
+
+def iso(value: timestamp_pb2.Timestamp) -> str:
+    moment = ts(value)
+    return moment.isoformat().replace("+00:00", "Z") if moment else ""
+
+
+def seconds(value: duration_pb2.Duration) -> float:
+    return value.seconds + value.nanos / 1e9
+
+
+def span(value: duration_pb2.Duration | float) -> str:
+    """'1 h 02 min', '3 min 05 s', '42 s'."""
+    total = int(value if isinstance(value, int | float) else seconds(value))
+    hours, rest = divmod(total, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours} h {minutes:02d} min"
+    if minutes:
+        return f"{minutes} min {secs:02d} s"
+    return f"{secs} s"
+
+
+def platform(value: int) -> str:
+    return PLATFORM_LABELS.get(value, "—")
+
+
+def smart_segment(value: int) -> str:
+    return SMART_SEGMENTS.get(value, "—")
+
+
+def smart_flag(value: int) -> str:
+    return SMART_FLAGS.get(value, "")
+
+
+def percent(value: float) -> str:
+    return f"{value * 100:.1f} %"
+
+
+def display_name(first_name: str, last_name: str, custom_id: str, profile_id: str) -> str:
+    """The name a person is shown by: their name, else their custom ID, else 'Anonymous'."""
+    name = f"{first_name} {last_name}".strip()
+    if name:
+        return name
+    if custom_id:
+        return custom_id
+    return f"Anonymous {profile_id[:8]}"
+
+
+def attribute_value(value: types_pb2.AttributeValue) -> str:
+    kind = value.WhichOneof("value")
+    if kind is None:
+        return "—"
+    if kind == "timestamp_value":
+        return when(value.timestamp_value)
+    if kind == "bool_value":
+        return "true" if value.bool_value else "false"
+    if kind == "number_value":
+        number = value.number_value
+        return str(int(number)) if number.is_integer() else f"{number:g}"
+    if kind == "string_list_value":
+        return ", ".join(value.string_list_value.values)
+    return str(getattr(value, kind))
+
+
+def attribute_type(value: int) -> str:
+    name = profile_pb2.AttributeType.Name(value)  # type: ignore[arg-type]
+    name = name.removeprefix("ATTRIBUTE_TYPE_")
+    return name.lower().replace("_", " ") if value else "—"
+
+
+def native_attributes(native: profile_pb2.NativeAttributes) -> list[tuple[str, str]]:
+    """(label, value) of the set native attributes, in the contract's order."""
+    labels = (
+        ("email", "Email"),
+        ("phone", "Phone"),
+        ("first_name", "First name"),
+        ("last_name", "Last name"),
+        ("language", "Language"),
+        ("region", "Region"),
+        ("country", "Country"),
+        ("timezone", "Timezone"),
+        ("avatar_url", "Avatar URL"),
+    )
+    return [(label, getattr(native, name)) for name, label in labels if getattr(native, name)]
+
+
+def event_title(event: timeline_pb2.TimelineEvent) -> str:
+    """One line saying what happened."""
+    kind = event.WhichOneof("details")
+    if kind == "custom":
+        label = f" ({event.custom.label})" if event.custom.label else ""
+        return f"{event.custom.name}{label}"
+    if kind == "session":
+        name = timeline_pb2.SessionEventType.Name(event.session.type)
+        step = name.removeprefix("SESSION_EVENT_TYPE_").lower()
+        return f"Session {step}"
+    if kind == "attribute_change":
+        names = ", ".join(op.name for op in event.attribute_change.operations)
+        return f"Attributes changed: {names}"
+    if kind == "consent_change":
+        change = event.consent_change
+        state = "subscribed" if change.subscribed else "unsubscribed"
+        return f"{CHANNELS.get(change.channel, '?')} {KINDS.get(change.kind, '?')}: {state}"
+    if kind == "installation_update":
+        return "Installation updated"
+    if kind == "crash":
+        return f"Crash: {event.crash.name}"
+    if kind == "identity_change":
+        return identity_change(event.identity_change)
+    return timeline_pb2.TimelineEventKind.Name(event.kind).removeprefix("TIMELINE_EVENT_KIND_")
+
+
+def event_details(event: timeline_pb2.TimelineEvent) -> list[tuple[str, str]]:
+    """(name, value) pairs shown under an event."""
+    kind = event.WhichOneof("details")
+    if kind == "custom":
+        return [(k, attribute_value(v)) for k, v in sorted(event.custom.attributes.items())]
+    if kind == "attribute_change":
+        rows = []
+        for op in event.attribute_change.operations:
+            verb = timeline_pb2.AttributeOperationType.Name(op.type)
+            rows.append((op.name, f"{verb.removeprefix('ATTRIBUTE_OPERATION_TYPE_').lower()} "
+                         f"{attribute_value(op.value)}"))  # fmt: skip
+        return rows
+    if kind == "session":
+        rows = []
+        if event.session.HasField("duration"):
+            rows.append(("duration", span(event.session.duration)))
+        if event.session.country:
+            rows.append(("country", event.session.country))
+        return rows
+    if kind == "crash":
+        return [("reason", event.crash.reason), ("fatal", str(event.crash.fatal).lower())]
+    if kind == "installation_update":
+        update = event.installation_update
+        pairs = [
+            ("app version", update.app_version),
+            ("OS version", update.os_version),
+            ("device", update.device_model),
+            ("language", update.language),
+            ("timezone", update.timezone),
+        ]
+        return [(k, v) for k, v in pairs if v]
+    return []
+
+
+def identity_change(change: profile_pb2.IdentityChange) -> str:
+    kind = "Merge" if change.kind == profile_pb2.IDENTITY_CHANGE_KIND_MERGE else "Split"
+    cause = profile_pb2.IdentityChangeCause.Name(change.cause)
+    cause_text = cause.removeprefix("IDENTITY_CHANGE_CAUSE_").lower().replace("_", " ")
+    return f"{kind} ({cause_text})"
+
+
+def funnel_step_status(value: int) -> str:
+    return {1: "Completed", 2: "Not Completed", 3: "Not reached"}.get(value, "—")
+
+
+# -- charts ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Bar:
+    x: float
+    y: float
+    width: float
+    height: float
+    label: str
+    value: int
+    title: str
+
+
+def bar_chart(
+    items: Sequence[tuple[str, int, str]], *, width: float = 600, height: float = 120
+) -> list[Bar]:
+    """Vertical bars for (label, value, hover text), scaled to the largest value."""
+    if not items:
+        return []
+    top = max(value for _, value, _ in items) or 1
+    step = width / len(items)
+    bars = []
+    for index, (label, value, title) in enumerate(items):
+        bar_height = height * value / top
+        bars.append(
+            Bar(
+                x=round(index * step + step * 0.1, 2),
+                y=round(height - bar_height, 2),
+                width=round(step * 0.8, 2),
+                height=round(bar_height, 2),
+                label=label,
+                value=value,
+                title=title,
+            )
+        )
+    return bars
+
+
+def hbars(items: Iterable[tuple[str, int]], *, width: float = 300) -> list[tuple[str, int, float]]:
+    """(label, value, bar width) for horizontal bars scaled to the largest value."""
+    rows = list(items)
+    top = max((value for _, value in rows), default=0) or 1
+    return [(label, value, round(width * value / top, 2)) for label, value in rows]
+
+
+def gauge_arc(percentage: float, radius: float = 50) -> str:
+    """The SVG path of a half-circle gauge filled to `percentage` (0 to 100)."""
+    fraction = min(max(percentage, 0.0), 100.0) / 100
+    angle = math.pi * (1 - fraction)
+    x = 60 + radius * math.cos(angle)
+    y = 60 - radius * math.sin(angle)
+    return f"M {60 - radius} 60 A {radius} {radius} 0 0 1 {x:.2f} {y:.2f}"
+
+
+# -- segment definitions in words ---------------------------------------------------------------
+
+_OPERATORS = {
+    1: "is",
+    2: "is not",
+    3: "is less than",
+    4: "is at most",
+    5: "is more than",
+    6: "is at least",
+    7: "is one of",
+    8: "contains",
+    9: "starts with",
+    10: "exists",
+}
+
+
+def filter_words(node: filters_pb2.FilterNode) -> str:
+    """A segment's filter tree as a sentence, such as 'platform is iOS and country is FR'."""
+    kind = node.WhichOneof("node")
+    if kind == "group":
+        parts = [filter_words(child) for child in node.group.children]
+        if node.group.operator == filters_pb2.GROUP_OPERATOR_NOT:
+            return "not (" + " and ".join(parts) + ")"
+        joiner = " or " if node.group.operator == filters_pb2.GROUP_OPERATOR_OR else " and "
+        return "(" + joiner.join(parts) + ")" if len(parts) > 1 else "".join(parts)
+    if kind == "condition":
+        return _condition_words(node.condition)
+    return "every profile"
+
+
+def _condition_words(condition: filters_pb2.Condition) -> str:
+    kind = condition.WhichOneof("condition")
+    if kind == "attribute":
+        attribute = condition.attribute
+        if attribute.WhichOneof("attribute") == "native_attribute":
+            name = filters_pb2.NativeAttribute.Name(attribute.native_attribute)
+            name = name.removeprefix("NATIVE_ATTRIBUTE_").lower()
+        else:
+            name = attribute.custom_attribute
+        operator = _OPERATORS.get(attribute.operator, "?")
+        if attribute.operator == filters_pb2.OPERATOR_EXISTS:
+            return f"{name} exists"
+        if attribute.values:
+            value = ", ".join(attribute_value(v) for v in attribute.values)
+        else:
+            value = attribute_value(attribute.value)
+        return f"{name} {operator} {value}"
+    if kind == "platform":
+        return "platform is " + " or ".join(platform(p) for p in condition.platform.platforms)
+    if kind == "country":
+        return "country is " + " or ".join(condition.country.countries)
+    if kind == "subscription":
+        sub = condition.subscription
+        state = "subscribed to" if sub.subscribed else "not subscribed to"
+        return f"{state} {CHANNELS.get(sub.channel, '?')} {KINDS.get(sub.kind, '?').lower()}"
+    if kind == "smart_segment":
+        names = [smart_segment(s) for s in condition.smart_segment.segments]
+        names += [smart_flag(f) for f in condition.smart_segment.flags]
+        return "smart segment is " + " or ".join(names)
+    if kind == "engagement":
+        engagement = condition.engagement
+        return f"engagement {_OPERATORS.get(engagement.operator, '?')} {engagement.score:g}"
+    if kind in ("first_seen", "last_seen"):
+        window: filters_pb2.TimeWindow = getattr(condition, kind)
+        label = kind.replace("_", " ")
+        if window.WhichOneof("window") == "within_last_days":
+            return f"{label} within the last {window.within_last_days} days"
+        return f"{label} between {when(window.range.start_time)} and {when(window.range.end_time)}"
+    if kind == "event_count":
+        count = condition.event_count
+        days = f" in the last {count.within_last_days} days" if count.within_last_days else ""
+        operator = _OPERATORS.get(count.operator, "?")
+        return f"{count.event_name} events {operator} {count.count}{days}"
+    return "?"
+
+
+def enum_options(labels: dict[int, str]) -> list[tuple[int, str]]:
+    return sorted(labels.items())
+
+
+def message_kind(message: Any) -> str:
+    return type(message).__name__

@@ -1,0 +1,180 @@
+"""A real suite fed by the demo, the console in front of it, and a real Chromium to drive it.
+
+Package-scoped: the services, the demo's data and the browser are started once for the browser
+tests (each test gets a fresh page). Chromium is Debian's (/usr/bin/chromium, installed by
+.ci/run); axe-core comes from npm (package-lock.json beside this file). Under CI (env CI set) a
+missing browser or axe-core fails instead of skipping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+import uvicorn
+
+from profiles.client import open_channel
+from profiles.demo import run_demo
+from profiles.query.v1 import query_service_pb2 as query_pb
+from profiles.query.v1 import query_service_pb2_grpc as query_grpc
+from services.console.app import build_app
+from shared.settings import Settings
+from tests.conftest import TestProject, create_test_project, eventually, with_database
+
+HERE = Path(__file__).parent
+CHROMIUM = Path(os.environ.get("PROFILES_TEST_CHROMIUM", "/usr/bin/chromium"))
+AXE = HERE / "node_modules" / "axe-core" / "axe.min.js"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+DEMO_USERS = 24
+
+
+def _missing(what: str) -> None:
+    if os.environ.get("CI"):
+        pytest.fail(f"{what} is required under CI")
+    pytest.skip(f"{what} is not available")
+
+
+@dataclass(slots=True)
+class ConsoleSuite:
+    url: str
+    project: TestProject
+    addresses: dict[str, str]
+    settings: Settings
+
+
+def _free_socket() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(128)
+    return sock
+
+
+@pytest.fixture(scope="package")
+async def console_suite(
+    postgres_server_url: str, template_database: str, redis_url: str
+) -> AsyncIterator[ConsoleSuite]:
+    from profiles.runner import BUILDERS
+    from shared.server import start_service
+
+    name = f"t_{uuid.uuid4().hex}"
+    admin = await asyncpg.connect(postgres_server_url)
+    await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_database}"')
+    database_url = with_database(postgres_server_url, name)
+    project = await create_test_project(database_url)
+    settings = Settings(
+        database_url=database_url,
+        redis_url=redis_url,
+        redis_prefix=f"test-{uuid.uuid4().hex[:12]}",
+        internal_token=f"internal-{uuid.uuid4().hex}",
+        db_pool_size=5,
+        shutdown_grace_seconds=2.0,
+    )
+    running = []
+    addresses = dict(settings.addresses)
+    try:
+        # identity first: ingest calls it, so it must know identity's port.
+        for service in ("identity", "ingest", "segments", "query"):
+            settings = settings.with_changes(addresses=addresses)
+            handle = await start_service(
+                service, settings, BUILDERS[service], port=0, metrics=False
+            )
+            running.append(handle)
+            addresses[service] = handle.address
+        settings = settings.with_changes(addresses=addresses)
+        await run_demo(
+            DEMO_USERS,
+            addresses["ingest"],
+            addresses["identity"],
+            project.keys["sdk"],
+            project.keys["admin"],
+            seed=7,
+            quiet=True,
+        )
+        await _wait_for_users_table(addresses["query"], project.keys["read"])
+        async with start_console(build_app(settings)) as url:
+            yield ConsoleSuite(url, project, addresses, settings)
+    finally:
+        for handle in reversed(running):
+            await handle.stop(grace=1.0)
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+@contextlib.asynccontextmanager
+async def start_console(app: Any) -> AsyncIterator[str]:
+    """Serves a console app in this event loop on a free port; yields its base URL."""
+    sock = _free_socket()
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    serving = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
+    try:
+        async with asyncio.timeout(10):
+            while not server.started:  # noqa: ASYNC110 - uvicorn offers no event to wait on
+                await asyncio.sleep(0.02)
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        await serving
+        sock.close()
+
+
+async def _wait_for_users_table(query_address: str, key: str) -> None:
+    """The users table is a projection fed by the bus: wait until it holds the demo's users."""
+    async with open_channel(query_address, key) as channel:
+        stub = query_grpc.QueryServiceStub(channel)
+
+        async def filled() -> bool:
+            reply = await stub.ListProfiles(query_pb.ListProfilesRequest(page_size=500))
+            return len(reply.profiles) >= DEMO_USERS // 2
+
+        await eventually(filled, within=30)
+
+
+@pytest.fixture(scope="package")
+async def browser() -> AsyncIterator[Any]:
+    if not CHROMIUM.exists():  # noqa: ASYNC240 - once per module, before any server traffic
+        _missing(f"Chromium at {CHROMIUM}")
+    from playwright.async_api import async_playwright
+
+    async with async_playwright() as playwright:
+        chromium = await playwright.chromium.launch(
+            executable_path=str(CHROMIUM), args=CHROMIUM_ARGS
+        )
+        yield chromium
+        await chromium.close()
+
+
+@pytest.fixture(scope="package")
+def axe_source() -> str:
+    if not AXE.exists() and shutil.which("npm"):
+        subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=HERE, check=False)
+    if not AXE.exists():
+        _missing("axe-core (npm ci in tests/console)")
+    return AXE.read_text()
+
+
+@pytest.fixture
+async def page(browser: Any) -> AsyncIterator[Any]:
+    context = await browser.new_context(viewport={"width": 1280, "height": 900})
+    page = await context.new_page()
+    yield page
+    await context.close()

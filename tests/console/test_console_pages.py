@@ -1,0 +1,331 @@
+"""The console in a real browser, against a real suite fed by the demo: what a person sees."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from playwright.async_api import expect
+
+from profiles.client import open_channel
+from profiles.common.v1 import types_pb2
+from profiles.ingest.v1 import ingest_service_pb2 as ingest_pb
+from profiles.ingest.v1 import ingest_service_pb2_grpc as ingest_grpc
+from profiles.query.v1 import query_service_pb2 as query_pb
+from profiles.query.v1 import query_service_pb2_grpc as query_grpc
+from tests.api.test_ingest_helpers import attribute_event, custom_event, op
+from tests.console.conftest import ConsoleSuite
+
+SCREENSHOTS = Path(__file__).resolve().parents[2] / "docs" / "console"
+PAGE_BUDGET_BYTES = 200_000
+
+
+async def sign_in(page: Any, suite: ConsoleSuite, role: str = "read") -> None:
+    await page.goto(suite.url + "/signin")
+    await page.get_by_label("Project key").fill(suite.project.keys[role])
+    await page.get_by_role("button", name="Sign in").click()
+    await expect(page.get_by_role("heading", name="Overview", exact=True)).to_be_visible()
+
+
+async def query(suite: ConsoleSuite, method: str, request: Any) -> Any:
+    async with open_channel(suite.addresses["query"], suite.project.keys["read"]) as channel:
+        return await getattr(query_grpc.QueryServiceStub(channel), method)(request)
+
+
+async def track(suite: ConsoleSuite, *events: ingest_pb.Event) -> None:
+    async with open_channel(suite.addresses["ingest"], suite.project.keys["sdk"]) as channel:
+        reply = await ingest_grpc.IngestServiceStub(channel).TrackEvents(
+            ingest_pb.TrackEventsRequest(events=events)
+        )
+    assert reply.accepted_count == len(events), reply
+
+
+async def identified_profile(suite: ConsoleSuite) -> Any:
+    """A demo profile with an email and at least one session (the fullest profile page)."""
+    reply = await query(
+        suite,
+        "ListProfiles",
+        query_pb.ListProfilesRequest(
+            identity_filter=query_pb.PROFILE_IDENTITY_FILTER_IDENTIFIED,
+            order_by=query_pb.PROFILE_ORDER_BY_SESSION_COUNT,
+            page_size=50,
+        ),
+    )
+    for row in reply.profiles:
+        view = await query(
+            suite, "GetProfile", query_pb.GetProfileRequest(profile_id=row.profile_id)
+        )
+        if view.profile.native_attributes.email and view.profile.installations:
+            return view.profile
+    raise AssertionError("the demo made no identified profile with an email")
+
+
+async def test_a_wrong_key_and_an_sdk_key_are_refused(
+    page: Any, console_suite: ConsoleSuite
+) -> None:
+    await page.goto(console_suite.url + "/users")
+    await expect(page).to_have_url(re.compile(r"/signin\?next=%2Fusers"))
+    await page.get_by_label("Project key").fill("not-a-key")
+    await page.get_by_role("button", name="Sign in").click()
+    await expect(page.get_by_role("alert")).to_contain_text("not valid")
+    await page.get_by_label("Project key").fill(console_suite.project.keys["sdk"])
+    await page.get_by_role("button", name="Sign in").click()
+    await expect(page.get_by_role("alert")).to_contain_text("SDK key")
+    cookies = await page.context.cookies()
+    assert not [c for c in cookies if c["name"] == "profiles_console_session"]
+
+
+async def test_a_person_finds_a_profile_by_email_reads_it_and_signs_out(
+    page: Any, console_suite: ConsoleSuite
+) -> None:
+    profile = await identified_profile(console_suite)
+    await sign_in(page, console_suite)
+    session_cookie = next(
+        c for c in await page.context.cookies() if c["name"] == "profiles_console_session"
+    )
+    assert session_cookie["httpOnly"]
+    assert session_cookie["sameSite"] == "Strict"
+    assert console_suite.project.keys["read"] not in session_cookie["value"]
+
+    await page.get_by_label("Find a profile").fill(profile.native_attributes.email.upper())
+    await page.get_by_role("button", name="Search").click()
+    await expect(page).to_have_url(re.compile(f"/profiles/{profile.summary.profile_id}$"))
+    await expect(page.locator("#identity")).to_have_text(profile.summary.custom_id)
+    assert console_suite.project.keys["read"] not in await page.content()
+    sessions = page.locator("#sessions tbody tr a")
+    await expect(sessions.first).to_be_visible()
+    await expect(page.locator("#timeline > li").first).to_be_visible()
+
+    # Clicking a session shows that session's events only.
+    reply = await query(
+        console_suite,
+        "ListSessions",
+        query_pb.ListSessionsRequest(profile_id=profile.summary.profile_id, page_size=1),
+    )
+    chosen = reply.sessions[0]
+    await sessions.first.click()
+    await expect(page).to_have_url(re.compile(f"session={chosen.session_id}"))
+    await expect(page.locator("#events h2")).to_contain_text(chosen.session_id)
+    events = await query(
+        console_suite,
+        "ListEvents",
+        query_pb.ListEventsRequest(
+            profile_id=profile.summary.profile_id, session_id=chosen.session_id, page_size=50
+        ),
+    )
+    await expect(page.locator("#timeline > li")).to_have_count(len(events.events))
+    shown = await page.locator("#timeline > li").evaluate_all(
+        "items => items.map(i => i.dataset.eventId)"
+    )
+    assert shown == [e.event_id for e in events.events]
+
+    await page.get_by_role("button", name="Sign out").click()
+    await expect(page.get_by_role("heading", name="Sign in")).to_be_visible()
+    await page.goto(console_suite.url + f"/profiles/{profile.summary.profile_id}")
+    await expect(page.get_by_role("heading", name="Sign in")).to_be_visible()
+
+
+async def test_the_users_table_sorts_by_clicking_a_header(
+    page: Any, console_suite: ConsoleSuite
+) -> None:
+    await sign_in(page, console_suite)
+    await page.goto(console_suite.url + "/users")
+    await page.get_by_role("link", name="Total sessions").click()
+    header = page.locator("th[aria-sort]")
+    await expect(header).to_have_attribute("aria-sort", "descending")
+    await expect(page).to_have_url(re.compile(r"sort=sessions&order=desc"))
+    counts = [
+        int(t) for t in await page.locator("table.users td.num:nth-child(3)").all_inner_texts()
+    ]
+    assert counts == sorted(counts, reverse=True)
+    assert len(counts) > 1
+    await page.get_by_role("link", name=re.compile("Total sessions")).click()
+    await expect(header).to_have_attribute("aria-sort", "ascending")
+    counts = [
+        int(t) for t in await page.locator("table.users td.num:nth-child(3)").all_inner_texts()
+    ]
+    assert counts == sorted(counts)
+    await page.get_by_role("link", name="Name", exact=True).click()
+    await expect(header).to_have_attribute("aria-sort", "ascending")
+    names = await page.locator("table.users tbody td:first-child a").all_inner_texts()
+    named = [n.lower() for n in names if not n.startswith("Anonymous ")]
+    assert named == sorted(named)
+    assert len(named) > 1
+    await page.get_by_role("link", name=re.compile("Total sessions")).click()
+    # The Identified tab keeps the sort (a deep link of tab and sort).
+    await page.get_by_role("link", name="Identified", exact=True).click()
+    await expect(page).to_have_url(re.compile(r"tab=identified&sort=sessions&order=desc"))
+
+
+async def test_the_overview_switches_platform(page: Any, console_suite: ConsoleSuite) -> None:
+    await sign_in(page, console_suite)
+    ios = await query(
+        console_suite,
+        "GetOverview",
+        query_pb.GetOverviewRequest(platform=types_pb2.PLATFORM_IOS),
+    )
+    everything = await query(console_suite, "GetOverview", query_pb.GetOverviewRequest())
+    await expect(page.locator("#installs")).to_have_text(str(everything.overview.install_count))
+    await page.get_by_role("link", name="iOS", exact=True).click()
+    await expect(page).to_have_url(re.compile(r"/overview\?platform=ios$"))
+    await expect(page.locator("#installs")).to_have_text(str(ios.overview.install_count))
+    await expect(page.get_by_role("link", name="iOS", exact=True)).to_have_attribute(
+        "aria-current", "page"
+    )
+    # What the page's script fetches every 10 s to refresh the figures in place.
+    refresh = await page.locator("#overview").get_attribute("data-refresh")
+    assert refresh == "/overview/fragment?platform=ios"
+    fragment = await page.request.get(console_suite.url + refresh)
+    assert f'id="installs">{ios.overview.install_count}<' in await fragment.text()
+
+
+async def test_a_new_event_appears_live_on_an_open_profile_page(
+    page: Any, console_suite: ConsoleSuite
+) -> None:
+    profile = await identified_profile(console_suite)
+    await sign_in(page, console_suite)
+    await page.goto(console_suite.url + f"/profiles/{profile.summary.profile_id}")
+    await expect(page.locator("#live-status")).to_have_text("Live updates on.")
+    installation = profile.installations[0].installation_id
+    await track(
+        console_suite,
+        custom_event(installation, name="console_live_check", time=datetime.now(UTC), item="mug"),
+    )
+    feed = page.locator("#live-feed > li")
+    await expect(feed).to_have_count(1)
+    await expect(feed.first).to_contain_text("console_live_check")
+    # A reload shows it once, in the timeline, and the live feed starts empty again.
+    await page.reload()
+    await expect(page.locator("#live-status")).to_have_text("Live updates on.")
+    await expect(page.locator("#timeline > li", has_text="console_live_check")).to_have_count(1)
+    await expect(page.locator("#live-feed > li")).to_have_count(0)
+
+
+async def test_a_hostile_attribute_value_is_shown_as_text(
+    page: Any, console_suite: ConsoleSuite
+) -> None:
+    profile = await identified_profile(console_suite)
+    hostile = "<script>window.hacked = 1</script><b>bold</b>"
+    installation = profile.installations[0].installation_id
+    await track(
+        console_suite,
+        attribute_event(installation, [op("set", "nickname", hostile)], time=datetime.now(UTC)),
+    )
+    await sign_in(page, console_suite)
+    await page.goto(console_suite.url + f"/profiles/{profile.summary.profile_id}")
+    cell = page.locator("#custom-attributes tr", has_text="nickname").locator("td.value")
+    await expect(cell).to_have_text(hostile)
+    assert await cell.locator("b").count() == 0
+    assert await page.evaluate("typeof window.hacked") == "undefined"
+
+
+async def test_only_an_admin_key_can_download_the_gdpr_export(
+    page: Any, console_suite: ConsoleSuite
+) -> None:
+    profile = await identified_profile(console_suite)
+    url = console_suite.url + f"/profiles/{profile.summary.profile_id}"
+    await sign_in(page, console_suite, "read")
+    await page.goto(url)
+    await expect(page.get_by_role("link", name="Export (GDPR)")).to_have_count(0)
+    refused = await page.request.get(url + "/export")
+    assert refused.status == 403
+    await page.get_by_role("button", name="Sign out").click()
+
+    await sign_in(page, console_suite, "admin")
+    await page.goto(url)
+    async with page.expect_download() as waiting:
+        await page.get_by_role("link", name="Export (GDPR)").click()
+    download = await waiting.value
+    exported = await asyncio.to_thread(Path(await download.path()).read_text)
+    document = json.loads(exported)
+    assert document["profile"]["profileId"] == profile.summary.profile_id
+    assert isinstance(document["events"], list)
+    assert document["events"]
+
+
+async def test_rejected_events_are_listed_with_their_reason_and_filtered(
+    page: Any, console_suite: ConsoleSuite
+) -> None:
+    profile = await identified_profile(console_suite)
+    future = custom_event(
+        profile.installations[0].installation_id,
+        name="from_the_future",
+        time=datetime.now(UTC) + timedelta(days=30),
+    )
+    async with open_channel(
+        console_suite.addresses["ingest"], console_suite.project.keys["sdk"]
+    ) as channel:
+        reply = await ingest_grpc.IngestServiceStub(channel).TrackEvents(
+            ingest_pb.TrackEventsRequest(events=[future])
+        )
+    assert reply.results[0].reason == "EVENT_TIME_IN_FUTURE"
+    await sign_in(page, console_suite)
+    await page.goto(console_suite.url + "/rejected")
+    await page.get_by_label("Reason").fill("EVENT_TIME_IN_FUTURE")
+    await page.get_by_role("button", name="Filter").click()
+    await expect(page).to_have_url(re.compile(r"reason=EVENT_TIME_IN_FUTURE"))
+    row = page.locator("table.rejected tbody tr", has_text=future.event_id)
+    await expect(row).to_have_count(1)
+    await expect(row).to_contain_text("EVENT_TIME_IN_FUTURE")
+    await page.goto(console_suite.url + "/rejected?reason=NAME_INVALID")
+    await expect(page.locator("table.rejected tbody")).to_contain_text("Nothing rejected")
+
+
+async def test_the_segments_page_streams_entries_and_exits(
+    page: Any, console_suite: ConsoleSuite
+) -> None:
+    await sign_in(page, console_suite)
+    await page.goto(console_suite.url + "/segments")
+    await expect(page.locator("#segment-status")).to_contain_text("Live")
+    # The demo's profiles entered smart segments within the hour the stream starts from.
+    rows = page.locator("#segment-changes tbody tr")
+    await expect(rows.first).to_be_visible()
+    await expect(rows.first.locator("td").nth(2)).to_have_text(re.compile("entered|left"))
+
+
+PAGES = (
+    ("overview", "/overview"),
+    ("users", "/users?tab=identified"),
+    ("profile", None),
+    ("segments", "/segments"),
+    ("rejected", "/rejected"),
+    ("search", "/search?q=nobody%40example.com"),
+)
+
+
+async def test_every_page_is_accessible_and_light(
+    page: Any, console_suite: ConsoleSuite, axe_source: str
+) -> None:
+    profile = await identified_profile(console_suite)
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+
+    async def check(name: str) -> None:
+        # Evaluated through the DevTools protocol: the page's CSP (rightly) refuses inline scripts.
+        await page.evaluate(axe_source)
+        result = await page.evaluate(
+            "async () => (await axe.run(document, {resultTypes: ['violations']})).violations"
+            ".filter(v => v.impact === 'serious' || v.impact === 'critical')"
+            ".map(v => v.id + ': ' + v.nodes.map(n => n.target.join(' ')).join(', '))"
+        )
+        assert result == [], f"{name}: {result}"
+        weight = await page.evaluate(
+            "() => performance.getEntriesByType('navigation')[0].encodedBodySize +"
+            " performance.getEntriesByType('resource')"
+            ".reduce((sum, r) => sum + r.encodedBodySize, 0)"
+        )
+        assert weight < PAGE_BUDGET_BYTES, f"{name} weighs {weight} bytes"
+
+    await page.goto(console_suite.url + "/signin")
+    await page.screenshot(path=SCREENSHOTS / "signin.png")
+    await check("signin")
+    await sign_in(page, console_suite, "admin")
+    for name, path in PAGES:
+        target = path or f"/profiles/{profile.summary.profile_id}"
+        await page.goto(console_suite.url + target)
+        await expect(page.locator("main h1")).to_be_visible()
+        await page.screenshot(path=SCREENSHOTS / f"{name}.png", full_page=name == "profile")
+        await check(name)

@@ -1,0 +1,69 @@
+"""How the console words and lays out contract messages: pure functions, no server."""
+
+from __future__ import annotations
+
+from google.protobuf import duration_pb2
+
+from profiles.common.v1 import types_pb2
+from profiles.query.v1 import timeline_pb2
+from profiles.segments.v1 import filters_pb2
+from services.console import present
+from services.console.pages import _safe_next, lookups
+
+
+def test_a_person_is_named_by_name_then_custom_id_then_as_anonymous() -> None:
+    assert present.display_name("Ana", "Lopez", "u-1", "p") == "Ana Lopez"
+    assert present.display_name("", "", "u-1", "p") == "u-1"
+    assert present.display_name("", "", "", "0123456789") == "Anonymous 01234567"
+
+
+def test_durations_and_values_read_as_a_person_expects() -> None:
+    assert present.span(duration_pb2.Duration(seconds=3725)) == "1 h 02 min"
+    assert present.span(65) == "1 min 05 s"
+    assert present.attribute_value(types_pb2.AttributeValue(number_value=3.0)) == "3"
+    assert present.attribute_value(types_pb2.AttributeValue(bool_value=False)) == "false"
+    listed = types_pb2.AttributeValue(string_list_value=types_pb2.StringList(values=["a", "b"]))
+    assert present.attribute_value(listed) == "a, b"
+
+
+def test_a_segment_definition_reads_as_a_sentence() -> None:
+    ios = filters_pb2.Condition(
+        platform=filters_pb2.PlatformCondition(platforms=[types_pb2.PLATFORM_IOS])
+    )
+    recent = filters_pb2.Condition(last_seen=filters_pb2.TimeWindow(within_last_days=7))
+    node = filters_pb2.FilterNode(
+        group=filters_pb2.FilterGroup(
+            operator=filters_pb2.GROUP_OPERATOR_AND,
+            children=[
+                filters_pb2.FilterNode(condition=ios),
+                filters_pb2.FilterNode(condition=recent),
+            ],
+        )
+    )
+    assert present.filter_words(node) == "(platform is iOS and last seen within the last 7 days)"
+
+
+def test_an_event_title_names_what_happened() -> None:
+    event = timeline_pb2.TimelineEvent(custom=timeline_pb2.CustomEventDetails(name="purchase"))
+    assert present.event_title(event) == "purchase"
+
+
+def test_search_guesses_the_kind_of_identifier() -> None:
+    assert lookups(" a@b.co ", "auto") == [{"email": "a@b.co"}]
+    assert lookups("+33612345678", "auto") == [{"phone": "+33612345678"}]
+    uuid_text = "6f1e2c1a-0d7e-4a51-9b55-1d7c7d3f0a11"
+    assert lookups(uuid_text, "auto")[0] == {"profile_id": uuid_text}
+    assert lookups("user-42", "auto") == [{"custom_id": "user-42"}, {"installation_id": "user-42"}]
+    assert lookups("x", "installation_id") == [{"installation_id": "x"}]
+
+
+def test_sign_in_only_returns_to_a_page_of_the_console() -> None:
+    assert _safe_next("/users?tab=anonymous") == "/users?tab=anonymous"
+    assert _safe_next("//evil.example/") == "/overview"
+    assert _safe_next("https://evil.example/") == "/overview"
+
+
+def test_charts_scale_to_the_largest_value() -> None:
+    bars = present.bar_chart([("a", 5, ""), ("b", 10, "")], width=100, height=50)
+    assert [b.height for b in bars] == [25.0, 50.0]
+    assert present.gauge_arc(0).endswith("10.00 60.00")
