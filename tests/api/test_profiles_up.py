@@ -26,6 +26,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from profiles.query.v1 import query_service_pb2 as query_pb
 from profiles.query.v1 import query_service_pb2_grpc as query_grpc
+from profiles.up import SUITE
 from shared.settings import SERVICE_NAMES
 
 READY_LINE = "Profiles is up"
@@ -57,6 +58,16 @@ def profiles_command() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "profiles.cli"]
 
 
+def assign_free_ports(env: dict[str, str]) -> dict[str, int]:
+    """Sets a free port for every port setting of every process `profiles up` runs; returns
+    the gRPC services' ports."""
+    ports = iter(free_ports(2 * len(SUITE)))
+    for spec in SUITE:
+        env[spec.port_env] = str(next(ports))
+        env[spec.metrics_port_env] = str(next(ports))
+    return {name: int(env[f"PROFILES_{name.upper()}_PORT"]) for name in SERVICE_NAMES}
+
+
 @pytest.fixture
 def suite() -> Iterator[Suite]:
     # Right under /tmp rather than in pytest's directory: as root, PostgreSQL runs as another user
@@ -64,18 +75,11 @@ def suite() -> Iterator[Suite]:
     # permission away from pytest's base directory again.
     tmp_path = Path(tempfile.mkdtemp(prefix="profiles-test-", dir="/tmp"))
     data_dir = tmp_path / "data"
-    ports = free_ports(2 * len(SERVICE_NAMES) + 2)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PROFILES_")}
-    env["PROFILES_CONSOLE_PORT"] = str(ports[-2])
-    env["PROFILES_CONSOLE_METRICS_PORT"] = str(ports[-1])
     env["PROFILES_DATA_DIR"] = str(data_dir)
-    grpc_ports = {}
-    for index, name in enumerate(SERVICE_NAMES):
-        grpc_ports[name] = ports[2 * index]
-        env[f"PROFILES_{name.upper()}_PORT"] = str(ports[2 * index])
-        env[f"PROFILES_{name.upper()}_METRICS_PORT"] = str(ports[2 * index + 1])
-    # The edge (HTTP gateway) too: never its fixed 8340 and 9455, which others may hold.
-    env["PROFILES_EDGE_PORT"], env["PROFILES_EDGE_METRICS_PORT"] = map(str, ports[-2:])
+    # Every process of the suite (the edge and console too) on free ports, never the fixed
+    # defaults, which others may hold.
+    grpc_ports = assign_free_ports(env)
     yield Suite(data_dir, env, grpc_ports)
     # Whatever a failed test left running, nothing outlives it.
     for proc in processes_of(tmp_path):
@@ -233,12 +237,7 @@ def record_of(suite: Suite) -> dict[str, Any]:
 def moved_ports(suite: Suite) -> tuple[dict[str, str], dict[str, int]]:
     """The same data directory, every port moved to another free one."""
     env = dict(suite.env)
-    ports = free_ports(2 * len(SERVICE_NAMES))
-    grpc_ports = {}
-    for index, name in enumerate(SERVICE_NAMES):
-        grpc_ports[name] = ports[2 * index]
-        env[f"PROFILES_{name.upper()}_PORT"] = str(ports[2 * index])
-        env[f"PROFILES_{name.upper()}_METRICS_PORT"] = str(ports[2 * index + 1])
+    grpc_ports = assign_free_ports(env)
     return env, grpc_ports
 
 
@@ -273,7 +272,7 @@ async def test_a_second_up_on_the_data_directory_refuses_and_status_and_down_rea
     assert f"pid {started_up.pid}" in out
     for name in SERVICE_NAMES:
         assert f"127.0.0.1:{suite.ports[name]}" in out
-    assert out.count("SERVING") == len(SERVICE_NAMES)
+    assert out.count("SERVING") == len(SUITE)
 
     code, out, _ = await run_profiles(suite.env, "down")
 
