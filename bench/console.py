@@ -251,7 +251,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="python -m bench.console", description=__doc__.split("\n\n")[0]
     )
     add_backend_arguments(parser)
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks that it runs")
     parser.add_argument("--rate", type=float, help="requests per second (40; smoke 10)")
     parser.add_argument("--concurrency", type=int, help="requests in flight at most (8)")
     parser.add_argument("--duration", type=float, help="seconds per round and target (10 / 4)")

@@ -366,7 +366,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="python -m bench.edge", description=__doc__.split("\n\n")[0]
     )
     add_backend_arguments(parser)
-    parser.add_argument("--smoke", action="store_true", help="one short round: does it run?")
     parser.add_argument("--clients", type=int, help="concurrent clients per side (default 8)")
     parser.add_argument("--duration", type=float, help="seconds per round (quick 6, full 20)")
     parser.add_argument("--rounds", type=int, help="rounds per side (quick 3, full 5)")
