@@ -37,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -387,6 +388,20 @@ def start_bare_echo(stack: contextlib.ExitStack, work_dir: Path) -> tuple[ChildP
     command = [sys.executable, "-m", "bench.bare_echo", str(port)]
     process = ChildProcess("bare echo", command, child_env(), work_dir / "bare_echo.log")
     return start_process(stack, process), f"127.0.0.1:{port}"
+
+
+def wait_http(url: str, process: ChildProcess, limit_s: float = START_TIMEOUT_S) -> None:
+    """Polls `url` (an HTTP service's health check) until it answers 200; raises if the process
+    exits."""
+    deadline = time.monotonic() + limit_s
+    while True:
+        process.check_alive()
+        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=1.0) as reply:
+            if reply.status == 200:
+                return
+        if time.monotonic() > deadline:
+            raise BenchError(f"{url} not up after {limit_s:.0f} s")
+        time.sleep(0.1)
 
 
 async def wait_serving(

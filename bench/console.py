@@ -42,17 +42,15 @@ from bench.common import (
     LoadResult,
     add_backend_arguments,
     alternate,
-    child_env,
     create_project,
     free_port,
     make_work_dir,
     print_figures,
     run_main,
-    serve_command,
     start_backends,
-    start_process,
     start_service_process,
     suite_settings,
+    wait_http,
     wait_serving,
 )
 from bench.query import define_funnels, load, profile_uuid, rebuild_rollups
@@ -158,18 +156,6 @@ def sign_in(base_url: str, key: str) -> str:
     raise BenchError("sign-in did not set a session cookie")
 
 
-def wait_http(url: str, process: ChildProcess, limit_s: float = 60.0) -> None:
-    deadline = time.monotonic() + limit_s
-    while True:
-        process.check_alive()
-        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=1.0) as reply:
-            if reply.status == 200:
-                return
-        if time.monotonic() > deadline:
-            raise BenchError(f"{url} not up after {limit_s:.0f} s")
-        time.sleep(0.1)
-
-
 async def measure(
     base_url: str,
     session_id: str,
@@ -251,7 +237,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="python -m bench.console", description=__doc__.split("\n\n")[0]
     )
     add_backend_arguments(parser)
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks that it runs")
     parser.add_argument("--rate", type=float, help="requests per second (40; smoke 10)")
     parser.add_argument("--concurrency", type=int, help="requests in flight at most (8)")
     parser.add_argument("--duration", type=float, help="seconds per round and target (10 / 4)")
@@ -302,12 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in SERVICES:
             process = start_service_process(stack, name, settings, work_dir)
             asyncio.run(wait_serving(addresses[name], process))
-        console = start_process(
-            stack,
-            ChildProcess(
-                "console", serve_command("console"), child_env(settings), work_dir / "console.log"
-            ),
-        )
+        console = start_service_process(stack, "console", settings, work_dir)
         base_url = f"http://127.0.0.1:{settings.console_port}"
         wait_http(f"{base_url}/healthz", console)
         session_id = sign_in(base_url, project.keys["read"])

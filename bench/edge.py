@@ -31,8 +31,6 @@ import asyncio
 import contextlib
 import json
 import random
-import time
-import urllib.request
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -49,17 +47,15 @@ from bench.common import (
     LoadResult,
     add_backend_arguments,
     alternate,
-    child_env,
     create_project,
     free_port,
     make_work_dir,
     print_figures,
     run_main,
-    serve_command,
     start_backends,
-    start_process,
     start_service_process,
     suite_settings,
+    wait_http,
     wait_serving,
 )
 from profiles.client import open_channel
@@ -348,25 +344,11 @@ def print_report(outcome: Outcome, sizes: Sizes) -> None:
         )
 
 
-def wait_edge(port: int, process: ChildProcess, limit_s: float = 30.0) -> None:
-    deadline = time.monotonic() + limit_s
-    while True:
-        process.check_alive()
-        url = f"http://127.0.0.1:{port}/healthz"
-        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=1) as reply:
-            if reply.status == 200:
-                return
-        if time.monotonic() > deadline:
-            raise BenchError(f"the edge not ready after {limit_s:.0f} s")
-        time.sleep(0.1)
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bench.edge", description=__doc__.split("\n\n")[0]
     )
     add_backend_arguments(parser)
-    parser.add_argument("--smoke", action="store_true", help="one short round: does it run?")
     parser.add_argument("--clients", type=int, help="concurrent clients per side (default 8)")
     parser.add_argument("--duration", type=float, help="seconds per round (quick 6, full 20)")
     parser.add_argument("--rounds", type=int, help="rounds per side (quick 3, full 5)")
@@ -400,11 +382,8 @@ def main(argv: list[str] | None = None) -> int:
         ingest = start_service_process(stack, "ingest", settings, work_dir)
         asyncio.run(wait_serving(settings.addresses["identity"], identity))
         asyncio.run(wait_serving(settings.addresses["ingest"], ingest))
-        edge = start_process(
-            stack,
-            ChildProcess("edge", serve_command("edge"), child_env(settings), work_dir / "edge.log"),
-        )
-        wait_edge(settings.edge_port, edge)
+        edge = start_service_process(stack, "edge", settings, work_dir)
+        wait_http(f"http://127.0.0.1:{settings.edge_port}/healthz", edge, limit_s=30.0)
         print(f"started identity ({identity.pid}), ingest ({ingest.pid}), edge ({edge.pid})")
         outcome = asyncio.run(
             measure(sizes, settings.edge_port, settings.addresses["ingest"], key, edge, ingest)

@@ -137,17 +137,16 @@ def _safe_next(target: str) -> str:
     return "/overview"
 
 
-async def signin_form(request: Request) -> Response:
+def _signin_page(
+    request: Request, target: str, *, expired: bool = False, error: str = "", status: int = 200
+) -> Response:
+    """The sign-in form with a fresh CSRF token, set as a cookie only /signin reads."""
     token = new_token()
     response = render(
         request,
         "signin.html",
-        {
-            "csrf_token": token,
-            "next": _safe_next(request.query_params.get("next", "/overview")),
-            "expired": "expired" in request.query_params,
-            "error": "",
-        },
+        {"csrf_token": token, "next": target, "expired": expired, "error": error},
+        status=status,
     )
     response.set_cookie(
         SIGNIN_CSRF_COOKIE,
@@ -158,6 +157,11 @@ async def signin_form(request: Request) -> Response:
         path="/signin",
     )
     return response
+
+
+async def signin_form(request: Request) -> Response:
+    target = _safe_next(request.query_params.get("next", "/overview"))
+    return _signin_page(request, target, expired="expired" in request.query_params)
 
 
 async def role_of(backend: Backend, key: str) -> str:
@@ -185,22 +189,7 @@ async def signin(request: Request) -> Response:
     target = _safe_next(str(form.get("next", "/overview")))
 
     def again(error: str, status: int) -> Response:
-        token = new_token()
-        response = render(
-            request,
-            "signin.html",
-            {"csrf_token": token, "next": target, "expired": False, "error": error},
-            status=status,
-        )
-        response.set_cookie(
-            SIGNIN_CSRF_COOKIE,
-            token,
-            httponly=True,
-            samesite="strict",
-            secure=_secure(request),
-            path="/signin",
-        )
-        return response
+        return _signin_page(request, target, error=error, status=status)
 
     if not tokens_match(request.cookies.get(SIGNIN_CSRF_COOKIE, ""), given):
         return again("The form expired; please sign in again.", 403)

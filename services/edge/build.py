@@ -139,6 +139,25 @@ def event(event_id: str, origin: Origin, session_id: str = "") -> ingest_pb.Even
     return built
 
 
+def custom_event(
+    event_id: str,
+    origin: Origin,
+    session_id: str,
+    name: str,
+    attributes: Mapping[str, types_pb2.AttributeValue],
+    label: str = "",
+) -> ingest_pb.Event:
+    """A custom event `name` with its attributes and label (cut to the contract's 200
+    characters)."""
+    built = event(event_id, origin, session_id)
+    built.custom.name = name
+    if label:
+        built.custom.label = label[:200]
+    for key, value in attributes.items():
+        built.custom.attributes[key].CopyFrom(value)
+    return built
+
+
 def trait_operations(
     traits: Mapping[str, Any], kind: int = types_pb2.ATTRIBUTE_OPERATION_KIND_SET
 ) -> tuple[list[types_pb2.AttributeOperation], list[str]]:

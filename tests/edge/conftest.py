@@ -14,6 +14,7 @@ import pytest
 from profiles.query.v1 import query_service_pb2 as query_pb
 from profiles.query.v1 import query_service_pb2_grpc as query_grpc
 from services.edge.app import server as edge_server
+from services.edge.handlers import REQUESTS
 from shared.settings import Settings
 from tests.conftest import StartServices, TestProject, eventually
 
@@ -124,6 +125,72 @@ async def edge(
 
 
 __all__ = ["Edge", "eventually"]
+
+
+async def flush(client: Any) -> None:
+    """Sends an SDK client's queue. The SDK blocks its caller until its queue is sent; the edge
+    runs on this test's loop."""
+    await asyncio.to_thread(client.flush)
+
+
+async def custom_names(edge: Edge, profile_id: str) -> list[str]:
+    """The names of a profile's custom events, sorted."""
+    return sorted(e.custom.name for e in await edge.events(profile_id) if e.HasField("custom"))
+
+
+async def assert_stored_once(edge: Edge, installation_id: str, name: str, count: int = 3) -> None:
+    """Waits for `count` custom events of the installation's profile, then checks they are
+    exactly `count` events `name`: none stored twice."""
+
+    async def stored() -> bool:
+        profile = await edge.profile(installation_id=installation_id)
+        return len(await custom_names(edge, profile.summary.profile_id)) >= count
+
+    await eventually(stored)
+    profile = await edge.profile(installation_id=installation_id)
+    assert await custom_names(edge, profile.summary.profile_id) == [name] * count
+
+
+async def assert_sent_during_outage_arrives(
+    edge: Edge,
+    dialect: str,
+    send: Callable[[], Awaitable[None]],
+    installation_id: str,
+    names: list[str],
+) -> None:
+    """Stops ingest, has `send` send with an SDK (which retries while the edge answers
+    unavailable), restarts ingest, and waits for the installation's events `names`."""
+    refused = REQUESTS.labels(dialect, "unavailable")
+    before = refused._value.get()
+    await edge.stop_ingest()
+    flushing = asyncio.create_task(send())
+
+    async def answered_unavailable() -> bool:
+        return refused._value.get() > before
+
+    await eventually(answered_unavailable)
+    await edge.restart_ingest()
+    await asyncio.wait_for(flushing, 30)
+
+    async def arrived() -> bool:
+        profile = await edge.profile(installation_id=installation_id)
+        return await custom_names(edge, profile.summary.profile_id) == names
+
+    await eventually(arrived)
+
+
+async def assert_lost_answer_is_retried(
+    edge: Edge, dialect: str, send: Callable[[str], Awaitable[None]], installation_id: str
+) -> None:
+    """Has `send` send three events "Lost Answer" through a proxy (its URL) that loses the
+    edge's first answer: the SDK retries the same batch, which is stored once."""
+    answered = REQUESTS.labels(dialect, "ok")
+    before = answered._value.get()
+    async with LossyProxy(edge.url, drops=1) as proxy:
+        await send(proxy.url)
+        assert proxy.drops == 0  # the first attempt was stored, its answer lost, then retried
+    assert answered._value.get() - before == 2  # the same batch, twice
+    await assert_stored_once(edge, installation_id, "lost_answer")
 
 
 class LossyProxy:

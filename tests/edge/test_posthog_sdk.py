@@ -12,21 +12,19 @@ import requests
 from posthog import Posthog
 
 from profiles.common.v1 import types_pb2
-from services.edge.handlers import REQUESTS
 from tests.conftest import eventually
-from tests.edge.conftest import Edge, LossyProxy
+from tests.edge.conftest import (
+    Edge,
+    assert_lost_answer_is_retried,
+    assert_sent_during_outage_arrives,
+    assert_stored_once,
+    custom_names,
+    flush,
+)
 
 
 def sdk(edge: Edge) -> Posthog:
     return Posthog(edge.sdk_key, host=edge.url, gzip=True, max_retries=20, flush_interval=0.05)
-
-
-async def flush(client: Posthog) -> None:
-    await asyncio.to_thread(client.flush)
-
-
-async def custom_names(edge: Edge, profile_id: str) -> list[str]:
-    return sorted(e.custom.name for e in await edge.events(profile_id) if e.HasField("custom"))
 
 
 def post(url: str, body: Any, headers: dict[str, str] | None = None) -> requests.Response:
@@ -102,36 +100,16 @@ async def test_a_retried_batch_stores_nothing_twice(edge: Edge) -> None:
         )
         assert reply.status_code == 200
         assert reply.json() == {"status": 1}
-
-    async def stored() -> bool:
-        profile = await edge.profile(installation_id="ph-r")
-        return len(await custom_names(edge, profile.summary.profile_id)) >= 3
-
-    await eventually(stored)
-    profile = await edge.profile(installation_id="ph-r")
-    assert await custom_names(edge, profile.summary.profile_id) == ["tap"] * 3
+    await assert_stored_once(edge, "ph-r", "tap")
 
 
 async def test_events_sent_while_ingest_is_down_arrive_once_it_is_back(edge: Edge) -> None:
-    refused = REQUESTS.labels("posthog", "unavailable")
-    before = refused._value.get()
-    await edge.stop_ingest()
-    client = sdk(edge)
-    client.capture("Offline Tap", distinct_id="ph-down")
-    flushing = asyncio.create_task(flush(client))
+    async def send() -> None:
+        client = sdk(edge)
+        client.capture("Offline Tap", distinct_id="ph-down")
+        await flush(client)
 
-    async def answered_unavailable() -> bool:
-        return refused._value.get() > before
-
-    await eventually(answered_unavailable)
-    await edge.restart_ingest()
-    await asyncio.wait_for(flushing, 30)
-
-    async def arrived() -> bool:
-        profile = await edge.profile(installation_id="ph-down")
-        return await custom_names(edge, profile.summary.profile_id) == ["offline_tap"]
-
-    await eventually(arrived)
+    await assert_sent_during_outage_arrives(edge, "posthog", send, "ph-down", ["offline_tap"])
 
 
 async def test_an_event_with_too_many_properties_is_rejected_and_listed(edge: Edge) -> None:
@@ -209,20 +187,10 @@ async def test_identify_with_anon_distinct_id_and_a_mobile_event_after_it(edge: 
 
 
 async def test_a_flush_whose_answer_was_lost_is_retried_and_stored_once(edge: Edge) -> None:
-    answered = REQUESTS.labels("posthog", "ok")
-    before = answered._value.get()
-    async with LossyProxy(edge.url, drops=1) as proxy:
-        client = Posthog(edge.sdk_key, host=proxy.url, gzip=True, max_retries=20)
+    async def send(url: str) -> None:
+        client = Posthog(edge.sdk_key, host=url, gzip=True, max_retries=20)
         for n in range(3):
             client.capture("Lost Answer", distinct_id="ph-lost", properties={"n": n})
         await flush(client)
-        assert proxy.drops == 0  # the first attempt was stored, its answer lost, then retried
-    assert answered._value.get() - before == 2  # the same batch, twice
 
-    async def stored() -> bool:
-        profile = await edge.profile(installation_id="ph-lost")
-        return len(await custom_names(edge, profile.summary.profile_id)) >= 3
-
-    await eventually(stored)
-    profile = await edge.profile(installation_id="ph-lost")
-    assert await custom_names(edge, profile.summary.profile_id) == ["lost_answer"] * 3
+    await assert_lost_answer_is_retried(edge, "posthog", send, "ph-lost")

@@ -14,28 +14,25 @@ from segment.analytics.client import Client
 from profiles.common.v1 import types_pb2
 from profiles.segments.v1 import segments_service_pb2 as segments_pb
 from profiles.segments.v1 import segments_service_pb2_grpc as segments_grpc
-from services.edge.handlers import REQUESTS
 from tests.conftest import StartServices, eventually
-from tests.edge.conftest import Edge, LossyProxy
+from tests.edge.conftest import (
+    Edge,
+    assert_lost_answer_is_retried,
+    assert_sent_during_outage_arrives,
+    assert_stored_once,
+    custom_names,
+    flush,
+)
 
 
 def sdk(edge: Edge, **options: Any) -> Client:
     return Client(edge.sdk_key, host=edge.url, max_retries=20, **options)
 
 
-async def flush(client: Client) -> None:
-    # The SDK blocks its caller until its queue is sent; the edge runs on this test's loop.
-    await asyncio.to_thread(client.flush)
-
-
 def post(url: str, body: Any, **kwargs: Any) -> requests.Response:
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
     headers = {"Content-Type": "application/json", **kwargs.pop("headers", {})}
     return requests.post(url, data=data, headers=headers, timeout=10, **kwargs)
-
-
-async def custom_names(edge: Edge, profile_id: str) -> list[str]:
-    return [e.custom.name for e in await edge.events(profile_id) if e.HasField("custom")]
 
 
 async def test_anonymous_events_then_a_login_land_on_one_identified_profile(edge: Edge) -> None:
@@ -112,36 +109,16 @@ async def test_a_retried_batch_stores_nothing_twice(edge: Edge) -> None:
         reply = await asyncio.to_thread(post, f"{edge.url}/v1/batch", batch)
         assert reply.status_code == 200
         assert reply.json() == {"success": True}
-
-    async def stored() -> bool:
-        profile = await edge.profile(installation_id="anon-r")
-        return len(await custom_names(edge, profile.summary.profile_id)) >= 3
-
-    await eventually(stored)
-    profile = await edge.profile(installation_id="anon-r")
-    assert await custom_names(edge, profile.summary.profile_id) == ["tap"] * 3
+    await assert_stored_once(edge, "anon-r", "tap")
 
 
 async def test_events_sent_while_ingest_is_down_arrive_once_it_is_back(edge: Edge) -> None:
-    refused = REQUESTS.labels("segment", "unavailable")
-    before = refused._value.get()
-    await edge.stop_ingest()
-    client = sdk(edge)
-    client.track(anonymous_id="anon-down", event="Offline Tap")
-    flushing = asyncio.create_task(flush(client))
+    async def send() -> None:
+        client = sdk(edge)
+        client.track(anonymous_id="anon-down", event="Offline Tap")
+        await flush(client)
 
-    async def answered_unavailable() -> bool:
-        return refused._value.get() > before
-
-    await eventually(answered_unavailable)
-    await edge.restart_ingest()
-    await asyncio.wait_for(flushing, 30)
-
-    async def arrived() -> bool:
-        profile = await edge.profile(installation_id="anon-down")
-        return await custom_names(edge, profile.summary.profile_id) == ["offline_tap"]
-
-    await eventually(arrived)
+    await assert_sent_during_outage_arrives(edge, "segment", send, "anon-down", ["offline_tap"])
 
 
 async def test_untranslatable_messages_are_listed_as_rejected_without_keys(edge: Edge) -> None:
@@ -240,20 +217,10 @@ async def test_a_derived_session_lasts_from_its_first_to_its_last_event(
 
 
 async def test_a_flush_whose_answer_was_lost_is_retried_and_stored_once(edge: Edge) -> None:
-    answered = REQUESTS.labels("segment", "ok")
-    before = answered._value.get()
-    async with LossyProxy(edge.url, drops=1) as proxy:
-        client = Client(edge.sdk_key, host=proxy.url, max_retries=20)
+    async def send(url: str) -> None:
+        client = Client(edge.sdk_key, host=url, max_retries=20)
         for n in range(3):
             client.track(anonymous_id="anon-lost", event="Lost Answer", properties={"n": n})
         await flush(client)
-        assert proxy.drops == 0  # the first attempt was stored, its answer lost, then retried
-    assert answered._value.get() - before == 2  # the same batch, twice
 
-    async def stored() -> bool:
-        profile = await edge.profile(installation_id="anon-lost")
-        return len(await custom_names(edge, profile.summary.profile_id)) >= 3
-
-    await eventually(stored)
-    profile = await edge.profile(installation_id="anon-lost")
-    assert await custom_names(edge, profile.summary.profile_id) == ["lost_answer"] * 3
+    await assert_lost_answer_is_retried(edge, "segment", send, "anon-lost")

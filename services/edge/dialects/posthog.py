@@ -32,8 +32,8 @@ from services.edge.build import (
     Origin,
     StepBuilder,
     attribute_events,
+    custom_event,
     derived_id,
-    event,
     identifier,
     language_of,
     message_id,
@@ -191,15 +191,10 @@ def _translate(
     if attributes.unusable:
         refuse("PROPERTY_NAME_UNUSABLE", f"no usable name in {attributes.unusable[:5]}")
         return
-    one = event(event_id, origin, session_id)
-    one.custom.name = name
     if name_text == "$pageview" and isinstance(properties.get("$current_url"), str):
         attributes.values.setdefault("url", _url_value(properties["$current_url"]))
-    if name_text == "$screen":
-        one.custom.label = text(properties.get("$screen_name"))[:200]
-    for key, value in attributes.values.items():
-        one.custom.attributes[key].CopyFrom(value)
-    builder.add(one)
+    label = text(properties.get("$screen_name")) if name_text == "$screen" else ""
+    builder.add(custom_event(event_id, origin, session_id, name, attributes.values, label))
 
 
 def _url_value(url: str) -> types_pb2.AttributeValue:

@@ -33,6 +33,7 @@ from services.edge.build import (
     Origin,
     StepBuilder,
     attribute_events,
+    custom_event,
     derived_id,
     event,
     identifier,
@@ -193,13 +194,7 @@ def _translate(
     if attributes.unusable:
         refuse("PROPERTY_NAME_UNUSABLE", f"no usable name in {attributes.unusable[:5]}")
         return
-    one = event(event_id, origin, session_id)
-    one.custom.name = name
-    if label:
-        one.custom.label = label[:200]
-    for key, value in attributes.values.items():
-        one.custom.attributes[key].CopyFrom(value)
-    builder.add(one)
+    builder.add(custom_event(event_id, origin, session_id, name, attributes.values, label))
 
 
 def _alias(
