@@ -3,6 +3,7 @@ on real PostgreSQL and Redis with one frozen clock; data goes in through TrackEv
 
 from __future__ import annotations
 
+import itertools
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -215,6 +216,11 @@ def custom_event(
     return event
 
 
+# Attribute changes at one event time replay in event ID order (the documented tie-break), so
+# the changes a test sends at the same time get increasing IDs: they apply in the order sent.
+_ATTRIBUTE_EVENT_SEQUENCE = itertools.count()
+
+
 def set_attributes(
     installation_id: str,
     time: datetime = NOW,
@@ -223,7 +229,7 @@ def set_attributes(
     **custom: Any,
 ) -> ingest_pb.Event:
     event = ingest_pb.Event(
-        event_id=uuid.uuid4().hex,
+        event_id=f"{next(_ATTRIBUTE_EVENT_SEQUENCE):012d}-{uuid.uuid4().hex}",
         installation_id=installation_id,
         platform=IOS,
         event_time=stamp(time),
