@@ -3,6 +3,7 @@ ingested events, and the worker adapters that run consumers and the sweep beside
 
 from __future__ import annotations
 
+import abc
 import asyncio
 from datetime import UTC, timedelta
 from uuid import UUID
@@ -183,7 +184,7 @@ async def _evaluate(
         await service.evaluate_custom_segments(project, ids, cause)
 
 
-class PeriodicWorker:
+class PeriodicWorker(abc.ABC):
     """Runs `tick` every `interval_s` until stopped. A failing tick is logged and the next one
     runs as planned: a database outage or a bug must not stop the work for good."""
 
@@ -193,8 +194,9 @@ class PeriodicWorker:
         self._interval_s = interval_s
         self._stop = asyncio.Event()
 
+    @abc.abstractmethod
     async def tick(self) -> None:
-        raise NotImplementedError
+        """One round of the work; each subclass says what it is."""
 
     async def run(self) -> None:
         self._stop.clear()
