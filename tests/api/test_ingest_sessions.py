@@ -13,7 +13,7 @@ import pytest
 from profiles.common.v1 import types_pb2
 from profiles.ingest.v1 import ingest_service_pb2 as pb
 from profiles.ingest.v1 import ingest_service_pb2_grpc as pb_grpc
-from services.ingest.service import timeout_event_id
+from services.ingest.messages import timeout_event_id
 from shared.clock import FrozenClock
 from tests.api.test_ingest_helpers import NOW, Ingest, custom_event
 from tests.api.test_ingest_support import running_ingest, session_event, stream_events
