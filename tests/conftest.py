@@ -219,7 +219,7 @@ class ServiceHandle:
 @pytest.fixture
 async def start_services(settings_for_test: Settings) -> AsyncIterator[StartServices]:
     """Starts services in-process on free ports, each with a real gRPC channel to it."""
-    from profiles.runner import BUILDERS
+    from profiles_cli.runner import BUILDERS
     from shared.server import start_service
 
     started: list[ServiceHandle] = []

@@ -8,9 +8,9 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from profiles.cli import build_parser
-from profiles.demo import run_demo
-from profiles.importer import run_import
+from profiles_cli.cli import build_parser
+from profiles_cli.demo import run_demo
+from profiles_cli.importer import run_import
 from tests.api.test_ingest_helpers import Ingest
 
 if TYPE_CHECKING:

@@ -159,7 +159,7 @@ def start_replica(
     log_path = log_dir / f"{service}-{index}.log"
     with log_path.open("wb") as log_file:
         process = subprocess.Popen(
-            [sys.executable, "-m", "profiles.cli", "serve", service],
+            [sys.executable, "-m", "profiles_cli.cli", "serve", service],
             stdin=subprocess.DEVNULL,
             stdout=log_file,
             stderr=subprocess.STDOUT,
