@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from uuid import UUID
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -13,8 +13,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from profiles.common.v1 import bus_pb2, types_pb2
 from services.ingest.repository import ClosedSession
 from services.ingest.validation import ValidEvent
-
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+from shared.convert import set_timestamp, timestamp_of
 
 # What a ProfileChanged says beside EVENTS, by the kind of the events stored.
 CHANGE_KINDS = {
@@ -22,12 +21,6 @@ CHANGE_KINDS = {
     types_pb2.EVENT_KIND_SUBSCRIPTION_CHANGE: bus_pb2.PROFILE_CHANGE_KIND_SUBSCRIPTIONS,
     types_pb2.EVENT_KIND_INSTALLATION_UPDATE: bus_pb2.PROFILE_CHANGE_KIND_INSTALLATIONS,
 }
-
-
-def timestamp_of(moment: datetime) -> Timestamp:
-    """Timestamp.FromDatetime for an aware datetime, without its pure-Python overhead."""
-    delta = moment - EPOCH
-    return Timestamp(seconds=delta.days * 86_400 + delta.seconds, nanos=delta.microseconds * 1000)
 
 
 def ingested_event(
@@ -94,8 +87,8 @@ def timeout_end(session: ClosedSession, now: datetime) -> bus_pb2.IngestedEvent:
         kind=types_pb2.EVENT_KIND_SESSION_END,
         session_id=session.session_id,
     )
-    event.event_time.FromDatetime(session.end_time)
-    event.receive_time.FromDatetime(now)
+    set_timestamp(event.event_time, session.end_time)
+    set_timestamp(event.receive_time, now)
     event.session.duration.FromTimedelta(session.duration)
     event.session.country = session.country
     return event

@@ -32,7 +32,7 @@ from profiles.ingest.v1 import ingest_service_pb2 as pb
 from services.ingest import model
 from services.ingest.errors import StorageUnavailable
 from services.ingest.identity_client import OriginKey, Resolver
-from services.ingest.messages import ingested_event, profile_changes, timestamp_of
+from services.ingest.messages import ingested_event, profile_changes
 from services.ingest.model import Rejection
 from services.ingest.repository import (
     IngestRepository,
@@ -50,6 +50,7 @@ from services.ingest.validation import (
     with_country,
 )
 from shared.clock import Clock
+from shared.convert import timestamp_of
 from shared.notices import LiveNotices
 from shared.outbox import OutboxItem, enqueue_many
 from shared.topics import EVENTS

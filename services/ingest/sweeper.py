@@ -13,10 +13,11 @@ import structlog
 from profiles.common.v1 import bus_pb2
 from services.ingest import model
 from services.ingest.errors import StorageUnavailable
-from services.ingest.messages import profile_changes, timeout_end, timestamp_of
+from services.ingest.messages import profile_changes, timeout_end
 from services.ingest.repository import IngestRepository, TransactionConflict
 from shared.bus import sleep_unless
 from shared.clock import Clock
+from shared.convert import set_timestamp, timestamp_of
 from shared.notices import LiveNotices
 from shared.outbox import OutboxItem, enqueue_many
 from shared.topics import EVENTS
@@ -74,7 +75,7 @@ class SessionSweeper:
                         message = messages[session.project_id] = bus_pb2.EventsIngested(
                             project_id=str(session.project_id), batch_id=str(uuid.uuid4())
                         )
-                        message.commit_time.FromDatetime(now)
+                        set_timestamp(message.commit_time, now)
                     message.events.append(timeout_end(session, now))
                 await enqueue_many(
                     conn, [OutboxItem(p, EVENTS, m) for p, m in sorted(messages.items())]

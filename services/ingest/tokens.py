@@ -18,11 +18,11 @@ from profiles.ingest.v1 import ingest_service_pb2 as pb
 from services.ingest import model
 from services.ingest.errors import IdentityUnavailable, StorageUnavailable
 from services.ingest.identity_client import OriginKey, Resolver
-from services.ingest.messages import timestamp_of
 from services.ingest.model import Rejection
 from services.ingest.repository import IngestRepository, TransactionConflict
 from services.ingest.validation import ValidToken, validate_token, validate_token_request
 from shared.clock import Clock
+from shared.convert import set_timestamp, timestamp_of
 from shared.outbox import OutboxItem, enqueue_many
 from shared.topics import IDENTITY
 
@@ -96,7 +96,7 @@ class PushTokens:
                     now,
                 )
                 message = bus_pb2.InstallationsImported(project_id=str(project_id))
-                message.import_time.FromDatetime(now)
+                set_timestamp(message.import_time, now)
                 for installation_id in sorted(inserted):
                     message.installations.add(
                         installation_id=installation_id,

@@ -13,7 +13,7 @@ import ipaddress
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from types import MappingProxyType
 from typing import Any
 
@@ -27,6 +27,7 @@ from services.ingest.errors import BatchInvalid, RequestTooLarge, TooManyEvents
 from services.ingest.model import AttributeOperation, Invalid, Rejection, Value
 from services.ingest.payloads import raw_event, value_json, without_nul
 from shared.contract_rules import key_path
+from shared.convert import EPOCH
 from shared.errors import FieldViolation
 
 FUTURE_LIMIT = timedelta(minutes=10)
@@ -36,7 +37,6 @@ MAX_SESSION_DURATION = timedelta(hours=24)
 # The range google.protobuf.Timestamp allows (0001-01-01 to 9999-12-31), in seconds.
 MIN_TIMESTAMP_SECONDS = -62_135_596_800
 MAX_TIMESTAMP_SECONDS = 253_402_300_799
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 NANOS = 1_000_000_000
 
 PLATFORMS = frozenset(
