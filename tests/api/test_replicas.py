@@ -54,6 +54,7 @@ from profiles.query.v1 import timeline_pb2
 from profiles.segments.v1 import segments_service_pb2 as segments_pb
 from profiles.segments.v1 import segments_service_pb2_grpc as segments_grpc
 from services.console.sessions import COOKIE, SIGNIN_CSRF_COOKIE
+from services.edge.build import SESSION_WINDOW_SECONDS
 from shared.bus import Bus
 from shared.clock import FrozenClock
 from shared.settings import Settings
@@ -361,7 +362,7 @@ class EdgeLoad:
     cluster: Cluster
     start: datetime
     # Per installation: the message IDs of every batch the edge acknowledged, and the event
-    # times' 30-minute windows (the edge's derived sessions).
+    # times' 30-minute windows (the edge's derived sessions, one per window).
     sent: dict[str, Counter[str]] = field(default_factory=dict)
     windows: dict[str, set[int]] = field(default_factory=dict)
     acknowledged: int = 0
@@ -409,7 +410,8 @@ class EdgeLoad:
             if reply is not None and reply.status_code == 200:
                 self.sent.setdefault(inst, Counter()).update(m["messageId"] for m in messages)
                 self.windows.setdefault(inst, set()).update(
-                    int(datetime.fromisoformat(m["timestamp"]).timestamp()) // 1800
+                    int(datetime.fromisoformat(m["timestamp"]).timestamp())
+                    // SESSION_WINDOW_SECONDS
                     for m in messages
                 )
                 self.acknowledged += 1
