@@ -59,8 +59,9 @@ from shared.bus import Bus
 from shared.clock import FrozenClock
 from shared.settings import Settings
 from shared.topics import EVENTS, IDENTITY, SEGMENT_CHANGES
-from tests.api.test_identity_helpers import Identity
-from tests.api.test_query_helpers import (
+from tests.conftest import create_test_project, eventually
+from tests.support.identity import Identity
+from tests.support.query import (
     Suite,
     attribute_event,
     custom_event,
@@ -70,7 +71,6 @@ from tests.api.test_query_helpers import (
     session_end,
     session_start,
 )
-from tests.conftest import create_test_project, eventually
 
 if TYPE_CHECKING:
     from tests.conftest import TestProject
