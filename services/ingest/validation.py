@@ -136,6 +136,9 @@ class ValidEvent:
     # Session start without a country: the client IP to resolve the country from, then drop.
     # Never stored, logged or published (neither `detail` nor `payload` holds it).
     client_ip: str | None = field(default=None, repr=False)
+    # pb.SessionRule for an installation's event without session_id, which ingest then derives
+    # in the storing transaction (services/ingest/derived_sessions.py); 0 otherwise.
+    session_rule: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -467,7 +470,13 @@ def _payload(event: pb.Event, fields: dict[str, Any]) -> None:
         fields["name"], detail, payload = _custom(event)
         fields["detail_field"] = "custom"
     elif which.startswith("session_"):
-        if not event.session_id:
+        # Heartbeats and ends of an installation may ask for its open session instead.
+        open_session = (
+            which != "session_start"
+            and event.session_rule == pb.SESSION_RULE_OPEN_SESSION
+            and event.WhichOneof("origin") == "installation_id"
+        )
+        if not event.session_id and not open_session:
             raise Invalid(model.SESSION_ID_INVALID, "session_id", f"{which} needs a session_id")
         fields["detail_field"] = "session"
         if which == "session_start":
@@ -714,6 +723,7 @@ class BatchValidator:
             event_time=event_time,
             session_id=session_id or None,
             installation_values=installation_values if installation_id is not None else None,
+            session_rule=event.session_rule if installation_id and not session_id else 0,
             **fields,
         )
 
