@@ -4,6 +4,7 @@ against a plain model of "a new session after 30 minutes without events"."""
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
@@ -73,7 +74,8 @@ def test_events_less_than_thirty_minutes_apart_share_a_session() -> None:
     store.send([("c", 59.8)])
     assert len({store.session_of[e] for e in "abc"}) == 1
     (span,) = store.spans.values()
-    assert span.start_time == at(0) and span.last_activity_time == at(59.8)
+    assert span.start_time == at(0)
+    assert span.last_activity_time == at(59.8)
     assert span.duration == timedelta(minutes=59.8)
 
 
@@ -132,7 +134,8 @@ def test_open_session_heartbeats_and_end_get_durations_since_the_start() -> None
 def test_a_heartbeat_with_no_open_session_starts_one_that_began_before_it() -> None:
     heartbeat = Asking(0, "h1", at(10), Rule.OPEN_SESSION, Kind.HEARTBEAT, timedelta(seconds=60))
     answers, after = assign("inst", [Span("old", at(-40), at(-31))], [], [heartbeat])
-    assert answers[0].new and answers[0].duration == timedelta(seconds=60)
+    assert answers[0].new
+    assert answers[0].duration == timedelta(seconds=60)
     later = Asking(1, "h2", at(11), Rule.OPEN_SESSION, Kind.HEARTBEAT, timedelta(seconds=60))
     answers, _ = assign("inst", after, [], [later])
     assert answers[1].session_id == derived_session_id("inst", "h1")
@@ -195,9 +198,9 @@ def test_any_arrival_order_gives_runs_cut_into_consecutive_pieces(
     assert sorted(m for piece in pieces for m in piece) == sorted(by_id.values())
     limit = INACTIVITY_TIMEOUT.total_seconds() / 60
     for piece in pieces:
-        assert all(b - a < limit for a, b in zip(piece, piece[1:], strict=False))
+        assert all(b - a < limit for a, b in itertools.pairwise(piece))
         assert any(piece[0] >= run[0] and piece[-1] <= run[-1] for run in model)
     # Consecutive: no event of another session between a session's first and last event.
     spans = sorted((p[0], p[-1]) for p in pieces)
-    for (_, end), (start, _) in zip(spans, spans[1:], strict=False):
+    for (_, end), (start, _) in itertools.pairwise(spans):
         assert end < start
