@@ -30,7 +30,7 @@ KINDS: dict[int, Kind] = {
 # queue instead of deadlocking, and the second reads what the first stored. The key is a hash:
 # a collision only makes two installations wait for each other.
 LOCK_INSTALLATIONS = """
-    SELECT pg_advisory_xact_lock(hashtextextended($1::text || ':' || i, 0))
+    SELECT pg_advisory_xact_lock(hashtextextended($1::uuid::text || ':' || i, 0))
     FROM unnest($2::text[]) AS i
     ORDER BY i"""
 
@@ -130,6 +130,11 @@ async def derive_sessions(
     asking = [e for e in events if e.session_rule and e.installation_id]
     if not asking:
         return Derivation(list(events))
+    # Locked before anything is read, so that a concurrent retry of the same events is seen
+    # as stored here once the first commits, and shapes no session.
+    await conn.execute(
+        LOCK_INSTALLATIONS, project_id, sorted({e.installation_id or "" for e in asking})
+    )
     rows = await conn.fetch(
         SELECT_STORED_EVENTS,
         project_id,
@@ -144,7 +149,6 @@ async def derive_sessions(
     for event in asking:
         by_installation[event.installation_id or ""].append(event)
     installations = sorted(by_installation)
-    await conn.execute(LOCK_INSTALLATIONS, project_id, installations)
     rows = await conn.fetch(
         SELECT_NEARBY_SESSIONS,
         project_id,
