@@ -51,10 +51,11 @@ SELECT_STORED_EVENTS = """
     JOIN events e ON e.project_id = $1 AND e.installation_id = k.installation_id
         AND e.event_id = k.event_id"""
 
-# The new derived sessions that got rows (their events were stored) become derived.
+# The new derived sessions that got rows (their events were stored) become derived, with the
+# country of their first event's client IP ("" when unknown).
 MARK_DERIVED = """
-    UPDATE sessions s SET derived = true
-    FROM unnest($2::text[], $3::text[]) AS d(installation_id, session_id)
+    UPDATE sessions s SET derived = true, country = coalesce(s.country, nullif(d.country, ''))
+    FROM unnest($2::text[], $3::text[], $4::text[]) AS d(installation_id, session_id, country)
     WHERE s.project_id = $1 AND s.installation_id = d.installation_id
         AND s.session_id = d.session_id"""
 
@@ -94,6 +95,7 @@ class Derivation:
                 project_id,
                 [n.installation_id for n in derived],
                 [n.span.session_id for n in derived],
+                [by_index[n.index].session_country for n in derived],
             )
         starts = []
         for new in derived:
@@ -108,6 +110,7 @@ class Derivation:
                 event_time=timestamp_of(new.span.start_time),
             )
             start.session.SetInParent()
+            start.session.country = event.session_country
             starts.append(start)
         return starts
 

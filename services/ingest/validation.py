@@ -139,6 +139,9 @@ class ValidEvent:
     # pb.SessionRule for an installation's event without session_id, which ingest then derives
     # in the storing transaction (services/ingest/derived_sessions.py); 0 otherwise.
     session_rule: int = 0
+    # The country of the session this event starts, when ingest derives it (SESSION_RULE_
+    # INACTIVITY), resolved from the event's session_client_ip (then kept in `client_ip`).
+    session_country: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -602,10 +605,14 @@ def _origin(event: pb.Event) -> tuple[str | None, str | None]:
 def raw_event(event: pb.Event) -> dict[str, Any]:
     """The event as JSON for rejected_events: never the client IP, never a NUL character."""
     copy = event
-    if event.WhichOneof("payload") == "session_start" and event.session_start.client_ip:
+    if event.session_client_ip or (
+        event.WhichOneof("payload") == "session_start" and event.session_start.client_ip
+    ):
         copy = pb.Event()
         copy.CopyFrom(event)
-        copy.session_start.ClearField("client_ip")
+        copy.ClearField("session_client_ip")
+        if copy.WhichOneof("payload") == "session_start":
+            copy.session_start.ClearField("client_ip")
     try:
         as_json = json_format.MessageToDict(copy, preserving_proto_field_name=True)
     except (json_format.Error, ValueError):
@@ -710,6 +717,15 @@ class BatchValidator:
                 )
             fields: dict[str, Any] = {}
             _payload(event, fields)
+            session_rule = event.session_rule if installation_id and not session_id else 0
+            if session_rule == pb.SESSION_RULE_INACTIVITY and event.session_client_ip:
+                try:
+                    ipaddress.ip_address(event.session_client_ip)
+                except ValueError:
+                    raise Invalid(
+                        model.VALUE_INVALID, "session_client_ip", "not an IP address"
+                    ) from None
+                fields["client_ip"] = event.session_client_ip
         except Invalid as invalid:
             return reject(index, event, invalid.rejection)
         installation_values = fields.pop("installation_values", None)
@@ -723,7 +739,7 @@ class BatchValidator:
             event_time=event_time,
             session_id=session_id or None,
             installation_values=installation_values if installation_id is not None else None,
-            session_rule=event.session_rule if installation_id and not session_id else 0,
+            session_rule=session_rule,
             **fields,
         )
 
@@ -798,7 +814,10 @@ def ingested_event(
 
 
 def with_country(event: ValidEvent, country: str) -> ValidEvent:
-    """A session start with the country resolved from its client IP, and the IP dropped."""
+    """A session start with the country resolved from its client IP, and the IP dropped; for
+    an event asking for a derived session, the country of the session it may start."""
+    if event.detail_field != "session":
+        return replace(event, session_country=country, client_ip=None)
     detail = bus_pb2.SessionDetail(country=country)
     payload = {"country": country} if country else {}
     return replace(event, detail=detail, payload=payload, client_ip=None)

@@ -11,12 +11,16 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from profiles.common.v1 import types_pb2
 from profiles.ingest.v1 import ingest_service_pb2 as pb
 from profiles.ingest.v1 import ingest_service_pb2_grpc as pb_grpc
 from services.ingest.derived_sessions import derived_session_id
+from services.ingest.session_derivation import start_event_id
 from shared.clock import FrozenClock
 from tests.api.test_ingest_helpers import NOW, Ingest, custom_event
-from tests.api.test_ingest_support import running_ingest, session_event
+from tests.api.test_ingest_sessions import _tables_mentioning
+from tests.api.test_ingest_support import running_ingest, session_event, stream_events
+from tests.conftest import eventually
 
 if TYPE_CHECKING:
     from shared.settings import Settings
@@ -151,3 +155,39 @@ async def test_a_session_start_still_needs_its_session_id(ingest: Ingest) -> Non
     start = open_session(session_event("start", "i5", "", T0))
     reply = await ingest.track(start)
     assert reply.results[0].reason == "SESSION_ID_INVALID"
+
+
+async def test_a_derived_session_is_published_with_its_start_and_its_ip_country(
+    ingest: Ingest, redis_url: str, redis_prefix: str
+) -> None:
+    first = inactive("a", 0, "geo")
+    first.session_client_ip = "193.51.0.1"
+    bad = inactive("b", 1, "geo")
+    bad.session_client_ip = "300.1.2.3"
+    reply = await ingest.track(first, bad, inactive("c", 2, "geo"))
+    assert [r.reason for r in reply.results] == ["", "VALUE_INVALID", ""]
+    assert reply.results[1].field_path == "session_client_ip"
+    session_id = derived_session_id("geo", "a")
+    rows = await ingest.fetch("SELECT country FROM sessions WHERE session_id = $1", session_id)
+    assert rows[0]["country"] == "FR"
+
+    async def published() -> list[Any]:
+        return await stream_events(redis_url, redis_prefix)
+
+    await eventually(lambda: _length_is(published(), 3))
+    # Then the sweeper's end (the events are hours older than the clock): not checked here.
+    start, *events = (await published())[:3]
+    assert (start.event_id, start.kind, start.session_id) == (
+        start_event_id(session_id),
+        types_pb2.EVENT_KIND_SESSION_START,
+        session_id,
+    )
+    assert start.session.country == "FR"
+    assert start.event_time == first.event_time
+    assert [e.session_id for e in events] == [session_id, session_id]
+    ips = ["193.51.0.1", "300.1.2.3"]
+    assert await _tables_mentioning(ingest.database_url, ips) == []
+
+
+async def _length_is(items: Any, length: int) -> bool:
+    return len(await items) >= length
