@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from profiles.common.v1 import types_pb2
+from profiles.ingest.v1 import ingest_service_pb2 as ingest_pb
 from services.edge.dialects import posthog, segment
 from services.edge.names import normalize_name
 from services.edge.steps import Identify, Reject, Track, scrub
@@ -50,15 +51,16 @@ def test_segment_track_with_both_ids_logs_in_then_tracks_on_the_installation() -
     assert steps[0] == Identify(
         "23adfd82-aa0f-45a7-a756-24f2a7a4c895", "97980cfea0067", steps[0].request_id
     )
-    start, custom = [e for e in events(steps) if not e.HasField("installation_update")]
-    assert start.HasField("session_start")
-    assert start.session_start.client_ip == "108.0.78.21"
+    (custom,) = [e for e in events(steps) if not e.HasField("installation_update")]
+    # No session ID: ingest derives the session, the IP giving its country.
+    assert custom.session_id == ""
+    assert custom.session_rule == ingest_pb.SESSION_RULE_INACTIVITY
+    assert custom.session_client_ip == "108.0.78.21"
     assert custom.event_id == "ajs-f8ca1e4de5024d9430b3928bd8ac6b96"
     assert custom.installation_id == "23adfd82-aa0f-45a7-a756-24f2a7a4c895"
     assert custom.platform == types_pb2.PLATFORM_WEB
     assert custom.custom.name == "course_clicked"
     assert custom.custom.attributes["title"].string_value == "Intro to Analytics"
-    assert custom.session_id == start.session_id
     assert custom.event_time.ToDatetime(UTC) == datetime(2030, 1, 15, 11, 59, 57, tzinfo=UTC)
     assert custom.send_time.ToDatetime(UTC) == datetime(2030, 1, 15, 11, 59, 58, tzinfo=UTC)
 
@@ -70,6 +72,7 @@ def test_segment_server_side_track_has_the_custom_id_as_origin_and_no_session() 
     assert only.custom_id == "u1"
     assert only.platform == types_pb2.PLATFORM_API
     assert only.session_id == ""
+    assert only.session_rule == ingest_pb.SESSION_RULE_UNSPECIFIED
     assert only.event_time.ToDatetime(UTC) == NOW
 
 
@@ -189,14 +192,18 @@ def test_segment_context_gives_installation_details_once_per_request() -> None:
     assert (update.push_token, update.language, update.timezone) == ("abc", "fr", "Europe/Paris")
 
 
-def test_derived_sessions_follow_thirty_minute_windows_of_event_time() -> None:
+def test_events_without_sdk_session_ask_ingest_to_derive_it_and_start_none() -> None:
     times = ["2030-01-15T10:00:00Z", "2030-01-15T10:20:00Z", "2030-01-15T10:31:00Z"]
     batch = [{"type": "track", "anonymousId": "a", "event": "E", "timestamp": t} for t in times]
     found = events(segment.translate_batch({"batch": batch}, NOW).steps)
-    starts = [e for e in found if e.HasField("session_start")]
+    assert not [e for e in found if e.HasField("session_start")]
     customs = [e for e in found if e.HasField("custom")]
-    assert len(starts) == 2
-    assert customs[0].session_id == customs[1].session_id != customs[2].session_id
+    assert [(e.session_id, e.session_rule) for e in customs] == [
+        ("", ingest_pb.SESSION_RULE_INACTIVITY)
+    ] * 3
+    capture = {"api_key": "k", "event": "clicked", "distinct_id": "d", "properties": {}}
+    (one,) = [e for e in events(posthog.translate(capture, NOW).steps) if e.HasField("custom")]
+    assert (one.session_id, one.session_rule) == ("", ingest_pb.SESSION_RULE_INACTIVITY)
 
 
 # PostHog's documented capture payloads (posthog.com/docs/api/capture).

@@ -28,12 +28,14 @@ from typing import Any
 
 from profiles.common.v1 import types_pb2
 from services.edge.build import (
+    NO_SESSION,
     Details,
     Origin,
     StepBuilder,
     attribute_events,
     custom_event,
     derived_id,
+    derived_session,
     identifier,
     language_of,
     message_id,
@@ -41,7 +43,6 @@ from services.edge.build import (
     rejection,
     text,
     trait_operations,
-    window_session_id,
 )
 from services.edge.names import normalize_name
 from services.edge.platforms import platform_of
@@ -148,7 +149,7 @@ def _translate(
 
     origin = Origin(installation_id, "", platform, event_time, send_time)
     activity = name_text not in LOGIN_EVENTS and name_text not in ATTRIBUTE_ONLY_EVENTS
-    session_id = ""
+    session = NO_SESSION
     if activity:
         # Logins and $set calls often come from a server SDK on the user's behalf: they are not
         # the device's activity, so neither its details nor a session come from them.
@@ -157,8 +158,11 @@ def _translate(
             # them to its host's), not the user's device.
             builder.details(origin, _details(properties))
         ip = text(message.get("ip")) or text(properties.get("$ip")) or connection_ip
-        session = text(properties.get("$session_id"))[:64] or window_session_id(event_time)
-        session_id = builder.session(origin, session, ip)
+        sdk_session = text(properties.get("$session_id"))[:64]
+        if sdk_session:
+            session = builder.session(origin, sdk_session, ip)
+        else:  # ingest derives it (30 minutes without events): see build.py
+            session = derived_session(origin, ip)
 
     operations = []
     for key, kind in (
@@ -194,7 +198,7 @@ def _translate(
     if name_text == "$pageview" and isinstance(properties.get("$current_url"), str):
         attributes.values.setdefault("url", _url_value(properties["$current_url"]))
     label = text(properties.get("$screen_name")) if name_text == "$screen" else ""
-    builder.add(custom_event(event_id, origin, session_id, name, attributes.values, label))
+    builder.add(custom_event(event_id, origin, session, name, attributes.values, label))
 
 
 def _url_value(url: str) -> types_pb2.AttributeValue:
