@@ -337,3 +337,29 @@ def test_logins_of_a_batch_of_users_go_out_together_before_their_events() -> Non
     assert kinds(steps) == ["Identify", "Identify", "Identify", "Track", "Identify"]
     # a0's second login waits for a0's events sent before it.
     assert steps[4] == Identify("a0", "other", steps[4].request_id)  # type: ignore[union-attr]
+
+
+def test_posthog_push_subscriptions_set_and_clear_the_installations_token() -> None:
+    body = {
+        "api_key": "phc_key",
+        "distinct_id": "user-1",
+        "device_token": "fcm-token",
+        "platform": "android",
+        "app_id": "my-firebase-project",
+    }
+    subscription = posthog.push_subscription_of(body)
+    register = posthog.translate_push_subscription(subscription, NOW, register=True)
+    (added,) = events(register.steps)
+    (removed,) = events(
+        posthog.translate_push_subscription(subscription, NOW, register=False).steps
+    )
+    assert (added.installation_id, added.platform) == ("user-1", types_pb2.PLATFORM_ANDROID)
+    assert added.installation_update.push_token == "fcm-token"
+    assert added.installation_update.push_opt_in
+    assert removed.installation_update.HasField("push_token")
+    assert removed.installation_update.push_token == ""
+    assert not removed.installation_update.push_opt_in
+    assert added.event_id != removed.event_id
+    again = events(posthog.translate_push_subscription(subscription, NOW, register=True).steps)
+    assert again[0].event_id == added.event_id  # a retry is stored once
+    assert "fcm-token" not in repr(subscription)
