@@ -150,12 +150,20 @@ def make_work_dir(stack: contextlib.ExitStack) -> Path:
 
 
 def start_backends(
-    stack: contextlib.ExitStack, work_dir: Path, database_url: str | None, redis_url: str | None
+    stack: contextlib.ExitStack,
+    work_dir: Path,
+    database_url: str | None,
+    redis_url: str | None,
+    *,
+    postgres_settings: Mapping[str, str] | None = None,
 ) -> Backends:
-    """Embedded PostgreSQL and Redis in work_dir (Unix sockets only), unless URLs are given."""
+    """Embedded PostgreSQL and Redis in work_dir (Unix sockets only), unless URLs are given;
+    `postgres_settings` go to the embedded PostgreSQL only."""
     embedded = not (database_url and redis_url)
     if not database_url:
-        postgres = EmbeddedPostgres(work_dir / "postgres", fast_unsafe=True)
+        postgres = EmbeddedPostgres(
+            work_dir / "postgres", fast_unsafe=True, settings=postgres_settings
+        )
         stack.callback(postgres.stop)  # registered first: stop is idempotent, start may fail
         database_url = postgres.start()
     if not redis_url:

@@ -1,9 +1,16 @@
 """The asyncpg pool and the versioned migrations every service applies at start-up.
 
-Migrations are numbered `.sql` files in shared/migrations, applied in order under a session-level
-advisory lock (so several processes starting at once apply each file exactly once), each in its
-own transaction, and recorded with a checksum: an applied file that was edited afterwards stops
-start-up instead of leaving the schema in an unknown state.
+Each owner keeps its schema next to its code: the suite's own tables (projects, keys, settings,
+the outbox) in shared/schema, each service's tables, functions and triggers in
+services/<owner>/schema. A migration is a `NNNN_name.sql` file in its owner's folder; the version
+numbers are one global sequence across all owners (1..N, no gaps, no repeats), because owners'
+objects depend on each other's (identity's profiles reference shared's projects, ingest's events
+reference identity's profiles), and every process applies all of them in that order. They run
+under a session-level advisory lock (so several processes starting at once apply each file
+exactly once), each in its own transaction, and are recorded with a checksum: an applied file that
+was edited afterwards stops start-up instead of leaving the schema in an unknown state. Moving a
+file between owners' folders changes nothing for a database that already applied it (the version,
+name and content are what is recorded).
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +27,10 @@ import structlog
 
 log = structlog.get_logger(__name__)
 
-MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+# shared/ and services/ are sibling packages, in a checkout as in site-packages. The runner finds
+# the owners' folders by that layout, not by importing the services (shared knows no service).
+SHARED_SCHEMA_DIR = Path(__file__).resolve().parent / "schema"
+SERVICES_DIR = Path(__file__).resolve().parent.parent / "services"
 # Any constant works as long as nothing else in the database uses it; this is "profiles" in ASCII.
 MIGRATION_LOCK_ID = 0x70726F66696C6573
 
@@ -51,22 +62,43 @@ class Migration:
         return hashlib.sha256(self.sql.encode()).hexdigest()
 
 
-def load_migrations(directory: Path = MIGRATIONS_DIR) -> list[Migration]:
+def schema_directories() -> list[Path]:
+    """Every owner's migration folder: shared's, then each service's that has one."""
+    return [SHARED_SCHEMA_DIR, *sorted(p for p in SERVICES_DIR.glob("*/schema") if p.is_dir())]
+
+
+def migration_paths(directories: Path | Sequence[Path] | None = None) -> list[Path]:
+    """The migration files of the given folders (default: every owner's), in version order."""
+    if directories is None:
+        directories = schema_directories()
+    elif isinstance(directories, Path):
+        directories = [directories]
+    paths = [path for directory in directories for path in directory.glob("*.sql")]
+    for path in paths:
+        if _FILE_NAME.match(path.name) is None:
+            raise MigrationError(f"migration file name not NNNN_name.sql: {path}")
+    return sorted(paths, key=lambda path: (path.name, str(path)))
+
+
+def load_migrations(directories: Path | Sequence[Path] | None = None) -> list[Migration]:
     migrations = []
-    for path in sorted(directory.glob("*.sql")):
+    for path in migration_paths(directories):
         match = _FILE_NAME.match(path.name)
-        if match is None:
-            raise MigrationError(f"migration file name not NNNN_name.sql: {path.name}")
+        assert match is not None  # checked by migration_paths
         migrations.append(Migration(int(match[1]), match[2], path.read_text()))
     versions = [m.version for m in migrations]
     if versions != list(range(1, len(versions) + 1)):
-        raise MigrationError(f"migration versions must be 1..N without gaps: {versions}")
+        raise MigrationError(
+            "migration versions must be 1..N across all owners, without gaps or repeats:"
+            f" {versions}"
+        )
     return migrations
 
 
-async def migrate(database_url: str, directory: Path = MIGRATIONS_DIR) -> list[int]:
-    """Applies the migrations not yet applied; returns their versions. Safe to run concurrently."""
-    migrations = load_migrations(directory)
+async def migrate(database_url: str, directories: Path | Sequence[Path] | None = None) -> list[int]:
+    """Applies the migrations not yet applied (of every owner's folder unless folders are given);
+    returns their versions. Safe to run concurrently."""
+    migrations = load_migrations(directories)
     conn = await asyncpg.connect(database_url)
     try:
         await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_ID)

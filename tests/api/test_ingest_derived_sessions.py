@@ -17,10 +17,10 @@ from profiles.ingest.v1 import ingest_service_pb2_grpc as pb_grpc
 from services.ingest.derived_sessions import derived_session_id
 from services.ingest.session_derivation import start_event_id
 from shared.clock import FrozenClock
-from tests.api.test_ingest_helpers import NOW, Ingest, custom_event
 from tests.api.test_ingest_sessions import _tables_mentioning
-from tests.api.test_ingest_support import running_ingest, session_event, stream_events
 from tests.conftest import eventually
+from tests.support.ingest import NOW, Ingest, custom_event
+from tests.support.ingest_running import running_ingest, session_event, stream_events
 
 if TYPE_CHECKING:
     from shared.settings import Settings

@@ -11,7 +11,7 @@ import pytest
 from profiles.cli import build_parser
 from profiles.demo import run_demo
 from profiles.importer import run_import
-from tests.api.test_ingest_helpers import Ingest
+from tests.support.ingest import Ingest
 
 if TYPE_CHECKING:
     from shared.settings import Settings

@@ -13,7 +13,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from shared.db import MIGRATIONS_DIR, migrate
+from shared.db import migrate, migration_paths
 from tests.conftest import with_database
 
 REPLAY_MIGRATION = "0010_attribute_replay.sql"
@@ -57,7 +57,7 @@ async def database_before_replay(
     name = f"m_{uuid.uuid4().hex}"
     directory = tmp_path / "migrations"
     directory.mkdir()
-    for path in sorted(MIGRATIONS_DIR.glob("*.sql")):
+    for path in migration_paths():
         if path.name < REPLAY_MIGRATION:
             shutil.copy(path, directory / path.name)
     admin = await asyncpg.connect(postgres_server_url)
@@ -78,7 +78,8 @@ async def test_stored_state_replays_to_the_same_values_and_takes_late_operations
     conn = await asyncpg.connect(url)
     try:
         await conn.execute(OLD_ROWS, PROJECT, SOURCE, T[1], T[2], T[3], TARGET)
-        shutil.copy(MIGRATIONS_DIR / REPLAY_MIGRATION, directory / REPLAY_MIGRATION)
+        (replay,) = (path for path in migration_paths() if path.name == REPLAY_MIGRATION)
+        shutil.copy(replay, directory / REPLAY_MIGRATION)
         await migrate(url, directory)
         rows = [tuple(r) for r in await conn.fetch(STATE, PROJECT, SOURCE)]
         assert rows == [

@@ -11,7 +11,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from shared.db import MIGRATIONS_DIR, MigrationError, load_migrations, migrate
+from shared.db import MigrationError, load_migrations, migrate, migration_paths
 from tests.conftest import with_database
 
 # Tables that are not a tenant's data, so their key need not start with project_id.
@@ -92,7 +92,9 @@ async def test_the_schema_is_the_one_the_files_describe(empty_database_url: str)
 
 async def test_an_edited_migration_stops_start_up(empty_database_url: str, tmp_path: Path) -> None:
     copy = tmp_path / "migrations"
-    shutil.copytree(MIGRATIONS_DIR, copy)
+    copy.mkdir()
+    for path in migration_paths():
+        shutil.copy(path, copy / path.name)
     await migrate(empty_database_url, copy)
     first = sorted(copy.glob("*.sql"))[0]
     first.write_text(first.read_text() + "\n-- edited\n")
@@ -103,3 +105,29 @@ async def test_an_edited_migration_stops_start_up(empty_database_url: str, tmp_p
 def test_migration_files_are_numbered_without_gaps() -> None:
     migrations = load_migrations()
     assert [m.version for m in migrations] == list(range(1, len(migrations) + 1))
+
+
+async def test_a_database_migrated_in_one_folder_upgrades_in_place_from_owners_folders(
+    empty_database_url: str, postgres_server_url: str, tmp_path: Path
+) -> None:
+    """Until 0012 every migration lived in one folder, shared/migrations; moving each to its
+    owner's folder must leave a database migrated through 0009 (the last before the move was
+    planned) with only the later versions to apply, and the same schema as a fresh one."""
+    flat = tmp_path / "migrations"
+    flat.mkdir()
+    for path in migration_paths():
+        if int(path.name[:4]) <= 9:
+            shutil.copy(path, flat / path.name)
+    assert await migrate(empty_database_url, flat) == list(range(1, 10))
+    later = [m.version for m in load_migrations() if m.version > 9]
+    assert await migrate(empty_database_url) == later
+    name = f"m_{uuid.uuid4().hex}"
+    admin = await asyncpg.connect(postgres_server_url)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        fresh = with_database(postgres_server_url, name)
+        await migrate(fresh)
+        assert await schema_of(empty_database_url) == await schema_of(fresh)
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
