@@ -41,10 +41,14 @@ def custom_payload(detail: bus_pb2.CustomEventDetail) -> dict[str, Any]:
 def raw_event(event: pb.Event) -> dict[str, Any]:
     """The event as JSON for rejected_events: never the client IP, never a NUL character."""
     copy = event
-    if event.WhichOneof("payload") == "session_start" and event.session_start.client_ip:
+    if event.session_client_ip or (
+        event.WhichOneof("payload") == "session_start" and event.session_start.client_ip
+    ):
         copy = pb.Event()
         copy.CopyFrom(event)
-        copy.session_start.ClearField("client_ip")
+        copy.ClearField("session_client_ip")
+        if copy.WhichOneof("payload") == "session_start":
+            copy.session_start.ClearField("client_ip")
     try:
         as_json = json_format.MessageToDict(copy, preserving_proto_field_name=True)
     except (json_format.Error, ValueError):

@@ -40,6 +40,7 @@ from services.ingest.repository import (
     OperationRow,
     TransactionConflict,
 )
+from services.ingest.session_derivation import derive_sessions
 from services.ingest.tokens import PushTokens, TokenResult
 from services.ingest.validation import (
     BatchValidator,
@@ -143,6 +144,8 @@ class _Stored:
     ingested: list[bus_pb2.IngestedEvent] = field(default_factory=list)
     # (SDK installation, imported installation holding its push token) to fold after commit.
     reintegrations: list[tuple[str, str]] = field(default_factory=list)
+    # Session starts of the sessions ingest derived (session_derivation), published first.
+    derived_starts: list[bus_pb2.IngestedEvent] = field(default_factory=list)
 
 
 class IngestService:
@@ -329,14 +332,18 @@ class IngestService:
         for attempt in range(1, MAX_TRANSACTION_ATTEMPTS + 1):
             try:
                 async with self._repository.transaction() as conn:
+                    derived = await derive_sessions(conn, project_id, events)
                     stored = await self._store(
-                        conn, project_id, receive_time, imported, events, profiles, by_index
+                        conn, project_id, receive_time, imported, derived.events, profiles, by_index
                     )
+                    stored.derived_starts = await derived.record(conn, project_id, stored.accepted)
                     all_rejected = [*rejected, *stored.late_rejections]
                     await self._repository.insert_rejected_events(
                         conn, project_id, receive_time, all_rejected
                     )
-                    await self._enqueue(conn, project_id, receive_time, imported, events, stored)
+                    await self._enqueue(
+                        conn, project_id, receive_time, imported, derived.events, stored
+                    )
             except TransactionConflict:
                 if attempt == MAX_TRANSACTION_ATTEMPTS:
                     raise
@@ -542,7 +549,7 @@ class IngestService:
         accepted = stored.accepted
         countries = stored.session_countries
         profile_ids: dict[UUID, str] = {}
-        ingested = []
+        ingested = list(stored.derived_starts)
         for event in events:
             profile_id = accepted.get(event.index)
             if profile_id is None:

@@ -136,6 +136,12 @@ class ValidEvent:
     # Session start without a country: the client IP to resolve the country from, then drop.
     # Never stored, logged or published (neither `detail` nor `payload` holds it).
     client_ip: str | None = field(default=None, repr=False)
+    # pb.SessionRule for an installation's event without session_id, which ingest then derives
+    # in the storing transaction (services/ingest/derived_sessions.py); 0 otherwise.
+    session_rule: int = 0
+    # The country of the session this event starts, when ingest derives it (SESSION_RULE_
+    # INACTIVITY), resolved from the event's session_client_ip (then kept in `client_ip`).
+    session_country: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -467,7 +473,13 @@ def _payload(event: pb.Event, fields: dict[str, Any]) -> None:
         fields["name"], detail, payload = _custom(event)
         fields["detail_field"] = "custom"
     elif which.startswith("session_"):
-        if not event.session_id:
+        # Heartbeats and ends of an installation may ask for its open session instead.
+        open_session = (
+            which != "session_start"
+            and event.session_rule == pb.SESSION_RULE_OPEN_SESSION
+            and event.WhichOneof("origin") == "installation_id"
+        )
+        if not event.session_id and not open_session:
             raise Invalid(model.SESSION_ID_INVALID, "session_id", f"{which} needs a session_id")
         fields["detail_field"] = "session"
         if which == "session_start":
@@ -651,6 +663,15 @@ class BatchValidator:
                 )
             fields: dict[str, Any] = {}
             _payload(event, fields)
+            session_rule = event.session_rule if installation_id and not session_id else 0
+            if session_rule == pb.SESSION_RULE_INACTIVITY and event.session_client_ip:
+                try:
+                    ipaddress.ip_address(event.session_client_ip)
+                except ValueError:
+                    raise Invalid(
+                        model.VALUE_INVALID, "session_client_ip", "not an IP address"
+                    ) from None
+                fields["client_ip"] = event.session_client_ip
         except Invalid as invalid:
             return reject(index, event, invalid.rejection)
         installation_values = fields.pop("installation_values", None)
@@ -664,6 +685,7 @@ class BatchValidator:
             event_time=event_time,
             session_id=session_id or None,
             installation_values=installation_values if installation_id is not None else None,
+            session_rule=session_rule,
             **fields,
         )
 
@@ -713,7 +735,10 @@ def validate_event(
 
 
 def with_country(event: ValidEvent, country: str) -> ValidEvent:
-    """A session start with the country resolved from its client IP, and the IP dropped."""
+    """A session start with the country resolved from its client IP, and the IP dropped; for
+    an event asking for a derived session, the country of the session it may start."""
+    if event.detail_field != "session":
+        return replace(event, session_country=country, client_ip=None)
     detail = bus_pb2.SessionDetail(country=country)
     payload = {"country": country} if country else {}
     return replace(event, detail=detail, payload=payload, client_ip=None)
