@@ -26,12 +26,14 @@ import asyncio
 import contextlib
 import random
 import re
+import sys
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 from bench.common import (
     BenchError,
@@ -42,12 +44,14 @@ from bench.common import (
     LoadResult,
     add_backend_arguments,
     alternate,
+    child_env,
     create_project,
     free_port,
     make_work_dir,
     print_figures,
     run_main,
     start_backends,
+    start_process,
     start_service_process,
     suite_settings,
     wait_http,
@@ -64,6 +68,21 @@ from shared.logging import configure_logging
 BENCH = "console"
 SERVICES = ("query", "segments", "identity")
 COOKIE = "profiles_console_session"
+# The console under cProfile (--profile-console), timed by its main thread's CPU time (the
+# event loop's waits are left out; gRPC's own threads are not seen): the stats are written when it
+# stops. uvicorn re-raises the SIGTERM it caught once its graceful stop is done, which would end
+# the process before they are: here that re-raise is a no-op, so the process returns normally.
+PROFILED_CONSOLE = """
+import cProfile, signal, sys, time
+from services.console.app import run_console
+from shared.settings import Settings
+signal.raise_signal = lambda signum: None
+profiler = cProfile.Profile(time.thread_time)
+try:
+    profiler.runcall(run_console, Settings.from_env())
+finally:
+    profiler.dump_stats(sys.argv[1])
+"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,6 +260,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, help="requests in flight at most (8)")
     parser.add_argument("--duration", type=float, help="seconds per round and target (10 / 4)")
     parser.add_argument("--rounds", type=int, help="rounds per target (3 / 2)")
+    parser.add_argument(
+        "--profile-console",
+        metavar="FILE",
+        help="run the console under cProfile and write its stats to FILE (read them with"
+        " `python -m pstats FILE`); its figures are then slower than without",
+    )
     return parser.parse_args(argv)
 
 
@@ -287,7 +312,19 @@ def main(argv: list[str] | None = None) -> int:
         for name in SERVICES:
             process = start_service_process(stack, name, settings, work_dir)
             asyncio.run(wait_serving(addresses[name], process))
-        console = start_service_process(stack, "console", settings, work_dir)
+        if args.profile_console:
+            command = [
+                sys.executable,
+                "-c",
+                PROFILED_CONSOLE,
+                str(Path(args.profile_console).resolve()),
+            ]
+            console = start_process(
+                stack,
+                ChildProcess("console", command, child_env(settings), work_dir / "console.log"),
+            )
+        else:
+            console = start_service_process(stack, "console", settings, work_dir)
         base_url = f"http://127.0.0.1:{settings.console_port}"
         wait_http(f"{base_url}/healthz", console)
         session_id = sign_in(base_url, project.keys["read"])
