@@ -122,6 +122,7 @@ def templates() -> Jinja2Templates:
         "filter_words",
         "iso",
         "gauge_arc",
+        "breakdown_value",
     ):
         environment.filters[name] = getattr(present, name)
     environment.globals["display_name"] = present.display_name

@@ -17,7 +17,7 @@ from typing import Any
 from google.protobuf import duration_pb2, timestamp_pb2
 
 from profiles.common.v1 import types_pb2
-from profiles.query.v1 import profile_pb2, query_service_pb2, timeline_pb2
+from profiles.query.v1 import overview_pb2, profile_pb2, query_service_pb2, timeline_pb2
 from profiles.segments.v1 import filters_pb2
 
 PLATFORMS = {"all": 0, "ios": 1, "android": 2, "web": 3}
@@ -140,6 +140,23 @@ def user_rows(rows: Iterable[query_service_pb2.ProfileRow]) -> list[UserRow]:
             )
         )
     return found
+
+
+# The platform breakdown's values are the enum's names (PLATFORM_IOS).
+_PLATFORM_BY_NAME = {
+    name: PLATFORM_LABELS.get(number, name) for name, number in types_pb2.Platform.items()
+}
+
+
+def breakdown_value(item: overview_pb2.ValueCount) -> str:
+    """A native segment's value as a person reads it: 'Web' for PLATFORM_WEB, and an app
+    version with its platform ('4.2.0 (iOS)'), since the same version number on two platforms
+    is two rows."""
+    if item.value in _PLATFORM_BY_NAME:
+        return _PLATFORM_BY_NAME[item.value]
+    if item.platform:
+        return f"{item.value} ({PLATFORM_LABELS.get(item.platform, '?')})"
+    return item.value
 
 
 def attribute_value(value: types_pb2.AttributeValue) -> str:

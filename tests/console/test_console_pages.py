@@ -228,6 +228,15 @@ async def test_the_overview_switches_platform(page: Any, console_suite: ConsoleS
     )
     everything = await query(console_suite, "GetOverview", query_pb.GetOverviewRequest())
     await expect(page.locator("#installs")).to_have_text(str(everything.overview.install_count))
+    # Native segments read as words: platforms by name, an app version with its platform.
+    platforms = page.locator("table.breakdown", has=page.locator("caption", has_text="Platform"))
+    await expect(platforms.locator("tbody td:first-child").first).to_have_text(
+        re.compile(r"^(iOS|Android|Web)$")
+    )
+    versions = page.locator("table.breakdown", has=page.locator("caption", has_text="App version"))
+    await expect(versions.locator("tbody td:first-child").first).to_have_text(
+        re.compile(r"^\S+ \((iOS|Android|Web)\)$")
+    )
     await page.get_by_role("link", name="iOS", exact=True).click()
     await expect(page).to_have_url(re.compile(r"/overview\?platform=ios$"))
     await expect(page.locator("#installs")).to_have_text(str(ios.overview.install_count))

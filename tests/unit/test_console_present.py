@@ -7,8 +7,8 @@ from datetime import UTC, datetime
 from google.protobuf import duration_pb2, timestamp_pb2
 
 from profiles.common.v1 import types_pb2
+from profiles.query.v1 import overview_pb2, timeline_pb2
 from profiles.query.v1 import query_service_pb2 as query_pb
-from profiles.query.v1 import timeline_pb2
 from profiles.segments.v1 import filters_pb2
 from services.console import present
 from services.console.pages import _safe_next, lookups
@@ -73,6 +73,13 @@ def test_a_users_table_row_marks_user_details_without_a_custom_id() -> None:
     assert line.segment == "Engaged · Risky Engaged"
     (nothing,) = present.user_rows([bare])
     assert (nothing.name, nothing.device, nothing.platform) == ("Anonymous 01234567", "—", "")
+
+
+def test_a_native_segment_value_reads_as_words() -> None:
+    assert present.breakdown_value(overview_pb2.ValueCount(value="PLATFORM_WEB")) == "Web"
+    version = overview_pb2.ValueCount(value="4.2.0", platform=types_pb2.PLATFORM_IOS)
+    assert present.breakdown_value(version) == "4.2.0 (iOS)"
+    assert present.breakdown_value(overview_pb2.ValueCount(value="fr")) == "fr"
 
 
 def test_a_segment_definition_reads_as_a_sentence() -> None:
