@@ -1,6 +1,7 @@
 """Console benchmark: the profile page and the users table against the gRPC calls they make.
 
     python -m bench.console [--quick | --smoke] [--rate R] [--concurrency C] [--duration S]
+                            [--profile-console FILE]
 
 Bulk-loads a project as bench.query does (full: 100,000 profiles and 1,000,000 events; --quick:
 10,000 and 100,000; --smoke: 500 and 2,500, a check that it runs), with the shop's two funnels,
@@ -17,6 +18,8 @@ fixed rate and concurrency, in alternating rounds, from one client process:
 The aim is a page at most 1.5x the sum of its calls (the console's own cost: HTTP, session
 lookup in Redis, rendering). Page weight (HTML plus the CSS and script it loads) is printed
 beside it. Times are measured by this client on loopback, so they include the HTTP hop.
+--profile-console FILE runs the console under cProfile (its main thread's CPU time) and writes
+the stats to FILE for `python -m pstats FILE`: where the console's own share goes.
 """
 
 from __future__ import annotations

@@ -356,7 +356,7 @@ async def test_the_segments_page_streams_entries_and_exits(
 
 PAGES = (
     ("overview", "/overview"),
-    ("users", "/users?tab=identified"),
+    ("users", "/users"),
     ("profile", None),
     ("segments", "/segments"),
     ("rejected", "/rejected"),
