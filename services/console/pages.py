@@ -400,7 +400,7 @@ async def users_page(request: Request, session: ConsoleSession) -> Response:
             "segment": segment,
             "platform": platform_name,
             "platforms": list(present.PLATFORMS),
-            "rows": reply.profiles,
+            "rows": present.user_rows(reply.profiles),
             "next_page": link(page_token=reply.next_page_token) if reply.next_page_token else "",
             "first_page": link() if page_token else "",
             "link": link,

@@ -528,7 +528,8 @@ PROFILE_ROWS_FROM = """
            coalesce(q.device_model, '') AS device_model, q.device_platform::int AS platform,
            q.last_seen, q.session_count, q.time_spent_ms, coalesce(q.country, '') AS country,
            coalesce(sg.segment, 0)::int AS smart_segment,
-           coalesce(sg.flag, 0)::int AS smart_segment_flag, q.{column} AS sort_value
+           coalesce(sg.flag, 0)::int AS smart_segment_flag, q.has_details,
+           q.{column} AS sort_value
     FROM query_profiles q
     LEFT JOIN LATERAL (
         SELECT CASE WHEN s.next_transition_time > $2 THEN s.segment ELSE u.segment END AS segment,
@@ -1450,6 +1451,7 @@ class QueryReads:
                     country=r["country"],
                     smart_segment=r["smart_segment"],
                     smart_segment_flag=r["smart_segment_flag"],
+                    has_user_details=r["has_details"],
                 ),
             )
             for r in rows

@@ -337,6 +337,52 @@ async def test_the_users_table_filters_sorts_and_never_repeats(suite: Suite) -> 
     assert violations(caught.value) == ["segment_id"]
 
 
+async def test_a_users_table_row_tells_whether_the_profile_has_user_details(suite: Suite) -> None:
+    # Countly's users table marks a person known by their details (a name, an email, a phone)
+    # though not by a custom ID: the row carries that fact, the same one the filter selects.
+    installs = [new_id() for _ in range(6)]
+    details = {
+        0: [op("set", "EMAIL", "ana@example.com")],  # an email only: no name to show
+        1: [op("set", "PHONE", "+33612345678")],
+        2: [op("set", "FIRST_NAME", "Bo")],
+        3: [op("set", "EMAIL", "gone@example.com")],  # then unset: no details left
+        4: [op("set", "LANGUAGE", "fr")],  # a native attribute that is not a user detail
+    }
+    for n, inst in enumerate(installs):
+        at = NOW - timedelta(hours=n + 1)
+        operations = details.get(n)
+        await suite.track(
+            attribute_event(inst, operations, time=at)
+            if operations
+            else custom_event(inst, time=at)
+        )
+    await suite.track(
+        attribute_event(installs[3], [op("unset", "EMAIL")], time=NOW - timedelta(minutes=30))
+    )
+    await suite.identity.identify(installs[0], "ana-1")  # details and a custom ID
+    ids = [await suite.identity.profile_of(i) for i in installs]
+    await suite.settle()
+
+    rows = await pages(suite, "ListProfiles", pb.ListProfilesRequest(page_size=4), "profiles")
+    flags = {r.profile_id: (r.has_user_details, r.anonymous) for r in rows}
+    assert flags == {
+        ids[0]: (True, False),
+        ids[1]: (True, True),
+        ids[2]: (True, True),
+        ids[3]: (False, True),
+        ids[4]: (False, True),
+        ids[5]: (False, True),
+    }
+    selected = await pages(
+        suite,
+        "ListProfiles",
+        pb.ListProfilesRequest(identity_filter=pb.PROFILE_IDENTITY_FILTER_HAS_USER_DETAILS),
+        "profiles",
+    )
+    assert {r.profile_id for r in selected} == {p for p, (has, _) in flags.items() if has}
+    assert all(r.has_user_details for r in selected)
+
+
 async def test_the_users_table_shows_profiles_never_seen_last_in_both_orders(suite: Suite) -> None:
     seen = [new_id() for _ in range(2)]
     for n, inst in enumerate(seen):
