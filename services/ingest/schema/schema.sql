@@ -100,12 +100,7 @@ CREATE TABLE profile_attributes (
     update_time timestamp with time zone NOT NULL,
     CONSTRAINT profile_attributes_pkey PRIMARY KEY (project_id, profile_id, native, name)
 );
--- Query's read support and its own projection.
---
--- This index on ingest's profile_attributes changes no row and no rule; it only makes
--- GetProfile's lookup by email or phone (a native attribute value: emails are stored
--- lower-case, phones in E.164) a key lookup instead of a scan of the project's attributes.
-CREATE INDEX query_attributes_by_native_value ON profile_attributes USING btree (project_id, name, ((value ->> 'value'::text))) WHERE native;
+CREATE INDEX profile_attributes_by_native_value ON profile_attributes USING btree (project_id, name, ((value ->> 'value'::text))) WHERE native;
 
 -- Per profile, channel (email, sms, push) and kind (marketing, transactional): the latest
 -- explicit change by event time. No row means no recorded change.
@@ -505,3 +500,11 @@ CREATE TRIGGER profile_event_counts_delete AFTER DELETE ON events REFERENCING OL
 CREATE TRIGGER profile_event_counts_insert AFTER INSERT ON events REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION profile_event_counts_apply();
 CREATE TRIGGER profile_event_counts_truncate AFTER TRUNCATE ON events FOR EACH STATEMENT EXECUTE FUNCTION profile_event_counts_apply();
 CREATE TRIGGER profile_event_counts_update AFTER UPDATE ON events REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION profile_event_counts_apply();
+
+
+-- ============================================================================================
+-- Comments
+-- ============================================================================================
+
+COMMENT ON INDEX events_custom_by_name IS 'Custom events (kind 1) by profile, name and time: a funnel step''s occurrences in time order (segments'' funnel progress), index-only when the step has no condition.';
+COMMENT ON INDEX profile_attributes_by_native_value IS 'A native attribute by value (emails lower-case, phones E.164): GetProfile''s lookup by email or phone (query) is a key lookup instead of a scan of the project''s attributes.';
