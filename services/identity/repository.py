@@ -232,56 +232,19 @@ SAVE_REQUEST = """
         WHERE identity_requests.create_time <= $7
     RETURNING 1"""
 
-# The columns that tie a row to a profile, an installation or a custom ID, in every base table of
-# the schema. Read once at start-up (migrations are applied before any service starts), so
-# tables added by other services (events, attributes, subscriptions, sessions, segments...) are
-# moved by merges and purged by erasures without identity knowing them.
-SELECT_KEYED_COLUMNS = """
-    SELECT c.table_name, c.column_name
-    FROM information_schema.columns c
-    JOIN information_schema.tables t
-        ON t.table_schema = c.table_schema AND t.table_name = c.table_name
-    WHERE c.table_schema = current_schema() AND t.table_type = 'BASE TABLE'
-        AND c.column_name IN ('project_id', 'profile_id', 'installation_id', 'custom_id')
-    ORDER BY c.table_name, c.column_name"""
-
-# A table whose key includes profile_id (say, one row per profile and attribute) cannot just be
-# updated: the target may have the same key. Its owner then defines a function
-# `profiles_merge_<table>(project_id uuid, source uuid, target uuid)` that applies its merge
-# rules; identity calls it instead of MOVE_PROFILE_ROWS, in the merge's transaction. Likewise
-# `profiles_erase_<table>(project_id uuid, profile_ids uuid[])` replaces the plain DELETE of an
-# erasure (for an owner that must keep or announce something); both run in identity's
-# transaction.
-SELECT_MERGE_FUNCTIONS = r"""
-    SELECT p.proname FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
-    WHERE n.nspname = current_schema()
-        AND (p.proname LIKE 'profiles\_merge\_%' OR p.proname LIKE 'profiles\_erase\_%')"""
-MERGE_FUNCTION_PREFIX = "profiles_merge_"
-ERASE_FUNCTION_PREFIX = "profiles_erase_"
-
-# Format templates; names come from the catalog (SELECT_KEYED_COLUMNS) and are quoted.
-MOVE_PROFILE_ROWS = """
-    UPDATE {table} SET profile_id = $3 WHERE project_id = $1 AND profile_id = $2"""
-CALL_MERGE_FUNCTION = "SELECT {function}($1, $2, $3)"
-ERASE_PROFILE_ROWS = "DELETE FROM {table} WHERE project_id = $1 AND profile_id = ANY($2::uuid[])"
-CALL_ERASE_FUNCTION = "SELECT {function}($1, $2::uuid[])"
-# Tables without profile_id but keyed by installation (installation_details) or naming a custom
-# ID (rejected_events): an erasure removes the rows of the unlinked installations and of the
-# erased custom IDs.
-ERASE_INSTALLATION_ROWS = (
-    "DELETE FROM {table} WHERE project_id = $1 AND installation_id = ANY($2::text[])"
-)
-ERASE_CUSTOM_ID_ROWS = "DELETE FROM {table} WHERE project_id = $1 AND custom_id = ANY($2::text[])"
-
-# identity's own tables with a profile_id column, handled by its own statements above; the
-# outbox keeps its rows' profile_id (a merge must not wait for the relay's row locks, and an
-# erasure purges by tombstone IDs too).
-IDENTITY_OWNED_TABLES = frozenset({"profiles", "installations", "outbox"})
-# Tables an erasure handles with statements of its own (below) rather than generically: events
-# become bare dedupe markers; aliases, installations and profiles go last, for their foreign keys.
-ERASURE_OWN_TABLES = frozenset(
-    {"profiles", "installations", "custom_id_aliases", "events", "outbox"}
-)
+# The profile hooks other owners declared in their migrations (shared/schema, profile_hooks):
+# identity moves and erases other owners' rows only through these functions, in the merge's or
+# erasure's transaction, in this order. Read once at start-up (migrations are applied before any
+# service starts). Identity's own tables (profiles, installations, aliases, changes, answers)
+# are handled by its own statements here, and the outbox keeps its rows' profile_id (a merge
+# must not wait for the relay's row locks; an erasure purges by tombstone IDs too).
+SELECT_PROFILE_HOOKS = """
+    SELECT kind, function_name FROM profile_hooks ORDER BY kind, run_order, function_name"""
+MERGE_HOOK = "merge"
+ERASE_HOOK = "erase"
+# Format templates; function names come from the registry and are quoted.
+CALL_MERGE_HOOK = "SELECT {function}($1, $2, $3)"
+CALL_ERASE_HOOK = "SELECT {function}($1, $2::uuid[], $3::text[], $4::text[])"
 
 # -- DeleteProfile ---------------------------------------------------------------------------
 # The tombstones of the profile being erased, locked after it: only a transaction holding the
@@ -298,36 +261,10 @@ SELECT_ALIASES = """
     ORDER BY custom_id"""
 
 # The custom IDs on the erased profiles' server-side events (their own and their aliases'), to
-# be replaced by keyed markers.
-SELECT_EVENT_CUSTOM_IDS = """
-    SELECT DISTINCT custom_id FROM events
-    WHERE project_id = $1 AND profile_id = ANY($2::uuid[]) AND custom_id IS NOT NULL"""
-
-# A custom ID erased before (quarantine over, then used and erased again) already left markers
-# with the same key: those events are simply dropped, the older marker keeps deduplicating.
-DELETE_SHADOWED_EVENTS = """
-    DELETE FROM events e
-    USING unnest($3::text[], $4::text[]) AS m(custom_id, marker)
-    WHERE e.project_id = $1 AND e.profile_id = ANY($2::uuid[]) AND e.custom_id = m.custom_id
-        AND EXISTS (
-            SELECT 1 FROM events o
-            WHERE o.project_id = $1 AND o.custom_id = m.marker AND o.event_id = e.event_id
-        )"""
-
-# Erased events become bare dedupe markers: the origin (installation ID, or for a server-side
-# event a keyed hash of its custom ID) and the event ID stay, so an SDK retrying an old batch is
-# answered DUPLICATE and stores nothing; everything else goes. NOT NULL columns get neutral
-# values: kind and platform 0 (UNSPECIFIED), event_time the receive time (kept so markers can
-# be pruned by age one day).
-STRIP_EVENTS = """
-    UPDATE events e SET
-        custom_id = CASE WHEN e.custom_id IS NULL THEN NULL ELSE (
-            SELECT m.marker FROM unnest($3::text[], $4::text[]) AS m(custom_id, marker)
-            WHERE m.custom_id = e.custom_id
-        ) END,
-        profile_id = NULL, kind = 0, name = NULL, event_time = e.receive_time,
-        session_id = NULL, platform = 0, payload = NULL, imported = false
-    WHERE e.project_id = $1 AND e.profile_id = ANY($2::uuid[])"""
+# be replaced by keyed markers; then ingest turns the events into bare dedupe markers (its rule,
+# in ingest_apply_event_erasure) and says how many it erased.
+SELECT_EVENT_CUSTOM_IDS = "SELECT custom_id FROM ingest_read_event_custom_ids($1, $2::uuid[])"
+ERASE_EVENTS = "SELECT ingest_apply_event_erasure($1, $2::uuid[], $3::text[], $4::text[])"
 
 # Messages still waiting in the outbox that name the erased profiles (identity's own, and any
 # producer's that set profile_id). Batched EventsIngested rows carry none: see erase() below.
@@ -377,9 +314,8 @@ SELECT_QUARANTINED = """
     WHERE project_id = $1 AND custom_id_hmac = ANY($2::bytea[]) AND expire_time > $3"""
 
 # -- ExportProfile (read in one REPEATABLE READ snapshot) ----------------------------------------
-# The export reads the tables other services write under their read contracts (0004_ingest.sql):
-# events, profile_attributes, profile_subscriptions, installation_details, sessions,
-# rejected_events.
+# What ingest keeps about the profile comes through ingest's published read contracts
+# (ingest_read_export_*, services/ingest/schema/0015_ingest_profile_hooks.sql), never its tables.
 # First and last seen span the profile's events (the creation time when it has none yet, or
 # when imported events are older).
 SELECT_EXPORT_PROFILE = """
@@ -393,29 +329,20 @@ SELECT_EXPORT_PROFILE = """
                   WHERE t.project_id = p.project_id AND t.merged_into = p.profile_id),
                  '{}') AS merged_profile_ids
     FROM profiles p
-    CROSS JOIN LATERAL (
-        SELECT min(e.event_time) AS first_time, max(e.event_time) AS last_time FROM events e
-        WHERE e.project_id = p.project_id AND e.profile_id = p.profile_id
-    ) ev
+    CROSS JOIN LATERAL ingest_read_export_event_span(p.project_id, p.profile_id) ev
     WHERE p.project_id = $1 AND p.profile_id = $2"""
 
-# Unset attributes keep a row (value NULL) so a late older set cannot revive them: not exported.
-SELECT_EXPORT_ATTRIBUTES = """
-    SELECT native, name, value, value_type, update_time FROM profile_attributes
-    WHERE project_id = $1 AND profile_id = $2 AND value IS NOT NULL
-    ORDER BY native, name"""
+# Set attributes only (ingest's contract leaves out unset ones), by native and name.
+SELECT_EXPORT_ATTRIBUTES = "SELECT * FROM ingest_read_export_attributes($1, $2)"
 
-SELECT_EXPORT_SUBSCRIPTIONS = """
-    SELECT channel, kind, subscribed, change_time FROM profile_subscriptions
-    WHERE project_id = $1 AND profile_id = $2
-    ORDER BY channel, kind"""
+SELECT_EXPORT_SUBSCRIPTIONS = "SELECT * FROM ingest_read_export_subscriptions($1, $2)"
 
 # Details as one JSON object, so columns ingest adds later (say `imported`) come along.
 SELECT_EXPORT_INSTALLATIONS = """
-    SELECT i.installation_id, i.create_time, to_jsonb(d) AS details
+    SELECT i.installation_id, i.create_time, d.details
     FROM installations i
-    LEFT JOIN installation_details d
-        ON d.project_id = i.project_id AND d.installation_id = i.installation_id
+    LEFT JOIN LATERAL ingest_read_export_installation_details(i.project_id, i.installation_id) d
+        ON true
     WHERE i.project_id = $1 AND i.profile_id = $2
     ORDER BY i.installation_id"""
 
@@ -428,36 +355,22 @@ SELECT_EXPORT_CHANGES = """
         AND (source_profile_id = ANY($2::uuid[]) OR target_profile_id = ANY($2::uuid[]))
     ORDER BY change_time, change_id"""
 
-SELECT_EXPORT_SESSIONS = """
-    SELECT session_id, installation_id, platform, country, start_time, end_time,
-        extract(epoch FROM duration)::float8 AS duration_seconds, event_count
-    FROM sessions
-    WHERE project_id = $1 AND profile_id = $2
-    ORDER BY start_time, installation_id, session_id"""
+SELECT_EXPORT_SESSIONS = "SELECT * FROM ingest_read_export_sessions($1, $2)"
 
-# Read through a cursor, a chunk at a time: a profile may hold millions of events.
-SELECT_EXPORT_EVENTS = """
-    SELECT event_id, installation_id, custom_id, platform, kind, session_id, event_time,
-        receive_time, payload
-    FROM events
-    WHERE project_id = $1 AND profile_id = $2
-    ORDER BY event_time, event_seq"""
+# Read through a cursor, a chunk at a time: a profile may hold millions of events (the contract
+# is inlined, so the rows stream from the index scan).
+SELECT_EXPORT_EVENTS = "SELECT * FROM ingest_read_export_events($1, $2)"
 
 # Rejected events have no profile: those of the profile's installations and custom IDs.
 SELECT_EXPORT_REJECTED_EVENTS = """
-    SELECT event_id, reason, field_path, receive_time, payload
-    FROM rejected_events
-    WHERE project_id = $1
-        AND (installation_id = ANY($2::text[]) OR custom_id = ANY($3::text[]))
-    ORDER BY receive_time, rejected_seq"""
-SESSIONS_TABLE = "sessions"
+    SELECT * FROM ingest_read_export_rejected_events($1, $2::text[], $3::text[])"""
 EXPORT_FETCH_ROWS = 500
 
 # Lost races: PostgreSQL's deadlock detector, serialization failures, and unique violations of
 # the keys two identity transactions may race for (a new installation, custom ID, alias or
 # request answer). The transaction rolled back entirely, so the service may retry it. Any other
-# unique violation is a bug (say, a table keyed by profile_id without its profiles_merge_
-# function) and must not pass for a race: it stays an error (INTERNAL, logged).
+# unique violation is a bug (say, an owner's merge hook that moves rows onto a key the target
+# holds already) and must not pass for a race: it stays an error (INTERNAL, logged).
 RACE_ERRORS: tuple[type[Exception], ...] = (
     asyncpg.DeadlockDetectedError,
     asyncpg.SerializationError,
@@ -474,60 +387,25 @@ RACED_UNIQUE_KEYS = frozenset(
 
 
 @dataclass(frozen=True, slots=True)
-class ProfileTables:
-    """The statements that move or purge a profile's rows in other tables, found at start-up."""
+class ProfileHooks:
+    """The statements calling other owners' declared profile hooks, read at start-up."""
 
-    statements: tuple[str, ...]
-    # DELETE (or profiles_erase_ call) per table with project_id and profile_id.
-    erase_by_profile: tuple[str, ...] = ()
-    # DELETE per table without profile_id, by installation_id or by custom_id.
-    erase_by_installation: tuple[str, ...] = ()
-    erase_by_custom_id: tuple[str, ...] = ()
-    # Every base table with a project_id column and one of the keyed columns.
-    tables: frozenset[str] = frozenset()
+    # SELECT fn($1 project, $2 source, $3 target), per declared merge hook, in order.
+    merge: tuple[str, ...] = ()
+    # SELECT fn($1 project, $2 profile IDs, $3 installation IDs, $4 custom IDs), per erase hook.
+    erase: tuple[str, ...] = ()
 
 
-async def discover_profile_tables(conn: asyncpg.Connection) -> ProfileTables:
-    """Finds every table tied to profiles (project_id and profile_id), installations or custom
-    IDs, and how to move (merge) or purge (erasure) their rows."""
-    columns: dict[str, set[str]] = {}
-    for row in await conn.fetch(SELECT_KEYED_COLUMNS):
-        columns.setdefault(row["table_name"], set()).add(row["column_name"])
-    functions = {r["proname"] for r in await conn.fetch(SELECT_MERGE_FUNCTIONS)}
-    moves, by_profile, by_installation, by_custom_id = [], [], [], []
-    for table, names in sorted(columns.items()):
-        if "project_id" not in names:
-            continue
-        quoted = _quoted(table)
-        if "profile_id" in names:
-            merge_function = MERGE_FUNCTION_PREFIX + table
-            if table in IDENTITY_OWNED_TABLES:
-                pass
-            elif merge_function in functions:
-                moves.append(CALL_MERGE_FUNCTION.format(function=_quoted(merge_function)))
-            else:
-                moves.append(MOVE_PROFILE_ROWS.format(table=quoted))
-            erase_function = ERASE_FUNCTION_PREFIX + table
-            if table in ERASURE_OWN_TABLES:
-                pass
-            elif erase_function in functions:
-                by_profile.append(CALL_ERASE_FUNCTION.format(function=_quoted(erase_function)))
-            else:
-                by_profile.append(ERASE_PROFILE_ROWS.format(table=quoted))
-            continue
-        if table in ERASURE_OWN_TABLES:
-            continue
-        if "installation_id" in names:
-            by_installation.append(ERASE_INSTALLATION_ROWS.format(table=quoted))
-        if "custom_id" in names:
-            by_custom_id.append(ERASE_CUSTOM_ID_ROWS.format(table=quoted))
-    return ProfileTables(
-        statements=tuple(moves),
-        erase_by_profile=tuple(by_profile),
-        erase_by_installation=tuple(by_installation),
-        erase_by_custom_id=tuple(by_custom_id),
-        tables=frozenset(t for t, names in columns.items() if "project_id" in names),
-    )
+async def load_profile_hooks(conn: asyncpg.Connection) -> ProfileHooks:
+    """The profile hooks every owner declared (profile_hooks), and nothing else."""
+    merge, erase = [], []
+    for row in await conn.fetch(SELECT_PROFILE_HOOKS):
+        function = _quoted(row["function_name"])
+        if row["kind"] == MERGE_HOOK:
+            merge.append(CALL_MERGE_HOOK.format(function=function))
+        elif row["kind"] == ERASE_HOOK:
+            erase.append(CALL_ERASE_HOOK.format(function=function))
+    return ProfileHooks(merge=tuple(merge), erase=tuple(erase))
 
 
 def _quoted(identifier: str) -> str:
@@ -535,16 +413,12 @@ def _quoted(identifier: str) -> str:
     return '"' + identifier.replace('"', '""') + '"'
 
 
-async def move_profile_rows(
-    conn: asyncpg.Connection,
-    tables: ProfileTables,
-    project_id: UUID,
-    source: UUID,
-    target: UUID,
+async def run_merge_hooks(
+    conn: asyncpg.Connection, hooks: ProfileHooks, project_id: UUID, source: UUID, target: UUID
 ) -> None:
-    """Moves every row of `source` to `target` in every other service's table (events,
-    sessions, attributes, subscriptions...), in the caller's transaction, in table-name order."""
-    for statement in tables.statements:
+    """Lets every owner that declared a merge hook move or merge the source's rows into the
+    target's (events, sessions, attributes, subscriptions...), in the caller's transaction."""
+    for statement in hooks.merge:
         await conn.execute(statement, project_id, source, target)
 
 
@@ -604,19 +478,19 @@ def _profile(row: asyncpg.Record) -> Profile:
 class IdentityRepository:
     """Reads without a transaction, and opens the transactions of the service's use cases."""
 
-    def __init__(self, pool: asyncpg.Pool, tables: ProfileTables) -> None:
+    def __init__(self, pool: asyncpg.Pool, hooks: ProfileHooks) -> None:
         self._pool = pool
-        self._tables = tables
+        self._hooks = hooks
 
     @classmethod
     async def connect(cls, pool: asyncpg.Pool) -> IdentityRepository:
         async with pool.acquire() as conn:
-            tables = await discover_profile_tables(_connection(conn))
-        return cls(pool, tables)
+            hooks = await load_profile_hooks(_connection(conn))
+        return cls(pool, hooks)
 
     @property
-    def profile_tables(self) -> ProfileTables:
-        return self._tables
+    def profile_hooks(self) -> ProfileHooks:
+        return self._hooks
 
     async def find_installations(
         self, project_id: UUID, installation_ids: Sequence[str]
@@ -661,7 +535,7 @@ class IdentityRepository:
             self._pool.acquire() as conn,
             conn.transaction(isolation="repeatable_read", readonly=True),
         ):
-            yield ExportReader(_connection(conn), self._tables)
+            yield ExportReader(_connection(conn))
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[IdentityTransaction]:
@@ -669,7 +543,7 @@ class IdentityRepository:
         the rollback, never as a driver error."""
         try:
             async with self._pool.acquire() as conn, conn.transaction():
-                yield IdentityTransaction(_connection(conn), self._tables)
+                yield IdentityTransaction(_connection(conn), self._hooks)
         except RACE_ERRORS as exc:
             raise ConcurrentChange(
                 "a concurrent change to the same profiles won; nothing was changed, retry"
@@ -685,9 +559,9 @@ class IdentityRepository:
 class IdentityTransaction:
     """The statements of one open transaction."""
 
-    def __init__(self, conn: asyncpg.Connection, tables: ProfileTables) -> None:
+    def __init__(self, conn: asyncpg.Connection, hooks: ProfileHooks) -> None:
         self._conn = conn
-        self._tables = tables
+        self._hooks = hooks
 
     async def create_installations(
         self, project_id: UUID, installation_ids: Sequence[str], now: datetime
@@ -795,7 +669,7 @@ class IdentityTransaction:
         tombstone's version. The caller handles custom IDs (alias or inheritance) and records
         the change."""
         moved = await self._conn.fetch(MOVE_INSTALLATIONS_OF_PROFILE, project_id, source, target)
-        await move_profile_rows(self._conn, self._tables, project_id, source, target)
+        await run_merge_hooks(self._conn, self._hooks, project_id, source, target)
         marked = await self._conn.fetchrow(MARK_MERGED, project_id, source, target, now)
         assert marked is not None  # a SELECT of scalar subqueries always returns a row
         return MergeMoves(
@@ -875,8 +749,8 @@ class IdentityTransaction:
     ) -> Erasure:
         """Erases a live profile (locked already, its custom IDs' locks held) with its
         tombstones: locks their rows and its installations, turns their events into bare dedupe
-        markers (`marker_of` gives a custom ID's marker), deletes their rows in every table tied
-        to them (by profile, by installation, by `custom_ids`), their history, aliases, kept
+        markers (`marker_of` gives a custom ID's marker), runs every owner's declared erase hook
+        (their rows by profile, installation and custom ID), deletes their history, aliases, kept
         answers and waiting outbox rows, then the installations and the profiles.
 
         Bus entries already published cannot be removed per profile (EventsIngested batches
@@ -894,19 +768,12 @@ class IdentityTransaction:
             r["custom_id"] for r in await self._conn.fetch(SELECT_EVENT_CUSTOM_IDS, project_id, ids)
         ]
         markers = [marker_of(c) for c in event_custom_ids]
-        shadowed = await self._conn.execute(
-            DELETE_SHADOWED_EVENTS, project_id, ids, event_custom_ids, markers
+        event_count = await self._conn.fetchval(
+            ERASE_EVENTS, project_id, ids, event_custom_ids, markers
         )
-        stripped = await self._conn.execute(
-            STRIP_EVENTS, project_id, ids, event_custom_ids, markers
-        )
-        for statement in self._tables.erase_by_profile:
-            await self._conn.execute(statement, project_id, ids)
-        for statement in self._tables.erase_by_installation:
-            await self._conn.execute(statement, project_id, installation_ids)
         named_custom_ids = sorted({*custom_ids, *event_custom_ids})
-        for statement in self._tables.erase_by_custom_id:
-            await self._conn.execute(statement, project_id, named_custom_ids)
+        for statement in self._hooks.erase:
+            await self._conn.execute(statement, project_id, ids, installation_ids, named_custom_ids)
         await self._conn.execute(DELETE_OUTBOX_ROWS, project_id, ids)
         await self._conn.execute(DELETE_CHANGES, project_id, ids)
         await self._conn.execute(DELETE_ANSWERS, project_id, [f"%{i}%" for i in ids])
@@ -916,7 +783,7 @@ class IdentityTransaction:
         return Erasure(
             tombstone_profile_ids=tuple(sorted(tombstones)),
             installation_ids=tuple(installation_ids),
-            event_count=_row_count(shadowed) + _row_count(stripped),
+            event_count=int(event_count),
         )
 
     async def quarantine(
@@ -926,17 +793,11 @@ class IdentityTransaction:
         await self._conn.execute(UPSERT_QUARANTINE, project_id, list(digests), expire_time)
 
 
-def _row_count(status: str) -> int:
-    """The row count of a command status such as "UPDATE 3" or "DELETE 0"."""
-    return int(status.rsplit(" ", 1)[-1])
-
-
 class ExportReader:
     """The reads of one export, all in one snapshot."""
 
-    def __init__(self, conn: asyncpg.Connection, tables: ProfileTables) -> None:
+    def __init__(self, conn: asyncpg.Connection) -> None:
         self._conn = conn
-        self._tables = tables
 
     async def find_profiles(
         self, project_id: UUID, profile_ids: Sequence[UUID]
@@ -973,9 +834,6 @@ class ExportReader:
         ]
 
     async def sessions(self, project_id: UUID, profile_id: UUID) -> list[asyncpg.Record]:
-        """The profile's sessions; none when no sessions table exists."""
-        if SESSIONS_TABLE not in self._tables.tables:
-            return []
         return await self._conn.fetch(SELECT_EXPORT_SESSIONS, project_id, profile_id)
 
     async def events(self, project_id: UUID, profile_id: UUID) -> AsyncIterator[asyncpg.Record]:

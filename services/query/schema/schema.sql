@@ -85,21 +85,23 @@ CREATE TABLE query_counters (
 -- Functions and views
 -- ============================================================================================
 
--- Identity's merge and erasure leave query_profiles to query (see services/identity,
--- discover_profile_tables): a merge must not move the source's facts onto the survivor's key,
--- and an erasure must not drop the facts the counters are decreased by. Query recounts both
--- profiles on ProfileMerged and ProfileDeleted. Until then the erasure strips what names the
--- person (custom ID, names, device), keeping only the figures the counters hold.
-CREATE OR REPLACE FUNCTION public.profiles_merge_query_profiles(uuid, uuid, uuid)
- RETURNS void
- LANGUAGE plpgsql
-AS $function$ BEGIN RETURN; END $function$;
-
-CREATE OR REPLACE FUNCTION public.profiles_erase_query_profiles(p_project uuid, p_profiles uuid[])
+-- Query's profile hooks (shared/schema/0014_profile_hooks.sql). A merge leaves query_profiles
+-- to query, which recounts both profiles on ProfileMerged (moving the source's facts onto the
+-- survivor's key would count them twice): no merge hook. An erasure strips at once what names
+-- the person (custom ID, names, device), keeping only the figures the counters are decreased
+-- by when query recounts after ProfileDeleted.
+CREATE OR REPLACE FUNCTION public.query_erase_profile_rows(p_project uuid, p_profile_ids uuid[], p_installation_ids text[], p_custom_ids text[])
  RETURNS void
  LANGUAGE sql
 AS $function$
     UPDATE query_profiles
     SET custom_id = NULL, first_name = NULL, last_name = NULL, device_model = NULL
-    WHERE project_id = p_project AND profile_id = ANY(p_profiles)
+    WHERE project_id = p_project AND profile_id = ANY(p_profile_ids)
 $function$;
+
+
+-- ============================================================================================
+-- Profile hooks
+-- ============================================================================================
+
+INSERT INTO profile_hooks (kind, owner, function_name, run_order) VALUES ('erase', 'query', 'query_erase_profile_rows', 10);

@@ -303,39 +303,6 @@ AS $function$
     HAVING sum(c.n) <> 0
 $function$;
 
--- Identity's merge moves the rows of every table with project_id and profile_id in its own
--- transaction, unless the table's owner defines profiles_merge_<table>. Segments merges its own
--- rows when it handles the ProfileMerged message instead (so that it can announce who left and
--- entered which segment, in the same transaction), so for identity these are no-ops.
-CREATE OR REPLACE FUNCTION public.profiles_merge_segment_profiles(uuid, uuid, uuid)
- RETURNS void
- LANGUAGE plpgsql
-AS $function$ BEGIN RETURN; END $function$;
-
-CREATE OR REPLACE FUNCTION public.profiles_merge_segment_sessions(uuid, uuid, uuid)
- RETURNS void
- LANGUAGE plpgsql
-AS $function$ BEGIN RETURN; END $function$;
-
-CREATE OR REPLACE FUNCTION public.profiles_merge_segment_states(uuid, uuid, uuid)
- RETURNS void
- LANGUAGE plpgsql
-AS $function$ BEGIN RETURN; END $function$;
-
--- Identity's erasure deletes the rows of such tables in its own transaction unless the owner
--- defines profiles_erase_<table>. Session history goes at once with identity's plain DELETE;
--- the stored states and the profile row stay until segments handles ProfileDeleted, which
--- announces the LEFT changes and keeps the erased ID so that queued events are skipped.
-CREATE OR REPLACE FUNCTION public.profiles_erase_segment_profiles(uuid, uuid[])
- RETURNS void
- LANGUAGE plpgsql
-AS $function$ BEGIN RETURN; END $function$;
-
-CREATE OR REPLACE FUNCTION public.profiles_erase_segment_states(uuid, uuid[])
- RETURNS void
- LANGUAGE plpgsql
-AS $function$ BEGIN RETURN; END $function$;
-
 -- A profile's smart segment and flag as of `p_as_of` from one stored segment_states row: the
 -- stored values while the next transition is ahead, else the last scheduled step at or before
 -- it (the same rule as segment_distribution). Used by custom segment filters.
@@ -349,18 +316,6 @@ AS $function$
           FROM unnest(p_times, p_segments, p_flags) AS x(step_time, segment, flag)
           WHERE x.step_time <= p_as_of ORDER BY x.step_time DESC LIMIT 1) END
 $function$;
-
--- Membership rows follow segments' own evaluation, not identity's merge or erasure: the worker
--- announces the merged-away or erased profile leaving (cause MERGE or DELETION), then drops it.
-CREATE OR REPLACE FUNCTION public.profiles_merge_custom_segment_members(uuid, uuid, uuid)
- RETURNS void
- LANGUAGE plpgsql
-AS $function$ BEGIN RETURN; END $function$;
-
-CREATE OR REPLACE FUNCTION public.profiles_erase_custom_segment_members(uuid, uuid[])
- RETURNS void
- LANGUAGE plpgsql
-AS $function$ BEGIN RETURN; END $function$;
 
 -- Whether one event attribute value (the proto JSON of AttributeValue, as stored in
 -- events.payload: {"number_value": 1.5}, {"string_list_value": {"values": [...]}}) passes one
@@ -592,6 +547,19 @@ BEGIN
     RETURN NULL;
 END $function$;
 
+-- Segments' profile hooks (shared/schema/0014_profile_hooks.sql). Segments merges its own rows
+-- when it handles ProfileMerged (so that it can announce who left and entered which segment in
+-- the same transaction): it declares no merge hook. An erasure drops the profile's session
+-- history at once; the stored states, memberships and the profile row stay until segments
+-- handles ProfileDeleted, which announces the LEFT changes and keeps the erased ID so that
+-- queued events are skipped.
+CREATE OR REPLACE FUNCTION public.segments_erase_profile_rows(p_project uuid, p_profile_ids uuid[], p_installation_ids text[], p_custom_ids text[])
+ RETURNS void
+ LANGUAGE sql
+AS $function$
+    DELETE FROM segment_sessions WHERE project_id = p_project AND profile_id = ANY(p_profile_ids)
+$function$;
+
 
 -- ============================================================================================
 -- Triggers
@@ -613,3 +581,10 @@ CREATE TRIGGER segment_states_count_update AFTER UPDATE ON segment_states REFERE
 -- ============================================================================================
 
 COMMENT ON COLUMN custom_segments.evaluate_time IS 'When the last complete evaluation of the segment by the sweep (or its creation) ended: its members then matched the filter as of this moment for every profile.';
+
+
+-- ============================================================================================
+-- Profile hooks
+-- ============================================================================================
+
+INSERT INTO profile_hooks (kind, owner, function_name, run_order) VALUES ('erase', 'segments', 'segments_erase_profile_rows', 10);
