@@ -1,4 +1,8 @@
-"""Every SQL statement of identity, and only SQL. Methods return model dataclasses.
+"""Identity's statements on its own tables for its use cases (resolve, identify, logout, merge),
+and the transaction and snapshot the service opens. The rest of identity's SQL lives beside it
+by concern: erasure.py (DeleteProfile, quarantine), hooks.py (other owners' declared profile
+hooks), export_reader.py (ExportProfile's snapshot reads), link_listener.py (the cache's LISTEN
+connection), profile_rows.py (the profile lookup they share).
 
 Lock order, so that concurrent changes queue instead of deadlocking (a deadlock that still
 happens is retried by the service): the custom ID's advisory lock, then the installation row,
@@ -8,12 +12,8 @@ merged away (ascending installation_id), then the rows of the other tables.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import secrets
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 from uuid import UUID, uuid4
@@ -21,17 +21,19 @@ from uuid import UUID, uuid4
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
+from services.identity.erasure import SELECT_HMAC_KEY, SELECT_QUARANTINED, ErasureSteps
 from services.identity.errors import ConcurrentChange
+from services.identity.export_reader import ExportReader
+from services.identity.hooks import ProfileHooks, load_profile_hooks, run_merge_hooks
+from services.identity.link_listener import LINKS_CHANNEL, NOTIFY_LINKS
 from services.identity.model import (
-    ChangeCause,
-    ChangeKind,
-    Erasure,
     IdentityChange,
     InstallationLink,
     MergeMoves,
     Profile,
     Resolution,
 )
+from services.identity.profile_rows import SELECT_PROFILES_AND_SURVIVORS, profile_from_row
 from shared.outbox import OutboxItem, enqueue_many
 
 # Read first for every batch, outside any transaction: installations.profile_id is always a live
@@ -118,14 +120,6 @@ LOCK_PROFILES = """
     ORDER BY profile_id
     FOR UPDATE"""
 
-# Unlocked read of profiles and, for tombstones, their survivor (one hop, as merges keep it).
-SELECT_PROFILES_AND_SURVIVORS = """
-    SELECT p.profile_id AS requested_id, s.profile_id, s.custom_id, s.merged_into, s.version
-    FROM profiles p
-    JOIN profiles s ON s.project_id = p.project_id
-        AND s.profile_id = coalesce(p.merged_into, p.profile_id)
-    WHERE p.project_id = $1 AND p.profile_id = ANY($2::uuid[])"""
-
 INSERT_ANONYMOUS_PROFILE = """
     INSERT INTO profiles (project_id, profile_id, create_time, update_time)
     VALUES ($1, $2, $3, $3)"""
@@ -152,14 +146,6 @@ BUMP_PROFILE_VERSIONS = """
 MOVE_INSTALLATION = """
     UPDATE installations SET profile_id = $3, link_version = link_version + 1
     WHERE project_id = $1 AND installation_id = $2"""
-
-# A merge moves every installation of the source, not only the caller's: each is locked first,
-# in installation_id order, so an event being stored for any of them finishes or waits.
-LOCK_INSTALLATIONS_OF_PROFILE = """
-    SELECT installation_id FROM installations
-    WHERE project_id = $1 AND profile_id = $2
-    ORDER BY installation_id
-    FOR UPDATE"""
 
 # The same locks, in the same order, taken by the move itself (one round trip instead of two
 # inside the merge's transaction): LockRows runs above the sort, and the update then only
@@ -199,12 +185,6 @@ MARK_MERGED = """
         coalesce((SELECT array_agg(profile_id ORDER BY profile_id) FROM redirected), '{}')
             AS redirected_profile_ids"""
 
-# Tells every identity replica, at commit, which profiles' installations now resolve
-# differently (cache.py): NOTIFY is transactional, so a rolled-back change announces nothing and
-# a committed one is announced before any later transaction can see its effects elsewhere.
-NOTIFY_LINKS = "SELECT pg_notify($1, $2)"
-LINKS_CHANNEL = "profiles_identity_links"
-
 INSERT_ALIAS = """
     INSERT INTO custom_id_aliases (project_id, custom_id, target_profile_id, change_id, create_time)
     VALUES ($1, $2, $3, $4, $5)"""
@@ -232,140 +212,6 @@ SAVE_REQUEST = """
         WHERE identity_requests.create_time <= $7
     RETURNING 1"""
 
-# The profile hooks other owners declared in their migrations (shared/schema, profile_hooks):
-# identity moves and erases other owners' rows only through these functions, in the merge's or
-# erasure's transaction, in this order. Read once at start-up (migrations are applied before any
-# service starts). Identity's own tables (profiles, installations, aliases, changes, answers)
-# are handled by its own statements here, and the outbox keeps its rows' profile_id (a merge
-# must not wait for the relay's row locks; an erasure purges by tombstone IDs too).
-SELECT_PROFILE_HOOKS = """
-    SELECT kind, function_name FROM profile_hooks ORDER BY kind, run_order, function_name"""
-MERGE_HOOK = "merge"
-ERASE_HOOK = "erase"
-# Format templates; function names come from the registry and are quoted.
-CALL_MERGE_HOOK = "SELECT {function}($1, $2, $3)"
-CALL_ERASE_HOOK = "SELECT {function}($1, $2::uuid[], $3::text[], $4::text[])"
-
-# -- DeleteProfile ---------------------------------------------------------------------------
-# The tombstones of the profile being erased, locked after it: only a transaction holding the
-# survivor's lock redirects or creates its tombstones, so this cannot deadlock with a merge.
-LOCK_TOMBSTONES = """
-    SELECT profile_id FROM profiles
-    WHERE project_id = $1 AND merged_into = $2
-    ORDER BY profile_id
-    FOR UPDATE"""
-
-SELECT_ALIASES = """
-    SELECT custom_id FROM custom_id_aliases
-    WHERE project_id = $1 AND target_profile_id = $2
-    ORDER BY custom_id"""
-
-# The custom IDs on the erased profiles' server-side events (their own and their aliases'), to
-# be replaced by keyed markers; then ingest turns the events into bare dedupe markers (its rule,
-# in ingest_apply_event_erasure) and says how many it erased.
-SELECT_EVENT_CUSTOM_IDS = "SELECT custom_id FROM ingest_read_event_custom_ids($1, $2::uuid[])"
-ERASE_EVENTS = "SELECT ingest_apply_event_erasure($1, $2::uuid[], $3::text[], $4::text[])"
-
-# Messages still waiting in the outbox that name the erased profiles (identity's own, and any
-# producer's that set profile_id). Batched EventsIngested rows carry none: see erase() below.
-DELETE_OUTBOX_ROWS = """
-    DELETE FROM outbox WHERE project_id = $1 AND profile_id = ANY($2::uuid[])"""
-
-DELETE_CHANGES = """
-    DELETE FROM identity_changes
-    WHERE project_id = $1
-        AND (source_profile_id = ANY($2::uuid[]) OR target_profile_id = ANY($2::uuid[]))"""
-
-# Kept answers of Identify, Logout and merges that name an erased profile: a retry then runs
-# again instead of handing out an erased ID. Answers live 24 hours, so the scan is short.
-DELETE_ANSWERS = """
-    DELETE FROM identity_requests
-    WHERE project_id = $1 AND answer::text LIKE ANY($2::text[])"""
-
-DELETE_ALIASES = """
-    DELETE FROM custom_id_aliases WHERE project_id = $1 AND target_profile_id = ANY($2::uuid[])"""
-
-DELETE_INSTALLATIONS = """
-    DELETE FROM installations WHERE project_id = $1 AND profile_id = $2
-    RETURNING installation_id"""
-
-DELETE_PROFILES = """
-    DELETE FROM profiles WHERE project_id = $1 AND profile_id = ANY($2::uuid[])"""
-
-# The project's secret for keyed hashes, created on first use; a concurrent creator waits on
-# the primary key and then keeps the first one (read again by SELECT_HMAC_KEY).
-SELECT_HMAC_KEY = "SELECT hmac_key FROM custom_id_hmac_keys WHERE project_id = $1"
-INSERT_HMAC_KEY = """
-    INSERT INTO custom_id_hmac_keys (project_id, hmac_key, create_time) VALUES ($1, $2, $3)
-    ON CONFLICT (project_id) DO NOTHING"""
-
-# A custom ID erased twice keeps the later end.
-UPSERT_QUARANTINE = """
-    INSERT INTO quarantined_custom_ids (project_id, custom_id_hmac, expire_time)
-    SELECT $1, h, $3 FROM unnest($2::bytea[]) AS h
-    ON CONFLICT (project_id, custom_id_hmac) DO UPDATE
-        SET expire_time = greatest(quarantined_custom_ids.expire_time, EXCLUDED.expire_time)"""
-
-PURGE_EXPIRED_QUARANTINE = """
-    DELETE FROM quarantined_custom_ids WHERE project_id = $1 AND expire_time <= $2"""
-
-SELECT_QUARANTINED = """
-    SELECT custom_id_hmac FROM quarantined_custom_ids
-    WHERE project_id = $1 AND custom_id_hmac = ANY($2::bytea[]) AND expire_time > $3"""
-
-# -- ExportProfile (read in one REPEATABLE READ snapshot) ----------------------------------------
-# What ingest keeps about the profile comes through ingest's published read contracts
-# (ingest_read_export_*, services/ingest/schema/0015_ingest_profile_hooks.sql), never its tables.
-# First and last seen span the profile's events (the creation time when it has none yet, or
-# when imported events are older).
-SELECT_EXPORT_PROFILE = """
-    SELECT p.profile_id, p.custom_id,
-        least(p.create_time, ev.first_time) AS first_seen_time,
-        coalesce(ev.last_time, p.create_time) AS last_seen_time,
-        coalesce((SELECT array_agg(a.custom_id ORDER BY a.custom_id) FROM custom_id_aliases a
-                  WHERE a.project_id = p.project_id AND a.target_profile_id = p.profile_id),
-                 '{}') AS alias_custom_ids,
-        coalesce((SELECT array_agg(t.profile_id ORDER BY t.profile_id) FROM profiles t
-                  WHERE t.project_id = p.project_id AND t.merged_into = p.profile_id),
-                 '{}') AS merged_profile_ids
-    FROM profiles p
-    CROSS JOIN LATERAL ingest_read_export_event_span(p.project_id, p.profile_id) ev
-    WHERE p.project_id = $1 AND p.profile_id = $2"""
-
-# Set attributes only (ingest's contract leaves out unset ones), by native and name.
-SELECT_EXPORT_ATTRIBUTES = "SELECT * FROM ingest_read_export_attributes($1, $2)"
-
-SELECT_EXPORT_SUBSCRIPTIONS = "SELECT * FROM ingest_read_export_subscriptions($1, $2)"
-
-# Details as one JSON object, so columns ingest adds later (say `imported`) come along.
-SELECT_EXPORT_INSTALLATIONS = """
-    SELECT i.installation_id, i.create_time, d.details
-    FROM installations i
-    LEFT JOIN LATERAL ingest_read_export_installation_details(i.project_id, i.installation_id) d
-        ON true
-    WHERE i.project_id = $1 AND i.profile_id = $2
-    ORDER BY i.installation_id"""
-
-# The profile's history includes that of the tombstones merged into it.
-SELECT_EXPORT_CHANGES = """
-    SELECT change_id, kind, cause, source_profile_id, target_profile_id, installation_ids,
-        alias_custom_id, change_time
-    FROM identity_changes
-    WHERE project_id = $1
-        AND (source_profile_id = ANY($2::uuid[]) OR target_profile_id = ANY($2::uuid[]))
-    ORDER BY change_time, change_id"""
-
-SELECT_EXPORT_SESSIONS = "SELECT * FROM ingest_read_export_sessions($1, $2)"
-
-# Read through a cursor, a chunk at a time: a profile may hold millions of events (the contract
-# is inlined, so the rows stream from the index scan).
-SELECT_EXPORT_EVENTS = "SELECT * FROM ingest_read_export_events($1, $2)"
-
-# Rejected events have no profile: those of the profile's installations and custom IDs.
-SELECT_EXPORT_REJECTED_EVENTS = """
-    SELECT * FROM ingest_read_export_rejected_events($1, $2::text[], $3::text[])"""
-EXPORT_FETCH_ROWS = 500
-
 # Lost races: PostgreSQL's deadlock detector, serialization failures, and unique violations of
 # the keys two identity transactions may race for (a new installation, custom ID, alias or
 # request answer). The transaction rolled back entirely, so the service may retry it. Any other
@@ -386,93 +232,9 @@ RACED_UNIQUE_KEYS = frozenset(
 )
 
 
-@dataclass(frozen=True, slots=True)
-class ProfileHooks:
-    """The statements calling other owners' declared profile hooks, read at start-up."""
-
-    # SELECT fn($1 project, $2 source, $3 target), per declared merge hook, in order.
-    merge: tuple[str, ...] = ()
-    # SELECT fn($1 project, $2 profile IDs, $3 installation IDs, $4 custom IDs), per erase hook.
-    erase: tuple[str, ...] = ()
-
-
-async def load_profile_hooks(conn: asyncpg.Connection) -> ProfileHooks:
-    """The profile hooks every owner declared (profile_hooks), and nothing else."""
-    merge, erase = [], []
-    for row in await conn.fetch(SELECT_PROFILE_HOOKS):
-        function = _quoted(row["function_name"])
-        if row["kind"] == MERGE_HOOK:
-            merge.append(CALL_MERGE_HOOK.format(function=function))
-        elif row["kind"] == ERASE_HOOK:
-            erase.append(CALL_ERASE_HOOK.format(function=function))
-    return ProfileHooks(merge=tuple(merge), erase=tuple(erase))
-
-
-def _quoted(identifier: str) -> str:
-    """An SQL identifier quoted like PostgreSQL's quote_ident (always quoted)."""
-    return '"' + identifier.replace('"', '""') + '"'
-
-
-async def run_merge_hooks(
-    conn: asyncpg.Connection, hooks: ProfileHooks, project_id: UUID, source: UUID, target: UUID
-) -> None:
-    """Lets every owner that declared a merge hook move or merge the source's rows into the
-    target's (events, sessions, attributes, subscriptions...), in the caller's transaction."""
-    for statement in hooks.merge:
-        await conn.execute(statement, project_id, source, target)
-
-
-class LinkListener:
-    """A dedicated connection LISTENing on LINKS_CHANNEL (not a pooled one: a pool resets
-    listeners on release, and this one is held for the life of the process)."""
-
-    def __init__(self, conn: asyncpg.Connection) -> None:
-        self._conn = conn
-        self._lost = asyncio.Event()
-        conn.add_termination_listener(lambda _conn: self._lost.set())
-
-    @classmethod
-    async def open(cls, database_url: str, on_payload: Callable[[str], None]) -> LinkListener:
-        conn = await asyncpg.connect(database_url)
-        listener = cls(conn)
-        await conn.add_listener(LINKS_CHANNEL, lambda _c, _pid, _channel, p: on_payload(p))
-        return listener
-
-    async def lost(self) -> None:
-        """Returns when the connection is gone (checked every few seconds as well, since a
-        silently dropped socket triggers no termination callback until it is used)."""
-        while not self._lost.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._lost.wait(), LISTENER_CHECK_S)
-            if self._conn.is_closed():
-                return
-            try:
-                await self._conn.execute(PROBE)
-            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
-                return
-
-    async def close(self) -> None:
-        await self._conn.close(timeout=5)
-
-
-PROBE = "SELECT 1"
-# How often the LISTEN connection is probed; a change made while it was silently dead is then
-# missed for at most this long by this replica's cache.
-LISTENER_CHECK_S = 5.0
-
-
 def _connection(conn: PoolConnectionProxy[asyncpg.Record]) -> asyncpg.Connection:
     """A pooled connection typed as the Connection it stands for (it forwards every call)."""
     return cast(asyncpg.Connection, conn)
-
-
-def _profile(row: asyncpg.Record) -> Profile:
-    return Profile(
-        profile_id=row["profile_id"],
-        custom_id=row["custom_id"],
-        merged_into=row["merged_into"],
-        version=row["version"],
-    )
 
 
 class IdentityRepository:
@@ -515,7 +277,7 @@ class IdentityRepository:
     ) -> dict[UUID, Profile]:
         """Each requested ID that exists, mapped to its live profile (itself or its survivor)."""
         rows = await self._pool.fetch(SELECT_PROFILES_AND_SURVIVORS, project_id, profile_ids)
-        return {r["requested_id"]: _profile(r) for r in rows}
+        return {r["requested_id"]: profile_from_row(r) for r in rows}
 
     async def find_hmac_key(self, project_id: UUID) -> bytes | None:
         value = await self._pool.fetchval(SELECT_HMAC_KEY, project_id)
@@ -556,7 +318,7 @@ class IdentityRepository:
             ) from exc
 
 
-class IdentityTransaction:
+class IdentityTransaction(ErasureSteps):
     """The statements of one open transaction."""
 
     def __init__(self, conn: asyncpg.Connection, hooks: ProfileHooks) -> None:
@@ -614,7 +376,7 @@ class IdentityTransaction:
         self, project_id: UUID, profile_ids: Sequence[UUID]
     ) -> dict[UUID, Profile]:
         rows = await self._conn.fetch(LOCK_PROFILES, project_id, sorted(set(profile_ids)))
-        return {r["profile_id"]: _profile(r) for r in rows}
+        return {r["profile_id"]: profile_from_row(r) for r in rows}
 
     async def find_profiles(
         self, project_id: UUID, profile_ids: Sequence[UUID]
@@ -622,7 +384,7 @@ class IdentityTransaction:
         """Each requested ID that exists, mapped to its live profile (itself or its survivor);
         not locked."""
         rows = await self._conn.fetch(SELECT_PROFILES_AND_SURVIVORS, project_id, profile_ids)
-        return {r["requested_id"]: _profile(r) for r in rows}
+        return {r["requested_id"]: profile_from_row(r) for r in rows}
 
     async def create_anonymous_profile(self, project_id: UUID, now: datetime) -> UUID:
         profile_id = uuid4()
@@ -721,131 +483,3 @@ class IdentityTransaction:
 
     async def enqueue(self, items: Sequence[OutboxItem]) -> None:
         await enqueue_many(self._conn, items)
-
-    async def find_hmac_key(self, project_id: UUID) -> bytes | None:
-        value = await self._conn.fetchval(SELECT_HMAC_KEY, project_id)
-        return None if value is None else bytes(value)
-
-    async def ensure_hmac_key(self, project_id: UUID, now: datetime) -> bytes:
-        """The project's secret, made now (32 random bytes) if it has none yet."""
-        await self._conn.execute(INSERT_HMAC_KEY, project_id, secrets.token_bytes(32), now)
-        value = await self._conn.fetchval(SELECT_HMAC_KEY, project_id)
-        return bytes(value)
-
-    async def is_quarantined(self, project_id: UUID, digest: bytes, now: datetime) -> bool:
-        rows = await self._conn.fetch(SELECT_QUARANTINED, project_id, [digest], now)
-        return bool(rows)
-
-    async def find_aliases(self, project_id: UUID, profile_id: UUID) -> list[str]:
-        rows = await self._conn.fetch(SELECT_ALIASES, project_id, profile_id)
-        return [r["custom_id"] for r in rows]
-
-    async def erase(
-        self,
-        project_id: UUID,
-        profile_id: UUID,
-        custom_ids: Sequence[str],
-        marker_of: Callable[[str], str],
-    ) -> Erasure:
-        """Erases a live profile (locked already, its custom IDs' locks held) with its
-        tombstones: locks their rows and its installations, turns their events into bare dedupe
-        markers (`marker_of` gives a custom ID's marker), runs every owner's declared erase hook
-        (their rows by profile, installation and custom ID), deletes their history, aliases, kept
-        answers and waiting outbox rows, then the installations and the profiles.
-
-        Bus entries already published cannot be removed per profile (EventsIngested batches
-        mix profiles, and their outbox rows carry no profile_id): consumers skip erased profiles
-        (bus.proto), and ProfileDeleted tells them to purge what they kept."""
-        tombstones = [
-            r["profile_id"] for r in await self._conn.fetch(LOCK_TOMBSTONES, project_id, profile_id)
-        ]
-        ids = [profile_id, *tombstones]
-        installation_rows = await self._conn.fetch(
-            LOCK_INSTALLATIONS_OF_PROFILE, project_id, profile_id
-        )
-        installation_ids = [r["installation_id"] for r in installation_rows]
-        event_custom_ids = [
-            r["custom_id"] for r in await self._conn.fetch(SELECT_EVENT_CUSTOM_IDS, project_id, ids)
-        ]
-        markers = [marker_of(c) for c in event_custom_ids]
-        event_count = await self._conn.fetchval(
-            ERASE_EVENTS, project_id, ids, event_custom_ids, markers
-        )
-        named_custom_ids = sorted({*custom_ids, *event_custom_ids})
-        for statement in self._hooks.erase:
-            await self._conn.execute(statement, project_id, ids, installation_ids, named_custom_ids)
-        await self._conn.execute(DELETE_OUTBOX_ROWS, project_id, ids)
-        await self._conn.execute(DELETE_CHANGES, project_id, ids)
-        await self._conn.execute(DELETE_ANSWERS, project_id, [f"%{i}%" for i in ids])
-        await self._conn.execute(DELETE_ALIASES, project_id, ids)
-        await self._conn.execute(DELETE_INSTALLATIONS, project_id, profile_id)
-        await self._conn.execute(DELETE_PROFILES, project_id, ids)
-        return Erasure(
-            tombstone_profile_ids=tuple(sorted(tombstones)),
-            installation_ids=tuple(installation_ids),
-            event_count=int(event_count),
-        )
-
-    async def quarantine(
-        self, project_id: UUID, digests: Sequence[bytes], expire_time: datetime, now: datetime
-    ) -> None:
-        await self._conn.execute(PURGE_EXPIRED_QUARANTINE, project_id, now)
-        await self._conn.execute(UPSERT_QUARANTINE, project_id, list(digests), expire_time)
-
-
-class ExportReader:
-    """The reads of one export, all in one snapshot."""
-
-    def __init__(self, conn: asyncpg.Connection) -> None:
-        self._conn = conn
-
-    async def find_profiles(
-        self, project_id: UUID, profile_ids: Sequence[UUID]
-    ) -> dict[UUID, Profile]:
-        rows = await self._conn.fetch(SELECT_PROFILES_AND_SURVIVORS, project_id, profile_ids)
-        return {r["requested_id"]: _profile(r) for r in rows}
-
-    async def profile(self, project_id: UUID, profile_id: UUID) -> asyncpg.Record | None:
-        return await self._conn.fetchrow(SELECT_EXPORT_PROFILE, project_id, profile_id)
-
-    async def attributes(self, project_id: UUID, profile_id: UUID) -> list[asyncpg.Record]:
-        return await self._conn.fetch(SELECT_EXPORT_ATTRIBUTES, project_id, profile_id)
-
-    async def subscriptions(self, project_id: UUID, profile_id: UUID) -> list[asyncpg.Record]:
-        return await self._conn.fetch(SELECT_EXPORT_SUBSCRIPTIONS, project_id, profile_id)
-
-    async def installations(self, project_id: UUID, profile_id: UUID) -> list[asyncpg.Record]:
-        return await self._conn.fetch(SELECT_EXPORT_INSTALLATIONS, project_id, profile_id)
-
-    async def changes(self, project_id: UUID, profile_ids: Sequence[UUID]) -> list[IdentityChange]:
-        rows = await self._conn.fetch(SELECT_EXPORT_CHANGES, project_id, list(profile_ids))
-        return [
-            IdentityChange(
-                change_id=r["change_id"],
-                kind=ChangeKind(r["kind"]),
-                cause=ChangeCause(r["cause"]),
-                source_profile_id=r["source_profile_id"],
-                target_profile_id=r["target_profile_id"],
-                installation_ids=tuple(r["installation_ids"]),
-                change_time=r["change_time"],
-                alias_custom_id=r["alias_custom_id"],
-            )
-            for r in rows
-        ]
-
-    async def sessions(self, project_id: UUID, profile_id: UUID) -> list[asyncpg.Record]:
-        return await self._conn.fetch(SELECT_EXPORT_SESSIONS, project_id, profile_id)
-
-    async def events(self, project_id: UUID, profile_id: UUID) -> AsyncIterator[asyncpg.Record]:
-        cursor = self._conn.cursor(
-            SELECT_EXPORT_EVENTS, project_id, profile_id, prefetch=EXPORT_FETCH_ROWS
-        )
-        async for row in cursor:
-            yield row
-
-    async def rejected_events(
-        self, project_id: UUID, installation_ids: Sequence[str], custom_ids: Sequence[str]
-    ) -> list[asyncpg.Record]:
-        return await self._conn.fetch(
-            SELECT_EXPORT_REJECTED_EVENTS, project_id, list(installation_ids), list(custom_ids)
-        )
