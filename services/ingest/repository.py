@@ -15,6 +15,7 @@ from uuid import UUID
 
 import asyncpg
 
+from profiles.common.v1 import types_pb2
 from services.ingest.errors import StorageUnavailable
 from services.ingest.validation import RejectedEvent, ValidEvent
 from shared.errors import Aborted
@@ -147,13 +148,16 @@ UPSERT_SUBSCRIPTIONS = """
 # platform of its latest (identity's merge moves profile_id later); the country of its earliest
 # start that has one; the latest end by event time (ties: later in the batch) gives end_time
 # and duration, else duration is the longest seen (a heartbeat's, or last activity minus
-# start); every event counts. Kinds are profiles.common.v1.EventKind: 2 session start,
-# 3 heartbeat, 4 end. Merged with the stored row: the span widens, counts add up, the latest
-# explicit end by event time sets end_time and duration, and until then duration is the
-# longest seen; the first known country stays. Rows in key order, so two batches lock the same
-# sessions in the same order. RETURNING gives the country of every touched session, which
-# heartbeat and end events carry on the bus.
-UPSERT_SESSIONS = """
+# start); every event counts. Merged with the stored row: the span widens, counts add up, the
+# latest explicit end by event time sets end_time and duration, and until then duration is the
+# longest seen; the first known country stays. Kinds are the profiles.common.v1.EventKind
+# numbers of the names below (interpolated once, at import). Rows in key order, so two batches
+# lock the same sessions in the same order. RETURNING gives the country of every touched
+# session, which heartbeat and end events carry on the bus.
+SESSION_START = int(types_pb2.EVENT_KIND_SESSION_START)
+SESSION_HEARTBEAT = int(types_pb2.EVENT_KIND_SESSION_HEARTBEAT)
+SESSION_END = int(types_pb2.EVENT_KIND_SESSION_END)
+UPSERT_SESSIONS = f"""
     WITH e AS (
         SELECT * FROM unnest($2::text[], $3::text[], $4::uuid[], $5::smallint[], $6::smallint[],
                              $7::timestamptz[], $8::interval[], $9::text[])
@@ -165,14 +169,15 @@ UPSERT_SESSIONS = """
                (array_agg(profile_id ORDER BY event_time, ord))[1] AS profile_id,
                (array_agg(platform ORDER BY event_time DESC, ord DESC))[1] AS platform,
                (array_agg(country ORDER BY event_time, ord)
-                    FILTER (WHERE kind = 2 AND country <> ''))[1] AS country,
+                    FILTER (WHERE kind = {SESSION_START} AND country <> ''))[1] AS country,
                min(event_time) AS start_time, max(event_time) AS last_activity_time,
                (array_agg(event_time ORDER BY event_time DESC, ord DESC)
-                    FILTER (WHERE kind = 4))[1] AS end_time,
+                    FILTER (WHERE kind = {SESSION_END}))[1] AS end_time,
                (array_agg(duration ORDER BY event_time DESC, ord DESC)
-                    FILTER (WHERE kind = 4))[1] AS end_duration,
-               max(duration) FILTER (WHERE kind = 3) AS longest_heartbeat,
-               count(*) AS event_count, bool_or(kind = 2) AS started, bool_or(kind = 4) AS ended
+                    FILTER (WHERE kind = {SESSION_END}))[1] AS end_duration,
+               max(duration) FILTER (WHERE kind = {SESSION_HEARTBEAT}) AS longest_heartbeat,
+               count(*) AS event_count, bool_or(kind = {SESSION_START}) AS started,
+               bool_or(kind = {SESSION_END}) AS ended
         FROM e
         GROUP BY installation_id, session_id
     )
