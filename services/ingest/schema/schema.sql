@@ -296,7 +296,12 @@ BEGIN
     DELETE FROM profile_subscriptions WHERE project_id = p_project AND profile_id = p_source;
 END $function$;
 
--- 0008's counts, with the crash kind named (the rule is unchanged).
+-- 0008's counts, with the crash kind named (the rule is unchanged):
+-- Statement-level over the transition tables: one aggregate and one upsert per statement (a
+-- batch of 500 events is one row per profile it touched), in key order. Inserts only add, the
+-- hot path; updates (a merge moving events, an erasure stripping them) and deletes move counts
+-- by their difference and drop the rows that fall to zero, so a merged-away or erased profile
+-- keeps no row.
 CREATE OR REPLACE FUNCTION public.profile_event_counts_apply()
  RETURNS trigger
  LANGUAGE plpgsql
@@ -525,7 +530,16 @@ AS $function$
     WHERE e.project_id = p_project AND e.profile_id = ANY(p_profile_ids) AND e.custom_id IS NOT NULL
 $function$;
 
--- 0015's erasure of events, with the neutral kind named (the rule is unchanged).
+-- 0015's erasure of events, with the neutral kind named (the rule is unchanged):
+-- Identity's erasure of the profiles' events; returns how many events were erased. Erased
+-- events become bare dedupe markers: the origin (installation ID, or for a server-side event
+-- the marker given for its custom ID: p_markers[i] for p_custom_ids[i]) and the event ID stay,
+-- so an SDK retrying an old batch is answered DUPLICATE and stores nothing; everything else
+-- goes. NOT NULL columns get neutral values: kind and platform 0 (EVENT_KIND_UNSPECIFIED,
+-- PLATFORM_UNSPECIFIED), event_time the receive time (kept so markers can be pruned by age one
+-- day). A custom ID erased before (quarantine over, then used and erased again) already left
+-- markers with the same key: those events are simply dropped, the older marker keeps
+-- deduplicating.
 CREATE OR REPLACE FUNCTION public.ingest_apply_event_erasure(p_project uuid, p_profile_ids uuid[], p_custom_ids text[], p_markers text[])
  RETURNS bigint
  LANGUAGE plpgsql
