@@ -1,7 +1,7 @@
 """Every SQL statement of segments, and only SQL; methods return model dataclasses.
 
-Tables (services/segments/schema/0005_segments.sql): segment_profiles (who segments knows, time zone,
-merge and erasure marks), segment_sessions (one row per session), segment_states (stored
+Tables (services/segments/schema/0005_segments.sql): segment_profiles (who segments knows,
+time zone, merge and erasure marks), segment_sessions (one row per session), segment_states (stored
 classification per profile and platform, with its schedule of time-only transitions), and
 segment_state_counts (profiles per stored segment and flag, kept by triggers on segment_states
 in the same transactions, so no statement here maintains it).
