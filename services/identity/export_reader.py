@@ -13,7 +13,7 @@ from services.identity.profile_rows import SELECT_PROFILES_AND_SURVIVORS, profil
 
 # -- ExportProfile (read in one REPEATABLE READ snapshot) ----------------------------------------
 # What ingest keeps about the profile comes through ingest's published read contracts
-# (ingest_read_export_*, services/ingest/schema/0015_ingest_profile_hooks.sql), never its tables.
+# (ingest_read_export_*, in its ingest_profile_hooks migration), never its tables.
 # First and last seen span the profile's events (the creation time when it has none yet, or
 # when imported events are older).
 SELECT_EXPORT_PROFILE = """

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
-from tests.api.test_identity_helpers import Identity, new_id
+from tests.support.identity import Identity, new_id
 
 if TYPE_CHECKING:
     from tests.conftest import TestProject

@@ -4,47 +4,22 @@ database, and each object sits in the file of the owner whose migrations made it
 from __future__ import annotations
 
 import difflib
-import uuid
-from collections.abc import AsyncIterator, Callable, Iterable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 
-import asyncpg
 import pytest
 
 from shared.schema_catalog import (
     OWNER_ORDER,
     Attribution,
-    apply_in_steps,
     migration_notes,
     migration_steps,
     render,
     schema_file,
     schema_file_steps,
 )
-from tests.conftest import with_database
+from tests.support.schema import built_from
 
 REGENERATE = "regenerate with `python -m shared.schema_catalog --write`"
-
-
-@asynccontextmanager
-async def scratch_database(server_url: str) -> AsyncIterator[asyncpg.Connection]:
-    name = f"s_{uuid.uuid4().hex}"
-    admin = await asyncpg.connect(server_url)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-        conn = await asyncpg.connect(with_database(server_url, name))
-        try:
-            yield conn
-        finally:
-            await conn.close()
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
-
-
-async def built_from(server_url: str, steps: Iterable[tuple[str, str]]) -> Attribution:
-    async with scratch_database(server_url) as conn:
-        return await apply_in_steps(conn, steps)
 
 
 def catalog_diff(expected: Attribution, actual: Attribution) -> str:

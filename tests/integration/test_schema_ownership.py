@@ -27,7 +27,7 @@ from shared.schema_catalog import (
     apply_in_steps,
     migration_steps,
 )
-from tests.integration.test_schema_files import scratch_database
+from tests.support.schema import scratch_database
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVICE_OWNERS = ("identity", "ingest", "segments", "query")

@@ -163,6 +163,9 @@ CREATE INDEX installation_details_by_push_token ON installation_details USING bt
 -- still sets end_time and duration. country is ISO 3166-1 alpha-2 (never an IP). platform is
 -- the Platform number. Read contract for query: one row per session; `closed` tells whether it
 -- still counts as live.
+-- Sessions ingest derives itself (Event.session_rule = SESSION_RULE_INACTIVITY,
+-- services/ingest/derived_sessions.py) are told apart from the client's: that rule joins and
+-- widens derived sessions only. Read contract for query: `derived`.
 CREATE TABLE sessions (
     project_id uuid NOT NULL,
     installation_id text NOT NULL,
@@ -178,6 +181,7 @@ CREATE TABLE sessions (
     started boolean NOT NULL DEFAULT false,
     ended boolean NOT NULL DEFAULT false,
     closed boolean NOT NULL DEFAULT false,
+    derived boolean NOT NULL DEFAULT false,
     CONSTRAINT sessions_pkey PRIMARY KEY (project_id, installation_id, session_id),
     CONSTRAINT sessions_session_id_check CHECK (((char_length(session_id) >= 1) AND (char_length(session_id) <= 64)))
 );
@@ -185,6 +189,8 @@ CREATE TABLE sessions (
 CREATE INDEX sessions_by_profile_time ON sessions USING btree (project_id, profile_id, start_time DESC);
 -- What the sweeper looks for: open sessions by last activity, across projects.
 CREATE INDEX sessions_open_by_activity ON sessions USING btree (last_activity_time) WHERE (NOT closed);
+-- What the session rules read under the installation's lock: its sessions active near a time.
+CREATE INDEX sessions_by_installation_activity ON sessions USING btree (project_id, installation_id, last_activity_time);
 
 -- Per-profile event totals, so the profile view's counters cost the same at 20 events as at
 -- 200,000 (counting them live over events_by_profile_time took 29 ms at 200,000).
@@ -530,7 +536,7 @@ AS $function$
     WHERE e.project_id = p_project AND e.profile_id = ANY(p_profile_ids) AND e.custom_id IS NOT NULL
 $function$;
 
--- 0015's erasure of events, with the neutral kind named (the rule is unchanged):
+-- ingest_profile_hooks' erasure of events, with the neutral kind named (the rule is unchanged):
 -- Identity's erasure of the profiles' events; returns how many events were erased. Erased
 -- events become bare dedupe markers: the origin (installation ID, or for a server-side event
 -- the marker given for its custom ID: p_markers[i] for p_custom_ids[i]) and the event ID stay,

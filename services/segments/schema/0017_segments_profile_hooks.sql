@@ -1,4 +1,4 @@
--- Segments' profile hooks (shared/schema/0014_profile_hooks.sql). Segments merges its own rows
+-- Segments' profile hooks (shared/schema: profile_hooks). Segments merges its own rows
 -- when it handles ProfileMerged (so that it can announce who left and entered which segment in
 -- the same transaction): it declares no merge hook. An erasure drops the profile's session
 -- history at once; the stored states, memberships and the profile row stay until segments

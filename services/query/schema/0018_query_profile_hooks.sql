@@ -1,4 +1,4 @@
--- Query's profile hooks (shared/schema/0014_profile_hooks.sql). A merge leaves query_profiles
+-- Query's profile hooks (shared/schema: profile_hooks). A merge leaves query_profiles
 -- to query, which recounts both profiles on ProfileMerged (moving the source's facts onto the
 -- survivor's key would count them twice): no merge hook. An erasure strips at once what names
 -- the person (custom ID, names, device), keeping only the figures the counters are decreased

@@ -1,4 +1,4 @@
--- Ingest's profile hooks (shared/schema/0014_profile_hooks.sql), and the functions identity's
+-- Ingest's profile hooks (shared/schema: profile_hooks), and the functions identity's
 -- erasure and export use instead of reading or writing ingest's tables.
 
 -- Merge: the source's events and sessions move to the target with a plain UPDATE (their keys

@@ -78,7 +78,7 @@ BEGIN
     RETURN NULL;
 END $$;
 
--- 0015's erasure of events, with the neutral kind named (the rule is unchanged):
+-- ingest_profile_hooks' erasure of events, with the neutral kind named (the rule is unchanged):
 -- Identity's erasure of the profiles' events; returns how many events were erased. Erased
 -- events become bare dedupe markers: the origin (installation ID, or for a server-side event
 -- the marker given for its custom ID: p_markers[i] for p_custom_ids[i]) and the event ID stay,
