@@ -14,15 +14,8 @@ from zoneinfo import ZoneInfo
 from profiles.common.v1 import types_pb2
 from services.query import paging, rollup
 from services.query.errors import AmbiguousLookup, ProfileNotFound, SegmentNotFound
-from services.query.repository import (
-    MAX_BIGINT,
-    MAX_UUID,
-    NEG_INFINITY,
-    NIL_UUID,
-    POS_INFINITY,
-    QueryReads,
-    QueryRepository,
-)
+from services.query.paging import MAX_BIGINT, MAX_UUID, NEG_INFINITY, NIL_UUID, POS_INFINITY
+from services.query.repository import QueryReads, QueryRepository
 from services.query.views import (
     BreakdownView,
     DayView,

@@ -1,4 +1,4 @@
-"""Compiles validated filters (model.FilterNode) and funnel step conditions to SQL.
+"""Compiles validated filters (filters.FilterNode) and funnel step conditions to SQL.
 
 Part of the repository layer: the only place besides repository.py that writes SQL. The query
 text is assembled from fixed fragments of this module only; every name and value a caller sent
@@ -20,13 +20,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from services.segments.model import (
+from services.segments.filters import (
     AttributeTest,
     CountryTest,
     EngagementTest,
     EventCountTest,
     FilterNode,
-    FunnelStep,
     Group,
     Operand,
     Operator,
@@ -35,6 +34,7 @@ from services.segments.model import (
     SmartSegmentTest,
     SubscriptionTest,
 )
+from services.segments.funnels import FunnelStep
 
 PLATFORM_API = 4
 CUSTOM_EVENT_KIND = 1
@@ -319,7 +319,7 @@ def funnel_counts_sql(steps: Sequence[FunnelStep], window_ms: int, b: SqlBuilder
 
     One attempt per occurrence of step 1 (s1); each later step is the earliest matching event
     strictly after the previous step and strictly before start + window (a LATERAL per step,
-    through events_by_profile_time), which is model.best_attempt's greedy rule. A profile's
+    through events_by_profile_time), which is funnels.best_attempt's greedy rule. A profile's
     best attempt is its maximum step count. Cost: one scan of the project's events for step 1
     (no index on name), then an index range per attempt and step.
     """
@@ -350,7 +350,7 @@ def funnel_counts_sql(steps: Sequence[FunnelStep], window_ms: int, b: SqlBuilder
 
 def funnel_occurrences_sql(steps: Sequence[FunnelStep], b: SqlBuilder) -> str:
     """(step index from 0, event_time) of every event of profile `$3` that counts for a step,
-    up to `$2`; model.best_attempt matches them."""
+    up to `$2`; funnels.best_attempt matches them."""
     parts = [
         f"SELECT {index}::int AS step, e.event_time FROM events e WHERE e.project_id = $1"
         f" AND e.profile_id = $3 AND e.event_time <= $2 AND {_step_events(step, b)}"

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from services.query.repository import PROFILE_VIEW_BY_LOOKUP
+from services.query.profile_reads import PROFILE_VIEW_BY_LOOKUP
 from tests.api.test_identity_helpers import new_id
 from tests.api.test_query_helpers import (
     NOW,
