@@ -26,13 +26,13 @@ from services.query.views import (
 # -- rejected events --------------------------------------------------------------------------
 
 SELECT_REJECTED_SNAPSHOT = """
-    SELECT coalesce(max(rejected_seq), 0) FROM rejected_events WHERE project_id = $1"""
+    SELECT coalesce(max(rejected_seq), 0) FROM ingest_read_rejected_events WHERE project_id = $1"""
 
 # Keyset on rejected_events_by_time (or _by_reason with a reason filter), as for events.
 SELECT_REJECTED_PAGE = """
     SELECT rejected_seq, receive_time, reason, field_path, message, event_id,
            coalesce(installation_id, '') AS installation_id, payload
-    FROM rejected_events
+    FROM ingest_read_rejected_events
     WHERE project_id = $1 AND rejected_seq <= $2
       AND (receive_time, rejected_seq) < ($3::timestamptz, $4::bigint)
       AND receive_time >= $5 AND receive_time < $6
@@ -65,7 +65,7 @@ PROFILE_ROWS_FROM = """
     LEFT JOIN LATERAL (
         SELECT CASE WHEN s.next_transition_time > $2 THEN s.segment ELSE u.segment END AS segment,
                CASE WHEN s.next_transition_time > $2 THEN s.flag ELSE u.flag END AS flag
-        FROM segment_states s
+        FROM segments_read_smart_segments s
         LEFT JOIN LATERAL (
             SELECT x.segment, x.flag
             FROM unnest(s.upcoming_times, s.upcoming_segments, s.upcoming_flags)
@@ -74,7 +74,7 @@ PROFILE_ROWS_FROM = """
             ORDER BY x.step_time DESC
             LIMIT 1
         ) u ON true
-        WHERE s.project_id = q.project_id AND s.profile_id = q.profile_id AND s.platform = 0
+        WHERE s.project_id = q.project_id AND s.profile_id = q.profile_id
     ) sg ON true
     WHERE q.project_id = $1
       AND ($3::int = 0
@@ -89,7 +89,7 @@ PROFILE_ROWS_FROM = """
 # The members of custom segment $13 as segments stored them (rows naming a merged-away or
 # erased profile drop out here: query_profiles holds live profiles only).
 PROFILE_ROWS_IN_SEGMENT = """
-      AND q.profile_id IN (SELECT m.profile_id FROM custom_segment_members m
+      AND q.profile_id IN (SELECT m.profile_id FROM segments_read_custom_segment_members m
                            WHERE m.project_id = $1 AND m.segment_id = $13::uuid)"""
 
 PROFILE_ROWS_PAGE = f"""
@@ -126,7 +126,7 @@ SELECT_PROFILE_ROWS_PAGE = {
 }
 
 SELECT_SEGMENT_EXISTS = """
-    SELECT 1 FROM custom_segments WHERE project_id = $1 AND segment_id = $2"""
+    SELECT 1 FROM segments_read_custom_segments WHERE project_id = $1 AND segment_id = $2"""
 
 
 class ListReads:

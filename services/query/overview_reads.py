@@ -24,7 +24,7 @@ SELECT_OVERVIEW = f"""
     FROM ({SELECT_COUNTERS}) c
     UNION ALL
     SELECT NULL, NULL, d.profile_count, d.segment, d.flag
-    FROM segment_distribution($1, $2::smallint, $3) d"""
+    FROM segments_read_distribution($1, $2::smallint, $3) d"""
 
 
 class OverviewReads:

@@ -35,7 +35,7 @@ PROFILE_FACTS = """
            inst.device_model, coalesce(inst.device_platform, 0) AS device_platform,
            ls.last_seen, coalesce(ss.session_count, 0) AS session_count,
            coalesce(ss.time_spent_ms, 0) AS time_spent_ms
-    FROM profiles p
+    FROM identity_read_profiles p
     LEFT JOIN LATERAL (
         SELECT bool_or(a.name = 'email') AS has_email,
                bool_or(a.name = 'phone') AS has_phone,
@@ -44,13 +44,13 @@ PROFILE_FACTS = """
                max(a.value ->> 'value') FILTER (WHERE a.name = 'first_name') AS first_name,
                max(a.value ->> 'value') FILTER (WHERE a.name = 'last_name') AS last_name,
                bool_or(a.name IN ('first_name', 'last_name', 'email', 'phone')) AS has_details
-        FROM profile_attributes a
+        FROM ingest_read_profile_attributes a
         WHERE a.project_id = p.project_id AND a.profile_id = p.profile_id AND a.native
           AND a.value IS NOT NULL
     ) a ON true
     LEFT JOIN LATERAL (
-        SELECT bool_or(d.push_token IS NOT NULL) AS has_token,
-               bool_or(d.push_token IS NOT NULL AND d.push_opt_in) AS push_reachable,
+        SELECT bool_or(d.push_token_present) AS has_token,
+               bool_or(d.push_token_present AND d.push_opt_in) AS push_reachable,
                (array_agg(d.language ORDER BY d.last_seen DESC)
                     FILTER (WHERE d.language IS NOT NULL))[1] AS language,
                array_agg(DISTINCT d.platform) FILTER (WHERE d.platform > 0) AS platforms,
@@ -58,15 +58,15 @@ PROFILE_FACTS = """
                    AS device_model,
                (array_agg(d.platform ORDER BY d.last_seen DESC, i.installation_id))[1]
                    AS device_platform
-        FROM installations i
-        JOIN installation_details d
+        FROM identity_read_installations i
+        JOIN ingest_read_installation_details d
             ON d.project_id = i.project_id AND d.installation_id = i.installation_id
         WHERE i.project_id = p.project_id AND i.profile_id = p.profile_id
           AND d.reintegrated_into IS NULL
     ) inst ON true
     LEFT JOIN LATERAL (
         SELECT array_agg(s.channel || ':' || s.kind ORDER BY s.channel, s.kind) AS subscribed
-        FROM profile_subscriptions s
+        FROM ingest_read_profile_subscriptions s
         WHERE s.project_id = p.project_id AND s.profile_id = p.profile_id AND s.subscribed
     ) sub ON true
     LEFT JOIN LATERAL (
@@ -74,11 +74,11 @@ PROFILE_FACTS = """
                coalesce(sum(extract(epoch FROM s.duration) * 1000), 0)::bigint AS time_spent_ms,
                (array_agg(s.country ORDER BY s.start_time DESC)
                     FILTER (WHERE coalesce(s.country, '') <> ''))[1] AS country
-        FROM sessions s
+        FROM ingest_read_sessions s
         WHERE s.project_id = p.project_id AND s.profile_id = p.profile_id
     ) ss ON true
     LEFT JOIN LATERAL (
-        SELECT e.event_time AS last_seen FROM events e
+        SELECT e.event_time AS last_seen FROM ingest_read_events e
         WHERE e.project_id = p.project_id AND e.profile_id = p.profile_id
         ORDER BY e.event_time DESC
         LIMIT 1
@@ -137,11 +137,11 @@ REBUILD_PROFILES = f"""
 INSTALLATION_FACTS = """
     SELECT i.installation_id, coalesce(d.platform, 0)::smallint AS platform, d.app_version,
            coalesce(d.uninstalled, false) AS uninstalled,
-           coalesce(d.push_token IS NOT NULL, false) AS has_token,
+           coalesce(d.push_token_present, false) AS has_token,
            coalesce(d.push_opt_in, false) AS push_opt_in,
            coalesce(d.imported, false) AS imported
-    FROM installations i
-    LEFT JOIN installation_details d
+    FROM identity_read_installations i
+    LEFT JOIN ingest_read_installation_details d
         ON d.project_id = i.project_id AND d.installation_id = i.installation_id
     WHERE i.project_id = $1 AND d.reintegrated_into IS NULL {where}"""
 

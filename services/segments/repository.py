@@ -228,7 +228,7 @@ UPSERT_THRESHOLDS_APPLIED = """
 # project's stored counts and corrects only its due rows, so its cost does not grow with the
 # number of profiles.
 SELECT_DISTRIBUTION = """
-    SELECT segment, flag, profile_count FROM segment_distribution($1, $2::smallint, $3)"""
+    SELECT segment, flag, profile_count FROM segments_read_distribution($1, $2::smallint, $3)"""
 
 
 @dataclass(frozen=True, slots=True)
