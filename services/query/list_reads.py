@@ -10,6 +10,7 @@ from uuid import UUID
 
 import asyncpg
 
+from profiles.query.v1 import query_service_pb2 as pb
 from services.query.paging import (
     MAX_BIGINT,
     MAX_TEXT,
@@ -40,51 +41,44 @@ SELECT_REJECTED_PAGE = """
     ORDER BY receive_time DESC, rejected_seq DESC
     LIMIT $8"""
 
+# ProfileIdentityFilter numbers (the users table's $3).
+IDENTIFIED = pb.PROFILE_IDENTITY_FILTER_IDENTIFIED
+ANONYMOUS = pb.PROFILE_IDENTITY_FILTER_ANONYMOUS
+HAS_USER_DETAILS = pb.PROFILE_IDENTITY_FILTER_HAS_USER_DETAILS
+
 # -- the users table --------------------------------------------------------------------------
 
 # The users table reads query's projection (query_profiles, 0006): one row per live profile
 # with the table's columns, kept by the rollup consumer (so it lags writes by the bus lag), and
 # indexed per sort key. A page walks one index from the keyset position, (value, profile_id)
 # ascending or both descending, so its cost is the page, not the project. A profile never seen
-# (last_seen NULL) sorts last in both directions, by profile_id: the second branch of the
-# UNION ALL, read only when the first ends short ($8: the position is already among them, $11
-# the profile_id after which they continue). The smart segment comes from segments' stored state
-# as of $2 (as in SELECT_PROFILE_VIEW). Filters not asked for are constants (0, ''), so one
-# statement per sort order serves every combination; the custom segment filter ($13) has
-# statements of its own (PROFILE_ROWS_IN_SEGMENT), so that the planner sees a plain semi-join
-# on segments' custom_segment_members (0005) and may drive a small segment from its members
-# instead of walking the sort index past non-members.
-PROFILE_ROWS_FROM = """
+# (last_seen NULL) sorts last in both directions, by profile_id: the second branch of the UNION
+# ALL, read only when the first ends short ($8: the position is already among them, $11 the
+# profile_id after which they continue). The smart segment is segments' as of $2
+# (segments_read_smart_segment, inlined by the planner: one primary-key read per row). Filters
+# not asked for are constants (0, ''), so one statement per sort order serves every
+# combination; the custom segment filter ($13) has statements of its own
+# (PROFILE_ROWS_IN_SEGMENT), so that the planner sees a plain semi-join on segments'
+# segments_read_custom_segment_members and may drive a small segment from its members instead of
+# walking the sort index past non-members.
+PROFILE_ROWS_FROM = f"""
     SELECT q.profile_id, coalesce(q.custom_id, '') AS custom_id,
            coalesce(q.first_name, '') AS first_name, coalesce(q.last_name, '') AS last_name,
            coalesce(q.device_model, '') AS device_model, q.device_platform::int AS platform,
            q.last_seen, q.session_count, q.time_spent_ms, coalesce(q.country, '') AS country,
            coalesce(sg.segment, 0)::int AS smart_segment,
-           coalesce(sg.flag, 0)::int AS smart_segment_flag, q.{column} AS sort_value
+           coalesce(sg.flag, 0)::int AS smart_segment_flag, q.{{column}} AS sort_value
     FROM query_profiles q
-    LEFT JOIN LATERAL (
-        SELECT CASE WHEN s.next_transition_time > $2 THEN s.segment ELSE u.segment END AS segment,
-               CASE WHEN s.next_transition_time > $2 THEN s.flag ELSE u.flag END AS flag
-        FROM segments_read_smart_segments s
-        LEFT JOIN LATERAL (
-            SELECT x.segment, x.flag
-            FROM unnest(s.upcoming_times, s.upcoming_segments, s.upcoming_flags)
-                AS x(step_time, segment, flag)
-            WHERE x.step_time <= $2
-            ORDER BY x.step_time DESC
-            LIMIT 1
-        ) u ON true
-        WHERE s.project_id = q.project_id AND s.profile_id = q.profile_id
-    ) sg ON true
+    LEFT JOIN LATERAL segments_read_smart_segment(q.project_id, q.profile_id, $2) sg ON true
     WHERE q.project_id = $1
       AND ($3::int = 0
-           OR ($3 = 1 AND q.identified)
-           OR ($3 = 2 AND NOT q.identified)
-           OR ($3 = 3 AND q.has_details))
+           OR ($3 = {IDENTIFIED} AND q.identified)
+           OR ($3 = {ANONYMOUS} AND NOT q.identified)
+           OR ($3 = {HAS_USER_DETAILS} AND q.has_details))
       AND ($4::int = 0 OR $4::smallint = ANY(q.platforms))
       AND ($5::text = '' OR q.country = $5)
       AND ($6::int = 0 OR coalesce(sg.segment, 0) = $6)
-      AND ($7::int = 0 OR coalesce(sg.flag, 0) = $7){members}"""
+      AND ($7::int = 0 OR coalesce(sg.flag, 0) = $7){{members}}"""
 
 # The members of custom segment $13 as segments stored them (rows naming a merged-away or
 # erased profile drop out here: query_profiles holds live profiles only).
@@ -185,7 +179,7 @@ class ListReads:
     # -- the users table
 
     async def segment_exists(self, project_id: UUID, segment_id: UUID) -> bool:
-        """Whether the project has this custom segment (segments' custom_segments, 0005)."""
+        """Whether the project has this custom segment (segments_read_custom_segments)."""
         return await self._conn.fetchval(SELECT_SEGMENT_EXISTS, project_id, segment_id) is not None
 
     async def profile_rows_page(

@@ -17,8 +17,8 @@ SELECT_COUNTERS = """
 
 # The whole overview in one statement, hence one snapshot without a transaction (BEGIN and
 # COMMIT were two of its four round trips): the counters above (segment and flag NULL), then
-# segments' read contract (0005), the smart segment distribution exact as of $3 on platform $2
-# (0: all), with metric NULL.
+# segments' read contract segments_read_distribution, the smart segment distribution exact as
+# of $3 on platform $2 (0: all), with metric NULL.
 SELECT_OVERVIEW = f"""
     SELECT c.metric, c.value, c.count, NULL::smallint AS segment, NULL::smallint AS flag
     FROM ({SELECT_COUNTERS}) c

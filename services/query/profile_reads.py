@@ -33,7 +33,7 @@ EVENT_KIND_CRASH = types_pb2.EVENT_KIND_CRASH
 
 # -- lookups ----------------------------------------------------------------------------------
 
-# A tombstone points at its survivor in one hop (read contract of 0002), so one primary-key
+# A tombstone points at its survivor in one hop (identity_read_profiles), so one primary-key
 # read resolves a merged-away ID.
 RESOLVE_PROFILE_ID = """
     SELECT coalesce(merged_into, profile_id) AS profile_id, merged_into IS NOT NULL AS merged
@@ -49,7 +49,7 @@ RESOLVE_CUSTOM_ID = """
     WHERE project_id = $1 AND custom_id = $2
     LIMIT 1"""
 
-# installations.profile_id is always a live profile (read contract of 0002).
+# An installation's profile_id is always a live profile (identity_read_installations).
 RESOLVE_INSTALLATION = """
     SELECT profile_id FROM identity_read_installations
     WHERE project_id = $1 AND installation_id = $2"""
@@ -120,8 +120,8 @@ SELECT_LAST_CRASH = f"""
     ORDER BY event_time DESC, event_seq DESC
     LIMIT 1"""
 
-# Sessions come from ingest's sessions table (read contract of 0004: one row per session,
-# `closed` says whether it still counts as live), by sessions_by_profile_time.
+# Sessions come from ingest_read_sessions (one row per session, `closed` says whether it still
+# counts as live), by sessions_by_profile_time.
 SELECT_SESSION_TOTALS = """
     SELECT count(*) AS session_count,
            coalesce(sum(extract(epoch FROM duration) * 1000), 0)::bigint AS total_time_ms
@@ -140,14 +140,11 @@ SELECT_IDENTITY_CHANGES = f"""
     ORDER BY c.change_time DESC, c.change_id DESC
     LIMIT $3"""
 
-# Segments' stored classification over all platforms (platform 0), with its schedule of
-# time-only transitions, so the state "as of the read" is computed without waiting for the
-# sweep (the same rule as segment_distribution() in 0005).
+# Segments' classification over all platforms as of $3, its stored state moved along its
+# schedule of time-only transitions (segments' rule, segments_read_smart_segment).
 SELECT_SMART_SEGMENT = """
-    SELECT segment, flag, next_transition_time, upcoming_times, upcoming_segments,
-           upcoming_flags
-    FROM segments_read_smart_segments
-    WHERE project_id = $1 AND profile_id = $2"""
+    SELECT segment, flag, next_transition_time
+    FROM segments_read_smart_segment($1, $2, $3)"""
 
 # The whole profile view in one statement, hence one round trip and one snapshot (a single
 # statement needs no transaction to read consistently). {target} resolves the lookup to at most
@@ -155,21 +152,21 @@ SELECT_SMART_SEGMENT = """
 # and for an email or phone every holder (up to 11, to tell an ambiguous lookup). The columns
 # are the statements above, correlated on the target profile; lists come back as arrays of
 # anonymous records (asyncpg decodes them to tuples; a jsonb inside one is cast to json, whose
-# binary form is the text the pool's JSON codec reads). Custom segment memberships and funnel
-# progress come from segments' read contracts (0005): custom_segment_members (current as of
-# segments' last evaluation of the profile: its last event, or the periodic sweep for changes
-# time alone makes) and profile_funnel_progress() (computed from events as of $3). $1 project,
+# binary form is the text the pool's JSON codec reads). The smart segment, the engagement,
+# custom segment memberships and funnel progress are segments' (its read contracts:
+# segments_read_smart_segment and segments_read_engagement as of $3,
+# segments_read_custom_segment_members, current as of segments' last evaluation of the profile,
+# and segments_read_funnel_progress as of $3), so query restates none of its rules. $1 project,
 # $2 the looked-up value, $3 now (engagement's window end, funnels' as-of). No row: nothing
 # found by the lookup; a row with a NULL profile_id: ambiguous, or found but not live.
-# Two averages of session length, on purpose over two windows: session_totals' third column
-# is the all-time average over ingest's closed sessions (ended, or closed by the idle sweep;
+# Two averages of session length, on purpose over two windows: session_totals' third column is
+# the all-time average over ingest's closed sessions (ended, or closed by the idle sweep;
 # Counters.average_session_duration), engagement's the average over segments' ended sessions
-# started in the 168 hours up to $3 (score1, segments' rule, 0011); an open session's length
-# is not known yet, so neither counts it. Sessions that all ended inside the window give both
-# the same value.
-# Nothing here grows with the profile's events: their totals come from profile_event_counts
-# (0008), first and last seen are each one end of events_by_profile_time, the last crash the
-# top of events_crashes_by_profile.
+# started in the 168 hours up to $3 (score1, segments' rule); an open session's length is not
+# known yet, so neither counts it. Sessions that all ended inside the window give both the same
+# value. Nothing here grows with the profile's events: their totals come from
+# ingest_read_profile_event_counts, first and last seen are each one end of
+# events_by_profile_time, the last crash the top of events_crashes_by_profile.
 PROFILE_VIEW = f"""
     WITH target AS ({{target}})
     SELECT t.holders, t.resolved_from, p.profile_id, p.custom_id, p.version,
@@ -232,8 +229,7 @@ PROFILE_VIEW = f"""
                           WHERE m.project_id = $1 AND m.merged_into = p.profile_id))
                ORDER BY c.change_time DESC, c.change_id DESC
                LIMIT $4) AS identity_changes,
-           g.segment, g.flag, g.next_transition_time, g.upcoming_times, g.upcoming_segments,
-           g.upcoming_flags,
+           g.segment, g.flag, g.next_transition_time,
            (SELECT ROW(x.score1, x.score2, x.score3)
             FROM segments_read_engagement($1, p.profile_id, $3::timestamptz) x) AS engagement,
            ARRAY(
@@ -255,8 +251,8 @@ PROFILE_VIEW = f"""
     LEFT JOIN ingest_read_profile_event_counts s
         ON s.project_id = $1 AND s.profile_id = p.profile_id
     -- Columns, not a record: asyncpg decodes a record's arrays only of types it already knows.
-    LEFT JOIN segments_read_smart_segments g
-        ON g.project_id = $1 AND g.profile_id = p.profile_id"""
+    LEFT JOIN LATERAL segments_read_smart_segment($1, p.profile_id, $3::timestamptz) g
+        ON true"""
 
 # The lookups above, shaped as PROFILE_VIEW's target.
 PROFILE_VIEW_TARGETS = {
@@ -325,25 +321,6 @@ def _funnels(rows: Sequence[Sequence[Any]]) -> tuple[FunnelProgressView, ...]:
         FunnelProgressView(funnel_id, name, tuple(steps))
         for funnel_id, (name, steps) in funnels.items()
     )
-
-
-def _smart_segment(state: Sequence[Any] | asyncpg.Record, now: datetime) -> SmartSegmentView:
-    """Segments' stored state (SELECT_SMART_SEGMENT's columns, in their order) as of `now`:
-    the scheduled time-only transitions already due are applied (the same rule as
-    segment_distribution() in 0005)."""
-    segment, flag, stored_next, upcoming_times, upcoming_segments, upcoming_flags = state
-    next_time = None
-    for step_time, step_segment, step_flag in sorted(
-        zip(upcoming_times, upcoming_segments, upcoming_flags, strict=True)
-    ):
-        if step_time <= now:
-            segment, flag = step_segment, step_flag
-        elif next_time is None:
-            next_time = step_time
-    # 'infinity' (no transition ahead) reads back as datetime.max.
-    if next_time is None and stored_next.year < 9999 and stored_next > now:
-        next_time = stored_next
-    return SmartSegmentView(segment, flag, next_time)
 
 
 def _installation(r: Sequence[Any] | asyncpg.Record) -> InstallationView:
@@ -425,17 +402,7 @@ class ProfileReads:
             smart_segment=(
                 None
                 if r["segment"] is None
-                else _smart_segment(
-                    (
-                        r["segment"],
-                        r["flag"],
-                        r["next_transition_time"],
-                        r["upcoming_times"],
-                        r["upcoming_segments"],
-                        r["upcoming_flags"],
-                    ),
-                    now,
-                )
+                else SmartSegmentView(r["segment"], r["flag"], r["next_transition_time"])
             ),
             segment_memberships=tuple(SegmentMembershipView(*m) for m in r["segment_memberships"]),
             funnels=_funnels(r["funnel_steps"] or ()),
@@ -507,10 +474,10 @@ class ProfileReads:
     async def smart_segment(
         self, project_id: UUID, profile_id: UUID, now: datetime
     ) -> SmartSegmentView | None:
-        r = await self._conn.fetchrow(SELECT_SMART_SEGMENT, project_id, profile_id)
+        r = await self._conn.fetchrow(SELECT_SMART_SEGMENT, project_id, profile_id, now)
         if r is None:
             return None
-        return _smart_segment(r, now)
+        return SmartSegmentView(r["segment"], r["flag"], r["next_transition_time"])
 
     # -- live feed
 

@@ -1,11 +1,16 @@
-"""Every SQL statement of query, and only SQL. Query reads the tables of identity (profiles,
-installations, identity_changes, custom_id_aliases), ingest (events, rejected_events,
-profile_attributes, profile_subscriptions, installation_details) and segments
-(segment_sessions, segment_states, segment_distribution(), custom_segment_members,
-profile_funnel_progress()), read-only, through the read
-contracts their migrations document; it writes only its own projection (query_profiles,
-query_installations, query_counters in 0006), recounted from those tables when the bus says
-they changed. Every statement filters on project_id first.
+"""Query's repository: its connection scopes, and QueryReads, the read statements of every
+page on one connection. The SQL lives beside each page's reads: profile_reads.py (GetProfile
+and the live feed's checks), timeline_reads.py (events, sessions, activity), list_reads.py
+(the users table, rejected events), overview_reads.py, and rollup_writes.py (query's own
+projection: query_profiles, query_installations, query_counters, services/query/schema).
+
+Query reads other services' data only through the read contracts they publish
+(docs/read-contracts.md): identity_read_* (profiles, installations, identity changes, custom
+ID aliases), ingest_read_* (events, rejected events, event counts, attributes, subscriptions,
+installation details, sessions) and segments_read_* (smart segment, engagement, custom segment
+members and names, distribution, funnel progress), never their tables, and restates none of
+their rules; it writes only its own projection, recounted from those contracts when the bus
+says they changed. Every statement filters on project_id first.
 
 Reads that make one view run in one READ ONLY REPEATABLE READ transaction, so a view is "as of
 one consistent read" even though it takes several statements.

@@ -11,17 +11,22 @@ from uuid import UUID
 
 import asyncpg
 
+from profiles.common.v1 import types_pb2
 from services.query.rollup import CounterKey, InstallationFacts, ProfileFacts
 from services.query.rows import text_or_empty
 
 # -- the rollups (query's projection, 0006) ---------------------------------------------------
 
-# The facts of live profiles, recounted from identity's and ingest's tables (read contracts of
-# 0002 and 0004); each lateral read is one profile's rows by its index. {where} narrows it to
-# the profiles a message touched, or to nothing more for a rebuild of the whole project.
-# Imported installations folded into an SDK installation are left out, as in
-# INSTALLATION_FACTS below: they give a profile no platform, token or device.
-PROFILE_FACTS = """
+# The facts of live profiles, recounted from identity's and ingest's read contracts; each
+# lateral read is one profile's rows by its index. {where} narrows it to the profiles a message
+# touched, or to nothing more for a rebuild of the whole project. Imported installations folded
+# into an SDK installation are left out, as in INSTALLATION_FACTS below: they give a profile no
+# platform, token or device.
+# Installation details without a known platform (profiles.common.v1.Platform) give none.
+PLATFORM_UNSPECIFIED = types_pb2.PLATFORM_UNSPECIFIED
+
+PROFILE_FACTS = (
+    """
     SELECT p.profile_id, p.custom_id IS NOT NULL AS identified, p.custom_id,
            coalesce(a.has_email, false) AS has_email,
            coalesce(a.has_phone, false) AS has_phone,
@@ -53,7 +58,9 @@ PROFILE_FACTS = """
                bool_or(d.push_token_present AND d.push_opt_in) AS push_reachable,
                (array_agg(d.language ORDER BY d.last_seen DESC)
                     FILTER (WHERE d.language IS NOT NULL))[1] AS language,
-               array_agg(DISTINCT d.platform) FILTER (WHERE d.platform > 0) AS platforms,
+               array_agg(DISTINCT d.platform) FILTER (WHERE d.platform > """
+    + str(PLATFORM_UNSPECIFIED)
+    + """) AS platforms,
                (array_agg(d.device_model ORDER BY d.last_seen DESC, i.installation_id))[1]
                    AS device_model,
                (array_agg(d.platform ORDER BY d.last_seen DESC, i.installation_id))[1]
@@ -84,6 +91,7 @@ PROFILE_FACTS = """
         LIMIT 1
     ) ls ON true
     WHERE p.project_id = $1 AND p.merged_into IS NULL {where}"""
+)
 
 PROFILE_FACT_COLUMNS = """identified, custom_id, has_email, has_phone, has_token,
     push_reachable, subscribed, language, region, country, platforms, first_name, last_name,

@@ -36,6 +36,7 @@ from services.segments.filters import (
     SubscriptionTest,
 )
 from services.segments.funnels import FunnelStep
+from services.segments.model import ALL_PLATFORMS
 
 # Numbers of profiles.common.v1.Platform and EventKind, as ingest_read_events stores them.
 PLATFORM_API = types_pb2.PLATFORM_API
@@ -177,12 +178,14 @@ def _platform(node: PlatformTest, b: SqlBuilder) -> str:
     return f"({installed} OR {server_side})"
 
 
-# The all-platform stored state, moved along its schedule to $2 (segment_state_at in
-# 0005_segments.sql); a profile without a session has no row: segment 0, flag 0.
+# The all-platform stored state, moved along its schedule to $2 (segment_state_at,
+# services/segments/schema/0005_segments.sql); a profile without a session has no row:
+# segment 0, flag 0.
 SMART_STATE_SQL = (
     "coalesce((SELECT segment_state_at(s.segment, s.flag, s.next_transition_time,"
     " s.upcoming_times, s.upcoming_segments, s.upcoming_flags, $2) FROM segment_states s"
-    " WHERE s.project_id = $1 AND s.profile_id = p.profile_id AND s.platform = 0),"
+    " WHERE s.project_id = $1 AND s.profile_id = p.profile_id"
+    f" AND s.platform = {ALL_PLATFORMS}),"
     " ARRAY[0, 0]::smallint[])"
 )
 

@@ -223,8 +223,9 @@ UPSERT_THRESHOLDS_APPLIED = """
     ON CONFLICT (project_id) DO UPDATE SET
         thresholds = EXCLUDED.thresholds, apply_time = EXCLUDED.apply_time"""
 
-# READ CONTRACT: the function is defined and documented in 0005_segments.sql; query calls the
-# same function for its overview, so both are exact as of the `as_of` they pass. It reads the
+# Segments' published read contract (services/segments/schema, segments_read_distribution):
+# query calls the same function for its overview, so both are exact as of the `as_of` they
+# pass. It reads the
 # project's stored counts and corrects only its due rows, so its cost does not grow with the
 # number of profiles.
 SELECT_DISTRIBUTION = """

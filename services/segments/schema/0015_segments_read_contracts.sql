@@ -9,17 +9,38 @@
 -- ingest_read_events. The functions published before under other names (segment_distribution,
 -- profile_funnel_progress) stay as aliases of the contracts, for segments' own tools.
 
--- Each profile's stored smart segment and flag over all platforms (segment_states, platform 0),
--- with the transitions time alone will cause: upcoming_* (same length, earliest first) and
--- next_transition_time (the first of them, or 'infinity'). Values are the proto numbers of
--- profiles.common.v1.SmartSegment / SmartSegmentFlag. The state as of a time T is the stored
--- one while next_transition_time > T, else the last upcoming step at or before T (the rule of
--- segments_read_distribution and segment_state_at). No row: the profile has no session.
-CREATE VIEW segments_read_smart_segments AS
-    SELECT project_id, profile_id, segment, flag, next_transition_time, upcoming_times,
-           upcoming_segments, upcoming_flags
-    FROM segment_states
-    WHERE platform = 0;
+-- A profile's smart segment and flag over all platforms as of `p_as_of`, and when time alone
+-- next changes them (NULL: no transition ahead), from its stored state (segment_states,
+-- platform 0) and that state's schedule, so a reader sees the state as of its read without
+-- waiting for the sweep: the stored values while the next transition is ahead, else the last
+-- scheduled step at or before `p_as_of` (the rule of segments_read_distribution and
+-- segment_state_at; model.advance in Python). Values are the proto numbers of
+-- profiles.common.v1.SmartSegment / SmartSegmentFlag. No row: the profile has no session.
+-- Cost: one primary-key row; a plain SQL function, so the planner inlines it, also into a
+-- LATERAL join per row of a page.
+CREATE FUNCTION segments_read_smart_segment(
+    p_project_id uuid, p_profile_id uuid, p_as_of timestamptz
+)
+RETURNS TABLE (segment smallint, flag smallint, next_transition_time timestamptz)
+LANGUAGE sql STABLE AS $$
+    SELECT CASE WHEN s.next_transition_time > p_as_of THEN s.segment ELSE u.segment END,
+           CASE WHEN s.next_transition_time > p_as_of THEN s.flag ELSE u.flag END,
+           coalesce((SELECT min(x.step_time) FROM unnest(s.upcoming_times) AS x(step_time)
+                     WHERE x.step_time > p_as_of),
+                    CASE WHEN s.next_transition_time > p_as_of
+                              AND s.next_transition_time < 'infinity'
+                         THEN s.next_transition_time END)
+    FROM segment_states s
+    LEFT JOIN LATERAL (
+        SELECT x.segment, x.flag
+        FROM unnest(s.upcoming_times, s.upcoming_segments, s.upcoming_flags)
+            AS x(step_time, segment, flag)
+        WHERE x.step_time <= p_as_of
+        ORDER BY x.step_time DESC
+        LIMIT 1
+    ) u ON true
+    WHERE s.project_id = p_project_id AND s.profile_id = p_profile_id AND s.platform = 0
+$$;
 
 -- Custom segments' names (for listing a profile's memberships).
 CREATE VIEW segments_read_custom_segments AS
