@@ -381,7 +381,7 @@ class DefinitionsRepository:
         return occurrences
 
     async def profile_exists(self, project_id: UUID, profile_id: UUID) -> UUID | None:
-        """The live profile of an ID (itself, or its survivor), from identity's table."""
+        """The live profile of an ID (itself, or its survivor), from identity_read_profiles."""
         row = await self._pool.fetchrow(SELECT_LIVE_PROFILE, project_id, profile_id)
         return None if row is None else row["live_id"]
 
@@ -396,8 +396,8 @@ class DefinitionsRepository:
         return int(await self._pool.fetchval(COUNT_LIVE_PROFILES, project_id))
 
 
-# Identity's profiles table: a merged-away ID points at its survivor in one hop; an erased one
-# has no row.
+# Identity's read contract identity_read_profiles: a merged-away ID points at its survivor in
+# one hop; an erased one has no row.
 SELECT_LIVE_PROFILE = """
     SELECT coalesce(p.merged_into, p.profile_id) AS live_id
     FROM identity_read_profiles p WHERE p.project_id = $1 AND p.profile_id = $2"""

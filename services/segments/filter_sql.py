@@ -1,14 +1,16 @@
 """Compiles validated filters (filters.FilterNode) and funnel step conditions to SQL.
 
-Part of the repository layer: the only place besides repository.py that writes SQL. The query
+Part of the repository layer: the only place besides the repositories (repository.py,
+definitions_repository.py) that writes SQL. The query
 text is assembled from fixed fragments of this module only; every name and value a caller sent
 (attribute names, event names, strings, numbers, times, lists) becomes a `$n` parameter, so any
 string is safe to send and is matched literally. Column and table names, operators and casts
 come from the whitelists below, chosen by enum values, never by caller text.
 
-A compiled filter is a boolean expression over `p` (a row of `profiles`), with `$1` the project
-and `$2` the moment of evaluation. Each condition is wrapped in coalesce(..., false), so a
-missing value never makes NOT match or fail to match unexpectedly.
+A compiled filter is a boolean expression over `p` (a row of identity_read_profiles), with `$1`
+the project and `$2` the moment of evaluation. Each condition is wrapped in coalesce(..., false),
+so a missing value never makes NOT match or fail to match unexpectedly. Other services' data is
+read only through their read contracts (identity_read_*, ingest_read_*; docs/read-contracts.md).
 
 Type-tested values are cast inside CASE (PostgreSQL does not promise the order of AND
 operands, and a cast of a value of another type would fail).
