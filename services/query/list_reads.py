@@ -27,13 +27,14 @@ from services.query.views import (
 # -- rejected events --------------------------------------------------------------------------
 
 SELECT_REJECTED_SNAPSHOT = """
-    SELECT coalesce(max(rejected_seq), 0) FROM ingest_read_rejected_events WHERE project_id = $1"""
+    SELECT coalesce(max(rejected_seq), 0) FROM ingest_read_rejected_events()
+    WHERE project_id = $1"""
 
 # Keyset on rejected_events_by_time (or _by_reason with a reason filter), as for events.
 SELECT_REJECTED_PAGE = """
     SELECT rejected_seq, receive_time, reason, field_path, message, event_id,
            coalesce(installation_id, '') AS installation_id, payload
-    FROM ingest_read_rejected_events
+    FROM ingest_read_rejected_events()
     WHERE project_id = $1 AND rejected_seq <= $2
       AND (receive_time, rejected_seq) < ($3::timestamptz, $4::bigint)
       AND receive_time >= $5 AND receive_time < $6
@@ -83,7 +84,7 @@ PROFILE_ROWS_FROM = f"""
 # The members of custom segment $13 as segments stored them (rows naming a merged-away or
 # erased profile drop out here: query_profiles holds live profiles only).
 PROFILE_ROWS_IN_SEGMENT = """
-      AND q.profile_id IN (SELECT m.profile_id FROM segments_read_custom_segment_members m
+      AND q.profile_id IN (SELECT m.profile_id FROM segments_read_custom_segment_members() m
                            WHERE m.project_id = $1 AND m.segment_id = $13::uuid)"""
 
 PROFILE_ROWS_PAGE = f"""
@@ -120,7 +121,7 @@ SELECT_PROFILE_ROWS_PAGE = {
 }
 
 SELECT_SEGMENT_EXISTS = """
-    SELECT 1 FROM segments_read_custom_segments WHERE project_id = $1 AND segment_id = $2"""
+    SELECT 1 FROM segments_read_custom_segments() WHERE project_id = $1 AND segment_id = $2"""
 
 
 class ListReads:

@@ -37,21 +37,21 @@ EVENT_KIND_CRASH = types_pb2.EVENT_KIND_CRASH
 # read resolves a merged-away ID.
 RESOLVE_PROFILE_ID = """
     SELECT coalesce(merged_into, profile_id) AS profile_id, merged_into IS NOT NULL AS merged
-    FROM identity_read_profiles
+    FROM identity_read_profiles()
     WHERE project_id = $1 AND profile_id = $2"""
 
 # A custom ID is on a live profile (unique index profiles_by_custom_id) or is an alias left by an
 # operator merge, whose target identity keeps live; both reads are by key.
 RESOLVE_CUSTOM_ID = """
-    SELECT profile_id FROM identity_read_profiles WHERE project_id = $1 AND custom_id = $2
+    SELECT profile_id FROM identity_read_profiles() WHERE project_id = $1 AND custom_id = $2
     UNION ALL
-    SELECT target_profile_id FROM identity_read_custom_id_aliases
+    SELECT target_profile_id FROM identity_read_custom_id_aliases()
     WHERE project_id = $1 AND custom_id = $2
     LIMIT 1"""
 
 # An installation's profile_id is always a live profile (identity_read_installations).
 RESOLVE_INSTALLATION = """
-    SELECT profile_id FROM identity_read_installations
+    SELECT profile_id FROM identity_read_installations()
     WHERE project_id = $1 AND installation_id = $2"""
 
 # Emails (stored lower-case) and phones are native attribute values, which several profiles may
@@ -59,8 +59,8 @@ RESOLVE_INSTALLATION = """
 # index query_attributes_by_native_value (0006) makes this a key lookup.
 RESOLVE_NATIVE_VALUE = """
     SELECT DISTINCT a.profile_id
-    FROM ingest_read_profile_attributes a
-    JOIN identity_read_profiles p ON p.project_id = a.project_id AND p.profile_id = a.profile_id
+    FROM ingest_read_profile_attributes() a
+    JOIN identity_read_profiles() p ON p.project_id = a.project_id AND p.profile_id = a.profile_id
     WHERE a.project_id = $1 AND a.native AND a.name = $2 AND (a.value ->> 'value') = $3
       AND p.merged_into IS NULL
     ORDER BY a.profile_id
@@ -73,18 +73,18 @@ RESOLVE_NATIVE_VALUE = """
 SELECT_PROFILE = f"""
     SELECT p.profile_id, p.custom_id, p.version, s.first_seen, s.last_seen, s.event_count,
            s.crash_count
-    FROM identity_read_profiles p
+    FROM identity_read_profiles() p
     CROSS JOIN LATERAL (
         SELECT min(e.event_time) AS first_seen, max(e.event_time) AS last_seen,
                count(*) AS event_count,
                count(*) FILTER (WHERE e.kind = {EVENT_KIND_CRASH}) AS crash_count
-        FROM ingest_read_events e
+        FROM ingest_read_events() e
         WHERE e.project_id = p.project_id AND e.profile_id = p.profile_id
     ) s
     WHERE p.project_id = $1 AND p.profile_id = $2 AND p.merged_into IS NULL"""
 
 SELECT_INSTALLATION_PROFILES = """
-    SELECT installation_id, profile_id FROM identity_read_installations
+    SELECT installation_id, profile_id FROM identity_read_installations()
     WHERE project_id = $1 AND installation_id = ANY($2::text[])"""
 
 # An installation known to identity but never seen by ingest (Identify before any event) has
@@ -93,8 +93,8 @@ SELECT_INSTALLATIONS = """
     SELECT i.installation_id, i.create_time, d.platform, d.app_version, d.os_version,
            d.device_model, d.push_token_present, d.push_opt_in,
            d.language, d.timezone, d.uninstalled, d.first_seen, d.last_seen, d.imported
-    FROM identity_read_installations i
-    LEFT JOIN ingest_read_installation_details d
+    FROM identity_read_installations() i
+    LEFT JOIN ingest_read_installation_details() d
         ON d.project_id = i.project_id AND d.installation_id = i.installation_id
     WHERE i.project_id = $1 AND i.profile_id = $2
     ORDER BY d.last_seen DESC NULLS LAST, i.installation_id"""
@@ -102,20 +102,20 @@ SELECT_INSTALLATIONS = """
 # value IS NULL rows are unset tombstones kept by ingest's event-time rules: not shown.
 SELECT_ATTRIBUTES = """
     SELECT native, name, value, update_time
-    FROM ingest_read_profile_attributes
+    FROM ingest_read_profile_attributes()
     WHERE project_id = $1 AND profile_id = $2 AND value IS NOT NULL
     ORDER BY native DESC, name"""
 
 SELECT_SUBSCRIPTIONS = """
     SELECT channel, kind, subscribed, change_time
-    FROM ingest_read_profile_subscriptions
+    FROM ingest_read_profile_subscriptions()
     WHERE project_id = $1 AND profile_id = $2"""
 
 # The newest event of one kind walks events_by_profile_time from the top and stops at the first
 # match.
 SELECT_LAST_CRASH = f"""
     SELECT event_id, coalesce(installation_id, '') AS installation_id, event_time, payload
-    FROM ingest_read_events
+    FROM ingest_read_events()
     WHERE project_id = $1 AND profile_id = $2 AND kind = {EVENT_KIND_CRASH}
     ORDER BY event_time DESC, event_seq DESC
     LIMIT 1"""
@@ -125,7 +125,7 @@ SELECT_LAST_CRASH = f"""
 SELECT_SESSION_TOTALS = """
     SELECT count(*) AS session_count,
            coalesce(sum(extract(epoch FROM duration) * 1000), 0)::bigint AS total_time_ms
-    FROM ingest_read_sessions
+    FROM ingest_read_sessions()
     WHERE project_id = $1 AND profile_id = $2"""
 
 
@@ -133,7 +133,7 @@ SELECT_IDENTITY_CHANGES = f"""
     WITH ids AS ({PROFILE_AND_TOMBSTONES})
     SELECT change_id, kind, cause, change_time, source_profile_id, target_profile_id,
            installation_ids, alias_custom_id
-    FROM identity_read_identity_changes c
+    FROM identity_read_identity_changes() c
     WHERE c.project_id = $1
       AND (c.source_profile_id IN (SELECT id FROM ids)
            OR c.target_profile_id IN (SELECT id FROM ids))
@@ -170,12 +170,12 @@ SELECT_SMART_SEGMENT = """
 PROFILE_VIEW = f"""
     WITH target AS ({{target}})
     SELECT t.holders, t.resolved_from, p.profile_id, p.custom_id, p.version,
-           (SELECT min(e.event_time) FROM ingest_read_events e
+           (SELECT min(e.event_time) FROM ingest_read_events() e
             WHERE e.project_id = $1 AND e.profile_id = p.profile_id) AS first_seen,
-           (SELECT max(e.event_time) FROM ingest_read_events e
+           (SELECT max(e.event_time) FROM ingest_read_events() e
             WHERE e.project_id = $1 AND e.profile_id = p.profile_id) AS last_seen,
            coalesce(s.event_count, 0) AS event_count, coalesce(s.crash_count, 0) AS crash_count,
-           (SELECT x.country FROM ingest_read_sessions x
+           (SELECT x.country FROM ingest_read_sessions() x
             WHERE x.project_id = $1 AND x.profile_id = p.profile_id
               AND coalesce(x.country, '') <> ''
             ORDER BY x.start_time DESC
@@ -185,31 +185,31 @@ PROFILE_VIEW = f"""
                           d.os_version, d.device_model, d.push_token_present, d.push_opt_in,
                           d.language, d.timezone, d.uninstalled, d.first_seen, d.last_seen,
                           d.imported)
-               FROM identity_read_installations i
-               LEFT JOIN ingest_read_installation_details d
+               FROM identity_read_installations() i
+               LEFT JOIN ingest_read_installation_details() d
                    ON d.project_id = i.project_id AND d.installation_id = i.installation_id
                WHERE i.project_id = $1 AND i.profile_id = p.profile_id
                ORDER BY d.last_seen DESC NULLS LAST, i.installation_id) AS installations,
            ARRAY(
                SELECT ROW(a.native, a.name, a.value::json, a.update_time)
-               FROM ingest_read_profile_attributes a
+               FROM ingest_read_profile_attributes() a
                WHERE a.project_id = $1 AND a.profile_id = p.profile_id AND a.value IS NOT NULL
                ORDER BY a.native DESC, a.name) AS attributes,
            ARRAY(
                SELECT ROW(b.channel, b.kind, b.subscribed, b.change_time)
-               FROM ingest_read_profile_subscriptions b
+               FROM ingest_read_profile_subscriptions() b
                WHERE b.project_id = $1 AND b.profile_id = p.profile_id) AS subscriptions,
            (SELECT ROW(count(*),
                        coalesce(sum(extract(epoch FROM x.duration) * 1000), 0)::bigint,
                        coalesce(avg(extract(epoch FROM x.duration) * 1000)
                                     FILTER (WHERE x.closed), 0)::bigint)
-            FROM ingest_read_sessions x
+            FROM ingest_read_sessions() x
             WHERE x.project_id = $1 AND x.profile_id = p.profile_id) AS session_totals,
            CASE WHEN s.crash_count > 0 THEN (
                SELECT ROW(e.event_id, coalesce(e.installation_id, ''), e.event_time,
                           coalesce(e.payload ->> 'name', ''), coalesce(e.payload ->> 'reason', ''),
                           coalesce((e.payload ->> 'fatal')::boolean, false))
-               FROM ingest_read_events e
+               FROM ingest_read_events() e
                WHERE e.project_id = $1 AND e.profile_id = p.profile_id
                  AND e.kind = {EVENT_KIND_CRASH}
                ORDER BY e.event_time DESC, e.event_seq DESC
@@ -217,15 +217,15 @@ PROFILE_VIEW = f"""
            ARRAY(
                SELECT ROW(c.change_id, c.kind, c.cause, c.change_time, c.source_profile_id,
                           c.target_profile_id, c.installation_ids, c.alias_custom_id)
-               FROM identity_read_identity_changes c
+               FROM identity_read_identity_changes() c
                WHERE c.project_id = $1
                  AND (c.source_profile_id IN (
                           SELECT p.profile_id UNION ALL
-                          SELECT m.profile_id FROM identity_read_profiles m
+                          SELECT m.profile_id FROM identity_read_profiles() m
                           WHERE m.project_id = $1 AND m.merged_into = p.profile_id)
                       OR c.target_profile_id IN (
                           SELECT p.profile_id UNION ALL
-                          SELECT m.profile_id FROM identity_read_profiles m
+                          SELECT m.profile_id FROM identity_read_profiles() m
                           WHERE m.project_id = $1 AND m.merged_into = p.profile_id))
                ORDER BY c.change_time DESC, c.change_id DESC
                LIMIT $4) AS identity_changes,
@@ -234,8 +234,8 @@ PROFILE_VIEW = f"""
             FROM segments_read_engagement($1, p.profile_id, $3::timestamptz) x) AS engagement,
            ARRAY(
                SELECT ROW(m.segment_id, c.display_name, m.enter_time)
-               FROM segments_read_custom_segment_members m
-               JOIN segments_read_custom_segments c
+               FROM segments_read_custom_segment_members() m
+               JOIN segments_read_custom_segments() c
                    ON c.project_id = m.project_id AND c.segment_id = m.segment_id
                WHERE m.project_id = $1 AND m.profile_id = p.profile_id
                ORDER BY lower(c.display_name), c.segment_id) AS segment_memberships,
@@ -246,9 +246,9 @@ PROFILE_VIEW = f"""
                    WITH ORDINALITY AS f
                ORDER BY f.ordinality) END AS funnel_steps
     FROM target t
-    LEFT JOIN identity_read_profiles p
+    LEFT JOIN identity_read_profiles() p
         ON p.project_id = $1 AND p.profile_id = t.profile_id AND p.merged_into IS NULL
-    LEFT JOIN ingest_read_profile_event_counts s
+    LEFT JOIN ingest_read_profile_event_counts() s
         ON s.project_id = $1 AND s.profile_id = p.profile_id
     -- Columns, not a record: asyncpg decodes a record's arrays only of types it already knows.
     LEFT JOIN LATERAL segments_read_smart_segment($1, p.profile_id, $3::timestamptz) g
@@ -260,7 +260,7 @@ PROFILE_VIEW_TARGETS = {
         SELECT coalesce(merged_into, profile_id) AS profile_id,
                CASE WHEN merged_into IS NOT NULL THEN profile_id END AS resolved_from,
                NULL::uuid[] AS holders
-        FROM identity_read_profiles
+        FROM identity_read_profiles()
         WHERE project_id = $1 AND profile_id = $2::uuid""",
     "custom_id": f"""
         SELECT r.profile_id, NULL::uuid AS resolved_from, NULL::uuid[] AS holders
@@ -284,13 +284,13 @@ PROFILE_VIEW_BY_LOOKUP = {
 # -- live feed --------------------------------------------------------------------------------
 
 SELECT_PROFILE_VERSION = """
-    SELECT version FROM identity_read_profiles
+    SELECT version FROM identity_read_profiles()
     WHERE project_id = $1 AND profile_id = $2 AND merged_into IS NULL"""
 
 # The current state of the attributes a live notice's events operated on.
 SELECT_ATTRIBUTES_NAMED = """
     SELECT native, name, value, update_time
-    FROM ingest_read_profile_attributes
+    FROM ingest_read_profile_attributes()
     WHERE project_id = $1 AND profile_id = $2
       AND (native, name) IN (SELECT * FROM unnest($3::boolean[], $4::text[]))"""
 

@@ -40,7 +40,7 @@ PROFILE_FACTS = (
            inst.device_model, coalesce(inst.device_platform, 0) AS device_platform,
            ls.last_seen, coalesce(ss.session_count, 0) AS session_count,
            coalesce(ss.time_spent_ms, 0) AS time_spent_ms
-    FROM identity_read_profiles p
+    FROM identity_read_profiles() p
     LEFT JOIN LATERAL (
         SELECT bool_or(a.name = 'email') AS has_email,
                bool_or(a.name = 'phone') AS has_phone,
@@ -49,7 +49,7 @@ PROFILE_FACTS = (
                max(a.value ->> 'value') FILTER (WHERE a.name = 'first_name') AS first_name,
                max(a.value ->> 'value') FILTER (WHERE a.name = 'last_name') AS last_name,
                bool_or(a.name IN ('first_name', 'last_name', 'email', 'phone')) AS has_details
-        FROM ingest_read_profile_attributes a
+        FROM ingest_read_profile_attributes() a
         WHERE a.project_id = p.project_id AND a.profile_id = p.profile_id AND a.native
           AND a.value IS NOT NULL
     ) a ON true
@@ -65,15 +65,15 @@ PROFILE_FACTS = (
                    AS device_model,
                (array_agg(d.platform ORDER BY d.last_seen DESC, i.installation_id))[1]
                    AS device_platform
-        FROM identity_read_installations i
-        JOIN ingest_read_installation_details d
+        FROM identity_read_installations() i
+        JOIN ingest_read_installation_details() d
             ON d.project_id = i.project_id AND d.installation_id = i.installation_id
         WHERE i.project_id = p.project_id AND i.profile_id = p.profile_id
           AND d.reintegrated_into IS NULL
     ) inst ON true
     LEFT JOIN LATERAL (
         SELECT array_agg(s.channel || ':' || s.kind ORDER BY s.channel, s.kind) AS subscribed
-        FROM ingest_read_profile_subscriptions s
+        FROM ingest_read_profile_subscriptions() s
         WHERE s.project_id = p.project_id AND s.profile_id = p.profile_id AND s.subscribed
     ) sub ON true
     LEFT JOIN LATERAL (
@@ -81,11 +81,11 @@ PROFILE_FACTS = (
                coalesce(sum(extract(epoch FROM s.duration) * 1000), 0)::bigint AS time_spent_ms,
                (array_agg(s.country ORDER BY s.start_time DESC)
                     FILTER (WHERE coalesce(s.country, '') <> ''))[1] AS country
-        FROM ingest_read_sessions s
+        FROM ingest_read_sessions() s
         WHERE s.project_id = p.project_id AND s.profile_id = p.profile_id
     ) ss ON true
     LEFT JOIN LATERAL (
-        SELECT e.event_time AS last_seen FROM ingest_read_events e
+        SELECT e.event_time AS last_seen FROM ingest_read_events() e
         WHERE e.project_id = p.project_id AND e.profile_id = p.profile_id
         ORDER BY e.event_time DESC
         LIMIT 1
@@ -148,8 +148,8 @@ INSTALLATION_FACTS = """
            coalesce(d.push_token_present, false) AS has_token,
            coalesce(d.push_opt_in, false) AS push_opt_in,
            coalesce(d.imported, false) AS imported
-    FROM identity_read_installations i
-    LEFT JOIN ingest_read_installation_details d
+    FROM identity_read_installations() i
+    LEFT JOIN ingest_read_installation_details() d
         ON d.project_id = i.project_id AND d.installation_id = i.installation_id
     WHERE i.project_id = $1 AND d.reintegrated_into IS NULL {where}"""
 

@@ -15,7 +15,7 @@ from services.query.views import IdentityChangeView
 PROFILE_AND_TOMBSTONES = """
     SELECT $2::uuid AS id
     UNION ALL
-    SELECT profile_id FROM identity_read_profiles WHERE project_id = $1 AND merged_into = $2"""
+    SELECT profile_id FROM identity_read_profiles() WHERE project_id = $1 AND merged_into = $2"""
 
 
 def text_or_empty(value: str | None) -> str:

@@ -29,7 +29,7 @@ SELECT_EVENTS_PAGE = """
     SELECT event_seq, event_id, kind, event_time, receive_time,
            coalesce(installation_id, '') AS installation_id, coalesce(session_id, '') AS session_id,
            platform, payload, imported
-    FROM ingest_read_events
+    FROM ingest_read_events()
     WHERE project_id = $1 AND profile_id = $2 AND event_seq <= $3
       AND (event_time, event_seq) < ($4::timestamptz, $5::bigint)
       AND event_time >= $6 AND event_time < $7
@@ -46,7 +46,7 @@ SELECT_CHANGES_PAGE = f"""
     WITH ids AS ({PROFILE_AND_TOMBSTONES})
     SELECT change_id, kind, cause, change_time, source_profile_id, target_profile_id,
            installation_ids, alias_custom_id
-    FROM identity_read_identity_changes c
+    FROM identity_read_identity_changes() c
     WHERE c.project_id = $1
       AND (c.source_profile_id IN (SELECT id FROM ids)
            OR c.target_profile_id IN (SELECT id FROM ids))
@@ -71,17 +71,17 @@ SELECT_CHANGES_PAGE = f"""
 # service orders them. No row: no such live profile.
 SELECT_TIMELINE_PAGE = """
     WITH live AS (
-        SELECT coalesce(merged_into, profile_id) AS profile_id FROM identity_read_profiles
+        SELECT coalesce(merged_into, profile_id) AS profile_id FROM identity_read_profiles()
         WHERE project_id = $1 AND profile_id = $2
     ),
     ids AS (
         SELECT profile_id AS id FROM live
         UNION ALL
-        SELECT m.profile_id FROM identity_read_profiles m
+        SELECT m.profile_id FROM identity_read_profiles() m
         WHERE m.project_id = $1 AND m.merged_into = (SELECT profile_id FROM live)
     ),
     changed AS (
-        SELECT max(c.change_time) AS max_change_time FROM identity_read_identity_changes c
+        SELECT max(c.change_time) AS max_change_time FROM identity_read_identity_changes() c
         WHERE c.project_id = $1
           AND (c.source_profile_id IN (SELECT id FROM ids)
                OR c.target_profile_id IN (SELECT id FROM ids))
@@ -90,7 +90,7 @@ SELECT_TIMELINE_PAGE = """
         SELECT e.event_seq, e.event_id, e.kind, e.event_time, e.receive_time,
                coalesce(e.installation_id, '') AS installation_id,
                coalesce(e.session_id, '') AS session_id, e.platform, e.payload, e.imported
-        FROM ingest_read_events e
+        FROM ingest_read_events() e
         WHERE e.project_id = $1 AND e.profile_id = (SELECT profile_id FROM live)
           AND cardinality($8::smallint[]) > 0
           AND e.event_seq <= $3
@@ -109,7 +109,7 @@ SELECT_TIMELINE_PAGE = """
     )
     SELECT l.profile_id,
            CASE WHEN $16::boolean THEN
-               (SELECT coalesce(max(event_seq), 0) FROM ingest_read_events WHERE project_id = $1)
+               (SELECT coalesce(max(event_seq), 0) FROM ingest_read_events() WHERE project_id = $1)
            END AS max_seq,
            (SELECT max_change_time FROM changed) AS max_change_time,
            (SELECT json_agg(json_build_array(
@@ -120,7 +120,7 @@ SELECT_TIMELINE_PAGE = """
            ARRAY(
                SELECT ROW(c.change_id, c.kind, c.cause, c.change_time, c.source_profile_id,
                           c.target_profile_id, c.installation_ids, c.alias_custom_id)
-               FROM identity_read_identity_changes c
+               FROM identity_read_identity_changes() c
                WHERE c.project_id = $1
                  AND cardinality($12::text[]) > 0 AND $13::timestamptz IS NOT NULL
                  AND (c.source_profile_id IN (SELECT id FROM ids)
@@ -134,7 +134,7 @@ SELECT_TIMELINE_PAGE = """
            ARRAY(
                SELECT ROW(c.change_id, c.kind, c.cause, c.change_time, c.source_profile_id,
                           c.target_profile_id, c.installation_ids, c.alias_custom_id)
-               FROM identity_read_identity_changes c
+               FROM identity_read_identity_changes() c
                WHERE c.project_id = $1 AND (SELECT wanted FROM attributed)
                  AND (c.source_profile_id IN (SELECT id FROM ids)
                       OR c.target_profile_id IN (SELECT id FROM ids))
@@ -142,7 +142,7 @@ SELECT_TIMELINE_PAGE = """
                LIMIT $18) AS attribution_changes,
            ARRAY(
                SELECT ROW(i.installation_id, i.profile_id)
-               FROM identity_read_installations i
+               FROM identity_read_installations() i
                WHERE i.project_id = $1 AND (SELECT wanted FROM attributed)
                  AND i.installation_id IN (SELECT installation_id FROM page)
            ) AS installation_profiles
@@ -151,14 +151,14 @@ SELECT_TIMELINE_PAGE = """
 # The snapshot of a session history: its newest start when the first page was read (sessions
 # have no arrival sequence; one that starts later is not in the pages of this listing).
 SELECT_SESSIONS_SNAPSHOT = """
-    SELECT max(start_time) FROM ingest_read_sessions WHERE project_id = $1 AND profile_id = $2"""
+    SELECT max(start_time) FROM ingest_read_sessions() WHERE project_id = $1 AND profile_id = $2"""
 
 # Keyset on sessions_by_profile_time; (installation_id, session_id) is the key that breaks ties.
 SELECT_SESSIONS_PAGE = """
     SELECT installation_id, session_id, platform, coalesce(country, '') AS country, start_time,
            end_time, (extract(epoch FROM duration) * 1000)::bigint AS duration_ms, event_count,
            ended, closed
-    FROM ingest_read_sessions
+    FROM ingest_read_sessions()
     WHERE project_id = $1 AND profile_id = $2 AND start_time <= $3
       AND (start_time, installation_id, session_id) < ($4::timestamptz, $5::text, $6::text)
       AND start_time >= $7 AND start_time < $8
@@ -171,7 +171,7 @@ SELECT_NOW = "SELECT now()"
 # day they started.
 SELECT_EVENT_DAYS = """
     SELECT to_char(event_time AT TIME ZONE $3, 'YYYY-MM-DD') AS day, count(*) AS event_count
-    FROM ingest_read_events
+    FROM ingest_read_events()
     WHERE project_id = $1 AND profile_id = $2 AND event_time >= $4 AND event_time < $5
       AND payload IS NOT NULL
     GROUP BY 1"""
@@ -179,7 +179,7 @@ SELECT_EVENT_DAYS = """
 SELECT_SESSION_DAYS = """
     SELECT to_char(start_time AT TIME ZONE $3, 'YYYY-MM-DD') AS day, count(*) AS session_count,
            coalesce(sum(extract(epoch FROM duration) * 1000), 0)::bigint AS time_spent_ms
-    FROM ingest_read_sessions
+    FROM ingest_read_sessions()
     WHERE project_id = $1 AND profile_id = $2 AND start_time >= $4 AND start_time < $5
     GROUP BY 1"""
 
@@ -187,11 +187,11 @@ SELECT_SESSION_DAYS = """
 # the most recently seen installation's.
 SELECT_PROFILE_TIMEZONE = """
     SELECT coalesce(
-        (SELECT value ->> 'value' FROM ingest_read_profile_attributes
+        (SELECT value ->> 'value' FROM ingest_read_profile_attributes()
          WHERE project_id = $1 AND profile_id = $2 AND native AND name = 'timezone'
            AND value IS NOT NULL),
-        (SELECT d.timezone FROM identity_read_installations i
-         JOIN ingest_read_installation_details d
+        (SELECT d.timezone FROM identity_read_installations() i
+         JOIN ingest_read_installation_details() d
              ON d.project_id = i.project_id AND d.installation_id = i.installation_id
          WHERE i.project_id = $1 AND i.profile_id = $2 AND d.timezone IS NOT NULL
          ORDER BY d.last_seen DESC LIMIT 1))"""

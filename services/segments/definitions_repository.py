@@ -105,7 +105,7 @@ SELECT_PROFILE_MEMBERSHIPS = """
 # heard of yet is registered, as lock_profiles does.
 REGISTER_LIVE_PROFILES = """
     INSERT INTO segment_profiles (project_id, profile_id)
-    SELECT $1, p.profile_id FROM identity_read_profiles p
+    SELECT $1, p.profile_id FROM identity_read_profiles() p
     WHERE p.project_id = $1 AND p.profile_id = ANY($2::uuid[])
     ON CONFLICT (project_id, profile_id) DO NOTHING"""
 LOCK_SEGMENT_PROFILES = """
@@ -135,7 +135,7 @@ DELETE_MEMBERS = """
 # ($2, the moment of evaluation, is typed here because a filter without time conditions does
 # not mention it, and PostgreSQL must know every parameter's type.)
 LIVE_PROFILES = (
-    "FROM identity_read_profiles p WHERE p.project_id = $1 AND p.merged_into IS NULL"
+    "FROM identity_read_profiles() p WHERE p.project_id = $1 AND p.merged_into IS NULL"
     " AND $2::timestamptz IS NOT NULL"
 )
 # The live count: one pass over the project's live profiles, each condition a correlated
@@ -160,7 +160,7 @@ SELECT_ENTERED = (
 # whole profiles table: 0.4 s at a million profiles for a segment of 6,000 members).
 SELECT_LEFT = (
     "SELECT m.profile_id FROM custom_segment_members m LEFT JOIN LATERAL (SELECT * FROM"
-    " identity_read_profiles q"
+    " identity_read_profiles() q"
     " WHERE q.project_id = m.project_id AND q.profile_id = m.profile_id LIMIT 1) p"
     " ON true"
     " WHERE m.project_id = $1 AND m.segment_id = ${n}::uuid AND $2::timestamptz IS NOT NULL"
@@ -176,7 +176,7 @@ CHECK_PROFILES = (
     " AND m.segment_id = ${n}::uuid AND m.profile_id = c.profile_id) AS member,"
     " CASE WHEN p.profile_id IS NULL OR p.merged_into IS NOT NULL THEN false"
     " ELSE coalesce({where}, false) END AS matches"
-    " FROM unnest(${m}::uuid[]) AS c(profile_id) LEFT JOIN identity_read_profiles p"
+    " FROM unnest(${m}::uuid[]) AS c(profile_id) LEFT JOIN identity_read_profiles() p"
     " ON p.project_id = $1 AND p.profile_id = c.profile_id ORDER BY c.profile_id"
 )
 # One profile ($3) against several segments' filters at once (one column each, {columns}):
@@ -185,7 +185,7 @@ CHECK_PROFILES = (
 MATCH_PROFILE = (
     "SELECT $2::timestamptz AS as_of, p.merged_into IS NOT NULL AS merged,"
     " ARRAY[{columns}]::boolean[] AS matches"
-    " FROM identity_read_profiles p WHERE p.project_id = $1 AND p.profile_id = $3"
+    " FROM identity_read_profiles() p WHERE p.project_id = $1 AND p.profile_id = $3"
 )
 # (as_of comes first: PostgreSQL types a parameter at its first use, and the filters use $2 in
 # arithmetic that would otherwise make it an interval.)
@@ -222,7 +222,7 @@ SELECT_LIVE_SEGMENT_PROFILES = """
     WHERE project_id = $1 AND merged_into IS NULL AND erase_time IS NULL AND profile_id > $2
     ORDER BY profile_id LIMIT $3"""
 COUNT_LIVE_PROFILES = (
-    "SELECT count(*) FROM identity_read_profiles p"
+    "SELECT count(*) FROM identity_read_profiles() p"
     " WHERE p.project_id = $1 AND p.merged_into IS NULL"
 )
 
@@ -400,7 +400,7 @@ class DefinitionsRepository:
 # one hop; an erased one has no row.
 SELECT_LIVE_PROFILE = """
     SELECT coalesce(p.merged_into, p.profile_id) AS live_id
-    FROM identity_read_profiles p WHERE p.project_id = $1 AND p.profile_id = $2"""
+    FROM identity_read_profiles() p WHERE p.project_id = $1 AND p.profile_id = $2"""
 
 
 class DefinitionsTransaction:

@@ -124,7 +124,7 @@ def _condition(node: FilterNode, b: SqlBuilder) -> str:
     if isinstance(node, AttributeTest):
         test = attribute_sql(node, _profile_attribute(), b)
         return (
-            "EXISTS (SELECT 1 FROM ingest_read_profile_attributes a WHERE a.project_id = $1"
+            "EXISTS (SELECT 1 FROM ingest_read_profile_attributes() a WHERE a.project_id = $1"
             f" AND a.profile_id = p.profile_id AND a.native = {b.param(node.native, 'boolean')}"
             f" AND a.name = {b.param(node.name, 'text')} AND a.value IS NOT NULL AND {test})"
         )
@@ -133,13 +133,13 @@ def _condition(node: FilterNode, b: SqlBuilder) -> str:
     if isinstance(node, CountryTest):
         # The last session with a known country, through sessions_by_profile_time.
         return (
-            "(SELECT s.country FROM ingest_read_sessions s WHERE s.project_id = $1"
+            "(SELECT s.country FROM ingest_read_sessions() s WHERE s.project_id = $1"
             " AND s.profile_id = p.profile_id AND coalesce(s.country, '') <> ''"
             f" ORDER BY s.start_time DESC LIMIT 1) = ANY({b.param(list(node.countries), 'text[]')})"
         )
     if isinstance(node, SubscriptionTest):
         exists = (
-            "EXISTS (SELECT 1 FROM ingest_read_profile_subscriptions ps WHERE ps.project_id = $1"
+            "EXISTS (SELECT 1 FROM ingest_read_profile_subscriptions() ps WHERE ps.project_id = $1"
             f" AND ps.profile_id = p.profile_id AND ps.channel = {b.param(node.channel, 'text')}"
             f" AND ps.kind = {b.param(node.kind, 'text')} AND ps.subscribed)"
         )
@@ -152,7 +152,7 @@ def _condition(node: FilterNode, b: SqlBuilder) -> str:
         return _seen(node, b)
     assert isinstance(node, EventCountTest)
     return (
-        "(SELECT count(*) FROM ingest_read_events e"
+        "(SELECT count(*) FROM ingest_read_events() e"
         " WHERE e.project_id = $1 AND e.profile_id = p.profile_id"
         f" AND e.kind = {CUSTOM_EVENT_KIND} AND e.name = {b.param(node.event_name, 'text')}"
         f" AND e.event_time > $2 - interval '24 hours' * {b.param(node.within_last_days, 'int')}"
@@ -164,8 +164,8 @@ def _condition(node: FilterNode, b: SqlBuilder) -> str:
 def _platform(node: PlatformTest, b: SqlBuilder) -> str:
     platforms = b.param(list(node.platforms), "smallint[]")
     installed = (
-        "EXISTS (SELECT 1 FROM identity_read_installations i"
-        " JOIN ingest_read_installation_details d"
+        "EXISTS (SELECT 1 FROM identity_read_installations() i"
+        " JOIN ingest_read_installation_details() d"
         " ON d.project_id = i.project_id AND d.installation_id = i.installation_id"
         " WHERE i.project_id = $1 AND i.profile_id = p.profile_id"
         f" AND d.platform = ANY({platforms}))"
@@ -173,7 +173,7 @@ def _platform(node: PlatformTest, b: SqlBuilder) -> str:
     if PLATFORM_API not in node.platforms:
         return installed
     server_side = (
-        "EXISTS (SELECT 1 FROM ingest_read_events e"
+        "EXISTS (SELECT 1 FROM ingest_read_events() e"
         " WHERE e.project_id = $1 AND e.profile_id = p.profile_id"
         f" AND e.platform = {PLATFORM_API})"
     )
@@ -209,7 +209,7 @@ ENGAGEMENT_SQL = "(SELECT g.score FROM segments_read_engagement($1, p.profile_id
 def _seen(node: SeenTest, b: SqlBuilder) -> str:
     order = "DESC" if node.last else "ASC"
     moment = (
-        "(SELECT e.event_time FROM ingest_read_events e WHERE e.project_id = $1"
+        "(SELECT e.event_time FROM ingest_read_events() e WHERE e.project_id = $1"
         f" AND e.profile_id = p.profile_id AND e.kind NOT IN ({IDENTITY_EVENT_KINDS_SQL})"
         f" ORDER BY e.event_time {order} LIMIT 1)"
     )
@@ -331,7 +331,7 @@ def funnel_counts_sql(steps: Sequence[FunnelStep], window_ms: int, b: SqlBuilder
     for k, step in enumerate(steps[1:], start=2):
         previous = "s1.t1" if k == 2 else f"x{k - 1}.t"
         joins.append(
-            f" LEFT JOIN LATERAL (SELECT min(e.event_time) AS t FROM ingest_read_events e"
+            f" LEFT JOIN LATERAL (SELECT min(e.event_time) AS t FROM ingest_read_events() e"
             f" WHERE e.project_id = $1 AND e.profile_id = s1.profile_id AND {_step_events(step, b)}"
             f" AND e.event_time > {previous}"
             f" AND e.event_time < s1.t1 + interval '1 millisecond' * {window}"
@@ -340,8 +340,8 @@ def funnel_counts_sql(steps: Sequence[FunnelStep], window_ms: int, b: SqlBuilder
     reached = " + ".join(["1", *(f"(x{k}.t IS NOT NULL)::int" for k in range(2, len(steps) + 1))])
     counts = ", ".join(f"count(*) FILTER (WHERE best >= {k})" for k in range(1, len(steps) + 1))
     return (
-        f"WITH s1 AS (SELECT e.profile_id, e.event_time AS t1 FROM ingest_read_events e"
-        f" JOIN identity_read_profiles p"
+        f"WITH s1 AS (SELECT e.profile_id, e.event_time AS t1 FROM ingest_read_events() e"
+        f" JOIN identity_read_profiles() p"
         f" ON p.project_id = e.project_id AND p.profile_id = e.profile_id"
         f" AND p.merged_into IS NULL"
         f" WHERE e.project_id = $1 AND {first} AND e.event_time <= $2),"
@@ -355,7 +355,7 @@ def funnel_occurrences_sql(steps: Sequence[FunnelStep], b: SqlBuilder) -> str:
     """(step index from 0, event_time) of every event of profile `$3` that counts for a step,
     up to `$2`; funnels.best_attempt matches them."""
     parts = [
-        f"SELECT {index}::int AS step, e.event_time FROM ingest_read_events e"
+        f"SELECT {index}::int AS step, e.event_time FROM ingest_read_events() e"
         f" WHERE e.project_id = $1"
         f" AND e.profile_id = $3 AND e.event_time <= $2 AND {_step_events(step, b)}"
         for index, step in enumerate(steps)

@@ -1,8 +1,11 @@
 -- Segments' read contracts: what other services may read of segments' data (query's profile
--- view, users table and overview). Views are plain projections of one table (inlined by the
--- planner, so the table's indexes serve them as before); functions hold a rule of segments so
--- that no reader restates it. A reader names the contract, never the table. Read-only by
--- contract (docs/read-contracts.md).
+-- view, users table and overview). A reader names the contract, never the table
+-- (docs/read-contracts.md). All are SQL functions the planner inlines: those without arguments
+-- return a plain projection of one table (so its indexes serve the reader as before, and, unlike
+-- a simple view, nothing can be written through them); the others hold a rule of segments so
+-- that no reader restates it. The projections, the engagement and the smart segment are
+-- PARALLEL SAFE (they only read): the planner judges a query's parallel safety before it
+-- inlines functions, and an undeclared function would keep every reader's query serial.
 --
 -- Segments itself reads identity's and ingest's data only through their contracts
 -- (identity_read_*, 0013; ingest_read_*, 0014), so its funnel progress is redefined here over
@@ -22,7 +25,7 @@ CREATE FUNCTION segments_read_smart_segment(
     p_project_id uuid, p_profile_id uuid, p_as_of timestamptz
 )
 RETURNS TABLE (segment smallint, flag smallint, next_transition_time timestamptz)
-LANGUAGE sql STABLE AS $$
+LANGUAGE sql STABLE PARALLEL SAFE AS $$
     SELECT CASE WHEN s.next_transition_time > p_as_of THEN s.segment ELSE u.segment END,
            CASE WHEN s.next_transition_time > p_as_of THEN s.flag ELSE u.flag END,
            coalesce((SELECT min(x.step_time) FROM unnest(s.upcoming_times) AS x(step_time)
@@ -43,16 +46,22 @@ LANGUAGE sql STABLE AS $$
 $$;
 
 -- Custom segments' names (for listing a profile's memberships).
-CREATE VIEW segments_read_custom_segments AS
+CREATE FUNCTION segments_read_custom_segments()
+RETURNS TABLE (project_id uuid, segment_id uuid, display_name text)
+LANGUAGE sql STABLE PARALLEL SAFE AS $$
     SELECT project_id, segment_id, display_name
-    FROM custom_segments;
+    FROM custom_segments
+$$;
 
 -- Custom segment members, current as of segments' last evaluation of the profile (its last
 -- event, or the periodic sweep for changes time alone makes). A row can name a merged-away or
 -- erased profile until the next evaluation of it: readers join live profiles.
-CREATE VIEW segments_read_custom_segment_members AS
+CREATE FUNCTION segments_read_custom_segment_members()
+RETURNS TABLE (project_id uuid, segment_id uuid, profile_id uuid, enter_time timestamptz)
+LANGUAGE sql STABLE PARALLEL SAFE AS $$
     SELECT project_id, segment_id, profile_id, enter_time
-    FROM custom_segment_members;
+    FROM custom_segment_members
+$$;
 
 -- The engagement score (Countly's) of a profile as of `p_as_of`: over the sessions started in
 -- [as_of - 168 h, as_of], score1 = the average duration in minutes of the ended ones (an open
@@ -69,7 +78,7 @@ CREATE FUNCTION segments_read_engagement(
 )
 RETURNS TABLE (session_count bigint, average_session_us bigint, active_days bigint,
                score1 float8, score2 integer, score3 integer, score float8)
-LANGUAGE sql STABLE AS $$
+LANGUAGE sql STABLE PARALLEL SAFE AS $$
     SELECT a.session_count, a.average_us, a.active_days, a.score1, a.score2, a.score3,
            a.score1 * a.score2 * a.score3
     FROM (
@@ -147,7 +156,7 @@ $$;
 -- creation order, one row per step in order; complete_time NULL: not completed): the profile's
 -- best attempt, the same rule as services/segments/funnels.py best_attempt (a test compares
 -- them on random histories). 0009's profile_funnel_progress unchanged, except that it reads
--- ingest's events through ingest_read_events (0014); the plans are the same (the view is
+-- ingest's events through ingest_read_events() (0014); the plans are the same (the contract is
 -- inlined: events_custom_by_name still serves each step).
 CREATE FUNCTION segments_read_funnel_progress(
     p_project_id uuid, p_profile_id uuid, p_as_of timestamptz
@@ -188,14 +197,14 @@ BEGIN
             -- literal so that the partial index events_custom_by_name (kind = 1) matches.
             IF jsonb_typeof(step -> 'condition') IS DISTINCT FROM 'object' THEN
                 step_times := ARRAY(
-                    SELECT e.event_time FROM ingest_read_events e
+                    SELECT e.event_time FROM ingest_read_events() e
                     WHERE e.project_id = p_project_id AND e.profile_id = p_profile_id
                       AND e.kind = 1 AND e.name = step ->> 'event_name'
                       AND e.event_time <= p_as_of
                     ORDER BY e.event_time);
             ELSE
                 step_times := ARRAY(
-                    SELECT e.event_time FROM ingest_read_events e
+                    SELECT e.event_time FROM ingest_read_events() e
                     WHERE e.project_id = p_project_id AND e.profile_id = p_profile_id
                       AND e.kind = 1 AND e.name = step ->> 'event_name'
                       AND e.event_time <= p_as_of
