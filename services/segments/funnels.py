@@ -3,7 +3,8 @@ event's attributes), their stored JSON, and the best attempt of one profile (bes
 
 The same best-attempt rule runs in SQL for the profile view (segments_read_funnel_progress,
 services/segments/schema) and for the per-step counts (filter_sql.funnel_counts_sql);
-tests/integration/test_segments_funnel_progress.py compares them on random histories.
+tests/integration/test_segments_funnel_progress.py and test_segments_funnel_counts.py compare
+each with best_attempt on random histories.
 """
 
 from __future__ import annotations

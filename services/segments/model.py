@@ -194,7 +194,9 @@ class Engagement:
 
 def engagement(history: History, now: datetime) -> Engagement:
     """Countly's engagement score over the sessions started in [now - 168 h, now]; the
-    average duration is over the ended ones among them."""
+    average duration is over the ended ones among them. segments_read_engagement
+    (services/segments/schema) is the same rule in SQL, equal to the last bit
+    (tests/integration/test_segments_engagement.py)."""
     start = now - ENGAGEMENT_WINDOW
     zone = zone_of(history.time_zone)
     sessions = [s for s in history.recent_sessions if start <= s.start_time <= now]
