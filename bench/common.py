@@ -150,12 +150,20 @@ def make_work_dir(stack: contextlib.ExitStack) -> Path:
 
 
 def start_backends(
-    stack: contextlib.ExitStack, work_dir: Path, database_url: str | None, redis_url: str | None
+    stack: contextlib.ExitStack,
+    work_dir: Path,
+    database_url: str | None,
+    redis_url: str | None,
+    *,
+    postgres_settings: Mapping[str, str] | None = None,
 ) -> Backends:
-    """Embedded PostgreSQL and Redis in work_dir (Unix sockets only), unless URLs are given."""
+    """Embedded PostgreSQL and Redis in work_dir (Unix sockets only), unless URLs are given;
+    `postgres_settings` go to the embedded PostgreSQL only."""
     embedded = not (database_url and redis_url)
     if not database_url:
-        postgres = EmbeddedPostgres(work_dir / "postgres", fast_unsafe=True)
+        postgres = EmbeddedPostgres(
+            work_dir / "postgres", fast_unsafe=True, settings=postgres_settings
+        )
         stack.callback(postgres.stop)  # registered first: stop is idempotent, start may fail
         database_url = postgres.start()
     if not redis_url:
@@ -358,11 +366,13 @@ def child_env(settings: Settings | None = None) -> dict[str, str]:
 
 
 def serve_command(name: str) -> list[str]:
-    """`python -m profiles.cli serve NAME`, or the same through profiles.runner without a CLI."""
-    if importlib.util.find_spec("profiles.cli") is not None:
-        return [sys.executable, "-m", "profiles.cli", "serve", name]
+    """`python -m profiles_cli.cli serve NAME`, or the same through profiles_cli.runner without a
+    CLI."""
+    if importlib.util.find_spec("profiles_cli.cli") is not None:
+        return [sys.executable, "-m", "profiles_cli.cli", "serve", name]
     script = (
-        "import sys; from profiles.runner import run_service; from shared.settings import Settings;"
+        "import sys; from profiles_cli.runner import run_service;"
+        " from shared.settings import Settings;"
         " run_service(sys.argv[1], Settings.from_env())"
     )
     return [sys.executable, "-c", script, name]

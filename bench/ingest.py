@@ -36,6 +36,7 @@ import contextlib
 import random
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -59,6 +60,12 @@ from bench.common import (
     start_backends,
     start_service_process,
     wait_serving,
+)
+from bench.statements import (
+    STATEMENT_STATS_SETTINGS,
+    breakdown_table,
+    read_costs,
+    start_recording,
 )
 from profiles.client import open_channel
 from profiles.common.v1 import types_pb2
@@ -118,14 +125,19 @@ class Traffic:
         events = [self._event(i, p, "custom") for i, p in self._installations]
         return [events[k : k + BATCH_SIZE] for k in range(0, len(events), BATCH_SIZE)]
 
+    # Payload kinds of a load batch and their weights (percent).
+    MIX = (("custom", 60), ("session_start", 8), ("session_heartbeat", 6), ("session_end", 6),
+           ("attributes", 10), ("subscription", 3), ("installation", 5), ("crash", 2))  # fmt: skip
+
+    @classmethod
+    def mix_text(cls) -> str:
+        return ", ".join(f"{kind} {weight}%" for kind, weight in cls.MIX)
+
     def batch(self) -> list[pb.Event]:
         rng = self._rng
         kinds = rng.choices(
-            ("custom", "session_start", "session_heartbeat", "session_end", "attributes",
-             "subscription", "installation", "crash"),
-            (60, 8, 6, 6, 10, 3, 5, 2),
-            k=BATCH_SIZE,
-        )  # fmt: skip
+            [kind for kind, _ in self.MIX], [weight for _, weight in self.MIX], k=BATCH_SIZE
+        )
         return [self._event(*rng.choice(self._installations), kind) for kind in kinds]
 
     def _event(self, installation_id: str, platform: int, kind: str) -> pb.Event:
@@ -182,7 +194,14 @@ class LoadOutcome:
     elapsed_s: float = 0.0
 
 
-async def run_load(address: str, key: str, sizes: Sizes, traffic: Traffic) -> LoadOutcome:
+async def run_load(
+    address: str,
+    key: str,
+    sizes: Sizes,
+    traffic: Traffic,
+    on_warmed: Callable[[], Awaitable[object]] | None = None,
+) -> LoadOutcome:
+    """Warm-up, then `on_warmed` (the statement counters' reset), then the timed load."""
     outcome = LoadOutcome()
     warm = open_channel(address, key, timeout=60)
     try:
@@ -191,6 +210,8 @@ async def run_load(address: str, key: str, sizes: Sizes, traffic: Traffic) -> Lo
             await stub.TrackEvents(pb.TrackEventsRequest(events=batch))
     finally:
         await warm.close()
+    if on_warmed is not None:
+        await on_warmed()
     # Batches are built ahead, so the clients measure the service, not protobuf building.
     pool = [traffic.batch() for _ in range(sizes.clients * 4)]
     deadline = time.monotonic() + sizes.duration_s
@@ -332,6 +353,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--duration", type=float, help="load seconds (quick 15, full 60)")
     parser.add_argument("--log-level", default="warning", help="services' log level")
     parser.add_argument(
+        "--no-breakdown",
+        dest="breakdown",
+        action="store_false",
+        help="skip the per-statement database time breakdown (pg_stat_statements)",
+    )
+    parser.add_argument(
         "--soak",
         action="store_true",
         help="memory soak instead: sustained load, ingest RSS sampled every 30 s after a warm-up",
@@ -354,7 +381,13 @@ def start_suite(
     """Back-ends, a project, identity and ingest; returns (ingest address, sdk key, database
     URL, ingest process, identity process)."""
     work_dir = make_work_dir(stack)
-    backends = start_backends(stack, work_dir, args.database_url, args.redis_url)
+    backends = start_backends(
+        stack,
+        work_dir,
+        args.database_url,
+        args.redis_url,
+        postgres_settings=STATEMENT_STATS_SETTINGS if getattr(args, "breakdown", False) else None,
+    )
     project = asyncio.run(create_project(backends.database_url, roles=("sdk",)))
     identity_settings = service_settings(backends, "identity", work_dir, log_level=args.log_level)
     ingest_port = free_port()
@@ -386,10 +419,24 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.ExitStack() as stack:
         address, key, database_url, ingest, _ = start_suite(stack, args)
         print(f"{sizes.clients} clients x batches of {BATCH_SIZE} for {sizes.duration_s:.0f} s")
+        print(f"payload mix per batch of {BATCH_SIZE}: {Traffic.mix_text()}")
         cpu_before = ingest.cpu_seconds()
+        recording: list[bool] = []
+
+        async def reset_statements() -> None:
+            if args.breakdown:
+                recording.append(await start_recording(database_url))
+
         outcome = asyncio.run(
-            run_load(address, key, sizes, Traffic(seed=1, installations=sizes.installations))
+            run_load(
+                address,
+                key,
+                sizes,
+                Traffic(seed=1, installations=sizes.installations),
+                on_warmed=reset_statements,
+            )
         )
+        costs = asyncio.run(read_costs(database_url)) if any(recording) else []
         ingest.check_alive()
         # Includes the warm-up batches: CPU per event is what contention on this shared
         # machine disturbs least.
@@ -408,6 +455,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"ingest CPU: {ingest_cpu_s:.1f} s = {cpu_us_per_event:.0f} us per event")
     print(f"raw COPY: {copied} rows at {copy_rate:.0f} rows/s (one connection, 500 per COPY)")
     print(f"ratio: {rate / copy_rate:.3f}")
+    if costs:
+        batches = len(outcome.latencies_s)
+        print(f"database time per batch of {BATCH_SIZE} (pg_stat_statements, {batches} batches):")
+        print(breakdown_table(costs, unit="batch", units=batches))
+    elif args.breakdown:
+        print("statement breakdown unavailable: the server does not preload pg_stat_statements")
     print_figures(
         BENCH,
         [

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from google.protobuf import duration_pb2, timestamp_pb2
@@ -18,6 +18,7 @@ from google.protobuf import duration_pb2, timestamp_pb2
 from profiles.common.v1 import types_pb2
 from profiles.query.v1 import profile_pb2, timeline_pb2
 from profiles.segments.v1 import filters_pb2
+from shared.convert import datetime_of
 
 PLATFORMS = {"all": 0, "ios": 1, "android": 2, "web": 3}
 PLATFORM_LABELS = {0: "—", 1: "iOS", 2: "Android", 3: "Web", 4: "API"}
@@ -36,7 +37,7 @@ def ts(value: timestamp_pb2.Timestamp) -> datetime | None:
     """A set Timestamp as an aware datetime; None when unset (all zero)."""
     if value.seconds == 0 and value.nanos == 0:
         return None
-    return value.ToDatetime(UTC)
+    return datetime_of(value)
 
 
 def when(value: timestamp_pb2.Timestamp | datetime | None) -> str:

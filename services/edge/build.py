@@ -28,6 +28,7 @@ from profiles.ingest.v1 import ingest_service_pb2 as ingest_pb
 from services.edge.names import flatten, normalize_name
 from services.edge.properties import attribute_value
 from services.edge.steps import Identify, Reject, Step, Track, scrub
+from shared.convert import timestamp_of
 
 SESSION_WINDOW_SECONDS = 30 * 60
 MAX_ID_LENGTH = 64
@@ -91,16 +92,6 @@ def parse_time(value: object) -> datetime | None:
     return None
 
 
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-
-def timestamp(moment: datetime) -> Timestamp:
-    # Integer arithmetic on the timedelta: FromDatetime is several times slower, per event.
-    delta = moment - EPOCH
-    seconds = delta.days * 86_400 + delta.seconds
-    return Timestamp(seconds=seconds, nanos=delta.microseconds * 1000)
-
-
 def window_session_id(moment: datetime) -> str:
     """The derived session of an event with no session from its SDK (see the module doc)."""
     return f"w{int(moment.timestamp()) // SESSION_WINDOW_SECONDS}"
@@ -120,8 +111,8 @@ class Origin:
 
     def __post_init__(self) -> None:
         # Computed once per message, copied into each of its events.
-        object.__setattr__(self, "event_stamp", timestamp(self.event_time))
-        send = None if self.send_time is None else timestamp(self.send_time)
+        object.__setattr__(self, "event_stamp", timestamp_of(self.event_time))
+        send = None if self.send_time is None else timestamp_of(self.send_time)
         object.__setattr__(self, "send_stamp", send)
 
 

@@ -25,8 +25,9 @@ def make_build(*, sweep_interval_s: float = SWEEP_INTERVAL_S) -> Build:
         settings = runtime.settings
         identity = IdentityClient(settings.addresses["identity"], settings.internal_token)
         notices = LiveNotices("ingest")
+        repository = IngestRepository(runtime.pool)
         service = IngestService(
-            IngestRepository(runtime.pool),
+            repository,
             identity,
             runtime.clock,
             countries=CountryResolver(),
@@ -43,7 +44,7 @@ def make_build(*, sweep_interval_s: float = SWEEP_INTERVAL_S) -> Build:
             workers=[
                 IdentityChannelWorker(identity),
                 NoticeWorker(notices, runtime.bus),
-                SessionSweeper(service, sweep_interval_s),
+                SessionSweeper(repository, runtime.clock, notices, sweep_interval_s),
             ],
         )
 

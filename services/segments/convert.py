@@ -49,6 +49,7 @@ from services.segments.funnels import (
     FunnelStep,
 )
 from services.segments.model import SegmentFlag, SmartSegment
+from shared.convert import timestamp_of as _timestamp
 from shared.errors import FieldViolation
 
 NAME = re.compile(r"[a-zA-Z0-9_]{1,30}")
@@ -566,12 +567,6 @@ def funnel_definition_from_proto(request: pb.CreateFunnelRequest) -> FunnelDefin
 
 
 # --- domain → proto ---------------------------------------------------------------------
-
-
-def _timestamp(moment: object) -> Timestamp:
-    stamp = Timestamp()
-    stamp.FromDatetime(moment)  # type: ignore[arg-type]
-    return stamp
 
 
 def _operand_to_proto(operand: Operand) -> types_pb2.AttributeValue:

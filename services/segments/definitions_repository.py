@@ -32,9 +32,7 @@ from services.segments.filters import (
     filter_to_json,
 )
 from services.segments.funnels import Funnel, FunnelDefinition, steps_from_json, steps_to_json
-from services.segments.model import (
-    MembershipChange,
-)
+from services.segments.model import MembershipChange
 from services.segments.transactions import enqueue_changes, race_safe_transaction
 
 # --- custom segments and funnels ------------------------------------------------------------

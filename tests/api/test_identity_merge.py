@@ -14,7 +14,8 @@ from redis.asyncio import Redis
 from profiles.common.v1 import bus_pb2, types_pb2
 from profiles.identity.v1 import identity_service_pb2 as pb
 from shared.settings import Settings
-from tests.api.test_identity_helpers import (
+from tests.conftest import create_test_project, eventually
+from tests.support.identity import (
     Identity,
     count,
     error_info,
@@ -24,7 +25,6 @@ from tests.api.test_identity_helpers import (
     profile_row,
     violations,
 )
-from tests.conftest import create_test_project, eventually
 
 if TYPE_CHECKING:
     from tests.conftest import TestProject

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from services.query.profile_reads import PROFILE_VIEW_BY_LOOKUP
-from tests.api.test_identity_helpers import new_id
-from tests.api.test_query_helpers import (
+from tests.support.identity import new_id
+from tests.support.query import (
     NOW,
     Suite,
     attribute_event,

@@ -15,8 +15,9 @@ from profiles.ingest.v1 import ingest_service_pb2 as ingest_pb
 from profiles.query.v1 import query_service_pb2 as pb
 from profiles.query.v1 import timeline_pb2
 from services.query import convert
-from tests.api.test_identity_helpers import new_id, violations
-from tests.api.test_query_helpers import (
+from tests.conftest import create_test_project
+from tests.support.identity import new_id, violations
+from tests.support.query import (
     NOW,
     Suite,
     attribute_event,
@@ -28,7 +29,6 @@ from tests.api.test_query_helpers import (
     session_start,
     start_suite,
 )
-from tests.conftest import create_test_project
 
 
 @pytest.fixture
@@ -122,7 +122,7 @@ async def test_events_filters_by_kind_name_session_and_time(suite: Suite) -> Non
     assert await kinds_of(event_names=["BUY"]) == [k.TIMELINE_EVENT_KIND_CUSTOM]
     assert await kinds_of(session_id="s1") == [2, 2]
     start, end = (t + timedelta(minutes=1)), (t + timedelta(minutes=3))
-    from tests.api.test_query_helpers import stamp
+    from tests.support.query import stamp
 
     assert await kinds_of(start_time=stamp(start), end_time=stamp(end)) == [1, 1]
     reply = await suite.call("ListEvents", pb.ListEventsRequest(profile_id=profile_id))

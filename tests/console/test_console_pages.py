@@ -17,8 +17,8 @@ from profiles.ingest.v1 import ingest_service_pb2 as ingest_pb
 from profiles.ingest.v1 import ingest_service_pb2_grpc as ingest_grpc
 from profiles.query.v1 import query_service_pb2 as query_pb
 from profiles.query.v1 import query_service_pb2_grpc as query_grpc
-from tests.api.test_ingest_helpers import attribute_event, custom_event, op
 from tests.console.conftest import ConsoleSuite
+from tests.support.ingest import attribute_event, custom_event, op
 
 SCREENSHOTS = Path(__file__).resolve().parents[2] / "docs" / "console"
 PAGE_BUDGET_BYTES = 200_000

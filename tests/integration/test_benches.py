@@ -80,3 +80,31 @@ async def test_the_bench_runs_at_its_smoke_size(
         assert list(figure) == FIGURE_KEYS
         assert figure["bench"] == name
         assert figure["quick"] is True
+
+
+async def test_the_ingest_bench_prints_where_each_batch_spends_its_database_time() -> None:
+    """On its own embedded PostgreSQL (the tests' server does not preload pg_stat_statements),
+    the ingest bench breaks a batch's database time down by statement, the events insert
+    among them."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bench.ingest",
+        "--smoke",
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        async with asyncio.timeout(BENCH_TIMEOUT_S):
+            stdout, stderr = await process.communicate()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    output = stdout.decode(errors="replace")
+    assert process.returncode == 0, output[-3000:] + stderr.decode(errors="replace")[-3000:]
+    assert "database time per batch of 500 (pg_stat_statements" in output, output[-3000:]
+    rows = [line for line in output.splitlines() if line.startswith("| `")]
+    assert any("INSERT INTO events" in row and "| top |" in row for row in rows), rows
+    assert any("| nested |" in row for row in rows), rows

@@ -18,7 +18,8 @@ from services.segments.repository import SegmentsRepository
 from services.segments.service import SegmentsService
 from shared.tenancy import TenancyRepository
 from shared.topics import EVENTS, IDENTITY
-from tests.api.test_segments_helpers import (
+from tests.integration.test_segments import Harness, at, harness
+from tests.support.segments import (
     ANDROID,
     IOS,
     WEB,
@@ -29,7 +30,6 @@ from tests.api.test_segments_helpers import (
     publish_identity,
     session,
 )
-from tests.integration.test_segments import Harness, at, harness
 
 __all__ = ["harness"]
 

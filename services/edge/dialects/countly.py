@@ -27,7 +27,7 @@ from typing import Any, TypeAlias
 
 from profiles.common.v1 import types_pb2
 from profiles.ingest.v1 import ingest_service_pb2 as ingest_pb
-from services.edge.build import derived_id, language_of, rejection, timestamp
+from services.edge.build import derived_id, language_of, rejection
 from services.edge.names import flatten, normalize_name
 from services.edge.platforms import API, platform_of
 from services.edge.properties import attribute_value, custom_attributes
@@ -39,6 +39,7 @@ from services.edge.steps import (
     Track,
     Translation,
 )
+from shared.convert import set_timestamp
 
 DIALECT = "countly"
 
@@ -750,7 +751,7 @@ def _one_event(request: _Request, output: _Output, index: int, item: Any) -> Non
         custom=ingest_pb.CustomEvent(name=name, attributes=attributes.values),
     )
     stamp = _stamp(item.get("timestamp"))
-    event.event_time.CopyFrom(timestamp(_time(stamp) or request.time))
+    set_timestamp(event.event_time, _time(stamp) or request.time)
     output.message_count += 1
     output.event(event)
 
@@ -767,7 +768,7 @@ def _event(request: _Request, output: _Output, *content: Any) -> ingest_pb.Event
     event = ingest_pb.Event(
         event_id=event_id, installation_id=request.device_id, platform=request.platform
     )
-    event.event_time.CopyFrom(timestamp(request.time))
+    set_timestamp(event.event_time, request.time)
     return event
 
 
