@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from services.query.repository import PROFILE_VIEW_BY_LOOKUP
+from services.query.profile_reads import PROFILE_VIEW_BY_LOOKUP
 from tests.support.identity import new_id
 from tests.support.query import (
     NOW,

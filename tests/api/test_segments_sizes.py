@@ -18,8 +18,8 @@ from profiles.identity.v1 import identity_service_pb2_grpc as identity_grpc
 from profiles.ingest.v1 import ingest_service_pb2 as ingest_pb
 from profiles.segments.v1 import filters_pb2 as f
 from profiles.segments.v1 import segments_service_pb2 as pb
-from services.segments.model import filter_from_json
-from services.segments.repository import DefinitionsRepository
+from services.segments.definitions_repository import DefinitionsRepository
+from services.segments.filters import filter_from_json
 from shared.topics import IDENTITY
 from tests.conftest import eventually
 from tests.support.ingest import NOW

@@ -15,16 +15,14 @@ import asyncpg
 import pytest
 
 from services.segments.filter_sql import SqlBuilder, event_condition_sql
-from services.segments.model import (
+from services.segments.filters import (
     OPERATOR_TYPES,
     AttributeTest,
-    FunnelStep,
     Operand,
     Operator,
-    best_attempt,
     filter_to_json,
-    steps_to_json,
 )
+from services.segments.funnels import FunnelStep, best_attempt, steps_to_json
 from shared.db import create_pool
 
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)

@@ -10,8 +10,9 @@ from typing import Any
 from uuid import UUID
 
 from services.segments.definitions import DefinitionsService
+from services.segments.definitions_repository import DefinitionsRepository
 from services.segments.model import RecomputePhase
-from services.segments.repository import DefinitionsRepository, SegmentsRepository
+from services.segments.repository import SegmentsRepository
 from services.segments.service import SegmentsService
 from shared.tenancy import TenancyRepository
 from shared.topics import EVENTS

@@ -24,7 +24,7 @@ from profiles.segments.v1 import segments_service_pb2 as pb
 from profiles.segments.v1 import segments_service_pb2_grpc as pb_grpc
 from services.segments.app import make_build
 from services.segments.definitions import DefinitionsService
-from services.segments.repository import DefinitionsRepository
+from services.segments.definitions_repository import DefinitionsRepository
 from shared.bus import Bus
 from shared.clock import FrozenClock
 from shared.server import Build, start_service
