@@ -243,6 +243,12 @@ SELECT_KEYED_COLUMNS = """
         ON t.table_schema = c.table_schema AND t.table_name = c.table_name
     WHERE c.table_schema = current_schema() AND t.table_type = 'BASE TABLE'
         AND c.column_name IN ('project_id', 'profile_id', 'installation_id', 'custom_id')
+        -- A partition (events_2026_12, events_default) is reached through its partitioned
+        -- table: handled on its own, an erasure would delete events it must keep as markers.
+        AND NOT EXISTS (
+            SELECT 1 FROM pg_class pc JOIN pg_namespace pn ON pn.oid = pc.relnamespace
+            WHERE pn.nspname = c.table_schema AND pc.relname = c.table_name AND pc.relispartition
+        )
     ORDER BY c.table_name, c.column_name"""
 
 # A table whose key includes profile_id (say, one row per profile and attribute) cannot just be
