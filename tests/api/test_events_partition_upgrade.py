@@ -7,8 +7,8 @@ from __future__ import annotations
 import shutil
 import uuid
 from collections.abc import AsyncIterator
-from functools import partial
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -157,7 +157,8 @@ async def test_a_0012_database_with_events_upgrades_in_place_and_reads_the_same(
     assert len(kinds) >= 6
     before = await readings(suite, profile_ids)
     funnel = before[f"profile {await suite.identity.profile_of(ios)}"].funnels
-    assert funnel and funnel[0].converted
+    assert funnel
+    assert funnel[0].converted
 
     conn = await asyncpg.connect(database_0012)
     try:
