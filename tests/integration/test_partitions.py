@@ -42,6 +42,11 @@ TOTALS = """
     SELECT event_count, crash_count FROM profile_event_counts
     WHERE project_id = $1 AND profile_id = $2"""
 
+# Totals with first and last event times (0014): what the profile view shows.
+STORED = """
+    SELECT event_count, crash_count, first_event_time, last_event_time FROM profile_event_counts
+    WHERE project_id = $1 AND profile_id = $2"""
+
 
 def maintenance(pool: asyncpg.Pool, now: datetime, **kwargs: object) -> StorageMaintenance:
     return StorageMaintenance(MaintenanceRepository(pool), FrozenClock(now), **kwargs)  # type: ignore[arg-type]
@@ -142,8 +147,8 @@ async def test_global_retention_drops_whole_months_and_old_default_rows_keeping_
         timedelta(days=1),
         10,
     )
-    before = tuple(await db.fetchrow(TOTALS, project_id, profile_id))
-    assert before == (1010, 202)
+    before = tuple(await db.fetchrow(STORED, project_id, profile_id))
+    assert before[:3] == (1010, 202, datetime(2001, 1, 2, tzinfo=UTC))
 
     # Sixty days later with 45 days of retention: March is wholly past it, April is not.
     later = NOW + timedelta(days=60)
@@ -160,7 +165,7 @@ async def test_global_retention_drops_whole_months_and_old_default_rows_keeping_
         await db.fetchval("SELECT count(*) FROM events_default WHERE project_id = $1", project_id)
         == 0
     )
-    assert tuple(await db.fetchrow(TOTALS, project_id, profile_id)) == before
+    assert tuple(await db.fetchrow(STORED, project_id, profile_id)) == before
 
 
 async def test_project_retention_sweeps_only_that_projects_older_events_in_bounded_batches(
@@ -188,7 +193,7 @@ async def test_project_retention_sweeps_only_that_projects_older_events_in_bound
         "events.retention_days",
         json.dumps(90),
     )
-    totals = tuple(await db.fetchrow(TOTALS, swept_project, profile_id))
+    totals = tuple(await db.fetchrow(STORED, swept_project, profile_id))
 
     # 30 rows a batch and 3 batches a round: a round removes at most 90 events.
     sweep = maintenance(db, NOW, batch_rows=30, sweep_batches=3)
@@ -208,4 +213,59 @@ async def test_project_retention_sweeps_only_that_projects_older_events_in_bound
     assert (
         await db.fetchval("SELECT count(*) FROM events WHERE project_id = $1", kept_project) == 400
     )
-    assert tuple(await db.fetchrow(TOTALS, swept_project, profile_id)) == totals
+    assert tuple(await db.fetchrow(STORED, swept_project, profile_id)) == totals
+
+
+async def test_a_merge_after_retention_gives_the_survivor_every_total_and_time(
+    db: asyncpg.Pool,
+) -> None:
+    """Identity's merge moves events with an UPDATE, then calls profiles_merge_ functions in
+    table-name order (events before profile_event_counts): the source's totals of events that
+    retention removed go to the survivor as well."""
+    await maintenance(db, NOW).ensure_partitions()
+    project_id, source, target = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    await db.execute(
+        "INSERT INTO projects (project_id, name) VALUES ($1, $2)", project_id, str(project_id)
+    )
+    await db.execute(
+        "INSERT INTO project_settings (project_id, name, value) VALUES ($1, $2, $3)",
+        project_id,
+        "events.retention_days",
+        json.dumps(90),
+    )
+    await db.execute(
+        INSERT_EVENTS, project_id, source, NOW - timedelta(days=200), timedelta(days=1), 150
+    )
+    await db.execute(
+        INSERT_EVENTS.replace("'e' || n", "'t' || n"),
+        project_id,
+        target,
+        NOW - timedelta(days=30),
+        timedelta(days=1),
+        20,
+    )
+    while (await maintenance(db, NOW).run_once()).events_deleted:
+        pass
+    assert (
+        await db.fetchval(
+            "SELECT count(*) FROM events WHERE project_id = $1 AND profile_id = $2",
+            project_id,
+            source,
+        )
+        == 41  # n = 110..150: at or after the cutoff
+    )
+
+    async with db.acquire() as conn, conn.transaction():
+        await conn.execute(
+            "UPDATE events SET profile_id = $3 WHERE project_id = $1 AND profile_id = $2",
+            project_id,
+            source,
+            target,
+        )
+        await conn.execute(
+            "SELECT profiles_merge_profile_event_counts($1, $2, $3)", project_id, source, target
+        )
+
+    assert await db.fetchrow(STORED, project_id, source) is None
+    merged = tuple(await db.fetchrow(STORED, project_id, target))
+    assert merged == (170, 34, NOW - timedelta(days=199), NOW - timedelta(days=10))
