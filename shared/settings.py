@@ -195,6 +195,7 @@ class Settings:
             "PROFILES_EDGE_RATE_BURST": str(self.edge_rate_burst),
             "PROFILES_CONSOLE_PORT": str(self.console_port),
             "PROFILES_CONSOLE_METRICS_PORT": str(self.console_metrics_port),
+            "PROFILES_EVENTS_RETENTION_DAYS": str(self.events_retention_days),
         }
         for name in SERVICE_NAMES:
             upper = name.upper()
