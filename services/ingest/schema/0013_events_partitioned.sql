@@ -83,9 +83,9 @@ WHERE receive_time > now() - interval '35 days'
 GROUP BY 1, 2;
 
 -- 2. Creates the monthly partition of `p_parent` (events or rejected_events, partitioned by
--- `p_key`) for [p_from, p_to), unless it exists. It is built as a plain table and attached,
--- which locks the parent only in SHARE UPDATE EXCLUSIVE mode (CREATE TABLE ... PARTITION OF
--- would take ACCESS EXCLUSIVE: every reader and writer of events would queue behind it).
+-- `p_key`) for [p_from, p_to), unless it exists. It is built as a plain table and attached:
+-- writers of the parent wait for the commit, readers do not (CREATE TABLE ... PARTITION OF
+-- would take ACCESS EXCLUSIVE: every reader would queue behind it too).
 -- Rows of that range the DEFAULT partition holds move into it first (a partition cannot be
 -- attached over rows the DEFAULT holds); moving rows between partitions directly fires no
 -- trigger of the parent (the rows stay in the table: profile_event_counts and event_keys are
@@ -103,9 +103,12 @@ BEGIN
     IF to_regclass(part) IS NOT NULL THEN
         RETURN NULL;
     END IF;
-    -- Writers of the DEFAULT partition wait from here to the commit: none can slip a row of
-    -- this range in behind the move.
-    EXECUTE format('LOCK TABLE %I IN SHARE ROW EXCLUSIVE MODE', fallback);
+    -- Writers of the table wait from here to the commit (readers do not): a writer that
+    -- routed its rows with the partitions as they were before the attach would put a row of
+    -- this range into the DEFAULT partition, which then refuses it (a check violation, an
+    -- error for the writer). Ingest's write transactions are short, and this is once a month
+    -- per table; the caller's lock timeout bounds the wait.
+    EXECUTE format('LOCK TABLE %I IN SHARE ROW EXCLUSIVE MODE', p_parent);
     EXECUTE format('CREATE TABLE %I (LIKE %I INCLUDING DEFAULTS INCLUDING CONSTRAINTS)',
                    part, p_parent);
     EXECUTE format('WITH m AS (DELETE FROM %I WHERE %I >= $1 AND %I < $2 RETURNING *) '
