@@ -32,7 +32,8 @@ from tests.api.test_query_helpers import (
 from tests.api.test_query_overview import workload
 from tests.conftest import create_test_project, with_database
 
-# What the current write path needs of 0013 to store events in a 0012 database (the dedupe keys),
+# What the current services need of 0013 and 0014 to write and read a 0012 database (the dedupe
+# keys; first and last event times, filled from the events just before the first reading),
 # created for the workload and dropped before the upgrade: the rows are then exactly what a
 # 0012 database holds.
 WRITE_PATH_OF_0013 = """
@@ -45,10 +46,18 @@ WRITE_PATH_OF_0013 = """
     $$;
     CREATE TABLE event_keys (project_id uuid NOT NULL, event_key uuid NOT NULL,
                              receive_time timestamptz NOT NULL,
-                             PRIMARY KEY (project_id, event_key));"""
+                             PRIMARY KEY (project_id, event_key));
+    ALTER TABLE profile_event_counts ADD COLUMN first_event_time timestamptz,
+                                     ADD COLUMN last_event_time timestamptz;"""
+FILL_EVENT_TIMES = """
+    UPDATE profile_event_counts c SET first_event_time = t.a, last_event_time = t.b
+    FROM (SELECT project_id, profile_id, min(event_time) AS a, max(event_time) AS b
+          FROM events GROUP BY 1, 2) t
+    WHERE c.project_id = t.project_id AND c.profile_id = t.profile_id"""
 UNDO_WRITE_PATH = """
     DROP TABLE event_keys;
-    DROP FUNCTION profiles_ingest_event_key(text, text, text);"""
+    DROP FUNCTION profiles_ingest_event_key(text, text, text);
+    ALTER TABLE profile_event_counts DROP COLUMN first_event_time, DROP COLUMN last_event_time;"""
 
 
 @pytest.fixture
@@ -155,6 +164,7 @@ async def test_a_0012_database_with_events_upgrades_in_place_and_reads_the_same(
     assert len(profile_ids) >= 4
     kinds = await suite.fetch("SELECT DISTINCT kind FROM events ORDER BY kind")
     assert len(kinds) >= 6
+    await suite.fetch(FILL_EVENT_TIMES)
     before = await readings(suite, profile_ids)
     funnel = before[f"profile {await suite.identity.profile_of(ios)}"].funnels
     assert funnel

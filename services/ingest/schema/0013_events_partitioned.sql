@@ -16,18 +16,20 @@
 -- and a retry's event_time may differ from the first attempt's (clock-skew correction uses the
 -- retry's sent time), so the dedupe key moved out of events into event_keys, one row per
 -- accepted event: (project_id, event_key), event_key a digest of the origin (installation ID,
--- or custom ID for server-side events) and the client's event ID. Ingest inserts the keys and the events in one statement, and only events
--- whose key was new. A key is kept for EVENT_KEY_DAYS (35) after it was received, then pruned:
--- TrackEvents refuses events over 30 days old, so any retry of an event arrives while its key
--- is there and is answered DUPLICATE. ImportEvents accepts any age: a re-import of the same
--- event ID within 35 days of the first import is a duplicate; after that it is stored again.
+-- or custom ID for server-side events) and the client's event ID. Ingest claims a batch's keys
+-- (ON CONFLICT DO NOTHING) and then stores, in the same transaction, only the events whose key
+-- it claimed (services/ingest/repository.py). A key is kept for EVENT_KEY_DAYS (35) after it
+-- was received, then pruned: TrackEvents refuses events over 30 days old, so any retry of an
+-- event arrives while its key is there and is answered DUPLICATE. ImportEvents accepts any
+-- age: a re-import of the same event ID within 35 days of the first import is a duplicate;
+-- after that it is stored again.
 --
 -- Everything that reads events reads it under the same name, columns and index names as before
 -- (events_pkey now carries event_time too: a primary key of a partitioned table must include
 -- the partition key; event_seq stays unique, it comes from one sequence).
 
--- 0. Views other owners may have built on events or rejected_events (read contracts) bind to the table, not its
--- name: kept here, dropped with the old table, created again on the new one.
+-- 0. Views other owners may have built on events or rejected_events (read contracts) bind to
+-- the table, not its name: kept here, dropped with the old table, created again on the new one.
 CREATE TEMPORARY TABLE events_dependent_views ON COMMIT DROP AS
 WITH RECURSIVE deps(oid) AS (
     SELECT DISTINCT r.ev_class FROM pg_depend d JOIN pg_rewrite r ON r.oid = d.objid
