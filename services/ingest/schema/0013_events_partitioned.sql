@@ -100,6 +100,7 @@ CREATE FUNCTION profiles_ingest_ensure_partition(
 DECLARE
     part text := p_parent || '_' || to_char(p_from AT TIME ZONE 'UTC', 'YYYY_MM');
     fallback text := p_parent || '_default';
+    waiting boolean;
     moved bigint;
 BEGIN
     IF to_regclass(part) IS NOT NULL THEN
@@ -111,6 +112,15 @@ BEGIN
     -- error for the writer). Ingest's write transactions are short, and this is once a month
     -- per table; the caller's lock timeout bounds the wait.
     EXECUTE format('LOCK TABLE %I IN SHARE ROW EXCLUSIVE MODE', p_parent);
+    -- Rows to move: readers wait too. A reader planned with the partitions as they were would
+    -- look for them in the DEFAULT partition only, after they left it, and miss them. Rows wait
+    -- in DEFAULT only when a month's partition was missing, so this is the rare case.
+    EXECUTE format('SELECT EXISTS (SELECT 1 FROM %I WHERE %I >= $1 AND %I < $2)',
+                   fallback, p_key, p_key)
+        INTO waiting USING p_from, p_to;
+    IF waiting THEN
+        EXECUTE format('LOCK TABLE %I IN ACCESS EXCLUSIVE MODE', p_parent);
+    END IF;
     EXECUTE format('CREATE TABLE %I (LIKE %I INCLUDING DEFAULTS INCLUDING CONSTRAINTS)',
                    part, p_parent);
     EXECUTE format('WITH m AS (DELETE FROM %I WHERE %I >= $1 AND %I < $2 RETURNING *) '
