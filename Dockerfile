@@ -6,6 +6,7 @@ RUN useradd --create-home --uid 10001 profiles
 COPY constraints.txt pyproject.toml README.md ./
 COPY protos ./protos
 COPY profiles ./profiles
+COPY profiles_cli ./profiles_cli
 COPY shared ./shared
 COPY services ./services
 COPY bench ./bench

@@ -366,11 +366,13 @@ def child_env(settings: Settings | None = None) -> dict[str, str]:
 
 
 def serve_command(name: str) -> list[str]:
-    """`python -m profiles.cli serve NAME`, or the same through profiles.runner without a CLI."""
-    if importlib.util.find_spec("profiles.cli") is not None:
-        return [sys.executable, "-m", "profiles.cli", "serve", name]
+    """`python -m profiles_cli.cli serve NAME`, or the same through profiles_cli.runner without a
+    CLI."""
+    if importlib.util.find_spec("profiles_cli.cli") is not None:
+        return [sys.executable, "-m", "profiles_cli.cli", "serve", name]
     script = (
-        "import sys; from profiles.runner import run_service; from shared.settings import Settings;"
+        "import sys; from profiles_cli.runner import run_service;"
+        " from shared.settings import Settings;"
         " run_service(sys.argv[1], Settings.from_env())"
     )
     return [sys.executable, "-c", script, name]

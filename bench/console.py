@@ -1,6 +1,7 @@
 """Console benchmark: the profile page and the users table against the gRPC calls they make.
 
     python -m bench.console [--quick | --smoke] [--rate R] [--concurrency C] [--duration S]
+                            [--profile-console FILE]
 
 Bulk-loads a project as bench.query does (full: 100,000 profiles and 1,000,000 events; --quick:
 10,000 and 100,000; --smoke: 500 and 2,500, a check that it runs), with the shop's two funnels,
@@ -17,6 +18,8 @@ fixed rate and concurrency, in alternating rounds, from one client process:
 The aim is a page at most 1.5x the sum of its calls (the console's own cost: HTTP, session
 lookup in Redis, rendering). Page weight (HTML plus the CSS and script it loads) is printed
 beside it. Times are measured by this client on loopback, so they include the HTTP hop.
+--profile-console FILE runs the console under cProfile (its main thread's CPU time) and writes
+the stats to FILE for `python -m pstats FILE`: where the console's own share goes.
 """
 
 from __future__ import annotations
@@ -26,12 +29,14 @@ import asyncio
 import contextlib
 import random
 import re
+import sys
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 from bench.common import (
     BenchError,
@@ -42,12 +47,14 @@ from bench.common import (
     LoadResult,
     add_backend_arguments,
     alternate,
+    child_env,
     create_project,
     free_port,
     make_work_dir,
     print_figures,
     run_main,
     start_backends,
+    start_process,
     start_service_process,
     suite_settings,
     wait_http,
@@ -64,6 +71,21 @@ from shared.logging import configure_logging
 BENCH = "console"
 SERVICES = ("query", "segments", "identity")
 COOKIE = "profiles_console_session"
+# The console under cProfile (--profile-console), timed by its main thread's CPU time (the
+# event loop's waits are left out; gRPC's own threads are not seen): the stats are written when it
+# stops. uvicorn re-raises the SIGTERM it caught once its graceful stop is done, which would end
+# the process before they are: here that re-raise is a no-op, so the process returns normally.
+PROFILED_CONSOLE = """
+import cProfile, signal, sys, time
+from services.console.app import run_console
+from shared.settings import Settings
+signal.raise_signal = lambda signum: None
+profiler = cProfile.Profile(time.thread_time)
+try:
+    profiler.runcall(run_console, Settings.from_env())
+finally:
+    profiler.dump_stats(sys.argv[1])
+"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,6 +263,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, help="requests in flight at most (8)")
     parser.add_argument("--duration", type=float, help="seconds per round and target (10 / 4)")
     parser.add_argument("--rounds", type=int, help="rounds per target (3 / 2)")
+    parser.add_argument(
+        "--profile-console",
+        metavar="FILE",
+        help="run the console under cProfile and write its stats to FILE (read them with"
+        " `python -m pstats FILE`); its figures are then slower than without",
+    )
     return parser.parse_args(argv)
 
 
@@ -287,7 +315,19 @@ def main(argv: list[str] | None = None) -> int:
         for name in SERVICES:
             process = start_service_process(stack, name, settings, work_dir)
             asyncio.run(wait_serving(addresses[name], process))
-        console = start_service_process(stack, "console", settings, work_dir)
+        if args.profile_console:
+            command = [
+                sys.executable,
+                "-c",
+                PROFILED_CONSOLE,
+                str(Path(args.profile_console).resolve()),
+            ]
+            console = start_process(
+                stack,
+                ChildProcess("console", command, child_env(settings), work_dir / "console.log"),
+            )
+        else:
+            console = start_service_process(stack, "console", settings, work_dir)
         base_url = f"http://127.0.0.1:{settings.console_port}"
         wait_http(f"{base_url}/healthz", console)
         session_id = sign_in(base_url, project.keys["read"])

@@ -14,8 +14,9 @@ clients (default 8) for S seconds per round:
   sends for the same messages (translated once per template, before timing; fresh event IDs
   every batch).
 A batch is 100 SDK messages on both sides; events/s counts them. The edge also sends what a
-translation adds (a derived session start and the installation's details per anonymous ID and
-batch, stored once and answered DUPLICATE afterwards): that is the edge's real cost.
+translation adds (the installation's details per anonymous ID and batch, stored once and
+answered DUPLICATE afterwards): that is the edge's real cost. Both sides' events ask ingest to
+derive their sessions (SESSION_RULE_INACTIVITY), so both pay for that alike.
 
 Headline JSON lines: `edge_events_per_s` (baseline `grpc_trackevents_events_per_s`, aim ratio
 >= 0.8), `edge_batch_p99_ms` (baseline the gRPC batch p99, aim ratio <= 1.5) and

@@ -68,7 +68,8 @@ from profiles.query.v1 import query_service_pb2 as pb
 from profiles.query.v1 import query_service_pb2_grpc as pb_grpc
 from services.query.repository import QueryRepository
 from services.query.service import RollupService
-from services.segments.model import AttributeTest, FunnelStep, Operand, Operator, steps_to_json
+from services.segments.filters import AttributeTest, Operand, Operator
+from services.segments.funnels import FunnelStep, steps_to_json
 from shared.clock import SystemClock
 from shared.logging import configure_logging
 

@@ -92,8 +92,9 @@ from profiles.segments.v1 import segments_service_pb2 as segments_pb
 from profiles.segments.v1 import segments_service_pb2_grpc as segments_grpc
 from services.segments.change_stream import ChangeStream
 from services.segments.definitions import EVALUATION_BATCH
+from services.segments.definitions_repository import DefinitionsRepository
 from services.segments.model import ProfileActivity, SessionUpdate, TimeZoneUpdate
-from services.segments.repository import DefinitionsRepository, SegmentsRepository
+from services.segments.repository import SegmentsRepository
 from services.segments.service import SegmentsService
 from shared.bus import Bus
 from shared.clock import FrozenClock

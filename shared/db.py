@@ -45,6 +45,9 @@ SELECT_APPLIED = "SELECT version, name, checksum FROM schema_migrations ORDER BY
 INSERT_APPLIED = "INSERT INTO schema_migrations (version, name, checksum) VALUES ($1, $2, $3)"
 
 _FILE_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
+# Each owner's readable current schema (shared/schema_catalog.py), beside its migrations: the
+# runner never applies it.
+SCHEMA_FILE_NAME = "schema.sql"
 
 
 class MigrationError(RuntimeError):
@@ -73,7 +76,12 @@ def migration_paths(directories: Path | Sequence[Path] | None = None) -> list[Pa
         directories = schema_directories()
     elif isinstance(directories, Path):
         directories = [directories]
-    paths = [path for directory in directories for path in directory.glob("*.sql")]
+    paths = [
+        path
+        for directory in directories
+        for path in directory.glob("*.sql")
+        if path.name != SCHEMA_FILE_NAME
+    ]
     for path in paths:
         if _FILE_NAME.match(path.name) is None:
             raise MigrationError(f"migration file name not NNNN_name.sql: {path}")

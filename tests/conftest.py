@@ -28,6 +28,10 @@ from shared.redis_client import connect
 from shared.settings import Settings
 from shared.tenancy import TenancyRepository
 
+# The shared helpers assert too; rewrite their asserts as pytest does those of test modules, so a
+# failing helper explains itself (they used to be test_*.py modules, rewritten for that reason).
+pytest.register_assert_rewrite("tests.support")
+
 settings.register_profile(
     "ci",
     deadline=None,
@@ -122,13 +126,13 @@ async def db(database_url: str) -> AsyncIterator[asyncpg.Pool]:
 
 @pytest.fixture(scope="session")
 def redis_cluster_url(embedded_dir: Path) -> Iterator[str]:
-    """A real Redis Cluster of three masters on loopback (tests/redis_cluster.py), as a
+    """A real Redis Cluster of three masters on loopback (tests/support/redis_cluster.py), as a
     `redis+cluster://` URL; PROFILES_TEST_REDIS_CLUSTER_URL points at an external one instead."""
     external = os.environ.get("PROFILES_TEST_REDIS_CLUSTER_URL")
     if external:
         yield external
         return
-    from tests.redis_cluster import RedisClusterProcesses
+    from tests.support.redis_cluster import RedisClusterProcesses
 
     cluster = RedisClusterProcesses(embedded_dir / "redis-cluster")
     try:
@@ -219,7 +223,7 @@ class ServiceHandle:
 @pytest.fixture
 async def start_services(settings_for_test: Settings) -> AsyncIterator[StartServices]:
     """Starts services in-process on free ports, each with a real gRPC channel to it."""
-    from profiles.runner import BUILDERS
+    from profiles_cli.runner import BUILDERS
     from shared.server import start_service
 
     started: list[ServiceHandle] = []

@@ -83,28 +83,27 @@ class Backend:
     ) -> None:
         self._addresses = dict(addresses)
         self.timeout = timeout
-        self._channels: OrderedDict[tuple[str, str], grpc.aio.Channel] = OrderedDict()
+        # (service, key hash) -> the channel and its stub. The stub is kept with its channel: a
+        # stub built per call made one multicallable per method of the service every time.
+        self._channels: OrderedDict[tuple[str, str], tuple[grpc.aio.Channel, Any]] = OrderedDict()
         self._closing: set[asyncio.Task[None]] = set()
 
-    def _channel(self, service: str, key: str) -> grpc.aio.Channel:
+    def stub(self, service: str, key: str) -> Any:
         slot = (service, key_hash(key))
-        channel = self._channels.get(slot)
-        if channel is None:
+        found = self._channels.get(slot)
+        if found is None:
             # A long timeout here: the console sets its own, shorter one on every unary call.
             channel = open_channel(self._addresses[service], key, timeout=self.timeout)
-            self._channels[slot] = channel
+            found = self._channels[slot] = (channel, STUBS[service](channel))
             while len(self._channels) > MAX_CHANNELS:
-                _, oldest = self._channels.popitem(last=False)
+                _, (oldest, _) = self._channels.popitem(last=False)
                 # A grace period, so a page still reading through it finishes its call.
                 task = asyncio.get_running_loop().create_task(oldest.close(grace=self.timeout))
                 self._closing.add(task)
                 task.add_done_callback(self._closing.discard)
         else:
             self._channels.move_to_end(slot)
-        return channel
-
-    def stub(self, service: str, key: str) -> Any:
-        return STUBS[service](self._channel(service, key))
+        return found[1]
 
     async def call(self, key: str, service: str, method: str, request: Any) -> Any:
         """One unary call, with the console's deadline; raises errors.py's exceptions."""
@@ -128,7 +127,7 @@ class Backend:
             call.cancel()
 
     async def close(self) -> None:
-        channels = list(self._channels.values())
+        channels = [channel for channel, _ in self._channels.values()]
         self._channels.clear()
         for channel in channels:
             await channel.close()

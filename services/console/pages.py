@@ -39,6 +39,7 @@ from services.console.sessions import (
     new_token,
     tokens_match,
 )
+from shared.convert import set_timestamp
 
 log = structlog.get_logger(__name__)
 
@@ -399,7 +400,7 @@ async def users_page(request: Request, session: ConsoleSession) -> Response:
             "segment": segment,
             "platform": platform_name,
             "platforms": list(present.PLATFORMS),
-            "rows": reply.profiles,
+            "rows": present.user_rows(reply.profiles),
             "next_page": link(page_token=reply.next_page_token) if reply.next_page_token else "",
             "first_page": link() if page_token else "",
             "link": link,
@@ -699,7 +700,7 @@ async def profile_live(request: Request, session: ConsoleSession) -> Response:
                 start = _parse_iso(since)
                 if start is not None:
                     missed = query_pb.ListEventsRequest(**request_fields)
-                    missed.start_time.FromDatetime(start)
+                    set_timestamp(missed.start_time, start)
                     try:
                         reply = await console.backend.call(
                             session.key, "query", "ListEvents", missed
@@ -793,7 +794,7 @@ async def segments_live(request: Request, session: ConsoleSession) -> Response:
     if cursor:
         watch.start_after = cursor
     else:
-        watch.start_time.FromDatetime(datetime.now(UTC) - timedelta(hours=1))
+        set_timestamp(watch.start_time, datetime.now(UTC) - timedelta(hours=1))
 
     async def stream() -> AsyncIterator[bytes]:
         yield b"retry: 2000\n\n"
@@ -844,9 +845,9 @@ async def rejected_page(request: Request, session: ConsoleSession) -> Response:
         listing.reasons.append(reason)
     start_time, end_time = _parse_iso(start) if start else None, _parse_iso(end) if end else None
     if start_time:
-        listing.start_time.FromDatetime(start_time)
+        set_timestamp(listing.start_time, start_time)
     if end_time:
-        listing.end_time.FromDatetime(end_time)
+        set_timestamp(listing.end_time, end_time)
     reply = await console.backend.call(session.key, "query", "ListRejectedEvents", listing)
     state = {"reason": reason, "start": start, "end": end}
     next_page = ""

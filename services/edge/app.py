@@ -17,7 +17,12 @@ from starlette.routing import Route
 
 from services.edge.backend import Backend
 from services.edge.countly_routes import countly_routes
-from services.edge.handlers import Gateway, posthog_handler, segment_handler
+from services.edge.handlers import (
+    Gateway,
+    posthog_handler,
+    posthog_push_handler,
+    segment_handler,
+)
 from services.edge.limits import RateLimiter
 from shared.logging import configure_logging
 from shared.metrics import start_metrics_server
@@ -55,6 +60,9 @@ def routes(gateway: Gateway) -> list[Route]:
         handler = posthog_handler(gateway)
         table.append(Route(path, handler, methods=["POST"]))
         table.append(Route(path.rstrip("/"), handler, methods=["POST"]))
+    push = posthog_push_handler(gateway)
+    for path in ("/api/push_subscriptions/", "/api/push_subscriptions"):
+        table.append(Route(path, push, methods=["POST", "DELETE"]))
     return table
 
 

@@ -141,7 +141,7 @@ _ACKNOWLEDGED = (ingest_pb.EVENT_OUTCOME_ACCEPTED, ingest_pb.EVENT_OUTCOME_DUPLI
 
 
 class AcknowledgedEvents:
-    """The edge-added events (derived session starts, installation details) ingest recently
+    """The edge-added events (PostHog session starts, installation details) ingest recently
     acknowledged, by key, installation and event ID, so that they are not sent again with every
     request of the same session: a batch of 100 messages would otherwise carry up to 200 events
     more, each answered DUPLICATE. Only a shortcut: a forgotten entry (restart, eviction,

@@ -1,15 +1,13 @@
 """Contract messages the Segment and PostHog translators build alike: event IDs, times,
 derived sessions, trait operations and installation details. Pure functions, no I/O.
 
-Derived sessions. Segment and PostHog send no session events, yet engagement and smart segments
-count sessions. The edge is a pure client of the contract and keeps no state between requests
-(any replica may serve any request, a restart forgets nothing), so a derived session is a pure
-function of the event: PostHog's `$session_id` when the SDK sends one; otherwise the
-installation's 30-minute window of event time (`w<n>` where n = event time // 30 min, UTC). The
-first event of a (installation, session) pair in a request is preceded by a SessionStart whose
-event ID is derived from the pair, so the later requests of the same session store it once
-(DUPLICATE); ingest widens the session to the span of its events and closes it 30 minutes after
-its last one, which gives its duration. See docs/edge.md ("Sessions").
+Sessions. Segment and PostHog send no session events, yet engagement and smart segments count
+sessions. PostHog's `$session_id`, when the SDK sends one, is the session: the first event of a
+(installation, session) pair in a request is preceded by a SessionStart whose event ID is
+derived from the pair. Otherwise "a new session after 30 minutes without events" needs the
+installation's last event time across requests and replicas, which only ingest has: the events
+ask ingest to derive it (SESSION_RULE_INACTIVITY) in the transaction that stores them, with the
+client IP for the country of a session they start. See docs/edge.md ("Sessions").
 """
 
 from __future__ import annotations
@@ -28,8 +26,8 @@ from profiles.ingest.v1 import ingest_service_pb2 as ingest_pb
 from services.edge.names import flatten, normalize_name
 from services.edge.properties import attribute_value
 from services.edge.steps import Identify, Reject, Step, Track, scrub
+from shared.convert import timestamp_of
 
-SESSION_WINDOW_SECONDS = 30 * 60
 MAX_ID_LENGTH = 64
 
 # Trait names (after normalize_name) that are native profile attributes; every other trait is a
@@ -91,21 +89,6 @@ def parse_time(value: object) -> datetime | None:
     return None
 
 
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-
-def timestamp(moment: datetime) -> Timestamp:
-    # Integer arithmetic on the timedelta: FromDatetime is several times slower, per event.
-    delta = moment - EPOCH
-    seconds = delta.days * 86_400 + delta.seconds
-    return Timestamp(seconds=seconds, nanos=delta.microseconds * 1000)
-
-
-def window_session_id(moment: datetime) -> str:
-    """The derived session of an event with no session from its SDK (see the module doc)."""
-    return f"w{int(moment.timestamp()) // SESSION_WINDOW_SECONDS}"
-
-
 @dataclass(frozen=True, slots=True)
 class Origin:
     """Who a message comes from, its platform and its times."""
@@ -120,15 +103,42 @@ class Origin:
 
     def __post_init__(self) -> None:
         # Computed once per message, copied into each of its events.
-        object.__setattr__(self, "event_stamp", timestamp(self.event_time))
-        send = None if self.send_time is None else timestamp(self.send_time)
+        object.__setattr__(self, "event_stamp", timestamp_of(self.event_time))
+        send = None if self.send_time is None else timestamp_of(self.send_time)
         object.__setattr__(self, "send_stamp", send)
 
 
-def event(event_id: str, origin: Origin, session_id: str = "") -> ingest_pb.Event:
+@dataclass(frozen=True, slots=True)
+class Session:
+    """The session an event names: an explicit ID, or none and a rule ingest derives it by
+    (SESSION_RULE_INACTIVITY, with the client IP for the country of a session it starts)."""
+
+    session_id: str = ""
+    rule: int = ingest_pb.SESSION_RULE_UNSPECIFIED
+    client_ip: str = ""
+
+
+NO_SESSION = Session()
+
+
+def derived_session(origin: Origin, client_ip: str) -> Session:
+    """The session of an installation's event that names none: ingest's 30-minute inactivity
+    rule. Server-side events (no installation) have no session."""
+    if not origin.installation_id:
+        return NO_SESSION
+    return Session(rule=ingest_pb.SESSION_RULE_INACTIVITY, client_ip=client_ip)
+
+
+def event(event_id: str, origin: Origin, session: Session = NO_SESSION) -> ingest_pb.Event:
     """An event without payload: the installation wins as origin when both are known (the
     login the message implies was done before)."""
-    built = ingest_pb.Event(event_id=event_id, platform=origin.platform, session_id=session_id)  # type: ignore[arg-type]
+    built = ingest_pb.Event(
+        event_id=event_id,
+        platform=origin.platform,  # type: ignore[arg-type]
+        session_id=session.session_id,
+        session_rule=session.rule,  # type: ignore[arg-type]
+        session_client_ip=session.client_ip,
+    )
     if origin.installation_id:
         built.installation_id = origin.installation_id
     elif origin.custom_id:
@@ -142,14 +152,14 @@ def event(event_id: str, origin: Origin, session_id: str = "") -> ingest_pb.Even
 def custom_event(
     event_id: str,
     origin: Origin,
-    session_id: str,
+    session: Session,
     name: str,
     attributes: Mapping[str, types_pb2.AttributeValue],
     label: str = "",
 ) -> ingest_pb.Event:
     """A custom event `name` with its attributes and label (cut to the contract's 200
     characters)."""
-    built = event(event_id, origin, session_id)
+    built = event(event_id, origin, session)
     built.custom.name = name
     if label:
         built.custom.label = label[:200]
@@ -300,20 +310,21 @@ class StepBuilder:
         self._flush()
         self.steps.append(reject)
 
-    def session(self, origin: Origin, session_id: str, client_ip: str) -> str:
-        """The session ID for an event of `origin`, after adding its SessionStart the first
+    def session(self, origin: Origin, session_id: str, client_ip: str) -> Session:
+        """The SDK's session for an event of `origin`, after adding its SessionStart the first
         time the request names it. Server-side events (no installation) have no session."""
         if not origin.installation_id:
-            return ""
+            return NO_SESSION
         key = (origin.installation_id, session_id)
+        session = Session(session_id)
         if key not in self._sessions:
             self._sessions.add(key)
-            start = event(derived_id("session", *key), origin, session_id)
+            start = event(derived_id("session", *key), origin, session)
             start.session_start.SetInParent()
             if client_ip:
                 start.session_start.client_ip = client_ip
             self.add(start)
-        return session_id
+        return session
 
     def details(self, origin: Origin, details: Details) -> None:
         """An InstallationUpdate when the details differ from those already sent in this

@@ -87,9 +87,7 @@ def parameters(query: str, body: bytes, content_type: str) -> dict[str, Any]:
     return params
 
 
-def countly_handler(
-    gateway: Gateway, sessions: countly.SessionBook, bulk: bool
-) -> Callable[[Request], Any]:
+def countly_handler(gateway: Gateway, bulk: bool) -> Callable[[Request], Any]:
     """The handler of `/i` (`bulk` False) or `/i/bulk`."""
 
     async def handle(request: Request) -> Response:
@@ -107,7 +105,7 @@ def countly_handler(
 
             def translate(now: datetime, ip: str) -> Translation:
                 run = countly.translate_bulk if bulk else countly.translate
-                return run(params, receive_time=now, client_ip=ip, sessions=sessions)
+                return run(params, receive_time=now, client_ip=ip)
 
             return key, translate
 
@@ -117,12 +115,11 @@ def countly_handler(
 
 
 def countly_routes(gateway: Gateway) -> list[Route]:
-    """`/i` and `/i/bulk`, sharing one book of open sessions (see countly.SessionBook)."""
-    sessions = countly.SessionBook()
+    """`/i` and `/i/bulk`; no state between requests (ingest keeps the sessions)."""
     methods = ["GET", "POST"]
     return [
-        Route("/i", countly_handler(gateway, sessions, bulk=False), methods=methods),
-        Route("/i/bulk", countly_handler(gateway, sessions, bulk=True), methods=methods),
+        Route("/i", countly_handler(gateway, bulk=False), methods=methods),
+        Route("/i/bulk", countly_handler(gateway, bulk=True), methods=methods),
     ]
 
 

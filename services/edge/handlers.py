@@ -292,3 +292,26 @@ def posthog_handler(gateway: Gateway) -> Callable[[Request], Any]:
         return await gateway.run(request, posthog.DIALECT, POSTHOG, read)
 
     return handle
+
+
+def posthog_push_handler(gateway: Gateway) -> Callable[[Request], Any]:
+    """The handler of /api/push_subscriptions/: POST registers a device token, DELETE
+    unregisters it (PostHog's mobile SDKs; see posthog.translate_push_subscription)."""
+
+    async def handle(request: Request) -> Response:
+        async def read() -> tuple[str, Translate]:
+            _short_query(request)
+            data = await gateway.body(request, posthog.MAX_REQUEST_BYTES)
+            body = json.loads(data)
+            subscription = posthog.push_subscription_of(body)
+            key = posthog.api_key_of(body)
+            register = request.method == "POST"
+
+            def translate(now: datetime, ip: str) -> Translation:
+                return posthog.translate_push_subscription(subscription, now, register=register)
+
+            return key, translate
+
+        return await gateway.run(request, posthog.DIALECT, POSTHOG, read)
+
+    return handle

@@ -7,7 +7,8 @@ import grpc
 from profiles.identity.v1 import identity_service_pb2 as pb
 from profiles.identity.v1 import identity_service_pb2_grpc as pb_grpc
 from services.identity.cache import CacheInvalidationWorker, ResolutionCache
-from services.identity.repository import IdentityRepository, LinkListener
+from services.identity.link_listener import LinkListener
+from services.identity.repository import IdentityRepository
 from services.identity.service import IdentityService
 from services.identity.servicer import IdentityServicer
 from shared.notices import LiveNotices, NoticeWorker

@@ -37,10 +37,6 @@ class RequestIdReused(InvalidArgument):
     reason = "REQUEST_ID_REUSED"
 
 
-class ProfileIdInvalid(InvalidArgument):
-    reason = "PROFILE_ID_INVALID"
-
-
 class MergeIntoItself(InvalidArgument):
     reason = "MERGE_INTO_ITSELF"
 

@@ -7,8 +7,6 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from uuid import UUID
 
-from google.protobuf.timestamp_pb2 import Timestamp
-
 from profiles.common.v1 import bus_pb2, types_pb2
 from services.identity.model import (
     ChangeCause,
@@ -18,6 +16,7 @@ from services.identity.model import (
     IdentityChange,
     MergeMoves,
 )
+from shared.convert import timestamp_of
 from shared.outbox import OutboxItem
 from shared.topics import IDENTITY
 
@@ -36,12 +35,6 @@ KINDS: dict[ChangeKind, types_pb2.IdentityChangeKind.ValueType] = {
 }
 
 
-def timestamp(moment: datetime) -> Timestamp:
-    stamp = Timestamp()
-    stamp.FromDatetime(moment)
-    return stamp
-
-
 def profile_created(
     project_id: UUID, profile_id: UUID, installation_id: str, identified: bool, now: datetime
 ) -> OutboxItem:
@@ -50,7 +43,7 @@ def profile_created(
         profile_id=str(profile_id),
         installation_id=installation_id,
         identified=identified,
-        create_time=timestamp(now),
+        create_time=timestamp_of(now),
     )
     return OutboxItem(project_id, IDENTITY, message, profile_id)
 
@@ -63,7 +56,7 @@ def profile_identified(
         change_id=str(change_id),
         profile_id=str(profile_id),
         installation_id=installation_id,
-        identify_time=timestamp(now),
+        identify_time=timestamp_of(now),
     )
     return OutboxItem(project_id, IDENTITY, message, profile_id)
 
@@ -87,7 +80,7 @@ def merged_message(
         installation_ids=list(change.installation_ids),
         redirected_profile_ids=[str(p) for p in redirected_profile_ids],
         alias_custom_id=change.alias_custom_id or "",
-        merge_time=timestamp(change.change_time),
+        merge_time=timestamp_of(change.change_time),
     )
 
 
@@ -109,7 +102,7 @@ def split_message(
         old_profile_id=str(change.source_profile_id),
         new_profile_id=str(change.target_profile_id),
         new_profile_created=new_profile_created,
-        split_time=timestamp(change.change_time),
+        split_time=timestamp_of(change.change_time),
     )
 
 
@@ -122,7 +115,7 @@ def profile_deleted(project_id: UUID, result: DeleteResult, erasure: Erasure) ->
         tombstone_profile_ids=[str(p) for p in erasure.tombstone_profile_ids],
         installation_ids=list(erasure.installation_ids),
         custom_id_quarantined=result.custom_id_quarantined,
-        delete_time=timestamp(result.delete_time),
+        delete_time=timestamp_of(result.delete_time),
     )
     return OutboxItem(project_id, IDENTITY, message)
 
@@ -139,7 +132,7 @@ def identified_notice(
         profile_id=str(profile_id),
         kinds=[bus_pb2.PROFILE_CHANGE_KIND_IDENTIFIED],
         profile_version=version,
-        change_time=timestamp(now),
+        change_time=timestamp_of(now),
     )
 
 
@@ -194,7 +187,7 @@ def deleted_notice(project_id: UUID, result: DeleteResult) -> bus_pb2.ProfileCha
         project_id=str(project_id),
         profile_id=str(result.profile_id),
         kinds=[bus_pb2.PROFILE_CHANGE_KIND_DELETED],
-        change_time=timestamp(result.delete_time),
+        change_time=timestamp_of(result.delete_time),
     )
 
 
@@ -204,7 +197,7 @@ def history_entry(change: IdentityChange) -> types_pb2.IdentityHistoryEntry:
         change_id=str(change.change_id),
         kind=KINDS[change.kind],
         cause=CAUSES[change.cause],
-        change_time=timestamp(change.change_time),
+        change_time=timestamp_of(change.change_time),
         source_profile_id=str(change.source_profile_id),
         target_profile_id=str(change.target_profile_id),
         installation_ids=list(change.installation_ids),

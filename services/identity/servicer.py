@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterable
-from uuid import UUID
 
 from grpc.aio import ServicerContext
 
 from profiles.identity.v1 import identity_service_pb2 as pb
 from profiles.identity.v1 import identity_service_pb2_grpc as pb_grpc
-from services.identity.errors import ProfileIdInvalid
-from services.identity.messages import timestamp
 from services.identity.model import (
     ChangeCause,
     DeleteResult,
@@ -27,7 +24,8 @@ from services.identity.model import (
 from services.identity.service import IdentityService
 from shared.auth import current_caller
 from shared.auth_policy import INTERNAL
-from shared.errors import FieldViolation, InvalidArgument
+from shared.convert import profile_id_of, timestamp_of
+from shared.errors import InvalidArgument
 from shared.interceptors import status_of_error
 
 IDENTIFY_OUTCOMES: dict[IdentifyOutcome, pb.IdentifyOutcome.ValueType] = {
@@ -62,20 +60,6 @@ def merge_cause(role: str) -> ChangeCause:
     that later sent a session with the same push token (TOKEN_REINTEGRATION). A new internal
     caller of MergeProfiles for another purpose must first give the request a cause field."""
     return ChangeCause.TOKEN_REINTEGRATION if role == INTERNAL else ChangeCause.OPERATOR_MERGE
-
-
-def profile_id_from_proto(value: str, field: str) -> UUID:
-    """A profile ID in canonical form; raises ProfileIdInvalid with `field` otherwise."""
-    try:
-        parsed = UUID(value)
-    except ValueError:
-        parsed = None
-    if parsed is None or str(parsed) != value.lower():
-        problem = "must be a UUID"
-        raise ProfileIdInvalid(
-            f"{field} {problem}", [FieldViolation(field, problem, ProfileIdInvalid.reason)]
-        )
-    return parsed
 
 
 def _text(value: object | None) -> str:
@@ -143,7 +127,7 @@ def merge_to_proto(result: MergeResult) -> pb.MergeProfilesResponse:
         change_id=_text(result.change_id),
     )
     if result.merge_time is not None:
-        response.merge_time.CopyFrom(timestamp(result.merge_time))
+        response.merge_time.CopyFrom(timestamp_of(result.merge_time))
     return response
 
 
@@ -153,10 +137,10 @@ def delete_to_proto(result: DeleteResult) -> pb.DeleteProfileResponse:
         custom_id_quarantined=result.custom_id_quarantined,
         deleted_event_count=result.deleted_event_count,
         unlinked_installation_count=result.unlinked_installation_count,
-        delete_time=timestamp(result.delete_time),
+        delete_time=timestamp_of(result.delete_time),
     )
     if result.quarantine_expire_time is not None:
-        response.quarantine_expire_time.CopyFrom(timestamp(result.quarantine_expire_time))
+        response.quarantine_expire_time.CopyFrom(timestamp_of(result.quarantine_expire_time))
     return response
 
 
@@ -229,8 +213,8 @@ class IdentityServicer(pb_grpc.IdentityServiceServicer):
     async def MergeProfiles(
         self, request: pb.MergeProfilesRequest, context: ServicerContext
     ) -> pb.MergeProfilesResponse:
-        source = profile_id_from_proto(request.source_profile_id, "source_profile_id")
-        target = profile_id_from_proto(request.target_profile_id, "target_profile_id")
+        source = profile_id_of(request.source_profile_id, "source_profile_id")
+        target = profile_id_of(request.target_profile_id, "target_profile_id")
         caller = current_caller()
         result = await self._service.merge_profiles(
             caller.project_id,
@@ -245,7 +229,7 @@ class IdentityServicer(pb_grpc.IdentityServiceServicer):
     async def DeleteProfile(
         self, request: pb.DeleteProfileRequest, context: ServicerContext
     ) -> pb.DeleteProfileResponse:
-        profile_id = profile_id_from_proto(request.profile_id, "profile_id")
+        profile_id = profile_id_of(request.profile_id, "profile_id")
         result = await self._service.delete_profile(
             current_caller().project_id, profile_id, request.request_id
         )
@@ -254,7 +238,7 @@ class IdentityServicer(pb_grpc.IdentityServiceServicer):
     async def ExportProfile(
         self, request: pb.ExportProfileRequest, context: ServicerContext
     ) -> AsyncIterator[pb.ExportProfileResponse]:
-        profile_id = profile_id_from_proto(request.profile_id, "profile_id")
+        profile_id = profile_id_of(request.profile_id, "profile_id")
         chunks = self._service.export_profile(current_caller().project_id, profile_id)
         index = 0
         async for chunk in chunks:

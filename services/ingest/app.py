@@ -36,8 +36,9 @@ def make_build(
         settings = runtime.settings
         identity = IdentityClient(settings.addresses["identity"], settings.internal_token)
         notices = LiveNotices("ingest")
+        repository = IngestRepository(runtime.pool)
         service = IngestService(
-            IngestRepository(runtime.pool),
+            repository,
             identity,
             runtime.clock,
             countries=CountryResolver(),
@@ -59,7 +60,7 @@ def make_build(
             workers=[
                 IdentityChannelWorker(identity),
                 NoticeWorker(notices, runtime.bus),
-                SessionSweeper(service, sweep_interval_s),
+                SessionSweeper(repository, runtime.clock, notices, sweep_interval_s),
                 StorageMaintainer(maintenance, maintenance_interval_s),
             ],
         )

@@ -53,10 +53,16 @@ class CountryResolver:
 
 def _lookup_all(database: Any, ips: Sequence[str]) -> list[str]:
     codes = []
+    # A batch from an edge gateway carries the same few IPs on many events: look each up once.
+    seen: dict[str, str] = {}
     for ip in ips:
+        if ip in seen:
+            codes.append(seen[ip])
+            continue
         try:
             code = str(database.lookup(ip).country_code)
         except Exception:  # a malformed IP was refused by validation; never fail a batch here
             code = ""
-        codes.append(code.upper() if model.is_country(code) else "")
+        seen[ip] = code.upper() if model.is_country(code) else ""
+        codes.append(seen[ip])
     return codes

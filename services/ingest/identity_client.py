@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 from uuid import UUID
 
 import grpc
@@ -83,6 +83,22 @@ def _reason_of(status: object) -> str:
         if detail.Unpack(info):
             return info.reason
     return ""
+
+
+class Resolver(Protocol):
+    """Identity, as ingest calls it (IdentityClient)."""
+
+    async def resolve(
+        self, project_id: UUID, keys: Sequence[OriginKey], *, fresh: bool = False
+    ) -> list[Resolution]: ...
+
+    async def identify(
+        self, project_id: UUID, installation_id: str, custom_id: str, request_id: str
+    ) -> Identified: ...
+
+    async def merge_profiles(
+        self, project_id: UUID, source_id: UUID, target_id: UUID, request_id: str
+    ) -> Merged: ...
 
 
 class IdentityClient:

@@ -23,7 +23,7 @@ SET_LOCK_TIMEOUT = "SET LOCAL lock_timeout = '5s'"
 
 LOCK = "SELECT pg_advisory_xact_lock($1)"
 
-# profiles_ingest_ensure_partition (0013) creates the month's partition unless it exists and
+# profiles_ingest_ensure_partition (0024) creates the month's partition unless it exists and
 # moves the DEFAULT partition's rows of that month into it; NULL when it existed.
 ENSURE_PARTITION = "SELECT profiles_ingest_ensure_partition($1, $2, $3, $4)"
 
@@ -40,7 +40,7 @@ SELECT_PARTITIONS = """
 DROP_PARTITION = "DROP TABLE {name}"
 PARTITION_EXISTS = "SELECT to_regclass($1)"
 
-# Retention's deletes are marked (profiles.retention, read by events' delete triggers, 0013) so
+# Retention's deletes are marked (profiles.retention, read by events' delete triggers, 0024) so
 # they age events out without moving what was derived from them: profile totals, first seen.
 MARK_RETENTION = "SELECT set_config('profiles.retention', 'on', true)"
 

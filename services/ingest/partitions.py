@@ -1,6 +1,6 @@
 """Time partitions of events and rejected_events: which exist, which to create, which to drop.
 
-Pure rules, no I/O (0013_events_partitioned.sql holds the tables; retention.py applies these).
+Pure rules, no I/O (0024_events_partitioned.sql holds the tables; retention.py applies these).
 A period is one calendar month in UTC: partition `events_2027_01` holds event times in
 [2027-01-01, 2027-02-01). Everything no monthly partition covers lands in `<parent>_default`.
 """

@@ -15,23 +15,24 @@ from uuid import UUID
 
 import asyncpg
 
+from profiles.common.v1 import types_pb2
 from services.ingest.errors import StorageUnavailable
 from services.ingest.validation import RejectedEvent, ValidEvent
 from shared.errors import Aborted
 
 # Dedupe: events is partitioned by time and cannot hold a unique index on an event's key
-# (0013_events_partitioned.sql), so each batch first claims its events' keys in event_keys:
+# (0024_events_partitioned.sql), so each batch first claims its events' keys in event_keys:
 # ON CONFLICT DO NOTHING makes a retried or concurrent duplicate (which waits on the key) claim
 # nothing, and RETURNING tells which keys are new; only their events are then stored. The
-# claim joins the same rows as the insert after it, with the same locks (taken here first), so
-# a key is claimed exactly when its event is stored.
+# claim joins the same rows as the insert after it, with the same locks (taken here first,
+# through identity's contracts), so a key is claimed exactly when its event is stored.
 CLAIM_INSTALLATION_EVENT_KEYS = """
     INSERT INTO event_keys (project_id, event_key, receive_time)
     SELECT $1, profiles_ingest_event_key(k.installation_id, NULL, k.event_id), $2
     FROM unnest($3::text[], $4::text[]) WITH ORDINALITY AS k(installation_id, event_id, ord)
-    JOIN installations i ON i.project_id = $1 AND i.installation_id = k.installation_id
+    JOIN identity_read_installation_links($1, $3::text[]) i
+        ON i.installation_id = k.installation_id
     ORDER BY k.ord
-    FOR SHARE OF i
     ON CONFLICT DO NOTHING
     RETURNING event_key"""
 
@@ -40,19 +41,19 @@ CLAIM_CUSTOM_ID_EVENT_KEYS = """
     SELECT $1, profiles_ingest_event_key(NULL, k.custom_id, k.event_id), $2
     FROM unnest($3::text[], $4::text[], $5::uuid[])
          WITH ORDINALITY AS k(custom_id, event_id, resolved_profile_id, ord)
-    JOIN profiles p ON p.project_id = $1 AND p.profile_id = k.resolved_profile_id
+    JOIN identity_apply_profile_locks($1, $5::uuid[]) p ON p.profile_id = k.resolved_profile_id
     ORDER BY p.profile_id, k.ord
-    FOR NO KEY UPDATE OF p
     ON CONFLICT DO NOTHING
     RETURNING event_key"""
 
-# Installation events take their profile from `installations` in the same statement, FOR SHARE:
-# identity moves an installation FOR UPDATE, so an event racing a merge, Identify or Logout
-# waits for it and lands on the installation's profile as of its commit, never on a profile the
-# installation already left. Only the events whose key the claim above returned ($12) are
-# stored; RETURNING tells which rows are new. An installation missing here (erased since it was
-# resolved) yields no row (nor key), and the caller resolves it again. ORDER BY ord keeps
-# event_seq in request order.
+# Installation events take their profile from identity's installation links in the same
+# statement, each installation locked FOR SHARE by identity's read contract
+# (identity_read_installation_links): identity moves an installation FOR UPDATE, so an event
+# racing a merge, Identify or Logout waits for it and lands on the installation's profile as of
+# its commit, never on a profile the installation already left. Only the events whose key the
+# claim above returned ($12) are stored; RETURNING tells which rows are new. An installation
+# missing here (erased since it was resolved) yields no row (nor key), and the caller resolves
+# it again. ORDER BY ord keeps event_seq in request order.
 INSERT_INSTALLATION_EVENTS = """
     INSERT INTO events (project_id, installation_id, event_id, profile_id, kind, name,
                         event_time, receive_time, session_id, platform, payload, imported)
@@ -64,21 +65,22 @@ INSERT_INSTALLATION_EVENTS = """
                               platform, payload, ord)
     JOIN unnest($12::uuid[]) AS f(event_key)
         ON f.event_key = profiles_ingest_event_key(e.installation_id, NULL, e.event_id)
-    JOIN installations i ON i.project_id = $1 AND i.installation_id = e.installation_id
+    JOIN identity_read_installation_links($1, $4::text[]) i
+        ON i.installation_id = e.installation_id
     ORDER BY e.ord
-    FOR SHARE OF i
     RETURNING installation_id, event_id, profile_id, event_seq"""
 
 # Server-side events name the profile identity resolved for their custom ID; a merge since
-# then left it a tombstone pointing at its survivor in one hop, hence coalesce(merged_into).
-# The row is locked FOR NO KEY UPDATE (not FOR SHARE) because this transaction bumps the
-# profile's version next: two share locks upgrading to update locks would deadlock. Locks are
-# taken in profile_id order so concurrent batches queue instead of deadlocking. Only events
-# whose key was claimed ($13) are stored.
+# then left it a tombstone pointing at its survivor in one hop, hence its live profile. The
+# profiles are locked FOR NO KEY UPDATE (not FOR SHARE) by identity's
+# identity_apply_profile_locks because this transaction bumps their versions next: two share
+# locks upgrading to update locks would deadlock. Locks are taken in profile_id order so
+# concurrent batches queue instead of deadlocking. Only events whose key was claimed ($13) are
+# stored.
 INSERT_CUSTOM_ID_EVENTS = """
     INSERT INTO events (project_id, custom_id, event_id, profile_id, kind, name,
                         event_time, receive_time, session_id, platform, payload, imported)
-    SELECT $1, e.custom_id, e.event_id, coalesce(p.merged_into, p.profile_id), e.kind, e.name,
+    SELECT $1, e.custom_id, e.event_id, p.live_profile_id, e.kind, e.name,
            e.event_time, $2, e.session_id, e.platform, e.payload, $3
     FROM unnest($4::text[], $5::text[], $6::smallint[], $7::text[], $8::timestamptz[],
                 $9::text[], $10::smallint[], $11::jsonb[], $12::uuid[])
@@ -86,9 +88,8 @@ INSERT_CUSTOM_ID_EVENTS = """
                               platform, payload, resolved_profile_id, ord)
     JOIN unnest($13::uuid[]) AS f(event_key)
         ON f.event_key = profiles_ingest_event_key(NULL, e.custom_id, e.event_id)
-    JOIN profiles p ON p.project_id = $1 AND p.profile_id = e.resolved_profile_id
+    JOIN identity_apply_profile_locks($1, $12::uuid[]) p ON p.profile_id = e.resolved_profile_id
     ORDER BY p.profile_id, e.ord
-    FOR NO KEY UPDATE OF p
     RETURNING custom_id, event_id, profile_id, event_seq"""
 
 # Which of the events not inserted above already exist (duplicates: their key is held); the rest
@@ -115,18 +116,10 @@ DELETE_EVENTS = "DELETE FROM events WHERE project_id = $1 AND event_seq = ANY($2
 # Bumps the version of every profile the batch touched (read-your-writes for query's caches)
 # and, by locking them in profile_id order first, serializes the state updates below per
 # profile: two batches for one profile apply attributes one after the other, without
-# deadlocking each other.
+# deadlocking each other. The profiles are identity's: it publishes the rule
+# (identity_apply_profile_versions), run here in ingest's transaction.
 BUMP_PROFILE_VERSIONS = """
-    WITH locked AS (
-        SELECT profile_id FROM profiles
-        WHERE project_id = $1 AND profile_id = ANY($2::uuid[])
-        ORDER BY profile_id
-        FOR NO KEY UPDATE
-    )
-    UPDATE profiles p SET version = p.version + 1, update_time = now()
-    FROM locked
-    WHERE p.project_id = $1 AND p.profile_id = locked.profile_id
-    RETURNING p.profile_id, p.version"""
+    SELECT profile_id, version FROM identity_apply_profile_versions($1, $2::uuid[])"""
 
 # The custom attributes the touched profiles hold now, for the limit of 50 per profile. The
 # profile locks above keep them current until the batch commits.
@@ -186,13 +179,16 @@ UPSERT_SUBSCRIPTIONS = """
 # platform of its latest (identity's merge moves profile_id later); the country of its earliest
 # start that has one; the latest end by event time (ties: later in the batch) gives end_time
 # and duration, else duration is the longest seen (a heartbeat's, or last activity minus
-# start); every event counts. Kinds are profiles.common.v1.EventKind: 2 session start,
-# 3 heartbeat, 4 end. Merged with the stored row: the span widens, counts add up, the latest
-# explicit end by event time sets end_time and duration, and until then duration is the
-# longest seen; the first known country stays. Rows in key order, so two batches lock the same
-# sessions in the same order. RETURNING gives the country of every touched session, which
-# heartbeat and end events carry on the bus.
-UPSERT_SESSIONS = """
+# start); every event counts. Merged with the stored row: the span widens, counts add up, the
+# latest explicit end by event time sets end_time and duration, and until then duration is the
+# longest seen; the first known country stays. Kinds are the profiles.common.v1.EventKind
+# numbers of the names below (interpolated once, at import). Rows in key order, so two batches
+# lock the same sessions in the same order. RETURNING gives the country of every touched
+# session, which heartbeat and end events carry on the bus.
+SESSION_START = int(types_pb2.EVENT_KIND_SESSION_START)
+SESSION_HEARTBEAT = int(types_pb2.EVENT_KIND_SESSION_HEARTBEAT)
+SESSION_END = int(types_pb2.EVENT_KIND_SESSION_END)
+UPSERT_SESSIONS = f"""
     WITH e AS (
         SELECT * FROM unnest($2::text[], $3::text[], $4::uuid[], $5::smallint[], $6::smallint[],
                              $7::timestamptz[], $8::interval[], $9::text[])
@@ -204,14 +200,15 @@ UPSERT_SESSIONS = """
                (array_agg(profile_id ORDER BY event_time, ord))[1] AS profile_id,
                (array_agg(platform ORDER BY event_time DESC, ord DESC))[1] AS platform,
                (array_agg(country ORDER BY event_time, ord)
-                    FILTER (WHERE kind = 2 AND country <> ''))[1] AS country,
+                    FILTER (WHERE kind = {SESSION_START} AND country <> ''))[1] AS country,
                min(event_time) AS start_time, max(event_time) AS last_activity_time,
                (array_agg(event_time ORDER BY event_time DESC, ord DESC)
-                    FILTER (WHERE kind = 4))[1] AS end_time,
+                    FILTER (WHERE kind = {SESSION_END}))[1] AS end_time,
                (array_agg(duration ORDER BY event_time DESC, ord DESC)
-                    FILTER (WHERE kind = 4))[1] AS end_duration,
-               max(duration) FILTER (WHERE kind = 3) AS longest_heartbeat,
-               count(*) AS event_count, bool_or(kind = 2) AS started, bool_or(kind = 4) AS ended
+                    FILTER (WHERE kind = {SESSION_END}))[1] AS end_duration,
+               max(duration) FILTER (WHERE kind = {SESSION_HEARTBEAT}) AS longest_heartbeat,
+               count(*) AS event_count, bool_or(kind = {SESSION_START}) AS started,
+               bool_or(kind = {SESSION_END}) AS ended
         FROM e
         GROUP BY installation_id, session_id
     )
@@ -354,7 +351,7 @@ SELECT_TOKEN_HOLDERS = """
     FROM unnest($2::smallint[], $3::text[]) AS k(platform, push_token)
     JOIN installation_details d ON d.project_id = $1 AND d.platform = k.platform
                                 AND d.push_token = k.push_token
-    JOIN installations i ON i.project_id = $1 AND i.installation_id = d.installation_id
+    JOIN LATERAL identity_read_installation_profiles($1, ARRAY[d.installation_id]) i ON true
     ORDER BY d.platform, d.push_token, d.imported, d.installation_id"""
 
 # The imported installations' details. Their IDs derive from the token, so a concurrent import
@@ -375,10 +372,8 @@ INSERT_IMPORTED_INSTALLATIONS = """
 # The current profile of installations (identity's link) and whether it is identified; read
 # to decide the direction of a reintegration merge.
 SELECT_INSTALLATION_PROFILES = """
-    SELECT i.installation_id, i.profile_id, p.custom_id IS NOT NULL AS identified
-    FROM installations i
-    JOIN profiles p ON p.project_id = i.project_id AND p.profile_id = i.profile_id
-    WHERE i.project_id = $1 AND i.installation_id = ANY($2::text[])"""
+    SELECT installation_id, profile_id, identified
+    FROM identity_read_installation_profiles($1, $2::text[])"""
 
 # Folds an imported installation into the SDK installation that sent a session with its token:
 # no longer imported, token dropped (it is the real one's now), the real one recorded. Only

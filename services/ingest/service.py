@@ -8,16 +8,16 @@ Order of work for one batch (TrackEvents, one StreamEvents batch, ImportEvents):
    lock), bump the touched profiles' versions, apply attribute, subscription and installation
    changes by event time, keep the rejected events, enqueue one EventsIngested in the outbox;
 4. answer one result per event, in order. Everything is committed before the answer.
+
+Imported push tokens are tokens.py's; closing idle sessions is sweeper.py's.
 """
 
 from __future__ import annotations
 
-import asyncio
-import hashlib
 import uuid
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal, Protocol
 from uuid import UUID
@@ -30,33 +30,31 @@ from prometheus_client import Counter
 from profiles.common.v1 import bus_pb2, types_pb2
 from profiles.ingest.v1 import ingest_service_pb2 as pb
 from services.ingest import model
-from services.ingest.errors import IdentityUnavailable, StorageUnavailable
-from services.ingest.identity_client import Identified, Merged, OriginKey, Resolution
+from services.ingest.errors import StorageUnavailable
+from services.ingest.identity_client import OriginKey, Resolver
+from services.ingest.messages import ingested_event, profile_changes
 from services.ingest.model import Rejection
 from services.ingest.repository import (
-    ClosedSession,
     IngestRepository,
     InsertedEvent,
     OperationRow,
     TransactionConflict,
 )
+from services.ingest.session_derivation import derive_sessions
+from services.ingest.tokens import PushTokens, TokenResult
 from services.ingest.validation import (
     BatchValidator,
     RejectedEvent,
     ValidEvent,
-    ValidToken,
-    ingested_event,
     reject,
-    timestamp_of,
     validate_request,
-    validate_token,
-    validate_token_request,
     with_country,
 )
 from shared.clock import Clock
+from shared.convert import timestamp_of
 from shared.notices import LiveNotices
 from shared.outbox import OutboxItem, enqueue_many
-from shared.topics import EVENTS, IDENTITY
+from shared.topics import EVENTS
 
 log = structlog.get_logger(__name__)
 
@@ -76,37 +74,8 @@ KNOWN_ORIGINS_CAPACITY = 100_000
 Outcome = Literal["accepted", "duplicate", "rejected"]
 
 
-class Resolver(Protocol):
-    """Identity, as ingest calls it (identity_client.IdentityClient)."""
-
-    async def resolve(
-        self, project_id: UUID, keys: Sequence[OriginKey], *, fresh: bool = False
-    ) -> list[Resolution]: ...
-
-    async def identify(
-        self, project_id: UUID, installation_id: str, custom_id: str, request_id: str
-    ) -> Identified: ...
-
-    async def merge_profiles(
-        self, project_id: UUID, source_id: UUID, target_id: UUID, request_id: str
-    ) -> Merged: ...
-
-
 class Countries(Protocol):
     async def countries(self, ips: Sequence[str]) -> list[str]: ...
-
-
-# What a ProfileChanged says beside EVENTS, by the kind of the events stored.
-CHANGE_KINDS = {
-    types_pb2.EVENT_KIND_ATTRIBUTE_CHANGE: bus_pb2.PROFILE_CHANGE_KIND_ATTRIBUTES,
-    types_pb2.EVENT_KIND_SUBSCRIPTION_CHANGE: bus_pb2.PROFILE_CHANGE_KIND_SUBSCRIPTIONS,
-    types_pb2.EVENT_KIND_INSTALLATION_UPDATE: bus_pb2.PROFILE_CHANGE_KIND_INSTALLATIONS,
-}
-SWEEP_BATCH_SIZE = 500
-# Identify calls in flight at once for one ImportTokens request (tokens with a custom ID).
-IDENTIFY_CONCURRENCY = 8
-# Identity's reason for a quarantined custom ID; a token naming one is rejected as ERASED.
-CUSTOM_ID_ERASED = "CUSTOM_ID_ERASED"
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,18 +93,6 @@ class BatchResult:
 
     def count(self, outcome: Outcome) -> int:
         return sum(1 for r in self.results if r.outcome == outcome)
-
-
-TokenOutcome = Literal["imported", "already_known", "rejected"]
-
-
-@dataclass(frozen=True, slots=True)
-class TokenResult:
-    index: int
-    outcome: TokenOutcome
-    installation_id: str = ""
-    profile_id: UUID | None = None
-    rejection: Rejection | None = None
 
 
 class KnownOrigins:
@@ -187,6 +144,8 @@ class _Stored:
     ingested: list[bus_pb2.IngestedEvent] = field(default_factory=list)
     # (SDK installation, imported installation holding its push token) to fold after commit.
     reintegrations: list[tuple[str, str]] = field(default_factory=list)
+    # Session starts of the sessions ingest derived (session_derivation), published first.
+    derived_starts: list[bus_pb2.IngestedEvent] = field(default_factory=list)
 
 
 class IngestService:
@@ -206,6 +165,7 @@ class IngestService:
         self._known = known or KnownOrigins()
         self._countries = countries
         self._notices = notices
+        self._tokens = PushTokens(repository, resolver, clock)
 
     async def ingest(
         self,
@@ -274,7 +234,7 @@ class IngestService:
         else:
             raise StorageUnavailable("the batch's installations kept vanishing; retry it")
         if reintegrations:
-            await self._reintegrate(project_id, reintegrations)
+            await self._tokens.reintegrate(project_id, reintegrations)
         batch = BatchResult([results[i] for i in range(len(events))])
         outcomes: tuple[Outcome, ...] = ("accepted", "duplicate", "rejected")
         for outcome in outcomes:
@@ -284,179 +244,8 @@ class IngestService:
     async def import_tokens(
         self, project_id: UUID, tokens: Sequence[pb.ImportedToken]
     ) -> list[TokenResult]:
-        """Creates one imported installation per new push token, on a new anonymous profile
-        (identity's ResolveProfiles) or, for a token with a custom ID, on that custom ID's
-        identified profile, created if new (identity's Identify); publishes
-        InstallationsImported. A token an installation of the platform already holds is
-        ALREADY_KNOWN and changes nothing; a custom ID identity refuses rejects its token alone
-        (CUSTOM_ID_INVALID, ERASED). Raises BatchInvalid for no tokens or over 1,000,
-        IdentityUnavailable or StorageUnavailable when nothing could be stored (a retry is
-        safe). Idempotent."""
-        validate_token_request(len(tokens))
-        results: dict[int, TokenResult] = {}
-        valid: list[ValidToken] = []
-        for index, raw in enumerate(tokens):
-            checked = validate_token(index, raw)
-            if isinstance(checked, ValidToken):
-                valid.append(checked)
-            else:
-                results[index] = TokenResult(index, "rejected", rejection=checked)
-        holders = await self._repository.token_holders(
-            project_id, sorted({(t.platform, t.push_token) for t in valid})
-        )
-        new: dict[str, ValidToken] = {}
-        for token in valid:
-            held = holders.get((token.platform, token.push_token))
-            if held is not None:
-                results[token.index] = TokenResult(token.index, "already_known", *held)
-            else:
-                new.setdefault(token.installation_id, token)
-        profiles = await self._link_imported(project_id, new, results)
-        if profiles:
-            now = self._clock.now()
-            linked = sorted(profiles)
-            async with self._repository.transaction() as conn:
-                inserted = await self._repository.insert_imported_installations(
-                    conn,
-                    project_id,
-                    [(i, new[i].platform, new[i].push_token, new[i].push_opt_in) for i in linked],
-                    now,
-                )
-                message = bus_pb2.InstallationsImported(project_id=str(project_id))
-                message.import_time.FromDatetime(now)
-                for installation_id in sorted(inserted):
-                    message.installations.add(
-                        installation_id=installation_id,
-                        profile_id=str(profiles[installation_id]),
-                        platform=new[installation_id].platform,
-                        push_opt_in=new[installation_id].push_opt_in,
-                    )
-                if inserted:
-                    await enqueue_many(conn, [OutboxItem(project_id, IDENTITY, message)])
-            first_of = {t.index for t in new.values()}
-            for token in valid:
-                if token.index in results:
-                    continue
-                installation_id = token.installation_id
-                if installation_id not in profiles:  # its first occurrence was refused
-                    results[token.index] = replace(
-                        results[new[installation_id].index], index=token.index
-                    )
-                    continue
-                imported = installation_id in inserted and token.index in first_of
-                results[token.index] = TokenResult(
-                    token.index,
-                    "imported" if imported else "already_known",
-                    installation_id,
-                    profiles[installation_id],
-                )
-            log.info("tokens_imported", imported=len(inserted), tokens=len(tokens))
-        for token in valid:  # a repeat of a token identity refused gets the same answer
-            if token.index not in results:
-                results[token.index] = replace(
-                    results[new[token.installation_id].index], index=token.index
-                )
-        return [results[i] for i in range(len(tokens))]
-
-    async def _link_imported(
-        self, project_id: UUID, new: dict[str, ValidToken], results: dict[int, TokenResult]
-    ) -> dict[str, UUID]:
-        """The profile of each new imported installation: anonymous ones through one
-        ResolveProfiles call, those with a custom ID through Identify (a few at a time). A
-        refused custom ID puts its token's rejection in `results` and leaves it out."""
-        profiles: dict[str, UUID] = {}
-        anonymous = sorted(i for i, t in new.items() if t.custom_id is None)
-        if anonymous:
-            keys = [OriginKey(False, installation_id) for installation_id in anonymous]
-            answers = await self._resolver.resolve(project_id, keys)
-            for key, answer in zip(keys, answers, strict=True):
-                if answer.profile_id is None:  # cannot happen for IDs ingest derives
-                    raise IdentityUnavailable("identity refused an imported installation")
-                profiles[key.value] = answer.profile_id
-        identified = sorted((i, t) for i, t in new.items() if t.custom_id is not None)
-        if not identified:
-            return profiles
-        limit = asyncio.Semaphore(IDENTIFY_CONCURRENCY)
-
-        async def link(installation_id: str, token: ValidToken) -> None:
-            assert token.custom_id is not None
-            request_id = "import-token:" + _digest(installation_id, token.custom_id)
-            async with limit:
-                answer = await self._resolver.identify(
-                    project_id, installation_id, token.custom_id, request_id
-                )
-            if answer.profile_id is not None:
-                profiles[installation_id] = answer.profile_id
-                return
-            rejection = (
-                Rejection(model.ERASED, "custom_id", "the custom ID was erased")
-                if answer.reason == CUSTOM_ID_ERASED
-                else Rejection(
-                    model.CUSTOM_ID_INVALID, "custom_id", answer.message or "refused by identity"
-                )
-            )
-            results[token.index] = TokenResult(token.index, "rejected", rejection=rejection)
-
-        try:
-            async with asyncio.TaskGroup() as group:
-                for installation_id, token in identified:
-                    group.create_task(link(installation_id, token))
-        except* IdentityUnavailable as failed:
-            raise failed.exceptions[0] from None
-        return profiles
-
-    async def _reintegrate(self, project_id: UUID, pairs: Sequence[tuple[str, str]]) -> None:
-        """Folds each imported installation into the SDK installation that just sent a session
-        with its push token (after the batch committed; nothing remote inside a transaction).
-        A failure is logged and left for that installation's next session."""
-        for installation_id, imported_id in pairs:
-            try:
-                await self._reintegrate_one(project_id, installation_id, imported_id)
-            except (IdentityUnavailable, StorageUnavailable, TransactionConflict) as exc:
-                log.warning("token_reintegration_postponed", error=type(exc).__name__)
-
-    async def _reintegrate_one(
-        self, project_id: UUID, installation_id: str, imported_id: str
-    ) -> None:
-        linked = await self._repository.installation_profiles(
-            project_id, [installation_id, imported_id]
-        )
-        real = linked.get(installation_id)
-        if real is None:
-            return  # unlinked (erased) since the batch: its next session tries again
-        profile_id = real[0]
-        before = linked.get(imported_id)
-        if before is not None and before[0] != profile_id:
-            # Same rules as any merge, by identity: the imported profile is merged into the
-            # real one's, except that an anonymous side always goes into an identified one.
-            source, target = before[0], profile_id
-            if before[1] and not real[1]:
-                source, target = target, source
-            request_id = "reintegrate:" + _digest(imported_id, str(source), str(target))
-            merged = await self._resolver.merge_profiles(project_id, source, target, request_id)
-            if merged.profile_id is None:
-                # Two identified profiles with different custom IDs (or one gone): the profiles
-                # stay apart; the token still moves to the installation that holds it now.
-                log.info("token_reintegration_without_merge", reason=merged.reason)
-            else:
-                profile_id = merged.profile_id
-        now = self._clock.now()
-        async with self._repository.transaction() as conn:
-            folded = await self._repository.fold_imported_installation(
-                conn, project_id, imported_id, installation_id, now
-            )
-            if folded:
-                message = bus_pb2.InstallationReintegrated(
-                    project_id=str(project_id),
-                    imported_installation_id=imported_id,
-                    installation_id=installation_id,
-                    imported_profile_id="" if before is None else str(before[0]),
-                    profile_id=str(profile_id),
-                    reintegrate_time=timestamp_of(now),
-                )
-                await enqueue_many(conn, [OutboxItem(project_id, IDENTITY, message)])
-        if folded:
-            log.info("token_reintegrated")
+        """ImportTokens: see tokens.PushTokens.import_tokens."""
+        return await self._tokens.import_tokens(project_id, tokens)
 
     async def _resolve_countries(self, events: list[ValidEvent]) -> list[ValidEvent]:
         """Session starts that carry a client IP get its country; the IP is dropped here."""
@@ -543,14 +332,18 @@ class IngestService:
         for attempt in range(1, MAX_TRANSACTION_ATTEMPTS + 1):
             try:
                 async with self._repository.transaction() as conn:
+                    derived = await derive_sessions(conn, project_id, events)
                     stored = await self._store(
-                        conn, project_id, receive_time, imported, events, profiles, by_index
+                        conn, project_id, receive_time, imported, derived.events, profiles, by_index
                     )
+                    stored.derived_starts = await derived.record(conn, project_id, stored.accepted)
                     all_rejected = [*rejected, *stored.late_rejections]
                     await self._repository.insert_rejected_events(
                         conn, project_id, receive_time, all_rejected
                     )
-                    await self._enqueue(conn, project_id, receive_time, imported, events, stored)
+                    await self._enqueue(
+                        conn, project_id, receive_time, imported, derived.events, stored
+                    )
             except TransactionConflict:
                 if attempt == MAX_TRANSACTION_ATTEMPTS:
                     raise
@@ -756,7 +549,7 @@ class IngestService:
         accepted = stored.accepted
         countries = stored.session_countries
         profile_ids: dict[UUID, str] = {}
-        ingested = []
+        ingested = list(stored.derived_starts)
         for event in events:
             profile_id = accepted.get(event.index)
             if profile_id is None:
@@ -782,85 +575,8 @@ class IngestService:
         """Queues one ProfileChanged per touched profile (after commit; never blocks)."""
         if self._notices is None or not events:
             return
-        by_profile: dict[str, list[bus_pb2.IngestedEvent]] = {}
-        for event in events:
-            by_profile.setdefault(event.profile_id, []).append(event)
-        version_of = {str(p): v for p, v in versions.items()}
         change_time = timestamp_of(self._clock.now())
-        project = str(project_id)
-        notices = []
-        for profile_id, profile_events in by_profile.items():
-            caused = {CHANGE_KINDS[e.kind] for e in profile_events if e.kind in CHANGE_KINDS}
-            kinds = [bus_pb2.PROFILE_CHANGE_KIND_EVENTS, *sorted(caused)]
-            notices.append(
-                bus_pb2.ProfileChanged(
-                    project_id=project,
-                    profile_id=profile_id,
-                    kinds=kinds,
-                    profile_version=version_of.get(profile_id, 0),
-                    events=profile_events,
-                    change_time=change_time,
-                )
-            )
-        self._notices.offer(notices)
-
-    async def close_idle_sessions(self, batch_size: int = SWEEP_BATCH_SIZE) -> int:
-        """Closes every open session idle for over 30 minutes (by the clock), at its last
-        activity with the duration seen so far, and publishes a session end for each through
-        the outbox (EventsIngested). Returns how many were closed. Safe to run concurrently."""
-        now = self._clock.now()
-        total = 0
-        while True:
-            async with self._repository.transaction() as conn:
-                closed = await self._repository.close_idle_sessions(
-                    conn, now - model.SESSION_TIMEOUT, batch_size
-                )
-                messages: dict[UUID, bus_pb2.EventsIngested] = {}
-                for session in closed:
-                    message = messages.get(session.project_id)
-                    if message is None:
-                        message = messages[session.project_id] = bus_pb2.EventsIngested(
-                            project_id=str(session.project_id), batch_id=str(uuid.uuid4())
-                        )
-                        message.commit_time.FromDatetime(now)
-                    message.events.append(_timeout_end(session, now))
-                await enqueue_many(
-                    conn, [OutboxItem(p, EVENTS, m) for p, m in sorted(messages.items())]
-                )
-            for project_id, message in messages.items():
-                self._announce(project_id, message.events, {})
-            total += len(closed)
-            if len(closed) < batch_size:
-                if total:
-                    log.info("sessions_closed_idle", count=total)
-                return total
-
-
-def timeout_event_id(session_id: str) -> str:
-    """The event ID of the session end ingest publishes for an idle session: the same for a
-    session however often it is published, so consumers deduplicate it."""
-    return "session_timeout:" + hashlib.sha256(session_id.encode()).hexdigest()[:40]
-
-
-def _timeout_end(session: ClosedSession, now: datetime) -> bus_pb2.IngestedEvent:
-    event = bus_pb2.IngestedEvent(
-        event_id=timeout_event_id(session.session_id),
-        installation_id=session.installation_id,
-        profile_id=str(session.profile_id),
-        platform=session.platform,  # type: ignore[arg-type]
-        kind=types_pb2.EVENT_KIND_SESSION_END,
-        session_id=session.session_id,
-    )
-    event.event_time.FromDatetime(session.end_time)
-    event.receive_time.FromDatetime(now)
-    event.session.duration.FromTimedelta(session.duration)
-    event.session.country = session.country
-    return event
-
-
-def _digest(*parts: str) -> str:
-    """A short stable digest for request IDs (identity keeps them at most 64 characters)."""
-    return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:40]
+        self._notices.offer(profile_changes(project_id, events, versions, change_time))
 
 
 def _rejected_result(rejected: RejectedEvent, event: pb.Event) -> EventResult:

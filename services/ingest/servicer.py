@@ -12,7 +12,8 @@ from profiles.ingest.v1 import ingest_service_pb2 as pb
 from profiles.ingest.v1 import ingest_service_pb2_grpc as pb_grpc
 from services.ingest import model
 from services.ingest.errors import EventErased, EventInvalid
-from services.ingest.service import BatchResult, EventResult, IngestService, TokenResult
+from services.ingest.service import BatchResult, EventResult, IngestService
+from services.ingest.tokens import TokenResult
 from shared.auth import current_caller
 from shared.contract_rules import Refused
 from shared.errors import FieldViolation, InvalidArgument

@@ -1,4 +1,5 @@
 """Turns contract messages into validated events, or into a precise rejection per event.
+(The JSON stored beside an event is payloads.py's; the bus form of a stored one, messages.py's.)
 
 Pure functions: no I/O, no grpc (protobuf messages are data). Each event is checked on its own
 and gets at most one rejection, the first problem found, with a stable reason code and the path
@@ -8,16 +9,14 @@ as a whole raises (BatchInvalid).
 
 from __future__ import annotations
 
-import base64
 import ipaddress
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from types import MappingProxyType
 from typing import Any
 
-from google.protobuf import json_format
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -26,7 +25,9 @@ from profiles.ingest.v1 import ingest_service_pb2 as pb
 from services.ingest import model
 from services.ingest.errors import BatchInvalid, RequestTooLarge, TooManyEvents
 from services.ingest.model import AttributeOperation, Invalid, Rejection, Value
+from services.ingest.payloads import raw_event, value_json, without_nul
 from shared.contract_rules import key_path
+from shared.convert import EPOCH
 from shared.errors import FieldViolation
 
 FUTURE_LIMIT = timedelta(minutes=10)
@@ -36,7 +37,6 @@ MAX_SESSION_DURATION = timedelta(hours=24)
 # The range google.protobuf.Timestamp allows (0001-01-01 to 9999-12-31), in seconds.
 MIN_TIMESTAMP_SECONDS = -62_135_596_800
 MAX_TIMESTAMP_SECONDS = 253_402_300_799
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 NANOS = 1_000_000_000
 
 PLATFORMS = frozenset(
@@ -136,6 +136,12 @@ class ValidEvent:
     # Session start without a country: the client IP to resolve the country from, then drop.
     # Never stored, logged or published (neither `detail` nor `payload` holds it).
     client_ip: str | None = field(default=None, repr=False)
+    # pb.SessionRule for an installation's event without session_id, which ingest then derives
+    # in the storing transaction (services/ingest/derived_sessions.py); 0 otherwise.
+    session_rule: int = 0
+    # The country of the session this event starts, when ingest derives it (SESSION_RULE_
+    # INACTIVITY), resolved from the event's session_client_ip (then kept in `client_ip`).
+    session_country: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,7 +237,7 @@ def _attribute_value(value: types_pb2.AttributeValue, path: str) -> Value:
 
 
 def _checked_value_json(value: types_pb2.AttributeValue, path: str) -> dict[str, Any]:
-    """Checks a custom event's attribute value; returns its proto JSON (as _value_json)."""
+    """Checks a custom event's attribute value; returns its proto JSON (as payloads.value_json)."""
     which = value.WhichOneof("value")
     if which == "string_value":
         text = value.string_value
@@ -246,7 +252,7 @@ def _checked_value_json(value: types_pb2.AttributeValue, path: str) -> dict[str,
     if which == "bool_value":
         return {which: value.bool_value}
     _attribute_value(value, path)
-    return _value_json(value)
+    return value_json(value)
 
 
 def _custom(event: pb.Event) -> tuple[str, bus_pb2.CustomEventDetail, dict[str, Any]]:
@@ -393,7 +399,7 @@ def _attribute_operations(
             copy.custom_attribute = checked.name
             entry["custom_attribute"] = checked.name
         if copy.HasField("value"):
-            entry["value"] = _value_json(copy.value)
+            entry["value"] = value_json(copy.value)
         stored.append(entry)
     return parsed, detail, {"operations": stored}
 
@@ -467,7 +473,13 @@ def _payload(event: pb.Event, fields: dict[str, Any]) -> None:
         fields["name"], detail, payload = _custom(event)
         fields["detail_field"] = "custom"
     elif which.startswith("session_"):
-        if not event.session_id:
+        # Heartbeats and ends of an installation may ask for its open session instead.
+        open_session = (
+            which != "session_start"
+            and event.session_rule == pb.SESSION_RULE_OPEN_SESSION
+            and event.WhichOneof("origin") == "installation_id"
+        )
+        if not event.session_id and not open_session:
             raise Invalid(model.SESSION_ID_INVALID, "session_id", f"{which} needs a session_id")
         fields["detail_field"] = "session"
         if which == "session_start":
@@ -539,31 +551,6 @@ def _payload(event: pb.Event, fields: dict[str, Any]) -> None:
     fields["payload"] = payload
 
 
-def _value_json(value: types_pb2.AttributeValue) -> dict[str, Any]:
-    which = value.WhichOneof("value")
-    if which == "number_value":
-        return {which: float(value.number_value)}
-    if which == "timestamp_value":
-        return {which: value.timestamp_value.ToJsonString()}
-    if which == "string_list_value":
-        items = list(value.string_list_value.values)
-        return {which: {"values": items} if items else {}}
-    if which is None:
-        return {}
-    return {which: getattr(value, which)}
-
-
-def custom_payload(detail: bus_pb2.CustomEventDetail) -> dict[str, Any]:
-    """The same dict as json_format.MessageToDict(detail, preserving_proto_field_name=True),
-    built directly (a unit test checks they are equal)."""
-    payload: dict[str, Any] = {"name": detail.name}
-    if detail.label:
-        payload["label"] = detail.label
-    if detail.attributes:
-        payload["attributes"] = {k: _value_json(v) for k, v in detail.attributes.items()}
-    return payload
-
-
 def _origin(event: pb.Event) -> tuple[str | None, str | None]:
     which = event.WhichOneof("origin")
     if which is None:
@@ -590,31 +577,6 @@ def _origin(event: pb.Event) -> tuple[str | None, str | None]:
     return None, event.custom_id
 
 
-def raw_event(event: pb.Event) -> dict[str, Any]:
-    """The event as JSON for rejected_events: never the client IP, never a NUL character."""
-    copy = event
-    if event.WhichOneof("payload") == "session_start" and event.session_start.client_ip:
-        copy = pb.Event()
-        copy.CopyFrom(event)
-        copy.session_start.ClearField("client_ip")
-    try:
-        as_json = json_format.MessageToDict(copy, preserving_proto_field_name=True)
-    except (json_format.Error, ValueError):
-        # Not expressible in proto JSON (a malformed Timestamp...): keep the exact bytes.
-        return {"serialized_base64": base64.b64encode(copy.SerializeToString()).decode()}
-    return _without_nul(as_json)
-
-
-def _without_nul(value: Any) -> Any:
-    if isinstance(value, str):
-        return value.replace("\x00", "\ufffd")
-    if isinstance(value, dict):
-        return {_without_nul(k): _without_nul(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_without_nul(v) for v in value]
-    return value
-
-
 def reject(index: int, event: pb.Event, rejection: Rejection) -> RejectedEvent:
     """A RejectedEvent keeping the raw event, except for ERASED (no payload, no custom ID);
     every text of it storable (U+0000 replaced)."""
@@ -623,15 +585,15 @@ def reject(index: int, event: pb.Event, rejection: Rejection) -> RejectedEvent:
         # Paths and messages are built from what the client sent (and from identity's answer):
         # whatever is stored about a rejected event must be storable, or the batch would fail.
         rejection = Rejection(
-            rejection.reason, _without_nul(rejection.field_path), _without_nul(rejection.message)
+            rejection.reason, without_nul(rejection.field_path), without_nul(rejection.message)
         )
     return RejectedEvent(
         index=index,
-        event_id=_without_nul(event.event_id[:256]),
-        installation_id=_without_nul(
+        event_id=without_nul(event.event_id[:256]),
+        installation_id=without_nul(
             event.installation_id[:256] if event.WhichOneof("origin") == "installation_id" else ""
         ),
-        custom_id="" if erased else _without_nul(event.custom_id[:512]),
+        custom_id="" if erased else without_nul(event.custom_id[:512]),
         rejection=rejection,
         raw=None if erased else raw_event(event),
     )
@@ -701,6 +663,15 @@ class BatchValidator:
                 )
             fields: dict[str, Any] = {}
             _payload(event, fields)
+            session_rule = event.session_rule if installation_id and not session_id else 0
+            if session_rule == pb.SESSION_RULE_INACTIVITY and event.session_client_ip:
+                try:
+                    ipaddress.ip_address(event.session_client_ip)
+                except ValueError:
+                    raise Invalid(
+                        model.VALUE_INVALID, "session_client_ip", "not an IP address"
+                    ) from None
+                fields["client_ip"] = event.session_client_ip
         except Invalid as invalid:
             return reject(index, event, invalid.rejection)
         installation_values = fields.pop("installation_values", None)
@@ -714,6 +685,7 @@ class BatchValidator:
             event_time=event_time,
             session_id=session_id or None,
             installation_values=installation_values if installation_id is not None else None,
+            session_rule=session_rule,
             **fields,
         )
 
@@ -762,33 +734,11 @@ def validate_event(
     return BatchValidator(request_send_time, now, imported=imported).check(index, event)
 
 
-def timestamp_of(moment: datetime) -> Timestamp:
-    """Timestamp.FromDatetime for an aware datetime, without its pure-Python overhead."""
-    delta = moment - EPOCH
-    return Timestamp(seconds=delta.days * 86_400 + delta.seconds, nanos=delta.microseconds * 1000)
-
-
-def ingested_event(
-    event: ValidEvent, profile_id: str, receive_time: Timestamp, *, imported: bool
-) -> bus_pb2.IngestedEvent:
-    """The bus form of a stored event; `receive_time` is shared by the batch."""
-    return bus_pb2.IngestedEvent(
-        event_id=event.event_id,
-        installation_id=event.installation_id or "",
-        custom_id=event.custom_id or "",
-        profile_id=profile_id,
-        platform=event.platform,  # type: ignore[arg-type]
-        kind=event.kind,  # type: ignore[arg-type]
-        session_id=event.session_id or "",
-        imported=imported,
-        event_time=timestamp_of(event.event_time),
-        receive_time=receive_time,
-        **{event.detail_field: event.detail},  # type: ignore[arg-type]
-    )
-
-
 def with_country(event: ValidEvent, country: str) -> ValidEvent:
-    """A session start with the country resolved from its client IP, and the IP dropped."""
+    """A session start with the country resolved from its client IP, and the IP dropped; for
+    an event asking for a derived session, the country of the session it may start."""
+    if event.detail_field != "session":
+        return replace(event, session_country=country, client_ip=None)
     detail = bus_pb2.SessionDetail(country=country)
     payload = {"country": country} if country else {}
     return replace(event, detail=detail, payload=payload, client_ip=None)

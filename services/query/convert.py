@@ -43,6 +43,7 @@ from services.query.views import (
     SessionView,
     TimelineItem,
 )
+from shared.convert import set_timestamp as set_time
 from shared.errors import FieldViolation
 
 MAX_CUSTOM_ID_LENGTH = 512
@@ -348,23 +349,6 @@ def top_values_of(request: pb.GetOverviewRequest) -> int:
 
 
 # -- responses --------------------------------------------------------------------------------
-
-
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-
-def set_time(target: Timestamp, moment: datetime) -> None:
-    """Sets `target` to `moment` (naive: UTC). Timestamp.FromDatetime goes through
-    calendar.timegm, several times slower; this is on every timeline event's path."""
-    delta = (moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)) - EPOCH
-    target.seconds = delta.days * 86_400 + delta.seconds
-    target.nanos = delta.microseconds * 1000
-
-
-def stamp(moment: datetime) -> Timestamp:
-    result = Timestamp()
-    set_time(result, moment)
-    return result
 
 
 def set_duration_ms(target: Duration, milliseconds: int) -> None:
@@ -830,6 +814,7 @@ def profile_row_to_proto(view: ProfileRowView) -> pb.ProfileRow:
         country=view.country,
         smart_segment=view.smart_segment,  # type: ignore[arg-type]
         smart_segment_flag=view.smart_segment_flag,  # type: ignore[arg-type]
+        has_user_details=view.has_user_details,
     )
     if view.last_seen is not None:
         set_time(message.last_seen_time, view.last_seen)

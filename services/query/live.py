@@ -33,6 +33,7 @@ from services.query.errors import ProfileNotFound
 from services.query.repository import QueryRepository
 from shared.bus import REDIS_UNAVAILABLE, Backoff, Bus
 from shared.clock import Clock
+from shared.convert import timestamp_of
 from shared.topics import profile_channel
 
 log = structlog.get_logger(__name__)
@@ -101,7 +102,7 @@ class WatchBuffer:
     def _dropped_item(self) -> pb.WatchProfileResponse:
         assert self._first_drop is not None
         dropped = live_pb2.DroppedItems(dropped_count=self._dropped)
-        dropped.first_drop_time.CopyFrom(convert.stamp(self._first_drop))
+        dropped.first_drop_time.CopyFrom(timestamp_of(self._first_drop))
         self._dropped, self._first_drop = 0, None
         # profile_id is filled by the watch when it is delivered.
         return convert.watch_item("", 0, self._clock.now(), dropped=dropped)
@@ -313,7 +314,7 @@ class ProfileWatch:
             change = live_pb2.AttributeChange(name=name, native=native)
             if found[0] is not None:
                 change.value.CopyFrom(convert.attribute_value(found[0]))
-            change.update_time.CopyFrom(convert.stamp(found[1]))
+            change.update_time.CopyFrom(timestamp_of(found[1]))
             changes.append(change)
         return changes
 

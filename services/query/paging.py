@@ -13,7 +13,9 @@ import binascii
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
 from typing import Any
+from uuid import UUID
 
 from services.query.errors import PageTokenInvalid, RequestInvalid
 from shared.errors import FieldViolation
@@ -21,6 +23,15 @@ from shared.errors import FieldViolation
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
 TOKEN_VERSION = 1
+
+MAX_BIGINT = 9_223_372_036_854_775_807
+# Keyset positions before the first row of an ascending or descending walk.
+NEG_INFINITY = datetime(1, 1, 1, tzinfo=UTC)
+POS_INFINITY = datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)
+NIL_UUID = UUID(int=0)
+# Above every name in code point order (collation "C"): the start of a descending name walk.
+MAX_TEXT = "\U0010ffff" * 4
+MAX_UUID = UUID(int=(1 << 128) - 1)
 
 
 def page_size(requested: int, *, field: str = "page_size") -> int:

@@ -14,19 +14,11 @@ from zoneinfo import ZoneInfo
 from profiles.common.v1 import types_pb2
 from services.query import paging, rollup
 from services.query.errors import AmbiguousLookup, ProfileNotFound, SegmentNotFound
-from services.query.repository import (
-    MAX_BIGINT,
-    MAX_UUID,
-    NEG_INFINITY,
-    NIL_UUID,
-    POS_INFINITY,
-    QueryReads,
-    QueryRepository,
-)
+from services.query.paging import MAX_BIGINT, MAX_UUID, NEG_INFINITY, NIL_UUID, POS_INFINITY
+from services.query.repository import QueryReads, QueryRepository
 from services.query.views import (
     BreakdownView,
     DayView,
-    EngagementView,
     EventView,
     IdentityChangeView,
     OverviewView,
@@ -176,7 +168,7 @@ class QueryService:
             )
         if read.view is None:
             raise _not_found()
-        view = replace(read.view, engagement=engagement(*read.engagement_inputs, now=now))
+        view = read.view
         return view, Resolved(view.profile_id, read.resolved_from)
 
     async def _live_profile(self, reads: QueryReads, project_id: UUID, profile_id: UUID) -> UUID:
@@ -532,20 +524,6 @@ class QueryService:
         """The live profile for `profile_id` (itself or its survivor); raises ProfileNotFound."""
         async with self._repository.reads() as reads:
             return await self._live_profile(reads, project_id, profile_id)
-
-
-def engagement(
-    session_count: int, average_ms: float, active_days: int, *, now: datetime
-) -> EngagementView:
-    """Segments' engagement formula (Countly's; services/segments/model.py), applied to the
-    inputs read from segments' session history: query restates it because segments exposes no
-    per-profile read contract for it."""
-    return EngagementView(
-        score1=min(average_ms / 60_000, 2.0),
-        score2=min(session_count, 20),
-        score3=min(active_days, 7),
-        window_end_time=now,
-    )
 
 
 def merged_from(

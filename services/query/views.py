@@ -222,6 +222,7 @@ class ProfileRowView:
     country: str
     smart_segment: int
     smart_segment_flag: int
+    has_user_details: bool = False  # a name, an email or a phone (query_profiles.has_details)
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,7 +20,8 @@ from services.segments.consumers import (
     on_identity_change,
 )
 from services.segments.definitions import DefinitionsService
-from services.segments.repository import DefinitionsRepository, SegmentsRepository
+from services.segments.definitions_repository import DefinitionsRepository
+from services.segments.repository import SegmentsRepository
 from services.segments.service import SegmentsService
 from services.segments.servicer import SegmentsServicer
 from shared.bus import Consumer, ConsumerWorker

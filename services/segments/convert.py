@@ -19,14 +19,10 @@ from profiles.common.v1 import types_pb2
 from profiles.segments.v1 import filters_pb2, funnels_pb2, segments_pb2
 from profiles.segments.v1 import segments_service_pb2 as pb
 from services.segments.errors import DefinitionInvalid
-from services.segments.model import (
+from services.segments.filters import (
     MAX_CONDITIONS,
-    MAX_CONVERSION_WINDOW,
     MAX_DEPTH,
-    MAX_FUNNEL_STEPS,
     MAX_IN_VALUES,
-    MIN_CONVERSION_WINDOW,
-    MIN_FUNNEL_STEPS,
     OPERATOR_TYPES,
     AttributeTest,
     CountryTest,
@@ -34,20 +30,26 @@ from services.segments.model import (
     EngagementTest,
     EventCountTest,
     FilterNode,
-    Funnel,
-    FunnelDefinition,
-    FunnelStep,
     Group,
     Operand,
     Operator,
     PlatformTest,
     SeenTest,
     SegmentDefinition,
-    SegmentFlag,
-    SmartSegment,
     SmartSegmentTest,
     SubscriptionTest,
 )
+from services.segments.funnels import (
+    MAX_CONVERSION_WINDOW,
+    MAX_FUNNEL_STEPS,
+    MIN_CONVERSION_WINDOW,
+    MIN_FUNNEL_STEPS,
+    Funnel,
+    FunnelDefinition,
+    FunnelStep,
+)
+from services.segments.model import SegmentFlag, SmartSegment
+from shared.convert import timestamp_of as _timestamp
 from shared.errors import FieldViolation
 
 NAME = re.compile(r"[a-zA-Z0-9_]{1,30}")
@@ -565,12 +567,6 @@ def funnel_definition_from_proto(request: pb.CreateFunnelRequest) -> FunnelDefin
 
 
 # --- domain → proto ---------------------------------------------------------------------
-
-
-def _timestamp(moment: object) -> Timestamp:
-    stamp = Timestamp()
-    stamp.FromDatetime(moment)  # type: ignore[arg-type]
-    return stamp
 
 
 def _operand_to_proto(operand: Operand) -> types_pb2.AttributeValue:

@@ -6,7 +6,7 @@ A segment's size is the number of its stored members (custom_segment_members, co
 triggers into custom_segment_sizes), so reading it costs a few rows at any number of profiles.
 Members change in the transaction of every event, merge and erasure of the profile, and with
 what time alone changes at each evaluation of the segment by the sweep: the size is exact as
-of that evaluation (model.size_exact_as_of), and the sweep skips segments time cannot change.
+of that evaluation (filters.size_exact_as_of), and the sweep skips segments time cannot change.
 Funnel counts and progress are computed at read time with the compiled SQL.
 """
 
@@ -25,6 +25,12 @@ from uuid import UUID
 import asyncpg
 import structlog
 
+from services.segments.definitions_repository import (
+    DefinitionsRepository,
+    DefinitionsTransaction,
+    ProfileCheck,
+    SegmentRef,
+)
 from services.segments.errors import (
     ConcurrentChange,
     FunnelNotFound,
@@ -35,26 +41,21 @@ from services.segments.errors import (
     RequestIdReused,
     SegmentNotFound,
 )
-from services.segments.model import (
-    MAX_FUNNELS_PER_PROJECT,
+from services.segments.filters import (
     MAX_SEGMENTS_PER_PROJECT,
-    ChangeCause,
     CustomSegment,
-    Funnel,
-    FunnelAttempt,
-    FunnelDefinition,
-    MembershipChange,
     SegmentDefinition,
-    best_attempt,
     size_exact_as_of,
     sweep_due,
 )
-from services.segments.repository import (
-    DefinitionsRepository,
-    DefinitionsTransaction,
-    ProfileCheck,
-    SegmentRef,
+from services.segments.funnels import (
+    MAX_FUNNELS_PER_PROJECT,
+    Funnel,
+    FunnelAttempt,
+    FunnelDefinition,
+    best_attempt,
 )
+from services.segments.model import ChangeCause, MembershipChange
 from shared.clock import Clock
 from shared.errors import FieldViolation
 

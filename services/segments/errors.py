@@ -13,10 +13,6 @@ from shared.errors import (
 )
 
 
-class ProfileIdInvalid(InvalidArgument):
-    reason = "PROFILE_ID_INVALID"
-
-
 class PlatformInvalid(InvalidArgument):
     reason = "PLATFORM_INVALID"
 

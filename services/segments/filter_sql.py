@@ -1,14 +1,16 @@
-"""Compiles validated filters (model.FilterNode) and funnel step conditions to SQL.
+"""Compiles validated filters (filters.FilterNode) and funnel step conditions to SQL.
 
-Part of the repository layer: the only place besides repository.py that writes SQL. The query
+Part of the repository layer: the only place besides the repositories (repository.py,
+definitions_repository.py) that writes SQL. The query
 text is assembled from fixed fragments of this module only; every name and value a caller sent
 (attribute names, event names, strings, numbers, times, lists) becomes a `$n` parameter, so any
 string is safe to send and is matched literally. Column and table names, operators and casts
 come from the whitelists below, chosen by enum values, never by caller text.
 
-A compiled filter is a boolean expression over `p` (a row of `profiles`), with `$1` the project
-and `$2` the moment of evaluation. Each condition is wrapped in coalesce(..., false), so a
-missing value never makes NOT match or fail to match unexpectedly.
+A compiled filter is a boolean expression over `p` (a row of identity_read_profiles), with `$1`
+the project and `$2` the moment of evaluation. Each condition is wrapped in coalesce(..., false),
+so a missing value never makes NOT match or fail to match unexpectedly. Other services' data is
+read only through their read contracts (identity_read_*, ingest_read_*; docs/read-contracts.md).
 
 Type-tested values are cast inside CASE (PostgreSQL does not promise the order of AND
 operands, and a cast of a value of another type would fail).
@@ -20,13 +22,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from services.segments.model import (
+from profiles.common.v1 import types_pb2
+from services.segments.filters import (
     AttributeTest,
     CountryTest,
     EngagementTest,
     EventCountTest,
     FilterNode,
-    FunnelStep,
     Group,
     Operand,
     Operator,
@@ -35,12 +37,16 @@ from services.segments.model import (
     SmartSegmentTest,
     SubscriptionTest,
 )
+from services.segments.funnels import FunnelStep
+from services.segments.model import ALL_PLATFORMS
 
-PLATFORM_API = 4
-CUSTOM_EVENT_KIND = 1
+# Numbers of profiles.common.v1.Platform and EventKind, as ingest_read_events stores them.
+PLATFORM_API = types_pb2.PLATFORM_API
+CUSTOM_EVENT_KIND = types_pb2.EVENT_KIND_CUSTOM
 # Identity records merges and splits as events of the profile; they are not the profile being
 # seen, so first/last seen skip them.
-IDENTITY_EVENT_KINDS = (9, 10)
+IDENTITY_EVENT_KINDS = (types_pb2.EVENT_KIND_MERGE, types_pb2.EVENT_KIND_SPLIT)
+IDENTITY_EVENT_KINDS_SQL = ", ".join(str(kind) for kind in IDENTITY_EVENT_KINDS)
 
 COMPARISON_SQL: dict[Operator, str] = {
     Operator.EQUALS: "=",
@@ -118,7 +124,7 @@ def _condition(node: FilterNode, b: SqlBuilder) -> str:
     if isinstance(node, AttributeTest):
         test = attribute_sql(node, _profile_attribute(), b)
         return (
-            "EXISTS (SELECT 1 FROM profile_attributes a WHERE a.project_id = $1"
+            "EXISTS (SELECT 1 FROM ingest_read_profile_attributes() a WHERE a.project_id = $1"
             f" AND a.profile_id = p.profile_id AND a.native = {b.param(node.native, 'boolean')}"
             f" AND a.name = {b.param(node.name, 'text')} AND a.value IS NOT NULL AND {test})"
         )
@@ -127,13 +133,13 @@ def _condition(node: FilterNode, b: SqlBuilder) -> str:
     if isinstance(node, CountryTest):
         # The last session with a known country, through sessions_by_profile_time.
         return (
-            "(SELECT s.country FROM sessions s WHERE s.project_id = $1"
+            "(SELECT s.country FROM ingest_read_sessions() s WHERE s.project_id = $1"
             " AND s.profile_id = p.profile_id AND coalesce(s.country, '') <> ''"
             f" ORDER BY s.start_time DESC LIMIT 1) = ANY({b.param(list(node.countries), 'text[]')})"
         )
     if isinstance(node, SubscriptionTest):
         exists = (
-            "EXISTS (SELECT 1 FROM profile_subscriptions ps WHERE ps.project_id = $1"
+            "EXISTS (SELECT 1 FROM ingest_read_profile_subscriptions() ps WHERE ps.project_id = $1"
             f" AND ps.profile_id = p.profile_id AND ps.channel = {b.param(node.channel, 'text')}"
             f" AND ps.kind = {b.param(node.kind, 'text')} AND ps.subscribed)"
         )
@@ -146,7 +152,8 @@ def _condition(node: FilterNode, b: SqlBuilder) -> str:
         return _seen(node, b)
     assert isinstance(node, EventCountTest)
     return (
-        "(SELECT count(*) FROM events e WHERE e.project_id = $1 AND e.profile_id = p.profile_id"
+        "(SELECT count(*) FROM ingest_read_events() e"
+        " WHERE e.project_id = $1 AND e.profile_id = p.profile_id"
         f" AND e.kind = {CUSTOM_EVENT_KIND} AND e.name = {b.param(node.event_name, 'text')}"
         f" AND e.event_time > $2 - interval '24 hours' * {b.param(node.within_last_days, 'int')}"
         f" AND e.event_time <= $2) {COMPARISON_SQL[node.operator]}"
@@ -157,7 +164,8 @@ def _condition(node: FilterNode, b: SqlBuilder) -> str:
 def _platform(node: PlatformTest, b: SqlBuilder) -> str:
     platforms = b.param(list(node.platforms), "smallint[]")
     installed = (
-        "EXISTS (SELECT 1 FROM installations i JOIN installation_details d"
+        "EXISTS (SELECT 1 FROM identity_read_installations() i"
+        " JOIN ingest_read_installation_details() d"
         " ON d.project_id = i.project_id AND d.installation_id = i.installation_id"
         " WHERE i.project_id = $1 AND i.profile_id = p.profile_id"
         f" AND d.platform = ANY({platforms}))"
@@ -165,18 +173,21 @@ def _platform(node: PlatformTest, b: SqlBuilder) -> str:
     if PLATFORM_API not in node.platforms:
         return installed
     server_side = (
-        "EXISTS (SELECT 1 FROM events e WHERE e.project_id = $1 AND e.profile_id = p.profile_id"
+        "EXISTS (SELECT 1 FROM ingest_read_events() e"
+        " WHERE e.project_id = $1 AND e.profile_id = p.profile_id"
         f" AND e.platform = {PLATFORM_API})"
     )
     return f"({installed} OR {server_side})"
 
 
-# The all-platform stored state, moved along its schedule to $2 (segment_state_at in
-# 0005_segments.sql); a profile without a session has no row: segment 0, flag 0.
+# The all-platform stored state, moved along its schedule to $2 (segment_state_at,
+# services/segments/schema/0005_segments.sql); a profile without a session has no row:
+# segment 0, flag 0.
 SMART_STATE_SQL = (
     "coalesce((SELECT segment_state_at(s.segment, s.flag, s.next_transition_time,"
     " s.upcoming_times, s.upcoming_segments, s.upcoming_flags, $2) FROM segment_states s"
-    " WHERE s.project_id = $1 AND s.profile_id = p.profile_id AND s.platform = 0),"
+    " WHERE s.project_id = $1 AND s.profile_id = p.profile_id"
+    f" AND s.platform = {ALL_PLATFORMS}),"
     " ARRAY[0, 0]::smallint[])"
 )
 
@@ -190,25 +201,16 @@ def _smart_segment(node: SmartSegmentTest, b: SqlBuilder) -> str:
     return "(" + " AND ".join(parts) + ")"
 
 
-# Countly's score over sessions started in the 168 h up to $2, days in the profile's zone, the
-# average duration over the ended ones (model.engagement is the same rule in Python); 0 with
-# no session.
-ENGAGEMENT_SQL = (
-    "coalesce((SELECT least(coalesce(avg(ss.duration_ms) FILTER (WHERE ss.ended), 0)"
-    " / 60000.0, 2) * least(count(*), 20)"
-    " * least(count(DISTINCT (ss.start_time AT TIME ZONE coalesce((SELECT sp.time_zone"
-    " FROM segment_profiles sp WHERE sp.project_id = $1 AND sp.profile_id = p.profile_id),"
-    " 'UTC'))::date), 7) FROM segment_sessions ss WHERE ss.project_id = $1"
-    " AND ss.profile_id = p.profile_id AND ss.start_time >= $2 - interval '168 hours'"
-    " AND ss.start_time <= $2), 0)::float8"
-)
+# Countly's score as of $2: segments' one rule, segments_read_engagement
+# (services/segments/schema), which model.engagement equals in Python; 0 with no session.
+ENGAGEMENT_SQL = "(SELECT g.score FROM segments_read_engagement($1, p.profile_id, $2) g)"
 
 
 def _seen(node: SeenTest, b: SqlBuilder) -> str:
     order = "DESC" if node.last else "ASC"
     moment = (
-        "(SELECT e.event_time FROM events e WHERE e.project_id = $1"
-        " AND e.profile_id = p.profile_id AND e.kind NOT IN (9, 10)"
+        "(SELECT e.event_time FROM ingest_read_events() e WHERE e.project_id = $1"
+        f" AND e.profile_id = p.profile_id AND e.kind NOT IN ({IDENTITY_EVENT_KINDS_SQL})"
         f" ORDER BY e.event_time {order} LIMIT 1)"
     )
     if node.within_last_days is not None:
@@ -319,7 +321,7 @@ def funnel_counts_sql(steps: Sequence[FunnelStep], window_ms: int, b: SqlBuilder
 
     One attempt per occurrence of step 1 (s1); each later step is the earliest matching event
     strictly after the previous step and strictly before start + window (a LATERAL per step,
-    through events_by_profile_time), which is model.best_attempt's greedy rule. A profile's
+    through events_by_profile_time), which is funnels.best_attempt's greedy rule. A profile's
     best attempt is its maximum step count. Cost: one scan of the project's events for step 1
     (no index on name), then an index range per attempt and step.
     """
@@ -329,7 +331,7 @@ def funnel_counts_sql(steps: Sequence[FunnelStep], window_ms: int, b: SqlBuilder
     for k, step in enumerate(steps[1:], start=2):
         previous = "s1.t1" if k == 2 else f"x{k - 1}.t"
         joins.append(
-            f" LEFT JOIN LATERAL (SELECT min(e.event_time) AS t FROM events e"
+            f" LEFT JOIN LATERAL (SELECT min(e.event_time) AS t FROM ingest_read_events() e"
             f" WHERE e.project_id = $1 AND e.profile_id = s1.profile_id AND {_step_events(step, b)}"
             f" AND e.event_time > {previous}"
             f" AND e.event_time < s1.t1 + interval '1 millisecond' * {window}"
@@ -338,8 +340,9 @@ def funnel_counts_sql(steps: Sequence[FunnelStep], window_ms: int, b: SqlBuilder
     reached = " + ".join(["1", *(f"(x{k}.t IS NOT NULL)::int" for k in range(2, len(steps) + 1))])
     counts = ", ".join(f"count(*) FILTER (WHERE best >= {k})" for k in range(1, len(steps) + 1))
     return (
-        f"WITH s1 AS (SELECT e.profile_id, e.event_time AS t1 FROM events e"
-        f" JOIN profiles p ON p.project_id = e.project_id AND p.profile_id = e.profile_id"
+        f"WITH s1 AS (SELECT e.profile_id, e.event_time AS t1 FROM ingest_read_events() e"
+        f" JOIN identity_read_profiles() p"
+        f" ON p.project_id = e.project_id AND p.profile_id = e.profile_id"
         f" AND p.merged_into IS NULL"
         f" WHERE e.project_id = $1 AND {first} AND e.event_time <= $2),"
         f" attempts AS (SELECT s1.profile_id, {reached} AS reached FROM s1{''.join(joins)}),"
@@ -350,9 +353,10 @@ def funnel_counts_sql(steps: Sequence[FunnelStep], window_ms: int, b: SqlBuilder
 
 def funnel_occurrences_sql(steps: Sequence[FunnelStep], b: SqlBuilder) -> str:
     """(step index from 0, event_time) of every event of profile `$3` that counts for a step,
-    up to `$2`; model.best_attempt matches them."""
+    up to `$2`; funnels.best_attempt matches them."""
     parts = [
-        f"SELECT {index}::int AS step, e.event_time FROM events e WHERE e.project_id = $1"
+        f"SELECT {index}::int AS step, e.event_time FROM ingest_read_events() e"
+        f" WHERE e.project_id = $1"
         f" AND e.profile_id = $3 AND e.event_time <= $2 AND {_step_events(step, b)}"
         for index, step in enumerate(steps)
     ]

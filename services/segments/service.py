@@ -25,6 +25,7 @@ from services.segments.change_stream import (
     parse_cursor,
 )
 from services.segments.definitions import DefinitionsService
+from services.segments.definitions_repository import DefinitionsRepository
 from services.segments.errors import (
     ConcurrentChange,
     CursorExpired,
@@ -53,12 +54,7 @@ from services.segments.model import (
     engagement,
     reclassification,
 )
-from services.segments.repository import (
-    DefinitionsRepository,
-    ProfileRow,
-    SegmentsRepository,
-    SegmentsTransaction,
-)
+from services.segments.repository import ProfileRow, SegmentsRepository, SegmentsTransaction
 from shared.clock import Clock
 from shared.tenancy import TenancyRepository
 

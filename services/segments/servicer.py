@@ -5,11 +5,10 @@ Definition conversions live in convert.py."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import UTC
 from uuid import UUID
 
 from google.protobuf.duration_pb2 import Duration
-from google.protobuf.timestamp_pb2 import Timestamp
 from grpc.aio import ServicerContext
 
 from profiles.common.v1 import types_pb2
@@ -28,36 +27,17 @@ from services.segments.errors import (
     CursorInvalid,
     FunnelIdInvalid,
     PlatformInvalid,
-    ProfileIdInvalid,
     SegmentFilterInvalid,
     SegmentIdInvalid,
 )
 from services.segments.model import RecomputeProgress, SegmentFlag, SmartSegment
 from services.segments.service import SegmentsService, WatchFilter, WatchStart
 from shared.auth import current_caller
+from shared.convert import profile_id_of as profile_id_from_proto
+from shared.convert import timestamp_of as timestamp
 from shared.errors import FieldViolation
 
 PLATFORMS = frozenset(types_pb2.Platform.values())
-
-
-def timestamp(moment: datetime) -> Timestamp:
-    stamp = Timestamp()
-    stamp.FromDatetime(moment)
-    return stamp
-
-
-def profile_id_from_proto(value: str, field: str = "profile_id") -> UUID:
-    """A profile ID in canonical form; raises ProfileIdInvalid with `field` otherwise."""
-    try:
-        parsed = UUID(value)
-    except ValueError:
-        parsed = None
-    if parsed is None or str(parsed) != value.lower():
-        problem = "must be a UUID"
-        raise ProfileIdInvalid(
-            f"{field} {problem}", [FieldViolation(field, problem, ProfileIdInvalid.reason)]
-        )
-    return parsed
 
 
 def platform_from_proto(value: int, field: str = "platform") -> int:

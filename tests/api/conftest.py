@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from tests.api.test_identity_helpers import Identity
 from tests.conftest import TestProject
+from tests.support.identity import Identity
 
 
 @pytest.fixture

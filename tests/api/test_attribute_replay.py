@@ -30,7 +30,7 @@ from hypothesis import strategies as st
 
 from profiles.common.v1 import types_pb2
 from profiles.ingest.v1 import ingest_service_pb2 as ingest_pb
-from tests.api.test_query_helpers import NOW, Suite, attribute_event, op, stamp, start_suite
+from tests.support.query import NOW, Suite, attribute_event, op, stamp, start_suite
 
 T = [NOW - timedelta(hours=10 - i) for i in range(10)]
 

@@ -12,8 +12,8 @@ import pytest
 
 from profiles.query.v1 import query_service_pb2 as pb
 from profiles.query.v1 import query_service_pb2_grpc as pb_grpc
-from tests.api.test_bad_input_helpers import violations
 from tests.conftest import TestProject, eventually
+from tests.support.bad_input import violations
 
 # The backend of the service's call, waiting for the test's lock on the users table.
 WAITING_BACKENDS = """

@@ -11,7 +11,8 @@ import pytest
 from prometheus_client import REGISTRY
 
 from profiles.client import open_channel
-from tests.api.test_bad_input_helpers import (
+from tests.conftest import TestProject
+from tests.support.bad_input import (
     Rpc,
     call,
     contract_rpcs,
@@ -20,7 +21,6 @@ from tests.api.test_bad_input_helpers import (
     still_serving,
     violations,
 )
-from tests.conftest import TestProject
 
 __all__ = ["contract_suite"]
 

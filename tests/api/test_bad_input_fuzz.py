@@ -19,7 +19,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from profiles.ingest.v1 import ingest_service_pb2 as ingest_pb
-from tests.api.test_bad_input_helpers import (
+from tests.conftest import TestProject
+from tests.support.bad_input import (
     NOW,
     Rpc,
     call,
@@ -29,8 +30,7 @@ from tests.api.test_bad_input_helpers import (
     still_serving,
     violations,
 )
-from tests.api.test_ingest_helpers import custom_event, stamp
-from tests.conftest import TestProject
+from tests.support.ingest import custom_event, stamp
 
 __all__ = ["contract_suite"]
 

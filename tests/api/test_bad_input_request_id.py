@@ -17,8 +17,8 @@ from profiles.identity.v1 import identity_service_pb2_grpc as identity_grpc
 from profiles.ingest.v1 import ingest_service_pb2 as ingest_pb
 from profiles.ingest.v1 import ingest_service_pb2_grpc as ingest_grpc
 from shared.clock import FrozenClock
-from tests.api.test_ingest_helpers import NOW, custom_event, start_ingest
 from tests.conftest import TestProject
+from tests.support.ingest import NOW, custom_event, start_ingest
 
 
 def _error_info(error: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo:

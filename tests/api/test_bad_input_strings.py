@@ -12,7 +12,8 @@ import grpc
 from profiles.common.v1 import types_pb2
 from profiles.ingest.v1 import ingest_service_pb2 as ingest_pb
 from shared.contract_rules import ANSWERED_PER_ITEM
-from tests.api.test_bad_input_helpers import (
+from tests.conftest import TestProject
+from tests.support.bad_input import (
     NOW,
     Rpc,
     call,
@@ -27,8 +28,7 @@ from tests.api.test_bad_input_helpers import (
     time_reason,
     violations,
 )
-from tests.api.test_ingest_helpers import custom_event, stamp
-from tests.conftest import TestProject
+from tests.support.ingest import custom_event, stamp
 
 __all__ = ["contract_suite"]
 

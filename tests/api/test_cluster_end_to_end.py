@@ -15,7 +15,6 @@ from tests.api.test_end_to_end import suite as suite
 from tests.api.test_end_to_end import (
     test_a_user_on_ios_and_web_is_shown_exactly_as_they_behaved as story,
 )
-from tests.api.test_query_helpers import start_suite
 from tests.api.test_query_watch import bus as bus
 from tests.api.test_segments import segments as segments
 
@@ -23,6 +22,7 @@ from tests.api.test_segments import segments as segments
 from tests.api.test_segments import (
     test_a_watcher_reconnecting_with_its_cursor_misses_nothing as test_a_watcher_reconnecting_with_its_cursor_misses_nothing,  # noqa: E501
 )
+from tests.support.query import start_suite
 
 
 @pytest.fixture

@@ -34,8 +34,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from profiles.suite import read_record
-from profiles.up import SUITE
+from profiles_cli.suite import read_record
+from profiles_cli.up import SUITE
 from shared.settings import SETTINGS
 from tests.api.test_profiles_up import free_ports, processes_of, profiles_command
 

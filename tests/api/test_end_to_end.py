@@ -19,8 +19,8 @@ from profiles.segments.v1 import filters_pb2, funnels_pb2
 from profiles.segments.v1 import segments_service_pb2 as segments_pb
 from profiles.segments.v1 import segments_service_pb2_grpc as segments_grpc
 from shared.clock import FrozenClock
-from tests.api.test_identity_helpers import Identity
-from tests.api.test_query_helpers import (
+from tests.support.identity import Identity
+from tests.support.query import (
     NOW,
     Suite,
     attribute_event,

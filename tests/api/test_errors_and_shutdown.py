@@ -65,7 +65,7 @@ def servicer() -> ScriptedQueryServicer:
 
 @pytest.fixture
 async def scripted(servicer, settings_for_test, start_services):  # type: ignore[no-untyped-def]
-    from profiles.runner import BUILDERS
+    from profiles_cli.runner import BUILDERS
     from shared.server import start_service
 
     async def build(runtime: Runtime) -> ServiceDefinition:

@@ -1,5 +1,5 @@
-"""A database migrated through 0012, holding events of every kind and merged profiles, upgrades in
-place to partitioned events (0013): GetProfile, ListEvents, funnel progress and the overview
+"""A database migrated through 0023, holding events of every kind and merged profiles, upgrades in
+place to partitioned events (0024): GetProfile, ListEvents, funnel progress and the overview
 answer the same before and after, read through the real services."""
 
 from __future__ import annotations
@@ -21,7 +21,9 @@ from profiles.segments.v1 import funnels_pb2
 from profiles.segments.v1 import segments_service_pb2 as segments_pb
 from profiles.segments.v1 import segments_service_pb2_grpc as segments_grpc
 from shared.db import migrate, migration_paths
-from tests.api.test_query_helpers import (
+from tests.api.test_query_overview import workload
+from tests.conftest import create_test_project, with_database
+from tests.support.query import (
     NOW,
     Suite,
     crash,
@@ -29,14 +31,12 @@ from tests.api.test_query_helpers import (
     session_end,
     start_suite,
 )
-from tests.api.test_query_overview import workload
-from tests.conftest import create_test_project, with_database
 
-# What the current services need of 0013 and 0014 to write and read a 0012 database (the dedupe
-# keys; first and last event times, filled from the events just before the first reading),
-# created for the workload and dropped before the upgrade: the rows are then exactly what a
-# 0012 database holds.
-WRITE_PATH_OF_0013 = """
+# What the current services need of 0024 and 0025 to write and read a 0023 database (the dedupe
+# keys; first and last event times, filled from the events just before the first reading, and
+# the read contract showing them), created for the workload and dropped before the upgrade: the
+# rows are then exactly what a 0023 database holds.
+WRITE_PATH_OF_0024 = """
     CREATE FUNCTION profiles_ingest_event_key(installation_id text, custom_id text, event_id text)
     RETURNS uuid LANGUAGE sql IMMUTABLE AS $$
         SELECT md5(CASE WHEN installation_id IS NOT NULL
@@ -48,38 +48,53 @@ WRITE_PATH_OF_0013 = """
                              receive_time timestamptz NOT NULL,
                              PRIMARY KEY (project_id, event_key));
     ALTER TABLE profile_event_counts ADD COLUMN first_event_time timestamptz,
-                                     ADD COLUMN last_event_time timestamptz;"""
+                                     ADD COLUMN last_event_time timestamptz;
+    DROP FUNCTION ingest_read_profile_event_counts();
+    CREATE FUNCTION ingest_read_profile_event_counts()
+    RETURNS TABLE (project_id uuid, profile_id uuid, event_count bigint, crash_count bigint,
+                   first_event_time timestamptz, last_event_time timestamptz)
+    LANGUAGE sql STABLE AS $$
+        SELECT project_id, profile_id, event_count, crash_count, first_event_time,
+               last_event_time
+        FROM profile_event_counts
+    $$;"""
 FILL_EVENT_TIMES = """
     UPDATE profile_event_counts c SET first_event_time = t.a, last_event_time = t.b
     FROM (SELECT project_id, profile_id, min(event_time) AS a, max(event_time) AS b
           FROM events GROUP BY 1, 2) t
     WHERE c.project_id = t.project_id AND c.profile_id = t.profile_id"""
 UNDO_WRITE_PATH = """
+    DROP FUNCTION ingest_read_profile_event_counts();
+    CREATE FUNCTION ingest_read_profile_event_counts()
+    RETURNS TABLE (project_id uuid, profile_id uuid, event_count bigint, crash_count bigint)
+    LANGUAGE sql STABLE PARALLEL SAFE AS $$
+        SELECT project_id, profile_id, event_count, crash_count FROM profile_event_counts
+    $$;
     DROP TABLE event_keys;
     DROP FUNCTION profiles_ingest_event_key(text, text, text);
     ALTER TABLE profile_event_counts DROP COLUMN first_event_time, DROP COLUMN last_event_time;"""
 
 
 @pytest.fixture
-async def database_0012(
+async def database_0023(
     postgres_server_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> AsyncIterator[str]:
-    """A database migrated through 0012; services started on it until monkeypatch.undo() stop
+    """A database migrated through 0023; services started on it until monkeypatch.undo() stop
     there too (a service migrates on start), like the services of that version."""
-    folder = tmp_path / "through_0012"
+    folder = tmp_path / "through_0023"
     folder.mkdir()
     for path in migration_paths():
-        if int(path.name[:4]) <= 12:
+        if int(path.name[:4]) <= 23:
             shutil.copy(path, folder / path.name)
     name = f"u_{uuid.uuid4().hex}"
     admin = await asyncpg.connect(postgres_server_url)
     try:
         await admin.execute(f'CREATE DATABASE "{name}"')
         url = with_database(postgres_server_url, name)
-        assert await migrate(url, folder) == list(range(1, 13))
+        assert await migrate(url, folder) == list(range(1, 24))
         conn = await asyncpg.connect(url)
         try:
-            await conn.execute(WRITE_PATH_OF_0013)
+            await conn.execute(WRITE_PATH_OF_0024)
         finally:
             await conn.close()
         monkeypatch.setattr("shared.server.migrate", partial(migrate, directories=folder))
@@ -116,15 +131,15 @@ async def readings(suite: Suite, profile_ids: list[str]) -> dict[str, Any]:
     return seen
 
 
-async def test_a_0012_database_with_events_upgrades_in_place_and_reads_the_same(
-    database_0012: str,
+async def test_a_0023_database_with_events_upgrades_in_place_and_reads_the_same(
+    database_0023: str,
     start_services: Any,
     settings_for_test: Any,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    settings = settings_for_test.with_changes(database_url=database_0012)
-    project = await create_test_project(database_0012)
-    suite = await start_suite(start_services, settings, project, database_0012)
+    settings = settings_for_test.with_changes(database_url=database_0023)
+    project = await create_test_project(database_0023)
+    suite = await start_suite(start_services, settings, project, database_0023)
     segments = segments_grpc.SegmentsServiceStub(
         (await start_services("segments", settings=settings, clock=suite.clock))["segments"].channel
     )
@@ -170,17 +185,17 @@ async def test_a_0012_database_with_events_upgrades_in_place_and_reads_the_same(
     assert funnel
     assert funnel[0].converted
 
-    conn = await asyncpg.connect(database_0012)
+    conn = await asyncpg.connect(database_0023)
     try:
         await conn.execute(UNDO_WRITE_PATH)
     finally:
         await conn.close()
     monkeypatch.undo()
-    assert await migrate(database_0012) == [
-        int(p.name[:4]) for p in migration_paths() if int(p.name[:4]) > 12
+    assert await migrate(database_0023) == [
+        int(p.name[:4]) for p in migration_paths() if int(p.name[:4]) > 23
     ]
     # Fresh services, so no connection keeps a plan of the table that was swapped.
-    after_suite = await start_suite(start_services, settings, project, database_0012)
+    after_suite = await start_suite(start_services, settings, project, database_0023)
     assert (
         await after_suite.fetchval("SELECT relkind FROM pg_class WHERE relname = 'events'") == b"p"
     )

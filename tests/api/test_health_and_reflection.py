@@ -16,7 +16,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 
-from profiles.runner import BUILDERS
+from profiles_cli.runner import BUILDERS
 from shared.auth_policy import POLICY, service_of
 from shared.reflection import contract_sources
 

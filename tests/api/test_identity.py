@@ -15,7 +15,7 @@ from profiles.identity.v1 import identity_service_pb2 as pb
 from shared.db import create_pool
 from shared.settings import Settings
 from shared.tenancy import TenancyRepository
-from tests.api.test_identity_helpers import (
+from tests.support.identity import (
     Identity,
     count,
     error_info,

@@ -20,8 +20,8 @@ from services.identity.repository import IdentityRepository
 from services.identity.service import IdentityService
 from shared.clock import FrozenClock, SystemClock
 from shared.tenancy import TenancyRepository
-from tests.api.test_identity_helpers import Identity, new_id
-from tests.api.test_ingest_helpers import NOW, Ingest, custom_event
+from tests.support.identity import Identity, new_id
+from tests.support.ingest import NOW, Ingest, custom_event
 
 if TYPE_CHECKING:
     from tests.conftest import TestProject

@@ -17,7 +17,8 @@ from profiles.identity.v1 import identity_service_pb2 as pb
 from profiles.ingest.v1 import ingest_service_pb2 as ipb
 from profiles.ingest.v1 import ingest_service_pb2_grpc as ipb_grpc
 from shared.clock import FrozenClock
-from tests.api.test_identity_helpers import (
+from tests.conftest import create_test_project, eventually
+from tests.support.identity import (
     Identity,
     bus_pb2,
     count,
@@ -28,8 +29,7 @@ from tests.api.test_identity_helpers import (
     person_events,
     start_identity_and_ingest,
 )
-from tests.api.test_ingest_helpers import NOW, Ingest, custom_event
-from tests.conftest import create_test_project, eventually
+from tests.support.ingest import NOW, Ingest, custom_event
 
 if TYPE_CHECKING:
     from tests.conftest import TestProject

@@ -14,7 +14,8 @@ from redis.asyncio import Redis
 from profiles.common.v1 import bus_pb2, types_pb2
 from profiles.identity.v1 import identity_service_pb2 as pb
 from shared.settings import Settings
-from tests.api.test_identity_helpers import (
+from tests.conftest import create_test_project, eventually
+from tests.support.identity import (
     Identity,
     count,
     error_info,
@@ -24,7 +25,6 @@ from tests.api.test_identity_helpers import (
     profile_row,
     violations,
 )
-from tests.conftest import create_test_project, eventually
 
 if TYPE_CHECKING:
     from tests.conftest import TestProject
@@ -199,10 +199,21 @@ async def test_merge_profiles_needs_the_admin_key(identity: Identity) -> None:
 async def test_a_merge_moves_rows_of_every_table_with_a_profile_id(
     start_services: Any, database_url: str, project: TestProject, db: asyncpg.Pool
 ) -> None:
-    # Tables that exist when identity starts are found in the catalogue, like ingest's will be.
+    # Tables whose owner declared merge hooks before identity starts, like ingest's.
     await db.execute(
         "CREATE TABLE test_notes (project_id uuid, profile_id uuid, note text,"
         " PRIMARY KEY (project_id, note))"
+    )
+    await db.execute(
+        """CREATE FUNCTION test_merge_notes(p uuid, s uuid, t uuid) RETURNS void
+           LANGUAGE sql AS $$
+             UPDATE test_notes SET profile_id = t WHERE project_id = p AND profile_id = s;
+           $$"""
+    )
+    await db.execute(
+        "INSERT INTO profile_hooks (kind, owner, function_name, run_order) VALUES"
+        " ('merge', 'ingest', 'test_merge_notes', 1000),"
+        " ('merge', 'ingest', 'profiles_merge_test_scores', 1001)"
     )
     await db.execute(
         "CREATE TABLE test_scores (project_id uuid, profile_id uuid, score int,"

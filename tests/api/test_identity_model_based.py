@@ -30,9 +30,9 @@ from profiles.identity.v1 import identity_service_pb2 as pb
 from profiles.ingest.v1 import ingest_service_pb2 as ipb
 from profiles.ingest.v1 import ingest_service_pb2_grpc as ipb_grpc
 from shared.clock import FrozenClock
-from tests.api.test_identity_helpers import Identity, error_info, start_identity_and_ingest
-from tests.api.test_ingest_helpers import NOW, Ingest, custom_event
 from tests.conftest import create_test_project
+from tests.support.identity import Identity, error_info, start_identity_and_ingest
+from tests.support.ingest import NOW, Ingest, custom_event
 
 T = TypeVar("T")
 

@@ -22,8 +22,8 @@ from profiles.identity.v1 import identity_service_pb2 as pb
 from shared.bus import Bus
 from shared.embedded import EmbeddedRedis
 from shared.topics import profile_channel
-from tests.api.test_identity_helpers import Identity, new_id, profile_row
 from tests.conftest import eventually
+from tests.support.identity import Identity, new_id, profile_row
 
 if TYPE_CHECKING:
     from shared.settings import Settings

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import asyncpg
 
 from profiles.identity.v1 import identity_service_pb2 as pb
-from tests.api.test_identity_helpers import Identity, count, new_id, profile_row
+from tests.support.identity import Identity, count, new_id, profile_row
 
 if TYPE_CHECKING:
     pass

@@ -13,8 +13,8 @@ from grpc_status import rpc_status
 from profiles.ingest.v1 import ingest_service_pb2 as pb
 from profiles.ingest.v1 import ingest_service_pb2_grpc as pb_grpc
 from shared.clock import FrozenClock
-from tests.api.test_ingest_helpers import NOW, Ingest, custom_event, stamp, start_ingest
 from tests.conftest import create_test_project
+from tests.support.ingest import NOW, Ingest, custom_event, stamp, start_ingest
 
 ACCEPTED, DUPLICATE, REJECTED = (
     pb.EVENT_OUTCOME_ACCEPTED,

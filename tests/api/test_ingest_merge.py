@@ -12,8 +12,8 @@ from profiles.common.v1 import types_pb2
 from profiles.ingest.v1 import ingest_service_pb2 as pb
 from profiles.ingest.v1 import ingest_service_pb2_grpc as pb_grpc
 from shared.clock import FrozenClock
-from tests.api.test_identity_helpers import Identity
-from tests.api.test_ingest_helpers import NOW, Ingest, attribute_event, op, stamp
+from tests.support.identity import Identity
+from tests.support.ingest import NOW, Ingest, attribute_event, op, stamp
 
 if TYPE_CHECKING:
     from tests.conftest import TestProject

@@ -1,4 +1,4 @@
-"""TrackEvents on partitioned events (0013): the service makes its partitions on start, events
+"""TrackEvents on partitioned events (0024): the service makes its partitions on start, events
 land in their month, and a retry stays a duplicate when skew correction moves it to another
 month (the dedupe key does not depend on the time)."""
 
@@ -11,8 +11,8 @@ import pytest
 from profiles.ingest.v1 import ingest_service_pb2 as pb
 from profiles.ingest.v1 import ingest_service_pb2_grpc as pb_grpc
 from shared.clock import FrozenClock
-from tests.api.test_ingest_helpers import NOW, Ingest, custom_event, start_ingest
 from tests.conftest import eventually
+from tests.support.ingest import NOW, Ingest, custom_event, start_ingest
 
 ACCEPTED, DUPLICATE = pb.EVENT_OUTCOME_ACCEPTED, pb.EVENT_OUTCOME_DUPLICATE
 PARTITIONS = """

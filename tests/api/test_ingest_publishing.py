@@ -19,9 +19,9 @@ from shared.bus import Bus
 from shared.clock import FrozenClock
 from shared.embedded import EmbeddedRedis
 from shared.topics import profile_channel
-from tests.api.test_ingest_helpers import NOW, Ingest, attribute_event, custom_event, op
-from tests.api.test_ingest_support import running_ingest, stream_events
 from tests.conftest import eventually
+from tests.support.ingest import NOW, Ingest, attribute_event, custom_event, op
+from tests.support.ingest_running import running_ingest, stream_events
 
 if TYPE_CHECKING:
     from shared.settings import Settings

@@ -10,7 +10,7 @@ from profiles.common.v1 import types_pb2
 from profiles.ingest.v1 import ingest_service_pb2 as pb
 from profiles.ingest.v1 import ingest_service_pb2_grpc as pb_grpc
 from shared.clock import FrozenClock
-from tests.api.test_ingest_helpers import NOW, Ingest, attribute_event, op, stamp, start_ingest
+from tests.support.ingest import NOW, Ingest, attribute_event, op, stamp, start_ingest
 
 T = [NOW - timedelta(hours=10 - i) for i in range(10)]
 

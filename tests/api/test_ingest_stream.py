@@ -16,7 +16,7 @@ from profiles.ingest.v1 import ingest_service_pb2 as pb
 from profiles.ingest.v1 import ingest_service_pb2_grpc as pb_grpc
 from services.ingest.validation import ValidEvent, validate_event
 from shared.clock import FrozenClock
-from tests.api.test_ingest_helpers import NOW, Ingest, aiter_of, custom_event, stamp, start_ingest
+from tests.support.ingest import NOW, Ingest, aiter_of, custom_event, stamp, start_ingest
 
 
 @pytest.fixture

@@ -15,9 +15,9 @@ from profiles.ingest.v1 import ingest_service_pb2_grpc as pb_grpc
 from shared.bus import Bus, decode_entry
 from shared.clock import FrozenClock
 from shared.topics import IDENTITY
-from tests.api.test_ingest_helpers import NOW, Ingest, stamp
-from tests.api.test_ingest_support import running_ingest, session_event
 from tests.conftest import eventually
+from tests.support.ingest import NOW, Ingest, stamp
+from tests.support.ingest_running import running_ingest, session_event
 
 if TYPE_CHECKING:
     from shared.settings import Settings

@@ -8,10 +8,10 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from profiles.cli import build_parser
-from profiles.demo import run_demo
-from profiles.importer import run_import
-from tests.api.test_ingest_helpers import Ingest
+from profiles_cli.cli import build_parser
+from profiles_cli.demo import run_demo
+from profiles_cli.importer import run_import
+from tests.support.ingest import Ingest
 
 if TYPE_CHECKING:
     from shared.settings import Settings

@@ -11,7 +11,7 @@ import pytest
 
 from profiles.diagnostics.v1 import diagnostics_service_pb2 as pb
 from profiles.diagnostics.v1 import diagnostics_service_pb2_grpc as pb_grpc
-from profiles.runner import BUILDERS
+from profiles_cli.runner import BUILDERS
 from shared.server import start_service
 
 ECHO = "/profiles.diagnostics.v1.DiagnosticsService/Echo"

@@ -26,7 +26,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from profiles.query.v1 import query_service_pb2 as query_pb
 from profiles.query.v1 import query_service_pb2_grpc as query_grpc
-from profiles.up import SUITE
+from profiles_cli.up import SUITE
 from shared.settings import SERVICE_NAMES
 
 READY_LINE = "Profiles is up"
@@ -55,7 +55,7 @@ def free_ports(count: int) -> list[int]:
 
 def profiles_command() -> list[str]:
     script = Path(sys.executable).with_name("profiles")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "profiles.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "profiles_cli.cli"]
 
 
 def assign_free_ports(env: dict[str, str]) -> dict[str, int]:

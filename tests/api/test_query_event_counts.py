@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from services.query.repository import PROFILE_VIEW_BY_LOOKUP
-from tests.api.test_identity_helpers import new_id
-from tests.api.test_query_helpers import (
+from services.query.profile_reads import PROFILE_VIEW_BY_LOOKUP
+from tests.support.identity import new_id
+from tests.support.query import (
     NOW,
     Suite,
     attribute_event,
@@ -133,7 +133,7 @@ def _event_rows_read(plan: dict[str, Any]) -> int:
     """The rows every node of an EXPLAIN ANALYZE plan read from the events table (its own or
     an index of it), over all its loops."""
     rows = 0
-    # events is partitioned (0013): its partitions are named events_YYYY_MM and events_default.
+    # events is partitioned (0024): its partitions are named events_YYYY_MM and events_default.
     if plan.get("Relation Name", "").startswith("events"):
         rows += int(plan["Actual Rows"]) * int(plan["Actual Loops"])
         rows += int(plan.get("Rows Removed by Filter", 0)) * int(plan["Actual Loops"])

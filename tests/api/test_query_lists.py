@@ -15,8 +15,9 @@ from profiles.ingest.v1 import ingest_service_pb2 as ingest_pb
 from profiles.query.v1 import query_service_pb2 as pb
 from profiles.query.v1 import timeline_pb2
 from services.query import convert
-from tests.api.test_identity_helpers import new_id, violations
-from tests.api.test_query_helpers import (
+from tests.conftest import create_test_project
+from tests.support.identity import new_id, violations
+from tests.support.query import (
     NOW,
     Suite,
     attribute_event,
@@ -28,7 +29,6 @@ from tests.api.test_query_helpers import (
     session_start,
     start_suite,
 )
-from tests.conftest import create_test_project
 
 
 @pytest.fixture
@@ -122,7 +122,7 @@ async def test_events_filters_by_kind_name_session_and_time(suite: Suite) -> Non
     assert await kinds_of(event_names=["BUY"]) == [k.TIMELINE_EVENT_KIND_CUSTOM]
     assert await kinds_of(session_id="s1") == [2, 2]
     start, end = (t + timedelta(minutes=1)), (t + timedelta(minutes=3))
-    from tests.api.test_query_helpers import stamp
+    from tests.support.query import stamp
 
     assert await kinds_of(start_time=stamp(start), end_time=stamp(end)) == [1, 1]
     reply = await suite.call("ListEvents", pb.ListEventsRequest(profile_id=profile_id))
@@ -335,6 +335,52 @@ async def test_the_users_table_filters_sorts_and_never_repeats(suite: Suite) -> 
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await suite.call("ListProfiles", pb.ListProfilesRequest(segment_id="x"))
     assert violations(caught.value) == ["segment_id"]
+
+
+async def test_a_users_table_row_tells_whether_the_profile_has_user_details(suite: Suite) -> None:
+    # Countly's users table marks a person known by their details (a name, an email, a phone)
+    # though not by a custom ID: the row carries that fact, the same one the filter selects.
+    installs = [new_id() for _ in range(6)]
+    details = {
+        0: [op("set", "EMAIL", "ana@example.com")],  # an email only: no name to show
+        1: [op("set", "PHONE", "+33612345678")],
+        2: [op("set", "FIRST_NAME", "Bo")],
+        3: [op("set", "EMAIL", "gone@example.com")],  # then unset: no details left
+        4: [op("set", "LANGUAGE", "fr")],  # a native attribute that is not a user detail
+    }
+    for n, inst in enumerate(installs):
+        at = NOW - timedelta(hours=n + 1)
+        operations = details.get(n)
+        await suite.track(
+            attribute_event(inst, operations, time=at)
+            if operations
+            else custom_event(inst, time=at)
+        )
+    await suite.track(
+        attribute_event(installs[3], [op("unset", "EMAIL")], time=NOW - timedelta(minutes=30))
+    )
+    await suite.identity.identify(installs[0], "ana-1")  # details and a custom ID
+    ids = [await suite.identity.profile_of(i) for i in installs]
+    await suite.settle()
+
+    rows = await pages(suite, "ListProfiles", pb.ListProfilesRequest(page_size=4), "profiles")
+    flags = {r.profile_id: (r.has_user_details, r.anonymous) for r in rows}
+    assert flags == {
+        ids[0]: (True, False),
+        ids[1]: (True, True),
+        ids[2]: (True, True),
+        ids[3]: (False, True),
+        ids[4]: (False, True),
+        ids[5]: (False, True),
+    }
+    selected = await pages(
+        suite,
+        "ListProfiles",
+        pb.ListProfilesRequest(identity_filter=pb.PROFILE_IDENTITY_FILTER_HAS_USER_DETAILS),
+        "profiles",
+    )
+    assert {r.profile_id for r in selected} == {p for p, (has, _) in flags.items() if has}
+    assert all(r.has_user_details for r in selected)
 
 
 async def test_the_users_table_shows_profiles_never_seen_last_in_both_orders(suite: Suite) -> None:

@@ -12,8 +12,9 @@ from profiles.common.v1 import types_pb2
 from profiles.ingest.v1 import ingest_service_pb2 as ingest_pb
 from profiles.query.v1 import overview_pb2
 from profiles.query.v1 import query_service_pb2 as pb
-from tests.api.test_identity_helpers import new_id, violations
-from tests.api.test_query_helpers import (
+from tests.conftest import create_test_project, eventually
+from tests.support.identity import new_id, violations
+from tests.support.query import (
     NOW,
     Suite,
     base_event,
@@ -26,7 +27,6 @@ from tests.api.test_query_helpers import (
     start_suite,
     subscription,
 )
-from tests.conftest import create_test_project, eventually
 
 IOS, ANDROID, WEB = types_pb2.PLATFORM_IOS, types_pb2.PLATFORM_ANDROID, types_pb2.PLATFORM_WEB
 EMAIL, SMS, PUSH = types_pb2.CHANNEL_EMAIL, types_pb2.CHANNEL_SMS, types_pb2.CHANNEL_PUSH

@@ -17,8 +17,9 @@ from profiles.query.v1 import profile_pb2
 from profiles.query.v1 import query_service_pb2 as pb
 from shared.embedded import EmbeddedRedis
 from shared.settings import Settings
-from tests.api.test_identity_helpers import error_info, new_id, violations
-from tests.api.test_query_helpers import (
+from tests.conftest import create_test_project
+from tests.support.identity import error_info, new_id, violations
+from tests.support.query import (
     NOW,
     Suite,
     attribute_event,
@@ -31,7 +32,6 @@ from tests.api.test_query_helpers import (
     start_suite,
     subscription,
 )
-from tests.conftest import create_test_project
 
 if TYPE_CHECKING:
     from tests.conftest import TestProject

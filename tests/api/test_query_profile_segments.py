@@ -18,16 +18,16 @@ from profiles.segments.v1 import filters_pb2 as f
 from profiles.segments.v1 import funnels_pb2
 from profiles.segments.v1 import segments_service_pb2 as segments_pb
 from profiles.segments.v1 import segments_service_pb2_grpc as segments_grpc
-from tests.api.test_identity_helpers import new_id
-from tests.api.test_query_helpers import NOW, Suite, session_end, session_start, start_suite
-from tests.api.test_segments_custom_helpers import (
+from tests.conftest import create_test_project, eventually
+from tests.support.identity import new_id
+from tests.support.query import NOW, Suite, session_end, session_start, start_suite
+from tests.support.segments_custom import (
     attribute,
     custom_event,
     error_details,
     operand,
     set_attributes,
 )
-from tests.conftest import create_test_project, eventually
 
 COMPLETED = profile_pb2.FUNNEL_STEP_STATUS_COMPLETED
 NOT_COMPLETED = profile_pb2.FUNNEL_STEP_STATUS_NOT_COMPLETED

@@ -13,10 +13,10 @@ import pytest
 from profiles.segments.v1 import segments_service_pb2 as segments_pb
 from profiles.segments.v1 import segments_service_pb2_grpc as segments_grpc
 from services.ingest.app import make_build
-from tests.api.test_identity_helpers import new_id
-from tests.api.test_ingest_support import session_event
-from tests.api.test_query_helpers import NOW, Suite, start_suite
 from tests.conftest import eventually
+from tests.support.identity import new_id
+from tests.support.ingest_running import session_event
+from tests.support.query import NOW, Suite, start_suite
 
 
 @pytest.fixture

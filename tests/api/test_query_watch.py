@@ -16,8 +16,9 @@ from profiles.common.v1 import bus_pb2, types_pb2
 from profiles.query.v1 import query_service_pb2 as pb
 from shared.bus import Bus
 from shared.topics import profile_channel
-from tests.api.test_identity_helpers import error_info, new_id, violations
-from tests.api.test_query_helpers import (
+from tests.conftest import eventually
+from tests.support.identity import error_info, new_id, violations
+from tests.support.query import (
     NOW,
     Suite,
     attribute_event,
@@ -27,7 +28,6 @@ from tests.api.test_query_helpers import (
     stamp,
     start_suite,
 )
-from tests.conftest import eventually
 
 
 @pytest.fixture

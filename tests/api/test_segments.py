@@ -20,7 +20,8 @@ from profiles.segments.v1 import segments_service_pb2_grpc as pb_grpc
 from shared.bus import Bus
 from shared.clock import FrozenClock
 from shared.topics import EVENTS, SEGMENT_CHANGES
-from tests.api.test_segments_helpers import (
+from tests.conftest import eventually
+from tests.support.segments import (
     ANDROID,
     IOS,
     WEB,
@@ -29,7 +30,6 @@ from tests.api.test_segments_helpers import (
     publish_events,
     session,
 )
-from tests.conftest import eventually
 
 if TYPE_CHECKING:
     from tests.conftest import StartServices, TestProject

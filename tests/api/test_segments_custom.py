@@ -15,8 +15,8 @@ from profiles.common.v1 import types_pb2
 from profiles.segments.v1 import filters_pb2 as f
 from profiles.segments.v1 import segments_pb2
 from profiles.segments.v1 import segments_service_pb2 as pb
-from tests.api.test_ingest_helpers import NOW
-from tests.api.test_segments_custom_helpers import (
+from tests.support.ingest import NOW
+from tests.support.segments_custom import (
     ANDROID,
     WEB,
     Stack,
@@ -165,7 +165,7 @@ async def test_seen_and_event_count_conditions_follow_the_clock(stack: Stack) ->
 
 
 def _stamp(moment: object) -> object:
-    from tests.api.test_ingest_helpers import stamp
+    from tests.support.ingest import stamp
 
     return stamp(moment)  # type: ignore[arg-type]
 

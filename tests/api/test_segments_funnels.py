@@ -18,8 +18,8 @@ from profiles.identity.v1 import identity_service_pb2_grpc as identity_grpc
 from profiles.segments.v1 import filters_pb2 as f
 from profiles.segments.v1 import funnels_pb2
 from profiles.segments.v1 import segments_service_pb2 as pb
-from tests.api.test_ingest_helpers import NOW
-from tests.api.test_segments_custom_helpers import (
+from tests.support.ingest import NOW
+from tests.support.segments_custom import (
     Stack,
     condition,
     custom_event,

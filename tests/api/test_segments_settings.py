@@ -15,9 +15,9 @@ from profiles.segments.v1 import segments_pb2
 from profiles.segments.v1 import segments_service_pb2 as pb
 from services.segments.app import make_build
 from shared.server import Build
-from tests.api.test_ingest_helpers import NOW
-from tests.api.test_segments_custom_helpers import Stack, condition, session, stack
 from tests.conftest import eventually
+from tests.support.ingest import NOW
+from tests.support.segments_custom import Stack, condition, session, stack
 
 __all__ = ["stack"]
 

@@ -18,11 +18,13 @@ from profiles.identity.v1 import identity_service_pb2_grpc as identity_grpc
 from profiles.ingest.v1 import ingest_service_pb2 as ingest_pb
 from profiles.segments.v1 import filters_pb2 as f
 from profiles.segments.v1 import segments_service_pb2 as pb
-from services.segments.model import filter_from_json
-from services.segments.repository import DefinitionsRepository
+from services.segments.definitions_repository import DefinitionsRepository
+from services.segments.filters import filter_from_json
 from shared.topics import IDENTITY
-from tests.api.test_ingest_helpers import NOW
-from tests.api.test_segments_custom_helpers import (
+from tests.conftest import eventually
+from tests.support.ingest import NOW
+from tests.support.segments import drained
+from tests.support.segments_custom import (
     Stack,
     attribute,
     condition,
@@ -31,8 +33,6 @@ from tests.api.test_segments_custom_helpers import (
     set_attributes,
     stack,
 )
-from tests.api.test_segments_helpers import drained
-from tests.conftest import eventually
 
 __all__ = ["segments_build", "stack"]
 

@@ -25,9 +25,9 @@ import pytest
 import uvicorn
 
 from profiles.client import open_channel
-from profiles.demo import run_demo
 from profiles.query.v1 import query_service_pb2 as query_pb
 from profiles.query.v1 import query_service_pb2_grpc as query_grpc
+from profiles_cli.demo import run_demo
 from services.console.app import build_app
 from shared.settings import Settings
 from tests.conftest import TestProject, create_test_project, eventually, with_database
@@ -73,7 +73,7 @@ def _free_socket() -> socket.socket:
 async def console_suite(
     postgres_server_url: str, template_database: str, redis_url: str
 ) -> AsyncIterator[ConsoleSuite]:
-    from profiles.runner import BUILDERS
+    from profiles_cli.runner import BUILDERS
     from shared.server import start_service
 
     name = f"t_{uuid.uuid4().hex}"

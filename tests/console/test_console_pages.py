@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
+import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import grpc
 from playwright.async_api import expect
 
 from profiles.client import open_channel
@@ -17,10 +20,14 @@ from profiles.ingest.v1 import ingest_service_pb2 as ingest_pb
 from profiles.ingest.v1 import ingest_service_pb2_grpc as ingest_grpc
 from profiles.query.v1 import query_service_pb2 as query_pb
 from profiles.query.v1 import query_service_pb2_grpc as query_grpc
-from tests.api.test_ingest_helpers import attribute_event, custom_event, op
+from tests.conftest import eventually
 from tests.console.conftest import ConsoleSuite
+from tests.support.ingest import attribute_event, custom_event, op
 
-SCREENSHOTS = Path(__file__).resolve().parents[2] / "docs" / "console"
+ROOT = Path(__file__).resolve().parents[2]
+# Screenshots of every page are written only when asked, so a test run leaves the tree clean:
+# PROFILES_CONSOLE_SCREENSHOTS=docs/console (relative to the repository, or absolute).
+SCREENSHOTS_ENV = "PROFILES_CONSOLE_SCREENSHOTS"
 PAGE_BUDGET_BYTES = 200_000
 
 
@@ -161,6 +168,57 @@ async def test_the_users_table_sorts_by_clicking_a_header(
     await expect(page).to_have_url(re.compile(r"tab=identified&sort=sessions&order=desc"))
 
 
+async def test_the_users_table_marks_user_details_without_a_custom_id(
+    page: Any, console_suite: ConsoleSuite
+) -> None:
+    # An email alone is a user detail (no name to show): the marker comes from the row's
+    # has_user_details, not from the names the row happens to carry.
+    now = datetime.now(UTC)
+    with_email, without = f"console-email-{uuid.uuid4().hex}", f"console-bare-{uuid.uuid4().hex}"
+    await track(
+        console_suite,
+        attribute_event(with_email, [op("set", "EMAIL", "no.id@example.com")], time=now),
+        custom_event(without, name="console_bare_check", time=now),
+    )
+    profile_ids: dict[str, str] = {}
+
+    async def listed() -> bool:
+        # The users table is a projection fed by the bus: wait until it has both profiles.
+        for name, installation in (("email", with_email), ("bare", without)):
+            try:
+                reply = await query(
+                    console_suite,
+                    "GetProfile",
+                    query_pb.GetProfileRequest(installation_id=installation),
+                )
+            except grpc.aio.AioRpcError:
+                return False
+            profile_ids[name] = reply.profile.summary.profile_id
+        rows = await query(
+            console_suite,
+            "ListProfiles",
+            query_pb.ListProfilesRequest(
+                identity_filter=query_pb.PROFILE_IDENTITY_FILTER_ANONYMOUS, page_size=20
+            ),
+        )
+        return set(profile_ids.values()) <= {r.profile_id for r in rows.profiles}
+
+    await eventually(listed, within=30)
+    await sign_in(page, console_suite)
+    await page.goto(console_suite.url + "/users?tab=anonymous")
+
+    def row_of(profile_id: str) -> Any:
+        return page.locator("table.users tbody tr").filter(
+            has=page.locator(f'a[href="/profiles/{profile_id}"]')
+        )
+
+    await expect(row_of(profile_ids["email"]).locator(".marker")).to_have_text("details, no ID")
+    await expect(row_of(profile_ids["bare"])).to_have_count(1)
+    await expect(row_of(profile_ids["bare"]).locator(".marker")).to_have_count(0)
+    # The demo's anonymous visitors told their names: they carry it too.
+    assert await page.locator("table.users .marker").count() > 1
+
+
 async def test_the_overview_switches_platform(page: Any, console_suite: ConsoleSuite) -> None:
     await sign_in(page, console_suite)
     ios = await query(
@@ -170,6 +228,15 @@ async def test_the_overview_switches_platform(page: Any, console_suite: ConsoleS
     )
     everything = await query(console_suite, "GetOverview", query_pb.GetOverviewRequest())
     await expect(page.locator("#installs")).to_have_text(str(everything.overview.install_count))
+    # Native segments read as words: platforms by name, an app version with its platform.
+    platforms = page.locator("table.breakdown", has=page.locator("caption", has_text="Platform"))
+    await expect(platforms.locator("tbody td:first-child").first).to_have_text(
+        re.compile(r"^(iOS|Android|Web)$")
+    )
+    versions = page.locator("table.breakdown", has=page.locator("caption", has_text="App version"))
+    await expect(versions.locator("tbody td:first-child").first).to_have_text(
+        re.compile(r"^\S+ \((iOS|Android|Web)\)$")
+    )
     await page.get_by_role("link", name="iOS", exact=True).click()
     await expect(page).to_have_url(re.compile(r"/overview\?platform=ios$"))
     await expect(page.locator("#installs")).to_have_text(str(ios.overview.install_count))
@@ -289,7 +356,7 @@ async def test_the_segments_page_streams_entries_and_exits(
 
 PAGES = (
     ("overview", "/overview"),
-    ("users", "/users?tab=identified"),
+    ("users", "/users"),
     ("profile", None),
     ("segments", "/segments"),
     ("rejected", "/rejected"),
@@ -301,7 +368,14 @@ async def test_every_page_is_accessible_and_light(
     page: Any, console_suite: ConsoleSuite, axe_source: str
 ) -> None:
     profile = await identified_profile(console_suite)
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    wanted = os.environ.get(SCREENSHOTS_ENV, "")
+    screenshots = ROOT / wanted if wanted else None
+    if screenshots is not None:
+        screenshots.mkdir(parents=True, exist_ok=True)
+
+    async def screenshot(name: str, *, full_page: bool = False) -> None:
+        if screenshots is not None:
+            await page.screenshot(path=screenshots / f"{name}.png", full_page=full_page)
 
     async def check(name: str) -> None:
         # Evaluated through the DevTools protocol: the page's CSP (rightly) refuses inline scripts.
@@ -320,12 +394,12 @@ async def test_every_page_is_accessible_and_light(
         assert weight < PAGE_BUDGET_BYTES, f"{name} weighs {weight} bytes"
 
     await page.goto(console_suite.url + "/signin")
-    await page.screenshot(path=SCREENSHOTS / "signin.png")
+    await screenshot("signin")
     await check("signin")
     await sign_in(page, console_suite, "admin")
     for name, path in PAGES:
         target = path or f"/profiles/{profile.summary.profile_id}"
         await page.goto(console_suite.url + target)
         await expect(page.locator("main h1")).to_be_visible()
-        await page.screenshot(path=SCREENSHOTS / f"{name}.png", full_page=name == "profile")
+        await screenshot(name, full_page=name == "profile")
         await check(name)

@@ -17,9 +17,9 @@ from playwright.async_api import expect
 from profiles.query.v1 import query_service_pb2 as query_pb
 from services.console.app import build_app
 from shared.tenancy import TenancyRepository
-from tests.api.test_ingest_helpers import custom_event
 from tests.console.conftest import ConsoleSuite, start_console
 from tests.console.test_console_pages import identified_profile, query, sign_in, track
+from tests.support.ingest import custom_event
 
 COOKIE = "profiles_console_session"
 

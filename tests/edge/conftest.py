@@ -101,7 +101,7 @@ async def edge(
         await ingest["running"].stop(grace=1.0)  # type: ignore[attr-defined]
 
     async def restart_ingest() -> None:
-        from profiles.runner import BUILDERS
+        from profiles_cli.runner import BUILDERS
         from shared.server import start_service
 
         ingest["running"] = await start_service(

@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 import uuid
 from collections.abc import Callable
 from datetime import timedelta
@@ -23,8 +24,10 @@ import requests
 import structlog
 
 from profiles.common.v1 import types_pb2
-from tests.conftest import eventually
-from tests.edge.conftest import Edge
+from profiles.segments.v1 import segments_service_pb2 as segments_pb
+from profiles.segments.v1 import segments_service_pb2_grpc as segments_grpc
+from tests.conftest import StartServices, eventually
+from tests.edge.conftest import Edge, serve_edge
 
 NODE_DIR = Path(__file__).parent / "node"
 DRIVER = NODE_DIR / "countly_driver.js"
@@ -165,8 +168,10 @@ ANONYMOUS_VISIT: list[list[Any]] = [
 
 
 async def test_anonymous_visit_then_login_logout_and_login_again(
-    edge: Edge, driver: Driver
+    edge: Edge, driver: Driver, start_services: StartServices
 ) -> None:
+    segments = await start_services("segments", settings=edge.settings)
+    engagement = segments_grpc.SegmentsServiceStub(segments["segments"].channel)
     anonymous_id = (await driver.run(ANONYMOUS_VISIT))["device_id"]
 
     anonymous = await wait_for_names(
@@ -186,6 +191,23 @@ async def test_anonymous_visit_then_login_logout_and_login_again(
     (session,) = await edge.sessions(anonymous.summary.profile_id)
     assert within_fake_clock(seconds(session.duration), 120)
     assert session.end_time.seconds > 0
+
+    # Engagement (segments, from the session events ingest published): one session, ended,
+    # with the duration its heartbeat and end were given by ingest.
+    async def engaged() -> bool:
+        reply = await engagement.GetEngagement(
+            segments_pb.GetEngagementRequest(profile_id=anonymous.summary.profile_id),
+            metadata=edge.read(),
+        )
+        return reply.session_count == 1 and reply.average_session_duration.seconds > 0
+
+    await eventually(engaged)
+    scored = await engagement.GetEngagement(
+        segments_pb.GetEngagementRequest(profile_id=anonymous.summary.profile_id),
+        metadata=edge.read(),
+    )
+    assert within_fake_clock(seconds(scored.average_session_duration), 120)
+    assert scored.score2 == 1
 
     # Login: the SDK's device ID change with merge, the new ID being the user's.
     user_id = f"user-{uuid.uuid4().hex[:8]}"
@@ -210,9 +232,11 @@ async def test_anonymous_visit_then_login_logout_and_login_again(
     assert {i.platform for i in identified.installations} == {types_pb2.PLATFORM_API}
     sessions = await edge.sessions(identified.summary.profile_id)
     by_installation = sorted((s.installation_id == user_id, seconds(s.duration)) for s in sessions)
-    # The first visit (120 s), the second until the login (10 s), then the user's (40 s).
+    # The first visit (120 s); the second under the anonymous ID, its begin_session only (it is
+    # left open until ingest closes it 30 minutes after); the user's, started by its end, with
+    # the time Countly reports since the previous request (the begin_session: 50 s).
     assert [mine for mine, _ in by_installation] == [False, False, True]
-    for (_, duration), expected in zip(by_installation, (10, 120, 40), strict=True):
+    for (_, duration), expected in zip(by_installation, (0, 120, 50), strict=True):
         assert within_fake_clock(duration, expected)
 
     # Logout: a change without merge; the new ID is a new anonymous installation.
@@ -321,6 +345,47 @@ def get(edge: Edge, path: str, **params: Any) -> requests.Response:
 
 def post(edge: Edge, path: str, **kwargs: Any) -> requests.Response:
     return requests.post(f"{edge.url}{path}", timeout=10, **kwargs)
+
+
+async def test_a_session_served_by_two_edge_replicas_is_one_session(edge: Edge) -> None:
+    """No session state in the edge: the begin, heartbeat and end of one device's session,
+    each served by another replica (a second edge on the same suite), make one session whose
+    duration ingest computes from its start."""
+    second_url, stop_second = await serve_edge(edge.settings)
+    try:
+        base = int(time.time() * 1000) - 600_000
+        requests_in_order = [
+            (edge.url, {"begin_session": 1}, 0),
+            (second_url, {"session_duration": 60}, 60_000),
+            (edge.url, {"session_duration": 60}, 120_000),
+            (second_url, {"end_session": 1, "session_duration": 15}, 135_000),
+        ]
+        for url, params, offset in requests_in_order:
+            reply = await asyncio.to_thread(
+                requests.get,
+                f"{url}/i",
+                params={
+                    "app_key": edge.sdk_key,
+                    "device_id": "replicated-device",
+                    "timestamp": base + offset,
+                    **params,
+                },
+                timeout=10,
+            )
+            assert reply.json() == {"result": "Success"}
+    finally:
+        await stop_second()
+
+    async def one_ended_session() -> bool:
+        profile = await edge.profile(installation_id="replicated-device")
+        sessions = await edge.sessions(profile.summary.profile_id)
+        return len(sessions) == 1 and sessions[0].end_time.seconds > 0
+
+    await eventually(one_ended_session)
+    profile = await edge.profile(installation_id="replicated-device")
+    (session,) = await edge.sessions(profile.summary.profile_id)
+    assert seconds(session.duration) == 135
+    assert session.event_count == 4
 
 
 async def test_push_tokens_in_countlys_documented_shape_reach_the_installations(

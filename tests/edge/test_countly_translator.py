@@ -38,10 +38,8 @@ def request(**params: Any) -> dict[str, Any]:
     }
 
 
-def translate(
-    params: Mapping[str, Any], sessions: countly.SessionBook | None = None
-) -> Translation:
-    return countly.translate(params, receive_time=NOW, client_ip="203.0.113.7", sessions=sessions)
+def translate(params: Mapping[str, Any]) -> Translation:
+    return countly.translate(params, receive_time=NOW, client_ip="203.0.113.7")
 
 
 def events_of(translation: Translation) -> list[ingest_pb.Event]:
@@ -107,50 +105,38 @@ def test_the_session_country_comes_from_the_address_not_country_code() -> None:
     assert start.session_start.client_ip == "203.0.113.7"
 
 
-def test_heartbeat_and_end_carry_the_duration_since_the_start_of_the_session() -> None:
-    book = countly.SessionBook()
-    begin = translate(request(begin_session="1"), book)
-    beat = translate(request(timestamp=str(T0 + 60_000), session_duration="60"), book)
-    end = translate(
-        request(timestamp=str(T0 + 75_000), end_session="1", session_duration="15"), book
-    )
+def test_heartbeats_and_ends_ask_ingest_for_the_devices_open_session() -> None:
+    """The edge keeps no session state: ingest attaches them to the session `begin_session`
+    started and computes their durations (services/ingest/derived_sessions.py)."""
+    start = events_of(translate(request(begin_session="1")))[0]
+    beat = translate(request(timestamp=str(T0 + 60_000), session_duration="60"))
+    end = translate(request(timestamp=str(T0 + 75_000), end_session="1", session_duration="15"))
 
-    start = events_of(begin)[0]
     (heartbeat,) = events_of(beat)
     (ending,) = events_of(end)
-    assert start.session_id == heartbeat.session_id == ending.session_id
+    assert start.session_id
+    assert start.session_rule == ingest_pb.SESSION_RULE_UNSPECIFIED
+    for event in (heartbeat, ending):
+        assert event.session_id == ""
+        assert event.session_rule == ingest_pb.SESSION_RULE_OPEN_SESSION
+    # Countly's own seconds, which ingest uses only for a session they start.
     assert heartbeat.session_heartbeat.duration.ToTimedelta() == timedelta(seconds=60)
-    assert ending.session_end.duration.ToTimedelta() == timedelta(seconds=75)
+    assert ending.session_end.duration.ToTimedelta() == timedelta(seconds=15)
     assert ending.event_time.ToDatetime(UTC) == at(T0 + 75_000)
 
 
 def test_each_begin_session_is_a_new_session() -> None:
-    book = countly.SessionBook()
-    first = events_of(translate(request(begin_session="1"), book))[0]
+    first = events_of(translate(request(begin_session="1")))[0]
     later = request(timestamp=str(T0 + 3_600_000), begin_session="1")
-    second = events_of(translate(later, book))[0]
+    second = events_of(translate(later))[0]
 
     assert first.session_id != second.session_id
 
 
-def test_heartbeat_of_a_session_the_book_does_not_know_starts_it_at_the_previous_beat() -> None:
-    book = countly.SessionBook()
-    (beat,) = events_of(translate(request(session_duration="60"), book))
-    (end,) = events_of(
-        translate(request(timestamp=str(T0 + 30_000), end_session="1", session_duration="30"), book)
-    )
-
-    assert beat.session_heartbeat.duration.ToTimedelta() == timedelta(seconds=60)
-    assert end.session_id == beat.session_id
-    assert end.session_end.duration.ToTimedelta() == timedelta(seconds=90)
-
-
 def test_a_retried_request_gives_the_same_ids_and_durations() -> None:
-    book = countly.SessionBook()
-    translate(request(begin_session="1"), book)
     end = request(timestamp=str(T0 + 10_000), end_session="1", session_duration="10")
 
-    assert events_of(translate(end, book)) == events_of(translate(end, book))
+    assert events_of(translate(end)) == events_of(translate(end))
 
 
 EVENTS = [
@@ -413,28 +399,21 @@ def test_an_empty_token_clears_it_and_android_tokens_are_android() -> None:
 
 
 def test_a_device_id_change_with_merge_logs_both_ids_in() -> None:
-    book = countly.SessionBook()
-    translate(request(device_id="anon-uuid", begin_session="1"), book)
     change = request(device_id="user-42", old_device_id="anon-uuid", timestamp=str(T0 + 20_000))
 
-    translation = translate(change, book)
+    translation = translate(change)
 
-    first, identify_old, identify_new, last = translation.steps
-    assert isinstance(first, Track)
-    assert isinstance(last, Track)
+    # No session event: the SDK's next heartbeat, under the new ID, finds no open session of
+    # that installation and starts one; ingest closes the old ID's after 30 idle minutes.
+    identify_old, identify_new = translation.steps
     assert isinstance(identify_old, Identify)
     assert isinstance(identify_new, Identify)
-    (end,) = first.events
-    assert (end.installation_id, end.WhichOneof("payload")) == ("anon-uuid", "session_end")
-    assert end.session_end.duration.ToTimedelta() == timedelta(seconds=20)
     assert identify_old == Identify("anon-uuid", "user-42", identify_old.request_id)
     assert identify_new == Identify("user-42", "user-42", identify_new.request_id)
     assert identify_old.request_id != identify_new.request_id
-    (start,) = last.events
-    assert (start.installation_id, start.WhichOneof("payload")) == ("user-42", "session_start")
     later = translate(request(device_id="user-42", timestamp=str(T0 + 50_000), session_duration=30))
     assert events_of(later)[0].installation_id == "user-42"
-    assert translate(change, book).steps[1:3] == translation.steps[1:3]
+    assert translate(change).steps == translation.steps
 
 
 def test_a_change_to_the_same_id_does_nothing() -> None:
@@ -552,28 +531,6 @@ def test_a_session_duration_that_is_not_a_number_is_rejected() -> None:
     assert reject.reason == countly.PARAMETER_INVALID
 
 
-def test_two_apps_with_the_same_device_id_have_their_own_sessions() -> None:
-    book = countly.SessionBook()
-    translate(request(begin_session="1"), book)
-    translate(request(app_key="app-key-2", timestamp=str(T0 + 50_000), begin_session="1"), book)
-
-    (end,) = events_of(
-        translate(request(timestamp=str(T0 + 60_000), end_session="1", session_duration=10), book)
-    )
-
-    assert end.session_end.duration.ToTimedelta() == timedelta(seconds=60)
-
-
-def test_the_book_forgets_the_least_recently_used_device_first() -> None:
-    book = countly.SessionBook(capacity=2)
-    for device in ("a", "b", "c"):
-        translate(request(device_id=device, begin_session="1"), book)
-
-    assert len(book) == 2
-    (beat,) = events_of(translate(request(device_id="a", session_duration="5"), book))
-    assert beat.session_heartbeat.duration.ToTimedelta() == timedelta(seconds=5)
-
-
 def test_query_form_json_and_multipart_parameters_are_read_alike() -> None:
     form = parameters("app_key=k&device_id=d", b"events=%5B%5D&device_id=e", FORM)
     as_json = parameters("app_key=k", b'{"device_id": "d", "metrics": {"_os": "iOS"}}', JSON)
@@ -606,42 +563,6 @@ def test_hostile_or_unreadable_parameters_are_refused(
 ) -> None:
     with pytest.raises(RequestInvalid):
         parameters(query, body, content_type)
-
-
-def test_a_heartbeat_after_the_end_of_a_session_does_not_extend_it() -> None:
-    book = countly.SessionBook()
-    translate(request(begin_session="1"), book)
-    ended = request(timestamp=str(T0 + 20_000), end_session="1", session_duration="20")
-    (end,) = events_of(translate(ended, book))
-    (retried_end,) = events_of(translate(ended, book))
-
-    (late,) = events_of(translate(request(timestamp=str(T0 + 90_000), session_duration=5), book))
-
-    assert retried_end == end
-    assert late.session_id != end.session_id
-    assert late.session_heartbeat.duration.ToTimedelta() == timedelta(seconds=5)
-
-
-def test_a_session_started_over_a_day_ago_is_not_continued() -> None:
-    book = countly.SessionBook()
-    translate(request(begin_session="1"), book)
-    day_later = str(T0 + 25 * 3_600_000)
-
-    (beat,) = events_of(translate(request(timestamp=day_later, session_duration=60), book))
-
-    assert beat.session_heartbeat.duration.ToTimedelta() == timedelta(seconds=60)
-
-
-def test_a_login_after_the_session_ended_starts_no_session() -> None:
-    book = countly.SessionBook()
-    translate(request(device_id="anon", begin_session="1"), book)
-    translate(request(device_id="anon", timestamp=str(T0 + 5_000), end_session="1"), book)
-
-    change = translate(
-        request(device_id="user-9", old_device_id="anon", timestamp=str(T0 + 9_000)), book
-    )
-
-    assert [type(step) for step in change.steps] == [Identify, Identify]
 
 
 @pytest.mark.parametrize(("ip_address", "kept"), [("198.51.100.4", "198.51.100.4"), ("?", "")])

@@ -194,3 +194,47 @@ async def test_a_flush_whose_answer_was_lost_is_retried_and_stored_once(edge: Ed
         await flush(client)
 
     await assert_lost_answer_is_retried(edge, "posthog", send, "ph-lost")
+
+
+async def test_push_subscriptions_in_posthogs_documented_shape_reach_the_installation(
+    edge: Edge,
+) -> None:
+    """What posthog-ios and posthog-android send (POST /api/push_subscriptions/ to register,
+    DELETE to unregister), as raw requests: the SDK under test (posthog-python) has no push."""
+    url = f"{edge.url}/api/push_subscriptions/"
+    body = {
+        "api_key": edge.sdk_key,
+        "distinct_id": "ph-phone",
+        "device_token": "ab" * 32,
+        "platform": "ios",
+        "app_id": "com.example.app",
+    }
+
+    async def send(method: str, payload: Any) -> requests.Response:
+        return await asyncio.to_thread(requests.request, method, url, json=payload, timeout=10)
+
+    registered = await send("POST", body)
+    again = await send("POST", body)  # every launch: stored once a day
+    assert (registered.status_code, again.status_code) == (200, 200)
+
+    async def token_is(present: bool) -> bool:
+        profile = await edge.profile(installation_id="ph-phone")
+        (installation,) = profile.installations
+        return installation.push_token_present is present
+
+    await eventually(lambda: token_is(True))
+    profile = await edge.profile(installation_id="ph-phone")
+    assert profile.installations[0].platform == types_pb2.PLATFORM_IOS
+    updates = [e for e in await edge.events(profile.summary.profile_id)]
+    assert len(updates) == 1
+
+    assert (await send("DELETE", body)).status_code == 200
+    await eventually(lambda: token_is(False))
+
+    missing = await send("POST", {k: v for k, v in body.items() if k != "device_token"})
+    assert missing.status_code == 400
+    assert "device_token" in missing.json()["detail"]
+    other_platform = await send("POST", {**body, "platform": "windows_phone"})
+    assert other_platform.status_code == 400
+    unknown_key = await send("POST", {**body, "api_key": "phc_unknown"})
+    assert unknown_key.status_code == 401

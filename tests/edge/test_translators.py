@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from profiles.common.v1 import types_pb2
+from profiles.ingest.v1 import ingest_service_pb2 as ingest_pb
 from services.edge.dialects import posthog, segment
 from services.edge.names import normalize_name
 from services.edge.steps import Identify, Reject, Track, scrub
@@ -50,15 +51,16 @@ def test_segment_track_with_both_ids_logs_in_then_tracks_on_the_installation() -
     assert steps[0] == Identify(
         "23adfd82-aa0f-45a7-a756-24f2a7a4c895", "97980cfea0067", steps[0].request_id
     )
-    start, custom = [e for e in events(steps) if not e.HasField("installation_update")]
-    assert start.HasField("session_start")
-    assert start.session_start.client_ip == "108.0.78.21"
+    (custom,) = [e for e in events(steps) if not e.HasField("installation_update")]
+    # No session ID: ingest derives the session, the IP giving its country.
+    assert custom.session_id == ""
+    assert custom.session_rule == ingest_pb.SESSION_RULE_INACTIVITY
+    assert custom.session_client_ip == "108.0.78.21"
     assert custom.event_id == "ajs-f8ca1e4de5024d9430b3928bd8ac6b96"
     assert custom.installation_id == "23adfd82-aa0f-45a7-a756-24f2a7a4c895"
     assert custom.platform == types_pb2.PLATFORM_WEB
     assert custom.custom.name == "course_clicked"
     assert custom.custom.attributes["title"].string_value == "Intro to Analytics"
-    assert custom.session_id == start.session_id
     assert custom.event_time.ToDatetime(UTC) == datetime(2030, 1, 15, 11, 59, 57, tzinfo=UTC)
     assert custom.send_time.ToDatetime(UTC) == datetime(2030, 1, 15, 11, 59, 58, tzinfo=UTC)
 
@@ -70,6 +72,7 @@ def test_segment_server_side_track_has_the_custom_id_as_origin_and_no_session() 
     assert only.custom_id == "u1"
     assert only.platform == types_pb2.PLATFORM_API
     assert only.session_id == ""
+    assert only.session_rule == ingest_pb.SESSION_RULE_UNSPECIFIED
     assert only.event_time.ToDatetime(UTC) == NOW
 
 
@@ -189,14 +192,18 @@ def test_segment_context_gives_installation_details_once_per_request() -> None:
     assert (update.push_token, update.language, update.timezone) == ("abc", "fr", "Europe/Paris")
 
 
-def test_derived_sessions_follow_thirty_minute_windows_of_event_time() -> None:
+def test_events_without_sdk_session_ask_ingest_to_derive_it_and_start_none() -> None:
     times = ["2030-01-15T10:00:00Z", "2030-01-15T10:20:00Z", "2030-01-15T10:31:00Z"]
     batch = [{"type": "track", "anonymousId": "a", "event": "E", "timestamp": t} for t in times]
     found = events(segment.translate_batch({"batch": batch}, NOW).steps)
-    starts = [e for e in found if e.HasField("session_start")]
+    assert not [e for e in found if e.HasField("session_start")]
     customs = [e for e in found if e.HasField("custom")]
-    assert len(starts) == 2
-    assert customs[0].session_id == customs[1].session_id != customs[2].session_id
+    assert [(e.session_id, e.session_rule) for e in customs] == [
+        ("", ingest_pb.SESSION_RULE_INACTIVITY)
+    ] * 3
+    capture = {"api_key": "k", "event": "clicked", "distinct_id": "d", "properties": {}}
+    (one,) = [e for e in events(posthog.translate(capture, NOW).steps) if e.HasField("custom")]
+    assert (one.session_id, one.session_rule) == ("", ingest_pb.SESSION_RULE_INACTIVITY)
 
 
 # PostHog's documented capture payloads (posthog.com/docs/api/capture).
@@ -330,3 +337,29 @@ def test_logins_of_a_batch_of_users_go_out_together_before_their_events() -> Non
     assert kinds(steps) == ["Identify", "Identify", "Identify", "Track", "Identify"]
     # a0's second login waits for a0's events sent before it.
     assert steps[4] == Identify("a0", "other", steps[4].request_id)  # type: ignore[union-attr]
+
+
+def test_posthog_push_subscriptions_set_and_clear_the_installations_token() -> None:
+    body = {
+        "api_key": "phc_key",
+        "distinct_id": "user-1",
+        "device_token": "fcm-token",
+        "platform": "android",
+        "app_id": "my-firebase-project",
+    }
+    subscription = posthog.push_subscription_of(body)
+    register = posthog.translate_push_subscription(subscription, NOW, register=True)
+    (added,) = events(register.steps)
+    (removed,) = events(
+        posthog.translate_push_subscription(subscription, NOW, register=False).steps
+    )
+    assert (added.installation_id, added.platform) == ("user-1", types_pb2.PLATFORM_ANDROID)
+    assert added.installation_update.push_token == "fcm-token"
+    assert added.installation_update.push_opt_in
+    assert removed.installation_update.HasField("push_token")
+    assert removed.installation_update.push_token == ""
+    assert not removed.installation_update.push_opt_in
+    assert added.event_id != removed.event_id
+    again = events(posthog.translate_push_subscription(subscription, NOW, register=True).steps)
+    assert again[0].event_id == added.event_id  # a retry is stored once
+    assert "fcm-token" not in repr(subscription)

@@ -15,7 +15,7 @@ from shared.db import MigrationError, load_migrations, migrate, migration_paths
 from tests.conftest import with_database
 
 # Tables that are not a tenant's data, so their key need not start with project_id.
-GLOBAL_TABLES = {"schema_migrations", "projects"}
+GLOBAL_TABLES = {"schema_migrations", "projects", "profile_hooks"}
 
 SCHEMA_QUERY = """
     SELECT table_name, column_name, data_type, is_nullable, column_default

@@ -1,4 +1,4 @@
-"""events and rejected_events partitioned by month (0013): partitions made ahead, the DEFAULT
+"""events and rejected_events partitioned by month (0024): partitions made ahead, the DEFAULT
 partition emptied into the months created over it, replicas maintaining at once, and retention
 (global by partition, per project by a bounded sweep) leaving the profile's totals exact."""
 
@@ -42,7 +42,7 @@ TOTALS = """
     SELECT event_count, crash_count FROM profile_event_counts
     WHERE project_id = $1 AND profile_id = $2"""
 
-# Totals with first and last event times (0014): what the profile view shows.
+# Totals with first and last event times (0025): what the profile view shows.
 STORED = """
     SELECT event_count, crash_count, first_event_time, last_event_time FROM profile_event_counts
     WHERE project_id = $1 AND profile_id = $2"""
@@ -263,7 +263,7 @@ async def test_a_merge_after_retention_gives_the_survivor_every_total_and_time(
             target,
         )
         await conn.execute(
-            "SELECT profiles_merge_profile_event_counts($1, $2, $3)", project_id, source, target
+            "SELECT ingest_merge_profile_event_counts($1, $2, $3)", project_id, source, target
         )
 
     assert await db.fetchrow(STORED, project_id, source) is None

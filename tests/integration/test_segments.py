@@ -32,7 +32,7 @@ from shared.clock import FrozenClock
 from shared.db import create_pool
 from shared.tenancy import TenancyRepository
 from shared.topics import EVENTS, IDENTITY
-from tests.api.test_segments_helpers import (
+from tests.support.segments import (
     ANDROID,
     IOS,
     deleted,

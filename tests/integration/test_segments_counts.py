@@ -12,12 +12,14 @@ from uuid import uuid4
 
 from services.segments.consumers import SweepWorker
 from services.segments.definitions import DefinitionsService
+from services.segments.definitions_repository import DefinitionsRepository
 from services.segments.model import RecomputePhase
-from services.segments.repository import DefinitionsRepository, SegmentsRepository
+from services.segments.repository import SegmentsRepository
 from services.segments.service import SegmentsService
 from shared.tenancy import TenancyRepository
 from shared.topics import EVENTS, IDENTITY
-from tests.api.test_segments_helpers import (
+from tests.integration.test_segments import Harness, at, harness
+from tests.support.segments import (
     ANDROID,
     IOS,
     WEB,
@@ -28,7 +30,6 @@ from tests.api.test_segments_helpers import (
     publish_identity,
     session,
 )
-from tests.integration.test_segments import Harness, at, harness
 
 __all__ = ["harness"]
 

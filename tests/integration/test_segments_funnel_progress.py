@@ -15,16 +15,14 @@ import asyncpg
 import pytest
 
 from services.segments.filter_sql import SqlBuilder, event_condition_sql
-from services.segments.model import (
+from services.segments.filters import (
     OPERATOR_TYPES,
     AttributeTest,
-    FunnelStep,
     Operand,
     Operator,
-    best_attempt,
     filter_to_json,
-    steps_to_json,
 )
+from services.segments.funnels import FunnelStep, best_attempt, steps_to_json
 from shared.db import create_pool
 
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
@@ -282,7 +280,7 @@ async def test_step_conditions_in_sql_agree_with_the_compiled_filters(
 
 # Rows the current transaction read from events and each of its indexes so far: scanned table
 # rows, heap rows fetched through an index, and index entries returned (events is partitioned,
-# 0013: its partitions and their indexes hold the rows and the counts).
+# 0024: its partitions and their indexes hold the rows and the counts).
 EVENTS_ROWS_READ = """
     WITH tables AS (
         SELECT 'events'::regclass::oid AS oid

@@ -10,12 +10,14 @@ from typing import Any
 from uuid import UUID
 
 from services.segments.definitions import DefinitionsService
+from services.segments.definitions_repository import DefinitionsRepository
 from services.segments.model import RecomputePhase
-from services.segments.repository import DefinitionsRepository, SegmentsRepository
+from services.segments.repository import SegmentsRepository
 from services.segments.service import SegmentsService
 from shared.tenancy import TenancyRepository
 from shared.topics import EVENTS
-from tests.api.test_segments_helpers import (
+from tests.integration.test_segments import Harness, at, harness
+from tests.support.segments import (
     ANDROID,
     IOS,
     WEB,
@@ -24,7 +26,6 @@ from tests.api.test_segments_helpers import (
     session,
     time_zone_event,
 )
-from tests.integration.test_segments import Harness, at, harness
 
 __all__ = ["harness"]
 

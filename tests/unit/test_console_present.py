@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from google.protobuf import duration_pb2
+from datetime import UTC, datetime
+
+from google.protobuf import duration_pb2, timestamp_pb2
 
 from profiles.common.v1 import types_pb2
-from profiles.query.v1 import timeline_pb2
+from profiles.query.v1 import overview_pb2, timeline_pb2
+from profiles.query.v1 import query_service_pb2 as query_pb
 from profiles.segments.v1 import filters_pb2
 from services.console import present
 from services.console.pages import _safe_next, lookups
@@ -24,6 +27,59 @@ def test_durations_and_values_read_as_a_person_expects() -> None:
     assert present.attribute_value(types_pb2.AttributeValue(bool_value=False)) == "false"
     listed = types_pb2.AttributeValue(string_list_value=types_pb2.StringList(values=["a", "b"]))
     assert present.attribute_value(listed) == "a, b"
+
+
+def test_a_time_reads_the_same_from_a_timestamp_and_a_datetime() -> None:
+    moment = datetime(2026, 12, 2, 20, 31, 5, 987_000, tzinfo=UTC)
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromDatetime(moment)
+    assert present.when(stamp) == present.when(moment) == "2026-12-02 20:31:05 UTC"
+    before_1970 = timestamp_pb2.Timestamp(seconds=-86_400)
+    assert present.when(before_1970) == "1969-12-31 00:00:00 UTC"
+    assert present.when(timestamp_pb2.Timestamp()) == present.when(None) == "—"
+
+
+def test_a_users_table_row_marks_user_details_without_a_custom_id() -> None:
+    def row(**fields: object) -> query_pb.ProfileRow:
+        return query_pb.ProfileRow(profile_id="0123456789abcdef", **fields)  # type: ignore[arg-type]
+
+    email_only = row(anonymous=True, has_user_details=True)
+    named = row(anonymous=True, first_name="Ana", has_user_details=True)
+    identified = row(custom_id="u-1", first_name="Ana", has_user_details=True)
+    bare = row(anonymous=True)
+    marked = [
+        r.details_without_id for r in present.user_rows([email_only, named, identified, bare])
+    ]
+    assert marked == [True, True, False, False]
+    full = row(
+        anonymous=True,
+        first_name="Ana",
+        last_name="Lopez",
+        device_model="Pixel 8",
+        platform=types_pb2.PLATFORM_ANDROID,
+        session_count=3,
+        total_time_spent=duration_pb2.Duration(seconds=65),
+        smart_segment=3,
+        smart_segment_flag=3,
+    )
+    (line,) = present.user_rows([full])
+    assert (line.name, line.device, line.platform, line.sessions) == (
+        "Ana Lopez",
+        "Pixel 8",
+        "Android",
+        3,
+    )
+    assert (line.last_seen, line.time_spent) == ("—", "1 min 05 s")
+    assert line.segment == "Engaged · Risky Engaged"
+    (nothing,) = present.user_rows([bare])
+    assert (nothing.name, nothing.device, nothing.platform) == ("Anonymous 01234567", "—", "")
+
+
+def test_a_native_segment_value_reads_as_words() -> None:
+    assert present.breakdown_value(overview_pb2.ValueCount(value="PLATFORM_WEB")) == "Web"
+    version = overview_pb2.ValueCount(value="4.2.0", platform=types_pb2.PLATFORM_IOS)
+    assert present.breakdown_value(version) == "4.2.0 (iOS)"
+    assert present.breakdown_value(overview_pb2.ValueCount(value="fr")) == "fr"
 
 
 def test_a_segment_definition_reads_as_a_sentence() -> None:

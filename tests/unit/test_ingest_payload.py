@@ -10,7 +10,8 @@ from google.protobuf import json_format
 
 from profiles.common.v1 import bus_pb2, types_pb2
 from profiles.ingest.v1 import ingest_service_pb2 as pb
-from services.ingest.validation import ValidEvent, custom_payload, validate_event
+from services.ingest.payloads import custom_payload
+from services.ingest.validation import ValidEvent, validate_event
 
 NOW = datetime(2030, 6, 1, 12, 0, tzinfo=UTC)
 

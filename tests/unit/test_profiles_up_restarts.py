@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from profiles.up import CRASH_LIMIT, CRASH_WINDOW_SECONDS, Restarts, describe_exit
+from profiles_cli.up import CRASH_LIMIT, CRASH_WINDOW_SECONDS, Restarts, describe_exit
 
 
 def test_a_service_that_keeps_dying_waits_longer_each_time_then_is_given_up() -> None:

@@ -14,7 +14,8 @@ from services.segments.convert import (
     segment_definition_from_proto,
 )
 from services.segments.errors import DefinitionInvalid
-from services.segments.model import best_attempt, filter_from_json, filter_to_json
+from services.segments.filters import filter_from_json, filter_to_json
+from services.segments.funnels import best_attempt
 
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 HOUR = timedelta(hours=1)

@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from services.segments.filter_sql import SqlBuilder, compile_filter
-from services.segments.model import (
+from services.segments.filters import (
     SETTLE_AFTER_CREATION,
     TIME_DEPENDENT_EVALUATION_INTERVAL,
     TIME_INDEPENDENT_EVALUATION_INTERVAL,
@@ -25,11 +25,11 @@ from services.segments.model import (
     SeenTest,
     SmartSegmentTest,
     SubscriptionTest,
-    Thresholds,
     depends_on_time,
     size_exact_as_of,
     sweep_due,
 )
+from services.segments.model import Thresholds
 
 NOW = datetime(2024, 3, 20, 12, 0, tzinfo=UTC)
 PLAN = AttributeTest(False, "plan", Operator.EQUALS, Operand("string", "pro"))

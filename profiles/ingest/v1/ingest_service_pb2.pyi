@@ -24,6 +24,74 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _SessionRule:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _SessionRuleEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SessionRule.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SESSION_RULE_UNSPECIFIED: _SessionRule.ValueType  # 0
+    """No rule: an event without `session_id` belongs to no session."""
+    SESSION_RULE_INACTIVITY: _SessionRule.ValueType  # 1
+    """A new session after 30 minutes without events: the event joins the installation's derived
+    session (one made by this rule) whose events it is less than 30 minutes from, widening it
+    (start, last activity, duration = last activity - start), or else starts a new derived
+    session whose ID is derived from the installation and the event's `event_id` (so a retry
+    finds the same one). Events of explicit sessions do not count. Exact ("sessions are the
+    maximal runs of the installation's rule events with gaps under 30 minutes") when an
+    installation's events arrive in event-time order (any batching); a late event within 30
+    minutes of a session extends it, backwards too. A late event less than 30 minutes from two
+    sessions (it closes the gap between them) joins the earlier one and the two stay apart:
+    stored sessions are never merged or split, so sessions already published keep their IDs.
+    A new derived session is published with a session start (event ID
+    `session_start:<hex>`, at its first event) and closed like any session, 30 minutes after
+    its last activity. Its country is resolved from the `session_client_ip` of the event that
+    started it, when set.
+    """
+    SESSION_RULE_OPEN_SESSION: _SessionRule.ValueType  # 2
+    """The installation's open session, for SDKs that send session starts with an ID but
+    heartbeats, ends and events without (Countly): the session of the installation (any rule)
+    that started at or before the event, has not ended before it, and was active less than 30
+    minutes before it; the latest started when several. A heartbeat or end attached to it gets
+    the session's duration at the event (its duration so far plus the time since its last
+    activity, at least `event_time - start`; at most 24 hours), replacing the one sent.
+    With no open session, a heartbeat or end starts a new session (ID derived from the
+    installation and `event_id`) with the duration sent, and any other event gets no session.
+    """
+
+class SessionRule(_SessionRule, metaclass=_SessionRuleEnumTypeWrapper):
+    """How ingest derives the session of an event sent without a session ID (Event.session_rule)."""
+
+SESSION_RULE_UNSPECIFIED: SessionRule.ValueType  # 0
+"""No rule: an event without `session_id` belongs to no session."""
+SESSION_RULE_INACTIVITY: SessionRule.ValueType  # 1
+"""A new session after 30 minutes without events: the event joins the installation's derived
+session (one made by this rule) whose events it is less than 30 minutes from, widening it
+(start, last activity, duration = last activity - start), or else starts a new derived
+session whose ID is derived from the installation and the event's `event_id` (so a retry
+finds the same one). Events of explicit sessions do not count. Exact ("sessions are the
+maximal runs of the installation's rule events with gaps under 30 minutes") when an
+installation's events arrive in event-time order (any batching); a late event within 30
+minutes of a session extends it, backwards too. A late event less than 30 minutes from two
+sessions (it closes the gap between them) joins the earlier one and the two stay apart:
+stored sessions are never merged or split, so sessions already published keep their IDs.
+A new derived session is published with a session start (event ID
+`session_start:<hex>`, at its first event) and closed like any session, 30 minutes after
+its last activity. Its country is resolved from the `session_client_ip` of the event that
+started it, when set.
+"""
+SESSION_RULE_OPEN_SESSION: SessionRule.ValueType  # 2
+"""The installation's open session, for SDKs that send session starts with an ID but
+heartbeats, ends and events without (Countly): the session of the installation (any rule)
+that started at or before the event, has not ended before it, and was active less than 30
+minutes before it; the latest started when several. A heartbeat or end attached to it gets
+the session's duration at the event (its duration so far plus the time since its last
+activity, at least `event_time - start`; at most 24 hours), replacing the one sent.
+With no open session, a heartbeat or end starts a new session (ID derived from the
+installation and `event_id`) with the duration sent, and any other event gets no session.
+"""
+Global___SessionRule: _TypeAlias = SessionRule  # noqa: Y015
+
 class _EventOutcome:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -324,6 +392,8 @@ class Event(_message.Message):
     SEND_TIME_FIELD_NUMBER: _builtins.int
     PLATFORM_FIELD_NUMBER: _builtins.int
     SESSION_ID_FIELD_NUMBER: _builtins.int
+    SESSION_RULE_FIELD_NUMBER: _builtins.int
+    SESSION_CLIENT_IP_FIELD_NUMBER: _builtins.int
     CUSTOM_FIELD_NUMBER: _builtins.int
     SESSION_START_FIELD_NUMBER: _builtins.int
     SESSION_HEARTBEAT_FIELD_NUMBER: _builtins.int
@@ -350,8 +420,24 @@ class Event(_message.Message):
     platform: _types_pb2.Platform.ValueType
     """The platform the event comes from. Required (PLATFORM_MISSING); backends use PLATFORM_API."""
     session_id: _builtins.str
-    """The client's session ID, at most 64 characters. Required on session start, heartbeat and
-    end (they are matched by it); optional on other events, which it ties to a session.
+    """The client's session ID, at most 64 characters. Required on session start, and on
+    heartbeat and end unless `session_rule` is SESSION_RULE_OPEN_SESSION (they are matched by
+    it); optional on other events, which it ties to a session.
+    """
+    session_rule: Global___SessionRule.ValueType
+    """How ingest finds the session of an event sent with an empty `session_id`, for clients that
+    send no session IDs (edge gateways). Ignored when `session_id` is set and for server-side
+    events (`custom_id` origin). Defaults to SESSION_RULE_UNSPECIFIED: no session. Ingest
+    applies the rule in the transaction that stores the event, holding a lock on the
+    installation, so concurrent batches and retries of the same installation are answered as if
+    they came one after the other, and a retried event (DUPLICATE) changes no session.
+    """
+    session_client_ip: _builtins.str
+    """With SESSION_RULE_INACTIVITY: the client's IP address (IPv4 or IPv6 text), set only by an
+    edge gateway from the connection or the SDK's message, so that a derived session this event
+    starts gets a country, resolved offline (as SessionStart.client_ip); then the IP is
+    dropped. It is never stored, logged or published. Ignored otherwise; a malformed address
+    rejects the event (VALUE_INVALID).
     """
     @_builtins.property
     def event_time(self) -> _timestamp_pb2.Timestamp:
@@ -415,6 +501,8 @@ class Event(_message.Message):
         send_time: _timestamp_pb2.Timestamp | None = ...,
         platform: _types_pb2.Platform.ValueType = ...,
         session_id: _builtins.str = ...,
+        session_rule: Global___SessionRule.ValueType = ...,
+        session_client_ip: _builtins.str = ...,
         custom: Global___CustomEvent | None = ...,
         session_start: Global___SessionStart | None = ...,
         session_heartbeat: Global___SessionHeartbeat | None = ...,
@@ -427,7 +515,7 @@ class Event(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["attribute_operations", b"attribute_operations", "crash", b"crash", "custom", b"custom", "custom_id", b"custom_id", "event_time", b"event_time", "installation_id", b"installation_id", "installation_update", b"installation_update", "origin", b"origin", "payload", b"payload", "send_time", b"send_time", "session_end", b"session_end", "session_heartbeat", b"session_heartbeat", "session_start", b"session_start", "subscription_change", b"subscription_change", "untranslated", b"untranslated"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attribute_operations", b"attribute_operations", "crash", b"crash", "custom", b"custom", "custom_id", b"custom_id", "event_id", b"event_id", "event_time", b"event_time", "installation_id", b"installation_id", "installation_update", b"installation_update", "origin", b"origin", "payload", b"payload", "platform", b"platform", "send_time", b"send_time", "session_end", b"session_end", "session_heartbeat", b"session_heartbeat", "session_id", b"session_id", "session_start", b"session_start", "subscription_change", b"subscription_change", "untranslated", b"untranslated"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attribute_operations", b"attribute_operations", "crash", b"crash", "custom", b"custom", "custom_id", b"custom_id", "event_id", b"event_id", "event_time", b"event_time", "installation_id", b"installation_id", "installation_update", b"installation_update", "origin", b"origin", "payload", b"payload", "platform", b"platform", "send_time", b"send_time", "session_client_ip", b"session_client_ip", "session_end", b"session_end", "session_heartbeat", b"session_heartbeat", "session_id", b"session_id", "session_rule", b"session_rule", "session_start", b"session_start", "subscription_change", b"subscription_change", "untranslated", b"untranslated"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_origin: _TypeAlias = _typing.Literal["installation_id", "custom_id"]  # noqa: Y015
     _WhichOneofArgType_origin: _TypeAlias = _typing.Literal["origin", b"origin"]  # noqa: Y015

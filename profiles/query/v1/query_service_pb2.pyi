@@ -302,6 +302,7 @@ class ProfileRow(_message.Message):
     COUNTRY_FIELD_NUMBER: _builtins.int
     SMART_SEGMENT_FIELD_NUMBER: _builtins.int
     SMART_SEGMENT_FLAG_FIELD_NUMBER: _builtins.int
+    HAS_USER_DETAILS_FIELD_NUMBER: _builtins.int
     profile_id: _builtins.str
     """The profile's ID, a UUID string."""
     custom_id: _builtins.str
@@ -324,6 +325,11 @@ class ProfileRow(_message.Message):
     """The main smart segment, as of the read."""
     smart_segment_flag: _types_pb2.SmartSegmentFlag.ValueType
     """The smart segment flag, as of the read."""
+    has_user_details: _builtins.bool
+    """True when the profile has user details: a first or last name, an email or a phone number
+    (what PROFILE_IDENTITY_FILTER_HAS_USER_DETAILS selects). With `anonymous`, it tells a person
+    known by their details but not yet by a custom ID.
+    """
     @_builtins.property
     def last_seen_time(self) -> _timestamp_pb2.Timestamp:
         """The latest event of any kind; unset when the profile has none."""
@@ -348,10 +354,11 @@ class ProfileRow(_message.Message):
         country: _builtins.str = ...,
         smart_segment: _types_pb2.SmartSegment.ValueType = ...,
         smart_segment_flag: _types_pb2.SmartSegmentFlag.ValueType = ...,
+        has_user_details: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["last_seen_time", b"last_seen_time", "total_time_spent", b"total_time_spent"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["anonymous", b"anonymous", "country", b"country", "custom_id", b"custom_id", "device_model", b"device_model", "first_name", b"first_name", "last_name", b"last_name", "last_seen_time", b"last_seen_time", "platform", b"platform", "profile_id", b"profile_id", "session_count", b"session_count", "smart_segment", b"smart_segment", "smart_segment_flag", b"smart_segment_flag", "total_time_spent", b"total_time_spent"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["anonymous", b"anonymous", "country", b"country", "custom_id", b"custom_id", "device_model", b"device_model", "first_name", b"first_name", "has_user_details", b"has_user_details", "last_name", b"last_name", "last_seen_time", b"last_seen_time", "platform", b"platform", "profile_id", b"profile_id", "session_count", b"session_count", "smart_segment", b"smart_segment", "smart_segment_flag", b"smart_segment_flag", "total_time_spent", b"total_time_spent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

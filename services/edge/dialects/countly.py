@@ -19,15 +19,14 @@ import hashlib
 import ipaddress
 import json
 import re
-from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeAlias
 
 from profiles.common.v1 import types_pb2
 from profiles.ingest.v1 import ingest_service_pb2 as ingest_pb
-from services.edge.build import derived_id, language_of, rejection, timestamp
+from services.edge.build import derived_id, language_of, rejection
 from services.edge.names import flatten, normalize_name
 from services.edge.platforms import API, platform_of
 from services.edge.properties import attribute_value, custom_attributes
@@ -39,6 +38,7 @@ from services.edge.steps import (
     Track,
     Translation,
 )
+from shared.convert import set_timestamp
 
 DIALECT = "countly"
 
@@ -124,9 +124,6 @@ _MILLISECONDS_ABOVE = 100_000_000_000
 # which days are counted in until an SDK sends a real zone.
 _ETC_GMT_OFFSETS = range(-12, 15)
 
-# The contract's longest session.
-_MAX_SESSION = timedelta(hours=24)
-
 
 @dataclass(frozen=True, slots=True)
 class _Request:
@@ -138,15 +135,6 @@ class _Request:
     time: datetime  # when the request was made (its `timestamp`, else when it was received)
     platform: _Platform
     client_ip: str
-    sessions: tuple[SessionBook, str]  # the edge's book and the app's scope in it
-
-    def session(self, device_id: str) -> OpenSession | None:
-        book, scope = self.sessions
-        return book.get((scope, device_id))
-
-    def remember(self, session: OpenSession) -> None:
-        book, scope = self.sessions
-        book.put((scope, self.device_id), session)
 
 
 @dataclass(slots=True)
@@ -214,15 +202,11 @@ def translate(
     *,
     receive_time: datetime,
     client_ip: str = "",
-    sessions: SessionBook | None = None,
 ) -> Translation:
-    """The steps of one `/i` request; `sessions` is the edge's book of open sessions (a
-    throwaway one when None). Raises RequestInvalid as `check_request` does."""
+    """The steps of one `/i` request. Raises RequestInvalid as `check_request` does."""
     device_id = check_request(params)
     output = _Output()
-    book = SessionBook() if sessions is None else sessions
-    scope = _scope(str(params["app_key"]))
-    _translate_request(params, device_id, receive_time, client_ip, (book, scope), output)
+    _translate_request(params, device_id, receive_time, client_ip, output)
     output.flush()
     return Translation(steps=tuple(output.steps), message_count=output.message_count)
 
@@ -232,7 +216,6 @@ def translate_bulk(
     *,
     receive_time: datetime,
     client_ip: str = "",
-    sessions: SessionBook | None = None,
 ) -> Translation:
     """The steps of one `/i/bulk` request: each of its `requests` translated as an `/i`
     request, in order. A bulk request that is not one of the caller's app key, or has no
@@ -240,8 +223,6 @@ def translate_bulk(
     RequestInvalid (400) when `requests` is missing or not a JSON list."""
     requests = check_bulk(params)
     app_key = request_app_key(params)
-    book = SessionBook() if sessions is None else sessions
-    scope = _scope(app_key)
     output = _Output()
     for index, entry in enumerate(requests):
         if not isinstance(entry, Mapping):
@@ -259,7 +240,7 @@ def translate_bulk(
             why = f"requests[{index}] has no usable device_id"
             output.step(_reject(DEVICE_ID_MISSING, why, entry))
         else:
-            _translate_request(entry, device_id, receive_time, client_ip, (book, scope), output)
+            _translate_request(entry, device_id, receive_time, client_ip, output)
     output.flush()
     return Translation(steps=tuple(output.steps), message_count=output.message_count)
 
@@ -273,7 +254,6 @@ def _translate_request(
     device_id: str,
     receive_time: datetime,
     client_ip: str,
-    sessions: tuple[SessionBook, str],
     output: _Output,
 ) -> None:
     """Appends the steps of one request in the order Countly's server applies it: the device
@@ -289,7 +269,6 @@ def _translate_request(
         time=_time(stamp) or receive_time,
         platform=_platform(params.get("sdk_name"), metrics.get("_os")),
         client_ip=_ip(params.get("ip_address")) or client_ip,
-        sessions=sessions,
     )
     _device_id_change(request, output)
     if _flag(params.get("begin_session")):
@@ -316,75 +295,32 @@ def _device_id_change(request: _Request, output: _Output) -> None:
     history joins the identified profile), then the new device ID, as an installation, logs in
     too, so that later requests under it land on that profile with their platform. Both are
     Identify: a retried request changes nothing more. The SDK's session goes on under the new
-    ID: the old installation's session ends and the new one's starts at the change. A change
+    ID: its next heartbeat starts a session of the new installation (which has none open), and
+    ingest closes the old installation's 30 minutes after its last heartbeat. A change
     without merge sends nothing to the server; the new device ID is then simply a new
     installation on a new anonymous profile, as after Countly's logout."""
     old_device_id = _device_id(request.params.get("old_device_id"))
     if old_device_id is None or old_device_id == request.device_id:
         return
     new_id = request.device_id
-    old_request = replace(request, device_id=old_device_id)
-    session = request.session(old_device_id)
-    # Only a session still open at the change (or ended by this very request, retried).
-    if session is not None and (
-        session.start_time > request.time
-        or (session.end_time is not None and session.end_time != request.time)
-    ):
-        session = None
-    if session is not None:
-        _end_session(old_request, output, session, "old_device_id", new_id)
     output.message_count += 1
     for installation_id in (old_device_id, new_id):
         request_id = derived_id("identify", installation_id, new_id, request.stamp)
         output.step(
             Identify(installation_id=installation_id, custom_id=new_id, request_id=request_id)
         )
-    if session is not None and not _flag(request.params.get("begin_session")):
-        _session_start(request, output)
 
 
 # ---------------------------------------------------------------------------------------------
 # Sessions
 
 
-@dataclass(frozen=True, slots=True)
-class OpenSession:
-    """A device's current Countly session: the contract session ID its start was given, when
-    it started (the begin_session request's time) and, once ended, when (kept so that a
-    retried end is translated as the first)."""
-
-    session_id: str
-    start_time: datetime
-    end_time: datetime | None = None
-
-
-class SessionBook:
-    """The devices' current sessions, in memory, at most `capacity` (least recently used
-    forgotten first). Countly sends no session ID, and `session_duration` is the time since
-    the previous request, not since the start: heartbeats and ends are tied to their start
-    through this book, and their durations computed from its start time. Writing the same
-    entry again is harmless, so a retried request changes nothing. A device the book does not
-    know (the edge restarted mid-session) gets a session from its first heartbeat or end."""
-
-    def __init__(self, capacity: int = 100_000) -> None:
-        self._capacity = capacity
-        self._sessions: OrderedDict[tuple[str, str], OpenSession] = OrderedDict()
-
-    def get(self, key: tuple[str, str]) -> OpenSession | None:
-        """The session of (app scope, device ID), if the book knows it."""
-        found = self._sessions.get(key)
-        if found is not None:
-            self._sessions.move_to_end(key)
-        return found
-
-    def put(self, key: tuple[str, str], session: OpenSession) -> None:
-        self._sessions[key] = session
-        self._sessions.move_to_end(key)
-        while len(self._sessions) > self._capacity:
-            self._sessions.popitem(last=False)
-
-    def __len__(self) -> int:
-        return len(self._sessions)
+# Countly's sessions carry no ID, and `session_duration` is the time since the previous request,
+# not since the start. The start gets an ID derived from the device and the request; heartbeats
+# and ends ask ingest for the device's open session (SESSION_RULE_OPEN_SESSION), which ingest
+# finds, and whose duration it computes, in the transaction that stores them: the edge keeps no
+# session state, so any replica may serve any request. The duration they carry is Countly's,
+# used by ingest only for a session they start (no open one: its start was lost or is stale).
 
 
 def _session_start(request: _Request, output: _Output) -> None:
@@ -392,30 +328,11 @@ def _session_start(request: _Request, output: _Output) -> None:
     `country_code` is a free-form override that ingest would refuse when it is not ISO 3166
     ("UK"), which would cost the session its start."""
     start = ingest_pb.SessionStart(client_ip=request.client_ip)
-    session = OpenSession(derived_id("session", request.device_id, request.stamp), request.time)
-    request.remember(session)
     event = _event(request, output, "begin_session")
-    event.session_id = session.session_id
+    event.session_id = derived_id("session", request.device_id, request.stamp)
     event.session_start.CopyFrom(start)
     output.message_count += 1
     output.event(event)
-
-
-def _current_session(request: _Request, seconds: int) -> OpenSession:
-    """The device's session; one starting `seconds` before this request when the book does
-    not know the device, or knows only a session that ended before this request or started
-    over the contract's longest session ago."""
-    session = request.session(request.device_id)
-    if (
-        session is None
-        or session.start_time > request.time
-        or request.time - session.start_time > _MAX_SESSION
-        or (session.end_time is not None and session.end_time < request.time)
-    ):
-        start_time = request.time - timedelta(seconds=seconds)
-        session = OpenSession(derived_id("session", request.device_id, request.stamp), start_time)
-        request.remember(session)
-    return session
 
 
 def _session_heartbeat(request: _Request, output: _Output) -> None:
@@ -423,10 +340,9 @@ def _session_heartbeat(request: _Request, output: _Output) -> None:
     if seconds is None:
         _reject_param(request, output, "session_duration", "not a number of seconds")
         return
-    session = _current_session(request, seconds)
     event = _event(request, output, "session_duration", seconds)
-    event.session_id = session.session_id
-    event.session_heartbeat.duration.FromTimedelta(request.time - session.start_time)
+    event.session_rule = ingest_pb.SESSION_RULE_OPEN_SESSION
+    event.session_heartbeat.duration.FromTimedelta(_capped(seconds))
     output.message_count += 1
     output.event(event)
 
@@ -436,17 +352,16 @@ def _session_end(request: _Request, output: _Output) -> None:
     if seconds is None:
         _reject_param(request, output, "session_duration", "not a number of seconds")
         return
-    _end_session(request, output, _current_session(request, seconds), "end_session", seconds)
-
-
-def _end_session(request: _Request, output: _Output, session: OpenSession, *content: Any) -> None:
-    request.remember(replace(session, end_time=request.time))
-    duration = min(request.time - session.start_time, _MAX_SESSION)
-    event = _event(request, output, *content)
-    event.session_id = session.session_id
-    event.session_end.duration.FromTimedelta(duration)
+    event = _event(request, output, "end_session", seconds)
+    event.session_rule = ingest_pb.SESSION_RULE_OPEN_SESSION
+    event.session_end.duration.FromTimedelta(_capped(seconds))
     output.message_count += 1
     output.event(event)
+
+
+def _capped(seconds: int) -> timedelta:
+    """Countly's seconds within the contract's 0 to 24 hours."""
+    return timedelta(seconds=min(max(seconds, 0), 24 * 3600))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -750,7 +665,7 @@ def _one_event(request: _Request, output: _Output, index: int, item: Any) -> Non
         custom=ingest_pb.CustomEvent(name=name, attributes=attributes.values),
     )
     stamp = _stamp(item.get("timestamp"))
-    event.event_time.CopyFrom(timestamp(_time(stamp) or request.time))
+    set_timestamp(event.event_time, _time(stamp) or request.time)
     output.message_count += 1
     output.event(event)
 
@@ -767,7 +682,7 @@ def _event(request: _Request, output: _Output, *content: Any) -> ingest_pb.Event
     event = ingest_pb.Event(
         event_id=event_id, installation_id=request.device_id, platform=request.platform
     )
-    event.event_time.CopyFrom(timestamp(request.time))
+    set_timestamp(event.event_time, request.time)
     return event
 
 
@@ -819,12 +734,6 @@ def _json(value: Any) -> Any:
         except ValueError:
             return None
     return value
-
-
-def _scope(app_key: str) -> str:
-    """What the session book files an app's devices under: two apps may have a device ID in
-    common. A digest, so that the book holds no key."""
-    return hashlib.sha256(app_key.encode()).hexdigest()[:24]
 
 
 def _device_id(value: Any) -> str | None:
@@ -922,7 +831,6 @@ def _timezone(offset: Any) -> str:
 
 __all__: Sequence[str] = (
     "DIALECT",
-    "SessionBook",
     "check_bulk",
     "check_request",
     "request_app_key",

@@ -18,22 +18,31 @@ contract. Pure: a parsed body in, steps out. The rule table is in docs/edge.md.
   session's country (never stored); the rest are dropped.
 - `uuid` is the event ID; `timestamp` with `sent_at` gives skew correction; `$session_id` is the
   session (else a derived one, see services/edge/build.py).
+- Push tokens: PostHog's mobile SDKs (posthog-ios, posthog-android, posthog-react-native,
+  posthog-flutter) register the device token with `POST /api/push_subscriptions/`, a JSON body
+  of `api_key`, `distinct_id`, `device_token`, `platform` ("ios" or "android") and `app_id`,
+  and unregister it with `DELETE` and the same body: the token (or its removal) goes to the
+  installation `distinct_id`, with the platform given (`translate_push_subscription`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 from profiles.common.v1 import types_pb2
 from services.edge.build import (
+    NO_SESSION,
     Details,
     Origin,
     StepBuilder,
     attribute_events,
     custom_event,
     derived_id,
+    derived_session,
+    event,
     identifier,
     language_of,
     message_id,
@@ -41,12 +50,11 @@ from services.edge.build import (
     rejection,
     text,
     trait_operations,
-    window_session_id,
 )
 from services.edge.names import normalize_name
 from services.edge.platforms import platform_of
 from services.edge.properties import custom_attributes
-from services.edge.steps import Translation
+from services.edge.steps import RequestInvalid, Translation
 
 DIALECT = "posthog"
 MAX_REQUEST_BYTES = 5 * 1024 * 1024
@@ -148,7 +156,7 @@ def _translate(
 
     origin = Origin(installation_id, "", platform, event_time, send_time)
     activity = name_text not in LOGIN_EVENTS and name_text not in ATTRIBUTE_ONLY_EVENTS
-    session_id = ""
+    session = NO_SESSION
     if activity:
         # Logins and $set calls often come from a server SDK on the user's behalf: they are not
         # the device's activity, so neither its details nor a session come from them.
@@ -157,8 +165,11 @@ def _translate(
             # them to its host's), not the user's device.
             builder.details(origin, _details(properties))
         ip = text(message.get("ip")) or text(properties.get("$ip")) or connection_ip
-        session = text(properties.get("$session_id"))[:64] or window_session_id(event_time)
-        session_id = builder.session(origin, session, ip)
+        sdk_session = text(properties.get("$session_id"))[:64]
+        if sdk_session:
+            session = builder.session(origin, sdk_session, ip)
+        else:  # ingest derives it (30 minutes without events): see build.py
+            session = derived_session(origin, ip)
 
     operations = []
     for key, kind in (
@@ -194,7 +205,7 @@ def _translate(
     if name_text == "$pageview" and isinstance(properties.get("$current_url"), str):
         attributes.values.setdefault("url", _url_value(properties["$current_url"]))
     label = text(properties.get("$screen_name")) if name_text == "$screen" else ""
-    builder.add(custom_event(event_id, origin, session_id, name, attributes.values, label))
+    builder.add(custom_event(event_id, origin, session, name, attributes.values, label))
 
 
 def _url_value(url: str) -> types_pb2.AttributeValue:
@@ -209,3 +220,61 @@ def _details(properties: Mapping[str, Any]) -> Details:
         language=language_of(properties.get("$locale") or properties.get("$browser_language")),
         timezone=text(properties.get("$timezone")),
     )
+
+
+# PostHog's push subscription platforms (its API refuses any other with 400).
+PUSH_PLATFORMS = {"ios": types_pb2.PLATFORM_IOS, "android": types_pb2.PLATFORM_ANDROID}
+
+
+@dataclass(frozen=True, slots=True)
+class PushSubscription:
+    """A push subscription request's fields (`device_token` is a secret: never logged)."""
+
+    distinct_id: str
+    device_token: str = field(repr=False)
+    platform: int
+    app_id: str
+
+
+def push_subscription_of(body: Any) -> PushSubscription:
+    """The fields of a push subscription body. Raises RequestInvalid (400, as PostHog answers)
+    without `distinct_id`, `device_token`, `platform` or `app_id`, or with another platform
+    than "ios" or "android"."""
+    if not isinstance(body, dict):
+        raise RequestInvalid("The body is not a JSON object")
+    fields = {name: text(body.get(name)) for name in ("distinct_id", "device_token", "app_id")}
+    platform = text(body.get("platform"))
+    missing = [name for name, value in {**fields, "platform": platform}.items() if not value]
+    if missing:
+        raise RequestInvalid(f"Missing required fields: {', '.join(missing)}")
+    if platform not in PUSH_PLATFORMS:
+        raise RequestInvalid(f"Invalid platform {platform[:20]!r}: expected ios or android")
+    return PushSubscription(
+        identifier(body.get("distinct_id")),
+        fields["device_token"],
+        PUSH_PLATFORMS[platform],
+        fields["app_id"],
+    )
+
+
+def translate_push_subscription(
+    subscription: PushSubscription, now: datetime, *, register: bool
+) -> Translation:
+    """The InstallationUpdate of a push subscription: `register` (POST) sets the token with
+    opt-in on the installation `distinct_id`, else (DELETE) clears it. The event ID is derived
+    from the request's content and the UTC day, so a retried request is stored once, and the
+    same registration sent at every launch once a day."""
+    origin = Origin(subscription.distinct_id, "", subscription.platform, now, None)
+    event_id = derived_id(
+        "push" if register else "unpush",
+        subscription.distinct_id,
+        subscription.device_token,
+        subscription.app_id,
+        now.date().isoformat(),
+    )
+    update = event(event_id, origin)
+    update.installation_update.push_token = subscription.device_token if register else ""
+    update.installation_update.push_opt_in = register
+    builder = StepBuilder(DIALECT)
+    builder.add(update)
+    return Translation(steps=builder.finish(), message_count=1)

@@ -35,6 +35,7 @@ from services.edge.build import (
     attribute_events,
     custom_event,
     derived_id,
+    derived_session,
     event,
     identifier,
     language_of,
@@ -44,7 +45,6 @@ from services.edge.build import (
     summary,
     text,
     trait_operations,
-    window_session_id,
 )
 from services.edge.names import normalize_name
 from services.edge.platforms import platform_of
@@ -152,7 +152,8 @@ def _translate(
     origin = Origin(installation_id, custom_id, platform, event_time, send_time)
     builder.details(origin, _details(context))
     ip = text(context.get("ip")) or connection_ip
-    session_id = builder.session(origin, window_session_id(event_time), ip)
+    # Ingest derives the session (30 minutes without events): see build.py.
+    session = derived_session(origin, ip)
 
     if kind == "identify":
         traits = message.get("traits")
@@ -194,7 +195,7 @@ def _translate(
     if attributes.unusable:
         refuse("PROPERTY_NAME_UNUSABLE", f"no usable name in {attributes.unusable[:5]}")
         return
-    builder.add(custom_event(event_id, origin, session_id, name, attributes.values, label))
+    builder.add(custom_event(event_id, origin, session, name, attributes.values, label))
 
 
 def _alias(

@@ -29,8 +29,8 @@ from typing import IO
 
 import psutil
 
-from profiles.datadir import DataDir
-from profiles.suite import (
+from profiles_cli.datadir import DataDir
+from profiles_cli.suite import (
     HEALTH_GRPC,
     HEALTH_HTTP,
     SERVING,
@@ -66,7 +66,7 @@ _LOOPBACK_ALIASES = {"", "0.0.0.0", "::", "[::]"}
 
 @dataclass(frozen=True, slots=True)
 class ServiceSpec:
-    """One process `profiles up` runs: `python -m profiles.cli <command>`, its port settings
+    """One process `profiles up` runs: `python -m profiles_cli.cli <command>`, its port settings
     (names of settings that `Settings.to_env()` passes on) and how its health is checked."""
 
     name: str
@@ -436,7 +436,7 @@ class Supervisor:
     def _spawn(self, child: Child) -> None:
         with child.log_path.open("ab") as log_file:
             child.process = subprocess.Popen(
-                [sys.executable, "-m", "profiles.cli", *child.spec.command],
+                [sys.executable, "-m", "profiles_cli.cli", *child.spec.command],
                 stdin=subprocess.DEVNULL,
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
@@ -632,7 +632,7 @@ def _orphaned_service(pid: int, name: str, data_dir: Path) -> psutil.Process | N
 
 def _append_log_line(path: Path, entry: dict[str, object]) -> None:
     """One JSON line in a service's log, in the services' own format, from the supervisor."""
-    line = {"level": "error", "logger": "profiles.up", **entry}
+    line = {"level": "error", "logger": "profiles_cli.up", **entry}
     with contextlib.suppress(OSError), path.open("a") as log_file:
         log_file.write(json.dumps(line) + "\n")
 

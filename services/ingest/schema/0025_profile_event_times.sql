@@ -17,7 +17,7 @@ FROM (
 ) t
 WHERE c.project_id = t.project_id AND c.profile_id = t.profile_id;
 
--- 0013's trigger function, keeping the times too. Inserts and moved-in rows (a merge) widen
+-- 0024's trigger function, keeping the times too. Inserts and moved-in rows (a merge) widen
 -- the range. A delete outside retention (ingest's refused events, in the transaction that
 -- inserted them; erasure's shadowed markers) narrows it again from the events left, only when
 -- a deleted event was at one of its ends: retention never removed an event from inside the
@@ -28,7 +28,7 @@ BEGIN
     IF TG_OP = 'INSERT' THEN
         INSERT INTO profile_event_counts AS c (project_id, profile_id, event_count, crash_count,
                                                first_event_time, last_event_time)
-        SELECT project_id, profile_id, count(*), count(*) FILTER (WHERE kind = 8),
+        SELECT project_id, profile_id, count(*), count(*) FILTER (WHERE kind = ingest_read_event_kind('crash')),
                min(event_time), max(event_time)
         FROM new_rows
         WHERE profile_id IS NOT NULL
@@ -44,11 +44,11 @@ BEGIN
         INSERT INTO profile_event_counts AS c (project_id, profile_id, event_count, crash_count,
                                                first_event_time, last_event_time)
         SELECT project_id, profile_id, sum(n), sum(crashes), min(t), max(t)
-        FROM (SELECT project_id, profile_id, 1 AS n, (kind = 8)::int AS crashes,
+        FROM (SELECT project_id, profile_id, 1 AS n, (kind = ingest_read_event_kind('crash'))::int AS crashes,
                      event_time AS t
               FROM new_rows WHERE profile_id IS NOT NULL
               UNION ALL
-              SELECT project_id, profile_id, -1, -(kind = 8)::int, NULL
+              SELECT project_id, profile_id, -1, -(kind = ingest_read_event_kind('crash'))::int, NULL
               FROM old_rows WHERE profile_id IS NOT NULL) x
         GROUP BY project_id, profile_id
         HAVING sum(n) <> 0 OR sum(crashes) <> 0
@@ -63,7 +63,7 @@ BEGIN
             RETURN NULL;
         END IF;
         INSERT INTO profile_event_counts AS c (project_id, profile_id, event_count, crash_count)
-        SELECT project_id, profile_id, -count(*), -count(*) FILTER (WHERE kind = 8)
+        SELECT project_id, profile_id, -count(*), -count(*) FILTER (WHERE kind = ingest_read_event_kind('crash'))
         FROM old_rows
         WHERE profile_id IS NOT NULL
         GROUP BY project_id, profile_id
@@ -96,11 +96,11 @@ BEGIN
     RETURN NULL;
 END $$;
 
--- Identity's merge moves the source's events with an UPDATE (the trigger above moves their
--- totals and times to the survivor), and then calls this (it handles tables in name order:
--- events before profile_event_counts). Whatever the source's row still holds counts events
--- retention removed: it goes to the survivor too, so the merged totals and times stay exact.
-CREATE OR REPLACE FUNCTION profiles_merge_profile_event_counts(
+-- Identity's merge runs ingest's declared merge hooks (0016) in run_order: ingest_merge_events
+-- (30) moves the source's events with an UPDATE (the trigger above moves their totals and times
+-- to the survivor); then this one (35): whatever the source's row still holds counts events
+-- retention removed, and goes to the survivor too, so the merged totals and times stay exact.
+CREATE FUNCTION ingest_merge_profile_event_counts(
     p_project uuid, p_source uuid, p_target uuid
 ) RETURNS void LANGUAGE plpgsql AS $$
 BEGIN
@@ -117,3 +117,18 @@ BEGIN
         last_event_time = greatest(c.last_event_time, EXCLUDED.last_event_time);
     DELETE FROM profile_event_counts WHERE project_id = p_project AND profile_id = p_source;
 END $$;
+
+INSERT INTO profile_hooks (kind, owner, function_name, run_order) VALUES
+    ('merge', 'ingest', 'ingest_merge_profile_event_counts', 35);
+
+-- READ CONTRACT (query's profile view), replacing 0022's: per-profile event totals, with the
+-- first and last event times above (a new result column: dropped and created again; readers
+-- name it in their statements only, nothing in the catalog depends on it).
+DROP FUNCTION ingest_read_profile_event_counts();
+CREATE FUNCTION ingest_read_profile_event_counts()
+RETURNS TABLE (project_id uuid, profile_id uuid, event_count bigint, crash_count bigint,
+               first_event_time timestamptz, last_event_time timestamptz)
+LANGUAGE sql STABLE PARALLEL SAFE AS $$
+    SELECT project_id, profile_id, event_count, crash_count, first_event_time, last_event_time
+    FROM profile_event_counts
+$$;

@@ -24,16 +24,16 @@ from profiles.segments.v1 import segments_service_pb2 as pb
 from profiles.segments.v1 import segments_service_pb2_grpc as pb_grpc
 from services.segments.app import make_build
 from services.segments.definitions import DefinitionsService
-from services.segments.repository import DefinitionsRepository
+from services.segments.definitions_repository import DefinitionsRepository
 from shared.bus import Bus
 from shared.clock import FrozenClock
 from shared.server import Build, start_service
 from shared.tenancy import TenancyRepository
 from shared.topics import EVENTS
-from tests.api.test_ingest_helpers import NOW, stamp
-from tests.api.test_ingest_support import running_ingest, session_event
-from tests.api.test_segments_helpers import drained
 from tests.conftest import eventually
+from tests.support.ingest import NOW, stamp
+from tests.support.ingest_running import running_ingest, session_event
+from tests.support.segments import drained
 
 if TYPE_CHECKING:
     from shared.settings import Settings

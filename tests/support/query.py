@@ -21,9 +21,9 @@ from profiles.query.v1 import query_service_pb2_grpc as pb_grpc
 from shared.bus import Bus
 from shared.clock import FrozenClock
 from shared.topics import EVENTS, IDENTITY
-from tests.api.test_identity_helpers import Identity
-from tests.api.test_ingest_helpers import NOW, attribute_event, custom_event, op, stamp
 from tests.conftest import eventually
+from tests.support.identity import Identity
+from tests.support.ingest import NOW, attribute_event, custom_event, op, stamp
 
 __all__ = ["NOW", "attribute_event", "custom_event", "op", "stamp"]
 

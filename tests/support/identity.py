@@ -17,7 +17,7 @@ from profiles.identity.v1 import identity_service_pb2 as pb
 from profiles.identity.v1 import identity_service_pb2_grpc as pb_grpc
 from profiles.ingest.v1 import ingest_service_pb2 as ipb
 from shared.topics import IDENTITY
-from tests.api.test_ingest_helpers import (
+from tests.support.ingest import (
     NOW,
     Ingest,
     attribute_event,

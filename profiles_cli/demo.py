@@ -25,9 +25,9 @@ from profiles.client import open_channel
 from profiles.common.v1 import types_pb2
 from profiles.identity.v1 import identity_service_pb2 as identity_pb
 from profiles.identity.v1 import identity_service_pb2_grpc as identity_grpc
-from profiles.importer import Progress
 from profiles.ingest.v1 import ingest_service_pb2 as pb
 from profiles.ingest.v1 import ingest_service_pb2_grpc as pb_grpc
+from profiles_cli.importer import Progress
 
 BATCH_SIZE = 500
 CONCURRENCY = 8

@@ -5,7 +5,7 @@ of the data directory (started for the command if `profiles up` is not running, 
 afterwards). Domain errors print one line and exit 2.
 
 Commands that call the services (`demo`, `import`, `status`) find the suite of their data
-directory in the record `profiles up` keeps there (profiles/suite.py): its addresses, and the
+directory in the record `profiles up` keeps there (profiles_cli/suite.py): its addresses, and the
 keys it stored. Explicit flags (--address, --key) and PROFILES_<SERVICE>_ADDRESS win. A call that
 fails prints one line: what was tried, what came back, what to do.
 """
@@ -175,7 +175,7 @@ def _add_down(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
 
 
 def _status(args: argparse.Namespace) -> int:
-    from profiles.suite import SERVING, check_health, read_record
+    from profiles_cli.suite import SERVING, check_health, read_record
 
     data_dir = settings_from(args).data_dir
     record = read_record(data_dir)
@@ -213,7 +213,7 @@ def _status(args: argparse.Namespace) -> int:
 def _down(args: argparse.Namespace) -> int:
     import psutil
 
-    from profiles.suite import live_record
+    from profiles_cli.suite import live_record
 
     data_dir = settings_from(args).data_dir
     record = live_record(data_dir)
@@ -449,13 +449,13 @@ def _add_import(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
 
 
 def _stored_key(args: argparse.Namespace, role: str) -> str:
-    from profiles.datadir import DataDir
+    from profiles_cli.datadir import DataDir
 
     return DataDir(settings_from(args).data_dir).read_keys()[role]
 
 
 def _key_source(args: argparse.Namespace) -> str:
-    from profiles.datadir import DataDir
+    from profiles_cli.datadir import DataDir
 
     if getattr(args, "key", None):
         return "the key given with --key"
@@ -463,7 +463,7 @@ def _key_source(args: argparse.Namespace) -> str:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from profiles.demo import run_demo
+    from profiles_cli.demo import run_demo
 
     if args.users < 1:
         print("profiles demo: --users must be at least 1", file=sys.stderr)
@@ -494,7 +494,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _import(args: argparse.Namespace) -> int:
-    from profiles.importer import run_import
+    from profiles_cli.importer import run_import
 
     path: Path = args.file
     if not path.is_file():
@@ -550,7 +550,7 @@ def call_failed(command: str, tried: str, error: grpc.aio.AioRpcError, address_f
 def suite_addresses(args: argparse.Namespace) -> dict[str, str]:
     """Each service's address: PROFILES_<SERVICE>_ADDRESS when set, else the address of the
     suite `profiles up` runs on the data directory, else the default."""
-    from profiles.suite import live_record
+    from profiles_cli.suite import live_record
 
     settings = settings_from(args)
     addresses = dict(settings.addresses)
@@ -576,7 +576,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
 
 
 def _up(args: argparse.Namespace) -> int:
-    from profiles.up import run_up  # grpc and the embedded servers only when needed
+    from profiles_cli.up import run_up  # grpc and the embedded servers only when needed
 
     return run_up(settings_from(args))
 
@@ -602,7 +602,7 @@ def _serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    from profiles.runner import run_service
+    from profiles_cli.runner import run_service
     from shared.server import PortInUse
 
     try:
@@ -657,8 +657,8 @@ def _async(command: Callable[[argparse.Namespace], Coroutine[Any, Any, int]]) ->
 @asynccontextmanager
 async def tenancy_for(args: argparse.Namespace) -> AsyncIterator[TenancyRepository]:
     """A TenancyRepository on the configured or embedded database, migrated."""
-    from profiles.datadir import DataDir
-    from profiles.suite import release_lock, take_lock
+    from profiles_cli.datadir import DataDir
+    from profiles_cli.suite import release_lock, take_lock
     from shared.db import create_pool, migrate
     from shared.embedded import EmbeddedPostgres
     from shared.tenancy import TenancyRepository
@@ -751,7 +751,7 @@ async def _keys_list(args: argparse.Namespace) -> int:
 
 
 def _keys_stored(args: argparse.Namespace) -> int:
-    from profiles.datadir import DataDir
+    from profiles_cli.datadir import DataDir
 
     keys = DataDir(settings_from(args).data_dir).read_keys()
     if args.role:

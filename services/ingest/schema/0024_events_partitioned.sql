@@ -144,7 +144,8 @@ CREATE TABLE events (
     event_seq bigint GENERATED ALWAYS AS IDENTITY,
     installation_id text,
     custom_id text,
-    event_id text NOT NULL CHECK (char_length(event_id) BETWEEN 1 AND 64),
+    event_id text NOT NULL
+        CONSTRAINT events_event_id_check CHECK (char_length(event_id) BETWEEN 1 AND 64),
     profile_id uuid,
     kind smallint NOT NULL,
     name text,
@@ -154,7 +155,8 @@ CREATE TABLE events (
     platform smallint NOT NULL,
     payload jsonb,
     imported boolean NOT NULL DEFAULT false,
-    CHECK ((installation_id IS NULL) <> (custom_id IS NULL))
+    -- 0004's names (the old table, renamed, still holds them while this one is built).
+    CONSTRAINT events_check CHECK ((installation_id IS NULL) <> (custom_id IS NULL))
 ) PARTITION BY RANGE (event_time);
 CREATE TABLE events_default PARTITION OF events DEFAULT;
 
@@ -190,7 +192,9 @@ BEGIN
                    (SELECT coalesce(max(event_seq), 0) + 1 FROM events));
 END $$;
 
--- The index names every reader's comments and plans name, as 0004, 0008 and 0009 made them.
+-- The index names every reader's comments and plans name, as 0004, 0008 and 0009 made them
+-- (0014's comments kept). Index predicates keep the kinds' numbers (1 custom, 8 crash), as
+-- 0020 decided: ingest_read_event_kind names them in statements.
 ALTER TABLE events ADD CONSTRAINT events_pkey PRIMARY KEY (project_id, event_seq, event_time);
 -- Dedupe lookups within one partition (erasure's shadowed markers, support queries); no longer
 -- unique: event_keys is the rule.
@@ -203,6 +207,9 @@ CREATE INDEX events_crashes_by_profile ON events (project_id, profile_id, event_
     WHERE kind = 8;
 CREATE INDEX events_custom_by_name
     ON events (project_id, profile_id, name, event_time) WHERE kind = 1;
+COMMENT ON INDEX events_custom_by_name IS
+    'Custom events (kind 1) by profile, name and time: a funnel step''s occurrences in time '
+    'order (segments'' funnel progress), index-only when the step has no condition.';
 
 -- 0008's counters: statement-level triggers with transition tables are allowed on a
 -- partitioned table (not on its partitions) and see every row the statement wrote, whatever
@@ -218,7 +225,7 @@ LANGUAGE plpgsql AS $$
 BEGIN
     IF TG_OP = 'INSERT' THEN
         INSERT INTO profile_event_counts AS c (project_id, profile_id, event_count, crash_count)
-        SELECT project_id, profile_id, count(*), count(*) FILTER (WHERE kind = 8)
+        SELECT project_id, profile_id, count(*), count(*) FILTER (WHERE kind = ingest_read_event_kind('crash'))
         FROM new_rows
         WHERE profile_id IS NOT NULL
         GROUP BY project_id, profile_id
@@ -230,10 +237,10 @@ BEGIN
     ELSIF TG_OP = 'UPDATE' THEN
         INSERT INTO profile_event_counts AS c (project_id, profile_id, event_count, crash_count)
         SELECT project_id, profile_id, sum(n), sum(crashes)
-        FROM (SELECT project_id, profile_id, 1 AS n, (kind = 8)::int AS crashes
+        FROM (SELECT project_id, profile_id, 1 AS n, (kind = ingest_read_event_kind('crash'))::int AS crashes
               FROM new_rows WHERE profile_id IS NOT NULL
               UNION ALL
-              SELECT project_id, profile_id, -1, -(kind = 8)::int
+              SELECT project_id, profile_id, -1, -(kind = ingest_read_event_kind('crash'))::int
               FROM old_rows WHERE profile_id IS NOT NULL) x
         GROUP BY project_id, profile_id
         HAVING sum(n) <> 0 OR sum(crashes) <> 0
@@ -246,7 +253,7 @@ BEGIN
             RETURN NULL;
         END IF;
         INSERT INTO profile_event_counts AS c (project_id, profile_id, event_count, crash_count)
-        SELECT project_id, profile_id, -count(*), -count(*) FILTER (WHERE kind = 8)
+        SELECT project_id, profile_id, -count(*), -count(*) FILTER (WHERE kind = ingest_read_event_kind('crash'))
         FROM old_rows
         WHERE profile_id IS NOT NULL
         GROUP BY project_id, profile_id

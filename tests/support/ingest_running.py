@@ -19,7 +19,7 @@ from shared.clock import Clock
 from shared.server import start_service
 from shared.settings import Settings
 from shared.topics import EVENTS
-from tests.api.test_ingest_helpers import stamp
+from tests.support.ingest import stamp
 
 
 @asynccontextmanager

@@ -1,0 +1,167 @@
+"""DeleteProfile's statements: the erasure of a profile with its tombstones, the quarantine
+of its custom IDs, and the project's secret for keyed hashes. Mixed into the identity
+transaction (repository.IdentityTransaction), whose connection and hooks it uses."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from uuid import UUID
+
+import asyncpg
+
+from services.identity.hooks import ProfileHooks
+from services.identity.model import Erasure
+
+# The erased profile's installations, locked in installation_id order (as a merge moves them),
+# so an event being stored for any of them finishes or waits.
+LOCK_INSTALLATIONS_OF_PROFILE = """
+    SELECT installation_id FROM installations
+    WHERE project_id = $1 AND profile_id = $2
+    ORDER BY installation_id
+    FOR UPDATE"""
+
+# -- DeleteProfile ---------------------------------------------------------------------------
+# The tombstones of the profile being erased, locked after it: only a transaction holding the
+# survivor's lock redirects or creates its tombstones, so this cannot deadlock with a merge.
+LOCK_TOMBSTONES = """
+    SELECT profile_id FROM profiles
+    WHERE project_id = $1 AND merged_into = $2
+    ORDER BY profile_id
+    FOR UPDATE"""
+
+SELECT_ALIASES = """
+    SELECT custom_id FROM custom_id_aliases
+    WHERE project_id = $1 AND target_profile_id = $2
+    ORDER BY custom_id"""
+
+# The custom IDs on the erased profiles' server-side events (their own and their aliases'), to
+# be replaced by keyed markers; then ingest turns the events into bare dedupe markers (its rule,
+# in ingest_apply_event_erasure) and says how many it erased.
+SELECT_EVENT_CUSTOM_IDS = "SELECT custom_id FROM ingest_read_event_custom_ids($1, $2::uuid[])"
+ERASE_EVENTS = "SELECT ingest_apply_event_erasure($1, $2::uuid[], $3::text[], $4::text[])"
+
+# Messages still waiting in the outbox that name the erased profiles (identity's own, and any
+# producer's that set profile_id). Batched EventsIngested rows carry none: see erase() below.
+DELETE_OUTBOX_ROWS = """
+    DELETE FROM outbox WHERE project_id = $1 AND profile_id = ANY($2::uuid[])"""
+
+DELETE_CHANGES = """
+    DELETE FROM identity_changes
+    WHERE project_id = $1
+        AND (source_profile_id = ANY($2::uuid[]) OR target_profile_id = ANY($2::uuid[]))"""
+
+# Kept answers of Identify, Logout and merges that name an erased profile: a retry then runs
+# again instead of handing out an erased ID. Answers live 24 hours, so the scan is short.
+DELETE_ANSWERS = """
+    DELETE FROM identity_requests
+    WHERE project_id = $1 AND answer::text LIKE ANY($2::text[])"""
+
+DELETE_ALIASES = """
+    DELETE FROM custom_id_aliases WHERE project_id = $1 AND target_profile_id = ANY($2::uuid[])"""
+
+DELETE_INSTALLATIONS = """
+    DELETE FROM installations WHERE project_id = $1 AND profile_id = $2
+    RETURNING installation_id"""
+
+DELETE_PROFILES = """
+    DELETE FROM profiles WHERE project_id = $1 AND profile_id = ANY($2::uuid[])"""
+
+# The project's secret for keyed hashes, created on first use; a concurrent creator waits on
+# the primary key and then keeps the first one (read again by SELECT_HMAC_KEY).
+SELECT_HMAC_KEY = "SELECT hmac_key FROM custom_id_hmac_keys WHERE project_id = $1"
+INSERT_HMAC_KEY = """
+    INSERT INTO custom_id_hmac_keys (project_id, hmac_key, create_time) VALUES ($1, $2, $3)
+    ON CONFLICT (project_id) DO NOTHING"""
+
+# A custom ID erased twice keeps the later end.
+UPSERT_QUARANTINE = """
+    INSERT INTO quarantined_custom_ids (project_id, custom_id_hmac, expire_time)
+    SELECT $1, h, $3 FROM unnest($2::bytea[]) AS h
+    ON CONFLICT (project_id, custom_id_hmac) DO UPDATE
+        SET expire_time = greatest(quarantined_custom_ids.expire_time, EXCLUDED.expire_time)"""
+
+PURGE_EXPIRED_QUARANTINE = """
+    DELETE FROM quarantined_custom_ids WHERE project_id = $1 AND expire_time <= $2"""
+
+SELECT_QUARANTINED = """
+    SELECT custom_id_hmac FROM quarantined_custom_ids
+    WHERE project_id = $1 AND custom_id_hmac = ANY($2::bytea[]) AND expire_time > $3"""
+
+
+class ErasureSteps:
+    """The erasure's statements on the connection of an open identity transaction."""
+
+    _conn: asyncpg.Connection
+    _hooks: ProfileHooks
+
+    async def find_hmac_key(self, project_id: UUID) -> bytes | None:
+        value = await self._conn.fetchval(SELECT_HMAC_KEY, project_id)
+        return None if value is None else bytes(value)
+
+    async def ensure_hmac_key(self, project_id: UUID, now: datetime) -> bytes:
+        """The project's secret, made now (32 random bytes) if it has none yet."""
+        await self._conn.execute(INSERT_HMAC_KEY, project_id, secrets.token_bytes(32), now)
+        value = await self._conn.fetchval(SELECT_HMAC_KEY, project_id)
+        return bytes(value)
+
+    async def is_quarantined(self, project_id: UUID, digest: bytes, now: datetime) -> bool:
+        rows = await self._conn.fetch(SELECT_QUARANTINED, project_id, [digest], now)
+        return bool(rows)
+
+    async def find_aliases(self, project_id: UUID, profile_id: UUID) -> list[str]:
+        rows = await self._conn.fetch(SELECT_ALIASES, project_id, profile_id)
+        return [r["custom_id"] for r in rows]
+
+    async def erase(
+        self,
+        project_id: UUID,
+        profile_id: UUID,
+        custom_ids: Sequence[str],
+        marker_of: Callable[[str], str],
+    ) -> Erasure:
+        """Erases a live profile (locked already, its custom IDs' locks held) with its
+        tombstones: locks their rows and its installations, turns their events into bare dedupe
+        markers (`marker_of` gives a custom ID's marker), runs every owner's declared erase hook
+        (their rows by profile, installation and custom ID), deletes their history, aliases, kept
+        answers and waiting outbox rows, then the installations and the profiles.
+
+        Bus entries already published cannot be removed per profile (EventsIngested batches
+        mix profiles, and their outbox rows carry no profile_id): consumers skip erased profiles
+        (bus.proto), and ProfileDeleted tells them to purge what they kept."""
+        tombstones = [
+            r["profile_id"] for r in await self._conn.fetch(LOCK_TOMBSTONES, project_id, profile_id)
+        ]
+        ids = [profile_id, *tombstones]
+        installation_rows = await self._conn.fetch(
+            LOCK_INSTALLATIONS_OF_PROFILE, project_id, profile_id
+        )
+        installation_ids = [r["installation_id"] for r in installation_rows]
+        event_custom_ids = [
+            r["custom_id"] for r in await self._conn.fetch(SELECT_EVENT_CUSTOM_IDS, project_id, ids)
+        ]
+        markers = [marker_of(c) for c in event_custom_ids]
+        event_count = await self._conn.fetchval(
+            ERASE_EVENTS, project_id, ids, event_custom_ids, markers
+        )
+        named_custom_ids = sorted({*custom_ids, *event_custom_ids})
+        for statement in self._hooks.erase:
+            await self._conn.execute(statement, project_id, ids, installation_ids, named_custom_ids)
+        await self._conn.execute(DELETE_OUTBOX_ROWS, project_id, ids)
+        await self._conn.execute(DELETE_CHANGES, project_id, ids)
+        await self._conn.execute(DELETE_ANSWERS, project_id, [f"%{i}%" for i in ids])
+        await self._conn.execute(DELETE_ALIASES, project_id, ids)
+        await self._conn.execute(DELETE_INSTALLATIONS, project_id, profile_id)
+        await self._conn.execute(DELETE_PROFILES, project_id, ids)
+        return Erasure(
+            tombstone_profile_ids=tuple(sorted(tombstones)),
+            installation_ids=tuple(installation_ids),
+            event_count=int(event_count),
+        )
+
+    async def quarantine(
+        self, project_id: UUID, digests: Sequence[bytes], expire_time: datetime, now: datetime
+    ) -> None:
+        await self._conn.execute(PURGE_EXPIRED_QUARANTINE, project_id, now)
+        await self._conn.execute(UPSERT_QUARANTINE, project_id, list(digests), expire_time)

@@ -1,0 +1,94 @@
+"""The bus messages ingest publishes, built from validated events: the IngestedEvent of a stored
+event, the session end of a session closed idle, and the live ProfileChanged notices. Pure."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from datetime import datetime
+from uuid import UUID
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from profiles.common.v1 import bus_pb2, types_pb2
+from services.ingest.repository import ClosedSession
+from services.ingest.validation import ValidEvent
+from shared.convert import set_timestamp, timestamp_of
+
+# What a ProfileChanged says beside EVENTS, by the kind of the events stored.
+CHANGE_KINDS = {
+    types_pb2.EVENT_KIND_ATTRIBUTE_CHANGE: bus_pb2.PROFILE_CHANGE_KIND_ATTRIBUTES,
+    types_pb2.EVENT_KIND_SUBSCRIPTION_CHANGE: bus_pb2.PROFILE_CHANGE_KIND_SUBSCRIPTIONS,
+    types_pb2.EVENT_KIND_INSTALLATION_UPDATE: bus_pb2.PROFILE_CHANGE_KIND_INSTALLATIONS,
+}
+
+
+def ingested_event(
+    event: ValidEvent, profile_id: str, receive_time: Timestamp, *, imported: bool
+) -> bus_pb2.IngestedEvent:
+    """The bus form of a stored event; `receive_time` is shared by the batch."""
+    return bus_pb2.IngestedEvent(
+        event_id=event.event_id,
+        installation_id=event.installation_id or "",
+        custom_id=event.custom_id or "",
+        profile_id=profile_id,
+        platform=event.platform,  # type: ignore[arg-type]
+        kind=event.kind,  # type: ignore[arg-type]
+        session_id=event.session_id or "",
+        imported=imported,
+        event_time=timestamp_of(event.event_time),
+        receive_time=receive_time,
+        **{event.detail_field: event.detail},  # type: ignore[arg-type]
+    )
+
+
+def profile_changes(
+    project_id: UUID,
+    events: Sequence[bus_pb2.IngestedEvent],
+    versions: dict[UUID, int],
+    change_time: Timestamp,
+) -> list[bus_pb2.ProfileChanged]:
+    """One ProfileChanged per profile the events touched, with the versions they reached."""
+    by_profile: dict[str, list[bus_pb2.IngestedEvent]] = {}
+    for event in events:
+        by_profile.setdefault(event.profile_id, []).append(event)
+    version_of = {str(p): v for p, v in versions.items()}
+    project = str(project_id)
+    notices = []
+    for profile_id, profile_events in by_profile.items():
+        caused = {CHANGE_KINDS[e.kind] for e in profile_events if e.kind in CHANGE_KINDS}
+        kinds = [bus_pb2.PROFILE_CHANGE_KIND_EVENTS, *sorted(caused)]
+        notices.append(
+            bus_pb2.ProfileChanged(
+                project_id=project,
+                profile_id=profile_id,
+                kinds=kinds,
+                profile_version=version_of.get(profile_id, 0),
+                events=profile_events,
+                change_time=change_time,
+            )
+        )
+    return notices
+
+
+def timeout_event_id(session_id: str) -> str:
+    """The event ID of the session end ingest publishes for an idle session: the same for a
+    session however often it is published, so consumers deduplicate it."""
+    return "session_timeout:" + hashlib.sha256(session_id.encode()).hexdigest()[:40]
+
+
+def timeout_end(session: ClosedSession, now: datetime) -> bus_pb2.IngestedEvent:
+    """The session end ingest publishes for a session closed idle, at its last activity."""
+    event = bus_pb2.IngestedEvent(
+        event_id=timeout_event_id(session.session_id),
+        installation_id=session.installation_id,
+        profile_id=str(session.profile_id),
+        platform=session.platform,  # type: ignore[arg-type]
+        kind=types_pb2.EVENT_KIND_SESSION_END,
+        session_id=session.session_id,
+    )
+    set_timestamp(event.event_time, session.end_time)
+    set_timestamp(event.receive_time, now)
+    event.session.duration.FromTimedelta(session.duration)
+    event.session.country = session.country
+    return event

@@ -1,0 +1,67 @@
+"""The JSON ingest stores beside an event: proto JSON of its bus detail (field names kept), built
+directly because json_format is slow (tests/unit/test_ingest_payload.py checks both agree), and
+the raw JSON of a rejected event. Pure: no I/O."""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+from google.protobuf import json_format
+
+from profiles.common.v1 import bus_pb2, types_pb2
+from profiles.ingest.v1 import ingest_service_pb2 as pb
+
+
+def value_json(value: types_pb2.AttributeValue) -> dict[str, Any]:
+    which = value.WhichOneof("value")
+    if which == "number_value":
+        return {which: float(value.number_value)}
+    if which == "timestamp_value":
+        return {which: value.timestamp_value.ToJsonString()}
+    if which == "string_list_value":
+        items = list(value.string_list_value.values)
+        return {which: {"values": items} if items else {}}
+    if which is None:
+        return {}
+    return {which: getattr(value, which)}
+
+
+def custom_payload(detail: bus_pb2.CustomEventDetail) -> dict[str, Any]:
+    """The same dict as json_format.MessageToDict(detail, preserving_proto_field_name=True),
+    built directly (a unit test checks they are equal)."""
+    payload: dict[str, Any] = {"name": detail.name}
+    if detail.label:
+        payload["label"] = detail.label
+    if detail.attributes:
+        payload["attributes"] = {k: value_json(v) for k, v in detail.attributes.items()}
+    return payload
+
+
+def raw_event(event: pb.Event) -> dict[str, Any]:
+    """The event as JSON for rejected_events: never the client IP, never a NUL character."""
+    copy = event
+    if event.session_client_ip or (
+        event.WhichOneof("payload") == "session_start" and event.session_start.client_ip
+    ):
+        copy = pb.Event()
+        copy.CopyFrom(event)
+        copy.ClearField("session_client_ip")
+        if copy.WhichOneof("payload") == "session_start":
+            copy.session_start.ClearField("client_ip")
+    try:
+        as_json = json_format.MessageToDict(copy, preserving_proto_field_name=True)
+    except (json_format.Error, ValueError):
+        # Not expressible in proto JSON (a malformed Timestamp...): keep the exact bytes.
+        return {"serialized_base64": base64.b64encode(copy.SerializeToString()).decode()}
+    return without_nul(as_json)
+
+
+def without_nul(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd")
+    if isinstance(value, dict):
+        return {without_nul(k): without_nul(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [without_nul(v) for v in value]
+    return value

@@ -1,0 +1,258 @@
+"""The lists' reads: the users table (ListProfiles: query's projection, one sort index per
+order) and the rejected events (ListRejectedEvents)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import cast
+from uuid import UUID
+
+import asyncpg
+
+from profiles.query.v1 import query_service_pb2 as pb
+from services.query.paging import (
+    MAX_BIGINT,
+    MAX_TEXT,
+    MAX_UUID,
+    NEG_INFINITY,
+    NIL_UUID,
+    POS_INFINITY,
+)
+from services.query.views import (
+    ProfileRowView,
+    RejectedView,
+)
+
+# -- rejected events --------------------------------------------------------------------------
+
+SELECT_REJECTED_SNAPSHOT = """
+    SELECT coalesce(max(rejected_seq), 0) FROM ingest_read_rejected_events()
+    WHERE project_id = $1"""
+
+# Keyset on rejected_events_by_time (or _by_reason with a reason filter), as for events.
+SELECT_REJECTED_PAGE = """
+    SELECT rejected_seq, receive_time, reason, field_path, message, event_id,
+           coalesce(installation_id, '') AS installation_id, payload
+    FROM ingest_read_rejected_events()
+    WHERE project_id = $1 AND rejected_seq <= $2
+      AND (receive_time, rejected_seq) < ($3::timestamptz, $4::bigint)
+      AND receive_time >= $5 AND receive_time < $6
+      AND (cardinality($7::text[]) = 0 OR reason = ANY($7::text[]))
+    ORDER BY receive_time DESC, rejected_seq DESC
+    LIMIT $8"""
+
+# ProfileIdentityFilter numbers (the users table's $3).
+IDENTIFIED = pb.PROFILE_IDENTITY_FILTER_IDENTIFIED
+ANONYMOUS = pb.PROFILE_IDENTITY_FILTER_ANONYMOUS
+HAS_USER_DETAILS = pb.PROFILE_IDENTITY_FILTER_HAS_USER_DETAILS
+
+# -- the users table --------------------------------------------------------------------------
+
+# The users table reads query's projection (query_profiles, 0006): one row per live profile
+# with the table's columns, kept by the rollup consumer (so it lags writes by the bus lag), and
+# indexed per sort key. A page walks one index from the keyset position, (value, profile_id)
+# ascending or both descending, so its cost is the page, not the project. A profile never seen
+# (last_seen NULL) sorts last in both directions, by profile_id: the second branch of the UNION
+# ALL, read only when the first ends short ($8: the position is already among them, $11 the
+# profile_id after which they continue). The smart segment is segments' as of $2
+# (segments_read_smart_segment, inlined by the planner: one primary-key read per row). Filters
+# not asked for are constants (0, ''), so one statement per sort order serves every
+# combination; the custom segment filter ($13) has statements of its own
+# (PROFILE_ROWS_IN_SEGMENT), so that the planner sees a plain semi-join on segments'
+# segments_read_custom_segment_members and may drive a small segment from its members instead of
+# walking the sort index past non-members.
+PROFILE_ROWS_FROM = f"""
+    SELECT q.profile_id, coalesce(q.custom_id, '') AS custom_id,
+           coalesce(q.first_name, '') AS first_name, coalesce(q.last_name, '') AS last_name,
+           coalesce(q.device_model, '') AS device_model, q.device_platform::int AS platform,
+           q.last_seen, q.session_count, q.time_spent_ms, coalesce(q.country, '') AS country,
+           coalesce(sg.segment, 0)::int AS smart_segment,
+           coalesce(sg.flag, 0)::int AS smart_segment_flag, q.has_details,
+           q.{{column}} AS sort_value
+    FROM query_profiles q
+    LEFT JOIN LATERAL segments_read_smart_segment(q.project_id, q.profile_id, $2) sg ON true
+    WHERE q.project_id = $1
+      AND ($3::int = 0
+           OR ($3 = {IDENTIFIED} AND q.identified)
+           OR ($3 = {ANONYMOUS} AND NOT q.identified)
+           OR ($3 = {HAS_USER_DETAILS} AND q.has_details))
+      AND ($4::int = 0 OR $4::smallint = ANY(q.platforms))
+      AND ($5::text = '' OR q.country = $5)
+      AND ($6::int = 0 OR coalesce(sg.segment, 0) = $6)
+      AND ($7::int = 0 OR coalesce(sg.flag, 0) = $7){{members}}"""
+
+# The members of custom segment $13 as segments stored them (rows naming a merged-away or
+# erased profile drop out here: query_profiles holds live profiles only).
+PROFILE_ROWS_IN_SEGMENT = """
+      AND q.profile_id IN (SELECT m.profile_id FROM segments_read_custom_segment_members() m
+                           WHERE m.project_id = $1 AND m.segment_id = $13::uuid)"""
+
+PROFILE_ROWS_PAGE = f"""
+    (SELECT * FROM ({PROFILE_ROWS_FROM}
+          AND NOT $8::boolean AND q.{{column}} IS NOT NULL
+          AND (q.{{column}}, q.profile_id) {{compare}} ($9::{{type}}, $10::uuid)
+        ORDER BY q.{{column}} {{direction}}, q.profile_id {{direction}}
+        LIMIT $12) seen)
+    UNION ALL
+    (SELECT * FROM ({PROFILE_ROWS_FROM}
+          AND q.{{column}} IS NULL AND q.profile_id > $11::uuid
+        ORDER BY q.profile_id
+        LIMIT $12) unseen)
+    LIMIT $12"""
+
+# ProfileOrderBy -> the projection's column and its type.
+PROFILE_SORT_COLUMNS = {
+    1: ("last_seen", "timestamptz"),
+    2: ("session_count", "bigint"),
+    3: ("time_spent_ms", "bigint"),
+    4: ("sort_name", "text"),  # collation "C" (0012): MAX_TEXT is above every name
+}
+SELECT_PROFILE_ROWS_PAGE = {
+    (order_by, ascending, in_segment): PROFILE_ROWS_PAGE.format(
+        column=column,
+        type=type_name,
+        compare=">" if ascending else "<",
+        direction="ASC" if ascending else "DESC",
+        members=PROFILE_ROWS_IN_SEGMENT if in_segment else "",
+    )
+    for order_by, (column, type_name) in PROFILE_SORT_COLUMNS.items()
+    for ascending in (True, False)
+    for in_segment in (True, False)
+}
+
+SELECT_SEGMENT_EXISTS = """
+    SELECT 1 FROM segments_read_custom_segments() WHERE project_id = $1 AND segment_id = $2"""
+
+
+class ListReads:
+    """The lists' statements, on the connection of QueryReads."""
+
+    _conn: asyncpg.Connection
+
+    # -- rejected events
+
+    async def rejected_snapshot(self, project_id: UUID) -> int:
+        return cast(int, await self._conn.fetchval(SELECT_REJECTED_SNAPSHOT, project_id))
+
+    async def rejected_page(
+        self,
+        project_id: UUID,
+        *,
+        max_seq: int,
+        after: tuple[datetime, int],
+        start: datetime,
+        end: datetime,
+        reasons: Sequence[str],
+        limit: int,
+    ) -> list[tuple[int, RejectedView]]:
+        rows = await self._conn.fetch(
+            SELECT_REJECTED_PAGE,
+            project_id,
+            max_seq,
+            after[0],
+            after[1],
+            start,
+            end,
+            list(reasons),
+            limit,
+        )
+        found = []
+        for r in rows:
+            payload = r["payload"]
+            platform = payload.get("platform") if isinstance(payload, dict) else None
+            found.append(
+                (
+                    r["rejected_seq"],
+                    RejectedView(
+                        receive_time=r["receive_time"],
+                        reason=r["reason"],
+                        field_path=r["field_path"],
+                        message=r["message"],
+                        event_id=r["event_id"],
+                        installation_id=r["installation_id"],
+                        platform=platform if isinstance(platform, int) else 0,
+                        payload=payload,
+                    ),
+                )
+            )
+        return found
+
+    # -- the users table
+
+    async def segment_exists(self, project_id: UUID, segment_id: UUID) -> bool:
+        """Whether the project has this custom segment (segments_read_custom_segments)."""
+        return await self._conn.fetchval(SELECT_SEGMENT_EXISTS, project_id, segment_id) is not None
+
+    async def profile_rows_page(
+        self,
+        project_id: UUID,
+        *,
+        now: datetime,
+        identity_filter: int,
+        platform: int,
+        country: str,
+        smart_segment: int,
+        smart_segment_flag: int,
+        order_by: int,
+        ascending: bool,
+        after: tuple[int | datetime | str | None, UUID] | None,
+        limit: int,
+        segment_id: UUID | None = None,
+    ) -> list[tuple[int | datetime | str | None, ProfileRowView]]:
+        """A page of the users table after `after` (sort value, None for a profile never seen;
+        profile ID), or from the start; each row with its sort value. With `segment_id`, only
+        the members of that custom segment."""
+        column_type = PROFILE_SORT_COLUMNS[order_by][1]
+        in_unseen = after is not None and after[0] is None
+        start: tuple[int | datetime | str | None, UUID]
+        if after is None or in_unseen:
+            value: int | datetime | str | None
+            if column_type == "timestamptz":
+                value = NEG_INFINITY if ascending else POS_INFINITY
+            elif column_type == "text":
+                value = "" if ascending else MAX_TEXT
+            else:
+                value = -MAX_BIGINT - 1 if ascending else MAX_BIGINT
+            start = (value, NIL_UUID if ascending else MAX_UUID)
+        else:
+            start = after
+        unseen_after = after[1] if after is not None and in_unseen else NIL_UUID
+        in_segment = () if segment_id is None else (segment_id,)
+        rows = await self._conn.fetch(
+            SELECT_PROFILE_ROWS_PAGE[(order_by, ascending, bool(in_segment))],
+            project_id,
+            now,
+            identity_filter,
+            platform,
+            country,
+            smart_segment,
+            smart_segment_flag,
+            in_unseen,
+            start[0],
+            start[1],
+            unseen_after,
+            limit,
+            *in_segment,
+        )
+        return [
+            (
+                r["sort_value"],
+                ProfileRowView(
+                    profile_id=r["profile_id"],
+                    custom_id=r["custom_id"],
+                    first_name=r["first_name"],
+                    last_name=r["last_name"],
+                    device_model=r["device_model"],
+                    platform=r["platform"],
+                    session_count=r["session_count"],
+                    last_seen=r["last_seen"],
+                    time_spent_ms=r["time_spent_ms"],
+                    country=r["country"],
+                    smart_segment=r["smart_segment"],
+                    smart_segment_flag=r["smart_segment_flag"],
+                    has_user_details=r["has_details"],
+                ),
+            )
+            for r in rows
+        ]

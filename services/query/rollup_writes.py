@@ -1,0 +1,295 @@
+"""Query's projection writes (RollupWrites): the facts of profiles and installations recounted
+from the owners' read contracts when the bus says they changed, stored in query_profiles and
+query_installations (0006), and the query_counters they move."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from datetime import datetime
+from uuid import UUID
+
+import asyncpg
+
+from profiles.common.v1 import types_pb2
+from services.query.rollup import CounterKey, InstallationFacts, ProfileFacts
+from services.query.rows import text_or_empty
+
+# -- the rollups (query's projection, 0006) ---------------------------------------------------
+
+# The facts of live profiles, recounted from identity's and ingest's read contracts; each
+# lateral read is one profile's rows by its index. {where} narrows it to the profiles a message
+# touched, or to nothing more for a rebuild of the whole project. Imported installations folded
+# into an SDK installation are left out, as in INSTALLATION_FACTS below: they give a profile no
+# platform, token or device.
+# Installation details without a known platform (profiles.common.v1.Platform) give none.
+PLATFORM_UNSPECIFIED = types_pb2.PLATFORM_UNSPECIFIED
+
+PROFILE_FACTS = (
+    """
+    SELECT p.profile_id, p.custom_id IS NOT NULL AS identified, p.custom_id,
+           coalesce(a.has_email, false) AS has_email,
+           coalesce(a.has_phone, false) AS has_phone,
+           coalesce(inst.has_token, false) AS has_token,
+           coalesce(inst.push_reachable, false) AS push_reachable,
+           coalesce(sub.subscribed, '{{}}') AS subscribed,
+           coalesce(a.language, inst.language) AS language,
+           a.region, ss.country,
+           coalesce(inst.platforms, '{{}}') AS platforms,
+           a.first_name, a.last_name, coalesce(a.has_details, false) AS has_details,
+           inst.device_model, coalesce(inst.device_platform, 0) AS device_platform,
+           ls.last_seen, coalesce(ss.session_count, 0) AS session_count,
+           coalesce(ss.time_spent_ms, 0) AS time_spent_ms
+    FROM identity_read_profiles() p
+    LEFT JOIN LATERAL (
+        SELECT bool_or(a.name = 'email') AS has_email,
+               bool_or(a.name = 'phone') AS has_phone,
+               max(a.value ->> 'value') FILTER (WHERE a.name = 'language') AS language,
+               max(a.value ->> 'value') FILTER (WHERE a.name = 'region') AS region,
+               max(a.value ->> 'value') FILTER (WHERE a.name = 'first_name') AS first_name,
+               max(a.value ->> 'value') FILTER (WHERE a.name = 'last_name') AS last_name,
+               bool_or(a.name IN ('first_name', 'last_name', 'email', 'phone')) AS has_details
+        FROM ingest_read_profile_attributes() a
+        WHERE a.project_id = p.project_id AND a.profile_id = p.profile_id AND a.native
+          AND a.value IS NOT NULL
+    ) a ON true
+    LEFT JOIN LATERAL (
+        SELECT bool_or(d.push_token_present) AS has_token,
+               bool_or(d.push_token_present AND d.push_opt_in) AS push_reachable,
+               (array_agg(d.language ORDER BY d.last_seen DESC)
+                    FILTER (WHERE d.language IS NOT NULL))[1] AS language,
+               array_agg(DISTINCT d.platform) FILTER (WHERE d.platform > """
+    + str(PLATFORM_UNSPECIFIED)
+    + """) AS platforms,
+               (array_agg(d.device_model ORDER BY d.last_seen DESC, i.installation_id))[1]
+                   AS device_model,
+               (array_agg(d.platform ORDER BY d.last_seen DESC, i.installation_id))[1]
+                   AS device_platform
+        FROM identity_read_installations() i
+        JOIN ingest_read_installation_details() d
+            ON d.project_id = i.project_id AND d.installation_id = i.installation_id
+        WHERE i.project_id = p.project_id AND i.profile_id = p.profile_id
+          AND d.reintegrated_into IS NULL
+    ) inst ON true
+    LEFT JOIN LATERAL (
+        SELECT array_agg(s.channel || ':' || s.kind ORDER BY s.channel, s.kind) AS subscribed
+        FROM ingest_read_profile_subscriptions() s
+        WHERE s.project_id = p.project_id AND s.profile_id = p.profile_id AND s.subscribed
+    ) sub ON true
+    LEFT JOIN LATERAL (
+        SELECT count(*) AS session_count,
+               coalesce(sum(extract(epoch FROM s.duration) * 1000), 0)::bigint AS time_spent_ms,
+               (array_agg(s.country ORDER BY s.start_time DESC)
+                    FILTER (WHERE coalesce(s.country, '') <> ''))[1] AS country
+        FROM ingest_read_sessions() s
+        WHERE s.project_id = p.project_id AND s.profile_id = p.profile_id
+    ) ss ON true
+    LEFT JOIN LATERAL (
+        SELECT e.event_time AS last_seen FROM ingest_read_events() e
+        WHERE e.project_id = p.project_id AND e.profile_id = p.profile_id
+        ORDER BY e.event_time DESC
+        LIMIT 1
+    ) ls ON true
+    WHERE p.project_id = $1 AND p.merged_into IS NULL {where}"""
+)
+
+PROFILE_FACT_COLUMNS = """identified, custom_id, has_email, has_phone, has_token,
+    push_reachable, subscribed, language, region, country, platforms, first_name, last_name,
+    has_details, device_model, device_platform, last_seen, session_count, time_spent_ms"""
+
+
+def _set_from_excluded(columns: str) -> str:
+    """`a = EXCLUDED.a, b = EXCLUDED.b` for an upsert, derived from the column list so the two
+    can never drift apart."""
+    return ", ".join(f"{c} = EXCLUDED.{c}" for c in (c.strip() for c in columns.split(",")))
+
+
+# Concurrent recounts of one profile or installation (replicas, redeliveries) take turns, so
+# each diffs against the facts the previous one stored. Keys are locked in one order.
+LOCK_FACTS = """
+    SELECT pg_advisory_xact_lock(hashtextextended($1::text || ':' || k, 0))
+    FROM unnest($2::text[]) AS k ORDER BY k"""
+
+SELECT_STORED_PROFILES = f"""
+    SELECT profile_id, {PROFILE_FACT_COLUMNS}
+    FROM query_profiles
+    WHERE project_id = $1 AND profile_id = ANY($2::uuid[])"""
+
+# Recounts the touched profiles and stores the result in one statement: live ones are upserted,
+# the others (merged away, erased) deleted. Returns the recounted facts.
+RECOUNT_PROFILES = f"""
+    WITH f AS ({PROFILE_FACTS.format(where="AND p.profile_id = ANY($2::uuid[])")}),
+    gone AS (
+        DELETE FROM query_profiles q
+        WHERE q.project_id = $1 AND q.profile_id = ANY($2::uuid[])
+          AND NOT EXISTS (SELECT 1 FROM f WHERE f.profile_id = q.profile_id)
+    ),
+    up AS (
+        INSERT INTO query_profiles (project_id, profile_id, {PROFILE_FACT_COLUMNS}, update_time)
+        SELECT $1, f.*, $3 FROM f
+        ORDER BY f.profile_id
+        ON CONFLICT (project_id, profile_id) DO UPDATE SET
+            {_set_from_excluded(PROFILE_FACT_COLUMNS)}, update_time = EXCLUDED.update_time
+    )
+    SELECT * FROM f"""
+
+# A rebuild of one project's profile facts (bench, operators): the same recount over all of it.
+REBUILD_PROFILES = f"""
+    INSERT INTO query_profiles (project_id, profile_id, {PROFILE_FACT_COLUMNS}, update_time)
+    SELECT $1, f.*, $2 FROM ({PROFILE_FACTS.format(where="")}) f"""
+
+# An installation known to identity but never seen by ingest has no details: platform 0. An
+# imported installation folded into the SDK installation that sent its token
+# (reintegrated_into) is history, not an installation: it has no facts, so a recount deletes
+# its row and takes it out of the counters, and the device counts once, as itself.
+INSTALLATION_FACTS = """
+    SELECT i.installation_id, coalesce(d.platform, 0)::smallint AS platform, d.app_version,
+           coalesce(d.uninstalled, false) AS uninstalled,
+           coalesce(d.push_token_present, false) AS has_token,
+           coalesce(d.push_opt_in, false) AS push_opt_in,
+           coalesce(d.imported, false) AS imported
+    FROM identity_read_installations() i
+    LEFT JOIN ingest_read_installation_details() d
+        ON d.project_id = i.project_id AND d.installation_id = i.installation_id
+    WHERE i.project_id = $1 AND d.reintegrated_into IS NULL {where}"""
+
+INSTALLATION_FACT_COLUMNS = "platform, app_version, uninstalled, has_token, push_opt_in, imported"
+
+SELECT_STORED_INSTALLATIONS = f"""
+    SELECT installation_key AS installation_id, {INSTALLATION_FACT_COLUMNS}
+    FROM query_installations
+    WHERE project_id = $1 AND installation_key = ANY($2::text[])"""
+
+RECOUNT_INSTALLATIONS = f"""
+    WITH f AS ({INSTALLATION_FACTS.format(where="AND i.installation_id = ANY($2::text[])")}),
+    gone AS (
+        DELETE FROM query_installations q
+        WHERE q.project_id = $1 AND q.installation_key = ANY($2::text[])
+          AND NOT EXISTS (SELECT 1 FROM f WHERE f.installation_id = q.installation_key)
+    ),
+    up AS (
+        INSERT INTO query_installations (project_id, installation_key,
+                                         {INSTALLATION_FACT_COLUMNS})
+        SELECT $1, f.* FROM f
+        ORDER BY f.installation_id
+        ON CONFLICT (project_id, installation_key) DO UPDATE SET
+            {_set_from_excluded(INSTALLATION_FACT_COLUMNS)}
+    )
+    SELECT * FROM f"""
+
+REBUILD_INSTALLATIONS = f"""
+    INSERT INTO query_installations (project_id, installation_key, {INSTALLATION_FACT_COLUMNS})
+    SELECT $1, f.* FROM ({INSTALLATION_FACTS.format(where="")}) f"""
+
+# Counters move by deltas, in key order (the caller sorts them) so two writers never wait on
+# each other's rows in opposite orders.
+MOVE_COUNTERS = """
+    INSERT INTO query_counters AS c (project_id, platform, metric, value, count)
+    SELECT $1, k.* FROM unnest($2::smallint[], $3::text[], $4::text[], $5::bigint[])
+        AS k(platform, metric, value, count)
+    ON CONFLICT (project_id, platform, metric, value) DO UPDATE
+        SET count = c.count + EXCLUDED.count"""
+
+DELETE_PROJECT_ROLLUPS = (
+    "DELETE FROM query_profiles WHERE project_id = $1",
+    "DELETE FROM query_installations WHERE project_id = $1",
+    "DELETE FROM query_counters WHERE project_id = $1",
+)
+SELECT_ALL_PROFILE_FACTS = f"""
+    SELECT profile_id, {PROFILE_FACT_COLUMNS} FROM query_profiles WHERE project_id = $1"""
+SELECT_ALL_INSTALLATION_FACTS = f"""
+    SELECT installation_key AS installation_id, {INSTALLATION_FACT_COLUMNS}
+    FROM query_installations WHERE project_id = $1"""
+
+
+def _profile_facts(r: asyncpg.Record) -> ProfileFacts:
+    return ProfileFacts(
+        identified=r["identified"],
+        has_email=r["has_email"],
+        has_phone=r["has_phone"],
+        has_token=r["has_token"],
+        push_reachable=r["push_reachable"],
+        subscribed=frozenset(r["subscribed"]),
+        language=text_or_empty(r["language"]),
+        region=text_or_empty(r["region"]),
+        country=text_or_empty(r["country"]),
+        platforms=frozenset(r["platforms"]),
+        has_session=r["session_count"] > 0,
+    )
+
+
+def _installation_facts(r: asyncpg.Record) -> InstallationFacts:
+    return InstallationFacts(
+        platform=r["platform"],
+        app_version=text_or_empty(r["app_version"]),
+        uninstalled=r["uninstalled"],
+        has_token=r["has_token"],
+        push_opt_in=r["push_opt_in"],
+        imported=r["imported"],
+    )
+
+
+class RollupWrites:
+    """The projection's statements, in one transaction."""
+
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self._conn = conn
+
+    async def lock(self, project_id: UUID, keys: Sequence[str]) -> None:
+        await self._conn.execute(LOCK_FACTS, str(project_id), sorted(set(keys)))
+
+    async def stored_profiles(
+        self, project_id: UUID, profile_ids: Sequence[UUID]
+    ) -> dict[UUID, ProfileFacts]:
+        rows = await self._conn.fetch(SELECT_STORED_PROFILES, project_id, list(profile_ids))
+        return {r["profile_id"]: _profile_facts(r) for r in rows}
+
+    async def recount_profiles(
+        self, project_id: UUID, profile_ids: Sequence[UUID], now: datetime
+    ) -> dict[UUID, ProfileFacts]:
+        """Recounts and stores the facts of the profiles; the live ones' facts are returned."""
+        rows = await self._conn.fetch(RECOUNT_PROFILES, project_id, list(profile_ids), now)
+        return {r["profile_id"]: _profile_facts(r) for r in rows}
+
+    async def stored_installations(
+        self, project_id: UUID, installation_ids: Sequence[str]
+    ) -> dict[str, InstallationFacts]:
+        rows = await self._conn.fetch(
+            SELECT_STORED_INSTALLATIONS, project_id, list(installation_ids)
+        )
+        return {r["installation_id"]: _installation_facts(r) for r in rows}
+
+    async def recount_installations(
+        self, project_id: UUID, installation_ids: Sequence[str]
+    ) -> dict[str, InstallationFacts]:
+        rows = await self._conn.fetch(RECOUNT_INSTALLATIONS, project_id, list(installation_ids))
+        return {r["installation_id"]: _installation_facts(r) for r in rows}
+
+    async def move_counters(
+        self, project_id: UUID, changes: Sequence[tuple[CounterKey, int]]
+    ) -> None:
+        if not changes:
+            return
+        await self._conn.execute(
+            MOVE_COUNTERS,
+            project_id,
+            [k[0] for k, _ in changes],
+            [k[1] for k, _ in changes],
+            [k[2] for k, _ in changes],
+            [n for _, n in changes],
+        )
+
+    async def rebuild(self, project_id: UUID, now: datetime) -> None:
+        """Recounts every profile and installation of the project and its counters."""
+        for statement in DELETE_PROJECT_ROLLUPS:
+            await self._conn.execute(statement, project_id)
+        await self._conn.execute(REBUILD_PROFILES, project_id, now)
+        await self._conn.execute(REBUILD_INSTALLATIONS, project_id)
+        totals: Counter[CounterKey] = Counter()
+        for statement, facts_of in (
+            (SELECT_ALL_PROFILE_FACTS, _profile_facts),
+            (SELECT_ALL_INSTALLATION_FACTS, _installation_facts),
+        ):
+            async for r in self._conn.cursor(statement, project_id, prefetch=10_000):
+                totals.update(facts_of(r).counter_keys())
+        await self.move_counters(project_id, sorted(totals.items()))

@@ -1,0 +1,364 @@
+"""The timeline's reads (ListEvents, ListSessions, GetActivity): keyset pages of a profile's
+events, identity changes and sessions, and its activity by day."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, cast
+from uuid import UUID
+
+import asyncpg
+
+from services.query.rows import PROFILE_AND_TOMBSTONES, identity_change, text_or_empty
+from services.query.views import (
+    DayView,
+    EventView,
+    IdentityChangeView,
+    SessionView,
+)
+
+# -- timelines --------------------------------------------------------------------------------
+
+# Keyset paging on events_by_profile_time: the row comparison continues strictly after the
+# last row of the previous page (the first page passes 'infinity'), so the index is entered at
+# the position instead of skipping an offset. Optional filters are constants when unused
+# (empty arrays, '', ±infinity) rather than NULL, so the plan stays an index range scan.
+SELECT_EVENTS_PAGE = """
+    SELECT event_seq, event_id, kind, event_time, receive_time,
+           coalesce(installation_id, '') AS installation_id, coalesce(session_id, '') AS session_id,
+           platform, payload, imported
+    FROM ingest_read_events()
+    WHERE project_id = $1 AND profile_id = $2 AND event_seq <= $3
+      AND (event_time, event_seq) < ($4::timestamptz, $5::bigint)
+      AND event_time >= $6 AND event_time < $7
+      AND kind = ANY($8::smallint[])
+      AND (cardinality($9::text[]) = 0 OR name = ANY($9::text[]))
+      AND ($10::text = '' OR session_id = $10)
+      AND payload IS NOT NULL
+    ORDER BY event_time DESC, event_seq DESC
+    LIMIT $11"""
+
+# Merges and splits in the timeline come from identity_changes (identity records them there,
+# not as events); keyset on (change_time, change_id), bounded by the snapshot's change time.
+SELECT_CHANGES_PAGE = f"""
+    WITH ids AS ({PROFILE_AND_TOMBSTONES})
+    SELECT change_id, kind, cause, change_time, source_profile_id, target_profile_id,
+           installation_ids, alias_custom_id
+    FROM identity_read_identity_changes() c
+    WHERE c.project_id = $1
+      AND (c.source_profile_id IN (SELECT id FROM ids)
+           OR c.target_profile_id IN (SELECT id FROM ids))
+      AND c.kind = ANY($3::text[])
+      AND c.change_time <= $4
+      AND (c.change_time, c.change_id) < ($5::timestamptz, $6::uuid)
+      AND c.change_time >= $7 AND c.change_time < $8
+    ORDER BY c.change_time DESC, c.change_id DESC
+    LIMIT $9"""
+
+# A page of the timeline in one statement (one round trip, one snapshot): the live profile ($2
+# or its survivor), the snapshot a first page fixes (newest event_seq of the project, newest
+# identity change of the profile: asked for by $16), the events page (SELECT_EVENTS_PAGE; no
+# kinds, no scan), the merges and splits page (SELECT_CHANGES_PAGE; skipped without kinds or
+# bound) and, when $17 asks and the profile has any identity change, what tells which
+# profile each event was first attached to: the newest changes and the current profile of
+# each installation on the page. The events come as one JSON array of arrays, which the
+# pool's codec parses in one call (times are ISO 8601 with their offset, which
+# datetime.fromisoformat reads faster than arithmetic on epoch numbers): a profile of
+# ListEvents put a json.loads per payload and the decoding of an array of records at a third
+# of the service's own CPU per page. The other lists are arrays of anonymous records; the
+# service orders them. No row: no such live profile.
+SELECT_TIMELINE_PAGE = """
+    WITH live AS (
+        SELECT coalesce(merged_into, profile_id) AS profile_id FROM identity_read_profiles()
+        WHERE project_id = $1 AND profile_id = $2
+    ),
+    ids AS (
+        SELECT profile_id AS id FROM live
+        UNION ALL
+        SELECT m.profile_id FROM identity_read_profiles() m
+        WHERE m.project_id = $1 AND m.merged_into = (SELECT profile_id FROM live)
+    ),
+    changed AS (
+        SELECT max(c.change_time) AS max_change_time FROM identity_read_identity_changes() c
+        WHERE c.project_id = $1
+          AND (c.source_profile_id IN (SELECT id FROM ids)
+               OR c.target_profile_id IN (SELECT id FROM ids))
+    ),
+    page AS (
+        SELECT e.event_seq, e.event_id, e.kind, e.event_time, e.receive_time,
+               coalesce(e.installation_id, '') AS installation_id,
+               coalesce(e.session_id, '') AS session_id, e.platform, e.payload, e.imported
+        FROM ingest_read_events() e
+        WHERE e.project_id = $1 AND e.profile_id = (SELECT profile_id FROM live)
+          AND cardinality($8::smallint[]) > 0
+          AND e.event_seq <= $3
+          AND (e.event_time, e.event_seq) < ($4::timestamptz, $5::bigint)
+          AND e.event_time >= $6 AND e.event_time < $7
+          AND e.kind = ANY($8::smallint[])
+          AND (cardinality($9::text[]) = 0 OR e.name = ANY($9::text[]))
+          AND ($10::text = '' OR e.session_id = $10)
+          AND e.payload IS NOT NULL
+        ORDER BY e.event_time DESC, e.event_seq DESC
+        LIMIT $11
+    ),
+    attributed AS (
+        SELECT $17::boolean AND EXISTS (SELECT 1 FROM page)
+               AND (SELECT max_change_time FROM changed) IS NOT NULL AS wanted
+    )
+    SELECT l.profile_id,
+           CASE WHEN $16::boolean THEN
+               (SELECT coalesce(max(event_seq), 0) FROM ingest_read_events() WHERE project_id = $1)
+           END AS max_seq,
+           (SELECT max_change_time FROM changed) AS max_change_time,
+           (SELECT json_agg(json_build_array(
+                       page.event_seq, page.event_id, page.kind, page.event_time,
+                       page.receive_time, page.installation_id, page.session_id, page.platform,
+                       page.payload, page.imported))
+            FROM page) AS events,
+           ARRAY(
+               SELECT ROW(c.change_id, c.kind, c.cause, c.change_time, c.source_profile_id,
+                          c.target_profile_id, c.installation_ids, c.alias_custom_id)
+               FROM identity_read_identity_changes() c
+               WHERE c.project_id = $1
+                 AND cardinality($12::text[]) > 0 AND $13::timestamptz IS NOT NULL
+                 AND (c.source_profile_id IN (SELECT id FROM ids)
+                      OR c.target_profile_id IN (SELECT id FROM ids))
+                 AND c.kind = ANY($12::text[])
+                 AND c.change_time <= $13
+                 AND (c.change_time, c.change_id) < ($14::timestamptz, $15::uuid)
+                 AND c.change_time >= $6 AND c.change_time < $7
+               ORDER BY c.change_time DESC, c.change_id DESC
+               LIMIT $11) AS changes,
+           ARRAY(
+               SELECT ROW(c.change_id, c.kind, c.cause, c.change_time, c.source_profile_id,
+                          c.target_profile_id, c.installation_ids, c.alias_custom_id)
+               FROM identity_read_identity_changes() c
+               WHERE c.project_id = $1 AND (SELECT wanted FROM attributed)
+                 AND (c.source_profile_id IN (SELECT id FROM ids)
+                      OR c.target_profile_id IN (SELECT id FROM ids))
+               ORDER BY c.change_time DESC, c.change_id DESC
+               LIMIT $18) AS attribution_changes,
+           ARRAY(
+               SELECT ROW(i.installation_id, i.profile_id)
+               FROM identity_read_installations() i
+               WHERE i.project_id = $1 AND (SELECT wanted FROM attributed)
+                 AND i.installation_id IN (SELECT installation_id FROM page)
+           ) AS installation_profiles
+    FROM live l"""
+
+# The snapshot of a session history: its newest start when the first page was read (sessions
+# have no arrival sequence; one that starts later is not in the pages of this listing).
+SELECT_SESSIONS_SNAPSHOT = """
+    SELECT max(start_time) FROM ingest_read_sessions() WHERE project_id = $1 AND profile_id = $2"""
+
+# Keyset on sessions_by_profile_time; (installation_id, session_id) is the key that breaks ties.
+SELECT_SESSIONS_PAGE = """
+    SELECT installation_id, session_id, platform, coalesce(country, '') AS country, start_time,
+           end_time, (extract(epoch FROM duration) * 1000)::bigint AS duration_ms, event_count,
+           ended, closed
+    FROM ingest_read_sessions()
+    WHERE project_id = $1 AND profile_id = $2 AND start_time <= $3
+      AND (start_time, installation_id, session_id) < ($4::timestamptz, $5::text, $6::text)
+      AND start_time >= $7 AND start_time < $8
+    ORDER BY start_time DESC, installation_id DESC, session_id DESC
+    LIMIT $9"""
+
+SELECT_NOW = "SELECT now()"
+
+# Days in the caller's time zone ($3): events by the day of their event time, sessions by the
+# day they started.
+SELECT_EVENT_DAYS = """
+    SELECT to_char(event_time AT TIME ZONE $3, 'YYYY-MM-DD') AS day, count(*) AS event_count
+    FROM ingest_read_events()
+    WHERE project_id = $1 AND profile_id = $2 AND event_time >= $4 AND event_time < $5
+      AND payload IS NOT NULL
+    GROUP BY 1"""
+
+SELECT_SESSION_DAYS = """
+    SELECT to_char(start_time AT TIME ZONE $3, 'YYYY-MM-DD') AS day, count(*) AS session_count,
+           coalesce(sum(extract(epoch FROM duration) * 1000), 0)::bigint AS time_spent_ms
+    FROM ingest_read_sessions()
+    WHERE project_id = $1 AND profile_id = $2 AND start_time >= $4 AND start_time < $5
+    GROUP BY 1"""
+
+# The time zone days are counted in when the caller names none: the `timezone` attribute, else
+# the most recently seen installation's.
+SELECT_PROFILE_TIMEZONE = """
+    SELECT coalesce(
+        (SELECT value ->> 'value' FROM ingest_read_profile_attributes()
+         WHERE project_id = $1 AND profile_id = $2 AND native AND name = 'timezone'
+           AND value IS NOT NULL),
+        (SELECT d.timezone FROM identity_read_installations() i
+         JOIN ingest_read_installation_details() d
+             ON d.project_id = i.project_id AND d.installation_id = i.installation_id
+         WHERE i.project_id = $1 AND i.profile_id = $2 AND d.timezone IS NOT NULL
+         ORDER BY d.last_seen DESC LIMIT 1))"""
+
+
+@dataclass(frozen=True, slots=True)
+class TimelineRead:
+    """What SELECT_TIMELINE_PAGE read: the live profile, the snapshot's newest event_seq and
+    identity change time, a page of events and of changes, and what attributes the events
+    (empty unless asked for and the profile has identity changes)."""
+
+    profile_id: UUID
+    max_seq: int
+    max_change_time: datetime | None
+    events: list[EventView]
+    changes: list[IdentityChangeView]
+    attribution_changes: list[IdentityChangeView]
+    installation_profiles: dict[str, UUID]
+
+
+def _event(e: Sequence[Any]) -> EventView:
+    """An event from one array of SELECT_TIMELINE_PAGE's events JSON, in its order."""
+    seq, event_id, kind, event_time, receive_time, installation_id, session_id, platform = e[:8]
+    return EventView(
+        seq,
+        event_id,
+        kind,
+        datetime.fromisoformat(event_time),
+        datetime.fromisoformat(receive_time),
+        installation_id,
+        session_id,
+        platform,
+        e[8],
+        e[9],
+    )
+
+
+def _session(r: asyncpg.Record) -> SessionView:
+    return SessionView(
+        session_id=r["session_id"],
+        installation_id=r["installation_id"],
+        platform=r["platform"],
+        start_time=r["start_time"],
+        end_time=r["end_time"] if r["closed"] or r["ended"] else None,
+        duration_ms=r["duration_ms"],
+        timed_out=r["closed"] and not r["ended"],
+        country=r["country"],
+        event_count=r["event_count"],
+    )
+
+
+class TimelineReads:
+    """The timeline's statements, on the connection of QueryReads."""
+
+    _conn: asyncpg.Connection
+
+    async def timeline_page(
+        self,
+        project_id: UUID,
+        profile_id: UUID,
+        *,
+        first_page: bool,
+        max_seq: int,
+        after: tuple[datetime, int],
+        start: datetime,
+        end: datetime,
+        kinds: Sequence[int],
+        names: Sequence[str],
+        session_id: str,
+        limit: int,
+        change_kinds: Sequence[str],
+        max_change_time: datetime | None,
+        change_after: tuple[datetime, UUID],
+        attribute: bool,
+        max_attributed: int,
+    ) -> TimelineRead | None:
+        """A page of events and of identity changes (SELECT_TIMELINE_PAGE), unordered; None
+        when the profile is not found. `first_page` reads the snapshot's max_seq; the changes
+        page is read when `change_kinds` and `max_change_time` (its upper bound) are given."""
+        r = await self._conn.fetchrow(
+            SELECT_TIMELINE_PAGE,
+            project_id,
+            profile_id,
+            max_seq,
+            after[0],
+            after[1],
+            start,
+            end,
+            list(kinds),
+            list(names),
+            session_id,
+            limit,
+            list(change_kinds),
+            max_change_time,
+            change_after[0],
+            change_after[1],
+            first_page,
+            attribute,
+            max_attributed,
+        )
+        if r is None:
+            return None
+        return TimelineRead(
+            profile_id=r["profile_id"],
+            max_seq=r["max_seq"] if first_page else max_seq,
+            max_change_time=r["max_change_time"],
+            events=[_event(e) for e in r["events"] or ()],
+            changes=[identity_change(c) for c in r["changes"]],
+            attribution_changes=[identity_change(c) for c in r["attribution_changes"]],
+            installation_profiles=dict(r["installation_profiles"]),
+        )
+
+    async def now(self) -> datetime:
+        return cast(datetime, await self._conn.fetchval(SELECT_NOW))
+
+    async def sessions_page(
+        self,
+        project_id: UUID,
+        profile_id: UUID,
+        *,
+        max_start: datetime,
+        after: tuple[datetime, str, str],
+        start: datetime,
+        end: datetime,
+        limit: int,
+    ) -> list[SessionView]:
+        rows = await self._conn.fetch(
+            SELECT_SESSIONS_PAGE,
+            project_id,
+            profile_id,
+            max_start,
+            after[0],
+            after[1],
+            after[2],
+            start,
+            end,
+            limit,
+        )
+        return [_session(r) for r in rows]
+
+    async def sessions_snapshot(self, project_id: UUID, profile_id: UUID) -> datetime | None:
+        return cast(
+            datetime | None,
+            await self._conn.fetchval(SELECT_SESSIONS_SNAPSHOT, project_id, profile_id),
+        )
+
+    async def profile_timezone(self, project_id: UUID, profile_id: UUID) -> str:
+        return text_or_empty(
+            await self._conn.fetchval(SELECT_PROFILE_TIMEZONE, project_id, profile_id)
+        )
+
+    async def activity(
+        self, project_id: UUID, profile_id: UUID, time_zone: str, start: datetime, end: datetime
+    ) -> dict[str, DayView]:
+        days: dict[str, DayView] = {}
+        for r in await self._conn.fetch(
+            SELECT_EVENT_DAYS, project_id, profile_id, time_zone, start, end
+        ):
+            days[r["day"]] = DayView(r["day"], 0, r["event_count"], 0)
+        for r in await self._conn.fetch(
+            SELECT_SESSION_DAYS, project_id, profile_id, time_zone, start, end
+        ):
+            held = days.get(r["day"])
+            days[r["day"]] = DayView(
+                r["day"],
+                r["session_count"],
+                held.event_count if held else 0,
+                r["time_spent_ms"],
+            )
+        return days
