@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 
 import asyncpg
 
+from services.identity.hooks import load_profile_hooks, run_merge_hooks
 from services.ingest.maintenance_repository import MaintenanceRepository
 from services.ingest.retention import StorageMaintenance
 from shared.clock import FrozenClock
@@ -255,16 +256,10 @@ async def test_a_merge_after_retention_gives_the_survivor_every_total_and_time(
         == 41  # n = 110..150: at or after the cutoff
     )
 
+    # As identity's merge does: every declared merge hook, in run order (ingest_merge_events
+    # moves the events, then ingest_merge_profile_event_counts what retention removed).
     async with db.acquire() as conn, conn.transaction():
-        await conn.execute(
-            "UPDATE events SET profile_id = $3 WHERE project_id = $1 AND profile_id = $2",
-            project_id,
-            source,
-            target,
-        )
-        await conn.execute(
-            "SELECT ingest_merge_profile_event_counts($1, $2, $3)", project_id, source, target
-        )
+        await run_merge_hooks(conn, await load_profile_hooks(conn), project_id, source, target)
 
     assert await db.fetchrow(STORED, project_id, source) is None
     merged = tuple(await db.fetchrow(STORED, project_id, target))
