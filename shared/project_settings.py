@@ -31,6 +31,19 @@ def _int_between(low: int, high: int) -> Callable[[Any], str | None]:
     return check
 
 
+def _zero_or_between(low: int, high: int) -> Callable[[Any], str | None]:
+    between = _int_between(low, high)
+
+    def check(value: Any) -> str | None:
+        if value == 0 and not isinstance(value, bool):
+            return None
+        return (
+            None if between(value) is None else f"must be 0 or a whole number from {low} to {high}"
+        )
+
+    return check
+
+
 def _string_list(max_items: int, max_length: int) -> Callable[[Any], str | None]:
     def check(value: Any) -> str | None:
         if not isinstance(value, list) or len(value) > max_items:
@@ -56,6 +69,14 @@ PROJECT_SETTINGS: dict[str, ProjectSetting] = {
             [],
             "custom IDs refused on top of the built-in junk list (matched case-insensitively)",
             _string_list(1000, 512),
+        ),
+        ProjectSetting(
+            "events.retention_days",
+            0,
+            "days a project keeps its events (a background sweep removes older ones; profile"
+            " totals, first seen, sessions and segment state stay); 0 keeps them forever, else"
+            " at least 90, since funnel windows reach 90 days",
+            _zero_or_between(90, 36_500),
         ),
         ProjectSetting(
             "segments.new_days",

@@ -57,10 +57,19 @@ TABLE, INDEX, FUNCTION, VIEW, TRIGGER, COMMENT, HOOK = (
     "hook",
 )
 
-# Base tables of the public schema (schema_migrations is the runner's, not an owner's).
+# Base tables of the public schema (schema_migrations is the runner's, not an owner's). Of a
+# partitioned table's partitions only the DEFAULT one is part of the schema: the periodic ones
+# (events_2027_01...) are made at run time by their owner (ingest's partition maintenance,
+# docs/partitions.md) and depend on the date, so they are left out, with their indexes and
+# triggers (copies of the partitioned table's).
 SELECT_TABLES = """
-    SELECT c.oid, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+    SELECT c.oid, c.relname, pg_get_partkeydef(c.oid) AS partition_key,
+        parent.relname AS parent_name
+    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+    LEFT JOIN pg_inherits h ON c.relispartition AND h.inhrelid = c.oid
+    LEFT JOIN pg_class parent ON parent.oid = h.inhparent
     WHERE n.nspname = 'public' AND c.relkind IN ('r', 'p') AND c.relname <> 'schema_migrations'
+        AND (NOT c.relispartition OR pg_get_expr(c.relpartbound, c.oid) = 'DEFAULT')
     ORDER BY c.oid"""
 SELECT_COLUMNS = """
     SELECT a.attrelid AS table_oid, a.attname, format_type(a.atttypid, a.atttypmod) AS type,
@@ -84,7 +93,7 @@ SELECT_INDEXES = """
         pg_get_indexdef(i.indexrelid) AS definition
     FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid
     JOIN pg_namespace n ON n.oid = c.relnamespace
-    WHERE n.nspname = 'public' AND c.relname <> 'schema_migrations'
+    WHERE n.nspname = 'public' AND c.relname <> 'schema_migrations' AND NOT c.relispartition
         AND NOT EXISTS (SELECT 1 FROM pg_constraint k WHERE k.conindid = i.indexrelid)
     ORDER BY i.indexrelid"""
 SELECT_FUNCTIONS = """
@@ -101,17 +110,19 @@ SELECT_TRIGGERS = """
         pg_get_triggerdef(t.oid) AS definition
     FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid
     JOIN pg_namespace n ON n.oid = c.relnamespace
-    WHERE n.nspname = 'public' AND NOT t.tgisinternal ORDER BY t.oid"""
-# COMMENT ON a table, column, view, index or function of the public schema.
+    WHERE n.nspname = 'public' AND NOT t.tgisinternal AND NOT c.relispartition
+    ORDER BY t.oid"""
+# COMMENT ON a table, column, view, index (a partitioned table's too: relkind I) or function
+# of the public schema.
 SELECT_COMMENTS = """
     SELECT CASE
             WHEN d.classoid = 'pg_proc'::regclass THEN 'FUNCTION ' || d.objoid::regprocedure::text
             WHEN d.objsubid > 0 THEN 'COLUMN ' || c.relname || '.' || quote_ident(a.attname)
             WHEN c.relkind IN ('v', 'm') THEN 'VIEW ' || c.relname
-            WHEN c.relkind = 'i' THEN 'INDEX ' || c.relname
+            WHEN c.relkind IN ('i', 'I') THEN 'INDEX ' || c.relname
             ELSE 'TABLE ' || c.relname END AS target,
         CASE WHEN d.classoid = 'pg_proc'::regclass THEN 'function'
-             WHEN c.relkind = 'i' THEN 'index' ELSE 'relation' END AS target_kind,
+             WHEN c.relkind IN ('i', 'I') THEN 'index' ELSE 'relation' END AS target_kind,
         coalesce(c.relname, d.objoid::regprocedure::text) AS target_name,
         (SELECT i.indrelid::regclass::text FROM pg_index i WHERE i.indexrelid = d.objoid)
             AS index_table,
@@ -193,13 +204,19 @@ async def read_catalog(conn: asyncpg.Connection) -> Catalog:
         lines[row["table_oid"]].append(f"CONSTRAINT {_quote(row['conname'])} {row['definition']}")
     for t in tables:
         body = ",\n".join(f"    {line}" for line in lines[t["oid"]])
-        add(
-            CatalogObject(
-                TABLE, t["relname"], f"CREATE TABLE {t['relname']} (\n{body}\n);", order=t["oid"]
-            )
-        )
+        if t["parent_name"] is not None:
+            # Its columns, constraints and indexes are its partitioned table's.
+            sql = f"CREATE TABLE {t['relname']} PARTITION OF {t['parent_name']} DEFAULT;"
+        elif t["partition_key"] is not None:
+            sql = f"CREATE TABLE {t['relname']} (\n{body}\n) PARTITION BY {t['partition_key']};"
+        else:
+            sql = f"CREATE TABLE {t['relname']} (\n{body}\n);"
+        add(CatalogObject(TABLE, t["relname"], sql, order=t["oid"]))
     for row in await conn.fetch(SELECT_INDEXES):
-        sql = row["definition"].replace(" ON public.", " ON ") + ";"
+        # A partitioned table's index is shown ON ONLY it: created without ONLY from the file,
+        # it is the same index (on each partition too).
+        sql = row["definition"].replace(" ON ONLY public.", " ON ").replace(" ON public.", " ON ")
+        sql += ";"
         add(CatalogObject(INDEX, row["name"], sql, table=row["table_name"]))
     for row in await conn.fetch(SELECT_FUNCTIONS):
         add(

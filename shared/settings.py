@@ -82,6 +82,12 @@ SETTINGS: tuple[Setting, ...] = (
         " replica of its service (how long a crashed replica's work waits); above the slowest"
         " handler",
     ),
+    Setting(
+        "PROFILES_EVENTS_RETENTION_DAYS",
+        "0",
+        "ingest: events (and rejected events) older than this many days are dropped, a whole"
+        " monthly partition at a time; 0 keeps them forever (docs/partitions.md)",
+    ),
     Setting("PROFILES_EDGE_PORT", "8340", "HTTP port of the edge gateway (SDK traffic)"),
     Setting(
         "PROFILES_EDGE_METRICS_PORT", "9455", "Prometheus /metrics port of the edge; 0 turns it off"
@@ -126,6 +132,7 @@ class Settings:
     edge_rate_burst: int = 1000
     console_port: int = 8341
     console_metrics_port: int = 9456
+    events_retention_days: int = 0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Self:
@@ -163,6 +170,7 @@ class Settings:
             edge_rate_limit=float(values["PROFILES_EDGE_RATE_LIMIT"]),
             edge_rate_burst=int(values["PROFILES_EDGE_RATE_BURST"]),
             console_port=int(values["PROFILES_CONSOLE_PORT"]),
+            events_retention_days=int(values["PROFILES_EVENTS_RETENTION_DAYS"]),
             console_metrics_port=int(values["PROFILES_CONSOLE_METRICS_PORT"]),
         )
 
@@ -187,6 +195,7 @@ class Settings:
             "PROFILES_EDGE_RATE_BURST": str(self.edge_rate_burst),
             "PROFILES_CONSOLE_PORT": str(self.console_port),
             "PROFILES_CONSOLE_METRICS_PORT": str(self.console_metrics_port),
+            "PROFILES_EVENTS_RETENTION_DAYS": str(self.events_retention_days),
         }
         for name in SERVICE_NAMES:
             upper = name.upper()

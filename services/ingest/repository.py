@@ -20,14 +20,40 @@ from services.ingest.errors import StorageUnavailable
 from services.ingest.validation import RejectedEvent, ValidEvent
 from shared.errors import Aborted
 
+# Dedupe: events is partitioned by time and cannot hold a unique index on an event's key
+# (0024_events_partitioned.sql), so each batch first claims its events' keys in event_keys:
+# ON CONFLICT DO NOTHING makes a retried or concurrent duplicate (which waits on the key) claim
+# nothing, and RETURNING tells which keys are new; only their events are then stored. The
+# claim joins the same rows as the insert after it, with the same locks (taken here first,
+# through identity's contracts), so a key is claimed exactly when its event is stored.
+CLAIM_INSTALLATION_EVENT_KEYS = """
+    INSERT INTO event_keys (project_id, event_key, receive_time)
+    SELECT $1, profiles_ingest_event_key(k.installation_id, NULL, k.event_id), $2
+    FROM unnest($3::text[], $4::text[]) WITH ORDINALITY AS k(installation_id, event_id, ord)
+    JOIN identity_read_installation_links($1, $3::text[]) i
+        ON i.installation_id = k.installation_id
+    ORDER BY k.ord
+    ON CONFLICT DO NOTHING
+    RETURNING event_key"""
+
+CLAIM_CUSTOM_ID_EVENT_KEYS = """
+    INSERT INTO event_keys (project_id, event_key, receive_time)
+    SELECT $1, profiles_ingest_event_key(NULL, k.custom_id, k.event_id), $2
+    FROM unnest($3::text[], $4::text[], $5::uuid[])
+         WITH ORDINALITY AS k(custom_id, event_id, resolved_profile_id, ord)
+    JOIN identity_apply_profile_locks($1, $5::uuid[]) p ON p.profile_id = k.resolved_profile_id
+    ORDER BY p.profile_id, k.ord
+    ON CONFLICT DO NOTHING
+    RETURNING event_key"""
+
 # Installation events take their profile from identity's installation links in the same
 # statement, each installation locked FOR SHARE by identity's read contract
 # (identity_read_installation_links): identity moves an installation FOR UPDATE, so an event
 # racing a merge, Identify or Logout waits for it and lands on the installation's profile as of
-# its commit, never on a profile the installation already left. ON CONFLICT DO NOTHING against
-# the dedupe index makes a retried or concurrent duplicate insert nothing; RETURNING tells which
-# rows are new. An installation missing here (erased since it was resolved) yields no row, and
-# the caller resolves it again. ORDER BY ord keeps event_seq in request order.
+# its commit, never on a profile the installation already left. Only the events whose key the
+# claim above returned ($12) are stored; RETURNING tells which rows are new. An installation
+# missing here (erased since it was resolved) yields no row (nor key), and the caller resolves
+# it again. ORDER BY ord keeps event_seq in request order.
 INSERT_INSTALLATION_EVENTS = """
     INSERT INTO events (project_id, installation_id, event_id, profile_id, kind, name,
                         event_time, receive_time, session_id, platform, payload, imported)
@@ -37,11 +63,11 @@ INSERT_INSTALLATION_EVENTS = """
                 $9::text[], $10::smallint[], $11::jsonb[])
          WITH ORDINALITY AS e(installation_id, event_id, kind, name, event_time, session_id,
                               platform, payload, ord)
+    JOIN unnest($12::uuid[]) AS f(event_key)
+        ON f.event_key = profiles_ingest_event_key(e.installation_id, NULL, e.event_id)
     JOIN identity_read_installation_links($1, $4::text[]) i
         ON i.installation_id = e.installation_id
     ORDER BY e.ord
-    ON CONFLICT (project_id, installation_id, event_id) WHERE installation_id IS NOT NULL
-    DO NOTHING
     RETURNING installation_id, event_id, profile_id, event_seq"""
 
 # Server-side events name the profile identity resolved for their custom ID; a merge since
@@ -49,7 +75,8 @@ INSERT_INSTALLATION_EVENTS = """
 # profiles are locked FOR NO KEY UPDATE (not FOR SHARE) by identity's
 # identity_apply_profile_locks because this transaction bumps their versions next: two share
 # locks upgrading to update locks would deadlock. Locks are taken in profile_id order so
-# concurrent batches queue instead of deadlocking.
+# concurrent batches queue instead of deadlocking. Only events whose key was claimed ($13) are
+# stored.
 INSERT_CUSTOM_ID_EVENTS = """
     INSERT INTO events (project_id, custom_id, event_id, profile_id, kind, name,
                         event_time, receive_time, session_id, platform, payload, imported)
@@ -59,27 +86,31 @@ INSERT_CUSTOM_ID_EVENTS = """
                 $9::text[], $10::smallint[], $11::jsonb[], $12::uuid[])
          WITH ORDINALITY AS e(custom_id, event_id, kind, name, event_time, session_id,
                               platform, payload, resolved_profile_id, ord)
+    JOIN unnest($13::uuid[]) AS f(event_key)
+        ON f.event_key = profiles_ingest_event_key(NULL, e.custom_id, e.event_id)
     JOIN identity_apply_profile_locks($1, $12::uuid[]) p ON p.profile_id = e.resolved_profile_id
     ORDER BY p.profile_id, e.ord
-    ON CONFLICT (project_id, custom_id, event_id) WHERE custom_id IS NOT NULL
-    DO NOTHING
     RETURNING custom_id, event_id, profile_id, event_seq"""
 
-# Which of the events not inserted above already exist (duplicates); the rest lost their
-# installation or profile meanwhile. Only run when some events were not inserted.
+# Which of the events not inserted above already exist (duplicates: their key is held); the rest
+# lost their installation or profile meanwhile. Only run when some events were not inserted.
 SELECT_EXISTING_INSTALLATION_EVENTS = """
-    SELECT e.installation_id, e.event_id
+    SELECT k.installation_id, k.event_id
     FROM unnest($2::text[], $3::text[]) AS k(installation_id, event_id)
-    JOIN events e ON e.project_id = $1 AND e.installation_id = k.installation_id
-                 AND e.event_id = k.event_id"""
+    JOIN event_keys e
+        ON e.project_id = $1
+        AND e.event_key = profiles_ingest_event_key(k.installation_id, NULL, k.event_id)"""
 
 SELECT_EXISTING_CUSTOM_ID_EVENTS = """
-    SELECT e.custom_id, e.event_id
+    SELECT k.custom_id, k.event_id
     FROM unnest($2::text[], $3::text[]) AS k(custom_id, event_id)
-    JOIN events e ON e.project_id = $1 AND e.custom_id = k.custom_id AND e.event_id = k.event_id"""
+    JOIN event_keys e
+        ON e.project_id = $1
+        AND e.event_key = profiles_ingest_event_key(NULL, k.custom_id, k.event_id)"""
 
 # An event whose attribute operations the profile refused (attribute limit) is not kept;
-# the delete happens in the inserting transaction, so nobody ever sees the row.
+# the delete happens in the inserting transaction, so nobody ever sees the row (events' delete
+# trigger drops its key with it: a retry is judged again).
 DELETE_EVENTS = "DELETE FROM events WHERE project_id = $1 AND event_seq = ANY($2::bigint[])"
 
 # Bumps the version of every profile the batch touched (read-your-writes for query's caches)
@@ -450,13 +481,24 @@ class IngestRepository:
     ) -> list[InsertedEvent]:
         if not events:
             return []
+        installation_ids = [e.installation_id for e in events]
+        claimed = await conn.fetch(
+            CLAIM_INSTALLATION_EVENT_KEYS,
+            project_id,
+            receive_time,
+            installation_ids,
+            [e.event_id for e in events],
+        )
+        if not claimed:
+            return []
         rows = await conn.fetch(
             INSERT_INSTALLATION_EVENTS,
             project_id,
             receive_time,
             imported,
-            [e.installation_id for e in events],
+            installation_ids,
             *_event_columns(events),
+            [r[0] for r in claimed],
         )
         return [
             InsertedEvent(r["installation_id"], r["event_id"], r["profile_id"], r["event_seq"])
@@ -474,14 +516,26 @@ class IngestRepository:
     ) -> list[InsertedEvent]:
         if not events:
             return []
+        custom_ids = [e.custom_id for e in events]
+        claimed = await conn.fetch(
+            CLAIM_CUSTOM_ID_EVENT_KEYS,
+            project_id,
+            receive_time,
+            custom_ids,
+            [e.event_id for e in events],
+            list(resolved_profile_ids),
+        )
+        if not claimed:
+            return []
         rows = await conn.fetch(
             INSERT_CUSTOM_ID_EVENTS,
             project_id,
             receive_time,
             imported,
-            [e.custom_id for e in events],
+            custom_ids,
             *_event_columns(events),
             list(resolved_profile_ids),
+            [r[0] for r in claimed],
         )
         return [
             InsertedEvent(r["custom_id"], r["event_id"], r["profile_id"], r["event_seq"])

@@ -164,16 +164,13 @@ SELECT_SMART_SEGMENT = """
 # Counters.average_session_duration), engagement's the average over segments' ended sessions
 # started in the 168 hours up to $3 (score1, segments' rule); an open session's length is not
 # known yet, so neither counts it. Sessions that all ended inside the window give both the same
-# value. Nothing here grows with the profile's events: their totals come from
-# ingest_read_profile_event_counts, first and last seen are each one end of
-# events_by_profile_time, the last crash the top of events_crashes_by_profile.
+# value. Nothing here grows with the profile's events: their totals, first and last seen come
+# from ingest_read_profile_event_counts (kept exact after retention removed old events:
+# ingest's 0025), the last crash is the top of events_crashes_by_profile.
 PROFILE_VIEW = f"""
     WITH target AS ({{target}})
     SELECT t.holders, t.resolved_from, p.profile_id, p.custom_id, p.version,
-           (SELECT min(e.event_time) FROM ingest_read_events() e
-            WHERE e.project_id = $1 AND e.profile_id = p.profile_id) AS first_seen,
-           (SELECT max(e.event_time) FROM ingest_read_events() e
-            WHERE e.project_id = $1 AND e.profile_id = p.profile_id) AS last_seen,
+           s.first_event_time AS first_seen, s.last_event_time AS last_seen,
            coalesce(s.event_count, 0) AS event_count, coalesce(s.crash_count, 0) AS crash_count,
            (SELECT x.country FROM ingest_read_sessions() x
             WHERE x.project_id = $1 AND x.profile_id = p.profile_id

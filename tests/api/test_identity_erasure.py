@@ -47,6 +47,11 @@ COLUMNS = """
     JOIN information_schema.tables t
         ON t.table_schema = c.table_schema AND t.table_name = c.table_name
     WHERE c.table_schema = current_schema() AND t.table_type = 'BASE TABLE'
+        -- A partition's rows are read through its partitioned table (events, rejected_events).
+        AND NOT EXISTS (
+            SELECT 1 FROM pg_class pc
+            WHERE pc.oid = to_regclass(quote_ident(c.table_name)) AND pc.relispartition
+        )
     ORDER BY c.table_name, c.column_name"""
 
 

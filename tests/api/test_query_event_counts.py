@@ -133,7 +133,8 @@ def _event_rows_read(plan: dict[str, Any]) -> int:
     """The rows every node of an EXPLAIN ANALYZE plan read from the events table (its own or
     an index of it), over all its loops."""
     rows = 0
-    if plan.get("Relation Name") == "events":
+    # events is partitioned (0024): its partitions are named events_YYYY_MM and events_default.
+    if plan.get("Relation Name", "").startswith("events"):
         rows += int(plan["Actual Rows"]) * int(plan["Actual Loops"])
         rows += int(plan.get("Rows Removed by Filter", 0)) * int(plan["Actual Loops"])
     for child in plan.get("Plans", []):

@@ -8,81 +8,6 @@
 -- Tables
 -- ============================================================================================
 
--- Every accepted event. The dedupe key is the origin (installation_id, or custom_id for
--- server-side events) plus the client's event_id: two partial unique indexes, because exactly
--- one of the two origin columns is set. event_seq orders events by arrival for stable paging.
--- kind and platform are the numbers of profiles.common.v1.EventKind and Platform; payload is
--- the proto JSON (original field names) of the matching bus detail message
--- (CustomEventDetail, SessionDetail, AttributeChangeDetail, SubscriptionChange,
--- InstallationUpdateDetail, CrashDetail plus "stack_trace"); never a push token or an IP.
--- profile_id and payload are NULL only on bare dedupe markers left by an erasure.
-CREATE TABLE events (
-    project_id uuid NOT NULL,
-    event_seq bigint GENERATED ALWAYS AS IDENTITY NOT NULL,
-    installation_id text,
-    custom_id text,
-    event_id text NOT NULL,
-    profile_id uuid,
-    kind smallint NOT NULL,
-    name text,
-    event_time timestamp with time zone NOT NULL,
-    receive_time timestamp with time zone NOT NULL,
-    session_id text,
-    platform smallint NOT NULL,
-    payload jsonb,
-    imported boolean NOT NULL DEFAULT false,
-    CONSTRAINT events_pkey PRIMARY KEY (project_id, event_seq),
-    CONSTRAINT events_check CHECK (((installation_id IS NULL) <> (custom_id IS NULL))),
-    CONSTRAINT events_event_id_check CHECK (((char_length(event_id) >= 1) AND (char_length(event_id) <= 64)))
-);
-CREATE UNIQUE INDEX events_by_installation_event_id ON events USING btree (project_id, installation_id, event_id) WHERE (installation_id IS NOT NULL);
-CREATE UNIQUE INDEX events_by_custom_id_event_id ON events USING btree (project_id, custom_id, event_id) WHERE (custom_id IS NOT NULL);
--- A profile's timeline, newest first (ties broken by arrival); also what a merge moves by.
-CREATE INDEX events_by_profile_time ON events USING btree (project_id, profile_id, event_time DESC, event_seq DESC);
--- A profile's last crash without walking its other events: crashes are rare, so this index
--- costs ingest next to nothing.
-CREATE INDEX events_crashes_by_profile ON events USING btree (project_id, profile_id, event_time DESC, event_seq DESC) WHERE (kind = 8);
--- Funnel progress in the profile view reads only the funnels' step events, each step's already
--- in time order, instead of every event of the profile sorted twice.
---
--- 0005's profile_funnel_progress() joined the profile's events (events_by_profile_time, every
--- kind and name) to the steps, then sorted the matches into two arrays by (step, time) and
--- walked them once more in PL/pgSQL to find where each step starts. On a profile of 200,000
--- events with two funnels that took about 390 ms, nearly all of it sorting and per-row work,
--- not reading.
---
--- events_custom_by_name holds each custom event's name and time: a step without a condition
--- reads its occurrences as an index-only scan, already ascending; a step with a condition
--- reads the same range and fetches only those rows' payloads. The same profile now takes about
--- 30 ms. The cost still grows with the occurrences of the step names (a funnel over the most
--- frequent event of a heavy profile reads all of them), but no longer with the rest.
---
--- Creating the index holds a write lock on events for the time it takes (this migration runs
--- in a transaction, so not CONCURRENTLY); on a large existing table, create it CONCURRENTLY by
--- hand first under this name and the IF NOT EXISTS below skips it.
-CREATE INDEX events_custom_by_name ON events USING btree (project_id, profile_id, name, event_time) WHERE (kind = 1);
-
--- Every rejected event, for ListRejectedEvents: nothing sent to us disappears silently.
--- payload is the event as sent, in proto JSON with original field names, minus any client IP;
--- NULL (and custom_id NULL) for ERASED events, which keep nothing of the erased person.
--- field_path is relative to the event (custom.attributes["price"], event_time).
-CREATE TABLE rejected_events (
-    project_id uuid NOT NULL,
-    rejected_seq bigint GENERATED ALWAYS AS IDENTITY NOT NULL,
-    receive_time timestamp with time zone NOT NULL,
-    reason text NOT NULL,
-    field_path text NOT NULL,
-    message text NOT NULL,
-    event_id text NOT NULL,
-    installation_id text,
-    custom_id text,
-    payload jsonb,
-    CONSTRAINT rejected_events_pkey PRIMARY KEY (project_id, rejected_seq)
-);
-CREATE INDEX rejected_events_by_time ON rejected_events USING btree (project_id, receive_time DESC, rejected_seq DESC);
-CREATE INDEX rejected_events_by_reason ON rejected_events USING btree (project_id, reason, receive_time DESC, rejected_seq DESC);
-CREATE INDEX rejected_events_by_installation ON rejected_events USING btree (project_id, installation_id) WHERE (installation_id IS NOT NULL);
-
 -- A profile's native and custom attributes, following event time rather than arrival order.
 -- value/value_type is the current value (NULL after an unset: the row stays as a tombstone so
 -- a late older set cannot revive it). base/base_time/set_once is the latest set, set-once or
@@ -208,11 +133,20 @@ CREATE INDEX sessions_by_installation_activity ON sessions USING btree (project_
 -- profile_id order, identity locks both sides of a merge and the erased profiles), so two
 -- transactions never wait for each other on these rows in opposite orders, and concurrent
 -- writers of one profile are already serialized upstream of them.
+-- A profile's first and last event times kept beside its totals (issue 20), so that first and
+-- last seen stay exact once retention has removed its oldest events (or all of them): they are
+-- stored, never recounted from events.
+--
+-- READ CONTRACT (query's profile view), in addition to 0008's: first_event_time and
+-- last_event_time are the earliest and latest event_time of every event the profile ever held
+-- (its merged-away profiles' included), whatever retention removed since.
 CREATE TABLE profile_event_counts (
     project_id uuid NOT NULL,
     profile_id uuid NOT NULL,
     event_count bigint NOT NULL,
     crash_count bigint NOT NULL,
+    first_event_time timestamp with time zone,
+    last_event_time timestamp with time zone,
     CONSTRAINT profile_event_counts_pkey PRIMARY KEY (project_id, profile_id)
 );
 
@@ -239,6 +173,100 @@ CREATE TABLE attribute_operations (
     CONSTRAINT attribute_operations_pkey PRIMARY KEY (project_id, profile_id, native, name, event_time, event_id, origin, "position"),
     CONSTRAINT attribute_operations_kind_check CHECK ((kind = ANY (ARRAY['set'::text, 'set_once'::text, 'unset'::text, 'increment'::text, 'append'::text, 'remove'::text])))
 );
+
+CREATE TABLE event_keys (
+    project_id uuid NOT NULL,
+    event_key uuid NOT NULL,
+    receive_time timestamp with time zone NOT NULL,
+    CONSTRAINT event_keys_pkey PRIMARY KEY (project_id, event_key)
+);
+-- Pruning finds old keys through a BRIN index: keys arrive in receive-time order, so it costs
+-- ingest next to nothing per row, where a B-tree would be a second index written per event.
+CREATE INDEX event_keys_by_receive_time ON event_keys USING brin (receive_time);
+
+-- Every accepted event. The dedupe key is the origin (installation_id, or custom_id for
+-- server-side events) plus the client's event_id: two partial unique indexes, because exactly
+-- one of the two origin columns is set. event_seq orders events by arrival for stable paging.
+-- kind and platform are the numbers of profiles.common.v1.EventKind and Platform; payload is
+-- the proto JSON (original field names) of the matching bus detail message
+-- (CustomEventDetail, SessionDetail, AttributeChangeDetail, SubscriptionChange,
+-- InstallationUpdateDetail, CrashDetail plus "stack_trace"); never a push token or an IP.
+-- profile_id and payload are NULL only on bare dedupe markers left by an erasure.
+-- The index names every reader's comments and plans name, as 0004, 0008 and 0009 made them
+-- (0014's comments kept). Index predicates keep the kinds' numbers (1 custom, 8 crash), as
+-- 0020 decided: ingest_read_event_kind names them in statements.
+CREATE TABLE events (
+    project_id uuid NOT NULL,
+    event_seq bigint GENERATED ALWAYS AS IDENTITY NOT NULL,
+    installation_id text,
+    custom_id text,
+    event_id text NOT NULL,
+    profile_id uuid,
+    kind smallint NOT NULL,
+    name text,
+    event_time timestamp with time zone NOT NULL,
+    receive_time timestamp with time zone NOT NULL,
+    session_id text,
+    platform smallint NOT NULL,
+    payload jsonb,
+    imported boolean NOT NULL DEFAULT false,
+    CONSTRAINT events_pkey PRIMARY KEY (project_id, event_seq, event_time),
+    CONSTRAINT events_check CHECK (((installation_id IS NULL) <> (custom_id IS NULL))),
+    CONSTRAINT events_event_id_check CHECK (((char_length(event_id) >= 1) AND (char_length(event_id) <= 64)))
+) PARTITION BY RANGE (event_time);
+-- Dedupe lookups within one partition (erasure's shadowed markers, support queries); no longer
+-- unique: event_keys is the rule.
+CREATE INDEX events_by_installation_event_id ON events USING btree (project_id, installation_id, event_id) WHERE (installation_id IS NOT NULL);
+CREATE INDEX events_by_custom_id_event_id ON events USING btree (project_id, custom_id, event_id) WHERE (custom_id IS NOT NULL);
+-- A profile's timeline, newest first (ties broken by arrival); also what a merge moves by.
+CREATE INDEX events_by_profile_time ON events USING btree (project_id, profile_id, event_time DESC, event_seq DESC);
+-- A profile's last crash without walking its other events: crashes are rare, so this index
+-- costs ingest next to nothing.
+CREATE INDEX events_crashes_by_profile ON events USING btree (project_id, profile_id, event_time DESC, event_seq DESC) WHERE (kind = 8);
+-- Funnel progress in the profile view reads only the funnels' step events, each step's already
+-- in time order, instead of every event of the profile sorted twice.
+--
+-- 0005's profile_funnel_progress() joined the profile's events (events_by_profile_time, every
+-- kind and name) to the steps, then sorted the matches into two arrays by (step, time) and
+-- walked them once more in PL/pgSQL to find where each step starts. On a profile of 200,000
+-- events with two funnels that took about 390 ms, nearly all of it sorting and per-row work,
+-- not reading.
+--
+-- events_custom_by_name holds each custom event's name and time: a step without a condition
+-- reads its occurrences as an index-only scan, already ascending; a step with a condition
+-- reads the same range and fetches only those rows' payloads. The same profile now takes about
+-- 30 ms. The cost still grows with the occurrences of the step names (a funnel over the most
+-- frequent event of a heavy profile reads all of them), but no longer with the rest.
+--
+-- Creating the index holds a write lock on events for the time it takes (this migration runs
+-- in a transaction, so not CONCURRENTLY); on a large existing table, create it CONCURRENTLY by
+-- hand first under this name and the IF NOT EXISTS below skips it.
+CREATE INDEX events_custom_by_name ON events USING btree (project_id, profile_id, name, event_time) WHERE (kind = 1);
+
+CREATE TABLE events_default PARTITION OF events DEFAULT;
+
+-- Every rejected event, for ListRejectedEvents: nothing sent to us disappears silently.
+-- payload is the event as sent, in proto JSON with original field names, minus any client IP;
+-- NULL (and custom_id NULL) for ERASED events, which keep nothing of the erased person.
+-- field_path is relative to the event (custom.attributes["price"], event_time).
+CREATE TABLE rejected_events (
+    project_id uuid NOT NULL,
+    rejected_seq bigint GENERATED ALWAYS AS IDENTITY NOT NULL,
+    receive_time timestamp with time zone NOT NULL,
+    reason text NOT NULL,
+    field_path text NOT NULL,
+    message text NOT NULL,
+    event_id text NOT NULL,
+    installation_id text,
+    custom_id text,
+    payload jsonb,
+    CONSTRAINT rejected_events_pkey PRIMARY KEY (project_id, rejected_seq, receive_time)
+) PARTITION BY RANGE (receive_time);
+CREATE INDEX rejected_events_by_time ON rejected_events USING btree (project_id, receive_time DESC, rejected_seq DESC);
+CREATE INDEX rejected_events_by_reason ON rejected_events USING btree (project_id, reason, receive_time DESC, rejected_seq DESC);
+CREATE INDEX rejected_events_by_installation ON rejected_events USING btree (project_id, installation_id) WHERE (installation_id IS NOT NULL);
+
+CREATE TABLE rejected_events_default PARTITION OF rejected_events DEFAULT;
 
 
 -- ============================================================================================
@@ -302,43 +330,53 @@ BEGIN
     DELETE FROM profile_subscriptions WHERE project_id = p_project AND profile_id = p_source;
 END $function$;
 
--- 0008's counts, with the crash kind named (the rule is unchanged):
--- Statement-level over the transition tables: one aggregate and one upsert per statement (a
--- batch of 500 events is one row per profile it touched), in key order. Inserts only add, the
--- hot path; updates (a merge moving events, an erasure stripping them) and deletes move counts
--- by their difference and drop the rows that fall to zero, so a merged-away or erased profile
--- keeps no row.
+-- 0024's trigger function, keeping the times too. Inserts and moved-in rows (a merge) widen
+-- the range. A delete outside retention (ingest's refused events, in the transaction that
+-- inserted them; erasure's shadowed markers) narrows it again from the events left, only when
+-- a deleted event was at one of its ends: retention never removed an event from inside the
+-- range it did not also remove, so what is left is exact. Retention's deletes change nothing.
 CREATE OR REPLACE FUNCTION public.profile_event_counts_apply()
  RETURNS trigger
  LANGUAGE plpgsql
 AS $function$
 BEGIN
     IF TG_OP = 'INSERT' THEN
-        INSERT INTO profile_event_counts AS c (project_id, profile_id, event_count, crash_count)
-        SELECT project_id, profile_id, count(*), count(*) FILTER (WHERE kind = ingest_read_event_kind('crash'))
+        INSERT INTO profile_event_counts AS c (project_id, profile_id, event_count, crash_count,
+                                               first_event_time, last_event_time)
+        SELECT project_id, profile_id, count(*), count(*) FILTER (WHERE kind = ingest_read_event_kind('crash')),
+               min(event_time), max(event_time)
         FROM new_rows
         WHERE profile_id IS NOT NULL
         GROUP BY project_id, profile_id
         ORDER BY project_id, profile_id
         ON CONFLICT (project_id, profile_id) DO UPDATE SET
             event_count = c.event_count + EXCLUDED.event_count,
-            crash_count = c.crash_count + EXCLUDED.crash_count;
+            crash_count = c.crash_count + EXCLUDED.crash_count,
+            first_event_time = least(c.first_event_time, EXCLUDED.first_event_time),
+            last_event_time = greatest(c.last_event_time, EXCLUDED.last_event_time);
         RETURN NULL;
     ELSIF TG_OP = 'UPDATE' THEN
-        INSERT INTO profile_event_counts AS c (project_id, profile_id, event_count, crash_count)
-        SELECT project_id, profile_id, sum(n), sum(crashes)
-        FROM (SELECT project_id, profile_id, 1 AS n, (kind = ingest_read_event_kind('crash'))::int AS crashes
+        INSERT INTO profile_event_counts AS c (project_id, profile_id, event_count, crash_count,
+                                               first_event_time, last_event_time)
+        SELECT project_id, profile_id, sum(n), sum(crashes), min(t), max(t)
+        FROM (SELECT project_id, profile_id, 1 AS n, (kind = ingest_read_event_kind('crash'))::int AS crashes,
+                     event_time AS t
               FROM new_rows WHERE profile_id IS NOT NULL
               UNION ALL
-              SELECT project_id, profile_id, -1, -(kind = ingest_read_event_kind('crash'))::int
+              SELECT project_id, profile_id, -1, -(kind = ingest_read_event_kind('crash'))::int, NULL
               FROM old_rows WHERE profile_id IS NOT NULL) x
         GROUP BY project_id, profile_id
         HAVING sum(n) <> 0 OR sum(crashes) <> 0
         ORDER BY project_id, profile_id
         ON CONFLICT (project_id, profile_id) DO UPDATE SET
             event_count = c.event_count + EXCLUDED.event_count,
-            crash_count = c.crash_count + EXCLUDED.crash_count;
+            crash_count = c.crash_count + EXCLUDED.crash_count,
+            first_event_time = least(c.first_event_time, EXCLUDED.first_event_time),
+            last_event_time = greatest(c.last_event_time, EXCLUDED.last_event_time);
     ELSIF TG_OP = 'DELETE' THEN
+        IF current_setting('profiles.retention', true) = 'on' THEN
+            RETURN NULL;
+        END IF;
         INSERT INTO profile_event_counts AS c (project_id, profile_id, event_count, crash_count)
         SELECT project_id, profile_id, -count(*), -count(*) FILTER (WHERE kind = ingest_read_event_kind('crash'))
         FROM old_rows
@@ -348,6 +386,21 @@ BEGIN
         ON CONFLICT (project_id, profile_id) DO UPDATE SET
             event_count = c.event_count + EXCLUDED.event_count,
             crash_count = c.crash_count + EXCLUDED.crash_count;
+        UPDATE profile_event_counts c SET
+            first_event_time = CASE WHEN d.first_time <= c.first_event_time
+                THEN (SELECT min(e.event_time) FROM events e
+                      WHERE e.project_id = c.project_id AND e.profile_id = c.profile_id)
+                ELSE c.first_event_time END,
+            last_event_time = CASE WHEN d.last_time >= c.last_event_time
+                THEN (SELECT max(e.event_time) FROM events e
+                      WHERE e.project_id = c.project_id AND e.profile_id = c.profile_id)
+                ELSE c.last_event_time END
+        FROM (SELECT project_id, profile_id, min(event_time) AS first_time,
+                     max(event_time) AS last_time
+              FROM old_rows WHERE profile_id IS NOT NULL
+              GROUP BY project_id, profile_id) d
+        WHERE c.project_id = d.project_id AND c.profile_id = d.profile_id AND c.event_count > 0
+            AND (d.first_time <= c.first_event_time OR d.last_time >= c.last_event_time);
     ELSE  -- TRUNCATE
         DELETE FROM profile_event_counts;
         RETURN NULL;
@@ -708,17 +761,6 @@ AS $function$
     FROM rejected_events
 $function$;
 
--- Per-profile event totals (0008): one row per profile with at least one event; crash_count
--- counts those of kind CRASH (8).
-CREATE OR REPLACE FUNCTION public.ingest_read_profile_event_counts()
- RETURNS TABLE(project_id uuid, profile_id uuid, event_count bigint, crash_count bigint)
- LANGUAGE sql
- STABLE PARALLEL SAFE
-AS $function$
-    SELECT project_id, profile_id, event_count, crash_count
-    FROM profile_event_counts
-$function$;
-
 -- A profile's current native and custom attributes by event time. value is
 -- {"type": ..., "value": ...} (value_type its type), NULL after an unset (the row stays as a
 -- tombstone: readers skip value IS NULL); update_time is the latest event time applied.
@@ -771,11 +813,152 @@ AS $function$
     FROM sessions
 $function$;
 
+-- 1. The dedupe keys. A key is a digest of the origin and the event ID, not the IDs themselves:
+-- 16 bytes instead of some 80 (a smaller index, cheaper per event), and the table keeps no
+-- installation ID or custom ID in clear (an erasure's promise covers every table but the bare
+-- markers in events). The length prefix keeps the encoding unambiguous; an MD5 collision
+-- within one project's 35-day window is not a practical concern (2^64 keys for even odds).
+CREATE OR REPLACE FUNCTION public.profiles_ingest_event_key(installation_id text, custom_id text, event_id text)
+ RETURNS uuid
+ LANGUAGE sql
+ IMMUTABLE PARALLEL SAFE
+AS $function$
+    SELECT md5(CASE WHEN installation_id IS NOT NULL
+                    THEN 'i' || length(installation_id) || ':' || installation_id
+                    ELSE 'c' || length(custom_id) || ':' || custom_id END
+               || event_id)::uuid
+$function$;
+
+-- 2. Creates the monthly partition of `p_parent` (events or rejected_events, partitioned by
+-- `p_key`) for [p_from, p_to), unless it exists. It is built as a plain table and attached:
+-- writers of the parent wait for the commit, readers do not (CREATE TABLE ... PARTITION OF
+-- would take ACCESS EXCLUSIVE: every reader would queue behind it too).
+-- Rows of that range the DEFAULT partition holds move into it first (a partition cannot be
+-- attached over rows the DEFAULT holds); moving rows between partitions directly fires no
+-- trigger of the parent (the rows stay in the table: profile_event_counts and event_keys are
+-- right as they are). A CHECK constraint spares ATTACH its validation scan of the new table.
+-- Returns the rows moved, or NULL when the partition already existed. Callers hold ingest's
+-- partition advisory lock (services/ingest/partitions.py), so replicas do not race.
+CREATE OR REPLACE FUNCTION public.profiles_ingest_ensure_partition(p_parent text, p_key text, p_from timestamp with time zone, p_to timestamp with time zone)
+ RETURNS bigint
+ LANGUAGE plpgsql
+AS $function$
+DECLARE
+    part text := p_parent || '_' || to_char(p_from AT TIME ZONE 'UTC', 'YYYY_MM');
+    fallback text := p_parent || '_default';
+    waiting boolean;
+    moved bigint;
+BEGIN
+    IF to_regclass(part) IS NOT NULL THEN
+        RETURN NULL;
+    END IF;
+    -- Writers of the table wait from here to the commit (readers do not): a writer that
+    -- routed its rows with the partitions as they were before the attach would put a row of
+    -- this range into the DEFAULT partition, which then refuses it (a check violation, an
+    -- error for the writer). Ingest's write transactions are short, and this is once a month
+    -- per table; the caller's lock timeout bounds the wait.
+    EXECUTE format('LOCK TABLE %I IN SHARE ROW EXCLUSIVE MODE', p_parent);
+    -- Rows to move: readers wait too. A reader planned with the partitions as they were would
+    -- look for them in the DEFAULT partition only, after they left it, and miss them. Rows wait
+    -- in DEFAULT only when a month's partition was missing, so this is the rare case.
+    EXECUTE format('SELECT EXISTS (SELECT 1 FROM %I WHERE %I >= $1 AND %I < $2)',
+                   fallback, p_key, p_key)
+        INTO waiting USING p_from, p_to;
+    IF waiting THEN
+        EXECUTE format('LOCK TABLE %I IN ACCESS EXCLUSIVE MODE', p_parent);
+    END IF;
+    EXECUTE format('CREATE TABLE %I (LIKE %I INCLUDING DEFAULTS INCLUDING CONSTRAINTS)',
+                   part, p_parent);
+    EXECUTE format('WITH m AS (DELETE FROM %I WHERE %I >= $1 AND %I < $2 RETURNING *) '
+                   'INSERT INTO %I SELECT * FROM m', fallback, p_key, p_key, part)
+        USING p_from, p_to;
+    GET DIAGNOSTICS moved = ROW_COUNT;
+    EXECUTE format('ALTER TABLE %I ADD CONSTRAINT %I CHECK (%I >= %L AND %I < %L)',
+                   part, part || '_range', p_key, p_from, p_key, p_to);
+    EXECUTE format('ALTER TABLE %I ATTACH PARTITION %I FOR VALUES FROM (%L) TO (%L)',
+                   p_parent, part, p_from, p_to);
+    EXECUTE format('ALTER TABLE %I DROP CONSTRAINT %I', part, part || '_range');
+    RETURN moved;
+END $function$;
+
+-- The keys follow the events' own changes: an erasure rewrites a server-side event's custom ID
+-- into its keyed marker (identity's STRIP_EVENTS), so the key's clear custom ID is replaced by
+-- the marker's and a retry still finds it; a deleted event (refused by ingest, or shadowed by
+-- an older marker on erasure) loses its key. Nothing to do for a merge (no origin changes):
+-- the first test below returns at once.
+CREATE OR REPLACE FUNCTION public.profiles_ingest_event_keys_follow()
+ RETURNS trigger
+ LANGUAGE plpgsql
+AS $function$
+BEGIN
+    IF TG_OP = 'UPDATE' THEN
+        IF NOT EXISTS (SELECT 1 FROM new_rows WHERE profile_id IS NULL AND custom_id IS NOT NULL)
+        THEN
+            RETURN NULL;
+        END IF;
+        DELETE FROM event_keys k
+        USING old_rows o JOIN new_rows n ON n.event_seq = o.event_seq
+        WHERE o.custom_id IS DISTINCT FROM n.custom_id AND o.custom_id IS NOT NULL
+            AND k.project_id = o.project_id
+            AND k.event_key = profiles_ingest_event_key(NULL, o.custom_id, o.event_id);
+        INSERT INTO event_keys (project_id, event_key, receive_time)
+        SELECT n.project_id, profiles_ingest_event_key(NULL, n.custom_id, n.event_id),
+               n.receive_time
+        FROM old_rows o JOIN new_rows n ON n.event_seq = o.event_seq
+        WHERE o.custom_id IS DISTINCT FROM n.custom_id AND n.custom_id IS NOT NULL
+        ORDER BY 1, 2
+        ON CONFLICT DO NOTHING;
+    ELSIF current_setting('profiles.retention', true) IS DISTINCT FROM 'on' THEN
+        DELETE FROM event_keys k
+        USING old_rows o
+        WHERE k.project_id = o.project_id
+            AND k.event_key = profiles_ingest_event_key(o.installation_id, o.custom_id,
+                                                        o.event_id);
+    END IF;
+    RETURN NULL;
+END $function$;
+
+-- Identity's merge runs ingest's declared merge hooks (0016) in run_order: ingest_merge_events
+-- (30) moves the source's events with an UPDATE (the trigger above moves their totals and times
+-- to the survivor); then this one (35): whatever the source's row still holds counts events
+-- retention removed, and goes to the survivor too, so the merged totals and times stay exact.
+CREATE OR REPLACE FUNCTION public.ingest_merge_profile_event_counts(p_project uuid, p_source uuid, p_target uuid)
+ RETURNS void
+ LANGUAGE plpgsql
+AS $function$
+BEGIN
+    INSERT INTO profile_event_counts AS c (project_id, profile_id, event_count, crash_count,
+                                           first_event_time, last_event_time)
+    SELECT p_project, p_target, s.event_count, s.crash_count, s.first_event_time,
+           s.last_event_time
+    FROM profile_event_counts s
+    WHERE s.project_id = p_project AND s.profile_id = p_source
+    ON CONFLICT (project_id, profile_id) DO UPDATE SET
+        event_count = c.event_count + EXCLUDED.event_count,
+        crash_count = c.crash_count + EXCLUDED.crash_count,
+        first_event_time = least(c.first_event_time, EXCLUDED.first_event_time),
+        last_event_time = greatest(c.last_event_time, EXCLUDED.last_event_time);
+    DELETE FROM profile_event_counts WHERE project_id = p_project AND profile_id = p_source;
+END $function$;
+
+-- Per-profile event totals (0008): one row per profile with at least one event; crash_count
+-- counts those of kind CRASH (8).
+CREATE OR REPLACE FUNCTION public.ingest_read_profile_event_counts()
+ RETURNS TABLE(project_id uuid, profile_id uuid, event_count bigint, crash_count bigint, first_event_time timestamp with time zone, last_event_time timestamp with time zone)
+ LANGUAGE sql
+ STABLE PARALLEL SAFE
+AS $function$
+    SELECT project_id, profile_id, event_count, crash_count, first_event_time, last_event_time
+    FROM profile_event_counts
+$function$;
+
 
 -- ============================================================================================
 -- Triggers
 -- ============================================================================================
 
+CREATE TRIGGER event_keys_follow_delete AFTER DELETE ON events REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION profiles_ingest_event_keys_follow();
+CREATE TRIGGER event_keys_follow_update AFTER UPDATE ON events REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION profiles_ingest_event_keys_follow();
 CREATE TRIGGER profile_event_counts_delete AFTER DELETE ON events REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION profile_event_counts_apply();
 -- (A trigger with transition tables may fire on one event only, hence three.)
 CREATE TRIGGER profile_event_counts_insert AFTER INSERT ON events REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION profile_event_counts_apply();
@@ -797,6 +980,7 @@ COMMENT ON INDEX profile_attributes_by_native_value IS 'A native attribute by va
 
 INSERT INTO profile_hooks (kind, owner, function_name, run_order) VALUES ('erase', 'ingest', 'ingest_erase_profile_rows', 10);
 INSERT INTO profile_hooks (kind, owner, function_name, run_order) VALUES ('merge', 'ingest', 'ingest_merge_events', 30);
+INSERT INTO profile_hooks (kind, owner, function_name, run_order) VALUES ('merge', 'ingest', 'ingest_merge_profile_event_counts', 35);
 INSERT INTO profile_hooks (kind, owner, function_name, run_order) VALUES ('merge', 'ingest', 'ingest_merge_sessions', 90);
 INSERT INTO profile_hooks (kind, owner, function_name, run_order) VALUES ('merge', 'ingest', 'profiles_merge_attribute_operations', 10);
 INSERT INTO profile_hooks (kind, owner, function_name, run_order) VALUES ('merge', 'ingest', 'profiles_merge_profile_attributes', 40);

@@ -1,0 +1,204 @@
+"""A database migrated through 0023, holding events of every kind and merged profiles, upgrades in
+place to partitioned events (0024): GetProfile, ListEvents, funnel progress and the overview
+answer the same before and after, read through the real services."""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+from google.protobuf.duration_pb2 import Duration
+
+from profiles.query.v1 import query_service_pb2 as pb
+from profiles.segments.v1 import funnels_pb2
+from profiles.segments.v1 import segments_service_pb2 as segments_pb
+from profiles.segments.v1 import segments_service_pb2_grpc as segments_grpc
+from shared.db import migrate, migration_paths
+from tests.api.test_query_overview import workload
+from tests.conftest import create_test_project, with_database
+from tests.support.query import (
+    NOW,
+    Suite,
+    crash,
+    custom_event,
+    session_end,
+    start_suite,
+)
+
+# What the current services need of 0024 and 0025 to write and read a 0023 database (the dedupe
+# keys; first and last event times, filled from the events just before the first reading, and
+# the read contract showing them), created for the workload and dropped before the upgrade: the
+# rows are then exactly what a 0023 database holds.
+WRITE_PATH_OF_0024 = """
+    CREATE FUNCTION profiles_ingest_event_key(installation_id text, custom_id text, event_id text)
+    RETURNS uuid LANGUAGE sql IMMUTABLE AS $$
+        SELECT md5(CASE WHEN installation_id IS NOT NULL
+                        THEN 'i' || length(installation_id) || ':' || installation_id
+                        ELSE 'c' || length(custom_id) || ':' || custom_id END
+                   || event_id)::uuid
+    $$;
+    CREATE TABLE event_keys (project_id uuid NOT NULL, event_key uuid NOT NULL,
+                             receive_time timestamptz NOT NULL,
+                             PRIMARY KEY (project_id, event_key));
+    ALTER TABLE profile_event_counts ADD COLUMN first_event_time timestamptz,
+                                     ADD COLUMN last_event_time timestamptz;
+    DROP FUNCTION ingest_read_profile_event_counts();
+    CREATE FUNCTION ingest_read_profile_event_counts()
+    RETURNS TABLE (project_id uuid, profile_id uuid, event_count bigint, crash_count bigint,
+                   first_event_time timestamptz, last_event_time timestamptz)
+    LANGUAGE sql STABLE AS $$
+        SELECT project_id, profile_id, event_count, crash_count, first_event_time,
+               last_event_time
+        FROM profile_event_counts
+    $$;"""
+FILL_EVENT_TIMES = """
+    UPDATE profile_event_counts c SET first_event_time = t.a, last_event_time = t.b
+    FROM (SELECT project_id, profile_id, min(event_time) AS a, max(event_time) AS b
+          FROM events GROUP BY 1, 2) t
+    WHERE c.project_id = t.project_id AND c.profile_id = t.profile_id"""
+UNDO_WRITE_PATH = """
+    DROP FUNCTION ingest_read_profile_event_counts();
+    CREATE FUNCTION ingest_read_profile_event_counts()
+    RETURNS TABLE (project_id uuid, profile_id uuid, event_count bigint, crash_count bigint)
+    LANGUAGE sql STABLE PARALLEL SAFE AS $$
+        SELECT project_id, profile_id, event_count, crash_count FROM profile_event_counts
+    $$;
+    DROP TABLE event_keys;
+    DROP FUNCTION profiles_ingest_event_key(text, text, text);
+    ALTER TABLE profile_event_counts DROP COLUMN first_event_time, DROP COLUMN last_event_time;"""
+
+
+@pytest.fixture
+async def database_0023(
+    postgres_server_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[str]:
+    """A database migrated through 0023; services started on it until monkeypatch.undo() stop
+    there too (a service migrates on start), like the services of that version."""
+    folder = tmp_path / "through_0023"
+    folder.mkdir()
+    for path in migration_paths():
+        if int(path.name[:4]) <= 23:
+            shutil.copy(path, folder / path.name)
+    name = f"u_{uuid.uuid4().hex}"
+    admin = await asyncpg.connect(postgres_server_url)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        url = with_database(postgres_server_url, name)
+        assert await migrate(url, folder) == list(range(1, 24))
+        conn = await asyncpg.connect(url)
+        try:
+            await conn.execute(WRITE_PATH_OF_0024)
+        finally:
+            await conn.close()
+        monkeypatch.setattr("shared.server.migrate", partial(migrate, directories=folder))
+        yield url
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+def window(hours: float) -> Duration:
+    duration = Duration()
+    duration.FromTimedelta(timedelta(hours=hours))
+    return duration
+
+
+async def readings(suite: Suite, profile_ids: list[str]) -> dict[str, Any]:
+    """Every read the upgrade must not change, as comparable messages."""
+    seen: dict[str, Any] = {}
+    for profile_id in profile_ids:
+        seen[f"profile {profile_id}"] = (await suite.get(profile_id=profile_id)).profile
+        pages = []
+        token = ""
+        while True:
+            reply = await suite.call(
+                "ListEvents",
+                pb.ListEventsRequest(profile_id=profile_id, page_size=3, page_token=token),
+            )
+            pages.append([e for e in reply.events])
+            token = reply.next_page_token
+            if not token:
+                break
+        seen[f"events {profile_id}"] = pages
+    seen["overview"] = (await suite.call("GetOverview", pb.GetOverviewRequest())).overview
+    return seen
+
+
+async def test_a_0023_database_with_events_upgrades_in_place_and_reads_the_same(
+    database_0023: str,
+    start_services: Any,
+    settings_for_test: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    settings = settings_for_test.with_changes(database_url=database_0023)
+    project = await create_test_project(database_0023)
+    suite = await start_suite(start_services, settings, project, database_0023)
+    segments = segments_grpc.SegmentsServiceStub(
+        (await start_services("segments", settings=settings, clock=suite.clock))["segments"].channel
+    )
+    await segments.CreateFunnel(
+        segments_pb.CreateFunnelRequest(
+            display_name="Checkout",
+            steps=[
+                funnels_pb2.FunnelStep(event_name="view"),
+                funnels_pb2.FunnelStep(event_name="pay"),
+            ],
+            conversion_window=window(24),
+        ),
+        metadata=project.metadata("admin"),
+    )
+    # Every kind: installation updates, sessions, attributes, consent (the overview's workload,
+    # with merges and a logout), custom events for the funnel, session ends, crashes, and
+    # server-side events by custom ID.
+    installations = await workload(suite)
+    ios = installations["ios"]
+    await suite.track(
+        custom_event(ios, time=NOW - timedelta(hours=2), name="view"),
+        custom_event(ios, time=NOW - timedelta(hours=1), name="pay"),
+        session_end(ios, "s1", NOW - timedelta(minutes=30), 600),
+        crash(ios, NOW - timedelta(minutes=20)),
+        custom_event(None, custom_id="u1", time=NOW - timedelta(minutes=10), name="invoice"),
+    )
+    await suite.settle()
+    profile_ids = sorted(
+        {
+            str(r["profile_id"])
+            for r in await suite.fetch(
+                "SELECT DISTINCT profile_id FROM events WHERE project_id = $1",
+                project.project_id,
+            )
+        }
+    )
+    assert len(profile_ids) >= 4
+    kinds = await suite.fetch("SELECT DISTINCT kind FROM events ORDER BY kind")
+    assert len(kinds) >= 6
+    await suite.fetch(FILL_EVENT_TIMES)
+    before = await readings(suite, profile_ids)
+    funnel = before[f"profile {await suite.identity.profile_of(ios)}"].funnels
+    assert funnel
+    assert funnel[0].converted
+
+    conn = await asyncpg.connect(database_0023)
+    try:
+        await conn.execute(UNDO_WRITE_PATH)
+    finally:
+        await conn.close()
+    monkeypatch.undo()
+    assert await migrate(database_0023) == [
+        int(p.name[:4]) for p in migration_paths() if int(p.name[:4]) > 23
+    ]
+    # Fresh services, so no connection keeps a plan of the table that was swapped.
+    after_suite = await start_suite(start_services, settings, project, database_0023)
+    assert (
+        await after_suite.fetchval("SELECT relkind FROM pg_class WHERE relname = 'events'") == b"p"
+    )
+    after = await readings(after_suite, profile_ids)
+
+    assert after == before
