@@ -14,6 +14,8 @@ Imported push tokens are tokens.py's; closing idle sessions is sweeper.py's.
 
 from __future__ import annotations
 
+import asyncio
+import random
 import uuid
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -67,7 +69,8 @@ STORED_EVENTS = Counter(
 
 # How often a transaction that lost a race (deadlock, serialization) is tried again, and how
 # often events whose installation vanished (erased) since resolution are resolved again.
-MAX_TRANSACTION_ATTEMPTS = 3
+MAX_TRANSACTION_ATTEMPTS = 5
+RETRY_PAUSE_S = 0.02
 MAX_RESOLVE_ROUNDS = 3
 KNOWN_ORIGINS_CAPACITY = 100_000
 
@@ -348,6 +351,11 @@ class IngestService:
                 if attempt == MAX_TRANSACTION_ATTEMPTS:
                     raise
                 log.info("ingest_transaction_conflict", attempt=attempt)
+                # A deadlock's winner is still running: retrying at once walks into the same
+                # locks again (seen as three deadlocks in a row against an erasure racing a
+                # login). A short, growing, jittered pause lets it commit first, as identity's
+                # retries do.
+                await asyncio.sleep(random.uniform(0, RETRY_PAUSE_S * 2**attempt))
                 continue
             for refusal in all_rejected:
                 REJECTED_EVENTS.labels(refusal.rejection.reason).inc()

@@ -664,14 +664,17 @@ class BatchValidator:
             fields: dict[str, Any] = {}
             _payload(event, fields)
             session_rule = event.session_rule if installation_id and not session_id else 0
-            if session_rule == pb.SESSION_RULE_INACTIVITY and event.session_client_ip:
+            # Checked whenever sent, used only for a derived session: a field the event does
+            # not need is still refused when it is not what its name says (an IP address).
+            if event.session_client_ip:
                 try:
                     ipaddress.ip_address(event.session_client_ip)
                 except ValueError:
                     raise Invalid(
                         model.VALUE_INVALID, "session_client_ip", "not an IP address"
                     ) from None
-                fields["client_ip"] = event.session_client_ip
+                if session_rule == pb.SESSION_RULE_INACTIVITY:
+                    fields["client_ip"] = event.session_client_ip
         except Invalid as invalid:
             return reject(index, event, invalid.rejection)
         installation_values = fields.pop("installation_values", None)

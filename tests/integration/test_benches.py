@@ -37,20 +37,13 @@ async def bench_keys(redis_url: str) -> set[bytes]:
         await client.aclose()
 
 
-@pytest.mark.parametrize("name", benches())
-async def test_the_bench_runs_at_its_smoke_size(
-    name: str, database_url: str, redis_url: str
-) -> None:
-    before = await bench_keys(redis_url)
+async def run_bench(name: str, *args: str) -> str:
+    """Runs `python -m bench.<name> args...`; its standard output, once it exited 0."""
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         f"bench.{name}",
-        "--smoke",
-        "--database-url",
-        database_url,
-        "--redis-url",
-        redis_url,
+        *args,
         cwd=ROOT,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
@@ -62,6 +55,21 @@ async def test_the_bench_runs_at_its_smoke_size(
         if process.returncode is None:
             process.kill()
             await process.wait()
+    output = stdout.decode(errors="replace")
+    assert process.returncode == 0, output[-3000:] + stderr.decode(errors="replace")[-3000:]
+    return output
+
+
+@pytest.mark.parametrize("name", benches())
+async def test_the_bench_runs_at_its_smoke_size(
+    name: str, database_url: str, redis_url: str
+) -> None:
+    before = await bench_keys(redis_url)
+    try:
+        output = await run_bench(
+            name, "--smoke", "--database-url", database_url, "--redis-url", redis_url
+        )
+    finally:
         # The bench's Redis keys (its own random prefix) go with it.
         client = Redis.from_url(redis_url)
         try:
@@ -70,8 +78,6 @@ async def test_the_bench_runs_at_its_smoke_size(
                 await client.delete(*left)
         finally:
             await client.aclose()
-    output = stdout.decode(errors="replace")
-    assert process.returncode == 0, output[-3000:] + stderr.decode(errors="replace")[-3000:]
     lines = [line for line in output.splitlines() if line.startswith("{")]
     assert lines, output[-3000:]
     assert output.rstrip().endswith(lines[-1])  # the JSON lines come last
@@ -86,24 +92,7 @@ async def test_the_ingest_bench_prints_where_each_batch_spends_its_database_time
     """On its own embedded PostgreSQL (the tests' server does not preload pg_stat_statements),
     the ingest bench breaks a batch's database time down by statement, the events insert
     among them."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "bench.ingest",
-        "--smoke",
-        cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        async with asyncio.timeout(BENCH_TIMEOUT_S):
-            stdout, stderr = await process.communicate()
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-    output = stdout.decode(errors="replace")
-    assert process.returncode == 0, output[-3000:] + stderr.decode(errors="replace")[-3000:]
+    output = await run_bench("ingest", "--smoke")
     assert "database time per batch of 500 (pg_stat_statements" in output, output[-3000:]
     rows = [line for line in output.splitlines() if line.startswith("| `")]
     assert any("INSERT INTO events" in row and "| top |" in row for row in rows), rows

@@ -436,8 +436,8 @@ class Event(_message.Message):
     """With SESSION_RULE_INACTIVITY: the client's IP address (IPv4 or IPv6 text), set only by an
     edge gateway from the connection or the SDK's message, so that a derived session this event
     starts gets a country, resolved offline (as SessionStart.client_ip); then the IP is
-    dropped. It is never stored, logged or published. Ignored otherwise; a malformed address
-    rejects the event (VALUE_INVALID).
+    dropped. It is never stored, logged or published. Unused otherwise, but a malformed address
+    rejects the event whatever the rule (VALUE_INVALID).
     """
     @_builtins.property
     def event_time(self) -> _timestamp_pb2.Timestamp:
