@@ -13,7 +13,7 @@ from uuid import UUID
 import asyncpg
 
 from profiles.common.v1 import types_pb2
-from services.query.rows import PROFILE_AND_TOMBSTONES, identity_change, text_or_empty
+from services.query.rows import identity_change, text_or_empty
 from services.query.views import (
     AttributeView,
     CountersView,
@@ -68,89 +68,15 @@ RESOLVE_NATIVE_VALUE = """
 
 # -- the profile view -------------------------------------------------------------------------
 
-# The profile row and its event totals in one round trip; the aggregate is an index-only scan
-# of events_by_profile_time. No row when the profile is not live.
-SELECT_PROFILE = f"""
-    SELECT p.profile_id, p.custom_id, p.version, s.first_seen, s.last_seen, s.event_count,
-           s.crash_count
-    FROM identity_read_profiles() p
-    CROSS JOIN LATERAL (
-        SELECT min(e.event_time) AS first_seen, max(e.event_time) AS last_seen,
-               count(*) AS event_count,
-               count(*) FILTER (WHERE e.kind = {EVENT_KIND_CRASH}) AS crash_count
-        FROM ingest_read_events() e
-        WHERE e.project_id = p.project_id AND e.profile_id = p.profile_id
-    ) s
-    WHERE p.project_id = $1 AND p.profile_id = $2 AND p.merged_into IS NULL"""
-
 SELECT_INSTALLATION_PROFILES = """
     SELECT installation_id, profile_id FROM identity_read_installations()
     WHERE project_id = $1 AND installation_id = ANY($2::text[])"""
-
-# An installation known to identity but never seen by ingest (Identify before any event) has
-# no details yet: LEFT JOIN, first seen from its creation. Most recently seen first.
-SELECT_INSTALLATIONS = """
-    SELECT i.installation_id, i.create_time, d.platform, d.app_version, d.os_version,
-           d.device_model, d.push_token_present, d.push_opt_in,
-           d.language, d.timezone, d.uninstalled, d.first_seen, d.last_seen, d.imported
-    FROM identity_read_installations() i
-    LEFT JOIN ingest_read_installation_details() d
-        ON d.project_id = i.project_id AND d.installation_id = i.installation_id
-    WHERE i.project_id = $1 AND i.profile_id = $2
-    ORDER BY d.last_seen DESC NULLS LAST, i.installation_id"""
-
-# value IS NULL rows are unset tombstones kept by ingest's event-time rules: not shown.
-SELECT_ATTRIBUTES = """
-    SELECT native, name, value, update_time
-    FROM ingest_read_profile_attributes()
-    WHERE project_id = $1 AND profile_id = $2 AND value IS NOT NULL
-    ORDER BY native DESC, name"""
-
-SELECT_SUBSCRIPTIONS = """
-    SELECT channel, kind, subscribed, change_time
-    FROM ingest_read_profile_subscriptions()
-    WHERE project_id = $1 AND profile_id = $2"""
-
-# The newest event of one kind walks events_by_profile_time from the top and stops at the first
-# match.
-SELECT_LAST_CRASH = f"""
-    SELECT event_id, coalesce(installation_id, '') AS installation_id, event_time, payload
-    FROM ingest_read_events()
-    WHERE project_id = $1 AND profile_id = $2 AND kind = {EVENT_KIND_CRASH}
-    ORDER BY event_time DESC, event_seq DESC
-    LIMIT 1"""
-
-# Sessions come from ingest_read_sessions (one row per session, `closed` says whether it still
-# counts as live), by sessions_by_profile_time.
-SELECT_SESSION_TOTALS = """
-    SELECT count(*) AS session_count,
-           coalesce(sum(extract(epoch FROM duration) * 1000), 0)::bigint AS total_time_ms
-    FROM ingest_read_sessions()
-    WHERE project_id = $1 AND profile_id = $2"""
-
-
-SELECT_IDENTITY_CHANGES = f"""
-    WITH ids AS ({PROFILE_AND_TOMBSTONES})
-    SELECT change_id, kind, cause, change_time, source_profile_id, target_profile_id,
-           installation_ids, alias_custom_id
-    FROM identity_read_identity_changes() c
-    WHERE c.project_id = $1
-      AND (c.source_profile_id IN (SELECT id FROM ids)
-           OR c.target_profile_id IN (SELECT id FROM ids))
-    ORDER BY c.change_time DESC, c.change_id DESC
-    LIMIT $3"""
-
-# Segments' classification over all platforms as of $3, its stored state moved along its
-# schedule of time-only transitions (segments' rule, segments_read_smart_segment).
-SELECT_SMART_SEGMENT = """
-    SELECT segment, flag, next_transition_time
-    FROM segments_read_smart_segment($1, $2, $3)"""
 
 # The whole profile view in one statement, hence one round trip and one snapshot (a single
 # statement needs no transaction to read consistently). {target} resolves the lookup to at most
 # one row (profile_id, resolved_from, holders): the live profile, the merged-away ID looked up,
 # and for an email or phone every holder (up to 11, to tell an ambiguous lookup). The columns
-# are the statements above, correlated on the target profile; lists come back as arrays of
+# are correlated subqueries on the target profile; lists come back as arrays of
 # anonymous records (asyncpg decodes them to tuples; a jsonb inside one is cast to json, whose
 # binary form is the text the pool's JSON codec reads). The smart segment, the engagement,
 # custom segment memberships and funnel progress are segments' (its read contracts:
@@ -159,7 +85,7 @@ SELECT_SMART_SEGMENT = """
 # and segments_read_funnel_progress as of $3), so query restates none of its rules. $1 project,
 # $2 the looked-up value, $3 now (engagement's window end, funnels' as-of). No row: nothing
 # found by the lookup; a row with a NULL profile_id: ambiguous, or found but not live.
-# Two averages of session length, on purpose over two windows: session_totals' third column is
+# Two averages of session length, on purpose over two windows: the session totals' third column is
 # the all-time average over ingest's closed sessions (ended, or closed by the idle sweep;
 # Counters.average_session_duration), engagement's the average over segments' ended sessions
 # started in the 168 hours up to $3 (score1, segments' rule); an open session's length is not
@@ -302,12 +228,6 @@ class ProfileRead:
     view: ProfileView | None
 
 
-@dataclass(frozen=True, slots=True)
-class SessionTotals:
-    session_count: int
-    total_time_ms: int
-
-
 def _funnels(rows: Sequence[Sequence[Any]]) -> tuple[FunnelProgressView, ...]:
     """profile_funnel_progress() rows (one per funnel and step, in order) grouped by funnel."""
     funnels: dict[UUID, tuple[str, list[FunnelStepView]]] = {}
@@ -321,7 +241,7 @@ def _funnels(rows: Sequence[Sequence[Any]]) -> tuple[FunnelProgressView, ...]:
 
 
 def _installation(r: Sequence[Any] | asyncpg.Record) -> InstallationView:
-    """An installation from a record of SELECT_INSTALLATIONS's columns, in their order."""
+    """An installation from a record of the profile view's installations column, in its order."""
     return InstallationView(
         installation_id=r[0],
         platform=r[2] or 0,
@@ -407,21 +327,6 @@ class ProfileReads:
         )
         return ProfileRead(holders, r["resolved_from"], view)
 
-    async def profile(self, project_id: UUID, profile_id: UUID) -> asyncpg.Record | None:
-        return await self._conn.fetchrow(SELECT_PROFILE, project_id, profile_id)
-
-    async def installations(
-        self, project_id: UUID, profile_id: UUID
-    ) -> tuple[InstallationView, ...]:
-        rows = await self._conn.fetch(SELECT_INSTALLATIONS, project_id, profile_id)
-        return tuple(_installation(r) for r in rows)
-
-    async def attributes(self, project_id: UUID, profile_id: UUID) -> tuple[AttributeView, ...]:
-        rows = await self._conn.fetch(SELECT_ATTRIBUTES, project_id, profile_id)
-        return tuple(
-            AttributeView(r["native"], r["name"], r["value"], r["update_time"]) for r in rows
-        )
-
     async def attributes_state(
         self, project_id: UUID, profile_id: UUID, names: Sequence[tuple[bool, str]]
     ) -> dict[tuple[bool, str], tuple[dict[str, Any] | None, datetime] | None]:
@@ -439,42 +344,6 @@ class ProfileReads:
         for r in rows:
             found[(r["native"], r["name"])] = (r["value"], r["update_time"])
         return found
-
-    async def subscriptions(
-        self, project_id: UUID, profile_id: UUID
-    ) -> tuple[SubscriptionView, ...]:
-        rows = await self._conn.fetch(SELECT_SUBSCRIPTIONS, project_id, profile_id)
-        return tuple(
-            SubscriptionView(r["channel"], r["kind"], r["subscribed"], r["change_time"])
-            for r in rows
-        )
-
-    async def last_crash(self, project_id: UUID, profile_id: UUID) -> CrashView | None:
-        r = await self._conn.fetchrow(SELECT_LAST_CRASH, project_id, profile_id)
-        if r is None:
-            return None
-        payload = r["payload"] or {}
-        return CrashView(
-            event_id=r["event_id"],
-            installation_id=r["installation_id"],
-            crash_time=r["event_time"],
-            name=str(payload.get("name", "")),
-            reason=str(payload.get("reason", "")),
-            fatal=bool(payload.get("fatal", False)),
-        )
-
-    async def session_totals(self, project_id: UUID, profile_id: UUID) -> SessionTotals:
-        r = await self._conn.fetchrow(SELECT_SESSION_TOTALS, project_id, profile_id)
-        assert r is not None
-        return SessionTotals(r["session_count"], r["total_time_ms"])
-
-    async def smart_segment(
-        self, project_id: UUID, profile_id: UUID, now: datetime
-    ) -> SmartSegmentView | None:
-        r = await self._conn.fetchrow(SELECT_SMART_SEGMENT, project_id, profile_id, now)
-        if r is None:
-            return None
-        return SmartSegmentView(r["segment"], r["flag"], r["next_transition_time"])
 
     # -- live feed
 

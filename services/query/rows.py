@@ -23,7 +23,8 @@ def text_or_empty(value: str | None) -> str:
 
 
 def identity_change(c: Sequence[Any] | asyncpg.Record) -> IdentityChangeView:
-    """An identity change from a record of SELECT_IDENTITY_CHANGES's columns, in their order."""
+    """An identity change from a row of identity_read_identity_changes' columns (change_id,
+    kind, cause, change_time, source and target profile IDs, installation IDs, alias), in order."""
     return IdentityChangeView(
         change_id=c[0],
         kind=c[1],
