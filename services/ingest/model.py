@@ -277,7 +277,7 @@ class SubscriptionChange:
 # ---------------------------------------------------------------------------------------------
 # Installations: each field keeps the value of its latest change by event time, so a late update
 # does not overwrite a newer one; first and last seen widen to every event's time. Applied to a
-# whole batch in SQL (repository.UPSERT_INSTALLATION_DETAILS, profiles_ingest_field_wins).
+# whole batch in SQL (profiles_ingest_apply_batch_state, profiles_ingest_field_wins; 0027).
 
 
 # ---------------------------------------------------------------------------------------------
@@ -287,9 +287,10 @@ class SubscriptionChange:
 # event naming it), with the duration seen so far.
 SESSION_TIMEOUT = timedelta(minutes=30)
 
-# What one batch does to its sessions is applied in SQL (repository.UPSERT_SESSIONS): the span
-# of event times widens, counts add up, the latest end by event time sets end time and duration,
-# and until then duration is the longest seen (a heartbeat's, or last activity minus start).
+# What one batch does to its sessions is applied in SQL (profiles_ingest_apply_batch_state):
+# the span of event times widens, counts add up, the latest end by event time sets end time
+# and duration, and until then duration is the longest seen (a heartbeat's, or last activity
+# minus start).
 
 
 # ---------------------------------------------------------------------------------------------

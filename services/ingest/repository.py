@@ -15,58 +15,52 @@ from uuid import UUID
 
 import asyncpg
 
-from profiles.common.v1 import types_pb2
 from services.ingest.errors import StorageUnavailable
 from services.ingest.validation import RejectedEvent, ValidEvent
 from shared.errors import Aborted
 
 # Dedupe: events is partitioned by time and cannot hold a unique index on an event's key
-# (0024_events_partitioned.sql), so each batch first claims its events' keys in event_keys:
-# ON CONFLICT DO NOTHING makes a retried or concurrent duplicate (which waits on the key) claim
-# nothing, and RETURNING tells which keys are new; only their events are then stored. The
-# claim joins the same rows as the insert after it, with the same locks (taken here first,
-# through identity's contracts), so a key is claimed exactly when its event is stored.
-CLAIM_INSTALLATION_EVENT_KEYS = """
-    INSERT INTO event_keys (project_id, event_key, receive_time)
-    SELECT $1, profiles_ingest_event_key(k.installation_id, NULL, k.event_id), $2
-    FROM unnest($3::text[], $4::text[]) WITH ORDINALITY AS k(installation_id, event_id, ord)
-    JOIN identity_read_installation_links($1, $3::text[]) i
-        ON i.installation_id = k.installation_id
-    ORDER BY k.ord
-    ON CONFLICT DO NOTHING
-    RETURNING event_key"""
-
-CLAIM_CUSTOM_ID_EVENT_KEYS = """
-    INSERT INTO event_keys (project_id, event_key, receive_time)
-    SELECT $1, profiles_ingest_event_key(NULL, k.custom_id, k.event_id), $2
-    FROM unnest($3::text[], $4::text[], $5::uuid[])
-         WITH ORDINALITY AS k(custom_id, event_id, resolved_profile_id, ord)
-    JOIN identity_apply_profile_locks($1, $5::uuid[]) p ON p.profile_id = k.resolved_profile_id
-    ORDER BY p.profile_id, k.ord
-    ON CONFLICT DO NOTHING
-    RETURNING event_key"""
-
-# Installation events take their profile from identity's installation links in the same
-# statement, each installation locked FOR SHARE by identity's read contract
-# (identity_read_installation_links): identity moves an installation FOR UPDATE, so an event
-# racing a merge, Identify or Logout waits for it and lands on the installation's profile as of
-# its commit, never on a profile the installation already left. Only the events whose key the
-# claim above returned ($12) are stored; RETURNING tells which rows are new. An installation
-# missing here (erased since it was resolved) yields no row (nor key), and the caller resolves
-# it again. ORDER BY ord keeps event_seq in request order.
+# (0024_events_partitioned.sql), so each batch claims its events' keys in event_keys, in the same
+# statement as the insert: ON CONFLICT DO NOTHING makes a retried or concurrent duplicate (which
+# waits on the key) claim nothing, RETURNING tells which keys are new, and only their events
+# are stored. The claim and the insert join the same locked rows (identity's contract, read
+# once per statement), so a key is claimed exactly when its event is stored. Each event's key
+# is computed once (the `e` CTE is read twice, hence materialized). One statement, not two:
+# one round trip and one read of identity's rows per batch (issue 19's breakdown).
+#
+# Installation events take their profile from identity's installation links, each
+# installation locked FOR SHARE by identity's read contract (identity_read_installation_links):
+# identity moves an installation FOR UPDATE, so an event racing a merge, Identify or Logout
+# waits for it and lands on the installation's profile as of its commit, never on a profile the
+# installation already left. An installation missing here (erased since it was resolved)
+# yields no row (nor key), and the caller resolves it again. ORDER BY ord keeps event_seq in
+# request order.
 INSERT_INSTALLATION_EVENTS = """
+    WITH e AS (
+        SELECT e.*, profiles_ingest_event_key(e.installation_id, NULL, e.event_id) AS event_key
+        FROM unnest($4::text[], $5::text[], $6::smallint[], $7::text[], $8::timestamptz[],
+                    $9::text[], $10::smallint[], $11::jsonb[])
+             WITH ORDINALITY AS e(installation_id, event_id, kind, name, event_time, session_id,
+                                  platform, payload, ord)
+    ),
+    links AS (
+        SELECT installation_id, profile_id FROM identity_read_installation_links($1, $4::text[])
+    ),
+    claimed AS (
+        INSERT INTO event_keys (project_id, event_key, receive_time)
+        SELECT $1, e.event_key, $2
+        FROM e JOIN links i ON i.installation_id = e.installation_id
+        ORDER BY e.ord
+        ON CONFLICT DO NOTHING
+        RETURNING event_key
+    )
     INSERT INTO events (project_id, installation_id, event_id, profile_id, kind, name,
                         event_time, receive_time, session_id, platform, payload, imported)
     SELECT $1, e.installation_id, e.event_id, i.profile_id, e.kind, e.name,
            e.event_time, $2, e.session_id, e.platform, e.payload, $3
-    FROM unnest($4::text[], $5::text[], $6::smallint[], $7::text[], $8::timestamptz[],
-                $9::text[], $10::smallint[], $11::jsonb[])
-         WITH ORDINALITY AS e(installation_id, event_id, kind, name, event_time, session_id,
-                              platform, payload, ord)
-    JOIN unnest($12::uuid[]) AS f(event_key)
-        ON f.event_key = profiles_ingest_event_key(e.installation_id, NULL, e.event_id)
-    JOIN identity_read_installation_links($1, $4::text[]) i
-        ON i.installation_id = e.installation_id
+    FROM e
+    JOIN claimed f ON f.event_key = e.event_key
+    JOIN links i ON i.installation_id = e.installation_id
     ORDER BY e.ord
     RETURNING installation_id, event_id, profile_id, event_seq"""
 
@@ -75,22 +69,41 @@ INSERT_INSTALLATION_EVENTS = """
 # profiles are locked FOR NO KEY UPDATE (not FOR SHARE) by identity's
 # identity_apply_profile_locks because this transaction bumps their versions next: two share
 # locks upgrading to update locks would deadlock. Locks are taken in profile_id order so
-# concurrent batches queue instead of deadlocking. Only events whose key was claimed ($13) are
-# stored.
+# concurrent batches queue instead of deadlocking. Keys are claimed as above.
 INSERT_CUSTOM_ID_EVENTS = """
+    WITH e AS (
+        SELECT e.*, profiles_ingest_event_key(NULL, e.custom_id, e.event_id) AS event_key
+        FROM unnest($4::text[], $5::text[], $6::smallint[], $7::text[], $8::timestamptz[],
+                    $9::text[], $10::smallint[], $11::jsonb[], $12::uuid[])
+             WITH ORDINALITY AS e(custom_id, event_id, kind, name, event_time, session_id,
+                                  platform, payload, resolved_profile_id, ord)
+    ),
+    locked AS (
+        SELECT profile_id, live_profile_id FROM identity_apply_profile_locks($1, $12::uuid[])
+    ),
+    claimed AS (
+        INSERT INTO event_keys (project_id, event_key, receive_time)
+        SELECT $1, e.event_key, $2
+        FROM e JOIN locked p ON p.profile_id = e.resolved_profile_id
+        ORDER BY p.profile_id, e.ord
+        ON CONFLICT DO NOTHING
+        RETURNING event_key
+    )
     INSERT INTO events (project_id, custom_id, event_id, profile_id, kind, name,
                         event_time, receive_time, session_id, platform, payload, imported)
     SELECT $1, e.custom_id, e.event_id, p.live_profile_id, e.kind, e.name,
            e.event_time, $2, e.session_id, e.platform, e.payload, $3
-    FROM unnest($4::text[], $5::text[], $6::smallint[], $7::text[], $8::timestamptz[],
-                $9::text[], $10::smallint[], $11::jsonb[], $12::uuid[])
-         WITH ORDINALITY AS e(custom_id, event_id, kind, name, event_time, session_id,
-                              platform, payload, resolved_profile_id, ord)
-    JOIN unnest($13::uuid[]) AS f(event_key)
-        ON f.event_key = profiles_ingest_event_key(NULL, e.custom_id, e.event_id)
-    JOIN identity_apply_profile_locks($1, $12::uuid[]) p ON p.profile_id = e.resolved_profile_id
+    FROM e
+    JOIN claimed f ON f.event_key = e.event_key
+    JOIN locked p ON p.profile_id = e.resolved_profile_id
     ORDER BY p.profile_id, e.ord
     RETURNING custom_id, event_id, profile_id, event_seq"""
+
+# The events' totals (profile_event_counts) are added by ingest itself once it holds the
+# touched profiles' locks (ADD_EVENT_COUNTS after BUMP_PROFILE_VERSIONS), not by the insert
+# trigger inside the insert, where their row locks made concurrent batches wait for each
+# other's whole transaction (0027_event_counts_after_profile_locks.sql). Transaction-local.
+DEFER_EVENT_COUNTS = "SELECT set_config('profiles.event_counts', 'deferred', true)"
 
 # Which of the events not inserted above already exist (duplicates: their key is held); the rest
 # lost their installation or profile meanwhile. Only run when some events were not inserted.
@@ -108,142 +121,43 @@ SELECT_EXISTING_CUSTOM_ID_EVENTS = """
         ON e.project_id = $1
         AND e.event_key = profiles_ingest_event_key(NULL, k.custom_id, k.event_id)"""
 
-# An event whose attribute operations the profile refused (attribute limit) is not kept;
-# the delete happens in the inserting transaction, so nobody ever sees the row (events' delete
-# trigger drops its key with it: a retry is judged again).
-DELETE_EVENTS = "DELETE FROM events WHERE project_id = $1 AND event_seq = ANY($2::bigint[])"
+# The part of the transaction under the touched profiles' locks, in two calls
+# (0027_batch_state_under_profile_locks.sql): concurrent batches over the same profiles wait
+# for each other's locked part, so it makes as few round trips as it can. LOCK_BATCH_PROFILES
+# bumps the profiles' versions (identity's rule, which locks them in profile_id order: two
+# batches for one profile apply their state one after the other without deadlocking; query's
+# caches see the new versions: read-your-writes), adds the inserted events' totals, and
+# answers the custom attributes the profiles with attribute operations hold now, for the
+# limit of 50 per profile (the locks keep them current until commit).
+LOCK_BATCH_PROFILES = """
+    SELECT profile_id, version, held_names
+    FROM profiles_ingest_lock_batch_profiles($1, $2::uuid[], $3::uuid[], $4::smallint[],
+                                             $5::timestamptz[], $6::uuid[])"""
 
-# Bumps the version of every profile the batch touched (read-your-writes for query's caches)
-# and, by locking them in profile_id order first, serializes the state updates below per
-# profile: two batches for one profile apply attributes one after the other, without
-# deadlocking each other. The profiles are identity's: it publishes the rule
-# (identity_apply_profile_versions), run here in ingest's transaction.
-BUMP_PROFILE_VERSIONS = """
-    SELECT profile_id, version FROM identity_apply_profile_versions($1, $2::uuid[])"""
-
-# The custom attributes the touched profiles hold now, for the limit of 50 per profile. The
-# profile locks above keep them current until the batch commits.
-SELECT_HELD_CUSTOM_ATTRIBUTES = """
-    SELECT profile_id, name FROM profile_attributes
-    WHERE project_id = $1 AND profile_id = ANY($2::uuid[]) AND NOT native
-        AND value IS NOT NULL"""
-
-# Every accepted operation joins its attribute's log (0010_attribute_replay.sql), keyed by
-# replay order. A retried event was refused as a duplicate before it got here, so a key is
-# never written twice.
-INSERT_ATTRIBUTE_OPERATIONS = """
-    INSERT INTO attribute_operations (project_id, profile_id, native, name, event_time,
-                                      event_id, origin, position, kind, value)
-    SELECT $1, o.* FROM unnest($2::uuid[], $3::boolean[], $4::text[], $5::timestamptz[],
-                               $6::text[], $7::text[], $8::smallint[], $9::text[], $10::jsonb[])
-         AS o"""
-
-# Then each touched attribute's state is replayed from its earliest new operation (the fold
-# continues from the stored state when they all come after it). The rule lives in
-# profiles_ingest_fold_attribute, which identity's merge calls too. In key order, so two
-# batches would lock rows in the same order (the profile locks serialize them anyway).
-FOLD_ATTRIBUTES = """
-    SELECT profiles_ingest_fold_attribute($1, f.profile_id, f.native, f.name, f.event_time,
-                                          f.event_id, f.origin, f.position)
-    FROM (
-        SELECT DISTINCT ON (o.profile_id, o.native, o.name) o.*
-        FROM unnest($2::uuid[], $3::boolean[], $4::text[], $5::timestamptz[], $6::text[],
-                    $7::text[], $8::smallint[])
-             AS o(profile_id, native, name, event_time, event_id, origin, position)
-        ORDER BY o.profile_id, o.native, o.name, o.event_time, o.event_id COLLATE "C",
-                 o.origin COLLATE "C", o.position
-    ) f
-    ORDER BY f.profile_id, f.native, f.name"""
-
-# Consent follows the replay order of attributes: per profile, channel and kind, the change
-# latest by (event time, event ID, origin) wins, within the batch (DISTINCT ON: a row cannot be
-# updated twice per statement) and against the stored one (the WHERE).
-UPSERT_SUBSCRIPTIONS = """
-    INSERT INTO profile_subscriptions AS t (project_id, profile_id, channel, kind, subscribed,
-                                            change_time, change_event_id, change_origin)
-    SELECT DISTINCT ON (s.profile_id, s.channel, s.kind) $1, s.*
-    FROM unnest($2::uuid[], $3::text[], $4::text[], $5::boolean[], $6::timestamptz[],
-                $7::text[], $8::text[])
-         AS s(profile_id, channel, kind, subscribed, change_time, change_event_id, change_origin)
-    ORDER BY s.profile_id, s.channel, s.kind, s.change_time DESC,
-             s.change_event_id COLLATE "C" DESC, s.change_origin COLLATE "C" DESC
-    ON CONFLICT (project_id, profile_id, channel, kind) DO UPDATE SET
-        subscribed = EXCLUDED.subscribed, change_time = EXCLUDED.change_time,
-        change_event_id = EXCLUDED.change_event_id, change_origin = EXCLUDED.change_origin
-    WHERE (t.change_time, t.change_event_id, t.change_origin)
-        < (EXCLUDED.change_time, EXCLUDED.change_event_id, EXCLUDED.change_origin)"""
-
-# One row per accepted event that names a session of an installation; the statement reduces
-# them to one row per (installation, session), then merges that with what is stored. Per
-# session of the batch: the span of event times; the profile of its earliest event and the
-# platform of its latest (identity's merge moves profile_id later); the country of its earliest
-# start that has one; the latest end by event time (ties: later in the batch) gives end_time
-# and duration, else duration is the longest seen (a heartbeat's, or last activity minus
-# start); every event counts. Merged with the stored row: the span widens, counts add up, the
-# latest explicit end by event time sets end_time and duration, and until then duration is the
-# longest seen; the first known country stays. Kinds are the profiles.common.v1.EventKind
-# numbers of the names below (interpolated once, at import). Rows in key order, so two batches
-# lock the same sessions in the same order. RETURNING gives the country of every touched
-# session, which heartbeat and end events carry on the bus.
-SESSION_START = int(types_pb2.EVENT_KIND_SESSION_START)
-SESSION_HEARTBEAT = int(types_pb2.EVENT_KIND_SESSION_HEARTBEAT)
-SESSION_END = int(types_pb2.EVENT_KIND_SESSION_END)
-UPSERT_SESSIONS = f"""
-    WITH e AS (
-        SELECT * FROM unnest($2::text[], $3::text[], $4::uuid[], $5::smallint[], $6::smallint[],
-                             $7::timestamptz[], $8::interval[], $9::text[])
-             WITH ORDINALITY AS e(installation_id, session_id, profile_id, platform, kind,
-                                  event_time, duration, country, ord)
-    ),
-    d AS (
-        SELECT installation_id, session_id,
-               (array_agg(profile_id ORDER BY event_time, ord))[1] AS profile_id,
-               (array_agg(platform ORDER BY event_time DESC, ord DESC))[1] AS platform,
-               (array_agg(country ORDER BY event_time, ord)
-                    FILTER (WHERE kind = {SESSION_START} AND country <> ''))[1] AS country,
-               min(event_time) AS start_time, max(event_time) AS last_activity_time,
-               (array_agg(event_time ORDER BY event_time DESC, ord DESC)
-                    FILTER (WHERE kind = {SESSION_END}))[1] AS end_time,
-               (array_agg(duration ORDER BY event_time DESC, ord DESC)
-                    FILTER (WHERE kind = {SESSION_END}))[1] AS end_duration,
-               max(duration) FILTER (WHERE kind = {SESSION_HEARTBEAT}) AS longest_heartbeat,
-               count(*) AS event_count, bool_or(kind = {SESSION_START}) AS started,
-               bool_or(kind = {SESSION_END}) AS ended
-        FROM e
-        GROUP BY installation_id, session_id
-    )
-    INSERT INTO sessions AS s (project_id, installation_id, session_id, profile_id, platform,
-        country, start_time, last_activity_time, end_time, duration, event_count, started,
-        ended, closed)
-    SELECT $1, d.installation_id, d.session_id, d.profile_id, d.platform, d.country,
-           d.start_time, d.last_activity_time, d.end_time,
-           CASE WHEN d.ended THEN coalesce(d.end_duration, '0')
-                ELSE greatest(d.last_activity_time - d.start_time,
-                              coalesce(d.longest_heartbeat, '0')) END,
-           d.event_count, d.started, d.ended, d.ended
-    FROM d
-    ORDER BY d.installation_id, d.session_id
-    ON CONFLICT (project_id, installation_id, session_id) DO UPDATE SET
-        platform = EXCLUDED.platform,
-        country = coalesce(s.country, EXCLUDED.country),
-        start_time = least(s.start_time, EXCLUDED.start_time),
-        last_activity_time = greatest(s.last_activity_time, EXCLUDED.last_activity_time),
-        end_time = CASE
-            WHEN EXCLUDED.ended AND (NOT s.ended OR EXCLUDED.end_time >= s.end_time)
-                THEN EXCLUDED.end_time
-            ELSE s.end_time END,
-        duration = CASE
-            WHEN EXCLUDED.ended AND (NOT s.ended OR EXCLUDED.end_time >= s.end_time)
-                THEN EXCLUDED.duration
-            WHEN s.ended THEN s.duration
-            ELSE greatest(s.duration, EXCLUDED.duration,
-                          greatest(s.last_activity_time, EXCLUDED.last_activity_time)
-                          - least(s.start_time, EXCLUDED.start_time)) END,
-        event_count = s.event_count + EXCLUDED.event_count,
-        started = s.started OR EXCLUDED.started,
-        ended = s.ended OR EXCLUDED.ended,
-        closed = s.closed OR EXCLUDED.ended
-    RETURNING installation_id, session_id, country"""
+# APPLY_BATCH_STATE writes every kind of derived state by event time, one set-based statement
+# each, in the function: attribute operations joined to their logs and the touched attributes
+# replayed (profiles_ingest_fold_attribute, the rule identity's merge runs too; every retried
+# event was refused as a duplicate before, so no log key is written twice), the events refused
+# for the limit deleted (in the inserting transaction: nobody ever sees them, and events'
+# delete trigger drops their keys, so a retry is judged again), consent (per profile, channel
+# and kind the change latest by (event time, event ID, origin) wins), installation details
+# (per field the latest change by event time, profiles_ingest_field_wins) and sessions (spans
+# widen, counts add up, the latest explicit end sets end and duration, the first known
+# country stays). It answers the country of every touched session, which heartbeat and end
+# events carry on the bus, and the imported installations (ImportTokens) holding the push
+# token of an installation that started a session here, which the service then folds into it.
+APPLY_BATCH_STATE = """
+    SELECT what, installation_id, session_id, country, imported_installation_id
+    FROM profiles_ingest_apply_batch_state(
+        $1,
+        $2::uuid[], $3::boolean[], $4::text[], $5::timestamptz[], $6::text[], $7::text[],
+        $8::smallint[], $9::text[], $10::jsonb[],
+        $11::bigint[],
+        $12::uuid[], $13::text[], $14::text[], $15::boolean[], $16::timestamptz[], $17::text[],
+        $18::text[],
+        $19::text[], $20::timestamptz[], $21::smallint[], $22::jsonb[], $23::text[],
+        $24::text[], $25::text[], $26::uuid[], $27::smallint[], $28::smallint[],
+        $29::timestamptz[], $30::interval[], $31::text[])"""
 
 # The sweeper's statement, across projects like the outbox relay: open sessions idle since
 # before $1 are closed at their last activity with the duration seen so far. SKIP LOCKED: a
@@ -264,82 +178,6 @@ CLOSE_IDLE_SESSIONS = """
         AND s.session_id = idle.session_id
     RETURNING s.project_id, s.installation_id, s.session_id, s.profile_id, s.platform,
               s.country, s.end_time, s.duration"""
-
-# Installation upkeep for a whole batch in one statement, no read-modify-write in Python: one
-# row per accepted installation event (its event time, platform, and the fields it sets as a
-# JSON object, NULL for none). Per installation and field the batch's latest change by event
-# time wins (ties: the later event of the batch), then the upsert keeps, per field, whichever
-# of stored and new is later (profiles_ingest_field_wins); first/last seen widen. Rows in
-# installation_id order, so two batches upserting the same installations lock them in the same
-# order. RETURNING: per installation that started a session in this batch ($6) and now holds a
-# push token, the imported installation (ImportTokens) holding the same token for its platform
-# and not yet reintegrated, if any; the service then folds it into the real one.
-UPSERT_INSTALLATION_DETAILS = """
-    WITH batch AS (
-        SELECT c.installation_id, c.event_time, c.ord,
-               jsonb_build_object('platform', c.platform) || coalesce(c.changes, '{}') AS changes
-        FROM unnest($2::text[], $3::timestamptz[], $4::smallint[], $5::jsonb[])
-             WITH ORDINALITY AS c(installation_id, event_time, platform, changes, ord)
-    ),
-    latest AS (
-        SELECT DISTINCT ON (b.installation_id, f.key) b.installation_id, f.key, f.value,
-               b.event_time
-        FROM batch b CROSS JOIN LATERAL jsonb_each(b.changes) AS f
-        ORDER BY b.installation_id, f.key, b.event_time DESC, b.ord DESC
-    ),
-    merged AS (
-        SELECT l.installation_id, jsonb_object_agg(l.key, l.value) AS v,
-               jsonb_object_agg(l.key, l.event_time) AS times,
-               min(s.first_seen) AS first_seen, max(s.last_seen) AS last_seen
-        FROM latest l
-        JOIN (SELECT installation_id, min(event_time) AS first_seen,
-                     max(event_time) AS last_seen
-              FROM batch GROUP BY installation_id) s USING (installation_id)
-        GROUP BY l.installation_id
-    ),
-    upserted AS (
-        INSERT INTO installation_details AS d (project_id, installation_id, platform,
-            app_version, os_version, device_model, push_token, push_opt_in, language, timezone,
-            uninstalled, field_times, first_seen, last_seen)
-        SELECT $1, m.installation_id, (m.v->>'platform')::smallint, m.v->>'app_version',
-               m.v->>'os_version', m.v->>'device_model', m.v->>'push_token',
-               (m.v->>'push_opt_in')::boolean, m.v->>'language', m.v->>'timezone',
-               coalesce((m.v->>'uninstalled')::boolean, false), m.times, m.first_seen,
-               m.last_seen
-        FROM merged m
-        ORDER BY m.installation_id
-        ON CONFLICT (project_id, installation_id) DO UPDATE SET
-            platform = CASE WHEN profiles_ingest_field_wins(EXCLUDED.field_times,
-                d.field_times, 'platform') THEN EXCLUDED.platform ELSE d.platform END,
-            app_version = CASE WHEN profiles_ingest_field_wins(EXCLUDED.field_times,
-                d.field_times, 'app_version') THEN EXCLUDED.app_version ELSE d.app_version END,
-            os_version = CASE WHEN profiles_ingest_field_wins(EXCLUDED.field_times,
-                d.field_times, 'os_version') THEN EXCLUDED.os_version ELSE d.os_version END,
-            device_model = CASE WHEN profiles_ingest_field_wins(EXCLUDED.field_times,
-                d.field_times, 'device_model') THEN EXCLUDED.device_model
-                ELSE d.device_model END,
-            push_token = CASE WHEN profiles_ingest_field_wins(EXCLUDED.field_times,
-                d.field_times, 'push_token') THEN EXCLUDED.push_token ELSE d.push_token END,
-            push_opt_in = CASE WHEN profiles_ingest_field_wins(EXCLUDED.field_times,
-                d.field_times, 'push_opt_in') THEN EXCLUDED.push_opt_in ELSE d.push_opt_in END,
-            language = CASE WHEN profiles_ingest_field_wins(EXCLUDED.field_times,
-                d.field_times, 'language') THEN EXCLUDED.language ELSE d.language END,
-            timezone = CASE WHEN profiles_ingest_field_wins(EXCLUDED.field_times,
-                d.field_times, 'timezone') THEN EXCLUDED.timezone ELSE d.timezone END,
-            uninstalled = CASE WHEN profiles_ingest_field_wins(EXCLUDED.field_times,
-                d.field_times, 'uninstalled') THEN EXCLUDED.uninstalled ELSE d.uninstalled END,
-            field_times = profiles_ingest_field_times(EXCLUDED.field_times, d.field_times),
-            first_seen = least(d.first_seen, EXCLUDED.first_seen),
-            last_seen = greatest(d.last_seen, EXCLUDED.last_seen)
-        RETURNING d.installation_id, d.platform, d.push_token
-    )
-    SELECT u.installation_id, t.installation_id AS imported_installation_id
-    FROM upserted u
-    JOIN installation_details t
-        ON t.project_id = $1 AND t.platform = u.platform AND t.push_token = u.push_token
-           AND t.imported AND t.installation_id <> u.installation_id
-    WHERE u.installation_id = ANY($6::text[]) AND u.push_token IS NOT NULL
-    ORDER BY u.installation_id, t.installation_id"""
 
 # Installations that already hold one of the tokens for its platform (imported earlier, or
 # sent by an SDK), with their current profile; the partial index by push token serves it.
@@ -402,6 +240,26 @@ InstallationChangeRow = tuple[str, datetime, int, dict[str, Any] | None]
 # One accepted event naming a session: installation ID, session ID, profile, platform, kind,
 # event time, duration (heartbeat and end, else None), country (session start, else "").
 SessionEventRow = tuple[str, str, UUID, int, int, datetime, timedelta | None, str]
+
+
+@dataclass(frozen=True, slots=True)
+class BatchState:
+    """What a batch writes under its profiles' locks, as rows of each kind (APPLY_BATCH_STATE)."""
+
+    operations: Sequence[OperationRow] = ()
+    refused_event_seqs: Sequence[int] = ()
+    subscriptions: Sequence[SubscriptionRow] = ()
+    installations: Sequence[InstallationChangeRow] = ()
+    session_starters: Sequence[str] = ()
+    session_events: Sequence[SessionEventRow] = ()
+
+
+def _columns(rows: Sequence[tuple[Any, ...]], width: int) -> list[list[Any]]:
+    """Rows as `width` column lists (empty lists for no rows), the unnest arrays' form."""
+    if not rows:
+        return [[] for _ in range(width)]
+    return [list(c) for c in zip(*rows, strict=True)]
+
 
 # Lost races PostgreSQL settles by aborting one side: the whole transaction is retried.
 CONFLICTS: tuple[type[Exception], ...] = (
@@ -481,24 +339,13 @@ class IngestRepository:
     ) -> list[InsertedEvent]:
         if not events:
             return []
-        installation_ids = [e.installation_id for e in events]
-        claimed = await conn.fetch(
-            CLAIM_INSTALLATION_EVENT_KEYS,
-            project_id,
-            receive_time,
-            installation_ids,
-            [e.event_id for e in events],
-        )
-        if not claimed:
-            return []
         rows = await conn.fetch(
             INSERT_INSTALLATION_EVENTS,
             project_id,
             receive_time,
             imported,
-            installation_ids,
+            [e.installation_id for e in events],
             *_event_columns(events),
-            [r[0] for r in claimed],
         )
         return [
             InsertedEvent(r["installation_id"], r["event_id"], r["profile_id"], r["event_seq"])
@@ -516,26 +363,14 @@ class IngestRepository:
     ) -> list[InsertedEvent]:
         if not events:
             return []
-        custom_ids = [e.custom_id for e in events]
-        claimed = await conn.fetch(
-            CLAIM_CUSTOM_ID_EVENT_KEYS,
-            project_id,
-            receive_time,
-            custom_ids,
-            [e.event_id for e in events],
-            list(resolved_profile_ids),
-        )
-        if not claimed:
-            return []
         rows = await conn.fetch(
             INSERT_CUSTOM_ID_EVENTS,
             project_id,
             receive_time,
             imported,
-            custom_ids,
+            [e.custom_id for e in events],
             *_event_columns(events),
             list(resolved_profile_ids),
-            [r[0] for r in claimed],
         )
         return [
             InsertedEvent(r["custom_id"], r["event_id"], r["profile_id"], r["event_seq"])
@@ -561,30 +396,66 @@ class IngestRepository:
         rows = await conn.fetch(query, project_id, [k[0] for k in keys], [k[1] for k in keys])
         return {(r[0], r[1]) for r in rows}
 
-    async def delete_events(
-        self, conn: asyncpg.Connection, project_id: UUID, event_seqs: Sequence[int]
-    ) -> None:
-        if event_seqs:
-            await conn.execute(DELETE_EVENTS, project_id, list(event_seqs))
+    async def defer_event_counts(self, conn: asyncpg.Connection) -> None:
+        """This transaction's event inserts leave the totals to add_event_counts."""
+        await conn.execute(DEFER_EVENT_COUNTS)
 
-    async def bump_profile_versions(
-        self, conn: asyncpg.Connection, project_id: UUID, profile_ids: Sequence[UUID]
-    ) -> dict[UUID, int]:
-        """Raises the profiles' versions; returns the new version of each."""
-        if not profile_ids:
-            return {}
-        rows = await conn.fetch(BUMP_PROFILE_VERSIONS, project_id, sorted(set(profile_ids)))
-        return {r["profile_id"]: r["version"] for r in rows}
+    async def lock_batch_profiles(
+        self,
+        conn: asyncpg.Connection,
+        project_id: UUID,
+        inserted: Sequence[tuple[UUID, int, datetime]],
+        held_of: Sequence[UUID],
+    ) -> tuple[dict[UUID, int], dict[UUID, set[str]]]:
+        """Locks and bumps the profiles of the `inserted` events (profile, kind, event time),
+        adds those events to their totals (LOCK_BATCH_PROFILES); returns each profile's new
+        version, and for the profiles of `held_of` the custom attributes they hold."""
+        profiles, kinds, times = (list(c) for c in zip(*inserted, strict=True))
+        rows = await conn.fetch(
+            LOCK_BATCH_PROFILES,
+            project_id,
+            sorted(set(profiles)),
+            profiles,
+            kinds,
+            times,
+            sorted(set(held_of)),
+        )
+        versions = {r["profile_id"]: r["version"] for r in rows}
+        asked = set(held_of)
+        held = {
+            r["profile_id"]: set(r["held_names"] or ()) for r in rows if r["profile_id"] in asked
+        }
+        return versions, held
 
-    async def save_sessions(
-        self, conn: asyncpg.Connection, project_id: UUID, events: Sequence[SessionEventRow]
-    ) -> dict[tuple[str, str], str]:
-        """Merges the batch's session events into the stored sessions (UPSERT_SESSIONS);
-        returns (installation, session) -> the session's country ("" when unknown)."""
-        if not events:
-            return {}
-        rows = await conn.fetch(UPSERT_SESSIONS, project_id, *map(list, zip(*events, strict=True)))
-        return {(r["installation_id"], r["session_id"]): r["country"] or "" for r in rows}
+    async def apply_batch_state(
+        self,
+        conn: asyncpg.Connection,
+        project_id: UUID,
+        state: BatchState,
+    ) -> tuple[dict[tuple[str, str], str], list[tuple[str, str]]]:
+        """Applies the batch's derived state (APPLY_BATCH_STATE); returns (installation,
+        session) -> the session's country ("" when unknown) for every touched session, and
+        (installation ID, imported installation ID) for every installation of
+        `state.session_starters` that holds the token of an imported installation not yet
+        folded."""
+        rows = await conn.fetch(
+            APPLY_BATCH_STATE,
+            project_id,
+            *_columns(state.operations, 9),
+            list(state.refused_event_seqs),
+            *_columns(state.subscriptions, 7),
+            *_columns(state.installations, 4),
+            list(state.session_starters),
+            *_columns(state.session_events, 8),
+        )
+        countries: dict[tuple[str, str], str] = {}
+        reintegrations: list[tuple[str, str]] = []
+        for r in rows:
+            if r["what"] == "session":
+                countries[(r["installation_id"], r["session_id"])] = r["country"] or ""
+            else:
+                reintegrations.append((r["installation_id"], r["imported_installation_id"]))
+        return countries, reintegrations
 
     async def close_idle_sessions(
         self, conn: asyncpg.Connection, idle_before: datetime, limit: int
@@ -603,64 +474,6 @@ class IngestRepository:
             )
             for r in rows
         ]
-
-    async def held_custom_attributes(
-        self, conn: asyncpg.Connection, project_id: UUID, profile_ids: Sequence[UUID]
-    ) -> dict[UUID, set[str]]:
-        """profile -> the names of the custom attributes it holds (a value, not unset)."""
-        rows = await conn.fetch(SELECT_HELD_CUSTOM_ATTRIBUTES, project_id, list(profile_ids))
-        held: dict[UUID, set[str]] = {}
-        for r in rows:
-            held.setdefault(r["profile_id"], set()).add(r["name"])
-        return held
-
-    async def add_attribute_operations(
-        self,
-        conn: asyncpg.Connection,
-        project_id: UUID,
-        operations: Sequence[OperationRow],
-    ) -> None:
-        """Adds the operations to their attributes' logs and replays the attributes touched."""
-        if not operations:
-            return
-        columns = [list(c) for c in zip(*operations, strict=True)]
-        await conn.execute(INSERT_ATTRIBUTE_OPERATIONS, project_id, *columns)
-        await conn.execute(FOLD_ATTRIBUTES, project_id, *columns[:7])
-
-    async def save_subscriptions(
-        self,
-        conn: asyncpg.Connection,
-        project_id: UUID,
-        changes: Sequence[SubscriptionRow],
-    ) -> None:
-        if not changes:
-            return
-        await conn.execute(
-            UPSERT_SUBSCRIPTIONS, project_id, *[list(c) for c in zip(*changes, strict=True)]
-        )
-
-    async def save_installations(
-        self,
-        conn: asyncpg.Connection,
-        project_id: UUID,
-        changes: Sequence[InstallationChangeRow],
-        session_starters: Sequence[str],
-    ) -> list[tuple[str, str]]:
-        """Applies the batch's installation changes by event time (UPSERT_INSTALLATION_DETAILS);
-        returns (installation ID, imported installation ID) for every installation of
-        `session_starters` that holds the token of an imported installation not yet folded."""
-        if not changes:
-            return []
-        rows = await conn.fetch(
-            UPSERT_INSTALLATION_DETAILS,
-            project_id,
-            [c[0] for c in changes],
-            [c[1] for c in changes],
-            [c[2] for c in changes],
-            [c[3] for c in changes],
-            list(session_starters),
-        )
-        return [(r[0], r[1]) for r in rows]
 
     async def insert_rejected_events(
         self,

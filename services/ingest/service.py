@@ -37,6 +37,7 @@ from services.ingest.identity_client import OriginKey, Resolver
 from services.ingest.messages import ingested_event, profile_changes
 from services.ingest.model import Rejection
 from services.ingest.repository import (
+    BatchState,
     IngestRepository,
     InsertedEvent,
     OperationRow,
@@ -374,6 +375,7 @@ class IngestService:
         by_index: dict[int, pb.Event],
     ) -> _Stored:
         repo = self._repository
+        await repo.defer_event_counts(conn)
         from_installations = [e for e in events if e.installation_id is not None]
         from_custom_ids = [e for e in events if e.custom_id is not None]
         # Custom-ID events first: they lock their profiles, which the version bump locks again.
@@ -421,22 +423,27 @@ class IngestService:
                         stored.orphans.append(event)
         if not accepted:
             return stored
-        stored.versions = await repo.bump_profile_versions(
-            conn, project_id, [row.profile_id for _, row in accepted]
+        # The locked part: two calls (repository.LOCK_BATCH_PROFILES, APPLY_BATCH_STATE) with
+        # only the attribute-limit decision between them, since concurrent batches over the
+        # same profiles wait for it.
+        with_operations = [(e, row) for e, row in accepted if e.operations]
+        stored.versions, held = await repo.lock_batch_profiles(
+            conn,
+            project_id,
+            [(row.profile_id, e.kind, e.event_time) for e, row in accepted],
+            [row.profile_id for _, row in with_operations],
         )
-        refused = await self._apply_attributes(conn, project_id, accepted)
+        refused, operations = _attribute_operations(with_operations, held)
         if refused:
-            await repo.delete_events(
-                conn, project_id, [row.event_seq for e, row in accepted if e.index in refused]
-            )
             stored.late_rejections = [
                 reject(index, by_index[index], rejection) for index, rejection in refused.items()
             ]
-            accepted = [(e, row) for e, row in accepted if e.index not in refused]
-        await repo.save_subscriptions(
-            conn,
-            project_id,
-            [
+        refused_seqs = [row.event_seq for e, row in accepted if e.index in refused]
+        accepted = [(e, row) for e, row in accepted if e.index not in refused]
+        state = BatchState(
+            operations=operations,
+            refused_event_seqs=refused_seqs,
+            subscriptions=[
                 (
                     row.profile_id,
                     e.subscription.channel,
@@ -449,11 +456,7 @@ class IngestService:
                 for e, row in accepted
                 if e.subscription is not None
             ],
-        )
-        stored.reintegrations = await repo.save_installations(
-            conn,
-            project_id,
-            [
+            installations=[
                 (
                     e.installation_id,
                     e.event_time,
@@ -463,18 +466,14 @@ class IngestService:
                 for e, _ in accepted
                 if e.installation_id is not None
             ],
-            sorted(
+            session_starters=sorted(
                 {
                     e.installation_id
                     for e, _ in accepted
                     if e.kind == types_pb2.EVENT_KIND_SESSION_START and e.installation_id
                 }
             ),
-        )
-        stored.session_countries = await repo.save_sessions(
-            conn,
-            project_id,
-            [
+            session_events=[
                 (
                     e.installation_id,
                     e.session_id,
@@ -489,56 +488,11 @@ class IngestService:
                 if e.installation_id is not None and e.session_id is not None
             ],
         )
+        stored.session_countries, stored.reintegrations = await repo.apply_batch_state(
+            conn, project_id, state
+        )
         stored.accepted = {e.index: row.profile_id for e, row in accepted}
         return stored
-
-    async def _apply_attributes(
-        self,
-        conn: asyncpg.Connection,
-        project_id: UUID,
-        accepted: Sequence[tuple[ValidEvent, InsertedEvent]],
-    ) -> dict[int, Rejection]:
-        """Adds the operations of the accepted events to their profiles' attribute logs, which
-        the database replays in event-time order; returns the events refused because they would
-        give a profile over 50 custom attributes (those are not stored)."""
-        with_operations = [(e, row) for e, row in accepted if e.operations]
-        if not with_operations:
-            return {}
-        profile_ids = sorted({row.profile_id for _, row in with_operations})
-        held = await self._repository.held_custom_attributes(conn, project_id, profile_ids)
-        refused: dict[int, Rejection] = {}
-        operations: list[OperationRow] = []
-        for event, row in sorted(with_operations, key=lambda p: (p[0].event_time, p[0].index)):
-            names = held.setdefault(row.profile_id, set())
-            # Only an event that adds a custom attribute is refused, and only if the profile
-            # would then hold over 50: a merge may have left more, which stay (nothing is
-            # dropped) and may still be changed or unset.
-            after = model.custom_attributes_after(names, event.operations)
-            if after - names and len(after) > model.MAX_CUSTOM_ATTRIBUTES_PER_PROFILE:
-                refused[event.index] = Rejection(
-                    model.PROFILE_ATTRIBUTE_LIMIT,
-                    "attribute_operations.operations",
-                    "the profile already holds 50 custom attributes",
-                )
-                continue
-            held[row.profile_id] = after
-            origin = model.event_origin(event.installation_id, event.custom_id)
-            operations.extend(
-                (
-                    row.profile_id,
-                    op.native,
-                    op.name,
-                    event.event_time,
-                    event.event_id,
-                    origin,
-                    position,
-                    op.kind,
-                    None if op.value is None else op.value.to_json(),
-                )
-                for position, op in enumerate(event.operations)
-            )
-        await self._repository.add_attribute_operations(conn, project_id, operations)
-        return refused
 
     async def _enqueue(
         self,
@@ -589,3 +543,45 @@ class IngestService:
 
 def _rejected_result(rejected: RejectedEvent, event: pb.Event) -> EventResult:
     return EventResult(rejected.index, event.event_id, "rejected", None, rejected.rejection)
+
+
+def _attribute_operations(
+    with_operations: Sequence[tuple[ValidEvent, InsertedEvent]],
+    held: dict[UUID, set[str]],
+) -> tuple[dict[int, Rejection], list[OperationRow]]:
+    """The attribute operations of the accepted events, in event-time order, for their
+    profiles' logs (the database replays them), and the events refused because they would give
+    a profile over 50 custom attributes (those are not stored). `held`: the custom attributes
+    each profile holds now (updated here as the events are taken in order)."""
+    refused: dict[int, Rejection] = {}
+    operations: list[OperationRow] = []
+    for event, row in sorted(with_operations, key=lambda p: (p[0].event_time, p[0].index)):
+        names = held.setdefault(row.profile_id, set())
+        # Only an event that adds a custom attribute is refused, and only if the profile would
+        # then hold over 50: a merge may have left more, which stay (nothing is dropped) and
+        # may still be changed or unset.
+        after = model.custom_attributes_after(names, event.operations)
+        if after - names and len(after) > model.MAX_CUSTOM_ATTRIBUTES_PER_PROFILE:
+            refused[event.index] = Rejection(
+                model.PROFILE_ATTRIBUTE_LIMIT,
+                "attribute_operations.operations",
+                "the profile already holds 50 custom attributes",
+            )
+            continue
+        held[row.profile_id] = after
+        origin = model.event_origin(event.installation_id, event.custom_id)
+        operations.extend(
+            (
+                row.profile_id,
+                op.native,
+                op.name,
+                event.event_time,
+                event.event_id,
+                origin,
+                position,
+                op.kind,
+                None if op.value is None else op.value.to_json(),
+            )
+            for position, op in enumerate(event.operations)
+        )
+    return refused, operations

@@ -131,9 +131,9 @@ CREATE OR REPLACE FUNCTION public.identity_read_installation_profiles(p_project 
  STABLE
 AS $function$
     SELECT i.installation_id, i.profile_id, p.custom_id IS NOT NULL
-    FROM installations i
+    FROM (SELECT DISTINCT k.id FROM unnest(p_installation_ids) AS k(id)) k
+    JOIN installations i ON i.project_id = p_project AND i.installation_id = k.id
     JOIN profiles p ON p.project_id = i.project_id AND p.profile_id = i.profile_id
-    WHERE i.project_id = p_project AND i.installation_id = ANY(p_installation_ids)
 $function$;
 
 -- READ CONTRACT (ingest, storing an installation's events): the installations' current
@@ -146,10 +146,11 @@ CREATE OR REPLACE FUNCTION public.identity_read_installation_links(p_project uui
  RETURNS TABLE(installation_id text, profile_id uuid)
  LANGUAGE sql
 AS $function$
-    SELECT i.installation_id, i.profile_id FROM installations i
-    WHERE i.project_id = p_project AND i.installation_id = ANY(p_installation_ids)
+    SELECT i.installation_id, i.profile_id
+    FROM (SELECT DISTINCT k.id FROM unnest(p_installation_ids) AS k(id)) k
+    JOIN installations i ON i.project_id = p_project AND i.installation_id = k.id
     ORDER BY i.installation_id
-    FOR SHARE
+    FOR SHARE OF i
 $function$;
 
 -- Ingest's writes that change what a profile view shows raise the profile's version (read
@@ -162,10 +163,11 @@ CREATE OR REPLACE FUNCTION public.identity_apply_profile_locks(p_project uuid, p
  RETURNS TABLE(profile_id uuid, live_profile_id uuid)
  LANGUAGE sql
 AS $function$
-    SELECT p.profile_id, coalesce(p.merged_into, p.profile_id) FROM profiles p
-    WHERE p.project_id = p_project AND p.profile_id = ANY(p_profile_ids)
+    SELECT p.profile_id, coalesce(p.merged_into, p.profile_id)
+    FROM (SELECT DISTINCT k.id FROM unnest(p_profile_ids) AS k(id)) k
+    JOIN profiles p ON p.project_id = p_project AND p.profile_id = k.id
     ORDER BY p.profile_id
-    FOR NO KEY UPDATE
+    FOR NO KEY UPDATE OF p
 $function$;
 
 CREATE OR REPLACE FUNCTION public.identity_apply_profile_versions(p_project uuid, p_profile_ids uuid[])
@@ -173,10 +175,11 @@ CREATE OR REPLACE FUNCTION public.identity_apply_profile_versions(p_project uuid
  LANGUAGE sql
 AS $function$
     WITH locked AS (
-        SELECT l.profile_id FROM profiles l
-        WHERE l.project_id = p_project AND l.profile_id = ANY(p_profile_ids)
+        SELECT l.profile_id
+        FROM (SELECT DISTINCT k.id FROM unnest(p_profile_ids) AS k(id)) k
+        JOIN profiles l ON l.project_id = p_project AND l.profile_id = k.id
         ORDER BY l.profile_id
-        FOR NO KEY UPDATE
+        FOR NO KEY UPDATE OF l
     )
     UPDATE profiles p SET version = p.version + 1, update_time = now()
     FROM locked
