@@ -420,11 +420,9 @@ class IngestRepository:
             times,
             sorted(set(held_of)),
         )
-        versions = {r["profile_id"]: r["version"] for r in rows}
-        asked = set(held_of)
-        held = {
-            r["profile_id"]: set(r["held_names"] or ()) for r in rows if r["profile_id"] in asked
-        }
+        # Version rows first, then one row per asked profile with version NULL.
+        versions = {r["profile_id"]: r["version"] for r in rows if r["version"] is not None}
+        held = {r["profile_id"]: set(r["held_names"] or ()) for r in rows if r["version"] is None}
         return versions, held
 
     async def apply_batch_state(

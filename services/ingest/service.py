@@ -74,6 +74,9 @@ MAX_TRANSACTION_ATTEMPTS = 5
 RETRY_PAUSE_S = 0.02
 MAX_RESOLVE_ROUNDS = 3
 KNOWN_ORIGINS_CAPACITY = 100_000
+# Events validated between two yields to the event loop (a batch of 500 validates in about
+# 20 ms of CPU: unsliced, every other batch's next statement waits for it).
+VALIDATION_SLICE = 50
 
 Outcome = Literal["accepted", "duplicate", "rejected"]
 
@@ -150,6 +153,8 @@ class _Stored:
     reintegrations: list[tuple[str, str]] = field(default_factory=list)
     # Session starts of the sessions ingest derived (session_derivation), published first.
     derived_starts: list[bus_pb2.IngestedEvent] = field(default_factory=list)
+    # The bus form of each inserted event, by index, built before the profile locks.
+    bus_events: dict[int, bus_pb2.IngestedEvent] = field(default_factory=dict)
 
 
 class IngestService:
@@ -194,6 +199,10 @@ class IngestService:
         valid: list[ValidEvent] = []
         check = BatchValidator(send_time, receive_time, imported=imported).check
         for index, event in enumerate(events):
+            if index % VALIDATION_SLICE == VALIDATION_SLICE - 1:
+                # Lets other batches' transactions go on between slices: one that holds
+                # profile locks waits for this loop otherwise, and so do the batches behind it.
+                await asyncio.sleep(0)
             checked = check(index, event)
             if isinstance(checked, ValidEvent):
                 valid.append(checked)
@@ -336,18 +345,20 @@ class IngestService:
         for attempt in range(1, MAX_TRANSACTION_ATTEMPTS + 1):
             try:
                 async with self._repository.transaction() as conn:
+                    # Rejected events first: what comes after the profile locks is kept short.
+                    await self._repository.insert_rejected_events(
+                        conn, project_id, receive_time, rejected
+                    )
                     derived = await derive_sessions(conn, project_id, events)
                     stored = await self._store(
                         conn, project_id, receive_time, imported, derived.events, profiles, by_index
                     )
                     stored.derived_starts = await derived.record(conn, project_id, stored.accepted)
-                    all_rejected = [*rejected, *stored.late_rejections]
                     await self._repository.insert_rejected_events(
-                        conn, project_id, receive_time, all_rejected
+                        conn, project_id, receive_time, stored.late_rejections
                     )
-                    await self._enqueue(
-                        conn, project_id, receive_time, imported, derived.events, stored
-                    )
+                    all_rejected = [*rejected, *stored.late_rejections]
+                    await self._enqueue(conn, project_id, derived.events, stored)
             except TransactionConflict:
                 if attempt == MAX_TRANSACTION_ATTEMPTS:
                     raise
@@ -423,6 +434,11 @@ class IngestService:
                         stored.orphans.append(event)
         if not accepted:
             return stored
+        # The bus messages are built before the profile locks, not under them (only the
+        # sessions' countries are filled in after).
+        stored.bus_events = self._bus_events(
+            [(e, row.profile_id) for e, row in accepted], receive_time, imported
+        )
         # The locked part: two calls (repository.LOCK_BATCH_PROFILES, APPLY_BATCH_STATE) with
         # only the attribute-limit decision between them, since concurrent batches over the
         # same profiles wait for it.
@@ -494,32 +510,40 @@ class IngestService:
         stored.accepted = {e.index: row.profile_id for e, row in accepted}
         return stored
 
+    @staticmethod
+    def _bus_events(
+        accepted: Sequence[tuple[ValidEvent, UUID]], receive_time: datetime, imported: bool
+    ) -> dict[int, bus_pb2.IngestedEvent]:
+        """The bus form of each accepted event, by index (countries of sessions not yet)."""
+        received = timestamp_of(receive_time)
+        profile_ids: dict[UUID, str] = {}
+        messages = {}
+        for event, profile_id in accepted:
+            text = profile_ids.get(profile_id)
+            if text is None:
+                text = profile_ids[profile_id] = str(profile_id)
+            messages[event.index] = ingested_event(event, text, received, imported=imported)
+        return messages
+
     async def _enqueue(
         self,
         conn: asyncpg.Connection,
         project_id: UUID,
-        receive_time: datetime,
-        imported: bool,
         events: Sequence[ValidEvent],
         stored: _Stored,
     ) -> None:
+        """Enqueues one EventsIngested for the stored events, in request order, after the
+        session starts ingest derived; heartbeats and ends carry their session's country."""
         if not stored.accepted:
             return
         message = bus_pb2.EventsIngested(project_id=str(project_id), batch_id=str(uuid.uuid4()))
         message.commit_time.CopyFrom(timestamp_of(self._clock.now()))
-        received = timestamp_of(receive_time)
-        accepted = stored.accepted
         countries = stored.session_countries
-        profile_ids: dict[UUID, str] = {}
         ingested = list(stored.derived_starts)
         for event in events:
-            profile_id = accepted.get(event.index)
-            if profile_id is None:
+            if event.index not in stored.accepted:
                 continue
-            text = profile_ids.get(profile_id)
-            if text is None:
-                text = profile_ids[profile_id] = str(profile_id)
-            one = ingested_event(event, text, received, imported=imported)
+            one = stored.bus_events[event.index]
             if event.detail_field == "session" and not one.session.country:
                 key = (event.installation_id or "", event.session_id or "")
                 one.session.country = countries.get(key, "")

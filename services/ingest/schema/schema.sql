@@ -968,7 +968,8 @@ $function$;
 
 -- Call 1: locks and bumps the profiles (identity's contract, profile_id order), adds the
 -- inserted events' totals (ingest inserted them with the counts deferred), and answers each
--- profile's new version with, for the profiles in p_held_of, the custom attributes it holds.
+-- profile's new version (held_names NULL), then for each profile of p_held_of the custom
+-- attributes it holds (version NULL; held_names NULL for none).
 CREATE OR REPLACE FUNCTION public.profiles_ingest_lock_batch_profiles(p_project uuid, p_profiles uuid[], p_event_profiles uuid[], p_event_kinds smallint[], p_event_times timestamp with time zone[], p_held_of uuid[])
  RETURNS TABLE(profile_id uuid, version bigint, held_names text[])
  LANGUAGE plpgsql
@@ -984,15 +985,17 @@ BEGIN
         array_fill(p_project, ARRAY[cardinality(p_event_profiles)]), p_event_profiles,
         p_event_kinds, p_event_times);
     RETURN QUERY
-    SELECT b.profile_id, b.version, h.names
-    FROM unnest(bumped_profiles, bumped_versions) AS b(profile_id, version)
-    LEFT JOIN (
-        SELECT a.profile_id, array_agg(a.name) AS names
-        FROM (SELECT DISTINCT k.id FROM unnest(p_held_of) AS k(id)) k
-        JOIN profile_attributes a ON a.project_id = p_project AND a.profile_id = k.id
-        WHERE NOT a.native AND a.value IS NOT NULL
-        GROUP BY a.profile_id
-    ) h ON h.profile_id = b.profile_id;
+    SELECT b.profile_id, b.version, NULL::text[]
+    FROM unnest(bumped_profiles, bumped_versions) AS b(profile_id, version);
+    -- One index probe per asked profile (LATERAL), whatever the plan cache assumes of sizes.
+    RETURN QUERY
+    SELECT k.id, NULL::bigint, h.names
+    FROM (SELECT DISTINCT u.id FROM unnest(p_held_of) AS u(id)) k
+    CROSS JOIN LATERAL (
+        SELECT array_agg(a.name) AS names FROM profile_attributes a
+        WHERE a.project_id = p_project AND a.profile_id = k.id AND NOT a.native
+            AND a.value IS NOT NULL
+    ) h;
 END $function$;
 
 -- Call 2: the batch's derived state, each kind by one set-based statement over the rows of
