@@ -63,6 +63,21 @@ FILL_EVENT_TIMES = """
     FROM (SELECT project_id, profile_id, min(event_time) AS a, max(event_time) AS b
           FROM events GROUP BY 1, 2) t
     WHERE c.project_id = t.project_id AND c.profile_id = t.profile_id"""
+# And what they need of 0027: ingest's locked part of a batch (its functions) and the insert
+# trigger that leaves ingest's own totals to it (without it they would be counted twice),
+# installed from the migration itself; the undo restores 0020's trigger function, the one a
+# 0023 database runs.
+MIGRATIONS = {int(p.name[:4]): p for p in migration_paths()}
+WRITE_PATH_OF_0027 = MIGRATIONS[27].read_text()
+_TRIGGER_OF_0020 = MIGRATIONS[20].read_text()
+_TRIGGER_START = _TRIGGER_OF_0020.index("CREATE OR REPLACE FUNCTION profile_event_counts_apply()")
+UNDO_WRITE_PATH_OF_0027 = """
+    DROP FUNCTION profiles_ingest_apply_batch_state;
+    DROP FUNCTION profiles_ingest_lock_batch_profiles;
+    DROP FUNCTION profiles_ingest_add_event_counts;
+    """ + _TRIGGER_OF_0020[
+    _TRIGGER_START : _TRIGGER_OF_0020.index("END $$;", _TRIGGER_START) + len("END $$;")
+]
 UNDO_WRITE_PATH = """
     DROP FUNCTION ingest_read_profile_event_counts();
     CREATE FUNCTION ingest_read_profile_event_counts()
@@ -95,6 +110,7 @@ async def database_0023(
         conn = await asyncpg.connect(url)
         try:
             await conn.execute(WRITE_PATH_OF_0024)
+            await conn.execute(WRITE_PATH_OF_0027)
         finally:
             await conn.close()
         monkeypatch.setattr("shared.server.migrate", partial(migrate, directories=folder))
@@ -187,6 +203,7 @@ async def test_a_0023_database_with_events_upgrades_in_place_and_reads_the_same(
 
     conn = await asyncpg.connect(database_0023)
     try:
+        await conn.execute(UNDO_WRITE_PATH_OF_0027)
         await conn.execute(UNDO_WRITE_PATH)
     finally:
         await conn.close()
