@@ -111,7 +111,8 @@ def breakdown_table(
 
 
 def _row(cost: StatementCost, level: str, units: int, total: float, width: int) -> str:
-    text = cost.text if len(cost.text) <= width else cost.text[: width - 1] + "…"
+    text = headline(cost.text)
+    text = text if len(text) <= width else text[: width - 1] + "…"
     text = text.replace("|", "\\|")
     return (
         f"| `{text}` | {level} | {cost.calls / max(1, units):.2f} |"
@@ -121,3 +122,34 @@ def _row(cost: StatementCost, level: str, units: int, total: float, width: int) 
 
 def _one_line(query: str) -> str:
     return re.sub(r"\s+", " ", query).strip()
+
+
+_CTE_NAME = re.compile(
+    r"(\w+)\s*(?:\([^()]*\))?\s+AS\s+(?:NOT\s+)?(?:MATERIALIZED\s+)?$", re.IGNORECASE
+)
+_MAIN = re.compile(r"\s*(SELECT|INSERT|UPDATE|DELETE|MERGE)\b", re.IGNORECASE)
+
+
+def headline(query: str) -> str:
+    """A statement as the breakdown names it: a WITH statement by its CTE names and the
+    statement they feed (`WITH e, claimed: INSERT INTO events ...`), which says what it does
+    where its first characters would not; any other statement as it is."""
+    if not re.match(r"WITH\b", query, re.IGNORECASE):
+        return query
+    names: list[str] = []
+    depth = 0
+    for index, char in enumerate(query):
+        if char == "(":
+            if depth == 0:
+                found = _CTE_NAME.search(query[:index])
+                if found:
+                    names.append(found.group(1))
+            depth += 1
+        elif char == ")":
+            depth -= 1
+            if depth == 0:
+                rest = query[index + 1 :]
+                main = _MAIN.match(rest)
+                if main and names:
+                    return f"WITH {', '.join(names)}: {rest.strip()}"
+    return query
