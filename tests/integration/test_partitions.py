@@ -302,7 +302,7 @@ async def test_a_month_is_detached_then_dropped_and_a_detached_leftover_goes_nex
     assert await repository.expired_tables("events") == []
     assert tuple(await db.fetchrow(STORED, project_id, profile_id)) == before
     # Only retention's detached tables are ever dropped: never an attached partition.
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="not a detached partition"):
         await repository.drop_expired("events_2031_04")
     assert not await repository.drop_expired("events_2031_04_expired")
     assert "events_2031_04" in await partitions_of(db, "events")
