@@ -37,10 +37,11 @@ SELECT_PARTITIONS = """
 # A month past retention leaves in two short transactions, so that the parent is locked only
 # for the first:
 # 1. DETACH: the month leaves the table (what readers see from the commit on) and is renamed
-#    `<partition>_expired`, the mark of a table retention has taken out. Plain DETACH holds the
-#    parent's ACCESS EXCLUSIVE lock for an instant (catalog changes only; no rows read or
-#    written, no trigger fired: profile totals and dedupe keys stay as they are), under the
-#    lock timeout so it never queues long behind a reader. Not DETACH ... CONCURRENTLY: it is
+#    `<partition>_expired`, the mark of a table retention has taken out. Plain DETACH holds
+#    ACCESS EXCLUSIVE locks on the parent, the month and the DEFAULT partition for an instant
+#    (catalog changes only; no rows read or written, no trigger fired: profile totals and
+#    dedupe keys stay as they are), under the lock timeout so it never queues long behind a
+#    reader. Not DETACH ... CONCURRENTLY: it is
 #    refused while the table has a DEFAULT partition (checked on PostgreSQL 15 and 18), and the
 #    DEFAULT partition must stay (docs/partitions.md); it also cannot run in a transaction, so
 #    the advisory lock could not guard it.
