@@ -89,7 +89,7 @@ SELECT_INSTALLATION_PROFILES = """
 # value. Nothing here grows with the profile's events: their totals, first and last seen come
 # from ingest_read_profile_event_counts (kept exact after retention removed old events:
 # ingest's 0025), and the last crash from ingest_read_profile_last_crashes (kept by ingest, so
-# it is still shown once retention removed the crash event: ingest's 0026).
+# it is still shown once retention removed the crash event: ingest's 0028).
 PROFILE_VIEW = """
     WITH target AS ({target})
     SELECT t.holders, t.resolved_from, p.profile_id, p.custom_id, p.version,

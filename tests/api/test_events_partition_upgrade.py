@@ -32,7 +32,7 @@ from tests.support.query import (
     start_suite,
 )
 
-# What the current services need of 0024 to 0026 to write and read a 0023 database (the dedupe
+# What the current services need of 0024 to 0028 to write and read a 0023 database (the dedupe
 # keys; first and last event times and the last crash, filled from the events just before the
 # first reading, and the read contracts showing them), created for the workload and dropped
 # before the upgrade: the rows are then exactly what a 0023 database holds.
