@@ -90,8 +90,11 @@ IDENTIFY_ECHO_RATIO_GOAL = 10.0
 RESOLVE_ECHO_RATIO_GOAL = 3.0
 # Tables identity writes itself (the profiles and installations rows are written below), whose
 # rows belong to no template (the outbox is drained by the relays), or that triggers keep from
-# another table (profile_event_counts, from the events copied: 0008).
-NOT_CLONED = frozenset({"profiles", "installations", "outbox", "profile_event_counts"})
+# another table (profile_event_counts and profile_last_crashes, from the events copied: 0008,
+# 0028).
+NOT_CLONED = frozenset(
+    {"profiles", "installations", "outbox", "profile_event_counts", "profile_last_crashes"}
+)
 
 IDENTIFY, RESOLVE, ECHO = "Identify", f"ResolveProfiles ({RESOLVE_BATCH})", "Echo"
 

@@ -81,6 +81,16 @@ def profile_record(row: Row, now: datetime) -> dict[str, Any]:
         "exportTime": rfc3339(now),
         "formatVersion": EXPORT_FORMAT_VERSION,
         "mergedProfileIds": [str(p) for p in row["merged_profile_ids"]],
+        "lastCrash": None
+        if row["crash_event_id"] is None
+        else {
+            "eventId": row["crash_event_id"],
+            "installationId": row["crash_installation_id"],
+            "crashTime": rfc3339(row["crash_time"]),
+            "name": row["crash_name"],
+            "reason": row["crash_reason"],
+            "fatal": row["crash_fatal"],
+        },
     }
 
 

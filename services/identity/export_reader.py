@@ -15,7 +15,9 @@ from services.identity.profile_rows import SELECT_PROFILES_AND_SURVIVORS, profil
 # What ingest keeps about the profile comes through ingest's published read contracts
 # (ingest_read_export_*, in its ingest_profile_hooks migration), never its tables.
 # First and last seen span the profile's events (the creation time when it has none yet, or
-# when imported events are older).
+# when imported events are older): ingest's kept first and last event times, exact after
+# retention removed events. The last crash is ingest's kept one too: its name and reason are
+# stored after retention removed the crash event, so the export shows them.
 SELECT_EXPORT_PROFILE = """
     SELECT p.profile_id, p.custom_id,
         least(p.create_time, ev.first_time) AS first_seen_time,
@@ -25,9 +27,13 @@ SELECT_EXPORT_PROFILE = """
                  '{}') AS alias_custom_ids,
         coalesce((SELECT array_agg(t.profile_id ORDER BY t.profile_id) FROM profiles t
                   WHERE t.project_id = p.project_id AND t.merged_into = p.profile_id),
-                 '{}') AS merged_profile_ids
+                 '{}') AS merged_profile_ids,
+        c.event_id AS crash_event_id, c.installation_id AS crash_installation_id,
+        c.crash_time, c.name AS crash_name, c.reason AS crash_reason, c.fatal AS crash_fatal
     FROM profiles p
     CROSS JOIN LATERAL ingest_read_export_event_span(p.project_id, p.profile_id) ev
+    LEFT JOIN ingest_read_profile_last_crashes() c
+        ON c.project_id = p.project_id AND c.profile_id = p.profile_id
     WHERE p.project_id = $1 AND p.profile_id = $2"""
 
 # Set attributes only (ingest's contract leaves out unset ones), by native and name.

@@ -34,11 +34,41 @@ SELECT_PARTITIONS = """
     WHERE i.inhparent = to_regclass($1)
     ORDER BY c.relname"""
 
-# Dropping a partition holds the parent's ACCESS EXCLUSIVE lock for an instant (no rows are
-# read or written: that is the point); the lock timeout keeps it from queueing behind a long
-# reader. No trigger fires: profile totals and dedupe keys stay as they are.
-DROP_PARTITION = "DROP TABLE {name}"
-PARTITION_EXISTS = "SELECT to_regclass($1)"
+# A month past retention leaves in two short transactions, so that the parent is locked only
+# for the first:
+# 1. DETACH: the month leaves the table (what readers see from the commit on) and is renamed
+#    `<partition>_expired`, the mark of a table retention has taken out. Plain DETACH holds
+#    ACCESS EXCLUSIVE locks on the parent, the month and the DEFAULT partition for an instant
+#    (catalog changes only; no rows read or written, no trigger fired: profile totals and
+#    dedupe keys stay as they are), under the lock timeout so it never queues long behind a
+#    reader. Not DETACH ... CONCURRENTLY: it is
+#    refused while the table has a DEFAULT partition (checked on PostgreSQL 15 and 18), and the
+#    DEFAULT partition must stay (docs/partitions.md); it also cannot run in a transaction, so
+#    the advisory lock could not guard it.
+# 2. DROP TABLE of the detached table: the space is freed. Its commit unlinks the month's files
+#    (hundreds of MB: most of the time removal takes), and now holds no lock of the parent: a
+#    reader or writer of events no longer waits for the filesystem. A round that fails between
+#    the two leaves the `_expired` table for the next round to drop.
+DETACH_PARTITION = "ALTER TABLE {parent} DETACH PARTITION {name}"
+RENAME_DETACHED = "ALTER TABLE {name} RENAME TO {expired}"
+DROP_DETACHED = "DROP TABLE {name}"
+EXPIRED_SUFFIX = "_expired"
+# Whether `$1` is attached to `$2` now (another replica may have detached it first).
+IS_PARTITION_OF = """
+    SELECT EXISTS (
+        SELECT 1 FROM pg_inherits
+        WHERE inhrelid = to_regclass($1) AND inhparent = to_regclass($2))"""
+# Retention's detached tables of a parent not dropped yet: plain tables (never a partition)
+# named `<parent>_YYYY_MM_expired` in the events' schema.
+SELECT_EXPIRED = """
+    SELECT c.relname AS name FROM pg_class c
+    WHERE c.relnamespace = (SELECT relnamespace FROM pg_class WHERE oid = to_regclass($1))
+      AND c.relkind = 'r' AND NOT c.relispartition
+      AND c.relname ~ ('^' || $1 || '_[0-9]{4}_[0-9]{2}_expired$')
+    ORDER BY c.relname"""
+# Only a plain table may be dropped here, never a partition still attached.
+IS_DETACHED_TABLE = """
+    SELECT NOT relispartition FROM pg_class WHERE oid = to_regclass($1) AND relkind = 'r'"""
 
 # Retention's deletes are marked (profiles.retention, read by events' delete triggers, 0024) so
 # they age events out without moving what was derived from them: profile totals, first seen.
@@ -97,13 +127,33 @@ class MaintenanceRepository:
         rows = await self._pool.fetch(SELECT_PARTITIONS, parent)
         return [r["name"] for r in rows if not r["is_default"]]
 
-    async def drop_partition(self, name: str) -> bool:
-        """Drops one partition; False when it is gone already (another replica dropped it)."""
+    async def detach_partition(self, parent: str, name: str) -> bool:
+        """Detaches `parent`'s partition `name` and renames it `<name>_expired` (step 1 of
+        removing a month); False when it is no longer attached (another replica was first)."""
         async with self._pool.acquire() as conn, conn.transaction():
             await self._lock(conn)
-            if await conn.fetchval(PARTITION_EXISTS, _quoted(name)) is None:
+            if not await conn.fetchval(IS_PARTITION_OF, _quoted(name), _quoted(parent)):
                 return False
-            await conn.execute(DROP_PARTITION.format(name=_quoted(name)))
+            await conn.execute(DETACH_PARTITION.format(parent=_quoted(parent), name=_quoted(name)))
+            await conn.execute(
+                RENAME_DETACHED.format(name=_quoted(name), expired=_quoted(name + EXPIRED_SUFFIX))
+            )
+            return True
+
+    async def expired_tables(self, parent: str) -> list[str]:
+        """The detached `<parent>_YYYY_MM_expired` tables not dropped yet."""
+        return [r["name"] for r in await self._pool.fetch(SELECT_EXPIRED, parent)]
+
+    async def drop_expired(self, name: str) -> bool:
+        """Drops a table detach_partition left (step 2); False when it is gone already, and
+        refused for anything but a plain table (never a partition still attached)."""
+        if not name.endswith(EXPIRED_SUFFIX):
+            raise ValueError(f"not a detached partition: {name}")
+        async with self._pool.acquire() as conn, conn.transaction():
+            await self._lock(conn)
+            if not await conn.fetchval(IS_DETACHED_TABLE, _quoted(name)):
+                return False
+            await conn.execute(DROP_DETACHED.format(name=_quoted(name)))
             return True
 
     async def delete_old_default_rows(

@@ -5,7 +5,8 @@ One round (StorageMaintenance.run_once), on start and then every `interval_s`:
      each moving the DEFAULT partition's rows of its month into it;
   2. dedupe keys received over EVENT_KEY_DAYS ago are pruned, a bounded batch at a time;
   3. with PROFILES_EVENTS_RETENTION_DAYS set, monthly partitions wholly older than it are
-     dropped, and the DEFAULT partition's older rows deleted in bounded batches;
+     detached and then dropped (two short transactions: the parent is locked only for the
+     detach), and the DEFAULT partition's older rows deleted in bounded batches;
   4. each project with `events.retention_days` set loses its older events, in bounded batches
      (at most `sweep_batches` per project and round: a large backlog takes several rounds and
      never holds locks long).
@@ -17,14 +18,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from datetime import timedelta
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from functools import partial
 
 import asyncpg
 import structlog
 
-from services.ingest.maintenance_repository import MaintenanceRepository
+from services.ingest.maintenance_repository import EXPIRED_SUFFIX, MaintenanceRepository
 from services.ingest.partitions import (
     EVENT_KEY_DAYS,
     MONTHS_AHEAD,
@@ -53,6 +54,9 @@ class MaintenanceReport:
 
     created: list[str]
     moved_from_default: int = 0
+    # Months past retention detached from their table, and dropped (this round's detached
+    # ones and any a failed round left).
+    detached: list[str] = field(default_factory=list)
     dropped: list[str] | None = None
     keys_pruned: int = 0
     events_deleted: int = 0
@@ -103,17 +107,18 @@ class StorageMaintenance:
         )
         report.dropped = []
         cutoff = retention_cutoff(now, self._retention_days)
-        if cutoff is not None:
-            for parent, key in PARTITIONED_TABLES.items():
-                periods = [
-                    p
-                    for name in await self._repository.partitions(parent)
-                    if (p := parse_period(parent, name)) is not None
-                ]
-                for period in expired(periods, cutoff):
-                    if await self._repository.drop_partition(period.name):
-                        report.dropped.append(period.name)
-                        log.info("partition_dropped", partition=period.name)
+        for parent, key in PARTITIONED_TABLES.items():
+            if cutoff is not None:
+                await self._detach_expired(report, parent, cutoff)
+            # Dropped in a transaction of their own (their files' unlinking locks nothing of the
+            # parent); also what a round that failed between the two steps left, even if
+            # retention was turned off since: those months had already left the table.
+            for table in await self._repository.expired_tables(parent):
+                if await self._repository.drop_expired(table):
+                    name = table.removesuffix(EXPIRED_SUFFIX)
+                    report.dropped.append(name)
+                    log.info("partition_dropped", partition=name)
+            if cutoff is not None:
                 report.events_deleted += await self._in_batches(
                     partial(
                         self._repository.delete_old_default_rows,
@@ -139,6 +144,21 @@ class StorageMaintenance:
                 log.info("project_events_aged_out", project_id=str(project_id), count=deleted)
             report.events_deleted += deleted
         return report
+
+    async def _detach_expired(
+        self, report: MaintenanceReport, parent: str, cutoff: datetime
+    ) -> None:
+        """Detaches each monthly partition of `parent` wholly older than `cutoff`, each in its
+        own short transaction (the parent is locked for an instant)."""
+        periods = [
+            p
+            for name in await self._repository.partitions(parent)
+            if (p := parse_period(parent, name)) is not None
+        ]
+        for period in expired(periods, cutoff):
+            if await self._repository.detach_partition(parent, period.name):
+                report.detached.append(period.name)
+                log.info("partition_detached", partition=period.name)
 
     async def _in_batches(self, step: Callable[[], Awaitable[int]]) -> int:
         """Runs `step` (a coroutine factory returning rows done) until a batch comes back short

@@ -12,7 +12,6 @@ from uuid import UUID
 
 import asyncpg
 
-from profiles.common.v1 import types_pb2
 from services.query.rows import identity_change, text_or_empty
 from services.query.views import (
     AttributeView,
@@ -27,9 +26,6 @@ from services.query.views import (
     SmartSegmentView,
     SubscriptionView,
 )
-
-# Event kinds are profiles.common.v1.EventKind numbers (ingest_read_events.kind).
-EVENT_KIND_CRASH = types_pb2.EVENT_KIND_CRASH
 
 # -- lookups ----------------------------------------------------------------------------------
 
@@ -92,9 +88,10 @@ SELECT_INSTALLATION_PROFILES = """
 # known yet, so neither counts it. Sessions that all ended inside the window give both the same
 # value. Nothing here grows with the profile's events: their totals, first and last seen come
 # from ingest_read_profile_event_counts (kept exact after retention removed old events:
-# ingest's 0025), the last crash is the top of events_crashes_by_profile.
-PROFILE_VIEW = f"""
-    WITH target AS ({{target}})
+# ingest's 0025), and the last crash from ingest_read_profile_last_crashes (kept by ingest, so
+# it is still shown once retention removed the crash event: ingest's 0028).
+PROFILE_VIEW = """
+    WITH target AS ({target})
     SELECT t.holders, t.resolved_from, p.profile_id, p.custom_id, p.version,
            s.first_event_time AS first_seen, s.last_event_time AS last_seen,
            coalesce(s.event_count, 0) AS event_count, coalesce(s.crash_count, 0) AS crash_count,
@@ -128,15 +125,10 @@ PROFILE_VIEW = f"""
                                     FILTER (WHERE x.closed), 0)::bigint)
             FROM ingest_read_sessions() x
             WHERE x.project_id = $1 AND x.profile_id = p.profile_id) AS session_totals,
-           CASE WHEN s.crash_count > 0 THEN (
-               SELECT ROW(e.event_id, coalesce(e.installation_id, ''), e.event_time,
-                          coalesce(e.payload ->> 'name', ''), coalesce(e.payload ->> 'reason', ''),
-                          coalesce((e.payload ->> 'fatal')::boolean, false))
-               FROM ingest_read_events() e
-               WHERE e.project_id = $1 AND e.profile_id = p.profile_id
-                 AND e.kind = {EVENT_KIND_CRASH}
-               ORDER BY e.event_time DESC, e.event_seq DESC
-               LIMIT 1) END AS last_crash,
+           (SELECT ROW(c.event_id, coalesce(c.installation_id, ''), c.crash_time, c.name,
+                       c.reason, c.fatal)
+            FROM ingest_read_profile_last_crashes() c
+            WHERE c.project_id = $1 AND c.profile_id = p.profile_id) AS last_crash,
            ARRAY(
                SELECT ROW(c.change_id, c.kind, c.cause, c.change_time, c.source_profile_id,
                           c.target_profile_id, c.installation_ids, c.alias_custom_id)

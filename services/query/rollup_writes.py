@@ -19,7 +19,9 @@ from services.query.rows import text_or_empty
 
 # The facts of live profiles, recounted from identity's and ingest's read contracts; each
 # lateral read is one profile's rows by its index. {where} narrows it to the profiles a message
-# touched, or to nothing more for a rebuild of the whole project. Imported installations folded
+# touched, or to nothing more for a rebuild of the whole project. Last seen is the last event
+# time ingest keeps beside the profile's totals (a primary-key read, and exact after retention
+# removed the events: a recount then gives the same answer). Imported installations folded
 # into an SDK installation are left out, as in INSTALLATION_FACTS below: they give a profile no
 # platform, token or device.
 # Installation details without a known platform (profiles.common.v1.Platform) give none.
@@ -85,10 +87,8 @@ PROFILE_FACTS = (
         WHERE s.project_id = p.project_id AND s.profile_id = p.profile_id
     ) ss ON true
     LEFT JOIN LATERAL (
-        SELECT e.event_time AS last_seen FROM ingest_read_events() e
-        WHERE e.project_id = p.project_id AND e.profile_id = p.profile_id
-        ORDER BY e.event_time DESC
-        LIMIT 1
+        SELECT c.last_event_time AS last_seen FROM ingest_read_profile_event_counts() c
+        WHERE c.project_id = p.project_id AND c.profile_id = p.profile_id
     ) ls ON true
     WHERE p.project_id = $1 AND p.merged_into IS NULL {where}"""
 )

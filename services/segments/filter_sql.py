@@ -43,10 +43,6 @@ from services.segments.model import ALL_PLATFORMS
 # Numbers of profiles.common.v1.Platform and EventKind, as ingest_read_events stores them.
 PLATFORM_API = types_pb2.PLATFORM_API
 CUSTOM_EVENT_KIND = types_pb2.EVENT_KIND_CUSTOM
-# Identity records merges and splits as events of the profile; they are not the profile being
-# seen, so first/last seen skip them.
-IDENTITY_EVENT_KINDS = (types_pb2.EVENT_KIND_MERGE, types_pb2.EVENT_KIND_SPLIT)
-IDENTITY_EVENT_KINDS_SQL = ", ".join(str(kind) for kind in IDENTITY_EVENT_KINDS)
 
 COMPARISON_SQL: dict[Operator, str] = {
     Operator.EQUALS: "=",
@@ -207,11 +203,14 @@ ENGAGEMENT_SQL = "(SELECT g.score FROM segments_read_engagement($1, p.profile_id
 
 
 def _seen(node: SeenTest, b: SqlBuilder) -> str:
-    order = "DESC" if node.last else "ASC"
+    # First and last seen are the first and last event times ingest keeps beside the profile's
+    # totals (ingest_read_profile_event_counts, one primary-key read), not min/max over the
+    # events still stored: they stay exact after retention removed old events (issue 20). They
+    # span every stored kind; merges and splits are identity's changes, never events.
+    column = "last_event_time" if node.last else "first_event_time"
     moment = (
-        "(SELECT e.event_time FROM ingest_read_events() e WHERE e.project_id = $1"
-        f" AND e.profile_id = p.profile_id AND e.kind NOT IN ({IDENTITY_EVENT_KINDS_SQL})"
-        f" ORDER BY e.event_time {order} LIMIT 1)"
+        f"(SELECT c.{column} FROM ingest_read_profile_event_counts() c"
+        " WHERE c.project_id = $1 AND c.profile_id = p.profile_id)"
     )
     if node.within_last_days is not None:
         days = b.param(node.within_last_days, "int")

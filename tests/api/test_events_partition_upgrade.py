@@ -32,10 +32,10 @@ from tests.support.query import (
     start_suite,
 )
 
-# What the current services need of 0024 and 0025 to write and read a 0023 database (the dedupe
-# keys; first and last event times, filled from the events just before the first reading, and
-# the read contract showing them), created for the workload and dropped before the upgrade: the
-# rows are then exactly what a 0023 database holds.
+# What the current services need of 0024 to 0028 to write and read a 0023 database (the dedupe
+# keys; first and last event times and the last crash, filled from the events just before the
+# first reading, and the read contracts showing them), created for the workload and dropped
+# before the upgrade: the rows are then exactly what a 0023 database holds.
 WRITE_PATH_OF_0024 = """
     CREATE FUNCTION profiles_ingest_event_key(installation_id text, custom_id text, event_id text)
     RETURNS uuid LANGUAGE sql IMMUTABLE AS $$
@@ -57,7 +57,24 @@ WRITE_PATH_OF_0024 = """
         SELECT project_id, profile_id, event_count, crash_count, first_event_time,
                last_event_time
         FROM profile_event_counts
+    $$;
+    CREATE TABLE profile_last_crashes (project_id uuid, profile_id uuid, event_id text,
+                                       installation_id text, event_time timestamptz, name text,
+                                       reason text, fatal boolean);
+    CREATE FUNCTION ingest_read_profile_last_crashes()
+    RETURNS TABLE (project_id uuid, profile_id uuid, event_id text, installation_id text,
+                   crash_time timestamptz, name text, reason text, fatal boolean)
+    LANGUAGE sql STABLE AS $$
+        SELECT project_id, profile_id, event_id, installation_id, event_time, name, reason, fatal
+        FROM profile_last_crashes
     $$;"""
+FILL_LAST_CRASHES = """
+    INSERT INTO profile_last_crashes
+    SELECT DISTINCT ON (project_id, profile_id) project_id, profile_id, event_id,
+           installation_id, event_time, coalesce(payload ->> 'name', ''),
+           coalesce(payload ->> 'reason', ''), coalesce((payload ->> 'fatal')::boolean, false)
+    FROM events WHERE kind = 8 AND profile_id IS NOT NULL
+    ORDER BY project_id, profile_id, event_time DESC, event_seq DESC"""
 FILL_EVENT_TIMES = """
     UPDATE profile_event_counts c SET first_event_time = t.a, last_event_time = t.b
     FROM (SELECT project_id, profile_id, min(event_time) AS a, max(event_time) AS b
@@ -79,6 +96,8 @@ UNDO_WRITE_PATH_OF_0027 = """
     _TRIGGER_START : _TRIGGER_OF_0020.index("END $$;", _TRIGGER_START) + len("END $$;")
 ]
 UNDO_WRITE_PATH = """
+    DROP FUNCTION ingest_read_profile_last_crashes();
+    DROP TABLE profile_last_crashes;
     DROP FUNCTION ingest_read_profile_event_counts();
     CREATE FUNCTION ingest_read_profile_event_counts()
     RETURNS TABLE (project_id uuid, profile_id uuid, event_count bigint, crash_count bigint)
@@ -196,6 +215,7 @@ async def test_a_0023_database_with_events_upgrades_in_place_and_reads_the_same(
     kinds = await suite.fetch("SELECT DISTINCT kind FROM events ORDER BY kind")
     assert len(kinds) >= 6
     await suite.fetch(FILL_EVENT_TIMES)
+    await suite.fetch(FILL_LAST_CRASHES)
     before = await readings(suite, profile_ids)
     funnel = before[f"profile {await suite.identity.profile_of(ios)}"].funnels
     assert funnel

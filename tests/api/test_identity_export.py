@@ -13,6 +13,7 @@ import pytest
 from profiles.identity.v1 import identity_service_pb2 as pb
 from profiles.ingest.v1 import ingest_service_pb2 as ipb
 from profiles.ingest.v1 import ingest_service_pb2_grpc as ipb_grpc
+from services.identity.export import rfc3339
 from shared.clock import FrozenClock
 from tests.support.identity import (
     Identity,
@@ -22,6 +23,8 @@ from tests.support.identity import (
     start_identity_and_ingest,
 )
 from tests.support.ingest import NOW, Ingest, custom_event
+from tests.support.query import crash
+from tests.support.retention import RETENTION_MODES, apply_retention, make_months, stored_events
 
 if TYPE_CHECKING:
     from tests.conftest import TestProject
@@ -146,3 +149,52 @@ async def test_an_erased_or_unknown_profile_cannot_be_exported(
             await identity.export(missing)
         assert raised.value.code() is grpc.StatusCode.NOT_FOUND
         assert error_info(raised.value).reason == "PROFILE_NOT_FOUND"
+
+
+@pytest.mark.parametrize("mode", RETENTION_MODES)
+async def test_first_and_last_seen_stay_exact_after_retention_and_a_merge(
+    services: tuple[Identity, Ingest], project: TestProject, database_url: str, mode: str
+) -> None:
+    """The export's first and last seen are what ingest keeps beside the profile's totals, and
+    its last crash what ingest keeps of it: unchanged once retention removed the events they
+    came from (by dropping their months, or by the project's sweep), and carried to the
+    survivor of a later merge."""
+    identity, ingest = services
+    phone, tablet = (f"inst-{tag}-{uuid.uuid4().hex[:8]}" for tag in "pt")
+    oldest, old = NOW - timedelta(days=400), NOW - timedelta(days=300)
+    await make_months(database_url, oldest, old)  # their own months: dropped whole (global)
+    imported = await ingest.stub.ImportEvents(
+        ipb.ImportEventsRequest(
+            events=[crash(tablet, old, name="Overflow"), custom_event(tablet, time=oldest)]
+        ),
+        metadata=ingest.admin,
+        timeout=20,
+    )
+    assert [r.outcome for r in imported.results] == [ACCEPTED, ACCEPTED]
+    recent = [NOW - timedelta(hours=2), NOW - timedelta(hours=1)]
+    reply = await ingest.track(*(custom_event(phone, time=t) for t in recent))
+    assert reply.accepted_count == 2
+    custom_id = f"old-{uuid.uuid4().hex[:8]}"
+    identified = await identity.identify(phone, custom_id)
+    tablet_profile = await identity.profile_of(tablet)
+
+    async def seen(profile_id: str) -> tuple[str, str, Any]:
+        profile = export_document(await identity.export(profile_id))["profile"]
+        return profile["firstSeenTime"], profile["lastSeenTime"], profile["lastCrash"]
+
+    before = await seen(tablet_profile)
+    assert before[:2] == (rfc3339(oldest), rfc3339(old))
+    assert before[2]["name"] == "Overflow"
+    assert before[2]["crashTime"] == rfc3339(old)
+    assert before[2]["installationId"] == tablet
+
+    dropped = await apply_retention(database_url, project.project_id, mode, NOW)
+
+    if mode == "global":
+        assert {"events_2029_04", "events_2029_08"} <= set(dropped)
+    assert await stored_events(database_url, project.project_id) == 2  # the phone's
+    assert await seen(tablet_profile) == before
+    # The tablet joins the identified profile: its survivor was first seen when the tablet was.
+    merged = await identity.identify(tablet, custom_id)
+    assert merged.profile_id == identified.profile_id
+    assert await seen(identified.profile_id) == (rfc3339(oldest), rfc3339(recent[-1]), before[2])

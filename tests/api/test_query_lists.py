@@ -29,6 +29,7 @@ from tests.support.query import (
     session_start,
     start_suite,
 )
+from tests.support.retention import RETENTION_MODES, apply_retention, make_months, stored_events
 
 
 @pytest.fixture
@@ -492,3 +493,35 @@ def test_timeline_details_read_directly_equal_json_format(kind: int, payload: An
         if kind == types_pb2.EVENT_KIND_SESSION_START:
             parsed.session.ClearField("duration")
     assert direct == parsed
+
+
+@pytest.mark.parametrize("mode", RETENTION_MODES)
+async def test_the_users_tables_last_seen_is_recounted_the_same_after_retention(
+    suite: Suite, mode: str
+) -> None:
+    """A row's last seen is ingest's kept last event time: when retention removed every event
+    of a profile and the row is recounted (here every row, by replaying the streams), the
+    users table still shows when the profile was last seen."""
+    old_inst, recent_inst = new_id(), new_id()
+    old = NOW - timedelta(days=200)
+    await make_months(suite.database_url, old)  # its own month: dropped whole (global)
+    imported = await suite.ingest.ImportEvents(
+        ingest_pb.ImportEventsRequest(events=[custom_event(old_inst, time=old)]),
+        metadata=suite.project.metadata("admin"),
+        timeout=20,
+    )
+    assert imported.results[0].outcome == ingest_pb.EVENT_OUTCOME_ACCEPTED
+    await suite.track(custom_event(recent_inst, time=NOW - timedelta(hours=1)))
+    old_id = await suite.identity.profile_of(old_inst)
+    await suite.settle()
+    before = await pages(suite, "ListProfiles", pb.ListProfilesRequest(page_size=10), "profiles")
+    assert {r.profile_id: r.last_seen_time.ToDatetime(tzinfo=old.tzinfo) for r in before}[
+        old_id
+    ] == old
+
+    await apply_retention(suite.database_url, suite.project.project_id, mode, NOW)
+    assert await stored_events(suite.database_url, suite.project.project_id) == 1
+    await suite.replay_rollups()
+
+    after = await pages(suite, "ListProfiles", pb.ListProfilesRequest(page_size=10), "profiles")
+    assert after == before

@@ -13,6 +13,7 @@ import grpc
 import pytest
 
 from profiles.common.v1 import types_pb2
+from profiles.ingest.v1 import ingest_service_pb2 as ingest_pb
 from profiles.query.v1 import profile_pb2
 from profiles.query.v1 import query_service_pb2 as pb
 from shared.embedded import EmbeddedRedis
@@ -32,6 +33,7 @@ from tests.support.query import (
     start_suite,
     subscription,
 )
+from tests.support.retention import RETENTION_MODES, apply_retention, make_months, stored_events
 
 if TYPE_CHECKING:
     from tests.conftest import TestProject
@@ -324,3 +326,46 @@ async def test_reads_stay_correct_while_redis_is_down(
     assert len(events.events) == 2
     overview = await suite.call("GetOverview", pb.GetOverviewRequest())
     assert overview.overview.install_count == 1
+
+
+@pytest.mark.parametrize("mode", RETENTION_MODES)
+async def test_the_view_is_unchanged_by_retention_last_crash_included(
+    suite: Suite, mode: str
+) -> None:
+    """Once retention removed a profile's old events (its months dropped, or the project's
+    sweep), the view still shows the same totals, first and last seen, sessions and last
+    crash: all of them are kept by ingest, none recounted from the events left."""
+    inst = new_id()
+    oldest, old = NOW - timedelta(days=300), NOW - timedelta(days=200)
+    await make_months(suite.database_url, oldest, old)  # their own months: dropped whole (global)
+    # The last crash is the later of two imported ones, sent first.
+    imported = await suite.ingest.ImportEvents(
+        ingest_pb.ImportEventsRequest(
+            events=[
+                crash(inst, old, name="IllegalState"),
+                crash(inst, oldest, name="NullPointer"),
+                session_start(inst, "s0", oldest - timedelta(minutes=1), country="FR"),
+                session_end(inst, "s0", oldest + timedelta(minutes=9), 600),
+            ]
+        ),
+        metadata=suite.project.metadata("admin"),
+        timeout=20,
+    )
+    assert all(r.outcome == ingest_pb.EVENT_OUTCOME_ACCEPTED for r in imported.results)
+    reply = await suite.track(custom_event(inst, time=NOW - timedelta(hours=1)))
+    assert reply.accepted_count == 1
+    before = (await suite.get(installation_id=inst)).profile
+    assert before.counters.crash_count == 2
+    assert before.counters.last_crash.name == "IllegalState"
+    assert before.counters.last_crash.crash_time.ToDatetime().replace(tzinfo=old.tzinfo) == old
+    assert before.summary.first_seen_time.ToDatetime().replace(tzinfo=old.tzinfo) == (
+        oldest - timedelta(minutes=1)
+    )
+
+    dropped = await apply_retention(suite.database_url, suite.project.project_id, mode, NOW)
+
+    if mode == "global":
+        assert {"events_2029_08", "events_2029_11"} <= set(dropped)
+    assert await stored_events(suite.database_url, suite.project.project_id) == 1
+    after = (await suite.get(installation_id=inst)).profile
+    assert after == before

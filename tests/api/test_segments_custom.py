@@ -16,6 +16,7 @@ from profiles.segments.v1 import filters_pb2 as f
 from profiles.segments.v1 import segments_pb2
 from profiles.segments.v1 import segments_service_pb2 as pb
 from tests.support.ingest import NOW
+from tests.support.retention import RETENTION_MODES, apply_retention, make_months, stored_events
 from tests.support.segments_custom import (
     ANDROID,
     WEB,
@@ -417,3 +418,45 @@ async def test_a_subscription_change_alone_moves_a_profile_at_once(stack: Stack)
         uuid.UUID(created.segment.segment_id),
     )
     assert [(str(r["profile_id"]), r["enter_time"]) for r in rows] == [(profile, NOW)]
+
+
+@pytest.mark.parametrize("mode", RETENTION_MODES)
+async def test_first_and_last_seen_conditions_are_unchanged_by_retention(
+    stack: Stack, database_url: str, mode: str
+) -> None:
+    """First and last seen are the times ingest keeps beside the profile's totals, not min/max
+    over the events left: a profile whose old events retention removed (their months dropped,
+    or the project's sweep) still matches the same conditions, one with no event left too."""
+    await make_months(database_url, days_ago(300), days_ago(200))  # dropped whole (global)
+    (veteran,) = await stack.import_events(custom_event("inst-1", "view", days_ago(200)))
+    await stack.track(custom_event("inst-1", "purchase", days_ago(2)))
+    (gone,) = await stack.import_events(custom_event("inst-2", "view", days_ago(300)))
+    conditions = {
+        "first seen 190 to 210 days ago": condition(
+            first_seen=f.TimeWindow(
+                range=f.TimeRange(start_time=_stamp(days_ago(210)), end_time=_stamp(days_ago(190)))
+            )
+        ),
+        "last seen in the last week": condition(last_seen=f.TimeWindow(within_last_days=7)),
+        "last seen 290 to 310 days ago": condition(
+            last_seen=f.TimeWindow(
+                range=f.TimeRange(start_time=_stamp(days_ago(310)), end_time=_stamp(days_ago(290)))
+            )
+        ),
+        "first seen in the last 100 days": condition(first_seen=f.TimeWindow(within_last_days=100)),
+    }
+    before = {name: await stack.members(node) for name, node in conditions.items()}
+    assert before == {
+        "first seen 190 to 210 days ago": {veteran},
+        "last seen in the last week": {veteran},
+        "last seen 290 to 310 days ago": {gone},
+        "first seen in the last 100 days": set(),
+    }
+
+    dropped = await apply_retention(database_url, stack.project.project_id, mode, NOW)
+
+    if mode == "global":
+        assert {"events_2029_08", "events_2029_11"} <= set(dropped)
+    assert await stored_events(database_url, stack.project.project_id) == 1  # the purchase
+    after = {name: await stack.members(node) for name, node in conditions.items()}
+    assert after == before

@@ -10,6 +10,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
+import pytest
 
 from services.identity.hooks import load_profile_hooks, run_merge_hooks
 from services.ingest.maintenance_repository import MaintenanceRepository
@@ -264,3 +265,103 @@ async def test_a_merge_after_retention_gives_the_survivor_every_total_and_time(
     assert await db.fetchrow(STORED, project_id, source) is None
     merged = tuple(await db.fetchrow(STORED, project_id, target))
     assert merged == (170, 34, NOW - timedelta(days=199), NOW - timedelta(days=10))
+
+
+async def test_a_month_is_detached_then_dropped_and_a_detached_leftover_goes_next_round(
+    db: asyncpg.Pool,
+) -> None:
+    """Global retention's two steps: DETACH (the month leaves the table) and DROP of the
+    detached table, each its own transaction. A round that stopped between the two leaves the
+    `_expired` table; the next round drops it, even with retention turned off since."""
+    project_id, profile_id = uuid.uuid4(), uuid.uuid4()
+    await maintenance(db, NOW).ensure_partitions()
+    await db.execute(
+        INSERT_EVENTS,
+        project_id,
+        profile_id,
+        datetime(2031, 3, 1, tzinfo=UTC),
+        timedelta(hours=1),
+        100,
+    )
+    before = tuple(await db.fetchrow(STORED, project_id, profile_id))
+    repository = MaintenanceRepository(db)
+
+    # Step 1 alone, as a round that failed right after it.
+    assert await repository.detach_partition("events", "events_2031_03")
+    assert not await repository.detach_partition("events", "events_2031_03")  # done already
+    assert "events_2031_03" not in await partitions_of(db, "events")
+    assert await db.fetchval("SELECT count(*) FROM events WHERE project_id = $1", project_id) == 0
+    assert await repository.expired_tables("events") == ["events_2031_03_expired"]
+    assert await db.fetchval("SELECT count(*) FROM events_2031_03_expired") == 100
+
+    report = await maintenance(db, NOW).run_once()  # retention off: only the leftover goes
+
+    assert report.detached == []
+    assert report.dropped == ["events_2031_03"]
+    assert await db.fetchval("SELECT to_regclass('events_2031_03_expired')") is None
+    assert await repository.expired_tables("events") == []
+    assert tuple(await db.fetchrow(STORED, project_id, profile_id)) == before
+    # Only retention's detached tables are ever dropped: never an attached partition.
+    with pytest.raises(ValueError, match="not a detached partition"):
+        await repository.drop_expired("events_2031_04")
+    assert not await repository.drop_expired("events_2031_04_expired")
+    assert "events_2031_04" in await partitions_of(db, "events")
+
+
+async def test_replicas_applying_retention_at_once_detach_and_drop_each_month_once(
+    db: asyncpg.Pool, database_url: str
+) -> None:
+    """Replicas' rounds at once, a month later than the partitions made so far: the new months
+    are created (DEFAULT rows moved) and the expired ones detached and dropped, each by one
+    replica, under the one advisory lock, without an error."""
+    project_id, profile_id = uuid.uuid4(), uuid.uuid4()
+    await maintenance(db, NOW).ensure_partitions()
+    # Four a day from March 1st 2031: March to May in their months, June (no partition yet)
+    # in DEFAULT.
+    await db.execute(
+        INSERT_EVENTS,
+        project_id,
+        profile_id,
+        datetime(2031, 3, 1, tzinfo=UTC),
+        timedelta(hours=6),
+        480,
+    )
+    before = tuple(await db.fetchrow(STORED, project_id, profile_id))
+    later = datetime(2031, 6, 20, tzinfo=UTC)  # 45 days: March and April are wholly past it
+    pools = [await asyncpg.create_pool(database_url, min_size=1, max_size=2) for _ in range(3)]
+    try:
+        reports = await asyncio.gather(
+            *(maintenance(p, later, retention_days=45).run_once() for p in pools)
+        )
+    finally:
+        for pool in pools:
+            await pool.close()
+
+    expired = [
+        "events_2031_03",
+        "events_2031_04",
+        "rejected_events_2031_03",
+        "rejected_events_2031_04",
+    ]
+    # (The months the migration made around today's date are past the cutoff too.)
+    assert sorted(n for r in reports for n in r.detached if "_2031_" in n) == expired
+    assert sorted(n for r in reports for n in r.dropped or [] if "_2031_" in n) == expired
+    detached = [n for r in reports for n in r.detached]
+    assert sorted(detached) == sorted(set(detached))
+    assert sorted(n for r in reports for n in r.dropped or []) == sorted(detached)
+    assert sorted(n for r in reports for n in r.created) == sorted(
+        f"{parent}_{m}"
+        for parent in ("events", "rejected_events")
+        for m in ("2031_06", "2031_07", "2031_08")
+    )
+    assert await MaintenanceRepository(db).expired_tables("events") == []
+    left = await db.fetchrow(
+        "SELECT min(event_time) AS first, count(*) AS n FROM events WHERE project_id = $1",
+        project_id,
+    )
+    assert left["first"] >= datetime(2031, 5, 1, tzinfo=UTC)
+    assert [tuple(r) for r in await db.fetch(WHERE_ROWS_ARE, project_id)] == [
+        ("events_2031_05", 124),
+        ("events_2031_06", 113),
+    ]
+    assert tuple(await db.fetchrow(STORED, project_id, profile_id)) == before

@@ -95,8 +95,10 @@ class _ExportSectionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ExportS
     """Not set; never sent."""
     EXPORT_SECTION_PROFILE: _ExportSection.ValueType  # 1
     """One JSON object: `profileId`, `customId` (null when anonymous), `aliasCustomIds`,
-    `firstSeenTime`, `lastSeenTime`, `exportTime`, `formatVersion` (1) and the IDs of the
-    tombstones that resolve to the profile (`mergedProfileIds`). Always first, exactly once.
+    `firstSeenTime`, `lastSeenTime`, `exportTime`, `formatVersion` (1), the IDs of the
+    tombstones that resolve to the profile (`mergedProfileIds`) and its latest crash
+    (`lastCrash`: {"eventId", "installationId", "crashTime", "name", "reason", "fatal"}, or
+    null; kept after retention removed the crash event). Always first, exactly once.
     """
     EXPORT_SECTION_ATTRIBUTES: _ExportSection.ValueType  # 2
     """One JSON object: `native` (name to string value, such as {"email": "a@b.c"}) and `custom`
@@ -134,8 +136,10 @@ EXPORT_SECTION_UNSPECIFIED: ExportSection.ValueType  # 0
 """Not set; never sent."""
 EXPORT_SECTION_PROFILE: ExportSection.ValueType  # 1
 """One JSON object: `profileId`, `customId` (null when anonymous), `aliasCustomIds`,
-`firstSeenTime`, `lastSeenTime`, `exportTime`, `formatVersion` (1) and the IDs of the
-tombstones that resolve to the profile (`mergedProfileIds`). Always first, exactly once.
+`firstSeenTime`, `lastSeenTime`, `exportTime`, `formatVersion` (1), the IDs of the
+tombstones that resolve to the profile (`mergedProfileIds`) and its latest crash
+(`lastCrash`: {"eventId", "installationId", "crashTime", "name", "reason", "fatal"}, or
+null; kept after retention removed the crash event). Always first, exactly once.
 """
 EXPORT_SECTION_ATTRIBUTES: ExportSection.ValueType  # 2
 """One JSON object: `native` (name to string value, such as {"email": "a@b.c"}) and `custom`
