@@ -4,7 +4,7 @@ event, the session end of a session closed idle, and the live ProfileChanged not
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from uuid import UUID
 
@@ -40,6 +40,43 @@ def ingested_event(
         receive_time=receive_time,
         **{event.detail_field: event.detail},  # type: ignore[arg-type]
     )
+
+
+def events_ingested(
+    project_id: UUID,
+    batch_id: str,
+    events: Sequence[ValidEvent],
+    accepted: Mapping[int, UUID],
+    receive_time: datetime,
+    commit_time: datetime,
+    *,
+    imported: bool,
+    session_countries: Mapping[tuple[str, str], str],
+    derived_starts: Sequence[bus_pb2.IngestedEvent] = (),
+) -> tuple[bus_pb2.EventsIngested, list[bus_pb2.IngestedEvent]]:
+    """The outbox message of a stored batch and its IngestedEvents in order: the derived session
+    starts first, then each accepted event (`accepted`: index -> profile). A heartbeat or end
+    without a country takes its session's (`session_countries`, keyed by installation and
+    session ID)."""
+    message = bus_pb2.EventsIngested(project_id=str(project_id), batch_id=batch_id)
+    message.commit_time.CopyFrom(timestamp_of(commit_time))
+    received = timestamp_of(receive_time)
+    profile_ids: dict[UUID, str] = {}
+    ingested = list(derived_starts)
+    for event in events:
+        profile_id = accepted.get(event.index)
+        if profile_id is None:
+            continue
+        text = profile_ids.get(profile_id)
+        if text is None:
+            text = profile_ids[profile_id] = str(profile_id)
+        one = ingested_event(event, text, received, imported=imported)
+        if event.detail_field == "session" and not one.session.country:
+            key = (event.installation_id or "", event.session_id or "")
+            one.session.country = session_countries.get(key, "")
+        ingested.append(one)
+    message.events.extend(ingested)
+    return message, ingested
 
 
 def profile_changes(

@@ -34,7 +34,7 @@ from profiles.ingest.v1 import ingest_service_pb2 as pb
 from services.ingest import model
 from services.ingest.errors import StorageUnavailable
 from services.ingest.identity_client import OriginKey, Resolver
-from services.ingest.messages import ingested_event, profile_changes
+from services.ingest.messages import events_ingested, profile_changes
 from services.ingest.model import Rejection
 from services.ingest.repository import (
     IngestRepository,
@@ -45,10 +45,10 @@ from services.ingest.repository import (
 from services.ingest.session_derivation import derive_sessions
 from services.ingest.tokens import PushTokens, TokenResult
 from services.ingest.validation import (
-    BatchValidator,
     RejectedEvent,
     ValidEvent,
     reject,
+    validate_events,
     validate_request,
     with_country,
 )
@@ -189,16 +189,9 @@ class IngestService:
         receive_time = self._clock.now()
         by_index = {i: e for i, e in enumerate(events)}
         results: dict[int, EventResult] = {}
-        rejected: list[RejectedEvent] = []
-        valid: list[ValidEvent] = []
-        check = BatchValidator(send_time, receive_time, imported=imported).check
-        for index, event in enumerate(events):
-            checked = check(index, event)
-            if isinstance(checked, ValidEvent):
-                valid.append(checked)
-            else:
-                rejected.append(checked)
-                results[index] = _rejected_result(checked, event)
+        valid, rejected = validate_events(events, send_time, receive_time, imported=imported)
+        for invalid in rejected:
+            results[invalid.index] = _rejected_result(invalid, by_index[invalid.index])
 
         valid = await self._resolve_countries(valid)
         reintegrations: list[tuple[str, str]] = []
@@ -551,27 +544,17 @@ class IngestService:
     ) -> None:
         if not stored.accepted:
             return
-        message = bus_pb2.EventsIngested(project_id=str(project_id), batch_id=str(uuid.uuid4()))
-        message.commit_time.CopyFrom(timestamp_of(self._clock.now()))
-        received = timestamp_of(receive_time)
-        accepted = stored.accepted
-        countries = stored.session_countries
-        profile_ids: dict[UUID, str] = {}
-        ingested = list(stored.derived_starts)
-        for event in events:
-            profile_id = accepted.get(event.index)
-            if profile_id is None:
-                continue
-            text = profile_ids.get(profile_id)
-            if text is None:
-                text = profile_ids[profile_id] = str(profile_id)
-            one = ingested_event(event, text, received, imported=imported)
-            if event.detail_field == "session" and not one.session.country:
-                key = (event.installation_id or "", event.session_id or "")
-                one.session.country = countries.get(key, "")
-            ingested.append(one)
-        message.events.extend(ingested)
-        stored.ingested = ingested
+        message, stored.ingested = events_ingested(
+            project_id,
+            str(uuid.uuid4()),
+            events,
+            stored.accepted,
+            receive_time,
+            self._clock.now(),
+            imported=imported,
+            session_countries=stored.session_countries,
+            derived_starts=stored.derived_starts,
+        )
         await enqueue_many(conn, [OutboxItem(project_id, EVENTS, message)])
 
     def _announce(

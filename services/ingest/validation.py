@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from types import MappingProxyType
@@ -722,6 +722,27 @@ class BatchValidator:
                 "event_time is over 30 days in the past (use ImportEvents) or before 1900",
             )
         return corrected
+
+
+def validate_events(
+    events: Sequence[pb.Event],
+    request_send_time: Timestamp | None,
+    now: datetime,
+    *,
+    imported: bool = False,
+) -> tuple[list[ValidEvent], list[RejectedEvent]]:
+    """Checks every event of a batch with one BatchValidator: the valid events and the
+    rejections, each in request order (`index` is the event's position). Never raises."""
+    check = BatchValidator(request_send_time, now, imported=imported).check
+    valid: list[ValidEvent] = []
+    rejected: list[RejectedEvent] = []
+    for index, event in enumerate(events):
+        checked = check(index, event)
+        if isinstance(checked, ValidEvent):
+            valid.append(checked)
+        else:
+            rejected.append(checked)
+    return valid, rejected
 
 
 def validate_event(
