@@ -9,7 +9,7 @@ No server, database or Redis: it times, with `time.process_time`, the per-batch 
 - `validate`: validation of the batch (`validation.validate_events`);
 - `outbox`: the EventsIngested outbox message with one IngestedEvent per accepted event, and its
   serialization (`messages.events_ingested`, as `IngestService._enqueue` does);
-- `notices`: one ProfileChanged per touched profile (`messages.profile_changes`), queued
+- `notices`: one ProfileChanged per touched profile (`messages.serialized_profile_changes`), queued
   (`LiveNotices`) and published by `NoticeWorker` through `Bus.notify_many`, on a stand-in
   Redis client that packs the command with redis-py's own encoder and sends nothing;
 - `columns`: the asyncpg argument columns of the events insert (`repository._event_columns`),
@@ -50,7 +50,7 @@ from bench.common import (
 from bench.ingest import BATCH_SIZE, Traffic
 from profiles.common.v1 import bus_pb2
 from profiles.ingest.v1 import ingest_service_pb2 as pb
-from services.ingest.messages import events_ingested, profile_changes
+from services.ingest.messages import events_ingested, serialized_profile_changes
 from services.ingest.repository import _event_columns
 from services.ingest.service import BatchResult, EventResult
 from services.ingest.servicer import _fill
@@ -163,7 +163,7 @@ def stages(now: datetime) -> dict[str, Callable[[Batch], object]]:
 
     def publish(batch: Batch) -> object:
         versions = dict.fromkeys(batch.accepted.values(), 7)
-        notices.offer(profile_changes(PROJECT_ID, batch.ingested, versions, change_time))
+        notices.offer(serialized_profile_changes(PROJECT_ID, batch.ingested, versions, change_time))
         queued = [notices.queue.get_nowait() for _ in range(notices.queue.qsize())]
         return _finish(worker._publish(queued))
 

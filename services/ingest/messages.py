@@ -14,6 +14,7 @@ from profiles.common.v1 import bus_pb2, types_pb2
 from services.ingest.repository import ClosedSession
 from services.ingest.validation import ValidEvent
 from shared.convert import set_timestamp, timestamp_of
+from shared.notices import SerializedNotice
 
 # What a ProfileChanged says beside EVENTS, by the kind of the events stored.
 CHANGE_KINDS = {
@@ -27,19 +28,35 @@ def ingested_event(
     event: ValidEvent, profile_id: str, receive_time: Timestamp, *, imported: bool
 ) -> bus_pb2.IngestedEvent:
     """The bus form of a stored event; `receive_time` is shared by the batch."""
-    return bus_pb2.IngestedEvent(
-        event_id=event.event_id,
-        installation_id=event.installation_id or "",
-        custom_id=event.custom_id or "",
-        profile_id=profile_id,
-        platform=event.platform,  # type: ignore[arg-type]
-        kind=event.kind,  # type: ignore[arg-type]
-        session_id=event.session_id or "",
-        imported=imported,
-        event_time=timestamp_of(event.event_time),
-        receive_time=receive_time,
-        **{event.detail_field: event.detail},  # type: ignore[arg-type]
-    )
+    one = bus_pb2.IngestedEvent()
+    _fill_ingested(one, event, profile_id, receive_time, imported)
+    return one
+
+
+def _fill_ingested(
+    one: bus_pb2.IngestedEvent,
+    event: ValidEvent,
+    profile_id: str,
+    receive_time: Timestamp,
+    imported: bool,
+) -> None:
+    # Field by field into a message that is already where it goes (the batch's repeated
+    # field): building a separate message and copying it in cost twice as much per event.
+    one.event_id = event.event_id
+    if event.installation_id is not None:
+        one.installation_id = event.installation_id
+    if event.custom_id is not None:
+        one.custom_id = event.custom_id
+    one.profile_id = profile_id
+    one.platform = event.platform  # type: ignore[assignment]
+    one.kind = event.kind  # type: ignore[assignment]
+    if event.session_id is not None:
+        one.session_id = event.session_id
+    if imported:
+        one.imported = True
+    set_timestamp(one.event_time, event.event_time)
+    one.receive_time.CopyFrom(receive_time)
+    getattr(one, event.detail_field).CopyFrom(event.detail)
 
 
 def events_ingested(
@@ -54,15 +71,16 @@ def events_ingested(
     session_countries: Mapping[tuple[str, str], str],
     derived_starts: Sequence[bus_pb2.IngestedEvent] = (),
 ) -> tuple[bus_pb2.EventsIngested, list[bus_pb2.IngestedEvent]]:
-    """The outbox message of a stored batch and its IngestedEvents in order: the derived session
-    starts first, then each accepted event (`accepted`: index -> profile). A heartbeat or end
-    without a country takes its session's (`session_countries`, keyed by installation and
-    session ID)."""
+    """The outbox message of a stored batch and its IngestedEvents in order (the message's own
+    elements): the derived session starts first, then each accepted event (`accepted`: index ->
+    profile). A heartbeat or end without a country takes its session's (`session_countries`,
+    keyed by installation and session ID)."""
     message = bus_pb2.EventsIngested(project_id=str(project_id), batch_id=batch_id)
-    message.commit_time.CopyFrom(timestamp_of(commit_time))
+    set_timestamp(message.commit_time, commit_time)
     received = timestamp_of(receive_time)
     profile_ids: dict[UUID, str] = {}
-    ingested = list(derived_starts)
+    added = message.events.add
+    message.events.extend(derived_starts)
     for event in events:
         profile_id = accepted.get(event.index)
         if profile_id is None:
@@ -70,13 +88,17 @@ def events_ingested(
         text = profile_ids.get(profile_id)
         if text is None:
             text = profile_ids[profile_id] = str(profile_id)
-        one = ingested_event(event, text, received, imported=imported)
+        one = added()
+        _fill_ingested(one, event, text, received, imported)
         if event.detail_field == "session" and not one.session.country:
             key = (event.installation_id or "", event.session_id or "")
             one.session.country = session_countries.get(key, "")
-        ingested.append(one)
-    message.events.extend(ingested)
-    return message, ingested
+    return message, list(message.events)
+
+
+def _change_kinds(events: Sequence[bus_pb2.IngestedEvent]) -> list[int]:
+    caused = {CHANGE_KINDS[e.kind] for e in events if e.kind in CHANGE_KINDS}
+    return [bus_pb2.PROFILE_CHANGE_KIND_EVENTS, *sorted(caused)]
 
 
 def profile_changes(
@@ -93,19 +115,68 @@ def profile_changes(
     project = str(project_id)
     notices = []
     for profile_id, profile_events in by_profile.items():
-        caused = {CHANGE_KINDS[e.kind] for e in profile_events if e.kind in CHANGE_KINDS}
-        kinds = [bus_pb2.PROFILE_CHANGE_KIND_EVENTS, *sorted(caused)]
         notices.append(
             bus_pb2.ProfileChanged(
                 project_id=project,
                 profile_id=profile_id,
-                kinds=kinds,
+                kinds=_change_kinds(profile_events),  # type: ignore[arg-type]
                 profile_version=version_of.get(profile_id, 0),
                 events=profile_events,
                 change_time=change_time,
             )
         )
     return notices
+
+
+# ProfileChanged.events (field 6, length-delimited): the tag of one element on the wire.
+_EVENTS_TAG = bytes([6 << 3 | 2])
+
+
+def serialized_profile_changes(
+    project_id: UUID,
+    events: Sequence[bus_pb2.IngestedEvent],
+    versions: dict[UUID, int],
+    change_time: Timestamp,
+) -> list[SerializedNotice]:
+    """profile_changes, serialized: the same messages (a unit test checks it), built from each
+    event's bytes instead of copies of the events (a batch's notices cost half as much).
+
+    The events are ProfileChanged's field 6 and the fields after it are empty, so a notice is
+    its other fields serialized, then each event as a field 6 element (tag, length, bytes):
+    what serializing the whole message gives."""
+    by_profile: dict[str, list[bus_pb2.IngestedEvent]] = {}
+    for event in events:
+        by_profile.setdefault(event.profile_id, []).append(event)
+    version_of = {str(p): v for p, v in versions.items()}
+    project = str(project_id)
+    notices = []
+    for profile_id, profile_events in by_profile.items():
+        chunks = [
+            bus_pb2.ProfileChanged(
+                project_id=project,
+                profile_id=profile_id,
+                kinds=_change_kinds(profile_events),  # type: ignore[arg-type]
+                profile_version=version_of.get(profile_id, 0),
+                change_time=change_time,
+            ).SerializeToString()
+        ]
+        for event in profile_events:
+            data = event.SerializeToString()
+            chunks.append(_EVENTS_TAG + _varint(len(data)) + data)
+        notices.append(SerializedNotice(project, profile_id, b"".join(chunks)))
+    return notices
+
+
+def _varint(value: int) -> bytes:
+    """A non-negative int in protobuf's base-128 varint encoding."""
+    if value < 0x80:
+        return bytes((value,))
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
 
 
 def timeout_event_id(session_id: str) -> str:

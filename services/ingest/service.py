@@ -34,7 +34,7 @@ from profiles.ingest.v1 import ingest_service_pb2 as pb
 from services.ingest import model
 from services.ingest.errors import StorageUnavailable
 from services.ingest.identity_client import OriginKey, Resolver
-from services.ingest.messages import events_ingested, profile_changes
+from services.ingest.messages import events_ingested, serialized_profile_changes
 from services.ingest.model import Rejection
 from services.ingest.repository import (
     IngestRepository,
@@ -567,7 +567,7 @@ class IngestService:
         if self._notices is None or not events:
             return
         change_time = timestamp_of(self._clock.now())
-        self._notices.offer(profile_changes(project_id, events, versions, change_time))
+        self._notices.offer(serialized_profile_changes(project_id, events, versions, change_time))
 
 
 def _rejected_result(rejected: RejectedEvent, event: pb.Event) -> EventResult:
