@@ -154,7 +154,7 @@ def test_serialized_profile_changes_read_as_the_messages_built_field_by_field() 
         PROJECT, "b", valid, accepted, NOW, NOW, imported=False, session_countries={}
     )
     change_time = Timestamp(seconds=1_900_000_000, nanos=5)
-    versions = {FIRST: 3}  # SECOND's version unknown: 0
+    versions = {FIRST: 300}  # two varint bytes; SECOND's version unknown: 0 (omitted)
     built = profile_changes(PROJECT, ingested, versions, change_time)
     serialized = serialized_profile_changes(PROJECT, ingested, versions, change_time)
     assert len(built) == len(serialized) == 2
@@ -164,7 +164,7 @@ def test_serialized_profile_changes_read_as_the_messages_built_field_by_field() 
         # Fields in number order, events last: the very bytes of the whole message.
         assert notice.data == message.SerializeToString(deterministic=True)
     first = bus_pb2.ProfileChanged.FromString(serialized[0].data)
-    assert first.profile_version == 3
+    assert first.profile_version == 300
     # inst-a's session start, attribute change and installation update
     assert [e.event_id for e in first.events] == ["e1", "e3", "e5"]
     assert list(first.kinds) == [
