@@ -13,7 +13,7 @@ No server, database or Redis: it times, with `time.process_time`, the per-batch 
   (`LiveNotices`) and published by `NoticeWorker` through `Bus.notify_many`, on a stand-in
   Redis client that packs the command with redis-py's own encoder and sends nothing;
 - `columns`: the asyncpg argument columns of the events insert (`repository._event_columns`),
-  with the jsonb payloads encoded as the pool's codec does (json.dumps, shared/db.py);
+  with the jsonb payloads encoded by the pool's codec (`shared.db.encode_json`);
 - `respond`: the TrackEventsResponse built from the results and serialized (servicer.py).
 Every event is accepted, each installation on its own profile. The baseline, in the same run,
 is `TrackEventsRequest.FromString` of the same batches (`parse`): each figure is a number of
@@ -28,7 +28,6 @@ runner's sake and unused.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 import uuid
 from collections.abc import Callable, Coroutine, Sequence
@@ -56,6 +55,7 @@ from services.ingest.servicer import _fill
 from services.ingest.validation import ValidEvent, validate_events
 from shared.bus import Bus
 from shared.convert import timestamp_of
+from shared.db import encode_json
 from shared.notices import LiveNotices, NoticeWorker
 
 BENCH = "ingest_cpu"
@@ -168,8 +168,8 @@ def stages(now: datetime) -> dict[str, Callable[[Batch], object]]:
 
     def columns(batch: Batch) -> object:
         built = _event_columns(batch.valid)
-        # The pool's jsonb codec (shared.db) is json.dumps, called per array element.
-        return [json.dumps(payload) for payload in built[-1]]
+        # The pool's jsonb codec, called per element of the jsonb[] argument.
+        return [encode_json(payload) for payload in built[-1]]
 
     def respond(batch: Batch) -> object:
         response = pb.TrackEventsResponse()
