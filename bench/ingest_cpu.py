@@ -77,14 +77,14 @@ SMOKE = Sizes(batches=2, rounds=1)
 class _Redis:
     """Stands in for the bus's Redis client: packs each command as redis-py would send it (its
     Connection.pack_commands), sends nothing, and answers 0 receivers per notice. (What this
-    leaves out is reading the replies: one per command.)"""
+    leaves out is reading the reply.)"""
 
     def __init__(self) -> None:
         self.packed = 0
 
-    async def execute_command(self, *args: Any) -> list[int]:
+    async def execute_command(self, *args: Any) -> bytes:
         self.packed += sum(len(chunk) for chunk in _PACKER.pack_commands([args]))
-        return [0] * ((len(args) - 3) // 2)  # EVAL script 0 channel data channel data ...
+        return b" ".join([b"0"] * (len(args[3].split()) // 2))  # EVAL script 0 sizes pieces
 
 
 _PACKER = Connection()
