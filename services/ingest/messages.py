@@ -24,15 +24,6 @@ CHANGE_KINDS = {
 }
 
 
-def ingested_event(
-    event: ValidEvent, profile_id: str, receive_time: Timestamp, *, imported: bool
-) -> bus_pb2.IngestedEvent:
-    """The bus form of a stored event; `receive_time` is shared by the batch."""
-    one = bus_pb2.IngestedEvent()
-    _fill_ingested(one, event, profile_id, receive_time, imported)
-    return one
-
-
 def _fill_ingested(
     one: bus_pb2.IngestedEvent,
     event: ValidEvent,
@@ -40,6 +31,7 @@ def _fill_ingested(
     receive_time: Timestamp,
     imported: bool,
 ) -> None:
+    """The bus form of a stored event, written into `one`; `receive_time` is the batch's."""
     # Field by field into a message that is already where it goes (the batch's repeated
     # field): building a separate message and copying it in cost twice as much per event.
     one.event_id = event.event_id
