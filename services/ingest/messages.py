@@ -1,5 +1,5 @@
-"""The bus messages ingest publishes, built from validated events: the IngestedEvent of a stored
-event, the session end of a session closed idle, and the live ProfileChanged notices. Pure."""
+"""The bus messages ingest publishes, built from validated events: the EventsIngested of a stored
+batch, the session end of a session closed idle, and the live ProfileChanged notices. Pure."""
 
 from __future__ import annotations
 
