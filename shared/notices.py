@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from prometheus_client import Counter
 from redis.exceptions import RedisError, SlotNotCoveredError
@@ -30,14 +31,27 @@ NOTICES_DROPPED = Counter(
 )
 
 
+@dataclass(frozen=True, slots=True)
+class SerializedNotice:
+    """A ProfileChanged already serialized, with what names its channel: a service that builds
+    many notices from bytes it has (ingest, from its events) queues these instead of messages."""
+
+    project_id: str
+    profile_id: str
+    data: bytes
+
+
+Notice = bus_pb2.ProfileChanged | SerializedNotice
+
+
 class LiveNotices:
     """The queue between the RPCs and the publishing worker."""
 
     def __init__(self, service: str, size: int = QUEUE_SIZE) -> None:
         self.service = service
-        self.queue: asyncio.Queue[bus_pb2.ProfileChanged] = asyncio.Queue(maxsize=size)
+        self.queue: asyncio.Queue[Notice] = asyncio.Queue(maxsize=size)
 
-    def offer(self, notices: Sequence[bus_pb2.ProfileChanged]) -> None:
+    def offer(self, notices: Sequence[Notice]) -> None:
         """Queues the notices without waiting; drops those that do not fit."""
         for notice in notices:
             try:
@@ -82,9 +96,15 @@ class NoticeWorker:
                 NOTICES_DROPPED.labels(self._notices.service, "redis_unavailable").inc(len(batch))
                 await sleep_unless(self._stop, self._backoff.failed(exc))
 
-    async def _publish(self, notices: Sequence[bus_pb2.ProfileChanged]) -> None:
+    async def _publish(self, notices: Sequence[Notice]) -> None:
         await self._bus.notify_many(
-            [(profile_channel(n.project_id, n.profile_id), n) for n in notices]
+            [
+                (
+                    profile_channel(n.project_id, n.profile_id),
+                    n.data if isinstance(n, SerializedNotice) else n,
+                )
+                for n in notices
+            ]
         )
 
     async def stop(self) -> None:

@@ -34,7 +34,7 @@ from profiles.ingest.v1 import ingest_service_pb2 as pb
 from services.ingest import model
 from services.ingest.errors import StorageUnavailable
 from services.ingest.identity_client import OriginKey, Resolver
-from services.ingest.messages import ingested_event, profile_changes
+from services.ingest.messages import events_ingested, serialized_profile_changes
 from services.ingest.model import Rejection
 from services.ingest.repository import (
     BatchState,
@@ -46,10 +46,10 @@ from services.ingest.repository import (
 from services.ingest.session_derivation import derive_sessions
 from services.ingest.tokens import PushTokens, TokenResult
 from services.ingest.validation import (
-    BatchValidator,
     RejectedEvent,
     ValidEvent,
     reject,
+    validate_events,
     validate_request,
     with_country,
 )
@@ -153,8 +153,6 @@ class _Stored:
     reintegrations: list[tuple[str, str]] = field(default_factory=list)
     # Session starts of the sessions ingest derived (session_derivation), published first.
     derived_starts: list[bus_pb2.IngestedEvent] = field(default_factory=list)
-    # The bus form of each inserted event, by index, built before the profile locks.
-    bus_events: dict[int, bus_pb2.IngestedEvent] = field(default_factory=dict)
 
 
 class IngestService:
@@ -195,20 +193,24 @@ class IngestService:
         receive_time = self._clock.now()
         by_index = {i: e for i, e in enumerate(events)}
         results: dict[int, EventResult] = {}
-        rejected: list[RejectedEvent] = []
         valid: list[ValidEvent] = []
-        check = BatchValidator(send_time, receive_time, imported=imported).check
-        for index, event in enumerate(events):
-            if index % VALIDATION_SLICE == VALIDATION_SLICE - 1:
+        rejected: list[RejectedEvent] = []
+        for start in range(0, len(events), VALIDATION_SLICE):
+            if start:
                 # Lets other batches' transactions go on between slices: one that holds
                 # profile locks waits for this loop otherwise, and so do the batches behind it.
                 await asyncio.sleep(0)
-            checked = check(index, event)
-            if isinstance(checked, ValidEvent):
-                valid.append(checked)
-            else:
-                rejected.append(checked)
-                results[index] = _rejected_result(checked, event)
+            some_valid, some_rejected = validate_events(
+                events,
+                send_time,
+                receive_time,
+                imported=imported,
+                indexes=range(start, min(start + VALIDATION_SLICE, len(events))),
+            )
+            valid.extend(some_valid)
+            rejected.extend(some_rejected)
+        for invalid in rejected:
+            results[invalid.index] = _rejected_result(invalid, by_index[invalid.index])
 
         valid = await self._resolve_countries(valid)
         reintegrations: list[tuple[str, str]] = []
@@ -358,7 +360,9 @@ class IngestService:
                         conn, project_id, receive_time, stored.late_rejections
                     )
                     all_rejected = [*rejected, *stored.late_rejections]
-                    await self._enqueue(conn, project_id, derived.events, stored)
+                    await self._enqueue(
+                        conn, project_id, receive_time, imported, derived.events, stored
+                    )
             except TransactionConflict:
                 if attempt == MAX_TRANSACTION_ATTEMPTS:
                     raise
@@ -434,11 +438,6 @@ class IngestService:
                         stored.orphans.append(event)
         if not accepted:
             return stored
-        # The bus messages are built before the profile locks, not under them (only the
-        # sessions' countries are filled in after).
-        stored.bus_events = self._bus_events(
-            [(e, row.profile_id) for e, row in accepted], receive_time, imported
-        )
         # The locked part: two calls (repository.LOCK_BATCH_PROFILES, APPLY_BATCH_STATE) with
         # only the attribute-limit decision between them, since concurrent batches over the
         # same profiles wait for it.
@@ -510,25 +509,12 @@ class IngestService:
         stored.accepted = {e.index: row.profile_id for e, row in accepted}
         return stored
 
-    @staticmethod
-    def _bus_events(
-        accepted: Sequence[tuple[ValidEvent, UUID]], receive_time: datetime, imported: bool
-    ) -> dict[int, bus_pb2.IngestedEvent]:
-        """The bus form of each accepted event, by index (countries of sessions not yet)."""
-        received = timestamp_of(receive_time)
-        profile_ids: dict[UUID, str] = {}
-        messages = {}
-        for event, profile_id in accepted:
-            text = profile_ids.get(profile_id)
-            if text is None:
-                text = profile_ids[profile_id] = str(profile_id)
-            messages[event.index] = ingested_event(event, text, received, imported=imported)
-        return messages
-
     async def _enqueue(
         self,
         conn: asyncpg.Connection,
         project_id: UUID,
+        receive_time: datetime,
+        imported: bool,
         events: Sequence[ValidEvent],
         stored: _Stored,
     ) -> None:
@@ -536,20 +522,17 @@ class IngestService:
         session starts ingest derived; heartbeats and ends carry their session's country."""
         if not stored.accepted:
             return
-        message = bus_pb2.EventsIngested(project_id=str(project_id), batch_id=str(uuid.uuid4()))
-        message.commit_time.CopyFrom(timestamp_of(self._clock.now()))
-        countries = stored.session_countries
-        ingested = list(stored.derived_starts)
-        for event in events:
-            if event.index not in stored.accepted:
-                continue
-            one = stored.bus_events[event.index]
-            if event.detail_field == "session" and not one.session.country:
-                key = (event.installation_id or "", event.session_id or "")
-                one.session.country = countries.get(key, "")
-            ingested.append(one)
-        message.events.extend(ingested)
-        stored.ingested = ingested
+        message, stored.ingested = events_ingested(
+            project_id,
+            str(uuid.uuid4()),
+            events,
+            stored.accepted,
+            receive_time,
+            self._clock.now(),
+            imported=imported,
+            session_countries=stored.session_countries,
+            derived_starts=stored.derived_starts,
+        )
         await enqueue_many(conn, [OutboxItem(project_id, EVENTS, message)])
 
     def _announce(
@@ -562,7 +545,7 @@ class IngestService:
         if self._notices is None or not events:
             return
         change_time = timestamp_of(self._clock.now())
-        self._notices.offer(profile_changes(project_id, events, versions, change_time))
+        self._notices.offer(serialized_profile_changes(project_id, events, versions, change_time))
 
 
 def _rejected_result(rejected: RejectedEvent, event: pb.Event) -> EventResult:

@@ -97,3 +97,15 @@ async def test_the_ingest_bench_prints_where_each_batch_spends_its_database_time
     rows = [line for line in output.splitlines() if line.startswith("| `")]
     assert any("INSERT INTO events" in row and "| top |" in row for row in rows), rows
     assert any("| nested |" in row for row in rows), rows
+
+
+async def test_the_ingest_cpu_bench_prints_each_stage_against_parsing_the_batch() -> None:
+    """No servers: it times ingest's own per-batch work, stage by stage, in "parses" of the
+    same batches."""
+    output = await run_bench("ingest_cpu", "--smoke")
+    figures = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
+    stages = ["validate", "outbox", "notices", "columns", "respond", "total"]
+    assert [f["metric"] for f in figures] == [f"ingest_cpu_{s}_us_per_event" for s in stages]
+    assert all(f["baseline"] == "parse_us_per_event" for f in figures)
+    assert all(f["value"] > 0 and f["ratio"] > 0 for f in figures)
+    assert figures[-1]["value"] >= max(f["value"] for f in figures[:-1])

@@ -14,8 +14,11 @@ from google.protobuf.message import Message
 from prometheus_client import REGISTRY
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from profiles.common.v1.bus_pb2 import ProfileChanged
 from profiles.diagnostics.v1.diagnostics_service_pb2 import EchoRequest, EchoResponse
 from shared.bus import Bus, Consumer, Envelope, Notice, Topic
+from shared.notices import LiveNotices, NoticeWorker, SerializedNotice
+from shared.topics import profile_channel
 
 ECHO = Topic("echo", (EchoRequest,))
 PROJECT = str(uuid4())
@@ -321,3 +324,82 @@ async def test_notices_reach_listeners(bus: Bus, eventually: Any) -> None:
 
     assert received[0] == Notice("profile", EchoRequest(payload=b"hi").SerializeToString())
     assert Counter(n.channel for n in received) == {"profile": len(received)}
+
+
+async def test_notify_many_publishes_each_notice_on_its_channel_in_order(
+    bus: Bus, eventually: Any
+) -> None:
+    received: list[Notice] = []
+
+    async def listen() -> None:
+        async for notice in bus.listen(["one", "two"]):
+            received.append(notice)
+
+    task = asyncio.create_task(listen())
+    counts: list[int] = []
+    try:
+
+        async def sent_and_received() -> bool:
+            received.clear()
+            counts[:] = await bus.notify_many(
+                [("one", b"first"), ("two", EchoRequest(payload=b"2")), ("one", b"third")]
+            )
+            await asyncio.sleep(0.05)
+            return len(received) == 3
+
+        await eventually(sent_and_received)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    assert received == [
+        Notice("one", b"first"),
+        Notice("two", EchoRequest(payload=b"2").SerializeToString()),
+        Notice("one", b"third"),
+    ]
+    assert counts == [1, 1, 1]  # one server: each count is its subscribers
+    assert await bus.notify_many([]) == []
+
+
+async def test_the_notice_worker_publishes_messages_and_serialized_notices(
+    bus: Bus, eventually: Any
+) -> None:
+    project, first, second = str(uuid4()), str(uuid4()), str(uuid4())
+    received: list[Notice] = []
+
+    async def listen() -> None:
+        async for notice in bus.listen([profile_channel(project, p) for p in (first, second)]):
+            received.append(notice)
+
+    serialized = ProfileChanged(project_id=project, profile_id=second, profile_version=2)
+    notices = LiveNotices("test")
+    worker = NoticeWorker(notices, bus)
+    tasks = [asyncio.create_task(listen()), asyncio.create_task(worker.run())]
+    try:
+
+        async def heard_both() -> bool:
+            notices.offer(
+                [
+                    ProfileChanged(project_id=project, profile_id=first, profile_version=1),
+                    SerializedNotice(project, second, serialized.SerializeToString()),
+                ]
+            )
+            await asyncio.sleep(0.05)
+            return {n.channel for n in received} == {
+                profile_channel(project, first),
+                profile_channel(project, second),
+            }
+
+        await eventually(heard_both)
+    finally:
+        await worker.stop()
+        for task in tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    for notice in received:
+        message = ProfileChanged.FromString(notice.data)
+        assert notice.channel == profile_channel(project, message.profile_id)
+        assert message.profile_version == (1 if message.profile_id == first else 2)

@@ -5,9 +5,11 @@ tests/api/test_attribute_replay.py.)"""
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from google.protobuf.duration_pb2 import Duration
 
 from profiles.common.v1 import types_pb2
 from profiles.ingest.v1 import ingest_service_pb2 as pb
@@ -17,7 +19,9 @@ from services.ingest.model import AttributeOperation, Value
 from services.ingest.validation import (
     RejectedEvent,
     ValidEvent,
+    duration_json,
     validate_event,
+    validate_events,
     validate_request,
 )
 
@@ -402,3 +406,49 @@ def test_untranslated_message_with_a_malformed_reason_is_rejected_as_untranslate
     event = pb.Event(event_id="m1")
     event.untranslated.reason = "not a code"
     assert reason(event) == model.UNTRANSLATED
+
+
+@pytest.mark.parametrize(
+    "duration",
+    [
+        timedelta(0),
+        timedelta(seconds=30),
+        timedelta(hours=24),
+        timedelta(seconds=1, milliseconds=500),
+        timedelta(seconds=59, microseconds=1),
+        timedelta(seconds=3, microseconds=120_000),
+        timedelta(days=1, seconds=7, microseconds=999_999),
+        timedelta(microseconds=10),
+    ],
+)
+def test_duration_json_is_what_protobuf_spells(duration: timedelta) -> None:
+    expected = Duration()
+    expected.FromTimedelta(duration)
+    assert duration_json(duration) == expected.ToJsonString()
+
+
+def test_a_heartbeat_keeps_its_duration_to_the_microsecond() -> None:
+    event = base_event()
+    event.session_id = "s1"
+    event.session_heartbeat.duration.seconds = 75
+    event.session_heartbeat.duration.nanos = 250_000_999  # nanoseconds beyond the µs are cut
+    result = check(event)
+    assert isinstance(result, ValidEvent)
+    assert result.session_duration == timedelta(seconds=75, microseconds=250_000)
+    assert result.payload == {"duration": "75.250s"}
+    expected = Duration()
+    expected.FromTimedelta(timedelta(seconds=75, microseconds=250_000))
+    assert result.detail.duration == expected  # type: ignore[attr-defined]
+
+
+def test_validate_events_keeps_every_field_of_each_event() -> None:
+    events = [base_event(), base_event(), base_event()]
+    events[1].event_id = ""  # rejected
+    events[2].event_id = "e3"
+    events[2].session_id = "s"
+    valid, rejected = validate_events(events, None, NOW)
+    assert [r.index for r in rejected] == [1]
+    assert valid == [check(events[0]), replace(check(events[2]), index=2)]
+    assert valid[1].session_id == "s"
+    assert valid[1].name == "view"
+    assert valid[1].operations == ()
