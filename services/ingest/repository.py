@@ -126,13 +126,14 @@ SELECT_EXISTING_CUSTOM_ID_EVENTS = """
 # for each other's locked part, so it makes as few round trips as it can. LOCK_BATCH_PROFILES
 # bumps the profiles' versions (identity's rule, which locks them in profile_id order: two
 # batches for one profile apply their state one after the other without deadlocking; query's
-# caches see the new versions: read-your-writes), adds the inserted events' totals, and
+# caches see the new versions: read-your-writes), adds the inserted events' totals and keeps
+# their crashes' last crash (0029), and
 # answers the custom attributes the profiles with attribute operations hold now, for the
 # limit of 50 per profile (the locks keep them current until commit).
 LOCK_BATCH_PROFILES = """
     SELECT profile_id, version, held_names
     FROM profiles_ingest_lock_batch_profiles($1, $2::uuid[], $3::uuid[], $4::smallint[],
-                                             $5::timestamptz[], $6::uuid[])"""
+                                             $5::timestamptz[], $6::uuid[], $7::bigint[])"""
 
 # APPLY_BATCH_STATE writes every kind of derived state by event time, one set-based statement
 # each, in the function: attribute operations joined to their logs and the touched attributes
@@ -406,10 +407,12 @@ class IngestRepository:
         project_id: UUID,
         inserted: Sequence[tuple[UUID, int, datetime]],
         held_of: Sequence[UUID],
+        crash_event_seqs: Sequence[int],
     ) -> tuple[dict[UUID, int], dict[UUID, set[str]]]:
         """Locks and bumps the profiles of the `inserted` events (profile, kind, event time),
-        adds those events to their totals (LOCK_BATCH_PROFILES); returns each profile's new
-        version, and for the profiles of `held_of` the custom attributes they hold."""
+        adds those events to their totals and keeps the last crash of the inserted crashes
+        (`crash_event_seqs`) (LOCK_BATCH_PROFILES); returns each profile's new version, and for
+        the profiles of `held_of` the custom attributes they hold."""
         profiles, kinds, times = (list(c) for c in zip(*inserted, strict=True))
         rows = await conn.fetch(
             LOCK_BATCH_PROFILES,
@@ -419,6 +422,7 @@ class IngestRepository:
             kinds,
             times,
             sorted(set(held_of)),
+            list(crash_event_seqs),
         )
         # Version rows first, then one row per asked profile with version NULL.
         versions = {r["profile_id"]: r["version"] for r in rows if r["version"] is not None}

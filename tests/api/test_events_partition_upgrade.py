@@ -84,14 +84,27 @@ FILL_EVENT_TIMES = """
 # trigger that leaves ingest's own totals to it (without it they would be counted twice),
 # installed from the migration itself; the undo restores 0020's trigger function, the one a
 # 0023 database runs.
+# Of 0029, the locked part's version that keeps the last crash, with that rule a no-op: a 0023
+# database keeps no last crash (FILL_LAST_CRASHES writes them before the first reading).
 MIGRATIONS = {int(p.name[:4]): p for p in migration_paths()}
-WRITE_PATH_OF_0027 = MIGRATIONS[27].read_text()
+_LOCKED_PART_OF_0029 = MIGRATIONS[29].read_text()
+WRITE_PATH_OF_0027 = (
+    MIGRATIONS[27].read_text()
+    + """
+    CREATE FUNCTION profiles_ingest_keep_last_crashes(p_crashes events[]) RETURNS void
+    LANGUAGE sql AS $$ SELECT $$;
+    """
+    + _LOCKED_PART_OF_0029[
+        _LOCKED_PART_OF_0029.index("DROP FUNCTION profiles_ingest_lock_batch_profiles") :
+    ]
+)
 _TRIGGER_OF_0020 = MIGRATIONS[20].read_text()
 _TRIGGER_START = _TRIGGER_OF_0020.index("CREATE OR REPLACE FUNCTION profile_event_counts_apply()")
 UNDO_WRITE_PATH_OF_0027 = """
     DROP FUNCTION profiles_ingest_apply_batch_state;
     DROP FUNCTION profiles_ingest_lock_batch_profiles;
     DROP FUNCTION profiles_ingest_add_event_counts;
+    DROP FUNCTION profiles_ingest_keep_last_crashes;
     """ + _TRIGGER_OF_0020[
     _TRIGGER_START : _TRIGGER_OF_0020.index("END $$;", _TRIGGER_START) + len("END $$;")
 ]

@@ -1,9 +1,9 @@
-"""Ingest adds its batches' event totals under the profile locks, not in the insert
-(0027_batch_state_under_profile_locks.sql). Checked against a model on random inputs: random
-concurrent batches over a few devices and custom IDs, with crashes, retried batches, repeated
-events, attribute events past the limit of 50 (stored, then deleted in the same transaction),
-logins between rounds; afterwards every profile's totals and first/last event times equal a
-direct count of its stored events, and the accepted events are exactly the model's."""
+"""Ingest adds its batches' event totals and last crashes under the profile locks, not in the
+insert (migrations 0027 and 0029). Checked against a model on random inputs: random concurrent
+batches over a few devices and custom IDs, with crashes, retried batches, repeated events,
+attribute events past the limit of 50 (stored, then deleted in the same transaction), logins
+between rounds; afterwards every profile's totals, first/last event times and last crash equal
+a direct reading of its stored events, and the accepted events are exactly the model's."""
 
 from __future__ import annotations
 
@@ -26,6 +26,12 @@ DIRECT = """
            min(event_time) AS first_event_time, max(event_time) AS last_event_time
     FROM events WHERE project_id = $1 AND profile_id IS NOT NULL
     GROUP BY profile_id"""
+LAST_CRASHES = """
+    SELECT profile_id, event_id FROM profile_last_crashes WHERE project_id = $1"""
+DIRECT_LAST_CRASHES = """
+    SELECT DISTINCT ON (profile_id) profile_id, event_id FROM events
+    WHERE project_id = $1 AND profile_id IS NOT NULL AND kind = 8
+    ORDER BY profile_id, event_time DESC, event_seq DESC"""
 STORED_EVENT_IDS = "SELECT event_id FROM events WHERE project_id = $1 AND profile_id IS NOT NULL"
 
 
@@ -90,6 +96,12 @@ async def test_totals_equal_a_direct_count_after_random_concurrent_batches(suite
         },
     }
     assert rows["stored"] == rows["direct"]
+    # The last crash ingest keeps with the totals (0029) is the latest crash stored.
+    project_id = suite.project.project_id
+    last_crashes = {(r[0], r[1]) for r in await suite.fetch(LAST_CRASHES, project_id)}
+    assert last_crashes == {
+        (r[0], r[1]) for r in await suite.fetch(DIRECT_LAST_CRASHES, project_id)
+    }
     stored_ids = {
         r["event_id"] for r in await suite.fetch(STORED_EVENT_IDS, suite.project.project_id)
     }

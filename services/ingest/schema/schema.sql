@@ -988,38 +988,6 @@ AS $function$
         last_event_time = greatest(c.last_event_time, EXCLUDED.last_event_time)
 $function$;
 
--- Call 1: locks and bumps the profiles (identity's contract, profile_id order), adds the
--- inserted events' totals (ingest inserted them with the counts deferred), and answers each
--- profile's new version (held_names NULL), then for each profile of p_held_of the custom
--- attributes it holds (version NULL; held_names NULL for none).
-CREATE OR REPLACE FUNCTION public.profiles_ingest_lock_batch_profiles(p_project uuid, p_profiles uuid[], p_event_profiles uuid[], p_event_kinds smallint[], p_event_times timestamp with time zone[], p_held_of uuid[])
- RETURNS TABLE(profile_id uuid, version bigint, held_names text[])
- LANGUAGE plpgsql
-AS $function$
-DECLARE
-    bumped_profiles uuid[];
-    bumped_versions bigint[];
-BEGIN
-    SELECT array_agg(v.profile_id), array_agg(v.version)
-    INTO bumped_profiles, bumped_versions
-    FROM identity_apply_profile_versions(p_project, p_profiles) v;
-    PERFORM profiles_ingest_add_event_counts(
-        array_fill(p_project, ARRAY[cardinality(p_event_profiles)]), p_event_profiles,
-        p_event_kinds, p_event_times);
-    RETURN QUERY
-    SELECT b.profile_id, b.version, NULL::text[]
-    FROM unnest(bumped_profiles, bumped_versions) AS b(profile_id, version);
-    -- One index probe per asked profile (LATERAL), whatever the plan cache assumes of sizes.
-    RETURN QUERY
-    SELECT k.id, NULL::bigint, h.names
-    FROM (SELECT DISTINCT u.id FROM unnest(p_held_of) AS u(id)) k
-    CROSS JOIN LATERAL (
-        SELECT array_agg(a.name) AS names FROM profile_attributes a
-        WHERE a.project_id = p_project AND a.profile_id = k.id AND NOT a.native
-            AND a.value IS NOT NULL
-    ) h;
-END $function$;
-
 -- Call 2: the batch's derived state, each kind by one set-based statement over the rows of
 -- the events that carry it, in this order: attribute operations joined to their logs and the
 -- touched attributes replayed (profiles_ingest_fold_attribute); the events refused for the
@@ -1224,15 +1192,7 @@ BEGIN
     END IF;
 END $function$;
 
--- Follows the events' statements, as profile_event_counts' trigger does:
--- - inserted crashes, and crashes an UPDATE gave a profile (a merge moving them to its
---   survivor), replace the stored one when later (event time, then event_seq);
--- - a delete outside retention (erasure's shadowed events; ingest refuses only attribute
---   changes after insertion) that removed the stored crash puts back the latest crash left,
---   or none; retention's deletes (profiles.retention) change nothing: that is the point;
--- - what an UPDATE took away from a profile (the merge's source, the erasure's stripping) is
---   left to the profile hooks below, which move or delete the whole row.
--- Statements without a crash return after one look at the transition table.
+-- 0028's trigger function; its INSERT and UPDATE branch calls the rule above.
 CREATE OR REPLACE FUNCTION public.profiles_ingest_last_crash_follow()
  RETURNS trigger
  LANGUAGE plpgsql
@@ -1241,24 +1201,12 @@ BEGIN
     IF TG_OP = 'TRUNCATE' THEN
         DELETE FROM profile_last_crashes;
     ELSIF TG_OP = 'INSERT' OR TG_OP = 'UPDATE' THEN
-        IF NOT EXISTS (SELECT 1 FROM new_rows
-                       WHERE kind = ingest_read_event_kind('crash') AND profile_id IS NOT NULL) THEN
+        IF TG_OP = 'INSERT' AND current_setting('profiles.event_counts', true) = 'deferred' THEN
             RETURN NULL;
         END IF;
-        INSERT INTO profile_last_crashes AS c (project_id, profile_id, event_seq, event_id,
-                                               installation_id, event_time, name, reason, fatal)
-        SELECT DISTINCT ON (project_id, profile_id)
-               project_id, profile_id, event_seq, event_id, installation_id, event_time,
-               coalesce(payload ->> 'name', ''), coalesce(payload ->> 'reason', ''),
-               coalesce((payload ->> 'fatal')::boolean, false)
-        FROM new_rows
-        WHERE kind = ingest_read_event_kind('crash') AND profile_id IS NOT NULL
-        ORDER BY project_id, profile_id, event_time DESC, event_seq DESC
-        ON CONFLICT (project_id, profile_id) DO UPDATE SET
-            event_seq = EXCLUDED.event_seq, event_id = EXCLUDED.event_id,
-            installation_id = EXCLUDED.installation_id, event_time = EXCLUDED.event_time,
-            name = EXCLUDED.name, reason = EXCLUDED.reason, fatal = EXCLUDED.fatal
-        WHERE (EXCLUDED.event_time, EXCLUDED.event_seq) > (c.event_time, c.event_seq);
+        PERFORM profiles_ingest_keep_last_crashes(array_agg(n::events))
+        FROM new_rows n
+        WHERE n.kind = ingest_read_event_kind('crash') AND n.profile_id IS NOT NULL;
     ELSIF current_setting('profiles.retention', true) IS DISTINCT FROM 'on' THEN
         IF NOT EXISTS (SELECT 1 FROM old_rows WHERE kind = ingest_read_event_kind('crash')) THEN
             RETURN NULL;
@@ -1330,6 +1278,63 @@ AS $function$
     SELECT project_id, profile_id, event_id, installation_id, event_time, name, reason, fatal
     FROM profile_last_crashes
 $function$;
+
+CREATE OR REPLACE FUNCTION public.profiles_ingest_keep_last_crashes(p_crashes events[])
+ RETURNS void
+ LANGUAGE sql
+AS $function$
+    INSERT INTO profile_last_crashes AS c (project_id, profile_id, event_seq, event_id,
+                                           installation_id, event_time, name, reason, fatal)
+    SELECT DISTINCT ON (project_id, profile_id)
+           project_id, profile_id, event_seq, event_id, installation_id, event_time,
+           coalesce(payload ->> 'name', ''), coalesce(payload ->> 'reason', ''),
+           coalesce((payload ->> 'fatal')::boolean, false)
+    FROM unnest(p_crashes)
+    WHERE kind = ingest_read_event_kind('crash') AND profile_id IS NOT NULL
+    ORDER BY project_id, profile_id, event_time DESC, event_seq DESC
+    ON CONFLICT (project_id, profile_id) DO UPDATE SET
+        event_seq = EXCLUDED.event_seq, event_id = EXCLUDED.event_id,
+        installation_id = EXCLUDED.installation_id, event_time = EXCLUDED.event_time,
+        name = EXCLUDED.name, reason = EXCLUDED.reason, fatal = EXCLUDED.fatal
+    WHERE (EXCLUDED.event_time, EXCLUDED.event_seq) > (c.event_time, c.event_seq)
+$function$;
+
+-- Call 1: locks and bumps the profiles (identity's contract, profile_id order), adds the
+-- inserted events' totals (ingest inserted them with the counts deferred), and answers each
+-- profile's new version (held_names NULL), then for each profile of p_held_of the custom
+-- attributes it holds (version NULL; held_names NULL for none).
+CREATE OR REPLACE FUNCTION public.profiles_ingest_lock_batch_profiles(p_project uuid, p_profiles uuid[], p_event_profiles uuid[], p_event_kinds smallint[], p_event_times timestamp with time zone[], p_held_of uuid[], p_crash_event_seqs bigint[])
+ RETURNS TABLE(profile_id uuid, version bigint, held_names text[])
+ LANGUAGE plpgsql
+AS $function$
+DECLARE
+    bumped_profiles uuid[];
+    bumped_versions bigint[];
+BEGIN
+    SELECT array_agg(v.profile_id), array_agg(v.version)
+    INTO bumped_profiles, bumped_versions
+    FROM identity_apply_profile_versions(p_project, p_profiles) v;
+    PERFORM profiles_ingest_add_event_counts(
+        array_fill(p_project, ARRAY[cardinality(p_event_profiles)]), p_event_profiles,
+        p_event_kinds, p_event_times);
+    IF cardinality(p_crash_event_seqs) > 0 THEN
+        PERFORM profiles_ingest_keep_last_crashes(array_agg(e))
+        FROM (SELECT DISTINCT k.seq FROM unnest(p_crash_event_seqs) AS k(seq)) k
+        JOIN events e ON e.project_id = p_project AND e.event_seq = k.seq;
+    END IF;
+    RETURN QUERY
+    SELECT b.profile_id, b.version, NULL::text[]
+    FROM unnest(bumped_profiles, bumped_versions) AS b(profile_id, version);
+    -- One index probe per asked profile (LATERAL), whatever the plan cache assumes of sizes.
+    RETURN QUERY
+    SELECT k.id, NULL::bigint, h.names
+    FROM (SELECT DISTINCT u.id FROM unnest(p_held_of) AS u(id)) k
+    CROSS JOIN LATERAL (
+        SELECT array_agg(a.name) AS names FROM profile_attributes a
+        WHERE a.project_id = p_project AND a.profile_id = k.id AND NOT a.native
+            AND a.value IS NOT NULL
+    ) h;
+END $function$;
 
 
 -- ============================================================================================

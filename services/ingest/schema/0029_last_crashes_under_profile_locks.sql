@@ -1,0 +1,107 @@
+-- Ingest's batches keep their crashes' last crash (0028) under the profile locks, beside their
+-- totals (0027), not in the insert: the insert trigger locked those profiles'
+-- profile_last_crashes rows first and their profiles after, the opposite of identity's merge
+-- (profiles, then the events' UPDATE and its triggers), and held them from the insert to the
+-- commit. The rule is one function, profiles_ingest_keep_last_crashes, over event rows: the
+-- trigger passes the crashes a statement wrote (unless ingest said it keeps them itself, the
+-- same transaction-local setting as the totals), ingest the crashes it inserted.
+
+CREATE FUNCTION profiles_ingest_keep_last_crashes(p_crashes events[]) RETURNS void
+LANGUAGE sql AS $$
+    INSERT INTO profile_last_crashes AS c (project_id, profile_id, event_seq, event_id,
+                                           installation_id, event_time, name, reason, fatal)
+    SELECT DISTINCT ON (project_id, profile_id)
+           project_id, profile_id, event_seq, event_id, installation_id, event_time,
+           coalesce(payload ->> 'name', ''), coalesce(payload ->> 'reason', ''),
+           coalesce((payload ->> 'fatal')::boolean, false)
+    FROM unnest(p_crashes)
+    WHERE kind = ingest_read_event_kind('crash') AND profile_id IS NOT NULL
+    ORDER BY project_id, profile_id, event_time DESC, event_seq DESC
+    ON CONFLICT (project_id, profile_id) DO UPDATE SET
+        event_seq = EXCLUDED.event_seq, event_id = EXCLUDED.event_id,
+        installation_id = EXCLUDED.installation_id, event_time = EXCLUDED.event_time,
+        name = EXCLUDED.name, reason = EXCLUDED.reason, fatal = EXCLUDED.fatal
+    WHERE (EXCLUDED.event_time, EXCLUDED.event_seq) > (c.event_time, c.event_seq)
+$$;
+
+-- 0028's trigger function; its INSERT and UPDATE branch calls the rule above.
+CREATE OR REPLACE FUNCTION profiles_ingest_last_crash_follow() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP = 'TRUNCATE' THEN
+        DELETE FROM profile_last_crashes;
+    ELSIF TG_OP = 'INSERT' OR TG_OP = 'UPDATE' THEN
+        IF TG_OP = 'INSERT' AND current_setting('profiles.event_counts', true) = 'deferred' THEN
+            RETURN NULL;
+        END IF;
+        PERFORM profiles_ingest_keep_last_crashes(array_agg(n::events))
+        FROM new_rows n
+        WHERE n.kind = ingest_read_event_kind('crash') AND n.profile_id IS NOT NULL;
+    ELSIF current_setting('profiles.retention', true) IS DISTINCT FROM 'on' THEN
+        IF NOT EXISTS (SELECT 1 FROM old_rows WHERE kind = ingest_read_event_kind('crash')) THEN
+            RETURN NULL;
+        END IF;
+        -- The stored crashes this statement deleted: the latest crash left replaces each.
+        WITH gone AS (
+            DELETE FROM profile_last_crashes c USING old_rows o
+            WHERE c.project_id = o.project_id AND c.profile_id = o.profile_id
+                AND c.event_seq = o.event_seq
+            RETURNING c.project_id, c.profile_id
+        )
+        INSERT INTO profile_last_crashes (project_id, profile_id, event_seq, event_id,
+                                          installation_id, event_time, name, reason, fatal)
+        SELECT g.project_id, g.profile_id, e.event_seq, e.event_id, e.installation_id,
+               e.event_time, coalesce(e.payload ->> 'name', ''),
+               coalesce(e.payload ->> 'reason', ''),
+               coalesce((e.payload ->> 'fatal')::boolean, false)
+        FROM gone g
+        CROSS JOIN LATERAL (
+            SELECT * FROM events x
+            WHERE x.project_id = g.project_id AND x.profile_id = g.profile_id
+                AND x.kind = ingest_read_event_kind('crash')
+            ORDER BY x.event_time DESC, x.event_seq DESC
+            LIMIT 1
+        ) e;
+    END IF;
+    RETURN NULL;
+END $$;
+
+-- 0027's call 1, which also keeps the inserted crashes' last crash (p_crash_event_seqs, the
+-- event_seq of each crash the batch inserted) after the totals. A new argument: dropped and
+-- created again.
+DROP FUNCTION profiles_ingest_lock_batch_profiles(uuid, uuid[], uuid[], smallint[], timestamptz[],
+                                                  uuid[]);
+CREATE FUNCTION profiles_ingest_lock_batch_profiles(
+    p_project uuid, p_profiles uuid[],
+    p_event_profiles uuid[], p_event_kinds smallint[], p_event_times timestamptz[],
+    p_held_of uuid[], p_crash_event_seqs bigint[]
+) RETURNS TABLE (profile_id uuid, version bigint, held_names text[])
+LANGUAGE plpgsql AS $$
+DECLARE
+    bumped_profiles uuid[];
+    bumped_versions bigint[];
+BEGIN
+    SELECT array_agg(v.profile_id), array_agg(v.version)
+    INTO bumped_profiles, bumped_versions
+    FROM identity_apply_profile_versions(p_project, p_profiles) v;
+    PERFORM profiles_ingest_add_event_counts(
+        array_fill(p_project, ARRAY[cardinality(p_event_profiles)]), p_event_profiles,
+        p_event_kinds, p_event_times);
+    IF cardinality(p_crash_event_seqs) > 0 THEN
+        PERFORM profiles_ingest_keep_last_crashes(array_agg(e))
+        FROM (SELECT DISTINCT k.seq FROM unnest(p_crash_event_seqs) AS k(seq)) k
+        JOIN events e ON e.project_id = p_project AND e.event_seq = k.seq;
+    END IF;
+    RETURN QUERY
+    SELECT b.profile_id, b.version, NULL::text[]
+    FROM unnest(bumped_profiles, bumped_versions) AS b(profile_id, version);
+    -- One index probe per asked profile (LATERAL), whatever the plan cache assumes of sizes.
+    RETURN QUERY
+    SELECT k.id, NULL::bigint, h.names
+    FROM (SELECT DISTINCT u.id FROM unnest(p_held_of) AS u(id)) k
+    CROSS JOIN LATERAL (
+        SELECT array_agg(a.name) AS names FROM profile_attributes a
+        WHERE a.project_id = p_project AND a.profile_id = k.id AND NOT a.native
+            AND a.value IS NOT NULL
+    ) h;
+END $$;
