@@ -133,7 +133,8 @@ SELECT_EXISTING_CUSTOM_ID_EVENTS = """
 LOCK_BATCH_PROFILES = """
     SELECT profile_id, version, held_names
     FROM profiles_ingest_lock_batch_profiles($1, $2::uuid[], $3::uuid[], $4::smallint[],
-                                             $5::timestamptz[], $6::uuid[], $7::bigint[])"""
+                                             $5::timestamptz[], $6::uuid[], $7::bigint[],
+                                             $8::timestamptz[])"""
 
 # APPLY_BATCH_STATE writes every kind of derived state by event time, one set-based statement
 # each, in the function: attribute operations joined to their logs and the touched attributes
@@ -407,11 +408,11 @@ class IngestRepository:
         project_id: UUID,
         inserted: Sequence[tuple[UUID, int, datetime]],
         held_of: Sequence[UUID],
-        crash_event_seqs: Sequence[int],
+        crashes: Sequence[tuple[int, datetime]],
     ) -> tuple[dict[UUID, int], dict[UUID, set[str]]]:
         """Locks and bumps the profiles of the `inserted` events (profile, kind, event time),
-        adds those events to their totals and keeps the last crash of the inserted crashes
-        (`crash_event_seqs`) (LOCK_BATCH_PROFILES); returns each profile's new version, and for
+        adds those events to their totals and keeps the last crash of the inserted `crashes`
+        (event_seq, event time) (LOCK_BATCH_PROFILES); returns each profile's new version, and for
         the profiles of `held_of` the custom attributes they hold."""
         profiles, kinds, times = (list(c) for c in zip(*inserted, strict=True))
         rows = await conn.fetch(
@@ -422,7 +423,8 @@ class IngestRepository:
             kinds,
             times,
             sorted(set(held_of)),
-            list(crash_event_seqs),
+            [c[0] for c in crashes],
+            [c[1] for c in crashes],
         )
         # Version rows first, then one row per asked profile with version NULL.
         versions = {r["profile_id"]: r["version"] for r in rows if r["version"] is not None}

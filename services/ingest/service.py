@@ -447,7 +447,11 @@ class IngestService:
             project_id,
             [(row.profile_id, e.kind, e.event_time) for e, row in accepted],
             [row.profile_id for _, row in with_operations],
-            [row.event_seq for e, row in accepted if e.kind == types_pb2.EVENT_KIND_CRASH],
+            [
+                (row.event_seq, e.event_time)
+                for e, row in accepted
+                if e.kind == types_pb2.EVENT_KIND_CRASH
+            ],
         )
         refused, operations = _attribute_operations(with_operations, held)
         if refused:

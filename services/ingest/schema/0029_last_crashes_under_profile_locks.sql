@@ -66,15 +66,16 @@ BEGIN
     RETURN NULL;
 END $$;
 
--- 0027's call 1, which also keeps the inserted crashes' last crash (p_crash_event_seqs, the
--- event_seq of each crash the batch inserted) after the totals. A new argument: dropped and
+-- 0027's call 1, which also keeps the inserted crashes' last crash (p_crash_event_seqs and
+-- p_crash_event_times: the key of each crash the batch inserted, event time included, so each
+-- is one probe of one partition) after the totals. A new argument: dropped and
 -- created again.
 DROP FUNCTION profiles_ingest_lock_batch_profiles(uuid, uuid[], uuid[], smallint[], timestamptz[],
                                                   uuid[]);
 CREATE FUNCTION profiles_ingest_lock_batch_profiles(
     p_project uuid, p_profiles uuid[],
     p_event_profiles uuid[], p_event_kinds smallint[], p_event_times timestamptz[],
-    p_held_of uuid[], p_crash_event_seqs bigint[]
+    p_held_of uuid[], p_crash_event_seqs bigint[], p_crash_event_times timestamptz[]
 ) RETURNS TABLE (profile_id uuid, version bigint, held_names text[])
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -89,8 +90,9 @@ BEGIN
         p_event_kinds, p_event_times);
     IF cardinality(p_crash_event_seqs) > 0 THEN
         PERFORM profiles_ingest_keep_last_crashes(array_agg(e))
-        FROM (SELECT DISTINCT k.seq FROM unnest(p_crash_event_seqs) AS k(seq)) k
-        JOIN events e ON e.project_id = p_project AND e.event_seq = k.seq;
+        FROM unnest(p_crash_event_seqs, p_crash_event_times) AS k(seq, event_time)
+        JOIN events e ON e.project_id = p_project AND e.event_seq = k.seq
+            AND e.event_time = k.event_time;
     END IF;
     RETURN QUERY
     SELECT b.profile_id, b.version, NULL::text[]

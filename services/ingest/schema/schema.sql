@@ -1303,7 +1303,7 @@ $function$;
 -- inserted events' totals (ingest inserted them with the counts deferred), and answers each
 -- profile's new version (held_names NULL), then for each profile of p_held_of the custom
 -- attributes it holds (version NULL; held_names NULL for none).
-CREATE OR REPLACE FUNCTION public.profiles_ingest_lock_batch_profiles(p_project uuid, p_profiles uuid[], p_event_profiles uuid[], p_event_kinds smallint[], p_event_times timestamp with time zone[], p_held_of uuid[], p_crash_event_seqs bigint[])
+CREATE OR REPLACE FUNCTION public.profiles_ingest_lock_batch_profiles(p_project uuid, p_profiles uuid[], p_event_profiles uuid[], p_event_kinds smallint[], p_event_times timestamp with time zone[], p_held_of uuid[], p_crash_event_seqs bigint[], p_crash_event_times timestamp with time zone[])
  RETURNS TABLE(profile_id uuid, version bigint, held_names text[])
  LANGUAGE plpgsql
 AS $function$
@@ -1319,8 +1319,9 @@ BEGIN
         p_event_kinds, p_event_times);
     IF cardinality(p_crash_event_seqs) > 0 THEN
         PERFORM profiles_ingest_keep_last_crashes(array_agg(e))
-        FROM (SELECT DISTINCT k.seq FROM unnest(p_crash_event_seqs) AS k(seq)) k
-        JOIN events e ON e.project_id = p_project AND e.event_seq = k.seq;
+        FROM unnest(p_crash_event_seqs, p_crash_event_times) AS k(seq, event_time)
+        JOIN events e ON e.project_id = p_project AND e.event_seq = k.seq
+            AND e.event_time = k.event_time;
     END IF;
     RETURN QUERY
     SELECT b.profile_id, b.version, NULL::text[]
