@@ -133,8 +133,10 @@ SELECT_EXISTING_CUSTOM_ID_EVENTS = """
 LOCK_BATCH_PROFILES = """
     SELECT profile_id, version, held_names
     FROM profiles_ingest_lock_batch_profiles($1, $2::uuid[], $3::uuid[], $4::smallint[],
-                                             $5::timestamptz[], $6::uuid[], $7::bigint[],
-                                             $8::timestamptz[])"""
+                                             $5::timestamptz[], $6::uuid[], $7::uuid[],
+                                             $8::bigint[], $9::text[], $10::text[],
+                                             $11::timestamptz[], $12::text[], $13::text[],
+                                             $14::boolean[])"""
 
 # APPLY_BATCH_STATE writes every kind of derived state by event time, one set-based statement
 # each, in the function: attribute operations joined to their logs and the touched attributes
@@ -239,6 +241,9 @@ SubscriptionRow = tuple[UUID, str, str, bool, datetime, str, str]
 # One accepted installation event: installation ID, event time, platform, and the other
 # fields it sets (None when it sets none).
 InstallationChangeRow = tuple[str, datetime, int, dict[str, Any] | None]
+# One inserted crash as its profile's last crash keeps it: profile, event_seq, event ID,
+# installation ID (None for a custom ID's), event time, name, reason, fatal.
+CrashRow = tuple[UUID, int, str, str | None, datetime, str, str, bool]
 # One accepted event naming a session: installation ID, session ID, profile, platform, kind,
 # event time, duration (heartbeat and end, else None), country (session start, else "").
 SessionEventRow = tuple[str, str, UUID, int, int, datetime, timedelta | None, str]
@@ -408,11 +413,11 @@ class IngestRepository:
         project_id: UUID,
         inserted: Sequence[tuple[UUID, int, datetime]],
         held_of: Sequence[UUID],
-        crashes: Sequence[tuple[int, datetime]],
+        crashes: Sequence[CrashRow],
     ) -> tuple[dict[UUID, int], dict[UUID, set[str]]]:
         """Locks and bumps the profiles of the `inserted` events (profile, kind, event time),
         adds those events to their totals and keeps the last crash of the inserted `crashes`
-        (event_seq, event time) (LOCK_BATCH_PROFILES); returns each profile's new version, and for
+        (LOCK_BATCH_PROFILES); returns each profile's new version, and for
         the profiles of `held_of` the custom attributes they hold."""
         profiles, kinds, times = (list(c) for c in zip(*inserted, strict=True))
         rows = await conn.fetch(
@@ -423,8 +428,7 @@ class IngestRepository:
             kinds,
             times,
             sorted(set(held_of)),
-            [c[0] for c in crashes],
-            [c[1] for c in crashes],
+            *_columns(crashes, 8),
         )
         # Version rows first, then one row per asked profile with version NULL.
         versions = {r["profile_id"]: r["version"] for r in rows if r["version"] is not None}

@@ -448,7 +448,17 @@ class IngestService:
             [(row.profile_id, e.kind, e.event_time) for e, row in accepted],
             [row.profile_id for _, row in with_operations],
             [
-                (row.event_seq, e.event_time)
+                (
+                    row.profile_id,
+                    row.event_seq,
+                    e.event_id,
+                    e.installation_id,
+                    e.event_time,
+                    # As the insert trigger reads them from the stored payload.
+                    e.payload.get("name", ""),
+                    e.payload.get("reason", ""),
+                    bool(e.payload.get("fatal", False)),
+                )
                 for e, row in accepted
                 if e.kind == types_pb2.EVENT_KIND_CRASH
             ],

@@ -91,8 +91,9 @@ _LOCKED_PART_OF_0029 = MIGRATIONS[29].read_text()
 WRITE_PATH_OF_0027 = (
     MIGRATIONS[27].read_text()
     + """
-    CREATE FUNCTION profiles_ingest_keep_last_crashes(p_crashes events[]) RETURNS void
-    LANGUAGE sql AS $$ SELECT $$;
+    CREATE FUNCTION profiles_ingest_keep_last_crashes(uuid[], uuid[], bigint[], text[], text[],
+                                                      timestamptz[], text[], text[], boolean[])
+    RETURNS void LANGUAGE sql AS $$ SELECT $$;
     """
     + _LOCKED_PART_OF_0029[
         _LOCKED_PART_OF_0029.index("DROP FUNCTION profiles_ingest_lock_batch_profiles") :

@@ -2,21 +2,24 @@
 -- totals (0027), not in the insert: the insert trigger locked those profiles'
 -- profile_last_crashes rows first and their profiles after, the opposite of identity's merge
 -- (profiles, then the events' UPDATE and its triggers), and held them from the insert to the
--- commit. The rule is one function, profiles_ingest_keep_last_crashes, over event rows: the
+-- commit. The rule is one function, profiles_ingest_keep_last_crashes, over crash rows: the
 -- trigger passes the crashes a statement wrote (unless ingest said it keeps them itself, the
 -- same transaction-local setting as the totals), ingest the crashes it inserted.
 
-CREATE FUNCTION profiles_ingest_keep_last_crashes(p_crashes events[]) RETURNS void
-LANGUAGE sql AS $$
+CREATE FUNCTION profiles_ingest_keep_last_crashes(
+    p_projects uuid[], p_profiles uuid[], p_event_seqs bigint[], p_event_ids text[],
+    p_installations text[], p_times timestamptz[], p_names text[], p_reasons text[],
+    p_fatals boolean[]
+) RETURNS void LANGUAGE sql AS $$
     INSERT INTO profile_last_crashes AS c (project_id, profile_id, event_seq, event_id,
                                            installation_id, event_time, name, reason, fatal)
-    SELECT DISTINCT ON (project_id, profile_id)
-           project_id, profile_id, event_seq, event_id, installation_id, event_time,
-           coalesce(payload ->> 'name', ''), coalesce(payload ->> 'reason', ''),
-           coalesce((payload ->> 'fatal')::boolean, false)
-    FROM unnest(p_crashes)
-    WHERE kind = ingest_read_event_kind('crash') AND profile_id IS NOT NULL
-    ORDER BY project_id, profile_id, event_time DESC, event_seq DESC
+    SELECT DISTINCT ON (k.project_id, k.profile_id) k.*
+    FROM unnest(p_projects, p_profiles, p_event_seqs, p_event_ids, p_installations, p_times,
+                p_names, p_reasons, p_fatals)
+         AS k(project_id, profile_id, event_seq, event_id, installation_id, event_time, name,
+              reason, fatal)
+    WHERE k.profile_id IS NOT NULL
+    ORDER BY k.project_id, k.profile_id, k.event_time DESC, k.event_seq DESC
     ON CONFLICT (project_id, profile_id) DO UPDATE SET
         event_seq = EXCLUDED.event_seq, event_id = EXCLUDED.event_id,
         installation_id = EXCLUDED.installation_id, event_time = EXCLUDED.event_time,
@@ -34,7 +37,12 @@ BEGIN
         IF TG_OP = 'INSERT' AND current_setting('profiles.event_counts', true) = 'deferred' THEN
             RETURN NULL;
         END IF;
-        PERFORM profiles_ingest_keep_last_crashes(array_agg(n::events))
+        PERFORM profiles_ingest_keep_last_crashes(
+            array_agg(n.project_id), array_agg(n.profile_id), array_agg(n.event_seq),
+            array_agg(n.event_id), array_agg(n.installation_id), array_agg(n.event_time),
+            array_agg(coalesce(n.payload ->> 'name', '')),
+            array_agg(coalesce(n.payload ->> 'reason', '')),
+            array_agg(coalesce((n.payload ->> 'fatal')::boolean, false)))
         FROM new_rows n
         WHERE n.kind = ingest_read_event_kind('crash') AND n.profile_id IS NOT NULL;
     ELSIF current_setting('profiles.retention', true) IS DISTINCT FROM 'on' THEN
@@ -66,16 +74,17 @@ BEGIN
     RETURN NULL;
 END $$;
 
--- 0027's call 1, which also keeps the inserted crashes' last crash (p_crash_event_seqs and
--- p_crash_event_times: the key of each crash the batch inserted, event time included, so each
--- is one probe of one partition) after the totals. A new argument: dropped and
--- created again.
+-- 0027's call 1, which also keeps the last crash of the crashes the batch inserted (c_*: each
+-- one's profile, event_seq, event ID, installation, event time, name, reason, fatal, as ingest
+-- stored them) after the totals. New arguments: dropped and created again.
 DROP FUNCTION profiles_ingest_lock_batch_profiles(uuid, uuid[], uuid[], smallint[], timestamptz[],
                                                   uuid[]);
 CREATE FUNCTION profiles_ingest_lock_batch_profiles(
     p_project uuid, p_profiles uuid[],
     p_event_profiles uuid[], p_event_kinds smallint[], p_event_times timestamptz[],
-    p_held_of uuid[], p_crash_event_seqs bigint[], p_crash_event_times timestamptz[]
+    p_held_of uuid[],
+    c_profiles uuid[], c_event_seqs bigint[], c_event_ids text[], c_installations text[],
+    c_times timestamptz[], c_names text[], c_reasons text[], c_fatals boolean[]
 ) RETURNS TABLE (profile_id uuid, version bigint, held_names text[])
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -88,11 +97,10 @@ BEGIN
     PERFORM profiles_ingest_add_event_counts(
         array_fill(p_project, ARRAY[cardinality(p_event_profiles)]), p_event_profiles,
         p_event_kinds, p_event_times);
-    IF cardinality(p_crash_event_seqs) > 0 THEN
-        PERFORM profiles_ingest_keep_last_crashes(array_agg(e))
-        FROM unnest(p_crash_event_seqs, p_crash_event_times) AS k(seq, event_time)
-        JOIN events e ON e.project_id = p_project AND e.event_seq = k.seq
-            AND e.event_time = k.event_time;
+    IF cardinality(c_profiles) > 0 THEN
+        PERFORM profiles_ingest_keep_last_crashes(
+            array_fill(p_project, ARRAY[cardinality(c_profiles)]), c_profiles, c_event_seqs,
+            c_event_ids, c_installations, c_times, c_names, c_reasons, c_fatals);
     END IF;
     RETURN QUERY
     SELECT b.profile_id, b.version, NULL::text[]

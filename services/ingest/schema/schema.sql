@@ -1204,7 +1204,12 @@ BEGIN
         IF TG_OP = 'INSERT' AND current_setting('profiles.event_counts', true) = 'deferred' THEN
             RETURN NULL;
         END IF;
-        PERFORM profiles_ingest_keep_last_crashes(array_agg(n::events))
+        PERFORM profiles_ingest_keep_last_crashes(
+            array_agg(n.project_id), array_agg(n.profile_id), array_agg(n.event_seq),
+            array_agg(n.event_id), array_agg(n.installation_id), array_agg(n.event_time),
+            array_agg(coalesce(n.payload ->> 'name', '')),
+            array_agg(coalesce(n.payload ->> 'reason', '')),
+            array_agg(coalesce((n.payload ->> 'fatal')::boolean, false)))
         FROM new_rows n
         WHERE n.kind = ingest_read_event_kind('crash') AND n.profile_id IS NOT NULL;
     ELSIF current_setting('profiles.retention', true) IS DISTINCT FROM 'on' THEN
@@ -1279,19 +1284,19 @@ AS $function$
     FROM profile_last_crashes
 $function$;
 
-CREATE OR REPLACE FUNCTION public.profiles_ingest_keep_last_crashes(p_crashes events[])
+CREATE OR REPLACE FUNCTION public.profiles_ingest_keep_last_crashes(p_projects uuid[], p_profiles uuid[], p_event_seqs bigint[], p_event_ids text[], p_installations text[], p_times timestamp with time zone[], p_names text[], p_reasons text[], p_fatals boolean[])
  RETURNS void
  LANGUAGE sql
 AS $function$
     INSERT INTO profile_last_crashes AS c (project_id, profile_id, event_seq, event_id,
                                            installation_id, event_time, name, reason, fatal)
-    SELECT DISTINCT ON (project_id, profile_id)
-           project_id, profile_id, event_seq, event_id, installation_id, event_time,
-           coalesce(payload ->> 'name', ''), coalesce(payload ->> 'reason', ''),
-           coalesce((payload ->> 'fatal')::boolean, false)
-    FROM unnest(p_crashes)
-    WHERE kind = ingest_read_event_kind('crash') AND profile_id IS NOT NULL
-    ORDER BY project_id, profile_id, event_time DESC, event_seq DESC
+    SELECT DISTINCT ON (k.project_id, k.profile_id) k.*
+    FROM unnest(p_projects, p_profiles, p_event_seqs, p_event_ids, p_installations, p_times,
+                p_names, p_reasons, p_fatals)
+         AS k(project_id, profile_id, event_seq, event_id, installation_id, event_time, name,
+              reason, fatal)
+    WHERE k.profile_id IS NOT NULL
+    ORDER BY k.project_id, k.profile_id, k.event_time DESC, k.event_seq DESC
     ON CONFLICT (project_id, profile_id) DO UPDATE SET
         event_seq = EXCLUDED.event_seq, event_id = EXCLUDED.event_id,
         installation_id = EXCLUDED.installation_id, event_time = EXCLUDED.event_time,
@@ -1303,7 +1308,7 @@ $function$;
 -- inserted events' totals (ingest inserted them with the counts deferred), and answers each
 -- profile's new version (held_names NULL), then for each profile of p_held_of the custom
 -- attributes it holds (version NULL; held_names NULL for none).
-CREATE OR REPLACE FUNCTION public.profiles_ingest_lock_batch_profiles(p_project uuid, p_profiles uuid[], p_event_profiles uuid[], p_event_kinds smallint[], p_event_times timestamp with time zone[], p_held_of uuid[], p_crash_event_seqs bigint[], p_crash_event_times timestamp with time zone[])
+CREATE OR REPLACE FUNCTION public.profiles_ingest_lock_batch_profiles(p_project uuid, p_profiles uuid[], p_event_profiles uuid[], p_event_kinds smallint[], p_event_times timestamp with time zone[], p_held_of uuid[], c_profiles uuid[], c_event_seqs bigint[], c_event_ids text[], c_installations text[], c_times timestamp with time zone[], c_names text[], c_reasons text[], c_fatals boolean[])
  RETURNS TABLE(profile_id uuid, version bigint, held_names text[])
  LANGUAGE plpgsql
 AS $function$
@@ -1317,11 +1322,10 @@ BEGIN
     PERFORM profiles_ingest_add_event_counts(
         array_fill(p_project, ARRAY[cardinality(p_event_profiles)]), p_event_profiles,
         p_event_kinds, p_event_times);
-    IF cardinality(p_crash_event_seqs) > 0 THEN
-        PERFORM profiles_ingest_keep_last_crashes(array_agg(e))
-        FROM unnest(p_crash_event_seqs, p_crash_event_times) AS k(seq, event_time)
-        JOIN events e ON e.project_id = p_project AND e.event_seq = k.seq
-            AND e.event_time = k.event_time;
+    IF cardinality(c_profiles) > 0 THEN
+        PERFORM profiles_ingest_keep_last_crashes(
+            array_fill(p_project, ARRAY[cardinality(c_profiles)]), c_profiles, c_event_seqs,
+            c_event_ids, c_installations, c_times, c_names, c_reasons, c_fatals);
     END IF;
     RETURN QUERY
     SELECT b.profile_id, b.version, NULL::text[]
