@@ -663,3 +663,30 @@ def print_figures(
     for figure in figures:
         print(figure_line(bench, figure, quick=quick), file=out)
     out.flush()
+
+
+async def postgres_server_pid(database_url: str) -> int:
+    """The pid of the PostgreSQL server behind database_url (its postmaster), on this machine:
+    the parent of its checkpointer."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        checkpointer = await conn.fetchval(
+            "SELECT pid FROM pg_stat_activity WHERE backend_type = 'checkpointer'"
+        )
+    finally:
+        await conn.close()
+    return int(psutil.Process(checkpointer).ppid())
+
+
+def process_tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds (user and system) of a process, of its children that ended (as it reaped
+    them) and of those still running: a server's whole CPU, its connections' backends
+    included."""
+    process = psutil.Process(pid)
+    times = process.cpu_times()
+    total = times.user + times.system + times.children_user + times.children_system
+    for child in process.children():
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child_times = child.cpu_times()
+            total += child_times.user + child_times.system
+    return total

@@ -53,7 +53,9 @@ from bench.common import (
     free_port,
     labelled_quick,
     make_work_dir,
+    postgres_server_pid,
     print_figures,
+    process_tree_cpu_seconds,
     run_main,
     service_settings,
     size_choice,
@@ -420,7 +422,9 @@ def main(argv: list[str] | None = None) -> int:
         address, key, database_url, ingest, _ = start_suite(stack, args)
         print(f"{sizes.clients} clients x batches of {BATCH_SIZE} for {sizes.duration_s:.0f} s")
         print(f"payload mix per batch of {BATCH_SIZE}: {Traffic.mix_text()}")
+        postgres_pid = asyncio.run(postgres_server_pid(database_url))
         cpu_before = ingest.cpu_seconds()
+        postgres_cpu_before = process_tree_cpu_seconds(postgres_pid)
         recording: list[bool] = []
 
         async def reset_statements() -> None:
@@ -441,6 +445,7 @@ def main(argv: list[str] | None = None) -> int:
         # Includes the warm-up batches: CPU per event is what contention on this shared
         # machine disturbs least.
         ingest_cpu_s = ingest.cpu_seconds() - cpu_before
+        postgres_cpu_s = process_tree_cpu_seconds(postgres_pid) - postgres_cpu_before
         total = asyncio.run(stored_events(database_url))
         copy_rate, copied = asyncio.run(raw_copy_rate(database_url, outcome.accepted))
     rate = outcome.accepted / outcome.elapsed_s
@@ -453,6 +458,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     cpu_us_per_event = ingest_cpu_s * 1e6 / max(1, outcome.accepted + sizes.installations)
     print(f"ingest CPU: {ingest_cpu_s:.1f} s = {cpu_us_per_event:.0f} us per event")
+    # The whole server's (statement breakdown included, when it is on): what bounds the rate
+    # when the machine's cores are shared by client, services and PostgreSQL.
+    postgres_us_per_event = postgres_cpu_s * 1e6 / max(1, outcome.accepted + sizes.installations)
+    print(f"PostgreSQL CPU: {postgres_cpu_s:.1f} s = {postgres_us_per_event:.0f} us per event")
     print(f"raw COPY: {copied} rows at {copy_rate:.0f} rows/s (one connection, 500 per COPY)")
     print(f"ratio: {rate / copy_rate:.3f}")
     if costs:
@@ -468,6 +477,7 @@ def main(argv: list[str] | None = None) -> int:
             Figure("trackevents_batch_p50_ms", latency.p50_ms, "ms", "none", float("nan")),
             Figure("trackevents_batch_p99_ms", latency.p99_ms, "ms", "none", float("nan")),
             Figure("ingest_cpu_us_per_event", cpu_us_per_event, "us", "none", float("nan")),
+            Figure("postgres_cpu_us_per_event", postgres_us_per_event, "us", "none", float("nan")),
         ],
         quick=labelled_quick(args),
     )
