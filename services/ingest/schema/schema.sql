@@ -837,8 +837,8 @@ CREATE OR REPLACE FUNCTION public.profiles_ingest_event_key(installation_id text
  IMMUTABLE PARALLEL SAFE
 AS $function$
     SELECT md5(CASE WHEN installation_id IS NOT NULL
-                    THEN 'i' || length(installation_id) || ':' || installation_id
-                    ELSE 'c' || length(custom_id) || ':' || custom_id END
+                    THEN 'i' || length(installation_id)::text || ':' || installation_id
+                    ELSE 'c' || length(custom_id)::text || ':' || custom_id END
                || event_id)::uuid
 $function$;
 
@@ -1048,26 +1048,43 @@ BEGIN
         RETURN QUERY
         WITH batch AS (
             SELECT c.installation_id, c.event_time, c.ord,
-                   jsonb_build_object('platform', c.platform) || coalesce(c.changes, '{}')
-                       AS changes
+                   coalesce((c.changes->>'platform')::smallint, c.platform) AS platform,
+                   c.changes - 'platform' AS changes
             FROM unnest(i_installations, i_times, i_platforms, i_changes)
                  WITH ORDINALITY AS c(installation_id, event_time, platform, changes, ord)
         ),
+        -- Every event carries its platform: the latest event's, with the installation's span,
+        -- in one sort of the batch (no JSON for the 87% of events that change nothing else).
+        seen AS (
+            SELECT DISTINCT ON (b.installation_id) b.installation_id, b.platform,
+                   b.event_time AS platform_time,
+                   min(b.event_time) OVER w AS first_seen, max(b.event_time) OVER w AS last_seen
+            FROM batch b
+            WINDOW w AS (PARTITION BY b.installation_id ORDER BY b.event_time DESC, b.ord DESC
+                         ROWS BETWEEN UNBOUNDED PRECEDING AND UNBOUNDED FOLLOWING)
+            ORDER BY b.installation_id, b.event_time DESC, b.ord DESC
+        ),
+        -- The other fields, from the events that set them: the latest event's value per field.
         latest AS (
             SELECT DISTINCT ON (b.installation_id, f.key) b.installation_id, f.key, f.value,
                    b.event_time
             FROM batch b CROSS JOIN LATERAL jsonb_each(b.changes) AS f
+            WHERE b.changes IS NOT NULL AND b.changes <> '{}'
             ORDER BY b.installation_id, f.key, b.event_time DESC, b.ord DESC
         ),
-        merged AS (
+        changed AS (
             SELECT l.installation_id, jsonb_object_agg(l.key, l.value) AS v,
-                   jsonb_object_agg(l.key, l.event_time) AS times,
-                   min(s.first_seen) AS first_seen, max(s.last_seen) AS last_seen
+                   jsonb_object_agg(l.key, l.event_time) AS times
             FROM latest l
-            JOIN (SELECT b.installation_id, min(b.event_time) AS first_seen,
-                         max(b.event_time) AS last_seen
-                  FROM batch b GROUP BY b.installation_id) s USING (installation_id)
             GROUP BY l.installation_id
+        ),
+        merged AS (
+            SELECT s.installation_id,
+                   jsonb_build_object('platform', s.platform) || coalesce(c.v, '{}') AS v,
+                   jsonb_build_object('platform', s.platform_time) || coalesce(c.times, '{}')
+                       AS times,
+                   s.first_seen, s.last_seen
+            FROM seen s LEFT JOIN changed c USING (installation_id)
         ),
         upserted AS (
             INSERT INTO installation_details AS d (project_id, installation_id, platform,
@@ -1105,7 +1122,13 @@ BEGIN
                 uninstalled = CASE WHEN profiles_ingest_field_wins(EXCLUDED.field_times,
                     d.field_times, 'uninstalled') THEN EXCLUDED.uninstalled
                     ELSE d.uninstalled END,
-                field_times = profiles_ingest_field_times(EXCLUDED.field_times, d.field_times),
+                field_times = CASE
+                    WHEN EXCLUDED.field_times - 'platform' <> '{}'
+                        THEN profiles_ingest_field_times(EXCLUDED.field_times, d.field_times)
+                    WHEN profiles_ingest_field_wins(EXCLUDED.field_times, d.field_times,
+                                                    'platform')
+                        THEN d.field_times || EXCLUDED.field_times
+                    ELSE d.field_times END,
                 first_seen = least(d.first_seen, EXCLUDED.first_seen),
                 last_seen = greatest(d.last_seen, EXCLUDED.last_seen)
             RETURNING d.installation_id, d.platform, d.push_token
@@ -1128,20 +1151,23 @@ BEGIN
                  WITH ORDINALITY AS e(installation_id, session_id, profile_id, platform, kind,
                                       event_time, duration, country, ord)
         ),
+        -- Every ordered aggregate in one order (event time, then request order): the
+        -- batch is sorted once, not each group once per aggregate; "the latest" is the
+        -- last element.
         d AS (
             SELECT e.installation_id, e.session_id,
                    (array_agg(e.profile_id ORDER BY e.event_time, e.ord))[1] AS profile_id,
-                   (array_agg(e.platform ORDER BY e.event_time DESC, e.ord DESC))[1]
-                       AS platform,
+                   (array_agg(e.platform ORDER BY e.event_time, e.ord))[count(*)] AS platform,
                    (array_agg(e.country ORDER BY e.event_time, e.ord)
                         FILTER (WHERE e.kind = ingest_read_event_kind('session_start')
                                 AND e.country <> ''))[1] AS country,
                    min(e.event_time) AS start_time, max(e.event_time) AS last_activity_time,
-                   (array_agg(e.event_time ORDER BY e.event_time DESC, e.ord DESC)
-                        FILTER (WHERE e.kind = ingest_read_event_kind('session_end')))[1]
+                   max(e.event_time)
+                       FILTER (WHERE e.kind = ingest_read_event_kind('session_end'))
                        AS end_time,
-                   (array_agg(e.duration ORDER BY e.event_time DESC, e.ord DESC)
-                        FILTER (WHERE e.kind = ingest_read_event_kind('session_end')))[1]
+                   (array_agg(e.duration ORDER BY e.event_time, e.ord)
+                        FILTER (WHERE e.kind = ingest_read_event_kind('session_end')))
+                       [count(*) FILTER (WHERE e.kind = ingest_read_event_kind('session_end'))]
                        AS end_duration,
                    max(e.duration)
                        FILTER (WHERE e.kind = ingest_read_event_kind('session_heartbeat'))
