@@ -1,0 +1,434 @@
+"""Installation details and sessions as ingest's locked part writes them
+(profiles_ingest_apply_batch_state, migration 0030), checked on random inputs against two
+oracles: a Python model of the rules (plain functions below), and 0027's version of the
+function, which 0030 rewrote for speed only, applied to the same batches in a second project.
+
+Each round draws a few installations with a few sessions each, events whose times come from a
+small set (so ties between events, within a batch and across batches, are common), random
+kinds, NULL, empty or random installation changes; the events are shuffled, split into
+batches, and each batch is one call (its own transaction). After every call both projects'
+rows of the round's installations are compared, every column, with the model's and with each
+other's."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+import asyncpg
+import pytest
+
+from shared.db import migration_paths
+from tests.conftest import create_test_project
+
+if TYPE_CHECKING:
+    from tests.conftest import TestProject
+
+START, HEARTBEAT, END, CUSTOM = 2, 3, 4, 1  # ingest_read_event_kind (checked by the test)
+KIND_NAMES = {START: "session_start", HEARTBEAT: "session_heartbeat", END: "session_end"}
+KIND_NAMES[CUSTOM] = "custom"
+FIELDS = (
+    "platform",
+    "app_version",
+    "os_version",
+    "device_model",
+    "push_token",
+    "push_opt_in",
+    "language",
+    "timezone",
+    "uninstalled",
+)
+BASE = datetime(2026, 12, 1, 9, 0, tzinfo=UTC)
+# Few distinct times: most keys see ties, which is where "the later-arriving wins" matters.
+TIMES = [BASE + timedelta(minutes=m) for m in (0, 1, 1, 2, 5, 5, 9)]
+ORACLE_FUNCTION = "profiles_ingest_apply_batch_state_0027"
+
+APPLY = """
+    SELECT what, installation_id, session_id, country, imported_installation_id
+    FROM {function}(
+        $1,
+        '{{}}'::uuid[], '{{}}'::boolean[], '{{}}'::text[], '{{}}'::timestamptz[], '{{}}'::text[],
+        '{{}}'::text[], '{{}}'::smallint[], '{{}}'::text[], '{{}}'::jsonb[],
+        '{{}}'::bigint[],
+        '{{}}'::uuid[], '{{}}'::text[], '{{}}'::text[], '{{}}'::boolean[], '{{}}'::timestamptz[],
+        '{{}}'::text[], '{{}}'::text[],
+        $2::text[], $3::timestamptz[], $4::smallint[], $5::jsonb[], '{{}}'::text[],
+        $6::text[], $7::text[], $8::uuid[], $9::smallint[], $10::smallint[],
+        $11::timestamptz[], $12::interval[], $13::text[])"""
+INSTALLATION_ROWS = """
+    SELECT * FROM installation_details
+    WHERE project_id = $1 AND installation_id LIKE $2 || '%' ORDER BY installation_id"""
+SESSION_ROWS = """
+    SELECT * FROM sessions
+    WHERE project_id = $1 AND installation_id LIKE $2 || '%'
+    ORDER BY installation_id, session_id"""
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One event of an installation: what the batch passes in the i_* arrays (every event) and,
+    when it names a session, in the e_* arrays."""
+
+    installation_id: str
+    time: datetime
+    platform: int
+    changes: dict[str, Any] | None
+    session_id: str | None = None
+    profile_id: uuid.UUID | None = None
+    kind: int = 0
+    duration: timedelta | None = None
+    country: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Details:
+    values: dict[str, Any]  # field -> value (None for a field set to null or never set)
+    times: dict[str, datetime]  # field -> event time of its value (field_times)
+    first_seen: datetime
+    last_seen: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Session:
+    profile_id: uuid.UUID
+    platform: int
+    country: str | None
+    start_time: datetime
+    last_activity_time: datetime
+    end_time: datetime | None
+    duration: timedelta
+    event_count: int
+    started: bool
+    ended: bool
+    closed: bool
+
+
+# --- The model: plain functions, no SQL -------------------------------------------------------
+
+
+def details_of_batch(events: Sequence[Event]) -> dict[str, Details]:
+    """Per installation of one batch: each field's value from its latest event by event time,
+    the later in the batch on a tie; every event sets the platform; NULL changes set nothing
+    else; the span of all its events."""
+    out: dict[str, Details] = {}
+    for e in events:
+        sets = {"platform": e.platform, **(e.changes or {})}
+        d = out.get(e.installation_id)
+        if d is None:
+            d = Details({}, {}, e.time, e.time)
+        values, times = dict(d.values), dict(d.times)
+        for name, value in sets.items():
+            # Events come in batch order: a tie in time goes to the later one.
+            if name not in times or e.time >= times[name]:
+                values[name], times[name] = value, e.time
+        out[e.installation_id] = Details(
+            values, times, min(d.first_seen, e.time), max(d.last_seen, e.time)
+        )
+    return out
+
+
+def merge_details(stored: Details | None, batch: Details) -> Details:
+    """A batch's details over the stored row: a field the batch set wins when its time is at
+    least the stored time of that field (so a later batch wins a tie)."""
+    if stored is None:
+        return batch
+    values, times = dict(stored.values), dict(stored.times)
+    for name, time in batch.times.items():
+        if name not in stored.times or time >= stored.times[name]:
+            values[name], times[name] = batch.values[name], time
+    return Details(
+        values,
+        times,
+        min(stored.first_seen, batch.first_seen),
+        max(stored.last_seen, batch.last_seen),
+    )
+
+
+def sessions_of_batch(events: Sequence[Event]) -> dict[tuple[str, str], Session]:
+    """Per (installation, session) of one batch, its events ordered by (time, position)."""
+    groups: dict[tuple[str, str], list[tuple[datetime, int, Event]]] = {}
+    for position, e in enumerate(events):
+        if e.session_id is not None:
+            groups.setdefault((e.installation_id, e.session_id), []).append((e.time, position, e))
+    out: dict[tuple[str, str], Session] = {}
+    for key, group in groups.items():
+        ordered = [e for _, _, e in sorted(group, key=lambda g: (g[0], g[1]))]
+        ends = [e for e in ordered if e.kind == END]
+        heartbeats = [e.duration for e in ordered if e.kind == HEARTBEAT and e.duration is not None]
+        countries = [e.country for e in ordered if e.kind == START and e.country]
+        start, last = ordered[0].time, ordered[-1].time
+        # Ended: the latest end's duration (none given: zero); else the longest seen.
+        longest = max([last - start, *heartbeats])
+        duration = (ends[-1].duration or timedelta(0)) if ends else longest
+        assert ordered[0].profile_id is not None
+        out[key] = Session(
+            profile_id=ordered[0].profile_id,
+            platform=ordered[-1].platform,
+            country=countries[0] if countries else None,
+            start_time=start,
+            last_activity_time=last,
+            end_time=max(e.time for e in ends) if ends else None,
+            duration=duration,
+            event_count=len(ordered),
+            started=any(e.kind == START for e in ordered),
+            ended=bool(ends),
+            closed=bool(ends),
+        )
+    return out
+
+
+def merge_session(stored: Session | None, batch: Session) -> Session:
+    """A batch's session over the stored row: the profile stays the first batch's, the platform
+    is the latest batch's (whatever the times), the first known country stays; an end at least
+    as late as the stored end (or the first end) sets end time and duration; an open session's
+    duration is the longest seen."""
+    if stored is None:
+        return batch
+    end_wins = batch.ended and (
+        not stored.ended
+        or (
+            batch.end_time is not None
+            and stored.end_time is not None
+            and batch.end_time >= stored.end_time
+        )
+    )
+    start = min(stored.start_time, batch.start_time)
+    last = max(stored.last_activity_time, batch.last_activity_time)
+    if end_wins:
+        duration = batch.duration
+    elif stored.ended:
+        duration = stored.duration
+    else:
+        duration = max(stored.duration, batch.duration, last - start)
+    return Session(
+        profile_id=stored.profile_id,
+        platform=batch.platform,
+        country=stored.country if stored.country is not None else batch.country,
+        start_time=start,
+        last_activity_time=last,
+        end_time=batch.end_time if end_wins else stored.end_time,
+        duration=duration,
+        event_count=stored.event_count + batch.event_count,
+        started=stored.started or batch.started,
+        ended=stored.ended or batch.ended,
+        closed=stored.closed or batch.ended,
+    )
+
+
+# --- Random inputs -----------------------------------------------------------------------------
+
+
+def random_changes(rng: random.Random) -> dict[str, Any] | None:
+    roll = rng.random()
+    if roll < 0.45:
+        return None  # an event that carries only its platform
+    if roll < 0.5:
+        return {}  # an installation update with no field present
+    if roll < 0.65:
+        return {"uninstalled": False}  # what a session start sets
+    values: dict[str, list[Any]] = {
+        "app_version": ["4.1.0", "4.2.0", "5.0.0"],
+        "os_version": ["17.1", "18.0"],
+        "device_model": ["Pixel 8", "iPhone15,2"],
+        "push_token": ["tok-a", "tok-b", None],  # None: an empty token clears it
+        "push_opt_in": [True, False],
+        "language": ["en", "fr"],
+        "timezone": ["Europe/Paris", "UTC"],
+        "uninstalled": [True, False],
+    }
+    names = rng.sample(sorted(values), rng.randint(1, 4))
+    return {name: rng.choice(values[name]) for name in names}
+
+
+def random_round(rng: random.Random, prefix: str) -> list[Event]:
+    events: list[Event] = []
+    for i in range(rng.randint(3, 6)):
+        installation = f"{prefix}i{i}"
+        profiles = [uuid.uuid4() for _ in range(2)]
+        sessions = [f"s{j}" for j in range(rng.randint(2, 3))]
+        for _ in range(rng.randint(4, 14)):
+            time, platform = rng.choice(TIMES), rng.randint(1, 3)
+            roll = rng.random()
+            if roll < 0.2:  # an installation update (no session)
+                events.append(Event(installation, time, platform, random_changes(rng)))
+                continue
+            kind = rng.choice([START, START, HEARTBEAT, END, END, CUSTOM])
+            duration = None
+            if kind in (HEARTBEAT, END) and rng.random() < 0.9:
+                duration = timedelta(seconds=rng.choice([0, 30, 90, 240, 600]))
+            events.append(
+                Event(
+                    installation,
+                    time,
+                    platform,
+                    random_changes(rng),
+                    session_id=rng.choice(sessions),
+                    profile_id=rng.choice(profiles),
+                    kind=kind,
+                    duration=duration,
+                    country=rng.choice(["", "FR", "DE"]) if kind == START else "",
+                )
+            )
+    rng.shuffle(events)
+    return events
+
+
+def split(rng: random.Random, events: list[Event]) -> list[list[Event]]:
+    cuts = sorted(rng.sample(range(1, len(events)), min(len(events) - 1, rng.randint(1, 5))))
+    bounds = [0, *cuts, len(events)]
+    batches = [events[a:b] for a, b in itertools.pairwise(bounds)]
+    rng.shuffle(batches)
+    return batches
+
+
+# --- The database side -------------------------------------------------------------------------
+
+
+def function_of_0027() -> str:
+    """0027's profiles_ingest_apply_batch_state, renamed, as a CREATE FUNCTION statement."""
+    (path,) = [p for p in migration_paths() if p.name == "0027_batch_state_under_profile_locks.sql"]
+    text = path.read_text()
+    start = text.index("CREATE FUNCTION profiles_ingest_apply_batch_state(")
+    end = text.index("END $$;", start) + len("END $$;")
+    return text[start:end].replace("profiles_ingest_apply_batch_state(", f"{ORACLE_FUNCTION}(", 1)
+
+
+async def apply(
+    db: asyncpg.Pool, function: str, project_id: uuid.UUID, batch: Sequence[Event]
+) -> list[tuple[str, str, str | None]]:
+    """One call (its own transaction); answers the 'session' rows (installation, session,
+    country)."""
+    sessions = [e for e in batch if e.session_id is not None]
+    rows = await db.fetch(
+        APPLY.format(function=function),
+        project_id,
+        [e.installation_id for e in batch],
+        [e.time for e in batch],
+        [e.platform for e in batch],
+        [None if e.changes is None else json.dumps(e.changes) for e in batch],
+        [e.installation_id for e in sessions],
+        [e.session_id for e in sessions],
+        [e.profile_id for e in sessions],
+        [e.platform for e in sessions],
+        [e.kind for e in sessions],
+        [e.time for e in sessions],
+        [e.duration for e in sessions],
+        [e.country for e in sessions],
+    )
+    assert {r["what"] for r in rows} <= {"session"}
+    return sorted((r["installation_id"], r["session_id"], r["country"]) for r in rows)
+
+
+async def stored_rows(
+    db: asyncpg.Pool, project_id: uuid.UUID, prefix: str
+) -> tuple[dict[str, dict[str, Any]], dict[tuple[str, str], dict[str, Any]]]:
+    details = {
+        r["installation_id"]: {k: v for k, v in r.items() if k != "project_id"}
+        for r in await db.fetch(INSTALLATION_ROWS, project_id, prefix)
+    }
+    sessions = {
+        (r["installation_id"], r["session_id"]): {k: v for k, v in r.items() if k != "project_id"}
+        for r in await db.fetch(SESSION_ROWS, project_id, prefix)
+    }
+    return details, sessions
+
+
+def expected_details_row(installation_id: str, d: Details) -> dict[str, Any]:
+    row: dict[str, Any] = {"installation_id": installation_id}
+    for name in FIELDS:
+        row[name] = d.values.get(name)
+    row["uninstalled"] = bool(d.values.get("uninstalled", False))
+    row["field_times"] = dict(d.times)
+    row |= {
+        "first_seen": d.first_seen,
+        "last_seen": d.last_seen,
+        "imported": False,
+        "reintegrated_into": None,
+        "reintegrate_time": None,
+    }
+    return row
+
+
+def expected_session_row(key: tuple[str, str], s: Session) -> dict[str, Any]:
+    return {
+        "installation_id": key[0],
+        "session_id": key[1],
+        "profile_id": s.profile_id,
+        "platform": s.platform,
+        "country": s.country,
+        "start_time": s.start_time,
+        "last_activity_time": s.last_activity_time,
+        "end_time": s.end_time,
+        "duration": s.duration,
+        "event_count": s.event_count,
+        "started": s.started,
+        "ended": s.ended,
+        "closed": s.closed,
+        "derived": False,
+    }
+
+
+def with_parsed_times(row: dict[str, Any]) -> dict[str, Any]:
+    times = json.loads(row["field_times"])
+    return row | {"field_times": {k: datetime.fromisoformat(v) for k, v in times.items()}}
+
+
+@pytest.fixture
+async def oracle(db: asyncpg.Pool, database_url: str) -> TestProject:
+    """A second project, for the same batches through 0027's function."""
+    await db.execute(function_of_0027())
+    return await create_test_project(database_url)
+
+
+@pytest.mark.parametrize("seed", [20261203, 1, 2, 3, 4])
+async def test_installation_details_and_sessions_follow_the_model_and_0027(
+    db: asyncpg.Pool, project: TestProject, oracle: TestProject, seed: int
+) -> None:
+    kinds = await db.fetch(
+        "SELECT n, ingest_read_event_kind(n) AS kind FROM unnest($1::text[]) AS n",
+        list(KIND_NAMES.values()),
+    )
+    assert {r["n"]: r["kind"] for r in kinds} == {v: k for k, v in KIND_NAMES.items()}
+    rng = random.Random(seed)
+    ties = ended_twice = 0
+    for round_ in range(6):
+        prefix = f"r{round_}-"
+        details: dict[str, Details] = {}
+        sessions: dict[tuple[str, str], Session] = {}
+        for batch in split(rng, random_round(rng, prefix)):
+            for installation_id, d in details_of_batch(batch).items():
+                details[installation_id] = merge_details(details.get(installation_id), d)
+            touched = sessions_of_batch(batch)
+            for key, s in touched.items():
+                ended_twice += s.ended and key in sessions and sessions[key].ended
+                sessions[key] = merge_session(sessions.get(key), s)
+            ties += len(batch) - len({(e.installation_id, e.time) for e in batch})
+
+            answered = await apply(
+                db, "profiles_ingest_apply_batch_state", project.project_id, batch
+            )
+            answered_0027 = await apply(db, ORACLE_FUNCTION, oracle.project_id, batch)
+            assert answered == sorted((*key, sessions[key].country) for key in touched)
+            assert answered_0027 == answered
+
+            stored_details, stored_sessions = await stored_rows(db, project.project_id, prefix)
+            assert {k: with_parsed_times(v) for k, v in stored_details.items()} == {
+                k: expected_details_row(k, d) for k, d in details.items()
+            }, f"seed {seed}, round {round_}"
+            assert stored_sessions == {
+                k: expected_session_row(k, s) for k, s in sessions.items()
+            }, f"seed {seed}, round {round_}"
+            # 0027's rows, field_times as stored text included: the rewrite changed no result.
+            assert await stored_rows(db, oracle.project_id, prefix) == (
+                stored_details,
+                stored_sessions,
+            ), f"seed {seed}, round {round_}"
+    # The inputs exercised what they are for: ties in a batch, ends over earlier ends.
+    assert ties > 0
+    assert ended_twice > 0
