@@ -8,6 +8,9 @@
 --   fields (session starts, installation updates). When the only time that moves is the
 --   platform's, field_times is merged without profiles_ingest_field_times (a per-row SQL
 --   function call that the planner cannot inline: it holds a sub-select).
+-- - Installation details a batch does not change are not written: with late events (offline
+--   SDK queues, imports, the bench's ten minutes of disorder) most of a batch's rows were
+--   rewritten unchanged.
 -- - Sessions: every ordered aggregate of a session uses the same order, so the planner sorts
 --   the batch once instead of each group once per aggregate; the latest value is the last
 --   element.
@@ -171,6 +174,13 @@ BEGIN
                     ELSE d.field_times END,
                 first_seen = least(d.first_seen, EXCLUDED.first_seen),
                 last_seen = greatest(d.last_seen, EXCLUDED.last_seen)
+            -- A row the batch does not change is not written (a late event inside the span
+            -- seen, carrying only an older platform): only what follows would change it. The
+            -- batch's session starters always are (their events set `uninstalled`), so the
+            -- reintegration check below sees each of them.
+            WHERE EXCLUDED.first_seen < d.first_seen OR EXCLUDED.last_seen > d.last_seen
+                OR EXCLUDED.field_times - 'platform' <> '{}'
+                OR profiles_ingest_field_wins(EXCLUDED.field_times, d.field_times, 'platform')
             RETURNING d.installation_id, d.platform, d.push_token
         )
         SELECT 'reintegration', u.installation_id, NULL::text, NULL::text, t.installation_id

@@ -1131,6 +1131,13 @@ BEGIN
                     ELSE d.field_times END,
                 first_seen = least(d.first_seen, EXCLUDED.first_seen),
                 last_seen = greatest(d.last_seen, EXCLUDED.last_seen)
+            -- A row the batch does not change is not written (a late event inside the span
+            -- seen, carrying only an older platform): only what follows would change it. The
+            -- batch's session starters always are (their events set `uninstalled`), so the
+            -- reintegration check below sees each of them.
+            WHERE EXCLUDED.first_seen < d.first_seen OR EXCLUDED.last_seen > d.last_seen
+                OR EXCLUDED.field_times - 'platform' <> '{}'
+                OR profiles_ingest_field_wins(EXCLUDED.field_times, d.field_times, 'platform')
             RETURNING d.installation_id, d.platform, d.push_token
         )
         SELECT 'reintegration', u.installation_id, NULL::text, NULL::text, t.installation_id
