@@ -105,6 +105,8 @@ class Sizes:
 QUICK = Sizes(clients=4, duration_s=15.0)
 # Only checks that the bench runs end to end (the tests run it).
 SMOKE = Sizes(clients=2, duration_s=1.0, installations=BATCH_SIZE)
+# Passes of the raw COPY baseline; the fastest counts (raw_copy_rate).
+COPY_PASSES = 2
 # Distinct batches the clients send in turn (50,000 events), then again with fresh event IDs.
 POOL_BATCHES = 100
 SOAK_MINUTES = 15.0
@@ -261,26 +263,34 @@ async def run_load(
     return outcome
 
 
-async def raw_copy_rate(database_url: str, rows: int) -> tuple[float, int]:
+async def raw_copy_rate(
+    database_url: str, rows: int, passes: int = COPY_PASSES
+) -> tuple[float, int]:
     """Rows per second of COPY into a table like `events` (same indexes), 500 rows per COPY
-    over one connection, of the last `rows` rows stored. Returns (rate, rows copied)."""
+    over one connection, of the last `rows` rows stored: the fastest of `passes` passes, each
+    into a new table. Right after the load, autovacuum and the checkpointer work through what
+    it wrote, and one pass ranged from 42,000 to 57,000 rows/s between runs of the same code;
+    the least disturbed pass is the baseline, which only makes the ratio harder to reach.
+    Returns (rate, rows copied)."""
     conn = await asyncpg.connect(database_url)
     try:
         records = await conn.fetch(
             f"SELECT {', '.join(EVENT_COLUMNS)} FROM events ORDER BY event_seq DESC LIMIT $1",
             rows,
         )
-        await conn.execute("DROP TABLE IF EXISTS bench_events_copy")
-        await conn.execute("CREATE TABLE bench_events_copy (LIKE events INCLUDING ALL)")
         values = [tuple(r) for r in records]
-        started = time.perf_counter()
-        for k in range(0, len(values), BATCH_SIZE):
-            await conn.copy_records_to_table(
-                "bench_events_copy", records=values[k : k + BATCH_SIZE], columns=EVENT_COLUMNS
-            )
-        elapsed = time.perf_counter() - started
+        rates = []
+        for _ in range(passes):
+            await conn.execute("DROP TABLE IF EXISTS bench_events_copy")
+            await conn.execute("CREATE TABLE bench_events_copy (LIKE events INCLUDING ALL)")
+            started = time.perf_counter()
+            for k in range(0, len(values), BATCH_SIZE):
+                await conn.copy_records_to_table(
+                    "bench_events_copy", records=values[k : k + BATCH_SIZE], columns=EVENT_COLUMNS
+                )
+            rates.append(len(values) / (time.perf_counter() - started))
         await conn.execute("DROP TABLE bench_events_copy")
-        return len(values) / elapsed, len(values)
+        return max(rates), len(values)
     finally:
         await conn.close()
 
@@ -475,7 +485,10 @@ def main(argv: list[str] | None = None) -> int:
     # when the machine's cores are shared by client, services and PostgreSQL.
     postgres_us_per_event = postgres_cpu_s * 1e6 / max(1, outcome.accepted + sizes.installations)
     print(f"PostgreSQL CPU: {postgres_cpu_s:.1f} s = {postgres_us_per_event:.0f} us per event")
-    print(f"raw COPY: {copied} rows at {copy_rate:.0f} rows/s (one connection, 500 per COPY)")
+    print(
+        f"raw COPY: {copied} rows at {copy_rate:.0f} rows/s (one connection, 500 per COPY,"
+        f" fastest of {COPY_PASSES} passes)"
+    )
     print(f"ratio: {rate / copy_rate:.3f}")
     if costs:
         batches = len(outcome.latencies_s)
