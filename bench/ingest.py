@@ -69,6 +69,7 @@ from bench.statements import (
     read_costs,
     start_recording,
 )
+from bench.table_writes import TableWrites, read_table_writes, writes_between, writes_table
 from profiles.client import open_channel
 from profiles.common.v1 import types_pb2
 from profiles.ingest.v1 import ingest_service_pb2 as pb
@@ -105,6 +106,8 @@ class Sizes:
 QUICK = Sizes(clients=4, duration_s=15.0)
 # Only checks that the bench runs end to end (the tests run it).
 SMOKE = Sizes(clients=2, duration_s=1.0, installations=BATCH_SIZE)
+# PostgreSQL sends an idle backend's pending table counters 10 s after its last transaction.
+STATS_IDLE_FLUSH_S = 11.0
 # Passes of the raw COPY baseline; the fastest counts (raw_copy_rate).
 COPY_PASSES = 2
 # Distinct batches the clients send in turn (50,000 events), then again with fresh event IDs.
@@ -449,8 +452,15 @@ def main(argv: list[str] | None = None) -> int:
         cpu_before = ingest.cpu_seconds()
         postgres_cpu_before = process_tree_cpu_seconds(postgres_pid)
         recording: list[bool] = []
+        writes_before: dict[str, TableWrites] = {}
 
         async def reset_statements() -> None:
+            if not args.smoke:
+                # The warm-up's backends, idle now, send their last counters only after
+                # STATS_IDLE_FLUSH_S: without the wait the warm-up's writes (5,000 new
+                # profiles) land in the load's window.
+                await asyncio.sleep(STATS_IDLE_FLUSH_S)
+            writes_before.update(await read_table_writes(database_url))
             if args.breakdown:
                 recording.append(await start_recording(database_url))
 
@@ -464,6 +474,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
         costs = asyncio.run(read_costs(database_url)) if any(recording) else []
+        written = writes_between(writes_before, asyncio.run(read_table_writes(database_url)))
         ingest.check_alive()
         # Includes the warm-up batches: CPU per event is what contention on this shared
         # machine disturbs least.
@@ -496,6 +507,8 @@ def main(argv: list[str] | None = None) -> int:
         print(breakdown_table(costs, unit="batch", units=batches))
     elif args.breakdown:
         print("statement breakdown unavailable: the server does not preload pg_stat_statements")
+    print(f"rows written per {BATCH_SIZE} events stored (pg_stat_user_tables, during the load):")
+    print(writes_table(written, BATCH_SIZE))
     print_figures(
         BENCH,
         [
