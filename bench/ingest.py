@@ -151,7 +151,7 @@ class Traffic:
 
     def with_fresh_ids(self, batch: list[pb.Event]) -> list[pb.Event]:
         """The same batch again as new events: only the event IDs change (a new random 128-bit
-        each), about 1 us an event against 15 us to build one, so that the clients, on the
+        each), about 2 us an event against 15 us to build one, so that the clients, on the
         same cores as the services, spend little CPU on the load they send."""
         for event in batch:
             event.event_id = uuid.UUID(int=self._rng.getrandbits(128)).hex
