@@ -44,6 +44,14 @@ class TableWrites:
             self.deleted - earlier.deleted,
         )
 
+    def plus(self, other: TableWrites) -> TableWrites:
+        return TableWrites(
+            self.inserted + other.inserted,
+            self.updated + other.updated,
+            self.hot_updated + other.hot_updated,
+            self.deleted + other.deleted,
+        )
+
     @property
     def rows(self) -> int:
         return self.inserted + self.updated + self.deleted
@@ -86,12 +94,7 @@ def writes_table(written: dict[str, TableWrites], per_events: int) -> str:
             f"| `{name}` | {w.inserted * scale:.0f} | {w.updated * scale:.0f}"
             f" | {w.hot_updated * scale:.0f} | {w.deleted * scale:.0f} |"
         )
-        total = TableWrites(
-            total.inserted + w.inserted,
-            total.updated + w.updated,
-            total.hot_updated + w.hot_updated,
-            total.deleted + w.deleted,
-        )
+        total = total.plus(w)
     lines.append(
         f"| **all tables** | {total.inserted * scale:.0f} | {total.updated * scale:.0f}"
         f" | {total.hot_updated * scale:.0f} | {total.deleted * scale:.0f} |"
