@@ -19,7 +19,7 @@ from shared.db import create_pool
 # argument would be a dimension of it, and None is SQL's NULL). jsonb holds no NaN, infinities
 # nor U+0000, and keeps numbers as numeric (1.0 stays 1.0, an integer too large for a float
 # stays exact): the values below are what a payload may hold.
-JSON_TEXT = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"))
+JSON_TEXT = st.text(st.characters(exclude_categories=["Cs"], exclude_characters="\x00"))
 JSON_VALUES = st.recursive(
     st.none()
     | st.booleans()
