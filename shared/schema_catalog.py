@@ -64,7 +64,7 @@ TABLE, INDEX, FUNCTION, VIEW, TRIGGER, COMMENT, HOOK = (
 # triggers (copies of the partitioned table's).
 SELECT_TABLES = """
     SELECT c.oid, c.relname, pg_get_partkeydef(c.oid) AS partition_key,
-        parent.relname AS parent_name
+        parent.relname AS parent_name, array_to_string(c.reloptions, ', ') AS options
     FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
     LEFT JOIN pg_inherits h ON c.relispartition AND h.inhrelid = c.oid
     LEFT JOIN pg_class parent ON parent.oid = h.inhparent
@@ -210,7 +210,9 @@ async def read_catalog(conn: asyncpg.Connection) -> Catalog:
         elif t["partition_key"] is not None:
             sql = f"CREATE TABLE {t['relname']} (\n{body}\n) PARTITION BY {t['partition_key']};"
         else:
-            sql = f"CREATE TABLE {t['relname']} (\n{body}\n);"
+            # Storage parameters (a fillfactor) are part of the table's definition.
+            options = f" WITH ({t['options']})" if t["options"] else ""
+            sql = f"CREATE TABLE {t['relname']} (\n{body}\n){options};"
         add(CatalogObject(TABLE, t["relname"], sql, order=t["oid"]))
     for row in await conn.fetch(SELECT_INDEXES):
         # A partitioned table's index is shown ON ONLY it: created without ONLY from the file,
@@ -390,6 +392,20 @@ def render(owner: str, attribution: Attribution, notes: dict[tuple[str, str], li
 
     tables = sorted((o for o in mine if o.kind == TABLE), key=lambda o: o.order)
     indexes = [o for o in mine if o.kind == INDEX]
+    routines = sorted((o for o in mine if o.kind in (FUNCTION, VIEW)), key=lambda o: o.order)
+    # A function that a column's expression calls (a generated column's) must exist before its
+    # table; such functions read no table, so they can come first.
+    tables_sql = "\n".join(t.sql for t in tables)
+    used_by_columns = [
+        r for r in routines if r.kind == FUNCTION and re.search(rf"\b{_bare(r)}\(", tables_sql)
+    ]
+    if used_by_columns:
+        section("Functions that columns use")
+        for routine in used_by_columns:
+            out.append("")
+            note(routine.kind, routine)
+            out.append(routine.sql)
+        routines = [r for r in routines if r not in used_by_columns]
     if tables or indexes:
         section("Tables")
         for table in tables:
@@ -404,7 +420,6 @@ def render(owner: str, attribution: Attribution, notes: dict[tuple[str, str], li
             out.append("")
             note(INDEX, index)
             out.append(index.sql)
-    routines = sorted((o for o in mine if o.kind in (FUNCTION, VIEW)), key=lambda o: o.order)
     if routines:
         section("Functions and views")
         for routine in routines:

@@ -166,12 +166,14 @@ APPLY_BATCH_STATE = """
 # The sweeper's statement, across projects like the outbox relay: open sessions idle since
 # before $1 are closed at their last activity with the duration seen so far. SKIP LOCKED: a
 # session being updated by an ingest batch is left for the next sweep; several sweepers
-# (replicas) take disjoint rows. Oldest first through sessions_open_by_activity.
+# (replicas) take disjoint rows. Oldest first, by the 10-minute bucket of the last activity
+# (sessions_open_by_activity_bucket; 0032_sessions_hot_updates.sql): a session idle since
+# before $1 has its bucket before $1, and the ones of the last bucket still active are skipped.
 CLOSE_IDLE_SESSIONS = """
     WITH idle AS (
         SELECT project_id, installation_id, session_id FROM sessions
-        WHERE NOT closed AND last_activity_time < $1
-        ORDER BY last_activity_time
+        WHERE NOT closed AND activity_bucket < $1 AND last_activity_time < $1
+        ORDER BY activity_bucket
         LIMIT $2
         FOR UPDATE SKIP LOCKED
     )

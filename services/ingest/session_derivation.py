@@ -36,12 +36,15 @@ LOCK_INSTALLATIONS = """
     ORDER BY i"""
 
 # Per installation, the sessions that may be within 30 minutes of one of its asking events
-# ($3..$4 the span of their event times): by sessions_by_installation_activity.
+# ($3..$4 the span of their event times): by sessions_by_installation_activity_bucket (a
+# session active after a time has its activity bucket at or after that time's bucket).
 SELECT_NEARBY_SESSIONS = """
     SELECT s.installation_id, s.session_id, s.start_time, s.last_activity_time,
            CASE WHEN s.ended THEN s.end_time END AS end_time, s.derived, s.duration
     FROM unnest($2::text[], $3::timestamptz[], $4::timestamptz[]) AS b(installation_id, lo, hi)
     JOIN sessions s ON s.project_id = $1 AND s.installation_id = b.installation_id
+        AND s.activity_bucket
+            >= ingest_sessions_activity_bucket(b.lo - interval '30 minutes')
         AND s.last_activity_time > b.lo - interval '30 minutes'
         AND s.start_time < b.hi + interval '30 minutes'"""
 

@@ -371,7 +371,15 @@ def expected_session_row(key: tuple[str, str], s: Session) -> dict[str, Any]:
         "ended": s.ended,
         "closed": s.closed,
         "derived": False,
+        "activity_bucket": activity_bucket(s.last_activity_time),
     }
+
+
+def activity_bucket(last_activity_time: datetime) -> datetime:
+    """0032's generated column: the 10-minute bin of the last activity, from 2000-01-01 UTC."""
+    origin = datetime(2000, 1, 1, tzinfo=UTC)
+    width = timedelta(minutes=10)
+    return origin + (last_activity_time - origin) // width * width
 
 
 def with_parsed_times(row: dict[str, Any]) -> dict[str, Any]:

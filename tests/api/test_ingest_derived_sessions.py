@@ -5,6 +5,7 @@ the open-session rule Countly's heartbeats and ends use."""
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -191,3 +192,58 @@ async def test_a_derived_session_is_published_with_its_start_and_its_ip_country(
 
 async def _length_is(items: Any, length: int) -> bool:
     return len(await items) >= length
+
+
+def runs_under_thirty_minutes(times: dict[str, datetime]) -> list[set[str]]:
+    """The rule's model for an installation whose events arrive in time order (or in reverse):
+    sessions are the maximal runs of its events with gaps under 30 minutes."""
+    runs: list[set[str]] = []
+    last: datetime | None = None
+    for event_id, moment in sorted(times.items(), key=lambda item: item[1]):
+        if last is None or moment - last >= 30 * MINUTE:
+            runs.append(set())
+        runs[-1].add(event_id)
+        last = moment
+    return runs
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+async def test_sessions_found_across_activity_buckets_follow_the_model(
+    ingest: Ingest, seed: int
+) -> None:
+    """Each event in its own batch, so every one of them is judged against the sessions stored
+    so far, found through their 10-minute activity buckets (0032): random gaps, many close
+    to 30 minutes and to a bucket's edge, in time order for one installation and in reverse
+    for another."""
+    rng = random.Random(seed)
+    start = NOW - timedelta(hours=30)
+    times: dict[str, datetime] = {}
+    moment = start
+    for n in range(40):
+        gap = rng.choice(
+            [
+                timedelta(seconds=rng.randint(1, 29 * 60)),
+                timedelta(minutes=30) - timedelta(seconds=rng.randint(0, 90)),
+                timedelta(minutes=30),
+                timedelta(seconds=rng.randint(30 * 60, 45 * 60)),
+            ]
+        )
+        moment += gap
+        times[f"e{n}"] = moment
+    forward = {f"f-{k}": v for k, v in times.items()}
+    backward = {f"b-{k}": v for k, v in times.items()}
+    for event_id, at in forward.items():
+        event = inactive(event_id, 0, installation_id="forward")
+        event.event_time.FromDatetime(at)
+        await ingest.track(event)
+    for event_id, at in sorted(backward.items(), key=lambda item: item[1], reverse=True):
+        event = inactive(event_id, 0, installation_id="backward")
+        event.event_time.FromDatetime(at)
+        await ingest.track(event)
+    found = await session_of(ingest)
+    for stored in (forward, backward):
+        by_session: dict[str | None, set[str]] = {}
+        for event_id in stored:
+            by_session.setdefault(found[event_id], set()).add(event_id)
+        expected = runs_under_thirty_minutes(stored)
+        assert sorted(map(sorted, by_session.values())) == sorted(map(sorted, expected)), seed
