@@ -47,15 +47,18 @@ from shared.db import (
 OWNER_ORDER = ("shared", "identity", "ingest", "segments", "query")
 
 # Kinds of catalog objects, in the order a schema file shows them.
-TABLE, INDEX, FUNCTION, VIEW, TRIGGER, COMMENT, HOOK = (
+TYPE, TABLE, INDEX, FUNCTION, AGGREGATE, VIEW, TRIGGER, COMMENT, HOOK = (
+    "type",
     "table",
     "index",
     "function",
+    "aggregate",
     "view",
     "trigger",
     "comment",
     "hook",
 )
+ROUTINES = (FUNCTION, AGGREGATE, VIEW)
 
 # Base tables of the public schema (schema_migrations is the runner's, not an owner's). Of a
 # partitioned table's partitions only the DEFAULT one is part of the schema: the periodic ones
@@ -100,7 +103,31 @@ SELECT_FUNCTIONS = """
     SELECT p.oid, p.proname || '(' || pg_get_function_identity_arguments(p.oid) || ')' AS name,
         pg_get_functiondef(p.oid) AS definition
     FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+    WHERE n.nspname = 'public' AND p.prokind <> 'a' ORDER BY p.oid"""
+# Aggregates (pg_get_functiondef refuses them), as far as the schema uses them: a state
+# function, a state type, an optional final function and initial state.
+SELECT_AGGREGATES = """
+    SELECT p.oid, p.proname || '(' || pg_get_function_identity_arguments(p.oid) || ')' AS name,
+        p.proname AS bare_name, pg_get_function_identity_arguments(p.oid) AS arguments,
+        a.aggtransfn::regproc::text AS state_function,
+        format_type(a.aggtranstype, NULL) AS state_type,
+        CASE WHEN a.aggfinalfn <> 0 THEN a.aggfinalfn::regproc::text END AS final_function,
+        a.agginitval AS initial_state
+    FROM pg_proc p JOIN pg_aggregate a ON a.aggfnoid = p.oid
+    JOIN pg_namespace n ON n.oid = p.pronamespace
     WHERE n.nspname = 'public' ORDER BY p.oid"""
+# Composite types of the public schema (not tables' row types).
+SELECT_TYPES = """
+    SELECT t.oid, t.typname AS name,
+        string_agg(quote_ident(a.attname) || ' ' || format_type(a.atttypid, a.atttypmod), ', '
+                   ORDER BY a.attnum) AS fields
+    FROM pg_type t
+    JOIN pg_class c ON c.oid = t.typrelid AND c.relkind = 'c'
+    JOIN pg_namespace n ON n.oid = t.typnamespace
+    JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+    WHERE n.nspname = 'public'
+    GROUP BY t.oid, t.typname
+    ORDER BY t.oid"""
 SELECT_VIEWS = """
     SELECT c.oid, c.relname AS name, c.relkind, pg_get_viewdef(c.oid) AS definition
     FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -224,6 +251,18 @@ async def read_catalog(conn: asyncpg.Connection) -> Catalog:
         add(
             CatalogObject(FUNCTION, row["name"], row["definition"].rstrip() + ";", order=row["oid"])
         )
+    for row in await conn.fetch(SELECT_AGGREGATES):
+        options = [f"SFUNC = {row['state_function']}", f"STYPE = {row['state_type']}"]
+        if row["final_function"] is not None:
+            options.append(f"FINALFUNC = {row['final_function']}")
+        if row["initial_state"] is not None:
+            options.append("INITCOND = '" + row["initial_state"].replace("'", "''") + "'")
+        body = ",\n".join(f"    {option}" for option in options)
+        sql = f"CREATE AGGREGATE {row['bare_name']}({row['arguments']}) (\n{body}\n);"
+        add(CatalogObject(AGGREGATE, row["name"], sql, order=row["oid"]))
+    for row in await conn.fetch(SELECT_TYPES):
+        sql = f"CREATE TYPE {row['name']} AS ({row['fields']});"
+        add(CatalogObject(TYPE, row["name"], sql, order=row["oid"]))
     for row in await conn.fetch(SELECT_VIEWS):
         materialized = "MATERIALIZED " if row["relkind"] == "m" else ""
         sql = f"CREATE {materialized}VIEW {row['name']} AS\n{row['definition'].rstrip(';')};"
@@ -334,7 +373,7 @@ def schema_file_steps() -> list[tuple[str, str]]:
 
 _CREATE = re.compile(
     r"^\s*(?:CREATE\s+(?:OR\s+REPLACE\s+)?(?:UNIQUE\s+)?(?:MATERIALIZED\s+)?"
-    r"(TABLE|INDEX|FUNCTION|VIEW|TRIGGER)\s+(?:IF\s+NOT\s+EXISTS\s+)?|"
+    r"(TABLE|INDEX|FUNCTION|AGGREGATE|TYPE|VIEW|TRIGGER)\s+(?:IF\s+NOT\s+EXISTS\s+)?|"
     r"ALTER\s+(TABLE|INDEX)\s+(?:IF\s+EXISTS\s+)?)(\w+)",
     re.IGNORECASE,
 )
@@ -392,7 +431,15 @@ def render(owner: str, attribution: Attribution, notes: dict[tuple[str, str], li
 
     tables = sorted((o for o in mine if o.kind == TABLE), key=lambda o: o.order)
     indexes = [o for o in mine if o.kind == INDEX]
-    routines = sorted((o for o in mine if o.kind in (FUNCTION, VIEW)), key=lambda o: o.order)
+    routines = sorted((o for o in mine if o.kind in ROUTINES), key=lambda o: o.order)
+    types = sorted((o for o in mine if o.kind == TYPE), key=lambda o: o.order)
+    if types:
+        # Composite types name only built-in types: they come first.
+        section("Types")
+        for composite in types:
+            out.append("")
+            note(TYPE, composite)
+            out.append(composite.sql)
     # A function that a column's expression calls (a generated column's) must exist before its
     # table; such functions read no table, so they can come first.
     tables_sql = "\n".join(t.sql for t in tables)
@@ -421,7 +468,7 @@ def render(owner: str, attribution: Attribution, notes: dict[tuple[str, str], li
             note(INDEX, index)
             out.append(index.sql)
     if routines:
-        section("Functions and views")
+        section("Functions, aggregates and views")
         for routine in routines:
             out.append("")
             note(routine.kind, routine)

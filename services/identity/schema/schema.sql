@@ -119,7 +119,7 @@ CREATE TABLE custom_id_hmac_keys (
 
 
 -- ============================================================================================
--- Functions and views
+-- Functions, aggregates and views
 -- ============================================================================================
 
 -- READ CONTRACT (ingest): which profile each of the installations belongs to now, and whether

@@ -5,6 +5,15 @@
 
 
 -- ============================================================================================
+-- Types
+-- ============================================================================================
+
+-- Where the replay of one attribute stands: `started` once it has its starting point (the
+-- state before the first operation replayed, which may be absent: value NULL).
+CREATE TYPE profiles_ingest_replay_state AS (started boolean, value jsonb, changed timestamp with time zone);
+
+
+-- ============================================================================================
 -- Functions that columns use
 -- ============================================================================================
 
@@ -317,7 +326,7 @@ CREATE TABLE profile_last_crashes (
 
 
 -- ============================================================================================
--- Functions and views
+-- Functions, aggregates and views
 -- ============================================================================================
 
 -- Per-field event-time rule of installation_details, for ingest's set-based upsert: a field
@@ -449,61 +458,16 @@ BEGIN
     RETURN NULL;
 END $function$;
 
--- The one place the fold rule is written (profiles_ingest_apply is its step). Brings one
--- attribute up to date after operations were added to its log, the earliest of them at
--- (s_time, s_event_id, s_origin, s_position): from the state just before that point, replays
--- every operation from it on, recording each one's state, and stores the last as the
--- attribute's. Callers hold the profile's lock (ingest's version bump, identity's merge).
+-- One attribute (merges replay each attribute the source's operations touch): the same
+-- statement. (plpgsql: its body may name a function created after it, as in a schema file.)
 CREATE OR REPLACE FUNCTION public.profiles_ingest_fold_attribute(p_project uuid, p_profile uuid, p_native boolean, p_name text, s_time timestamp with time zone, s_event_id text, s_origin text, s_position smallint)
  RETURNS void
  LANGUAGE plpgsql
 AS $function$
-DECLARE
-    since_event text COLLATE "C" := s_event_id;
-    since_origin text COLLATE "C" := s_origin;
-    op attribute_operations%ROWTYPE;
-    state_value jsonb;  -- NULL while the attribute is absent
-    changed timestamptz;
-    applied jsonb;
 BEGIN
-    SELECT a.state, a.state_time INTO state_value, changed FROM attribute_operations a
-    WHERE a.project_id = p_project AND a.profile_id = p_profile AND a.native = p_native
-        AND a.name = p_name
-        AND (a.event_time, a.event_id, a.origin, a.position)
-            < (s_time, since_event, since_origin, s_position)
-    ORDER BY a.event_time DESC, a.event_id DESC, a.origin DESC, a.position DESC
-    LIMIT 1;
-    FOR op IN
-        SELECT * FROM attribute_operations a
-        WHERE a.project_id = p_project AND a.profile_id = p_profile AND a.native = p_native
-            AND a.name = p_name
-            AND (a.event_time, a.event_id, a.origin, a.position)
-                >= (s_time, since_event, since_origin, s_position)
-        ORDER BY a.event_time, a.event_id, a.origin, a.position
-    LOOP
-        applied := profiles_ingest_apply(state_value, op);
-        -- A set-once that finds a value applies nothing: the value keeps its time.
-        IF NOT (op.kind = 'set_once' AND state_value IS NOT NULL) THEN
-            changed := op.event_time;
-        END IF;
-        state_value := applied;
-        IF op.state IS DISTINCT FROM state_value OR op.state_time IS DISTINCT FROM changed THEN
-            UPDATE attribute_operations a SET state = state_value, state_time = changed
-            WHERE a.project_id = p_project AND a.profile_id = p_profile
-                AND a.native = p_native AND a.name = p_name AND a.event_time = op.event_time
-                AND a.event_id = op.event_id AND a.origin = op.origin
-                AND a.position = op.position;
-        END IF;
-    END LOOP;
-    IF changed IS NULL THEN
-        RETURN;  -- no operation at all: nothing to store
-    END IF;
-    INSERT INTO profile_attributes (project_id, profile_id, native, name, value, value_type,
-                                    update_time)
-    VALUES (p_project, p_profile, p_native, p_name, state_value, state_value->>'type', changed)
-    ON CONFLICT (project_id, profile_id, native, name) DO UPDATE SET
-        value = EXCLUDED.value, value_type = EXCLUDED.value_type,
-        update_time = EXCLUDED.update_time;
+    PERFORM profiles_ingest_fold_attributes(p_project, ARRAY[p_profile], ARRAY[p_native],
+                                            ARRAY[p_name], ARRAY[s_time], ARRAY[s_event_id],
+                                            ARRAY[s_origin], ARRAY[s_position]);
 END $function$;
 
 -- One step of the replay: the value (NULL when absent) after `op` applies to `state_value`.
@@ -1016,15 +980,7 @@ AS $function$
         last_event_time = greatest(c.last_event_time, EXCLUDED.last_event_time)
 $function$;
 
--- Call 2: the batch's derived state, each kind by one set-based statement over the rows of
--- the events that carry it, in this order: attribute operations joined to their logs and the
--- touched attributes replayed (profiles_ingest_fold_attribute); the events refused for the
--- attribute limit deleted (their totals with them, by the delete trigger); consent by event
--- time; installation details by event time per field; sessions merged. Answers, per
--- (installation, session) the batch touched, the session's country (what = 'session'), and per
--- installation of p_session_starters now holding the push token of an imported installation
--- not yet folded, that installation (what = 'reintegration'). The statements are the ones
--- ingest ran one by one before, with the same rules and the same key orders.
+-- 0030's function, with the replay above for the batch's touched attributes.
 CREATE OR REPLACE FUNCTION public.profiles_ingest_apply_batch_state(p_project uuid, o_profiles uuid[], o_natives boolean[], o_names text[], o_times timestamp with time zone[], o_event_ids text[], o_origins text[], o_positions smallint[], o_kinds text[], o_values jsonb[], p_refused_event_seqs bigint[], s_profiles uuid[], s_channels text[], s_kinds text[], s_subscribed boolean[], s_times timestamp with time zone[], s_event_ids text[], s_origins text[], i_installations text[], i_times timestamp with time zone[], i_platforms smallint[], i_changes jsonb[], p_session_starters text[], e_installations text[], e_sessions text[], e_profiles uuid[], e_platforms smallint[], e_kinds smallint[], e_times timestamp with time zone[], e_durations interval[], e_countries text[])
  RETURNS TABLE(what text, installation_id text, session_id text, country text, imported_installation_id text)
  LANGUAGE plpgsql
@@ -1036,8 +992,12 @@ BEGIN
         SELECT p_project, o.*
         FROM unnest(o_profiles, o_natives, o_names, o_times, o_event_ids, o_origins,
                     o_positions, o_kinds, o_values) AS o;
-        PERFORM profiles_ingest_fold_attribute(p_project, f.profile_id, f.native, f.name,
-                                               f.event_time, f.event_id, f.origin, f.position)
+        -- Every touched attribute replayed from its earliest operation of the batch, in one
+        -- statement for the batch.
+        PERFORM profiles_ingest_fold_attributes(
+            p_project, array_agg(f.profile_id), array_agg(f.native), array_agg(f.name),
+            array_agg(f.event_time), array_agg(f.event_id), array_agg(f.origin),
+            array_agg(f.position))
         FROM (
             SELECT DISTINCT ON (o.profile_id, o.native, o.name) o.*
             FROM unnest(o_profiles, o_natives, o_names, o_times, o_event_ids, o_origins,
@@ -1045,8 +1005,7 @@ BEGIN
                  AS o(profile_id, native, name, event_time, event_id, origin, position)
             ORDER BY o.profile_id, o.native, o.name, o.event_time, o.event_id COLLATE "C",
                      o.origin COLLATE "C", o.position
-        ) f
-        ORDER BY f.profile_id, f.native, f.name;
+        ) f;
     END IF;
 
     IF cardinality(p_refused_event_seqs) > 0 THEN
@@ -1401,6 +1360,101 @@ BEGIN
             AND a.value IS NOT NULL
     ) h;
 END $function$;
+
+-- One step of the replay: the state after `op`, from `state` (NULL before the first step,
+-- which starts from start_value and start_time).
+CREATE OR REPLACE FUNCTION public.profiles_ingest_replay_step(state profiles_ingest_replay_state, start_value jsonb, start_time timestamp with time zone, op attribute_operations)
+ RETURNS profiles_ingest_replay_state
+ LANGUAGE plpgsql
+ IMMUTABLE
+AS $function$
+DECLARE
+    value jsonb := CASE WHEN state.started THEN state.value ELSE start_value END;
+    changed timestamptz := CASE WHEN state.started THEN state.changed ELSE start_time END;
+BEGIN
+    -- A set-once that finds a value applies nothing: the value keeps its time.
+    IF NOT (op.kind = 'set_once' AND value IS NOT NULL) THEN
+        changed := op.event_time;
+    END IF;
+    RETURN ROW(true, profiles_ingest_apply(value, op), changed)::profiles_ingest_replay_state;
+END $function$;
+
+-- The replay of an attribute's operations in their order from a starting state:
+-- profiles_ingest_replay(start_value, start_time, operation) OVER (... ORDER BY the
+-- operations' order ROWS UNBOUNDED PRECEDING) is the state after each operation.
+CREATE AGGREGATE profiles_ingest_replay(jsonb, timestamp with time zone, attribute_operations) (
+    SFUNC = profiles_ingest_replay_step,
+    STYPE = profiles_ingest_replay_state
+);
+
+-- Replays each given attribute (profile, native, name) from the given operation (its earliest
+-- new one) on: every operation from there gets the state after it, and the attribute its
+-- final state. The attributes' profiles must be locked by the caller (a batch's or a merge's
+-- profile locks), so no one else changes their operations meanwhile. Each attribute once.
+CREATE OR REPLACE FUNCTION public.profiles_ingest_fold_attributes(p_project uuid, f_profiles uuid[], f_natives boolean[], f_names text[], f_times timestamp with time zone[], f_event_ids text[], f_origins text[], f_positions smallint[])
+ RETURNS void
+ LANGUAGE sql
+AS $function$
+    WITH since AS (
+        SELECT * FROM unnest(f_profiles, f_natives, f_names, f_times, f_event_ids, f_origins,
+                             f_positions)
+             AS s(profile_id, native, name, event_time, event_id, origin, position)
+    ),
+    replayed AS (
+        SELECT a.row_id, a.profile_id, a.native, a.name, a.event_time, a.event_id,
+               a.origin, a.position, a.state, a.state_time,
+               profiles_ingest_replay(before.state, before.state_time, a.operation) OVER (
+                   PARTITION BY a.profile_id, a.native, a.name
+                   ORDER BY a.event_time, a.event_id, a.origin, a.position
+                   ROWS UNBOUNDED PRECEDING) AS after
+        FROM since s
+        -- The state before the replay's first operation: the one its predecessor holds.
+        LEFT JOIN LATERAL (
+            SELECT b.state, b.state_time FROM attribute_operations b
+            WHERE b.project_id = p_project AND b.profile_id = s.profile_id
+                AND b.native = s.native AND b.name = s.name
+                AND (b.event_time, b.event_id, b.origin, b.position)
+                    < (s.event_time, s.event_id COLLATE "C", s.origin COLLATE "C", s.position)
+            ORDER BY b.event_time DESC, b.event_id DESC, b.origin DESC, b.position DESC
+            LIMIT 1
+        ) before ON true
+        -- The operations replayed, by the primary key, attribute by attribute (OFFSET 0 keeps
+        -- the planner from flattening this into a join, which with the statistics of a young
+        -- table it planned as a hash of all the project's operations: the plan of a SQL
+        -- function is kept, and that one grew with the table).
+        CROSS JOIN LATERAL (
+            SELECT o.ctid AS row_id, o AS operation, o.profile_id, o.native, o.name,
+                   o.event_time, o.event_id, o.origin, o.position, o.state, o.state_time
+            FROM attribute_operations o
+            WHERE o.project_id = p_project AND o.profile_id = s.profile_id
+                AND o.native = s.native AND o.name = s.name
+                AND (o.event_time, o.event_id, o.origin, o.position)
+                    >= (s.event_time, s.event_id COLLATE "C", s.origin COLLATE "C", s.position)
+            OFFSET 0
+        ) a
+    ),
+    restated AS (
+        UPDATE attribute_operations a
+        SET state = (r.after).value, state_time = (r.after).changed
+        FROM replayed r
+        -- The rows just read (the caller's profile locks keep them where they are): by their
+        -- address, which no statistics can turn into a scan of the project's operations.
+        WHERE a.ctid = r.row_id
+            AND (r.state IS DISTINCT FROM (r.after).value
+                 OR r.state_time IS DISTINCT FROM (r.after).changed)
+    )
+    INSERT INTO profile_attributes (project_id, profile_id, native, name, value, value_type,
+                                    update_time)
+    SELECT DISTINCT ON (r.profile_id, r.native, r.name)
+           p_project, r.profile_id, r.native, r.name, (r.after).value,
+           (r.after).value->>'type', (r.after).changed
+    FROM replayed r
+    ORDER BY r.profile_id, r.native, r.name, r.event_time DESC, r.event_id DESC,
+             r.origin DESC, r.position DESC
+    ON CONFLICT (project_id, profile_id, native, name) DO UPDATE SET
+        value = EXCLUDED.value, value_type = EXCLUDED.value_type,
+        update_time = EXCLUDED.update_time
+$function$;
 
 
 -- ============================================================================================

@@ -82,7 +82,7 @@ CREATE TABLE query_counters (
 
 
 -- ============================================================================================
--- Functions and views
+-- Functions, aggregates and views
 -- ============================================================================================
 
 -- Query's profile hooks (shared/schema: profile_hooks). A merge leaves query_profiles

@@ -188,7 +188,7 @@ CREATE TABLE segment_thresholds_applied (
 
 
 -- ============================================================================================
--- Functions and views
+-- Functions, aggregates and views
 -- ============================================================================================
 
 -- The counter shard (0..15) of the calling transaction: the first, from one that depends on the
