@@ -252,12 +252,12 @@ async def read_catalog(conn: asyncpg.Connection) -> Catalog:
             CatalogObject(FUNCTION, row["name"], row["definition"].rstrip() + ";", order=row["oid"])
         )
     for row in await conn.fetch(SELECT_AGGREGATES):
-        options = [f"SFUNC = {row['state_function']}", f"STYPE = {row['state_type']}"]
+        clauses = [f"SFUNC = {row['state_function']}", f"STYPE = {row['state_type']}"]
         if row["final_function"] is not None:
-            options.append(f"FINALFUNC = {row['final_function']}")
+            clauses.append(f"FINALFUNC = {row['final_function']}")
         if row["initial_state"] is not None:
-            options.append("INITCOND = '" + row["initial_state"].replace("'", "''") + "'")
-        body = ",\n".join(f"    {option}" for option in options)
+            clauses.append("INITCOND = '" + row["initial_state"].replace("'", "''") + "'")
+        body = ",\n".join(f"    {clause}" for clause in clauses)
         sql = f"CREATE AGGREGATE {row['bare_name']}({row['arguments']}) (\n{body}\n);"
         add(CatalogObject(AGGREGATE, row["name"], sql, order=row["oid"]))
     for row in await conn.fetch(SELECT_TYPES):
