@@ -119,10 +119,7 @@ BEGIN
                                             ARRAY[s_origin], ARRAY[s_position]);
 END $$;
 
--- 0030's function, with the replay above for the batch's touched attributes, and installation
--- details (the line after the replay in the breakdown, 8.7 ms a batch) that build no JSON for
--- the platform and lock only the rows the batch changes (see `changing` below: of 469 rows a
--- batch in the bench, 360 were locked by the upsert and then left unchanged).
+-- 0030's function, with the replay above for the batch's touched attributes.
 CREATE OR REPLACE FUNCTION profiles_ingest_apply_batch_state(
     p_project uuid,
     -- attribute operations: profile, native, name, event time, event ID, origin, position,
@@ -223,41 +220,24 @@ BEGIN
             FROM latest l
             GROUP BY l.installation_id
         ),
-        -- The platform is a column of its own (the other fields never hold it): no JSON is
-        -- built for it but its time.
         merged AS (
-            SELECT s.installation_id, s.platform, c.v,
+            SELECT s.installation_id,
+                   jsonb_build_object('platform', s.platform) || coalesce(c.v, '{}') AS v,
                    jsonb_build_object('platform', s.platform_time) || coalesce(c.times, '{}')
                        AS times,
                    s.first_seen, s.last_seen
             FROM seen s LEFT JOIN changed c USING (installation_id)
         ),
-        -- Only the rows the batch changes go to the upsert, judged first against the row as
-        -- this statement's snapshot has it, without a lock: ON CONFLICT DO UPDATE locks the
-        -- row it finds before it tests its WHERE, so each unchanged row (most of a batch's,
-        -- with late events) was locked and its lock written for nothing. Skipping is safe
-        -- because every change here only widens the span or takes a later field, so a row
-        -- newer than the snapshot is changed by this batch only if the snapshot's row is too.
-        -- The upsert's WHERE still judges against the latest row.
-        changing AS (
-            SELECT m.* FROM merged m
-            LEFT JOIN installation_details cur
-                ON cur.project_id = p_project AND cur.installation_id = m.installation_id
-            WHERE cur.installation_id IS NULL
-                OR m.first_seen < cur.first_seen OR m.last_seen > cur.last_seen
-                OR m.times - 'platform' <> '{}'
-                OR profiles_ingest_field_wins(m.times, cur.field_times, 'platform')
-        ),
         upserted AS (
             INSERT INTO installation_details AS d (project_id, installation_id, platform,
                 app_version, os_version, device_model, push_token, push_opt_in, language,
                 timezone, uninstalled, field_times, first_seen, last_seen)
-            SELECT p_project, m.installation_id, m.platform,
+            SELECT p_project, m.installation_id, (m.v->>'platform')::smallint,
                    m.v->>'app_version', m.v->>'os_version', m.v->>'device_model',
                    m.v->>'push_token', (m.v->>'push_opt_in')::boolean, m.v->>'language',
                    m.v->>'timezone', coalesce((m.v->>'uninstalled')::boolean, false), m.times,
                    m.first_seen, m.last_seen
-            FROM changing m
+            FROM merged m
             ORDER BY m.installation_id
             ON CONFLICT ON CONSTRAINT installation_details_pkey DO UPDATE SET
                 platform = CASE WHEN profiles_ingest_field_wins(EXCLUDED.field_times,
