@@ -429,30 +429,28 @@ def render(owner: str, attribution: Attribution, notes: dict[tuple[str, str], li
     def section(title: str) -> None:
         out.extend(["", "", f"-- {'=' * 92}", f"-- {title}", f"-- {'=' * 92}"])
 
+    def listing(title: str, objects: list[CatalogObject]) -> None:
+        """A section of objects, each under its migrations' comment (none when empty)."""
+        if objects:
+            section(title)
+            for obj in objects:
+                out.append("")
+                note(obj.kind, obj)
+                out.append(obj.sql)
+
     tables = sorted((o for o in mine if o.kind == TABLE), key=lambda o: o.order)
     indexes = [o for o in mine if o.kind == INDEX]
     routines = sorted((o for o in mine if o.kind in ROUTINES), key=lambda o: o.order)
-    types = sorted((o for o in mine if o.kind == TYPE), key=lambda o: o.order)
-    if types:
-        # Composite types name only built-in types: they come first.
-        section("Types")
-        for composite in types:
-            out.append("")
-            note(TYPE, composite)
-            out.append(composite.sql)
+    # Composite types name only built-in types: they come first.
+    listing("Types", sorted((o for o in mine if o.kind == TYPE), key=lambda o: o.order))
     # A function that a column's expression calls (a generated column's) must exist before its
     # table; such functions read no table, so they can come first.
     tables_sql = "\n".join(t.sql for t in tables)
     used_by_columns = [
         r for r in routines if r.kind == FUNCTION and re.search(rf"\b{_bare(r)}\(", tables_sql)
     ]
-    if used_by_columns:
-        section("Functions that columns use")
-        for routine in used_by_columns:
-            out.append("")
-            note(routine.kind, routine)
-            out.append(routine.sql)
-        routines = [r for r in routines if r not in used_by_columns]
+    listing("Functions that columns use", used_by_columns)
+    routines = [r for r in routines if r not in used_by_columns]
     if tables or indexes:
         section("Tables")
         for table in tables:
@@ -467,12 +465,7 @@ def render(owner: str, attribution: Attribution, notes: dict[tuple[str, str], li
             out.append("")
             note(INDEX, index)
             out.append(index.sql)
-    if routines:
-        section("Functions, aggregates and views")
-        for routine in routines:
-            out.append("")
-            note(routine.kind, routine)
-            out.append(routine.sql)
+    listing("Functions, aggregates and views", routines)
     for kind, title in ((TRIGGER, "Triggers"), (COMMENT, "Comments"), (HOOK, "Profile hooks")):
         objects = sorted((o for o in mine if o.kind == kind), key=lambda o: o.name)
         if objects:
