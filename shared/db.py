@@ -176,15 +176,15 @@ encode_json = _json_encoder()
 JSONB_FORMAT_VERSION = b"\x01"
 
 
-def encode_jsonb(value: Any) -> bytes:
+def _encode_jsonb(value: Any) -> bytes:
     return JSONB_FORMAT_VERSION + encode_json(value).encode()
 
 
-def decode_jsonb(data: bytes) -> Any:
+def _decode_jsonb(data: bytes) -> Any:
     return json.loads(data[1:])
 
 
-def encode_json_bytes(value: Any) -> bytes:
+def _encode_json_bytes(value: Any) -> bytes:
     return encode_json(value).encode()
 
 
@@ -196,13 +196,13 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
     # payload's text as it is.
     await conn.set_type_codec(
         "jsonb",
-        encoder=encode_jsonb,
-        decoder=decode_jsonb,
+        encoder=_encode_jsonb,
+        decoder=_decode_jsonb,
         schema="pg_catalog",
         format="binary",
     )
     await conn.set_type_codec(
-        "json", encoder=encode_json_bytes, decoder=json.loads, schema="pg_catalog", format="binary"
+        "json", encoder=_encode_json_bytes, decoder=json.loads, schema="pg_catalog", format="binary"
     )
 
 
