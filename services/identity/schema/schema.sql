@@ -130,10 +130,19 @@ CREATE OR REPLACE FUNCTION public.identity_read_installation_profiles(p_project 
  LANGUAGE sql
  STABLE
 AS $function$
-    SELECT i.installation_id, i.profile_id, p.custom_id IS NOT NULL
+    SELECT i.installation_id, i.profile_id, p.identified
     FROM (SELECT DISTINCT k.id FROM unnest(p_installation_ids) AS k(id)) k
-    JOIN installations i ON i.project_id = p_project AND i.installation_id = k.id
-    JOIN profiles p ON p.project_id = i.project_id AND p.profile_id = i.profile_id
+    -- OFFSET 0 keeps each subquery a probe of its own (not flattened into a join).
+    CROSS JOIN LATERAL (
+        SELECT i.installation_id, i.profile_id FROM installations i
+        WHERE i.project_id = p_project AND i.installation_id = k.id
+        OFFSET 0
+    ) i
+    CROSS JOIN LATERAL (
+        SELECT p.custom_id IS NOT NULL AS identified FROM profiles p
+        WHERE p.project_id = p_project AND p.profile_id = i.profile_id
+        OFFSET 0
+    ) p
 $function$;
 
 -- READ CONTRACT (ingest, storing an installation's events): the installations' current
@@ -147,10 +156,13 @@ CREATE OR REPLACE FUNCTION public.identity_read_installation_links(p_project uui
  LANGUAGE sql
 AS $function$
     SELECT i.installation_id, i.profile_id
-    FROM (SELECT DISTINCT k.id FROM unnest(p_installation_ids) AS k(id)) k
-    JOIN installations i ON i.project_id = p_project AND i.installation_id = k.id
-    ORDER BY i.installation_id
-    FOR SHARE OF i
+    FROM (SELECT DISTINCT k.id FROM unnest(p_installation_ids) AS k(id) ORDER BY k.id) k
+    CROSS JOIN LATERAL (
+        SELECT i.installation_id, i.profile_id FROM installations i
+        WHERE i.project_id = p_project AND i.installation_id = k.id
+        FOR SHARE OF i
+    ) i
+    ORDER BY k.id
 $function$;
 
 -- Ingest's writes that change what a profile view shows raise the profile's version (read
@@ -164,26 +176,37 @@ CREATE OR REPLACE FUNCTION public.identity_apply_profile_locks(p_project uuid, p
  LANGUAGE sql
 AS $function$
     SELECT p.profile_id, coalesce(p.merged_into, p.profile_id)
-    FROM (SELECT DISTINCT k.id FROM unnest(p_profile_ids) AS k(id)) k
-    JOIN profiles p ON p.project_id = p_project AND p.profile_id = k.id
-    ORDER BY p.profile_id
-    FOR NO KEY UPDATE OF p
+    FROM (SELECT DISTINCT k.id FROM unnest(p_profile_ids) AS k(id) ORDER BY k.id) k
+    CROSS JOIN LATERAL (
+        SELECT p.profile_id, p.merged_into FROM profiles p
+        WHERE p.project_id = p_project AND p.profile_id = k.id
+        FOR NO KEY UPDATE OF p
+    ) p
+    ORDER BY k.id
 $function$;
 
+-- The bump itself is written as an upsert of the rows just locked: ON CONFLICT reaches each
+-- row through the primary key (its arbiter), which an UPDATE joined to the locked rows does not
+-- promise (its planner hashed the project's rows). The rows are locked by this transaction, so
+-- each one conflicts: nothing is ever inserted. DO UPDATE updates the latest version of the
+-- row, as the UPDATE did.
 CREATE OR REPLACE FUNCTION public.identity_apply_profile_versions(p_project uuid, p_profile_ids uuid[])
  RETURNS TABLE(profile_id uuid, version bigint)
  LANGUAGE sql
 AS $function$
     WITH locked AS (
         SELECT l.profile_id
-        FROM (SELECT DISTINCT k.id FROM unnest(p_profile_ids) AS k(id)) k
-        JOIN profiles l ON l.project_id = p_project AND l.profile_id = k.id
-        ORDER BY l.profile_id
-        FOR NO KEY UPDATE OF l
+        FROM (SELECT DISTINCT k.id FROM unnest(p_profile_ids) AS k(id) ORDER BY k.id) k
+        CROSS JOIN LATERAL (
+            SELECT l.profile_id FROM profiles l
+            WHERE l.project_id = p_project AND l.profile_id = k.id
+            FOR NO KEY UPDATE OF l
+        ) l
     )
-    UPDATE profiles p SET version = p.version + 1, update_time = now()
-    FROM locked
-    WHERE p.project_id = p_project AND p.profile_id = locked.profile_id
+    INSERT INTO profiles AS p (project_id, profile_id)
+    SELECT p_project, locked.profile_id FROM locked ORDER BY locked.profile_id
+    ON CONFLICT ON CONSTRAINT profiles_pkey DO UPDATE
+        SET version = p.version + 1, update_time = now()
     RETURNING p.profile_id, p.version
 $function$;
 

@@ -1394,6 +1394,7 @@ CREATE AGGREGATE profiles_ingest_replay(jsonb, timestamp with time zone, attribu
 CREATE OR REPLACE FUNCTION public.profiles_ingest_fold_attributes(p_project uuid, f_profiles uuid[], f_natives boolean[], f_names text[], f_times timestamp with time zone[], f_event_ids text[], f_origins text[], f_positions smallint[])
  RETURNS void
  LANGUAGE sql
+ SET enable_seqscan TO 'off'
 AS $function$
     WITH since AS (
         SELECT * FROM unnest(f_profiles, f_natives, f_names, f_times, f_event_ids, f_origins,
