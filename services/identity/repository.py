@@ -41,23 +41,14 @@ from shared.outbox import OutboxItem, enqueue_many
 # primary-key probe of profiles per installation. A scalar subquery, not a join: for a batch of
 # hundreds of keys the planner's custom plans (the first five per connection) hash-joined a
 # sequential scan of every profile of the project (17 ms at 100,000 profiles, EXPLAIN ANALYZE,
-# against 3 ms for the probes). The installations are probed one key at a time too (a LATERAL
-# subquery, which OFFSET 0 keeps from being flattened): `installation_id = ANY($2)` was planned,
-# on a young table, as a scan of the project's installations by installations_by_profile with
-# the array as a filter (3 to 19 ms a call at 5,000 installations in ingest's bench, growing
-# with the project). Only the four columns the answer needs, in the order find_installations
-# unpacks them (it runs for every ingest batch).
+# against 3 ms for the probes). Only the four columns the answer needs, in the order
+# find_installations unpacks them (it runs for every ingest batch).
 SELECT_INSTALLATION_LINKS = """
     SELECT i.installation_id, i.profile_id, i.link_version,
         (SELECT p.custom_id IS NOT NULL FROM profiles p
          WHERE p.project_id = i.project_id AND p.profile_id = i.profile_id) AS identified
-    FROM (SELECT DISTINCT k.id FROM unnest($2::text[]) AS k(id)) k
-    CROSS JOIN LATERAL (
-        SELECT i.project_id, i.installation_id, i.profile_id, i.link_version
-        FROM installations i
-        WHERE i.project_id = $1 AND i.installation_id = k.id
-        OFFSET 0
-    ) i"""
+    FROM installations i
+    WHERE i.project_id = $1 AND i.installation_id = ANY($2::text[])"""
 
 # One statement creates the installations and their profiles. The installation row is inserted
 # first with ON CONFLICT DO NOTHING, so when two callers race for one new installation the
