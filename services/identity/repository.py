@@ -37,18 +37,13 @@ from services.identity.profile_rows import SELECT_PROFILES_AND_SURVIVORS, profil
 from shared.outbox import OutboxItem, enqueue_many
 
 # Read first for every batch, outside any transaction: installations.profile_id is always a live
-# profile (identity changes it in the same transaction as any merge), so "identified?" is one
-# primary-key probe of profiles per installation. A scalar subquery, not a join: for a batch of
-# hundreds of keys the planner's custom plans (the first five per connection) hash-joined a
-# sequential scan of every profile of the project (17 ms at 100,000 profiles, EXPLAIN ANALYZE,
-# against 3 ms for the probes). Only the four columns the answer needs, in the order
-# find_installations unpacks them (it runs for every ingest batch).
+# profile (identity changes it in the same transaction as any merge). One primary-key probe per
+# key of installations and of profiles, in identity's own function (0034), whatever plan the
+# connection keeps; in the order find_installations unpacks them (it runs for every ingest
+# batch with installations the cache does not know).
 SELECT_INSTALLATION_LINKS = """
-    SELECT i.installation_id, i.profile_id, i.link_version,
-        (SELECT p.custom_id IS NOT NULL FROM profiles p
-         WHERE p.project_id = i.project_id AND p.profile_id = i.profile_id) AS identified
-    FROM installations i
-    WHERE i.project_id = $1 AND i.installation_id = ANY($2::text[])"""
+    SELECT installation_id, profile_id, link_version, identified
+    FROM identity_read_installation_resolutions($1, $2::text[])"""
 
 # One statement creates the installations and their profiles. The installation row is inserted
 # first with ON CONFLICT DO NOTHING, so when two callers race for one new installation the

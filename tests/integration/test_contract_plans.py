@@ -16,12 +16,15 @@ import uuid
 import asyncpg
 import pytest
 
+from services.identity.repository import SELECT_INSTALLATION_LINKS
+
 GROWN = 3_000
 # Two keys cost a handful of probes; a scan of the project reads GROWN rows.
 AT_MOST_READ = 50
 CALLS_WHILE_YOUNG = 8  # past the five custom plans a cached plan may start with
 YOUNG_OPERATIONS = 300
 YOUNG_ROWS = 100
+NEW_INSTALLATIONS = 400
 
 FOLDED_TOGETHER = 10
 
@@ -100,35 +103,26 @@ async def test_identity_contracts_probe_the_keys_of_a_grown_project(
         project = uuid.uuid4()
         await conn.execute("INSERT INTO projects (project_id, name) VALUES ($1, $2)", project,
                            str(project))  # fmt: skip
-        profiles = [uuid.uuid4(), uuid.uuid4()]
-        installations = ["young-a", "young-b"]
-        for installation, profile in zip(installations, profiles, strict=True):
-            await conn.execute(
-                "INSERT INTO profiles (project_id, profile_id) VALUES ($1, $2)", project, profile
-            )
-            await conn.execute(
-                "INSERT INTO installations (project_id, installation_id, profile_id)"
-                " VALUES ($1, $2, $3)",
-                project,
-                installation,
-                profile,
-            )
+        # Two rows, or a batch's worth analyzed: both ask for every row the project holds.
+        await conn.execute(GROW, project, YOUNG_ROWS if analyzed_young else 2)
         if analyzed_young:
-            await conn.execute(GROW, project, YOUNG_ROWS)
             await conn.execute("ANALYZE profiles, installations")
         statement, takes = CONTRACTS[contract]
-        keys: list[str] | list[uuid.UUID] = installations if takes == "installations" else profiles
+        column = "installation_id" if takes == "installations" else "profile_id"
+        keys = [r[0] for r in await conn.fetch(
+            f"SELECT {column} FROM installations WHERE project_id = $1", project)]  # fmt: skip
         for _ in range(CALLS_WHILE_YOUNG):
             async with conn.transaction():
-                assert await conn.fetchval(statement, project, keys) == 2
+                assert await conn.fetchval(statement, project, keys) == len(keys)
         await conn.execute(GROW, project, GROWN)
 
         async with conn.transaction():
             tables = ["profiles", "installations"]
             before = await rows_read(conn, tables)
-            assert await conn.fetchval(statement, project, keys) == 2
+            assert await conn.fetchval(statement, project, keys) == len(keys)
             read = await rows_read(conn, tables) - before
-        assert read <= AT_MOST_READ, f"{contract} read {read} rows for 2 keys of {GROWN}+"
+        # A few probes per key (a lock, an upsert's conflict check), never the grown table.
+        assert read <= 4 * len(keys) + AT_MOST_READ, f"{contract}: {read} rows, {len(keys)} keys"
     finally:
         await conn.close()
 
@@ -204,5 +198,38 @@ async def test_version_bump_raises_each_named_profile_once_and_creates_none(
             "SELECT profile_id, version FROM profiles WHERE project_id = $1", project
         )
         assert sorted(tuple(r) for r in stored) == sorted([(first, 2), (second, 2)])
+    finally:
+        await conn.close()
+
+
+async def test_identity_resolves_new_installations_by_probe_in_a_grown_project(
+    database_url: str,
+) -> None:
+    """Identity's own read of the links (SELECT_INSTALLATION_LINKS, prepared on its connections,
+    run for every batch with installations its cache does not know) probes each key too: the
+    tables analyzed while young, a batch mostly of new installations once the project grew."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        project = uuid.uuid4()
+        await conn.execute("INSERT INTO projects (project_id, name) VALUES ($1, $2)", project,
+                           str(project))  # fmt: skip
+        await conn.execute(GROW, project, YOUNG_ROWS)
+        await conn.execute("ANALYZE installations, profiles")
+        rows = await conn.fetch(
+            "SELECT installation_id FROM installations WHERE project_id = $1", project
+        )
+        known = [r["installation_id"] for r in rows]
+        for _ in range(CALLS_WHILE_YOUNG):
+            assert len(await conn.fetch(SELECT_INSTALLATION_LINKS, project, known)) == len(known)
+        await conn.execute(GROW, project, GROWN)
+
+        asked = known + [f"new-{n}" for n in range(NEW_INSTALLATIONS)]
+        async with conn.transaction():
+            tables = ["profiles", "installations"]
+            before = await rows_read(conn, tables)
+            assert len(await conn.fetch(SELECT_INSTALLATION_LINKS, project, asked)) == len(known)
+            read = await rows_read(conn, tables) - before
+        # A probe of each installation asked and of each one's profile.
+        assert read <= 2 * len(known) + AT_MOST_READ, f"read {read} rows for {len(asked)} keys"
     finally:
         await conn.close()
