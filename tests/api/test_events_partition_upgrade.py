@@ -99,6 +99,14 @@ WRITE_PATH_OF_0027 = (
         _LOCKED_PART_OF_0029.index("DROP FUNCTION profiles_ingest_lock_batch_profiles") :
     ]
 )
+# Of 0034, identity's read of installations for a batch it resolves (its repository calls it).
+_CONTRACTS_OF_0034 = MIGRATIONS[34].read_text()
+_RESOLUTIONS_START = _CONTRACTS_OF_0034.index(
+    "CREATE FUNCTION identity_read_installation_resolutions"
+)
+READ_PATH_OF_0034 = _CONTRACTS_OF_0034[
+    _RESOLUTIONS_START : _CONTRACTS_OF_0034.index("$$;", _RESOLUTIONS_START) + len("$$;")
+]
 _TRIGGER_OF_0020 = MIGRATIONS[20].read_text()
 _TRIGGER_START = _TRIGGER_OF_0020.index("CREATE OR REPLACE FUNCTION profile_event_counts_apply()")
 UNDO_WRITE_PATH_OF_0027 = """
@@ -110,6 +118,7 @@ UNDO_WRITE_PATH_OF_0027 = """
     _TRIGGER_START : _TRIGGER_OF_0020.index("END $$;", _TRIGGER_START) + len("END $$;")
 ]
 UNDO_WRITE_PATH = """
+    DROP FUNCTION identity_read_installation_resolutions(uuid, text[]);
     DROP FUNCTION ingest_read_profile_last_crashes();
     DROP TABLE profile_last_crashes;
     DROP FUNCTION ingest_read_profile_event_counts();
@@ -144,6 +153,7 @@ async def database_0023(
         try:
             await conn.execute(WRITE_PATH_OF_0024)
             await conn.execute(WRITE_PATH_OF_0027)
+            await conn.execute(READ_PATH_OF_0034)
         finally:
             await conn.close()
         monkeypatch.setattr("shared.server.migrate", partial(migrate, directories=folder))
