@@ -176,7 +176,8 @@ AS $function$
     ORDER BY k.id
 $function$;
 
--- The bump itself is written as an upsert of the rows just locked: ON CONFLICT reaches each
+-- The bump locks its rows with the function above (same order), then is written as an upsert
+-- of the rows just locked: ON CONFLICT reaches each
 -- row through the primary key (its arbiter), which an UPDATE joined to the locked rows does not
 -- promise (its planner hashed the project's rows). The rows are locked by this transaction, so
 -- each one conflicts: nothing is ever inserted. DO UPDATE updates the latest version of the
@@ -187,13 +188,7 @@ CREATE OR REPLACE FUNCTION public.identity_apply_profile_versions(p_project uuid
  SET enable_seqscan TO 'off'
 AS $function$
     WITH locked AS (
-        SELECT l.profile_id
-        FROM (SELECT DISTINCT k.id FROM unnest(p_profile_ids) AS k(id) ORDER BY k.id) k
-        CROSS JOIN LATERAL (
-            SELECT l.profile_id FROM profiles l
-            WHERE l.project_id = p_project AND l.profile_id = k.id
-            FOR NO KEY UPDATE OF l
-        ) l
+        SELECT l.profile_id FROM identity_apply_profile_locks(p_project, p_profile_ids) l
     )
     INSERT INTO profiles AS p (project_id, profile_id)
     SELECT p_project, locked.profile_id FROM locked ORDER BY locked.profile_id
