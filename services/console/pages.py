@@ -694,8 +694,14 @@ async def profile_live(request: Request, session: ConsoleSession) -> Response:
                 yield sse({}, event="paused")
                 return
             # Subscribed first, then the re-read: whatever arrives meanwhile is in the queue,
-            # and the page drops what it already shows by event ID.
+            # and the page drops what it already shows by event ID. The re-read waits for the
+            # upstream watch to be live (its `started`, which every follower gets): an event
+            # stored after the re-read but before query subscribed would reach neither (seen
+            # under load, the page then missing what came after the reconnection).
+            early: list[Any] = []
             if since:
+                while not early or not _opens_or_ends(early[-1]):
+                    early.append(await queue.get())
                 request_fields: dict[str, Any] = {"profile_id": profile_id, "page_size": 200}
                 start = _parse_iso(since)
                 if start is not None:
@@ -712,12 +718,15 @@ async def profile_live(request: Request, session: ConsoleSession) -> Response:
                         newest = max(newest, data["iso"])
                         yield sse(data, event_id=newest)
             while True:
-                try:
-                    async with asyncio.timeout(HEARTBEAT_SECONDS):
-                        item = await queue.get()
-                except TimeoutError:
-                    yield b": heartbeat\n\n"
-                    continue
+                if early:
+                    item = early.pop(0)
+                else:
+                    try:
+                        async with asyncio.timeout(HEARTBEAT_SECONDS):
+                            item = await queue.get()
+                    except TimeoutError:
+                        yield b": heartbeat\n\n"
+                        continue
                 if isinstance(item, Ended):
                     yield sse({"reason": item.reason}, event="ended")
                     return
@@ -734,6 +743,11 @@ async def profile_live(request: Request, session: ConsoleSession) -> Response:
     return StreamingResponse(
         stream(), media_type="text/event-stream", headers={"Cache-Control": "no-store"}
     )
+
+
+def _opens_or_ends(item: Any) -> bool:
+    """The upstream watch's `started` (it is live) or the end of the feed."""
+    return isinstance(item, Ended) or item.WhichOneof("item") == "started"
 
 
 def _parse_iso(text: str) -> datetime | None:
