@@ -102,6 +102,23 @@ class Timings:
     drop_s: float
 
 
+# What the drop unlinks: the month's heap and each of its indexes, largest first.
+MONTH_SIZES = """
+    SELECT c.relname, pg_relation_size(c.oid) AS bytes
+    FROM pg_class c
+    WHERE c.oid = $1::regclass
+        OR c.oid IN (SELECT indexrelid FROM pg_index WHERE indrelid = $1::regclass)
+    ORDER BY bytes DESC"""
+
+
+async def month_sizes(database_url: str, partition: str) -> list[tuple[str, int]]:
+    conn = await asyncpg.connect(database_url)
+    try:
+        return [(r["relname"], r["bytes"]) for r in await conn.fetch(MONTH_SIZES, partition)]
+    finally:
+        await conn.close()
+
+
 async def measure(database_url: str, count: int) -> Timings:
     """Removes one month by DELETE then VACUUM, the other by detach then drop (retention's two
     transactions), timing each step."""
@@ -147,7 +164,12 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()
         asyncio.run(load(backends.database_url, project.project_id, count))
         print(f"  loaded in {time.perf_counter() - started:.1f} s", flush=True)
+        sizes = asyncio.run(month_sizes(backends.database_url, "events_2040_01"))
         t = asyncio.run(measure(backends.database_url, count))
+    total = sum(size for _, size in sizes)
+    print(f"the month's files: {total / 2**20:,.1f} MB", flush=True)
+    for name, size in sizes:
+        print(f"  {name}: {size / 2**20:,.1f} MB ({100 * size / total:.0f}%)")
     removal_s = t.detach_s + t.drop_s
     detach_speedup = _ratio(t.delete_s, t.detach_s)
     removal_speedup = _ratio(t.delete_s + t.vacuum_s, removal_s)

@@ -17,6 +17,7 @@ import asyncpg
 
 from profiles.common.v1 import bus_pb2, types_pb2
 from services.ingest.derived_sessions import Asking, Kind, Rule, Span, Touch, assign
+from services.ingest.repository import SELECT_EXISTING_INSTALLATION_EVENTS
 from services.ingest.validation import ValidEvent
 from shared.convert import timestamp_of
 
@@ -47,13 +48,6 @@ SELECT_NEARBY_SESSIONS = """
             >= ingest_sessions_activity_bucket(b.lo - interval '30 minutes')
         AND s.last_activity_time > b.lo - interval '30 minutes'
         AND s.start_time < b.hi + interval '30 minutes'"""
-
-# Already stored events (retries): they change no session, so the rules must not see them.
-SELECT_STORED_EVENTS = """
-    SELECT e.installation_id, e.event_id
-    FROM unnest($2::text[], $3::text[]) AS k(installation_id, event_id)
-    JOIN events e ON e.project_id = $1 AND e.installation_id = k.installation_id
-        AND e.event_id = k.event_id"""
 
 # The new derived sessions that got rows (their events were stored) become derived, with the
 # country of their first event's client IP ("" when unknown).
@@ -142,8 +136,10 @@ async def derive_sessions(
     await conn.execute(
         LOCK_INSTALLATIONS, project_id, sorted({e.installation_id or "" for e in asking})
     )
+    # Stored already: their keys are held (the dedupe rule, event_keys), so the insert will not
+    # store them again.
     rows = await conn.fetch(
-        SELECT_STORED_EVENTS,
+        SELECT_EXISTING_INSTALLATION_EVENTS,
         project_id,
         [e.installation_id for e in asking],
         [e.event_id for e in asking],

@@ -120,6 +120,21 @@ async def test_concurrent_batches_of_one_installation_share_its_session(ingest: 
     assert (session["duration"], session["event_count"]) == (25 * MINUTE, 6)
 
 
+async def test_an_event_stored_again_after_its_key_was_pruned_gets_its_session(
+    ingest: Ingest,
+) -> None:
+    """Dedupe keys are kept 35 days (event_keys), and a resend after that is stored again, as
+    docs/partitions.md says; derivation judges what is stored already by the same rule, so the
+    event stored again gets its session like any new event (not a session-less copy)."""
+    assert (await ingest.track(inactive("a", 0))).accepted_count == 1
+    await ingest.fetch("DELETE FROM event_keys")  # what the maintenance round does after 35 days
+    assert (await ingest.track(inactive("a", 0))).accepted_count == 1
+    rows = await ingest.fetch("SELECT session_id FROM events WHERE event_id = 'a'")
+    assert len(rows) == 2
+    assert rows[0]["session_id"] is not None
+    assert rows[0]["session_id"] == rows[1]["session_id"]
+
+
 async def test_heartbeats_and_ends_without_session_id_join_the_open_session(
     ingest: Ingest,
 ) -> None:

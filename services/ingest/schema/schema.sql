@@ -251,9 +251,6 @@ CREATE TABLE events (
     CONSTRAINT events_check CHECK (((installation_id IS NULL) <> (custom_id IS NULL))),
     CONSTRAINT events_event_id_check CHECK (((char_length(event_id) >= 1) AND (char_length(event_id) <= 64)))
 ) PARTITION BY RANGE (event_time);
--- Dedupe lookups within one partition (erasure's shadowed markers, support queries); no longer
--- unique: event_keys is the rule.
-CREATE INDEX events_by_installation_event_id ON events USING btree (project_id, installation_id, event_id) WHERE (installation_id IS NOT NULL);
 CREATE INDEX events_by_custom_id_event_id ON events USING btree (project_id, custom_id, event_id) WHERE (custom_id IS NOT NULL);
 -- A profile's timeline, newest first (ties broken by arrival); also what a merge moves by.
 CREATE INDEX events_by_profile_time ON events USING btree (project_id, profile_id, event_time DESC, event_seq DESC);
