@@ -4,7 +4,7 @@
 -- installation and event ID, now asks event_keys like the rest of ingest's dedupe (a retry
 -- whose key was pruned after 35 days is stored again, so derivation must see it as new too).
 -- The index held an entry for nearly every event (every SDK event has an installation), with
--- two text keys compared by collation: 13% of a month partition's bytes in bench.partitions,
+-- two text keys compared by collation: 13 to 16% of a month partition's bytes in bench.partitions,
 -- and about a quarter of the raw COPY's time in bench.ingest. Ingest maintained it for every
 -- event it stored, and dropping a month's partition unlinks it (issues 19 and 20). Its
 -- custom-ID twin stays: erasure reads it (ingest_apply_event_erasure's keyed markers).
