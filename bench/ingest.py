@@ -39,6 +39,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import asyncpg
 import grpc
@@ -461,6 +462,9 @@ def main(argv: list[str] | None = None) -> int:
         postgres_cpu_before = process_tree_cpu_seconds(postgres_pid)
         recording: list[bool] = []
         writes_before: dict[str, TableWrites] = {}
+        # The whole machine's CPU times when the load starts: whether the cores or something
+        # else (locks, round trips) bound the rate.
+        cores_at_load: list[Any] = []
 
         async def reset_statements() -> None:
             if not args.smoke:
@@ -471,6 +475,7 @@ def main(argv: list[str] | None = None) -> int:
             writes_before.update(await read_table_writes(database_url))
             if args.breakdown:
                 recording.append(await start_recording(database_url))
+            cores_at_load.append(psutil.cpu_times())
 
         outcome = asyncio.run(
             run_load(
@@ -481,6 +486,7 @@ def main(argv: list[str] | None = None) -> int:
                 on_warmed=reset_statements,
             )
         )
+        busy_pct = cores_busy_pct(cores_at_load[0], psutil.cpu_times())
         costs = asyncio.run(read_costs(database_url)) if any(recording) else []
         written = writes_between(writes_before, asyncio.run(read_table_writes(database_url)))
         ingest.check_alive()
@@ -505,6 +511,10 @@ def main(argv: list[str] | None = None) -> int:
     postgres_us_per_event = postgres_cpu_s * 1e6 / max(1, outcome.accepted + sizes.installations)
     print(f"PostgreSQL CPU: {postgres_cpu_s:.1f} s = {postgres_us_per_event:.0f} us per event")
     print(
+        f"machine: its {psutil.cpu_count()} cores {busy_pct:.0f}% busy during the load"
+        " (clients, services, PostgreSQL, Redis and anything else running)"
+    )
+    print(
         f"raw COPY: {copied} rows at {copy_rate:.0f} rows/s (one connection, 500 per COPY,"
         f" fastest of {COPY_PASSES} passes)"
     )
@@ -525,12 +535,22 @@ def main(argv: list[str] | None = None) -> int:
             Figure("trackevents_batch_p99_ms", latency.p99_ms, "ms", "none", float("nan")),
             Figure("ingest_cpu_us_per_event", cpu_us_per_event, "us", "none", float("nan")),
             Figure("postgres_cpu_us_per_event", postgres_us_per_event, "us", "none", float("nan")),
+            Figure("machine_cpu_busy_pct", busy_pct, "%", "none", float("nan")),
         ],
         quick=labelled_quick(args),
     )
     if outcome.errors or outcome.rejected:
         return 1
     return 0
+
+
+def cores_busy_pct(before: Any, after: Any) -> float:
+    """The share of the machine's CPU time between two `psutil.cpu_times()` readings that was
+    not idle (waiting for I/O counts as idle)."""
+    spent = {name: getattr(after, name) - getattr(before, name) for name in after._fields}
+    total = sum(spent.values())
+    idle = spent.get("idle", 0.0) + spent.get("iowait", 0.0)
+    return 100.0 * (total - idle) / total if total > 0 else float("nan")
 
 
 async def wait_all(
