@@ -133,6 +133,8 @@ class Backends:
     database_url: str
     redis_url: str
     embedded: bool
+    # The embedded PostgreSQL when this run started one (a bench may restart it), else None.
+    postgres: EmbeddedPostgres | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +162,7 @@ def start_backends(
     """Embedded PostgreSQL and Redis in work_dir (Unix sockets only), unless URLs are given;
     `postgres_settings` go to the embedded PostgreSQL only."""
     embedded = not (database_url and redis_url)
+    postgres = None
     if not database_url:
         postgres = EmbeddedPostgres(
             work_dir / "postgres", fast_unsafe=True, settings=postgres_settings
@@ -170,7 +173,7 @@ def start_backends(
         redis = EmbeddedRedis(work_dir / "redis", persist=False)
         stack.callback(redis.stop)
         redis_url = redis.start()
-    return Backends(database_url, redis_url, embedded)
+    return Backends(database_url, redis_url, embedded, postgres)
 
 
 async def create_project(database_url: str, roles: Iterable[str] = ("admin",)) -> BenchProject:
