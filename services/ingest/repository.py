@@ -135,8 +135,7 @@ LOCK_BATCH_PROFILES = """
     FROM profiles_ingest_lock_batch_profiles($1, $2::uuid[], $3::uuid[], $4::smallint[],
                                              $5::timestamptz[], $6::uuid[], $7::uuid[],
                                              $8::bigint[], $9::text[], $10::text[],
-                                             $11::timestamptz[], $12::text[], $13::text[],
-                                             $14::boolean[])"""
+                                             $11::timestamptz[], $12::jsonb[])"""
 
 # APPLY_BATCH_STATE writes every kind of derived state by event time, one set-based statement
 # each, in the function: attribute operations joined to their logs and the touched attributes
@@ -244,8 +243,9 @@ SubscriptionRow = tuple[UUID, str, str, bool, datetime, str, str]
 # fields it sets (None when it sets none).
 InstallationChangeRow = tuple[str, datetime, int, dict[str, Any] | None]
 # One inserted crash as its profile's last crash keeps it: profile, event_seq, event ID,
-# installation ID (None for a custom ID's), event time, name, reason, fatal.
-CrashRow = tuple[UUID, int, str, str | None, datetime, str, str, bool]
+# installation ID (None for a custom ID's), event time, payload as stored (its name, reason and
+# fatal read by profiles_ingest_crash_fields, 0038).
+CrashRow = tuple[UUID, int, str, str | None, datetime, dict[str, Any]]
 # One accepted event naming a session: installation ID, session ID, profile, platform, kind,
 # event time, duration (heartbeat and end, else None), country (session start, else "").
 SessionEventRow = tuple[str, str, UUID, int, int, datetime, timedelta | None, str]
@@ -430,7 +430,7 @@ class IngestRepository:
             kinds,
             times,
             sorted(set(held_of)),
-            *_columns(crashes, 8),
+            *_columns(crashes, 6),
         )
         # Version rows first, then one row per asked profile with version NULL.
         versions = {r["profile_id"]: r["version"] for r in rows if r["version"] is not None}

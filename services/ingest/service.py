@@ -454,10 +454,7 @@ class IngestService:
                     e.event_id,
                     e.installation_id,
                     e.event_time,
-                    # As the insert trigger reads them from the stored payload.
-                    e.payload.get("name", ""),
-                    e.payload.get("reason", ""),
-                    bool(e.payload.get("fatal", False)),
+                    e.payload,  # read as the trigger reads it (profiles_ingest_crash_fields)
                 )
                 for e, row in accepted
                 if e.kind == types_pb2.EVENT_KIND_CRASH

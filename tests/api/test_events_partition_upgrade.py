@@ -84,10 +84,12 @@ FILL_EVENT_TIMES = """
 # trigger that leaves ingest's own totals to it (without it they would be counted twice),
 # installed from the migration itself; the undo restores 0020's trigger function, the one a
 # 0023 database runs.
-# Of 0029, the locked part's version that keeps the last crash, with that rule a no-op: a 0023
-# database keeps no last crash (FILL_LAST_CRASHES writes them before the first reading).
+# Of 0029 and then 0038, the locked part's versions that keep the last crash, with that rule a
+# no-op: a 0023 database keeps no last crash (FILL_LAST_CRASHES writes them before the first
+# reading).
 MIGRATIONS = {int(p.name[:4]): p for p in migration_paths()}
 _LOCKED_PART_OF_0029 = MIGRATIONS[29].read_text()
+_LOCKED_PART_OF_0038 = MIGRATIONS[38].read_text()
 WRITE_PATH_OF_0027 = (
     MIGRATIONS[27].read_text()
     + """
@@ -97,6 +99,19 @@ WRITE_PATH_OF_0027 = (
     """
     + _LOCKED_PART_OF_0029[
         _LOCKED_PART_OF_0029.index("DROP FUNCTION profiles_ingest_lock_batch_profiles") :
+    ]
+    + _LOCKED_PART_OF_0038[
+        _LOCKED_PART_OF_0038.index(
+            "DROP FUNCTION profiles_ingest_lock_batch_profiles"
+        ) : _LOCKED_PART_OF_0038.index("CREATE FUNCTION profiles_ingest_keep_last_crashes")
+    ]
+    + """
+    CREATE FUNCTION profiles_ingest_keep_last_crashes(uuid[], uuid[], bigint[], text[], text[],
+                                                      timestamptz[], jsonb[])
+    RETURNS void LANGUAGE sql AS $$ SELECT $$;
+    """
+    + _LOCKED_PART_OF_0038[
+        _LOCKED_PART_OF_0038.index("CREATE FUNCTION profiles_ingest_lock_batch_profiles") :
     ]
 )
 # Of 0034, identity's read of installations for a batch it resolves (its repository calls it).

@@ -369,3 +369,20 @@ async def test_the_view_is_unchanged_by_retention_last_crash_included(
     assert await stored_events(suite.database_url, suite.project.project_id) == 1
     after = (await suite.get(installation_id=inst)).profile
     assert after == before
+
+
+@pytest.mark.parametrize(
+    ("reason", "fatal"), [("", False), ("disk full", False), ("", True), ("out of memory", True)]
+)
+async def test_the_last_crash_shows_its_reason_and_fatal_as_sent(
+    suite: Suite, reason: str, fatal: bool
+) -> None:
+    """Through TrackEvents' locked part (not the insert trigger): an unset reason or fatal is
+    stored as validation leaves it, absent from the payload, and shown empty and false."""
+    inst = new_id()
+    event = crash(inst, NOW - timedelta(minutes=5), name="Boom")
+    event.crash.reason = reason
+    event.crash.fatal = fatal
+    await suite.track(event)
+    last = (await suite.get(installation_id=inst)).profile.counters.last_crash
+    assert (last.name, last.reason, last.fatal) == ("Boom", reason, fatal)

@@ -5,6 +5,7 @@ carried by a merge and removed by an erasure through the declared profile hooks.
 
 from __future__ import annotations
 
+import json
 import uuid
 from datetime import UTC, datetime, timedelta
 
@@ -169,3 +170,51 @@ async def test_an_erasure_removes_the_stored_crash_with_the_profile(db: asyncpg.
 
     assert await stored(db, project_id, erased) is None
     assert await stored(db, project_id, kept) == ("k1", "Kept", T)
+
+
+INSERT_CRASH_PAYLOAD = """
+    INSERT INTO events (project_id, installation_id, event_id, profile_id, kind, event_time,
+                        receive_time, platform, payload)
+    VALUES ($1, 'inst', $3, $2, 8, $4, $4, 1, $5::text::jsonb)"""
+STORED_FIELDS = """
+    SELECT name, reason, fatal FROM ingest_read_profile_last_crashes()
+    WHERE project_id = $1 AND profile_id = $2"""
+
+
+async def test_the_insert_and_delete_paths_read_a_crash_payload_as_ingest_stores_it(
+    db: asyncpg.Pool,
+) -> None:
+    """Validation stores a crash's reason and fatal only when set; the trigger's insert branch
+    and its delete branch (the crash before put back) read every shape the same way."""
+    project_id = uuid.uuid4()
+    shapes = [
+        ({"name": "OnlyName"}, ("OnlyName", "", False)),
+        ({"name": "WithReason", "reason": "disk full"}, ("WithReason", "disk full", False)),
+        ({"name": "Fatal", "fatal": True}, ("Fatal", "", True)),
+        (
+            {"name": "All", "reason": "oom", "fatal": True, "stack_trace": "at main()"},
+            ("All", "oom", True),
+        ),
+    ]
+    for n, (payload, expected) in enumerate(shapes):
+        profile_id = uuid.uuid4()
+        await db.execute(
+            INSERT_CRASH_PAYLOAD, project_id, profile_id, f"c{n}", T, json.dumps(payload)
+        )
+        assert tuple(await db.fetchrow(STORED_FIELDS, project_id, profile_id)) == expected
+        later = {"name": "Later", "reason": "other", "fatal": not expected[2]}
+        await db.execute(
+            INSERT_CRASH_PAYLOAD,
+            project_id,
+            profile_id,
+            f"later{n}",
+            T + timedelta(hours=1),
+            json.dumps(later),
+        )
+        assert tuple(await db.fetchrow(STORED_FIELDS, project_id, profile_id)) == (
+            "Later",
+            "other",
+            not expected[2],
+        )
+        await db.execute(DELETE_EVENT, project_id, f"later{n}")
+        assert tuple(await db.fetchrow(STORED_FIELDS, project_id, profile_id)) == expected

@@ -1209,7 +1209,7 @@ BEGIN
     END IF;
 END $function$;
 
--- 0028's trigger function; its INSERT and UPDATE branch calls the rule above.
+-- 0029's trigger function, both branches reading crashes through the rule.
 CREATE OR REPLACE FUNCTION public.profiles_ingest_last_crash_follow()
  RETURNS trigger
  LANGUAGE plpgsql
@@ -1224,9 +1224,7 @@ BEGIN
         PERFORM profiles_ingest_keep_last_crashes(
             array_agg(n.project_id), array_agg(n.profile_id), array_agg(n.event_seq),
             array_agg(n.event_id), array_agg(n.installation_id), array_agg(n.event_time),
-            array_agg(coalesce(n.payload ->> 'name', '')),
-            array_agg(coalesce(n.payload ->> 'reason', '')),
-            array_agg(coalesce((n.payload ->> 'fatal')::boolean, false)))
+            array_agg(n.payload))
         FROM new_rows n
         WHERE n.kind = ingest_read_event_kind('crash') AND n.profile_id IS NOT NULL;
     ELSIF current_setting('profiles.retention', true) IS DISTINCT FROM 'on' THEN
@@ -1243,9 +1241,7 @@ BEGIN
         INSERT INTO profile_last_crashes (project_id, profile_id, event_seq, event_id,
                                           installation_id, event_time, name, reason, fatal)
         SELECT g.project_id, g.profile_id, e.event_seq, e.event_id, e.installation_id,
-               e.event_time, coalesce(e.payload ->> 'name', ''),
-               coalesce(e.payload ->> 'reason', ''),
-               coalesce((e.payload ->> 'fatal')::boolean, false)
+               e.event_time, f.name, f.reason, f.fatal
         FROM gone g
         CROSS JOIN LATERAL (
             SELECT * FROM events x
@@ -1253,7 +1249,8 @@ BEGIN
                 AND x.kind = ingest_read_event_kind('crash')
             ORDER BY x.event_time DESC, x.event_seq DESC
             LIMIT 1
-        ) e;
+        ) e
+        CROSS JOIN LATERAL profiles_ingest_crash_fields(e.payload) f;
     END IF;
     RETURN NULL;
 END $function$;
@@ -1300,63 +1297,6 @@ AS $function$
     SELECT project_id, profile_id, event_id, installation_id, event_time, name, reason, fatal
     FROM profile_last_crashes
 $function$;
-
-CREATE OR REPLACE FUNCTION public.profiles_ingest_keep_last_crashes(p_projects uuid[], p_profiles uuid[], p_event_seqs bigint[], p_event_ids text[], p_installations text[], p_times timestamp with time zone[], p_names text[], p_reasons text[], p_fatals boolean[])
- RETURNS void
- LANGUAGE sql
-AS $function$
-    INSERT INTO profile_last_crashes AS c (project_id, profile_id, event_seq, event_id,
-                                           installation_id, event_time, name, reason, fatal)
-    SELECT DISTINCT ON (k.project_id, k.profile_id) k.*
-    FROM unnest(p_projects, p_profiles, p_event_seqs, p_event_ids, p_installations, p_times,
-                p_names, p_reasons, p_fatals)
-         AS k(project_id, profile_id, event_seq, event_id, installation_id, event_time, name,
-              reason, fatal)
-    WHERE k.profile_id IS NOT NULL
-    ORDER BY k.project_id, k.profile_id, k.event_time DESC, k.event_seq DESC
-    ON CONFLICT (project_id, profile_id) DO UPDATE SET
-        event_seq = EXCLUDED.event_seq, event_id = EXCLUDED.event_id,
-        installation_id = EXCLUDED.installation_id, event_time = EXCLUDED.event_time,
-        name = EXCLUDED.name, reason = EXCLUDED.reason, fatal = EXCLUDED.fatal
-    WHERE (EXCLUDED.event_time, EXCLUDED.event_seq) > (c.event_time, c.event_seq)
-$function$;
-
--- Call 1: locks and bumps the profiles (identity's contract, profile_id order), adds the
--- inserted events' totals (ingest inserted them with the counts deferred), and answers each
--- profile's new version (held_names NULL), then for each profile of p_held_of the custom
--- attributes it holds (version NULL; held_names NULL for none).
-CREATE OR REPLACE FUNCTION public.profiles_ingest_lock_batch_profiles(p_project uuid, p_profiles uuid[], p_event_profiles uuid[], p_event_kinds smallint[], p_event_times timestamp with time zone[], p_held_of uuid[], c_profiles uuid[], c_event_seqs bigint[], c_event_ids text[], c_installations text[], c_times timestamp with time zone[], c_names text[], c_reasons text[], c_fatals boolean[])
- RETURNS TABLE(profile_id uuid, version bigint, held_names text[])
- LANGUAGE plpgsql
-AS $function$
-DECLARE
-    bumped_profiles uuid[];
-    bumped_versions bigint[];
-BEGIN
-    SELECT array_agg(v.profile_id), array_agg(v.version)
-    INTO bumped_profiles, bumped_versions
-    FROM identity_apply_profile_versions(p_project, p_profiles) v;
-    PERFORM profiles_ingest_add_event_counts(
-        array_fill(p_project, ARRAY[cardinality(p_event_profiles)]), p_event_profiles,
-        p_event_kinds, p_event_times);
-    IF cardinality(c_profiles) > 0 THEN
-        PERFORM profiles_ingest_keep_last_crashes(
-            array_fill(p_project, ARRAY[cardinality(c_profiles)]), c_profiles, c_event_seqs,
-            c_event_ids, c_installations, c_times, c_names, c_reasons, c_fatals);
-    END IF;
-    RETURN QUERY
-    SELECT b.profile_id, b.version, NULL::text[]
-    FROM unnest(bumped_profiles, bumped_versions) AS b(profile_id, version);
-    -- One index probe per asked profile (LATERAL), whatever the plan cache assumes of sizes.
-    RETURN QUERY
-    SELECT k.id, NULL::bigint, h.names
-    FROM (SELECT DISTINCT u.id FROM unnest(p_held_of) AS u(id)) k
-    CROSS JOIN LATERAL (
-        SELECT array_agg(a.name) AS names FROM profile_attributes a
-        WHERE a.project_id = p_project AND a.profile_id = k.id AND NOT a.native
-            AND a.value IS NOT NULL
-    ) h;
-END $function$;
 
 -- One step of the replay: the state after `op`, from `state` (NULL before the first step,
 -- which starts from start_value and start_time).
@@ -1453,6 +1393,73 @@ AS $function$
         value = EXCLUDED.value, value_type = EXCLUDED.value_type,
         update_time = EXCLUDED.update_time
 $function$;
+
+-- Validation stores a crash's name always, its reason and fatal only when set.
+CREATE OR REPLACE FUNCTION public.profiles_ingest_crash_fields(payload jsonb, OUT name text, OUT reason text, OUT fatal boolean)
+ RETURNS record
+ LANGUAGE sql
+ IMMUTABLE PARALLEL SAFE
+AS $function$
+    SELECT coalesce(payload ->> 'name', ''), coalesce(payload ->> 'reason', ''),
+           coalesce((payload ->> 'fatal')::boolean, false)
+$function$;
+
+CREATE OR REPLACE FUNCTION public.profiles_ingest_keep_last_crashes(p_projects uuid[], p_profiles uuid[], p_event_seqs bigint[], p_event_ids text[], p_installations text[], p_times timestamp with time zone[], p_payloads jsonb[])
+ RETURNS void
+ LANGUAGE sql
+AS $function$
+    INSERT INTO profile_last_crashes AS c (project_id, profile_id, event_seq, event_id,
+                                           installation_id, event_time, name, reason, fatal)
+    SELECT DISTINCT ON (k.project_id, k.profile_id)
+           k.project_id, k.profile_id, k.event_seq, k.event_id, k.installation_id, k.event_time,
+           f.name, f.reason, f.fatal
+    FROM unnest(p_projects, p_profiles, p_event_seqs, p_event_ids, p_installations, p_times,
+                p_payloads)
+         AS k(project_id, profile_id, event_seq, event_id, installation_id, event_time, payload)
+    CROSS JOIN LATERAL profiles_ingest_crash_fields(k.payload) f
+    WHERE k.profile_id IS NOT NULL
+    ORDER BY k.project_id, k.profile_id, k.event_time DESC, k.event_seq DESC
+    ON CONFLICT (project_id, profile_id) DO UPDATE SET
+        event_seq = EXCLUDED.event_seq, event_id = EXCLUDED.event_id,
+        installation_id = EXCLUDED.installation_id, event_time = EXCLUDED.event_time,
+        name = EXCLUDED.name, reason = EXCLUDED.reason, fatal = EXCLUDED.fatal
+    WHERE (EXCLUDED.event_time, EXCLUDED.event_seq) > (c.event_time, c.event_seq)
+$function$;
+
+-- 0029's call 1 (c_*: each inserted crash's profile, event_seq, event ID, installation, event
+-- time and payload, as ingest stored them).
+CREATE OR REPLACE FUNCTION public.profiles_ingest_lock_batch_profiles(p_project uuid, p_profiles uuid[], p_event_profiles uuid[], p_event_kinds smallint[], p_event_times timestamp with time zone[], p_held_of uuid[], c_profiles uuid[], c_event_seqs bigint[], c_event_ids text[], c_installations text[], c_times timestamp with time zone[], c_payloads jsonb[])
+ RETURNS TABLE(profile_id uuid, version bigint, held_names text[])
+ LANGUAGE plpgsql
+AS $function$
+DECLARE
+    bumped_profiles uuid[];
+    bumped_versions bigint[];
+BEGIN
+    SELECT array_agg(v.profile_id), array_agg(v.version)
+    INTO bumped_profiles, bumped_versions
+    FROM identity_apply_profile_versions(p_project, p_profiles) v;
+    PERFORM profiles_ingest_add_event_counts(
+        array_fill(p_project, ARRAY[cardinality(p_event_profiles)]), p_event_profiles,
+        p_event_kinds, p_event_times);
+    IF cardinality(c_profiles) > 0 THEN
+        PERFORM profiles_ingest_keep_last_crashes(
+            array_fill(p_project, ARRAY[cardinality(c_profiles)]), c_profiles, c_event_seqs,
+            c_event_ids, c_installations, c_times, c_payloads);
+    END IF;
+    RETURN QUERY
+    SELECT b.profile_id, b.version, NULL::text[]
+    FROM unnest(bumped_profiles, bumped_versions) AS b(profile_id, version);
+    -- One index probe per asked profile (LATERAL), whatever the plan cache assumes of sizes.
+    RETURN QUERY
+    SELECT k.id, NULL::bigint, h.names
+    FROM (SELECT DISTINCT u.id FROM unnest(p_held_of) AS u(id)) k
+    CROSS JOIN LATERAL (
+        SELECT array_agg(a.name) AS names FROM profile_attributes a
+        WHERE a.project_id = p_project AND a.profile_id = k.id AND NOT a.native
+            AND a.value IS NOT NULL
+    ) h;
+END $function$;
 
 
 -- ============================================================================================
