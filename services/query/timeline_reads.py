@@ -57,18 +57,19 @@ SELECT_CHANGES_PAGE = f"""
     ORDER BY c.change_time DESC, c.change_id DESC
     LIMIT $9"""
 
-# A page of the timeline in one statement (one round trip, one snapshot): the live profile ($2
-# or its survivor), the snapshot a first page fixes (newest event_seq of the project, newest
-# identity change of the profile: asked for by $16), the events page (SELECT_EVENTS_PAGE; no
-# kinds, no scan), the merges and splits page (SELECT_CHANGES_PAGE; skipped without kinds or
-# bound) and, when $17 asks and the profile has any identity change, what tells which
-# profile each event was first attached to: the newest changes and the current profile of
-# each installation on the page. The events come as one JSON array of arrays, which the
-# pool's codec parses in one call (times are ISO 8601 with their offset, which
-# datetime.fromisoformat reads faster than arithmetic on epoch numbers): a profile of
-# ListEvents put a json.loads per payload and the decoding of an array of records at a third
-# of the service's own CPU per page. The other lists are arrays of anonymous records; the
-# service orders them. No row: no such live profile.
+# A page of the timeline in one statement (one round trip, one snapshot): the live profile ($2 or
+# its survivor), the snapshot a first page fixes (asked for by $16: the newest event_seq handed
+# out, read off ingest's sequence rather than as the project's max(event_seq), which probes every
+# partition of events (0039); the newest identity change of the profile), the events page
+# (SELECT_EVENTS_PAGE; no kinds, no scan), the merges and splits page (SELECT_CHANGES_PAGE;
+# skipped without kinds or bound) and, when $17 asks and the profile has any identity change, what
+# tells which profile each event was first attached to: the newest changes and the current profile
+# of each installation on the page. The events come as one JSON array of arrays, which the pool's
+# codec parses in one call (times are ISO 8601 with their offset, which datetime.fromisoformat
+# reads faster than arithmetic on epoch numbers): a profile of ListEvents put a json.loads per
+# payload and the decoding of an array of records at a third of the service's own CPU per page.
+# The other lists are arrays of anonymous records; the service orders them. No row: no such live
+# profile.
 SELECT_TIMELINE_PAGE = """
     WITH live AS (
         SELECT coalesce(merged_into, profile_id) AS profile_id FROM identity_read_profiles()
@@ -109,7 +110,7 @@ SELECT_TIMELINE_PAGE = """
     )
     SELECT l.profile_id,
            CASE WHEN $16::boolean THEN
-               (SELECT coalesce(max(event_seq), 0) FROM ingest_read_events() WHERE project_id = $1)
+               (SELECT last_event_seq FROM ingest_read_last_event_seq())
            END AS max_seq,
            (SELECT max_change_time FROM changed) AS max_change_time,
            (SELECT json_agg(json_build_array(

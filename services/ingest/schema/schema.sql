@@ -234,7 +234,7 @@ CREATE INDEX event_keys_by_receive_time ON event_keys USING brin (receive_time);
 -- 0020 decided: ingest_read_event_kind names them in statements.
 CREATE TABLE events (
     project_id uuid NOT NULL,
-    event_seq bigint GENERATED ALWAYS AS IDENTITY NOT NULL,
+    event_seq bigint GENERATED ALWAYS AS IDENTITY (SEQUENCE NAME public.events_event_seq) NOT NULL,
     installation_id text,
     custom_id text,
     event_id text NOT NULL,
@@ -285,7 +285,7 @@ CREATE TABLE events_default PARTITION OF events DEFAULT;
 -- field_path is relative to the event (custom.attributes["price"], event_time).
 CREATE TABLE rejected_events (
     project_id uuid NOT NULL,
-    rejected_seq bigint GENERATED ALWAYS AS IDENTITY NOT NULL,
+    rejected_seq bigint GENERATED ALWAYS AS IDENTITY (SEQUENCE NAME public.rejected_events_rejected_seq_seq1) NOT NULL,
     receive_time timestamp with time zone NOT NULL,
     reason text NOT NULL,
     field_path text NOT NULL,
@@ -1460,6 +1460,18 @@ BEGIN
             AND a.value IS NOT NULL
     ) h;
 END $function$;
+
+-- The newest event_seq handed out in any project (0 before the first event): every event stored
+-- after this was read has a larger one. A plain projection of the sequence, inlined like the
+-- other contracts. Until the sequence hands out a number, last_value is the next one: 1 on a new
+-- database, and the stored maximum plus one after 0024 restarted it beside the moved events.
+CREATE OR REPLACE FUNCTION public.ingest_read_last_event_seq()
+ RETURNS TABLE(last_event_seq bigint)
+ LANGUAGE sql
+ STABLE PARALLEL SAFE
+AS $function$
+    SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END FROM events_event_seq
+$function$;
 
 
 -- ============================================================================================
