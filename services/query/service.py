@@ -52,6 +52,8 @@ EVENT_KINDS_OF: dict[int, tuple[int, ...]] = {
     5: (7,),
     6: (8,),
 }
+# Every kind of event ingest stores: asking for all of them puts no condition on kinds.
+EVERY_EVENT_KIND = sorted({k for kinds in EVENT_KINDS_OF.values() for k in kinds})
 # TimelineEventKind -> identity_changes.kind.
 CHANGE_KINDS_OF: dict[int, str] = {7: "merge", 8: "split"}
 ALL_TIMELINE_KINDS = (1, 2, 3, 4, 5, 6, 7, 8)
@@ -196,7 +198,11 @@ class QueryService:
             query.end and _micros(query.end),
         )
         kinds = query.kinds or ALL_TIMELINE_KINDS
-        event_kinds = sorted({k for t in kinds for k in EVENT_KINDS_OF.get(t, ())})
+        event_kinds: list[int] | None = sorted(
+            {k for t in kinds for k in EVENT_KINDS_OF.get(t, ())}
+        )
+        if event_kinds == EVERY_EVENT_KIND:
+            event_kinds = None  # no condition on kinds
         change_kinds = sorted({CHANGE_KINDS_OF[t] for t in kinds if t in CHANGE_KINDS_OF})
         if query.names or query.session_id:
             # Names match custom events only, and merges and splits belong to no session.

@@ -3,6 +3,7 @@ events, identity changes and sessions, and its activity by day."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -11,7 +12,8 @@ from uuid import UUID
 
 import asyncpg
 
-from services.query.rows import PROFILE_AND_TOMBSTONES, identity_change, text_or_empty
+from services.query.paging import NEG_INFINITY, POS_INFINITY
+from services.query.rows import identity_change, text_or_empty
 from services.query.views import (
     DayView,
     EventView,
@@ -21,57 +23,53 @@ from services.query.views import (
 
 # -- timelines --------------------------------------------------------------------------------
 
-# Keyset paging on events_by_profile_time: the row comparison continues strictly after the
-# last row of the previous page (the first page passes 'infinity'), so the index is entered at
-# the position instead of skipping an offset. Optional filters are constants when unused
-# (empty arrays, '', ±infinity) rather than NULL, so the plan stays an index range scan.
-SELECT_EVENTS_PAGE = """
-    SELECT event_seq, event_id, kind, event_time, receive_time,
-           coalesce(installation_id, '') AS installation_id, coalesce(session_id, '') AS session_id,
-           platform, payload, imported
-    FROM ingest_read_events()
-    WHERE project_id = $1 AND profile_id = $2 AND event_seq <= $3
-      AND (event_time, event_seq) < ($4::timestamptz, $5::bigint)
-      AND event_time >= $6 AND event_time < $7
-      AND kind = ANY($8::smallint[])
-      AND (cardinality($9::text[]) = 0 OR name = ANY($9::text[]))
-      AND ($10::text = '' OR session_id = $10)
-      AND payload IS NOT NULL
-    ORDER BY event_time DESC, event_seq DESC
-    LIMIT $11"""
 
-# Merges and splits in the timeline come from identity_changes (identity records them there,
-# not as events); keyset on (change_time, change_id), bounded by the snapshot's change time.
-SELECT_CHANGES_PAGE = f"""
-    WITH ids AS ({PROFILE_AND_TOMBSTONES})
-    SELECT change_id, kind, cause, change_time, source_profile_id, target_profile_id,
-           installation_ids, alias_custom_id
-    FROM identity_read_identity_changes() c
-    WHERE c.project_id = $1
-      AND (c.source_profile_id IN (SELECT id FROM ids)
-           OR c.target_profile_id IN (SELECT id FROM ids))
-      AND c.kind = ANY($3::text[])
-      AND c.change_time <= $4
-      AND (c.change_time, c.change_id) < ($5::timestamptz, $6::uuid)
-      AND c.change_time >= $7 AND c.change_time < $8
-    ORDER BY c.change_time DESC, c.change_id DESC
-    LIMIT $9"""
+@dataclass(frozen=True, slots=True)
+class EventsPageConditions:
+    """Which conditions a timeline page puts on its events, beyond the profile and the erasure
+    markers: each one a request leaves out is left out of the statement, not passed as a
+    constant that matches everything. PostgreSQL compiles a page's conditions once per
+    partition of events it scans, on every call (the months retention keeps, the months ahead,
+    DEFAULT): with every condition in, a first page without filters spent a tenth of its
+    database time on conditions that held for every row."""
 
-# A page of the timeline in one statement (one round trip, one snapshot): the live profile ($2 or
-# its survivor), the snapshot a first page fixes (asked for by $16: the newest event_seq handed
-# out, read off ingest's sequence rather than as the project's max(event_seq), which probes every
-# partition of events (0039); the newest identity change of the profile), the events page
-# (SELECT_EVENTS_PAGE; no kinds, no scan), the merges and splits page (SELECT_CHANGES_PAGE;
-# skipped without kinds or bound) and, when $17 asks and the profile has any identity change, what
-# tells which profile each event was first attached to: the newest changes and the current profile
-# of each installation on the page. The events come as one JSON array of arrays, which the pool's
-# codec parses in one call (times are ISO 8601 with their offset, which datetime.fromisoformat
-# reads faster than arithmetic on epoch numbers): a profile of ListEvents put a json.loads per
-# payload and the decoding of an array of records at a third of the service's own CPU per page.
-# The other lists are arrays of anonymous records; the service orders them. No row: no such live
-# profile.
-SELECT_TIMELINE_PAGE = """
-    WITH live AS (
+    # A later page: the snapshot's bound ($3) and the keyset position after the last row
+    # ($4, $5), entered as a range of events_by_profile_time rather than skipped as an offset.
+    later_page: bool
+    time_range: bool  # $6 <= event_time < $7
+    kinds: bool  # kind = ANY($8)
+    names: bool  # name = ANY($9) (custom events' names)
+    session: bool  # session_id = $10
+
+
+# Each condition with the parameters it reads, and their types.
+_CONDITIONS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "later_page": (
+        "e.event_seq <= $3 AND (e.event_time, e.event_seq) < ($4, $5)",
+        ("$3::bigint", "$4::timestamptz", "$5::bigint"),
+    ),
+    "time_range": ("e.event_time >= $6 AND e.event_time < $7", ()),
+    "kinds": ("e.kind = ANY($8::smallint[])", ()),
+    "names": ("e.name = ANY($9)", ("$9::text[]",)),
+    "session": ("e.session_id = $10", ("$10::text",)),
+}
+
+# A page of the timeline in one statement (one round trip, one snapshot), of the shape
+# timeline_page_sql gives it: the live profile ($2 or its survivor), the snapshot a first page
+# fixes (asked for by $16: the newest event_seq handed out, read off ingest's sequence rather than
+# as the project's max(event_seq), which probes every partition of events (0039); the newest
+# identity change of the profile), the events page (keyset on events_by_profile_time; skipped when
+# $8 asks for no kind of event), the merges and splits page (keyset on (change_time, change_id),
+# bounded by the snapshot's change time; skipped without kinds or bound) and, when $17 asks and
+# the profile has any identity change, what tells which profile each event was first attached to:
+# the newest changes and the current profile of each installation on the page. The events come as
+# one JSON array of arrays, which the pool's codec parses in one call (times are ISO 8601 with
+# their offset, which datetime.fromisoformat reads faster than arithmetic on epoch numbers): a
+# profile of ListEvents put a json.loads per payload and the decoding of an array of records at a
+# third of the service's own CPU per page. The other lists are arrays of anonymous records; the
+# service orders them. No row: no such live profile.
+_TIMELINE_PAGE = """
+    WITH {declared}live AS (
         SELECT coalesce(merged_into, profile_id) AS profile_id FROM identity_read_profiles()
         WHERE project_id = $1 AND profile_id = $2
     ),
@@ -93,14 +91,8 @@ SELECT_TIMELINE_PAGE = """
                coalesce(e.session_id, '') AS session_id, e.platform, e.payload, e.imported
         FROM ingest_read_events() e
         WHERE e.project_id = $1 AND e.profile_id = (SELECT profile_id FROM live)
-          AND cardinality($8::smallint[]) > 0
-          AND e.event_seq <= $3
-          AND (e.event_time, e.event_seq) < ($4::timestamptz, $5::bigint)
-          AND e.event_time >= $6 AND e.event_time < $7
-          AND e.kind = ANY($8::smallint[])
-          AND (cardinality($9::text[]) = 0 OR e.name = ANY($9::text[]))
-          AND ($10::text = '' OR e.session_id = $10)
-          AND e.payload IS NOT NULL
+          AND ($8::smallint[] IS NULL OR cardinality($8::smallint[]) > 0)
+          AND e.payload IS NOT NULL{conditions}
         ORDER BY e.event_time DESC, e.event_seq DESC
         LIMIT $11
     ),
@@ -148,6 +140,24 @@ SELECT_TIMELINE_PAGE = """
                  AND i.installation_id IN (SELECT installation_id FROM page)
            ) AS installation_profiles
     FROM live l"""
+
+
+@functools.cache
+def timeline_page_sql(conditions: EventsPageConditions) -> str:
+    """SELECT_TIMELINE_PAGE with the events page's conditions of one request shape: at most 32
+    statements, each prepared once per connection. The parameters a shape leaves unread are
+    declared in a CTE nothing reads (PostgreSQL must know every parameter's type; the planner
+    drops such a CTE)."""
+    used: list[str] = []
+    unread: list[str] = []
+    for name, (condition, parameters) in _CONDITIONS.items():
+        if getattr(conditions, name):
+            used.append(f"\n          AND {condition}")
+        else:
+            unread.extend(parameters)
+    declared = f"unread_parameters AS (SELECT {', '.join(unread)}),\n    " if unread else ""
+    return _TIMELINE_PAGE.format(declared=declared, conditions="".join(used))
+
 
 # The snapshot of a session history: its newest start when the first page was read (sessions
 # have no arrival sequence; one that starts later is not in the pages of this listing).
@@ -259,7 +269,7 @@ class TimelineReads:
         after: tuple[datetime, int],
         start: datetime,
         end: datetime,
-        kinds: Sequence[int],
+        kinds: Sequence[int] | None,
         names: Sequence[str],
         session_id: str,
         limit: int,
@@ -269,11 +279,20 @@ class TimelineReads:
         attribute: bool,
         max_attributed: int,
     ) -> TimelineRead | None:
-        """A page of events and of identity changes (SELECT_TIMELINE_PAGE), unordered; None
-        when the profile is not found. `first_page` reads the snapshot's max_seq; the changes
-        page is read when `change_kinds` and `max_change_time` (its upper bound) are given."""
+        """A page of events and of identity changes (timeline_page_sql), unordered; None when
+        the profile is not found. `first_page` reads the snapshot's max_seq; `kinds` None means
+        every kind of event (empty: none); `start` and `end` at NEG_INFINITY and POS_INFINITY
+        bound nothing; the changes page is read when `change_kinds` and `max_change_time` (its
+        upper bound) are given."""
+        conditions = EventsPageConditions(
+            later_page=not first_page,
+            time_range=start != NEG_INFINITY or end != POS_INFINITY,
+            kinds=kinds is not None,
+            names=bool(names),
+            session=bool(session_id),
+        )
         r = await self._conn.fetchrow(
-            SELECT_TIMELINE_PAGE,
+            timeline_page_sql(conditions),
             project_id,
             profile_id,
             max_seq,
@@ -281,7 +300,7 @@ class TimelineReads:
             after[1],
             start,
             end,
-            list(kinds),
+            None if kinds is None else list(kinds),
             list(names),
             session_id,
             limit,
