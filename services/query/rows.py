@@ -1,4 +1,4 @@
-"""Row decoding and SQL fragments that several of query's reads share (the profile view and
+"""Row decoding that several of query's reads share (the profile view and
 the timeline both list a profile's identity changes)."""
 
 from __future__ import annotations
@@ -9,13 +9,6 @@ from typing import Any
 import asyncpg
 
 from services.query.views import IdentityChangeView
-
-# A profile's history names it, or one of the tombstones merged into it, on either side. The
-# tombstones come from profiles_by_survivor; each side has its own index.
-PROFILE_AND_TOMBSTONES = """
-    SELECT $2::uuid AS id
-    UNION ALL
-    SELECT profile_id FROM identity_read_profiles() WHERE project_id = $1 AND merged_into = $2"""
 
 
 def text_or_empty(value: str | None) -> str:
