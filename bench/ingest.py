@@ -35,6 +35,7 @@ import asyncio
 import contextlib
 import random
 import time
+import urllib.request
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -102,6 +103,7 @@ class Sizes:
     clients: int
     duration_s: float
     installations: int = INSTALLATIONS  # each sends one event in the warm-up
+    batch_size: int = BATCH_SIZE  # events a load batch carries
 
 
 QUICK = Sizes(clients=4, duration_s=15.0)
@@ -122,8 +124,11 @@ FULL = Sizes(clients=4, duration_s=60.0)
 class Traffic:
     """Realistic batches: a mix of payload kinds over many installations, unique event IDs."""
 
-    def __init__(self, seed: int, installations: int = INSTALLATIONS) -> None:
+    def __init__(
+        self, seed: int, installations: int = INSTALLATIONS, batch_size: int = BATCH_SIZE
+    ) -> None:
         self._rng = random.Random(seed)
+        self._batch_size = batch_size
         self._installations = [
             (f"bench-{i:05d}", (types_pb2.PLATFORM_IOS, types_pb2.PLATFORM_ANDROID,
                                 types_pb2.PLATFORM_WEB)[i % 3])
@@ -146,7 +151,9 @@ class Traffic:
     def batch(self) -> list[pb.Event]:
         rng = self._rng
         kinds = rng.choices(
-            [kind for kind, _ in self.MIX], [weight for _, weight in self.MIX], k=BATCH_SIZE
+            [kind for kind, _ in self.MIX],
+            [weight for _, weight in self.MIX],
+            k=self._batch_size,
         )
         return [self._event(*rng.choice(self._installations), kind) for kind in kinds]
 
@@ -388,6 +395,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_backend_arguments(parser)
     parser.add_argument("--clients", type=int, help="concurrent clients (default 4)")
     parser.add_argument("--duration", type=float, help="load seconds (quick 15, full 60)")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        help=f"events per load batch (default {BATCH_SIZE}; an SDK's requests carry fewer)",
+    )
     parser.add_argument("--log-level", default="warning", help="services' log level")
     parser.add_argument(
         "--no-breakdown",
@@ -412,6 +424,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def group_commit_totals(metrics_port: int) -> tuple[float, float]:
+    """(batches, transactions) ingest's group commit has stored, read off its /metrics."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as page:
+        text = page.read().decode()
+    values = {"sum": 0.0, "count": 0.0}
+    for line in text.splitlines():
+        for suffix in values:
+            if line.startswith(f"profiles_ingest_group_commit_batches_{suffix} "):
+                values[suffix] = float(line.split()[1])
+    return values["sum"], values["count"]
+
+
 def start_suite(
     stack: contextlib.ExitStack, args: argparse.Namespace
 ) -> tuple[str, str, str, ChildProcess, ChildProcess]:
@@ -428,9 +452,10 @@ def start_suite(
     project = asyncio.run(create_project(backends.database_url, roles=("sdk",)))
     identity_settings = service_settings(backends, "identity", work_dir, log_level=args.log_level)
     ingest_port = free_port()
+    args.ingest_metrics_port = free_port()
     ingest_settings = identity_settings.with_changes(
         ports={**identity_settings.ports, "ingest": ingest_port},
-        metrics_ports={**identity_settings.metrics_ports, "ingest": free_port()},
+        metrics_ports={**identity_settings.metrics_ports, "ingest": args.ingest_metrics_port},
         addresses={
             **identity_settings.addresses,
             "identity": f"127.0.0.1:{identity_settings.ports['identity']}",
@@ -451,12 +476,17 @@ def main(argv: list[str] | None = None) -> int:
         return soak_main(args)
     base = size_choice(args, SMOKE, QUICK, FULL)
     sizes = Sizes(
-        args.clients or base.clients, args.duration or base.duration_s, base.installations
+        args.clients or base.clients,
+        args.duration or base.duration_s,
+        base.installations,
+        args.batch_size or base.batch_size,
     )
     with contextlib.ExitStack() as stack:
         address, key, database_url, ingest, _ = start_suite(stack, args)
-        print(f"{sizes.clients} clients x batches of {BATCH_SIZE} for {sizes.duration_s:.0f} s")
-        print(f"payload mix per batch of {BATCH_SIZE}: {Traffic.mix_text()}")
+        print(
+            f"{sizes.clients} clients x batches of {sizes.batch_size} for {sizes.duration_s:.0f} s"
+        )
+        print(f"payload mix of a batch: {Traffic.mix_text()}")
         postgres_pid = asyncio.run(postgres_server_pid(database_url))
         cpu_before = ingest.cpu_seconds()
         postgres_cpu_before = process_tree_cpu_seconds(postgres_pid)
@@ -465,6 +495,7 @@ def main(argv: list[str] | None = None) -> int:
         # The whole machine's CPU times when the load starts: whether the cores or something
         # else (locks, round trips) bound the rate.
         cores_at_load: list[Any] = []
+        groups_at_load: list[tuple[float, float]] = []
 
         async def reset_statements() -> None:
             if not args.smoke:
@@ -476,17 +507,22 @@ def main(argv: list[str] | None = None) -> int:
             if args.breakdown:
                 recording.append(await start_recording(database_url))
             cores_at_load.append(psutil.cpu_times())
+            groups_at_load.append(group_commit_totals(args.ingest_metrics_port))
 
         outcome = asyncio.run(
             run_load(
                 address,
                 key,
                 sizes,
-                Traffic(seed=1, installations=sizes.installations),
+                Traffic(seed=1, installations=sizes.installations, batch_size=sizes.batch_size),
                 on_warmed=reset_statements,
             )
         )
         busy_pct = cores_busy_pct(cores_at_load[0], psutil.cpu_times())
+        batches_after, transactions_after = group_commit_totals(args.ingest_metrics_port)
+        grouped = (batches_after - groups_at_load[0][0]) / max(
+            1.0, transactions_after - groups_at_load[0][1]
+        )
         costs = asyncio.run(read_costs(database_url)) if any(recording) else []
         written = writes_between(writes_before, asyncio.run(read_table_writes(database_url)))
         ingest.check_alive()
@@ -506,6 +542,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     cpu_us_per_event = ingest_cpu_s * 1e6 / max(1, outcome.accepted + sizes.installations)
     print(f"ingest CPU: {ingest_cpu_s:.1f} s = {cpu_us_per_event:.0f} us per event")
+    print(f"group commit: {grouped:.2f} batches per transaction during the load")
     # The whole server's (statement breakdown included, when it is on): what bounds the rate
     # when the machine's cores are shared by client, services and PostgreSQL.
     postgres_us_per_event = postgres_cpu_s * 1e6 / max(1, outcome.accepted + sizes.installations)
@@ -521,7 +558,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"ratio: {rate / copy_rate:.3f}")
     if costs:
         batches = len(outcome.latencies_s)
-        print(f"database time per batch of {BATCH_SIZE} (pg_stat_statements, {batches} batches):")
+        print(
+            f"database time per batch of {sizes.batch_size}"
+            f" (pg_stat_statements, {batches} batches):"
+        )
         print(breakdown_table(costs, unit="batch", units=batches))
     elif args.breakdown:
         print("statement breakdown unavailable: the server does not preload pg_stat_statements")

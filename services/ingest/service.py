@@ -18,7 +18,7 @@ import asyncio
 import random
 import uuid
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal, Protocol
@@ -32,7 +32,9 @@ from prometheus_client import Counter
 from profiles.common.v1 import bus_pb2, types_pb2
 from profiles.ingest.v1 import ingest_service_pb2 as pb
 from services.ingest import model
-from services.ingest.errors import StorageUnavailable
+from services.ingest.batch_groups import StoreAttempt, Stored, combine, origin_of, split
+from services.ingest.errors import IdentityUnavailable, StorageUnavailable
+from services.ingest.group_commit import GroupCommit
 from services.ingest.identity_client import OriginKey, Resolver
 from services.ingest.messages import events_ingested, serialized_profile_changes
 from services.ingest.model import Rejection
@@ -74,6 +76,11 @@ MAX_TRANSACTION_ATTEMPTS = 5
 RETRY_PAUSE_S = 0.02
 MAX_RESOLVE_ROUNDS = 3
 KNOWN_ORIGINS_CAPACITY = 100_000
+# Group commit (group_commit.py): transactions a project's batches run at once, and the events
+# one transaction takes from the batches waiting. Two writers: one transaction's statements run
+# while the other's results are read and its next arguments built.
+GROUP_WRITERS = 2
+GROUP_MAX_EVENTS = 2_000
 # Events validated between two yields to the event loop (a batch of 500 validates in about
 # 20 ms of CPU: unsliced, every other batch's next statement waits for it).
 VALIDATION_SLICE = 50
@@ -131,30 +138,6 @@ class KnownOrigins:
         self._entries.pop((project_id.int, key), None)
 
 
-def origin_of(event: ValidEvent) -> OriginKey:
-    if event.custom_id is not None:
-        return OriginKey(True, event.custom_id)
-    assert event.installation_id is not None
-    return OriginKey(False, event.installation_id)
-
-
-@dataclass(slots=True)
-class _Stored:
-    """What one transaction did."""
-
-    accepted: dict[int, UUID] = field(default_factory=dict)  # index -> profile
-    duplicates: set[int] = field(default_factory=set)
-    orphans: list[ValidEvent] = field(default_factory=list)
-    late_rejections: list[RejectedEvent] = field(default_factory=list)
-    versions: dict[UUID, int] = field(default_factory=dict)  # touched profile -> version
-    session_countries: dict[tuple[str, str], str] = field(default_factory=dict)
-    ingested: list[bus_pb2.IngestedEvent] = field(default_factory=list)
-    # (SDK installation, imported installation holding its push token) to fold after commit.
-    reintegrations: list[tuple[str, str]] = field(default_factory=list)
-    # Session starts of the sessions ingest derived (session_derivation), published first.
-    derived_starts: list[bus_pb2.IngestedEvent] = field(default_factory=list)
-
-
 class IngestService:
     def __init__(
         self,
@@ -173,6 +156,12 @@ class IngestService:
         self._countries = countries
         self._notices = notices
         self._tokens = PushTokens(repository, resolver, clock)
+        self._groups: GroupCommit[tuple[UUID, bool], StoreAttempt, Stored] = GroupCommit(
+            self._store_group,
+            size_of=lambda attempt: attempt.size,
+            writers=GROUP_WRITERS,
+            max_size=GROUP_MAX_EVENTS,
+        )
 
     async def ingest(
         self,
@@ -225,8 +214,9 @@ class IngestService:
             )
             for index in in_batch_duplicates:
                 results[index] = EventResult(index, by_index[index].event_id, "duplicate")
-            stored = await self._store_with_retries(
-                project_id, receive_time, imported, candidates, profiles, rejected, by_index
+            stored = await self._groups.submit(
+                (project_id, imported),
+                StoreAttempt(receive_time, candidates, profiles, rejected, by_index),
             )
             rejected = []  # stored with the first transaction
             reintegrations.extend(stored.reintegrations)
@@ -334,16 +324,36 @@ class IngestService:
                 first.append(event)
         return first, repeats
 
+    async def _store_group(
+        self, key: tuple[UUID, bool], attempts: Sequence[StoreAttempt]
+    ) -> list[Stored | BaseException]:
+        """The batches of one group (GroupCommit) in one transaction. Should it fail for any
+        other reason than an outage or lost races, which every batch of it would meet alone
+        too, each batch is stored alone: one batch's fault never fails the others."""
+        project_id, imported = key
+        if len(attempts) == 1:
+            return [await self._store_with_retries(project_id, imported, attempts[0])]
+        group = combine(attempts)
+        try:
+            stored = await self._store_with_retries(project_id, imported, group.attempt)
+        except (StorageUnavailable, IdentityUnavailable, TransactionConflict):
+            raise
+        except Exception:
+            log.exception("ingest_group_failed", batches=len(attempts))
+            alone: list[Stored | BaseException] = []
+            for attempt in attempts:
+                try:
+                    alone.append(await self._store_with_retries(project_id, imported, attempt))
+                except Exception as exc:
+                    alone.append(exc)
+            return alone
+        return list(split(stored, group))
+
     async def _store_with_retries(
-        self,
-        project_id: UUID,
-        receive_time: datetime,
-        imported: bool,
-        events: Sequence[ValidEvent],
-        profiles: dict[OriginKey, UUID],
-        rejected: Sequence[RejectedEvent],
-        by_index: dict[int, pb.Event],
-    ) -> _Stored:
+        self, project_id: UUID, imported: bool, batch: StoreAttempt
+    ) -> Stored:
+        receive_time, events, profiles = batch.receive_time, batch.events, batch.profiles
+        rejected, by_index = batch.rejected, batch.by_index
         for attempt in range(1, MAX_TRANSACTION_ATTEMPTS + 1):
             try:
                 async with self._repository.transaction() as conn:
@@ -386,9 +396,9 @@ class IngestService:
         receive_time: datetime,
         imported: bool,
         events: Sequence[ValidEvent],
-        profiles: dict[OriginKey, UUID],
-        by_index: dict[int, pb.Event],
-    ) -> _Stored:
+        profiles: Mapping[OriginKey, UUID],
+        by_index: Mapping[int, pb.Event],
+    ) -> Stored:
         repo = self._repository
         await repo.defer_event_counts(conn)
         from_installations = [e for e in events if e.installation_id is not None]
@@ -411,7 +421,7 @@ class IngestService:
                 conn, project_id, receive_time, imported, from_installations
             )
         ]
-        stored = _Stored()
+        stored = Stored()
         new_rows = {(custom, r.origin, r.event_id): r for custom, r in inserted}
         accepted: list[tuple[ValidEvent, InsertedEvent]] = []
         missing: list[ValidEvent] = []
@@ -528,7 +538,7 @@ class IngestService:
         receive_time: datetime,
         imported: bool,
         events: Sequence[ValidEvent],
-        stored: _Stored,
+        stored: Stored,
     ) -> None:
         """Enqueues one EventsIngested for the stored events, in request order, after the
         session starts ingest derived; heartbeats and ends carry their session's country."""
