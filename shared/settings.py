@@ -88,6 +88,12 @@ SETTINGS: tuple[Setting, ...] = (
         "ingest: events (and rejected events) older than this many days are dropped, a whole"
         " monthly partition at a time; 0 keeps them forever (docs/partitions.md)",
     ),
+    Setting(
+        "PROFILES_INGEST_GROUP_WRITERS",
+        "2",
+        "ingest: transactions a project's batches run at once; batches arriving meanwhile are"
+        " stored together by the next (group commit, docs/ingest.md)",
+    ),
     Setting("PROFILES_EDGE_PORT", "8340", "HTTP port of the edge gateway (SDK traffic)"),
     Setting(
         "PROFILES_EDGE_METRICS_PORT", "9455", "Prometheus /metrics port of the edge; 0 turns it off"
@@ -133,6 +139,7 @@ class Settings:
     console_port: int = 8341
     console_metrics_port: int = 9456
     events_retention_days: int = 0
+    ingest_group_writers: int = 2
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Self:
@@ -171,6 +178,7 @@ class Settings:
             edge_rate_burst=int(values["PROFILES_EDGE_RATE_BURST"]),
             console_port=int(values["PROFILES_CONSOLE_PORT"]),
             events_retention_days=int(values["PROFILES_EVENTS_RETENTION_DAYS"]),
+            ingest_group_writers=int(values["PROFILES_INGEST_GROUP_WRITERS"]),
             console_metrics_port=int(values["PROFILES_CONSOLE_METRICS_PORT"]),
         )
 
@@ -196,6 +204,7 @@ class Settings:
             "PROFILES_CONSOLE_PORT": str(self.console_port),
             "PROFILES_CONSOLE_METRICS_PORT": str(self.console_metrics_port),
             "PROFILES_EVENTS_RETENTION_DAYS": str(self.events_retention_days),
+            "PROFILES_INGEST_GROUP_WRITERS": str(self.ingest_group_writers),
         }
         for name in SERVICE_NAMES:
             upper = name.upper()

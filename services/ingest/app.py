@@ -43,6 +43,7 @@ def make_build(
             runtime.clock,
             countries=CountryResolver(),
             notices=notices,
+            group_writers=settings.ingest_group_writers,
         )
         servicer = IngestServicer(service)
         maintenance = StorageMaintenance(

@@ -76,9 +76,11 @@ MAX_TRANSACTION_ATTEMPTS = 5
 RETRY_PAUSE_S = 0.02
 MAX_RESOLVE_ROUNDS = 3
 KNOWN_ORIGINS_CAPACITY = 100_000
-# Group commit (group_commit.py): transactions a project's batches run at once, and the events
-# one transaction takes from the batches waiting. Two writers: one transaction's statements run
-# while the other's results are read and its next arguments built.
+# Group commit (group_commit.py): transactions a project's batches run at once (by default; the
+# setting PROFILES_INGEST_GROUP_WRITERS), and the events one transaction takes from the batches
+# waiting. Two writers: one transaction's statements run while the other's results are read and
+# its next arguments built; one left the cores a third idle, three or more stopped grouping the
+# bench's batches of 500 (docs/benchmarks.md, "Group commit").
 GROUP_WRITERS = 2
 GROUP_MAX_EVENTS = 2_000
 # Events validated between two yields to the event loop (a batch of 500 validates in about
@@ -148,6 +150,7 @@ class IngestService:
         *,
         countries: Countries | None = None,
         notices: LiveNotices | None = None,
+        group_writers: int = GROUP_WRITERS,
     ) -> None:
         self._repository = repository
         self._resolver = resolver
@@ -159,7 +162,7 @@ class IngestService:
         self._groups: GroupCommit[tuple[UUID, bool], StoreAttempt, Stored] = GroupCommit(
             self._store_group,
             size_of=lambda attempt: attempt.size,
-            writers=GROUP_WRITERS,
+            writers=group_writers,
             max_size=GROUP_MAX_EVENTS,
         )
 
