@@ -29,6 +29,22 @@ def origin_of(event: ValidEvent) -> OriginKey:
     return OriginKey(False, event.installation_id)
 
 
+def first_occurrences(events: Sequence[ValidEvent]) -> tuple[list[ValidEvent], list[int]]:
+    """The first event of each (origin, event_id), and the indexes of later repeats: within a
+    batch, and across the batches of a group."""
+    seen: set[tuple[OriginKey, str]] = set()
+    first: list[ValidEvent] = []
+    repeats: list[int] = []
+    for event in events:
+        key = (origin_of(event), event.event_id)
+        if key in seen:
+            repeats.append(event.index)
+        else:
+            seen.add(key)
+            first.append(event)
+    return first, repeats
+
+
 @dataclass(frozen=True, slots=True)
 class StoreAttempt:
     """One batch's events to store in one transaction: the first occurrence of each of its
@@ -77,29 +93,23 @@ def combine(parts: Sequence[StoreAttempt]) -> Group:
     """The attempts of a group as one attempt (newest receive time: the group is stored after
     every batch of it arrived)."""
     offsets: list[int] = []
-    events: list[ValidEvent] = []
     profiles: dict[OriginKey, UUID] = {}
     rejected: list[RejectedEvent] = []
     by_index: dict[int, pb.Event] = {}
-    seen: set[tuple[OriginKey, str]] = set()
-    repeats: set[int] = set()
+    numbered: list[ValidEvent] = []
     offset = 0
     for part in parts:
         offsets.append(offset)
-        for event in part.events:
-            moved = event if offset == 0 else replace(event, index=event.index + offset)
-            key = (origin_of(event), event.event_id)
-            if key in seen:
-                repeats.add(moved.index)
-            else:
-                seen.add(key)
-                events.append(moved)
+        numbered.extend(
+            e if offset == 0 else replace(e, index=e.index + offset) for e in part.events
+        )
         # Each batch resolved its origins on its own; any of their answers is a profile the
         # origin had, and the insert follows a merge's tombstone or finds an erased one gone.
         profiles.update(part.profiles)
         rejected.extend(part.rejected)
         by_index.update((index + offset, e) for index, e in part.by_index.items())
         offset += max(part.by_index, default=-1) + 1
+    events, repeats = first_occurrences(numbered)
     attempt = StoreAttempt(max(p.receive_time for p in parts), events, profiles, rejected, by_index)
     return Group(attempt, offsets, parts, frozenset(repeats))
 

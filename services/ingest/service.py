@@ -32,7 +32,14 @@ from prometheus_client import Counter
 from profiles.common.v1 import bus_pb2, types_pb2
 from profiles.ingest.v1 import ingest_service_pb2 as pb
 from services.ingest import model
-from services.ingest.batch_groups import StoreAttempt, Stored, combine, origin_of, split
+from services.ingest.batch_groups import (
+    StoreAttempt,
+    Stored,
+    combine,
+    first_occurrences,
+    origin_of,
+    split,
+)
 from services.ingest.errors import IdentityUnavailable, StorageUnavailable
 from services.ingest.group_commit import GroupCommit
 from services.ingest.identity_client import OriginKey, Resolver
@@ -212,7 +219,7 @@ class IngestService:
             profiles, refused = await self._resolve(project_id, valid, by_index, fresh=round_ > 0)
             rejected.extend(refused)
             refused_indexes = {r.index for r in refused}
-            candidates, in_batch_duplicates = self._first_occurrences(
+            candidates, in_batch_duplicates = first_occurrences(
                 [e for e in valid if e.index not in refused_indexes]
             )
             for index in in_batch_duplicates:
@@ -312,20 +319,6 @@ class IngestService:
             if origin_of(e) in refused_keys
         ]
         return profiles, refused
-
-    @staticmethod
-    def _first_occurrences(events: Sequence[ValidEvent]) -> tuple[list[ValidEvent], list[int]]:
-        """The first event of each (origin, event_id), and the indexes of later repeats."""
-        seen: set[tuple[OriginKey, str]] = set()
-        first, repeats = [], []
-        for event in events:
-            key = (origin_of(event), event.event_id)
-            if key in seen:
-                repeats.append(event.index)
-            else:
-                seen.add(key)
-                first.append(event)
-        return first, repeats
 
     async def _store_group(
         self, key: tuple[UUID, bool], attempts: Sequence[StoreAttempt]

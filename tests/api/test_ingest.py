@@ -11,32 +11,14 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from profiles.ingest.v1 import ingest_service_pb2 as pb
-from profiles.ingest.v1 import ingest_service_pb2_grpc as pb_grpc
-from shared.clock import FrozenClock
 from tests.conftest import create_test_project
-from tests.support.ingest import NOW, Ingest, custom_event, stamp, start_ingest
+from tests.support.ingest import NOW, Ingest, custom_event, stamp
 
 ACCEPTED, DUPLICATE, REJECTED = (
     pb.EVENT_OUTCOME_ACCEPTED,
     pb.EVENT_OUTCOME_DUPLICATE,
     pb.EVENT_OUTCOME_REJECTED,
 )
-
-
-@pytest.fixture
-async def clock() -> FrozenClock:
-    return FrozenClock(NOW)
-
-
-@pytest.fixture
-async def ingest(start_services, settings_for_test, project, database_url, clock) -> Ingest:  # type: ignore[no-untyped-def]
-    channel = await start_ingest(start_services, settings_for_test, clock=clock)
-    return Ingest(
-        pb_grpc.IngestServiceStub(channel),
-        project.metadata("sdk"),
-        project.metadata("admin"),
-        database_url,
-    )
 
 
 def violations(status) -> list[error_details_pb2.BadRequest.FieldViolation]:  # type: ignore[no-untyped-def]

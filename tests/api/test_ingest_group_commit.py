@@ -17,31 +17,13 @@ import pytest
 from prometheus_client import REGISTRY
 
 from profiles.ingest.v1 import ingest_service_pb2 as pb
-from profiles.ingest.v1 import ingest_service_pb2_grpc as pb_grpc
 from services.ingest.repository import IngestRepository
 from services.ingest.validation import ValidEvent
-from shared.clock import FrozenClock
 from tests.support.identity import new_id
-from tests.support.ingest import NOW, Ingest, attribute_event, custom_event, op, start_ingest
+from tests.support.ingest import NOW, Ingest, attribute_event, custom_event, op
 
 ACCEPTED = pb.EVENT_OUTCOME_ACCEPTED
 DUPLICATE = pb.EVENT_OUTCOME_DUPLICATE
-
-
-@pytest.fixture
-async def clock() -> FrozenClock:
-    return FrozenClock(NOW)
-
-
-@pytest.fixture
-async def ingest(start_services, settings_for_test, project, database_url, clock) -> Ingest:  # type: ignore[no-untyped-def]
-    channel = await start_ingest(start_services, settings_for_test, clock=clock)
-    return Ingest(
-        pb_grpc.IngestServiceStub(channel),
-        project.metadata("sdk"),
-        project.metadata("admin"),
-        database_url,
-    )
 
 
 def grouped_batches() -> float:
