@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from prometheus_client import Histogram
+from prometheus_client import Gauge, Histogram
 
 K = TypeVar("K", bound=Hashable)
 T = TypeVar("T")
@@ -28,6 +28,12 @@ GROUP_SIZE = Histogram(
     "profiles_ingest_group_commit_batches",
     "Batches stored by one transaction (group commit).",
     buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32, 64),
+)
+# How many batches queue behind the writers right now: a queue that keeps growing means the
+# database cannot keep up, before latencies say so.
+WAITING = Gauge(
+    "profiles_ingest_group_commit_waiting",
+    "Batches waiting for a writer (group commit).",
 )
 
 
@@ -74,6 +80,7 @@ class GroupCommit(Generic[K, T, R]):
         answer.add_done_callback(_read_answer)
         state = self._keys.setdefault(key, _Key())
         state.waiting.append(_Waiting(item, self._size_of(item), answer))
+        WAITING.inc()
         self._start_groups(key, state)
         return await asyncio.shield(answer)
 
@@ -84,6 +91,7 @@ class GroupCommit(Generic[K, T, R]):
             while state.waiting and size + state.waiting[0].size <= self._max_size:
                 size += state.waiting[0].size
                 group.append(state.waiting.popleft())
+            WAITING.dec(len(group))
             state.running += 1
             task = asyncio.create_task(self._run(key, state, group))
             self._tasks.add(task)

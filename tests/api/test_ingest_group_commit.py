@@ -84,19 +84,33 @@ async def test_concurrent_batches_share_transactions_and_store_each_event_once(
     assert grouped_batches() > grouped_before, "no two batches ever shared a transaction"
 
 
+def waiting_batches() -> float:
+    return REGISTRY.get_sample_value("profiles_ingest_group_commit_waiting") or 0.0
+
+
 async def test_a_batch_whose_transaction_fails_fails_alone(
     ingest: Ingest, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A fault no validation foresaw (here injected in the events insert for one event ID)
-    fails its own batch; the batches that shared its group are stored without it."""
+    fails its own batch; the batches that shared its group are stored without it. The first two
+    batches hold both writers until the other six wait, so those six form one group."""
     original = IngestRepository.insert_installation_events
-    grouped_with_poison: list[int] = []
+    poison_group_sizes: list[int] = []
+    writers_held = asyncio.Event()
+    release_writers = asyncio.Event()
+    held = 0
 
     async def insert(self: IngestRepository, conn: Any, *args: Any) -> Any:
+        nonlocal held
         events: Sequence[ValidEvent] = args[-1]
         if any(e.event_id == "poison" for e in events):
-            grouped_with_poison.append(len(events))
+            poison_group_sizes.append(len(events))
             raise RuntimeError("an unforeseen fault")
+        if not release_writers.is_set():
+            held += 1
+            if held == 2:
+                writers_held.set()
+            await release_writers.wait()
         return await original(self, conn, *args)
 
     monkeypatch.setattr(IngestRepository, "insert_installation_events", insert)
@@ -105,14 +119,22 @@ async def test_a_batch_whose_transaction_fails_fails_alone(
         [custom_event(devices[i % 4], event_id=f"b{i}-{j}") for j in range(5)] for i in range(8)
     ]
     batches[-1].append(custom_event(devices[0], event_id="poison"))
-    replies = await asyncio.gather(
-        *(ingest.track(*batch) for batch in batches), return_exceptions=True
-    )
+    waiting_before = waiting_batches()
+    async with asyncio.timeout(60):
+        first = [asyncio.create_task(ingest.track(*batch)) for batch in batches[:2]]
+        await writers_held.wait()
+        rest = [asyncio.create_task(ingest.track(*batch)) for batch in batches[2:]]
+        # The six reach the service over gRPC in their own time; only the gauge tells.
+        while waiting_batches() < waiting_before + 6:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+        release_writers.set()
+        replies = await asyncio.gather(*first, *rest, return_exceptions=True)
     assert isinstance(replies[-1], grpc.aio.AioRpcError)
     for reply in replies[:-1]:
         assert not isinstance(reply, BaseException), reply
         assert [r.outcome for r in reply.results] == [ACCEPTED] * 5
-    assert max(grouped_with_poison) > 6, "the failing batch never shared a transaction"
+    # Tried once in the group of six batches (5 x 5 events and its own 6), then alone.
+    assert poison_group_sizes == [31, 6]
     rows = await ingest.fetch("SELECT event_id FROM events")
     assert sorted(r["event_id"] for r in rows) == sorted(
         e.event_id for batch in batches[:-1] for e in batch

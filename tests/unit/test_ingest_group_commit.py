@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from prometheus_client import REGISTRY
 
 from profiles.common.v1 import bus_pb2, types_pb2
 from profiles.ingest.v1 import ingest_service_pb2 as pb
@@ -46,6 +47,10 @@ class Recorder:
         self.release.setdefault(number, asyncio.Event()).set()
 
 
+def waiting() -> float:
+    return REGISTRY.get_sample_value("profiles_ingest_group_commit_waiting") or 0.0
+
+
 async def settle() -> None:
     for _ in range(5):
         await asyncio.sleep(0)
@@ -54,16 +59,19 @@ async def settle() -> None:
 async def test_a_lone_batch_is_stored_at_once_and_later_ones_wait_and_go_together() -> None:
     recorder = Recorder()
     groups = GroupCommit(recorder.store, size_of=lambda _: 1, writers=1, max_size=10)
+    waiting_before = waiting()
     first = asyncio.create_task(groups.submit("p", "a"))
     await settle()
     assert recorder.groups == [["a"]]
     later = [asyncio.create_task(groups.submit("p", i)) for i in "bcd"]
     await settle()
     assert recorder.groups == [["a"]], "a second transaction started beside the first"
+    assert waiting() == waiting_before + 3
     recorder.open(0)
     assert await first == "p:a"
     await settle()
     assert recorder.groups == [["a"], ["b", "c", "d"]]
+    assert waiting() == waiting_before
     recorder.open(1)
     assert await asyncio.gather(*later) == ["p:b", "p:c", "p:d"]
 
