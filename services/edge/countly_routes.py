@@ -20,7 +20,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from services.edge.dialects import countly
-from services.edge.handlers import Answer, Gateway, Translate
+from services.edge.handlers import FORBIDDEN_MESSAGE, Answer, Gateway, Translate
 from services.edge.steps import RequestInvalid, Translation
 
 # Countly's server limits a request to 1 MB by default; so does the edge.
@@ -32,6 +32,7 @@ COUNTLY = Answer(
     ok=(200, {"result": "Success"}),
     invalid=lambda message: (400, {"result": message}),
     unauthenticated=(400, {"result": "App does not exist"}),
+    forbidden=(403, {"result": FORBIDDEN_MESSAGE}),
 )
 
 

@@ -66,12 +66,19 @@ class Answer:
     ok: tuple[int, Any]
     invalid: Callable[[str], tuple[int, Any]]
     unauthenticated: tuple[int, Any]
+    # A valid key whose role may not send (a read or admin key): 403 in the dialect's shape.
+    forbidden: tuple[int, Any]
+
+
+# What a key of another role is told, in every dialect.
+FORBIDDEN_MESSAGE = "This key may not send events: use the project's SDK key"
 
 
 SEGMENT = Answer(
     ok=(200, {"success": True}),
     invalid=lambda message: (400, {"success": False, "message": message}),
     unauthenticated=(401, {"success": False, "message": "Invalid write key"}),
+    forbidden=(403, {"success": False, "message": FORBIDDEN_MESSAGE}),
 )
 POSTHOG = Answer(
     ok=(200, {"status": 1}),
@@ -86,6 +93,10 @@ POSTHOG = Answer(
             "code": "invalid_api_key",
             "detail": "Project API key invalid.",
         },
+    ),
+    forbidden=(
+        403,
+        {"type": "authentication_error", "code": "permission_denied", "detail": FORBIDDEN_MESSAGE},
     ),
 )
 
@@ -142,7 +153,11 @@ class Gateway:
                     {"Retry-After": retry_after(wait)},
                 )
             client_ip = request.client.host if request.client else ""
-            translation = translate(datetime.now(UTC), client_ip)
+            try:
+                translation = translate(datetime.now(UTC), client_ip)
+            except RequestInvalid as exc:  # the body as a whole, found while translating
+                outcome = "invalid"
+                return self._refuse(request, dialect, outcome, *answer.invalid(exc.message))
             MESSAGES.labels(dialect).inc(translation.message_count)
             try:
                 result = await self.backend.execute(translation, key, dialect)
@@ -152,9 +167,7 @@ class Gateway:
                 if exc.kind == "unauthenticated":
                     return self._refuse(request, dialect, outcome, *answer.unauthenticated)
                 if exc.kind == "forbidden":
-                    return self._refuse(
-                        request, dialect, outcome, 403, {"message": "Key not allowed to send"}
-                    )
+                    return self._refuse(request, dialect, outcome, *answer.forbidden)
                 if exc.kind == "rate_limited":
                     headers = {"Retry-After": "1"}
                     return self._refuse(
@@ -239,6 +252,8 @@ def segment_handler(gateway: Gateway, single_type: str) -> Callable[[Request], A
             body = _json_object(data)
             if not isinstance(body, dict):
                 raise RequestInvalid("The body is not a JSON object")
+            if not single_type:
+                segment.batch_of(body)  # a body with no batch list is refused before the key
             key = _basic_user(request.headers.get("authorization", ""))
             if not key and isinstance(body.get("writeKey"), str):
                 key = body["writeKey"]
@@ -282,6 +297,7 @@ def posthog_handler(gateway: Gateway) -> Callable[[Request], Any]:
             body = _posthog_body(data, request.headers.get("content-type", ""))
             if not isinstance(body, dict | list):
                 raise RequestInvalid("The body is not a JSON object or array")
+            posthog.messages_of(body)  # a body holding no events is refused before the key
             key = posthog.api_key_of(body)
 
             def translate(now: datetime, ip: str) -> Translation:
@@ -304,7 +320,7 @@ def posthog_push_handler(gateway: Gateway) -> Callable[[Request], Any]:
             data = await gateway.body(request, posthog.MAX_REQUEST_BYTES)
             body = json.loads(data)
             subscription = posthog.push_subscription_of(body)
-            key = posthog.api_key_of(body)
+            key = posthog.top_level_key(body)
             register = request.method == "POST"
 
             def translate(now: datetime, ip: str) -> Translation:

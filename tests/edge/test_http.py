@@ -79,6 +79,40 @@ async def test_malformed_json_unknown_keys_and_missing_keys_are_refused(edge: Ed
     assert posthog.status_code == 401
     read_key = await send(f"{edge.url}/v1/batch", segment_batch(edge.project.keys["read"]))
     assert read_key.status_code == 403
+    assert read_key.json()["success"] is False
+    assert await edge.rejected() == []
+
+
+async def test_a_key_that_may_not_send_is_told_so_in_each_dialect_s_shape(edge: Edge) -> None:
+    read = edge.project.keys["read"]
+    posthog = await send(f"{edge.url}/batch/", {"api_key": read, "batch": [{"event": "x"}]})
+    assert posthog.status_code == 403
+    assert posthog.json()["type"] == "authentication_error"
+    countly = await asyncio.to_thread(
+        requests.get,
+        f"{edge.url}/i",
+        params={"app_key": read, "device_id": "d", "begin_session": "1"},
+        timeout=10,
+    )
+    assert countly.status_code == 403
+    assert "SDK key" in countly.json()["result"]
+
+
+async def test_a_body_holding_no_events_is_refused_not_stored_as_nothing(edge: Edge) -> None:
+    key = edge.sdk_key
+    for body in ({"writeKey": key, "batch": "x"}, {"writeKey": key, "nobatch": True}):
+        reply = await send(f"{edge.url}/v1/batch", body)
+        assert reply.status_code == 400, body
+        assert reply.json() == {"success": False, "message": "The body has no batch list"}
+    for body in ({"api_key": key, "batch": "x"}, {"api_key": key}):
+        reply = await send(f"{edge.url}/batch/", body)
+        assert reply.status_code == 400, body
+        assert reply.json()["code"] == "invalid_payload"
+    # Empty lists are nothing to store, and no error; a key on a list's first event is read.
+    assert (await send(f"{edge.url}/v1/batch", {"writeKey": key, "batch": []})).status_code == 200
+    assert (await send(f"{edge.url}/batch/", {"api_key": key, "batch": []})).status_code == 200
+    listed = [{"event": "Tap", "distinct_id": "d-list", "api_key": key}]
+    assert (await send(f"{edge.url}/batch/", listed)).status_code == 200
     assert await edge.rejected() == []
 
 

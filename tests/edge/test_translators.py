@@ -6,11 +6,13 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
+import pytest
+
 from profiles.common.v1 import types_pb2
 from profiles.ingest.v1 import ingest_service_pb2 as ingest_pb
 from services.edge.dialects import posthog, segment
 from services.edge.names import normalize_name
-from services.edge.steps import Identify, Reject, Track, scrub
+from services.edge.steps import Identify, Reject, RequestInvalid, Track, scrub
 
 NOW = datetime(2030, 1, 15, 12, 0, tzinfo=UTC)
 
@@ -275,6 +277,40 @@ def test_posthog_single_event_and_token_in_properties() -> None:
     (custom,) = [e for e in events(posthog.translate(body, NOW).steps) if e.HasField("custom")]
     assert custom.custom.name == "signed_up"
     assert dict(custom.custom.attributes) == {}
+
+
+def test_posthog_key_on_a_list_s_first_event() -> None:
+    event = {"event": "e", "distinct_id": "d"}
+    assert posthog.api_key_of([{**event, "api_key": "phc_a"}, event]) == "phc_a"
+    assert posthog.api_key_of([{**event, "token": "phc_b"}]) == "phc_b"
+    assert posthog.api_key_of([event, {**event, "api_key": "phc_later"}]) == ""
+    assert posthog.api_key_of({"api_key": "phc_top", "batch": [{**event, "api_key": "x"}]}) == (
+        "phc_top"
+    )
+
+
+@pytest.mark.parametrize(
+    "body", [{"batch": "x"}, {"batch": {"event": "e"}}, {"api_key": "k"}, {"properties": {}}]
+)
+def test_a_posthog_object_holding_no_events_is_refused(body: dict[str, Any]) -> None:
+    with pytest.raises(RequestInvalid):
+        posthog.messages_of(body)
+    with pytest.raises(RequestInvalid):
+        posthog.translate(body, NOW)
+
+
+def test_empty_lists_hold_no_events_and_are_no_error() -> None:
+    assert posthog.translate([], NOW).message_count == 0
+    assert posthog.translate({"batch": []}, NOW).message_count == 0
+    assert segment.translate_batch({"batch": []}, NOW).message_count == 0
+
+
+@pytest.mark.parametrize("body", [{"batch": "x"}, {"nobatch": True}, {"batch": {"type": "track"}}])
+def test_a_segment_batch_body_without_a_batch_list_is_refused(body: dict[str, Any]) -> None:
+    with pytest.raises(RequestInvalid):
+        segment.batch_of(body)
+    with pytest.raises(RequestInvalid):
+        segment.translate_batch(body, NOW)
 
 
 def test_names_follow_one_rule() -> None:

@@ -65,30 +65,47 @@ SDK_OWN_PROPERTIES = frozenset({"token", "distinct_id", "alias"})
 
 
 def api_key_of(body: Any) -> str:
-    """The project key: top-level `api_key` or `token`, else the first event's
-    `properties.token` (posthog-js)."""
+    """The project key: top-level `api_key` or `token`, else the first event's own `api_key`
+    or `token`, else its `properties.token` (posthog-js). Raises RequestInvalid as
+    messages_of does."""
+    key = top_level_key(body)
+    if key:
+        return key
+    for message in messages_of(body)[:1]:
+        if not isinstance(message, dict):
+            continue
+        properties = message.get("properties")
+        properties = properties if isinstance(properties, dict) else {}
+        for value in (message.get("api_key"), message.get("token"), properties.get("token")):
+            if isinstance(value, str) and value:
+                return value
+    return ""
+
+
+def top_level_key(body: Any) -> str:
+    """The key a body carries beside its events (`api_key` or `token`), or ""."""
     if isinstance(body, dict):
         for name in ("api_key", "token"):
             if isinstance(body.get(name), str) and body[name]:
                 return str(body[name])
-    for message in messages_of(body)[:1]:
-        properties = message.get("properties") if isinstance(message, dict) else None
-        if isinstance(properties, dict) and isinstance(properties.get("token"), str):
-            return str(properties["token"])
     return ""
 
 
 def messages_of(body: Any) -> Sequence[Any]:
-    """The events of a body: `{"batch": [...]}`, a list, or one event object."""
+    """The events of a body: `{"batch": [...]}`, a list, or one event object. Raises
+    RequestInvalid for an object that holds neither (a `batch` that is not a list, no
+    `event`): answered 400 rather than stored as nothing."""
     if isinstance(body, list):
         return body
     if isinstance(body, dict):
-        batch = body.get("batch")
-        if isinstance(batch, list):
+        if "batch" in body:
+            batch = body["batch"]
+            if not isinstance(batch, list):
+                raise RequestInvalid("batch is not a list of events")
             return batch
         if "event" in body:
             return [body]
-    return []
+    raise RequestInvalid("The body holds no events: expected a batch list or an event")
 
 
 def translate(body: Any, now: datetime, client_ip: str = "") -> Translation:

@@ -49,7 +49,7 @@ from services.edge.build import (
 from services.edge.names import normalize_name
 from services.edge.platforms import platform_of
 from services.edge.properties import custom_attributes
-from services.edge.steps import Translation
+from services.edge.steps import RequestInvalid, Translation
 
 DIALECT = "segment"
 MAX_MESSAGE_BYTES = 32 * 1024
@@ -59,6 +59,15 @@ _UUID = re.compile(
     r"[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}"
 )
 _SUMMARY_KEYS = ("type", "messageId", "event", "name", "anonymousId", "userId", "timestamp")
+
+
+def batch_of(body: Mapping[str, Any]) -> Sequence[Any]:
+    """The messages of a /v1/batch body. Raises RequestInvalid when `batch` is missing or not
+    a list: answered 400 rather than stored as nothing."""
+    batch = body.get("batch")
+    if not isinstance(batch, list):
+        raise RequestInvalid("The body has no batch list")
+    return batch
 
 
 def translate_batch(
@@ -79,8 +88,7 @@ def translate_batch(
         batch_sent = None
         batch_context: Mapping[str, Any] = {}
     else:
-        raw = body.get("batch")
-        messages = raw if isinstance(raw, list) else []
+        messages = batch_of(body)
         batch_sent = parse_time(body.get("sentAt"))
         context = body.get("context")
         batch_context = context if isinstance(context, dict) else {}
