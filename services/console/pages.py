@@ -510,8 +510,8 @@ async def profile_page(request: Request, session: ConsoleSession) -> Response:
             (
                 day.date[5:],
                 day.event_count,
-                f"{day.date}: {day.session_count} sessions, {day.event_count} events,"
-                f" {present.span(day.time_spent)}",
+                f"{day.date}: {present.count_of(day.session_count, 'session')},"
+                f" {present.count_of(day.event_count, 'event')}, {present.span(day.time_spent)}",
             )
             for day in days
         ],

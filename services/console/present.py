@@ -76,6 +76,11 @@ def span(value: duration_pb2.Duration | float) -> str:
     return f"{secs} s"
 
 
+def count_of(count: int, noun: str) -> str:
+    """`1 session`, `2 sessions`: a count with its noun (a regular plural)."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
 def platform(value: int) -> str:
     return PLATFORM_LABELS.get(value, "—")
 

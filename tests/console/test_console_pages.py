@@ -106,6 +106,13 @@ async def test_a_person_finds_a_profile_by_email_reads_it_and_signs_out(
     sessions = page.locator("#sessions tbody tr a")
     await expect(sessions.first).to_be_visible()
     await expect(page.locator("#timeline > li").first).to_be_visible()
+    # Each engagement figure under the label of what it counts (Countly's three scores).
+    engagement = page.locator("#engagement")
+    for label, value in (
+        ("Sessions (score 2", str(profile.engagement.score2)),
+        ("Days with a session (score 3", str(profile.engagement.score3)),
+    ):
+        await expect(engagement.locator("div", has_text=label).locator("dd")).to_have_text(value)
 
     # Clicking a session shows that session's events only.
     reply = await query(

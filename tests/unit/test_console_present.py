@@ -23,6 +23,11 @@ def test_a_person_is_named_by_name_then_custom_id_then_as_anonymous() -> None:
 def test_durations_and_values_read_as_a_person_expects() -> None:
     assert present.span(duration_pb2.Duration(seconds=3725)) == "1 h 02 min"
     assert present.span(65) == "1 min 05 s"
+    assert [present.count_of(n, "session") for n in (0, 1, 2)] == [
+        "0 sessions",
+        "1 session",
+        "2 sessions",
+    ]
     assert present.attribute_value(types_pb2.AttributeValue(number_value=3.0)) == "3"
     assert present.attribute_value(types_pb2.AttributeValue(bool_value=False)) == "false"
     listed = types_pb2.AttributeValue(string_list_value=types_pb2.StringList(values=["a", "b"]))
