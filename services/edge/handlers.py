@@ -68,6 +68,8 @@ class Answer:
     unauthenticated: tuple[int, Any]
     # A valid key whose role may not send (a read or admin key): 403 in the dialect's shape.
     forbidden: tuple[int, Any]
+    # No key at all, where the dialect words it apart from an unknown one.
+    missing_key: tuple[int, Any] | None = None
 
 
 # What a key of another role is told, in every dialect.
@@ -97,6 +99,14 @@ POSTHOG = Answer(
     forbidden=(
         403,
         {"type": "authentication_error", "code": "permission_denied", "detail": FORBIDDEN_MESSAGE},
+    ),
+    missing_key=(
+        401,
+        {
+            "type": "authentication_error",
+            "code": "missing_api_key",
+            "detail": "No project API key: send it as api_key, or as properties.token.",
+        },
     ),
 )
 
@@ -140,7 +150,8 @@ class Gateway:
                 return self._refuse(request, dialect, outcome, status, body)
             if not key:
                 outcome = "unauthenticated"
-                return self._refuse(request, dialect, outcome, *answer.unauthenticated)
+                refusal = answer.missing_key or answer.unauthenticated
+                return self._refuse(request, dialect, outcome, *refusal)
             wait = self.limiter.acquire(key, time.monotonic())
             if wait:
                 outcome = "rate_limited"

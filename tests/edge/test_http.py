@@ -77,6 +77,10 @@ async def test_malformed_json_unknown_keys_and_missing_keys_are_refused(edge: Ed
         {"api_key": "not-a-key", "batch": [{"event": "x", "distinct_id": "d"}]},
     )
     assert posthog.status_code == 401
+    assert posthog.json()["code"] == "invalid_api_key"
+    no_key = await send(f"{edge.url}/batch/", {"batch": [{"event": "x", "distinct_id": "d"}]})
+    assert no_key.status_code == 401
+    assert no_key.json()["code"] == "missing_api_key"
     read_key = await send(f"{edge.url}/v1/batch", segment_batch(edge.project.keys["read"]))
     assert read_key.status_code == 403
     assert read_key.json()["success"] is False
