@@ -82,31 +82,25 @@ SEGMENT = Answer(
     unauthenticated=(401, {"success": False, "message": "Invalid write key"}),
     forbidden=(403, {"success": False, "message": FORBIDDEN_MESSAGE}),
 )
+
+
+def _posthog_error(status: int, kind: str, code: str, detail: str) -> tuple[int, Any]:
+    """PostHog's error body: {"type", "code", "detail"}."""
+    return status, {"type": kind, "code": code, "detail": detail}
+
+
 POSTHOG = Answer(
     ok=(200, {"status": 1}),
-    invalid=lambda message: (
-        400,
-        {"type": "validation_error", "code": "invalid_payload", "detail": message},
+    invalid=lambda message: _posthog_error(400, "validation_error", "invalid_payload", message),
+    unauthenticated=_posthog_error(
+        401, "authentication_error", "invalid_api_key", "Project API key invalid."
     ),
-    unauthenticated=(
+    forbidden=_posthog_error(403, "authentication_error", "permission_denied", FORBIDDEN_MESSAGE),
+    missing_key=_posthog_error(
         401,
-        {
-            "type": "authentication_error",
-            "code": "invalid_api_key",
-            "detail": "Project API key invalid.",
-        },
-    ),
-    forbidden=(
-        403,
-        {"type": "authentication_error", "code": "permission_denied", "detail": FORBIDDEN_MESSAGE},
-    ),
-    missing_key=(
-        401,
-        {
-            "type": "authentication_error",
-            "code": "missing_api_key",
-            "detail": "No project API key: send it as api_key, or as properties.token.",
-        },
+        "authentication_error",
+        "missing_api_key",
+        "No project API key: send it as api_key, or as properties.token.",
     ),
 )
 

@@ -289,28 +289,28 @@ def test_posthog_key_on_a_list_s_first_event() -> None:
     )
 
 
-@pytest.mark.parametrize(
-    "body", [{"batch": "x"}, {"batch": {"event": "e"}}, {"api_key": "k"}, {"properties": {}}]
-)
-def test_a_posthog_object_holding_no_events_is_refused(body: dict[str, Any]) -> None:
+POSTHOG_NO_EVENTS = ({"batch": "x"}, {"batch": {"event": "e"}}, {"api_key": "k"}, {"x": 1})
+SEGMENT_NO_BATCH = ({"batch": "x"}, {"nobatch": True}, {"batch": {"type": "track"}})
+NO_EVENTS: list[tuple[Any, dict[str, Any]]] = [
+    *((posthog.messages_of, body) for body in POSTHOG_NO_EVENTS),
+    *((segment.batch_of, body) for body in SEGMENT_NO_BATCH),
+]
+
+
+@pytest.mark.parametrize(("events_of", "body"), NO_EVENTS)
+def test_a_body_holding_no_events_list_is_refused(events_of: Any, body: dict[str, Any]) -> None:
+    """Refused where the handler reads the body, and by the translator all the same."""
     with pytest.raises(RequestInvalid):
-        posthog.messages_of(body)
+        events_of(body)
+    translate = posthog.translate if events_of is posthog.messages_of else segment.translate_batch
     with pytest.raises(RequestInvalid):
-        posthog.translate(body, NOW)
+        translate(body, NOW)
 
 
 def test_empty_lists_hold_no_events_and_are_no_error() -> None:
     assert posthog.translate([], NOW).message_count == 0
     assert posthog.translate({"batch": []}, NOW).message_count == 0
     assert segment.translate_batch({"batch": []}, NOW).message_count == 0
-
-
-@pytest.mark.parametrize("body", [{"batch": "x"}, {"nobatch": True}, {"batch": {"type": "track"}}])
-def test_a_segment_batch_body_without_a_batch_list_is_refused(body: dict[str, Any]) -> None:
-    with pytest.raises(RequestInvalid):
-        segment.batch_of(body)
-    with pytest.raises(RequestInvalid):
-        segment.translate_batch(body, NOW)
 
 
 def test_names_follow_one_rule() -> None:
