@@ -111,11 +111,33 @@ class Session:
 
 # --- The model: plain functions, no SQL -------------------------------------------------------
 
+API = 4  # PLATFORM_API
+
+
+def platform_wins(
+    new: int, new_time: datetime, stored: int | None, stored_time: datetime | None
+) -> bool:
+    """0040: a device platform (iOS, Android, Web) wins over API whatever the times; otherwise
+    the later event wins, and the later-arriving one on a tie."""
+    if stored is None or stored_time is None:
+        return True
+    if (new == API) != (stored == API):
+        return new != API
+    return new_time >= stored_time
+
+
+def field_wins(
+    name: str, value: Any, time: datetime, values: dict[str, Any], times: dict[str, datetime]
+) -> bool:
+    if name == "platform":
+        return platform_wins(value, time, values.get(name), times.get(name))
+    return name not in times or time >= times[name]
+
 
 def details_of_batch(events: Sequence[Event]) -> dict[str, Details]:
     """Per installation of one batch: each field's value from its latest event by event time,
-    the later in the batch on a tie; every event sets the platform; NULL changes set nothing
-    else; the span of all its events."""
+    the later in the batch on a tie; every event sets the platform (a device platform over
+    API: platform_wins); NULL changes set nothing else; the span of all its events."""
     out: dict[str, Details] = {}
     for e in events:
         sets = {"platform": e.platform, **(e.changes or {})}
@@ -125,7 +147,7 @@ def details_of_batch(events: Sequence[Event]) -> dict[str, Details]:
         values, times = dict(d.values), dict(d.times)
         for name, value in sets.items():
             # Events come in batch order: a tie in time goes to the later one.
-            if name not in times or e.time >= times[name]:
+            if field_wins(name, value, e.time, values, times):
                 values[name], times[name] = value, e.time
         out[e.installation_id] = Details(
             values, times, min(d.first_seen, e.time), max(d.last_seen, e.time)
@@ -140,7 +162,7 @@ def merge_details(stored: Details | None, batch: Details) -> Details:
         return batch
     values, times = dict(stored.values), dict(stored.times)
     for name, time in batch.times.items():
-        if name not in stored.times or time >= stored.times[name]:
+        if field_wins(name, batch.values[name], time, stored.values, stored.times):
             values[name], times[name] = batch.values[name], time
     return Details(
         values,
@@ -246,14 +268,15 @@ def random_changes(rng: random.Random) -> dict[str, Any] | None:
     return {name: rng.choice(values[name]) for name in names}
 
 
-def random_round(rng: random.Random, prefix: str) -> list[Event]:
+def random_round(rng: random.Random, prefix: str, top_platform: int = 3) -> list[Event]:
+    """A round's events, on platforms 1 to `top_platform` (4 brings in API)."""
     events: list[Event] = []
     for i in range(rng.randint(3, 6)):
         installation = f"{prefix}i{i}"
         profiles = [uuid.uuid4() for _ in range(2)]
         sessions = [f"s{j}" for j in range(rng.randint(2, 3))]
         for _ in range(rng.randint(4, 14)):
-            time, platform = rng.choice(TIMES), rng.randint(1, 3)
+            time, platform = rng.choice(TIMES), rng.randint(1, top_platform)
             roll = rng.random()
             if roll < 0.2:  # an installation update (no session)
                 events.append(Event(installation, time, platform, random_changes(rng)))
@@ -394,6 +417,70 @@ async def oracle(db: asyncpg.Pool, database_url: str) -> TestProject:
     return await create_test_project(database_url)
 
 
+@dataclass(slots=True)
+class Exercised:
+    """What the random inputs met, so that a test can say its inputs did their job."""
+
+    ties: int = 0
+    ended_twice: int = 0
+    api_after_device: int = 0  # a device platform kept over a later API event
+
+
+async def check_rounds(
+    db: asyncpg.Pool,
+    project: TestProject,
+    oracle: TestProject | None,
+    seed: int,
+    top_platform: int = 3,
+) -> Exercised:
+    """Six rounds of random batches through the function, each stored row checked against the
+    model after every batch (and against 0027's function in `oracle`'s project, if given)."""
+    rng = random.Random(seed)
+    seen = Exercised()
+    for round_ in range(6):
+        prefix = f"r{round_}-"
+        details: dict[str, Details] = {}
+        sessions: dict[tuple[str, str], Session] = {}
+        for batch in split(rng, random_round(rng, prefix, top_platform)):
+            for installation_id, d in details_of_batch(batch).items():
+                stored = details.get(installation_id)
+                details[installation_id] = merge_details(stored, d)
+                kept = details[installation_id]
+                seen.api_after_device += kept.values["platform"] != API and any(
+                    e.installation_id == installation_id
+                    and e.platform == API
+                    and e.time > kept.times["platform"]
+                    for e in batch
+                )
+            touched = sessions_of_batch(batch)
+            for key, s in touched.items():
+                seen.ended_twice += s.ended and key in sessions and sessions[key].ended
+                sessions[key] = merge_session(sessions.get(key), s)
+            seen.ties += len(batch) - len({(e.installation_id, e.time) for e in batch})
+
+            answered = await apply(
+                db, "profiles_ingest_apply_batch_state", project.project_id, batch
+            )
+            assert answered == sorted((*key, sessions[key].country) for key in touched)
+            stored_details, stored_sessions = await stored_rows(db, project.project_id, prefix)
+            assert {k: with_parsed_times(v) for k, v in stored_details.items()} == {
+                k: expected_details_row(k, d) for k, d in details.items()
+            }, f"seed {seed}, round {round_}"
+            assert stored_sessions == {
+                k: expected_session_row(k, s) for k, s in sessions.items()
+            }, f"seed {seed}, round {round_}"
+            if oracle is None:
+                continue
+            answered_0027 = await apply(db, ORACLE_FUNCTION, oracle.project_id, batch)
+            assert answered_0027 == answered
+            # 0027's rows, field_times as stored text included: the rewrite changed no result.
+            assert await stored_rows(db, oracle.project_id, prefix) == (
+                stored_details,
+                stored_sessions,
+            ), f"seed {seed}, round {round_}"
+    return seen
+
+
 @pytest.mark.parametrize("seed", [20261203, 1, 2, 3, 4])
 async def test_installation_details_and_sessions_follow_the_model_and_0027(
     db: asyncpg.Pool, project: TestProject, oracle: TestProject, seed: int
@@ -403,40 +490,16 @@ async def test_installation_details_and_sessions_follow_the_model_and_0027(
         list(KIND_NAMES.values()),
     )
     assert {r["n"]: r["kind"] for r in kinds} == {v: k for k, v in KIND_NAMES.items()}
-    rng = random.Random(seed)
-    ties = ended_twice = 0
-    for round_ in range(6):
-        prefix = f"r{round_}-"
-        details: dict[str, Details] = {}
-        sessions: dict[tuple[str, str], Session] = {}
-        for batch in split(rng, random_round(rng, prefix)):
-            for installation_id, d in details_of_batch(batch).items():
-                details[installation_id] = merge_details(details.get(installation_id), d)
-            touched = sessions_of_batch(batch)
-            for key, s in touched.items():
-                ended_twice += s.ended and key in sessions and sessions[key].ended
-                sessions[key] = merge_session(sessions.get(key), s)
-            ties += len(batch) - len({(e.installation_id, e.time) for e in batch})
-
-            answered = await apply(
-                db, "profiles_ingest_apply_batch_state", project.project_id, batch
-            )
-            answered_0027 = await apply(db, ORACLE_FUNCTION, oracle.project_id, batch)
-            assert answered == sorted((*key, sessions[key].country) for key in touched)
-            assert answered_0027 == answered
-
-            stored_details, stored_sessions = await stored_rows(db, project.project_id, prefix)
-            assert {k: with_parsed_times(v) for k, v in stored_details.items()} == {
-                k: expected_details_row(k, d) for k, d in details.items()
-            }, f"seed {seed}, round {round_}"
-            assert stored_sessions == {
-                k: expected_session_row(k, s) for k, s in sessions.items()
-            }, f"seed {seed}, round {round_}"
-            # 0027's rows, field_times as stored text included: the rewrite changed no result.
-            assert await stored_rows(db, oracle.project_id, prefix) == (
-                stored_details,
-                stored_sessions,
-            ), f"seed {seed}, round {round_}"
+    seen = await check_rounds(db, project, oracle, seed)
     # The inputs exercised what they are for: ties in a batch, ends over earlier ends.
-    assert ties > 0
-    assert ended_twice > 0
+    assert seen.ties > 0
+    assert seen.ended_twice > 0
+
+
+@pytest.mark.parametrize("seed", [20261206, 5, 6, 7])
+async def test_a_device_platform_wins_over_api_whatever_the_times(
+    db: asyncpg.Pool, project: TestProject, seed: int
+) -> None:
+    """0040's rule on random inputs with API events among the devices' (0027 predates it)."""
+    seen = await check_rounds(db, project, None, seed, top_platform=API)
+    assert seen.api_after_device > 0

@@ -224,3 +224,38 @@ async def test_a_flush_whose_answer_was_lost_is_retried_and_stored_once(edge: Ed
         await flush(client)
 
     await assert_lost_answer_is_retried(edge, "segment", send, "anon-lost")
+
+
+async def test_a_back_end_event_on_a_device_s_anonymous_id_keeps_the_device_platform(
+    edge: Edge,
+) -> None:
+    """A server library (analytics-python: platform API) tracking with the anonymousId a phone
+    uses: the event is stored on that installation, which stays an iOS one (migration 0040)."""
+    earlier = (datetime.now(UTC) - timedelta(minutes=1)).isoformat()
+    phone = {
+        "type": "track",
+        "messageId": "phone-1",
+        "anonymousId": "anon-shared",
+        "event": "App Opened",
+        "timestamp": earlier,
+        "context": {"os": {"name": "iOS", "version": "17.2"}},
+    }
+    reply = await asyncio.to_thread(post, f"{edge.url}/v1/track", phone, auth=(edge.sdk_key, ""))
+    assert reply.status_code == 200
+    client = sdk(edge)
+    client.track(anonymous_id="anon-shared", event="Order Shipped", properties={"order": "A-1"})
+    await flush(client)
+
+    async def both_stored() -> bool:
+        profile = await edge.profile(installation_id="anon-shared")
+        return len(await custom_names(edge, profile.summary.profile_id)) == 2
+
+    await eventually(both_stored)
+    profile = await edge.profile(installation_id="anon-shared")
+    events = await edge.events(profile.summary.profile_id)
+    platforms = {e.custom.name: e.platform for e in events if e.HasField("custom")}
+    assert platforms == {
+        "app_opened": types_pb2.PLATFORM_IOS,
+        "order_shipped": types_pb2.PLATFORM_API,
+    }
+    assert [i.platform for i in profile.installations] == [types_pb2.PLATFORM_IOS]

@@ -977,7 +977,7 @@ AS $function$
         last_event_time = greatest(c.last_event_time, EXCLUDED.last_event_time)
 $function$;
 
--- 0030's function, with the replay above for the batch's touched attributes.
+-- 0033's function, with the rule above in the batch's choice of platform and in the upsert.
 CREATE OR REPLACE FUNCTION public.profiles_ingest_apply_batch_state(p_project uuid, o_profiles uuid[], o_natives boolean[], o_names text[], o_times timestamp with time zone[], o_event_ids text[], o_origins text[], o_positions smallint[], o_kinds text[], o_values jsonb[], p_refused_event_seqs bigint[], s_profiles uuid[], s_channels text[], s_kinds text[], s_subscribed boolean[], s_times timestamp with time zone[], s_event_ids text[], s_origins text[], i_installations text[], i_times timestamp with time zone[], i_platforms smallint[], i_changes jsonb[], p_session_starters text[], e_installations text[], e_sessions text[], e_profiles uuid[], e_platforms smallint[], e_kinds smallint[], e_times timestamp with time zone[], e_durations interval[], e_countries text[])
  RETURNS TABLE(what text, installation_id text, session_id text, country text, imported_installation_id text)
  LANGUAGE plpgsql
@@ -1037,8 +1037,9 @@ BEGIN
             FROM unnest(i_installations, i_times, i_platforms, i_changes)
                  WITH ORDINALITY AS c(installation_id, event_time, platform, changes, ord)
         ),
-        -- Every event carries its platform: the latest event's, with the installation's span,
-        -- in one sort of the batch (no JSON for the 87% of events that change nothing else).
+        -- Every event carries its platform: the latest event's on a device platform, else the
+        -- latest API event's (profiles_ingest_platform_wins), with the installation's span, in
+        -- one sort of the batch (no JSON for the 87% of events that change nothing else).
         seen AS (
             SELECT DISTINCT ON (b.installation_id) b.installation_id, b.platform,
                    b.event_time AS platform_time,
@@ -1046,7 +1047,7 @@ BEGIN
             FROM batch b
             WINDOW w AS (PARTITION BY b.installation_id ORDER BY b.event_time DESC, b.ord DESC
                          ROWS BETWEEN UNBOUNDED PRECEDING AND UNBOUNDED FOLLOWING)
-            ORDER BY b.installation_id, b.event_time DESC, b.ord DESC
+            ORDER BY b.installation_id, b.platform = 4, b.event_time DESC, b.ord DESC
         ),
         -- The other fields, from the events that set them: the latest event's value per field.
         latest AS (
@@ -1082,8 +1083,9 @@ BEGIN
             FROM merged m
             ORDER BY m.installation_id
             ON CONFLICT ON CONSTRAINT installation_details_pkey DO UPDATE SET
-                platform = CASE WHEN profiles_ingest_field_wins(EXCLUDED.field_times,
-                    d.field_times, 'platform') THEN EXCLUDED.platform ELSE d.platform END,
+                platform = CASE WHEN profiles_ingest_platform_wins(EXCLUDED.platform,
+                    EXCLUDED.field_times, d.platform, d.field_times)
+                    THEN EXCLUDED.platform ELSE d.platform END,
                 app_version = CASE WHEN profiles_ingest_field_wins(EXCLUDED.field_times,
                     d.field_times, 'app_version') THEN EXCLUDED.app_version
                     ELSE d.app_version END,
@@ -1106,11 +1108,19 @@ BEGIN
                 uninstalled = CASE WHEN profiles_ingest_field_wins(EXCLUDED.field_times,
                     d.field_times, 'uninstalled') THEN EXCLUDED.uninstalled
                     ELSE d.uninstalled END,
+                -- The platform's time is that of the platform kept, which an API event's
+                -- later time must not move past a device platform's.
                 field_times = CASE
                     WHEN EXCLUDED.field_times - 'platform' <> '{}'
-                        THEN profiles_ingest_field_times(EXCLUDED.field_times, d.field_times)
-                    WHEN profiles_ingest_field_wins(EXCLUDED.field_times, d.field_times,
-                                                    'platform')
+                        THEN profiles_ingest_field_times(EXCLUDED.field_times - 'platform',
+                                                         d.field_times)
+                             || CASE WHEN profiles_ingest_platform_wins(EXCLUDED.platform,
+                                         EXCLUDED.field_times, d.platform, d.field_times)
+                                THEN jsonb_build_object('platform',
+                                                        EXCLUDED.field_times->'platform')
+                                ELSE '{}'::jsonb END
+                    WHEN profiles_ingest_platform_wins(EXCLUDED.platform, EXCLUDED.field_times,
+                                                       d.platform, d.field_times)
                         THEN d.field_times || EXCLUDED.field_times
                     ELSE d.field_times END,
                 first_seen = least(d.first_seen, EXCLUDED.first_seen),
@@ -1121,7 +1131,8 @@ BEGIN
             -- reintegration check below sees each of them.
             WHERE EXCLUDED.first_seen < d.first_seen OR EXCLUDED.last_seen > d.last_seen
                 OR EXCLUDED.field_times - 'platform' <> '{}'
-                OR profiles_ingest_field_wins(EXCLUDED.field_times, d.field_times, 'platform')
+                OR profiles_ingest_platform_wins(EXCLUDED.platform, EXCLUDED.field_times,
+                                                 d.platform, d.field_times)
             RETURNING d.installation_id, d.platform, d.push_token
         )
         SELECT 'reintegration', u.installation_id, NULL::text, NULL::text, t.installation_id
@@ -1471,6 +1482,20 @@ CREATE OR REPLACE FUNCTION public.ingest_read_last_event_seq()
  STABLE PARALLEL SAFE
 AS $function$
     SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END FROM events_event_seq
+$function$;
+
+-- Whether a batch's platform (with the installation's field_times as the batch wrote them)
+-- replaces the stored one (with the stored field_times). 4 is PLATFORM_API.
+CREATE OR REPLACE FUNCTION public.profiles_ingest_platform_wins(new_platform smallint, new_times jsonb, stored_platform smallint, stored_times jsonb)
+ RETURNS boolean
+ LANGUAGE sql
+ STABLE
+AS $function$
+    SELECT CASE
+        WHEN stored_platform IS NULL THEN true
+        WHEN (new_platform = 4) <> (stored_platform = 4) THEN new_platform <> 4
+        ELSE profiles_ingest_field_wins(new_times, stored_times, 'platform')
+    END
 $function$;
 
 
