@@ -47,6 +47,9 @@ PLATFORMS = frozenset(
         types_pb2.PLATFORM_API,
     }
 )
+# The SessionRule values this build knows; another (a newer client's) is refused, never guessed.
+SESSION_RULES = frozenset(pb.SessionRule.values())
+
 CHANNELS = {
     types_pb2.CHANNEL_EMAIL: "email",
     types_pb2.CHANNEL_SMS: "sms",
@@ -689,6 +692,8 @@ class BatchValidator:
                 )
             fields: dict[str, Any] = {}
             _payload(event, fields)
+            if event.session_rule not in SESSION_RULES:
+                raise Invalid(model.VALUE_INVALID, "session_rule", "not a known session rule")
             session_rule = event.session_rule if installation_id and not session_id else 0
             # Checked whenever sent, used only for a derived session: a field the event does
             # not need is still refused when it is not what its name says (an IP address).

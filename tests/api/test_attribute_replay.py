@@ -210,7 +210,8 @@ CUSTOM_OPERATIONS = st.one_of(
         st.just("increment"),
         st.just(False),
         st.sampled_from(["p", "q"]),
-        st.sampled_from([1.0, 3.0, -1.0]),
+        # Huge ones too: two of 1e308 leave the double's range (0041).
+        st.sampled_from([1.0, 3.0, -1.0, 1e308, -1e308]),
     ),
     st.builds(
         Operation,
@@ -318,7 +319,9 @@ def replay(events: Sequence[HistoryEvent], names: dict[str, str]) -> Expected:
         elif operation.kind == "increment":
             assert isinstance(operation.value, float)
             base = current if isinstance(current, float) else 0.0
-            state[key] = (base + operation.value, time)
+            # 0041: an increment to the edge of the double's range or past it changes nothing.
+            if abs(base + operation.value) < 1.79e308:
+                state[key] = (base + operation.value, time)
         elif operation.kind == "append":
             state[key] = ((as_list(current) + as_list(operation.value))[-25:], time)
         else:

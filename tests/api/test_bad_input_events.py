@@ -3,6 +3,7 @@ whatever the client sent, and StreamEvents goes on after it."""
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 import grpc
@@ -12,7 +13,15 @@ from profiles.ingest.v1 import ingest_service_pb2 as pb
 from profiles.ingest.v1 import ingest_service_pb2_grpc as pb_grpc
 from services.ingest import model
 from shared.clock import FrozenClock
-from tests.support.ingest import NOW, Ingest, aiter_of, custom_event, start_ingest
+from tests.support.ingest import (
+    NOW,
+    Ingest,
+    aiter_of,
+    attribute_event,
+    custom_event,
+    op,
+    start_ingest,
+)
 
 
 @pytest.fixture
@@ -94,3 +103,41 @@ async def test_stream_events_answers_a_broken_batch_as_malformed_and_goes_on(
     assert replies[2].accepted_count == 1
     stored = await ingest.fetch("SELECT event_id FROM events")
     assert [r["event_id"] for r in stored] == ["after"]
+
+
+async def test_a_session_rule_this_build_does_not_know_rejects_its_event_only(
+    ingest: Ingest,
+) -> None:
+    unknown = custom_event("inst-1", event_id="rule-7")
+    unknown.session_rule = 7  # type: ignore[assignment]  # a newer client's rule
+    reply = await ingest.track(unknown, custom_event("inst-1", event_id="good"))
+    refused, good = reply.results
+    assert (refused.outcome, refused.reason, refused.field_path) == (
+        pb.EVENT_OUTCOME_REJECTED,
+        model.VALUE_INVALID,
+        "session_rule",
+    )
+    assert good.outcome == pb.EVENT_OUTCOME_ACCEPTED
+
+
+async def test_increments_past_a_double_s_range_change_nothing_and_fail_no_batch(
+    ingest: Ingest,
+) -> None:
+    """0041: before, the second increment of 1.5e308 made PostgreSQL raise in the replay, which
+    failed its batch and every later batch touching the attribute."""
+    times = [NOW - timedelta(minutes=3 - i) for i in range(3)]
+    for number, time in enumerate(times[:2]):
+        reply = await ingest.track(
+            attribute_event("inst-1", [op("increment", "big", 1.5e308)], time=time),
+            custom_event("inst-1", event_id=f"good-{number}"),
+        )
+        assert [r.outcome for r in reply.results] == [pb.EVENT_OUTCOME_ACCEPTED] * 2
+    reply = await ingest.track(
+        attribute_event("inst-1", [op("increment", "big", -0.5e308)], time=times[2])
+    )
+    assert reply.accepted_count == 1
+    rows = await ingest.fetch("SELECT value, update_time FROM profile_attributes")
+    # The second increment applied nothing (value and time stay); the third applied.
+    assert [(float(r["value"]["value"]), r["update_time"]) for r in rows] == [(1e308, times[2])]
+    stored = await ingest.fetch("SELECT count(*) AS n FROM events WHERE event_id LIKE 'good-%'")
+    assert stored[0]["n"] == 2

@@ -1320,11 +1320,11 @@ DECLARE
     value jsonb := CASE WHEN state.started THEN state.value ELSE start_value END;
     changed timestamptz := CASE WHEN state.started THEN state.changed ELSE start_time END;
 BEGIN
-    -- A set-once that finds a value applies nothing: the value keeps its time.
-    IF NOT (op.kind = 'set_once' AND value IS NOT NULL) THEN
-        changed := op.event_time;
+    -- An operation that applies nothing leaves the value with its time.
+    IF NOT profiles_ingest_applies(value, op) THEN
+        RETURN ROW(true, value, changed)::profiles_ingest_replay_state;
     END IF;
-    RETURN ROW(true, profiles_ingest_apply(value, op), changed)::profiles_ingest_replay_state;
+    RETURN ROW(true, profiles_ingest_apply(value, op), op.event_time)::profiles_ingest_replay_state;
 END $function$;
 
 -- The replay of an attribute's operations in their order from a starting state:
@@ -1495,6 +1495,23 @@ AS $function$
         WHEN stored_platform IS NULL THEN true
         WHEN (new_platform = 4) <> (stored_platform = 4) THEN new_platform <> 4
         ELSE profiles_ingest_field_wins(new_times, stored_times, 'platform')
+    END
+$function$;
+
+-- Whether `op` applies to the value it finds (NULL when absent): a set-once that finds a value,
+-- and an increment that would leave the double's range, apply nothing.
+CREATE OR REPLACE FUNCTION public.profiles_ingest_applies(state_value jsonb, op attribute_operations)
+ RETURNS boolean
+ LANGUAGE sql
+ IMMUTABLE
+AS $function$
+    SELECT CASE op.kind
+        WHEN 'set_once' THEN state_value IS NULL
+        WHEN 'increment' THEN abs(
+            CASE WHEN state_value->>'type' = 'number'
+                 THEN (state_value->>'value')::float8::numeric ELSE 0 END
+            + (op.value->>'value')::numeric) < 1.79e308
+        ELSE true
     END
 $function$;
 
