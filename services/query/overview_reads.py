@@ -3,6 +3,7 @@ distribution, in one statement."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
 from uuid import UUID
 
@@ -16,15 +17,33 @@ SELECT_COUNTERS = """
     WHERE project_id = $1 AND platform = $2 AND count <> 0"""
 
 # The whole overview in one statement, hence one snapshot without a transaction (BEGIN and
-# COMMIT were two of its four round trips): the counters above (segment and flag NULL), then
-# segments' read contract segments_read_distribution, the smart segment distribution exact as
-# of $3 on platform $2 (0: all), with metric NULL.
+# COMMIT were two of its four round trips), each row tagged with what it is: the counters above,
+# segments' read contract segments_read_distribution (the smart segment distribution exact as of
+# $3 on platform $2, 0: all), and segments_read_custom_segment_sizes (every custom segment's
+# size, all platforms).
 SELECT_OVERVIEW = f"""
-    SELECT c.metric, c.value, c.count, NULL::smallint AS segment, NULL::smallint AS flag
+    SELECT 'counter' AS kind, c.metric, c.value, c.count, NULL::smallint AS segment,
+           NULL::smallint AS flag, NULL::uuid AS segment_id, NULL::bigint AS seq
     FROM ({SELECT_COUNTERS}) c
     UNION ALL
-    SELECT NULL, NULL, d.profile_count, d.segment, d.flag
-    FROM segments_read_distribution($1, $2::smallint, $3) d"""
+    SELECT 'smart', NULL, NULL, d.profile_count, d.segment, d.flag, NULL, NULL
+    FROM segments_read_distribution($1, $2::smallint, $3) d
+    UNION ALL
+    SELECT 'custom', NULL, z.display_name, z.profile_count, NULL, NULL, z.segment_id,
+           z.create_seq
+    FROM segments_read_custom_segment_sizes($1) z"""
+
+
+@dataclass(frozen=True, slots=True)
+class OverviewRows:
+    """What the overview's statement read, in one snapshot."""
+
+    # (metric, value, count): the project's (platform's) rollup counters.
+    counters: list[tuple[str, str, int]]
+    # (segment, flag, count): the smart segment distribution as of the read.
+    distribution: list[tuple[int, int, int]]
+    # (segment ID, display name, size): every custom segment, oldest first.
+    segment_sizes: list[tuple[UUID, str, int]]
 
 
 class OverviewReads:
@@ -32,18 +51,18 @@ class OverviewReads:
 
     _conn: asyncpg.Connection
 
-    async def overview(
-        self, project_id: UUID, platform: int, as_of: datetime
-    ) -> tuple[list[tuple[str, str, int]], list[tuple[int, int, int]]]:
-        """The project's (platform's) rollup counters as (metric, value, count) and its smart
-        segment distribution as of `as_of` as (segment, flag, count), read in one snapshot."""
-        counters: list[tuple[str, str, int]] = []
-        distribution: list[tuple[int, int, int]] = []
-        for metric, value, count, segment, flag in await self._conn.fetch(
+    async def overview(self, project_id: UUID, platform: int, as_of: datetime) -> OverviewRows:
+        """Everything GetOverview reads, in one snapshot."""
+        rows = OverviewRows([], [], [])
+        sized: list[tuple[int, UUID, str, int]] = []
+        for kind, metric, value, count, segment, flag, segment_id, seq in await self._conn.fetch(
             SELECT_OVERVIEW, project_id, platform, as_of
         ):
-            if metric is None:
-                distribution.append((segment, flag, count))
+            if kind == "counter":
+                rows.counters.append((metric, value, count))
+            elif kind == "smart":
+                rows.distribution.append((segment, flag, count))
             else:
-                counters.append((metric, value, count))
-        return counters, distribution
+                sized.append((seq, segment_id, value, count))
+        rows.segment_sizes.extend((s, name, count) for _, s, name, count in sorted(sized))
+        return rows

@@ -457,11 +457,13 @@ class QueryService:
 
     async def overview(self, project_id: UUID, platform: int, top: int) -> OverviewView:
         """The userbase figures of the project (or one platform): the rollups' counters (as of
-        the last message the projection handled) and the smart segment distribution exact as
-        of now. Reads a few hundred rows at most, whatever the number of profiles."""
+        the last message the projection handled), the smart segment distribution exact as of
+        now, and every custom segment's size. Reads a few hundred rows at most, whatever the
+        number of profiles."""
         as_of = self._clock.now()
         async with self._repository.reads() as reads:
-            rows, distribution = await reads.overview(project_id, platform, as_of)
+            read = await reads.overview(project_id, platform, as_of)
+        rows, distribution = read.counters, read.distribution
         single: dict[str, int] = {}
         valued: dict[str, dict[str, int]] = {}
         for metric, value, count in rows:
@@ -520,6 +522,7 @@ class QueryService:
             regions=by_value(rollup.REGION),
             countries=by_value(rollup.COUNTRY),
             app_versions=_breakdown(versions, top, version_unknown),
+            segment_sizes=tuple(read.segment_sizes),
         )
 
     async def profile_version(self, project_id: UUID, profile_id: UUID) -> int | None:

@@ -57,12 +57,14 @@ async def test_the_view_shows_custom_segments_and_every_funnels_progress(stack: 
         ),
         metadata=admin,
     )
-    await segments.CreateSegment(
-        segments_pb.CreateSegmentRequest(
-            display_name="Gold plan", filter=attribute("plan", f.OPERATOR_EQUALS, "gold")
-        ),
-        metadata=admin,
-    )
+    gold = (
+        await segments.CreateSegment(
+            segments_pb.CreateSegmentRequest(
+                display_name="Gold plan", filter=attribute("plan", f.OPERATOR_EQUALS, "gold")
+            ),
+            metadata=admin,
+        )
+    ).segment.segment_id
     big_cart = funnels_pb2.EventAttributeCondition(
         attribute_name="price", operator=f.OPERATOR_GREATER_THAN_OR_EQUAL, value=operand(10)
     )
@@ -109,6 +111,17 @@ async def test_the_view_shows_custom_segments_and_every_funnels_progress(stack: 
     assert membership.segment_id == pro.segment.segment_id
     assert membership.display_name == "Pro plan"
     assert membership.enter_time.ToDatetime(tzinfo=NOW.tzinfo) == NOW
+    # The overview lists every custom segment, oldest first, sized as ListSegments sizes it.
+    assert await segment_sizes(suite) == [
+        (pro.segment.segment_id, "Pro plan", 1),
+        (gold, "Gold plan", 0),
+    ]
+    listed = await segments.ListSegments(
+        segments_pb.ListSegmentsRequest(), metadata=suite.project.metadata("read")
+    )
+    assert [(g.segment_id, g.display_name, g.size) for g in listed.segments] == (
+        await segment_sizes(suite)
+    )
     first, second = view.funnels
     assert first.funnel_id == checkout.funnel.funnel_id
     assert first.display_name == "Checkout"
@@ -148,6 +161,12 @@ async def test_the_view_shows_custom_segments_and_every_funnels_progress(stack: 
         return not (await suite.get(profile_id=profile_id)).profile.segment_memberships
 
     await eventually(left)
+    assert [size for _, _, size in await segment_sizes(suite)] == [0, 0]
+
+
+async def segment_sizes(suite: Suite) -> list[tuple[str, str, int]]:
+    overview = (await suite.call("GetOverview", query_pb.GetOverviewRequest())).overview
+    return [(z.segment_id, z.display_name, z.profile_count) for z in overview.segment_sizes]
 
 
 SORTS = [

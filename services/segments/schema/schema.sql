@@ -688,6 +688,22 @@ AS $function$
     SELECT * FROM segments_read_funnel_progress(p_project_id, p_profile_id, p_as_of)
 $function$;
 
+-- Every custom segment of a project with its size, oldest first (create_seq): the sum of the
+-- segment's counter shards kept by triggers on custom_segment_members (0007), as ListSegments
+-- counts it; a few rows per segment whatever the number of profiles.
+CREATE OR REPLACE FUNCTION public.segments_read_custom_segment_sizes(p_project_id uuid)
+ RETURNS TABLE(segment_id uuid, display_name text, create_seq bigint, profile_count bigint)
+ LANGUAGE sql
+ STABLE PARALLEL SAFE
+AS $function$
+    SELECT g.segment_id, g.display_name, g.create_seq,
+           (SELECT coalesce(sum(z.member_count), 0) FROM custom_segment_sizes z
+            WHERE z.project_id = g.project_id AND z.segment_id = g.segment_id)::bigint
+    FROM custom_segments g
+    WHERE g.project_id = p_project_id
+    ORDER BY g.create_seq
+$function$;
+
 
 -- ============================================================================================
 -- Triggers
