@@ -123,6 +123,7 @@ def templates() -> Jinja2Templates:
         "iso",
         "gauge_arc",
         "breakdown_value",
+        "count_of",
     ):
         environment.filters[name] = getattr(present, name)
     environment.globals["display_name"] = present.display_name

@@ -470,6 +470,7 @@ async def profile_page(request: Request, session: ConsoleSession) -> Response:
     profile_id = request.path_params["profile_id"]
     session_id = request.query_params.get("session", "")
     events_token = request.query_params.get("events_page", "")
+    sessions_token = request.query_params.get("sessions_page", "")
     today = datetime.now(UTC).date()
     profile_reply, sessions_reply, events_reply, activity = await both(
         console.backend.call(
@@ -479,7 +480,9 @@ async def profile_page(request: Request, session: ConsoleSession) -> Response:
             session.key,
             "query",
             "ListSessions",
-            query_pb.ListSessionsRequest(profile_id=profile_id, page_size=20),
+            query_pb.ListSessionsRequest(
+                profile_id=profile_id, page_size=20, page_token=sessions_token
+            ),
         ),
         console.backend.call(
             session.key,
@@ -520,14 +523,18 @@ async def profile_page(request: Request, session: ConsoleSession) -> Response:
     )
     events = list(events_reply.events)
     newest = max((present.iso(e.event_time) for e in events), default="")
+    # Each list pages on its own; a link keeps the other list where it is.
     next_events = ""
     if events_reply.next_page_token:
-        next_events = "?" + urlencode(
-            {
-                k: v
-                for k, v in (("session", session_id), ("events_page", events_reply.next_page_token))
-                if v
-            }
+        next_events = _query_string(
+            session=session_id,
+            sessions_page=sessions_token,
+            events_page=events_reply.next_page_token,
+        )
+    next_sessions = ""
+    if sessions_reply.next_page_token:
+        next_sessions = _query_string(
+            session=session_id, sessions_page=sessions_reply.next_page_token
         )
     return render(
         request,
@@ -540,6 +547,11 @@ async def profile_page(request: Request, session: ConsoleSession) -> Response:
             "events": events,
             "selected_session": session_id,
             "next_events": next_events,
+            "latest_events": _query_string(session=session_id, sessions_page=sessions_token)
+            if events_token
+            else "",
+            "next_sessions": next_sessions,
+            "newest_sessions": _query_string(session=session_id) if sessions_token else "",
             "chart": chart,
             "activity_zone": activity.time_zone,
             "newest": newest,
@@ -547,6 +559,11 @@ async def profile_page(request: Request, session: ConsoleSession) -> Response:
         },
         session=session,
     )
+
+
+def _query_string(**parameters: str) -> str:
+    """`?a=1&b=2` of the non-empty parameters; `?` alone when none is (the page as it opens)."""
+    return "?" + urlencode({k: v for k, v in parameters.items() if v})
 
 
 @signed_in

@@ -23,6 +23,7 @@ from profiles.query.v1 import query_service_pb2_grpc as query_grpc
 from tests.conftest import eventually
 from tests.console.conftest import ConsoleSuite
 from tests.support.ingest import attribute_event, custom_event, op
+from tests.support.query import session_start
 
 ROOT = Path(__file__).resolve().parents[2]
 # Screenshots of every page are written only when asked, so a test run leaves the tree clean:
@@ -410,3 +411,35 @@ async def test_every_page_is_accessible_and_light(
         await expect(page.locator("main h1")).to_be_visible()
         await screenshot(name, full_page=name == "profile")
         await check(name)
+
+
+async def test_every_session_of_a_profile_is_reachable_page_by_page(
+    page: Any, console_suite: ConsoleSuite
+) -> None:
+    installation = f"console-sessions-{uuid.uuid4().hex[:8]}"
+    start = datetime.now(UTC) - timedelta(days=2)
+    await track(
+        console_suite,
+        *(session_start(installation, f"s{i:02d}", start + timedelta(hours=i)) for i in range(23)),
+    )
+
+    async def all_counted() -> bool:
+        reply = await query(
+            console_suite, "GetProfile", query_pb.GetProfileRequest(installation_id=installation)
+        )
+        return reply.profile.counters.session_count == 23
+
+    await eventually(all_counted)
+    profile = await query(
+        console_suite, "GetProfile", query_pb.GetProfileRequest(installation_id=installation)
+    )
+    await sign_in(page, console_suite)
+    await page.goto(console_suite.url + f"/profiles/{profile.profile.summary.profile_id}")
+    rows = page.locator("#sessions tbody tr")
+    await expect(rows).to_have_count(20)
+    await expect(page.locator("#sessions")).to_contain_text("23 sessions in all.")
+    await page.get_by_role("link", name="Older sessions").click()
+    await expect(rows).to_have_count(3)
+    await expect(page.get_by_role("link", name="Older sessions")).to_have_count(0)
+    await page.get_by_role("link", name="Newest sessions").click()
+    await expect(rows).to_have_count(20)
