@@ -124,6 +124,7 @@ def templates() -> Jinja2Templates:
         "gauge_arc",
         "breakdown_value",
         "count_of",
+        "problem_text",
     ):
         environment.filters[name] = getattr(present, name)
     environment.globals["display_name"] = present.display_name
@@ -177,7 +178,9 @@ def build_app(
             await backend.close()
             await redis.aclose()
 
-    app = Starlette(routes=ROUTES, lifespan=lifespan)
+    app = Starlette(
+        routes=ROUTES, lifespan=lifespan, exception_handlers={404: pages.no_such_page}
+    )
     return Guard(app, hub)
 
 

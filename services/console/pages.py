@@ -114,6 +114,11 @@ def signed_in(handler: Handler) -> Callable[[Request], Coroutine[Any, Any, Respo
     return wrapped
 
 
+async def no_such_page(request: Request, exc: Exception) -> Response:
+    """A path no route serves: the console's own page, not the framework's bare text."""
+    return render(request, "problem.html", {"unknown_page": True}, status=404)
+
+
 async def both(first: Awaitable[T], *others: Awaitable[Any]) -> list[Any]:
     """Runs calls concurrently; re-raises the first failure as itself (not a group)."""
     try:
@@ -368,7 +373,7 @@ async def users_page(request: Request, session: ConsoleSession) -> Response:
         except NotFound:
             problem = "The query service does not know this segment."
         except BadInput as bad:
-            problem = bad.message
+            problem = present.problem_text(bad)
         return query_pb.ListProfilesResponse()
 
     segments, reply = await both(list_segments(), list_profiles())

@@ -19,6 +19,7 @@ from google.protobuf import duration_pb2, timestamp_pb2
 from profiles.common.v1 import types_pb2
 from profiles.query.v1 import overview_pb2, profile_pb2, query_service_pb2, timeline_pb2
 from profiles.segments.v1 import filters_pb2
+from services.console.errors import BadInput
 from shared.convert import datetime_of
 
 PLATFORMS = {"all": 0, "ios": 1, "android": 2, "web": 3}
@@ -74,6 +75,14 @@ def span(value: duration_pb2.Duration | float) -> str:
     if minutes:
         return f"{minutes} min {secs:02d} s"
     return f"{secs} s"
+
+
+def problem_text(bad: BadInput) -> str:
+    """What a person reads for a refused request: the service's message, except where it
+    speaks of the API rather than of what they did (a stale or altered page link)."""
+    if bad.reason == "PAGE_TOKEN_INVALID":
+        return "This page link is out of date or was altered: start again from the first page."
+    return bad.message
 
 
 def count_of(count: int, noun: str) -> str:

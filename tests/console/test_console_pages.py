@@ -443,3 +443,17 @@ async def test_every_session_of_a_profile_is_reachable_page_by_page(
     await expect(page.get_by_role("link", name="Older sessions")).to_have_count(0)
     await page.get_by_role("link", name="Newest sessions").click()
     await expect(rows).to_have_count(20)
+
+
+async def test_an_unknown_address_and_a_stale_page_link_get_the_console_s_own_words(
+    page: Any, console_suite: ConsoleSuite
+) -> None:
+    await sign_in(page, console_suite)
+    missing = await page.goto(console_suite.url + "/no-such-page")
+    assert missing is not None
+    assert missing.status == 404
+    await expect(page.get_by_role("heading", name="No such page")).to_be_visible()
+    await page.goto(console_suite.url + "/users?page_token=not-a-token")
+    await expect(page.get_by_text("This page link is out of date or was altered")).to_be_visible()
+    await page.goto(console_suite.url + "/rejected?page_token=not-a-token")
+    await expect(page.get_by_text("This page link is out of date or was altered")).to_be_visible()
