@@ -457,3 +457,21 @@ async def test_an_unknown_address_and_a_stale_page_link_get_the_console_s_own_wo
     await expect(page.get_by_text("This page link is out of date or was altered")).to_be_visible()
     await page.goto(console_suite.url + "/rejected?page_token=not-a-token")
     await expect(page.get_by_text("This page link is out of date or was altered")).to_be_visible()
+
+
+async def test_no_page_scrolls_sideways_on_a_phone_sized_screen(
+    page: Any, console_suite: ConsoleSuite
+) -> None:
+    profile = await identified_profile(console_suite)
+    await sign_in(page, console_suite)
+    await page.set_viewport_size({"width": 390, "height": 844})
+    for path in (
+        "/overview",
+        "/users",
+        "/segments",
+        "/rejected",
+        f"/profiles/{profile.summary.profile_id}",
+    ):
+        await page.goto(console_suite.url + path)
+        width = await page.evaluate("document.documentElement.scrollWidth")
+        assert width <= 390, f"{path} is {width} px wide"
