@@ -12,8 +12,8 @@ import base64
 import binascii
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
 
@@ -25,6 +25,7 @@ MAX_PAGE_SIZE = 500
 TOKEN_VERSION = 1
 
 MAX_BIGINT = 9_223_372_036_854_775_807
+MIN_BIGINT = -MAX_BIGINT - 1
 # Keyset positions before the first row of an ascending or descending walk.
 NEG_INFINITY = datetime(1, 1, 1, tzinfo=UTC)
 POS_INFINITY = datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)
@@ -32,6 +33,11 @@ NIL_UUID = UUID(int=0)
 # Above every name in code point order (collation "C"): the start of a descending name walk.
 MAX_TEXT = "\U0010ffff" * 4
 MAX_UUID = UUID(int=(1 << 128) - 1)
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# The keyset bounds as microseconds since the epoch: a timestamp in a token lies between them.
+MIN_MICROS = (NEG_INFINITY - _EPOCH) // timedelta(microseconds=1)
+MAX_MICROS = (POS_INFINITY - _EPOCH) // timedelta(microseconds=1)
 
 
 def page_size(requested: int, *, field: str = "page_size") -> int:
@@ -62,25 +68,108 @@ def _plain(value: object) -> object:
 
 def encode_token(bound_to: str, position: Mapping[str, Any]) -> str:
     body = {"v": TOKEN_VERSION, "f": bound_to, **position}
+    return _encode(body)
+
+
+def _encode(body: Mapping[str, Any]) -> str:
     raw = json.dumps(body, separators=(",", ":")).encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
-def decode_token(token: str, bound_to: str, keys: Sequence[str]) -> dict[str, Any]:
-    """The position in `token`; raises PageTokenInvalid if it is malformed, lacks one of `keys`
-    or was issued for other request fields."""
+# A token field's parser: the JSON value as encode_token wrote it in, the typed value out;
+# raises PageTokenInvalid for any other value. A position reaches SQL as typed parameters, so
+# what the parsers let through must be what asyncpg can send (bigint, timestamptz, uuid, text).
+FieldParser = Callable[[object], Any]
+TokenShape = Mapping[str, FieldParser]
+
+
+def decode_token(token: str, bound_to: str, shape: TokenShape) -> dict[str, Any]:
+    """The position in `token`, each field parsed by its parser in `shape`; raises
+    PageTokenInvalid unless `token` is exactly one encode_token issued for `bound_to` with
+    the keys of `shape` (a tampered field, a missing or extra key, another RPC's token)."""
     try:
         padded = token + "=" * (-len(token) % 4)
         body = json.loads(base64.urlsafe_b64decode(padded.encode()))
-    except (binascii.Error, ValueError, UnicodeDecodeError):
-        raise _invalid("is not a page token of this RPC") from None
-    if not isinstance(body, dict) or body.get("v") != TOKEN_VERSION:
-        raise _invalid("is not a page token of this RPC")
+    except (binascii.Error, ValueError, UnicodeError, RecursionError):
+        # ValueError covers bad JSON and integers over Python's digit limit; RecursionError
+        # deep nesting ("[[[[...").
+        raise not_a_token() from None
+    if not isinstance(body, dict) or type(body.get("v")) is not int or body["v"] != TOKEN_VERSION:
+        raise not_a_token()
     if body.get("f") != bound_to:
         raise _invalid("was issued for other request fields; start again without a token")
-    if any(k not in body for k in keys):
-        raise _invalid("is not a page token of this RPC")
-    return body
+    if body.keys() != {"v", "f", *shape}:
+        raise not_a_token()
+    # What we issue is canonical compact JSON: anything else (spaces, a repeated key, 1.0 for
+    # 1, stray base64 characters the decoder skips) was written by someone else.
+    if _encode(body) != token:
+        raise not_a_token()
+    return {key: parse(body[key]) for key, parse in shape.items()}
+
+
+def not_a_token() -> PageTokenInvalid:
+    """The error for a token this RPC did not issue (also for a position that parsed field by
+    field but is inconsistent as a whole)."""
+    return _invalid("is not a page token of this RPC")
+
+
+def int64(value: object) -> int:
+    """A bigint: a JSON integer (not a boolean, not 1.0) within PostgreSQL's bigint."""
+    if type(value) is not int or not MIN_BIGINT <= value <= MAX_BIGINT:
+        raise not_a_token()
+    return value
+
+
+def micros(value: object) -> datetime:
+    """A timestamp as microseconds since the epoch, within the keyset bounds (year 1 to 9999)."""
+    number = int64(value)
+    if not MIN_MICROS <= number <= MAX_MICROS:
+        raise not_a_token()
+    return _EPOCH + timedelta(microseconds=number)
+
+
+def uuid(value: object) -> UUID:
+    """A UUID in its canonical text form (what str(UUID) writes)."""
+    if not isinstance(value, str):
+        raise not_a_token()
+    try:
+        parsed = UUID(value)
+    except ValueError:
+        raise not_a_token() from None
+    if str(parsed) != value:
+        raise not_a_token()
+    return parsed
+
+
+def text(value: object) -> str:
+    """A text PostgreSQL can hold: no NUL, no lone surrogate (not encodable as UTF-8)."""
+    if not isinstance(value, str) or "\x00" in value:
+        raise not_a_token()
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise not_a_token() from None
+    return value
+
+
+def one_of(*allowed: int) -> FieldParser:
+    """An integer among `allowed`."""
+
+    def parse(value: object) -> int:
+        if type(value) is not int or value not in allowed:
+            raise not_a_token()
+        return value
+
+    return parse
+
+
+def nullable(parse: FieldParser) -> FieldParser:
+    """JSON null as None, else `parse`."""
+
+    def parse_or_none(value: object) -> Any:
+        return None if value is None else parse(value)
+
+    return parse_or_none
 
 
 def _invalid(why: str) -> PageTokenInvalid:

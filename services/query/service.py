@@ -42,6 +42,34 @@ MAX_ATTRIBUTED = 1000
 # AMBIGUOUS_LOOKUP names at most this many profiles.
 MAX_AMBIGUOUS_IDS = 10
 
+# The position each list's page token holds, field by field: decode_token refuses any token
+# whose fields are not what these RPCs write (see the encode_token call of each).
+EVENTS_TOKEN: paging.TokenShape = {
+    "t": paging.micros,  # the last item's time
+    "k": paging.one_of(0, 1),  # 0 an event, 1 an identity change
+    "s": paging.int64,  # the event's event_seq; 0 for a change
+    "c": paging.text,  # the change's ID; "" for an event
+    "ms": paging.int64,  # the snapshot's newest event_seq
+    "mc": paging.nullable(paging.micros),  # the snapshot's newest change time; null for none
+}
+SESSIONS_TOKEN: paging.TokenShape = {
+    "t": paging.micros,
+    "i": paging.text,
+    "s": paging.text,
+    "ms": paging.micros,
+}
+REJECTED_TOKEN: paging.TokenShape = {"t": paging.micros, "s": paging.int64, "ms": paging.int64}
+# ListProfiles' sort value per ProfileOrderBy (null for a profile never seen), then the ID.
+PROFILES_TOKEN: dict[int, paging.TokenShape] = {
+    order_by: {"k": paging.nullable(parse), "p": paging.uuid}
+    for order_by, parse in (
+        (1, paging.micros),
+        (2, paging.int64),
+        (3, paging.int64),
+        (4, paging.text),
+    )
+}
+
 
 # TimelineEventKind -> the EventKind numbers stored in events.kind.
 EVENT_KINDS_OF: dict[int, tuple[int, ...]] = {
@@ -128,10 +156,6 @@ def _micros(moment: datetime) -> int:
     return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
 
 
-def from_micros(value: int) -> datetime:
-    return datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=value)
-
-
 def _timeline_key(item: TimelineItem) -> tuple[datetime, int, int, int]:
     """The order of a timeline, newest first: event time, then identity changes before events
     of the same instant, then arrival (event_seq) or change ID."""
@@ -210,16 +234,20 @@ class QueryService:
         start = query.start or NEG_INFINITY
         end = query.end or POS_INFINITY
         if query.page_token:
-            position = paging.decode_token(
-                query.page_token, bound_to, ("t", "k", "s", "c", "ms", "mc")
-            )
-            max_seq = int(position["ms"])
-            max_change = position["mc"]
-            bound = None if max_change is None else from_micros(int(max_change))
-            cursor_time = from_micros(int(position["t"]))
-            cursor_kind = int(position["k"])
-            event_after = (cursor_time, int(position["s"]) if cursor_kind == 0 else MAX_BIGINT)
-            change_after = (cursor_time, UUID(str(position["c"])) if cursor_kind == 1 else NIL_UUID)
+            position = paging.decode_token(query.page_token, bound_to, EVENTS_TOKEN)
+            max_seq = position["ms"]
+            bound = position["mc"]
+            cursor_time = position["t"]
+            if position["k"] == 0:
+                if position["c"] != "":
+                    raise paging.not_a_token()
+                event_after = (cursor_time, position["s"])
+                change_after = (cursor_time, NIL_UUID)
+            else:
+                if position["s"] != 0:
+                    raise paging.not_a_token()
+                event_after = (cursor_time, MAX_BIGINT)
+                change_after = (cursor_time, paging.uuid(position["c"]))
         else:
             # One statement reads the page and fixes the snapshot: nothing newer is visible to
             # it, so the first page needs no bound.
@@ -296,9 +324,9 @@ class QueryService:
         async with self._repository.snapshot() as reads:
             profile_id = await self._live_profile(reads, project_id, query.profile_id)
             if query.page_token:
-                position = paging.decode_token(query.page_token, bound_to, ("t", "i", "s", "ms"))
-                max_start = from_micros(int(position["ms"]))
-                after = (from_micros(int(position["t"])), str(position["i"]), str(position["s"]))
+                position = paging.decode_token(query.page_token, bound_to, SESSIONS_TOKEN)
+                max_start = position["ms"]
+                after = (position["t"], position["i"], position["s"])
             else:
                 max_start = await reads.sessions_snapshot(project_id, profile_id) or NEG_INFINITY
                 # Above every installation ID and session ID.
@@ -364,9 +392,9 @@ class QueryService:
         )
         async with self._repository.snapshot() as reads:
             if query.page_token:
-                position = paging.decode_token(query.page_token, bound_to, ("t", "s", "ms"))
-                max_seq = int(position["ms"])
-                after = (from_micros(int(position["t"])), int(position["s"]))
+                position = paging.decode_token(query.page_token, bound_to, REJECTED_TOKEN)
+                max_seq = position["ms"]
+                after = (position["t"], position["s"])
             else:
                 max_seq = await reads.rejected_snapshot(project_id)
                 after = (POS_INFINITY, MAX_BIGINT)
@@ -413,17 +441,10 @@ class QueryService:
         )
         after: tuple[int | datetime | str | None, UUID] | None = None
         if query.page_token:
-            position = paging.decode_token(query.page_token, bound_to, ("k", "p"))
-            key = position["k"]
-            value: int | datetime | str | None = None
-            if key is not None:
-                if query.order_by == 1:
-                    value = from_micros(int(key))
-                elif query.order_by == 4:  # by name: the text itself
-                    value = str(key)
-                else:
-                    value = int(key)
-            after = (value, UUID(str(position["p"])))
+            position = paging.decode_token(
+                query.page_token, bound_to, PROFILES_TOKEN[query.order_by]
+            )
+            after = (position["k"], position["p"])
         async with self._repository.reads() as reads:
             if query.segment_id is not None and not await reads.segment_exists(
                 project_id, query.segment_id

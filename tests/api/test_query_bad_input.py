@@ -1,0 +1,300 @@
+"""Query under hostile input: page tokens tampered with field by field (each list RPC refuses
+every token it did not issue with INVALID_ARGUMENT on `page_token`)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import random
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import grpc
+import pytest
+from google.protobuf.message import Message
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from profiles.query.v1 import query_service_pb2 as pb
+from tests.support.identity import new_id, violations
+from tests.support.query import (
+    NOW,
+    Suite,
+    attribute_event,
+    base_event,
+    custom_event,
+    op,
+    session_end,
+    session_start,
+    start_suite,
+)
+
+NOT_OURS = "is not a page token of this RPC"
+ORDERS = {False: pb.SORT_ORDER_DESCENDING, True: pb.SORT_ORDER_ASCENDING}
+# Microseconds since the epoch of the first and last instants Python's datetime holds.
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+MIN_MICROS = (datetime(1, 1, 1, tzinfo=UTC) - EPOCH) // timedelta(microseconds=1)
+MAX_MICROS = (datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC) - EPOCH) // timedelta(
+    microseconds=1
+)
+
+
+@pytest.fixture
+async def suite(start_services, settings_for_test, project, database_url) -> Suite:  # type: ignore[no-untyped-def]
+    return await start_suite(start_services, settings_for_test, project, database_url)
+
+
+# -- page tokens ------------------------------------------------------------------------------
+
+
+def token_body(token: str) -> dict[str, Any]:
+    body = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+    assert isinstance(body, dict)
+    return body
+
+
+def token_of(body: Any, *, separators: tuple[str, str] = (",", ":")) -> str:
+    """A token as the server writes one (compact JSON, URL-safe base64 without padding), of any
+    JSON a forger likes, NaN and lone surrogates included."""
+    raw = json.dumps(body, separators=separators).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+@dataclass(frozen=True, slots=True)
+class Lister:
+    """One list RPC with its request fields; `timestamps` names the token fields holding a
+    time, `nullable` those the server writes null in."""
+
+    rpc: str
+    request: Message
+    timestamps: frozenset[str] = frozenset()
+    nullable: frozenset[str] = frozenset()
+
+    def with_token(self, token: str) -> Message:
+        request = type(self.request)()
+        request.CopyFrom(self.request)
+        request.page_token = token  # type: ignore[attr-defined]
+        return request
+
+
+async def page_token_refusal(suite: Suite, lister: Lister, token: str) -> str | None:
+    """None when the RPC answers the token, else the page_token violation's description;
+    fails the test on any other answer."""
+    refusal: grpc.aio.AioRpcError | None = None
+    try:
+        await suite.call(lister.rpc, lister.with_token(token))
+    except grpc.aio.AioRpcError as error:
+        refusal = error
+    if refusal is None:
+        return None
+    assert refusal.code() == grpc.StatusCode.INVALID_ARGUMENT, (lister.rpc, token, refusal)
+    assert violations(refusal) == ["page_token"], (lister.rpc, token)
+    return violation_description(refusal)
+
+
+def violation_description(error: grpc.aio.AioRpcError) -> str:
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    assert status is not None
+    for detail in status.details:
+        bad = error_details_pb2.BadRequest()
+        if detail.Unpack(bad):
+            return str(bad.field_violations[0].description)
+    raise AssertionError("no BadRequest")
+
+
+# Values no field of any token may hold.
+HOSTILE_EVERYWHERE: list[Any] = [
+    True,
+    False,
+    1.5,
+    1.0,
+    float("nan"),
+    float("inf"),
+    float("-inf"),
+    [],
+    {},
+    [1],
+    {"t": 1},
+    [[[[[[[[[[[[[[[[["deep"]]]]]]]]]]]]]]]]],
+    2**63,
+    -(2**63) - 1,
+    10**40,
+    -(10**40),
+    "a\x00b",
+    "\ud800",
+]
+
+
+def hostile_values(lister: Lister, key: str, issued: Any) -> list[Any]:
+    """What a forger may put in field `key` of a token that held `issued`, none of which the
+    RPC ever writes there."""
+    values = list(HOSTILE_EVERYWHERE)
+    if key not in lister.nullable:
+        values.append(None)
+    if isinstance(issued, int):
+        values += ["x", "1", "", str(issued)]
+    if isinstance(issued, str):
+        values += [1, 0, -1]
+    if key in lister.timestamps:
+        values += [MAX_MICROS + 1, MIN_MICROS - 1, 2**63 - 1, -(2**63)]
+    if isinstance(issued, str) and len(issued) == 36 and issued.count("-") == 4:  # a UUID
+        values += [
+            "not-a-uuid",
+            "x",
+            "",
+            issued.upper(),
+            issued.replace("-", ""),
+            "{" + issued + "}",
+            "urn:uuid:" + issued,
+        ]
+    if lister.rpc == "ListEvents" and key == "k":
+        values += [2, -1]
+    if lister.rpc == "ListEvents" and key == "c":  # an event's position holds no change ID
+        values += ["x", str(uuid.uuid4())]
+    return values
+
+
+def whole_token_forgeries(body: dict[str, Any]) -> list[str]:
+    """Tokens no RPC issues, built from a real one's body."""
+    forged = [token_of({k: v for k, v in body.items() if k != key}) for key in body]
+    forged += [
+        token_of({**body, "x": 1}),
+        token_of({**body, "v": 2}),
+        token_of({**body, "v": True}),
+        token_of({**body, "v": "1"}),
+        token_of({**body, "v": 1.0}),
+        token_of(list(body.values())),
+        token_of(None),
+        token_of(1),
+        token_of("token"),
+        token_of(body, separators=(", ", ": ")),  # the same fields, not as the server writes
+        token_of(body) + "==",
+        token_of(body) + "!",
+        base64.urlsafe_b64encode(b"[" * 100_000 + b"]" * 100_000).decode(),
+        base64.urlsafe_b64encode(b'{"v":' * 50_000).decode(),
+        base64.urlsafe_b64encode(b'{"v":1,"t":' + b"9" * 5000 + b"}").decode(),
+        base64.urlsafe_b64encode(b"\xff\xfe{}").decode(),
+        "\u00e9\u00e9\u00e9\u00e9",
+        "=",
+    ]
+    text = json.dumps(body, separators=(",", ":"))
+    # The same key twice: JSON keeps the last one.
+    forged.append(token_of_text(text[:-1] + ',"v":1}'))
+    return forged
+
+
+def token_of_text(text: str) -> str:
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+
+async def seed_lists(suite: Suite) -> list[Lister]:
+    """Rows for every list RPC, and each RPC with the request fields of its pages."""
+    inst = new_id()
+    batch = []
+    for i in range(3):
+        start = NOW - timedelta(hours=3 - i)
+        batch += [
+            session_start(inst, f"s{i}", start, country="FR"),
+            custom_event(inst, time=start + timedelta(minutes=1)),
+            session_end(inst, f"s{i}", start + timedelta(minutes=2), 60),
+        ]
+    await suite.track(*batch)
+    no_payload = base_event(inst, NOW)
+    assert (await suite.track(no_payload, no_payload, no_payload)).rejected_count == 3
+    for n, name in enumerate(["Ana", "Bob", "zo\u00e9"]):
+        other = new_id()
+        await suite.track(
+            attribute_event(other, [op("set", "FIRST_NAME", name)], time=NOW - timedelta(hours=n))
+        )
+    profile_id = await suite.identity.profile_of(inst)
+    await suite.settle()  # the users table reads query's projection, fed by the bus
+    listers = [
+        Lister(
+            "ListEvents",
+            pb.ListEventsRequest(profile_id=profile_id, page_size=1),
+            timestamps=frozenset({"t", "mc"}),
+            nullable=frozenset({"mc"}),
+        ),
+        Lister(
+            "ListSessions",
+            pb.ListSessionsRequest(profile_id=profile_id, page_size=1),
+            timestamps=frozenset({"t", "ms"}),
+        ),
+        Lister(
+            "ListRejectedEvents",
+            pb.ListRejectedEventsRequest(page_size=1),
+            timestamps=frozenset({"t"}),
+        ),
+    ]
+    for order_by in (1, 2, 3, 4):
+        for ascending in (False, True):
+            listers.append(
+                Lister(
+                    "ListProfiles",
+                    pb.ListProfilesRequest(
+                        page_size=1,
+                        order_by=order_by,  # type: ignore[arg-type]
+                        sort_order=ORDERS[ascending],
+                    ),
+                    timestamps=frozenset({"k"} if order_by == 1 else ()),
+                    nullable=frozenset({"k"}),
+                )
+            )
+    return listers
+
+
+async def test_every_list_refuses_a_token_with_any_field_tampered_with(suite: Suite) -> None:
+    listers = await seed_lists(suite)
+    for lister in listers:
+        first = await suite.call(lister.rpc, lister.request)
+        token = first.next_page_token
+        assert token, lister.rpc
+        body = token_body(token)
+        for key, issued in body.items():
+            if key in ("v", "f"):
+                continue
+            for value in hostile_values(lister, key, issued):
+                forged = token_of({**body, key: value})
+                assert await page_token_refusal(suite, lister, forged) == NOT_OURS, (
+                    lister.rpc,
+                    lister.request,
+                    key,
+                    value,
+                )
+        for forged in whole_token_forgeries(body):
+            assert await page_token_refusal(suite, lister, forged) is not None, (
+                lister.rpc,
+                forged[:80],
+            )
+        # The token as issued still pages on.
+        assert await page_token_refusal(suite, lister, token) is None
+
+
+async def test_random_edits_of_real_tokens_are_answered_or_refused_on_page_token(
+    suite: Suite,
+) -> None:
+    """Property: whatever a caller does to the JSON of a real token, a list answers (a forged
+    position of the caller's own data) or refuses it on `page_token`; never another status."""
+    listers = await seed_lists(suite)
+    chance = random.Random(20_301)
+    alphabet = '0123456789-.eE+"{}[],:tfnulx\\ \x00\u00e9'
+    refused = 0
+    for lister in listers:
+        token = (await suite.call(lister.rpc, lister.request)).next_page_token
+        text = json.dumps(token_body(token), separators=(",", ":"))
+        for _ in range(60):
+            edited = list(text)
+            for _ in range(chance.randint(1, 4)):
+                at = chance.randrange(len(edited) + 1)
+                what = chance.random()
+                if what < 0.4 and at < len(edited):
+                    edited[at] = chance.choice(alphabet)
+                elif what < 0.7:
+                    edited.insert(at, chance.choice(alphabet) * chance.choice((1, 2, 30)))
+                elif at < len(edited):
+                    del edited[at]
+            if await page_token_refusal(suite, lister, token_of_text("".join(edited))):
+                refused += 1
+    assert refused > 0
