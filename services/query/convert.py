@@ -55,6 +55,11 @@ MAX_REASONS = 20
 MAX_TOP_VALUES = 100
 DEFAULT_TOP_VALUES = 10
 MAX_ACTIVITY_DAYS = 366
+# The days GetActivity counts: a day's bounds in any time zone (offsets are under a day), and the
+# day after the last, stay within the datetimes Python and the keyset bounds hold (years 1 to
+# 9999).
+FIRST_ACTIVITY_DATE = date(2, 1, 1)
+LAST_ACTIVITY_DATE = date(9998, 12, 31)
 
 PHONE_PATTERN = re.compile(r"\+[1-9][0-9]{1,14}")
 # The addr-spec ingest accepts for the email attribute (services/ingest/model.py has its own
@@ -316,9 +321,20 @@ def activity_from_proto(request: pb.GetActivityRequest) -> tuple[UUID, date, dat
         try:
             if DATE_PATTERN.fullmatch(text) is None:
                 raise ValueError(text)
-            days[name] = date.fromisoformat(text)
+            day = date.fromisoformat(text)
         except ValueError:
             violations.append(_violation(name, 'is not a date "YYYY-MM-DD"'))
+            continue
+        if not FIRST_ACTIVITY_DATE <= day <= LAST_ACTIVITY_DATE:
+            violations.append(
+                _violation(
+                    name,
+                    f"must be from {FIRST_ACTIVITY_DATE.isoformat()} "
+                    f"to {LAST_ACTIVITY_DATE.isoformat()}",
+                )
+            )
+            continue
+        days[name] = day
     if len(days) == 2:
         span = (days["end_date"] - days["start_date"]).days
         if span < 0:

@@ -1,5 +1,6 @@
 """Query under hostile input: page tokens tampered with field by field (each list RPC refuses
-every token it did not issue with INVALID_ARGUMENT on `page_token`)."""
+every token it did not issue with INVALID_ARGUMENT on `page_token`), and GetActivity dates at
+the ends of the calendar."""
 
 from __future__ import annotations
 
@@ -298,3 +299,63 @@ async def test_random_edits_of_real_tokens_are_answered_or_refused_on_page_token
             if await page_token_refusal(suite, lister, token_of_text("".join(edited))):
                 refused += 1
     assert refused > 0
+
+
+# -- GetActivity ------------------------------------------------------------------------------
+
+ACTIVITY_RANGE = "must be from 0002-01-01 to 9998-12-31"
+
+
+@pytest.mark.parametrize(
+    ("start_date", "end_date", "time_zone", "fields"),
+    [
+        ("9999-12-01", "9999-12-31", "", ["start_date", "end_date"]),
+        ("9999-12-01", "9999-12-31", "Pacific/Kiritimati", ["start_date", "end_date"]),
+        ("9999-12-31", "9999-12-31", "Pacific/Pago_Pago", ["start_date", "end_date"]),
+        ("9998-12-31", "9999-01-01", "Pacific/Kiritimati", ["end_date"]),
+        ("0001-01-01", "0001-01-31", "Pacific/Kiritimati", ["start_date", "end_date"]),
+        ("0001-12-31", "0002-01-01", "", ["start_date"]),
+    ],
+)
+async def test_activity_dates_outside_the_supported_range_are_invalid_argument(
+    suite: Suite, start_date: str, end_date: str, time_zone: str, fields: list[str]
+) -> None:
+    inst = new_id()
+    await suite.track(custom_event(inst))
+    profile_id = await suite.identity.profile_of(inst)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await suite.call(
+            "GetActivity",
+            pb.GetActivityRequest(
+                profile_id=profile_id,
+                start_date=start_date,
+                end_date=end_date,
+                time_zone=time_zone,
+            ),
+        )
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert violations(caught.value) == fields
+    assert ACTIVITY_RANGE in str(caught.value.details())
+
+
+@pytest.mark.parametrize(
+    "time_zone", ["", "Pacific/Kiritimati", "Pacific/Pago_Pago", "Asia/Manila"]
+)
+async def test_activity_answers_at_both_ends_of_the_supported_range(
+    suite: Suite, time_zone: str
+) -> None:
+    inst = new_id()
+    await suite.track(custom_event(inst))
+    profile_id = await suite.identity.profile_of(inst)
+    for start_date, end_date in (("9998-12-01", "9998-12-31"), ("0002-01-01", "0002-01-31")):
+        reply = await suite.call(
+            "GetActivity",
+            pb.GetActivityRequest(
+                profile_id=profile_id,
+                start_date=start_date,
+                end_date=end_date,
+                time_zone=time_zone,
+            ),
+        )
+        assert [d.date for d in reply.days][::30] == [start_date, end_date]
+        assert all(d.event_count == 0 for d in reply.days)

@@ -551,10 +551,12 @@ class GetActivityRequest(_message.Message):
     profile_id: _builtins.str
     """The profile, a UUID string; required. A merged-away ID resolves to its survivor."""
     start_date: _builtins.str
-    """The first day, "YYYY-MM-DD", inclusive; required."""
+    """The first day, "YYYY-MM-DD", inclusive; required. Supported days run from 0002-01-01 to
+    9998-12-31 (else INVALID_ARGUMENT).
+    """
     end_date: _builtins.str
     """The last day, "YYYY-MM-DD", inclusive; required, not before `start_date`, at most 366 days
-    after it.
+    after it. Supported days run from 0002-01-01 to 9998-12-31 (else INVALID_ARGUMENT).
     """
     time_zone: _builtins.str
     """The IANA time zone days are counted in; empty for the profile's timezone, else UTC."""
