@@ -60,6 +60,10 @@ MAX_ACTIVITY_DAYS = 366
 # 9999).
 FIRST_ACTIVITY_DATE = date(2, 1, 1)
 LAST_ACTIVITY_DATE = date(9998, 12, 31)
+# What the rows of one ListRejectedEvents reply may take (raw payloads reach 1 MB each): well
+# under the servers' 8 MiB maximum message size (shared/server.py), and under the 4 MiB a gRPC
+# client (grpcurl included) receives by default, with room for the token and the envelope.
+REJECTED_PAGE_BYTES = 2 * 1024 * 1024
 
 PHONE_PATTERN = re.compile(r"\+[1-9][0-9]{1,14}")
 # The addr-spec ingest accepts for the email attribute (services/ingest/model.py has its own
@@ -815,6 +819,12 @@ def rejected_to_proto(view: RejectedView) -> timeline_pb2.RejectedEvent:
     )
     set_time(message.receive_time, view.receive_time)
     return message
+
+
+def rejected_reply_bytes(view: RejectedView) -> int:
+    """What one rejected event adds to a ListRejectedEventsResponse: its message, plus at most
+    6 bytes of field tag and length prefix."""
+    return rejected_to_proto(view).ByteSize() + 6
 
 
 def profile_row_to_proto(view: ProfileRowView) -> pb.ProfileRow:

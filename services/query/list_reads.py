@@ -3,7 +3,7 @@ order) and the rejected events (ListRejectedEvents)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from datetime import datetime
 from typing import cast
 from uuid import UUID
@@ -41,6 +41,8 @@ SELECT_REJECTED_PAGE = """
       AND (cardinality($7::text[]) = 0 OR reason = ANY($7::text[]))
     ORDER BY receive_time DESC, rejected_seq DESC
     LIMIT $8"""
+# Rows a rejected events cursor fetches per round trip: payloads may be ~1 MB each.
+REJECTED_PREFETCH = 16
 
 # ProfileIdentityFilter numbers (the users table's $3).
 IDENTIFIED = pb.PROFILE_IDENTITY_FILTER_IDENTIFIED
@@ -135,7 +137,7 @@ class ListReads:
     async def rejected_snapshot(self, project_id: UUID) -> int:
         return cast(int, await self._conn.fetchval(SELECT_REJECTED_SNAPSHOT, project_id))
 
-    async def rejected_page(
+    async def rejected_rows(
         self,
         project_id: UUID,
         *,
@@ -145,8 +147,12 @@ class ListReads:
         end: datetime,
         reasons: Sequence[str],
         limit: int,
-    ) -> list[tuple[int, RejectedView]]:
-        rows = await self._conn.fetch(
+    ) -> AsyncIterator[tuple[int, RejectedView]]:
+        """Up to `limit` rejected events after `after`, newest first, each with its
+        rejected_seq. A cursor (the connection is in a transaction: QueryRepository.snapshot)
+        fetches a few rows at a time, so a caller that stops early (a page full of 1 MB
+        payloads) never holds the rows it does not send."""
+        async for r in self._conn.cursor(
             SELECT_REJECTED_PAGE,
             project_id,
             max_seq,
@@ -156,27 +162,23 @@ class ListReads:
             end,
             list(reasons),
             limit,
-        )
-        found = []
-        for r in rows:
+            prefetch=REJECTED_PREFETCH,
+        ):
             payload = r["payload"]
             platform = payload.get("platform") if isinstance(payload, dict) else None
-            found.append(
-                (
-                    r["rejected_seq"],
-                    RejectedView(
-                        receive_time=r["receive_time"],
-                        reason=r["reason"],
-                        field_path=r["field_path"],
-                        message=r["message"],
-                        event_id=r["event_id"],
-                        installation_id=r["installation_id"],
-                        platform=platform if isinstance(platform, int) else 0,
-                        payload=payload,
-                    ),
-                )
+            yield (
+                r["rejected_seq"],
+                RejectedView(
+                    receive_time=r["receive_time"],
+                    reason=r["reason"],
+                    field_path=r["field_path"],
+                    message=r["message"],
+                    event_id=r["event_id"],
+                    installation_id=r["installation_id"],
+                    platform=platform if isinstance(platform, int) else 0,
+                    payload=payload,
+                ),
             )
-        return found
 
     # -- the users table
 

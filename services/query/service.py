@@ -4,7 +4,7 @@ resolution, paging (keysets and snapshots) and arithmetic over what was read."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, timedelta
 from typing import Literal
@@ -379,8 +379,18 @@ class QueryService:
 
     # -- ListRejectedEvents ------------------------------------------------------------------
 
-    async def list_rejected(self, project_id: UUID, query: RejectedQuery) -> Page[RejectedView]:
+    async def list_rejected(
+        self,
+        project_id: UUID,
+        query: RejectedQuery,
+        *,
+        size_of: Callable[[RejectedView], int],
+        byte_budget: int,
+    ) -> Page[RejectedView]:
         """A page of rejected events, newest received first, within the first page's snapshot.
+        The page also ends before the row that would take the sum of `size_of` (a row's share
+        of the reply) over `byte_budget`, though it always holds one row: raw payloads reach
+        1 MB, and the server could not send a reply over its maximum message size.
         Raises PageTokenInvalid."""
         size = paging.page_size(query.page_size)
         bound_to = paging.fingerprint(
@@ -390,6 +400,8 @@ class QueryService:
             query.start and _micros(query.start),
             query.end and _micros(query.end),
         )
+        rows: list[tuple[int, RejectedView]] = []
+        more = False
         async with self._repository.snapshot() as reads:
             if query.page_token:
                 position = paging.decode_token(query.page_token, bound_to, REJECTED_TOKEN)
@@ -398,7 +410,8 @@ class QueryService:
             else:
                 max_seq = await reads.rejected_snapshot(project_id)
                 after = (POS_INFINITY, MAX_BIGINT)
-            rows = await reads.rejected_page(
+            used = 0
+            async for seq, view in reads.rejected_rows(
                 project_id,
                 max_seq=max_seq,
                 after=after,
@@ -406,10 +419,17 @@ class QueryService:
                 end=query.end or POS_INFINITY,
                 reasons=query.reasons,
                 limit=size + 1,
-            )
+            ):
+                if len(rows) == size:
+                    more = True
+                    break
+                used += size_of(view)
+                if rows and used > byte_budget:
+                    more = True
+                    break
+                rows.append((seq, view))
         token = ""
-        if len(rows) > size:
-            rows = rows[:size]
+        if more:
             seq, last = rows[-1]
             token = paging.encode_token(
                 bound_to, {"t": _micros(last.receive_time), "s": seq, "ms": max_seq}

@@ -1,6 +1,7 @@
 """Query under hostile input: page tokens tampered with field by field (each list RPC refuses
-every token it did not issue with INVALID_ARGUMENT on `page_token`), and GetActivity dates at
-the ends of the calendar."""
+every token it did not issue with INVALID_ARGUMENT on `page_token`), GetActivity dates at the
+ends of the calendar, and ListRejectedEvents pages of large raw payloads (a reply stays under
+the message size limits and paging goes on)."""
 
 from __future__ import annotations
 
@@ -12,12 +13,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import asyncpg
 import grpc
 import pytest
 from google.protobuf.message import Message
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from profiles.common.v1 import types_pb2
 from profiles.query.v1 import query_service_pb2 as pb
 from tests.support.identity import new_id, violations
 from tests.support.query import (
@@ -40,6 +43,9 @@ MIN_MICROS = (datetime(1, 1, 1, tzinfo=UTC) - EPOCH) // timedelta(microseconds=1
 MAX_MICROS = (datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC) - EPOCH) // timedelta(
     microseconds=1
 )
+# The rows of a ListRejectedEvents page pass this only when one row alone does (the RPC's
+# comment in query_service.proto).
+REJECTED_PAGE_BYTES = 2 * 1024 * 1024
 
 
 @pytest.fixture
@@ -359,3 +365,74 @@ async def test_activity_answers_at_both_ends_of_the_supported_range(
         )
         assert [d.date for d in reply.days][::30] == [start_date, end_date]
         assert all(d.event_count == 0 for d in reply.days)
+
+
+# -- ListRejectedEvents -----------------------------------------------------------------------
+
+
+async def store_rejected(suite: Suite, sizes: list[int]) -> list[str]:
+    """Rejected events with raw payloads of about `sizes` bytes, the first the newest (as
+    ingest keeps them: large payloads come through the edge); their event IDs, newest first."""
+    conn = await asyncpg.connect(suite.database_url)
+    try:
+        event_ids = [f"big-{n}" for n in range(len(sizes))]
+        await conn.executemany(
+            """INSERT INTO rejected_events (project_id, receive_time, reason, field_path,
+                   message, event_id, installation_id, payload)
+               VALUES ($1, $2, 'EVENT_TOO_LARGE', '', 'the event is too large', $3, 'inst-1',
+                       $4::jsonb)""",
+            [
+                (
+                    suite.project.project_id,
+                    NOW - timedelta(seconds=n),
+                    event_ids[n],
+                    json.dumps({"platform": types_pb2.PLATFORM_WEB, "blob": "x" * size}),
+                )
+                for n, size in enumerate(sizes)
+            ],
+        )
+    finally:
+        await conn.close()
+    return event_ids
+
+
+async def test_rejected_event_pages_stay_under_the_message_size_and_page_on(
+    suite: Suite,
+) -> None:
+    # 14 MB of payloads: a page of 500 rows would be far over the 8 MiB the server may send.
+    sizes = [1_000_000] * 6 + [300] * 20 + [1_000_000] * 8 + [2_500_000] + [50] * 10
+    event_ids = await store_rejected(suite, sizes)
+    seen: list[str] = []
+    request = pb.ListRejectedEventsRequest(page_size=501)  # coerced to the maximum, 500
+    pages = 0
+    while True:
+        reply = await suite.call("ListRejectedEvents", request)
+        pages += 1
+        assert len(reply.rejected_events) >= 1
+        # One row over the budget comes alone; otherwise the rows fit in the budget.
+        if len(reply.rejected_events) > 1:
+            rows = sum(r.ByteSize() + 6 for r in reply.rejected_events)
+            assert rows <= REJECTED_PAGE_BYTES
+        seen += [r.event_id for r in reply.rejected_events]
+        if not reply.next_page_token:
+            break
+        request.page_token = reply.next_page_token
+    assert seen == event_ids  # no gap, no repeat, newest first
+    assert pages > 1
+    newest = await suite.call("ListRejectedEvents", pb.ListRejectedEventsRequest())
+    big = newest.rejected_events[0]
+    assert big.event_id == "big-0"
+    assert json.loads(big.raw_payload_json)["blob"] == "x" * 1_000_000
+    assert big.platform == types_pb2.PLATFORM_WEB
+
+
+async def test_small_rejected_events_still_fill_a_page_of_page_size(suite: Suite) -> None:
+    event_ids = await store_rejected(suite, [100] * 30)
+    reply = await suite.call("ListRejectedEvents", pb.ListRejectedEventsRequest(page_size=25))
+    assert [r.event_id for r in reply.rejected_events] == event_ids[:25]
+    rest = await suite.call(
+        "ListRejectedEvents",
+        pb.ListRejectedEventsRequest(page_size=25, page_token=reply.next_page_token),
+    )
+    assert [r.event_id for r in rest.rejected_events] == event_ids[25:]
+    assert rest.next_page_token == ""

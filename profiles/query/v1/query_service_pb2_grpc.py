@@ -168,7 +168,10 @@ class QueryServiceServicer:
     def ListRejectedEvents(self, request, context):
         """Lists the events ingest rejected, newest first, with their reason and raw payload. Paging
         has no gaps and no repeats while rejections keep arriving (a snapshot fixed by the first
-        page). Errors: INVALID_ARGUMENT (`page_size`, `page_token`, `reasons`, the time range).
+        page). A page stops short of `page_size` when its rows would pass 2 MiB (raw payloads reach
+        1 MB each), so that the reply stays under the maximum message size; it always holds one row
+        at least, and `next_page_token` continues it. Errors: INVALID_ARGUMENT (`page_size`,
+        `page_token`, `reasons`, the time range).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

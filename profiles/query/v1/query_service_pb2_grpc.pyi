@@ -86,7 +86,10 @@ class QueryServiceStub:
     ListRejectedEvents: _grpc.UnaryUnaryMultiCallable[_query_service_pb2.ListRejectedEventsRequest, _query_service_pb2.ListRejectedEventsResponse]
     """Lists the events ingest rejected, newest first, with their reason and raw payload. Paging
     has no gaps and no repeats while rejections keep arriving (a snapshot fixed by the first
-    page). Errors: INVALID_ARGUMENT (`page_size`, `page_token`, `reasons`, the time range).
+    page). A page stops short of `page_size` when its rows would pass 2 MiB (raw payloads reach
+    1 MB each), so that the reply stays under the maximum message size; it always holds one row
+    at least, and `next_page_token` continues it. Errors: INVALID_ARGUMENT (`page_size`,
+    `page_token`, `reasons`, the time range).
     """
     WatchProfile: _grpc.UnaryStreamMultiCallable[_query_service_pb2.WatchProfileRequest, _query_service_pb2.WatchProfileResponse]
     """Streams one profile's changes live: new events, attribute and subscription changes, merges,
@@ -159,7 +162,10 @@ class QueryServiceAsyncStub(QueryServiceStub):
     ListRejectedEvents: _aio.UnaryUnaryMultiCallable[_query_service_pb2.ListRejectedEventsRequest, _query_service_pb2.ListRejectedEventsResponse]  # type: ignore[assignment]
     """Lists the events ingest rejected, newest first, with their reason and raw payload. Paging
     has no gaps and no repeats while rejections keep arriving (a snapshot fixed by the first
-    page). Errors: INVALID_ARGUMENT (`page_size`, `page_token`, `reasons`, the time range).
+    page). A page stops short of `page_size` when its rows would pass 2 MiB (raw payloads reach
+    1 MB each), so that the reply stays under the maximum message size; it always holds one row
+    at least, and `next_page_token` continues it. Errors: INVALID_ARGUMENT (`page_size`,
+    `page_token`, `reasons`, the time range).
     """
     WatchProfile: _aio.UnaryStreamMultiCallable[_query_service_pb2.WatchProfileRequest, _query_service_pb2.WatchProfileResponse]  # type: ignore[assignment]
     """Streams one profile's changes live: new events, attribute and subscription changes, merges,
@@ -271,7 +277,10 @@ class QueryServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_query_service_pb2.ListRejectedEventsResponse, _abc.Awaitable[_query_service_pb2.ListRejectedEventsResponse]]:
         """Lists the events ingest rejected, newest first, with their reason and raw payload. Paging
         has no gaps and no repeats while rejections keep arriving (a snapshot fixed by the first
-        page). Errors: INVALID_ARGUMENT (`page_size`, `page_token`, `reasons`, the time range).
+        page). A page stops short of `page_size` when its rows would pass 2 MiB (raw payloads reach
+        1 MB each), so that the reply stays under the maximum message size; it always holds one row
+        at least, and `next_page_token` continues it. Errors: INVALID_ARGUMENT (`page_size`,
+        `page_token`, `reasons`, the time range).
         """
 
     @_abc_1.abstractmethod
