@@ -73,3 +73,10 @@ class ResourceExhausted(DomainError):
 
 class Unavailable(DomainError):
     reason = "UNAVAILABLE"
+
+
+class Internal(DomainError):
+    """A fault of the server's, not of the request: what the interceptor answers for an
+    unexpected exception (never raised by domain code: a bug is not a domain outcome)."""
+
+    reason = "INTERNAL"

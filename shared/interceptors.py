@@ -48,6 +48,7 @@ STATUS_CODES: dict[type[errors.DomainError], grpc.StatusCode] = {
     errors.Aborted: grpc.StatusCode.ABORTED,
     errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.Internal: grpc.StatusCode.INTERNAL,
 }
 
 
@@ -356,9 +357,11 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                 grpc.StatusCode.UNIMPLEMENTED, "this RPC is not implemented yet", echoed
             )
         log.error("rpc_internal_error", exc_info=exc)
-        await context.abort(
-            grpc.StatusCode.INTERNAL, "internal error; the server log has the request id", echoed
-        )
+        # Like every error, with its ErrorInfo (reason INTERNAL, the request ID to quote), and
+        # nothing of the exception: its text may hold what the caller must not see.
+        fault = errors.Internal("internal error; the server log has the request id")
+        status = rpc_status.to_status(rich_status(fault, request_id=request_id))
+        await context.abort(status.code, status.details, (*status.trailing_metadata, *echoed))
         return grpc.StatusCode.INTERNAL  # not reached: abort raises
 
     def _finish(

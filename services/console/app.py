@@ -178,9 +178,7 @@ def build_app(
             await backend.close()
             await redis.aclose()
 
-    app = Starlette(
-        routes=ROUTES, lifespan=lifespan, exception_handlers={404: pages.no_such_page}
-    )
+    app = Starlette(routes=ROUTES, lifespan=lifespan, exception_handlers={404: pages.no_such_page})
     return Guard(app, hub)
 
 

@@ -131,6 +131,10 @@ async def test_an_unexpected_error_is_internal_and_reveals_nothing(scripted, pro
         await call(channel, project, "crash")
     assert raised.value.code() is grpc.StatusCode.INTERNAL
     assert "secret" not in (raised.value.details() or "")
+    # Like every error, it carries its ErrorInfo with the request ID to quote.
+    info, _ = _details(raised.value)
+    assert info.reason == "INTERNAL"
+    assert info.metadata["request_id"]
 
 
 async def test_streams_beyond_the_cap_are_resource_exhausted(scripted, project) -> None:  # type: ignore[no-untyped-def]
