@@ -475,3 +475,30 @@ async def test_no_page_scrolls_sideways_on_a_phone_sized_screen(
         await page.goto(console_suite.url + path)
         width = await page.evaluate("document.documentElement.scrollWidth")
         assert width <= 390, f"{path} is {width} px wide"
+
+
+async def test_a_profile_with_only_an_open_session_has_no_average_yet(
+    page: Any, console_suite: ConsoleSuite
+) -> None:
+    installation = f"console-open-{uuid.uuid4().hex[:8]}"
+    await track(console_suite, session_start(installation, "open-1", datetime.now(UTC)))
+
+    async def stored() -> bool:
+        try:
+            await query(
+                console_suite,
+                "GetProfile",
+                query_pb.GetProfileRequest(installation_id=installation),
+            )
+        except grpc.aio.AioRpcError:
+            return False
+        return True
+
+    await eventually(stored)
+    reply = await query(
+        console_suite, "GetProfile", query_pb.GetProfileRequest(installation_id=installation)
+    )
+    await sign_in(page, console_suite)
+    await page.goto(console_suite.url + f"/profiles/{reply.profile.summary.profile_id}")
+    average = page.locator("dl.pairs div", has_text="Average closed session").locator("dd")
+    await expect(average).to_have_text("none closed yet")
