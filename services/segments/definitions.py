@@ -331,6 +331,16 @@ class DefinitionsService:
     async def create_funnel(self, project_id: UUID, definition: FunnelDefinition) -> Funnel:
         """Stores the funnel and returns it with its per-step counts. Idempotent with
         request_id. Raises RequestIdReused, NameTaken, LimitReached."""
+        funnel = await self._store_funnel(project_id, definition)
+        # Counted after the commit, on a connection of its own: counting inside the transaction
+        # would wait for a second pooled connection while holding the first one and the
+        # project's definition lock, and retries of the same request_id queued on that lock
+        # hold every other connection: a burst of them deadlocked the pool until their deadlines.
+        return await self._counted(project_id, funnel)
+
+    async def _store_funnel(self, project_id: UUID, definition: FunnelDefinition) -> Funnel:
+        """The funnel its request_id already created, or the newly stored one; uncounted.
+        Uses one pooled connection only, as it holds the project's definition lock."""
         now = self._clock.now()
         try:
             async with self._repository.transaction() as tx:
@@ -343,7 +353,7 @@ class DefinitionsService:
                                 "request_id already created a different funnel",
                                 metadata={"funnel_id": str(existing.funnel.funnel_id)},
                             )
-                        return await self._counted(project_id, existing.funnel)
+                        return existing.funnel
                 if await tx.funnel_name_taken(project_id, definition.display_name):
                     raise NameTaken("another funnel has this display_name")
                 if await tx.count_funnels(project_id) >= MAX_FUNNELS_PER_PROJECT:
@@ -354,7 +364,7 @@ class DefinitionsService:
                 await tx.insert_funnel(project_id, funnel_id, definition, now)
         except asyncpg.UniqueViolationError as exc:
             raise NameTaken("another funnel has this display_name") from exc
-        funnel = Funnel(
+        return Funnel(
             funnel_id,
             definition.display_name,
             definition.description,
@@ -362,7 +372,6 @@ class DefinitionsService:
             definition.conversion_window,
             now,
         )
-        return await self._counted(project_id, funnel)
 
     async def _counted(self, project_id: UUID, funnel: Funnel) -> Funnel:
         counts = await self._repository.funnel_counts(project_id, funnel, self._clock.now())
