@@ -86,30 +86,53 @@ def page_size(requested: int) -> int:
     return DEFAULT_PAGE_SIZE if requested == 0 else min(requested, MAX_PAGE_SIZE)
 
 
+# Positions are create_seq values (bigint); a token names the last row of its page, so its
+# position is never negative.
+MAX_POSITION = 2**63 - 1
+# The tokens this service writes are about 40 characters; a longer one is forged, and is refused
+# before decoding so that no client sizes the work (or the nesting) of json.loads.
+MAX_TOKEN_LENGTH = 200
+
+
 def encode_token(kind: str, seq: int) -> str:
     raw = json.dumps({"v": 1, "k": kind, "s": seq}, separators=(",", ":")).encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
 def decode_token(kind: str, token: str) -> int:
-    """The position after which the next page starts; 0 for no token."""
+    """The position after which the next page starts; 0 for no token. Raises PageInvalid for
+    anything but a token of `kind` as encode_token writes it (a client may send anything: the
+    position is checked to be a bigint here, once, before any statement binds it)."""
     if not token:
         return 0
-    try:
-        body = json.loads(base64.urlsafe_b64decode((token + "=" * (-len(token) % 4)).encode()))
-    except (binascii.Error, ValueError, UnicodeDecodeError):
-        body = None
+    body: object = None
+    if len(token) <= MAX_TOKEN_LENGTH:
+        try:
+            body = json.loads(base64.urlsafe_b64decode((token + "=" * (-len(token) % 4)).encode()))
+        except (binascii.Error, ValueError, UnicodeDecodeError, RecursionError):
+            body = None
+    if not isinstance(body, dict):
+        raise _token_invalid()
+    position = body.get("s")
     if (
-        not isinstance(body, dict)
-        or body.get("v") != 1
+        not _int_between(body.get("v"), 1, 1)
         or body.get("k") != kind
-        or not isinstance(body.get("s"), int)
+        or not _int_between(position, 0, MAX_POSITION)
     ):
-        why = "is not a page token of this RPC"
-        raise PageInvalid(
-            f"page_token {why}", [FieldViolation("page_token", why, PageInvalid.reason)]
-        )
-    return int(body["s"])
+        raise _token_invalid()
+    assert isinstance(position, int)
+    return position
+
+
+def _int_between(value: object, low: int, high: int) -> bool:
+    """Whether a decoded JSON value is an integer in [low, high]: JSON's true and false decode
+    to Python ints and 1.0 equals 1, and neither is one."""
+    return type(value) is int and low <= value <= high
+
+
+def _token_invalid() -> PageInvalid:
+    why = "is not a page token of this RPC"
+    return PageInvalid(f"page_token {why}", [FieldViolation("page_token", why, PageInvalid.reason)])
 
 
 @dataclass(frozen=True, slots=True)
