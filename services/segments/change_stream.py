@@ -13,13 +13,18 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from redis.exceptions import ResponseError
+
 from profiles.common.v1 import bus_pb2
 from services.segments.messages import change_from_bus
 from services.segments.model import MembershipChange
 from shared.bus import Bus, PoisonMessage, decode_entry
 from shared.topics import SEGMENT_CHANGES
 
-_CURSOR = re.compile(r"^(\d{1,20})-(\d{1,20})$")
+# A cursor is an entry ID as Redis writes it, "<ms>-<seq>": two unsigned 64-bit integers in
+# ASCII decimal without leading zeros. Redis would also read a bare "<ms>", signs, spaces and
+# leading zeros, and fail on a number above 64 bits; no SegmentChange.cursor is any of those.
+_CURSOR = re.compile(r"(0|[1-9][0-9]{0,19})-(0|[1-9][0-9]{0,19})", re.ASCII)
 MAX_SEQUENCE = 2**64 - 1
 
 
@@ -34,11 +39,12 @@ class RecordedChange:
 
 
 def parse_cursor(cursor: str) -> tuple[int, int] | None:
-    match = _CURSOR.match(cursor)
+    """(milliseconds, sequence) of an entry ID; None for anything Redis does not write as one."""
+    match = _CURSOR.fullmatch(cursor)
     if match is None:
         return None
     millis, sequence = int(match[1]), int(match[2])
-    if sequence > MAX_SEQUENCE:
+    if millis > MAX_SEQUENCE or sequence > MAX_SEQUENCE:
         return None
     return millis, sequence
 
@@ -67,6 +73,17 @@ class ChangeStream:
         only what is appended later."""
         entries: Any = await self._redis.xrevrange(self._key, "+", "-", count=1)
         return _text(entries[0][0]) if entries else "0-0"
+
+    async def last_generated_cursor(self) -> str:
+        """The ID of the newest entry ever appended (Redis keeps it when entries are trimmed or
+        deleted), "0-0" before the first: no cursor handed out is after it."""
+        try:
+            info: Any = await self._redis.xinfo_stream(self._key)
+        except ResponseError as exc:
+            if "no such key" in str(exc).lower():
+                return "0-0"
+            raise
+        return _text(info["last-generated-id"])
 
     async def first_cursor(self) -> str | None:
         entries: Any = await self._redis.xrange(self._key, "-", "+", count=1)

@@ -29,6 +29,7 @@ from services.segments.definitions_repository import DefinitionsRepository
 from services.segments.errors import (
     ConcurrentChange,
     CursorExpired,
+    CursorInvalid,
     ProfileNotFound,
     RecomputeInterrupted,
 )
@@ -56,6 +57,7 @@ from services.segments.model import (
 )
 from services.segments.repository import ProfileRow, SegmentsRepository, SegmentsTransaction
 from shared.clock import Clock
+from shared.errors import FieldViolation
 from shared.tenancy import TenancyRepository
 
 log = structlog.get_logger(__name__)
@@ -425,6 +427,18 @@ class SegmentsService:
                     "start_after is older than the change stream's retention; "
                     "resume with start_time, accepting a gap",
                     metadata={"start_after": start.after},
+                )
+            # A cursor after the last ID ever generated was not handed out by this stream (or
+            # comes from another one): reading after it would wait, silently, until the stream
+            # caught up with it, possibly forever.
+            last = parse_cursor(await self._changes.last_generated_cursor()) or (0, 0)
+            if parsed > last:
+                problem = (
+                    "is ahead of the change stream; must be a cursor from an earlier SegmentChange"
+                )
+                raise CursorInvalid(
+                    f"start_after {problem}",
+                    [FieldViolation("start_after", problem, CursorInvalid.reason)],
                 )
             cursor = start.after
         elif start.time_ms is not None:

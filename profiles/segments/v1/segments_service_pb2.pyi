@@ -501,7 +501,10 @@ class WatchSegmentChangesRequest(_message.Message):
     """Only changes of this custom segment, by ID (a UUID string)."""
     start_after: _builtins.str
     """Resumes after this cursor (a `SegmentChange.cursor` from an earlier stream, with or without
-    the same segment filter): every change after it, in order, none twice.
+    the same segment filter): every change after it, in order, none twice. A cursor has the
+    form `<ms>-<seq>`, two unsigned 64-bit decimal integers without leading zeros; anything
+    else is INVALID_ARGUMENT, and so is a cursor ahead of the newest change the stream has
+    ever appended when the watch starts (no change handed it out).
     """
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp:
