@@ -124,6 +124,8 @@ READ_PATH_OF_0034 = _CONTRACTS_OF_0034[
 ]
 # Of 0039, the timeline's bound (query's first page reads it), on the 0023 table's sequence.
 READ_PATH_OF_0039 = MIGRATIONS[39].read_text()
+# Of 0042, the custom segments' sizes (the overview reads them).
+READ_PATH_OF_0042 = MIGRATIONS[42].read_text()
 _TRIGGER_OF_0020 = MIGRATIONS[20].read_text()
 _TRIGGER_START = _TRIGGER_OF_0020.index("CREATE OR REPLACE FUNCTION profile_event_counts_apply()")
 UNDO_WRITE_PATH_OF_0027 = """
@@ -135,6 +137,7 @@ UNDO_WRITE_PATH_OF_0027 = """
     _TRIGGER_START : _TRIGGER_OF_0020.index("END $$;", _TRIGGER_START) + len("END $$;")
 ]
 UNDO_WRITE_PATH = """
+    DROP FUNCTION segments_read_custom_segment_sizes(uuid);
     DROP FUNCTION ingest_read_last_event_seq();
     ALTER SEQUENCE events_event_seq RENAME TO events_event_seq_seq;
     DROP FUNCTION identity_read_installation_resolutions(uuid, text[]);
@@ -174,6 +177,7 @@ async def database_0023(
             await conn.execute(WRITE_PATH_OF_0027)
             await conn.execute(READ_PATH_OF_0034)
             await conn.execute(READ_PATH_OF_0039)
+            await conn.execute(READ_PATH_OF_0042)
         finally:
             await conn.close()
         monkeypatch.setattr("shared.server.migrate", partial(migrate, directories=folder))
