@@ -64,13 +64,14 @@ def connect(url: str, **options: Any) -> RedisClient:
     `options` are connection options (socket_timeout, health_check_interval, ...) that apply to
     every connection, whichever kind. Nothing is dialled until the first command.
     """
+    # Per server (per node of a cluster). Every open watch (WatchProfile's pub/sub,
+    # WatchSegmentChanges' blocking reads) holds a connection beside the consumers' own:
+    # redis-py's default of 100 (since 8.0 for a single server too) failed watches below
+    # PROFILES_MAX_STREAMS with MaxConnectionsError (INTERNAL), so leave room for them and more.
+    options.setdefault("max_connections", 1000)
     if not is_cluster_url(url):
         return Redis.from_url(url, **options)
     first, seeds = cluster_seeds(url)
-    # Per node. Every WatchProfile holds a pub/sub connection of its node beside the consumers'
-    # blocking reads; redis-py's 100 would refuse the 101st outright (a single server's pool
-    # has no such cap), so leave room for PROFILES_MAX_STREAMS and more.
-    options.setdefault("max_connections", 1000)
     options.setdefault(
         # A failover or resharding answers with redirections and short CLUSTERDOWN periods:
         # a few quick retries ride them out; longer outages are the callers' business.

@@ -196,3 +196,27 @@ async def test_watching_an_unknown_or_malformed_profile_fails(suite: Suite) -> N
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await call.read()
     assert violations(caught.value) == ["profile_id"]
+
+
+async def test_watches_up_to_the_stream_cap_all_open(
+    start_services, settings_for_test, project, database_url
+) -> None:  # type: ignore[no-untyped-def]
+    """Each watch holds a Redis connection: 110 of them (under a cap of 120) all start, where
+    redis-py's default pool of 100 connections failed the last ones with INTERNAL."""
+    settings = settings_for_test.with_changes(max_streams=120)
+    suite = await start_suite(start_services, settings, project, database_url)
+    watched = new_id()
+    await suite.track(custom_event(watched, time=NOW - timedelta(hours=1)))
+    profile_id = await suite.identity.profile_of(watched)
+    calls = [
+        suite.query.WatchProfile(
+            pb.WatchProfileRequest(profile_id=profile_id), metadata=suite.project.metadata("read")
+        )
+        for _ in range(110)
+    ]
+    try:
+        firsts = await asyncio.gather(*(next_item(call) for call in calls))
+        assert {item.WhichOneof("item") for item in firsts} == {"started"}
+    finally:
+        for call in calls:
+            call.cancel()
