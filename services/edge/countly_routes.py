@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import email.parser
 import email.policy
-import json
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
@@ -19,6 +18,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from services.edge import json_text
 from services.edge.dialects import countly
 from services.edge.handlers import FORBIDDEN_MESSAGE, Answer, Gateway, Translate
 from services.edge.steps import RequestInvalid, Translation
@@ -73,7 +73,7 @@ def parameters(query: str, body: bytes, content_type: str) -> dict[str, Any]:
         return params
     kind = content_type.split(";")[0].strip().lower()
     if kind == "application/json" or (not kind and body.lstrip().startswith(b"{")):
-        parsed = json.loads(body)
+        parsed = json_text.loads(body)
         if not isinstance(parsed, dict):
             raise RequestInvalid("The body is not a JSON object")
         if len(parsed) > MAX_PARAMETERS:

@@ -19,6 +19,7 @@ from prometheus_client import Counter, Histogram
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from services.edge import json_text
 from services.edge.backend import Backend, BackendError
 from services.edge.dialects import posthog, segment
 from services.edge.limits import (
@@ -228,7 +229,7 @@ def _message(exc: Exception) -> str:
 
 
 def _json_object(data: bytes) -> Any:
-    return json.loads(data)
+    return json_text.loads(data)
 
 
 # --- Segment ---------------------------------------------------------------------------------
@@ -285,7 +286,7 @@ def _posthog_body(data: bytes, content_type: str) -> Any:
             data = base64.b64decode(value + "=" * (-len(value) % 4))
         except binascii.Error as exc:
             raise RequestInvalid("The data field is not base64") from exc
-    return json.loads(data)
+    return json_text.loads(data)
 
 
 def posthog_handler(gateway: Gateway) -> Callable[[Request], Any]:
@@ -323,7 +324,7 @@ def posthog_push_handler(gateway: Gateway) -> Callable[[Request], Any]:
         async def read() -> tuple[str, Translate]:
             _short_query(request)
             data = await gateway.body(request, posthog.MAX_REQUEST_BYTES)
-            body = json.loads(data)
+            body = json_text.loads(data)
             subscription = posthog.push_subscription_of(body)
             key = posthog.top_level_key(body)
             register = request.method == "POST"

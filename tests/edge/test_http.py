@@ -219,3 +219,61 @@ async def test_a_hostile_query_string_is_refused_before_it_is_parsed(edge: Edge)
     query = "&".join(f"x{i}=1" for i in range(2000))
     reply = await send(f"{edge.url}/batch/?{query}", {"api_key": edge.sdk_key, "batch": []})
     assert reply.status_code == 400
+
+
+async def test_json_nested_past_reading_is_400_in_every_dialect(edge: Edge) -> None:
+    deep = '{"a":' * 1000 + "1" + "}" * 1000
+    segment = (
+        '{"writeKey": "KEY", "batch": [{"type": "track", "anonymousId": "d", "event": "e",'
+        ' "properties": DEEP}]}'.replace("KEY", edge.sdk_key).replace("DEEP", deep)
+    )
+    reply = await send(f"{edge.url}/v1/batch", segment.encode())
+    assert (reply.status_code, reply.json()["success"]) == (400, False)
+    posthog = '{"api_key": "' + edge.sdk_key + '", "batch": [' + "[" * 5000 + "]" * 5000 + "]}"
+    reply = await send(f"{edge.url}/batch/", posthog.encode())
+    assert (reply.status_code, reply.json()["code"]) == (400, "invalid_payload")
+    countly = await asyncio.to_thread(
+        requests.get,
+        f"{edge.url}/i",
+        params={"app_key": edge.sdk_key, "device_id": "d", "events": "[" * 5000 + "]" * 5000},
+        timeout=10,
+    )
+    assert countly.status_code == 200  # Countly's way: the parameter is listed as invalid
+    assert [r.reason for r in await edge.rejected()] == ["PARAMETER_INVALID"]
+
+
+async def test_a_lone_surrogate_is_read_as_a_replacement_character(edge: Edge) -> None:
+    """An unpaired UTF-16 escape (which no store can hold) reads as U+FFFD, as Go's JSON does:
+    the message is stored, and so is the good one beside it."""
+    body = (
+        '{"writeKey": "KEY", "batch": ['
+        '{"type": "track", "messageId": "m-1", "anonymousId": "anon-sur", "event": "Good"},'
+        '{"type": "track", "messageId": "m-2", "anonymousId": "anon-sur", "event": "Odd",'
+        ' "properties": {"s": "a\\ud800b"}}]}'
+    ).replace("KEY", edge.sdk_key)
+    reply = await send(f"{edge.url}/v1/batch", body.encode())
+    assert reply.status_code == 200
+    posthog = (
+        '{"api_key": "KEY", "batch": [{"event": "Tap", "distinct_id": "ph-\\udc00",'
+        ' "uuid": "0190a5f7-2c4b-7000-8000-0000000000aa"}]}'
+    ).replace("KEY", edge.sdk_key)
+    assert (await send(f"{edge.url}/batch/", posthog.encode())).status_code == 200
+
+    async def stored() -> bool:
+        try:
+            profile = await edge.profile(installation_id="anon-sur")
+        except Exception:
+            return False
+        return len(await edge.events(profile.summary.profile_id)) >= 2
+
+    await eventually(stored)
+    profile = await edge.profile(installation_id="anon-sur")
+    names = {
+        e.custom.name: dict(e.custom.attributes)
+        for e in await edge.events(profile.summary.profile_id)
+        if e.HasField("custom")
+    }
+    assert set(names) == {"good", "odd"}
+    assert names["odd"]["s"].string_value == "a\ufffdb"
+    assert (await edge.profile(installation_id="ph-\ufffd")).summary.profile_id
+    assert await edge.rejected() == []

@@ -26,6 +26,7 @@ from typing import Any, TypeAlias
 
 from profiles.common.v1 import types_pb2
 from profiles.ingest.v1 import ingest_service_pb2 as ingest_pb
+from services.edge import json_text
 from services.edge.build import derived_id, language_of, rejection
 from services.edge.names import flatten, normalize_name
 from services.edge.platforms import API, platform_of
@@ -730,7 +731,7 @@ def _json(value: Any) -> Any:
     is not JSON."""
     if isinstance(value, str | bytes):
         try:
-            return json.loads(value)
+            return json_text.loads(value)
         except ValueError:
             return None
     return value
