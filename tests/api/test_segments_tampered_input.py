@@ -145,25 +145,7 @@ async def test_tampered_list_segments_tokens_are_invalid_arguments(segments: Seg
             metadata=segments.admin,
             timeout=DEADLINE_S,
         )
-    problems = {}
-    for what, bad in tampered_tokens("segments").items():
-        request = pb.ListSegmentsRequest(page_size=1, page_token=bad)
-        call = segments.stub.ListSegments(request, metadata=segments.read, timeout=DEADLINE_S)
-        if (problem := await page_token_problem(call)) is not None:
-            problems[what] = problem
-    assert problems == {}
-
-    # The tokens the service hands out still walk every segment, once each.
-    names, page_token = [], ""
-    while True:
-        page = await segments.stub.ListSegments(
-            pb.ListSegmentsRequest(page_size=1, page_token=page_token), metadata=segments.read
-        )
-        names.extend(s.display_name for s in page.segments)
-        page_token = page.next_page_token
-        if not page_token:
-            break
-    assert names == ["seg 0", "seg 1", "seg 2"]
+    await assert_tampered_tokens_refused(segments, "segments", ["seg 0", "seg 1", "seg 2"])
 
 
 async def test_tampered_list_funnels_tokens_are_invalid_arguments(segments: Segments) -> None:
@@ -171,24 +153,37 @@ async def test_tampered_list_funnels_tokens_are_invalid_arguments(segments: Segm
         await segments.stub.CreateFunnel(
             checkout_funnel(f"funnel {i}"), metadata=segments.admin, timeout=DEADLINE_S
         )
+    await assert_tampered_tokens_refused(segments, "funnels", ["funnel 0", "funnel 1", "funnel 2"])
+
+
+async def assert_tampered_tokens_refused(
+    segments: Segments, kind: str, names_in_order: list[str]
+) -> None:
+    """Every tampered token of ListSegments ("segments") or ListFunnels ("funnels") is refused
+    on page_token, and the tokens the service hands out still walk every item, once each."""
+
+    def listing(page_token: str) -> Any:
+        if kind == "segments":
+            request = pb.ListSegmentsRequest(page_size=1, page_token=page_token)
+            return segments.stub.ListSegments(request, metadata=segments.read, timeout=DEADLINE_S)
+        funnels = pb.ListFunnelsRequest(page_size=1, page_token=page_token)
+        return segments.stub.ListFunnels(funnels, metadata=segments.read, timeout=DEADLINE_S)
+
     problems = {}
-    for what, bad in tampered_tokens("funnels").items():
-        request = pb.ListFunnelsRequest(page_size=1, page_token=bad)
-        call = segments.stub.ListFunnels(request, metadata=segments.read, timeout=DEADLINE_S)
-        if (problem := await page_token_problem(call)) is not None:
+    for what, bad in tampered_tokens(kind).items():
+        if (problem := await page_token_problem(listing(bad))) is not None:
             problems[what] = problem
     assert problems == {}
 
     names, page_token = [], ""
     while True:
-        page = await segments.stub.ListFunnels(
-            pb.ListFunnelsRequest(page_size=1, page_token=page_token), metadata=segments.read
-        )
-        names.extend(f.display_name for f in page.funnels)
+        page = await listing(page_token)
+        items = page.segments if kind == "segments" else page.funnels
+        names.extend(item.display_name for item in items)
         page_token = page.next_page_token
         if not page_token:
             break
-    assert names == ["funnel 0", "funnel 1", "funnel 2"]
+    assert names == names_in_order
 
 
 async def watch_error(segments: Segments, request: pb.WatchSegmentChangesRequest) -> grpc.RpcError:
