@@ -89,9 +89,16 @@ SETTINGS: tuple[Setting, ...] = (
         " monthly partition at a time; 0 keeps them forever (docs/partitions.md)",
     ),
     Setting(
-        "PROFILES_INGEST_GROUP_WRITERS",
+        "PROFILES_INGEST_WRITE_PARTITIONS",
         "2",
-        "ingest: transactions a project's batches run at once; batches arriving meanwhile are"
+        "ingest: a project's profiles are split into this many partitions, each with its own"
+        " writers, so that concurrent transactions never wait for each other's profile locks"
+        " (docs/ingest.md)",
+    ),
+    Setting(
+        "PROFILES_INGEST_GROUP_WRITERS",
+        "1",
+        "ingest: transactions a partition's events run at once; events arriving meanwhile are"
         " stored together by the next (group commit, docs/ingest.md)",
     ),
     Setting("PROFILES_EDGE_PORT", "8340", "HTTP port of the edge gateway (SDK traffic)"),
@@ -139,7 +146,8 @@ class Settings:
     console_port: int = 8341
     console_metrics_port: int = 9456
     events_retention_days: int = 0
-    ingest_group_writers: int = 2
+    ingest_write_partitions: int = 2
+    ingest_group_writers: int = 1
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Self:
@@ -178,6 +186,7 @@ class Settings:
             edge_rate_burst=int(values["PROFILES_EDGE_RATE_BURST"]),
             console_port=int(values["PROFILES_CONSOLE_PORT"]),
             events_retention_days=int(values["PROFILES_EVENTS_RETENTION_DAYS"]),
+            ingest_write_partitions=int(values["PROFILES_INGEST_WRITE_PARTITIONS"]),
             ingest_group_writers=int(values["PROFILES_INGEST_GROUP_WRITERS"]),
             console_metrics_port=int(values["PROFILES_CONSOLE_METRICS_PORT"]),
         )
@@ -204,6 +213,7 @@ class Settings:
             "PROFILES_CONSOLE_PORT": str(self.console_port),
             "PROFILES_CONSOLE_METRICS_PORT": str(self.console_metrics_port),
             "PROFILES_EVENTS_RETENTION_DAYS": str(self.events_retention_days),
+            "PROFILES_INGEST_WRITE_PARTITIONS": str(self.ingest_write_partitions),
             "PROFILES_INGEST_GROUP_WRITERS": str(self.ingest_group_writers),
         }
         for name in SERVICE_NAMES:

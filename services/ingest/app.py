@@ -44,6 +44,7 @@ def make_build(
             countries=CountryResolver(),
             notices=notices,
             group_writers=settings.ingest_group_writers,
+            partitions=settings.ingest_write_partitions,
         )
         servicer = IngestServicer(service)
         maintenance = StorageMaintenance(

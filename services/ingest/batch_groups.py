@@ -1,5 +1,6 @@
-"""What one storing transaction is given and what it did, and how the attempts of concurrent
-batches become one transaction's (group_commit.py) and its outcome theirs again.
+"""What one storing transaction is given and what it did, how a batch is split by write
+partition, and how the attempts of concurrent batches become one transaction's (group_commit.py)
+and its outcome theirs again.
 
 Events are known by their index in their batch. A group numbers its batches' events one after
 the other (each batch's indexes moved by the sizes of the batches before it), stores them as
@@ -150,3 +151,40 @@ def split(stored: Stored, group: Group) -> list[Stored]:
     # None is expected here (only a session start finds one); the first batch folds any other.
     outcomes[0].reintegrations.extend(p for p in stored.reintegrations if p not in folded)
     return outcomes
+
+
+def partition_of(profile_id: UUID, partitions: int) -> int:
+    """The writer partition of a profile's events: every event of one profile goes to one."""
+    return profile_id.int % partitions
+
+
+def partitioned(attempt: StoreAttempt, partitions: int) -> list[tuple[int, StoreAttempt]]:
+    """A batch's attempt as one attempt per partition that holds some of its events (by the
+    profile each origin resolved to), in partition order. The batch's rejected events go with
+    the first, and a batch with no event to store is one attempt, for them."""
+    events_of: dict[int, list[ValidEvent]] = {}
+    for event in attempt.events:
+        number = partition_of(attempt.profiles[origin_of(event)], partitions)
+        events_of.setdefault(number, []).append(event)
+    if not events_of:
+        return [(0, attempt)]
+    parts: list[tuple[int, StoreAttempt]] = []
+    for number in sorted(events_of):
+        rejected = attempt.rejected if not parts else ()
+        parts.append((number, replace(attempt, events=events_of[number], rejected=rejected)))
+    return parts
+
+
+def merged(outcomes: Sequence[Stored]) -> Stored:
+    """One batch's outcome from those of its partitions' transactions (their events are
+    disjoint)."""
+    whole = Stored()
+    for outcome in outcomes:
+        whole.accepted.update(outcome.accepted)
+        whole.duplicates.update(outcome.duplicates)
+        whole.orphans.extend(outcome.orphans)
+        whole.late_rejections.extend(outcome.late_rejections)
+        whole.reintegrations.extend(outcome.reintegrations)
+    whole.orphans.sort(key=lambda e: e.index)
+    whole.late_rejections.sort(key=lambda r: r.index)
+    return whole

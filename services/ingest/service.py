@@ -37,7 +37,9 @@ from services.ingest.batch_groups import (
     Stored,
     combine,
     first_occurrences,
+    merged,
     origin_of,
+    partitioned,
     split,
 )
 from services.ingest.errors import IdentityUnavailable, StorageUnavailable
@@ -83,12 +85,18 @@ MAX_TRANSACTION_ATTEMPTS = 5
 RETRY_PAUSE_S = 0.02
 MAX_RESOLVE_ROUNDS = 3
 KNOWN_ORIGINS_CAPACITY = 100_000
-# Group commit (group_commit.py): transactions a project's batches run at once (by default; the
-# setting PROFILES_INGEST_GROUP_WRITERS), and the events one transaction takes from the batches
-# waiting. Two writers: one transaction's statements run while the other's results are read and
-# its next arguments built; one left the cores a third idle, three or more stopped grouping the
-# bench's batches of 500 (docs/benchmarks.md, "Group commit").
-GROUP_WRITERS = 2
+# Write partitions: a project's profiles are split into WRITE_PARTITIONS (by profile ID; the
+# setting PROFILES_INGEST_WRITE_PARTITIONS), and a batch's events are stored by one transaction
+# per partition they fall in. Two transactions of different partitions never touch the same
+# profile, so neither waits for the other's profile locks: with one queue, two concurrent
+# transactions over random profiles nearly always shared some, and their locked parts ran one
+# after the other, leaving a quarter of the cores idle (docs/benchmarks.md, "Write partitions").
+# Group commit (group_commit.py) per partition: transactions a partition's events run at once
+# (GROUP_WRITERS; the setting PROFILES_INGEST_GROUP_WRITERS), and the events one transaction
+# takes from the batches waiting. One writer per partition: a second one in the same partition
+# waits for the first's profile locks again.
+WRITE_PARTITIONS = 2
+GROUP_WRITERS = 1
 GROUP_MAX_EVENTS = 2_000
 # Events validated between two yields to the event loop (a batch of 500 validates in about
 # 20 ms of CPU: unsliced, every other batch's next statement waits for it).
@@ -158,7 +166,10 @@ class IngestService:
         countries: Countries | None = None,
         notices: LiveNotices | None = None,
         group_writers: int = GROUP_WRITERS,
+        partitions: int = WRITE_PARTITIONS,
     ) -> None:
+        if partitions < 1:
+            raise ValueError("ingest needs at least one write partition")
         self._repository = repository
         self._resolver = resolver
         self._clock = clock
@@ -166,7 +177,8 @@ class IngestService:
         self._countries = countries
         self._notices = notices
         self._tokens = PushTokens(repository, resolver, clock)
-        self._groups: GroupCommit[tuple[UUID, bool], StoreAttempt, Stored] = GroupCommit(
+        self._partitions = partitions
+        self._groups: GroupCommit[tuple[UUID, bool, int], StoreAttempt, Stored] = GroupCommit(
             self._store_group,
             size_of=lambda attempt: attempt.size,
             writers=group_writers,
@@ -186,7 +198,9 @@ class IngestService:
 
         Raises BatchInvalid for a malformed request as a whole (nothing stored),
         IdentityUnavailable or StorageUnavailable when the batch could not be committed
-        (retrying the same batch is safe: event IDs deduplicate). Idempotent per event.
+        (retrying the same batch is safe: event IDs deduplicate; the events of another write
+        partition may be stored already, and are then answered DUPLICATE). Idempotent per
+        event.
         """
         validate_request(len(events), request_bytes)
         receive_time = self._clock.now()
@@ -224,10 +238,22 @@ class IngestService:
             )
             for index in in_batch_duplicates:
                 results[index] = EventResult(index, by_index[index].event_id, "duplicate")
-            stored = await self._groups.submit(
-                (project_id, imported),
-                StoreAttempt(receive_time, candidates, profiles, rejected, by_index),
+            # One transaction per write partition the events fall in, each shared with the
+            # other batches waiting in that partition (group commit); the batch's outcome is
+            # theirs together, answered once all of them are done (should one fail, the
+            # others' events are committed when the batch's error is answered).
+            attempt = StoreAttempt(receive_time, candidates, profiles, rejected, by_index)
+            parts = await asyncio.gather(
+                *(
+                    self._groups.submit((project_id, imported, number), part)
+                    for number, part in partitioned(attempt, self._partitions)
+                ),
+                return_exceptions=True,
             )
+            for part in parts:
+                if isinstance(part, BaseException):
+                    raise part
+            stored = merged([part for part in parts if isinstance(part, Stored)])
             rejected = []  # stored with the first transaction
             reintegrations.extend(stored.reintegrations)
             for index, profile_id in stored.accepted.items():
@@ -321,12 +347,12 @@ class IngestService:
         return profiles, refused
 
     async def _store_group(
-        self, key: tuple[UUID, bool], attempts: Sequence[StoreAttempt]
+        self, key: tuple[UUID, bool, int], attempts: Sequence[StoreAttempt]
     ) -> list[Stored | BaseException]:
         """The batches of one group (GroupCommit) in one transaction. Should it fail for any
         other reason than an outage or lost races, which every batch of it would meet alone
         too, each batch is stored alone: one batch's fault never fails the others."""
-        project_id, imported = key
+        project_id, imported, _ = key
         if len(attempts) == 1:
             return [await self._store_with_retries(project_id, imported, attempts[0])]
         group = combine(attempts)

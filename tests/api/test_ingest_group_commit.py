@@ -10,17 +10,30 @@ import asyncio
 import random
 from collections.abc import Sequence
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import pytest
 from prometheus_client import REGISTRY
 
 from profiles.ingest.v1 import ingest_service_pb2 as pb
+from profiles.ingest.v1 import ingest_service_pb2_grpc as pb_grpc
 from services.ingest.repository import IngestRepository
 from services.ingest.validation import ValidEvent
+from shared.clock import FrozenClock
+from shared.settings import Settings
 from tests.support.identity import new_id
-from tests.support.ingest import NOW, Ingest, attribute_event, custom_event, op
+from tests.support.ingest import (
+    NOW,
+    Ingest,
+    attribute_event,
+    custom_event,
+    op,
+    start_ingest,
+)
+
+if TYPE_CHECKING:
+    from tests.conftest import TestProject
 
 ACCEPTED = pb.EVENT_OUTCOME_ACCEPTED
 DUPLICATE = pb.EVENT_OUTCOME_DUPLICATE
@@ -88,12 +101,29 @@ def waiting_batches() -> float:
     return REGISTRY.get_sample_value("profiles_ingest_group_commit_waiting") or 0.0
 
 
+@pytest.fixture
+async def one_queue_ingest(
+    start_services: Any, settings_for_test: Settings, project: TestProject, database_url: str
+) -> Ingest:
+    """Ingest with one write partition and two writers: every batch of the project in one
+    queue, which two transactions serve."""
+    settings = settings_for_test.with_changes(ingest_write_partitions=1, ingest_group_writers=2)
+    channel = await start_ingest(start_services, settings, clock=FrozenClock(NOW))
+    return Ingest(
+        pb_grpc.IngestServiceStub(channel),
+        project.metadata("sdk"),
+        project.metadata("admin"),
+        database_url,
+    )
+
+
 async def test_a_batch_whose_transaction_fails_fails_alone(
-    ingest: Ingest, monkeypatch: pytest.MonkeyPatch
+    one_queue_ingest: Ingest, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A fault no validation foresaw (here injected in the events insert for one event ID)
     fails its own batch; the batches that shared its group are stored without it. The first two
     batches hold both writers until the other six wait, so those six form one group."""
+    ingest = one_queue_ingest
     original = IngestRepository.insert_installation_events
     poison_group_sizes: list[int] = []
     writers_held = asyncio.Event()

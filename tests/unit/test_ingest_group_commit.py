@@ -16,7 +16,16 @@ from prometheus_client import REGISTRY
 
 from profiles.common.v1 import bus_pb2, types_pb2
 from profiles.ingest.v1 import ingest_service_pb2 as pb
-from services.ingest.batch_groups import StoreAttempt, Stored, combine, origin_of, split
+from services.ingest.batch_groups import (
+    StoreAttempt,
+    Stored,
+    combine,
+    merged,
+    origin_of,
+    partition_of,
+    partitioned,
+    split,
+)
 from services.ingest.group_commit import GroupCommit
 from services.ingest.model import Rejection
 from services.ingest.validation import RejectedEvent, ValidEvent
@@ -264,3 +273,54 @@ def test_each_batch_gets_back_what_its_own_events_met(seed: int) -> None:
     indexes = [e.index for e in group.attempt.events]
     assert len(indexes) == len(set(indexes))
     assert len(group.attempt.by_index) == sum(len(a.by_index) for a in attempts)
+
+
+# -- a batch split by writer partition, and its partitions' outcomes merged, against a model ----
+
+
+def batch_of(rng: random.Random) -> StoreAttempt:
+    """A batch over a few installations and custom IDs, some of which share a profile (a
+    custom ID and the installations logged into it), with a few events it rejected itself."""
+    profiles = [uuid.UUID(int=rng.getrandbits(128)) for _ in range(3)]
+    origins = {name: rng.choice(profiles) for name in ("inst-1", "inst-2", "inst-3", "user-1")}
+    events = [
+        event(index, rng.choice(list(origins)), f"e{index}", types_pb2.EVENT_KIND_CUSTOM)
+        for index in range(rng.randint(0, 12))
+    ]
+    rejected = [
+        RejectedEvent(index, f"r{index}", "inst-9", "", Rejection("R", "f", "m"), None)
+        for index in range(len(events), len(events) + rng.randint(0, 2))
+    ]
+    keys = {origin_of(e) for e in events}
+    by_index = {i: pb.Event(event_id=f"raw{i}") for i in range(len(events) + len(rejected))}
+    return StoreAttempt(NOW, events, {k: origins[k.value] for k in keys}, rejected, by_index)
+
+
+@pytest.mark.parametrize("seed", range(200))
+def test_a_batch_split_by_partition_comes_back_whole(seed: int) -> None:
+    rng = random.Random(seed)
+    attempt = batch_of(rng)
+    partitions = rng.randint(1, 4)
+    parts = partitioned(attempt, partitions)
+    numbers = [number for number, _ in parts]
+    assert numbers == sorted(set(numbers))
+    # Every event in exactly one part, in its batch's order; a profile's events in one part,
+    # the part of its profile.
+    assert sorted(e.index for _, p in parts for e in p.events) == [e.index for e in attempt.events]
+    for number, part in parts:
+        assert [e.index for e in part.events] == sorted(e.index for e in part.events)
+        for e in part.events:
+            assert partition_of(attempt.profiles[origin_of(e)], partitions) == number
+        assert part.by_index is attempt.by_index
+        assert part.receive_time == attempt.receive_time
+    # The batch's own rejections are stored once, by its first part.
+    assert list(parts[0][1].rejected) == list(attempt.rejected)
+    assert all(not part.rejected for _, part in parts[1:])
+    # The parts' outcomes, merged, are what one transaction of the whole batch met.
+    whole = store_model(attempt)
+    merged_outcome = merged([store_model(part) for _, part in parts])
+    assert merged_outcome.accepted == whole.accepted
+    assert merged_outcome.duplicates == whole.duplicates
+    assert merged_outcome.orphans == whole.orphans
+    assert merged_outcome.late_rejections == whole.late_rejections
+    assert sorted(merged_outcome.reintegrations) == sorted(whole.reintegrations)
