@@ -542,7 +542,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     cpu_us_per_event = ingest_cpu_s * 1e6 / max(1, outcome.accepted + sizes.installations)
     print(f"ingest CPU: {ingest_cpu_s:.1f} s = {cpu_us_per_event:.0f} us per event")
-    print(f"group commit: {grouped:.2f} batches per transaction during the load")
+    print(f"group commit: {grouped:.2f} batch parts per transaction during the load")
     # The whole server's (statement breakdown included, when it is on): what bounds the rate
     # when the machine's cores are shared by client, services and PostgreSQL.
     postgres_us_per_event = postgres_cpu_s * 1e6 / max(1, outcome.accepted + sizes.installations)

@@ -26,14 +26,14 @@ R = TypeVar("R")
 
 GROUP_SIZE = Histogram(
     "profiles_ingest_group_commit_batches",
-    "Batches stored by one transaction (group commit).",
+    "Batches (each one's part in a write partition) stored by one transaction (group commit).",
     buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32, 64),
 )
 # How many batches queue behind the writers right now: a queue that keeps growing means the
 # database cannot keep up, before latencies say so.
 WAITING = Gauge(
     "profiles_ingest_group_commit_waiting",
-    "Batches waiting for a writer (group commit).",
+    "Batch parts waiting for a writer (group commit).",
 )
 
 
