@@ -400,6 +400,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=int,
         help=f"events per load batch (default {BATCH_SIZE}; an SDK's requests carry fewer)",
     )
+    parser.add_argument(
+        "--write-partitions",
+        type=int,
+        help="ingest's write partitions (PROFILES_INGEST_WRITE_PARTITIONS; default the service's)",
+    )
+    parser.add_argument(
+        "--group-writers",
+        type=int,
+        help="ingest's writers per partition (PROFILES_INGEST_GROUP_WRITERS; default the service)",
+    )
     parser.add_argument("--log-level", default="warning", help="services' log level")
     parser.add_argument(
         "--no-breakdown",
@@ -453,7 +463,16 @@ def start_suite(
     identity_settings = service_settings(backends, "identity", work_dir, log_level=args.log_level)
     ingest_port = free_port()
     args.ingest_metrics_port = free_port()
+    writing = {
+        name: value
+        for name, value in (
+            ("ingest_write_partitions", getattr(args, "write_partitions", None)),
+            ("ingest_group_writers", getattr(args, "group_writers", None)),
+        )
+        if value is not None
+    }
     ingest_settings = identity_settings.with_changes(
+        **writing,
         ports={**identity_settings.ports, "ingest": ingest_port},
         metrics_ports={**identity_settings.metrics_ports, "ingest": args.ingest_metrics_port},
         addresses={
@@ -465,7 +484,11 @@ def start_suite(
     ingest = start_service_process(stack, "ingest", ingest_settings, work_dir)
     address = f"127.0.0.1:{ingest_port}"
     asyncio.run(wait_all(identity, ingest_settings.addresses["identity"], ingest, address))
-    print(f"started identity (pid {identity.pid}) and ingest (pid {ingest.pid})")
+    print(
+        f"started identity (pid {identity.pid}) and ingest (pid {ingest.pid}; "
+        f"{ingest_settings.ingest_write_partitions} write partitions, "
+        f"{ingest_settings.ingest_group_writers} writer(s) each)"
+    )
     return address, project.keys["sdk"], backends.database_url, ingest, identity
 
 
