@@ -7,11 +7,10 @@ from typing import Any
 
 import pytest
 
-from profiles.ingest.v1 import ingest_service_pb2_grpc as pb_grpc
 from shared.clock import FrozenClock
 from tests.conftest import TestProject
 from tests.support.identity import Identity
-from tests.support.ingest import NOW, Ingest, start_ingest
+from tests.support.ingest import NOW, Ingest, ingest_client, start_ingest
 
 
 @pytest.fixture
@@ -35,9 +34,4 @@ async def ingest(
 ) -> Ingest:
     """A real channel to ingest (and the identity it resolves through) started for this test."""
     channel = await start_ingest(start_services, settings_for_test, clock=clock)
-    return Ingest(
-        pb_grpc.IngestServiceStub(channel),
-        project.metadata("sdk"),
-        project.metadata("admin"),
-        database_url,
-    )
+    return ingest_client(channel, project, database_url)

@@ -17,7 +17,6 @@ import pytest
 from prometheus_client import REGISTRY
 
 from profiles.ingest.v1 import ingest_service_pb2 as pb
-from profiles.ingest.v1 import ingest_service_pb2_grpc as pb_grpc
 from services.ingest.repository import IngestRepository
 from services.ingest.validation import ValidEvent
 from shared.clock import FrozenClock
@@ -28,6 +27,7 @@ from tests.support.ingest import (
     Ingest,
     attribute_event,
     custom_event,
+    ingest_client,
     op,
     start_ingest,
 )
@@ -109,12 +109,7 @@ async def one_queue_ingest(
     queue, which two transactions serve."""
     settings = settings_for_test.with_changes(ingest_write_partitions=1, ingest_group_writers=2)
     channel = await start_ingest(start_services, settings, clock=FrozenClock(NOW))
-    return Ingest(
-        pb_grpc.IngestServiceStub(channel),
-        project.metadata("sdk"),
-        project.metadata("admin"),
-        database_url,
-    )
+    return ingest_client(channel, project, database_url)
 
 
 async def test_a_batch_whose_transaction_fails_fails_alone(

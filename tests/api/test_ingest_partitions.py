@@ -6,29 +6,14 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-import pytest
-
 from profiles.ingest.v1 import ingest_service_pb2 as pb
-from profiles.ingest.v1 import ingest_service_pb2_grpc as pb_grpc
-from shared.clock import FrozenClock
 from tests.conftest import eventually
-from tests.support.ingest import NOW, Ingest, custom_event, start_ingest
+from tests.support.ingest import NOW, Ingest, custom_event
 
 ACCEPTED, DUPLICATE = pb.EVENT_OUTCOME_ACCEPTED, pb.EVENT_OUTCOME_DUPLICATE
 PARTITIONS = """
     SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
     WHERE i.inhparent = $1::regclass"""
-
-
-@pytest.fixture
-async def ingest(start_services, settings_for_test, project, database_url) -> Ingest:  # type: ignore[no-untyped-def]
-    channel = await start_ingest(start_services, settings_for_test, clock=FrozenClock(NOW))
-    return Ingest(
-        pb_grpc.IngestServiceStub(channel),
-        project.metadata("sdk"),
-        project.metadata("admin"),
-        database_url,
-    )
 
 
 async def partitions(ingest: Ingest, parent: str) -> set[str]:

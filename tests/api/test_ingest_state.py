@@ -4,26 +4,11 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-import pytest
-
 from profiles.common.v1 import types_pb2
 from profiles.ingest.v1 import ingest_service_pb2 as pb
-from profiles.ingest.v1 import ingest_service_pb2_grpc as pb_grpc
-from shared.clock import FrozenClock
-from tests.support.ingest import NOW, Ingest, attribute_event, op, stamp, start_ingest
+from tests.support.ingest import NOW, Ingest, attribute_event, op, stamp
 
 T = [NOW - timedelta(hours=10 - i) for i in range(10)]
-
-
-@pytest.fixture
-async def ingest(start_services, settings_for_test, project, database_url) -> Ingest:  # type: ignore[no-untyped-def]
-    channel = await start_ingest(start_services, settings_for_test, clock=FrozenClock(NOW))
-    return Ingest(
-        pb_grpc.IngestServiceStub(channel),
-        project.metadata("sdk"),
-        project.metadata("admin"),
-        database_url,
-    )
 
 
 async def attributes(ingest: Ingest) -> dict[str, object]:

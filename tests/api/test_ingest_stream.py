@@ -13,21 +13,8 @@ from hypothesis import strategies as st
 
 from profiles.common.v1 import bus_pb2, types_pb2
 from profiles.ingest.v1 import ingest_service_pb2 as pb
-from profiles.ingest.v1 import ingest_service_pb2_grpc as pb_grpc
 from services.ingest.validation import ValidEvent, validate_event
-from shared.clock import FrozenClock
-from tests.support.ingest import NOW, Ingest, aiter_of, custom_event, stamp, start_ingest
-
-
-@pytest.fixture
-async def ingest(start_services, settings_for_test, project, database_url) -> Ingest:  # type: ignore[no-untyped-def]
-    channel = await start_ingest(start_services, settings_for_test, clock=FrozenClock(NOW))
-    return Ingest(
-        pb_grpc.IngestServiceStub(channel),
-        project.metadata("sdk"),
-        project.metadata("admin"),
-        database_url,
-    )
+from tests.support.ingest import NOW, Ingest, aiter_of, custom_event, stamp
 
 
 async def test_stream_events_answers_each_batch_in_order_and_goes_on_after_a_bad_one(

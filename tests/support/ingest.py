@@ -117,6 +117,16 @@ class Ingest:
             await conn.close()
 
 
+def ingest_client(channel: grpc.aio.Channel, project: Any, database_url: str) -> Ingest:
+    """An Ingest over `channel`, with the project's sdk and admin keys."""
+    return Ingest(
+        pb_grpc.IngestServiceStub(channel),
+        project.metadata("sdk"),
+        project.metadata("admin"),
+        database_url,
+    )
+
+
 async def start_ingest(
     start_services: Any, settings_for_test: Any, **kwargs: Any
 ) -> grpc.aio.Channel:
