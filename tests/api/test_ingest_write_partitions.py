@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import pytest
@@ -15,13 +15,30 @@ import pytest
 from profiles.ingest.v1 import ingest_service_pb2 as pb
 from services.ingest.batch_groups import partition_of
 from services.ingest.repository import IngestRepository
-from services.ingest.service import WRITE_PARTITIONS
 from services.ingest.validation import ValidEvent
+from shared.clock import FrozenClock
+from shared.settings import Settings
 from tests.support.identity import new_id
-from tests.support.ingest import Ingest, custom_event
+from tests.support.ingest import NOW, Ingest, custom_event, ingest_client, start_ingest
+
+if TYPE_CHECKING:
+    from tests.conftest import TestProject
 
 ACCEPTED = pb.EVENT_OUTCOME_ACCEPTED
 DUPLICATE = pb.EVENT_OUTCOME_DUPLICATE
+WRITE_PARTITIONS = 2
+
+
+@pytest.fixture
+async def ingest(
+    start_services: Any, settings_for_test: Settings, project: TestProject, database_url: str
+) -> Ingest:
+    """Ingest with two write partitions, one writer each."""
+    settings = settings_for_test.with_changes(
+        ingest_write_partitions=WRITE_PARTITIONS, ingest_group_writers=1
+    )
+    channel = await start_ingest(start_services, settings, clock=FrozenClock(NOW))
+    return ingest_client(channel, project, database_url)
 
 
 async def device_per_partition(ingest: Ingest) -> list[str]:
