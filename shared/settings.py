@@ -146,8 +146,8 @@ class Settings:
     console_port: int = 8341
     console_metrics_port: int = 9456
     events_retention_days: int = 0
-    ingest_write_partitions: int = 1
-    ingest_group_writers: int = 2
+    ingest_write_partitions: int = 2
+    ingest_group_writers: int = 1
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Self:

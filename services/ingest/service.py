@@ -91,15 +91,15 @@ KNOWN_ORIGINS_CAPACITY = 100_000
 # profile, so neither waits for the other's profile locks: with one queue, two concurrent
 # transactions over random profiles nearly always shared some, and their locked parts ran one
 # after the other, leaving a quarter of the cores idle (docs/benchmarks.md, "Write partitions").
-# Not yet the default: a batch's events of different profiles are then numbered (event_seq) and
-# published by two transactions, not in request order, and tests that line rows up by that
-# order are to be audited first. Two partitions take one writer each (GROUP_WRITERS=1: a second
-# writer in a partition waits for the first's profile locks again).
+# A batch's events of different partitions are then numbered (event_seq) and published by two
+# transactions, so not in request order across profiles; within a profile they are. Two
+# partitions take one writer each (GROUP_WRITERS=1: a second writer in a partition waits for
+# the first's profile locks again).
 # Group commit (group_commit.py) per partition: transactions a partition's events run at once
 # (GROUP_WRITERS; the setting PROFILES_INGEST_GROUP_WRITERS), and the events one transaction
 # takes from the batches waiting.
-WRITE_PARTITIONS = 1
-GROUP_WRITERS = 2
+WRITE_PARTITIONS = 2
+GROUP_WRITERS = 1
 GROUP_MAX_EVENTS = 2_000
 # Events validated between two yields to the event loop (a batch of 500 validates in about
 # 20 ms of CPU: unsliced, every other batch's next statement waits for it).
