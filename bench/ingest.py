@@ -71,7 +71,16 @@ from bench.statements import (
     read_costs,
     start_recording,
 )
-from bench.table_writes import TableWrites, read_table_writes, writes_between, writes_table
+from bench.table_writes import (
+    TableWrites,
+    WalRecords,
+    read_table_writes,
+    read_wal_position,
+    read_wal_records,
+    wal_table,
+    writes_between,
+    writes_table,
+)
 from profiles.client import open_channel
 from profiles.common.v1 import types_pb2
 from profiles.ingest.v1 import ingest_service_pb2 as pb
@@ -282,15 +291,19 @@ async def run_load(
     return outcome
 
 
-async def raw_copy_rate(
-    database_url: str, rows: int, passes: int = COPY_PASSES
-) -> tuple[float, int]:
+@dataclass(frozen=True, slots=True)
+class CopyBaseline:
+    rows_per_s: float
+    rows: int
+    wal_bytes_per_row: float  # the write-ahead log one pass wrote, per row
+
+
+async def raw_copy_rate(database_url: str, rows: int, passes: int = COPY_PASSES) -> CopyBaseline:
     """Rows per second of COPY into a table like `events` (same indexes), 500 rows per COPY
     over one connection, of the last `rows` rows stored: the fastest of `passes` passes, each
     into a new table. Right after the load, autovacuum and the checkpointer work through what
     it wrote, and one pass ranged from 42,000 to 57,000 rows/s between runs of the same code;
-    the least disturbed pass is the baseline, which only makes the ratio harder to reach.
-    Returns (rate, rows copied)."""
+    the least disturbed pass is the baseline, which only makes the ratio harder to reach."""
     conn = await asyncpg.connect(database_url)
     try:
         records = await conn.fetch(
@@ -299,17 +312,36 @@ async def raw_copy_rate(
         )
         values = [tuple(r) for r in records]
         rates = []
+        wal_bytes = 0
         for _ in range(passes):
             await conn.execute("DROP TABLE IF EXISTS bench_events_copy")
             await conn.execute("CREATE TABLE bench_events_copy (LIKE events INCLUDING ALL)")
+            wal_before = await read_wal_position(conn)
             started = time.perf_counter()
             for k in range(0, len(values), BATCH_SIZE):
                 await conn.copy_records_to_table(
                     "bench_events_copy", records=values[k : k + BATCH_SIZE], columns=EVENT_COLUMNS
                 )
             rates.append(len(values) / (time.perf_counter() - started))
+            wal_bytes = await read_wal_position(conn) - wal_before
         await conn.execute("DROP TABLE bench_events_copy")
-        return max(rates), len(values)
+        return CopyBaseline(max(rates), len(values), wal_bytes / max(1, len(values)))
+    finally:
+        await conn.close()
+
+
+async def wal_position(database_url: str) -> int:
+    conn = await asyncpg.connect(database_url)
+    try:
+        return await read_wal_position(conn)
+    finally:
+        await conn.close()
+
+
+async def wal_records_between(database_url: str, start: int, end: int) -> list[WalRecords]:
+    conn = await asyncpg.connect(database_url)
+    try:
+        return await read_wal_records(conn, start, end)
     finally:
         await conn.close()
 
@@ -519,6 +551,7 @@ def main(argv: list[str] | None = None) -> int:
         # else (locks, round trips) bound the rate.
         cores_at_load: list[Any] = []
         groups_at_load: list[tuple[float, float]] = []
+        wal_at_load: list[int] = []
 
         async def reset_statements() -> None:
             if not args.smoke:
@@ -527,6 +560,7 @@ def main(argv: list[str] | None = None) -> int:
                 # profiles) land in the load's window.
                 await asyncio.sleep(STATS_IDLE_FLUSH_S)
             writes_before.update(await read_table_writes(database_url))
+            wal_at_load.append(await wal_position(database_url))
             if args.breakdown:
                 recording.append(await start_recording(database_url))
             cores_at_load.append(psutil.cpu_times())
@@ -548,13 +582,21 @@ def main(argv: list[str] | None = None) -> int:
         )
         costs = asyncio.run(read_costs(database_url)) if any(recording) else []
         written = writes_between(writes_before, asyncio.run(read_table_writes(database_url)))
+        wal_end = asyncio.run(wal_position(database_url))
+        wal_written = wal_end - wal_at_load[0]
+        wal_records = (
+            asyncio.run(wal_records_between(database_url, wal_at_load[0], wal_end))
+            if args.breakdown
+            else []
+        )
         ingest.check_alive()
         # Includes the warm-up batches: CPU per event is what contention on this shared
         # machine disturbs least.
         ingest_cpu_s = ingest.cpu_seconds() - cpu_before
         postgres_cpu_s = process_tree_cpu_seconds(postgres_pid) - postgres_cpu_before
         total = asyncio.run(stored_events(database_url))
-        copy_rate, copied = asyncio.run(raw_copy_rate(database_url, outcome.accepted))
+        baseline = asyncio.run(raw_copy_rate(database_url, outcome.accepted))
+        copy_rate = baseline.rows_per_s
     rate = outcome.accepted / outcome.elapsed_s
     latency = LatencySummary.of(outcome.latencies_s)
     print(
@@ -575,10 +617,18 @@ def main(argv: list[str] | None = None) -> int:
         " (clients, services, PostgreSQL, Redis and anything else running)"
     )
     print(
-        f"raw COPY: {copied} rows at {copy_rate:.0f} rows/s (one connection, 500 per COPY,"
+        f"raw COPY: {baseline.rows} rows at {copy_rate:.0f} rows/s (one connection, 500 per COPY,"
         f" fastest of {COPY_PASSES} passes)"
     )
     print(f"ratio: {rate / copy_rate:.3f}")
+    # The log's volume per event against the COPY's per row: every row, index entry and
+    # full-page image a batch writes goes through it, and the COPY's is the floor.
+    events_in_load = written.get("events", TableWrites()).inserted
+    wal_per_event = wal_written / max(1, events_in_load)
+    print(
+        f"write-ahead log: {wal_per_event:.0f} bytes per event stored during the load,"
+        f" {baseline.wal_bytes_per_row:.0f} per row of the raw COPY"
+    )
     if costs:
         batches = len(outcome.latencies_s)
         print(
@@ -590,6 +640,9 @@ def main(argv: list[str] | None = None) -> int:
         print("statement breakdown unavailable: the server does not preload pg_stat_statements")
     print(f"rows written per {BATCH_SIZE} events stored (pg_stat_user_tables, during the load):")
     print(writes_table(written, BATCH_SIZE))
+    if args.breakdown:
+        print(f"write-ahead log per {BATCH_SIZE} events stored (pg_walinspect, during the load):")
+        print(wal_table(wal_records, events_in_load, BATCH_SIZE))
     print_figures(
         BENCH,
         [

@@ -70,6 +70,75 @@ async def read_table_writes(database_url: str) -> dict[str, TableWrites]:
     }
 
 
+# The write-ahead log's position in bytes: what a stretch of work wrote to the log is the
+# difference of two readings (every change, its index entries and full-page images included).
+WAL_POSITION = "SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint"
+
+
+async def read_wal_position(conn: asyncpg.Connection) -> int:
+    """The WAL insert position now, in bytes from the log's start."""
+    return int(await conn.fetchval(WAL_POSITION))
+
+
+# What the log holds between two positions, by record kind and relation (pg_walinspect, shipped
+# with the server since PostgreSQL 15): a row lock, a speculative insertion's confirmation, an
+# index entry each have their own record, which the table counts above do not show.
+WAL_RECORDS = """
+    SELECT resource_manager || '/' || record_type AS record,
+           coalesce(c.relname, '-') AS relation, count(*) AS records,
+           sum(record_length)::bigint AS bytes
+    FROM pg_get_wal_records_info($1::pg_lsn, $2::pg_lsn) w
+    LEFT JOIN pg_class c
+        ON pg_relation_filenode(c.oid)
+           = substring(w.block_ref FROM 'rel [0-9]+/[0-9]+/([0-9]+)')::oid
+    GROUP BY 1, 2
+    ORDER BY sum(record_length) DESC"""
+
+
+@dataclass(frozen=True, slots=True)
+class WalRecords:
+    record: str  # resource manager and record type, "Heap/LOCK"
+    relation: str  # the first block's relation ("-" for none)
+    records: int
+    bytes: int
+
+
+async def read_wal_records(conn: asyncpg.Connection, start: int, end: int) -> list[WalRecords]:
+    """The log between two positions by record kind and relation, largest first; empty when
+    the server lacks pg_walinspect (a database given by URL)."""
+    try:
+        await conn.execute("CREATE EXTENSION IF NOT EXISTS pg_walinspect")
+        rows = await conn.fetch(WAL_RECORDS, start, end)  # asyncpg's pg_lsn is an int
+    except asyncpg.PostgresError:
+        return []
+    return [WalRecords(r["record"], r["relation"], r["records"], r["bytes"]) for r in rows]
+
+
+def wal_table(records: list[WalRecords], events: int, per_events: int, top: int = 15) -> str:
+    """A Markdown table of the largest `top` kinds of log record per `per_events` events."""
+    if events <= 0 or not records:
+        return "no write-ahead log breakdown (no events, or no pg_walinspect)"
+    scale = per_events / events
+    total = sum(r.bytes for r in records)
+    lines = [
+        f"| record | relation | records | bytes (per {per_events} events) | share |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for r in records[:top]:
+        lines.append(
+            f"| {r.record} | `{r.relation}` | {r.records * scale:.0f} | {r.bytes * scale:,.0f}"
+            f" | {100 * r.bytes / total:.1f}% |"
+        )
+    rest = records[top:]
+    if rest:
+        lines.append(
+            f"| ({len(rest)} others) | | {sum(r.records for r in rest) * scale:.0f}"
+            f" | {sum(r.bytes for r in rest) * scale:,.0f}"
+            f" | {100 * sum(r.bytes for r in rest) / total:.1f}% |"
+        )
+    return "\n".join(lines)
+
+
 def writes_between(
     before: dict[str, TableWrites], after: dict[str, TableWrites]
 ) -> dict[str, TableWrites]:
