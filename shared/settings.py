@@ -90,14 +90,15 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "PROFILES_INGEST_WRITE_PARTITIONS",
-        "1",
+        "2",
         "ingest: a project's profiles are split into this many partitions, each with its own"
         " writers, so that concurrent transactions never wait for each other's profile locks;"
-        " 2 with one writer each stored 13% more in bench.ingest (docs/ingest.md)",
+        " 2 with one writer each stored 13% more in bench.ingest than 1 with two"
+        " (docs/ingest.md)",
     ),
     Setting(
         "PROFILES_INGEST_GROUP_WRITERS",
-        "2",
+        "1",
         "ingest: transactions a partition's events run at once; events arriving meanwhile are"
         " stored together by the next (group commit, docs/ingest.md)",
     ),

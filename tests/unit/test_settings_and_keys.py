@@ -25,6 +25,12 @@ def test_every_variable_the_settings_emit_is_documented() -> None:
     assert set(Settings().to_env()) == documented
 
 
+def test_no_variable_set_gives_the_same_settings_as_the_defaults_in_code() -> None:
+    # Two places hold a default (SETTINGS for the environment, the dataclass for code and
+    # tests): once, the tests ran with write partitions on while `profiles up` ran without.
+    assert Settings.from_env({}) == Settings()
+
+
 def test_defaults_use_the_contract_ports() -> None:
     assert Settings.from_env({}).ports == {
         "ingest": 50051,
