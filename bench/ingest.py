@@ -23,7 +23,9 @@ is sampled every 30 s for 15 minutes and the growth from first to last sample is
 JSON line `ingest_rss_growth_pct` (goal: under 5%). Shorter --soak-minutes/--warmup-minutes runs
 are labelled SHORTENED (and `quick`).
 
-Output: a report, then JSON lines; the headline is `trackevents_events_per_s` with baseline
+Output: a report (with the breakdown, the default: database time per statement, rows written
+per table, and the write-ahead log per event against the COPY's per row, by record kind and
+relation), then JSON lines; the headline is `trackevents_events_per_s` with baseline
 `raw_copy_rows_per_s`. Everything shares this machine's cores (client, two services, PostgreSQL,
 Redis), so the ratio is the figure, not the absolute rates.
 """
