@@ -85,21 +85,20 @@ MAX_TRANSACTION_ATTEMPTS = 5
 RETRY_PAUSE_S = 0.02
 MAX_RESOLVE_ROUNDS = 3
 KNOWN_ORIGINS_CAPACITY = 100_000
-# Write partitions: a project's profiles are split into WRITE_PARTITIONS (by profile ID; the
-# setting PROFILES_INGEST_WRITE_PARTITIONS), and a batch's events are stored by one transaction
+# Write partitions: a project's profiles are split into `partitions` (by profile ID; the
+# setting PROFILES_INGEST_WRITE_PARTITIONS, whose default, with its writers', is in
+# shared/settings.py only), and a batch's events are stored by one transaction
 # per partition they fall in. Two transactions of different partitions never touch the same
 # profile, so neither waits for the other's profile locks: with one queue, two concurrent
 # transactions over random profiles nearly always shared some, and their locked parts ran one
 # after the other, leaving a quarter of the cores idle (docs/benchmarks.md, "Write partitions").
 # A batch's events of different partitions are then numbered (event_seq) and published by two
 # transactions, so not in request order across profiles; within a profile they are. Two
-# partitions take one writer each (GROUP_WRITERS=1: a second writer in a partition waits for
+# partitions take one writer each (`group_writers` 1: a second writer in a partition waits for
 # the first's profile locks again).
 # Group commit (group_commit.py) per partition: transactions a partition's events run at once
-# (GROUP_WRITERS; the setting PROFILES_INGEST_GROUP_WRITERS), and the events one transaction
+# (`group_writers`; the setting PROFILES_INGEST_GROUP_WRITERS), and the events one transaction
 # takes from the batches waiting.
-WRITE_PARTITIONS = 2
-GROUP_WRITERS = 1
 GROUP_MAX_EVENTS = 2_000
 # Events validated between two yields to the event loop (a batch of 500 validates in about
 # 20 ms of CPU: unsliced, every other batch's next statement waits for it).
@@ -168,8 +167,8 @@ class IngestService:
         *,
         countries: Countries | None = None,
         notices: LiveNotices | None = None,
-        group_writers: int = GROUP_WRITERS,
-        partitions: int = WRITE_PARTITIONS,
+        group_writers: int,
+        partitions: int,
     ) -> None:
         if partitions < 1:
             raise ValueError("ingest needs at least one write partition")
