@@ -67,6 +67,15 @@ from bench.common import (
     start_service_process,
     wait_serving,
 )
+from bench.cpu_ledger import (
+    CpuLedger,
+    ProcessCpu,
+    budget_us_per_event,
+    cpu_table,
+    local_redis_pid,
+    process_cpu_seconds,
+    this_process_cpu_seconds,
+)
 from bench.statements import (
     STATEMENT_STATS_SETTINGS,
     breakdown_table,
@@ -298,9 +307,17 @@ class CopyBaseline:
     rows_per_s: float
     rows: int
     wal_bytes_per_row: float  # the write-ahead log one pass wrote, per row
+    # The CPU the client and the server spent per row copied (all passes), when measured.
+    cpu_us_per_row: float | None = None
 
 
-async def raw_copy_rate(database_url: str, rows: int, passes: int = COPY_PASSES) -> CopyBaseline:
+async def raw_copy_rate(
+    database_url: str,
+    rows: int,
+    passes: int = COPY_PASSES,
+    *,
+    cpu_seconds: Callable[[], float] | None = None,
+) -> CopyBaseline:
     """Rows per second of COPY into a table like `events` (same indexes), 500 rows per COPY
     over one connection, of the last `rows` rows stored: the fastest of `passes` passes, each
     into a new table. Right after the load, autovacuum and the checkpointer work through what
@@ -315,19 +332,23 @@ async def raw_copy_rate(database_url: str, rows: int, passes: int = COPY_PASSES)
         values = [tuple(r) for r in records]
         rates = []
         wal_bytes = 0
+        cpu_spent = 0.0
         for _ in range(passes):
             await conn.execute("DROP TABLE IF EXISTS bench_events_copy")
             await conn.execute("CREATE TABLE bench_events_copy (LIKE events INCLUDING ALL)")
             wal_before = await read_wal_position(conn)
+            cpu_before = cpu_seconds() if cpu_seconds else 0.0
             started = time.perf_counter()
             for k in range(0, len(values), BATCH_SIZE):
                 await conn.copy_records_to_table(
                     "bench_events_copy", records=values[k : k + BATCH_SIZE], columns=EVENT_COLUMNS
                 )
             rates.append(len(values) / (time.perf_counter() - started))
+            cpu_spent += (cpu_seconds() if cpu_seconds else 0.0) - cpu_before
             wal_bytes = await read_wal_position(conn) - wal_before
         await conn.execute("DROP TABLE bench_events_copy")
-        return CopyBaseline(max(rates), len(values), wal_bytes / max(1, len(values)))
+        cpu_per_row = cpu_spent * 1e6 / max(1, len(values) * passes) if cpu_seconds else None
+        return CopyBaseline(max(rates), len(values), wal_bytes / max(1, len(values)), cpu_per_row)
     finally:
         await conn.close()
 
@@ -424,6 +445,26 @@ def soak_main(args: argparse.Namespace) -> int:
     return 1 if outcome.errors else 0
 
 
+INGEST = "ingest"
+POSTGRES = "PostgreSQL (all its processes)"
+
+
+def run_processes(
+    ingest: ChildProcess, identity: ChildProcess, postgres_pid: int, redis_pid: int | None
+) -> list[ProcessCpu]:
+    """The processes of a run whose CPU the ledger reads: a Redis not on this machine is left
+    out."""
+    processes = [
+        ProcessCpu("bench clients (this process)", this_process_cpu_seconds),
+        ProcessCpu(INGEST, ingest.cpu_seconds),
+        ProcessCpu("identity", identity.cpu_seconds),
+        ProcessCpu(POSTGRES, lambda: process_tree_cpu_seconds(postgres_pid)),
+    ]
+    if redis_pid is not None:
+        processes.append(ProcessCpu("Redis", process_cpu_seconds(redis_pid)))
+    return processes
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.ingest", description=__doc__)
     add_backend_arguments(parser)
@@ -497,6 +538,7 @@ def start_suite(
     identity_settings = service_settings(backends, "identity", work_dir, log_level=args.log_level)
     ingest_port = free_port()
     args.ingest_metrics_port = free_port()
+    args.backend_redis_url = backends.redis_url
     writing = {
         name: value
         for name, value in (
@@ -539,14 +581,16 @@ def main(argv: list[str] | None = None) -> int:
         args.batch_size or base.batch_size,
     )
     with contextlib.ExitStack() as stack:
-        address, key, database_url, ingest, _ = start_suite(stack, args)
+        address, key, database_url, ingest, identity = start_suite(stack, args)
         print(
             f"{sizes.clients} clients x batches of {sizes.batch_size} for {sizes.duration_s:.0f} s"
         )
         print(f"payload mix of a batch: {Traffic.mix_text()}")
         postgres_pid = asyncio.run(postgres_server_pid(database_url))
-        cpu_before = ingest.cpu_seconds()
-        postgres_cpu_before = process_tree_cpu_seconds(postgres_pid)
+        ledger = CpuLedger(
+            run_processes(ingest, identity, postgres_pid, local_redis_pid(args.backend_redis_url))
+        )
+        ledger.start()
         recording: list[bool] = []
         writes_before: dict[str, TableWrites] = {}
         # The whole machine's CPU times when the load starts: whether the cores or something
@@ -594,10 +638,19 @@ def main(argv: list[str] | None = None) -> int:
         ingest.check_alive()
         # Includes the warm-up batches: CPU per event is what contention on this shared
         # machine disturbs least.
-        ingest_cpu_s = ingest.cpu_seconds() - cpu_before
-        postgres_cpu_s = process_tree_cpu_seconds(postgres_pid) - postgres_cpu_before
+        cpu_spent = ledger.spent()
+        ingest_cpu_s = cpu_spent[INGEST]
+        postgres_cpu_s = cpu_spent[POSTGRES]
         total = asyncio.run(stored_events(database_url))
-        baseline = asyncio.run(raw_copy_rate(database_url, outcome.accepted))
+        baseline = asyncio.run(
+            raw_copy_rate(
+                database_url,
+                outcome.accepted,
+                cpu_seconds=lambda: (
+                    this_process_cpu_seconds() + process_tree_cpu_seconds(postgres_pid)
+                ),
+            )
+        )
         copy_rate = baseline.rows_per_s
     rate = outcome.accepted / outcome.elapsed_s
     latency = LatencySummary.of(outcome.latencies_s)
@@ -623,6 +676,22 @@ def main(argv: list[str] | None = None) -> int:
         f" fastest of {COPY_PASSES} passes)"
     )
     print(f"ratio: {rate / copy_rate:.3f}")
+    events_in_window = outcome.accepted + sizes.installations
+    machine_us_per_event = sum(cpu_spent.values()) * 1e6 / max(1, events_in_window)
+    print(
+        "CPU per event stored, by process (warm-up and load; the raw COPY's client and server"
+        f" spent {baseline.cpu_us_per_row or 0:.1f} us per row):"
+    )
+    print(cpu_table(cpu_spent, events_in_window))
+    # What the floor and the goal leave: the cores, as busy as they were in this run, divided
+    # by the rate each ratio asks for.
+    for goal in (0.3, 0.5):
+        budget = budget_us_per_event(goal * copy_rate, psutil.cpu_count() or 1, busy_pct / 100)
+        print(
+            f"at {goal} of the raw COPY ({goal * copy_rate:.0f} events/s) the cores,"
+            f" {busy_pct:.0f}% busy, leave {budget:.0f} us of CPU per event; this run spent"
+            f" {machine_us_per_event:.0f}"
+        )
     # The log's volume per event against the COPY's per row: every row, index entry and
     # full-page image a batch writes goes through it, and the COPY's is the floor.
     events_in_load = written.get("events", TableWrites()).inserted
@@ -653,6 +722,13 @@ def main(argv: list[str] | None = None) -> int:
             Figure("trackevents_batch_p99_ms", latency.p99_ms, "ms", "none", float("nan")),
             Figure("ingest_cpu_us_per_event", cpu_us_per_event, "us", "none", float("nan")),
             Figure("postgres_cpu_us_per_event", postgres_us_per_event, "us", "none", float("nan")),
+            Figure(
+                "run_cpu_us_per_event",
+                machine_us_per_event,
+                "us",
+                "raw_copy_cpu_us_per_row",
+                baseline.cpu_us_per_row or float("nan"),
+            ),
             Figure("machine_cpu_busy_pct", busy_pct, "%", "none", float("nan")),
         ],
         quick=labelled_quick(args),
