@@ -20,7 +20,7 @@ from uuid import UUID
 from profiles.common.v1 import bus_pb2, types_pb2
 from profiles.ingest.v1 import ingest_service_pb2 as pb
 from services.ingest.identity_client import OriginKey
-from services.ingest.validation import RejectedEvent, ValidEvent
+from services.ingest.validation import RejectedEvent, ValidEvent, renumbered
 
 
 def origin_of(event: ValidEvent) -> OriginKey:
@@ -101,9 +101,7 @@ def combine(parts: Sequence[StoreAttempt]) -> Group:
     offset = 0
     for part in parts:
         offsets.append(offset)
-        numbered.extend(
-            e if offset == 0 else replace(e, index=e.index + offset) for e in part.events
-        )
+        numbered.extend(e if offset == 0 else renumbered(e, e.index + offset) for e in part.events)
         # Each batch resolved its origins on its own; any of their answers is a profile the
         # origin had, and the insert follows a merge's tombstone or finds an erased one gone.
         profiles.update(part.profiles)
@@ -133,7 +131,7 @@ def split(stored: Stored, group: Group) -> list[Stored]:
         outcome.duplicates.add(index - offset)
     for event in stored.orphans:
         outcome, offset = part_of(event.index)
-        outcome.orphans.append(replace(event, index=event.index - offset))
+        outcome.orphans.append(renumbered(event, event.index - offset))
     for rejection in stored.late_rejections:
         outcome, offset = part_of(rejection.index)
         outcome.late_rejections.append(replace(rejection, index=rejection.index - offset))

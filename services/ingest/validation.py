@@ -13,7 +13,9 @@ import ipaddress
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from dataclasses import fields as dataclass_fields
 from datetime import datetime, timedelta
+from operator import attrgetter
 from types import MappingProxyType
 from typing import Any
 
@@ -798,6 +800,17 @@ def validate_event(
     """Checks one event against every rule of the contract; never raises for a bad event.
     (A batch uses one BatchValidator for all its events.)"""
     return BatchValidator(request_send_time, now, imported=imported).check(index, event)
+
+
+# Every field of ValidEvent after `index`, read at once (one C call).
+_FIELDS_AFTER_INDEX = attrgetter(*(f.name for f in dataclass_fields(ValidEvent)[1:]))
+
+
+def renumbered(event: ValidEvent, index: int) -> ValidEvent:
+    """The event at another index: what `replace(event, index=index)` gives, without its
+    per-call walk of the fields and keyword arguments (twice as fast; group commit renumbers
+    every event of a group's later batches)."""
+    return ValidEvent(index, *_FIELDS_AFTER_INDEX(event))
 
 
 def with_country(event: ValidEvent, country: str) -> ValidEvent:

@@ -5,6 +5,7 @@ store is a function of the test; no I/O."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 import uuid
 import zlib
@@ -28,7 +29,7 @@ from services.ingest.batch_groups import (
 )
 from services.ingest.group_commit import GroupCommit
 from services.ingest.model import Rejection
-from services.ingest.validation import RejectedEvent, ValidEvent
+from services.ingest.validation import RejectedEvent, ValidEvent, renumbered
 
 NOW = datetime(2030, 6, 1, 12, tzinfo=UTC)
 PROJECT = uuid.UUID("00000000-0000-4000-8000-00000000000a")
@@ -178,6 +179,38 @@ def event(index: int, origin: str, event_id: str, kind: int) -> ValidEvent:
         bus_pb2.IngestedEvent(),
         {},
     )
+
+
+def test_renumbered_is_replace_of_the_index_alone() -> None:
+    # Every field set to something other than its default, so a field copied into the wrong
+    # place, or dropped, shows.
+    values: list[object] = [
+        7,
+        "e-1",
+        "inst-1",
+        "user-1",
+        types_pb2.PLATFORM_ANDROID,
+        types_pb2.EVENT_KIND_SESSION_END,
+        "name",
+        NOW,
+        "session-1",
+        "session",
+        bus_pb2.SessionDetail(country="FR"),
+        {"duration": "5s"},
+        ("operation",),
+        "subscription",
+        {"language": "fr"},
+        timedelta(seconds=5),
+        "192.0.2.1",
+        2,
+        "FR",
+    ]
+    assert len(values) == len(dataclasses.fields(ValidEvent))
+    original = ValidEvent(*values)  # type: ignore[arg-type]
+    moved = renumbered(original, 42)
+    assert moved == dataclasses.replace(original, index=42)
+    assert moved.index == 42
+    assert original.index == 7
 
 
 def attempts_of(rng: random.Random) -> list[StoreAttempt]:
