@@ -25,9 +25,11 @@ are labelled SHORTENED (and `quick`).
 
 Output: a report (with the breakdown, the default: database time per statement, rows written
 per table, and the write-ahead log per event against the COPY's per row, by record kind and
-relation), then JSON lines; the headline is `trackevents_events_per_s` with baseline
-`raw_copy_rows_per_s`. Everything shares this machine's cores (client, two services, PostgreSQL,
-Redis), so the ratio is the figure, not the absolute rates.
+relation; and the run's CPU per event by process, with the raw COPY's CPU per row and what the
+0.3 and 0.5 ratios would leave the cores per event), then JSON lines; the headline is
+`trackevents_events_per_s` with baseline `raw_copy_rows_per_s`. Everything shares this
+machine's cores (client, two services, PostgreSQL, Redis), so the ratio is the figure, not the
+absolute rates.
 """
 
 from __future__ import annotations
