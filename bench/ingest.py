@@ -147,10 +147,17 @@ class Traffic:
     """Realistic batches: a mix of payload kinds over many installations, unique event IDs."""
 
     def __init__(
-        self, seed: int, installations: int = INSTALLATIONS, batch_size: int = BATCH_SIZE
+        self,
+        seed: int,
+        installations: int = INSTALLATIONS,
+        batch_size: int = BATCH_SIZE,
+        *,
+        per_installation: bool = False,
     ) -> None:
         self._rng = random.Random(seed)
         self._batch_size = batch_size
+        # An SDK's shape: each batch is one installation's events, not one event each of many.
+        self._per_installation = per_installation
         self._installations = [
             (f"bench-{i:05d}", (types_pb2.PLATFORM_IOS, types_pb2.PLATFORM_ANDROID,
                                 types_pb2.PLATFORM_WEB)[i % 3])
@@ -177,6 +184,9 @@ class Traffic:
             [weight for _, weight in self.MIX],
             k=self._batch_size,
         )
+        if self._per_installation:
+            one = rng.choice(self._installations)
+            return [self._event(*one, kind) for kind in kinds]
         return [self._event(*rng.choice(self._installations), kind) for kind in kinds]
 
     def as_new_events(self, batch: list[pb.Event], later_by_s: int) -> list[pb.Event]:
@@ -478,6 +488,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"events per load batch (default {BATCH_SIZE}; an SDK's requests carry fewer)",
     )
     parser.add_argument(
+        "--per-installation",
+        action="store_true",
+        help="each load batch is one installation's events (an SDK's shape); by default each"
+        " event of a batch is a random installation's, the worst case for derived state",
+    )
+    parser.add_argument(
         "--write-partitions",
         type=int,
         help="ingest's write partitions (PROFILES_INGEST_WRITE_PARTITIONS; default the service's)",
@@ -585,7 +601,9 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.ExitStack() as stack:
         address, key, database_url, ingest, identity = start_suite(stack, args)
         print(
-            f"{sizes.clients} clients x batches of {sizes.batch_size} for {sizes.duration_s:.0f} s"
+            f"{sizes.clients} clients x batches of {sizes.batch_size}"
+            f"{' (one installation each)' if args.per_installation else ''}"
+            f" for {sizes.duration_s:.0f} s"
         )
         print(f"payload mix of a batch: {Traffic.mix_text()}")
         postgres_pid = asyncio.run(postgres_server_pid(database_url))
@@ -619,7 +637,12 @@ def main(argv: list[str] | None = None) -> int:
                 address,
                 key,
                 sizes,
-                Traffic(seed=1, installations=sizes.installations, batch_size=sizes.batch_size),
+                Traffic(
+                    seed=1,
+                    installations=sizes.installations,
+                    batch_size=sizes.batch_size,
+                    per_installation=args.per_installation,
+                ),
                 on_warmed=reset_statements,
             )
         )
