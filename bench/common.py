@@ -32,7 +32,6 @@ import math
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -53,6 +52,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from shared.db import create_pool, migrate
 from shared.embedded import EmbeddedPostgres, EmbeddedRedis
+from shared.ports import free_port
 from shared.settings import DEFAULT_METRICS_PORTS, DEFAULT_PORTS, Settings
 from shared.tenancy import TenancyRepository
 
@@ -254,14 +254,6 @@ def _quoted(name: str) -> str:
 
 
 # --- processes -------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    """A TCP port free on loopback right now (the kernel picks it, so it is not in use)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def service_settings(

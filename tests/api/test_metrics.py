@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import urllib.request
 
 import grpc
@@ -12,15 +11,10 @@ import pytest
 from profiles.diagnostics.v1 import diagnostics_service_pb2 as pb
 from profiles.diagnostics.v1 import diagnostics_service_pb2_grpc as pb_grpc
 from profiles_cli.runner import BUILDERS
+from shared.ports import free_port
 from shared.server import start_service
 
 ECHO = "/profiles.diagnostics.v1.DiagnosticsService/Echo"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def scrape(port: int) -> str:

@@ -14,7 +14,6 @@ import sys
 import tempfile
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
-from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from profiles.query.v1 import query_service_pb2 as query_pb
 from profiles.query.v1 import query_service_pb2_grpc as query_grpc
 from profiles_cli.up import SUITE
+from shared.ports import free_ports
 from shared.settings import SERVICE_NAMES
 
 READY_LINE = "Profiles is up"
@@ -40,17 +40,6 @@ class Suite:
     data_dir: Path
     env: dict[str, str]
     ports: dict[str, int]
-
-
-def free_ports(count: int) -> list[int]:
-    """Ports nothing listens on now, all different (sockets held open until all are chosen)."""
-    with ExitStack() as stack:
-        ports = []
-        for _ in range(count):
-            sock = stack.enter_context(socket.socket())
-            sock.bind(("127.0.0.1", 0))
-            ports.append(sock.getsockname()[1])
-        return ports
 
 
 def profiles_command() -> list[str]:

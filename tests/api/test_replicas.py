@@ -25,7 +25,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import urllib.error
@@ -56,6 +55,7 @@ from profiles.segments.v1 import segments_service_pb2_grpc as segments_grpc
 from services.console.sessions import COOKIE, SIGNIN_CSRF_COOKIE
 from shared.bus import Bus
 from shared.clock import FrozenClock
+from shared.ports import free_port
 from shared.settings import Settings
 from shared.topics import EVENTS, IDENTITY, SEGMENT_CHANGES
 from tests.conftest import create_test_project, eventually
@@ -90,13 +90,6 @@ RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
 EDGE_INSTALLATIONS = 8
 # Timeline items identity records (not events an SDK sent, not in the event counters).
 IDENTITY_KINDS = (timeline_pb2.TIMELINE_EVENT_KIND_MERGE, timeline_pb2.TIMELINE_EVENT_KIND_SPLIT)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @dataclass(slots=True)

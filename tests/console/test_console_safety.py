@@ -18,6 +18,7 @@ from playwright.async_api import expect
 from profiles.query.v1 import query_service_pb2 as query_pb
 from services.console.app import build_app
 from services.console.live import LiveHub
+from shared.ports import free_port
 from shared.tenancy import TenancyRepository
 from tests.console.conftest import ConsoleSuite, start_console
 from tests.console.test_console_pages import identified_profile, query, sign_in, track
@@ -115,20 +116,13 @@ def _blackhole() -> socket.socket:
     return sock
 
 
-def _closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
-
-
 async def test_a_down_or_slow_service_is_named_and_the_rest_keeps_working(
     page: Any, console_suite: ConsoleSuite
 ) -> None:
     hung = _blackhole()
     try:
         down = console_suite.settings.with_changes(
-            addresses={**console_suite.addresses, "segments": f"127.0.0.1:{_closed_port()}"}
+            addresses={**console_suite.addresses, "segments": f"127.0.0.1:{free_port()}"}
         )
         slow = console_suite.settings.with_changes(
             addresses={**console_suite.addresses, "segments": f"127.0.0.1:{hung.getsockname()[1]}"}
