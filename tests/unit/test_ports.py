@@ -63,3 +63,47 @@ def test_a_port_a_server_listens_on_is_not_offered(monkeypatch: pytest.MonkeyPat
         server.listen(1)
         monkeypatch.setattr(ports, "_random", Draws(taken, other))
         assert free_port() == other
+
+
+def unused_pairs(offset: int, count: int) -> list[int]:
+    """Ports that, with the port `offset` above, are free, not offered yet and below the
+    ephemeral range."""
+    low, _ = ephemeral_range()
+    found: list[int] = []
+    for port in range(LOWEST_PORT, low - offset):
+        pair = [port, port + offset]
+        if ports._offered.intersection(pair) or not all(map(bindable, pair)):
+            continue
+        found.append(port)
+        if len(found) == count:
+            return found
+    raise AssertionError("not enough free pairs below the ephemeral range")
+
+
+def bindable(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def test_a_paired_port_is_offered_only_with_its_pair_free(monkeypatch: pytest.MonkeyPatch) -> None:
+    offset = 10000
+    blocked, chosen = unused_pairs(offset, 2)
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", blocked + offset))
+        server.listen(1)
+        monkeypatch.setattr(ports, "_random", Draws(blocked, chosen))
+        assert free_port(paired_offset=offset) == chosen
+    # Both ports of the pair are spoken for now.
+    assert {chosen, chosen + offset} <= ports._offered
+
+
+def test_both_ports_of_a_pair_are_below_the_ephemeral_range() -> None:
+    offset = 10000
+    low, _ = ephemeral_range()
+    for _ in range(50):
+        port = free_port(paired_offset=offset)
+        assert LOWEST_PORT <= port < port + offset < low
