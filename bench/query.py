@@ -24,7 +24,10 @@ Finally a second project of 1,000,000 profiles (--quick: 100,000; one event each
 its rollups built, and GetOverview of both projects is measured in alternating rounds from the
 same client: its cost must not grow with the user base, and alternating puts this machine's
 noise on both sides alike (measuring the large project in a later phase alone made the ratio
-follow whatever else the machine was doing then).
+follow whatever else the machine was doing then). Last, on the large project and at a low rate
+(USERS_TABLE_RATE, so calls do not queue), the users table's first page (ListProfiles)
+unfiltered, by a common first name (one profile in 20) and by a rare family name (fewer
+matches than a page: the walk reads the whole project's sort index).
 """
 
 from __future__ import annotations
@@ -77,7 +80,15 @@ BENCH = "query"
 SERVICE = pb.DESCRIPTOR.services_by_name["QueryService"].full_name
 MAX_ERROR_FRACTION = 0.001
 # The calls the query process answers (pk_lookup goes from this process to PostgreSQL).
-SERVER_LABELS = frozenset({"echo", "getprofile", "getprofile_heavy", "listevents", "overview"})
+SERVER_LABELS = frozenset(
+    {
+        "echo",
+        "getprofile",
+        "getprofile_heavy",
+        "listevents",
+        "overview",
+    }
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,10 +112,30 @@ SMOKE = Sizes(200, 2_000, 1_000, 500, 50, 2, 0.3, 1, 0.1)
 # --- bulk load -------------------------------------------------------------------------------
 # Profile n (1-based) has ID profile_uuid(n), installation "inst-n" on platform 1 + n % 3, one
 # session, events / profiles events (one session start in 20), an email on every second
-# profile, a language, an email marketing subscription on every third, a push token on every
-# second installation, and a stored smart segment. Rows are generated in the database.
+# profile, a first and last name on every other one, a language, an email marketing
+# subscription on every third, a push token on every second installation, and a stored smart
+# segment. Rows are generated in the database.
 
 PROFILE_ID = "('00000000-0000-4000-8000-' || lpad(to_hex({n}), 12, '0'))::uuid"
+
+# Every second profile has a name: one of these first names (so one profile in 20 has each)
+# and the family name "Family<n / 20, 7 digits>" (10 profiles have each: a search for one of
+# them matches fewer profiles than a page holds, so it reads the whole project's index).
+FIRST_NAMES_LIST = (
+    "Ana",
+    "Bruno",
+    "Chloé",
+    "David",
+    "Élodie",
+    "Farid",
+    "Greta",
+    "Hugo",
+    "Inès",
+    "Jonas",
+)
+FIRST_NAMES = "ARRAY[" + ", ".join(f"'{name}'" for name in FIRST_NAMES_LIST) + "]"
+# The users table's calls per second: a rare name's page reads the whole project's index.
+USERS_TABLE_RATE = 10.0
 
 LOAD_STATEMENTS = (
     f"""INSERT INTO profiles (project_id, profile_id, custom_id, create_time, update_time)
@@ -142,6 +173,15 @@ LOAD_STATEMENTS = (
         UNION ALL
         SELECT 'email', jsonb_build_object('type', 'string', 'value', 'u' || n || '@example.com')
         WHERE n % 2 = 0
+        UNION ALL
+        SELECT 'first_name',
+               jsonb_build_object('type', 'string', 'value',
+                                  ({FIRST_NAMES})[1 + n / 2 % {len(FIRST_NAMES_LIST)}])
+        WHERE n % 2 = 1
+        UNION ALL
+        SELECT 'last_name', jsonb_build_object('type', 'string', 'value',
+                                               'Family' || lpad((n / 20)::text, 7, '0'))
+        WHERE n % 2 = 1
     ) a""",
     f"""INSERT INTO profile_subscriptions (project_id, profile_id, channel, kind, subscribed,
         change_time)
@@ -386,6 +426,46 @@ async def measure_overview_growth(
         )
 
 
+async def measure_users_table(
+    address: str, api_key: str, profiles: int, sizes: Sizes, server: ChildProcess
+) -> dict[str, list[LoadResult]]:
+    """The users table's first page (ListProfiles): unfiltered, by a common first name, by a
+    rare family name, alternating, at USERS_TABLE_RATE: slow enough that a call does not queue
+    behind the others, so its latency is its own cost."""
+    rng = random.Random(11)
+    async with open_channel(address, api_key) as channel:
+        query = pb_grpc.QueryServiceStub(channel)
+
+        async def unfiltered() -> object:
+            return await query.ListProfiles(pb.ListProfilesRequest())
+
+        async def common_name() -> object:
+            first = rng.choice(FIRST_NAMES_LIST).lower()
+            return await query.ListProfiles(pb.ListProfilesRequest(name_prefix=first))
+
+        async def rare_name() -> object:
+            family = f"family{rng.randrange(1, profiles // 20):07d}"
+            reply = await query.ListProfiles(pb.ListProfilesRequest(name_prefix=family))
+            assert len(reply.profiles) == 10, (family, len(reply.profiles))
+            return reply
+
+        calls: dict[str, Call] = {
+            "listprofiles": unfiltered,
+            "listprofiles_name_common": common_name,
+            "listprofiles_name_rare": rare_name,
+        }
+        for call in calls.values():  # each must answer before it is timed
+            await call()
+        plan = LoadPlan(min(sizes.rate, USERS_TABLE_RATE), 2, sizes.duration_s)
+        return await alternate(
+            calls,
+            plan,
+            sizes.rounds,
+            warmup=LoadPlan(plan.rate, plan.concurrency, sizes.warmup_s),
+            processes={label: server for label in calls},
+        )
+
+
 def print_table(title: str, results: dict[str, list[LoadResult]]) -> dict[str, LatencySummary]:
     print(title)
     print(
@@ -442,7 +522,14 @@ def main(argv: list[str] | None = None) -> int:
                 project.project_id,
                 sizes.profiles,
                 sizes,
-                ("echo", "getprofile", "getprofile_heavy", "listevents", "overview", "pk_lookup"),
+                (
+                    "echo",
+                    "getprofile",
+                    "getprofile_heavy",
+                    "listevents",
+                    "overview",
+                    "pk_lookup",
+                ),
                 process,
             )
         )
@@ -462,6 +549,11 @@ def main(argv: list[str] | None = None) -> int:
         growth = asyncio.run(
             measure_overview_growth(address, key, large_project.keys["admin"], sizes, process)
         )
+        users_table = asyncio.run(
+            measure_users_table(
+                address, large_project.keys["admin"], sizes.large_profiles, sizes, process
+            )
+        )
     header = (
         f"at {sizes.rate:g} calls/s, concurrency {sizes.concurrency},"
         f" {sizes.rounds} rounds x {sizes.duration_s:g} s, alternating, one client process"
@@ -473,6 +565,12 @@ def main(argv: list[str] | None = None) -> int:
     g = print_table(
         f"\nGetOverview, {sizes.profiles} against {sizes.large_profiles} profiles, {header}",
         growth,
+    )
+    u = print_table(
+        f"\nListProfiles' first page, {sizes.large_profiles} profiles, at"
+        f" {min(sizes.rate, USERS_TABLE_RATE):g} calls/s, concurrency 2, {sizes.rounds} rounds x"
+        f" {sizes.duration_s:g} s, alternating",
+        users_table,
     )
     print()
     print_figures(
@@ -500,6 +598,16 @@ def main(argv: list[str] | None = None) -> int:
             ),
             Figure(
                 "pk_lookup_p99_ms", s["pk_lookup"].p99_ms, "ms", "echo_p99_ms", s["echo"].p99_ms
+            ),
+            *(
+                Figure(
+                    f"{label}_p99_ms",
+                    u[label].p99_ms,
+                    "ms",
+                    "listprofiles_p99_ms",
+                    u["listprofiles"].p99_ms,
+                )
+                for label in ("listprofiles_name_common", "listprofiles_name_rare")
             ),
             *(
                 Figure(

@@ -335,6 +335,7 @@ async def users_page(request: Request, session: ConsoleSession) -> Response:
     segment = params.get("segment", "")
     platform_name, platform_value = _platform(request)
     page_token = params.get("page_token", "")
+    name = " ".join(params.get("name", "").split())
     request_fields = {
         "page_size": 50,
         "page_token": page_token,
@@ -342,6 +343,7 @@ async def users_page(request: Request, session: ConsoleSession) -> Response:
         "platform": platform_value,
         "order_by": SORTS[sort],
         "sort_order": 1 if order == "asc" else 2,
+        "name_prefix": name,
         **_segment_filter(segment),
     }
     if SORTS[sort] not in query_pb.ProfileOrderBy.values():
@@ -385,6 +387,7 @@ async def users_page(request: Request, session: ConsoleSession) -> Response:
             "order": order,
             "segment": segment,
             "platform": platform_name,
+            "name": name,
         }
         state.update(changes)
         return "/users?" + urlencode({k: v for k, v in state.items() if v and v != "all"})
@@ -405,6 +408,7 @@ async def users_page(request: Request, session: ConsoleSession) -> Response:
             "segment": segment,
             "platform": platform_name,
             "platforms": list(present.PLATFORMS),
+            "name": name,
             "rows": present.user_rows(reply.profiles),
             "next_page": link(page_token=reply.next_page_token) if reply.next_page_token else "",
             "first_page": link() if page_token else "",
@@ -423,10 +427,13 @@ async def users_page(request: Request, session: ConsoleSession) -> Response:
 
 
 def lookups(text: str, kind: str) -> list[dict[str, str]]:
-    """The GetProfile lookups to try, in order, for what was typed into the search box."""
+    """The GetProfile lookups to try, in order, for what was typed into the search box (none
+    for a name: names are not identifiers, see `names_searched`)."""
     text = text.strip()
     if kind in ("email", "phone", "custom_id", "installation_id", "profile_id"):
         return [{kind: text}]
+    if kind == "name":
+        return []
     if "@" in text:
         return [{"email": text}]
     if text.startswith("+") and text[1:].isdigit():
@@ -436,6 +443,18 @@ def lookups(text: str, kind: str) -> list[dict[str, str]]:
     except ValueError:
         return [{"custom_id": text}, {"installation_id": text}]
     return [{"profile_id": text}, {"custom_id": text}, {"installation_id": text}]
+
+
+def names_searched(text: str, kind: str) -> bool:
+    """Whether a search no identifier answered goes on to the users table filtered by name:
+    when asked for, or when the text could be a name (what `lookups` tries as a custom ID or an
+    installation ID, not an email, a phone or a UUID)."""
+    if kind != "auto":
+        return kind == "name"
+    return [key for lookup in lookups(text, kind) for key in lookup] == [
+        "custom_id",
+        "installation_id",
+    ]
 
 
 @signed_in
@@ -462,6 +481,8 @@ async def search(request: Request, session: ConsoleSession) -> Response:
                 break
             return RedirectResponse(f"/profiles/{reply.profile.summary.profile_id}", 303)
         else:
+            if names_searched(text, kind):
+                return RedirectResponse("/users?" + urlencode({"name": text}), 303)
             context["message"] = "No profile matches."
     return render(request, "search.html", context, session=session)
 

@@ -74,6 +74,8 @@ EMAIL_PATTERN = re.compile(
 )
 NAME_PATTERN = re.compile(r"[a-zA-Z0-9_]{1,30}")
 COUNTRY_PATTERN = re.compile(r"[A-Za-z]{2}")
+# ListProfiles name_prefix, after its spaces are normalized: longer than any name worth typing.
+NAME_PREFIX_MAX = 100
 DATE_PATTERN = re.compile(r"\d{4}-\d{2}-\d{2}")
 
 NATIVE_NAMES = (
@@ -298,6 +300,11 @@ def profiles_query_from_proto(request: pb.ListProfilesRequest) -> ProfilesQuery:
     for name, known in PROFILES_QUERY_ENUMS.items():
         if getattr(request, name) not in known:
             violations.append(_violation(name, "is not a known value"))
+    name_prefix = " ".join(request.name_prefix.split())
+    if len(name_prefix) > NAME_PREFIX_MAX:
+        violations.append(
+            _violation("name_prefix", f"must hold at most {NAME_PREFIX_MAX} characters")
+        )
     _raise_all(violations)
     return ProfilesQuery(
         page_size=request.page_size,
@@ -310,6 +317,7 @@ def profiles_query_from_proto(request: pb.ListProfilesRequest) -> ProfilesQuery:
         segment_id=segment_id,
         order_by=request.order_by or pb.PROFILE_ORDER_BY_LAST_SEEN,
         ascending=request.sort_order == pb.SORT_ORDER_ASCENDING,
+        name_prefix=name_prefix,
     )
 
 

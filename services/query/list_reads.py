@@ -60,10 +60,12 @@ HAS_USER_DETAILS = pb.PROFILE_IDENTITY_FILTER_HAS_USER_DETAILS
 # profile_id after which they continue). The smart segment is segments' as of $2
 # (segments_read_smart_segment, inlined by the planner: one primary-key read per row). Filters
 # not asked for are constants (0, ''), so one statement per sort order serves every
-# combination; the custom segment filter ($13) has statements of its own
-# (PROFILE_ROWS_IN_SEGMENT), so that the planner sees a plain semi-join on segments'
-# segments_read_custom_segment_members and may drive a small segment from its members instead of
-# walking the sort index past non-members.
+# combination. The name filter ($13) is one substring test of the projection's search_name
+# against the text folded alike (query_name_key, 0044; folded once, not per row): it rides on
+# the walk, so a rare name reads the whole project's index (docs/benchmarks.md, Query). The
+# custom segment filter ($14) has statements of its own (PROFILE_ROWS_IN_SEGMENT), so that the
+# planner sees a plain semi-join on segments' segments_read_custom_segment_members and may drive
+# a small segment from its members instead of walking the sort index past non-members.
 PROFILE_ROWS_FROM = f"""
     SELECT q.profile_id, coalesce(q.custom_id, '') AS custom_id,
            coalesce(q.first_name, '') AS first_name, coalesce(q.last_name, '') AS last_name,
@@ -82,13 +84,15 @@ PROFILE_ROWS_FROM = f"""
       AND ($4::int = 0 OR $4::smallint = ANY(q.platforms))
       AND ($5::text = '' OR q.country = $5)
       AND ($6::int = 0 OR coalesce(sg.segment, 0) = $6)
-      AND ($7::int = 0 OR coalesce(sg.flag, 0) = $7){{members}}"""
+      AND ($7::int = 0 OR coalesce(sg.flag, 0) = $7)
+      AND ($13::text = '' OR strpos(q.search_name, (SELECT query_name_key($13::text))) > 0)
+      {{members}}"""
 
-# The members of custom segment $13 as segments stored them (rows naming a merged-away or
+# The members of custom segment $14 as segments stored them (rows naming a merged-away or
 # erased profile drop out here: query_profiles holds live profiles only).
 PROFILE_ROWS_IN_SEGMENT = """
       AND q.profile_id IN (SELECT m.profile_id FROM segments_read_custom_segment_members() m
-                           WHERE m.project_id = $1 AND m.segment_id = $13::uuid)"""
+                           WHERE m.project_id = $1 AND m.segment_id = $14::uuid)"""
 
 PROFILE_ROWS_PAGE = f"""
     (SELECT * FROM ({PROFILE_ROWS_FROM}
@@ -200,11 +204,13 @@ class ListReads:
         ascending: bool,
         after: tuple[int | datetime | str | None, UUID] | None,
         limit: int,
+        name_prefix: str = "",
         segment_id: UUID | None = None,
     ) -> list[tuple[int | datetime | str | None, ProfileRowView]]:
         """A page of the users table after `after` (sort value, None for a profile never seen;
-        profile ID), or from the start; each row with its sort value. With `segment_id`, only
-        the members of that custom segment."""
+        profile ID), or from the start; each row with its sort value. With `name_prefix`
+        (normalized: no surrounding spaces, no runs of them), only profiles with a word of their
+        name starting with it; with `segment_id`, only the members of that custom segment."""
         column_type = PROFILE_SORT_COLUMNS[order_by][1]
         in_unseen = after is not None and after[0] is None
         start: tuple[int | datetime | str | None, UUID]
@@ -235,6 +241,7 @@ class ListReads:
             start[1],
             unseen_after,
             limit,
+            name_prefix,
             *in_segment,
         )
         return [

@@ -142,6 +142,7 @@ class ProfilesQuery:
     segment_id: UUID | None = None
     order_by: int = 1  # ProfileOrderBy: 1 last seen, 2 sessions, 3 time spent, 4 name
     ascending: bool = False
+    name_prefix: str = ""  # spaces normalized; empty for no filter
 
 
 @dataclass(frozen=True, slots=True)
@@ -458,6 +459,8 @@ class QueryService:
             query.order_by,
             query.ascending,
             query.segment_id,
+            # Only when set: tokens issued before the filter existed stay valid without it.
+            *((query.name_prefix,) if query.name_prefix else ()),
         )
         after: tuple[int | datetime | str | None, UUID] | None = None
         if query.page_token:
@@ -484,6 +487,7 @@ class QueryService:
                 ascending=query.ascending,
                 after=after,
                 limit=size + 1,
+                name_prefix=query.name_prefix,
                 segment_id=query.segment_id,
             )
         token = ""

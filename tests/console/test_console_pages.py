@@ -227,6 +227,60 @@ async def test_the_users_table_marks_user_details_without_a_custom_id(
     assert await page.locator("table.users .marker").count() > 1
 
 
+async def test_a_person_finds_profiles_by_a_word_of_their_name(
+    page: Any, console_suite: ConsoleSuite
+) -> None:
+    # A family name no demo profile has; two people share it, one is also "Élodie".
+    family = "Marchetti" + uuid.uuid4().hex[:8]
+    now = datetime.now(UTC)
+    people = {
+        "Élodie": f"console-elodie-{uuid.uuid4().hex}",
+        "Anaïs": f"console-anais-{uuid.uuid4().hex}",
+    }
+    await track(
+        console_suite,
+        *[
+            attribute_event(
+                installation,
+                [op("set", "FIRST_NAME", first), op("set", "LAST_NAME", family)],
+                time=now,
+            )
+            for first, installation in people.items()
+        ],
+    )
+
+    async def listed() -> bool:  # the users table is a projection fed by the bus
+        reply = await query(
+            console_suite, "ListProfiles", query_pb.ListProfilesRequest(name_prefix=family)
+        )
+        return len(reply.profiles) == 2
+
+    await eventually(listed, within=30)
+    elodie = await query(
+        console_suite, "GetProfile", query_pb.GetProfileRequest(installation_id=people["Élodie"])
+    )
+    await sign_in(page, console_suite)
+    # The header's search: no identifier is this text, so the users table lists the names.
+    await page.get_by_label("Find a profile").fill(family.lower())
+    await page.get_by_role("button", name="Search").click()
+    await expect(page).to_have_url(re.compile(r"/users\?name="))
+    rows = page.locator("table.users tbody tr")
+    await expect(rows).to_have_count(2)
+    await expect(page.locator("table.users caption")).to_contain_text(family.lower())
+    # The users table's own filter, case and accents folded, sorting kept while filtering.
+    await page.get_by_role("link", name="Total sessions").click()
+    await expect(rows).to_have_count(2)
+    await page.get_by_label("Name", exact=True).fill(f"ÉLODIE  {family[:9]}")
+    await page.get_by_role("button", name="Filter").click()
+    await expect(page).to_have_url(re.compile(r"sort=sessions"))
+    await expect(rows).to_have_count(1)
+    await rows.first.get_by_role("link").click()
+    await expect(page).to_have_url(re.compile(f"/profiles/{elodie.profile.summary.profile_id}$"))
+    # Nobody by that name: the table says so.
+    await page.goto(console_suite.url + "/search?q=" + family + "zz")
+    await expect(page.locator("table.users tbody")).to_contain_text("No profile matches.")
+
+
 async def test_the_overview_switches_platform(page: Any, console_suite: ConsoleSuite) -> None:
     await sign_in(page, console_suite)
     ios = await query(

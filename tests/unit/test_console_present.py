@@ -11,7 +11,7 @@ from profiles.query.v1 import overview_pb2, timeline_pb2
 from profiles.query.v1 import query_service_pb2 as query_pb
 from profiles.segments.v1 import filters_pb2
 from services.console import present
-from services.console.pages import _safe_next, lookups
+from services.console.pages import _safe_next, lookups, names_searched
 
 
 def test_a_person_is_named_by_name_then_custom_id_then_as_anonymous() -> None:
@@ -116,6 +116,17 @@ def test_search_guesses_the_kind_of_identifier() -> None:
     assert lookups(uuid_text, "auto")[0] == {"profile_id": uuid_text}
     assert lookups("user-42", "auto") == [{"custom_id": "user-42"}, {"installation_id": "user-42"}]
     assert lookups("x", "installation_id") == [{"installation_id": "x"}]
+    assert lookups("Ana Lopez", "name") == []
+
+
+def test_a_search_no_identifier_answered_goes_on_to_names_only_for_what_could_be_a_name() -> None:
+    assert names_searched("Ana Lopez", "auto")
+    assert names_searched("ana", "name")
+    assert names_searched("a@b.co", "name")  # asked for: the text is searched as a name
+    assert not names_searched("a@b.co", "auto")
+    assert not names_searched("+33612345678", "auto")
+    assert not names_searched("6f1e2c1a-0d7e-4a51-9b55-1d7c7d3f0a11", "auto")
+    assert not names_searched("Ana", "custom_id")
 
 
 def test_sign_in_only_returns_to_a_page_of_the_console() -> None:

@@ -202,6 +202,7 @@ class ListProfilesRequest(_message.Message):
     SEGMENT_ID_FIELD_NUMBER: _builtins.int
     ORDER_BY_FIELD_NUMBER: _builtins.int
     SORT_ORDER_FIELD_NUMBER: _builtins.int
+    NAME_PREFIX_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """The maximum number of rows: 0 means the default (50), above 500 is coerced to 500,
     negative is INVALID_ARGUMENT.
@@ -233,6 +234,15 @@ class ListProfilesRequest(_message.Message):
     """The sort column; default last seen."""
     sort_order: Global___SortOrder.ValueType
     """The direction; default descending."""
+    name_prefix: _builtins.str
+    """Only profiles with a word of their name ("first last") starting with this text, ignoring
+    case by Unicode's rules ("élo" finds "Élodie Martin"; "martin", "élodie m" and
+    "Élodie Martin" find her too); surrounding spaces are ignored and inner runs of spaces count
+    as one. At most 100 characters (INVALID_ARGUMENT on `name_prefix` beyond). Custom IDs,
+    emails and phones are looked up with GetProfile instead. Empty for no filter. Profiles
+    without a name never match. With few matches in a large project a page reads many rows:
+    this filter walks the sort order's index like the others.
+    """
     def __init__(
         self,
         *,
@@ -246,10 +256,11 @@ class ListProfilesRequest(_message.Message):
         segment_id: _builtins.str = ...,
         order_by: Global___ProfileOrderBy.ValueType = ...,
         sort_order: Global___SortOrder.ValueType = ...,
+        name_prefix: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["country", b"country", "identity_filter", b"identity_filter", "order_by", b"order_by", "page_size", b"page_size", "page_token", b"page_token", "platform", b"platform", "segment_id", b"segment_id", "smart_segment", b"smart_segment", "smart_segment_flag", b"smart_segment_flag", "sort_order", b"sort_order"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["country", b"country", "identity_filter", b"identity_filter", "name_prefix", b"name_prefix", "order_by", b"order_by", "page_size", b"page_size", "page_token", b"page_token", "platform", b"platform", "segment_id", b"segment_id", "smart_segment", b"smart_segment", "smart_segment_flag", b"smart_segment_flag", "sort_order", b"sort_order"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -58,8 +58,8 @@ class QueryServiceStub:
     last seen time) may move past your position and be missed by the pages still to come.
     The table is a projection fed by the bus: it lags writes by the bus lag (under a second
     normally); GetProfile reads the source tables and always shows a profile's latest state.
-    Errors: INVALID_ARGUMENT (`page_size`, `page_token`, `country`, `segment_id`), NOT_FOUND
-    (`segment_id` unknown).
+    Errors: INVALID_ARGUMENT (`page_size`, `page_token`, `country`, `segment_id`,
+    `name_prefix`), NOT_FOUND (`segment_id` unknown).
     """
     ListEvents: _grpc.UnaryUnaryMultiCallable[_query_service_pb2.ListEventsRequest, _query_service_pb2.ListEventsResponse]
     """Lists one profile's timeline, newest first. Paging has no gaps and no repeats while events
@@ -134,8 +134,8 @@ class QueryServiceAsyncStub(QueryServiceStub):
     last seen time) may move past your position and be missed by the pages still to come.
     The table is a projection fed by the bus: it lags writes by the bus lag (under a second
     normally); GetProfile reads the source tables and always shows a profile's latest state.
-    Errors: INVALID_ARGUMENT (`page_size`, `page_token`, `country`, `segment_id`), NOT_FOUND
-    (`segment_id` unknown).
+    Errors: INVALID_ARGUMENT (`page_size`, `page_token`, `country`, `segment_id`,
+    `name_prefix`), NOT_FOUND (`segment_id` unknown).
     """
     ListEvents: _aio.UnaryUnaryMultiCallable[_query_service_pb2.ListEventsRequest, _query_service_pb2.ListEventsResponse]  # type: ignore[assignment]
     """Lists one profile's timeline, newest first. Paging has no gaps and no repeats while events
@@ -219,8 +219,8 @@ class QueryServiceServicer(metaclass=_abc_1.ABCMeta):
         last seen time) may move past your position and be missed by the pages still to come.
         The table is a projection fed by the bus: it lags writes by the bus lag (under a second
         normally); GetProfile reads the source tables and always shows a profile's latest state.
-        Errors: INVALID_ARGUMENT (`page_size`, `page_token`, `country`, `segment_id`), NOT_FOUND
-        (`segment_id` unknown).
+        Errors: INVALID_ARGUMENT (`page_size`, `page_token`, `country`, `segment_id`,
+        `name_prefix`), NOT_FOUND (`segment_id` unknown).
         """
 
     @_abc_1.abstractmethod

@@ -1,0 +1,140 @@
+"""ListProfiles' name_prefix: a profile matches when a word of its name ("first last") starts
+with the text, ignoring case by Unicode's rules. Checked against a model of the rule on random
+names and random queries, with the other filters and every sort order, over small pages."""
+
+from __future__ import annotations
+
+import random
+import unicodedata
+from datetime import timedelta
+from typing import Any
+
+import grpc
+import pytest
+
+from profiles.query.v1 import query_service_pb2 as pb
+from tests.support.identity import new_id, violations
+from tests.support.query import NOW, Suite, attribute_event, custom_event, op, start_suite
+
+# Words whose lower case Python and PostgreSQL agree on: ASCII, accented Latin letters (composed
+# and decomposed), and a word sharing its start with another.
+WORDS = ["Ana", "anaïs", "ÉLODIE", "E\u0301lise", "Martin", "martínez", "O'Brien", "Zoé", "Bo"]
+QUERIES = [
+    "a",
+    "AN",
+    "ana",
+    "anaï",
+    "é",
+    "élo",
+    "Élise",
+    "mart",
+    "MARTÍ",
+    "o'b",
+    "zo",
+    "bo b",
+    "ana martin",
+    "  ana   martin ",
+    "x",
+    "in",
+    "z",
+    "é\u0301",
+    "E\u0301LO",
+]
+
+
+def model_matches(first: str, last: str, text: str) -> bool:
+    """The rule: some word of the normalized, lower-cased name starts the normalized text."""
+    name = unicodedata.normalize("NFC", " ".join(f"{first} {last}".split())).lower()
+    wanted = unicodedata.normalize("NFC", " ".join(text.split())).lower()
+    if not name or not wanted:
+        return bool(name) or not wanted
+    return any(name.startswith(wanted, i) for i in range(len(name)) if i == 0 or name[i - 1] == " ")
+
+
+@pytest.fixture
+async def suite(start_services, settings_for_test, project, database_url) -> Suite:  # type: ignore[no-untyped-def]
+    return await start_suite(start_services, settings_for_test, project, database_url)
+
+
+async def every_row(suite: Suite, **fields: Any) -> list[pb.ProfileRow]:
+    rows: list[pb.ProfileRow] = []
+    request = pb.ListProfilesRequest(page_size=2, **fields)
+    while True:
+        reply = await suite.call("ListProfiles", request)
+        rows.extend(reply.profiles)
+        if not reply.next_page_token:
+            return rows
+        request.page_token = reply.next_page_token
+
+
+async def test_name_search_finds_exactly_the_profiles_a_word_of_whose_name_starts_the_text(
+    suite: Suite,
+) -> None:
+    rng = random.Random(19)
+    names: dict[str, tuple[str, str]] = {}
+    identified: set[str] = set()
+    for n in range(14):
+        inst = new_id()
+        first = rng.choice(["", *WORDS])
+        last = rng.choice(["", *WORDS, f"{rng.choice(WORDS)}  {rng.choice(WORDS)}"])
+        operations = [op("set", "FIRST_NAME", first)] if first else []
+        if last:
+            operations.append(op("set", "LAST_NAME", last))
+        time = NOW - timedelta(minutes=n)
+        await suite.track(
+            attribute_event(inst, operations, time=time)
+            if operations
+            else custom_event(inst, time=time)
+        )
+        if n % 3 == 0:
+            await suite.identity.identify(inst, f"user-{n}")
+        profile_id = await suite.identity.profile_of(inst)
+        names[profile_id] = (first, last)
+        if n % 3 == 0:
+            identified.add(profile_id)
+    await suite.settle()  # the users table reads query's projection, fed by the bus
+
+    queries = QUERIES + [rng.choice(WORDS)[: rng.randint(1, 4)].upper() for _ in range(6)]
+    for text in queries:
+        expected = {p for p, (first, last) in names.items() if model_matches(first, last, text)}
+        found = [r.profile_id for r in await every_row(suite, name_prefix=text)]
+        assert len(found) == len(set(found)), text  # no page repeats a profile
+        assert set(found) == expected, text
+        # With another filter and another order, the same rule on the rest.
+        by_name = await every_row(
+            suite,
+            name_prefix=text,
+            identity_filter=pb.PROFILE_IDENTITY_FILTER_IDENTIFIED,
+            order_by=pb.PROFILE_ORDER_BY_NAME,
+            sort_order=pb.SORT_ORDER_ASCENDING,
+        )
+        assert {r.profile_id for r in by_name} == expected & identified, text
+    # A nameless profile never matches, and no text means no filter.
+    assert len(await every_row(suite)) == len(names)
+
+
+async def test_a_name_prefix_is_bounded_and_binds_its_page_tokens(suite: Suite) -> None:
+    for n in range(3):
+        await suite.track(attribute_event(new_id(), [op("set", "FIRST_NAME", f"Ana{n}")], time=NOW))
+    await suite.settle()
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await suite.call("ListProfiles", pb.ListProfilesRequest(name_prefix="a" * 101))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert violations(caught.value) == ["name_prefix"]
+    # 100 characters after its spaces are normalized: accepted.
+    await suite.call("ListProfiles", pb.ListProfilesRequest(name_prefix=" a " + "b" * 98 + "  "))
+
+    first = await suite.call("ListProfiles", pb.ListProfilesRequest(page_size=1, name_prefix="ana"))
+    assert first.next_page_token
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await suite.call(
+            "ListProfiles",
+            pb.ListProfilesRequest(page_size=1, name_prefix="an", page_token=first.next_page_token),
+        )
+    assert violations(caught.value) == ["page_token"]
+    # The same text spelled with other spaces is the same filter.
+    again = await suite.call(
+        "ListProfiles",
+        pb.ListProfilesRequest(page_size=1, name_prefix=" ana ", page_token=first.next_page_token),
+    )
+    assert len(again.profiles) == 1
