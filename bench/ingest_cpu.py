@@ -13,7 +13,7 @@ No server, database or Redis: it times, with `time.process_time`, the per-batch 
   (`LiveNotices`) and published by `NoticeWorker` through `Bus.notify_many`, on a stand-in
   Redis client that packs the command with redis-py's own encoder and sends nothing;
 - `columns`: the asyncpg argument columns of the events insert (`repository._event_columns`),
-  with the jsonb payloads encoded by the pool's codec (`shared.db.encode_json`);
+  with the payloads encoded by the pool's codec (`shared.db.encode_json`) as one json array;
 - `respond`: the TrackEventsResponse built from the results and serialized (servicer.py).
 Every event is accepted, each installation on its own profile. The baseline, in the same run,
 is `TrackEventsRequest.FromString` of the same batches (`parse`): each figure is a number of
@@ -168,8 +168,8 @@ def stages(now: datetime) -> dict[str, Callable[[Batch], object]]:
 
     def columns(batch: Batch) -> object:
         built = _event_columns(batch.valid)
-        # The pool's jsonb codec, called per element of the jsonb[] argument.
-        return [encode_json(payload) for payload in built[-1]]
+        # The pool's json codec, called once on the payloads' list (the json argument).
+        return encode_json(built[-1])
 
     def respond(batch: Batch) -> object:
         response = pb.TrackEventsResponse()
