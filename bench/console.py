@@ -226,7 +226,9 @@ async def measure(
 
             async def users_calls() -> object:
                 await segments.ListSegments(segments_pb.ListSegmentsRequest(page_size=100))
-                return await query.ListProfiles(query_pb.ListProfilesRequest(page_size=50))
+                return await query.ListProfiles(
+                    query_pb.ListProfilesRequest(page_size=50, include_total_size=True)
+                )
 
             weights = {
                 "profile_page": len(await http.get(f"/profiles/{profile_uuid(1)}")),

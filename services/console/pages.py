@@ -48,6 +48,14 @@ Handler = Callable[[Request, ConsoleSession], Awaitable[Response]]
 
 SORTS = {"last_seen": 1, "sessions": 2, "time_spent": 3, "name": 4}
 TABS = {"all": 0, "identified": 1, "anonymous": 2}
+# The users table's rows per page.
+USERS_PAGE_SIZE = 50
+# The users table pages back through the page tokens that led to the page, kept in its URL
+# (`trail`, the first page's as FIRST_PAGE): the service's cursors only go forward. At most
+# this many (a token is about 110 characters; the server refuses request lines over 16 KB):
+# past them, "First page" remains.
+TRAIL_LIMIT = 30
+FIRST_PAGE = "0"
 HEARTBEAT_SECONDS = 15.0
 
 
@@ -313,6 +321,13 @@ async def overview_fragment(request: Request, session: ConsoleSession) -> Respon
 # -- users --------------------------------------------------------------------------------------
 
 
+def _page_number(text: str, trail_length: int) -> int:
+    """The users table's page number from its URL (1 for the first page): as given when it is
+    a number no smaller than the pages the trail leads back through, else the trail's."""
+    number = int(text) if text.isdigit() and len(text) < 9 else 0
+    return max(number, trail_length + 1)
+
+
 def _segment_filter(value: str) -> dict[str, Any]:
     """'smart:3', 'flag:1' or 'custom:<uuid>' as ListProfiles fields."""
     kind, _, rest = value.partition(":")
@@ -335,9 +350,12 @@ async def users_page(request: Request, session: ConsoleSession) -> Response:
     segment = params.get("segment", "")
     platform_name, platform_value = _platform(request)
     page_token = params.get("page_token", "")
+    trail = [t for t in params.get("trail", "").split(",") if t][-TRAIL_LIMIT:]
+    page_number = _page_number(params.get("page", ""), len(trail))
     name = " ".join(params.get("name", "").split())
     request_fields = {
-        "page_size": 50,
+        "page_size": USERS_PAGE_SIZE,
+        "include_total_size": True,
         "page_token": page_token,
         "identity_filter": TABS[tab],
         "platform": platform_value,
@@ -379,6 +397,9 @@ async def users_page(request: Request, session: ConsoleSession) -> Response:
         return query_pb.ListProfilesResponse()
 
     segments, reply = await both(list_segments(), list_profiles())
+    past_the_count = (page_number - 1) * USERS_PAGE_SIZE + len(reply.profiles) > reply.total_size
+    if past_the_count and not reply.total_size_is_lower_bound:
+        page_number = len(trail) + 1  # an edited `page`: the trail's number is the right one
 
     def link(**changes: str) -> str:
         state = {
@@ -391,6 +412,21 @@ async def users_page(request: Request, session: ConsoleSession) -> Response:
         }
         state.update(changes)
         return "/users?" + urlencode({k: v for k, v in state.items() if v and v != "all"})
+
+    def next_link() -> str:
+        if not reply.next_page_token:
+            return ""
+        return link(
+            page_token=reply.next_page_token,
+            trail=",".join([*trail, page_token or FIRST_PAGE][-TRAIL_LIMIT:]),
+            page=str(page_number + 1),
+        )
+
+    def previous_link() -> str:
+        if not trail:
+            return ""
+        token = "" if trail[-1] == FIRST_PAGE else trail[-1]
+        return link(page_token=token, trail=",".join(trail[:-1]), page=str(page_number - 1))
 
     def sort_link(column: str) -> str:
         if sort == column:
@@ -410,8 +446,16 @@ async def users_page(request: Request, session: ConsoleSession) -> Response:
             "platforms": list(present.PLATFORMS),
             "name": name,
             "rows": present.user_rows(reply.profiles),
-            "next_page": link(page_token=reply.next_page_token) if reply.next_page_token else "",
+            "next_page": next_link(),
+            "previous_page": previous_link(),
             "first_page": link() if page_token else "",
+            "shown": present.shown_rows(
+                page_number,
+                USERS_PAGE_SIZE,
+                len(reply.profiles),
+                reply.total_size,
+                at_least=reply.total_size_is_lower_bound,
+            ),
             "link": link,
             "sort_link": sort_link,
             "segments": segments,

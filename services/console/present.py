@@ -90,6 +90,16 @@ def count_of(count: int, noun: str) -> str:
     return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
+def shown_rows(page: int, page_size: int, rows: int, total: int, *, at_least: bool) -> str:
+    """What the users table says it shows: "Profiles 51 to 100 of 2,345" (page 2), "of 10,000+"
+    past the service's count, "No profile" when none matches."""
+    if rows == 0:
+        return "No profile" if page == 1 else f"No profile past {(page - 1) * page_size:,}"
+    first = (page - 1) * page_size + 1
+    of = f"{total:,}+" if at_least else f"{total:,}"
+    return f"Profiles {first:,} to {first + rows - 1:,} of {of}"
+
+
 def platform(value: int) -> str:
     return PLATFORM_LABELS.get(value, "—")
 

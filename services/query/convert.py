@@ -318,6 +318,7 @@ def profiles_query_from_proto(request: pb.ListProfilesRequest) -> ProfilesQuery:
         order_by=request.order_by or pb.PROFILE_ORDER_BY_LAST_SEEN,
         ascending=request.sort_order == pb.SORT_ORDER_ASCENDING,
         name_prefix=name_prefix,
+        include_total_size=request.include_total_size,
     )
 
 

@@ -11,6 +11,7 @@ from uuid import UUID
 import asyncpg
 
 from profiles.query.v1 import query_service_pb2 as pb
+from services.query import rollup
 from services.query.paging import (
     MAX_BIGINT,
     MAX_TEXT,
@@ -60,12 +61,12 @@ HAS_USER_DETAILS = pb.PROFILE_IDENTITY_FILTER_HAS_USER_DETAILS
 # profile_id after which they continue). The smart segment is segments' as of $2
 # (segments_read_smart_segment, inlined by the planner: one primary-key read per row). Filters
 # not asked for are constants (0, ''), so one statement per sort order serves every
-# combination. The name filter ($13) is one substring test of the projection's search_name
+# combination. The name filter ($13 in a page) is one substring test of the projection's search_name
 # against the text folded alike (query_name_key, 0044; folded once, not per row): it rides on
 # the walk, so a rare name reads the whole project's index (docs/benchmarks.md, Query). The
-# custom segment filter ($14) has statements of its own (PROFILE_ROWS_IN_SEGMENT), so that the
-# planner sees a plain semi-join on segments' segments_read_custom_segment_members and may drive
-# a small segment from its members instead of walking the sort index past non-members.
+# custom segment filter ($14 in a page) has statements of its own (PROFILE_ROWS_IN_SEGMENT), so
+# that the planner sees a plain semi-join on segments' segments_read_custom_segment_members and
+# may drive a small segment from its members instead of walking the sort index past non-members.
 PROFILE_ROWS_FROM = f"""
     SELECT q.profile_id, coalesce(q.custom_id, '') AS custom_id,
            coalesce(q.first_name, '') AS first_name, coalesce(q.last_name, '') AS last_name,
@@ -75,7 +76,7 @@ PROFILE_ROWS_FROM = f"""
            coalesce(sg.flag, 0)::int AS smart_segment_flag, q.has_details,
            q.{{column}} AS sort_value
     FROM query_profiles q
-    LEFT JOIN LATERAL segments_read_smart_segment(q.project_id, q.profile_id, $2) sg ON true
+    {{smart_join}}
     WHERE q.project_id = $1
       AND ($3::int = 0
            OR ($3 = {IDENTIFIED} AND q.identified)
@@ -85,14 +86,27 @@ PROFILE_ROWS_FROM = f"""
       AND ($5::text = '' OR q.country = $5)
       AND ($6::int = 0 OR coalesce(sg.segment, 0) = $6)
       AND ($7::int = 0 OR coalesce(sg.flag, 0) = $7)
-      AND ($13::text = '' OR strpos(q.search_name, (SELECT query_name_key($13::text))) > 0)
+      AND (${{name}}::text = ''
+           OR strpos(q.search_name, (SELECT query_name_key(${{name}}::text))) > 0)
       {{members}}"""
 
-# The members of custom segment $14 as segments stored them (rows naming a merged-away or
-# erased profile drop out here: query_profiles holds live profiles only).
+# Each row's smart segment as of $2, read for every row a page walks (its columns show it).
+SMART_SEGMENT_JOIN = """
+    LEFT JOIN LATERAL segments_read_smart_segment(q.project_id, q.profile_id, $2) sg ON true"""
+# The same for a count, read only when a smart segment or flag filter asks for it: a count reads
+# up to TOTAL_SIZE_LIMIT rows, and each row's smart segment costs about 20 us (the quick console
+# bench's users page went from 8 to 240 ms with it), for nothing when no filter needs it.
+SMART_SEGMENT_JOIN_IF_FILTERED = """
+    LEFT JOIN LATERAL (
+        SELECT * FROM segments_read_smart_segment(q.project_id, q.profile_id, $2)
+        WHERE $6::int <> 0 OR $7::int <> 0
+    ) sg ON true"""
+
+# The members of custom segment ${segment} as segments stored them (rows naming a merged-away
+# or erased profile drop out here: query_profiles holds live profiles only).
 PROFILE_ROWS_IN_SEGMENT = """
       AND q.profile_id IN (SELECT m.profile_id FROM segments_read_custom_segment_members() m
-                           WHERE m.project_id = $1 AND m.segment_id = $14::uuid)"""
+                           WHERE m.project_id = $1 AND m.segment_id = ${segment}::uuid)"""
 
 PROFILE_ROWS_PAGE = f"""
     (SELECT * FROM ({PROFILE_ROWS_FROM}
@@ -120,12 +134,40 @@ SELECT_PROFILE_ROWS_PAGE = {
         type=type_name,
         compare=">" if ascending else "<",
         direction="ASC" if ascending else "DESC",
-        members=PROFILE_ROWS_IN_SEGMENT if in_segment else "",
+        name=13,
+        smart_join=SMART_SEGMENT_JOIN,
+        members=PROFILE_ROWS_IN_SEGMENT.format(segment=14) if in_segment else "",
     )
     for order_by, (column, type_name) in PROFILE_SORT_COLUMNS.items()
     for ascending in (True, False)
     for in_segment in (True, False)
 }
+
+# How many profiles match the filters ($1 to $7, the name $9, the segment $10), counting up to
+# $8 rows: the count reads each match (and its smart segment), so it stops where a person
+# stops reading figures exactly (TOTAL_SIZE_LIMIT).
+COUNT_PROFILE_ROWS = f"""
+    SELECT count(*) FROM ({PROFILE_ROWS_FROM} LIMIT $8) matches"""
+SELECT_PROFILE_ROWS_COUNT = {
+    in_segment: COUNT_PROFILE_ROWS.format(
+        column="profile_id",
+        name=9,
+        smart_join=SMART_SEGMENT_JOIN_IF_FILTERED,
+        members=PROFILE_ROWS_IN_SEGMENT.format(segment=10) if in_segment else "",
+    )
+    for in_segment in (True, False)
+}
+
+# The users table's size without a filter but identity and platform, from the rollups'
+# counters: they count the projection's rows (the same consumer writes both, in one
+# transaction), on a platform the profiles with an installation of it, as the platform filter
+# selects; exact however many profiles there are, in one short read.
+SELECT_PROFILE_COUNTERS = f"""
+    SELECT coalesce(sum(count) FILTER (WHERE metric = '{rollup.PROFILES}'), 0)::bigint,
+           coalesce(sum(count) FILTER (WHERE metric = '{rollup.IDENTIFIED}'), 0)::bigint
+    FROM query_counters
+    WHERE project_id = $1 AND platform = $2 AND value = ''
+      AND metric IN ('{rollup.PROFILES}', '{rollup.IDENTIFIED}')"""
 
 SELECT_SEGMENT_EXISTS = """
     SELECT 1 FROM segments_read_custom_segments() WHERE project_id = $1 AND segment_id = $2"""
@@ -189,6 +231,45 @@ class ListReads:
     async def segment_exists(self, project_id: UUID, segment_id: UUID) -> bool:
         """Whether the project has this custom segment (segments_read_custom_segments)."""
         return await self._conn.fetchval(SELECT_SEGMENT_EXISTS, project_id, segment_id) is not None
+
+    async def profile_counters(self, project_id: UUID, platform: int) -> tuple[int, int]:
+        """(profiles, identified profiles) of the project, or of those with an installation of
+        `platform` (0: all), as the rollups count them."""
+        row = await self._conn.fetchrow(SELECT_PROFILE_COUNTERS, project_id, platform)
+        assert row is not None  # an aggregate always answers one row
+        return row[0], row[1]
+
+    async def profile_rows_count(
+        self,
+        project_id: UUID,
+        *,
+        now: datetime,
+        identity_filter: int,
+        platform: int,
+        country: str,
+        smart_segment: int,
+        smart_segment_flag: int,
+        limit: int,
+        name_prefix: str = "",
+        segment_id: UUID | None = None,
+    ) -> int:
+        """How many profiles match the filters (as profile_rows_page takes them), counting up
+        to `limit`."""
+        in_segment = () if segment_id is None else (segment_id,)
+        count = await self._conn.fetchval(
+            SELECT_PROFILE_ROWS_COUNT[bool(in_segment)],
+            project_id,
+            now,
+            identity_filter,
+            platform,
+            country,
+            smart_segment,
+            smart_segment_flag,
+            limit,
+            name_prefix,
+            *in_segment,
+        )
+        return cast(int, count)
 
     async def profile_rows_page(
         self,

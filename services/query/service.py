@@ -30,6 +30,7 @@ from services.query.views import (
     SessionView,
     SubscriptionRateView,
     TimelineItem,
+    TotalSize,
 )
 from shared.clock import Clock
 
@@ -41,6 +42,12 @@ MAX_IDENTITY_CHANGES = 50
 MAX_ATTRIBUTED = 1000
 # AMBIGUOUS_LOOKUP names at most this many profiles.
 MAX_AMBIGUOUS_IDS = 10
+# ListProfiles counts the matches up to this many (the count reads every one it counts): past
+# it, a person reads "10,000+", not a figure to the unit.
+TOTAL_SIZE_LIMIT = 10_000
+# ProfileIdentityFilter values whose size the rollups count.
+IDENTIFIED_ONLY = 1
+ANONYMOUS_ONLY = 2
 
 # The position each list's page token holds, field by field: decode_token refuses any token
 # whose fields are not what these RPCs write (see the encode_token call of each).
@@ -143,6 +150,7 @@ class ProfilesQuery:
     order_by: int = 1  # ProfileOrderBy: 1 last seen, 2 sessions, 3 time spent, 4 name
     ascending: bool = False
     name_prefix: str = ""  # spaces normalized; empty for no filter
+    include_total_size: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +158,19 @@ class Activity:
     profile_id: UUID
     time_zone: str
     days: tuple[DayView, ...]
+
+
+def counted_by_rollups(query: ProfilesQuery) -> bool:
+    """Whether the rollups' counters hold the users table's size for these filters: the
+    identity tabs (all, identified, anonymous) on all or one platform, nothing else."""
+    return (
+        query.identity_filter in (0, IDENTIFIED_ONLY, ANONYMOUS_ONLY)
+        and not query.country
+        and not query.smart_segment
+        and not query.smart_segment_flag
+        and query.segment_id is None
+        and not query.name_prefix
+    )
 
 
 def _micros(moment: datetime) -> int:
@@ -439,13 +460,16 @@ class QueryService:
 
     # -- ListProfiles ------------------------------------------------------------------------
 
-    async def list_profiles(self, project_id: UUID, query: ProfilesQuery) -> Page[ProfileRowView]:
+    async def list_profiles(
+        self, project_id: UUID, query: ProfilesQuery
+    ) -> tuple[Page[ProfileRowView], TotalSize | None]:
         """A page of the users table, read from query's projection (it lags writes by the bus
         lag). Keyset on (sort value, profile ID), profiles never seen last: a profile is never
         repeated, though one whose sort value changes meanwhile may be skipped. With a segment,
         only its members as segments stored them (custom_segment_members: current after the
-        last event segments handled, time-driven changes at most one sweep behind). Raises
-        PageTokenInvalid, SegmentNotFound."""
+        last event segments handled, time-driven changes at most one sweep behind). With
+        `include_total_size`, also how many profiles match, counted up to TOTAL_SIZE_LIMIT in
+        the page's read. Raises PageTokenInvalid, SegmentNotFound."""
         size = paging.page_size(query.page_size)
         bound_to = paging.fingerprint(
             # Tokens of the direct-SQL users table (sort keys negated) are not valid here.
@@ -475,9 +499,10 @@ class QueryService:
                 raise SegmentNotFound(
                     "no such custom segment in this project", metadata={"field": "segment_id"}
                 )
+            now = self._clock.now()
             rows = await reads.profile_rows_page(
                 project_id,
-                now=self._clock.now(),
+                now=now,
                 identity_filter=query.identity_filter,
                 platform=query.platform,
                 country=query.country,
@@ -490,13 +515,38 @@ class QueryService:
                 name_prefix=query.name_prefix,
                 segment_id=query.segment_id,
             )
+            total = None
+            if query.include_total_size and counted_by_rollups(query):
+                profiles, identified = await reads.profile_counters(project_id, query.platform)
+                total = TotalSize(
+                    {IDENTIFIED_ONLY: identified, ANONYMOUS_ONLY: profiles - identified}.get(
+                        query.identity_filter, profiles
+                    ),
+                    at_least=False,
+                )
+            elif query.include_total_size:
+                counted = await reads.profile_rows_count(
+                    project_id,
+                    now=now,
+                    identity_filter=query.identity_filter,
+                    platform=query.platform,
+                    country=query.country,
+                    smart_segment=query.smart_segment,
+                    smart_segment_flag=query.smart_segment_flag,
+                    limit=TOTAL_SIZE_LIMIT + 1,
+                    name_prefix=query.name_prefix,
+                    segment_id=query.segment_id,
+                )
+                total = TotalSize(
+                    min(counted, TOTAL_SIZE_LIMIT), at_least=counted > TOTAL_SIZE_LIMIT
+                )
         token = ""
         if len(rows) > size:
             rows = rows[:size]
             last_value, last = rows[-1]
             key = last_value if not isinstance(last_value, datetime) else _micros(last_value)
             token = paging.encode_token(bound_to, {"k": key, "p": str(last.profile_id)})
-        return Page(tuple(view for _, view in rows), token)
+        return Page(tuple(view for _, view in rows), token), total
 
     # -- GetOverview -------------------------------------------------------------------------
 

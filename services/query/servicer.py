@@ -34,11 +34,15 @@ class QueryServicer(pb_grpc.QueryServiceServicer):
         self, request: pb.ListProfilesRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListProfilesResponse:
         query = convert.profiles_query_from_proto(request)
-        page = await self._service.list_profiles(current_caller().project_id, query)
-        return pb.ListProfilesResponse(
+        page, total = await self._service.list_profiles(current_caller().project_id, query)
+        response = pb.ListProfilesResponse(
             profiles=[convert.profile_row_to_proto(r) for r in page.items],
             next_page_token=page.next_page_token,
         )
+        if total is not None:
+            response.total_size = total.count
+            response.total_size_is_lower_bound = total.at_least
+        return response
 
     async def ListEvents(
         self, request: pb.ListEventsRequest, context: grpc.aio.ServicerContext

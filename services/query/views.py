@@ -176,6 +176,15 @@ class Page(Generic[T]):
 
 
 @dataclass(frozen=True, slots=True)
+class TotalSize:
+    """How many items a list's filters match, counted up to a limit: `at_least` when the
+    count stopped there."""
+
+    count: int
+    at_least: bool
+
+
+@dataclass(frozen=True, slots=True)
 class SessionView:
     session_id: str
     installation_id: str

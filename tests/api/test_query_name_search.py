@@ -12,9 +12,18 @@ from typing import Any
 import grpc
 import pytest
 
+from profiles.common.v1 import types_pb2
 from profiles.query.v1 import query_service_pb2 as pb
 from tests.support.identity import new_id, violations
-from tests.support.query import NOW, Suite, attribute_event, custom_event, op, start_suite
+from tests.support.query import (
+    NOW,
+    Suite,
+    attribute_event,
+    custom_event,
+    op,
+    session_start,
+    start_suite,
+)
 
 # Words whose lower case Python and PostgreSQL agree on: ASCII, accented Latin letters (composed
 # and decomposed), and a word sharing its start with another.
@@ -138,3 +147,61 @@ async def test_a_name_prefix_is_bounded_and_binds_its_page_tokens(suite: Suite) 
         pb.ListProfilesRequest(page_size=1, name_prefix=" ana ", page_token=first.next_page_token),
     )
     assert len(again.profiles) == 1
+
+
+async def test_the_total_size_counts_every_page_of_the_filters_and_stops_at_its_limit(
+    suite: Suite, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rng = random.Random(7)
+    for n in range(9):
+        inst = new_id()
+        operations = [op("set", "FIRST_NAME", rng.choice(WORDS))] if n % 3 else []
+        time = NOW - timedelta(minutes=n)
+        await suite.track(
+            session_start(inst, "s", time, country=rng.choice(["FR", "US"])),
+            *([attribute_event(inst, operations, time=time)] if operations else []),
+        )
+        if rng.random() < 0.4:
+            await suite.identity.identify(inst, f"counted-{n}")
+    await suite.settle()
+
+    filters: list[dict[str, Any]] = [{}]
+    for _ in range(12):
+        fields: dict[str, Any] = {}
+        if rng.random() < 0.5:
+            fields["identity_filter"] = rng.choice(
+                [pb.PROFILE_IDENTITY_FILTER_IDENTIFIED, pb.PROFILE_IDENTITY_FILTER_ANONYMOUS]
+            )
+        if rng.random() < 0.5:
+            fields["country"] = rng.choice(["FR", "US"])
+        if rng.random() < 0.5:
+            fields["name_prefix"] = rng.choice(QUERIES)
+        filters.append(fields)
+    for fields in filters:
+        rows = await every_row(suite, **fields)
+        first = await suite.call(
+            "ListProfiles", pb.ListProfilesRequest(page_size=2, include_total_size=True, **fields)
+        )
+        assert (first.total_size, first.total_size_is_lower_bound) == (len(rows), False), fields
+        # Only when asked: a count reads up to its limit of rows more.
+        plain = await suite.call("ListProfiles", pb.ListProfilesRequest(page_size=2, **fields))
+        assert (plain.total_size, plain.total_size_is_lower_bound) == (0, False)
+
+    # Past the limit, a count stops there and says so; the page itself is whole.
+    monkeypatch.setattr("services.query.service.TOTAL_SIZE_LIMIT", 4)
+    details = pb.PROFILE_IDENTITY_FILTER_HAS_USER_DETAILS
+    counted = await suite.call(
+        "ListProfiles", pb.ListProfilesRequest(identity_filter=details, include_total_size=True)
+    )
+    assert (counted.total_size, counted.total_size_is_lower_bound) == (4, True)
+    assert len(counted.profiles) == 6
+    # The identity tabs on all or one platform are the rollups' counters: exact past the limit.
+    for identity_filter in (0, pb.PROFILE_IDENTITY_FILTER_ANONYMOUS):
+        for platform in (0, types_pb2.PLATFORM_IOS, types_pb2.PLATFORM_WEB):
+            fields = {"identity_filter": identity_filter, "platform": platform}
+            counted = await suite.call(
+                "ListProfiles", pb.ListProfilesRequest(include_total_size=True, **fields)
+            )
+            rows = await every_row(suite, **fields)
+            assert (counted.total_size, counted.total_size_is_lower_bound) == (len(rows), False)
+    assert len(await every_row(suite)) == 9

@@ -243,6 +243,15 @@ async def test_the_users_table_of_a_custom_segment_lists_its_members_in_every_or
             assert members == [p for p in everyone if p in expected], (order_by, sort_order)
         french = await users_table(suite, segment_id=segment_id, country="FR")
         assert french == [p for p in await users_table(suite, country="FR") if p in expected]
+        # The count of a segment's users table is its rows'.
+        for fields, rows in (({}, expected), ({"country": "FR"}, french)):
+            counted = await suite.call(
+                "ListProfiles",
+                query_pb.ListProfilesRequest(
+                    segment_id=segment_id, include_total_size=True, page_size=1, **fields
+                ),
+            )
+            assert (counted.total_size, counted.total_size_is_lower_bound) == (len(rows), False)
 
     await check({ids[n] for n in (0, 2, 3, 4, 5, 6)})
     # Members leave: two change plan, one is erased, one is merged into a non-member that

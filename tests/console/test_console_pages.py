@@ -281,6 +281,52 @@ async def test_a_person_finds_profiles_by_a_word_of_their_name(
     await expect(page.locator("table.users tbody")).to_contain_text("No profile matches.")
 
 
+async def test_the_users_table_counts_its_rows_and_pages_back(
+    page: Any, console_suite: ConsoleSuite
+) -> None:
+    family = "Pagerson" + uuid.uuid4().hex[:8]
+    now = datetime.now(UTC)
+    await track(
+        console_suite,
+        *[
+            attribute_event(
+                f"console-pages-{uuid.uuid4().hex}",
+                [op("set", "LAST_NAME", family)],
+                time=now - timedelta(seconds=n),
+            )
+            for n in range(53)
+        ],
+    )
+
+    async def listed() -> bool:  # the users table is a projection fed by the bus
+        reply = await query(
+            console_suite,
+            "ListProfiles",
+            query_pb.ListProfilesRequest(name_prefix=family, include_total_size=True),
+        )
+        return reply.total_size == 53
+
+    await eventually(listed, within=30)
+    await sign_in(page, console_suite)
+    await page.goto(console_suite.url + "/users?name=" + family)
+    shown, rows = page.locator("#shown"), page.locator("table.users tbody tr")
+    await expect(shown).to_have_text("Profiles 1 to 50 of 53")
+    await expect(page.get_by_role("link", name="Previous page")).to_have_count(0)
+    links = page.locator("table.users tbody td:first-child a")
+    first_page = await links.evaluate_all("links => links.map(a => a.getAttribute('href'))")
+    assert len(set(first_page)) == 50
+    await page.get_by_role("link", name="Next page").click()
+    await expect(shown).to_have_text("Profiles 51 to 53 of 53")
+    await expect(rows).to_have_count(3)
+    await expect(page.get_by_role("link", name="Next page")).to_have_count(0)
+    await page.get_by_role("link", name="Previous page").click()
+    await expect(shown).to_have_text("Profiles 1 to 50 of 53")
+    assert await links.evaluate_all("links => links.map(a => a.getAttribute('href'))") == (
+        first_page
+    )
+    await expect(page.get_by_role("link", name="Previous page")).to_have_count(0)
+
+
 async def test_the_overview_switches_platform(page: Any, console_suite: ConsoleSuite) -> None:
     await sign_in(page, console_suite)
     ios = await query(

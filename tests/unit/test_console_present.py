@@ -139,3 +139,11 @@ def test_charts_scale_to_the_largest_value() -> None:
     bars = present.bar_chart([("a", 5, ""), ("b", 10, "")], width=100, height=50)
     assert [b.height for b in bars] == [25.0, 50.0]
     assert present.gauge_arc(0).endswith("10.00 60.00")
+
+
+def test_the_users_table_says_which_rows_it_shows_of_how_many() -> None:
+    assert present.shown_rows(1, 50, 50, 2345, at_least=False) == "Profiles 1 to 50 of 2,345"
+    assert present.shown_rows(2, 50, 50, 10_000, at_least=True) == ("Profiles 51 to 100 of 10,000+")
+    assert present.shown_rows(3, 50, 7, 107, at_least=False) == "Profiles 101 to 107 of 107"
+    assert present.shown_rows(1, 50, 0, 0, at_least=False) == "No profile"
+    assert present.shown_rows(4, 50, 0, 120, at_least=False) == "No profile past 150"

@@ -203,6 +203,7 @@ class ListProfilesRequest(_message.Message):
     ORDER_BY_FIELD_NUMBER: _builtins.int
     SORT_ORDER_FIELD_NUMBER: _builtins.int
     NAME_PREFIX_FIELD_NUMBER: _builtins.int
+    INCLUDE_TOTAL_SIZE_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """The maximum number of rows: 0 means the default (50), above 500 is coerced to 500,
     negative is INVALID_ARGUMENT.
@@ -243,6 +244,10 @@ class ListProfilesRequest(_message.Message):
     without a name never match. With few matches in a large project a page reads many rows:
     this filter walks the sort order's index like the others.
     """
+    include_total_size: _builtins.bool
+    """Also count the profiles that match the filters (`total_size`). The count reads up to
+    10,000 matching rows more per call: leave it off when paging through the whole table.
+    """
     def __init__(
         self,
         *,
@@ -257,10 +262,11 @@ class ListProfilesRequest(_message.Message):
         order_by: Global___ProfileOrderBy.ValueType = ...,
         sort_order: Global___SortOrder.ValueType = ...,
         name_prefix: _builtins.str = ...,
+        include_total_size: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["country", b"country", "identity_filter", b"identity_filter", "name_prefix", b"name_prefix", "order_by", b"order_by", "page_size", b"page_size", "page_token", b"page_token", "platform", b"platform", "segment_id", b"segment_id", "smart_segment", b"smart_segment", "smart_segment_flag", b"smart_segment_flag", "sort_order", b"sort_order"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["country", b"country", "identity_filter", b"identity_filter", "include_total_size", b"include_total_size", "name_prefix", b"name_prefix", "order_by", b"order_by", "page_size", b"page_size", "page_token", b"page_token", "platform", b"platform", "segment_id", b"segment_id", "smart_segment", b"smart_segment", "smart_segment_flag", b"smart_segment_flag", "sort_order", b"sort_order"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -274,8 +280,16 @@ class ListProfilesResponse(_message.Message):
 
     PROFILES_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    TOTAL_SIZE_FIELD_NUMBER: _builtins.int
+    TOTAL_SIZE_IS_LOWER_BOUND_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
     """The token for the next page, opaque; empty only when this is the last page."""
+    total_size: _builtins.int
+    """With `include_total_size`: how many profiles match the filters, over every page, as of this
+    read; at most 10,000 (then `total_size_is_lower_bound` is true). 0 otherwise.
+    """
+    total_size_is_lower_bound: _builtins.bool
+    """True when the count stopped at 10,000: at least that many profiles match."""
     @_builtins.property
     def profiles(self) -> _containers.RepeatedCompositeFieldContainer[Global___ProfileRow]:
         """The rows, in the requested order."""
@@ -285,10 +299,12 @@ class ListProfilesResponse(_message.Message):
         *,
         profiles: _abc.Iterable[Global___ProfileRow] | None = ...,
         next_page_token: _builtins.str = ...,
+        total_size: _builtins.int = ...,
+        total_size_is_lower_bound: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "profiles", b"profiles"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "profiles", b"profiles", "total_size", b"total_size", "total_size_is_lower_bound", b"total_size_is_lower_bound"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
