@@ -20,6 +20,8 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 from zoneinfo import available_timezones
 
+from shared import contract_rules
+
 # Rejection reasons: stable codes listed on IngestService in the contract.
 EVENT_ID_INVALID = "EVENT_ID_INVALID"
 ORIGIN_MISSING = "ORIGIN_MISSING"
@@ -28,6 +30,9 @@ CUSTOM_ID_INVALID = "CUSTOM_ID_INVALID"
 ERASED = "ERASED"
 PLATFORM_MISSING = "PLATFORM_MISSING"
 EVENT_TIME_MISSING = "EVENT_TIME_MISSING"
+# A Timestamp outside its documented range (years 1 to 9999, nanos 0 to 999,999,999): the code
+# every other request gets for one from the contract's interceptor.
+TIMESTAMP_INVALID = contract_rules.TIMESTAMP_INVALID
 EVENT_TIME_IN_FUTURE = "EVENT_TIME_IN_FUTURE"
 EVENT_TIME_TOO_OLD = "EVENT_TIME_TOO_OLD"
 PAYLOAD_MISSING = "PAYLOAD_MISSING"

@@ -181,6 +181,9 @@ def validate_request(event_count: int, request_bytes: int, *, path: str = "event
         )
 
 
+NOT_A_TIME = "is not a time between years 1 and 9999 (nanos 0 to 999999999)"
+
+
 def _ns_of(stamp: Timestamp) -> int | None:
     """Nanoseconds since the epoch, or None for a malformed Timestamp."""
     nanos = stamp.nanos  # each read of a message field costs a lookup: once each
@@ -740,16 +743,16 @@ class BatchValidator:
             raise Invalid(model.EVENT_TIME_MISSING, "event_time", "event_time is required")
         event_ns = _ns_of(event.event_time)
         if event_ns is None:
-            raise Invalid(model.EVENT_TIME_MISSING, "event_time", "event_time is malformed")
+            raise Invalid(model.TIMESTAMP_INVALID, "event_time", f"event_time {NOT_A_TIME}")
         if event.HasField("send_time"):
             send_ns = _ns_of(event.send_time)
             if send_ns is None:
-                raise Invalid(model.EVENT_TIME_MISSING, "send_time", "send_time is malformed")
+                raise Invalid(model.TIMESTAMP_INVALID, "send_time", f"send_time {NOT_A_TIME}")
         else:
             send_ns = self._request_send_ns
             if send_ns == -1:
                 path = "request.send_time"
-                raise Invalid(model.EVENT_TIME_MISSING, path, f"{path} is malformed")
+                raise Invalid(model.TIMESTAMP_INVALID, path, f"{path} {NOT_A_TIME}")
         corrected = event_ns if send_ns is None else event_ns + (self._now_ns - send_ns)
         if corrected > self._latest_ns:
             raise Invalid(
@@ -861,6 +864,12 @@ def validate_token(index: int, token: pb.ImportedToken) -> ValidToken | Rejectio
     ):
         return Rejection(
             model.PUSH_TOKEN_INVALID, "push_token", "push_token must be 1 to 4096 characters"
+        )
+    if token.push_token != token.push_token.strip():
+        # A padded token (a CSV export's) would never match the one its SDK sends, so the
+        # installation would stay an imported one: refused, as a padded custom ID is.
+        return Rejection(
+            model.PUSH_TOKEN_INVALID, "push_token", "push_token must not start or end with spaces"
         )
     custom_id = token.custom_id or None
     if custom_id is not None:

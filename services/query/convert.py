@@ -43,6 +43,7 @@ from services.query.views import (
     SessionView,
     TimelineItem,
 )
+from shared import convert as shared_convert
 from shared.convert import set_timestamp as set_time
 from shared.errors import FieldViolation
 
@@ -164,12 +165,11 @@ def _violation(field: str, why: str) -> FieldViolation:
 
 
 def profile_id_of(text: str, field: str = "profile_id") -> UUID:
+    """A UUID in canonical form, as every service reads one (shared.convert.profile_id_of:
+    braces, URNs or missing hyphens are refused, not read as the same ID)."""
     if not text:
         raise _invalid(field, "is required")
-    try:
-        return UUID(text)
-    except ValueError:
-        raise _invalid(field, "is not a UUID") from None
+    return shared_convert.profile_id_of(text, field, error=RequestInvalid)
 
 
 def lookup_from_proto(request: pb.GetProfileRequest) -> Lookup:
@@ -294,9 +294,9 @@ def profiles_query_from_proto(request: pb.ListProfilesRequest) -> ProfilesQuery:
     segment_id = None
     if request.segment_id:
         try:
-            segment_id = UUID(request.segment_id)
-        except ValueError:
-            violations.append(_violation("segment_id", "is not a UUID"))
+            segment_id = profile_id_of(request.segment_id, "segment_id")
+        except RequestInvalid as invalid:
+            violations.extend(invalid.violations)
     for name, known in PROFILES_QUERY_ENUMS.items():
         if getattr(request, name) not in known:
             violations.append(_violation(name, "is not a known value"))

@@ -436,3 +436,44 @@ async def test_small_rejected_events_still_fill_a_page_of_page_size(suite: Suite
     )
     assert [r.event_id for r in rest.rejected_events] == event_ids[25:]
     assert rest.next_page_token == ""
+
+
+async def test_ids_are_read_in_canonical_form_only_as_every_service_reads_them(
+    suite: Suite,
+) -> None:
+    """Query reads a profile or segment ID by the rule identity and segments use
+    (shared.convert.profile_id_of): a hyphenated UUID in either case; braces, a URN or missing
+    hyphens are INVALID_ARGUMENT on the field, never another spelling of the same ID."""
+    inst = new_id()
+    await suite.track(custom_event(inst, time=NOW - timedelta(minutes=1)))
+    profile_id = await suite.identity.profile_of(inst)
+    spellings = [
+        "{" + profile_id + "}",
+        "urn:uuid:" + profile_id,
+        profile_id.replace("-", ""),
+        " " + profile_id,
+    ]
+    requests: list[tuple[str, Any]] = [
+        ("GetProfile", lambda text: pb.GetProfileRequest(profile_id=text)),
+        ("ListEvents", lambda text: pb.ListEventsRequest(profile_id=text)),
+        ("ListSessions", lambda text: pb.ListSessionsRequest(profile_id=text)),
+        (
+            "GetActivity",
+            lambda text: pb.GetActivityRequest(
+                profile_id=text, start_date="2030-01-01", end_date="2030-01-02"
+            ),
+        ),
+    ]
+    for rpc, request in requests:
+        answered = await suite.call(rpc, request(profile_id.upper()))  # either case
+        assert answered is not None
+        for text in spellings:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await suite.call(rpc, request(text))
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (rpc, text)
+            assert violations(caught.value) == ["profile_id"], (rpc, text)
+    segment_id = str(uuid.uuid4())
+    for text in ["{" + segment_id + "}", segment_id.replace("-", "")]:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await suite.call("ListProfiles", pb.ListProfilesRequest(segment_id=text))
+        assert violations(caught.value) == ["segment_id"], text

@@ -15,14 +15,16 @@ from profiles.common.v1 import types_pb2
 from profiles.ingest.v1 import ingest_service_pb2 as pb
 from services.ingest import model
 from services.ingest.errors import BatchInvalid
-from services.ingest.model import AttributeOperation, Value
+from services.ingest.model import AttributeOperation, Rejection, Value
 from services.ingest.validation import (
     RejectedEvent,
     ValidEvent,
+    ValidToken,
     duration_json,
     validate_event,
     validate_events,
     validate_request,
+    validate_token,
 )
 
 NOW = datetime(2030, 6, 1, 12, 0, tzinfo=UTC)
@@ -312,10 +314,14 @@ def test_the_request_send_time_applies_when_the_event_has_none() -> None:
 
 
 def test_a_malformed_timestamp_is_rejected_not_raised() -> None:
+    # The contract's code for a Timestamp outside its range, as on every other request; a
+    # missing event time is EVENT_TIME_MISSING (above).
     event = edited(lambda e: setattr(e.event_time, "nanos", -5))
-    assert reason(event) == model.EVENT_TIME_MISSING
+    assert (reason(event), path(event)) == (model.TIMESTAMP_INVALID, "event_time")
     huge = edited(lambda e: setattr(e.event_time, "seconds", 2**62))
-    assert reason(huge) == model.EVENT_TIME_MISSING  # outside the Timestamp range
+    assert (reason(huge), path(huge)) == (model.TIMESTAMP_INVALID, "event_time")
+    sent = edited(lambda e: setattr(e.send_time, "seconds", -(2**40)))
+    assert (reason(sent), path(sent)) == (model.TIMESTAMP_INVALID, "send_time")
 
 
 def test_field_paths_name_the_offending_attribute() -> None:
@@ -452,3 +458,17 @@ def test_validate_events_keeps_every_field_of_each_event() -> None:
     assert valid[1].session_id == "s"
     assert valid[1].name == "view"
     assert valid[1].operations == ()
+
+
+def test_an_imported_push_token_is_refused_when_padded_with_whitespace() -> None:
+    for padded in (" apns-1", "apns-1\n", "\tapns-1", "apns-1 "):
+        rejection = validate_token(
+            0, pb.ImportedToken(platform=types_pb2.PLATFORM_IOS, push_token=padded)
+        )
+        assert isinstance(rejection, Rejection), padded
+        assert (rejection.reason, rejection.field_path) == (model.PUSH_TOKEN_INVALID, "push_token")
+    valid = validate_token(
+        0, pb.ImportedToken(platform=types_pb2.PLATFORM_IOS, push_token="apns 1")
+    )
+    assert isinstance(valid, ValidToken)
+    assert valid.push_token == "apns 1"

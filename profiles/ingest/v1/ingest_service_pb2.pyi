@@ -1011,8 +1011,8 @@ class TokenResult(_message.Message):
     outcome: Global___TokenOutcome.ValueType
     """What happened."""
     reason: _builtins.str
-    """For REJECTED: PLATFORM_INVALID, PUSH_TOKEN_INVALID, CUSTOM_ID_INVALID or ERASED. Empty
-    otherwise.
+    """For REJECTED: PLATFORM_INVALID, PUSH_TOKEN_INVALID (empty, over 4,096 characters, or
+    starting or ending with whitespace), CUSTOM_ID_INVALID or ERASED. Empty otherwise.
     """
     installation_id: _builtins.str
     """The installation holding the token: the one created (IMPORTED) or the existing one

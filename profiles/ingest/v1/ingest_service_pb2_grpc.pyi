@@ -40,8 +40,9 @@ class IngestServiceStub:
     custom_id), INSTALLATION_ID_INVALID (empty or over 128 characters), CUSTOM_ID_INVALID (over
     512 characters, whitespace-padded or a junk value such as "null"), ERASED (custom ID
     quarantined after an erasure; kept without payload), PLATFORM_MISSING, EVENT_TIME_MISSING,
-    EVENT_TIME_IN_FUTURE (over 10 minutes ahead after skew correction), EVENT_TIME_TOO_OLD (over
-    30 days old; use ImportEvents), PAYLOAD_MISSING, SESSION_ID_INVALID (missing on a session
+    TIMESTAMP_INVALID (`event_time` or `send_time` outside years 1 to 9999, or nanos outside 0
+    to 999,999,999), EVENT_TIME_IN_FUTURE (over 10 minutes ahead after skew correction),
+    EVENT_TIME_TOO_OLD (over 30 days old; use ImportEvents), PAYLOAD_MISSING, SESSION_ID_INVALID (missing on a session
     event, or over 64 characters), NAME_INVALID, LABEL_INVALID, ATTRIBUTE_NAME_INVALID,
     TOO_MANY_ATTRIBUTES, VALUE_INVALID (wrong type for the operation, string over 300 characters,
     bad URL, list over 25 items), OPERATION_INVALID (kind not allowed on that attribute),
@@ -105,8 +106,9 @@ class IngestServiceAsyncStub(IngestServiceStub):
     custom_id), INSTALLATION_ID_INVALID (empty or over 128 characters), CUSTOM_ID_INVALID (over
     512 characters, whitespace-padded or a junk value such as "null"), ERASED (custom ID
     quarantined after an erasure; kept without payload), PLATFORM_MISSING, EVENT_TIME_MISSING,
-    EVENT_TIME_IN_FUTURE (over 10 minutes ahead after skew correction), EVENT_TIME_TOO_OLD (over
-    30 days old; use ImportEvents), PAYLOAD_MISSING, SESSION_ID_INVALID (missing on a session
+    TIMESTAMP_INVALID (`event_time` or `send_time` outside years 1 to 9999, or nanos outside 0
+    to 999,999,999), EVENT_TIME_IN_FUTURE (over 10 minutes ahead after skew correction),
+    EVENT_TIME_TOO_OLD (over 30 days old; use ImportEvents), PAYLOAD_MISSING, SESSION_ID_INVALID (missing on a session
     event, or over 64 characters), NAME_INVALID, LABEL_INVALID, ATTRIBUTE_NAME_INVALID,
     TOO_MANY_ATTRIBUTES, VALUE_INVALID (wrong type for the operation, string over 300 characters,
     bad URL, list over 25 items), OPERATION_INVALID (kind not allowed on that attribute),
@@ -166,8 +168,9 @@ class IngestServiceServicer(metaclass=_abc_1.ABCMeta):
     custom_id), INSTALLATION_ID_INVALID (empty or over 128 characters), CUSTOM_ID_INVALID (over
     512 characters, whitespace-padded or a junk value such as "null"), ERASED (custom ID
     quarantined after an erasure; kept without payload), PLATFORM_MISSING, EVENT_TIME_MISSING,
-    EVENT_TIME_IN_FUTURE (over 10 minutes ahead after skew correction), EVENT_TIME_TOO_OLD (over
-    30 days old; use ImportEvents), PAYLOAD_MISSING, SESSION_ID_INVALID (missing on a session
+    TIMESTAMP_INVALID (`event_time` or `send_time` outside years 1 to 9999, or nanos outside 0
+    to 999,999,999), EVENT_TIME_IN_FUTURE (over 10 minutes ahead after skew correction),
+    EVENT_TIME_TOO_OLD (over 30 days old; use ImportEvents), PAYLOAD_MISSING, SESSION_ID_INVALID (missing on a session
     event, or over 64 characters), NAME_INVALID, LABEL_INVALID, ATTRIBUTE_NAME_INVALID,
     TOO_MANY_ATTRIBUTES, VALUE_INVALID (wrong type for the operation, string over 300 characters,
     bad URL, list over 25 items), OPERATION_INVALID (kind not allowed on that attribute),
