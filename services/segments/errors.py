@@ -23,6 +23,12 @@ class CursorInvalid(InvalidArgument):
     reason = "CURSOR_INVALID"
 
 
+class StartTimeInvalid(InvalidArgument):
+    """A watch's `start_time` further ahead than clocks drift."""
+
+    reason = "START_TIME_INVALID"
+
+
 class SegmentFilterInvalid(InvalidArgument):
     """A watch filter naming SMART_SEGMENT_UNSPECIFIED or SMART_SEGMENT_FLAG_UNSPECIFIED."""
 

@@ -32,6 +32,7 @@ from services.segments.errors import (
     CursorInvalid,
     ProfileNotFound,
     RecomputeInterrupted,
+    StartTimeInvalid,
 )
 from services.segments.model import (
     ALL_PLATFORMS,
@@ -69,6 +70,8 @@ T = TypeVar("T")
 MAX_HOPS = 4
 RACE_RETRIES = 3
 WATCH_BATCH = 500
+# How far ahead of the server's clock a watch's start_time may be (a client's clock drift).
+WATCH_START_AHEAD_LIMIT_MS = 10 * 60 * 1000
 # Profiles reclassified per transaction of RecomputeAll (and between two progress updates).
 RECOMPUTE_BATCH = 200
 # How often a RecomputeAll follower hears about progress within a phase.
@@ -416,7 +419,8 @@ class SegmentsService:
         `start.after` is older than the project's retention or than the oldest retained entry."""
         settings = await self._tenancy.get_settings(project_id)
         retention_ms = int(settings["segments.change_retention_days"]) * 86_400_000
-        oldest_ms = await self._changes.server_time_ms() - retention_ms
+        now_ms = await self._changes.server_time_ms()
+        oldest_ms = now_ms - retention_ms
         if start.after is not None:
             parsed = parse_cursor(start.after)
             assert parsed is not None  # checked by the servicer
@@ -442,6 +446,15 @@ class SegmentsService:
                 )
             cursor = start.after
         elif start.time_ms is not None:
+            # Further ahead than clocks drift, no change can carry the time yet: the watch would
+            # wait silently until then (seconds sent as milliseconds, a year off), as it would
+            # after a cursor ahead of the stream.
+            if start.time_ms > now_ms + WATCH_START_AHEAD_LIMIT_MS:
+                problem = "is more than 10 minutes ahead of the server's clock"
+                raise StartTimeInvalid(
+                    f"start_time {problem}",
+                    [FieldViolation("start_time", problem, StartTimeInvalid.reason)],
+                )
             cursor = cursor_before(max(start.time_ms, oldest_ms))
         else:
             cursor = await self._changes.last_cursor()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -301,6 +301,13 @@ async def test_bad_watch_requests_are_refused(segments: Segments) -> None:
             [],
         ),
     ]
+    # A start time no change can carry yet: the watch would wait silently until then.
+    for ahead in (timedelta(minutes=11), timedelta(days=365 * 7000)):
+        future = pb.WatchSegmentChangesRequest()
+        future.start_time.FromDatetime(datetime.now(UTC) + ahead)
+        cases.append(
+            (future, grpc.StatusCode.INVALID_ARGUMENT, "START_TIME_INVALID", ["start_time"])
+        )
     for request, code, reason, fields in cases:
         call = segments.stub.WatchSegmentChanges(request, metadata=segments.read)
         with pytest.raises(grpc.aio.AioRpcError) as error:

@@ -509,7 +509,8 @@ class WatchSegmentChangesRequest(_message.Message):
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp:
         """Starts at the first retained change appended at or after this time; a time before the
-        retention starts at the oldest retained change.
+        retention starts at the oldest retained change, and one over 10 minutes ahead of the
+        server's clock is INVALID_ARGUMENT (START_TIME_INVALID: no change carries it yet).
         """
 
     def __init__(

@@ -82,7 +82,8 @@ class SegmentsServiceStub:
     slow reader reads at its own pace from the durable stream (no server-side buffer grows).
     The stream runs until the client cancels or the server shuts down (UNAVAILABLE: reconnect
     with `start_after`). Read or admin. Errors: INVALID_ARGUMENT (`start_after` malformed,
-    segment filter UNSPECIFIED), NOT_FOUND (`custom_segment_id` unknown), FAILED_PRECONDITION
+    `start_time` over 10 minutes ahead of the server's clock, segment filter UNSPECIFIED),
+    NOT_FOUND (`custom_segment_id` unknown), FAILED_PRECONDITION
     with reason CURSOR_EXPIRED (`start_after` is older than the retention; resume from
     `start_time` instead, accepting a gap).
     """
@@ -170,7 +171,8 @@ class SegmentsServiceAsyncStub(SegmentsServiceStub):
     slow reader reads at its own pace from the durable stream (no server-side buffer grows).
     The stream runs until the client cancels or the server shuts down (UNAVAILABLE: reconnect
     with `start_after`). Read or admin. Errors: INVALID_ARGUMENT (`start_after` malformed,
-    segment filter UNSPECIFIED), NOT_FOUND (`custom_segment_id` unknown), FAILED_PRECONDITION
+    `start_time` over 10 minutes ahead of the server's clock, segment filter UNSPECIFIED),
+    NOT_FOUND (`custom_segment_id` unknown), FAILED_PRECONDITION
     with reason CURSOR_EXPIRED (`start_after` is older than the retention; resume from
     `start_time` instead, accepting a gap).
     """
@@ -297,7 +299,8 @@ class SegmentsServiceServicer(metaclass=_abc_1.ABCMeta):
         slow reader reads at its own pace from the durable stream (no server-side buffer grows).
         The stream runs until the client cancels or the server shuts down (UNAVAILABLE: reconnect
         with `start_after`). Read or admin. Errors: INVALID_ARGUMENT (`start_after` malformed,
-        segment filter UNSPECIFIED), NOT_FOUND (`custom_segment_id` unknown), FAILED_PRECONDITION
+        `start_time` over 10 minutes ahead of the server's clock, segment filter UNSPECIFIED),
+        NOT_FOUND (`custom_segment_id` unknown), FAILED_PRECONDITION
         with reason CURSOR_EXPIRED (`start_after` is older than the retention; resume from
         `start_time` instead, accepting a gap).
         """
