@@ -42,6 +42,7 @@ from services.query.views import (
     RejectedView,
     SessionView,
     TimelineItem,
+    UsersTableFilters,
 )
 from shared import convert as shared_convert
 from shared.convert import set_timestamp as set_time
@@ -309,15 +310,17 @@ def profiles_query_from_proto(request: pb.ListProfilesRequest) -> ProfilesQuery:
     return ProfilesQuery(
         page_size=request.page_size,
         page_token=request.page_token,
-        identity_filter=request.identity_filter,
-        smart_segment=request.smart_segment,
-        smart_segment_flag=request.smart_segment_flag,
-        platform=request.platform,
-        country=request.country.upper(),
-        segment_id=segment_id,
+        filters=UsersTableFilters(
+            identity_filter=request.identity_filter,
+            platform=request.platform,
+            country=request.country.upper(),
+            smart_segment=request.smart_segment,
+            smart_segment_flag=request.smart_segment_flag,
+            name_prefix=name_prefix,
+            segment_id=segment_id,
+        ),
         order_by=request.order_by or pb.PROFILE_ORDER_BY_LAST_SEEN,
         ascending=request.sort_order == pb.SORT_ORDER_ASCENDING,
-        name_prefix=name_prefix,
         include_total_size=request.include_total_size,
     )
 

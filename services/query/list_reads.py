@@ -23,6 +23,7 @@ from services.query.paging import (
 from services.query.views import (
     ProfileRowView,
     RejectedView,
+    UsersTableFilters,
 )
 
 # -- rejected events --------------------------------------------------------------------------
@@ -173,6 +174,24 @@ SELECT_SEGMENT_EXISTS = """
     SELECT 1 FROM segments_read_custom_segments() WHERE project_id = $1 AND segment_id = $2"""
 
 
+def _filter_arguments(filters: UsersTableFilters) -> tuple[int, int, str, int, int]:
+    """$3 to $7 of the users table's statements."""
+    return (
+        filters.identity_filter,
+        filters.platform,
+        filters.country,
+        filters.smart_segment,
+        filters.smart_segment_flag,
+    )
+
+
+def _name_and_segment(filters: UsersTableFilters) -> tuple[object, ...]:
+    """The name, then the segment when there is one (its statements' last arguments)."""
+    if filters.segment_id is None:
+        return (filters.name_prefix,)
+    return (filters.name_prefix, filters.segment_id)
+
+
 class ListReads:
     """The lists' statements, on the connection of QueryReads."""
 
@@ -240,58 +259,34 @@ class ListReads:
         return row[0], row[1]
 
     async def profile_rows_count(
-        self,
-        project_id: UUID,
-        *,
-        now: datetime,
-        identity_filter: int,
-        platform: int,
-        country: str,
-        smart_segment: int,
-        smart_segment_flag: int,
-        limit: int,
-        name_prefix: str = "",
-        segment_id: UUID | None = None,
+        self, project_id: UUID, filters: UsersTableFilters, *, now: datetime, limit: int
     ) -> int:
-        """How many profiles match the filters (as profile_rows_page takes them), counting up
-        to `limit`."""
-        in_segment = () if segment_id is None else (segment_id,)
+        """How many profiles match the filters, counting up to `limit`."""
         count = await self._conn.fetchval(
-            SELECT_PROFILE_ROWS_COUNT[bool(in_segment)],
+            SELECT_PROFILE_ROWS_COUNT[filters.segment_id is not None],
             project_id,
             now,
-            identity_filter,
-            platform,
-            country,
-            smart_segment,
-            smart_segment_flag,
+            *_filter_arguments(filters),
             limit,
-            name_prefix,
-            *in_segment,
+            *_name_and_segment(filters),
         )
         return cast(int, count)
 
     async def profile_rows_page(
         self,
         project_id: UUID,
+        filters: UsersTableFilters,
         *,
         now: datetime,
-        identity_filter: int,
-        platform: int,
-        country: str,
-        smart_segment: int,
-        smart_segment_flag: int,
         order_by: int,
         ascending: bool,
         after: tuple[int | datetime | str | None, UUID] | None,
         limit: int,
-        name_prefix: str = "",
-        segment_id: UUID | None = None,
     ) -> list[tuple[int | datetime | str | None, ProfileRowView]]:
         """A page of the users table after `after` (sort value, None for a profile never seen;
-        profile ID), or from the start; each row with its sort value. With `name_prefix`
-        (normalized: no surrounding spaces, no runs of them), only profiles with a word of their
-        name starting with it; with `segment_id`, only the members of that custom segment."""
+        profile ID), or from the start; each row with its sort value. With a name, only
+        profiles with a word of their name starting with it; with a segment, only the members
+        of that custom segment."""
         column_type = PROFILE_SORT_COLUMNS[order_by][1]
         in_unseen = after is not None and after[0] is None
         start: tuple[int | datetime | str | None, UUID]
@@ -307,23 +302,17 @@ class ListReads:
         else:
             start = after
         unseen_after = after[1] if after is not None and in_unseen else NIL_UUID
-        in_segment = () if segment_id is None else (segment_id,)
         rows = await self._conn.fetch(
-            SELECT_PROFILE_ROWS_PAGE[(order_by, ascending, bool(in_segment))],
+            SELECT_PROFILE_ROWS_PAGE[(order_by, ascending, filters.segment_id is not None)],
             project_id,
             now,
-            identity_filter,
-            platform,
-            country,
-            smart_segment,
-            smart_segment_flag,
+            *_filter_arguments(filters),
             in_unseen,
             start[0],
             start[1],
             unseen_after,
             limit,
-            name_prefix,
-            *in_segment,
+            *_name_and_segment(filters),
         )
         return [
             (

@@ -5,7 +5,7 @@ resolution, paging (keysets and snapshots) and arithmetic over what was read."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
 from typing import Literal
 from uuid import UUID
@@ -31,6 +31,7 @@ from services.query.views import (
     SubscriptionRateView,
     TimelineItem,
     TotalSize,
+    UsersTableFilters,
 )
 from shared.clock import Clock
 
@@ -141,15 +142,9 @@ class RejectedQuery:
 class ProfilesQuery:
     page_size: int
     page_token: str
-    identity_filter: int = 0
-    smart_segment: int = 0
-    smart_segment_flag: int = 0
-    platform: int = 0
-    country: str = ""
-    segment_id: UUID | None = None
+    filters: UsersTableFilters = field(default_factory=UsersTableFilters)
     order_by: int = 1  # ProfileOrderBy: 1 last seen, 2 sessions, 3 time spent, 4 name
     ascending: bool = False
-    name_prefix: str = ""  # spaces normalized; empty for no filter
     include_total_size: bool = False
 
 
@@ -160,16 +155,11 @@ class Activity:
     days: tuple[DayView, ...]
 
 
-def counted_by_rollups(query: ProfilesQuery) -> bool:
+def counted_by_rollups(filters: UsersTableFilters) -> bool:
     """Whether the rollups' counters hold the users table's size for these filters: the
     identity tabs (all, identified, anonymous) on all or one platform, nothing else."""
-    return (
-        query.identity_filter in (0, IDENTIFIED_ONLY, ANONYMOUS_ONLY)
-        and not query.country
-        and not query.smart_segment
-        and not query.smart_segment_flag
-        and query.segment_id is None
-        and not query.name_prefix
+    return filters.identity_filter in (0, IDENTIFIED_ONLY, ANONYMOUS_ONLY) and filters == (
+        UsersTableFilters(identity_filter=filters.identity_filter, platform=filters.platform)
     )
 
 
@@ -471,20 +461,21 @@ class QueryService:
         `include_total_size`, also how many profiles match, counted up to TOTAL_SIZE_LIMIT in
         the page's read. Raises PageTokenInvalid, SegmentNotFound."""
         size = paging.page_size(query.page_size)
+        filters = query.filters
         bound_to = paging.fingerprint(
             # Tokens of the direct-SQL users table (sort keys negated) are not valid here.
             "profiles-projection",
             project_id,
-            query.identity_filter,
-            query.smart_segment,
-            query.smart_segment_flag,
-            query.platform,
-            query.country,
+            filters.identity_filter,
+            filters.smart_segment,
+            filters.smart_segment_flag,
+            filters.platform,
+            filters.country,
             query.order_by,
             query.ascending,
-            query.segment_id,
+            filters.segment_id,
             # Only when set: tokens issued before the filter existed stay valid without it.
-            *((query.name_prefix,) if query.name_prefix else ()),
+            *((filters.name_prefix,) if filters.name_prefix else ()),
         )
         after: tuple[int | datetime | str | None, UUID] | None = None
         if query.page_token:
@@ -493,8 +484,8 @@ class QueryService:
             )
             after = (position["k"], position["p"])
         async with self._repository.reads() as reads:
-            if query.segment_id is not None and not await reads.segment_exists(
-                project_id, query.segment_id
+            if filters.segment_id is not None and not await reads.segment_exists(
+                project_id, filters.segment_id
             ):
                 raise SegmentNotFound(
                     "no such custom segment in this project", metadata={"field": "segment_id"}
@@ -502,40 +493,25 @@ class QueryService:
             now = self._clock.now()
             rows = await reads.profile_rows_page(
                 project_id,
+                filters,
                 now=now,
-                identity_filter=query.identity_filter,
-                platform=query.platform,
-                country=query.country,
-                smart_segment=query.smart_segment,
-                smart_segment_flag=query.smart_segment_flag,
                 order_by=query.order_by,
                 ascending=query.ascending,
                 after=after,
                 limit=size + 1,
-                name_prefix=query.name_prefix,
-                segment_id=query.segment_id,
             )
             total = None
-            if query.include_total_size and counted_by_rollups(query):
-                profiles, identified = await reads.profile_counters(project_id, query.platform)
+            if query.include_total_size and counted_by_rollups(filters):
+                profiles, identified = await reads.profile_counters(project_id, filters.platform)
                 total = TotalSize(
                     {IDENTIFIED_ONLY: identified, ANONYMOUS_ONLY: profiles - identified}.get(
-                        query.identity_filter, profiles
+                        filters.identity_filter, profiles
                     ),
                     at_least=False,
                 )
             elif query.include_total_size:
                 counted = await reads.profile_rows_count(
-                    project_id,
-                    now=now,
-                    identity_filter=query.identity_filter,
-                    platform=query.platform,
-                    country=query.country,
-                    smart_segment=query.smart_segment,
-                    smart_segment_flag=query.smart_segment_flag,
-                    limit=TOTAL_SIZE_LIMIT + 1,
-                    name_prefix=query.name_prefix,
-                    segment_id=query.segment_id,
+                    project_id, filters, now=now, limit=TOTAL_SIZE_LIMIT + 1
                 )
                 total = TotalSize(
                     min(counted, TOTAL_SIZE_LIMIT), at_least=counted > TOTAL_SIZE_LIMIT

@@ -176,6 +176,19 @@ class Page(Generic[T]):
 
 
 @dataclass(frozen=True, slots=True)
+class UsersTableFilters:
+    """The users table's filters (ListProfiles), 0 or empty when not asked for."""
+
+    identity_filter: int = 0  # ProfileIdentityFilter
+    platform: int = 0
+    country: str = ""
+    smart_segment: int = 0
+    smart_segment_flag: int = 0
+    name_prefix: str = ""  # spaces normalized
+    segment_id: UUID | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class TotalSize:
     """How many items a list's filters match, counted up to a limit: `at_least` when the
     count stopped there."""

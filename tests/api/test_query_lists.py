@@ -25,6 +25,7 @@ from tests.support.query import (
     crash,
     custom_event,
     op,
+    pages,
     session_end,
     session_start,
     start_suite,
@@ -35,19 +36,6 @@ from tests.support.retention import RETENTION_MODES, apply_retention, make_month
 @pytest.fixture
 async def suite(start_services, settings_for_test, project, database_url) -> Suite:  # type: ignore[no-untyped-def]
     return await start_suite(start_services, settings_for_test, project, database_url)
-
-
-async def pages(suite: Suite, rpc: str, request: Any, field: str, between: Any = None) -> list[Any]:
-    """Every item over every page; `between` runs after each page (to write meanwhile)."""
-    items: list[Any] = []
-    while True:
-        reply = await suite.call(rpc, request)
-        items.extend(getattr(reply, field))
-        if between is not None:
-            await between()
-        if not reply.next_page_token:
-            return items
-        request.page_token = reply.next_page_token
 
 
 async def test_events_page_newest_first_without_gaps_or_repeats_while_events_arrive(

@@ -21,6 +21,7 @@ from tests.support.query import (
     attribute_event,
     custom_event,
     op,
+    pages,
     session_start,
     start_suite,
 )
@@ -66,14 +67,10 @@ async def suite(start_services, settings_for_test, project, database_url) -> Sui
 
 
 async def every_row(suite: Suite, **fields: Any) -> list[pb.ProfileRow]:
-    rows: list[pb.ProfileRow] = []
-    request = pb.ListProfilesRequest(page_size=2, **fields)
-    while True:
-        reply = await suite.call("ListProfiles", request)
-        rows.extend(reply.profiles)
-        if not reply.next_page_token:
-            return rows
-        request.page_token = reply.next_page_token
+    """Every row of the users table, two a page."""
+    return await pages(
+        suite, "ListProfiles", pb.ListProfilesRequest(page_size=2, **fields), "profiles"
+    )
 
 
 async def test_name_search_finds_exactly_the_profiles_a_word_of_whose_name_starts_the_text(

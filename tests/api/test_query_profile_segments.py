@@ -20,7 +20,7 @@ from profiles.segments.v1 import segments_service_pb2 as segments_pb
 from profiles.segments.v1 import segments_service_pb2_grpc as segments_grpc
 from tests.conftest import create_test_project, eventually
 from tests.support.identity import new_id
-from tests.support.query import NOW, Suite, session_end, session_start, start_suite
+from tests.support.query import NOW, Suite, pages, session_end, session_start, start_suite
 from tests.support.segments_custom import (
     attribute,
     custom_event,
@@ -183,13 +183,7 @@ SORTS = [
 async def users_table(suite: Suite, **fields: Any) -> list[str]:
     """Every row's profile ID over every page of ListProfiles, one row a page."""
     request = query_pb.ListProfilesRequest(page_size=1, **fields)
-    found: list[str] = []
-    while True:
-        reply = await suite.call("ListProfiles", request)
-        found.extend(r.profile_id for r in reply.profiles)
-        if not reply.next_page_token:
-            return found
-        request.page_token = reply.next_page_token
+    return [r.profile_id for r in await pages(suite, "ListProfiles", request, "profiles")]
 
 
 async def test_the_users_table_of_a_custom_segment_lists_its_members_in_every_order(

@@ -366,3 +366,17 @@ def overview_figures(overview: Any) -> dict[str, Any]:
         "regions": values(overview.regions),
         "countries": values(overview.countries),
     }
+
+
+async def pages(suite: Suite, rpc: str, request: Any, field: str, between: Any = None) -> list[Any]:
+    """Every item over every page of a list RPC; `between` runs after each page (to write
+    meanwhile)."""
+    items: list[Any] = []
+    while True:
+        reply = await suite.call(rpc, request)
+        items.extend(getattr(reply, field))
+        if between is not None:
+            await between()
+        if not reply.next_page_token:
+            return items
+        request.page_token = reply.next_page_token
