@@ -95,8 +95,9 @@ PROFILE_ROWS_FROM = f"""
 SMART_SEGMENT_JOIN = """
     LEFT JOIN LATERAL segments_read_smart_segment(q.project_id, q.profile_id, $2) sg ON true"""
 # The same for a count, read only when a smart segment or flag filter asks for it: a count reads
-# up to TOTAL_SIZE_LIMIT rows, and each row's smart segment costs about 20 us (the quick console
-# bench's users page went from 8 to 240 ms with it), for nothing when no filter needs it.
+# up to TOTAL_SIZE_LIMIT rows, and each row's smart segment costs about 20 us (0.2 s for 10,000
+# rows, which made the quick console bench's users page fall behind its 40 pages a second), for
+# nothing when no filter needs it.
 SMART_SEGMENT_JOIN_IF_FILTERED = """
     LEFT JOIN LATERAL (
         SELECT * FROM segments_read_smart_segment(q.project_id, q.profile_id, $2)
