@@ -526,9 +526,26 @@ async def search(request: Request, session: ConsoleSession) -> Response:
             return RedirectResponse(f"/profiles/{reply.profile.summary.profile_id}", 303)
         else:
             if names_searched(text, kind):
-                return RedirectResponse("/users?" + urlencode({"name": text}), 303)
+                return await _open_by_name(console, session, text)
             context["message"] = "No profile matches."
     return render(request, "search.html", context, session=session)
+
+
+async def _open_by_name(console: Console, session: ConsoleSession, text: str) -> Response:
+    """The one profile with a word of its name starting with `text`, else the users table
+    filtered by it (several, none, or a name the service refuses: the table says which)."""
+    try:
+        reply = await console.backend.call(
+            session.key,
+            "query",
+            "ListProfiles",
+            query_pb.ListProfilesRequest(name_prefix=text, page_size=2),
+        )
+    except BadInput:
+        reply = None
+    if reply is not None and len(reply.profiles) == 1:
+        return RedirectResponse(f"/profiles/{reply.profiles[0].profile_id}", 303)
+    return RedirectResponse("/users?" + urlencode({"name": text}), 303)
 
 
 # -- profile ------------------------------------------------------------------------------------

@@ -276,6 +276,13 @@ async def test_a_person_finds_profiles_by_a_word_of_their_name(
     await expect(rows).to_have_count(1)
     await rows.first.get_by_role("link").click()
     await expect(page).to_have_url(re.compile(f"/profiles/{elodie.profile.summary.profile_id}$"))
+    # One person by that name: the search opens her profile.
+    await page.get_by_label("Find a profile").fill(f"anaïs {family}")
+    await page.get_by_role("button", name="Search").click()
+    anais = await query(
+        console_suite, "GetProfile", query_pb.GetProfileRequest(installation_id=people["Anaïs"])
+    )
+    await expect(page).to_have_url(re.compile(f"/profiles/{anais.profile.summary.profile_id}$"))
     # Nobody by that name: the table says so.
     await page.goto(console_suite.url + "/search?q=" + family + "zz")
     await expect(page.locator("table.users tbody")).to_contain_text("No profile matches.")
