@@ -131,6 +131,7 @@ def templates() -> Jinja2Templates:
     environment.globals["hbars"] = present.hbars
     environment.globals["TOKEN_MEANING"] = present.TOKEN_MEANING
     environment.globals["SMART_SEGMENTS"] = present.SMART_SEGMENTS
+    environment.globals["PLATFORM_NAMES"] = present.PLATFORM_NAMES
     environment.globals["SMART_FLAGS"] = present.SMART_FLAGS
     return Jinja2Templates(env=environment)
 

@@ -24,6 +24,8 @@ from shared.convert import datetime_of
 
 PLATFORMS = {"all": 0, "ios": 1, "android": 2, "web": 3}
 PLATFORM_LABELS = {0: "—", 1: "iOS", 2: "Android", 3: "Web", 4: "API"}
+# A platform of the overview's switch (PLATFORMS) by its label.
+PLATFORM_NAMES = {name: PLATFORM_LABELS[value] for name, value in PLATFORMS.items() if value}
 SMART_SEGMENTS = {1: "New", 2: "One-time", 3: "Engaged", 4: "Dormant"}
 SMART_FLAGS = {1: "Promising New", 2: "Promising Dormant", 3: "Risky Engaged"}
 CHANNELS = {1: "Email", 2: "SMS", 3: "Push"}

@@ -352,12 +352,18 @@ async def test_the_overview_switches_platform(page: Any, console_suite: ConsoleS
     await expect(versions.locator("tbody td:first-child").first).to_have_text(
         re.compile(r"^\S+ \((iOS|Android|Web)\)$")
     )
+    await expect(page.locator("#smart-platform")).to_have_count(0)  # all platforms: one population
     await page.get_by_role("link", name="iOS", exact=True).click()
     await expect(page).to_have_url(re.compile(r"/overview\?platform=ios$"))
     await expect(page.locator("#installs")).to_have_text(str(ios.overview.install_count))
     await expect(page.get_by_role("link", name="iOS", exact=True)).to_have_attribute(
         "aria-current", "page"
     )
+    # On one platform the profiles and the smart segments count two populations: each says so.
+    await expect(page.locator(".card", has_text="Profiles").locator(".hint")).to_contain_text(
+        "profiles with an installation on iOS"
+    )
+    await expect(page.locator("#smart-platform")).to_contain_text("sessions on iOS only")
     # What the page's script fetches every 10 s to refresh the figures in place.
     refresh = await page.locator("#overview").get_attribute("data-refresh")
     assert refresh == "/overview/fragment?platform=ios"
