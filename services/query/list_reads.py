@@ -63,7 +63,7 @@ HAS_USER_DETAILS = pb.PROFILE_IDENTITY_FILTER_HAS_USER_DETAILS
 # (segments_read_smart_segment, inlined by the planner: one primary-key read per row). Filters
 # not asked for are constants (0, ''), so one statement per sort order serves every
 # combination. The name filter ($13 in a page) is one substring test of the projection's search_name
-# against the text folded alike (query_name_key, 0044; folded once, not per row): it rides on
+# against the text folded alike (query_name_fold, 0044; folded once, not per row): it rides on
 # the walk, so a rare name reads the whole project's index (docs/benchmarks.md, Query). The
 # custom segment filter ($14 in a page) has statements of its own (PROFILE_ROWS_IN_SEGMENT), so
 # that the planner sees a plain semi-join on segments' segments_read_custom_segment_members and
@@ -88,7 +88,7 @@ PROFILE_ROWS_FROM = f"""
       AND ($6::int = 0 OR coalesce(sg.segment, 0) = $6)
       AND ($7::int = 0 OR coalesce(sg.flag, 0) = $7)
       AND (${{name}}::text = ''
-           OR strpos(q.search_name, (SELECT query_name_key(${{name}}::text))) > 0)
+           OR strpos(q.search_name, (SELECT ' ' || query_name_fold(${{name}}::text))) > 0)
       {{members}}"""
 
 # Each row's smart segment as of $2, read for every row a page walks (its columns show it).
@@ -128,7 +128,7 @@ PROFILE_SORT_COLUMNS = {
     1: ("last_seen", "timestamptz"),
     2: ("session_count", "bigint"),
     3: ("time_spent_ms", "bigint"),
-    4: ("sort_name", "text"),  # collation "C" (0012): MAX_TEXT is above every name
+    4: ("sort_name", "text"),  # folded (0044), collation "C" (0012): MAX_TEXT is above all
 }
 SELECT_PROFILE_ROWS_PAGE = {
     (order_by, ascending, in_segment): PROFILE_ROWS_PAGE.format(

@@ -69,8 +69,9 @@ class _ProfileOrderByEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Profil
     PROFILE_ORDER_BY_TIME_SPENT: _ProfileOrderBy.ValueType  # 3
     """By total time spent in sessions."""
     PROFILE_ORDER_BY_NAME: _ProfileOrderBy.ValueType  # 4
-    """By the name the table shows: "first last", else the custom ID, compared lower-cased in
-    code point order; profiles with neither (anonymous, no name) sort last.
+    """By the name the table shows: "first last", else the custom ID, compared without accents
+    and lower-cased (by Unicode's rules) in code point order ("Élodie" among the e's);
+    profiles with neither (anonymous, no name) sort last.
     """
 
 class ProfileOrderBy(_ProfileOrderBy, metaclass=_ProfileOrderByEnumTypeWrapper):
@@ -85,8 +86,9 @@ PROFILE_ORDER_BY_SESSION_COUNT: ProfileOrderBy.ValueType  # 2
 PROFILE_ORDER_BY_TIME_SPENT: ProfileOrderBy.ValueType  # 3
 """By total time spent in sessions."""
 PROFILE_ORDER_BY_NAME: ProfileOrderBy.ValueType  # 4
-"""By the name the table shows: "first last", else the custom ID, compared lower-cased in
-code point order; profiles with neither (anonymous, no name) sort last.
+"""By the name the table shows: "first last", else the custom ID, compared without accents
+and lower-cased (by Unicode's rules) in code point order ("Élodie" among the e's);
+profiles with neither (anonymous, no name) sort last.
 """
 Global___ProfileOrderBy: _TypeAlias = ProfileOrderBy  # noqa: Y015
 
@@ -237,7 +239,7 @@ class ListProfilesRequest(_message.Message):
     """The direction; default descending."""
     name_prefix: _builtins.str
     """Only profiles with a word of their name ("first last") starting with this text, ignoring
-    case by Unicode's rules ("élo" finds "Élodie Martin"; "martin", "élodie m" and
+    accents and case by Unicode's rules ("elo" finds "Élodie Martin"; "martin", "ÉLODIE M" and
     "Élodie Martin" find her too); surrounding spaces are ignored and inner runs of spaces count
     as one. At most 100 characters (INVALID_ARGUMENT on `name_prefix` beyond). Custom IDs,
     emails and phones are looked up with GetProfile instead. Empty for no filter. Profiles

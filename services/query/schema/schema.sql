@@ -8,11 +8,11 @@
 -- Functions that columns use
 -- ============================================================================================
 
-CREATE OR REPLACE FUNCTION public.query_name_key(name text)
+CREATE OR REPLACE FUNCTION public.query_name_fold(name text)
  RETURNS text
  LANGUAGE sql
  IMMUTABLE PARALLEL SAFE
-RETURN (' '::text || NULLIF(lower((NORMALIZE(regexp_replace(btrim(name), '\s+'::text, ' '::text, 'g'::text), NFC) COLLATE pg_c_utf8)), ''::text));
+RETURN lower((NORMALIZE(regexp_replace(NORMALIZE(regexp_replace(btrim(name), '\s+'::text, ' '::text, 'g'::text), NFD), '[\u0300-\u036f]'::text, ''::text, 'g'::text), NFC) COLLATE pg_c_utf8));
 
 
 -- ============================================================================================
@@ -27,9 +27,11 @@ RETURN (' '::text || NULLIF(lower((NORMALIZE(regexp_replace(btrim(name), '\s+'::
 -- "first last", else the custom ID, lower-cased; NULL for an anonymous profile without a name,
 -- which sorts last like a profile never seen. Collation "C" (code point order) so that keyset
 -- paging has a largest value to start a descending walk from, whatever the database's locale.
--- search_name: the name the users table shows, "first last", as query_name_key folds it for
--- ListProfiles' name search (0044_users_table_name_search.sql says how and why). Not indexed:
--- the filter rides on the sort order's index walk like the other filters.
+-- search_name: the name the users table shows, "first last", folded (query_name_fold) after a
+-- leading space; NULL without a name. A profile matches name_prefix when a word of its name
+-- starts with the folded text: strpos(search_name, ' ' || the folded text) > 0, one substring
+-- test per row and no pattern to escape. Not indexed: the filter rides on the sort order's
+-- index walk like the other filters.
 CREATE TABLE query_profiles (
     project_id uuid NOT NULL,
     profile_id uuid NOT NULL,
@@ -53,8 +55,8 @@ CREATE TABLE query_profiles (
     session_count bigint NOT NULL,
     time_spent_ms bigint NOT NULL,
     update_time timestamp with time zone NOT NULL,
-    sort_name text COLLATE "C" GENERATED ALWAYS AS (lower(COALESCE(NULLIF(btrim(((COALESCE(first_name, ''::text) || ' '::text) || COALESCE(last_name, ''::text))), ''::text), custom_id))) STORED,
-    search_name text COLLATE "C" GENERATED ALWAYS AS (query_name_key(((COALESCE(first_name, ''::text) || ' '::text) || COALESCE(last_name, ''::text)))) STORED,
+    search_name text COLLATE "C" GENERATED ALWAYS AS ((' '::text || NULLIF(query_name_fold(((COALESCE(first_name, ''::text) || ' '::text) || COALESCE(last_name, ''::text))), ''::text))) STORED,
+    sort_name text COLLATE "C" GENERATED ALWAYS AS (query_name_fold(COALESCE(NULLIF(btrim(((COALESCE(first_name, ''::text) || ' '::text) || COALESCE(last_name, ''::text))), ''::text), custom_id))) STORED,
     CONSTRAINT query_profiles_pkey PRIMARY KEY (project_id, profile_id)
 );
 -- The users table's sort orders: keyset paging on (value, profile_id) in both directions; a
