@@ -490,8 +490,8 @@ def lookups(text: str, kind: str) -> list[dict[str, str]]:
 
 
 def names_searched(text: str, kind: str) -> bool:
-    """Whether a search no identifier answered goes on to the users table filtered by name:
-    when asked for, or when the text could be a name (what `lookups` tries as a custom ID or an
+    """Whether a search no identifier answered goes on to names (`_open_by_name`): when asked
+    for, or when the text could be a name (what `lookups` tries as a custom ID or an
     installation ID, not an email, a phone or a UUID)."""
     if kind != "auto":
         return kind == "name"

@@ -146,8 +146,8 @@ SELECT_PROFILE_ROWS_PAGE = {
 }
 
 # How many profiles match the filters ($1 to $7, the name $9, the segment $10), counting up to
-# $8 rows: the count reads each match (and its smart segment), so it stops where a person
-# stops reading figures exactly (TOTAL_SIZE_LIMIT).
+# $8 rows: the count reads each match (and its smart segment when a filter needs it), so it
+# stops where a person stops reading figures exactly (TOTAL_SIZE_LIMIT).
 COUNT_PROFILE_ROWS = f"""
     SELECT count(*) FROM ({PROFILE_ROWS_FROM} LIMIT $8) matches"""
 SELECT_PROFILE_ROWS_COUNT = {
