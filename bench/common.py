@@ -50,6 +50,7 @@ import grpc
 import psutil
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from bench.cpu_ledger import cpu_seconds_of
 from shared.db import create_pool, migrate
 from shared.embedded import EmbeddedPostgres, EmbeddedRedis
 from shared.ports import free_port
@@ -340,10 +341,9 @@ class ChildProcess:
         """CPU time (user + system, all threads) the process has used so far."""
         assert self._process is not None
         try:
-            times = psutil.Process(self._process.pid).cpu_times()
+            return cpu_seconds_of(psutil.Process(self._process.pid))
         except psutil.Error as exc:
             raise BenchError(f"{self.label} is gone: {exc}") from exc
-        return float(times.user + times.system)
 
     def log_tail(self, lines: int = 20) -> str:
         try:

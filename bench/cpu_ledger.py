@@ -40,20 +40,20 @@ class CpuLedger:
         return {p.label: p.read() - self._at_start[p.label] for p in self._processes}
 
 
+def cpu_seconds_of(process: psutil.Process) -> float:
+    """The CPU seconds (user and system, all threads) the process has used so far."""
+    times = process.cpu_times()
+    return float(times.user + times.system)
+
+
 def this_process_cpu_seconds() -> float:
     """The bench process's own CPU (its load clients run here), all threads."""
-    times = psutil.Process().cpu_times()
-    return float(times.user + times.system)
+    return cpu_seconds_of(psutil.Process())
 
 
 def process_cpu_seconds(pid: int) -> Callable[[], float]:
     process = psutil.Process(pid)
-
-    def read() -> float:
-        times = process.cpu_times()
-        return float(times.user + times.system)
-
-    return read
+    return lambda: cpu_seconds_of(process)
 
 
 async def redis_server_pid(redis_url: str) -> int | None:
