@@ -10,9 +10,12 @@ the SDK retries on. Nothing is acknowledged before ingest acknowledged it.
 from __future__ import annotations
 
 import asyncio
+import json
+import math
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 from google.protobuf import struct_pb2
@@ -91,6 +94,33 @@ def _channel(address: str) -> grpc.aio.Channel:
     return grpc.aio.insecure_channel(address, options=options)
 
 
+# How deep a rejected message is kept as structure. Each JSON level is three levels of a
+# Struct, and protobuf refuses a message nested past 100 levels (ingest would refuse the whole
+# call, the good events with it): deeper parts are kept as their JSON text, cut.
+KEPT_MESSAGE_DEPTH = 12
+KEPT_TEXT_CHARS = 1_000
+
+
+def _bounded(value: Any, depth: int) -> Any:
+    """`value` with every object or list below `depth` levels replaced by its JSON text (cut to
+    KEPT_TEXT_CHARS), and NaN or an infinity (which no JSON store holds) by its name."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 2**53:
+        return str(value)  # a Struct number is a double: the digits stay exact as text
+    if not isinstance(value, dict | list):
+        return value
+    if depth <= 0:
+        try:
+            text = json.dumps(value, separators=(",", ":"), default=str)
+        except (ValueError, RecursionError):
+            text = "(unreadable)"
+        return text[:KEPT_TEXT_CHARS]
+    if isinstance(value, dict):
+        return {str(key): _bounded(item, depth - 1) for key, item in value.items()}
+    return [_bounded(item, depth - 1) for item in value]
+
+
 def untranslated_event(reject: Reject, dialect: str) -> ingest_pb.Event:
     """The event that carries an untranslatable message to ingest's rejected events."""
     event = ingest_pb.Event(event_id=reject.event_id[:64])
@@ -103,7 +133,7 @@ def untranslated_event(reject: Reject, dialect: str) -> ingest_pb.Event:
     event.untranslated.dialect = dialect
     message = struct_pb2.Struct()
     try:
-        message.update(dict(reject.message))
+        message.update(_bounded(dict(reject.message), KEPT_MESSAGE_DEPTH))
     except (ValueError, TypeError):
         message.update({"unreadable": True})
     if message.ByteSize() > 24 * 1024:

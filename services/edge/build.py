@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -50,6 +52,22 @@ NATIVE_TRAITS: dict[str, int] = {
 }
 
 
+# Native attributes whose value ingest checks against a format (EMAIL_INVALID, PHONE_INVALID...).
+CHECKED_NATIVES = frozenset(
+    {
+        types_pb2.NATIVE_ATTRIBUTE_EMAIL,
+        types_pb2.NATIVE_ATTRIBUTE_PHONE,
+        types_pb2.NATIVE_ATTRIBUTE_AVATAR_URL,
+        types_pb2.NATIVE_ATTRIBUTE_LANGUAGE,
+        types_pb2.NATIVE_ATTRIBUTE_TIMEZONE,
+        types_pb2.NATIVE_ATTRIBUTE_COUNTRY,
+        types_pb2.NATIVE_ATTRIBUTE_REGION,
+    }
+)
+# Formatting people put in phone numbers; the contract takes E.164 ("+33612345678").
+_PHONE_FORMATTING = re.compile(r"[\s().\-/]")
+
+
 def derived_id(prefix: str, *parts: object) -> str:
     """A deterministic ID of at most 64 characters: the same parts give the same ID, so a
     retried request carries the same event and request IDs."""
@@ -65,11 +83,19 @@ def message_id(value: object, prefix: str, message: Mapping[str, Any]) -> str:
 
 
 def identifier(value: object) -> str:
-    """An SDK identifier as text ("" when missing); SDKs send numbers for user IDs too."""
+    """An SDK identifier as text ("" when missing); SDKs send numbers for user IDs too.
+
+    A whole float is its integer's digits (a JavaScript SDK's 42 may arrive as 42.0); another
+    finite float keeps its decimals, so that 1.5 and 1 stay two IDs; NaN and the infinities
+    (which Python's json reads, and 1e400 becomes) are no identifier at all."""
     if isinstance(value, bool) or value is None:
         return ""
-    if isinstance(value, int | float | str):
-        return str(value).strip() if not isinstance(value, float) else str(int(value))
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return ""
+        return str(int(value)) if value.is_integer() else repr(value)
+    if isinstance(value, int | str):
+        return str(value).strip()
     return ""
 
 
@@ -192,6 +218,8 @@ def trait_operations(
             operation.kind = types_pb2.ATTRIBUTE_OPERATION_KIND_UNSET
         elif native is not None:
             text = str(value)
+            if native == types_pb2.NATIVE_ATTRIBUTE_PHONE:
+                text = phone_text(text)
             if native == types_pb2.NATIVE_ATTRIBUTE_AVATAR_URL:
                 operation.value.url_value = text
             else:
@@ -205,16 +233,37 @@ def trait_operations(
     return operations, unusable
 
 
+def phone_text(text: str) -> str:
+    """A phone number as people write it, towards the contract's E.164: spaces, brackets,
+    dots, dashes and slashes dropped, a leading international 00 made "+" ("+1 (555)
+    123-4567" -> "+15551234567"). A number without its country code stays invalid."""
+    digits = _PHONE_FORMATTING.sub("", text.strip())
+    return "+" + digits[2:] if digits.startswith("00") else digits
+
+
 def attribute_events(
     event_id: str, origin: Origin, operations: list[types_pb2.AttributeOperation]
 ) -> list[ingest_pb.Event]:
-    """Attribute operations as events of at most 20 operations each (the contract's limit per
-    event), IDs derived from `event_id` after the first."""
+    """Attribute operations as events: each value ingest checks against a format (an email,
+    a phone number, a country...) in an event of its own, so that one badly formatted trait is
+    rejected and listed alone instead of taking the identify's other traits with it; the rest
+    in events of at most 20 operations (the contract's limit per event). IDs derived from
+    `event_id` after the first."""
+    checked: list[types_pb2.AttributeOperation] = []
+    rest: list[types_pb2.AttributeOperation] = []
+    for operation in operations:
+        alone = (
+            operation.native_attribute in CHECKED_NATIVES
+            and operation.kind != types_pb2.ATTRIBUTE_OPERATION_KIND_UNSET
+        )
+        (checked if alone else rest).append(operation)
+    groups = [rest[start : start + 20] for start in range(0, len(rest), 20)]
+    groups.extend([operation] for operation in checked)
     built = []
-    for start in range(0, len(operations), 20):
-        part_id = event_id if start == 0 else derived_id("attrs", event_id, start)
+    for index, group in enumerate(groups):
+        part_id = event_id if index == 0 else derived_id("attrs", event_id, index)
         one = event(part_id, origin)
-        one.attribute_operations.operations.extend(operations[start : start + 20])
+        one.attribute_operations.operations.extend(group)
         built.append(one)
     return built
 

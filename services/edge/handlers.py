@@ -306,8 +306,10 @@ def posthog_handler(gateway: Gateway) -> Callable[[Request], Any]:
             posthog.messages_of(body)  # a body holding no events is refused before the key
             key = posthog.api_key_of(body)
 
+            sent = posthog.query_send_time(request.query_params.get("_", ""))
+
             def translate(now: datetime, ip: str) -> Translation:
-                return posthog.translate(body, now, ip)
+                return posthog.translate(body, now, ip, sent)
 
             return key, translate
 

@@ -42,14 +42,23 @@ LIBRARY_PLATFORMS: tuple[tuple[str, int], ...] = (
 def platform_of(os_name: object, library: object, default: int = API) -> int:
     """The platform for an OS name and a library name (either may be missing or not a string).
 
-    The OS wins (a React Native app reports its real OS); then the library; then `default`."""
+    A browser library wins (posthog-js in an iPhone's Safari reports $os "iOS": that is a
+    web visit, not the app); then the OS (a React Native app reports its real OS); then the
+    library; then `default`."""
+    library_platform = _library_platform(library)
+    if library_platform == WEB:
+        return WEB
     if isinstance(os_name, str):
         found = OS_PLATFORMS.get(os_name.strip().lower())
         if found is not None:
             return found
+    return default if library_platform is None else library_platform
+
+
+def _library_platform(library: object) -> int | None:
     if isinstance(library, str):
         lowered = library.strip().lower()
         for prefix, platform in LIBRARY_PLATFORMS:
             if lowered.startswith(prefix):
                 return platform
-    return default
+    return None

@@ -11,6 +11,7 @@ installation details from them and drops the rest, so they never count against t
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,7 +33,7 @@ def attribute_value(value: Any) -> types_pb2.AttributeValue | None:
     if isinstance(value, bool):
         return types_pb2.AttributeValue(bool_value=value)
     if isinstance(value, int | float):
-        return types_pb2.AttributeValue(number_value=float(value))
+        return types_pb2.AttributeValue(number_value=_number(value))
     if isinstance(value, str):
         if value.startswith(("http://", "https://")) and " " not in value:
             return types_pb2.AttributeValue(url_value=value)
@@ -43,6 +44,16 @@ def attribute_value(value: Any) -> types_pb2.AttributeValue | None:
         items = [v if isinstance(v, str) else json.dumps(v) for v in value]
         return types_pb2.AttributeValue(string_list_value=types_pb2.StringList(values=items))
     return types_pb2.AttributeValue(string_value=json.dumps(value, separators=(",", ":")))
+
+
+def _number(value: int | float) -> float:
+    """The double of a JSON number. An integer past a double's range is infinite, like 1e400
+    (Python's json reads that as inf): ingest rejects the event for it (VALUE_INVALID) and lists
+    it, where float() would raise."""
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
 
 
 @dataclass(slots=True)

@@ -96,10 +96,15 @@ def test_segment_identify_traits_go_to_native_and_custom_attributes() -> None:
     }
     steps = segment.translate_batch({"batch": [message]}, NOW).steps
     assert kinds(steps) == ["Identify", "Track"]
-    operations = next(e for e in events(steps) if e.HasField("attribute_operations"))
+    # One event for the traits ingest takes as they are, one for each it checks the format of
+    # (email, phone, country), so that one badly formatted trait is rejected alone.
+    attribute_events = [e for e in events(steps) if e.HasField("attribute_operations")]
+    assert [len(e.attribute_operations.operations) for e in attribute_events] == [5, 1, 1, 1]
+    assert len({e.event_id for e in attribute_events}) == 4
     by_target = {
         op.custom_attribute or types_pb2.NativeAttribute.Name(op.native_attribute): op.value
-        for op in operations.attribute_operations.operations
+        for e in attribute_events
+        for op in e.attribute_operations.operations
     }
     assert by_target["NATIVE_ATTRIBUTE_EMAIL"].string_value == "peter@example.com"
     assert by_target["NATIVE_ATTRIBUTE_FIRST_NAME"].string_value == "Peter"
@@ -250,9 +255,13 @@ def test_posthog_pageview_then_identify() -> None:
     assert set(pageview.custom.attributes) == {"url", "plan"}
     assert steps[1] == Identify("anon-1", "user-9", steps[1].request_id)  # type: ignore[union-attr]
     assert steps[2] == Identify("user-9", "user-9", steps[2].request_id)  # type: ignore[union-attr]
-    (attributes,) = steps[3].events  # type: ignore[union-attr]
-    operations = attributes.attribute_operations.operations
-    assert [(o.kind, o.native_attribute or o.custom_attribute) for o in operations] == [
+    # The email (whose format ingest checks) in an event of its own: see attribute_events.
+    first_plan, email = steps[3].events  # type: ignore[union-attr]
+    assert [
+        (o.kind, o.native_attribute or o.custom_attribute)
+        for e in (email, first_plan)
+        for o in e.attribute_operations.operations
+    ] == [
         (types_pb2.ATTRIBUTE_OPERATION_KIND_SET, types_pb2.NATIVE_ATTRIBUTE_EMAIL),
         (types_pb2.ATTRIBUTE_OPERATION_KIND_SET_ONCE, "first_plan"),
     ]

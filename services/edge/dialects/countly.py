@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import json
+import math
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from typing import Any, TypeAlias
 from profiles.common.v1 import types_pb2
 from profiles.ingest.v1 import ingest_service_pb2 as ingest_pb
 from services.edge import json_text
-from services.edge.build import derived_id, language_of, rejection
+from services.edge.build import derived_id, language_of, phone_text, rejection
 from services.edge.names import flatten, normalize_name
 from services.edge.platforms import API, platform_of
 from services.edge.properties import attribute_value, custom_attributes
@@ -91,9 +92,6 @@ _NATIVE_DETAILS: dict[str, _Native] = {
 }
 # ... and the custom attributes the others become (named as in Countly).
 _CUSTOM_DETAILS = ("username", "organization", "gender", "byear")
-
-# Formatting people put in phone numbers; the contract takes E.164 ("+33612345678").
-_PHONE_FORMATTING = re.compile(r"[\s().\-/]")
 
 # Countly's custom property modifiers and the contract operations they become. `$addToSet` is a
 # removal followed by an append in one event (applied in order), so the value is there once.
@@ -484,9 +482,7 @@ def _native_operations(native: _Native, key: str, value: Any) -> list[types_pb2.
         return [types_pb2.AttributeOperation(kind=_UNSET, native_attribute=native)]
     text = str(value).strip()
     if key == "phone":
-        text = _PHONE_FORMATTING.sub("", text)
-        if text.startswith("00"):
-            text = "+" + text[2:]
+        text = phone_text(text)
     return [_native_set(native, text)]
 
 
@@ -765,16 +761,15 @@ def _flag(value: Any) -> bool:
 
 
 def _number(value: Any) -> float | None:
-    if isinstance(value, bool) or value is None:
+    """A finite number from a JSON number or its text; None for anything else (NaN, "inf",
+    1e400 or an integer past a double's range are no timestamp, duration or offset)."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
         return None
-    if isinstance(value, int | float):
-        return float(value)
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return None
-    return None
+    try:
+        number = float(value)
+    except (ValueError, OverflowError):
+        return None
+    return number if math.isfinite(number) else None
 
 
 def _seconds(value: Any) -> int | None:

@@ -62,6 +62,8 @@ LOGIN_EVENTS = frozenset({"$identify", "$create_alias"})
 ATTRIBUTE_ONLY_EVENTS = frozenset({"$set", "$set_once"})
 # Properties PostHog's SDKs put beside the user's without a `$`: dropped like the `$` ones.
 SDK_OWN_PROPERTIES = frozenset({"token", "distinct_id", "alias"})
+# What posthog-js sends as distinct_id and $session_id in cookieless mode.
+COOKIELESS_SENTINEL = "$posthog_cookieless"
 
 
 def api_key_of(body: Any) -> str:
@@ -108,10 +110,24 @@ def messages_of(body: Any) -> Sequence[Any]:
     raise RequestInvalid("The body holds no events: expected a batch list or an event")
 
 
-def translate(body: Any, now: datetime, client_ip: str = "") -> Translation:
-    """The steps for a parsed request body of /batch/, /capture/, /e/ or /i/v0/e/."""
+def query_send_time(value: str) -> datetime | None:
+    """The send time posthog-js puts in the query string, `_` (epoch milliseconds; PostHog
+    reads 11 digits or fewer as seconds): its only send time, as it sends no `sent_at`."""
+    digits = value.strip()
+    if not digits.isascii() or not digits.isdigit() or len(digits) > 16:
+        return None
+    number = int(digits)
+    return parse_time(number if len(digits) > 11 else number * 1000)
+
+
+def translate(
+    body: Any, now: datetime, client_ip: str = "", query_sent: datetime | None = None
+) -> Translation:
+    """The steps for a parsed request body of /batch/, /capture/, /e/ or /i/v0/e/;
+    `query_sent` is the query string's send time (query_send_time), which wins over the body's
+    `sent_at` as in PostHog's capture."""
     messages = messages_of(body)
-    sent = parse_time(body.get("sent_at")) if isinstance(body, dict) else None
+    sent = query_sent or (parse_time(body.get("sent_at")) if isinstance(body, dict) else None)
     builder = StepBuilder(DIALECT)
     for message in messages:
         _translate(builder, message, now, sent, client_ip)
@@ -131,6 +147,12 @@ def _translate(
     distinct_id = identifier(message.get("distinct_id") or properties.get("distinct_id"))
     device_id = identifier(properties.get("$device_id"))
     installation_id = device_id or distinct_id
+    if properties.get("$user_state") == "anonymous" and device_id and distinct_id != device_id:
+        # posthog-js after reset() (a logout): a new anonymous distinct_id on the same
+        # $device_id. Kept on the device's installation, the logged-out visitor's events would
+        # land on the profile that just logged out; as a new installation they start a new
+        # anonymous profile, which the next $identify (its $anon_distinct_id) merges.
+        installation_id = distinct_id
     custom_id = ""
     if properties.get("$user_state") == "identified" and distinct_id != installation_id:
         custom_id = distinct_id
@@ -143,6 +165,11 @@ def _translate(
         return
     if not distinct_id:
         refuse("ORIGIN_MISSING", "no distinct_id")
+        return
+    if COOKIELESS_SENTINEL in (distinct_id, text(properties.get("$session_id"))):
+        # posthog-js's cookieless mode asks the server to make the visitor's IDs up; taken as
+        # an ID, it would make every visitor of the site one installation and one session.
+        refuse("COOKIELESS_UNSUPPORTED", "cookieless mode: the event carries no visitor ID")
         return
     event_time = parse_time(message.get("timestamp"))
     if event_time is None:
