@@ -10,6 +10,7 @@ from uuid import UUID
 
 import asyncpg
 
+from profiles.common.v1 import types_pb2
 from profiles.query.v1 import query_service_pb2 as pb
 from services.query import rollup
 from services.query.paging import (
@@ -231,7 +232,6 @@ class ListReads:
             prefetch=REJECTED_PREFETCH,
         ):
             payload = r["payload"]
-            platform = payload.get("platform") if isinstance(payload, dict) else None
             yield (
                 r["rejected_seq"],
                 RejectedView(
@@ -241,7 +241,7 @@ class ListReads:
                     message=r["message"],
                     event_id=r["event_id"],
                     installation_id=r["installation_id"],
-                    platform=platform if isinstance(platform, int) else 0,
+                    platform=_payload_platform(payload),
                     payload=payload,
                 ),
             )
@@ -336,3 +336,17 @@ class ListReads:
             )
             for r in rows
         ]
+
+
+def _payload_platform(payload: object) -> int:
+    """The platform a rejected event's stored payload names: proto JSON writes the enum's name
+    ("PLATFORM_ANDROID"); a number is taken as is; anything else, or no payload, is 0."""
+    platform = payload.get("platform") if isinstance(payload, dict) else None
+    if isinstance(platform, str):
+        try:
+            return types_pb2.Platform.Value(platform)
+        except ValueError:
+            return 0
+    if isinstance(platform, int) and not isinstance(platform, bool):
+        return platform if platform in types_pb2.Platform.values() else 0
+    return 0

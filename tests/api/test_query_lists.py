@@ -265,6 +265,12 @@ async def test_rejected_events_page_and_filter(suite: Suite) -> None:
         "PAYLOAD_MISSING",
     ]
     assert everything[0].installation_id == inst
+    # The platform is read back from the stored payload (proto JSON: the enum's name).
+    assert [r.platform for r in everything] == [
+        types_pb2.PLATFORM_IOS,
+        types_pb2.PLATFORM_UNSPECIFIED,
+        types_pb2.PLATFORM_IOS,
+    ]
     assert '"installation_id"' in everything[0].raw_payload_json
     only = await suite.call(
         "ListRejectedEvents", pb.ListRejectedEventsRequest(reasons=["PLATFORM_MISSING"])
