@@ -432,7 +432,7 @@ def _add_import(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         parents=[_data_dir_option()],
         help="backfill events from a JSONL file through ImportEvents",
         description="Sends every line of FILE (one profiles.ingest.v1.Event in proto JSON per"
-        ' line; see the README\'s "Events: validation rules") through ImportEvents in batches'
+        ' line; see docs/ingest.md, "Validation rules") through ImportEvents in batches'
         " of 500, with a progress bar on stderr, then prints how many events were accepted,"
         " duplicates or rejected (by reason). Safe to re-run: events already stored come back"
         " as duplicates, so an interrupted import resumes. Exits 1 if any line was rejected or"

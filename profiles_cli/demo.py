@@ -5,9 +5,10 @@ with custom events, attribute changes, consent changes, installation updates and
 backfilled through ImportEvents (admin key); then logins (Identify, sdk key), a few logouts, and
 a live session for some users through TrackEvents. Everything goes through the running suite's
 gRPC API, exactly as apps and backends would send it. Installation and event IDs derive from
---seed, so re-running with the same seed only produces duplicates. Custom IDs are the same in
-every run (user-1, user-2, ...; user-1 always logs in), so the README's examples find them; a run
-with another seed logs the same people in on new devices.
+--seed, so re-running with the same seed only produces duplicates. The people are the same in
+every run: user-N has the same name, email and country, and logs in (or not) in every run
+(user-1 always does, about 60% of the others), so the README's examples find them; a run with
+another seed logs the same people in on new devices.
 """
 
 from __future__ import annotations
@@ -69,6 +70,9 @@ class User:
     logs_in: bool
     logs_out: bool
     live: bool
+    first_name: str
+    last_name: str
+    place: tuple[str, str, str]  # (country, language, time zone)
 
 
 class EventFactory:
@@ -98,8 +102,8 @@ class EventFactory:
     def history(self, user: User) -> list[pb.Event]:
         rng = self._rng
         events: list[pb.Event] = []
-        country, language, timezone = rng.choice(COUNTRIES)
-        first, last = rng.choice(FIRST_NAMES), rng.choice(LAST_NAMES)
+        country, language, timezone = user.place
+        first, last = user.first_name, user.last_name
         for number, (installation_id, platform) in enumerate(user.installations):
             start = self._now - timedelta(days=rng.uniform(3, HISTORY_DAYS))
             setup = self._event(installation_id, platform, start)
@@ -193,20 +197,27 @@ def _operation(operations: Any, kind: str, *, native: int = 0, custom: str = "",
 
 
 def make_users(count: int, rng: random.Random, tag: str) -> list[User]:
+    """The run's users. Who user-N is (name, country, whether they log in) depends on N alone,
+    so every run, whatever its seed, describes the same people (a second run must not turn
+    user-1 into someone else); their devices and histories come from the run's seed."""
     users = []
     for index in range(count):
+        person = random.Random(f"demo-person-{index}")
         platforms = rng.sample(PLATFORMS, rng.choice((1, 1, 2)))
         installations = [(f"demo-{tag}-{index}-{p}", p) for p in platforms]
         # The first user always logs in and stays logged in: user-1 is the README's example.
-        logs_in = index == 0 or rng.random() < 0.6
+        logs_in = index == 0 or person.random() < 0.6
         users.append(
             User(
                 index=index,
                 custom_id=f"user-{index + 1}",
                 installations=installations,
                 logs_in=logs_in,
-                logs_out=logs_in and index > 0 and rng.random() < 0.15,
+                logs_out=logs_in and index > 0 and person.random() < 0.15,
                 live=rng.random() < 0.3,
+                first_name=person.choice(FIRST_NAMES),
+                last_name=person.choice(LAST_NAMES),
+                place=person.choice(COUNTRIES),
             )
         )
     return users

@@ -1,7 +1,7 @@
 """`profiles import FILE.jsonl`: backfills historical events through ImportEvents.
 
 The file holds one event per line, in the proto JSON form of `profiles.ingest.v1.Event` (what
-grpcurl prints; README, "Events: validation rules"). Lines are sent in batches of 500 with the
+grpcurl prints; docs/ingest.md, "Validation rules"). Lines are sent in batches of 500 with the
 admin key; each batch is answered per event, so the summary counts accepted, duplicate and
 rejected events (rejections by reason) plus lines that are not an Event at all. Re-running an
 import is safe and resumes: event IDs make every event already stored a duplicate.
@@ -65,7 +65,8 @@ class Progress:
             self._draw(note)
             self._stream.write("\n")
         else:
-            self._stream.write(f"{self._label}: done in {elapsed:.1f} s {note}\n")
+            suffix = f", {note}" if note else ""
+            self._stream.write(f"{self._label}: done in {elapsed:.1f} s{suffix}\n")
         self._stream.flush()
 
 

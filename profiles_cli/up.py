@@ -589,6 +589,7 @@ class Supervisor:
             )
         query = endpoint(bind, _port_of("query", settings))
         self._say()
+        self._say("grpcurl comes with the dev extras (README, command 2), or use your own.")
         self._say("Try it:")
         self._say(f"  grpcurl -plaintext {query} list")
         self._say(f"  grpcurl -plaintext {query} grpc.health.v1.Health/Check")

@@ -27,3 +27,20 @@ def test_no_demo_event_is_after_now(seed: int) -> None:
             assert live[0].HasField("session_start"), "a live user has an open session"
             live_events += len(live)
     assert live_events
+
+
+def test_every_run_describes_the_same_people_whatever_its_seed() -> None:
+    """A second `profiles demo` (another seed) logs the same people in on new devices: user-N
+    keeps the name, country and email of the first run, and logs in in both or in neither."""
+
+    def people(seed: int) -> list[tuple[object, ...]]:
+        users = make_users(40, random.Random(seed), f"t{seed}")
+        return [(u.custom_id, u.first_name, u.last_name, u.place, u.logs_in) for u in users]
+
+    def devices(seed: int) -> list[list[tuple[str, int]]]:
+        return [u.installations for u in make_users(40, random.Random(seed), f"t{seed}")]
+
+    assert people(1) == people(2) == people(3)
+    assert devices(1) != devices(2)
+    assert len({person[1:3] for person in people(1)}) > 10  # not one person forty times
+    assert 10 < sum(bool(person[4]) for person in people(1)) < 40
