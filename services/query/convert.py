@@ -76,6 +76,7 @@ EMAIL_PATTERN = re.compile(
 )
 NAME_PATTERN = re.compile(r"[a-zA-Z0-9_]{1,30}")
 COUNTRY_PATTERN = re.compile(r"[A-Za-z]{2}")
+LANGUAGE_PATTERN = re.compile(r"[A-Za-z]{2}")
 # ListProfiles name_prefix, after its spaces are normalized: longer than any name worth typing.
 NAME_PREFIX_MAX = 100
 DATE_PATTERN = re.compile(r"\d{4}-\d{2}-\d{2}")
@@ -135,6 +136,7 @@ PROFILES_QUERY_ENUMS = {
     "smart_segment": frozenset(types_pb2.SmartSegment.values()),
     "smart_segment_flag": frozenset(types_pb2.SmartSegmentFlag.values()),
     "platform": PLATFORM_NUMBERS,
+    "reachable_channel": frozenset(types_pb2.Channel.values()),
     "order_by": frozenset(pb.ProfileOrderBy.values()),
     "sort_order": frozenset(pb.SortOrder.values()),
 }
@@ -292,6 +294,8 @@ def profiles_query_from_proto(request: pb.ListProfilesRequest) -> ProfilesQuery:
         violations.append(_violation("page_size", "must not be negative"))
     if request.country and COUNTRY_PATTERN.fullmatch(request.country) is None:
         violations.append(_violation("country", "must be an ISO 3166-1 alpha-2 code"))
+    if request.language and LANGUAGE_PATTERN.fullmatch(request.language) is None:
+        violations.append(_violation("language", "must be an ISO 639-1 code"))
     segment_id = None
     if request.segment_id:
         try:
@@ -318,6 +322,8 @@ def profiles_query_from_proto(request: pb.ListProfilesRequest) -> ProfilesQuery:
             smart_segment_flag=request.smart_segment_flag,
             name_prefix=name_prefix,
             segment_id=segment_id,
+            language=request.language.lower(),
+            reachable_channel=request.reachable_channel,
         ),
         order_by=request.order_by or pb.PROFILE_ORDER_BY_LAST_SEEN,
         ascending=request.sort_order == pb.SORT_ORDER_ASCENDING,

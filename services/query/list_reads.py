@@ -51,6 +51,9 @@ REJECTED_PREFETCH = 16
 IDENTIFIED = pb.PROFILE_IDENTITY_FILTER_IDENTIFIED
 ANONYMOUS = pb.PROFILE_IDENTITY_FILTER_ANONYMOUS
 HAS_USER_DETAILS = pb.PROFILE_IDENTITY_FILTER_HAS_USER_DETAILS
+CHANNEL_EMAIL = types_pb2.CHANNEL_EMAIL
+CHANNEL_SMS = types_pb2.CHANNEL_SMS
+CHANNEL_PUSH = types_pb2.CHANNEL_PUSH
 
 # -- the users table --------------------------------------------------------------------------
 
@@ -63,12 +66,14 @@ HAS_USER_DETAILS = pb.PROFILE_IDENTITY_FILTER_HAS_USER_DETAILS
 # profile_id after which they continue). The smart segment is segments' as of $2
 # (segments_read_smart_segment, inlined by the planner: one primary-key read per row). Filters
 # not asked for are constants (0, ''), so one statement per sort order serves every
-# combination. The name filter ($13 in a page) is one substring test of the projection's search_name
-# against the text folded alike (query_name_fold, 0044; folded once, not per row): it rides on
-# the walk, so a rare name reads the whole project's index (docs/benchmarks.md, Query). The
-# custom segment filter ($14 in a page) has statements of its own (PROFILE_ROWS_IN_SEGMENT), so
-# that the planner sees a plain semi-join on segments' segments_read_custom_segment_members and
-# may drive a small segment from its members instead of walking the sort index past non-members.
+# combination. The name filter ($13 in a page) is one substring test of the projection's
+# search_name against the text folded alike (query_name_fold, 0044; folded once, not per row): it
+# rides on the walk, so a rare name reads the whole project's index (docs/benchmarks.md, Query).
+# The language ($14) and the channel reached ($15: the overview's reach rule, rollup.py, in SQL;
+# tests/api/test_query_lists.py holds the two equal) ride on it alike. The custom segment
+# filter ($16 in a page) has statements of its own (PROFILE_ROWS_IN_SEGMENT), so that the
+# planner sees a plain semi-join on segments' segments_read_custom_segment_members and may drive
+# a small segment from its members instead of walking the sort index past non-members.
 PROFILE_ROWS_FROM = f"""
     SELECT q.profile_id, coalesce(q.custom_id, '') AS custom_id,
            coalesce(q.first_name, '') AS first_name, coalesce(q.last_name, '') AS last_name,
@@ -90,6 +95,12 @@ PROFILE_ROWS_FROM = f"""
       AND ($7::int = 0 OR coalesce(sg.flag, 0) = $7)
       AND (${{name}}::text = ''
            OR strpos(q.search_name, (SELECT ' ' || query_name_fold(${{name}}::text))) > 0)
+      AND (${{language}}::text = '' OR q.language = ${{language}})
+      AND (${{reach}}::int = 0
+           OR (${{reach}} = {CHANNEL_EMAIL} AND q.has_email
+               AND 'email:marketing' = ANY(q.subscribed))
+           OR (${{reach}} = {CHANNEL_SMS} AND q.has_phone AND 'sms:marketing' = ANY(q.subscribed))
+           OR (${{reach}} = {CHANNEL_PUSH} AND q.push_reachable))
       {{members}}"""
 
 # Each row's smart segment as of $2, read for every row a page walks (its columns show it).
@@ -138,25 +149,29 @@ SELECT_PROFILE_ROWS_PAGE = {
         compare=">" if ascending else "<",
         direction="ASC" if ascending else "DESC",
         name=13,
+        language=14,
+        reach=15,
         smart_join=SMART_SEGMENT_JOIN,
-        members=PROFILE_ROWS_IN_SEGMENT.format(segment=14) if in_segment else "",
+        members=PROFILE_ROWS_IN_SEGMENT.format(segment=16) if in_segment else "",
     )
     for order_by, (column, type_name) in PROFILE_SORT_COLUMNS.items()
     for ascending in (True, False)
     for in_segment in (True, False)
 }
 
-# How many profiles match the filters ($1 to $7, the name $9, the segment $10), counting up to
-# $8 rows: the count reads each match (and its smart segment when a filter needs it), so it
-# stops where a person stops reading figures exactly (TOTAL_SIZE_LIMIT).
+# How many profiles match the filters ($1 to $7, then $9 to $12 as a page's $13 to $16),
+# counting up to $8 rows: the count reads each match (and its smart segment when a filter
+# needs it), so it stops where a person stops reading figures exactly (TOTAL_SIZE_LIMIT).
 COUNT_PROFILE_ROWS = f"""
     SELECT count(*) FROM ({PROFILE_ROWS_FROM} LIMIT $8) matches"""
 SELECT_PROFILE_ROWS_COUNT = {
     in_segment: COUNT_PROFILE_ROWS.format(
         column="profile_id",
         name=9,
+        language=10,
+        reach=11,
         smart_join=SMART_SEGMENT_JOIN_IF_FILTERED,
-        members=PROFILE_ROWS_IN_SEGMENT.format(segment=10) if in_segment else "",
+        members=PROFILE_ROWS_IN_SEGMENT.format(segment=12) if in_segment else "",
     )
     for in_segment in (True, False)
 }
@@ -187,11 +202,11 @@ def _filter_arguments(filters: UsersTableFilters) -> tuple[int, int, str, int, i
     )
 
 
-def _name_and_segment(filters: UsersTableFilters) -> tuple[object, ...]:
-    """The name, then the segment when there is one (its statements' last arguments)."""
-    if filters.segment_id is None:
-        return (filters.name_prefix,)
-    return (filters.name_prefix, filters.segment_id)
+def _later_filters(filters: UsersTableFilters) -> tuple[object, ...]:
+    """The name, the language, the channel reached, then the segment when there is one (the
+    statements' last arguments)."""
+    later = (filters.name_prefix, filters.language, filters.reachable_channel)
+    return later if filters.segment_id is None else (*later, filters.segment_id)
 
 
 class ListReads:
@@ -269,7 +284,7 @@ class ListReads:
             now,
             *_filter_arguments(filters),
             limit,
-            *_name_and_segment(filters),
+            *_later_filters(filters),
         )
         return cast(int, count)
 
@@ -313,7 +328,7 @@ class ListReads:
             start[1],
             unseen_after,
             limit,
-            *_name_and_segment(filters),
+            *_later_filters(filters),
         )
         return [
             (

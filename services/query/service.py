@@ -476,6 +476,8 @@ class QueryService:
             filters.segment_id,
             # Only when set: tokens issued before the filter existed stay valid without it.
             *((filters.name_prefix,) if filters.name_prefix else ()),
+            *(("language", filters.language) if filters.language else ()),
+            *(("reach", filters.reachable_channel) if filters.reachable_channel else ()),
         )
         after: tuple[int | datetime | str | None, UUID] | None = None
         if query.page_token:

@@ -186,6 +186,8 @@ class UsersTableFilters:
     smart_segment_flag: int = 0
     name_prefix: str = ""  # spaces normalized
     segment_id: UUID | None = None
+    language: str = ""  # lower case
+    reachable_channel: int = 0  # Channel
 
 
 @dataclass(frozen=True, slots=True)

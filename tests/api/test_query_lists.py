@@ -3,6 +3,7 @@ and no repeats, filters and sort orders."""
 
 from __future__ import annotations
 
+import random
 import uuid
 from datetime import timedelta
 from typing import Any
@@ -24,11 +25,13 @@ from tests.support.query import (
     base_event,
     crash,
     custom_event,
+    installation_update,
     op,
     pages,
     session_end,
     session_start,
     start_suite,
+    subscription,
 )
 from tests.support.retention import RETENTION_MODES, apply_retention, make_months, stored_events
 
@@ -519,3 +522,99 @@ async def test_the_users_tables_last_seen_is_recounted_the_same_after_retention(
 
     after = await pages(suite, "ListProfiles", pb.ListProfilesRequest(page_size=10), "profiles")
     assert after == before
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+async def test_the_language_and_reach_filters_list_what_the_overview_counts(
+    suite: Suite, seed: int
+) -> None:
+    """Random people (a language or none, an email, a phone, marketing consent on each channel,
+    a push token with or without opt-in): the language and channel-reach filters list exactly
+    the profiles a model of the rule picks, and as many as the overview counts."""
+    rng = random.Random(seed)
+    expected: dict[str, set[str]] = {"fr": set(), "de": set(), "email": set(), "sms": set()}
+    expected["push"] = set()
+    for n in range(24):
+        inst = new_id()
+        time = NOW - timedelta(hours=3, minutes=n)
+        operations = []
+        language = rng.choice(["fr", "de", ""])
+        if language:
+            operations.append(op("set", "LANGUAGE", language.upper() if n % 3 else language))
+        has_email, has_phone = rng.random() < 0.6, rng.random() < 0.5
+        if has_email:
+            operations.append(op("set", "EMAIL", f"p{n}@example.com"))
+        if has_phone:
+            operations.append(op("set", "PHONE", f"+3361234{n:04d}"))
+        batch = [custom_event(inst, time=time)]
+        if operations:
+            batch.append(attribute_event(inst, operations, time=time))
+        email_consent, sms_consent = rng.choice([True, False, None]), rng.choice([True, False])
+        if email_consent is not None:
+            batch.append(
+                subscription(
+                    inst,
+                    types_pb2.CHANNEL_EMAIL,
+                    types_pb2.SUBSCRIPTION_KIND_MARKETING,
+                    email_consent,
+                    time,
+                )
+            )
+        batch.append(
+            subscription(
+                inst,
+                types_pb2.CHANNEL_SMS,
+                types_pb2.SUBSCRIPTION_KIND_MARKETING,
+                sms_consent,
+                time,
+            )
+        )
+        token, opt_in = rng.random() < 0.6, rng.random() < 0.5
+        if token:
+            batch.append(
+                installation_update(inst, time, push_token=f"{n:02d}" * 32, push_opt_in=opt_in)
+            )
+        await suite.track(*batch)
+        profile_id = await suite.identity.profile_of(inst)
+        if language:
+            expected[language].add(profile_id)
+        if has_email and email_consent:
+            expected["email"].add(profile_id)
+        if has_phone and sms_consent:
+            expected["sms"].add(profile_id)
+        if token and opt_in:
+            expected["push"].add(profile_id)
+    await suite.settle()
+
+    async def listed(**fields: Any) -> set[str]:
+        rows = await pages(
+            suite, "ListProfiles", pb.ListProfilesRequest(page_size=5, **fields), "profiles"
+        )
+        counted = await suite.call(
+            "ListProfiles", pb.ListProfilesRequest(include_total_size=True, **fields)
+        )
+        assert counted.total_size == len(rows)
+        return {r.profile_id for r in rows}
+
+    overview = (await suite.call("GetOverview", pb.GetOverviewRequest())).overview
+    languages = {v.value: v.count for v in overview.languages.top_values}
+    reaches = {r.channel: r.reachable_profile_count for r in overview.channel_reaches}
+    for language in ("fr", "de"):
+        for spelled in (language, language.upper()):
+            assert await listed(language=spelled) == expected[language]
+        assert languages.get(language, 0) == len(expected[language])
+    for name, channel in (
+        ("email", types_pb2.CHANNEL_EMAIL),
+        ("sms", types_pb2.CHANNEL_SMS),
+        ("push", types_pb2.CHANNEL_PUSH),
+    ):
+        assert await listed(reachable_channel=channel) == expected[name], name
+        assert reaches[channel] == len(expected[name]), name
+    both = await listed(language="fr", reachable_channel=types_pb2.CHANNEL_EMAIL)
+    assert both == expected["fr"] & expected["email"]
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await suite.call("ListProfiles", pb.ListProfilesRequest(language="french"))
+    assert violations(caught.value) == ["language"]
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await suite.call("ListProfiles", pb.ListProfilesRequest(reachable_channel=9))  # type: ignore[arg-type]
+    assert violations(caught.value) == ["reachable_channel"]

@@ -206,6 +206,8 @@ class ListProfilesRequest(_message.Message):
     SORT_ORDER_FIELD_NUMBER: _builtins.int
     NAME_PREFIX_FIELD_NUMBER: _builtins.int
     INCLUDE_TOTAL_SIZE_FIELD_NUMBER: _builtins.int
+    LANGUAGE_FIELD_NUMBER: _builtins.int
+    REACHABLE_CHANNEL_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """The maximum number of rows: 0 means the default (50), above 500 is coerced to 500,
     negative is INVALID_ARGUMENT.
@@ -250,6 +252,16 @@ class ListProfilesRequest(_message.Message):
     """Also count the profiles that match the filters (`total_size`). The count reads up to
     10,000 matching rows more per call: leave it off when paging through the whole table.
     """
+    language: _builtins.str
+    """Only profiles whose language is this ISO 639-1 code (such as "fr", any case): the language
+    the overview's language breakdown counts them by. Empty for no filter.
+    """
+    reachable_channel: _types_pb2.Channel.ValueType
+    """Only profiles a marketing message on this channel can reach, as the overview's channel
+    reach counts them: email, an email address and an email marketing subscription; SMS, a
+    phone number and an SMS marketing subscription; push, an installation with a push token
+    and push opt-in. CHANNEL_UNSPECIFIED for no filter.
+    """
     def __init__(
         self,
         *,
@@ -265,10 +277,12 @@ class ListProfilesRequest(_message.Message):
         sort_order: Global___SortOrder.ValueType = ...,
         name_prefix: _builtins.str = ...,
         include_total_size: _builtins.bool = ...,
+        language: _builtins.str = ...,
+        reachable_channel: _types_pb2.Channel.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["country", b"country", "identity_filter", b"identity_filter", "include_total_size", b"include_total_size", "name_prefix", b"name_prefix", "order_by", b"order_by", "page_size", b"page_size", "page_token", b"page_token", "platform", b"platform", "segment_id", b"segment_id", "smart_segment", b"smart_segment", "smart_segment_flag", b"smart_segment_flag", "sort_order", b"sort_order"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["country", b"country", "identity_filter", b"identity_filter", "include_total_size", b"include_total_size", "language", b"language", "name_prefix", b"name_prefix", "order_by", b"order_by", "page_size", b"page_size", "page_token", b"page_token", "platform", b"platform", "reachable_channel", b"reachable_channel", "segment_id", b"segment_id", "smart_segment", b"smart_segment", "smart_segment_flag", b"smart_segment_flag", "sort_order", b"sort_order"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
