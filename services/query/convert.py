@@ -284,7 +284,12 @@ def rejected_query_from_proto(request: pb.ListRejectedEventsRequest) -> Rejected
     )
     _raise_all(violations)
     return RejectedQuery(
-        request.page_size, request.page_token, tuple(sorted(set(request.reasons))), start, end
+        request.page_size,
+        request.page_token,
+        tuple(sorted(set(request.reasons))),
+        start,
+        end,
+        request.include_reason_counts,
     )
 
 

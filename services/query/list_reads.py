@@ -23,6 +23,7 @@ from services.query.paging import (
 )
 from services.query.views import (
     ProfileRowView,
+    ReasonCounts,
     RejectedView,
     UsersTableFilters,
 )
@@ -44,6 +45,16 @@ SELECT_REJECTED_PAGE = """
       AND (cardinality($7::text[]) = 0 OR reason = ANY($7::text[]))
     ORDER BY receive_time DESC, rejected_seq DESC
     LIMIT $8"""
+# The time range's rejected events by reason in the snapshot, reading up to $5 rows (the
+# by-time index's range; the reason is read from each row).
+SELECT_REJECTED_REASON_COUNTS = """
+    SELECT reason, count(*) AS count
+    FROM (SELECT reason FROM ingest_read_rejected_events()
+          WHERE project_id = $1 AND rejected_seq <= $2
+            AND receive_time >= $3 AND receive_time < $4
+          LIMIT $5) r
+    GROUP BY reason
+    ORDER BY count(*) DESC, reason"""
 # Rows a rejected events cursor fetches per round trip: payloads may be ~1 MB each.
 REJECTED_PREFETCH = 16
 
@@ -218,6 +229,17 @@ class ListReads:
 
     async def rejected_snapshot(self, project_id: UUID) -> int:
         return cast(int, await self._conn.fetchval(SELECT_REJECTED_SNAPSHOT, project_id))
+
+    async def rejected_reason_counts(
+        self, project_id: UUID, *, max_seq: int, start: datetime, end: datetime, limit: int
+    ) -> ReasonCounts:
+        """The rejected events received in [start, end) up to `max_seq`, counted by reason
+        over at most `limit` rows."""
+        rows = await self._conn.fetch(
+            SELECT_REJECTED_REASON_COUNTS, project_id, max_seq, start, end, limit
+        )
+        counts = tuple((r["reason"], r["count"]) for r in rows)
+        return ReasonCounts(counts, at_least=sum(c for _, c in counts) >= limit)
 
     async def rejected_rows(
         self,

@@ -25,6 +25,7 @@ from services.query.views import (
     Page,
     ProfileRowView,
     ProfileView,
+    ReasonCounts,
     RejectedView,
     Resolved,
     SessionView,
@@ -46,6 +47,8 @@ MAX_AMBIGUOUS_IDS = 10
 # ListProfiles counts the matches up to this many (the count reads every one it counts): past
 # it, a person reads "10,000+", not a figure to the unit.
 TOTAL_SIZE_LIMIT = 10_000
+# How many rejected events ListRejectedEvents(include_reason_counts) reads at most.
+REASON_COUNT_LIMIT = 100_000
 # ProfileIdentityFilter values whose size the rollups count.
 IDENTIFIED_ONLY = 1
 ANONYMOUS_ONLY = 2
@@ -136,6 +139,7 @@ class RejectedQuery:
     reasons: tuple[str, ...] = ()
     start: datetime | None = None
     end: datetime | None = None
+    include_reason_counts: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -398,11 +402,12 @@ class QueryService:
         *,
         size_of: Callable[[RejectedView], int],
         byte_budget: int,
-    ) -> Page[RejectedView]:
+    ) -> tuple[Page[RejectedView], ReasonCounts | None]:
         """A page of rejected events, newest received first, within the first page's snapshot.
         The page also ends before the row that would take the sum of `size_of` (a row's share
         of the reply) over `byte_budget`, though it always holds one row: raw payloads reach
-        1 MB, and the server could not send a reply over its maximum message size.
+        1 MB, and the server could not send a reply over its maximum message size. With
+        `include_reason_counts`, also the time range's counts by reason in the same snapshot.
         Raises PageTokenInvalid."""
         size = paging.page_size(query.page_size)
         bound_to = paging.fingerprint(
@@ -440,13 +445,22 @@ class QueryService:
                     more = True
                     break
                 rows.append((seq, view))
+            counts = None
+            if query.include_reason_counts:
+                counts = await reads.rejected_reason_counts(
+                    project_id,
+                    max_seq=max_seq,
+                    start=query.start or NEG_INFINITY,
+                    end=query.end or POS_INFINITY,
+                    limit=REASON_COUNT_LIMIT,
+                )
         token = ""
         if more:
             seq, last = rows[-1]
             token = paging.encode_token(
                 bound_to, {"t": _micros(last.receive_time), "s": seq, "ms": max_seq}
             )
-        return Page(tuple(view for _, view in rows), token)
+        return Page(tuple(view for _, view in rows), token), counts
 
     # -- ListProfiles ------------------------------------------------------------------------
 

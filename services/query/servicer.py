@@ -90,16 +90,23 @@ class QueryServicer(pb_grpc.QueryServiceServicer):
         self, request: pb.ListRejectedEventsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListRejectedEventsResponse:
         query = convert.rejected_query_from_proto(request)
-        page = await self._service.list_rejected(
+        page, counts = await self._service.list_rejected(
             current_caller().project_id,
             query,
             size_of=convert.rejected_reply_bytes,
             byte_budget=convert.REJECTED_PAGE_BYTES,
         )
-        return pb.ListRejectedEventsResponse(
+        reply = pb.ListRejectedEventsResponse(
             rejected_events=[convert.rejected_to_proto(r) for r in page.items],
             next_page_token=page.next_page_token,
         )
+        if counts is not None:
+            reply.reason_counts.extend(
+                pb.RejectedReasonCount(reason=reason, count=count)
+                for reason, count in counts.counts
+            )
+            reply.reason_counts_are_lower_bounds = counts.at_least
+        return reply
 
     async def WatchProfile(
         self, request: pb.WatchProfileRequest, context: grpc.aio.ServicerContext

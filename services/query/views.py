@@ -191,6 +191,15 @@ class UsersTableFilters:
 
 
 @dataclass(frozen=True, slots=True)
+class ReasonCounts:
+    """Rejected events by reason, most frequent first; `at_least` when the count stopped at
+    its limit."""
+
+    counts: tuple[tuple[str, int], ...]
+    at_least: bool
+
+
+@dataclass(frozen=True, slots=True)
 class TotalSize:
     """How many items a list's filters match, counted up to a limit: `at_least` when the
     count stopped there."""

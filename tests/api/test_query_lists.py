@@ -16,6 +16,7 @@ from profiles.ingest.v1 import ingest_service_pb2 as ingest_pb
 from profiles.query.v1 import query_service_pb2 as pb
 from profiles.query.v1 import timeline_pb2
 from services.query import convert
+from shared.convert import timestamp_of
 from tests.conftest import create_test_project
 from tests.support.identity import new_id, violations
 from tests.support.query import (
@@ -618,3 +619,44 @@ async def test_the_language_and_reach_filters_list_what_the_overview_counts(
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await suite.call("ListProfiles", pb.ListProfilesRequest(reachable_channel=9))  # type: ignore[arg-type]
     assert violations(caught.value) == ["reachable_channel"]
+
+
+async def test_rejected_events_are_counted_by_reason_in_the_time_range(
+    suite: Suite, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    inst = new_id()
+    no_platform = custom_event(inst)
+    no_platform.platform = types_pb2.PLATFORM_UNSPECIFIED
+    sent = [base_event(inst, NOW)] * 3 + [no_platform] * 2
+    rng = random.Random(7)
+    rng.shuffle(sent)
+    await suite.track(*sent)
+    after_first = NOW + timedelta(seconds=1)
+    suite.clock.advance(timedelta(seconds=5))
+    await suite.track(base_event(inst, NOW), custom_event(inst))
+
+    async def counts(**fields: Any) -> tuple[list[tuple[str, int]], bool]:
+        reply = await suite.call(
+            "ListRejectedEvents",
+            pb.ListRejectedEventsRequest(page_size=1, include_reason_counts=True, **fields),
+        )
+        assert len(reply.rejected_events) == 1  # the page itself is unchanged
+        found = [(c.reason, c.count) for c in reply.reason_counts]
+        return found, reply.reason_counts_are_lower_bounds
+
+    everything = [("PAYLOAD_MISSING", 4), ("PLATFORM_MISSING", 2)]
+    assert await counts() == (everything, False)
+    # Every reason, whatever `reasons` lists; only the time range narrows the counts.
+    assert await counts(reasons=["PLATFORM_MISSING"]) == (everything, False)
+    later = timestamp_of(after_first)
+    assert await counts(start_time=later) == ([("PAYLOAD_MISSING", 1)], False)
+    assert await counts(end_time=later) == (
+        [("PAYLOAD_MISSING", 3), ("PLATFORM_MISSING", 2)],
+        False,
+    )
+    plain = await suite.call("ListRejectedEvents", pb.ListRejectedEventsRequest())
+    assert list(plain.reason_counts) == []
+    monkeypatch.setattr("services.query.service.REASON_COUNT_LIMIT", 3)
+    found, lower_bounds = await counts()
+    assert lower_bounds
+    assert sum(count for _, count in found) == 3

@@ -714,6 +714,7 @@ class ListRejectedEventsRequest(_message.Message):
     REASONS_FIELD_NUMBER: _builtins.int
     START_TIME_FIELD_NUMBER: _builtins.int
     END_TIME_FIELD_NUMBER: _builtins.int
+    INCLUDE_REASON_COUNTS_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """The maximum number of rows: 0 means the default (50), above 500 is coerced to 500,
     negative is INVALID_ARGUMENT.
@@ -721,6 +722,11 @@ class ListRejectedEventsRequest(_message.Message):
     page_token: _builtins.str
     """The `next_page_token` of a previous call with the same filters, opaque; empty for the first
     page.
+    """
+    include_reason_counts: _builtins.bool
+    """Also count the rejected events of the time range by reason (`reason_counts`), every reason
+    whatever `reasons` asks for, in the first page's snapshot. The count reads up to 100,000
+    rows (then `reason_counts_are_lower_bounds`).
     """
     @_builtins.property
     def reasons(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -742,10 +748,11 @@ class ListRejectedEventsRequest(_message.Message):
         reasons: _abc.Iterable[_builtins.str] | None = ...,
         start_time: _timestamp_pb2.Timestamp | None = ...,
         end_time: _timestamp_pb2.Timestamp | None = ...,
+        include_reason_counts: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "page_size", b"page_size", "page_token", b"page_token", "reasons", b"reasons", "start_time", b"start_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "include_reason_counts", b"include_reason_counts", "page_size", b"page_size", "page_token", b"page_token", "reasons", b"reasons", "start_time", b"start_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -759,25 +766,63 @@ class ListRejectedEventsResponse(_message.Message):
 
     REJECTED_EVENTS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    REASON_COUNTS_FIELD_NUMBER: _builtins.int
+    REASON_COUNTS_ARE_LOWER_BOUNDS_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
     """The token for the next page, opaque; empty only when this is the last page."""
+    reason_counts_are_lower_bounds: _builtins.bool
+    """The counts stopped at 100,000 rows: each is at least what it says."""
     @_builtins.property
     def rejected_events(self) -> _containers.RepeatedCompositeFieldContainer[_timeline_pb2.RejectedEvent]:
         """The rejected events, newest received first."""
+
+    @_builtins.property
+    def reason_counts(self) -> _containers.RepeatedCompositeFieldContainer[Global___RejectedReasonCount]:
+        """With `include_reason_counts`: each reason of the time range with its count, most frequent
+        first (then by reason).
+        """
 
     def __init__(
         self,
         *,
         rejected_events: _abc.Iterable[_timeline_pb2.RejectedEvent] | None = ...,
         next_page_token: _builtins.str = ...,
+        reason_counts: _abc.Iterable[Global___RejectedReasonCount] | None = ...,
+        reason_counts_are_lower_bounds: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "rejected_events", b"rejected_events"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "reason_counts", b"reason_counts", "reason_counts_are_lower_bounds", b"reason_counts_are_lower_bounds", "rejected_events", b"rejected_events"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListRejectedEventsResponse: _TypeAlias = ListRejectedEventsResponse  # noqa: Y015
+
+@_typing.final
+class RejectedReasonCount(_message.Message):
+    """How many rejected events one reason code has."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REASON_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    reason: _builtins.str
+    """The reason code, such as "EVENT_TIME_TOO_OLD"."""
+    count: _builtins.int
+    """How many rejected events carry it."""
+    def __init__(
+        self,
+        *,
+        reason: _builtins.str = ...,
+        count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RejectedReasonCount: _TypeAlias = RejectedReasonCount  # noqa: Y015
 
 @_typing.final
 class WatchProfileRequest(_message.Message):
