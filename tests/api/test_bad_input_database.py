@@ -37,6 +37,10 @@ async def test_a_connection_lost_mid_call_is_unavailable_and_the_service_recover
             )
 
             async def blocked() -> bool:
+                # pg_stat_activity is read once per transaction and kept to its end: without
+                # clearing that snapshot, a first look taken before the call's statement arrived
+                # would be all this transaction ever sees (a flake under load).
+                await locker.execute("SELECT pg_stat_clear_snapshot()")
                 return bool(await locker.fetch(WAITING_BACKENDS))
 
             await eventually(blocked)
