@@ -125,6 +125,7 @@ def templates() -> Jinja2Templates:
         "breakdown_value",
         "count_of",
         "problem_text",
+        "shorten",
     ):
         environment.filters[name] = getattr(present, name)
     environment.globals["display_name"] = present.display_name
@@ -133,6 +134,9 @@ def templates() -> Jinja2Templates:
     environment.globals["SMART_SEGMENTS"] = present.SMART_SEGMENTS
     environment.globals["PLATFORM_NAMES"] = present.PLATFORM_NAMES
     environment.globals["SMART_FLAGS"] = present.SMART_FLAGS
+    environment.globals["REJECTION_REASONS"] = present.REJECTION_REASONS
+    environment.globals["CHANNELS"] = present.CHANNELS
+    environment.globals["KINDS"] = present.KINDS
     return Jinja2Templates(env=environment)
 
 

@@ -56,23 +56,29 @@ def translate(service: str, error: grpc.aio.AioRpcError) -> Exception:
         return ServiceDown(service, timed_out=True)
     if code in _DOWN:
         return ServiceDown(service, timed_out=False, detail=code.name)
-    reason, metadata = _error_info(error)
-    return BadInput(error.details() or code.name, reason, metadata)
+    reason, metadata, fields = _error_details(error)
+    return BadInput(error.details() or code.name, reason, metadata, fields)
 
 
-def _error_info(error: grpc.aio.AioRpcError) -> tuple[str, dict[str, str]]:
+def _error_details(error: grpc.aio.AioRpcError) -> tuple[str, dict[str, str], tuple[str, ...]]:
+    """The ErrorInfo's reason and metadata, and the BadRequest's field paths, of a failed call."""
     try:
         status = rpc_status.from_call(error)
     except ValueError:
-        return "", {}
+        return "", {}, ()
     if status is None:
-        return "", {}
+        return "", {}, ()
+    reason, metadata, fields = "", {}, []
     for detail in status.details:
         if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
             info = error_details_pb2.ErrorInfo()
             detail.Unpack(info)
-            return info.reason, dict(info.metadata)
-    return "", {}
+            reason, metadata = info.reason, dict(info.metadata)
+        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            fields += [violation.field for violation in bad.field_violations]
+    return reason, metadata, tuple(fields)
 
 
 class Backend:

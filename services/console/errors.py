@@ -25,11 +25,20 @@ class NotFound(ConsoleError):
 class BadInput(ConsoleError):
     """The service refused what the person typed (INVALID_ARGUMENT, FAILED_PRECONDITION)."""
 
-    def __init__(self, message: str, reason: str = "", metadata: dict[str, str] | None = None):
+    def __init__(
+        self,
+        message: str,
+        reason: str = "",
+        metadata: dict[str, str] | None = None,
+        fields: tuple[str, ...] = (),
+    ) -> None:
         super().__init__(message)
-        self.message = message
+        self.message = message  # the service's words, naming contract fields: not for a page
         self.reason = reason
         self.metadata = metadata or {}
+        # The request fields the service refused (BadRequest paths such as `reasons[0]`), so a
+        # page can say which of its boxes held the problem.
+        self.fields = fields
 
 
 class ServiceDown(ConsoleError):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Container, Coroutine, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 from urllib.parse import urlencode
@@ -84,7 +84,7 @@ def render(
     session: ConsoleSession | None = None,
     status: int = 200,
 ) -> Response:
-    context = {"request": request, "session": session, **context}
+    context = {"request": request, "session": session, "notices": [], **context}
     return console_of(request).templates.TemplateResponse(
         request, template, context, status_code=status
     )
@@ -265,15 +265,34 @@ async def home(request: Request) -> Response:
 # -- overview -----------------------------------------------------------------------------------
 
 
-def _platform(request: Request) -> tuple[str, int]:
-    name = request.query_params.get("platform", "all")
-    if name not in present.PLATFORMS:
-        name = "all"
+def _known(
+    params: Mapping[str, str],
+    name: str,
+    choices: Container[str],
+    default: str,
+    instead: str,
+    notices: list[str],
+) -> str:
+    """The query parameter `name` when it is one of `choices` (`default` when absent or empty).
+    An unknown value gives way to `default`, and the page says so in `notices`: a shared URL
+    must not show other figures than it names without a word."""
+    given = params.get(name, "")
+    if not given or given in choices:
+        return given or default
+    notices.append(f"Unknown {name} “{present.shorten(given)}”: {instead}.")
+    return default
+
+
+def _platform(request: Request, notices: list[str]) -> tuple[str, int]:
+    name = _known(
+        request.query_params, "platform", present.PLATFORMS, "all", "showing all platforms", notices
+    )
     return name, present.PLATFORMS[name]
 
 
 async def _overview_context(request: Request, session: ConsoleSession) -> dict[str, Any]:
-    name, value = _platform(request)
+    notices: list[str] = []
+    name, value = _platform(request, notices)
     reply = await console_of(request).backend.call(
         session.key,
         "query",
@@ -303,6 +322,7 @@ async def _overview_context(request: Request, session: ConsoleSession) -> dict[s
         "overview": overview,
         "smart": smart,
         "chart": chart,
+        "notices": notices,
     }
 
 
@@ -344,11 +364,16 @@ def _segment_filter(value: str) -> dict[str, Any]:
 async def users_page(request: Request, session: ConsoleSession) -> Response:
     console = console_of(request)
     params = request.query_params
-    tab = params.get("tab", "all") if params.get("tab", "all") in TABS else "all"
-    sort = params.get("sort", "last_seen") if params.get("sort") in SORTS else "last_seen"
-    order = "asc" if params.get("order") == "asc" else "desc"
+    notices: list[str] = []
+    tab = _known(params, "tab", TABS, "all", "showing all profiles", notices)
+    sort = _known(params, "sort", SORTS, "last_seen", "sorted by last seen", notices)
+    order = _known(params, "order", ("asc", "desc"), "desc", "sorted descending", notices)
     segment = params.get("segment", "")
-    platform_name, platform_value = _platform(request)
+    segment_fields = _segment_filter(segment)
+    if segment and not segment_fields:
+        notices.append(f"Unknown segment “{present.shorten(segment)}”: showing every profile.")
+        segment = ""
+    platform_name, platform_value = _platform(request, notices)
     page_token = params.get("page_token", "")
     trail = [t for t in params.get("trail", "").split(",") if t][-TRAIL_LIMIT:]
     page_number = _page_number(params.get("page", ""), len(trail))
@@ -362,13 +387,13 @@ async def users_page(request: Request, session: ConsoleSession) -> Response:
         "order_by": SORTS[sort],
         "sort_order": 1 if order == "asc" else 2,
         "name_prefix": name,
-        **_segment_filter(segment),
+        **segment_fields,
     }
     if SORTS[sort] not in query_pb.ProfileOrderBy.values():
         request_fields["order_by"] = 1
     segments: list[Any] = []
     segments_down: ServiceDown | None = None
-    problem = ""
+    refused: present.Refusal | None = None
 
     async def list_segments() -> list[Any]:
         nonlocal segments_down
@@ -385,15 +410,15 @@ async def users_page(request: Request, session: ConsoleSession) -> Response:
         return list(reply.segments)
 
     async def list_profiles() -> Any:
-        nonlocal problem
+        nonlocal refused
         try:
             return await console.backend.call(
                 session.key, "query", "ListProfiles", query_pb.ListProfilesRequest(**request_fields)
             )
         except NotFound:
-            problem = "The query service does not know this segment."
+            refused = present.Refusal("segment", present.FIELD_WORDS["segment_id"])
         except BadInput as bad:
-            problem = present.problem_text(bad)
+            refused = present.refusal(bad, {"name_prefix": "name", "segment_id": "segment"})
         return query_pb.ListProfilesResponse()
 
     segments, reply = await both(list_segments(), list_profiles())
@@ -423,7 +448,7 @@ async def users_page(request: Request, session: ConsoleSession) -> Response:
         )
 
     def previous_link() -> str:
-        if not trail:
+        if not trail or refused is not None:
             return ""
         token = "" if trail[-1] == FIRST_PAGE else trail[-1]
         return link(page_token=token, trail=",".join(trail[:-1]), page=str(page_number - 1))
@@ -460,7 +485,8 @@ async def users_page(request: Request, session: ConsoleSession) -> Response:
             "sort_link": sort_link,
             "segments": segments,
             "segments_down": segments_down,
-            "problem": problem,
+            "refused": refused,
+            "notices": notices,
             "name_sort": SORTS["name"] in query_pb.ProfileOrderBy.values(),
         },
         session=session,
@@ -474,7 +500,9 @@ def lookups(text: str, kind: str) -> list[dict[str, str]]:
     """The GetProfile lookups to try, in order, for what was typed into the search box (none
     for a name: names are not identifiers, see `names_searched`)."""
     text = text.strip()
-    if kind in ("email", "phone", "custom_id", "installation_id", "profile_id"):
+    if kind == "profile_id":
+        return [{kind: canonical_uuid(text) or text}]
+    if kind in ("email", "phone", "custom_id", "installation_id"):
         return [{kind: text}]
     if kind == "name":
         return []
@@ -482,11 +510,19 @@ def lookups(text: str, kind: str) -> list[dict[str, str]]:
         return [{"email": text}]
     if text.startswith("+") and text[1:].isdigit():
         return [{"phone": text}]
-    try:
-        uuid.UUID(text)
-    except ValueError:
+    profile_id = canonical_uuid(text)
+    if not profile_id:
         return [{"custom_id": text}, {"installation_id": text}]
-    return [{"profile_id": text}, {"custom_id": text}, {"installation_id": text}]
+    return [{"profile_id": profile_id}, {"custom_id": text}, {"installation_id": text}]
+
+
+def canonical_uuid(text: str) -> str:
+    """`text` as the UUID form the contract reads (lower-case, with dashes), or "" when it is no
+    UUID: one copied without its dashes or in capitals is the same ID."""
+    try:
+        return str(uuid.UUID(text))
+    except ValueError:
+        return ""
 
 
 def names_searched(text: str, kind: str) -> bool:
@@ -506,7 +542,7 @@ async def search(request: Request, session: ConsoleSession) -> Response:
     console = console_of(request)
     text = request.query_params.get("q", "").strip()
     kind = request.query_params.get("by", "auto")
-    context: dict[str, Any] = {"q": text, "by": kind, "ambiguous": [], "message": ""}
+    context: dict[str, Any] = {"q": text, "by": kind, "ambiguous": [], "message": "", "hint": ""}
     if text:
         for lookup in lookups(text, kind):
             try:
@@ -520,20 +556,26 @@ async def search(request: Request, session: ConsoleSession) -> Response:
                     ids = bad.metadata.get("profile_ids", "")
                     context["ambiguous"] = [i for i in ids.split(",") if i]
                     context["message"] = "Several profiles have this address:"
-                else:
-                    context["message"] = bad.message
-                break
+                    break
+                # Text this identifier cannot be (an email without its domain, an ID too
+                # long): no profile has it. What it should look like is a hint, for the kinds a
+                # person writes by hand.
+                if not context["hint"] and set(lookup) & {"email", "phone", "profile_id"}:
+                    context["hint"] = present.refusal(bad).text
+                continue
             return RedirectResponse(f"/profiles/{reply.profile.summary.profile_id}", 303)
         else:
             if names_searched(text, kind):
-                return await _open_by_name(console, session, text)
-            context["message"] = "No profile matches."
+                found = await _open_by_name(console, session, text)
+                if found is not None:
+                    return found
+            context["message"] = f"No profile matches “{present.shorten(text)}”."
     return render(request, "search.html", context, session=session)
 
 
-async def _open_by_name(console: Console, session: ConsoleSession, text: str) -> Response:
+async def _open_by_name(console: Console, session: ConsoleSession, text: str) -> Response | None:
     """The one profile with a word of its name starting with `text`, else the users table
-    filtered by it (several, none, or a name the service refuses: the table says which)."""
+    filtered by it (several or none); None when no name can be this text (too long)."""
     try:
         reply = await console.backend.call(
             session.key,
@@ -542,8 +584,8 @@ async def _open_by_name(console: Console, session: ConsoleSession, text: str) ->
             query_pb.ListProfilesRequest(name_prefix=text, page_size=2),
         )
     except BadInput:
-        reply = None
-    if reply is not None and len(reply.profiles) == 1:
+        return None
+    if len(reply.profiles) == 1:
         return RedirectResponse(f"/profiles/{reply.profiles[0].profile_id}", 303)
     return RedirectResponse("/users?" + urlencode({"name": text}), 303)
 
@@ -559,37 +601,62 @@ async def profile_page(request: Request, session: ConsoleSession) -> Response:
     events_token = request.query_params.get("events_page", "")
     sessions_token = request.query_params.get("sessions_page", "")
     today = datetime.now(UTC).date()
-    profile_reply, sessions_reply, events_reply, activity = await both(
-        console.backend.call(
-            session.key, "query", "GetProfile", query_pb.GetProfileRequest(profile_id=profile_id)
-        ),
-        console.backend.call(
-            session.key,
-            "query",
-            "ListSessions",
-            query_pb.ListSessionsRequest(
-                profile_id=profile_id, page_size=20, page_token=sessions_token
+    try:
+        (
+            profile_reply,
+            (sessions_reply, sessions_refused),
+            (events_reply, events_refused),
+            activity,
+        ) = await both(
+            console.backend.call(
+                session.key,
+                "query",
+                "GetProfile",
+                query_pb.GetProfileRequest(profile_id=profile_id),
             ),
-        ),
-        console.backend.call(
-            session.key,
-            "query",
-            "ListEvents",
-            query_pb.ListEventsRequest(
-                profile_id=profile_id, page_size=50, session_id=session_id, page_token=events_token
+            _a_page(
+                console.backend.call(
+                    session.key,
+                    "query",
+                    "ListSessions",
+                    query_pb.ListSessionsRequest(
+                        profile_id=profile_id, page_size=20, page_token=sessions_token
+                    ),
+                ),
+                query_pb.ListSessionsResponse(),
             ),
-        ),
-        console.backend.call(
-            session.key,
-            "query",
-            "GetActivity",
-            query_pb.GetActivityRequest(
-                profile_id=profile_id,
-                start_date=(today - timedelta(days=29)).isoformat(),
-                end_date=today.isoformat(),
+            _a_page(
+                console.backend.call(
+                    session.key,
+                    "query",
+                    "ListEvents",
+                    query_pb.ListEventsRequest(
+                        profile_id=profile_id,
+                        page_size=50,
+                        session_id=session_id,
+                        page_token=events_token,
+                    ),
+                ),
+                query_pb.ListEventsResponse(),
             ),
-        ),
-    )
+            console.backend.call(
+                session.key,
+                "query",
+                "GetActivity",
+                query_pb.GetActivityRequest(
+                    profile_id=profile_id,
+                    start_date=(today - timedelta(days=29)).isoformat(),
+                    end_date=today.isoformat(),
+                ),
+            ),
+        )
+    except NotFound:
+        return _no_such_profile(request, session, profile_id)
+    except BadInput as bad:
+        # Not a profile ID at all (`/profiles/user-1`): to a person, just no such profile.
+        if "profile_id" in bad.fields:
+            return _no_such_profile(request, session, profile_id)
+        raise
     profile = profile_reply.profile
     canonical = profile.summary.profile_id
     if canonical != profile_id:
@@ -643,8 +710,34 @@ async def profile_page(request: Request, session: ConsoleSession) -> Response:
             "activity_zone": activity.time_zone,
             "newest": newest,
             "live_enabled": not events_token and not session_id,
+            "loaded": present.when(datetime.now(UTC)),
+            "events_refused": events_refused,
+            "sessions_refused": sessions_refused,
+            "first_events": _query_string(session=session_id, sessions_page=sessions_token),
+            "first_sessions": _query_string(session=session_id, events_page=events_token),
         },
         session=session,
+    )
+
+
+async def _a_page(call: Awaitable[T], empty: T) -> tuple[T, present.Refusal | None]:
+    """One list of a page that pages on its own: a stale or altered page link of that list
+    empties it with a word (and the rest of the page stays), instead of failing the page."""
+    try:
+        return await call, None
+    except BadInput as bad:
+        if bad.reason != "PAGE_TOKEN_INVALID":
+            raise
+        return empty, present.refusal(bad)
+
+
+def _no_such_profile(request: Request, session: ConsoleSession, profile_id: str) -> Response:
+    return render(
+        request,
+        "problem.html",
+        {"no_profile": present.shorten(profile_id)},
+        session=session,
+        status=404,
     )
 
 
@@ -728,7 +821,12 @@ def sse(data: dict[str, Any], *, event: str = "message", event_id: str = "") -> 
 
 
 def live_item(item: Any) -> dict[str, Any] | None:
-    """A WatchProfileResponse as the JSON the page renders (as text, never as HTML)."""
+    """A WatchProfileResponse as the JSON the page renders (as text, never as HTML).
+
+    Only items with a "title" are entries of the live feed. An attribute or subscription change
+    is the new state an event of the same notice caused, and that event is in the feed already
+    (as the timeline shows it after a reload): the state updates the page's Attributes and
+    Subscriptions instead of showing the change twice."""
     kind = item.WhichOneof("item")
     if kind == "started":
         return {"kind": "started"}
@@ -738,18 +836,21 @@ def live_item(item: Any) -> dict[str, Any] | None:
         change = item.attribute_change
         return {
             "kind": "attribute",
-            "title": f"Attribute {change.name} is now {present.attribute_value(change.value)}",
+            "name": change.name,
+            "native": change.native,
+            "label": present.NATIVE_LABELS.get(change.name, change.name),
+            "removed": not change.HasField("value"),
+            "type": present.value_type(change.value),
+            "value": present.attribute_value(change.value),
             "time": present.when(change.update_time),
         }
     if kind == "subscription_change":
         change = item.subscription_change
-        state = "subscribed" if change.subscribed else "unsubscribed"
-        channel = (
-            f"{present.CHANNELS.get(change.channel, '?')} {present.KINDS.get(change.kind, '?')}"
-        )
         return {
             "kind": "consent",
-            "title": f"{channel}: {state}",
+            "channel": present.CHANNELS.get(change.channel, "?"),
+            "channel_kind": present.KINDS.get(change.kind, "?"),
+            "state": "subscribed" if change.subscribed else "unsubscribed",
             "time": present.when(change.change_time),
         }
     if kind == "identity_change":
@@ -939,12 +1040,25 @@ async def segments_live(request: Request, session: ConsoleSession) -> Response:
             yield sse({"reason": "closed"}, event="ended")
         finally:
             if pending is not None:
+                pending.add_done_callback(_outcome_seen)
+                # A read still running owns the generator (aclose() would raise "already
+                # running"): cancelled, it ends the generator and its gRPC call itself, on the
+                # loop's next turn. Not awaited: when the browser leaves, the page's
+                # cancellation is delivered again at every await here and would cut it short.
                 pending.cancel()
-            await changes.aclose()
+            if pending is None or pending.done():
+                await changes.aclose()
 
     return StreamingResponse(
         stream(), media_type="text/event-stream", headers={"Cache-Control": "no-store"}
     )
+
+
+def _outcome_seen(read: asyncio.Future[Any]) -> None:
+    """Takes a dropped read's outcome, so asyncio does not log a failure it met meanwhile (the
+    stream closing as the page left) as never retrieved."""
+    if not read.cancelled():
+        read.exception()
 
 
 # -- rejected events ----------------------------------------------------------------------------
@@ -954,28 +1068,42 @@ async def segments_live(request: Request, session: ConsoleSession) -> Response:
 async def rejected_page(request: Request, session: ConsoleSession) -> Response:
     console = console_of(request)
     params = request.query_params
-    reason = params.get("reason", "").strip()
-    start = params.get("start", "")
-    end = params.get("end", "")
+    reason = present.reason_code(params.get("reason", ""))
+    start = params.get("start", "").strip()
+    end = params.get("end", "").strip()
     page_token = params.get("page_token", "")
     listing = query_pb.ListRejectedEventsRequest(page_size=50, page_token=page_token)
     if reason:
         listing.reasons.append(reason)
-    start_time, end_time = _parse_iso(start) if start else None, _parse_iso(end) if end else None
-    if start_time:
-        set_timestamp(listing.start_time, start_time)
-    if end_time:
-        set_timestamp(listing.end_time, end_time)
-    reply = await console.backend.call(session.key, "query", "ListRejectedEvents", listing)
+    refused: present.Refusal | None = None
+    for box, text, field in (("start", start, "start_time"), ("end", end, "end_time")):
+        moment = _parse_iso(text) if text else None
+        if moment is not None:
+            set_timestamp(getattr(listing, field), moment)
+        elif text and refused is None:
+            refused = present.Refusal(box, "Not a date and time, such as 2026-12-06T16:58.")
+    reply = query_pb.ListRejectedEventsResponse()
+    if refused is None:
+        try:
+            reply = await console.backend.call(session.key, "query", "ListRejectedEvents", listing)
+        except BadInput as bad:
+            refused = present.refusal(
+                bad, {"reasons": "reason", "start_time": "start", "end_time": "end"}
+            )
     state = {"reason": reason, "start": start, "end": end}
+    filters = {k: v for k, v in state.items() if v}
     next_page = ""
     if reply.next_page_token:
-        next_page = "/rejected?" + urlencode(
-            {**{k: v for k, v in state.items() if v}, "page_token": reply.next_page_token}
-        )
+        next_page = "/rejected?" + urlencode({**filters, "page_token": reply.next_page_token})
     return render(
         request,
         "rejected.html",
-        {**state, "rows": reply.rejected_events, "next_page": next_page},
+        {
+            **state,
+            "rows": reply.rejected_events,
+            "next_page": next_page,
+            "first_page": "/rejected?" + urlencode(filters),
+            "refused": refused,
+        },
         session=session,
     )

@@ -8,8 +8,9 @@ or numbers for SVG geometry.
 from __future__ import annotations
 
 import math
+import re
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -79,12 +80,99 @@ def span(value: duration_pb2.Duration | float) -> str:
     return f"{secs} s"
 
 
-def problem_text(bad: BadInput) -> str:
-    """What a person reads for a refused request: the service's message, except where it
-    speaks of the API rather than of what they did (a stale or altered page link)."""
+# ListProfilesRequest.name_prefix's limit, as the contract documents it.
+NAME_SEARCH_MAX = 100
+# How much of what a person typed a page repeats back to them (a caption, a message): a 5,000
+# character filter must not push the page sideways.
+ECHO_MAX = 40
+
+
+def shorten(text: str, limit: int = ECHO_MAX) -> str:
+    """`text` cut to at most `limit` characters, an ellipsis saying so."""
+    return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
+
+
+PAGE_LINK_STALE = "This page link is out of date or was altered: start again from the first page."
+# A refused request field in the words of the box a person filled: never the contract's name
+# for it (`name_prefix`, `reasons[0]`), which means nothing on a page.
+FIELD_WORDS = {
+    "name_prefix": f"A name search holds at most {NAME_SEARCH_MAX} characters.",
+    "segment_id": "No such segment: choose one from the list.",
+    "reasons": "A reason code holds 1 to 64 characters, such as EVENT_TIME_IN_FUTURE.",
+    "start_time": "Not a time the service accepts.",
+    "end_time": "The end must be after the start.",
+    "email": "An email address looks like name@example.com.",
+    "phone": "A phone number is + and 2 to 15 digits (E.164), such as +33612345678.",
+    "profile_id": "A profile ID is a UUID, such as 6f1e2c1a-0d7e-4a51-9b55-1d7c7d3f0a11.",
+}
+REFUSED = "The service refused this request: check the filters, or start again from the first page."
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A refused request as a page tells it: the form box at fault (its id; empty for the page
+    as a whole, such as a stale page link) and what to say."""
+
+    box: str
+    text: str
+
+
+def refusal(bad: BadInput, boxes: Mapping[str, str] | None = None) -> Refusal:
+    """`bad` in a person's words; `boxes` maps a request field to the id of the box the page
+    filled it from (a field with no box is told at the page's level)."""
     if bad.reason == "PAGE_TOKEN_INVALID":
-        return "This page link is out of date or was altered: start again from the first page."
-    return bad.message
+        return Refusal("", PAGE_LINK_STALE)
+    for path in bad.fields:
+        field = re.split(r"[.\[]", path, maxsplit=1)[0]  # reasons[0] -> reasons
+        if field in FIELD_WORDS:
+            return Refusal((boxes or {}).get(field, ""), FIELD_WORDS[field])
+    return Refusal("", REFUSED)
+
+
+def problem_text(bad: BadInput) -> str:
+    """What a person reads for a refused request on a page of its own."""
+    return refusal(bad).text
+
+
+# The codes ingest rejects an event with (IngestService's comment in the contract lists them),
+# offered by the rejected events page's Reason box. An edge gateway may add its own codes.
+REJECTION_REASONS = (
+    "EVENT_ID_INVALID",
+    "ORIGIN_MISSING",
+    "INSTALLATION_ID_INVALID",
+    "CUSTOM_ID_INVALID",
+    "ERASED",
+    "PLATFORM_MISSING",
+    "EVENT_TIME_MISSING",
+    "TIMESTAMP_INVALID",
+    "EVENT_TIME_IN_FUTURE",
+    "EVENT_TIME_TOO_OLD",
+    "PAYLOAD_MISSING",
+    "SESSION_ID_INVALID",
+    "NAME_INVALID",
+    "LABEL_INVALID",
+    "ATTRIBUTE_NAME_INVALID",
+    "TOO_MANY_ATTRIBUTES",
+    "VALUE_INVALID",
+    "OPERATION_INVALID",
+    "EMAIL_INVALID",
+    "PHONE_INVALID",
+    "LANGUAGE_INVALID",
+    "REGION_INVALID",
+    "COUNTRY_INVALID",
+    "TIMEZONE_INVALID",
+    "PROFILE_ATTRIBUTE_LIMIT",
+    "DURATION_INVALID",
+    "SUBSCRIPTION_INVALID",
+    "EVENT_TOO_LARGE",
+    "UNTRANSLATED",
+)
+
+
+def reason_code(text: str) -> str:
+    """A typed reason as the code it means: reason codes are UPPER_SNAKE and matched exactly,
+    so 'name_invalid' and ' name invalid ' mean NAME_INVALID."""
+    return "_".join(re.split(r"[\s_-]+", text.strip())).upper()
 
 
 def count_of(count: int, noun: str) -> str:
@@ -208,20 +296,33 @@ def attribute_type(value: int) -> str:
     return name.lower().replace("_", " ") if value else "—"
 
 
-def native_attributes(native: profile_pb2.NativeAttributes) -> list[tuple[str, str]]:
-    """(label, value) of the set native attributes, in the contract's order."""
-    labels = (
-        ("email", "Email"),
-        ("phone", "Phone"),
-        ("first_name", "First name"),
-        ("last_name", "Last name"),
-        ("language", "Language"),
-        ("region", "Region"),
-        ("country", "Country"),
-        ("timezone", "Timezone"),
-        ("avatar_url", "Avatar URL"),
-    )
-    return [(label, getattr(native, name)) for name, label in labels if getattr(native, name)]
+# The native attributes' labels by name, in the contract's order.
+NATIVE_LABELS = {
+    "email": "Email",
+    "phone": "Phone",
+    "first_name": "First name",
+    "last_name": "Last name",
+    "language": "Language",
+    "region": "Region",
+    "country": "Country",
+    "timezone": "Timezone",
+    "avatar_url": "Avatar URL",
+}
+
+
+def native_attributes(native: profile_pb2.NativeAttributes) -> list[tuple[str, str, str]]:
+    """(name, label, value) of the set native attributes, in the contract's order."""
+    return [
+        (name, label, getattr(native, name))
+        for name, label in NATIVE_LABELS.items()
+        if getattr(native, name)
+    ]
+
+
+def value_type(value: types_pb2.AttributeValue) -> str:
+    """The type of a value, in `attribute_type`'s words ('string list'); '—' when unset."""
+    kind = value.WhichOneof("value")
+    return kind.removesuffix("_value").replace("_", " ") if kind else "—"
 
 
 def event_title(event: timeline_pb2.TimelineEvent) -> str:

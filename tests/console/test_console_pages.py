@@ -393,6 +393,70 @@ async def test_a_new_event_appears_live_on_an_open_profile_page(
     await expect(page.locator("#live-feed > li")).to_have_count(0)
 
 
+async def test_the_live_feed_shows_each_change_once_and_the_cards_follow(
+    page: Any, console_suite: ConsoleSuite
+) -> None:
+    installation = f"console-feed-{uuid.uuid4().hex[:8]}"
+    await track(console_suite, custom_event(installation, name="arrived", time=datetime.now(UTC)))
+
+    async def stored() -> bool:
+        try:
+            await query(
+                console_suite,
+                "GetProfile",
+                query_pb.GetProfileRequest(installation_id=installation),
+            )
+        except grpc.aio.AioRpcError:
+            return False
+        return True
+
+    await eventually(stored)
+    reply = await query(
+        console_suite, "GetProfile", query_pb.GetProfileRequest(installation_id=installation)
+    )
+    await sign_in(page, console_suite)
+    await page.goto(console_suite.url + f"/profiles/{reply.profile.summary.profile_id}")
+    await expect(page.locator("#live-status")).to_have_text("Live updates on.")
+    email = page.locator("#subscriptions tr[data-subscription='Email Marketing']")
+    await expect(email.locator("td").nth(2)).to_have_text("unsubscribed")
+    # One TrackEvents: an attribute set and an email opt-in, as the tester sent them.
+    now = datetime.now(UTC)
+    opt_in = custom_event(installation, time=now)
+    opt_in.ClearField("custom")
+    opt_in.subscription_change.CopyFrom(
+        types_pb2.SubscriptionChange(
+            channel=types_pb2.CHANNEL_EMAIL,
+            kind=types_pb2.SUBSCRIPTION_KIND_MARKETING,
+            subscribed=True,
+        )
+    )
+    await track(
+        console_suite,
+        attribute_event(installation, [op("set", "fav_html", "<b>tea</b>")], time=now),
+        opt_in,
+    )
+    # Then a marker: the stream keeps its order, so whatever the two caused came before it.
+    await track(console_suite, custom_event(installation, name="feed_marker", time=now))
+    feed = page.locator("#live-feed > li")
+    await expect(feed.filter(has_text="feed_marker")).to_have_count(1)
+    titles = await feed.locator("strong").all_inner_texts()
+    assert sorted(titles) == [
+        "Attributes changed: fav_html",
+        "Email Marketing: subscribed",
+        "feed_marker",
+    ]
+    # The cards say what the feed says, without a reload.
+    await expect(email.locator("td").nth(2)).to_have_text("subscribed")
+    custom = page.locator("#custom-attributes tr[data-attribute='fav_html']")
+    await expect(custom.locator("td.value")).to_have_text("<b>tea</b>")
+    # After a reload each change appears once, in the timeline, and the cards agree.
+    await page.reload()
+    await expect(page.locator("#live-status")).to_have_text("Live updates on.")
+    await expect(page.locator("#live-feed > li")).to_have_count(0)
+    await expect(email.locator("td").nth(2)).to_have_text("subscribed")
+    await expect(custom.locator("td.value")).to_have_text("<b>tea</b>")
+
+
 async def test_a_hostile_attribute_value_is_shown_as_text(
     page: Any, console_suite: ConsoleSuite
 ) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import socket
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -149,6 +150,49 @@ async def test_a_down_or_slow_service_is_named_and_the_rest_keeps_working(
 
 def _rest(suite: ConsoleSuite) -> tuple[Any, ...]:
     return (suite.project, suite.addresses, suite.settings)
+
+
+class ErrorLog(logging.Handler):
+    """The errors logged while attached: by the server (uvicorn's "Exception in ASGI
+    application"), by asyncio (a task's exception never retrieved), or reaching the root."""
+
+    LOGGERS = ("uvicorn.error", "asyncio", "")
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+    def attach(self) -> None:
+        """Once uvicorn runs: its start configures its loggers afresh, removing handlers."""
+        for name in self.LOGGERS:
+            logging.getLogger(name).addHandler(self)
+
+    def __enter__(self) -> ErrorLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for name in self.LOGGERS:
+            logging.getLogger(name).removeHandler(self)
+
+
+async def test_leaving_the_segments_page_logs_no_error(
+    page: Any, console_suite: ConsoleSuite
+) -> None:
+    with ErrorLog() as errors:
+        # Stopping the console (leaving this block) waits for every request it serves to end.
+        async with start_console(build_app(console_suite.settings)) as url:
+            errors.attach()
+            await sign_in(page, ConsoleSuite(url, *_rest(console_suite)))
+            await page.goto(url + "/segments")
+            await expect(page.locator("#segment-status")).to_contain_text("Live")
+            await expect(page.locator("#segment-changes tbody tr").first).to_be_visible()
+            # The live table's stream now waits for the next change: the browser leaves.
+            await page.goto(url + "/overview")
+            await expect(page.get_by_role("heading", name="Overview", exact=True)).to_be_visible()
+    assert errors.messages == []
 
 
 async def test_a_reconnecting_live_feed_rereads_what_it_missed_and_shows_nothing_twice(

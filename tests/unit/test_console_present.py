@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
+from pathlib import Path
 
 from google.protobuf import duration_pb2, timestamp_pb2
 
@@ -11,7 +13,10 @@ from profiles.query.v1 import overview_pb2, timeline_pb2
 from profiles.query.v1 import query_service_pb2 as query_pb
 from profiles.segments.v1 import filters_pb2
 from services.console import present
+from services.console.errors import BadInput
 from services.console.pages import _safe_next, lookups, names_searched
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_a_person_is_named_by_name_then_custom_id_then_as_anonymous() -> None:
@@ -117,6 +122,58 @@ def test_search_guesses_the_kind_of_identifier() -> None:
     assert lookups("user-42", "auto") == [{"custom_id": "user-42"}, {"installation_id": "user-42"}]
     assert lookups("x", "installation_id") == [{"installation_id": "x"}]
     assert lookups("Ana Lopez", "name") == []
+    # Copied without its dashes or in capitals, a UUID is still the profile ID it names.
+    assert lookups(uuid_text.replace("-", "").upper(), "auto")[0] == {"profile_id": uuid_text}
+    assert lookups(uuid_text.upper(), "profile_id") == [{"profile_id": uuid_text}]
+    assert lookups("user-1", "profile_id") == [{"profile_id": "user-1"}]
+
+
+def test_a_refused_request_is_told_in_the_words_of_the_box_never_the_contract_s() -> None:
+    too_long = BadInput("name_prefix must hold at most 100 characters", "REQUEST_INVALID",
+                        fields=("name_prefix",))  # fmt: skip
+    assert present.refusal(too_long, {"name_prefix": "name"}) == present.Refusal(
+        "name", "A name search holds at most 100 characters."
+    )
+    reason = BadInput("reasons[0] must hold 1 to 64 characters", fields=("reasons[0]",))
+    assert present.refusal(reason, {"reasons": "reason"}).box == "reason"
+    stale = BadInput("page_token is invalid", "PAGE_TOKEN_INVALID", fields=("page_token",))
+    assert present.refusal(stale, {"page_token": "x"}) == present.Refusal(
+        "", present.PAGE_LINK_STALE
+    )
+    unknown = BadInput("weird_field must be odd", fields=("weird_field",))
+    assert present.refusal(unknown) == present.Refusal("", present.REFUSED)
+    assert present.problem_text(unknown) == present.REFUSED  # never the service's own words
+    for words in [*present.FIELD_WORDS.values(), present.REFUSED, present.PAGE_LINK_STALE]:
+        assert not re.search(r"\b[a-z]+_[a-z_]+\b|\[\d", words), words
+
+
+def test_what_a_page_repeats_of_a_typed_text_is_shortened() -> None:
+    assert present.shorten("short") == "short"
+    assert present.shorten("x" * 5000) == "x" * 39 + "…"
+    assert len(present.shorten("word " * 20)) <= present.ECHO_MAX
+
+
+def test_a_typed_reason_reads_as_the_code_it_means() -> None:
+    assert present.reason_code("  name_invalid ") == "NAME_INVALID"
+    assert present.reason_code("event time in-future") == "EVENT_TIME_IN_FUTURE"
+    assert present.reason_code("") == ""
+
+
+def test_the_offered_reasons_are_those_the_contract_lists() -> None:
+    proto = ROOT / "protos/profiles/ingest/v1/ingest_service.proto"
+    text = proto.read_text()
+    listed = text[text.index("// Rejection reasons") : text.index("service IngestService")]
+    codes = set(re.findall(r"\b[A-Z][A-Z0-9]*(?:_[A-Z0-9]+)+\b", listed)) - {"UPPER_SNAKE"}
+    codes |= {"UNTRANSLATED", "ERASED"}  # one-word codes the comment names
+    assert set(present.REJECTION_REASONS) == codes
+    assert "INVALID_EVENT_TIME" not in codes
+
+
+def test_a_live_value_is_typed_as_the_attributes_table_types_it() -> None:
+    listed = types_pb2.AttributeValue(string_list_value=types_pb2.StringList(values=["a"]))
+    assert present.value_type(listed) == present.attribute_type(6) == "string list"
+    assert present.value_type(types_pb2.AttributeValue(url_value="https://a.b")) == "url"
+    assert present.value_type(types_pb2.AttributeValue()) == "—"
 
 
 def test_a_search_no_identifier_answered_goes_on_to_names_only_for_what_could_be_a_name() -> None:

@@ -34,6 +34,9 @@ function followProfile(box) {
   source.addEventListener("started", () => { status.textContent = "Live updates on."; });
   source.onmessage = (message) => {
     const item = JSON.parse(message.data);
+    // A new state, caused by an event the feed shows: it updates its card, not the feed.
+    if (item.kind === "consent") { showSubscription(item); return; }
+    if (item.kind === "attribute") { showAttribute(item); return; }
     if (item.event_id) {
       if (seen.has(item.event_id)) return;
       seen.add(item.event_id);
@@ -64,6 +67,69 @@ function followProfile(box) {
     if (reason === "signed_out") { source.close(); window.location.reload(); }
     // Otherwise the browser reconnects by itself and the server re-reads what was missed.
   });
+}
+
+// A time as the page writes it: it wraps between date, time and zone, never inside the date.
+function timeCell(text) {
+  const cell = element("td", undefined, "when");
+  for (const part of text.split(" ")) cell.append(element("span", part), " ");
+  return cell;
+}
+
+// The row of a table by its data attribute, or null.
+function findRow(table, attribute, key) {
+  for (const row of table.tBodies[0].rows) {
+    if (row.dataset[attribute] === key) return row;
+  }
+  return null;
+}
+
+// The row of a table by its data attribute; a new one (replacing the "None." row) if missing.
+function rowOf(table, attribute, key, cells) {
+  const found = findRow(table, attribute, key);
+  if (found) return found;
+  const body = table.tBodies[0];
+  const row = element("tr");
+  row.dataset[attribute] = key;
+  for (let i = 0; i < cells; i++) row.append(element("td"));
+  body.querySelectorAll("tr.none").forEach((none) => none.remove());
+  body.append(row);
+  return row;
+}
+
+function showSubscription(item) {
+  const table = document.getElementById("subscriptions");
+  if (!table) return;
+  table.hidden = false;
+  const none = document.getElementById("no-subscriptions");
+  if (none) none.remove();
+  const row = rowOf(table, "subscription", item.channel + " " + item.channel_kind, 4);
+  row.cells[0].textContent = item.channel;
+  row.cells[1].textContent = item.channel_kind;
+  row.cells[2].textContent = item.state;
+  row.cells[3].replaceWith(timeCell(item.time));
+}
+
+function showAttribute(item) {
+  const table = document.getElementById(item.native ? "native-attributes" : "custom-attributes");
+  if (!table) return;
+  if (item.removed) {
+    const gone = findRow(table, "attribute", item.name);
+    if (gone) gone.remove();
+    return;
+  }
+  const row = rowOf(table, "attribute", item.name, item.native ? 2 : 4);
+  if (item.native) {
+    row.cells[0].textContent = item.label;
+    row.cells[1].textContent = item.value;
+    row.cells[1].className = "value";
+  } else {
+    row.cells[0].textContent = item.name;
+    row.cells[1].textContent = item.type;
+    row.cells[2].textContent = item.value;
+    row.cells[2].className = "value";
+    row.cells[3].textContent = item.time;
+  }
 }
 
 function followSegments(table) {
