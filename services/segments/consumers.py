@@ -86,7 +86,11 @@ def time_zone_update(event: bus_pb2.IngestedEvent) -> TimeZoneUpdate | None:
             if operation.kind == types_pb2.ATTRIBUTE_OPERATION_KIND_UNSET:
                 found = TimeZoneUpdate(None, event_time)
             elif valid_time_zone(operation.value.string_value):
-                found = TimeZoneUpdate(operation.value.string_value, event_time)
+                found = TimeZoneUpdate(
+                    operation.value.string_value,
+                    event_time,
+                    from_state=operation.kind == types_pb2.ATTRIBUTE_OPERATION_KIND_SET_ONCE,
+                )
     elif (
         detail == "installation_update"
         and event.installation_update.HasField("timezone")

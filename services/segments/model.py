@@ -480,10 +480,13 @@ def fold_sessions(updates: Sequence[SessionUpdate]) -> list[SessionUpdate]:
 @dataclass(frozen=True, slots=True)
 class TimeZoneUpdate:
     """A time zone signal: a native timezone attribute set (or unset: None), or an
-    installation's reported zone; the latest by event time wins."""
+    installation's reported zone; the latest by event time wins. `from_state`: a set-once,
+    whose effect only the attribute's state knows (it applies only where the attribute was
+    absent at its event time, in ingest's replay): the attribute is read when it is handled."""
 
     time_zone: str | None
     event_time: datetime
+    from_state: bool = False
 
 
 @dataclass(slots=True)

@@ -33,6 +33,8 @@ from services.segments.model import (
     Step,
     StoredState,
     Thresholds,
+    TimeZoneUpdate,
+    valid_time_zone,
     zone_of,
 )
 from services.segments.transactions import (
@@ -69,6 +71,13 @@ SELECT_PROFILE = """
     LEFT JOIN segment_profiles s
         ON s.project_id = p.project_id AND s.profile_id = p.merged_into
     WHERE p.project_id = $1 AND p.profile_id = $2"""
+
+# The native timezone attribute as ingest's attribute state holds it after its replay (a value,
+# or NULL once unset), with the event time of the operation that produced it.
+SELECT_TIME_ZONE_ATTRIBUTE = """
+    SELECT a.value ->> 'value' AS time_zone, a.update_time
+    FROM ingest_read_profile_attributes() a
+    WHERE a.project_id = $1 AND a.profile_id = $2 AND a.native AND a.name = 'timezone'"""
 
 # The latest time zone signal by event time wins, whatever order the events arrive in.
 UPDATE_TIME_ZONE = """
@@ -417,6 +426,17 @@ class SegmentsTransaction:
                 for c in changes
             ],
         )
+
+    async def time_zone_attribute(
+        self, project_id: UUID, profile_id: UUID
+    ) -> TimeZoneUpdate | None:
+        """The profile's native timezone attribute as ingest holds it (None: never recorded),
+        as a signal at the event time of the operation that produced it."""
+        row = await self._conn.fetchrow(SELECT_TIME_ZONE_ATTRIBUTE, project_id, profile_id)
+        if row is None:
+            return None
+        zone = row["time_zone"]
+        return TimeZoneUpdate(zone if zone and valid_time_zone(zone) else None, row["update_time"])
 
     async def update_time_zone(
         self, project_id: UUID, profile_id: UUID, time_zone: str | None, event_time: datetime

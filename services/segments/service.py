@@ -166,6 +166,10 @@ class SegmentsService:
                 return  # erased meanwhile: its queued events are skipped
             time_zone = row.time_zone
             update = activity.time_zone
+            if update is not None and update.from_state:
+                # Ingest committed the batch before publishing it: its state holds the
+                # set-once's outcome (or a later operation's, as newer as its update time).
+                update = await tx.time_zone_attribute(project_id, row.profile_id)
             if update is not None and (
                 row.time_zone_time is None or update.event_time >= row.time_zone_time
             ):
