@@ -8,6 +8,7 @@ import base64
 from typing import Any
 
 from google.protobuf import json_format
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from profiles.common.v1 import bus_pb2, types_pb2
 from profiles.ingest.v1 import ingest_service_pb2 as pb
@@ -18,7 +19,13 @@ def value_json(value: types_pb2.AttributeValue) -> dict[str, Any]:
     if which == "number_value":
         return {which: float(value.number_value)}
     if which == "timestamp_value":
-        return {which: value.timestamp_value.ToJsonString()}
+        stamp = value.timestamp_value
+        if stamp.nanos % 1000:
+            # Stored to the microsecond, truncated, as event times and profile attributes are:
+            # PostgreSQL would round the nanoseconds when reading the text as a time, and a
+            # condition's operand (truncated) would then miss the value it names.
+            stamp = Timestamp(seconds=stamp.seconds, nanos=stamp.nanos - stamp.nanos % 1000)
+        return {which: stamp.ToJsonString()}
     if which == "string_list_value":
         items = list(value.string_list_value.values)
         return {which: {"values": items} if items else {}}

@@ -258,3 +258,54 @@ async def test_recompute_all_applies_changed_settings_and_streams_progress(stack
     assert [r["segment"] for r in rows] == [types_pb2.SMART_SEGMENT_ONE_TIME] * 3
     # The custom segment's members left, announced with cause RECOMPUTE.
     assert await stack.pool.fetchval("SELECT count(*) FROM custom_segment_members") == 0
+
+
+async def test_a_timestamp_condition_matches_the_time_it_names_below_the_microsecond(
+    stack: Stack,
+) -> None:
+    """Times are kept to the microsecond, truncated, on both sides of a condition: `when EQUALS
+    T` matches the event whose `when` is T, nanoseconds and all (it once missed it when T's
+    nanoseconds were 500 or more: the operand was truncated, the stored value rounded)."""
+    base = int((NOW - timedelta(days=1)).timestamp())
+
+    def moment(nanos: int) -> types_pb2.AttributeValue:
+        value = types_pb2.AttributeValue()
+        value.timestamp_value.seconds = base
+        value.timestamp_value.nanos = nanos
+        return value
+
+    late, early = moment(1_900), moment(400)  # microseconds 1 and 0
+    profiles = {}
+    for name, when in (("late", late), ("early", early)):
+        profile_id, *_ = await stack.track(
+            custom_event(f"i-{name}", "a", ago(3)),
+            custom_event(f"i-{name}", "b", ago(2), when=when),
+        )
+        profiles[name] = profile_id
+
+    async def completed(operator: int, value: types_pb2.AttributeValue) -> dict[str, int]:
+        condition_on_when = funnels_pb2.EventAttributeCondition(
+            attribute_name="when", operator=operator, value=value
+        )
+        created = await stack.segments.CreateFunnel(
+            pb.CreateFunnelRequest(
+                display_name=f"when {operator} {value.timestamp_value.nanos}",
+                steps=[
+                    funnels_pb2.FunnelStep(event_name="a"),
+                    funnels_pb2.FunnelStep(event_name="b", attribute_condition=condition_on_when),
+                ],
+                conversion_window=window(24),
+            ),
+            metadata=stack.admin,
+        )
+        funnel_id = created.funnel.funnel_id
+        return {
+            name: (await progress(stack, profile_id, funnel_id)).completed_step_count
+            for name, profile_id in profiles.items()
+        }
+
+    assert await completed(f.OPERATOR_EQUALS, late) == {"late": 2, "early": 1}
+    assert await completed(f.OPERATOR_EQUALS, early) == {"late": 1, "early": 2}
+    assert await completed(f.OPERATOR_EQUALS, moment(1_100)) == {"late": 2, "early": 1}
+    assert await completed(f.OPERATOR_LESS_THAN_OR_EQUAL, late) == {"late": 2, "early": 2}
+    assert await completed(f.OPERATOR_LESS_THAN_OR_EQUAL, early) == {"late": 1, "early": 2}
