@@ -130,6 +130,11 @@ def templates() -> Jinja2Templates:
         environment.filters[name] = getattr(present, name)
     environment.globals["display_name"] = present.display_name
     environment.globals["hbars"] = present.hbars
+    environment.globals["users_url"] = present.users_url
+    environment.globals["language_code"] = present.language_code
+    environment.globals["country_code"] = present.country_code
+    environment.globals["REACH_BY_CHANNEL"] = present.REACH_BY_CHANNEL
+    environment.globals["TIMELINE_KINDS"] = present.TIMELINE_KINDS
     environment.globals["TOKEN_MEANING"] = present.TOKEN_MEANING
     environment.globals["SMART_SEGMENTS"] = present.SMART_SEGMENTS
     environment.globals["PLATFORM_NAMES"] = present.PLATFORM_NAMES

@@ -283,6 +283,22 @@ def _known(
     return default
 
 
+def _code(
+    params: Mapping[str, str],
+    name: str,
+    read: Callable[[str], str],
+    instead: str,
+    notices: list[str],
+) -> str:
+    """The query parameter `name` as `read` makes it a code ("" when absent). A value that cannot
+    be one is named in `notices` and dropped, as `_known` does for a closed list."""
+    given = params.get(name, "")
+    code = read(given)
+    if given and not code:
+        notices.append(f"Unknown {name} “{present.shorten(given)}”: {instead}.")
+    return code
+
+
 def _platform(request: Request, notices: list[str]) -> tuple[str, int]:
     name = _known(
         request.query_params, "platform", present.PLATFORMS, "all", "showing all platforms", notices
@@ -316,11 +332,25 @@ async def _overview_context(request: Request, session: ConsoleSession) -> dict[s
         width=480,
         height=140,
     )
+    # The table's rows with the users table's segment value of each figure.
+    smart_rows = [
+        (
+            present.smart_segment(count.segment),
+            count.profile_count,
+            f"smart:{count.segment}",
+            [(present.smart_flag(f.flag), f.profile_count, f"flag:{f.flag}") for f in count.flags],
+        )
+        for count in overview.smart_segments
+    ]
     return {
         "platform": name,
         "platforms": list(present.PLATFORMS),
         "overview": overview,
         "smart": smart,
+        "smart_rows": smart_rows,
+        # On one platform the overview classifies profiles by their sessions there, the users
+        # table by all their sessions: a link would open a list of another size than its figure.
+        "smart_linked": name == "all",
         "chart": chart,
         "notices": notices,
     }
@@ -374,6 +404,11 @@ async def users_page(request: Request, session: ConsoleSession) -> Response:
         notices.append(f"Unknown segment “{present.shorten(segment)}”: showing every profile.")
         segment = ""
     platform_name, platform_value = _platform(request, notices)
+    # The filters an overview figure opens (its language, country or channel reach): shown as
+    # chips, each with a link that lifts it.
+    language = _code(params, "language", present.language_code, "showing every language", notices)
+    country = _code(params, "country", present.country_code, "showing every country", notices)
+    reach = _known(params, "reach", present.REACH, "", "showing every profile", notices)
     page_token = params.get("page_token", "")
     trail = [t for t in params.get("trail", "").split(",") if t][-TRAIL_LIMIT:]
     page_number = _page_number(params.get("page", ""), len(trail))
@@ -387,6 +422,9 @@ async def users_page(request: Request, session: ConsoleSession) -> Response:
         "order_by": SORTS[sort],
         "sort_order": 1 if order == "asc" else 2,
         "name_prefix": name,
+        "language": language,
+        "country": country,
+        "reachable_channel": present.REACH.get(reach, 0),
         **segment_fields,
     }
     if SORTS[sort] not in query_pb.ProfileOrderBy.values():
@@ -434,6 +472,9 @@ async def users_page(request: Request, session: ConsoleSession) -> Response:
             "segment": segment,
             "platform": platform_name,
             "name": name,
+            "language": language,
+            "country": country,
+            "reach": reach,
         }
         state.update(changes)
         return "/users?" + urlencode({k: v for k, v in state.items() if v and v != "all"})
@@ -470,6 +511,10 @@ async def users_page(request: Request, session: ConsoleSession) -> Response:
             "platform": platform_name,
             "platforms": list(present.PLATFORMS),
             "name": name,
+            "language": language,
+            "country": country,
+            "reach": reach,
+            "chips": present.filter_chips(language=language, country=country, reach=reach),
             "rows": present.user_rows(reply.profiles),
             "next_page": next_link(),
             "previous_page": previous_link(),
@@ -597,9 +642,15 @@ async def _open_by_name(console: Console, session: ConsoleSession, text: str) ->
 async def profile_page(request: Request, session: ConsoleSession) -> Response:
     console = console_of(request)
     profile_id = request.path_params["profile_id"]
-    session_id = request.query_params.get("session", "")
-    events_token = request.query_params.get("events_page", "")
-    sessions_token = request.query_params.get("sessions_page", "")
+    params = request.query_params
+    session_id = params.get("session", "")
+    events_token = params.get("events_page", "")
+    sessions_token = params.get("sessions_page", "")
+    notices: list[str] = []
+    # The timeline's filter, kept by every link of the page (paging, sessions).
+    kind = _known(params, "kind", present.TIMELINE_KINDS, "", "showing every kind", notices)
+    event_name = " ".join(params.get("event_name", "").split())
+    kept = {"kind": kind, "event_name": event_name}
     today = datetime.now(UTC).date()
     try:
         (
@@ -635,9 +686,12 @@ async def profile_page(request: Request, session: ConsoleSession) -> Response:
                         page_size=50,
                         session_id=session_id,
                         page_token=events_token,
+                        kinds=present.TIMELINE_KINDS[kind][1] if kind else (),
+                        event_names=[event_name] if event_name else [],
                     ),
                 ),
                 query_pb.ListEventsResponse(),
+                {"event_names": "event-name"},
             ),
             console.backend.call(
                 session.key,
@@ -684,11 +738,12 @@ async def profile_page(request: Request, session: ConsoleSession) -> Response:
             session=session_id,
             sessions_page=sessions_token,
             events_page=events_reply.next_page_token,
+            **kept,
         )
     next_sessions = ""
     if sessions_reply.next_page_token:
         next_sessions = _query_string(
-            session=session_id, sessions_page=sessions_reply.next_page_token
+            session=session_id, sessions_page=sessions_reply.next_page_token, **kept
         )
     return render(
         request,
@@ -701,34 +756,45 @@ async def profile_page(request: Request, session: ConsoleSession) -> Response:
             "events": events,
             "selected_session": session_id,
             "next_events": next_events,
-            "latest_events": _query_string(session=session_id, sessions_page=sessions_token)
+            "latest_events": _query_string(session=session_id, sessions_page=sessions_token, **kept)
             if events_token
             else "",
             "next_sessions": next_sessions,
-            "newest_sessions": _query_string(session=session_id) if sessions_token else "",
+            "newest_sessions": _query_string(session=session_id, **kept) if sessions_token else "",
             "chart": chart,
             "activity_zone": activity.time_zone,
             "newest": newest,
-            "live_enabled": not events_token and not session_id,
+            # The live feed shows every kind: it is for the whole, unfiltered timeline.
+            "live_enabled": not events_token and not session_id and not kind and not event_name,
             "loaded": present.when(datetime.now(UTC)),
             "events_refused": events_refused,
             "sessions_refused": sessions_refused,
-            "first_events": _query_string(session=session_id, sessions_page=sessions_token),
-            "first_sessions": _query_string(session=session_id, events_page=events_token),
+            "first_events": _query_string(session=session_id, sessions_page=sessions_token, **kept),
+            "first_sessions": _query_string(session=session_id, events_page=events_token, **kept),
+            "kind": kind,
+            "event_name": event_name,
+            "timeline_filter": present.timeline_filter_words(kind, event_name),
+            # What a session's link and "Show every event" add to keep the filter.
+            "filter_query": urlencode({k: v for k, v in kept.items() if v}),
+            "notices": notices,
         },
         session=session,
     )
 
 
-async def _a_page(call: Awaitable[T], empty: T) -> tuple[T, present.Refusal | None]:
-    """One list of a page that pages on its own: a stale or altered page link of that list
-    empties it with a word (and the rest of the page stays), instead of failing the page."""
+async def _a_page(
+    call: Awaitable[T], empty: T, boxes: Mapping[str, str] | None = None
+) -> tuple[T, present.Refusal | None]:
+    """One list of a page that pages on its own: a stale or altered page link of that list, or
+    a refused filter of its own (a request field of `boxes`, told beside that box), empties it
+    with a word (and the rest of the page stays), instead of failing the page."""
     try:
         return await call, None
     except BadInput as bad:
-        if bad.reason != "PAGE_TOKEN_INVALID":
+        refused = {path.split("[")[0].split(".")[0] for path in bad.fields}
+        if bad.reason != "PAGE_TOKEN_INVALID" and not refused & set(boxes or {}):
             raise
-        return empty, present.refusal(bad)
+        return empty, present.refusal(bad, boxes)
 
 
 def _no_such_profile(request: Request, session: ConsoleSession, profile_id: str) -> Response:
@@ -980,7 +1046,18 @@ async def segments_page(request: Request, session: ConsoleSession) -> Response:
     return render(
         request,
         "segments.html",
-        {"segments": segments.segments, "funnels": funnels.funnels},
+        {
+            "segments": segments.segments,
+            "funnels": [
+                (
+                    funnel,
+                    present.funnel_figures(
+                        [step.event_name for step in funnel.steps], funnel.reached_profile_counts
+                    ),
+                )
+                for funnel in funnels.funnels
+            ],
+        },
         session=session,
     )
 
@@ -1072,7 +1149,11 @@ async def rejected_page(request: Request, session: ConsoleSession) -> Response:
     start = params.get("start", "").strip()
     end = params.get("end", "").strip()
     page_token = params.get("page_token", "")
-    listing = query_pb.ListRejectedEventsRequest(page_size=50, page_token=page_token)
+    # The reasons of the whole time range are counted on every page (in the first page's
+    # snapshot), whatever reason the page filters by: the chips stay while paging.
+    listing = query_pb.ListRejectedEventsRequest(
+        page_size=50, page_token=page_token, include_reason_counts=True
+    )
     if reason:
         listing.reasons.append(reason)
     refused: present.Refusal | None = None
@@ -1092,6 +1173,7 @@ async def rejected_page(request: Request, session: ConsoleSession) -> Response:
             )
     state = {"reason": reason, "start": start, "end": end}
     filters = {k: v for k, v in state.items() if v}
+    time_range = {k: v for k, v in (("start", start), ("end", end)) if v}
     next_page = ""
     if reply.next_page_token:
         next_page = "/rejected?" + urlencode({**filters, "page_token": reply.next_page_token})
@@ -1104,6 +1186,17 @@ async def rejected_page(request: Request, session: ConsoleSession) -> Response:
             "next_page": next_page,
             "first_page": "/rejected?" + urlencode(filters),
             "refused": refused,
+            "chips": [
+                (chip, "/rejected?" + urlencode({**time_range, "reason": chip.reason}))
+                if chip.reason
+                else (chip, "/rejected?" + urlencode(time_range))
+                for chip in present.reason_chips(
+                    reply.reason_counts,
+                    at_least=reply.reason_counts_are_lower_bounds,
+                    selected=reason,
+                )
+            ],
+            "at_least": reply.reason_counts_are_lower_bounds,
         },
         session=session,
     )

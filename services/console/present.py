@@ -14,6 +14,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
+from urllib.parse import urlencode
 
 from google.protobuf import duration_pb2, timestamp_pb2
 
@@ -104,6 +105,7 @@ FIELD_WORDS = {
     "email": "An email address looks like name@example.com.",
     "phone": "A phone number is + and 2 to 15 digits (E.164), such as +33612345678.",
     "profile_id": "A profile ID is a UUID, such as 6f1e2c1a-0d7e-4a51-9b55-1d7c7d3f0a11.",
+    "event_names": "An event name is 1 to 30 letters, digits or underscores, such as purchase.",
 }
 REFUSED = "The service refused this request: check the filters, or start again from the first page."
 
@@ -175,6 +177,36 @@ def reason_code(text: str) -> str:
     return "_".join(re.split(r"[\s_-]+", text.strip())).upper()
 
 
+@dataclass(frozen=True, slots=True)
+class ReasonChip:
+    """One reason of the rejected events page's time range with its count ("" for every
+    reason), as a chip that filters by it."""
+
+    reason: str
+    label: str
+    count: str
+    selected: bool
+
+
+def reason_chips(
+    counts: Iterable[query_service_pb2.RejectedReasonCount], *, at_least: bool, selected: str
+) -> list[ReasonChip]:
+    """Every reason (most frequent first, as the service orders them) after one chip for all of
+    them. A count past the service's cap reads "at least"; a selected reason the range does
+    not hold still has its chip, at 0, so the page shows what it filters by."""
+    pairs = [(c.reason, c.count) for c in counts]
+    if selected and selected not in {reason for reason, _ in pairs}:
+        pairs.append((selected, 0))
+
+    def number(count: int) -> str:
+        return f"at least {count:,}" if at_least and count else f"{count:,}"
+
+    everything = ReasonChip("", "All reasons", number(sum(c for _, c in pairs)), not selected)
+    return [everything] + [
+        ReasonChip(reason, reason, number(count), reason == selected) for reason, count in pairs
+    ]
+
+
 def count_of(count: int, noun: str) -> str:
     """`1 session`, `2 sessions`: a count with its noun (a regular plural)."""
     return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
@@ -188,6 +220,64 @@ def shown_rows(page: int, page_size: int, rows: int, total: int, *, at_least: bo
     first = (page - 1) * page_size + 1
     of = f"{total:,}+" if at_least else f"{total:,}"
     return f"Profiles {first:,} to {first + rows - 1:,} of {of}"
+
+
+# -- the users table's filters, and the links that open them ----------------------------------
+
+# The users table's `reach` parameter: the channel a marketing message reaches a profile on
+# (ListProfilesRequest.reachable_channel), as the overview's channel reach counts them.
+REACH = {
+    "email": types_pb2.CHANNEL_EMAIL,
+    "sms": types_pb2.CHANNEL_SMS,
+    "push": types_pb2.CHANNEL_PUSH,
+}
+REACH_BY_CHANNEL = {channel: name for name, channel in REACH.items()}
+REACH_LABELS = {"email": "email", "sms": "SMS", "push": "push"}
+# ISO 639-1 languages and ISO 3166-1 alpha-2 countries are both two letters: the shape the
+# contract accepts (anything else is INVALID_ARGUMENT, which a URL's typo must not turn into an
+# error page).
+_TWO_LETTERS = re.compile(r"[A-Za-z]{2}")
+
+
+def language_code(text: str) -> str:
+    """`text` as the language code the users table filters by (lower case, as the overview
+    counts languages), or "" when it cannot be one."""
+    text = text.strip()
+    return text.lower() if _TWO_LETTERS.fullmatch(text) else ""
+
+
+def country_code(text: str) -> str:
+    """`text` as the country code the users table filters by (upper case, as sessions record
+    countries and the overview counts them), or "" when it cannot be one."""
+    text = text.strip()
+    return text.upper() if _TWO_LETTERS.fullmatch(text) else ""
+
+
+def users_url(**parameters: str) -> str:
+    """The users table filtered by `parameters` (empty values and the platform "all" left out):
+    the list behind an overview figure, its count equal to the figure."""
+    kept = {k: v for k, v in parameters.items() if v and not (k == "platform" and v == "all")}
+    return "/users?" + urlencode(kept) if kept else "/users"
+
+
+@dataclass(frozen=True, slots=True)
+class Chip:
+    """An active filter of the users table that no form box shows, with the parameter whose
+    removal lifts it."""
+
+    label: str
+    parameter: str
+
+
+def filter_chips(*, language: str, country: str, reach: str) -> list[Chip]:
+    chips = []
+    if language:
+        chips.append(Chip(f"Language: {language}", "language"))
+    if country:
+        chips.append(Chip(f"Country: {country}", "country"))
+    if reach:
+        chips.append(Chip(f"Reachable by {REACH_LABELS[reach]}", "reach"))
+    return chips
 
 
 def platform(value: int) -> str:
@@ -325,6 +415,36 @@ def value_type(value: types_pb2.AttributeValue) -> str:
     return kind.removesuffix("_value").replace("_", " ") if kind else "—"
 
 
+# The profile timeline's kind filter: its `kind` parameter, the choice's label, and the
+# TimelineEventKind values it lists (ListEventsRequest.kinds).
+TIMELINE_KINDS: dict[str, tuple[str, tuple[timeline_pb2.TimelineEventKind.ValueType, ...]]] = {
+    "session": ("Sessions", (timeline_pb2.TIMELINE_EVENT_KIND_SESSION,)),
+    "custom": ("Custom events", (timeline_pb2.TIMELINE_EVENT_KIND_CUSTOM,)),
+    "attribute": ("Attribute changes", (timeline_pb2.TIMELINE_EVENT_KIND_ATTRIBUTE_CHANGE,)),
+    "consent": ("Consent changes", (timeline_pb2.TIMELINE_EVENT_KIND_CONSENT_CHANGE,)),
+    "installation": (
+        "Installation updates",
+        (timeline_pb2.TIMELINE_EVENT_KIND_INSTALLATION_UPDATE,),
+    ),
+    "crash": ("Crashes", (timeline_pb2.TIMELINE_EVENT_KIND_CRASH,)),
+    "identity": (
+        "Merges and splits",
+        (timeline_pb2.TIMELINE_EVENT_KIND_MERGE, timeline_pb2.TIMELINE_EVENT_KIND_SPLIT),
+    ),
+}
+
+
+def timeline_filter_words(kind: str, event_name: str) -> str:
+    """What a filtered timeline shows, as its heading says it ("" when unfiltered)."""
+    if event_name:
+        # Only custom events carry a name: with another kind, nothing matches, and it says so.
+        named = f"custom events named “{shorten(event_name)}”"
+        if kind and kind != "custom":
+            return f"{TIMELINE_KINDS[kind][0].lower()} and {named}"
+        return named
+    return TIMELINE_KINDS[kind][0].lower() if kind else ""
+
+
 def event_title(event: timeline_pb2.TimelineEvent) -> str:
     """One line saying what happened."""
     kind = event.WhichOneof("details")
@@ -394,6 +514,47 @@ def identity_change(change: profile_pb2.IdentityChange) -> str:
 
 def funnel_step_status(value: int) -> str:
     return {1: "Completed", 2: "Not Completed", 3: "Not reached"}.get(value, "—")
+
+
+@dataclass(frozen=True, slots=True)
+class FunnelStepFigures:
+    """One step of a funnel with the profiles that reached it and what it kept of the steps
+    before; a rate over no profile (a first step nobody reached) is "—", never a division by
+    zero or a 0 % that would read as everybody lost."""
+
+    event_name: str
+    reached: int
+    from_previous: str  # "—" for the first step
+    from_first: str
+    dropped: int  # profiles that reached the previous step but not this one; 0 for the first
+    dropped_share: str  # of the previous step's; "—" for the first step
+
+
+def _rate(part: int, whole: int) -> str:
+    return percent(part / whole) if whole else "—"
+
+
+def funnel_figures(event_names: Sequence[str], reached: Sequence[int]) -> list[FunnelStepFigures]:
+    """Each step's conversion from the previous step and from the first, and its drop-off, from
+    the profiles that reached each step (Funnel.reached_profile_counts, non-increasing). Empty
+    when the counts do not match the steps (a reply without them)."""
+    if len(reached) != len(event_names) or not reached:
+        return []
+    first = reached[0]
+    figures = []
+    for index, (name, count) in enumerate(zip(event_names, reached, strict=True)):
+        previous = reached[index - 1] if index else None
+        figures.append(
+            FunnelStepFigures(
+                event_name=name,
+                reached=count,
+                from_previous="—" if previous is None else _rate(count, previous),
+                from_first=_rate(count, first),
+                dropped=0 if previous is None else previous - count,
+                dropped_share="—" if previous is None else _rate(previous - count, previous),
+            )
+        )
+    return figures
 
 
 # -- charts ------------------------------------------------------------------------------------

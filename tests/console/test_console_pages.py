@@ -553,6 +553,20 @@ async def test_every_page_is_accessible_and_light(
     page: Any, console_suite: ConsoleSuite, axe_source: str
 ) -> None:
     profile = await identified_profile(console_suite)
+    # A rejected event, so that the rejected page's rows and reason chips are checked (and
+    # shown in its screenshot). Its reason is one no other test filters to an empty page.
+    future = custom_event(
+        profile.installations[0].installation_id,
+        name="from_the_future",
+        time=datetime.now(UTC) + timedelta(days=1),
+    )
+    async with open_channel(
+        console_suite.addresses["ingest"], console_suite.project.keys["sdk"]
+    ) as channel:
+        reply = await ingest_grpc.IngestServiceStub(channel).TrackEvents(
+            ingest_pb.TrackEventsRequest(events=[future])
+        )
+    assert reply.rejected_count == 1
     wanted = os.environ.get(SCREENSHOTS_ENV, "")
     screenshots = ROOT / wanted if wanted else None
     if screenshots is not None:

@@ -204,3 +204,89 @@ def test_the_users_table_says_which_rows_it_shows_of_how_many() -> None:
     assert present.shown_rows(3, 50, 7, 107, at_least=False) == "Profiles 101 to 107 of 107"
     assert present.shown_rows(1, 50, 0, 0, at_least=False) == "No profile"
     assert present.shown_rows(4, 50, 0, 120, at_least=False) == "No profile past 150"
+
+
+def test_a_funnel_step_converts_from_the_previous_step_and_the_first() -> None:
+    steps = present.funnel_figures(["open", "cart", "pay"], [200, 50, 10])
+    assert [(s.event_name, s.reached) for s in steps] == [("open", 200), ("cart", 50), ("pay", 10)]
+    assert [s.from_previous for s in steps] == ["—", "25.0 %", "20.0 %"]
+    assert [s.from_first for s in steps] == ["100.0 %", "25.0 %", "5.0 %"]
+    assert [(s.dropped, s.dropped_share) for s in steps] == [
+        (0, "—"),
+        (150, "75.0 %"),
+        (40, "80.0 %"),
+    ]
+
+
+def test_a_funnel_nobody_entered_has_no_rates_rather_than_a_division_by_zero() -> None:
+    steps = present.funnel_figures(["open", "pay"], [0, 0])
+    assert [(s.from_previous, s.from_first, s.dropped, s.dropped_share) for s in steps] == [
+        ("—", "—", 0, "—"),
+        ("—", "—", 0, "—"),
+    ]
+    # A later step nobody reached, after one somebody did: 0 %, everybody dropped.
+    (_, last) = present.funnel_figures(["open", "pay"], [3, 0])
+    assert (last.from_previous, last.from_first, last.dropped, last.dropped_share) == (
+        "0.0 %",
+        "0.0 %",
+        3,
+        "100.0 %",
+    )
+    # Counts that do not match the steps (a reply without them) give no figures at all.
+    assert present.funnel_figures(["open", "pay"], []) == []
+
+
+def test_rejected_reasons_are_chips_with_counts_every_reason_whatever_the_filter() -> None:
+    counts = [
+        query_pb.RejectedReasonCount(reason="EVENT_TIME_TOO_OLD", count=1200),
+        query_pb.RejectedReasonCount(reason="NAME_INVALID", count=3),
+    ]
+    chips = present.reason_chips(counts, at_least=False, selected="NAME_INVALID")
+    assert [(c.reason, c.label, c.count, c.selected) for c in chips] == [
+        ("", "All reasons", "1,203", False),
+        ("EVENT_TIME_TOO_OLD", "EVENT_TIME_TOO_OLD", "1,200", False),
+        ("NAME_INVALID", "NAME_INVALID", "3", True),
+    ]
+    # Past the service's cap each count is a lower bound; a chosen reason the range does not
+    # hold still shows, at 0; no reason chosen marks "All reasons".
+    bounded = present.reason_chips(counts, at_least=True, selected="ERASED")
+    assert [c.count for c in bounded] == ["at least 1,203", "at least 1,200", "at least 3", "0"]
+    assert [c.reason for c in bounded if c.selected] == ["ERASED"]
+    assert [
+        c.label for c in present.reason_chips([], at_least=False, selected="") if c.selected
+    ] == ["All reasons"]
+
+
+def test_an_overview_figure_links_to_the_users_table_filtered_alike() -> None:
+    assert present.users_url(platform="all") == "/users"
+    assert present.users_url(tab="identified", platform="ios") == (
+        "/users?tab=identified&platform=ios"
+    )
+    assert present.users_url(language="fr", platform="all") == "/users?language=fr"
+    assert present.users_url(segment="smart:3") == "/users?segment=smart%3A3"
+    assert present.language_code(" FR ") == "fr"
+    assert present.country_code("fr") == "FR"
+    assert present.language_code("french") == present.country_code("F1") == ""
+    chips = present.filter_chips(language="fr", country="FR", reach="sms")
+    assert [(c.label, c.parameter) for c in chips] == [
+        ("Language: fr", "language"),
+        ("Country: FR", "country"),
+        ("Reachable by SMS", "reach"),
+    ]
+    assert set(present.REACH.values()) == {
+        types_pb2.CHANNEL_EMAIL,
+        types_pb2.CHANNEL_SMS,
+        types_pb2.CHANNEL_PUSH,
+    }
+
+
+def test_a_filtered_timeline_says_what_it_shows() -> None:
+    assert present.timeline_filter_words("", "") == ""
+    assert present.timeline_filter_words("crash", "") == "crashes"
+    assert present.timeline_filter_words("", "purchase") == "custom events named “purchase”"
+    assert present.timeline_filter_words("custom", "purchase") == ("custom events named “purchase”")
+    assert present.timeline_filter_words("session", "purchase") == (
+        "sessions and custom events named “purchase”"
+    )
+    kinds = {k for _, listed in present.TIMELINE_KINDS.values() for k in listed}
+    assert kinds == set(timeline_pb2.TimelineEventKind.values()) - {0}
