@@ -1197,6 +1197,8 @@ async def rejected_page(request: Request, session: ConsoleSession) -> Response:
                 )
             ],
             "at_least": reply.reason_counts_are_lower_bounds,
+            # A row's reason filters by it within the same time range, as its chip does.
+            "reason_link": "/rejected?" + urlencode(time_range) + ("&" if time_range else ""),
         },
         session=session,
     )

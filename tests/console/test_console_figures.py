@@ -260,6 +260,10 @@ async def test_rejected_events_are_counted_by_reason_and_a_chip_filters_by_it(
     await expect(page).not_to_have_url(re.compile(r"reason="))
     await expect(page.get_by_label("From (UTC)")).to_have_value(start)
     await expect(page.locator("table.rejected tbody tr")).to_have_count(min(total, 50))
+    # A row's reason filters by it too, within the same time range.
+    await reasons.filter(has_text="EVENT_TIME_IN_FUTURE").first.get_by_role("link").click()
+    await expect(page).to_have_url(re.compile(r"reason=EVENT_TIME_IN_FUTURE"))
+    await expect(page.get_by_label("Until (UTC)")).to_have_value(end)
 
 
 async def test_the_timeline_is_filtered_by_kind_and_name_across_its_pages(
