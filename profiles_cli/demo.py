@@ -127,17 +127,26 @@ class EventFactory:
                 _operation(ops, "SET_ONCE", custom="signup_source", text=source)
                 if user.logs_in:
                     _operation(ops, "SET", native=types_pb2.NATIVE_ATTRIBUTE_EMAIL, text=email)
+                if user.logs_in and user.index % 2:
+                    # Half the people who log in gave a phone number: the overview's SMS reach.
+                    phone = f"+1555{user.index:07d}"
+                    _operation(ops, "SET", native=types_pb2.NATIVE_ATTRIBUTE_PHONE, text=phone)
                 events.append(profile)
             session_time = start + timedelta(minutes=5)
             while session_time < self._now - timedelta(hours=1):
                 events += self._session(installation_id, platform, session_time, country)
                 session_time += timedelta(hours=rng.expovariate(1 / 40))
-            if rng.random() < 0.3:
-                consent = self._event(installation_id, platform, session_time - timedelta(hours=2))
-                consent.subscription_change.channel = types_pb2.CHANNEL_EMAIL
-                consent.subscription_change.kind = types_pb2.SUBSCRIPTION_KIND_MARKETING
-                consent.subscription_change.subscribed = rng.random() < 0.6
-                events.append(consent)
+            # Marketing consent on email and SMS, given or refused on some devices: the
+            # overview's subscription rates and reach have something to show.
+            for channel, share in ((types_pb2.CHANNEL_EMAIL, 0.5), (types_pb2.CHANNEL_SMS, 0.3)):
+                if rng.random() < share:
+                    consent = self._event(
+                        installation_id, platform, session_time - timedelta(hours=2)
+                    )
+                    consent.subscription_change.channel = channel
+                    consent.subscription_change.kind = types_pb2.SUBSCRIPTION_KIND_MARKETING
+                    consent.subscription_change.subscribed = rng.random() < 0.7
+                    events.append(consent)
         return [e for e in events if e.event_time.ToDatetime(UTC) < self._now]
 
     def _session(
