@@ -216,6 +216,14 @@ def pb_events(installation_id: str, plan: str, moment: Any) -> ingest_pb.TrackEv
 async def test_two_writers_of_one_segment_count_on_different_shards(stack: Stack) -> None:
     segment_id = UUID(await create(stack, "Pros", attribute("plan", EQ, "pro")))
     project_id = stack.project.project_id
+    # The members below are made up: the evaluation that runs once when the service starts
+    # would remove them if it came after them (a flake seen under CI). Marked evaluated a day
+    # ahead, the segment is not due (the UPDATE waits for an evaluation under way to finish).
+    await stack.pool.execute(
+        "UPDATE custom_segments SET evaluate_time = $2 WHERE segment_id = $1",
+        segment_id,
+        NOW + timedelta(days=1),
+    )
     async with stack.pool.acquire() as first, stack.pool.acquire() as second:
         first_tx, second_tx = first.transaction(), second.transaction()
         await first_tx.start()
