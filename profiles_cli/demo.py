@@ -138,11 +138,12 @@ class EventFactory:
                 session_time += timedelta(hours=rng.expovariate(1 / 40))
             # Marketing consent on email and SMS, given or refused on some devices: the
             # overview's subscription rates and reach have something to show.
+            # (At a moment of the device's history: `session_time` has run past now, and an
+            # event after now is dropped below.)
             for channel, share in ((types_pb2.CHANNEL_EMAIL, 0.5), (types_pb2.CHANNEL_SMS, 0.3)):
                 if rng.random() < share:
-                    consent = self._event(
-                        installation_id, platform, session_time - timedelta(hours=2)
-                    )
+                    moment = start + (self._now - timedelta(hours=1) - start) * rng.random()
+                    consent = self._event(installation_id, platform, moment)
                     consent.subscription_change.channel = channel
                     consent.subscription_change.kind = types_pb2.SUBSCRIPTION_KIND_MARKETING
                     consent.subscription_change.subscribed = rng.random() < 0.7
