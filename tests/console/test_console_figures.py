@@ -15,15 +15,13 @@ from playwright.async_api import expect
 
 from profiles.client import open_channel
 from profiles.common.v1 import types_pb2
-from profiles.ingest.v1 import ingest_service_pb2 as ingest_pb
-from profiles.ingest.v1 import ingest_service_pb2_grpc as ingest_grpc
 from profiles.query.v1 import query_service_pb2 as query_pb
 from profiles.segments.v1 import funnels_pb2
 from profiles.segments.v1 import segments_service_pb2 as segments_pb
 from profiles.segments.v1 import segments_service_pb2_grpc as segments_grpc
 from tests.conftest import eventually
 from tests.console.conftest import ConsoleSuite
-from tests.console.test_console_pages import query, sign_in, track
+from tests.console.test_console_pages import profiles_listed_by, query, reject, sign_in, track
 from tests.support.ingest import attribute_event, custom_event, op
 from tests.support.query import session_start
 
@@ -141,28 +139,7 @@ async def test_the_users_table_pages_sorts_and_counts_by_language(
 ) -> None:
     # 53 people speaking a language no demo profile speaks: more than a page.
     language = "yo"
-    now = datetime.now(UTC)
-    await track(
-        console_suite,
-        *[
-            attribute_event(
-                f"console-language-{uuid.uuid4().hex}",
-                [op("set", "LANGUAGE", language)],
-                time=now - timedelta(seconds=n),
-            )
-            for n in range(53)
-        ],
-    )
-
-    async def listed() -> bool:  # the users table is a projection fed by the bus
-        reply = await query(
-            console_suite,
-            "ListProfiles",
-            query_pb.ListProfilesRequest(language=language, include_total_size=True),
-        )
-        return reply.total_size == 53
-
-    await eventually(listed, within=30)
+    await profiles_listed_by(console_suite, "LANGUAGE", language, language=language)
     await sign_in(page, console_suite)
     await page.goto(console_suite.url + "/users?language=YO")
     shown, rows = page.locator("#shown"), page.locator("table.users tbody tr")
@@ -203,14 +180,6 @@ async def test_unknown_users_filters_are_named(page: Any, console_suite: Console
     await page.goto(console_suite.url + "/users?country=fr&reach=sms")
     await expect(notices).to_have_count(0)
     await expect(page.locator("ul.chips li")).to_have_text(["Country: FR ✕", "Reachable by SMS ✕"])
-
-
-async def reject(suite: ConsoleSuite, *events: ingest_pb.Event) -> None:
-    async with open_channel(suite.addresses["ingest"], suite.project.keys["sdk"]) as channel:
-        reply = await ingest_grpc.IngestServiceStub(channel).TrackEvents(
-            ingest_pb.TrackEventsRequest(events=events)
-        )
-    assert all(result.reason for result in reply.results), reply
 
 
 async def test_rejected_events_are_counted_by_reason_and_a_chip_filters_by_it(

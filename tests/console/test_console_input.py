@@ -12,14 +12,11 @@ from typing import Any
 import grpc
 from playwright.async_api import expect
 
-from profiles.client import open_channel
 from profiles.common.v1 import types_pb2
-from profiles.ingest.v1 import ingest_service_pb2 as ingest_pb
-from profiles.ingest.v1 import ingest_service_pb2_grpc as ingest_grpc
 from profiles.query.v1 import query_service_pb2 as query_pb
 from tests.conftest import eventually
 from tests.console.conftest import ConsoleSuite
-from tests.console.test_console_pages import identified_profile, query, sign_in, track
+from tests.console.test_console_pages import identified_profile, query, reject, sign_in, track
 from tests.support.ingest import custom_event
 
 # The contract's words, which mean nothing to a person reading a page.
@@ -116,13 +113,7 @@ async def test_the_reason_box_offers_real_codes_and_reads_them_in_any_case(
         name="from_long_ago",
         time=datetime.now(UTC) - timedelta(days=40),
     )
-    async with open_channel(
-        console_suite.addresses["ingest"], console_suite.project.keys["sdk"]
-    ) as channel:
-        reply = await ingest_grpc.IngestServiceStub(channel).TrackEvents(
-            ingest_pb.TrackEventsRequest(events=[stale])
-        )
-    assert reply.results[0].reason == "EVENT_TIME_TOO_OLD"
+    assert await reject(console_suite, stale) == ["EVENT_TIME_TOO_OLD"]
     await sign_in(page, console_suite)
     await page.goto(console_suite.url + "/rejected")
     reason = page.get_by_label("Reason")

@@ -52,6 +52,41 @@ async def track(suite: ConsoleSuite, *events: ingest_pb.Event) -> None:
     assert reply.accepted_count == len(events), reply
 
 
+async def reject(suite: ConsoleSuite, *events: ingest_pb.Event) -> list[str]:
+    """Sends events ingest must reject; their reasons, in order."""
+    async with open_channel(suite.addresses["ingest"], suite.project.keys["sdk"]) as channel:
+        reply = await ingest_grpc.IngestServiceStub(channel).TrackEvents(
+            ingest_pb.TrackEventsRequest(events=events)
+        )
+    assert all(result.reason for result in reply.results), reply
+    return [result.reason for result in reply.results]
+
+
+async def profiles_listed_by(
+    suite: ConsoleSuite, native: str, value: str, count: int = 53, **filters: Any
+) -> None:
+    """`count` new profiles whose native attribute is `value`, once the users table (a
+    projection fed by the bus) lists them all under `filters`: more than a page by default."""
+    now = datetime.now(UTC)
+    await track(
+        suite,
+        *[
+            attribute_event(
+                f"console-{uuid.uuid4().hex}",
+                [op("set", native, value)],
+                time=now - timedelta(seconds=n),
+            )
+            for n in range(count)
+        ],
+    )
+
+    async def listed() -> bool:
+        request = query_pb.ListProfilesRequest(include_total_size=True, **filters)
+        return (await query(suite, "ListProfiles", request)).total_size == count
+
+    await eventually(listed, within=30)
+
+
 async def identified_profile(suite: ConsoleSuite) -> Any:
     """A demo profile with an email and at least one session (the fullest profile page)."""
     reply = await query(
@@ -292,28 +327,7 @@ async def test_the_users_table_counts_its_rows_and_pages_back(
     page: Any, console_suite: ConsoleSuite
 ) -> None:
     family = "Pagerson" + uuid.uuid4().hex[:8]
-    now = datetime.now(UTC)
-    await track(
-        console_suite,
-        *[
-            attribute_event(
-                f"console-pages-{uuid.uuid4().hex}",
-                [op("set", "LAST_NAME", family)],
-                time=now - timedelta(seconds=n),
-            )
-            for n in range(53)
-        ],
-    )
-
-    async def listed() -> bool:  # the users table is a projection fed by the bus
-        reply = await query(
-            console_suite,
-            "ListProfiles",
-            query_pb.ListProfilesRequest(name_prefix=family, include_total_size=True),
-        )
-        return reply.total_size == 53
-
-    await eventually(listed, within=30)
+    await profiles_listed_by(console_suite, "LAST_NAME", family, name_prefix=family)
     await sign_in(page, console_suite)
     await page.goto(console_suite.url + "/users?name=" + family)
     shown, rows = page.locator("#shown"), page.locator("table.users tbody tr")
@@ -508,13 +522,7 @@ async def test_rejected_events_are_listed_with_their_reason_and_filtered(
         name="from_the_future",
         time=datetime.now(UTC) + timedelta(days=30),
     )
-    async with open_channel(
-        console_suite.addresses["ingest"], console_suite.project.keys["sdk"]
-    ) as channel:
-        reply = await ingest_grpc.IngestServiceStub(channel).TrackEvents(
-            ingest_pb.TrackEventsRequest(events=[future])
-        )
-    assert reply.results[0].reason == "EVENT_TIME_IN_FUTURE"
+    assert await reject(console_suite, future) == ["EVENT_TIME_IN_FUTURE"]
     await sign_in(page, console_suite)
     await page.goto(console_suite.url + "/rejected")
     await page.get_by_label("Reason").fill("EVENT_TIME_IN_FUTURE")
@@ -560,13 +568,7 @@ async def test_every_page_is_accessible_and_light(
         name="from_the_future",
         time=datetime.now(UTC) + timedelta(days=1),
     )
-    async with open_channel(
-        console_suite.addresses["ingest"], console_suite.project.keys["sdk"]
-    ) as channel:
-        reply = await ingest_grpc.IngestServiceStub(channel).TrackEvents(
-            ingest_pb.TrackEventsRequest(events=[future])
-        )
-    assert reply.rejected_count == 1
+    assert await reject(console_suite, future) == ["EVENT_TIME_IN_FUTURE"]
     wanted = os.environ.get(SCREENSHOTS_ENV, "")
     screenshots = ROOT / wanted if wanted else None
     if screenshots is not None:
