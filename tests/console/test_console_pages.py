@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from google.protobuf import duration_pb2
 from playwright.async_api import expect
 
 from profiles.client import open_channel
@@ -20,10 +21,14 @@ from profiles.ingest.v1 import ingest_service_pb2 as ingest_pb
 from profiles.ingest.v1 import ingest_service_pb2_grpc as ingest_grpc
 from profiles.query.v1 import query_service_pb2 as query_pb
 from profiles.query.v1 import query_service_pb2_grpc as query_grpc
+from profiles.segments.v1 import filters_pb2, funnels_pb2
+from profiles.segments.v1 import segments_service_pb2 as segments_pb
+from profiles.segments.v1 import segments_service_pb2_grpc as segments_grpc
 from tests.conftest import eventually
 from tests.console.conftest import ConsoleSuite
 from tests.support.ingest import attribute_event, custom_event, op
 from tests.support.query import session_start
+from tests.support.segments_custom import attribute
 
 ROOT = Path(__file__).resolve().parents[2]
 # Screenshots of every page are written only when asked, so a test run leaves the tree clean:
@@ -569,6 +574,28 @@ async def test_every_page_is_accessible_and_light(
         time=datetime.now(UTC) + timedelta(days=1),
     )
     assert await reject(console_suite, future) == ["EVENT_TIME_IN_FUTURE"]
+    # A custom segment and a funnel over the demo's own data, so that the segments page's
+    # tables (the funnel's conversion figures among them) are checked and shown too.
+    async with open_channel(
+        console_suite.addresses["segments"], console_suite.project.keys["admin"]
+    ) as channel:
+        segments = segments_grpc.SegmentsServiceStub(channel)
+        await segments.CreateSegment(
+            segments_pb.CreateSegmentRequest(
+                display_name="Signed up from ads",
+                filter=attribute("signup_source", filters_pb2.OPERATOR_EQUALS, "ads"),
+            )
+        )
+        await segments.CreateFunnel(
+            segments_pb.CreateFunnelRequest(
+                display_name="Browse to purchase",
+                steps=[
+                    funnels_pb2.FunnelStep(event_name=name)
+                    for name in ("view_item", "add_to_cart", "purchase")
+                ],
+                conversion_window=duration_pb2.Duration(seconds=86_400),
+            )
+        )
     wanted = os.environ.get(SCREENSHOTS_ENV, "")
     screenshots = ROOT / wanted if wanted else None
     if screenshots is not None:
