@@ -9,21 +9,28 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import grpc
 from google.protobuf import duration_pb2
 from playwright.async_api import expect
 
 from profiles.client import open_channel
-from profiles.common.v1 import types_pb2
 from profiles.query.v1 import query_service_pb2 as query_pb
 from profiles.segments.v1 import funnels_pb2
 from profiles.segments.v1 import segments_service_pb2 as segments_pb
 from profiles.segments.v1 import segments_service_pb2_grpc as segments_grpc
 from tests.conftest import eventually
 from tests.console.conftest import ConsoleSuite
-from tests.console.test_console_pages import profiles_listed_by, query, reject, sign_in, track
+from tests.console.test_console_pages import (
+    EMAIL,
+    MARKETING,
+    profiles_listed_by,
+    query,
+    reject,
+    sign_in,
+    stored_profile,
+    track,
+)
 from tests.support.ingest import attribute_event, custom_event, op
-from tests.support.query import session_start
+from tests.support.query import session_start, subscription
 
 
 async def listed_total(page: Any) -> int:
@@ -66,15 +73,7 @@ async def test_each_overview_figure_opens_the_profiles_it_counts(
     # Someone an email can reach (an address and email marketing consent): the demo's people
     # may have none.
     installation, now = f"console-reach-{uuid.uuid4().hex[:8]}", datetime.now(UTC)
-    consent = custom_event(installation, time=now)
-    consent.ClearField("custom")
-    consent.subscription_change.CopyFrom(
-        types_pb2.SubscriptionChange(
-            channel=types_pb2.CHANNEL_EMAIL,
-            kind=types_pb2.SUBSCRIPTION_KIND_MARKETING,
-            subscribed=True,
-        )
-    )
+    consent = subscription(installation, EMAIL, MARKETING, True, now)
     await track(
         console_suite,
         attribute_event(installation, [op("set", "EMAIL", "reach@example.com")], time=now),
@@ -253,23 +252,10 @@ async def test_the_timeline_is_filtered_by_kind_and_name_across_its_pages(
         ),
     )
 
-    async def stored() -> bool:
-        try:
-            reply = await query(
-                console_suite,
-                "GetProfile",
-                query_pb.GetProfileRequest(installation_id=installation),
-            )
-        except grpc.aio.AioRpcError:
-            return False
-        return reply.profile.counters.event_count >= 59
-
-    await eventually(stored, within=30)
-    profile_id = (
-        await query(
-            console_suite, "GetProfile", query_pb.GetProfileRequest(installation_id=installation)
-        )
-    ).profile.summary.profile_id
+    profile = await stored_profile(
+        console_suite, installation, lambda p: p.counters.event_count >= 59, within=30
+    )
+    profile_id = profile.summary.profile_id
     await sign_in(page, console_suite)
     await page.goto(console_suite.url + f"/profiles/{profile_id}")
     titles = page.locator("#timeline > li strong")

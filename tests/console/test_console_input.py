@@ -9,15 +9,23 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import grpc
 from playwright.async_api import expect
 
-from profiles.common.v1 import types_pb2
-from profiles.query.v1 import query_service_pb2 as query_pb
-from tests.conftest import eventually
 from tests.console.conftest import ConsoleSuite
-from tests.console.test_console_pages import identified_profile, query, reject, sign_in, track
+from tests.console.test_console_pages import (
+    EMAIL,
+    MARKETING,
+    PUSH,
+    SMS,
+    TRANSACTIONAL,
+    identified_profile,
+    reject,
+    sign_in,
+    stored_profile,
+    track,
+)
 from tests.support.ingest import custom_event
+from tests.support.query import subscription
 
 # The contract's words, which mean nothing to a person reading a page.
 CONTRACT_WORDS = re.compile(
@@ -217,38 +225,23 @@ async def test_subscription_words_stay_whole_on_a_laptop_screen(
     events = []
     for n, (channel, kind, subscribed) in enumerate(
         (
-            (types_pb2.CHANNEL_EMAIL, types_pb2.SUBSCRIPTION_KIND_TRANSACTIONAL, False),
-            (types_pb2.CHANNEL_PUSH, types_pb2.SUBSCRIPTION_KIND_MARKETING, True),
-            (types_pb2.CHANNEL_SMS, types_pb2.SUBSCRIPTION_KIND_TRANSACTIONAL, False),
+            (EMAIL, TRANSACTIONAL, False),
+            (PUSH, MARKETING, True),
+            (SMS, TRANSACTIONAL, False),
         )
     ):
-        event = custom_event(installation, time=now - timedelta(seconds=n))
-        event.ClearField("custom")
-        event.subscription_change.CopyFrom(
-            types_pb2.SubscriptionChange(channel=channel, kind=kind, subscribed=subscribed)
+        events.append(
+            subscription(installation, channel, kind, subscribed, now - timedelta(seconds=n))
         )
-        events.append(event)
     await track(console_suite, *events)
 
-    async def stored() -> bool:
-        try:
-            reply = await query(
-                console_suite,
-                "GetProfile",
-                query_pb.GetProfileRequest(installation_id=installation),
-            )
-        except grpc.aio.AioRpcError:
-            return False
-        changed = [s for s in reply.profile.subscriptions if s.HasField("last_change_time")]
-        return len(changed) == 3
+    def changed_thrice(profile: Any) -> bool:
+        return sum(s.HasField("last_change_time") for s in profile.subscriptions) == 3
 
-    await eventually(stored, within=30)
-    reply = await query(
-        console_suite, "GetProfile", query_pb.GetProfileRequest(installation_id=installation)
-    )
+    profile = await stored_profile(console_suite, installation, changed_thrice, within=30)
     await sign_in(page, console_suite)
     await page.set_viewport_size({"width": 1366, "height": 768})
-    await page.goto(console_suite.url + f"/profiles/{reply.profile.summary.profile_id}")
+    await page.goto(console_suite.url + f"/profiles/{profile.summary.profile_id}")
     table = page.locator("#subscriptions")
     await expect(table).to_contain_text("Transactional")
     # Every word of the card on one line: a word split across lines has several line boxes.

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -27,13 +28,16 @@ from profiles.segments.v1 import segments_service_pb2_grpc as segments_grpc
 from tests.conftest import eventually
 from tests.console.conftest import ConsoleSuite
 from tests.support.ingest import attribute_event, custom_event, op
-from tests.support.query import session_start
+from tests.support.query import session_start, subscription
 from tests.support.segments_custom import attribute
 
 ROOT = Path(__file__).resolve().parents[2]
 # Screenshots of every page are written only when asked, so a test run leaves the tree clean:
 # PROFILES_CONSOLE_SCREENSHOTS=docs/console (relative to the repository, or absolute).
 SCREENSHOTS_ENV = "PROFILES_CONSOLE_SCREENSHOTS"
+EMAIL, SMS, PUSH = types_pb2.CHANNEL_EMAIL, types_pb2.CHANNEL_SMS, types_pb2.CHANNEL_PUSH
+MARKETING = types_pb2.SUBSCRIPTION_KIND_MARKETING
+TRANSACTIONAL = types_pb2.SUBSCRIPTION_KIND_TRANSACTIONAL
 PAGE_BUDGET_BYTES = 200_000
 
 
@@ -90,6 +94,28 @@ async def profiles_listed_by(
         return (await query(suite, "ListProfiles", request)).total_size == count
 
     await eventually(listed, within=30)
+
+
+async def stored_profile(
+    suite: ConsoleSuite,
+    installation: str,
+    ready: Callable[[Any], bool] = lambda profile: True,
+    within: float = 10.0,
+) -> Any:
+    """The installation's profile once query has it and `ready(profile)` holds."""
+    found: list[Any] = []
+
+    async def stored() -> bool:
+        request = query_pb.GetProfileRequest(installation_id=installation)
+        try:
+            reply = await query(suite, "GetProfile", request)
+        except grpc.aio.AioRpcError:
+            return False
+        found[:] = [reply.profile]
+        return ready(reply.profile)
+
+    await eventually(stored, within=within)
+    return found[0]
 
 
 async def identified_profile(suite: ConsoleSuite) -> Any:
@@ -418,37 +444,15 @@ async def test_the_live_feed_shows_each_change_once_and_the_cards_follow(
     installation = f"console-feed-{uuid.uuid4().hex[:8]}"
     await track(console_suite, custom_event(installation, name="arrived", time=datetime.now(UTC)))
 
-    async def stored() -> bool:
-        try:
-            await query(
-                console_suite,
-                "GetProfile",
-                query_pb.GetProfileRequest(installation_id=installation),
-            )
-        except grpc.aio.AioRpcError:
-            return False
-        return True
-
-    await eventually(stored)
-    reply = await query(
-        console_suite, "GetProfile", query_pb.GetProfileRequest(installation_id=installation)
-    )
+    profile = await stored_profile(console_suite, installation)
     await sign_in(page, console_suite)
-    await page.goto(console_suite.url + f"/profiles/{reply.profile.summary.profile_id}")
+    await page.goto(console_suite.url + f"/profiles/{profile.summary.profile_id}")
     await expect(page.locator("#live-status")).to_have_text("Live updates on.")
     email = page.locator("#subscriptions tr[data-subscription='Email Marketing']")
     await expect(email.locator("td").nth(2)).to_have_text("unsubscribed")
     # One TrackEvents: an attribute set and an email opt-in, as the tester sent them.
     now = datetime.now(UTC)
-    opt_in = custom_event(installation, time=now)
-    opt_in.ClearField("custom")
-    opt_in.subscription_change.CopyFrom(
-        types_pb2.SubscriptionChange(
-            channel=types_pb2.CHANNEL_EMAIL,
-            kind=types_pb2.SUBSCRIPTION_KIND_MARKETING,
-            subscribed=True,
-        )
-    )
+    opt_in = subscription(installation, EMAIL, MARKETING, True, now)
     await track(
         console_suite,
         attribute_event(installation, [op("set", "fav_html", "<b>tea</b>")], time=now),
@@ -703,22 +707,8 @@ async def test_a_profile_with_only_an_open_session_has_no_average_yet(
     installation = f"console-open-{uuid.uuid4().hex[:8]}"
     await track(console_suite, session_start(installation, "open-1", datetime.now(UTC)))
 
-    async def stored() -> bool:
-        try:
-            await query(
-                console_suite,
-                "GetProfile",
-                query_pb.GetProfileRequest(installation_id=installation),
-            )
-        except grpc.aio.AioRpcError:
-            return False
-        return True
-
-    await eventually(stored)
-    reply = await query(
-        console_suite, "GetProfile", query_pb.GetProfileRequest(installation_id=installation)
-    )
+    profile = await stored_profile(console_suite, installation)
     await sign_in(page, console_suite)
-    await page.goto(console_suite.url + f"/profiles/{reply.profile.summary.profile_id}")
+    await page.goto(console_suite.url + f"/profiles/{profile.summary.profile_id}")
     average = page.locator("dl.pairs div", has_text="Average closed session").locator("dd")
     await expect(average).to_have_text("none closed yet")
