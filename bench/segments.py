@@ -93,7 +93,7 @@ from profiles.segments.v1 import segments_service_pb2_grpc as segments_grpc
 from services.segments.change_stream import ChangeStream
 from services.segments.definitions import EVALUATION_BATCH
 from services.segments.definitions_repository import DefinitionsRepository
-from services.segments.model import ProfileActivity, SessionUpdate, TimeZoneUpdate
+from services.segments.model import ProfileActivity, SessionUpdate
 from services.segments.repository import SegmentsRepository
 from services.segments.service import SegmentsService
 from shared.bus import Bus
@@ -101,6 +101,7 @@ from shared.clock import FrozenClock
 from shared.db import create_pool
 from shared.logging import configure_logging
 from shared.tenancy import TenancyRepository
+from tests.support.segments import store_time_zone
 
 BENCH = "segments"
 PLATFORMS = (types_pb2.PLATFORM_IOS, types_pb2.PLATFORM_ANDROID, types_pb2.PLATFORM_WEB)
@@ -157,9 +158,11 @@ def _sessions(
     ]
 
 
-def template_activity(rng: random.Random, key: str, now: datetime) -> ProfileActivity:
+def template_activity(
+    rng: random.Random, key: str, now: datetime
+) -> tuple[ProfileActivity, str | None]:
     """A random history shaped like one of the smart segments (the stored classification is
-    whatever the rules make of it)."""
+    whatever the rules make of it), and the profile's time zone (None: UTC)."""
     shape = rng.choices(("new", "one_time", "engaged", "dormant"), (15, 20, 30, 35))[0]
     if shape == "new":
         first = rng.uniform(0, 7)
@@ -175,9 +178,8 @@ def template_activity(rng: random.Random, key: str, now: datetime) -> ProfileAct
     activity = ProfileActivity(str(uuid.uuid4()), sessions=sessions)
     for session in sessions:
         activity.add_event_time(session.start_time + session.duration)
-    if rng.random() < 0.3:
-        activity.add_time_zone(TimeZoneUpdate(rng.choice(TIME_ZONES), sessions[0].start_time))
-    return activity
+    zone = rng.choice(TIME_ZONES) if rng.random() < 0.3 else None
+    return activity, zone
 
 
 async def store_templates(
@@ -194,7 +196,14 @@ async def store_templates(
             SegmentsRepository(pool), TenancyRepository(pool), FrozenClock(now), ChangeStream(bus)
         )
         rng = random.Random(5)
-        activities = [template_activity(rng, f"tpl-{n}", now) for n in range(count)]
+        templates = [template_activity(rng, f"tpl-{n}", now) for n in range(count)]
+        activities = [activity for activity, _ in templates]
+        for activity, zone in templates:
+            if zone is not None:  # stored as ingest would, where segments reads the zone
+                first_start = activity.sessions[0].start_time
+                await store_time_zone(
+                    pool, project.project_id, activity.profile_id, zone, first_start
+                )
         await service.record_activity(project.project_id, activities)
         await pool.execute("DELETE FROM outbox WHERE project_id = $1", project.project_id)
         return project.project_id, [uuid.UUID(a.profile_id) for a in activities]

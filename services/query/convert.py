@@ -489,14 +489,13 @@ def crash_to_proto(view: CrashView) -> profile_pb2.Crash:
 def profile_to_proto(view: ProfileView) -> profile_pb2.Profile:
     native = {a.name: _native_text(a) for a in view.attributes if a.native}
     installation_language = next((i.language for i in view.installations if i.language), "")
-    installation_timezone = next((i.timezone for i in view.installations if i.timezone), "")
     summary = profile_pb2.ProfileSummary(
         profile_id=str(view.profile_id),
         custom_id=view.custom_id,
         anonymous=not view.custom_id,
         language=native.get("language") or installation_language,
         region=native.get("region", ""),
-        timezone=native.get("timezone") or installation_timezone,
+        timezone=view.time_zone,
         last_session_country=view.last_session_country,
         first_name=native.get("first_name", ""),
         last_name=native.get("last_name", ""),

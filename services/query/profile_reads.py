@@ -100,6 +100,7 @@ PROFILE_VIEW = """
               AND coalesce(x.country, '') <> ''
             ORDER BY x.start_time DESC
             LIMIT 1) AS last_session_country,
+           ingest_read_profile_time_zone($1, p.profile_id) AS time_zone,
            ARRAY(
                SELECT ROW(i.installation_id, i.create_time, d.platform, d.app_version,
                           d.os_version, d.device_model, d.push_token_present, d.push_opt_in,
@@ -296,6 +297,7 @@ class ProfileReads:
             first_seen=r["first_seen"],
             last_seen=r["last_seen"],
             last_session_country=text_or_empty(r["last_session_country"]),
+            time_zone=text_or_empty(r["time_zone"]),
             installations=tuple(_installation(i) for i in r["installations"]),
             attributes=tuple(AttributeView(*a) for a in r["attributes"]),
             subscriptions=tuple(SubscriptionView(*b) for b in r["subscriptions"]),

@@ -194,18 +194,9 @@ SELECT_SESSION_DAYS = """
     WHERE project_id = $1 AND profile_id = $2 AND start_time >= $4 AND start_time < $5
     GROUP BY 1"""
 
-# The time zone days are counted in when the caller names none: the `timezone` attribute, else
-# the most recently seen installation's.
-SELECT_PROFILE_TIMEZONE = """
-    SELECT coalesce(
-        (SELECT value ->> 'value' FROM ingest_read_profile_attributes()
-         WHERE project_id = $1 AND profile_id = $2 AND native AND name = 'timezone'
-           AND value IS NOT NULL),
-        (SELECT d.timezone FROM identity_read_installations() i
-         JOIN ingest_read_installation_details() d
-             ON d.project_id = i.project_id AND d.installation_id = i.installation_id
-         WHERE i.project_id = $1 AND i.profile_id = $2 AND d.timezone IS NOT NULL
-         ORDER BY d.last_seen DESC LIMIT 1))"""
+# The time zone days are counted in when the caller names none: the profile's, by ingest's rule
+# (0045), the one the profile view shows and segments counts engagement days in.
+SELECT_PROFILE_TIMEZONE = "SELECT ingest_read_profile_time_zone($1, $2)"
 
 
 @dataclass(frozen=True, slots=True)

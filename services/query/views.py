@@ -131,6 +131,9 @@ class ProfileView:
     first_seen: datetime | None
     last_seen: datetime | None
     last_session_country: str
+    # By ingest's rule (ingest_read_profile_time_zone): the timezone attribute, else the most
+    # recently seen installation's; "" when none.
+    time_zone: str
     installations: tuple[InstallationView, ...]
     attributes: tuple[AttributeView, ...]
     subscriptions: tuple[SubscriptionView, ...]

@@ -17,9 +17,7 @@ from services.segments.model import (
     ChangeCause,
     ProfileActivity,
     SessionUpdate,
-    TimeZoneUpdate,
     fold_sessions,
-    valid_time_zone,
 )
 from services.segments.service import SegmentsService
 from shared.bus import sleep_unless
@@ -69,37 +67,6 @@ def session_update(event: bus_pb2.IngestedEvent) -> SessionUpdate | None:
     )
 
 
-def time_zone_update(event: bus_pb2.IngestedEvent) -> TimeZoneUpdate | None:
-    """The last time zone signal of the event: the native timezone attribute, or the zone an
-    installation reported. Unknown zone names are ignored."""
-    event_time = event.event_time.ToDatetime(tzinfo=UTC)
-    found: TimeZoneUpdate | None = None
-    detail = event.WhichOneof("detail")
-    if detail == "attribute_change":
-        for operation in event.attribute_change.operations:
-            if (
-                operation.WhichOneof("attribute") != "native_attribute"
-                or operation.native_attribute != types_pb2.NATIVE_ATTRIBUTE_TIMEZONE
-                or operation.kind not in TIME_ZONE_OPERATIONS
-            ):
-                continue
-            if operation.kind == types_pb2.ATTRIBUTE_OPERATION_KIND_UNSET:
-                found = TimeZoneUpdate(None, event_time)
-            elif valid_time_zone(operation.value.string_value):
-                found = TimeZoneUpdate(
-                    operation.value.string_value,
-                    event_time,
-                    from_state=operation.kind == types_pb2.ATTRIBUTE_OPERATION_KIND_SET_ONCE,
-                )
-    elif (
-        detail == "installation_update"
-        and event.installation_update.HasField("timezone")
-        and valid_time_zone(event.installation_update.timezone)
-    ):
-        found = TimeZoneUpdate(event.installation_update.timezone, event_time)
-    return found
-
-
 def activities_of(message: bus_pb2.EventsIngested) -> list[ProfileActivity]:
     """What the batch says about each profile, in first-seen order; events naming no valid
     profile ID are skipped (ingest never sends them)."""
@@ -116,9 +83,6 @@ def activities_of(message: bus_pb2.EventsIngested) -> list[ProfileActivity]:
         update = session_update(event)
         if update is not None:
             sessions.setdefault(key, []).append(update)
-        zone = time_zone_update(event)
-        if zone is not None:
-            activity.add_time_zone(zone)
     for key, updates in sessions.items():
         activities[key].sessions = fold_sessions(updates)
     return list(activities.values())

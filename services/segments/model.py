@@ -477,34 +477,17 @@ def fold_sessions(updates: Sequence[SessionUpdate]) -> list[SessionUpdate]:
     return list(folded.values())
 
 
-@dataclass(frozen=True, slots=True)
-class TimeZoneUpdate:
-    """A time zone signal: a native timezone attribute set (or unset: None), or an
-    installation's reported zone; the latest by event time wins. `from_state`: a set-once,
-    whose effect only the attribute's state knows (it applies only where the attribute was
-    absent at its event time, in ingest's replay): the attribute is read when it is handled."""
-
-    time_zone: str | None
-    event_time: datetime
-    from_state: bool = False
-
-
 @dataclass(slots=True)
 class ProfileActivity:
     """What one ingested batch says about one profile."""
 
     profile_id: str
     sessions: list[SessionUpdate] = field(default_factory=list)
-    time_zone: TimeZoneUpdate | None = None
     latest_event_time: datetime | None = None
 
     def add_event_time(self, moment: datetime) -> None:
         if self.latest_event_time is None or moment > self.latest_event_time:
             self.latest_event_time = moment
-
-    def add_time_zone(self, update: TimeZoneUpdate) -> None:
-        if self.time_zone is None or update.event_time >= self.time_zone.event_time:
-            self.time_zone = update
 
 
 # --- distribution -------------------------------------------------------------------------

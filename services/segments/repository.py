@@ -33,7 +33,6 @@ from services.segments.model import (
     Step,
     StoredState,
     Thresholds,
-    TimeZoneUpdate,
     valid_time_zone,
     zone_of,
 )
@@ -56,7 +55,7 @@ INSERT_PROFILES = """
 # states takes them first (merges in profile_id order), so two writers of one profile queue up
 # instead of computing from each other's half-written rows.
 LOCK_PROFILES = """
-    SELECT profile_id, time_zone, time_zone_time, merged_into, erase_time
+    SELECT profile_id, time_zone, merged_into, erase_time
     FROM segment_profiles
     WHERE project_id = $1 AND profile_id = ANY($2::uuid[])
     ORDER BY profile_id
@@ -72,18 +71,15 @@ SELECT_PROFILE = """
         ON s.project_id = p.project_id AND s.profile_id = p.merged_into
     WHERE p.project_id = $1 AND p.profile_id = $2"""
 
-# The native timezone attribute as ingest's attribute state holds it after its replay (a value,
-# or NULL once unset), with the event time of the operation that produced it.
-SELECT_TIME_ZONE_ATTRIBUTE = """
-    SELECT a.value ->> 'value' AS time_zone, a.update_time
-    FROM ingest_read_profile_attributes() a
-    WHERE a.project_id = $1 AND a.profile_id = $2 AND a.native AND a.name = 'timezone'"""
+# The profile's time zone by ingest's rule (its timezone attribute, else its most recently seen
+# installation's: 0045), the one GetProfile shows. Read under the profile's lock after ingest
+# committed the events being handled, so the last writer stores the latest answer.
+SELECT_PROFILE_TIME_ZONE = "SELECT ingest_read_profile_time_zone($1, $2)"
 
-# The latest time zone signal by event time wins, whatever order the events arrive in.
+# The stored zone is a copy of the rule's answer (0046).
 UPDATE_TIME_ZONE = """
-    UPDATE segment_profiles SET time_zone = $3, time_zone_time = $4
-    WHERE project_id = $1 AND profile_id = $2
-      AND (time_zone_time IS NULL OR time_zone_time <= $4)"""
+    UPDATE segment_profiles SET time_zone = $3
+    WHERE project_id = $1 AND profile_id = $2"""
 
 # One row per session key, so replays and redeliveries update instead of adding: a known start
 # beats a guessed one, otherwise the earliest start and the longest duration win; once an end
@@ -129,7 +125,7 @@ MOVE_SESSIONS = """
 # Marks merged-away profiles (and tombstones that pointed at them) as pointing at the survivor,
 # so chains resolve in one hop; their own time zone is dropped (the survivor's counts).
 MARK_MERGED = """
-    UPDATE segment_profiles SET merged_into = $3, time_zone = NULL, time_zone_time = NULL
+    UPDATE segment_profiles SET merged_into = $3, time_zone = NULL
     WHERE project_id = $1 AND (profile_id = ANY($2::uuid[]) OR merged_into = ANY($2::uuid[]))
       AND profile_id <> $3"""
 
@@ -137,7 +133,7 @@ MARK_MERGED = """
 # else segments knew about the profile goes.
 MARK_ERASED = """
     UPDATE segment_profiles
-    SET erase_time = $3, merged_into = NULL, time_zone = NULL, time_zone_time = NULL
+    SET erase_time = $3, merged_into = NULL, time_zone = NULL
     WHERE project_id = $1 AND profile_id = ANY($2::uuid[])"""
 DELETE_SESSIONS = """
     DELETE FROM segment_sessions WHERE project_id = $1 AND profile_id = ANY($2::uuid[])"""
@@ -245,7 +241,6 @@ SELECT_DISTRIBUTION = """
 class ProfileRow:
     profile_id: UUID
     time_zone: str | None
-    time_zone_time: datetime | None
     merged_into: UUID | None
     erase_time: datetime | None
 
@@ -400,7 +395,6 @@ class SegmentsTransaction:
             r["profile_id"]: ProfileRow(
                 r["profile_id"],
                 r["time_zone"],
-                r["time_zone_time"],
                 r["merged_into"],
                 r["erase_time"],
             )
@@ -427,21 +421,16 @@ class SegmentsTransaction:
             ],
         )
 
-    async def time_zone_attribute(
-        self, project_id: UUID, profile_id: UUID
-    ) -> TimeZoneUpdate | None:
-        """The profile's native timezone attribute as ingest holds it (None: never recorded),
-        as a signal at the event time of the operation that produced it."""
-        row = await self._conn.fetchrow(SELECT_TIME_ZONE_ATTRIBUTE, project_id, profile_id)
-        if row is None:
-            return None
-        zone = row["time_zone"]
-        return TimeZoneUpdate(zone if zone and valid_time_zone(zone) else None, row["update_time"])
+    async def profile_time_zone(self, project_id: UUID, profile_id: UUID) -> str | None:
+        """The profile's time zone by ingest's rule (None: none, or one zoneinfo does not
+        know, which counts as UTC like no zone)."""
+        zone = await self._conn.fetchval(SELECT_PROFILE_TIME_ZONE, project_id, profile_id)
+        return zone if zone and valid_time_zone(zone) else None
 
     async def update_time_zone(
-        self, project_id: UUID, profile_id: UUID, time_zone: str | None, event_time: datetime
+        self, project_id: UUID, profile_id: UUID, time_zone: str | None
     ) -> None:
-        await self._conn.execute(UPDATE_TIME_ZONE, project_id, profile_id, time_zone, event_time)
+        await self._conn.execute(UPDATE_TIME_ZONE, project_id, profile_id, time_zone)
 
     async def upsert_sessions(
         self, project_id: UUID, profile_id: UUID, sessions: Sequence[SessionUpdate]

@@ -164,19 +164,9 @@ class SegmentsService:
             row = await self._lock_live(tx, project_id, UUID(activity.profile_id))
             if row is None:
                 return  # erased meanwhile: its queued events are skipped
-            time_zone = row.time_zone
-            update = activity.time_zone
-            if update is not None and update.from_state:
-                # Ingest committed the batch before publishing it: its state holds the
-                # set-once's outcome (or a later operation's, as newer as its update time).
-                update = await tx.time_zone_attribute(project_id, row.profile_id)
-            if update is not None and (
-                row.time_zone_time is None or update.event_time >= row.time_zone_time
-            ):
-                await tx.update_time_zone(
-                    project_id, row.profile_id, update.time_zone, update.event_time
-                )
-                time_zone = update.time_zone
+            # Any event may move the profile's zone (a timezone attribute, an installation's zone,
+            # another installation becoming the latest seen): the rule is read, not folded.
+            time_zone = await self._refresh_time_zone(tx, project_id, row)
             await tx.upsert_sessions(project_id, row.profile_id, activity.sessions)
             await self._reclassify(
                 tx,
@@ -193,6 +183,16 @@ class SegmentsService:
             # session), the profile's custom segments are evaluated here, after its smart
             # segment state is saved (filters read it), so their changes go out with the event.
             await self._evaluate_custom(tx, project_id, [row.profile_id], now, ChangeCause.EVENT)
+
+    async def _refresh_time_zone(
+        self, tx: SegmentsTransaction, project_id: UUID, row: ProfileRow
+    ) -> str | None:
+        """The locked profile's zone by ingest's rule (the one GetProfile shows), stored when it
+        changed."""
+        time_zone = await tx.profile_time_zone(project_id, row.profile_id)
+        if time_zone != row.time_zone:
+            await tx.update_time_zone(project_id, row.profile_id, time_zone)
+        return time_zone
 
     async def _lock_live(
         self, tx: SegmentsTransaction, project_id: UUID, profile_id: UUID
@@ -272,15 +272,9 @@ class SegmentsService:
                 await self._leave_everything(tx, project_id, source_id, now, ChangeCause.MERGE)
             await tx.delete_states(project_id, sources)
             await tx.move_sessions(project_id, sources, target.profile_id)
-            time_zone, time_zone_time = target.time_zone, target.time_zone_time
-            for source_id in sources:
-                source = rows[source_id]
-                if source.time_zone_time is not None and (
-                    time_zone_time is None or source.time_zone_time > time_zone_time
-                ):
-                    time_zone, time_zone_time = source.time_zone, source.time_zone_time
-            if time_zone_time is not None and time_zone_time != target.time_zone_time:
-                await tx.update_time_zone(project_id, target.profile_id, time_zone, time_zone_time)
+            # Identity's merge committed before it was announced: the rule's answer is the
+            # survivor's zone with the merged attributes and installations.
+            time_zone = await self._refresh_time_zone(tx, project_id, target)
             await tx.mark_merged(project_id, sources, target.profile_id)
             await self._reclassify(
                 tx,

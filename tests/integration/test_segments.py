@@ -429,7 +429,13 @@ async def test_days_follow_the_profile_time_zone(
     _, score = await harness.service.get_engagement(harness.project_id, UUID(profile))
     assert (score.score3, score.time_zone) == (1, "UTC")
     await publish_events(
-        harness.bus, harness.project_id, [time_zone_event(profile, "Pacific/Kiritimati", at(19))]
+        harness.bus,
+        harness.project_id,
+        [
+            await time_zone_event(
+                harness.pool, harness.project_id, profile, "Pacific/Kiritimati", at(19)
+            )
+        ],
     )
     await harness.settle(eventually)
     _, score = await harness.service.get_engagement(harness.project_id, UUID(profile))

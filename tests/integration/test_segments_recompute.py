@@ -66,7 +66,7 @@ async def test_batched_recompute_stores_what_each_profile_classifies_to(
         h.bus,
         h.project_id,
         [
-            time_zone_event(tokyo, "Asia/Tokyo", at(1)),
+            await time_zone_event(h.pool, h.project_id, tokyo, "Asia/Tokyo", at(1)),
             *session(tokyo, at(14, 23, 30)),  # the 15th in Tokyo
             *session(tokyo, at(15, 1)),
             *session(engaged, at(2)),
@@ -76,7 +76,7 @@ async def test_batched_recompute_stores_what_each_profile_classifies_to(
             *session(multi, at(3), platform=IOS),
             *session(multi, at(17), platform=ANDROID),
             *session(multi, at(19), platform=WEB),
-            time_zone_event(late, "America/Los_Angeles", at(1)),
+            await time_zone_event(h.pool, h.project_id, late, "America/Los_Angeles", at(1)),
             *session(late, at(5)),
             *session(late, at(19, 6)),  # the 18th in Los Angeles
             *session(once, at(4)),

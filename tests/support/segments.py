@@ -82,7 +82,32 @@ def session(
     ]
 
 
-def time_zone_event(profile_id: str, zone: str, moment: datetime) -> bus_pb2.IngestedEvent:
+# The timezone attribute as ingest's replay leaves it after a set (0010's row shape). Segments'
+# tests drive segments through the bus alone, so they stand in for what ingest stores before it
+# announces the events: segments reads the profile's zone from ingest's rule (0045).
+STORE_TIME_ZONE_ATTRIBUTE = """
+    INSERT INTO profile_attributes (project_id, profile_id, native, name, value, value_type,
+                                    update_time)
+    VALUES ($1, $2, true, 'timezone', jsonb_build_object('type', 'string', 'value', $3::text),
+            'string', $4)
+    ON CONFLICT (project_id, profile_id, native, name) DO UPDATE SET
+        value = EXCLUDED.value, value_type = EXCLUDED.value_type,
+        update_time = EXCLUDED.update_time"""
+
+
+async def store_time_zone(
+    pool: asyncpg.Pool, project_id: object, profile_id: str, zone: str, moment: datetime
+) -> None:
+    """Stores the profile's timezone attribute as ingest would (see STORE_TIME_ZONE_ATTRIBUTE)."""
+    await pool.execute(STORE_TIME_ZONE_ATTRIBUTE, project_id, uuid.UUID(profile_id), zone, moment)
+
+
+async def time_zone_event(
+    pool: asyncpg.Pool, project_id: object, profile_id: str, zone: str, moment: datetime
+) -> bus_pb2.IngestedEvent:
+    """The event that sets the profile's timezone attribute, its outcome stored as ingest
+    stores it before announcing the event."""
+    await store_time_zone(pool, project_id, profile_id, zone, moment)
     message = event(profile_id, types_pb2.EVENT_KIND_ATTRIBUTE_CHANGE, moment)
     operation = message.attribute_change.operations.add()
     operation.kind = types_pb2.ATTRIBUTE_OPERATION_KIND_SET

@@ -12,11 +12,15 @@
 -- A merged-away profile keeps a row pointing at its survivor (merged_into), so late events and
 -- reads of its ID resolve in one hop; an erased profile keeps only its ID and erase_time, so
 -- events still queued for it are skipped (everything else about it is deleted).
+-- The zone segments counts calendar days in is now what ingest's rule contract
+-- ingest_read_profile_time_zone (0045) answers, read when segments handles a profile's events
+-- or a merge, instead of segments' own rule (the latest time zone signal by event time, which
+-- time_zone_time ordered). The stored zone is a copy of the rule's answer, so nothing orders
+-- it any more.
 CREATE TABLE segment_profiles (
     project_id uuid NOT NULL,
     profile_id uuid NOT NULL,
     time_zone text,
-    time_zone_time timestamp with time zone,
     merged_into uuid,
     erase_time timestamp with time zone,
     create_time timestamp with time zone NOT NULL DEFAULT now(),
