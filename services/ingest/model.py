@@ -15,12 +15,11 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from functools import cache
 from typing import Any, Literal
 from urllib.parse import urlsplit
-from zoneinfo import available_timezones
 
 from shared import contract_rules
+from shared.time_zones import is_time_zone
 
 # Rejection reasons: stable codes listed on IngestService in the contract.
 EVENT_ID_INVALID = "EVENT_ID_INVALID"
@@ -189,13 +188,8 @@ def is_country(text: str) -> bool:
     return text.upper() in COUNTRIES
 
 
-@cache
-def _timezones() -> frozenset[str]:
-    return frozenset(available_timezones())
-
-
 def is_timezone(text: str) -> bool:
-    return text in _timezones()
+    return is_time_zone(text)
 
 
 def is_finite(number: float) -> bool:

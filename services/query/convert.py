@@ -9,7 +9,6 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, date, datetime
 from typing import Any
 from uuid import UUID
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from google.protobuf import json_format
 from google.protobuf.duration_pb2 import Duration
@@ -47,6 +46,7 @@ from services.query.views import (
 from shared import convert as shared_convert
 from shared.convert import set_timestamp as set_time
 from shared.errors import FieldViolation
+from shared.time_zones import is_time_zone
 
 MAX_CUSTOM_ID_LENGTH = 512
 MAX_INSTALLATION_ID_LENGTH = 128
@@ -370,11 +370,8 @@ def activity_from_proto(request: pb.GetActivityRequest) -> tuple[UUID, date, dat
             violations.append(
                 _violation("end_date", f"must be at most {MAX_ACTIVITY_DAYS} days after start_date")
             )
-    if request.time_zone:
-        try:
-            ZoneInfo(request.time_zone)
-        except (ZoneInfoNotFoundError, ValueError):
-            violations.append(_violation("time_zone", "is not an IANA time zone"))
+    if request.time_zone and not is_time_zone(request.time_zone):
+        violations.append(_violation("time_zone", "is not an IANA time zone"))
     _raise_all(violations)
     return profile_id, days["start_date"], days["end_date"], request.time_zone
 

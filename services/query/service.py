@@ -35,6 +35,7 @@ from services.query.views import (
     UsersTableFilters,
 )
 from shared.clock import Clock
+from shared.time_zones import is_time_zone
 
 LookupKind = Literal["profile_id", "custom_id", "email", "phone", "installation_id"]
 
@@ -380,7 +381,10 @@ class QueryService:
         the profile's time zone, else UTC. Raises ProfileNotFound."""
         async with self._repository.snapshot() as reads:
             live = await self._live_profile(reads, project_id, profile_id)
-            zone_name = time_zone or await reads.profile_timezone(project_id, live) or "UTC"
+            zone_name = time_zone or await reads.profile_timezone(project_id, live)
+            if not is_time_zone(zone_name):
+                # None, or a name stored before the suite refused it (`localtime`): UTC.
+                zone_name = "UTC"
             zone = ZoneInfo(zone_name)
             start = datetime.combine(first, datetime.min.time(), zone)
             end = datetime.combine(last + timedelta(days=1), datetime.min.time(), zone)

@@ -32,7 +32,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any, Self
 from uuid import UUID
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo
+
+from shared.time_zones import is_time_zone
 
 ALL_PLATFORMS = 0
 ENGAGEMENT_WINDOW = timedelta(hours=168)
@@ -141,23 +143,12 @@ class History:
 
 
 def zone_of(name: str | None) -> ZoneInfo:
-    """The zone of an IANA name; UTC for none or an unknown name."""
-    if name:
-        try:
-            return ZoneInfo(name)
-        except (ZoneInfoNotFoundError, ValueError):
-            pass
-    return ZoneInfo(DEFAULT_TIME_ZONE)
+    """The zone of an IANA name; UTC for none or a name the suite does not accept."""
+    return ZoneInfo(name if name and is_time_zone(name) else DEFAULT_TIME_ZONE)
 
 
 def valid_time_zone(name: str) -> bool:
-    if not name or len(name) > 64:
-        return False
-    try:
-        ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError):
-        return False
-    return True
+    return is_time_zone(name)
 
 
 def local_day(moment: datetime, zone: ZoneInfo) -> date:

@@ -345,6 +345,31 @@ async def test_activity_dates_outside_the_supported_range_are_invalid_argument(
 
 
 @pytest.mark.parametrize(
+    "time_zone",
+    ["localtime", "posixrules", "posix/Europe/Paris", "right/UTC", "Factory", "Mars/Base"],
+)
+async def test_activity_time_zone_that_is_no_iana_zone_is_invalid_argument(
+    suite: Suite, time_zone: str
+) -> None:
+    # zoneinfo opens each of these but PostgreSQL refuses some (GetActivity answered INTERNAL).
+    inst = new_id()
+    await suite.track(custom_event(inst))
+    profile_id = await suite.identity.profile_of(inst)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await suite.call(
+            "GetActivity",
+            pb.GetActivityRequest(
+                profile_id=profile_id,
+                start_date="2030-05-01",
+                end_date="2030-05-31",
+                time_zone=time_zone,
+            ),
+        )
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert violations(caught.value) == ["time_zone"]
+
+
+@pytest.mark.parametrize(
     "time_zone", ["", "Pacific/Kiritimati", "Pacific/Pago_Pago", "Asia/Manila"]
 )
 async def test_activity_answers_at_both_ends_of_the_supported_range(

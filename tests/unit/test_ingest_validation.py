@@ -258,6 +258,11 @@ BOUNDARIES: list[tuple[str, Edit, Edit, str]] = [
      model.LANGUAGE_INVALID),
     ("installation timezone", _update(timezone="UTC"), _update(timezone="Mars/Base"),
      model.TIMEZONE_INVALID),
+    # Files of the zone database that PostgreSQL refuses or that are no one's zone.
+    ("timezone localtime", _native_set(types_pb2.NATIVE_ATTRIBUTE_TIMEZONE, "Asia/Tokyo"),
+     _native_set(types_pb2.NATIVE_ATTRIBUTE_TIMEZONE, "localtime"), model.TIMEZONE_INVALID),
+    ("installation timezone posix/", _update(timezone="Europe/Paris"),
+     _update(timezone="posix/Europe/Paris"), model.TIMEZONE_INVALID),
     ("crash name", _crash("n" * 300), _crash("n" * 301), model.NAME_INVALID),
     ("crash reason", _crash("n", "r" * 300), _crash("n", "r" * 301), model.VALUE_INVALID),
     ("no NUL", lambda e: setattr(e.custom, "label", "ok"),

@@ -5,10 +5,6 @@
 -- it any more.
 ALTER TABLE segment_profiles DROP COLUMN time_zone_time;
 
--- Live profiles take the rule's answer now. Their stored smart segment states keep the days
--- counted in the old zone until their next event, merge or sweep reclassifies them, or a
--- recompute (RecomputeAll) does it at once.
-UPDATE segment_profiles p
-SET time_zone = ingest_read_profile_time_zone(p.project_id, p.profile_id)
-WHERE p.merged_into IS NULL AND p.erase_time IS NULL
-  AND p.time_zone IS DISTINCT FROM ingest_read_profile_time_zone(p.project_id, p.profile_id);
+-- A stored zone is refreshed at the profile's next event or merge (segments checks the rule's
+-- answer against the names the suite accepts, shared/time_zones.py, before storing it); until
+-- then it keeps the one the old rule chose.
