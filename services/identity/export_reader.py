@@ -65,9 +65,10 @@ SELECT_EXPORT_SESSIONS = "SELECT * FROM ingest_read_export_sessions($1, $2)"
 # is inlined, so the rows stream from the index scan).
 SELECT_EXPORT_EVENTS = "SELECT * FROM ingest_read_export_events($1, $2)"
 
-# Rejected events have no profile: those of the profile's installations and custom IDs.
+# Rejected events that arrived for the profile (or the profiles merged into it), and those of its
+# custom IDs; rows stored without a profile go by its installations (ingest's 0047).
 SELECT_EXPORT_REJECTED_EVENTS = """
-    SELECT * FROM ingest_read_export_rejected_events($1, $2::text[], $3::text[])"""
+    SELECT * FROM ingest_read_export_rejected_events($1, $2::uuid[], $3::text[], $4::text[])"""
 EXPORT_FETCH_ROWS = 500
 
 
@@ -122,8 +123,16 @@ class ExportReader:
             yield row
 
     async def rejected_events(
-        self, project_id: UUID, installation_ids: Sequence[str], custom_ids: Sequence[str]
+        self,
+        project_id: UUID,
+        profile_ids: Sequence[UUID],
+        installation_ids: Sequence[str],
+        custom_ids: Sequence[str],
     ) -> list[asyncpg.Record]:
         return await self._conn.fetch(
-            SELECT_EXPORT_REJECTED_EVENTS, project_id, list(installation_ids), list(custom_ids)
+            SELECT_EXPORT_REJECTED_EVENTS,
+            project_id,
+            list(profile_ids),
+            list(installation_ids),
+            list(custom_ids),
         )

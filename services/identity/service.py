@@ -833,7 +833,10 @@ class IdentityService:
             async for chunk in export.array_chunks(ExportSection.EVENTS, events):
                 yield chunk
             rejected = await reader.rejected_events(
-                project_id, [r["installation_id"] for r in installations], custom_ids
+                project_id,
+                [live, *row["merged_profile_ids"]],
+                [r["installation_id"] for r in installations],
+                custom_ids,
             )
             async for chunk in export.array_chunks(
                 ExportSection.REJECTED_EVENTS, [export.rejected_event_record(r) for r in rejected]

@@ -235,11 +235,18 @@ FOLD_IMPORTED_INSTALLATION = """
     WHERE project_id = $1 AND installation_id = $2 AND imported
     RETURNING installation_id"""
 
+# Each names the profile its installation belongs to as it arrives (identity's links; NULL for
+# an installation identity does not know, and for a custom ID's), which the erasure and the export
+# go by: a logout later moves the installation, not what arrived before it (0047).
 INSERT_REJECTED_EVENTS = """
     INSERT INTO rejected_events (project_id, receive_time, reason, field_path, message,
-                                 event_id, installation_id, custom_id, payload)
-    SELECT $1, $2, r.* FROM unnest($3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
-                                  $8::text[], $9::jsonb[]) AS r"""
+                                 event_id, installation_id, custom_id, payload, profile_id)
+    SELECT $1, $2, r.*,
+           (SELECT i.profile_id FROM identity_read_installations() i
+            WHERE i.project_id = $1 AND i.installation_id = r.installation_id)
+    FROM unnest($3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[],
+                $9::jsonb[])
+         AS r(reason, field_path, message, event_id, installation_id, custom_id, payload)"""
 
 # One attribute operation of an accepted event: profile, native, name, event time, event ID,
 # origin (model.event_origin), position in the event, kind, value ({"type", "value"}, None for

@@ -23,6 +23,7 @@ from tests.support.identity import (
     bus_pb2,
     count,
     error_info,
+    export_document,
     identity_messages,
     installation_row,
     of_type,
@@ -237,6 +238,44 @@ async def test_erasure_leaves_nothing_of_the_person_in_any_table(
 
 async def _outbox_empty(db: asyncpg.Pool) -> bool:
     return await count(db, "SELECT count(*) FROM outbox") == 0
+
+
+async def test_rejected_events_go_with_the_profile_they_arrived_for_after_a_logout(
+    services: tuple[Identity, Ingest], db: asyncpg.Pool, project: TestProject
+) -> None:
+    # A rejected event went by its installation's current profile: after a logout it was
+    # exported with the anonymous profile the phone moved to, and outlived the erasure of the
+    # person it arrived for. It now goes with that person, also through a merge.
+    identity, ingest = services
+    phone, tablet = (f"inst-{tag}-{uuid.uuid4().hex[:8]}" for tag in "pt")
+    alice = f"alice-{uuid.uuid4().hex[:8]}"
+    await ingest.track(custom_event(phone, event_id="first"))
+    await ingest.track(custom_event(tablet, event_id="tablet-first"))
+    alice_profile = (await identity.identify(phone, alice)).profile_id
+    hers = custom_event(phone, event_id="bad-alice", name="Bad Name!", note="alice-private-note")
+    assert (await ingest.track(hers)).results[0].outcome == REJECTED
+    # The tablet's rejected event arrives on its anonymous profile, merged into hers later.
+    merged_in = custom_event(tablet, event_id="bad-tablet", name="Bad Too!", note="alice-tablet")
+    assert (await ingest.track(merged_in)).results[0].outcome == REJECTED
+    assert (await identity.identify(tablet, alice)).outcome == pb.IDENTIFY_OUTCOME_MERGED
+    anonymous = (await identity.logout(phone)).profile_id
+    after = custom_event(phone, event_id="bad-anonymous", name="Bad Again!", note="someone")
+    assert (await ingest.track(after)).results[0].outcome == REJECTED
+
+    alice_export = export_document(await identity.export(alice_profile))
+    anonymous_export = export_document(await identity.export(anonymous))
+    assert sorted(r["eventId"] for r in alice_export["rejectedEvents"]) == [
+        "bad-alice",
+        "bad-tablet",
+    ]
+    assert [r["eventId"] for r in anonymous_export["rejectedEvents"]] == ["bad-anonymous"]
+
+    await identity.delete(alice_profile)
+    assert await leftovers(db, project, {"alice-private-note", "alice-tablet"}) == []
+    left = await db.fetch(
+        "SELECT event_id FROM rejected_events WHERE project_id = $1", project.project_id
+    )
+    assert [r["event_id"] for r in left] == ["bad-anonymous"]
 
 
 async def test_an_erased_custom_id_is_quarantined_until_the_period_ends(

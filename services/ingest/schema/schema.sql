@@ -283,6 +283,17 @@ CREATE TABLE events_default PARTITION OF events DEFAULT;
 -- payload is the event as sent, in proto JSON with original field names, minus any client IP;
 -- NULL (and custom_id NULL) for ERASED events, which keep nothing of the erased person.
 -- field_path is relative to the event (custom.attributes["price"], event_time).
+-- Rejected events name the profile their installation belonged to when they arrived. They were
+-- tied to a profile only through the installation's current one, so after a logout (or an
+-- identification moving the installation) a rejected event received while it was the
+-- identified person's was exported with, and erased with, the anonymous profile the
+-- installation moved to, and outlived the person's erasure, payload and all.
+--
+-- profile_id is read from identity's installation links when the row is stored; NULL for an
+-- installation identity did not know yet (its first events all refused) and for rows stored
+-- before this migration: those keep the old rule, by the installation's current profile. A
+-- custom ID's rejected events go with the custom ID, as before. Merges move the rows to the
+-- survivor like the events (hook below); splits leave them where they arrived.
 CREATE TABLE rejected_events (
     project_id uuid NOT NULL,
     rejected_seq bigint GENERATED ALWAYS AS IDENTITY (SEQUENCE NAME public.rejected_events_rejected_seq_seq1) NOT NULL,
@@ -294,11 +305,13 @@ CREATE TABLE rejected_events (
     installation_id text,
     custom_id text,
     payload jsonb,
+    profile_id uuid,
     CONSTRAINT rejected_events_pkey PRIMARY KEY (project_id, rejected_seq, receive_time)
 ) PARTITION BY RANGE (receive_time);
 CREATE INDEX rejected_events_by_time ON rejected_events USING btree (project_id, receive_time DESC, rejected_seq DESC);
 CREATE INDEX rejected_events_by_reason ON rejected_events USING btree (project_id, reason, receive_time DESC, rejected_seq DESC);
 CREATE INDEX rejected_events_by_installation ON rejected_events USING btree (project_id, installation_id) WHERE (installation_id IS NOT NULL);
+CREATE INDEX rejected_events_by_profile ON rejected_events USING btree (project_id, profile_id) WHERE (profile_id IS NOT NULL);
 
 CREATE TABLE rejected_events_default PARTITION OF rejected_events DEFAULT;
 
@@ -558,9 +571,8 @@ AS $function$
     WHERE project_id = p_project AND profile_id = p_source
 $function$;
 
--- Erasure: every row of the erased profiles, their installations' details and the rejected
--- events of their installations and custom IDs. The events themselves are stripped first, by
--- ingest_apply_event_erasure (below), which identity calls with the markers it computes.
+-- 0016's erasure, the rejected events now by the profile they arrived for (else, for rows
+-- without one, by the installation as before) and by custom ID.
 CREATE OR REPLACE FUNCTION public.ingest_erase_profile_rows(p_project uuid, p_profile_ids uuid[], p_installation_ids text[], p_custom_ids text[])
  RETURNS void
  LANGUAGE sql
@@ -573,7 +585,10 @@ AS $function$
     DELETE FROM installation_details
     WHERE project_id = p_project AND installation_id = ANY(p_installation_ids);
     DELETE FROM rejected_events
-    WHERE project_id = p_project AND installation_id = ANY(p_installation_ids);
+    WHERE project_id = p_project AND profile_id = ANY(p_profile_ids);
+    DELETE FROM rejected_events
+    WHERE project_id = p_project AND profile_id IS NULL
+        AND installation_id = ANY(p_installation_ids);
     DELETE FROM rejected_events WHERE project_id = p_project AND custom_id = ANY(p_custom_ids);
 $function$;
 
@@ -693,18 +708,6 @@ AS $function$
     FROM events e
     WHERE e.project_id = p_project AND e.profile_id = p_profile
     ORDER BY e.event_time, e.event_seq
-$function$;
-
--- Rejected events have no profile: those of the profile's installations and custom IDs.
-CREATE OR REPLACE FUNCTION public.ingest_read_export_rejected_events(p_project uuid, p_installation_ids text[], p_custom_ids text[])
- RETURNS TABLE(event_id text, reason text, field_path text, receive_time timestamp with time zone, payload jsonb)
- LANGUAGE sql
- STABLE
-AS $function$
-    SELECT r.event_id, r.reason, r.field_path, r.receive_time, r.payload FROM rejected_events r
-    WHERE r.project_id = p_project
-        AND (r.installation_id = ANY(p_installation_ids) OR r.custom_id = ANY(p_custom_ids))
-    ORDER BY r.receive_time, r.rejected_seq
 $function$;
 
 -- Event kinds by name in ingest's SQL, instead of their numbers.
@@ -1619,6 +1622,28 @@ AS $function$
          LIMIT 1))
 $function$;
 
+CREATE OR REPLACE FUNCTION public.ingest_merge_rejected_events(p_project uuid, p_source uuid, p_target uuid)
+ RETURNS void
+ LANGUAGE sql
+AS $function$
+    UPDATE rejected_events SET profile_id = p_target
+    WHERE project_id = p_project AND profile_id = p_source
+$function$;
+
+-- Rejected events have no profile: those of the profile's installations and custom IDs.
+CREATE OR REPLACE FUNCTION public.ingest_read_export_rejected_events(p_project uuid, p_profile_ids uuid[], p_installation_ids text[], p_custom_ids text[])
+ RETURNS TABLE(event_id text, reason text, field_path text, receive_time timestamp with time zone, payload jsonb)
+ LANGUAGE sql
+ STABLE
+AS $function$
+    SELECT r.event_id, r.reason, r.field_path, r.receive_time, r.payload FROM rejected_events r
+    WHERE r.project_id = p_project
+        AND (r.profile_id = ANY(p_profile_ids)
+             OR (r.profile_id IS NULL AND r.installation_id = ANY(p_installation_ids))
+             OR r.custom_id = ANY(p_custom_ids))
+    ORDER BY r.receive_time, r.rejected_seq
+$function$;
+
 
 -- ============================================================================================
 -- Triggers
@@ -1654,6 +1679,7 @@ INSERT INTO profile_hooks (kind, owner, function_name, run_order) VALUES ('erase
 INSERT INTO profile_hooks (kind, owner, function_name, run_order) VALUES ('merge', 'ingest', 'ingest_merge_events', 30);
 INSERT INTO profile_hooks (kind, owner, function_name, run_order) VALUES ('merge', 'ingest', 'ingest_merge_profile_event_counts', 35);
 INSERT INTO profile_hooks (kind, owner, function_name, run_order) VALUES ('merge', 'ingest', 'ingest_merge_profile_last_crash', 36);
+INSERT INTO profile_hooks (kind, owner, function_name, run_order) VALUES ('merge', 'ingest', 'ingest_merge_rejected_events', 35);
 INSERT INTO profile_hooks (kind, owner, function_name, run_order) VALUES ('merge', 'ingest', 'ingest_merge_sessions', 90);
 INSERT INTO profile_hooks (kind, owner, function_name, run_order) VALUES ('merge', 'ingest', 'profiles_merge_attribute_operations', 10);
 INSERT INTO profile_hooks (kind, owner, function_name, run_order) VALUES ('merge', 'ingest', 'profiles_merge_profile_attributes', 40);
