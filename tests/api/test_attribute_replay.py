@@ -21,7 +21,7 @@ import itertools
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -134,6 +134,31 @@ async def test_a_late_operation_older_than_a_long_history_still_counts(suite: Su
     state = await custom_attributes(suite, installation_id=inst)
     assert state["n"] == (61, naive(T[5] + step * 59))
     assert state["lst"] == (["early"], naive(T[5] + step * 29))
+
+
+@pytest.mark.parametrize(
+    ("start", "increment"),
+    [
+        (1.789999999999996e308, 1e293),  # applies: 1.789999999999997e308
+        (-1.789999999999996e308, 1e293),  # applies, toward 0
+        (1.7899999999999998e308, 0.0),  # applies: the value stays, its time moves
+        (1.7900000000000004e308, -1e292),  # refused: 1.7900000000000002e308 is still past
+    ],
+)
+async def test_an_increment_near_the_bound_is_judged_on_the_stored_value_as_stored(
+    suite: Suite, start: float, increment: float
+) -> None:
+    # 0041 read the stored number through float8 into numeric (15 digits): 1.789999999999996e308
+    # read as 1.79e308 and refused every increment; 1.7900000000000004e308 let one apply.
+    inst = new_id()
+    await suite.track(
+        attribute_event(inst, [op("set", "n", start)], time=T[0]),
+        attribute_event(inst, [op("increment", "n", increment)], time=T[1]),
+    )
+    (n,) = (await suite.get(installation_id=inst)).profile.custom_attributes
+    applies = abs(start + increment) < 1.79e308
+    expected = (start + increment, T[1]) if applies else (start, T[0])
+    assert (n.value.number_value, n.update_time.ToDatetime(tzinfo=UTC)) == expected
 
 
 async def test_an_event_keeps_the_order_of_its_own_operations(suite: Suite) -> None:
