@@ -336,6 +336,37 @@ async def test_the_users_table_filters_sorts_and_never_repeats(suite: Suite) -> 
     assert violations(caught.value) == ["segment_id"]
 
 
+async def test_the_default_order_repeats_no_profile_seen_again_while_paging(
+    suite: Suite,
+) -> None:
+    # The contract: in the default order (last seen, newest first) a profile seen again while
+    # you page moves to the top, behind your position: never listed twice.
+    installs = [new_id() for _ in range(6)]
+    for n, inst in enumerate(installs):
+        await suite.track(custom_event(inst, time=NOW - timedelta(hours=n + 1)))
+    await suite.settle()
+    request = pb.ListProfilesRequest(page_size=2)
+    first = await suite.call("ListProfiles", request)
+    listed = [r.profile_id for r in first.profiles]
+    seen_again = installs[0]  # the first page's first profile, and one not listed yet
+    not_yet = installs[4]
+    await suite.track(
+        custom_event(seen_again, time=NOW - timedelta(minutes=5)),
+        custom_event(not_yet, time=NOW - timedelta(minutes=4)),
+    )
+    await suite.settle()
+    token = first.next_page_token
+    while token:
+        request.page_token = token
+        page = await suite.call("ListProfiles", request)
+        listed += [r.profile_id for r in page.profiles]
+        token = page.next_page_token
+    assert len(listed) == len(set(listed))
+    # The one not listed yet moved behind the position too: missed, as the contract says.
+    assert await suite.identity.profile_of(not_yet) not in listed
+    assert len(listed) == 5
+
+
 async def test_a_users_table_row_tells_whether_the_profile_has_user_details(suite: Suite) -> None:
     # Countly's users table marks a person known by their details (a name, an email, a phone)
     # though not by a custom ID: the row carries that fact, the same one the filter selects.

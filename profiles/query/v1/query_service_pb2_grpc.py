@@ -115,9 +115,12 @@ class QueryServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListProfiles(self, request, context):
-        """Lists profiles as the users table: filtered, sorted and paged. Paging never repeats a
-        profile, but a profile whose sort value changes while you page (a new session moves its
-        last seen time) may move past your position and be missed by the pages still to come.
+        """Lists profiles as the users table: filtered, sorted and paged. Paging walks the live table
+        from your position: a profile whose sort value changes while you page may move across it.
+        In the default order (last seen, newest first) a profile seen again moves to the top, so
+        no profile is repeated, but one not listed yet is then missed by the pages still to come;
+        in other orders (oldest first, by name, by sessions...) a listed profile whose value moves
+        past your position is listed again. Start again from the first page for a fresh walk.
         The table is a projection fed by the bus: it lags writes by the bus lag (under a second
         normally); GetProfile reads the source tables and always shows a profile's latest state.
         Errors: INVALID_ARGUMENT (`page_size`, `page_token`, `country`, `segment_id`,
@@ -130,7 +133,10 @@ class QueryServiceServicer:
     def ListEvents(self, request, context):
         """Lists one profile's timeline, newest first. Paging has no gaps and no repeats while events
         keep arriving: the first page fixes a snapshot, and later pages continue it; events stored
-        after the first page are not in it (start again from the first page to see them). Errors:
+        after the first page are not in it (start again from the first page to see them). A merge
+        into the profile while you page brings the merged profile's earlier events in too: the
+        pages still to come show those past your position (start again for the merged timeline,
+        its merge among them). Errors:
         INVALID_ARGUMENT (`profile_id`, `page_size`, `page_token`, `event_names`, `kinds`, the time
         range), NOT_FOUND (no such profile).
         """
@@ -140,7 +146,8 @@ class QueryServiceServicer:
 
     def ListSessions(self, request, context):
         """Lists one profile's sessions, newest start first, paged as ListEvents (a snapshot fixed by
-        the first page). Errors: INVALID_ARGUMENT (`profile_id`, `page_size`, `page_token`, the time
+        the first page). A session's start is its earliest event known: one whose earlier start
+        arrives late while you page moves past your position and may be listed again. Errors: INVALID_ARGUMENT (`profile_id`, `page_size`, `page_token`, the time
         range), NOT_FOUND (no such profile).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

@@ -53,9 +53,12 @@ class QueryServiceStub:
     profiles (ErrorInfo metadata `profile_ids`: up to 10 comma-separated IDs).
     """
     ListProfiles: _grpc.UnaryUnaryMultiCallable[_query_service_pb2.ListProfilesRequest, _query_service_pb2.ListProfilesResponse]
-    """Lists profiles as the users table: filtered, sorted and paged. Paging never repeats a
-    profile, but a profile whose sort value changes while you page (a new session moves its
-    last seen time) may move past your position and be missed by the pages still to come.
+    """Lists profiles as the users table: filtered, sorted and paged. Paging walks the live table
+    from your position: a profile whose sort value changes while you page may move across it.
+    In the default order (last seen, newest first) a profile seen again moves to the top, so
+    no profile is repeated, but one not listed yet is then missed by the pages still to come;
+    in other orders (oldest first, by name, by sessions...) a listed profile whose value moves
+    past your position is listed again. Start again from the first page for a fresh walk.
     The table is a projection fed by the bus: it lags writes by the bus lag (under a second
     normally); GetProfile reads the source tables and always shows a profile's latest state.
     Errors: INVALID_ARGUMENT (`page_size`, `page_token`, `country`, `segment_id`,
@@ -64,13 +67,17 @@ class QueryServiceStub:
     ListEvents: _grpc.UnaryUnaryMultiCallable[_query_service_pb2.ListEventsRequest, _query_service_pb2.ListEventsResponse]
     """Lists one profile's timeline, newest first. Paging has no gaps and no repeats while events
     keep arriving: the first page fixes a snapshot, and later pages continue it; events stored
-    after the first page are not in it (start again from the first page to see them). Errors:
+    after the first page are not in it (start again from the first page to see them). A merge
+    into the profile while you page brings the merged profile's earlier events in too: the
+    pages still to come show those past your position (start again for the merged timeline,
+    its merge among them). Errors:
     INVALID_ARGUMENT (`profile_id`, `page_size`, `page_token`, `event_names`, `kinds`, the time
     range), NOT_FOUND (no such profile).
     """
     ListSessions: _grpc.UnaryUnaryMultiCallable[_query_service_pb2.ListSessionsRequest, _query_service_pb2.ListSessionsResponse]
     """Lists one profile's sessions, newest start first, paged as ListEvents (a snapshot fixed by
-    the first page). Errors: INVALID_ARGUMENT (`profile_id`, `page_size`, `page_token`, the time
+    the first page). A session's start is its earliest event known: one whose earlier start
+    arrives late while you page moves past your position and may be listed again. Errors: INVALID_ARGUMENT (`profile_id`, `page_size`, `page_token`, the time
     range), NOT_FOUND (no such profile).
     """
     GetActivity: _grpc.UnaryUnaryMultiCallable[_query_service_pb2.GetActivityRequest, _query_service_pb2.GetActivityResponse]
@@ -129,9 +136,12 @@ class QueryServiceAsyncStub(QueryServiceStub):
     profiles (ErrorInfo metadata `profile_ids`: up to 10 comma-separated IDs).
     """
     ListProfiles: _aio.UnaryUnaryMultiCallable[_query_service_pb2.ListProfilesRequest, _query_service_pb2.ListProfilesResponse]  # type: ignore[assignment]
-    """Lists profiles as the users table: filtered, sorted and paged. Paging never repeats a
-    profile, but a profile whose sort value changes while you page (a new session moves its
-    last seen time) may move past your position and be missed by the pages still to come.
+    """Lists profiles as the users table: filtered, sorted and paged. Paging walks the live table
+    from your position: a profile whose sort value changes while you page may move across it.
+    In the default order (last seen, newest first) a profile seen again moves to the top, so
+    no profile is repeated, but one not listed yet is then missed by the pages still to come;
+    in other orders (oldest first, by name, by sessions...) a listed profile whose value moves
+    past your position is listed again. Start again from the first page for a fresh walk.
     The table is a projection fed by the bus: it lags writes by the bus lag (under a second
     normally); GetProfile reads the source tables and always shows a profile's latest state.
     Errors: INVALID_ARGUMENT (`page_size`, `page_token`, `country`, `segment_id`,
@@ -140,13 +150,17 @@ class QueryServiceAsyncStub(QueryServiceStub):
     ListEvents: _aio.UnaryUnaryMultiCallable[_query_service_pb2.ListEventsRequest, _query_service_pb2.ListEventsResponse]  # type: ignore[assignment]
     """Lists one profile's timeline, newest first. Paging has no gaps and no repeats while events
     keep arriving: the first page fixes a snapshot, and later pages continue it; events stored
-    after the first page are not in it (start again from the first page to see them). Errors:
+    after the first page are not in it (start again from the first page to see them). A merge
+    into the profile while you page brings the merged profile's earlier events in too: the
+    pages still to come show those past your position (start again for the merged timeline,
+    its merge among them). Errors:
     INVALID_ARGUMENT (`profile_id`, `page_size`, `page_token`, `event_names`, `kinds`, the time
     range), NOT_FOUND (no such profile).
     """
     ListSessions: _aio.UnaryUnaryMultiCallable[_query_service_pb2.ListSessionsRequest, _query_service_pb2.ListSessionsResponse]  # type: ignore[assignment]
     """Lists one profile's sessions, newest start first, paged as ListEvents (a snapshot fixed by
-    the first page). Errors: INVALID_ARGUMENT (`profile_id`, `page_size`, `page_token`, the time
+    the first page). A session's start is its earliest event known: one whose earlier start
+    arrives late while you page moves past your position and may be listed again. Errors: INVALID_ARGUMENT (`profile_id`, `page_size`, `page_token`, the time
     range), NOT_FOUND (no such profile).
     """
     GetActivity: _aio.UnaryUnaryMultiCallable[_query_service_pb2.GetActivityRequest, _query_service_pb2.GetActivityResponse]  # type: ignore[assignment]
@@ -214,9 +228,12 @@ class QueryServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _query_service_pb2.ListProfilesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_query_service_pb2.ListProfilesResponse, _abc.Awaitable[_query_service_pb2.ListProfilesResponse]]:
-        """Lists profiles as the users table: filtered, sorted and paged. Paging never repeats a
-        profile, but a profile whose sort value changes while you page (a new session moves its
-        last seen time) may move past your position and be missed by the pages still to come.
+        """Lists profiles as the users table: filtered, sorted and paged. Paging walks the live table
+        from your position: a profile whose sort value changes while you page may move across it.
+        In the default order (last seen, newest first) a profile seen again moves to the top, so
+        no profile is repeated, but one not listed yet is then missed by the pages still to come;
+        in other orders (oldest first, by name, by sessions...) a listed profile whose value moves
+        past your position is listed again. Start again from the first page for a fresh walk.
         The table is a projection fed by the bus: it lags writes by the bus lag (under a second
         normally); GetProfile reads the source tables and always shows a profile's latest state.
         Errors: INVALID_ARGUMENT (`page_size`, `page_token`, `country`, `segment_id`,
@@ -231,7 +248,10 @@ class QueryServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_query_service_pb2.ListEventsResponse, _abc.Awaitable[_query_service_pb2.ListEventsResponse]]:
         """Lists one profile's timeline, newest first. Paging has no gaps and no repeats while events
         keep arriving: the first page fixes a snapshot, and later pages continue it; events stored
-        after the first page are not in it (start again from the first page to see them). Errors:
+        after the first page are not in it (start again from the first page to see them). A merge
+        into the profile while you page brings the merged profile's earlier events in too: the
+        pages still to come show those past your position (start again for the merged timeline,
+        its merge among them). Errors:
         INVALID_ARGUMENT (`profile_id`, `page_size`, `page_token`, `event_names`, `kinds`, the time
         range), NOT_FOUND (no such profile).
         """
@@ -243,7 +263,8 @@ class QueryServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_query_service_pb2.ListSessionsResponse, _abc.Awaitable[_query_service_pb2.ListSessionsResponse]]:
         """Lists one profile's sessions, newest start first, paged as ListEvents (a snapshot fixed by
-        the first page). Errors: INVALID_ARGUMENT (`profile_id`, `page_size`, `page_token`, the time
+        the first page). A session's start is its earliest event known: one whose earlier start
+        arrives late while you page moves past your position and may be listed again. Errors: INVALID_ARGUMENT (`profile_id`, `page_size`, `page_token`, the time
         range), NOT_FOUND (no such profile).
         """
 
