@@ -100,6 +100,7 @@ NAME_MATCH = model.NAME_PATTERN.fullmatch
 SESSION_START_VALUES: Mapping[str, Any] = MappingProxyType({"uninstalled": False})
 FUTURE_LIMIT_NS = FUTURE_LIMIT // timedelta(microseconds=1) * 1000
 PAST_LIMIT_NS = PAST_LIMIT // timedelta(microseconds=1) * 1000
+MAX_SESSION_DURATION_NS = MAX_SESSION_DURATION // timedelta(microseconds=1) * 1000
 KINDS = {
     "custom": types_pb2.EVENT_KIND_CUSTOM,
     "session_start": types_pb2.EVENT_KIND_SESSION_START,
@@ -440,12 +441,10 @@ def _duration(message: pb.SessionHeartbeat | pb.SessionEnd, path: str) -> timede
     duration = message.duration
     if not -NANOS < duration.nanos < NANOS or duration.seconds < 0 or duration.nanos < 0:
         raise Invalid(model.DURATION_INVALID, path, f"{path} must not be negative")
-    if duration.seconds > MAX_SESSION_DURATION.total_seconds():
+    # Judged to the nanosecond, before the microseconds stored: 24 h and 1 ns is over.
+    if duration.seconds * NANOS + duration.nanos > MAX_SESSION_DURATION_NS:
         raise Invalid(model.DURATION_INVALID, path, f"{path} must be at most 24 hours")
-    value = timedelta(seconds=duration.seconds, microseconds=duration.nanos // 1000)
-    if value > MAX_SESSION_DURATION:
-        raise Invalid(model.DURATION_INVALID, path, f"{path} must be at most 24 hours")
-    return value
+    return timedelta(seconds=duration.seconds, microseconds=duration.nanos // 1000)
 
 
 def _installation_update(

@@ -244,6 +244,8 @@ BOUNDARIES: list[tuple[str, Edit, Edit, str]] = [
     ("operations 1", _operations(1), _operations(0), model.PAYLOAD_MISSING),
     ("duration 24h", _session("session_end", seconds=86_400),
      _session("session_end", seconds=86_400, nanos=1000), model.DURATION_INVALID),
+    ("duration 24h and 1 ns", _session("session_end", seconds=86_399, nanos=999_999_999),
+     _session("session_end", seconds=86_400, nanos=1), model.DURATION_INVALID),
     ("duration sign", _session("session_heartbeat", seconds=0),
      _session("session_heartbeat", seconds=-1), model.DURATION_INVALID),
     ("subscription", _subscription(types_pb2.CHANNEL_SMS, types_pb2.SUBSCRIPTION_KIND_MARKETING),
