@@ -242,22 +242,39 @@ def event_origin(installation_id: str | None, custom_id: str | None) -> str:
     return "i:" + installation_id
 
 
+@dataclass(frozen=True, slots=True)
+class HeldAttribute:
+    """A custom attribute as the limit judges it: whether the profile holds it (an unset leaves
+    a tombstone: not held) and the event time of its latest change."""
+
+    held: bool
+    change_time: datetime
+
+
 def custom_attributes_after(
-    held: Iterable[str], operations: Iterable[AttributeOperation]
-) -> set[str]:
-    """The custom attributes a profile holding `held` holds once an arriving event's
-    `operations` apply, in the event's order: an unset removes one, any other operation may
-    give one. This is admission, judged on arrival against the limit of 50 (an event refused
-    is never stored, so the replay never sees it); the state itself is the replay's."""
-    names = set(held)
+    attributes: Mapping[str, HeldAttribute],
+    operations: Iterable[AttributeOperation],
+    event_time: datetime,
+) -> dict[str, HeldAttribute]:
+    """The custom attributes of a profile (`attributes`) once an arriving event's `operations`
+    (at `event_time`) apply. Each operation decides whether its name is held only when it is at
+    least as late as the name's latest change: an unset frees it, any other operation takes it;
+    an older one leaves it to the later change, as the replay does. This is admission, judged on
+    arrival against the limit of 50 (an event refused is never stored, so the replay never sees
+    it); the state itself is the replay's. (A later change that did not apply, a set-once on a
+    held value, is not seen here: its name is judged by the one before it.)"""
+    after = dict(attributes)
     for op in operations:
         if op.native:
             continue
-        if op.kind == "unset":
-            names.discard(op.name)
-        else:
-            names.add(op.name)
-    return names
+        latest = after.get(op.name)
+        if latest is None or event_time >= latest.change_time:
+            after[op.name] = HeldAttribute(op.kind != "unset", event_time)
+    return after
+
+
+def held_names(attributes: Mapping[str, HeldAttribute]) -> set[str]:
+    return {name for name, attribute in attributes.items() if attribute.held}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from uuid import UUID
 import asyncpg
 
 from services.ingest.errors import StorageUnavailable
+from services.ingest.model import HeldAttribute
 from services.ingest.validation import RejectedEvent, ValidEvent
 from shared.errors import Aborted
 
@@ -139,7 +140,7 @@ SELECT_EXISTING_CUSTOM_ID_EVENTS = """
 # answers the custom attributes the profiles with attribute operations hold now, for the
 # limit of 50 per profile (the locks keep them current until commit).
 LOCK_BATCH_PROFILES = """
-    SELECT profile_id, version, held_names
+    SELECT profile_id, version, attribute_names, attributes_held, attribute_times
     FROM profiles_ingest_lock_batch_profiles($1, $2::uuid[], $3::uuid[], $4::smallint[],
                                              $5::timestamptz[], $6::uuid[], $7::uuid[],
                                              $8::bigint[], $9::text[], $10::text[],
@@ -431,11 +432,11 @@ class IngestRepository:
         inserted: Sequence[tuple[UUID, int, datetime]],
         held_of: Sequence[UUID],
         crashes: Sequence[CrashRow],
-    ) -> tuple[dict[UUID, int], dict[UUID, set[str]]]:
+    ) -> tuple[dict[UUID, int], dict[UUID, dict[str, HeldAttribute]]]:
         """Locks and bumps the profiles of the `inserted` events (profile, kind, event time),
         adds those events to their totals and keeps the last crash of the inserted `crashes`
-        (LOCK_BATCH_PROFILES); returns each profile's new version, and for
-        the profiles of `held_of` the custom attributes they hold."""
+        (LOCK_BATCH_PROFILES); returns each profile's new version, and for the profiles of
+        `held_of` their custom attributes (held or unset, with their latest change's time)."""
         profiles, kinds, times = (list(c) for c in zip(*inserted, strict=True))
         rows = await conn.fetch(
             LOCK_BATCH_PROFILES,
@@ -449,8 +450,20 @@ class IngestRepository:
         )
         # Version rows first, then one row per asked profile with version NULL.
         versions = {r["profile_id"]: r["version"] for r in rows if r["version"] is not None}
-        held = {r["profile_id"]: set(r["held_names"] or ()) for r in rows if r["version"] is None}
-        return versions, held
+        attributes = {
+            r["profile_id"]: {
+                name: HeldAttribute(held, time)
+                for name, held, time in zip(
+                    r["attribute_names"] or (),
+                    r["attributes_held"] or (),
+                    r["attribute_times"] or (),
+                    strict=True,
+                )
+            }
+            for r in rows
+            if r["version"] is None
+        }
+        return versions, attributes
 
     async def apply_batch_state(
         self,

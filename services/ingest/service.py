@@ -476,7 +476,7 @@ class IngestService:
         # only the attribute-limit decision between them, since concurrent batches over the
         # same profiles wait for it.
         with_operations = [(e, row) for e, row in accepted if e.operations]
-        stored.versions, held = await repo.lock_batch_profiles(
+        stored.versions, attributes = await repo.lock_batch_profiles(
             conn,
             project_id,
             [(row.profile_id, e.kind, e.event_time) for e, row in accepted],
@@ -494,7 +494,7 @@ class IngestService:
                 if e.kind == types_pb2.EVENT_KIND_CRASH
             ],
         )
-        refused, operations = _attribute_operations(with_operations, held)
+        refused, operations = _attribute_operations(with_operations, attributes)
         if refused:
             stored.late_rejections = [
                 reject(index, by_index[index], rejection) for index, rejection in refused.items()
@@ -600,28 +600,29 @@ def _rejected_result(rejected: RejectedEvent, event: pb.Event) -> EventResult:
 
 def _attribute_operations(
     with_operations: Sequence[tuple[ValidEvent, InsertedEvent]],
-    held: dict[UUID, set[str]],
+    attributes: dict[UUID, dict[str, model.HeldAttribute]],
 ) -> tuple[dict[int, Rejection], list[OperationRow]]:
     """The attribute operations of the accepted events, in event-time order, for their
     profiles' logs (the database replays them), and the events refused because they would give
-    a profile over 50 custom attributes (those are not stored). `held`: the custom attributes
-    each profile holds now (updated here as the events are taken in order)."""
+    a profile over 50 custom attributes (those are not stored). `attributes`: each profile's
+    custom attributes now (updated here as the events are taken in order)."""
     refused: dict[int, Rejection] = {}
     operations: list[OperationRow] = []
     for event, row in sorted(with_operations, key=lambda p: (p[0].event_time, p[0].index)):
-        names = held.setdefault(row.profile_id, set())
+        before = attributes.setdefault(row.profile_id, {})
         # Only an event that adds a custom attribute is refused, and only if the profile would
         # then hold over 50: a merge may have left more, which stay (nothing is dropped) and
         # may still be changed or unset.
-        after = model.custom_attributes_after(names, event.operations)
-        if after - names and len(after) > model.MAX_CUSTOM_ATTRIBUTES_PER_PROFILE:
+        after = model.custom_attributes_after(before, event.operations, event.event_time)
+        names, held = model.held_names(before), model.held_names(after)
+        if held - names and len(held) > model.MAX_CUSTOM_ATTRIBUTES_PER_PROFILE:
             refused[event.index] = Rejection(
                 model.PROFILE_ATTRIBUTE_LIMIT,
                 "attribute_operations.operations",
                 "the profile already holds 50 custom attributes",
             )
             continue
-        held[row.profile_id] = after
+        attributes[row.profile_id] = after
         origin = model.event_origin(event.installation_id, event.custom_id)
         operations.extend(
             (

@@ -54,6 +54,40 @@ async def test_unset_and_list_operations(ingest: Ingest) -> None:
     assert await attributes(ingest) == {"tags": ["b", "c"], "nick": None}
 
 
+def fifty_attributes(time: object) -> list[pb.Event]:
+    return [
+        attribute_event("i1", [op("set", f"a{i}_{j}", "v") for j in range(10)], time=time)
+        for i in range(5)
+    ]
+
+
+async def test_a_late_unset_that_the_replay_overtakes_frees_no_place_for_the_51st(
+    ingest: Ingest,
+) -> None:
+    # The unset at T[1] is followed in the replay by a0_0's set at T[2]: a0_0 stays, so the new
+    # attribute would be the 51st. (Judged on arrival without event time, it was accepted.)
+    assert (await ingest.track(*fifty_attributes(T[2]))).accepted_count == 5
+    reply = await ingest.track(
+        attribute_event("i1", [op("unset", "a0_0"), op("set", "extra", "v")], time=T[1])
+    )
+    assert reply.results[0].reason == "PROFILE_ATTRIBUTE_LIMIT"
+    held = await attributes(ingest)
+    assert len([v for v in held.values() if v is not None]) == 50
+    assert "extra" not in held
+
+
+async def test_a_late_set_that_the_replay_unsets_takes_no_place(ingest: Ingest) -> None:
+    # `extra` set at T[1] is unset at T[2] in the replay: the profile keeps 50, so the event is
+    # accepted. (Judged on arrival without event time, it was refused.)
+    unset_later = attribute_event("i1", [op("unset", "extra")], time=T[2])
+    assert (await ingest.track(*fifty_attributes(T[2]), unset_later)).accepted_count == 6
+    reply = await ingest.track(attribute_event("i1", [op("set", "extra", "v")], time=T[1]))
+    assert reply.results[0].outcome == pb.EVENT_OUTCOME_ACCEPTED
+    held = await attributes(ingest)
+    assert len([v for v in held.values() if v is not None]) == 50
+    assert held["extra"] is None
+
+
 async def test_the_51st_custom_attribute_is_refused_and_its_event_not_stored(
     ingest: Ingest,
 ) -> None:

@@ -219,9 +219,7 @@ class Profile(_message.Message):
 
     @_builtins.property
     def custom_attributes(self) -> _containers.RepeatedCompositeFieldContainer[Global___CustomAttribute]:
-        """The custom attributes, sorted by name; possibly more than 50 after a merge, or after a late
-        event's unset was overtaken in the replay (ingest admits events on arrival: docs/ingest.md).
-        """
+        """The custom attributes, sorted by name; possibly more than 50 after a merge."""
 
     @_builtins.property
     def engagement(self) -> Global___Engagement:

@@ -1332,41 +1332,6 @@ AS $function$
     WHERE (EXCLUDED.event_time, EXCLUDED.event_seq) > (c.event_time, c.event_seq)
 $function$;
 
--- 0029's call 1 (c_*: each inserted crash's profile, event_seq, event ID, installation, event
--- time and payload, as ingest stored them).
-CREATE OR REPLACE FUNCTION public.profiles_ingest_lock_batch_profiles(p_project uuid, p_profiles uuid[], p_event_profiles uuid[], p_event_kinds smallint[], p_event_times timestamp with time zone[], p_held_of uuid[], c_profiles uuid[], c_event_seqs bigint[], c_event_ids text[], c_installations text[], c_times timestamp with time zone[], c_payloads jsonb[])
- RETURNS TABLE(profile_id uuid, version bigint, held_names text[])
- LANGUAGE plpgsql
-AS $function$
-DECLARE
-    bumped_profiles uuid[];
-    bumped_versions bigint[];
-BEGIN
-    SELECT array_agg(v.profile_id), array_agg(v.version)
-    INTO bumped_profiles, bumped_versions
-    FROM identity_apply_profile_versions(p_project, p_profiles) v;
-    PERFORM profiles_ingest_add_event_counts(
-        array_fill(p_project, ARRAY[cardinality(p_event_profiles)]), p_event_profiles,
-        p_event_kinds, p_event_times);
-    IF cardinality(c_profiles) > 0 THEN
-        PERFORM profiles_ingest_keep_last_crashes(
-            array_fill(p_project, ARRAY[cardinality(c_profiles)]), c_profiles, c_event_seqs,
-            c_event_ids, c_installations, c_times, c_payloads);
-    END IF;
-    RETURN QUERY
-    SELECT b.profile_id, b.version, NULL::text[]
-    FROM unnest(bumped_profiles, bumped_versions) AS b(profile_id, version);
-    -- One index probe per asked profile (LATERAL), whatever the plan cache assumes of sizes.
-    RETURN QUERY
-    SELECT k.id, NULL::bigint, h.names
-    FROM (SELECT DISTINCT u.id FROM unnest(p_held_of) AS u(id)) k
-    CROSS JOIN LATERAL (
-        SELECT array_agg(a.name) AS names FROM profile_attributes a
-        WHERE a.project_id = p_project AND a.profile_id = k.id AND NOT a.native
-            AND a.value IS NOT NULL
-    ) h;
-END $function$;
-
 -- The newest event_seq handed out in any project (0 before the first event): every event stored
 -- after this was read has a larger one. A plain projection of the sequence, inlined like the
 -- other contracts. Until the sequence hands out a number, last_value is the next one: 1 on a new
@@ -1648,6 +1613,43 @@ AS $function$
              OR r.custom_id = ANY(p_custom_ids))
     ORDER BY r.receive_time, r.rejected_seq
 $function$;
+
+-- 0038's function; the custom attributes of the asked profiles now with whether each is held
+-- and the event time of its latest change, in one order.
+CREATE OR REPLACE FUNCTION public.profiles_ingest_lock_batch_profiles(p_project uuid, p_profiles uuid[], p_event_profiles uuid[], p_event_kinds smallint[], p_event_times timestamp with time zone[], p_held_of uuid[], c_profiles uuid[], c_event_seqs bigint[], c_event_ids text[], c_installations text[], c_times timestamp with time zone[], c_payloads jsonb[])
+ RETURNS TABLE(profile_id uuid, version bigint, attribute_names text[], attributes_held boolean[], attribute_times timestamp with time zone[])
+ LANGUAGE plpgsql
+AS $function$
+DECLARE
+    bumped_profiles uuid[];
+    bumped_versions bigint[];
+BEGIN
+    SELECT array_agg(v.profile_id), array_agg(v.version)
+    INTO bumped_profiles, bumped_versions
+    FROM identity_apply_profile_versions(p_project, p_profiles) v;
+    PERFORM profiles_ingest_add_event_counts(
+        array_fill(p_project, ARRAY[cardinality(p_event_profiles)]), p_event_profiles,
+        p_event_kinds, p_event_times);
+    IF cardinality(c_profiles) > 0 THEN
+        PERFORM profiles_ingest_keep_last_crashes(
+            array_fill(p_project, ARRAY[cardinality(c_profiles)]), c_profiles, c_event_seqs,
+            c_event_ids, c_installations, c_times, c_payloads);
+    END IF;
+    RETURN QUERY
+    SELECT b.profile_id, b.version, NULL::text[], NULL::boolean[], NULL::timestamptz[]
+    FROM unnest(bumped_profiles, bumped_versions) AS b(profile_id, version);
+    -- One index probe per asked profile (LATERAL), whatever the plan cache assumes of sizes.
+    RETURN QUERY
+    SELECT k.id, NULL::bigint, h.names, h.held, h.times
+    FROM (SELECT DISTINCT u.id FROM unnest(p_held_of) AS u(id)) k
+    CROSS JOIN LATERAL (
+        SELECT array_agg(a.name ORDER BY a.name) AS names,
+               array_agg(a.value IS NOT NULL ORDER BY a.name) AS held,
+               array_agg(a.update_time ORDER BY a.name) AS times
+        FROM profile_attributes a
+        WHERE a.project_id = p_project AND a.profile_id = k.id AND NOT a.native
+    ) h;
+END $function$;
 
 
 -- ============================================================================================
