@@ -45,11 +45,9 @@ from services.identity.model import (
     ProfileKey,
     Resolution,
     answer_to_json,
-    check_custom_id,
-    check_installation_id,
-    check_merge_ids,
     check_request_id,
     choose_identify_rule,
+    custom_id_problem,
     delete_result_from_json,
     event_marker,
     identify_result_from_json,
@@ -61,6 +59,11 @@ from services.identity.model import (
     split_keys,
 )
 from services.identity.repository import IdentityRepository, IdentityTransaction
+from services.identity.validation import (
+    check_identify_request,
+    check_logout_request,
+    check_merge_request,
+)
 from shared.clock import Clock
 from shared.errors import FieldViolation, InvalidArgument
 from shared.notices import LiveNotices
@@ -315,10 +318,16 @@ class IdentityService:
     ) -> IdentifyResult:
         """Applies Identify rules 1-4 in one transaction (see the proto). Retries a lost race,
         then raises ConcurrentChange (ABORTED) with nothing changed. Idempotent per request_id.
-        Raises InstallationIdInvalid, CustomIdInvalid, RequestIdInvalid, RequestIdReused."""
-        check_installation_id(installation_id)
-        check_custom_id(custom_id, await self.extra_junk_custom_ids(project_id))
-        check_request_id(request_id)
+        Raises InstallationIdInvalid, CustomIdInvalid, RequestIdInvalid (with a violation per
+        bad field, before any write), RequestIdReused."""
+        # The project's junk list is read only for a custom ID the built-in rules accept: one
+        # they refuse is refused for the same reason without it.
+        extra_junk = (
+            await self.extra_junk_custom_ids(project_id)
+            if custom_id_problem(custom_id) is None
+            else ()
+        )
+        check_identify_request(installation_id, custom_id, request_id, extra_junk)
         digest = fingerprint(installation_id, custom_id)
         # Checked again under the custom ID's lock; this early read only spares an erased
         # custom ID the installation's creation below.
@@ -520,8 +529,7 @@ class IdentityService:
         """Moves an installation on an identified profile to a brand-new anonymous profile; on
         an anonymous profile changes nothing. Idempotent per request_id. Raises
         InstallationNotFound, InstallationIdInvalid, RequestIdInvalid, ConcurrentChange."""
-        check_installation_id(installation_id)
-        check_request_id(request_id)
+        check_logout_request(installation_id, request_id)
         digest = fingerprint(installation_id)
         result = await self._retrying(
             lambda: self._logout_once(project_id, installation_id, request_id, digest)
@@ -605,8 +613,7 @@ class IdentityService:
         TOKEN_REINTEGRATION when ingest folds an imported installation. Idempotent per
         request_id. Raises MergeIntoItself, ProfileNotFound, CustomIdConflict,
         RequestIdInvalid, ConcurrentChange."""
-        check_merge_ids(source_id, target_id)
-        check_request_id(request_id)
+        check_merge_request(source_id, target_id, request_id)
         digest = fingerprint(str(source_id), str(target_id), str(allow_custom_id_conflict))
         return await self._retrying(
             lambda: self._merge_once(

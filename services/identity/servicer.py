@@ -22,6 +22,7 @@ from services.identity.model import (
     Resolution,
 )
 from services.identity.service import IdentityService
+from services.identity.validation import delete_request_id, merge_request_ids
 from shared.auth import current_caller
 from shared.auth_policy import INTERNAL
 from shared.convert import profile_id_of, timestamp_of
@@ -213,8 +214,9 @@ class IdentityServicer(pb_grpc.IdentityServiceServicer):
     async def MergeProfiles(
         self, request: pb.MergeProfilesRequest, context: ServicerContext
     ) -> pb.MergeProfilesResponse:
-        source = profile_id_of(request.source_profile_id, "source_profile_id")
-        target = profile_id_of(request.target_profile_id, "target_profile_id")
+        source, target = merge_request_ids(
+            request.source_profile_id, request.target_profile_id, request.request_id
+        )
         caller = current_caller()
         result = await self._service.merge_profiles(
             caller.project_id,
@@ -229,7 +231,7 @@ class IdentityServicer(pb_grpc.IdentityServiceServicer):
     async def DeleteProfile(
         self, request: pb.DeleteProfileRequest, context: ServicerContext
     ) -> pb.DeleteProfileResponse:
-        profile_id = profile_id_of(request.profile_id, "profile_id")
+        profile_id = delete_request_id(request.profile_id, request.request_id)
         result = await self._service.delete_profile(
             current_caller().project_id, profile_id, request.request_id
         )
