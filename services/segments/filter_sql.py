@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from profiles.common.v1 import types_pb2
@@ -99,6 +100,11 @@ class SqlBuilder:
     params: list[Any] = field(default_factory=list)
 
     def param(self, value: Any, cast: str) -> str:
+        if isinstance(value, datetime):
+            # asyncpg sends datetime.min and datetime.max as -infinity and infinity, which no
+            # stored time equals: the ISO text keeps the first and last microsecond exact.
+            self.params.append(value.isoformat())
+            return f"${self.first + len(self.params) - 1}::text::{cast}"
         self.params.append(value)
         return f"${self.first + len(self.params) - 1}::{cast}"
 

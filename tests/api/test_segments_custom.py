@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import grpc
 import pytest
@@ -87,6 +87,19 @@ async def test_attribute_conditions_compare_by_type(stack: Stack) -> None:
     ]
     for filter_node, expected in cases:
         assert await stack.members(filter_node) == expected, filter_node
+
+
+async def test_timestamp_operands_at_both_ends_of_the_range_match(stack: Stack) -> None:
+    # The first and last microsecond a timestamp holds: asyncpg sent them as -infinity and
+    # infinity, so EQUALS matched nothing.
+    first, last = datetime.min.replace(tzinfo=UTC), datetime.max.replace(tzinfo=UTC)
+    a, b = await stack.track(
+        set_attributes("inst-first", when=first), set_attributes("inst-last", when=last)
+    )
+    assert await stack.members(attribute("when", EQ, first)) == {a}
+    assert await stack.members(attribute("when", EQ, last)) == {b}
+    assert await stack.members(attribute("when", LT, last)) == {a}
+    assert await stack.members(attribute("when", GE, first)) == {a, b}
 
 
 async def test_platform_country_subscription_and_engagement_conditions(stack: Stack) -> None:
