@@ -198,7 +198,8 @@ def trait_operations(
     traits: Mapping[str, Any], kind: int = types_pb2.ATTRIBUTE_OPERATION_KIND_SET
 ) -> tuple[list[types_pb2.AttributeOperation], list[str]]:
     """One operation per trait (flattened, names normalized), native where the name is native,
-    custom otherwise; nulls unset. Also the trait names nothing usable was left of."""
+    custom otherwise; nulls unset (and are skipped in a set-once). Also the trait names nothing
+    usable was left of."""
     operations: list[types_pb2.AttributeOperation] = []
     unusable: list[str] = []
     for key, value in flatten(traits):
@@ -215,6 +216,10 @@ def trait_operations(
         else:
             operation.custom_attribute = name
         if value is None:
+            if kind == types_pb2.ATTRIBUTE_OPERATION_KIND_SET_ONCE:
+                # A set-once of nothing sets nothing (posthog-js sends its campaign keys as
+                # nulls in $set_once on every identify): as an unset it erased their values.
+                continue
             operation.kind = types_pb2.ATTRIBUTE_OPERATION_KIND_UNSET
         elif native is not None:
             text = str(value)

@@ -71,6 +71,10 @@ class Answer:
     forbidden: tuple[int, Any]
     # No key at all, where the dialect words it apart from an unknown one.
     missing_key: tuple[int, Any] | None = None
+    # Rate-limited (the edge's limit, or ingest's): a status the dialect's SDKs retry, with
+    # Retry-After. 429 for Segment's and Countly's; PostHog's drop a 429 (posthog-js retries
+    # only 5xx), so theirs is 503.
+    rate_limited: tuple[int, Any] = (429, {"message": "Too many requests"})
 
 
 # What a key of another role is told, in every dialect.
@@ -103,6 +107,7 @@ POSTHOG = Answer(
         "missing_api_key",
         "No project API key: send it as api_key, or as properties.token.",
     ),
+    rate_limited=_posthog_error(503, "throttled_error", "rate_limited", "Too many requests"),
 )
 
 
@@ -154,8 +159,7 @@ class Gateway:
                     request,
                     dialect,
                     outcome,
-                    429,
-                    {"message": "Too many requests"},
+                    *answer.rate_limited,
                     {"Retry-After": retry_after(wait)},
                 )
             client_ip = request.client.host if request.client else ""
@@ -176,9 +180,7 @@ class Gateway:
                     return self._refuse(request, dialect, outcome, *answer.forbidden)
                 if exc.kind == "rate_limited":
                     headers = {"Retry-After": "1"}
-                    return self._refuse(
-                        request, dialect, outcome, 429, {"message": "Too many requests"}, headers
-                    )
+                    return self._refuse(request, dialect, outcome, *answer.rate_limited, headers)
                 if exc.kind == "invalid":
                     return self._refuse(request, dialect, outcome, *answer.invalid(exc.detail))
                 headers = {"Retry-After": UNAVAILABLE_RETRY_AFTER}

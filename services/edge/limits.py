@@ -42,10 +42,18 @@ async def read_limited(
     return b"".join(parts)
 
 
+# The first two bytes of every gzip stream (RFC 1952).
+GZIP_MAGIC = b"\x1f\x8b"
+
+
 def decompress(body: bytes, encoding: str, limit: int = MAX_DECOMPRESSED_BYTES) -> bytes:
     """The body decoded from gzip or deflate, stopping at `limit` bytes of output (a gzip bomb
     costs at most that much memory); identity returns it unchanged."""
     encoding = encoding.strip().lower()
+    if not encoding and body[:2] == GZIP_MAGIC:
+        # posthog-js sends gzip as text/plain with no Content-Encoding (nor ?compression=) by
+        # default; no JSON or form body starts with these bytes. PostHog's capture sniffs too.
+        encoding = "gzip"
     if encoding in ("", "identity"):
         return body
     if encoding in ("gzip", "x-gzip", "gzip-js"):

@@ -91,6 +91,20 @@ def test_begin_session_starts_a_session_and_sets_installation_details() -> None:
     assert locale.installation_update.language == "fr"
 
 
+def test_the_web_sdks_health_check_stores_nothing() -> None:
+    # countly-sdk-web sends it on every page load, consent or not, with the app version and tz:
+    # stored, each made an installation update and a profile for a visitor who did nothing.
+    health_check = request(
+        hc=json.dumps({"el": 0, "wl": 0, "sc": -1, "em": "", "cr": 0}),
+        metrics=json.dumps({"_app_version": "1.0"}),
+        sdk_name="javascript_native_web",
+    )
+    assert events_of(translate(health_check)) == []
+    # Metrics sent at a session's start still count.
+    started = translate({**health_check, "begin_session": "1"})
+    assert "installation_update" in payloads(started)
+
+
 def test_parameters_as_objects_translate_as_json_text_does() -> None:
     as_text = translate(request(begin_session=1, metrics=json.dumps(METRICS)))
     as_objects = translate(request(begin_session=1, metrics=METRICS))

@@ -129,6 +129,21 @@ async def test_a_gzip_bomb_stops_at_ten_megabytes(edge: Edge) -> None:
     assert corrupt.status_code == 400
 
 
+async def test_posthog_js_gzip_without_a_content_encoding_is_read(edge: Edge) -> None:
+    # posthog-js's default: gzip bytes sent as text/plain, no Content-Encoding, no ?compression=.
+    body = {
+        "api_key": edge.sdk_key,
+        "batch": [{"event": "Button Clicked", "distinct_id": "ph-gzip", "uuid": "gz-1"}],
+    }
+    reply = await send(
+        f"{edge.url}/e/", gzip.compress(json.dumps(body).encode()), {"Content-Type": "text/plain"}
+    )
+    assert reply.status_code == 200, reply.text
+    profile = await edge.profile(installation_id="ph-gzip")
+    names = [e.custom.name for e in await edge.events(profile.summary.profile_id)]
+    assert "button_clicked" in names
+
+
 async def test_a_posthog_body_over_five_megabytes_is_refused_before_being_read(edge: Edge) -> None:
     reply = await send(f"{edge.url}/batch/", b"[" + b" " * (5 * 1024 * 1024 + 10) + b"]")
     assert reply.status_code == 413
@@ -147,6 +162,12 @@ async def test_a_key_over_its_rate_is_answered_429_with_retry_after(edge: Edge) 
         assert 1 <= int(reply.headers["Retry-After"]) <= 100
         other_key = await send(f"{url}/v1/batch", segment_batch("another-key"))
         assert other_key.status_code == 401  # its own bucket: limited later, refused for its key
+        # PostHog's SDKs drop a 429 (posthog-js retries 5xx only): theirs is 503, kept.
+        posthog = {"api_key": edge.sdk_key, "batch": [{"event": "e", "distinct_id": "d"}]}
+        limited = await send(f"{url}/batch/", posthog)
+        assert limited.status_code == 503
+        assert limited.json()["code"] == "rate_limited"
+        assert 1 <= int(limited.headers["Retry-After"]) <= 100
     finally:
         await stop()
 

@@ -280,6 +280,50 @@ def test_posthog_create_alias_logs_the_previous_distinct_id_in() -> None:
     ]
 
 
+def test_posthog_alias_of_an_identified_user_is_refused_not_a_switch() -> None:
+    # posthog-js's alias() after identify(): distinct_id is the user's ID. Identify would move
+    # the browser to a profile of the alias; a profile holds one custom ID.
+    alias = {
+        "event": "$create_alias",
+        "distinct_id": "user-1",
+        "properties": {"alias": "crm-42", "$user_state": "identified", "$is_identified": True},
+    }
+    steps = posthog.translate({"api_key": "k", "batch": [alias]}, NOW).steps
+    assert not [s for s in steps if isinstance(s, Identify)]
+    assert [s.reason for s in steps if isinstance(s, Reject)] == ["ALIAS_REFUSED"]
+
+
+def test_posthog_null_set_once_sets_nothing_and_erases_nothing() -> None:
+    # posthog-js sends its campaign keys as nulls in $set_once on every identify.
+    identify = {
+        "event": "$identify",
+        "distinct_id": "user-3",
+        "properties": {"$anon_distinct_id": "anon-3"},
+        "$set_once": {"utm_source": None, "gclid": None, "first_plan": "free"},
+        "$set": {"plan": None},
+    }
+    steps = posthog.translate({"api_key": "k", "batch": [identify]}, NOW).steps
+    operations = [
+        (o.kind, o.custom_attribute)
+        for e in events(steps)
+        for o in e.attribute_operations.operations
+    ]
+    assert operations == [
+        (types_pb2.ATTRIBUTE_OPERATION_KIND_UNSET, "plan"),
+        (types_pb2.ATTRIBUTE_OPERATION_KIND_SET_ONCE, "first_plan"),
+    ]
+
+
+def test_segment_message_size_is_counted_in_utf8_bytes() -> None:
+    # 8,000 "é" are 16,000 bytes in UTF-8 (what analytics-node measures), 48,000 as \u00e9.
+    accented = {**SEGMENT_TRACK, "properties": {"text": "é" * 8_000}}
+    steps = segment.translate_batch({"batch": [accented, accented]}, NOW, body_size=40_000).steps
+    assert not [s for s in steps if isinstance(s, Reject)]
+    too_large = {**SEGMENT_TRACK, "properties": {"text": "é" * 17_000}}
+    steps = segment.translate_batch({"batch": [too_large]}, NOW, body_size=40_000).steps
+    assert [s.reason for s in steps if isinstance(s, Reject)] == ["MESSAGE_TOO_LARGE"]
+
+
 def test_posthog_single_event_and_token_in_properties() -> None:
     body = {"event": "Signed Up", "properties": {"distinct_id": "d", "token": "phc_t"}}
     assert posthog.api_key_of(body) == "phc_t"

@@ -272,7 +272,10 @@ def _translate_request(
     _device_id_change(request, output)
     if _flag(params.get("begin_session")):
         _session_start(request, output)
-    if metrics or (_flag(params.get("begin_session")) and "tz" in params):
+    # countly-sdk-web's health check (`hc`, on every page load, consent or not) carries the
+    # app version and `tz`: not activity, and Countly sends its metrics at session start.
+    health_check = "hc" in params and not _flag(params.get("begin_session"))
+    if not health_check and (metrics or (_flag(params.get("begin_session")) and "tz" in params)):
         _installation_details(request, metrics, output)
     if _flag(params.get("token_session")):
         _push_token(request, output)

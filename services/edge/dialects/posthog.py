@@ -192,6 +192,13 @@ def _translate(
         if not alias:
             refuse("ALIAS_INVALID", "$create_alias without alias")
             return
+        identified = properties.get("$user_state") == "identified"
+        if identified or properties.get("$is_identified") is True:
+            # posthog-js's alias() of a user already identified: a second custom ID for one
+            # person, which a profile cannot hold (Identify would move the browser to a new
+            # profile). Only an operator merges identified profiles, as for Segment's alias.
+            refuse("ALIAS_REFUSED", "the distinct_id is already identified: alias refused")
+            return
         installation_id, custom_id = distinct_id, alias
         builder.identify(distinct_id, alias, request_id)
         builder.identify(alias, alias, derived_id("identify-self", event_id))

@@ -127,7 +127,8 @@ def _translate(
             )
         )
 
-    size = len(json.dumps(message, separators=(",", ":"), default=str)) if check_size else 0
+    # In UTF-8 bytes, as analytics-node measures it (an "é" is 2 bytes, not the 6 of "\u00e9").
+    size = _utf8_size(message) if check_size else 0
     if size > MAX_MESSAGE_BYTES:
         refuse("MESSAGE_TOO_LARGE", f"{size} bytes, over 32 KB", summary(message, _SUMMARY_KEYS))
         return
@@ -245,3 +246,8 @@ def _get(mapping: Mapping[str, Any], *path: str) -> Any:
             return None
         value = value.get(key)
     return value
+
+
+def _utf8_size(message: Any) -> int:
+    text = json.dumps(message, separators=(",", ":"), ensure_ascii=False, default=str)
+    return len(text.encode("utf-8", "surrogatepass"))
