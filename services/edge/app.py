@@ -17,6 +17,7 @@ from starlette.routing import Route
 
 from services.edge.backend import Backend
 from services.edge.countly_routes import countly_routes
+from services.edge.dialects import posthog, segment
 from services.edge.handlers import (
     Gateway,
     posthog_handler,
@@ -41,8 +42,33 @@ def routes(gateway: Gateway) -> list[Route]:
         ready = await gateway.backend.ready()
         return JSONResponse({"ready": ready}, 200 if ready else 503)
 
+    async def segment_settings(request: Request) -> Response:
+        # The key is not checked here: the settings hold nothing secret, and the events sent
+        # with it are (401 for an unknown key).
+        key = request.path_params["write_key"][:200]
+        api_host = f"{request.url.netloc}/v1"
+        return JSONResponse(segment.browser_settings(key, api_host, request.url.scheme))
+
+    # posthog-js asks these on every page load; 404s would fill the site's console with errors.
+    async def posthog_config(request: Request) -> Response:
+        return JSONResponse(posthog.remote_config(request.path_params["token"][:200]))
+
+    async def posthog_config_script(request: Request) -> Response:
+        script = posthog.remote_config_script(request.path_params["token"][:200])
+        return Response(script, media_type="text/javascript")
+
+    async def posthog_flags(request: Request) -> Response:
+        return JSONResponse(posthog.NO_FLAGS)
+
     table = [
         Route("/healthz", healthz, methods=["GET"]),
+        Route("/array/{token}/config", posthog_config, methods=["GET"]),
+        Route("/array/{token}/config.js", posthog_config_script, methods=["GET"]),
+        *(
+            Route(path, posthog_flags, methods=["GET", "POST"])
+            for path in ("/flags/", "/flags", "/decide/", "/decide")
+        ),
+        Route("/v1/projects/{write_key}/settings", segment_settings, methods=["GET"]),
         Route("/v1/batch", segment_handler(gateway, ""), methods=["POST"]),
         Route("/v1/b", segment_handler(gateway, ""), methods=["POST"]),
         *(

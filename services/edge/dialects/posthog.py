@@ -27,6 +27,7 @@ contract. Pure: a parsed body in, steps out. The rule table is in docs/edge.md.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -329,3 +330,40 @@ def translate_push_subscription(
     builder = StepBuilder(DIALECT)
     builder.add(update)
     return Translation(steps=builder.finish(), message_count=1)
+
+
+def remote_config(token: str) -> dict[str, Any]:
+    """posthog-js's remote config (`/array/<token>/config`, and as a script `config.js`), which
+    it asks for on every page load: what this edge offers. No feature flags (so posthog-js does
+    not ask `/flags/` too), no session recording, heatmaps, surveys or site apps; both gzip
+    encodings read."""
+    return {
+        "token": token,
+        "supportedCompression": ["gzip", "gzip-js"],
+        "hasFeatureFlags": False,
+        "sessionRecording": False,
+        "heatmaps": False,
+        "surveys": False,
+        "autocaptureExceptions": False,
+        "captureDeadClicks": False,
+        "siteApps": [],
+    }
+
+
+def remote_config_script(token: str) -> str:
+    """The script form: it files the config under its token where posthog-js looks for it."""
+    config = json.dumps({"config": remote_config(token), "siteApps": []})
+    key = json.dumps(token)
+    return (
+        "(function(){var w=window;w._POSTHOG_REMOTE_CONFIG=w._POSTHOG_REMOTE_CONFIG||{};"
+        f"w._POSTHOG_REMOTE_CONFIG[{key}]={config};}})();"
+    )
+
+
+# What `/flags/` (and the older `/decide/`) answer: no flag is defined here.
+NO_FLAGS: dict[str, Any] = {
+    "flags": {},
+    "featureFlags": {},
+    "featureFlagPayloads": {},
+    "errorsWhileComputingFlags": False,
+}

@@ -251,3 +251,24 @@ def _get(mapping: Mapping[str, Any], *path: str) -> Any:
 def _utf8_size(message: Any) -> int:
     text = json.dumps(message, separators=(",", ":"), ensure_ascii=False, default=str)
     return len(text.encode("utf-8", "surrogatepass"))
+
+
+def browser_settings(write_key: str, api_host: str, protocol: str) -> dict[str, Any]:
+    """What analytics.js 2.0 (analytics-next) loads before anything else, from
+    `{cdnURL}/v1/projects/<writeKey>/settings` (Segment's CDN by default, where a Profiles key
+    is unknown and the library then never loads): its Segment.io destination pointed at this
+    edge (`api_host`: host, port and `/v1`), and nothing else to load (no other destination,
+    middleware or plugin; no metrics sent back)."""
+    return {
+        "integrations": {
+            "Segment.io": {"apiKey": write_key, "apiHost": api_host, "protocol": protocol}
+        },
+        "plan": {},
+        "edgeFunction": {},
+        "analyticsNextEnabled": True,
+        "middlewareSettings": {},
+        "enabledMiddleware": {},
+        "metrics": {"sampleRate": 0},
+        "legacyVideoPluginsEnabled": False,
+        "remotePlugins": [],
+    }
