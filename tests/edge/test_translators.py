@@ -324,6 +324,61 @@ def test_segment_message_size_is_counted_in_utf8_bytes() -> None:
     assert [s.reason for s in steps if isinstance(s, Reject)] == ["MESSAGE_TOO_LARGE"]
 
 
+def test_posthog_exceptions_are_crashes_and_merge_dangerously_is_refused() -> None:
+    # What posthog-js's exception autocapture sends for an uncaught error.
+    exception = {
+        "event": "$exception",
+        "distinct_id": "anon-4",
+        "uuid": "ex-1",
+        "properties": {
+            "$exception_level": "error",
+            "$exception_list": [
+                {
+                    "type": "TypeError",
+                    "value": "x is undefined",
+                    "mechanism": {"handled": False, "synthetic": False},
+                    "stacktrace": {
+                        "type": "raw",
+                        "frames": [
+                            {
+                                "filename": "https://shop.example/app.js",
+                                "function": "main",
+                                "lineno": 10,
+                                "colno": 3,
+                            },
+                            {
+                                "filename": "https://shop.example/cart.js",
+                                "function": "total",
+                                "lineno": 42,
+                                "colno": 17,
+                            },
+                        ],
+                    },
+                }
+            ],
+        },
+    }
+    merge = {
+        "event": "$merge_dangerously",
+        "distinct_id": "user-4",
+        "properties": {"alias": "user-5"},
+    }
+    steps = posthog.translate({"api_key": "k", "batch": [exception, merge]}, NOW).steps
+    (crash,) = [e for e in events(steps) if e.HasField("crash")]
+    assert (crash.crash.name, crash.crash.reason, crash.crash.fatal) == (
+        "TypeError",
+        "x is undefined",
+        True,
+    )
+    assert crash.crash.stack_trace.splitlines() == [
+        "TypeError: x is undefined",
+        "    at total (https://shop.example/cart.js:42:17)",
+        "    at main (https://shop.example/app.js:10:3)",
+    ]
+    assert [s.reason for s in steps if isinstance(s, Reject)] == ["ALIAS_REFUSED"]
+    assert not [s for s in steps if isinstance(s, Identify)]
+
+
 def test_posthog_single_event_and_token_in_properties() -> None:
     body = {"event": "Signed Up", "properties": {"distinct_id": "d", "token": "phc_t"}}
     assert posthog.api_key_of(body) == "phc_t"

@@ -34,6 +34,7 @@ from datetime import datetime
 from typing import Any
 
 from profiles.common.v1 import types_pb2
+from profiles.ingest.v1 import ingest_service_pb2 as ingest_pb
 from services.edge.build import (
     NO_SESSION,
     Details,
@@ -167,6 +168,11 @@ def _translate(
     if not distinct_id:
         refuse("ORIGIN_MISSING", "no distinct_id")
         return
+    if name_text == "$merge_dangerously":
+        # Two people's profiles joined on a client's say: only an operator merges identified
+        # profiles (MergeProfiles), as for an alias between two custom IDs.
+        refuse("ALIAS_REFUSED", "$merge_dangerously: only an operator merges profiles")
+        return
     if COOKIELESS_SENTINEL in (distinct_id, text(properties.get("$session_id"))):
         # posthog-js's cookieless mode asks the server to make the visitor's IDs up; taken as
         # an ID, it would make every visitor of the site one installation and one session.
@@ -244,6 +250,12 @@ def _translate(
     if not activity:
         return
 
+    if name_text == "$exception":
+        # posthog-js's exception autocapture (and captureException): a crash of the app.
+        crash = event(event_id, origin, session)
+        crash.crash.CopyFrom(exception_crash(properties))
+        builder.add(crash)
+        return
     name = normalize_name(name_text)
     if name is None:
         refuse("NAME_UNUSABLE", "the event name has no usable character")
@@ -258,6 +270,44 @@ def _translate(
         attributes.values.setdefault("url", _url_value(properties["$current_url"]))
     label = text(properties.get("$screen_name")) if name_text == "$screen" else ""
     builder.add(custom_event(event_id, origin, session, name, attributes.values, label))
+
+
+# A crash's stack trace is kept to this many characters (the event must stay under ingest's
+# 32 KiB).
+MAX_STACK_CHARACTERS = 16_000
+
+
+def exception_crash(properties: Mapping[str, Any]) -> ingest_pb.Crash:
+    """A `$exception` as a crash: the first exception's `type` the name (else the older
+    `$exception_type`), its `value` the reason (else `$exception_message`), every exception of
+    `$exception_list` with its frames, newest first, the stack trace; fatal when the first was
+    not handled (`mechanism.handled` false), as an uncaught error is."""
+    exceptions = properties.get("$exception_list")
+    listed = [e for e in exceptions if isinstance(e, dict)] if isinstance(exceptions, list) else []
+    first = listed[0] if listed else {}
+    name = text(first.get("type")) or text(properties.get("$exception_type")) or "Error"
+    reason = text(first.get("value")) or text(properties.get("$exception_message"))
+    mechanism = first.get("mechanism")
+    handled = mechanism.get("handled") if isinstance(mechanism, dict) else None
+    lines: list[str] = []
+    for exception in listed:
+        lines.append(f"{text(exception.get('type')) or 'Error'}: {text(exception.get('value'))}")
+        stack = exception.get("stacktrace")
+        frames = stack.get("frames") if isinstance(stack, dict) else None
+        for frame in reversed(frames if isinstance(frames, list) else []):
+            if isinstance(frame, dict):
+                where = ":".join(
+                    str(frame[k])
+                    for k in ("filename", "lineno", "colno")
+                    if isinstance(frame.get(k), str | int) and not isinstance(frame[k], bool)
+                )
+                lines.append(f"    at {text(frame.get('function')) or '?'} ({where})")
+    return ingest_pb.Crash(
+        name=name[:300],
+        reason=reason[:300],
+        stack_trace="\n".join(lines)[:MAX_STACK_CHARACTERS],
+        fatal=handled is False,
+    )
 
 
 def _url_value(url: str) -> types_pb2.AttributeValue:
