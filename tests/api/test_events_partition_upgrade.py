@@ -113,6 +113,10 @@ WRITE_PATH_OF_0027 = (
     + _LOCKED_PART_OF_0038[
         _LOCKED_PART_OF_0038.index("CREATE FUNCTION profiles_ingest_lock_batch_profiles") :
     ]
+    # 0049's version of it, which also answers the attributes' latest changes.
+    + MIGRATIONS[49].read_text()
+    # 0047's column of the rejected events, which ingest's insert names.
+    + "ALTER TABLE rejected_events ADD COLUMN profile_id uuid;"
 )
 # Of 0034, identity's read of installations for a batch it resolves (its repository calls it).
 _CONTRACTS_OF_0034 = MIGRATIONS[34].read_text()
@@ -126,6 +130,8 @@ READ_PATH_OF_0034 = _CONTRACTS_OF_0034[
 READ_PATH_OF_0039 = MIGRATIONS[39].read_text()
 # Of 0042, the custom segments' sizes (the overview reads them).
 READ_PATH_OF_0042 = MIGRATIONS[42].read_text()
+# Of 0045, a profile's time zone (the profile view and segments read it).
+READ_PATH_OF_0045 = MIGRATIONS[45].read_text()
 _TRIGGER_OF_0020 = MIGRATIONS[20].read_text()
 _TRIGGER_START = _TRIGGER_OF_0020.index("CREATE OR REPLACE FUNCTION profile_event_counts_apply()")
 UNDO_WRITE_PATH_OF_0027 = """
@@ -137,6 +143,8 @@ UNDO_WRITE_PATH_OF_0027 = """
     _TRIGGER_START : _TRIGGER_OF_0020.index("END $$;", _TRIGGER_START) + len("END $$;")
 ]
 UNDO_WRITE_PATH = """
+    ALTER TABLE rejected_events DROP COLUMN profile_id;
+    DROP FUNCTION ingest_read_profile_time_zone(uuid, uuid);
     DROP FUNCTION segments_read_custom_segment_sizes(uuid);
     DROP FUNCTION ingest_read_last_event_seq();
     ALTER SEQUENCE events_event_seq RENAME TO events_event_seq_seq;
@@ -178,6 +186,7 @@ async def database_0023(
             await conn.execute(READ_PATH_OF_0034)
             await conn.execute(READ_PATH_OF_0039)
             await conn.execute(READ_PATH_OF_0042)
+            await conn.execute(READ_PATH_OF_0045)
         finally:
             await conn.close()
         monkeypatch.setattr("shared.server.migrate", partial(migrate, directories=folder))

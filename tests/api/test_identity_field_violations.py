@@ -10,12 +10,18 @@ import asyncpg
 import grpc
 import pytest
 from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from profiles.identity.v1 import identity_service_pb2 as pb
 from shared.db import create_pool
 from shared.tenancy import TenancyRepository
-from tests.support.identity import Identity, count, error_info, new_id, violations
+from tests.support.identity import (
+    Identity,
+    count,
+    error_info,
+    field_violations,
+    new_id,
+    violations,
+)
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT.value[0]
 LONG_REQUEST_ID = "r" * 65
@@ -23,14 +29,7 @@ LONG_REQUEST_ID = "r" * 65
 
 def violation_reasons(error: grpc.aio.AioRpcError) -> list[str]:
     """The `reason` of each field violation, in the order of violations()."""
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
-    assert status is not None
-    reasons = []
-    for detail in status.details:
-        bad = error_details_pb2.BadRequest()
-        if detail.Unpack(bad):
-            reasons.extend(v.reason for v in bad.field_violations)
-    return reasons
+    return [v.reason for v in field_violations(error)]
 
 
 # -- Identify --------------------------------------------------------------------------------

@@ -42,15 +42,20 @@ def error_info(error: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo:
     raise AssertionError("no ErrorInfo in the status details")
 
 
-def violations(error: grpc.aio.AioRpcError) -> list[str]:
+def field_violations(error: grpc.aio.AioRpcError) -> list[Any]:
+    """The error's BadRequest field violations, in order."""
     status = rpc_status.from_call(error)  # type: ignore[arg-type]
     assert status is not None
-    fields = []
+    found = []
     for detail in status.details:
         bad = error_details_pb2.BadRequest()
         if detail.Unpack(bad):
-            fields.extend(v.field for v in bad.field_violations)
-    return fields
+            found.extend(bad.field_violations)
+    return found
+
+
+def violations(error: grpc.aio.AioRpcError) -> list[str]:
+    return [v.field for v in field_violations(error)]
 
 
 class Identity:
