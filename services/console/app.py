@@ -126,10 +126,12 @@ def templates() -> Jinja2Templates:
         "count_of",
         "problem_text",
         "shorten",
+        "isolated",
     ):
         environment.filters[name] = getattr(present, name)
     environment.globals["display_name"] = present.display_name
     environment.globals["hbars"] = present.hbars
+    environment.globals["percent_of"] = present.percent_of
     environment.globals["users_url"] = present.users_url
     environment.globals["language_code"] = present.language_code
     environment.globals["country_code"] = present.country_code

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,7 +19,7 @@ import structlog
 
 from profiles.query.v1 import query_service_pb2 as query_pb
 from services.console.backend import Backend
-from services.console.errors import ConsoleError, SignedOut
+from services.console.errors import ConsoleError, NotFound
 
 log = structlog.get_logger(__name__)
 
@@ -30,16 +31,26 @@ class Ended:
     """The last item a subscriber reads: why its feed stopped."""
 
     def __init__(self, reason: str) -> None:
-        self.reason = reason  # "signed_out", "lagging", "closed"
+        # "lagging" (the tab fell behind), "gone" (the profile was erased) or "closed" (the
+        # upstream stream ended: a restart, a refused key, the key's last tab leaving). Whether
+        # a tab's own session still holds is for the tab's stream to check, not the hub: the
+        # upstream may run on another tab's key.
+        self.reason = reason
 
 
 @dataclass(eq=False, slots=True)
 class _Watch:
     profile_id: str
+    # The key the upstream stream runs on, and how many tabs of each key follow it.
+    key: str = ""
     subscribers: set[asyncio.Queue[Any]] = field(default_factory=set)
+    keys: Counter[str] = field(default_factory=Counter)
     task: asyncio.Task[None] | None = None
     # The stream's `started` item: a tab joining later gets it too, to know it is live.
     started: Any = None
+    # The profile's version after the last item read: what a tab joining later is told as its
+    # `started` version (items after it reach its queue).
+    version: int = 0
 
 
 class LiveHub:
@@ -62,18 +73,27 @@ class LiveHub:
             if len(self._watches) >= self._max:
                 yield None
                 return
-            watch = _Watch(profile_id)
+            watch = _Watch(profile_id, key)
             self._watches[profile_id] = watch
             watch.task = asyncio.get_running_loop().create_task(self._pump(watch, key))
         queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=QUEUE_SIZE)
         if watch.started is not None:
-            queue.put_nowait(watch.started)
+            joined = query_pb.WatchProfileResponse()
+            joined.CopyFrom(watch.started)
+            joined.version = watch.version
+            queue.put_nowait(joined)
         watch.subscribers.add(queue)
+        watch.keys[key] += 1
         try:
             yield queue
         finally:
             watch.subscribers.discard(queue)
-            if not watch.subscribers and self._watches.get(profile_id) is watch:
+            watch.keys[key] -= 1
+            current = self._watches.get(profile_id) is watch
+            # The last tab of the key the upstream runs on left (signed out, maybe revoked): the
+            # stream must not outlive it. The other tabs are told it closed; they reconnect on
+            # their own keys and re-read what they missed meanwhile.
+            if current and (not watch.subscribers or watch.keys[watch.key] <= 0):
                 del self._watches[profile_id]
                 if watch.task is not None:
                     watch.task.cancel()
@@ -85,14 +105,16 @@ class LiveHub:
             async for item in self._backend.stream(key, "query", "WatchProfile", request):
                 if item.WhichOneof("item") == "started":
                     watch.started = item
+                if item.version:
+                    watch.version = item.version
                 for queue in list(watch.subscribers):
                     try:
                         queue.put_nowait(item)
                     except asyncio.QueueFull:
                         watch.subscribers.discard(queue)
                         _end(queue, Ended("lagging"))
-        except SignedOut:
-            reason = "signed_out"
+        except NotFound:
+            reason = "gone"
         except ConsoleError as exc:
             log.info("console_watch_ended", error=type(exc).__name__)
         finally:

@@ -8,6 +8,7 @@ errors into pages: a refused key signs out, a down service names itself, a slow 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Container, Coroutine, Mapping
@@ -57,6 +58,21 @@ USERS_PAGE_SIZE = 50
 TRAIL_LIMIT = 30
 FIRST_PAGE = "0"
 HEARTBEAT_SECONDS = 15.0
+# The profile's activity chart: this many days, ending today in the zone it counts days in.
+ACTIVITY_DAYS = 30
+# How often an open live feed re-reads its session (a sign-out in another tab ends it) and
+# re-tries its key with the services (a revoked key ends it).
+SESSION_CHECK_SECONDS = 2.0
+KEY_CHECK_SECONDS = 5.0
+# A reconnecting live feed re-reads the events received since its cursor less this margin
+# (the console's and the services' clocks, the time from receipt to storage); the page drops
+# what it already shows by event ID. Small: an event received within it before the page was
+# read, with an event time past the page's first events, shows in the feed as new.
+RESYNC_MARGIN = timedelta(seconds=10)
+# TrackEvents refuses events over 30 days old: one received since the cursor is no older.
+TRACKED_MAX_AGE = timedelta(days=31)
+RESYNC_PAGE_SIZE = 500
+RESYNC_PAGES = 4
 
 
 class Console:
@@ -242,7 +258,10 @@ async def signout(request: Request) -> Response:
     form = await request.form()
     if session is not None:
         if not tokens_match(session.csrf_token, str(form.get("csrf_token", ""))):
-            return PlainTextResponse("Sign-out refused: the form expired.", status_code=403)
+            # A form of an earlier session (signed in again since, in another tab) or of
+            # another site: nothing is removed without this session's own token, which the
+            # page offers, so a person is one click from signing out.
+            return render(request, "signout.html", {"csrf_token": session.csrf_token}, status=403)
         await console.sessions.delete(session.session_id)
     response = RedirectResponse("/signin", status_code=303)
     response.delete_cookie(COOKIE, path="/")
@@ -449,6 +468,10 @@ async def users_page(request: Request, session: ConsoleSession) -> Response:
 
     async def list_profiles() -> Any:
         nonlocal refused
+        if present.name_control_characters(name):
+            # Control characters are no part of a name: refused here, in the box's words.
+            refused = present.Refusal("name", present.name_refusal(name))
+            return query_pb.ListProfilesResponse()
         try:
             return await console.backend.call(
                 session.key, "query", "ListProfiles", query_pb.ListProfilesRequest(**request_fields)
@@ -457,6 +480,8 @@ async def users_page(request: Request, session: ConsoleSession) -> Response:
             refused = present.Refusal("segment", present.FIELD_WORDS["segment_id"])
         except BadInput as bad:
             refused = present.refusal(bad, {"name_prefix": "name", "segment_id": "segment"})
+            if refused.box == "name":
+                refused = present.Refusal("name", present.name_refusal(name))
         return query_pb.ListProfilesResponse()
 
     segments, reply = await both(list_segments(), list_profiles())
@@ -589,7 +614,11 @@ async def search(request: Request, session: ConsoleSession) -> Response:
     kind = request.query_params.get("by", "auto")
     context: dict[str, Any] = {"q": text, "by": kind, "ambiguous": [], "message": "", "hint": ""}
     if text:
-        for lookup in lookups(text, kind):
+        tries = lookups(text, kind)
+        if kind == "auto" and "@" in text:
+            # Custom IDs are often emails too: tried after the email, and said so when found.
+            tries.append({"custom_id": text})
+        for lookup in tries:
             try:
                 reply = await console.backend.call(
                     session.key, "query", "GetProfile", query_pb.GetProfileRequest(**lookup)
@@ -608,7 +637,11 @@ async def search(request: Request, session: ConsoleSession) -> Response:
                 if not context["hint"] and set(lookup) & {"email", "phone", "profile_id"}:
                     context["hint"] = present.refusal(bad).text
                 continue
-            return RedirectResponse(f"/profiles/{reply.profile.summary.profile_id}", 303)
+            target = f"/profiles/{reply.profile.summary.profile_id}"
+            # Text with an "@" is an email first: found as a custom ID, the page says so.
+            if kind == "auto" and "custom_id" in lookup and "@" in text:
+                target += "?" + urlencode({"found": "custom_id"})
+            return RedirectResponse(target, 303)
         else:
             if names_searched(text, kind):
                 found = await _open_by_name(console, session, text)
@@ -651,7 +684,11 @@ async def profile_page(request: Request, session: ConsoleSession) -> Response:
     kind = _known(params, "kind", present.TIMELINE_KINDS, "", "showing every kind", notices)
     event_name = " ".join(params.get("event_name", "").split())
     kept = {"kind": kind, "event_name": event_name}
-    today = datetime.now(UTC).date()
+    found_by = present.FOUND_BY.get(params.get("found", ""), "")
+    # The live feed's cursor: from before the page's reads, so that an event stored while they
+    # run is re-read by the feed (the page drops what it shows already).
+    loaded = datetime.now(UTC)
+    today = loaded.date()
     try:
         (
             profile_reply,
@@ -691,16 +728,19 @@ async def profile_page(request: Request, session: ConsoleSession) -> Response:
                     ),
                 ),
                 query_pb.ListEventsResponse(),
-                {"event_names": "event-name"},
+                {"event_names": "event-name", "session_id": "session"},
             ),
             console.backend.call(
                 session.key,
                 "query",
                 "GetActivity",
+                # The days of every zone (UTC-12 to UTC+14) around UTC's today: the profile's
+                # zone is known with the answer, which `present.last_days` trims to its own
+                # last 30 days.
                 query_pb.GetActivityRequest(
                     profile_id=profile_id,
-                    start_date=(today - timedelta(days=29)).isoformat(),
-                    end_date=today.isoformat(),
+                    start_date=(today - timedelta(days=30)).isoformat(),
+                    end_date=(today + timedelta(days=1)).isoformat(),
                 ),
             ),
         )
@@ -715,7 +755,8 @@ async def profile_page(request: Request, session: ConsoleSession) -> Response:
     canonical = profile.summary.profile_id
     if canonical != profile_id:
         return RedirectResponse(f"/profiles/{canonical}", status_code=303)
-    days = activity.days
+    session_refused = events_refused is not None and events_refused.box == "session"
+    days = present.last_days(activity.days, activity.time_zone, loaded, ACTIVITY_DAYS)
     chart = present.bar_chart(
         [
             (
@@ -730,7 +771,6 @@ async def profile_page(request: Request, session: ConsoleSession) -> Response:
         height=100,
     )
     events = list(events_reply.events)
-    newest = max((present.iso(e.event_time) for e in events), default="")
     # Each list pages on its own; a link keeps the other list where it is.
     next_events = ""
     if events_reply.next_page_token:
@@ -763,13 +803,16 @@ async def profile_page(request: Request, session: ConsoleSession) -> Response:
             "newest_sessions": _query_string(session=session_id, **kept) if sessions_token else "",
             "chart": chart,
             "activity_zone": activity.time_zone,
-            "newest": newest,
+            "live_since": live_cursor(0, loaded),
             # The live feed shows every kind: it is for the whole, unfiltered timeline.
             "live_enabled": not events_token and not session_id and not kind and not event_name,
             "loaded": present.when(datetime.now(UTC)),
             "events_refused": events_refused,
             "sessions_refused": sessions_refused,
-            "first_events": _query_string(session=session_id, sessions_page=sessions_token, **kept),
+            # A refused session ID is not kept by the link that starts the timeline again.
+            "first_events": _query_string(
+                session="" if session_refused else session_id, sessions_page=sessions_token, **kept
+            ),
             "first_sessions": _query_string(session=session_id, events_page=events_token, **kept),
             "kind": kind,
             "event_name": event_name,
@@ -777,6 +820,7 @@ async def profile_page(request: Request, session: ConsoleSession) -> Response:
             # What a session's link and "Show every event" add to keep the filter.
             "filter_query": urlencode({k: v for k, v in kept.items() if v}),
             "notices": notices,
+            "found_by": found_by,
         },
         session=session,
     )
@@ -944,21 +988,139 @@ def event_json(event: Any) -> dict[str, Any]:
     }
 
 
-@signed_in
+def live_stream(handler: Handler) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+    """`signed_in` for a live feed: an EventSource cannot read a redirect or an error page (it
+    closes for good on any answer that is not a stream), so every refusal is a stream of one
+    `ended` item whose reason the page tells: signed_out, gone (no such profile: erased),
+    forbidden, or unavailable (the page retries)."""
+
+    async def wrapped(request: Request) -> Response:
+        console = console_of(request)
+        session = await console.sessions.get(request.cookies.get(COOKIE, ""))
+        if session is None:
+            return _ended_stream("signed_out")
+        try:
+            return await handler(request, session)
+        except SignedOut:
+            await console.sessions.delete(session.session_id)
+            return _ended_stream("signed_out")
+        except (NotFound, BadInput):
+            return _ended_stream("gone")
+        except Forbidden:
+            return _ended_stream("forbidden")
+        except ServiceDown:
+            return _ended_stream("unavailable")
+
+    return wrapped
+
+
+def _ended_stream(reason: str) -> Response:
+    return StreamingResponse(
+        iter([b"retry: 2000\n\n", sse({"reason": reason}, event="ended")]),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-store"},
+    )
+
+
+class SessionGuard:
+    """Ends a live feed once its session does: signed out (in any tab), expired, or its key
+    revoked. The session is re-read from the store at every check (every
+    SESSION_CHECK_SECONDS and before each delivery), the key re-tried with `check` (a cheap
+    call the feed's page needs) every KEY_CHECK_SECONDS: the upstream stream may run on another
+    tab's key, and a service does not refuse a stream already open."""
+
+    def __init__(
+        self, console: Console, session: ConsoleSession, check: Callable[[], Awaitable[Any]]
+    ) -> None:
+        self._console = console
+        self._session = session
+        self._check = check
+        self._next_key_check = asyncio.get_running_loop().time() + KEY_CHECK_SECONDS
+
+    async def ended(self) -> str:
+        """Why the feed must end ("signed_out", "gone"), or "" while it may go on."""
+        if not await self._console.sessions.alive(self._session.session_id):
+            return "signed_out"
+        now = asyncio.get_running_loop().time()
+        if now < self._next_key_check:
+            return ""
+        self._next_key_check = now + KEY_CHECK_SECONDS
+        try:
+            await self._check()
+        except SignedOut:
+            await self._console.sessions.delete(self._session.session_id)
+            return "signed_out"
+        except Forbidden:
+            return "forbidden"
+        except NotFound:
+            return "gone"
+        except (ServiceDown, BadInput):
+            pass  # a service slow for a moment: the next check tries again
+        return ""
+
+
+def live_cursor(version: int, received: datetime | None) -> str:
+    """A live feed's position, sent as each item's SSE id (the browser's Last-Event-ID): the
+    profile's version after the last item delivered, and the newest receive time of the events
+    delivered (a time as the service's clock read it)."""
+    return f"{version}~{received.isoformat() if received else ''}"
+
+
+def parse_live_cursor(text: str) -> tuple[int, datetime | None]:
+    """A cursor of `live_cursor` (an ISO time alone counts as version 0: a re-read from it)."""
+    version, _, moment = text.rpartition("~")
+    return (int(version) if version.isdigit() else 0), _parse_iso(moment) if moment else None
+
+
+async def missed_events(
+    console: Console, session: ConsoleSession, profile_id: str, since: datetime
+) -> tuple[list[Any], bool]:
+    """The events received since `since` (less RESYNC_MARGIN for clocks and storage lag),
+    oldest event time first, and whether that is all of them.
+
+    ListEvents orders by event time, not arrival, and an event received during a gap can be
+    30 days older than any shown (a device sending late): the re-read walks the timeline down
+    to there and keeps what arrived since. At most RESYNC_PAGES pages; past them the page is
+    told some may be missing."""
+    received_since = since - RESYNC_MARGIN
+    request = query_pb.ListEventsRequest(profile_id=profile_id, page_size=RESYNC_PAGE_SIZE)
+    set_timestamp(request.start_time, received_since - TRACKED_MAX_AGE)
+    found: list[Any] = []
+    for _ in range(RESYNC_PAGES):
+        reply = await console.backend.call(session.key, "query", "ListEvents", request)
+        found += [
+            e for e in reply.events if (present.ts(e.receive_time) or since) >= received_since
+        ]
+        if not reply.next_page_token:
+            found.sort(key=lambda e: (e.event_time.seconds, e.event_time.nanos))
+            return found, True
+        request.page_token = reply.next_page_token
+    found.sort(key=lambda e: (e.event_time.seconds, e.event_time.nanos))
+    return found, False
+
+
+@live_stream
 async def profile_live(request: Request, session: ConsoleSession) -> Response:
     console = console_of(request)
     profile_id = request.path_params["profile_id"]
-    since = request.headers.get("last-event-id") or request.query_params.get("since", "")
-    # Checks the person may read the profile (the shared upstream may run on another key).
-    await console.backend.call(
-        session.key,
-        "query",
-        "ListEvents",
-        query_pb.ListEventsRequest(profile_id=profile_id, page_size=1),
+    version, received = parse_live_cursor(
+        request.headers.get("last-event-id") or request.query_params.get("since", "")
     )
 
+    async def check() -> Any:
+        return await console.backend.call(
+            session.key,
+            "query",
+            "ListEvents",
+            query_pb.ListEventsRequest(profile_id=profile_id, page_size=1),
+        )
+
+    # Checks the person may read the profile (the shared upstream may run on another key).
+    await check()
+    guard = SessionGuard(console, session, check)
+
     async def stream() -> AsyncIterator[bytes]:
-        newest = since
+        nonlocal version, received
         yield b"retry: 2000\n\n"
         async with console.hub.follow(session.key, profile_id) as queue:
             if queue is None:
@@ -966,50 +1128,71 @@ async def profile_live(request: Request, session: ConsoleSession) -> Response:
                 return
             # Subscribed first, then the re-read: whatever arrives meanwhile is in the queue,
             # and the page drops what it already shows by event ID. The re-read waits for the
-            # upstream watch to be live (its `started`, which every follower gets): an event
-            # stored after the re-read but before query subscribed would reach neither (seen
-            # under load, the page then missing what came after the reconnection).
+            # upstream watch to be live (its `started`, which every follower gets, with the
+            # profile's version then): an event stored after the re-read but before query
+            # subscribed would reach neither (seen under load).
             early: list[Any] = []
-            if since:
-                while not early or not _opens_or_ends(early[-1]):
-                    early.append(await queue.get())
-                request_fields: dict[str, Any] = {"profile_id": profile_id, "page_size": 200}
-                start = _parse_iso(since)
-                if start is not None:
-                    missed = query_pb.ListEventsRequest(**request_fields)
-                    set_timestamp(missed.start_time, start)
+            while not early or not _opens_or_ends(early[-1]):
+                early.append(await queue.get())
+            started = early[-1]
+            # Nothing was written since the cursor's version: nothing to re-read.
+            if received is not None and not isinstance(started, Ended):
+                if not version or started.version > version:
                     try:
-                        reply = await console.backend.call(
-                            session.key, "query", "ListEvents", missed
+                        missed, complete = await missed_events(
+                            console, session, profile_id, received
                         )
-                    except (ServiceDown, BadInput, NotFound):
-                        reply = query_pb.ListEventsResponse()
-                    for event in reversed(reply.events):
-                        data = event_json(event)
-                        newest = max(newest, data["iso"])
-                        yield sse(data, event_id=newest)
+                    except ServiceDown:
+                        yield sse({"reason": "unavailable"}, event="ended")
+                        return
+                    except NotFound:
+                        yield sse({"reason": "gone"}, event="ended")
+                        return
+                    for event in missed:
+                        received = max(received, present.ts(event.receive_time) or received)
+                        yield sse(event_json(event), event_id=live_cursor(version, received))
+                    if not complete:
+                        gap = {"kind": "dropped", "title": "Some events stored while live"
+                               " updates were away may be missing here; refresh to see them all",
+                               "time": present.when(datetime.now(UTC))}  # fmt: skip
+                        yield sse(gap, event_id=live_cursor(version, received))
+                version = max(version, started.version)
+            quiet_since = asyncio.get_running_loop().time()
             while True:
+                item: Any = None
                 if early:
                     item = early.pop(0)
                 else:
-                    try:
-                        async with asyncio.timeout(HEARTBEAT_SECONDS):
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(SESSION_CHECK_SECONDS):
                             item = await queue.get()
-                    except TimeoutError:
+                ended = await guard.ended()
+                if ended:
+                    yield sse({"reason": ended}, event="ended")
+                    return
+                now = asyncio.get_running_loop().time()
+                if item is None:
+                    if now - quiet_since >= HEARTBEAT_SECONDS:
+                        quiet_since = now
                         yield b": heartbeat\n\n"
-                        continue
+                    continue
                 if isinstance(item, Ended):
                     yield sse({"reason": item.reason}, event="ended")
                     return
                 live = live_item(item)
                 if live is None:
                     continue
+                quiet_since = now
                 if live["kind"] == "started":
-                    yield sse(live, event="started")
+                    yield sse(live, event="started", event_id=live_cursor(version, received))
                     continue
                 if live["kind"] == "event":
-                    newest = max(newest, live["iso"])
-                yield sse(live, event_id=newest)
+                    moment = present.ts(item.event.receive_time)
+                    if moment is not None:
+                        received = max(received, moment) if received else moment
+                if item.version:
+                    version = max(version, item.version)
+                yield sse(live, event_id=live_cursor(version, received))
 
     return StreamingResponse(
         stream(), media_type="text/event-stream", headers={"Cache-Control": "no-store"}
@@ -1078,15 +1261,20 @@ def segment_change_json(change: Any, names: dict[str, str]) -> dict[str, Any]:
     }
 
 
-@signed_in
+@live_stream
 async def segments_live(request: Request, session: ConsoleSession) -> Response:
     console = console_of(request)
-    reply = await console.backend.call(
-        session.key, "segments", "ListSegments", segments_pb.ListSegmentsRequest(page_size=100)
-    )
+
+    async def check() -> Any:
+        return await console.backend.call(
+            session.key, "segments", "ListSegments", segments_pb.ListSegmentsRequest(page_size=100)
+        )
+
+    reply = await check()
     names = {s.segment_id: s.display_name for s in reply.segments}
+    guard = SessionGuard(console, session, check)
     watch = segments_pb.WatchSegmentChangesRequest()
-    cursor = request.headers.get("last-event-id", "")
+    cursor = request.headers.get("last-event-id") or request.query_params.get("since", "")
     if cursor:
         watch.start_after = cursor
     else:
@@ -1095,23 +1283,33 @@ async def segments_live(request: Request, session: ConsoleSession) -> Response:
     async def stream() -> AsyncIterator[bytes]:
         yield b"retry: 2000\n\n"
         changes = console.backend.stream(session.key, "segments", "WatchSegmentChanges", watch)
-        # The read is not cancelled by a heartbeat tick (that would end the gRPC stream): it
+        # The read is not cancelled by a check's tick (that would end the gRPC stream): it
         # stays pending across ticks.
         pending: asyncio.Future[Any] | None = None
+        quiet_since = asyncio.get_running_loop().time()
         try:
             while True:
                 if pending is None:
                     pending = asyncio.ensure_future(anext(changes))
-                done, _ = await asyncio.wait({pending}, timeout=HEARTBEAT_SECONDS)
+                done, _ = await asyncio.wait({pending}, timeout=SESSION_CHECK_SECONDS)
+                ended = await guard.ended()
+                if ended:
+                    yield sse({"reason": ended}, event="ended")
+                    return
+                now = asyncio.get_running_loop().time()
                 if not done:
-                    yield b": heartbeat\n\n"
+                    if now - quiet_since >= HEARTBEAT_SECONDS:
+                        quiet_since = now
+                        yield b": heartbeat\n\n"
                     continue
+                quiet_since = now
                 batch, pending = pending.result(), None
                 for change in batch.changes:
                     yield sse(segment_change_json(change, names), event_id=change.cursor)
         except StopAsyncIteration:
-            return
+            yield sse({"reason": "closed"}, event="ended")
         except SignedOut:
+            await console.sessions.delete(session.session_id)
             yield sse({"reason": "signed_out"}, event="ended")
         except (ServiceDown, BadInput, NotFound):
             yield sse({"reason": "closed"}, event="ended")
@@ -1172,6 +1370,9 @@ async def rejected_page(request: Request, session: ConsoleSession) -> Response:
                 bad, {"reasons": "reason", "start_time": "start", "end_time": "end"}
             )
     state = {"reason": reason, "start": start, "end": end}
+    # The boxes (datetime-local) read only their own format, UTC as the page says: a URL's
+    # `...Z` or `+00:00` shown as such would leave them empty, and Filter would drop the range.
+    boxes = {"start_box": present.datetime_local(start), "end_box": present.datetime_local(end)}
     filters = {k: v for k, v in state.items() if v}
     time_range = {k: v for k, v in (("start", start), ("end", end)) if v}
     next_page = ""
@@ -1182,6 +1383,7 @@ async def rejected_page(request: Request, session: ConsoleSession) -> Response:
         "rejected.html",
         {
             **state,
+            **boxes,
             "rows": reply.rejected_events,
             "next_page": next_page,
             "first_page": "/rejected?" + urlencode(filters),

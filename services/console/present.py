@@ -12,9 +12,10 @@ import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 from urllib.parse import urlencode
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from google.protobuf import duration_pb2, timestamp_pb2
 
@@ -88,6 +89,12 @@ NAME_SEARCH_MAX = 100
 ECHO_MAX = 40
 
 
+def isolated(text: str) -> str:
+    """`text` between a first strong isolate and its pop: where no markup can isolate it (a
+    page's <title>), a right-to-left override in a name ends with the name."""
+    return f"\u2068{text}\u2069"
+
+
 def shorten(text: str, limit: int = ECHO_MAX) -> str:
     """`text` cut to at most `limit` characters, an ellipsis saying so."""
     return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
@@ -106,7 +113,11 @@ FIELD_WORDS = {
     "phone": "A phone number is + and 2 to 15 digits (E.164), such as +33612345678.",
     "profile_id": "A profile ID is a UUID, such as 6f1e2c1a-0d7e-4a51-9b55-1d7c7d3f0a11.",
     "event_names": "An event name is 1 to 30 letters, digits or underscores, such as purchase.",
+    "session_id": "No such session: a session ID holds 1 to 64 characters, without control"
+    " characters. Choose a session in the list.",
 }
+# What a search found a profile by, said on its page when the text could be several kinds.
+FOUND_BY = {"custom_id": "Found by custom ID."}
 REFUSED = "The service refused this request: check the filters, or start again from the first page."
 
 
@@ -294,6 +305,11 @@ def smart_flag(value: int) -> str:
 
 def percent(value: float) -> str:
     return f"{value * 100:.1f} %"
+
+
+def percent_of(whole: int, rate: float) -> str:
+    """A rate as `percent` does, or "—" over nobody (never "0.0 %" of nothing)."""
+    return percent(rate) if whole else "—"
 
 
 def display_name(first_name: str, last_name: str, custom_id: str, profile_id: str) -> str:
@@ -694,3 +710,50 @@ def enum_options(labels: dict[int, str]) -> list[tuple[int, str]]:
 
 def message_kind(message: Any) -> str:
     return type(message).__name__
+
+
+def zone_today(zone: str, now: datetime) -> date:
+    """Today's date in the IANA `zone` (UTC's when the zone is unknown here)."""
+    try:
+        return now.astimezone(ZoneInfo(zone)).date() if zone else now.astimezone(UTC).date()
+    except (ZoneInfoNotFoundError, ValueError):
+        return now.astimezone(UTC).date()
+
+
+def last_days(days: Sequence[Any], zone: str, now: datetime, count: int) -> list[Any]:
+    """The `count` days (GetActivity's DayActivity) ending today in `zone`, the zone the
+    service counted them in: not UTC's today, which is another day in much of the world."""
+    today = zone_today(zone, now)
+    first = (today - timedelta(days=count - 1)).isoformat()
+    return [day for day in days if first <= day.date <= today.isoformat()]
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def name_control_characters(name: str) -> bool:
+    """Whether a name search holds control characters (`%00`), which no name has."""
+    return bool(_CONTROL.search(name))
+
+
+def name_refusal(name: str) -> str:
+    """Why a name search was refused, in the Name box's words: what was wrong with it."""
+    if name_control_characters(name):
+        return "A name search cannot hold control characters (such as %00): type letters."
+    if len(name) > NAME_SEARCH_MAX:
+        return (
+            f"A name search holds at most {NAME_SEARCH_MAX} characters; this one has {len(name):,}."
+        )
+    return "The service refused this name search: try a shorter word of the name."
+
+
+def datetime_local(text: str) -> str:
+    """A time of the URL ("2026-12-01T10:30:00Z", "+00:00", any offset) as a datetime-local box
+    shows it, in UTC ("2026-12-01T10:30"); the text as given when it is no time."""
+    try:
+        moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        return text
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S" if moment.second else "%Y-%m-%dT%H:%M")

@@ -74,6 +74,11 @@ class SessionStore:
         values = {k.decode(): v.decode() for k, v in fields.items()}
         return ConsoleSession(session_id, values["key"], values["role"], values["csrf"])
 
+    async def alive(self, session_id: str) -> bool:
+        """Whether the session still exists, without renewing it: an open live feed re-checks
+        its session every few seconds and must not keep it from expiring."""
+        return bool(session_id) and bool(await self._redis.exists(self._name(session_id)))
+
     async def delete(self, session_id: str) -> None:
         if session_id:
             await self._redis.delete(self._name(session_id))

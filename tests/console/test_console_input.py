@@ -52,7 +52,7 @@ async def test_an_over_long_name_filter_is_refused_beside_the_name_box(
     await page.goto(console_suite.url + "/users?name=" + "x" * 5000)
     name_box = page.get_by_label("Name", exact=True)
     await expect(page.locator("#name-error")).to_have_text(
-        "A name search holds at most 100 characters."
+        "A name search holds at most 100 characters; this one has 5,000."
     )
     await expect(name_box).to_have_attribute("aria-invalid", "true")
     text = await text_of(page)

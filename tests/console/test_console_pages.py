@@ -449,7 +449,7 @@ async def test_the_live_feed_shows_each_change_once_and_the_cards_follow(
     await page.goto(console_suite.url + f"/profiles/{profile.summary.profile_id}")
     await expect(page.locator("#live-status")).to_have_text("Live updates on.")
     email = page.locator("#subscriptions tr[data-subscription='Email Marketing']")
-    await expect(email.locator("td").nth(2)).to_have_text("unsubscribed")
+    await expect(email.locator("td").nth(2)).to_have_text("no choice recorded")
     # One TrackEvents: an attribute set and an email opt-in, as the tester sent them.
     now = datetime.now(UTC)
     opt_in = subscription(installation, EMAIL, MARKETING, True, now)

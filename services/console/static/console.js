@@ -15,9 +15,122 @@ function refreshOverview(box) {
     try {
       const reply = await fetch(box.dataset.refresh, { credentials: "same-origin" });
       if (reply.redirected) { window.location.assign(reply.url); return; }
-      if (reply.ok) box.innerHTML = await reply.text(); // server-rendered and escaped
+      if (!reply.ok) return;
+      // Server-rendered and escaped; parsed inert (a template runs nothing), then only what
+      // changed is written: a figure's text, a link's address. Replacing the whole region
+      // took the keyboard focus away from the link it was on, and made a screen reader read
+      // the whole live region again.
+      const fresh = document.createElement("template");
+      fresh.innerHTML = await reply.text();
+      patchChildren(box, fresh.content);
     } catch (error) { /* offline for a moment: the next tick retries */ }
   }, every);
+}
+
+// Makes `node` like `fresh`, touching only what differs (text, attributes, or a subtree whose
+// shape changed).
+function patch(node, fresh) {
+  if (node.nodeType !== fresh.nodeType || node.nodeName !== fresh.nodeName) {
+    node.replaceWith(fresh.cloneNode(true));
+    return;
+  }
+  if (node.nodeType !== Node.ELEMENT_NODE) {
+    if (node.nodeValue !== fresh.nodeValue) node.nodeValue = fresh.nodeValue;
+    return;
+  }
+  for (const { name } of Array.from(node.attributes)) {
+    if (!fresh.hasAttribute(name)) node.removeAttribute(name);
+  }
+  for (const { name, value } of Array.from(fresh.attributes)) {
+    if (node.getAttribute(name) !== value) node.setAttribute(name, value);
+  }
+  patchChildren(node, fresh);
+}
+
+// Whitespace between elements is left alone: the page and the fragment differ there (the
+// page's region opens with a line break), and it shows nothing.
+function significant(parent) {
+  return Array.from(parent.childNodes).filter(
+    (child) => child.nodeType !== Node.TEXT_NODE || child.nodeValue.trim() !== "");
+}
+
+function patchChildren(node, fresh) {
+  const old = significant(node);
+  const want = significant(fresh);
+  want.forEach((child, i) => {
+    if (i < old.length) patch(old[i], child);
+    else node.append(child.cloneNode(true));
+  });
+  old.slice(want.length).forEach((child) => child.remove());
+}
+
+// A live feed that outlives a restart of its server. The browser reconnects by itself after a
+// network blip, but an answer that is not a stream (a 503 while a service restarts) or a feed
+// the server ended closes an EventSource for good: the page then opens a new one itself,
+// waiting longer each time, from the position it reached (the last item's id).
+function liveFeed(options) {
+  const status = options.status;
+  let cursor = options.since || "";
+  let delay = 1000;
+  let source = null;
+
+  function say(text, link, href) {
+    status.textContent = text;
+    if (link) {
+      const again = element("a", link);
+      again.href = href;
+      status.append(again);
+    }
+  }
+
+  function retry() {
+    source.close();
+    say(`${options.name} paused, retrying in ${Math.round(delay / 1000)} s…`);
+    setTimeout(open, delay);
+    delay = Math.min(delay * 2, 30000);
+  }
+
+  function open() {
+    const url = options.url + (cursor ? "?since=" + encodeURIComponent(cursor) : "");
+    source = new EventSource(url);
+    source.onopen = () => { if (options.onOpen) options.onOpen(); };
+    source.onerror = () => {
+      if (source.readyState === EventSource.CLOSED) retry();
+      else say(`${options.name} reconnecting…`);
+    };
+    source.addEventListener("started", (message) => {
+      if (message.lastEventId) cursor = message.lastEventId;
+      delay = 1000;
+      if (options.onStarted) options.onStarted();
+    });
+    source.onmessage = (message) => {
+      if (message.lastEventId) cursor = message.lastEventId;
+      options.onItem(JSON.parse(message.data));
+    };
+    source.addEventListener("paused", () => {
+      source.close();
+      say(`${options.name} are paused: this console follows too many profiles. `,
+          "Refresh to try again", window.location.pathname);
+    });
+    source.addEventListener("ended", (message) => {
+      const reason = JSON.parse(message.data).reason;
+      if (reason === "signed_out") {
+        source.close();
+        const here = window.location.pathname + window.location.search;
+        say(`${options.name} stopped: you are signed out. `, "Sign in again",
+            "/signin?next=" + encodeURIComponent(here));
+      } else if (reason === "gone") {
+        source.close();
+        say(options.gone || `${options.name} stopped.`);
+      } else if (reason === "forbidden") {
+        source.close();
+        say(`${options.name} stopped: this key may not read them.`);
+      } else {
+        retry(); // a restart, a closed upstream: the feed re-reads what it missed
+      }
+    });
+  }
+  open();
 }
 
 function followProfile(box) {
@@ -25,47 +138,37 @@ function followProfile(box) {
   const feed = document.getElementById("live-feed");
   const seen = new Set();
   document.querySelectorAll("[data-event-id]").forEach((node) => seen.add(node.dataset.eventId));
-  let url = box.dataset.source;
-  if (box.dataset.since) url += "?since=" + encodeURIComponent(box.dataset.since);
-  const source = new EventSource(url);
-  source.onopen = () => { status.textContent = "Live updates connecting…"; };
-  source.onerror = () => { status.textContent = "Live updates reconnecting…"; };
-  // Sent once the service follows the profile: from then on nothing is missed.
-  source.addEventListener("started", () => { status.textContent = "Live updates on."; });
-  source.onmessage = (message) => {
-    const item = JSON.parse(message.data);
-    // A new state, caused by an event the feed shows: it updates its card, not the feed.
-    if (item.kind === "consent") { showSubscription(item); return; }
-    if (item.kind === "attribute") { showAttribute(item); return; }
-    if (item.event_id) {
-      if (seen.has(item.event_id)) return;
-      seen.add(item.event_id);
-    }
-    const entry = element("li", undefined, "new");
-    if (item.event_id) entry.dataset.eventId = item.event_id;
-    entry.append(element("span", item.time, "time"), " ", element("strong", item.title));
-    if (item.details && item.details.length) {
-      const list = element("ul", undefined, "details");
-      for (const [key, value] of item.details) {
-        const row = element("li");
-        row.append(element("span", key, "key"), " " + value);
-        list.append(row);
+  liveFeed({
+    url: box.dataset.source,
+    since: box.dataset.since,
+    status,
+    name: "Live updates",
+    gone: "This profile no longer exists (it was erased): live updates stopped.",
+    onOpen: () => { status.textContent = "Live updates connecting…"; },
+    // Sent once the service follows the profile: from then on nothing is missed.
+    onStarted: () => { status.textContent = "Live updates on."; },
+    onItem: (item) => {
+      // A new state, caused by an event the feed shows: it updates its card, not the feed.
+      if (item.kind === "consent") { showSubscription(item); return; }
+      if (item.kind === "attribute") { showAttribute(item); return; }
+      if (item.event_id) {
+        if (seen.has(item.event_id)) return;
+        seen.add(item.event_id);
       }
-      entry.append(list);
-    }
-    feed.prepend(entry);
-  };
-  source.addEventListener("paused", () => {
-    source.close();
-    status.textContent = "Live updates are paused: this console follows too many profiles. ";
-    const again = element("a", "Refresh to try again");
-    again.href = window.location.pathname;
-    status.append(again);
-  });
-  source.addEventListener("ended", (message) => {
-    const reason = JSON.parse(message.data).reason;
-    if (reason === "signed_out") { source.close(); window.location.reload(); }
-    // Otherwise the browser reconnects by itself and the server re-reads what was missed.
+      const entry = element("li", undefined, "new");
+      if (item.event_id) entry.dataset.eventId = item.event_id;
+      entry.append(element("span", item.time, "time"), " ", element("strong", item.title));
+      if (item.details && item.details.length) {
+        const list = element("ul", undefined, "details");
+        for (const [key, value] of item.details) {
+          const row = element("li");
+          row.append(element("span", key, "key"), " ", element("bdi", value));
+          list.append(row);
+        }
+        entry.append(list);
+      }
+      feed.prepend(entry);
+    },
   });
 }
 
@@ -135,22 +238,23 @@ function showAttribute(item) {
 function followSegments(table) {
   const status = document.getElementById("segment-status");
   const body = table.querySelector("tbody");
-  const source = new EventSource(table.dataset.source);
-  source.onopen = () => { status.textContent = "Live: entries and exits of the last hour, then as they happen."; };
-  source.onerror = () => { status.textContent = "Reconnecting…"; };
-  source.onmessage = (message) => {
-    const change = JSON.parse(message.data);
-    const row = element("tr");
-    const link = element("a", change.profile_id.slice(0, 8));
-    link.href = "/profiles/" + encodeURIComponent(change.profile_id);
-    const who = element("td");
-    who.append(link);
-    row.append(element("td", change.time), who, element("td", change.transition), element("td", change.segment));
-    body.prepend(row);
-    while (body.rows.length > 200) body.deleteRow(-1);
-  };
-  source.addEventListener("ended", (message) => {
-    if (JSON.parse(message.data).reason === "signed_out") { source.close(); window.location.reload(); }
+  liveFeed({
+    url: table.dataset.source,
+    status,
+    name: "Live entries and exits",
+    onOpen: () => { status.textContent = "Live: entries and exits of the last hour, then as they happen."; },
+    onItem: (change) => {
+      const row = element("tr");
+      const link = element("a", change.profile_id.slice(0, 8));
+      link.href = "/profiles/" + encodeURIComponent(change.profile_id);
+      const who = element("td");
+      who.append(link);
+      const segment = element("td");
+      segment.append(element("bdi", change.segment));
+      row.append(element("td", change.time), who, element("td", change.transition), segment);
+      body.prepend(row);
+      while (body.rows.length > 200) body.deleteRow(-1);
+    },
   });
 }
 
