@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import shutil
 import socket
-import subprocess
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -31,26 +28,10 @@ from profiles_cli.demo import run_demo
 from services.console.app import build_app
 from shared.settings import Settings
 from tests.conftest import TestProject, create_test_project, eventually, with_database
+from tests.support.browser import chromium, npm_package
 
 HERE = Path(__file__).parent
-CHROMIUM = Path(os.environ.get("PROFILES_TEST_CHROMIUM", "/usr/bin/chromium"))
-AXE = HERE / "node_modules" / "axe-core" / "axe.min.js"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 DEMO_USERS = 24
-
-
-def _missing(what: str) -> None:
-    if os.environ.get("CI"):
-        pytest.fail(f"{what} is required under CI")
-    pytest.skip(f"{what} is not available")
 
 
 @dataclass(slots=True)
@@ -151,25 +132,13 @@ async def _wait_for_users_table(query_address: str, key: str) -> None:
 
 @pytest.fixture(scope="package")
 async def browser() -> AsyncIterator[Any]:
-    if not CHROMIUM.exists():  # noqa: ASYNC240 - once per module, before any server traffic
-        _missing(f"Chromium at {CHROMIUM}")
-    from playwright.async_api import async_playwright
-
-    async with async_playwright() as playwright:
-        chromium = await playwright.chromium.launch(
-            executable_path=str(CHROMIUM), args=CHROMIUM_ARGS
-        )
-        yield chromium
-        await chromium.close()
+    async with chromium() as launched:
+        yield launched
 
 
 @pytest.fixture(scope="package")
 def axe_source() -> str:
-    if not AXE.exists() and shutil.which("npm"):
-        subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=HERE, check=False)
-    if not AXE.exists():
-        _missing("axe-core (npm ci in tests/console)")
-    return AXE.read_text()
+    return npm_package(HERE, "axe-core/axe.min.js").read_text()
 
 
 @pytest.fixture
