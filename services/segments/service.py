@@ -343,12 +343,25 @@ class SegmentsService:
         self, project_id: UUID, profile_ids: Sequence[UUID], cause: ChangeCause
     ) -> None:
         """Re-evaluates the profiles' custom segments now, for changes that reach segments
-        without events of theirs (identity moving installations: splits, imports). Idempotent."""
+        without events of theirs (identity moving installations: splits, imports). An
+        installation moving may move a profile's time zone (its most recently seen installation
+        is another one now): the zone is read again, and a profile whose zone moved is
+        reclassified in it first. Idempotent."""
+        thresholds = await self._thresholds(project_id)
 
         async def work() -> None:
+            now = self._clock.now()
             async with self._repository.transaction() as tx:
-                await tx.lock_profiles(project_id, profile_ids)
-                await self._evaluate_custom(tx, project_id, profile_ids, self._clock.now(), cause)
+                rows = await tx.lock_profiles(project_id, profile_ids)
+                for row in rows.values():
+                    if row.erase_time is not None or row.merged_into is not None:
+                        continue
+                    time_zone = await self._refresh_time_zone(tx, project_id, row)
+                    if time_zone != row.time_zone:
+                        await self._reclassify(
+                            tx, project_id, row.profile_id, time_zone, thresholds, now, cause, now
+                        )
+                await self._evaluate_custom(tx, project_id, profile_ids, now, cause)
 
         await self._retrying(work)
 

@@ -150,3 +150,34 @@ async def test_segments_counts_days_in_the_zone_the_profile_shows_in_any_arrival
     )
     shown = profile.profile.summary.timezone or "UTC"
     assert (engagement.time_zone, shown) == (expected, expected), arrival
+
+
+async def test_a_logout_moves_the_zone_to_the_installation_that_stays(stack: Any) -> None:
+    # A split reaches segments without an event: it reads the zone again (it kept the phone's
+    # until the profile's next event).
+    suite: Suite
+    suite, segments = stack
+    phone, tablet = new_id(), new_id()
+    custom_id = f"tz-{new_id()}"
+    for device in (phone, tablet):
+        await suite.track(custom_event(device, name="opened", time=START))
+        await suite.identity.identify(device, custom_id)
+    await suite.track(event_of(Step(10, 1, "reported", "Europe/Paris"), tablet))
+    await suite.track(event_of(Step(20, 0, "reported", "Asia/Tokyo"), phone))
+    profile_id = await suite.identity.profile_of_custom_id(custom_id)
+    read = suite.project.metadata("read")
+
+    async def zones(profile: str) -> tuple[str, str]:
+        await suite.settle(groups=("query", "segments"))
+        engagement = await segments.GetEngagement(
+            segments_pb.GetEngagementRequest(profile_id=profile), metadata=read, timeout=10
+        )
+        view = await suite.query.GetProfile(
+            query_pb.GetProfileRequest(profile_id=profile), metadata=read, timeout=10
+        )
+        return engagement.time_zone, view.profile.summary.timezone
+
+    assert await zones(profile_id) == ("Asia/Tokyo", "Asia/Tokyo")  # the phone, seen last
+    anonymous = (await suite.identity.logout(phone)).profile_id
+    assert await zones(profile_id) == ("Europe/Paris", "Europe/Paris")
+    assert await zones(anonymous) == ("Asia/Tokyo", "Asia/Tokyo")
