@@ -57,6 +57,10 @@ GROUP_SQL = {"and": " AND ", "or": " OR "}
 # The SQL type of each operand type's parameter.
 CAST_SQL = {"number": "float8", "bool": "boolean", "timestamp": "timestamptz"}
 TEXT_TYPES = ("string", "url")
+# ignore_case's fold: lower-case by Unicode's rules whatever the database's locale (0050; the
+# embedded server's "C" locale makes lower() fold ASCII only). The funnel steps' SQL function
+# (funnel_step_value_matches) folds with it too.
+FOLD_CASE = "segments_fold_case"
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,7 +162,7 @@ def _condition(node: FilterNode, b: SqlBuilder) -> str:
         " WHERE e.project_id = $1 AND e.profile_id = p.profile_id"
         f" AND e.kind = {CUSTOM_EVENT_KIND} AND e.name = {b.param(node.event_name, 'text')}"
         f" AND e.event_time > $2 - interval '24 hours' * {b.param(node.within_last_days, 'int')}"
-        f" AND e.event_time <= $2) {COMPARISON_SQL[node.operator]}"
+        f") {COMPARISON_SQL[node.operator]}"
         f" {b.param(node.count, 'bigint')}"
     )
 
@@ -220,7 +224,7 @@ def _seen(node: SeenTest, b: SqlBuilder) -> str:
     )
     if node.within_last_days is not None:
         days = b.param(node.within_last_days, "int")
-        return f"({moment} > $2 - interval '24 hours' * {days} AND {moment} <= $2)"
+        return f"({moment} > $2 - interval '24 hours' * {days})"
     parts = []
     if node.start_time is not None:
         parts.append(f"{moment} >= {b.param(node.start_time, 'timestamptz')}")
@@ -275,7 +279,9 @@ def _typed_test(
         assert test.value is not None
         listed = f"to_jsonb({_bind(test.value, b)})"
         if fold:
-            return f"lower(({items})::text) {COMPARISON_SQL[op]} lower(({listed})::text)"
+            return (
+                f"{FOLD_CASE}(({items})::text) {COMPARISON_SQL[op]} {FOLD_CASE}(({listed})::text)"
+            )
         return f"{items} {COMPARISON_SQL[op]} {listed}"
     cast = CAST_SQL.get(value_type)
     stored = f"CASE WHEN {is_type} THEN {access.text_sql} END"
@@ -287,7 +293,7 @@ def _typed_test(
         values = [v.value for v in test.values]
         array = b.param(values, "float8[]" if value_type == "number" else "text[]")
         if fold and text:
-            return f"{stored} IN (SELECT lower(x) FROM unnest({array}) AS x)"
+            return f"{stored} IN (SELECT {FOLD_CASE}(x) FROM unnest({array}) AS x)"
         return f"{stored} = ANY({array})"
     assert test.value is not None
     operand = _case(_bind(Operand(value_type, test.value.value), b), fold and text)
@@ -299,7 +305,7 @@ def _typed_test(
 
 
 def _case(expression: str, fold: bool) -> str:
-    return f"lower({expression})" if fold else expression
+    return f"{FOLD_CASE}({expression})" if fold else expression
 
 
 def event_condition_sql(test: AttributeTest, b: SqlBuilder) -> str:

@@ -89,6 +89,46 @@ async def test_attribute_conditions_compare_by_type(stack: Stack) -> None:
         assert await stack.members(filter_node) == expected, filter_node
 
 
+async def test_ignore_case_folds_letters_beyond_ascii_and_keeps_accents(stack: Stack) -> None:
+    # The embedded server's "C" locale lower-cases ASCII only: ignore_case folded "É" to
+    # nothing, so these matched nobody and NOT_EQUALS matched a value differing in case only.
+    a, b = await stack.track(
+        set_attributes(
+            "inst-a",
+            city="ÉCOLE",
+            tags=["Ünal"],
+            native={types_pb2.NATIVE_ATTRIBUTE_FIRST_NAME: "Éric"},
+        ),
+        set_attributes("inst-b", city="Straße Ωmega"),
+    )
+    cases = [
+        (attribute("city", EQ, "école", ignore_case=True), {a}),
+        (attribute("city", NE, "école", ignore_case=True), {b}),
+        (attribute("city", IN, values=["école", "x"], ignore_case=True), {a}),
+        (attribute("city", STARTS, "éc", ignore_case=True), {a}),
+        (attribute("city", CONTAINS, "ωMEGA", ignore_case=True), {b}),
+        (attribute("tags", CONTAINS, "ünal", ignore_case=True), {a}),
+        (attribute("tags", EQ, ["ÜNAL"], ignore_case=True), {a}),
+        (attribute(types_pb2.NATIVE_ATTRIBUTE_FIRST_NAME, EQ, "ÉRIC", ignore_case=True), {a}),
+        # Case only: accents stay, and without ignore_case the case counts.
+        (attribute("city", EQ, "ecole", ignore_case=True), set()),
+        (attribute("city", EQ, "école"), set()),
+    ]
+    for filter_node, expected in cases:
+        assert await stack.members(filter_node) == expected, filter_node
+
+
+async def test_seen_and_event_counts_take_times_a_little_ahead_of_the_clock(stack: Stack) -> None:
+    # A device clock a few minutes ahead (ingest accepts up to 10): the profile is active now,
+    # so "within the last 7 days" holds at once, not once the clock has caught up.
+    (ahead,) = await stack.track(
+        custom_event("inst-ahead", "purchase", stack.clock.now() + timedelta(minutes=5))
+    )
+    assert await stack.members(condition(last_seen=f.TimeWindow(within_last_days=7))) == {ahead}
+    bought = f.EventCountCondition(event_name="purchase", operator=GE, count=1, within_last_days=7)
+    assert await stack.members(condition(event_count=bought)) == {ahead}
+
+
 async def test_timestamp_operands_at_both_ends_of_the_range_match(stack: Stack) -> None:
     # The first and last microsecond a timestamp holds: asyncpg sent them as -infinity and
     # infinity, so EQUALS matched nothing.

@@ -210,6 +210,7 @@ VALUES: list[dict[str, Any] | None] = [
     None,
     {"string_value": "Pro"},
     {"string_value": "pro plan"},
+    {"string_value": "ÉCOLE Ωmega"},
     {"url_value": "https://example.com/Pro"},
     {"number_value": 5},
     {"number_value": 12.5},
@@ -217,15 +218,26 @@ VALUES: list[dict[str, Any] | None] = [
     {"bool_value": False},
     {"timestamp_value": "2024-05-01T12:00:00Z"},
     {"string_list_value": {"values": ["red", "Blue"]}},
+    {"string_list_value": {"values": ["Ünal"]}},
     {"string_list_value": {}},
 ]
 OPERANDS: dict[str, list[Operand]] = {
-    "string": [Operand("string", "Pro"), Operand("string", "pro"), Operand("string", "blue")],
+    "string": [
+        Operand("string", "Pro"),
+        Operand("string", "pro"),
+        Operand("string", "blue"),
+        Operand("string", "école ω"),
+        Operand("string", "ünal"),
+    ],
     "url": [Operand("url", "https://example.com/pro")],
     "number": [Operand("number", 5.0), Operand("number", 10.0)],
     "bool": [Operand("bool", True)],
     "timestamp": [Operand("timestamp", T0), Operand("timestamp", T0 + HOUR)],
-    "string_list": [Operand("string_list", ("red", "Blue")), Operand("string_list", ("red",))],
+    "string_list": [
+        Operand("string_list", ("red", "Blue")),
+        Operand("string_list", ("red",)),
+        Operand("string_list", ("ünal",)),
+    ],
 }
 
 

@@ -344,7 +344,8 @@ class AttributeCondition(_message.Message):
     """The comparison; see `Operator` for the types each accepts."""
     ignore_case: _builtins.bool
     """When true, strings compare case-insensitively (EQUALS, NOT_EQUALS, IN, CONTAINS,
-    STARTS_WITH). Default false: exact, case-sensitive comparison. Email is always
+    STARTS_WITH), letters lower-cased by Unicode's rules ("ÉCOLE" equals "école"; accents are
+    kept: "ecole" does not). Default false: exact, case-sensitive comparison. Email is always
     case-insensitive.
     """
     @_builtins.property
@@ -530,8 +531,9 @@ class TimeWindow(_message.Message):
     RANGE_FIELD_NUMBER: _builtins.int
     WITHIN_LAST_DAYS_FIELD_NUMBER: _builtins.int
     within_last_days: _builtins.int
-    """Within the last N x 24 hours before the moment of evaluation: 1 to 3650. Wrap in NOT for
-    "more than N days ago".
+    """Within the last N x 24 hours before the moment of evaluation: 1 to 3650. A time ahead of
+    the moment (a device clock ahead, within what ingest accepts) counts as within. Wrap in
+    NOT for "more than N days ago".
     """
     @_builtins.property
     def range(self) -> Global___TimeRange:
@@ -606,7 +608,9 @@ class EventCountCondition(_message.Message):
     count: _builtins.int
     """The count to compare with, 0 to 1,000,000."""
     within_last_days: _builtins.int
-    """The window: the last N x 24 hours before the moment of evaluation, 1 to 365."""
+    """The window: the last N x 24 hours before the moment of evaluation, 1 to 365; events timed
+    ahead of the moment (a device clock ahead, within what ingest accepts) count.
+    """
     def __init__(
         self,
         *,

@@ -161,7 +161,9 @@ class EventAttributeCondition(_message.Message):
     operator: _filters_pb2.Operator.ValueType
     """The comparison; the operators and types are those of a segment's attribute condition."""
     ignore_case: _builtins.bool
-    """When true, strings compare case-insensitively. Default false."""
+    """When true, strings compare case-insensitively, letters lower-cased by Unicode's rules (as
+    AttributeCondition.ignore_case). Default false.
+    """
     @_builtins.property
     def value(self) -> _types_pb2.AttributeValue:
         """The operand of every operator except IN and EXISTS; must be unset for those two."""

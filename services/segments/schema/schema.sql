@@ -279,13 +279,8 @@ AS $function$
           WHERE x.step_time <= p_as_of ORDER BY x.step_time DESC LIMIT 1) END
 $function$;
 
--- Whether one event attribute value (the proto JSON of AttributeValue, as stored in
--- events.payload: {"number_value": 1.5}, {"string_list_value": {"values": [...]}}) passes one
--- funnel step condition (model.AttributeTest as stored in funnels.steps: {"operator": 1,
--- "value": {"type": "number", "value": 1.5}, "values": [...], "ignore_case": false, ...}).
--- The same rule as services/segments/filter_sql.py event_condition_sql (a test compares both
--- on every operator and type): a value of another type than the operand's never matches
--- (NOT_EQUALS included); ignore_case folds text; a string CONTAINS also looks into string lists.
+-- The funnel steps' condition (0005), folding with segments_fold_case (the filters' SQL,
+-- services/segments/filter_sql.py, does the same).
 CREATE OR REPLACE FUNCTION public.funnel_step_value_matches(p_test jsonb, p_value jsonb)
  RETURNS boolean
  LANGUAGE plpgsql
@@ -323,11 +318,13 @@ BEGIN
         IF op = 8 THEN  -- CONTAINS: one item equals the operand
             RETURN EXISTS (
                 SELECT 1 FROM jsonb_array_elements_text(items) AS i(item)
-                WHERE CASE WHEN fold THEN lower(i.item) = lower(operand->>'value')
+                WHERE CASE WHEN fold
+                           THEN segments_fold_case(i.item) = segments_fold_case(operand->>'value')
                            ELSE i.item = operand->>'value' END);
         END IF;
         IF fold THEN
-            RETURN funnel_compare(lower(items::text), lower((operand->'value')::text), op);
+            RETURN funnel_compare(segments_fold_case(items::text),
+                                  segments_fold_case((operand->'value')::text), op);
         END IF;
         RETURN funnel_compare(items, operand->'value', op);
     END IF;
@@ -347,20 +344,20 @@ BEGIN
     END IF;
     -- string, url
     IF fold THEN
-        stored := lower(stored);
+        stored := segments_fold_case(stored);
     END IF;
     IF op = 7 THEN  -- IN
         RETURN stored IN (
-            SELECT CASE WHEN fold THEN lower(x->>'value') ELSE x->>'value' END
+            SELECT CASE WHEN fold THEN segments_fold_case(x->>'value') ELSE x->>'value' END
             FROM jsonb_array_elements(p_test->'values') x);
     ELSIF op = 8 THEN
-        RETURN strpos(stored, CASE WHEN fold THEN lower(operand->>'value')
+        RETURN strpos(stored, CASE WHEN fold THEN segments_fold_case(operand->>'value')
                                    ELSE operand->>'value' END) > 0;
     ELSIF op = 9 THEN
-        RETURN starts_with(stored, CASE WHEN fold THEN lower(operand->>'value')
+        RETURN starts_with(stored, CASE WHEN fold THEN segments_fold_case(operand->>'value')
                                         ELSE operand->>'value' END);
     END IF;
-    RETURN funnel_compare(stored, CASE WHEN fold THEN lower(operand->>'value')
+    RETURN funnel_compare(stored, CASE WHEN fold THEN segments_fold_case(operand->>'value')
                                        ELSE operand->>'value' END, op);
 END $function$;
 
@@ -707,6 +704,12 @@ AS $function$
     WHERE g.project_id = p_project_id
     ORDER BY g.create_seq
 $function$;
+
+CREATE OR REPLACE FUNCTION public.segments_fold_case(value text)
+ RETURNS text
+ LANGUAGE sql
+ IMMUTABLE PARALLEL SAFE
+RETURN lower((value COLLATE pg_c_utf8));
 
 
 -- ============================================================================================
