@@ -457,6 +457,7 @@ class Consumer:
         self._backoff_initial_s = backoff_initial_s
         self._backoff_max_s = backoff_max_s
         self._stop = asyncio.Event()
+        self._waiting_for_new = False
         self._group_ready = False
         self._own_pending_due = True
         self._next_claim = 0.0
@@ -466,6 +467,11 @@ class Consumer:
     def stop(self) -> None:
         """Asks `run()` to return once the current batch is handled."""
         self._stop.set()
+
+    @property
+    def waiting_for_new(self) -> bool:
+        """True while blocked reading new entries, with none in hand."""
+        return self._waiting_for_new
 
     async def run(self) -> None:
         """Consumes until `stop()`; survives Redis outages and handler failures."""
@@ -563,7 +569,11 @@ class Consumer:
                 return
 
     async def _read_new(self) -> None:
-        entries = await self._read(">", block_ms=self._block_ms)
+        self._waiting_for_new = True
+        try:
+            entries = await self._read(">", block_ms=self._block_ms)
+        finally:
+            self._waiting_for_new = False
         if entries:
             # A `>` read is by definition the first delivery.
             await self._process(entries, {})
@@ -692,7 +702,13 @@ class ConsumerWorker:
 
     async def stop(self) -> None:
         self._consumer.stop()
-        # A consumer blocked in XREADGROUP only sees the stop when its BLOCK ends.
+        if self._consumer.waiting_for_new:
+            # Blocked in XREADGROUP with nothing in hand: the server cancels it now rather than
+            # at the BLOCK's end (every service stop waited up to stop_wait_s per consumer).
+            # Entries Redis delivers to the cancelled read stay pending under this consumer's
+            # name and are handled again (its next run, or another consumer's claim).
+            return
+        # A consumer handling a batch sees the stop once the batch is handled.
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self._stop_wait_s):
                 await self._finished.wait()

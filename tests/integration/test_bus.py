@@ -16,7 +16,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from profiles.common.v1.bus_pb2 import ProfileChanged
 from profiles.diagnostics.v1.diagnostics_service_pb2 import EchoRequest, EchoResponse
-from shared.bus import Bus, Consumer, Envelope, Notice, Topic
+from shared.bus import Bus, Consumer, ConsumerWorker, Envelope, Notice, Topic
 from shared.notices import LiveNotices, NoticeWorker, SerializedNotice
 from shared.topics import profile_channel
 
@@ -176,6 +176,61 @@ async def test_restarted_consumer_handles_its_own_pending_entries_first(
         await eventually(lambda: len(restarted.handled) == 3)
 
     assert sorted(restarted.numbers()) == [0, 1, 2]
+
+
+async def test_a_worker_blocked_on_an_empty_stream_stops_without_waiting_and_loses_nothing(
+    bus: Bus, group: str, eventually: Any
+) -> None:
+    # A consumer idle in XREADGROUP (BLOCK of a minute here) has nothing in hand: its worker's
+    # stop returns at once instead of waiting for the BLOCK or its own wait (a minute too), and
+    # the server cancels the read. What is published after is handled by the next run.
+    idle = consumer(bus, group, Recorder(), block_ms=60_000)
+    worker = ConsumerWorker(idle, stop_wait_s=60)
+    task = asyncio.create_task(worker.run())
+    await eventually(lambda: idle.waiting_for_new)
+    stopping = asyncio.create_task(worker.stop())
+    for _ in range(10):
+        await asyncio.sleep(0)
+    assert stopping.done()  # did not wait for the read to end, nor for its own wait
+    assert not task.done()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+    await bus.publish(ECHO, [echo(n) for n in range(3)])
+    restarted = Recorder()
+    async with running(consumer(bus, group, restarted)):
+        await eventually(lambda: len(restarted.handled) == 3)
+    assert sorted(restarted.numbers()) == [0, 1, 2]
+
+
+async def test_a_worker_handling_a_batch_lets_it_finish_before_stopping(
+    bus: Bus, group: str, eventually: Any
+) -> None:
+    started, release = asyncio.Event(), asyncio.Event()
+    handled: list[int] = []
+
+    async def slow(project_id: str, message: Message, entry_id: str) -> None:
+        assert isinstance(message, EchoRequest)
+        started.set()
+        await release.wait()
+        handled.append(int(message.payload))
+
+    await bus.publish(ECHO, [echo(1)])
+    busy = consumer(bus, group, slow)
+    worker = ConsumerWorker(busy, stop_wait_s=60)
+    task = asyncio.create_task(worker.run())
+    await eventually(started.is_set)
+    assert not busy.waiting_for_new
+    stopping = asyncio.create_task(worker.stop())
+    for _ in range(10):
+        await asyncio.sleep(0)
+    assert not stopping.done()  # waits for the batch in hand
+    release.set()
+    await stopping
+    await task
+    assert handled == [1]
+    assert await pending_count(bus, group) == 0
 
 
 async def test_two_consumers_in_one_group_share_the_stream_without_double_handling(
