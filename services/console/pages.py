@@ -27,6 +27,7 @@ from starlette.responses import (
 
 from profiles.identity.v1 import identity_service_pb2 as identity_pb
 from profiles.query.v1 import query_service_pb2 as query_pb
+from profiles.query.v1 import timeline_pb2 as timeline_pb
 from profiles.segments.v1 import segments_service_pb2 as segments_pb
 from services.console import present
 from services.console.backend import Backend
@@ -48,7 +49,12 @@ T = TypeVar("T")
 Handler = Callable[[Request, ConsoleSession], Awaitable[Response]]
 
 SORTS = {"last_seen": 1, "sessions": 2, "time_spent": 3, "name": 4}
-TABS = {"all": 0, "identified": 1, "anonymous": 2}
+TABS = {
+    "all": query_pb.PROFILE_IDENTITY_FILTER_UNSPECIFIED,
+    "identified": query_pb.PROFILE_IDENTITY_FILTER_IDENTIFIED,
+    "anonymous": query_pb.PROFILE_IDENTITY_FILTER_ANONYMOUS,
+    "details": query_pb.PROFILE_IDENTITY_FILTER_HAS_USER_DETAILS,
+}
 # The users table's rows per page.
 USERS_PAGE_SIZE = 50
 # The users table pages back through the page tokens that led to the page, kept in its URL
@@ -572,14 +578,16 @@ def lookups(text: str, kind: str) -> list[dict[str, str]]:
     text = text.strip()
     if kind == "profile_id":
         return [{kind: canonical_uuid(text) or text}]
-    if kind in ("email", "phone", "custom_id", "installation_id"):
+    if kind == "phone":
+        return [{kind: present.phone_number(text) or text}]
+    if kind in ("email", "custom_id", "installation_id"):
         return [{kind: text}]
     if kind == "name":
         return []
     if "@" in text:
         return [{"email": text}]
-    if text.startswith("+") and text[1:].isdigit():
-        return [{"phone": text}]
+    if present.phone_number(text):
+        return [{"phone": present.phone_number(text)}]
     profile_id = canonical_uuid(text)
     if not profile_id:
         return [{"custom_id": text}, {"installation_id": text}]
@@ -648,6 +656,8 @@ async def search(request: Request, session: ConsoleSession) -> Response:
                 if found is not None:
                     return found
             context["message"] = f"No profile matches “{present.shorten(text)}”."
+            if any("phone" in lookup for lookup in tries):
+                context["hint"] = present.PHONE_MATCHING
     return render(request, "search.html", context, session=session)
 
 
@@ -754,7 +764,13 @@ async def profile_page(request: Request, session: ConsoleSession) -> Response:
     profile = profile_reply.profile
     canonical = profile.summary.profile_id
     if canonical != profile_id:
-        return RedirectResponse(f"/profiles/{canonical}", status_code=303)
+        # A merged-away ID opens its survivor, which says so: the ID it was opened by goes
+        # along (the page checks it before saying anything).
+        merged = profile_reply.resolved_from_profile_id or profile_id
+        return RedirectResponse(
+            f"/profiles/{canonical}?" + urlencode({"merged_from": merged}), status_code=303
+        )
+    merged_from = await _merged_into(console, session, params.get("merged_from", ""), canonical)
     session_refused = events_refused is not None and events_refused.box == "session"
     days = present.last_days(activity.days, activity.time_zone, loaded, ACTIVITY_DAYS)
     chart = present.bar_chart(
@@ -802,7 +818,9 @@ async def profile_page(request: Request, session: ConsoleSession) -> Response:
             "next_sessions": next_sessions,
             "newest_sessions": _query_string(session=session_id, **kept) if sessions_token else "",
             "chart": chart,
-            "activity_zone": activity.time_zone,
+            "activity_zone": present.activity_zone(activity.time_zone),
+            "activity_days": present.activity_days(days),
+            "activity_top": max((day.event_count for day in days), default=0),
             "live_since": live_cursor(0, loaded),
             # The live feed shows every kind: it is for the whole, unfiltered timeline.
             "live_enabled": not events_token and not session_id and not kind and not event_name,
@@ -821,9 +839,29 @@ async def profile_page(request: Request, session: ConsoleSession) -> Response:
             "filter_query": urlencode({k: v for k, v in kept.items() if v}),
             "notices": notices,
             "found_by": found_by,
+            "merged_from": merged_from,
+            "history": present.history_rows(profile.identity_changes, canonical),
         },
         session=session,
     )
+
+
+async def _merged_into(
+    console: Console, session: ConsoleSession, merged_from: str, canonical: str
+) -> str:
+    """`merged_from` (the `merged_from` parameter: the ID a merged-away profile was opened by)
+    when the service resolves it to `canonical`, else "": an altered link claims no merge."""
+    merged_from = canonical_uuid(merged_from)
+    if not merged_from or merged_from == canonical:
+        return ""
+    try:
+        reply = await console.backend.call(
+            session.key, "query", "GetProfile", query_pb.GetProfileRequest(profile_id=merged_from)
+        )
+    except (NotFound, BadInput):
+        return ""
+    resolved = reply.resolved_from_profile_id == merged_from
+    return merged_from if resolved and reply.profile.summary.profile_id == canonical else ""
 
 
 async def _a_page(
@@ -985,6 +1023,8 @@ def event_json(event: Any) -> dict[str, Any]:
         "time": present.when(event.event_time),
         "iso": present.iso(event.event_time),
         "details": present.event_details(event),
+        "origin": present.event_origin(event),
+        "stack_trace": present.stack_trace(event),
     }
 
 
@@ -1179,6 +1219,10 @@ async def profile_live(request: Request, session: ConsoleSession) -> Response:
                 if isinstance(item, Ended):
                     yield sse({"reason": item.reason}, event="ended")
                     return
+                if item.WhichOneof("item") == "event":
+                    item.event.CopyFrom(
+                        await with_stack_trace(console, session, profile_id, item.event)
+                    )
                 live = live_item(item)
                 if live is None:
                     continue
@@ -1197,6 +1241,29 @@ async def profile_live(request: Request, session: ConsoleSession) -> Response:
     return StreamingResponse(
         stream(), media_type="text/event-stream", headers={"Cache-Control": "no-store"}
     )
+
+
+async def with_stack_trace(
+    console: Console, session: ConsoleSession, profile_id: str, event: Any
+) -> Any:
+    """A live crash with its stack trace, as the timeline shows it: the live notice leaves the
+    trace out (it may be large), the stored event has it. The event as it came when the
+    service cannot say."""
+    if event.WhichOneof("details") != "crash" or event.crash.stack_trace:
+        return event
+    moment = present.ts(event.event_time)
+    if moment is None:
+        return event
+    request = query_pb.ListEventsRequest(
+        profile_id=profile_id, page_size=50, kinds=[timeline_pb.TIMELINE_EVENT_KIND_CRASH]
+    )
+    set_timestamp(request.start_time, moment - timedelta(milliseconds=1))
+    set_timestamp(request.end_time, moment + timedelta(milliseconds=1))
+    try:
+        reply = await console.backend.call(session.key, "query", "ListEvents", request)
+    except (ServiceDown, BadInput, NotFound):
+        return event
+    return next((e for e in reply.events if e.event_id == event.event_id), event)
 
 
 def _opens_or_ends(item: Any) -> bool:

@@ -116,6 +116,25 @@ FIELD_WORDS = {
     "session_id": "No such session: a session ID holds 1 to 64 characters, without control"
     " characters. Choose a session in the list.",
 }
+# A phone number as people write it: a leading +, then digits with spaces, dashes, dots,
+# slashes or brackets between them ("+1 (555) 000-0003").
+_WRITTEN_PHONE = re.compile(r"\+[\s(]*\d[\d\s().\-/]*")
+PHONE_MATCHING = (
+    "Phone numbers are matched in E.164 form: + then the country code and the number, digits"
+    " only (spaces, dashes, dots and brackets are left out: “+1 (555) 000-0003” is"
+    " +15550000003). A number written without its country code matches nothing."
+)
+
+
+def phone_number(text: str) -> str:
+    """`text` as the E.164 form the contract matches phones in ("+15550000003" for
+    "+1 555 000 0003" or "+1 (555) 000-0003"), or "" when it is not written as a phone."""
+    text = text.strip()
+    if not _WRITTEN_PHONE.fullmatch(text):
+        return ""
+    return "+" + re.sub(r"\D", "", text)
+
+
 # What a search found a profile by, said on its page when the text could be several kinds.
 FOUND_BY = {"custom_id": "Found by custom ID."}
 REFUSED = "The service refused this request: check the filters, or start again from the first page."
@@ -330,6 +349,9 @@ class UserRow:
 
     profile_id: str
     name: str
+    # What tells two rows of the same name apart: the custom ID when the name is not already it,
+    # else the start of the profile ID.
+    also: str
     # A person known by user details (a name, an email, a phone) but not by a custom ID:
     # Countly's users table tells them apart from the truly anonymous.
     details_without_id: bool
@@ -347,10 +369,16 @@ def user_rows(rows: Iterable[query_service_pb2.ProfileRow]) -> list[UserRow]:
         segment = SMART_SEGMENTS.get(row.smart_segment, "—")
         if row.smart_segment_flag:
             segment += " · " + smart_flag(row.smart_segment_flag)
+        name = display_name(row.first_name, row.last_name, row.custom_id, row.profile_id)
+        if row.custom_id:
+            also = "" if name == row.custom_id else row.custom_id
+        else:
+            also = "" if name.startswith("Anonymous ") else f"profile {row.profile_id[:8]}"
         found.append(
             UserRow(
                 profile_id=row.profile_id,
-                name=display_name(row.first_name, row.last_name, row.custom_id, row.profile_id),
+                name=name,
+                also=also,
                 details_without_id=row.anonymous and row.has_user_details,
                 device=row.device_model or "—",
                 platform=PLATFORM_LABELS.get(row.platform, "") if row.platform else "",
@@ -465,8 +493,7 @@ def event_title(event: timeline_pb2.TimelineEvent) -> str:
     """One line saying what happened."""
     kind = event.WhichOneof("details")
     if kind == "custom":
-        label = f" ({event.custom.label})" if event.custom.label else ""
-        return f"{event.custom.name}{label}"
+        return event.custom.name  # its label is a detail (`event_details`)
     if kind == "session":
         name = timeline_pb2.SessionEventType.Name(event.session.type)
         step = name.removeprefix("SESSION_EVENT_TYPE_").lower()
@@ -491,7 +518,8 @@ def event_details(event: timeline_pb2.TimelineEvent) -> list[tuple[str, str]]:
     """(name, value) pairs shown under an event."""
     kind = event.WhichOneof("details")
     if kind == "custom":
-        return [(k, attribute_value(v)) for k, v in sorted(event.custom.attributes.items())]
+        label = [("label", event.custom.label)] if event.custom.label else []
+        return label + [(k, attribute_value(v)) for k, v in sorted(event.custom.attributes.items())]
     if kind == "attribute_change":
         rows = []
         for op in event.attribute_change.operations:
@@ -517,8 +545,57 @@ def event_details(event: timeline_pb2.TimelineEvent) -> list[tuple[str, str]]:
             ("language", update.language),
             ("timezone", update.timezone),
         ]
+        # Push and uninstall: set only when the update carried them (a token itself is never
+        # returned, only whether one was registered or removed).
+        if update.HasField("push_token_present"):
+            pairs.append(("push token", "registered" if update.push_token_present else "removed"))
+        if update.HasField("push_opt_in"):
+            pairs.append(("push opt-in", "on" if update.push_opt_in else "off"))
+        if update.uninstalled:
+            pairs.append(("app", "uninstalled"))
+        return [(k, v) for k, v in pairs if v]
+    if kind == "identity_change":
+        change = event.identity_change
+        pairs = [("from", change.source_profile_id), ("into", change.target_profile_id)]
+        if change.installation_ids:
+            pairs.append(("installations", ", ".join(change.installation_ids)))
+        if change.alias_custom_id:
+            pairs.append(("custom ID kept as an alias", change.alias_custom_id))
         return [(k, v) for k, v in pairs if v]
     return []
+
+
+def event_origin(event: timeline_pb2.TimelineEvent) -> list[tuple[str, str]]:
+    """(name, value) pairs saying where an event came from: the installation and platform that
+    sent it, its session, whether an import brought it, the merged profile it was first on."""
+    pairs = []
+    if event.installation_id:
+        pairs.append(("installation", event.installation_id))
+    if event.platform:
+        pairs.append(("platform", PLATFORM_LABELS.get(event.platform, "?")))
+    if event.session_id and event.WhichOneof("details") != "session":
+        pairs.append(("session", event.session_id))
+    if event.imported:
+        pairs.append(("imported", "yes, by an import (not sent live)"))
+    if event.merged_from_profile_id:
+        pairs.append(("merged from profile", event.merged_from_profile_id))
+    return pairs
+
+
+def stack_trace(event: timeline_pb2.TimelineEvent) -> str:
+    """A crash's stack trace as sent ("" for another kind, or none sent)."""
+    return event.crash.stack_trace if event.WhichOneof("details") == "crash" else ""
+
+
+IMPORTED_UNSEEN = "imported, not seen yet"
+
+
+def installation_last_seen(installation: profile_pb2.Installation) -> str:
+    """When an installation was last seen, or IMPORTED_UNSEEN for a push token imported from a
+    previous provider that no SDK has sent since: its times are the import's, not a device's."""
+    if installation.imported:
+        return IMPORTED_UNSEEN
+    return when(installation.last_seen_time)
 
 
 def identity_change(change: profile_pb2.IdentityChange) -> str:
@@ -526,6 +603,42 @@ def identity_change(change: profile_pb2.IdentityChange) -> str:
     cause = profile_pb2.IdentityChangeCause.Name(change.cause)
     cause_text = cause.removeprefix("IDENTITY_CHANGE_CAUSE_").lower().replace("_", " ")
     return f"{kind} ({cause_text})"
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryRow:
+    """One merge or split of a profile's history, its profiles as IDs to link ("this profile"
+    marks the one whose page it is)."""
+
+    when: str
+    change: str
+    source: str
+    source_is_here: bool
+    target: str
+    target_is_here: bool
+    installations: str
+
+
+def history_rows(changes: Iterable[profile_pb2.IdentityChange], here: str) -> list[HistoryRow]:
+    """The identity history, newest first (ties by change ID, so that two changes committed in
+    the same second always read in the same order)."""
+    ordered = sorted(
+        changes,
+        key=lambda c: (c.change_time.seconds, c.change_time.nanos, c.change_id),
+        reverse=True,
+    )
+    return [
+        HistoryRow(
+            when=when(c.change_time),
+            change=identity_change(c),
+            source=c.source_profile_id,
+            source_is_here=c.source_profile_id == here,
+            target=c.target_profile_id,
+            target_is_here=c.target_profile_id == here,
+            installations=", ".join(c.installation_ids) or "—",
+        )
+        for c in ordered
+    ]
 
 
 def funnel_step_status(value: int) -> str:
@@ -610,6 +723,31 @@ def bar_chart(
             )
         )
     return bars
+
+
+@dataclass(frozen=True, slots=True)
+class ActivityDay:
+    """One day of a profile's activity as its table reads it."""
+
+    date: str
+    sessions: int
+    events: int
+    time_spent: str
+
+
+def activity_days(days: Iterable[Any]) -> list[ActivityDay]:
+    """GetActivity's days (DayActivity) as rows, newest first: the chart's figures without
+    hovering, for a keyboard and a screen reader."""
+    rows = [
+        ActivityDay(day.date, day.session_count, day.event_count, span(day.time_spent))
+        for day in days
+    ]
+    return sorted(rows, key=lambda row: row.date, reverse=True)
+
+
+def activity_zone(zone: str) -> str:
+    """The zone the activity chart counts days in, as its heading names it."""
+    return zone or "UTC"
 
 
 def hbars(items: Iterable[tuple[str, int]], *, width: float = 300) -> list[tuple[str, int, float]]:

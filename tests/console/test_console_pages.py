@@ -176,8 +176,8 @@ async def test_a_person_finds_a_profile_by_email_reads_it_and_signs_out(
     # Each engagement figure under the label of what it counts (Countly's three scores).
     engagement = page.locator("#engagement")
     for label, value in (
-        ("Sessions (score 2", str(profile.engagement.score2)),
-        ("Days with a session (score 3", str(profile.engagement.score3)),
+        ("Score 2: sessions", str(profile.engagement.score2)),
+        ("Score 3: days with a session", str(profile.engagement.score3)),
     ):
         await expect(engagement.locator("div", has_text=label).locator("dd")).to_have_text(value)
 
@@ -554,6 +554,13 @@ async def test_the_segments_page_streams_entries_and_exits(
     rows = page.locator("#segment-changes tbody tr")
     await expect(rows.first).to_be_visible()
     await expect(rows.first.locator("td").nth(2)).to_have_text(re.compile("entered|left"))
+    # The whole profile ID, linked: eight characters of it can be two profiles.
+    await expect(rows.first.locator("td").nth(1).get_by_role("link")).to_have_text(
+        re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+    )
+    # Newest "When" first, as the caption says.
+    times = await rows.locator("td:first-child").all_inner_texts()
+    assert times == sorted(times, reverse=True), times
 
 
 PAGES = (

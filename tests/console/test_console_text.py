@@ -50,7 +50,7 @@ async def test_the_activity_chart_ends_on_today_in_the_zone_it_counts_in(
     assert profile.summary.timezone == zone, profile
     await sign_in(page, console_suite)
     await page.goto(console_suite.url + f"/profiles/{profile.summary.profile_id}")
-    await expect(page.locator("#activity-title")).to_contain_text(f"({zone})")
+    await expect(page.locator("#activity-heading")).to_contain_text(f"({zone})")
     bars = page.locator("#activity svg.chart g > title")
     await expect(bars).to_have_count(30)
     await expect(bars.last).to_contain_text(f"{today.isoformat()}: ")

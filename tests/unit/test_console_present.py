@@ -9,7 +9,7 @@ from pathlib import Path
 from google.protobuf import duration_pb2, timestamp_pb2
 
 from profiles.common.v1 import types_pb2
-from profiles.query.v1 import overview_pb2, timeline_pb2
+from profiles.query.v1 import overview_pb2, profile_pb2, timeline_pb2
 from profiles.query.v1 import query_service_pb2 as query_pb
 from profiles.segments.v1 import filters_pb2
 from services.console import present
@@ -290,3 +290,138 @@ def test_a_filtered_timeline_says_what_it_shows() -> None:
     )
     kinds = {k for _, listed in present.TIMELINE_KINDS.values() for k in listed}
     assert kinds == set(timeline_pb2.TimelineEventKind.values()) - {0}
+
+
+def test_an_installation_update_tells_its_push_token_opt_in_and_uninstall() -> None:
+    def update(**fields: object) -> timeline_pb2.TimelineEvent:
+        return timeline_pb2.TimelineEvent(
+            installation_update=timeline_pb2.InstallationUpdateDetails(**fields)  # type: ignore[arg-type]
+        )
+
+    assert present.event_details(
+        update(app_version="5.1", push_token_present=True, push_opt_in=True)
+    ) == [("app version", "5.1"), ("push token", "registered"), ("push opt-in", "on")]
+    assert present.event_details(
+        update(push_token_present=False, push_opt_in=False, uninstalled=True)
+    ) == [("push token", "removed"), ("push opt-in", "off"), ("app", "uninstalled")]
+    # Not carried by the update: not told (an unset optional is no "off").
+    assert present.event_details(update(language="fr")) == [("language", "fr")]
+
+
+def test_a_timeline_entry_tells_where_it_came_from_and_all_its_payload() -> None:
+    event = timeline_pb2.TimelineEvent(
+        installation_id="inst-9",
+        platform=types_pb2.PLATFORM_ANDROID,
+        session_id="s-1",
+        imported=True,
+        merged_from_profile_id="6f1e2c1a-0d7e-4a51-9b55-1d7c7d3f0a11",
+        custom=timeline_pb2.CustomEventDetails(name="purchase", label="spring sale"),
+    )
+    assert present.event_title(event) == "purchase"
+    assert ("label", "spring sale") in present.event_details(event)
+    assert present.event_origin(event) == [
+        ("installation", "inst-9"),
+        ("platform", "Android"),
+        ("session", "s-1"),
+        ("imported", "yes, by an import (not sent live)"),
+        ("merged from profile", "6f1e2c1a-0d7e-4a51-9b55-1d7c7d3f0a11"),
+    ]
+    assert present.event_origin(timeline_pb2.TimelineEvent()) == []
+    crash = timeline_pb2.TimelineEvent(
+        crash=timeline_pb2.CrashDetails(name="E", reason="r", stack_trace="at <main>\n  at x")
+    )
+    assert present.stack_trace(crash) == "at <main>\n  at x"
+    assert present.stack_trace(event) == ""
+    merge = timeline_pb2.TimelineEvent(
+        identity_change=profile_pb2.IdentityChange(
+            kind=profile_pb2.IDENTITY_CHANGE_KIND_MERGE,
+            cause=profile_pb2.IDENTITY_CHANGE_CAUSE_OPERATOR_MERGE,
+            source_profile_id="a",
+            target_profile_id="b",
+            installation_ids=["i1", "i2"],
+            alias_custom_id="old-id",
+        )
+    )
+    assert present.event_details(merge) == [
+        ("from", "a"),
+        ("into", "b"),
+        ("installations", "i1, i2"),
+        ("custom ID kept as an alias", "old-id"),
+    ]
+
+
+def test_an_imported_token_not_yet_seen_reads_so_rather_than_a_last_seen_time() -> None:
+    seen = profile_pb2.Installation(last_seen_time=timestamp_pb2.Timestamp(seconds=86_400))
+    imported = profile_pb2.Installation(
+        imported=True, last_seen_time=timestamp_pb2.Timestamp(seconds=86_400)
+    )
+    assert present.installation_last_seen(seen) == "1970-01-02 00:00:00 UTC"
+    assert present.installation_last_seen(imported) == "imported, not seen yet"
+
+
+def test_a_phone_typed_with_spaces_dashes_dots_or_brackets_is_looked_up_in_e164() -> None:
+    for typed in ("+1 555 000 0003", "+1 (555) 000-0003", "+1.555.000.0003", " +15550000003 "):
+        assert lookups(typed, "auto") == [{"phone": "+15550000003"}], typed
+    assert lookups("+1 555-000-0003", "phone") == [{"phone": "+15550000003"}]
+    # Not a phone: as before.
+    assert lookups("+ abc", "auto") == [{"custom_id": "+ abc"}, {"installation_id": "+ abc"}]
+    assert present.phone_number("555 000") == ""
+
+
+def test_the_users_table_tells_rows_of_the_same_name_apart() -> None:
+    rows = present.user_rows(
+        [
+            query_pb.ProfileRow(profile_id="11111111-x", first_name="Ana", custom_id="crm-1"),
+            query_pb.ProfileRow(profile_id="22222222-x", first_name="Ana", anonymous=True),
+            query_pb.ProfileRow(profile_id="33333333-x", custom_id="crm-3"),
+            query_pb.ProfileRow(profile_id="44444444-x", anonymous=True),
+        ]
+    )
+    assert [(r.name, r.also) for r in rows] == [
+        ("Ana", "crm-1"),
+        ("Ana", "profile 22222222"),
+        ("crm-3", ""),
+        ("Anonymous 44444444", ""),
+    ]
+
+
+def test_the_identity_history_is_newest_first_and_marks_this_profile() -> None:
+    def change(seconds: int, change_id: str, source: str, target: str) -> object:
+        return profile_pb2.IdentityChange(
+            change_id=change_id,
+            kind=profile_pb2.IDENTITY_CHANGE_KIND_MERGE,
+            cause=profile_pb2.IDENTITY_CHANGE_CAUSE_IDENTIFY,
+            change_time=timestamp_pb2.Timestamp(seconds=seconds),
+            source_profile_id=source,
+            target_profile_id=target,
+        )
+
+    rows = present.history_rows(
+        [change(10, "a", "old", "me"), change(20, "b", "me", "new"), change(20, "c", "x", "me")],
+        "me",
+    )
+    assert [(r.source, r.target) for r in rows] == [("x", "me"), ("me", "new"), ("old", "me")]
+    assert [(r.source_is_here, r.target_is_here) for r in rows] == [
+        (False, True),
+        (True, False),
+        (False, True),
+    ]
+    assert rows[0].installations == "—"
+
+
+def test_the_activity_table_lists_each_day_newest_first_in_a_named_zone() -> None:
+    days = [
+        timeline_pb2.DayActivity(date="2026-12-01", session_count=1, event_count=4),
+        timeline_pb2.DayActivity(
+            date="2026-12-02",
+            session_count=2,
+            event_count=9,
+            time_spent=duration_pb2.Duration(seconds=65),
+        ),
+    ]
+    assert present.activity_days(days) == [
+        present.ActivityDay("2026-12-02", 2, 9, "1 min 05 s"),
+        present.ActivityDay("2026-12-01", 1, 4, "0 s"),
+    ]
+    assert present.activity_zone("") == "UTC"
+    assert present.activity_zone("Europe/Paris") == "Europe/Paris"

@@ -158,18 +158,29 @@ function followProfile(box) {
       const entry = element("li", undefined, "new");
       if (item.event_id) entry.dataset.eventId = item.event_id;
       entry.append(element("span", item.time, "time"), " ", element("strong", item.title));
-      if (item.details && item.details.length) {
-        const list = element("ul", undefined, "details");
-        for (const [key, value] of item.details) {
-          const row = element("li");
-          row.append(element("span", key, "key"), " ", element("bdi", value));
-          list.append(row);
-        }
-        entry.append(list);
+      entry.append(...pairList(item.details, "details"));
+      if (item.stack_trace) {
+        // Collapsed as on the timeline; text only, never markup.
+        const trace = element("details", undefined, "trace");
+        trace.append(element("summary", "Stack trace"), element("pre", item.stack_trace));
+        entry.append(trace);
       }
+      entry.append(...pairList(item.origin, "details origin"));
       feed.prepend(entry);
     },
   });
+}
+
+// (name, value) pairs as the timeline lists them: none when there are none.
+function pairList(pairs, className) {
+  if (!pairs || !pairs.length) return [];
+  const list = element("ul", undefined, className);
+  for (const [key, value] of pairs) {
+    const row = element("li");
+    row.append(element("span", key, "key"), " ", element("bdi", value));
+    list.append(row);
+  }
+  return [list];
 }
 
 // A time as the page writes it: it wraps between date, time and zone, never inside the date.
@@ -231,7 +242,7 @@ function showAttribute(item) {
     row.cells[1].textContent = item.type;
     row.cells[2].textContent = item.value;
     row.cells[2].className = "value";
-    row.cells[3].textContent = item.time;
+    row.cells[3].replaceWith(timeCell(item.time));
   }
 }
 
@@ -245,14 +256,20 @@ function followSegments(table) {
     onOpen: () => { status.textContent = "Live: entries and exits of the last hour, then as they happen."; },
     onItem: (change) => {
       const row = element("tr");
-      const link = element("a", change.profile_id.slice(0, 8));
+      // The whole ID: eight characters of it can be two profiles.
+      const link = element("a", change.profile_id);
       link.href = "/profiles/" + encodeURIComponent(change.profile_id);
-      const who = element("td");
+      const who = element("td", undefined, "value");
       who.append(link);
       const segment = element("td");
       segment.append(element("bdi", change.segment));
+      row.dataset.time = change.time;
       row.append(element("td", change.time), who, element("td", change.transition), segment);
-      body.prepend(row);
+      // Newest "When" first, as the caption says: a change recorded late (an event sent days
+      // after it happened) goes below the later ones. Times read "YYYY-MM-DD HH:MM:SS UTC", in
+      // the order of their text; a tie keeps the latest recorded first.
+      const later = Array.from(body.rows).find((other) => other.dataset.time <= change.time);
+      if (later) body.insertBefore(row, later); else body.append(row);
       while (body.rows.length > 200) body.deleteRow(-1);
     },
   });
