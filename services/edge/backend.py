@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -77,6 +78,8 @@ class Outcome:
     """What the steps of one request did, for metrics and tests."""
 
     api_key: str = field(default="", repr=False)
+    # When the edge received the request (time.monotonic()).
+    received: float = field(default=0.0, repr=False)
     accepted: int = 0
     duplicate: int = 0
     rejected: int = 0
@@ -144,6 +147,21 @@ def untranslated_event(reject: Reject, dialect: str) -> ingest_pb.Event:
         )
     event.untranslated.message.CopyFrom(message)
     return event
+
+
+def _advance_send_times(events: Sequence[ingest_pb.Event], elapsed: float) -> None:
+    """Advances the SDK's send time of each event by the seconds `elapsed` since the edge
+    received the request. Ingest corrects clock skew with its own arrival time (its receive
+    time - send time): the time the edge spent before this call (an Identify, an earlier
+    batch) would otherwise be added to every event, and shift a login's events after those
+    the SDK sent a moment later. An event without send time (Countly's) is left alone. Each
+    event is sent once per request, so each is advanced once."""
+    nanos = max(0, round(elapsed * 1e9))
+    if not nanos:
+        return
+    for event in events:
+        if event.HasField("send_time"):
+            event.send_time.FromNanoseconds(event.send_time.ToNanoseconds() + nanos)
 
 
 def _batches(events: Sequence[ingest_pb.Event]) -> list[list[ingest_pb.Event]]:
@@ -242,18 +260,28 @@ class Backend:
         )
         return all(results)
 
-    async def execute(self, translation: Translation, api_key: str, dialect: str) -> Outcome:
+    async def execute(
+        self,
+        translation: Translation,
+        api_key: str,
+        dialect: str,
+        received: float | None = None,
+    ) -> Outcome:
         """Runs the steps in order; consecutive Track and Reject steps go in one TrackEvents
-        call. Raises BackendError when a call failed as a whole (some earlier steps may have
-        been applied: the SDK's retry repeats them harmlessly, by event and request IDs)."""
+        call. `received` is when the edge received the request (time.monotonic(); now when
+        None): see _track. Raises BackendError when a call failed as a whole (some earlier
+        steps may have been applied: the SDK's retry repeats them harmlessly, by event and
+        request IDs)."""
         metadata = (("authorization", f"Bearer {api_key}"),)
-        outcome = Outcome(api_key=api_key)
+        outcome = Outcome(
+            api_key=api_key, received=time.monotonic() if received is None else received
+        )
         pending: list[ingest_pb.Event] = []
         logins: list[Identify] = []
         for step in translation.steps:
             if isinstance(step, Identify):
                 if logins and _shares_key(step, logins):
-                    await self._logins(logins, metadata, outcome, dialect)
+                    pending.extend(await self._logins(logins, metadata, outcome, dialect))
                     logins = []
                 if not logins:
                     # The events before a group of logins are stored before any of them.
@@ -262,7 +290,7 @@ class Backend:
                 logins.append(step)
                 continue
             if logins:
-                await self._logins(logins, metadata, outcome, dialect)
+                pending.extend(await self._logins(logins, metadata, outcome, dialect))
                 logins = []
             if isinstance(step, Track):
                 pending.extend(step.events)
@@ -272,7 +300,7 @@ class Backend:
                 await self._track(pending, metadata, outcome)
                 pending = []
                 await self._identity_step(step, metadata, outcome, dialect)
-        await self._logins(logins, metadata, outcome, dialect)
+        pending.extend(await self._logins(logins, metadata, outcome, dialect))
         await self._track(pending, metadata, outcome)
         return outcome
 
@@ -282,21 +310,25 @@ class Backend:
         metadata: tuple[tuple[str, str], ...],
         outcome: Outcome,
         dialect: str,
-    ) -> None:
+    ) -> list[ingest_pb.Event]:
         """Consecutive logins that share no installation and no custom ID, run concurrently
-        (at most LOGIN_CONCURRENCY at a time): their order cannot change the outcome."""
+        (at most LOGIN_CONCURRENCY at a time): their order cannot change the outcome. Returns
+        the events to send once they are done: those of the logins identity accepted
+        (Identify.then)."""
+        then: list[ingest_pb.Event] = []
         for start in range(0, len(logins), LOGIN_CONCURRENCY):
+            group = logins[start : start + LOGIN_CONCURRENCY]
             results = await asyncio.gather(
-                *(
-                    self._identity_step(login, metadata, outcome, dialect)
-                    for login in logins[start : start + LOGIN_CONCURRENCY]
-                ),
+                *(self._identity_step(login, metadata, outcome, dialect) for login in group),
                 return_exceptions=True,
             )
             # Every login of the group has ended; the first failure answers the request.
-            for result in results:
+            for login, result in zip(group, results, strict=True):
                 if isinstance(result, BaseException):
                     raise result
+                if result:
+                    then.extend(login.then)
+        return then
 
     async def _track(
         self,
@@ -305,6 +337,7 @@ class Backend:
         outcome: Outcome,
     ) -> None:
         for batch in _batches(self.acknowledged.needed(outcome.api_key, events)):
+            _advance_send_times(batch, time.monotonic() - outcome.received)
             try:
                 reply = await self._ingest.TrackEvents(
                     ingest_pb.TrackEventsRequest(events=batch),
@@ -324,7 +357,9 @@ class Backend:
         metadata: tuple[tuple[str, str], ...],
         outcome: Outcome,
         dialect: str,
-    ) -> None:
+    ) -> bool:
+        """Runs a login or logout; True when identity accepted it, False when it refused it
+        for good (kept as a rejected event)."""
         try:
             if isinstance(step, Identify):
                 await self._identity.Identify(
@@ -348,7 +383,7 @@ class Backend:
         except grpc.aio.AioRpcError as exc:
             code = exc.code()
             if isinstance(step, Logout) and code == grpc.StatusCode.NOT_FOUND:
-                return  # an installation never seen is already logged out
+                return True  # an installation never seen is already logged out
             if isinstance(step, Identify) and code in (
                 grpc.StatusCode.INVALID_ARGUMENT,
                 grpc.StatusCode.FAILED_PRECONDITION,
@@ -366,5 +401,6 @@ class Backend:
                     installation_id=step.installation_id,
                 )
                 await self._track([untranslated_event(refused, dialect)], metadata, outcome)
-                return
+                return False
             raise _error(exc) from exc
+        return True

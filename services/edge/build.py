@@ -16,7 +16,7 @@ import hashlib
 import json
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -194,14 +194,47 @@ def custom_event(
     return built
 
 
+# The trait names of first and last names: a `name` trait beside one of them is left as is.
+_NAME_PART_TRAITS = frozenset({"firstname", "first_name", "lastname", "last_name"})
+
+# Segment's reserved traits that are objects, with the fields its spec gives them. An object
+# trait becomes flattened attributes (`company_name`); a null for it must unset them, and the
+# edge keeps no state to know which were sent: for these two it knows the shape. Other fields
+# (`company.size`) and other object traits stay (docs/edge.md, "Limits"). `address.country` is
+# the native country, which other traits set too: a null address leaves it.
+NESTED_TRAIT_FIELDS: dict[str, tuple[str, ...]] = {
+    "address": ("city", "postalCode", "state", "street"),
+    "company": ("name", "id", "industry", "employee_count", "plan"),
+}
+
+
+def _nested_unsets(key: str, kind: int) -> list[types_pb2.AttributeOperation]:
+    if kind == types_pb2.ATTRIBUTE_OPERATION_KIND_SET_ONCE:
+        return []
+    unsets = []
+    for part in NESTED_TRAIT_FIELDS[key]:
+        name = normalize_name(f"{key}_{part}")
+        if name is not None and name not in NATIVE_TRAITS:
+            unsets.append(
+                types_pb2.AttributeOperation(
+                    kind=types_pb2.ATTRIBUTE_OPERATION_KIND_UNSET, custom_attribute=name
+                )
+            )
+    return unsets
+
+
 def trait_operations(
     traits: Mapping[str, Any], kind: int = types_pb2.ATTRIBUTE_OPERATION_KIND_SET
 ) -> tuple[list[types_pb2.AttributeOperation], list[str]]:
     """One operation per trait (flattened, names normalized), native where the name is native,
-    custom otherwise; nulls unset (and are skipped in a set-once). Also the trait names nothing
-    usable was left of."""
+    custom otherwise; nulls unset (and are skipped in a set-once). `name`, a full name (Segment's
+    spec), sets the first and last names (full_name_operations) unless the traits hold a first
+    or last name. A null `address` or `company` also unsets the fields Segment's spec gives
+    them (NESTED_TRAIT_FIELDS). Also the trait names nothing usable was left of."""
     operations: list[types_pb2.AttributeOperation] = []
     unusable: list[str] = []
+    # A full name fills the first and last names unless they come themselves.
+    split_name = not {normalize_name(str(key)) for key in traits} & _NAME_PART_TRAITS
     for key, value in flatten(traits):
         if key.startswith("$"):
             continue
@@ -209,6 +242,11 @@ def trait_operations(
         if name is None:
             unusable.append(key)
             continue
+        if name == "name" and key in traits and split_name:
+            operations.extend(full_name_operations(value, kind))
+            continue
+        if value is None and key in NESTED_TRAIT_FIELDS:
+            operations.extend(_nested_unsets(key, kind))
         operation = types_pb2.AttributeOperation(kind=kind)  # type: ignore[arg-type]
         native = NATIVE_TRAITS.get(name)
         if native is not None:
@@ -236,6 +274,41 @@ def trait_operations(
             operation.value.CopyFrom(converted)
         operations.append(operation)
     return operations, unusable
+
+
+def full_name_operations(
+    value: object, kind: int = types_pb2.ATTRIBUTE_OPERATION_KIND_SET
+) -> list[types_pb2.AttributeOperation]:
+    """A full name ("Ada Lovelace": Countly's `name` user detail, Segment's reserved `name`
+    trait, PostHog's `name` person property) as the contract's first and last names: the first
+    word is the first name, the rest (if any) the last name, unset when there is none. An empty
+    or null name unsets both. In a set-once (`kind`), the names are set once and nothing is
+    unset."""
+    first_name = types_pb2.NATIVE_ATTRIBUTE_FIRST_NAME
+    last_name = types_pb2.NATIVE_ATTRIBUTE_LAST_NAME
+    unset = types_pb2.ATTRIBUTE_OPERATION_KIND_UNSET
+    set_once = kind == types_pb2.ATTRIBUTE_OPERATION_KIND_SET_ONCE
+    if value is None or (isinstance(value, str) and not value.strip()):
+        if set_once:
+            return []
+        return [
+            types_pb2.AttributeOperation(kind=unset, native_attribute=first_name),
+            types_pb2.AttributeOperation(kind=unset, native_attribute=last_name),
+        ]
+    first, _, last = str(value).strip().partition(" ")
+    operations = []
+    for native, part in ((first_name, first), (last_name, last.strip())):
+        if part:
+            operations.append(
+                types_pb2.AttributeOperation(
+                    kind=kind,  # type: ignore[arg-type]
+                    native_attribute=native,
+                    value=types_pb2.AttributeValue(string_value=part),
+                )
+            )
+        elif not set_once:
+            operations.append(types_pb2.AttributeOperation(kind=unset, native_attribute=native))
+    return operations
 
 
 def phone_text(text: str) -> str:
@@ -284,21 +357,36 @@ class Details:
     language: str = ""
     timezone: str = ""
 
-    def update(self) -> ingest_pb.InstallationUpdate | None:
-        update = ingest_pb.InstallationUpdate()
+    def updates(self) -> list[ingest_pb.InstallationUpdate]:
+        """The installation updates these details make: app version, OS version and device
+        model together (cut to the contract's lengths); the push token, the language and the
+        time zone each in an update of its own, because ingest checks each alone (a token over
+        4,096 characters, LANGUAGE_INVALID, TIMEZONE_INVALID: Android's "GMT+05:30") and one it
+        refuses must not cost the others, as for Countly's language."""
+        common = ingest_pb.InstallationUpdate()
         if self.app_version:
-            update.app_version = self.app_version[:64]
+            common.app_version = self.app_version[:64]
         if self.os_version:
-            update.os_version = self.os_version[:64]
+            common.os_version = self.os_version[:64]
         if self.device_model:
-            update.device_model = self.device_model[:128]
+            common.device_model = self.device_model[:128]
+        updates = [common] if common.ListFields() else []
         if self.push_token:
-            update.push_token = self.push_token
+            updates.append(ingest_pb.InstallationUpdate(push_token=self.push_token))
         if self.language:
-            update.language = self.language
+            updates.append(ingest_pb.InstallationUpdate(language=self.language))
         if self.timezone:
-            update.timezone = self.timezone
-        return update if update.ListFields() else None
+            updates.append(ingest_pb.InstallationUpdate(timezone=self.timezone))
+        return updates
+
+
+def details_event_id(installation_id: str, update: ingest_pb.InstallationUpdate, day: str) -> str:
+    """The event ID of an installation update the edge makes from the details an SDK repeats
+    (Segment's and PostHog's context, Countly's metrics), derived from the installation, what
+    the update says and the UTC day: the same details sent all day are stored once a day (ingest
+    answers the others DUPLICATE), not once a request."""
+    content = update.SerializeToString(deterministic=True).hex()
+    return derived_id("details", installation_id, content, day)
 
 
 def language_of(locale: object) -> str:
@@ -344,19 +432,25 @@ class StepBuilder:
             self.steps.append(Track(events=self._events))
             self._events, self._origins = [], set()
 
-    def identify(self, installation_id: str, custom_id: str, request_id: str) -> None:
+    def identify(
+        self,
+        installation_id: str,
+        custom_id: str,
+        request_id: str,
+        then: Sequence[ingest_pb.Event] = (),
+    ) -> None:
         """Logs the installation in, once per pair per request. Events of that installation (or
         custom ID) added before it are stored before the login; events of others may be stored
         after it, so the logins of a batch of many users go out together, before its events,
         and the client layer runs them concurrently (a login per user would otherwise wait for
-        the one before)."""
+        the one before). `then`: events sent only if the login succeeds (Identify.then)."""
         if (installation_id, custom_id) in self._identified:
             return
         self._identified.add((installation_id, custom_id))
         keys = (installation_id, custom_id)
         if any(k in self._origins or k in self._login_keys for k in keys):
             self._flush()
-        self._logins.append(Identify(installation_id, custom_id, request_id))
+        self._logins.append(Identify(installation_id, custom_id, request_id, then))
         self._login_keys.update(keys)
 
     def reject(self, reject: Reject) -> None:
@@ -381,19 +475,16 @@ class StepBuilder:
         return session
 
     def details(self, origin: Origin, details: Details) -> None:
-        """An InstallationUpdate when the details differ from those already sent in this
-        request. Its ID is derived from the details and the UTC day, so that the same details
-        sent all day are stored once a day, not once a request."""
+        """The installation updates of the details, when they differ from those already sent
+        in this request (see Details.updates and details_event_id)."""
         if not origin.installation_id or (origin.installation_id, details) in self._details:
-            return
-        update = details.update()
-        if update is None:
             return
         self._details.add((origin.installation_id, details))
         day = origin.event_time.date().isoformat()
-        one = event(derived_id("details", origin.installation_id, details, day), origin)
-        one.installation_update.CopyFrom(update)
-        self.add(one)
+        for update in details.updates():
+            one = event(details_event_id(origin.installation_id, update, day), origin)
+            one.installation_update.CopyFrom(update)
+            self.add(one)
 
     def finish(self) -> list[Step]:
         self._flush()

@@ -15,12 +15,13 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from services.edge import json_text
 from services.edge.dialects import countly
 from services.edge.handlers import FORBIDDEN_MESSAGE, Answer, Gateway, Translate
+from services.edge.limits import BodyTooLarge, BodyUnreadable, read_limited
 from services.edge.steps import RequestInvalid, Translation
 
 # Countly's server limits a request to 1 MB by default; so does the edge.
@@ -115,12 +116,34 @@ def countly_handler(gateway: Gateway, bulk: bool) -> Callable[[Request], Any]:
     return handle
 
 
+async def countly_sdk_read(request: Request) -> Response:
+    """`/o/sdk`, Countly's read API for SDKs. countly-sdk-web asks it for its server config
+    (`method=sc`) on every page load: the answer is what Countly's server gives an app with no
+    SDK behaviour settings, an empty object, which leaves the SDK's own settings as they are
+    (a 404 would be a console error on every page). Other methods (remote config, feedback
+    widgets...) are not offered: 400 {"result": ...}, Countly's shape of a refusal."""
+    try:
+        params: dict[str, Any] = dict(_pairs(request.url.query))
+        if request.method == "POST":
+            body = await read_limited(
+                request.stream(), request.headers.get("content-length"), MAX_REQUEST_BYTES
+            )
+            params.update(_pairs(body.decode("utf-8", "replace")))
+    except (RequestInvalid, BodyTooLarge, BodyUnreadable) as exc:
+        return JSONResponse({"result": str(exc)[:200]}, 400)
+    if params.get("method") == "sc":
+        return JSONResponse({})
+    return JSONResponse({"result": "This server offers no such SDK method"}, 400)
+
+
 def countly_routes(gateway: Gateway) -> list[Route]:
-    """`/i` and `/i/bulk`; no state between requests (ingest keeps the sessions)."""
+    """`/i` and `/i/bulk`; no state between requests (ingest keeps the sessions); `/o/sdk`'s
+    server config."""
     methods = ["GET", "POST"]
     return [
         Route("/i", countly_handler(gateway, bulk=False), methods=methods),
         Route("/i/bulk", countly_handler(gateway, bulk=True), methods=methods),
+        Route("/o/sdk", countly_sdk_read, methods=methods),
     ]
 
 

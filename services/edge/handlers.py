@@ -133,6 +133,8 @@ class Gateway:
         one metric per request, one log line for every refusal (path only: never the query
         string, a key or an IP)."""
         started = time.perf_counter()
+        # When the request arrived, for the skew correction of its events (Backend.execute).
+        received = time.monotonic()
         outcome = "ok"
         headers: dict[str, str] = {}
         try:
@@ -170,7 +172,7 @@ class Gateway:
                 return self._refuse(request, dialect, outcome, *answer.invalid(exc.message))
             MESSAGES.labels(dialect).inc(translation.message_count)
             try:
-                result = await self.backend.execute(translation, key, dialect)
+                result = await self.backend.execute(translation, key, dialect, received)
             except BackendError as exc:
                 outcome = exc.kind
                 log.info("edge_backend_failed", dialect=dialect, kind=exc.kind, code=exc.detail)

@@ -34,6 +34,9 @@ class Identify:
     installation_id: str
     custom_id: str
     request_id: str = ""
+    # Events sent only once this login succeeded (with the events that follow it): what
+    # would make an installation of a custom ID identity refuses must not be stored then.
+    then: Sequence[ingest_pb.Event] = ()
 
 
 @dataclass(frozen=True, slots=True)

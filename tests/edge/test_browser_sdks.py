@@ -133,3 +133,126 @@ async def test_analytics_js_loads_its_settings_from_the_edge_and_sends_there(
     profile = await stored_profile(edge, custom_id="ajs-browser-user")
     assert profile.native_attributes.email == "grace@example.com"
     assert "course_clicked" in await custom_names(edge, profile.summary.profile_id)
+
+
+async def posthog_page(edge: Edge, site: Any, **config: Any) -> Any:
+    """A shop's page with posthog-js initialised for a test: no autocapture, no automatic
+    page views (only what the test does is sent)."""
+    page = await site(npm_package(HERE, "posthog-js/dist/array.full.js"))
+    init = {
+        "api_host": edge.url,
+        "opt_out_useragent_filter": True,
+        "autocapture": False,
+        "capture_pageview": False,
+        "capture_pageleave": False,
+        **config,
+    }
+    await page.evaluate(f"() => posthog.init({json.dumps(edge.sdk_key)}, {json.dumps(init)})")
+    return page
+
+
+async def test_posthog_js_reset_then_another_user_keeps_each_user_s_history(
+    edge: Edge, site: Any
+) -> None:
+    page = await posthog_page(edge, site)
+    await page.evaluate(
+        """() => {
+            posthog.capture("first visit");
+            posthog.identify("ph-alice");
+            posthog.capture("alice event");
+            posthog.reset();  // the logout
+            posthog.capture("logged out browsing");
+            posthog.identify("ph-bob");
+            posthog.capture("bob event");
+        }"""
+    )
+    bob = await stored_profile(edge, custom_id="ph-bob")
+
+    async def bob_complete() -> bool:
+        names = await custom_names(edge, bob.summary.profile_id)
+        return names == ["bob_event", "logged_out_browsing"]
+
+    await eventually(bob_complete, within=30)
+    alice = await edge.profile(custom_id="ph-alice")
+    # The logout started a new anonymous profile, which Bob's login merged: nothing of his
+    # (or of the logged-out visitor's) on Alice's profile, nothing of hers on his.
+    assert await custom_names(edge, alice.summary.profile_id) == ["alice_event", "first_visit"]
+    final = await edge.profile(custom_id="ph-bob")
+    assert final.summary.profile_id != alice.summary.profile_id
+    assert await custom_names(edge, final.summary.profile_id) == [
+        "bob_event",
+        "logged_out_browsing",
+    ]
+    # Bob's own ID is an installation of his profile too, of platform API (docs/edge.md).
+    platforms = {i.installation_id: i.platform for i in final.installations}
+    assert platforms["ph-bob"] == types_pb2.PLATFORM_API
+    assert types_pb2.PLATFORM_UNSPECIFIED not in platforms.values()
+
+
+async def test_posthog_js_bootstrapped_as_identified_reaches_that_user(
+    edge: Edge, site: Any
+) -> None:
+    # PostHog's server-side bootstrap: the page starts as the user, no identify() is called.
+    bootstrap = {"distinctID": "ph-booted", "isIdentifiedID": True}
+    page = await posthog_page(edge, site, bootstrap=bootstrap)
+    await page.evaluate("() => posthog.capture('Dashboard Opened')")
+    profile = await stored_profile(edge, custom_id="ph-booted")
+
+    async def arrived() -> bool:
+        return await custom_names(edge, profile.summary.profile_id) == ["dashboard_opened"]
+
+    await eventually(arrived, within=30)
+
+
+async def countly_page(edge: Edge, site: Any, problems: list[str]) -> Any:
+    page = await site(npm_package(HERE, "countly-sdk-web/lib/countly.js"))
+    page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+    # A short queue interval, so that each action goes in a request of its own, as it does
+    # on a real page with a person between two clicks; its bot filter off (it drops every
+    # request of a headless browser).
+    config = {
+        "app_key": edge.sdk_key,
+        "url": edge.url,
+        "interval": 200,
+        "app_version": "3.1.0",
+        "ignore_bots": False,
+    }
+    await page.evaluate(f"() => Countly.init({json.dumps(config)})")
+    return page
+
+
+async def test_countly_web_stores_its_repeated_details_once(edge: Edge, site: Any) -> None:
+    problems: list[str] = []
+    page = await countly_page(edge, site, problems)
+    device = await page.evaluate("() => Countly.get_device_id()")
+    await page.evaluate("() => Countly.begin_session()")
+    for tap in range(4):
+        # countly-sdk-web sends `metrics` and `tz` with every request, not only at the start.
+        await page.evaluate(f"() => Countly.add_event({{key: 'Tap {tap}'}})")
+
+        async def sent(tap: int = tap) -> bool:
+            try:
+                profile = await edge.profile(installation_id=device)
+            except Exception:  # NOT_FOUND until the first request is stored
+                return False
+            names = await custom_names(edge, profile.summary.profile_id)
+            return f"tap_{tap}" in names
+
+        await eventually(sent, within=30)
+    profile = await edge.profile(installation_id=device)
+    updates = [
+        e.installation_update
+        for e in await edge.events(profile.summary.profile_id)
+        if e.HasField("installation_update")
+    ]
+    # Each detail once: the app version (begin_session's metrics), the time zone (`tz`, sent
+    # with every request), the language.
+    assert sorted(name for u in updates for name in (f.name for f, _ in u.ListFields())) == [
+        "app_version",
+        "language",
+        "timezone",
+    ]
+    (installation,) = profile.installations
+    assert installation.app_version == "3.1.0"
+    # Its server config (/o/sdk?method=sc, asked on every page load) was answered.
+    assert problems == []

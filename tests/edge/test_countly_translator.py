@@ -72,7 +72,7 @@ METRICS = {
 def test_begin_session_starts_a_session_and_sets_installation_details() -> None:
     translation = translate(request(begin_session="1", metrics=json.dumps(METRICS)))
 
-    start, details, locale = events_of(translation)
+    start, details, zone, locale = events_of(translation)
     assert start.WhichOneof("payload") == "session_start"
     assert start.session_id
     assert start.installation_id == "device-1"
@@ -84,8 +84,10 @@ def test_begin_session_starts_a_session_and_sets_installation_details() -> None:
         "14",
         "Pixel 8",
     )
-    assert update.timezone == "Etc/GMT-1"
     assert not update.HasField("push_token")
+    # The time zone in an update of its own (countly-sdk-web sends `tz` with every request).
+    assert [f.name for f, _ in zone.installation_update.ListFields()] == ["timezone"]
+    assert zone.installation_update.timezone == "Etc/GMT-1"
     # Its own update: a language ingest refuses costs nothing else.
     assert [f.name for f, _ in locale.installation_update.ListFields()] == ["language"]
     assert locale.installation_update.language == "fr"
@@ -586,3 +588,22 @@ def test_the_ip_address_parameter_stands_for_the_connection_when_it_is_one(
     (start,) = events_of(translate(request(begin_session="1", ip_address=ip_address, tz="330")))
 
     assert start.session_start.client_ip == (kept or "203.0.113.7")
+
+
+def test_metrics_every_request_repeats_are_one_update_a_day() -> None:
+    # countly-sdk-web 26.1.1 sends `metrics` (with `_ua`) and `tz` with every request.
+    metrics = json.dumps({"_app_version": "3.1.0", "_ua": "Mozilla/5.0"})
+    web = {"sdk_name": "javascript_native_web", "metrics": metrics}
+
+    def update_ids(milliseconds: int, **params: Any) -> list[str]:
+        found = translate(request(timestamp=str(milliseconds), **web, **params))
+        return [e.event_id for e in events_of(found) if e.HasField("installation_update")]
+
+    first = update_ids(T0, begin_session="1")
+    assert len(first) == 2  # the app version, the time zone
+    assert update_ids(T0 + 5_000, events=json.dumps([{"key": "Tap", "count": 1}])) == first
+    assert update_ids(T0 + 9_000, session_duration="60") == first
+    # The next day, once again; another zone, another update (the app version's the same).
+    assert not set(update_ids(T0 + 86_400_000)) & set(first)
+    assert update_ids(T0 + 10_000, tz="120") == [first[0], update_ids(T0, tz="120")[1]]
+    assert update_ids(T0, tz="120")[1] != first[1]

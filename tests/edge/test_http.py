@@ -298,3 +298,17 @@ async def test_a_lone_surrogate_is_read_as_a_replacement_character(edge: Edge) -
     assert names["odd"]["s"].string_value == "a\ufffdb"
     assert (await edge.profile(installation_id="ph-\ufffd")).summary.profile_id
     assert await edge.rejected() == []
+
+
+async def test_countly_web_s_server_config_request_is_answered_as_countly_does(
+    edge: Edge,
+) -> None:
+    # countly-sdk-web asks for it on every page load; an empty object leaves its settings be.
+    query = {"method": "sc", "app_key": edge.sdk_key, "device_id": "d-1", "sdk_name": "web"}
+    answer = await asyncio.to_thread(requests.get, f"{edge.url}/o/sdk", params=query, timeout=10)
+    assert (answer.status_code, answer.json()) == (200, {})
+    other = await asyncio.to_thread(
+        requests.get, f"{edge.url}/o/sdk", params={**query, "method": "rc"}, timeout=10
+    )
+    assert other.status_code == 400
+    assert "result" in other.json()

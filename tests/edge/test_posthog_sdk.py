@@ -12,6 +12,7 @@ import requests
 from posthog import Posthog
 
 from profiles.common.v1 import types_pb2
+from profiles.query.v1 import query_service_pb2 as query_pb
 from tests.conftest import eventually
 from tests.edge.conftest import (
     Edge,
@@ -238,3 +239,49 @@ async def test_push_subscriptions_in_posthogs_documented_shape_reach_the_install
     assert other_platform.status_code == 400
     unknown_key = await send("POST", {**body, "api_key": "phc_unknown"})
     assert unknown_key.status_code == 401
+
+
+async def test_personless_events_make_no_profile_and_are_listed(edge: Edge) -> None:
+    client = sdk(edge)
+    # capture() without distinct_id: posthog-python makes one up, a new one per call, and
+    # says the event is personless ($process_person_profile false).
+    for n in range(3):
+        client.capture("Health Check Ran", properties={"n": n})
+    client.capture("Signed Up", distinct_id="ph-someone")  # after them, a person's event
+    await flush(client)
+
+    async def listed() -> bool:
+        reply = await edge.query.ListProfiles(
+            query_pb.ListProfilesRequest(page_size=10), metadata=edge.read()
+        )
+        return len(await edge.rejected()) == 3 and len(reply.profiles) >= 1
+
+    await eventually(listed)
+    assert {r.reason for r in await edge.rejected()} == {"PERSONLESS_EVENT"}
+    reply = await edge.query.ListProfiles(
+        query_pb.ListProfilesRequest(page_size=10), metadata=edge.read()
+    )
+    # One profile, the person's: none per personless event.
+    (profile,) = reply.profiles
+    someone = await edge.profile(installation_id="ph-someone")
+    assert profile.profile_id == someone.summary.profile_id
+
+
+async def test_a_full_name_fills_the_first_and_last_names(edge: Edge) -> None:
+    client = sdk(edge)
+    client.alias(previous_id="ph-name-device", distinct_id="ph-name")
+    client.set(distinct_id="ph-name", properties={"name": "Grace Hopper", "plan": "pro"})
+    await flush(client)
+
+    async def named() -> bool:
+        try:
+            profile = await edge.profile(custom_id="ph-name")
+        except Exception:  # NOT_FOUND until the alias is stored
+            return False
+        return bool(profile.native_attributes.first_name)
+
+    await eventually(named)
+    profile = await edge.profile(custom_id="ph-name")
+    names = (profile.native_attributes.first_name, profile.native_attributes.last_name)
+    assert names == ("Grace", "Hopper")
+    assert "name" not in {a.name for a in profile.custom_attributes}

@@ -259,3 +259,67 @@ async def test_a_back_end_event_on_a_device_s_anonymous_id_keeps_the_device_plat
         "order_shipped": types_pb2.PLATFORM_API,
     }
     assert [i.platform for i in profile.installations] == [types_pb2.PLATFORM_IOS]
+
+
+async def test_a_time_zone_ingest_refuses_costs_no_other_detail(edge: Edge) -> None:
+    client = sdk(edge)
+    # Android reports custom zones such as "GMT+05:30", which no IANA name spells.
+    android = {
+        "os": {"name": "Android", "version": "14"},
+        "app": {"version": "5.1"},
+        "device": {"model": "Pixel 8", "token": "fcm-token-123"},
+        "locale": "hi-IN",
+        "timezone": "GMT+05:30",
+        "library": {"name": "analytics-android", "version": "4.11.3"},
+    }
+    client.track(anonymous_id="seg-zone", event="App Opened", context=android)
+    await flush(client)
+
+    async def stored() -> bool:
+        try:
+            profile = await edge.profile(installation_id="seg-zone")
+        except Exception:  # NOT_FOUND until the request is stored
+            return False
+        return bool(profile.installations and profile.installations[0].app_version)
+
+    await eventually(stored)
+    (installation,) = (await edge.profile(installation_id="seg-zone")).installations
+    assert (installation.app_version, installation.os_version, installation.device_model) == (
+        "5.1",
+        "14",
+        "Pixel 8",
+    )
+    # The zone alone is refused, and listed.
+    assert [r.reason for r in await edge.rejected()] == ["TIMEZONE_INVALID"]
+
+
+async def test_reserved_traits_name_and_company_as_the_spec_defines_them(edge: Edge) -> None:
+    client = sdk(edge)
+    company = {"name": "Acme", "plan": "enterprise"}
+    traits = {"name": "Ada Lovelace", "company": company, "nick": "ada"}
+    client.identify(user_id="seg-traits", traits=traits)
+    await flush(client)
+
+    async def named() -> bool:
+        try:
+            profile = await edge.profile(custom_id="seg-traits")
+        except Exception:  # NOT_FOUND until the request is stored
+            return False
+        return bool(profile.native_attributes.first_name)
+
+    await eventually(named)
+    profile = await edge.profile(custom_id="seg-traits")
+    # `name` is the full name (Segment's spec): it fills the first and last names.
+    names = (profile.native_attributes.first_name, profile.native_attributes.last_name)
+    assert names == ("Ada", "Lovelace")
+    assert {a.name for a in profile.custom_attributes} == {"company_name", "company_plan", "nick"}
+
+    # A null clears a trait, the fields an object trait became included.
+    client.identify(user_id="seg-traits", traits={"company": None, "nick": None})
+    await flush(client)
+
+    async def cleared() -> bool:
+        profile = await edge.profile(custom_id="seg-traits")
+        return not profile.custom_attributes
+
+    await eventually(cleared)

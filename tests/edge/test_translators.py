@@ -189,14 +189,20 @@ def test_segment_context_gives_installation_details_once_per_request() -> None:
         for e in events(segment.translate_batch({"batch": batch}, NOW).steps)
         if e.HasField("installation_update")
     ]
-    assert len(updates) == 1
-    update = updates[0].installation_update
-    assert (update.app_version, update.os_version, update.device_model) == (
+    # Once per request: the device's details together, and each value ingest checks alone
+    # (push token, language, time zone) in an update of its own.
+    common, token, language, timezone = (u.installation_update for u in updates)
+    assert (common.app_version, common.os_version, common.device_model) == (
         "3.0",
         "17.0",
         "iPhone15,2",
     )
-    assert (update.push_token, update.language, update.timezone) == ("abc", "fr", "Europe/Paris")
+    assert [u.ListFields()[0][1] for u in (token, language, timezone)] == [
+        "abc",
+        "fr",
+        "Europe/Paris",
+    ]
+    assert all(len(u.ListFields()) == 1 for u in (token, language, timezone))
 
 
 def test_events_without_sdk_session_ask_ingest_to_derive_it_and_start_none() -> None:
@@ -254,9 +260,16 @@ def test_posthog_pageview_then_identify() -> None:
     assert pageview.custom.attributes["url"].url_value == "https://example.com/pricing"
     assert set(pageview.custom.attributes) == {"url", "plan"}
     assert steps[1] == Identify("anon-1", "user-9", steps[1].request_id)  # type: ignore[union-attr]
-    assert steps[2] == Identify("user-9", "user-9", steps[2].request_id)  # type: ignore[union-attr]
-    # The email (whose format ingest checks) in an event of its own: see attribute_events.
+    self_login = steps[2]
+    assert isinstance(self_login, Identify)
+    assert (self_login.installation_id, self_login.custom_id) == ("user-9", "user-9")
+    # The user's own ID, an installation of platform API (an update that changes nothing),
+    # once identity accepted it as a custom ID.
+    (platform,) = self_login.then
+    assert (platform.installation_id, platform.platform) == ("user-9", types_pb2.PLATFORM_API)
+    assert not platform.installation_update.ListFields()
     first_plan, email = steps[3].events  # type: ignore[union-attr]
+    # The email (whose format ingest checks) in an event of its own: see attribute_events.
     assert [
         (o.kind, o.native_attribute or o.custom_attribute)
         for e in (email, first_plan)
@@ -507,3 +520,164 @@ def test_posthog_push_subscriptions_set_and_clear_the_installations_token() -> N
     again = events(posthog.translate_push_subscription(subscription, NOW, register=True).steps)
     assert again[0].event_id == added.event_id  # a retry is stored once
     assert "fcm-token" not in repr(subscription)
+
+
+# What posthog-js 1.449.2 sends: `$is_identified` on every event, never `$user_state`.
+def posthog_js_event(name: str, distinct_id: str, identified: bool, **extra: Any) -> Any:
+    properties = {"$device_id": "dev-1", "$lib": "web", "$is_identified": identified, **extra}
+    return {"event": name, "distinct_id": distinct_id, "properties": properties}
+
+
+def test_posthog_js_is_identified_says_who_the_event_is_of() -> None:
+    batch = [
+        posthog_js_event("as user", "user-1", True),
+        # After reset(): a new anonymous distinct_id on the same $device_id.
+        posthog_js_event("logged out", "anon-2", False),
+        posthog_js_event("first visit", "dev-1", False),
+    ]
+    steps = posthog.translate({"api_key": "k", "batch": batch}, NOW).steps
+    assert [(s.installation_id, s.custom_id) for s in steps if isinstance(s, Identify)] == [
+        ("dev-1", "user-1")
+    ]
+    customs = [e for e in events(steps) if e.HasField("custom")]
+    assert [(e.custom.name, e.installation_id) for e in customs] == [
+        ("as_user", "dev-1"),
+        ("logged_out", "anon-2"),
+        ("first_visit", "dev-1"),
+    ]
+
+
+def test_posthog_js_bootstrapped_as_identified_logs_the_device_in() -> None:
+    message = posthog_js_event("Dashboard Opened", "boot-user", True)
+    steps = posthog.translate({"api_key": "k", "batch": [message]}, NOW).steps
+    assert steps[0] == Identify("dev-1", "boot-user", steps[0].request_id)  # type: ignore[union-attr]
+
+
+def test_posthog_personless_server_events_are_listed_not_profiles() -> None:
+    # posthog-python's capture() without distinct_id: a new made-up distinct_id each call.
+    server = {
+        "event": "Health Check Ran",
+        "distinct_id": "0f0e7b0c-3b8a-4d5e-9a51-1c2d3e4f5a6b",
+        "properties": {"$lib": "posthog-python", "$process_person_profile": False},
+    }
+    # posthog-js's default (person_profiles "identified_only") before identify: the device's.
+    browser = posthog_js_event("Viewed", "dev-1", False, **{"$process_person_profile": False})
+    steps = posthog.translate({"api_key": "k", "batch": [server, browser]}, NOW).steps
+    assert [(s.reason, s.installation_id) for s in steps if isinstance(s, Reject)] == [
+        ("PERSONLESS_EVENT", "0f0e7b0c-3b8a-4d5e-9a51-1c2d3e4f5a6b")
+    ]
+    (viewed,) = [e for e in events(steps) if e.HasField("custom")]
+    assert viewed.installation_id == "dev-1"
+
+
+def test_a_bad_time_zone_in_the_context_costs_nothing_else() -> None:
+    context = {
+        "os": {"name": "Android", "version": "14"},
+        "app": {"version": "5.1"},
+        "device": {"model": "Pixel 8", "token": "fcm-token-123"},
+        "locale": "hi-IN",
+        "timezone": "GMT+05:30",
+    }
+    message = {"type": "track", "event": "App Opened", "anonymousId": "a", "context": context}
+    found = events(segment.translate_batch({"batch": [message]}, NOW).steps)
+    updates = [e.installation_update for e in found if e.HasField("installation_update")]
+    # The zone ingest refuses travels alone: the app version and the rest are kept.
+    assert [u for u in updates if u.HasField("timezone")] == [
+        ingest_pb.InstallationUpdate(timezone="GMT+05:30")
+    ]
+    (common,) = [u for u in updates if u.HasField("app_version")]
+    assert (common.app_version, common.device_model) == ("5.1", "Pixel 8")
+    assert not common.HasField("timezone")
+    # posthog's $timezone likewise.
+    capture = {
+        "event": "opened",
+        "distinct_id": "d",
+        "properties": {"$os": "Android", "$app_version": "5.1", "$timezone": "GMT+05:30"},
+    }
+    found = events(posthog.translate({"api_key": "k", "batch": [capture]}, NOW).steps)
+    updates = [e.installation_update for e in found if e.HasField("installation_update")]
+    assert [len(u.ListFields()) for u in updates] == [1, 1]
+
+
+def test_the_same_details_on_another_request_of_the_day_carry_the_same_ids() -> None:
+    def detail_ids(version: str) -> list[str]:
+        context = {"app": {"version": version}, "os": {"name": "iOS"}, "timezone": "Europe/Paris"}
+        message = {"type": "track", "event": "E", "anonymousId": "a", "context": context}
+        found = events(segment.translate_batch({"batch": [message]}, NOW).steps)
+        return [e.event_id for e in found if e.HasField("installation_update")]
+
+    first, zone = detail_ids("1.0")
+    assert detail_ids("1.0") == [first, zone]
+    # A new app version is a new update; the unchanged zone is the same event.
+    newer, same_zone = detail_ids("1.1")
+    assert newer != first
+    assert same_zone == zone
+
+
+@pytest.mark.parametrize(
+    ("traits", "first", "last"),
+    [
+        ({"name": "Ada Lovelace"}, "Ada", "Lovelace"),
+        ({"name": "Ada King Lovelace"}, "Ada", "King Lovelace"),
+        ({"name": "Ada"}, "Ada", None),
+        ({"name": None}, None, None),
+    ],
+)
+def test_a_full_name_trait_fills_first_and_last_names(
+    traits: dict[str, Any], first: str | None, last: str | None
+) -> None:
+    message = {"type": "identify", "userId": "u", "traits": traits}
+    operations = [
+        o
+        for e in events(segment.translate_batch({"batch": [message]}, NOW).steps)
+        for o in e.attribute_operations.operations
+    ]
+    by_native = {o.native_attribute: o for o in operations if o.native_attribute}
+    assert set(by_native) == {
+        types_pb2.NATIVE_ATTRIBUTE_FIRST_NAME,
+        types_pb2.NATIVE_ATTRIBUTE_LAST_NAME,
+    }
+    for native, expected in (
+        (types_pb2.NATIVE_ATTRIBUTE_FIRST_NAME, first),
+        (types_pb2.NATIVE_ATTRIBUTE_LAST_NAME, last),
+    ):
+        operation = by_native[native]
+        if expected is None:
+            assert operation.kind == types_pb2.ATTRIBUTE_OPERATION_KIND_UNSET
+        else:
+            assert operation.value.string_value == expected
+    assert not [o for o in operations if o.custom_attribute == "name"]
+
+
+def test_a_name_beside_first_and_last_names_is_a_custom_attribute() -> None:
+    traits = {"name": "Ada L.", "firstName": "Ada", "lastName": "Lovelace"}
+    message = {"event": "$set", "distinct_id": "u", "properties": {"$set": traits}}
+    operations = [
+        o
+        for e in events(posthog.translate({"api_key": "k", "batch": [message]}, NOW).steps)
+        for o in e.attribute_operations.operations
+    ]
+    assert [(o.native_attribute, o.custom_attribute, o.value.string_value) for o in operations] == [
+        (0, "name", "Ada L."),
+        (types_pb2.NATIVE_ATTRIBUTE_FIRST_NAME, "", "Ada"),
+        (types_pb2.NATIVE_ATTRIBUTE_LAST_NAME, "", "Lovelace"),
+    ]
+
+
+def test_a_null_reserved_object_trait_unsets_the_fields_it_became() -> None:
+    message = {"type": "identify", "userId": "u", "traits": {"company": None, "nick": None}}
+    operations = [
+        o
+        for e in events(segment.translate_batch({"batch": [message]}, NOW).steps)
+        for o in e.attribute_operations.operations
+    ]
+    assert {o.kind for o in operations} == {types_pb2.ATTRIBUTE_OPERATION_KIND_UNSET}
+    assert {o.custom_attribute for o in operations} == {
+        "company",
+        "company_name",
+        "company_id",
+        "company_industry",
+        "company_employee_count",
+        "company_plan",
+        "nick",
+    }

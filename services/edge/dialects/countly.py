@@ -28,7 +28,14 @@ from typing import Any, TypeAlias
 from profiles.common.v1 import types_pb2
 from profiles.ingest.v1 import ingest_service_pb2 as ingest_pb
 from services.edge import json_text
-from services.edge.build import derived_id, language_of, phone_text, rejection
+from services.edge.build import (
+    derived_id,
+    details_event_id,
+    full_name_operations,
+    language_of,
+    phone_text,
+    rejection,
+)
 from services.edge.names import flatten, normalize_name
 from services.edge.platforms import API, platform_of
 from services.edge.properties import attribute_value, custom_attributes
@@ -84,7 +91,7 @@ _SDK_NAME_PLATFORMS: tuple[tuple[str, _Platform], ...] = (
 _SDK_NAME_PARTS = re.compile(r"[^a-z0-9]+")
 
 # Countly's predefined user details: native contract attributes where the contract has one.
-# `name` is a full name: see _name_operations.
+# `name` is a full name: see build.full_name_operations.
 _NATIVE_DETAILS: dict[str, _Native] = {
     "email": types_pb2.NATIVE_ATTRIBUTE_EMAIL,
     "phone": types_pb2.NATIVE_ATTRIBUTE_PHONE,
@@ -273,7 +280,7 @@ def _translate_request(
     if _flag(params.get("begin_session")):
         _session_start(request, output)
     # countly-sdk-web's health check (`hc`, on every page load, consent or not) carries the
-    # app version and `tz`: not activity, and Countly sends its metrics at session start.
+    # app version and `tz`: not activity, so no details come from it.
     health_check = "hc" in params and not _flag(params.get("begin_session"))
     if not health_check and (metrics or (_flag(params.get("begin_session")) and "tz" in params)):
         _installation_details(request, metrics, output)
@@ -371,8 +378,9 @@ def _capped(seconds: int) -> timedelta:
 
 
 def _installation_details(request: _Request, metrics: Mapping[str, Any], output: _Output) -> None:
-    """`metrics` (sent with begin_session) and `tz` to the installation's details; the other
-    metrics (resolution, carrier, density, store, browser...) have no contract field."""
+    """`metrics` (the mobile SDKs send them with begin_session, countly-sdk-web with every
+    request) and `tz` to the installation's details; the other metrics (resolution, carrier,
+    density, store, browser...) have no contract field."""
     update = ingest_pb.InstallationUpdate()
     # Cut to the contract's lengths, as the other dialects do: a long OS build string must not
     # cost the whole update.
@@ -384,15 +392,24 @@ def _installation_details(request: _Request, metrics: Mapping[str, Any], output:
         value = metrics.get(metric)
         if isinstance(value, str | int | float) and not isinstance(value, bool) and str(value):
             setattr(update, target, str(value)[:limit])
+    # The time zone in an update of its own, as countly-sdk-web sends `tz` with metrics that
+    # hold no app version (`_ua` alone) on every request: the same zone is one update. The
+    # language too: ingest refuses a code that is not ISO 639-1 ("zz"), which must not cost
+    # the app version and the rest.
     timezone = _timezone(request.params.get("tz"))
-    if timezone:
-        update.timezone = timezone
-    # The language in an update of its own: ingest refuses a code that is not ISO 639-1 ("zz"),
-    # which must not cost the app version and the rest.
     language = language_of(metrics.get("_locale"))
-    for one in (update, ingest_pb.InstallationUpdate(language=language) if language else None):
+    day = request.time.date().isoformat()
+    for one in (
+        update,
+        ingest_pb.InstallationUpdate(timezone=timezone) if timezone else None,
+        ingest_pb.InstallationUpdate(language=language) if language else None,
+    ):
         if one is not None and one.ListFields():
             event = _event(request, output, "metrics", one.SerializeToString().hex())
+            # countly-sdk-web sends its metrics and `tz` with every request, not only at
+            # session start: an ID derived from the details and the day (not the request)
+            # stores them once a day, the others answered DUPLICATE.
+            event.event_id = details_event_id(request.device_id, one, day)
             event.installation_update.CopyFrom(one)
             output.message_count += 1
             output.event(event)
@@ -452,32 +469,10 @@ def _user_details(request: _Request, output: _Output) -> None:
 
 def _detail_operations(key: str, value: Any) -> list[types_pb2.AttributeOperation]:
     if key == "name":
-        return _name_operations(value)
+        return full_name_operations(value)
     if key in _NATIVE_DETAILS:
         return _native_operations(_NATIVE_DETAILS[key], key, value)
     return _set_operations(key, value)
-
-
-def _name_operations(value: Any) -> list[types_pb2.AttributeOperation]:
-    """Countly's `name` is a full name; the contract has first and last names: the first word
-    is the first name, the rest (if any) the last name. An empty name unsets both."""
-    native_first, native_last = (
-        types_pb2.NATIVE_ATTRIBUTE_FIRST_NAME,
-        types_pb2.NATIVE_ATTRIBUTE_LAST_NAME,
-    )
-    if value is None or (isinstance(value, str) and not value.strip()):
-        return [
-            types_pb2.AttributeOperation(kind=_UNSET, native_attribute=native_first),
-            types_pb2.AttributeOperation(kind=_UNSET, native_attribute=native_last),
-        ]
-    first, _, last = str(value).strip().partition(" ")
-    operations = [_native_set(native_first, first)]
-    operations.append(
-        _native_set(native_last, last.strip())
-        if last.strip()
-        else types_pb2.AttributeOperation(kind=_UNSET, native_attribute=native_last)
-    )
-    return operations
 
 
 def _native_operations(native: _Native, key: str, value: Any) -> list[types_pb2.AttributeOperation]:

@@ -2,8 +2,14 @@
 contract. Pure: a parsed body in, steps out. The rule table is in docs/edge.md.
 
 - The installation is `$device_id` when the SDK sends one (posthog-js, mobile SDKs), else
-  `distinct_id`. The custom ID is `distinct_id` when `$user_state` is "identified" (then the
-  event implies a login of the installation), and on the logins below.
+  `distinct_id`; but `distinct_id` when the event says it is anonymous and differs from
+  `$device_id` (posthog-js after reset()). Identified or anonymous: `$user_state`, else
+  `$is_identified` (what posthog-js sends; see identified_state). The custom ID is
+  `distinct_id` when the event says it is identified (then the event implies a login of the
+  installation), and on the logins below.
+- A personless event (`$process_person_profile` false) of a server library is rejected
+  (PERSONLESS_EVENT) and listed: its distinct_id names no device, and would make a profile per
+  event. A device's personless events are its installation's, like any other.
 - Logins: `$identify` logs the installation `$anon_distinct_id` (else `$device_id`, else
   `distinct_id` itself) in with `distinct_id`; `$create_alias` (posthog-python's `alias()`) logs
   the installation `distinct_id` in with `properties.alias`. A login also logs the custom ID in
@@ -122,6 +128,17 @@ def query_send_time(value: str) -> datetime | None:
     return parse_time(number if len(digits) > 11 else number * 1000)
 
 
+def identified_state(properties: Mapping[str, Any]) -> bool | None:
+    """Whether the SDK says its `distinct_id` is identified: `$user_state` ("identified" or
+    "anonymous"), else `$is_identified` (a boolean, which posthog-js sends on every event and
+    `$user_state` never); None when the message says neither (posthog-python, posthog-node)."""
+    state = properties.get("$user_state")
+    if state in ("identified", "anonymous"):
+        return state == "identified"
+    flag = properties.get("$is_identified")
+    return flag if isinstance(flag, bool) else None
+
+
 def translate(
     body: Any, now: datetime, client_ip: str = "", query_sent: datetime | None = None
 ) -> Translation:
@@ -149,14 +166,15 @@ def _translate(
     distinct_id = identifier(message.get("distinct_id") or properties.get("distinct_id"))
     device_id = identifier(properties.get("$device_id"))
     installation_id = device_id or distinct_id
-    if properties.get("$user_state") == "anonymous" and device_id and distinct_id != device_id:
+    identified = identified_state(properties)
+    if identified is False and device_id and distinct_id != device_id:
         # posthog-js after reset() (a logout): a new anonymous distinct_id on the same
         # $device_id. Kept on the device's installation, the logged-out visitor's events would
         # land on the profile that just logged out; as a new installation they start a new
         # anonymous profile, which the next $identify (its $anon_distinct_id) merges.
         installation_id = distinct_id
     custom_id = ""
-    if properties.get("$user_state") == "identified" and distinct_id != installation_id:
+    if identified and distinct_id != installation_id:
         custom_id = distinct_id
 
     def refuse(reason: str, explanation: str) -> None:
@@ -187,20 +205,31 @@ def _translate(
     send_time = parse_time(message.get("sent_at")) or sent
     platform = platform_of(properties.get("$os"), properties.get("$lib"), types_pb2.PLATFORM_API)
     request_id = derived_id("identify", event_id)
+    if (
+        properties.get("$process_person_profile") is False
+        and platform == types_pb2.PLATFORM_API
+        and name_text not in LOGIN_EVENTS
+    ):
+        # A personless event of a server library (posthog-python's capture() without a
+        # distinct_id makes one up, a new one per call): PostHog creates no person for it, and
+        # its distinct_id names no device. Stored on an installation of that ID it would make a
+        # new anonymous profile per event; it is kept, listed, on no profile. A device's
+        # personless events (posthog-js's default before identify) are its installation's.
+        refuse("PERSONLESS_EVENT", "$process_person_profile false: a server event of no one")
+        return
 
     if name_text == "$identify":
         anonymous = identifier(properties.get("$anon_distinct_id")) or device_id or distinct_id
         installation_id, custom_id = anonymous, distinct_id
         builder.identify(anonymous, distinct_id, request_id)
         if anonymous != distinct_id:
-            builder.identify(distinct_id, distinct_id, derived_id("identify-self", event_id))
+            _identify_self(builder, distinct_id, event_id, event_time, send_time)
     elif name_text == "$create_alias":
         alias = identifier(properties.get("alias"))
         if not alias:
             refuse("ALIAS_INVALID", "$create_alias without alias")
             return
-        identified = properties.get("$user_state") == "identified"
-        if identified or properties.get("$is_identified") is True:
+        if identified:
             # posthog-js's alias() of a user already identified: a second custom ID for one
             # person, which a profile cannot hold (Identify would move the browser to a new
             # profile). Only an operator merges identified profiles, as for Segment's alias.
@@ -208,7 +237,7 @@ def _translate(
             return
         installation_id, custom_id = distinct_id, alias
         builder.identify(distinct_id, alias, request_id)
-        builder.identify(alias, alias, derived_id("identify-self", event_id))
+        _identify_self(builder, alias, event_id, event_time, send_time)
     elif custom_id:
         builder.identify(installation_id, custom_id, request_id)
 
@@ -270,6 +299,24 @@ def _translate(
         attributes.values.setdefault("url", _url_value(properties["$current_url"]))
     label = text(properties.get("$screen_name")) if name_text == "$screen" else ""
     builder.add(custom_event(event_id, origin, session, name, attributes.values, label))
+
+
+def _identify_self(
+    builder: StepBuilder,
+    custom_id: str,
+    event_id: str,
+    event_time: datetime,
+    send_time: datetime | None,
+) -> None:
+    """Logs the custom ID in as an installation of its own (see the module's docstring), with
+    platform API: identity's Identify knows no platform, so an event of that installation says
+    it (an installation update that changes nothing, its ID derived from the custom ID alone:
+    stored once, the first time), sent only if identity accepted the login: a custom ID it
+    refuses ("null") must not become an installation of an anonymous profile."""
+    origin = Origin(custom_id, "", types_pb2.PLATFORM_API, event_time, send_time)
+    platform = event(derived_id("details", custom_id, "identify-self"), origin)
+    platform.installation_update.SetInParent()
+    builder.identify(custom_id, custom_id, derived_id("identify-self", event_id), (platform,))
 
 
 # A crash's stack trace is kept to this many characters (the event must stay under ingest's
