@@ -23,7 +23,8 @@ from services.query.rows import text_or_empty
 # time ingest keeps beside the profile's totals (a primary-key read, and exact after retention
 # removed the events: a recount then gives the same answer). Imported installations folded
 # into an SDK installation are left out, as in INSTALLATION_FACTS below: they give a profile no
-# platform, token or device.
+# platform, token or device. The device is the most recently seen SDK installation: an imported
+# one not yet picked up by a device comes last whatever its last_seen (its import time).
 # Installation details without a known platform (profiles.common.v1.Platform) give none.
 PLATFORM_UNSPECIFIED = types_pb2.PLATFORM_UNSPECIFIED
 
@@ -63,9 +64,10 @@ PROFILE_FACTS = (
                array_agg(DISTINCT d.platform) FILTER (WHERE d.platform > """
     + str(PLATFORM_UNSPECIFIED)
     + """) AS platforms,
-               (array_agg(d.device_model ORDER BY d.last_seen DESC, i.installation_id))[1]
+               (array_agg(d.device_model
+                          ORDER BY d.imported, d.last_seen DESC, i.installation_id))[1]
                    AS device_model,
-               (array_agg(d.platform ORDER BY d.last_seen DESC, i.installation_id))[1]
+               (array_agg(d.platform ORDER BY d.imported, d.last_seen DESC, i.installation_id))[1]
                    AS device_platform
         FROM identity_read_installations() i
         JOIN ingest_read_installation_details() d

@@ -321,3 +321,30 @@ async def test_an_imported_token_a_device_picks_up_counts_once(suite: Suite) -> 
             "GetOverview", pb.GetOverviewRequest(platform=platform, top_values=100)
         )
         assert overview_figures(reply.overview) == await direct_overview(suite, platform), platform
+
+
+async def test_an_imported_token_not_yet_seen_is_not_the_profiles_device(suite: Suite) -> None:
+    # The users table's device is the profile's most recently seen installation; an imported
+    # token's "last seen" is its import, later than any visit, and was shown as the device.
+    phone = new_id()
+    await suite.identity.identify(phone, "u-device")
+    await suite.track(
+        installation_update(phone, T, ANDROID, device_model="Pixel 8"),
+        session_start(phone, "s1", T + timedelta(minutes=1), platform=ANDROID),
+    )
+    imported = await suite.ingest.ImportTokens(
+        ingest_pb.ImportTokensRequest(
+            tokens=[
+                ingest_pb.ImportedToken(
+                    platform=IOS, push_token="apns-u", push_opt_in=True, custom_id="u-device"
+                )
+            ]
+        ),
+        metadata=suite.project.metadata("admin"),
+        timeout=20,
+    )
+    assert imported.imported_count == 1
+    await suite.settle()
+    reply = await suite.call("ListProfiles", pb.ListProfilesRequest(page_size=500))
+    (row,) = [r for r in reply.profiles if r.custom_id == "u-device"]
+    assert (row.platform, row.device_model) == (ANDROID, "Pixel 8")

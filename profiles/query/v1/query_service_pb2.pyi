@@ -357,9 +357,11 @@ class ProfileRow(_message.Message):
     last_name: _builtins.str
     """The last name; empty when unknown."""
     device_model: _builtins.str
-    """The device model of the most recently seen installation; empty when unknown."""
+    """The device model of the most recently seen installation (one of an imported push token
+    that no device has picked up yet comes after every other); empty when unknown.
+    """
     platform: _types_pb2.Platform.ValueType
-    """The platform of the most recently seen installation; PLATFORM_UNSPECIFIED when none."""
+    """The platform of that installation; PLATFORM_UNSPECIFIED when none."""
     session_count: _builtins.int
     """The total number of sessions."""
     country: _builtins.str
