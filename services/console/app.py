@@ -123,6 +123,7 @@ def templates() -> Jinja2Templates:
         "identity_change",
         "funnel_step_status",
         "filter_words",
+        "funnel_step_words",
         "iso",
         "gauge_arc",
         "breakdown_value",
@@ -136,6 +137,7 @@ def templates() -> Jinja2Templates:
     environment.globals["hbars"] = present.hbars
     environment.globals["percent_of"] = present.percent_of
     environment.globals["users_url"] = present.users_url
+    environment.globals["CSV_ROW_CAP"] = pages.CSV_ROW_CAP
     environment.globals["language_code"] = present.language_code
     environment.globals["country_code"] = present.country_code
     environment.globals["REACH_BY_CHANNEL"] = present.REACH_BY_CHANNEL
@@ -159,11 +161,20 @@ ROUTES = [
     Route("/overview", pages.overview_page),
     Route("/overview/fragment", pages.overview_fragment),
     Route("/users", pages.users_page),
+    Route("/users.csv", pages.users_csv),
     Route("/search", pages.search),
     Route("/profiles/{profile_id}", pages.profile_page),
     Route("/profiles/{profile_id}/export", pages.profile_export),
+    Route("/profiles/{profile_id}/delete", pages.profile_erase_form, methods=["GET"]),
+    Route("/profiles/{profile_id}/delete", pages.profile_erase, methods=["POST"]),
     Route("/live/profiles/{profile_id}", pages.profile_live),
     Route("/segments", pages.segments_page),
+    Route("/segments/new", pages.segment_new_form, methods=["GET"]),
+    Route("/segments/new", pages.segment_create, methods=["POST"]),
+    Route("/segments/{ident}/delete", pages.segment_delete, methods=["GET", "POST"]),
+    Route("/funnels/new", pages.funnel_new_form, methods=["GET"]),
+    Route("/funnels/new", pages.funnel_create, methods=["POST"]),
+    Route("/funnels/{ident}/delete", pages.funnel_delete, methods=["GET", "POST"]),
     Route("/live/segments", pages.segments_live),
     Route("/rejected", pages.rejected_page),
     Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),

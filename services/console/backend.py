@@ -54,21 +54,27 @@ def translate(service: str, error: grpc.aio.AioRpcError) -> Exception:
         return NotFound(error.details() or "not found")
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return ServiceDown(service, timed_out=True)
-    if code in _DOWN:
+    reason, metadata, violations = _error_details(error)
+    # A project at its limit of segments or funnels is the person's to fix, not a service down.
+    if code in _DOWN and reason != "DEFINITION_LIMIT_REACHED":
         return ServiceDown(service, timed_out=False, detail=code.name)
-    reason, metadata, fields = _error_details(error)
-    return BadInput(error.details() or code.name, reason, metadata, fields)
+    fields = tuple(field for field, _ in violations)
+    return BadInput(error.details() or code.name, reason, metadata, fields, violations)
 
 
-def _error_details(error: grpc.aio.AioRpcError) -> tuple[str, dict[str, str], tuple[str, ...]]:
-    """The ErrorInfo's reason and metadata, and the BadRequest's field paths, of a failed call."""
+def _error_details(
+    error: grpc.aio.AioRpcError,
+) -> tuple[str, dict[str, str], tuple[tuple[str, str], ...]]:
+    """The ErrorInfo's reason and metadata, and the BadRequest's field paths with their
+    descriptions, of a failed call."""
     try:
         status = rpc_status.from_call(error)
     except ValueError:
         return "", {}, ()
     if status is None:
         return "", {}, ()
-    reason, metadata, fields = "", {}, []
+    reason, metadata = "", {}
+    fields: list[tuple[str, str]] = []
     for detail in status.details:
         if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
             info = error_details_pb2.ErrorInfo()
@@ -77,7 +83,7 @@ def _error_details(error: grpc.aio.AioRpcError) -> tuple[str, dict[str, str], tu
         elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
             bad = error_details_pb2.BadRequest()
             detail.Unpack(bad)
-            fields += [violation.field for violation in bad.field_violations]
+            fields += [(v.field, v.description) for v in bad.field_violations]
     return reason, metadata, tuple(fields)
 
 

@@ -31,6 +31,7 @@ class BadInput(ConsoleError):
         reason: str = "",
         metadata: dict[str, str] | None = None,
         fields: tuple[str, ...] = (),
+        violations: tuple[tuple[str, str], ...] = (),
     ) -> None:
         super().__init__(message)
         self.message = message  # the service's words, naming contract fields: not for a page
@@ -39,6 +40,9 @@ class BadInput(ConsoleError):
         # The request fields the service refused (BadRequest paths such as `reasons[0]`), so a
         # page can say which of its boxes held the problem.
         self.fields = fields
+        # Each refused field with the service's reason for it (`("steps[1].event_name", "must
+        # match ...")`): the definition forms tell each beside its box, in their own words.
+        self.violations = violations
 
 
 class ServiceDown(ConsoleError):

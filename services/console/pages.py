@@ -29,7 +29,7 @@ from profiles.identity.v1 import identity_service_pb2 as identity_pb
 from profiles.query.v1 import query_service_pb2 as query_pb
 from profiles.query.v1 import timeline_pb2 as timeline_pb
 from profiles.segments.v1 import segments_service_pb2 as segments_pb
-from services.console import present
+from services.console import definitions, present
 from services.console.backend import Backend
 from services.console.errors import BadInput, Forbidden, NotFound, ServiceDown, SignedOut
 from services.console.live import Ended, LiveHub
@@ -415,11 +415,10 @@ def _segment_filter(value: str) -> dict[str, Any]:
     return {}
 
 
-@signed_in
-async def users_page(request: Request, session: ConsoleSession) -> Response:
-    console = console_of(request)
+def _users_filters(request: Request, notices: list[str]) -> dict[str, Any]:
+    """The users table's filters and sort from its URL (what the page and its CSV share): the
+    values the page's links keep, and the ListProfiles fields they make (`request_fields`)."""
     params = request.query_params
-    notices: list[str] = []
     tab = _known(params, "tab", TABS, "all", "showing all profiles", notices)
     sort = _known(params, "sort", SORTS, "last_seen", "sorted by last seen", notices)
     order = _known(params, "order", ("asc", "desc"), "desc", "sorted descending", notices)
@@ -434,14 +433,8 @@ async def users_page(request: Request, session: ConsoleSession) -> Response:
     language = _code(params, "language", present.language_code, "showing every language", notices)
     country = _code(params, "country", present.country_code, "showing every country", notices)
     reach = _known(params, "reach", present.REACH, "", "showing every profile", notices)
-    page_token = params.get("page_token", "")
-    trail = [t for t in params.get("trail", "").split(",") if t][-TRAIL_LIMIT:]
-    page_number = _page_number(params.get("page", ""), len(trail))
     name = " ".join(params.get("name", "").split())
     request_fields = {
-        "page_size": USERS_PAGE_SIZE,
-        "include_total_size": True,
-        "page_token": page_token,
         "identity_filter": TABS[tab],
         "platform": platform_value,
         "order_by": SORTS[sort],
@@ -454,6 +447,43 @@ async def users_page(request: Request, session: ConsoleSession) -> Response:
     }
     if SORTS[sort] not in query_pb.ProfileOrderBy.values():
         request_fields["order_by"] = 1
+    return {
+        "tab": tab,
+        "sort": sort,
+        "order": order,
+        "segment": segment,
+        "platform": platform_name,
+        "name": name,
+        "language": language,
+        "country": country,
+        "reach": reach,
+        "request_fields": request_fields,
+    }
+
+
+@signed_in
+async def users_page(request: Request, session: ConsoleSession) -> Response:
+    console = console_of(request)
+    params = request.query_params
+    notices: list[str] = []
+    filters = _users_filters(request, notices)
+    tab, sort, order, segment = (
+        filters["tab"],
+        filters["sort"],
+        filters["order"],
+        filters["segment"],
+    )
+    platform_name, name = filters["platform"], filters["name"]
+    language, country, reach = filters["language"], filters["country"], filters["reach"]
+    page_token = params.get("page_token", "")
+    trail = [t for t in params.get("trail", "").split(",") if t][-TRAIL_LIMIT:]
+    page_number = _page_number(params.get("page", ""), len(trail))
+    request_fields = {
+        "page_size": USERS_PAGE_SIZE,
+        "include_total_size": True,
+        "page_token": page_token,
+        **filters["request_fields"],
+    }
     segments: list[Any] = []
     segments_down: ServiceDown | None = None
     refused: present.Refusal | None = None
@@ -558,6 +588,7 @@ async def users_page(request: Request, session: ConsoleSession) -> Response:
                 at_least=reply.total_size_is_lower_bound,
             ),
             "link": link,
+            "csv_link": "/users.csv" + link().removeprefix("/users"),
             "sort_link": sort_link,
             "segments": segments,
             "segments_down": segments_down,
@@ -566,6 +597,64 @@ async def users_page(request: Request, session: ConsoleSession) -> Response:
             "name_sort": SORTS["name"] in query_pb.ProfileOrderBy.values(),
         },
         session=session,
+    )
+
+
+# The users table's CSV export: at most this many rows (said beside its link), read through
+# ListProfiles' cursors in pages of its maximum size.
+CSV_ROW_CAP = 10_000
+CSV_PAGE_SIZE = 500
+
+
+@signed_in
+async def users_csv(request: Request, session: ConsoleSession) -> Response:
+    """The users table of the URL's filters and sort as CSV, every page of it up to the cap."""
+    console = console_of(request)
+    filters = _users_filters(request, [])
+    if present.name_control_characters(filters["name"]):
+        raise BadInput(present.name_refusal(filters["name"]))
+
+    async def page(token: str) -> Any:
+        return await console.backend.call(
+            session.key,
+            "query",
+            "ListProfiles",
+            query_pb.ListProfilesRequest(
+                page_size=CSV_PAGE_SIZE, page_token=token, **filters["request_fields"]
+            ),
+        )
+
+    # The first page before any byte is sent: a refused filter or a down service is a page.
+    first = await page("")
+
+    def cells(rows: Any) -> list[list[str]]:
+        return definitions.csv_rows(
+            rows, platforms=present.PLATFORM_LABELS, segment_of=present.segment_label
+        )
+
+    async def body() -> AsyncIterator[bytes]:
+        reply, sent = first, 0
+        yield definitions.csv_text([], header=True).encode()
+        while True:
+            rows = list(reply.profiles)[: CSV_ROW_CAP - sent]
+            sent += len(rows)
+            yield definitions.csv_text(cells(rows)).encode()
+            if sent >= CSV_ROW_CAP or not reply.next_page_token:
+                return
+            try:
+                reply = await page(reply.next_page_token)
+            except (ServiceDown, BadInput, SignedOut) as failed:
+                # Mid-download: the status is sent already; the file says it stops short.
+                log.warning("console_csv_cut_short", why=type(failed).__name__, rows=sent)
+                yield definitions.csv_text([[definitions.CSV_CUT_SHORT]]).encode()
+                return
+
+    log.info("console_users_csv")
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    return StreamingResponse(
+        body(),
+        media_type="text/csv; charset=utf-8",
+        headers={"Content-Disposition": f'attachment; filename="users-{stamp}.csv"'},
     )
 
 
@@ -946,6 +1035,113 @@ async def profile_export(request: Request, session: ConsoleSession) -> Response:
     )
 
 
+# -- erasure (GDPR) -------------------------------------------------------------------------------
+
+
+async def _erasure_page(
+    request: Request,
+    session: ConsoleSession,
+    profile_id: str,
+    *,
+    request_id: str,
+    refused: str = "",
+    status: int = 200,
+) -> Response:
+    """The confirmation step: whom the erasure is of, what goes, and the word to type."""
+    console = console_of(request)
+    try:
+        reply = await console.backend.call(
+            session.key, "query", "GetProfile", query_pb.GetProfileRequest(profile_id=profile_id)
+        )
+    except NotFound:
+        return _no_such_profile(request, session, profile_id)
+    except BadInput as bad:
+        if "profile_id" in bad.fields:
+            return _no_such_profile(request, session, profile_id)
+        raise
+    summary = reply.profile.summary
+    return render(
+        request,
+        "erase.html",
+        {
+            "summary": summary,
+            "confirmation": present.erasure_word(summary.custom_id),
+            "installations": len(reply.profile.installations),
+            "events": reply.profile.counters.event_count,
+            "csrf_token": session.csrf_token,
+            "request_id": request_id,
+            "refused": refused,
+        },
+        session=session,
+        status=status,
+    )
+
+
+@signed_in
+async def profile_erase_form(request: Request, session: ConsoleSession) -> Response:
+    if not session.admin:
+        raise Forbidden
+    profile_id = request.path_params["profile_id"]
+    # The idempotency key travels with the form: a second click or a reload of the answer
+    # returns the first erasure's answer instead of "no such profile".
+    return await _erasure_page(request, session, profile_id, request_id=str(uuid.uuid4()))
+
+
+@signed_in
+async def profile_erase(request: Request, session: ConsoleSession) -> Response:
+    if not session.admin:
+        raise Forbidden  # a read key never sees the form; a forged post gets 403 all the same
+    console = console_of(request)
+    profile_id = request.path_params["profile_id"]
+    form = await request.form()
+    request_id = str(form.get("request_id", ""))[:64] or str(uuid.uuid4())
+    if not tokens_match(session.csrf_token, str(form.get("csrf_token", ""))):
+        return await _erasure_page(
+            request,
+            session,
+            profile_id,
+            request_id=request_id,
+            refused=present.FORM_EXPIRED,
+            status=403,
+        )
+    typed = str(form.get("confirmation", ""))
+    name = ""
+    try:
+        before = await console.backend.call(
+            session.key, "query", "GetProfile", query_pb.GetProfileRequest(profile_id=profile_id)
+        )
+    except (NotFound, BadInput):
+        # Gone already (this form sent twice): the service answers a retry of its request_id
+        # with the first erasure, anything else with NOT_FOUND; there is nothing to confirm.
+        pass
+    else:
+        summary = before.profile.summary
+        expected = present.erasure_word(summary.custom_id)
+        if not present.erasure_confirmed(expected, typed):
+            return await _erasure_page(
+                request,
+                session,
+                profile_id,
+                request_id=request_id,
+                refused=present.erasure_refusal(expected, typed),
+                status=400,
+            )
+        name = present.display_name(
+            summary.first_name, summary.last_name, summary.custom_id, summary.profile_id
+        )
+    try:
+        reply = await console.backend.call(
+            session.key,
+            "identity",
+            "DeleteProfile",
+            identity_pb.DeleteProfileRequest(profile_id=profile_id, request_id=request_id),
+        )
+    except NotFound:
+        return _no_such_profile(request, session, profile_id)
+    log.info("console_erasure", profile_id=reply.profile_id)
+    return render(request, "erased.html", {"reply": reply, "name": name}, session=session)
+
+
 async def _prepend(first: Any, rest: AsyncIterator[Any]) -> AsyncIterator[Any]:
     yield first
     async for item in rest:
@@ -1293,10 +1489,16 @@ async def segments_page(request: Request, session: ConsoleSession) -> Response:
             session.key, "segments", "ListFunnels", segments_pb.ListFunnelsRequest(page_size=100)
         ),
     )
+    created = present.created_notice(
+        request.query_params.get("created", ""), segments.segments, funnels.funnels
+    )
+    deleted = request.query_params.get("deleted", "")
     return render(
         request,
         "segments.html",
         {
+            "created": created,
+            "deleted": present.DELETED.get(deleted, ""),
             "segments": segments.segments,
             "funnels": [
                 (
@@ -1310,6 +1512,193 @@ async def segments_page(request: Request, session: ConsoleSession) -> Response:
         },
         session=session,
     )
+
+
+# -- defining and deleting segments and funnels (admin) -------------------------------------------
+
+TAKEN = {
+    "segment": "Another segment already has this name (names are compared ignoring case).",
+    "funnel": "Another funnel already has this name (names are compared ignoring case).",
+}
+LIMIT = {
+    "segment": "The project has 100 segments, the most it can hold: delete one first.",
+    "funnel": "The project has 50 funnels, the most it can hold: delete one first.",
+}
+
+
+def _definition_page(
+    request: Request,
+    session: ConsoleSession,
+    what: str,
+    form: Any,
+    request_id: str,
+    refusals: definitions.Refusals | None = None,
+    status: int = 200,
+) -> Response:
+    return render(
+        request,
+        f"{what}_form.html",
+        {
+            "form": form,
+            "request_id": request_id,
+            "refused": (refusals or definitions.Refusals()).boxes,
+            "csrf_token": session.csrf_token,
+            "d": definitions,
+        },
+        session=session,
+        status=status,
+    )
+
+
+@signed_in
+async def segment_new_form(request: Request, session: ConsoleSession) -> Response:
+    if not session.admin:
+        raise Forbidden
+    return _definition_page(
+        request, session, "segment", definitions.SegmentForm(), str(uuid.uuid4())
+    )
+
+
+@signed_in
+async def funnel_new_form(request: Request, session: ConsoleSession) -> Response:
+    if not session.admin:
+        raise Forbidden
+    return _definition_page(request, session, "funnel", definitions.FunnelForm(), str(uuid.uuid4()))
+
+
+async def _definition_post(request: Request, session: ConsoleSession, what: str) -> Response:
+    """The segment or funnel form posted: a row added or removed (the page again, as typed),
+    or the definition created (the segments page) or refused (the form, each refusal beside
+    its box)."""
+    if not session.admin:
+        raise Forbidden
+    posted = await request.form()
+
+    def get(name: str) -> list[str]:
+        return [str(value) for value in posted.getlist(name)]
+
+    request_id = str(posted.get("request_id", ""))[:64] or str(uuid.uuid4())
+    action = str(posted.get("action", "create"))
+    form: Any
+    if what == "segment":
+        form = definitions.read_segment_form(get)
+        rows = len(form.conditions)
+    else:
+        form = definitions.read_funnel_form(get)
+        rows = len(form.steps)
+    if not tokens_match(session.csrf_token, str(posted.get("csrf_token", ""))):
+        expired = definitions.Refusals({"": present.FORM_EXPIRED_KEPT})
+        return _definition_page(request, session, what, form, request_id, expired, status=403)
+    if action == "add":
+        form = definitions.add_condition(form) if what == "segment" else definitions.add_step(form)
+        return _definition_page(request, session, what, form, request_id)
+    if action.startswith("remove-") and action[7:].isdigit():
+        index = int(action[7:])
+        if what == "segment":
+            form = definitions.remove_condition(form, index)
+        else:
+            form = definitions.remove_step(form, index)
+        return _definition_page(request, session, what, form, request_id)
+    built: Any
+    if what == "segment":
+        built, refusals = definitions.segment_request(form, request_id)
+    else:
+        built, refusals = definitions.funnel_request(form, request_id)
+    if refusals:
+        return _definition_page(request, session, what, form, request_id, refusals, status=400)
+    method = "CreateSegment" if what == "segment" else "CreateFunnel"
+    try:
+        reply = await console_of(request).backend.call(session.key, "segments", method, built)
+    except BadInput as bad:
+        if bad.reason == "DISPLAY_NAME_TAKEN":
+            refusals = definitions.Refusals({"name": TAKEN[what]})
+        elif bad.reason == "DEFINITION_LIMIT_REACHED":
+            refusals = definitions.Refusals({"": LIMIT[what]})
+        elif what == "segment":
+            refusals = definitions.segment_refusals(bad.violations, rows)
+        else:
+            refusals = definitions.funnel_refusals(bad.violations, rows)
+        if not refusals:
+            refusals = definitions.Refusals({"": present.problem_text(bad)})
+        return _definition_page(request, session, what, form, request_id, refusals, status=400)
+    created = reply.segment.segment_id if what == "segment" else reply.funnel.funnel_id
+    log.info("console_definition_created", kind=what, id=created)
+    return RedirectResponse(f"/segments?created={what}:{created}", status_code=303)
+
+
+@signed_in
+async def segment_create(request: Request, session: ConsoleSession) -> Response:
+    return await _definition_post(request, session, "segment")
+
+
+@signed_in
+async def funnel_create(request: Request, session: ConsoleSession) -> Response:
+    return await _definition_post(request, session, "funnel")
+
+
+async def _definition_named(
+    console: Console, session: ConsoleSession, what: str, ident: str
+) -> Any:
+    """The segment or funnel `ident` of the project (NotFound when none)."""
+    if what == "segment":
+        reply = await console.backend.call(
+            session.key, "segments", "GetSegment", segments_pb.GetSegmentRequest(segment_id=ident)
+        )
+        return reply.segment
+    # No GetFunnel in the contract: the project's funnels are at most 50, one page.
+    reply = await console.backend.call(
+        session.key, "segments", "ListFunnels", segments_pb.ListFunnelsRequest(page_size=100)
+    )
+    for funnel in reply.funnels:
+        if funnel.funnel_id == ident:
+            return funnel
+    raise NotFound(ident)
+
+
+async def _definition_delete(request: Request, session: ConsoleSession, what: str) -> Response:
+    if not session.admin:
+        raise Forbidden
+    console = console_of(request)
+    ident = request.path_params["ident"]
+    try:
+        definition = await _definition_named(console, session, what, ident)
+    except BadInput:
+        raise NotFound(ident) from None
+    status, refused = 200, ""
+    if request.method == "POST":
+        posted = await request.form()
+        if tokens_match(session.csrf_token, str(posted.get("csrf_token", ""))):
+            if what == "segment":
+                call = segments_pb.DeleteSegmentRequest(segment_id=ident, allow_missing=True)
+                await console.backend.call(session.key, "segments", "DeleteSegment", call)
+            else:
+                gone = segments_pb.DeleteFunnelRequest(funnel_id=ident, allow_missing=True)
+                await console.backend.call(session.key, "segments", "DeleteFunnel", gone)
+            log.info("console_definition_deleted", kind=what, id=ident)
+            return RedirectResponse(f"/segments?deleted={what}", status_code=303)
+        status, refused = 403, present.FORM_EXPIRED_KEPT
+    return render(
+        request,
+        "definition_delete.html",
+        {
+            "what": what,
+            "definition": definition,
+            "csrf_token": session.csrf_token,
+            "refused": refused,
+        },
+        session=session,
+        status=status,
+    )
+
+
+@signed_in
+async def segment_delete(request: Request, session: ConsoleSession) -> Response:
+    return await _definition_delete(request, session, "segment")
+
+
+@signed_in
+async def funnel_delete(request: Request, session: ConsoleSession) -> Response:
+    return await _definition_delete(request, session, "funnel")
 
 
 def segment_change_json(change: Any, names: dict[str, str]) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from google.protobuf import duration_pb2, timestamp_pb2
 
 from profiles.common.v1 import types_pb2
 from profiles.query.v1 import overview_pb2, profile_pb2, query_service_pb2, timeline_pb2
-from profiles.segments.v1 import filters_pb2
+from profiles.segments.v1 import filters_pb2, funnels_pb2
 from services.console.errors import BadInput
 from shared.convert import datetime_of
 
@@ -363,12 +363,18 @@ class UserRow:
     segment: str
 
 
+def segment_label(row: query_service_pb2.ProfileRow) -> str:
+    """A row's smart segment with its flag ("Engaged · Risky Engaged"), "—" for none."""
+    segment = SMART_SEGMENTS.get(row.smart_segment, "—")
+    if row.smart_segment_flag:
+        segment += " · " + smart_flag(row.smart_segment_flag)
+    return segment
+
+
 def user_rows(rows: Iterable[query_service_pb2.ProfileRow]) -> list[UserRow]:
     found = []
     for row in rows:
-        segment = SMART_SEGMENTS.get(row.smart_segment, "—")
-        if row.smart_segment_flag:
-            segment += " · " + smart_flag(row.smart_segment_flag)
+        segment = segment_label(row)
         name = display_name(row.first_name, row.last_name, row.custom_id, row.profile_id)
         if row.custom_id:
             also = "" if name == row.custom_id else row.custom_id
@@ -842,6 +848,23 @@ def _condition_words(condition: filters_pb2.Condition) -> str:
     return "?"
 
 
+def funnel_step_words(step: funnels_pb2.FunnelStep) -> str:
+    """A funnel step as a phrase: its event, and its attribute condition when it has one
+    ("purchase where amount is more than 20")."""
+    if not step.HasField("attribute_condition"):
+        return step.event_name
+    test = step.attribute_condition
+    if test.operator == filters_pb2.OPERATOR_EXISTS:
+        return f"{step.event_name} where {test.attribute_name} exists"
+    if test.values:
+        value = ", ".join(attribute_value(v) for v in test.values)
+    else:
+        value = attribute_value(test.value)
+    operator = _OPERATORS.get(test.operator, "?")
+    case = " (ignoring case)" if test.ignore_case else ""
+    return f"{step.event_name} where {test.attribute_name} {operator} {value}{case}"
+
+
 def enum_options(labels: dict[int, str]) -> list[tuple[int, str]]:
     return sorted(labels.items())
 
@@ -895,3 +918,62 @@ def datetime_local(text: str) -> str:
     if moment.tzinfo is not None:
         moment = moment.astimezone(UTC)
     return moment.strftime("%Y-%m-%dT%H:%M:%S" if moment.second else "%Y-%m-%dT%H:%M")
+
+
+# -- erasure (GDPR) ---------------------------------------------------------------------------
+
+FORM_EXPIRED = "This form expired (you signed in again since): nothing was erased. Try again."
+# What a person types to confirm the erasure of a profile without a custom ID.
+ERASE_WORD = "delete"
+
+
+def erasure_word(custom_id: str) -> str:
+    """What confirms the erasure of a profile: its custom ID, else the word "delete"."""
+    return custom_id or ERASE_WORD
+
+
+def erasure_confirmed(expected: str, typed: str) -> bool:
+    """Whether `typed` confirms the erasure: exactly `expected` (spaces around it ignored; a
+    custom ID is case-sensitive, so "User-1" does not erase "user-1")."""
+    return bool(expected) and typed.strip() == expected
+
+
+def erasure_refusal(expected: str, typed: str) -> str:
+    """Why the confirmation box did not confirm, in its own words."""
+    if not typed.strip():
+        return f"Type “{expected}” to confirm: nothing was erased."
+    return f"“{shorten(typed.strip())}” is not “{expected}”: nothing was erased."
+
+
+FORM_EXPIRED_KEPT = (
+    "This form expired (you signed in again since): nothing was changed. Send it again."
+)
+
+
+DELETED = {"segment": "The segment was deleted.", "funnel": "The funnel was deleted."}
+
+
+@dataclass(frozen=True, slots=True)
+class Created:
+    """A definition just created, as the segments page announces it."""
+
+    kind: str  # segment or funnel
+    ident: str
+    name: str
+    size: int  # a segment's members; a funnel's profiles at its first step
+
+
+def created_notice(value: str, segments: Iterable[Any], funnels: Iterable[Any]) -> Created | None:
+    """The `created` parameter (`segment:<id>`, `funnel:<id>`) when it names a definition of the
+    project; None otherwise (an altered link announces nothing)."""
+    kind, _, ident = value.partition(":")
+    if kind == "segment":
+        for segment in segments:
+            if segment.segment_id == ident:
+                return Created(kind, ident, segment.display_name, segment.size)
+    elif kind == "funnel":
+        for funnel in funnels:
+            if funnel.funnel_id == ident:
+                first = funnel.reached_profile_counts[0] if funnel.reached_profile_counts else 0
+                return Created(kind, ident, funnel.display_name, first)
+    return None

@@ -570,6 +570,10 @@ PAGES = (
     ("segments", "/segments"),
     ("rejected", "/rejected"),
     ("search", "/search?q=nobody%40example.com"),
+    # The admin's pages ({profile}: the checked profile's ID).
+    ("erase", "/profiles/{profile}/delete"),
+    ("segment-new", "/segments/new"),
+    ("funnel-new", "/funnels/new"),
 )
 
 
@@ -591,7 +595,7 @@ async def test_every_page_is_accessible_and_light(
         console_suite.addresses["segments"], console_suite.project.keys["admin"]
     ) as channel:
         segments = segments_grpc.SegmentsServiceStub(channel)
-        await segments.CreateSegment(
+        created = await segments.CreateSegment(
             segments_pb.CreateSegmentRequest(
                 display_name="Signed up from ads",
                 filter=attribute("signup_source", filters_pb2.OPERATOR_EQUALS, "ads"),
@@ -637,11 +641,56 @@ async def test_every_page_is_accessible_and_light(
     await check("signin")
     await sign_in(page, console_suite, "admin")
     for name, path in PAGES:
-        target = path or f"/profiles/{profile.summary.profile_id}"
+        target = (path or "/profiles/{profile}").format(profile=profile.summary.profile_id)
         await page.goto(console_suite.url + target)
         await expect(page.locator("main h1")).to_be_visible()
         await screenshot(name, full_page=name == "profile")
         await check(name)
+    # The admin forms with refusals beside their boxes, a deletion's confirmation, an erasure.
+    await page.goto(console_suite.url + "/segments/new")
+    await page.get_by_label("Name", exact=True).fill("Refused")
+    await page.locator("#c0-custom_name").fill("not a name!")
+    await page.get_by_role("button", name="Create segment").click()
+    await expect(page.locator("#c0-custom_name-error")).to_be_visible()
+    await check("segment-refused")
+    await page.goto(console_suite.url + "/funnels/new")
+    await page.get_by_label("Name", exact=True).fill("Refused")
+    await page.locator("#s0-event_name").fill("not a name!")
+    await page.locator("#s1-event_name").fill("purchase")
+    await page.get_by_role("button", name="Create funnel").click()
+    await expect(page.locator("#s0-event_name-error")).to_be_visible()
+    await check("funnel-refused")
+    await page.goto(console_suite.url + f"/segments/{created.segment.segment_id}/delete")
+    await check("segment-delete")
+    custom_id = f"axe-{uuid.uuid4().hex[:8]}"
+    await track(console_suite, custom_event(None, custom_id=custom_id, time=datetime.now(UTC)))
+    erasable = await stored_profile_by_custom_id(console_suite, custom_id)
+    await page.goto(console_suite.url + f"/profiles/{erasable}/delete")
+    await page.get_by_label(f"To confirm, type {custom_id}").fill("no")
+    await page.get_by_role("button", name="Delete this profile permanently").click()
+    await check("erase-refused")
+    await page.get_by_label(f"To confirm, type {custom_id}").fill(custom_id)
+    await page.get_by_role("button", name="Delete this profile permanently").click()
+    await expect(page.get_by_role("heading", name="Profile erased")).to_be_visible()
+    await check("erased")
+
+
+async def stored_profile_by_custom_id(suite: ConsoleSuite, custom_id: str) -> str:
+    """The profile ID of `custom_id` once query has it."""
+    found: list[str] = []
+
+    async def stored() -> bool:
+        try:
+            reply = await query(
+                suite, "GetProfile", query_pb.GetProfileRequest(custom_id=custom_id)
+            )
+        except grpc.aio.AioRpcError:
+            return False
+        found[:] = [reply.profile.summary.profile_id]
+        return True
+
+    await eventually(stored, within=15)
+    return found[0]
 
 
 async def test_every_session_of_a_profile_is_reachable_page_by_page(

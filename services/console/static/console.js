@@ -275,7 +275,22 @@ function followSegments(table) {
   });
 }
 
+// The segment form lists every kind's boxes (the page works without a script); with one, a
+// condition shows only its chosen kind's boxes. `hidden` also hides them from screen readers.
+function showChosenKind(condition) {
+  const kind = condition.querySelector("select[id$='-kind']");
+  if (!kind) return;
+  const update = () => {
+    condition.querySelectorAll("fieldset[data-for-kind]").forEach((set) => {
+      set.hidden = !set.dataset.forKind.split(" ").includes(kind.value);
+    });
+  };
+  kind.addEventListener("change", update);
+  update();
+}
+
 document.addEventListener("DOMContentLoaded", () => {
+  document.querySelectorAll("[data-condition]").forEach(showChosenKind);
   const overview = document.getElementById("overview");
   if (overview && overview.dataset.refresh) refreshOverview(overview);
   const live = document.getElementById("live");

@@ -1,0 +1,694 @@
+"""The admin forms of the console: a custom segment's or a funnel's definition as typed, the
+contract message built from it, and the service's refusals told beside the box they name.
+
+Pure functions of plain values and protobuf messages: no I/O, no HTTP. A form is read into a
+dataclass of the strings typed (kept as typed, so a refused form comes back filled in), then
+built into a request; what cannot be built (a number that is not one) is refused here, by box.
+Box IDs are the form's own (`c2-value`: the value of condition 3), never the contract's paths.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+
+from google.protobuf import duration_pb2
+
+from profiles.common.v1 import types_pb2
+from profiles.query.v1 import query_service_pb2
+from profiles.segments.v1 import filters_pb2, funnels_pb2
+from profiles.segments.v1 import segments_service_pb2 as segments_pb
+from shared.convert import set_timestamp
+
+# The form's limits, the contract's: a tree holds at most 31 conditions, a funnel 2 to 10 steps.
+MAX_CONDITIONS = 31
+MIN_STEPS, MAX_STEPS = 2, 10
+MAX_IN_VALUES = 64
+
+CONDITION_KINDS = {
+    "attribute": "Attribute",
+    "platform": "Platform",
+    "country": "Country of the last session",
+    "subscription": "Subscription",
+    "last_seen": "Last seen in the last N days",
+    "first_seen": "First seen in the last N days",
+    "event_count": "Count of a custom event",
+    "smart_segment": "Smart segment",
+}
+# Operator choices: form value -> (contract value, words).
+OPERATORS = {
+    "equals": (filters_pb2.OPERATOR_EQUALS, "is"),
+    "not_equals": (filters_pb2.OPERATOR_NOT_EQUALS, "is not"),
+    "less_than": (filters_pb2.OPERATOR_LESS_THAN, "is less than"),
+    "at_most": (filters_pb2.OPERATOR_LESS_THAN_OR_EQUAL, "is at most"),
+    "greater_than": (filters_pb2.OPERATOR_GREATER_THAN, "is more than"),
+    "at_least": (filters_pb2.OPERATOR_GREATER_THAN_OR_EQUAL, "is at least"),
+    "in": (filters_pb2.OPERATOR_IN, "is one of (comma-separated)"),
+    "contains": (filters_pb2.OPERATOR_CONTAINS, "contains"),
+    "starts_with": (filters_pb2.OPERATOR_STARTS_WITH, "starts with"),
+    "exists": (filters_pb2.OPERATOR_EXISTS, "is set"),
+}
+# An event count compares a number: no IN, CONTAINS, STARTS_WITH or EXISTS.
+COUNT_OPERATORS = ("equals", "not_equals", "less_than", "at_most", "greater_than", "at_least")
+VALUE_TYPES = {
+    "string": "text",
+    "number": "number",
+    "bool": "true or false",
+    "timestamp": "time (UTC)",
+}
+NATIVE_ATTRIBUTES = {
+    "email": ("Email", filters_pb2.NATIVE_ATTRIBUTE_EMAIL),
+    "phone": ("Phone", filters_pb2.NATIVE_ATTRIBUTE_PHONE),
+    "first_name": ("First name", filters_pb2.NATIVE_ATTRIBUTE_FIRST_NAME),
+    "last_name": ("Last name", filters_pb2.NATIVE_ATTRIBUTE_LAST_NAME),
+    "language": ("Language", filters_pb2.NATIVE_ATTRIBUTE_LANGUAGE),
+    "region": ("Region", filters_pb2.NATIVE_ATTRIBUTE_REGION),
+    "country": ("Country (attribute)", filters_pb2.NATIVE_ATTRIBUTE_COUNTRY),
+    "timezone": ("Time zone", filters_pb2.NATIVE_ATTRIBUTE_TIMEZONE),
+    "avatar_url": ("Avatar URL", filters_pb2.NATIVE_ATTRIBUTE_AVATAR_URL),
+}
+# The attribute box's value for "a custom attribute, named in the box beside".
+CUSTOM = "custom"
+PLATFORM_CHOICES = {
+    "ios": ("iOS", types_pb2.PLATFORM_IOS),
+    "android": ("Android", types_pb2.PLATFORM_ANDROID),
+    "web": ("Web", types_pb2.PLATFORM_WEB),
+    "api": ("API (server-side)", types_pb2.PLATFORM_API),
+}
+CHANNEL_CHOICES = {
+    "email": ("Email", types_pb2.CHANNEL_EMAIL),
+    "sms": ("SMS", types_pb2.CHANNEL_SMS),
+    "push": ("Push", types_pb2.CHANNEL_PUSH),
+}
+SUBSCRIPTION_KINDS = {
+    "marketing": ("Marketing", types_pb2.SUBSCRIPTION_KIND_MARKETING),
+    "transactional": ("Transactional", types_pb2.SUBSCRIPTION_KIND_TRANSACTIONAL),
+}
+SMART_CHOICES = {
+    "smart:1": "New",
+    "smart:2": "One-time",
+    "smart:3": "Engaged",
+    "smart:4": "Dormant",
+    "flag:1": "Promising New",
+    "flag:2": "Promising Dormant",
+    "flag:3": "Risky Engaged",
+}
+WINDOW_UNITS = {"minutes": 60, "hours": 3600, "days": 86_400}
+JOINS = {"and": filters_pb2.GROUP_OPERATOR_AND, "or": filters_pb2.GROUP_OPERATOR_OR}
+
+# The forms' choices as (value, words), in the order the boxes list them.
+OPERATOR_CHOICES = [(value, words) for value, (_, words) in OPERATORS.items()]
+COUNT_OPERATOR_CHOICES = [(value, OPERATORS[value][1]) for value in COUNT_OPERATORS]
+VALUE_TYPE_CHOICES = list(VALUE_TYPES.items())
+ATTRIBUTE_CHOICES = [(CUSTOM, "a custom attribute, named below")] + [
+    (value, words) for value, (words, _) in NATIVE_ATTRIBUTES.items()
+]
+KIND_CHOICES = list(CONDITION_KINDS.items())
+CHANNEL_WORDS = [(value, words) for value, (words, _) in CHANNEL_CHOICES.items()]
+SUBSCRIPTION_KIND_WORDS = [(value, words) for value, (words, _) in SUBSCRIPTION_KINDS.items()]
+PLATFORM_WORDS = [(value, words) for value, (words, _) in PLATFORM_CHOICES.items()]
+WINDOW_UNIT_CHOICES = [(unit, unit) for unit in WINDOW_UNITS]
+
+NAME_WORDS = "A name is 1 to 100 characters, not used by another one of the project."
+EVENT_NAME_WORDS = "An event name is 1 to 30 letters, digits or underscores, such as purchase."
+ATTRIBUTE_NAME_WORDS = "An attribute name is 1 to 30 letters, digits or underscores, such as plan."
+# What a box says when the service refused it without words the console has for that box.
+BOX_WORDS = {
+    "name": NAME_WORDS,
+    "description": "A description holds at most 1,000 characters.",
+    "custom_name": ATTRIBUTE_NAME_WORDS,
+    "attribute": "Choose an attribute.",
+    "operator": "This comparison does not apply here.",
+    "value": "This value does not fit the comparison.",
+    "platforms": "Tick 1 to 4 platforms.",
+    "countries": "Countries are two-letter codes separated by commas, such as FR, DE.",
+    "channel": "Choose a channel.",
+    "sub_kind": "Choose a kind of subscription.",
+    "days": "A number of days from 1 to 3,650.",
+    "event_name": EVENT_NAME_WORDS,
+    "count_operator": "This comparison does not apply to a count.",
+    "count": "A count from 0 to 1,000,000.",
+    "count_days": "A number of days from 1 to 365.",
+    "smart": "Tick at least one smart segment or flag.",
+    "window": "A conversion window from 1 minute to 90 days.",
+    "attribute_name": ATTRIBUTE_NAME_WORDS,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ConditionForm:
+    """One condition as typed: every box's text, whatever the kind (switching kind keeps the
+    rest)."""
+
+    kind: str = "attribute"
+    negate: bool = False
+    attribute: str = CUSTOM
+    custom_name: str = ""
+    operator: str = "equals"
+    value_type: str = "string"
+    value: str = ""
+    ignore_case: bool = False
+    platforms: tuple[str, ...] = ()
+    countries: str = ""
+    channel: str = "email"
+    sub_kind: str = "marketing"
+    subscribed: str = "yes"
+    days: str = "30"
+    event_name: str = ""
+    count_operator: str = "at_least"
+    count: str = "1"
+    count_days: str = "30"
+    smart: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentForm:
+    name: str = ""
+    description: str = ""
+    join: str = "and"
+    conditions: tuple[ConditionForm, ...] = (ConditionForm(),)
+
+
+@dataclass(frozen=True, slots=True)
+class StepForm:
+    event_name: str = ""
+    attribute_name: str = ""  # empty: no condition on the step
+    operator: str = "equals"
+    value_type: str = "string"
+    value: str = ""
+    ignore_case: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class FunnelForm:
+    name: str = ""
+    description: str = ""
+    steps: tuple[StepForm, ...] = (StepForm(), StepForm())
+    window: str = "7"
+    window_unit: str = "days"
+
+
+@dataclass(slots=True)
+class Refusals:
+    """What the page says, by box ID ("" for the form as a whole)."""
+
+    boxes: dict[str, str] = field(default_factory=dict)
+
+    def add(self, box: str, text: str) -> None:
+        self.boxes.setdefault(box, text)
+
+    def __bool__(self) -> bool:
+        return bool(self.boxes)
+
+
+Getter = Callable[[str], list[str]]
+
+
+def _one(get: Getter, name: str, default: str = "") -> str:
+    values = get(name)
+    return values[0] if values else default
+
+
+def _choice(text: str, choices: Iterable[str], default: str) -> str:
+    return text if text in choices else default
+
+
+# -- reading the forms ------------------------------------------------------------------------
+
+
+def read_segment_form(get: Getter) -> SegmentForm:
+    """The segment form from the posted fields (`get(name)`: every value of a field)."""
+    count = min(_count(_one(get, "conditions"), 1), MAX_CONDITIONS)
+    conditions = []
+    for i in range(count):
+        p = f"c{i}-"
+        conditions.append(
+            ConditionForm(
+                kind=_choice(_one(get, p + "kind"), CONDITION_KINDS, "attribute"),
+                negate=bool(_one(get, p + "negate")),
+                attribute=_choice(_one(get, p + "attribute"), (CUSTOM, *NATIVE_ATTRIBUTES), CUSTOM),
+                custom_name=_one(get, p + "custom_name").strip(),
+                operator=_choice(_one(get, p + "operator"), OPERATORS, "equals"),
+                value_type=_choice(_one(get, p + "value_type"), VALUE_TYPES, "string"),
+                value=_one(get, p + "value"),
+                ignore_case=bool(_one(get, p + "ignore_case")),
+                platforms=tuple(v for v in get(p + "platforms") if v in PLATFORM_CHOICES),
+                countries=_one(get, p + "countries"),
+                channel=_choice(_one(get, p + "channel"), CHANNEL_CHOICES, "email"),
+                sub_kind=_choice(_one(get, p + "sub_kind"), SUBSCRIPTION_KINDS, "marketing"),
+                subscribed=_choice(_one(get, p + "subscribed"), ("yes", "no"), "yes"),
+                days=_one(get, p + "days", "30").strip(),
+                event_name=_one(get, p + "event_name").strip(),
+                count_operator=_choice(
+                    _one(get, p + "count_operator"), COUNT_OPERATORS, "at_least"
+                ),
+                count=_one(get, p + "count", "1").strip(),
+                count_days=_one(get, p + "count_days", "30").strip(),
+                smart=tuple(v for v in get(p + "smart") if v in SMART_CHOICES),
+            )
+        )
+    return SegmentForm(
+        name=_one(get, "name"),
+        description=_one(get, "description"),
+        join=_choice(_one(get, "join"), JOINS, "and"),
+        conditions=tuple(conditions),
+    )
+
+
+def read_funnel_form(get: Getter) -> FunnelForm:
+    count = max(min(_count(_one(get, "steps"), MIN_STEPS), MAX_STEPS), MIN_STEPS)
+    steps = []
+    for i in range(count):
+        p = f"s{i}-"
+        steps.append(
+            StepForm(
+                event_name=_one(get, p + "event_name").strip(),
+                attribute_name=_one(get, p + "attribute_name").strip(),
+                operator=_choice(_one(get, p + "operator"), OPERATORS, "equals"),
+                value_type=_choice(_one(get, p + "value_type"), VALUE_TYPES, "string"),
+                value=_one(get, p + "value"),
+                ignore_case=bool(_one(get, p + "ignore_case")),
+            )
+        )
+    return FunnelForm(
+        name=_one(get, "name"),
+        description=_one(get, "description"),
+        steps=tuple(steps),
+        window=_one(get, "window", "7").strip(),
+        window_unit=_choice(_one(get, "window_unit"), WINDOW_UNITS, "days"),
+    )
+
+
+def _count(text: str, default: int) -> int:
+    return int(text) if text.isdigit() and len(text) < 4 and int(text) > 0 else default
+
+
+def add_condition(form: SegmentForm) -> SegmentForm:
+    if len(form.conditions) >= MAX_CONDITIONS:
+        return form
+    return replace(form, conditions=(*form.conditions, ConditionForm()))
+
+
+def remove_condition(form: SegmentForm, index: int) -> SegmentForm:
+    kept = tuple(c for i, c in enumerate(form.conditions) if i != index)
+    return replace(form, conditions=kept or (ConditionForm(),))
+
+
+def add_step(form: FunnelForm) -> FunnelForm:
+    if len(form.steps) >= MAX_STEPS:
+        return form
+    return replace(form, steps=(*form.steps, StepForm()))
+
+
+def remove_step(form: FunnelForm, index: int) -> FunnelForm:
+    if len(form.steps) <= MIN_STEPS:
+        return form
+    return replace(form, steps=tuple(s for i, s in enumerate(form.steps) if i != index))
+
+
+# -- building the requests --------------------------------------------------------------------
+
+
+def _parse_time(text: str) -> datetime | None:
+    """A time typed as ISO 8601 ("2026-12-01", "2026-12-01T10:30", with or without an offset),
+    read as UTC when it has no offset."""
+    try:
+        moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def _operand(text: str, value_type: str) -> types_pb2.AttributeValue | str:
+    """The operand typed in `text` as `value_type`, or why it is not one."""
+    operand = types_pb2.AttributeValue()
+    if value_type == "number":
+        try:
+            number = float(text.strip())
+        except ValueError:
+            return f"“{_short(text)}” is not a number (use a dot for decimals: 4.5)."
+        if not math.isfinite(number):
+            return "A number must be finite."
+        operand.number_value = number
+    elif value_type == "bool":
+        word = text.strip().lower()
+        if word not in ("true", "false"):
+            return "Type true or false."
+        operand.bool_value = word == "true"
+    elif value_type == "timestamp":
+        moment = _parse_time(text)
+        if moment is None:
+            return f"“{_short(text)}” is not a time: type 2026-12-01 or 2026-12-01T10:30 (UTC)."
+        set_timestamp(operand.timestamp_value, moment)
+    else:
+        operand.string_value = text
+    return operand
+
+
+def _short(text: str, limit: int = 40) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _comparison(
+    operator: str, value_type: str, text: str, box: str, bad: Refusals
+) -> tuple[int, types_pb2.AttributeValue | None, list[types_pb2.AttributeValue]]:
+    """The operator, the operand (`value`) and the operands (`values`, for IN) as typed."""
+    contract, _ = OPERATORS[operator]
+    if operator == "exists":
+        return contract, None, []
+    if operator == "in":
+        items = [item.strip() for item in text.split(",") if item.strip()]
+        if not items:
+            bad.add(box, "Type one or more values separated by commas.")
+            return contract, None, []
+        if len(items) > MAX_IN_VALUES:
+            bad.add(box, f"At most {MAX_IN_VALUES} values; this list has {len(items)}.")
+            return contract, None, []
+        operands = []
+        for item in items:
+            parsed = _operand(item, value_type)
+            if isinstance(parsed, str):
+                bad.add(box, parsed)
+                return contract, None, []
+            operands.append(parsed)
+        return contract, None, operands
+    parsed = _operand(text, value_type)
+    if isinstance(parsed, str):
+        bad.add(box, parsed)
+        return contract, None, []
+    return contract, parsed, []
+
+
+def _whole(text: str, box: str, bad: Refusals) -> int:
+    """A whole number typed in `box`; 0 and a refusal when it is not one (the service checks
+    the range and says so)."""
+    text = text.strip()
+    if re.fullmatch(r"-?\d{1,9}", text):
+        return int(text)
+    bad.add(box, f"“{_short(text)}” is not a whole number." if text else "Type a number.")
+    return 0
+
+
+def _condition(form: ConditionForm, i: int, bad: Refusals) -> filters_pb2.Condition:
+    box = f"c{i}-"
+    condition = filters_pb2.Condition()
+    if form.kind == "attribute":
+        test = condition.attribute
+        if form.attribute == CUSTOM:
+            if not form.custom_name:
+                bad.add(box + "custom_name", "Type the custom attribute's name.")
+            test.custom_attribute = form.custom_name
+        else:
+            test.native_attribute = NATIVE_ATTRIBUTES[form.attribute][1]
+        operator, value, values = _comparison(
+            form.operator, form.value_type, form.value, box + "value", bad
+        )
+        test.operator = operator  # type: ignore[assignment]
+        if value is not None:
+            test.value.CopyFrom(value)
+        test.values.extend(values)
+        test.ignore_case = form.ignore_case
+    elif form.kind == "platform":
+        condition.platform.platforms.extend(PLATFORM_CHOICES[p][1] for p in form.platforms)
+        if not form.platforms:
+            bad.add(box + "platforms", "Tick at least one platform.")
+    elif form.kind == "country":
+        countries = [c.strip().upper() for c in form.countries.split(",") if c.strip()]
+        if not countries:
+            bad.add(box + "countries", "Type one or more country codes, such as FR, DE.")
+        condition.country.countries.extend(countries)
+    elif form.kind == "subscription":
+        condition.subscription.channel = CHANNEL_CHOICES[form.channel][1]
+        condition.subscription.kind = SUBSCRIPTION_KINDS[form.sub_kind][1]
+        condition.subscription.subscribed = form.subscribed == "yes"
+    elif form.kind in ("last_seen", "first_seen"):
+        window: filters_pb2.TimeWindow = getattr(condition, form.kind)
+        window.within_last_days = _whole(form.days, box + "days", bad)
+    elif form.kind == "event_count":
+        test_count = condition.event_count
+        if not form.event_name:
+            bad.add(box + "event_name", "Type the custom event's name, such as purchase.")
+        test_count.event_name = form.event_name
+        test_count.operator = OPERATORS[form.count_operator][0]
+        test_count.count = _whole(form.count, box + "count", bad)
+        test_count.within_last_days = _whole(form.count_days, box + "count_days", bad)
+    else:  # smart_segment
+        for choice in form.smart:
+            kind, _, number = choice.partition(":")
+            target = condition.smart_segment.segments if kind == "smart" else None
+            if target is not None:
+                target.append(int(number))  # type: ignore[arg-type]
+            else:
+                condition.smart_segment.flags.append(int(number))  # type: ignore[arg-type]
+        if not form.smart:
+            bad.add(box + "smart", "Tick at least one smart segment or flag.")
+    return condition
+
+
+def segment_request(
+    form: SegmentForm, request_id: str = ""
+) -> tuple[segments_pb.CreateSegmentRequest, Refusals]:
+    """CreateSegment's request for the form (one group of its conditions joined by AND or OR,
+    a negated condition wrapped in NOT), and what the console refuses before asking."""
+    bad = Refusals()
+    if not form.name.strip():
+        bad.add("name", "Give the segment a name.")
+    request = segments_pb.CreateSegmentRequest(
+        display_name=form.name.strip(), description=form.description.strip(), request_id=request_id
+    )
+    group = request.filter.group
+    group.operator = JOINS[form.join]
+    for i, typed in enumerate(form.conditions):
+        condition = _condition(typed, i, bad)
+        child = group.children.add()
+        if typed.negate:
+            child.group.operator = filters_pb2.GROUP_OPERATOR_NOT
+            child.group.children.add().condition.CopyFrom(condition)
+        else:
+            child.condition.CopyFrom(condition)
+    return request, bad
+
+
+def funnel_request(
+    form: FunnelForm, request_id: str = ""
+) -> tuple[segments_pb.CreateFunnelRequest, Refusals]:
+    bad = Refusals()
+    if not form.name.strip():
+        bad.add("name", "Give the funnel a name.")
+    request = segments_pb.CreateFunnelRequest(
+        display_name=form.name.strip(), description=form.description.strip(), request_id=request_id
+    )
+    for i, typed in enumerate(form.steps):
+        box = f"s{i}-"
+        if not typed.event_name:
+            bad.add(box + "event_name", "Type the custom event's name, such as purchase.")
+        step = funnels_pb2.FunnelStep(event_name=typed.event_name)
+        if typed.attribute_name:
+            test = step.attribute_condition
+            test.attribute_name = typed.attribute_name
+            operator, value, values = _comparison(
+                typed.operator, typed.value_type, typed.value, box + "value", bad
+            )
+            test.operator = operator  # type: ignore[assignment]
+            if value is not None:
+                test.value.CopyFrom(value)
+            test.values.extend(values)
+            test.ignore_case = typed.ignore_case
+        request.steps.append(step)
+    try:
+        amount = float(form.window)
+    except ValueError:
+        bad.add("window", f"“{_short(form.window)}” is not a number.")
+        amount = 0
+    if math.isfinite(amount) and amount > 0:
+        seconds = round(amount * WINDOW_UNITS[form.window_unit])
+        request.conversion_window.CopyFrom(duration_pb2.Duration(seconds=min(seconds, 2**40)))
+    elif "window" not in bad.boxes:
+        bad.add("window", BOX_WORDS["window"])
+    return request, bad
+
+
+# -- the service's refusals, by box -----------------------------------------------------------
+
+_CONDITION_PATH = re.compile(
+    r"^filter\.group\.children\[(\d+)\](?:\.group\.children\[0\])?"
+    r"(?:\.condition(?:\.(\w+)(?:\.(\w+))?)?)?"
+)
+# (condition kind, its field) -> the box it was typed in; None: the kind's first box.
+_CONDITION_BOXES: dict[tuple[str, str | None], str] = {
+    ("attribute", "native_attribute"): "attribute",
+    ("attribute", "custom_attribute"): "custom_name",
+    ("attribute", "operator"): "operator",
+    ("attribute", "value"): "value",
+    ("attribute", "values"): "value",
+    ("attribute", None): "attribute",
+    ("platform", "platforms"): "platforms",
+    ("platform", None): "platforms",
+    ("country", "countries"): "countries",
+    ("country", None): "countries",
+    ("subscription", "channel"): "channel",
+    ("subscription", "kind"): "sub_kind",
+    ("subscription", None): "channel",
+    ("smart_segment", None): "smart",
+    ("smart_segment", "segments"): "smart",
+    ("smart_segment", "flags"): "smart",
+    ("first_seen", None): "days",
+    ("first_seen", "within_last_days"): "days",
+    ("last_seen", None): "days",
+    ("last_seen", "within_last_days"): "days",
+    ("event_count", "event_name"): "event_name",
+    ("event_count", "operator"): "count_operator",
+    ("event_count", "count"): "count",
+    ("event_count", "within_last_days"): "count_days",
+    ("event_count", None): "event_name",
+}
+_STEP_PATH = re.compile(r"^steps\[(\d+)\](?:\.(\w+)(?:\.(\w+))?)?")
+_STEP_BOXES = {
+    ("event_name", None): "event_name",
+    ("attribute_condition", "attribute_name"): "attribute_name",
+    ("attribute_condition", "operator"): "operator",
+    ("attribute_condition", "value"): "value",
+    ("attribute_condition", "values"): "value",
+    ("attribute_condition", None): "attribute_name",
+}
+_TOP_BOXES = {
+    "display_name": "name",
+    "description": "description",
+    "conversion_window": "window",
+    "request_id": "",
+}
+_OPERATOR_NAMES = {
+    filters_pb2.Operator.Name(contract).removeprefix("OPERATOR_"): words
+    for contract, words in OPERATORS.values()
+}
+
+
+def service_words(box_kind: str, why: str) -> str:
+    """The service's reason for refusing a box, in the box's words: the console's sentence for
+    boxes whose reasons name contract fields or patterns; for a comparison, the reason with
+    the contract's operator and type names turned into the form's ("is less than", text)."""
+    if box_kind in ("value", "operator", "count_operator") and why:
+        text = why
+        for name in sorted(_OPERATOR_NAMES, key=len, reverse=True):
+            text = re.sub(rf"\b{name}\b", f"“{_OPERATOR_NAMES[name]}”", text)
+        text = re.sub(r"\bstring\b", "text", text)
+        text = re.sub(r"\b(use values|use value)\b", "", text).strip(" ;")
+        if "_" not in text and "^" not in text:
+            return text[0].upper() + text[1:] + "."
+    return BOX_WORDS.get(box_kind, "")
+
+
+def segment_refusals(violations: Sequence[tuple[str, str]], conditions: int) -> Refusals:
+    """CreateSegment's field violations by box of the segment form."""
+    bad = Refusals()
+    for path, why in violations:
+        top = _TOP_BOXES.get(path.split(".")[0].split("[")[0])
+        if top is not None:
+            bad.add(top, BOX_WORDS.get(top, "") or "The service refused this form.")
+            continue
+        found = _CONDITION_PATH.match(path)
+        if found and int(found.group(1)) < conditions:
+            kind, part = found.group(2), found.group(3)
+            box = _CONDITION_BOXES.get((kind, part)) or _CONDITION_BOXES.get((kind, None))
+            if box:
+                bad.add(f"c{found.group(1)}-{box}", service_words(box, why))
+                continue
+        if path in ("filter", "filter.group.children"):
+            bad.add("", f"A segment holds 1 to {MAX_CONDITIONS} conditions.")
+            continue
+        bad.add("", "The service refused this definition; check every condition.")
+    return bad
+
+
+def funnel_refusals(violations: Sequence[tuple[str, str]], steps: int) -> Refusals:
+    bad = Refusals()
+    for path, why in violations:
+        top = _TOP_BOXES.get(path.split(".")[0].split("[")[0])
+        if top is not None:
+            bad.add(top, BOX_WORDS.get(top, "") or "The service refused this form.")
+            continue
+        found = _STEP_PATH.match(path)
+        if found and int(found.group(1)) < steps:
+            box = _STEP_BOXES.get((found.group(2) or "", found.group(3))) or _STEP_BOXES.get(
+                (found.group(2) or "", None)
+            )
+            if box:
+                bad.add(f"s{found.group(1)}-{box}", service_words(box, why))
+                continue
+        if path == "steps":
+            bad.add("", f"A funnel has {MIN_STEPS} to {MAX_STEPS} steps.")
+            continue
+        bad.add("", "The service refused this definition; check every step.")
+    return bad
+
+
+# -- the users table as CSV -------------------------------------------------------------------
+
+# A cell starting with one of these is a formula to a spreadsheet (OWASP's CSV injection): it
+# is prefixed with a quote, so it reads as the text it is.
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+CSV_COLUMNS = (
+    "profile_id",
+    "custom_id",
+    "first_name",
+    "last_name",
+    "anonymous",
+    "device",
+    "platform",
+    "sessions",
+    "last_seen_utc",
+    "total_time_spent_seconds",
+    "smart_segment",
+)
+
+
+# The last line of a download a failing service cut short (the status was sent already).
+CSV_CUT_SHORT = "# incomplete: the query service stopped answering; download again"
+
+
+def csv_cell(value: object) -> str:
+    text = "" if value is None else str(value)
+    return "'" + text if text.startswith(_FORMULA_STARTS) else text
+
+
+def csv_rows(
+    rows: Iterable[query_service_pb2.ProfileRow],
+    *,
+    platforms: Mapping[int, str],
+    segment_of: Callable[[query_service_pb2.ProfileRow], str],
+) -> list[list[str]]:
+    """The users table's rows as CSV cells, each one safe to open in a spreadsheet."""
+    found = []
+    for row in rows:
+        seen = ""
+        if row.HasField("last_seen_time"):
+            seen = row.last_seen_time.ToDatetime(tzinfo=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        cells: list[object] = [
+            row.profile_id,
+            row.custom_id,
+            row.first_name,
+            row.last_name,
+            "yes" if row.anonymous else "no",
+            row.device_model,
+            platforms.get(row.platform, "") if row.platform else "",
+            row.session_count,
+            seen,
+            row.total_time_spent.seconds,
+            segment_of(row),
+        ]
+        found.append([csv_cell(cell) for cell in cells])
+    return found
+
+
+def csv_text(rows: Iterable[Sequence[str]], *, header: bool = False) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\r\n")
+    if header:
+        writer.writerow(CSV_COLUMNS)
+    writer.writerows(rows)
+    return out.getvalue()
