@@ -26,8 +26,9 @@ same client: its cost must not grow with the user base, and alternating puts thi
 noise on both sides alike (measuring the large project in a later phase alone made the ratio
 follow whatever else the machine was doing then). Last, on the large project and at a low rate
 (USERS_TABLE_RATE, so calls do not queue), the users table's first page (ListProfiles)
-unfiltered, by a common first name (one profile in 20) and by a rare family name (fewer
-matches than a page: the walk reads the whole project's sort index).
+unfiltered, by a common first name (one profile in 20; also sorted by name, where its matches
+are one run of the name index) and by a rare family name (fewer matches than a page: walking
+the sort order would read the whole project's index; query_name_tails, 0051, finds them).
 """
 
 from __future__ import annotations
@@ -120,7 +121,8 @@ PROFILE_ID = "('00000000-0000-4000-8000-' || lpad(to_hex({n}), 12, '0'))::uuid"
 
 # Every second profile has a name: one of these first names (so one profile in 20 has each)
 # and the family name "Family<n / 20, 7 digits>" (10 profiles have each: a search for one of
-# them matches fewer profiles than a page holds, so it reads the whole project's index).
+# them matches fewer profiles than a page holds, so walking the sort order would read the whole
+# project's index).
 FIRST_NAMES_LIST = (
     "Ana",
     "Bruno",
@@ -134,7 +136,8 @@ FIRST_NAMES_LIST = (
     "Jonas",
 )
 FIRST_NAMES = "ARRAY[" + ", ".join(f"'{name}'" for name in FIRST_NAMES_LIST) + "]"
-# The users table's calls per second: a rare name's page reads the whole project's index.
+# The users table's calls per second: low, so that a call's latency is its own cost (before
+# 0051 a rare name's page read the whole project's index).
 USERS_TABLE_RATE = 10.0
 
 LOAD_STATEMENTS = (
@@ -286,7 +289,9 @@ async def rebuild_rollups(database_url: str, project_id: uuid.UUID) -> float:
         started = time.perf_counter()
         await RollupService(QueryRepository(pool), SystemClock()).rebuild(project_id)
         async with pool.acquire() as conn:
-            await conn.execute("ANALYZE query_profiles, query_installations, query_counters")
+            await conn.execute(
+                "ANALYZE query_profiles, query_name_tails, query_installations, query_counters"
+            )
         return time.perf_counter() - started
     finally:
         await pool.close()
@@ -429,9 +434,9 @@ async def measure_overview_growth(
 async def measure_users_table(
     address: str, api_key: str, profiles: int, sizes: Sizes, server: ChildProcess
 ) -> dict[str, list[LoadResult]]:
-    """The users table's first page (ListProfiles): unfiltered, by a common first name, by a
-    rare family name, alternating, at USERS_TABLE_RATE: slow enough that a call does not queue
-    behind the others, so its latency is its own cost."""
+    """The users table's first page (ListProfiles): unfiltered, by a common first name (by last
+    seen, and by name A to Z), by a rare family name, alternating, at USERS_TABLE_RATE: slow
+    enough that a call does not queue behind the others, so its latency is its own cost."""
     rng = random.Random(11)
     async with open_channel(address, api_key) as channel:
         query = pb_grpc.QueryServiceStub(channel)
@@ -443,6 +448,16 @@ async def measure_users_table(
             first = rng.choice(FIRST_NAMES_LIST).lower()
             return await query.ListProfiles(pb.ListProfilesRequest(name_prefix=first))
 
+        async def common_name_by_name() -> object:
+            first = rng.choice(FIRST_NAMES_LIST).lower()
+            return await query.ListProfiles(
+                pb.ListProfilesRequest(
+                    name_prefix=first,
+                    order_by=pb.PROFILE_ORDER_BY_NAME,
+                    sort_order=pb.SORT_ORDER_ASCENDING,
+                )
+            )
+
         async def rare_name() -> object:
             family = f"family{rng.randrange(1, profiles // 20):07d}"
             reply = await query.ListProfiles(pb.ListProfilesRequest(name_prefix=family))
@@ -452,6 +467,7 @@ async def measure_users_table(
         calls: dict[str, Call] = {
             "listprofiles": unfiltered,
             "listprofiles_name_common": common_name,
+            "listprofiles_name_common_by_name": common_name_by_name,
             "listprofiles_name_rare": rare_name,
         }
         for call in calls.values():  # each must answer before it is timed
@@ -607,7 +623,11 @@ def main(argv: list[str] | None = None) -> int:
                     "listprofiles_p99_ms",
                     u["listprofiles"].p99_ms,
                 )
-                for label in ("listprofiles_name_common", "listprofiles_name_rare")
+                for label in (
+                    "listprofiles_name_common",
+                    "listprofiles_name_common_by_name",
+                    "listprofiles_name_rare",
+                )
             ),
             *(
                 Figure(

@@ -77,11 +77,10 @@ CHANNEL_PUSH = types_pb2.CHANNEL_PUSH
 # profile_id after which they continue). The smart segment is segments' as of $2
 # (segments_read_smart_segment, inlined by the planner: one primary-key read per row). Filters
 # not asked for are constants (0, ''), so one statement per sort order serves every
-# combination. The name filter ($13 in a page) is one substring test of the projection's
-# search_name against the text folded alike (query_name_fold, 0044; folded once, not per row): it
-# rides on the walk, so a rare name reads the whole project's index (docs/benchmarks.md, Query).
-# The language ($14) and the channel reached ($15: the overview's reach rule, rollup.py, in SQL;
-# tests/api/test_query_lists.py holds the two equal) ride on it alike. The custom segment
+# combination. The name filter ($13 in a page) has statements of its own, which find its
+# profiles by two ranges as well as by the walk (NAME_RULE below). The language ($14) and the
+# channel reached ($15: the overview's reach rule, rollup.py, in SQL;
+# tests/api/test_query_lists.py holds the two equal) ride on the walk. The custom segment
 # filter ($16 in a page) has statements of its own (PROFILE_ROWS_IN_SEGMENT), so that the
 # planner sees a plain semi-join on segments' segments_read_custom_segment_members and may drive
 # a small segment from its members instead of walking the sort index past non-members.
@@ -104,8 +103,7 @@ PROFILE_ROWS_FROM = f"""
       AND ($5::text = '' OR q.country = $5)
       AND ($6::int = 0 OR coalesce(sg.segment, 0) = $6)
       AND ($7::int = 0 OR coalesce(sg.flag, 0) = $7)
-      AND (${{name}}::text = ''
-           OR strpos(q.search_name, (SELECT ' ' || query_name_fold(${{name}}::text))) > 0)
+      {{name_filter}}
       AND (${{language}}::text = '' OR q.language = ${{language}})
       AND (${{reach}}::int = 0
            OR (${{reach}} = {CHANNEL_EMAIL} AND q.has_email
@@ -133,18 +131,56 @@ PROFILE_ROWS_IN_SEGMENT = """
       AND q.profile_id IN (SELECT m.profile_id FROM segments_read_custom_segment_members() m
                            WHERE m.project_id = $1 AND m.segment_id = ${segment}::uuid)"""
 
-PROFILE_ROWS_PAGE = f"""
-    (SELECT * FROM ({PROFILE_ROWS_FROM}
-          AND NOT $8::boolean AND q.{{column}} IS NOT NULL
-          AND (q.{{column}}, q.profile_id) {{compare}} ($9::{{type}}, $10::uuid)
-        ORDER BY q.{{column}} {{direction}}, q.profile_id {{direction}}
-        LIMIT $12) seen)
-    UNION ALL
-    (SELECT * FROM ({PROFILE_ROWS_FROM}
-          AND q.{{column}} IS NULL AND q.profile_id > $11::uuid
-        ORDER BY q.profile_id
-        LIMIT $12) unseen)
-    LIMIT $12"""
+# The name filter (${name} in NAME_RULE...): 0044's rule, a word of search_name starting with the
+# folded text (folded once, not per row; `<> 0` rather than `> 0` so that the planner takes it
+# for "most rows" and leaves the name's selectivity to the ranges below), over two sets of
+# profiles found by a range each (0051): those whose first word matches, a range of sort_name
+# (the folded name, so the first word leads: query_profiles_by_name), and the others, whose
+# match is a later word, a range of query_name_tails (their names from the second word on; a
+# superset, which the rule narrows). The two never overlap (the second leaves out the first's
+# range) and together are every match. Each is its own statement, so the planner weighs each
+# road with its own range's statistics (the text is a constant in each call's plan): a set
+# with few profiles is read from its range and sorted; a large one by walking the sort order's
+# index as without a name, testing the rule row by row (and, for later words, the tails'
+# primary key for the rows that pass). Split so, the estimates follow the data: sorting by name
+# walks the first-word matches of a common first name as one run of the name index instead of
+# every name before them. A page merges the two halves' pages. A page without a name has
+# statements of its own (NO_NAME), which never plan the ranges.
+NAME_RULE = """
+      AND strpos(q.search_name, (SELECT ' ' || query_name_fold(${name}::text))) <> 0"""
+FIRST_WORD_RANGE = """q.sort_name >= query_name_fold(${name}::text)
+           AND (query_name_prefix_end(query_name_fold(${name}::text)) IS NULL
+                OR q.sort_name < query_name_prefix_end(query_name_fold(${name}::text)))"""
+FIRST_WORD = f"""{NAME_RULE}
+      AND {FIRST_WORD_RANGE}"""
+# (For a profile without sort_name, NOT (...) is NULL and leaves it out: it has no name, which
+# the rule leaves out anyway.)
+LATER_WORD = f"""{NAME_RULE}
+      AND NOT ({FIRST_WORD_RANGE})
+      AND q.profile_id IN (
+          SELECT t.profile_id FROM query_name_tails t
+          WHERE t.project_id = $1 AND t.tail >= query_name_tail_key(${{name}}::text)
+            AND t.tail < query_name_tail_key(${{name}}::text) || chr(1114111))"""
+NO_NAME = """
+      AND ${name}::text = ''"""
+
+# Sorting by name, the first word's matches are one run of the name index, [folded text,
+# its prefix end); a page of them starts from the later of that run's start and the keyset
+# position, written as one row comparison in place of the keyset's: beside a row comparison,
+# the index scan starts from it whatever other bound sort_name has (from the table's first
+# name on a first page, reading every name up to the run: 0.16 s at a million profiles).
+FIRST_WORD_START_ASC = f"""
+      AND (q.sort_name, q.profile_id) > (
+          greatest($9::text COLLATE "C", query_name_fold($13::text)),
+          CASE WHEN $9::text COLLATE "C" >= query_name_fold($13::text) THEN $10::uuid
+               ELSE '{NIL_UUID}'::uuid END)"""
+FIRST_WORD_START_DESC = f"""
+      AND (q.sort_name, q.profile_id) < (
+          least($9::text COLLATE "C", query_name_prefix_end(query_name_fold($13::text))),
+          CASE WHEN query_name_prefix_end(query_name_fold($13::text)) IS NULL
+                    OR $9::text COLLATE "C" <= query_name_prefix_end(query_name_fold($13::text))
+               THEN $10::uuid
+               ELSE '{NIL_UUID}'::uuid END)"""
 
 # ProfileOrderBy -> the projection's column and its type.
 PROFILE_SORT_COLUMNS = {
@@ -153,38 +189,95 @@ PROFILE_SORT_COLUMNS = {
     3: ("time_spent_ms", "bigint"),
     4: ("sort_name", "text"),  # folded (0044), collation "C" (0012): MAX_TEXT is above all
 }
-SELECT_PROFILE_ROWS_PAGE = {
-    (order_by, ascending, in_segment): PROFILE_ROWS_PAGE.format(
+
+
+def _rows(column: str, name_filter: str, in_segment: bool, *, count: bool = False) -> str:
+    """PROFILE_ROWS_FROM for a page ($13 to $16) or a count ($9 to $12)."""
+    first = 9 if count else 13
+    return PROFILE_ROWS_FROM.format(
         column=column,
-        type=type_name,
-        compare=">" if ascending else "<",
-        direction="ASC" if ascending else "DESC",
-        name=13,
-        language=14,
-        reach=15,
-        smart_join=SMART_SEGMENT_JOIN,
-        members=PROFILE_ROWS_IN_SEGMENT.format(segment=16) if in_segment else "",
+        name_filter=name_filter.format(name=first),
+        language=first + 1,
+        reach=first + 2,
+        smart_join=SMART_SEGMENT_JOIN_IF_FILTERED if count else SMART_SEGMENT_JOIN,
+        members=PROFILE_ROWS_IN_SEGMENT.format(segment=first + 3) if in_segment else "",
     )
+
+
+def _part(
+    column: str,
+    in_segment: bool,
+    named: bool,
+    condition: str,
+    order: str,
+    first_word_condition: str | None = None,
+) -> str:
+    """Up to $12 rows of one part of a page (the profiles seen, or never seen), in `order`:
+    with a name, the first-word and the later-word matches' pages merged (the first-word
+    half's position in `first_word_condition` when it has its own)."""
+    if not named:
+        return f"{_rows(column, NO_NAME, in_segment)}\n{condition}\n    ORDER BY {order} LIMIT $12"
+    halves = (
+        f"(SELECT * FROM ({_rows(column, half, in_segment)}\n{position}\n"
+        f"    ORDER BY {order} LIMIT $12) {alias})"
+        for half, position, alias in (
+            (FIRST_WORD, first_word_condition or condition, "first_word"),
+            (LATER_WORD, condition, "later_word"),
+        )
+    )
+    by_output = order.replace("q.profile_id", "profile_id").replace(f"q.{column}", "sort_value")
+    return f"SELECT * FROM ({' UNION ALL '.join(halves)}) halves ORDER BY {by_output} LIMIT $12"
+
+
+def _page(column: str, type_name: str, ascending: bool, in_segment: bool, named: bool) -> str:
+    direction = "ASC" if ascending else "DESC"
+    valued = f"      AND NOT $8::boolean AND q.{column} IS NOT NULL"
+    seen = _part(
+        column,
+        in_segment,
+        named,
+        f"""{valued}
+      AND (q.{column}, q.profile_id) {">" if ascending else "<"} ($9::{type_name}, $10::uuid)""",
+        f"q.{column} {direction}, q.profile_id {direction}",
+        valued + (FIRST_WORD_START_ASC if ascending else FIRST_WORD_START_DESC)
+        if column == "sort_name"
+        else None,
+    )
+    unseen = _part(
+        column,
+        in_segment,
+        named,
+        f"      AND q.{column} IS NULL AND q.profile_id > $11::uuid",
+        "q.profile_id",
+    )
+    return f"""
+    (SELECT * FROM ({seen}) seen)
+    UNION ALL
+    (SELECT * FROM ({unseen}) unseen)
+    LIMIT $12"""
+
+
+SELECT_PROFILE_ROWS_PAGE = {
+    (order_by, ascending, in_segment, named): _page(column, type_name, ascending, in_segment, named)
     for order_by, (column, type_name) in PROFILE_SORT_COLUMNS.items()
     for ascending in (True, False)
     for in_segment in (True, False)
+    for named in (True, False)
 }
 
 # How many profiles match the filters ($1 to $7, then $9 to $12 as a page's $13 to $16),
 # counting up to $8 rows: the count reads each match (and its smart segment when a filter
-# needs it), so it stops where a person stops reading figures exactly (TOTAL_SIZE_LIMIT).
-COUNT_PROFILE_ROWS = f"""
-    SELECT count(*) FROM ({PROFILE_ROWS_FROM} LIMIT $8) matches"""
+# needs it), so it stops where a person stops reading figures exactly (TOTAL_SIZE_LIMIT). With
+# a name, the two halves' matches, which never overlap.
 SELECT_PROFILE_ROWS_COUNT = {
-    in_segment: COUNT_PROFILE_ROWS.format(
-        column="profile_id",
-        name=9,
-        language=10,
-        reach=11,
-        smart_join=SMART_SEGMENT_JOIN_IF_FILTERED,
-        members=PROFILE_ROWS_IN_SEGMENT.format(segment=12) if in_segment else "",
+    (in_segment, named): "SELECT count(*) FROM ("
+    + " UNION ALL ".join(
+        f"(SELECT 1 FROM ({_rows('profile_id', half, in_segment, count=True)}) h)"
+        for half in ((FIRST_WORD, LATER_WORD) if named else (NO_NAME,))
     )
+    + " LIMIT $8) matches"
     for in_segment in (True, False)
+    for named in (True, False)
 }
 
 # The users table's size without a filter but identity and platform, from the rollups'
@@ -301,7 +394,7 @@ class ListReads:
     ) -> int:
         """How many profiles match the filters, counting up to `limit`."""
         count = await self._conn.fetchval(
-            SELECT_PROFILE_ROWS_COUNT[filters.segment_id is not None],
+            SELECT_PROFILE_ROWS_COUNT[(filters.segment_id is not None, bool(filters.name_prefix))],
             project_id,
             now,
             *_filter_arguments(filters),
@@ -341,7 +434,9 @@ class ListReads:
             start = after
         unseen_after = after[1] if after is not None and in_unseen else NIL_UUID
         rows = await self._conn.fetch(
-            SELECT_PROFILE_ROWS_PAGE[(order_by, ascending, filters.segment_id is not None)],
+            SELECT_PROFILE_ROWS_PAGE[
+                (order_by, ascending, filters.segment_id is not None, bool(filters.name_prefix))
+            ],
             project_id,
             now,
             *_filter_arguments(filters),

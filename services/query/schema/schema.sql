@@ -97,6 +97,29 @@ CREATE TABLE query_counters (
     CONSTRAINT query_counters_pkey PRIMARY KEY (project_id, platform, metric, value)
 );
 
+-- query_name_tails: one row per later word (second on) of each profile's search_name (0044),
+-- holding the name from that word on ("ana maria lopez": "maria lopez", "lopez"), so that
+-- the profiles with a later word starting with a text are one range of (project_id, tail),
+-- text with spaces included ("maria lo"). Lossy on purpose, exact with the rule beside it: a
+-- tail is cut to 64 characters (a btree key has a size limit; a longer text is looked up by
+-- its first 64) and U+10FFFF becomes U+10FFFE in it and in the searched text, so that
+-- key || U+10FFFF is above every tail starting with the key (collation "C": code point order).
+-- Readers test the rule itself on the rows the range finds. Kept by the triggers below in the
+-- transaction of every write of query_profiles (the projection's recounts, identity's
+-- erasure hook that strips names, a merge's recount deleting the merged-away row), so a page
+-- reads names and tails from one snapshot; a write that leaves the name alone (most recounts)
+-- does not touch it.
+CREATE TABLE query_name_tails (
+    project_id uuid NOT NULL,
+    profile_id uuid NOT NULL,
+    tail text COLLATE "C" NOT NULL,
+    CONSTRAINT query_name_tails_pkey PRIMARY KEY (project_id, profile_id, tail)
+);
+-- The search: a range of tails, profile IDs read from the index alone. The primary key serves
+-- the other side: whether one profile has a tail in the range (a page that walks its sort
+-- index checks the few rows that pass the rule), and the triggers' deletes.
+CREATE INDEX query_name_tails_by_tail ON query_name_tails USING btree (project_id, tail, profile_id);
+
 
 -- ============================================================================================
 -- Functions, aggregates and views
@@ -115,6 +138,76 @@ AS $function$
     SET custom_id = NULL, first_name = NULL, last_name = NULL, device_model = NULL
     WHERE project_id = p_project AND profile_id = ANY(p_profile_ids)
 $function$;
+
+-- The tails of a search_name (0044: a space, then the folded name): the text after each space
+-- but the first, cut and mapped as the table says; none empty.
+CREATE OR REPLACE FUNCTION public.query_name_tails_of(search_name text)
+ RETURNS SETOF text
+ LANGUAGE sql
+ IMMUTABLE PARALLEL SAFE
+AS $function$
+    SELECT DISTINCT left(translate(substr(search_name, i + 1), chr(1114111), chr(1114110)), 64)
+        COLLATE "C"
+    FROM generate_series(2, length(search_name) - 1) AS i
+    WHERE substr(search_name, i, 1) = ' '
+$function$;
+
+-- The lower end of the tails' range for a searched text (the upper end appends U+10FFFF):
+-- folded as the names are (query_name_fold), then cut and mapped as the tails are.
+CREATE OR REPLACE FUNCTION public.query_name_tail_key(name_prefix text)
+ RETURNS text
+ LANGUAGE sql
+ IMMUTABLE PARALLEL SAFE
+RETURN "left"(translate(query_name_fold(name_prefix), chr(1114111), chr(1114110)), 64);
+
+-- The least text above every text starting with `prefix` in code point order (collation "C"):
+-- the prefix with its last character moved to the next one (U+10FFFF ones dropped first, the
+-- surrogates, which no text holds, skipped); NULL when there is none (nothing but U+10FFFF,
+-- or empty): then the range has no upper end. sort_name's range for the first word is
+-- [folded text, this).
+CREATE OR REPLACE FUNCTION public.query_name_prefix_end(prefix text)
+ RETURNS text
+ LANGUAGE plpgsql
+ IMMUTABLE PARALLEL SAFE STRICT
+AS $function$
+DECLARE
+    last integer;
+BEGIN
+    WHILE prefix <> '' LOOP
+        last := ascii(right(prefix, 1));
+        prefix := left(prefix, -1);
+        IF last < 1114111 THEN
+            RETURN prefix || chr(CASE WHEN last = 55295 THEN 57344 ELSE last + 1 END);
+        END IF;
+    END LOOP;
+    RETURN NULL;
+END $function$;
+
+-- Row-level and guarded by WHEN, so that a recount that leaves the name alone queues nothing.
+CREATE OR REPLACE FUNCTION public.query_name_tails_apply()
+ RETURNS trigger
+ LANGUAGE plpgsql
+AS $function$
+BEGIN
+    IF TG_OP <> 'INSERT' THEN
+        DELETE FROM query_name_tails
+        WHERE project_id = OLD.project_id AND profile_id = OLD.profile_id;
+    END IF;
+    IF TG_OP <> 'DELETE' AND NEW.search_name IS NOT NULL THEN
+        INSERT INTO query_name_tails (project_id, profile_id, tail)
+        SELECT NEW.project_id, NEW.profile_id, t FROM query_name_tails_of(NEW.search_name) t;
+    END IF;
+    RETURN NULL;
+END $function$;
+
+
+-- ============================================================================================
+-- Triggers
+-- ============================================================================================
+
+CREATE TRIGGER query_name_tails_delete AFTER DELETE ON query_profiles FOR EACH ROW WHEN ((old.search_name IS NOT NULL)) EXECUTE FUNCTION query_name_tails_apply();
+CREATE TRIGGER query_name_tails_insert AFTER INSERT ON query_profiles FOR EACH ROW WHEN ((new.search_name IS NOT NULL)) EXECUTE FUNCTION query_name_tails_apply();
+CREATE TRIGGER query_name_tails_update AFTER UPDATE ON query_profiles FOR EACH ROW WHEN (((old.search_name IS DISTINCT FROM new.search_name) OR (old.project_id <> new.project_id) OR (old.profile_id <> new.profile_id))) EXECUTE FUNCTION query_name_tails_apply();
 
 
 -- ============================================================================================
