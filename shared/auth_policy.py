@@ -50,6 +50,7 @@ POLICY: dict[str, frozenset[str]] = {
     f"/{_SEGMENTS}/WatchSegmentChanges": _READ,
     f"/{_SEGMENTS}/CreateFunnel": _ADMIN,
     f"/{_SEGMENTS}/ListFunnels": _READ,
+    f"/{_SEGMENTS}/GetFunnel": _READ,
     f"/{_SEGMENTS}/DeleteFunnel": _ADMIN,
     f"/{_SEGMENTS}/GetFunnelProgress": _READ,
     f"/{_SEGMENTS}/RecomputeAll": _ADMIN,

@@ -1534,7 +1534,17 @@ def _definition_page(
     request_id: str,
     refusals: definitions.Refusals | None = None,
     status: int = 200,
+    *,
+    previewing: bool = False,
+    preview: Any = None,
 ) -> Response:
+    """The form as typed, with the service's refusals beside their boxes, or with what it
+    would create now (`preview`: the Segment or Funnel a validate_only call answered)."""
+    figures = []
+    if preview is not None and what == "funnel":
+        figures = present.funnel_figures(
+            [step.event_name for step in preview.steps], preview.reached_profile_counts
+        )
     return render(
         request,
         f"{what}_form.html",
@@ -1544,6 +1554,9 @@ def _definition_page(
             "refused": (refusals or definitions.Refusals()).boxes,
             "csrf_token": session.csrf_token,
             "d": definitions,
+            "previewing": previewing,
+            "preview": preview,
+            "preview_figures": figures,
         },
         session=session,
         status=status,
@@ -1568,8 +1581,9 @@ async def funnel_new_form(request: Request, session: ConsoleSession) -> Response
 
 async def _definition_post(request: Request, session: ConsoleSession, what: str) -> Response:
     """The segment or funnel form posted: a row added or removed (the page again, as typed),
-    or the definition created (the segments page) or refused (the form, each refusal beside
-    its box)."""
+    a preview (the form again, with what the service would create now: CreateSegment or
+    CreateFunnel with validate_only, which stores nothing), or the definition created (the
+    segments page) or refused (the form, each refusal beside its box)."""
     if not session.admin:
         raise Forbidden
     posted = await request.form()
@@ -1604,9 +1618,15 @@ async def _definition_post(request: Request, session: ConsoleSession, what: str)
         built, refusals = definitions.segment_request(form, request_id)
     else:
         built, refusals = definitions.funnel_request(form, request_id)
+    previewing = action == "preview"
     if refusals:
-        return _definition_page(request, session, what, form, request_id, refusals, status=400)
+        return _definition_page(
+            request, session, what, form, request_id, refusals, status=400, previewing=previewing
+        )
     method = "CreateSegment" if what == "segment" else "CreateFunnel"
+    # A preview is the same request, checked and counted by the service but not stored: its
+    # refusals are a creation's, told the same way. The request_id is kept for the creation.
+    built.validate_only = previewing
     try:
         reply = await console_of(request).backend.call(session.key, "segments", method, built)
     except BadInput as bad:
@@ -1620,7 +1640,12 @@ async def _definition_post(request: Request, session: ConsoleSession, what: str)
             refusals = definitions.funnel_refusals(bad.violations, rows)
         if not refusals:
             refusals = definitions.Refusals({"": present.problem_text(bad)})
-        return _definition_page(request, session, what, form, request_id, refusals, status=400)
+        return _definition_page(
+            request, session, what, form, request_id, refusals, status=400, previewing=previewing
+        )
+    if previewing:
+        preview = reply.segment if what == "segment" else reply.funnel
+        return _definition_page(request, session, what, form, request_id, preview=preview)
     created = reply.segment.segment_id if what == "segment" else reply.funnel.funnel_id
     log.info("console_definition_created", kind=what, id=created)
     return RedirectResponse(f"/segments?created={what}:{created}", status_code=303)
@@ -1645,14 +1670,10 @@ async def _definition_named(
             session.key, "segments", "GetSegment", segments_pb.GetSegmentRequest(segment_id=ident)
         )
         return reply.segment
-    # No GetFunnel in the contract: the project's funnels are at most 50, one page.
     reply = await console.backend.call(
-        session.key, "segments", "ListFunnels", segments_pb.ListFunnelsRequest(page_size=100)
+        session.key, "segments", "GetFunnel", segments_pb.GetFunnelRequest(funnel_id=ident)
     )
-    for funnel in reply.funnels:
-        if funnel.funnel_id == ident:
-            return funnel
-    raise NotFound(ident)
+    return reply.funnel
 
 
 async def _definition_delete(request: Request, session: ConsoleSession, what: str) -> Response:

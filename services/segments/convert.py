@@ -18,6 +18,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from profiles.common.v1 import types_pb2
 from profiles.segments.v1 import filters_pb2, funnels_pb2, segments_pb2
 from profiles.segments.v1 import segments_service_pb2 as pb
+from services.segments.definitions import FunnelPreview, SegmentPreview
 from services.segments.errors import DefinitionInvalid
 from services.segments.filters import (
     MAX_CONDITIONS,
@@ -655,16 +656,40 @@ def segment_to_proto(segment: CustomSegment) -> segments_pb2.Segment:
     )
 
 
+def segment_preview_to_proto(preview: SegmentPreview) -> segments_pb2.Segment:
+    """The segment a validate_only CreateSegment would create: no ID, no create_time."""
+    definition = preview.definition
+    return segments_pb2.Segment(
+        display_name=definition.display_name,
+        description=definition.description,
+        filter=filter_to_proto(definition.filter),
+        size=preview.size,
+        size_time=_timestamp(preview.size_time),
+    )
+
+
 def funnel_to_proto(funnel: Funnel) -> funnels_pb2.Funnel:
+    message = _funnel_definition_to_proto(funnel)
+    message.funnel_id = str(funnel.funnel_id)
+    message.create_time.CopyFrom(_timestamp(funnel.create_time))
+    message.reached_profile_counts.extend(funnel.reached_profile_counts)
+    return message
+
+
+def funnel_preview_to_proto(preview: FunnelPreview) -> funnels_pb2.Funnel:
+    """The funnel a validate_only CreateFunnel would create: no ID, no create_time."""
+    message = _funnel_definition_to_proto(preview.definition)
+    message.reached_profile_counts.extend(preview.reached_profile_counts)
+    return message
+
+
+def _funnel_definition_to_proto(funnel: Funnel | FunnelDefinition) -> funnels_pb2.Funnel:
     window = Duration()
     window.FromTimedelta(funnel.conversion_window)
     message = funnels_pb2.Funnel(
-        funnel_id=str(funnel.funnel_id),
         display_name=funnel.display_name,
         description=funnel.description,
         conversion_window=window,
-        create_time=_timestamp(funnel.create_time),
-        reached_profile_counts=list(funnel.reached_profile_counts),
     )
     for step in funnel.steps:
         proto_step = message.steps.add(event_name=step.event_name)

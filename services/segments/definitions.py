@@ -141,6 +141,25 @@ class FunnelProgress:
     attempt: FunnelAttempt
 
 
+@dataclass(frozen=True, slots=True)
+class SegmentPreview:
+    """What CreateSegment with validate_only answers: the segment that would be created, with
+    the number of profiles matching it as of `size_time` (nothing stored)."""
+
+    definition: SegmentDefinition
+    size: int
+    size_time: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class FunnelPreview:
+    """What CreateFunnel with validate_only answers: the funnel that would be created, with
+    its per-step counts as of now (nothing stored)."""
+
+    definition: FunnelDefinition
+    reached_profile_counts: tuple[int, ...]
+
+
 class DefinitionsService:
     def __init__(self, repository: DefinitionsRepository, clock: Clock) -> None:
         self._repository = repository
@@ -167,12 +186,7 @@ class DefinitionsService:
                                 metadata={"segment_id": str(existing.segment.segment_id)},
                             )
                         return self._as_of(existing.segment)
-                if await tx.segment_name_taken(project_id, definition.display_name):
-                    raise NameTaken("another segment has this display_name")
-                if await tx.count_segments(project_id) >= MAX_SEGMENTS_PER_PROJECT:
-                    raise LimitReached(
-                        f"the project has {MAX_SEGMENTS_PER_PROJECT} segments; delete one first"
-                    )
+                await self._check_new_segment(tx, project_id, definition)
                 segment_id = uuid.uuid4()
                 size = await tx.insert_segment(project_id, segment_id, definition, now)
         except asyncpg.UniqueViolationError as exc:  # a race the advisory lock did not cover
@@ -187,6 +201,32 @@ class DefinitionsService:
             size,
             now,
         )
+
+    async def preview_segment(
+        self, project_id: UUID, definition: SegmentDefinition
+    ) -> SegmentPreview:
+        """The segment create_segment would create now, and its size (the count of the live
+        profiles matching, the members create_segment would store), with nothing stored and
+        nothing announced. Checked as create_segment checks a first call: raises NameTaken,
+        LimitReached; request_id is not looked up (idempotency does not apply). Reads only, in
+        one transaction without the project's definition lock, so it never waits for writers."""
+        now = self._clock.now()
+        async with self._repository.transaction() as tx:
+            await self._check_new_segment(tx, project_id, definition)
+            size = await tx.count_matching(project_id, definition.filter, now)
+        log.info("custom_segment_previewed", size=size)
+        return SegmentPreview(definition, size, now)
+
+    async def _check_new_segment(
+        self, tx: DefinitionsTransaction, project_id: UUID, definition: SegmentDefinition
+    ) -> None:
+        """What refuses a new segment beside its fields: its name taken, the project full."""
+        if await tx.segment_name_taken(project_id, definition.display_name):
+            raise NameTaken("another segment has this display_name")
+        if await tx.count_segments(project_id) >= MAX_SEGMENTS_PER_PROJECT:
+            raise LimitReached(
+                f"the project has {MAX_SEGMENTS_PER_PROJECT} segments; delete one first"
+            )
 
     def _as_of(self, segment: CustomSegment) -> CustomSegment:
         """The stored segment with the time its size is exact as of (stored: its last complete
@@ -377,12 +417,7 @@ class DefinitionsService:
                                 metadata={"funnel_id": str(existing.funnel.funnel_id)},
                             )
                         return existing.funnel
-                if await tx.funnel_name_taken(project_id, definition.display_name):
-                    raise NameTaken("another funnel has this display_name")
-                if await tx.count_funnels(project_id) >= MAX_FUNNELS_PER_PROJECT:
-                    raise LimitReached(
-                        f"the project has {MAX_FUNNELS_PER_PROJECT} funnels; delete one first"
-                    )
+                await self._check_new_funnel(tx, project_id, definition)
                 funnel_id = uuid.uuid4()
                 await tx.insert_funnel(project_id, funnel_id, definition, now)
         except asyncpg.UniqueViolationError as exc:
@@ -395,6 +430,34 @@ class DefinitionsService:
             definition.conversion_window,
             now,
         )
+
+    async def _check_new_funnel(
+        self, tx: DefinitionsTransaction, project_id: UUID, definition: FunnelDefinition
+    ) -> None:
+        """What refuses a new funnel beside its fields: its name taken, the project full."""
+        if await tx.funnel_name_taken(project_id, definition.display_name):
+            raise NameTaken("another funnel has this display_name")
+        if await tx.count_funnels(project_id) >= MAX_FUNNELS_PER_PROJECT:
+            raise LimitReached(
+                f"the project has {MAX_FUNNELS_PER_PROJECT} funnels; delete one first"
+            )
+
+    async def preview_funnel(self, project_id: UUID, definition: FunnelDefinition) -> FunnelPreview:
+        """The funnel create_funnel would create now, with its per-step counts as of now, with
+        nothing stored. Checked as create_funnel checks a first call: raises NameTaken,
+        LimitReached; request_id is not looked up (idempotency does not apply)."""
+        async with self._repository.transaction() as tx:
+            await self._check_new_funnel(tx, project_id, definition)
+        # Counted after the checks' connection went back to the pool, as create_funnel does.
+        counts = await self._repository.funnel_counts(project_id, definition, self._clock.now())
+        return FunnelPreview(definition, tuple(counts))
+
+    async def get_funnel(self, project_id: UUID, funnel_id: UUID) -> Funnel:
+        """The funnel with its per-step counts as of now. Raises FunnelNotFound."""
+        stored = await self._repository.funnel(project_id, funnel_id)
+        if stored is None:
+            raise FunnelNotFound(f"no funnel {funnel_id} in this project")
+        return await self._counted(project_id, stored.funnel)
 
     async def _counted(self, project_id: UUID, funnel: Funnel) -> Funnel:
         counts = await self._repository.funnel_counts(project_id, funnel, self._clock.now())

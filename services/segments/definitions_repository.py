@@ -138,7 +138,8 @@ LIVE_PROFILES = (
 )
 # The live count: one pass over the project's live profiles, each condition a correlated
 # lookup through the per-profile indexes of its table; linear in the project's profiles, so
-# sizes are read from the counted members instead (SELECT_SEGMENT_COLUMNS).
+# sizes are read from the counted members instead (SELECT_SEGMENT_COLUMNS). It selects exactly
+# the rows FILL_MEMBERS stores, which makes it CreateSegment's validate_only size.
 COUNT_MATCHING = "SELECT count(*) " + LIVE_PROFILES + " AND {where}"
 FILL_MEMBERS = (
     "INSERT INTO custom_segment_members (project_id, segment_id, profile_id, enter_time)"
@@ -358,7 +359,11 @@ class DefinitionsRepository:
         rows = await self._pool.fetch(LIST_FUNNELS, project_id, after_seq, limit)
         return [_funnel(r) for r in rows]
 
-    async def funnel_counts(self, project_id: UUID, funnel: Funnel, now: datetime) -> list[int]:
+    async def funnel_counts(
+        self, project_id: UUID, funnel: Funnel | FunnelDefinition, now: datetime
+    ) -> list[int]:
+        """Per step, the profiles whose best attempt completed it as of `now` (a stored funnel
+        or a definition not stored: only the steps and the window count)."""
         builder = SqlBuilder(first=3)
         window_ms = funnel.conversion_window // timedelta(milliseconds=1)
         sql = funnel_counts_sql(funnel.steps, window_ms, builder)
@@ -419,6 +424,12 @@ class DefinitionsTransaction:
 
     async def count_segments(self, project_id: UUID) -> int:
         return int(await self._conn.fetchval(COUNT_SEGMENTS, project_id))
+
+    async def count_matching(self, project_id: UUID, node: FilterNode, now: datetime) -> int:
+        """The live profiles matching the filter as of `now`: the rows insert_segment's
+        FILL_MEMBERS would store at that moment, counted instead of stored."""
+        sql, params, _ = _compiled(node, COUNT_MATCHING)
+        return int(await self._conn.fetchval(sql, project_id, now, *params))
 
     async def insert_segment(
         self,

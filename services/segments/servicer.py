@@ -18,8 +18,10 @@ from profiles.segments.v1 import segments_service_pb2_grpc as pb_grpc
 from services.segments.change_stream import RecordedChange, parse_cursor
 from services.segments.convert import (
     funnel_definition_from_proto,
+    funnel_preview_to_proto,
     funnel_to_proto,
     segment_definition_from_proto,
+    segment_preview_to_proto,
     segment_to_proto,
 )
 from services.segments.definitions import DefinitionsService, FunnelProgress
@@ -242,7 +244,11 @@ class SegmentsServicer(pb_grpc.SegmentsServiceServicer):
         self, request: pb.CreateSegmentRequest, context: ServicerContext
     ) -> pb.CreateSegmentResponse:
         definition = segment_definition_from_proto(request)
-        segment = await self._definitions.create_segment(current_caller().project_id, definition)
+        project_id = current_caller().project_id
+        if request.validate_only:
+            preview = await self._definitions.preview_segment(project_id, definition)
+            return pb.CreateSegmentResponse(segment=segment_preview_to_proto(preview))
+        segment = await self._definitions.create_segment(project_id, definition)
         return pb.CreateSegmentResponse(segment=segment_to_proto(segment))
 
     async def GetSegment(
@@ -276,7 +282,11 @@ class SegmentsServicer(pb_grpc.SegmentsServiceServicer):
         self, request: pb.CreateFunnelRequest, context: ServicerContext
     ) -> pb.CreateFunnelResponse:
         definition = funnel_definition_from_proto(request)
-        funnel = await self._definitions.create_funnel(current_caller().project_id, definition)
+        project_id = current_caller().project_id
+        if request.validate_only:
+            preview = await self._definitions.preview_funnel(project_id, definition)
+            return pb.CreateFunnelResponse(funnel=funnel_preview_to_proto(preview))
+        funnel = await self._definitions.create_funnel(project_id, definition)
         return pb.CreateFunnelResponse(funnel=funnel_to_proto(funnel))
 
     async def ListFunnels(
@@ -288,6 +298,13 @@ class SegmentsServicer(pb_grpc.SegmentsServiceServicer):
         return pb.ListFunnelsResponse(
             funnels=[funnel_to_proto(f) for f in page.items], next_page_token=page.next_page_token
         )
+
+    async def GetFunnel(
+        self, request: pb.GetFunnelRequest, context: ServicerContext
+    ) -> pb.GetFunnelResponse:
+        funnel_id = funnel_id_from_proto(request.funnel_id)
+        funnel = await self._definitions.get_funnel(current_caller().project_id, funnel_id)
+        return pb.GetFunnelResponse(funnel=funnel_to_proto(funnel))
 
     async def DeleteFunnel(
         self, request: pb.DeleteFunnelRequest, context: ServicerContext

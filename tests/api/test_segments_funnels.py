@@ -18,6 +18,7 @@ from profiles.identity.v1 import identity_service_pb2_grpc as identity_grpc
 from profiles.segments.v1 import filters_pb2 as f
 from profiles.segments.v1 import funnels_pb2
 from profiles.segments.v1 import segments_service_pb2 as pb
+from tests.conftest import create_test_project
 from tests.support.ingest import NOW
 from tests.support.segments_custom import (
     Stack,
@@ -309,3 +310,66 @@ async def test_a_timestamp_condition_matches_the_time_it_names_below_the_microse
     assert await completed(f.OPERATOR_EQUALS, moment(1_100)) == {"late": 2, "early": 1}
     assert await completed(f.OPERATOR_LESS_THAN_OR_EQUAL, late) == {"late": 2, "early": 2}
     assert await completed(f.OPERATOR_LESS_THAN_OR_EQUAL, early) == {"late": 1, "early": 2}
+
+
+async def test_get_funnel_returns_one_funnel_with_the_counts_list_funnels_gives(
+    stack: Stack,
+) -> None:
+    await stack.track(
+        custom_event("i-get", "view", ago(3)),
+        custom_event("i-get", "cart", ago(2.5)),
+        custom_event("i-get", "purchase", ago(2), amount=50),
+    )
+    await stack.track(custom_event("i-half", "view", ago(3)))
+    await stack.segments.CreateFunnel(checkout_funnel("Other"), metadata=stack.admin)
+    created = await stack.segments.CreateFunnel(checkout_funnel(hours=4), metadata=stack.admin)
+    funnel_id = created.funnel.funnel_id
+    got = await stack.segments.GetFunnel(
+        pb.GetFunnelRequest(funnel_id=funnel_id), metadata=stack.read
+    )
+    assert got.funnel == created.funnel
+    assert list(got.funnel.reached_profile_counts) == [2, 1, 1]
+    # Exact as of the call, as ListFunnels' counts are.
+    await stack.track(custom_event("i-half", "cart", ago(1)))
+    got = await stack.segments.GetFunnel(
+        pb.GetFunnelRequest(funnel_id=funnel_id.upper()), metadata=stack.admin
+    )
+    listed = await stack.segments.ListFunnels(pb.ListFunnelsRequest(), metadata=stack.read)
+    assert got.funnel == next(x for x in listed.funnels if x.funnel_id == funnel_id)
+    assert list(got.funnel.reached_profile_counts) == [2, 2, 1]
+
+
+async def test_get_funnel_of_an_unknown_or_malformed_id_is_not_found_or_invalid(
+    stack: Stack, database_url: str
+) -> None:
+    created = await stack.segments.CreateFunnel(checkout_funnel(), metadata=stack.admin)
+    funnel_id = created.funnel.funnel_id
+    # Another project's key does not reach it.
+    other = await create_test_project(database_url)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stack.segments.GetFunnel(
+            pb.GetFunnelRequest(funnel_id=funnel_id), metadata=other.metadata("read")
+        )
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    await stack.segments.DeleteFunnel(
+        pb.DeleteFunnelRequest(funnel_id=funnel_id), metadata=stack.admin
+    )
+    for unknown in (funnel_id, str(uuid.uuid4())):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stack.segments.GetFunnel(
+                pb.GetFunnelRequest(funnel_id=unknown), metadata=stack.read
+            )
+        assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+        assert error_details(caught.value)[0] == "FUNNEL_NOT_FOUND"
+    for malformed in ("", "not-a-uuid", "123"):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stack.segments.GetFunnel(
+                pb.GetFunnelRequest(funnel_id=malformed), metadata=stack.read
+            )
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert error_details(caught.value) == ("FUNNEL_ID_INVALID", ["funnel_id"])
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stack.segments.GetFunnel(
+            pb.GetFunnelRequest(funnel_id=str(uuid.uuid4())), metadata=stack.project.metadata("sdk")
+        )
+    assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED

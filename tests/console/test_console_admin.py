@@ -21,6 +21,7 @@ from profiles.query.v1 import query_service_pb2 as query_pb
 from profiles.segments.v1 import segments_service_pb2 as segments_pb
 from profiles.segments.v1 import segments_service_pb2_grpc as segments_grpc
 from services.console import pages
+from services.console.backend import Backend
 from tests.conftest import eventually
 from tests.console.conftest import ConsoleSuite
 from tests.console.test_console_pages import query, sign_in, track
@@ -355,6 +356,135 @@ async def test_a_refused_funnel_step_is_told_beside_its_box_with_the_input_kept(
         console_suite, "ListFunnels", segments_pb.ListFunnelsRequest(page_size=200)
     )
     assert name not in [f.display_name for f in reply.funnels]
+
+
+async def test_an_admin_previews_a_segment_keeps_the_form_and_then_creates_it(
+    page: Any, console_suite: ConsoleSuite
+) -> None:
+    plan = f"Silver{uuid.uuid4().hex[:6]}"
+    await profiles_with_plan(console_suite, plan, 3)
+    name = f"Silver preview {uuid.uuid4().hex[:6]}"
+    await sign_in(page, console_suite, "admin")
+    await page.goto(console_suite.url + "/segments/new")
+    await page.get_by_label("Name", exact=True).fill(name)
+    await page.locator("#c0-custom_name").fill("console_plan")
+    await page.locator("#c0-value").fill(plan)
+    await page.get_by_role("button", name="Preview").click()
+
+    await expect(page.locator("#preview")).to_contain_text("Preview: 3 profiles match now.")
+    await expect(page.get_by_label("Name", exact=True)).to_have_value(name)
+    await expect(page.locator("#c0-custom_name")).to_have_value("console_plan")
+    await expect(page.locator("#c0-value")).to_have_value(plan)
+    reply = await segments_call(
+        console_suite, "ListSegments", segments_pb.ListSegmentsRequest(page_size=200)
+    )
+    assert name not in [s.display_name for s in reply.segments]
+
+    # A refusal of a preview is told as a creation's, beside its box, with the input kept.
+    await page.locator("#c0-custom_name").fill("not a name!")
+    await page.get_by_role("button", name="Preview").click()
+    await expect(page.locator("#c0-custom_name-error")).to_have_text(
+        "An attribute name is 1 to 30 letters, digits or underscores, such as plan."
+    )
+    await expect(page.locator("#c0-custom_name")).to_have_value("not a name!")
+    await expect(page.locator("#form-error")).to_contain_text("1 box needs a change")
+    await expect(page.locator("#preview")).to_have_count(0)
+
+    # Narrowed to one of them: the preview follows what is typed; then the segment is created.
+    await page.locator("#c0-custom_name").fill("console_plan")
+    await page.get_by_role("button", name="Add a condition").click()
+    await page.locator("#c1-kind").select_option("attribute")
+    await page.locator("#c1-custom_name").fill("console_plan")
+    await page.locator("#c1-operator").select_option("exists")
+    await page.locator("#c1-negate").check()
+    await page.get_by_role("button", name="Preview").click()
+    await expect(page.locator("#preview")).to_contain_text("Preview: 0 profiles match now.")
+    await page.locator("#c1-negate").uncheck()
+    await page.get_by_role("button", name="Preview").click()
+    await expect(page.locator("#preview")).to_contain_text("Preview: 3 profiles match now.")
+    await page.get_by_role("button", name="Create segment").click()
+    await expect(page.locator("#created")).to_contain_text(
+        f"Segment “{name}” created: 3 profiles match it now."
+    )
+    reply = await segments_call(
+        console_suite, "ListSegments", segments_pb.ListSegmentsRequest(page_size=200)
+    )
+    assert [s.display_name for s in reply.segments].count(name) == 1
+
+
+async def test_an_admin_previews_a_funnel_s_step_counts_and_its_delete_page_gets_it_alone(
+    page: Any, console_suite: ConsoleSuite, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    suffix = uuid.uuid4().hex[:8]
+    viewed, bought = f"pview_{suffix}", f"pbuy_{suffix}"
+    now = datetime.now(UTC)
+    both, half = (f"console-preview-{uuid.uuid4().hex[:8]}" for _ in range(2))
+    await track(
+        console_suite,
+        custom_event(both, name=viewed, time=now - timedelta(minutes=3)),
+        custom_event(both, name=bought, time=now - timedelta(minutes=2)),
+        custom_event(half, name=viewed, time=now - timedelta(minutes=3)),
+    )
+    name = f"Preview funnel {suffix}"
+    await sign_in(page, console_suite, "admin")
+    await page.goto(console_suite.url + "/funnels/new")
+    await page.get_by_label("Name", exact=True).fill(name)
+    await page.locator("#s0-event_name").fill(viewed)
+    await page.locator("#s1-event_name").fill(bought)
+    await page.get_by_label("Length").fill("1")
+    await page.get_by_label("Unit").select_option("hours")
+    preview = page.locator("#preview table.funnel-figures")
+
+    async def counted() -> bool:  # the events reach the funnel through the bus
+        await page.get_by_role("button", name="Preview").click()
+        await expect(preview).to_be_visible()
+        return await preview.locator("tbody tr td:nth-child(3)").all_inner_texts() == ["2", "1"]
+
+    await eventually(counted, within=30)
+    await expect(preview.locator("tbody tr").nth(1).locator("td").nth(1)).to_have_text(bought)
+    await expect(preview.locator("tbody tr").nth(1).locator("td").nth(3)).to_have_text("50.0 %")
+    await expect(page.locator("#s1-event_name")).to_have_value(bought)
+    await expect(page.get_by_label("Length")).to_have_value("1")
+    reply = await segments_call(
+        console_suite, "ListFunnels", segments_pb.ListFunnelsRequest(page_size=200)
+    )
+    assert name not in [f.display_name for f in reply.funnels]
+
+    await page.get_by_role("button", name="Create funnel").click()
+    await expect(page.locator("#created")).to_contain_text(f"Funnel “{name}” created")
+    # A preview of a name now taken is refused beside the name box, as a creation is.
+    await page.goto(console_suite.url + "/funnels/new")
+    await page.get_by_label("Name", exact=True).fill(name.upper())
+    await page.locator("#s0-event_name").fill(viewed)
+    await page.locator("#s1-event_name").fill(bought)
+    await page.get_by_role("button", name="Preview").click()
+    await expect(page.locator("#name-error")).to_have_text(
+        "Another funnel already has this name (names are compared ignoring case)."
+    )
+    await expect(page.locator("#preview")).to_have_count(0)
+
+    # The delete confirmation reads the one funnel with GetFunnel, not a scan of ListFunnels.
+    called: list[str] = []
+    call = Backend.call
+
+    async def recording(self: Backend, key: str, service: str, method: str, request: Any) -> Any:
+        called.append(method)
+        return await call(self, key, service, method, request)
+
+    monkeypatch.setattr(Backend, "call", recording)
+    await page.goto(console_suite.url + "/segments")
+    called.clear()
+    await page.get_by_role("link", name=f"Delete the funnel {name}").click()
+    await expect(page.get_by_role("heading", level=1)).to_have_text(f"Delete the funnel “{name}”?")
+    await expect(page.locator("#delete-what")).to_contain_text(f"{viewed} → {bought}")
+    # (The segments page's live table may still be checking its segments: ListSegments.)
+    assert [m for m in called if "Funnel" in m] == ["GetFunnel"]
+    await page.get_by_role("button", name="Delete the funnel").click()
+    await expect(page.locator("#deleted")).to_have_text("The funnel was deleted.")
+    # A funnel gone, or an ID that is not one, is a page of its own, not an error.
+    for ident in (str(uuid.uuid4()), "not-a-funnel"):
+        answer = await page.request.get(console_suite.url + f"/funnels/{ident}/delete")
+        assert answer.status == 404, ident
 
 
 async def test_the_users_table_downloads_as_csv_with_its_filter_and_sort_every_page_to_a_cap(

@@ -660,6 +660,18 @@ async def test_every_page_is_accessible_and_light(
     await page.get_by_role("button", name="Create funnel").click()
     await expect(page.locator("#s0-event_name-error")).to_be_visible()
     await check("funnel-refused")
+    # And with a preview (validate_only) of what they would create.
+    await page.locator("#s0-event_name").fill("view")
+    await page.get_by_role("button", name="Preview").click()
+    await expect(page.locator("#preview")).to_be_visible()
+    await check("funnel-preview")
+    await page.goto(console_suite.url + "/segments/new")
+    await page.get_by_label("Name", exact=True).fill("Previewed")
+    await page.locator("#c0-custom_name").fill("plan")
+    await page.locator("#c0-operator").select_option("exists")
+    await page.get_by_role("button", name="Preview").click()
+    await expect(page.locator("#preview")).to_contain_text("match")
+    await check("segment-preview")
     await page.goto(console_suite.url + f"/segments/{created.segment.segment_id}/delete")
     await check("segment-delete")
     custom_id = f"axe-{uuid.uuid4().hex[:8]}"

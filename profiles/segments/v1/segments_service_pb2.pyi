@@ -280,6 +280,7 @@ class CreateSegmentRequest(_message.Message):
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     FILTER_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    VALIDATE_ONLY_FIELD_NUMBER: _builtins.int
     display_name: _builtins.str
     """The name shown to operators, 1 to 100 characters, unique in the project (case-insensitive);
     required.
@@ -289,7 +290,20 @@ class CreateSegmentRequest(_message.Message):
     request_id: _builtins.str
     """An idempotency key, a UUID string; optional. A retry with the same key and the same
     definition returns the segment created by the first call and creates nothing; the key is
-    remembered as long as that segment exists.
+    remembered as long as that segment exists. Not used with `validate_only` (see there).
+    """
+    validate_only: _builtins.bool
+    """When true, the segment is not created: the request is checked exactly as a creation
+    would check it (the same INVALID_ARGUMENT field violations, ALREADY_EXISTS when the display
+    name is taken, RESOURCE_EXHAUSTED when the project has 100 segments), and the response
+    holds the segment that would be created, with `size` the number of profiles matching the
+    filter as of now (the count a creation at this moment would store) and `size_time` now.
+    Nothing is stored (no segment, no members), no membership change is announced, and the
+    name is not reserved: a creation afterwards may still be refused or count other profiles.
+    Idempotency does not apply: `request_id` is still checked to be a UUID, but it is neither
+    looked up nor remembered, so the call answers as a first call would and a later real call
+    with that key creates the segment. Costs one count over the project's live profiles.
+    Default false.
     """
     @_builtins.property
     def filter(self) -> _filters_pb2.FilterNode:
@@ -302,10 +316,11 @@ class CreateSegmentRequest(_message.Message):
         description: _builtins.str = ...,
         filter: _filters_pb2.FilterNode | None = ...,
         request_id: _builtins.str = ...,
+        validate_only: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "display_name", b"display_name", "filter", b"filter", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "display_name", b"display_name", "filter", b"filter", "request_id", b"request_id", "validate_only", b"validate_only"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -313,14 +328,17 @@ Global___CreateSegmentRequest: _TypeAlias = CreateSegmentRequest  # noqa: Y015
 
 @_typing.final
 class CreateSegmentResponse(_message.Message):
-    """The segment created."""
+    """The segment created (or, with `validate_only`, the one that would be)."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     SEGMENT_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def segment(self) -> _segments_pb2.Segment:
-        """The segment, with its ID and its size at creation."""
+        """The segment, with its ID and its size at creation. With `validate_only`: `segment_id` is
+        empty and `create_time` unset (nothing was created), `size` is the number of profiles
+        matching as of now and `size_time` is now.
+        """
 
     def __init__(
         self,
@@ -572,6 +590,7 @@ class CreateFunnelRequest(_message.Message):
     STEPS_FIELD_NUMBER: _builtins.int
     CONVERSION_WINDOW_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    VALIDATE_ONLY_FIELD_NUMBER: _builtins.int
     display_name: _builtins.str
     """The name shown to operators, 1 to 100 characters, unique in the project (case-insensitive);
     required.
@@ -580,7 +599,19 @@ class CreateFunnelRequest(_message.Message):
     """A free description, at most 1,000 characters; optional."""
     request_id: _builtins.str
     """An idempotency key, a UUID string; optional. A retry with the same key and the same
-    definition returns the funnel created by the first call and creates nothing.
+    definition returns the funnel created by the first call and creates nothing. Not used with
+    `validate_only` (see there).
+    """
+    validate_only: _builtins.bool
+    """When true, the funnel is not created: the request is checked exactly as a creation would
+    check it (the same INVALID_ARGUMENT field violations, ALREADY_EXISTS when the display name
+    is taken, RESOURCE_EXHAUSTED when the project has 50 funnels), and the response holds the
+    funnel that would be created, with `reached_profile_counts` as of now (the counts a
+    creation at this moment would return). Nothing is stored and the name is not reserved: a
+    creation afterwards may still be refused. Idempotency does not apply: `request_id` is still
+    checked to be a UUID, but it is neither looked up nor remembered, so the call answers as a
+    first call would and a later real call with that key creates the funnel. Costs what
+    counting the funnel in ListFunnels costs. Default false.
     """
     @_builtins.property
     def steps(self) -> _containers.RepeatedCompositeFieldContainer[_funnels_pb2.FunnelStep]:
@@ -598,10 +629,11 @@ class CreateFunnelRequest(_message.Message):
         steps: _abc.Iterable[_funnels_pb2.FunnelStep] | None = ...,
         conversion_window: _duration_pb2.Duration | None = ...,
         request_id: _builtins.str = ...,
+        validate_only: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["conversion_window", b"conversion_window"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversion_window", b"conversion_window", "description", b"description", "display_name", b"display_name", "request_id", b"request_id", "steps", b"steps"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversion_window", b"conversion_window", "description", b"description", "display_name", b"display_name", "request_id", b"request_id", "steps", b"steps", "validate_only", b"validate_only"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -609,14 +641,17 @@ Global___CreateFunnelRequest: _TypeAlias = CreateFunnelRequest  # noqa: Y015
 
 @_typing.final
 class CreateFunnelResponse(_message.Message):
-    """The funnel created."""
+    """The funnel created (or, with `validate_only`, the one that would be)."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     FUNNEL_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def funnel(self) -> _funnels_pb2.Funnel:
-        """The funnel, with its ID and its per-step counts at creation."""
+        """The funnel, with its ID and its per-step counts at creation. With `validate_only`:
+        `funnel_id` is empty and `create_time` unset (nothing was created), and the counts are as
+        of now.
+        """
 
     def __init__(
         self,
@@ -686,6 +721,52 @@ class ListFunnelsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListFunnelsResponse: _TypeAlias = ListFunnelsResponse  # noqa: Y015
+
+@_typing.final
+class GetFunnelRequest(_message.Message):
+    """Asks for one funnel."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FUNNEL_ID_FIELD_NUMBER: _builtins.int
+    funnel_id: _builtins.str
+    """The funnel's ID, a UUID string; required."""
+    def __init__(
+        self,
+        *,
+        funnel_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["funnel_id", b"funnel_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetFunnelRequest: _TypeAlias = GetFunnelRequest  # noqa: Y015
+
+@_typing.final
+class GetFunnelResponse(_message.Message):
+    """One funnel."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FUNNEL_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def funnel(self) -> _funnels_pb2.Funnel:
+        """The funnel's definition and its per-step reached counts, exact as of the response."""
+
+    def __init__(
+        self,
+        *,
+        funnel: _funnels_pb2.Funnel | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["funnel", b"funnel"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["funnel", b"funnel"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetFunnelResponse: _TypeAlias = GetFunnelResponse  # noqa: Y015
 
 @_typing.final
 class DeleteFunnelRequest(_message.Message):

@@ -89,6 +89,11 @@ class SegmentsServiceStub:
                 request_serializer=profiles_dot_segments_dot_v1_dot_segments__service__pb2.ListFunnelsRequest.SerializeToString,
                 response_deserializer=profiles_dot_segments_dot_v1_dot_segments__service__pb2.ListFunnelsResponse.FromString,
                 _registered_method=True)
+        self.GetFunnel = channel.unary_unary(
+                '/profiles.segments.v1.SegmentsService/GetFunnel',
+                request_serializer=profiles_dot_segments_dot_v1_dot_segments__service__pb2.GetFunnelRequest.SerializeToString,
+                response_deserializer=profiles_dot_segments_dot_v1_dot_segments__service__pb2.GetFunnelResponse.FromString,
+                _registered_method=True)
         self.DeleteFunnel = channel.unary_unary(
                 '/profiles.segments.v1.SegmentsService/DeleteFunnel',
                 request_serializer=profiles_dot_segments_dot_v1_dot_segments__service__pb2.DeleteFunnelRequest.SerializeToString,
@@ -140,10 +145,13 @@ class SegmentsServiceServicer:
     def CreateSegment(self, request, context):
         """Creates a custom segment from a filter tree and returns it with its size (the profiles
         matching it at creation, stored as its members; creation announces no change). At most
-        100 segments per project. Idempotent with `request_id`. Admin only. Errors:
+        100 segments per project. Idempotent with `request_id`. With `validate_only`, checks the
+        request as a creation would and returns the segment it would create with its size as of
+        now, storing nothing (see CreateSegmentRequest.validate_only). Admin only. Errors:
         INVALID_ARGUMENT (each bad node with its path and why), ALREADY_EXISTS (another segment has
         this display name), FAILED_PRECONDITION with reason REQUEST_ID_REUSED (the `request_id`
-        created a different segment), RESOURCE_EXHAUSTED (the project has 100 segments).
+        created a different segment; never with `validate_only`), RESOURCE_EXHAUSTED (the project
+        has 100 segments).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -193,9 +201,12 @@ class SegmentsServiceServicer:
 
     def CreateFunnel(self, request, context):
         """Creates a funnel and returns it with its per-step counts. At most 50 funnels per project.
-        Idempotent with `request_id`. Admin only. Errors: INVALID_ARGUMENT (with paths such as
-        `steps[1].event_name`), ALREADY_EXISTS (display name taken), FAILED_PRECONDITION with
-        reason REQUEST_ID_REUSED, RESOURCE_EXHAUSTED (the project has 50 funnels).
+        Idempotent with `request_id`. With `validate_only`, checks the request as a creation would
+        and returns the funnel it would create with its per-step counts as of now, storing nothing
+        (see CreateFunnelRequest.validate_only). Admin only. Errors: INVALID_ARGUMENT (with paths
+        such as `steps[1].event_name`), ALREADY_EXISTS (display name taken), FAILED_PRECONDITION
+        with reason REQUEST_ID_REUSED (never with `validate_only`), RESOURCE_EXHAUSTED (the project
+        has 50 funnels).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -204,6 +215,15 @@ class SegmentsServiceServicer:
     def ListFunnels(self, request, context):
         """Lists the project's funnels, oldest first, each with how many profiles reached each step.
         Read or admin. Errors: INVALID_ARGUMENT (`page_size` negative, `page_token` malformed).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetFunnel(self, request, context):
+        """Returns one funnel's definition and how many profiles reached each step, exact as of the
+        response (the counts ListFunnels gives). Read or admin. Errors: INVALID_ARGUMENT
+        (`funnel_id` not a UUID), NOT_FOUND (no such funnel in the project).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -287,6 +307,11 @@ def add_SegmentsServiceServicer_to_server(servicer, server):
                     servicer.ListFunnels,
                     request_deserializer=profiles_dot_segments_dot_v1_dot_segments__service__pb2.ListFunnelsRequest.FromString,
                     response_serializer=profiles_dot_segments_dot_v1_dot_segments__service__pb2.ListFunnelsResponse.SerializeToString,
+            ),
+            'GetFunnel': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetFunnel,
+                    request_deserializer=profiles_dot_segments_dot_v1_dot_segments__service__pb2.GetFunnelRequest.FromString,
+                    response_serializer=profiles_dot_segments_dot_v1_dot_segments__service__pb2.GetFunnelResponse.SerializeToString,
             ),
             'DeleteFunnel': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteFunnel,
@@ -557,6 +582,33 @@ class SegmentsService:
             '/profiles.segments.v1.SegmentsService/ListFunnels',
             profiles_dot_segments_dot_v1_dot_segments__service__pb2.ListFunnelsRequest.SerializeToString,
             profiles_dot_segments_dot_v1_dot_segments__service__pb2.ListFunnelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetFunnel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/profiles.segments.v1.SegmentsService/GetFunnel',
+            profiles_dot_segments_dot_v1_dot_segments__service__pb2.GetFunnelRequest.SerializeToString,
+            profiles_dot_segments_dot_v1_dot_segments__service__pb2.GetFunnelResponse.FromString,
             options,
             channel_credentials,
             insecure,

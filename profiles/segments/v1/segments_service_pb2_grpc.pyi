@@ -56,10 +56,13 @@ class SegmentsServiceStub:
     CreateSegment: _grpc.UnaryUnaryMultiCallable[_segments_service_pb2.CreateSegmentRequest, _segments_service_pb2.CreateSegmentResponse]
     """Creates a custom segment from a filter tree and returns it with its size (the profiles
     matching it at creation, stored as its members; creation announces no change). At most
-    100 segments per project. Idempotent with `request_id`. Admin only. Errors:
+    100 segments per project. Idempotent with `request_id`. With `validate_only`, checks the
+    request as a creation would and returns the segment it would create with its size as of
+    now, storing nothing (see CreateSegmentRequest.validate_only). Admin only. Errors:
     INVALID_ARGUMENT (each bad node with its path and why), ALREADY_EXISTS (another segment has
     this display name), FAILED_PRECONDITION with reason REQUEST_ID_REUSED (the `request_id`
-    created a different segment), RESOURCE_EXHAUSTED (the project has 100 segments).
+    created a different segment; never with `validate_only`), RESOURCE_EXHAUSTED (the project
+    has 100 segments).
     """
     ListSegments: _grpc.UnaryUnaryMultiCallable[_segments_service_pb2.ListSegmentsRequest, _segments_service_pb2.ListSegmentsResponse]
     """Lists the project's custom segments, oldest first, each with its size and `size_time` (see
@@ -89,13 +92,21 @@ class SegmentsServiceStub:
     """
     CreateFunnel: _grpc.UnaryUnaryMultiCallable[_segments_service_pb2.CreateFunnelRequest, _segments_service_pb2.CreateFunnelResponse]
     """Creates a funnel and returns it with its per-step counts. At most 50 funnels per project.
-    Idempotent with `request_id`. Admin only. Errors: INVALID_ARGUMENT (with paths such as
-    `steps[1].event_name`), ALREADY_EXISTS (display name taken), FAILED_PRECONDITION with
-    reason REQUEST_ID_REUSED, RESOURCE_EXHAUSTED (the project has 50 funnels).
+    Idempotent with `request_id`. With `validate_only`, checks the request as a creation would
+    and returns the funnel it would create with its per-step counts as of now, storing nothing
+    (see CreateFunnelRequest.validate_only). Admin only. Errors: INVALID_ARGUMENT (with paths
+    such as `steps[1].event_name`), ALREADY_EXISTS (display name taken), FAILED_PRECONDITION
+    with reason REQUEST_ID_REUSED (never with `validate_only`), RESOURCE_EXHAUSTED (the project
+    has 50 funnels).
     """
     ListFunnels: _grpc.UnaryUnaryMultiCallable[_segments_service_pb2.ListFunnelsRequest, _segments_service_pb2.ListFunnelsResponse]
     """Lists the project's funnels, oldest first, each with how many profiles reached each step.
     Read or admin. Errors: INVALID_ARGUMENT (`page_size` negative, `page_token` malformed).
+    """
+    GetFunnel: _grpc.UnaryUnaryMultiCallable[_segments_service_pb2.GetFunnelRequest, _segments_service_pb2.GetFunnelResponse]
+    """Returns one funnel's definition and how many profiles reached each step, exact as of the
+    response (the counts ListFunnels gives). Read or admin. Errors: INVALID_ARGUMENT
+    (`funnel_id` not a UUID), NOT_FOUND (no such funnel in the project).
     """
     DeleteFunnel: _grpc.UnaryUnaryMultiCallable[_segments_service_pb2.DeleteFunnelRequest, _segments_service_pb2.DeleteFunnelResponse]
     """Deletes a funnel. Admin only. Errors: INVALID_ARGUMENT (`funnel_id`), NOT_FOUND (no such
@@ -145,10 +156,13 @@ class SegmentsServiceAsyncStub(SegmentsServiceStub):
     CreateSegment: _aio.UnaryUnaryMultiCallable[_segments_service_pb2.CreateSegmentRequest, _segments_service_pb2.CreateSegmentResponse]  # type: ignore[assignment]
     """Creates a custom segment from a filter tree and returns it with its size (the profiles
     matching it at creation, stored as its members; creation announces no change). At most
-    100 segments per project. Idempotent with `request_id`. Admin only. Errors:
+    100 segments per project. Idempotent with `request_id`. With `validate_only`, checks the
+    request as a creation would and returns the segment it would create with its size as of
+    now, storing nothing (see CreateSegmentRequest.validate_only). Admin only. Errors:
     INVALID_ARGUMENT (each bad node with its path and why), ALREADY_EXISTS (another segment has
     this display name), FAILED_PRECONDITION with reason REQUEST_ID_REUSED (the `request_id`
-    created a different segment), RESOURCE_EXHAUSTED (the project has 100 segments).
+    created a different segment; never with `validate_only`), RESOURCE_EXHAUSTED (the project
+    has 100 segments).
     """
     ListSegments: _aio.UnaryUnaryMultiCallable[_segments_service_pb2.ListSegmentsRequest, _segments_service_pb2.ListSegmentsResponse]  # type: ignore[assignment]
     """Lists the project's custom segments, oldest first, each with its size and `size_time` (see
@@ -178,13 +192,21 @@ class SegmentsServiceAsyncStub(SegmentsServiceStub):
     """
     CreateFunnel: _aio.UnaryUnaryMultiCallable[_segments_service_pb2.CreateFunnelRequest, _segments_service_pb2.CreateFunnelResponse]  # type: ignore[assignment]
     """Creates a funnel and returns it with its per-step counts. At most 50 funnels per project.
-    Idempotent with `request_id`. Admin only. Errors: INVALID_ARGUMENT (with paths such as
-    `steps[1].event_name`), ALREADY_EXISTS (display name taken), FAILED_PRECONDITION with
-    reason REQUEST_ID_REUSED, RESOURCE_EXHAUSTED (the project has 50 funnels).
+    Idempotent with `request_id`. With `validate_only`, checks the request as a creation would
+    and returns the funnel it would create with its per-step counts as of now, storing nothing
+    (see CreateFunnelRequest.validate_only). Admin only. Errors: INVALID_ARGUMENT (with paths
+    such as `steps[1].event_name`), ALREADY_EXISTS (display name taken), FAILED_PRECONDITION
+    with reason REQUEST_ID_REUSED (never with `validate_only`), RESOURCE_EXHAUSTED (the project
+    has 50 funnels).
     """
     ListFunnels: _aio.UnaryUnaryMultiCallable[_segments_service_pb2.ListFunnelsRequest, _segments_service_pb2.ListFunnelsResponse]  # type: ignore[assignment]
     """Lists the project's funnels, oldest first, each with how many profiles reached each step.
     Read or admin. Errors: INVALID_ARGUMENT (`page_size` negative, `page_token` malformed).
+    """
+    GetFunnel: _aio.UnaryUnaryMultiCallable[_segments_service_pb2.GetFunnelRequest, _segments_service_pb2.GetFunnelResponse]  # type: ignore[assignment]
+    """Returns one funnel's definition and how many profiles reached each step, exact as of the
+    response (the counts ListFunnels gives). Read or admin. Errors: INVALID_ARGUMENT
+    (`funnel_id` not a UUID), NOT_FOUND (no such funnel in the project).
     """
     DeleteFunnel: _aio.UnaryUnaryMultiCallable[_segments_service_pb2.DeleteFunnelRequest, _segments_service_pb2.DeleteFunnelResponse]  # type: ignore[assignment]
     """Deletes a funnel. Admin only. Errors: INVALID_ARGUMENT (`funnel_id`), NOT_FOUND (no such
@@ -249,10 +271,13 @@ class SegmentsServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_segments_service_pb2.CreateSegmentResponse, _abc.Awaitable[_segments_service_pb2.CreateSegmentResponse]]:
         """Creates a custom segment from a filter tree and returns it with its size (the profiles
         matching it at creation, stored as its members; creation announces no change). At most
-        100 segments per project. Idempotent with `request_id`. Admin only. Errors:
+        100 segments per project. Idempotent with `request_id`. With `validate_only`, checks the
+        request as a creation would and returns the segment it would create with its size as of
+        now, storing nothing (see CreateSegmentRequest.validate_only). Admin only. Errors:
         INVALID_ARGUMENT (each bad node with its path and why), ALREADY_EXISTS (another segment has
         this display name), FAILED_PRECONDITION with reason REQUEST_ID_REUSED (the `request_id`
-        created a different segment), RESOURCE_EXHAUSTED (the project has 100 segments).
+        created a different segment; never with `validate_only`), RESOURCE_EXHAUSTED (the project
+        has 100 segments).
         """
 
     @_abc_1.abstractmethod
@@ -312,9 +337,12 @@ class SegmentsServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_segments_service_pb2.CreateFunnelResponse, _abc.Awaitable[_segments_service_pb2.CreateFunnelResponse]]:
         """Creates a funnel and returns it with its per-step counts. At most 50 funnels per project.
-        Idempotent with `request_id`. Admin only. Errors: INVALID_ARGUMENT (with paths such as
-        `steps[1].event_name`), ALREADY_EXISTS (display name taken), FAILED_PRECONDITION with
-        reason REQUEST_ID_REUSED, RESOURCE_EXHAUSTED (the project has 50 funnels).
+        Idempotent with `request_id`. With `validate_only`, checks the request as a creation would
+        and returns the funnel it would create with its per-step counts as of now, storing nothing
+        (see CreateFunnelRequest.validate_only). Admin only. Errors: INVALID_ARGUMENT (with paths
+        such as `steps[1].event_name`), ALREADY_EXISTS (display name taken), FAILED_PRECONDITION
+        with reason REQUEST_ID_REUSED (never with `validate_only`), RESOURCE_EXHAUSTED (the project
+        has 50 funnels).
         """
 
     @_abc_1.abstractmethod
@@ -325,6 +353,17 @@ class SegmentsServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_segments_service_pb2.ListFunnelsResponse, _abc.Awaitable[_segments_service_pb2.ListFunnelsResponse]]:
         """Lists the project's funnels, oldest first, each with how many profiles reached each step.
         Read or admin. Errors: INVALID_ARGUMENT (`page_size` negative, `page_token` malformed).
+        """
+
+    @_abc_1.abstractmethod
+    def GetFunnel(
+        self,
+        request: _segments_service_pb2.GetFunnelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_segments_service_pb2.GetFunnelResponse, _abc.Awaitable[_segments_service_pb2.GetFunnelResponse]]:
+        """Returns one funnel's definition and how many profiles reached each step, exact as of the
+        response (the counts ListFunnels gives). Read or admin. Errors: INVALID_ARGUMENT
+        (`funnel_id` not a UUID), NOT_FOUND (no such funnel in the project).
         """
 
     @_abc_1.abstractmethod
