@@ -350,7 +350,8 @@ class UserRow:
     profile_id: str
     name: str
     # What tells two rows of the same name apart: the custom ID when the name is not already it,
-    # else the start of the profile ID.
+    # and the email; for an anonymous person with a name and no email, the start of the
+    # profile ID.
     also: str
     # A person known by user details (a name, an email, a phone) but not by a custom ID:
     # Countly's users table tells them apart from the truly anonymous.
@@ -376,10 +377,12 @@ def user_rows(rows: Iterable[query_service_pb2.ProfileRow]) -> list[UserRow]:
     for row in rows:
         segment = segment_label(row)
         name = display_name(row.first_name, row.last_name, row.custom_id, row.profile_id)
-        if row.custom_id:
-            also = "" if name == row.custom_id else row.custom_id
-        else:
-            also = "" if name.startswith("Anonymous ") else f"profile {row.profile_id[:8]}"
+        told = [row.custom_id] if row.custom_id and name != row.custom_id else []
+        if row.email and name != row.email:
+            told.append(row.email)
+        if not told and not row.custom_id and not name.startswith("Anonymous "):
+            told.append(f"profile {row.profile_id[:8]}")
+        also = " · ".join(told)
         found.append(
             UserRow(
                 profile_id=row.profile_id,

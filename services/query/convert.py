@@ -860,6 +860,7 @@ def profile_row_to_proto(view: ProfileRowView) -> pb.ProfileRow:
         smart_segment=view.smart_segment,  # type: ignore[arg-type]
         smart_segment_flag=view.smart_segment_flag,  # type: ignore[arg-type]
         has_user_details=view.has_user_details,
+        email=view.email,
     )
     if view.last_seen is not None:
         set_time(message.last_seen_time, view.last_seen)

@@ -87,7 +87,8 @@ CHANNEL_PUSH = types_pb2.CHANNEL_PUSH
 PROFILE_ROWS_FROM = f"""
     SELECT q.profile_id, coalesce(q.custom_id, '') AS custom_id,
            coalesce(q.first_name, '') AS first_name, coalesce(q.last_name, '') AS last_name,
-           coalesce(q.device_model, '') AS device_model, q.device_platform::int AS platform,
+           coalesce(q.email, '') AS email, coalesce(q.device_model, '') AS device_model,
+           q.device_platform::int AS platform,
            q.last_seen, q.session_count, q.time_spent_ms, coalesce(q.country, '') AS country,
            coalesce(sg.segment, 0)::int AS smart_segment,
            coalesce(sg.flag, 0)::int AS smart_segment_flag, q.has_details,
@@ -455,6 +456,7 @@ class ListReads:
                     custom_id=r["custom_id"],
                     first_name=r["first_name"],
                     last_name=r["last_name"],
+                    email=r["email"],
                     device_model=r["device_model"],
                     platform=r["platform"],
                     session_count=r["session_count"],

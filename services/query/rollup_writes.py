@@ -42,7 +42,7 @@ PROFILE_FACTS = (
            a.first_name, a.last_name, coalesce(a.has_details, false) AS has_details,
            inst.device_model, coalesce(inst.device_platform, 0) AS device_platform,
            ls.last_seen, coalesce(ss.session_count, 0) AS session_count,
-           coalesce(ss.time_spent_ms, 0) AS time_spent_ms
+           coalesce(ss.time_spent_ms, 0) AS time_spent_ms, a.email
     FROM identity_read_profiles() p
     LEFT JOIN LATERAL (
         SELECT bool_or(a.name = 'email') AS has_email,
@@ -51,6 +51,7 @@ PROFILE_FACTS = (
                max(a.value ->> 'value') FILTER (WHERE a.name = 'region') AS region,
                max(a.value ->> 'value') FILTER (WHERE a.name = 'first_name') AS first_name,
                max(a.value ->> 'value') FILTER (WHERE a.name = 'last_name') AS last_name,
+               max(a.value ->> 'value') FILTER (WHERE a.name = 'email') AS email,
                bool_or(a.name IN ('first_name', 'last_name', 'email', 'phone')) AS has_details
         FROM ingest_read_profile_attributes() a
         WHERE a.project_id = p.project_id AND a.profile_id = p.profile_id AND a.native
@@ -97,7 +98,7 @@ PROFILE_FACTS = (
 
 PROFILE_FACT_COLUMNS = """identified, custom_id, has_email, has_phone, has_token,
     push_reachable, subscribed, language, region, country, platforms, first_name, last_name,
-    has_details, device_model, device_platform, last_seen, session_count, time_spent_ms"""
+    has_details, device_model, device_platform, last_seen, session_count, time_spent_ms, email"""
 
 
 def _set_from_excluded(columns: str) -> str:

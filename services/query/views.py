@@ -259,6 +259,7 @@ class ProfileRowView:
     smart_segment: int
     smart_segment_flag: int
     has_user_details: bool = False  # a name, an email or a phone (query_profiles.has_details)
+    email: str = ""
 
 
 @dataclass(frozen=True, slots=True)

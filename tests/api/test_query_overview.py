@@ -348,3 +348,27 @@ async def test_an_imported_token_not_yet_seen_is_not_the_profiles_device(suite: 
     reply = await suite.call("ListProfiles", pb.ListProfilesRequest(page_size=500))
     (row,) = [r for r in reply.profiles if r.custom_id == "u-device"]
     assert (row.platform, row.device_model) == (ANDROID, "Pixel 8")
+
+
+async def test_the_users_table_shows_each_persons_email_and_an_unset_empties_it(
+    suite: Suite,
+) -> None:
+    ana, namesake = new_id(), new_id()
+    await suite.track(
+        attributes(ana, IOS, op("set", "FIRST_NAME", "Ana"), op("set", "EMAIL", "Ana@Example.com")),
+        attributes(namesake, IOS, op("set", "FIRST_NAME", "Ana")),
+    )
+    await suite.settle()
+
+    async def emails() -> dict[str, str]:
+        reply = await suite.call("ListProfiles", pb.ListProfilesRequest(page_size=500))
+        return {r.profile_id: r.email for r in reply.profiles if r.first_name == "Ana"}
+
+    ana_id = (await suite.get(installation_id=ana)).profile.summary.profile_id
+    namesake_id = (await suite.get(installation_id=namesake)).profile.summary.profile_id
+    assert await emails() == {ana_id: "ana@example.com", namesake_id: ""}
+    unset = attributes(ana, IOS, op("unset", "EMAIL"))
+    unset.event_time.FromDatetime(T + timedelta(minutes=6))
+    await suite.track(unset)
+    await suite.settle()
+    assert await emails() == {ana_id: "", namesake_id: ""}

@@ -208,13 +208,30 @@ def test_csv_cells_that_a_spreadsheet_would_run_are_prefixed_with_a_quote() -> N
     assert d.csv_cell("Ana") == "Ana"
     assert d.csv_cell(3) == "3"
     row = query_pb.ProfileRow(
-        profile_id="p-1", custom_id="=HYPERLINK(1)", first_name="Ana", session_count=2
+        profile_id="p-1",
+        custom_id="=HYPERLINK(1)",
+        first_name="Ana",
+        email="-ana@example.com",
+        session_count=2,
     )
     row.last_seen_time.seconds = 1_796_121_000
     row.total_time_spent.seconds = 65
     rows = d.csv_rows([row], platforms={}, segment_of=lambda r: "New")
     assert rows == [
-        ["p-1", "'=HYPERLINK(1)", "Ana", "", "no", "", "", "2", "2026-12-01T10:30:00Z", "65", "New"]
+        [
+            "p-1",
+            "'=HYPERLINK(1)",
+            "Ana",
+            "",
+            "'-ana@example.com",
+            "no",
+            "",
+            "",
+            "2",
+            "2026-12-01T10:30:00Z",
+            "65",
+            "New",
+        ]
     ]
     text = d.csv_text(rows, header=True)
     assert text.startswith("profile_id,custom_id,")

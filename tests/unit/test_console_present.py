@@ -375,6 +375,12 @@ def test_the_users_table_tells_rows_of_the_same_name_apart() -> None:
             query_pb.ProfileRow(profile_id="22222222-x", first_name="Ana", anonymous=True),
             query_pb.ProfileRow(profile_id="33333333-x", custom_id="crm-3"),
             query_pb.ProfileRow(profile_id="44444444-x", anonymous=True),
+            query_pb.ProfileRow(
+                profile_id="55555555-x", first_name="Ana", custom_id="crm-5", email="a@x.io"
+            ),
+            query_pb.ProfileRow(
+                profile_id="66666666-x", first_name="Ana", anonymous=True, email="b@x.io"
+            ),
         ]
     )
     assert [(r.name, r.also) for r in rows] == [
@@ -382,6 +388,8 @@ def test_the_users_table_tells_rows_of_the_same_name_apart() -> None:
         ("Ana", "profile 22222222"),
         ("crm-3", ""),
         ("Anonymous 44444444", ""),
+        ("Ana", "crm-5 · a@x.io"),
+        ("Ana", "b@x.io"),
     ]
 
 

@@ -245,8 +245,7 @@ class ListProfilesRequest(_message.Message):
     "Élodie Martin" find her too); surrounding spaces are ignored and inner runs of spaces count
     as one. At most 100 characters (INVALID_ARGUMENT on `name_prefix` beyond). Custom IDs,
     emails and phones are looked up with GetProfile instead. Empty for no filter. Profiles
-    without a name never match. With few matches in a large project a page reads many rows:
-    this filter walks the sort order's index like the others.
+    without a name never match. Indexed: a rare name is found without walking the table.
     """
     include_total_size: _builtins.bool
     """Also count the profiles that match the filters (`total_size`). The count reads up to
@@ -346,6 +345,7 @@ class ProfileRow(_message.Message):
     SMART_SEGMENT_FIELD_NUMBER: _builtins.int
     SMART_SEGMENT_FLAG_FIELD_NUMBER: _builtins.int
     HAS_USER_DETAILS_FIELD_NUMBER: _builtins.int
+    EMAIL_FIELD_NUMBER: _builtins.int
     profile_id: _builtins.str
     """The profile's ID, a UUID string."""
     custom_id: _builtins.str
@@ -375,6 +375,10 @@ class ProfileRow(_message.Message):
     (what PROFILE_IDENTITY_FILTER_HAS_USER_DETAILS selects). With `anonymous`, it tells a person
     known by their details but not yet by a custom ID.
     """
+    email: _builtins.str
+    """The email address, lower-case; empty when the profile has none (or an erasure is under
+    way). Tells apart people of the same name.
+    """
     @_builtins.property
     def last_seen_time(self) -> _timestamp_pb2.Timestamp:
         """The latest event of any kind; unset when the profile has none."""
@@ -400,10 +404,11 @@ class ProfileRow(_message.Message):
         smart_segment: _types_pb2.SmartSegment.ValueType = ...,
         smart_segment_flag: _types_pb2.SmartSegmentFlag.ValueType = ...,
         has_user_details: _builtins.bool = ...,
+        email: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["last_seen_time", b"last_seen_time", "total_time_spent", b"total_time_spent"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["anonymous", b"anonymous", "country", b"country", "custom_id", b"custom_id", "device_model", b"device_model", "first_name", b"first_name", "has_user_details", b"has_user_details", "last_name", b"last_name", "last_seen_time", b"last_seen_time", "platform", b"platform", "profile_id", b"profile_id", "session_count", b"session_count", "smart_segment", b"smart_segment", "smart_segment_flag", b"smart_segment_flag", "total_time_spent", b"total_time_spent"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["anonymous", b"anonymous", "country", b"country", "custom_id", b"custom_id", "device_model", b"device_model", "email", b"email", "first_name", b"first_name", "has_user_details", b"has_user_details", "last_name", b"last_name", "last_seen_time", b"last_seen_time", "platform", b"platform", "profile_id", b"profile_id", "session_count", b"session_count", "smart_segment", b"smart_segment", "smart_segment_flag", b"smart_segment_flag", "total_time_spent", b"total_time_spent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

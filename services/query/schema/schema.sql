@@ -32,6 +32,9 @@ RETURN lower((NORMALIZE(regexp_replace(NORMALIZE(regexp_replace(btrim(name), '\s
 -- starts with the folded text: strpos(search_name, ' ' || the folded text) > 0, one substring
 -- test per row and no pattern to escape. Not indexed: the filter rides on the sort order's
 -- index walk like the other filters.
+-- The users table shows each profile's email beside its name (ProfileRow.email): seven people
+-- named "Ana Müller" are told apart by it. Recounted with the profile's other facts
+-- (rollup_writes.py); the rows there already are filled here from ingest's read contract.
 CREATE TABLE query_profiles (
     project_id uuid NOT NULL,
     profile_id uuid NOT NULL,
@@ -57,6 +60,7 @@ CREATE TABLE query_profiles (
     update_time timestamp with time zone NOT NULL,
     search_name text COLLATE "C" GENERATED ALWAYS AS ((' '::text || NULLIF(query_name_fold(((COALESCE(first_name, ''::text) || ' '::text) || COALESCE(last_name, ''::text))), ''::text))) STORED,
     sort_name text COLLATE "C" GENERATED ALWAYS AS (query_name_fold(COALESCE(NULLIF(btrim(((COALESCE(first_name, ''::text) || ' '::text) || COALESCE(last_name, ''::text))), ''::text), custom_id))) STORED,
+    email text,
     CONSTRAINT query_profiles_pkey PRIMARY KEY (project_id, profile_id)
 );
 -- The users table's sort orders: keyset paging on (value, profile_id) in both directions; a
@@ -125,17 +129,13 @@ CREATE INDEX query_name_tails_by_tail ON query_name_tails USING btree (project_i
 -- Functions, aggregates and views
 -- ============================================================================================
 
--- Query's profile hooks (shared/schema: profile_hooks). A merge leaves query_profiles
--- to query, which recounts both profiles on ProfileMerged (moving the source's facts onto the
--- survivor's key would count them twice): no merge hook. An erasure strips at once what names
--- the person (custom ID, names, device), keeping only the figures the counters are decreased
--- by when query recounts after ProfileDeleted.
+-- An erasure strips the email at once with the other facts that name the person (0018).
 CREATE OR REPLACE FUNCTION public.query_erase_profile_rows(p_project uuid, p_profile_ids uuid[], p_installation_ids text[], p_custom_ids text[])
  RETURNS void
  LANGUAGE sql
 AS $function$
     UPDATE query_profiles
-    SET custom_id = NULL, first_name = NULL, last_name = NULL, device_model = NULL
+    SET custom_id = NULL, first_name = NULL, last_name = NULL, device_model = NULL, email = NULL
     WHERE project_id = p_project AND profile_id = ANY(p_profile_ids)
 $function$;
 
