@@ -1116,6 +1116,16 @@ async def profile_erase(request: Request, session: ConsoleSession) -> Response:
         pass
     else:
         summary = before.profile.summary
+        if summary.profile_id != canonical_uuid(profile_id):
+            # Merged into another profile since the page was shown: that is someone else now.
+            return await _erasure_page(
+                request,
+                session,
+                profile_id,
+                request_id=str(uuid.uuid4()),
+                refused=present.ERASURE_MERGED,
+                status=409,
+            )
         expected = present.erasure_word(summary.custom_id)
         if not present.erasure_confirmed(expected, typed):
             return await _erasure_page(
@@ -1134,10 +1144,25 @@ async def profile_erase(request: Request, session: ConsoleSession) -> Response:
             session.key,
             "identity",
             "DeleteProfile",
-            identity_pb.DeleteProfileRequest(profile_id=profile_id, request_id=request_id),
+            # Exact: the person confirmed above, never the survivor of a merge since (a login
+            # between the check and this call would otherwise erase someone else).
+            identity_pb.DeleteProfileRequest(
+                profile_id=profile_id, request_id=request_id, exact=True
+            ),
         )
     except NotFound:
         return _no_such_profile(request, session, profile_id)
+    except BadInput as refused:
+        if refused.reason != "PROFILE_MERGED":
+            raise
+        return await _erasure_page(
+            request,
+            session,
+            profile_id,
+            request_id=str(uuid.uuid4()),
+            refused=present.ERASURE_MERGED,
+            status=409,
+        )
     log.info("console_erasure", profile_id=reply.profile_id)
     return render(request, "erased.html", {"reply": reply, "name": name}, session=session)
 

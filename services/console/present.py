@@ -926,6 +926,11 @@ def datetime_local(text: str) -> str:
 # -- erasure (GDPR) ---------------------------------------------------------------------------
 
 FORM_EXPIRED = "This form expired (you signed in again since): nothing was erased. Try again."
+# An erasure whose profile was merged into another since its confirmation page was shown.
+ERASURE_MERGED = (
+    "This profile was merged into the one shown below since you opened the confirmation:"
+    " nothing was erased. Check who this is now before you confirm again."
+)
 # What a person types to confirm the erasure of a profile without a custom ID.
 ERASE_WORD = "delete"
 

@@ -59,6 +59,12 @@ class CustomIdErased(FailedPrecondition):
     reason = "CUSTOM_ID_ERASED"
 
 
+class ProfileMerged(FailedPrecondition):
+    """An exact erasure (DeleteProfileRequest.exact) of a profile merged into another since."""
+
+    reason = "PROFILE_MERGED"
+
+
 class ConcurrentChange(Aborted):
     """A concurrent change won a race (deadlock, unique violation, moved row). The service
     retries the whole transaction a few times and lets this through only after the last try."""

@@ -23,6 +23,7 @@ from services.identity.errors import (
     CustomIdErased,
     InstallationNotFound,
     KeysInvalid,
+    ProfileMerged,
     ProfileNotFound,
     RequestIdReused,
 )
@@ -697,9 +698,10 @@ class IdentityService:
     # -- DeleteProfile -------------------------------------------------------------------
 
     async def delete_profile(
-        self, project_id: UUID, profile_id: UUID, request_id: str
+        self, project_id: UUID, profile_id: UUID, request_id: str, *, exact: bool = False
     ) -> DeleteResult:
-        """Erases a profile (a merged-away ID resolves to its survivor) with its tombstones, in
+        """Erases a profile (a merged-away ID resolves to its survivor; with `exact` it raises
+        ProfileMerged instead: the caller confirmed that profile) with its tombstones, in
         one transaction with the lock order of merges, so a racing merge either lands before
         (and is erased too) or finds the profile gone. Quarantines its custom IDs for the
         project's identity.quarantine_days. Idempotent per request_id; otherwise a second call
@@ -709,7 +711,9 @@ class IdentityService:
         settings = await self._tenancy.get_settings(project_id)
         quarantine_days = int(settings["identity.quarantine_days"])
         result, secret = await self._retrying(
-            lambda: self._delete_once(project_id, profile_id, request_id, digest, quarantine_days)
+            lambda: self._delete_once(
+                project_id, profile_id, request_id, digest, quarantine_days, exact
+            )
         )
         if secret is not None:  # committed now: safe to keep
             self._remember_secret(project_id, secret)
@@ -729,6 +733,7 @@ class IdentityService:
         request_id: str,
         digest: str,
         quarantine_days: int,
+        exact: bool,
     ) -> tuple[DeleteResult, bytes | None]:
         now = self._clock.now()
         async with self._repository.transaction() as tx:
@@ -743,6 +748,12 @@ class IdentityService:
                     f"no profile {profile_id} in this project", metadata={"field": "profile_id"}
                 )
             profile = found[profile_id]
+            if exact and profile.profile_id != profile_id:
+                raise ProfileMerged(
+                    f"profile {profile_id} was merged into {profile.profile_id}; nothing was"
+                    " erased",
+                    metadata={"field": "profile_id", "survivor": str(profile.profile_id)},
+                )
             aliases = await tx.find_aliases(project_id, profile.profile_id)
             custom_ids = sorted({*aliases, *([profile.custom_id] if profile.custom_id else [])})
             # Merge lock order: custom IDs, then the profile (then, in erase(), its tombstones

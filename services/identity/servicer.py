@@ -233,7 +233,7 @@ class IdentityServicer(pb_grpc.IdentityServiceServicer):
     ) -> pb.DeleteProfileResponse:
         profile_id = delete_request_id(request.profile_id, request.request_id)
         result = await self._service.delete_profile(
-            current_caller().project_id, profile_id, request.request_id
+            current_caller().project_id, profile_id, request.request_id, exact=request.exact
         )
         return delete_to_proto(result)
 

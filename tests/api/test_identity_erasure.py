@@ -341,6 +341,27 @@ async def test_an_anonymous_profile_is_erased_without_quarantine_and_announced(
     assert deleted.delete_time == reply.delete_time
 
 
+async def test_an_exact_erasure_of_a_merged_away_profile_erases_nobody(
+    services: tuple[Identity, Ingest],
+) -> None:
+    identity, ingest = services
+    phone = f"inst-{uuid.uuid4().hex[:8]}"
+    await ingest.track(custom_event(phone, event_id="p1"))
+    visitor = await identity.profile_of(phone)
+    customer = f"cust-{uuid.uuid4().hex[:8]}"
+    survivor = (await identity.identify(f"inst-{uuid.uuid4().hex[:8]}", customer)).profile_id
+    merged = await identity.identify(phone, customer)  # the visitor logs in: merged into theirs
+    assert merged.outcome == pb.IDENTIFY_OUTCOME_MERGED and merged.profile_id == survivor
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await identity.delete(visitor, str(uuid.uuid4()), exact=True)
+    assert refused.value.code() is grpc.StatusCode.FAILED_PRECONDITION
+    assert error_info(refused.value).reason == "PROFILE_MERGED"
+    assert await identity.profile_of(phone) == survivor  # nothing erased
+    # Without `exact`, the merged-away ID leads to its survivor, as documented.
+    reply = await identity.delete(visitor, str(uuid.uuid4()))
+    assert reply.profile_id == survivor
+
+
 async def test_delete_refuses_an_invalid_or_unknown_profile(identity_only: Identity) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as invalid:
         await identity_only.delete("not-a-uuid")

@@ -17,13 +17,16 @@ import pytest
 from playwright.async_api import expect
 
 from profiles.client import open_channel
+from profiles.identity.v1 import identity_service_pb2 as identity_pb
+from profiles.identity.v1 import identity_service_pb2_grpc as identity_grpc
 from profiles.query.v1 import query_service_pb2 as query_pb
 from profiles.segments.v1 import segments_service_pb2 as segments_pb
 from profiles.segments.v1 import segments_service_pb2_grpc as segments_grpc
 from services.console import pages
+from services.console.app import build_app
 from services.console.backend import Backend
 from tests.conftest import eventually
-from tests.console.conftest import ConsoleSuite
+from tests.console.conftest import ConsoleSuite, start_console
 from tests.console.test_console_pages import query, sign_in, track
 from tests.support.ingest import attribute_event, custom_event, op
 
@@ -551,3 +554,66 @@ async def test_a_refused_csv_filter_is_a_page_not_a_broken_download(
     refused = await page.request.get(console_suite.url + "/users.csv?name=" + "x" * 140)
     assert refused.status == 400
     assert "text/html" in refused.headers["content-type"]
+
+
+async def test_an_erasure_confirmed_for_one_person_never_erases_whom_they_merged_into(
+    page: Any, console_suite: ConsoleSuite
+) -> None:
+    # "delete" is typed for an anonymous visitor; between the console's check of whom it erases
+    # and its DeleteProfile, the visitor is merged into an identified person (a login). That
+    # person, whose custom ID nobody typed, must not be erased.
+    suite = console_suite
+    visitor = await new_anonymous_profile(suite)
+    custom_id, survivor = await new_identified_profile(suite, "bystander")
+    app = build_app(suite.settings)
+    async with start_console(app) as url:
+        backend = app._app.state.console.backend
+        original = backend.call
+
+        async def merged_just_before_the_erasure(
+            key: str, service: str, method: str, request: Any
+        ) -> Any:
+            if method == "DeleteProfile":
+                async with open_channel(
+                    suite.addresses["identity"], suite.project.keys["admin"]
+                ) as channel:
+                    await identity_grpc.IdentityServiceStub(channel).MergeProfiles(
+                        identity_pb.MergeProfilesRequest(
+                            source_profile_id=visitor,
+                            target_profile_id=survivor,
+                            request_id=str(uuid.uuid4()),
+                        )
+                    )
+            return await original(key, service, method, request)
+
+        backend.call = merged_just_before_the_erasure
+        local = ConsoleSuite(url, suite.project, suite.addresses, suite.settings)
+        await sign_in(page, local, "admin")
+        await page.goto(url + f"/profiles/{visitor}/delete")
+        await page.get_by_label("To confirm, type delete").fill("delete")
+        await page.get_by_role("button", name="Delete this profile permanently").click()
+        await expect(page.locator("#confirmation-error")).to_contain_text("nothing was erased")
+        # The page now shows whom the ID leads to, with that person's word to type.
+        await expect(page.get_by_label(f"To confirm, type {custom_id}")).to_be_visible()
+    view = await query(suite, "GetProfile", query_pb.GetProfileRequest(profile_id=survivor))
+    assert view.profile.summary.custom_id == custom_id
+
+
+async def new_anonymous_profile(suite: ConsoleSuite) -> str:
+    """A new anonymous profile (one installation's event); its profile ID once query has it."""
+    device = f"dev-{uuid.uuid4().hex[:8]}"
+    await track(suite, custom_event(device, name="visit", time=datetime.now(UTC)))
+    found: list[str] = []
+
+    async def stored() -> bool:
+        try:
+            reply = await query(
+                suite, "GetProfile", query_pb.GetProfileRequest(installation_id=device)
+            )
+        except grpc.aio.AioRpcError:
+            return False
+        found[:] = [reply.profile.summary.profile_id]
+        return True
+
+    await eventually(stored, within=15)
+    return found[0]

@@ -116,9 +116,11 @@ class Identity:
             timeout=60,
         )
 
-    async def delete(self, profile_id: str, request_id: str = "") -> pb.DeleteProfileResponse:
+    async def delete(
+        self, profile_id: str, request_id: str = "", *, exact: bool = False
+    ) -> pb.DeleteProfileResponse:
         return await self.stub.DeleteProfile(
-            pb.DeleteProfileRequest(profile_id=profile_id, request_id=request_id),
+            pb.DeleteProfileRequest(profile_id=profile_id, request_id=request_id, exact=exact),
             metadata=self.project.metadata("admin"),
             timeout=60,
         )

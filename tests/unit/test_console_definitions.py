@@ -234,5 +234,12 @@ def test_csv_cells_that_a_spreadsheet_would_run_are_prefixed_with_a_quote() -> N
         ]
     ]
     text = d.csv_text(rows, header=True)
-    assert text.startswith("profile_id,custom_id,")
+    assert text.startswith('"profile_id","custom_id",')
+    # A separator a spreadsheet may split on stays inside its quoted cell.
+    (separated,) = d.csv_rows(
+        [query_pb.ProfileRow(profile_id="p-2", last_name="Zz;=cmd|' /C calc'!A0")],
+        platforms={},
+        segment_of=lambda r: "",
+    )
+    assert "\"Zz;=cmd|' /C calc'!A0\"" in d.csv_text([separated])
     assert text.endswith("\r\n")

@@ -543,6 +543,7 @@ class DeleteProfileRequest(_message.Message):
 
     PROFILE_ID_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    EXACT_FIELD_NUMBER: _builtins.int
     profile_id: _builtins.str
     """The profile to erase (a UUID); a merged-away ID resolves to its survivor."""
     request_id: _builtins.str
@@ -550,15 +551,22 @@ class DeleteProfileRequest(_message.Message):
     with the same key within 24 hours returns the first answer instead of NOT_FOUND. Optional
     but recommended.
     """
+    exact: _builtins.bool
+    """When true, `profile_id` must name a live profile: a merged-away ID is FAILED_PRECONDITION
+    (reason PROFILE_MERGED, nothing erased) instead of resolving to its survivor. A caller that
+    showed one person before erasing (a console's confirmation) sets it: a login may merge that
+    profile into another person's between the confirmation and the call. Default false.
+    """
     def __init__(
         self,
         *,
         profile_id: _builtins.str = ...,
         request_id: _builtins.str = ...,
+        exact: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["profile_id", b"profile_id", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["exact", b"exact", "profile_id", b"profile_id", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -92,10 +92,11 @@ class IdentityServiceStub:
     messages. Only bare event IDs (as dedupe markers) remain, and, if the profile was
     identified, a keyed hash of its custom ID, quarantined for the project's period (default 30
     days) during which Identify with it is FAILED_PRECONDITION and events naming it are
-    rejected as ERASED. A merged-away ID resolves to its survivor, which is erased. A retry
-    with the same `request_id` returns the first answer. Roles: admin. Errors: INVALID_ARGUMENT
-    (`profile_id`, `request_id`); NOT_FOUND (reason PROFILE_NOT_FOUND) for an unknown or already
-    erased profile; ABORTED after a lost race; UNAUTHENTICATED; PERMISSION_DENIED.
+    rejected as ERASED. A merged-away ID resolves to its survivor, which is erased (unless
+    `exact`). A retry with the same `request_id` returns the first answer. Roles: admin.
+    Errors: INVALID_ARGUMENT (`profile_id`, `request_id`); NOT_FOUND (reason PROFILE_NOT_FOUND)
+    for an unknown or already erased profile; FAILED_PRECONDITION (reason PROFILE_MERGED) for a
+    merged-away ID with `exact`; ABORTED after a lost race; UNAUTHENTICATED; PERMISSION_DENIED.
     """
     ExportProfile: _grpc.UnaryStreamMultiCallable[_identity_service_pb2.ExportProfileRequest, _identity_service_pb2.ExportProfileResponse]
     """Streams everything stored about one profile, from one consistent snapshot, as JSON chunks
@@ -168,10 +169,11 @@ class IdentityServiceAsyncStub(IdentityServiceStub):
     messages. Only bare event IDs (as dedupe markers) remain, and, if the profile was
     identified, a keyed hash of its custom ID, quarantined for the project's period (default 30
     days) during which Identify with it is FAILED_PRECONDITION and events naming it are
-    rejected as ERASED. A merged-away ID resolves to its survivor, which is erased. A retry
-    with the same `request_id` returns the first answer. Roles: admin. Errors: INVALID_ARGUMENT
-    (`profile_id`, `request_id`); NOT_FOUND (reason PROFILE_NOT_FOUND) for an unknown or already
-    erased profile; ABORTED after a lost race; UNAUTHENTICATED; PERMISSION_DENIED.
+    rejected as ERASED. A merged-away ID resolves to its survivor, which is erased (unless
+    `exact`). A retry with the same `request_id` returns the first answer. Roles: admin.
+    Errors: INVALID_ARGUMENT (`profile_id`, `request_id`); NOT_FOUND (reason PROFILE_NOT_FOUND)
+    for an unknown or already erased profile; FAILED_PRECONDITION (reason PROFILE_MERGED) for a
+    merged-away ID with `exact`; ABORTED after a lost race; UNAUTHENTICATED; PERMISSION_DENIED.
     """
     ExportProfile: _aio.UnaryStreamMultiCallable[_identity_service_pb2.ExportProfileRequest, _identity_service_pb2.ExportProfileResponse]  # type: ignore[assignment]
     """Streams everything stored about one profile, from one consistent snapshot, as JSON chunks
@@ -271,10 +273,11 @@ class IdentityServiceServicer(metaclass=_abc_1.ABCMeta):
         messages. Only bare event IDs (as dedupe markers) remain, and, if the profile was
         identified, a keyed hash of its custom ID, quarantined for the project's period (default 30
         days) during which Identify with it is FAILED_PRECONDITION and events naming it are
-        rejected as ERASED. A merged-away ID resolves to its survivor, which is erased. A retry
-        with the same `request_id` returns the first answer. Roles: admin. Errors: INVALID_ARGUMENT
-        (`profile_id`, `request_id`); NOT_FOUND (reason PROFILE_NOT_FOUND) for an unknown or already
-        erased profile; ABORTED after a lost race; UNAUTHENTICATED; PERMISSION_DENIED.
+        rejected as ERASED. A merged-away ID resolves to its survivor, which is erased (unless
+        `exact`). A retry with the same `request_id` returns the first answer. Roles: admin.
+        Errors: INVALID_ARGUMENT (`profile_id`, `request_id`); NOT_FOUND (reason PROFILE_NOT_FOUND)
+        for an unknown or already erased profile; FAILED_PRECONDITION (reason PROFILE_MERGED) for a
+        merged-away ID with `exact`; ABORTED after a lost race; UNAUTHENTICATED; PERMISSION_DENIED.
         """
 
     @_abc_1.abstractmethod
