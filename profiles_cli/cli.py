@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import json
 import os
+import shlex
 import signal
 import sys
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
@@ -27,10 +28,11 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from shared.errors import DomainError
-from shared.settings import SERVICE_NAMES, Settings
+from shared.errors import DomainError, FailedPrecondition
+from shared.settings import SERVICE_NAMES, SETTINGS, Settings
 
 if TYPE_CHECKING:
+    from profiles_cli.suite import Leftovers
     from shared.tenancy import TenancyRepository
 
 Handler = Callable[[argparse.Namespace], int]
@@ -53,11 +55,12 @@ child processes. Prints the endpoints and keys, then runs until Ctrl-C, SIGTERM 
 `profiles down`, when it stops everything. Data is kept in the data directory across restarts.
 
 One `profiles up` per data directory: a second one refuses, naming the running one; what a
-killed one left running is stopped by the next start. A service that dies is started again
-(after 0.5, 1, 2, 4 s); the fifth death within 60 s stops everything.
+killed one left running is stopped by `profiles down` or the next start. A service that dies
+is started again (after 0.5, 1, 2, 4 s); the fifth death within 60 s stops everything.
 
-Ports come from PROFILES_<SERVICE>_PORT and PROFILES_<SERVICE>_METRICS_PORT (defaults:
-ingest 50051, identity 50052, segments 50053, query 50054; metrics 9451-9454)."""
+Ports come from PROFILES_<SERVICE>_PORT and PROFILES_<SERVICE>_METRICS_PORT (0 turns a
+metrics server off); the defaults:
+{ports}"""
 
 EXAMPLES = """\
 examples:
@@ -133,12 +136,25 @@ def _connection_options() -> argparse.ArgumentParser:
     return options
 
 
+def default_ports_text() -> str:
+    """Every port `profiles up` uses by default, one line per process, for `profiles up --help`
+    (from the settings table, so it cannot drift from it)."""
+    defaults = {s.env: s.default for s in SETTINGS}
+    lines = []
+    for name in (*SERVICE_NAMES, "edge", "console"):
+        kind = "HTTP" if name in ("edge", "console") else "gRPC"
+        port = defaults[f"PROFILES_{name.upper()}_PORT"]
+        metrics = defaults[f"PROFILES_{name.upper()}_METRICS_PORT"]
+        lines.append(f"  {name:<9} {kind} {port:<6} metrics {metrics}")
+    return "\n".join(lines)
+
+
 def _add_up(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     up = commands.add_parser(
         "up",
         parents=[_connection_options()],
         help="run the whole suite on this machine (embedded PostgreSQL and Redis)",
-        description=UP_DESCRIPTION,
+        description=UP_DESCRIPTION.format(ports=default_ports_text()),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     up.add_argument(
@@ -168,32 +184,36 @@ def _add_down(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         parents=[_data_dir_option()],
         help="stop the suite running on the data directory (as Ctrl-C would)",
         description="Sends SIGTERM to the `profiles up` of the data directory and waits until it"
-        " has stopped its services and embedded databases. Exits 0 when nothing runs there any"
-        " more (also when nothing ran), 1 if it did not stop in time.",
+        " has stopped its services and embedded databases. If that `profiles up` was killed,"
+        " stops what it left running (its services, PostgreSQL and Redis), as the next"
+        " `profiles up` would. Exits 0 when nothing runs there any more (also when nothing"
+        " ran), 1 if it did not stop in time.",
     )
     down.set_defaults(handler=_down)
 
 
 def _status(args: argparse.Namespace) -> int:
-    from profiles_cli.suite import SERVING, check_health, read_record
+    from profiles_cli.suite import SERVING, check_health, find_leftovers, read_record
 
     data_dir = settings_from(args).data_dir
     record = read_record(data_dir)
     if record is None or not record.is_alive():
-        stale = "" if record is None else f" (a record of pid {record.pid} remains; it is gone)"
-        print(f"profiles status: no `profiles up` runs on {data_dir}{stale}", file=sys.stderr)
+        print(
+            f"profiles status: {_not_running(data_dir, find_leftovers(data_dir))}", file=sys.stderr
+        )
         return 1
     health = {
         name: check_health(service.health, service.address)
         for name, service in record.services.items()
     }
+    state = suite_state(record.state, health)
     if args.json:
         print(
             json.dumps(
                 {
                     "pid": record.pid,
                     "data_dir": record.data_dir,
-                    "state": record.state,
+                    "state": state,
                     "services": {
                         name: {"address": s.address, "pid": s.pid, "health": health[name]}
                         for name, s in record.services.items()
@@ -203,11 +223,38 @@ def _status(args: argparse.Namespace) -> int:
             )
         )
     else:
-        print(f"profiles up (pid {record.pid}) runs on {record.data_dir}: {record.state}")
+        print(f"profiles up (pid {record.pid}) runs on {record.data_dir}: {state}")
         for name, service in record.services.items():
             print(f"  {name:<9} {service.address:<22} {health[name]:<15} pid {service.pid}")
     serving = bool(health) and all(status == SERVING for status in health.values())
     return 0 if serving else 1
+
+
+def suite_state(recorded: str, health: dict[str, str]) -> str:
+    """The suite's state as `profiles status` prints it: what the record says ("starting",
+    "serving"), unless a service does not answer SERVING now, which the header then names."""
+    from profiles_cli.suite import SERVING
+
+    failing = [f"{name} {status}" for name, status in health.items() if status != SERVING]
+    if not failing or recorded == "starting":
+        return recorded
+    return f"not serving ({', '.join(failing)})"
+
+
+def _not_running(data_dir: Path, leftovers: Leftovers | None) -> str:
+    """No `profiles up` runs on data_dir: and what a killed one left running, if anything."""
+    from profiles_cli.suite import data_dir_flag
+
+    text = f"no `profiles up` runs on {data_dir}"
+    if leftovers is None:
+        return text
+    left = leftovers.names()
+    if not left:
+        return f"{text} (a record of pid {leftovers.pid} remains; it is gone)"
+    return (
+        f"{text}, but the one that ran there (pid {leftovers.pid}) was killed and left running:"
+        f" {', '.join(left)}; `profiles down{data_dir_flag(data_dir)}` stops them"
+    )
 
 
 def _down(args: argparse.Namespace) -> int:
@@ -218,8 +265,7 @@ def _down(args: argparse.Namespace) -> int:
     data_dir = settings_from(args).data_dir
     record = live_record(data_dir)
     if record is None:
-        print(f"No `profiles up` runs on {data_dir}; nothing to stop.")
-        return 0
+        return _down_leftovers(data_dir)
     print(f"Stopping `profiles up` (pid {record.pid}) on {data_dir} ...", flush=True)
     try:
         process = psutil.Process(record.pid)
@@ -241,6 +287,43 @@ def _down(args: argparse.Namespace) -> int:
         )
         return 1
     print("Stopped.")
+    return 0
+
+
+def _down_leftovers(data_dir: Path) -> int:
+    """`profiles down` when no `profiles up` runs: stops what a killed one left running, as the
+    next `profiles up` would."""
+    from profiles_cli.suite import find_leftovers, release_lock, stop_leftovers, take_lock
+
+    if find_leftovers(data_dir) is None:
+        print(f"No `profiles up` runs on {data_dir}; nothing to stop.")
+        return 0
+    lock = take_lock(data_dir)
+    if lock is None:
+        print(
+            f"profiles down: another `profiles` command holds {data_dir} (a `profiles up`"
+            " starting, or a command using its database); try again in a moment",
+            file=sys.stderr,
+        )
+        return 1
+    try:
+        # Again, holding the lock: what runs now is what this command stops.
+        leftovers = find_leftovers(data_dir)
+        if leftovers is None:
+            print(f"No `profiles up` runs on {data_dir}; nothing to stop.")
+            return 0
+        print(
+            f"The `profiles up` on {data_dir} (pid {leftovers.pid}) is gone; stopping what it"
+            " left running ...",
+            flush=True,
+        )
+        stopped = stop_leftovers(data_dir, leftovers)
+    except RuntimeError as exc:  # a server that would not stop
+        print(f"profiles down: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        release_lock(lock)
+    print(f"Stopped: {', '.join(stopped) if stopped else 'nothing was left running'}.")
     return 0
 
 
@@ -266,7 +349,8 @@ def _add_health(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         "health",
         help="check that a service answers SERVING (for container health checks)",
         description="Calls grpc.health.v1.Health/Check on ADDRESS; exits 0 when it answers"
-        " SERVING, 1 otherwise. Used by docker-compose's health checks.",
+        " SERVING, 1 otherwise. Used by docker-compose's health checks. The edge and the"
+        " console serve HTTP: their health is GET /healthz (200 when serving).",
     )
     health.add_argument("address", help="host:port of a service, e.g. 127.0.0.1:50054")
     health.add_argument("--service", default="", help="service name to check (default: all)")
@@ -279,11 +363,23 @@ def _health(args: argparse.Namespace) -> int:
         try:
             reply = stub.Check(health_pb2.HealthCheckRequest(service=args.service), timeout=3.0)
         except grpc.RpcError as error:
-            print(f"{args.address}: {error.code().name}", file=sys.stderr)
+            print(f"{args.address}: {error.code().name}{_http_hint(args.address)}", file=sys.stderr)
             return 1
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
     print(f"{args.address}: {status}")
     return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
+def _http_hint(address: str) -> str:
+    """When an HTTP server (the edge, the console) answers on address: how to check it."""
+    from profiles_cli.suite import check_health
+
+    if check_health("http", address, timeout=2.0) == "UNAVAILABLE":
+        return ""
+    return (
+        f"; {address} serves HTTP, not gRPC (the edge or the console?): check it with"
+        f" `curl -f http://{address}/healthz`"
+    )
 
 
 def _add_project(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -468,9 +564,14 @@ def _demo(args: argparse.Namespace) -> int:
     if args.users < 1:
         print("profiles demo: --users must be at least 1", file=sys.stderr)
         return 2
-    addresses = suite_addresses(args)
-    ingest = args.ingest_address or addresses["ingest"]
-    identity = args.identity_address or addresses["identity"]
+    addresses = suite_addresses(
+        args,
+        {
+            "ingest": (args.ingest_address, "--ingest-address"),
+            "identity": (args.identity_address, "--identity-address"),
+        },
+    )
+    ingest, identity = addresses["ingest"], addresses["identity"]
     sdk_key = args.key or _stored_key(args, "sdk")
     admin_key = args.key or _stored_key(args, "admin")
     try:
@@ -482,7 +583,8 @@ def _demo(args: argparse.Namespace) -> int:
         if error is None:
             raise
         tried = f"ingest at {ingest} and identity at {identity} with {_key_source(args)}"
-        print(call_failed("profiles demo", tried, error, "--ingest-address"), file=sys.stderr)
+        message = call_failed("profiles demo", tried, error, "--ingest-address", _where(args))
+        print(message, file=sys.stderr)
         return 1
     print(
         f"{summary.users} users: {summary.events_accepted} events stored,"
@@ -500,7 +602,7 @@ def _import(args: argparse.Namespace) -> int:
     if not path.is_file():
         print(f"profiles import: {path}: no such file", file=sys.stderr)
         return 2
-    address = args.address or suite_addresses(args)["ingest"]
+    address = suite_addresses(args, {"ingest": (args.address, "--address")})["ingest"]
     key = args.key or _stored_key(args, "admin")
     try:
         summary = asyncio.run(run_import(path, address, key, size=path.stat().st_size))
@@ -509,7 +611,7 @@ def _import(args: argparse.Namespace) -> int:
         if error is None:
             raise
         tried = f"ingest at {address} with {_key_source(args)}"
-        message = call_failed("profiles import", tried, error, "--address")
+        message = call_failed("profiles import", tried, error, "--address", _where(args))
         print(f"{message}; re-run to resume", file=sys.stderr)
         return 1
     print(json.dumps(summary.as_dict(), indent=2) if args.json else summary.text())
@@ -528,8 +630,16 @@ def first_rpc_error(failure: BaseException) -> grpc.aio.AioRpcError | None:
     return None
 
 
-def call_failed(command: str, tried: str, error: grpc.aio.AioRpcError, address_flag: str) -> str:
-    """One line: what was tried, what came back, what to do."""
+def call_failed(
+    command: str,
+    tried: str,
+    error: grpc.aio.AioRpcError,
+    address_flag: str,
+    where: str = "",
+) -> str:
+    """One line: what was tried, what came back, what to do. `where` is the --data-dir flag the
+    command was given, for the commands the advice names. Both commands call with admin keys
+    (import only with one; demo's --key is used for every call)."""
     code = error.code()
     answer = f"{code.name} ({error.details()})"
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
@@ -537,7 +647,14 @@ def call_failed(command: str, tried: str, error: grpc.aio.AioRpcError, address_f
             "is the suite running? `profiles up` starts it, `profiles status` shows where it"
             f" listens; or pass {address_flag}"
         )
-    elif code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+    elif code == grpc.StatusCode.PERMISSION_DENIED:
+        advice = (
+            "the suite knows this key, but its role may not make this call, which needs an admin"
+            f' key: pass --key "$(profiles keys{where} --role admin)" (the admin key'
+            f" `profiles up` stored), or make one with `profiles keys create{where} --project"
+            " NAME --role admin`"
+        )
+    elif code == grpc.StatusCode.UNAUTHENTICATED:
         advice = (
             "that suite does not know this key: is it the suite of this data directory"
             " (`profiles status`, --data-dir)? Or pass --key"
@@ -547,18 +664,41 @@ def call_failed(command: str, tried: str, error: grpc.aio.AioRpcError, address_f
     return f"{command}: tried {tried}: {answer}; {advice}"
 
 
-def suite_addresses(args: argparse.Namespace) -> dict[str, str]:
-    """Each service's address: PROFILES_<SERVICE>_ADDRESS when set, else the address of the
-    suite `profiles up` runs on the data directory, else the default."""
-    from profiles_cli.suite import live_record
+class NoSuiteRunning(FailedPrecondition):
+    reason = "NO_SUITE_RUNNING"
+
+
+def suite_addresses(
+    args: argparse.Namespace, given: dict[str, tuple[str | None, str]]
+) -> dict[str, str]:
+    """The address of each service in `given` (name -> (address from its flag or None, the
+    flag)): the flag's, else PROFILES_<SERVICE>_ADDRESS, else the address of the suite `profiles
+    up` runs on the data directory. With none of these, and a data directory that holds a suite
+    (or was named), raises NoSuiteRunning rather than trying the default ports, where another
+    suite (or nothing) may listen; with a data directory that never held one, the defaults."""
+    from profiles_cli.preflight import holds_suite
+    from profiles_cli.suite import data_dir_flag, live_record
 
     settings = settings_from(args)
     addresses = dict(settings.addresses)
+    from_env = {name for name in addresses if f"PROFILES_{name.upper()}_ADDRESS" in os.environ}
     record = live_record(settings.data_dir)
     if record is not None:
         for name, address in record.addresses().items():
-            if f"PROFILES_{name.upper()}_ADDRESS" not in os.environ:
+            if name not in from_env:
                 addresses[name] = address
+    else:
+        unresolved = [
+            flag for name, (value, flag) in given.items() if not value and name not in from_env
+        ]
+        chosen = bool(getattr(args, "data_dir", None)) or "PROFILES_DATA_DIR" in os.environ
+        if unresolved and (chosen or holds_suite(settings.data_dir)):
+            raise NoSuiteRunning(
+                f"no `profiles up` runs on {settings.data_dir}: start it with"
+                f" `profiles up{data_dir_flag(settings.data_dir)}`, or pass"
+                f" {' and '.join(unresolved)}"
+            )
+    addresses.update({name: value for name, (value, _) in given.items() if value})
     return addresses
 
 
@@ -658,6 +798,7 @@ def _async(command: Callable[[argparse.Namespace], Coroutine[Any, Any, int]]) ->
 async def tenancy_for(args: argparse.Namespace) -> AsyncIterator[TenancyRepository]:
     """A TenancyRepository on the configured or embedded database, migrated."""
     from profiles_cli.datadir import DataDir
+    from profiles_cli.preflight import check_postgres, require_suite_data, unusable, usual_data_dirs
     from profiles_cli.suite import release_lock, take_lock
     from shared.db import create_pool, migrate
     from shared.embedded import EmbeddedPostgres
@@ -669,15 +810,22 @@ async def tenancy_for(args: argparse.Namespace) -> AsyncIterator[TenancyReposito
     lock = None
     if not url:
         data_dir = DataDir(settings.data_dir)
-        data_dir.create()
-        # Held while this command uses the directory's PostgreSQL on its own, so that a
-        # `profiles up` cannot adopt a server this command is about to stop. None: a
-        # `profiles up` owns the directory and its server.
-        lock = take_lock(data_dir.path)
+        # Never a new database: a typo'd --data-dir would get one, and the project with it.
+        require_suite_data(data_dir.path, usual_data_dirs())
+        try:
+            data_dir.create()
+            # Held while this command uses the directory's PostgreSQL on its own, so that a
+            # `profiles up` cannot adopt a server this command is about to stop. None: a
+            # `profiles up` owns the directory and its server.
+            lock = take_lock(data_dir.path)
+        except OSError as exc:
+            raise unusable(data_dir.path, exc) from exc
         embedded = EmbeddedPostgres(data_dir.postgres)
         # Stopped afterwards only if this command started it (not when `profiles up` runs).
         postgres = None if embedded.is_running() or lock is None else embedded
         url = await asyncio.to_thread(embedded.start)
+    else:
+        await check_postgres(url)
     try:
         await migrate(url)
         pool = await create_pool(url, max_size=2)
@@ -695,7 +843,10 @@ async def _project_create(args: argparse.Namespace) -> int:
     async with tenancy_for(args) as tenancy:
         project = await tenancy.create_project(args.name)
     print(f"Created project {project.name} ({project.project_id}).")
-    print(f"Give it a key: profiles keys create --project {project.name} --role admin")
+    print(
+        f"Give it a key: profiles keys create{_where(args)} --project"
+        f" {shlex.quote(project.name)} --role admin"
+    )
     return 0
 
 
@@ -706,7 +857,8 @@ async def _project_list(args: argparse.Namespace) -> int:
         {"name": p.name, "project_id": str(p.project_id), "create_time": _time(p.create_time)}
         for p in projects
     ]
-    _print_rows(rows, as_json=args.json, empty="No projects yet: profiles project create NAME")
+    empty = f"No projects yet: profiles project create{_where(args)} NAME"
+    _print_rows(rows, as_json=args.json, empty=empty)
     return 0
 
 
@@ -748,6 +900,15 @@ async def _keys_list(args: argparse.Namespace) -> int:
                 )
     _print_rows(rows, as_json=args.json, empty="No keys.")
     return 0
+
+
+def _where(args: argparse.Namespace) -> str:
+    """The --data-dir the command was given (or the directory PROFILES_DATA_DIR names), for a
+    command it suggests: the suggestion must reach the same database."""
+    from profiles_cli.suite import data_dir_flag
+
+    settings = settings_from(args)
+    return "" if settings.database_url else data_dir_flag(settings.data_dir)
 
 
 def _keys_stored(args: argparse.Namespace) -> int:

@@ -66,6 +66,10 @@ class DataDir:
             raise NoStoredKeys(
                 f"no keys in {self.path}: `profiles up` creates them on its first run"
             ) from exc
+        except OSError as exc:  # a file given as the data directory, a directory of another user
+            raise NoStoredKeys(
+                f"cannot read the keys in --data-dir {self.path}: {exc.strerror or exc}"
+            ) from exc
         return keys
 
     def write_keys(self, keys: dict[str, str]) -> None:

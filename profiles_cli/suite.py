@@ -16,6 +16,7 @@ import contextlib
 import fcntl
 import json
 import os
+import shlex
 import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass, field
@@ -154,3 +155,95 @@ def release_lock(lock: IO[bytes] | None) -> None:
     if lock is not None:
         with contextlib.suppress(OSError):
             lock.close()
+
+
+# A service asked to stop gets this long (on top of nothing: it was left alone) before a kill.
+LEFTOVER_STOP_SECONDS = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class Leftovers:
+    """What a killed `profiles up` left running on its data directory: its services (each
+    checked to be that service of that directory, not a reused pid), Redis and PostgreSQL."""
+
+    pid: int  # of the `profiles up` that is gone
+    services: tuple[tuple[str, psutil.Process], ...]
+    redis: bool
+    postgres: bool
+
+    def names(self) -> list[str]:
+        """`ingest (pid 12)`, ..., `Redis`, `PostgreSQL`: empty when nothing is left."""
+        names = [f"{name} (pid {process.pid})" for name, process in self.services]
+        return names + ["Redis"] * self.redis + ["PostgreSQL"] * self.postgres
+
+
+def find_leftovers(data_dir: Path) -> Leftovers | None:
+    """What the `profiles up` of data_dir's record left running, when that `profiles up` is gone;
+    None when there is no record or its `profiles up` still runs. Reads only; stops nothing."""
+    from profiles_cli.datadir import DataDir
+    from shared.embedded import EmbeddedPostgres, EmbeddedRedis
+
+    record = read_record(data_dir)
+    if record is None or record.is_alive():
+        return None
+    services = tuple(
+        (name, process)
+        for name, service in record.services.items()
+        if (process := _orphaned_service(service.pid, name, data_dir)) is not None
+    )
+    directory = DataDir(data_dir)
+    return Leftovers(
+        pid=record.pid,
+        services=services,
+        redis=EmbeddedRedis(directory.redis).is_running(),
+        postgres=EmbeddedPostgres(directory.postgres).is_running(),
+    )
+
+
+def stop_leftovers(data_dir: Path, leftovers: Leftovers) -> list[str]:
+    """Stops what a killed `profiles up` left (services first, then Redis and PostgreSQL, as a
+    shutdown does) and removes its record; returns what was stopped. Call it holding the lock
+    (`take_lock`), so that no `profiles up` starts on the directory meanwhile."""
+    from profiles_cli.datadir import DataDir
+    from shared.embedded import EmbeddedPostgres, EmbeddedRedis
+
+    processes = [process for _, process in leftovers.services]
+    for process in processes:
+        with contextlib.suppress(psutil.Error):
+            process.terminate()
+    _, alive = psutil.wait_procs(processes, timeout=LEFTOVER_STOP_SECONDS)
+    for process in alive:
+        with contextlib.suppress(psutil.Error):
+            process.kill()
+    directory = DataDir(data_dir)
+    if leftovers.redis:
+        EmbeddedRedis(directory.redis).stop()
+    if leftovers.postgres:
+        EmbeddedPostgres(directory.postgres).stop()
+    remove_record(data_dir)
+    return leftovers.names()
+
+
+def _orphaned_service(pid: int, name: str, data_dir: Path) -> psutil.Process | None:
+    """The process of service `name` a killed `profiles up` on data_dir left running, if pid is
+    still that process (and not a reused pid)."""
+    if pid <= 0:  # a service that was waiting to be started again
+        return None
+    try:
+        process = psutil.Process(pid)
+        command = process.cmdline()
+        environment = process.environ()
+    except psutil.Error:
+        return None
+    if name not in command or environment.get("PROFILES_DATA_DIR") != str(data_dir):
+        return None
+    return process
+
+
+def data_dir_flag(data_dir: Path) -> str:
+    """` --data-dir DIR` for the commands a message suggests, empty for the default directory."""
+    from shared.settings import Settings
+
+    if data_dir == Settings().data_dir:
+        return ""
+    return f" --data-dir {shlex.quote(str(data_dir))}"

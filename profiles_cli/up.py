@@ -30,6 +30,14 @@ from typing import IO
 import psutil
 
 from profiles_cli.datadir import DataDir
+from profiles_cli.preflight import (
+    Unreachable,
+    UnusableDataDir,
+    check_postgres,
+    check_redis,
+    prepare_data_dir,
+    unusable,
+)
 from profiles_cli.suite import (
     HEALTH_GRPC,
     HEALTH_HTTP,
@@ -38,9 +46,12 @@ from profiles_cli.suite import (
     RunRecord,
     ServiceRecord,
     check_health,
+    data_dir_flag,
+    find_leftovers,
     read_record,
     release_lock,
     remove_record,
+    stop_leftovers,
     take_lock,
     write_record,
 )
@@ -129,13 +140,36 @@ class TakenPort:
     port: int
     env: str
 
-    def advice(self, bind_address: str) -> str:
-        other = suggest_port(bind_address, self.port)
-        off = " (0 turns metrics off)" if self.kind == "metrics" else ""
-        return (
-            f"{self.service}: {self.kind} port {self.port} on {bind_address} is already in use."
-            f" Choose another with {self.env}{off}, e.g.: {self.env}={other} profiles up"
-        )
+    def describe(self, bind_address: str) -> str:
+        return f"{self.service}: {self.kind} port {self.port} on {bind_address} is already in use"
+
+
+def move_ports_command(moves: dict[str, int], flags: str) -> str:
+    """The one command that starts the suite with every taken port moved: `PROFILES_QUERY_PORT=
+    60054 PROFILES_EDGE_PORT=18340 profiles up --data-dir X`, flags being those to keep."""
+    assignments = " ".join(f"{env}={port}" for env, port in moves.items())
+    return f"{assignments} profiles up{flags}"
+
+
+def taken_ports_advice(settings: Settings, taken: list[TakenPort], flags: str) -> list[str]:
+    """What `profiles up` says when ports are taken: each taken port, then one command that
+    moves them all (to free ports, none offered twice)."""
+    bind = settings.bind_address
+    moves: dict[str, int] = {}
+    for port in taken:
+        offered = suggest_port(bind, port.port)
+        while offered in moves.values():
+            offered = suggest_port(bind, offered)
+        moves[port.env] = offered
+    metrics = any(port.kind == "metrics" for port in taken)
+    off = " (a metrics port of 0 turns that metrics server off)" if metrics else ""
+    lines = [f"{port.describe(bind)}." for port in taken]
+    lines.append(
+        f"Nothing was started. Move {'it' if len(taken) == 1 else 'them'} with"
+        f" {'its variable' if len(taken) == 1 else 'their variables'}{off}, e.g.:"
+        f" {move_ports_command(moves, flags)}"
+    )
+    return lines
 
 
 @dataclass(slots=True)
@@ -280,9 +314,17 @@ class Supervisor:
 
     def run(self) -> int:
         self._install_signal_handlers()
-        # Only the directory itself, so that a refused start changes nothing of the running one.
-        self._data_dir.path.mkdir(mode=0o700, parents=True, exist_ok=True)
-        lock = take_lock(self._data_dir.path)
+        try:
+            # Only the directory itself, so that a refused start changes nothing of the running
+            # one.
+            prepare_data_dir(self._data_dir.path)
+            lock = take_lock(self._data_dir.path)
+        except UnusableDataDir as exc:
+            self._error(exc.message)
+            return 1
+        except OSError as exc:
+            self._error(unusable(self._data_dir.path, exc).message)
+            return 1
         if lock is None:
             self._refuse()
             return 1
@@ -321,10 +363,11 @@ class Supervisor:
         self._write_record()
         taken = taken_ports(self._settings)
         if taken:
-            for port in taken:
-                self._error(port.advice(self._settings.bind_address))
+            for line in taken_ports_advice(self._settings, taken, self._data_dir_flag()):
+                self._error(line)
             return 1
         try:
+            self._check_given_servers(self._settings)
             settings = self._start_databases(self._settings)
             new_keys = self._bootstrap(settings)
             settings = settings.with_changes(
@@ -346,36 +389,15 @@ class Supervisor:
 
     def _stop_what_a_killed_run_left(self) -> None:
         """A record without a lock holder: its `profiles up` was killed and may have left its
-        services and embedded databases running, holding ports and the data. Stops them."""
-        stale = read_record(self._data_dir.path)
-        if stale is None:
+        services and embedded databases running, holding ports and the data. Stops them (the
+        same rule `profiles down` follows)."""
+        leftovers = find_leftovers(self._data_dir.path)
+        if leftovers is None:
             return
-        stopped = []
-        orphans = [
-            (name, process)
-            for name, service in stale.services.items()
-            if (process := _orphaned_service(service.pid, name, self._data_dir.path)) is not None
-        ]
-        for name, process in orphans:
-            with contextlib.suppress(psutil.Error):
-                process.terminate()
-            stopped.append(f"{name} (pid {process.pid})")
-        _, alive = psutil.wait_procs([p for _, p in orphans], timeout=KILL_AFTER_EXTRA_SECONDS)
-        for process in alive:
-            with contextlib.suppress(psutil.Error):
-                process.kill()
-        redis = EmbeddedRedis(self._data_dir.redis)
-        if redis.is_running():
-            redis.stop()
-            stopped.append("Redis")
-        postgres = EmbeddedPostgres(self._data_dir.postgres)
-        if postgres.is_running():
-            postgres.stop()
-            stopped.append("PostgreSQL")
-        remove_record(self._data_dir.path)
+        stopped = stop_leftovers(self._data_dir.path, leftovers)
         left = ", ".join(stopped) if stopped else "nothing was left running"
         self._error(
-            f"the previous `profiles up` on {self._data_dir.path} (pid {stale.pid}) is gone;"
+            f"the previous `profiles up` on {self._data_dir.path} (pid {leftovers.pid}) is gone;"
             f" stopped what it left running: {left}. Starting normally."
         )
 
@@ -396,6 +418,21 @@ class Supervisor:
 
     def _error(self, text: str) -> None:
         print(f"profiles up: {text}", file=sys.stderr, flush=True)
+
+    def _check_given_servers(self, settings: Settings) -> None:
+        """PostgreSQL and Redis given by URL answer, before anything starts: a wrong URL costs
+        one line naming it, not a minute of services failing to come up."""
+
+        async def check() -> None:
+            if settings.database_url:
+                await check_postgres(settings.database_url)
+            if settings.redis_url:
+                await check_redis(settings.redis_url)
+
+        try:
+            asyncio.run(check())
+        except Unreachable as exc:
+            raise StartupFailed(exc.message) from exc
 
     def _start_databases(self, settings: Settings) -> Settings:
         self._data_dir.create()
@@ -606,29 +643,11 @@ class Supervisor:
         )
 
     def _data_dir_flag(self) -> str:
-        if self._data_dir.path == Settings().data_dir:
-            return ""
-        return f" --data-dir {self._data_dir.path}"
+        return data_dir_flag(self._data_dir.path)
 
 
 def _port_of(name: str, settings: Settings) -> int:
     return next(spec.port(settings) for spec in SUITE if spec.name == name)
-
-
-def _orphaned_service(pid: int, name: str, data_dir: Path) -> psutil.Process | None:
-    """The process of service `name` a killed `profiles up` on data_dir left running, if pid is
-    still that process (and not a reused pid)."""
-    if pid <= 0:  # a service that was waiting to be started again
-        return None
-    try:
-        process = psutil.Process(pid)
-        command = process.cmdline()
-        environment = process.environ()
-    except psutil.Error:
-        return None
-    if name not in command or environment.get("PROFILES_DATA_DIR") != str(data_dir):
-        return None
-    return process
 
 
 def _append_log_line(path: Path, entry: dict[str, object]) -> None:

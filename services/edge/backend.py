@@ -84,6 +84,8 @@ class Outcome:
     duplicate: int = 0
     rejected: int = 0
     logins: int = 0
+    # Calls made to ingest and identity for this request.
+    calls: int = 0
 
 
 def _channel(address: str) -> grpc.aio.Channel:
@@ -302,7 +304,26 @@ class Backend:
                 await self._identity_step(step, metadata, outcome, dialect)
         pending.extend(await self._logins(logins, metadata, outcome, dialect))
         await self._track(pending, metadata, outcome)
+        if not outcome.calls:
+            await self._check_key(metadata)
         return outcome
+
+    async def _check_key(self, metadata: tuple[tuple[str, str], ...]) -> None:
+        """For a request with nothing to store (an empty batch, Countly's health check): its key
+        is judged as it would be with events, so a wrong key is told so (401, "App does not
+        exist") instead of 200. The contract has no call that only checks a key; the cheapest
+        that does is TrackEvents with no events: ingest authenticates and authorizes the caller
+        before it reads the request (UNAUTHENTICATED, PERMISSION_DENIED), then refuses the
+        empty request as a whole (INVALID_ARGUMENT, reason EVENTS_MISSING), storing nothing.
+        That refusal means the key may send. Raises BackendError otherwise."""
+        try:
+            await self._ingest.TrackEvents(
+                ingest_pb.TrackEventsRequest(), metadata=metadata, timeout=CALL_TIMEOUT_SECONDS
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                return
+            raise _error(exc) from exc
 
     async def _logins(
         self,
@@ -338,6 +359,7 @@ class Backend:
     ) -> None:
         for batch in _batches(self.acknowledged.needed(outcome.api_key, events)):
             _advance_send_times(batch, time.monotonic() - outcome.received)
+            outcome.calls += 1
             try:
                 reply = await self._ingest.TrackEvents(
                     ingest_pb.TrackEventsRequest(events=batch),
@@ -360,6 +382,7 @@ class Backend:
     ) -> bool:
         """Runs a login or logout; True when identity accepted it, False when it refused it
         for good (kept as a rejected event)."""
+        outcome.calls += 1
         try:
             if isinstance(step, Identify):
                 await self._identity.Identify(

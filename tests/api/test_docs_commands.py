@@ -313,6 +313,41 @@ def test_demo_against_an_address_where_nothing_listens_says_so_in_one_line(
     assert "profiles status" in line
 
 
+def test_import_with_a_key_of_the_wrong_role_says_which_role_it_needs(
+    running_suite: RunningSuite,
+) -> None:
+    read_key = profiles(running_suite, "keys", "--role", "read").stdout.strip()
+
+    result = profiles(running_suite, "import", "bench/sample_events.jsonl", "--key", read_key)
+
+    assert result.returncode == 1
+    line = result.stderr.strip().splitlines()[-1]
+    assert "PERMISSION_DENIED" in line
+    assert "needs an admin key" in line
+    assert "profiles keys" in line
+    assert "--role admin" in line
+
+
+def test_health_on_an_http_port_points_at_healthz(running_suite: RunningSuite) -> None:
+    edge = f"127.0.0.1:{running_suite.ports[8340]}"
+
+    result = profiles(running_suite, "health", edge)
+
+    assert result.returncode == 1
+    assert f"curl -f http://{edge}/healthz" in result.stderr
+
+
+def test_creating_a_project_hints_at_a_key_on_the_same_data_directory(
+    running_suite: RunningSuite,
+) -> None:
+    data_dir = str(running_suite.data_dir)
+
+    result = profiles(running_suite, "project", "create", "hint-check", "--data-dir", data_dir)
+
+    assert result.returncode == 0, result.stderr
+    assert f"profiles keys create --data-dir {data_dir} --project hint-check" in result.stdout
+
+
 def test_the_cli_finds_the_suite_on_moved_ports_through_its_record(
     running_suite: RunningSuite,
 ) -> None:

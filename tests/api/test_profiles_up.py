@@ -362,6 +362,36 @@ async def test_the_start_after_a_killed_profiles_up_stops_what_it_left_and_start
     assert processes_of(suite.data_dir) == []
 
 
+async def test_status_names_what_a_killed_profiles_up_left_and_down_stops_it(
+    suite: Suite,
+) -> None:
+    killed = await start_profiles_up(suite)
+    left = record_of(suite)
+    killed.kill()  # SIGKILL: no shutdown; services, PostgreSQL and Redis stay behind
+    await killed.wait()
+    assert processes_of(suite.data_dir) != []
+
+    code, _, errors = await run_profiles(suite.env, "status")
+
+    assert code == 1
+    assert f"(pid {left['pid']}) was killed and left running" in errors
+    assert f"query (pid {left['services']['query']['pid']})" in errors
+    assert "PostgreSQL" in errors
+    assert "Redis" in errors
+    assert "`profiles down" in errors
+
+    code, out, errors = await run_profiles(suite.env, "down")
+
+    assert code == 0, errors
+    assert "nothing to stop" not in out
+    assert "PostgreSQL" in out
+    assert processes_of(suite.data_dir) == []
+    assert not (suite.data_dir / "up.json").exists()
+    code, out, _ = await run_profiles(suite.env, "down")
+    assert code == 0
+    assert "nothing to stop" in out
+
+
 async def test_second_profiles_up_reuses_the_project_and_its_keys(suite: Suite) -> None:
     first = await start_profiles_up(suite)
     keys = (suite.data_dir / "keys.json").read_text()
@@ -384,11 +414,14 @@ async def test_second_profiles_up_reuses_the_project_and_its_keys(suite: Suite) 
     assert processes_of(suite.data_dir) == []
 
 
-async def test_profiles_up_names_a_taken_port_and_starts_nothing(suite: Suite) -> None:
+async def test_profiles_up_names_the_taken_ports_and_starts_nothing(suite: Suite) -> None:
     taken = suite.ports["query"]
-    with socket.socket() as squatter:
+    edge_metrics = int(suite.env["PROFILES_EDGE_METRICS_PORT"])
+    with socket.socket() as squatter, socket.socket() as other:
         squatter.bind(("127.0.0.1", taken))
         squatter.listen()
+        other.bind(("127.0.0.1", edge_metrics))
+        other.listen()
         process = await asyncio.create_subprocess_exec(
             *profiles_command(), "up", env=suite.env,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
@@ -399,6 +432,38 @@ async def test_profiles_up_names_a_taken_port_and_starts_nothing(suite: Suite) -
     assert process.returncode != 0
     message = errors.decode()
     assert f"query: gRPC port {taken}" in message
-    assert "PROFILES_QUERY_PORT=" in message
+    assert f"edge: metrics port {edge_metrics}" in message
+    # One command moves both, on the same data directory.
+    [advice] = [line for line in message.splitlines() if "e.g.:" in line]
+    assert "PROFILES_QUERY_PORT=" in advice
+    assert "PROFILES_EDGE_METRICS_PORT=" in advice
+    assert advice.endswith(f"profiles up --data-dir {suite.data_dir}")
     assert not (suite.data_dir / "postgres").exists()
     assert processes_of(suite.data_dir) == []
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (["--data-dir", "{a_file}"], "--data-dir {a_file} is a file"),
+        (["--data-dir", "{a_file}/below"], "cannot create --data-dir {a_file}/below"),
+        (["--redis-url", "redis://127.0.0.1:{nowhere}"], "Redis at redis://127.0.0.1:{nowhere}"),
+        (["--database-url", "postgresql://u:pw@127.0.0.1:{nowhere}/p"], "PostgreSQL at"),
+    ],
+)
+async def test_profiles_up_with_a_bad_flag_says_so_in_one_line_and_starts_nothing(
+    suite: Suite, flags: list[str], expected: str
+) -> None:
+    a_file = suite.data_dir.parent / "a-file"
+    a_file.write_text("")
+    [nowhere] = free_ports(1)
+    given = [flag.format(a_file=a_file, nowhere=nowhere) for flag in flags]
+
+    code, _, errors = await run_profiles(suite.env, "up", *given)
+
+    assert code != 0
+    assert "Traceback" not in errors
+    [line] = errors.strip().splitlines()
+    assert expected.format(a_file=a_file, nowhere=nowhere) in line
+    assert flags[0] in line
+    assert processes_of(suite.data_dir.parent) == []

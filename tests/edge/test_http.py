@@ -120,6 +120,31 @@ async def test_a_body_holding_no_events_is_refused_not_stored_as_nothing(edge: E
     assert await edge.rejected() == []
 
 
+async def test_a_request_with_nothing_to_store_is_still_refused_for_a_wrong_key(
+    edge: Edge,
+) -> None:
+    read = edge.project.keys["read"]
+    for key, status in (("not-a-key", 401), (read, 403), (edge.sdk_key, 200)):
+        segment_reply = await send(f"{edge.url}/v1/batch", {"writeKey": key, "batch": []})
+        assert segment_reply.status_code == status, key
+        posthog_reply = await send(f"{edge.url}/batch/", {"api_key": key, "batch": []})
+        assert posthog_reply.status_code == status, key
+    for params in (
+        {"app_key": "nope", "device_id": "d1"},
+        {"app_key": "nope", "device_id": "d1", "hc": '{"el":0}', "metrics": '{"_os":"Linux"}'},
+    ):
+        countly = await asyncio.to_thread(requests.get, f"{edge.url}/i", params=params, timeout=10)
+        assert countly.status_code == 400, params
+        assert countly.json() == {"result": "App does not exist"}
+    # countly-sdk-web's health check with the right key: answered, and nothing stored.
+    health_check = {"app_key": edge.sdk_key, "device_id": "d-hc", "hc": '{"el":0}', "tz": "60"}
+    countly = await asyncio.to_thread(
+        requests.get, f"{edge.url}/i", params=health_check, timeout=10
+    )
+    assert countly.json() == {"result": "Success"}
+    assert await edge.rejected() == []
+
+
 async def test_a_gzip_bomb_stops_at_ten_megabytes(edge: Edge) -> None:
     bomb = gzip.compress(b"[" + b" " * (11 * 1024 * 1024) + b"]")
     assert len(bomb) < 5 * 1024 * 1024

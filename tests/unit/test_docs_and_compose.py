@@ -56,3 +56,20 @@ def test_compose_sets_only_documented_variables() -> None:
         assert {"PROFILES_DATABASE_URL", "PROFILES_REDIS_URL"} <= set(environment)
         identity_address = environment["PROFILES_IDENTITY_ADDRESS"]
         assert identity_address == f"identity:{DEFAULT_PORTS['identity']}"
+
+
+def test_the_edge_examples_use_identities_the_demo_never_makes() -> None:
+    # `profiles demo` makes custom IDs user-1, user-2, ... and installations demo-...: an
+    # example run after it would merge into the demo's people.
+    edge = (ROOT / "docs" / "edge.md").read_text()
+    blocks = "\n".join(re.findall(r"^```[a-z]*\n(.*?)^```", edge, re.M | re.S))
+    assert "sdk-device-1" in blocks  # the blocks were found
+    assert re.findall(r"\buser-\d+\b|\bdemo-", blocks) == []
+
+
+def test_the_docs_say_ci_recreates_the_venv_and_admin_commands_take_a_data_dir() -> None:
+    running = (ROOT / "docs" / "running.md").read_text()
+    for text in (README, running):
+        assert "recreates the clone's `.venv`" in text
+    admin = running.split("## Projects, keys and settings", 1)[1].split("Per-project", 1)[0]
+    assert "--data-dir" in admin

@@ -1,0 +1,204 @@
+"""What the `profiles` command decides and says when something is off: a data directory without
+a suite, a server that does not answer, a key of the wrong role, a stopped suite, taken ports,
+a service that stopped serving. No suite runs here; servers that must not answer are ports
+nobody listens on."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import grpc
+import pytest
+
+import shared.logging
+from profiles_cli.cli import build_parser, call_failed, run, suite_addresses, suite_state
+from profiles_cli.preflight import prepare_data_dir, redact
+from profiles_cli.up import SUITE, taken_ports, taken_ports_advice
+from shared.ports import free_ports
+from shared.settings import SETTINGS, Settings
+
+
+@pytest.fixture(autouse=True)
+def fresh_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No PROFILES_* of the machine running the tests; the session's logging left as it is
+    (the admin commands configure it for a process of their own)."""
+    monkeypatch.setattr(shared.logging, "configure_logging", lambda *_, **__: None)
+    for setting in SETTINGS:
+        monkeypatch.delenv(setting.env, raising=False)
+    for name in ("ingest", "identity", "segments", "query"):
+        monkeypatch.delenv(f"PROFILES_{name.upper()}_ADDRESS", raising=False)
+
+
+def suite_data(directory: Path, *, keys: bool = False) -> Path:
+    """A directory that looks like one a `profiles up` ran on (and is not running on now)."""
+    (directory / "postgres").mkdir(parents=True)
+    (directory / "postgres" / "PG_VERSION").write_text("16\n")
+    if keys:
+        (directory / "keys.json").write_text('{"sdk": "s", "read": "r", "admin": "a"}\n')
+    return directory
+
+
+def one_line(capsys: pytest.CaptureFixture[str]) -> str:
+    errors = capsys.readouterr().err
+    assert "Traceback" not in errors
+    [line] = errors.strip().splitlines()
+    return line
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["project", "create", "typo"],
+        ["project", "list"],
+        ["keys", "create", "--project", "shop", "--role", "admin"],
+        ["keys", "list"],
+        ["keys", "revoke", "key-id"],
+        ["settings", "get", "--project", "shop"],
+    ],
+)
+def test_an_admin_command_on_a_directory_without_a_suite_refuses_and_creates_nothing(
+    command: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    typo = tmp_path / "typo"
+
+    assert run([*command, "--data-dir", str(typo)]) != 0
+
+    line = one_line(capsys)
+    assert f"no data directory at {typo}" in line
+    assert f"`profiles up --data-dir {typo}` creates one" in line
+    assert not typo.exists()
+
+
+def test_the_refusal_suggests_the_suite_directory_the_name_was_close_to(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    real = suite_data(tmp_path / "profiles-data")
+    (tmp_path / "empty").mkdir()
+
+    assert run(["project", "create", "shop", "--data-dir", str(tmp_path / "profiles-dta")]) != 0
+
+    assert f"did you mean --data-dir {real}?" in one_line(capsys)
+    assert run(["keys", "list", "--data-dir", str(tmp_path / "empty")]) != 0
+    assert f"no database in {tmp_path / 'empty'}" in one_line(capsys)
+
+
+def test_the_hint_after_creating_a_project_keeps_the_data_dir_given() -> None:
+    from profiles_cli.cli import _where
+
+    args = build_parser().parse_args(["project", "create", "shop", "--data-dir", "/srv/p"])
+    assert _where(args) == " --data-dir /srv/p"
+    assert _where(build_parser().parse_args(["project", "create", "shop"])) == ""
+
+
+def test_a_file_or_an_uncreatable_path_as_data_dir_is_one_line_naming_the_flag(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    for path in (a_file, a_file / "below"):
+        with pytest.raises(Exception, match="--data-dir") as refused:
+            prepare_data_dir(path)
+        assert str(path) in str(refused.value)
+    for command in (["project", "list"], ["keys"], ["demo"]):
+        assert run([*command, "--data-dir", str(a_file)]) != 0
+        assert "--data-dir" in one_line(capsys)
+
+
+def test_an_unreachable_database_url_is_one_line_naming_the_flag_without_the_password(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    [nowhere] = free_ports(1)
+    url = f"postgresql://me:secret@127.0.0.1:{nowhere}/profiles"
+
+    assert run(["project", "list", "--database-url", url]) != 0
+
+    line = one_line(capsys)
+    assert f"PostgreSQL at postgresql://me:***@127.0.0.1:{nowhere}/profiles is unreachable" in line
+    assert "--database-url" in line
+    assert "secret" not in line
+    assert run(["keys", "list", "--database-url", "mysql://x"]) != 0
+    assert "--database-url" in one_line(capsys)
+    assert redact("redis://127.0.0.1:1/0") == "redis://127.0.0.1:1/0"
+
+
+def rpc_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
+
+
+def test_a_key_of_the_wrong_role_is_told_which_role_it_needs_and_how_to_get_it() -> None:
+    denied = rpc_error(grpc.StatusCode.PERMISSION_DENIED, "role read may not call ImportEvents")
+
+    line = call_failed("profiles import", "ingest at x", denied, "--address", " --data-dir /d")
+
+    assert "PERMISSION_DENIED" in line
+    assert "needs an admin key" in line
+    assert "profiles keys --data-dir /d --role admin" in line
+    assert "does not know this key" not in line
+    unknown = call_failed(
+        "profiles import", "ingest at x", rpc_error(grpc.StatusCode.UNAUTHENTICATED, "?"), "-a"
+    )
+    assert "does not know this key" in unknown
+
+
+@pytest.mark.parametrize("command", [["demo"], ["import", "events.jsonl"]])
+def test_demo_and_import_on_a_stopped_suite_say_so_rather_than_try_the_default_ports(
+    command: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data_dir = suite_data(tmp_path / "data", keys=True)
+    events = tmp_path / "events.jsonl"
+    events.write_text("")
+    if command[0] == "import":
+        command = ["import", str(events)]
+
+    assert run([*command, "--data-dir", str(data_dir)]) != 0
+
+    line = one_line(capsys)
+    assert f"no `profiles up` runs on {data_dir}" in line
+    assert f"profiles up --data-dir {data_dir}" in line
+    args = build_parser().parse_args([*command, "--data-dir", str(data_dir)])
+    given = suite_addresses(args, {"ingest": ("127.0.0.1:1", "--address")})
+    assert given["ingest"] == "127.0.0.1:1"  # an address given needs no running suite
+
+
+def test_taken_ports_get_one_command_that_moves_them_all_and_keeps_the_data_dir() -> None:
+    query, edge_metrics = free_ports(2)
+    settings = Settings.from_env(
+        {"PROFILES_QUERY_PORT": str(query), "PROFILES_EDGE_METRICS_PORT": str(edge_metrics)}
+    )
+    with socket.socket() as first, socket.socket() as second:
+        first.bind(("127.0.0.1", query))
+        first.listen()
+        second.bind(("127.0.0.1", edge_metrics))
+        second.listen()
+        taken = [t for t in taken_ports(settings) if t.port in (query, edge_metrics)]
+        lines = taken_ports_advice(settings, taken, " --data-dir /srv/p")
+
+    assert len(lines) == 3
+    assert lines[0].startswith(f"query: gRPC port {query} on 127.0.0.1 is already in use")
+    assert lines[1].startswith(f"edge: metrics port {edge_metrics}")
+    command = lines[2].split("e.g.: ", 1)[1]
+    assert command.startswith("PROFILES_QUERY_PORT=")
+    assert " PROFILES_EDGE_METRICS_PORT=" in command
+    assert command.endswith(" profiles up --data-dir /srv/p")
+    assert sum("profiles up" in line for line in lines) == 1
+
+
+def test_up_help_lists_every_port_it_uses(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        run(["up", "--help"])
+    text = capsys.readouterr().out
+    defaults = {s.env: s.default for s in SETTINGS}
+    for spec in SUITE:
+        assert defaults[spec.port_env] in text, spec.name
+        assert defaults[spec.metrics_port_env] in text, spec.name
+    assert "8340" in text
+    assert "9456" in text
+
+
+def test_the_status_header_agrees_with_the_services_health() -> None:
+    serving = {"ingest": "SERVING", "edge": "SERVING"}
+    assert suite_state("serving", serving) == "serving"
+    one_down = {"ingest": "SERVING", "edge": "UNAVAILABLE"}
+    assert suite_state("serving", one_down) == "not serving (edge UNAVAILABLE)"
+    assert suite_state("starting", one_down) == "starting"
