@@ -351,7 +351,8 @@ async def test_an_exact_erasure_of_a_merged_away_profile_erases_nobody(
     customer = f"cust-{uuid.uuid4().hex[:8]}"
     survivor = (await identity.identify(f"inst-{uuid.uuid4().hex[:8]}", customer)).profile_id
     merged = await identity.identify(phone, customer)  # the visitor logs in: merged into theirs
-    assert merged.outcome == pb.IDENTIFY_OUTCOME_MERGED and merged.profile_id == survivor
+    assert merged.outcome == pb.IDENTIFY_OUTCOME_MERGED
+    assert merged.profile_id == survivor
     with pytest.raises(grpc.aio.AioRpcError) as refused:
         await identity.delete(visitor, str(uuid.uuid4()), exact=True)
     assert refused.value.code() is grpc.StatusCode.FAILED_PRECONDITION

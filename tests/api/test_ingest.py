@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
 import grpc
 import pytest
@@ -13,6 +14,9 @@ from grpc_status import rpc_status
 from profiles.ingest.v1 import ingest_service_pb2 as pb
 from tests.conftest import create_test_project
 from tests.support.ingest import NOW, Ingest, custom_event, stamp
+
+if TYPE_CHECKING:
+    from tests.conftest import TestProject
 
 ACCEPTED, DUPLICATE, REJECTED = (
     pb.EVENT_OUTCOME_ACCEPTED,
@@ -100,6 +104,23 @@ async def test_a_malformed_request_is_invalid_argument_with_a_violation_on_event
     status = rpc_status.from_call(raised.value)  # type: ignore[arg-type]
     assert reason_of(status) == reason
     assert [v.field for v in violations(status)] == ["events"]
+    assert await ingest.fetch("SELECT 1 FROM events") == []
+
+
+async def test_an_empty_request_checks_the_key_and_stores_nothing(
+    ingest: Ingest, project: TestProject
+) -> None:
+    # The contract's way to check a key without an event (the edge's, for an empty SDK batch):
+    # the key is judged before the request is read.
+    empty = pb.TrackEventsRequest()
+    for metadata, code in (
+        ((("authorization", "Bearer prf_0000000000000000_not-a-key"),), "UNAUTHENTICATED"),
+        (project.metadata("read"), "PERMISSION_DENIED"),
+        (ingest.metadata, "INVALID_ARGUMENT"),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await ingest.stub.TrackEvents(empty, metadata=metadata)
+        assert raised.value.code().name == code
     assert await ingest.fetch("SELECT 1 FROM events") == []
 
 

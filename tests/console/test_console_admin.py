@@ -38,20 +38,25 @@ async def new_identified_profile(suite: ConsoleSuite, prefix: str) -> tuple[str,
     await track(
         suite, custom_event(None, custom_id=custom_id, name="purchase", time=datetime.now(UTC))
     )
+    return custom_id, await stored_profile_id(
+        suite, query_pb.GetProfileRequest(custom_id=custom_id)
+    )
+
+
+async def stored_profile_id(suite: ConsoleSuite, request: query_pb.GetProfileRequest) -> str:
+    """The ID of the profile `request` finds, once query has it."""
     found: list[str] = []
 
     async def stored() -> bool:
         try:
-            reply = await query(
-                suite, "GetProfile", query_pb.GetProfileRequest(custom_id=custom_id)
-            )
+            reply = await query(suite, "GetProfile", request)
         except grpc.aio.AioRpcError:
             return False
         found[:] = [reply.profile.summary.profile_id]
         return True
 
     await eventually(stored, within=15)
-    return custom_id, found[0]
+    return found[0]
 
 
 async def test_an_admin_erases_a_profile_after_typing_its_custom_id(
@@ -603,17 +608,4 @@ async def new_anonymous_profile(suite: ConsoleSuite) -> str:
     """A new anonymous profile (one installation's event); its profile ID once query has it."""
     device = f"dev-{uuid.uuid4().hex[:8]}"
     await track(suite, custom_event(device, name="visit", time=datetime.now(UTC)))
-    found: list[str] = []
-
-    async def stored() -> bool:
-        try:
-            reply = await query(
-                suite, "GetProfile", query_pb.GetProfileRequest(installation_id=device)
-            )
-        except grpc.aio.AioRpcError:
-            return False
-        found[:] = [reply.profile.summary.profile_id]
-        return True
-
-    await eventually(stored, within=15)
-    return found[0]
+    return await stored_profile_id(suite, query_pb.GetProfileRequest(installation_id=device))

@@ -112,7 +112,10 @@ class IngestServiceServicer:
         concurrent retries. Roles: sdk, admin. Errors: INVALID_ARGUMENT for a malformed request as a
         whole (no events, over 1,000 events or over 4 MiB), with a BadRequest violation on `events`;
         UNAUTHENTICATED; PERMISSION_DENIED; UNAVAILABLE when the batch could not be committed
-        (nothing stored; retry the same batch).
+        (nothing stored; retry the same batch). The key is judged before the request is read: a
+        request with no events answers UNAUTHENTICATED or PERMISSION_DENIED for a key that may not
+        send, else INVALID_ARGUMENT (reason EVENTS_MISSING), storing nothing. That is how a client
+        checks a key without sending an event (the edge does, for an SDK's empty batch).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -63,7 +63,10 @@ class IngestServiceStub:
     concurrent retries. Roles: sdk, admin. Errors: INVALID_ARGUMENT for a malformed request as a
     whole (no events, over 1,000 events or over 4 MiB), with a BadRequest violation on `events`;
     UNAUTHENTICATED; PERMISSION_DENIED; UNAVAILABLE when the batch could not be committed
-    (nothing stored; retry the same batch).
+    (nothing stored; retry the same batch). The key is judged before the request is read: a
+    request with no events answers UNAUTHENTICATED or PERMISSION_DENIED for a key that may not
+    send, else INVALID_ARGUMENT (reason EVENTS_MISSING), storing nothing. That is how a client
+    checks a key without sending an event (the edge does, for an SDK's empty batch).
     """
     StreamEvents: _grpc.StreamStreamMultiCallable[_ingest_service_pb2.StreamEventsRequest, _ingest_service_pb2.StreamEventsResponse]
     """The same as TrackEvents over one long-lived bidirectional stream, for edge gateways. The
@@ -126,7 +129,10 @@ class IngestServiceAsyncStub(IngestServiceStub):
     concurrent retries. Roles: sdk, admin. Errors: INVALID_ARGUMENT for a malformed request as a
     whole (no events, over 1,000 events or over 4 MiB), with a BadRequest violation on `events`;
     UNAUTHENTICATED; PERMISSION_DENIED; UNAVAILABLE when the batch could not be committed
-    (nothing stored; retry the same batch).
+    (nothing stored; retry the same batch). The key is judged before the request is read: a
+    request with no events answers UNAUTHENTICATED or PERMISSION_DENIED for a key that may not
+    send, else INVALID_ARGUMENT (reason EVENTS_MISSING), storing nothing. That is how a client
+    checks a key without sending an event (the edge does, for an SDK's empty batch).
     """
     StreamEvents: _aio.StreamStreamMultiCallable[_ingest_service_pb2.StreamEventsRequest, _ingest_service_pb2.StreamEventsResponse]  # type: ignore[assignment]
     """The same as TrackEvents over one long-lived bidirectional stream, for edge gateways. The
@@ -192,7 +198,10 @@ class IngestServiceServicer(metaclass=_abc_1.ABCMeta):
         concurrent retries. Roles: sdk, admin. Errors: INVALID_ARGUMENT for a malformed request as a
         whole (no events, over 1,000 events or over 4 MiB), with a BadRequest violation on `events`;
         UNAUTHENTICATED; PERMISSION_DENIED; UNAVAILABLE when the batch could not be committed
-        (nothing stored; retry the same batch).
+        (nothing stored; retry the same batch). The key is judged before the request is read: a
+        request with no events answers UNAUTHENTICATED or PERMISSION_DENIED for a key that may not
+        send, else INVALID_ARGUMENT (reason EVENTS_MISSING), storing nothing. That is how a client
+        checks a key without sending an event (the edge does, for an SDK's empty batch).
         """
 
     @_abc_1.abstractmethod
