@@ -209,9 +209,15 @@ class Refusals:
 Getter = Callable[[str], list[str]]
 
 
+# The longest text a box keeps: above every valid value (an IN list of 64 values of 300
+# characters with their separators is under 20,000), so what it cuts was refused anyway, and a
+# refused form of megabytes is not sent to the service nor echoed back whole.
+MAX_TYPED_CHARS = 24_000
+
+
 def _one(get: Getter, name: str, default: str = "") -> str:
     values = get(name)
-    return values[0] if values else default
+    return values[0][:MAX_TYPED_CHARS] if values else default
 
 
 def _choice(text: str, choices: Iterable[str], default: str) -> str:

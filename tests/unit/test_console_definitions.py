@@ -243,3 +243,14 @@ def test_csv_cells_that_a_spreadsheet_would_run_are_prefixed_with_a_quote() -> N
     )
     assert "\"Zz;=cmd|' /C calc'!A0\"" in d.csv_text([separated])
     assert text.endswith("\r\n")
+
+
+def test_a_box_keeps_at_most_what_a_valid_value_could_hold() -> None:
+    # A 900 KB value was sent to the service and echoed back whole on its refusal.
+    huge = "x" * 900_000
+    fields = {"name": [huge], "description": [huge], "conditions": ["1"], "c0-value": [huge]}
+    form = d.read_segment_form(lambda name: fields.get(name, []))
+    assert len(form.name) == len(form.description) == d.MAX_TYPED_CHARS
+    assert len(form.conditions[0].value) == d.MAX_TYPED_CHARS
+    longest_valid_in = ", ".join("v" * 300 for _ in range(64))
+    assert len(longest_valid_in) < d.MAX_TYPED_CHARS
