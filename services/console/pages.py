@@ -66,6 +66,8 @@ FIRST_PAGE = "0"
 HEARTBEAT_SECONDS = 15.0
 # The profile's activity chart: this many days, ending today in the zone it counts days in.
 ACTIVITY_DAYS = 30
+# The rejected events a profile page shows (the newest; a link lists them all).
+PROFILE_REJECTED_ROWS = 5
 # How often an open live feed re-reads its session (a sign-out in another tab ends it) and
 # re-tries its key with the services (a revoked key ends it).
 SESSION_CHECK_SECONDS = 2.0
@@ -794,6 +796,7 @@ async def profile_page(request: Request, session: ConsoleSession) -> Response:
             (sessions_reply, sessions_refused),
             (events_reply, events_refused),
             activity,
+            rejected_reply,
         ) = await both(
             console.backend.call(
                 session.key,
@@ -840,6 +843,16 @@ async def profile_page(request: Request, session: ConsoleSession) -> Response:
                     profile_id=profile_id,
                     start_date=(today - timedelta(days=30)).isoformat(),
                     end_date=(today + timedelta(days=1)).isoformat(),
+                ),
+            ),
+            # The newest few events ingest refused of this person (why an app's events never
+            # showed up); the rejected events page lists them all.
+            console.backend.call(
+                session.key,
+                "query",
+                "ListRejectedEvents",
+                query_pb.ListRejectedEventsRequest(
+                    profile_id=profile_id, page_size=PROFILE_REJECTED_ROWS
                 ),
             ),
         )
@@ -930,6 +943,8 @@ async def profile_page(request: Request, session: ConsoleSession) -> Response:
             "found_by": found_by,
             "merged_from": merged_from,
             "history": present.history_rows(profile.identity_changes, canonical),
+            "rejected": rejected_reply.rejected_events,
+            "all_rejected": present.rejected_link(profile=canonical),
         },
         session=session,
     )
@@ -1848,15 +1863,19 @@ async def rejected_page(request: Request, session: ConsoleSession) -> Response:
     reason = present.reason_code(params.get("reason", ""))
     start = params.get("start", "").strip()
     end = params.get("end", "").strip()
+    # One person's rejected events (the profile page's link): kept by every link of the page.
+    profile = params.get("profile", "").strip()
     page_token = params.get("page_token", "")
     # The reasons of the whole time range are counted on every page (in the first page's
     # snapshot), whatever reason the page filters by: the chips stay while paging.
     listing = query_pb.ListRejectedEventsRequest(
-        page_size=50, page_token=page_token, include_reason_counts=True
+        page_size=50, page_token=page_token, include_reason_counts=True, profile_id=profile
     )
     if reason:
         listing.reasons.append(reason)
     refused: present.Refusal | None = None
+    if profile and not present.is_profile_id(profile):
+        refused = present.Refusal("profile", present.FIELD_WORDS["profile_id"])
     for box, text, field in (("start", start, "start_time"), ("end", end, "end_time")):
         moment = _parse_iso(text) if text else None
         if moment is not None:
@@ -1867,19 +1886,28 @@ async def rejected_page(request: Request, session: ConsoleSession) -> Response:
     if refused is None:
         try:
             reply = await console.backend.call(session.key, "query", "ListRejectedEvents", listing)
+        except NotFound:
+            refused = present.Refusal("profile", present.NO_SUCH_PROFILE)
         except BadInput as bad:
             refused = present.refusal(
-                bad, {"reasons": "reason", "start_time": "start", "end_time": "end"}
+                bad,
+                {
+                    "reasons": "reason",
+                    "start_time": "start",
+                    "end_time": "end",
+                    "profile_id": "profile",
+                },
             )
-    state = {"reason": reason, "start": start, "end": end}
+    state = {"reason": reason, "start": start, "end": end, "profile": profile}
     # The boxes (datetime-local) read only their own format, UTC as the page says: a URL's
     # `...Z` or `+00:00` shown as such would leave them empty, and Filter would drop the range.
     boxes = {"start_box": present.datetime_local(start), "end_box": present.datetime_local(end)}
     filters = {k: v for k, v in state.items() if v}
-    time_range = {k: v for k, v in (("start", start), ("end", end)) if v}
+    # What a reason's chip or link keeps: the time range and the profile.
+    time_range = {k: v for k, v in (("start", start), ("end", end), ("profile", profile)) if v}
     next_page = ""
     if reply.next_page_token:
-        next_page = "/rejected?" + urlencode({**filters, "page_token": reply.next_page_token})
+        next_page = present.rejected_link(**filters, page_token=reply.next_page_token)
     return render(
         request,
         "rejected.html",
@@ -1888,7 +1916,9 @@ async def rejected_page(request: Request, session: ConsoleSession) -> Response:
             **boxes,
             "rows": reply.rejected_events,
             "next_page": next_page,
-            "first_page": "/rejected?" + urlencode(filters),
+            "first_page": present.rejected_link(**filters),
+            # The profile's chip removes it, and keeps the other filters.
+            "without_profile": present.rejected_link(reason=reason, start=start, end=end),
             "refused": refused,
             "chips": [
                 (chip, "/rejected?" + urlencode({**time_range, "reason": chip.reason}))

@@ -201,6 +201,24 @@ REJECTION_REASONS = (
 )
 
 
+NO_SUCH_PROFILE = "No such profile in your project: the link may be altered, or the profile erased."
+_PROFILE_ID = re.compile(r"[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}")
+
+
+def is_profile_id(text: str) -> bool:
+    """Whether `text` is written as the contract reads a profile ID (a hyphenated UUID, either
+    case), so that the page can tell a mistyped one beside its chip without asking."""
+    return _PROFILE_ID.fullmatch(text) is not None
+
+
+def rejected_link(**filters: str) -> str:
+    """The rejected events page with these filters (reason, start, end, profile, page_token;
+    empty ones left out), in a fixed order so that the same view has one address."""
+    order = ("reason", "start", "end", "profile", "page_token")
+    kept = {name: filters[name] for name in order if filters.get(name)}
+    return "/rejected" + ("?" + urlencode(kept) if kept else "")
+
+
 def reason_code(text: str) -> str:
     """A typed reason as the code it means: reason codes are UPPER_SNAKE and matched exactly,
     so 'name_invalid' and ' name invalid ' mean NAME_INVALID."""

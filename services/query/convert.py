@@ -282,6 +282,12 @@ def rejected_query_from_proto(request: pb.ListRejectedEventsRequest) -> Rejected
         request.HasField("end_time"),
         violations,
     )
+    profile_id = None
+    if request.profile_id:
+        try:
+            profile_id = profile_id_of(request.profile_id)
+        except RequestInvalid as bad:
+            violations.extend(bad.violations)
     _raise_all(violations)
     return RejectedQuery(
         request.page_size,
@@ -290,6 +296,7 @@ def rejected_query_from_proto(request: pb.ListRejectedEventsRequest) -> Rejected
         start,
         end,
         request.include_reason_counts,
+        profile_id,
     )
 
 

@@ -45,12 +45,35 @@ SELECT_REJECTED_PAGE = """
       AND (cardinality($7::text[]) = 0 OR reason = ANY($7::text[]))
     ORDER BY receive_time DESC, rejected_seq DESC
     LIMIT $8"""
+# One profile's page ($9): its own statement rather than an "$9 IS NULL OR" condition, so
+# that a plan kept for the connection still reads rejected_events_by_profile (0047): a profile
+# has few rejected events among the project's many, read by that index and sorted, where the
+# by-time index would walk the project's newest rows to find them.
+SELECT_PROFILE_REJECTED_PAGE = """
+    SELECT rejected_seq, receive_time, reason, field_path, message, event_id,
+           coalesce(installation_id, '') AS installation_id, payload
+    FROM ingest_read_rejected_events()
+    WHERE project_id = $1 AND profile_id = $9 AND rejected_seq <= $2
+      AND (receive_time, rejected_seq) < ($3::timestamptz, $4::bigint)
+      AND receive_time >= $5 AND receive_time < $6
+      AND (cardinality($7::text[]) = 0 OR reason = ANY($7::text[]))
+    ORDER BY receive_time DESC, rejected_seq DESC
+    LIMIT $8"""
 # The time range's rejected events by reason in the snapshot, reading up to $5 rows (the
 # by-time index's range; the reason is read from each row).
 SELECT_REJECTED_REASON_COUNTS = """
     SELECT reason, count(*) AS count
     FROM (SELECT reason FROM ingest_read_rejected_events()
           WHERE project_id = $1 AND rejected_seq <= $2
+            AND receive_time >= $3 AND receive_time < $4
+          LIMIT $5) r
+    GROUP BY reason
+    ORDER BY count(*) DESC, reason"""
+# The same counts of one profile's rejected events ($6), by rejected_events_by_profile.
+SELECT_PROFILE_REJECTED_REASON_COUNTS = """
+    SELECT reason, count(*) AS count
+    FROM (SELECT reason FROM ingest_read_rejected_events()
+          WHERE project_id = $1 AND profile_id = $6 AND rejected_seq <= $2
             AND receive_time >= $3 AND receive_time < $4
           LIMIT $5) r
     GROUP BY reason
@@ -325,13 +348,24 @@ class ListReads:
         return cast(int, await self._conn.fetchval(SELECT_REJECTED_SNAPSHOT, project_id))
 
     async def rejected_reason_counts(
-        self, project_id: UUID, *, max_seq: int, start: datetime, end: datetime, limit: int
+        self,
+        project_id: UUID,
+        *,
+        max_seq: int,
+        start: datetime,
+        end: datetime,
+        limit: int,
+        profile_id: UUID | None = None,
     ) -> ReasonCounts:
-        """The rejected events received in [start, end) up to `max_seq`, counted by reason
-        over at most `limit` rows."""
-        rows = await self._conn.fetch(
-            SELECT_REJECTED_REASON_COUNTS, project_id, max_seq, start, end, limit
-        )
+        """The rejected events received in [start, end) up to `max_seq` (only `profile_id`'s
+        when given), counted by reason over at most `limit` rows."""
+        arguments = (project_id, max_seq, start, end, limit)
+        if profile_id is None:
+            rows = await self._conn.fetch(SELECT_REJECTED_REASON_COUNTS, *arguments)
+        else:
+            rows = await self._conn.fetch(
+                SELECT_PROFILE_REJECTED_REASON_COUNTS, *arguments, profile_id
+            )
         counts = tuple((r["reason"], r["count"]) for r in rows)
         return ReasonCounts(counts, at_least=sum(c for _, c in counts) >= limit)
 
@@ -345,13 +379,13 @@ class ListReads:
         end: datetime,
         reasons: Sequence[str],
         limit: int,
+        profile_id: UUID | None = None,
     ) -> AsyncIterator[tuple[int, RejectedView]]:
-        """Up to `limit` rejected events after `after`, newest first, each with its
-        rejected_seq. A cursor (the connection is in a transaction: QueryRepository.snapshot)
-        fetches a few rows at a time, so a caller that stops early (a page full of 1 MB
-        payloads) never holds the rows it does not send."""
-        async for r in self._conn.cursor(
-            SELECT_REJECTED_PAGE,
+        """Up to `limit` rejected events after `after` (only `profile_id`'s when given), newest
+        first, each with its rejected_seq. A cursor (the connection is in a transaction:
+        QueryRepository.snapshot) fetches a few rows at a time, so a caller that stops early
+        (a page full of 1 MB payloads) never holds the rows it does not send."""
+        arguments: tuple[object, ...] = (
             project_id,
             max_seq,
             after[0],
@@ -360,8 +394,12 @@ class ListReads:
             end,
             list(reasons),
             limit,
-            prefetch=REJECTED_PREFETCH,
-        ):
+        )
+        statement = SELECT_REJECTED_PAGE
+        if profile_id is not None:
+            statement = SELECT_PROFILE_REJECTED_PAGE
+            arguments = (*arguments, profile_id)
+        async for r in self._conn.cursor(statement, *arguments, prefetch=REJECTED_PREFETCH):
             payload = r["payload"]
             yield (
                 r["rejected_seq"],

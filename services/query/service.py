@@ -141,6 +141,7 @@ class RejectedQuery:
     start: datetime | None = None
     end: datetime | None = None
     include_reason_counts: bool = False
+    profile_id: UUID | None = None  # only this profile's (or its survivor's); None for all
 
 
 @dataclass(frozen=True, slots=True)
@@ -412,7 +413,9 @@ class QueryService:
         of the reply) over `byte_budget`, though it always holds one row: raw payloads reach
         1 MB, and the server could not send a reply over its maximum message size. With
         `include_reason_counts`, also the time range's counts by reason in the same snapshot.
-        Raises PageTokenInvalid."""
+        With a profile, only its rejected events (a merged-away ID reads its survivor's, which
+        hold the merged profile's), resolved on every page. Raises PageTokenInvalid,
+        ProfileNotFound."""
         size = paging.page_size(query.page_size)
         bound_to = paging.fingerprint(
             "rejected",
@@ -420,10 +423,15 @@ class QueryService:
             sorted(query.reasons),
             query.start and _micros(query.start),
             query.end and _micros(query.end),
+            # Only with a profile, so that the tokens of pages without one stay as they were.
+            *((str(query.profile_id),) if query.profile_id is not None else ()),
         )
         rows: list[tuple[int, RejectedView]] = []
         more = False
         async with self._repository.snapshot() as reads:
+            profile_id = None
+            if query.profile_id is not None:
+                profile_id = await self._live_profile(reads, project_id, query.profile_id)
             if query.page_token:
                 position = paging.decode_token(query.page_token, bound_to, REJECTED_TOKEN)
                 max_seq = position["ms"]
@@ -440,6 +448,7 @@ class QueryService:
                 end=query.end or POS_INFINITY,
                 reasons=query.reasons,
                 limit=size + 1,
+                profile_id=profile_id,
             ):
                 if len(rows) == size:
                     more = True
@@ -457,6 +466,7 @@ class QueryService:
                     start=query.start or NEG_INFINITY,
                     end=query.end or POS_INFINITY,
                     limit=REASON_COUNT_LIMIT,
+                    profile_id=profile_id,
                 )
         token = ""
         if more:

@@ -569,6 +569,8 @@ PAGES = (
     ("profile", None),
     ("segments", "/segments"),
     ("rejected", "/rejected"),
+    # The same, one profile's (its link on the profile page): the profile's chip.
+    ("rejected-profile", "/rejected?profile={profile}"),
     ("search", "/search?q=nobody%40example.com"),
     # The admin's pages ({profile}: the checked profile's ID).
     ("erase", "/profiles/{profile}/delete"),

@@ -722,6 +722,7 @@ class ListRejectedEventsRequest(_message.Message):
     START_TIME_FIELD_NUMBER: _builtins.int
     END_TIME_FIELD_NUMBER: _builtins.int
     INCLUDE_REASON_COUNTS_FIELD_NUMBER: _builtins.int
+    PROFILE_ID_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """The maximum number of rows: 0 means the default (50), above 500 is coerced to 500,
     negative is INVALID_ARGUMENT.
@@ -733,7 +734,15 @@ class ListRejectedEventsRequest(_message.Message):
     include_reason_counts: _builtins.bool
     """Also count the rejected events of the time range by reason (`reason_counts`), every reason
     whatever `reasons` asks for, in the first page's snapshot. The count reads up to 100,000
-    rows (then `reason_counts_are_lower_bounds`).
+    rows (then `reason_counts_are_lower_bounds`). With `profile_id`, the profile's only.
+    """
+    profile_id: _builtins.str
+    """Only the rejected events of this profile, a UUID string; empty for every profile. A
+    merged-away ID resolves to its survivor, whose rejected events include the merged
+    profile's. A rejected event belongs to the profile its installation belonged to when it
+    arrived (merges move it to the survivor, a later logout does not); those of an
+    installation unknown then, of a custom ID alone, or received before that was recorded
+    belong to none. NOT_FOUND (PROFILE_NOT_FOUND) when no such profile exists.
     """
     @_builtins.property
     def reasons(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -756,10 +765,11 @@ class ListRejectedEventsRequest(_message.Message):
         start_time: _timestamp_pb2.Timestamp | None = ...,
         end_time: _timestamp_pb2.Timestamp | None = ...,
         include_reason_counts: _builtins.bool = ...,
+        profile_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "include_reason_counts", b"include_reason_counts", "page_size", b"page_size", "page_token", b"page_token", "reasons", b"reasons", "start_time", b"start_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "include_reason_counts", b"include_reason_counts", "page_size", b"page_size", "page_token", b"page_token", "profile_id", b"profile_id", "reasons", b"reasons", "start_time", b"start_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

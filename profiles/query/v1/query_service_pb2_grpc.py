@@ -177,8 +177,9 @@ class QueryServiceServicer:
         has no gaps and no repeats while rejections keep arriving (a snapshot fixed by the first
         page). A page stops short of `page_size` when its rows would pass 2 MiB (raw payloads reach
         1 MB each), so that the reply stays under the maximum message size; it always holds one row
-        at least, and `next_page_token` continues it. Errors: INVALID_ARGUMENT (`page_size`,
-        `page_token`, `reasons`, the time range).
+        at least, and `next_page_token` continues it. With `profile_id`, only the rejected events
+        of that profile. Errors: INVALID_ARGUMENT (`page_size`, `page_token`, `reasons`, the time
+        range, `profile_id`), NOT_FOUND (`profile_id` names no profile).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -95,8 +95,9 @@ class QueryServiceStub:
     has no gaps and no repeats while rejections keep arriving (a snapshot fixed by the first
     page). A page stops short of `page_size` when its rows would pass 2 MiB (raw payloads reach
     1 MB each), so that the reply stays under the maximum message size; it always holds one row
-    at least, and `next_page_token` continues it. Errors: INVALID_ARGUMENT (`page_size`,
-    `page_token`, `reasons`, the time range).
+    at least, and `next_page_token` continues it. With `profile_id`, only the rejected events
+    of that profile. Errors: INVALID_ARGUMENT (`page_size`, `page_token`, `reasons`, the time
+    range, `profile_id`), NOT_FOUND (`profile_id` names no profile).
     """
     WatchProfile: _grpc.UnaryStreamMultiCallable[_query_service_pb2.WatchProfileRequest, _query_service_pb2.WatchProfileResponse]
     """Streams one profile's changes live: new events, attribute and subscription changes, merges,
@@ -178,8 +179,9 @@ class QueryServiceAsyncStub(QueryServiceStub):
     has no gaps and no repeats while rejections keep arriving (a snapshot fixed by the first
     page). A page stops short of `page_size` when its rows would pass 2 MiB (raw payloads reach
     1 MB each), so that the reply stays under the maximum message size; it always holds one row
-    at least, and `next_page_token` continues it. Errors: INVALID_ARGUMENT (`page_size`,
-    `page_token`, `reasons`, the time range).
+    at least, and `next_page_token` continues it. With `profile_id`, only the rejected events
+    of that profile. Errors: INVALID_ARGUMENT (`page_size`, `page_token`, `reasons`, the time
+    range, `profile_id`), NOT_FOUND (`profile_id` names no profile).
     """
     WatchProfile: _aio.UnaryStreamMultiCallable[_query_service_pb2.WatchProfileRequest, _query_service_pb2.WatchProfileResponse]  # type: ignore[assignment]
     """Streams one profile's changes live: new events, attribute and subscription changes, merges,
@@ -300,8 +302,9 @@ class QueryServiceServicer(metaclass=_abc_1.ABCMeta):
         has no gaps and no repeats while rejections keep arriving (a snapshot fixed by the first
         page). A page stops short of `page_size` when its rows would pass 2 MiB (raw payloads reach
         1 MB each), so that the reply stays under the maximum message size; it always holds one row
-        at least, and `next_page_token` continues it. Errors: INVALID_ARGUMENT (`page_size`,
-        `page_token`, `reasons`, the time range).
+        at least, and `next_page_token` continues it. With `profile_id`, only the rejected events
+        of that profile. Errors: INVALID_ARGUMENT (`page_size`, `page_token`, `reasons`, the time
+        range, `profile_id`), NOT_FOUND (`profile_id` names no profile).
         """
 
     @_abc_1.abstractmethod

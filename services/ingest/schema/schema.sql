@@ -754,18 +754,6 @@ AS $function$
     FROM events
 $function$;
 
--- Rejected events, for ListRejectedEvents (payload as sent, minus any client IP; NULL for
--- ERASED ones). rejected_seq orders them by arrival within a project.
-CREATE OR REPLACE FUNCTION public.ingest_read_rejected_events()
- RETURNS TABLE(project_id uuid, rejected_seq bigint, receive_time timestamp with time zone, reason text, field_path text, message text, event_id text, installation_id text, payload jsonb)
- LANGUAGE sql
- STABLE PARALLEL SAFE
-AS $function$
-    SELECT project_id, rejected_seq, receive_time, reason, field_path, message, event_id,
-           installation_id, payload
-    FROM rejected_events
-$function$;
-
 -- A profile's current native and custom attributes by event time. value is
 -- {"type": ..., "value": ...} (value_type its type), NULL after an unset (the row stays as a
 -- tombstone: readers skip value IS NULL); update_time is the latest event time applied.
@@ -1650,6 +1638,18 @@ BEGIN
         WHERE a.project_id = p_project AND a.profile_id = k.id AND NOT a.native
     ) h;
 END $function$;
+
+-- Rejected events, for ListRejectedEvents (payload as sent, minus any client IP; NULL for
+-- ERASED ones). rejected_seq orders them by arrival within a project.
+CREATE OR REPLACE FUNCTION public.ingest_read_rejected_events()
+ RETURNS TABLE(project_id uuid, rejected_seq bigint, receive_time timestamp with time zone, reason text, field_path text, message text, event_id text, installation_id text, payload jsonb, profile_id uuid)
+ LANGUAGE sql
+ STABLE PARALLEL SAFE
+AS $function$
+    SELECT project_id, rejected_seq, receive_time, reason, field_path, message, event_id,
+           installation_id, payload, profile_id
+    FROM rejected_events
+$function$;
 
 
 -- ============================================================================================
