@@ -923,7 +923,10 @@ async def profile_page(request: Request, session: ConsoleSession) -> Response:
             "activity_zone": present.activity_zone(activity.time_zone),
             "activity_days": present.activity_days(days),
             "activity_top": max((day.event_count for day in days), default=0),
-            "live_since": live_cursor(0, loaded),
+            # The version the page shows: a feed that opens with nothing written since
+            # re-reads nothing (events received just before the page, beyond its first
+            # timeline page, were shown as live).
+            "live_since": live_cursor(profile.version, loaded),
             # The live feed shows every kind: it is for the whole, unfiltered timeline.
             "live_enabled": not events_token and not session_id and not kind and not event_name,
             "loaded": present.when(datetime.now(UTC)),
