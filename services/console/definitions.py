@@ -589,48 +589,65 @@ def service_words(box_kind: str, why: str) -> str:
     return BOX_WORDS.get(box_kind, "")
 
 
-def segment_refusals(violations: Sequence[tuple[str, str]], conditions: int) -> Refusals:
-    """CreateSegment's field violations by box of the segment form."""
+def _refusals(
+    violations: Sequence[tuple[str, str]],
+    row_box: Callable[[str], tuple[str, str] | None],
+    whole: Callable[[str], str],
+) -> Refusals:
+    """A form's refusals by box: the name and description boxes by their own words, a row's
+    box (`row_box(path)`: the box and its kind, or None) in the service's, anything else
+    (`whole(path)`) above the form."""
     bad = Refusals()
     for path, why in violations:
         top = _TOP_BOXES.get(path.split(".")[0].split("[")[0])
         if top is not None:
             bad.add(top, BOX_WORDS.get(top, "") or "The service refused this form.")
             continue
-        found = _CONDITION_PATH.match(path)
-        if found and int(found.group(1)) < conditions:
-            kind, part = found.group(2), found.group(3)
-            box = _CONDITION_BOXES.get((kind, part)) or _CONDITION_BOXES.get((kind, None))
-            if box:
-                bad.add(f"c{found.group(1)}-{box}", service_words(box, why))
-                continue
-        if path in ("filter", "filter.group.children"):
-            bad.add("", f"A segment holds 1 to {MAX_CONDITIONS} conditions.")
+        found = row_box(path)
+        if found is not None:
+            box, kind = found
+            bad.add(box, service_words(kind, why))
             continue
-        bad.add("", "The service refused this definition; check every condition.")
+        bad.add("", whole(path))
     return bad
+
+
+def segment_refusals(violations: Sequence[tuple[str, str]], conditions: int) -> Refusals:
+    """CreateSegment's field violations by box of the segment form."""
+
+    def row_box(path: str) -> tuple[str, str] | None:
+        found = _CONDITION_PATH.match(path)
+        if not found or int(found.group(1)) >= conditions:
+            return None
+        kind, part = found.group(2), found.group(3)
+        box = _CONDITION_BOXES.get((kind, part)) or _CONDITION_BOXES.get((kind, None))
+        return (f"c{found.group(1)}-{box}", box) if box else None
+
+    def whole(path: str) -> str:
+        if path in ("filter", "filter.group.children"):
+            return f"A segment holds 1 to {MAX_CONDITIONS} conditions."
+        return "The service refused this definition; check every condition."
+
+    return _refusals(violations, row_box, whole)
 
 
 def funnel_refusals(violations: Sequence[tuple[str, str]], steps: int) -> Refusals:
-    bad = Refusals()
-    for path, why in violations:
-        top = _TOP_BOXES.get(path.split(".")[0].split("[")[0])
-        if top is not None:
-            bad.add(top, BOX_WORDS.get(top, "") or "The service refused this form.")
-            continue
+    """CreateFunnel's field violations by box of the funnel form."""
+
+    def row_box(path: str) -> tuple[str, str] | None:
         found = _STEP_PATH.match(path)
-        if found and int(found.group(1)) < steps:
-            box = _STEP_BOXES.get((found.group(2) or "", found.group(3))) or _STEP_BOXES.get(
-                (found.group(2) or "", None)
-            )
-            if box:
-                bad.add(f"s{found.group(1)}-{box}", service_words(box, why))
-                continue
+        if not found or int(found.group(1)) >= steps:
+            return None
+        part = found.group(2) or ""
+        box = _STEP_BOXES.get((part, found.group(3))) or _STEP_BOXES.get((part, None))
+        return (f"s{found.group(1)}-{box}", box) if box else None
+
+    def whole(path: str) -> str:
         if path == "steps":
-            bad.add("", f"A funnel has {MIN_STEPS} to {MAX_STEPS} steps.")
-            continue
-        bad.add("", "The service refused this definition; check every step.")
-    return bad
+            return f"A funnel has {MIN_STEPS} to {MAX_STEPS} steps."
+        return "The service refused this definition; check every step."
+
+    return _refusals(violations, row_box, whole)
 
 
 # -- the users table as CSV -------------------------------------------------------------------

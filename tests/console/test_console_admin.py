@@ -27,7 +27,13 @@ from services.console.app import build_app
 from services.console.backend import Backend
 from tests.conftest import eventually
 from tests.console.conftest import ConsoleSuite, start_console
-from tests.console.test_console_pages import query, sign_in, track
+from tests.console.test_console_pages import (
+    query,
+    sign_in,
+    stored_profile,
+    stored_profile_by_custom_id,
+    track,
+)
 from tests.support.ingest import attribute_event, custom_event, op
 
 
@@ -38,25 +44,7 @@ async def new_identified_profile(suite: ConsoleSuite, prefix: str) -> tuple[str,
     await track(
         suite, custom_event(None, custom_id=custom_id, name="purchase", time=datetime.now(UTC))
     )
-    return custom_id, await stored_profile_id(
-        suite, query_pb.GetProfileRequest(custom_id=custom_id)
-    )
-
-
-async def stored_profile_id(suite: ConsoleSuite, request: query_pb.GetProfileRequest) -> str:
-    """The ID of the profile `request` finds, once query has it."""
-    found: list[str] = []
-
-    async def stored() -> bool:
-        try:
-            reply = await query(suite, "GetProfile", request)
-        except grpc.aio.AioRpcError:
-            return False
-        found[:] = [reply.profile.summary.profile_id]
-        return True
-
-    await eventually(stored, within=15)
-    return found[0]
+    return custom_id, await stored_profile_by_custom_id(suite, custom_id)
 
 
 async def test_an_admin_erases_a_profile_after_typing_its_custom_id(
@@ -608,4 +596,4 @@ async def new_anonymous_profile(suite: ConsoleSuite) -> str:
     """A new anonymous profile (one installation's event); its profile ID once query has it."""
     device = f"dev-{uuid.uuid4().hex[:8]}"
     await track(suite, custom_event(device, name="visit", time=datetime.now(UTC)))
-    return await stored_profile_id(suite, query_pb.GetProfileRequest(installation_id=device))
+    return str((await stored_profile(suite, device, within=15)).summary.profile_id)
