@@ -58,9 +58,13 @@ LIST_SEGMENTS = (
     SELECT_SEGMENT_COLUMNS
     + " WHERE project_id = $1 AND create_seq > $2 ORDER BY create_seq LIMIT $3"
 )
+# Names are unique by Unicode case (segments_fold_case, 0050): "École" takes "ÉCOLE". The
+# unique index on lower(display_name) (0005) folds ASCII only; it stays as the backstop of a
+# check that writes, serialized by LOCK_DEFINITIONS, always make first.
 SEGMENT_NAME_TAKEN = """
     SELECT EXISTS (SELECT 1 FROM custom_segments
-                   WHERE project_id = $1 AND lower(display_name) = lower($2))"""
+                   WHERE project_id = $1
+                     AND segments_fold_case(display_name) = segments_fold_case($2))"""
 COUNT_SEGMENTS = "SELECT count(*) FROM custom_segments WHERE project_id = $1"
 INSERT_SEGMENT = """
     INSERT INTO custom_segments (project_id, segment_id, display_name, description, filter,
@@ -202,9 +206,11 @@ LIST_FUNNELS = (
     SELECT_FUNNEL_COLUMNS
     + " WHERE project_id = $1 AND create_seq > $2 ORDER BY create_seq LIMIT $3"
 )
+# As SEGMENT_NAME_TAKEN: unique by Unicode case.
 FUNNEL_NAME_TAKEN = """
     SELECT EXISTS (SELECT 1 FROM funnels
-                   WHERE project_id = $1 AND lower(display_name) = lower($2))"""
+                   WHERE project_id = $1
+                     AND segments_fold_case(display_name) = segments_fold_case($2))"""
 COUNT_FUNNELS = "SELECT count(*) FROM funnels WHERE project_id = $1"
 INSERT_FUNNEL = """
     INSERT INTO funnels (project_id, funnel_id, display_name, description, steps,

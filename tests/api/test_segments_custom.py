@@ -301,6 +301,17 @@ async def test_create_is_idempotent_names_are_unique_and_delete_allows_missing(
             metadata=stack.admin,
         )
     assert caught.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    # Unique by Unicode case, not only ASCII's: "ÉLITE" is the name "élite" holds.
+    await stack.segments.CreateSegment(
+        pb.CreateSegmentRequest(display_name="élite", filter=attribute("a", EXISTS)),
+        metadata=stack.admin,
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stack.segments.CreateSegment(
+            pb.CreateSegmentRequest(display_name="ÉLITE", filter=attribute("a", EXISTS)),
+            metadata=stack.admin,
+        )
+    assert caught.value.code() == grpc.StatusCode.ALREADY_EXISTS
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await stack.segments.CreateSegment(request, metadata=stack.read)
     assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED

@@ -203,6 +203,11 @@ async def test_funnel_definitions_are_validated_idempotent_and_deletable(stack: 
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await stack.segments.CreateFunnel(checkout_funnel("CHECKOUT"), metadata=stack.admin)
     assert caught.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    # Unique by Unicode case, not only ASCII's.
+    await stack.segments.CreateFunnel(checkout_funnel("époque"), metadata=stack.admin)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stack.segments.CreateFunnel(checkout_funnel("ÉPOQUE"), metadata=stack.admin)
+    assert caught.value.code() == grpc.StatusCode.ALREADY_EXISTS
     funnel_id = first.funnel.funnel_id
     await stack.segments.DeleteFunnel(
         pb.DeleteFunnelRequest(funnel_id=funnel_id), metadata=stack.admin
