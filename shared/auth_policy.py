@@ -56,6 +56,7 @@ POLICY: dict[str, frozenset[str]] = {
     f"/{_SEGMENTS}/RecomputeAll": _ADMIN,
     f"/{_QUERY}/GetProfile": _READ,
     f"/{_QUERY}/ListProfiles": _READ,
+    f"/{_QUERY}/GetProfileRows": _READ,
     f"/{_QUERY}/ListEvents": _READ,
     f"/{_QUERY}/ListSessions": _READ,
     f"/{_QUERY}/GetActivity": _READ,

@@ -175,6 +175,29 @@ def profile_id_of(text: str, field: str = "profile_id") -> UUID:
     return shared_convert.profile_id_of(text, field, error=RequestInvalid)
 
 
+# GetProfileRows: at most this many IDs a call (the users table's largest page).
+MAX_PROFILE_ROWS_IDS = 500
+
+
+def profile_row_ids_from_proto(request: pb.GetProfileRowsRequest) -> tuple[UUID, ...]:
+    """The IDs asked for, each once in the order of its first mention; every bad ID is its own
+    violation (`profile_ids[i]`)."""
+    texts = request.profile_ids
+    if not texts:
+        raise _invalid("profile_ids", "is required: 1 to 500 profile IDs")
+    if len(texts) > MAX_PROFILE_ROWS_IDS:
+        raise _invalid("profile_ids", f"holds {len(texts)} IDs; at most {MAX_PROFILE_ROWS_IDS}")
+    ids: dict[UUID, None] = {}
+    violations: list[FieldViolation] = []
+    for index, text in enumerate(texts):
+        try:
+            ids.setdefault(profile_id_of(text, f"profile_ids[{index}]"))
+        except RequestInvalid as invalid:
+            violations.extend(invalid.violations)
+    _raise_all(violations)
+    return tuple(ids)
+
+
 def lookup_from_proto(request: pb.GetProfileRequest) -> Lookup:
     which = request.WhichOneof("lookup")
     if which is None:

@@ -315,6 +315,18 @@ SELECT_PROFILE_COUNTERS = f"""
     WHERE project_id = $1 AND platform = $2 AND value = ''
       AND metric IN ('{rollup.PROFILES}', '{rollup.IDENTIFIED}')"""
 
+# GetProfileRows: the rows of the profiles $11 (a uuid[]), each read by the projection's
+# primary key; the filters are the "not asked for" constants ($3 to $10), so that the columns
+# and the smart segment are the users table's own statement's.
+SELECT_PROFILE_ROWS_BY_ID = PROFILE_ROWS_FROM.format(
+    column="last_seen",
+    name_filter=NO_NAME.format(name=8),
+    language=9,
+    reach=10,
+    smart_join=SMART_SEGMENT_JOIN,
+    members="      AND q.profile_id = ANY($11::uuid[])",
+)
+
 SELECT_SEGMENT_EXISTS = """
     SELECT 1 FROM segments_read_custom_segments() WHERE project_id = $1 AND segment_id = $2"""
 
@@ -486,28 +498,40 @@ class ListReads:
             limit,
             *_later_filters(filters),
         )
-        return [
-            (
-                r["sort_value"],
-                ProfileRowView(
-                    profile_id=r["profile_id"],
-                    custom_id=r["custom_id"],
-                    first_name=r["first_name"],
-                    last_name=r["last_name"],
-                    email=r["email"],
-                    device_model=r["device_model"],
-                    platform=r["platform"],
-                    session_count=r["session_count"],
-                    last_seen=r["last_seen"],
-                    time_spent_ms=r["time_spent_ms"],
-                    country=r["country"],
-                    smart_segment=r["smart_segment"],
-                    smart_segment_flag=r["smart_segment_flag"],
-                    has_user_details=r["has_details"],
-                ),
-            )
-            for r in rows
-        ]
+        return [(r["sort_value"], _profile_row(r)) for r in rows]
+
+    async def profile_rows_by_id(
+        self, project_id: UUID, profile_ids: Sequence[UUID], *, now: datetime
+    ) -> dict[UUID, ProfileRowView]:
+        """The users table's rows of those of `profile_ids` that are live profiles."""
+        rows = await self._conn.fetch(
+            SELECT_PROFILE_ROWS_BY_ID,
+            project_id,
+            now,
+            *_filter_arguments(UsersTableFilters()),
+            *_later_filters(UsersTableFilters()),
+            list(profile_ids),
+        )
+        return {r["profile_id"]: _profile_row(r) for r in rows}
+
+
+def _profile_row(r: asyncpg.Record) -> ProfileRowView:
+    return ProfileRowView(
+        profile_id=r["profile_id"],
+        custom_id=r["custom_id"],
+        first_name=r["first_name"],
+        last_name=r["last_name"],
+        email=r["email"],
+        device_model=r["device_model"],
+        platform=r["platform"],
+        session_count=r["session_count"],
+        last_seen=r["last_seen"],
+        time_spent_ms=r["time_spent_ms"],
+        country=r["country"],
+        smart_segment=r["smart_segment"],
+        smart_segment_flag=r["smart_segment_flag"],
+        has_user_details=r["has_details"],
+    )
 
 
 def _payload_platform(payload: object) -> int:

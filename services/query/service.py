@@ -554,6 +554,18 @@ class QueryService:
             token = paging.encode_token(bound_to, {"k": key, "p": str(last.profile_id)})
         return Page(tuple(view for _, view in rows), token), total
 
+    # -- GetProfileRows ----------------------------------------------------------------------
+
+    async def profile_rows(
+        self, project_id: UUID, profile_ids: Sequence[UUID]
+    ) -> tuple[list[ProfileRowView], list[UUID]]:
+        """The users table's rows of the live profiles among `profile_ids` (each once, in
+        their order), and the IDs that name none: unknown, merged away or erased."""
+        async with self._repository.reads() as reads:
+            found = await reads.profile_rows_by_id(project_id, profile_ids, now=self._clock.now())
+        rows = [found[i] for i in profile_ids if i in found]
+        return rows, [i for i in profile_ids if i not in found]
+
     # -- GetOverview -------------------------------------------------------------------------
 
     async def overview(self, project_id: UUID, platform: int, top: int) -> OverviewView:

@@ -44,6 +44,16 @@ class QueryServicer(pb_grpc.QueryServiceServicer):
             response.total_size_is_lower_bound = total.at_least
         return response
 
+    async def GetProfileRows(
+        self, request: pb.GetProfileRowsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetProfileRowsResponse:
+        profile_ids = convert.profile_row_ids_from_proto(request)
+        rows, missing = await self._service.profile_rows(current_caller().project_id, profile_ids)
+        return pb.GetProfileRowsResponse(
+            profiles=[convert.profile_row_to_proto(r) for r in rows],
+            missing_profile_ids=[str(i) for i in missing],
+        )
+
     async def ListEvents(
         self, request: pb.ListEventsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListEventsResponse:

@@ -691,3 +691,54 @@ async def test_rejected_events_are_counted_by_reason_in_the_time_range(
     found, lower_bounds = await counts()
     assert lower_bounds
     assert sum(count for _, count in found) == 3
+
+
+async def test_get_profile_rows_answers_the_users_tables_rows_of_the_ids_asked_for(
+    suite: Suite,
+) -> None:
+    # A client that learns profile IDs elsewhere (the segments' change stream) shows their rows
+    # in one call: ListProfiles' rows, in the order asked, each once; merged-away, unknown and
+    # other projects' IDs listed as missing.
+    installs = [new_id() for _ in range(4)]
+    for n, inst in enumerate(installs):
+        await suite.track(
+            attribute_event(inst, [op("set", "FIRST_NAME", f"N{n}")], time=NOW - timedelta(hours=n))
+        )
+    await suite.identity.identify(installs[0], "rows-1")
+    await suite.identity.identify(installs[1], "rows-2")
+    ids = [await suite.identity.profile_of(i) for i in installs]
+    merged_away = ids[3]
+    await suite.identity.identify(installs[3], "rows-1")  # merges installs[3] into rows-1
+    await suite.settle()
+    listed = {
+        r.profile_id: r
+        for r in await pages(suite, "ListProfiles", pb.ListProfilesRequest(), "profiles")
+    }
+    assert merged_away not in listed
+    other = await create_test_project(suite.database_url)
+    unknown = str(uuid.uuid4())
+    asked = [ids[2], unknown, ids[0], ids[2], merged_away, ids[1]]
+    reply = await suite.call("GetProfileRows", pb.GetProfileRowsRequest(profile_ids=asked))
+    assert [r.profile_id for r in reply.profiles] == [ids[2], ids[0], ids[1]]
+    assert list(reply.profiles) == [listed[ids[2]], listed[ids[0]], listed[ids[1]]]
+    assert [r.first_name for r in reply.profiles] == ["N2", "N0", "N1"]
+    assert list(reply.missing_profile_ids) == [unknown, merged_away]
+    # Another project's key finds none of them.
+    other_reply = await suite.query.GetProfileRows(
+        pb.GetProfileRowsRequest(profile_ids=[ids[0]]), metadata=other.metadata("read")
+    )
+    assert list(other_reply.profiles) == []
+    assert list(other_reply.missing_profile_ids) == [ids[0]]
+
+    for request, fields in (
+        (pb.GetProfileRowsRequest(), ["profile_ids"]),
+        (pb.GetProfileRowsRequest(profile_ids=[ids[0]] * 501), ["profile_ids"]),
+        (
+            pb.GetProfileRowsRequest(profile_ids=["x", ids[0], "{" + ids[1] + "}"]),
+            ["profile_ids[0]", "profile_ids[2]"],
+        ),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await suite.call("GetProfileRows", request)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert violations(caught.value) == fields

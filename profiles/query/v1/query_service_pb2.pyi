@@ -326,6 +326,60 @@ class ListProfilesResponse(_message.Message):
 Global___ListProfilesResponse: _TypeAlias = ListProfilesResponse  # noqa: Y015
 
 @_typing.final
+class GetProfileRowsRequest(_message.Message):
+    """Asks for the users table's rows of given profiles."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROFILE_IDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def profile_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """1 to 500 profile IDs, UUID strings; a repeated ID is answered once."""
+
+    def __init__(
+        self,
+        *,
+        profile_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["profile_ids", b"profile_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetProfileRowsRequest: _TypeAlias = GetProfileRowsRequest  # noqa: Y015
+
+@_typing.final
+class GetProfileRowsResponse(_message.Message):
+    """The rows of the profiles asked for."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROFILES_FIELD_NUMBER: _builtins.int
+    MISSING_PROFILE_IDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def profiles(self) -> _containers.RepeatedCompositeFieldContainer[Global___ProfileRow]:
+        """One row per live profile asked for, in the order of the request's first mention."""
+
+    @_builtins.property
+    def missing_profile_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The IDs asked for that name no live profile of the project, in request order, once each."""
+
+    def __init__(
+        self,
+        *,
+        profiles: _abc.Iterable[Global___ProfileRow] | None = ...,
+        missing_profile_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["missing_profile_ids", b"missing_profile_ids", "profiles", b"profiles"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetProfileRowsResponse: _TypeAlias = GetProfileRowsResponse  # noqa: Y015
+
+@_typing.final
 class ProfileRow(_message.Message):
     """One row of the users table."""
 

@@ -56,6 +56,11 @@ class QueryServiceStub:
                 request_serializer=profiles_dot_query_dot_v1_dot_query__service__pb2.ListProfilesRequest.SerializeToString,
                 response_deserializer=profiles_dot_query_dot_v1_dot_query__service__pb2.ListProfilesResponse.FromString,
                 _registered_method=True)
+        self.GetProfileRows = channel.unary_unary(
+                '/profiles.query.v1.QueryService/GetProfileRows',
+                request_serializer=profiles_dot_query_dot_v1_dot_query__service__pb2.GetProfileRowsRequest.SerializeToString,
+                response_deserializer=profiles_dot_query_dot_v1_dot_query__service__pb2.GetProfileRowsResponse.FromString,
+                _registered_method=True)
         self.ListEvents = channel.unary_unary(
                 '/profiles.query.v1.QueryService/ListEvents',
                 request_serializer=profiles_dot_query_dot_v1_dot_query__service__pb2.ListEventsRequest.SerializeToString,
@@ -125,6 +130,19 @@ class QueryServiceServicer:
         normally); GetProfile reads the source tables and always shows a profile's latest state.
         Errors: INVALID_ARGUMENT (`page_size`, `page_token`, `country`, `segment_id`,
         `name_prefix`), NOT_FOUND (`segment_id` unknown).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetProfileRows(self, request, context):
+        """Returns the users table's rows of up to 500 profiles named by ID, in the order asked, each
+        once: what a client that learns profile IDs from elsewhere (WatchSegmentChanges, a
+        segment's export) shows beside them, in one call instead of a GetProfile each. The rows
+        are ListProfiles' (same projection, same lag). An ID naming no live profile of the project
+        (unknown, merged away, erased) has no row and is listed in `missing_profile_ids`.
+        Errors: INVALID_ARGUMENT (`profile_ids`: none, over 500, or one not a UUID; each bad ID
+        its own field violation, `profile_ids[i]`).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -213,6 +231,11 @@ def add_QueryServiceServicer_to_server(servicer, server):
                     servicer.ListProfiles,
                     request_deserializer=profiles_dot_query_dot_v1_dot_query__service__pb2.ListProfilesRequest.FromString,
                     response_serializer=profiles_dot_query_dot_v1_dot_query__service__pb2.ListProfilesResponse.SerializeToString,
+            ),
+            'GetProfileRows': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetProfileRows,
+                    request_deserializer=profiles_dot_query_dot_v1_dot_query__service__pb2.GetProfileRowsRequest.FromString,
+                    response_serializer=profiles_dot_query_dot_v1_dot_query__service__pb2.GetProfileRowsResponse.SerializeToString,
             ),
             'ListEvents': grpc.unary_unary_rpc_method_handler(
                     servicer.ListEvents,
@@ -311,6 +334,33 @@ class QueryService:
             '/profiles.query.v1.QueryService/ListProfiles',
             profiles_dot_query_dot_v1_dot_query__service__pb2.ListProfilesRequest.SerializeToString,
             profiles_dot_query_dot_v1_dot_query__service__pb2.ListProfilesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetProfileRows(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/profiles.query.v1.QueryService/GetProfileRows',
+            profiles_dot_query_dot_v1_dot_query__service__pb2.GetProfileRowsRequest.SerializeToString,
+            profiles_dot_query_dot_v1_dot_query__service__pb2.GetProfileRowsResponse.FromString,
             options,
             channel_credentials,
             insecure,

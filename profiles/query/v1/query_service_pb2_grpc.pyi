@@ -64,6 +64,15 @@ class QueryServiceStub:
     Errors: INVALID_ARGUMENT (`page_size`, `page_token`, `country`, `segment_id`,
     `name_prefix`), NOT_FOUND (`segment_id` unknown).
     """
+    GetProfileRows: _grpc.UnaryUnaryMultiCallable[_query_service_pb2.GetProfileRowsRequest, _query_service_pb2.GetProfileRowsResponse]
+    """Returns the users table's rows of up to 500 profiles named by ID, in the order asked, each
+    once: what a client that learns profile IDs from elsewhere (WatchSegmentChanges, a
+    segment's export) shows beside them, in one call instead of a GetProfile each. The rows
+    are ListProfiles' (same projection, same lag). An ID naming no live profile of the project
+    (unknown, merged away, erased) has no row and is listed in `missing_profile_ids`.
+    Errors: INVALID_ARGUMENT (`profile_ids`: none, over 500, or one not a UUID; each bad ID
+    its own field violation, `profile_ids[i]`).
+    """
     ListEvents: _grpc.UnaryUnaryMultiCallable[_query_service_pb2.ListEventsRequest, _query_service_pb2.ListEventsResponse]
     """Lists one profile's timeline, newest first. Paging has no gaps and no repeats while events
     keep arriving: the first page fixes a snapshot, and later pages continue it; events stored
@@ -147,6 +156,15 @@ class QueryServiceAsyncStub(QueryServiceStub):
     normally); GetProfile reads the source tables and always shows a profile's latest state.
     Errors: INVALID_ARGUMENT (`page_size`, `page_token`, `country`, `segment_id`,
     `name_prefix`), NOT_FOUND (`segment_id` unknown).
+    """
+    GetProfileRows: _aio.UnaryUnaryMultiCallable[_query_service_pb2.GetProfileRowsRequest, _query_service_pb2.GetProfileRowsResponse]  # type: ignore[assignment]
+    """Returns the users table's rows of up to 500 profiles named by ID, in the order asked, each
+    once: what a client that learns profile IDs from elsewhere (WatchSegmentChanges, a
+    segment's export) shows beside them, in one call instead of a GetProfile each. The rows
+    are ListProfiles' (same projection, same lag). An ID naming no live profile of the project
+    (unknown, merged away, erased) has no row and is listed in `missing_profile_ids`.
+    Errors: INVALID_ARGUMENT (`profile_ids`: none, over 500, or one not a UUID; each bad ID
+    its own field violation, `profile_ids[i]`).
     """
     ListEvents: _aio.UnaryUnaryMultiCallable[_query_service_pb2.ListEventsRequest, _query_service_pb2.ListEventsResponse]  # type: ignore[assignment]
     """Lists one profile's timeline, newest first. Paging has no gaps and no repeats while events
@@ -240,6 +258,21 @@ class QueryServiceServicer(metaclass=_abc_1.ABCMeta):
         normally); GetProfile reads the source tables and always shows a profile's latest state.
         Errors: INVALID_ARGUMENT (`page_size`, `page_token`, `country`, `segment_id`,
         `name_prefix`), NOT_FOUND (`segment_id` unknown).
+        """
+
+    @_abc_1.abstractmethod
+    def GetProfileRows(
+        self,
+        request: _query_service_pb2.GetProfileRowsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_query_service_pb2.GetProfileRowsResponse, _abc.Awaitable[_query_service_pb2.GetProfileRowsResponse]]:
+        """Returns the users table's rows of up to 500 profiles named by ID, in the order asked, each
+        once: what a client that learns profile IDs from elsewhere (WatchSegmentChanges, a
+        segment's export) shows beside them, in one call instead of a GetProfile each. The rows
+        are ListProfiles' (same projection, same lag). An ID naming no live profile of the project
+        (unknown, merged away, erased) has no row and is listed in `missing_profile_ids`.
+        Errors: INVALID_ARGUMENT (`profile_ids`: none, over 500, or one not a UUID; each bad ID
+        its own field violation, `profile_ids[i]`).
         """
 
     @_abc_1.abstractmethod
