@@ -11,7 +11,15 @@ import asyncio
 import contextlib
 import json
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Container, Coroutine, Mapping
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Container,
+    Coroutine,
+    Iterable,
+    Mapping,
+)
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 from urllib.parse import urlencode
@@ -1765,7 +1773,51 @@ async def funnel_delete(request: Request, session: ConsoleSession) -> Response:
     return await _definition_delete(request, session, "funnel")
 
 
-def segment_change_json(change: Any, names: dict[str, str]) -> dict[str, Any]:
+# Names of the profiles a segments feed has shown, kept per feed up to this many (then
+# forgotten at once: a feed open for hours re-reads names it shows again).
+FEED_PEOPLE_LIMIT = 2_000
+
+
+class PeopleNames:
+    """The names a live feed shows beside profile IDs, read with GetProfileRows: one call for
+    a batch's new IDs. An ID that names no live profile (merged away, erased) has no name; so
+    do all of a batch's when query cannot answer (the feed goes on with IDs)."""
+
+    def __init__(self, console: Console, key: str) -> None:
+        self._console = console
+        self._key = key
+        self._names: dict[str, str] = {}
+
+    async def learn(self, profile_ids: Iterable[str]) -> None:
+        new = list(dict.fromkeys(i for i in profile_ids if i not in self._names))
+        if not new:
+            return
+        if len(self._names) + len(new) > FEED_PEOPLE_LIMIT:
+            self._names.clear()
+        found: dict[str, str] = {}
+        with contextlib.suppress(ServiceDown, BadInput, NotFound):
+            reply = await self._console.backend.call(
+                self._key,
+                "query",
+                "GetProfileRows",
+                query_pb.GetProfileRowsRequest(profile_ids=new),
+            )
+            found = {
+                row.profile_id: present.display_name(
+                    row.first_name, row.last_name, row.custom_id, row.profile_id
+                )
+                for row in reply.profiles
+            }
+        for profile_id in new:
+            self._names[profile_id] = found.get(profile_id, "")
+
+    def of(self, profile_id: str) -> str:
+        return self._names.get(profile_id, "")
+
+
+def segment_change_json(
+    change: Any, names: dict[str, str], people: PeopleNames | None = None
+) -> dict[str, Any]:
     which = change.WhichOneof("segment")
     if which == "smart_segment":
         segment = present.smart_segment(change.smart_segment)
@@ -1776,6 +1828,9 @@ def segment_change_json(change: Any, names: dict[str, str]) -> dict[str, Any]:
     return {
         "time": present.when(change.change_time),
         "profile_id": change.profile_id,
+        # Empty when the profile is no longer a live one (merged away, erased) or query
+        # could not say: the page then shows the ID alone.
+        "name": people.of(change.profile_id) if people is not None else "",
         "transition": "entered" if change.transition == 1 else "left",
         "segment": segment,
     }
@@ -1792,6 +1847,7 @@ async def segments_live(request: Request, session: ConsoleSession) -> Response:
 
     reply = await check()
     names = {s.segment_id: s.display_name for s in reply.segments}
+    people = PeopleNames(console, session.key)
     guard = SessionGuard(console, session, check)
     watch = segments_pb.WatchSegmentChangesRequest()
     cursor = request.headers.get("last-event-id") or request.query_params.get("since", "")
@@ -1824,8 +1880,9 @@ async def segments_live(request: Request, session: ConsoleSession) -> Response:
                     continue
                 quiet_since = now
                 batch, pending = pending.result(), None
+                await people.learn(change.profile_id for change in batch.changes)
                 for change in batch.changes:
-                    yield sse(segment_change_json(change, names), event_id=change.cursor)
+                    yield sse(segment_change_json(change, names, people), event_id=change.cursor)
         except StopAsyncIteration:
             yield sse({"reason": "closed"}, event="ended")
         except SignedOut:

@@ -554,13 +554,29 @@ async def test_the_segments_page_streams_entries_and_exits(
     rows = page.locator("#segment-changes tbody tr")
     await expect(rows.first).to_be_visible()
     await expect(rows.first.locator("td").nth(2)).to_have_text(re.compile("entered|left"))
-    # The whole profile ID, linked: eight characters of it can be two profiles.
-    await expect(rows.first.locator("td").nth(1).get_by_role("link")).to_have_text(
-        re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
-    )
     # Newest "When" first, as the caption says.
     times = await rows.locator("td:first-child").all_inner_texts()
     assert times == sorted(times, reverse=True), times
+    # A person who enters a segment now is shown by name, linked, with the whole profile ID
+    # under it (eight characters of it can be two profiles).
+    installation = f"console-{uuid.uuid4().hex}"
+    now = datetime.now(UTC)
+    await track(
+        console_suite,
+        attribute_event(
+            installation,
+            [op("set", "FIRST_NAME", "Zélie"), op("set", "LAST_NAME", "Streamer")],
+            time=now - timedelta(seconds=2),
+        ),
+        session_start(installation, "s1", now - timedelta(seconds=1)),
+    )
+    profile = await stored_profile(console_suite, installation)
+    row = rows.filter(has_text="Zélie Streamer").first
+    await expect(row).to_be_visible(timeout=20_000)
+    link = row.locator("td").nth(1).get_by_role("link")
+    await expect(link).to_have_text("Zélie Streamer")
+    assert await link.get_attribute("href") == f"/profiles/{profile.summary.profile_id}"
+    await expect(row.locator("td").nth(1).locator(".hint")).to_have_text(profile.summary.profile_id)
 
 
 PAGES = (

@@ -256,11 +256,14 @@ function followSegments(table) {
     onOpen: () => { status.textContent = "Live: entries and exits of the last hour, then as they happen."; },
     onItem: (change) => {
       const row = element("tr");
-      // The whole ID: eight characters of it can be two profiles.
-      const link = element("a", change.profile_id);
+      // The person's name when query knows one, and the whole ID under it (eight characters
+      // of it can be two profiles); the ID alone for a profile merged away or erased since.
+      const link = element("a");
+      link.append(element("bdi", change.name || change.profile_id));
       link.href = "/profiles/" + encodeURIComponent(change.profile_id);
       const who = element("td", undefined, "value");
       who.append(link);
+      if (change.name) who.append(element("div", change.profile_id, "hint"));
       const segment = element("td");
       segment.append(element("bdi", change.segment));
       row.dataset.time = change.time;
