@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import uuid
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import requests
@@ -285,3 +287,74 @@ async def test_a_full_name_fills_the_first_and_last_names(edge: Edge) -> None:
     names = (profile.native_attributes.first_name, profile.native_attributes.last_name)
     assert names == ("Grace", "Hopper")
     assert "name" not in {a.name for a in profile.custom_attributes}
+
+
+async def test_react_native_and_flutter_apps_before_login_are_their_devices(edge: Edge) -> None:
+    # posthog-react-native (plain JSON to /batch/) and posthog-flutter (gzip to /batch) name
+    # the OS `$os_name`, never `$os`, with a cross-platform `$lib`; their default
+    # personProfiles "identified_only" sends every event before identify() as personless.
+    # They are the app's device: stored, on iOS or Android, with its details.
+    start = datetime.now(UTC) - timedelta(minutes=1)
+
+    def event(n: int, distinct_id: str, lib: str, os_name: str) -> dict[str, Any]:
+        return {
+            "event": "Application Opened" if n == 0 else "$screen",
+            "distinct_id": distinct_id,
+            "timestamp": (start + timedelta(seconds=n)).isoformat(),
+            "uuid": str(uuid.uuid4()),
+            "properties": {
+                "$lib": lib,
+                "$lib_version": "4.1.0",
+                "$os_name": os_name,
+                "$os_version": "17.4" if os_name == "iOS" else "14",
+                "$app_version": "3.1.0",
+                "$device_model": "iPhone15,2" if os_name == "iOS" else "Pixel 7",
+                "$is_identified": False,
+                "$process_person_profile": False,
+                "$session_id": f"01938000-0000-7000-8000-{distinct_id[-12:]:0>12}",
+                "$screen_name": "Home",
+            },
+        }
+
+    sent_at = {"sent_at": datetime.now(UTC).isoformat()}
+    native = {"posthog-react-native": "iOS", "posthog-flutter": "Android"}
+    for lib, os_name in native.items():
+        distinct_id = f"anon-{lib[-7:]}"
+        body = {
+            "api_key": edge.sdk_key,
+            "batch": [event(n, distinct_id, lib, os_name) for n in range(3)],
+            **sent_at,
+        }
+        if lib == "posthog-flutter":
+            reply = await asyncio.to_thread(
+                post,
+                f"{edge.url}/batch",
+                gzip.compress(json.dumps(body).encode()),
+                {"Content-Encoding": "gzip", "Content-Type": "application/json; charset=utf-8"},
+            )
+        else:
+            reply = await asyncio.to_thread(post, f"{edge.url}/batch/", body)
+        assert reply.status_code == 200, reply.text
+
+    for lib, os_name in native.items():
+        distinct_id = f"anon-{lib[-7:]}"
+
+        async def stored(distinct_id: str = distinct_id) -> bool:
+            try:
+                found = await edge.profile(installation_id=distinct_id)
+            except Exception:
+                return False
+            return found.counters.event_count >= 3 and any(
+                i.app_version for i in found.installations
+            )
+
+        await eventually(stored)
+        profile = await edge.profile(installation_id=distinct_id)
+        (device,) = profile.installations
+        platform = types_pb2.PLATFORM_IOS if os_name == "iOS" else types_pb2.PLATFORM_ANDROID
+        assert (device.platform, device.app_version, device.device_model) == (
+            platform,
+            "3.1.0",
+            "iPhone15,2" if os_name == "iOS" else "Pixel 7",
+        ), lib
+    assert await edge.rejected() == []

@@ -1,12 +1,12 @@
 """PostHog's capture API (what posthog-python, posthog-js, posthog-node... send) to the
 contract. Pure: a parsed body in, steps out. The rule table is in docs/edge.md.
 
-- The installation is `$device_id` when the SDK sends one (posthog-js, mobile SDKs), else
-  `distinct_id`; but `distinct_id` when the event says it is anonymous and differs from
-  `$device_id` (posthog-js after reset()). Identified or anonymous: `$user_state`, else
-  `$is_identified` (what posthog-js sends; see identified_state). The custom ID is
-  `distinct_id` when the event says it is identified (then the event implies a login of the
-  installation), and on the logins below.
+- The installation is `$device_id` when the SDK sends one (posthog-js; the mobile SDKs send it
+  to /flags only, never on events), else `distinct_id`; but `distinct_id` when the event says
+  it is anonymous and differs from `$device_id` (posthog-js after reset()). Identified or
+  anonymous: `$user_state`, else `$is_identified` (what posthog-js sends; see
+  identified_state). The custom ID is `distinct_id` when the event says it is identified
+  (then the event implies a login of the installation), and on the logins below.
 - A personless event (`$process_person_profile` false) of a server library is rejected
   (PERSONLESS_EVENT) and listed: its distinct_id names no device, and would make a profile per
   event. A device's personless events are its installation's, like any other.
@@ -19,9 +19,9 @@ contract. Pure: a parsed body in, steps out. The rule table is in docs/edge.md.
   custom otherwise); `$unset` (a list of names) unsets them.
 - Every other event is a custom event, its name normalized (`$pageview` -> `pageview`,
   `$screen` -> `screen`, with `$current_url` as attribute `url` and `$screen_name` as label);
-  `$`-prefixed properties are PostHog's own: `$os`, `$lib` give the platform, `$app_version`,
-  `$os_version`, `$device_model`, `$locale`, `$timezone` installation details, `$ip` the
-  session's country (never stored); the rest are dropped.
+  `$`-prefixed properties are PostHog's own: `$os` (the mobile SDKs' `$os_name`), `$lib` give
+  the platform, `$app_version`, `$os_version`, `$device_model`, `$locale`, `$timezone`
+  installation details, `$ip` the session's country (never stored); the rest are dropped.
 - `uuid` is the event ID; `timestamp` with `sent_at` gives skew correction; `$session_id` is the
   session (else a derived one, see services/edge/build.py).
 - Push tokens: PostHog's mobile SDKs (posthog-ios, posthog-android, posthog-react-native,
@@ -203,7 +203,11 @@ def _translate(
             return
         event_time = now
     send_time = parse_time(message.get("sent_at")) or sent
-    platform = platform_of(properties.get("$os"), properties.get("$lib"), types_pb2.PLATFORM_API)
+    # posthog-js names the OS `$os`; the mobile SDKs (posthog-ios, posthog-android,
+    # posthog-react-native, posthog-flutter) `$os_name`. A cross-platform library's name tells
+    # no platform, so without `$os_name` a React Native or Flutter app read as a server library.
+    os_name = properties.get("$os") or properties.get("$os_name")
+    platform = platform_of(os_name, properties.get("$lib"), types_pb2.PLATFORM_API)
     request_id = derived_id("identify", event_id)
     if (
         properties.get("$process_person_profile") is False
