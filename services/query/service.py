@@ -288,9 +288,11 @@ class QueryService:
                 change_kinds=change_kinds,
                 max_change_time=bound,
                 change_after=change_after,
-                # Only a profile with merges or splits holds events first attached to another
-                # profile (a later page: one that had some when the first page was read).
-                attribute=bound is not None,
+                # Asked on every page: the statement skips it for a profile with no merge or
+                # split now (read in the same snapshot). A merge after the first page brings
+                # the merged profile's earlier events into the pages to come, which must say
+                # where they came from, as a fresh walk does.
+                attribute=True,
                 max_attributed=MAX_ATTRIBUTED,
             )
         if read is None:

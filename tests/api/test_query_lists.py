@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import random
 import uuid
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import grpc
@@ -159,6 +159,46 @@ async def test_merges_and_splits_are_in_the_timeline(suite: Suite) -> None:
         suite, "ListEvents", pb.ListEventsRequest(profile_id=survivor, page_size=1), "events"
     )
     assert len(everything) == 4  # two custom events, the merge, the split
+
+
+async def test_a_merge_while_paging_marks_the_events_it_brings_in(suite: Suite) -> None:
+    # A profile with no merge yet when its first page is read: a merge before the next page
+    # brings the merged profile's earlier events into the pages to come, each marked with the
+    # profile it came from, as a fresh walk marks them.
+    # Ingest's clock before identity's (which is the real one): an event is attached to a
+    # profile before a merge moves it.
+    now = datetime.now(UTC) - timedelta(minutes=5)
+    suite.clock.set(now)
+    a, b = new_id(), new_id()
+    await suite.track(*(custom_event(a, time=now - timedelta(minutes=m)) for m in (1, 2, 3)))
+    await suite.identity.identify(a, "paging-frank")
+    await suite.track(custom_event(b, time=now - timedelta(hours=2)))
+    anonymous = await suite.identity.profile_of(b)
+    survivor = await suite.identity.profile_of(a)
+    first = await suite.call("ListEvents", pb.ListEventsRequest(profile_id=survivor, page_size=2))
+    assert len(first.events) == 2
+    assert first.next_page_token
+    await suite.identity.identify(b, "paging-frank")
+    rest = await pages(
+        suite,
+        "ListEvents",
+        pb.ListEventsRequest(profile_id=survivor, page_size=2, page_token=first.next_page_token),
+        "events",
+    )
+    brought = [
+        e
+        for e in rest
+        if e.kind == timeline_pb2.TIMELINE_EVENT_KIND_CUSTOM
+        and e.event_time.ToDatetime(tzinfo=UTC) < now - timedelta(hours=1)
+    ]
+    assert len(brought) == 1
+    assert brought[0].merged_from_profile_id == anonymous
+    fresh = await pages(
+        suite, "ListEvents", pb.ListEventsRequest(profile_id=survivor, page_size=2), "events"
+    )
+    assert [e.merged_from_profile_id for e in fresh if e.event_id == brought[0].event_id] == [
+        anonymous
+    ]
 
 
 @pytest.mark.parametrize(
