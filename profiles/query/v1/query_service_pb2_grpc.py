@@ -163,10 +163,14 @@ class QueryServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListSessions(self, request, context):
-        """Lists one profile's sessions, newest start first, paged as ListEvents (a snapshot fixed by
-        the first page). A session's start is its earliest event known: one whose earlier start
-        arrives late while you page moves past your position and may be listed again. Errors: INVALID_ARGUMENT (`profile_id`, `page_size`, `page_token`, the time
-        range), NOT_FOUND (no such profile).
+        """Lists one profile's sessions, newest start first. The first page fixes the newest start
+        listed: a session starting after it is not in the pages to come (start again from the
+        first page to see it). Sessions have no arrival order, so this is not ListEvents'
+        snapshot: a session stored while you page with a start older than your position is in the
+        pages to come, and a session's start being its earliest event known, one whose earlier
+        start arrives late while you page moves past your position and may be listed again.
+        Errors: INVALID_ARGUMENT (`profile_id`, `page_size`, `page_token`, the time range),
+        NOT_FOUND (no such profile).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

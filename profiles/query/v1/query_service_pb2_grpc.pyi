@@ -84,10 +84,14 @@ class QueryServiceStub:
     range), NOT_FOUND (no such profile).
     """
     ListSessions: _grpc.UnaryUnaryMultiCallable[_query_service_pb2.ListSessionsRequest, _query_service_pb2.ListSessionsResponse]
-    """Lists one profile's sessions, newest start first, paged as ListEvents (a snapshot fixed by
-    the first page). A session's start is its earliest event known: one whose earlier start
-    arrives late while you page moves past your position and may be listed again. Errors: INVALID_ARGUMENT (`profile_id`, `page_size`, `page_token`, the time
-    range), NOT_FOUND (no such profile).
+    """Lists one profile's sessions, newest start first. The first page fixes the newest start
+    listed: a session starting after it is not in the pages to come (start again from the
+    first page to see it). Sessions have no arrival order, so this is not ListEvents'
+    snapshot: a session stored while you page with a start older than your position is in the
+    pages to come, and a session's start being its earliest event known, one whose earlier
+    start arrives late while you page moves past your position and may be listed again.
+    Errors: INVALID_ARGUMENT (`profile_id`, `page_size`, `page_token`, the time range),
+    NOT_FOUND (no such profile).
     """
     GetActivity: _grpc.UnaryUnaryMultiCallable[_query_service_pb2.GetActivityRequest, _query_service_pb2.GetActivityResponse]
     """Returns one profile's sessions and events per calendar day over a date range (Countly's user
@@ -177,10 +181,14 @@ class QueryServiceAsyncStub(QueryServiceStub):
     range), NOT_FOUND (no such profile).
     """
     ListSessions: _aio.UnaryUnaryMultiCallable[_query_service_pb2.ListSessionsRequest, _query_service_pb2.ListSessionsResponse]  # type: ignore[assignment]
-    """Lists one profile's sessions, newest start first, paged as ListEvents (a snapshot fixed by
-    the first page). A session's start is its earliest event known: one whose earlier start
-    arrives late while you page moves past your position and may be listed again. Errors: INVALID_ARGUMENT (`profile_id`, `page_size`, `page_token`, the time
-    range), NOT_FOUND (no such profile).
+    """Lists one profile's sessions, newest start first. The first page fixes the newest start
+    listed: a session starting after it is not in the pages to come (start again from the
+    first page to see it). Sessions have no arrival order, so this is not ListEvents'
+    snapshot: a session stored while you page with a start older than your position is in the
+    pages to come, and a session's start being its earliest event known, one whose earlier
+    start arrives late while you page moves past your position and may be listed again.
+    Errors: INVALID_ARGUMENT (`profile_id`, `page_size`, `page_token`, the time range),
+    NOT_FOUND (no such profile).
     """
     GetActivity: _aio.UnaryUnaryMultiCallable[_query_service_pb2.GetActivityRequest, _query_service_pb2.GetActivityResponse]  # type: ignore[assignment]
     """Returns one profile's sessions and events per calendar day over a date range (Countly's user
@@ -297,10 +305,14 @@ class QueryServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _query_service_pb2.ListSessionsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_query_service_pb2.ListSessionsResponse, _abc.Awaitable[_query_service_pb2.ListSessionsResponse]]:
-        """Lists one profile's sessions, newest start first, paged as ListEvents (a snapshot fixed by
-        the first page). A session's start is its earliest event known: one whose earlier start
-        arrives late while you page moves past your position and may be listed again. Errors: INVALID_ARGUMENT (`profile_id`, `page_size`, `page_token`, the time
-        range), NOT_FOUND (no such profile).
+        """Lists one profile's sessions, newest start first. The first page fixes the newest start
+        listed: a session starting after it is not in the pages to come (start again from the
+        first page to see it). Sessions have no arrival order, so this is not ListEvents'
+        snapshot: a session stored while you page with a start older than your position is in the
+        pages to come, and a session's start being its earliest event known, one whose earlier
+        start arrives late while you page moves past your position and may be listed again.
+        Errors: INVALID_ARGUMENT (`profile_id`, `page_size`, `page_token`, the time range),
+        NOT_FOUND (no such profile).
         """
 
     @_abc_1.abstractmethod
