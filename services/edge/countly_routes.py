@@ -116,12 +116,33 @@ def countly_handler(gateway: Gateway, bulk: bool) -> Callable[[Request], Any]:
     return handle
 
 
+# `/o/sdk` methods the mobile SDKs put in their request queue rather than fetch directly: the
+# A/B test enrolment of countly-sdk-ios (`sendEnrollABRequestForKeys`) and countly-sdk-android
+# (`enrollToKeys`), sent as `method=ab&keys=[...]`. A queued request not answered 2xx with a
+# JSON `result` is resent forever and holds back everything queued after it, so these are
+# answered as Countly's server answers them; the suite has no A/B tests, so nothing is stored.
+# (The other methods, `rc`, `ab_fetch_variants`, `feedback`, `queue`..., are fetched directly:
+# a refusal costs only that answer. `ab_opt_out` is queued too, but to `/i`, which answers it.)
+QUEUED_SDK_METHODS = frozenset({"ab"})
+
+
+def sdk_read_answer(method: Any) -> tuple[int, dict[str, Any]]:
+    """The status and JSON body `/o/sdk` answers for `method`."""
+    if method == "sc":
+        return 200, {}
+    if method in QUEUED_SDK_METHODS:
+        return COUNTLY.ok
+    return 400, {"result": "This server offers no such SDK method"}
+
+
 async def countly_sdk_read(request: Request) -> Response:
     """`/o/sdk`, Countly's read API for SDKs. countly-sdk-web asks it for its server config
     (`method=sc`) on every page load: the answer is what Countly's server gives an app with no
     SDK behaviour settings, an empty object, which leaves the SDK's own settings as they are
-    (a 404 would be a console error on every page). Other methods (remote config, feedback
-    widgets...) are not offered: 400 {"result": ...}, Countly's shape of a refusal."""
+    (a 404 would be a console error on every page). Methods the mobile SDKs queue
+    (QUEUED_SDK_METHODS) are answered 200 {"result": "Success"}, storing nothing. Other methods
+    (remote config, feedback widgets...) are not offered: 400 {"result": ...}, Countly's shape
+    of a refusal."""
     try:
         params: dict[str, Any] = dict(_pairs(request.url.query))
         if request.method == "POST":
@@ -131,9 +152,8 @@ async def countly_sdk_read(request: Request) -> Response:
             params.update(_pairs(body.decode("utf-8", "replace")))
     except (RequestInvalid, BodyTooLarge, BodyUnreadable) as exc:
         return JSONResponse({"result": str(exc)[:200]}, 400)
-    if params.get("method") == "sc":
-        return JSONResponse({})
-    return JSONResponse({"result": "This server offers no such SDK method"}, 400)
+    status, answer = sdk_read_answer(params.get("method"))
+    return JSONResponse(answer, status)
 
 
 def countly_routes(gateway: Gateway) -> list[Route]:

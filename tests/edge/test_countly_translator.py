@@ -390,6 +390,101 @@ def test_a_crash_keeps_its_stack_and_names_its_exception() -> None:
     assert (handled_event.crash.name, handled_event.crash.fatal) == ("Handled", False)
 
 
+# What countly-sdk-ios 26.1.2 sends (CountlyCrashReporter.m): for an NSException or a Swift
+# error, `_name` is the exception's description (its message) and `_type` its name; for a
+# crash of the previous run, PLCrashReporter's iOS text report as `_error`, with `_plcrash`.
+IOS_STACK = (
+    "0   CoreFoundation   0x00000001804f0d88 __exceptionPreprocess + 164\n"
+    "1   libobjc.A.dylib  0x000000018005c1c4 objc_exception_throw + 56"
+)
+PLCRASH_HEADER = (
+    "Incident Identifier: 8F5E3E1A-3B7C-4B9C-9F0E-1D2C3B4A5E6F\n"
+    "CrashReporter Key:   TODO\n"
+    "Hardware Model:      iPhone14,2\n"
+    "Process:         MyApp [1234]\n"
+    "Exception Type:  SIGSEGV\n"
+    "Exception Codes: SEGV_MAPERR at 0x0\n"
+    "Crashed Thread:  0\n"
+)
+
+
+def test_an_ios_exception_is_named_by_its_type_with_its_message_as_reason() -> None:
+    message = "*** -[__NSArrayM objectAtIndex:]: index 5 beyond bounds [0 .. 2]"
+    crash = {"_error": IOS_STACK, "_name": message, "_type": "NSRangeException", "_nonfatal": True}
+
+    (event,) = events_of(translate(request(sdk_name="objc-native-ios", crash=crash)))
+
+    assert (event.crash.name, event.crash.reason) == ("NSRangeException", message)
+    assert event.crash.stack_trace == IOS_STACK
+    assert not event.crash.fatal
+
+
+def test_an_ios_plcrash_report_is_named_by_its_signal_or_uncaught_exception() -> None:
+    signal = {"_error": PLCRASH_HEADER, "_os": "iOS", "_plcrash": True, "_custom": {}}
+    uncaught = {
+        "_error": PLCRASH_HEADER.replace("SIGSEGV", "SIGABRT")
+        + "\nApplication Specific Information:\n"
+        "*** Terminating app due to uncaught exception 'NSInvalidArgumentException', "
+        "reason: '-[NSNull length]: unrecognized selector sent to instance 0x1'\n",
+        "_plcrash": True,
+    }
+
+    (by_signal,) = events_of(translate(request(sdk_name="objc-native-ios", crash=signal)))
+    (by_exception,) = events_of(translate(request(sdk_name="objc-native-ios", crash=uncaught)))
+
+    assert (by_signal.crash.name, by_signal.crash.reason) == ("SIGSEGV", "SEGV_MAPERR at 0x0")
+    assert by_signal.crash.fatal
+    assert by_signal.crash.stack_trace == PLCRASH_HEADER
+    assert (by_exception.crash.name, by_exception.crash.reason) == (
+        "NSInvalidArgumentException",
+        "-[NSNull length]: unrecognized selector sent to instance 0x1",
+    )
+
+
+def test_an_android_crash_is_still_named_by_its_first_lines_exception() -> None:
+    """countly-sdk-android 26.1.2 (DeviceInfo.getCrashDataJSON) sends no `_name` nor `_type`:
+    the Java stack trace and `_nonfatal` as text."""
+    crash = {
+        "_os": "Android",
+        "_error": "java.lang.IllegalStateException: cart is empty\n"
+        "\tat com.example.shop.CartActivity.checkout(CartActivity.java:42)",
+        "_nonfatal": "true",
+    }
+
+    (event,) = events_of(translate(request(sdk_name="java-native-android", crash=crash)))
+
+    assert (event.crash.name, event.crash.reason) == (
+        "java.lang.IllegalStateException",
+        "cart is empty",
+    )
+    assert not event.crash.fatal
+
+
+def test_events_crashes_and_user_details_ask_ingest_for_the_devices_open_session() -> None:
+    """Countly sends them without a session; ingest joins them to the session `begin_session`
+    started (and stores them without one when none is open)."""
+    translation = translate(
+        request(
+            user_details={"email": "ada@example.com", "custom": {"plan": "pro"}},
+            crash={"_error": "TypeError: x is undefined"},
+            events=[{"key": "Tap", "timestamp": T0}],
+        )
+    )
+
+    kinds = payloads(translation)
+    assert kinds == ["attribute_operations", "attribute_operations", "crash", "custom"]
+    for event in events_of(translation):
+        assert event.session_id == ""
+        assert event.session_rule == ingest_pb.SESSION_RULE_OPEN_SESSION
+    # Installation details and push tokens are the installation's state, not activity.
+    details = translate(
+        request(begin_session="1", metrics=METRICS, token_session="1", ios_token="t")
+    )
+    for event in events_of(details):
+        if not event.HasField("session_start"):
+            assert event.session_rule == ingest_pb.SESSION_RULE_UNSPECIFIED
+
+
 def test_an_ios_push_token_sets_the_installation_token_on_ios() -> None:
     params = request(token_session="1", ios_token="a1b2c3", test_mode="0")
     del params["sdk_name"]

@@ -330,6 +330,16 @@ def _device_id_change(request: _Request, output: _Output) -> None:
 # finds, and whose duration it computes, in the transaction that stores them: the edge keeps no
 # session state, so any replica may serve any request. The duration they carry is Countly's,
 # used by ingest only for a session they start (no open one: its start was lost or is stale).
+# Custom events, crashes and user details carry no session either: they ask for the open
+# session too (_in_open_session), and ingest joins them to it; with none open at their time
+# (sent before `begin_session`, after `end_session`, or with session tracking off) they are
+# stored without session, never refused for it.
+
+
+def _in_open_session(event: ingest_pb.Event) -> ingest_pb.Event:
+    """The event, joined by ingest to its installation's session open at its time."""
+    event.session_rule = ingest_pb.SESSION_RULE_OPEN_SESSION
+    return event
 
 
 def _session_start(request: _Request, output: _Output) -> None:
@@ -570,7 +580,7 @@ def _attribute_event(
     value: Any,
     operations: list[types_pb2.AttributeOperation],
 ) -> None:
-    event = _event(request, output, "user_details", key, value)
+    event = _in_open_session(_event(request, output, "user_details", key, value))
     event.attribute_operations.operations.extend(operations)
     output.message_count += 1
     output.event(event)
@@ -581,30 +591,70 @@ def _attribute_event(
 
 
 def _crash(request: _Request, output: _Output) -> None:
-    """`crash`: `_error` is the stack trace; the name is `_name` or the first line's exception
-    type ("TypeError: x is undefined" -> "TypeError"), the reason the rest of the first line;
-    `_nonfatal` false (or missing) is a fatal crash. Name and reason are cut to the contract's
-    300 characters; the full text stays in the stack trace."""
+    """`crash`: `_error` is the stack trace, `_nonfatal` false (or missing) a fatal crash; name
+    and reason as `crash_name_and_reason` reads them, cut to the contract's 300 characters (the
+    full text stays in the stack trace)."""
     crash = _json(request.params.get("crash"))
     if not isinstance(crash, Mapping):
         _reject_param(request, output, "crash", "not a JSON object")
         return
     error = str(crash.get("_error") or "")
-    first_line = error.strip().splitlines()[0] if error.strip() else ""
-    kind, colon, rest = first_line.partition(":")
-    name = str(crash.get("_name") or (kind if colon else first_line) or "crash")
-    reason = rest.strip() if colon else ""
-    event = _event(request, output, "crash", crash)
+    name, reason = crash_name_and_reason(crash, error)
+    event = _in_open_session(_event(request, output, "crash", crash))
     event.crash.CopyFrom(
         ingest_pb.Crash(
             name=name.strip()[:300] or "crash",
-            reason=reason[:300],
+            reason=reason.strip()[:300],
             stack_trace=error,
             fatal=not _flag(crash.get("_nonfatal")),
         )
     )
     output.message_count += 1
     output.event(event)
+
+
+# PLCrashReporter's iOS text report (what countly-sdk-ios sends as `_error` of a crash of the
+# previous run, with `_plcrash`): its header names the signal, and an uncaught NSException
+# adds the line Apple's own reports have.
+_PLCRASH_FIRST_LINE = "Incident Identifier:"
+_PLCRASH_SIGNAL = re.compile(r"^Exception Type:\s*(.*?)\s*$", re.MULTILINE)
+_PLCRASH_CODES = re.compile(r"^Exception Codes:\s*(.*?)\s*$", re.MULTILINE)
+_PLCRASH_EXCEPTION = re.compile(
+    r"^\*\*\* Terminating app due to uncaught exception '(.*?)', reason: '(.*)'\s*$",
+    re.MULTILINE,
+)
+
+
+def crash_name_and_reason(crash: Mapping[str, Any], error: str) -> tuple[str, str]:
+    """The contract's crash name (the exception's class) and reason (its message), by what
+    each SDK sends:
+    - countly-sdk-ios, an NSException or a Swift error: `_type` is the exception's name
+      (`NSRangeException`), `_name` its description, the message;
+    - countly-sdk-ios, a PLCrashReporter report: no `_name`, `_error` the text report, whose
+      uncaught-exception line gives both, else its `Exception Type` (the signal: `SIGSEGV`)
+      and `Exception Codes` (`SEGV_MAPERR at 0x0`);
+    - countly-sdk-android, countly-sdk-web and the others: no `_type`; the name is `_name`
+      when sent (the Web SDK's), else the first line's exception type
+      (`java.lang.IllegalStateException: cart is empty`, `TypeError: x is undefined`), the
+      reason the rest of that line."""
+    given_name = _text(crash.get("_name"))
+    given_type = _text(crash.get("_type"))
+    if given_type:
+        return given_type, given_name
+    if not given_name and (
+        _flag(crash.get("_plcrash")) or error.lstrip().startswith(_PLCRASH_FIRST_LINE)
+    ):
+        exception = _PLCRASH_EXCEPTION.search(error)
+        if exception:
+            return exception.group(1), exception.group(2)
+        signal = _PLCRASH_SIGNAL.search(error)
+        if signal and signal.group(1):
+            codes = _PLCRASH_CODES.search(error)
+            return signal.group(1), codes.group(1) if codes else ""
+    first_line = error.strip().splitlines()[0] if error.strip() else ""
+    kind, colon, rest = first_line.partition(":")
+    name = given_name or (kind if colon else first_line) or "crash"
+    return name, rest.strip() if colon else ""
 
 
 def _events(request: _Request, output: _Output) -> None:
@@ -653,11 +703,13 @@ def _one_event(request: _Request, output: _Output, index: int, item: Any) -> Non
         number = _number(item.get(measure))
         if number is not None:
             attributes.values[measure] = types_pb2.AttributeValue(number_value=number)
-    event = ingest_pb.Event(
-        event_id=event_id,
-        installation_id=request.device_id,
-        platform=request.platform,
-        custom=ingest_pb.CustomEvent(name=name, attributes=attributes.values),
+    event = _in_open_session(
+        ingest_pb.Event(
+            event_id=event_id,
+            installation_id=request.device_id,
+            platform=request.platform,
+            custom=ingest_pb.CustomEvent(name=name, attributes=attributes.values),
+        )
     )
     stamp = _stamp(item.get("timestamp"))
     set_timestamp(event.event_time, _time(stamp) or request.time)
@@ -740,6 +792,13 @@ def _device_id(value: Any) -> str | None:
     if not isinstance(value, str) or not value:
         return None
     return value
+
+
+def _text(value: Any) -> str:
+    """A crash field as text: "" when missing, null or not a scalar."""
+    if value is None or isinstance(value, Mapping | list):
+        return ""
+    return str(value).strip()
 
 
 def _ip(value: Any) -> str:
