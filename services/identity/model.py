@@ -102,6 +102,18 @@ def check_custom_id(custom_id: str, extra_junk: Iterable[str], field: str = "cus
         )
 
 
+def check_unless_custom_id(unless_custom_id: str) -> None:
+    """Raises CustomIdInvalid for a Logout's `unless_custom_id` over 512 characters. Only its
+    length: it names the custom ID that keeps the installation, which no junk value is, so a
+    junk one simply never matches."""
+    if len(unless_custom_id) > MAX_CUSTOM_ID_LENGTH:
+        problem = f"must be at most {MAX_CUSTOM_ID_LENGTH} characters"
+        raise CustomIdInvalid(
+            f"unless_custom_id {problem}",
+            [FieldViolation("unless_custom_id", problem, CustomIdInvalid.reason)],
+        )
+
+
 def check_request_id(request_id: str) -> None:
     """Raises RequestIdInvalid unless `request_id` is empty (none) or at most 64 characters."""
     if len(request_id) > MAX_REQUEST_ID_LENGTH:

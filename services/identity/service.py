@@ -526,20 +526,31 @@ class IdentityService:
 
     # -- Logout --------------------------------------------------------------------------
 
-    async def logout(self, project_id: UUID, installation_id: str, request_id: str) -> LogoutResult:
+    async def logout(
+        self, project_id: UUID, installation_id: str, request_id: str, unless_custom_id: str = ""
+    ) -> LogoutResult:
         """Moves an installation on an identified profile to a brand-new anonymous profile; on
-        an anonymous profile changes nothing. Idempotent per request_id. Raises
-        InstallationNotFound, InstallationIdInvalid, RequestIdInvalid, ConcurrentChange."""
-        check_logout_request(installation_id, request_id)
-        digest = fingerprint(installation_id)
+        an anonymous profile, or on the profile holding `unless_custom_id` (when given), changes
+        nothing. Idempotent per request_id. Raises InstallationNotFound, InstallationIdInvalid,
+        RequestIdInvalid, CustomIdInvalid, ConcurrentChange."""
+        check_logout_request(installation_id, request_id, unless_custom_id)
+        # Without `unless_custom_id`, the digest of the requests stored before it existed.
+        digest = fingerprint(installation_id, *([unless_custom_id] if unless_custom_id else []))
         result = await self._retrying(
-            lambda: self._logout_once(project_id, installation_id, request_id, digest)
+            lambda: self._logout_once(
+                project_id, installation_id, request_id, digest, unless_custom_id
+            )
         )
         log.info("logged_out", outcome=result.outcome.value, profile_id=str(result.profile_id))
         return result
 
     async def _logout_once(
-        self, project_id: UUID, installation_id: str, request_id: str, digest: str
+        self,
+        project_id: UUID,
+        installation_id: str,
+        request_id: str,
+        digest: str,
+        unless_custom_id: str,
     ) -> LogoutResult:
         now = self._clock.now()
         notices: list[bus_pb2.ProfileChanged] = []
@@ -557,7 +568,9 @@ class IdentityService:
             current = (await tx.lock_profiles(project_id, [link.profile_id])).get(link.profile_id)
             if current is None or current.merged_into is not None:
                 raise ConcurrentChange("the installation's profile changed during Logout")
-            if not current.identified:
+            if not current.identified or (
+                unless_custom_id and current.custom_id == unless_custom_id
+            ):
                 result = LogoutResult(LogoutOutcome.UNCHANGED, current.profile_id)
             else:
                 # Always a new profile, never an earlier anonymous one: the person who logs

@@ -207,7 +207,10 @@ class IdentityServicer(pb_grpc.IdentityServiceServicer):
         self, request: pb.LogoutRequest, context: ServicerContext
     ) -> pb.LogoutResponse:
         result = await self._service.logout(
-            current_caller().project_id, request.installation_id, request.request_id
+            current_caller().project_id,
+            request.installation_id,
+            request.request_id,
+            request.unless_custom_id,
         )
         return logout_to_proto(result)
 

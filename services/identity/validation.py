@@ -13,6 +13,7 @@ from services.identity.model import (
     check_installation_id,
     check_merge_ids,
     check_request_id,
+    check_unless_custom_id,
 )
 from shared.convert import profile_id_of
 from shared.errors import InvalidArgument
@@ -61,11 +62,13 @@ def check_identify_request(
     problems.raise_if_any()
 
 
-def check_logout_request(installation_id: str, request_id: str) -> None:
-    """Raises InstallationIdInvalid or RequestIdInvalid with a violation per bad field."""
+def check_logout_request(installation_id: str, request_id: str, unless_custom_id: str = "") -> None:
+    """Raises InstallationIdInvalid, RequestIdInvalid or CustomIdInvalid (`unless_custom_id`)
+    with a violation per bad field."""
     problems = Problems()
     problems.check(check_installation_id, installation_id)
     problems.check(check_request_id, request_id)
+    problems.check(check_unless_custom_id, unless_custom_id)
     problems.raise_if_any()
 
 

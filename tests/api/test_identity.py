@@ -486,6 +486,38 @@ async def test_a_retried_logout_returns_the_first_answer(identity: Identity) -> 
     assert await identity.profile_of(installation) == first.profile_id
 
 
+async def test_a_logout_unless_the_profiles_custom_id_keeps_that_profiles_installations(
+    identity: Identity,
+) -> None:
+    # Countly's device IDs: the user's own ID stays logged in; a device ID a login merged into
+    # the user (the iOS SDK returns to it on logout) is logged out.
+    user_device, merged_device = new_id(), new_id()
+    user = await identity.identify(user_device, "pia")
+    await identity.identify(merged_device, "pia")
+    kept = await identity.logout(user_device, str(uuid.uuid4()), unless_custom_id="pia")
+    assert kept.outcome == pb.LOGOUT_OUTCOME_UNCHANGED
+    assert kept.profile_id == user.profile_id
+    assert not kept.change_id
+    assert await identity.profile_of(user_device) == user.profile_id
+    request_id = str(uuid.uuid4())
+    out = await identity.logout(merged_device, request_id, unless_custom_id=merged_device)
+    assert out.outcome == pb.LOGOUT_OUTCOME_NEW_ANONYMOUS_PROFILE
+    assert out.previous_profile_id == user.profile_id
+    assert await identity.profile_of(merged_device) == out.profile_id
+    # Part of the request its key stands for: the same key with another value is refused.
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await identity.logout(merged_device, request_id, unless_custom_id="pia")
+    assert error_info(raised.value).reason == "REQUEST_ID_REUSED"
+    assert await identity.logout(merged_device, request_id, unless_custom_id=merged_device) == out
+    # An anonymous profile is unchanged whatever the value.
+    anonymous = await identity.logout(merged_device, unless_custom_id="someone")
+    assert anonymous.outcome == pb.LOGOUT_OUTCOME_UNCHANGED
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await identity.logout(user_device, unless_custom_id="x" * 513)
+    assert raised.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert violations(raised.value) == ["unless_custom_id"]
+
+
 async def test_every_junk_custom_id_fails_alone_in_a_resolve_batch(
     identity: Identity, db: asyncpg.Pool
 ) -> None:

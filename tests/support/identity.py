@@ -95,9 +95,15 @@ class Identity:
             timeout=60,
         )
 
-    async def logout(self, installation_id: str, request_id: str = "") -> pb.LogoutResponse:
+    async def logout(
+        self, installation_id: str, request_id: str = "", unless_custom_id: str = ""
+    ) -> pb.LogoutResponse:
         return await self.stub.Logout(
-            pb.LogoutRequest(installation_id=installation_id, request_id=request_id),
+            pb.LogoutRequest(
+                installation_id=installation_id,
+                request_id=request_id,
+                unless_custom_id=unless_custom_id,
+            ),
             metadata=self.project.metadata("sdk"),
             timeout=60,
         )

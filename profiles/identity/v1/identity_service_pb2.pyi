@@ -72,7 +72,9 @@ class _LogoutOutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_LogoutO
     LOGOUT_OUTCOME_NEW_ANONYMOUS_PROFILE: _LogoutOutcome.ValueType  # 1
     """The installation left its identified profile for a brand-new anonymous profile."""
     LOGOUT_OUTCOME_UNCHANGED: _LogoutOutcome.ValueType  # 2
-    """The installation was on an anonymous profile; nothing changed."""
+    """The installation was on an anonymous profile, or on the profile of `unless_custom_id`;
+    nothing changed.
+    """
 
 class LogoutOutcome(_LogoutOutcome, metaclass=_LogoutOutcomeEnumTypeWrapper):
     """Whether Logout moved the installation."""
@@ -82,7 +84,9 @@ LOGOUT_OUTCOME_UNSPECIFIED: LogoutOutcome.ValueType  # 0
 LOGOUT_OUTCOME_NEW_ANONYMOUS_PROFILE: LogoutOutcome.ValueType  # 1
 """The installation left its identified profile for a brand-new anonymous profile."""
 LOGOUT_OUTCOME_UNCHANGED: LogoutOutcome.ValueType  # 2
-"""The installation was on an anonymous profile; nothing changed."""
+"""The installation was on an anonymous profile, or on the profile of `unless_custom_id`;
+nothing changed.
+"""
 Global___LogoutOutcome: _TypeAlias = LogoutOutcome  # noqa: Y015
 
 class _ExportSection:
@@ -392,6 +396,7 @@ class LogoutRequest(_message.Message):
 
     INSTALLATION_ID_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    UNLESS_CUSTOM_ID_FIELD_NUMBER: _builtins.int
     installation_id: _builtins.str
     """The installation logging out, 1 to 128 characters."""
     request_id: _builtins.str
@@ -399,15 +404,24 @@ class LogoutRequest(_message.Message):
     with the same key within 24 hours returns the first answer and changes nothing. Optional
     but recommended.
     """
+    unless_custom_id: _builtins.str
+    """When set, a Logout that changes nothing if the installation's profile holds this custom ID
+    (LOGOUT_OUTCOME_UNCHANGED, as on an anonymous profile); at most 512 characters. For a client
+    that cannot tell a logout from a device's own use: Countly's mobile SDKs log out by going
+    back to the device ID a login merged into the user, and the edge logs a device ID out when
+    it starts a session, unless the device ID is the custom ID itself (the user's own ID). Part
+    of the request that `request_id` stands for.
+    """
     def __init__(
         self,
         *,
         installation_id: _builtins.str = ...,
         request_id: _builtins.str = ...,
+        unless_custom_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["installation_id", b"installation_id", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["installation_id", b"installation_id", "request_id", b"request_id", "unless_custom_id", b"unless_custom_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
