@@ -397,7 +397,9 @@ class Backend:
             elif isinstance(step, Logout):
                 await self._identity.Logout(
                     identity_pb.LogoutRequest(
-                        installation_id=step.installation_id, request_id=step.request_id
+                        installation_id=step.installation_id,
+                        request_id=step.request_id,
+                        unless_custom_id=step.unless_custom_id,
                     ),
                     metadata=metadata,
                     timeout=CALL_TIMEOUT_SECONDS,

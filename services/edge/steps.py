@@ -46,6 +46,9 @@ class Logout:
 
     installation_id: str
     request_id: str = ""
+    # When set, no logout if the installation's profile holds this custom ID (identity's
+    # LogoutRequest.unless_custom_id).
+    unless_custom_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,6 +21,7 @@ from urllib.parse import quote, quote_plus
 import grpc
 import requests
 
+from profiles.query.v1 import query_service_pb2 as query_pb
 from tests.conftest import eventually
 from tests.edge.conftest import Edge
 
@@ -113,6 +114,12 @@ class MobileApp:
     def crash(self, report: dict[str, Any]) -> None:
         self.add("&crash=" + self.escape(_compact(report)))
 
+    def change_id_with_merge(self, new_id: str) -> str:
+        """iOS `changeDeviceIDWithMerge`, Android `changeDeviceIdWithMerge`: the login. Returns
+        the queued request, which a test may queue again as the SDK's retry."""
+        old_id, self.device_id = self.device_id, new_id
+        return self.add("&old_device_id=" + self.escape(old_id))
+
     def enrol_in_ab_tests(self, keys: list[str]) -> None:
         """iOS `sendEnrollABRequestForKeys`, Android `enrollToKeys`: queued, for `/o/sdk`."""
         self.add(f"&method=ab&keys={self.escape(_compact(keys))}&new_end_point=/o/sdk")
@@ -198,6 +205,53 @@ ANDROID_CRASH = {
     "_nonfatal": "true",
     "_logs": "opened cart\n",
 }
+
+
+async def test_an_ios_logout_back_to_the_pre_login_id_starts_a_new_anonymous_profile(
+    edge: Edge,
+) -> None:
+    """iOS's `changeDeviceIDWithoutMerge(nil)` returns to the stored NSUUID: the very ID the
+    device had before the login. What follows the logout must not land on the user."""
+    anonymous_id = str(uuid.uuid4()).upper()
+    user_id = f"user-{uuid.uuid4().hex[:8]}"
+    ios = app(edge, "ios", anonymous_id)
+    ios.begin_session()
+    ios.events(ios.event("Browse"))
+    ios.user_details({"email": "ada@example.com"})
+    merge = ios.change_id_with_merge(user_id)
+    ios.queue.append(merge)  # the login's answer was lost: the SDK sends it again
+    ios.begin_session()  # the user's own ID starting a session stays logged in
+    ios.events(ios.event("Checkout"))
+    ios.end_session(30)
+    ios.device_id = anonymous_id  # the logout
+    ios.begin_session()
+    ios.events(ios.event("After Logout"))
+    ios.crash(IOS_RANGE_EXCEPTION)
+    ios.end_session(10)
+    ios.queue.append(merge)  # a late retry of the login changes nothing either
+    await send(ios)
+
+    user = await profile_with(edge, ["browse", "checkout"], custom_id=user_id)
+    assert not user.summary.anonymous
+    assert user.native_attributes.email == "ada@example.com"
+    assert [i.installation_id for i in user.installations] == [user_id]
+    assert user.counters.crash_count == 0
+    after = await profile_with(edge, ["after_logout"], installation_id=anonymous_id)
+    assert after.summary.anonymous
+    assert after.summary.profile_id != user.summary.profile_id
+    assert not after.native_attributes.email
+    assert after.counters.crash_count == 1
+    # The logout happened at the session start, not at the login: the login left no empty
+    # anonymous profile behind.
+    mine = {user.summary.profile_id, after.summary.profile_id}
+
+    async def listed_alone() -> bool:
+        listed = await edge.query.ListProfiles(
+            query_pb.ListProfilesRequest(page_size=500), metadata=edge.read()
+        )
+        return {r.profile_id for r in listed.profiles} == mine
+
+    await eventually(listed_alone)
 
 
 async def test_an_ios_exception_is_stored_by_its_class_with_its_message(edge: Edge) -> None:

@@ -14,7 +14,7 @@ from profiles.common.v1 import types_pb2
 from profiles.ingest.v1 import ingest_service_pb2 as ingest_pb
 from services.edge.countly_routes import parameters
 from services.edge.dialects import countly
-from services.edge.steps import Identify, Reject, RequestInvalid, Track, Translation
+from services.edge.steps import Identify, Logout, Reject, RequestInvalid, Track, Translation
 
 NOW = datetime(2026, 12, 2, 20, 0, tzinfo=UTC)
 T0 = int(NOW.timestamp() * 1000)
@@ -507,6 +507,21 @@ def test_an_empty_token_clears_it_and_android_tokens_are_android() -> None:
     assert event.installation_update.push_token == ""
     assert not event.installation_update.push_opt_in
     assert event.installation_update.language == "de"
+
+
+def test_a_session_start_logs_its_device_out_unless_it_is_its_profiles_custom_id() -> None:
+    # A device ID a login merged into a user names nobody on Countly's server afterwards: a
+    # session starting under it (iOS's logout returns to it) is a new person's.
+    translation = translate(request(begin_session="1"))
+
+    logout, track = translation.steps
+    assert isinstance(logout, Logout)
+    assert (logout.installation_id, logout.unless_custom_id) == ("device-1", "device-1")
+    assert 0 < len(logout.request_id) <= 64
+    assert isinstance(track, Track)
+    assert track.events[0].WhichOneof("payload") == "session_start"
+    assert translate(request(begin_session="1")).steps[0] == logout  # a retry: the same key
+    assert not any(isinstance(step, Logout) for step in translate(request(events="[]")).steps)
 
 
 def test_a_device_id_change_with_merge_logs_both_ids_in() -> None:

@@ -41,6 +41,7 @@ from services.edge.platforms import API, platform_of
 from services.edge.properties import attribute_value, custom_attributes
 from services.edge.steps import (
     Identify,
+    Logout,
     Reject,
     RequestInvalid,
     Step,
@@ -345,7 +346,24 @@ def _in_open_session(event: ingest_pb.Event) -> ingest_pb.Event:
 def _session_start(request: _Request, output: _Output) -> None:
     """The session's country comes from the IP (`ip_address`, else the connection's): Countly's
     `country_code` is a free-form override that ingest would refuse when it is not ISO 3166
-    ("UK"), which would cost the session its start."""
+    ("UK"), which would cost the session its start.
+
+    A session starting under a device ID that a login merged into a user is a logout: after a
+    merge, Countly's server holds no user of the old ID, and the iOS SDK's logout
+    (`changeDeviceIDWithoutMerge(nil)`) goes back to the stored ID, the very ID of before the
+    login; without this, what the next person does on the device would land on the user who
+    logged out. So the start logs its installation out first, unless the device ID is its
+    profile's own custom ID (the user's ID, after a login): identity's Logout with
+    `unless_custom_id`, a no-op on an anonymous profile and on an installation never seen.
+    Only then does the old ID get a new anonymous profile: logging it out at the login itself
+    would leave an empty profile behind every login."""
+    output.step(
+        Logout(
+            installation_id=request.device_id,
+            request_id=derived_id("logout", request.device_id, request.stamp),
+            unless_custom_id=request.device_id,
+        )
+    )
     start = ingest_pb.SessionStart(client_ip=request.client_ip)
     event = _event(request, output, "begin_session")
     event.session_id = derived_id("session", request.device_id, request.stamp)
