@@ -954,6 +954,7 @@ async def profile_page(request: Request, session: ConsoleSession) -> Response:
             "found_by": found_by,
             "merged_from": merged_from,
             "history": present.history_rows(profile.identity_changes, canonical),
+            "erased_profile_id": present.ERASED_PROFILE_ID,
             "rejected": rejected_reply.rejected_events,
             "all_rejected": present.rejected_link(profile=canonical),
         },

@@ -646,6 +646,10 @@ class HistoryRow:
     installations: str
 
 
+# What the contract names in place of a profile erased since the change (the nil UUID).
+ERASED_PROFILE_ID = "00000000-0000-0000-0000-000000000000"
+
+
 def history_rows(changes: Iterable[profile_pb2.IdentityChange], here: str) -> list[HistoryRow]:
     """The identity history, newest first (ties by change ID, so that two changes committed in
     the same second always read in the same order)."""

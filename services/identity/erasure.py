@@ -12,7 +12,7 @@ from uuid import UUID
 import asyncpg
 
 from services.identity.hooks import ProfileHooks
-from services.identity.model import Erasure
+from services.identity.model import ERASED_SIDE, Erasure
 
 # The erased profile's installations, locked in installation_id order (as a merge moves them),
 # so an event being stored for any of them finishes or waits.
@@ -47,8 +47,20 @@ ERASE_EVENTS = "SELECT ingest_apply_event_erasure($1, $2::uuid[], $3::text[], $4
 DELETE_OUTBOX_ROWS = """
     DELETE FROM outbox WHERE project_id = $1 AND profile_id = ANY($2::uuid[])"""
 
+# The person's own changes (both sides erased) go. A change between them and another profile
+# is that profile's history too (the logout that left a shared device to the erased person):
+# it stays, its erased side the nil UUID, without the installations and the alias it names.
 DELETE_CHANGES = """
     DELETE FROM identity_changes
+    WHERE project_id = $1
+        AND source_profile_id = ANY($2::uuid[]) AND target_profile_id = ANY($2::uuid[])"""
+REDACT_CHANGES = f"""
+    UPDATE identity_changes
+    SET source_profile_id = CASE WHEN source_profile_id = ANY($2::uuid[])
+                                 THEN '{ERASED_SIDE}'::uuid ELSE source_profile_id END,
+        target_profile_id = CASE WHEN target_profile_id = ANY($2::uuid[])
+                                 THEN '{ERASED_SIDE}'::uuid ELSE target_profile_id END,
+        installation_ids = '{{}}', alias_custom_id = NULL
     WHERE project_id = $1
         AND (source_profile_id = ANY($2::uuid[]) OR target_profile_id = ANY($2::uuid[]))"""
 
@@ -150,6 +162,7 @@ class ErasureSteps:
             await self._conn.execute(statement, project_id, ids, installation_ids, named_custom_ids)
         await self._conn.execute(DELETE_OUTBOX_ROWS, project_id, ids)
         await self._conn.execute(DELETE_CHANGES, project_id, ids)
+        await self._conn.execute(REDACT_CHANGES, project_id, ids)
         await self._conn.execute(DELETE_ANSWERS, project_id, [f"%{i}%" for i in ids])
         await self._conn.execute(DELETE_ALIASES, project_id, ids)
         await self._conn.execute(DELETE_INSTALLATIONS, project_id, profile_id)

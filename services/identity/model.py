@@ -25,6 +25,9 @@ from shared.errors import FieldViolation, InvalidArgument
 MAX_KEYS = 1000
 MAX_INSTALLATION_ID_LENGTH = 128
 MAX_CUSTOM_ID_LENGTH = 512
+# What an identity change names in place of a profile erased since (the nil UUID): the change
+# stays in the other profile's history.
+ERASED_SIDE = UUID(int=0)
 MAX_REQUEST_ID_LENGTH = 64
 
 # Values that SDKs and backends send when they have no real user ID ("null" from a JSON

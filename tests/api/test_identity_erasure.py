@@ -341,6 +341,37 @@ async def test_an_anonymous_profile_is_erased_without_quarantine_and_announced(
     assert deleted.delete_time == reply.delete_time
 
 
+async def test_a_split_with_someone_erased_stays_in_the_others_history_without_them(
+    services: tuple[Identity, Ingest], db: asyncpg.Pool, project: TestProject
+) -> None:
+    # Quinn logs out of a shared device; Pat logs in on it (the device's anonymous profile of
+    # after the logout merges into Pat). Erasing Pat must leave Quinn's own logout in Quinn's
+    # history, naming nothing of Pat.
+    identity, ingest = services
+    device = f"inst-shared-{uuid.uuid4().hex[:8]}"
+    pat_phone = f"inst-pat-{uuid.uuid4().hex[:8]}"
+    quinn_id, pat_id = (f"{name}-{uuid.uuid4().hex[:8]}" for name in ("quinn", "pat"))
+    await ingest.track(custom_event(device, event_id="q-1"))
+    quinn = (await identity.identify(device, quinn_id)).profile_id
+    logout = await identity.logout(device)
+    await ingest.track(custom_event(pat_phone, event_id="p-1"))
+    pat = (await identity.identify(pat_phone, pat_id)).profile_id
+    merged = await identity.identify(device, pat_id)
+    assert merged.outcome == pb.IDENTIFY_OUTCOME_MERGED
+    before = export_document(await identity.export(quinn))["identityHistory"]
+    assert [e["changeId"] for e in before] == [logout.change_id]
+
+    await identity.delete(pat)
+
+    (after,) = export_document(await identity.export(quinn))["identityHistory"]
+    assert after["changeId"] == logout.change_id
+    assert after["sourceProfileId"] == quinn
+    assert after["targetProfileId"] == "00000000-0000-0000-0000-000000000000"
+    assert after.get("installationIds", []) == []
+    # (The device is Quinn's too: Quinn's own event on it stays.)
+    assert await leftovers(db, project, {pat, logout.profile_id, pat_id, pat_phone}) == []
+
+
 async def test_an_exact_erasure_of_a_merged_away_profile_erases_nobody(
     services: tuple[Identity, Ingest],
 ) -> None:

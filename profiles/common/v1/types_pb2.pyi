@@ -668,10 +668,13 @@ class IdentityHistoryEntry(_message.Message):
     """What caused it."""
     source_profile_id: _builtins.str
     """For a merge: the profile merged away (now a tombstone). For a split: the profile the
-    installation left. A UUID.
+    installation left. A UUID; the nil UUID ("00000000-0000-0000-0000-000000000000") when that
+    profile was erased since (a split stays in the other side's history).
     """
     target_profile_id: _builtins.str
-    """For a merge: the surviving profile. For a split: the profile the installation joined. A UUID."""
+    """For a merge: the surviving profile. For a split: the profile the installation joined. A
+    UUID; the nil UUID when that profile was erased since.
+    """
     alias_custom_id: _builtins.str
     """For an operator merge of two identified profiles: the source's custom ID, which is now an
     alias resolving to the target. Empty otherwise.
@@ -683,7 +686,8 @@ class IdentityHistoryEntry(_message.Message):
     @_builtins.property
     def installation_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The installations that changed profile: for a split, the one installation; for a merge,
-        those that were on the source. Empty when the source had none.
+        those that were on the source. Empty when the source had none, and once either side was
+        erased.
         """
 
     def __init__(

@@ -853,10 +853,13 @@ class IdentityChange(_message.Message):
     """What caused it."""
     source_profile_id: _builtins.str
     """For a merge, the profile merged away (now a tombstone); for a split, the profile the
-    installation left. A UUID string.
+    installation left. A UUID string; the nil UUID ("00000000-0000-0000-0000-000000000000")
+    when that profile was erased since (a split stays in the other side's history).
     """
     target_profile_id: _builtins.str
-    """For a merge, the survivor; for a split, the profile the installation joined. A UUID string."""
+    """For a merge, the survivor; for a split, the profile the installation joined. A UUID string;
+    the nil UUID when that profile was erased since.
+    """
     alias_custom_id: _builtins.str
     """For an operator merge of two identified profiles, the source's custom ID, now an alias that
     resolves to the target; empty otherwise.
@@ -868,7 +871,7 @@ class IdentityChange(_message.Message):
     @_builtins.property
     def installation_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The installations that changed profile: for a split, the one installation; for a merge,
-        those that were on the source (empty when it had none).
+        those that were on the source (empty when it had none). Empty once either side was erased.
         """
 
     def __init__(
