@@ -127,7 +127,8 @@ QUEUED_SDK_METHODS = frozenset({"ab"})
 
 
 def sdk_read_answer(method: Any) -> tuple[int, dict[str, Any]]:
-    """The status and JSON body `/o/sdk` answers for `method`."""
+    """The status and JSON body `/o/sdk` answers for `method`, once its key is judged good for
+    a queued method (QUEUED_SDK_METHODS)."""
     if method == "sc":
         return 200, {}
     if method in QUEUED_SDK_METHODS:
@@ -135,25 +136,36 @@ def sdk_read_answer(method: Any) -> tuple[int, dict[str, Any]]:
     return 400, {"result": "This server offers no such SDK method"}
 
 
-async def countly_sdk_read(request: Request) -> Response:
+def countly_sdk_read(gateway: Gateway) -> Callable[[Request], Any]:
     """`/o/sdk`, Countly's read API for SDKs. countly-sdk-web asks it for its server config
     (`method=sc`) on every page load: the answer is what Countly's server gives an app with no
     SDK behaviour settings, an empty object, which leaves the SDK's own settings as they are
     (a 404 would be a console error on every page). Methods the mobile SDKs queue
-    (QUEUED_SDK_METHODS) are answered 200 {"result": "Success"}, storing nothing. Other methods
-    (remote config, feedback widgets...) are not offered: 400 {"result": ...}, Countly's shape
-    of a refusal."""
-    try:
-        params: dict[str, Any] = dict(_pairs(request.url.query))
-        if request.method == "POST":
-            body = await read_limited(
-                request.stream(), request.headers.get("content-length"), MAX_REQUEST_BYTES
-            )
-            params.update(_pairs(body.decode("utf-8", "replace")))
-    except (RequestInvalid, BodyTooLarge, BodyUnreadable) as exc:
-        return JSONResponse({"result": str(exc)[:200]}, 400)
-    status, answer = sdk_read_answer(params.get("method"))
-    return JSONResponse(answer, status)
+    (QUEUED_SDK_METHODS) are answered as `/i` answers a request with nothing to store: 200
+    {"result": "Success"} once the app key is judged good (401 otherwise, as on `/i`). Other
+    methods (remote config, feedback widgets...) are not offered: 400 {"result": ...},
+    Countly's shape of a refusal."""
+
+    async def handle(request: Request) -> Response:
+        try:
+            params: dict[str, Any] = dict(_pairs(request.url.query))
+            if request.method == "POST":
+                body = await read_limited(
+                    request.stream(), request.headers.get("content-length"), MAX_REQUEST_BYTES
+                )
+                params.update(_pairs(body.decode("utf-8", "replace")))
+        except (RequestInvalid, BodyTooLarge, BodyUnreadable) as exc:
+            return JSONResponse({"result": str(exc)[:200]}, 400)
+        if params.get("method") not in QUEUED_SDK_METHODS:
+            status, answer = sdk_read_answer(params.get("method"))
+            return JSONResponse(answer, status)
+
+        async def read() -> tuple[str, Translate]:
+            return countly.request_app_key(params), lambda now, ip: Translation()
+
+        return await gateway.run(request, countly.DIALECT, COUNTLY, read)
+
+    return handle
 
 
 def countly_routes(gateway: Gateway) -> list[Route]:
@@ -163,7 +175,7 @@ def countly_routes(gateway: Gateway) -> list[Route]:
     return [
         Route("/i", countly_handler(gateway, bulk=False), methods=methods),
         Route("/i/bulk", countly_handler(gateway, bulk=True), methods=methods),
-        Route("/o/sdk", countly_sdk_read, methods=methods),
+        Route("/o/sdk", countly_sdk_read(gateway), methods=methods),
     ]
 
 

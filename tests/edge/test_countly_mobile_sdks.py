@@ -285,6 +285,16 @@ async def test_a_queued_ab_test_enrolment_does_not_block_the_queue(edge: Edge) -
         kinds = {e.WhichOneof("details") for e in await edge.events(profile.summary.profile_id)}
         assert kinds == {"custom"}  # the enrolment stored nothing
     assert await edge.rejected() == []
+    # Its key is judged as on /i: a wrong or missing one is refused (Countly's 400).
+    for key, status in (("prf_wrong_key", 400), ("", 400)):
+        reply = await asyncio.to_thread(
+            requests.get,
+            f"{edge.url}/o/sdk",
+            params={"app_key": key, "device_id": "d", "method": "ab", "keys": '["x"]'},
+            timeout=10,
+        )
+        assert reply.status_code == status, reply.text
+        assert reply.json() != {"result": "Success"}
 
 
 async def test_events_crashes_and_user_details_join_the_devices_open_session(
