@@ -372,7 +372,12 @@ class Details:
             common.device_model = self.device_model[:128]
         updates = [common] if common.ListFields() else []
         if self.push_token:
-            updates.append(ingest_pb.InstallationUpdate(push_token=self.push_token))
+            # A token the SDK reports is a device registered for push: opted in, as Countly's
+            # token_session and PostHog's push subscription say (Segment's spec has no opt-in
+            # of its own; without it no Segment user was ever reachable by push).
+            updates.append(
+                ingest_pb.InstallationUpdate(push_token=self.push_token, push_opt_in=True)
+            )
         if self.language:
             updates.append(ingest_pb.InstallationUpdate(language=self.language))
         if self.timezone:
@@ -389,12 +394,19 @@ def details_event_id(installation_id: str, update: ingest_pb.InstallationUpdate,
     return derived_id("details", installation_id, content, day)
 
 
+# The ISO 639 codes Java's Locale gave before JDK 17 for Hebrew, Indonesian and Yiddish, which
+# Android SDKs building the locale from Locale.getLanguage() (analytics-kotlin) still send.
+LEGACY_LANGUAGE_CODES = {"iw": "he", "in": "id", "ji": "yi"}
+
+
 def language_of(locale: object) -> str:
-    """The ISO 639-1 part of a locale ("en-US" -> "en"), or ""."""
+    """The ISO 639-1 part of a locale ("en-US" -> "en", "iw-IL" -> "he"), or ""."""
     if not isinstance(locale, str):
         return ""
     code = locale.replace("_", "-").split("-")[0].strip().lower()
-    return code if len(code) == 2 and code.isalpha() else ""
+    if len(code) != 2 or not code.isalpha():
+        return ""
+    return LEGACY_LANGUAGE_CODES.get(code, code)
 
 
 def text(value: object) -> str:

@@ -12,6 +12,7 @@ import requests
 from segment.analytics.client import Client
 
 from profiles.common.v1 import types_pb2
+from profiles.query.v1 import query_service_pb2 as query_pb
 from profiles.segments.v1 import segments_service_pb2 as segments_pb
 from profiles.segments.v1 import segments_service_pb2_grpc as segments_grpc
 from tests.conftest import StartServices, eventually
@@ -176,6 +177,17 @@ async def test_a_push_token_in_the_device_context_reaches_the_installation(edge:
     profile = await edge.profile(installation_id="anon-push")
     assert profile.installations[0].device_model == "iPhone15,2"
     assert profile.installations[0].platform == types_pb2.PLATFORM_IOS
+    # A reported token is a device registered for push: the person is reachable by push.
+    assert profile.installations[0].push_opt_in
+
+    async def reachable() -> bool:
+        reply = await edge.query.ListProfiles(
+            query_pb.ListProfilesRequest(reachable_channel=types_pb2.CHANNEL_PUSH),
+            metadata=edge.read(),
+        )
+        return [r.profile_id for r in reply.profiles] == [profile.summary.profile_id]
+
+    await eventually(reachable)
 
 
 async def test_a_derived_session_lasts_from_its_first_to_its_last_event(

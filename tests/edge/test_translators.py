@@ -123,6 +123,11 @@ def test_segment_alias_of_an_anonymous_id_is_a_login_and_of_a_custom_id_is_refus
     assert isinstance(steps[1], Reject)
     assert steps[1].reason == "ALIAS_REFUSED"
     assert steps[1].event_id == "m3"
+    # analytics-swift's alias() of an anonymous user: no previousId, its anonymousId instead.
+    swift = {"type": "alias", "anonymousId": "anon-7", "userId": "u7", "messageId": "m4"}
+    (login,) = segment.translate_batch({"batch": [swift]}, NOW).steps
+    assert isinstance(login, Identify)
+    assert (login.installation_id, login.custom_id) == ("anon-7", "u7")
 
 
 def test_segment_page_and_screen_are_custom_events_labelled_with_their_name() -> None:
@@ -202,7 +207,25 @@ def test_segment_context_gives_installation_details_once_per_request() -> None:
         "fr",
         "Europe/Paris",
     ]
-    assert all(len(u.ListFields()) == 1 for u in (token, language, timezone))
+    # A reported token is a device registered for push: opted in.
+    assert (token.push_token, token.push_opt_in) == ("abc", True)
+    assert all(len(u.ListFields()) == 1 for u in (language, timezone))
+
+
+@pytest.mark.parametrize(
+    ("locale", "language"),
+    [("in-ID", "id"), ("iw_IL", "he"), ("ji", "yi"), ("id-ID", "id"), ("en-US", "en"), ("x", "")],
+)
+def test_android_s_legacy_language_codes_are_today_s(locale: str, language: str) -> None:
+    # analytics-kotlin builds the locale from Java's Locale, which says "in", "iw" and "ji".
+    context = {"locale": locale}
+    batch = [{"type": "track", "anonymousId": "a", "event": "E", "context": context}]
+    found = [
+        e.installation_update.language
+        for e in events(segment.translate_batch({"batch": batch}, NOW).steps)
+        if e.HasField("installation_update") and e.installation_update.HasField("language")
+    ]
+    assert found == ([language] if language else [])
 
 
 def test_events_without_sdk_session_ask_ingest_to_derive_it_and_start_none() -> None:

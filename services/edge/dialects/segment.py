@@ -215,7 +215,10 @@ def _alias(
     custom_id: str,
     refuse: Any,
 ) -> None:
-    previous = identifier(message.get("previousId"))
+    # analytics-swift's alias() sends the user's previous userId as previousId, none when the
+    # user was anonymous: the previous ID is then the message's own anonymousId, as
+    # analytics.js and analytics-kotlin send it.
+    previous = identifier(message.get("previousId")) or identifier(message.get("anonymousId"))
     if not previous or not custom_id:
         refuse("ALIAS_INVALID", "alias needs previousId and userId")
         return
