@@ -10,6 +10,7 @@ the SDK retries on. Nothing is acknowledged before ingest acknowledged it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import time
@@ -163,7 +164,10 @@ def _advance_send_times(events: Sequence[ingest_pb.Event], elapsed: float) -> No
         return
     for event in events:
         if event.HasField("send_time"):
-            event.send_time.FromNanoseconds(event.send_time.ToNanoseconds() + nanos)
+            advanced = event.send_time.ToNanoseconds() + nanos
+            # A send time at the end of Timestamp's range stays as sent (ingest judges it).
+            with contextlib.suppress(ValueError):
+                event.send_time.FromNanoseconds(advanced)
 
 
 def _batches(events: Sequence[ingest_pb.Event]) -> list[list[ingest_pb.Event]]:
@@ -407,8 +411,14 @@ class Backend:
             outcome.logins += 1
         except grpc.aio.AioRpcError as exc:
             code = exc.code()
-            if isinstance(step, Logout) and code == grpc.StatusCode.NOT_FOUND:
-                return True  # an installation never seen is already logged out
+            if isinstance(step, Logout) and code in (
+                grpc.StatusCode.NOT_FOUND,
+                grpc.StatusCode.INVALID_ARGUMENT,
+            ):
+                # An installation never seen is already logged out; one whose ID identity
+                # refuses (a NUL, over 128 characters) never had a profile: its events are
+                # refused one by one by ingest, and the rest of the request goes on.
+                return True
             if isinstance(step, Identify) and code in (
                 grpc.StatusCode.INVALID_ARGUMENT,
                 grpc.StatusCode.FAILED_PRECONDITION,

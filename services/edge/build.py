@@ -13,6 +13,7 @@ client IP for the country of a session they start. See docs/edge.md ("Sessions")
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 import math
 import re
@@ -100,13 +101,21 @@ def identifier(value: object) -> str:
 
 
 def parse_time(value: object) -> datetime | None:
-    """An ISO 8601 time (with Z or an offset; naive is UTC) or epoch milliseconds, or None."""
+    """An ISO 8601 time (with Z or an offset; naive is UTC) or epoch milliseconds, or None
+    (also for a time whose UTC moment is outside years 1 to 9999, such as
+    "9999-12-31T23:59:59-14:00": no Timestamp holds it)."""
     if isinstance(value, str) and value:
         try:
             parsed = datetime.fromisoformat(value.strip())
         except ValueError:
             return None
-        return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+        if not parsed.tzinfo:
+            return parsed.replace(tzinfo=UTC)
+        try:
+            parsed.astimezone(UTC)
+        except OverflowError:
+            return None
+        return parsed
     if isinstance(value, int | float) and not isinstance(value, bool):
         try:
             return datetime.fromtimestamp(value / 1000, UTC)
@@ -407,6 +416,17 @@ def language_of(locale: object) -> str:
     if len(code) != 2 or not code.isalpha():
         return ""
     return LEGACY_LANGUAGE_CODES.get(code, code)
+
+
+def ip_of(value: object) -> str:
+    """An IP address an SDK reports for its user (Segment's `context.ip`, PostHog's `$ip`,
+    Countly's `ip_address`), normalized; "" when it is none, and the connection's address is
+    used: the address only serves the session's country, and ingest refuses an event whose
+    session IP is not one."""
+    try:
+        return str(ipaddress.ip_address(str(value).strip())) if value else ""
+    except ValueError:
+        return ""
 
 
 def text(value: object) -> str:

@@ -18,7 +18,7 @@ from services.edge.build import identifier
 from services.edge.dialects import countly, posthog, segment
 from services.edge.platforms import platform_of
 from services.edge.properties import attribute_value
-from services.edge.steps import Identify, Reject, Track
+from services.edge.steps import Identify, Reject, RequestInvalid, Track
 
 NOW = datetime(2030, 1, 15, 12, 0, tzinfo=UTC)
 
@@ -176,3 +176,77 @@ def test_a_browser_library_is_the_web_whatever_os_the_browser_runs_on(library: s
     assert platform_of("iOS", "posthog-react-native") == types_pb2.PLATFORM_IOS
     assert platform_of("iOS", "posthog-ios") == types_pb2.PLATFORM_IOS
     assert platform_of(None, "posthog-android") == types_pb2.PLATFORM_ANDROID
+
+
+def test_a_send_time_no_timestamp_holds_is_no_send_time() -> None:
+    # "9999-12-31T23:59:59-14:00" is year 10000 in UTC, "0001-01-01T00:00:00+01:00" year 0: no
+    # Timestamp holds them (the edge answered 500 and lost the batch).
+    for sent in ("9999-12-31T23:59:59-14:00", "0001-01-01T00:00:00+01:00"):
+        message = {"type": "track", "anonymousId": "a", "event": "E", "messageId": "m"}
+        message["timestamp"] = "2030-01-15T11:00:00Z"
+        (segment_event,) = events(
+            segment.translate_batch({"batch": [{**message, "sentAt": sent}]}, NOW).steps
+        )
+        capture = {"event": "E", "distinct_id": "d", "timestamp": "2030-01-15T11:00:00Z"}
+        posthog_events = events(
+            posthog.translate({"api_key": "k", "sent_at": sent, "batch": [capture]}, NOW).steps
+        )
+        for event in (segment_event, *posthog_events):
+            assert not event.HasField("send_time")
+        out_of_range = {**message, "timestamp": sent}
+        steps = segment.translate_batch({"batch": [out_of_range]}, NOW).steps
+        assert [r.reason for r in rejects(steps)] == ["TIMESTAMP_INVALID"]
+
+
+@pytest.mark.parametrize("kind", [["track"], {"a": 1}, 7])
+def test_segment_a_type_that_is_no_text_is_listed_and_the_good_message_kept(kind: Any) -> None:
+    body = {
+        "batch": [
+            {"type": "track", "anonymousId": "a1", "event": "Good", "messageId": "g"},
+            {"type": kind, "anonymousId": "a1", "event": "x", "messageId": "b"},
+        ]
+    }
+    steps = segment.translate_batch(body, NOW).steps
+    assert [e.custom.name for e in events(steps) if e.HasField("custom")] == ["good"]
+    assert [r.reason for r in rejects(steps)] == ["MESSAGE_TYPE_UNKNOWN"]
+
+
+def test_an_ip_that_is_none_gives_way_to_the_connection_s() -> None:
+    # Ingest refuses an event whose session IP is not an IP: the good event was lost.
+    track = {
+        "type": "track",
+        "anonymousId": "a",
+        "event": "E",
+        "messageId": "m",
+        "context": {"ip": "unknown"},
+    }
+    capture = {"event": "E", "distinct_id": "d", "properties": {"$ip": "unknown", "$lib": "web"}}
+    for translation in (
+        segment.translate_batch({"batch": [track]}, NOW, client_ip="203.0.113.9"),
+        posthog.translate({"api_key": "k", "batch": [capture]}, NOW, client_ip="203.0.113.9"),
+    ):
+        found = [e for e in events(translation.steps) if e.HasField("custom")]
+        assert [e.session_client_ip for e in found] == ["203.0.113.9"]
+
+
+def test_a_message_without_time_takes_the_edge_s_clock_without_the_device_s_send_time() -> None:
+    # With the device's send time, ingest would move the edge's own clock by the device's skew
+    # (an hour slow: the event was refused as in the future).
+    sent = "2030-01-15T11:00:00Z"
+    track = {"type": "track", "anonymousId": "a", "event": "E", "messageId": "m", "sentAt": sent}
+    capture = {"event": "E", "distinct_id": "d"}
+    for translation in (
+        segment.translate_batch({"batch": [track]}, NOW),
+        posthog.translate({"api_key": "k", "sent_at": sent, "batch": [capture]}, NOW),
+    ):
+        (event,) = [e for e in events(translation.steps) if e.HasField("custom")]
+        assert event.event_time.ToDatetime(tzinfo=UTC) == NOW
+        assert not event.HasField("send_time")
+
+
+@pytest.mark.parametrize("device_id", [math.nan, math.inf, json.loads("1e400")])
+def test_countly_a_device_id_no_number_holds_is_missing(device_id: float) -> None:
+    params = {"app_key": "k", "device_id": device_id, "events": '[{"key": "e"}]'}
+    with pytest.raises(RequestInvalid):
+        countly.check_request(params)
+    assert countly._device_id(42.0) == "42"

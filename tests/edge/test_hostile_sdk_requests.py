@@ -171,3 +171,40 @@ async def test_one_badly_formatted_trait_is_listed_alone_and_the_others_kept(edg
     )
     assert (await attributes("trait-2"))[0]["phone"] == "+15551234567"
     assert [r.reason for r in await edge.rejected()] == ["PHONE_INVALID"]
+
+
+async def test_a_send_time_no_timestamp_holds_and_a_bad_countly_device_keep_the_good_events(
+    edge: Edge,
+) -> None:
+    # Both answered an error for the whole request and lost the good message beside the bad
+    # one: a send time in year 10000 once in UTC (500), and a Countly session started under a
+    # device ID identity refuses (its logout check answered INVALID_ARGUMENT: 400).
+    good = {"type": "track", "anonymousId": "fuzz-1", "event": "Good", "messageId": "fz-1"}
+    odd = {
+        "type": "track",
+        "anonymousId": "fuzz-2",
+        "event": "Other",
+        "messageId": "fz-2",
+        "sentAt": "9999-12-31T23:59:59-14:00",
+    }
+    reply = await send(f"{edge.url}/v1/batch", {"writeKey": edge.sdk_key, "batch": [good, odd]})
+    assert reply.status_code == 200, reply.text
+    bulk = {
+        "app_key": edge.sdk_key,
+        "requests": [
+            {"device_id": "a\u0000b", "begin_session": 1},
+            {"device_id": "fuzz-3", "events": '[{"key": "good_too"}]'},
+        ],
+    }
+    reply = await send(f"{edge.url}/i/bulk", bulk, {"Content-Type": "application/json"})
+    assert reply.status_code == 200, reply.text
+
+    async def stored() -> bool:
+        return (
+            await custom_names(edge, installation_id="fuzz-1") == ["good"]
+            and await custom_names(edge, installation_id="fuzz-2") == ["other"]
+            and await custom_names(edge, installation_id="fuzz-3") == ["good_too"]
+        )
+
+    await eventually(stored)
+    assert [r.reason for r in await edge.rejected()] == ["INSTALLATION_ID_INVALID"]

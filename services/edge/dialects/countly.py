@@ -16,7 +16,6 @@ same IDs, and ingest stores it once.
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import json
 import math
 import re
@@ -32,6 +31,8 @@ from services.edge.build import (
     derived_id,
     details_event_id,
     full_name_operations,
+    identifier,
+    ip_of,
     language_of,
     phone_text,
     rejection,
@@ -275,7 +276,7 @@ def _translate_request(
         stamp=stamp,
         time=_time(stamp) or receive_time,
         platform=_platform(params.get("sdk_name"), metrics.get("_os")),
-        client_ip=_ip(params.get("ip_address")) or client_ip,
+        client_ip=ip_of(params.get("ip_address")) or client_ip,
     )
     _device_id_change(request, output)
     if _flag(params.get("begin_session")):
@@ -802,11 +803,13 @@ def _json(value: Any) -> Any:
 
 
 def _device_id(value: Any) -> str | None:
-    """A device ID as text (Countly's server stringifies numbers too); None when missing."""
+    """A device ID as text (Countly's server stringifies numbers too, as `identifier` spells
+    them); None when missing, and for NaN or an infinity (a JSON body's `NaN`, `1e400`), which
+    would make every such client one installation."""
     if isinstance(value, bool) or value is None:
         return None
     if isinstance(value, int | float):
-        value = str(value)
+        value = identifier(value)
     if not isinstance(value, str) or not value:
         return None
     return value
@@ -817,15 +820,6 @@ def _text(value: Any) -> str:
     if value is None or isinstance(value, Mapping | list):
         return ""
     return str(value).strip()
-
-
-def _ip(value: Any) -> str:
-    """Countly's `ip_address` parameter (a server-side SDK reporting for its user) when it is an
-    IP address; "" otherwise, and the connection's address is used."""
-    try:
-        return str(ipaddress.ip_address(str(value).strip())) if value else ""
-    except ValueError:
-        return ""
 
 
 def _flag(value: Any) -> bool:

@@ -52,6 +52,7 @@ from services.edge.build import (
     derived_session,
     event,
     identifier,
+    ip_of,
     language_of,
     message_id,
     parse_time,
@@ -197,12 +198,15 @@ def _translate(
         refuse("COOKIELESS_UNSUPPORTED", "cookieless mode: the event carries no visitor ID")
         return
     event_time = parse_time(message.get("timestamp"))
+    # The message's own time goes with the device's send time, for ingest's skew correction;
+    # the edge's clock, when the message has no time, with none: it would shift it by the
+    # device's skew.
+    send_time = parse_time(message.get("sent_at")) or sent
     if event_time is None:
         if message.get("timestamp") is not None:
             refuse("TIMESTAMP_INVALID", "timestamp is not an ISO 8601 time")
             return
-        event_time = now
-    send_time = parse_time(message.get("sent_at")) or sent
+        event_time, send_time = now, None
     # posthog-js names the OS `$os`; the mobile SDKs (posthog-ios, posthog-android,
     # posthog-react-native, posthog-flutter) `$os_name`. A cross-platform library's name tells
     # no platform, so without `$os_name` a React Native or Flutter app read as a server library.
@@ -255,7 +259,7 @@ def _translate(
             # A server library's $os and $os_version describe the server (posthog-python sets
             # them to its host's), not the user's device.
             builder.details(origin, _details(properties))
-        ip = text(message.get("ip")) or text(properties.get("$ip")) or connection_ip
+        ip = ip_of(message.get("ip")) or ip_of(properties.get("$ip")) or connection_ip
         sdk_session = text(properties.get("$session_id"))[:64]
         if sdk_session:
             session = builder.session(origin, sdk_session, ip)

@@ -38,6 +38,7 @@ from services.edge.build import (
     derived_session,
     event,
     identifier,
+    ip_of,
     language_of,
     message_id,
     parse_time,
@@ -132,18 +133,21 @@ def _translate(
     if size > MAX_MESSAGE_BYTES:
         refuse("MESSAGE_TOO_LARGE", f"{size} bytes, over 32 KB", summary(message, _SUMMARY_KEYS))
         return
-    if kind not in TYPES:
+    if not isinstance(kind, str) or kind not in TYPES:
         refuse("MESSAGE_TYPE_UNKNOWN", f"unknown message type {str(kind)[:40]!r}")
         return
     context = message.get("context")
     context = {**batch_context, **context} if isinstance(context, dict) else batch_context
     event_time = parse_time(message.get("timestamp") or message.get("originalTimestamp"))
+    # The message's own time goes with the device's send time, for ingest's skew correction;
+    # the edge's clock, when the message has no time, with none: it would shift it by the
+    # device's skew.
+    send_time = parse_time(message.get("sentAt")) or batch_sent
     if event_time is None:
         if message.get("timestamp") is not None:
             refuse("TIMESTAMP_INVALID", "timestamp is not an ISO 8601 time")
             return
-        event_time = now
-    send_time = parse_time(message.get("sentAt")) or batch_sent
+        event_time, send_time = now, None
     platform = platform_of(
         _get(context, "os", "name"),
         _get(context, "library", "name"),
@@ -160,7 +164,7 @@ def _translate(
         builder.identify(installation_id, custom_id, derived_id("identify", event_id))
     origin = Origin(installation_id, custom_id, platform, event_time, send_time)
     builder.details(origin, _details(context))
-    ip = text(context.get("ip")) or connection_ip
+    ip = ip_of(context.get("ip")) or connection_ip
     # Ingest derives the session (30 minutes without events): see build.py.
     session = derived_session(origin, ip)
 
