@@ -37,6 +37,13 @@ ERROR_DOMAIN = "profiles.dev"
 # Longer ids sent by a client are cut: the id is logged with every line of the call and echoed.
 MAX_REQUEST_ID_LENGTH = 128
 MAX_FIELD_VIOLATIONS = 20
+# The status travels in trailing metadata (grpc-message, and again in grpc-status-details-bin),
+# which clients cap: 8 KiB by default, 16 KiB at most, beyond which they see RESOURCE_EXHAUSTED
+# ("metadata size exceeds hard limit") instead of the error. So an error's message and each
+# violation's texts are cut; a request with a thousand bad items names every one of them in
+# its message otherwise.
+MAX_STATUS_MESSAGE_CHARS = 1024
+MAX_VIOLATION_TEXT_CHARS = 256
 
 STATUS_CODES: dict[type[errors.DomainError], grpc.StatusCode] = {
     errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
@@ -87,10 +94,11 @@ def rich_status(error: errors.DomainError, *, request_id: str = "") -> status_pb
             error_details_pb2.BadRequest(
                 field_violations=[
                     error_details_pb2.BadRequest.FieldViolation(
-                        field=v.field, description=v.description, reason=v.reason
+                        field=_cut(v.field, MAX_VIOLATION_TEXT_CHARS),
+                        description=_cut(v.description, MAX_VIOLATION_TEXT_CHARS),
+                        reason=v.reason,
                     )
-                    # The status travels in trailing metadata, which clients cap (8 KiB by
-                    # default; beyond it they see RESOURCE_EXHAUSTED): the first few paths.
+                    # The first few paths (see MAX_STATUS_MESSAGE_CHARS).
                     for v in error.violations[:MAX_FIELD_VIOLATIONS]
                 ]
             )
@@ -100,7 +108,13 @@ def rich_status(error: errors.DomainError, *, request_id: str = "") -> status_pb
         holder = any_pb2.Any()
         holder.Pack(detail)
         packed.append(holder)
-    return status_pb2.Status(code=code.value[0], message=error.message, details=packed)
+    return status_pb2.Status(
+        code=code.value[0], message=_cut(error.message, MAX_STATUS_MESSAGE_CHARS), details=packed
+    )
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def status_of_error(error: errors.DomainError) -> status_pb2.Status:

@@ -158,3 +158,33 @@ async def test_a_thousand_bad_keys_are_refused_naming_the_first_twenty(
         answer = (error.code(), *violations(error))
     assert answer[:2] == (grpc.StatusCode.INVALID_ARGUMENT, "STRING_UNSTORABLE")
     assert len(answer[2]) == 20
+
+
+async def test_a_thousand_bad_items_of_one_list_are_refused_with_a_short_message(
+    start_services: Any, project: TestProject
+) -> None:
+    """Each bad item of a list is a violation named in the error's message: a thousand made a
+    status over the 16 KiB of trailing metadata a client takes at most, so it saw
+    RESOURCE_EXHAUSTED ("metadata size exceeds hard limit"), no reason and no field."""
+    rpcs = {r.method.name: r for r in contract_rpcs() if r.host == "query"}
+    rejected = rpcs["ListRejectedEvents"].request_class()
+    rejected.reasons.extend([""] * 1000)  # type: ignore[attr-defined]
+    events = rpcs["ListEvents"].request_class()
+    events.profile_id = "00000000-0000-0000-0000-000000000001"  # type: ignore[attr-defined]
+    events.event_names.extend([""] * 1000)  # type: ignore[attr-defined]
+    rows = rpcs["GetProfileRows"].request_class()
+    rows.profile_ids.extend([f"nope-{i}" for i in range(500)])  # type: ignore[attr-defined]
+    channel = (await start_services("query"))["query"].channel
+    for name, request in (
+        ("ListRejectedEvents", rejected),
+        ("ListEvents", events),
+        ("GetProfileRows", rows),
+    ):
+        answer: tuple[Any, ...] = ()
+        try:
+            await call(channel, rpcs[name], request, project.metadata("admin"))
+        except grpc.aio.AioRpcError as error:
+            answer = (error.code(), *violations(error), len(error.details() or ""))
+        assert answer[:2] == (grpc.StatusCode.INVALID_ARGUMENT, "REQUEST_INVALID"), name
+        assert len(answer[2]) == 20, name
+        assert answer[3] <= 1024, name
