@@ -11,7 +11,7 @@ from shared.bus import Topic
 
 # Every stored event, in batches: segments and query projections consume it.
 EVENTS = Topic("events", (bus_pb2.EventsIngested,))
-# Who is who: merges, splits, creations, identifications, erasures, token imports.
+# Who is who: merges, splits, creations, identifications, erasures, token imports and moves.
 IDENTITY = Topic(
     "identity",
     (
@@ -22,6 +22,7 @@ IDENTITY = Topic(
         bus_pb2.ProfileDeleted,
         bus_pb2.InstallationsImported,
         bus_pb2.InstallationReintegrated,
+        bus_pb2.PushTokenMoved,
     ),
 )
 # Segment entries and exits, for WatchSegmentChanges and automation engines.

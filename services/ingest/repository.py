@@ -236,6 +236,47 @@ FOLD_IMPORTED_INSTALLATION = """
     WHERE project_id = $1 AND installation_id = $2 AND imported
     RETURNING installation_id"""
 
+# A push token names one device: of the installations (not imported) holding a (platform,
+# token) that one of $2 holds, the one whose token was reported last (event time; on a tie,
+# one of $2, the later arrival) keeps it, the others lose it, their token time moved to the
+# keeper's so that a late, older report cannot give it back. Answers each loser with its
+# keeper. (The imported installations' tokens are reintegration's: FOLD_IMPORTED_INSTALLATION.)
+MOVE_PUSH_TOKENS = """
+    WITH reported AS (
+        SELECT DISTINCT r.platform, r.push_token
+        FROM installation_details r
+        WHERE r.project_id = $1 AND r.installation_id = ANY($2::text[])
+          AND r.push_token IS NOT NULL AND NOT r.imported
+    ),
+    holders AS (
+        SELECT d.installation_id, d.platform, d.push_token,
+               (d.field_times->>'push_token')::timestamptz AS token_time,
+               row_number() OVER (
+                   PARTITION BY d.platform, d.push_token
+                   ORDER BY (d.field_times->>'push_token')::timestamptz DESC NULLS LAST,
+                            d.installation_id = ANY($2::text[]) DESC, d.installation_id DESC
+               ) AS rank
+        FROM reported r
+        JOIN installation_details d
+          ON d.project_id = $1 AND d.platform = r.platform AND d.push_token = r.push_token
+        WHERE d.push_token IS NOT NULL AND NOT d.imported
+    ),
+    moves AS (
+        SELECT lost.installation_id, kept.installation_id AS kept_by, kept.token_time
+        FROM holders lost
+        JOIN holders kept
+          ON kept.platform = lost.platform AND kept.push_token = lost.push_token
+         AND kept.rank = 1
+        WHERE lost.rank > 1
+    )
+    UPDATE installation_details d
+    SET push_token = NULL,
+        field_times = d.field_times
+            || jsonb_build_object('push_token', coalesce(m.token_time, now()))
+    FROM moves m
+    WHERE d.project_id = $1 AND d.installation_id = m.installation_id
+    RETURNING d.installation_id, m.kept_by, m.token_time"""
+
 # Each names the profile its installation belongs to as it arrives (identity's links; NULL for
 # an installation identity does not know, and for a custom ID's), which the erasure and the export
 # go by: a logout later moves the installation, not what arrived before it (0047).
@@ -536,10 +577,14 @@ class IngestRepository:
         )
 
     async def installation_profiles(
-        self, project_id: UUID, installation_ids: Sequence[str]
+        self,
+        project_id: UUID,
+        installation_ids: Sequence[str],
+        conn: asyncpg.Connection | None = None,
     ) -> dict[str, tuple[UUID, bool]]:
-        """installation ID -> (its profile, identified) for those linked to a profile."""
-        rows = await self._pool.fetch(
+        """installation ID -> (its profile, identified) for those linked to a profile (read
+        on `conn` when given, else on a connection of the pool)."""
+        rows = await (conn or self._pool).fetch(
             SELECT_INSTALLATION_PROFILES, project_id, list(installation_ids)
         )
         return {r["installation_id"]: (r["profile_id"], r["identified"]) for r in rows}
@@ -558,6 +603,15 @@ class IngestRepository:
             FOLD_IMPORTED_INSTALLATION, project_id, imported_installation_id, installation_id, now
         )
         return row is not None
+
+    async def move_push_tokens(
+        self, conn: asyncpg.Connection, project_id: UUID, installation_ids: Sequence[str]
+    ) -> list[tuple[str, str, datetime | None]]:
+        """Takes each token these installations hold from the other installations holding it
+        (MOVE_PUSH_TOKENS): (installation that lost it, installation that keeps it, the
+        keeper's token time) for each move."""
+        rows = await conn.fetch(MOVE_PUSH_TOKENS, project_id, list(installation_ids))
+        return [(r["installation_id"], r["kept_by"], r["token_time"]) for r in rows]
 
     async def token_holders(
         self, project_id: UUID, tokens: Sequence[tuple[int, str]]

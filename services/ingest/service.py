@@ -228,6 +228,15 @@ class IngestService:
             results[invalid.index] = _rejected_result(invalid, by_index[invalid.index])
 
         valid = await self._resolve_countries(valid)
+        # The installations of the batch reporting a push token (their accepted events' ones
+        # take it from any other installation holding it, once the batch committed).
+        token_reporters = {
+            e.index: e.installation_id
+            for e in valid
+            if e.installation_id
+            and e.installation_values
+            and e.installation_values.get("push_token")
+        }
         reintegrations: list[tuple[str, str]] = []
         for round_ in range(MAX_RESOLVE_ROUNDS):
             # After a round found installations gone, resolve past identity's cache: another
@@ -278,6 +287,15 @@ class IngestService:
             raise StorageUnavailable("the batch's installations kept vanishing; retry it")
         if reintegrations:
             await self._tokens.reintegrate(project_id, reintegrations)
+        reporters = sorted(
+            {
+                installation_id
+                for index, installation_id in token_reporters.items()
+                if results[index].outcome == "accepted"
+            }
+        )
+        if reporters:
+            await self._tokens.move_tokens(project_id, reporters)
         batch = BatchResult([results[i] for i in range(len(events))])
         outcomes: tuple[Outcome, ...] = ("accepted", "duplicate", "rejected")
         for outcome in outcomes:

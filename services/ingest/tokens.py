@@ -231,6 +231,40 @@ class PushTokens:
         if folded:
             log.info("token_reintegrated")
 
+    async def move_tokens(self, project_id: UUID, installation_ids: Sequence[str]) -> None:
+        """Takes the push tokens these installations just reported from the other
+        installations holding them (after the batch committed): a token names one device, and
+        a newer installation of that device (after a logout and another person's login) must
+        not leave the old one, the previous person's, reachable through it. Each move is
+        published (PushTokenMoved) in the same transaction. A failure is logged and left for
+        the next report of the token."""
+        try:
+            async with self._repository.transaction() as conn:
+                moves = await self._repository.move_push_tokens(conn, project_id, installation_ids)
+                if not moves:
+                    return
+                named = sorted({i for lost, kept, _ in moves for i in (lost, kept)})
+                profiles = await self._repository.installation_profiles(project_id, named, conn)
+                now = self._clock.now()
+                items = []
+                for lost, kept, time in moves:
+                    lost_profile = profiles.get(lost)
+                    kept_profile = profiles.get(kept)
+                    message = bus_pb2.PushTokenMoved(
+                        project_id=str(project_id),
+                        installation_id=lost,
+                        profile_id="" if lost_profile is None else str(lost_profile[0]),
+                        to_installation_id=kept,
+                        to_profile_id="" if kept_profile is None else str(kept_profile[0]),
+                        move_time=timestamp_of(time or now),
+                    )
+                    profile_id = None if lost_profile is None else lost_profile[0]
+                    items.append(OutboxItem(project_id, IDENTITY, message, profile_id))
+                await enqueue_many(conn, items)
+            log.info("push_tokens_moved", count=len(moves))
+        except (StorageUnavailable, TransactionConflict) as exc:
+            log.warning("push_token_move_postponed", error=type(exc).__name__)
+
 
 def _digest(*parts: str) -> str:
     """A short stable digest for request IDs (identity keeps them at most 64 characters)."""

@@ -54,6 +54,9 @@ def touched(message: Message) -> tuple[list[UUID], list[str]]:
     elif isinstance(message, bus_pb2.InstallationReintegrated):
         profiles.extend((message.imported_profile_id, message.profile_id))
         installations.extend((message.imported_installation_id, message.installation_id))
+    elif isinstance(message, bus_pb2.PushTokenMoved):
+        profiles.extend((message.profile_id, message.to_profile_id))
+        installations.extend((message.installation_id, message.to_installation_id))
     return _uuids(p for p in profiles if p), [i for i in installations if i]
 
 

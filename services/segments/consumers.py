@@ -125,11 +125,16 @@ async def on_identity_change(
         profile = _uuid(message.profile_id)
         if profile is not None:
             await service.register_profiles(project, [profile])
-    elif isinstance(message, bus_pb2.ProfileSplit | bus_pb2.InstallationReintegrated):
-        # An installation moved between profiles: platform conditions of both may change.
-        # (Sessions stay with the profile they were recorded for.)
+    elif isinstance(
+        message, bus_pb2.ProfileSplit | bus_pb2.InstallationReintegrated | bus_pb2.PushTokenMoved
+    ):
+        # An installation (or its push token) moved between profiles: platform and push
+        # conditions of both may change. (Sessions stay with the profile they were recorded for.)
         if isinstance(message, bus_pb2.ProfileSplit):
             named, cause = [message.old_profile_id, message.new_profile_id], ChangeCause.SPLIT
+        elif isinstance(message, bus_pb2.PushTokenMoved):
+            named = [message.profile_id, message.to_profile_id]
+            cause = ChangeCause.EVENT
         else:
             named = [message.imported_profile_id, message.profile_id]
             cause = ChangeCause.EVENT

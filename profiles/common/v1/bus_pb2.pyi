@@ -845,6 +845,55 @@ class InstallationReintegrated(_message.Message):
 Global___InstallationReintegrated: _TypeAlias = InstallationReintegrated  # noqa: Y015
 
 @_typing.final
+class PushTokenMoved(_message.Message):
+    """A push token moved to another installation: one device's token, reported by a newer
+    installation (a phone after a logout and the next person's login, each login an installation
+    of its own, or a device ID change), is no longer the older installation's, which loses it.
+    The installation whose latest report of the token is the latest holds it (by event time).
+    Published after commit. Deduplicate on (`installation_id`, `move_time`).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROJECT_ID_FIELD_NUMBER: _builtins.int
+    INSTALLATION_ID_FIELD_NUMBER: _builtins.int
+    PROFILE_ID_FIELD_NUMBER: _builtins.int
+    TO_INSTALLATION_ID_FIELD_NUMBER: _builtins.int
+    TO_PROFILE_ID_FIELD_NUMBER: _builtins.int
+    MOVE_TIME_FIELD_NUMBER: _builtins.int
+    project_id: _builtins.str
+    """The project that owns the installations."""
+    installation_id: _builtins.str
+    """The installation that lost the token."""
+    profile_id: _builtins.str
+    """Its profile (a UUID); empty when identity no longer links it."""
+    to_installation_id: _builtins.str
+    """The installation that holds the token now."""
+    to_profile_id: _builtins.str
+    """Its profile (a UUID); empty when identity no longer links it."""
+    @_builtins.property
+    def move_time(self) -> _timestamp_pb2.Timestamp:
+        """The event time of the holder's report of the token."""
+
+    def __init__(
+        self,
+        *,
+        project_id: _builtins.str = ...,
+        installation_id: _builtins.str = ...,
+        profile_id: _builtins.str = ...,
+        to_installation_id: _builtins.str = ...,
+        to_profile_id: _builtins.str = ...,
+        move_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["move_time", b"move_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["installation_id", b"installation_id", "move_time", b"move_time", "profile_id", b"profile_id", "project_id", b"project_id", "to_installation_id", b"to_installation_id", "to_profile_id", b"to_profile_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PushTokenMoved: _TypeAlias = PushTokenMoved  # noqa: Y015
+
+@_typing.final
 class SegmentMembershipChanged(_message.Message):
     """A profile entered or left a smart segment, a predictive flag or a custom segment. Emitted by
     segments on a durable per-project stream with a retention period; WatchSegmentChanges serves
