@@ -47,13 +47,16 @@ ERASE_EVENTS = "SELECT ingest_apply_event_erasure($1, $2::uuid[], $3::text[], $4
 DELETE_OUTBOX_ROWS = """
     DELETE FROM outbox WHERE project_id = $1 AND profile_id = ANY($2::uuid[])"""
 
-# The person's own changes (both sides erased) go. A change between them and another profile
-# is that profile's history too (the logout that left a shared device to the erased person):
-# it stays, its erased side the nil UUID, without the installations and the alias it names.
-DELETE_CHANGES = """
+# The person's own changes (both sides erased, now or before) go. A change between them and
+# another profile is that profile's history too (the logout that left a shared device to the
+# erased person): it stays, its erased side the nil UUID, without the installations and the
+# alias it names, until the other side is erased too.
+DELETE_CHANGES = f"""
     DELETE FROM identity_changes
     WHERE project_id = $1
-        AND source_profile_id = ANY($2::uuid[]) AND target_profile_id = ANY($2::uuid[])"""
+        AND (source_profile_id = ANY($2::uuid[]) OR target_profile_id = ANY($2::uuid[]))
+        AND (source_profile_id = ANY($2::uuid[]) OR source_profile_id = '{ERASED_SIDE}'::uuid)
+        AND (target_profile_id = ANY($2::uuid[]) OR target_profile_id = '{ERASED_SIDE}'::uuid)"""
 REDACT_CHANGES = f"""
     UPDATE identity_changes
     SET source_profile_id = CASE WHEN source_profile_id = ANY($2::uuid[])

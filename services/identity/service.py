@@ -568,9 +568,14 @@ class IdentityService:
             current = (await tx.lock_profiles(project_id, [link.profile_id])).get(link.profile_id)
             if current is None or current.merged_into is not None:
                 raise ConcurrentChange("the installation's profile changed during Logout")
-            if not current.identified or (
-                unless_custom_id and current.custom_id == unless_custom_id
-            ):
+            # `unless_custom_id` keeps the profile holding it, as its custom ID or as an alias
+            # an operator's merge left (the merged-away account's devices still send under it).
+            kept = bool(unless_custom_id) and (
+                current.custom_id == unless_custom_id
+                or await tx.find_custom_id_holder(project_id, unless_custom_id)
+                == current.profile_id
+            )
+            if not current.identified or kept:
                 result = LogoutResult(LogoutOutcome.UNCHANGED, current.profile_id)
             else:
                 # Always a new profile, never an earlier anonymous one: the person who logs

@@ -509,6 +509,14 @@ async def test_a_logout_unless_the_profiles_custom_id_keeps_that_profiles_instal
         await identity.logout(merged_device, request_id, unless_custom_id="pia")
     assert error_info(raised.value).reason == "REQUEST_ID_REUSED"
     assert await identity.logout(merged_device, request_id, unless_custom_id=merged_device) == out
+    # An alias an operator's merge left keeps its profile too: the merged-away account's
+    # devices still send under it.
+    alias_device = new_id()
+    alias_profile = (await identity.identify(alias_device, "pia-old")).profile_id
+    await identity.merge(alias_profile, user.profile_id, allow_conflict=True)
+    via_alias = await identity.logout(alias_device, str(uuid.uuid4()), unless_custom_id="pia-old")
+    assert via_alias.outcome == pb.LOGOUT_OUTCOME_UNCHANGED
+    assert await identity.profile_of(alias_device) == user.profile_id
     # An anonymous profile is unchanged whatever the value.
     anonymous = await identity.logout(merged_device, unless_custom_id="someone")
     assert anonymous.outcome == pb.LOGOUT_OUTCOME_UNCHANGED

@@ -370,6 +370,13 @@ async def test_a_split_with_someone_erased_stays_in_the_others_history_without_t
     assert after.get("installationIds", []) == []
     # (The device is Quinn's too: Quinn's own event on it stays.)
     assert await leftovers(db, project, {pat, logout.profile_id, pat_id, pat_phone}) == []
+    # Erased in turn, Quinn takes the change along: it was no one else's.
+    await identity.delete(quinn)
+    changes = await db.fetchval(
+        "SELECT count(*) FROM identity_changes WHERE change_id = $1",
+        uuid.UUID(logout.change_id),
+    )
+    assert changes == 0
 
 
 async def test_an_exact_erasure_of_a_merged_away_profile_erases_nobody(

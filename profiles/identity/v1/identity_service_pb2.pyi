@@ -405,8 +405,9 @@ class LogoutRequest(_message.Message):
     but recommended.
     """
     unless_custom_id: _builtins.str
-    """When set, a Logout that changes nothing if the installation's profile holds this custom ID
-    (LOGOUT_OUTCOME_UNCHANGED, as on an anonymous profile); at most 512 characters. For a client
+    """When set, a Logout that changes nothing if the installation's profile holds this custom ID,
+    as its own or as the alias an operator's merge left (LOGOUT_OUTCOME_UNCHANGED, as on an
+    anonymous profile); at most 512 characters. For a client
     that cannot tell a logout from a device's own use: Countly's mobile SDKs log out by going
     back to the device ID a login merged into the user, and the edge logs a device ID out when
     it starts a session, unless the device ID is the custom ID itself (the user's own ID). Part
