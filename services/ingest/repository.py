@@ -237,10 +237,14 @@ FOLD_IMPORTED_INSTALLATION = """
     RETURNING installation_id"""
 
 # A push token names one device: of the installations (not imported) holding a (platform,
-# token) that one of $2 holds, the one whose token was reported last (event time; on a tie,
-# one of $2, the later arrival) keeps it, the others lose it, their token time moved to the
-# keeper's so that a late, older report cannot give it back. Answers each loser with its
-# keeper. (The imported installations' tokens are reintegration's: FOLD_IMPORTED_INSTALLATION.)
+# token) that one of $2 holds, the one whose token was reported last (event time; on a tie, one
+# of $2, the later arrival) keeps it, and those on another profile (identity's links) lose it
+# and their opt-in, their times moved to the keeper's so that a late, older report cannot give
+# it back. Installations of one profile keep theirs: a person's two phones, each its own token,
+# may be one installation after login (Countly, PostHog mobile) beside their own of before it.
+# The update re-checks each loser under its row lock: a report of the token it committed
+# meanwhile, newer than the keeper's, keeps it. Answers each loser with its keeper. (The
+# imported installations' tokens are reintegration's: FOLD_IMPORTED_INSTALLATION.)
 MOVE_PUSH_TOKENS = """
     WITH reported AS (
         SELECT DISTINCT r.platform, r.push_token
@@ -250,31 +254,43 @@ MOVE_PUSH_TOKENS = """
     ),
     holders AS (
         SELECT d.installation_id, d.platform, d.push_token,
-               (d.field_times->>'push_token')::timestamptz AS token_time,
-               row_number() OVER (
-                   PARTITION BY d.platform, d.push_token
-                   ORDER BY (d.field_times->>'push_token')::timestamptz DESC NULLS LAST,
-                            d.installation_id = ANY($2::text[]) DESC, d.installation_id DESC
-               ) AS rank
+               coalesce((d.field_times->>'push_token')::timestamptz, '-infinity') AS token_time,
+               d.installation_id = ANY($2::text[]) AS reporting
         FROM reported r
         JOIN installation_details d
           ON d.project_id = $1 AND d.platform = r.platform AND d.push_token = r.push_token
-        WHERE d.push_token IS NOT NULL AND NOT d.imported
+        WHERE NOT d.imported
+    ),
+    ranked AS (
+        SELECT h.*, l.profile_id,
+               row_number() OVER (
+                   PARTITION BY h.platform, h.push_token
+                   ORDER BY h.token_time DESC, h.reporting DESC, h.installation_id DESC
+               ) AS rank
+        FROM holders h
+        LEFT JOIN identity_read_installation_profiles(
+            $1, ARRAY(SELECT installation_id FROM holders)) l USING (installation_id)
     ),
     moves AS (
-        SELECT lost.installation_id, kept.installation_id AS kept_by, kept.token_time
-        FROM holders lost
-        JOIN holders kept
+        SELECT lost.installation_id, lost.platform, lost.push_token,
+               kept.installation_id AS kept_by, kept.token_time,
+               jsonb_build_object('push_token', kept.token_time,
+                                  'push_opt_in', kept.token_time) AS changed
+        FROM ranked lost
+        JOIN ranked kept
           ON kept.platform = lost.platform AND kept.push_token = lost.push_token
          AND kept.rank = 1
-        WHERE lost.rank > 1
+        WHERE lost.rank > 1 AND lost.profile_id IS DISTINCT FROM kept.profile_id
     )
     UPDATE installation_details d
     SET push_token = NULL,
-        field_times = d.field_times
-            || jsonb_build_object('push_token', coalesce(m.token_time, now()))
+        push_opt_in = CASE WHEN profiles_ingest_field_wins(m.changed, d.field_times, 'push_opt_in')
+                           THEN false ELSE d.push_opt_in END,
+        field_times = profiles_ingest_field_times(m.changed, d.field_times)
     FROM moves m
     WHERE d.project_id = $1 AND d.installation_id = m.installation_id
+      AND d.platform = m.platform AND d.push_token = m.push_token
+      AND profiles_ingest_field_wins(m.changed, d.field_times, 'push_token')
     RETURNING d.installation_id, m.kept_by, m.token_time"""
 
 # Each names the profile its installation belongs to as it arrives (identity's links; NULL for
