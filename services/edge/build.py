@@ -398,9 +398,12 @@ def details_event_id(installation_id: str, update: ingest_pb.InstallationUpdate,
     """The event ID of an installation update the edge makes from the details an SDK repeats
     (Segment's and PostHog's context, Countly's metrics), derived from the installation, what
     the update says and the UTC day: the same details sent all day are stored once a day (ingest
-    answers the others DUPLICATE), not once a request."""
+    answers the others DUPLICATE), not once a request. A push token (opted in as reported:
+    Details.updates) is stored once per installation and token, whatever the day: the SDK
+    repeats it on every message, and a later day's repeat must not undo an opt-out recorded
+    since."""
     content = update.SerializeToString(deterministic=True).hex()
-    return derived_id("details", installation_id, content, day)
+    return derived_id("details", installation_id, content, "" if update.push_token else day)
 
 
 # The ISO 639 codes Java's Locale gave before JDK 17 for Hebrew, Indonesian and Yiddish, which

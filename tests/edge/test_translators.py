@@ -209,6 +209,18 @@ def test_segment_context_gives_installation_details_once_per_request() -> None:
     ]
     # A reported token is a device registered for push: opted in.
     assert (token.push_token, token.push_opt_in) == ("abc", True)
+    # Stored once per installation and token: a later day's repeat (a duplicate) does not undo
+    # an opt-out recorded since, where the other details are stored again each day.
+    tomorrow = [{**batch[0], "timestamp": "2030-01-16T10:00:00Z"}]
+    later = [
+        e
+        for e in events(segment.translate_batch({"batch": tomorrow}, NOW).steps)
+        if e.HasField("installation_update")
+    ]
+    ids = {u.installation_update.push_token != "": u.event_id for u in updates}
+    later_ids = {u.installation_update.push_token != "": u.event_id for u in later}
+    assert later_ids[True] == ids[True]
+    assert later_ids[False] != ids[False]
     assert all(len(u.ListFields()) == 1 for u in (language, timezone))
 
 
