@@ -134,6 +134,9 @@ READ_PATH_OF_0042 = MIGRATIONS[42].read_text()
 READ_PATH_OF_0045 = MIGRATIONS[45].read_text()
 # Of 0052, the users table's email column (query's rows and recounts name it).
 READ_PATH_OF_0052 = MIGRATIONS[52].read_text()
+# Of 0050, segments' case folding (the display name check of a new funnel or segment calls it).
+_FOLDING_OF_0050 = MIGRATIONS[50].read_text()
+READ_PATH_OF_0050 = _FOLDING_OF_0050[: _FOLDING_OF_0050.index("$migration$;") + len("$migration$;")]
 _TRIGGER_OF_0020 = MIGRATIONS[20].read_text()
 _TRIGGER_START = _TRIGGER_OF_0020.index("CREATE OR REPLACE FUNCTION profile_event_counts_apply()")
 UNDO_WRITE_PATH_OF_0027 = """
@@ -145,6 +148,7 @@ UNDO_WRITE_PATH_OF_0027 = """
     _TRIGGER_START : _TRIGGER_OF_0020.index("END $$;", _TRIGGER_START) + len("END $$;")
 ]
 UNDO_WRITE_PATH = """
+    DROP FUNCTION segments_fold_case(text);
     ALTER TABLE query_profiles DROP COLUMN email;
     ALTER TABLE rejected_events DROP COLUMN profile_id;
     DROP FUNCTION ingest_read_profile_time_zone(uuid, uuid);
@@ -191,6 +195,7 @@ async def database_0023(
             await conn.execute(READ_PATH_OF_0042)
             await conn.execute(READ_PATH_OF_0045)
             await conn.execute(READ_PATH_OF_0052)
+            await conn.execute(READ_PATH_OF_0050)
         finally:
             await conn.close()
         monkeypatch.setattr("shared.server.migrate", partial(migrate, directories=folder))
