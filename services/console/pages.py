@@ -1782,12 +1782,16 @@ FEED_PEOPLE_LIMIT = 2_000
 class PeopleNames:
     """The names a live feed shows beside profile IDs, read with GetProfileRows: one call for
     a batch's new IDs. An ID that names no live profile (merged away, erased) has no name; so
-    do all of a batch's when query cannot answer (the feed goes on with IDs)."""
+    do all of a batch's when query cannot answer (the feed goes on with IDs). Only names are
+    kept: the users table lags writes by the bus, so a person named in the batch that made
+    them enter a segment may read as nameless then, and is asked again at their next change."""
 
     def __init__(self, console: Console, key: str) -> None:
         self._console = console
         self._key = key
         self._names: dict[str, str] = {}
+        # The last batch's anonymous people without a name ("Anonymous 1a2b3c4d"), not kept.
+        self._unnamed: dict[str, str] = {}
 
     async def learn(self, profile_ids: Iterable[str]) -> None:
         new = list(dict.fromkeys(i for i in profile_ids if i not in self._names))
@@ -1795,7 +1799,7 @@ class PeopleNames:
             return
         if len(self._names) + len(new) > FEED_PEOPLE_LIMIT:
             self._names.clear()
-        found: dict[str, str] = {}
+        self._unnamed = {}
         with contextlib.suppress(ServiceDown, BadInput, NotFound):
             reply = await self._console.backend.call(
                 self._key,
@@ -1803,17 +1807,17 @@ class PeopleNames:
                 "GetProfileRows",
                 query_pb.GetProfileRowsRequest(profile_ids=new),
             )
-            found = {
-                row.profile_id: present.display_name(
+            for row in reply.profiles:
+                name = present.display_name(
                     row.first_name, row.last_name, row.custom_id, row.profile_id
                 )
-                for row in reply.profiles
-            }
-        for profile_id in new:
-            self._names[profile_id] = found.get(profile_id, "")
+                if row.first_name or row.last_name or row.custom_id:
+                    self._names[row.profile_id] = name
+                else:
+                    self._unnamed[row.profile_id] = name
 
     def of(self, profile_id: str) -> str:
-        return self._names.get(profile_id, "")
+        return self._names.get(profile_id) or self._unnamed.get(profile_id, "")
 
 
 def segment_change_json(

@@ -559,6 +559,7 @@ async def test_the_segments_page_streams_entries_and_exits(
     assert times == sorted(times, reverse=True), times
     # A person who enters a segment now is shown by name, linked, with the whole profile ID
     # under it (eight characters of it can be two profiles).
+    # (Named first: the users table, which the names are read from, lags writes by the bus.)
     installation = f"console-{uuid.uuid4().hex}"
     now = datetime.now(UTC)
     await track(
@@ -568,9 +569,16 @@ async def test_the_segments_page_streams_entries_and_exits(
             [op("set", "FIRST_NAME", "Zélie"), op("set", "LAST_NAME", "Streamer")],
             time=now - timedelta(seconds=2),
         ),
-        session_start(installation, "s1", now - timedelta(seconds=1)),
     )
     profile = await stored_profile(console_suite, installation)
+
+    async def named_in_the_users_table() -> bool:
+        request = query_pb.ListProfilesRequest(name_prefix="Zélie Streamer")
+        listed = (await query(console_suite, "ListProfiles", request)).profiles
+        return [r.profile_id for r in listed] == [profile.summary.profile_id]
+
+    await eventually(named_in_the_users_table, within=20)
+    await track(console_suite, session_start(installation, "s1", now - timedelta(seconds=1)))
     row = rows.filter(has_text="Zélie Streamer").first
     await expect(row).to_be_visible(timeout=20_000)
     link = row.locator("td").nth(1).get_by_role("link")
