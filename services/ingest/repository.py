@@ -179,7 +179,7 @@ APPLY_BATCH_STATE = """
 # before $1 has its bucket before $1, and the ones of the last bucket still active are skipped.
 CLOSE_IDLE_SESSIONS = """
     WITH idle AS (
-        SELECT project_id, installation_id, session_id FROM sessions
+        SELECT project_id, installation_id, session_id, profile_id FROM sessions
         WHERE NOT closed AND activity_bucket < $1 AND last_activity_time < $1
         ORDER BY activity_bucket
         LIMIT $2
@@ -189,7 +189,7 @@ CLOSE_IDLE_SESSIONS = """
         duration = greatest(s.duration, s.last_activity_time - s.start_time)
     FROM idle
     WHERE s.project_id = idle.project_id AND s.installation_id = idle.installation_id
-        AND s.session_id = idle.session_id
+        AND s.session_id = idle.session_id AND s.profile_id = idle.profile_id
     RETURNING s.project_id, s.installation_id, s.session_id, s.profile_id, s.platform,
               s.country, s.end_time, s.duration"""
 
@@ -547,7 +547,10 @@ class IngestRepository:
         reintegrations: list[tuple[str, str]] = []
         for r in rows:
             if r["what"] == "session":
-                countries[(r["installation_id"], r["session_id"])] = r["country"] or ""
+                # A session two profiles have parts of answers once per part; the country
+                # belongs to the installation's session, whichever part knows it.
+                key = (r["installation_id"], r["session_id"])
+                countries[key] = r["country"] or countries.get(key, "")
             else:
                 reintegrations.append((r["installation_id"], r["imported_installation_id"]))
         return countries, reintegrations

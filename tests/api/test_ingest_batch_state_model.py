@@ -1,7 +1,9 @@
 """Installation details and sessions as ingest's locked part writes them
-(profiles_ingest_apply_batch_state, migration 0030), checked on random inputs against two
-oracles: a Python model of the rules (plain functions below), and 0027's version of the
-function, which 0030 rewrote for speed only, applied to the same batches in a second project.
+(profiles_ingest_apply_batch_state, migrations 0030 and 0054), checked on random inputs against
+two oracles: a Python model of the rules (plain functions below), and 0027's version of the
+function, which 0030 rewrote for speed only, applied to the same batches in a second project
+(with one profile a session: since 0054 each profile has its own row of a session, where
+0027's row kept the first batch's profile and counted every profile's events).
 
 Each round draws a few installations with a few sessions each, events whose times come from a
 small set (so ties between events, within a batch and across batches, are common), random
@@ -16,7 +18,7 @@ import itertools
 import json
 import random
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -67,7 +69,7 @@ INSTALLATION_ROWS = """
 SESSION_ROWS = """
     SELECT * FROM sessions
     WHERE project_id = $1 AND installation_id LIKE $2 || '%'
-    ORDER BY installation_id, session_id"""
+    ORDER BY installation_id, session_id, profile_id"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,13 +174,19 @@ def merge_details(stored: Details | None, batch: Details) -> Details:
     )
 
 
-def sessions_of_batch(events: Sequence[Event]) -> dict[tuple[str, str], Session]:
-    """Per (installation, session) of one batch, its events ordered by (time, position)."""
-    groups: dict[tuple[str, str], list[tuple[datetime, int, Event]]] = {}
+SessionKey = tuple[str, str, uuid.UUID]  # installation, session, profile
+
+
+def sessions_of_batch(events: Sequence[Event]) -> dict[SessionKey, Session]:
+    """Per (installation, session, profile) of one batch, its events ordered by (time,
+    position): each profile's part of a session is its own row (0054)."""
+    groups: dict[SessionKey, list[tuple[datetime, int, Event]]] = {}
     for position, e in enumerate(events):
         if e.session_id is not None:
-            groups.setdefault((e.installation_id, e.session_id), []).append((e.time, position, e))
-    out: dict[tuple[str, str], Session] = {}
+            assert e.profile_id is not None
+            key = (e.installation_id, e.session_id, e.profile_id)
+            groups.setdefault(key, []).append((e.time, position, e))
+    out: dict[SessionKey, Session] = {}
     for key, group in groups.items():
         ordered = [e for _, _, e in sorted(group, key=lambda g: (g[0], g[1]))]
         ends = [e for e in ordered if e.kind == END]
@@ -188,9 +196,8 @@ def sessions_of_batch(events: Sequence[Event]) -> dict[tuple[str, str], Session]
         # Ended: the latest end's duration (none given: zero); else the longest seen.
         longest = max([last - start, *heartbeats])
         duration = (ends[-1].duration or timedelta(0)) if ends else longest
-        assert ordered[0].profile_id is not None
         out[key] = Session(
-            profile_id=ordered[0].profile_id,
+            profile_id=key[2],
             platform=ordered[-1].platform,
             country=countries[0] if countries else None,
             start_time=start,
@@ -206,7 +213,7 @@ def sessions_of_batch(events: Sequence[Event]) -> dict[tuple[str, str], Session]
 
 
 def merge_session(stored: Session | None, batch: Session) -> Session:
-    """A batch's session over the stored row: the profile stays the first batch's, the platform
+    """A batch's part of a session over the stored row of the same profile: the platform
     is the latest batch's (whatever the times), the first known country stays; an end at least
     as late as the stored end (or the first end) sets end time and duration; an open session's
     duration is the longest seen."""
@@ -268,13 +275,17 @@ def random_changes(rng: random.Random) -> dict[str, Any] | None:
     return {name: rng.choice(values[name]) for name in names}
 
 
-def random_round(rng: random.Random, prefix: str, top_platform: int = 3) -> list[Event]:
-    """A round's events, on platforms 1 to `top_platform` (4 brings in API)."""
+def random_round(
+    rng: random.Random, prefix: str, top_platform: int = 3, mixed: bool = True
+) -> list[Event]:
+    """A round's events, on platforms 1 to `top_platform` (4 brings in API); with `mixed`,
+    each event of a session on one of two profiles, else each session on one profile."""
     events: list[Event] = []
     for i in range(rng.randint(3, 6)):
         installation = f"{prefix}i{i}"
         profiles = [uuid.uuid4() for _ in range(2)]
         sessions = [f"s{j}" for j in range(rng.randint(2, 3))]
+        owners = {session: rng.choice(profiles) for session in sessions}
         for _ in range(rng.randint(4, 14)):
             time, platform = rng.choice(TIMES), rng.randint(1, top_platform)
             roll = rng.random()
@@ -282,6 +293,7 @@ def random_round(rng: random.Random, prefix: str, top_platform: int = 3) -> list
                 events.append(Event(installation, time, platform, random_changes(rng)))
                 continue
             kind = rng.choice([START, START, HEARTBEAT, END, END, CUSTOM])
+            session_id = rng.choice(sessions)
             duration = None
             if kind in (HEARTBEAT, END) and rng.random() < 0.9:
                 duration = timedelta(seconds=rng.choice([0, 30, 90, 240, 600]))
@@ -291,8 +303,8 @@ def random_round(rng: random.Random, prefix: str, top_platform: int = 3) -> list
                     time,
                     platform,
                     random_changes(rng),
-                    session_id=rng.choice(sessions),
-                    profile_id=rng.choice(profiles),
+                    session_id=session_id,
+                    profile_id=rng.choice(profiles) if mixed else owners[session_id],
                     kind=kind,
                     duration=duration,
                     country=rng.choice(["", "FR", "DE"]) if kind == START else "",
@@ -345,18 +357,28 @@ async def apply(
         [e.country for e in sessions],
     )
     assert {r["what"] for r in rows} <= {"session"}
-    return sorted((r["installation_id"], r["session_id"], r["country"]) for r in rows)
+    return by_key((r["installation_id"], r["session_id"], r["country"]) for r in rows)
+
+
+def by_key(
+    answers: Iterable[tuple[str, str, str | None]],
+) -> list[tuple[str, str, str | None]]:
+    """Answers in a stable order: two profiles' parts of a session answer the same key, one
+    of them maybe with no country."""
+    return sorted(answers, key=lambda a: (a[0], a[1], a[2] or ""))
 
 
 async def stored_rows(
     db: asyncpg.Pool, project_id: uuid.UUID, prefix: str
-) -> tuple[dict[str, dict[str, Any]], dict[tuple[str, str], dict[str, Any]]]:
+) -> tuple[dict[str, dict[str, Any]], dict[SessionKey, dict[str, Any]]]:
     details = {
         r["installation_id"]: {k: v for k, v in r.items() if k != "project_id"}
         for r in await db.fetch(INSTALLATION_ROWS, project_id, prefix)
     }
     sessions = {
-        (r["installation_id"], r["session_id"]): {k: v for k, v in r.items() if k != "project_id"}
+        (r["installation_id"], r["session_id"], r["profile_id"]): {
+            k: v for k, v in r.items() if k != "project_id"
+        }
         for r in await db.fetch(SESSION_ROWS, project_id, prefix)
     }
     return details, sessions
@@ -378,7 +400,7 @@ def expected_details_row(installation_id: str, d: Details) -> dict[str, Any]:
     return row
 
 
-def expected_session_row(key: tuple[str, str], s: Session) -> dict[str, Any]:
+def expected_session_row(key: SessionKey, s: Session) -> dict[str, Any]:
     return {
         "installation_id": key[0],
         "session_id": key[1],
@@ -423,6 +445,7 @@ class Exercised:
 
     ties: int = 0
     ended_twice: int = 0
+    shared: int = 0  # a session that two profiles have parts of
     api_after_device: int = 0  # a device platform kept over a later API event
 
 
@@ -432,6 +455,7 @@ async def check_rounds(
     oracle: TestProject | None,
     seed: int,
     top_platform: int = 3,
+    mixed: bool = True,
 ) -> Exercised:
     """Six rounds of random batches through the function, each stored row checked against the
     model after every batch (and against 0027's function in `oracle`'s project, if given)."""
@@ -440,8 +464,8 @@ async def check_rounds(
     for round_ in range(6):
         prefix = f"r{round_}-"
         details: dict[str, Details] = {}
-        sessions: dict[tuple[str, str], Session] = {}
-        for batch in split(rng, random_round(rng, prefix, top_platform)):
+        sessions: dict[SessionKey, Session] = {}
+        for batch in split(rng, random_round(rng, prefix, top_platform, mixed)):
             for installation_id, d in details_of_batch(batch).items():
                 stored = details.get(installation_id)
                 details[installation_id] = merge_details(stored, d)
@@ -461,7 +485,7 @@ async def check_rounds(
             answered = await apply(
                 db, "profiles_ingest_apply_batch_state", project.project_id, batch
             )
-            assert answered == sorted((*key, sessions[key].country) for key in touched)
+            assert answered == by_key((*key[:2], sessions[key].country) for key in touched)
             stored_details, stored_sessions = await stored_rows(db, project.project_id, prefix)
             assert {k: with_parsed_times(v) for k, v in stored_details.items()} == {
                 k: expected_details_row(k, d) for k, d in details.items()
@@ -478,6 +502,8 @@ async def check_rounds(
                 stored_details,
                 stored_sessions,
             ), f"seed {seed}, round {round_}"
+        parts = {key[:2] for key in sessions}
+        seen.shared += len(sessions) - len(parts)
     return seen
 
 
@@ -490,9 +516,21 @@ async def test_installation_details_and_sessions_follow_the_model_and_0027(
         list(KIND_NAMES.values()),
     )
     assert {r["n"]: r["kind"] for r in kinds} == {v: k for k, v in KIND_NAMES.items()}
-    seen = await check_rounds(db, project, oracle, seed)
+    seen = await check_rounds(db, project, oracle, seed, mixed=False)
     # The inputs exercised what they are for: ties in a batch, ends over earlier ends.
     assert seen.ties > 0
+    assert seen.ended_twice > 0
+    assert seen.shared == 0
+
+
+@pytest.mark.parametrize("seed", [20261207, 8, 9])
+async def test_each_profile_has_its_own_part_of_a_session(
+    db: asyncpg.Pool, project: TestProject, seed: int
+) -> None:
+    """0054: events of one session on two profiles (a logout and a login within it) make two
+    rows, each counting only its profile's events (0027 predates it)."""
+    seen = await check_rounds(db, project, None, seed)
+    assert seen.shared > 0
     assert seen.ended_twice > 0
 
 

@@ -125,6 +125,25 @@ CREATE INDEX installation_details_by_push_token ON installation_details USING bt
 -- a merge) keeps its bucket right without knowing of it. Adding it rewrites the table once.
 -- Room on each page for the updated versions of its rows (new pages only; HOT needs the new
 -- version on the same page).
+-- A session row holds one profile's part of a session.
+--
+-- Sessions were keyed by installation and the client's session ID, with the profile of the
+-- session's first batch. When a person logged out and another logged in on the installation
+-- within one SDK session (our API's clients keep their session ID across Logout), the second
+-- person's events of that session updated the first person's row: their event count, last
+-- activity, end and duration were counted as the first person's, survived the second
+-- person's erasure, and were deleted by the first person's. Now each profile has its own row
+-- of the session (the primary key names the profile): the events of a session count on the
+-- row of the profile they landed on, an erasure deletes exactly the erased person's parts, and
+-- a merge folds the source's part of a session into the target's part when both have one (the
+-- same person logging out and back in within one session), else moves it with a plain UPDATE
+-- as before. A session row that already mixes two people cannot be told apart and stays as it
+-- is.
+--
+-- What reads sessions by installation (the session rules) sees the installation's session: the
+-- union of its profiles' parts (services/ingest/session_derivation.py). The read contract for
+-- query gains nothing new: one row per session part, each with its profile; the profile's
+-- sessions are its rows, as before.
 CREATE TABLE sessions (
     project_id uuid NOT NULL,
     installation_id text NOT NULL,
@@ -142,7 +161,7 @@ CREATE TABLE sessions (
     closed boolean NOT NULL DEFAULT false,
     derived boolean NOT NULL DEFAULT false,
     activity_bucket timestamp with time zone GENERATED ALWAYS AS (ingest_sessions_activity_bucket(last_activity_time)) STORED NOT NULL,
-    CONSTRAINT sessions_pkey PRIMARY KEY (project_id, installation_id, session_id),
+    CONSTRAINT sessions_pkey PRIMARY KEY (project_id, installation_id, session_id, profile_id),
     CONSTRAINT sessions_session_id_check CHECK (((char_length(session_id) >= 1) AND (char_length(session_id) <= 64)))
 ) WITH (fillfactor=80);
 -- A profile's session history, newest first (ListSessions); also what a merge moves by.
@@ -563,12 +582,51 @@ AS $function$
     UPDATE events SET profile_id = p_target WHERE project_id = p_project AND profile_id = p_source
 $function$;
 
+-- 0016's merge of sessions. The source's parts the target has no part of move with a plain
+-- UPDATE; the others are two parts of one session (the source's installation was the
+-- target's earlier in the session), folded into the target's part by the rules one batch
+-- uses over a stored row (profiles_ingest_apply_batch_state): the span and counts add up, the platform
+-- of the later activity, the earlier start's country, an end over no end or a later end
+-- (its time and duration); closed once either part is.
 CREATE OR REPLACE FUNCTION public.ingest_merge_sessions(p_project uuid, p_source uuid, p_target uuid)
  RETURNS void
  LANGUAGE sql
 AS $function$
-    UPDATE sessions SET profile_id = p_target
-    WHERE project_id = p_project AND profile_id = p_source
+    UPDATE sessions s SET profile_id = p_target
+    WHERE s.project_id = p_project AND s.profile_id = p_source
+        AND NOT EXISTS (
+            SELECT 1 FROM sessions t
+            WHERE t.project_id = p_project AND t.installation_id = s.installation_id
+                AND t.session_id = s.session_id AND t.profile_id = p_target);
+    WITH source AS (
+        DELETE FROM sessions s WHERE s.project_id = p_project AND s.profile_id = p_source
+        RETURNING s.*
+    )
+    UPDATE sessions t SET
+        platform = CASE WHEN m.last_activity_time > t.last_activity_time THEN m.platform
+                        ELSE t.platform END,
+        country = CASE WHEN m.start_time < t.start_time THEN coalesce(m.country, t.country)
+                       ELSE coalesce(t.country, m.country) END,
+        start_time = least(t.start_time, m.start_time),
+        last_activity_time = greatest(t.last_activity_time, m.last_activity_time),
+        end_time = CASE
+            WHEN m.ended AND (NOT t.ended OR m.end_time > t.end_time) THEN m.end_time
+            WHEN t.ended THEN t.end_time
+            ELSE greatest(t.end_time, m.end_time) END,
+        duration = CASE
+            WHEN m.ended AND (NOT t.ended OR m.end_time > t.end_time) THEN m.duration
+            WHEN t.ended THEN t.duration
+            ELSE greatest(t.duration, m.duration,
+                          greatest(t.last_activity_time, m.last_activity_time)
+                          - least(t.start_time, m.start_time)) END,
+        event_count = t.event_count + m.event_count,
+        started = t.started OR m.started,
+        ended = t.ended OR m.ended,
+        closed = t.closed OR m.closed,
+        derived = t.derived OR m.derived
+    FROM source m
+    WHERE t.project_id = p_project AND t.installation_id = m.installation_id
+        AND t.session_id = m.session_id AND t.profile_id = p_target;
 $function$;
 
 -- 0016's erasure, the rejected events now by the profile they arrived for (else, for rows
@@ -968,7 +1026,7 @@ AS $function$
         last_event_time = greatest(c.last_event_time, EXCLUDED.last_event_time)
 $function$;
 
--- 0040's function, the installation details now written by the function above.
+-- 0043's function, each (installation, session, profile) of the batch its own row.
 CREATE OR REPLACE FUNCTION public.profiles_ingest_apply_batch_state(p_project uuid, o_profiles uuid[], o_natives boolean[], o_names text[], o_times timestamp with time zone[], o_event_ids text[], o_origins text[], o_positions smallint[], o_kinds text[], o_values jsonb[], p_refused_event_seqs bigint[], s_profiles uuid[], s_channels text[], s_kinds text[], s_subscribed boolean[], s_times timestamp with time zone[], s_event_ids text[], s_origins text[], i_installations text[], i_times timestamp with time zone[], i_platforms smallint[], i_changes jsonb[], p_session_starters text[], e_installations text[], e_sessions text[], e_profiles uuid[], e_platforms smallint[], e_kinds smallint[], e_times timestamp with time zone[], e_durations interval[], e_countries text[])
  RETURNS TABLE(what text, installation_id text, session_id text, country text, imported_installation_id text)
  LANGUAGE plpgsql
@@ -1040,8 +1098,7 @@ BEGIN
         -- batch is sorted once, not each group once per aggregate; "the latest" is the
         -- last element.
         d AS (
-            SELECT e.installation_id, e.session_id,
-                   (array_agg(e.profile_id ORDER BY e.event_time, e.ord))[1] AS profile_id,
+            SELECT e.installation_id, e.session_id, e.profile_id,
                    (array_agg(e.platform ORDER BY e.event_time, e.ord))[count(*)] AS platform,
                    (array_agg(e.country ORDER BY e.event_time, e.ord)
                         FILTER (WHERE e.kind = ingest_read_event_kind('session_start')
@@ -1061,7 +1118,7 @@ BEGIN
                    bool_or(e.kind = ingest_read_event_kind('session_start')) AS started,
                    bool_or(e.kind = ingest_read_event_kind('session_end')) AS ended
             FROM e
-            GROUP BY e.installation_id, e.session_id
+            GROUP BY e.installation_id, e.session_id, e.profile_id
         ),
         upserted AS (
             INSERT INTO sessions AS s (project_id, installation_id, session_id, profile_id,
@@ -1074,7 +1131,7 @@ BEGIN
                                       coalesce(d.longest_heartbeat, '0')) END,
                    d.event_count, d.started, d.ended, d.ended
             FROM d
-            ORDER BY d.installation_id, d.session_id
+            ORDER BY d.installation_id, d.session_id, d.profile_id
             ON CONFLICT ON CONSTRAINT sessions_pkey DO UPDATE SET
                 platform = EXCLUDED.platform,
                 country = coalesce(s.country, EXCLUDED.country),

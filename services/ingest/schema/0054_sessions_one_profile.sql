@@ -1,0 +1,217 @@
+-- A session row holds one profile's part of a session.
+--
+-- Sessions were keyed by installation and the client's session ID, with the profile of the
+-- session's first batch. When a person logged out and another logged in on the installation
+-- within one SDK session (our API's clients keep their session ID across Logout), the second
+-- person's events of that session updated the first person's row: their event count, last
+-- activity, end and duration were counted as the first person's, survived the second
+-- person's erasure, and were deleted by the first person's. Now each profile has its own row
+-- of the session (the primary key names the profile): the events of a session count on the
+-- row of the profile they landed on, an erasure deletes exactly the erased person's parts, and
+-- a merge folds the source's part of a session into the target's part when both have one (the
+-- same person logging out and back in within one session), else moves it with a plain UPDATE
+-- as before. A session row that already mixes two people cannot be told apart and stays as it
+-- is.
+--
+-- What reads sessions by installation (the session rules) sees the installation's session: the
+-- union of its profiles' parts (services/ingest/session_derivation.py). The read contract for
+-- query gains nothing new: one row per session part, each with its profile; the profile's
+-- sessions are its rows, as before.
+ALTER TABLE sessions DROP CONSTRAINT sessions_pkey,
+    ADD CONSTRAINT sessions_pkey PRIMARY KEY (project_id, installation_id, session_id, profile_id);
+
+-- 0043's function, each (installation, session, profile) of the batch its own row.
+CREATE OR REPLACE FUNCTION profiles_ingest_apply_batch_state(
+    p_project uuid,
+    -- attribute operations: profile, native, name, event time, event ID, origin, position,
+    -- kind, value
+    o_profiles uuid[], o_natives boolean[], o_names text[], o_times timestamptz[],
+    o_event_ids text[], o_origins text[], o_positions smallint[], o_kinds text[],
+    o_values jsonb[],
+    p_refused_event_seqs bigint[],
+    -- consent changes: profile, channel, kind, subscribed, time, event ID, origin
+    s_profiles uuid[], s_channels text[], s_kinds text[], s_subscribed boolean[],
+    s_times timestamptz[], s_event_ids text[], s_origins text[],
+    -- installation events: installation, event time, platform, the fields it sets
+    i_installations text[], i_times timestamptz[], i_platforms smallint[], i_changes jsonb[],
+    p_session_starters text[],
+    -- session events: installation, session, profile, platform, kind, time, duration, country
+    e_installations text[], e_sessions text[], e_profiles uuid[], e_platforms smallint[],
+    e_kinds smallint[], e_times timestamptz[], e_durations interval[], e_countries text[]
+) RETURNS TABLE (what text, installation_id text, session_id text, country text,
+                 imported_installation_id text)
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF cardinality(o_profiles) > 0 THEN
+        INSERT INTO attribute_operations (project_id, profile_id, native, name, event_time,
+                                          event_id, origin, position, kind, value)
+        SELECT p_project, o.*
+        FROM unnest(o_profiles, o_natives, o_names, o_times, o_event_ids, o_origins,
+                    o_positions, o_kinds, o_values) AS o;
+        -- Every touched attribute replayed from its earliest operation of the batch, in one
+        -- statement for the batch.
+        PERFORM profiles_ingest_fold_attributes(
+            p_project, array_agg(f.profile_id), array_agg(f.native), array_agg(f.name),
+            array_agg(f.event_time), array_agg(f.event_id), array_agg(f.origin),
+            array_agg(f.position))
+        FROM (
+            SELECT DISTINCT ON (o.profile_id, o.native, o.name) o.*
+            FROM unnest(o_profiles, o_natives, o_names, o_times, o_event_ids, o_origins,
+                        o_positions)
+                 AS o(profile_id, native, name, event_time, event_id, origin, position)
+            ORDER BY o.profile_id, o.native, o.name, o.event_time, o.event_id COLLATE "C",
+                     o.origin COLLATE "C", o.position
+        ) f;
+    END IF;
+
+    IF cardinality(p_refused_event_seqs) > 0 THEN
+        DELETE FROM events e
+        WHERE e.project_id = p_project AND e.event_seq = ANY(p_refused_event_seqs);
+    END IF;
+
+    IF cardinality(s_profiles) > 0 THEN
+        INSERT INTO profile_subscriptions AS t (project_id, profile_id, channel, kind,
+                                                subscribed, change_time, change_event_id,
+                                                change_origin)
+        SELECT DISTINCT ON (s.profile_id, s.channel, s.kind) p_project, s.*
+        FROM unnest(s_profiles, s_channels, s_kinds, s_subscribed, s_times, s_event_ids,
+                    s_origins)
+             AS s(profile_id, channel, kind, subscribed, change_time, change_event_id,
+                  change_origin)
+        ORDER BY s.profile_id, s.channel, s.kind, s.change_time DESC,
+                 s.change_event_id COLLATE "C" DESC, s.change_origin COLLATE "C" DESC
+        ON CONFLICT ON CONSTRAINT profile_subscriptions_pkey DO UPDATE SET
+            subscribed = EXCLUDED.subscribed, change_time = EXCLUDED.change_time,
+            change_event_id = EXCLUDED.change_event_id, change_origin = EXCLUDED.change_origin
+        WHERE (t.change_time, t.change_event_id, t.change_origin)
+            < (EXCLUDED.change_time, EXCLUDED.change_event_id, EXCLUDED.change_origin);
+    END IF;
+
+    IF cardinality(i_installations) > 0 THEN
+        RETURN QUERY
+        SELECT 'reintegration', r.installation_id, NULL::text, NULL::text,
+               r.imported_installation_id
+        FROM profiles_ingest_apply_installation_details(
+            p_project, i_installations, i_times, i_platforms, i_changes, p_session_starters) r
+        ORDER BY r.installation_id, r.imported_installation_id;
+    END IF;
+
+    IF cardinality(e_installations) > 0 THEN
+        RETURN QUERY
+        WITH e AS (
+            SELECT * FROM unnest(e_installations, e_sessions, e_profiles, e_platforms,
+                                 e_kinds, e_times, e_durations, e_countries)
+                 WITH ORDINALITY AS e(installation_id, session_id, profile_id, platform, kind,
+                                      event_time, duration, country, ord)
+        ),
+        -- Every ordered aggregate in one order (event time, then request order): the
+        -- batch is sorted once, not each group once per aggregate; "the latest" is the
+        -- last element.
+        d AS (
+            SELECT e.installation_id, e.session_id, e.profile_id,
+                   (array_agg(e.platform ORDER BY e.event_time, e.ord))[count(*)] AS platform,
+                   (array_agg(e.country ORDER BY e.event_time, e.ord)
+                        FILTER (WHERE e.kind = ingest_read_event_kind('session_start')
+                                AND e.country <> ''))[1] AS country,
+                   min(e.event_time) AS start_time, max(e.event_time) AS last_activity_time,
+                   max(e.event_time)
+                       FILTER (WHERE e.kind = ingest_read_event_kind('session_end'))
+                       AS end_time,
+                   (array_agg(e.duration ORDER BY e.event_time, e.ord)
+                        FILTER (WHERE e.kind = ingest_read_event_kind('session_end')))
+                       [count(*) FILTER (WHERE e.kind = ingest_read_event_kind('session_end'))]
+                       AS end_duration,
+                   max(e.duration)
+                       FILTER (WHERE e.kind = ingest_read_event_kind('session_heartbeat'))
+                       AS longest_heartbeat,
+                   count(*) AS event_count,
+                   bool_or(e.kind = ingest_read_event_kind('session_start')) AS started,
+                   bool_or(e.kind = ingest_read_event_kind('session_end')) AS ended
+            FROM e
+            GROUP BY e.installation_id, e.session_id, e.profile_id
+        ),
+        upserted AS (
+            INSERT INTO sessions AS s (project_id, installation_id, session_id, profile_id,
+                platform, country, start_time, last_activity_time, end_time, duration,
+                event_count, started, ended, closed)
+            SELECT p_project, d.installation_id, d.session_id, d.profile_id, d.platform,
+                   d.country, d.start_time, d.last_activity_time, d.end_time,
+                   CASE WHEN d.ended THEN coalesce(d.end_duration, '0')
+                        ELSE greatest(d.last_activity_time - d.start_time,
+                                      coalesce(d.longest_heartbeat, '0')) END,
+                   d.event_count, d.started, d.ended, d.ended
+            FROM d
+            ORDER BY d.installation_id, d.session_id, d.profile_id
+            ON CONFLICT ON CONSTRAINT sessions_pkey DO UPDATE SET
+                platform = EXCLUDED.platform,
+                country = coalesce(s.country, EXCLUDED.country),
+                start_time = least(s.start_time, EXCLUDED.start_time),
+                last_activity_time = greatest(s.last_activity_time,
+                                              EXCLUDED.last_activity_time),
+                end_time = CASE
+                    WHEN EXCLUDED.ended AND (NOT s.ended OR EXCLUDED.end_time >= s.end_time)
+                        THEN EXCLUDED.end_time
+                    ELSE s.end_time END,
+                duration = CASE
+                    WHEN EXCLUDED.ended AND (NOT s.ended OR EXCLUDED.end_time >= s.end_time)
+                        THEN EXCLUDED.duration
+                    WHEN s.ended THEN s.duration
+                    ELSE greatest(s.duration, EXCLUDED.duration,
+                                  greatest(s.last_activity_time, EXCLUDED.last_activity_time)
+                                  - least(s.start_time, EXCLUDED.start_time)) END,
+                event_count = s.event_count + EXCLUDED.event_count,
+                started = s.started OR EXCLUDED.started,
+                ended = s.ended OR EXCLUDED.ended,
+                closed = s.closed OR EXCLUDED.ended
+            RETURNING s.installation_id, s.session_id, s.country
+        )
+        SELECT 'session', u.installation_id, u.session_id, u.country, NULL::text
+        FROM upserted u;
+    END IF;
+END $$;
+
+
+-- 0016's merge of sessions. The source's parts the target has no part of move with a plain
+-- UPDATE; the others are two parts of one session (the source's installation was the
+-- target's earlier in the session), folded into the target's part by the rules one batch
+-- uses over a stored row (profiles_ingest_apply_batch_state): the span and counts add up, the platform
+-- of the later activity, the earlier start's country, an end over no end or a later end
+-- (its time and duration); closed once either part is.
+CREATE OR REPLACE FUNCTION ingest_merge_sessions(p_project uuid, p_source uuid, p_target uuid)
+RETURNS void LANGUAGE sql AS $$
+    UPDATE sessions s SET profile_id = p_target
+    WHERE s.project_id = p_project AND s.profile_id = p_source
+        AND NOT EXISTS (
+            SELECT 1 FROM sessions t
+            WHERE t.project_id = p_project AND t.installation_id = s.installation_id
+                AND t.session_id = s.session_id AND t.profile_id = p_target);
+    WITH source AS (
+        DELETE FROM sessions s WHERE s.project_id = p_project AND s.profile_id = p_source
+        RETURNING s.*
+    )
+    UPDATE sessions t SET
+        platform = CASE WHEN m.last_activity_time > t.last_activity_time THEN m.platform
+                        ELSE t.platform END,
+        country = CASE WHEN m.start_time < t.start_time THEN coalesce(m.country, t.country)
+                       ELSE coalesce(t.country, m.country) END,
+        start_time = least(t.start_time, m.start_time),
+        last_activity_time = greatest(t.last_activity_time, m.last_activity_time),
+        end_time = CASE
+            WHEN m.ended AND (NOT t.ended OR m.end_time > t.end_time) THEN m.end_time
+            WHEN t.ended THEN t.end_time
+            ELSE greatest(t.end_time, m.end_time) END,
+        duration = CASE
+            WHEN m.ended AND (NOT t.ended OR m.end_time > t.end_time) THEN m.duration
+            WHEN t.ended THEN t.duration
+            ELSE greatest(t.duration, m.duration,
+                          greatest(t.last_activity_time, m.last_activity_time)
+                          - least(t.start_time, m.start_time)) END,
+        event_count = t.event_count + m.event_count,
+        started = t.started OR m.started,
+        ended = t.ended OR m.ended,
+        closed = t.closed OR m.closed,
+        derived = t.derived OR m.derived
+    FROM source m
+    WHERE t.project_id = p_project AND t.installation_id = m.installation_id
+        AND t.session_id = m.session_id AND t.profile_id = p_target;
+$$;
