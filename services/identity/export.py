@@ -178,12 +178,75 @@ def rejected_event_record(row: Row) -> dict[str, Any]:
     }
 
 
+def segments_record(custom: Iterable[Row], smart: Iterable[Row]) -> dict[str, Any]:
+    """Custom segment memberships and smart segments (platform 0, all platforms, as null)."""
+    return {
+        "custom": [
+            {
+                "segmentId": str(r["segment_id"]),
+                "displayName": r["display_name"],
+                "enterTime": rfc3339(r["enter_time"]),
+            }
+            for r in custom
+        ],
+        "smart": [
+            {
+                "platform": platform_name(r["platform"] or None),
+                "segment": None
+                if r["segment"] is None
+                else types_pb2.SmartSegment.Name(r["segment"]),
+                "flag": types_pb2.SmartSegmentFlag.Name(r["flag"]) if r["flag"] else None,
+                "nextTransitionTime": rfc3339(r["next_transition_time"]),
+            }
+            for r in smart
+        ],
+    }
+
+
+def engagement_record(row: Row) -> dict[str, Any]:
+    return {
+        "score": row["score"],
+        "score1": row["score1"],
+        "score2": row["score2"],
+        "score3": row["score3"],
+        "sessionCount": row["session_count"],
+        "averageSessionDurationSeconds": row["average_session_us"] / 1_000_000,
+        "activeDays": row["active_days"],
+        "timeZone": row["time_zone"],
+        "windowStartTime": rfc3339(row["window_start_time"]),
+        "windowEndTime": rfc3339(row["window_end_time"]),
+    }
+
+
+def funnel_progress_records(rows: Iterable[Row]) -> list[dict[str, Any]]:
+    """Segments' rows (one per funnel and step, in order) as one record per funnel."""
+    funnels: dict[Any, dict[str, Any]] = {}
+    for row in rows:
+        funnel = funnels.setdefault(
+            row["funnel_id"],
+            {"funnelId": str(row["funnel_id"]), "displayName": row["display_name"], "steps": []},
+        )
+        funnel["steps"].append(
+            {
+                "stepNumber": row["step_number"],
+                "eventName": row["event_name"],
+                "completeTime": rfc3339(row["complete_time"]),
+            }
+        )
+    for funnel in funnels.values():
+        # The best attempt completes a prefix of the steps.
+        done = sum(1 for step in funnel["steps"] if step["completeTime"] is not None)
+        funnel["completedStepCount"] = done
+        funnel["converted"] = done == len(funnel["steps"])
+    return list(funnels.values())
+
+
 def _dumps(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
 def object_chunk(section: ExportSection, record: Mapping[str, Any]) -> ExportChunk:
-    """PROFILE and ATTRIBUTES: one chunk holding one JSON object."""
+    """PROFILE, ATTRIBUTES, SEGMENTS and ENGAGEMENT: one chunk holding one JSON object."""
     return ExportChunk(section, 0, _dumps(record), 1, section_end=True)
 
 

@@ -1,9 +1,10 @@
 """ExportProfile's reads, all in one REPEATABLE READ snapshot: identity's own tables, and what
-ingest keeps about the profile through ingest's published read contracts."""
+ingest and segments keep about the profile through their published read contracts."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
+from datetime import datetime
 from uuid import UUID
 
 import asyncpg
@@ -71,6 +72,16 @@ SELECT_EXPORT_REJECTED_EVENTS = """
     SELECT * FROM ingest_read_export_rejected_events($1, $2::uuid[], $3::text[], $4::text[])"""
 EXPORT_FETCH_ROWS = 500
 
+# What segments keeps about the profile comes through segments' published read contracts
+# (segments_read_export_*, in its segments_export_read_contracts migration), never its tables,
+# on the same connection: the snapshot holds segments' rows with everything else. Smart
+# segments, engagement and funnel progress are as of $3, the export's time (segments' rules,
+# applied to its stored states, sessions and ingest's events).
+SELECT_EXPORT_CUSTOM_SEGMENTS = "SELECT * FROM segments_read_export_custom_segments($1, $2)"
+SELECT_EXPORT_SMART_SEGMENTS = "SELECT * FROM segments_read_export_smart_segments($1, $2, $3)"
+SELECT_EXPORT_ENGAGEMENT = "SELECT * FROM segments_read_export_engagement($1, $2, $3)"
+SELECT_EXPORT_FUNNEL_PROGRESS = "SELECT * FROM segments_read_export_funnel_progress($1, $2, $3)"
+
 
 class ExportReader:
     """The reads of one export, all in one snapshot."""
@@ -136,3 +147,23 @@ class ExportReader:
             list(installation_ids),
             list(custom_ids),
         )
+
+    async def custom_segments(self, project_id: UUID, profile_id: UUID) -> list[asyncpg.Record]:
+        return await self._conn.fetch(SELECT_EXPORT_CUSTOM_SEGMENTS, project_id, profile_id)
+
+    async def smart_segments(
+        self, project_id: UUID, profile_id: UUID, as_of: datetime
+    ) -> list[asyncpg.Record]:
+        return await self._conn.fetch(SELECT_EXPORT_SMART_SEGMENTS, project_id, profile_id, as_of)
+
+    async def engagement(
+        self, project_id: UUID, profile_id: UUID, as_of: datetime
+    ) -> asyncpg.Record:
+        row = await self._conn.fetchrow(SELECT_EXPORT_ENGAGEMENT, project_id, profile_id, as_of)
+        assert row is not None  # segments' contract: always one row
+        return row
+
+    async def funnel_progress(
+        self, project_id: UUID, profile_id: UUID, as_of: datetime
+    ) -> list[asyncpg.Record]:
+        return await self._conn.fetch(SELECT_EXPORT_FUNNEL_PROGRESS, project_id, profile_id, as_of)

@@ -428,6 +428,9 @@ class ExportSection(enum.Enum):
     SESSIONS = "sessions"
     EVENTS = "events"
     REJECTED_EVENTS = "rejectedEvents"
+    SEGMENTS = "segments"
+    ENGAGEMENT = "engagement"
+    FUNNEL_PROGRESS = "funnelProgress"
 
 
 EXPORT_FORMAT_VERSION = 1

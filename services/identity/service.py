@@ -878,6 +878,19 @@ class IdentityService:
                 ExportSection.REJECTED_EVENTS, [export.rejected_event_record(r) for r in rejected]
             ):
                 yield chunk
+            # Segments' data, in the same snapshot; what time alone changes is as of `now`.
+            custom = await reader.custom_segments(project_id, live)
+            smart = await reader.smart_segments(project_id, live, now)
+            yield export.object_chunk(ExportSection.SEGMENTS, export.segments_record(custom, smart))
+            engagement = await reader.engagement(project_id, live, now)
+            yield export.object_chunk(
+                ExportSection.ENGAGEMENT, export.engagement_record(engagement)
+            )
+            progress = await reader.funnel_progress(project_id, live, now)
+            async for chunk in export.array_chunks(
+                ExportSection.FUNNEL_PROGRESS, export.funnel_progress_records(progress)
+            ):
+                yield chunk
         log.info("profile_exported", profile_id=str(live))
 
     # -- retries and answers --------------------------------------------------------------

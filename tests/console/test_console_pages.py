@@ -520,6 +520,13 @@ async def test_only_an_admin_key_can_download_the_gdpr_export(
     assert document["profile"]["profileId"] == profile.summary.profile_id
     assert isinstance(document["events"], list)
     assert document["events"]
+    # Segments' sections close the document, the object ones whole: what segments keeps
+    # about the person (the demo's profiles have sessions, hence a smart segment).
+    assert list(document)[-3:] == ["segments", "engagement", "funnelProgress"]
+    assert set(document["segments"]) == {"custom", "smart"}
+    assert document["segments"]["smart"]
+    assert document["engagement"]["sessionCount"] >= 0
+    assert isinstance(document["funnelProgress"], list)
 
 
 async def test_rejected_events_are_listed_with_their_reason_and_filtered(

@@ -152,6 +152,15 @@ def export_document(chunks: list[pb.ExportProfileResponse]) -> dict[str, Any]:
         pb.EXPORT_SECTION_SESSIONS: "sessions",
         pb.EXPORT_SECTION_EVENTS: "events",
         pb.EXPORT_SECTION_REJECTED_EVENTS: "rejectedEvents",
+        pb.EXPORT_SECTION_SEGMENTS: "segments",
+        pb.EXPORT_SECTION_ENGAGEMENT: "engagement",
+        pb.EXPORT_SECTION_FUNNEL_PROGRESS: "funnelProgress",
+    }
+    objects = {
+        pb.EXPORT_SECTION_PROFILE,
+        pb.EXPORT_SECTION_ATTRIBUTES,
+        pb.EXPORT_SECTION_SEGMENTS,
+        pb.EXPORT_SECTION_ENGAGEMENT,
     }
     sections = [chunk.section for chunk in chunks]
     assert sections == sorted(sections), "sections come in the order of ExportSection"
@@ -160,7 +169,7 @@ def export_document(chunks: list[pb.ExportProfileResponse]) -> dict[str, Any]:
         assert chunk.chunk_index == index
         value = json.loads(chunk.json)
         name = names[chunk.section]
-        if chunk.section in (pb.EXPORT_SECTION_PROFILE, pb.EXPORT_SECTION_ATTRIBUTES):
+        if chunk.section in objects:
             assert isinstance(value, dict)
             assert chunk.record_count == 1
             assert chunk.section_end

@@ -132,6 +132,32 @@ class _ExportSectionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ExportS
     """A JSON array of rejected events: {"eventId", "reason", "fieldPath", "receiveTime",
     "rawPayload"}.
     """
+    EXPORT_SECTION_SEGMENTS: _ExportSection.ValueType  # 9
+    """One JSON object, what segments keeps about the profile as of its last handling of the
+    profile's events and identity changes: `custom`, the custom segments the profile is in,
+    oldest entry first ({"segmentId", "displayName", "enterTime"}: when it entered the segment
+    most recently), and `smart`, its smart segment and flag as of the export, over all
+    platforms (`platform` null) and on each platform it has sessions on ({"platform",
+    "segment", "flag", "nextTransitionTime"}: `segment` a SmartSegment name such as
+    "SMART_SEGMENT_ENGAGED", `flag` a SmartSegmentFlag name or null, `nextTransitionTime` when
+    time alone next changes them, or null); both `[]` with none. Segments keeps no time of
+    entry into a smart segment. Exactly once.
+    """
+    EXPORT_SECTION_ENGAGEMENT: _ExportSection.ValueType  # 10
+    """One JSON object, the engagement score as of the export (as GetEngagement computes it):
+    `score` (0 to 280: `score1` x `score2` x `score3`), `score1` (the average length in
+    minutes of the sessions that started in the window and ended, capped at 2), `score2`
+    (`sessionCount`, capped at 20), `score3` (`activeDays`, capped at 7), `sessionCount`,
+    `averageSessionDurationSeconds`, `activeDays` (calendar days with a session start, in
+    `timeZone`: the profile's, else "UTC"), `windowStartTime` and `windowEndTime` (the 168
+    hours up to the export). Zeros without a session in the window. Exactly once.
+    """
+    EXPORT_SECTION_FUNNEL_PROGRESS: _ExportSection.ValueType  # 11
+    """A JSON array of the profile's progress as of the export in each funnel it started (step 1
+    completed), oldest funnel first: {"funnelId", "displayName", "steps", "completedStepCount",
+    "converted"}, `steps` every step of the funnel in order ({"stepNumber", "eventName",
+    "completeTime"}: when the step happened in the best attempt, or null).
+    """
 
 class ExportSection(_ExportSection, metaclass=_ExportSectionEnumTypeWrapper):
     """A section of an export."""
@@ -172,6 +198,32 @@ JSON form of the event's payload as sent (for example {"custom": {...}}), withou
 EXPORT_SECTION_REJECTED_EVENTS: ExportSection.ValueType  # 8
 """A JSON array of rejected events: {"eventId", "reason", "fieldPath", "receiveTime",
 "rawPayload"}.
+"""
+EXPORT_SECTION_SEGMENTS: ExportSection.ValueType  # 9
+"""One JSON object, what segments keeps about the profile as of its last handling of the
+profile's events and identity changes: `custom`, the custom segments the profile is in,
+oldest entry first ({"segmentId", "displayName", "enterTime"}: when it entered the segment
+most recently), and `smart`, its smart segment and flag as of the export, over all
+platforms (`platform` null) and on each platform it has sessions on ({"platform",
+"segment", "flag", "nextTransitionTime"}: `segment` a SmartSegment name such as
+"SMART_SEGMENT_ENGAGED", `flag` a SmartSegmentFlag name or null, `nextTransitionTime` when
+time alone next changes them, or null); both `[]` with none. Segments keeps no time of
+entry into a smart segment. Exactly once.
+"""
+EXPORT_SECTION_ENGAGEMENT: ExportSection.ValueType  # 10
+"""One JSON object, the engagement score as of the export (as GetEngagement computes it):
+`score` (0 to 280: `score1` x `score2` x `score3`), `score1` (the average length in
+minutes of the sessions that started in the window and ended, capped at 2), `score2`
+(`sessionCount`, capped at 20), `score3` (`activeDays`, capped at 7), `sessionCount`,
+`averageSessionDurationSeconds`, `activeDays` (calendar days with a session start, in
+`timeZone`: the profile's, else "UTC"), `windowStartTime` and `windowEndTime` (the 168
+hours up to the export). Zeros without a session in the window. Exactly once.
+"""
+EXPORT_SECTION_FUNNEL_PROGRESS: ExportSection.ValueType  # 11
+"""A JSON array of the profile's progress as of the export in each funnel it started (step 1
+completed), oldest funnel first: {"funnelId", "displayName", "steps", "completedStepCount",
+"converted"}, `steps` every step of the funnel in order ({"stepNumber", "eventName",
+"completeTime"}: when the step happened in the best attempt, or null).
 """
 Global___ExportSection: _TypeAlias = ExportSection  # noqa: Y015
 
@@ -659,9 +711,10 @@ Global___ExportProfileRequest: _TypeAlias = ExportProfileRequest  # noqa: Y015
 class ExportProfileResponse(_message.Message):
     """One chunk of an export. The whole export is one JSON object with one member per section,
     named by the section in lower camel case (`profile`, `attributes`, `subscriptions`,
-    `installations`, `identityHistory`, `sessions`, `events`, `rejectedEvents`). Chunks come
-    section by section in the order of ExportSection; the PROFILE and ATTRIBUTES sections are
-    one chunk each, holding a JSON object; every other section is one or more chunks, each
+    `installations`, `identityHistory`, `sessions`, `events`, `rejectedEvents`, `segments`,
+    `engagement`, `funnelProgress`). Chunks come section by section in the order of
+    ExportSection; the PROFILE, ATTRIBUTES, SEGMENTS and ENGAGEMENT sections are one chunk
+    each, holding a JSON object; every other section is one or more chunks, each
     holding a JSON array, and its array is the concatenation of its chunks' arrays, in order (a
     section with no records is one chunk with `[]`). Each chunk is at most about 1 MiB. The
     export is complete only when the stream ends with OK.
@@ -682,7 +735,9 @@ class ExportProfileResponse(_message.Message):
     section_chunk_index: _builtins.int
     """The chunk's position within its section, from 0."""
     json: _builtins.str
-    """A complete UTF-8 JSON document: an object for PROFILE and ATTRIBUTES, an array otherwise."""
+    """A complete UTF-8 JSON document: an object for PROFILE, ATTRIBUTES, SEGMENTS and
+    ENGAGEMENT, an array otherwise.
+    """
     record_count: _builtins.int
     """The number of records in `json`: 1 for an object, the array's length otherwise."""
     section_end: _builtins.bool
