@@ -1027,12 +1027,10 @@ async def profile_export(request: Request, session: ConsoleSession) -> Response:
     first = await anext(chunks)
 
     async def body() -> AsyncIterator[bytes]:
-        names = identity_pb.ExportSection
         open_array = False
         section_index = 0
         async for chunk in _prepend(first, chunks):
-            name = names.Name(chunk.section).removeprefix("EXPORT_SECTION_").lower()
-            member = _camel(name)
+            member = export_member(chunk.section)
             if chunk.section_chunk_index == 0:
                 separator = "{" if section_index == 0 else ","
                 section_index += 1
@@ -1060,6 +1058,17 @@ async def profile_export(request: Request, session: ConsoleSession) -> Response:
         media_type="application/json",
         headers={"Content-Disposition": f'attachment; filename="profile-{profile_id}.json"'},
     )
+
+
+def export_member(section: int) -> str:
+    """The export document's member of a section: its name in lower camel case ("rejectedEvents"
+    for EXPORT_SECTION_REJECTED_EVENTS). A section this build does not know (an identity newer
+    than the console) is kept as "section<N>", not a download broken halfway."""
+    try:
+        name = identity_pb.ExportSection.Name(section)  # type: ignore[arg-type]
+    except ValueError:
+        return f"section{section}"
+    return _camel(name.removeprefix("EXPORT_SECTION_").lower())
 
 
 # -- erasure (GDPR) -------------------------------------------------------------------------------

@@ -9,12 +9,13 @@ from pathlib import Path
 from google.protobuf import duration_pb2, timestamp_pb2
 
 from profiles.common.v1 import types_pb2
+from profiles.identity.v1 import identity_service_pb2 as identity_pb
 from profiles.query.v1 import overview_pb2, profile_pb2, timeline_pb2
 from profiles.query.v1 import query_service_pb2 as query_pb
 from profiles.segments.v1 import filters_pb2
 from services.console import present
 from services.console.errors import BadInput
-from services.console.pages import _safe_next, lookups, names_searched
+from services.console.pages import _safe_next, export_member, lookups, names_searched
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -433,3 +434,9 @@ def test_the_activity_table_lists_each_day_newest_first_in_a_named_zone() -> Non
     ]
     assert present.activity_zone("") == "UTC"
     assert present.activity_zone("Europe/Paris") == "Europe/Paris"
+
+
+def test_export_members_are_the_sections_in_lower_camel_case_and_unknown_ones_are_kept() -> None:
+    assert export_member(identity_pb.EXPORT_SECTION_REJECTED_EVENTS) == "rejectedEvents"
+    assert export_member(identity_pb.EXPORT_SECTION_FUNNEL_PROGRESS) == "funnelProgress"
+    assert export_member(99) == "section99"
