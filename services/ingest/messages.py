@@ -152,7 +152,8 @@ def serialized_profile_changes(
             if kind is not None:
                 caused.add(kind)
             data = event.SerializeToString()
-            chunks.append(_EVENTS_TAG + _varint(len(data)) + data)
+            chunks.append(_EVENTS_TAG + _varint(len(data)))  # the event's bytes not copied
+            chunks.append(data)
         key = frozenset(caused)
         kinds_field = kinds_fields.get(key)
         if kinds_field is None:
@@ -177,12 +178,15 @@ def serialized_profile_changes(
 _PROFILE_TAG = bytes([2 << 3 | 2])
 _VERSION_TAG = bytes([4 << 3 | 0])
 _EVENTS_TAG = bytes([6 << 3 | 2])
+_ONE_BYTE = [bytes((value,)) for value in range(0x80)]
 
 
 def _varint(value: int) -> bytes:
     """A non-negative int in protobuf's base-128 varint encoding."""
     if value < 0x80:
-        return bytes((value,))
+        return _ONE_BYTE[value]
+    if value < 0x4000:  # an event's length, most often
+        return bytes((value & 0x7F | 0x80, value >> 7))
     out = bytearray()
     while value >= 0x80:
         out.append(value & 0x7F | 0x80)
@@ -191,16 +195,19 @@ def _varint(value: int) -> bytes:
     return bytes(out)
 
 
-def timeout_event_id(session_id: str) -> str:
-    """The event ID of the session end ingest publishes for an idle session: the same for a
-    session however often it is published, so consumers deduplicate it."""
-    return "session_timeout:" + hashlib.sha256(session_id.encode()).hexdigest()[:40]
+def timeout_event_id(session_id: str, profile_id: UUID, end_time: datetime) -> str:
+    """The event ID of the session end ingest publishes for a profile's part of a session closed
+    idle: the same however often that closing is published, so consumers deduplicate it, and
+    another for another profile's part of the session (0054) or a later closing of a part a
+    merge opened again."""
+    key = f"{session_id}\x00{profile_id}\x00{end_time.isoformat()}"
+    return "session_timeout:" + hashlib.sha256(key.encode()).hexdigest()[:40]
 
 
 def timeout_end(session: ClosedSession, now: datetime) -> bus_pb2.IngestedEvent:
     """The session end ingest publishes for a session closed idle, at its last activity."""
     event = bus_pb2.IngestedEvent(
-        event_id=timeout_event_id(session.session_id),
+        event_id=timeout_event_id(session.session_id, session.profile_id, session.end_time),
         installation_id=session.installation_id,
         profile_id=str(session.profile_id),
         platform=session.platform,  # type: ignore[arg-type]

@@ -177,6 +177,8 @@ APPLY_BATCH_STATE = """
 # (replicas) take disjoint rows. Oldest first, by the 10-minute bucket of the last activity
 # (sessions_open_by_activity_bucket; 0032_sessions_hot_updates.sql): a session idle since
 # before $1 has its bucket before $1, and the ones of the last bucket still active are skipped.
+# Each profile's part of a session closes on its own (0054); a part with no country answers its
+# session's, from another part, as the batches do.
 CLOSE_IDLE_SESSIONS = """
     WITH idle AS (
         SELECT project_id, installation_id, session_id, profile_id FROM sessions
@@ -191,7 +193,13 @@ CLOSE_IDLE_SESSIONS = """
     WHERE s.project_id = idle.project_id AND s.installation_id = idle.installation_id
         AND s.session_id = idle.session_id AND s.profile_id = idle.profile_id
     RETURNING s.project_id, s.installation_id, s.session_id, s.profile_id, s.platform,
-              s.country, s.end_time, s.duration"""
+              coalesce(s.country, (
+                  SELECT p.country FROM sessions p
+                  WHERE p.project_id = s.project_id AND p.installation_id = s.installation_id
+                      AND p.session_id = s.session_id AND p.country IS NOT NULL
+                  ORDER BY p.start_time, p.profile_id
+                  LIMIT 1)) AS country,
+              s.end_time, s.duration"""
 
 # Installations that already hold one of the tokens for its platform (imported earlier, or
 # sent by an SDK), with their current profile; the partial index by push token serves it.

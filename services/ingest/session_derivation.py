@@ -39,19 +39,27 @@ LOCK_INSTALLATIONS = """
 # Per installation, the sessions that may be within 30 minutes of one of its asking events
 # ($3..$4 the span of their event times): by sessions_by_installation_activity_bucket (a
 # session active after a time has its activity bucket at or after that time's bucket). The
-# rules judge the installation's session: the parts of it each profile has (0054) as one.
+# rules judge the installation's session: once one part of it is near, all the parts each
+# profile has of it (0054) as one, by the primary key's prefix.
 SELECT_NEARBY_SESSIONS = """
-    SELECT s.installation_id, s.session_id, min(s.start_time) AS start_time,
-           max(s.last_activity_time) AS last_activity_time,
-           max(s.end_time) FILTER (WHERE s.ended) AS end_time, bool_or(s.derived) AS derived,
-           max(s.duration) AS duration
-    FROM unnest($2::text[], $3::timestamptz[], $4::timestamptz[]) AS b(installation_id, lo, hi)
-    JOIN sessions s ON s.project_id = $1 AND s.installation_id = b.installation_id
-        AND s.activity_bucket
-            >= ingest_sessions_activity_bucket(b.lo - interval '30 minutes')
-        AND s.last_activity_time > b.lo - interval '30 minutes'
-        AND s.start_time < b.hi + interval '30 minutes'
-    GROUP BY s.installation_id, s.session_id"""
+    WITH near AS (
+        SELECT DISTINCT s.installation_id, s.session_id
+        FROM unnest($2::text[], $3::timestamptz[], $4::timestamptz[])
+             AS b(installation_id, lo, hi)
+        JOIN sessions s ON s.project_id = $1 AND s.installation_id = b.installation_id
+            AND s.activity_bucket
+                >= ingest_sessions_activity_bucket(b.lo - interval '30 minutes')
+            AND s.last_activity_time > b.lo - interval '30 minutes'
+            AND s.start_time < b.hi + interval '30 minutes'
+    )
+    SELECT p.installation_id, p.session_id, min(p.start_time) AS start_time,
+           max(p.last_activity_time) AS last_activity_time,
+           max(p.end_time) FILTER (WHERE p.ended) AS end_time, bool_or(p.derived) AS derived,
+           max(p.duration) AS duration
+    FROM near
+    JOIN sessions p ON p.project_id = $1 AND p.installation_id = near.installation_id
+        AND p.session_id = near.session_id
+    GROUP BY p.installation_id, p.session_id"""
 
 # The new derived sessions that got rows (their events were stored) become derived, with the
 # country of their first event's client IP ("" when unknown).

@@ -102,7 +102,8 @@ UPSERT_SESSIONS = """
         ended = s.ended OR EXCLUDED.ended"""
 
 # A merge moves the source's sessions to the survivor in one statement; a session both have
-# (never expected: session keys include the installation) is combined like a redelivery.
+# (a person who logged out and back in within one SDK session: each profile had its part of it)
+# is combined like a redelivery.
 MOVE_SESSIONS = """
     WITH moved AS (
         DELETE FROM segment_sessions WHERE project_id = $1 AND profile_id = ANY($2::uuid[])

@@ -250,6 +250,21 @@ def merge_session(stored: Session | None, batch: Session) -> Session:
     )
 
 
+def answered_country(
+    key: SessionKey, part: Session, before: dict[SessionKey, Session]
+) -> str | None:
+    """The country a batch answers for a part it touched: the part's, else that of the
+    session's earliest part (by start, then profile) stored before the batch that has one."""
+    if part.country is not None:
+        return part.country
+    others = sorted(
+        (s.start_time, str(k[2]), s.country)
+        for k, s in before.items()
+        if k[:2] == key[:2] and s.country is not None
+    )
+    return others[0][2] if others else None
+
+
 # --- Random inputs -----------------------------------------------------------------------------
 
 
@@ -477,6 +492,7 @@ async def check_rounds(
                     for e in batch
                 )
             touched = sessions_of_batch(batch)
+            before = dict(sessions)
             for key, s in touched.items():
                 seen.ended_twice += s.ended and key in sessions and sessions[key].ended
                 sessions[key] = merge_session(sessions.get(key), s)
@@ -485,7 +501,9 @@ async def check_rounds(
             answered = await apply(
                 db, "profiles_ingest_apply_batch_state", project.project_id, batch
             )
-            assert answered == by_key((*key[:2], sessions[key].country) for key in touched)
+            assert answered == by_key(
+                (*key[:2], answered_country(key, sessions[key], before)) for key in touched
+            )
             stored_details, stored_sessions = await stored_rows(db, project.project_id, prefix)
             assert {k: with_parsed_times(v) for k, v in stored_details.items()} == {
                 k: expected_details_row(k, d) for k, d in details.items()

@@ -4,54 +4,74 @@ a person who logs out and back in within the session has one part again (the mer
 
 from __future__ import annotations
 
-from datetime import timedelta
+from collections.abc import AsyncIterator
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from profiles.common.v1 import bus_pb2, types_pb2
 from profiles.ingest.v1 import ingest_service_pb2 as pb
 from profiles.ingest.v1 import ingest_service_pb2_grpc as pb_grpc
 from shared.clock import FrozenClock
+from tests.conftest import eventually
 from tests.support.identity import Identity
 from tests.support.ingest import NOW, Ingest, custom_event
-from tests.support.ingest_running import session_event
+from tests.support.ingest_running import running_ingest, session_event, stream_events
 
 if TYPE_CHECKING:
+    from shared.settings import Settings
     from tests.conftest import TestProject
 
 MINUTE = timedelta(minutes=1)
-START = NOW - 60 * MINUTE
+START = NOW - 20 * MINUTE  # no part idle for 30 minutes: the sweeper leaves them
+
+
+@pytest.fixture
+def clock() -> FrozenClock:
+    return FrozenClock(NOW)
 
 
 @pytest.fixture
 async def suite(
-    start_services: Any, settings_for_test: Any, project: TestProject, database_url: str
-) -> tuple[Ingest, Identity]:
+    start_services: Any,
+    settings_for_test: Settings,
+    project: TestProject,
+    database_url: str,
+    clock: FrozenClock,
+) -> AsyncIterator[tuple[Ingest, Identity]]:
+    """Identity, and ingest with its sweeper on a frozen clock (running_ingest)."""
     handles = await start_services("identity")
     settings = settings_for_test.with_changes(
         addresses={**settings_for_test.addresses, "identity": handles["identity"].address}
     )
-    started = await start_services("ingest", settings=settings, clock=FrozenClock(NOW))
-    ingest = Ingest(
-        pb_grpc.IngestServiceStub(started["ingest"].channel),
-        project.metadata("sdk"),
-        project.metadata("admin"),
-        database_url,
-    )
-    return ingest, Identity(handles["identity"].channel, project)
+    async with running_ingest(settings, clock) as channel:
+        ingest = Ingest(
+            pb_grpc.IngestServiceStub(channel),
+            project.metadata("sdk"),
+            project.metadata("admin"),
+            database_url,
+        )
+        yield ingest, Identity(handles["identity"].channel, project)
 
 
-def in_session(event_id: str, minute: int) -> pb.Event:
-    event = custom_event("phone", event_id=event_id, time=START + minute * MINUTE)
+def in_session(event_id: str, minute: int, start: datetime = START) -> pb.Event:
+    event = custom_event("phone", event_id=event_id, time=start + minute * MINUTE)
     event.session_id = "s1"
     return event
+
+
+async def ends(redis_url: str, redis_prefix: str) -> list[bus_pb2.IngestedEvent]:
+    """The session ends ingest published."""
+    events = await stream_events(redis_url, redis_prefix)
+    return [e for e in events if e.kind == types_pb2.EVENT_KIND_SESSION_END]
 
 
 async def parts(ingest: Ingest) -> dict[str, dict[str, Any]]:
     """The session's rows by profile."""
     rows = await ingest.fetch(
         "SELECT profile_id::text, start_time, last_activity_time, event_count, started, ended,"
-        " duration FROM sessions WHERE installation_id = 'phone' AND session_id = 's1'"
+        " duration, closed FROM sessions WHERE installation_id = 'phone' AND session_id = 's1'"
     )
     return {r["profile_id"]: dict(r) for r in rows}
 
@@ -108,4 +128,120 @@ async def test_logging_out_and_back_in_within_a_session_keeps_one_part(
         "started": True,
         "ended": True,
         "duration": 9 * MINUTE,
+        "closed": True,
     }
+
+
+async def test_a_later_parts_end_carries_the_sessions_country(
+    suite: tuple[Ingest, Identity], redis_url: str, redis_prefix: str
+) -> None:
+    """The session's country, known from Bob's start, is on the end of Carol's part too (a
+    heartbeat's or end's country is the session's on the bus)."""
+    ingest, identity = suite
+    start = NOW - 20 * MINUTE
+    await ingest.track(session_event("start", "phone", "s1", start, country="FR"))
+    await identity.identify("phone", "bob")
+    await ingest.track(in_session("b1", 1, start))
+    await identity.logout("phone")
+    await identity.identify("phone", "carol")
+    await ingest.track(in_session("c1", 5, start))
+    await ingest.track(session_event("end", "phone", "s1", start + 9 * MINUTE, duration=9 * MINUTE))
+    (end,) = await ends(redis_url, redis_prefix)
+    assert end.session.country == "FR"
+
+
+async def test_each_part_closed_idle_is_its_own_end(
+    suite: tuple[Ingest, Identity], redis_url: str, redis_prefix: str
+) -> None:
+    """Two parts closed by the sweeper are two session ends with two dedupe keys (installation,
+    event ID), each with the session's country."""
+    ingest, identity = suite
+    start = NOW - 60 * MINUTE
+    bob = (await identity.identify("phone", "bob")).profile_id
+    await ingest.track(
+        session_event("start", "phone", "s1", start, country="DE"), in_session("b1", 1, start)
+    )
+    await identity.logout("phone")
+    carol = (await identity.identify("phone", "carol")).profile_id
+    await ingest.track(in_session("c1", 5, start))
+
+    async def both() -> bool:
+        return len(await ends(redis_url, redis_prefix)) == 2
+
+    await eventually(both)
+    found = await ends(redis_url, redis_prefix)
+    assert {e.profile_id for e in found} == {bob, carol}
+    assert len({(e.installation_id, e.event_id) for e in found}) == 2
+    assert {e.session.country for e in found} == {"DE"}
+
+
+async def test_a_part_closed_idle_opens_again_when_merged_into_a_live_one(
+    suite: tuple[Ingest, Identity], clock: FrozenClock, redis_url: str, redis_prefix: str
+) -> None:
+    """Bob logs out, the session goes on anonymously past his part's idle close, and he logs
+    back in: the folded session is live again and closed once, at its real end, with its whole
+    duration."""
+    ingest, identity = suite
+    start = NOW - 10 * MINUTE
+    bob = (await identity.identify("phone", "bob")).profile_id
+    await ingest.track(session_event("start", "phone", "s1", start), in_session("b1", 1, start))
+    await identity.logout("phone")
+    await ingest.track(in_session("a5", 5, start), in_session("a9", 9, start))
+    clock.advance(25 * MINUTE)  # Bob's part idle for 34 minutes, the anonymous part for 26
+
+    async def bob_closed() -> bool:
+        return bool((await parts(ingest)).get(bob, {}).get("closed"))
+
+    await eventually(bob_closed)
+    await ingest.track(in_session("a30", 30, start))
+    assert (await identity.identify("phone", "bob")).profile_id == bob
+    await ingest.track(in_session("b34", 34, start))
+    merged = (await parts(ingest))[bob]
+    assert (merged["closed"], merged["last_activity_time"]) == (False, start + 34 * MINUTE)
+
+    clock.advance(40 * MINUTE)  # the whole session idle for over 30 minutes
+
+    async def whole_session_ended() -> bool:
+        return any(
+            e.profile_id == bob and e.session.duration.ToTimedelta() == 34 * MINUTE
+            for e in await ends(redis_url, redis_prefix)
+        )
+
+    await eventually(whole_session_ended)
+    closed = (await parts(ingest))[bob]
+    assert (closed["closed"], closed["duration"]) == (True, 34 * MINUTE)
+    published = await ends(redis_url, redis_prefix)
+    assert len({e.event_id for e in published}) == len(published)
+
+
+async def test_the_open_session_rule_sees_every_part_of_the_session(
+    suite: tuple[Ingest, Identity],
+) -> None:
+    """An end asking for the installation's open session gets the duration from the session's
+    start, Bob's part, though his part was idle for more than 30 minutes before the end."""
+    ingest, identity = suite
+    t0 = NOW - 3 * 60 * MINUTE
+
+    def asking(event: pb.Event) -> pb.Event:
+        event.session_id = ""
+        event.session_rule = pb.SESSION_RULE_OPEN_SESSION
+        return event
+
+    def custom(event_id: str, minute: int) -> pb.Event:
+        return asking(custom_event("phone", event_id=event_id, time=t0 + minute * MINUTE))
+
+    await ingest.track(
+        asking(session_event("heartbeat", "phone", "", t0, event_id="hb0", duration=timedelta()))
+    )
+    await identity.identify("phone", "bob")
+    await ingest.track(custom("b1", 1), custom("b3", 3))
+    await identity.logout("phone")
+    for minute in (10, 20, 30, 40, 50):
+        await ingest.track(custom(f"a{minute}", minute))
+    end = session_event("end", "phone", "", t0 + 60 * MINUTE, event_id="end", duration=timedelta())
+    await ingest.track(asking(end))
+    rows = await ingest.fetch(
+        "SELECT session_id, duration, ended FROM sessions WHERE installation_id = 'phone'"
+    )
+    assert len({r["session_id"] for r in rows}) == 1
+    assert [r["duration"] for r in rows if r["ended"]] == [60 * MINUTE]

@@ -3,6 +3,7 @@ after 30 minutes (injected clock), and countries resolved from client IPs that a
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -178,7 +179,9 @@ async def test_an_idle_session_is_closed_30_minutes_after_its_last_heartbeat(
 
     await eventually(lambda: _has_length(ends_published(), 2))
     ends = {e.session_id: e for e in await ends_published()}
-    assert ends["idle"].event_id == timeout_event_id("idle")
+    assert ends["idle"].event_id == timeout_event_id(
+        "idle", uuid.UUID(ends["idle"].profile_id), NOW - 40 * MINUTE
+    )
     assert ends["idle"].session.duration.ToTimedelta() == 5 * MINUTE
     assert ends["idle"].session.country == "US"
     assert ends["idle"].event_time.ToDatetime().replace(tzinfo=NOW.tzinfo) == NOW - 40 * MINUTE

@@ -6,17 +6,16 @@
 -- person's events of that session updated the first person's row: their event count, last
 -- activity, end and duration were counted as the first person's, survived the second
 -- person's erasure, and were deleted by the first person's. Now each profile has its own row
--- of the session (the primary key names the profile): the events of a session count on the
--- row of the profile they landed on, an erasure deletes exactly the erased person's parts, and
--- a merge folds the source's part of a session into the target's part when both have one (the
--- same person logging out and back in within one session), else moves it with a plain UPDATE
--- as before. A session row that already mixes two people cannot be told apart and stays as it
--- is.
---
--- What reads sessions by installation (the session rules) sees the installation's session: the
--- union of its profiles' parts (services/ingest/session_derivation.py). The read contract for
--- query gains nothing new: one row per session part, each with its profile; the profile's
--- sessions are its rows, as before.
+-- of the session: the events of a session count on the row of the profile they landed on, an
+-- erasure deletes exactly the erased person's parts, and a merge folds the source's part of a
+-- session into the target's part when both have one (the same person logging out and back in
+-- within one session), else moves it with a plain UPDATE as before. A session row that already
+-- mixes two people cannot be told apart and stays as it is. What reads sessions by installation
+-- (the session rules, services/ingest/session_derivation.py) sees the installation's session:
+-- all its parts as one. Swapping the key holds the table's ACCESS EXCLUSIVE lock while the new
+-- index builds (about 1.7 s per million sessions, measured).
+
+-- Each profile has its own row of a session: the primary key names the profile.
 ALTER TABLE sessions DROP CONSTRAINT sessions_pkey,
     ADD CONSTRAINT sessions_pkey PRIMARY KEY (project_id, installation_id, session_id, profile_id);
 
@@ -165,7 +164,18 @@ BEGIN
                 closed = s.closed OR EXCLUDED.ended
             RETURNING s.installation_id, s.session_id, s.country
         )
-        SELECT 'session', u.installation_id, u.session_id, u.country, NULL::text
+        -- A part with no country answers the country of its session's earliest part that
+        -- has one, stored before this batch (the statement's snapshot; ingest takes a part of
+        -- this batch that knows it): a session's heartbeats and ends carry the session's
+        -- country on the bus, whoever's part they are. Only a part with no country looks.
+        SELECT 'session', u.installation_id, u.session_id,
+               coalesce(u.country, (
+                   SELECT p.country FROM sessions p
+                   WHERE p.project_id = p_project AND p.installation_id = u.installation_id
+                       AND p.session_id = u.session_id AND p.country IS NOT NULL
+                   ORDER BY p.start_time, p.profile_id
+                   LIMIT 1)),
+               NULL::text
         FROM upserted u;
     END IF;
 END $$;
@@ -173,10 +183,11 @@ END $$;
 
 -- 0016's merge of sessions. The source's parts the target has no part of move with a plain
 -- UPDATE; the others are two parts of one session (the source's installation was the
--- target's earlier in the session), folded into the target's part by the rules one batch
--- uses over a stored row (profiles_ingest_apply_batch_state): the span and counts add up, the platform
--- of the later activity, the earlier start's country, an end over no end or a later end
--- (its time and duration); closed once either part is.
+-- target's earlier in the session), folded into the target's part: the span and the counts add
+-- up, the platform of the later activity, the earlier start's country, an end over no end or a
+-- later end (its time and duration). The fold is closed only when it is ended or both parts
+-- were closed idle: a part the sweeper closed while the session went on under another profile
+-- opens again (no end time), so that the sweeper closes the whole session at its real end.
 CREATE OR REPLACE FUNCTION ingest_merge_sessions(p_project uuid, p_source uuid, p_target uuid)
 RETURNS void LANGUAGE sql AS $$
     UPDATE sessions s SET profile_id = p_target
@@ -199,7 +210,7 @@ RETURNS void LANGUAGE sql AS $$
         end_time = CASE
             WHEN m.ended AND (NOT t.ended OR m.end_time > t.end_time) THEN m.end_time
             WHEN t.ended THEN t.end_time
-            ELSE greatest(t.end_time, m.end_time) END,
+            WHEN t.closed AND m.closed THEN greatest(t.end_time, m.end_time) END,
         duration = CASE
             WHEN m.ended AND (NOT t.ended OR m.end_time > t.end_time) THEN m.duration
             WHEN t.ended THEN t.duration
@@ -209,9 +220,25 @@ RETURNS void LANGUAGE sql AS $$
         event_count = t.event_count + m.event_count,
         started = t.started OR m.started,
         ended = t.ended OR m.ended,
-        closed = t.closed OR m.closed,
+        closed = t.ended OR m.ended OR (t.closed AND m.closed),
         derived = t.derived OR m.derived
     FROM source m
     WHERE t.project_id = p_project AND t.installation_id = m.installation_id
         AND t.session_id = m.session_id AND t.profile_id = p_target;
+$$;
+
+-- One row per profile's part of a session (0054: a session that spans a logout and another
+-- person's login has a part per person; a profile has at most one part of a session): `closed`
+-- whether it still counts as live (ended by its end event, or closed by the idle sweep: ended
+-- false), duration the end's once ended, else the longest seen; country ISO 3166-1 alpha-2
+-- (never an IP). 0022's function, unchanged.
+CREATE OR REPLACE FUNCTION ingest_read_sessions()
+RETURNS TABLE (project_id uuid, installation_id text, session_id text, profile_id uuid,
+               platform smallint, country text, start_time timestamptz,
+               last_activity_time timestamptz, end_time timestamptz, duration interval,
+               event_count integer, started boolean, ended boolean, closed boolean)
+LANGUAGE sql STABLE PARALLEL SAFE AS $$
+    SELECT project_id, installation_id, session_id, profile_id, platform, country, start_time,
+           last_activity_time, end_time, duration, event_count, started, ended, closed
+    FROM sessions
 $$;
