@@ -454,6 +454,8 @@ class StepBuilder:
     _logins: list[Identify] = field(default_factory=list)
     _login_keys: set[str] = field(default_factory=set)
     _origins: set[str] = field(default_factory=set)
+    # What the translator raised on messages it rejected instead (backstop.py).
+    failures: list[Exception] = field(default_factory=list)
 
     def add(self, *events: ingest_pb.Event) -> None:
         for one in events:

@@ -20,8 +20,14 @@ from starlette.routing import Route
 
 from services.edge import json_text
 from services.edge.dialects import countly
-from services.edge.handlers import FORBIDDEN_MESSAGE, Answer, Gateway, Translate
-from services.edge.limits import BodyTooLarge, BodyUnreadable, read_limited
+from services.edge.handlers import (
+    FORBIDDEN_MESSAGE,
+    UNREADABLE,
+    Answer,
+    Gateway,
+    Translate,
+    read_refusal,
+)
 from services.edge.steps import RequestInvalid, Translation
 
 # Countly's server limits a request to 1 MB by default; so does the edge.
@@ -89,15 +95,22 @@ def parameters(query: str, body: bytes, content_type: str) -> dict[str, Any]:
     return params
 
 
+async def read_parameters(gateway: Gateway, request: Request) -> dict[str, Any]:
+    """The parameters of a request to `/i`, `/i/bulk` or `/o/sdk`, read alike: a POST's body
+    within MAX_REQUEST_BYTES, decoded by its Content-Encoding (Gateway.body), then `parameters`.
+    Raises what Gateway.run refuses as unreadable (handlers.UNREADABLE)."""
+    body = b""
+    if request.method == "POST":
+        body = await gateway.body(request, MAX_REQUEST_BYTES)
+    return parameters(request.url.query, body, request.headers.get("content-type", ""))
+
+
 def countly_handler(gateway: Gateway, bulk: bool) -> Callable[[Request], Any]:
     """The handler of `/i` (`bulk` False) or `/i/bulk`."""
 
     async def handle(request: Request) -> Response:
         async def read() -> tuple[str, Translate]:
-            body = b""
-            if request.method == "POST":
-                body = await gateway.body(request, MAX_REQUEST_BYTES)
-            params = parameters(request.url.query, body, request.headers.get("content-type", ""))
+            params = await read_parameters(gateway, request)
             key = countly.request_app_key(params)
             # What the translator refuses as a whole is refused before anything is sent.
             if bulk:
@@ -126,7 +139,7 @@ def countly_handler(gateway: Gateway, bulk: bool) -> Callable[[Request], Any]:
 QUEUED_SDK_METHODS = frozenset({"ab"})
 
 
-def sdk_read_answer(method: Any) -> tuple[int, dict[str, Any]]:
+def sdk_read_answer(method: str) -> tuple[int, dict[str, Any]]:
     """The status and JSON body `/o/sdk` answers for `method`, once its key is judged good for
     a queued method (QUEUED_SDK_METHODS)."""
     if method == "sc":
@@ -144,20 +157,20 @@ def countly_sdk_read(gateway: Gateway) -> Callable[[Request], Any]:
     (QUEUED_SDK_METHODS) are answered as `/i` answers a request with nothing to store: 200
     {"result": "Success"} once the app key is judged good (401 otherwise, as on `/i`). Other
     methods (remote config, feedback widgets...) are not offered: 400 {"result": ...},
-    Countly's shape of a refusal."""
+    Countly's shape of a refusal. Its parameters are read as `/i` reads them
+    (read_parameters), and an unreadable request refused as `/i` refuses it."""
 
     async def handle(request: Request) -> Response:
         try:
-            params: dict[str, Any] = dict(_pairs(request.url.query))
-            if request.method == "POST":
-                body = await read_limited(
-                    request.stream(), request.headers.get("content-length"), MAX_REQUEST_BYTES
-                )
-                params.update(_pairs(body.decode("utf-8", "replace")))
-        except (RequestInvalid, BodyTooLarge, BodyUnreadable) as exc:
-            return JSONResponse({"result": str(exc)[:200]}, 400)
-        if params.get("method") not in QUEUED_SDK_METHODS:
-            status, answer = sdk_read_answer(params.get("method"))
+            params = await read_parameters(gateway, request)
+        except UNREADABLE as exc:
+            outcome, status, body = read_refusal(countly.DIALECT, COUNTLY, exc)
+            return gateway.refuse(request, countly.DIALECT, outcome, status, body)
+        # A JSON body's `method` may be any value: only text names a method.
+        method = params.get("method")
+        method = method if isinstance(method, str) else ""
+        if method not in QUEUED_SDK_METHODS:
+            status, answer = sdk_read_answer(method)
             return JSONResponse(answer, status)
 
         async def read() -> tuple[str, Translate]:

@@ -8,7 +8,7 @@ import base64
 import binascii
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -43,6 +43,11 @@ EVENTS = Counter(
     ["dialect", "outcome"],
 )
 MESSAGES = Counter("profiles_edge_messages_total", "SDK messages read, by dialect", ["dialect"])
+UNTRANSLATED = Counter(
+    "profiles_edge_translation_failures_total",
+    "SDK messages a translator failed on (a bug: each is rejected and listed), by dialect",
+    ["dialect"],
+)
 LATENCY = Histogram(
     "profiles_edge_request_seconds",
     "HTTP request latency in seconds, by dialect",
@@ -119,6 +124,8 @@ class Gateway:
         self.limiter = limiter
 
     async def body(self, request: Request, limit: int, encoding: str = "") -> bytes:
+        """The body, refused over `limit` bytes as received, decoded by its Content-Encoding (or
+        `encoding`) within MAX_DECOMPRESSED_BYTES: how every route reads a body."""
         raw = await read_limited(request.stream(), request.headers.get("content-length"), limit)
         return decompress(raw, encoding or request.headers.get("content-encoding", ""))
 
@@ -140,24 +147,17 @@ class Gateway:
         try:
             try:
                 key, translate = await read()
-            except BodyTooLarge as exc:
-                outcome = "too_large"
-                status, body = answer.invalid(f"Request too large: {exc}")
-                if dialect == "posthog":
-                    status = 413
-                return self._refuse(request, dialect, outcome, status, body)
-            except (BodyUnreadable, RequestInvalid, ValueError, UnicodeDecodeError) as exc:
-                outcome = "invalid"
-                status, body = answer.invalid(_message(exc))
-                return self._refuse(request, dialect, outcome, status, body)
+            except UNREADABLE as exc:
+                outcome, status, body = read_refusal(dialect, answer, exc)
+                return self.refuse(request, dialect, outcome, status, body)
             if not key:
                 outcome = "unauthenticated"
                 refusal = answer.missing_key or answer.unauthenticated
-                return self._refuse(request, dialect, outcome, *refusal)
+                return self.refuse(request, dialect, outcome, *refusal)
             wait = self.limiter.acquire(key, time.monotonic())
             if wait:
                 outcome = "rate_limited"
-                return self._refuse(
+                return self.refuse(
                     request,
                     dialect,
                     outcome,
@@ -169,24 +169,26 @@ class Gateway:
                 translation = translate(datetime.now(UTC), client_ip)
             except RequestInvalid as exc:  # the body as a whole, found while translating
                 outcome = "invalid"
-                return self._refuse(request, dialect, outcome, *answer.invalid(exc.message))
+                return self.refuse(request, dialect, outcome, *answer.invalid(exc.message))
             MESSAGES.labels(dialect).inc(translation.message_count)
+            if translation.failures:
+                _log_failures(request, dialect, translation.failures)
             try:
                 result = await self.backend.execute(translation, key, dialect, received)
             except BackendError as exc:
                 outcome = exc.kind
                 log.info("edge_backend_failed", dialect=dialect, kind=exc.kind, code=exc.detail)
                 if exc.kind == "unauthenticated":
-                    return self._refuse(request, dialect, outcome, *answer.unauthenticated)
+                    return self.refuse(request, dialect, outcome, *answer.unauthenticated)
                 if exc.kind == "forbidden":
-                    return self._refuse(request, dialect, outcome, *answer.forbidden)
+                    return self.refuse(request, dialect, outcome, *answer.forbidden)
                 if exc.kind == "rate_limited":
                     headers = {"Retry-After": "1"}
-                    return self._refuse(request, dialect, outcome, *answer.rate_limited, headers)
+                    return self.refuse(request, dialect, outcome, *answer.rate_limited, headers)
                 if exc.kind == "invalid":
-                    return self._refuse(request, dialect, outcome, *answer.invalid(exc.detail))
+                    return self.refuse(request, dialect, outcome, *answer.invalid(exc.detail))
                 headers = {"Retry-After": UNAVAILABLE_RETRY_AFTER}
-                return self._refuse(
+                return self.refuse(
                     request, dialect, "unavailable", 503, {"message": "Try again later"}, headers
                 )
             EVENTS.labels(dialect, "accepted").inc(result.accepted)
@@ -199,7 +201,7 @@ class Gateway:
             LATENCY.labels(dialect).observe(time.perf_counter() - started)
 
     @staticmethod
-    def _refuse(
+    def refuse(
         request: Request,
         dialect: str,
         outcome: str,
@@ -224,12 +226,50 @@ def _short_query(request: Request) -> None:
         raise RequestInvalid("The query string is too long")
 
 
-def _message(exc: Exception) -> str:
+# What reading a request raises when the request is at fault: over a size limit, an unreadable
+# body (UnicodeDecodeError and json's JSONDecodeError are ValueErrors), not what the dialect
+# takes.
+UNREADABLE = (BodyTooLarge, BodyUnreadable, RequestInvalid, ValueError)
+
+
+def read_refusal(dialect: str, answer: Answer, exc: Exception) -> tuple[str, int, Any]:
+    """The outcome, status and body of a request refused while it was read (`exc`, one of
+    UNREADABLE): over a size limit, 413 for PostHog (as its capture answers) and the dialect's
+    400 for the others; otherwise the dialect's 400 with `unreadable_message`."""
+    if isinstance(exc, BodyTooLarge):
+        status, body = answer.invalid(f"Request too large: {exc}")
+        return "too_large", 413 if dialect == posthog.DIALECT else status, body
+    return "invalid", *answer.invalid(unreadable_message(exc))
+
+
+def unreadable_message(exc: Exception) -> str:
+    """What is wrong with an unreadable request, in the edge's own words and the client's
+    terms: never Python's text ("'utf-8' codec can't decode byte 0xff..."), which says how the
+    edge is written and changes with the Python version."""
     if isinstance(exc, RequestInvalid):
         return exc.message
+    if isinstance(exc, BodyUnreadable | json_text.TooDeep):
+        return str(exc)  # the edge's own words
+    if isinstance(exc, UnicodeDecodeError):
+        return f"The body is not valid UTF-8 (byte {exc.start})"
     if isinstance(exc, json.JSONDecodeError):
-        return "Invalid JSON"
-    return str(exc)[:200] or type(exc).__name__
+        return f"The body is not valid JSON (line {exc.lineno}, column {exc.colno})"
+    return "The body is unreadable"
+
+
+def _log_failures(request: Request, dialect: str, failures: Sequence[Exception]) -> None:
+    """Counts the messages a translator failed on and logs the first failure's traceback (the
+    others are of the same request, and a hostile batch could hold thousands)."""
+    UNTRANSLATED.labels(dialect).inc(len(failures))
+    first = failures[0]
+    log.error(
+        "edge_message_untranslated",
+        dialect=dialect,
+        path=request.url.path,
+        count=len(failures),
+        error=type(first).__name__,
+        exc_info=first,
+    )
 
 
 def _json_object(data: bytes) -> Any:
@@ -284,11 +324,15 @@ def segment_handler(gateway: Gateway, single_type: str) -> Callable[[Request], A
 def _posthog_body(data: bytes, content_type: str) -> Any:
     """posthog-js posts JSON, or a form whose `data` field holds base64 JSON; others JSON."""
     if content_type.startswith("application/x-www-form-urlencoded") or data.startswith(b"data="):
-        fields = parse_qs(data.decode(), keep_blank_values=True, max_num_fields=20)
+        form = data.decode()
+        try:
+            fields = parse_qs(form, keep_blank_values=True, max_num_fields=20)
+        except ValueError as exc:  # over max_num_fields
+            raise RequestInvalid("The form has too many fields") from exc
         value = (fields.get("data") or [""])[0]
         try:
             data = base64.b64decode(value + "=" * (-len(value) % 4))
-        except binascii.Error as exc:
+        except ValueError as exc:  # binascii.Error, or a character that is not ASCII
             raise RequestInvalid("The data field is not base64") from exc
     return json_text.loads(data)
 

@@ -44,11 +44,18 @@ async def read_limited(
 
 # The first two bytes of every gzip stream (RFC 1952).
 GZIP_MAGIC = b"\x1f\x8b"
+# Gzip members read in one body: SDKs send one; each further member copies the rest of the body
+# (zlib's unused_data), so a body of many empty members would cost time quadratic in its size.
+MAX_GZIP_MEMBERS = 16
 
 
 def decompress(body: bytes, encoding: str, limit: int = MAX_DECOMPRESSED_BYTES) -> bytes:
     """The body decoded from gzip or deflate, stopping at `limit` bytes of output (a gzip bomb
-    costs at most that much memory); identity returns it unchanged."""
+    costs at most that much memory); identity returns it unchanged. The stream must be whole:
+    one cut short (a gzip member without its CRC and length trailer, what a client's bug or a
+    broken proxy leaves) is refused, not read as far as it goes; so are bytes after its end,
+    except what gzip itself allows there (RFC 1952: further members, as `cat a.gz b.gz` makes,
+    up to MAX_GZIP_MEMBERS; zero padding, which gzip(1) and Python's gzip module skip)."""
     encoding = encoding.strip().lower()
     if not encoding and body[:2] == GZIP_MAGIC:
         # posthog-js sends gzip as text/plain with no Content-Encoding (nor ?compression=) by
@@ -61,15 +68,31 @@ def decompress(body: bytes, encoding: str, limit: int = MAX_DECOMPRESSED_BYTES) 
     elif encoding == "deflate":
         wbits = zlib.MAX_WBITS
     else:
-        raise BodyUnreadable(f"unsupported content encoding {encoding[:20]!r}")
-    inflater = zlib.decompressobj(wbits)
-    try:
-        out = inflater.decompress(body, limit + 1)
-    except zlib.error as exc:
-        raise BodyUnreadable("the compressed body is corrupt") from exc
-    if len(out) > limit or inflater.unconsumed_tail:
-        raise BodyTooLarge(f"over {limit} bytes decompressed")
-    return out
+        raise BodyUnreadable(f"Unsupported content encoding {encoding[:20]!r}")
+    gzip = wbits != zlib.MAX_WBITS
+    parts: list[bytes] = []
+    size = 0
+    rest = body
+    for _ in range(MAX_GZIP_MEMBERS):
+        inflater = zlib.decompressobj(wbits)
+        try:
+            out = inflater.decompress(rest, limit + 1 - size)
+        except zlib.error as exc:
+            raise BodyUnreadable("The compressed body is corrupt") from exc
+        size += len(out)
+        if size > limit or inflater.unconsumed_tail:
+            raise BodyTooLarge(f"over {limit} bytes decompressed")
+        if not inflater.eof:
+            raise BodyUnreadable("The compressed body is truncated")
+        parts.append(out)
+        rest = inflater.unused_data
+        if not (gzip and rest[:2] == GZIP_MAGIC):
+            break
+    else:
+        raise BodyUnreadable(f"The compressed body has over {MAX_GZIP_MEMBERS} gzip members")
+    if rest and (not gzip or rest.strip(b"\0")):
+        raise BodyUnreadable("The compressed body has bytes after its end")
+    return b"".join(parts)
 
 
 @dataclass(slots=True)

@@ -71,10 +71,13 @@ Step = Track | Identify | Logout | Reject
 
 @dataclass(frozen=True, slots=True)
 class Translation:
-    """The steps of one request, in order, and how many SDK messages it held (for metrics)."""
+    """The steps of one request, in order, and how many SDK messages it held (for metrics).
+    `failures`: what the translator raised on messages it then rejected (see backstop.py),
+    for the handler to log and count."""
 
     steps: Sequence[Step] = field(default_factory=tuple)
     message_count: int = 0
+    failures: Sequence[Exception] = ()
 
 
 class RequestInvalid(Exception):

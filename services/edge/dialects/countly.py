@@ -27,6 +27,7 @@ from typing import Any, TypeAlias
 from profiles.common.v1 import types_pb2
 from profiles.ingest.v1 import ingest_service_pb2 as ingest_pb
 from services.edge import json_text
+from services.edge.backstop import backstop
 from services.edge.build import (
     derived_id,
     details_event_id,
@@ -41,6 +42,7 @@ from services.edge.names import flatten, normalize_name
 from services.edge.platforms import API, platform_of
 from services.edge.properties import attribute_value, custom_attributes
 from services.edge.steps import (
+    SECRET_KEYS,
     Identify,
     Logout,
     Reject,
@@ -81,6 +83,7 @@ APP_KEY_MISMATCH = "APP_KEY_MISMATCH"
 _COUNTLY_SECRETS = frozenset(
     {"ip_address", "ios_token", "android_token", "huawei_token", "checksum", "checksum256"}
 )
+_SECRETS = SECRET_KEYS | _COUNTLY_SECRETS
 
 # Countly SDK names (`sdk_name`) by the platform they name. An SDK's name is sent on every
 # request, its OS only with `metrics`, so the name decides first and every request of one app
@@ -153,6 +156,8 @@ class _Output:
     pending: list[ingest_pb.Event] = field(default_factory=list)
     message_count: int = 0
     position: int = 0  # the next message's position in the request, part of its derived ID
+    # What the translator raised on messages it rejected instead (backstop.py).
+    failures: list[Exception] = field(default_factory=list)
 
     def next_position(self) -> int:
         self.position += 1
@@ -169,6 +174,18 @@ class _Output:
         if self.pending:
             self.steps.append(Track(events=tuple(self.pending)))
             self.pending = []
+
+    def reject(self, reject: Reject) -> None:
+        self.message_count += 1
+        self.step(reject)
+
+    def translation(self) -> Translation:
+        self.flush()
+        return Translation(
+            steps=tuple(self.steps),
+            message_count=self.message_count,
+            failures=tuple(self.failures),
+        )
 
 
 def request_app_key(params: Mapping[str, Any]) -> str:
@@ -215,8 +232,7 @@ def translate(
     device_id = check_request(params)
     output = _Output()
     _translate_request(params, device_id, receive_time, client_ip, output)
-    output.flush()
-    return Translation(steps=tuple(output.steps), message_count=output.message_count)
+    return output.translation()
 
 
 def translate_bulk(
@@ -248,9 +264,9 @@ def translate_bulk(
             why = f"requests[{index}] has no usable device_id"
             output.step(_reject(DEVICE_ID_MISSING, why, entry))
         else:
-            _translate_request(entry, device_id, receive_time, client_ip, output)
-    output.flush()
-    return Translation(steps=tuple(output.steps), message_count=output.message_count)
+            where = f"requests[{index}]"
+            _translate_request(entry, device_id, receive_time, client_ip, output, where)
+    return output.translation()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,6 +274,20 @@ def translate_bulk(
 
 
 def _translate_request(
+    params: Mapping[str, Any],
+    device_id: str,
+    receive_time: datetime,
+    client_ip: str,
+    output: _Output,
+    where: str = "",
+) -> None:
+    """Appends the steps of one request (`where`: its place in a bulk request); one the
+    translator fails on is rejected and listed (backstop.py), and a bulk's other requests kept."""
+    with backstop(output, params, where=where, installation_id=device_id, secrets=_SECRETS):
+        _translate_parts(params, device_id, receive_time, client_ip, output)
+
+
+def _translate_parts(
     params: Mapping[str, Any],
     device_id: str,
     receive_time: datetime,
@@ -682,7 +712,12 @@ def _events(request: _Request, output: _Output) -> None:
         _reject_param(request, output, "events", "not a JSON list")
         return
     for index, item in enumerate(events):
-        _one_event(request, output, index, item)
+        # An event the translator fails on is rejected alone, the request's others kept.
+        where = f"events[{index}]"
+        with backstop(
+            output, item, where=where, installation_id=request.device_id, secrets=_SECRETS
+        ):
+            _one_event(request, output, index, item)
 
 
 def _one_event(request: _Request, output: _Output, index: int, item: Any) -> None:

@@ -41,6 +41,7 @@ from typing import Any
 
 from profiles.common.v1 import types_pb2
 from profiles.ingest.v1 import ingest_service_pb2 as ingest_pb
+from services.edge.backstop import backstop
 from services.edge.build import (
     NO_SESSION,
     Details,
@@ -150,8 +151,11 @@ def translate(
     sent = query_sent or (parse_time(body.get("sent_at")) if isinstance(body, dict) else None)
     builder = StepBuilder(DIALECT)
     for message in messages:
-        _translate(builder, message, now, sent, client_ip)
-    return Translation(steps=builder.finish(), message_count=len(messages))
+        with backstop(builder, message, id_key="uuid", installation_key="distinct_id"):
+            _translate(builder, message, now, sent, client_ip)
+    return Translation(
+        steps=builder.finish(), message_count=len(messages), failures=tuple(builder.failures)
+    )
 
 
 def _translate(

@@ -28,6 +28,7 @@ from datetime import datetime
 from typing import Any
 
 from profiles.common.v1 import types_pb2
+from services.edge.backstop import backstop
 from services.edge.build import (
     Details,
     Origin,
@@ -95,8 +96,11 @@ def translate_batch(
         batch_context = context if isinstance(context, dict) else {}
     builder = StepBuilder(DIALECT)
     for message in messages:
-        _translate(builder, message, now, batch_sent, batch_context, client_ip, check_size)
-    return Translation(steps=builder.finish(), message_count=len(messages))
+        with backstop(builder, message, id_key="messageId", installation_key="anonymousId"):
+            _translate(builder, message, now, batch_sent, batch_context, client_ip, check_size)
+    return Translation(
+        steps=builder.finish(), message_count=len(messages), failures=tuple(builder.failures)
+    )
 
 
 def _translate(
