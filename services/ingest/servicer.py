@@ -81,12 +81,21 @@ def token_result_to_proto(result: TokenResult) -> pb.TokenResult:
     return message
 
 
+# An answer without a rejection, but for its event and profile IDs, per outcome (what
+# result_to_proto sets besides them).
+_UNREJECTED = {
+    outcome: pb.EventResult(outcome=number, status=OK_STATUS)
+    for outcome, number in OUTCOMES.items()
+}
+
+
 def _fill(
     response: pb.TrackEventsResponse | pb.ImportEventsResponse | pb.StreamEventsResponse,
     batch: BatchResult,
 ) -> None:
-    # What result_to_proto gives, with a batch's common case (no rejection) added in place and
-    # each profile's ID spelled once: a batch of 500 answers cost a fifth less.
+    # What result_to_proto gives, with a batch's common case (no rejection) added in place as a
+    # copy of its outcome's answer (_UNREJECTED: one copy in C instead of setting the outcome
+    # and copying the status, about 0.3 us an answer) and each profile's ID spelled once.
     results = response.results
     add = results.add
     profile_texts: dict[UUID, str] = {}
@@ -96,8 +105,9 @@ def _fill(
         if result.rejection is not None:
             results.append(result_to_proto(result))
             continue
-        message = add(event_id=result.event_id, outcome=OUTCOMES[result.outcome])
-        message.status.CopyFrom(OK_STATUS)
+        message = add()
+        message.CopyFrom(_UNREJECTED[result.outcome])
+        message.event_id = result.event_id
         profile_id = result.profile_id
         if profile_id is not None:
             text = profile_texts.get(profile_id)

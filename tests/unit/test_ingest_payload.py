@@ -120,3 +120,51 @@ def test_the_stored_payload_is_the_proto_json_of_the_bus_detail(kind: str) -> No
         expected["stack_trace"] = event.crash.stack_trace
     assert result.payload == expected
     assert "secret" not in str(result.payload)
+
+
+def test_the_stored_operations_are_the_proto_json_of_the_bus_detail_for_every_value_kind() -> None:
+    # Validation spells the common values of operations (strings, numbers, booleans, URLs)
+    # from what it checked, the rest from the detail: both must be the detail's proto JSON.
+    event = _event("custom")
+    event.ClearField("custom")
+    ops = event.attribute_operations.operations
+    kinds = types_pb2
+    for kind, name, setter in [
+        (kinds.ATTRIBUTE_OPERATION_KIND_SET, "S", lambda v: setattr(v, "string_value", "Text")),
+        (kinds.ATTRIBUTE_OPERATION_KIND_SET, "e", lambda v: setattr(v, "string_value", "")),
+        (kinds.ATTRIBUTE_OPERATION_KIND_SET_ONCE, "n", lambda v: setattr(v, "number_value", 2)),
+        (kinds.ATTRIBUTE_OPERATION_KIND_INCREMENT, "z", lambda v: setattr(v, "number_value", -0.0)),
+        (kinds.ATTRIBUTE_OPERATION_KIND_SET, "b", lambda v: setattr(v, "bool_value", False)),
+        (
+            kinds.ATTRIBUTE_OPERATION_KIND_SET,
+            "u",
+            lambda v: setattr(v, "url_value", "https://a.io"),
+        ),
+        (
+            kinds.ATTRIBUTE_OPERATION_KIND_SET,
+            "t",
+            lambda v: v.timestamp_value.FromNanoseconds(1_700_000_000_000_001_000),
+        ),
+        (kinds.ATTRIBUTE_OPERATION_KIND_REMOVE, "l", lambda v: v.string_list_value.SetInParent()),
+        (kinds.ATTRIBUTE_OPERATION_KIND_UNSET, "gone", None),
+    ]:
+        op = ops.add(kind=kind, custom_attribute=name)
+        if setter is not None:
+            setter(op.value)
+    for native, text, field in [
+        (types_pb2.NATIVE_ATTRIBUTE_AVATAR_URL, "https://a.io/Me.png", "url_value"),
+        (types_pb2.NATIVE_ATTRIBUTE_LANGUAGE, "FR", "string_value"),
+        (types_pb2.NATIVE_ATTRIBUTE_COUNTRY, "fr", "string_value"),
+    ]:
+        op = ops.add(kind=types_pb2.ATTRIBUTE_OPERATION_KIND_SET, native_attribute=native)
+        setattr(op.value, field, text)
+    result = validate_event(0, event, request_send_time=None, now=NOW)
+    assert isinstance(result, ValidEvent)
+    assert result.payload == json_format.MessageToDict(
+        result.detail, preserving_proto_field_name=True
+    )
+    stored = result.payload["operations"]
+    assert len(stored) == len(ops)
+    assert stored[0]["custom_attribute"] == "s"
+    assert stored[-1]["value"] == {"string_value": "FR"}
+    assert stored[-2]["value"] == {"string_value": "fr"}  # language: lower-cased

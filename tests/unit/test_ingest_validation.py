@@ -4,12 +4,14 @@ tests/api/test_attribute_replay.py.)"""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
 from google.protobuf.duration_pb2 import Duration
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from profiles.common.v1 import types_pb2
 from profiles.ingest.v1 import ingest_service_pb2 as pb
@@ -21,6 +23,7 @@ from services.ingest.validation import (
     ValidEvent,
     ValidToken,
     duration_json,
+    renumbered,
     validate_event,
     validate_events,
     validate_request,
@@ -479,3 +482,90 @@ def test_an_imported_push_token_is_refused_when_padded_with_whitespace() -> None
     )
     assert isinstance(valid, ValidToken)
     assert valid.push_token == "apns 1"
+
+
+def test_an_event_time_sent_at_the_epoch_is_too_old_not_missing() -> None:
+    # Validation asks for the event time's presence only when it reads as empty: one sent at
+    # exactly 1970-01-01 reads as empty too, and is present.
+    epoch = edited(lambda e: e.event_time.CopyFrom(Timestamp()))
+    assert epoch.HasField("event_time")
+    assert (reason(epoch), path(epoch)) == (model.EVENT_TIME_TOO_OLD, "event_time")
+    imported = check(epoch, imported=True)  # after 1900: an import may hold it
+    assert isinstance(imported, ValidEvent)
+    assert imported.event_time == datetime(1970, 1, 1, tzinfo=UTC)
+    missing = edited(lambda e: e.ClearField("event_time"))
+    assert (reason(missing), path(missing)) == (model.EVENT_TIME_MISSING, "event_time")
+
+
+def _batch_with_repeated_names() -> list[pb.Event]:
+    """Events that share names in several spellings, valid and not, so that what one event's
+    check remembers of a name (BatchValidator's per-batch names) shows in the next's."""
+    events = []
+    for index, (name, keys, operation) in enumerate(
+        [
+            ("View", ["Price", "item"], "Visits"),
+            ("view", ["price", "Item"], "visits"),
+            ("VIEW", ["PRICE", "price"], "not ok"),  # two keys equal once lower-cased
+            ("bad name", ["price"], "visits"),
+            ("view", ["bad key"], "VISITS"),
+            ("view", ["Price"], "visits"),
+        ]
+    ):
+        custom = base_event()
+        custom.event_id = f"c{index}"
+        custom.custom.name = name
+        for key in keys:
+            custom.custom.attributes[key].number_value = index
+        operations = base_event()
+        operations.event_id = f"o{index}"
+        operations.ClearField("custom")
+        ops = operations.attribute_operations.operations
+        ops.add(
+            kind=types_pb2.ATTRIBUTE_OPERATION_KIND_INCREMENT, custom_attribute=operation
+        ).value.number_value = 1
+        ops.add(
+            kind=types_pb2.ATTRIBUTE_OPERATION_KIND_SET, custom_attribute=keys[0]
+        ).value.string_value = name
+        events += [custom, operations]
+    return events
+
+
+def test_a_batch_checks_each_event_as_if_it_were_alone() -> None:
+    events = _batch_with_repeated_names()
+    valid, rejected = validate_events(events, None, NOW)
+    by_index = {e.index: e for e in [*valid, *rejected]}
+    assert sorted(by_index) == list(range(len(events)))
+    for index, event in enumerate(events):
+        alone = validate_event(index, event, request_send_time=None, now=NOW)
+        assert by_index[index] == alone, index
+    assert [r.index for r in rejected] == [4, 5, 6, 8, 9]
+    assert by_index[2].payload == {  # type: ignore[union-attr]
+        "name": "view",
+        "attributes": {"price": {"number_value": 1.0}, "item": {"number_value": 1.0}},
+    }
+    assert by_index[3].operations == (  # type: ignore[union-attr]
+        AttributeOperation("increment", False, "visits", Value("number", 1.0)),
+        AttributeOperation("set", False, "price", Value("string", "view")),
+    )
+
+
+def test_a_checked_event_is_a_valid_event_like_any_other() -> None:
+    # BatchValidator.check and renumbered build ValidEvents through a faster twin class: what
+    # they give must be a ValidEvent in every respect, frozen, with the client IP out of its repr.
+    event = edited(_session("session_start"))
+    event.session_start.client_ip = "203.0.113.9"
+    checked = check(event)
+    assert type(checked) is ValidEvent
+    values = {f.name: getattr(checked, f.name) for f in dataclasses.fields(ValidEvent)}
+    assert values["client_ip"] == "203.0.113.9"
+    plain = ValidEvent(**values)
+    assert checked == plain
+    assert repr(checked) == repr(plain)
+    assert "203.0.113.9" not in repr(checked)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        checked.index = 1  # type: ignore[misc]
+    moved = renumbered(checked, 5)
+    assert type(moved) is ValidEvent
+    assert moved == replace(plain, index=5)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        moved.session_id = "other"  # type: ignore[misc]
