@@ -42,6 +42,7 @@ from redis.exceptions import ClusterDownError, ResponseError, SlotNotCoveredErro
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from shared.db import connection_lost
 from shared.redis_client import RedisClient, connect, pubsub
 
 log = structlog.get_logger(__name__)
@@ -226,6 +227,35 @@ async def sleep_unless(stop: asyncio.Event, seconds: float) -> None:
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(seconds):
             await stop.wait()
+
+
+# Redis errors that mean it is away for now, as a handler meets them (the built-in TimeoutError
+# of REDIS_UNAVAILABLE is left out: a handler's own timeout is no outage).
+_REDIS_AWAY: tuple[type[Exception], ...] = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    ClusterDownError,
+    TryAgainError,
+    SlotNotCoveredError,
+)
+
+
+def redis_unavailable(exc: BaseException) -> bool:
+    """True if `exc`, or what it was raised from, means Redis is away for now."""
+    seen = 0
+    current: BaseException | None = exc
+    while current is not None and seen < 8:
+        if isinstance(current, _REDIS_AWAY):
+            return True
+        current = current.__cause__ or current.__context__
+        seen += 1
+    return False
+
+
+def dependency_unavailable(exc: BaseException) -> bool:
+    """True if `exc` (or what it was raised from) means the database or Redis is away for now:
+    a failure to wait out, not a fault of the message being handled."""
+    return connection_lost(exc) or redis_unavailable(exc)
 
 
 def _text(value: bytes | str) -> str:
@@ -413,7 +443,9 @@ class Consumer:
     new ones with `>`; every `claim_interval_s` it claims entries idle longer than `claim_idle_ms`
     (from crashed or failing consumers). An entry is acked only after its handler returned. An
     entry is dead-lettered when it cannot be decoded, or when its handler failed on its
-    `max_deliveries`-th delivery. Handlers run one at a time, at most `count` entries per read.
+    `max_deliveries`-th delivery. A handler that fails because the database or Redis is away is
+    run again in place, with backoff, until it no longer does: an outage spends no delivery.
+    Handlers run one at a time, at most `count` entries per read.
     """
 
     def __init__(
@@ -633,7 +665,14 @@ class Consumer:
             # (or timed out) while handling it. Stop trying.
             await self._dead_letter(entry_id, fields, "max_deliveries", delivery)
             return
-        if await self._call_handler(project_id, message, entry_id, delivery):
+        failure = await self._call_handler(project_id, message, entry_id, delivery)
+        if failure is not None and dependency_unavailable(failure):
+            failure = await self._retry_while_unavailable(
+                project_id, message, entry_id, delivery, failure
+            )
+            if self._stop.is_set() and failure is not None:
+                return  # left pending for the next run, its delivery count unchanged
+        if failure is None:
             await self._redis.xack(self._key, self._group, entry_id)
             HANDLED.labels(self._topic.name, self._group).inc()
         elif delivery >= self._max_deliveries:
@@ -641,16 +680,57 @@ class Consumer:
 
     async def _call_handler(
         self, project_id: str, message: Message, entry_id: str, delivery: int
-    ) -> bool:
+    ) -> Exception | None:
+        """Runs the handler; None once it returned, else what it raised."""
         try:
             async with asyncio.timeout(self._handler_timeout_s):
                 await self._handler(project_id, message, entry_id)
-        except Exception:
+        except Exception as exc:
             # Left pending: another delivery (via claim) retries it, up to max_deliveries.
             HANDLER_FAILURES.labels(self._topic.name, self._group).inc()
-            self._log.exception("bus_handler_failed", entry_id=entry_id, delivery=delivery)
-            return False
-        return True
+            if dependency_unavailable(exc):
+                self._log.warning(
+                    "bus_handler_dependency_unavailable",
+                    entry_id=entry_id,
+                    delivery=delivery,
+                    error=type(exc).__name__,
+                )
+            else:
+                self._log.exception("bus_handler_failed", entry_id=entry_id, delivery=delivery)
+            return exc
+        return None
+
+    async def _retry_while_unavailable(
+        self,
+        project_id: str,
+        message: Message,
+        entry_id: str,
+        delivery: int,
+        failure: Exception,
+    ) -> Exception | None:
+        """Runs the handler again, in place and with backoff, for as long as it fails because
+        the database (or Redis) is away: an outage is no fault of the entry, so it must not
+        spend the entry's deliveries (a redelivery counts one), or a few minutes of outage
+        dead-letter acknowledged data. Meanwhile the entry is kept claimed (XCLAIM JUSTID,
+        which counts no delivery) so that no other consumer takes it. Returns the last
+        failure (None once handled); returns early when the consumer is stopped."""
+        backoff = Backoff(
+            "bus_handler_waits_for_its_dependency",
+            initial=self._backoff_initial_s,
+            maximum=self._backoff_max_s,
+            topic=self._topic.name,
+            group=self._group,
+            consumer=self._name,
+        )
+        last: Exception | None = failure
+        while last is not None and dependency_unavailable(last):
+            await sleep_unless(self._stop, backoff.failed(last))
+            if self._stop.is_set():
+                return last
+            await self._redis.xclaim(self._key, self._group, self._name, 0, [entry_id], justid=True)
+            last = await self._call_handler(project_id, message, entry_id, delivery)
+        backoff.recovered()
+        return last
 
     async def _dead_letter(
         self, entry_id: str, fields: Mapping[bytes, bytes], reason: str, delivery: int

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -232,6 +233,8 @@ async def create_pool(database_url: str, *, max_size: int = 10) -> asyncpg.Pool:
 # Errors that say the database, or the way to it, is gone for now rather than that the request
 # is wrong: a terminated backend, a server shutting down or refusing connections, a full server,
 # a socket reset, the pool closing during shutdown. A retry (elsewhere, or later) may succeed.
+# Where asyncpg's modules are (its connect code raises the socket's own errors).
+ASYNCPG_PATH = os.path.dirname(asyncpg.__file__) + os.sep
 _LOST = (
     asyncpg.PostgresConnectionError,  # class 08, including ConnectionDoesNotExistError
     asyncpg.exceptions.AdminShutdownError,
@@ -242,12 +245,28 @@ _LOST = (
 )
 
 
+def _raised_in_asyncpg(exc: BaseException) -> bool:
+    """True if a frame of `exc`'s traceback is asyncpg's (its connection code raised it)."""
+    frame = exc.__traceback__
+    while frame is not None:
+        if ASYNCPG_PATH in frame.tb_frame.f_code.co_filename:
+            return True
+        frame = frame.tb_next
+    return False
+
+
 def connection_lost(exc: BaseException) -> bool:
     """True if `exc`, or what it was raised from, is a lost or refused database connection."""
     seen = 0
     current: BaseException | None = exc
     while current is not None and seen < 8:
         if isinstance(current, _LOST):
+            return True
+        # Connecting to a server that is down fails with whatever the socket answers: a Unix
+        # socket the server removed on shutdown (FileNotFoundError), a host name that no longer
+        # resolves (socket.gaierror). Such errors are the database's only when asyncpg raised
+        # them; the same error from other code is a bug.
+        if isinstance(current, OSError) and _raised_in_asyncpg(current):
             return True
         # asyncpg spells a closed connection or pool only in the message of an InterfaceError.
         if isinstance(current, asyncpg.InterfaceError) and (

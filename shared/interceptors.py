@@ -27,6 +27,7 @@ from profiles.client import REQUEST_ID_HEADER, outgoing_request_id
 from shared import errors
 from shared.auth import Authenticator, authorize, reset_current_caller, set_current_caller
 from shared.auth_policy import is_public
+from shared.bus import redis_unavailable
 from shared.contract_rules import STREAMS_ANSWERED_PER_MESSAGE, check_request, tolerant
 from shared.db import connection_lost
 from shared.metrics import RPC_SECONDS, RPC_TOTAL
@@ -69,6 +70,10 @@ class ShuttingDown(errors.Unavailable):
 
 class DatabaseUnavailable(errors.Unavailable):
     reason = "DATABASE_UNAVAILABLE"
+
+
+class BusUnavailable(errors.Unavailable):
+    reason = "BUS_UNAVAILABLE"
 
 
 def status_code_of(error: errors.DomainError) -> grpc.StatusCode:
@@ -358,6 +363,10 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             # Transient: the client helper retries safe RPCs on UNAVAILABLE.
             log.warning("database_unavailable", error=type(exc).__name__)
             exc = DatabaseUnavailable("the database is unreachable for now; retry the call")
+        elif not isinstance(exc, errors.DomainError) and redis_unavailable(exc):
+            # Redis (the bus, the change streams, the live notices): as transient.
+            log.warning("bus_unavailable", error=type(exc).__name__)
+            exc = BusUnavailable("the message bus is unreachable for now; retry the call")
         request_id = outgoing_request_id.get() or ""
         echoed = ((REQUEST_ID_HEADER, request_id),) if request_id else ()
         if isinstance(exc, errors.DomainError):

@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
+import asyncpg
 import grpc
 import pytest
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
+from redis.asyncio import Redis
 
 from profiles.query.v1 import query_service_pb2 as pb
 from profiles.query.v1 import query_service_pb2_grpc as pb_grpc
@@ -41,6 +43,14 @@ class ScriptedQueryServicer(pb_grpc.QueryServiceServicer):
             raise errors.NotFound("no such profile", metadata={"profile_id": "p1"})
         if script == "crash":
             raise RuntimeError("secret internal detail")
+        if script == "database_gone":  # a server stopped cleanly: its socket is gone
+            await asyncpg.connect("postgresql:///db?host=/nonexistent-dir&port=5999", timeout=5)
+        if script == "redis_gone":
+            client = Redis(unix_socket_path="/nonexistent-dir/redis.sock")
+            try:
+                await client.ping()
+            finally:
+                await client.aclose()
         if script == "slow":
             self.in_flight.set()
             await self.release.wait()
@@ -135,6 +145,21 @@ async def test_an_unexpected_error_is_internal_and_reveals_nothing(scripted, pro
     info, _ = _details(raised.value)
     assert info.reason == "INTERNAL"
     assert info.metadata["request_id"]
+
+
+@pytest.mark.parametrize(
+    ("script", "reason"),
+    [("database_gone", "DATABASE_UNAVAILABLE"), ("redis_gone", "BUS_UNAVAILABLE")],
+)
+async def test_a_database_or_redis_away_is_unavailable_not_internal(  # type: ignore[no-untyped-def]
+    scripted, project, script: str, reason: str
+) -> None:
+    _, channel = scripted
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await call(channel, project, script)
+    assert raised.value.code() is grpc.StatusCode.UNAVAILABLE
+    info, _ = _details(raised.value)
+    assert info.reason == reason
 
 
 async def test_streams_beyond_the_cap_are_resource_exhausted(scripted, project) -> None:  # type: ignore[no-untyped-def]

@@ -6,9 +6,11 @@ import asyncio
 import contextlib
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 from uuid import uuid4
 
+import asyncpg
 import pytest
 from google.protobuf.message import Message
 from prometheus_client import REGISTRY
@@ -276,6 +278,58 @@ async def test_entry_is_dead_lettered_after_max_deliveries(
         "profiles_bus_messages_dead_lettered_total",
         {"topic": "echo", "group": group, "reason": "handler_failed"},
     ) == pytest.approx(1)
+
+
+class DatabaseAway:
+    """A handler whose database is away for its first `away_times` calls: each of those
+    connects, for real, to a server that is not there (a socket directory holding no socket)."""
+
+    def __init__(self, socket_dir: Path, away_times: int) -> None:
+        self.attempts = 0
+        self.handled: list[int] = []
+        self._dsn = f"postgresql:///db?host={socket_dir}&port=5999"
+        self._away_times = away_times
+
+    async def __call__(self, project_id: str, message: Message, entry_id: str) -> None:
+        assert isinstance(message, EchoRequest)
+        self.attempts += 1
+        if self.attempts <= self._away_times:
+            await asyncpg.connect(self._dsn, timeout=5)  # raises FileNotFoundError
+        self.handled.append(int(message.payload))
+
+
+async def test_an_outage_of_the_database_spends_no_delivery_of_the_entry(
+    bus: Bus, group: str, eventually: Any, tmp_path: Path
+) -> None:
+    """Handled after twice as many failed attempts as its deliveries allow, because each
+    failure was the database being away: not dead-lettered, and still its first delivery."""
+    handler = DatabaseAway(tmp_path, away_times=6)
+    entry_id = (await bus.publish(ECHO, [echo(5)]))[0]
+
+    async with running(consumer(bus, group, handler, max_deliveries=3)):
+        await eventually(lambda: handler.attempts >= 3)
+        [pending] = await bus.redis.xpending_range(
+            bus.stream_key("echo"), group, entry_id, entry_id, 1
+        )
+        assert pending["times_delivered"] == 1
+        await eventually(lambda: handler.handled == [5])
+
+    assert handler.attempts == 7
+    assert await bus.redis.xlen(bus.dead_key("echo")) == 0
+    assert await pending_count(bus, group) == 0
+
+
+async def test_a_consumer_stopped_while_its_database_is_away_leaves_the_entry_pending(
+    bus: Bus, group: str, eventually: Any, tmp_path: Path
+) -> None:
+    handler = DatabaseAway(tmp_path, away_times=1_000)
+    await bus.publish(ECHO, [echo(6)])
+
+    async with running(consumer(bus, group, handler, max_deliveries=2)):
+        await eventually(lambda: handler.attempts >= 4)
+
+    assert await pending_count(bus, group) == 1
+    assert await bus.redis.xlen(bus.dead_key("echo")) == 0
 
 
 async def test_poison_entries_are_dead_lettered_without_blocking_the_group(
