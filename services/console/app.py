@@ -18,6 +18,8 @@ import uvicorn
 import uvloop
 from prometheus_client import Counter, Gauge, Histogram
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.applications import Starlette
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
@@ -204,7 +206,15 @@ def build_app(
             await backend.close()
             await redis.aclose()
 
-    app = Starlette(routes=ROUTES, lifespan=lifespan, exception_handlers={404: pages.no_such_page})
+    app = Starlette(
+        routes=ROUTES,
+        lifespan=lifespan,
+        exception_handlers={
+            404: pages.no_such_page,
+            RedisConnectionError: pages.session_store_down,
+            RedisTimeoutError: pages.session_store_down,
+        },
+    )
     return Guard(app, hub)
 
 

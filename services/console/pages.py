@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlencode
 
 import structlog
+from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import (
     PlainTextResponse,
@@ -288,9 +289,19 @@ async def healthz(request: Request) -> Response:
     try:
         async with asyncio.timeout(2):
             await request.app.state.redis.ping()
-    except (OSError, TimeoutError, ConnectionError):
+    except (OSError, TimeoutError, RedisError):
         return PlainTextResponse("redis unavailable", status_code=503)
     return PlainTextResponse("ok")
+
+
+async def session_store_down(request: Request, exc: Exception) -> Response:
+    """Redis, where sign-ins live, is away (restarting, loading, failing over) while a page
+    reads or writes a session: the console's 503 page, to retry shortly, not a bare 500."""
+    log.warning("console_session_store_unavailable", error=type(exc).__name__)
+    down = ServiceDown("session store", timed_out=False, detail="its Redis is not answering")
+    response = render(request, "problem.html", {"down": down}, status=503)
+    response.headers["Retry-After"] = "2"
+    return response
 
 
 async def home(request: Request) -> Response:

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
+import socket
+import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
+import requests
+import uvicorn
 from redis.asyncio import Redis
 
+from services.console.app import build_app
+from services.console.pages import COOKIE
 from services.console.sessions import IDLE_SECONDS, SessionStore
+from shared.embedded import EmbeddedRedis
+from shared.settings import Settings
 
 
 @pytest.fixture
@@ -47,3 +57,49 @@ async def test_an_expired_or_signed_out_session_is_gone(redis: Redis, redis_pref
     [name] = [key async for key in redis.scan_iter(match=f"{redis_prefix}:console:session:*")]
     await redis.expire(name, 0)  # what Redis does once the idle period has passed
     assert await store.get(second.session_id) is None
+
+
+async def test_pages_answer_503_to_retry_while_the_session_store_is_away(
+    private_redis: EmbeddedRedis, eventually: Any
+) -> None:
+    """Redis restarting (or failing over) under the console: /healthz and every page answer
+    503 with Retry-After and the console's own page, not a bare 500; once Redis is back the
+    console answers again by itself."""
+    settings = Settings(redis_url=private_redis.url, redis_prefix=f"t-{uuid.uuid4().hex[:8]}")
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(build_app(settings), log_level="warning"))
+    serving = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
+    base = f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+    async def get(path: str) -> requests.Response:
+        # In a thread: the console serves from this test's event loop.
+        return await asyncio.to_thread(
+            requests.get,
+            base + path,
+            cookies={COOKIE: "some-session"},
+            allow_redirects=False,
+            timeout=10,
+        )
+
+    try:
+        await eventually(lambda: server.started)
+        assert (await get("/healthz")).status_code == 200
+        private_redis.stop()
+        assert (await get("/healthz")).status_code == 503
+        page = await get("/overview")
+        assert page.status_code == 503
+        assert page.headers["retry-after"] == "2"
+        assert "session store" in page.text
+        private_redis.start()
+
+        async def answers() -> bool:
+            return (await get("/healthz")).status_code == 200
+
+        await eventually(answers)
+        # Back: an unknown session is sent to sign in, as ever.
+        assert (await get("/overview")).status_code == 303
+    finally:
+        server.should_exit = True
+        await serving
+        sock.close()
