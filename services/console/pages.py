@@ -1278,9 +1278,18 @@ def live_item(item: Any) -> dict[str, Any] | None:
         return {"kind": "segment", "title": f"{verb} {change.display_name}",
                 "time": present.when(change.change_time)}  # fmt: skip
     if kind == "dropped":
-        return {"kind": "dropped", "title": f"{item.dropped.dropped_count} live items were lost;"
-                " refresh to see everything", "time": present.when(item.publish_time)}  # fmt: skip
+        return {"kind": "dropped", "title": dropped_title(item.dropped.dropped_count),
+                "time": present.when(item.publish_time)}  # fmt: skip
     return None
+
+
+def dropped_title(count: int) -> str:
+    """What a gap in a live feed says: a count when the service knows it, else (0: the bus was
+    away for a while, and how much was missed is unknown) that some may be missing."""
+    if count == 0:
+        return "Live updates were interrupted and some may be missing; refresh to see everything"
+    items = "live item was" if count == 1 else "live items were"
+    return f"{count} {items} lost; refresh to see everything"
 
 
 def event_json(event: Any) -> dict[str, Any]:

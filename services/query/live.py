@@ -6,8 +6,15 @@ then send `started`: a notice committed after that read cannot be missed, and a 
 GetProfile at that version already holds everything before it. A reader task moves notices
 into the buffer; when the client falls behind and the buffer is full, new items are discarded
 and counted, and a `dropped` item takes their place in the stream. On MERGED_AWAY the watch
-moves to the survivor's channel; after a Redis outage it resubscribes and re-resolves the
-profile from PostgreSQL (a merge announced meanwhile is followed; its items are lost).
+moves to the survivor's channel.
+
+Redis may go away (an outage, a restart, or a connection it drops itself, such as a subscriber
+over its output buffer limit, which redis-py renews on its own): the stream stays open, the
+watch subscribes again (with backoff) once Redis answers, then re-reads the profile's version.
+Notices published meanwhile are lost, so when the version moved past the last one the watch
+saw, a `dropped` item with no count tells the client to resync from GetProfile (the contract:
+nothing is missed after `started` unless a `dropped` item says so). A merge announced meanwhile
+is followed; an erasure ends the stream.
 """
 
 from __future__ import annotations
@@ -130,7 +137,7 @@ class ProfileWatch:
         once for an unknown profile."""
         profile_id = await self._live(project_id, requested)
         state = _State(project_id, profile_id)
-        pubsub = await self._subscribe(state)
+        state.pubsub = await self._subscribe(state)
         reader: asyncio.Task[None] | None = None
         closer: asyncio.Task[None] | None = None
         try:
@@ -138,12 +145,13 @@ class ProfileWatch:
                 version = await reads.profile_version(project_id, state.profile_id)
             if version is None:
                 raise ProfileNotFound("no such profile in this project")
+            state.version = version
             started = live_pb2.WatchStarted(version=version)
             yield convert.watch_item(
                 str(state.profile_id), version, self._clock.now(), started=started
             )
             buffer = WatchBuffer(BUFFER_SIZE, self._clock)
-            reader = asyncio.create_task(self._read_or_fail(state, pubsub, buffer))
+            reader = asyncio.create_task(self._read_or_fail(state, buffer))
             if closed is not None:
                 closer = asyncio.create_task(_close_when(closed, buffer))
             while True:
@@ -165,8 +173,10 @@ class ProfileWatch:
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await task
-            with contextlib.suppress(*REDIS_UNAVAILABLE):
-                await pubsub.aclose()
+            # The reader's last subscription (it renews it after an outage).
+            if state.pubsub is not None:
+                with contextlib.suppress(*REDIS_UNAVAILABLE):
+                    await state.pubsub.aclose()
 
     async def _live(self, project_id: UUID, profile_id: UUID) -> UUID:
         async with self._repository.reads() as reads:
@@ -176,36 +186,72 @@ class ProfileWatch:
         return found[0]
 
     async def _subscribe(self, state: _State) -> PubSub:
+        """A new pub/sub connection subscribed to the profile's channel, once Redis confirmed
+        it; raises what REDIS_UNAVAILABLE lists (closing the connection: a watch retrying
+        through a long outage must not leave one behind per attempt)."""
         key = self._bus.channel_key(profile_channel(state.project_id, state.profile_id))
-        async with asyncio.timeout(SUBSCRIBE_TIMEOUT_S):
-            pubsub = await self._bus.pubsub()
-            await pubsub.subscribe(key)
-            # The confirmation comes back once Redis has registered the subscription.
-            while True:
-                message = await pubsub.get_message(timeout=1.0)
-                if message is not None and message.get("type") == "subscribe":
-                    break
+        pubsub: PubSub | None = None
+        try:
+            async with asyncio.timeout(SUBSCRIBE_TIMEOUT_S):
+                pubsub = await self._bus.pubsub()
+                await pubsub.subscribe(key)
+                # The confirmation comes back once Redis has registered the subscription.
+                while True:
+                    message = await pubsub.get_message(timeout=1.0)
+                    if message is not None and message.get("type") == "subscribe":
+                        break
+        except BaseException:
+            if pubsub is not None:
+                with contextlib.suppress(*REDIS_UNAVAILABLE):
+                    await pubsub.aclose()
+            raise
         state.channel_key = key
+        state.moving_to = ""
         return pubsub
 
-    async def _read_or_fail(self, state: _State, pubsub: PubSub, buffer: WatchBuffer) -> None:
+    async def _read_or_fail(self, state: _State, buffer: WatchBuffer) -> None:
         """Runs the reader; a failure reaches the stream instead of dying with the task."""
         try:
-            await self._read(state, pubsub, buffer)
+            await self._read(state, buffer)
         except Exception as exc:
             buffer.put(_Ended(exc))
 
-    async def _read(self, state: _State, pubsub: PubSub, buffer: WatchBuffer) -> None:
+    async def _read(self, state: _State, buffer: WatchBuffer) -> None:
         backoff = Backoff("watch_redis_unavailable", initial=0.1, maximum=5.0)
+        # When the subscription was lost (renew it), and since when notices may have been lost
+        # (resync once subscribed again).
+        lost: datetime | None = None
+        gap: datetime | None = None
         while True:
             try:
-                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                if lost is not None:
+                    await self._renew(state)
+                    gap, lost = gap or lost, None
+                if gap is not None:
+                    if not await self._resync(state, buffer, gap):
+                        return
+                    gap = None
+                assert state.pubsub is not None
+                message = await state.pubsub.get_message(timeout=1.0)
                 backoff.recovered()
             except REDIS_UNAVAILABLE as exc:
+                # Retried until Redis answers (the client may cancel meanwhile), at most
+                # `maximum` seconds apart.
+                lost = lost or self._clock.now()
                 await asyncio.sleep(backoff.failed(exc))
-                pubsub = await self._resubscribe(state, pubsub)
                 continue
-            if message is None or message.get("type") != "message":
+            if message is None:
+                continue
+            if message.get("type") == "subscribe":
+                channel = _text(message["channel"])
+                if channel == state.moving_to:
+                    state.moving_to = ""  # _move's own subscription
+                elif channel == state.channel_key:
+                    # redis-py reconnected on its own and subscribed again (Redis dropped the
+                    # connection, or restarted at once): notices may have been lost meanwhile.
+                    gap = self._clock.now()
+                continue
+            if message.get("type") != "message":
                 continue
             try:
                 notice = bus_pb2.ProfileChanged.FromString(message["data"])
@@ -214,6 +260,7 @@ class ProfileWatch:
                 continue
             if notice.profile_id != str(state.profile_id):
                 continue
+            state.version = max(state.version, notice.profile_version)
             for item in await self._items(state, notice):
                 buffer.put(item)
             if bus_pb2.PROFILE_CHANGE_KIND_DELETED in notice.kinds:
@@ -224,23 +271,55 @@ class ProfileWatch:
                 and notice.merge.target_profile_id
             ):
                 state.profile_id = UUID(notice.merge.target_profile_id)
-                await self._move(state, pubsub)
+                try:
+                    await self._move(state)
+                except REDIS_UNAVAILABLE as exc:
+                    # Renewed on the survivor's channel once Redis answers again.
+                    lost = self._clock.now()
+                    await asyncio.sleep(backoff.failed(exc))
 
-    async def _resubscribe(self, state: _State, old: PubSub) -> PubSub:
-        with contextlib.suppress(*REDIS_UNAVAILABLE):
-            await old.aclose()
-        # Erased while Redis was away: the watch stays on the ID; its next read fails anyway.
-        with contextlib.suppress(ProfileNotFound):
-            state.profile_id = await self._live(state.project_id, state.profile_id)
-        try:
-            return await self._subscribe(state)
-        except REDIS_UNAVAILABLE:
-            return self._bus.redis.pubsub()  # fails on the next read, which backs off again
+    async def _renew(self, state: _State) -> None:
+        """Replaces a lost subscription; raises what REDIS_UNAVAILABLE lists while Redis is
+        away."""
+        if state.pubsub is not None:
+            old, state.pubsub = state.pubsub, None
+            with contextlib.suppress(*REDIS_UNAVAILABLE):
+                await old.aclose()
+        state.pubsub = await self._subscribe(state)
 
-    async def _move(self, state: _State, pubsub: PubSub) -> None:
+    async def _resync(self, state: _State, buffer: WatchBuffer, since: datetime) -> bool:
+        """After the subscription was renewed: re-reads the profile's version (as at start, after
+        subscribing) and, when it moved past the last notice seen, tells the client with a
+        `dropped` item that it may have missed items since `since`. Follows a merge whose notice
+        was lost; returns False when the profile was erased (the stream then ends NOT_FOUND)."""
+        async with self._repository.reads() as reads:
+            version = await reads.profile_version(state.project_id, state.profile_id)
+        if version is None:
+            try:
+                survivor = await self._live(state.project_id, state.profile_id)
+            except ProfileNotFound:
+                buffer.put(_Ended())
+                return False
+            # Merged away meanwhile: its notice (and the merge item) was lost.
+            state.profile_id = survivor
+            await self._move(state)
+            async with self._repository.reads() as reads:
+                version = await reads.profile_version(state.project_id, state.profile_id)
+        if version is None or version > state.version:
+            # How many items were lost is unknown: no count (the contract's `dropped`, count 0).
+            dropped = live_pb2.DroppedItems(dropped_count=0)
+            dropped.first_drop_time.CopyFrom(timestamp_of(since))
+            buffer.put(convert.watch_item("", 0, self._clock.now(), dropped=dropped))
+            state.version = max(state.version, version or 0)
+        return True
+
+    async def _move(self, state: _State) -> None:
         """Follows a merge: the survivor's channel instead of the tombstone's."""
+        pubsub = state.pubsub
+        assert pubsub is not None
         old_key = state.channel_key
         key = self._bus.channel_key(profile_channel(state.project_id, state.profile_id))
+        state.moving_to = key  # its confirmation is not a renewed subscription
         await pubsub.subscribe(key)
         if old_key and old_key != key:
             await pubsub.unsubscribe(old_key)
@@ -330,9 +409,20 @@ class _State:
     profile_id: UUID
     channel_key: str = ""
     delivered_profile_id: UUID | None = None
+    # The current subscription (renewed after an outage) and the channel `_move` subscribed to,
+    # until Redis confirms it.
+    pubsub: PubSub | None = None
+    moving_to: str = ""
+    # The profile's version at start, then of the newest notice seen: a higher one after an
+    # outage means notices were lost.
+    version: int = 0
 
     def __post_init__(self) -> None:
         self.delivered_profile_id = self.profile_id
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _merge_change(merge: bus_pb2.ProfileMerged) -> profile_pb2.IdentityChange:

@@ -13,8 +13,6 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from redis.exceptions import ResponseError
-
 from profiles.common.v1 import bus_pb2
 from services.segments.messages import change_from_bus
 from services.segments.model import MembershipChange
@@ -74,16 +72,10 @@ class ChangeStream:
         entries: Any = await self._redis.xrevrange(self._key, "+", "-", count=1)
         return _text(entries[0][0]) if entries else "0-0"
 
-    async def last_generated_cursor(self) -> str:
-        """The ID of the newest entry ever appended (Redis keeps it when entries are trimmed or
-        deleted), "0-0" before the first: no cursor handed out is after it."""
-        try:
-            info: Any = await self._redis.xinfo_stream(self._key)
-        except ResponseError as exc:
-            if "no such key" in str(exc).lower():
-                return "0-0"
-            raise
-        return _text(info["last-generated-id"])
+    async def holds(self, cursor: str) -> bool:
+        """Whether an entry of the stream has this ID."""
+        entries: Any = await self._redis.xrange(self._key, cursor, cursor, count=1)
+        return bool(entries)
 
     async def first_cursor(self) -> str | None:
         entries: Any = await self._redis.xrange(self._key, "-", "+", count=1)

@@ -427,7 +427,10 @@ class SegmentsService:
     ) -> AsyncIterator[list[RecordedChange]]:
         """Yields the project's changes in stream order, in batches of 1 to 500, from `start`
         until the caller stops; reads at the caller's pace. Raises CursorExpired when
-        `start.after` is older than the project's retention or than the oldest retained entry."""
+        `start.after` is older than the project's retention or than the oldest retained entry,
+        or is no entry of the stream (it lost its entries: Redis restarted empty, or failed over
+        to a replica behind it), and CursorInvalid when it is further ahead of the server's
+        clock than clocks drift (no stream on this server handed it out)."""
         settings = await self._tenancy.get_settings(project_id)
         retention_ms = int(settings["segments.change_retention_days"]) * 86_400_000
         now_ms = await self._changes.server_time_ms()
@@ -435,6 +438,14 @@ class SegmentsService:
         if start.after is not None:
             parsed = parse_cursor(start.after)
             assert parsed is not None  # checked by the servicer
+            if parsed[0] > now_ms + WATCH_START_AHEAD_LIMIT_MS:
+                # Entry IDs carry the server's time: reading after this one would wait,
+                # silently, until then (a year off, or forever), as after such a start_time.
+                problem = "is more than 10 minutes ahead of the server's clock"
+                raise CursorInvalid(
+                    f"start_after {problem}",
+                    [FieldViolation("start_after", problem, CursorInvalid.reason)],
+                )
             first = await self._changes.first_cursor()
             trimmed = first is not None and (parse_cursor(first) or (0, 0)) > parsed
             if parsed[0] < oldest_ms or trimmed:
@@ -443,17 +454,16 @@ class SegmentsService:
                     "resume with start_time, accepting a gap",
                     metadata={"start_after": start.after},
                 )
-            # A cursor after the last ID ever generated was not handed out by this stream (or
-            # comes from another one): reading after it would wait, silently, until the stream
-            # caught up with it, possibly forever.
-            last = parse_cursor(await self._changes.last_generated_cursor()) or (0, 0)
-            if parsed > last:
-                problem = (
-                    "is ahead of the change stream; must be a cursor from an earlier SegmentChange"
-                )
-                raise CursorInvalid(
-                    f"start_after {problem}",
-                    [FieldViolation("start_after", problem, CursorInvalid.reason)],
+            # Every cursor handed out is an entry's ID, and only the oldest entries are ever
+            # removed (trimmed, above). One the stream does not hold (ahead of it, or between
+            # its entries) means the stream lost entries since: answered as expired, whether or
+            # not a new change was appended meanwhile, so that a client resuming after an outage
+            # learns of the gap instead of giving up (or waiting silently).
+            if not await self._changes.holds(start.after):
+                raise CursorExpired(
+                    "start_after is not in the change stream any more (it lost entries, e.g. "
+                    "Redis restarted empty); resume with start_time, accepting a gap",
+                    metadata={"start_after": start.after},
                 )
             cursor = start.after
         elif start.time_ms is not None:

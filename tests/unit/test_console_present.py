@@ -15,7 +15,13 @@ from profiles.query.v1 import query_service_pb2 as query_pb
 from profiles.segments.v1 import filters_pb2
 from services.console import present
 from services.console.errors import BadInput
-from services.console.pages import _safe_next, export_member, lookups, names_searched
+from services.console.pages import (
+    _safe_next,
+    dropped_title,
+    export_member,
+    lookups,
+    names_searched,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -440,3 +446,9 @@ def test_export_members_are_the_sections_in_lower_camel_case_and_unknown_ones_ar
     assert export_member(identity_pb.EXPORT_SECTION_REJECTED_EVENTS) == "rejectedEvents"
     assert export_member(identity_pb.EXPORT_SECTION_FUNNEL_PROGRESS) == "funnelProgress"
     assert export_member(99) == "section99"
+
+
+def test_a_gap_of_unknown_size_says_some_updates_may_be_missing() -> None:
+    assert dropped_title(0).startswith("Live updates were interrupted and some may be missing")
+    assert dropped_title(1) == "1 live item was lost; refresh to see everything"
+    assert dropped_title(3) == "3 live items were lost; refresh to see everything"

@@ -193,17 +193,23 @@ Global___SegmentMembershipChange: _TypeAlias = SegmentMembershipChange  # noqa: 
 
 @_typing.final
 class DroppedItems(_message.Message):
-    """Notice that items were discarded because the reader fell behind."""
+    """Notice that items were discarded because the reader fell behind, or that live notices were
+    lost while Redis was unavailable (then `dropped_count` is 0).
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     DROPPED_COUNT_FIELD_NUMBER: _builtins.int
     FIRST_DROP_TIME_FIELD_NUMBER: _builtins.int
     dropped_count: _builtins.int
-    """The number of items discarded since the previous item delivered."""
+    """The number of items discarded since the previous item delivered; 0 when unknown: notices
+    were lost while the watch's Redis subscription was down.
+    """
     @_builtins.property
     def first_drop_time(self) -> _timestamp_pb2.Timestamp:
-        """When the first of them was discarded."""
+        """When the first of them was discarded (for lost notices, when the watch lost its
+        subscription).
+        """
 
     def __init__(
         self,

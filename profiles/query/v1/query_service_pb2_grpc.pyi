@@ -120,9 +120,11 @@ class QueryServiceStub:
     items are discarded and counted, and the next item delivered is a `dropped` notice saying
     how many were lost; the stream never closes for slowness (re-read GetProfile to resync).
     Live items may also be missed while Redis is unavailable; the view from GetProfile is always
-    complete. The stream runs until the client cancels, the profile is erased (NOT_FOUND), or
-    the server shuts down (UNAVAILABLE). Errors: INVALID_ARGUMENT (`profile_id`), NOT_FOUND (no
-    such profile).
+    complete. The stream stays open through a Redis outage: once Redis answers again the watch
+    subscribes again and, if the profile changed meanwhile, its next item is `dropped` with
+    `dropped_count` 0 (how many were lost is unknown; re-read GetProfile to resync). The stream
+    runs until the client cancels, the profile is erased (NOT_FOUND), or the server shuts down
+    (UNAVAILABLE). Errors: INVALID_ARGUMENT (`profile_id`), NOT_FOUND (no such profile).
     """
 
 @_typing.type_check_only
@@ -217,9 +219,11 @@ class QueryServiceAsyncStub(QueryServiceStub):
     items are discarded and counted, and the next item delivered is a `dropped` notice saying
     how many were lost; the stream never closes for slowness (re-read GetProfile to resync).
     Live items may also be missed while Redis is unavailable; the view from GetProfile is always
-    complete. The stream runs until the client cancels, the profile is erased (NOT_FOUND), or
-    the server shuts down (UNAVAILABLE). Errors: INVALID_ARGUMENT (`profile_id`), NOT_FOUND (no
-    such profile).
+    complete. The stream stays open through a Redis outage: once Redis answers again the watch
+    subscribes again and, if the profile changed meanwhile, its next item is `dropped` with
+    `dropped_count` 0 (how many were lost is unknown; re-read GetProfile to resync). The stream
+    runs until the client cancels, the profile is erased (NOT_FOUND), or the server shuts down
+    (UNAVAILABLE). Errors: INVALID_ARGUMENT (`profile_id`), NOT_FOUND (no such profile).
     """
 
 class QueryServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -365,9 +369,11 @@ class QueryServiceServicer(metaclass=_abc_1.ABCMeta):
         items are discarded and counted, and the next item delivered is a `dropped` notice saying
         how many were lost; the stream never closes for slowness (re-read GetProfile to resync).
         Live items may also be missed while Redis is unavailable; the view from GetProfile is always
-        complete. The stream runs until the client cancels, the profile is erased (NOT_FOUND), or
-        the server shuts down (UNAVAILABLE). Errors: INVALID_ARGUMENT (`profile_id`), NOT_FOUND (no
-        such profile).
+        complete. The stream stays open through a Redis outage: once Redis answers again the watch
+        subscribes again and, if the profile changed meanwhile, its next item is `dropped` with
+        `dropped_count` 0 (how many were lost is unknown; re-read GetProfile to resync). The stream
+        runs until the client cancels, the profile is erased (NOT_FOUND), or the server shuts down
+        (UNAVAILABLE). Errors: INVALID_ARGUMENT (`profile_id`), NOT_FOUND (no such profile).
         """
 
 def add_QueryServiceServicer_to_server(servicer: QueryServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -521,8 +521,11 @@ class WatchSegmentChangesRequest(_message.Message):
     """Resumes after this cursor (a `SegmentChange.cursor` from an earlier stream, with or without
     the same segment filter): every change after it, in order, none twice. A cursor has the
     form `<ms>-<seq>`, two unsigned 64-bit decimal integers without leading zeros; anything
-    else is INVALID_ARGUMENT, and so is a cursor ahead of the newest change the stream has
-    ever appended when the watch starts (no change handed it out).
+    else is INVALID_ARGUMENT (CURSOR_INVALID), and so is a cursor whose time is over 10 minutes
+    ahead of the server's clock (no change handed it out). A well-formed cursor the stream
+    does not hold (ahead of its newest change, or between its changes: the stream lost changes,
+    e.g. Redis restarted empty) is FAILED_PRECONDITION with reason CURSOR_EXPIRED, as one older
+    than the retention: resume from `start_time`, accepting a gap.
     """
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp:

@@ -192,8 +192,9 @@ class SegmentsServiceServicer:
         with `start_after`). Read or admin. Errors: INVALID_ARGUMENT (`start_after` malformed,
         `start_time` over 10 minutes ahead of the server's clock, segment filter UNSPECIFIED),
         NOT_FOUND (`custom_segment_id` unknown), FAILED_PRECONDITION
-        with reason CURSOR_EXPIRED (`start_after` is older than the retention; resume from
-        `start_time` instead, accepting a gap).
+        with reason CURSOR_EXPIRED (`start_after` is older than the retention, or the stream no
+        longer holds it, e.g. Redis lost its data; resume from `start_time` instead, accepting a
+        gap).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -87,8 +87,9 @@ class SegmentsServiceStub:
     with `start_after`). Read or admin. Errors: INVALID_ARGUMENT (`start_after` malformed,
     `start_time` over 10 minutes ahead of the server's clock, segment filter UNSPECIFIED),
     NOT_FOUND (`custom_segment_id` unknown), FAILED_PRECONDITION
-    with reason CURSOR_EXPIRED (`start_after` is older than the retention; resume from
-    `start_time` instead, accepting a gap).
+    with reason CURSOR_EXPIRED (`start_after` is older than the retention, or the stream no
+    longer holds it, e.g. Redis lost its data; resume from `start_time` instead, accepting a
+    gap).
     """
     CreateFunnel: _grpc.UnaryUnaryMultiCallable[_segments_service_pb2.CreateFunnelRequest, _segments_service_pb2.CreateFunnelResponse]
     """Creates a funnel and returns it with its per-step counts. At most 50 funnels per project.
@@ -187,8 +188,9 @@ class SegmentsServiceAsyncStub(SegmentsServiceStub):
     with `start_after`). Read or admin. Errors: INVALID_ARGUMENT (`start_after` malformed,
     `start_time` over 10 minutes ahead of the server's clock, segment filter UNSPECIFIED),
     NOT_FOUND (`custom_segment_id` unknown), FAILED_PRECONDITION
-    with reason CURSOR_EXPIRED (`start_after` is older than the retention; resume from
-    `start_time` instead, accepting a gap).
+    with reason CURSOR_EXPIRED (`start_after` is older than the retention, or the stream no
+    longer holds it, e.g. Redis lost its data; resume from `start_time` instead, accepting a
+    gap).
     """
     CreateFunnel: _aio.UnaryUnaryMultiCallable[_segments_service_pb2.CreateFunnelRequest, _segments_service_pb2.CreateFunnelResponse]  # type: ignore[assignment]
     """Creates a funnel and returns it with its per-step counts. At most 50 funnels per project.
@@ -326,8 +328,9 @@ class SegmentsServiceServicer(metaclass=_abc_1.ABCMeta):
         with `start_after`). Read or admin. Errors: INVALID_ARGUMENT (`start_after` malformed,
         `start_time` over 10 minutes ahead of the server's clock, segment filter UNSPECIFIED),
         NOT_FOUND (`custom_segment_id` unknown), FAILED_PRECONDITION
-        with reason CURSOR_EXPIRED (`start_after` is older than the retention; resume from
-        `start_time` instead, accepting a gap).
+        with reason CURSOR_EXPIRED (`start_after` is older than the retention, or the stream no
+        longer holds it, e.g. Redis lost its data; resume from `start_time` instead, accepting a
+        gap).
         """
 
     @_abc_1.abstractmethod
