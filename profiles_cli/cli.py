@@ -32,7 +32,7 @@ from shared.errors import DomainError, FailedPrecondition
 from shared.settings import SERVICE_NAMES, SETTINGS, Settings
 
 if TYPE_CHECKING:
-    from profiles_cli.suite import Leftovers
+    from profiles_cli.suite import Leftovers, ServerRecord
     from shared.tenancy import TenancyRepository
 
 Handler = Callable[[argparse.Namespace], int]
@@ -55,8 +55,9 @@ child processes. Prints the endpoints and keys, then runs until Ctrl-C, SIGTERM 
 `profiles down`, when it stops everything. Data is kept in the data directory across restarts.
 
 One `profiles up` per data directory: a second one refuses, naming the running one; what a
-killed one left running is stopped by `profiles down` or the next start. A service that dies
-is started again (after 0.5, 1, 2, 4 s); the fifth death within 60 s stops everything.
+killed one left running is stopped by `profiles down` or the next start. A service, or an
+embedded PostgreSQL or Redis, that dies is started again (after 0.5, 1, 2, 4 s); the fifth death
+within 60 s stops everything.
 
 Ports come from PROFILES_<SERVICE>_PORT and PROFILES_<SERVICE>_METRICS_PORT (0 turns a
 metrics server off); the defaults:
@@ -170,9 +171,11 @@ def _add_status(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         "status",
         parents=[_data_dir_option()],
         help="is a suite running on the data directory, and does each service serve",
-        description="Reads the record `profiles up` keeps in the data directory and checks each"
-        " service's health. Prints the pid of `profiles up`, and each service's address, health"
-        " and pid. Exits 0 only when a suite runs there and every service answers SERVING.",
+        description="Reads the record `profiles up` keeps in the data directory, checks each"
+        " service's health and that PostgreSQL and Redis answer (a connection and SELECT 1,"
+        " PING). Prints the pid of `profiles up`, and each service's and server's address,"
+        " health and pid; a server that is down gets a line on what to do. Exits 0 only when a"
+        " suite runs there, every service answers SERVING and both servers answer.",
     )
     status.add_argument("--json", action="store_true", help="print the record and health as JSON")
     status.set_defaults(handler=_status)
@@ -193,9 +196,17 @@ def _add_down(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
 
 
 def _status(args: argparse.Namespace) -> int:
-    from profiles_cli.suite import SERVING, check_health, find_leftovers, read_record
+    from profiles_cli.suite import (
+        SERVER_DOWN,
+        SERVING,
+        check_health,
+        find_leftovers,
+        read_record,
+        server_health,
+    )
 
-    data_dir = settings_from(args).data_dir
+    settings = settings_from(args)
+    data_dir = settings.data_dir
     record = read_record(data_dir)
     if record is None or not record.is_alive():
         print(
@@ -206,7 +217,11 @@ def _status(args: argparse.Namespace) -> int:
         name: check_health(service.health, service.address)
         for name, service in record.services.items()
     }
-    state = suite_state(record.state, health)
+    # The services answer SERVING with their database down (their calls answer UNAVAILABLE),
+    # so the servers are checked on their own.
+    given = {"postgres": settings.database_url, "redis": settings.redis_url}
+    servers = asyncio.run(server_health(record.servers, given))
+    state = suite_state(record.state, health, servers)
     if args.json:
         print(
             json.dumps(
@@ -218,6 +233,16 @@ def _status(args: argparse.Namespace) -> int:
                         name: {"address": s.address, "pid": s.pid, "health": health[name]}
                         for name, s in record.services.items()
                     },
+                    "servers": {
+                        key: {
+                            "url": s.url,
+                            "embedded": s.embedded,
+                            "pid": s.pid,
+                            "health": servers[key][0],
+                            "problem": servers[key][1],
+                        }
+                        for key, s in record.servers.items()
+                    },
                 },
                 indent=2,
             )
@@ -226,16 +251,60 @@ def _status(args: argparse.Namespace) -> int:
         print(f"profiles up (pid {record.pid}) runs on {record.data_dir}: {state}")
         for name, service in record.services.items():
             print(f"  {name:<9} {service.address:<22} {health[name]:<15} pid {service.pid}")
+        for key, server in record.servers.items():
+            owner = f"pid {server.pid}" if server.embedded else "given by URL"
+            print(f"  {key:<9} {server.url:<22} {servers[key][0]:<15} {owner}")
+    for key, server in record.servers.items():
+        advice = _server_advice(key, server, servers[key], data_dir)
+        if advice:
+            print(f"profiles status: {advice}", file=sys.stderr)
     serving = bool(health) and all(status == SERVING for status in health.values())
-    return 0 if serving else 1
+    servers_up = all(status != SERVER_DOWN for status, _ in servers.values())
+    return 0 if serving and servers_up else 1
 
 
-def suite_state(recorded: str, health: dict[str, str]) -> str:
+def _server_advice(
+    key: str, server: ServerRecord, health: tuple[str, str], data_dir: Path
+) -> str | None:
+    """What to do about a server that does not answer (or was not checked); None when it
+    answers."""
+    from profiles_cli.suite import SERVER_NAMES, SERVER_OK, SERVER_UNCHECKED, data_dir_flag
+
+    status, why = health
+    name = SERVER_NAMES[key]
+    if status == SERVER_OK:
+        return None
+    if status == SERVER_UNCHECKED:
+        return f"{name} at {server.url} was not checked: {why}"
+    if not server.embedded:
+        return (
+            f"{name} at {server.url} does not answer ({why}); `profiles up` does not manage a"
+            " server given by URL: start it again (until then the services answer UNAVAILABLE)"
+        )
+    flag = data_dir_flag(data_dir)
+    return (
+        f"{name} does not answer ({why}); `profiles up` starts it again by itself within"
+        f" seconds (its terminal says so). If it stays down, see {server.log}, then restart the"
+        f" suite: `profiles down{flag}` and `profiles up{flag}`"
+    )
+
+
+def suite_state(
+    recorded: str,
+    health: dict[str, str],
+    servers: dict[str, tuple[str, str]] | None = None,
+) -> str:
     """The suite's state as `profiles status` prints it: what the record says ("starting",
-    "serving"), unless a service does not answer SERVING now, which the header then names."""
-    from profiles_cli.suite import SERVING
+    "serving"), unless a service does not answer SERVING now, or a server (by key, with its
+    health and why) is down, which the header then names."""
+    from profiles_cli.suite import SERVER_DOWN, SERVER_NAMES, SERVING
 
     failing = [f"{name} {status}" for name, status in health.items() if status != SERVING]
+    failing += [
+        f"{SERVER_NAMES[key]} {status}"
+        for key, (status, _) in (servers or {}).items()
+        if status == SERVER_DOWN
+    ]
     if not failing or recorded == "starting":
         return recorded
     return f"not serving ({', '.join(failing)})"

@@ -114,21 +114,43 @@ def redact(url: str) -> str:
 
 
 async def check_postgres(url: str) -> None:
-    """Raises Unreachable unless PostgreSQL at url accepts a connection."""
-    import asyncpg
-
-    try:
-        connection = await asyncpg.connect(url, timeout=REACH_TIMEOUT_SECONDS)
-    except (OSError, ValueError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+    """Raises Unreachable unless PostgreSQL at url accepts a connection and answers a query."""
+    why = await postgres_problem(url)
+    if why is not None:
         raise Unreachable(
-            f"PostgreSQL at {redact(url)} is unreachable: {_why(exc)}; check --database-url"
+            f"PostgreSQL at {redact(url)} is unreachable: {why}; check --database-url"
             " (or PROFILES_DATABASE_URL)"
-        ) from exc
-    await connection.close()
+        )
 
 
 async def check_redis(url: str) -> None:
     """Raises Unreachable unless Redis at url answers PING."""
+    why = await redis_problem(url)
+    if why is not None:
+        raise Unreachable(
+            f"Redis at {redact(url)} is unreachable: {why}; check --redis-url"
+            " (or PROFILES_REDIS_URL)"
+        )
+
+
+async def postgres_problem(url: str) -> str | None:
+    """None when PostgreSQL at url accepts a connection and answers `SELECT 1`; else why not
+    (one line, without the URL)."""
+    import asyncpg
+
+    try:
+        connection = await asyncpg.connect(url, timeout=REACH_TIMEOUT_SECONDS)
+        try:
+            await connection.fetchval("SELECT 1", timeout=REACH_TIMEOUT_SECONDS)
+        finally:
+            await connection.close()
+    except (OSError, ValueError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        return _why(exc)
+    return None
+
+
+async def redis_problem(url: str) -> str | None:
+    """None when Redis at url answers PING; else why not (one line, without the URL)."""
     from redis.exceptions import RedisError
 
     from shared.redis_client import connect
@@ -145,10 +167,8 @@ async def check_redis(url: str) -> None:
         finally:
             await client.aclose()
     except (OSError, ValueError, RedisError) as exc:
-        raise Unreachable(
-            f"Redis at {redact(url)} is unreachable: {_why(exc)}; check --redis-url"
-            " (or PROFILES_REDIS_URL)"
-        ) from exc
+        return _why(exc)
+    return None
 
 
 def _why(exc: BaseException) -> str:

@@ -1,7 +1,8 @@
 """What a running `profiles up` leaves in its data directory, and how other commands use it.
 
     <data dir>/up.lock   held (flock) by the one `profiles up` that owns the directory
-    <data dir>/up.json   its record: pid, each service's address, ports, health check and log
+    <data dir>/up.json   its record: pid, each service's address, ports, health check and log;
+                         where its PostgreSQL and Redis are (URLs without passwords)
 
 The lock decides ownership: the kernel releases it when its holder dies, however it dies, so a
 second `profiles up` can tell a running owner (lock held: refuse) from a killed one (lock free,
@@ -12,6 +13,7 @@ way, whatever its protocol, so a new service is one more entry.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import json
@@ -22,6 +24,7 @@ import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any, Literal
+from urllib.parse import urlsplit
 
 import grpc
 import psutil
@@ -49,14 +52,30 @@ class ServiceRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class ServerRecord:
+    """The PostgreSQL or the Redis of a running suite, as `profiles status` checks it."""
+
+    url: str  # without its password (`redact`): the record is no place for secrets
+    embedded: bool  # started (and restarted) by `profiles up` in its data directory
+    pid: int  # of an embedded server; 0 for a given one, or while it waits to be started again
+    log: str  # an embedded server's own log; empty for a given one
+
+
+# The servers of a record, by key, as messages name them.
+SERVER_NAMES = {"postgres": "PostgreSQL", "redis": "Redis"}
+
+
+@dataclass(frozen=True, slots=True)
 class RunRecord:
-    """The record of one `profiles up`, rewritten when a service restarts."""
+    """The record of one `profiles up`, rewritten when a service or server restarts."""
 
     pid: int
     create_time: float  # of the pid's process: a reused pid does not pass for the suite
     data_dir: str
     state: str  # "starting" until every service serves, then "serving"
     services: dict[str, ServiceRecord] = field(default_factory=dict)
+    # "postgres" and "redis", once they run (a record of an older `profiles up` has none)
+    servers: dict[str, ServerRecord] = field(default_factory=dict)
 
     def ports_text(self) -> str:
         """`ports ingest 50051, identity 50052, ...`: what a person needs to recognise the
@@ -89,7 +108,8 @@ def read_record(data_dir: Path) -> RunRecord | None:
     try:
         raw: dict[str, Any] = json.loads(record_path(data_dir).read_text())
         services = {name: ServiceRecord(**s) for name, s in raw.pop("services").items()}
-        return RunRecord(**raw, services=services)
+        servers = {name: ServerRecord(**s) for name, s in raw.pop("servers", {}).items()}
+        return RunRecord(**raw, services=services, servers=servers)
     except (OSError, ValueError, TypeError, KeyError):
         return None
 
@@ -149,6 +169,43 @@ def _http_health(address: str, timeout: float) -> str:
         return f"HTTP {error.code}"
     except (urllib.error.URLError, OSError):
         return "UNAVAILABLE"
+
+
+def server_url(server: ServerRecord, given: str) -> str | None:
+    """Where to reach a recorded server: its URL, unless the record left a password out of it;
+    then `given` (this command's PROFILES_DATABASE_URL or PROFILES_REDIS_URL) if it names the
+    same server; else None (it cannot be checked from here)."""
+    from profiles_cli.preflight import redact
+
+    if given and redact(given) == server.url:
+        return given
+    return None if urlsplit(server.url).password == "***" else server.url
+
+
+# A server's health as `profiles status` prints it (a service's is SERVING or another name).
+SERVER_OK = "OK"  # it answered a connection and `SELECT 1`, or PING
+SERVER_DOWN = "DOWN"
+SERVER_UNCHECKED = "UNCHECKED"  # a given server whose password the record leaves out
+
+
+async def server_health(
+    servers: dict[str, ServerRecord], given: dict[str, str]
+) -> dict[str, tuple[str, str]]:
+    """For each recorded server, its health and why (empty when OK). `given` holds this
+    command's own URLs by server key."""
+    from profiles_cli.preflight import postgres_problem, redis_problem
+
+    async def check(key: str, server: ServerRecord) -> tuple[str, str]:
+        url = server_url(server, given.get(key, ""))
+        if url is None:
+            variable = "PROFILES_DATABASE_URL" if key == "postgres" else "PROFILES_REDIS_URL"
+            return SERVER_UNCHECKED, f"its password is not in the record; set {variable} for it"
+        why = await (postgres_problem(url) if key == "postgres" else redis_problem(url))
+        return (SERVER_OK, "") if why is None else (SERVER_DOWN, why)
+
+    keys = list(servers)
+    answers = await asyncio.gather(*(check(key, servers[key]) for key in keys))
+    return dict(zip(keys, answers, strict=True))
 
 
 def release_lock(lock: IO[bytes] | None) -> None:

@@ -6,7 +6,9 @@ are checked before anything starts (so a taken port costs nothing to undo), then
 Redis, migrations and the default project, then the services of `SUITE` as child processes, each
 in its own session so that a Ctrl-C in the terminal reaches only this supervisor, which stops the
 services before the databases they are still using. A service that dies meanwhile is started
-again with backoff; one that keeps dying stops everything.
+again with backoff; one that keeps dying stops everything. So is an embedded PostgreSQL or Redis
+(on the same data directory and socket: the services reconnect on their own); a server given by
+URL is not ours to restart.
 """
 
 from __future__ import annotations
@@ -36,14 +38,17 @@ from profiles_cli.preflight import (
     check_postgres,
     check_redis,
     prepare_data_dir,
+    redact,
     unusable,
 )
 from profiles_cli.suite import (
     HEALTH_GRPC,
     HEALTH_HTTP,
+    SERVER_NAMES,
     SERVING,
     HealthKind,
     RunRecord,
+    ServerRecord,
     ServiceRecord,
     check_health,
     data_dir_flag,
@@ -65,9 +70,9 @@ DEFAULT_PROJECT = "default"
 READY_TIMEOUT_SECONDS = 60.0
 # On top of the services' own grace period, before they are killed.
 KILL_AFTER_EXTRA_SECONDS = 5.0
-# A service that dies is started again after 0.5 s, then 1, 2 and 4 s while it keeps dying (never
-# more than 8 s); the fifth death within a minute means restarting will not help, so everything
-# stops.
+# A service (or embedded server) that dies is started again after 0.5 s, then 1, 2 and 4 s while
+# it keeps dying (never more than 8 s); the fifth death within a minute means restarting will not
+# help, so everything stops.
 RESTART_FIRST_DELAY_SECONDS = 0.5
 RESTART_MAX_DELAY_SECONDS = 8.0
 CRASH_LIMIT = 5
@@ -204,6 +209,21 @@ class Child:
         return self.spec.name
 
 
+@dataclass(slots=True)
+class Server:
+    """An embedded PostgreSQL or Redis `profiles up` started, and starts again when it dies."""
+
+    key: str  # "postgres" or "redis", as the record names it
+    embedded: EmbeddedPostgres | EmbeddedRedis
+    pid: int = 0  # of the running server; 0 while it waits to be started again
+    restarts: Restarts = field(default_factory=Restarts)
+    restart_at: float | None = None
+
+    @property
+    def name(self) -> str:
+        return SERVER_NAMES[self.key]
+
+
 def port_is_free(host: str, port: int) -> bool:
     """True if a server could listen on host:port now (SO_REUSEADDR, as gRPC binds)."""
     try:
@@ -308,6 +328,8 @@ class Supervisor:
         self._stop = threading.Event()
         self._postgres: EmbeddedPostgres | None = None
         self._redis: EmbeddedRedis | None = None
+        self._servers: list[Server] = []  # the embedded ones, watched once the suite serves
+        self._server_urls: dict[str, str] = {}  # by server key, embedded or given
         self._children: list[Child] = []
         self._env: dict[str, str] = {}
         self._state = "starting"
@@ -375,6 +397,11 @@ class Supervisor:
             )
             self._start_services(settings)
             self._wait_until_serving(settings)
+            self._servers = [
+                Server(key, server, pid=server.pid() or 0)
+                for key, server in (("postgres", self._postgres), ("redis", self._redis))
+                if server is not None
+            ]
             self._state = "serving"
             self._write_record()
             self._print_ready(settings, new_keys)
@@ -450,7 +477,9 @@ class Supervisor:
         except RuntimeError as exc:  # EmbeddedServerError, and a missing binary or user
             raise StartupFailed(str(exc)) from exc
         self._check_interrupted()
-        return settings.with_changes(**changes)
+        settings = settings.with_changes(**changes)
+        self._server_urls = {"postgres": settings.database_url, "redis": settings.redis_url}
+        return settings
 
     def _bootstrap(self, settings: Settings) -> dict[str, str] | None:
         self._say("Applying migrations ...")
@@ -494,6 +523,16 @@ class Supervisor:
             )
             for child in self._children
         }
+        embedded = {"postgres": self._postgres, "redis": self._redis}
+        servers = {}
+        for key, url in self._server_urls.items():
+            server = embedded[key]
+            servers[key] = ServerRecord(
+                url=redact(url),
+                embedded=server is not None,
+                pid=(server.pid() or 0) if server is not None else 0,
+                log=str(server.log_file) if server is not None else "",
+            )
         me = psutil.Process()
         record = RunRecord(
             pid=me.pid,
@@ -501,6 +540,7 @@ class Supervisor:
             data_dir=str(self._data_dir.path),
             state=self._state,
             services=services,
+            servers=servers,
         )
         write_record(self._data_dir.path, record)
 
@@ -534,6 +574,13 @@ class Supervisor:
     def _supervise(self) -> int:
         while not self._stop.wait(0.2):
             now = time.monotonic()
+            # The servers first, so that a service started again in this round finds them. A
+            # server's restart blocks the loop for as long as it takes (seconds; at most the
+            # embedded servers' start timeout).
+            for server in self._servers:
+                if not self._watch_server(server, now):
+                    return 1
+            now = time.monotonic()  # a server's restart may have taken seconds
             for child in self._children:
                 if child.process is not None and child.process.poll() is not None:
                     if not self._note_death(child, child.process.returncode, now):
@@ -564,6 +611,47 @@ class Supervisor:
         self._error(
             f"{child.name} exited ({how}); restarting it in {delay:g} s. Its log: {child.log_path}"
         )
+        return True
+
+    def _watch_server(self, server: Server, now: float) -> bool:
+        """Notices the death of an embedded server and starts it again when its time comes;
+        False when it died too often to go on."""
+        if server.restart_at is None:
+            # pid() reaps a Redis this process started: a killed one does not stay a zombie.
+            if server.embedded.pid() is not None:
+                return True
+            return self._note_server_death(server, f"is gone (pid {server.pid})", now)
+        if now < server.restart_at:
+            return True
+        server.restart_at = None
+        try:
+            # On the same data directory and socket. After a kill PostgreSQL first replays its
+            # WAL (crash recovery); start() returns once it accepts connections (Redis: PING).
+            server.embedded.start()
+        except RuntimeError as exc:  # EmbeddedServerError; its log says more
+            first_line = str(exc).strip().split("\n", 1)[0]
+            how = f"did not start again ({first_line.removesuffix(':')})"
+            return self._note_server_death(server, how, time.monotonic())
+        server.pid = server.embedded.pid() or 0
+        self._write_record()
+        self._say(f"Restarted {server.name} (pid {server.pid}).")
+        return True
+
+    def _note_server_death(self, server: Server, how: str, now: float) -> bool:
+        """Schedules the restart of a dead embedded server; False when it died too often to go
+        on. (Not our child, PostgreSQL cannot tell how it died; its log may.)"""
+        server.pid = 0
+        self._write_record()  # `profiles status` shows pid 0: waiting to be started again
+        log = server.embedded.log_file
+        delay = server.restarts.after_death(now)
+        if delay is None:
+            self._error(
+                f"{server.name} died {CRASH_LIMIT} times within {CRASH_WINDOW_SECONDS:.0f} s"
+                f" (last: {how}); stopping everything. Its log: {log}; its end:\n" + log_tail(log)
+            )
+            return False
+        server.restart_at = now + delay
+        self._error(f"{server.name} {how}; restarting it in {delay:g} s. Its log: {log}")
         return True
 
     def _shutdown(self) -> None:

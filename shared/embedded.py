@@ -147,9 +147,17 @@ class EmbeddedPostgres:
     def url(self) -> str:
         return f"postgresql://postgres@/postgres?host={self.socket_dir}"
 
+    @property
+    def log_file(self) -> Path:
+        return self._log
+
     def is_running(self) -> bool:
+        return self.pid() is not None
+
+    def pid(self) -> int | None:
+        """The postmaster's pid while it runs (a killed one counts as gone)."""
         pid = self._postmaster_pid()
-        return pid is not None and _process(pid) is not None
+        return pid if pid is not None and _process(pid) is not None else None
 
     def start(self) -> str:
         """Starts the server (running initdb on first use) and returns its URL. Idempotent."""
@@ -411,11 +419,20 @@ class EmbeddedRedis:
         finally:
             client.close()
 
+    @property
+    def log_file(self) -> Path:
+        return self._log
+
     def is_running(self) -> bool:
         """True while a redis-server (of this object or of a killed run) serves this socket."""
+        return self.pid() is not None
+
+    def pid(self) -> int | None:
+        """The pid of the redis-server of this socket while it runs. One this object started
+        and that ended is reaped here (poll), so that it does not stay a zombie."""
         if self._process is not None and self._process.poll() is None:
-            return True
-        return self._server_pid() is not None
+            return self._process.pid
+        return self._server_pid()
 
     def _server_pid(self) -> int | None:
         """The pid in the pid file, if it is a redis-server of this socket."""

@@ -15,6 +15,7 @@ import tempfile
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +24,14 @@ import psutil
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from profiles.ingest.v1 import ingest_service_pb2 as ingest_pb
+from profiles.ingest.v1 import ingest_service_pb2_grpc as ingest_grpc
 from profiles.query.v1 import query_service_pb2 as query_pb
 from profiles.query.v1 import query_service_pb2_grpc as query_grpc
 from profiles_cli.up import SUITE
 from shared.ports import free_ports
 from shared.settings import SERVICE_NAMES
+from tests.support.ingest import custom_event
 
 READY_LINE = "Profiles is up"
 # Generous: a slow CI machine must not fail these tests; nothing here measures time.
@@ -314,6 +318,161 @@ async def test_a_killed_service_is_started_again_and_one_that_keeps_dying_stops_
     assert "query died 5 times within 60 s" in errors
     assert str(suite.data_dir / "logs" / "query.log") in errors
     assert processes_of(suite.data_dir) == []
+
+
+async def test_a_killed_embedded_postgres_or_redis_is_started_again_and_status_names_it_down(
+    suite: Suite, started_up: asyncio.subprocess.Process
+) -> None:
+    """kill -9 of the embedded PostgreSQL, then of the embedded Redis: `profiles status` says
+    which one is down and exits non-zero; `profiles up` starts it again on the same data and
+    socket (reaping a dead Redis: no zombie), and the suite serves again.
+
+    While a server is down and `profiles status` runs, the supervisor is stopped (SIGSTOP), so
+    that its restart cannot win the race against the check; it notices the death once it
+    continues (SIGCONT)."""
+    keys = json.loads((suite.data_dir / "keys.json").read_text())
+    supervisor = psutil.Process(started_up.pid)
+    servers = record_of(suite)["servers"]
+    assert servers["postgres"]["embedded"]
+    assert servers["redis"]["embedded"]
+
+    # PostgreSQL: its crash recovery runs on the restart, which waits for it.
+    killed_postgres = server_pid(suite, "postgres")
+    assert servers["postgres"]["pid"] == killed_postgres
+    with supervisor_paused(supervisor):
+        os.kill(killed_postgres, signal.SIGKILL)
+        await gone(killed_postgres)
+        await check_status_names_a_server_down(suite, "PostgreSQL", "postgres")
+    restarted_postgres = await next_server_pid(suite, "postgres", after=killed_postgres)
+    assert server_pid(suite, "postgres") == restarted_postgres
+    await wait_until_serving_again(suite, keys, "after-postgres", installs=1)
+    await check_status_serving(suite)
+
+    # Redis: a child of `profiles up`; dead, it stays a zombie until `profiles up` reaps it.
+    killed_redis = server_pid(suite, "redis")
+    assert servers["redis"]["pid"] == killed_redis
+    with supervisor_paused(supervisor):
+        os.kill(killed_redis, signal.SIGKILL)
+        await gone(killed_redis)
+        await check_status_names_a_server_down(suite, "Redis", "redis")
+    async with asyncio.timeout(START_TIMEOUT):
+        while True:
+            if not psutil.pid_exists(killed_redis):  # reaped, not left a zombie
+                break
+            await asyncio.sleep(0.1)
+    restarted_redis = await next_server_pid(suite, "redis", after=killed_redis)
+    assert server_pid(suite, "redis") == restarted_redis
+    await wait_until_serving_again(suite, keys, "after-redis", installs=2)
+    await check_status_serving(suite)
+
+    assert [c.pid for c in supervisor.children() if c.status() == psutil.STATUS_ZOMBIE] == []
+    assert started_up.returncode is None
+    assert await stop(started_up) == 0
+    assert started_up.stdout is not None
+    assert started_up.stderr is not None
+    printed = (await started_up.stdout.read()).decode()
+    errors = (await started_up.stderr.read()).decode()
+    assert f"PostgreSQL is gone (pid {killed_postgres}); restarting it in 0.5 s" in errors
+    assert f"Redis is gone (pid {killed_redis}); restarting it in 0.5 s" in errors
+    assert f"Restarted PostgreSQL (pid {restarted_postgres})." in printed
+    assert f"Restarted Redis (pid {restarted_redis})." in printed
+    assert processes_of(suite.data_dir) == []
+
+
+def server_pid(suite: Suite, key: str) -> int:
+    """The pid in the pid file of the data directory's embedded PostgreSQL or Redis."""
+    if key == "postgres":
+        return int((suite.data_dir / "postgres" / "postmaster.pid").read_text().split()[0])
+    return int((suite.data_dir / "redis" / "redis.pid").read_text().strip())
+
+
+async def next_server_pid(suite: Suite, key: str, after: int) -> int:
+    """The pid of the server `profiles up` started for key after the one with pid `after`, as
+    its record has it."""
+    async with asyncio.timeout(START_TIMEOUT):
+        while True:
+            servers = record_of(suite).get("servers", {})
+            pid = int(servers.get(key, {}).get("pid", after))
+            if pid not in (after, 0):  # 0: waiting to be started again
+                return pid
+            await asyncio.sleep(0.05)
+
+
+@contextlib.contextmanager
+def supervisor_paused(supervisor: psutil.Process) -> Iterator[None]:
+    supervisor.suspend()
+    try:
+        yield
+    finally:
+        supervisor.resume()
+
+
+async def gone(pid: int) -> None:
+    """Waits until pid has ended (a zombie has: only its parent's wait() is left)."""
+    async with asyncio.timeout(STOP_TIMEOUT):
+        while True:
+            try:
+                if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                    return
+            except psutil.NoSuchProcess:
+                return
+            await asyncio.sleep(0.05)
+
+
+async def check_status_names_a_server_down(suite: Suite, name: str, key: str) -> None:
+    code, out, errors = await run_profiles(suite.env, "status")
+    assert code == 1, out
+    header, *lines = out.splitlines()
+    assert "not serving (" in header
+    assert f"{name} DOWN)" in header  # the servers come after the services
+    [line] = [line for line in lines if line.strip().startswith(key)]
+    assert "DOWN" in line
+    for service in SERVICE_NAMES:  # up themselves: their health does not see the server
+        [line] = [line for line in lines if line.strip().startswith(service)]
+        assert "SERVING" in line
+    assert f"profiles status: {name} does not answer" in errors
+    assert "starts it again by itself" in errors
+    assert f"profiles down --data-dir {suite.data_dir}" in errors
+
+
+async def check_status_serving(suite: Suite) -> None:
+    code, out, errors = await run_profiles(suite.env, "status")
+    assert code == 0, out + errors
+    assert ": serving" in out
+    for key in ("postgres", "redis"):
+        [line] = [line for line in out.splitlines() if line.strip().startswith(key)]
+        assert " OK " in line
+
+
+async def wait_until_serving_again(
+    suite: Suite, keys: dict[str, str], installation: str, installs: int
+) -> None:
+    """Until an event of a new installation is accepted (PostgreSQL) and counted in GetOverview
+    (the query service's rollups, which read it from the Redis stream): `installs` in all."""
+    sdk = (("authorization", f"Bearer {keys['sdk']}"),)
+    read = (("authorization", f"Bearer {keys['read']}"),)
+    event = custom_event(installation, time=datetime.now(UTC))
+    async with (
+        grpc.aio.insecure_channel(f"127.0.0.1:{suite.ports['ingest']}") as ingest_channel,
+        grpc.aio.insecure_channel(f"127.0.0.1:{suite.ports['query']}") as query_channel,
+        asyncio.timeout(START_TIMEOUT),
+    ):
+        ingest = ingest_grpc.IngestServiceStub(ingest_channel)
+        query = query_grpc.QueryServiceStub(query_channel)
+        while True:
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                request = ingest_pb.TrackEventsRequest(events=[event])
+                reply = await ingest.TrackEvents(request, metadata=sdk, timeout=10)
+                if reply.accepted_count + reply.duplicate_count == 1:
+                    break
+            await asyncio.sleep(0.2)
+        while True:
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                request = query_pb.GetOverviewRequest()
+                answer = await query.GetOverview(request, metadata=read, timeout=10)
+                if answer.overview.install_count == installs:
+                    break
+            await asyncio.sleep(0.2)
 
 
 async def next_pid_of(suite: Suite, name: str, after: int) -> int:

@@ -5,6 +5,7 @@ nobody listens on."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from pathlib import Path
 
@@ -14,6 +15,13 @@ import pytest
 import shared.logging
 from profiles_cli.cli import build_parser, call_failed, run, suite_addresses, suite_state
 from profiles_cli.preflight import prepare_data_dir, redact
+from profiles_cli.suite import (
+    SERVER_DOWN,
+    SERVER_UNCHECKED,
+    ServerRecord,
+    server_health,
+    server_url,
+)
 from profiles_cli.up import SUITE, taken_ports, taken_ports_advice
 from shared.ports import free_ports
 from shared.settings import SETTINGS, Settings
@@ -202,3 +210,22 @@ def test_the_status_header_agrees_with_the_services_health() -> None:
     one_down = {"ingest": "SERVING", "edge": "UNAVAILABLE"}
     assert suite_state("serving", one_down) == "not serving (edge UNAVAILABLE)"
     assert suite_state("starting", one_down) == "starting"
+
+
+def test_status_checks_a_given_server_without_a_password_in_the_record() -> None:
+    [nowhere] = free_ports(1)
+    with_password = f"postgresql://me:secret@127.0.0.1:{nowhere}/profiles"
+    recorded = ServerRecord(url=redact(with_password), embedded=False, pid=0, log="")
+    assert "secret" not in recorded.url
+    assert server_url(recorded, "") is None  # the record alone cannot reach it
+    assert server_url(recorded, with_password) == with_password  # this command's own URL
+    assert server_url(recorded, f"postgresql://me:secret@127.0.0.1:{nowhere}/other") is None
+    plain = ServerRecord(url=f"redis://127.0.0.1:{nowhere}/0", embedded=False, pid=0, log="")
+    assert server_url(plain, "") == plain.url
+
+    health = asyncio.run(server_health({"postgres": recorded, "redis": plain}, {}))
+
+    assert health["postgres"][0] == SERVER_UNCHECKED
+    assert "PROFILES_DATABASE_URL" in health["postgres"][1]
+    assert health["redis"][0] == SERVER_DOWN
+    assert suite_state("serving", {"ingest": "SERVING"}, health) == "not serving (Redis DOWN)"
