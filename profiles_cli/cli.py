@@ -117,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_settings(commands)
     _add_demo(commands)
     _add_import(commands)
+    _add_dead_letters(commands)
     return parser
 
 
@@ -847,6 +848,128 @@ def _serve_console(settings: Settings) -> int:
             file=sys.stderr,
         )
         return 1
+    return 0
+
+
+def _add_dead_letters(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from profiles_cli.dead_letters import HANDLER_REASONS
+    from shared.topics import TOPICS
+
+    redis_options = argparse.ArgumentParser(add_help=False)
+    redis_options.add_argument(
+        "--data-dir",
+        default=argparse.SUPPRESS,
+        help="data directory of `profiles up`, whose Redis to read (default: PROFILES_DATA_DIR"
+        " or ~/.profiles)",
+    )
+    redis_options.add_argument(
+        "--redis-url",
+        default=argparse.SUPPRESS,
+        help="Redis URL (default: PROFILES_REDIS_URL, else the Redis of `profiles up`)",
+    )
+    dead = commands.add_parser(
+        "dead-letters",
+        parents=[redis_options],
+        help="list the messages the bus gave up on; replay them once the cause is fixed",
+        description="Without an action: counts each topic's dead letters by reason and consumer"
+        " group. A consumer dead-letters a message it cannot decode, or whose handler failed on"
+        " its last delivery (an outage of the database or Redis spends no delivery). Replay"
+        " puts letters back on their topic, every consumer group reads them again (they"
+        " tolerate repeats), and removes them from the dead-letter stream.",
+    )
+    dead.add_argument("--json", action="store_true", help="print every letter as a JSON line")
+    dead.set_defaults(handler=_async(_dead_letters_list), group_parser=dead)
+    actions = dead.add_subparsers(title="actions", metavar="ACTION")
+    replay = actions.add_parser(
+        "replay",
+        parents=[redis_options],
+        help="put dead letters back on their topic",
+        description="Replays the oldest dead letters of a topic: by default those whose handler"
+        f" failed ({', '.join(HANDLER_REASONS)}); name other reasons with --reason (a message of"
+        " an unknown kind, once an upgrade knows it).",
+    )
+    replay.add_argument("topic", choices=sorted(TOPICS), help="the topic")
+    replay.add_argument(
+        "--reason",
+        action="append",
+        dest="reasons",
+        metavar="REASON",
+        help=f"replay letters of this reason (repeatable; default: {', '.join(HANDLER_REASONS)})",
+    )
+    replay.add_argument("--group", default="", help="only the letters of this consumer group")
+    replay.add_argument(
+        "--limit", type=int, default=1000, help="at most this many, oldest first (default 1000)"
+    )
+    replay.set_defaults(handler=_async(_dead_letters_replay))
+
+
+def _redis_url_for(args: argparse.Namespace) -> str:
+    """--redis-url, else PROFILES_REDIS_URL, else the Redis of the `profiles up` running on the
+    data directory."""
+    from profiles_cli.suite import data_dir_flag, read_record
+
+    settings = settings_from(args)
+    if settings.redis_url:
+        return settings.redis_url
+    record = read_record(settings.data_dir)
+    server = None if record is None or not record.is_alive() else record.servers.get("redis")
+    if server is None:
+        raise NoSuiteRunning(
+            f"no `profiles up` runs on {settings.data_dir}: start it with"
+            f" `profiles up{data_dir_flag(settings.data_dir)}`, or pass --redis-url"
+        )
+    return server.url
+
+
+async def _dead_letters_list(args: argparse.Namespace) -> int:
+    from profiles_cli.dead_letters import summaries
+    from shared.bus import Bus
+    from shared.topics import TOPICS
+
+    bus = Bus.from_url(_redis_url_for(args), settings_from(args).redis_prefix)
+    try:
+        if args.json:
+            for topic in TOPICS:
+                for letter in await bus.dead_letters(topic):
+                    print(json.dumps(_letter_json(letter)))
+            return 0
+        for summary in await summaries(bus):
+            reasons = ", ".join(f"{reason}: {n}" for reason, n in summary.by_reason.items())
+            print(f"{summary.topic:<16} {summary.count:>6}  {reasons}")
+    finally:
+        await bus.aclose()
+    return 0
+
+
+def _letter_json(letter: Any) -> dict[str, Any]:
+    return {
+        "topic": letter.topic,
+        "dead_id": letter.dead_id,
+        "reason": letter.reason,
+        "group": letter.group,
+        "entry_id": letter.entry_id,
+        "deliveries": letter.deliveries,
+        "kind": letter.kind,
+        "project_id": letter.project,
+    }
+
+
+async def _dead_letters_replay(args: argparse.Namespace) -> int:
+    from profiles_cli.dead_letters import HANDLER_REASONS, replay
+    from shared.bus import Bus
+
+    if args.limit < 1:
+        print("profiles dead-letters replay: --limit must be at least 1", file=sys.stderr)
+        return 2
+    bus = Bus.from_url(_redis_url_for(args), settings_from(args).redis_prefix)
+    try:
+        reasons = args.reasons or list(HANDLER_REASONS)
+        replayed = await replay(bus, args.topic, reasons, args.group, args.limit)
+    finally:
+        await bus.aclose()
+    for letter, entry_id in replayed:
+        print(f"replayed {letter.dead_id} ({letter.reason}, {letter.kind}) as {entry_id}")
+    print(f"{len(replayed)} dead letters of {args.topic} replayed")
     return 0
 
 

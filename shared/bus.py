@@ -262,6 +262,44 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+# What dead_letter adds to a dead entry beside the message's own fields.
+DEAD_LETTER_FIELDS = (b"reason", b"entry", b"group", b"deliveries")
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """An entry of a topic's dead-letter stream: why and where it failed, and the message's
+    own fields as published (kind, project, data, id)."""
+
+    topic: str
+    dead_id: str  # its ID in the dead-letter stream
+    reason: str  # handler_failed, max_deliveries, unknown_kind, undecodable_data, ...
+    group: str  # the consumer group that gave up on it ("" for none)
+    entry_id: str  # its ID in the topic's stream when it failed
+    deliveries: int
+    kind: str
+    project: str
+    message_fields: Mapping[bytes, bytes]
+
+    @classmethod
+    def of(cls, topic: str, dead_id: str, fields: Mapping[bytes, bytes]) -> DeadLetter:
+        def text(key: bytes) -> str:
+            return _text(fields.get(key, b""))
+
+        deliveries = text(b"deliveries")
+        return cls(
+            topic=topic,
+            dead_id=dead_id,
+            reason=text(b"reason"),
+            group=text(b"group"),
+            entry_id=text(b"entry"),
+            deliveries=int(deliveries) if deliveries.isdigit() else 0,
+            kind=text(b"kind"),
+            project=text(b"project"),
+            message_fields={k: v for k, v in fields.items() if k not in DEAD_LETTER_FIELDS},
+        )
+
+
 class Bus:
     """Publishes to topic streams and pub/sub channels under one key prefix."""
 
@@ -364,6 +402,35 @@ class Bus:
             reason=reason,
             deliveries=deliveries,
         )
+
+    async def dead_letters(self, topic_name: str, *, limit: int = 10_000) -> list[DeadLetter]:
+        """The topic's dead letters, oldest first (at most `limit`)."""
+        entries: Any = await self.redis.xrange(self.dead_key(topic_name), count=limit)
+        return [DeadLetter.of(topic_name, _text(dead_id), fields) for dead_id, fields in entries]
+
+    async def replay_dead_letter(self, letter: DeadLetter) -> str:
+        """Puts a dead letter's message back on its topic, as it was published, and removes the
+        letter, in one MULTI (same hash tag): it is never both or neither. Every group of the
+        topic gets it again; consumers tolerate the repeat (at-least-once delivery). Returns
+        the new entry's ID."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            fields: dict[Any, Any] = dict(letter.message_fields)
+            pipe.xadd(
+                self.stream_key(letter.topic),
+                fields,
+                maxlen=self.maxlen,
+                approximate=True,
+            )
+            pipe.xdel(self.dead_key(letter.topic), letter.dead_id)
+            entry_id, _ = await pipe.execute()
+        log.info(
+            "bus_dead_letter_replayed",
+            topic=letter.topic,
+            dead_id=letter.dead_id,
+            reason=letter.reason,
+            entry_id=_text(entry_id),
+        )
+        return _text(entry_id)
 
     async def notify(self, channel: str, message: Message | bytes) -> int:
         """Publishes a live notice; returns how many listeners got it (on a cluster: those
