@@ -109,6 +109,9 @@ class Session:
     started: bool
     ended: bool
     closed: bool
+    # A batch's part: its heartbeats with a duration (what the country's answer looks at);
+    # not a column.
+    heartbeats: int = 0
 
 
 # --- The model: plain functions, no SQL -------------------------------------------------------
@@ -208,6 +211,7 @@ def sessions_of_batch(events: Sequence[Event]) -> dict[SessionKey, Session]:
             started=any(e.kind == START for e in ordered),
             ended=bool(ends),
             closed=bool(ends),
+            heartbeats=len(heartbeats),
         )
     return out
 
@@ -251,11 +255,14 @@ def merge_session(stored: Session | None, batch: Session) -> Session:
 
 
 def answered_country(
-    key: SessionKey, part: Session, before: dict[SessionKey, Session]
+    key: SessionKey, part: Session, batch: Session, before: dict[SessionKey, Session]
 ) -> str | None:
-    """The country a batch answers for a part it touched: the part's, else that of the
-    session's earliest part (by start, then profile) stored before the batch that has one."""
-    if part.country is not None:
+    """The country a batch answers for a part it touched: the part's; for a part that never
+    saw the start and has none, when the batch brings it a heartbeat or an end (`batch`, the
+    batch's own part), that of the session's earliest part (by start, then profile) stored
+    before the batch that has one."""
+    brings_heartbeat_or_end = batch.ended or batch.heartbeats
+    if part.country is not None or part.started or not brings_heartbeat_or_end:
         return part.country
     others = sorted(
         (s.start_time, str(k[2]), s.country)
@@ -502,7 +509,8 @@ async def check_rounds(
                 db, "profiles_ingest_apply_batch_state", project.project_id, batch
             )
             assert answered == by_key(
-                (*key[:2], answered_country(key, sessions[key], before)) for key in touched
+                (*key[:2], answered_country(key, sessions[key], touched[key], before))
+                for key in touched
             )
             stored_details, stored_sessions = await stored_rows(db, project.project_id, prefix)
             assert {k: with_parsed_times(v) for k, v in stored_details.items()} == {

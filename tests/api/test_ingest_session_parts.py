@@ -146,6 +146,11 @@ async def test_a_later_parts_end_carries_the_sessions_country(
     await identity.identify("phone", "carol")
     await ingest.track(in_session("c1", 5, start))
     await ingest.track(session_event("end", "phone", "s1", start + 9 * MINUTE, duration=9 * MINUTE))
+
+    async def published() -> bool:  # the outbox relay publishes after commit
+        return len(await ends(redis_url, redis_prefix)) == 1
+
+    await eventually(published)
     (end,) = await ends(redis_url, redis_prefix)
     assert end.session.country == "FR"
 

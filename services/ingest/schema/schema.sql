@@ -1138,21 +1138,26 @@ BEGIN
                 started = s.started OR EXCLUDED.started,
                 ended = s.ended OR EXCLUDED.ended,
                 closed = s.closed OR EXCLUDED.ended
-            RETURNING s.installation_id, s.session_id, s.country
+            RETURNING s.installation_id, s.session_id, s.profile_id, s.country, s.started
         )
-        -- A part with no country answers the country of its session's earliest part that
-        -- has one, stored before this batch (the statement's snapshot; ingest takes a part of
-        -- this batch that knows it): a session's heartbeats and ends carry the session's
-        -- country on the bus, whoever's part they are. Only a part with no country looks.
+        -- A session's heartbeats and ends carry its country on the bus, whoever's part they
+        -- are: a part that never saw the start (another profile's, after a logout) and has no
+        -- country answers, when the batch brings it a heartbeat or an end, the country of the
+        -- session's earliest part that has one, stored before this batch (the statement's
+        -- snapshot; ingest takes a part of this batch that knows it). Only those parts look.
         SELECT 'session', u.installation_id, u.session_id,
-               coalesce(u.country, (
+               CASE WHEN u.country IS NULL AND NOT u.started
+                         AND (d.ended OR d.longest_heartbeat IS NOT NULL) THEN (
                    SELECT p.country FROM sessions p
                    WHERE p.project_id = p_project AND p.installation_id = u.installation_id
                        AND p.session_id = u.session_id AND p.country IS NOT NULL
                    ORDER BY p.start_time, p.profile_id
-                   LIMIT 1)),
+                   LIMIT 1)
+                   ELSE u.country END,
                NULL::text
-        FROM upserted u;
+        FROM upserted u
+        JOIN d ON d.installation_id = u.installation_id AND d.session_id = u.session_id
+              AND d.profile_id = u.profile_id;
     END IF;
 END $function$;
 
