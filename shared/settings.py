@@ -118,7 +118,31 @@ SETTINGS: tuple[Setting, ...] = (
         "9456",
         "Prometheus /metrics port of the console; 0 turns it off",
     ),
+    Setting(
+        "PROFILES_CONSOLE_FORWARDED_ALLOW_IPS",
+        "127.0.0.1",
+        "console: addresses (comma-separated IPs or networks, `*` for any) of the TLS proxies"
+        " whose X-Forwarded-Proto and X-Forwarded-For it believes: behind one, its cookies are"
+        " Secure (docs/console.md)",
+    ),
+    Setting(
+        "PROFILES_CONSOLE_SECURE_COOKIES",
+        "false",
+        "console: `true` sends its cookies Secure whatever the scheme a request came by (TLS"
+        " ends at a proxy; the console is then reached over https only)",
+    ),
 )
+
+
+def _flag(env: str, text: str) -> bool:
+    """A yes/no setting: true, 1, yes or on is yes; false, 0, no, off or empty is no (any
+    case); anything else is refused, as a number setting that is no number is."""
+    word = text.strip().lower()
+    if word in ("true", "1", "yes", "on"):
+        return True
+    if word in ("false", "0", "no", "off", ""):
+        return False
+    raise ValueError(f"{env} must be true or false, not {text!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +170,8 @@ class Settings:
     edge_rate_burst: int = 1000
     console_port: int = 8341
     console_metrics_port: int = 9456
+    console_forwarded_allow_ips: str = "127.0.0.1"
+    console_secure_cookies: bool = False
     events_retention_days: int = 0
     ingest_write_partitions: int = 2
     ingest_group_writers: int = 1
@@ -190,6 +216,10 @@ class Settings:
             ingest_write_partitions=int(values["PROFILES_INGEST_WRITE_PARTITIONS"]),
             ingest_group_writers=int(values["PROFILES_INGEST_GROUP_WRITERS"]),
             console_metrics_port=int(values["PROFILES_CONSOLE_METRICS_PORT"]),
+            console_forwarded_allow_ips=values["PROFILES_CONSOLE_FORWARDED_ALLOW_IPS"],
+            console_secure_cookies=_flag(
+                "PROFILES_CONSOLE_SECURE_COOKIES", values["PROFILES_CONSOLE_SECURE_COOKIES"]
+            ),
         )
 
     def to_env(self) -> dict[str, str]:
@@ -213,6 +243,8 @@ class Settings:
             "PROFILES_EDGE_RATE_BURST": str(self.edge_rate_burst),
             "PROFILES_CONSOLE_PORT": str(self.console_port),
             "PROFILES_CONSOLE_METRICS_PORT": str(self.console_metrics_port),
+            "PROFILES_CONSOLE_FORWARDED_ALLOW_IPS": self.console_forwarded_allow_ips,
+            "PROFILES_CONSOLE_SECURE_COOKIES": "true" if self.console_secure_cookies else "false",
             "PROFILES_EVENTS_RETENTION_DAYS": str(self.events_retention_days),
             "PROFILES_INGEST_WRITE_PARTITIONS": str(self.ingest_write_partitions),
             "PROFILES_INGEST_GROUP_WRITERS": str(self.ingest_group_writers),

@@ -1,8 +1,8 @@
 """Builds the console's ASGI app and runs it: `profiles serve console`.
 
-One Starlette app: the routing table below, and one middleware that every response passes
-(security headers, request metrics by route template, never by URL: a query string may hold an
-email being searched for).
+One Starlette app: the routing table below, and one middleware that every request passes
+(a cap on request bodies, security headers, request metrics by route template, never by URL: a
+query string may hold an email being searched for).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.applications import Starlette
+from starlette.requests import Request
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
@@ -28,6 +29,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.console import pages, present
 from services.console.backend import DEFAULT_CALL_TIMEOUT_SECONDS, Backend
+from services.console.errors import BodyTooLarge
 from services.console.live import MAX_WATCHES, LiveHub
 from services.console.sessions import SessionStore
 from shared.logging import configure_logging
@@ -62,11 +64,38 @@ SECURITY_HEADERS = [
     (b"x-frame-options", b"DENY"),
 ]
 
+# The most a request body may hold: the console's forms. Sign-in, sign-out and erasure forms
+# are a few hundred bytes; the sign-in and sign-out forms are read before any session is
+# checked, so this is all a stranger can make the console read (not a 300 MB upload).
+MAX_FORM_BYTES = 64 * 1024
+# The segment and funnel forms (read only once a signed-in admin posts them): the contract's
+# largest definition, 31 conditions each an IN list of 64 values of 300 characters, is about
+# 600,000 characters: 0.6 MB as ASCII, 7.2 MB with every character a 4-byte UTF-8 one (12
+# bytes percent-encoded).
+MAX_DEFINITION_FORM_BYTES = 8 * 1024 * 1024
+DEFINITION_FORMS = ("/segments/new", "/funnels/new")
+
+
+def body_limit(path: str) -> int:
+    """The most bytes a request body to `path` may hold."""
+    return MAX_DEFINITION_FORM_BYTES if path in DEFINITION_FORMS else MAX_FORM_BYTES
+
+
+def _content_length(scope: Scope) -> int | None:
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None  # the server refuses such a request before it gets here
+    return None
+
 
 class Guard:
-    """Security headers, no caching of pages, request metrics and one log line per request."""
+    """A cap on request bodies, security headers, no caching of pages, request metrics and one
+    log line per request."""
 
-    def __init__(self, app: ASGIApp, hub: LiveHub) -> None:
+    def __init__(self, app: Starlette, hub: LiveHub) -> None:
         self._app = app
         self.hub = hub  # public: tests and the benchmark read how many watches are open
 
@@ -76,6 +105,20 @@ class Guard:
             return
         started = time.perf_counter()
         status = 500
+        limit = body_limit(scope["path"])
+        received = 0
+
+        async def counted() -> Message:
+            # A chunked body says no length up front: the bytes are counted as they arrive,
+            # and the handler reading the form gets BodyTooLarge (the console's 413 page)
+            # once they pass the limit, before the rest is read.
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise BodyTooLarge(limit)
+            return message
 
         async def send_with_headers(message: Message) -> None:
             nonlocal status
@@ -92,7 +135,14 @@ class Guard:
                 LIVE_WATCHES.set(self.hub.watch_count)
             await send(message)
 
-        await self._app(scope, receive, send_with_headers)
+        declared = _content_length(scope)
+        if declared is not None and declared > limit:
+            # Refused before a byte of the body is read, whatever the route would do with it.
+            request = Request({**scope, "app": self._app}, receive)
+            response = await pages.body_too_large(request, BodyTooLarge(limit))
+            await response(scope, receive, send_with_headers)
+            return
+        await self._app(scope, counted, send_with_headers)
 
 
 def _route_name(scope: Scope) -> str:
@@ -198,7 +248,11 @@ def build_app(
         redis = Redis.from_url(settings.redis_url)
         app.state.redis = redis
         app.state.console = pages.Console(
-            backend, SessionStore(redis, settings.redis_prefix), hub, templates()
+            backend,
+            SessionStore(redis, settings.redis_prefix),
+            hub,
+            templates(),
+            secure_cookies=settings.console_secure_cookies,
         )
         try:
             yield
@@ -211,6 +265,7 @@ def build_app(
         lifespan=lifespan,
         exception_handlers={
             404: pages.no_such_page,
+            BodyTooLarge: pages.body_too_large,
             RedisConnectionError: pages.session_store_down,
             RedisTimeoutError: pages.session_store_down,
         },
@@ -218,12 +273,10 @@ def build_app(
     return Guard(app, hub)
 
 
-def run_console(settings: Settings) -> None:
-    """Runs the console until SIGTERM/SIGINT (what `profiles serve console` does)."""
-    configure_logging(settings.log_level, service="console")
-    start_metrics_server(settings.console_metrics_port, settings.bind_address)
-    config = uvicorn.Config(
-        build_app(settings),
+def server_config(settings: Settings, app: ASGIApp) -> uvicorn.Config:
+    """How `profiles serve console` serves `app`."""
+    return uvicorn.Config(
+        app,
         host=settings.bind_address,
         port=settings.console_port,
         loop="uvloop",
@@ -232,8 +285,19 @@ def run_console(settings: Settings) -> None:
         log_level="warning",
         timeout_graceful_shutdown=int(settings.shutdown_grace_seconds),
         lifespan="on",
+        # Whose X-Forwarded-Proto and X-Forwarded-For are believed: a TLS proxy's, which makes
+        # the console see https (and set its cookies Secure). Not uvicorn's own default, which
+        # reads FORWARDED_ALLOW_IPS from the environment: one setting, in the settings table.
+        proxy_headers=True,
+        forwarded_allow_ips=settings.console_forwarded_allow_ips,
     )
-    server = uvicorn.Server(config)
+
+
+def run_console(settings: Settings) -> None:
+    """Runs the console until SIGTERM/SIGINT (what `profiles serve console` does)."""
+    configure_logging(settings.log_level, service="console")
+    start_metrics_server(settings.console_metrics_port, settings.bind_address)
+    server = uvicorn.Server(server_config(settings, build_app(settings)))
     log.info("console_starting", port=settings.console_port)
     # uvloop.run, not asyncio.run: Server.serve does not apply Config.loop (only Server.run
     # does), and a profile under load showed the default loop's Python code (selectors,
@@ -241,4 +305,4 @@ def run_console(settings: Settings) -> None:
     uvloop.run(server.serve())
 
 
-__all__ = ["build_app", "run_console"]
+__all__ = ["build_app", "run_console", "server_config"]

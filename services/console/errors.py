@@ -1,4 +1,5 @@
-"""What can go wrong when the console calls a service, in the words a page needs.
+"""What can go wrong when the console calls a service, in the words a page needs, and a request
+body too large to read.
 
 Plain exceptions, no gRPC: backend.py translates status codes into these once.
 """
@@ -53,3 +54,12 @@ class ServiceDown(ConsoleError):
         self.service = service
         self.timed_out = timed_out
         self.detail = detail
+
+
+class BodyTooLarge(Exception):
+    """A request body over the console's limit (app.Guard): refused, with 413, unread. Not a
+    ConsoleError: no service was called."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"request body over {limit} bytes")
+        self.limit = limit

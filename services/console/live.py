@@ -3,7 +3,11 @@
 A tab subscribes with a bounded queue; the hub's pump task reads the gRPC stream and copies each
 item to every queue. A tab that lets its queue fill is dropped (its page reconnects and re-reads
 what it missed), so one slow browser never holds the others back. At most `max_watches`
-upstream streams per process: beyond that a page is told that live updates are paused.
+upstream streams per process: beyond that a page is told that live updates are paused. One key
+opens at most its share of them (`key_share`), so the tabs of one project (the console knows a
+key, not its project; a project's keys are handed out by the suite's operators) cannot pause
+every other project's live updates; a tab following a profile already followed joins its
+stream whatever its key's share.
 """
 
 from __future__ import annotations
@@ -24,7 +28,15 @@ from services.console.errors import ConsoleError, NotFound
 log = structlog.get_logger(__name__)
 
 MAX_WATCHES = 50
+# The cap is split in this many shares: a key opens at most one share of the upstream streams
+# (12 of 50), so at least four keys exhaust the cap.
+KEY_SHARES = 4
 QUEUE_SIZE = 256
+
+
+def key_share(max_watches: int) -> int:
+    """The most upstream streams one key opens when a process opens `max_watches`."""
+    return max(1, max_watches // KEY_SHARES)
 
 
 class Ended:
@@ -57,7 +69,10 @@ class LiveHub:
     def __init__(self, backend: Backend, max_watches: int = MAX_WATCHES) -> None:
         self._backend = backend
         self._max = max_watches
+        self._share = key_share(max_watches)
         self._watches: dict[str, _Watch] = {}
+        # The upstream streams each key runs.
+        self._by_key: Counter[str] = Counter()
 
     @property
     def watch_count(self) -> int:
@@ -66,15 +81,17 @@ class LiveHub:
     @contextlib.asynccontextmanager
     async def follow(self, key: str, profile_id: str) -> AsyncIterator[asyncio.Queue[Any] | None]:
         """A queue of WatchProfileResponse items (then one Ended) for this profile; None when
-        the process already follows `max_watches` profiles. The caller must have checked that
-        the key may read the profile: the upstream stream may run with another tab's key."""
+        the process already follows `max_watches` profiles, or the key its share of them. The
+        caller must have checked that the key may read the profile: the upstream stream may run
+        with another tab's key."""
         watch = self._watches.get(profile_id)
         if watch is None:
-            if len(self._watches) >= self._max:
+            if len(self._watches) >= self._max or self._by_key[key] >= self._share:
                 yield None
                 return
             watch = _Watch(profile_id, key)
             self._watches[profile_id] = watch
+            self._by_key[key] += 1
             watch.task = asyncio.get_running_loop().create_task(self._pump(watch, key))
         queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=QUEUE_SIZE)
         if watch.started is not None:
@@ -94,9 +111,16 @@ class LiveHub:
             # stream must not outlive it. The other tabs are told it closed; they reconnect on
             # their own keys and re-read what they missed meanwhile.
             if current and (not watch.subscribers or watch.keys[watch.key] <= 0):
-                del self._watches[profile_id]
+                self._forget(watch)
                 if watch.task is not None:
                     watch.task.cancel()
+
+    def _forget(self, watch: _Watch) -> None:
+        """Drops a watch the hub still holds: its profile and its key's share are free."""
+        del self._watches[watch.profile_id]
+        self._by_key[watch.key] -= 1
+        if self._by_key[watch.key] <= 0:
+            del self._by_key[watch.key]
 
     async def _pump(self, watch: _Watch, key: str) -> None:
         reason = "closed"
@@ -119,7 +143,7 @@ class LiveHub:
             log.info("console_watch_ended", error=type(exc).__name__)
         finally:
             if self._watches.get(watch.profile_id) is watch:
-                del self._watches[watch.profile_id]
+                self._forget(watch)
             for queue in list(watch.subscribers):
                 _end(queue, Ended(reason))
 

@@ -26,6 +26,7 @@ from urllib.parse import urlencode
 
 import structlog
 from redis.exceptions import RedisError
+from starlette.datastructures import FormData
 from starlette.requests import Request
 from starlette.responses import (
     PlainTextResponse,
@@ -40,7 +41,14 @@ from profiles.query.v1 import timeline_pb2 as timeline_pb
 from profiles.segments.v1 import segments_service_pb2 as segments_pb
 from services.console import definitions, present
 from services.console.backend import Backend
-from services.console.errors import BadInput, Forbidden, NotFound, ServiceDown, SignedOut
+from services.console.errors import (
+    BadInput,
+    BodyTooLarge,
+    Forbidden,
+    NotFound,
+    ServiceDown,
+    SignedOut,
+)
 from services.console.live import Ended, LiveHub
 from services.console.sessions import (
     COOKIE,
@@ -90,18 +98,30 @@ RESYNC_MARGIN = timedelta(seconds=10)
 TRACKED_MAX_AGE = timedelta(days=31)
 RESYNC_PAGE_SIZE = 500
 RESYNC_PAGES = 4
+# The most fields the small forms (sign-in, sign-out, erasure, deletion) may post; they have 1
+# to 3.
+SMALL_FORM_FIELDS = 20
 
 
 class Console:
     """What the handlers share: the backend, the session store, the live hub, templates."""
 
     def __init__(
-        self, backend: Backend, sessions: SessionStore, hub: LiveHub, templates: Any
+        self,
+        backend: Backend,
+        sessions: SessionStore,
+        hub: LiveHub,
+        templates: Any,
+        *,
+        secure_cookies: bool = False,
     ) -> None:
         self.backend = backend
         self.sessions = sessions
         self.hub = hub
         self.templates = templates
+        # Cookies Secure whatever scheme the request came by (settings.console_secure_cookies:
+        # TLS ends at a proxy whose forwarded headers the console does not read).
+        self.secure_cookies = secure_cookies
 
 
 def console_of(request: Request) -> Console:
@@ -124,13 +144,26 @@ def render(
 
 
 def _secure(request: Request) -> bool:
-    return request.url.scheme == "https"
+    """Whether cookies are sent with Secure: the request came by https (directly, or through a
+    proxy trusted to say so, see `app.server_config`), or the settings say to always."""
+    return console_of(request).secure_cookies or request.url.scheme == "https"
 
 
-def signed_in(handler: Handler) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+async def small_form(request: Request) -> FormData:
+    """A small form's fields: no file (an upload is refused, never spooled to disk), a few
+    fields; the body's size is capped before (app.Guard)."""
+    return await request.form(max_files=0, max_fields=SMALL_FORM_FIELDS)
+
+
+def signed_in(
+    handler: Handler, *, renew: bool = True
+) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+    """The handler with the request's session; without one, a redirect to sign in. `renew`
+    False reads the session without renewing its idle expiry: a request no person made."""
+
     async def wrapped(request: Request) -> Response:
         console = console_of(request)
-        session = await console.sessions.get(request.cookies.get(COOKIE, ""))
+        session = await console.sessions.get(request.cookies.get(COOKIE, ""), renew=renew)
         if session is None:
             target = request.url.path
             if request.url.query:
@@ -158,6 +191,16 @@ def signed_in(handler: Handler) -> Callable[[Request], Coroutine[Any, Any, Respo
 async def no_such_page(request: Request, exc: Exception) -> Response:
     """A path no route serves: the console's own page, not the framework's bare text."""
     return render(request, "problem.html", {"unknown_page": True}, status=404)
+
+
+async def body_too_large(request: Request, exc: Exception) -> Response:
+    """A request body over the console's limit (app.Guard), refused unread: the console's own
+    page, with 413. The connection closes after it: kept open, the server would go on reading
+    (and dropping) the rest of the body."""
+    limit = exc.limit if isinstance(exc, BodyTooLarge) else 0
+    response = render(request, "problem.html", {"too_large": present.byte_size(limit)}, status=413)
+    response.headers["Connection"] = "close"
+    return response
 
 
 async def both(first: Awaitable[T], *others: Awaitable[Any]) -> list[Any]:
@@ -230,7 +273,7 @@ async def role_of(backend: Backend, key: str) -> str:
 
 async def signin(request: Request) -> Response:
     console = console_of(request)
-    form = await request.form()
+    form = await small_form(request)
     given = str(form.get("csrf_token", ""))
     key = str(form.get("key", "")).strip()
     target = _safe_next(str(form.get("next", "/overview")))
@@ -271,16 +314,22 @@ async def signin(request: Request) -> Response:
 
 async def signout(request: Request) -> Response:
     console = console_of(request)
-    session = await console.sessions.get(request.cookies.get(COOKIE, ""))
-    form = await request.form()
+    cookie = request.cookies.get(COOKIE, "")
+    response = RedirectResponse("/signin", status_code=303)
+    if not cookie:
+        # Nothing to sign out of, or a post from another site, which the browser sent without
+        # the SameSite=Strict cookie: the cookie it holds is left alone (another site's page
+        # must not sign the person out), and the form is not read.
+        return response
+    session = await console.sessions.get(cookie)
     if session is not None:
+        form = await small_form(request)
         if not tokens_match(session.csrf_token, str(form.get("csrf_token", ""))):
             # A form of an earlier session (signed in again since, in another tab) or of
             # another site: nothing is removed without this session's own token, which the
             # page offers, so a person is one click from signing out.
             return render(request, "signout.html", {"csrf_token": session.csrf_token}, status=403)
         await console.sessions.delete(session.session_id)
-    response = RedirectResponse("/signin", status_code=303)
     response.delete_cookie(COOKIE, path="/")
     return response
 
@@ -408,10 +457,14 @@ async def overview_page(request: Request, session: ConsoleSession) -> Response:
     return render(request, "overview.html", context, session=session)
 
 
-@signed_in
-async def overview_fragment(request: Request, session: ConsoleSession) -> Response:
+async def _overview_fragment(request: Request, session: ConsoleSession) -> Response:
     context = await _overview_context(request, session)
     return render(request, "_overview_body.html", context, session=session)
+
+
+# The overview page's automatic refresh (every 10 s): no one's use of the console, so it does
+# not renew the session's idle expiry (an open tab would keep a session alive for good).
+overview_fragment = signed_in(_overview_fragment, renew=False)
 
 
 # -- users --------------------------------------------------------------------------------------
@@ -1112,7 +1165,8 @@ async def _erasure_page(
         "erase.html",
         {
             "summary": summary,
-            "confirmation": present.erasure_word(summary.custom_id),
+            "confirmation": present.erasure_word(summary.custom_id, summary.profile_id),
+            "confirmation_instead": present.erasure_word_instead(summary.custom_id),
             "installations": len(reply.profile.installations),
             "events": reply.profile.counters.event_count,
             "csrf_token": session.csrf_token,
@@ -1140,7 +1194,7 @@ async def profile_erase(request: Request, session: ConsoleSession) -> Response:
         raise Forbidden  # a read key never sees the form; a forged post gets 403 all the same
     console = console_of(request)
     profile_id = request.path_params["profile_id"]
-    form = await request.form()
+    form = await small_form(request)
     request_id = str(form.get("request_id", ""))[:64] or str(uuid.uuid4())
     if not tokens_match(session.csrf_token, str(form.get("csrf_token", ""))):
         return await _erasure_page(
@@ -1173,7 +1227,7 @@ async def profile_erase(request: Request, session: ConsoleSession) -> Response:
                 refused=present.ERASURE_MERGED,
                 status=409,
             )
-        expected = present.erasure_word(summary.custom_id)
+        expected = present.erasure_word(summary.custom_id, summary.profile_id)
         if not present.erasure_confirmed(expected, typed):
             return await _erasure_page(
                 request,
@@ -1667,7 +1721,8 @@ async def _definition_post(request: Request, session: ConsoleSession, what: str)
     segments page) or refused (the form, each refusal beside its box)."""
     if not session.admin:
         raise Forbidden
-    posted = await request.form()
+    # No file; the fields of the largest form (31 conditions) are under Starlette's 1,000.
+    posted = await request.form(max_files=0)
 
     def get(name: str) -> list[str]:
         return [str(value) for value in posted.getlist(name)]
@@ -1768,7 +1823,7 @@ async def _definition_delete(request: Request, session: ConsoleSession, what: st
         raise NotFound(ident) from None
     status, refused = 200, ""
     if request.method == "POST":
-        posted = await request.form()
+        posted = await small_form(request)
         if tokens_match(session.csrf_token, str(posted.get("csrf_token", ""))):
             if what == "segment":
                 call = segments_pb.DeleteSegmentRequest(segment_id=ident, allow_missing=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import re
 import time
+import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
@@ -955,11 +956,33 @@ ERASURE_MERGED = (
 )
 # What a person types to confirm the erasure of a profile without a custom ID.
 ERASE_WORD = "delete"
+# Why the confirmation asks for the profile ID when the profile has a custom ID.
+ERASURE_BY_PROFILE_ID = (
+    "Its custom ID holds characters a text box cannot hold (such as a line break), so the"
+    " profile ID confirms instead."
+)
 
 
-def erasure_word(custom_id: str) -> str:
-    """What confirms the erasure of a profile: its custom ID, else the word "delete"."""
+def typeable(text: str) -> bool:
+    """Whether a person can enter `text` in a one-line text box: a browser drops line breaks
+    from an <input type=text>, and no keyboard types the other control characters (nor the
+    Unicode line and paragraph separators, which show as nothing)."""
+    return not any(unicodedata.category(c) in ("Cc", "Zl", "Zp") for c in text)
+
+
+def erasure_word(custom_id: str, profile_id: str = "") -> str:
+    """What confirms the erasure of a profile: its custom ID, else the word "delete". A custom
+    ID no one can enter (`typeable`) gives way to the profile ID (when given), which names the
+    person as surely: the custom ID would make the console's erasure impossible."""
+    if custom_id and not typeable(custom_id):
+        return profile_id or ERASE_WORD
     return custom_id or ERASE_WORD
+
+
+def erasure_word_instead(custom_id: str) -> str:
+    """What the confirmation says when it does not ask for the profile's custom ID although
+    there is one (`erasure_word`), else ""."""
+    return ERASURE_BY_PROFILE_ID if custom_id and not typeable(custom_id) else ""
 
 
 def erasure_confirmed(expected: str, typed: str) -> bool:
@@ -973,6 +996,15 @@ def erasure_refusal(expected: str, typed: str) -> str:
     if not typed.strip():
         return f"Type “{expected}” to confirm: nothing was erased."
     return f"“{shorten(typed.strip())}” is not “{expected}”: nothing was erased."
+
+
+def byte_size(count: int) -> str:
+    """A size in bytes as a person reads it: "64 KiB", "8 MiB"."""
+    if count >= 1 << 20 and count % (1 << 20) == 0:
+        return f"{count >> 20:,} MiB"
+    if count >= 1 << 10:
+        return f"{count / 1024:,.0f} KiB"
+    return f"{count:,} bytes"
 
 
 FORM_EXPIRED_KEPT = (

@@ -1,9 +1,11 @@
-"""The console's session store on a real Redis: idle expiry renewed by use, sign-out, hashing."""
+"""The console's session store on a real Redis: idle expiry renewed by use, a maximum age,
+sign-out, hashing."""
 
 from __future__ import annotations
 
 import asyncio
 import socket
+import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -15,7 +17,7 @@ from redis.asyncio import Redis
 
 from services.console.app import build_app
 from services.console.pages import COOKIE
-from services.console.sessions import IDLE_SECONDS, SessionStore
+from services.console.sessions import IDLE_SECONDS, MAX_AGE_SECONDS, SessionStore
 from shared.embedded import EmbeddedRedis
 from shared.settings import Settings
 
@@ -57,6 +59,44 @@ async def test_an_expired_or_signed_out_session_is_gone(redis: Redis, redis_pref
     [name] = [key async for key in redis.scan_iter(match=f"{redis_prefix}:console:session:*")]
     await redis.expire(name, 0)  # what Redis does once the idle period has passed
     assert await store.get(second.session_id) is None
+
+
+async def test_a_session_ends_at_its_maximum_age_however_much_it_is_used(
+    redis: Redis, redis_prefix: str
+) -> None:
+    store = SessionStore(redis, redis_prefix)
+    session = await store.create("prf_secret_key", "read")
+    [name] = [key async for key in redis.scan_iter(match=f"{redis_prefix}:console:session:*")]
+    assert MAX_AGE_SECONDS == 7 * 24 * 3600
+    # Signed in six days and 23 hours ago, used all along: its last idle period ends with it.
+    await redis.hset(name, "created", str(int(time.time()) - MAX_AGE_SECONDS + 600))
+    assert await store.get(session.session_id) == session
+    assert 0 < await redis.ttl(name) <= 600
+    assert await store.alive(session.session_id)
+    # A week after sign-in: gone, whatever its idle expiry says.
+    await redis.expire(name, IDLE_SECONDS)
+    await redis.hset(name, "created", str(int(time.time()) - MAX_AGE_SECONDS - 1))
+    assert not await store.alive(session.session_id)
+    assert await store.get(session.session_id) is None
+    assert not await redis.exists(name)
+    # A session stored without its sign-in time (before sessions had a maximum age) is over.
+    other = await store.create("prf_other_key", "admin")
+    [name] = [key async for key in redis.scan_iter(match=f"{redis_prefix}:console:session:*")]
+    await redis.hdel(name, "created")
+    assert await store.get(other.session_id) is None
+
+
+async def test_a_read_without_renewal_leaves_the_idle_expiry(
+    redis: Redis, redis_prefix: str
+) -> None:
+    store = SessionStore(redis, redis_prefix)
+    session = await store.create("prf_secret_key", "read")
+    [name] = [key async for key in redis.scan_iter(match=f"{redis_prefix}:console:session:*")]
+    await redis.expire(name, 60)
+    assert await store.get(session.session_id, renew=False) == session
+    assert 0 < await redis.ttl(name) <= 60
+    assert await store.get(session.session_id) == session
+    assert await redis.ttl(name) > IDLE_SECONDS - 60
 
 
 async def test_pages_answer_503_to_retry_while_the_session_store_is_away(
