@@ -27,6 +27,8 @@ from typing import Any
 import asyncpg
 import structlog
 
+from shared.errors import raised_from
+
 log = structlog.get_logger(__name__)
 
 # shared/ and services/ are sibling packages, in a checkout as in site-packages. The runner finds
@@ -257,22 +259,19 @@ def _raised_in_asyncpg(exc: BaseException) -> bool:
 
 def connection_lost(exc: BaseException) -> bool:
     """True if `exc`, or what it was raised from, is a lost or refused database connection."""
-    seen = 0
-    current: BaseException | None = exc
-    while current is not None and seen < 8:
-        if isinstance(current, _LOST):
-            return True
-        # Connecting to a server that is down fails with whatever the socket answers: a Unix
-        # socket the server removed on shutdown (FileNotFoundError), a host name that no longer
-        # resolves (socket.gaierror). Such errors are the database's only when asyncpg raised
-        # them; the same error from other code is a bug.
-        if isinstance(current, OSError) and _raised_in_asyncpg(current):
-            return True
-        # asyncpg spells a closed connection or pool only in the message of an InterfaceError.
-        if isinstance(current, asyncpg.InterfaceError) and (
-            "is closed" in str(current) or "is closing" in str(current)
-        ):
-            return True
-        current = current.__cause__ or current.__context__
-        seen += 1
-    return False
+    return raised_from(exc, _lost)
+
+
+def _lost(exc: BaseException) -> bool:
+    if isinstance(exc, _LOST):
+        return True
+    # Connecting to a server that is down fails with whatever the socket answers: a Unix socket
+    # the server removed on shutdown (FileNotFoundError), a host name that no longer resolves
+    # (socket.gaierror). Such errors are the database's only when asyncpg raised them; the
+    # same error from other code is a bug.
+    if isinstance(exc, OSError) and _raised_in_asyncpg(exc):
+        return True
+    # asyncpg spells a closed connection or pool only in the message of an InterfaceError.
+    return isinstance(exc, asyncpg.InterfaceError) and (
+        "is closed" in str(exc) or "is closing" in str(exc)
+    )

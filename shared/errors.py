@@ -5,7 +5,7 @@ Only shared/interceptors.py knows how a kind maps to a gRPC status code.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 
@@ -80,3 +80,16 @@ class Internal(DomainError):
     unexpected exception (never raised by domain code: a bug is not a domain outcome)."""
 
     reason = "INTERNAL"
+
+
+def raised_from(exc: BaseException, test: Callable[[BaseException], bool]) -> bool:
+    """True if `test` holds for `exc` or for what it was raised from (its cause, else its
+    context), looking at most eight errors deep: drivers wrap the error that tells."""
+    current: BaseException | None = exc
+    for _ in range(8):
+        if current is None:
+            return False
+        if test(current):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
