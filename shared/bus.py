@@ -43,6 +43,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared.db import connection_lost
+from shared.errors import raised_from
 from shared.redis_client import RedisClient, connect, pubsub
 
 log = structlog.get_logger(__name__)
@@ -242,14 +243,7 @@ _REDIS_AWAY: tuple[type[Exception], ...] = (
 
 def redis_unavailable(exc: BaseException) -> bool:
     """True if `exc`, or what it was raised from, means Redis is away for now."""
-    seen = 0
-    current: BaseException | None = exc
-    while current is not None and seen < 8:
-        if isinstance(current, _REDIS_AWAY):
-            return True
-        current = current.__cause__ or current.__context__
-        seen += 1
-    return False
+    return raised_from(exc, lambda error: isinstance(error, _REDIS_AWAY))
 
 
 def dependency_unavailable(exc: BaseException) -> bool:
