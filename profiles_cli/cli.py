@@ -29,7 +29,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from shared.errors import DomainError, FailedPrecondition
-from shared.settings import SERVICE_NAMES, SETTINGS, Settings
+from shared.settings import SERVICE_NAMES, SETTINGS, SettingInvalid, Settings
 
 if TYPE_CHECKING:
     from profiles_cli.suite import Leftovers, ServerRecord
@@ -78,7 +78,11 @@ examples:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    sys.exit(run(argv))
+    try:
+        sys.exit(run(argv))
+    except KeyboardInterrupt:
+        # Ctrl-C before a command set up its own handling (while modules load): no traceback.
+        sys.exit(130)
 
 
 def run(argv: Sequence[str] | None = None) -> int:
@@ -93,6 +97,9 @@ def run(argv: Sequence[str] | None = None) -> int:
         return handler(args)
     except DomainError as exc:
         print(f"profiles: {exc.message}", file=sys.stderr)
+        return 2
+    except SettingInvalid as exc:  # a PROFILES_* variable of the environment
+        print(f"profiles: {exc}", file=sys.stderr)
         return 2
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import http.client
 import json
 import os
 import shlex
@@ -169,6 +170,8 @@ def _http_health(address: str, timeout: float) -> str:
         return f"HTTP {error.code}"
     except (urllib.error.URLError, OSError):
         return "UNAVAILABLE"
+    except http.client.HTTPException:  # not an HTTP server at all (a gRPC port)
+        return "NOT HTTP"
 
 
 def server_url(server: ServerRecord, given: str) -> str | None:

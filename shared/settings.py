@@ -134,6 +134,10 @@ SETTINGS: tuple[Setting, ...] = (
 )
 
 
+class SettingInvalid(ValueError):
+    """A PROFILES_* variable whose value the setting cannot take; the message names it."""
+
+
 def _flag(env: str, text: str) -> bool:
     """A yes/no setting: true, 1, yes or on is yes; false, 0, no, off or empty is no (any
     case); anything else is refused, as a number setting that is no number is."""
@@ -142,7 +146,35 @@ def _flag(env: str, text: str) -> bool:
         return True
     if word in ("false", "0", "no", "off", ""):
         return False
-    raise ValueError(f"{env} must be true or false, not {text!r}")
+    raise SettingInvalid(f"{env} must be true or false, not {text!r}")
+
+
+def _whole(env: str, text: str, *, least: int = 0, most: int | None = None) -> int:
+    """A whole-number setting from least to most."""
+    try:
+        number = int(text.strip())
+    except ValueError:
+        raise SettingInvalid(f"{env} must be a whole number, not {text!r}") from None
+    if number < least or (most is not None and number > most):
+        bounds = f"from {least}" + ("" if most is None else f" to {most}")
+        raise SettingInvalid(f"{env} must be {bounds}, not {number}")
+    return number
+
+
+def _port(env: str, text: str, *, off_allowed: bool = False) -> int:
+    """A TCP port: 1 to 65535 (0 too where it turns the listener off: metrics)."""
+    return _whole(env, text, least=0 if off_allowed else 1, most=65535)
+
+
+def _decimal(env: str, text: str) -> float:
+    """A non-negative number setting (seconds, a rate)."""
+    try:
+        number = float(text.strip())
+    except ValueError:
+        raise SettingInvalid(f"{env} must be a number, not {text!r}") from None
+    if not 0 <= number < float("inf"):
+        raise SettingInvalid(f"{env} must be a number from 0, not {text!r}")
+    return number
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,25 +229,52 @@ class Settings:
             redis_prefix=values["PROFILES_REDIS_PREFIX"],
             internal_token=values["PROFILES_INTERNAL_TOKEN"],
             bind_address=values["PROFILES_BIND_ADDRESS"],
-            ports={n: int(v) for n, v in per_service("PORT").items()},
-            metrics_ports={n: int(v) for n, v in per_service("METRICS_PORT").items()},
+            ports={
+                n: _port(f"PROFILES_{n.upper()}_PORT", v) for n, v in per_service("PORT").items()
+            },
+            metrics_ports={
+                n: _port(f"PROFILES_{n.upper()}_METRICS_PORT", v, off_allowed=True)
+                for n, v in per_service("METRICS_PORT").items()
+            },
             addresses=per_service("ADDRESS"),
             log_level=values["PROFILES_LOG_LEVEL"],
             data_dir=Path(values["PROFILES_DATA_DIR"]).expanduser(),
-            db_pool_size=int(values["PROFILES_DB_POOL_SIZE"]),
-            shutdown_grace_seconds=float(values["PROFILES_SHUTDOWN_GRACE_SECONDS"]),
-            max_concurrent_rpcs=int(values["PROFILES_MAX_CONCURRENT_RPCS"]),
-            max_streams=int(values["PROFILES_MAX_STREAMS"]),
-            claim_idle_seconds=float(values["PROFILES_CLAIM_IDLE_SECONDS"]),
-            edge_port=int(values["PROFILES_EDGE_PORT"]),
-            edge_metrics_port=int(values["PROFILES_EDGE_METRICS_PORT"]),
-            edge_rate_limit=float(values["PROFILES_EDGE_RATE_LIMIT"]),
-            edge_rate_burst=int(values["PROFILES_EDGE_RATE_BURST"]),
-            console_port=int(values["PROFILES_CONSOLE_PORT"]),
-            events_retention_days=int(values["PROFILES_EVENTS_RETENTION_DAYS"]),
-            ingest_write_partitions=int(values["PROFILES_INGEST_WRITE_PARTITIONS"]),
-            ingest_group_writers=int(values["PROFILES_INGEST_GROUP_WRITERS"]),
-            console_metrics_port=int(values["PROFILES_CONSOLE_METRICS_PORT"]),
+            db_pool_size=_whole("PROFILES_DB_POOL_SIZE", values["PROFILES_DB_POOL_SIZE"], least=1),
+            shutdown_grace_seconds=_decimal(
+                "PROFILES_SHUTDOWN_GRACE_SECONDS", values["PROFILES_SHUTDOWN_GRACE_SECONDS"]
+            ),
+            max_concurrent_rpcs=_whole(
+                "PROFILES_MAX_CONCURRENT_RPCS", values["PROFILES_MAX_CONCURRENT_RPCS"], least=1
+            ),
+            max_streams=_whole("PROFILES_MAX_STREAMS", values["PROFILES_MAX_STREAMS"], least=1),
+            claim_idle_seconds=_decimal(
+                "PROFILES_CLAIM_IDLE_SECONDS", values["PROFILES_CLAIM_IDLE_SECONDS"]
+            ),
+            edge_port=_port("PROFILES_EDGE_PORT", values["PROFILES_EDGE_PORT"]),
+            edge_metrics_port=_port(
+                "PROFILES_EDGE_METRICS_PORT", values["PROFILES_EDGE_METRICS_PORT"], off_allowed=True
+            ),
+            edge_rate_limit=_decimal(
+                "PROFILES_EDGE_RATE_LIMIT", values["PROFILES_EDGE_RATE_LIMIT"]
+            ),
+            edge_rate_burst=_whole("PROFILES_EDGE_RATE_BURST", values["PROFILES_EDGE_RATE_BURST"]),
+            console_port=_port("PROFILES_CONSOLE_PORT", values["PROFILES_CONSOLE_PORT"]),
+            events_retention_days=_whole(
+                "PROFILES_EVENTS_RETENTION_DAYS", values["PROFILES_EVENTS_RETENTION_DAYS"]
+            ),
+            ingest_write_partitions=_whole(
+                "PROFILES_INGEST_WRITE_PARTITIONS",
+                values["PROFILES_INGEST_WRITE_PARTITIONS"],
+                least=1,
+            ),
+            ingest_group_writers=_whole(
+                "PROFILES_INGEST_GROUP_WRITERS", values["PROFILES_INGEST_GROUP_WRITERS"], least=1
+            ),
+            console_metrics_port=_port(
+                "PROFILES_CONSOLE_METRICS_PORT",
+                values["PROFILES_CONSOLE_METRICS_PORT"],
+                off_allowed=True,
+            ),
             console_forwarded_allow_ips=values["PROFILES_CONSOLE_FORWARDED_ALLOW_IPS"],
             console_secure_cookies=_flag(
                 "PROFILES_CONSOLE_SECURE_COOKIES", values["PROFILES_CONSOLE_SECURE_COOKIES"]

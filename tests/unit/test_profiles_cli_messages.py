@@ -229,3 +229,29 @@ def test_status_checks_a_given_server_without_a_password_in_the_record() -> None
     assert "PROFILES_DATABASE_URL" in health["postgres"][1]
     assert health["redis"][0] == SERVER_DOWN
     assert suite_state("serving", {"ingest": "SERVING"}, health) == "not serving (Redis DOWN)"
+
+
+def test_an_http_health_check_of_a_port_that_speaks_no_http_says_so() -> None:
+    """A gRPC port answers an HTTP request with HTTP/2 frames: no traceback, a word."""
+    import socket
+    import threading
+
+    from profiles_cli.suite import _http_health
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+
+    def answer() -> None:
+        conn, _ = server.accept()
+        conn.recv(1024)
+        conn.sendall(b"\x00\x00\x12\x04\x00\x00\x00\x00\x00garbage, no status line\r\n\r\n")
+        conn.close()
+
+    thread = threading.Thread(target=answer)
+    thread.start()
+    try:
+        assert _http_health(f"127.0.0.1:{server.getsockname()[1]}", 5) == "NOT HTTP"
+    finally:
+        thread.join(5)
+        server.close()

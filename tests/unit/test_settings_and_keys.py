@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from profiles_cli.cli import run
 from shared.errors import InvalidArgument
 from shared.project_settings import PROJECT_SETTINGS, validate_setting, with_defaults
-from shared.settings import SETTINGS, Settings
+from shared.settings import SETTINGS, SettingInvalid, Settings
 from shared.tenancy import hash_secret, secret_matches, split_key
 
 
@@ -78,3 +79,41 @@ def test_with_defaults_fills_every_known_setting() -> None:
     merged = with_defaults({"segments.new_days": 3})
     assert merged["segments.new_days"] == 3
     assert set(merged) == set(PROJECT_SETTINGS)
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "words"),
+    [
+        ("PROFILES_QUERY_PORT", "abc", "must be a whole number, not 'abc'"),
+        ("PROFILES_QUERY_PORT", "70000", "must be from 1 to 65535, not 70000"),
+        ("PROFILES_QUERY_PORT", "0", "must be from 1 to 65535, not 0"),
+        ("PROFILES_EDGE_PORT", "-5", "must be from 1 to 65535, not -5"),
+        ("PROFILES_DB_POOL_SIZE", "0", "must be from 1, not 0"),
+        ("PROFILES_CLAIM_IDLE_SECONDS", "soon", "must be a number, not 'soon'"),
+        ("PROFILES_EDGE_RATE_LIMIT", "inf", "must be a number from 0"),
+        ("PROFILES_CONSOLE_SECURE_COOKIES", "maybe", "must be true or false"),
+    ],
+)
+def test_a_bad_setting_is_refused_by_its_name(name: str, value: str, words: str) -> None:
+    with pytest.raises(SettingInvalid) as refused:
+        Settings.from_env({name: value})
+    assert str(refused.value).startswith(name)
+    assert words in str(refused.value)
+
+
+def test_metrics_ports_may_be_0_to_turn_them_off() -> None:
+    settings = Settings.from_env(
+        {"PROFILES_QUERY_METRICS_PORT": "0", "PROFILES_EDGE_METRICS_PORT": "0"}
+    )
+    assert settings.metrics_ports["query"] == 0
+    assert settings.edge_metrics_port == 0
+
+
+def test_the_cli_names_a_bad_setting_on_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("PROFILES_QUERY_PORT", "abc")
+    assert run(["status"]) == 2
+    assert capsys.readouterr().err == (
+        "profiles: PROFILES_QUERY_PORT must be a whole number, not 'abc'\n"
+    )
