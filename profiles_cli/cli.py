@@ -19,6 +19,7 @@ import os
 import shlex
 import signal
 import sys
+import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
@@ -39,6 +40,7 @@ Handler = Callable[[argparse.Namespace], int]
 
 # `profiles up` gives its services their grace period, then stops PostgreSQL (up to 30 s).
 DOWN_TIMEOUT_SECONDS = 120
+DOWN_POLL_SECONDS = 0.1
 
 DESCRIPTION = """\
 Profiles: a gRPC microservice suite that keeps one real-time view of every customer.
@@ -345,9 +347,7 @@ def _down(args: argparse.Namespace) -> int:
         return _down_leftovers(data_dir)
     print(f"Stopping `profiles up` (pid {record.pid}) on {data_dir} ...", flush=True)
     try:
-        process = psutil.Process(record.pid)
-        process.send_signal(signal.SIGTERM)
-        process.wait(DOWN_TIMEOUT_SECONDS)
+        psutil.Process(record.pid).send_signal(signal.SIGTERM)
     except psutil.NoSuchProcess:
         pass
     except psutil.AccessDenied:
@@ -356,13 +356,18 @@ def _down(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
-    except psutil.TimeoutExpired:
-        print(
-            f"profiles down: pid {record.pid} still runs after {DOWN_TIMEOUT_SECONDS} s;"
-            f" see its terminal and {data_dir / 'logs'}",
-            file=sys.stderr,
-        )
-        return 1
+    # Polled, not waited on: `profiles up` is not this command's child, and once it has
+    # stopped it may stay a zombie until whatever started it reaps it (is_alive: gone).
+    deadline = time.monotonic() + DOWN_TIMEOUT_SECONDS
+    while record.is_alive():
+        if time.monotonic() > deadline:
+            print(
+                f"profiles down: pid {record.pid} still runs after {DOWN_TIMEOUT_SECONDS} s;"
+                f" see its terminal and {data_dir / 'logs'}",
+                file=sys.stderr,
+            )
+            return 1
+        time.sleep(DOWN_POLL_SECONDS)
     print("Stopped.")
     return 0
 

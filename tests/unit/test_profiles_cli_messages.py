@@ -255,3 +255,41 @@ def test_an_http_health_check_of_a_port_that_speaks_no_http_says_so() -> None:
     finally:
         thread.join(5)
         server.close()
+
+
+def test_down_returns_once_profiles_up_stopped_even_while_it_is_an_unreaped_zombie(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A `profiles up` started by a harness that has not reaped it yet stays a zombie after it
+    stopped: not this command's child, so it cannot be waited on; `down` is done all the same."""
+    import subprocess
+    import sys
+
+    import psutil
+
+    from profiles_cli import cli
+    from profiles_cli.suite import RunRecord, write_record
+
+    # A parent that never reaps its child: the child plays `profiles up`.
+    parent = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import subprocess, time; c = subprocess.Popen(['sleep', '60']);"
+            " print(c.pid, flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert parent.stdout is not None
+        pid = int(parent.stdout.readline())
+        up = psutil.Process(pid)
+        write_record(tmp_path, RunRecord(pid, up.create_time(), str(tmp_path), "serving", {}, {}))
+        monkeypatch.setattr(cli, "DOWN_TIMEOUT_SECONDS", 10)
+        assert cli.run(["down", "--data-dir", str(tmp_path)]) == 0
+        assert "Stopped." in capsys.readouterr().out
+        assert up.status() == psutil.STATUS_ZOMBIE
+    finally:
+        parent.kill()
+        parent.wait()
