@@ -224,6 +224,26 @@ class Server:
         return SERVER_NAMES[self.key]
 
 
+def bind_address_problem(host: str) -> str:
+    """Why the services could not listen on `host` (PROFILES_BIND_ADDRESS) at all, else "": a
+    name that does not resolve, or an address that is not this machine's. Asked before the
+    ports, which would otherwise all read as taken."""
+    try:
+        infos = socket.getaddrinfo(host or None, 0, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        return f"PROFILES_BIND_ADDRESS={host!r} does not resolve ({exc.strerror})"
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            return (
+                f"PROFILES_BIND_ADDRESS={host!r} is not an address of this machine"
+                f" ({exc.strerror}); use 127.0.0.1, 0.0.0.0 or one of its own addresses"
+            )
+    return ""
+
+
 def port_is_free(host: str, port: int) -> bool:
     """True if a server could listen on host:port now (SO_REUSEADDR, as gRPC binds)."""
     try:
@@ -383,6 +403,10 @@ class Supervisor:
         # At once, so that a refused start can name this one, and a start after this one is
         # killed (even before its services run) knows to clean up after it.
         self._write_record()
+        unusable = bind_address_problem(self._settings.bind_address)
+        if unusable:
+            self._error(unusable)
+            return 2
         taken = taken_ports(self._settings)
         if taken:
             for line in taken_ports_advice(self._settings, taken, self._data_dir_flag()):

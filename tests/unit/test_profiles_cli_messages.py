@@ -293,3 +293,11 @@ def test_down_returns_once_profiles_up_stopped_even_while_it_is_an_unreaped_zomb
     finally:
         parent.kill()
         parent.wait()
+
+
+def test_a_bind_address_that_is_not_this_machines_is_named() -> None:
+    from profiles_cli.up import bind_address_problem
+
+    assert bind_address_problem("127.0.0.1") == ""
+    assert "does not resolve" in bind_address_problem("nosuchhost.invalid")
+    assert "is not an address of this machine" in bind_address_problem("10.255.255.1")
