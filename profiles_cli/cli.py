@@ -240,7 +240,12 @@ def _status(args: argparse.Namespace) -> int:
                     "data_dir": record.data_dir,
                     "state": state,
                     "services": {
-                        name: {"address": s.address, "pid": s.pid, "health": health[name]}
+                        name: {
+                            "address": s.address,
+                            "pid": s.pid,
+                            "health": health[name],
+                            "log": s.log,
+                        }
                         for name, s in record.services.items()
                     },
                     "servers": {
@@ -250,6 +255,7 @@ def _status(args: argparse.Namespace) -> int:
                             "pid": s.pid,
                             "health": servers[key][0],
                             "problem": servers[key][1],
+                            "log": s.log,
                         }
                         for key, s in record.servers.items()
                     },
@@ -264,6 +270,11 @@ def _status(args: argparse.Namespace) -> int:
         for key, server in record.servers.items():
             owner = f"pid {server.pid}" if server.embedded else "given by URL"
             print(f"  {key:<9} {server.url:<22} {servers[key][0]:<15} {owner}")
+        # Where to look when one of them misbehaves.
+        print(f"  logs      {Path(record.data_dir) / 'logs'}/<service>.log")
+        for key, server in record.servers.items():
+            if server.log:
+                print(f"  {key} log {server.log}")
     for key, server in record.servers.items():
         advice = _server_advice(key, server, servers[key], data_dir)
         if advice:
