@@ -835,7 +835,9 @@ def _serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    from profiles_cli.preflight import redact
     from profiles_cli.runner import run_service
+    from shared.db import connection_lost
     from shared.server import PortInUse
 
     try:
@@ -844,14 +846,34 @@ def _serve(args: argparse.Namespace) -> int:
         env = f"PROFILES_{args.service.upper()}_PORT"
         print(f"profiles serve: {exc}; choose another with {env}", file=sys.stderr)
         return 1
+    except Exception as exc:
+        # A database it cannot reach at start (down, a wrong host or port, a malformed URL):
+        # one line naming it, without its password, not a traceback.
+        if not (connection_lost(exc) or type(exc).__module__.startswith("asyncpg")):
+            raise
+        print(
+            f"profiles serve: {args.service}: cannot use the database at"
+            f" {redact(settings.database_url)} ({type(exc).__name__}: {exc});"
+            " check PROFILES_DATABASE_URL",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 
 def _serve_edge(settings: Settings) -> int:
     """The edge talks to ingest and identity only (PROFILES_INGEST_ADDRESS and
     PROFILES_IDENTITY_ADDRESS), never to PostgreSQL or Redis."""
+    from profiles_cli.up import port_is_free
     from services.edge.app import run
 
+    if not port_is_free(settings.bind_address, settings.edge_port):
+        print(
+            f"profiles serve: edge: port {settings.edge_port} is in use; choose another with"
+            " PROFILES_EDGE_PORT",
+            file=sys.stderr,
+        )
+        return 1
     run(settings)
     return 0
 
@@ -861,8 +883,16 @@ def _serve_console(settings: Settings) -> int:
     if not settings.redis_url:
         print("profiles serve: PROFILES_REDIS_URL must be set", file=sys.stderr)
         return 2
+    from profiles_cli.up import port_is_free
     from services.console.app import run_console
 
+    if not port_is_free(settings.bind_address, settings.console_port):
+        print(
+            f"profiles serve: console: port {settings.console_port} is in use; choose another"
+            " with PROFILES_CONSOLE_PORT",
+            file=sys.stderr,
+        )
+        return 1
     try:
         run_console(settings)
     except OSError as exc:  # the port is taken

@@ -301,3 +301,30 @@ def test_a_bind_address_that_is_not_this_machines_is_named() -> None:
     assert bind_address_problem("127.0.0.1") == ""
     assert "does not resolve" in bind_address_problem("nosuchhost.invalid")
     assert "is not an address of this machine" in bind_address_problem("10.255.255.1")
+
+
+def test_serve_names_a_database_it_cannot_reach_without_its_password(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("PROFILES_DATABASE_URL", "postgresql://u:secret@127.0.0.1:1/db")
+    monkeypatch.setenv("PROFILES_REDIS_URL", "redis://127.0.0.1:1")
+    monkeypatch.setenv("PROFILES_INGEST_METRICS_PORT", "0")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        monkeypatch.setenv("PROFILES_INGEST_PORT", str(probe.getsockname()[1]))
+    assert run(["serve", "ingest"]) == 1
+    error = capsys.readouterr().err
+    assert "profiles serve: ingest: cannot use the database at postgresql://u:***@" in error
+    assert "secret" not in error
+    assert "Traceback" not in error
+
+
+def test_serve_edge_names_its_taken_port(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        monkeypatch.setenv("PROFILES_EDGE_PORT", str(taken.getsockname()[1]))
+        assert run(["serve", "edge"]) == 1
+    assert "port" in capsys.readouterr().err
