@@ -270,11 +270,14 @@ def _status(args: argparse.Namespace) -> int:
         for key, server in record.servers.items():
             owner = f"pid {server.pid}" if server.embedded else "given by URL"
             print(f"  {key:<9} {server.url:<22} {servers[key][0]:<15} {owner}")
-        # Where to look when one of them misbehaves.
-        print(f"  logs      {Path(record.data_dir) / 'logs'}/<service>.log")
-        for key, server in record.servers.items():
-            if server.log:
-                print(f"  {key} log {server.log}")
+        # Where to look when one of them misbehaves (one line: the lines above are by name).
+        server_logs = [
+            f"{key} {server.log}" for key, server in record.servers.items() if server.log
+        ]
+        print(
+            f"  logs      {Path(record.data_dir) / 'logs'}/<service>.log"
+            + "".join(f"; {entry}" for entry in server_logs)
+        )
     for key, server in record.servers.items():
         advice = _server_advice(key, server, servers[key], data_dir)
         if advice:
