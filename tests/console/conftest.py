@@ -8,9 +8,7 @@ missing browser or axe-core fails instead of skipping.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import socket
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -29,6 +27,7 @@ from services.console.app import build_app
 from shared.settings import Settings
 from tests.conftest import TestProject, create_test_project, eventually, with_database
 from tests.support.browser import chromium, npm_package
+from tests.support.serving import served
 
 HERE = Path(__file__).parent
 DEMO_USERS = 24
@@ -40,14 +39,6 @@ class ConsoleSuite:
     project: TestProject
     addresses: dict[str, str]
     settings: Settings
-
-
-def _free_socket() -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(128)
-    return sock
 
 
 @pytest.fixture(scope="package")
@@ -101,21 +92,9 @@ async def console_suite(
         await admin.close()
 
 
-@contextlib.asynccontextmanager
-async def start_console(app: Any) -> AsyncIterator[str]:
+def start_console(app: Any) -> contextlib.AbstractAsyncContextManager[str]:
     """Serves a console app in this event loop on a free port; yields its base URL."""
-    sock = _free_socket()
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    serving = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
-    try:
-        async with asyncio.timeout(10):
-            while not server.started:  # noqa: ASYNC110 - uvicorn offers no event to wait on
-                await asyncio.sleep(0.02)
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        await serving
-        sock.close()
+    return served(uvicorn.Config(app, log_level="warning", lifespan="on"))
 
 
 async def _wait_for_users_table(query_address: str, key: str) -> None:

@@ -10,7 +10,7 @@ import contextlib
 import hashlib
 import re
 import uuid
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from threading import Thread
@@ -19,7 +19,6 @@ from urllib.parse import urlsplit
 
 import pytest
 import requests
-import uvicorn
 from playwright.async_api import expect
 from redis.asyncio import Redis
 
@@ -37,7 +36,7 @@ from services.console.app import (
 from services.console.live import key_share
 from shared.settings import Settings
 from tests.conftest import create_test_project
-from tests.console.conftest import ConsoleSuite, _free_socket, start_console
+from tests.console.conftest import ConsoleSuite, start_console
 from tests.console.test_console_pages import (
     identified_profile,
     sign_in,
@@ -47,6 +46,7 @@ from tests.console.test_console_pages import (
 )
 from tests.console.test_console_safety import session_cookie, sse_frames
 from tests.support.ingest import custom_event, stamp
+from tests.support.serving import served
 
 COOKIE = "profiles_console_session"
 TOO_LARGE = b"Too much to send"
@@ -438,23 +438,6 @@ def set_cookies(base: str, headers: dict[str, str] | None = None) -> str:
     answer = requests.get(base + "/signin", headers=headers or {}, timeout=5)
     assert answer.status_code == 200
     return answer.headers["set-cookie"]
-
-
-@contextlib.asynccontextmanager
-async def served(config: uvicorn.Config) -> AsyncIterator[str]:
-    """`config` served in this event loop on a free port (its host and port aside)."""
-    sock = _free_socket()
-    server = uvicorn.Server(config)
-    serving = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
-    try:
-        async with asyncio.timeout(10):
-            while not server.started:  # noqa: ASYNC110 - uvicorn offers no event to wait on
-                await asyncio.sleep(0.02)
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        await serving
-        sock.close()
 
 
 async def test_cookies_are_secure_behind_a_believed_proxy_or_when_the_settings_say_so(

@@ -4,7 +4,6 @@ sign-out, hashing."""
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -20,6 +19,7 @@ from services.console.pages import COOKIE
 from services.console.sessions import IDLE_SECONDS, MAX_AGE_SECONDS, SessionStore
 from shared.embedded import EmbeddedRedis
 from shared.settings import Settings
+from tests.support.serving import served
 
 
 @pytest.fixture
@@ -106,24 +106,18 @@ async def test_pages_answer_503_to_retry_while_the_session_store_is_away(
     503 with Retry-After and the console's own page, not a bare 500; once Redis is back the
     console answers again by itself."""
     settings = Settings(redis_url=private_redis.url, redis_prefix=f"t-{uuid.uuid4().hex[:8]}")
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(build_app(settings), log_level="warning"))
-    serving = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
-    base = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    async with served(uvicorn.Config(build_app(settings), log_level="warning")) as base:
 
-    async def get(path: str) -> requests.Response:
-        # In a thread: the console serves from this test's event loop.
-        return await asyncio.to_thread(
-            requests.get,
-            base + path,
-            cookies={COOKIE: "some-session"},
-            allow_redirects=False,
-            timeout=10,
-        )
+        async def get(path: str) -> requests.Response:
+            # In a thread: the console serves from this test's event loop.
+            return await asyncio.to_thread(
+                requests.get,
+                base + path,
+                cookies={COOKIE: "some-session"},
+                allow_redirects=False,
+                timeout=10,
+            )
 
-    try:
-        await eventually(lambda: server.started)
         assert (await get("/healthz")).status_code == 200
         private_redis.stop()
         assert (await get("/healthz")).status_code == 503
@@ -139,7 +133,3 @@ async def test_pages_answer_503_to_retry_while_the_session_store_is_away(
         await eventually(answers)
         # Back: an unknown session is sent to sign in, as ever.
         assert (await get("/overview")).status_code == 303
-    finally:
-        server.should_exit = True
-        await serving
-        sock.close()
