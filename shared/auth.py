@@ -28,6 +28,7 @@ class Caller:
     project_id: uuid.UUID
     role: str  # sdk, read, admin, or internal
     key_id: str | None
+    display_name: str = ""  # the key's, as issued; "" for the internal credential
 
 
 _current_caller: ContextVar[Caller | None] = ContextVar("profiles_caller", default=None)
@@ -104,7 +105,12 @@ class Authenticator:
         if found is None or not secret_matches(secret, found[1]):
             raise InvalidCredential("unknown or revoked API key")
         key = found[0]
-        return Caller(project_id=key.project_id, role=key.role, key_id=key.key_id)
+        return Caller(
+            project_id=key.project_id,
+            role=key.role,
+            key_id=key.key_id,
+            display_name=key.display_name,
+        )
 
     def _internal_caller(self, project: str | None) -> Caller:
         try:

@@ -26,6 +26,7 @@ _DIAGNOSTICS = "profiles.diagnostics.v1.DiagnosticsService"
 _WRITE = frozenset({SDK, ADMIN})
 _READ = frozenset({READ, ADMIN})
 _ADMIN = frozenset({ADMIN})
+_ANY_KEY = frozenset({SDK, READ, ADMIN})
 
 POLICY: dict[str, frozenset[str]] = {
     f"/{_INGEST}/TrackEvents": _WRITE,
@@ -63,6 +64,8 @@ POLICY: dict[str, frozenset[str]] = {
     f"/{_QUERY}/GetOverview": _READ,
     f"/{_QUERY}/ListRejectedEvents": _READ,
     f"/{_QUERY}/WatchProfile": _READ,
+    # Who the key is: every key may ask (it reads no profile data).
+    f"/{_QUERY}/GetCaller": _ANY_KEY,
     f"/{_DIAGNOSTICS}/Echo": _ADMIN,
 }
 

@@ -3,11 +3,12 @@
 A tab subscribes with a bounded queue; the hub's pump task reads the gRPC stream and copies each
 item to every queue. A tab that lets its queue fill is dropped (its page reconnects and re-reads
 what it missed), so one slow browser never holds the others back. At most `max_watches`
-upstream streams per process: beyond that a page is told that live updates are paused. One key
-opens at most its share of them (`key_share`), so the tabs of one project (the console knows a
-key, not its project; a project's keys are handed out by the suite's operators) cannot pause
-every other project's live updates; a tab following a profile already followed joins its
-stream whatever its key's share.
+upstream streams per process: beyond that a page is told that live updates are paused. One
+project opens at most its share of them (`project_share`), whatever number of keys it holds, so
+the tabs of one project cannot pause every other project's live updates; a tab following a
+profile already followed joins its stream whatever its project's share.
+
+A session knows its key's project: GetCaller named it at sign-in.
 """
 
 from __future__ import annotations
@@ -28,15 +29,15 @@ from services.console.errors import ConsoleError, NotFound
 log = structlog.get_logger(__name__)
 
 MAX_WATCHES = 50
-# The cap is split in this many shares: a key opens at most one share of the upstream streams
-# (12 of 50), so at least four keys exhaust the cap.
-KEY_SHARES = 4
+# The cap is split in this many shares: a project opens at most one share of the upstream
+# streams (12 of 50), so at least four projects exhaust the cap.
+PROJECT_SHARES = 4
 QUEUE_SIZE = 256
 
 
-def key_share(max_watches: int) -> int:
-    """The most upstream streams one key opens when a process opens `max_watches`."""
-    return max(1, max_watches // KEY_SHARES)
+def project_share(max_watches: int) -> int:
+    """The most upstream streams one project opens when a process opens `max_watches`."""
+    return max(1, max_watches // PROJECT_SHARES)
 
 
 class Ended:
@@ -53,8 +54,10 @@ class Ended:
 @dataclass(eq=False, slots=True)
 class _Watch:
     profile_id: str
-    # The key the upstream stream runs on, and how many tabs of each key follow it.
+    # The key the upstream stream runs on, its project, and how many tabs of each key follow
+    # it.
     key: str = ""
+    project_id: str = ""
     subscribers: set[asyncio.Queue[Any]] = field(default_factory=set)
     keys: Counter[str] = field(default_factory=Counter)
     task: asyncio.Task[None] | None = None
@@ -69,30 +72,28 @@ class LiveHub:
     def __init__(self, backend: Backend, max_watches: int = MAX_WATCHES) -> None:
         self._backend = backend
         self._max = max_watches
-        self._share = key_share(max_watches)
+        self._share = project_share(max_watches)
         self._watches: dict[str, _Watch] = {}
-        # The upstream streams each key runs.
-        self._by_key: Counter[str] = Counter()
+        # The upstream streams each project runs.
+        self._by_project: Counter[str] = Counter()
 
     @property
     def watch_count(self) -> int:
         return len(self._watches)
 
     @contextlib.asynccontextmanager
-    async def follow(self, key: str, profile_id: str) -> AsyncIterator[asyncio.Queue[Any] | None]:
+    async def follow(
+        self, key: str, project_id: str, profile_id: str
+    ) -> AsyncIterator[asyncio.Queue[Any] | None]:
         """A queue of WatchProfileResponse items (then one Ended) for this profile; None when
-        the process already follows `max_watches` profiles, or the key its share of them. The
-        caller must have checked that the key may read the profile: the upstream stream may run
-        with another tab's key."""
-        watch = self._watches.get(profile_id)
+        the process already follows `max_watches` profiles, or the key's project (GetCaller's)
+        its share of them. The caller must have checked that the key may read the profile: the
+        upstream stream may run with another tab's key."""
+        watch = self._watches.get(profile_id) or self._open(key, project_id, profile_id)
         if watch is None:
-            if len(self._watches) >= self._max or self._by_key[key] >= self._share:
-                yield None
-                return
-            watch = _Watch(profile_id, key)
-            self._watches[profile_id] = watch
-            self._by_key[key] += 1
-            watch.task = asyncio.get_running_loop().create_task(self._pump(watch, key))
+            yield None
+            return
+        # No await since the watch was found or opened: its pump cannot have ended meanwhile.
         queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=QUEUE_SIZE)
         if watch.started is not None:
             joined = query_pb.WatchProfileResponse()
@@ -115,12 +116,23 @@ class LiveHub:
                 if watch.task is not None:
                     watch.task.cancel()
 
+    def _open(self, key: str, project_id: str, profile_id: str) -> _Watch | None:
+        """A new watch of the profile, its upstream stream opened on `key`; None when the cap
+        or the project's share is reached."""
+        if len(self._watches) >= self._max or self._by_project[project_id] >= self._share:
+            return None
+        watch = _Watch(profile_id, key, project_id)
+        self._watches[profile_id] = watch
+        self._by_project[project_id] += 1
+        watch.task = asyncio.get_running_loop().create_task(self._pump(watch, key))
+        return watch
+
     def _forget(self, watch: _Watch) -> None:
-        """Drops a watch the hub still holds: its profile and its key's share are free."""
+        """Drops a watch the hub still holds: its profile and its project's share are free."""
         del self._watches[watch.profile_id]
-        self._by_key[watch.key] -= 1
-        if self._by_key[watch.key] <= 0:
-            del self._by_key[watch.key]
+        self._by_project[watch.project_id] -= 1
+        if self._by_project[watch.project_id] <= 0:
+            del self._by_project[watch.project_id]
 
     async def _pump(self, watch: _Watch, key: str) -> None:
         reason = "closed"

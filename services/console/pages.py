@@ -20,6 +20,7 @@ from collections.abc import (
     Iterable,
     Mapping,
 )
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 from urllib.parse import urlencode
@@ -35,6 +36,7 @@ from starlette.responses import (
     StreamingResponse,
 )
 
+from profiles.common.v1 import types_pb2
 from profiles.identity.v1 import identity_service_pb2 as identity_pb
 from profiles.query.v1 import query_service_pb2 as query_pb
 from profiles.query.v1 import timeline_pb2 as timeline_pb
@@ -254,21 +256,25 @@ async def signin_form(request: Request) -> Response:
     return _signin_page(request, target, expired="expired" in request.query_params)
 
 
-async def role_of(backend: Backend, key: str) -> str:
-    """'read' or 'admin'; raises SignedOut for an unknown key, Forbidden for an sdk key."""
-    await backend.call(key, "query", "GetOverview", query_pb.GetOverviewRequest(top_values=1))
-    # Export is the admin-only read: for a profile that cannot exist, an admin key gets NOT_FOUND
-    # and a read key PERMISSION_DENIED (roles are checked before existence).
-    probe = identity_pb.ExportProfileRequest(profile_id=str(uuid.uuid4()))
-    try:
-        async for _ in backend.stream(key, "identity", "ExportProfile", probe):
-            break
-    except NotFound:
-        return "admin"
-    except (Forbidden, ServiceDown, BadInput):
-        # Identity down: sign in as read; the admin-only download stays hidden.
-        return "read"
-    return "admin"
+@dataclass(frozen=True, slots=True)
+class SignedInKey:
+    role: str  # read or admin
+    project_id: str
+
+
+# The console's roles by the contract's: an sdk key (or a role this console does not know)
+# signs nobody in.
+_CONSOLE_ROLES = {types_pb2.ROLE_READ: "read", types_pb2.ROLE_ADMIN: "admin"}
+
+
+async def key_to_sign_in(backend: Backend, key: str) -> SignedInKey:
+    """The key's role and project, from GetCaller; raises SignedOut for an unknown or revoked
+    key, Forbidden for a key the console does not take (an sdk key)."""
+    caller = await backend.call(key, "query", "GetCaller", query_pb.GetCallerRequest())
+    role = _CONSOLE_ROLES.get(caller.role)
+    if role is None:
+        raise Forbidden("the console needs a read or admin key")
+    return SignedInKey(role, caller.project_id)
 
 
 async def signin(request: Request) -> Response:
@@ -286,7 +292,7 @@ async def signin(request: Request) -> Response:
     if not key:
         return again("Enter a project key.", 400)
     try:
-        role = await role_of(console.backend, key)
+        signed_in = await key_to_sign_in(console.backend, key)
     except SignedOut:
         log.info("console_signin_refused", why="unknown_key")
         return again("This key is not valid: unknown or revoked.", 401)
@@ -297,8 +303,8 @@ async def signin(request: Request) -> Response:
         return again(f"The {down.service} service is not answering; try again shortly.", 503)
     # A new session ID at every sign-in (no fixation); the previous session of this browser ends.
     await console.sessions.delete(request.cookies.get(COOKIE, ""))
-    session = await console.sessions.create(key, role)
-    log.info("console_signed_in", role=role)
+    session = await console.sessions.create(key, signed_in.role, signed_in.project_id)
+    log.info("console_signed_in", role=signed_in.role)
     response = RedirectResponse(target, status_code=303)
     response.set_cookie(
         COOKIE,
@@ -1493,7 +1499,7 @@ async def profile_live(request: Request, session: ConsoleSession) -> Response:
     async def stream() -> AsyncIterator[bytes]:
         nonlocal version, received
         yield b"retry: 2000\n\n"
-        async with console.hub.follow(session.key, profile_id) as queue:
+        async with console.hub.follow(session.key, session.project_id, profile_id) as queue:
             if queue is None:
                 yield sse({}, event="paused")
                 return

@@ -44,6 +44,7 @@ from services.query.views import (
     UsersTableFilters,
 )
 from shared import convert as shared_convert
+from shared.auth import Caller
 from shared.convert import set_timestamp as set_time
 from shared.errors import FieldViolation
 from shared.time_zones import is_time_zone
@@ -968,3 +969,21 @@ def names_of(events: Sequence[bus_pb2.IngestedEvent]) -> list[tuple[bool, str]]:
             converted = _attribute_operation(operation)
             seen[(converted.native, converted.name)] = None
     return list(seen)
+
+
+# The key roles of the contract (profiles.common.v1.Role). The internal credential is no key:
+# it has no role of the contract (ROLE_UNSPECIFIED), and no policy row lets it call GetCaller.
+_ROLES = {
+    "sdk": types_pb2.ROLE_SDK,
+    "read": types_pb2.ROLE_READ,
+    "admin": types_pb2.ROLE_ADMIN,
+}
+
+
+def caller_to_proto(caller: Caller) -> pb.GetCallerResponse:
+    return pb.GetCallerResponse(
+        project_id=str(caller.project_id),
+        key_id=caller.key_id or "",
+        role=_ROLES.get(caller.role, types_pb2.ROLE_UNSPECIFIED),
+        display_name=caller.display_name,
+    )

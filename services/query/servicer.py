@@ -128,3 +128,8 @@ class QueryServicer(pb_grpc.QueryServiceServicer):
         context.add_done_callback(lambda _: closed.set())
         async for item in self._watch.watch(current_caller().project_id, profile_id, closed):
             yield item
+
+    async def GetCaller(
+        self, request: pb.GetCallerRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetCallerResponse:
+        return convert.caller_to_proto(current_caller())

@@ -8,6 +8,7 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from profiles.common.v1 import types_pb2
 from profiles.diagnostics.v1 import diagnostics_service_pb2 as diag_pb
 from profiles.diagnostics.v1 import diagnostics_service_pb2_grpc as diag_grpc
 from profiles.query.v1 import query_service_pb2 as query_pb
@@ -135,4 +136,73 @@ async def test_the_internal_credential_is_refused_outside_internal_rpcs(  # type
     stub = query_grpc.QueryServiceStub(query.channel)
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await stub.GetProfile(query_pb.GetProfileRequest(), metadata=metadata, timeout=5)
+    assert raised.value.code() is grpc.StatusCode.PERMISSION_DENIED
+
+
+@pytest.mark.parametrize(
+    ("role", "expected"),
+    [("sdk", types_pb2.ROLE_SDK), ("read", types_pb2.ROLE_READ), ("admin", types_pb2.ROLE_ADMIN)],
+)
+async def test_get_caller_names_every_key_s_project_id_and_role(  # type: ignore[no-untyped-def]
+    query, project, role: str, expected: int
+) -> None:
+    stub = query_grpc.QueryServiceStub(query.channel)
+    reply = await stub.GetCaller(
+        query_pb.GetCallerRequest(), metadata=project.metadata(role), timeout=5
+    )
+    assert reply.project_id == str(project.project_id)
+    assert reply.role == expected
+    # The key's ID (the part before its secret), never the secret.
+    assert reply.key_id == project.keys[role].split("_")[1]
+    assert reply.key_id not in ("", project.keys[role])
+
+
+async def test_get_caller_tells_two_projects_and_a_key_s_name_apart(  # type: ignore[no-untyped-def]
+    query, project, database_url: str
+) -> None:
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=1)
+    try:
+        tenancy = TenancyRepository(pool)
+        other = await tenancy.create_project("another project")
+        issued = await tenancy.create_key(other.project_id, "read", display_name="dashboards")
+    finally:
+        await pool.close()
+    stub = query_grpc.QueryServiceStub(query.channel)
+    reply = await stub.GetCaller(
+        query_pb.GetCallerRequest(),
+        metadata=(("authorization", f"Bearer {issued.plain_key}"),),
+        timeout=5,
+    )
+    assert reply.project_id == str(other.project_id) != str(project.project_id)
+    assert (reply.key_id, reply.display_name) == (issued.key.key_id, "dashboards")
+
+
+async def test_get_caller_refuses_what_is_not_a_key(  # type: ignore[no-untyped-def]
+    query, project, database_url: str, settings_for_test
+) -> None:
+    stub = query_grpc.QueryServiceStub(query.channel)
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await stub.GetCaller(query_pb.GetCallerRequest(), timeout=5)
+    assert raised.value.code() is grpc.StatusCode.UNAUTHENTICATED
+    pool = await asyncpg.create_pool(database_url, min_size=1, max_size=1)
+    try:
+        tenancy = TenancyRepository(pool)
+        issued = await tenancy.create_key(project.project_id, "admin")
+        await tenancy.revoke_key(issued.key.key_id)
+    finally:
+        await pool.close()
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await stub.GetCaller(
+            query_pb.GetCallerRequest(),
+            metadata=(("authorization", f"Bearer {issued.plain_key}"),),
+            timeout=5,
+        )
+    assert raised.value.code() is grpc.StatusCode.UNAUTHENTICATED
+    # The internal credential is no key: no role of the contract to name.
+    internal = (
+        ("authorization", f"Bearer {settings_for_test.internal_token}"),
+        ("x-profiles-project", str(project.project_id)),
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await stub.GetCaller(query_pb.GetCallerRequest(), metadata=internal, timeout=5)
     assert raised.value.code() is grpc.StatusCode.PERMISSION_DENIED

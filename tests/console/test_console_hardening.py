@@ -1,5 +1,5 @@
 """The console against a hostile client or tenant: request bodies capped before sign-in, no
-file taken, a sign-out from another site ignored, one key's share of the live watches, an
+file taken, a sign-out from another site ignored, one project's share of the live watches, an
 erasure whose custom ID no text box holds, SDK data in links, the overview's refresh not
 keeping a session alive, and Secure cookies behind a TLS proxy."""
 
@@ -17,6 +17,7 @@ from threading import Thread
 from typing import Any
 from urllib.parse import urlsplit
 
+import asyncpg
 import pytest
 import requests
 from playwright.async_api import expect
@@ -33,8 +34,9 @@ from services.console.app import (
     build_app,
     server_config,
 )
-from services.console.live import key_share
+from services.console.live import project_share
 from shared.settings import Settings
+from shared.tenancy import TenancyRepository
 from tests.conftest import create_test_project
 from tests.console.conftest import ConsoleSuite, start_console
 from tests.console.test_console_pages import (
@@ -295,8 +297,8 @@ async def test_another_site_cannot_sign_the_person_out(
 async def test_one_project_cannot_pause_another_project_s_live_updates(
     console_suite: ConsoleSuite,
 ) -> None:
-    """The cap on upstream watches is per process, across projects: one key opens at most its
-    share of it, so another project's pages stay live."""
+    """The cap on upstream watches is per process, across projects: one project opens at most
+    its share of it, so another project's pages stay live."""
     other = await create_test_project(console_suite.settings.database_url)
     b_suite = ConsoleSuite(
         console_suite.url, other, console_suite.addresses, console_suite.settings
@@ -308,7 +310,7 @@ async def test_one_project_cannot_pause_another_project_s_live_updates(
     b_profiles = [(await stored_profile(b_suite, i)).summary.profile_id for i in installations]
     a_profile = (await identified_profile(console_suite)).summary.profile_id
     app = build_app(console_suite.settings, max_watches=4)
-    assert key_share(4) == 1
+    assert project_share(4) == 1
     async with start_console(app) as url:
         b = await asyncio.to_thread(http_sign_in, url, other.keys["read"])
         a = await asyncio.to_thread(http_sign_in, url, console_suite.project.keys["read"])
@@ -320,6 +322,58 @@ async def test_one_project_cannot_pause_another_project_s_live_updates(
                     feeds.append(feed)
                     expected = "started" if i == 0 else "paused"
                     assert (await anext(feed))["event"] == expected, (i, expected)
+                mine = sse_frames(url, f"/live/profiles/{a_profile}", a.cookies[COOKIE])
+                feeds.append(mine)
+                assert (await anext(mine))["event"] == "started"
+                assert app.hub.watch_count == 2
+        finally:
+            for feed in feeds:
+                await feed.aclose()
+
+
+async def test_a_project_s_many_keys_share_one_share_of_the_live_watches(
+    console_suite: ConsoleSuite,
+) -> None:
+    """Project B signs in with four read keys, each in its own browser, each following another
+    of B's profiles: together they open B's one share of the cap (1 of 4), the other three are
+    paused, and project A's page still goes live. Counted per key, B's four keys would take
+    the whole cap."""
+    other = await create_test_project(console_suite.settings.database_url)
+    pool = await asyncpg.create_pool(console_suite.settings.database_url, min_size=1, max_size=1)
+    try:
+        tenancy = TenancyRepository(pool)
+        extra = [(await tenancy.create_key(other.project_id, "read")).plain_key for _ in range(3)]
+    finally:
+        await pool.close()
+    b_keys = [other.keys["read"], *extra]
+    b_suite = ConsoleSuite(
+        console_suite.url, other, console_suite.addresses, console_suite.settings
+    )
+    installations = [f"tenant-b-{uuid.uuid4().hex[:8]}" for _ in b_keys]
+    await track(
+        b_suite, *[custom_event(i, name="x", time=datetime.now(UTC)) for i in installations]
+    )
+    b_profiles = [(await stored_profile(b_suite, i)).summary.profile_id for i in installations]
+    a_profile = (await identified_profile(console_suite)).summary.profile_id
+    app = build_app(console_suite.settings, max_watches=4)
+    async with start_console(app) as url:
+        b_cookies = [
+            (await asyncio.to_thread(http_sign_in, url, key)).cookies[COOKIE] for key in b_keys
+        ]
+        a = await asyncio.to_thread(http_sign_in, url, console_suite.project.keys["read"])
+        feeds = []
+        try:
+            async with asyncio.timeout(20):
+                events = []
+                for cookie, profile_id in zip(b_cookies, b_profiles, strict=True):
+                    feed = sse_frames(url, f"/live/profiles/{profile_id}", cookie)
+                    feeds.append(feed)
+                    events.append((await anext(feed))["event"])
+                assert events == ["started", "paused", "paused", "paused"]
+                # A second tab of B on the profile already followed joins its stream.
+                joined = sse_frames(url, f"/live/profiles/{b_profiles[0]}", b_cookies[1])
+                feeds.append(joined)
+                assert (await anext(joined))["event"] == "started"
                 mine = sse_frames(url, f"/live/profiles/{a_profile}", a.cookies[COOKIE])
                 feeds.append(mine)
                 assert (await anext(mine))["event"] == "started"

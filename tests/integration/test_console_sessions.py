@@ -21,6 +21,8 @@ from shared.embedded import EmbeddedRedis
 from shared.settings import Settings
 from tests.support.serving import served
 
+PROJECT = str(uuid.uuid4())  # the store keeps the project GetCaller named; any UUID here
+
 
 @pytest.fixture
 async def redis(redis_url: str) -> AsyncIterator[Redis]:
@@ -33,7 +35,7 @@ async def test_a_session_expires_after_eight_idle_hours_and_each_use_renews_it(
     redis: Redis, redis_prefix: str
 ) -> None:
     store = SessionStore(redis, redis_prefix)
-    session = await store.create("prf_secret_key", "read")
+    session = await store.create("prf_secret_key", "read", PROJECT)
     [name] = [key async for key in redis.scan_iter(match=f"{redis_prefix}:console:session:*")]
     assert IDLE_SECONDS == 8 * 3600
     assert 0 < await redis.ttl(name) <= IDLE_SECONDS
@@ -48,8 +50,8 @@ async def test_a_session_expires_after_eight_idle_hours_and_each_use_renews_it(
 
 async def test_an_expired_or_signed_out_session_is_gone(redis: Redis, redis_prefix: str) -> None:
     store = SessionStore(redis, redis_prefix)
-    first = await store.create("prf_a", "admin")
-    second = await store.create("prf_b", "read")
+    first = await store.create("prf_a", "admin", PROJECT)
+    second = await store.create("prf_b", "read", PROJECT)
     assert first.session_id != second.session_id
     assert first.csrf_token != second.csrf_token
     await store.delete(first.session_id)
@@ -65,7 +67,7 @@ async def test_a_session_ends_at_its_maximum_age_however_much_it_is_used(
     redis: Redis, redis_prefix: str
 ) -> None:
     store = SessionStore(redis, redis_prefix)
-    session = await store.create("prf_secret_key", "read")
+    session = await store.create("prf_secret_key", "read", PROJECT)
     [name] = [key async for key in redis.scan_iter(match=f"{redis_prefix}:console:session:*")]
     assert MAX_AGE_SECONDS == 7 * 24 * 3600
     # Signed in six days and 23 hours ago, used all along: its last idle period ends with it.
@@ -80,7 +82,7 @@ async def test_a_session_ends_at_its_maximum_age_however_much_it_is_used(
     assert await store.get(session.session_id) is None
     assert not await redis.exists(name)
     # A session stored without its sign-in time (before sessions had a maximum age) is over.
-    other = await store.create("prf_other_key", "admin")
+    other = await store.create("prf_other_key", "admin", PROJECT)
     [name] = [key async for key in redis.scan_iter(match=f"{redis_prefix}:console:session:*")]
     await redis.hdel(name, "created")
     assert await store.get(other.session_id) is None
@@ -90,7 +92,7 @@ async def test_a_read_without_renewal_leaves_the_idle_expiry(
     redis: Redis, redis_prefix: str
 ) -> None:
     store = SessionStore(redis, redis_prefix)
-    session = await store.create("prf_secret_key", "read")
+    session = await store.create("prf_secret_key", "read", PROJECT)
     [name] = [key async for key in redis.scan_iter(match=f"{redis_prefix}:console:session:*")]
     await redis.expire(name, 60)
     assert await store.get(session.session_id, renew=False) == session

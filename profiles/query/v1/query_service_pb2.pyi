@@ -992,3 +992,58 @@ class WatchProfileResponse(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType_item) -> _WhichOneofReturnType_item | None: ...
 
 Global___WatchProfileResponse: _TypeAlias = WatchProfileResponse  # noqa: Y015
+
+@_typing.final
+class GetCallerRequest(_message.Message):
+    """Asks who the call's key is; the key is the call's credential."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetCallerRequest: _TypeAlias = GetCallerRequest  # noqa: Y015
+
+@_typing.final
+class GetCallerResponse(_message.Message):
+    """The call's key."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROJECT_ID_FIELD_NUMBER: _builtins.int
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    ROLE_FIELD_NUMBER: _builtins.int
+    DISPLAY_NAME_FIELD_NUMBER: _builtins.int
+    project_id: _builtins.str
+    """The project the key belongs to, a UUID string: every call with this key reads and writes
+    this project's data only.
+    """
+    key_id: _builtins.str
+    """The key's ID: the part of the key before its secret, which `profiles keys list` shows and
+    `profiles keys revoke` takes. Never the secret.
+    """
+    role: _types_pb2.Role.ValueType
+    """The key's role, which decides the RPCs it may call (README's table of roles)."""
+    display_name: _builtins.str
+    """The name the key was given when it was issued; empty when it was given none."""
+    def __init__(
+        self,
+        *,
+        project_id: _builtins.str = ...,
+        key_id: _builtins.str = ...,
+        role: _types_pb2.Role.ValueType = ...,
+        display_name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["display_name", b"display_name", "key_id", b"key_id", "project_id", b"project_id", "role", b"role"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetCallerResponse: _TypeAlias = GetCallerResponse  # noqa: Y015

@@ -29,15 +29,15 @@ class QueryServiceStub:
     """Read-only views of the project's profiles: the profile view, timelines, the users table, the
     userbase overview, rejected events and a live feed. Default port 50054.
 
-    Every RPC needs a `read` or `admin` key; the project comes from the key: a missing or unknown
-    key is UNAUTHENTICATED, an `sdk` key PERMISSION_DENIED (checked first), and an ID of another
-    project is NOT_FOUND. Reads see their own writes: once TrackEvents, Identify or Logout has
-    returned, the next GetProfile of that profile shows the change. Profile IDs are UUID strings;
+    Every RPC but GetCaller needs a `read` or `admin` key; the project comes from the key: a missing
+    or unknown key is UNAUTHENTICATED, an `sdk` key PERMISSION_DENIED (checked first), and an ID of
+    another project is NOT_FOUND. Reads see their own writes: once TrackEvents, Identify or Logout
+    has returned, the next GetProfile of that profile shows the change. Profile IDs are UUID strings;
     a merged-away profile ID resolves to its survivor. INVALID_ARGUMENT errors carry a
-    google.rpc.BadRequest with one field violation per bad field (paths in proto field names).
-    Lists page with `page_size` (0 means the default, above the maximum is coerced to it,
-    negative is INVALID_ARGUMENT) and an opaque `page_token`, valid only with the same other
-    request fields (else INVALID_ARGUMENT on `page_token`).
+    google.rpc.BadRequest with one field violation per bad field (paths in proto field names). Lists
+    page with `page_size` (0 means the default, above the maximum is coerced to it, negative is
+    INVALID_ARGUMENT) and an opaque `page_token`, valid only with the same other request fields (else
+    INVALID_ARGUMENT on `page_token`).
     """
 
     def __init__(self, channel):
@@ -91,21 +91,26 @@ class QueryServiceStub:
                 request_serializer=profiles_dot_query_dot_v1_dot_query__service__pb2.WatchProfileRequest.SerializeToString,
                 response_deserializer=profiles_dot_query_dot_v1_dot_query__service__pb2.WatchProfileResponse.FromString,
                 _registered_method=True)
+        self.GetCaller = channel.unary_unary(
+                '/profiles.query.v1.QueryService/GetCaller',
+                request_serializer=profiles_dot_query_dot_v1_dot_query__service__pb2.GetCallerRequest.SerializeToString,
+                response_deserializer=profiles_dot_query_dot_v1_dot_query__service__pb2.GetCallerResponse.FromString,
+                _registered_method=True)
 
 
 class QueryServiceServicer:
     """Read-only views of the project's profiles: the profile view, timelines, the users table, the
     userbase overview, rejected events and a live feed. Default port 50054.
 
-    Every RPC needs a `read` or `admin` key; the project comes from the key: a missing or unknown
-    key is UNAUTHENTICATED, an `sdk` key PERMISSION_DENIED (checked first), and an ID of another
-    project is NOT_FOUND. Reads see their own writes: once TrackEvents, Identify or Logout has
-    returned, the next GetProfile of that profile shows the change. Profile IDs are UUID strings;
+    Every RPC but GetCaller needs a `read` or `admin` key; the project comes from the key: a missing
+    or unknown key is UNAUTHENTICATED, an `sdk` key PERMISSION_DENIED (checked first), and an ID of
+    another project is NOT_FOUND. Reads see their own writes: once TrackEvents, Identify or Logout
+    has returned, the next GetProfile of that profile shows the change. Profile IDs are UUID strings;
     a merged-away profile ID resolves to its survivor. INVALID_ARGUMENT errors carry a
-    google.rpc.BadRequest with one field violation per bad field (paths in proto field names).
-    Lists page with `page_size` (0 means the default, above the maximum is coerced to it,
-    negative is INVALID_ARGUMENT) and an opaque `page_token`, valid only with the same other
-    request fields (else INVALID_ARGUMENT on `page_token`).
+    google.rpc.BadRequest with one field violation per bad field (paths in proto field names). Lists
+    page with `page_size` (0 means the default, above the maximum is coerced to it, negative is
+    INVALID_ARGUMENT) and an opaque `page_token`, valid only with the same other request fields (else
+    INVALID_ARGUMENT on `page_token`).
     """
 
     def GetProfile(self, request, context):
@@ -225,6 +230,18 @@ class QueryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetCaller(self, request, context):
+        """Returns who the call's key is: its project, its ID, its role and its display name. Any key
+        may call it (sdk, read or admin), unlike the other RPCs of this service: a client learns
+        what its key may do and which project it reads and writes before anything else (the
+        console signs in with it), instead of probing RPCs for their refusals. It reads no profile
+        data. Errors: UNAUTHENTICATED (missing, unknown or revoked key; a revocation takes effect
+        within seconds, as for every RPC).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_QueryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -273,6 +290,11 @@ def add_QueryServiceServicer_to_server(servicer, server):
                     request_deserializer=profiles_dot_query_dot_v1_dot_query__service__pb2.WatchProfileRequest.FromString,
                     response_serializer=profiles_dot_query_dot_v1_dot_query__service__pb2.WatchProfileResponse.SerializeToString,
             ),
+            'GetCaller': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetCaller,
+                    request_deserializer=profiles_dot_query_dot_v1_dot_query__service__pb2.GetCallerRequest.FromString,
+                    response_serializer=profiles_dot_query_dot_v1_dot_query__service__pb2.GetCallerResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'profiles.query.v1.QueryService', rpc_method_handlers)
@@ -285,15 +307,15 @@ class QueryService:
     """Read-only views of the project's profiles: the profile view, timelines, the users table, the
     userbase overview, rejected events and a live feed. Default port 50054.
 
-    Every RPC needs a `read` or `admin` key; the project comes from the key: a missing or unknown
-    key is UNAUTHENTICATED, an `sdk` key PERMISSION_DENIED (checked first), and an ID of another
-    project is NOT_FOUND. Reads see their own writes: once TrackEvents, Identify or Logout has
-    returned, the next GetProfile of that profile shows the change. Profile IDs are UUID strings;
+    Every RPC but GetCaller needs a `read` or `admin` key; the project comes from the key: a missing
+    or unknown key is UNAUTHENTICATED, an `sdk` key PERMISSION_DENIED (checked first), and an ID of
+    another project is NOT_FOUND. Reads see their own writes: once TrackEvents, Identify or Logout
+    has returned, the next GetProfile of that profile shows the change. Profile IDs are UUID strings;
     a merged-away profile ID resolves to its survivor. INVALID_ARGUMENT errors carry a
-    google.rpc.BadRequest with one field violation per bad field (paths in proto field names).
-    Lists page with `page_size` (0 means the default, above the maximum is coerced to it,
-    negative is INVALID_ARGUMENT) and an opaque `page_token`, valid only with the same other
-    request fields (else INVALID_ARGUMENT on `page_token`).
+    google.rpc.BadRequest with one field violation per bad field (paths in proto field names). Lists
+    page with `page_size` (0 means the default, above the maximum is coerced to it, negative is
+    INVALID_ARGUMENT) and an opaque `page_token`, valid only with the same other request fields (else
+    INVALID_ARGUMENT on `page_token`).
     """
 
     @staticmethod
@@ -529,6 +551,33 @@ class QueryService:
             '/profiles.query.v1.QueryService/WatchProfile',
             profiles_dot_query_dot_v1_dot_query__service__pb2.WatchProfileRequest.SerializeToString,
             profiles_dot_query_dot_v1_dot_query__service__pb2.WatchProfileResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetCaller(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/profiles.query.v1.QueryService/GetCaller',
+            profiles_dot_query_dot_v1_dot_query__service__pb2.GetCallerRequest.SerializeToString,
+            profiles_dot_query_dot_v1_dot_query__service__pb2.GetCallerResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -30,15 +30,15 @@ class QueryServiceStub:
     """Read-only views of the project's profiles: the profile view, timelines, the users table, the
     userbase overview, rejected events and a live feed. Default port 50054.
 
-    Every RPC needs a `read` or `admin` key; the project comes from the key: a missing or unknown
-    key is UNAUTHENTICATED, an `sdk` key PERMISSION_DENIED (checked first), and an ID of another
-    project is NOT_FOUND. Reads see their own writes: once TrackEvents, Identify or Logout has
-    returned, the next GetProfile of that profile shows the change. Profile IDs are UUID strings;
+    Every RPC but GetCaller needs a `read` or `admin` key; the project comes from the key: a missing
+    or unknown key is UNAUTHENTICATED, an `sdk` key PERMISSION_DENIED (checked first), and an ID of
+    another project is NOT_FOUND. Reads see their own writes: once TrackEvents, Identify or Logout
+    has returned, the next GetProfile of that profile shows the change. Profile IDs are UUID strings;
     a merged-away profile ID resolves to its survivor. INVALID_ARGUMENT errors carry a
-    google.rpc.BadRequest with one field violation per bad field (paths in proto field names).
-    Lists page with `page_size` (0 means the default, above the maximum is coerced to it,
-    negative is INVALID_ARGUMENT) and an opaque `page_token`, valid only with the same other
-    request fields (else INVALID_ARGUMENT on `page_token`).
+    google.rpc.BadRequest with one field violation per bad field (paths in proto field names). Lists
+    page with `page_size` (0 means the default, above the maximum is coerced to it, negative is
+    INVALID_ARGUMENT) and an opaque `page_token`, valid only with the same other request fields (else
+    INVALID_ARGUMENT on `page_token`).
     """
 
     @_typing.overload
@@ -126,21 +126,29 @@ class QueryServiceStub:
     runs until the client cancels, the profile is erased (NOT_FOUND), or the server shuts down
     (UNAVAILABLE). Errors: INVALID_ARGUMENT (`profile_id`), NOT_FOUND (no such profile).
     """
+    GetCaller: _grpc.UnaryUnaryMultiCallable[_query_service_pb2.GetCallerRequest, _query_service_pb2.GetCallerResponse]
+    """Returns who the call's key is: its project, its ID, its role and its display name. Any key
+    may call it (sdk, read or admin), unlike the other RPCs of this service: a client learns
+    what its key may do and which project it reads and writes before anything else (the
+    console signs in with it), instead of probing RPCs for their refusals. It reads no profile
+    data. Errors: UNAUTHENTICATED (missing, unknown or revoked key; a revocation takes effect
+    within seconds, as for every RPC).
+    """
 
 @_typing.type_check_only
 class QueryServiceAsyncStub(QueryServiceStub):
     """Read-only views of the project's profiles: the profile view, timelines, the users table, the
     userbase overview, rejected events and a live feed. Default port 50054.
 
-    Every RPC needs a `read` or `admin` key; the project comes from the key: a missing or unknown
-    key is UNAUTHENTICATED, an `sdk` key PERMISSION_DENIED (checked first), and an ID of another
-    project is NOT_FOUND. Reads see their own writes: once TrackEvents, Identify or Logout has
-    returned, the next GetProfile of that profile shows the change. Profile IDs are UUID strings;
+    Every RPC but GetCaller needs a `read` or `admin` key; the project comes from the key: a missing
+    or unknown key is UNAUTHENTICATED, an `sdk` key PERMISSION_DENIED (checked first), and an ID of
+    another project is NOT_FOUND. Reads see their own writes: once TrackEvents, Identify or Logout
+    has returned, the next GetProfile of that profile shows the change. Profile IDs are UUID strings;
     a merged-away profile ID resolves to its survivor. INVALID_ARGUMENT errors carry a
-    google.rpc.BadRequest with one field violation per bad field (paths in proto field names).
-    Lists page with `page_size` (0 means the default, above the maximum is coerced to it,
-    negative is INVALID_ARGUMENT) and an opaque `page_token`, valid only with the same other
-    request fields (else INVALID_ARGUMENT on `page_token`).
+    google.rpc.BadRequest with one field violation per bad field (paths in proto field names). Lists
+    page with `page_size` (0 means the default, above the maximum is coerced to it, negative is
+    INVALID_ARGUMENT) and an opaque `page_token`, valid only with the same other request fields (else
+    INVALID_ARGUMENT on `page_token`).
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -225,20 +233,28 @@ class QueryServiceAsyncStub(QueryServiceStub):
     runs until the client cancels, the profile is erased (NOT_FOUND), or the server shuts down
     (UNAVAILABLE). Errors: INVALID_ARGUMENT (`profile_id`), NOT_FOUND (no such profile).
     """
+    GetCaller: _aio.UnaryUnaryMultiCallable[_query_service_pb2.GetCallerRequest, _query_service_pb2.GetCallerResponse]  # type: ignore[assignment]
+    """Returns who the call's key is: its project, its ID, its role and its display name. Any key
+    may call it (sdk, read or admin), unlike the other RPCs of this service: a client learns
+    what its key may do and which project it reads and writes before anything else (the
+    console signs in with it), instead of probing RPCs for their refusals. It reads no profile
+    data. Errors: UNAUTHENTICATED (missing, unknown or revoked key; a revocation takes effect
+    within seconds, as for every RPC).
+    """
 
 class QueryServiceServicer(metaclass=_abc_1.ABCMeta):
     """Read-only views of the project's profiles: the profile view, timelines, the users table, the
     userbase overview, rejected events and a live feed. Default port 50054.
 
-    Every RPC needs a `read` or `admin` key; the project comes from the key: a missing or unknown
-    key is UNAUTHENTICATED, an `sdk` key PERMISSION_DENIED (checked first), and an ID of another
-    project is NOT_FOUND. Reads see their own writes: once TrackEvents, Identify or Logout has
-    returned, the next GetProfile of that profile shows the change. Profile IDs are UUID strings;
+    Every RPC but GetCaller needs a `read` or `admin` key; the project comes from the key: a missing
+    or unknown key is UNAUTHENTICATED, an `sdk` key PERMISSION_DENIED (checked first), and an ID of
+    another project is NOT_FOUND. Reads see their own writes: once TrackEvents, Identify or Logout
+    has returned, the next GetProfile of that profile shows the change. Profile IDs are UUID strings;
     a merged-away profile ID resolves to its survivor. INVALID_ARGUMENT errors carry a
-    google.rpc.BadRequest with one field violation per bad field (paths in proto field names).
-    Lists page with `page_size` (0 means the default, above the maximum is coerced to it,
-    negative is INVALID_ARGUMENT) and an opaque `page_token`, valid only with the same other
-    request fields (else INVALID_ARGUMENT on `page_token`).
+    google.rpc.BadRequest with one field violation per bad field (paths in proto field names). Lists
+    page with `page_size` (0 means the default, above the maximum is coerced to it, negative is
+    INVALID_ARGUMENT) and an opaque `page_token`, valid only with the same other request fields (else
+    INVALID_ARGUMENT on `page_token`).
     """
 
     @_abc_1.abstractmethod
@@ -374,6 +390,20 @@ class QueryServiceServicer(metaclass=_abc_1.ABCMeta):
         `dropped_count` 0 (how many were lost is unknown; re-read GetProfile to resync). The stream
         runs until the client cancels, the profile is erased (NOT_FOUND), or the server shuts down
         (UNAVAILABLE). Errors: INVALID_ARGUMENT (`profile_id`), NOT_FOUND (no such profile).
+        """
+
+    @_abc_1.abstractmethod
+    def GetCaller(
+        self,
+        request: _query_service_pb2.GetCallerRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_query_service_pb2.GetCallerResponse, _abc.Awaitable[_query_service_pb2.GetCallerResponse]]:
+        """Returns who the call's key is: its project, its ID, its role and its display name. Any key
+        may call it (sdk, read or admin), unlike the other RPCs of this service: a client learns
+        what its key may do and which project it reads and writes before anything else (the
+        console signs in with it), instead of probing RPCs for their refusals. It reads no profile
+        data. Errors: UNAUTHENTICATED (missing, unknown or revoked key; a revocation takes effect
+        within seconds, as for every RPC).
         """
 
 def add_QueryServiceServicer_to_server(servicer: QueryServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
