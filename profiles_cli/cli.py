@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -89,7 +89,12 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 def run(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        # argparse hands what a subcommand does not know up to `profiles`, whose usage says
+        # nothing of that subcommand's options: the subcommand refuses it, with its own usage.
+        command: argparse.ArgumentParser = getattr(args, "command_parser", parser)
+        command.error(f"unrecognized arguments: {' '.join(unknown)}")  # exits 2
     handler: Handler | None = getattr(args, "handler", None)
     if handler is None:
         # A command group typed without its subcommand: show what it offers.
@@ -115,7 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+    # Typed as plain parsers: only `run` needs to know they are CommandParsers (as are the
+    # parsers of their own subcommands, which take their parent's class).
+    commands = cast(
+        "argparse._SubParsersAction[argparse.ArgumentParser]",
+        parser.add_subparsers(title="commands", metavar="COMMAND", parser_class=CommandParser),
+    )
     _add_up(commands)
     _add_status(commands)
     _add_down(commands)
@@ -128,6 +138,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_import(commands)
     _add_dead_letters(commands)
     return parser
+
+
+class CommandParser(argparse.ArgumentParser):
+    """The parser of a subcommand (and of theirs: subparsers take their parent's class). Each
+    names itself in the arguments it parses, so that `run` knows whose usage an unknown
+    argument calls for: the innermost subcommand typed sets it last."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.set_defaults(command_parser=self)
 
 
 def _connection_options() -> argparse.ArgumentParser:
@@ -265,17 +285,23 @@ def _status(args: argparse.Namespace) -> int:
         )
     else:
         print(f"profiles up (pid {record.pid}) runs on {record.data_dir}: {state}")
-        for name, service in record.services.items():
-            print(f"  {name:<9} {service.address:<22} {health[name]:<15} pid {service.pid}")
+        rows = [
+            (name, service.address, health[name], f"pid {service.pid}")
+            for name, service in record.services.items()
+        ]
         for key, server in record.servers.items():
             owner = f"pid {server.pid}" if server.embedded else "given by URL"
-            print(f"  {key:<9} {server.url:<22} {servers[key][0]:<15} {owner}")
-        # Where to look when one of them misbehaves (one line: the lines above are by name).
+            rows.append((key, server.url, servers[key][0], owner))
+        for line in aligned(rows):
+            print(f"  {line}")
+        # Where to look when one of them misbehaves: one line (the lines above are by name),
+        # its label in the column of names.
         server_logs = [
             f"{key} {server.log}" for key, server in record.servers.items() if server.log
         ]
+        label = "logs".ljust(max(len(row[0]) for row in [*rows, ("logs",)]))
         print(
-            f"  logs      {Path(record.data_dir) / 'logs'}/<service>.log"
+            f"  {label}  {Path(record.data_dir) / 'logs'}/<service>.log"
             + "".join(f"; {entry}" for entry in server_logs)
         )
     for key, server in record.servers.items():
@@ -285,6 +311,16 @@ def _status(args: argparse.Namespace) -> int:
     serving = bool(health) and all(status == SERVING for status in health.values())
     servers_up = all(status != SERVER_DOWN for status, _ in servers.values())
     return 0 if serving and servers_up else 1
+
+
+def aligned(rows: Sequence[Sequence[str]]) -> list[str]:
+    """rows as lines whose columns line up: each column as wide as its widest value (an address
+    or a URL has any length), two spaces apart."""
+    widths = [max(len(value) for value in column) for column in zip(*rows, strict=True)]
+    return [
+        "  ".join(value.ljust(width) for value, width in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    ]
 
 
 def _server_advice(
@@ -682,11 +718,8 @@ def _demo(args: argparse.Namespace) -> int:
         message = call_failed("profiles demo", tried, error, "--ingest-address", _where(args))
         print(message, file=sys.stderr)
         return 1
-    print(
-        f"{summary.users} users: {summary.events_accepted} events stored,"
-        f" {summary.events_rejected} rejected, {summary.logins} logins, {summary.logouts} logouts"
-    )
-    if summary.logins:
+    print(summary.text())
+    if summary.users_logged_in:
         print("Look one up: GetProfile with custom_id user-1 (see the README)")
     return 0
 
@@ -695,8 +728,9 @@ def _import(args: argparse.Namespace) -> int:
     from profiles_cli.importer import run_import
 
     path: Path = args.file
-    if not path.is_file():
-        print(f"profiles import: {path}: no such file", file=sys.stderr)
+    problem = _not_a_file(path)
+    if problem:
+        print(f"profiles import: {path}: {problem}", file=sys.stderr)
         return 2
     address = suite_addresses(args, {"ingest": (args.address, "--address")})["ingest"]
     key = args.key or _stored_key(args, "admin")
@@ -712,6 +746,21 @@ def _import(args: argparse.Namespace) -> int:
         return 1
     print(json.dumps(summary.as_dict(), indent=2) if args.json else summary.text())
     return 1 if summary.rejected or summary.unreadable else 0
+
+
+def _not_a_file(path: Path) -> str:
+    """Why path is no file to read events from, else "": what it is instead, not just "no such
+    file" for a directory that is there."""
+    try:
+        if path.is_dir():
+            return "is a directory; give the JSONL file (one event per line)"
+        if not path.exists():
+            return "no such file"
+        if not path.is_file():
+            return "is not a regular file; give the JSONL file (one event per line)"
+    except OSError as exc:  # a directory on the way that this user may not enter
+        return f"cannot read it ({exc.strerror or exc})"
+    return ""
 
 
 def first_rpc_error(failure: BaseException) -> grpc.aio.AioRpcError | None:

@@ -57,9 +57,20 @@ class DemoSummary:
     users: int = 0
     events_accepted: int = 0
     events_rejected: int = 0
-    logins: int = 0
-    logouts: int = 0
+    # A user who logs in does so on each of their installations (one Identify each), and one
+    # who logs out does so on one of them: people and devices are counted apart.
+    users_logged_in: int = 0
+    installations_logged_in: int = 0
+    users_logged_out: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
+
+    def text(self) -> str:
+        """The summary `profiles demo` prints: each figure says what it counts."""
+        return (
+            f"{self.users} users: {self.events_accepted} events stored,"
+            f" {self.events_rejected} rejected; {self.users_logged_in} of them logged in (on"
+            f" {self.installations_logged_in} installations), {self.users_logged_out} logged out"
+        )
 
 
 @dataclass(slots=True)
@@ -291,7 +302,8 @@ async def run_demo(
                                 request_id=f"demo-{installation_id}",
                             )
                         )
-                        summary.logins += 1
+                        summary.installations_logged_in += 1
+                    summary.users_logged_in += 1
                 if user.logs_out:
                     installation_id = user.installations[-1][0]
                     await identity.Logout(
@@ -300,9 +312,9 @@ async def run_demo(
                             request_id=f"demo-out-{installation_id}",
                         )
                     )
-                    summary.logouts += 1
+                    summary.users_logged_out += 1
             if progress is not None:
-                progress.advance(1, f"{summary.logins} logins")
+                progress.advance(1, f"{summary.users_logged_in} users logged in")
 
         async def live(user: User) -> None:
             events = factory.live(user) if user.live else []
@@ -333,7 +345,9 @@ async def run_demo(
             for user in people:
                 group.create_task(live(user))
     if progress is not None:
-        progress.close(f"{summary.events_accepted} events, {summary.logins} logins")
+        progress.close(
+            f"{summary.events_accepted} events, {summary.users_logged_in} users logged in"
+        )
     return summary
 
 

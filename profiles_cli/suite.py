@@ -1,6 +1,7 @@
 """What a running `profiles up` leaves in its data directory, and how other commands use it.
 
-    <data dir>/up.lock   held (flock) by the one `profiles up` that owns the directory
+    <data dir>/up.lock   held (flock) by the one `profiles up` that owns the directory (or
+                         a command using its database meanwhile); there only while held
     <data dir>/up.json   its record: pid, each service's address, ports, health check and log;
                          where its PostgreSQL and Redis are (URLs without passwords)
 
@@ -136,17 +137,32 @@ def live_record(data_dir: Path) -> RunRecord | None:
 def take_lock(data_dir: Path) -> IO[bytes] | None:
     """The open, locked lock file of data_dir, or None when another `profiles up` holds it.
 
-    Keep the returned file open for as long as the suite runs; closing it (or dying) releases
-    the lock. It is close-on-exec, so the services and databases started later do not inherit it
-    and a killed supervisor cannot leave it held by an orphan.
+    Keep the returned file open for as long as the suite runs; `release_lock` (or dying)
+    releases the lock. It is close-on-exec, so the services and databases started later do not
+    inherit it and a killed supervisor cannot leave it held by an orphan. A lock file a killed
+    holder left behind is free (the kernel released it) and is taken like a new one.
     """
-    lock = (data_dir / LOCK_FILE).open("ab")
-    try:
-        fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    path = data_dir / LOCK_FILE
+    while True:
+        lock = path.open("ab")
+        try:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            return None
+        # The holder before us removes the file as it lets go (`release_lock`): the file we
+        # opened before that is no longer the lock, and another command may hold the new one.
+        if _same_file(path, lock):
+            return lock
         lock.close()
-        return None
-    return lock
+
+
+def _same_file(path: Path, opened: IO[bytes]) -> bool:
+    try:
+        named, held = path.stat(), os.fstat(opened.fileno())
+    except FileNotFoundError:
+        return False
+    return (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino)
 
 
 def check_health(kind: HealthKind, address: str, timeout: float = 2.0) -> str:
@@ -212,7 +228,11 @@ async def server_health(
 
 
 def release_lock(lock: IO[bytes] | None) -> None:
+    """Removes the lock file, while still holding it (so the file is gone when the lock is, and
+    a command left waiting on the old file knows to take a new one), then lets go of it."""
     if lock is not None:
+        with contextlib.suppress(OSError):
+            os.unlink(lock.name)
         with contextlib.suppress(OSError):
             lock.close()
 

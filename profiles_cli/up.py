@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -53,7 +54,7 @@ from profiles_cli.suite import (
     check_health,
     data_dir_flag,
     find_leftovers,
-    read_record,
+    live_record,
     release_lock,
     remove_record,
     stop_leftovers,
@@ -339,14 +340,19 @@ def log_tail(path: Path, lines: int = 20) -> str:
 
 
 class Supervisor:
-    """Runs the suite until a signal (exit 0), or until a service keeps dying (exit 1)."""
+    """Runs the suite until a signal (exit 0; Ctrl-C before it is up: 130), or until a service
+    keeps dying (exit 1)."""
 
     def __init__(self, settings: Settings, out: IO[str] = sys.stdout) -> None:
         self._settings = settings
         self._data_dir = DataDir(settings.data_dir)
         self._out = out
         self._stop = threading.Event()
+        self._stop_signal: int | None = None  # the first SIGINT, SIGTERM or SIGHUP
         self._postgres: EmbeddedPostgres | None = None
+        # True from the moment initdb may run on an empty directory until PostgreSQL has started
+        # on the cluster it made: what an interrupted first start leaves there is removed.
+        self._cluster_unfinished = False
         self._redis: EmbeddedRedis | None = None
         self._servers: list[Server] = []  # the embedded ones, watched once the suite serves
         self._server_urls: dict[str, str] = {}  # by server key, embedded or given
@@ -377,7 +383,8 @@ class Supervisor:
             release_lock(lock)
 
     def _refuse(self) -> None:
-        record = read_record(self._data_dir.path)
+        # Only a live record names the holder: a killed `profiles up` leaves its record behind.
+        record = live_record(self._data_dir.path)
         if record is None:
             # Between taking the lock and writing the record, or an admin command
             # (`profiles keys create` ...) running on the directory's PostgreSQL: seconds.
@@ -413,6 +420,7 @@ class Supervisor:
                 self._error(line)
             return 1
         try:
+            self._check_interrupted()  # a Ctrl-C during the checks above: start nothing
             self._check_given_servers(self._settings)
             settings = self._start_databases(self._settings)
             new_keys = self._bootstrap(settings)
@@ -431,12 +439,30 @@ class Supervisor:
             self._print_ready(settings, new_keys)
             return self._supervise()
         except Interrupted:
-            return 0
+            pass
         except StartupFailed as exc:
-            self._error(str(exc))
-            return 1
+            if not self._stop.is_set():
+                self._error(str(exc))
+                return 1
+            # Ctrl-C reaches the initdb or pg_ctl running in the foreground with this process:
+            # their failure is the interrupt's doing, not a problem to report.
         finally:
-            self._shutdown()
+            self._shutdown(quiet=self._stop.is_set() and self._state == "starting")
+        return self._interrupted_while_starting()
+
+    def _interrupted_while_starting(self) -> int:
+        """Once what started is stopped: one line, and the exit code of an interrupted command
+        for Ctrl-C (130); 0 for the SIGTERM of `profiles down` (or a SIGHUP), a stop that was
+        asked for. A first PostgreSQL cluster whose making was cut short goes too, so that the
+        next start makes it anew rather than refusing a directory initdb left half-made."""
+        if self._cluster_unfinished and not (self._postgres and self._postgres.is_running()):
+            shutil.rmtree(self._data_dir.postgres, ignore_errors=True)
+        if self._stop_signal == signal.SIGINT:
+            self._error("interrupted (Ctrl-C) while starting; nothing is left running")
+            return 130
+        name = signal.Signals(self._stop_signal).name if self._stop_signal else "a signal"
+        self._error(f"stopped by {name} while starting; nothing is left running")
+        return 0
 
     def _stop_what_a_killed_run_left(self) -> None:
         """A record without a lock holder: its `profiles up` was killed and may have left its
@@ -454,6 +480,8 @@ class Supervisor:
 
     def _install_signal_handlers(self) -> None:
         def request_stop(signum: int, frame: FrameType | None) -> None:
+            if self._stop_signal is None:
+                self._stop_signal = signum
             self._stop.set()
 
         # SIGHUP too: a closed terminal must not leave the services (in their own sessions) behind.
@@ -492,7 +520,9 @@ class Supervisor:
             if not settings.database_url:
                 self._say(f"Starting PostgreSQL in {self._data_dir.postgres} ...")
                 self._postgres = EmbeddedPostgres(self._data_dir.postgres)
+                self._cluster_unfinished = _missing_or_empty(self._data_dir.postgres)
                 changes["database_url"] = self._postgres.start()
+                self._cluster_unfinished = False
             self._check_interrupted()
             if not settings.redis_url:
                 self._say(f"Starting Redis in {self._data_dir.redis} ...")
@@ -678,7 +708,8 @@ class Supervisor:
         self._error(f"{server.name} {how}; restarting it in {delay:g} s. Its log: {log}")
         return True
 
-    def _shutdown(self) -> None:
+    def _shutdown(self, *, quiet: bool = False) -> None:
+        """Stops what runs; says "Stopped." unless quiet (an interrupted start says so itself)."""
         self._stop_services()
         for server in (self._redis, self._postgres):
             if server is not None:
@@ -686,7 +717,7 @@ class Supervisor:
                     server.stop()
                 except RuntimeError as exc:
                     self._error(str(exc))
-        if self._children or self._postgres or self._redis:
+        if not quiet and (self._children or self._postgres or self._redis):
             self._say("Stopped.")
 
     def _stop_services(self) -> None:
@@ -756,6 +787,16 @@ class Supervisor:
 
     def _data_dir_flag(self) -> str:
         return data_dir_flag(self._data_dir.path)
+
+
+def _missing_or_empty(directory: Path) -> bool:
+    """True when initdb may make a cluster in directory: nothing of anyone's is there yet."""
+    try:
+        return not any(directory.iterdir())
+    except FileNotFoundError:
+        return True
+    except OSError:  # not a directory, not ours to read: EmbeddedPostgres says what is wrong
+        return False
 
 
 def _port_of(name: str, settings: Settings) -> int:

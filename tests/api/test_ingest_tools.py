@@ -3,12 +3,14 @@ the second run finds only duplicates) and `profiles demo` for a few users."""
 
 from __future__ import annotations
 
+import asyncio
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from profiles_cli.cli import build_parser
+from profiles_cli.cli import build_parser, run
 from profiles_cli.demo import run_demo
 from profiles_cli.importer import run_import
 from tests.support.ingest import Ingest
@@ -86,7 +88,7 @@ async def test_the_demo_creates_lively_profiles(
     )
     assert summary.events_accepted > 100
     assert summary.events_rejected == 0, summary.reasons
-    assert summary.logins > 0
+    assert summary.users_logged_in > 0
     db = Ingest(None, (), (), database_url)  # type: ignore[arg-type]
     kinds = await db.fetch("SELECT DISTINCT kind FROM events ORDER BY kind")
     assert len(kinds) >= 6  # sessions, custom events, attributes, consent, installations...
@@ -105,3 +107,34 @@ async def test_the_demo_creates_lively_profiles(
         quiet=True,
     )
     assert again.events_accepted == 0
+
+
+async def test_the_demo_summary_counts_people_and_devices_apart(
+    addresses: dict[str, str],
+    project: TestProject,
+    database_url: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`profiles demo` prints how many users logged in, on how many installations (one
+    Identify each), and how many logged out: the figures the identity service has."""
+    command = [
+        "demo", "--users", "12", "--seed", "7", "--key", key(project, "admin"),
+        "--ingest-address", addresses["ingest"], "--identity-address", addresses["identity"],
+    ]  # fmt: skip
+    # A thread of its own: the command runs its own event loop, the services this test's.
+    assert await asyncio.to_thread(run, command) == 0
+
+    [summary] = [line for line in capsys.readouterr().out.splitlines() if "users:" in line]
+    printed = re.search(
+        r"; (\d+) of them logged in \(on (\d+) installations\), (\d+) logged out$", summary
+    )
+    assert printed is not None, summary
+    users, installations, logged_out = (int(n) for n in printed.groups())
+    db = Ingest(None, (), (), database_url)  # type: ignore[arg-type]
+    identified = await db.fetch("SELECT count(*) AS n FROM profiles WHERE custom_id IS NOT NULL")
+    calls = await db.fetch("SELECT rpc, count(*) AS n FROM identity_requests GROUP BY rpc")
+    by_rpc = {row["rpc"]: row["n"] for row in calls}
+    assert users == identified[0]["n"]
+    assert installations == by_rpc["Identify"]
+    assert logged_out == by_rpc.get("Logout", 0)
+    assert installations > users  # someone logged in on two devices: not the same figure

@@ -630,3 +630,128 @@ async def test_profiles_up_with_a_bad_flag_says_so_in_one_line_and_starts_nothin
     assert expected.format(a_file=a_file, nowhere=nowhere) in line
     assert flags[0] in line
     assert processes_of(suite.data_dir.parent) == []
+
+
+async def test_a_refused_profiles_up_leaves_no_lock_and_a_dead_holders_lock_blocks_nothing(
+    suite: Suite,
+) -> None:
+    """The lock file is there only while held: a refused start leaves none. One a killed
+    command left behind does not stop the next start, and a record a killed `profiles up` left
+    is not taken for the command that holds the lock now."""
+    lock = suite.data_dir / "up.lock"
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", suite.ports["query"]))
+        squatter.listen()
+
+        code, _, errors = await run_profiles(suite.env, "up")
+        assert code == 1
+        assert f"query: gRPC port {suite.ports['query']}" in errors
+        assert not lock.exists()
+        assert not (suite.data_dir / "up.json").exists()
+
+        # Another command holds the directory; the record of a `profiles up` that is gone lies
+        # there too.
+        holder = await asyncio.create_subprocess_exec(
+            sys.executable, "-c",
+            "import sys, time; from pathlib import Path; from profiles_cli.suite import take_lock;"
+            " lock = take_lock(Path(sys.argv[1])); print(lock is not None, flush=True);"
+            " time.sleep(600)",
+            str(suite.data_dir), stdout=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        try:
+            assert holder.stdout is not None
+            assert (await holder.stdout.readline()).strip() == b"True"
+            gone = await asyncio.create_subprocess_exec("true")
+            await gone.wait()
+            stale = {"pid": gone.pid, "create_time": 1.0, "data_dir": str(suite.data_dir),
+                     "state": "serving", "services": {}, "servers": {}}  # fmt: skip
+            (suite.data_dir / "up.json").write_text(json.dumps(stale))
+
+            code, _, errors = await run_profiles(suite.env, "up")
+            assert code == 1
+            assert "another `profiles` command holds" in errors
+            assert f"pid {gone.pid}" not in errors
+            assert lock.exists()  # the holder's: a refusal leaves it alone
+        finally:
+            holder.kill()  # no release: its lock file stays behind, free
+            await holder.wait()
+        (suite.data_dir / "up.json").unlink()
+        assert lock.exists()
+
+        code, _, errors = await run_profiles(suite.env, "up")
+        assert code == 1
+        assert f"query: gRPC port {suite.ports['query']}" in errors  # got past the lock
+        assert not lock.exists()
+    assert processes_of(suite.data_dir) == []
+
+
+async def start_up_in_own_session(suite: Suite) -> asyncio.subprocess.Process:
+    """`profiles up` as a terminal runs it: its own process group, which a Ctrl-C there signals
+    whole (initdb and pg_ctl, run in the foreground, included)."""
+    return await asyncio.create_subprocess_exec(
+        *profiles_command(), "up", env=suite.env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, start_new_session=True,
+    )  # fmt: skip
+
+
+async def first_initdb(suite: Suite) -> psutil.Process:
+    """The initdb of the first start on the suite's data directory, once it runs."""
+    async with asyncio.timeout(START_TIMEOUT):
+        while True:
+            for proc in psutil.process_iter(["name", "cmdline"]):
+                if proc.info["name"] == "initdb" and str(suite.data_dir) in " ".join(
+                    proc.info["cmdline"] or []
+                ):
+                    return proc
+            await asyncio.sleep(0.01)
+
+
+async def test_ctrl_c_during_the_first_initdb_is_one_line_and_exit_130_and_the_next_up_starts(
+    suite: Suite,
+) -> None:
+    process = await start_up_in_own_session(suite)
+    await first_initdb(suite)
+
+    os.killpg(process.pid, signal.SIGINT)  # Ctrl-C in its terminal
+    async with asyncio.timeout(STOP_TIMEOUT):
+        _, errors_bytes = await process.communicate()
+
+    errors = errors_bytes.decode()
+    assert process.returncode == 130
+    assert errors.strip().splitlines() == [
+        "profiles up: interrupted (Ctrl-C) while starting; nothing is left running"
+    ]
+    assert processes_of(suite.data_dir) == []
+    assert not (suite.data_dir / "up.lock").exists()
+    second = await start_profiles_up(suite)
+    assert await stop(second) == 0
+    assert processes_of(suite.data_dir) == []
+
+
+async def test_a_first_cluster_cut_short_by_an_interrupt_is_removed_and_the_next_up_makes_it(
+    suite: Suite,
+) -> None:
+    """An initdb that dies without cleaning up after itself (a signal it does not catch), as
+    the start is interrupted: its half-made cluster (PG_VERSION, no more) must not make the next
+    start fail."""
+    process = await start_up_in_own_session(suite)
+    initdb = await first_initdb(suite)
+    async with asyncio.timeout(START_TIMEOUT):
+        while True:
+            if (suite.data_dir / "postgres" / "PG_VERSION").exists():
+                break
+            await asyncio.sleep(0.01)
+
+    process.send_signal(signal.SIGINT)  # `profiles up` only
+    await asyncio.sleep(0.2)  # for its handler to note the interrupt before initdb dies
+    for proc in [initdb, *initdb.children(recursive=True)]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+    async with asyncio.timeout(STOP_TIMEOUT):
+        await process.communicate()
+
+    assert process.returncode == 130
+    assert not (suite.data_dir / "postgres" / "PG_VERSION").exists()
+    second = await start_profiles_up(suite)
+    assert await stop(second) == 0
+    assert processes_of(suite.data_dir) == []

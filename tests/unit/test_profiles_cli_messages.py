@@ -328,3 +328,136 @@ def test_serve_edge_names_its_taken_port(
         monkeypatch.setenv("PROFILES_EDGE_PORT", str(taken.getsockname()[1]))
         assert run(["serve", "edge"]) == 1
     assert "port" in capsys.readouterr().err
+
+
+def test_status_lines_its_columns_up_whatever_the_widths(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A long URL (PROFILES_DATABASE_URL) or a long address (PROFILES_BIND_ADDRESS) widens its
+    column on every line, rather than pushing the rest of its own line out of line."""
+    import os
+    import re
+
+    import psutil
+
+    from profiles_cli.suite import RunRecord, ServiceRecord, write_record
+
+    nowhere = free_ports(4)
+
+    def service(address: str) -> ServiceRecord:
+        return ServiceRecord(address, 1, 0, "grpc", os.getpid(), str(tmp_path / "x.log"))
+
+    services = {
+        "ingest": service(f"127.0.0.1:{nowhere[0]}"),
+        "identity": service(f"[0:0:0:0:0:0:0:1]:{nowhere[1]}"),
+    }
+    long_url = f"postgresql://profiles_service_account@127.0.0.1:{nowhere[2]}/profiles_production"
+    servers = {
+        "postgres": ServerRecord(long_url, embedded=False, pid=0, log=""),
+        "redis": ServerRecord("unix:///r.sock", embedded=True, pid=0, log=str(tmp_path / "r")),
+    }
+    # This test's own process plays the running `profiles up`.
+    me = psutil.Process()
+    write_record(
+        tmp_path, RunRecord(me.pid, me.create_time(), str(tmp_path), "serving", services, servers)
+    )
+
+    assert run(["status", "--data-dir", str(tmp_path)]) == 1
+
+    _, *lines = capsys.readouterr().out.splitlines()
+    *table, logs = lines
+    assert [line.split()[0] for line in table] == ["ingest", "identity", "postgres", "redis"]
+    cells = [re.split(r" {2,}", line.strip()) for line in table]
+    assert all(len(row) == 4 for row in cells), table  # two spaces at least between columns
+    assert cells[2][1] == long_url
+    assert cells[3][3] == "pid 0"
+    starts = set()
+    for line, row in zip(table, cells, strict=True):
+        at, found = 0, []
+        for value in row:
+            at = line.index(value, at)
+            found.append(at)
+            at += len(value)
+        starts.add(tuple(found))
+    assert len(starts) == 1, table  # every column starts at the same place on every line
+    assert logs.index(str(tmp_path / "logs")) == min(starts)[1]  # its paths in the second column
+
+
+@pytest.mark.parametrize(
+    ("command", "subcommand"),
+    [
+        (["up", "--bogus"], "up"),
+        (["up", "extra"], "up"),
+        (["status", "--bogus"], "status"),
+        (["keys", "--bogus"], "keys"),
+        (["keys", "create", "--project", "p", "--role", "sdk", "--bogus"], "keys create"),
+        (["dead-letters", "replay", "events", "--bogus"], "dead-letters replay"),
+    ],
+)
+def test_a_subcommand_given_an_unknown_argument_prints_its_own_usage_and_exits_2(
+    command: list[str], subcommand: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        run(command)
+
+    assert exited.value.code == 2
+    errors = capsys.readouterr().err
+    assert errors.startswith(f"usage: profiles {subcommand} [-h]")
+    assert errors.strip().endswith(
+        f"profiles {subcommand}: error: unrecognized arguments: {command[-1]}"
+    )
+
+
+def test_import_of_a_directory_says_it_is_a_directory(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "missing.jsonl"
+    assert run(["import", str(missing)]) == 2
+    assert one_line(capsys) == f"profiles import: {missing}: no such file"
+
+    assert run(["import", str(tmp_path)]) == 2  # the same code as a missing file
+
+    line = one_line(capsys)
+    assert line.startswith(f"profiles import: {tmp_path}: is a directory")
+    assert "no such file" not in line
+
+
+def test_the_lock_file_goes_with_the_lock_and_a_late_opener_takes_the_new_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Released, the lock leaves no file behind. A command that opened the file just before
+    its holder let go (and removed it) must not hold the removed file's lock while another one
+    holds the new file's: it locks the file at the path."""
+    import fcntl
+
+    from profiles_cli import suite
+    from profiles_cli.suite import LOCK_FILE, release_lock, take_lock
+
+    first = take_lock(tmp_path)
+    assert first is not None
+    assert take_lock(tmp_path) is None
+    release_lock(first)
+    assert not (tmp_path / LOCK_FILE).exists()
+
+    holder = take_lock(tmp_path)
+    real_flock = fcntl.flock
+    calls = 0
+
+    def holder_lets_go_first(fd: int, operation: int) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:  # between this command's open and its flock
+            release_lock(holder)
+        real_flock(fd, operation)
+
+    monkeypatch.setattr(suite.fcntl, "flock", holder_lets_go_first)
+    late = take_lock(tmp_path)
+    monkeypatch.setattr(suite.fcntl, "flock", real_flock)
+
+    assert late is not None
+    assert (tmp_path / LOCK_FILE).exists()
+    assert take_lock(tmp_path) is None  # one holder: the late one holds the file at the path
+    release_lock(late)
+    again = take_lock(tmp_path)
+    assert again is not None
+    release_lock(again)
