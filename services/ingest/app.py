@@ -62,7 +62,7 @@ def make_build(
             workers=[
                 IdentityChannelWorker(identity),
                 NoticeWorker(notices, runtime.bus),
-                SessionSweeper(repository, runtime.clock, notices, sweep_interval_s),
+                SessionSweeper(repository, runtime.clock, sweep_interval_s),
                 StorageMaintainer(maintenance, maintenance_interval_s),
             ],
         )

@@ -427,7 +427,7 @@ class IngestService:
                 continue
             for refusal in all_rejected:
                 REJECTED_EVENTS.labels(refusal.rejection.reason).inc()
-            self._announce(project_id, stored.ingested, stored.versions)
+            self._announce(project_id, stored.ingested, stored.derived_starts, stored.versions)
             return stored
         raise AssertionError("unreachable")
 
@@ -602,10 +602,18 @@ class IngestService:
     def _announce(
         self,
         project_id: UUID,
-        events: Sequence[bus_pb2.IngestedEvent],
+        ingested: Sequence[bus_pb2.IngestedEvent],
+        derived_starts: Sequence[bus_pb2.IngestedEvent],
         versions: dict[UUID, int],
     ) -> None:
-        """Queues one ProfileChanged per touched profile (after commit; never blocks)."""
+        """Queues one ProfileChanged per touched profile (after commit; never blocks), with the
+        events the batch stored: `ingested` is the batch's EventsIngested, whose first
+        elements are the `derived_starts`, left out here. A derived session's start is no stored
+        event (the timeline never shows it, and a late event can move the session's start
+        after it was published), so a live feed that showed it would show what no reload
+        does; the session reaches watchers through its events' session ID, and segments
+        through the events stream, which keeps the start."""
+        events = ingested[len(derived_starts) :]
         if self._notices is None or not events:
             return
         change_time = timestamp_of(self._clock.now())

@@ -13,12 +13,11 @@ import structlog
 from profiles.common.v1 import bus_pb2
 from services.ingest import model
 from services.ingest.errors import StorageUnavailable
-from services.ingest.messages import profile_changes, timeout_end
+from services.ingest.messages import timeout_end
 from services.ingest.repository import IngestRepository, TransactionConflict
 from shared.bus import sleep_unless
 from shared.clock import Clock
-from shared.convert import set_timestamp, timestamp_of
-from shared.notices import LiveNotices
+from shared.convert import set_timestamp
 from shared.outbox import OutboxItem, enqueue_many
 from shared.topics import EVENTS
 
@@ -37,12 +36,10 @@ class SessionSweeper:
         self,
         repository: IngestRepository,
         clock: Clock,
-        notices: LiveNotices | None = None,
         interval_s: float = SWEEP_INTERVAL_S,
     ) -> None:
         self._repository = repository
         self._clock = clock
-        self._notices = notices
         self._interval_s = interval_s
         self._stop = asyncio.Event()
 
@@ -60,7 +57,9 @@ class SessionSweeper:
     async def close_idle_sessions(self, batch_size: int = SWEEP_BATCH_SIZE) -> int:
         """Closes every open session idle for over 30 minutes (by the clock), at its last
         activity with the duration seen so far, and publishes a session end for each through
-        the outbox (EventsIngested). Returns how many were closed. Safe to run concurrently."""
+        the outbox (EventsIngested), for segments. Returns how many were closed. Safe to run
+        concurrently. No live notice: the idle end is no stored event (the timeline never shows
+        it), and a live feed shows stored events only, as a reload does."""
         now = self._clock.now()
         total = 0
         while True:
@@ -80,10 +79,6 @@ class SessionSweeper:
                 await enqueue_many(
                     conn, [OutboxItem(p, EVENTS, m) for p, m in sorted(messages.items())]
                 )
-            if self._notices is not None:  # after commit; never blocks
-                for project_id, message in messages.items():
-                    now_stamp = timestamp_of(self._clock.now())
-                    self._notices.offer(profile_changes(project_id, message.events, {}, now_stamp))
             total += len(closed)
             if len(closed) < batch_size:
                 if total:
