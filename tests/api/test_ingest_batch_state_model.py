@@ -1,9 +1,10 @@
 """Installation details and sessions as ingest's locked part writes them
-(profiles_ingest_apply_batch_state, migrations 0030 and 0054), checked on random inputs against
-two oracles: a Python model of the rules (plain functions below), and 0027's version of the
-function, which 0030 rewrote for speed only, applied to the same batches in a second project
+(profiles_ingest_apply_batch_state, migrations 0030, 0054 and 0056), checked on random inputs
+against two oracles: a Python model of the rules (plain functions below), and 0027's version of
+the function, which 0030 rewrote for speed only, applied to the same batches in a second project
 (with one profile a session: since 0054 each profile has its own row of a session, where
-0027's row kept the first batch's profile and counted every profile's events).
+0027's row kept the first batch's profile and counted every profile's events; and on device
+platforms only: 0040's and 0056's rules for API events postdate it).
 
 Each round draws a few installations with a few sessions each, events whose times come from a
 small set (so ties between events, within a batch and across batches, are common), random
@@ -131,6 +132,13 @@ def platform_wins(
     return new_time >= stored_time
 
 
+def session_platform(ordered: Sequence[Event]) -> int:
+    """0056: a batch's part of a session is on its latest device platform (its events ordered
+    by time, then position), on API only when all its events are."""
+    devices = [e.platform for e in ordered if e.platform != API]
+    return devices[-1] if devices else API
+
+
 def field_wins(
     name: str, value: Any, time: datetime, values: dict[str, Any], times: dict[str, datetime]
 ) -> bool:
@@ -201,7 +209,7 @@ def sessions_of_batch(events: Sequence[Event]) -> dict[SessionKey, Session]:
         duration = (ends[-1].duration or timedelta(0)) if ends else longest
         out[key] = Session(
             profile_id=key[2],
-            platform=ordered[-1].platform,
+            platform=session_platform(ordered),
             country=countries[0] if countries else None,
             start_time=start,
             last_activity_time=last,
@@ -218,9 +226,10 @@ def sessions_of_batch(events: Sequence[Event]) -> dict[SessionKey, Session]:
 
 def merge_session(stored: Session | None, batch: Session) -> Session:
     """A batch's part of a session over the stored row of the same profile: the platform
-    is the latest batch's (whatever the times), the first known country stays; an end at least
-    as late as the stored end (or the first end) sets end time and duration; an open session's
-    duration is the longest seen."""
+    is the latest batch's (whatever the times), except that a batch only on API keeps a stored
+    device platform (0056); the first known country stays; an end at least as late as the
+    stored end (or the first end) sets end time and duration; an open session's duration is the
+    longest seen."""
     if stored is None:
         return batch
     end_wins = batch.ended and (
@@ -241,7 +250,9 @@ def merge_session(stored: Session | None, batch: Session) -> Session:
         duration = max(stored.duration, batch.duration, last - start)
     return Session(
         profile_id=stored.profile_id,
-        platform=batch.platform,
+        platform=stored.platform
+        if batch.platform == API and stored.platform != API
+        else batch.platform,
         country=stored.country if stored.country is not None else batch.country,
         start_time=start,
         last_activity_time=last,
@@ -469,6 +480,11 @@ class Exercised:
     ended_twice: int = 0
     shared: int = 0  # a session that two profiles have parts of
     api_after_device: int = 0  # a device platform kept over a later API event
+    # A session's part whose batch has a device event and ends (by time, then position) on an
+    # API event, and one whose batch is only on API over a stored device platform: both keep
+    # the device platform (0056).
+    session_api_last: int = 0
+    session_api_over_device: int = 0
 
 
 async def check_rounds(
@@ -502,6 +518,15 @@ async def check_rounds(
             before = dict(sessions)
             for key, s in touched.items():
                 seen.ended_twice += s.ended and key in sessions and sessions[key].ended
+                latest = max(
+                    (e.time, position, e.platform)
+                    for position, e in enumerate(batch)
+                    if (e.installation_id, e.session_id, e.profile_id) == key
+                )[2]
+                seen.session_api_last += latest == API and s.platform != API
+                seen.session_api_over_device += (
+                    s.platform == API and key in sessions and sessions[key].platform != API
+                )
                 sessions[key] = merge_session(sessions.get(key), s)
             seen.ties += len(batch) - len({(e.installation_id, e.time) for e in batch})
 
@@ -564,6 +589,9 @@ async def test_each_profile_has_its_own_part_of_a_session(
 async def test_a_device_platform_wins_over_api_whatever_the_times(
     db: asyncpg.Pool, project: TestProject, seed: int
 ) -> None:
-    """0040's rule on random inputs with API events among the devices' (0027 predates it)."""
+    """0040's rule for installations and 0056's for sessions on random inputs with API events
+    among the devices' (0027 predates both)."""
     seen = await check_rounds(db, project, None, seed, top_platform=API)
     assert seen.api_after_device > 0
+    assert seen.session_api_last > 0
+    assert seen.session_api_over_device > 0

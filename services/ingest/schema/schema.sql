@@ -564,13 +564,14 @@ AS $function$
     UPDATE events SET profile_id = p_target WHERE project_id = p_project AND profile_id = p_source
 $function$;
 
--- 0016's merge of sessions. The source's parts the target has no part of move with a plain
--- UPDATE; the others are two parts of one session (the source's installation was the
--- target's earlier in the session), folded into the target's part: the span and the counts add
--- up, the platform of the later activity, the earlier start's country, an end over no end or a
--- later end (its time and duration). The fold is closed only when it is ended or both parts
--- were closed idle: a part the sweeper closed while the session went on under another profile
--- opens again (no end time), so that the sweeper closes the whole session at its real end.
+-- 0054's merge of sessions, but the platform. The source's parts the target has no part of move
+-- with a plain UPDATE; the others are two parts of one session (the source's installation was
+-- the target's earlier in the session), folded into the target's part: the span and the counts
+-- add up, the platform of the part with a device platform when only one has one (else of the
+-- later activity), the earlier start's country, an end over no end or a later end (its time and
+-- duration). The fold is closed only when it is ended or both parts were closed idle: a part the
+-- sweeper closed while the session went on under another profile opens again (no end time), so
+-- that the sweeper closes the whole session at its real end.
 CREATE OR REPLACE FUNCTION public.ingest_merge_sessions(p_project uuid, p_source uuid, p_target uuid)
  RETURNS void
  LANGUAGE sql
@@ -586,8 +587,12 @@ AS $function$
         RETURNING s.*
     )
     UPDATE sessions t SET
-        platform = CASE WHEN m.last_activity_time > t.last_activity_time THEN m.platform
-                        ELSE t.platform END,
+        -- A device platform over API (4) whatever the times, else the later activity's.
+        platform = CASE
+            WHEN (m.platform = 4) <> (t.platform = 4) THEN
+                CASE WHEN m.platform = 4 THEN t.platform ELSE m.platform END
+            WHEN m.last_activity_time > t.last_activity_time THEN m.platform
+            ELSE t.platform END,
         country = CASE WHEN m.start_time < t.start_time THEN coalesce(m.country, t.country)
                        ELSE coalesce(t.country, m.country) END,
         start_time = least(t.start_time, m.start_time),
@@ -1011,7 +1016,8 @@ AS $function$
         last_event_time = greatest(c.last_event_time, EXCLUDED.last_event_time)
 $function$;
 
--- 0043's function, each (installation, session, profile) of the batch its own row.
+-- 0054's function, but a session's platform: its latest device platform (iOS, Android, Web) over
+-- API whatever the times, API only when the session has seen nothing else.
 CREATE OR REPLACE FUNCTION public.profiles_ingest_apply_batch_state(p_project uuid, o_profiles uuid[], o_natives boolean[], o_names text[], o_times timestamp with time zone[], o_event_ids text[], o_origins text[], o_positions smallint[], o_kinds text[], o_values jsonb[], p_refused_event_seqs bigint[], s_profiles uuid[], s_channels text[], s_kinds text[], s_subscribed boolean[], s_times timestamp with time zone[], s_event_ids text[], s_origins text[], i_installations text[], i_times timestamp with time zone[], i_platforms smallint[], i_changes jsonb[], p_session_starters text[], e_installations text[], e_sessions text[], e_profiles uuid[], e_platforms smallint[], e_kinds smallint[], e_times timestamp with time zone[], e_durations interval[], e_countries text[])
  RETURNS TABLE(what text, installation_id text, session_id text, country text, imported_installation_id text)
  LANGUAGE plpgsql
@@ -1084,7 +1090,12 @@ BEGIN
         -- last element.
         d AS (
             SELECT e.installation_id, e.session_id, e.profile_id,
-                   (array_agg(e.platform ORDER BY e.event_time, e.ord))[count(*)] AS platform,
+                   -- The latest device platform's (not API: 4), API only when every event of
+                   -- the part is on API.
+                   coalesce((array_agg(e.platform ORDER BY e.event_time, e.ord)
+                                 FILTER (WHERE e.platform <> 4))
+                                [count(*) FILTER (WHERE e.platform <> 4)],
+                            4::smallint) AS platform,
                    (array_agg(e.country ORDER BY e.event_time, e.ord)
                         FILTER (WHERE e.kind = ingest_read_event_kind('session_start')
                                 AND e.country <> ''))[1] AS country,
@@ -1118,7 +1129,9 @@ BEGIN
             FROM d
             ORDER BY d.installation_id, d.session_id, d.profile_id
             ON CONFLICT ON CONSTRAINT sessions_pkey DO UPDATE SET
-                platform = EXCLUDED.platform,
+                -- A batch only on API keeps the stored device platform; else the batch's.
+                platform = CASE WHEN EXCLUDED.platform = 4 AND s.platform <> 4 THEN s.platform
+                                ELSE EXCLUDED.platform END,
                 country = coalesce(s.country, EXCLUDED.country),
                 start_time = least(s.start_time, EXCLUDED.start_time),
                 last_activity_time = greatest(s.last_activity_time,
