@@ -41,6 +41,7 @@ from services.segments.filters import (
     SubscriptionTest,
 )
 from services.segments.funnels import (
+    CONVERSION_WINDOW_PRECISION,
     MAX_CONVERSION_WINDOW,
     MAX_FUNNEL_STEPS,
     MIN_CONVERSION_WINDOW,
@@ -562,6 +563,10 @@ def funnel_definition_from_proto(request: pb.CreateFunnelRequest) -> FunnelDefin
             bad.add("conversion_window", "must be 1 minute to 90 days")
     bad.raise_if_any()
     assert window is not None
+    # The funnel keeps its window to the millisecond (funnels.conversion_window_ms), and every
+    # count and attempt uses that: the definition holds it already, so that CreateFunnel and
+    # its preview answer the window GetFunnel shows and the counts apply, not the one sent.
+    window -= window % CONVERSION_WINDOW_PRECISION
     return FunnelDefinition(
         request.display_name, request.description, tuple(steps), window, request_id
     )

@@ -27,6 +27,8 @@ MIN_FUNNEL_STEPS = 2
 MAX_FUNNEL_STEPS = 10
 MIN_CONVERSION_WINDOW = timedelta(minutes=1)
 MAX_CONVERSION_WINDOW = timedelta(days=90)
+# A window is stored in milliseconds (funnels.conversion_window_ms).
+CONVERSION_WINDOW_PRECISION = timedelta(milliseconds=1)
 
 
 @dataclass(frozen=True, slots=True)
