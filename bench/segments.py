@@ -153,6 +153,7 @@ def _sessions(
             start_known=True,
             duration=timedelta(seconds=rng.randint(5, 1200)),
             ended=True,
+            platform_time=now - timedelta(days=age),
         )
         for number, age in enumerate(sorted(ages[:count], reverse=True))
     ]

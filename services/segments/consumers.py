@@ -55,15 +55,30 @@ def session_key(event: bus_pb2.IngestedEvent) -> str:
 
 
 def session_update(event: bus_pb2.IngestedEvent) -> SessionUpdate | None:
-    if event.kind not in SESSION_KINDS or not event.session_id:
+    """What the event says about its session, if it names one. Any event of a session tells
+    its platform (a derived session's start is published on its first event's platform, maybe
+    API, and the SDK's later events bring the device's); only starts, heartbeats and ends count
+    it and tell its times."""
+    if not event.session_id:
         return None
+    key, platform = session_key(event), event.platform
     event_time = event.event_time.ToDatetime(tzinfo=UTC)
+    if event.kind not in SESSION_KINDS:
+        return SessionUpdate(
+            key,
+            platform,
+            event_time,
+            False,
+            timedelta(),
+            platform_time=event_time,
+            counted=False,
+        )
     duration = max(event.session.duration.ToTimedelta(), timedelta())
     if event.kind == types_pb2.EVENT_KIND_SESSION_START:
-        return SessionUpdate(session_key(event), event.platform, event_time, True, timedelta())
+        return SessionUpdate(key, platform, event_time, True, timedelta(), platform_time=event_time)
     ended = event.kind == types_pb2.EVENT_KIND_SESSION_END  # ingest's idle sweep sends one too
     return SessionUpdate(
-        session_key(event), event.platform, event_time - duration, False, duration, ended
+        key, platform, event_time - duration, False, duration, ended, platform_time=event_time
     )
 
 

@@ -37,6 +37,9 @@ from zoneinfo import ZoneInfo
 from shared.time_zones import is_time_zone
 
 ALL_PLATFORMS = 0
+# profiles.common.v1.Platform's API: a server's or the edge's event, no device's. The others
+# (iOS 1, Android 2, Web 3) are device platforms.
+PLATFORM_API = 4
 ENGAGEMENT_WINDOW = timedelta(hours=168)
 MAX_SCORE1 = 2.0
 MAX_SCORE2 = 20
@@ -429,11 +432,26 @@ def reclassification(
 # --- session events -----------------------------------------------------------------------
 
 
+def session_platform(earlier: int, later: int) -> int:
+    """A session's platform from two of its platforms, `later` the one seen later: a device
+    platform (iOS, Android, Web) over API whatever the order, else the later one; a session only
+    ever seen on API is an API one. Ingest's rule for its sessions (0056): SDKs send their
+    platform with some requests only (Countly's metrics come with begin_session, not with its
+    heartbeats and events; a Segment track may have no context), and the edge sends the others
+    on API, so the first event segments sees of a session may well be on API.
+
+    SessionUpdate.combined applies it; repository.py's UPSERT_SESSIONS, UPDATE_SESSION_PLATFORMS
+    and MOVE_SESSIONS mirror it in SQL."""
+    if later == PLATFORM_API and earlier != PLATFORM_API:
+        return earlier
+    return later
+
+
 @dataclass(frozen=True, slots=True)
 class SessionUpdate:
     """What a batch of events says about one session: its start when a start event was seen
-    (else a guess: the event time minus the duration), the longest duration reported, and
-    whether an end was seen."""
+    (else a guess: the event time minus the duration), the longest duration reported, whether
+    an end was seen, and its platform (session_platform) with the event time it was seen at."""
 
     session_key: str
     platform: int
@@ -441,9 +459,38 @@ class SessionUpdate:
     start_known: bool
     duration: timedelta
     ended: bool = False
+    # The event time of the event `platform` is from: combining two updates, the one seen later
+    # by this time is session_platform's `later`, as ingest takes a batch's latest device
+    # event's platform (by event time).
+    platform_time: datetime = field(kw_only=True)
+    # False when only other events of the session (custom events, user details...) were seen:
+    # they tell its platform, not that it happened, so they change a session counted from its
+    # start, heartbeats or end but never make one (their start and duration mean nothing).
+    counted: bool = field(default=True, kw_only=True)
 
     def combined(self, other: SessionUpdate) -> SessionUpdate:
-        """Both updates as one; order-free, so replays and reordering give the same result."""
+        """Both updates as one; `other` is the later in the batch. Order-free, so replays and
+        reordering give the same result, but for two device platforms seen at the same event
+        time: the later in the batch wins then, as in ingest."""
+        if self.platform_time <= other.platform_time:
+            earlier, later = self, other
+        else:
+            earlier, later = other, self
+        platform = session_platform(earlier.platform, later.platform)
+        seen = later if platform == later.platform else earlier
+        if not (self.counted and other.counted):
+            # At most one says when the session started and how long it lasted.
+            times = self if self.counted else other
+            return SessionUpdate(
+                self.session_key,
+                platform,
+                times.start_time,
+                times.start_known,
+                times.duration,
+                times.ended,
+                platform_time=seen.platform_time,
+                counted=times.counted,
+            )
         if self.start_known != other.start_known:
             start = self.start_time if self.start_known else other.start_time
         else:
@@ -451,16 +498,17 @@ class SessionUpdate:
         known = self.start_known or other.start_known
         return SessionUpdate(
             self.session_key,
-            self.platform,
+            platform,
             start,
             known,
             max(self.duration, other.duration),
             self.ended or other.ended,
+            platform_time=seen.platform_time,
         )
 
 
 def fold_sessions(updates: Sequence[SessionUpdate]) -> list[SessionUpdate]:
-    """One update per session key, in first-seen order."""
+    """One update per session key, in first-seen order; `updates` in the batch's order."""
     folded: dict[str, SessionUpdate] = {}
     for update in updates:
         seen = folded.get(update.session_key)

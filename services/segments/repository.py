@@ -23,6 +23,7 @@ from services.segments.definitions_repository import DefinitionsTransaction
 from services.segments.messages import change_to_bus
 from services.segments.model import (
     ALL_PLATFORMS,
+    PLATFORM_API,
     Classification,
     History,
     MembershipChange,
@@ -83,8 +84,10 @@ UPDATE_TIME_ZONE = """
 
 # One row per session key, so replays and redeliveries update instead of adding: a known start
 # beats a guessed one, otherwise the earliest start and the longest duration win; once an end
-# was seen the session stays ended (0011). The caller folds a batch to one row per key first
-# (ON CONFLICT may touch a row only once per statement).
+# was seen the session stays ended (0011). The platform is session_platform(stored, batch's)
+# (services/segments/model.py): a device platform over API (4) whatever the order, else the
+# batch's. The caller folds a batch to one row per key first (ON CONFLICT may touch a row only
+# once per statement), and passes only sessions the batch counts (SessionUpdate.counted).
 UPSERT_SESSIONS = """
     INSERT INTO segment_sessions AS s
         (project_id, profile_id, session_key, platform, start_time, start_known, duration_ms,
@@ -93,6 +96,8 @@ UPSERT_SESSIONS = """
     FROM unnest($3::text[], $4::smallint[], $5::timestamptz[], $6::boolean[], $7::bigint[],
                 $8::boolean[]) AS e
     ON CONFLICT (project_id, profile_id, session_key) DO UPDATE SET
+        platform = CASE WHEN EXCLUDED.platform = 4 AND s.platform <> 4 THEN s.platform
+                        ELSE EXCLUDED.platform END,
         start_time = CASE
             WHEN s.start_known AND NOT EXCLUDED.start_known THEN s.start_time
             WHEN EXCLUDED.start_known AND NOT s.start_known THEN EXCLUDED.start_time
@@ -101,20 +106,57 @@ UPSERT_SESSIONS = """
         duration_ms = greatest(s.duration_ms, EXCLUDED.duration_ms),
         ended = s.ended OR EXCLUDED.ended"""
 
-# A merge moves the source's sessions to the survivor in one statement; a session both have
-# (a person who logged out and back in within one SDK session: each profile had its part of it)
-# is combined like a redelivery.
+# The sessions a batch saw only other events of (SessionUpdate.counted false) take their
+# platform by session_platform(stored, batch's) like UPSERT_SESSIONS, when segments has them;
+# they never make a row (they do not say a session happened).
+UPDATE_SESSION_PLATFORMS = """
+    UPDATE segment_sessions s
+    SET platform = CASE WHEN e.platform = 4 AND s.platform <> 4 THEN s.platform
+                        ELSE e.platform END
+    FROM unnest($3::text[], $4::smallint[]) AS e(session_key, platform)
+    WHERE s.project_id = $1 AND s.profile_id = $2 AND s.session_key = e.session_key
+      AND s.platform <> e.platform"""
+
+# A merge moves the source's sessions to the survivor in one statement; the parts of one session
+# several profiles had (a person who logged out and back in within one SDK session: each profile
+# had its part of it) are combined like a redelivery. Their platform is session_platform
+# (services/segments/model.py), the later part the one whose activity (start + duration) ends
+# later: among the moved parts the latest such device platform, API only when all are on API;
+# against the survivor's part a device platform over API, else the later part's (the
+# survivor's on a tie), as ingest's merge of sessions (0056).
 MOVE_SESSIONS = """
     WITH moved AS (
         DELETE FROM segment_sessions WHERE project_id = $1 AND profile_id = ANY($2::uuid[])
         RETURNING session_key, platform, start_time, start_known, duration_ms, ended
+    ),
+    folded AS (
+        SELECT m.session_key,
+               coalesce((array_agg(m.platform ORDER BY
+                             m.start_time + m.duration_ms * interval '1 millisecond',
+                             m.platform) FILTER (WHERE m.platform <> 4))
+                            [count(*) FILTER (WHERE m.platform <> 4)],
+                        4::smallint) AS platform,
+               coalesce(min(m.start_time) FILTER (WHERE m.start_known), min(m.start_time))
+                   AS start_time,
+               bool_or(m.start_known) AS start_known,
+               max(m.duration_ms) AS duration_ms,
+               bool_or(m.ended) AS ended
+        FROM moved m
+        GROUP BY m.session_key
     )
     INSERT INTO segment_sessions AS s
         (project_id, profile_id, session_key, platform, start_time, start_known, duration_ms,
          ended)
-    SELECT DISTINCT ON (session_key) $1, $3::uuid, m.*
-    FROM moved m ORDER BY session_key, start_known DESC, duration_ms DESC
+    SELECT $1, $3::uuid, f.*
+    FROM folded f ORDER BY f.session_key
     ON CONFLICT (project_id, profile_id, session_key) DO UPDATE SET
+        platform = CASE
+            WHEN EXCLUDED.platform = 4 AND s.platform <> 4 THEN s.platform
+            WHEN s.platform = 4 AND EXCLUDED.platform <> 4 THEN EXCLUDED.platform
+            WHEN EXCLUDED.start_time + EXCLUDED.duration_ms * interval '1 millisecond'
+                 > s.start_time + s.duration_ms * interval '1 millisecond'
+                THEN EXCLUDED.platform
+            ELSE s.platform END,
         start_time = CASE
             WHEN s.start_known AND NOT EXCLUDED.start_known THEN s.start_time
             WHEN EXCLUDED.start_known AND NOT s.start_known THEN EXCLUDED.start_time
@@ -436,19 +478,32 @@ class SegmentsTransaction:
     async def upsert_sessions(
         self, project_id: UUID, profile_id: UUID, sessions: Sequence[SessionUpdate]
     ) -> None:
-        if not sessions:
-            return
-        await self._conn.execute(
-            UPSERT_SESSIONS,
-            project_id,
-            profile_id,
-            [s.session_key for s in sessions],
-            [s.platform for s in sessions],
-            [s.start_time for s in sessions],
-            [s.start_known for s in sessions],
-            [s.duration // timedelta(milliseconds=1) for s in sessions],
-            [s.ended for s in sessions],
-        )
+        """Stores the batch's sessions (one update per key): the counted ones, and the platform
+        of those it saw only other events of."""
+        counted = [s for s in sessions if s.counted]
+        if counted:
+            await self._conn.execute(
+                UPSERT_SESSIONS,
+                project_id,
+                profile_id,
+                [s.session_key for s in counted],
+                [s.platform for s in counted],
+                [s.start_time for s in counted],
+                [s.start_known for s in counted],
+                [s.duration // timedelta(milliseconds=1) for s in counted],
+                [s.ended for s in counted],
+            )
+        # Only a device platform can change a stored one (session_platform): a batch of a
+        # session's events all on API (the edge's, most of Countly's) costs no statement.
+        seen = [s for s in sessions if not s.counted and s.platform != PLATFORM_API]
+        if seen:
+            await self._conn.execute(
+                UPDATE_SESSION_PLATFORMS,
+                project_id,
+                profile_id,
+                [s.session_key for s in seen],
+                [s.platform for s in seen],
+            )
 
     async def move_sessions(
         self, project_id: UUID, source_ids: Sequence[UUID], target_id: UUID

@@ -228,7 +228,9 @@ class SegmentsService:
             histories, stored, thresholds, now, cause, change_time
         )
         if gone:
-            # Only possible when the profile has no session left (e.g. a recompute); all or none.
+            # A platform, or all of them, with no session left: a recompute, or the profile's
+            # only sessions on API took their device's platform (session_platform). All states
+            # go, and the fresh ones are saved again.
             await tx.delete_states(project_id, [profile_id])
         await tx.save_states(project_id, profile_id, states, now)
         await tx.enqueue_changes(project_id, profile_id, changes)

@@ -3,6 +3,7 @@ sides of each threshold, transitions by time alone, and the changes between two 
 
 from __future__ import annotations
 
+import random
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
@@ -10,6 +11,7 @@ import pytest
 
 from services.segments.model import (
     NO_SEGMENT,
+    PLATFORM_API,
     ChangeCause,
     Classification,
     History,
@@ -27,6 +29,7 @@ from services.segments.model import (
     engagement,
     fold_sessions,
     reclassify,
+    session_platform,
 )
 
 NOW = datetime(2024, 3, 20, 12, 0, tzinfo=UTC)
@@ -324,11 +327,76 @@ def test_an_event_after_a_missed_time_step_reports_both() -> None:
 
 
 def test_session_events_fold_into_one_update_whatever_their_order() -> None:
-    start = SessionUpdate("i1:s1", 1, at(19, 9), True, timedelta())
-    heartbeat = SessionUpdate("i1:s1", 1, at(19, 9, 1), False, timedelta(minutes=1))
-    end = SessionUpdate("i1:s1", 1, at(19, 9, 2), False, timedelta(minutes=3), ended=True)
-    expected = SessionUpdate("i1:s1", 1, at(19, 9), True, timedelta(minutes=3), ended=True)
+    start = SessionUpdate("i1:s1", 1, at(19, 9), True, timedelta(), platform_time=at(19, 9))
+    heartbeat = SessionUpdate(
+        "i1:s1", 1, at(19, 9, 1), False, timedelta(minutes=1), platform_time=at(19, 9, 2)
+    )
+    end = SessionUpdate(
+        "i1:s1", 1, at(19, 9, 2), False, timedelta(minutes=3), ended=True, platform_time=at(19, 12)
+    )
+    expected = SessionUpdate(
+        "i1:s1", 1, at(19, 9), True, timedelta(minutes=3), ended=True, platform_time=at(19, 12)
+    )
     assert fold_sessions([start, heartbeat, end]) == [expected]
     assert fold_sessions([end, start, heartbeat, end]) == [expected]
-    other = SessionUpdate("i1:s2", 1, at(19, 10), True, timedelta())
+    other = SessionUpdate("i1:s2", 1, at(19, 10), True, timedelta(), platform_time=at(19, 10))
     assert fold_sessions([end, other]) == [end, other]
+
+
+# profiles.common.v1.Platform: the device platforms.
+IOS, ANDROID, WEB = 1, 2, 3
+
+
+def test_a_device_platform_wins_over_api_whatever_the_order() -> None:
+    for device in (IOS, ANDROID, WEB):
+        assert session_platform(device, PLATFORM_API) == device
+        assert session_platform(PLATFORM_API, device) == device
+    assert session_platform(PLATFORM_API, PLATFORM_API) == PLATFORM_API
+    assert session_platform(IOS, ANDROID) == ANDROID  # between devices, the later
+
+
+def plain_platform(events: list[tuple[datetime, int]]) -> int:
+    """Ingest's rule for a batch, written plainly: the platform of the latest event on a device
+    platform (by event time, the later in the batch on a tie), API when every event is on API."""
+    device = [(t, i, p) for i, (t, p) in enumerate(events) if p != PLATFORM_API]
+    return max(device)[2] if device else PLATFORM_API
+
+
+def test_a_folded_session_takes_its_latest_device_event_s_platform_on_random_batches() -> None:
+    for seed in range(300):
+        rng = random.Random(seed)
+        events = []
+        for _ in range(rng.randint(1, 8)):
+            moment = at(19, 9, rng.randint(0, 5))  # few times: ties between events
+            # API events mixed into device sessions (Countly's heartbeats, a Segment track
+            # without context), sometimes only API.
+            platform = rng.choice((PLATFORM_API, PLATFORM_API, IOS, ANDROID, WEB))
+            counted = rng.random() < 0.6
+            duration = timedelta(minutes=rng.randint(0, 3)) if counted else timedelta()
+            events.append(
+                SessionUpdate(
+                    "i1:s1",
+                    platform,
+                    moment - duration,
+                    counted and rng.random() < 0.3,
+                    duration,
+                    counted and rng.random() < 0.2,
+                    platform_time=moment,
+                    counted=counted,
+                )
+            )
+        (folded,) = fold_sessions(events)
+        assert folded.platform == plain_platform([(e.platform_time, e.platform) for e in events]), (
+            seed
+        )
+        # Other events of the session tell its platform, never its times, nor that it happened.
+        counted_only = [e for e in events if e.counted]
+        assert folded.counted == bool(counted_only), seed
+        if counted_only:
+            (times,) = fold_sessions(counted_only)
+            assert (folded.start_time, folded.start_known, folded.duration, folded.ended) == (
+                times.start_time,
+                times.start_known,
+                times.duration,
+                times.ended,
+            ), seed
