@@ -513,6 +513,14 @@ def _users_filters(request: Request, notices: list[str]) -> dict[str, Any]:
     language = _code(params, "language", present.language_code, "showing every language", notices)
     country = _code(params, "country", present.country_code, "showing every country", notices)
     reach = _known(params, "reach", present.REACH, "", "showing every profile", notices)
+    # The start of a profile ID (`id=dcae577b`): what a search for one opens when several
+    # profiles' IDs start with it.
+    id_prefix = present.profile_id_prefix(params.get("id", ""), "profile_id")
+    if params.get("id") and not id_prefix:
+        notices.append(
+            f"Not the start of a profile ID “{present.shorten(params['id'])}”:"
+            " showing every profile."
+        )
     name = " ".join(params.get("name", "").split())
     request_fields = {
         "identity_filter": TABS[tab],
@@ -523,6 +531,7 @@ def _users_filters(request: Request, notices: list[str]) -> dict[str, Any]:
         "language": language,
         "country": country,
         "reachable_channel": present.REACH.get(reach, 0),
+        "profile_id_prefix": id_prefix,
         **segment_fields,
     }
     if SORTS[sort] not in query_pb.ProfileOrderBy.values():
@@ -537,6 +546,7 @@ def _users_filters(request: Request, notices: list[str]) -> dict[str, Any]:
         "language": language,
         "country": country,
         "reach": reach,
+        "id_prefix": id_prefix,
         "request_fields": request_fields,
     }
 
@@ -555,6 +565,7 @@ async def users_page(request: Request, session: ConsoleSession) -> Response:
     )
     platform_name, name = filters["platform"], filters["name"]
     language, country, reach = filters["language"], filters["country"], filters["reach"]
+    id_prefix = filters["id_prefix"]
     page_token = params.get("page_token", "")
     trail = [t for t in params.get("trail", "").split(",") if t][-TRAIL_LIMIT:]
     page_number = _page_number(params.get("page", ""), len(trail))
@@ -616,6 +627,7 @@ async def users_page(request: Request, session: ConsoleSession) -> Response:
             "language": language,
             "country": country,
             "reach": reach,
+            "id": id_prefix,
         }
         state.update(changes)
         return "/users?" + urlencode({k: v for k, v in state.items() if v and v != "all"})
@@ -655,7 +667,10 @@ async def users_page(request: Request, session: ConsoleSession) -> Response:
             "language": language,
             "country": country,
             "reach": reach,
-            "chips": present.filter_chips(language=language, country=country, reach=reach),
+            "id_prefix": id_prefix,
+            "chips": present.filter_chips(
+                language=language, country=country, reach=reach, id_prefix=id_prefix
+            ),
             "rows": present.user_rows(reply.profiles),
             "next_page": next_link(),
             "previous_page": previous_link(),
@@ -775,13 +790,13 @@ def canonical_uuid(text: str) -> str:
 def names_searched(text: str, kind: str) -> bool:
     """Whether a search no identifier answered goes on to names (`_open_by_name`): when asked
     for, or when the text could be a name (what `lookups` tries as a custom ID or an
-    installation ID, not an email, a phone or a UUID)."""
+    installation ID, not an email, a phone, a UUID, nor the users table's "Anonymous
+    dcae577b")."""
     if kind != "auto":
         return kind == "name"
-    return [key for lookup in lookups(text, kind) for key in lookup] == [
-        "custom_id",
-        "installation_id",
-    ]
+    return not present.shows_a_profile_id(text) and [
+        key for lookup in lookups(text, kind) for key in lookup
+    ] == ["custom_id", "installation_id"]
 
 
 @signed_in
@@ -789,9 +804,22 @@ async def search(request: Request, session: ConsoleSession) -> Response:
     console = console_of(request)
     text = request.query_params.get("q", "").strip()
     kind = request.query_params.get("by", "auto")
-    context: dict[str, Any] = {"q": text, "by": kind, "ambiguous": [], "message": "", "hint": ""}
+    context: dict[str, Any] = {
+        "q": text,
+        "by": kind,
+        "ambiguous": [],
+        "message": "",
+        "hint": "",
+        "misses": [],
+    }
+    # What each lookup that found nothing was, said under "No profile matches": a custom ID
+    # nobody has is told as plainly as the name search that follows it.
+    misses: list[str] = context["misses"]
     if text:
         tries = lookups(text, kind)
+        # The start of a profile ID the text may be ("Anonymous dcae577b"), looked up once the
+        # identifiers found nothing; a whole one was looked up as an ID already.
+        prefix = "" if canonical_uuid(text) else present.profile_id_prefix(text, kind)
         if kind == "auto" and "@" in text:
             # Custom IDs are often emails too: tried after the email, and said so when found.
             tries.append({"custom_id": text})
@@ -801,6 +829,8 @@ async def search(request: Request, session: ConsoleSession) -> Response:
                     session.key, "query", "GetProfile", query_pb.GetProfileRequest(**lookup)
                 )
             except NotFound:
+                ((looked_for, value),) = lookup.items()
+                misses.append(present.search_miss(looked_for, value))
                 continue
             except BadInput as bad:
                 if bad.reason == "AMBIGUOUS_LOOKUP":
@@ -810,8 +840,9 @@ async def search(request: Request, session: ConsoleSession) -> Response:
                     break
                 # Text this identifier cannot be (an email without its domain, an ID too
                 # long): no profile has it. What it should look like is a hint, for the kinds a
-                # person writes by hand.
-                if not context["hint"] and set(lookup) & {"email", "phone", "profile_id"}:
+                # person writes by hand (not for the start of a profile ID, searched below).
+                hinted = {"email", "phone"} | (set() if prefix else {"profile_id"})
+                if not context["hint"] and set(lookup) & hinted:
                     context["hint"] = present.refusal(bad).text
                 continue
             target = f"/profiles/{reply.profile.summary.profile_id}"
@@ -820,10 +851,17 @@ async def search(request: Request, session: ConsoleSession) -> Response:
                 target += "?" + urlencode({"found": "custom_id"})
             return RedirectResponse(target, 303)
         else:
+            if prefix:
+                found = await _open_by_id_prefix(console, session, prefix)
+                if found is not None:
+                    return found
+                misses.append(present.search_miss("id_prefix", prefix))
             if names_searched(text, kind):
                 found = await _open_by_name(console, session, text)
                 if found is not None:
                     return found
+                if len(" ".join(text.split())) <= present.NAME_SEARCH_MAX:
+                    misses.append(present.search_miss("name", " ".join(text.split())))
             context["message"] = f"No profile matches “{present.shorten(text)}”."
             if any("phone" in lookup for lookup in tries):
                 context["hint"] = present.PHONE_MATCHING
@@ -832,7 +870,7 @@ async def search(request: Request, session: ConsoleSession) -> Response:
 
 async def _open_by_name(console: Console, session: ConsoleSession, text: str) -> Response | None:
     """The one profile with a word of its name starting with `text`, else the users table
-    filtered by it (several or none); None when no name can be this text (too long)."""
+    filtered by it (several); None when none has, or no name can be this text (too long)."""
     try:
         reply = await console.backend.call(
             session.key,
@@ -844,7 +882,27 @@ async def _open_by_name(console: Console, session: ConsoleSession, text: str) ->
         return None
     if len(reply.profiles) == 1:
         return RedirectResponse(f"/profiles/{reply.profiles[0].profile_id}", 303)
+    if not reply.profiles:
+        return None
     return RedirectResponse("/users?" + urlencode({"name": text}), 303)
+
+
+async def _open_by_id_prefix(
+    console: Console, session: ConsoleSession, prefix: str
+) -> Response | None:
+    """The one profile whose ID starts with `prefix` (hex digits), else the users table of
+    those that do (several); None when none does."""
+    reply = await console.backend.call(
+        session.key,
+        "query",
+        "ListProfiles",
+        query_pb.ListProfilesRequest(profile_id_prefix=prefix, page_size=2),
+    )
+    if len(reply.profiles) == 1:
+        return RedirectResponse(f"/profiles/{reply.profiles[0].profile_id}", 303)
+    if not reply.profiles:
+        return None
+    return RedirectResponse(present.users_url(id=prefix), 303)
 
 
 # -- profile ------------------------------------------------------------------------------------
@@ -991,6 +1049,12 @@ async def profile_page(request: Request, session: ConsoleSession) -> Response:
             "sessions": sessions_reply.sessions,
             "events": events,
             "selected_session": session_id,
+            # The session's heading leads with when it started, its ID after.
+            "session_started": present.session_started(session_id, sessions_reply.sessions, events)
+            if session_id
+            else "",
+            # A session's link keeps the sessions' page it is on, so the session stays listed.
+            "sessions_page": sessions_token,
             "next_events": next_events,
             "latest_events": _query_string(session=session_id, sessions_page=sessions_token, **kept)
             if events_token
@@ -1348,8 +1412,7 @@ def dropped_title(count: int) -> str:
     away for a while, and how much was missed is unknown) that some may be missing."""
     if count == 0:
         return "Live updates were interrupted and some may be missing; refresh to see everything"
-    items = "live item was" if count == 1 else "live items were"
-    return f"{count} {items} lost; refresh to see everything"
+    return f"{present.count_of(count, 'live item', 'was', 'were')} lost; refresh to see everything"
 
 
 def event_json(event: Any) -> dict[str, Any]:

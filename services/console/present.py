@@ -212,6 +212,60 @@ def is_profile_id(text: str) -> bool:
     return _PROFILE_ID.fullmatch(text) is not None
 
 
+# How the users table shows a profile ID (`display_name`, `user_rows`): its first 8 hex digits,
+# after "Anonymous" for a nameless person, after "profile" under a name. The search box takes
+# them back as the start of an ID, as ListProfiles' profile_id_prefix reads it (1 to 32 hex
+# digits, dashes ignored).
+SHOWN_ID_DIGITS = 8
+_SHOWN_ID = re.compile(r"(?:anonymous|profile)\s+([0-9a-f-]+)", re.IGNORECASE)
+_ID_START = re.compile(r"-*(?:[0-9a-f]-*){1,32}", re.IGNORECASE)
+
+
+def profile_id_prefix(text: str, kind: str = "auto") -> str:
+    """The start of a profile ID that `text` stands for, as lower-case hex digits without
+    dashes, or "" when it stands for none. Searched by profile ID, any 1 to 32 hex digits; in
+    a search of any kind ("auto"), the users table's own spellings ("Anonymous dcae577b",
+    "profile dcae577b", any case) with 1 to 32 digits, or a lone token of 8 to 32 (what the
+    table shows, or more of it): a shorter one is more likely a name or an ID of another
+    kind."""
+    text = text.strip()
+    if kind not in ("auto", "profile_id"):
+        return ""
+    shown = _SHOWN_ID.fullmatch(text) if kind == "auto" else None
+    token = shown.group(1) if shown else text
+    if _ID_START.fullmatch(token) is None:
+        return ""
+    digits = token.replace("-", "").lower()
+    if kind == "auto" and not shown and len(digits) < SHOWN_ID_DIGITS:
+        return ""
+    return digits
+
+
+def shows_a_profile_id(text: str) -> bool:
+    """Whether `text` is the users table's spelling of a profile ID ("Anonymous dcae577b",
+    "profile dcae577b"): no name, so no name search."""
+    shown = _SHOWN_ID.fullmatch(text.strip())
+    return shown is not None and _ID_START.fullmatch(shown.group(1)) is not None
+
+
+# What a search says of each lookup that found nothing ({} is what was looked up).
+SEARCH_MISSES = {
+    "email": "No profile has the email address “{}”.",
+    "phone": "No profile has the phone number {}.",
+    "profile_id": "No profile has the ID {}.",
+    "custom_id": "No profile has the custom ID “{}”.",
+    "installation_id": "No profile has an installation with the ID “{}”.",
+    "id_prefix": "No profile has an ID starting with {}.",
+    "name": "No profile has a word of its name starting with “{}”.",
+}
+
+
+def search_miss(kind: str, value: str) -> str:
+    """The sentence of a lookup of `kind` (a GetProfile lookup, "id_prefix" or "name") that
+    found no profile, quoting what was looked up (cut to ECHO_MAX)."""
+    return SEARCH_MISSES[kind].format(shorten(value))
+
+
 def rejected_link(**filters: str) -> str:
     """The rejected events page with these filters (reason, start, end, profile, page_token;
     empty ones left out), in a fixed order so that the same view has one address."""
@@ -256,9 +310,16 @@ def reason_chips(
     ]
 
 
-def count_of(count: int, noun: str) -> str:
-    """`1 session`, `2 sessions`: a count with its noun (a regular plural)."""
-    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+def count_of(
+    count: int, noun: str, verb_one: str = "", verb_many: str = "", *, plural: str = ""
+) -> str:
+    """`1 session`, `2 sessions`: a count with its noun, `plural` when not the regular one
+    (`noun` + s); with a verb, the verb that agrees with the count ("1 profile matches",
+    "2 profiles match"). Every sentence of the console that counts something says it so."""
+    one = count == 1
+    text = f"{count} {noun if one else plural or noun + 's'}"
+    verb = verb_one if one else verb_many
+    return f"{text} {verb}" if verb else text
 
 
 def shown_rows(page: int, page_size: int, rows: int, total: int, *, at_least: bool) -> str:
@@ -268,6 +329,8 @@ def shown_rows(page: int, page_size: int, rows: int, total: int, *, at_least: bo
         return "No profile" if page == 1 else f"No profile past {(page - 1) * page_size:,}"
     first = (page - 1) * page_size + 1
     of = f"{total:,}+" if at_least else f"{total:,}"
+    if rows == 1:
+        return f"Profile {first:,} of {of}"
     return f"Profiles {first:,} to {first + rows - 1:,} of {of}"
 
 
@@ -318,8 +381,10 @@ class Chip:
     parameter: str
 
 
-def filter_chips(*, language: str, country: str, reach: str) -> list[Chip]:
+def filter_chips(*, language: str, country: str, reach: str, id_prefix: str = "") -> list[Chip]:
     chips = []
+    if id_prefix:
+        chips.append(Chip(f"Profile ID starting with {id_prefix}", "id"))
     if language:
         chips.append(Chip(f"Language: {language}", "language"))
     if country:
@@ -515,6 +580,28 @@ def timeline_filter_words(kind: str, event_name: str) -> str:
             return f"{TIMELINE_KINDS[kind][0].lower()} and {named}"
         return named
     return TIMELINE_KINDS[kind][0].lower() if kind else ""
+
+
+def session_started(
+    session_id: str,
+    sessions: Iterable[timeline_pb2.Session],
+    events: Iterable[timeline_pb2.TimelineEvent],
+) -> str:
+    """When the session `session_id` started, as `when` writes times, from what the profile
+    page read anyway: its row among the sessions listed, else its start event among the
+    events shown; "" when neither holds it (a session of another sessions page, whose
+    events fill more than a page)."""
+    for session in sessions:
+        if session.session_id == session_id:
+            return when(session.start_time)
+    for event in events:
+        if (
+            event.session_id == session_id
+            and event.WhichOneof("details") == "session"
+            and event.session.type == timeline_pb2.SESSION_EVENT_TYPE_START
+        ):
+            return when(event.event_time)
+    return ""
 
 
 def event_title(event: timeline_pb2.TimelineEvent) -> str:
@@ -864,11 +951,12 @@ def _condition_words(condition: filters_pb2.Condition) -> str:
         window: filters_pb2.TimeWindow = getattr(condition, kind)
         label = kind.replace("_", " ")
         if window.WhichOneof("window") == "within_last_days":
-            return f"{label} within the last {window.within_last_days} days"
+            return f"{label} within the last {count_of(window.within_last_days, 'day')}"
         return f"{label} between {when(window.range.start_time)} and {when(window.range.end_time)}"
     if kind == "event_count":
         count = condition.event_count
-        days = f" in the last {count.within_last_days} days" if count.within_last_days else ""
+        within = count.within_last_days
+        days = f" in the last {count_of(within, 'day')}" if within else ""
         operator = _OPERATORS.get(count.operator, "?")
         return f"{count.event_name} events {operator} {count.count}{days}"
     return "?"
@@ -1004,7 +1092,7 @@ def byte_size(count: int) -> str:
         return f"{count >> 20:,} MiB"
     if count >= 1 << 10:
         return f"{count / 1024:,.0f} KiB"
-    return f"{count:,} bytes"
+    return count_of(count, "byte")
 
 
 FORM_EXPIRED_KEPT = (

@@ -80,6 +80,8 @@ COUNTRY_PATTERN = re.compile(r"[A-Za-z]{2}")
 LANGUAGE_PATTERN = re.compile(r"[A-Za-z]{2}")
 # ListProfiles name_prefix, after its spaces are normalized: longer than any name worth typing.
 NAME_PREFIX_MAX = 100
+# ListProfiles profile_id_prefix once its dashes are left out: 1 to 32 hex digits, a UUID's.
+PROFILE_ID_PREFIX_PATTERN = re.compile(r"[0-9a-f]{1,32}")
 DATE_PATTERN = re.compile(r"\d{4}-\d{2}-\d{2}")
 
 NATIVE_NAMES = (
@@ -346,6 +348,12 @@ def profiles_query_from_proto(request: pb.ListProfilesRequest) -> ProfilesQuery:
         violations.append(
             _violation("name_prefix", f"must hold at most {NAME_PREFIX_MAX} characters")
         )
+    # Dashes are left out wherever they are: a prefix copied from a UUID, cut anywhere.
+    profile_id_prefix = request.profile_id_prefix.replace("-", "").lower()
+    if request.profile_id_prefix and PROFILE_ID_PREFIX_PATTERN.fullmatch(profile_id_prefix) is None:
+        violations.append(
+            _violation("profile_id_prefix", "must be 1 to 32 hex digits (dashes are ignored)")
+        )
     _raise_all(violations)
     return ProfilesQuery(
         page_size=request.page_size,
@@ -360,6 +368,7 @@ def profiles_query_from_proto(request: pb.ListProfilesRequest) -> ProfilesQuery:
             segment_id=segment_id,
             language=request.language.lower(),
             reachable_channel=request.reachable_channel,
+            profile_id_prefix=profile_id_prefix,
         ),
         order_by=request.order_by or pb.PROFILE_ORDER_BY_LAST_SEEN,
         ascending=request.sort_order == pb.SORT_ORDER_ASCENDING,

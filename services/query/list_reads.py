@@ -106,7 +106,8 @@ CHANNEL_PUSH = types_pb2.CHANNEL_PUSH
 # tests/api/test_query_lists.py holds the two equal) ride on the walk. The custom segment
 # filter ($16 in a page) has statements of its own (PROFILE_ROWS_IN_SEGMENT), so that the
 # planner sees a plain semi-join on segments' segments_read_custom_segment_members and may drive
-# a small segment from its members instead of walking the sort index past non-members.
+# a small segment from its members instead of walking the sort index past non-members. The
+# profile ID prefix filter (ID_RANGE, right after the channel) has statements of its own too.
 PROFILE_ROWS_FROM = f"""
     SELECT q.profile_id, coalesce(q.custom_id, '') AS custom_id,
            coalesce(q.first_name, '') AS first_name, coalesce(q.last_name, '') AS last_name,
@@ -134,6 +135,7 @@ PROFILE_ROWS_FROM = f"""
                AND 'email:marketing' = ANY(q.subscribed))
            OR (${{reach}} = {CHANNEL_SMS} AND q.has_phone AND 'sms:marketing' = ANY(q.subscribed))
            OR (${{reach}} = {CHANNEL_PUSH} AND q.push_reachable))
+      {{id_range}}
       {{members}}"""
 
 # Each row's smart segment as of $2, read for every row a page walks (its columns show it).
@@ -206,6 +208,16 @@ FIRST_WORD_START_DESC = f"""
                THEN $10::uuid
                ELSE '{NIL_UUID}'::uuid END)"""
 
+# The profile ID prefix filter: the IDs from the prefix padded with 0s to the prefix padded
+# with fs (${low}, ${high}), both included, which is every UUID whose hex starts with the prefix
+# (uuid orders as its 16 bytes do, so as its hex text); inclusive, so that a prefix of fs needs
+# no bound past the last UUID. One range of the primary key (project_id, profile_id) holds
+# them: with a prefix of a few digits, a few rows read by it and sorted, rather than a walk of
+# the sort order's index testing every row. Statements of its own, so that the plans without
+# it (every other page of the table) never weigh a range of IDs.
+ID_RANGE = """
+      AND q.profile_id BETWEEN ${low}::uuid AND ${high}::uuid"""
+
 # ProfileOrderBy -> the projection's column and its type.
 PROFILE_SORT_COLUMNS = {
     1: ("last_seen", "timestamptz"),
@@ -215,16 +227,21 @@ PROFILE_SORT_COLUMNS = {
 }
 
 
-def _rows(column: str, name_filter: str, in_segment: bool, *, count: bool = False) -> str:
-    """PROFILE_ROWS_FROM for a page ($13 to $16) or a count ($9 to $12)."""
+def _rows(
+    column: str, name_filter: str, in_segment: bool, prefixed: bool, *, count: bool = False
+) -> str:
+    """PROFILE_ROWS_FROM for a page ($13 on) or a count ($9 on): the name, the language and
+    the channel, then the ID range's two bounds when `prefixed`, then the segment."""
     first = 9 if count else 13
+    segment = first + (5 if prefixed else 3)
     return PROFILE_ROWS_FROM.format(
         column=column,
         name_filter=name_filter.format(name=first),
         language=first + 1,
         reach=first + 2,
         smart_join=SMART_SEGMENT_JOIN_IF_FILTERED if count else SMART_SEGMENT_JOIN,
-        members=PROFILE_ROWS_IN_SEGMENT.format(segment=first + 3) if in_segment else "",
+        id_range=ID_RANGE.format(low=first + 3, high=first + 4) if prefixed else "",
+        members=PROFILE_ROWS_IN_SEGMENT.format(segment=segment) if in_segment else "",
     )
 
 
@@ -232,6 +249,7 @@ def _part(
     column: str,
     in_segment: bool,
     named: bool,
+    prefixed: bool,
     condition: str,
     order: str,
     first_word_condition: str | None = None,
@@ -240,9 +258,12 @@ def _part(
     with a name, the first-word and the later-word matches' pages merged (the first-word
     half's position in `first_word_condition` when it has its own)."""
     if not named:
-        return f"{_rows(column, NO_NAME, in_segment)}\n{condition}\n    ORDER BY {order} LIMIT $12"
+        return (
+            f"{_rows(column, NO_NAME, in_segment, prefixed)}\n{condition}\n"
+            f"    ORDER BY {order} LIMIT $12"
+        )
     halves = (
-        f"(SELECT * FROM ({_rows(column, half, in_segment)}\n{position}\n"
+        f"(SELECT * FROM ({_rows(column, half, in_segment, prefixed)}\n{position}\n"
         f"    ORDER BY {order} LIMIT $12) {alias})"
         for half, position, alias in (
             (FIRST_WORD, first_word_condition or condition, "first_word"),
@@ -253,13 +274,16 @@ def _part(
     return f"SELECT * FROM ({' UNION ALL '.join(halves)}) halves ORDER BY {by_output} LIMIT $12"
 
 
-def _page(column: str, type_name: str, ascending: bool, in_segment: bool, named: bool) -> str:
+def _page(
+    column: str, type_name: str, ascending: bool, in_segment: bool, named: bool, prefixed: bool
+) -> str:
     direction = "ASC" if ascending else "DESC"
     valued = f"      AND NOT $8::boolean AND q.{column} IS NOT NULL"
     seen = _part(
         column,
         in_segment,
         named,
+        prefixed,
         f"""{valued}
       AND (q.{column}, q.profile_id) {">" if ascending else "<"} ($9::{type_name}, $10::uuid)""",
         f"q.{column} {direction}, q.profile_id {direction}",
@@ -271,6 +295,7 @@ def _page(column: str, type_name: str, ascending: bool, in_segment: bool, named:
         column,
         in_segment,
         named,
+        prefixed,
         f"      AND q.{column} IS NULL AND q.profile_id > $11::uuid",
         "q.profile_id",
     )
@@ -282,26 +307,30 @@ def _page(column: str, type_name: str, ascending: bool, in_segment: bool, named:
 
 
 SELECT_PROFILE_ROWS_PAGE = {
-    (order_by, ascending, in_segment, named): _page(column, type_name, ascending, in_segment, named)
+    (order_by, ascending, in_segment, named, prefixed): _page(
+        column, type_name, ascending, in_segment, named, prefixed
+    )
     for order_by, (column, type_name) in PROFILE_SORT_COLUMNS.items()
     for ascending in (True, False)
     for in_segment in (True, False)
     for named in (True, False)
+    for prefixed in (True, False)
 }
 
-# How many profiles match the filters ($1 to $7, then $9 to $12 as a page's $13 to $16),
+# How many profiles match the filters ($1 to $7, then $9 on as a page's $13 on),
 # counting up to $8 rows: the count reads each match (and its smart segment when a filter
 # needs it), so it stops where a person stops reading figures exactly (TOTAL_SIZE_LIMIT). With
 # a name, the two halves' matches, which never overlap.
 SELECT_PROFILE_ROWS_COUNT = {
-    (in_segment, named): "SELECT count(*) FROM ("
+    (in_segment, named, prefixed): "SELECT count(*) FROM ("
     + " UNION ALL ".join(
-        f"(SELECT 1 FROM ({_rows('profile_id', half, in_segment, count=True)}) h)"
+        f"(SELECT 1 FROM ({_rows('profile_id', half, in_segment, prefixed, count=True)}) h)"
         for half in ((FIRST_WORD, LATER_WORD) if named else (NO_NAME,))
     )
     + " LIMIT $8) matches"
     for in_segment in (True, False)
     for named in (True, False)
+    for prefixed in (True, False)
 }
 
 # The users table's size without a filter but identity and platform, from the rollups'
@@ -324,6 +353,7 @@ SELECT_PROFILE_ROWS_BY_ID = PROFILE_ROWS_FROM.format(
     language=9,
     reach=10,
     smart_join=SMART_SEGMENT_JOIN,
+    id_range="",
     members="      AND q.profile_id = ANY($11::uuid[])",
 )
 
@@ -343,10 +373,28 @@ def _filter_arguments(filters: UsersTableFilters) -> tuple[int, int, str, int, i
 
 
 def _later_filters(filters: UsersTableFilters) -> tuple[object, ...]:
-    """The name, the language, the channel reached, then the segment when there is one (the
-    statements' last arguments)."""
-    later = (filters.name_prefix, filters.language, filters.reachable_channel)
+    """The name, the language, the channel reached, then the ID range when there is a prefix,
+    then the segment when there is one (the statements' last arguments)."""
+    later: tuple[object, ...] = (filters.name_prefix, filters.language, filters.reachable_channel)
+    if filters.profile_id_prefix:
+        later = (*later, *id_range(filters.profile_id_prefix))
     return later if filters.segment_id is None else (*later, filters.segment_id)
+
+
+def id_range(prefix: str) -> tuple[UUID, UUID]:
+    """The first and the last UUID whose hex starts with `prefix` (1 to 32 lower-case hex
+    digits): ID_RANGE's bounds."""
+    return UUID(prefix.ljust(32, "0")), UUID(prefix.ljust(32, "f"))
+
+
+def _statement_key(filters: UsersTableFilters) -> tuple[bool, bool, bool]:
+    """Which of the users table's statements serve these filters: (in a segment, named,
+    prefixed)."""
+    return (
+        filters.segment_id is not None,
+        bool(filters.name_prefix),
+        bool(filters.profile_id_prefix),
+    )
 
 
 class ListReads:
@@ -445,7 +493,7 @@ class ListReads:
     ) -> int:
         """How many profiles match the filters, counting up to `limit`."""
         count = await self._conn.fetchval(
-            SELECT_PROFILE_ROWS_COUNT[(filters.segment_id is not None, bool(filters.name_prefix))],
+            SELECT_PROFILE_ROWS_COUNT[_statement_key(filters)],
             project_id,
             now,
             *_filter_arguments(filters),
@@ -467,8 +515,8 @@ class ListReads:
     ) -> list[tuple[int | datetime | str | None, ProfileRowView]]:
         """A page of the users table after `after` (sort value, None for a profile never seen;
         profile ID), or from the start; each row with its sort value. With a name, only
-        profiles with a word of their name starting with it; with a segment, only the members
-        of that custom segment."""
+        profiles with a word of their name starting with it; with a profile ID prefix, only
+        the IDs starting with it; with a segment, only the members of that custom segment."""
         column_type = PROFILE_SORT_COLUMNS[order_by][1]
         in_unseen = after is not None and after[0] is None
         start: tuple[int | datetime | str | None, UUID]
@@ -485,9 +533,7 @@ class ListReads:
             start = after
         unseen_after = after[1] if after is not None and in_unseen else NIL_UUID
         rows = await self._conn.fetch(
-            SELECT_PROFILE_ROWS_PAGE[
-                (order_by, ascending, filters.segment_id is not None, bool(filters.name_prefix))
-            ],
+            SELECT_PROFILE_ROWS_PAGE[(order_by, ascending, *_statement_key(filters))],
             project_id,
             now,
             *_filter_arguments(filters),

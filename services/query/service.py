@@ -508,6 +508,7 @@ class QueryService:
             *((filters.name_prefix,) if filters.name_prefix else ()),
             *(("language", filters.language) if filters.language else ()),
             *(("reach", filters.reachable_channel) if filters.reachable_channel else ()),
+            *(("id", filters.profile_id_prefix) if filters.profile_id_prefix else ()),
         )
         after: tuple[int | datetime | str | None, UUID] | None = None
         if query.page_token:

@@ -191,6 +191,7 @@ class UsersTableFilters:
     segment_id: UUID | None = None
     language: str = ""  # lower case
     reachable_channel: int = 0  # Channel
+    profile_id_prefix: str = ""  # 1 to 32 lower-case hex digits, no dashes
 
 
 @dataclass(frozen=True, slots=True)

@@ -349,9 +349,12 @@ async def test_a_person_finds_profiles_by_a_word_of_their_name(
         console_suite, "GetProfile", query_pb.GetProfileRequest(installation_id=people["Anaïs"])
     )
     await expect(page).to_have_url(re.compile(f"/profiles/{anais.profile.summary.profile_id}$"))
-    # Nobody by that name: the table says so.
+    # Nobody by that name: the search says so, after the identifiers it tried.
     await page.goto(console_suite.url + "/search?q=" + family + "zz")
-    await expect(page.locator("table.users tbody")).to_contain_text("No profile matches.")
+    await expect(page.locator("main p.found")).to_contain_text("No profile matches")
+    await expect(page.locator("#search-misses li").last).to_have_text(
+        f"No profile has a word of its name starting with “{family}zz”."
+    )
 
 
 async def test_the_users_table_counts_its_rows_and_pages_back(

@@ -208,6 +208,7 @@ class ListProfilesRequest(_message.Message):
     INCLUDE_TOTAL_SIZE_FIELD_NUMBER: _builtins.int
     LANGUAGE_FIELD_NUMBER: _builtins.int
     REACHABLE_CHANNEL_FIELD_NUMBER: _builtins.int
+    PROFILE_ID_PREFIX_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """The maximum number of rows: 0 means the default (50), above 500 is coerced to 500,
     negative is INVALID_ARGUMENT.
@@ -261,6 +262,14 @@ class ListProfilesRequest(_message.Message):
     phone number and an SMS marketing subscription; push, an installation with a push token
     and push opt-in. CHANNEL_UNSPECIFIED for no filter.
     """
+    profile_id_prefix: _builtins.str
+    """Only profiles whose ID starts with these hex digits: 1 to 32 of them, any case, dashes
+    ignored wherever they are ("DCAE577B", "dcae577b-1f" and the ID's first 8 digits that the
+    console shows as "Anonymous dcae577b" all find that profile). A merged-away ID matches
+    nothing: the table lists live profiles only. INVALID_ARGUMENT on `profile_id_prefix` for
+    any other character, no digit, or over 32 digits. Empty for no filter. Indexed (the
+    table's primary key): read as one range of IDs, however many profiles the project has.
+    """
     def __init__(
         self,
         *,
@@ -278,10 +287,11 @@ class ListProfilesRequest(_message.Message):
         include_total_size: _builtins.bool = ...,
         language: _builtins.str = ...,
         reachable_channel: _types_pb2.Channel.ValueType = ...,
+        profile_id_prefix: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["country", b"country", "identity_filter", b"identity_filter", "include_total_size", b"include_total_size", "language", b"language", "name_prefix", b"name_prefix", "order_by", b"order_by", "page_size", b"page_size", "page_token", b"page_token", "platform", b"platform", "reachable_channel", b"reachable_channel", "segment_id", b"segment_id", "smart_segment", b"smart_segment", "smart_segment_flag", b"smart_segment_flag", "sort_order", b"sort_order"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["country", b"country", "identity_filter", b"identity_filter", "include_total_size", b"include_total_size", "language", b"language", "name_prefix", b"name_prefix", "order_by", b"order_by", "page_size", b"page_size", "page_token", b"page_token", "platform", b"platform", "profile_id_prefix", b"profile_id_prefix", "reachable_channel", b"reachable_channel", "segment_id", b"segment_id", "smart_segment", b"smart_segment", "smart_segment_flag", b"smart_segment_flag", "sort_order", b"sort_order"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

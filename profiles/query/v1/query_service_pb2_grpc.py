@@ -134,7 +134,7 @@ class QueryServiceServicer:
         The table is a projection fed by the bus: it lags writes by the bus lag (under a second
         normally); GetProfile reads the source tables and always shows a profile's latest state.
         Errors: INVALID_ARGUMENT (`page_size`, `page_token`, `country`, `segment_id`,
-        `name_prefix`), NOT_FOUND (`segment_id` unknown).
+        `name_prefix`, `profile_id_prefix`), NOT_FOUND (`segment_id` unknown).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

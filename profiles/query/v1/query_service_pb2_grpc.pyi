@@ -62,7 +62,7 @@ class QueryServiceStub:
     The table is a projection fed by the bus: it lags writes by the bus lag (under a second
     normally); GetProfile reads the source tables and always shows a profile's latest state.
     Errors: INVALID_ARGUMENT (`page_size`, `page_token`, `country`, `segment_id`,
-    `name_prefix`), NOT_FOUND (`segment_id` unknown).
+    `name_prefix`, `profile_id_prefix`), NOT_FOUND (`segment_id` unknown).
     """
     GetProfileRows: _grpc.UnaryUnaryMultiCallable[_query_service_pb2.GetProfileRowsRequest, _query_service_pb2.GetProfileRowsResponse]
     """Returns the users table's rows of up to 500 profiles named by ID, in the order asked, each
@@ -169,7 +169,7 @@ class QueryServiceAsyncStub(QueryServiceStub):
     The table is a projection fed by the bus: it lags writes by the bus lag (under a second
     normally); GetProfile reads the source tables and always shows a profile's latest state.
     Errors: INVALID_ARGUMENT (`page_size`, `page_token`, `country`, `segment_id`,
-    `name_prefix`), NOT_FOUND (`segment_id` unknown).
+    `name_prefix`, `profile_id_prefix`), NOT_FOUND (`segment_id` unknown).
     """
     GetProfileRows: _aio.UnaryUnaryMultiCallable[_query_service_pb2.GetProfileRowsRequest, _query_service_pb2.GetProfileRowsResponse]  # type: ignore[assignment]
     """Returns the users table's rows of up to 500 profiles named by ID, in the order asked, each
@@ -285,7 +285,7 @@ class QueryServiceServicer(metaclass=_abc_1.ABCMeta):
         The table is a projection fed by the bus: it lags writes by the bus lag (under a second
         normally); GetProfile reads the source tables and always shows a profile's latest state.
         Errors: INVALID_ARGUMENT (`page_size`, `page_token`, `country`, `segment_id`,
-        `name_prefix`), NOT_FOUND (`segment_id` unknown).
+        `name_prefix`, `profile_id_prefix`), NOT_FOUND (`segment_id` unknown).
         """
 
     @_abc_1.abstractmethod

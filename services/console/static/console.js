@@ -253,7 +253,9 @@ function followSegments(table) {
     url: table.dataset.source,
     status,
     name: "Live entries and exits",
-    onOpen: () => { status.textContent = "Live: entries and exits of the last hour, then as they happen."; },
+    // The feed starts at the changes recorded in the last hour (WatchSegmentChanges'
+    // start_time), whatever their "When": a change can be recorded long after it happened.
+    onOpen: () => { status.textContent = "Live: the changes recorded in the last hour, then as they are recorded."; },
     onItem: (change) => {
       const row = element("tr");
       // The person's name when query knows one, and the whole ID under it (eight characters
