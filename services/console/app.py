@@ -8,6 +8,7 @@ query string may hold an email being searched for).
 from __future__ import annotations
 
 import contextlib
+import re
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -74,11 +75,15 @@ MAX_FORM_BYTES = 64 * 1024
 # bytes percent-encoded).
 MAX_DEFINITION_FORM_BYTES = 8 * 1024 * 1024
 DEFINITION_FORMS = ("/segments/new", "/funnels/new")
+# The same forms editing a definition: /segments/<id>/edit, /funnels/<id>/edit.
+DEFINITION_EDIT_FORM = re.compile(r"/(segments|funnels)/[^/]+/edit")
 
 
 def body_limit(path: str) -> int:
     """The most bytes a request body to `path` may hold."""
-    return MAX_DEFINITION_FORM_BYTES if path in DEFINITION_FORMS else MAX_FORM_BYTES
+    if path in DEFINITION_FORMS or DEFINITION_EDIT_FORM.fullmatch(path):
+        return MAX_DEFINITION_FORM_BYTES
+    return MAX_FORM_BYTES
 
 
 def _content_length(scope: Scope) -> int | None:
@@ -223,9 +228,11 @@ ROUTES = [
     Route("/segments", pages.segments_page),
     Route("/segments/new", pages.segment_new_form, methods=["GET"]),
     Route("/segments/new", pages.segment_create, methods=["POST"]),
+    Route("/segments/{ident}/edit", pages.segment_edit, methods=["GET", "POST"]),
     Route("/segments/{ident}/delete", pages.segment_delete, methods=["GET", "POST"]),
     Route("/funnels/new", pages.funnel_new_form, methods=["GET"]),
     Route("/funnels/new", pages.funnel_create, methods=["POST"]),
+    Route("/funnels/{ident}/edit", pages.funnel_edit, methods=["GET", "POST"]),
     Route("/funnels/{ident}/delete", pages.funnel_delete, methods=["GET", "POST"]),
     Route("/live/segments", pages.segments_live),
     Route("/rejected", pages.rejected_page),

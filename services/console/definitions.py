@@ -15,13 +15,14 @@ import math
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from typing import TypeVar
 
-from google.protobuf import duration_pb2
+from google.protobuf import duration_pb2, field_mask_pb2
 
 from profiles.common.v1 import types_pb2
 from profiles.query.v1 import query_service_pb2
-from profiles.segments.v1 import filters_pb2, funnels_pb2
+from profiles.segments.v1 import filters_pb2, funnels_pb2, segments_pb2
 from profiles.segments.v1 import segments_service_pb2 as segments_pb
 from shared.convert import set_timestamp
 
@@ -207,6 +208,7 @@ class Refusals:
 
 
 Getter = Callable[[str], list[str]]
+FormT = TypeVar("FormT", SegmentForm, FunnelForm)
 
 
 # The longest text a box keeps: above every valid value (an IN list of 64 values of 300
@@ -517,6 +519,329 @@ def funnel_request(
     elif "window" not in bad.boxes:
         bad.add("window", BOX_WORDS["window"])
     return request, bad
+
+
+# -- editing: a stored definition in the form, and the update it makes -------------------------
+
+_OPERATOR_KEYS: dict[int, str] = {int(contract): key for key, (contract, _) in OPERATORS.items()}
+# A box of a condition (`c3-value`) or a step (`s1-event_name`), not of the whole form.
+_ROW_BOX = re.compile(r"[cs]\d+-")
+_NATIVE_KEYS = {number: key for key, (_, number) in NATIVE_ATTRIBUTES.items()}
+_PLATFORM_KEYS = {number: key for key, (_, number) in PLATFORM_CHOICES.items()}
+_CHANNEL_KEYS = {number: key for key, (_, number) in CHANNEL_CHOICES.items()}
+_SUBSCRIPTION_KEYS = {number: key for key, (_, number) in SUBSCRIPTION_KINDS.items()}
+
+
+def segment_form_of(segment: segments_pb2.Segment) -> tuple[SegmentForm, bool]:
+    """The segment form holding a stored segment, and whether it holds its filter: the form is
+    one group of conditions joined by AND or OR, each maybe negated, of the kinds and value
+    types it offers. A filter of another shape (defined through the API: nested groups, an
+    engagement condition, a date range, a URL or list value) is not editable here: the form
+    then holds its name and description only."""
+    form = SegmentForm(name=segment.display_name, description=segment.description)
+    found = _conditions_of(segment.filter)
+    if found is None:
+        return form, False
+    join, conditions = found
+    return replace(form, join=join, conditions=conditions), True
+
+
+def _conditions_of(node: filters_pb2.FilterNode) -> tuple[str, tuple[ConditionForm, ...]] | None:
+    if node.WhichOneof("node") == "condition":
+        single = _condition_form(node.condition, negate=False)
+        return None if single is None else ("and", (single,))
+    if node.WhichOneof("node") != "group":
+        return None
+    joins = {contract: key for key, contract in JOINS.items()}
+    join = joins.get(node.group.operator)
+    children = list(node.group.children)
+    if join is None or not 1 <= len(children) <= MAX_CONDITIONS:
+        return None
+    conditions = []
+    for child in children:
+        negate = child.WhichOneof("node") == "group"
+        if negate:
+            inner = child.group
+            if (
+                inner.operator != filters_pb2.GROUP_OPERATOR_NOT
+                or len(inner.children) != 1
+                or inner.children[0].WhichOneof("node") != "condition"
+            ):
+                return None
+            typed = _condition_form(inner.children[0].condition, negate=True)
+        else:
+            typed = _condition_form(child.condition, negate=False)
+        if typed is None:
+            return None
+        conditions.append(typed)
+    return join, tuple(conditions)
+
+
+def _condition_form(condition: filters_pb2.Condition, *, negate: bool) -> ConditionForm | None:
+    """One stored condition as typed in the form; None when the form has no boxes for it."""
+    kind = condition.WhichOneof("condition")
+    if kind == "attribute":
+        test = condition.attribute
+        typed = _comparison_text(
+            test.operator, test.value if test.HasField("value") else None, test.values
+        )
+        if typed is None:
+            return None
+        operator, value_type, value = typed
+        if test.WhichOneof("attribute") == "native_attribute":
+            native = _NATIVE_KEYS.get(test.native_attribute)
+            if native is None:
+                return None
+            attribute, custom_name = native, ""
+        else:
+            attribute, custom_name = CUSTOM, test.custom_attribute
+        return ConditionForm(
+            kind="attribute",
+            negate=negate,
+            attribute=attribute,
+            custom_name=custom_name,
+            operator=operator,
+            value_type=value_type,
+            value=value,
+            ignore_case=test.ignore_case,
+        )
+    if kind == "platform":
+        platforms = {_PLATFORM_KEYS.get(p) for p in condition.platform.platforms}
+        if None in platforms:
+            return None
+        # In the boxes' order, which is the order a posted form lists them in.
+        ordered = tuple(key for key in PLATFORM_CHOICES if key in platforms)
+        return ConditionForm(kind="platform", negate=negate, platforms=ordered)
+    if kind == "country":
+        return ConditionForm(
+            kind="country", negate=negate, countries=", ".join(condition.country.countries)
+        )
+    if kind == "subscription":
+        sub = condition.subscription
+        channel, sub_kind = _CHANNEL_KEYS.get(sub.channel), _SUBSCRIPTION_KEYS.get(sub.kind)
+        if channel is None or sub_kind is None:
+            return None
+        return ConditionForm(
+            kind="subscription",
+            negate=negate,
+            channel=channel,
+            sub_kind=sub_kind,
+            subscribed="yes" if sub.subscribed else "no",
+        )
+    if kind in ("last_seen", "first_seen"):
+        window: filters_pb2.TimeWindow = getattr(condition, kind)
+        if window.WhichOneof("window") != "within_last_days":
+            return None  # a date range: no box for it
+        return ConditionForm(kind=kind, negate=negate, days=str(window.within_last_days))
+    if kind == "event_count":
+        count = condition.event_count
+        count_operator = _OPERATOR_KEYS.get(count.operator)
+        if count_operator not in COUNT_OPERATORS:
+            return None
+        return ConditionForm(
+            kind="event_count",
+            negate=negate,
+            event_name=count.event_name,
+            count_operator=count_operator,
+            count=str(count.count),
+            count_days=str(count.within_last_days),
+        )
+    if kind == "smart_segment":
+        chosen = {f"smart:{int(v)}" for v in condition.smart_segment.segments}
+        chosen |= {f"flag:{int(v)}" for v in condition.smart_segment.flags}
+        if not chosen <= SMART_CHOICES.keys():
+            return None
+        ordered = tuple(key for key in SMART_CHOICES if key in chosen)
+        return ConditionForm(kind="smart_segment", negate=negate, smart=ordered)
+    return None  # engagement, or a kind this console does not know
+
+
+def _comparison_text(
+    contract: int,
+    value: types_pb2.AttributeValue | None,
+    values: Sequence[types_pb2.AttributeValue],
+) -> tuple[str, str, str] | None:
+    """(operator box, value type box, value box) of a stored comparison; None when the boxes
+    cannot hold it (a URL or list operand, or an IN list whose items the comma list would
+    change)."""
+    operator = _OPERATOR_KEYS.get(contract)
+    if operator is None:
+        return None
+    if operator == "exists":
+        return operator, "string", ""
+    if operator == "in":
+        typed = [_operand_text(v) for v in values]
+        if not typed or any(t is None for t in typed):
+            return None
+        kinds = {t[0] for t in typed if t is not None}
+        texts = [t[1] for t in typed if t is not None]
+        if len(kinds) != 1 or any("," in t or t != t.strip() or not t for t in texts):
+            return None
+        return operator, kinds.pop(), ", ".join(texts)
+    if value is None:
+        return None
+    typed_value = _operand_text(value)
+    if typed_value is None:
+        return None
+    return operator, typed_value[0], typed_value[1]
+
+
+def _operand_text(value: types_pb2.AttributeValue) -> tuple[str, str] | None:
+    """(value type box, value box) of an operand, as _operand reads it back."""
+    which = value.WhichOneof("value")
+    if which == "string_value":
+        return "string", value.string_value
+    if which == "number_value":
+        number = value.number_value
+        text = str(int(number)) if number.is_integer() and abs(number) < 1e15 else repr(number)
+        return "number", text
+    if which == "bool_value":
+        return "bool", "true" if value.bool_value else "false"
+    if which == "timestamp_value":
+        moment = value.timestamp_value.ToDatetime(tzinfo=UTC)
+        return "timestamp", moment.isoformat().replace("+00:00", "Z")
+    return None  # a URL or a list of strings: no box types them
+
+
+def funnel_form_of(funnel: funnels_pb2.Funnel) -> tuple[FunnelForm, bool]:
+    """The funnel form holding a stored funnel, and whether it holds its steps (each step's
+    condition typed in its boxes; not a URL or list operand). The window is shown in the
+    largest unit that holds it exactly."""
+    steps = []
+    editable = True
+    for step in funnel.steps:
+        typed = StepForm(event_name=step.event_name)
+        if step.HasField("attribute_condition"):
+            test = step.attribute_condition
+            compared = _comparison_text(
+                test.operator, test.value if test.HasField("value") else None, test.values
+            )
+            if compared is None:
+                editable = False
+            else:
+                operator, value_type, value = compared
+                typed = replace(
+                    typed,
+                    attribute_name=test.attribute_name,
+                    operator=operator,
+                    value_type=value_type,
+                    value=value,
+                    ignore_case=test.ignore_case,
+                )
+        steps.append(typed)
+    window, unit = window_text(funnel.conversion_window.ToTimedelta() // timedelta(milliseconds=1))
+    form = FunnelForm(
+        name=funnel.display_name,
+        description=funnel.description,
+        steps=tuple(steps)
+        if editable and MIN_STEPS <= len(steps) <= MAX_STEPS
+        else FunnelForm().steps,
+        window=window,
+        window_unit=unit,
+    )
+    return form, editable and MIN_STEPS <= len(steps) <= MAX_STEPS
+
+
+def window_text(milliseconds: int) -> tuple[str, str]:
+    """A window as the form's length and unit: the largest unit that holds it whole, else
+    minutes with their fraction."""
+    for unit in ("days", "hours", "minutes"):
+        unit_ms = WINDOW_UNITS[unit] * 1000
+        if milliseconds % unit_ms == 0:
+            return str(milliseconds // unit_ms), unit
+    return repr(milliseconds / 60_000), "minutes"
+
+
+def keep_rows(form: FormT, initial: FormT) -> FormT:
+    """The posted form with the rows (join and conditions, or steps) of `initial`: those of a
+    definition the form cannot hold, never shown, so whatever was posted for them is not
+    read."""
+    if isinstance(form, SegmentForm) and isinstance(initial, SegmentForm):
+        return replace(form, join=initial.join, conditions=initial.conditions)
+    if isinstance(form, FunnelForm) and isinstance(initial, FunnelForm):
+        return replace(form, steps=initial.steps)
+    return form
+
+
+def segment_update_request(
+    form: SegmentForm,
+    initial: SegmentForm,
+    *,
+    filter_editable: bool,
+    segment_id: str,
+    etag: str,
+) -> tuple[segments_pb.UpdateSegmentRequest, Refusals]:
+    """UpdateSegment's request for the form: the name always, the description and the filter
+    when they differ from `initial` (the stored segment in the form), so that a segment whose
+    conditions were left as they are is not recomputed, and a filter the form cannot hold is
+    never sent. `etag` makes the service refuse the update if the segment changed since the
+    page was shown."""
+    built, bad = segment_request(form)
+    segment = segments_pb2.Segment(
+        segment_id=segment_id,
+        display_name=built.display_name,
+        description=built.description,
+        etag=etag,
+    )
+    paths = ["display_name"]
+    if form.description.strip() != initial.description.strip():
+        paths.append("description")
+    if filter_editable and (form.join, form.conditions) != (initial.join, initial.conditions):
+        segment.filter.CopyFrom(built.filter)
+        paths.append("filter")
+    elif not filter_editable:
+        # The conditions posted are the form's defaults, never shown: not checked, not sent.
+        bad.boxes = {box: text for box, text in bad.boxes.items() if not _ROW_BOX.match(box)}
+    request = segments_pb.UpdateSegmentRequest(
+        segment=segment, update_mask=field_mask_pb2.FieldMask(paths=paths)
+    )
+    return request, bad
+
+
+def funnel_update_request(
+    form: FunnelForm,
+    initial: FunnelForm,
+    *,
+    steps_editable: bool,
+    funnel_id: str,
+    etag: str,
+) -> tuple[segments_pb.UpdateFunnelRequest, Refusals]:
+    """UpdateFunnel's request for the form, as segment_update_request: the name always, the
+    description, steps and window when they differ from `initial` (a window left as shown is
+    not rounded to the second the form types)."""
+    built, bad = funnel_request(form)
+    funnel = funnels_pb2.Funnel(
+        funnel_id=funnel_id,
+        display_name=built.display_name,
+        description=built.description,
+        etag=etag,
+    )
+    paths = ["display_name"]
+    if form.description.strip() != initial.description.strip():
+        paths.append("description")
+    if steps_editable and form.steps != initial.steps:
+        funnel.steps.extend(built.steps)
+        paths.append("steps")
+    elif not steps_editable:
+        bad.boxes = {box: text for box, text in bad.boxes.items() if not _ROW_BOX.match(box)}
+    if (form.window, form.window_unit) != (initial.window, initial.window_unit):
+        funnel.conversion_window.CopyFrom(built.conversion_window)
+        paths.append("conversion_window")
+    elif "window" in bad.boxes:
+        del bad.boxes["window"]
+    request = segments_pb.UpdateFunnelRequest(
+        funnel=funnel, update_mask=field_mask_pb2.FieldMask(paths=paths)
+    )
+    return request, bad
+
+
+def update_violations(
+    violations: Sequence[tuple[str, str]], resource: str
+) -> list[tuple[str, str]]:
+    """An update's field violations with the paths a creation's would have (`segment.filter...`
+    is the form's `filter...`), so that the same mapping tells them beside their boxes."""
+    prefix = resource + "."
+    return [(path.removeprefix(prefix), why) for path, why in violations]
 
 
 # -- the service's refusals, by box -----------------------------------------------------------

@@ -21,7 +21,7 @@ from collections.abc import (
     Mapping,
 )
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any, TypeVar
 from urllib.parse import urlencode
 
@@ -920,7 +920,31 @@ async def profile_page(request: Request, session: ConsoleSession) -> Response:
     # The timeline's filter, kept by every link of the page (paging, sessions).
     kind = _known(params, "kind", present.TIMELINE_KINDS, "", "showing every kind", notices)
     event_name = " ".join(params.get("event_name", "").split())
-    kept = {"kind": kind, "event_name": event_name}
+    first_text = params.get("from", "").strip()
+    last_text = params.get("to", "").strip()
+    heartbeats = _known(params, "heartbeats", ("hide",), "", "showing them", notices)
+    kept = {
+        "kind": kind,
+        "event_name": event_name,
+        "from": first_text,
+        "to": last_text,
+        "heartbeats": heartbeats,
+    }
+    first_day, last_day, days_refused = _timeline_days(first_text, last_text)
+    start_time, end_time = present.day_bounds(first_day, last_day)
+    listing = query_pb.ListEventsRequest(
+        profile_id=profile_id,
+        page_size=50,
+        session_id=session_id,
+        page_token=events_token,
+        kinds=present.TIMELINE_KINDS[kind][1] if kind else (),
+        event_names=[event_name] if event_name else [],
+        exclude_heartbeats=heartbeats == "hide",
+    )
+    if start_time is not None:
+        set_timestamp(listing.start_time, start_time)
+    if end_time is not None:
+        set_timestamp(listing.end_time, end_time)
     found_by = present.FOUND_BY.get(params.get("found", ""), "")
     # The live feed's cursor: from before the page's reads, so that an event stored while they
     # run is re-read by the feed (the page drops what it shows already).
@@ -951,22 +975,18 @@ async def profile_page(request: Request, session: ConsoleSession) -> Response:
                 ),
                 query_pb.ListSessionsResponse(),
             ),
-            _a_page(
-                console.backend.call(
-                    session.key,
-                    "query",
-                    "ListEvents",
-                    query_pb.ListEventsRequest(
-                        profile_id=profile_id,
-                        page_size=50,
-                        session_id=session_id,
-                        page_token=events_token,
-                        kinds=present.TIMELINE_KINDS[kind][1] if kind else (),
-                        event_names=[event_name] if event_name else [],
-                    ),
-                ),
+            # Days the console cannot read are told beside their box, without asking.
+            _refused_page(query_pb.ListEventsResponse(), days_refused)
+            if days_refused
+            else _a_page(
+                console.backend.call(session.key, "query", "ListEvents", listing),
                 query_pb.ListEventsResponse(),
-                {"event_names": "event-name", "session_id": "session"},
+                {
+                    "event_names": "event-name",
+                    "session_id": "session",
+                    "start_time": "events-from",
+                    "end_time": "events-to",
+                },
             ),
             console.backend.call(
                 session.key,
@@ -1025,6 +1045,11 @@ async def profile_page(request: Request, session: ConsoleSession) -> Response:
         height=100,
     )
     events = list(events_reply.events)
+    # A name that matched nothing: the names this profile's custom events have (a typo,
+    # "purchse", is otherwise just an empty list).
+    name_miss = None
+    if event_name and not events and not events_token and events_refused is None:
+        name_miss = await _name_miss(console, session, canonical, event_name)
     # Each list pages on its own; a link keeps the other list where it is.
     next_events = ""
     if events_reply.next_page_token:
@@ -1070,7 +1095,7 @@ async def profile_page(request: Request, session: ConsoleSession) -> Response:
             # timeline page, were shown as live).
             "live_since": live_cursor(profile.version, loaded),
             # The live feed shows every kind: it is for the whole, unfiltered timeline.
-            "live_enabled": not events_token and not session_id and not kind and not event_name,
+            "live_enabled": not events_token and not session_id and not any(kept.values()),
             "loaded": present.when(datetime.now(UTC)),
             "events_refused": events_refused,
             "sessions_refused": sessions_refused,
@@ -1081,7 +1106,28 @@ async def profile_page(request: Request, session: ConsoleSession) -> Response:
             "first_sessions": _query_string(session=session_id, events_page=events_token, **kept),
             "kind": kind,
             "event_name": event_name,
-            "timeline_filter": present.timeline_filter_words(kind, event_name),
+            "first_day": first_text,
+            "last_day": last_text,
+            "hide_heartbeats": heartbeats == "hide",
+            "timeline_filter": present.timeline_filter_words(
+                kind,
+                event_name,
+                first_day=first_day,
+                last_day=last_day,
+                without_heartbeats=heartbeats == "hide",
+            ),
+            "name_miss": name_miss,
+            # What a name of the miss links to: the same filters with that name.
+            "named_query": urlencode(
+                {k: v for k, v in kept.items() if v and k != "event_name"}
+                | ({"session": session_id} if session_id else {})
+            ),
+            # The names the name box offers: the custom events shown, or those of the miss.
+            "event_names": sorted(
+                set(name_miss.names if name_miss else ())
+                | {e.custom.name for e in events if e.WhichOneof("details") == "custom"}
+            ),
+            "push_devices": present.push_devices(profile.installations),
             # What a session's link and "Show every event" add to keep the filter.
             "filter_query": urlencode({k: v for k, v in kept.items() if v}),
             "notices": notices,
@@ -1089,11 +1135,55 @@ async def profile_page(request: Request, session: ConsoleSession) -> Response:
             "merged_from": merged_from,
             "history": present.history_rows(profile.identity_changes, canonical),
             "erased_profile_id": present.ERASED_PROFILE_ID,
-            "rejected": rejected_reply.rejected_events,
+            "rejected": [(r, present.rejection_text(r)) for r in rejected_reply.rejected_events],
             "all_rejected": present.rejected_link(profile=canonical),
         },
         session=session,
     )
+
+
+def _timeline_days(
+    first_text: str, last_text: str
+) -> tuple[date | None, date | None, present.Refusal | None]:
+    """The timeline's first and last days (`from` and `to`, UTC, both included), or what is
+    wrong with them, told beside the box at fault."""
+    first = present.calendar_day(first_text) if first_text else None
+    last = present.calendar_day(last_text) if last_text else None
+    if first_text and first is None:
+        return None, None, present.Refusal("events-from", present.NOT_A_DAY)
+    if last_text and last is None:
+        return None, None, present.Refusal("events-to", present.NOT_A_DAY)
+    if first and last and last < first:
+        return None, None, present.Refusal("events-to", present.LAST_DAY_BEFORE_FIRST)
+    return first, last, None
+
+
+async def _refused_page(empty: T, refused: present.Refusal) -> tuple[T, present.Refusal]:
+    """A list the page does not ask for, its filter refused by the console itself."""
+    return empty, refused
+
+
+# The custom events read to tell the names a profile has, when a name filter matched nothing.
+NAME_MISS_EVENTS = 500
+
+
+async def _name_miss(
+    console: Console, session: ConsoleSession, profile_id: str, typed: str
+) -> present.NameMiss:
+    """The names of the profile's newest custom events, against the name `typed` that matched
+    nothing (one more ListEvents, only then: a page that found what it asked for reads none)."""
+    reply = await console.backend.call(
+        session.key,
+        "query",
+        "ListEvents",
+        query_pb.ListEventsRequest(
+            profile_id=profile_id,
+            page_size=NAME_MISS_EVENTS,
+            kinds=[timeline_pb.TIMELINE_EVENT_KIND_CUSTOM],
+        ),
+    )
+    names = (e.custom.name for e in reply.events)
+    return present.name_miss(typed, names, partial=bool(reply.next_page_token))
 
 
 async def _merged_into(
@@ -1696,12 +1786,17 @@ async def segments_page(request: Request, session: ConsoleSession) -> Response:
     created = present.created_notice(
         request.query_params.get("created", ""), segments.segments, funnels.funnels
     )
+    # A definition just saved, found as a created one is (an altered link announces nothing).
+    edited = present.created_notice(
+        request.query_params.get("edited", ""), segments.segments, funnels.funnels
+    )
     deleted = request.query_params.get("deleted", "")
     return render(
         request,
         "segments.html",
         {
             "created": created,
+            "edited": edited,
             "deleted": present.DELETED.get(deleted, ""),
             "segments": segments.segments,
             "funnels": [
@@ -1741,9 +1836,18 @@ def _definition_page(
     *,
     previewing: bool = False,
     preview: Any = None,
+    editing: Any = None,
+    editable: bool = True,
+    etag: str = "",
+    moves: tuple[int, int] | None = None,
+    stale: bool = False,
 ) -> Response:
     """The form as typed, with the service's refusals beside their boxes, or with what it
-    would create now (`preview`: the Segment or Funnel a validate_only call answered)."""
+    would create now (`preview`: the Segment or Funnel a validate_only call answered). With
+    `editing` (the stored Segment or Funnel), the same form edits it: `editable` says whether
+    it holds its conditions (steps), `etag` is the version shown, a preview of a segment
+    tells `moves`, the profiles that would enter and leave, and `stale` says the definition
+    changed since the page was shown."""
     figures = []
     if preview is not None and what == "funnel":
         figures = present.funnel_figures(
@@ -1761,6 +1865,11 @@ def _definition_page(
             "previewing": previewing,
             "preview": preview,
             "preview_figures": figures,
+            "editing": editing,
+            "editable": editable,
+            "etag": etag,
+            "moves": moves,
+            "stale": stale,
         },
         session=session,
         status=status,
@@ -1864,6 +1973,123 @@ async def segment_create(request: Request, session: ConsoleSession) -> Response:
 @signed_in
 async def funnel_create(request: Request, session: ConsoleSession) -> Response:
     return await _definition_post(request, session, "funnel")
+
+
+# An update refused because the definition changed since its form was shown (ETAG_MISMATCH).
+CHANGED = {
+    "segment": "Someone changed this segment since this page was shown: nothing was saved.",
+    "funnel": "Someone changed this funnel since this page was shown: nothing was saved.",
+}
+
+
+async def _definition_edit(request: Request, session: ConsoleSession, what: str) -> Response:
+    """A segment's or funnel's form filled with its definition (GET), and that form posted: a
+    row added or removed (the page again, as typed), a preview (UpdateSegment or UpdateFunnel
+    with validate_only: what the change would leave, a segment's entries and exits, nothing
+    stored), or the change saved (the segments page) or refused (the form, each refusal
+    beside its box). The form carries the etag of the definition it showed: a definition
+    changed by someone else since is not overwritten. A filter (steps) the form cannot hold
+    is shown, not edited, and never sent."""
+    if not session.admin:
+        raise Forbidden
+    console = console_of(request)
+    ident = request.path_params["ident"]
+    try:
+        stored = await _definition_named(console, session, what, ident)
+    except BadInput:
+        raise NotFound(ident) from None
+    initial: Any
+    if what == "segment":
+        initial, editable = definitions.segment_form_of(stored)
+    else:
+        initial, editable = definitions.funnel_form_of(stored)
+
+    def page(form: Any, etag: str, **extra: Any) -> Response:
+        return _definition_page(
+            request, session, what, form, "", editing=stored, editable=editable, etag=etag, **extra
+        )
+
+    if request.method == "GET":
+        return page(initial, stored.etag)
+    # No file; the fields of the largest form (31 conditions) are under Starlette's 1,000.
+    posted = await request.form(max_files=0)
+
+    def get(name: str) -> list[str]:
+        return [str(value) for value in posted.getlist(name)]
+
+    etag = str(posted.get("etag", ""))[:64]
+    action = str(posted.get("action", "save"))
+    form: Any
+    if what == "segment":
+        form = definitions.read_segment_form(get)
+        rows = len(form.conditions)
+    else:
+        form = definitions.read_funnel_form(get)
+        rows = len(form.steps)
+    if not editable:
+        form = definitions.keep_rows(form, initial)
+    if not tokens_match(session.csrf_token, str(posted.get("csrf_token", ""))):
+        expired = definitions.Refusals({"": present.FORM_EXPIRED_KEPT})
+        return page(form, etag, refusals=expired, status=403)
+    if action == "add" and editable:
+        form = definitions.add_condition(form) if what == "segment" else definitions.add_step(form)
+        return page(form, etag)
+    if action.startswith("remove-") and action[7:].isdigit() and editable:
+        index = int(action[7:])
+        if what == "segment":
+            form = definitions.remove_condition(form, index)
+        else:
+            form = definitions.remove_step(form, index)
+        return page(form, etag)
+    built: Any
+    if what == "segment":
+        built, refusals = definitions.segment_update_request(
+            form, initial, filter_editable=editable, segment_id=ident, etag=etag
+        )
+    else:
+        built, refusals = definitions.funnel_update_request(
+            form, initial, steps_editable=editable, funnel_id=ident, etag=etag
+        )
+    previewing = action == "preview"
+    if refusals:
+        return page(form, etag, refusals=refusals, status=400, previewing=previewing)
+    method = "UpdateSegment" if what == "segment" else "UpdateFunnel"
+    # A preview is the same request, checked and counted by the service but not stored.
+    built.validate_only = previewing
+    try:
+        reply = await console.backend.call(session.key, "segments", method, built)
+    except BadInput as bad:
+        if bad.reason == "ETAG_MISMATCH":
+            changed = definitions.Refusals({"": CHANGED[what]})
+            return page(form, etag, refusals=changed, status=409, stale=True)
+        if bad.reason == "DISPLAY_NAME_TAKEN":
+            refusals = definitions.Refusals({"name": TAKEN[what]})
+        elif what == "segment":
+            violations = definitions.update_violations(bad.violations, "segment")
+            refusals = definitions.segment_refusals(violations, rows)
+        else:
+            violations = definitions.update_violations(bad.violations, "funnel")
+            refusals = definitions.funnel_refusals(violations, rows)
+        if not refusals:
+            refusals = definitions.Refusals({"": present.problem_text(bad)})
+        return page(form, etag, refusals=refusals, status=400, previewing=previewing)
+    if previewing:
+        if what == "segment":
+            moves = (reply.entered_profile_count, reply.left_profile_count)
+            return page(form, etag, preview=reply.segment, moves=moves)
+        return page(form, etag, preview=reply.funnel)
+    log.info("console_definition_updated", kind=what, id=ident)
+    return RedirectResponse(f"/segments?edited={what}:{ident}", status_code=303)
+
+
+@signed_in
+async def segment_edit(request: Request, session: ConsoleSession) -> Response:
+    return await _definition_edit(request, session, "segment")
+
+
+@signed_in
+async def funnel_edit(request: Request, session: ConsoleSession) -> Response:
+    return await _definition_edit(request, session, "funnel")
 
 
 async def _definition_named(
@@ -2132,7 +2358,12 @@ async def rejected_page(request: Request, session: ConsoleSession) -> Response:
         {
             **state,
             **boxes,
-            "rows": reply.rejected_events,
+            # Each row with its explanation in the console's words (the attribute it is
+            # about), and where its person is: its profile, else a search by installation.
+            "rows": [
+                (r, present.rejection_text(r), present.rejected_person(r))
+                for r in reply.rejected_events
+            ],
             "next_page": next_page,
             "first_page": present.rejected_link(**filters),
             # The profile's chip removes it, and keeps the other filters.

@@ -7,6 +7,8 @@ or numbers for SVG geometry.
 
 from __future__ import annotations
 
+import difflib
+import json
 import math
 import re
 import time
@@ -278,6 +280,86 @@ def reason_code(text: str) -> str:
     """A typed reason as the code it means: reason codes are UPPER_SNAKE and matched exactly,
     so 'name_invalid' and ' name invalid ' mean NAME_INVALID."""
     return "_".join(re.split(r"[\s_-]+", text.strip())).upper()
+
+
+# Where ingest's field paths name an attribute: the i-th attribute operation (its name is in
+# the payload, as a native enum or a custom name) or a custom event's attribute (its name is in
+# the path, quoted as JSON: shared.contract_rules.key_path).
+_OPERATION_PATH = re.compile(r"attribute_operations\.operations\[(\d+)\](?:\.[a-z_]+)?")
+_EVENT_ATTRIBUTE_PATH = re.compile(r'custom\.attributes\[("(?:[^"\\]|\\.)*")\]')
+NATIVE_ATTRIBUTE_PREFIX = "NATIVE_ATTRIBUTE_"
+
+
+@dataclass(frozen=True, slots=True)
+class RejectionText:
+    """A rejected event's explanation in the console's words: the attribute it is about ("" when
+    the path names none) and what was wrong with it ("email: not a valid email"). The exact
+    field path stays beside it, as ingest recorded it."""
+
+    attribute: str
+    text: str
+
+
+def rejection_text(rejected: timeline_pb2.RejectedEvent) -> RejectionText:
+    """What a person reads of a rejection: ingest's message repeats the contract's path
+    ("attribute_operations.operations[0].value is not a valid email"), which names no
+    attribute; the attribute's name comes from the path or the raw payload when they tell it,
+    and the path is dropped from the message."""
+    path, message = rejected.field_path, rejected.message
+    attribute = _attribute_of(path, rejected.raw_payload_json)
+    said = message
+    if path and message.startswith(path + " "):
+        said = message[len(path) + 1 :].removeprefix("is ")
+    if not attribute:
+        return RejectionText("", message)
+    if said.startswith(attribute + " "):
+        return RejectionText(attribute, said)  # "email takes a string_value"
+    return RejectionText(attribute, f"{attribute}: {said}")
+
+
+def _attribute_of(path: str, raw_payload_json: str) -> str:
+    """The attribute a field path is about, "" when it names none or the payload does not
+    tell (an erased event keeps no payload; one not expressible as JSON is base64)."""
+    found = _EVENT_ATTRIBUTE_PATH.match(path)
+    if found:
+        try:
+            name = json.loads(found.group(1))
+        except ValueError:
+            return ""
+        return name if isinstance(name, str) else ""
+    found = _OPERATION_PATH.fullmatch(path)
+    if not found or not raw_payload_json:
+        return ""
+    try:
+        payload = json.loads(raw_payload_json)
+        operation = payload["attribute_operations"]["operations"][int(found.group(1))]
+    except (ValueError, KeyError, IndexError, TypeError):
+        return ""
+    if not isinstance(operation, dict):
+        return ""
+    native = operation.get("native_attribute")
+    if isinstance(native, str) and native.startswith(NATIVE_ATTRIBUTE_PREFIX):
+        return native.removeprefix(NATIVE_ATTRIBUTE_PREFIX).lower()
+    custom = operation.get("custom_attribute")
+    return custom if isinstance(custom, str) else ""
+
+
+def rejected_person(rejected: timeline_pb2.RejectedEvent) -> str:
+    """Where a rejected event's person is: the profile it arrived for (the profile page opens
+    a merged-away one's survivor), else a search for the installation that sent it, or the
+    custom ID a server-side event named, which finds the profile they belong to now; "" when
+    the row tells none."""
+    if rejected.profile_id:
+        return f"/profiles/{rejected.profile_id}"
+    if rejected.installation_id:
+        return "/search?" + urlencode({"q": rejected.installation_id, "by": "installation_id"})
+    try:
+        custom_id = json.loads(rejected.raw_payload_json).get("custom_id", "")
+    except (ValueError, AttributeError):
+        return ""
+    if not isinstance(custom_id, str) or not custom_id:
+        return ""
+    return "/search?" + urlencode({"q": custom_id, "by": "custom_id"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -571,15 +653,99 @@ TIMELINE_KINDS: dict[str, tuple[str, tuple[timeline_pb2.TimelineEventKind.ValueT
 }
 
 
-def timeline_filter_words(kind: str, event_name: str) -> str:
-    """What a filtered timeline shows, as its heading says it ("" when unfiltered)."""
+def timeline_filter_words(
+    kind: str,
+    event_name: str,
+    *,
+    first_day: date | None = None,
+    last_day: date | None = None,
+    without_heartbeats: bool = False,
+) -> str:
+    """What a filtered timeline shows, as its heading says it ("" when unfiltered): the kind
+    and name, the days (UTC, both included) and whether session heartbeats are left out."""
+    words = []
     if event_name:
         # Only custom events carry a name: with another kind, nothing matches, and it says so.
         named = f"custom events named “{shorten(event_name)}”"
         if kind and kind != "custom":
-            return f"{TIMELINE_KINDS[kind][0].lower()} and {named}"
-        return named
-    return TIMELINE_KINDS[kind][0].lower() if kind else ""
+            words.append(f"{TIMELINE_KINDS[kind][0].lower()} and {named}")
+        else:
+            words.append(named)
+    elif kind:
+        words.append(TIMELINE_KINDS[kind][0].lower())
+    if first_day and first_day == last_day:
+        words.append(f"on {first_day.isoformat()} (UTC)")
+    elif first_day and last_day:
+        words.append(f"from {first_day.isoformat()} to {last_day.isoformat()} (UTC)")
+    elif first_day:
+        words.append(f"from {first_day.isoformat()} (UTC)")
+    elif last_day:
+        words.append(f"until {last_day.isoformat()} (UTC)")
+    if without_heartbeats:
+        words.append("without session heartbeats")
+    return ", ".join(words)
+
+
+# What the timeline's day boxes say of a day they cannot read, or of a reversed range.
+NOT_A_DAY = "Not a day: write it as 2026-12-06 (year, month, day)."
+LAST_DAY_BEFORE_FIRST = "The last day is before the first: nothing can be in between."
+# A day as a date box and the timeline's `from` and `to` parameters write it.
+_DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
+
+
+def calendar_day(text: str) -> date | None:
+    """`text` as a day written YYYY-MM-DD, or None when it is not one (2026-02-30, 6/12)."""
+    if _DAY.fullmatch(text) is None:
+        return None
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        return None
+
+
+def day_bounds(first: date | None, last: date | None) -> tuple[datetime | None, datetime | None]:
+    """The event times of the days from `first` to `last`, both included, in UTC: [start,
+    end), either None when unbounded (a last day of 9999-12-31 has no day after it)."""
+    start = datetime(first.year, first.month, first.day, tzinfo=UTC) if first else None
+    end = None
+    if last is not None and last < date.max:
+        after = last + timedelta(days=1)
+        end = datetime(after.year, after.month, after.day, tzinfo=UTC)
+    return start, end
+
+
+@dataclass(frozen=True, slots=True)
+class NameMiss:
+    """What a timeline filtered by a custom event name that matched nothing says of the names
+    the profile has: whether it has that name at all (then the other filters left its events
+    out), the names closest to what was typed, and every name read (`partial` when only its
+    newest custom events were read)."""
+
+    typed: str
+    has_name: bool
+    closest: tuple[str, ...]
+    names: tuple[str, ...]
+    partial: bool
+
+
+# The names offered: past this many, the closest ones still are.
+NAME_MISS_NAMES = 30
+
+
+def name_miss(typed: str, names: Iterable[str], *, partial: bool) -> NameMiss:
+    """`typed` (a custom event name that listed nothing) against the names of the profile's
+    custom events: names are lower-case and the filter ignores case, so "Purchase" is
+    "purchase"; a typo ("purchse") finds the names that look like it."""
+    held = sorted(set(names))
+    wanted = typed.lower()
+    closest = tuple(difflib.get_close_matches(wanted, held, n=3, cutoff=0.6))
+    return NameMiss(
+        typed=shorten(typed),
+        has_name=wanted in held,
+        closest=closest,
+        names=tuple(held[:NAME_MISS_NAMES]),
+        partial=partial or len(held) > NAME_MISS_NAMES,
+    )
 
 
 def session_started(
@@ -711,6 +877,21 @@ def installation_last_seen(installation: profile_pb2.Installation) -> str:
     if installation.imported:
         return IMPORTED_UNSEEN
     return when(installation.last_seen_time)
+
+
+def push_devices(installations: Iterable[profile_pb2.Installation]) -> str:
+    """Whether a push can reach the profile's devices, as the overview's push reach counts it:
+    an installation with a push token whose device allows notifications (the operating
+    system's opt-in), which no subscription choice is needed for ("opted in on 2 of 2 devices
+    with a token")."""
+    held = list(installations)
+    if not held:
+        return "no device"
+    tokens = [i for i in held if i.push_token_present]
+    if not tokens:
+        return "no device has a push token"
+    opted_in = sum(1 for i in tokens if i.push_opt_in)
+    return f"opted in on {opted_in} of {count_of(len(tokens), 'device')} with a token"
 
 
 def identity_change(change: profile_pb2.IdentityChange) -> str:

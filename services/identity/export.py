@@ -71,7 +71,8 @@ def platform_name(number: int | None) -> str | None:
     return None if number is None else types_pb2.Platform.Name(types_pb2.Platform.ValueType(number))
 
 
-def profile_record(row: Row, now: datetime) -> dict[str, Any]:
+def profile_record(row: Row, now: datetime, former: Iterable[Row]) -> dict[str, Any]:
+    """The profile section; `former`: the installations it left, as they were then."""
     return {
         "profileId": str(row["profile_id"]),
         "customId": row["custom_id"],
@@ -91,6 +92,24 @@ def profile_record(row: Row, now: datetime) -> dict[str, Any]:
             "reason": row["crash_reason"],
             "fatal": row["crash_fatal"],
         },
+        "formerInstallations": [former_installation_record(r) for r in former],
+    }
+
+
+def former_installation_record(row: Row) -> dict[str, Any]:
+    """An installation the profile left, with its details as they were when it left."""
+    return {
+        "installationId": row["installation_id"],
+        "leaveTime": rfc3339(row["leave_time"]),
+        "platform": platform_name(row["platform"]),
+        "appVersion": row["app_version"],
+        "osVersion": row["os_version"],
+        "deviceModel": row["device_model"],
+        "language": row["language"],
+        "timezone": row["timezone"],
+        "imported": row["imported"],
+        "firstSeenTime": rfc3339(row["first_seen"]),
+        "lastSeenTime": rfc3339(row["last_seen"]),
     }
 
 

@@ -37,6 +37,16 @@ SELECT_EXPORT_PROFILE = """
         ON c.project_id = p.project_id AND c.profile_id = p.profile_id
     WHERE p.project_id = $1 AND p.profile_id = $2"""
 
+# The installations the profile left, each as it was when it left (ingest's copy, 0057): what
+# its language, time zone and device are read from once it holds no installation reporting
+# them. Oldest departure first.
+SELECT_EXPORT_FORMER_INSTALLATIONS = """
+    SELECT installation_id, leave_time, platform, app_version, os_version, device_model,
+        language, timezone, imported, first_seen, last_seen
+    FROM ingest_read_profile_former_installations()
+    WHERE project_id = $1 AND profile_id = $2
+    ORDER BY leave_time, installation_id"""
+
 # Set attributes only (ingest's contract leaves out unset ones), by native and name.
 SELECT_EXPORT_ATTRIBUTES = "SELECT * FROM ingest_read_export_attributes($1, $2)"
 
@@ -97,6 +107,11 @@ class ExportReader:
 
     async def profile(self, project_id: UUID, profile_id: UUID) -> asyncpg.Record | None:
         return await self._conn.fetchrow(SELECT_EXPORT_PROFILE, project_id, profile_id)
+
+    async def former_installations(
+        self, project_id: UUID, profile_id: UUID
+    ) -> list[asyncpg.Record]:
+        return await self._conn.fetch(SELECT_EXPORT_FORMER_INSTALLATIONS, project_id, profile_id)
 
     async def attributes(self, project_id: UUID, profile_id: UUID) -> list[asyncpg.Record]:
         return await self._conn.fetch(SELECT_EXPORT_ATTRIBUTES, project_id, profile_id)

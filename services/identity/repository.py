@@ -142,6 +142,13 @@ MOVE_INSTALLATION = """
     UPDATE installations SET profile_id = $3, link_version = link_version + 1
     WHERE project_id = $1 AND installation_id = $2"""
 
+# A split (Logout, Identify's rule 4) moves an installation off a profile: ingest keeps a copy
+# of its details as they are now with the profile it left (ingest's write rule, 0057), so the
+# person's language, time zone and device do not vanish with their last device. Called under
+# the installation's row lock, which ingest's batches take FOR SHARE: the details are those
+# every event stored while it was the profile's left.
+KEEP_LEFT_INSTALLATION = "SELECT ingest_apply_installation_left($1, $2, $3, $4)"
+
 # The same locks, in the same order, taken by the move itself (one round trip instead of two
 # inside the merge's transaction): LockRows runs above the sort, and the update then only
 # touches rows this transaction holds already.
@@ -417,6 +424,15 @@ class IdentityTransaction(ErasureSteps):
         self, project_id: UUID, installation_id: str, profile_id: UUID
     ) -> None:
         await self._conn.execute(MOVE_INSTALLATION, project_id, installation_id, profile_id)
+
+    async def keep_left_installation(
+        self, project_id: UUID, installation_id: str, left_profile_id: UUID, now: datetime
+    ) -> None:
+        """Has ingest keep the (locked) installation's details, as they are now, with the
+        profile a split moved it off."""
+        await self._conn.execute(
+            KEEP_LEFT_INSTALLATION, project_id, left_profile_id, installation_id, now
+        )
 
     async def merge(
         self, project_id: UUID, source: UUID, target: UUID, now: datetime

@@ -442,7 +442,8 @@ class IdentityService:
         now: datetime,
     ) -> tuple[IdentifyResult, list[bus_pb2.ProfileChanged]]:
         """Rule 4: the installation leaves its identified profile for the custom ID's profile,
-        created if nobody holds it; nothing of the previous profile is copied. Returns the
+        created if nobody holds it; nothing of the previous profile is copied, and the previous
+        profile keeps the installation's details as they are now (ingest's copy). Returns the
         result and the live notices to send after commit."""
         created = holder is None
         if holder is None:
@@ -450,6 +451,7 @@ class IdentityService:
         else:
             target_id = holder.profile_id
         await tx.move_installation(project_id, installation_id, target_id)
+        await tx.keep_left_installation(project_id, installation_id, previous_id, now)
         await self._announce_links(tx, project_id, [previous_id, target_id])
         versions = await tx.bump_versions(project_id, [previous_id, target_id], now)
         change = IdentityChange(
@@ -582,6 +584,9 @@ class IdentityService:
                 # in next on this device must not inherit someone else's anonymous history.
                 new_id = await tx.create_anonymous_profile(project_id, now)
                 await tx.move_installation(project_id, installation_id, new_id)
+                await tx.keep_left_installation(
+                    project_id, installation_id, current.profile_id, now
+                )
                 changed = [current.profile_id, new_id]
                 await self._announce_links(tx, project_id, changed)
                 versions = await tx.bump_versions(project_id, [current.profile_id], now)
@@ -840,7 +845,10 @@ class IdentityService:
                 *([row["custom_id"]] if row["custom_id"] else []),
                 *row["alias_custom_ids"],
             ]
-            yield export.object_chunk(ExportSection.PROFILE, export.profile_record(row, now))
+            former = await reader.former_installations(project_id, live)
+            yield export.object_chunk(
+                ExportSection.PROFILE, export.profile_record(row, now, former)
+            )
             attributes = await reader.attributes(project_id, live)
             yield export.object_chunk(
                 ExportSection.ATTRIBUTES, export.attributes_record(attributes)

@@ -273,6 +273,7 @@ def events_query_from_proto(request: pb.ListEventsRequest) -> EventsQuery:
         kinds=tuple(sorted(set(request.kinds))),
         start=start,
         end=end,
+        exclude_heartbeats=request.exclude_heartbeats,
     )
 
 
@@ -525,12 +526,11 @@ def crash_to_proto(view: CrashView) -> profile_pb2.Crash:
 
 def profile_to_proto(view: ProfileView) -> profile_pb2.Profile:
     native = {a.name: _native_text(a) for a in view.attributes if a.native}
-    installation_language = next((i.language for i in view.installations if i.language), "")
     summary = profile_pb2.ProfileSummary(
         profile_id=str(view.profile_id),
         custom_id=view.custom_id,
         anonymous=not view.custom_id,
-        language=native.get("language") or installation_language,
+        language=view.language,
         region=native.get("region", ""),
         timezone=view.time_zone,
         last_session_country=view.last_session_country,
@@ -875,6 +875,7 @@ def rejected_to_proto(view: RejectedView) -> timeline_pb2.RejectedEvent:
         installation_id=view.installation_id,
         platform=view.platform,  # type: ignore[arg-type]
         raw_payload_json="" if view.payload is None else json.dumps(view.payload, sort_keys=True),
+        profile_id="" if view.profile_id is None else str(view.profile_id),
     )
     set_time(message.receive_time, view.receive_time)
     return message

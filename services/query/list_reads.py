@@ -37,7 +37,7 @@ SELECT_REJECTED_SNAPSHOT = """
 # Keyset on rejected_events_by_time (or _by_reason with a reason filter), as for events.
 SELECT_REJECTED_PAGE = """
     SELECT rejected_seq, receive_time, reason, field_path, message, event_id,
-           coalesce(installation_id, '') AS installation_id, payload
+           coalesce(installation_id, '') AS installation_id, payload, profile_id
     FROM ingest_read_rejected_events()
     WHERE project_id = $1 AND rejected_seq <= $2
       AND (receive_time, rejected_seq) < ($3::timestamptz, $4::bigint)
@@ -51,7 +51,7 @@ SELECT_REJECTED_PAGE = """
 # by-time index would walk the project's newest rows to find them.
 SELECT_PROFILE_REJECTED_PAGE = """
     SELECT rejected_seq, receive_time, reason, field_path, message, event_id,
-           coalesce(installation_id, '') AS installation_id, payload
+           coalesce(installation_id, '') AS installation_id, payload, profile_id
     FROM ingest_read_rejected_events()
     WHERE project_id = $1 AND profile_id = $9 AND rejected_seq <= $2
       AND (receive_time, rejected_seq) < ($3::timestamptz, $4::bigint)
@@ -472,6 +472,7 @@ class ListReads:
                     installation_id=r["installation_id"],
                     platform=_payload_platform(payload),
                     payload=payload,
+                    profile_id=r["profile_id"],
                 ),
             )
 

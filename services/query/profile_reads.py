@@ -89,7 +89,10 @@ SELECT_INSTALLATION_PROFILES = """
 # value. Nothing here grows with the profile's events: their totals, first and last seen come
 # from ingest_read_profile_event_counts (kept exact after retention removed old events:
 # ingest's 0025), and the last crash from ingest_read_profile_last_crashes (kept by ingest, so
-# it is still shown once retention removed the crash event: ingest's 0028).
+# it is still shown once retention removed the crash event: ingest's 0028). The language and
+# the time zone are ingest's rules (ingest_read_profile_language, ingest_read_profile_time_zone:
+# the attribute, else the installations held, else those the profile left, as they were then:
+# ingest's 0057), the rules the users table and the overview count by too.
 PROFILE_VIEW = """
     WITH target AS ({target})
     SELECT t.holders, t.resolved_from, p.profile_id, p.custom_id, p.version,
@@ -100,6 +103,8 @@ PROFILE_VIEW = """
               AND coalesce(x.country, '') <> ''
             ORDER BY x.start_time DESC
             LIMIT 1) AS last_session_country,
+           (SELECT l.language FROM ingest_read_profile_language($1, p.profile_id) l)
+               AS language,
            ingest_read_profile_time_zone($1, p.profile_id) AS time_zone,
            ARRAY(
                SELECT ROW(i.installation_id, i.create_time, d.platform, d.app_version,
@@ -297,6 +302,7 @@ class ProfileReads:
             first_seen=r["first_seen"],
             last_seen=r["last_seen"],
             last_session_country=text_or_empty(r["last_session_country"]),
+            language=text_or_empty(r["language"]),
             time_zone=text_or_empty(r["time_zone"]),
             installations=tuple(_installation(i) for i in r["installations"]),
             attributes=tuple(AttributeView(*a) for a in r["attributes"]),

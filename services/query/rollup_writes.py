@@ -25,7 +25,11 @@ from services.query.rows import text_or_empty
 # into an SDK installation are left out, as in INSTALLATION_FACTS below: they give a profile no
 # platform, token or device. The device is the most recently seen SDK installation: an imported
 # one not yet picked up by a device comes last whatever its last_seen (its import time).
-# Installation details without a known platform (profiles.common.v1.Platform) give none.
+# Installation details without a known platform (profiles.common.v1.Platform) give none. A
+# profile holding no installation keeps the device it left last (the most recently seen of
+# ingest's copies, as each was when it left: 0057), so a logged-out customer's row still shows
+# it; platforms (the per-platform counts) are those of the installations it holds. The
+# language is ingest's rule (ingest_read_profile_language), the one GetProfile shows.
 PLATFORM_UNSPECIFIED = types_pb2.PLATFORM_UNSPECIFIED
 
 PROFILE_FACTS = (
@@ -36,18 +40,18 @@ PROFILE_FACTS = (
            coalesce(inst.has_token, false) AS has_token,
            coalesce(inst.push_reachable, false) AS push_reachable,
            coalesce(sub.subscribed, '{{}}') AS subscribed,
-           coalesce(a.language, inst.language) AS language,
+           lang.language,
            a.region, ss.country,
            coalesce(inst.platforms, '{{}}') AS platforms,
            a.first_name, a.last_name, coalesce(a.has_details, false) AS has_details,
-           inst.device_model, coalesce(inst.device_platform, 0) AS device_platform,
+           coalesce(inst.device_model, former.device_model) AS device_model,
+           coalesce(inst.device_platform, former.platform, 0) AS device_platform,
            ls.last_seen, coalesce(ss.session_count, 0) AS session_count,
            coalesce(ss.time_spent_ms, 0) AS time_spent_ms, a.email
     FROM identity_read_profiles() p
     LEFT JOIN LATERAL (
         SELECT bool_or(a.name = 'email') AS has_email,
                bool_or(a.name = 'phone') AS has_phone,
-               max(a.value ->> 'value') FILTER (WHERE a.name = 'language') AS language,
                max(a.value ->> 'value') FILTER (WHERE a.name = 'region') AS region,
                max(a.value ->> 'value') FILTER (WHERE a.name = 'first_name') AS first_name,
                max(a.value ->> 'value') FILTER (WHERE a.name = 'last_name') AS last_name,
@@ -58,10 +62,8 @@ PROFILE_FACTS = (
           AND a.value IS NOT NULL
     ) a ON true
     LEFT JOIN LATERAL (
-        SELECT bool_or(d.push_token_present) AS has_token,
+        SELECT count(*) AS held, bool_or(d.push_token_present) AS has_token,
                bool_or(d.push_token_present AND d.push_opt_in) AS push_reachable,
-               (array_agg(d.language ORDER BY d.last_seen DESC)
-                    FILTER (WHERE d.language IS NOT NULL))[1] AS language,
                array_agg(DISTINCT d.platform) FILTER (WHERE d.platform > """
     + str(PLATFORM_UNSPECIFIED)
     + """) AS platforms,
@@ -76,6 +78,15 @@ PROFILE_FACTS = (
         WHERE i.project_id = p.project_id AND i.profile_id = p.profile_id
           AND d.reintegrated_into IS NULL
     ) inst ON true
+    -- Read only for a profile without an installation (a one-time filter on inst.held).
+    LEFT JOIN LATERAL (
+        SELECT f.device_model, f.platform
+        FROM ingest_read_profile_former_installations() f
+        WHERE f.project_id = p.project_id AND f.profile_id = p.profile_id AND inst.held = 0
+        ORDER BY f.imported, f.last_seen DESC, f.installation_id
+        LIMIT 1
+    ) former ON true
+    LEFT JOIN LATERAL ingest_read_profile_language(p.project_id, p.profile_id) lang ON true
     LEFT JOIN LATERAL (
         SELECT array_agg(s.channel || ':' || s.kind ORDER BY s.channel, s.kind) AS subscribed
         FROM ingest_read_profile_subscriptions() s

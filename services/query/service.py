@@ -94,6 +94,9 @@ EVENT_KINDS_OF: dict[int, tuple[int, ...]] = {
 }
 # Every kind of event ingest stores: asking for all of them puts no condition on kinds.
 EVERY_EVENT_KIND = sorted({k for kinds in EVENT_KINDS_OF.values() for k in kinds})
+# The stored kind of a session heartbeat (EventKind EVENT_KIND_SESSION_HEARTBEAT), which
+# `exclude_heartbeats` leaves out: a condition on kinds, as a kind filter is.
+HEARTBEAT_EVENT_KIND = 3
 # TimelineEventKind -> identity_changes.kind.
 CHANGE_KINDS_OF: dict[int, str] = {7: "merge", 8: "split"}
 ALL_TIMELINE_KINDS = (1, 2, 3, 4, 5, 6, 7, 8)
@@ -122,6 +125,7 @@ class EventsQuery:
     kinds: tuple[int, ...] = ()  # TimelineEventKind numbers; empty for all
     start: datetime | None = None
     end: datetime | None = None
+    exclude_heartbeats: bool = False  # leave out session heartbeats (stored kind 3)
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,10 +242,14 @@ class QueryService:
             sorted(query.kinds),
             query.start and _micros(query.start),
             query.end and _micros(query.end),
+            # Only in tokens of requests that exclude them: a token issued before the field
+            # existed (or without it) keeps its fingerprint.
+            *(("exclude_heartbeats",) if query.exclude_heartbeats else ()),
         )
         kinds = query.kinds or ALL_TIMELINE_KINDS
         event_kinds: list[int] | None = sorted(
             {k for t in kinds for k in EVENT_KINDS_OF.get(t, ())}
+            - ({HEARTBEAT_EVENT_KIND} if query.exclude_heartbeats else set())
         )
         if event_kinds == EVERY_EVENT_KIND:
             event_kinds = None  # no condition on kinds

@@ -131,8 +131,10 @@ class ProfileView:
     first_seen: datetime | None
     last_seen: datetime | None
     last_session_country: str
-    # By ingest's rule (ingest_read_profile_time_zone): the timezone attribute, else the most
-    # recently seen installation's; "" when none.
+    # By ingest's rules (ingest_read_profile_language, ingest_read_profile_time_zone): the
+    # attribute, else the most recently seen installation's that reported one, else that of
+    # the most recently seen installation the profile left, as it was then; "" when none.
+    language: str
     time_zone: str
     installations: tuple[InstallationView, ...]
     attributes: tuple[AttributeView, ...]
@@ -243,6 +245,8 @@ class RejectedView:
     installation_id: str
     platform: int
     payload: dict[str, Any] | None
+    # The profile it arrived for (or the survivor of a merge since); None when none recorded.
+    profile_id: UUID | None = None
 
 
 @dataclass(frozen=True, slots=True)

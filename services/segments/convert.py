@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from datetime import UTC, timedelta
 from uuid import UUID
 
+from google.protobuf.descriptor import Descriptor
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -19,12 +21,13 @@ from profiles.common.v1 import types_pb2
 from profiles.segments.v1 import filters_pb2, funnels_pb2, segments_pb2
 from profiles.segments.v1 import segments_service_pb2 as pb
 from services.segments.definitions import FunnelPreview, SegmentPreview
-from services.segments.errors import DefinitionInvalid
+from services.segments.errors import DefinitionInvalid, UpdateMaskInvalid
 from services.segments.filters import (
     MAX_CONDITIONS,
     MAX_DEPTH,
     MAX_IN_VALUES,
     OPERATOR_TYPES,
+    SEGMENT_UPDATABLE,
     AttributeTest,
     CountryTest,
     CustomSegment,
@@ -37,11 +40,13 @@ from services.segments.filters import (
     PlatformTest,
     SeenTest,
     SegmentDefinition,
+    SegmentUpdate,
     SmartSegmentTest,
     SubscriptionTest,
 )
 from services.segments.funnels import (
     CONVERSION_WINDOW_PRECISION,
+    FUNNEL_UPDATABLE,
     MAX_CONVERSION_WINDOW,
     MAX_FUNNEL_STEPS,
     MIN_CONVERSION_WINDOW,
@@ -49,6 +54,7 @@ from services.segments.funnels import (
     Funnel,
     FunnelDefinition,
     FunnelStep,
+    FunnelUpdate,
 )
 from services.segments.model import SegmentFlag, SmartSegment
 from shared.convert import timestamp_of as _timestamp
@@ -154,11 +160,63 @@ def _request_id(value: str, bad: Violations) -> UUID | None:
     return parsed
 
 
+def _display_name(value: str, path: str, bad: Violations) -> None:
+    _text(value, path, bad, minimum=1, maximum=MAX_DISPLAY_NAME)
+    if value and not value.strip():
+        bad.add(path, "must not be blank")
+
+
+def _description(value: str, path: str, bad: Violations) -> None:
+    _text(value, path, bad, minimum=0, maximum=MAX_DESCRIPTION)
+
+
 def _names(display_name: str, description: str, bad: Violations) -> None:
-    _text(display_name, "display_name", bad, minimum=1, maximum=MAX_DISPLAY_NAME)
-    if display_name and not display_name.strip():
-        bad.add("display_name", "must not be blank")
-    _text(description, "description", bad, minimum=0, maximum=MAX_DESCRIPTION)
+    _display_name(display_name, "display_name", bad)
+    _description(description, "description", bad)
+
+
+# update_mask paths named in one refusal at most, each cut to this many characters: a mask is
+# the client's text, echoed back in the error's field violations.
+MAX_MASK_VIOLATIONS = 10
+MAX_ECHOED_PATH = 64
+
+
+def _mask_paths(
+    paths: Sequence[str], updatable: tuple[str, ...], resource: Descriptor
+) -> frozenset[str]:
+    """The fields an update changes (AIP-134): those `paths` names, or every updatable one when
+    it names none or only `*`. Raises UpdateMaskInvalid with a violation on `update_mask` for
+    each path that is unknown, a sub-path, or a field no update changes (the first
+    MAX_MASK_VIOLATIONS of them)."""
+    if not paths or list(paths) == ["*"]:
+        return frozenset(updatable)
+    problems = []
+    for path in paths:
+        if path in updatable:
+            continue
+        head = path.split(".")[0]
+        shown = path if len(path) <= MAX_ECHOED_PATH else path[: MAX_ECHOED_PATH - 1] + "…"
+        if path == "*":
+            why = "“*” must be the only path"
+        elif head in updatable:
+            why = f"{shown} is a sub-path: name {head}, which is replaced whole"
+        elif head in resource.fields_by_name:
+            why = f"{shown} cannot be updated (updatable: {', '.join(updatable)})"
+        else:
+            why = f"{shown} is not a field of {resource.name} (updatable: {', '.join(updatable)})"
+        problems.append(FieldViolation("update_mask", why, UpdateMaskInvalid.reason))
+        if len(problems) == MAX_MASK_VIOLATIONS:
+            break
+    if problems:
+        raise UpdateMaskInvalid(f"update_mask: {problems[0].description}", problems)
+    return frozenset(paths)
+
+
+def _etag(value: str) -> str | None:
+    """An update's etag, None when not sent. Any other text is compared as sent: one that is
+    not an etag of this service never equals the definition's (ABORTED, not INVALID_ARGUMENT,
+    as for a stale one)."""
+    return value or None
 
 
 # --- proto → domain ---------------------------------------------------------------------
@@ -169,17 +227,53 @@ def segment_definition_from_proto(request: pb.CreateSegmentRequest) -> SegmentDe
     bad = Violations()
     _names(request.display_name, request.description, bad)
     request_id = _request_id(request.request_id, bad)
-    node: FilterNode | None = None
-    if not request.HasField("filter"):
-        bad.add("filter", "is required")
-    else:
-        counter = [0]
-        node = _node(request.filter, "filter", 1, counter, bad)
-        if counter[0] > MAX_CONDITIONS:
-            bad.add("filter", f"has {counter[0]} conditions; at most {MAX_CONDITIONS} allowed")
+    node = _filter(request.filter if request.HasField("filter") else None, "filter", bad)
     bad.raise_if_any()
     assert node is not None
     return SegmentDefinition(request.display_name, request.description, node, request_id)
+
+
+def segment_update_from_proto(request: pb.UpdateSegmentRequest, segment_id: UUID) -> SegmentUpdate:
+    """The validated update of the segment `segment_id`: each field the mask names checked as
+    CreateSegment checks it, with its path in the request (`segment.filter...`). Raises
+    UpdateMaskInvalid (the mask, checked first: it says which fields to check) or
+    DefinitionInvalid with every bad field."""
+    fields = _mask_paths(
+        request.update_mask.paths, SEGMENT_UPDATABLE, segments_pb2.Segment.DESCRIPTOR
+    )
+    segment = request.segment
+    bad = Violations()
+    if "display_name" in fields:
+        _display_name(segment.display_name, "segment.display_name", bad)
+    if "description" in fields:
+        _description(segment.description, "segment.description", bad)
+    node: FilterNode | None = None
+    if "filter" in fields:
+        node = _filter(
+            segment.filter if segment.HasField("filter") else None, "segment.filter", bad
+        )
+    bad.raise_if_any()
+    return SegmentUpdate(
+        segment_id,
+        display_name=segment.display_name if "display_name" in fields else None,
+        description=segment.description if "description" in fields else None,
+        filter=node,
+        etag=_etag(segment.etag),
+    )
+
+
+def _filter(
+    message: filters_pb2.FilterNode | None, path: str, bad: Violations
+) -> FilterNode | None:
+    """A required filter tree, every bad node reported under `path`."""
+    if message is None:
+        bad.add(path, "is required")
+        return None
+    counter = [0]
+    node = _node(message, path, 1, counter, bad)
+    if counter[0] > MAX_CONDITIONS:
+        bad.add(path, f"has {counter[0]} conditions; at most {MAX_CONDITIONS} allowed")
+    return node
 
 
 def _node(
@@ -524,52 +618,97 @@ def funnel_definition_from_proto(request: pb.CreateFunnelRequest) -> FunnelDefin
     bad = Violations()
     _names(request.display_name, request.description, bad)
     request_id = _request_id(request.request_id, bad)
-    count = len(request.steps)
+    steps = _steps(request.steps, "steps", bad)
+    window = _window(
+        request.conversion_window if request.HasField("conversion_window") else None,
+        "conversion_window",
+        bad,
+    )
+    bad.raise_if_any()
+    assert window is not None
+    return FunnelDefinition(
+        request.display_name, request.description, tuple(steps), window, request_id
+    )
+
+
+def funnel_update_from_proto(request: pb.UpdateFunnelRequest, funnel_id: UUID) -> FunnelUpdate:
+    """The validated update of the funnel `funnel_id`, as segment_update_from_proto: each field
+    the mask names checked as CreateFunnel checks it, with its path in the request
+    (`funnel.steps[1].event_name`). Raises UpdateMaskInvalid or DefinitionInvalid."""
+    fields = _mask_paths(request.update_mask.paths, FUNNEL_UPDATABLE, funnels_pb2.Funnel.DESCRIPTOR)
+    funnel = request.funnel
+    bad = Violations()
+    if "display_name" in fields:
+        _display_name(funnel.display_name, "funnel.display_name", bad)
+    if "description" in fields:
+        _description(funnel.description, "funnel.description", bad)
+    steps = _steps(funnel.steps, "funnel.steps", bad) if "steps" in fields else None
+    window = None
+    if "conversion_window" in fields:
+        window = _window(
+            funnel.conversion_window if funnel.HasField("conversion_window") else None,
+            "funnel.conversion_window",
+            bad,
+        )
+    bad.raise_if_any()
+    return FunnelUpdate(
+        funnel_id,
+        display_name=funnel.display_name if "display_name" in fields else None,
+        description=funnel.description if "description" in fields else None,
+        steps=None if steps is None else tuple(steps),
+        conversion_window=window,
+        etag=_etag(funnel.etag),
+    )
+
+
+def _steps(steps: Sequence[funnels_pb2.FunnelStep], path: str, bad: Violations) -> list[FunnelStep]:
+    """A funnel's steps, each bad one reported under `path[i]`."""
+    count = len(steps)
     if not MIN_FUNNEL_STEPS <= count <= MAX_FUNNEL_STEPS:
-        bad.add("steps", f"must hold {MIN_FUNNEL_STEPS} to {MAX_FUNNEL_STEPS} steps, not {count}")
-    steps: list[FunnelStep] = []
-    for i, step in enumerate(request.steps[:MAX_FUNNEL_STEPS]):
-        path = f"steps[{i}]"
+        bad.add(path, f"must hold {MIN_FUNNEL_STEPS} to {MAX_FUNNEL_STEPS} steps, not {count}")
+    checked: list[FunnelStep] = []
+    for i, step in enumerate(steps[:MAX_FUNNEL_STEPS]):
+        step_path = f"{path}[{i}]"
         if NAME.fullmatch(step.event_name) is None:
-            bad.add(f"{path}.event_name", "must match ^[a-zA-Z0-9_]{1,30}$")
+            bad.add(f"{step_path}.event_name", "must match ^[a-zA-Z0-9_]{1,30}$")
             continue
         condition: AttributeTest | None = None
         if step.HasField("attribute_condition"):
             test = step.attribute_condition
-            cpath = f"{path}.attribute_condition"
+            cpath = f"{step_path}.attribute_condition"
             name_ok = NAME.fullmatch(test.attribute_name) is not None
             if not name_ok:
                 bad.add(f"{cpath}.attribute_name", "must match ^[a-zA-Z0-9_]{1,30}$")
-            checked = _comparison(
+            compared = _comparison(
                 test.operator,
                 test.value if test.HasField("value") else None,
                 list(test.values),
                 cpath,
                 bad,
             )
-            if checked is None or not name_ok:
+            if compared is None or not name_ok:
                 continue
-            operator, value, values = checked
+            operator, value, values = compared
             condition = AttributeTest(
                 False, test.attribute_name.lower(), operator, value, values, test.ignore_case
             )
-        steps.append(FunnelStep(step.event_name.lower(), condition))
-    window: timedelta | None = None
-    if not request.HasField("conversion_window"):
-        bad.add("conversion_window", "is required (1 minute to 90 days)")
-    else:
-        window = request.conversion_window.ToTimedelta()
-        if not MIN_CONVERSION_WINDOW <= window <= MAX_CONVERSION_WINDOW:
-            bad.add("conversion_window", "must be 1 minute to 90 days")
-    bad.raise_if_any()
-    assert window is not None
+        checked.append(FunnelStep(step.event_name.lower(), condition))
+    return checked
+
+
+def _window(duration: Duration | None, path: str, bad: Violations) -> timedelta | None:
+    """A required conversion window, 1 minute to 90 days, kept to the millisecond."""
+    if duration is None:
+        bad.add(path, "is required (1 minute to 90 days)")
+        return None
+    window = duration.ToTimedelta()
+    if not MIN_CONVERSION_WINDOW <= window <= MAX_CONVERSION_WINDOW:
+        bad.add(path, "must be 1 minute to 90 days")
+        return None
     # The funnel keeps its window to the millisecond (funnels.conversion_window_ms), and every
     # count and attempt uses that: the definition holds it already, so that CreateFunnel and
     # its preview answer the window GetFunnel shows and the counts apply, not the one sent.
-    window -= window % CONVERSION_WINDOW_PRECISION
-    return FunnelDefinition(
-        request.display_name, request.description, tuple(steps), window, request_id
-    )
+    return window - window % CONVERSION_WINDOW_PRECISION
 
 
 # --- domain → proto ---------------------------------------------------------------------
@@ -658,6 +797,7 @@ def segment_to_proto(segment: CustomSegment) -> segments_pb2.Segment:
         create_time=_timestamp(segment.create_time),
         size=segment.size,
         size_time=_timestamp(segment.size_time),
+        etag=segment.etag,
     )
 
 
@@ -678,6 +818,7 @@ def funnel_to_proto(funnel: Funnel) -> funnels_pb2.Funnel:
     message.funnel_id = str(funnel.funnel_id)
     message.create_time.CopyFrom(_timestamp(funnel.create_time))
     message.reached_profile_counts.extend(funnel.reached_profile_counts)
+    message.etag = funnel.etag
     return message
 
 

@@ -30,9 +30,12 @@ from services.segments.definitions_repository import (
     DefinitionsTransaction,
     ProfileCheck,
     SegmentRef,
+    StoredFunnel,
+    StoredSegment,
 )
 from services.segments.errors import (
     ConcurrentChange,
+    EtagMismatch,
     FunnelNotFound,
     LimitReached,
     NameTaken,
@@ -45,6 +48,8 @@ from services.segments.filters import (
     MAX_SEGMENTS_PER_PROJECT,
     CustomSegment,
     SegmentDefinition,
+    SegmentUpdate,
+    same_filter,
     size_exact_as_of,
     sweep_due,
 )
@@ -53,6 +58,7 @@ from services.segments.funnels import (
     Funnel,
     FunnelAttempt,
     FunnelDefinition,
+    FunnelUpdate,
     best_attempt,
 )
 from services.segments.model import ChangeCause, MembershipChange
@@ -66,6 +72,9 @@ MAX_PAGE_SIZE = 200
 # Profiles entering or leaving one segment per evaluation transaction: bounds the rows held in
 # memory and the outbox rows of one commit.
 EVALUATION_BATCH = 500
+# Times UpdateSegment starts its recomputation again after a batch lost a deadlock, before
+# leaving it to the sweep.
+RECOMPUTE_ATTEMPTS = 3
 
 
 T = TypeVar("T")
@@ -149,6 +158,25 @@ class SegmentPreview:
     definition: SegmentDefinition
     size: int
     size_time: datetime
+
+
+@dataclass(slots=True)
+class Moves:
+    """The profiles an evaluation announced entering and leaving a segment, so far."""
+
+    entered: int = 0
+    left: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentUpdated:
+    """What UpdateSegment answers: the segment as stored after the update (with validate_only,
+    as it would be), and how many profiles entered and left its members (would enter and
+    leave)."""
+
+    segment: CustomSegment
+    entered: int
+    left: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,6 +282,103 @@ class DefinitionsService:
         next_token = encode_token("segments", stored[size - 1].seq) if len(stored) > size else ""
         return Page(items, next_token)
 
+    async def update_segment(self, project_id: UUID, update: SegmentUpdate) -> SegmentUpdated:
+        """Changes the segment's definition. After a filter change, recomputes its members for
+        the new filter before returning: the members that no longer match leave and the
+        profiles that match now enter, each announced (cause DEFINITION); a profile matching
+        both is not touched, nor is any member when only the name or description changed.
+        The change commits first, under a lock that waits for the event transactions that
+        read the old filter (see LOCK_SEGMENT_FOR_UPDATE): from then on every event is
+        evaluated against the new filter, and the recomputation, which locks and checks its
+        candidates again as the sweep does, never announces a profile an event just moved.
+        Concurrent updates apply one after the other (the project's definition lock).
+        Idempotent: the same update again changes nothing. Raises SegmentNotFound,
+        EtagMismatch, NameTaken."""
+        try:
+            async with self._repository.transaction() as tx:
+                await tx.lock_definitions(project_id, "segments")
+                stored = await tx.lock_segment_for_update(project_id, update.segment_id)
+                current, updated = await self._checked_segment_update(
+                    tx, project_id, update, stored
+                )
+                refilter = not same_filter(current.filter, updated.filter)
+                if updated != current:
+                    await tx.update_segment(project_id, updated, refilter=refilter)
+        except asyncpg.UniqueViolationError as exc:  # a race the advisory lock did not cover
+            raise NameTaken("another segment has this display_name") from exc
+        moves = Moves()
+        if refilter:
+            ref = SegmentRef(
+                project_id, update.segment_id, updated.filter, current.create_time, None
+            )
+            await self._recompute(ref, moves)
+        log.info(
+            "custom_segment_updated",
+            segment_id=str(update.segment_id),
+            refilter=refilter,
+            entered=moves.entered,
+            left=moves.left,
+        )
+        segment = await self.get_segment(project_id, update.segment_id)
+        return SegmentUpdated(segment, moves.entered, moves.left)
+
+    async def _recompute(self, ref: SegmentRef, moves: Moves) -> None:
+        """The members of a segment whose filter just changed, recomputed for it (cause
+        DEFINITION). A batch that lost a deadlock to a merge or an event (which lock the same
+        profiles) rolled back alone: the evaluation, idempotent, starts again from what is
+        stored; after RECOMPUTE_ATTEMPTS the sweep finishes it (the change cleared
+        evaluate_time, so the segment is due at its next run)."""
+        for attempt in range(1, RECOMPUTE_ATTEMPTS + 1):
+            try:
+                await self._evaluate(ref, ChangeCause.DEFINITION, None, moves, wait=True)
+                return
+            except ConcurrentChange:
+                log.info(
+                    "custom_segment_recompute_retried",
+                    segment_id=str(ref.segment_id),
+                    attempt=attempt,
+                )
+        log.warning("custom_segment_recompute_left_to_sweep", segment_id=str(ref.segment_id))
+
+    async def preview_segment_update(
+        self, project_id: UUID, update: SegmentUpdate
+    ) -> SegmentUpdated:
+        """The segment update_segment would leave now, with the profiles that would enter and
+        leave its members, with nothing stored and nothing announced. Checked as update_segment
+        checks it: raises SegmentNotFound, EtagMismatch, NameTaken. Reads only, without locks,
+        so it never waits for writers."""
+        now = self._clock.now()
+        async with self._repository.transaction() as tx:
+            stored = await tx.segment(project_id, update.segment_id)
+            current, updated = await self._checked_segment_update(tx, project_id, update, stored)
+            if same_filter(current.filter, updated.filter):
+                return SegmentUpdated(self._as_of(updated), 0, 0)
+            size, entered, left = await tx.membership_diff(
+                project_id, update.segment_id, updated.filter, now
+            )
+        log.info("custom_segment_update_previewed", size=size, entered=entered, left=left)
+        return SegmentUpdated(replace(updated, size=size, size_time=now), entered, left)
+
+    async def _checked_segment_update(
+        self,
+        tx: DefinitionsTransaction,
+        project_id: UUID,
+        update: SegmentUpdate,
+        stored: StoredSegment | None,
+    ) -> tuple[CustomSegment, CustomSegment]:
+        """(the segment, the segment updated) once nothing refuses the update: the segment
+        exists, still has the etag the caller read, and its new name is no other's."""
+        if stored is None:
+            raise SegmentNotFound(f"no custom segment {update.segment_id} in this project")
+        current = stored.segment
+        if update.etag is not None and update.etag != current.etag:
+            raise EtagMismatch("the segment changed since it was read (etag); read it again")
+        if update.display_name is not None and await tx.segment_name_taken_by_other(
+            project_id, update.display_name, update.segment_id
+        ):
+            raise NameTaken("another segment has this display_name")
+        return current, update.applied_to(current)
+
     async def delete_segment(self, project_id: UUID, segment_id: UUID, allow_missing: bool) -> None:
         """Deletes the segment and its stored members; members get no LEFT change."""
         async with self._repository.transaction() as tx:
@@ -275,8 +400,12 @@ class DefinitionsService:
         for ref in await self._repository.all_segments():
             if due_only and not sweep_due(ref.filter, ref.create_time, ref.evaluate_time, now):
                 continue
+            # No evaluation since its filter changed (update_segment clears evaluate_time): the
+            # changes found finish that recomputation (its caller went away, or this runs
+            # beside it), so they keep its cause.
+            why = ChangeCause.DEFINITION if ref.evaluate_time is None else cause
             try:
-                total += await self.evaluate(ref, cause)
+                total += await self.evaluate(ref, why)
             except ConcurrentChange:
                 log.info("custom_segment_evaluation_retried_later", segment_id=str(ref.segment_id))
         return total
@@ -305,13 +434,30 @@ class DefinitionsService:
         locked (SKIP LOCKED) for each batch. Safe beside the event transactions, which evaluate
         their profile as they handle it: the candidates are locked as those transactions lock
         them, then checked again, so a profile an event just moved is not announced twice."""
-        announced = 0
+        moves = Moves()
+        await self._evaluate(ref, cause, changed, moves)
+        return moves.entered + moves.left
+
+    async def _evaluate(
+        self,
+        ref: SegmentRef,
+        cause: ChangeCause,
+        changed: set[UUID] | None,
+        moves: Moves,
+        *,
+        wait: bool = False,
+    ) -> None:
+        """evaluate, counting in `moves` the profiles announced entering and leaving (as each
+        batch commits, so a later batch that fails leaves the count of those before it); with
+        `wait`, a batch waits for another evaluator's batch instead of leaving the segment to
+        it. Each batch reads the filter as it locks the segment, so an evaluation under way when
+        the filter changes goes on with the new one."""
         while True:
             now = self._clock.now()
             async with self._repository.transaction() as tx:
-                node = await tx.lock_segment(ref.project_id, ref.segment_id)
+                node = await tx.lock_segment(ref.project_id, ref.segment_id, wait=wait)
                 if node is None:
-                    return announced  # deleted, or another replica is evaluating it
+                    return  # deleted, or (without `wait`) another replica is evaluating it
                 entered = await tx.entered(
                     ref.project_id, ref.segment_id, node, now, EVALUATION_BATCH
                 )
@@ -339,11 +485,13 @@ class DefinitionsService:
                 else:
                     await tx.apply_members(ref.project_id, ref.segment_id, [], [], now)
                 await tx.enqueue_changes(ref.project_id, changes)
-            announced += len(changes)
+            entered_now = sum(1 for _, change in changes if change.entered)
+            moves.entered += entered_now
+            moves.left += len(changes) - entered_now
             if changed is not None:
                 changed.update(p for p, _ in changes)
             if not full or not changes:
-                return announced
+                return
 
     async def evaluate_profiles(
         self,
@@ -451,6 +599,52 @@ class DefinitionsService:
         # Counted after the checks' connection went back to the pool, as create_funnel does.
         counts = await self._repository.funnel_counts(project_id, definition, self._clock.now())
         return FunnelPreview(definition, tuple(counts))
+
+    async def update_funnel(self, project_id: UUID, update: FunnelUpdate) -> Funnel:
+        """Changes the funnel's definition and returns it with its per-step counts by the new
+        one. Nothing per profile is stored (counts and progress are read from events with the
+        definition of the moment), so nothing else changes. Concurrent updates apply one after
+        the other. Idempotent. Raises FunnelNotFound, EtagMismatch, NameTaken."""
+        try:
+            async with self._repository.transaction() as tx:
+                await tx.lock_definitions(project_id, "funnels")
+                stored = await tx.lock_funnel_for_update(project_id, update.funnel_id)
+                current, updated = await self._checked_funnel_update(tx, project_id, update, stored)
+                if updated != current:
+                    await tx.update_funnel(project_id, updated)
+        except asyncpg.UniqueViolationError as exc:
+            raise NameTaken("another funnel has this display_name") from exc
+        log.info("funnel_updated", funnel_id=str(update.funnel_id), changed=updated != current)
+        # Counted after the commit, on a connection of its own, as create_funnel does.
+        return await self._counted(project_id, updated)
+
+    async def preview_funnel_update(self, project_id: UUID, update: FunnelUpdate) -> Funnel:
+        """The funnel update_funnel would leave now, with its per-step counts as of now, with
+        nothing stored. Checked as update_funnel checks it: raises FunnelNotFound,
+        EtagMismatch, NameTaken."""
+        async with self._repository.transaction() as tx:
+            stored = await tx.funnel(project_id, update.funnel_id)
+            _, updated = await self._checked_funnel_update(tx, project_id, update, stored)
+        return await self._counted(project_id, updated)
+
+    async def _checked_funnel_update(
+        self,
+        tx: DefinitionsTransaction,
+        project_id: UUID,
+        update: FunnelUpdate,
+        stored: StoredFunnel | None,
+    ) -> tuple[Funnel, Funnel]:
+        """(the funnel, the funnel updated) once nothing refuses the update."""
+        if stored is None:
+            raise FunnelNotFound(f"no funnel {update.funnel_id} in this project")
+        current = stored.funnel
+        if update.etag is not None and update.etag != current.etag:
+            raise EtagMismatch("the funnel changed since it was read (etag); read it again")
+        if update.display_name is not None and await tx.funnel_name_taken_by_other(
+            project_id, update.display_name, update.funnel_id
+        ):
+            raise NameTaken("another funnel has this display_name")
+        return current, update.applied_to(current)
 
     async def get_funnel(self, project_id: UUID, funnel_id: UUID) -> Funnel:
         """The funnel with its per-step counts as of now. Raises FunnelNotFound."""

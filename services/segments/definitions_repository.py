@@ -65,11 +65,36 @@ SEGMENT_NAME_TAKEN = """
     SELECT EXISTS (SELECT 1 FROM custom_segments
                    WHERE project_id = $1
                      AND segments_fold_case(display_name) = segments_fold_case($2))"""
+# UpdateSegment's check: the same rule, the segment itself aside (another case of its own name
+# is a rename, not a collision).
+SEGMENT_NAME_TAKEN_BY_OTHER = """
+    SELECT EXISTS (SELECT 1 FROM custom_segments
+                   WHERE project_id = $1 AND segment_id <> $3
+                     AND segments_fold_case(display_name) = segments_fold_case($2))"""
 COUNT_SEGMENTS = "SELECT count(*) FROM custom_segments WHERE project_id = $1"
 INSERT_SEGMENT = """
     INSERT INTO custom_segments (project_id, segment_id, display_name, description, filter,
                                  request_id, definition_hash, create_time, evaluate_time)
     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8)"""
+# UpdateSegment's lock on the segment it changes. FOR UPDATE conflicts with the FOR KEY SHARE
+# of SELECT_SEGMENTS_FOR_PROFILE: it waits until every event transaction that read the old
+# filter has committed, and the event transactions queued behind it read the new one (READ
+# COMMITTED follows the updated row), so once the change commits no profile is evaluated
+# against the old filter again. It also waits for an evaluation batch (NO KEY UPDATE), whose
+# next batch reads the new filter. The transaction takes no profile lock, so it never waits on
+# a transaction that waits on it. OF g: the sizes read beside are not locked.
+LOCK_SEGMENT_FOR_UPDATE = (
+    SELECT_SEGMENT_COLUMNS + " WHERE project_id = $1 AND segment_id = $2 FOR UPDATE OF g"
+)
+# A filter change clears evaluate_time: the sweep takes the segment as due at its next run, so a
+# recomputation its UpdateSegment call did not finish (the caller went away) is finished within
+# an evaluation interval, and its changes keep the cause DEFINITION (evaluate_all). The creation's
+# request_id and definition_hash stay: a retried CreateSegment still finds its segment.
+UPDATE_SEGMENT = """
+    UPDATE custom_segments
+    SET display_name = $3, description = $4, filter = $5,
+        evaluate_time = CASE WHEN $6::boolean THEN NULL ELSE evaluate_time END
+    WHERE project_id = $1 AND segment_id = $2"""
 DELETE_SEGMENT = """
     DELETE FROM custom_segments WHERE project_id = $1 AND segment_id = $2 RETURNING 1"""
 DELETE_SEGMENT_MEMBERS = """
@@ -91,6 +116,12 @@ SELECT_PROJECT_SEGMENTS = """
 LOCK_SEGMENT = """
     SELECT filter FROM custom_segments WHERE project_id = $1 AND segment_id = $2
     FOR NO KEY UPDATE SKIP LOCKED"""
+# The same lock for the recomputation UpdateSegment runs after changing the filter: it waits
+# for an evaluation batch of another evaluator instead of skipping the segment, so that the call
+# returns once the members are those of the new filter.
+LOCK_SEGMENT_WAITING = """
+    SELECT filter FROM custom_segments WHERE project_id = $1 AND segment_id = $2
+    FOR NO KEY UPDATE"""
 # The project's segments, for evaluating one profile in an event transaction. FOR KEY SHARE: a
 # DeleteSegment waits until the transaction commits (so no member row outlives its segment),
 # while the sweep's NO KEY UPDATE lock and its evaluate_time update go on beside it.
@@ -182,6 +213,20 @@ CHECK_PROFILES = (
     " FROM unnest(${m}::uuid[]) AS c(profile_id) LEFT JOIN identity_read_profiles() p"
     " ON p.project_id = $1 AND p.profile_id = c.profile_id ORDER BY c.profile_id"
 )
+# UpdateSegment's preview of a filter change, in one snapshot: the live profiles matching the
+# new filter, those of them not members (SELECT_ENTERED's rows, unbounded) and the members that
+# would leave (SELECT_LEFT's rows). Counted only: the recomputation finds the same rows.
+COUNT_MEMBERSHIP_DIFF = (
+    "SELECT $2::timestamptz AS as_of, c.matching, c.entering, (SELECT count(*)"
+    " FROM custom_segment_members m LEFT JOIN LATERAL (SELECT * FROM identity_read_profiles() q"
+    " WHERE q.project_id = m.project_id AND q.profile_id = m.profile_id LIMIT 1) p ON true"
+    " WHERE m.project_id = $1 AND m.segment_id = ${n}::uuid AND $2::timestamptz IS NOT NULL"
+    " AND NOT (CASE WHEN p.profile_id IS NULL OR p.merged_into IS NOT NULL THEN false"
+    " ELSE {where} END)) AS leaving"
+    " FROM (SELECT count(*) AS matching, count(*) FILTER (WHERE NOT EXISTS (SELECT 1"
+    " FROM custom_segment_members x WHERE x.project_id = $1 AND x.segment_id = ${n}::uuid"
+    " AND x.profile_id = p.profile_id)) AS entering " + LIVE_PROFILES + " AND {where}) c"
+)
 # One profile ($3) against several segments' filters at once (one column each, {columns}):
 # the per-profile evaluation of an event transaction, one round trip per chunk of segments,
 # each condition a lookup through the per-profile indexes. No row: the profile is erased.
@@ -211,7 +256,22 @@ FUNNEL_NAME_TAKEN = """
     SELECT EXISTS (SELECT 1 FROM funnels
                    WHERE project_id = $1
                      AND segments_fold_case(display_name) = segments_fold_case($2))"""
+FUNNEL_NAME_TAKEN_BY_OTHER = """
+    SELECT EXISTS (SELECT 1 FROM funnels
+                   WHERE project_id = $1 AND funnel_id <> $3
+                     AND segments_fold_case(display_name) = segments_fold_case($2))"""
 COUNT_FUNNELS = "SELECT count(*) FROM funnels WHERE project_id = $1"
+# UpdateFunnel's lock: two updates of one funnel apply one after the other, each checking the
+# etag and the name against the one before. Nothing else locks funnels (counts and progress
+# read them without locks, at read time).
+LOCK_FUNNEL_FOR_UPDATE = (
+    SELECT_FUNNEL_COLUMNS + " WHERE project_id = $1 AND funnel_id = $2 FOR UPDATE"
+)
+# request_id and definition_hash stay the creation's, as for segments.
+UPDATE_FUNNEL = """
+    UPDATE funnels
+    SET display_name = $3, description = $4, steps = $5, conversion_window_ms = $6
+    WHERE project_id = $1 AND funnel_id = $2"""
 INSERT_FUNNEL = """
     INSERT INTO funnels (project_id, funnel_id, display_name, description, steps,
                          conversion_window_ms, request_id, definition_hash, create_time)
@@ -428,6 +488,50 @@ class DefinitionsTransaction:
     async def segment_name_taken(self, project_id: UUID, name: str) -> bool:
         return bool(await self._conn.fetchval(SEGMENT_NAME_TAKEN, project_id, name))
 
+    async def segment_name_taken_by_other(
+        self, project_id: UUID, name: str, segment_id: UUID
+    ) -> bool:
+        return bool(
+            await self._conn.fetchval(SEGMENT_NAME_TAKEN_BY_OTHER, project_id, name, segment_id)
+        )
+
+    async def segment(self, project_id: UUID, segment_id: UUID) -> StoredSegment | None:
+        row = await self._conn.fetchrow(SELECT_SEGMENT_BY_ID, project_id, segment_id)
+        return None if row is None else _segment(row)
+
+    async def lock_segment_for_update(
+        self, project_id: UUID, segment_id: UUID
+    ) -> StoredSegment | None:
+        """The segment, locked against event transactions and evaluations until the commit
+        (see LOCK_SEGMENT_FOR_UPDATE); None if there is none."""
+        row = await self._conn.fetchrow(LOCK_SEGMENT_FOR_UPDATE, project_id, segment_id)
+        return None if row is None else _segment(row)
+
+    async def update_segment(
+        self, project_id: UUID, segment: CustomSegment, *, refilter: bool
+    ) -> None:
+        """Stores the segment's new definition; `refilter` (its filter changed) makes it due
+        for evaluation at once."""
+        await self._conn.execute(
+            UPDATE_SEGMENT,
+            project_id,
+            segment.segment_id,
+            segment.display_name,
+            segment.description,
+            filter_to_json(segment.filter),
+            refilter,
+        )
+
+    async def membership_diff(
+        self, project_id: UUID, segment_id: UUID, node: FilterNode, now: datetime
+    ) -> tuple[int, int, int]:
+        """(profiles matching `node`, those of them not members, members not matching) as of
+        `now`, in one snapshot: what recomputing the members for `node` would leave and move."""
+        sql, params, _ = _compiled(node, COUNT_MEMBERSHIP_DIFF)
+        row = await self._conn.fetchrow(sql, project_id, now, *params, segment_id)
+        assert row is not None
+        return int(row["matching"]), int(row["entering"]), int(row["leaving"])
+
     async def count_segments(self, project_id: UUID) -> int:
         return int(await self._conn.fetchval(COUNT_SEGMENTS, project_id))
 
@@ -466,9 +570,13 @@ class DefinitionsTransaction:
         await self._conn.execute(DELETE_SEGMENT_SIZES, project_id, segment_id)
         return deleted is not None
 
-    async def lock_segment(self, project_id: UUID, segment_id: UUID) -> FilterNode | None:
-        """The segment's filter, locked for evaluation; None if deleted or locked elsewhere."""
-        row = await self._conn.fetchrow(LOCK_SEGMENT, project_id, segment_id)
+    async def lock_segment(
+        self, project_id: UUID, segment_id: UUID, *, wait: bool = False
+    ) -> FilterNode | None:
+        """The segment's filter, locked for evaluation; None if deleted or (unless `wait`)
+        locked by another evaluator."""
+        statement = LOCK_SEGMENT_WAITING if wait else LOCK_SEGMENT
+        row = await self._conn.fetchrow(statement, project_id, segment_id)
         return None if row is None else filter_from_json(row["filter"])
 
     async def entered(
@@ -584,6 +692,34 @@ class DefinitionsTransaction:
 
     async def count_funnels(self, project_id: UUID) -> int:
         return int(await self._conn.fetchval(COUNT_FUNNELS, project_id))
+
+    async def funnel_name_taken_by_other(
+        self, project_id: UUID, name: str, funnel_id: UUID
+    ) -> bool:
+        return bool(
+            await self._conn.fetchval(FUNNEL_NAME_TAKEN_BY_OTHER, project_id, name, funnel_id)
+        )
+
+    async def funnel(self, project_id: UUID, funnel_id: UUID) -> StoredFunnel | None:
+        row = await self._conn.fetchrow(SELECT_FUNNEL_BY_ID, project_id, funnel_id)
+        return None if row is None else _funnel(row)
+
+    async def lock_funnel_for_update(
+        self, project_id: UUID, funnel_id: UUID
+    ) -> StoredFunnel | None:
+        row = await self._conn.fetchrow(LOCK_FUNNEL_FOR_UPDATE, project_id, funnel_id)
+        return None if row is None else _funnel(row)
+
+    async def update_funnel(self, project_id: UUID, funnel: Funnel) -> None:
+        await self._conn.execute(
+            UPDATE_FUNNEL,
+            project_id,
+            funnel.funnel_id,
+            funnel.display_name,
+            funnel.description,
+            steps_to_json(funnel.steps),
+            funnel.conversion_window // timedelta(milliseconds=1),
+        )
 
     async def insert_funnel(
         self, project_id: UUID, funnel_id: UUID, definition: FunnelDefinition, now: datetime

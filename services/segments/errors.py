@@ -67,6 +67,18 @@ class DefinitionInvalid(InvalidArgument):
     reason = "DEFINITION_INVALID"
 
 
+class UpdateMaskInvalid(InvalidArgument):
+    """An update_mask path that is unknown, a sub-path, or names a field no update changes."""
+
+    reason = "UPDATE_MASK_INVALID"
+
+
+class EtagMismatch(Aborted):
+    """An update's etag is not the definition's current one: it changed since it was read."""
+
+    reason = "ETAG_MISMATCH"
+
+
 class FunnelIdInvalid(InvalidArgument):
     reason = "FUNNEL_ID_INVALID"
 

@@ -12,7 +12,7 @@ import enum
 import hashlib
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID
@@ -294,6 +294,10 @@ class SegmentDefinition:
         return hashlib.sha256(text.encode()).hexdigest()
 
 
+# Hex digits of an etag: 80 bits of the definition's SHA-256, far beyond what edits collide on.
+ETAG_LENGTH = 20
+
+
 @dataclass(frozen=True, slots=True)
 class CustomSegment:
     """`size` is the number of stored members; it is exact as of `size_time` (see
@@ -306,6 +310,45 @@ class CustomSegment:
     create_time: datetime
     size: int
     size_time: datetime
+
+    @property
+    def etag(self) -> str:
+        """A fingerprint of the definition (AIP-154): equal etags, equal definitions. Taken
+        from the content, so two edits that leave the same definition leave the same etag,
+        and an update checked against it applies to exactly the definition its caller read."""
+        definition = SegmentDefinition(self.display_name, self.description, self.filter)
+        return definition.fingerprint[:ETAG_LENGTH]
+
+
+# The fields UpdateSegment may change, by their names in the contract's Segment.
+SEGMENT_UPDATABLE = ("display_name", "description", "filter")
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentUpdate:
+    """What UpdateSegment asks for: the new value of each field it changes (None: kept), and
+    the etag the segment must still have (None: any, the last writer wins)."""
+
+    segment_id: UUID
+    display_name: str | None = None
+    description: str | None = None
+    filter: FilterNode | None = None
+    etag: str | None = None
+
+    def applied_to(self, segment: CustomSegment) -> CustomSegment:
+        """The segment with this update's fields (its size is still the stored one)."""
+        return replace(
+            segment,
+            display_name=segment.display_name if self.display_name is None else self.display_name,
+            description=segment.description if self.description is None else self.description,
+            filter=segment.filter if self.filter is None else self.filter,
+        )
+
+
+def same_filter(a: FilterNode, b: FilterNode) -> bool:
+    """Whether two filters are the same tree, as stored: an update that leaves the filter so
+    recomputes nothing."""
+    return filter_to_json(a) == filter_to_json(b)
 
 
 def depends_on_time(node: FilterNode) -> bool:

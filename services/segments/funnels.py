@@ -13,12 +13,17 @@ import bisect
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID
 
-from services.segments.filters import AttributeTest, filter_from_json, filter_to_json
+from services.segments.filters import (
+    ETAG_LENGTH,
+    AttributeTest,
+    filter_from_json,
+    filter_to_json,
+)
 
 # --- funnels -------------------------------------------------------------------------------
 
@@ -85,6 +90,47 @@ class Funnel:
     conversion_window: timedelta
     create_time: datetime
     reached_profile_counts: tuple[int, ...] = ()
+
+    @property
+    def etag(self) -> str:
+        """A fingerprint of the definition (AIP-154), as CustomSegment.etag: equal etags,
+        equal definitions; the counts do not change it."""
+        definition = FunnelDefinition(
+            self.display_name, self.description, self.steps, self.conversion_window
+        )
+        return definition.fingerprint[:ETAG_LENGTH]
+
+
+# The fields UpdateFunnel may change, by their names in the contract's Funnel.
+FUNNEL_UPDATABLE = ("display_name", "description", "steps", "conversion_window")
+
+
+@dataclass(frozen=True, slots=True)
+class FunnelUpdate:
+    """What UpdateFunnel asks for: the new value of each field it changes (None: kept), and
+    the etag the funnel must still have (None: any, the last writer wins)."""
+
+    funnel_id: UUID
+    display_name: str | None = None
+    description: str | None = None
+    steps: tuple[FunnelStep, ...] | None = None
+    conversion_window: timedelta | None = None  # kept to the millisecond, as a creation's
+    etag: str | None = None
+
+    def applied_to(self, funnel: Funnel) -> Funnel:
+        """The funnel with this update's fields, without counts (they follow the definition)."""
+        return replace(
+            funnel,
+            display_name=funnel.display_name if self.display_name is None else self.display_name,
+            description=funnel.description if self.description is None else self.description,
+            steps=funnel.steps if self.steps is None else self.steps,
+            conversion_window=(
+                funnel.conversion_window
+                if self.conversion_window is None
+                else self.conversion_window
+            ),
+            reached_profile_counts=(),
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -75,6 +75,7 @@ class ChangeCause(enum.IntEnum):
     SPLIT = 4
     DELETION = 5
     RECOMPUTE = 6
+    DEFINITION = 7  # a custom segment's filter changed (UpdateSegment)
 
 
 @dataclass(frozen=True, slots=True)

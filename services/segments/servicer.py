@@ -20,9 +20,11 @@ from services.segments.convert import (
     funnel_definition_from_proto,
     funnel_preview_to_proto,
     funnel_to_proto,
+    funnel_update_from_proto,
     segment_definition_from_proto,
     segment_preview_to_proto,
     segment_to_proto,
+    segment_update_from_proto,
 )
 from services.segments.definitions import DefinitionsService, FunnelProgress
 from services.segments.errors import (
@@ -269,6 +271,22 @@ class SegmentsServicer(pb_grpc.SegmentsServiceServicer):
             next_page_token=page.next_page_token,
         )
 
+    async def UpdateSegment(
+        self, request: pb.UpdateSegmentRequest, context: ServicerContext
+    ) -> pb.UpdateSegmentResponse:
+        segment_id = segment_id_from_proto(request.segment.segment_id, "segment.segment_id")
+        update = segment_update_from_proto(request, segment_id)
+        project_id = current_caller().project_id
+        if request.validate_only:
+            result = await self._definitions.preview_segment_update(project_id, update)
+        else:
+            result = await self._definitions.update_segment(project_id, update)
+        return pb.UpdateSegmentResponse(
+            segment=segment_to_proto(result.segment),
+            entered_profile_count=result.entered,
+            left_profile_count=result.left,
+        )
+
     async def DeleteSegment(
         self, request: pb.DeleteSegmentRequest, context: ServicerContext
     ) -> pb.DeleteSegmentResponse:
@@ -305,6 +323,18 @@ class SegmentsServicer(pb_grpc.SegmentsServiceServicer):
         funnel_id = funnel_id_from_proto(request.funnel_id)
         funnel = await self._definitions.get_funnel(current_caller().project_id, funnel_id)
         return pb.GetFunnelResponse(funnel=funnel_to_proto(funnel))
+
+    async def UpdateFunnel(
+        self, request: pb.UpdateFunnelRequest, context: ServicerContext
+    ) -> pb.UpdateFunnelResponse:
+        funnel_id = funnel_id_from_proto(request.funnel.funnel_id, "funnel.funnel_id")
+        update = funnel_update_from_proto(request, funnel_id)
+        project_id = current_caller().project_id
+        if request.validate_only:
+            funnel = await self._definitions.preview_funnel_update(project_id, update)
+        else:
+            funnel = await self._definitions.update_funnel(project_id, update)
+        return pb.UpdateFunnelResponse(funnel=funnel_to_proto(funnel))
 
     async def DeleteFunnel(
         self, request: pb.DeleteFunnelRequest, context: ServicerContext

@@ -134,6 +134,9 @@ READ_PATH_OF_0042 = MIGRATIONS[42].read_text()
 READ_PATH_OF_0045 = MIGRATIONS[45].read_text()
 # Of 0052, the users table's email column (query's rows and recounts name it).
 READ_PATH_OF_0052 = MIGRATIONS[52].read_text()
+# Of 0057, the installations a profile left (identity's Logout keeps one, the profile view and
+# the recounts read the language and time zone rules over them); on 0045's time zone rule.
+READ_PATH_OF_0057 = MIGRATIONS[57].read_text()
 # Of 0050, segments' case folding (the display name check of a new funnel or segment calls it).
 _FOLDING_OF_0050 = MIGRATIONS[50].read_text()
 READ_PATH_OF_0050 = _FOLDING_OF_0050[: _FOLDING_OF_0050.index("$migration$;") + len("$migration$;")]
@@ -148,10 +151,19 @@ UNDO_WRITE_PATH_OF_0027 = """
     _TRIGGER_START : _TRIGGER_OF_0020.index("END $$;", _TRIGGER_START) + len("END $$;")
 ]
 UNDO_WRITE_PATH = """
+    DROP FUNCTION ingest_read_profile_language(uuid, uuid);
+    DROP FUNCTION ingest_read_profile_former_installations();
+    DELETE FROM profile_hooks
+    WHERE function_name IN ('ingest_merge_former_installations',
+                            'ingest_erase_former_installations');
+    DROP FUNCTION ingest_erase_former_installations(uuid, uuid[], text[], text[]);
+    DROP FUNCTION ingest_merge_former_installations(uuid, uuid, uuid);
+    DROP FUNCTION ingest_apply_installation_left(uuid, uuid, text, timestamptz);
     DROP FUNCTION segments_fold_case(text);
     ALTER TABLE query_profiles DROP COLUMN email;
     ALTER TABLE rejected_events DROP COLUMN profile_id;
     DROP FUNCTION ingest_read_profile_time_zone(uuid, uuid);
+    DROP TABLE profile_former_installations;
     DROP FUNCTION segments_read_custom_segment_sizes(uuid);
     DROP FUNCTION ingest_read_last_event_seq();
     ALTER SEQUENCE events_event_seq RENAME TO events_event_seq_seq;
@@ -195,6 +207,7 @@ async def database_0023(
             await conn.execute(READ_PATH_OF_0042)
             await conn.execute(READ_PATH_OF_0045)
             await conn.execute(READ_PATH_OF_0052)
+            await conn.execute(READ_PATH_OF_0057)
             await conn.execute(READ_PATH_OF_0050)
         finally:
             await conn.close()

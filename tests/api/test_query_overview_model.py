@@ -12,9 +12,11 @@ arrival on a tie, a session start clearing the uninstalled flag, a device platfo
 API; attributes and consent are the replay of every change that reached the profile by event
 time, then event ID, then origin; a merge moves everything to the survivor; an erasure removes
 the profile and its installations (a later event starts a fresh anonymous profile); a profile's
-language is its attribute, else that of its most recently seen installation reporting one; its
-country that of its latest session with one; on one platform, profile figures cover the
-profiles with an installation of it.
+language is its attribute, else that of its most recently seen installation reporting one, else
+that of the most recently seen installation it left (Logout, Identify moving it away) reporting
+one, as it was when it left (a merge takes the source's, the later departure from one
+installation winning; an erasure drops them); its country that of its latest session with one;
+on one platform, profile figures cover the profiles with an installation of it.
 """
 
 from __future__ import annotations
@@ -123,6 +125,9 @@ class ModelProfile:
     custom_id: str | None = None
     merged_into: int | None = None
     erased: bool = False
+    # The installations it left, each as it was then: installation -> (departure, last seen,
+    # language).
+    former: dict[str, tuple[int, datetime, str | None]] = field(default_factory=dict)
 
 
 @dataclass
@@ -136,6 +141,7 @@ class World:
     event_ids: set[tuple[str, str]] = field(default_factory=set)
     quarantined: set[str] = field(default_factory=set)
     arrivals: int = 0
+    departures: int = 0
 
     def new_profile(self, custom_id: str | None = None) -> int:
         self.profiles.append(ModelProfile(custom_id))
@@ -152,8 +158,26 @@ class World:
     def holder(self, custom_id: str) -> int | None:
         return next((i for i in self.live() if self.profiles[i].custom_id == custom_id), None)
 
+    def leave(self, installation_id: str, profile: int) -> None:
+        """A split moves the installation off the profile, which keeps its details as they
+        are now (nothing when ingest never saw it)."""
+        details = self.installations.get(installation_id)
+        if details is None or details.last_seen is None:
+            return
+        self.departures += 1
+        self.profiles[profile].former[installation_id] = (
+            self.departures,
+            details.last_seen,
+            details.value("language"),
+        )
+
     def merge(self, source: int, target: int) -> None:
         self.profiles[source].merged_into = target
+        kept = self.profiles[target].former
+        for installation_id, copy in self.profiles[source].former.items():
+            if installation_id not in kept or copy[0] > kept[installation_id][0]:
+                kept[installation_id] = copy
+        self.profiles[source].former = {}
         for installation_id, profile in self.owner.items():
             if profile == source:
                 self.owner[installation_id] = target
@@ -173,10 +197,13 @@ class World:
             else:
                 self.merge(current, holder)
             return
+        self.leave(installation_id, current)
         self.owner[installation_id] = holder if holder is not None else self.new_profile(custom_id)
 
     def logout(self, installation_id: str) -> None:
-        if self.profiles[self.profile_of(installation_id)].custom_id is not None:
+        current = self.profile_of(installation_id)
+        if self.profiles[current].custom_id is not None:
+            self.leave(installation_id, current)
             self.owner[installation_id] = self.new_profile()
 
     def erase(self, profile: int) -> None:
@@ -184,6 +211,7 @@ class World:
         gone = {profile, *(i for i, p in enumerate(self.profiles) if p.merged_into == profile)}
         for i in gone:
             self.profiles[i].erased = True
+            self.profiles[i].former = {}
         if self.profiles[profile].custom_id is not None:
             self.quarantined.add(self.profiles[profile].custom_id)  # type: ignore[arg-type]
         for installation_id in [i for i, p in self.owner.items() if p in gone]:
@@ -333,8 +361,11 @@ class World:
             figures["reach"]["sms"] += address["sms"] and "sms:marketing" in subscribed
             figures["reach"]["push"] += any(d.has_token and d.value("push_opt_in") for d in mine)
             spoken = sorted((d for d in mine if d.value("language")), key=lambda d: d.last_seen)
+            left = sorted(
+                (c for c in self.profiles[profile].former.values() if c[2]), key=lambda c: c[1]
+            )
             language = attributes.get("language") or (
-                spoken[-1].value("language") if spoken else ""
+                spoken[-1].value("language") if spoken else left[-1][2] if left else ""
             )
             bump("languages", language)
             bump("regions", attributes.get("region", ""))

@@ -249,6 +249,15 @@ async def direct_overview(suite: Suite, platform: int = 0) -> dict[str, Any]:
         " WHERE i.project_id = $1 AND d.reintegrated_into IS NULL",
         project_id,
     )
+    # The installations each profile left, as they were then (ingest's 0057): its language
+    # once no installation it holds reported one.
+    former: dict[Any, list[Any]] = {}
+    for r in await suite.fetch(
+        "SELECT profile_id, language, last_seen FROM profile_former_installations"
+        " WHERE project_id = $1",
+        project_id,
+    ):
+        former.setdefault(r["profile_id"], []).append(r)
     subscribed: dict[Any, set[str]] = {}
     for r in await suite.fetch(
         "SELECT profile_id, channel, kind FROM profile_subscriptions"
@@ -316,7 +325,11 @@ async def direct_overview(suite: Suite, platform: int = 0) -> dict[str, Any]:
             r["push_token"] is not None and r["push_opt_in"] for r in mine
         )
         languages = sorted((r for r in mine if r["language"]), key=lambda r: r["last_seen"])
-        language = attributes.get("language") or (languages[-1]["language"] if languages else "")
+        left = sorted(
+            (r for r in former.get(profile_id, []) if r["language"]), key=lambda r: r["last_seen"]
+        )
+        spoken = languages or left  # the installations held first
+        language = attributes.get("language") or (spoken[-1]["language"] if spoken else "")
         bump("languages", language)
         bump("regions", attributes.get("region", ""))
         with_country = sorted(

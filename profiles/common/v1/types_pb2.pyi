@@ -401,7 +401,7 @@ class _MembershipChangeCauseEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[
     MEMBERSHIP_CHANGE_CAUSE_RECOMPUTE: _MembershipChangeCause.ValueType  # 6
     """An operator's RecomputeAll."""
     MEMBERSHIP_CHANGE_CAUSE_DEFINITION: _MembershipChangeCause.ValueType  # 7
-    """A custom segment was created or deleted."""
+    """A custom segment was created, deleted, or its filter changed (UpdateSegment)."""
 
 class MembershipChangeCause(_MembershipChangeCause, metaclass=_MembershipChangeCauseEnumTypeWrapper):
     """Why a profile's segment membership changed."""
@@ -421,7 +421,7 @@ MEMBERSHIP_CHANGE_CAUSE_DELETION: MembershipChangeCause.ValueType  # 5
 MEMBERSHIP_CHANGE_CAUSE_RECOMPUTE: MembershipChangeCause.ValueType  # 6
 """An operator's RecomputeAll."""
 MEMBERSHIP_CHANGE_CAUSE_DEFINITION: MembershipChangeCause.ValueType  # 7
-"""A custom segment was created or deleted."""
+"""A custom segment was created, deleted, or its filter changed (UpdateSegment)."""
 Global___MembershipChangeCause: _TypeAlias = MembershipChangeCause  # noqa: Y015
 
 class _IdentityChangeKind:

@@ -102,7 +102,12 @@ class _ExportSectionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ExportS
     `firstSeenTime`, `lastSeenTime`, `exportTime`, `formatVersion` (1), the IDs of the
     tombstones that resolve to the profile (`mergedProfileIds`) and its latest crash
     (`lastCrash`: {"eventId", "installationId", "crashTime", "name", "reason", "fatal"}, or
-    null; kept after retention removed the crash event). Always first, exactly once.
+    null; kept after retention removed the crash event), and the installations it left
+    (`formerInstallations`, oldest departure first: {"installationId", "leaveTime",
+    "platform", "appVersion", "osVersion", "deviceModel", "language", "timezone", "imported",
+    "firstSeenTime", "lastSeenTime"}, the details as they were when it left, which its language
+    and time zone are read from once no installation it holds reported them). Always first,
+    exactly once.
     """
     EXPORT_SECTION_ATTRIBUTES: _ExportSection.ValueType  # 2
     """One JSON object: `native` (name to string value, such as {"email": "a@b.c"}) and `custom`
@@ -169,7 +174,12 @@ EXPORT_SECTION_PROFILE: ExportSection.ValueType  # 1
 `firstSeenTime`, `lastSeenTime`, `exportTime`, `formatVersion` (1), the IDs of the
 tombstones that resolve to the profile (`mergedProfileIds`) and its latest crash
 (`lastCrash`: {"eventId", "installationId", "crashTime", "name", "reason", "fatal"}, or
-null; kept after retention removed the crash event). Always first, exactly once.
+null; kept after retention removed the crash event), and the installations it left
+(`formerInstallations`, oldest departure first: {"installationId", "leaveTime",
+"platform", "appVersion", "osVersion", "deviceModel", "language", "timezone", "imported",
+"firstSeenTime", "lastSeenTime"}, the details as they were when it left, which its language
+and time zone are read from once no installation it holds reported them). Always first,
+exactly once.
 """
 EXPORT_SECTION_ATTRIBUTES: ExportSection.ValueType  # 2
 """One JSON object: `native` (name to string value, such as {"email": "a@b.c"}) and `custom`

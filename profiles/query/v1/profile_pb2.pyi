@@ -296,14 +296,17 @@ class ProfileSummary(_message.Message):
     anonymous: _builtins.bool
     """True when the profile has no custom ID."""
     language: _builtins.str
-    """The ISO 639-1 language code: the `language` attribute, else the most recently seen
-    installation's language; empty when unknown.
+    """The ISO 639-1 language code: the `language` attribute, else the language of the most
+    recently seen installation that reported one, else (a profile whose installations all left
+    it, say at a logout) that of the most recently seen installation it left, as it was when
+    it left; empty when unknown.
     """
     region: _builtins.str
     """The ISO 3166-1 alpha-2 region code from the `region` attribute; empty when unknown."""
     timezone: _builtins.str
-    """The IANA time zone: the `timezone` attribute, else the most recently seen installation's
-    time zone; empty when unknown.
+    """The IANA time zone: the `timezone` attribute, else the zone of the most recently seen
+    installation that reported one, else that of the most recently seen installation the
+    profile left, as it was when it left; empty when unknown.
     """
     last_session_country: _builtins.str
     """The ISO 3166-1 alpha-2 country of the last session with a known country; empty when unknown."""

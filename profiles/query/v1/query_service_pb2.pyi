@@ -422,7 +422,9 @@ class ProfileRow(_message.Message):
     """The last name; empty when unknown."""
     device_model: _builtins.str
     """The device model of the most recently seen installation (one of an imported push token
-    that no device has picked up yet comes after every other); empty when unknown.
+    that no device has picked up yet comes after every other); for a profile holding no
+    installation, that of the most recently seen installation it left (at a logout, say), as
+    it was when it left; empty when unknown.
     """
     platform: _types_pb2.Platform.ValueType
     """The platform of that installation; PLATFORM_UNSPECIFIED when none."""
@@ -492,6 +494,7 @@ class ListEventsRequest(_message.Message):
     KINDS_FIELD_NUMBER: _builtins.int
     START_TIME_FIELD_NUMBER: _builtins.int
     END_TIME_FIELD_NUMBER: _builtins.int
+    EXCLUDE_HEARTBEATS_FIELD_NUMBER: _builtins.int
     profile_id: _builtins.str
     """The profile, a UUID string; required. A merged-away ID resolves to its survivor."""
     page_size: _builtins.int
@@ -504,6 +507,12 @@ class ListEventsRequest(_message.Message):
     """
     session_id: _builtins.str
     """Only events of this session; empty for every session and events outside sessions."""
+    exclude_heartbeats: _builtins.bool
+    """True leaves out session heartbeats (SESSION events of type HEARTBEAT), which an SDK sends
+    every few seconds of a session: the sessions' starts and ends stay, as do the other kinds.
+    Combined with the other filters by AND; false (the default) lists them. A page token holds
+    only for the same value.
+    """
     @_builtins.property
     def event_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Only custom events with one of these names (case-insensitive, at most 20); empty for no
@@ -533,10 +542,11 @@ class ListEventsRequest(_message.Message):
         kinds: _abc.Iterable[_timeline_pb2.TimelineEventKind.ValueType] | None = ...,
         start_time: _timestamp_pb2.Timestamp | None = ...,
         end_time: _timestamp_pb2.Timestamp | None = ...,
+        exclude_heartbeats: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "event_names", b"event_names", "kinds", b"kinds", "page_size", b"page_size", "page_token", b"page_token", "profile_id", b"profile_id", "session_id", b"session_id", "start_time", b"start_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "event_names", b"event_names", "exclude_heartbeats", b"exclude_heartbeats", "kinds", b"kinds", "page_size", b"page_size", "page_token", b"page_token", "profile_id", b"profile_id", "session_id", b"session_id", "start_time", b"start_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -957,7 +967,11 @@ class WatchProfileResponse(_message.Message):
 
     @_builtins.property
     def event(self) -> _timeline_pb2.TimelineEvent:
-        """A new event sent by an SDK or a backend (never of kind MERGE or SPLIT)."""
+        """A new event sent by an SDK or a backend, stored as ListEvents shows it (never of kind
+        MERGE or SPLIT). Only stored events: a session ingest derives for an SDK that sends none
+        has no start event here, nor a session the idle timeout closed an end (ListSessions
+        lists both sessions).
+        """
 
     @_builtins.property
     def attribute_change(self) -> _live_pb2.AttributeChange:

@@ -639,6 +639,7 @@ class RejectedEvent(_message.Message):
     INSTALLATION_ID_FIELD_NUMBER: _builtins.int
     PLATFORM_FIELD_NUMBER: _builtins.int
     RAW_PAYLOAD_JSON_FIELD_NUMBER: _builtins.int
+    PROFILE_ID_FIELD_NUMBER: _builtins.int
     reason: _builtins.str
     """The reason code, as TrackEvents reported it (such as `erased`)."""
     field_path: _builtins.str
@@ -657,6 +658,13 @@ class RejectedEvent(_message.Message):
     """The event as received, as a JSON string (proto3 JSON mapping); empty for reason `erased`,
     whose payload is never kept.
     """
+    profile_id: _builtins.str
+    """The profile the event arrived for, a UUID string: its installation's profile when it
+    arrived, or the profile that profile was merged into since (a later logout does not move
+    it); the one `ListRejectedEventsRequest.profile_id` lists it under. Empty when ingest
+    recorded none: an installation it did not know yet, an event of a custom ID alone, a
+    rejection stored before ingest recorded profiles (0047).
+    """
     @_builtins.property
     def receive_time(self) -> _timestamp_pb2.Timestamp:
         """When ingest received it."""
@@ -672,10 +680,11 @@ class RejectedEvent(_message.Message):
         installation_id: _builtins.str = ...,
         platform: _types_pb2.Platform.ValueType = ...,
         raw_payload_json: _builtins.str = ...,
+        profile_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["receive_time", b"receive_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["event_id", b"event_id", "field_path", b"field_path", "installation_id", b"installation_id", "message", b"message", "platform", b"platform", "raw_payload_json", b"raw_payload_json", "reason", b"reason", "receive_time", b"receive_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event_id", b"event_id", "field_path", b"field_path", "installation_id", b"installation_id", "message", b"message", "platform", b"platform", "profile_id", b"profile_id", "raw_payload_json", b"raw_payload_json", "reason", b"reason", "receive_time", b"receive_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -28,23 +28,23 @@ from profiles.common.v1 import types_pb2 as profiles_dot_common_dot_v1_dot_types
 from profiles.segments.v1 import filters_pb2 as profiles_dot_segments_dot_v1_dot_filters__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"profiles/segments/v1/funnels.proto\x12\x14profiles.segments.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1eprofiles/common/v1/types.proto\x1a\"profiles/segments/v1/filters.proto\"\xfe\x01\n\x06\x46unnel\x12\x11\n\tfunnel_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12/\n\x05steps\x18\x04 \x03(\x0b\x32 .profiles.segments.v1.FunnelStep\x12\x34\n\x11\x63onversion_window\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1e\n\x16reached_profile_counts\x18\x07 \x03(\x03\"l\n\nFunnelStep\x12\x12\n\nevent_name\x18\x01 \x01(\t\x12J\n\x13\x61ttribute_condition\x18\x02 \x01(\x0b\x32-.profiles.segments.v1.EventAttributeCondition\"\xdf\x01\n\x17\x45ventAttributeCondition\x12\x16\n\x0e\x61ttribute_name\x18\x01 \x01(\t\x12\x30\n\x08operator\x18\x02 \x01(\x0e\x32\x1e.profiles.segments.v1.Operator\x12\x31\n\x05value\x18\x03 \x01(\x0b\x32\".profiles.common.v1.AttributeValue\x12\x32\n\x06values\x18\x04 \x03(\x0b\x32\".profiles.common.v1.AttributeValue\x12\x13\n\x0bignore_case\x18\x05 \x01(\x08\"\x96\x02\n\x0e\x46unnelProgress\x12\x11\n\tfunnel_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x37\n\x05steps\x18\x03 \x03(\x0b\x32(.profiles.segments.v1.FunnelStepProgress\x12\x1c\n\x14\x63ompleted_step_count\x18\x04 \x01(\x05\x12\x11\n\tconverted\x18\x05 \x01(\x08\x12\x36\n\x12\x61ttempt_start_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x39\n\x15\x61ttempt_deadline_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xa8\x01\n\x12\x46unnelStepProgress\x12\x13\n\x0bstep_number\x18\x01 \x01(\x05\x12\x12\n\nevent_name\x18\x02 \x01(\t\x12\x36\n\x06status\x18\x03 \x01(\x0e\x32&.profiles.segments.v1.FunnelStepStatus\x12\x31\n\rcomplete_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\xa2\x01\n\x10\x46unnelStepStatus\x12\"\n\x1e\x46UNNEL_STEP_STATUS_UNSPECIFIED\x10\x00\x12 \n\x1c\x46UNNEL_STEP_STATUS_COMPLETED\x10\x01\x12$\n FUNNEL_STEP_STATUS_NOT_COMPLETED\x10\x02\x12\"\n\x1e\x46UNNEL_STEP_STATUS_NOT_REACHED\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"profiles/segments/v1/funnels.proto\x12\x14profiles.segments.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1eprofiles/common/v1/types.proto\x1a\"profiles/segments/v1/filters.proto\"\x8c\x02\n\x06\x46unnel\x12\x11\n\tfunnel_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12/\n\x05steps\x18\x04 \x03(\x0b\x32 .profiles.segments.v1.FunnelStep\x12\x34\n\x11\x63onversion_window\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1e\n\x16reached_profile_counts\x18\x07 \x03(\x03\x12\x0c\n\x04\x65tag\x18\x08 \x01(\t\"l\n\nFunnelStep\x12\x12\n\nevent_name\x18\x01 \x01(\t\x12J\n\x13\x61ttribute_condition\x18\x02 \x01(\x0b\x32-.profiles.segments.v1.EventAttributeCondition\"\xdf\x01\n\x17\x45ventAttributeCondition\x12\x16\n\x0e\x61ttribute_name\x18\x01 \x01(\t\x12\x30\n\x08operator\x18\x02 \x01(\x0e\x32\x1e.profiles.segments.v1.Operator\x12\x31\n\x05value\x18\x03 \x01(\x0b\x32\".profiles.common.v1.AttributeValue\x12\x32\n\x06values\x18\x04 \x03(\x0b\x32\".profiles.common.v1.AttributeValue\x12\x13\n\x0bignore_case\x18\x05 \x01(\x08\"\x96\x02\n\x0e\x46unnelProgress\x12\x11\n\tfunnel_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x37\n\x05steps\x18\x03 \x03(\x0b\x32(.profiles.segments.v1.FunnelStepProgress\x12\x1c\n\x14\x63ompleted_step_count\x18\x04 \x01(\x05\x12\x11\n\tconverted\x18\x05 \x01(\x08\x12\x36\n\x12\x61ttempt_start_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x39\n\x15\x61ttempt_deadline_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xa8\x01\n\x12\x46unnelStepProgress\x12\x13\n\x0bstep_number\x18\x01 \x01(\x05\x12\x12\n\nevent_name\x18\x02 \x01(\t\x12\x36\n\x06status\x18\x03 \x01(\x0e\x32&.profiles.segments.v1.FunnelStepStatus\x12\x31\n\rcomplete_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\xa2\x01\n\x10\x46unnelStepStatus\x12\"\n\x1e\x46UNNEL_STEP_STATUS_UNSPECIFIED\x10\x00\x12 \n\x1c\x46UNNEL_STEP_STATUS_COMPLETED\x10\x01\x12$\n FUNNEL_STEP_STATUS_NOT_COMPLETED\x10\x02\x12\"\n\x1e\x46UNNEL_STEP_STATUS_NOT_REACHED\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'profiles.segments.v1.funnels_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FUNNELSTEPSTATUS']._serialized_start=1239
-  _globals['_FUNNELSTEPSTATUS']._serialized_end=1401
+  _globals['_FUNNELSTEPSTATUS']._serialized_start=1253
+  _globals['_FUNNELSTEPSTATUS']._serialized_end=1415
   _globals['_FUNNEL']._serialized_start=194
-  _globals['_FUNNEL']._serialized_end=448
-  _globals['_FUNNELSTEP']._serialized_start=450
-  _globals['_FUNNELSTEP']._serialized_end=558
-  _globals['_EVENTATTRIBUTECONDITION']._serialized_start=561
-  _globals['_EVENTATTRIBUTECONDITION']._serialized_end=784
-  _globals['_FUNNELPROGRESS']._serialized_start=787
-  _globals['_FUNNELPROGRESS']._serialized_end=1065
-  _globals['_FUNNELSTEPPROGRESS']._serialized_start=1068
-  _globals['_FUNNELSTEPPROGRESS']._serialized_end=1236
+  _globals['_FUNNEL']._serialized_end=462
+  _globals['_FUNNELSTEP']._serialized_start=464
+  _globals['_FUNNELSTEP']._serialized_end=572
+  _globals['_EVENTATTRIBUTECONDITION']._serialized_start=575
+  _globals['_EVENTATTRIBUTECONDITION']._serialized_end=798
+  _globals['_FUNNELPROGRESS']._serialized_start=801
+  _globals['_FUNNELPROGRESS']._serialized_end=1079
+  _globals['_FUNNELSTEPPROGRESS']._serialized_start=1082
+  _globals['_FUNNELSTEPPROGRESS']._serialized_end=1250
 # @@protoc_insertion_point(module_scope)

@@ -70,12 +70,19 @@ class Funnel(_message.Message):
     CONVERSION_WINDOW_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     REACHED_PROFILE_COUNTS_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
     funnel_id: _builtins.str
     """The funnel's ID, a UUID string assigned by the server."""
     display_name: _builtins.str
     """The name shown to operators, 1 to 100 characters, unique in the project (case-insensitive)."""
     description: _builtins.str
     """A free description, at most 1,000 characters; may be empty."""
+    etag: _builtins.str
+    """Output only: a fingerprint of the definition (`display_name`, `description`, `steps`,
+    `conversion_window`), opaque; it changes when any of them changes, not with the counts.
+    Sent back in UpdateFunnelRequest.funnel, it makes the update fail with ABORTED if the
+    funnel was changed since it was read (AIP-154).
+    """
     @_builtins.property
     def steps(self) -> _containers.RepeatedCompositeFieldContainer[Global___FunnelStep]:
         """The steps, in order: 2 to 10."""
@@ -104,10 +111,11 @@ class Funnel(_message.Message):
         conversion_window: _duration_pb2.Duration | None = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         reached_profile_counts: _abc.Iterable[_builtins.int] | None = ...,
+        etag: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["conversion_window", b"conversion_window", "create_time", b"create_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversion_window", b"conversion_window", "create_time", b"create_time", "description", b"description", "display_name", b"display_name", "funnel_id", b"funnel_id", "reached_profile_counts", b"reached_profile_counts", "steps", b"steps"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversion_window", b"conversion_window", "create_time", b"create_time", "description", b"description", "display_name", b"display_name", "etag", b"etag", "funnel_id", b"funnel_id", "reached_profile_counts", b"reached_profile_counts", "steps", b"steps"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -27,19 +27,19 @@ from profiles.common.v1 import types_pb2 as profiles_dot_common_dot_v1_dot_types
 from profiles.segments.v1 import filters_pb2 as profiles_dot_segments_dot_v1_dot_filters__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#profiles/segments/v1/segments.proto\x12\x14profiles.segments.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1eprofiles/common/v1/types.proto\x1a\"profiles/segments/v1/filters.proto\"\xe8\x01\n\x07Segment\x12\x12\n\nsegment_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x30\n\x06\x66ilter\x18\x04 \x01(\x0b\x32 .profiles.segments.v1.FilterNode\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04size\x18\x06 \x01(\x03\x12-\n\tsize_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xf3\x02\n\rSegmentChange\x12\x0e\n\x06\x63ursor\x18\x01 \x01(\t\x12/\n\x0b\x63hange_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nprofile_id\x18\x03 \x01(\t\x12;\n\ntransition\x18\x04 \x01(\x0e\x32\'.profiles.segments.v1.SegmentTransition\x12\x39\n\rsmart_segment\x18\x05 \x01(\x0e\x32 .profiles.common.v1.SmartSegmentH\x00\x12\x34\n\x04\x66lag\x18\x06 \x01(\x0e\x32$.profiles.common.v1.SmartSegmentFlagH\x00\x12\x1b\n\x11\x63ustom_segment_id\x18\x07 \x01(\tH\x00\x12\x37\n\x05\x63\x61use\x18\x08 \x01(\x0e\x32(.profiles.segments.v1.SegmentChangeCauseB\t\n\x07segment*t\n\x11SegmentTransition\x12\"\n\x1eSEGMENT_TRANSITION_UNSPECIFIED\x10\x00\x12\x1e\n\x1aSEGMENT_TRANSITION_ENTERED\x10\x01\x12\x1b\n\x17SEGMENT_TRANSITION_LEFT\x10\x02*\x80\x02\n\x12SegmentChangeCause\x12$\n SEGMENT_CHANGE_CAUSE_UNSPECIFIED\x10\x00\x12\x1e\n\x1aSEGMENT_CHANGE_CAUSE_EVENT\x10\x01\x12\x1d\n\x19SEGMENT_CHANGE_CAUSE_TIME\x10\x02\x12\x1e\n\x1aSEGMENT_CHANGE_CAUSE_MERGE\x10\x03\x12\x1e\n\x1aSEGMENT_CHANGE_CAUSE_SPLIT\x10\x04\x12!\n\x1dSEGMENT_CHANGE_CAUSE_DELETION\x10\x05\x12\"\n\x1eSEGMENT_CHANGE_CAUSE_RECOMPUTE\x10\x06\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#profiles/segments/v1/segments.proto\x12\x14profiles.segments.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1eprofiles/common/v1/types.proto\x1a\"profiles/segments/v1/filters.proto\"\xf6\x01\n\x07Segment\x12\x12\n\nsegment_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x30\n\x06\x66ilter\x18\x04 \x01(\x0b\x32 .profiles.segments.v1.FilterNode\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04size\x18\x06 \x01(\x03\x12-\n\tsize_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04\x65tag\x18\x08 \x01(\t\"\xf3\x02\n\rSegmentChange\x12\x0e\n\x06\x63ursor\x18\x01 \x01(\t\x12/\n\x0b\x63hange_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nprofile_id\x18\x03 \x01(\t\x12;\n\ntransition\x18\x04 \x01(\x0e\x32\'.profiles.segments.v1.SegmentTransition\x12\x39\n\rsmart_segment\x18\x05 \x01(\x0e\x32 .profiles.common.v1.SmartSegmentH\x00\x12\x34\n\x04\x66lag\x18\x06 \x01(\x0e\x32$.profiles.common.v1.SmartSegmentFlagH\x00\x12\x1b\n\x11\x63ustom_segment_id\x18\x07 \x01(\tH\x00\x12\x37\n\x05\x63\x61use\x18\x08 \x01(\x0e\x32(.profiles.segments.v1.SegmentChangeCauseB\t\n\x07segment*t\n\x11SegmentTransition\x12\"\n\x1eSEGMENT_TRANSITION_UNSPECIFIED\x10\x00\x12\x1e\n\x1aSEGMENT_TRANSITION_ENTERED\x10\x01\x12\x1b\n\x17SEGMENT_TRANSITION_LEFT\x10\x02*\xa5\x02\n\x12SegmentChangeCause\x12$\n SEGMENT_CHANGE_CAUSE_UNSPECIFIED\x10\x00\x12\x1e\n\x1aSEGMENT_CHANGE_CAUSE_EVENT\x10\x01\x12\x1d\n\x19SEGMENT_CHANGE_CAUSE_TIME\x10\x02\x12\x1e\n\x1aSEGMENT_CHANGE_CAUSE_MERGE\x10\x03\x12\x1e\n\x1aSEGMENT_CHANGE_CAUSE_SPLIT\x10\x04\x12!\n\x1dSEGMENT_CHANGE_CAUSE_DELETION\x10\x05\x12\"\n\x1eSEGMENT_CHANGE_CAUSE_RECOMPUTE\x10\x06\x12#\n\x1fSEGMENT_CHANGE_CAUSE_DEFINITION\x10\x07\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'profiles.segments.v1.segments_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SEGMENTTRANSITION']._serialized_start=771
-  _globals['_SEGMENTTRANSITION']._serialized_end=887
-  _globals['_SEGMENTCHANGECAUSE']._serialized_start=890
-  _globals['_SEGMENTCHANGECAUSE']._serialized_end=1146
+  _globals['_SEGMENTTRANSITION']._serialized_start=785
+  _globals['_SEGMENTTRANSITION']._serialized_end=901
+  _globals['_SEGMENTCHANGECAUSE']._serialized_start=904
+  _globals['_SEGMENTCHANGECAUSE']._serialized_end=1197
   _globals['_SEGMENT']._serialized_start=163
-  _globals['_SEGMENT']._serialized_end=395
-  _globals['_SEGMENTCHANGE']._serialized_start=398
-  _globals['_SEGMENTCHANGE']._serialized_end=769
+  _globals['_SEGMENT']._serialized_end=409
+  _globals['_SEGMENTCHANGE']._serialized_start=412
+  _globals['_SEGMENTCHANGE']._serialized_end=783
 # @@protoc_insertion_point(module_scope)

@@ -68,6 +68,13 @@ class _SegmentChangeCauseEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Se
     """The profile was erased; it leaves every segment it was in."""
     SEGMENT_CHANGE_CAUSE_RECOMPUTE: _SegmentChangeCause.ValueType  # 6
     """An operator's RecomputeAll, or a change of the project's segment settings."""
+    SEGMENT_CHANGE_CAUSE_DEFINITION: _SegmentChangeCause.ValueType  # 7
+    """A change of the custom segment's filter (UpdateSegment): its members recomputed for the
+    new filter, the profiles matching only the old one leaving and those matching only the new
+    one entering (a profile matching both sees no change). Also the cause of the changes the
+    periodic evaluation finds for a segment whose recomputation the UpdateSegment call did not
+    finish (the caller went away).
+    """
 
 class SegmentChangeCause(_SegmentChangeCause, metaclass=_SegmentChangeCauseEnumTypeWrapper):
     """What caused a membership change."""
@@ -90,6 +97,13 @@ SEGMENT_CHANGE_CAUSE_DELETION: SegmentChangeCause.ValueType  # 5
 """The profile was erased; it leaves every segment it was in."""
 SEGMENT_CHANGE_CAUSE_RECOMPUTE: SegmentChangeCause.ValueType  # 6
 """An operator's RecomputeAll, or a change of the project's segment settings."""
+SEGMENT_CHANGE_CAUSE_DEFINITION: SegmentChangeCause.ValueType  # 7
+"""A change of the custom segment's filter (UpdateSegment): its members recomputed for the
+new filter, the profiles matching only the old one leaving and those matching only the new
+one entering (a profile matching both sees no change). Also the cause of the changes the
+periodic evaluation finds for a segment whose recomputation the UpdateSegment call did not
+finish (the caller went away).
+"""
 Global___SegmentChangeCause: _TypeAlias = SegmentChangeCause  # noqa: Y015
 
 @_typing.final
@@ -108,6 +122,7 @@ class Segment(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     SIZE_FIELD_NUMBER: _builtins.int
     SIZE_TIME_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
     segment_id: _builtins.str
     """The segment's ID, a UUID string assigned by the server."""
     display_name: _builtins.str
@@ -120,6 +135,12 @@ class Segment(_message.Message):
     (they reach it within the bus lag, about a second; until then a merged-away or erased
     profile may still count). Read from a maintained count, so it costs the same at any number
     of profiles.
+    """
+    etag: _builtins.str
+    """Output only: a fingerprint of the definition (`display_name`, `description`, `filter`),
+    opaque; it changes when any of them changes, not with `size`. Sent back in
+    UpdateSegmentRequest.segment, it makes the update fail with ABORTED if the segment was
+    changed since it was read (AIP-154).
     """
     @_builtins.property
     def filter(self) -> _filters_pb2.FilterNode:
@@ -135,7 +156,11 @@ class Segment(_message.Message):
         ("within the last N days" windows, smart segment transitions, the engagement score): the
         end of the segment's last complete periodic evaluation, usually under 30 s ago (more
         while the evaluations of a large project take longer). For a filter without such a
-        condition time changes nothing, and it is the time of the response.
+        condition time changes nothing, and it is the time of the response. While an
+        UpdateSegment that changed the filter recomputes the members (until it returns, or, if
+        its caller went away, until the next periodic evaluation, about 5 s), `size` counts
+        members of the old filter not yet left and of the new one not yet entered, and `size_time`
+        is no guarantee.
         """
 
     def __init__(
@@ -148,10 +173,11 @@ class Segment(_message.Message):
         create_time: _timestamp_pb2.Timestamp | None = ...,
         size: _builtins.int = ...,
         size_time: _timestamp_pb2.Timestamp | None = ...,
+        etag: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "filter", b"filter", "size_time", b"size_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "description", b"description", "display_name", b"display_name", "filter", b"filter", "segment_id", b"segment_id", "size", b"size", "size_time", b"size_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "description", b"description", "display_name", b"display_name", "etag", b"etag", "filter", b"filter", "segment_id", b"segment_id", "size", b"size", "size_time", b"size_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

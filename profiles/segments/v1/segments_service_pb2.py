@@ -23,6 +23,7 @@ _sym_db = _symbol_database.Default()
 
 
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
+from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mask__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from profiles.common.v1 import types_pb2 as profiles_dot_common_dot_v1_dot_types__pb2
 from profiles.segments.v1 import filters_pb2 as profiles_dot_segments_dot_v1_dot_filters__pb2
@@ -30,7 +31,7 @@ from profiles.segments.v1 import funnels_pb2 as profiles_dot_segments_dot_v1_dot
 from profiles.segments.v1 import segments_pb2 as profiles_dot_segments_dot_v1_dot_segments__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n+profiles/segments/v1/segments_service.proto\x12\x14profiles.segments.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1eprofiles/common/v1/types.proto\x1a\"profiles/segments/v1/filters.proto\x1a\"profiles/segments/v1/funnels.proto\x1a#profiles/segments/v1/segments.proto\"*\n\x14GetEngagementRequest\x12\x12\n\nprofile_id\x18\x01 \x01(\t\"\xd1\x02\n\x15GetEngagementResponse\x12\x12\n\nprofile_id\x18\x01 \x01(\t\x12\x0e\n\x06score1\x18\x02 \x01(\x01\x12\x0e\n\x06score2\x18\x03 \x01(\x05\x12\x0e\n\x06score3\x18\x04 \x01(\x05\x12\r\n\x05score\x18\x05 \x01(\x01\x12\x12\n\npercentage\x18\x06 \x01(\x01\x12\x35\n\x11window_start_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x0fwindow_end_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rsession_count\x18\t \x01(\x03\x12;\n\x18\x61verage_session_duration\x18\n \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x11\n\ttime_zone\x18\x0b \x01(\t\"\\\n\x16GetSmartSegmentRequest\x12\x12\n\nprofile_id\x18\x01 \x01(\t\x12.\n\x08platform\x18\x02 \x01(\x0e\x32\x1c.profiles.common.v1.Platform\"\xfe\x03\n\x17GetSmartSegmentResponse\x12\x12\n\nprofile_id\x18\x01 \x01(\t\x12.\n\x08platform\x18\x02 \x01(\x0e\x32\x1c.profiles.common.v1.Platform\x12\x31\n\x07segment\x18\x03 \x01(\x0e\x32 .profiles.common.v1.SmartSegment\x12\x32\n\x04\x66lag\x18\x04 \x01(\x0e\x32$.profiles.common.v1.SmartSegmentFlag\x12\x38\n\x14next_transition_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1a\n\x12recent_active_days\x18\x06 \x01(\x05\x12\x19\n\x11total_active_days\x18\x07 \x01(\x05\x12\x15\n\rsession_count\x18\x08 \x01(\x03\x12\x36\n\x12\x66irst_session_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x11last_session_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nas_of_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\ttime_zone\x18\x0c \x01(\t\"\x9e\x01\n\x14\x43reateSegmentRequest\x12\x14\n\x0c\x64isplay_name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x30\n\x06\x66ilter\x18\x03 \x01(\x0b\x32 .profiles.segments.v1.FilterNode\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x15\n\rvalidate_only\x18\x05 \x01(\x08\"G\n\x15\x43reateSegmentResponse\x12.\n\x07segment\x18\x01 \x01(\x0b\x32\x1d.profiles.segments.v1.Segment\"<\n\x13ListSegmentsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"`\n\x14ListSegmentsResponse\x12/\n\x08segments\x18\x01 \x03(\x0b\x32\x1d.profiles.segments.v1.Segment\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\'\n\x11GetSegmentRequest\x12\x12\n\nsegment_id\x18\x01 \x01(\t\"D\n\x12GetSegmentResponse\x12.\n\x07segment\x18\x01 \x01(\x0b\x32\x1d.profiles.segments.v1.Segment\"A\n\x14\x44\x65leteSegmentRequest\x12\x12\n\nsegment_id\x18\x01 \x01(\t\x12\x15\n\rallow_missing\x18\x02 \x01(\x08\"\x17\n\x15\x44\x65leteSegmentResponse\"\x87\x02\n\x1aWatchSegmentChangesRequest\x12\x39\n\rsmart_segment\x18\x01 \x01(\x0e\x32 .profiles.common.v1.SmartSegmentH\x00\x12\x34\n\x04\x66lag\x18\x02 \x01(\x0e\x32$.profiles.common.v1.SmartSegmentFlagH\x00\x12\x1b\n\x11\x63ustom_segment_id\x18\x03 \x01(\tH\x00\x12\x15\n\x0bstart_after\x18\x04 \x01(\tH\x01\x12\x30\n\nstart_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.TimestampH\x01\x42\t\n\x07segmentB\x07\n\x05start\"S\n\x1bWatchSegmentChangesResponse\x12\x34\n\x07\x63hanges\x18\x01 \x03(\x0b\x32#.profiles.segments.v1.SegmentChange\"\xd2\x01\n\x13\x43reateFunnelRequest\x12\x14\n\x0c\x64isplay_name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12/\n\x05steps\x18\x03 \x03(\x0b\x32 .profiles.segments.v1.FunnelStep\x12\x34\n\x11\x63onversion_window\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x15\n\rvalidate_only\x18\x06 \x01(\x08\"D\n\x14\x43reateFunnelResponse\x12,\n\x06\x66unnel\x18\x01 \x01(\x0b\x32\x1c.profiles.segments.v1.Funnel\";\n\x12ListFunnelsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"]\n\x13ListFunnelsResponse\x12-\n\x07\x66unnels\x18\x01 \x03(\x0b\x32\x1c.profiles.segments.v1.Funnel\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"%\n\x10GetFunnelRequest\x12\x11\n\tfunnel_id\x18\x01 \x01(\t\"A\n\x11GetFunnelResponse\x12,\n\x06\x66unnel\x18\x01 \x01(\x0b\x32\x1c.profiles.segments.v1.Funnel\"?\n\x13\x44\x65leteFunnelRequest\x12\x11\n\tfunnel_id\x18\x01 \x01(\t\x12\x15\n\rallow_missing\x18\x02 \x01(\x08\"\x16\n\x14\x44\x65leteFunnelResponse\"A\n\x18GetFunnelProgressRequest\x12\x12\n\nprofile_id\x18\x01 \x01(\t\x12\x11\n\tfunnel_id\x18\x02 \x01(\t\"f\n\x19GetFunnelProgressResponse\x12\x12\n\nprofile_id\x18\x01 \x01(\t\x12\x35\n\x07\x66unnels\x18\x02 \x03(\x0b\x32$.profiles.segments.v1.FunnelProgress\"\x15\n\x13RecomputeAllRequest\"\x90\x02\n\x14RecomputeAllResponse\x12\x14\n\x0crecompute_id\x18\x01 \x01(\t\x12\x33\n\x05phase\x18\x02 \x01(\x0e\x32$.profiles.segments.v1.RecomputePhase\x12\x15\n\rprofiles_done\x18\x03 \x01(\x03\x12\x16\n\x0eprofiles_total\x18\x04 \x01(\x03\x12\x1d\n\x15\x63hanged_profile_count\x18\x05 \x01(\x03\x12.\n\nstart_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\xd1\x01\n\x0eRecomputePhase\x12\x1f\n\x1bRECOMPUTE_PHASE_UNSPECIFIED\x10\x00\x12\x1e\n\x1aRECOMPUTE_PHASE_AGGREGATES\x10\x01\x12\"\n\x1eRECOMPUTE_PHASE_SMART_SEGMENTS\x10\x02\x12#\n\x1fRECOMPUTE_PHASE_CUSTOM_SEGMENTS\x10\x03\x12\x1b\n\x17RECOMPUTE_PHASE_FUNNELS\x10\x04\x12\x18\n\x14RECOMPUTE_PHASE_DONE\x10\x05\x32\xa7\x0b\n\x0fSegmentsService\x12m\n\rGetEngagement\x12*.profiles.segments.v1.GetEngagementRequest\x1a+.profiles.segments.v1.GetEngagementResponse\"\x03\x90\x02\x01\x12s\n\x0fGetSmartSegment\x12,.profiles.segments.v1.GetSmartSegmentRequest\x1a-.profiles.segments.v1.GetSmartSegmentResponse\"\x03\x90\x02\x01\x12h\n\rCreateSegment\x12*.profiles.segments.v1.CreateSegmentRequest\x1a+.profiles.segments.v1.CreateSegmentResponse\x12j\n\x0cListSegments\x12).profiles.segments.v1.ListSegmentsRequest\x1a*.profiles.segments.v1.ListSegmentsResponse\"\x03\x90\x02\x01\x12\x64\n\nGetSegment\x12\'.profiles.segments.v1.GetSegmentRequest\x1a(.profiles.segments.v1.GetSegmentResponse\"\x03\x90\x02\x01\x12m\n\rDeleteSegment\x12*.profiles.segments.v1.DeleteSegmentRequest\x1a+.profiles.segments.v1.DeleteSegmentResponse\"\x03\x90\x02\x02\x12\x81\x01\n\x13WatchSegmentChanges\x12\x30.profiles.segments.v1.WatchSegmentChangesRequest\x1a\x31.profiles.segments.v1.WatchSegmentChangesResponse\"\x03\x90\x02\x01\x30\x01\x12\x65\n\x0c\x43reateFunnel\x12).profiles.segments.v1.CreateFunnelRequest\x1a*.profiles.segments.v1.CreateFunnelResponse\x12g\n\x0bListFunnels\x12(.profiles.segments.v1.ListFunnelsRequest\x1a).profiles.segments.v1.ListFunnelsResponse\"\x03\x90\x02\x01\x12\x61\n\tGetFunnel\x12&.profiles.segments.v1.GetFunnelRequest\x1a\'.profiles.segments.v1.GetFunnelResponse\"\x03\x90\x02\x01\x12j\n\x0c\x44\x65leteFunnel\x12).profiles.segments.v1.DeleteFunnelRequest\x1a*.profiles.segments.v1.DeleteFunnelResponse\"\x03\x90\x02\x02\x12y\n\x11GetFunnelProgress\x12..profiles.segments.v1.GetFunnelProgressRequest\x1a/.profiles.segments.v1.GetFunnelProgressResponse\"\x03\x90\x02\x01\x12g\n\x0cRecomputeAll\x12).profiles.segments.v1.RecomputeAllRequest\x1a*.profiles.segments.v1.RecomputeAllResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n+profiles/segments/v1/segments_service.proto\x12\x14profiles.segments.v1\x1a\x1egoogle/protobuf/duration.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1eprofiles/common/v1/types.proto\x1a\"profiles/segments/v1/filters.proto\x1a\"profiles/segments/v1/funnels.proto\x1a#profiles/segments/v1/segments.proto\"*\n\x14GetEngagementRequest\x12\x12\n\nprofile_id\x18\x01 \x01(\t\"\xd1\x02\n\x15GetEngagementResponse\x12\x12\n\nprofile_id\x18\x01 \x01(\t\x12\x0e\n\x06score1\x18\x02 \x01(\x01\x12\x0e\n\x06score2\x18\x03 \x01(\x05\x12\x0e\n\x06score3\x18\x04 \x01(\x05\x12\r\n\x05score\x18\x05 \x01(\x01\x12\x12\n\npercentage\x18\x06 \x01(\x01\x12\x35\n\x11window_start_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x0fwindow_end_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rsession_count\x18\t \x01(\x03\x12;\n\x18\x61verage_session_duration\x18\n \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x11\n\ttime_zone\x18\x0b \x01(\t\"\\\n\x16GetSmartSegmentRequest\x12\x12\n\nprofile_id\x18\x01 \x01(\t\x12.\n\x08platform\x18\x02 \x01(\x0e\x32\x1c.profiles.common.v1.Platform\"\xfe\x03\n\x17GetSmartSegmentResponse\x12\x12\n\nprofile_id\x18\x01 \x01(\t\x12.\n\x08platform\x18\x02 \x01(\x0e\x32\x1c.profiles.common.v1.Platform\x12\x31\n\x07segment\x18\x03 \x01(\x0e\x32 .profiles.common.v1.SmartSegment\x12\x32\n\x04\x66lag\x18\x04 \x01(\x0e\x32$.profiles.common.v1.SmartSegmentFlag\x12\x38\n\x14next_transition_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1a\n\x12recent_active_days\x18\x06 \x01(\x05\x12\x19\n\x11total_active_days\x18\x07 \x01(\x05\x12\x15\n\rsession_count\x18\x08 \x01(\x03\x12\x36\n\x12\x66irst_session_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x11last_session_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nas_of_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\ttime_zone\x18\x0c \x01(\t\"\x9e\x01\n\x14\x43reateSegmentRequest\x12\x14\n\x0c\x64isplay_name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x30\n\x06\x66ilter\x18\x03 \x01(\x0b\x32 .profiles.segments.v1.FilterNode\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x15\n\rvalidate_only\x18\x05 \x01(\x08\"G\n\x15\x43reateSegmentResponse\x12.\n\x07segment\x18\x01 \x01(\x0b\x32\x1d.profiles.segments.v1.Segment\"<\n\x13ListSegmentsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"`\n\x14ListSegmentsResponse\x12/\n\x08segments\x18\x01 \x03(\x0b\x32\x1d.profiles.segments.v1.Segment\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\'\n\x11GetSegmentRequest\x12\x12\n\nsegment_id\x18\x01 \x01(\t\"D\n\x12GetSegmentResponse\x12.\n\x07segment\x18\x01 \x01(\x0b\x32\x1d.profiles.segments.v1.Segment\"\x8e\x01\n\x14UpdateSegmentRequest\x12.\n\x07segment\x18\x01 \x01(\x0b\x32\x1d.profiles.segments.v1.Segment\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\x12\x15\n\rvalidate_only\x18\x03 \x01(\x08\"\x82\x01\n\x15UpdateSegmentResponse\x12.\n\x07segment\x18\x01 \x01(\x0b\x32\x1d.profiles.segments.v1.Segment\x12\x1d\n\x15\x65ntered_profile_count\x18\x02 \x01(\x03\x12\x1a\n\x12left_profile_count\x18\x03 \x01(\x03\"A\n\x14\x44\x65leteSegmentRequest\x12\x12\n\nsegment_id\x18\x01 \x01(\t\x12\x15\n\rallow_missing\x18\x02 \x01(\x08\"\x17\n\x15\x44\x65leteSegmentResponse\"\x87\x02\n\x1aWatchSegmentChangesRequest\x12\x39\n\rsmart_segment\x18\x01 \x01(\x0e\x32 .profiles.common.v1.SmartSegmentH\x00\x12\x34\n\x04\x66lag\x18\x02 \x01(\x0e\x32$.profiles.common.v1.SmartSegmentFlagH\x00\x12\x1b\n\x11\x63ustom_segment_id\x18\x03 \x01(\tH\x00\x12\x15\n\x0bstart_after\x18\x04 \x01(\tH\x01\x12\x30\n\nstart_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.TimestampH\x01\x42\t\n\x07segmentB\x07\n\x05start\"S\n\x1bWatchSegmentChangesResponse\x12\x34\n\x07\x63hanges\x18\x01 \x03(\x0b\x32#.profiles.segments.v1.SegmentChange\"\xd2\x01\n\x13\x43reateFunnelRequest\x12\x14\n\x0c\x64isplay_name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12/\n\x05steps\x18\x03 \x03(\x0b\x32 .profiles.segments.v1.FunnelStep\x12\x34\n\x11\x63onversion_window\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x15\n\rvalidate_only\x18\x06 \x01(\x08\"D\n\x14\x43reateFunnelResponse\x12,\n\x06\x66unnel\x18\x01 \x01(\x0b\x32\x1c.profiles.segments.v1.Funnel\";\n\x12ListFunnelsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"]\n\x13ListFunnelsResponse\x12-\n\x07\x66unnels\x18\x01 \x03(\x0b\x32\x1c.profiles.segments.v1.Funnel\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"%\n\x10GetFunnelRequest\x12\x11\n\tfunnel_id\x18\x01 \x01(\t\"A\n\x11GetFunnelResponse\x12,\n\x06\x66unnel\x18\x01 \x01(\x0b\x32\x1c.profiles.segments.v1.Funnel\"\x8b\x01\n\x13UpdateFunnelRequest\x12,\n\x06\x66unnel\x18\x01 \x01(\x0b\x32\x1c.profiles.segments.v1.Funnel\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\x12\x15\n\rvalidate_only\x18\x03 \x01(\x08\"D\n\x14UpdateFunnelResponse\x12,\n\x06\x66unnel\x18\x01 \x01(\x0b\x32\x1c.profiles.segments.v1.Funnel\"?\n\x13\x44\x65leteFunnelRequest\x12\x11\n\tfunnel_id\x18\x01 \x01(\t\x12\x15\n\rallow_missing\x18\x02 \x01(\x08\"\x16\n\x14\x44\x65leteFunnelResponse\"A\n\x18GetFunnelProgressRequest\x12\x12\n\nprofile_id\x18\x01 \x01(\t\x12\x11\n\tfunnel_id\x18\x02 \x01(\t\"f\n\x19GetFunnelProgressResponse\x12\x12\n\nprofile_id\x18\x01 \x01(\t\x12\x35\n\x07\x66unnels\x18\x02 \x03(\x0b\x32$.profiles.segments.v1.FunnelProgress\"\x15\n\x13RecomputeAllRequest\"\x90\x02\n\x14RecomputeAllResponse\x12\x14\n\x0crecompute_id\x18\x01 \x01(\t\x12\x33\n\x05phase\x18\x02 \x01(\x0e\x32$.profiles.segments.v1.RecomputePhase\x12\x15\n\rprofiles_done\x18\x03 \x01(\x03\x12\x16\n\x0eprofiles_total\x18\x04 \x01(\x03\x12\x1d\n\x15\x63hanged_profile_count\x18\x05 \x01(\x03\x12.\n\nstart_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\xd1\x01\n\x0eRecomputePhase\x12\x1f\n\x1bRECOMPUTE_PHASE_UNSPECIFIED\x10\x00\x12\x1e\n\x1aRECOMPUTE_PHASE_AGGREGATES\x10\x01\x12\"\n\x1eRECOMPUTE_PHASE_SMART_SEGMENTS\x10\x02\x12#\n\x1fRECOMPUTE_PHASE_CUSTOM_SEGMENTS\x10\x03\x12\x1b\n\x17RECOMPUTE_PHASE_FUNNELS\x10\x04\x12\x18\n\x14RECOMPUTE_PHASE_DONE\x10\x05\x32\xf8\x0c\n\x0fSegmentsService\x12m\n\rGetEngagement\x12*.profiles.segments.v1.GetEngagementRequest\x1a+.profiles.segments.v1.GetEngagementResponse\"\x03\x90\x02\x01\x12s\n\x0fGetSmartSegment\x12,.profiles.segments.v1.GetSmartSegmentRequest\x1a-.profiles.segments.v1.GetSmartSegmentResponse\"\x03\x90\x02\x01\x12h\n\rCreateSegment\x12*.profiles.segments.v1.CreateSegmentRequest\x1a+.profiles.segments.v1.CreateSegmentResponse\x12j\n\x0cListSegments\x12).profiles.segments.v1.ListSegmentsRequest\x1a*.profiles.segments.v1.ListSegmentsResponse\"\x03\x90\x02\x01\x12\x64\n\nGetSegment\x12\'.profiles.segments.v1.GetSegmentRequest\x1a(.profiles.segments.v1.GetSegmentResponse\"\x03\x90\x02\x01\x12h\n\rUpdateSegment\x12*.profiles.segments.v1.UpdateSegmentRequest\x1a+.profiles.segments.v1.UpdateSegmentResponse\x12m\n\rDeleteSegment\x12*.profiles.segments.v1.DeleteSegmentRequest\x1a+.profiles.segments.v1.DeleteSegmentResponse\"\x03\x90\x02\x02\x12\x81\x01\n\x13WatchSegmentChanges\x12\x30.profiles.segments.v1.WatchSegmentChangesRequest\x1a\x31.profiles.segments.v1.WatchSegmentChangesResponse\"\x03\x90\x02\x01\x30\x01\x12\x65\n\x0c\x43reateFunnel\x12).profiles.segments.v1.CreateFunnelRequest\x1a*.profiles.segments.v1.CreateFunnelResponse\x12g\n\x0bListFunnels\x12(.profiles.segments.v1.ListFunnelsRequest\x1a).profiles.segments.v1.ListFunnelsResponse\"\x03\x90\x02\x01\x12\x61\n\tGetFunnel\x12&.profiles.segments.v1.GetFunnelRequest\x1a\'.profiles.segments.v1.GetFunnelResponse\"\x03\x90\x02\x01\x12\x65\n\x0cUpdateFunnel\x12).profiles.segments.v1.UpdateFunnelRequest\x1a*.profiles.segments.v1.UpdateFunnelResponse\x12j\n\x0c\x44\x65leteFunnel\x12).profiles.segments.v1.DeleteFunnelRequest\x1a*.profiles.segments.v1.DeleteFunnelResponse\"\x03\x90\x02\x02\x12y\n\x11GetFunnelProgress\x12..profiles.segments.v1.GetFunnelProgressRequest\x1a/.profiles.segments.v1.GetFunnelProgressResponse\"\x03\x90\x02\x01\x12g\n\x0cRecomputeAll\x12).profiles.segments.v1.RecomputeAllRequest\x1a*.profiles.segments.v1.RecomputeAllResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -57,60 +58,68 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SEGMENTSSERVICE'].methods_by_name['DeleteFunnel']._serialized_options = b'\220\002\002'
   _globals['_SEGMENTSSERVICE'].methods_by_name['GetFunnelProgress']._loaded_options = None
   _globals['_SEGMENTSSERVICE'].methods_by_name['GetFunnelProgress']._serialized_options = b'\220\002\001'
-  _globals['_RECOMPUTEPHASE']._serialized_start=3318
-  _globals['_RECOMPUTEPHASE']._serialized_end=3527
-  _globals['_GETENGAGEMENTREQUEST']._serialized_start=275
-  _globals['_GETENGAGEMENTREQUEST']._serialized_end=317
-  _globals['_GETENGAGEMENTRESPONSE']._serialized_start=320
-  _globals['_GETENGAGEMENTRESPONSE']._serialized_end=657
-  _globals['_GETSMARTSEGMENTREQUEST']._serialized_start=659
-  _globals['_GETSMARTSEGMENTREQUEST']._serialized_end=751
-  _globals['_GETSMARTSEGMENTRESPONSE']._serialized_start=754
-  _globals['_GETSMARTSEGMENTRESPONSE']._serialized_end=1264
-  _globals['_CREATESEGMENTREQUEST']._serialized_start=1267
-  _globals['_CREATESEGMENTREQUEST']._serialized_end=1425
-  _globals['_CREATESEGMENTRESPONSE']._serialized_start=1427
-  _globals['_CREATESEGMENTRESPONSE']._serialized_end=1498
-  _globals['_LISTSEGMENTSREQUEST']._serialized_start=1500
-  _globals['_LISTSEGMENTSREQUEST']._serialized_end=1560
-  _globals['_LISTSEGMENTSRESPONSE']._serialized_start=1562
-  _globals['_LISTSEGMENTSRESPONSE']._serialized_end=1658
-  _globals['_GETSEGMENTREQUEST']._serialized_start=1660
-  _globals['_GETSEGMENTREQUEST']._serialized_end=1699
-  _globals['_GETSEGMENTRESPONSE']._serialized_start=1701
-  _globals['_GETSEGMENTRESPONSE']._serialized_end=1769
-  _globals['_DELETESEGMENTREQUEST']._serialized_start=1771
-  _globals['_DELETESEGMENTREQUEST']._serialized_end=1836
-  _globals['_DELETESEGMENTRESPONSE']._serialized_start=1838
-  _globals['_DELETESEGMENTRESPONSE']._serialized_end=1861
-  _globals['_WATCHSEGMENTCHANGESREQUEST']._serialized_start=1864
-  _globals['_WATCHSEGMENTCHANGESREQUEST']._serialized_end=2127
-  _globals['_WATCHSEGMENTCHANGESRESPONSE']._serialized_start=2129
-  _globals['_WATCHSEGMENTCHANGESRESPONSE']._serialized_end=2212
-  _globals['_CREATEFUNNELREQUEST']._serialized_start=2215
-  _globals['_CREATEFUNNELREQUEST']._serialized_end=2425
-  _globals['_CREATEFUNNELRESPONSE']._serialized_start=2427
-  _globals['_CREATEFUNNELRESPONSE']._serialized_end=2495
-  _globals['_LISTFUNNELSREQUEST']._serialized_start=2497
-  _globals['_LISTFUNNELSREQUEST']._serialized_end=2556
-  _globals['_LISTFUNNELSRESPONSE']._serialized_start=2558
-  _globals['_LISTFUNNELSRESPONSE']._serialized_end=2651
-  _globals['_GETFUNNELREQUEST']._serialized_start=2653
-  _globals['_GETFUNNELREQUEST']._serialized_end=2690
-  _globals['_GETFUNNELRESPONSE']._serialized_start=2692
-  _globals['_GETFUNNELRESPONSE']._serialized_end=2757
-  _globals['_DELETEFUNNELREQUEST']._serialized_start=2759
-  _globals['_DELETEFUNNELREQUEST']._serialized_end=2822
-  _globals['_DELETEFUNNELRESPONSE']._serialized_start=2824
-  _globals['_DELETEFUNNELRESPONSE']._serialized_end=2846
-  _globals['_GETFUNNELPROGRESSREQUEST']._serialized_start=2848
-  _globals['_GETFUNNELPROGRESSREQUEST']._serialized_end=2913
-  _globals['_GETFUNNELPROGRESSRESPONSE']._serialized_start=2915
-  _globals['_GETFUNNELPROGRESSRESPONSE']._serialized_end=3017
-  _globals['_RECOMPUTEALLREQUEST']._serialized_start=3019
-  _globals['_RECOMPUTEALLREQUEST']._serialized_end=3040
-  _globals['_RECOMPUTEALLRESPONSE']._serialized_start=3043
-  _globals['_RECOMPUTEALLRESPONSE']._serialized_end=3315
-  _globals['_SEGMENTSSERVICE']._serialized_start=3530
-  _globals['_SEGMENTSSERVICE']._serialized_end=4977
+  _globals['_RECOMPUTEPHASE']._serialized_start=3842
+  _globals['_RECOMPUTEPHASE']._serialized_end=4051
+  _globals['_GETENGAGEMENTREQUEST']._serialized_start=309
+  _globals['_GETENGAGEMENTREQUEST']._serialized_end=351
+  _globals['_GETENGAGEMENTRESPONSE']._serialized_start=354
+  _globals['_GETENGAGEMENTRESPONSE']._serialized_end=691
+  _globals['_GETSMARTSEGMENTREQUEST']._serialized_start=693
+  _globals['_GETSMARTSEGMENTREQUEST']._serialized_end=785
+  _globals['_GETSMARTSEGMENTRESPONSE']._serialized_start=788
+  _globals['_GETSMARTSEGMENTRESPONSE']._serialized_end=1298
+  _globals['_CREATESEGMENTREQUEST']._serialized_start=1301
+  _globals['_CREATESEGMENTREQUEST']._serialized_end=1459
+  _globals['_CREATESEGMENTRESPONSE']._serialized_start=1461
+  _globals['_CREATESEGMENTRESPONSE']._serialized_end=1532
+  _globals['_LISTSEGMENTSREQUEST']._serialized_start=1534
+  _globals['_LISTSEGMENTSREQUEST']._serialized_end=1594
+  _globals['_LISTSEGMENTSRESPONSE']._serialized_start=1596
+  _globals['_LISTSEGMENTSRESPONSE']._serialized_end=1692
+  _globals['_GETSEGMENTREQUEST']._serialized_start=1694
+  _globals['_GETSEGMENTREQUEST']._serialized_end=1733
+  _globals['_GETSEGMENTRESPONSE']._serialized_start=1735
+  _globals['_GETSEGMENTRESPONSE']._serialized_end=1803
+  _globals['_UPDATESEGMENTREQUEST']._serialized_start=1806
+  _globals['_UPDATESEGMENTREQUEST']._serialized_end=1948
+  _globals['_UPDATESEGMENTRESPONSE']._serialized_start=1951
+  _globals['_UPDATESEGMENTRESPONSE']._serialized_end=2081
+  _globals['_DELETESEGMENTREQUEST']._serialized_start=2083
+  _globals['_DELETESEGMENTREQUEST']._serialized_end=2148
+  _globals['_DELETESEGMENTRESPONSE']._serialized_start=2150
+  _globals['_DELETESEGMENTRESPONSE']._serialized_end=2173
+  _globals['_WATCHSEGMENTCHANGESREQUEST']._serialized_start=2176
+  _globals['_WATCHSEGMENTCHANGESREQUEST']._serialized_end=2439
+  _globals['_WATCHSEGMENTCHANGESRESPONSE']._serialized_start=2441
+  _globals['_WATCHSEGMENTCHANGESRESPONSE']._serialized_end=2524
+  _globals['_CREATEFUNNELREQUEST']._serialized_start=2527
+  _globals['_CREATEFUNNELREQUEST']._serialized_end=2737
+  _globals['_CREATEFUNNELRESPONSE']._serialized_start=2739
+  _globals['_CREATEFUNNELRESPONSE']._serialized_end=2807
+  _globals['_LISTFUNNELSREQUEST']._serialized_start=2809
+  _globals['_LISTFUNNELSREQUEST']._serialized_end=2868
+  _globals['_LISTFUNNELSRESPONSE']._serialized_start=2870
+  _globals['_LISTFUNNELSRESPONSE']._serialized_end=2963
+  _globals['_GETFUNNELREQUEST']._serialized_start=2965
+  _globals['_GETFUNNELREQUEST']._serialized_end=3002
+  _globals['_GETFUNNELRESPONSE']._serialized_start=3004
+  _globals['_GETFUNNELRESPONSE']._serialized_end=3069
+  _globals['_UPDATEFUNNELREQUEST']._serialized_start=3072
+  _globals['_UPDATEFUNNELREQUEST']._serialized_end=3211
+  _globals['_UPDATEFUNNELRESPONSE']._serialized_start=3213
+  _globals['_UPDATEFUNNELRESPONSE']._serialized_end=3281
+  _globals['_DELETEFUNNELREQUEST']._serialized_start=3283
+  _globals['_DELETEFUNNELREQUEST']._serialized_end=3346
+  _globals['_DELETEFUNNELRESPONSE']._serialized_start=3348
+  _globals['_DELETEFUNNELRESPONSE']._serialized_end=3370
+  _globals['_GETFUNNELPROGRESSREQUEST']._serialized_start=3372
+  _globals['_GETFUNNELPROGRESSREQUEST']._serialized_end=3437
+  _globals['_GETFUNNELPROGRESSRESPONSE']._serialized_start=3439
+  _globals['_GETFUNNELPROGRESSRESPONSE']._serialized_end=3541
+  _globals['_RECOMPUTEALLREQUEST']._serialized_start=3543
+  _globals['_RECOMPUTEALLREQUEST']._serialized_end=3564
+  _globals['_RECOMPUTEALLRESPONSE']._serialized_start=3567
+  _globals['_RECOMPUTEALLRESPONSE']._serialized_end=3839
+  _globals['_SEGMENTSSERVICE']._serialized_start=4054
+  _globals['_SEGMENTSSERVICE']._serialized_end=5710
 # @@protoc_insertion_point(module_scope)

@@ -6,6 +6,7 @@ isort:skip_file
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import duration_pb2 as _duration_pb2
+from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
@@ -456,6 +457,104 @@ class GetSegmentResponse(_message.Message):
 Global___GetSegmentResponse: _TypeAlias = GetSegmentResponse  # noqa: Y015
 
 @_typing.final
+class UpdateSegmentRequest(_message.Message):
+    """Changes one custom segment (AIP-134)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEGMENT_FIELD_NUMBER: _builtins.int
+    UPDATE_MASK_FIELD_NUMBER: _builtins.int
+    VALIDATE_ONLY_FIELD_NUMBER: _builtins.int
+    validate_only: _builtins.bool
+    """When true, the segment is not changed: the request is checked exactly as an update would
+    check it (the same INVALID_ARGUMENT, NOT_FOUND, ALREADY_EXISTS and ABORTED), and the
+    response holds the segment as the update would leave it (its `etag` the one it would
+    have: to update, send the one GetSegment gave), with `size` the number of live profiles
+    matching its filter as of now and `size_time` now, and with the number of profiles that
+    would enter and leave (both 0 when the filter does not change, and `size` the stored one).
+    Nothing is stored and nothing announced; the name is not reserved. With a filter change it
+    costs one pass over the project's live profiles and the segment's members. Default false.
+    """
+    @_builtins.property
+    def segment(self) -> _segments_pb2.Segment:
+        """The segment: `segment_id` (a UUID string) names it and is required; the fields
+        `update_mask` names hold their new values, checked as CreateSegment checks them
+        (`display_name` 1 to 100 characters, unique in the project by Unicode case folding, another
+        case of the segment's own name allowed; `description` at most 1,000 characters; `filter`
+        required, at most 31 conditions and 8 nested groups); the other fields are ignored
+        (`create_time`, `size` and `size_time` are output only). `etag`, optional: when set, it
+        must equal the segment's current one (Segment.etag), else ABORTED: the update applies only
+        to the definition the caller read.
+        """
+
+    @_builtins.property
+    def update_mask(self) -> _field_mask_pb2.FieldMask:
+        """The fields to change, as paths relative to Segment: `display_name`, `description`,
+        `filter` (the whole tree; it has no sub-paths). Empty, or the single path `*`, means all
+        three (a full replacement: an empty description clears it). A path named twice counts
+        once. Any other path (unknown, a sub-path, an output-only field such as `segment_id`,
+        `size` or `etag`, or `*` beside other paths) is INVALID_ARGUMENT with reason
+        UPDATE_MASK_INVALID and a field violation on `update_mask`.
+        """
+
+    def __init__(
+        self,
+        *,
+        segment: _segments_pb2.Segment | None = ...,
+        update_mask: _field_mask_pb2.FieldMask | None = ...,
+        validate_only: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["segment", b"segment", "update_mask", b"update_mask"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["segment", b"segment", "update_mask", b"update_mask", "validate_only", b"validate_only"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateSegmentRequest: _TypeAlias = UpdateSegmentRequest  # noqa: Y015
+
+@_typing.final
+class UpdateSegmentResponse(_message.Message):
+    """The segment updated (or, with `validate_only`, as it would be)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEGMENT_FIELD_NUMBER: _builtins.int
+    ENTERED_PROFILE_COUNT_FIELD_NUMBER: _builtins.int
+    LEFT_PROFILE_COUNT_FIELD_NUMBER: _builtins.int
+    entered_profile_count: _builtins.int
+    """The ENTERED changes this call announced (the profiles matching the new filter only; 0
+    when the filter did not change). An event handled meanwhile announces its own changes for
+    the new filter, which are not counted here, and so does the periodic evaluation if it got
+    to a profile first: each change is announced once. With `validate_only`: the live
+    profiles that match the new filter and are not members now.
+    """
+    left_profile_count: _builtins.int
+    """The LEFT changes this call announced (the members that no longer match the new filter,
+    merged-away and erased ones included), as `entered_profile_count` counts. With
+    `validate_only`: the members that would leave.
+    """
+    @_builtins.property
+    def segment(self) -> _segments_pb2.Segment:
+        """The segment as stored after the update and the recomputation of its members, with its
+        size, `size_time` and new `etag`. With `validate_only`: as it would be (see there).
+        """
+
+    def __init__(
+        self,
+        *,
+        segment: _segments_pb2.Segment | None = ...,
+        entered_profile_count: _builtins.int = ...,
+        left_profile_count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["segment", b"segment"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entered_profile_count", b"entered_profile_count", "left_profile_count", b"left_profile_count", "segment", b"segment"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateSegmentResponse: _TypeAlias = UpdateSegmentResponse  # noqa: Y015
+
+@_typing.final
 class DeleteSegmentRequest(_message.Message):
     """Deletes one custom segment."""
 
@@ -770,6 +869,83 @@ class GetFunnelResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetFunnelResponse: _TypeAlias = GetFunnelResponse  # noqa: Y015
+
+@_typing.final
+class UpdateFunnelRequest(_message.Message):
+    """Changes one funnel (AIP-134)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FUNNEL_FIELD_NUMBER: _builtins.int
+    UPDATE_MASK_FIELD_NUMBER: _builtins.int
+    VALIDATE_ONLY_FIELD_NUMBER: _builtins.int
+    validate_only: _builtins.bool
+    """When true, the funnel is not changed: the request is checked exactly as an update would
+    check it, and the response holds the funnel as the update would leave it (its `etag` the
+    one it would have), with `reached_profile_counts` as of now. Nothing is stored and the
+    name is not reserved. Costs what counting the funnel in GetFunnel costs. Default false.
+    """
+    @_builtins.property
+    def funnel(self) -> _funnels_pb2.Funnel:
+        """The funnel: `funnel_id` (a UUID string) names it and is required; the fields
+        `update_mask` names hold their new values, checked as CreateFunnel checks them
+        (`display_name` 1 to 100 characters, unique in the project by Unicode case folding, another
+        case of the funnel's own name allowed; `description` at most 1,000 characters; `steps` 2
+        to 10; `conversion_window` 1 minute to 90 days, kept to the millisecond); the other fields
+        are ignored (`create_time` and `reached_profile_counts` are output only). `etag`,
+        optional: when set, it must equal the funnel's current one (Funnel.etag), else ABORTED.
+        """
+
+    @_builtins.property
+    def update_mask(self) -> _field_mask_pb2.FieldMask:
+        """The fields to change, as paths relative to Funnel: `display_name`, `description`, `steps`
+        (the whole list), `conversion_window`. Empty, or the single path `*`, means all four. A
+        path named twice counts once. Any other path (unknown, a sub-path such as
+        `steps.event_name`, an output-only field such as `funnel_id`, `reached_profile_counts` or
+        `etag`, or `*` beside other paths) is INVALID_ARGUMENT with reason UPDATE_MASK_INVALID and
+        a field violation on `update_mask`.
+        """
+
+    def __init__(
+        self,
+        *,
+        funnel: _funnels_pb2.Funnel | None = ...,
+        update_mask: _field_mask_pb2.FieldMask | None = ...,
+        validate_only: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["funnel", b"funnel", "update_mask", b"update_mask"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["funnel", b"funnel", "update_mask", b"update_mask", "validate_only", b"validate_only"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateFunnelRequest: _TypeAlias = UpdateFunnelRequest  # noqa: Y015
+
+@_typing.final
+class UpdateFunnelResponse(_message.Message):
+    """The funnel updated (or, with `validate_only`, as it would be)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FUNNEL_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def funnel(self) -> _funnels_pb2.Funnel:
+        """The funnel as stored after the update, with its per-step counts as of the response (by
+        the new definition) and its new `etag`. With `validate_only`: as it would be.
+        """
+
+    def __init__(
+        self,
+        *,
+        funnel: _funnels_pb2.Funnel | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["funnel", b"funnel"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["funnel", b"funnel"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateFunnelResponse: _TypeAlias = UpdateFunnelResponse  # noqa: Y015
 
 @_typing.final
 class DeleteFunnelRequest(_message.Message):

@@ -32,8 +32,8 @@ class SegmentsServiceStub:
 
     The project comes from the API key: a missing or unknown key is UNAUTHENTICATED, a key whose
     role does not cover the RPC is PERMISSION_DENIED (checked before anything else), and an ID of
-    another project is NOT_FOUND. Reads need a `read` or `admin` key; definitions (create, delete)
-    and RecomputeAll need an `admin` key. Profile IDs are UUID strings; a merged-away profile ID
+    another project is NOT_FOUND. Reads need a `read` or `admin` key; definitions (create, update,
+    delete) and RecomputeAll need an `admin` key. Profile IDs are UUID strings; a merged-away profile ID
     resolves to its survivor. INVALID_ARGUMENT errors carry a google.rpc.BadRequest with one field
     violation per bad field, its path in proto field names (`filter.group.children[2].condition`).
     """
@@ -69,6 +69,11 @@ class SegmentsServiceStub:
                 request_serializer=profiles_dot_segments_dot_v1_dot_segments__service__pb2.GetSegmentRequest.SerializeToString,
                 response_deserializer=profiles_dot_segments_dot_v1_dot_segments__service__pb2.GetSegmentResponse.FromString,
                 _registered_method=True)
+        self.UpdateSegment = channel.unary_unary(
+                '/profiles.segments.v1.SegmentsService/UpdateSegment',
+                request_serializer=profiles_dot_segments_dot_v1_dot_segments__service__pb2.UpdateSegmentRequest.SerializeToString,
+                response_deserializer=profiles_dot_segments_dot_v1_dot_segments__service__pb2.UpdateSegmentResponse.FromString,
+                _registered_method=True)
         self.DeleteSegment = channel.unary_unary(
                 '/profiles.segments.v1.SegmentsService/DeleteSegment',
                 request_serializer=profiles_dot_segments_dot_v1_dot_segments__service__pb2.DeleteSegmentRequest.SerializeToString,
@@ -94,6 +99,11 @@ class SegmentsServiceStub:
                 request_serializer=profiles_dot_segments_dot_v1_dot_segments__service__pb2.GetFunnelRequest.SerializeToString,
                 response_deserializer=profiles_dot_segments_dot_v1_dot_segments__service__pb2.GetFunnelResponse.FromString,
                 _registered_method=True)
+        self.UpdateFunnel = channel.unary_unary(
+                '/profiles.segments.v1.SegmentsService/UpdateFunnel',
+                request_serializer=profiles_dot_segments_dot_v1_dot_segments__service__pb2.UpdateFunnelRequest.SerializeToString,
+                response_deserializer=profiles_dot_segments_dot_v1_dot_segments__service__pb2.UpdateFunnelResponse.FromString,
+                _registered_method=True)
         self.DeleteFunnel = channel.unary_unary(
                 '/profiles.segments.v1.SegmentsService/DeleteFunnel',
                 request_serializer=profiles_dot_segments_dot_v1_dot_segments__service__pb2.DeleteFunnelRequest.SerializeToString,
@@ -118,8 +128,8 @@ class SegmentsServiceServicer:
 
     The project comes from the API key: a missing or unknown key is UNAUTHENTICATED, a key whose
     role does not cover the RPC is PERMISSION_DENIED (checked before anything else), and an ID of
-    another project is NOT_FOUND. Reads need a `read` or `admin` key; definitions (create, delete)
-    and RecomputeAll need an `admin` key. Profile IDs are UUID strings; a merged-away profile ID
+    another project is NOT_FOUND. Reads need a `read` or `admin` key; definitions (create, update,
+    delete) and RecomputeAll need an `admin` key. Profile IDs are UUID strings; a merged-away profile ID
     resolves to its survivor. INVALID_ARGUMENT errors carry a google.rpc.BadRequest with one field
     violation per bad field, its path in proto field names (`filter.group.children[2].condition`).
     """
@@ -169,6 +179,37 @@ class SegmentsServiceServicer:
         """Returns one custom segment's definition, size and `size_time` (see Segment.size). Read or
         admin. Errors:
         INVALID_ARGUMENT (`segment_id` not a UUID), NOT_FOUND (no such segment).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateSegment(self, request, context):
+        """Changes a custom segment's display name, description or filter (AIP-134): the fields
+        `update_mask` names take their values from `segment`, the others stay. A filter change
+        recomputes the members for the new filter before the call returns: the members that no
+        longer match leave and the profiles that match now enter, each announced on the change
+        stream as any membership change (cause DEFINITION; a merged-away or erased member leaves
+        with MERGE or DELETION), and a profile matching both filters sees no change; a change of
+        the name or description alone (or a filter equal to the stored one) touches no member and
+        announces nothing. Events handled meanwhile are evaluated against the new filter as soon
+        as the change is stored, before the recomputation ends. If the recomputation does not
+        finish (the caller went away, or its batches kept losing deadlocks to merges of the same
+        profiles), the periodic evaluation finishes it within about 5 s. Without `etag`,
+        the last of two concurrent updates wins (they are applied one after the other, never
+        mixed); with it, the update is refused if the segment changed since it was read. With
+        `validate_only`, checks the request as an update would and returns the segment as it would
+        be, with how many profiles would enter and leave, storing nothing (see
+        UpdateSegmentRequest.validate_only). Repeating an update changes nothing more. The creation's
+        `request_id` stays the segment's: a retry of that CreateSegment (with the definition first
+        sent) still returns the segment, as it is now. Admin only. Errors: INVALID_ARGUMENT
+        (`segment.segment_id` not a UUID, reason SEGMENT_ID_INVALID; a path of `update_mask` that
+        is unknown or not updatable, reason UPDATE_MASK_INVALID, a field violation on
+        `update_mask`; each bad field named by the mask, reason DEFINITION_INVALID, with its path
+        such as `segment.filter.group.children[2].condition`, and the limits of CreateSegment),
+        NOT_FOUND (no such segment), ALREADY_EXISTS (another segment has this display name, by the
+        rule of CreateSegment), ABORTED with reason ETAG_MISMATCH (`segment.etag` is set and the
+        segment changed since: read it again).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -225,6 +266,29 @@ class SegmentsServiceServicer:
         """Returns one funnel's definition and how many profiles reached each step, exact as of the
         response (the counts ListFunnels gives). Read or admin. Errors: INVALID_ARGUMENT
         (`funnel_id` not a UUID), NOT_FOUND (no such funnel in the project).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateFunnel(self, request, context):
+        """Changes a funnel's display name, description, steps or conversion window (AIP-134): the
+        fields `update_mask` names take their values from `funnel`, the others stay; returns the
+        funnel with its per-step counts. Nothing is stored per profile (counts and progress are
+        computed from events at read time), so the new definition applies at once and to all
+        history: every later GetFunnel, ListFunnels and GetFunnelProgress counts and ranks attempts
+        by the new steps and window, including attempts under way (an attempt that completed 2 of
+        the old steps may have completed fewer or more of the new ones, and its deadline moves with
+        the window). Without `etag`, the last of two concurrent updates wins (applied one after the
+        other, never mixed); with it, the update is refused if the funnel changed since it was read.
+        With `validate_only`, checks the request as an update would and returns the funnel as it
+        would be with its counts as of now, storing nothing. Repeating an update changes nothing
+        more. Admin only. Errors: INVALID_ARGUMENT (`funnel.funnel_id` not a UUID, reason
+        FUNNEL_ID_INVALID; a path of `update_mask` that is unknown or not updatable, reason
+        UPDATE_MASK_INVALID, a field violation on `update_mask`; each bad field named by the mask,
+        reason DEFINITION_INVALID, with paths such as `funnel.steps[1].event_name`, and the limits
+        of CreateFunnel), NOT_FOUND (no such funnel), ALREADY_EXISTS (display name taken), ABORTED
+        with reason ETAG_MISMATCH (`funnel.etag` is set and the funnel changed since).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -289,6 +353,11 @@ def add_SegmentsServiceServicer_to_server(servicer, server):
                     request_deserializer=profiles_dot_segments_dot_v1_dot_segments__service__pb2.GetSegmentRequest.FromString,
                     response_serializer=profiles_dot_segments_dot_v1_dot_segments__service__pb2.GetSegmentResponse.SerializeToString,
             ),
+            'UpdateSegment': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateSegment,
+                    request_deserializer=profiles_dot_segments_dot_v1_dot_segments__service__pb2.UpdateSegmentRequest.FromString,
+                    response_serializer=profiles_dot_segments_dot_v1_dot_segments__service__pb2.UpdateSegmentResponse.SerializeToString,
+            ),
             'DeleteSegment': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteSegment,
                     request_deserializer=profiles_dot_segments_dot_v1_dot_segments__service__pb2.DeleteSegmentRequest.FromString,
@@ -313,6 +382,11 @@ def add_SegmentsServiceServicer_to_server(servicer, server):
                     servicer.GetFunnel,
                     request_deserializer=profiles_dot_segments_dot_v1_dot_segments__service__pb2.GetFunnelRequest.FromString,
                     response_serializer=profiles_dot_segments_dot_v1_dot_segments__service__pb2.GetFunnelResponse.SerializeToString,
+            ),
+            'UpdateFunnel': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateFunnel,
+                    request_deserializer=profiles_dot_segments_dot_v1_dot_segments__service__pb2.UpdateFunnelRequest.FromString,
+                    response_serializer=profiles_dot_segments_dot_v1_dot_segments__service__pb2.UpdateFunnelResponse.SerializeToString,
             ),
             'DeleteFunnel': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteFunnel,
@@ -344,8 +418,8 @@ class SegmentsService:
 
     The project comes from the API key: a missing or unknown key is UNAUTHENTICATED, a key whose
     role does not cover the RPC is PERMISSION_DENIED (checked before anything else), and an ID of
-    another project is NOT_FOUND. Reads need a `read` or `admin` key; definitions (create, delete)
-    and RecomputeAll need an `admin` key. Profile IDs are UUID strings; a merged-away profile ID
+    another project is NOT_FOUND. Reads need a `read` or `admin` key; definitions (create, update,
+    delete) and RecomputeAll need an `admin` key. Profile IDs are UUID strings; a merged-away profile ID
     resolves to its survivor. INVALID_ARGUMENT errors carry a google.rpc.BadRequest with one field
     violation per bad field, its path in proto field names (`filter.group.children[2].condition`).
     """
@@ -486,6 +560,33 @@ class SegmentsService:
             _registered_method=True)
 
     @staticmethod
+    def UpdateSegment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/profiles.segments.v1.SegmentsService/UpdateSegment',
+            profiles_dot_segments_dot_v1_dot_segments__service__pb2.UpdateSegmentRequest.SerializeToString,
+            profiles_dot_segments_dot_v1_dot_segments__service__pb2.UpdateSegmentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def DeleteSegment(request,
             target,
             options=(),
@@ -610,6 +711,33 @@ class SegmentsService:
             '/profiles.segments.v1.SegmentsService/GetFunnel',
             profiles_dot_segments_dot_v1_dot_segments__service__pb2.GetFunnelRequest.SerializeToString,
             profiles_dot_segments_dot_v1_dot_segments__service__pb2.GetFunnelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateFunnel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/profiles.segments.v1.SegmentsService/UpdateFunnel',
+            profiles_dot_segments_dot_v1_dot_segments__service__pb2.UpdateFunnelRequest.SerializeToString,
+            profiles_dot_segments_dot_v1_dot_segments__service__pb2.UpdateFunnelResponse.FromString,
             options,
             channel_credentials,
             insecure,

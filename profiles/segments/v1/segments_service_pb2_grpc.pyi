@@ -33,8 +33,8 @@ class SegmentsServiceStub:
 
     The project comes from the API key: a missing or unknown key is UNAUTHENTICATED, a key whose
     role does not cover the RPC is PERMISSION_DENIED (checked before anything else), and an ID of
-    another project is NOT_FOUND. Reads need a `read` or `admin` key; definitions (create, delete)
-    and RecomputeAll need an `admin` key. Profile IDs are UUID strings; a merged-away profile ID
+    another project is NOT_FOUND. Reads need a `read` or `admin` key; definitions (create, update,
+    delete) and RecomputeAll need an `admin` key. Profile IDs are UUID strings; a merged-away profile ID
     resolves to its survivor. INVALID_ARGUMENT errors carry a google.rpc.BadRequest with one field
     violation per bad field, its path in proto field names (`filter.group.children[2].condition`).
     """
@@ -73,6 +73,33 @@ class SegmentsServiceStub:
     admin. Errors:
     INVALID_ARGUMENT (`segment_id` not a UUID), NOT_FOUND (no such segment).
     """
+    UpdateSegment: _grpc.UnaryUnaryMultiCallable[_segments_service_pb2.UpdateSegmentRequest, _segments_service_pb2.UpdateSegmentResponse]
+    """Changes a custom segment's display name, description or filter (AIP-134): the fields
+    `update_mask` names take their values from `segment`, the others stay. A filter change
+    recomputes the members for the new filter before the call returns: the members that no
+    longer match leave and the profiles that match now enter, each announced on the change
+    stream as any membership change (cause DEFINITION; a merged-away or erased member leaves
+    with MERGE or DELETION), and a profile matching both filters sees no change; a change of
+    the name or description alone (or a filter equal to the stored one) touches no member and
+    announces nothing. Events handled meanwhile are evaluated against the new filter as soon
+    as the change is stored, before the recomputation ends. If the recomputation does not
+    finish (the caller went away, or its batches kept losing deadlocks to merges of the same
+    profiles), the periodic evaluation finishes it within about 5 s. Without `etag`,
+    the last of two concurrent updates wins (they are applied one after the other, never
+    mixed); with it, the update is refused if the segment changed since it was read. With
+    `validate_only`, checks the request as an update would and returns the segment as it would
+    be, with how many profiles would enter and leave, storing nothing (see
+    UpdateSegmentRequest.validate_only). Repeating an update changes nothing more. The creation's
+    `request_id` stays the segment's: a retry of that CreateSegment (with the definition first
+    sent) still returns the segment, as it is now. Admin only. Errors: INVALID_ARGUMENT
+    (`segment.segment_id` not a UUID, reason SEGMENT_ID_INVALID; a path of `update_mask` that
+    is unknown or not updatable, reason UPDATE_MASK_INVALID, a field violation on
+    `update_mask`; each bad field named by the mask, reason DEFINITION_INVALID, with its path
+    such as `segment.filter.group.children[2].condition`, and the limits of CreateSegment),
+    NOT_FOUND (no such segment), ALREADY_EXISTS (another segment has this display name, by the
+    rule of CreateSegment), ABORTED with reason ETAG_MISMATCH (`segment.etag` is set and the
+    segment changed since: read it again).
+    """
     DeleteSegment: _grpc.UnaryUnaryMultiCallable[_segments_service_pb2.DeleteSegmentRequest, _segments_service_pb2.DeleteSegmentResponse]
     """Deletes a custom segment. Its members get no LEFT changes; watchers filtered on it see no
     further changes, and a new watch of it is NOT_FOUND. Admin only. Errors: INVALID_ARGUMENT
@@ -109,6 +136,25 @@ class SegmentsServiceStub:
     response (the counts ListFunnels gives). Read or admin. Errors: INVALID_ARGUMENT
     (`funnel_id` not a UUID), NOT_FOUND (no such funnel in the project).
     """
+    UpdateFunnel: _grpc.UnaryUnaryMultiCallable[_segments_service_pb2.UpdateFunnelRequest, _segments_service_pb2.UpdateFunnelResponse]
+    """Changes a funnel's display name, description, steps or conversion window (AIP-134): the
+    fields `update_mask` names take their values from `funnel`, the others stay; returns the
+    funnel with its per-step counts. Nothing is stored per profile (counts and progress are
+    computed from events at read time), so the new definition applies at once and to all
+    history: every later GetFunnel, ListFunnels and GetFunnelProgress counts and ranks attempts
+    by the new steps and window, including attempts under way (an attempt that completed 2 of
+    the old steps may have completed fewer or more of the new ones, and its deadline moves with
+    the window). Without `etag`, the last of two concurrent updates wins (applied one after the
+    other, never mixed); with it, the update is refused if the funnel changed since it was read.
+    With `validate_only`, checks the request as an update would and returns the funnel as it
+    would be with its counts as of now, storing nothing. Repeating an update changes nothing
+    more. Admin only. Errors: INVALID_ARGUMENT (`funnel.funnel_id` not a UUID, reason
+    FUNNEL_ID_INVALID; a path of `update_mask` that is unknown or not updatable, reason
+    UPDATE_MASK_INVALID, a field violation on `update_mask`; each bad field named by the mask,
+    reason DEFINITION_INVALID, with paths such as `funnel.steps[1].event_name`, and the limits
+    of CreateFunnel), NOT_FOUND (no such funnel), ALREADY_EXISTS (display name taken), ABORTED
+    with reason ETAG_MISMATCH (`funnel.etag` is set and the funnel changed since).
+    """
     DeleteFunnel: _grpc.UnaryUnaryMultiCallable[_segments_service_pb2.DeleteFunnelRequest, _segments_service_pb2.DeleteFunnelResponse]
     """Deletes a funnel. Admin only. Errors: INVALID_ARGUMENT (`funnel_id`), NOT_FOUND (no such
     funnel, unless `allow_missing`).
@@ -137,8 +183,8 @@ class SegmentsServiceAsyncStub(SegmentsServiceStub):
 
     The project comes from the API key: a missing or unknown key is UNAUTHENTICATED, a key whose
     role does not cover the RPC is PERMISSION_DENIED (checked before anything else), and an ID of
-    another project is NOT_FOUND. Reads need a `read` or `admin` key; definitions (create, delete)
-    and RecomputeAll need an `admin` key. Profile IDs are UUID strings; a merged-away profile ID
+    another project is NOT_FOUND. Reads need a `read` or `admin` key; definitions (create, update,
+    delete) and RecomputeAll need an `admin` key. Profile IDs are UUID strings; a merged-away profile ID
     resolves to its survivor. INVALID_ARGUMENT errors carry a google.rpc.BadRequest with one field
     violation per bad field, its path in proto field names (`filter.group.children[2].condition`).
     """
@@ -173,6 +219,33 @@ class SegmentsServiceAsyncStub(SegmentsServiceStub):
     """Returns one custom segment's definition, size and `size_time` (see Segment.size). Read or
     admin. Errors:
     INVALID_ARGUMENT (`segment_id` not a UUID), NOT_FOUND (no such segment).
+    """
+    UpdateSegment: _aio.UnaryUnaryMultiCallable[_segments_service_pb2.UpdateSegmentRequest, _segments_service_pb2.UpdateSegmentResponse]  # type: ignore[assignment]
+    """Changes a custom segment's display name, description or filter (AIP-134): the fields
+    `update_mask` names take their values from `segment`, the others stay. A filter change
+    recomputes the members for the new filter before the call returns: the members that no
+    longer match leave and the profiles that match now enter, each announced on the change
+    stream as any membership change (cause DEFINITION; a merged-away or erased member leaves
+    with MERGE or DELETION), and a profile matching both filters sees no change; a change of
+    the name or description alone (or a filter equal to the stored one) touches no member and
+    announces nothing. Events handled meanwhile are evaluated against the new filter as soon
+    as the change is stored, before the recomputation ends. If the recomputation does not
+    finish (the caller went away, or its batches kept losing deadlocks to merges of the same
+    profiles), the periodic evaluation finishes it within about 5 s. Without `etag`,
+    the last of two concurrent updates wins (they are applied one after the other, never
+    mixed); with it, the update is refused if the segment changed since it was read. With
+    `validate_only`, checks the request as an update would and returns the segment as it would
+    be, with how many profiles would enter and leave, storing nothing (see
+    UpdateSegmentRequest.validate_only). Repeating an update changes nothing more. The creation's
+    `request_id` stays the segment's: a retry of that CreateSegment (with the definition first
+    sent) still returns the segment, as it is now. Admin only. Errors: INVALID_ARGUMENT
+    (`segment.segment_id` not a UUID, reason SEGMENT_ID_INVALID; a path of `update_mask` that
+    is unknown or not updatable, reason UPDATE_MASK_INVALID, a field violation on
+    `update_mask`; each bad field named by the mask, reason DEFINITION_INVALID, with its path
+    such as `segment.filter.group.children[2].condition`, and the limits of CreateSegment),
+    NOT_FOUND (no such segment), ALREADY_EXISTS (another segment has this display name, by the
+    rule of CreateSegment), ABORTED with reason ETAG_MISMATCH (`segment.etag` is set and the
+    segment changed since: read it again).
     """
     DeleteSegment: _aio.UnaryUnaryMultiCallable[_segments_service_pb2.DeleteSegmentRequest, _segments_service_pb2.DeleteSegmentResponse]  # type: ignore[assignment]
     """Deletes a custom segment. Its members get no LEFT changes; watchers filtered on it see no
@@ -210,6 +283,25 @@ class SegmentsServiceAsyncStub(SegmentsServiceStub):
     response (the counts ListFunnels gives). Read or admin. Errors: INVALID_ARGUMENT
     (`funnel_id` not a UUID), NOT_FOUND (no such funnel in the project).
     """
+    UpdateFunnel: _aio.UnaryUnaryMultiCallable[_segments_service_pb2.UpdateFunnelRequest, _segments_service_pb2.UpdateFunnelResponse]  # type: ignore[assignment]
+    """Changes a funnel's display name, description, steps or conversion window (AIP-134): the
+    fields `update_mask` names take their values from `funnel`, the others stay; returns the
+    funnel with its per-step counts. Nothing is stored per profile (counts and progress are
+    computed from events at read time), so the new definition applies at once and to all
+    history: every later GetFunnel, ListFunnels and GetFunnelProgress counts and ranks attempts
+    by the new steps and window, including attempts under way (an attempt that completed 2 of
+    the old steps may have completed fewer or more of the new ones, and its deadline moves with
+    the window). Without `etag`, the last of two concurrent updates wins (applied one after the
+    other, never mixed); with it, the update is refused if the funnel changed since it was read.
+    With `validate_only`, checks the request as an update would and returns the funnel as it
+    would be with its counts as of now, storing nothing. Repeating an update changes nothing
+    more. Admin only. Errors: INVALID_ARGUMENT (`funnel.funnel_id` not a UUID, reason
+    FUNNEL_ID_INVALID; a path of `update_mask` that is unknown or not updatable, reason
+    UPDATE_MASK_INVALID, a field violation on `update_mask`; each bad field named by the mask,
+    reason DEFINITION_INVALID, with paths such as `funnel.steps[1].event_name`, and the limits
+    of CreateFunnel), NOT_FOUND (no such funnel), ALREADY_EXISTS (display name taken), ABORTED
+    with reason ETAG_MISMATCH (`funnel.etag` is set and the funnel changed since).
+    """
     DeleteFunnel: _aio.UnaryUnaryMultiCallable[_segments_service_pb2.DeleteFunnelRequest, _segments_service_pb2.DeleteFunnelResponse]  # type: ignore[assignment]
     """Deletes a funnel. Admin only. Errors: INVALID_ARGUMENT (`funnel_id`), NOT_FOUND (no such
     funnel, unless `allow_missing`).
@@ -237,8 +329,8 @@ class SegmentsServiceServicer(metaclass=_abc_1.ABCMeta):
 
     The project comes from the API key: a missing or unknown key is UNAUTHENTICATED, a key whose
     role does not cover the RPC is PERMISSION_DENIED (checked before anything else), and an ID of
-    another project is NOT_FOUND. Reads need a `read` or `admin` key; definitions (create, delete)
-    and RecomputeAll need an `admin` key. Profile IDs are UUID strings; a merged-away profile ID
+    another project is NOT_FOUND. Reads need a `read` or `admin` key; definitions (create, update,
+    delete) and RecomputeAll need an `admin` key. Profile IDs are UUID strings; a merged-away profile ID
     resolves to its survivor. INVALID_ARGUMENT errors carry a google.rpc.BadRequest with one field
     violation per bad field, its path in proto field names (`filter.group.children[2].condition`).
     """
@@ -301,6 +393,39 @@ class SegmentsServiceServicer(metaclass=_abc_1.ABCMeta):
         """Returns one custom segment's definition, size and `size_time` (see Segment.size). Read or
         admin. Errors:
         INVALID_ARGUMENT (`segment_id` not a UUID), NOT_FOUND (no such segment).
+        """
+
+    @_abc_1.abstractmethod
+    def UpdateSegment(
+        self,
+        request: _segments_service_pb2.UpdateSegmentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_segments_service_pb2.UpdateSegmentResponse, _abc.Awaitable[_segments_service_pb2.UpdateSegmentResponse]]:
+        """Changes a custom segment's display name, description or filter (AIP-134): the fields
+        `update_mask` names take their values from `segment`, the others stay. A filter change
+        recomputes the members for the new filter before the call returns: the members that no
+        longer match leave and the profiles that match now enter, each announced on the change
+        stream as any membership change (cause DEFINITION; a merged-away or erased member leaves
+        with MERGE or DELETION), and a profile matching both filters sees no change; a change of
+        the name or description alone (or a filter equal to the stored one) touches no member and
+        announces nothing. Events handled meanwhile are evaluated against the new filter as soon
+        as the change is stored, before the recomputation ends. If the recomputation does not
+        finish (the caller went away, or its batches kept losing deadlocks to merges of the same
+        profiles), the periodic evaluation finishes it within about 5 s. Without `etag`,
+        the last of two concurrent updates wins (they are applied one after the other, never
+        mixed); with it, the update is refused if the segment changed since it was read. With
+        `validate_only`, checks the request as an update would and returns the segment as it would
+        be, with how many profiles would enter and leave, storing nothing (see
+        UpdateSegmentRequest.validate_only). Repeating an update changes nothing more. The creation's
+        `request_id` stays the segment's: a retry of that CreateSegment (with the definition first
+        sent) still returns the segment, as it is now. Admin only. Errors: INVALID_ARGUMENT
+        (`segment.segment_id` not a UUID, reason SEGMENT_ID_INVALID; a path of `update_mask` that
+        is unknown or not updatable, reason UPDATE_MASK_INVALID, a field violation on
+        `update_mask`; each bad field named by the mask, reason DEFINITION_INVALID, with its path
+        such as `segment.filter.group.children[2].condition`, and the limits of CreateSegment),
+        NOT_FOUND (no such segment), ALREADY_EXISTS (another segment has this display name, by the
+        rule of CreateSegment), ABORTED with reason ETAG_MISMATCH (`segment.etag` is set and the
+        segment changed since: read it again).
         """
 
     @_abc_1.abstractmethod
@@ -367,6 +492,31 @@ class SegmentsServiceServicer(metaclass=_abc_1.ABCMeta):
         """Returns one funnel's definition and how many profiles reached each step, exact as of the
         response (the counts ListFunnels gives). Read or admin. Errors: INVALID_ARGUMENT
         (`funnel_id` not a UUID), NOT_FOUND (no such funnel in the project).
+        """
+
+    @_abc_1.abstractmethod
+    def UpdateFunnel(
+        self,
+        request: _segments_service_pb2.UpdateFunnelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_segments_service_pb2.UpdateFunnelResponse, _abc.Awaitable[_segments_service_pb2.UpdateFunnelResponse]]:
+        """Changes a funnel's display name, description, steps or conversion window (AIP-134): the
+        fields `update_mask` names take their values from `funnel`, the others stay; returns the
+        funnel with its per-step counts. Nothing is stored per profile (counts and progress are
+        computed from events at read time), so the new definition applies at once and to all
+        history: every later GetFunnel, ListFunnels and GetFunnelProgress counts and ranks attempts
+        by the new steps and window, including attempts under way (an attempt that completed 2 of
+        the old steps may have completed fewer or more of the new ones, and its deadline moves with
+        the window). Without `etag`, the last of two concurrent updates wins (applied one after the
+        other, never mixed); with it, the update is refused if the funnel changed since it was read.
+        With `validate_only`, checks the request as an update would and returns the funnel as it
+        would be with its counts as of now, storing nothing. Repeating an update changes nothing
+        more. Admin only. Errors: INVALID_ARGUMENT (`funnel.funnel_id` not a UUID, reason
+        FUNNEL_ID_INVALID; a path of `update_mask` that is unknown or not updatable, reason
+        UPDATE_MASK_INVALID, a field violation on `update_mask`; each bad field named by the mask,
+        reason DEFINITION_INVALID, with paths such as `funnel.steps[1].event_name`, and the limits
+        of CreateFunnel), NOT_FOUND (no such funnel), ALREADY_EXISTS (display name taken), ABORTED
+        with reason ETAG_MISMATCH (`funnel.etag` is set and the funnel changed since).
         """
 
     @_abc_1.abstractmethod
