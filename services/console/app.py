@@ -224,6 +224,8 @@ ROUTES = [
     Route("/profiles/{profile_id}/export", pages.profile_export),
     Route("/profiles/{profile_id}/delete", pages.profile_erase_form, methods=["GET"]),
     Route("/profiles/{profile_id}/delete", pages.profile_erase, methods=["POST"]),
+    Route("/profiles/{profile_id}/merge", pages.profile_merge_form, methods=["GET"]),
+    Route("/profiles/{profile_id}/merge", pages.profile_merge, methods=["POST"]),
     Route("/live/profiles/{profile_id}", pages.profile_live),
     Route("/segments", pages.segments_page),
     Route("/segments/new", pages.segment_new_form, methods=["GET"]),

@@ -993,6 +993,9 @@ CSV_COLUMNS = (
     "last_seen_utc",
     "total_time_spent_seconds",
     "smart_segment",
+    # Last, so that the columns before them keep their places in existing spreadsheets.
+    "country",
+    "language",
 )
 
 
@@ -1030,6 +1033,8 @@ def csv_rows(
             seen,
             row.total_time_spent.seconds,
             segment_of(row),
+            row.country,
+            row.language,
         ]
         found.append([csv_cell(cell) for cell in cells])
     return found

@@ -495,6 +495,18 @@ def _segment_filter(value: str) -> dict[str, Any]:
     return {}
 
 
+# The users table's filter boxes by the ListProfiles field they fill: a refusal is told beside
+# its box.
+USERS_BOXES = {
+    "name_prefix": "name",
+    "segment_id": "segment",
+    "custom_id_prefix": "custom_id",
+    "email_prefix": "email",
+}
+# The users table's parameters whose value "all" is their default (left out of its links).
+DEFAULT_ALL = ("tab", "platform")
+
+
 def _users_filters(request: Request, notices: list[str]) -> dict[str, Any]:
     """The users table's filters and sort from its URL (what the page and its CSV share): the
     values the page's links keep, and the ListProfiles fields they make (`request_fields`)."""
@@ -522,6 +534,12 @@ def _users_filters(request: Request, notices: list[str]) -> dict[str, Any]:
             " showing every profile."
         )
     name = " ".join(params.get("name", "").split())
+    # The start of a custom ID (case-sensitive, as custom IDs are) and of an email (any case):
+    # what the boxes of the same names hold, and what a search opens when several profiles'
+    # custom IDs or emails start with the text. No custom ID or email starts or ends with a
+    # space, so the surrounding ones are left out.
+    custom_id = params.get("custom_id", "").strip()
+    email = params.get("email", "").strip()
     request_fields = {
         "identity_filter": TABS[tab],
         "platform": platform_value,
@@ -532,6 +550,8 @@ def _users_filters(request: Request, notices: list[str]) -> dict[str, Any]:
         "country": country,
         "reachable_channel": present.REACH.get(reach, 0),
         "profile_id_prefix": id_prefix,
+        "custom_id_prefix": custom_id,
+        "email_prefix": email,
         **segment_fields,
     }
     if SORTS[sort] not in query_pb.ProfileOrderBy.values():
@@ -547,6 +567,8 @@ def _users_filters(request: Request, notices: list[str]) -> dict[str, Any]:
         "country": country,
         "reach": reach,
         "id_prefix": id_prefix,
+        "custom_id": custom_id,
+        "email": email,
         "request_fields": request_fields,
     }
 
@@ -565,7 +587,7 @@ async def users_page(request: Request, session: ConsoleSession) -> Response:
     )
     platform_name, name = filters["platform"], filters["name"]
     language, country, reach = filters["language"], filters["country"], filters["reach"]
-    id_prefix = filters["id_prefix"]
+    id_prefix, custom_id, email = filters["id_prefix"], filters["custom_id"], filters["email"]
     page_token = params.get("page_token", "")
     trail = [t for t in params.get("trail", "").split(",") if t][-TRAIL_LIMIT:]
     page_number = _page_number(params.get("page", ""), len(trail))
@@ -606,7 +628,7 @@ async def users_page(request: Request, session: ConsoleSession) -> Response:
         except NotFound:
             refused = present.Refusal("segment", present.FIELD_WORDS["segment_id"])
         except BadInput as bad:
-            refused = present.refusal(bad, {"name_prefix": "name", "segment_id": "segment"})
+            refused = present.refusal(bad, USERS_BOXES)
             if refused.box == "name":
                 refused = present.Refusal("name", present.name_refusal(name))
         return query_pb.ListProfilesResponse()
@@ -628,9 +650,14 @@ async def users_page(request: Request, session: ConsoleSession) -> Response:
             "country": country,
             "reach": reach,
             "id": id_prefix,
+            "custom_id": custom_id,
+            "email": email,
         }
         state.update(changes)
-        return "/users?" + urlencode({k: v for k, v in state.items() if v and v != "all"})
+        # "all" is the tab's and the platform's default; a typed filter "all" is kept.
+        return "/users?" + urlencode(
+            {k: v for k, v in state.items() if v and not (v == "all" and k in DEFAULT_ALL)}
+        )
 
     def next_link() -> str:
         if not reply.next_page_token:
@@ -667,9 +694,17 @@ async def users_page(request: Request, session: ConsoleSession) -> Response:
             "language": language,
             "country": country,
             "reach": reach,
+            "reaches": present.REACH_LABELS,
             "id_prefix": id_prefix,
+            "custom_id": custom_id,
+            "email": email,
             "chips": present.filter_chips(
-                language=language, country=country, reach=reach, id_prefix=id_prefix
+                language=language,
+                country=country,
+                reach=reach,
+                id_prefix=id_prefix,
+                custom_id=custom_id,
+                email=email,
             ),
             "rows": present.user_rows(reply.profiles),
             "next_page": next_link(),
@@ -811,6 +846,7 @@ async def search(request: Request, session: ConsoleSession) -> Response:
         "message": "",
         "hint": "",
         "misses": [],
+        "starts": [],  # (what a start lists, its users table) when several kinds found some
     }
     # What each lookup that found nothing was, said under "No profile matches": a custom ID
     # nobody has is told as plainly as the name search that follows it.
@@ -856,35 +892,110 @@ async def search(request: Request, session: ConsoleSession) -> Response:
                 if found is not None:
                     return found
                 misses.append(present.search_miss("id_prefix", prefix))
-            if names_searched(text, kind):
-                found = await _open_by_name(console, session, text)
-                if found is not None:
-                    return found
-                if len(" ".join(text.split())) <= present.NAME_SEARCH_MAX:
-                    misses.append(present.search_miss("name", " ".join(text.split())))
+            starts = await _starts(console, session, text, kind)
+            found = _open_by_start(starts)
+            if found is not None:
+                return found
+            context["starts"] = [
+                (present.START_LISTS[start.kind].format(present.shorten(start.value)), start.url)
+                for start in starts
+                if start.profile_ids
+            ]
+            if context["starts"]:
+                context["message"] = (
+                    f"Several kinds of value start with “{present.shorten(text)}”: which do you"
+                    " mean?"
+                )
+                return render(request, "search.html", context, session=session)
+            misses.extend(
+                present.search_miss(start.kind, start.value)
+                for start in starts
+                if start.profile_ids is not None
+            )
             context["message"] = f"No profile matches “{present.shorten(text)}”."
             if any("phone" in lookup for lookup in tries):
                 context["hint"] = present.PHONE_MATCHING
     return render(request, "search.html", context, session=session)
 
 
-async def _open_by_name(console: Console, session: ConsoleSession, text: str) -> Response | None:
-    """The one profile with a word of its name starting with `text`, else the users table
-    filtered by it (several); None when none has, or no name can be this text (too long)."""
-    try:
-        reply = await console.backend.call(
-            session.key,
-            "query",
-            "ListProfiles",
-            query_pb.ListProfilesRequest(name_prefix=text, page_size=2),
-        )
-    except BadInput:
-        return None
-    if len(reply.profiles) == 1:
-        return RedirectResponse(f"/profiles/{reply.profiles[0].profile_id}", 303)
-    if not reply.profiles:
-        return None
-    return RedirectResponse("/users?" + urlencode({"name": text}), 303)
+# The starts of values a search that no identifier answered looks for, in the order its misses
+# are told (a name's last): the users table's parameter, the ListProfiles field, the longest
+# text the field takes (a longer one starts no value: not looked for, nor said).
+STARTS = {
+    "custom_id_prefix": ("custom_id", "custom_id_prefix", 512),
+    "email_prefix": ("email", "email_prefix", 254),
+    "name": ("name", "name_prefix", present.NAME_SEARCH_MAX),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Start:
+    """The start of a value a search looked for: `kind` (a key of STARTS), the text as looked
+    for, the IDs of the first two profiles found (None when the service refused the text), and
+    the users table filtered by it."""
+
+    kind: str
+    value: str
+    profile_ids: list[str] | None
+    url: str
+
+
+def starts_searched(text: str, kind: str) -> list[str]:
+    """What a search no identifier answered goes on to (STARTS' keys, in order): the start of a
+    custom ID when the text was looked up as one (and is not the users table's "Anonymous
+    dcae577b"), of an email when it also has no space (or searched "by email"), of a name when
+    `names_searched`."""
+    text = text.strip()
+    if kind in ("custom_id", "email"):
+        return [f"{kind}_prefix"]
+    searched = []
+    if kind == "auto" and not present.shows_a_profile_id(text) and not present.phone_number(text):
+        searched.append("custom_id_prefix")
+        if not any(character.isspace() for character in text):
+            searched.append("email_prefix")
+    if names_searched(text, kind):
+        searched.append("name")
+    return searched
+
+
+async def _starts(console: Console, session: ConsoleSession, text: str, kind: str) -> list[Start]:
+    """The profiles (two at most) each start `starts_searched` names finds, looked up at once."""
+    searched = []
+    for start in starts_searched(text, kind):
+        parameter, field, longest = STARTS[start]
+        value = " ".join(text.split()) if start == "name" else text.strip()
+        if len(value) <= longest:
+            searched.append((start, parameter, field, value))
+
+    async def look(field: str, value: str) -> list[str] | None:
+        request = query_pb.ListProfilesRequest(page_size=2)
+        setattr(request, field, value)
+        try:
+            reply = await console.backend.call(session.key, "query", "ListProfiles", request)
+        except BadInput:
+            return None
+        return [row.profile_id for row in reply.profiles]
+
+    if not searched:
+        return []
+    found = await both(*(look(field, value) for _, _, field, value in searched))
+    return [
+        Start(start, value, ids, present.users_url(**{parameter: value}))
+        for (start, parameter, _, value), ids in zip(searched, found, strict=True)
+    ]
+
+
+def _open_by_start(starts: list[Start]) -> Response | None:
+    """Where the starts found lead: the profile when they found one and the same (a custom ID
+    and an email of one person), else the users table filtered by the one start that found
+    several; None when none found any, or several kinds did (the page asks which)."""
+    found = [start for start in starts if start.profile_ids]
+    people = {profile_id for start in found for profile_id in start.profile_ids or ()}
+    if len(people) == 1:
+        return RedirectResponse(f"/profiles/{people.pop()}", 303)
+    if len(found) == 1:
+        return RedirectResponse(found[0].url, 303)
+    return None
 
 
 async def _open_by_id_prefix(
@@ -1029,6 +1140,9 @@ async def profile_page(request: Request, session: ConsoleSession) -> Response:
             f"/profiles/{canonical}?" + urlencode({"merged_from": merged}), status_code=303
         )
     merged_from = await _merged_into(console, session, params.get("merged_from", ""), canonical)
+    # The profile an operator's merge (this console's merge form) just merged into this one,
+    # checked with the service as `merged_from` is.
+    merge_done = await _merged_into(console, session, params.get("merged", ""), canonical)
     session_refused = events_refused is not None and events_refused.box == "session"
     days = present.last_days(activity.days, activity.time_zone, loaded, ACTIVITY_DAYS)
     chart = present.bar_chart(
@@ -1133,6 +1247,14 @@ async def profile_page(request: Request, session: ConsoleSession) -> Response:
             "notices": notices,
             "found_by": found_by,
             "merged_from": merged_from,
+            "merge_done": merge_done,
+            # The last crash opens itself in the timeline; the Crashes tab lists every crash.
+            "last_crash_link": present.crash_link(canonical, profile.counters.last_crash)
+            if profile.counters.HasField("last_crash")
+            else "",
+            "crashes_link": f"/profiles/{canonical}?" + urlencode({"kind": "crash"}) + "#events",
+            # A crash entry tells the app version its installation runs now.
+            "app_versions": {i.installation_id: i.app_version for i in profile.installations},
             "history": present.history_rows(profile.identity_changes, canonical),
             "erased_profile_id": present.ERASED_PROFILE_ID,
             "rejected": [(r, present.rejection_text(r)) for r in rejected_reply.rejected_events],
@@ -1426,6 +1548,310 @@ async def profile_erase(request: Request, session: ConsoleSession) -> Response:
         )
     log.info("console_erasure", profile_id=reply.profile_id)
     return render(request, "erased.html", {"reply": reply, "name": name}, session=session)
+
+
+# -- operator merge -------------------------------------------------------------------------------
+
+
+async def _profile_or_none(
+    console: Console, session: ConsoleSession, profile_id: str
+) -> query_pb.GetProfileResponse | None:
+    """GetProfile of a profile ID (a merged-away one answers its survivor); None when no
+    profile of the project has it (erased, or no profile ID at all)."""
+    try:
+        reply: query_pb.GetProfileResponse = await console.backend.call(
+            session.key, "query", "GetProfile", query_pb.GetProfileRequest(profile_id=profile_id)
+        )
+    except NotFound:
+        return None
+    except BadInput as bad:
+        if "profile_id" in bad.fields:
+            return None
+        raise
+    return reply
+
+
+async def _merge_lookup(
+    console: Console, session: ConsoleSession, text: str, by: str
+) -> tuple[query_pb.GetProfileResponse | None, list[str]]:
+    """The profile `text` names (`present.merge_lookups`, tried in order), and what each
+    lookup that found nothing was."""
+    misses: list[str] = []
+    for lookup in present.merge_lookups(text, by):
+        try:
+            reply = await console.backend.call(
+                session.key, "query", "GetProfile", query_pb.GetProfileRequest(**lookup)
+            )
+        except (NotFound, BadInput):
+            # BadInput: text this identifier cannot be (a custom ID over 512 characters, a
+            # profile ID that is none): no profile has it either.
+            ((looked_for, value),) = lookup.items()
+            misses.append(present.search_miss(looked_for, value))
+            continue
+        return reply, misses
+    return None, misses
+
+
+def _merge_choice(
+    request: Request,
+    session: ConsoleSession,
+    target: Any,
+    *,
+    other: str = "",
+    by: str = "auto",
+    refused: str = "",
+    misses: Iterable[str] = (),
+    done: str = "",
+    notices: Iterable[str] = (),
+    status: int = 200,
+) -> Response:
+    """The merge's first step: which profile to merge into this one (`target`), with why the
+    last choice was refused, if it was."""
+    return render(
+        request,
+        "merge.html",
+        {
+            "summary": target.summary,
+            "other": other,
+            "by": by,
+            "lookups": present.MERGE_LOOKUPS,
+            "refused": refused,
+            "misses": list(misses),
+            "done": done,
+            "notices": list(notices),
+        },
+        session=session,
+        status=status,
+    )
+
+
+def _merge_confirmation(
+    request: Request,
+    session: ConsoleSession,
+    target: Any,
+    source: Any,
+    *,
+    request_id: str,
+    refused: str = "",
+    allow_alias: bool = False,
+    status: int = 200,
+) -> Response:
+    """The confirmation step: both profiles side by side, what the merge does, and the POST
+    that does it (the session's CSRF token, an idempotency key)."""
+    return render(
+        request,
+        "merge_confirm.html",
+        {
+            "target": present.merge_side(target),
+            "source": present.merge_side(source),
+            "custom_ids": present.merge_custom_ids(
+                source.summary.custom_id, target.summary.custom_id
+            ),
+            "csrf_token": session.csrf_token,
+            "request_id": request_id,
+            "refused": refused,
+            "allow_alias": allow_alias,
+        },
+        session=session,
+        status=status,
+    )
+
+
+@signed_in
+async def profile_merge_form(request: Request, session: ConsoleSession) -> Response:
+    """Choosing the other profile (`other`, looked up `by`), then the confirmation."""
+    if not session.admin:
+        raise Forbidden
+    console = console_of(request)
+    profile_id = request.path_params["profile_id"]
+    params = request.query_params
+    notices: list[str] = []
+    by = _known(
+        params, "by", present.MERGE_LOOKUPS, "auto", "looking it up as any of them", notices
+    )
+    this = await _profile_or_none(console, session, profile_id)
+    if this is None:
+        return _no_such_profile(request, session, profile_id)
+    target = this.profile
+    canonical = target.summary.profile_id
+    if canonical != profile_id:
+        # A merged-away ID: the merge is into the profile it opens, which the page names.
+        query = f"?{request.url.query}" if request.url.query else ""
+        return RedirectResponse(f"/profiles/{canonical}/merge{query}", status_code=303)
+    if "other" not in params:
+        return _merge_choice(request, session, target, by=by, notices=notices)
+    other = params["other"]
+    if not other.strip():
+        return _merge_choice(
+            request, session, target, by=by, refused=present.MERGE_EMPTY, status=400
+        )
+    found, misses = await _merge_lookup(console, session, other, by)
+    shown = present.shorten(other.strip())
+    if found is None:
+        return _merge_choice(
+            request,
+            session,
+            target,
+            other=other,
+            by=by,
+            refused=present.MERGE_NO_MATCH.format(shown),
+            misses=misses,
+            notices=notices,
+            status=404,
+        )
+    source = found.profile
+    if source.summary.profile_id == canonical:
+        # This profile itself, or one merged into it already (its ID opens this one).
+        words = present.MERGE_ALREADY if found.resolved_from_profile_id else present.MERGE_SAME
+        return _merge_choice(
+            request,
+            session,
+            target,
+            other=other,
+            by=by,
+            refused=words.format(shown),
+            notices=notices,
+            status=409,
+        )
+    # The idempotency key travels with the form: a second click, or the form sent again,
+    # answers the first merge instead of telling the two profiles one already.
+    return _merge_confirmation(request, session, target, source, request_id=str(uuid.uuid4()))
+
+
+@signed_in
+async def profile_merge(request: Request, session: ConsoleSession) -> Response:
+    """The confirmed merge: MergeProfiles of the other profile (`source`) into this one, then
+    the survivor's page; each refusal of the contract is told on the form."""
+    if not session.admin:
+        raise Forbidden  # a read key never sees the form; a forged post gets 403 all the same
+    console = console_of(request)
+    profile_id = request.path_params["profile_id"]
+    form = await small_form(request)
+    request_id = str(form.get("request_id", ""))[:64] or str(uuid.uuid4())
+    source_id = canonical_uuid(str(form.get("source", "")))
+    allow_alias = form.get("allow_alias") == "yes"
+    this = await _profile_or_none(console, session, profile_id)
+    if this is None:
+        return _no_such_profile(request, session, profile_id)
+    target = this.profile
+    canonical = target.summary.profile_id
+    # The other profile as it is now: None when erased since (or no profile ID was posted).
+    now = await _profile_or_none(console, session, source_id) if source_id else None
+    source = now.profile if now is not None else None
+    if not tokens_match(session.csrf_token, str(form.get("csrf_token", ""))):
+        if source is not None and source.summary.profile_id != canonical:
+            return _merge_confirmation(
+                request,
+                session,
+                target,
+                source,
+                request_id=request_id,
+                refused=present.MERGE_FORM_EXPIRED,
+                allow_alias=allow_alias,
+                status=403,
+            )
+        return _merge_choice(
+            request, session, target, refused=present.MERGE_FORM_EXPIRED, status=403
+        )
+    if canonical != profile_id:
+        # This profile was merged into another since the confirmation: that one is shown.
+        return _merge_choice(
+            request, session, target, refused=present.MERGE_TARGET_MOVED, status=409
+        )
+    if source is None:
+        if not source_id:  # a form that names no profile: never the console's own
+            return _merge_choice(request, session, target, refused=present.MERGE_EMPTY, status=400)
+        return _merge_choice(
+            request, session, target, refused=present.MERGE_SOURCE_GONE, status=409
+        )
+    now_id = source.summary.profile_id
+    if now_id not in (source_id, canonical):
+        # Merged into a third profile since it was shown: merging it now would merge that
+        # one, someone the operator did not confirm. (Merged into this one, it is this form
+        # sent twice, or a merge by someone else: the service tells which.)
+        return _merge_confirmation(
+            request,
+            session,
+            target,
+            source,
+            request_id=str(uuid.uuid4()),
+            refused=present.MERGE_SOURCE_MOVED,
+            status=409,
+        )
+    try:
+        reply = await console.backend.call(
+            session.key,
+            "identity",
+            "MergeProfiles",
+            identity_pb.MergeProfilesRequest(
+                source_profile_id=source_id,
+                target_profile_id=canonical,
+                allow_custom_id_conflict=allow_alias,
+                request_id=request_id,
+            ),
+        )
+    except NotFound:
+        # One of the two was erased between the reads above and the merge.
+        if await _profile_or_none(console, session, canonical) is None:
+            return _no_such_profile(request, session, profile_id)
+        return _merge_choice(
+            request, session, target, refused=present.MERGE_SOURCE_GONE, status=409
+        )
+    except BadInput as refused:
+        if refused.reason == "MERGE_INTO_ITSELF":
+            return _merge_choice(
+                request,
+                session,
+                target,
+                refused=present.MERGE_SAME.format(source_id),
+                status=409,
+            )
+        words = {
+            "CUSTOM_ID_CONFLICT": present.MERGE_CONFLICT.format(
+                present.shorten(source.summary.custom_id)
+            ),
+            "CONCURRENT_CHANGE": present.MERGE_RACE,
+            "REQUEST_ID_REUSED": present.MERGE_REQUEST_REUSED,
+        }.get(refused.reason)
+        if words is None:
+            raise
+        if now_id == canonical:
+            return _merge_choice(
+                request,
+                session,
+                target,
+                refused=present.MERGE_ALREADY.format(source_id),
+                status=409,
+            )
+        return _merge_confirmation(
+            request,
+            session,
+            target,
+            source,
+            # A reused key is spent: the next confirmation sends a new one.
+            request_id=str(uuid.uuid4()) if refused.reason == "REQUEST_ID_REUSED" else request_id,
+            refused=words,
+            allow_alias=allow_alias,
+            status=409,
+        )
+    if reply.already_merged:
+        # Not this form's merge (that one would be answered as it was): someone merged them.
+        return _merge_choice(
+            request,
+            session,
+            target,
+            done=present.MERGE_ALREADY_ONE.format(reply.source_profile_id),
+        )
+    log.info(
+        "console_merge",
+        source_profile_id=reply.source_profile_id,
+        target_profile_id=reply.target_profile_id,
+        change_id=reply.change_id,
+    )
+    return RedirectResponse(
+        f"/profiles/{reply.target_profile_id}?" + urlencode({"merged": reply.source_profile_id}),
+        status_code=303,
+    )
 
 
 async def _prepend(first: Any, rest: AsyncIterator[Any]) -> AsyncIterator[Any]:
@@ -1791,6 +2217,12 @@ async def segments_page(request: Request, session: ConsoleSession) -> Response:
         request.query_params.get("edited", ""), segments.segments, funnels.funnels
     )
     deleted = request.query_params.get("deleted", "")
+    # The live table's segment (the users table's form of the parameter): WatchSegmentChanges
+    # streams that segment's changes only. One the project does not have is named, not hidden.
+    typed = request.query_params.get("segment", "")
+    live = present.live_segment(typed, segments.segments)
+    unknown_segment = present.shorten(typed) if typed and live is None else ""
+    source = "/live/segments" + (f"?{urlencode({'segment': live.value})}" if live else "")
     return render(
         request,
         "segments.html",
@@ -1805,9 +2237,13 @@ async def segments_page(request: Request, session: ConsoleSession) -> Response:
                     present.funnel_figures(
                         [step.event_name for step in funnel.steps], funnel.reached_profile_counts
                     ),
+                    present.conversion_window(funnel.conversion_window),
                 )
                 for funnel in funnels.funnels
             ],
+            "live": live,
+            "live_source": source,
+            "unknown_segment": unknown_segment,
         },
         session=session,
     )
@@ -2153,54 +2589,176 @@ async def funnel_delete(request: Request, session: ConsoleSession) -> Response:
     return await _definition_delete(request, session, "funnel")
 
 
-# Names of the profiles a segments feed has shown, kept per feed up to this many (then
-# forgotten at once: a feed open for hours re-reads names it shows again).
+# The people a segments feed has named, kept per feed up to this many (then forgotten at once:
+# a feed open for hours re-reads the people it shows again).
 FEED_PEOPLE_LIMIT = 2_000
+# How long a segments feed waits before looking up again the people GetProfileRows did not
+# list: the users table lags writes by the bus (under a second normally), so a person whose
+# first events made them enter a segment is often not in it yet when the change arrives.
+PEOPLE_RETRY_SECONDS = 1.5
+# GetProfile calls of one retry, for the people the users table still does not list (merged
+# away or erased since, or a table far behind): each reads a whole profile, so past this many
+# a row keeps the start of its ID.
+PEOPLE_LOOKUPS_PER_RETRY = 20
+# GetProfileRows' limit of IDs per call.
+PROFILE_ROWS_MAX = 500
 
 
-class PeopleNames:
-    """The names a live feed shows beside profile IDs, read with GetProfileRows: one call for
-    a batch's new IDs. An ID that names no live profile (merged away, erased) has no name; so
-    do all of a batch's when query cannot answer (the feed goes on with IDs). Only names are
-    kept: the users table lags writes by the bus, so a person named in the batch that made
-    them enter a segment may read as nameless then, and is asked again at their next change."""
+@dataclass(frozen=True, slots=True)
+class Person:
+    """Who a row of the live table names: `label` (a name, a custom ID, "Anonymous 1a2b3c4d",
+    else the start of the ID, "profile 1a2b3c4d"); `state`: "" for a live profile, "pending"
+    while the users table does not list it (looked up again shortly), "merged" (into
+    `merged_into`) or "erased"; `note` says that state under the label."""
+
+    label: str
+    state: str = ""
+    note: str = ""
+    merged_into: str = ""
+    named: bool = False  # by a name or custom ID: kept for the feed's later rows
+
+    def json(self) -> dict[str, Any]:
+        return {
+            "name": self.label,
+            "state": self.state,
+            "note": self.note,
+            "merged_into": self.merged_into,
+        }
+
+
+def _person_of(first_name: str, last_name: str, custom_id: str, profile_id: str) -> Person:
+    return Person(
+        present.display_name(first_name, last_name, custom_id, profile_id),
+        named=bool(first_name or last_name or custom_id),
+    )
+
+
+class People:
+    """The people a segments feed shows beside profile IDs. A batch's new IDs are read with
+    one GetProfileRows call; the IDs it does not list show the start of the ID ("profile
+    1a2b3c4d", marked as not in the users table yet) and are looked up once more after
+    PEOPLE_RETRY_SECONDS (`retry`): GetProfileRows again (the table caught up), then GetProfile
+    for those still missing, which tells a profile merged away since (and into whom) or erased
+    from one the table does not list yet (named from the profile itself). What the retry
+    learns goes to the page as an update of the rows it shows. Names and final states (merged,
+    erased) are kept; an anonymous person is asked again at their next change (they may have
+    been named since). When query cannot answer, a row keeps the start of its ID."""
 
     def __init__(self, console: Console, key: str) -> None:
         self._console = console
         self._key = key
-        self._names: dict[str, str] = {}
-        # The last batch's anonymous people without a name ("Anonymous 1a2b3c4d"), not kept.
-        self._unnamed: dict[str, str] = {}
+        self._known: dict[str, Person] = {}
+        # The last batch's people that are not kept (anonymous, or not listed yet).
+        self._batch: dict[str, Person] = {}
+        # IDs to look up again, in order, with when (each PEOPLE_RETRY_SECONDS after its row).
+        self._retry: dict[str, float] = {}
 
-    async def learn(self, profile_ids: Iterable[str]) -> None:
-        new = list(dict.fromkeys(i for i in profile_ids if i not in self._names))
+    async def learn(self, profile_ids: Iterable[str], now: float) -> None:
+        new = list(dict.fromkeys(i for i in profile_ids if i not in self._known))
         if not new:
             return
-        if len(self._names) + len(new) > FEED_PEOPLE_LIMIT:
-            self._names.clear()
-        self._unnamed = {}
-        with contextlib.suppress(ServiceDown, BadInput, NotFound):
+        if len(self._known) + len(new) > FEED_PEOPLE_LIMIT:
+            self._known.clear()
+        self._batch = {}
+        found, missing = await self._rows(new)
+        for profile_id, person in found.items():
+            self._remember(profile_id, person)
+        for profile_id in missing:
+            self._batch[profile_id] = Person(
+                present.short_profile(profile_id),
+                state="pending",
+                note="not in the users table yet",
+            )
+            self._retry.setdefault(profile_id, now + PEOPLE_RETRY_SECONDS)
+
+    def of(self, profile_id: str) -> Person:
+        return (
+            self._known.get(profile_id)
+            or self._batch.get(profile_id)
+            or Person(present.short_profile(profile_id))
+        )
+
+    def retry_in(self, now: float) -> float | None:
+        """Seconds until the people not listed are due to be looked up again; None if none."""
+        return min(self._retry.values()) - now if self._retry else None
+
+    async def retry(self, now: float) -> list[tuple[str, Person]]:
+        """Looks up again the people not listed whose time came; returns what each row of them
+        shows now."""
+        ids = [profile_id for profile_id, due in self._retry.items() if due <= now]
+        for profile_id in ids:
+            del self._retry[profile_id]
+        asked = ids[:PROFILE_ROWS_MAX]
+        listed, missing = await self._rows(asked)
+        found: dict[str, Person] = {}
+        for profile_id in ids:
+            if profile_id in listed:
+                found[profile_id] = listed[profile_id]
+            elif profile_id in missing[:PEOPLE_LOOKUPS_PER_RETRY]:
+                found[profile_id] = await self._profile(profile_id)
+            else:
+                # Past the lookups of one retry, or query not answering: the ID's start.
+                found[profile_id] = Person(present.short_profile(profile_id))
+        for profile_id, person in found.items():
+            self._remember(profile_id, person)
+        return list(found.items())
+
+    def _remember(self, profile_id: str, person: Person) -> None:
+        """Keeps a name or a final state; an anonymous live person is asked again next time."""
+        if person.named or person.state in ("merged", "erased"):
+            self._known[profile_id] = person
+        else:
+            self._batch[profile_id] = person
+
+    async def _rows(self, profile_ids: list[str]) -> tuple[dict[str, Person], list[str]]:
+        """(the people the users table lists, the IDs it does not); nobody listed nor missing
+        when query cannot answer."""
+        if not profile_ids:
+            return {}, []
+        try:
             reply = await self._console.backend.call(
                 self._key,
                 "query",
                 "GetProfileRows",
-                query_pb.GetProfileRowsRequest(profile_ids=new),
+                query_pb.GetProfileRowsRequest(profile_ids=profile_ids),
             )
-            for row in reply.profiles:
-                name = present.display_name(
-                    row.first_name, row.last_name, row.custom_id, row.profile_id
-                )
-                if row.first_name or row.last_name or row.custom_id:
-                    self._names[row.profile_id] = name
-                else:
-                    self._unnamed[row.profile_id] = name
+        except (ServiceDown, BadInput, NotFound):
+            return {}, []
+        found = {
+            row.profile_id: _person_of(row.first_name, row.last_name, row.custom_id, row.profile_id)
+            for row in reply.profiles
+        }
+        return found, list(reply.missing_profile_ids)
 
-    def of(self, profile_id: str) -> str:
-        return self._names.get(profile_id) or self._unnamed.get(profile_id, "")
+    async def _profile(self, profile_id: str) -> Person:
+        """A person the users table does not list, from GetProfile (the source tables): merged
+        away (the survivor answers for the ID), erased (no profile), or live and not in the
+        table yet."""
+        short = present.short_profile(profile_id)
+        try:
+            reply = await self._console.backend.call(
+                self._key, "query", "GetProfile", query_pb.GetProfileRequest(profile_id=profile_id)
+            )
+        except NotFound:
+            return Person(short, state="erased", note="erased")
+        except (ServiceDown, BadInput):
+            return Person(short)
+        summary = reply.profile.summary
+        survivor = _person_of(
+            summary.first_name, summary.last_name, summary.custom_id, summary.profile_id
+        )
+        if summary.profile_id != profile_id:
+            return Person(
+                short,
+                state="merged",
+                note=f"merged into {survivor.label}",
+                merged_into=summary.profile_id,
+            )
+        return survivor
 
 
 def segment_change_json(
-    change: Any, names: dict[str, str], people: PeopleNames | None = None
+    change: Any, names: dict[str, str], people: People | None = None
 ) -> dict[str, Any]:
     which = change.WhichOneof("segment")
     if which == "smart_segment":
@@ -2209,13 +2767,13 @@ def segment_change_json(
         segment = present.smart_flag(change.flag)
     else:
         segment = names.get(change.custom_segment_id, change.custom_segment_id)
+    person = people.of(change.profile_id) if people is not None else None
     return {
         "time": present.when(change.change_time),
         "profile_id": change.profile_id,
-        # Empty when the profile is no longer a live one (merged away, erased) or query
-        # could not say: the page then shows the ID alone.
-        "name": people.of(change.profile_id) if people is not None else "",
+        **(person or Person(present.short_profile(change.profile_id))).json(),
         "transition": "entered" if change.transition == 1 else "left",
+        "cause": present.CHANGE_CAUSES.get(change.cause, ""),
         "segment": segment,
     }
 
@@ -2231,9 +2789,16 @@ async def segments_live(request: Request, session: ConsoleSession) -> Response:
 
     reply = await check()
     names = {s.segment_id: s.display_name for s in reply.segments}
-    people = PeopleNames(console, session.key)
-    guard = SessionGuard(console, session, check)
     watch = segments_pb.WatchSegmentChangesRequest()
+    # One segment's changes (the page's `segment` filter), filtered by the service.
+    wanted = request.query_params.get("segment", "")
+    if wanted:
+        live = present.live_segment(wanted, reply.segments)
+        if live is None:
+            return _ended_stream("gone")  # deleted since the page was read
+        setattr(watch, live.field, live.operand)
+    people = People(console, session.key)
+    guard = SessionGuard(console, session, check)
     cursor = request.headers.get("last-event-id") or request.query_params.get("since", "")
     if cursor:
         watch.start_after = cursor
@@ -2243,20 +2808,30 @@ async def segments_live(request: Request, session: ConsoleSession) -> Response:
     async def stream() -> AsyncIterator[bytes]:
         yield b"retry: 2000\n\n"
         changes = console.backend.stream(session.key, "segments", "WatchSegmentChanges", watch)
+        loop = asyncio.get_running_loop()
         # The read is not cancelled by a check's tick (that would end the gRPC stream): it
         # stays pending across ticks.
         pending: asyncio.Future[Any] | None = None
-        quiet_since = asyncio.get_running_loop().time()
+        quiet_since = loop.time()
         try:
             while True:
                 if pending is None:
                     pending = asyncio.ensure_future(anext(changes))
-                done, _ = await asyncio.wait({pending}, timeout=SESSION_CHECK_SECONDS)
+                wait = SESSION_CHECK_SECONDS
+                retry_in = people.retry_in(loop.time())
+                if retry_in is not None:
+                    wait = max(0.0, min(wait, retry_in))
+                done, _ = await asyncio.wait({pending}, timeout=wait)
                 ended = await guard.ended()
                 if ended:
                     yield sse({"reason": ended}, event="ended")
                     return
-                now = asyncio.get_running_loop().time()
+                now = loop.time()
+                retry_in = people.retry_in(now)
+                if retry_in is not None and retry_in <= 0:
+                    # The rows already shown of people the users table did not list yet.
+                    for profile_id, person in await people.retry(now):
+                        yield sse({"profile_id": profile_id, **person.json()}, event="person")
                 if not done:
                     if now - quiet_since >= HEARTBEAT_SECONDS:
                         quiet_since = now
@@ -2264,7 +2839,7 @@ async def segments_live(request: Request, session: ConsoleSession) -> Response:
                     continue
                 quiet_since = now
                 batch, pending = pending.result(), None
-                await people.learn(change.profile_id for change in batch.changes)
+                await people.learn((change.profile_id for change in batch.changes), now)
                 for change in batch.changes:
                     yield sse(segment_change_json(change, names, people), event_id=change.cursor)
         except StopAsyncIteration:

@@ -13,11 +13,12 @@ import math
 import re
 import time
 import unicodedata
+import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from google.protobuf import duration_pb2, timestamp_pb2
@@ -108,6 +109,8 @@ PAGE_LINK_STALE = "This page link is out of date or was altered: start again fro
 # for it (`name_prefix`, `reasons[0]`), which means nothing on a page.
 FIELD_WORDS = {
     "name_prefix": f"A name search holds at most {NAME_SEARCH_MAX} characters.",
+    "custom_id_prefix": "A custom ID holds at most 512 characters: no custom ID starts so.",
+    "email_prefix": "An email address holds at most 254 characters: no email starts so.",
     "segment_id": "No such segment: choose one from the list.",
     "reasons": "A reason code holds 1 to 64 characters, such as EVENT_TIME_IN_FUTURE.",
     "start_time": "Not a time the service accepts.",
@@ -258,13 +261,22 @@ SEARCH_MISSES = {
     "custom_id": "No profile has the custom ID “{}”.",
     "installation_id": "No profile has an installation with the ID “{}”.",
     "id_prefix": "No profile has an ID starting with {}.",
+    "custom_id_prefix": "No profile has a custom ID starting with “{}”.",
+    "email_prefix": "No profile has an email address starting with “{}” (in any case).",
     "name": "No profile has a word of its name starting with “{}”.",
+}
+# What a search offers when several kinds of value start with the text ({} is the text).
+START_LISTS = {
+    "custom_id_prefix": "Profiles whose custom ID starts with “{}”",
+    "email_prefix": "Profiles whose email address starts with “{}”",
+    "name": "Profiles with a word of their name starting with “{}”",
 }
 
 
 def search_miss(kind: str, value: str) -> str:
-    """The sentence of a lookup of `kind` (a GetProfile lookup, "id_prefix" or "name") that
-    found no profile, quoting what was looked up (cut to ECHO_MAX)."""
+    """The sentence of a lookup of `kind` (a GetProfile lookup, "id_prefix", "custom_id_prefix",
+    "email_prefix" or "name") that found no profile, quoting what was looked up (cut to
+    ECHO_MAX)."""
     return SEARCH_MISSES[kind].format(shorten(value))
 
 
@@ -456,17 +468,29 @@ def users_url(**parameters: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Chip:
-    """An active filter of the users table that no form box shows, with the parameter whose
-    removal lifts it."""
+    """An active filter of the users table that an overview figure or a search opened (a box
+    of the form may show it too), with the parameter whose removal lifts it."""
 
     label: str
     parameter: str
 
 
-def filter_chips(*, language: str, country: str, reach: str, id_prefix: str = "") -> list[Chip]:
+def filter_chips(
+    *,
+    language: str,
+    country: str,
+    reach: str,
+    id_prefix: str = "",
+    custom_id: str = "",
+    email: str = "",
+) -> list[Chip]:
     chips = []
     if id_prefix:
         chips.append(Chip(f"Profile ID starting with {id_prefix}", "id"))
+    if custom_id:
+        chips.append(Chip(f"Custom ID starting with “{shorten(custom_id)}”", "custom_id"))
+    if email:
+        chips.append(Chip(f"Email starting with “{shorten(email)}”", "email"))
     if language:
         chips.append(Chip(f"Language: {language}", "language"))
     if country:
@@ -515,9 +539,9 @@ class UserRow:
 
     profile_id: str
     name: str
-    # What tells two rows of the same name apart: the custom ID when the name is not already it,
-    # and the email; for an anonymous person with a name and no email, the start of the
-    # profile ID.
+    # What tells two rows of the same name apart under it: the custom ID when the name is not
+    # already it; for an anonymous person with a name, the start of the profile ID. (The email
+    # has its own column.)
     also: str
     # A person known by user details (a name, an email, a phone) but not by a custom ID:
     # Countly's users table tells them apart from the truly anonymous.
@@ -528,6 +552,9 @@ class UserRow:
     last_seen: str
     time_spent: str
     segment: str
+    email: str  # "—" when none
+    country: str  # ISO 3166-1 alpha-2, of the last session; "—" when unknown
+    language: str  # ISO 639-1; "—" when unknown
 
 
 def segment_label(row: query_service_pb2.ProfileRow) -> str:
@@ -544,8 +571,6 @@ def user_rows(rows: Iterable[query_service_pb2.ProfileRow]) -> list[UserRow]:
         segment = segment_label(row)
         name = display_name(row.first_name, row.last_name, row.custom_id, row.profile_id)
         told = [row.custom_id] if row.custom_id and name != row.custom_id else []
-        if row.email and name != row.email:
-            told.append(row.email)
         if not told and not row.custom_id and not name.startswith("Anonymous "):
             told.append(f"profile {row.profile_id[:8]}")
         also = " · ".join(told)
@@ -561,6 +586,9 @@ def user_rows(rows: Iterable[query_service_pb2.ProfileRow]) -> list[UserRow]:
                 last_seen=when(row.last_seen_time),
                 time_spent=span(row.total_time_spent),
                 segment=segment,
+                email=row.email or "—",
+                country=row.country or "—",
+                language=row.language or "—",
             )
         )
     return found
@@ -846,14 +874,22 @@ def event_details(event: timeline_pb2.TimelineEvent) -> list[tuple[str, str]]:
     return []
 
 
-def event_origin(event: timeline_pb2.TimelineEvent) -> list[tuple[str, str]]:
+def event_origin(
+    event: timeline_pb2.TimelineEvent, app_versions: Mapping[str, str] | None = None
+) -> list[tuple[str, str]]:
     """(name, value) pairs saying where an event came from: the installation and platform that
-    sent it, its session, whether an import brought it, the merged profile it was first on."""
+    sent it, its session, whether an import brought it, the merged profile it was first on.
+    For a crash, the app version its installation runs now, from `app_versions` (installation
+    ID to app version, of the installations the profile holds): the contract keeps no app
+    version with a crash, so the words say "now"."""
     pairs = []
     if event.installation_id:
         pairs.append(("installation", event.installation_id))
     if event.platform:
         pairs.append(("platform", PLATFORM_LABELS.get(event.platform, "?")))
+    version = (app_versions or {}).get(event.installation_id, "")
+    if version and event.WhichOneof("details") == "crash":
+        pairs.append(("app version now", version))
     if event.session_id and event.WhichOneof("details") != "session":
         pairs.append(("session", event.session_id))
     if event.imported:
@@ -1308,3 +1344,198 @@ def created_notice(value: str, segments: Iterable[Any], funnels: Iterable[Any]) 
                 first = funnel.reached_profile_counts[0] if funnel.reached_profile_counts else 0
                 return Created(kind, ident, funnel.display_name, first)
     return None
+
+
+# -- operator merge -----------------------------------------------------------------------------
+
+# What the merge form's "by" box looks the other profile up by (GetProfile's lookups).
+MERGE_LOOKUPS = {
+    "auto": "profile ID, custom ID or installation ID",
+    "profile_id": "profile ID",
+    "custom_id": "custom ID",
+    "installation_id": "installation ID",
+}
+MERGE_EMPTY = "Type the other profile's profile ID, custom ID or installation ID."
+MERGE_NO_MATCH = "No profile matches “{}”: nothing to merge. An erased profile matches nothing."
+MERGE_SAME = "“{}” is this profile: choose another profile to merge into it."
+MERGE_ALREADY = (
+    "“{}” was merged into this profile already: they are one profile, there is nothing to merge."
+)
+MERGE_FORM_EXPIRED = (
+    "This form expired (you signed in again since): nothing was merged. Confirm again."
+)
+MERGE_CONFLICT = (
+    "Both profiles are identified, with different custom IDs: nothing was merged. To merge them"
+    " anyway, tick “Merge anyway”; “{}” then stays an alias that opens this profile."
+)
+MERGE_SOURCE_GONE = (
+    "The other profile no longer exists (it was erased since you chose it): nothing was merged."
+)
+MERGE_SOURCE_MOVED = (
+    "The other profile was merged into the one shown below since you chose it: nothing was"
+    " merged. Check who it is now before you confirm again."
+)
+MERGE_TARGET_MOVED = (
+    "This profile was merged into the one shown here since you opened the confirmation: nothing"
+    " was merged. Choose the other profile again."
+)
+MERGE_RACE = (
+    "Another change to one of these profiles happened at the same moment: nothing was merged."
+    " Check them below and confirm again."
+)
+MERGE_REQUEST_REUSED = (
+    "This confirmation was already sent with another choice: nothing more was merged. Check the"
+    " profiles below and confirm again."
+)
+MERGE_ALREADY_ONE = "“{}” and this profile were already one profile: nothing changed."
+
+
+@dataclass(frozen=True, slots=True)
+class MergeSide:
+    """One of the two profiles a merge's confirmation shows side by side, as text."""
+
+    profile_id: str
+    name: str
+    custom_id: str
+    first_seen: str
+    last_seen: str
+    events: str
+    sessions: str
+    crashes: str
+    installations: str
+
+
+def merge_side(profile: profile_pb2.Profile) -> MergeSide:
+    summary, counters = profile.summary, profile.counters
+    return MergeSide(
+        profile_id=summary.profile_id,
+        name=display_name(
+            summary.first_name, summary.last_name, summary.custom_id, summary.profile_id
+        ),
+        custom_id=summary.custom_id,
+        first_seen=when(summary.first_seen_time),
+        last_seen=when(summary.last_seen_time),
+        events=count_of(counters.event_count, "event"),
+        sessions=count_of(counters.session_count, "session"),
+        crashes=count_of(counters.crash_count, "crash", plural="crashes"),
+        installations=count_of(len(profile.installations), "installation"),
+    )
+
+
+def merge_custom_ids(source_custom_id: str, target_custom_id: str) -> str:
+    """What a merge does with the custom IDs, as MergeProfiles decides it: "none" (the profile
+    merged away has none), "inherit" (the survivor has none and takes the other's), "conflict"
+    (both are identified: refused unless allowed, then the other's becomes an alias)."""
+    if not source_custom_id:
+        return "none"
+    if not target_custom_id:
+        return "inherit"
+    return "conflict"
+
+
+def merge_lookups(text: str, kind: str) -> list[dict[str, str]]:
+    """The GetProfile lookups that find the profile to merge from what was typed, in order: a
+    profile ID (what looks like one, written with or without dashes, in any case), then a
+    custom ID, then an installation ID; or only the kind chosen."""
+    text = text.strip()
+    if kind in ("custom_id", "installation_id"):
+        return [{kind: text}]
+    profile_id = _uuid_text(text)
+    if kind == "profile_id":
+        return [{kind: profile_id or text}]
+    tries = [{"custom_id": text}, {"installation_id": text}]
+    return ([{"profile_id": profile_id}] if profile_id else []) + tries
+
+
+def _uuid_text(text: str) -> str:
+    try:
+        return str(uuid.UUID(text))
+    except ValueError:
+        return ""
+
+
+def crash_link(profile_id: str, crash: profile_pb2.Crash) -> str:
+    """Where a profile's last crash is in its timeline: the crashes of its UTC day, opened at
+    the crash itself (its timeline entry, `event_anchor`). The last crash is the profile's
+    latest by event time, so it heads that list. "" without an event ID."""
+    moment = ts(crash.crash_time)
+    if not crash.event_id or moment is None:
+        return ""
+    day = moment.astimezone(UTC).date().isoformat()
+    query = urlencode({"kind": "crash", "from": day, "to": day})
+    return f"/profiles/{profile_id}?{query}#{event_anchor(crash.event_id)}"
+
+
+def event_anchor(event_id: str) -> str:
+    """A timeline entry's fragment: its element id (`timeline-event-<event ID>`, a prefix no
+    other id of the page starts with) percent-encoded, as a browser decodes it to find the
+    element (an event ID is the client's, any text)."""
+    return "timeline-event-" + quote(event_id, safe="")
+
+
+# -- the segments page: its live table's segment filter, its people, funnel windows -----------
+
+
+@dataclass(frozen=True, slots=True)
+class LiveSegment:
+    """The segment the live entries and exits table shows (its `segment` parameter, the users
+    table's form: `smart:3`, `flag:1`, `custom:<ID>`), as WatchSegmentChangesRequest's
+    segment field and its name."""
+
+    value: str
+    label: str
+    field: str  # smart_segment, flag or custom_segment_id
+    operand: int | str
+
+
+def live_segment(value: str, segments: Iterable[Any]) -> LiveSegment | None:
+    """The live table's segment of `value`, among the smart segments, flags and the project's
+    custom segments (`segments`, ListSegments' own); None for one the project does not have."""
+    kind, _, rest = value.partition(":")
+    if kind in ("smart", "flag") and rest.isdigit():
+        labels = SMART_SEGMENTS if kind == "smart" else SMART_FLAGS
+        if int(rest) in labels:
+            field = "smart_segment" if kind == "smart" else "flag"
+            return LiveSegment(value, labels[int(rest)], field, int(rest))
+    if kind == "custom":
+        for segment in segments:
+            if segment.segment_id == rest:
+                return LiveSegment(value, segment.display_name, "custom_segment_id", rest)
+    return None
+
+
+# SegmentChangeCause in a word or two, under a live table's change.
+CHANGE_CAUSES = {
+    1: "by an event",
+    2: "by time passing",
+    3: "by a merge",
+    4: "by a split",
+    5: "by an erasure",
+    6: "by a recomputation",
+    7: "by the segment's definition",
+}
+
+
+def short_profile(profile_id: str) -> str:
+    """A profile named by the start of its ID, as the users table and the rejected events
+    page show one without a name: "profile 1a2b3c4d"."""
+    return f"profile {profile_id[:8]}"
+
+
+_WINDOW_UNITS = (("day", 86_400_000), ("hour", 3_600_000), ("minute", 60_000))
+
+
+def conversion_window(value: duration_pb2.Duration) -> str:
+    """A funnel's conversion window as a person says it: "within 1 hour", "within 7 days",
+    "within 1 hour 30 minutes", "within 2 minutes 1.5 seconds" (kept to the millisecond, as
+    the service keeps it)."""
+    millis = value.seconds * 1000 + value.nanos // 1_000_000
+    parts = []
+    for unit, size in _WINDOW_UNITS:
+        count, millis = divmod(millis, size)
+        if count:
+            parts.append(count_of(count, unit))
+    if millis:
+        seconds_text = f"{millis / 1000:g}"
+        parts.append(f"{seconds_text} {'second' if millis == 1000 else 'seconds'}")
+    return "within " + (" ".join(parts) if parts else "0 seconds")

@@ -82,6 +82,8 @@ LANGUAGE_PATTERN = re.compile(r"[A-Za-z]{2}")
 NAME_PREFIX_MAX = 100
 # ListProfiles profile_id_prefix once its dashes are left out: 1 to 32 hex digits, a UUID's.
 PROFILE_ID_PREFIX_PATTERN = re.compile(r"[0-9a-f]{1,32}")
+# ListProfiles email_prefix: no longer than an email may be (ingest refuses longer ones).
+MAX_EMAIL_LENGTH = 254
 DATE_PATTERN = re.compile(r"\d{4}-\d{2}-\d{2}")
 
 NATIVE_NAMES = (
@@ -355,6 +357,15 @@ def profiles_query_from_proto(request: pb.ListProfilesRequest) -> ProfilesQuery:
         violations.append(
             _violation("profile_id_prefix", "must be 1 to 32 hex digits (dashes are ignored)")
         )
+    # Longer than any stored value could be: refused rather than read as "nobody".
+    if len(request.custom_id_prefix) > MAX_CUSTOM_ID_LENGTH:
+        violations.append(
+            _violation("custom_id_prefix", f"must hold at most {MAX_CUSTOM_ID_LENGTH} characters")
+        )
+    if len(request.email_prefix) > MAX_EMAIL_LENGTH:
+        violations.append(
+            _violation("email_prefix", f"must hold at most {MAX_EMAIL_LENGTH} characters")
+        )
     _raise_all(violations)
     return ProfilesQuery(
         page_size=request.page_size,
@@ -370,6 +381,9 @@ def profiles_query_from_proto(request: pb.ListProfilesRequest) -> ProfilesQuery:
             language=request.language.lower(),
             reachable_channel=request.reachable_channel,
             profile_id_prefix=profile_id_prefix,
+            custom_id_prefix=request.custom_id_prefix,
+            # Emails are stored lower-case (ingest lowers them as str.lower does).
+            email_prefix=request.email_prefix.lower(),
         ),
         order_by=request.order_by or pb.PROFILE_ORDER_BY_LAST_SEEN,
         ascending=request.sort_order == pb.SORT_ORDER_ASCENDING,
@@ -902,6 +916,7 @@ def profile_row_to_proto(view: ProfileRowView) -> pb.ProfileRow:
         smart_segment_flag=view.smart_segment_flag,  # type: ignore[arg-type]
         has_user_details=view.has_user_details,
         email=view.email,
+        language=view.language,
     )
     if view.last_seen is not None:
         set_time(message.last_seen_time, view.last_seen)

@@ -4,6 +4,7 @@ order) and the rejected events (ListRejectedEvents)."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import cast
 from uuid import UUID
@@ -107,7 +108,8 @@ CHANNEL_PUSH = types_pb2.CHANNEL_PUSH
 # filter ($16 in a page) has statements of its own (PROFILE_ROWS_IN_SEGMENT), so that the
 # planner sees a plain semi-join on segments' segments_read_custom_segment_members and may drive
 # a small segment from its members instead of walking the sort index past non-members. The
-# profile ID prefix filter (ID_RANGE, right after the channel) has statements of its own too.
+# profile ID prefix filter (ID_RANGE, right after the channel) has statements of its own too,
+# and so have the custom ID and email prefixes (CUSTOM_ID_RANGE, EMAIL_RANGE, after it).
 PROFILE_ROWS_FROM = f"""
     SELECT q.profile_id, coalesce(q.custom_id, '') AS custom_id,
            coalesce(q.first_name, '') AS first_name, coalesce(q.last_name, '') AS last_name,
@@ -116,7 +118,7 @@ PROFILE_ROWS_FROM = f"""
            q.last_seen, q.session_count, q.time_spent_ms, coalesce(q.country, '') AS country,
            coalesce(sg.segment, 0)::int AS smart_segment,
            coalesce(sg.flag, 0)::int AS smart_segment_flag, q.has_details,
-           q.{{column}} AS sort_value
+           coalesce(q.language, '') AS language, q.{{column}} AS sort_value
     FROM query_profiles q
     {{smart_join}}
     WHERE q.project_id = $1
@@ -136,6 +138,8 @@ PROFILE_ROWS_FROM = f"""
            OR (${{reach}} = {CHANNEL_SMS} AND q.has_phone AND 'sms:marketing' = ANY(q.subscribed))
            OR (${{reach}} = {CHANNEL_PUSH} AND q.push_reachable))
       {{id_range}}
+      {{custom_id_range}}
+      {{email_range}}
       {{members}}"""
 
 # Each row's smart segment as of $2, read for every row a page walks (its columns show it).
@@ -218,6 +222,25 @@ FIRST_WORD_START_DESC = f"""
 ID_RANGE = """
       AND q.profile_id BETWEEN ${low}::uuid AND ${high}::uuid"""
 
+# The custom ID and email prefix filters: the values from the prefix (${low}) up to the least
+# text above every text starting with it (${high}, text_range), compared in code point order
+# (collation "C", whatever the database's), which is exactly the values starting with the
+# prefix. 0058 indexes both columns so (project_id, column COLLATE "C", for the profiles that
+# have one), so the range is one run of its index: a rare prefix reads its few rows and sorts
+# them, a common one ("user-", every identified profile) walks the sort order's index as
+# without it, each statement's plan weighing its own range. Statements of their own, as
+# ID_RANGE, so that the pages without them never plan a range.
+CUSTOM_ID_RANGE = """
+      AND q.custom_id COLLATE "C" >= ${low}::text AND q.custom_id COLLATE "C" < ${high}::text"""
+EMAIL_RANGE = """
+      AND q.email COLLATE "C" >= ${low}::text AND q.email COLLATE "C" < ${high}::text"""
+# The last code point; text_range's upper bound moves past it.
+LAST_CHARACTER = 0x10FFFF
+# A prefix of nothing but U+10FFFF has no next text of its length: its range then ends at the
+# prefix followed by this many U+10FFFF, above every value it starts that is shorter than that
+# (custom IDs hold at most 512 characters, emails 254).
+TOP_RUN = 1024
+
 # ProfileOrderBy -> the projection's column and its type.
 PROFILE_SORT_COLUMNS = {
     1: ("last_seen", "timestamptz"),
@@ -227,21 +250,44 @@ PROFILE_SORT_COLUMNS = {
 }
 
 
+@dataclass(frozen=True, slots=True)
+class Ranges:
+    """Which of the range filters a statement holds: the profile ID prefix, the custom ID
+    prefix, the email prefix (each adds two parameters, in this order)."""
+
+    custom_id: bool = False
+    email: bool = False
+    profile_id: bool = False
+
+
+NO_RANGES = Ranges()
+
+
 def _rows(
-    column: str, name_filter: str, in_segment: bool, prefixed: bool, *, count: bool = False
+    column: str, name_filter: str, in_segment: bool, ranges: Ranges, *, count: bool = False
 ) -> str:
     """PROFILE_ROWS_FROM for a page ($13 on) or a count ($9 on): the name, the language and
-    the channel, then the ID range's two bounds when `prefixed`, then the segment."""
+    the channel, then each range's two bounds (the ID's, the custom ID's, the email's) when
+    asked for, then the segment."""
     first = 9 if count else 13
-    segment = first + (5 if prefixed else 3)
+    bounds = iter(range(first + 3, first + 10))
+    id_range = custom_id_range = email_range = ""
+    if ranges.profile_id:
+        id_range = ID_RANGE.format(low=next(bounds), high=next(bounds))
+    if ranges.custom_id:
+        custom_id_range = CUSTOM_ID_RANGE.format(low=next(bounds), high=next(bounds))
+    if ranges.email:
+        email_range = EMAIL_RANGE.format(low=next(bounds), high=next(bounds))
     return PROFILE_ROWS_FROM.format(
         column=column,
         name_filter=name_filter.format(name=first),
         language=first + 1,
         reach=first + 2,
         smart_join=SMART_SEGMENT_JOIN_IF_FILTERED if count else SMART_SEGMENT_JOIN,
-        id_range=ID_RANGE.format(low=first + 3, high=first + 4) if prefixed else "",
-        members=PROFILE_ROWS_IN_SEGMENT.format(segment=segment) if in_segment else "",
+        id_range=id_range,
+        custom_id_range=custom_id_range,
+        email_range=email_range,
+        members=PROFILE_ROWS_IN_SEGMENT.format(segment=next(bounds)) if in_segment else "",
     )
 
 
@@ -249,7 +295,7 @@ def _part(
     column: str,
     in_segment: bool,
     named: bool,
-    prefixed: bool,
+    ranges: Ranges,
     condition: str,
     order: str,
     first_word_condition: str | None = None,
@@ -259,11 +305,11 @@ def _part(
     half's position in `first_word_condition` when it has its own)."""
     if not named:
         return (
-            f"{_rows(column, NO_NAME, in_segment, prefixed)}\n{condition}\n"
+            f"{_rows(column, NO_NAME, in_segment, ranges)}\n{condition}\n"
             f"    ORDER BY {order} LIMIT $12"
         )
     halves = (
-        f"(SELECT * FROM ({_rows(column, half, in_segment, prefixed)}\n{position}\n"
+        f"(SELECT * FROM ({_rows(column, half, in_segment, ranges)}\n{position}\n"
         f"    ORDER BY {order} LIMIT $12) {alias})"
         for half, position, alias in (
             (FIRST_WORD, first_word_condition or condition, "first_word"),
@@ -275,7 +321,7 @@ def _part(
 
 
 def _page(
-    column: str, type_name: str, ascending: bool, in_segment: bool, named: bool, prefixed: bool
+    column: str, type_name: str, ascending: bool, in_segment: bool, named: bool, ranges: Ranges
 ) -> str:
     direction = "ASC" if ascending else "DESC"
     valued = f"      AND NOT $8::boolean AND q.{column} IS NOT NULL"
@@ -283,7 +329,7 @@ def _page(
         column,
         in_segment,
         named,
-        prefixed,
+        ranges,
         f"""{valued}
       AND (q.{column}, q.profile_id) {">" if ascending else "<"} ($9::{type_name}, $10::uuid)""",
         f"q.{column} {direction}, q.profile_id {direction}",
@@ -295,7 +341,7 @@ def _page(
         column,
         in_segment,
         named,
-        prefixed,
+        ranges,
         f"      AND q.{column} IS NULL AND q.profile_id > $11::uuid",
         "q.profile_id",
     )
@@ -306,15 +352,25 @@ def _page(
     LIMIT $12"""
 
 
+# Every combination of the range filters (each a statement: see ID_RANGE).
+EVERY_RANGES = [
+    Ranges(custom_id, email, profile_id)
+    for custom_id in (True, False)
+    for email in (True, False)
+    for profile_id in (True, False)
+]
+
+# Keyed by order, direction, in a segment, named, then the ranges (custom ID, email, profile
+# ID prefix: the last).
 SELECT_PROFILE_ROWS_PAGE = {
-    (order_by, ascending, in_segment, named, prefixed): _page(
-        column, type_name, ascending, in_segment, named, prefixed
+    (order_by, ascending, in_segment, named, r.custom_id, r.email, r.profile_id): _page(
+        column, type_name, ascending, in_segment, named, r
     )
     for order_by, (column, type_name) in PROFILE_SORT_COLUMNS.items()
     for ascending in (True, False)
     for in_segment in (True, False)
     for named in (True, False)
-    for prefixed in (True, False)
+    for r in EVERY_RANGES
 }
 
 # How many profiles match the filters ($1 to $7, then $9 on as a page's $13 on),
@@ -322,15 +378,15 @@ SELECT_PROFILE_ROWS_PAGE = {
 # needs it), so it stops where a person stops reading figures exactly (TOTAL_SIZE_LIMIT). With
 # a name, the two halves' matches, which never overlap.
 SELECT_PROFILE_ROWS_COUNT = {
-    (in_segment, named, prefixed): "SELECT count(*) FROM ("
+    (in_segment, named, r.custom_id, r.email, r.profile_id): "SELECT count(*) FROM ("
     + " UNION ALL ".join(
-        f"(SELECT 1 FROM ({_rows('profile_id', half, in_segment, prefixed, count=True)}) h)"
+        f"(SELECT 1 FROM ({_rows('profile_id', half, in_segment, r, count=True)}) h)"
         for half in ((FIRST_WORD, LATER_WORD) if named else (NO_NAME,))
     )
     + " LIMIT $8) matches"
     for in_segment in (True, False)
     for named in (True, False)
-    for prefixed in (True, False)
+    for r in EVERY_RANGES
 }
 
 # The users table's size without a filter but identity and platform, from the rollups'
@@ -354,6 +410,8 @@ SELECT_PROFILE_ROWS_BY_ID = PROFILE_ROWS_FROM.format(
     reach=10,
     smart_join=SMART_SEGMENT_JOIN,
     id_range="",
+    custom_id_range="",
+    email_range="",
     members="      AND q.profile_id = ANY($11::uuid[])",
 )
 
@@ -373,11 +431,16 @@ def _filter_arguments(filters: UsersTableFilters) -> tuple[int, int, str, int, i
 
 
 def _later_filters(filters: UsersTableFilters) -> tuple[object, ...]:
-    """The name, the language, the channel reached, then the ID range when there is a prefix,
-    then the segment when there is one (the statements' last arguments)."""
+    """The name, the language, the channel reached, then the ranges of the prefixes given (the
+    profile ID's, the custom ID's, the email's), then the segment when there is one (the
+    statements' last arguments)."""
     later: tuple[object, ...] = (filters.name_prefix, filters.language, filters.reachable_channel)
     if filters.profile_id_prefix:
         later = (*later, *id_range(filters.profile_id_prefix))
+    if filters.custom_id_prefix:
+        later = (*later, *text_range(filters.custom_id_prefix))
+    if filters.email_prefix:
+        later = (*later, *text_range(filters.email_prefix))
     return later if filters.segment_id is None else (*later, filters.segment_id)
 
 
@@ -387,12 +450,26 @@ def id_range(prefix: str) -> tuple[UUID, UUID]:
     return UUID(prefix.ljust(32, "0")), UUID(prefix.ljust(32, "f"))
 
 
-def _statement_key(filters: UsersTableFilters) -> tuple[bool, bool, bool]:
-    """Which of the users table's statements serve these filters: (in a segment, named,
-    prefixed)."""
+def text_range(prefix: str) -> tuple[str, str]:
+    """The bounds of the texts starting with `prefix` (not empty) in code point order: the
+    prefix, and the least text above all of them, the prefix with its last character moved to
+    the next one (trailing U+10FFFF dropped first, the surrogates skipped, as 0044's
+    query_name_prefix_end); CUSTOM_ID_RANGE's and EMAIL_RANGE's bounds."""
+    kept = prefix.rstrip(chr(LAST_CHARACTER))
+    if not kept:
+        return prefix, prefix + chr(LAST_CHARACTER) * TOP_RUN
+    last = ord(kept[-1])
+    return prefix, kept[:-1] + chr(0xE000 if last == 0xD7FF else last + 1)
+
+
+def _statement_key(filters: UsersTableFilters) -> tuple[bool, bool, bool, bool, bool]:
+    """Which of the users table's statements serve these filters: (in a segment, named, by
+    custom ID prefix, by email prefix, by profile ID prefix)."""
     return (
         filters.segment_id is not None,
         bool(filters.name_prefix),
+        bool(filters.custom_id_prefix),
+        bool(filters.email_prefix),
         bool(filters.profile_id_prefix),
     )
 
@@ -569,6 +646,7 @@ def _profile_row(r: asyncpg.Record) -> ProfileRowView:
         first_name=r["first_name"],
         last_name=r["last_name"],
         email=r["email"],
+        language=r["language"],
         device_model=r["device_model"],
         platform=r["platform"],
         session_count=r["session_count"],

@@ -517,6 +517,8 @@ class QueryService:
             *(("language", filters.language) if filters.language else ()),
             *(("reach", filters.reachable_channel) if filters.reachable_channel else ()),
             *(("id", filters.profile_id_prefix) if filters.profile_id_prefix else ()),
+            *(("custom_id", filters.custom_id_prefix) if filters.custom_id_prefix else ()),
+            *(("email", filters.email_prefix) if filters.email_prefix else ()),
         )
         after: tuple[int | datetime | str | None, UUID] | None = None
         if query.page_token:

@@ -194,6 +194,8 @@ class UsersTableFilters:
     language: str = ""  # lower case
     reachable_channel: int = 0  # Channel
     profile_id_prefix: str = ""  # 1 to 32 lower-case hex digits, no dashes
+    custom_id_prefix: str = ""  # as given (custom IDs are case-sensitive)
+    email_prefix: str = ""  # lower case, as emails are stored
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,6 +267,7 @@ class ProfileRowView:
     smart_segment_flag: int
     has_user_details: bool = False  # a name, an email or a phone (query_profiles.has_details)
     email: str = ""
+    language: str = ""  # ISO 639-1, lower case; ingest's rule (query_profiles.language)
 
 
 @dataclass(frozen=True, slots=True)

@@ -72,6 +72,9 @@ MAX_PAGE_SIZE = 200
 # Profiles entering or leaving one segment per evaluation transaction: bounds the rows held in
 # memory and the outbox rows of one commit.
 EVALUATION_BATCH = 500
+# Outbox rows per statement when a new segment announces its members (all in its one
+# transaction): bounds one statement's arrays, whatever the segment's size.
+ANNOUNCE_CHUNK = 5_000
 # Times UpdateSegment starts its recomputation again after a batch lost a deadlock, before
 # leaving it to the sweep.
 RECOMPUTE_ATTEMPTS = 3
@@ -198,9 +201,14 @@ class DefinitionsService:
     async def create_segment(
         self, project_id: UUID, definition: SegmentDefinition
     ) -> CustomSegment:
-        """Stores the segment with its current members (announcing nothing: creation is not a
-        membership change) and returns it with its size. Idempotent with request_id. Raises
-        RequestIdReused, NameTaken, LimitReached."""
+        """Stores the segment with its current members and returns it with its size. Each
+        member is announced as entering it (cause DEFINITION, as the members a filter change
+        brings in), in the transaction that stores it: an automation streaming entries gets a
+        new segment's first members as it gets every later one, and the stream stays the
+        members' exact history. Nobody else writes the segment's members before it commits
+        (event transactions and the sweep do not see it yet), so the rows stored are exactly
+        the entries announced, each once. Idempotent with request_id (a retry announces
+        nothing more). Raises RequestIdReused, NameTaken, LimitReached."""
         now = self._clock.now()
         try:
             async with self._repository.transaction() as tx:
@@ -216,9 +224,13 @@ class DefinitionsService:
                         return self._as_of(existing.segment)
                 await self._check_new_segment(tx, project_id, definition)
                 segment_id = uuid.uuid4()
-                size = await tx.insert_segment(project_id, segment_id, definition, now)
+                members = await tx.insert_segment(project_id, segment_id, definition, now)
+                entered = _entered(segment_id, members, now, ChangeCause.DEFINITION)
+                for start in range(0, len(entered), ANNOUNCE_CHUNK):
+                    await tx.enqueue_changes(project_id, entered[start : start + ANNOUNCE_CHUNK])
         except asyncpg.UniqueViolationError as exc:  # a race the advisory lock did not cover
             raise NameTaken("another segment has this display_name") from exc
+        size = len(members)
         log.info("custom_segment_created", segment_id=str(segment_id), size=size)
         return CustomSegment(
             segment_id,
@@ -731,10 +743,17 @@ async def _apply(
     changes = [
         (p, MembershipChange(False, now, why[p], custom_segment_id=segment_id)) for p in left
     ]
-    changes.extend(
-        (p, MembershipChange(True, now, cause, custom_segment_id=segment_id)) for p in entered
-    )
+    changes.extend(_entered(segment_id, entered, now, cause))
     return changes
+
+
+def _entered(
+    segment_id: UUID, profile_ids: Sequence[UUID], now: datetime, cause: ChangeCause
+) -> list[tuple[UUID, MembershipChange]]:
+    """The ENTERED changes of profiles just written as the segment's members."""
+    return [
+        (p, MembershipChange(True, now, cause, custom_segment_id=segment_id)) for p in profile_ids
+    ]
 
 
 def _leave_cause(check: ProfileCheck, cause: ChangeCause) -> ChangeCause:

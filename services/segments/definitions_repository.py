@@ -176,9 +176,13 @@ LIVE_PROFILES = (
 # sizes are read from the counted members instead (SELECT_SEGMENT_COLUMNS). It selects exactly
 # the rows FILL_MEMBERS stores, which makes it CreateSegment's validate_only size.
 COUNT_MATCHING = "SELECT count(*) " + LIVE_PROFILES + " AND {where}"
+# A new segment's members, returned: each is announced as entering it (cause DEFINITION) in the
+# same transaction. One statement, one pass over the live profiles, where the sweep's batches
+# (SELECT_ENTERED) would each scan again past the members already stored.
 FILL_MEMBERS = (
     "INSERT INTO custom_segment_members (project_id, segment_id, profile_id, enter_time)"
     " SELECT $1, ${n}::uuid, p.profile_id, $2 " + LIVE_PROFILES + " AND {where}"
+    " RETURNING profile_id"
 )
 # Live matching profiles not yet members, a bounded batch in no particular order: an order would
 # walk the primary key and fetch the heap at random (2.5-3.0 s at a million profiles against
@@ -547,8 +551,9 @@ class DefinitionsTransaction:
         segment_id: UUID,
         definition: SegmentDefinition,
         now: datetime,
-    ) -> int:
-        """Stores the segment and its current members (silently); returns its size."""
+    ) -> list[UUID]:
+        """Stores the segment and its current members; returns the members (the profiles that
+        entered it, which the caller announces in this transaction)."""
         await self._conn.execute(
             INSERT_SEGMENT,
             project_id,
@@ -561,8 +566,8 @@ class DefinitionsTransaction:
             now,
         )
         sql, params, _ = _compiled(definition.filter, FILL_MEMBERS)
-        status = await self._conn.execute(sql, project_id, now, *params, segment_id)
-        return int(status.split()[-1])
+        rows = await self._conn.fetch(sql, project_id, now, *params, segment_id)
+        return [r["profile_id"] for r in rows]
 
     async def delete_segment(self, project_id: UUID, segment_id: UUID) -> bool:
         deleted = await self._conn.fetchval(DELETE_SEGMENT, project_id, segment_id)

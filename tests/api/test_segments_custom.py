@@ -378,7 +378,7 @@ async def read_changes(
     return changes
 
 
-async def test_profiles_entering_and_leaving_are_announced_not_the_creation(
+async def test_profiles_entering_and_leaving_are_announced_the_first_members_at_creation(
     stack: Stack,
 ) -> None:
     (existing,) = await stack.track(set_attributes("inst-1", plan="pro"))
@@ -388,7 +388,8 @@ async def test_profiles_entering_and_leaving_are_announced_not_the_creation(
     )
     segment_id = created.segment.segment_id
     assert created.segment.size == 1
-    assert await stack.definitions.evaluate_all() == 0  # creation announces nothing
+    # The creation announced its member itself: the sweep finds nothing to announce.
+    assert await stack.definitions.evaluate_all() == 0
     (newcomer,) = await stack.track(set_attributes("inst-2", plan="pro"))
     await stack.track(set_attributes("inst-1", plan="free"))
     # The events' own transactions announced both; the sweep finds nothing left to announce.
@@ -396,15 +397,17 @@ async def test_profiles_entering_and_leaving_are_announced_not_the_creation(
     watch = pb.WatchSegmentChangesRequest(
         custom_segment_id=segment_id, start_time=_stamp(NOW - timedelta(days=3650))
     )
-    changes = await read_changes(stack, watch, 2)
+    changes = await read_changes(stack, watch, 3)
     seen = {
         (c.profile_id, segments_pb2.SegmentTransition.Name(c.transition), c.custom_segment_id)
         for c in changes
     }
     assert seen == {
+        (existing, "SEGMENT_TRANSITION_ENTERED", segment_id),
         (existing, "SEGMENT_TRANSITION_LEFT", segment_id),
         (newcomer, "SEGMENT_TRANSITION_ENTERED", segment_id),
     }
+    assert changes[0].cause == segments_pb2.SEGMENT_CHANGE_CAUSE_DEFINITION
     got = await stack.segments.GetSegment(
         pb.GetSegmentRequest(segment_id=segment_id), metadata=stack.read
     )

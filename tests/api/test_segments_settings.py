@@ -72,7 +72,7 @@ async def test_a_thresholds_change_is_applied_without_recompute_all(stack: Stack
     segment_id = created.segment.segment_id
     assert created.segment.size == 3
     assert await distribution(stack) == {NEW: 3}
-    before = len(await changes(stack, 3))  # the sessions' ENTERED New
+    before = len(await changes(stack, 6))  # the sessions' ENTERED New, the creation's ENTERED
 
     # New now lasts 2 days: the 3-day-old profiles are One-time, though nothing happened.
     await stack.tenancy.set_setting(stack.project.project_id, "segments.new_days", 2)

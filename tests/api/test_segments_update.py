@@ -122,11 +122,13 @@ async def stored_members(stack: Stack, segment_id: str) -> dict[str, object]:
 
 
 async def changes_until_sentinel(
-    stack: Stack, segment_id: str
+    stack: Stack, segment: segments_pb2.Segment
 ) -> tuple[str, list[segments_pb2.SegmentChange]]:
-    """Every change of the segment on the stream up to now, in order, and the sentinel profile
-    that marks "now": a new profile entering a segment of its own by an event after everything
-    the test did, whose change the stream holds after every change appended before it."""
+    """Every change of the segment on the stream up to now after those of its creation (its
+    first members entering, cause DEFINITION), in order, and the sentinel profile that marks
+    "now": a new profile entering a segment of its own by an event after everything the test
+    did, whose change the stream holds after every change appended before it."""
+    segment_id = segment.segment_id
     mark = f"sentinel_{uuid.uuid4().hex[:8]}"
     sentinel_segment = await create_segment(stack, mark, attribute(mark, EXISTS))
     (sentinel,) = await stack.track(set_attributes(f"inst-{mark}", NOW, **{mark: 1}))
@@ -145,7 +147,10 @@ async def changes_until_sentinel(
                     break
     finally:
         call.cancel()
-    return sentinel, [c for c in changes if c.custom_segment_id == segment_id]
+    changes = [c for c in changes if c.custom_segment_id == segment_id]
+    created = changes[: segment.size]
+    assert [(c.transition, c.cause) for c in created] == [(ENTERED, DEFINITION)] * segment.size
+    return sentinel, changes[segment.size :]
 
 
 def moves(changes: Sequence[segments_pb2.SegmentChange]) -> list[tuple[str, int, int]]:
@@ -232,7 +237,7 @@ async def test_a_rename_touches_no_member_and_announces_nothing(stack: Stack) ->
     assert await stored_members(stack, segment.segment_id) == before
     assert await stack.definitions.evaluate_all() == 0
     (newcomer,) = await stack.track(set_attributes("i-4", plan="pro"))
-    _, changes = await changes_until_sentinel(stack, segment.segment_id)
+    _, changes = await changes_until_sentinel(stack, segment)
     assert moves(changes) == [(newcomer, ENTERED, EVENT)]
 
 
@@ -278,7 +283,7 @@ async def test_a_filter_change_moves_exactly_the_profiles_a_new_segment_would_ho
         members = fresh
     assert await stack.definitions.evaluate_all() == 0  # nothing left to move
 
-    sentinel, changes = await changes_until_sentinel(stack, segment.segment_id)
+    sentinel, changes = await changes_until_sentinel(stack, segment)
     got = [move for move in moves(changes) if move[0] != sentinel]
     # The updates' changes in the updates' order, each update's exactly those expected (in
     # the order of its batches).
@@ -328,7 +333,7 @@ async def test_validate_only_changes_nothing(stack: Stack) -> None:
     assert (await get_segment(stack, segment.segment_id)).etag == segment.etag
     # Nothing announced: the first change on the stream is the one an event causes after.
     await stack.track(set_attributes("i-2", plan="pro"))
-    _, changes = await changes_until_sentinel(stack, segment.segment_id)
+    _, changes = await changes_until_sentinel(stack, segment)
     assert moves(changes) == [(b, ENTERED, EVENT)]
     # The real update, the preview's etag refused and the read one accepted.
     real = segments_pb2.Segment()
@@ -490,7 +495,7 @@ async def test_concurrent_events_evaluations_and_updates_announce_each_move_once
     members = set(await stored_members(stack, segment.segment_id))
     assert members == await stack.members(final)
 
-    sentinel, changes = await changes_until_sentinel(stack, segment.segment_id)
+    sentinel, changes = await changes_until_sentinel(stack, segment)
     # Each profile's changes alternate from where it started and end where it is: none was
     # announced twice nor missed, whatever ran beside the updates.
     state = {p: p in initial for p in {c.profile_id for c in changes} | initial | members}
@@ -580,7 +585,7 @@ async def test_the_sweep_finishes_a_recomputation_its_update_did_not(stack: Stac
     assert await stack.definitions.evaluate_all(due_only=True) == 2
     assert set(await stored_members(stack, segment.segment_id)) == {free}
     assert set(await stored_members(stack, segment.segment_id)) == await stack.members(frees)
-    _, changes = await changes_until_sentinel(stack, segment.segment_id)
+    _, changes = await changes_until_sentinel(stack, segment)
     assert moves(changes) == [(pro, LEFT, DEFINITION), (free, ENTERED, DEFINITION)]
     assert (await get_segment(stack, segment.segment_id)).size == 1
 

@@ -166,7 +166,8 @@ async def test_a_segment_preview_stores_nothing_and_gives_the_size_a_creation_th
     known = {watched.segment.segment_id, *created.values()}
     assert {segment for _, segment in changes} <= known
     assert {(p, s) for p, s in changes if p == newcomer} == {(newcomer, s) for s in expected}
-    assert pro_recent not in {p for p, _ in changes}  # stored silently at creation
+    # A creation announces its first members; a preview, nothing.
+    assert {s for p, s in changes if p == pro_recent} == expected
 
 
 async def test_a_segment_preview_is_refused_exactly_as_a_creation(stack: Stack) -> None:

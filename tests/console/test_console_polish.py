@@ -148,13 +148,18 @@ async def test_a_custom_id_nobody_has_is_said_plainly_before_the_name_search(
         [
             f"No profile has the custom ID “{unknown}”.",
             f"No profile has an installation with the ID “{unknown}”.",
+            f"No profile has a custom ID starting with “{unknown}”.",
+            f"No profile has an email address starting with “{unknown}” (in any case).",
             f"No profile has a word of its name starting with “{unknown}”.",
         ]
     )
-    # Searched by custom ID only: that lookup alone.
+    # Searched by custom ID only: that lookup alone, and the start of one.
     await page.goto(console_suite.url + f"/search?by=custom_id&q={quote(unknown)}")
     await expect(page.locator("#search-misses li")).to_have_text(
-        [f"No profile has the custom ID “{unknown}”."]
+        [
+            f"No profile has the custom ID “{unknown}”.",
+            f"No profile has a custom ID starting with “{unknown}”.",
+        ]
     )
 
 

@@ -213,6 +213,8 @@ def test_csv_cells_that_a_spreadsheet_would_run_are_prefixed_with_a_quote() -> N
         first_name="Ana",
         email="-ana@example.com",
         session_count=2,
+        country="FR",
+        language="fr",
     )
     row.last_seen_time.seconds = 1_796_121_000
     row.total_time_spent.seconds = 65
@@ -231,6 +233,8 @@ def test_csv_cells_that_a_spreadsheet_would_run_are_prefixed_with_a_quote() -> N
             "2026-12-01T10:30:00Z",
             "65",
             "New",
+            "FR",
+            "fr",
         ]
     ]
     text = d.csv_text(rows, header=True)

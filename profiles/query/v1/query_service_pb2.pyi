@@ -209,6 +209,8 @@ class ListProfilesRequest(_message.Message):
     LANGUAGE_FIELD_NUMBER: _builtins.int
     REACHABLE_CHANNEL_FIELD_NUMBER: _builtins.int
     PROFILE_ID_PREFIX_FIELD_NUMBER: _builtins.int
+    CUSTOM_ID_PREFIX_FIELD_NUMBER: _builtins.int
+    EMAIL_PREFIX_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """The maximum number of rows: 0 means the default (50), above 500 is coerced to 500,
     negative is INVALID_ARGUMENT.
@@ -270,6 +272,24 @@ class ListProfilesRequest(_message.Message):
     any other character, no digit, or over 32 digits. Empty for no filter. Indexed (the
     table's primary key): read as one range of IDs, however many profiles the project has.
     """
+    custom_id_prefix: _builtins.str
+    """Only profiles whose custom ID starts with this text, matched as given: case-sensitive, as
+    custom IDs are ("user-" finds "user-42", not "User-42"), spaces included. The profile's
+    custom ID only: an alias left by an operator merge is not searched (GetProfile finds it),
+    and anonymous profiles never match. At most 512 characters, a custom ID's limit
+    (INVALID_ARGUMENT on `custom_id_prefix` beyond). Empty for no filter. Combines with the
+    other filters, sort orders and page tokens (a token holds only for the same prefix).
+    Indexed: read as one range of the custom IDs in code point order, however many profiles
+    the project has.
+    """
+    email_prefix: _builtins.str
+    """Only profiles whose email address starts with this text, ignoring case (emails are stored
+    lower-case): "Ben.Muller" finds ben.muller@example.com, "ben.muller@exa" too. Matched as
+    given otherwise: spaces are not trimmed, and an email holds none. Profiles without an email
+    never match. At most 254 characters, an email's limit (INVALID_ARGUMENT on `email_prefix`
+    beyond). Empty for no filter. Combines with the other filters, sort orders and page tokens
+    (a token holds only for the same prefix, in any case). Indexed like `custom_id_prefix`.
+    """
     def __init__(
         self,
         *,
@@ -288,10 +308,12 @@ class ListProfilesRequest(_message.Message):
         language: _builtins.str = ...,
         reachable_channel: _types_pb2.Channel.ValueType = ...,
         profile_id_prefix: _builtins.str = ...,
+        custom_id_prefix: _builtins.str = ...,
+        email_prefix: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["country", b"country", "identity_filter", b"identity_filter", "include_total_size", b"include_total_size", "language", b"language", "name_prefix", b"name_prefix", "order_by", b"order_by", "page_size", b"page_size", "page_token", b"page_token", "platform", b"platform", "profile_id_prefix", b"profile_id_prefix", "reachable_channel", b"reachable_channel", "segment_id", b"segment_id", "smart_segment", b"smart_segment", "smart_segment_flag", b"smart_segment_flag", "sort_order", b"sort_order"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["country", b"country", "custom_id_prefix", b"custom_id_prefix", "email_prefix", b"email_prefix", "identity_filter", b"identity_filter", "include_total_size", b"include_total_size", "language", b"language", "name_prefix", b"name_prefix", "order_by", b"order_by", "page_size", b"page_size", "page_token", b"page_token", "platform", b"platform", "profile_id_prefix", b"profile_id_prefix", "reachable_channel", b"reachable_channel", "segment_id", b"segment_id", "smart_segment", b"smart_segment", "smart_segment_flag", b"smart_segment_flag", "sort_order", b"sort_order"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -410,6 +432,7 @@ class ProfileRow(_message.Message):
     SMART_SEGMENT_FLAG_FIELD_NUMBER: _builtins.int
     HAS_USER_DETAILS_FIELD_NUMBER: _builtins.int
     EMAIL_FIELD_NUMBER: _builtins.int
+    LANGUAGE_FIELD_NUMBER: _builtins.int
     profile_id: _builtins.str
     """The profile's ID, a UUID string."""
     custom_id: _builtins.str
@@ -445,6 +468,10 @@ class ProfileRow(_message.Message):
     """The email address, lower-case; empty when the profile has none (or an erasure is under
     way). Tells apart people of the same name.
     """
+    language: _builtins.str
+    """The profile's language, an ISO 639-1 code in lower case (such as "fr"), by the rule the
+    `language` filter and the overview's language breakdown use; empty when unknown.
+    """
     @_builtins.property
     def last_seen_time(self) -> _timestamp_pb2.Timestamp:
         """The latest event of any kind; unset when the profile has none."""
@@ -471,10 +498,11 @@ class ProfileRow(_message.Message):
         smart_segment_flag: _types_pb2.SmartSegmentFlag.ValueType = ...,
         has_user_details: _builtins.bool = ...,
         email: _builtins.str = ...,
+        language: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["last_seen_time", b"last_seen_time", "total_time_spent", b"total_time_spent"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["anonymous", b"anonymous", "country", b"country", "custom_id", b"custom_id", "device_model", b"device_model", "email", b"email", "first_name", b"first_name", "has_user_details", b"has_user_details", "last_name", b"last_name", "last_seen_time", b"last_seen_time", "platform", b"platform", "profile_id", b"profile_id", "session_count", b"session_count", "smart_segment", b"smart_segment", "smart_segment_flag", b"smart_segment_flag", "total_time_spent", b"total_time_spent"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["anonymous", b"anonymous", "country", b"country", "custom_id", b"custom_id", "device_model", b"device_model", "email", b"email", "first_name", b"first_name", "has_user_details", b"has_user_details", "language", b"language", "last_name", b"last_name", "last_seen_time", b"last_seen_time", "platform", b"platform", "profile_id", b"profile_id", "session_count", b"session_count", "smart_segment", b"smart_segment", "smart_segment_flag", b"smart_segment_flag", "total_time_spent", b"total_time_spent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

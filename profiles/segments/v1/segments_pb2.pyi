@@ -69,7 +69,8 @@ class _SegmentChangeCauseEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Se
     SEGMENT_CHANGE_CAUSE_RECOMPUTE: _SegmentChangeCause.ValueType  # 6
     """An operator's RecomputeAll, or a change of the project's segment settings."""
     SEGMENT_CHANGE_CAUSE_DEFINITION: _SegmentChangeCause.ValueType  # 7
-    """A change of the custom segment's filter (UpdateSegment): its members recomputed for the
+    """The custom segment's definition: its creation (CreateSegment), every member it stores
+    entering; or a change of its filter (UpdateSegment): its members recomputed for the
     new filter, the profiles matching only the old one leaving and those matching only the new
     one entering (a profile matching both sees no change). Also the cause of the changes the
     periodic evaluation finds for a segment whose recomputation the UpdateSegment call did not
@@ -98,7 +99,8 @@ SEGMENT_CHANGE_CAUSE_DELETION: SegmentChangeCause.ValueType  # 5
 SEGMENT_CHANGE_CAUSE_RECOMPUTE: SegmentChangeCause.ValueType  # 6
 """An operator's RecomputeAll, or a change of the project's segment settings."""
 SEGMENT_CHANGE_CAUSE_DEFINITION: SegmentChangeCause.ValueType  # 7
-"""A change of the custom segment's filter (UpdateSegment): its members recomputed for the
+"""The custom segment's definition: its creation (CreateSegment), every member it stores
+entering; or a change of its filter (UpdateSegment): its members recomputed for the
 new filter, the profiles matching only the old one leaving and those matching only the new
 one entering (a profile matching both sees no change). Also the cause of the changes the
 periodic evaluation finds for a segment whose recomputation the UpdateSegment call did not

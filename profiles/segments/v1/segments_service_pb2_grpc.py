@@ -154,8 +154,9 @@ class SegmentsServiceServicer:
 
     def CreateSegment(self, request, context):
         """Creates a custom segment from a filter tree and returns it with its size (the profiles
-        matching it at creation, stored as its members; creation announces no change). At most
-        100 segments per project. Idempotent with `request_id`. With `validate_only`, checks the
+        matching it at creation, stored as its members, each announced on the change stream as
+        entering it, cause DEFINITION, in the creation's transaction: a retry with `request_id`
+        announces nothing more). At most 100 segments per project. Idempotent with `request_id`. With `validate_only`, checks the
         request as a creation would and returns the segment it would create with its size as of
         now, storing nothing (see CreateSegmentRequest.validate_only). Admin only. Errors:
         INVALID_ARGUMENT (each bad node with its path and why), ALREADY_EXISTS (another segment has

@@ -91,7 +91,8 @@ function liveFeed(options) {
   }
 
   function open() {
-    const url = options.url + (cursor ? "?since=" + encodeURIComponent(cursor) : "");
+    const join = options.url.includes("?") ? "&" : "?";
+    const url = options.url + (cursor ? join + "since=" + encodeURIComponent(cursor) : "");
     source = new EventSource(url);
     source.onopen = () => { if (options.onOpen) options.onOpen(); };
     source.onerror = () => {
@@ -107,6 +108,10 @@ function liveFeed(options) {
       if (message.lastEventId) cursor = message.lastEventId;
       options.onItem(JSON.parse(message.data));
     };
+    // Named items of a feed's own beside its entries (they move no cursor).
+    for (const [name, handle] of Object.entries(options.on || {})) {
+      source.addEventListener(name, (message) => handle(JSON.parse(message.data)));
+    }
     source.addEventListener("paused", () => {
       source.close();
       say(`${options.name} are paused: this console follows too many profiles. `,
@@ -246,30 +251,62 @@ function showAttribute(item) {
   }
 }
 
+// The Person cell of a live segment table's row: the person's name (else their custom ID,
+// "Anonymous 1a2b3c4d", or "profile 1a2b3c4d" while the users table does not list them),
+// linked unless erased, the whole ID under it (eight characters of it can be two profiles),
+// and what became of them ("merged into …", "erased", "not in the users table yet").
+function personCell(cell, person, profileId) {
+  cell.replaceChildren();
+  cell.className = "value";
+  cell.dataset.state = person.state || "";
+  const label = element("bdi", person.name || profileId);
+  if (person.state === "erased") {
+    cell.append(label);
+  } else {
+    const link = element("a");
+    link.append(label);
+    link.href = "/profiles/" + encodeURIComponent(profileId);
+    cell.append(link);
+  }
+  cell.append(element("div", profileId, "hint"));
+  if (person.note) cell.append(element("div", person.note, "muted person-note"));
+}
+
 function followSegments(table) {
   const status = document.getElementById("segment-status");
   const body = table.querySelector("tbody");
+  const openText = table.dataset.openText ||
+    "Live: the changes recorded in the last hour, then as they are recorded.";
   liveFeed({
     url: table.dataset.source,
     status,
     name: "Live entries and exits",
+    gone: "This segment no longer exists (it was deleted): live entries and exits stopped.",
     // The feed starts at the changes recorded in the last hour (WatchSegmentChanges'
     // start_time), whatever their "When": a change can be recorded long after it happened.
-    onOpen: () => { status.textContent = "Live: the changes recorded in the last hour, then as they are recorded."; },
+    onOpen: () => { status.textContent = openText; },
+    on: {
+      // What a second look-up learnt of a person the users table did not list yet: every
+      // row of theirs shows it.
+      person: (person) => {
+        for (const row of body.rows) {
+          if (row.dataset.profileId === person.profile_id) {
+            personCell(row.cells[1], person, person.profile_id);
+          }
+        }
+      },
+    },
     onItem: (change) => {
       const row = element("tr");
-      // The person's name when query knows one, and the whole ID under it (eight characters
-      // of it can be two profiles); the ID alone for a profile merged away or erased since.
-      const link = element("a");
-      link.append(element("bdi", change.name || change.profile_id));
-      link.href = "/profiles/" + encodeURIComponent(change.profile_id);
-      const who = element("td", undefined, "value");
-      who.append(link);
-      if (change.name) who.append(element("div", change.profile_id, "hint"));
+      row.dataset.profileId = change.profile_id;
+      const who = element("td");
+      personCell(who, change, change.profile_id);
+      const what = element("td", change.transition);
+      if (change.cause) what.append(element("div", change.cause, "muted"));
       const segment = element("td");
       segment.append(element("bdi", change.segment));
       row.dataset.time = change.time;
-      row.append(element("td", change.time), who, element("td", change.transition), segment);
+      row.append(element("td", change.time), who, what, segment);
       // Newest "When" first, as the caption says: a change recorded late (an event sent days
       // after it happened) goes below the later ones. Times read "YYYY-MM-DD HH:MM:SS UTC", in
       // the order of their text; a tie keeps the latest recorded first.
