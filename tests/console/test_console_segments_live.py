@@ -131,11 +131,12 @@ async def test_the_live_table_shows_the_segment_chosen_and_keeps_it_in_the_url(
     # Nothing of the other segments; a profile entering this one by an event comes in.
     await expect(rows).to_have_count(0)
     (entering,) = await marked(console_suite, marker, "Cleo Filtered")
-    row = rows.filter(has_text="Cleo Filtered")
+    # Found by the start of its ID, which the row shows whether or not the users table lists
+    # the person yet (naming a person the table lags on is the next test's).
+    row = rows.filter(has_text=entering[:8])
     await expect(row).to_have_count(1, timeout=20_000)
     await expect(row.locator("td").nth(2).locator("div")).to_have_text("by an event")
     await expect(rows).to_have_count(1)
-    await expect(person_cell(row)).to_contain_text(entering)
 
     # A smart segment or a flag is chosen alike; a segment the project does not have is named
     # and every segment shown.
