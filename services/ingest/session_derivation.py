@@ -107,14 +107,21 @@ class Derivation:
                 [n.span.session_id for n in derived],
                 [by_index[n.index].session_country for n in derived],
             )
+        new_ids = {(n.installation_id, n.span.session_id) for n in derived}
+        stored_of: dict[tuple[str, str], list[ValidEvent]] = defaultdict(list)
+        for e in self.events:
+            key = (e.installation_id or "", e.session_id or "")
+            if key in new_ids and e.index in accepted:
+                stored_of[key].append(e)
         starts = []
         for new in derived:
             event = by_index[new.index]
+            stored = stored_of[(new.installation_id, new.span.session_id)]
             start = bus_pb2.IngestedEvent(
                 event_id=start_event_id(new.span.session_id),
                 installation_id=new.installation_id,
                 profile_id=str(accepted[new.index]),
-                platform=event.platform,  # type: ignore[arg-type]
+                platform=session_platform(stored),  # type: ignore[arg-type]
                 kind=types_pb2.EVENT_KIND_SESSION_START,
                 session_id=new.span.session_id,
                 event_time=timestamp_of(new.span.start_time),
@@ -123,6 +130,18 @@ class Derivation:
             start.session.country = event.session_country
             starts.append(start)
         return starts
+
+
+def session_platform(events: Sequence[ValidEvent]) -> int:
+    """The platform of a session from its events, by the sessions table's rule (0056): the
+    latest device platform (iOS, Android, Web) by event time, later in the batch on a tie; API
+    only when every event is on API. An SDK sends its platform only with some requests (the
+    edge sends the others on API), so the event that starts a derived session may well be an
+    API one of a phone's session."""
+    devices = [e for e in events if e.platform != types_pb2.PLATFORM_API]
+    if not devices:
+        return types_pb2.PLATFORM_API
+    return max(devices, key=lambda e: (e.event_time, e.index)).platform
 
 
 def _with_duration(event: ValidEvent, duration: timedelta) -> ValidEvent:

@@ -205,6 +205,39 @@ async def test_a_derived_session_is_published_with_its_start_and_its_ip_country(
     assert await _tables_mentioning(ingest.database_url, ips) == []
 
 
+async def test_a_derived_session_is_published_on_its_device_platform(
+    ingest: Ingest, redis_url: str, redis_prefix: str
+) -> None:
+    """Countly's events come without metrics, so the edge sends them on API; the session's
+    device platform comes with a later request. The start published for the derived session
+    follows the sessions table's rule (0056): a device platform wins over API."""
+    first = inactive("a", 0, "phone")
+    first.platform = types_pb2.PLATFORM_API
+    second = inactive("b", 1, "phone")
+    second.platform = types_pb2.PLATFORM_ANDROID
+    third = inactive("c", 2, "phone")
+    third.platform = types_pb2.PLATFORM_API
+    api_only = inactive("d", 0, "server")
+    api_only.platform = types_pb2.PLATFORM_API
+    reply = await ingest.track(first, second, third, api_only)
+    assert [r.reason for r in reply.results] == ["", "", "", ""]
+    rows = await ingest.fetch("SELECT session_id, platform FROM sessions ORDER BY session_id")
+    stored = {r["session_id"]: r["platform"] for r in rows}
+    phone, server = derived_session_id("phone", "a"), derived_session_id("server", "d")
+    assert stored == {phone: types_pb2.PLATFORM_ANDROID, server: types_pb2.PLATFORM_API}
+
+    async def published() -> list[Any]:
+        return await stream_events(redis_url, redis_prefix)
+
+    await eventually(lambda: _length_is(published(), 6))
+    starts = {
+        e.session_id: e.platform
+        for e in await published()
+        if e.kind == types_pb2.EVENT_KIND_SESSION_START
+    }
+    assert starts == stored
+
+
 async def _length_is(items: Any, length: int) -> bool:
     return len(await items) >= length
 
