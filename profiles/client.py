@@ -155,6 +155,13 @@ class _StreamStream(grpc.aio.StreamStreamClientInterceptor):
         return await continuation(self._defaults.details(details, False), requests)
 
 
+def sendable_key(api_key: str) -> bool:
+    """Whether a gRPC header can carry the key: printable ASCII only (the metadata value rule).
+    No key the suite issues holds anything else, so a key that does is unknown; a call with it
+    would fail in the client before reaching a server, with no status to translate."""
+    return api_key.isascii() and api_key.isprintable()
+
+
 def open_channel(
     address: str,
     api_key: str,

@@ -17,7 +17,7 @@ import grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from profiles.client import open_channel
+from profiles.client import open_channel, sendable_key
 from profiles.identity.v1 import identity_service_pb2_grpc
 from profiles.query.v1 import query_service_pb2_grpc
 from profiles.segments.v1 import segments_service_pb2_grpc
@@ -101,6 +101,10 @@ class Backend:
         self._closing: set[asyncio.Task[None]] = set()
 
     def stub(self, service: str, key: str) -> Any:
+        """The service's stub calling with `key`; raises SignedOut for a key no header can
+        carry (the suite issues none: it is an unknown key, told as such)."""
+        if not sendable_key(key):
+            raise SignedOut()
         slot = (service, key_hash(key))
         found = self._channels.get(slot)
         if found is None:

@@ -23,7 +23,7 @@ import grpc
 from google.protobuf import struct_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from profiles.client import service_config
+from profiles.client import sendable_key, service_config
 from profiles.identity.v1 import identity_service_pb2 as identity_pb
 from profiles.identity.v1 import identity_service_pb2_grpc as identity_grpc
 from profiles.ingest.v1 import ingest_service_pb2 as ingest_pb
@@ -278,6 +278,8 @@ class Backend:
         None): see _track. Raises BackendError when a call failed as a whole (some earlier
         steps may have been applied: the SDK's retry repeats them harmlessly, by event and
         request IDs)."""
+        if not sendable_key(api_key):
+            raise BackendError("unauthenticated", "the key is no key the suite issues")
         metadata = (("authorization", f"Bearer {api_key}"),)
         outcome = Outcome(
             api_key=api_key, received=time.monotonic() if received is None else received

@@ -153,6 +153,18 @@ async def test_a_wrong_key_and_an_sdk_key_are_refused(
     assert not [c for c in cookies if c["name"] == "profiles_console_session"]
 
 
+async def test_a_key_no_header_can_carry_is_told_not_valid(
+    page: Any, console_suite: ConsoleSuite
+) -> None:
+    """A key gRPC metadata cannot carry (not printable ASCII) failed in the console's own gRPC
+    client: a bare 500 instead of the sign-in page's refusal."""
+    await page.goto(console_suite.url + "/signin")
+    for key in ("clé-inconnue", "prf_\u200bzz"):
+        await page.get_by_label("Project key").fill(key)
+        await page.get_by_role("button", name="Sign in").click()
+        await expect(page.get_by_role("alert")).to_contain_text("not valid")
+
+
 async def test_a_person_finds_a_profile_by_email_reads_it_and_signs_out(
     page: Any, console_suite: ConsoleSuite
 ) -> None:
