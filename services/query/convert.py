@@ -718,6 +718,16 @@ def _consent_details(
             raise KeyError(field)
 
 
+# The details field of the timeline's oneof that each stored kind fills.
+DETAILS_FIELD: dict[int, str] = {
+    types_pb2.EVENT_KIND_CUSTOM: "custom",
+    types_pb2.EVENT_KIND_ATTRIBUTE_CHANGE: "attribute_change",
+    types_pb2.EVENT_KIND_SUBSCRIPTION_CHANGE: "consent_change",
+    types_pb2.EVENT_KIND_INSTALLATION_UPDATE: "installation_update",
+    types_pb2.EVENT_KIND_CRASH: "crash",
+    **{kind: "session" for kind in SESSION_TYPES},
+}
+
 # Details whose stored payload holds scalar fields of the same names only.
 SCALAR_DETAIL_FIELDS = {
     "installation_update": frozenset(
@@ -791,6 +801,11 @@ def timeline_details(
         event.session.type = SESSION_TYPES[kind]  # type: ignore[index]
         if kind == types_pb2.EVENT_KIND_SESSION_START:
             event.session.ClearField("duration")
+    # The kind's details are present even when its payload set none of their fields (an
+    # installation update that only says "still here"): a client reads details by kind.
+    details = DETAILS_FIELD.get(kind)
+    if details is not None:
+        getattr(event, details).SetInParent()
 
 
 def event_to_proto(view: EventView) -> timeline_pb2.TimelineEvent:

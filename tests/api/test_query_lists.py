@@ -564,6 +564,27 @@ def test_timeline_details_read_directly_equal_json_format(kind: int, payload: An
     assert direct == parsed
 
 
+@pytest.mark.parametrize(
+    ("kind", "field"),
+    [
+        (types_pb2.EVENT_KIND_CUSTOM, "custom"),
+        (types_pb2.EVENT_KIND_SESSION_HEARTBEAT, "session"),
+        (types_pb2.EVENT_KIND_ATTRIBUTE_CHANGE, "attribute_change"),
+        (types_pb2.EVENT_KIND_SUBSCRIPTION_CHANGE, "consent_change"),
+        (types_pb2.EVENT_KIND_INSTALLATION_UPDATE, "installation_update"),
+        (types_pb2.EVENT_KIND_CRASH, "crash"),
+    ],
+)
+def test_an_event_whose_payload_sets_nothing_still_has_its_kind_s_details(
+    kind: int, field: str
+) -> None:
+    """The edge's "platform API" installation update after a login stores an empty payload; a
+    client reading the details by kind found none."""
+    event = timeline_pb2.TimelineEvent()
+    convert.timeline_details(kind, {}, event)
+    assert event.WhichOneof("details") == field
+
+
 @pytest.mark.parametrize("mode", RETENTION_MODES)
 async def test_the_users_tables_last_seen_is_recounted_the_same_after_retention(
     suite: Suite, mode: str

@@ -750,7 +750,11 @@ class Counters(_message.Message):
     session_count: _builtins.int
     """The number of sessions."""
     event_count: _builtins.int
-    """The number of events of every kind."""
+    """The number of events stored for the profile, of every kind an app or server sends (custom,
+    session, attribute, consent, installation, crash). The merges and splits ListEvents also
+    lists are identity's history, not events sent: they are not counted, so a timeline can hold
+    more entries than this.
+    """
     crash_count: _builtins.int
     """The number of crashes reported, fatal or not."""
     @_builtins.property
