@@ -666,6 +666,81 @@ class _RolledBack(Exception):
     """Ends a read-only transaction by rolling it back."""
 
 
+# Every profile with an iOS installation: a segment of a third of the project, of the kind an
+# operator creates first ("all iOS users"), whose members CreateSegment stores and announces as
+# entries in its one transaction.
+def ios_users() -> filters_pb2.FilterNode:
+    return filters_pb2.FilterNode(
+        condition=filters_pb2.Condition(
+            platform=filters_pb2.PlatformCondition(platforms=[types_pb2.PLATFORM_IOS])
+        )
+    )
+
+
+# The same members written by hand, as a bare INSERT ... SELECT into a table of their own.
+BARE_IOS_MEMBERS = """
+    INSERT INTO bench_ios_members (profile_id)
+    SELECT p.profile_id FROM profiles p
+    WHERE p.project_id = $1 AND p.merged_into IS NULL
+      AND EXISTS (SELECT 1 FROM installations i JOIN installation_details d
+                      ON d.project_id = i.project_id AND d.installation_id = i.installation_id
+                  WHERE i.project_id = $1 AND i.profile_id = p.profile_id AND d.platform = 1)"""
+
+
+@dataclass(frozen=True, slots=True)
+class LargeSegmentOutcome:
+    size: int
+    create_s: float  # CreateSegment: members stored and their entries in the outbox, committed
+    announced_s: float  # from the call to the last entry relayed out of the outbox
+    bare_s: float  # the same members inserted by one bare statement
+    bare_count: int
+    delete_s: float  # DeleteSegment, right after (the sweep may be evaluating the new segment)
+
+
+async def outbox_drained(conn: asyncpg.Connection) -> None:
+    """Returns once the outbox is empty: the relay has put every row on the streams."""
+    while await conn.fetchval("SELECT count(*) FROM outbox"):  # noqa: ASYNC110 (a table, polled)
+        await asyncio.sleep(0.01)
+
+
+async def measure_large_segment(
+    addresses: dict[str, str], api_key: str, database_url: str, project_id: uuid.UUID
+) -> LargeSegmentOutcome:
+    """Creates "all iOS users" through CreateSegment, timed to its answer and to the last of its
+    entries leaving the outbox (the relay's drain), beside the bare insert of the same members;
+    then deletes it, so that the freshness part evaluates only the benchmark's segment."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute("CREATE TEMP TABLE bench_ios_members (profile_id uuid)")
+        started = time.perf_counter()
+        await conn.execute(BARE_IOS_MEMBERS, project_id)
+        bare_s = time.perf_counter() - started
+        bare_count = int(await conn.fetchval("SELECT count(*) FROM bench_ios_members"))
+        async with open_channel(addresses["segments"], api_key) as channel:
+            stub = segments_grpc.SegmentsServiceStub(channel)
+            started = time.perf_counter()
+            created = await stub.CreateSegment(
+                segments_pb.CreateSegmentRequest(display_name="iOS users", filter=ios_users()),
+                timeout=600,
+            )
+            create_s = time.perf_counter() - started
+            await outbox_drained(conn)
+            announced_s = time.perf_counter() - started
+            started = time.perf_counter()
+            await stub.DeleteSegment(
+                segments_pb.DeleteSegmentRequest(segment_id=created.segment.segment_id),
+                timeout=600,
+            )
+            delete_s = time.perf_counter() - started
+    finally:
+        await conn.close()
+    if created.segment.size != bare_count:
+        raise BenchError(
+            f"CreateSegment stored {created.segment.size} members, the bare SQL {bare_count}"
+        )
+    return LargeSegmentOutcome(bare_count, create_s, announced_s, bare_s, bare_count, delete_s)
+
+
 async def measure_lag(
     addresses: dict[str, str], api_key: str, sizes: Sizes, segments: ChildProcess
 ) -> LagOutcome:
@@ -816,7 +891,24 @@ def print_custom_segment(outcome: SegmentSizeOutcome, profiles: int, quick: bool
     )
 
 
-def figures_of(load: LoadOutcome, size: SegmentSizeOutcome, lag: LagOutcome) -> list[Figure]:
+def print_large_segment(outcome: LargeSegmentOutcome, profiles: int) -> None:
+    print(
+        f"\na large custom segment over {profiles:,} profiles: all iOS users, through"
+        " CreateSegment (members stored and each announced as an entry, in one transaction),"
+        " beside the same members inserted by one bare INSERT ... SELECT"
+    )
+    print(
+        f"  size {outcome.size:,} ({outcome.size / profiles:.1%}); CreateSegment"
+        f" {outcome.create_s:.3f} s, its last entry out of the outbox {outcome.announced_s:.3f} s"
+        f" after the call; bare insert {outcome.bare_s:.3f} s"
+        f" (x{outcome.create_s / outcome.bare_s:.1f} and"
+        f" x{outcome.announced_s / outcome.bare_s:.1f}); DeleteSegment {outcome.delete_s:.3f} s"
+    )
+
+
+def figures_of(
+    load: LoadOutcome, size: SegmentSizeOutcome, large_segment: LargeSegmentOutcome, lag: LagOutcome
+) -> list[Figure]:
     small, large = load.times
     s = LatencySummary.of(lag.lags_s)
     e = LatencySummary.of(lag.echo.latencies_s)
@@ -835,6 +927,10 @@ def figures_of(load: LoadOutcome, size: SegmentSizeOutcome, lag: LagOutcome) -> 
                f"bare_group_by_{small.profiles}_s", small.bare_median_s),
         Figure("distribution_growth", large.contract_median_s / small.contract_median_s, "x",
                "profile_growth", large.profiles / small.profiles),
+        Figure("large_segment_create_s", large_segment.create_s, "s", "bare_member_insert_s",
+               large_segment.bare_s),
+        Figure("large_segment_announced_s", large_segment.announced_s, "s",
+               "bare_member_insert_s", large_segment.bare_s),
         Figure("engagement_lag_p99_ms", s.p99_ms, "ms", "echo_p99_ms", e.p99_ms),
         Figure("engagement_lag_p50_ms", s.p50_ms, "ms", "echo_p50_ms", e.p50_ms),
     ]  # fmt: skip
@@ -909,6 +1005,12 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
         print_custom_segment(size, sizes.profiles[-1], labelled_quick(args))
+        large_segment = asyncio.run(
+            measure_large_segment(
+                addresses, project.keys["admin"], backends.database_url, project.project_id
+            )
+        )
+        print_large_segment(large_segment, sizes.profiles[-1])
         lag = asyncio.run(
             measure_lag(addresses, project.keys["admin"], sizes, processes["segments"])
         )
@@ -917,7 +1019,7 @@ def main(argv: list[str] | None = None) -> int:
     ok = not lag.echo.error_count
     if not ok:
         print(f"INVALID: Echo errors {dict(lag.echo.errors)}")
-    print_figures(BENCH, figures_of(load, size, lag), quick=labelled_quick(args))
+    print_figures(BENCH, figures_of(load, size, large_segment, lag), quick=labelled_quick(args))
     return 0 if ok else 1
 
 

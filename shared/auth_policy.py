@@ -56,6 +56,7 @@ POLICY: dict[str, frozenset[str]] = {
     f"/{_SEGMENTS}/UpdateFunnel": _ADMIN,
     f"/{_SEGMENTS}/DeleteFunnel": _ADMIN,
     f"/{_SEGMENTS}/GetFunnelProgress": _READ,
+    f"/{_SEGMENTS}/ListFunnelProfiles": _READ,
     f"/{_SEGMENTS}/RecomputeAll": _ADMIN,
     f"/{_QUERY}/GetProfile": _READ,
     f"/{_QUERY}/ListProfiles": _READ,

@@ -43,6 +43,17 @@ INSERT_OUTBOX = """
     )
     SELECT pg_notify('profiles_outbox', '')"""
 
+# Many messages of one project, topic and kind, already serialized: only their payloads and
+# profiles vary (a new segment's entries), so the rest is not sent once per row.
+INSERT_OUTBOX_SERIALIZED = """
+    WITH inserted AS (
+        INSERT INTO outbox (project_id, topic, kind, payload, profile_id)
+        SELECT $1, $2, $3, p.payload, p.profile_id
+        FROM unnest($4::bytea[], $5::uuid[]) AS p(payload, profile_id)
+        RETURNING 1
+    )
+    SELECT pg_notify('profiles_outbox', '')"""
+
 # The relay serves every project, so unlike tenant statements it does not filter on project_id.
 # Oldest first (outbox_by_id index) so messages leave roughly in commit order; SKIP LOCKED lets
 # several relays take disjoint batches instead of queueing behind each other's locks.
@@ -117,6 +128,30 @@ async def enqueue_many(conn: asyncpg.Connection, items: Sequence[OutboxItem]) ->
         kinds,
         [item.message.SerializeToString() for item in items],
         [item.profile_id for item in items],
+    )
+
+
+async def enqueue_serialized(
+    conn: asyncpg.Connection,
+    project_id: UUID | str,
+    topic: Topic,
+    kind: str,
+    payloads: Sequence[bytes],
+    profile_ids: Sequence[UUID | str],
+) -> None:
+    """Adds messages of one kind already serialized, each with its profile, in one statement;
+    same rules as `enqueue`. For many messages that differ only by profile, built without a
+    message object each (services/segments/messages.py, entries_to_bus)."""
+    if not payloads:
+        return
+    if topic.message_class(kind) is None:
+        raise ValueError(f"topic {topic.name} does not carry {kind}")
+    if len(payloads) != len(profile_ids):
+        raise ValueError("one profile per payload")
+    if not conn.is_in_transaction():
+        raise RuntimeError("outbox messages must be enqueued inside the data's transaction")
+    await conn.execute(
+        INSERT_OUTBOX_SERIALIZED, project_id, topic.name, kind, payloads, profile_ids
     )
 
 

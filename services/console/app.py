@@ -235,6 +235,8 @@ ROUTES = [
     Route("/funnels/new", pages.funnel_new_form, methods=["GET"]),
     Route("/funnels/new", pages.funnel_create, methods=["POST"]),
     Route("/funnels/{ident}/edit", pages.funnel_edit, methods=["GET", "POST"]),
+    Route("/funnels/{ident}/profiles", pages.funnel_profiles_page),
+    Route("/funnels/{ident}/profiles.csv", pages.funnel_profiles_csv),
     Route("/funnels/{ident}/delete", pages.funnel_delete, methods=["GET", "POST"]),
     Route("/live/segments", pages.segments_live),
     Route("/rejected", pages.rejected_page),

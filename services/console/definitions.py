@@ -1040,13 +1040,15 @@ def csv_rows(
     return found
 
 
-def csv_text(rows: Iterable[Sequence[str]], *, header: bool = False) -> str:
+def csv_text(
+    rows: Iterable[Sequence[str]], *, header: bool = False, columns: Sequence[str] = CSV_COLUMNS
+) -> str:
     # Every cell quoted: a spreadsheet that splits on ";" (Excel in most European locales)
     # would otherwise start a new cell, maybe a formula, inside "Zz;=cmd|..." (csv_cell only
     # sees the whole cell's first character).
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\r\n", quoting=csv.QUOTE_ALL)
     if header:
-        writer.writerow(CSV_COLUMNS)
+        writer.writerow(columns)
     writer.writerows(rows)
     return out.getvalue()

@@ -1603,10 +1603,11 @@ def _merge_choice(
     misses: Iterable[str] = (),
     done: str = "",
     notices: Iterable[str] = (),
+    survivor: str = "",
     status: int = 200,
 ) -> Response:
     """The merge's first step: which profile to merge into this one (`target`), with why the
-    last choice was refused, if it was."""
+    last choice was refused, if it was (and the profile a merged-away one is now: `survivor`)."""
     return render(
         request,
         "merge.html",
@@ -1619,6 +1620,7 @@ def _merge_choice(
             "misses": list(misses),
             "done": done,
             "notices": list(notices),
+            "survivor": survivor,
         },
         session=session,
         status=status,
@@ -1634,10 +1636,12 @@ def _merge_confirmation(
     request_id: str,
     refused: str = "",
     allow_alias: bool = False,
+    survivor: str = "",
     status: int = 200,
 ) -> Response:
     """The confirmation step: both profiles side by side, what the merge does, and the POST
-    that does it (the session's CSRF token, an idempotency key)."""
+    that does it (the session's CSRF token, an idempotency key); with a refusal, the profile
+    a merged-away one is now (`survivor`), if that was why."""
     return render(
         request,
         "merge_confirm.html",
@@ -1651,6 +1655,7 @@ def _merge_confirmation(
             "request_id": request_id,
             "refused": refused,
             "allow_alias": allow_alias,
+            "survivor": survivor,
         },
         session=session,
         status=status,
@@ -1756,7 +1761,12 @@ async def profile_merge(request: Request, session: ConsoleSession) -> Response:
     if canonical != profile_id:
         # This profile was merged into another since the confirmation: that one is shown.
         return _merge_choice(
-            request, session, target, refused=present.MERGE_TARGET_MOVED, status=409
+            request,
+            session,
+            target,
+            refused=present.MERGE_TARGET_MOVED,
+            survivor=canonical,
+            status=409,
         )
     if source is None:
         if not source_id:  # a form that names no profile: never the console's own
@@ -1776,6 +1786,7 @@ async def profile_merge(request: Request, session: ConsoleSession) -> Response:
             source,
             request_id=str(uuid.uuid4()),
             refused=present.MERGE_SOURCE_MOVED,
+            survivor=now_id,
             status=409,
         )
     try:
@@ -1783,11 +1794,14 @@ async def profile_merge(request: Request, session: ConsoleSession) -> Response:
             session.key,
             "identity",
             "MergeProfiles",
+            # Exact: the two profiles confirmed above, never the survivor of a merge since (a
+            # login between the reads above and this call would otherwise merge someone else).
             identity_pb.MergeProfilesRequest(
                 source_profile_id=source_id,
                 target_profile_id=canonical,
                 allow_custom_id_conflict=allow_alias,
                 request_id=request_id,
+                exact=True,
             ),
         )
     except NotFound:
@@ -1798,6 +1812,8 @@ async def profile_merge(request: Request, session: ConsoleSession) -> Response:
             request, session, target, refused=present.MERGE_SOURCE_GONE, status=409
         )
     except BadInput as refused:
+        if refused.reason == "PROFILE_MERGED":
+            return await _merged_since(request, session, target, source_id, refused.metadata)
         if refused.reason == "MERGE_INTO_ITSELF":
             return _merge_choice(
                 request,
@@ -1851,6 +1867,56 @@ async def profile_merge(request: Request, session: ConsoleSession) -> Response:
     return RedirectResponse(
         f"/profiles/{reply.target_profile_id}?" + urlencode({"merged": reply.source_profile_id}),
         status_code=303,
+    )
+
+
+async def _merged_since(
+    request: Request,
+    session: ConsoleSession,
+    target: Any,
+    source_id: str,
+    metadata: dict[str, str],
+) -> Response:
+    """The service's PROFILE_MERGED refusal of an exact merge: one of the two was merged into
+    another profile (`metadata["survivor"]`) after the reads before the call; nothing merged.
+    Told as the same moves found by those reads are."""
+    console = console_of(request)
+    canonical = target.summary.profile_id
+    survivor = canonical_uuid(metadata.get("survivor", ""))
+    # The survivor as it is now (merged on since, it answers its own survivor).
+    moved = await _profile_or_none(console, session, survivor) if survivor else None
+    if metadata.get("field") == "target_profile_id":
+        # This profile is that survivor's now: its merge form is shown, as on the check above.
+        if moved is None:  # erased since, with its tombstones: this one too
+            return _no_such_profile(request, session, canonical)
+        return _merge_choice(
+            request,
+            session,
+            moved.profile,
+            refused=present.MERGE_TARGET_MOVED,
+            survivor=moved.profile.summary.profile_id,
+            status=409,
+        )
+    if moved is None:
+        return _merge_choice(
+            request, session, target, refused=present.MERGE_SOURCE_GONE, status=409
+        )
+    if moved.profile.summary.profile_id == canonical:
+        # Merged into this one by someone else meanwhile: the two are one already.
+        return _merge_choice(
+            request, session, target, done=present.MERGE_ALREADY_ONE.format(source_id)
+        )
+    # Merged into a third profile: someone else, shown for a new confirmation with a new key
+    # (and no consent to an alias carried over to them).
+    return _merge_confirmation(
+        request,
+        session,
+        target,
+        moved.profile,
+        request_id=str(uuid.uuid4()),
+        refused=present.MERGE_SOURCE_MOVED,
+        survivor=moved.profile.summary.profile_id,
+        status=409,
     )
 
 
@@ -2246,6 +2312,250 @@ async def segments_page(request: Request, session: ConsoleSession) -> Response:
             "unknown_segment": unknown_segment,
         },
         session=session,
+    )
+
+
+# -- the profiles behind a funnel step ----------------------------------------------------------
+
+# A funnel step's list of people: rows per page (the users table's), and ListFunnelProfiles'
+# page size for its CSV (GetProfileRows names as many at once).
+FUNNEL_PEOPLE_PAGE_SIZE = USERS_PAGE_SIZE
+FUNNEL_CSV_PAGE_SIZE = 500
+# The CSV's columns: the profile, when its best attempt completed the step and when that
+# attempt's window closes, then the users table's (its profile_id left out: it leads).
+FUNNEL_CSV_COLUMNS = (
+    "profile_id",
+    "step_complete_time_utc",
+    "attempt_deadline_utc",
+    *definitions.CSV_COLUMNS[1:],
+)
+# What a list says instead of a page its link no longer leads to.
+FUNNEL_TOKEN_REFUSED = {
+    "PAGE_INVALID": "This page link is not one of this list's: showing its first page.",
+    "FUNNEL_CHANGED": (
+        "The funnel's steps or conversion window changed since this list's first page:"
+        " showing the first page by the funnel as it is now."
+    ),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class FunnelStepChoice:
+    """A funnel step's list as its URL names it: the funnel (GetFunnel's, with its counts),
+    the step (from 1) and which people ("reached" or "dropped")."""
+
+    funnel: Any
+    step: int
+    people: str
+
+    def request_fields(self) -> dict[str, Any]:
+        return {
+            "funnel_id": self.funnel.funnel_id,
+            "step_number": self.step,
+            "selection": present.FUNNEL_PEOPLE[self.people],
+        }
+
+    def query_string(self, **more: str) -> str:
+        state = {"step": str(self.step), "people": self.people, **more}
+        return urlencode({k: v for k, v in state.items() if v})
+
+
+async def _funnel_step_choice(
+    request: Request, session: ConsoleSession, notices: list[str]
+) -> FunnelStepChoice:
+    """The list the URL names. A step the funnel has not, or a drop-off after its last step,
+    gives way to a list it has, and the page says so; a funnel ID that is no funnel's is the
+    missing page."""
+    console = console_of(request)
+    ident = request.path_params["ident"]
+    try:
+        reply = await console.backend.call(
+            session.key, "segments", "GetFunnel", segments_pb.GetFunnelRequest(funnel_id=ident)
+        )
+    except BadInput:
+        raise NotFound(ident) from None  # not a UUID: no funnel has it
+    funnel = reply.funnel
+    params = request.query_params
+    text = params.get("step", "")
+    step = int(text) if text.isdigit() and len(text) < 4 else 0
+    if not text:
+        step = 1
+    elif not 1 <= step <= len(funnel.steps):
+        notices.append(f"No step “{present.shorten(text)}” in this funnel: showing step 1.")
+        step = 1
+    people = _known(
+        params, "people", present.FUNNEL_PEOPLE, "reached", "showing who reached the step", notices
+    )
+    if people == "dropped" and step == len(funnel.steps):
+        notices.append(
+            "Nobody drops off after the last step (whoever reached it converted):"
+            " showing who reached it."
+        )
+        people = "reached"
+    return FunnelStepChoice(funnel, step, people)
+
+
+async def _users_of(
+    console: Console, session: ConsoleSession, profile_ids: list[str]
+) -> tuple[dict[str, query_pb.ProfileRow], bool]:
+    """The users table's rows of these people (GetProfileRows, as the live segment table names
+    its people), and whether query answered: when it does not, the list names them by ID."""
+    if not profile_ids:
+        return {}, True
+    try:
+        reply = await console.backend.call(
+            session.key,
+            "query",
+            "GetProfileRows",
+            query_pb.GetProfileRowsRequest(profile_ids=profile_ids),
+        )
+    except ServiceDown:
+        return {}, False
+    return {row.profile_id: row for row in reply.profiles}, True
+
+
+@signed_in
+async def funnel_profiles_page(request: Request, session: ConsoleSession) -> Response:
+    """The people behind one count of a funnel: who reached a step, or who dropped off after
+    it (ListFunnelProfiles), named as the users table names them, a page at a time."""
+    console = console_of(request)
+    notices: list[str] = []
+    choice = await _funnel_step_choice(request, session, notices)
+    params = request.query_params
+    page_token = params.get("page_token", "")
+    trail = [t for t in params.get("trail", "").split(",") if t][-TRAIL_LIMIT:]
+    page_number = _page_number(params.get("page", ""), len(trail))
+
+    async def listed(token: str) -> Any:
+        return await console.backend.call(
+            session.key,
+            "segments",
+            "ListFunnelProfiles",
+            segments_pb.ListFunnelProfilesRequest(
+                page_size=FUNNEL_PEOPLE_PAGE_SIZE, page_token=token, **choice.request_fields()
+            ),
+        )
+
+    try:
+        reply = await listed(page_token)
+    except BadInput as bad:
+        if not page_token or bad.reason not in FUNNEL_TOKEN_REFUSED:
+            raise
+        # An altered link, or a funnel edited since the first page: that page again.
+        notices.append(FUNNEL_TOKEN_REFUSED[bad.reason])
+        page_token, trail, page_number = "", [], 1
+        reply = await listed("")
+    ids = [p.profile_id for p in reply.profiles]
+    rows, answered = await _users_of(console, session, ids)
+    if not answered:
+        notices.append("The query service is not answering: people are shown by their ID.")
+    users = {row.profile_id: row for row in present.user_rows(rows.values())}
+    base = f"/funnels/{choice.funnel.funnel_id}/profiles"
+
+    def link(**more: str) -> str:
+        return f"{base}?{choice.query_string(**more)}"
+
+    next_page = ""
+    if reply.next_page_token:
+        next_page = link(
+            page_token=reply.next_page_token,
+            trail=",".join([*trail, page_token or FIRST_PAGE][-TRAIL_LIMIT:]),
+            page=str(page_number + 1),
+        )
+    previous_page = ""
+    if trail:
+        token = "" if trail[-1] == FIRST_PAGE else trail[-1]
+        back = ",".join(trail[:-1])
+        previous_page = link(page_token=token, trail=back, page=str(page_number - 1))
+    counts = list(choice.funnel.reached_profile_counts)
+    total = present.funnel_step_total(counts, choice.step, choice.people)
+    return render(
+        request,
+        "funnel_profiles.html",
+        {
+            "funnel": choice.funnel,
+            "step": choice.step,
+            "people": choice.people,
+            "step_count": len(choice.funnel.steps),
+            "total": total,
+            "rows": present.funnel_person_rows(reply.profiles, users, reply.as_of_time),
+            "as_of": reply.as_of_time,
+            "named": answered,
+            "link": link,
+            "shown": present.shown_rows(
+                page_number, FUNNEL_PEOPLE_PAGE_SIZE, len(ids), total, at_least=False
+            ),
+            "first_page": link() if page_token else "",
+            "previous_page": previous_page,
+            "next_page": next_page,
+            "csv_link": f"{base}.csv?{choice.query_string()}",
+            "notices": notices,
+        },
+        session=session,
+    )
+
+
+@signed_in
+async def funnel_profiles_csv(request: Request, session: ConsoleSession) -> Response:
+    """A funnel step's list as CSV: every page of it up to the cap, one moment for all (the
+    first page's), each person with the users table's columns when it lists them."""
+    console = console_of(request)
+    choice = await _funnel_step_choice(request, session, [])
+
+    async def page(token: str) -> Any:
+        return await console.backend.call(
+            session.key,
+            "segments",
+            "ListFunnelProfiles",
+            segments_pb.ListFunnelProfilesRequest(
+                page_size=FUNNEL_CSV_PAGE_SIZE, page_token=token, **choice.request_fields()
+            ),
+        )
+
+    async def cells(profiles: list[Any]) -> list[list[str]]:
+        rows, _ = await _users_of(console, session, [p.profile_id for p in profiles])
+        found = []
+        for item in profiles:
+            row = rows.get(item.profile_id)
+            users = (
+                []
+                if row is None
+                else definitions.csv_rows(
+                    [row], platforms=present.PLATFORM_LABELS, segment_of=present.segment_label
+                )
+            )
+            rest = users[0][1:] if users else [""] * (len(FUNNEL_CSV_COLUMNS) - 3)
+            times = [present.iso(item.complete_time), present.iso(item.attempt_deadline_time)]
+            found.append([definitions.csv_cell(item.profile_id), *times, *rest])
+        return found
+
+    # The first page before any byte is sent: a refusal or a down service is a page.
+    first = await page("")
+
+    async def body() -> AsyncIterator[bytes]:
+        reply, sent = first, 0
+        yield definitions.csv_text([], header=True, columns=FUNNEL_CSV_COLUMNS).encode()
+        while True:
+            profiles = list(reply.profiles)[: CSV_ROW_CAP - sent]
+            sent += len(profiles)
+            yield definitions.csv_text(await cells(profiles)).encode()
+            if sent >= CSV_ROW_CAP or not reply.next_page_token:
+                return
+            try:
+                reply = await page(reply.next_page_token)
+            except (ServiceDown, BadInput, NotFound, SignedOut) as failed:
+                # Mid-download: the status is sent already; the file says it stops short.
+                log.warning("console_csv_cut_short", why=type(failed).__name__, rows=sent)
+                yield definitions.csv_text([[definitions.CSV_CUT_SHORT]]).encode()
+                return
+
+    log.info("console_funnel_profiles_csv", people=choice.people)
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    name = f"funnel-step{choice.step}-{choice.people}-{stamp}.csv"
+    return StreamingResponse(
+        body(),
+        media_type="text/csv; charset=utf-8",
+        headers={"Content-Disposition": f'attachment; filename="{name}"'},
     )
 
 

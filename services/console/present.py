@@ -1022,6 +1022,66 @@ def funnel_figures(event_names: Sequence[str], reached: Sequence[int]) -> list[F
     return figures
 
 
+# -- the profiles behind a funnel step ----------------------------------------------------------
+
+# The `people` parameter of a funnel step's list: ListFunnelProfilesRequest.selection.
+FUNNEL_PEOPLE = {
+    "reached": funnels_pb2.FUNNEL_PROFILE_SELECTION_REACHED,
+    "dropped": funnels_pb2.FUNNEL_PROFILE_SELECTION_DROPPED,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class FunnelPersonRow:
+    """One person of a funnel step's list: who (the users table's row, or None when the table
+    does not list them: named by the start of the ID), when their best attempt completed the
+    step, and when its conversion window closes (`window_open`: still open at the list's
+    moment, so a person who dropped off may yet go on)."""
+
+    profile_id: str
+    user: UserRow | None
+    label: str
+    complete_time: str
+    deadline: str
+    window_open: bool
+
+
+def funnel_person_rows(
+    profiles: Iterable[funnels_pb2.FunnelStepProfile],
+    users: Mapping[str, UserRow],
+    as_of: timestamp_pb2.Timestamp,
+) -> list[FunnelPersonRow]:
+    """The list's rows in the service's order, each named by its users table row when there
+    is one (what GetProfileRows answered)."""
+    moment = (as_of.seconds, as_of.nanos)
+    rows = []
+    for item in profiles:
+        user = users.get(item.profile_id)
+        deadline = item.attempt_deadline_time
+        rows.append(
+            FunnelPersonRow(
+                profile_id=item.profile_id,
+                user=user,
+                label=user.name if user is not None else short_profile(item.profile_id),
+                complete_time=when(item.complete_time),
+                deadline=when(deadline),
+                window_open=(deadline.seconds, deadline.nanos) > moment,
+            )
+        )
+    return rows
+
+
+def funnel_step_total(reached: Sequence[int], step: int, people: str) -> int:
+    """How many profiles a step's list holds by the funnel's counts: those that reached the
+    step, or for a drop-off those that reached it less those that reached the next."""
+    if not 1 <= step <= len(reached):
+        return 0
+    count = reached[step - 1]
+    if people == "dropped" and step < len(reached):
+        count -= reached[step]
+    return count
+
+
 # -- charts ------------------------------------------------------------------------------------
 
 

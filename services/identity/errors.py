@@ -60,7 +60,8 @@ class CustomIdErased(FailedPrecondition):
 
 
 class ProfileMerged(FailedPrecondition):
-    """An exact erasure (DeleteProfileRequest.exact) of a profile merged into another since."""
+    """An exact erasure or merge (DeleteProfileRequest.exact, MergeProfilesRequest.exact) of a
+    profile merged into another since."""
 
     reason = "PROFILE_MERGED"
 

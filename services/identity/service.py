@@ -631,11 +631,14 @@ class IdentityService:
         request_id: str,
         *,
         cause: ChangeCause = ChangeCause.OPERATOR_MERGE,
+        exact: bool = False,
     ) -> MergeResult:
         """An explicit merge of `source_id` into `target_id` (merged-away IDs resolve to their
-        survivor first), recorded and published with `cause`: OPERATOR_MERGE, or
+        survivor first; with `exact` they raise ProfileMerged instead: the caller confirmed
+        those two profiles), recorded and published with `cause`: OPERATOR_MERGE, or
         TOKEN_REINTEGRATION when ingest folds an imported installation. Idempotent per
-        request_id. Raises MergeIntoItself, ProfileNotFound, CustomIdConflict,
+        request_id (a stored answer wins over `exact`: that merge made its source a
+        tombstone). Raises MergeIntoItself, ProfileNotFound, ProfileMerged, CustomIdConflict,
         RequestIdInvalid, ConcurrentChange."""
         check_merge_request(source_id, target_id, request_id)
         digest = fingerprint(str(source_id), str(target_id), str(allow_custom_id_conflict))
@@ -648,6 +651,7 @@ class IdentityService:
                 request_id,
                 digest,
                 cause,
+                exact,
             )
         )
 
@@ -660,6 +664,7 @@ class IdentityService:
         request_id: str,
         digest: str,
         cause: ChangeCause,
+        exact: bool,
     ) -> MergeResult:
         now = self._clock.now()
         notices: list[bus_pb2.ProfileChanged] = []
@@ -677,6 +682,16 @@ class IdentityService:
                     raise ProfileNotFound(
                         f"no profile {wanted} in this project", metadata={"field": field}
                     )
+            if exact:
+                # Live now; the locks below re-read both and retry if either was merged
+                # meanwhile, so the retry refuses it here: no merge can slip in between.
+                for field, wanted in named:
+                    survivor = found[wanted].profile_id
+                    if survivor != wanted:
+                        raise ProfileMerged(
+                            f"profile {wanted} was merged into {survivor}; nothing was merged",
+                            metadata={"field": field, "survivor": str(survivor)},
+                        )
             source, target = found[source_id], found[target_id]
             if source.profile_id == target.profile_id:
                 result = MergeResult(target.profile_id, source.profile_id, already_merged=True)

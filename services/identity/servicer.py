@@ -231,6 +231,7 @@ class IdentityServicer(pb_grpc.IdentityServiceServicer):
             request.allow_custom_id_conflict,
             request.request_id,
             cause=merge_cause(caller.role),
+            exact=request.exact,
         )
         return merge_to_proto(result)
 

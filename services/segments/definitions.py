@@ -18,7 +18,7 @@ import json
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Generic, TypeVar
 from uuid import UUID
 
@@ -36,6 +36,7 @@ from services.segments.definitions_repository import (
 from services.segments.errors import (
     ConcurrentChange,
     EtagMismatch,
+    FunnelChanged,
     FunnelNotFound,
     LimitReached,
     NameTaken,
@@ -58,8 +59,15 @@ from services.segments.funnels import (
     Funnel,
     FunnelAttempt,
     FunnelDefinition,
+    FunnelProfilesPosition,
+    FunnelProfilesQuery,
+    FunnelStepProfile,
     FunnelUpdate,
     best_attempt,
+    check_position,
+    check_step,
+    encode_funnel_profiles_token,
+    rule_fingerprint,
 )
 from services.segments.model import ChangeCause, MembershipChange
 from shared.clock import Clock
@@ -89,13 +97,21 @@ class Page(Generic[T]):
     next_page_token: str
 
 
-def page_size(requested: int) -> int:
+# ListFunnelProfiles pages profiles, as query's lists of profiles do (50, at most 500: the
+# IDs GetProfileRows names in one call).
+DEFAULT_PROFILES_PAGE_SIZE = 50
+MAX_PROFILES_PAGE_SIZE = 500
+
+
+def page_size(
+    requested: int, default: int = DEFAULT_PAGE_SIZE, maximum: int = MAX_PAGE_SIZE
+) -> int:
     if requested < 0:
         why = "must not be negative"
         raise PageInvalid(
             f"page_size {why}", [FieldViolation("page_size", why, PageInvalid.reason)]
         )
-    return DEFAULT_PAGE_SIZE if requested == 0 else min(requested, MAX_PAGE_SIZE)
+    return default if requested == 0 else min(requested, maximum)
 
 
 # Positions are create_seq values (bigint); a token names the last row of its page, so its
@@ -151,6 +167,27 @@ def _token_invalid() -> PageInvalid:
 class FunnelProgress:
     funnel: Funnel
     attempt: FunnelAttempt
+
+
+@dataclass(frozen=True, slots=True)
+class FunnelProfilesRequest:
+    """A ListFunnelProfiles call once its fields are checked: the query, the page size
+    (coerced) and the position its page token names (None: the first page)."""
+
+    query: FunnelProfilesQuery
+    page_size: int
+    position: FunnelProfilesPosition | None
+
+
+@dataclass(frozen=True, slots=True)
+class FunnelProfilesPage:
+    """A page of a listing: its profiles, the funnel's window (for their deadlines), the
+    moment the listing is exact as of, and the next page's token (empty at the end)."""
+
+    profiles: list[FunnelStepProfile]
+    conversion_window: timedelta
+    as_of: datetime
+    next_page_token: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,9 +262,12 @@ class DefinitionsService:
                 await self._check_new_segment(tx, project_id, definition)
                 segment_id = uuid.uuid4()
                 members = await tx.insert_segment(project_id, segment_id, definition, now)
-                entered = _entered(segment_id, members, now, ChangeCause.DEFINITION)
-                for start in range(0, len(entered), ANNOUNCE_CHUNK):
-                    await tx.enqueue_changes(project_id, entered[start : start + ANNOUNCE_CHUNK])
+                entry = MembershipChange(
+                    True, now, ChangeCause.DEFINITION, custom_segment_id=segment_id
+                )
+                for start in range(0, len(members), ANNOUNCE_CHUNK):
+                    chunk = members[start : start + ANNOUNCE_CHUNK]
+                    await tx.enqueue_shared_change(project_id, chunk, entry)
         except asyncpg.UniqueViolationError as exc:  # a race the advisory lock did not cover
             raise NameTaken("another segment has this display_name") from exc
         size = len(members)
@@ -682,6 +722,44 @@ class DefinitionsService:
             deleted = await tx.delete_funnel(project_id, funnel_id)
         if not deleted and not allow_missing:
             raise FunnelNotFound(f"no funnel {funnel_id} in this project")
+
+    async def list_funnel_profiles(
+        self, project_id: UUID, request: FunnelProfilesRequest
+    ) -> FunnelProfilesPage:
+        """A page of the profiles at one step of a funnel (reached, or dropped off after it),
+        in profile_id order. The first page reads as of now; its token carries that moment and
+        the funnel's rule, and every later page reads as of the same moment by the same rule,
+        so on unchanged events the pages list exactly the step's count of GetFunnel at that
+        moment. Raises FunnelNotFound, StepInvalid, PageInvalid (a token of another listing),
+        FunnelChanged (the steps or window changed since the first page)."""
+        query, position = request.query, request.position
+        stored = await self._repository.funnel(project_id, query.funnel_id)
+        if stored is None:
+            raise FunnelNotFound(f"no funnel {query.funnel_id} in this project")
+        funnel = stored.funnel
+        check_step(funnel, query)
+        rule = rule_fingerprint(funnel)
+        if position is None:
+            as_of, after = self._clock.now(), None
+        else:
+            check_position(position, query)
+            if position.rule != rule:
+                raise FunnelChanged(
+                    "the funnel's steps or conversion window changed since the first page:"
+                    " list again from the first page"
+                )
+            as_of, after = position.as_of, position.after
+        size = request.page_size
+        found = await self._repository.funnel_profiles(
+            project_id, funnel, query, as_of, after, size + 1
+        )
+        next_token = ""
+        if len(found) > size:
+            last = found[size - 1].profile_id
+            next_token = encode_funnel_profiles_token(
+                FunnelProfilesPosition(query, rule, as_of, last)
+            )
+        return FunnelProfilesPage(found[:size], funnel.conversion_window, as_of, next_token)
 
     async def funnel_progress(
         self, project_id: UUID, profile_id: UUID, funnel_id: UUID | None

@@ -23,6 +23,7 @@ from services.segments.filter_sql import (
     compile_filter,
     funnel_counts_sql,
     funnel_occurrences_sql,
+    funnel_profiles_sql,
 )
 from services.segments.filters import (
     CustomSegment,
@@ -31,9 +32,21 @@ from services.segments.filters import (
     filter_from_json,
     filter_to_json,
 )
-from services.segments.funnels import Funnel, FunnelDefinition, steps_from_json, steps_to_json
+from services.segments.funnels import (
+    Funnel,
+    FunnelDefinition,
+    FunnelProfileSelection,
+    FunnelProfilesQuery,
+    FunnelStepProfile,
+    steps_from_json,
+    steps_to_json,
+)
 from services.segments.model import MembershipChange
-from services.segments.transactions import enqueue_changes, race_safe_transaction
+from services.segments.transactions import (
+    enqueue_changes,
+    enqueue_shared_change,
+    race_safe_transaction,
+)
 
 # --- custom segments and funnels ------------------------------------------------------------
 
@@ -441,6 +454,34 @@ class DefinitionsRepository:
         assert row is not None
         return [int(v) for v in row.values()]
 
+    async def funnel_profiles(
+        self,
+        project_id: UUID,
+        funnel: Funnel,
+        query: FunnelProfilesQuery,
+        as_of: datetime,
+        after: UUID | None,
+        limit: int,
+    ) -> list[FunnelStepProfile]:
+        """The profiles at the query's step as of `as_of` (those funnel_counts counts there,
+        or those that dropped off after it), after `after` in profile_id order, at most
+        `limit`."""
+        builder = SqlBuilder(first=3)
+        sql = funnel_profiles_sql(
+            funnel.steps,
+            funnel.conversion_window // timedelta(milliseconds=1),
+            query.step_number,
+            query.selection == FunnelProfileSelection.DROPPED,
+            after,
+            limit,
+            builder,
+        )
+        rows = await self._pool.fetch(sql, project_id, as_of, *builder.params)
+        return [
+            FunnelStepProfile(r["profile_id"], r["complete_time"], r["attempt_start_time"])
+            for r in rows
+        ]
+
     async def funnel_occurrences(
         self, project_id: UUID, profile_id: UUID, funnel: Funnel, now: datetime
     ) -> list[list[datetime]]:
@@ -687,6 +728,11 @@ class DefinitionsTransaction:
         self, project_id: UUID, changes: Sequence[tuple[UUID, MembershipChange]]
     ) -> None:
         await enqueue_changes(self._conn, project_id, changes)
+
+    async def enqueue_shared_change(
+        self, project_id: UUID, profile_ids: Sequence[UUID], change: MembershipChange
+    ) -> None:
+        await enqueue_shared_change(self._conn, project_id, profile_ids, change)
 
     async def funnel_by_request_id(self, project_id: UUID, request_id: UUID) -> StoredFunnel | None:
         row = await self._conn.fetchrow(SELECT_FUNNEL_BY_REQUEST_ID, project_id, request_id)

@@ -93,6 +93,25 @@ class FunnelNotFound(NotFound):
     reason = "FUNNEL_NOT_FOUND"
 
 
+class StepInvalid(InvalidArgument):
+    """A step number the funnel has not, or a drop-off after its last step."""
+
+    reason = "STEP_INVALID"
+
+
+class SelectionInvalid(InvalidArgument):
+    """A FunnelProfileSelection that is unset or unknown."""
+
+    reason = "SELECTION_INVALID"
+
+
+class FunnelChanged(Aborted):
+    """A funnel's steps or window changed since the first page of a listing of its profiles:
+    the pages would mix two rules."""
+
+    reason = "FUNNEL_CHANGED"
+
+
 class NameTaken(AlreadyExists):
     """Another segment (or funnel) of the project has this display name."""
 

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
+from uuid import UUID
 
 from profiles.common.v1 import types_pb2
 from services.segments.filters import (
@@ -327,14 +328,16 @@ def _step_events(step: FunnelStep, b: SqlBuilder) -> str:
     return sql
 
 
-def funnel_counts_sql(steps: Sequence[FunnelStep], window_ms: int, b: SqlBuilder) -> str:
-    """Per step, the number of live profiles whose best attempt completed it, as of `$2`.
+def _funnel_attempts(
+    steps: Sequence[FunnelStep], window_ms: int, b: SqlBuilder, s1_also: str = ""
+) -> str:
+    """The CTEs `s1` and `attempts` of the counts and of the listing (one rule, one text): an
+    attempt per occurrence of step 1 by a live profile up to `$2` (s1, narrowed by `s1_also`),
+    its step times t1..tn (NULL from the first step it missed) and how many steps it reached.
 
-    One attempt per occurrence of step 1 (s1); each later step is the earliest matching event
-    strictly after the previous step and strictly before start + window (a LATERAL per step,
-    through events_by_profile_time), which is funnels.best_attempt's greedy rule. A profile's
-    best attempt is its maximum step count. Cost: one scan of the project's events for step 1
-    (no index on name), then an index range per attempt and step.
+    Each later step is the earliest matching event strictly after the previous step and
+    strictly before start + window (a LATERAL per step, through events_by_profile_time), which
+    is funnels.best_attempt's greedy rule.
     """
     window = b.param(window_ms, "bigint")
     first = _step_events(steps[0], b)
@@ -349,16 +352,67 @@ def funnel_counts_sql(steps: Sequence[FunnelStep], window_ms: int, b: SqlBuilder
             f" AND e.event_time <= $2) x{k} ON true"
         )
     reached = " + ".join(["1", *(f"(x{k}.t IS NOT NULL)::int" for k in range(2, len(steps) + 1))])
-    counts = ", ".join(f"count(*) FILTER (WHERE best >= {k})" for k in range(1, len(steps) + 1))
+    times = "".join(f", x{k}.t AS t{k}" for k in range(2, len(steps) + 1))
     return (
         f"WITH s1 AS (SELECT e.profile_id, e.event_time AS t1 FROM ingest_read_events() e"
         f" JOIN identity_read_profiles() p"
         f" ON p.project_id = e.project_id AND p.profile_id = e.profile_id"
         f" AND p.merged_into IS NULL"
-        f" WHERE e.project_id = $1 AND {first} AND e.event_time <= $2),"
-        f" attempts AS (SELECT s1.profile_id, {reached} AS reached FROM s1{''.join(joins)}),"
+        f" WHERE e.project_id = $1 AND {first} AND e.event_time <= $2{s1_also}),"
+        f" attempts AS (SELECT s1.profile_id, s1.t1{times}, {reached} AS reached"
+        f" FROM s1{''.join(joins)})"
+    )
+
+
+def funnel_counts_sql(steps: Sequence[FunnelStep], window_ms: int, b: SqlBuilder) -> str:
+    """Per step, the number of live profiles whose best attempt completed it, as of `$2`.
+
+    The attempts of _funnel_attempts; a profile's best attempt is its maximum step count.
+    Cost: one scan of the project's events for step 1 (no index on name), then an index range
+    per attempt and step.
+    """
+    counts = ", ".join(f"count(*) FILTER (WHERE best >= {k})" for k in range(1, len(steps) + 1))
+    return (
+        f"{_funnel_attempts(steps, window_ms, b)},"
         f" best AS (SELECT profile_id, max(reached) AS best FROM attempts GROUP BY profile_id)"
         f" SELECT {counts} FROM best"
+    )
+
+
+def funnel_profiles_sql(
+    steps: Sequence[FunnelStep],
+    window_ms: int,
+    step_number: int,
+    dropped: bool,
+    after: UUID | None,
+    limit: int,
+    b: SqlBuilder,
+) -> str:
+    """The live profiles whose best attempt, as of `$2`, completed step `step_number` (from
+    1; with `dropped`, completed it and not the next), after `after` in profile_id order, at
+    most `limit`: (profile_id, complete_time, attempt_start_time).
+
+    The attempts are funnel_counts_sql's (one rule: a profile is listed at a step exactly when
+    it is counted there). The best attempt is a profile's attempt with the most steps, the
+    earliest start on a tie (DISTINCT ON ... ORDER BY reached DESC, t1), whose step time is the
+    one GetFunnelProgress shows. Keyset paging on profile_id: only the step-1 events of profiles
+    after the page's position are read, so a page costs the counting of those profiles.
+    """
+    start = b.param(after, "uuid")
+    # A NULL position starts at the first profile: no UUID is below all of them (the nil UUID
+    # would hide a profile of that ID).
+    attempts = _funnel_attempts(
+        steps, window_ms, b, f" AND ({start} IS NULL OR e.profile_id > {start})"
+    )
+    times = ", ".join(["t1", *(f"t{k}" for k in range(2, len(steps) + 1))])
+    step = b.param(step_number, "int")
+    reached = f"reached = {step}" if dropped else f"reached >= {step}"
+    return (
+        f"{attempts},"
+        f" best AS (SELECT DISTINCT ON (profile_id) profile_id, reached, t1,"
+        f" ARRAY[{times}] AS times FROM attempts ORDER BY profile_id, reached DESC, t1)"
+        f" SELECT profile_id, times[{step}] AS complete_time, t1 AS attempt_start_time"
+        f" FROM best WHERE {reached} ORDER BY profile_id LIMIT {b.param(limit, 'int')}"
     )
 
 

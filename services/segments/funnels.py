@@ -2,28 +2,39 @@
 event's attributes), their stored JSON, and the best attempt of one profile (best_attempt).
 
 The same best-attempt rule runs in SQL for the profile view (segments_read_funnel_progress,
-services/segments/schema) and for the per-step counts (filter_sql.funnel_counts_sql);
+services/segments/schema), for the per-step counts (filter_sql.funnel_counts_sql) and for the
+profiles behind them (filter_sql.funnel_profiles_sql, ListFunnelProfiles);
 tests/integration/test_segments_funnel_progress.py and test_segments_funnel_counts.py compare
-each with best_attempt on random histories.
+the first two with best_attempt on random histories, tests/api/test_segments_funnel_profiles.py
+the listing with a model of the rule and with the counts.
+
+A listing's page token (FunnelProfilesPosition) is written and checked here: what it lists, the
+rule it lists by, the moment it is exact as of, and the last profile of its page.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import bisect
 import hashlib
 import json
+import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
+from enum import IntEnum
 from typing import Any
 from uuid import UUID
 
+from services.segments.errors import PageInvalid, StepInvalid
 from services.segments.filters import (
     ETAG_LENGTH,
     AttributeTest,
     filter_from_json,
     filter_to_json,
 )
+from shared.errors import FieldViolation
 
 # --- funnels -------------------------------------------------------------------------------
 
@@ -184,3 +195,139 @@ def best_attempt(
             if len(best) == len(ordered):
                 break  # starts are ascending: no later attempt can beat a full one
     return FunnelAttempt(best, len(ordered), conversion_window)
+
+
+# --- the profiles behind a step (ListFunnelProfiles) -----------------------------------------
+
+
+class FunnelProfileSelection(IntEnum):
+    """Which profiles of a step a listing returns; the numbers of the contract's
+    FunnelProfileSelection."""
+
+    REACHED = 1  # the step's count
+    DROPPED = 2  # reached the step and not the next: the step's count minus the next one's
+
+
+@dataclass(frozen=True, slots=True)
+class FunnelProfilesQuery:
+    """What a listing asks for: one step (numbered from 1) of one funnel, and which profiles."""
+
+    funnel_id: UUID
+    step_number: int
+    selection: FunnelProfileSelection
+
+
+@dataclass(frozen=True, slots=True)
+class FunnelStepProfile:
+    """One profile at a step: when its best attempt completed the step, and when that attempt
+    started (its step 1)."""
+
+    profile_id: UUID
+    complete_time: datetime
+    attempt_start_time: datetime
+
+
+def check_step(funnel: Funnel, query: FunnelProfilesQuery) -> None:
+    """Raises StepInvalid unless the funnel has the step and, for a drop-off, a step after it
+    (nobody drops off after the last step: whoever reached it converted)."""
+    count = len(funnel.steps)
+    if query.step_number > count:
+        why = f"must be 1 to {count}: the funnel has {count} steps"
+    elif query.selection == FunnelProfileSelection.DROPPED and query.step_number == count:
+        why = (
+            "is the funnel's last step, which nobody drops off after (whoever reached it"
+            " converted): list the profiles that reached it instead"
+        )
+    else:
+        return
+    raise StepInvalid(
+        f"step_number {why}", [FieldViolation("step_number", why, StepInvalid.reason)]
+    )
+
+
+def rule_fingerprint(funnel: Funnel) -> str:
+    """A fingerprint of what decides who is at which step (the steps and the window), not of
+    the name or description: a listing goes on across a rename, not across a rule change."""
+    body = [steps_to_json(funnel.steps), funnel.conversion_window // timedelta(milliseconds=1)]
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:RULE_FINGERPRINT_LENGTH]
+
+
+RULE_FINGERPRINT_LENGTH = 16  # hex digits: 8 bytes in a token
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# The last microsecond a datetime holds, counted from the epoch: a token's moment is checked
+# against it before it becomes a datetime.
+MAX_MICROSECONDS = (datetime.max.replace(tzinfo=UTC) - EPOCH) // timedelta(microseconds=1)
+# A page token's bytes: version, funnel ID, step number, selection, rule fingerprint, moment
+# (microseconds since the epoch), last profile ID. Packed rather than JSON: 68 characters, so
+# that the console's pages keep a trail of them in their URL.
+TOKEN_LAYOUT = struct.Struct(">B16sBB8sq16s")
+TOKEN_VERSION = 1
+TOKEN_LENGTH = len(base64.urlsafe_b64encode(bytes(TOKEN_LAYOUT.size)).rstrip(b"="))
+
+
+@dataclass(frozen=True, slots=True)
+class FunnelProfilesPosition:
+    """Where a listing stands, as its page token carries it: the query it answers, the rule
+    (rule_fingerprint) and the moment (`as_of`) it lists by, and the last profile listed."""
+
+    query: FunnelProfilesQuery
+    rule: str
+    as_of: datetime
+    after: UUID
+
+
+def encode_funnel_profiles_token(position: FunnelProfilesPosition) -> str:
+    raw = TOKEN_LAYOUT.pack(
+        TOKEN_VERSION,
+        position.query.funnel_id.bytes,
+        position.query.step_number,
+        int(position.query.selection),
+        bytes.fromhex(position.rule),
+        (position.as_of - EPOCH) // timedelta(microseconds=1),
+        position.after.bytes,
+    )
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_funnel_profiles_token(token: str) -> FunnelProfilesPosition | None:
+    """The position a page token names; None for no token (the first page). Raises PageInvalid
+    for anything but a token encode_funnel_profiles_token wrote (a client may send anything:
+    each value is checked here, once, before it is used)."""
+    if not token:
+        return None
+    if len(token) != TOKEN_LENGTH:
+        raise _token_invalid()
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        version, funnel, step, selection, rule, moment, after = TOKEN_LAYOUT.unpack(raw)
+    except (binascii.Error, ValueError, struct.error):
+        raise _token_invalid() from None
+    if (
+        version != TOKEN_VERSION
+        or not 1 <= step <= MAX_FUNNEL_STEPS
+        or selection not in FunnelProfileSelection._value2member_map_
+        or not 0 <= moment <= MAX_MICROSECONDS
+    ):
+        raise _token_invalid()
+    return FunnelProfilesPosition(
+        FunnelProfilesQuery(UUID(bytes=funnel), step, FunnelProfileSelection(selection)),
+        rule.hex(),
+        EPOCH + timedelta(microseconds=moment),
+        UUID(bytes=after),
+    )
+
+
+def check_position(position: FunnelProfilesPosition, query: FunnelProfilesQuery) -> None:
+    """Raises PageInvalid when the token was issued for another funnel, step or selection
+    (AIP-158: a token continues the listing it came from)."""
+    if position.query != query:
+        why = "was issued for another funnel_id, step_number or selection"
+        raise PageInvalid(
+            f"page_token {why}", [FieldViolation("page_token", why, PageInvalid.reason)]
+        )
+
+
+def _token_invalid() -> PageInvalid:
+    why = "is not a page token of this RPC"
+    return PageInvalid(f"page_token {why}", [FieldViolation("page_token", why, PageInvalid.reason)])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC
 from uuid import UUID
 
@@ -30,6 +31,26 @@ def change_to_bus(
         message.custom_segment_id = str(change.custom_segment_id)
     message.change_time.FromDatetime(change.change_time)
     return message
+
+
+# A stand-in profile ID for entries_to_bus: any UUID's text has its length (36 characters).
+_PLACEHOLDER = UUID(int=0)
+
+
+def entries_to_bus(
+    project_id: UUID, profile_ids: Sequence[UUID], change: MembershipChange
+) -> list[bytes]:
+    """change_to_bus(project_id, p, change) serialized, for each p: byte for byte the same, but
+    serialized once, with each profile's ID spliced in where the stand-in's was (a profile ID's
+    field is the same length whatever the ID). A new segment announces all its members this
+    way: serializing a message each cost it seconds at 66,000 members (bench.segments)."""
+    whole = change_to_bus(project_id, _PLACEHOLDER, change).SerializeToString()
+    field = bus_pb2.SegmentMembershipChanged(profile_id=str(_PLACEHOLDER)).SerializeToString()
+    if whole.count(field) != 1:  # the stand-in's text elsewhere too (never, but then be plain)
+        return [change_to_bus(project_id, p, change).SerializeToString() for p in profile_ids]
+    head, tail = whole.split(field)
+    head += field[: -len(str(_PLACEHOLDER))]
+    return [b"".join((head, str(p).encode(), tail)) for p in profile_ids]
 
 
 def change_from_bus(message: bus_pb2.SegmentMembershipChanged) -> MembershipChange | None:

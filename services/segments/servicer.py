@@ -4,8 +4,9 @@ Definition conversions live in convert.py."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC
+from typing import TypeVar
 from uuid import UUID
 
 from google.protobuf.duration_pb2 import Duration
@@ -26,21 +27,37 @@ from services.segments.convert import (
     segment_to_proto,
     segment_update_from_proto,
 )
-from services.segments.definitions import DefinitionsService, FunnelProgress
+from services.segments.definitions import (
+    DEFAULT_PROFILES_PAGE_SIZE,
+    MAX_PROFILES_PAGE_SIZE,
+    DefinitionsService,
+    FunnelProfilesPage,
+    FunnelProfilesRequest,
+    FunnelProgress,
+    page_size,
+)
 from services.segments.errors import (
     CursorInvalid,
     FunnelIdInvalid,
     PlatformInvalid,
     SegmentFilterInvalid,
     SegmentIdInvalid,
+    SelectionInvalid,
+    StepInvalid,
+)
+from services.segments.funnels import (
+    FunnelProfileSelection,
+    FunnelProfilesQuery,
+    decode_funnel_profiles_token,
 )
 from services.segments.model import RecomputeProgress, SegmentFlag, SmartSegment
 from services.segments.service import SegmentsService, WatchFilter, WatchStart
 from shared.auth import current_caller
 from shared.convert import profile_id_of as profile_id_from_proto
 from shared.convert import timestamp_of as timestamp
-from shared.errors import FieldViolation
+from shared.errors import FieldViolation, InvalidArgument
 
+T = TypeVar("T")
 PLATFORMS = frozenset(types_pb2.Platform.values())
 
 
@@ -71,6 +88,73 @@ def funnel_id_from_proto(value: str, field: str = "funnel_id") -> UUID:
         raise FunnelIdInvalid(
             f"{field} {problem}", [FieldViolation(field, problem, FunnelIdInvalid.reason)]
         ) from None
+
+
+def funnel_profiles_request_from_proto(
+    request: pb.ListFunnelProfilesRequest,
+) -> FunnelProfilesRequest:
+    """The checked request; raises InvalidArgument naming every bad field (with the first
+    one's reason), so a caller fixes them all at once."""
+    refusals: list[InvalidArgument] = []
+
+    def checked(parse: Callable[[], T]) -> T | None:
+        try:
+            return parse()
+        except InvalidArgument as refused:
+            refusals.append(refused)
+            return None
+
+    funnel_id = checked(lambda: funnel_id_from_proto(request.funnel_id))
+    step_number = checked(lambda: step_number_from_proto(request.step_number))
+    selection = checked(lambda: selection_from_proto(request.selection))
+    size = checked(
+        lambda: page_size(request.page_size, DEFAULT_PROFILES_PAGE_SIZE, MAX_PROFILES_PAGE_SIZE)
+    )
+    position = checked(lambda: decode_funnel_profiles_token(request.page_token))
+    if refusals:
+        first = refusals[0]
+        violations = [v for refused in refusals for v in refused.violations]
+        raise type(first)("; ".join(r.message for r in refusals), violations)
+    # Each is set when nothing was refused.
+    assert funnel_id is not None
+    assert step_number is not None
+    assert selection is not None
+    assert size is not None
+    return FunnelProfilesRequest(
+        FunnelProfilesQuery(funnel_id, step_number, selection), size, position
+    )
+
+
+def step_number_from_proto(value: int) -> int:
+    """A step number from 1; whether the funnel has it is the service's check."""
+    if value < 1:
+        why = "must be 1 or more: steps are numbered from 1"
+        raise StepInvalid(
+            f"step_number {why}", [FieldViolation("step_number", why, StepInvalid.reason)]
+        )
+    return value
+
+
+def selection_from_proto(value: int) -> FunnelProfileSelection:
+    if value not in FunnelProfileSelection._value2member_map_:
+        why = "must be FUNNEL_PROFILE_SELECTION_REACHED or FUNNEL_PROFILE_SELECTION_DROPPED"
+        raise SelectionInvalid(
+            f"selection {why}", [FieldViolation("selection", why, SelectionInvalid.reason)]
+        )
+    return FunnelProfileSelection(value)
+
+
+def funnel_profiles_to_proto(page: FunnelProfilesPage) -> pb.ListFunnelProfilesResponse:
+    response = pb.ListFunnelProfilesResponse(
+        next_page_token=page.next_page_token, as_of_time=timestamp(page.as_of)
+    )
+    for found in page.profiles:
+        response.profiles.add(
+            profile_id=str(found.profile_id),
+            complete_time=timestamp(found.complete_time),
+            attempt_deadline_time=timestamp(found.attempt_start_time + page.conversion_window),
+        )
+    return response
 
 
 def watch_filter_from_proto(request: pb.WatchSegmentChangesRequest) -> WatchFilter:
@@ -356,6 +440,13 @@ class SegmentsServicer(pb_grpc.SegmentsServiceServicer):
         return pb.GetFunnelProgressResponse(
             profile_id=str(live_id), funnels=[funnel_progress_to_proto(p) for p in progress]
         )
+
+    async def ListFunnelProfiles(
+        self, request: pb.ListFunnelProfilesRequest, context: ServicerContext
+    ) -> pb.ListFunnelProfilesResponse:
+        checked = funnel_profiles_request_from_proto(request)
+        page = await self._definitions.list_funnel_profiles(current_caller().project_id, checked)
+        return funnel_profiles_to_proto(page)
 
     async def RecomputeAll(
         self, request: pb.RecomputeAllRequest, context: ServicerContext

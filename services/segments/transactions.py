@@ -11,10 +11,11 @@ from uuid import UUID
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
+from profiles.common.v1 import bus_pb2
 from services.segments.errors import ConcurrentChange
-from services.segments.messages import change_to_bus
+from services.segments.messages import change_to_bus, entries_to_bus
 from services.segments.model import MembershipChange
-from shared.outbox import OutboxItem, enqueue_many
+from shared.outbox import OutboxItem, enqueue_many, enqueue_serialized
 from shared.topics import SEGMENT_CHANGES
 
 # Lost races between writers of the same profiles (an event transaction that followed a merged
@@ -52,4 +53,22 @@ async def enqueue_changes(
             OutboxItem(project_id, SEGMENT_CHANGES, change_to_bus(project_id, p, c), p)
             for p, c in changes
         ],
+    )
+
+
+async def enqueue_shared_change(
+    conn: asyncpg.Connection,
+    project_id: UUID,
+    profile_ids: Sequence[UUID],
+    change: MembershipChange,
+) -> None:
+    """Adds one change of many profiles to the outbox (a new segment's entries), in the
+    connection's transaction and in the profiles' order, as enqueue_changes would."""
+    await enqueue_serialized(
+        conn,
+        project_id,
+        SEGMENT_CHANGES,
+        bus_pb2.SegmentMembershipChanged.DESCRIPTOR.full_name,
+        entries_to_bus(project_id, profile_ids, change),
+        profile_ids,
     )

@@ -3,6 +3,7 @@ isolation and the bus messages."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from typing import TYPE_CHECKING, Any
 
@@ -183,6 +184,117 @@ async def test_an_unknown_profile_is_not_found(identity: Identity) -> None:
     assert raised.value.code() is grpc.StatusCode.NOT_FOUND
     assert error_info(raised.value).reason == "PROFILE_NOT_FOUND"
     assert error_info(raised.value).metadata["field"] == "target_profile_id"
+
+
+async def test_an_exact_merge_of_two_live_profiles_merges_them_and_answers_a_retry_alike(
+    identity: Identity, db: asyncpg.Pool
+) -> None:
+    installation = new_id()
+    source = await identity.profile_of(installation)
+    target = await identity.profile_of_custom_id(f"exact-{new_id()}")
+    request_id = str(uuid.uuid4())
+    reply = await identity.merge(source, target, request_id=request_id, exact=True)
+    assert (reply.source_profile_id, reply.target_profile_id) == (source, target)
+    assert not reply.already_merged
+    assert reply.change_id
+    assert await identity.profile_of(installation) == target
+    # The retry finds the source merged away by that very merge: the stored answer comes first.
+    again = await identity.merge(source, target, request_id=request_id, exact=True)
+    assert again == reply
+    assert await count(db, "SELECT count(*) FROM identity_changes WHERE kind = 'merge'") == 1
+
+
+async def merge_state(db: asyncpg.Pool, project: TestProject, *profile_ids: str) -> list[Any]:
+    """What a merge would change: the profiles' rows, the project's recorded changes and its
+    stored merge answers."""
+    rows = [dict(await profile_row(db, project, p)) for p in profile_ids]
+    changes = await db.fetch(
+        "SELECT * FROM identity_changes WHERE project_id = $1 ORDER BY change_id",
+        project.project_id,
+    )
+    answers = await db.fetch(
+        "SELECT request_id FROM identity_requests WHERE project_id = $1 AND rpc = 'MergeProfiles'",
+        project.project_id,
+    )
+    return [rows, [dict(r) for r in changes], [r["request_id"] for r in answers]]
+
+
+@pytest.mark.parametrize("side", ["source_profile_id", "target_profile_id"])
+async def test_an_exact_merge_of_a_merged_away_profile_merges_nobody(
+    identity: Identity, db: asyncpg.Pool, side: str
+) -> None:
+    phone = new_id()
+    visitor = await identity.profile_of(phone)
+    customer = f"cust-{new_id()}"
+    survivor = (await identity.identify(new_id(), customer)).profile_id
+    merged = await identity.identify(phone, customer)  # the visitor logs in: merged into theirs
+    assert merged.outcome == pb.IDENTIFY_OUTCOME_MERGED
+    other = await identity.profile_of(new_id())  # the operator's other profile, live
+    source, target = (visitor, other) if side == "source_profile_id" else (other, visitor)
+    before = await merge_state(db, identity.project, visitor, survivor, other)
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await identity.merge(source, target, request_id=str(uuid.uuid4()), exact=True)
+    assert refused.value.code() is grpc.StatusCode.FAILED_PRECONDITION
+    info = error_info(refused.value)
+    assert info.reason == "PROFILE_MERGED"
+    assert (info.metadata["field"], info.metadata["survivor"]) == (side, survivor)
+    assert await merge_state(db, identity.project, visitor, survivor, other) == before
+    assert await identity.profile_of(phone) == survivor
+    # Without `exact`, the merged-away ID resolves to its survivor, as before.
+    reply = await identity.merge(source, target)
+    resolved = (survivor, other) if side == "source_profile_id" else (other, survivor)
+    assert (reply.source_profile_id, reply.target_profile_id) == resolved
+    assert not reply.already_merged
+
+
+async def test_an_exact_merge_racing_a_login_of_its_source_never_merges_a_third_profile(
+    identity: Identity, db: asyncpg.Pool
+) -> None:
+    # The operator confirmed `source` (an anonymous visitor) into `target`; meanwhile the
+    # visitor logs in as a customer, which merges `source` into the customer's profile. Either
+    # the operator's merge commits first, or it is refused: never the customer merged instead.
+    for _ in range(12):
+        phone = new_id()
+        source = await identity.profile_of(phone)
+        target = await identity.profile_of(new_id())
+        customer = f"cust-{new_id()}"
+        third = (await identity.identify(new_id(), customer)).profile_id
+        merge, login = await asyncio.gather(
+            identity.merge(source, target, request_id=str(uuid.uuid4()), exact=True),
+            identity.identify(phone, customer),
+            return_exceptions=True,
+        )
+        assert not isinstance(login, BaseException), login
+        operator_merges = await db.fetch(
+            "SELECT source_profile_id, target_profile_id FROM identity_changes"
+            " WHERE project_id = $1 AND cause = 'operator_merge'"
+            " AND target_profile_id = $2",
+            identity.project.project_id,
+            uuid.UUID(target),
+        )
+        if isinstance(merge, grpc.aio.AioRpcError):
+            assert merge.code() is grpc.StatusCode.FAILED_PRECONDITION, merge
+            info = error_info(merge)
+            assert info.reason == "PROFILE_MERGED"
+            assert info.metadata["field"] == "source_profile_id"
+            assert info.metadata["survivor"] == third
+            assert operator_merges == []
+            assert (await profile_row(db, identity.project, target))["merged_into"] is None
+        else:
+            assert not isinstance(merge, BaseException), merge
+            assert (merge.source_profile_id, merge.target_profile_id) == (source, target)
+            assert [tuple(map(str, r)) for r in operator_merges] == [(source, target)]
+        # The customer's profile was never merged away by the operator's call, and the visitor
+        # was merged once: by the operator (the login then moved the target) or by the login.
+        assert (await profile_row(db, identity.project, third))["merged_into"] is None
+        merges_of_source = await count(
+            db,
+            "SELECT count(*) FROM identity_changes WHERE project_id = $1 AND kind = 'merge'"
+            " AND source_profile_id = $2",
+            identity.project.project_id,
+            uuid.UUID(source),
+        )
+        assert merges_of_source == 1
 
 
 async def test_merge_profiles_needs_the_admin_key(identity: Identity) -> None:

@@ -19,7 +19,8 @@ from profiles.identity.v1 import identity_service_pb2 as identity_pb
 from profiles.identity.v1 import identity_service_pb2_grpc as identity_grpc
 from profiles.query.v1 import profile_pb2, timeline_pb2
 from profiles.query.v1 import query_service_pb2 as query_pb
-from tests.console.conftest import ConsoleSuite
+from services.console.app import build_app
+from tests.console.conftest import ConsoleSuite, start_console
 from tests.console.test_console_pages import (
     query,
     sign_in,
@@ -246,12 +247,106 @@ async def test_each_refusal_of_a_merge_is_told_on_the_form(
     await page.get_by_role("button", name="Merge into this profile").click()
     await expect(page.locator("#merge-error")).to_have_text(
         "The other profile was merged into the one shown below since you chose it: nothing was"
-        " merged. Check who it is now before you confirm again."
+        " merged. Check who it is now before you confirm again. Open the profile it was merged"
+        f" into ({third})"
     )
+    await expect(page.locator("#merge-survivor")).to_have_attribute("href", f"/profiles/{third}")
     await expect(page.locator("#merge-compare [data-row=profile-id] td")).to_have_text(
         [third, target]
     )
     assert await merges_into(suite, target, third) == 0
+
+
+async def test_a_login_merging_either_profile_away_just_before_the_merge_is_told_on_the_form(
+    page: Any, console_suite: ConsoleSuite, axe_source: str
+) -> None:
+    # The console reads both profiles again, then calls MergeProfiles: a login landing between
+    # the two merges one of them into someone else's profile. The exact merge refuses it
+    # (PROFILE_MERGED) instead of merging that other person, and the form says so.
+    suite = console_suite
+    app = build_app(suite.settings)
+    logins: list[tuple[str, str]] = []  # (installation, custom ID) to log in before the merge
+    async with start_console(app) as url:
+        backend = app._app.state.console.backend
+        original = backend.call
+
+        async def logged_in_just_before_the_merge(
+            key: str, service: str, method: str, request: Any
+        ) -> Any:
+            if method == "MergeProfiles" and logins:
+                installation, custom_id = logins.pop()
+                async with open_channel(
+                    suite.addresses["identity"], suite.project.keys["sdk"]
+                ) as channel:
+                    await identity_grpc.IdentityServiceStub(channel).Identify(
+                        identity_pb.IdentifyRequest(
+                            installation_id=installation, custom_id=custom_id
+                        )
+                    )
+            return await original(key, service, method, request)
+
+        backend.call = logged_in_just_before_the_merge
+        try:
+            local = ConsoleSuite(url, suite.project, suite.addresses, suite.settings)
+            await sign_in(page, local, "admin")
+
+            # The other profile (a visitor) logs in as a customer: merged into the customer's.
+            _, target = await anonymous(suite, event_name("stays"))
+            visitor_device, visitor = await anonymous(suite, event_name("visitor"))
+            customer, third = await identified(suite, "customer", event_name("customer"))
+            await choose(page, local, target, visitor)
+            await expect(page.locator("#merge-compare [data-row=profile-id] td")).to_have_text(
+                [visitor, target]
+            )
+            logins.append((visitor_device, customer))
+            await page.get_by_role("button", name="Merge into this profile").click()
+            await expect(page.locator("#merge-error")).to_have_text(
+                "The other profile was merged into the one shown below since you chose it: nothing"
+                " was merged. Check who it is now before you confirm again. Open the profile it was"
+                f" merged into ({third})"
+            )
+            await expect(page.locator("#merge-survivor")).to_have_attribute(
+                "href", f"/profiles/{third}"
+            )
+            await expect(page.locator("#merge-compare [data-row=profile-id] td")).to_have_text(
+                [third, target]
+            )
+            await accessible(page, axe_source, "merge-source-merged")
+            assert logins == []
+            assert await merges_into(suite, target, third) == 0
+            assert await merges_into(suite, target, visitor) == 0
+            assert (await profile_of(suite, visitor)).summary.profile_id == third
+            assert (await profile_of(suite, target)).summary.profile_id == target
+            assert (await profile_of(suite, third)).summary.profile_id == third
+
+            # This profile (a visitor) logs in as a customer: merged into the customer's.
+            stays_device, stays = await anonymous(suite, event_name("stays"))
+            _, other = await anonymous(suite, event_name("other"))
+            buyer, bought = await identified(suite, "buyer", event_name("buyer"))
+            await choose(page, local, stays, other)
+            await expect(page.locator("#merge-compare [data-row=profile-id] td")).to_have_text(
+                [other, stays]
+            )
+            logins.append((stays_device, buyer))
+            await page.get_by_role("button", name="Merge into this profile").click()
+            await expect(page.locator("#other-error")).to_have_text(
+                "This profile was merged into the one shown here since you opened the"
+                " confirmation: nothing was merged. Choose the other profile again. Open the"
+                f" profile it was merged into ({bought})"
+            )
+            await expect(page.locator("#merge-survivor")).to_have_attribute(
+                "href", f"/profiles/{bought}"
+            )
+            await accessible(page, axe_source, "merge-target-merged")
+            assert logins == []
+            assert await merges_into(suite, stays, other) == 0
+            assert await merges_into(suite, bought, other) == 0
+            assert (await profile_of(suite, other)).summary.profile_id == other
+            assert (await profile_of(suite, stays)).summary.profile_id == bought
+        finally:
+            # A failure may leave a profile page open: its live stream would hold the
+            # console's shutdown until the test's timeout.
+            await page.goto("about:blank")
 
 
 async def test_a_merge_form_sent_twice_merges_once(page: Any, console_suite: ConsoleSuite) -> None:

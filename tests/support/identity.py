@@ -109,7 +109,13 @@ class Identity:
         )
 
     async def merge(
-        self, source: str, target: str, *, allow_conflict: bool = False, request_id: str = ""
+        self,
+        source: str,
+        target: str,
+        *,
+        allow_conflict: bool = False,
+        request_id: str = "",
+        exact: bool = False,
     ) -> pb.MergeProfilesResponse:
         return await self.stub.MergeProfiles(
             pb.MergeProfilesRequest(
@@ -117,6 +123,7 @@ class Identity:
                 target_profile_id=target,
                 allow_custom_id_conflict=allow_conflict,
                 request_id=request_id,
+                exact=exact,
             ),
             metadata=self.project.metadata("admin"),
             timeout=60,

@@ -538,6 +538,7 @@ class MergeProfilesRequest(_message.Message):
     TARGET_PROFILE_ID_FIELD_NUMBER: _builtins.int
     ALLOW_CUSTOM_ID_CONFLICT_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    EXACT_FIELD_NUMBER: _builtins.int
     source_profile_id: _builtins.str
     """The profile to merge away (a UUID); it becomes a tombstone."""
     target_profile_id: _builtins.str
@@ -552,6 +553,16 @@ class MergeProfilesRequest(_message.Message):
     with the same key within 24 hours returns the first answer and changes nothing. Optional
     but recommended.
     """
+    exact: _builtins.bool
+    """When true, `source_profile_id` and `target_profile_id` must both name live profiles: a
+    merged-away ID (either side) is FAILED_PRECONDITION (reason PROFILE_MERGED, ErrorInfo
+    metadata `field` naming the side and `survivor` its survivor's ID, nothing merged) instead
+    of resolving to its survivor; checked under the merge's locks, so no merge can come in
+    between. A retry of a merge that succeeded is still answered as the first time (its source
+    is merged away by that very merge). A caller that showed both people before merging (a
+    console's confirmation) sets it: a login may merge either profile into another person's
+    between the confirmation and the call. Default false.
+    """
     def __init__(
         self,
         *,
@@ -559,10 +570,11 @@ class MergeProfilesRequest(_message.Message):
         target_profile_id: _builtins.str = ...,
         allow_custom_id_conflict: _builtins.bool = ...,
         request_id: _builtins.str = ...,
+        exact: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_custom_id_conflict", b"allow_custom_id_conflict", "request_id", b"request_id", "source_profile_id", b"source_profile_id", "target_profile_id", b"target_profile_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_custom_id_conflict", b"allow_custom_id_conflict", "exact", b"exact", "request_id", b"request_id", "source_profile_id", b"source_profile_id", "target_profile_id", b"target_profile_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

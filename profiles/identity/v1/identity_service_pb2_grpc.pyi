@@ -78,13 +78,15 @@ class IdentityServiceStub:
     the source's events, sessions, installations, attributes (latest set by event time wins,
     set-once keeps the earliest, lists are unioned, counters add up) and subscriptions (latest
     explicit change wins); the source becomes a tombstone resolving to the target. There is no
-    undo. IDs of profiles already merged away resolve to their survivor first; when both resolve
-    to the same profile, nothing changes and `already_merged` is true. Roles: admin. Errors:
-    INVALID_ARGUMENT (malformed IDs, or `source_profile_id` equal to `target_profile_id`);
-    NOT_FOUND (reason PROFILE_NOT_FOUND, with the field) for an unknown or erased profile;
-    FAILED_PRECONDITION (reason CUSTOM_ID_CONFLICT) when both are identified with different
-    custom IDs and `allow_custom_id_conflict` is false; ABORTED after a lost race (nothing
-    changed); UNAUTHENTICATED; PERMISSION_DENIED.
+    undo. IDs of profiles already merged away resolve to their survivor first (unless `exact`);
+    when both resolve to the same profile, nothing changes and `already_merged` is true. A retry
+    with the same `request_id` returns the first answer. Roles: admin. Errors: INVALID_ARGUMENT
+    (malformed IDs, or `source_profile_id` equal to `target_profile_id`); NOT_FOUND (reason
+    PROFILE_NOT_FOUND, with the field) for an unknown or erased profile; FAILED_PRECONDITION
+    (reason CUSTOM_ID_CONFLICT) when both are identified with different custom IDs and
+    `allow_custom_id_conflict` is false; FAILED_PRECONDITION (reason PROFILE_MERGED, with the
+    field and its survivor) for a merged-away ID with `exact`; ABORTED after a lost race
+    (nothing changed); UNAUTHENTICATED; PERMISSION_DENIED.
     """
     DeleteProfile: _grpc.UnaryUnaryMultiCallable[_identity_service_pb2.DeleteProfileRequest, _identity_service_pb2.DeleteProfileResponse]
     """Erases a profile for a privacy request: its events, sessions, attributes, subscriptions,
@@ -155,13 +157,15 @@ class IdentityServiceAsyncStub(IdentityServiceStub):
     the source's events, sessions, installations, attributes (latest set by event time wins,
     set-once keeps the earliest, lists are unioned, counters add up) and subscriptions (latest
     explicit change wins); the source becomes a tombstone resolving to the target. There is no
-    undo. IDs of profiles already merged away resolve to their survivor first; when both resolve
-    to the same profile, nothing changes and `already_merged` is true. Roles: admin. Errors:
-    INVALID_ARGUMENT (malformed IDs, or `source_profile_id` equal to `target_profile_id`);
-    NOT_FOUND (reason PROFILE_NOT_FOUND, with the field) for an unknown or erased profile;
-    FAILED_PRECONDITION (reason CUSTOM_ID_CONFLICT) when both are identified with different
-    custom IDs and `allow_custom_id_conflict` is false; ABORTED after a lost race (nothing
-    changed); UNAUTHENTICATED; PERMISSION_DENIED.
+    undo. IDs of profiles already merged away resolve to their survivor first (unless `exact`);
+    when both resolve to the same profile, nothing changes and `already_merged` is true. A retry
+    with the same `request_id` returns the first answer. Roles: admin. Errors: INVALID_ARGUMENT
+    (malformed IDs, or `source_profile_id` equal to `target_profile_id`); NOT_FOUND (reason
+    PROFILE_NOT_FOUND, with the field) for an unknown or erased profile; FAILED_PRECONDITION
+    (reason CUSTOM_ID_CONFLICT) when both are identified with different custom IDs and
+    `allow_custom_id_conflict` is false; FAILED_PRECONDITION (reason PROFILE_MERGED, with the
+    field and its survivor) for a merged-away ID with `exact`; ABORTED after a lost race
+    (nothing changed); UNAUTHENTICATED; PERMISSION_DENIED.
     """
     DeleteProfile: _aio.UnaryUnaryMultiCallable[_identity_service_pb2.DeleteProfileRequest, _identity_service_pb2.DeleteProfileResponse]  # type: ignore[assignment]
     """Erases a profile for a privacy request: its events, sessions, attributes, subscriptions,
@@ -253,13 +257,15 @@ class IdentityServiceServicer(metaclass=_abc_1.ABCMeta):
         the source's events, sessions, installations, attributes (latest set by event time wins,
         set-once keeps the earliest, lists are unioned, counters add up) and subscriptions (latest
         explicit change wins); the source becomes a tombstone resolving to the target. There is no
-        undo. IDs of profiles already merged away resolve to their survivor first; when both resolve
-        to the same profile, nothing changes and `already_merged` is true. Roles: admin. Errors:
-        INVALID_ARGUMENT (malformed IDs, or `source_profile_id` equal to `target_profile_id`);
-        NOT_FOUND (reason PROFILE_NOT_FOUND, with the field) for an unknown or erased profile;
-        FAILED_PRECONDITION (reason CUSTOM_ID_CONFLICT) when both are identified with different
-        custom IDs and `allow_custom_id_conflict` is false; ABORTED after a lost race (nothing
-        changed); UNAUTHENTICATED; PERMISSION_DENIED.
+        undo. IDs of profiles already merged away resolve to their survivor first (unless `exact`);
+        when both resolve to the same profile, nothing changes and `already_merged` is true. A retry
+        with the same `request_id` returns the first answer. Roles: admin. Errors: INVALID_ARGUMENT
+        (malformed IDs, or `source_profile_id` equal to `target_profile_id`); NOT_FOUND (reason
+        PROFILE_NOT_FOUND, with the field) for an unknown or erased profile; FAILED_PRECONDITION
+        (reason CUSTOM_ID_CONFLICT) when both are identified with different custom IDs and
+        `allow_custom_id_conflict` is false; FAILED_PRECONDITION (reason PROFILE_MERGED, with the
+        field and its survivor) for a merged-away ID with `exact`; ABORTED after a lost race
+        (nothing changed); UNAUTHENTICATED; PERMISSION_DENIED.
         """
 
     @_abc_1.abstractmethod

@@ -51,6 +51,44 @@ FUNNEL_STEP_STATUS_NOT_REACHED: FunnelStepStatus.ValueType  # 3
 """A step after the first one not completed."""
 Global___FunnelStepStatus: _TypeAlias = FunnelStepStatus  # noqa: Y015
 
+class _FunnelProfileSelection:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _FunnelProfileSelectionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_FunnelProfileSelection.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    FUNNEL_PROFILE_SELECTION_UNSPECIFIED: _FunnelProfileSelection.ValueType  # 0
+    """Not set; rejected with INVALID_ARGUMENT."""
+    FUNNEL_PROFILE_SELECTION_REACHED: _FunnelProfileSelection.ValueType  # 1
+    """The profiles whose best attempt completed the step: as many as the step's entry of
+    Funnel.reached_profile_counts.
+    """
+    FUNNEL_PROFILE_SELECTION_DROPPED: _FunnelProfileSelection.ValueType  # 2
+    """The profiles whose best attempt completed the step and not the next one: they dropped off
+    after it (the step's count minus the next step's). A profile whose attempt is still within
+    its conversion window is among them until it completes the next step (see
+    FunnelStepProfile.attempt_deadline_time). Not for the last step, which nobody drops off
+    after: INVALID_ARGUMENT there.
+    """
+
+class FunnelProfileSelection(_FunnelProfileSelection, metaclass=_FunnelProfileSelectionEnumTypeWrapper):
+    """Which profiles of one funnel step ListFunnelProfiles lists."""
+
+FUNNEL_PROFILE_SELECTION_UNSPECIFIED: FunnelProfileSelection.ValueType  # 0
+"""Not set; rejected with INVALID_ARGUMENT."""
+FUNNEL_PROFILE_SELECTION_REACHED: FunnelProfileSelection.ValueType  # 1
+"""The profiles whose best attempt completed the step: as many as the step's entry of
+Funnel.reached_profile_counts.
+"""
+FUNNEL_PROFILE_SELECTION_DROPPED: FunnelProfileSelection.ValueType  # 2
+"""The profiles whose best attempt completed the step and not the next one: they dropped off
+after it (the step's count minus the next step's). A profile whose attempt is still within
+its conversion window is among them until it completes the next step (see
+FunnelStepProfile.attempt_deadline_time). Not for the last step, which nobody drops off
+after: INVALID_ARGUMENT there.
+"""
+Global___FunnelProfileSelection: _TypeAlias = FunnelProfileSelection  # noqa: Y015
+
 @_typing.final
 class Funnel(_message.Message):
     """A funnel: ordered steps that a profile completes in order within a conversion window.
@@ -286,3 +324,41 @@ class FunnelStepProgress(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___FunnelStepProgress: _TypeAlias = FunnelStepProgress  # noqa: Y015
+
+@_typing.final
+class FunnelStepProfile(_message.Message):
+    """One profile at one step of a funnel, from its best attempt (the one GetFunnelProgress shows)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROFILE_ID_FIELD_NUMBER: _builtins.int
+    COMPLETE_TIME_FIELD_NUMBER: _builtins.int
+    ATTEMPT_DEADLINE_TIME_FIELD_NUMBER: _builtins.int
+    profile_id: _builtins.str
+    """The profile's ID, a UUID string: a live profile (merged-away profiles count for their
+    survivor, erased ones for nobody).
+    """
+    @_builtins.property
+    def complete_time(self) -> _timestamp_pb2.Timestamp:
+        """When the best attempt completed the step (event time, skew-corrected)."""
+
+    @_builtins.property
+    def attempt_deadline_time(self) -> _timestamp_pb2.Timestamp:
+        """When the best attempt's conversion window closes (its step 1 plus the window): until then
+        a profile that dropped off after the step may still complete the next one.
+        """
+
+    def __init__(
+        self,
+        *,
+        profile_id: _builtins.str = ...,
+        complete_time: _timestamp_pb2.Timestamp | None = ...,
+        attempt_deadline_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["attempt_deadline_time", b"attempt_deadline_time", "complete_time", b"complete_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt_deadline_time", b"attempt_deadline_time", "complete_time", b"complete_time", "profile_id", b"profile_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FunnelStepProfile: _TypeAlias = FunnelStepProfile  # noqa: Y015

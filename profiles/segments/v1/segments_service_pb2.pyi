@@ -1047,6 +1047,90 @@ class GetFunnelProgressResponse(_message.Message):
 Global___GetFunnelProgressResponse: _TypeAlias = GetFunnelProgressResponse  # noqa: Y015
 
 @_typing.final
+class ListFunnelProfilesRequest(_message.Message):
+    """Asks for a page of the profiles at one step of a funnel."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FUNNEL_ID_FIELD_NUMBER: _builtins.int
+    STEP_NUMBER_FIELD_NUMBER: _builtins.int
+    SELECTION_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    funnel_id: _builtins.str
+    """The funnel's ID, a UUID string; required."""
+    step_number: _builtins.int
+    """The step, numbered from 1 as FunnelStepProgress.step_number: 1 to the funnel's step count;
+    required.
+    """
+    selection: _funnels_pb2.FunnelProfileSelection.ValueType
+    """Which profiles of the step: those that reached it, or those that dropped off after it;
+    required (FUNNEL_PROFILE_SELECTION_UNSPECIFIED is INVALID_ARGUMENT).
+    """
+    page_size: _builtins.int
+    """The maximum number of profiles to return: 0 means the default (50), above 500 is coerced
+    to 500, negative is INVALID_ARGUMENT.
+    """
+    page_token: _builtins.str
+    """The `next_page_token` of a previous call with the same `funnel_id`, `step_number` and
+    `selection` (`page_size` may change), opaque; empty for the first page.
+    """
+    def __init__(
+        self,
+        *,
+        funnel_id: _builtins.str = ...,
+        step_number: _builtins.int = ...,
+        selection: _funnels_pb2.FunnelProfileSelection.ValueType = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["funnel_id", b"funnel_id", "page_size", b"page_size", "page_token", b"page_token", "selection", b"selection", "step_number", b"step_number"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListFunnelProfilesRequest: _TypeAlias = ListFunnelProfilesRequest  # noqa: Y015
+
+@_typing.final
+class ListFunnelProfilesResponse(_message.Message):
+    """A page of the profiles at one step of a funnel."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROFILES_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    AS_OF_TIME_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """The token for the next page, opaque; empty only when this is the last page."""
+    @_builtins.property
+    def profiles(self) -> _containers.RepeatedCompositeFieldContainer[_funnels_pb2.FunnelStepProfile]:
+        """The profiles, in ascending `profile_id` order (a UUID's 16 bytes compared as unsigned
+        bytes), each once over all pages.
+        """
+
+    @_builtins.property
+    def as_of_time(self) -> _timestamp_pb2.Timestamp:
+        """The moment the listing is exact as of: the server's time when the first page was read;
+        every later page of the listing keeps it.
+        """
+
+    def __init__(
+        self,
+        *,
+        profiles: _abc.Iterable[_funnels_pb2.FunnelStepProfile] | None = ...,
+        next_page_token: _builtins.str = ...,
+        as_of_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["as_of_time", b"as_of_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["as_of_time", b"as_of_time", "next_page_token", b"next_page_token", "profiles", b"profiles"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListFunnelProfilesResponse: _TypeAlias = ListFunnelProfilesResponse  # noqa: Y015
+
+@_typing.final
 class RecomputeAllRequest(_message.Message):
     """Starts (or follows) a project-wide recomputation; has no parameters today."""
 

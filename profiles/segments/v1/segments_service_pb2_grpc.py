@@ -114,6 +114,11 @@ class SegmentsServiceStub:
                 request_serializer=profiles_dot_segments_dot_v1_dot_segments__service__pb2.GetFunnelProgressRequest.SerializeToString,
                 response_deserializer=profiles_dot_segments_dot_v1_dot_segments__service__pb2.GetFunnelProgressResponse.FromString,
                 _registered_method=True)
+        self.ListFunnelProfiles = channel.unary_unary(
+                '/profiles.segments.v1.SegmentsService/ListFunnelProfiles',
+                request_serializer=profiles_dot_segments_dot_v1_dot_segments__service__pb2.ListFunnelProfilesRequest.SerializeToString,
+                response_deserializer=profiles_dot_segments_dot_v1_dot_segments__service__pb2.ListFunnelProfilesResponse.FromString,
+                _registered_method=True)
         self.RecomputeAll = channel.unary_stream(
                 '/profiles.segments.v1.SegmentsService/RecomputeAll',
                 request_serializer=profiles_dot_segments_dot_v1_dot_segments__service__pb2.RecomputeAllRequest.SerializeToString,
@@ -312,6 +317,29 @@ class SegmentsServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListFunnelProfiles(self, request, context):
+        """Lists the profiles behind one step's count: those whose best attempt reached the step
+        (as many as the step's entry of Funnel.reached_profile_counts), or those that reached it
+        and not the next step (dropped off after it: the step's count minus the next one's), each
+        with when it completed the step, in ascending `profile_id` order. Computed from events at
+        read time by the rule GetFunnel counts with: the first page fixes the moment it is exact
+        as of (`as_of_time`), and every later page reads as of that moment, so on unchanged events
+        the pages together list exactly the step's count, each profile once. Events stored, merges
+        and erasures while paging show on the pages still to come only (start again from the first
+        page for a fresh listing). Each page costs about what GetFunnel's counting costs over the
+        profiles after the page's position. Read or admin. Errors: INVALID_ARGUMENT, with one field
+        violation per bad field and the reason of the first: `funnel_id` not a UUID
+        (FUNNEL_ID_INVALID), `step_number` below 1 or above the funnel's step count, or the last
+        step with FUNNEL_PROFILE_SELECTION_DROPPED (STEP_INVALID), `selection` unset or unknown
+        (SELECTION_INVALID), `page_size` negative or `page_token` malformed or issued for another
+        funnel, step or selection (PAGE_INVALID); NOT_FOUND (no such funnel in the project);
+        ABORTED with reason FUNNEL_CHANGED (the funnel's steps or conversion window changed since
+        the first page: list again from the first page).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def RecomputeAll(self, request, context):
         """Recomputes every profile's aggregates, smart segment, custom segment memberships and funnel
         progress from stored history, for operators after a rule or settings change, and streams
@@ -398,6 +426,11 @@ def add_SegmentsServiceServicer_to_server(servicer, server):
                     servicer.GetFunnelProgress,
                     request_deserializer=profiles_dot_segments_dot_v1_dot_segments__service__pb2.GetFunnelProgressRequest.FromString,
                     response_serializer=profiles_dot_segments_dot_v1_dot_segments__service__pb2.GetFunnelProgressResponse.SerializeToString,
+            ),
+            'ListFunnelProfiles': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListFunnelProfiles,
+                    request_deserializer=profiles_dot_segments_dot_v1_dot_segments__service__pb2.ListFunnelProfilesRequest.FromString,
+                    response_serializer=profiles_dot_segments_dot_v1_dot_segments__service__pb2.ListFunnelProfilesResponse.SerializeToString,
             ),
             'RecomputeAll': grpc.unary_stream_rpc_method_handler(
                     servicer.RecomputeAll,
@@ -793,6 +826,33 @@ class SegmentsService:
             '/profiles.segments.v1.SegmentsService/GetFunnelProgress',
             profiles_dot_segments_dot_v1_dot_segments__service__pb2.GetFunnelProgressRequest.SerializeToString,
             profiles_dot_segments_dot_v1_dot_segments__service__pb2.GetFunnelProgressResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListFunnelProfiles(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/profiles.segments.v1.SegmentsService/ListFunnelProfiles',
+            profiles_dot_segments_dot_v1_dot_segments__service__pb2.ListFunnelProfilesRequest.SerializeToString,
+            profiles_dot_segments_dot_v1_dot_segments__service__pb2.ListFunnelProfilesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -165,6 +165,25 @@ class SegmentsServiceStub:
     completed with its time, the first step not completed, and the steps beyond. Read or admin.
     Errors: INVALID_ARGUMENT (`profile_id`, `funnel_id`), NOT_FOUND (no such profile or funnel).
     """
+    ListFunnelProfiles: _grpc.UnaryUnaryMultiCallable[_segments_service_pb2.ListFunnelProfilesRequest, _segments_service_pb2.ListFunnelProfilesResponse]
+    """Lists the profiles behind one step's count: those whose best attempt reached the step
+    (as many as the step's entry of Funnel.reached_profile_counts), or those that reached it
+    and not the next step (dropped off after it: the step's count minus the next one's), each
+    with when it completed the step, in ascending `profile_id` order. Computed from events at
+    read time by the rule GetFunnel counts with: the first page fixes the moment it is exact
+    as of (`as_of_time`), and every later page reads as of that moment, so on unchanged events
+    the pages together list exactly the step's count, each profile once. Events stored, merges
+    and erasures while paging show on the pages still to come only (start again from the first
+    page for a fresh listing). Each page costs about what GetFunnel's counting costs over the
+    profiles after the page's position. Read or admin. Errors: INVALID_ARGUMENT, with one field
+    violation per bad field and the reason of the first: `funnel_id` not a UUID
+    (FUNNEL_ID_INVALID), `step_number` below 1 or above the funnel's step count, or the last
+    step with FUNNEL_PROFILE_SELECTION_DROPPED (STEP_INVALID), `selection` unset or unknown
+    (SELECTION_INVALID), `page_size` negative or `page_token` malformed or issued for another
+    funnel, step or selection (PAGE_INVALID); NOT_FOUND (no such funnel in the project);
+    ABORTED with reason FUNNEL_CHANGED (the funnel's steps or conversion window changed since
+    the first page: list again from the first page).
+    """
     RecomputeAll: _grpc.UnaryStreamMultiCallable[_segments_service_pb2.RecomputeAllRequest, _segments_service_pb2.RecomputeAllResponse]
     """Recomputes every profile's aggregates, smart segment, custom segment memberships and funnel
     progress from stored history, for operators after a rule or settings change, and streams
@@ -312,6 +331,25 @@ class SegmentsServiceAsyncStub(SegmentsServiceStub):
     """Returns one profile's progress through every funnel of the project (or one): each step
     completed with its time, the first step not completed, and the steps beyond. Read or admin.
     Errors: INVALID_ARGUMENT (`profile_id`, `funnel_id`), NOT_FOUND (no such profile or funnel).
+    """
+    ListFunnelProfiles: _aio.UnaryUnaryMultiCallable[_segments_service_pb2.ListFunnelProfilesRequest, _segments_service_pb2.ListFunnelProfilesResponse]  # type: ignore[assignment]
+    """Lists the profiles behind one step's count: those whose best attempt reached the step
+    (as many as the step's entry of Funnel.reached_profile_counts), or those that reached it
+    and not the next step (dropped off after it: the step's count minus the next one's), each
+    with when it completed the step, in ascending `profile_id` order. Computed from events at
+    read time by the rule GetFunnel counts with: the first page fixes the moment it is exact
+    as of (`as_of_time`), and every later page reads as of that moment, so on unchanged events
+    the pages together list exactly the step's count, each profile once. Events stored, merges
+    and erasures while paging show on the pages still to come only (start again from the first
+    page for a fresh listing). Each page costs about what GetFunnel's counting costs over the
+    profiles after the page's position. Read or admin. Errors: INVALID_ARGUMENT, with one field
+    violation per bad field and the reason of the first: `funnel_id` not a UUID
+    (FUNNEL_ID_INVALID), `step_number` below 1 or above the funnel's step count, or the last
+    step with FUNNEL_PROFILE_SELECTION_DROPPED (STEP_INVALID), `selection` unset or unknown
+    (SELECTION_INVALID), `page_size` negative or `page_token` malformed or issued for another
+    funnel, step or selection (PAGE_INVALID); NOT_FOUND (no such funnel in the project);
+    ABORTED with reason FUNNEL_CHANGED (the funnel's steps or conversion window changed since
+    the first page: list again from the first page).
     """
     RecomputeAll: _aio.UnaryStreamMultiCallable[_segments_service_pb2.RecomputeAllRequest, _segments_service_pb2.RecomputeAllResponse]  # type: ignore[assignment]
     """Recomputes every profile's aggregates, smart segment, custom segment memberships and funnel
@@ -541,6 +579,31 @@ class SegmentsServiceServicer(metaclass=_abc_1.ABCMeta):
         """Returns one profile's progress through every funnel of the project (or one): each step
         completed with its time, the first step not completed, and the steps beyond. Read or admin.
         Errors: INVALID_ARGUMENT (`profile_id`, `funnel_id`), NOT_FOUND (no such profile or funnel).
+        """
+
+    @_abc_1.abstractmethod
+    def ListFunnelProfiles(
+        self,
+        request: _segments_service_pb2.ListFunnelProfilesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_segments_service_pb2.ListFunnelProfilesResponse, _abc.Awaitable[_segments_service_pb2.ListFunnelProfilesResponse]]:
+        """Lists the profiles behind one step's count: those whose best attempt reached the step
+        (as many as the step's entry of Funnel.reached_profile_counts), or those that reached it
+        and not the next step (dropped off after it: the step's count minus the next one's), each
+        with when it completed the step, in ascending `profile_id` order. Computed from events at
+        read time by the rule GetFunnel counts with: the first page fixes the moment it is exact
+        as of (`as_of_time`), and every later page reads as of that moment, so on unchanged events
+        the pages together list exactly the step's count, each profile once. Events stored, merges
+        and erasures while paging show on the pages still to come only (start again from the first
+        page for a fresh listing). Each page costs about what GetFunnel's counting costs over the
+        profiles after the page's position. Read or admin. Errors: INVALID_ARGUMENT, with one field
+        violation per bad field and the reason of the first: `funnel_id` not a UUID
+        (FUNNEL_ID_INVALID), `step_number` below 1 or above the funnel's step count, or the last
+        step with FUNNEL_PROFILE_SELECTION_DROPPED (STEP_INVALID), `selection` unset or unknown
+        (SELECTION_INVALID), `page_size` negative or `page_token` malformed or issued for another
+        funnel, step or selection (PAGE_INVALID); NOT_FOUND (no such funnel in the project);
+        ABORTED with reason FUNNEL_CHANGED (the funnel's steps or conversion window changed since
+        the first page: list again from the first page).
         """
 
     @_abc_1.abstractmethod
