@@ -30,6 +30,12 @@ STUBS: dict[str, Any] = {
 }
 MAX_CHANNELS = 128
 DEFAULT_CALL_TIMEOUT_SECONDS = 5.0
+# Creating or changing a segment or funnel (or previewing either) evaluates its filter over
+# every live profile and stores and announces the members: seconds at a few hundred thousand
+# profiles (bench.segments: 2 to 8 s for 33,000 to 66,000 members on 2 cores), where a page's
+# read takes milliseconds. Cut at the pages' deadline, the console told a slow service while
+# the service went on and created it (a retry then found the name taken).
+DEFINITION_WRITE_TIMEOUT_SECONDS = 120.0
 _DOWN = {
     grpc.StatusCode.UNAVAILABLE,
     grpc.StatusCode.INTERNAL,
@@ -121,10 +127,14 @@ class Backend:
             self._channels.move_to_end(slot)
         return found[1]
 
-    async def call(self, key: str, service: str, method: str, request: Any) -> Any:
-        """One unary call, with the console's deadline; raises errors.py's exceptions."""
+    async def call(
+        self, key: str, service: str, method: str, request: Any, deadline_s: float | None = None
+    ) -> Any:
+        """One unary call, with the console's deadline (or `deadline_s` seconds); raises
+        errors.py's exceptions."""
+        deadline = self.timeout if deadline_s is None else deadline_s
         try:
-            return await getattr(self.stub(service, key), method)(request, timeout=self.timeout)
+            return await getattr(self.stub(service, key), method)(request, timeout=deadline)
         except grpc.aio.AioRpcError as error:
             raise translate(service, error) from error
 

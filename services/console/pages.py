@@ -42,7 +42,7 @@ from profiles.query.v1 import query_service_pb2 as query_pb
 from profiles.query.v1 import timeline_pb2 as timeline_pb
 from profiles.segments.v1 import segments_service_pb2 as segments_pb
 from services.console import definitions, present
-from services.console.backend import Backend
+from services.console.backend import DEFINITION_WRITE_TIMEOUT_SECONDS, Backend
 from services.console.errors import (
     BadInput,
     BodyTooLarge,
@@ -2688,7 +2688,9 @@ async def _definition_post(request: Request, session: ConsoleSession, what: str)
     # refusals are a creation's, told the same way. The request_id is kept for the creation.
     built.validate_only = previewing
     try:
-        reply = await console_of(request).backend.call(session.key, "segments", method, built)
+        reply = await console_of(request).backend.call(
+            session.key, "segments", method, built, deadline_s=DEFINITION_WRITE_TIMEOUT_SECONDS
+        )
     except BadInput as bad:
         if bad.reason == "DISPLAY_NAME_TAKEN":
             refusals = definitions.Refusals({"name": TAKEN[what]})
@@ -2803,7 +2805,9 @@ async def _definition_edit(request: Request, session: ConsoleSession, what: str)
     # A preview is the same request, checked and counted by the service but not stored.
     built.validate_only = previewing
     try:
-        reply = await console.backend.call(session.key, "segments", method, built)
+        reply = await console.backend.call(
+            session.key, "segments", method, built, deadline_s=DEFINITION_WRITE_TIMEOUT_SECONDS
+        )
     except BadInput as bad:
         if bad.reason == "ETAG_MISMATCH":
             changed = definitions.Refusals({"": CHANGED[what]})

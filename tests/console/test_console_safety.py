@@ -6,8 +6,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import socket
+import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
@@ -16,7 +19,10 @@ import asyncpg
 import pytest
 from playwright.async_api import expect
 
+from profiles.client import open_channel
 from profiles.query.v1 import query_service_pb2 as query_pb
+from profiles.segments.v1 import segments_service_pb2 as segments_pb
+from profiles.segments.v1 import segments_service_pb2_grpc as segments_grpc
 from services.console.app import build_app
 from services.console.live import LiveHub
 from shared.ports import free_port
@@ -146,6 +152,75 @@ async def test_a_down_or_slow_service_is_named_and_the_rest_keeps_working(
                 )
     finally:
         hung.close()
+
+
+@asynccontextmanager
+async def _answering_late(upstream: str, delay_s: float) -> AsyncIterator[str]:
+    """A TCP proxy to `upstream` whose answers reach the client `delay_s` late (requests go at
+    once): a service that takes that long over every call. Yields its address."""
+    host, port = upstream.rsplit(":", 1)
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def pipe(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay: float
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while chunk := await reader.read(65536):
+                if delay:
+                    due = loop.time() + delay
+                    await asyncio.sleep(max(0.0, due - loop.time()))
+                writer.write(chunk)
+                await writer.drain()
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
+
+    async def serve(client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        server_r, server_w = await asyncio.open_connection(host, int(port))
+        for task in (
+            asyncio.ensure_future(pipe(client_r, server_w, 0.0)),
+            asyncio.ensure_future(pipe(server_r, client_w, delay_s)),
+        ):
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    try:
+        yield f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    finally:
+        server.close()
+        for task in list(tasks):
+            task.cancel()
+
+
+async def test_creating_a_segment_waits_for_the_service_beyond_a_page_s_deadline(
+    page: Any, console_suite: ConsoleSuite
+) -> None:
+    """A segment over a large project takes seconds to create (its members evaluated, stored
+    and announced); the console waited only as long as for a page's read, told the person the
+    service was slow, and the service created it anyway."""
+    name = f"Slow {uuid.uuid4().hex[:6]}"
+    async with _answering_late(console_suite.addresses["segments"], 1.5) as late:
+        settings = console_suite.settings.with_changes(
+            addresses={**console_suite.addresses, "segments": late}
+        )
+        async with start_console(build_app(settings, call_timeout=1.0)) as url:
+            await sign_in(page, ConsoleSuite(url, *_rest(console_suite)), "admin")
+            await page.goto(url + "/segments/new")
+            await page.get_by_label("Name", exact=True).fill(name)
+            await page.locator("#c0-custom_name").fill("plan")
+            await page.locator("#c0-value").fill("gold")
+            await page.get_by_role("button", name="Create segment").click()
+            await expect(page).to_have_url(re.compile(r"/segments\?created=segment:"))
+    async with open_channel(
+        console_suite.addresses["segments"], console_suite.project.keys["read"]
+    ) as channel:
+        listed = await segments_grpc.SegmentsServiceStub(channel).ListSegments(
+            segments_pb.ListSegmentsRequest(page_size=100)
+        )
+    assert [s.display_name for s in listed.segments].count(name) == 1
 
 
 def _rest(suite: ConsoleSuite) -> tuple[Any, ...]:
