@@ -66,6 +66,9 @@ class IdentityMachine(RuleBasedStateMachine):
         super().__init__()
         self.profiles: dict[str, ModelProfile] = {}
         self.tombstones: dict[str, str] = {}  # tombstone -> survivor
+        # Each tombstone's ordinal as a live profile: rules draw among tombstones in this order,
+        # not by their random UUIDs, so that hypothesis replaying a failure names the same one.
+        self.tombstone_ordinals: dict[str, int] = {}
         self.links: dict[str, str] = {}  # installation -> profile
         self.holders: dict[str, str] = {}  # custom ID (own or alias) -> profile
         self.quarantine: dict[str, datetime] = {}  # custom ID -> end
@@ -117,6 +120,7 @@ class IdentityMachine(RuleBasedStateMachine):
             self.holders[custom_id] = profile_id
 
     def merged(self, source: str, target: str) -> None:
+        self.tombstone_ordinals[source] = self.profiles[source].ordinal
         self.profiles[target].events |= self.profiles.pop(source).events
         for mapping in (self.links, self.tombstones, self.holders):
             for key, value in mapping.items():
@@ -236,7 +240,7 @@ class IdentityMachine(RuleBasedStateMachine):
 
     @rule(data=st.data())
     def delete(self, data: st.DataObject) -> None:
-        known = self.live_by_age() + sorted(self.tombstones)
+        known = self.live_by_age() + sorted(self.tombstones, key=self.tombstone_ordinals.get)
         if not known:
             return
         named = data.draw(st.sampled_from(known))
@@ -284,7 +288,9 @@ class IdentityMachine(RuleBasedStateMachine):
         markers = stored.pop(None, set())
         assert len(markers) == self.erased_events, "erased events stay as bare markers"
         expected = {p: m.events for p, m in self.profiles.items() if m.events}
-        assert stored == expected, "every event on its profile, none lost or duplicated"
+        assert stored == expected, (
+            "every event on its profile, none lost or duplicated: " + _difference(stored, expected)
+        )
         assert sum(len(v) for v in stored.values()) + len(markers) == len(rows)
         profiles = await db.fetch(
             "SELECT profile_id::text, custom_id, merged_into::text FROM profiles"
@@ -300,6 +306,22 @@ class IdentityMachine(RuleBasedStateMachine):
             project_id,
         )
         assert {r["installation_id"]: r["profile_id"] for r in links} == self.links
+
+
+def _difference(stored: dict[str | None, set[EventKey]], expected: dict[str, set[EventKey]]) -> str:
+    """Where each event is and where the model has it, for the events that differ: a failure
+    under load names the rows, not only the two sets."""
+    where_stored = {e: p for p, events in stored.items() for e in events}
+    where_expected = {e: p for p, events in expected.items() for e in events}
+    wrong = {
+        e: (where_stored.get(e), where_expected.get(e))
+        for e in where_stored.keys() | where_expected.keys()
+        if where_stored.get(e) != where_expected.get(e)
+    }
+    return "; ".join(
+        f"{e}: stored on {got}, expected on {want}"
+        for e, (got, want) in sorted(wrong.items(), key=str)
+    )
 
 
 @pytest.fixture
