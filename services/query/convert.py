@@ -833,7 +833,11 @@ def change_event_to_proto(view: IdentityChangeView) -> timeline_pb2.TimelineEven
             if view.kind == "merge"
             else timeline_pb2.TIMELINE_EVENT_KIND_SPLIT
         ),
-        installation_id=view.installation_ids[0] if view.kind == "split" else "",
+        # A split names the installation that moved, unless an erasure redacted it (the change
+        # stays in the other person's history, naming nothing of the erased one).
+        installation_id=(
+            view.installation_ids[0] if view.kind == "split" and view.installation_ids else ""
+        ),
     )
     set_time(message.event_time, view.change_time)
     set_time(message.receive_time, view.change_time)

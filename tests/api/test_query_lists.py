@@ -83,6 +83,28 @@ async def test_events_page_newest_first_without_gaps_or_repeats_while_events_arr
     assert fresh.next_page_token == ""
 
 
+async def test_a_timeline_holding_a_split_an_erasure_redacted_is_read(suite: Suite) -> None:
+    """Quinn logs out of a shared device, Pat logs in on it, Pat is erased: the erasure keeps
+    Quinn's logout in Quinn's history without its installation, which ListEvents read as its
+    first installation (INTERNAL for Quinn's whole timeline)."""
+    device, pat_phone = new_id(), new_id()
+    await suite.track(custom_event(device, name="quinn_event"))
+    quinn = (await suite.identity.identify(device, f"quinn-{new_id()}")).profile_id
+    logout = await suite.identity.logout(device)
+    await suite.track(custom_event(pat_phone))
+    pat_id = f"pat-{new_id()}"
+    pat = (await suite.identity.identify(pat_phone, pat_id)).profile_id
+    await suite.identity.identify(device, pat_id)
+    await suite.identity.delete(pat)
+
+    reply = await suite.call("ListEvents", pb.ListEventsRequest(profile_id=quinn, page_size=50))
+    (split,) = [e for e in reply.events if e.kind == timeline_pb2.TIMELINE_EVENT_KIND_SPLIT]
+    assert split.event_id == logout.change_id
+    assert split.installation_id == ""
+    assert list(split.identity_change.installation_ids) == []
+    assert [e.custom.name for e in reply.events if e.HasField("custom")] == ["quinn_event"]
+
+
 async def test_events_filters_by_kind_name_session_and_time(suite: Suite) -> None:
     inst = new_id()
     t = NOW - timedelta(hours=2)
