@@ -238,6 +238,10 @@ class IngestService:
             and e.installation_values.get("push_token")
         }
         reintegrations: list[tuple[str, str]] = []
+        # The events as validated, before any round's session derivation gave them a session:
+        # an orphan is resolved and derived again from these (its derived session was read
+        # from the profile that was erased meanwhile, whose session ID it must not carry).
+        as_validated = {e.index: e for e in valid}
         for round_ in range(MAX_RESOLVE_ROUNDS):
             # After a round found installations gone, resolve past identity's cache: another
             # identity replica may not have heard of the erasure yet.
@@ -282,7 +286,7 @@ class IngestService:
             log.info("ingest_resolving_again", events=len(stored.orphans), round=round_)
             for orphan in stored.orphans:
                 self._known.forget(project_id, origin_of(orphan))
-            valid = stored.orphans
+            valid = [as_validated[orphan.index] for orphan in stored.orphans]
         else:
             raise StorageUnavailable("the batch's installations kept vanishing; retry it")
         if reintegrations:
@@ -347,9 +351,13 @@ class IngestService:
                 if answer.profile_id is not None:
                     profiles[key] = answer.profile_id
                     self._known.put(project_id, key, answer.profile_id)
-                elif answer.erased:
+                elif answer.erased and key.custom:
                     refused_keys[key] = Rejection(
                         model.ERASED, "custom_id", "the custom ID was erased"
+                    )
+                elif answer.erased:  # an installation ID that is a quarantined custom ID
+                    refused_keys[key] = Rejection(
+                        model.ERASED, "installation_id", "the installation ID was erased"
                     )
                 else:
                     fallback = (

@@ -4,6 +4,8 @@ a person who logs out and back in within the session has one part again (the mer
 
 from __future__ import annotations
 
+import asyncio
+import uuid
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -250,3 +252,46 @@ async def test_the_open_session_rule_sees_every_part_of_the_session(
     )
     assert len({r["session_id"] for r in rows}) == 1
     assert [r["duration"] for r in rows if r["ended"]] == [60 * MINUTE]
+
+
+async def test_events_racing_an_erasure_never_join_the_erased_persons_session(
+    suite: tuple[Ingest, Identity],
+) -> None:
+    """Countly-style events (the open-session rule) keep coming from a device while its person
+    is erased. A batch that derived its session before the erasure committed finds the device
+    gone when it stores, and is resolved again to a new anonymous profile: it was stored there
+    with the erased person's session ID (a link back to them, and a session with no start),
+    because the retry reused the events as derived, not as sent. Racy by nature: several
+    rounds, each of which must leave no session of the erased person behind."""
+    ingest, identity = suite
+    for trial in range(6):
+        device = f"racer-{trial}-{uuid.uuid4().hex[:6]}"
+        first = custom_event(device, event_id=f"first-{trial}", time=NOW)
+        first.session_rule = pb.SESSION_RULE_INACTIVITY
+        profile = (await ingest.track(first)).results[0].profile_id
+        await identity.identify(device, f"erased-{trial}-{uuid.uuid4().hex[:6]}")
+        theirs = {
+            r["session_id"]
+            for r in await ingest.fetch(
+                "SELECT session_id FROM sessions WHERE installation_id = $1", device
+            )
+        }
+        assert theirs
+        stop = asyncio.Event()
+
+        async def race(device: str = device, stop: asyncio.Event = stop) -> None:
+            while not stop.is_set():
+                event = custom_event(device, name="racing", time=NOW)
+                event.session_rule = pb.SESSION_RULE_OPEN_SESSION
+                await ingest.track(event)
+
+        racers = [asyncio.create_task(race()) for _ in range(3)]
+        await asyncio.sleep(0.3)
+        await identity.delete(profile)
+        await asyncio.sleep(0.3)
+        stop.set()
+        await asyncio.gather(*racers)
+        left = await ingest.fetch(
+            "SELECT session_id, profile_id::text FROM sessions WHERE installation_id = $1", device
+        )
+        assert not [r for r in left if r["session_id"] in theirs], (trial, left)
