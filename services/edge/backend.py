@@ -21,7 +21,9 @@ from typing import Any
 
 import grpc
 from google.protobuf import struct_pb2
+from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
 
 from profiles.client import sendable_key, service_config
 from profiles.identity.v1 import identity_service_pb2 as identity_pb
@@ -67,6 +69,16 @@ _KINDS = {
     grpc.StatusCode.CANCELLED: "unavailable",
     grpc.StatusCode.INVALID_ARGUMENT: "invalid",
 }
+
+
+def _refused_field(exc: grpc.aio.AioRpcError) -> str:
+    """The field a refusal names (its ErrorInfo's `field`), "" when it names none."""
+    status = rpc_status.from_call(exc)
+    for detail in () if status is None else status.details:
+        info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(info):
+            return info.metadata.get("field", "")
+    return ""
 
 
 def _error(exc: grpc.aio.AioRpcError) -> BackendError:
@@ -426,11 +438,16 @@ class Backend:
                 grpc.StatusCode.FAILED_PRECONDITION,
             ):
                 # A junk or erased custom ID can never succeed: kept as rejected, not retried.
-                reason = (
-                    "CUSTOM_ID_ERASED"
-                    if code == grpc.StatusCode.FAILED_PRECONDITION
-                    else "LOGIN_REFUSED"
-                )
+                reason = "LOGIN_REFUSED"
+                if code == grpc.StatusCode.FAILED_PRECONDITION:
+                    reason = "CUSTOM_ID_ERASED"
+                    if step.installation_id == step.custom_id or (
+                        _refused_field(exc) == "installation_id"
+                    ):
+                        # The installation ID is the erased custom ID itself (Countly's device
+                        # ID after a login): kept as ingest keeps an event naming an erased ID,
+                        # a bare ERASED marker without the installation ID or the message.
+                        reason = "ERASED"
                 refused = Reject(
                     reason=reason,
                     explanation=f"identity refused the login: {code.name}",

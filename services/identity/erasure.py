@@ -38,9 +38,11 @@ SELECT_ALIASES = """
 
 # The custom IDs on the erased profiles' server-side events (their own and their aliases'), to
 # be replaced by keyed markers; then ingest turns the events into bare dedupe markers (its rule,
-# in ingest_apply_event_erasure) and says how many it erased.
+# in ingest_apply_event_erasure, 0060: the event ID and the custom ID's keyed marker stay, the
+# erasure's time replaces the event's times) and says how many it erased.
 SELECT_EVENT_CUSTOM_IDS = "SELECT custom_id FROM ingest_read_event_custom_ids($1, $2::uuid[])"
-ERASE_EVENTS = "SELECT ingest_apply_event_erasure($1, $2::uuid[], $3::text[], $4::text[])"
+ERASE_EVENTS = """
+    SELECT ingest_apply_event_erasure($1, $2::uuid[], $3::text[], $4::text[], $5::timestamptz)"""
 
 # Messages still waiting in the outbox that name the erased profiles (identity's own, and any
 # producer's that set profile_id). Batched EventsIngested rows carry none: see erase() below.
@@ -135,12 +137,15 @@ class ErasureSteps:
         profile_id: UUID,
         custom_ids: Sequence[str],
         marker_of: Callable[[str], str],
+        now: datetime,
     ) -> Erasure:
         """Erases a live profile (locked already, its custom IDs' locks held) with its
         tombstones: locks their rows and its installations, turns their events into bare dedupe
-        markers (`marker_of` gives a custom ID's marker), runs every owner's declared erase hook
-        (their rows by profile, installation and custom ID), deletes their history, aliases, kept
-        answers and waiting outbox rows, then the installations and the profiles.
+        markers (`marker_of` gives a custom ID's marker; `now`, the erasure's time, replaces
+        their times, so none tells when the person used a device), runs every owner's declared
+        erase hook (their rows by profile, installation and custom ID), deletes their history,
+        aliases, kept answers and waiting outbox rows, then the installations and the
+        profiles.
 
         Bus entries already published cannot be removed per profile (EventsIngested batches
         mix profiles, and their outbox rows carry no profile_id): consumers skip erased profiles
@@ -158,7 +163,7 @@ class ErasureSteps:
         ]
         markers = [marker_of(c) for c in event_custom_ids]
         event_count = await self._conn.fetchval(
-            ERASE_EVENTS, project_id, ids, event_custom_ids, markers
+            ERASE_EVENTS, project_id, ids, event_custom_ids, markers, now
         )
         named_custom_ids = sorted({*custom_ids, *event_custom_ids})
         for statement in self._hooks.erase:

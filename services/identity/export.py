@@ -192,6 +192,7 @@ def rejected_event_record(row: Row) -> dict[str, Any]:
         "eventId": row["event_id"],
         "reason": row["reason"],
         "fieldPath": row["field_path"],
+        "message": row["message"],
         "receiveTime": rfc3339(row["receive_time"]),
         "rawPayload": row["payload"],
     }

@@ -50,11 +50,19 @@ SELECT_INSTALLATION_LINKS = """
 # primary key picks the winner and only the winner's profile is inserted (from RETURNING); the
 # foreign key to profiles is checked at the end of the statement, when both rows exist. Callers
 # pass the IDs sorted so that two overlapping batches wait for each other instead of deadlocking.
+# An ID that is a quarantined custom ID (digest: its quarantine HMAC, NULL while the project has
+# no secret) is skipped: Countly's SDKs send under the user's ID after a login, and an erased
+# person's device would otherwise bring the custom ID back as a new installation. Only new
+# installations pay for it, one primary-key probe each, in this statement.
 INSERT_ANONYMOUS_INSTALLATIONS = """
     WITH linked AS (
         INSERT INTO installations (project_id, installation_id, profile_id, create_time)
         SELECT $1, k.installation_id, k.profile_id, $4
-        FROM unnest($2::text[], $3::uuid[]) AS k(installation_id, profile_id)
+        FROM unnest($2::text[], $3::uuid[], $5::bytea[]) AS k(installation_id, profile_id, digest)
+        WHERE NOT EXISTS (
+            SELECT 1 FROM quarantined_custom_ids q
+            WHERE q.project_id = $1 AND q.custom_id_hmac = k.digest AND q.expire_time > $4
+        )
         ON CONFLICT (project_id, installation_id) DO NOTHING
         RETURNING installation_id, profile_id
     ), created AS (
@@ -328,14 +336,21 @@ class IdentityTransaction(ErasureSteps):
         self._hooks = hooks
 
     async def create_installations(
-        self, project_id: UUID, installation_ids: Sequence[str], now: datetime
+        self,
+        project_id: UUID,
+        installation_ids: Sequence[str],
+        now: datetime,
+        digest_of: Callable[[str], bytes | None],
     ) -> dict[str, UUID]:
-        """Creates the installations not yet known, each on a new anonymous profile; returns
-        those this call created. IDs known or created concurrently are left alone."""
+        """Creates the installations not yet known, each on a new anonymous profile, except
+        those whose ID is a quarantined custom ID (`digest_of` gives each one's quarantine
+        HMAC); returns those this call created. IDs known or created concurrently are left
+        alone."""
         ordered = sorted(set(installation_ids))
         new_profile_ids = [uuid4() for _ in ordered]
+        digests = [digest_of(i) for i in ordered]
         rows = await self._conn.fetch(
-            INSERT_ANONYMOUS_INSTALLATIONS, project_id, ordered, new_profile_ids, now
+            INSERT_ANONYMOUS_INSTALLATIONS, project_id, ordered, new_profile_ids, now, digests
         )
         return {r["installation_id"]: r["profile_id"] for r in rows}
 

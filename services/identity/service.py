@@ -92,6 +92,13 @@ def _erased() -> CustomIdErased:
     )
 
 
+def _erased_installation() -> CustomIdErased:
+    return CustomIdErased(
+        "this installation ID is the custom ID of an erased profile, quarantined",
+        metadata={"field": "installation_id"},
+    )
+
+
 def _digest(secret: bytes | None, custom_id: str) -> bytes | None:
     return None if secret is None else quarantine_digest(secret, custom_id)
 
@@ -225,8 +232,16 @@ class IdentityService:
         if not missing:
             return found
         now = self._clock.now()
+        # A new installation whose ID is a quarantined custom ID is refused like the custom ID
+        # (erased): after a login, Countly's SDKs send under the user's ID, so an erased person's
+        # device would otherwise bring it back as an installation. Read after the installations:
+        # an erasure that unlinked one of them (perhaps the project's first, making its secret)
+        # has committed its quarantine by then.
+        secret = await self._known_secret(project_id)
         async with self._repository.transaction() as tx:
-            created = await tx.create_installations(project_id, missing, now)
+            created = await tx.create_installations(
+                project_id, missing, now, lambda i: _digest(secret, i)
+            )
             await tx.enqueue(
                 [
                     messages.profile_created(project_id, profile_id, installation_id, False, now)
@@ -236,8 +251,11 @@ class IdentityService:
         for installation_id, profile_id in created.items():
             found[installation_id] = Resolution(profile_id, created=True, link_version=1)
         raced = [i for i in missing if i not in created]
-        if raced:  # created by a concurrent caller meanwhile: read what it made
+        if raced:  # created by a concurrent caller meanwhile, or quarantined: read again
             found.update(await self._repository.find_installations(project_id, raced))
+            unfound = [i for i in raced if i not in found]
+            for installation_id in await self._quarantined(project_id, secret, unfound, now):
+                found[installation_id] = Resolution(None, erased=True)
         if len(found) < len(set(installation_ids)):
             raise ConcurrentChange("an installation vanished while it was being resolved")
         return found
@@ -341,6 +359,8 @@ class IdentityService:
         resolved = await self._retrying(
             lambda: self._resolve_installations(project_id, [installation_id], False)
         )
+        if resolved[installation_id].erased:  # a new installation named by an erased custom ID
+            raise _erased_installation()
         installation_created = resolved[installation_id].created
         result = await self._retrying(
             lambda: self._identify_once(
@@ -808,6 +828,7 @@ class IdentityService:
                 profile.profile_id,
                 custom_ids,
                 lambda custom_id: event_marker(secret, custom_id),
+                now,
             )
             changed = [profile.profile_id, *erasure.tombstone_profile_ids]
             await self._announce_links(tx, project_id, changed)

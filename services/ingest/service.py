@@ -357,7 +357,9 @@ class IngestService:
                     )
                 elif answer.erased:  # an installation ID that is a quarantined custom ID
                     refused_keys[key] = Rejection(
-                        model.ERASED, "installation_id", "the installation ID was erased"
+                        model.ERASED,
+                        "installation_id",
+                        "the installation ID is an erased custom ID",
                     )
                 else:
                     fallback = (

@@ -779,8 +779,9 @@ def _origin(event: pb.Event) -> tuple[str | None, str | None]:
 
 
 def reject(index: int, event: pb.Event, rejection: Rejection) -> RejectedEvent:
-    """A RejectedEvent keeping the raw event, except for ERASED (no payload, no custom ID);
-    every text of it storable (U+0000 replaced)."""
+    """A RejectedEvent keeping the raw event, except for ERASED (no payload, no custom ID, no
+    installation ID: the installation ID may be the erased custom ID itself); every text of it
+    storable (U+0000 replaced)."""
     erased = rejection.reason == model.ERASED
     if model.has_nul(rejection.field_path) or model.has_nul(rejection.message):
         # Paths and messages are built from what the client sent (and from identity's answer):
@@ -792,7 +793,9 @@ def reject(index: int, event: pb.Event, rejection: Rejection) -> RejectedEvent:
         index=index,
         event_id=without_nul(event.event_id[:256]),
         installation_id=without_nul(
-            event.installation_id[:256] if event.WhichOneof("origin") == "installation_id" else ""
+            event.installation_id[:256]
+            if event.WhichOneof("origin") == "installation_id" and not erased
+            else ""
         ),
         custom_id="" if erased else without_nul(event.custom_id[:512]),
         rejection=rejection,

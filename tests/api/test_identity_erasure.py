@@ -5,7 +5,8 @@ bare event-ID markers; the quarantine refuses the custom ID until it ends."""
 from __future__ import annotations
 
 import uuid
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
@@ -31,6 +32,7 @@ from tests.support.identity import (
     start_identity_and_ingest,
 )
 from tests.support.ingest import NOW, Ingest, custom_event
+from tests.support.retention import RETENTION_DAYS, apply_retention
 
 if TYPE_CHECKING:
     from tests.conftest import TestProject
@@ -38,6 +40,12 @@ if TYPE_CHECKING:
 ACCEPTED = ipb.EVENT_OUTCOME_ACCEPTED
 DUPLICATE = ipb.EVENT_OUTCOME_DUPLICATE
 REJECTED = ipb.EVENT_OUTCOME_REJECTED
+# What an erased installation event keeps as its origin (0060): nothing of the installation.
+ERASED_ORIGIN = "erased:"
+MARKERS_0060 = (
+    Path(__file__).resolve().parents[2]
+    / "services/ingest/schema/0060_erasure_markers_name_and_date_nobody.sql"
+)
 
 # Text, JSON, array and byte columns can hold an ID or a value; bytea is read with its printable
 # bytes as they are (encode 'escape'), so an ID inside a serialized message is found too.
@@ -81,8 +89,8 @@ async def leftovers(
     db: asyncpg.Pool, project: TestProject, values: set[str]
 ) -> list[tuple[str, str, str]]:
     """(table, column, value) for every cell of the project that still contains one of
-    `values`, except the documented remains: bare event markers (installation ID and event ID
-    of a row without profile, payload or time of its own), the DeleteProfile answer kept for
+    `values`, except the documented remains: the event ID of a bare event marker (a row without
+    profile, payload or name; its origin names nobody: 0060), the DeleteProfile answer kept for
     retries, and the ProfileDeleted message on its way to the bus."""
     found = []
     columns = await db.fetch(COLUMNS)
@@ -98,7 +106,7 @@ async def leftovers(
                 f"encode(\"{column}\", 'escape')" if data_type == "bytea" else f'"{column}"::text'
             )
             allowed = "true"
-            if table == "events" and column in ("installation_id", "event_id"):
+            if table == "events" and column == "event_id":
                 allowed = "NOT (profile_id IS NULL AND payload IS NULL AND name IS NULL)"
             elif table == "identity_requests":
                 allowed = "rpc <> 'DeleteProfile'"
@@ -193,7 +201,7 @@ async def test_erasure_leaves_nothing_of_the_person_in_any_table(
     assert await count(db, "SELECT count(*) FROM quarantined_custom_ids") == 2
     markers = await db.fetch("SELECT * FROM events WHERE profile_id IS NULL ORDER BY event_seq")
     assert len(markers) == stored_events
-    assert {m["installation_id"] for m in markers} == {phone, tablet, None}
+    assert {m["installation_id"] for m in markers} == {ERASED_ORIGIN, None}
     assert all(m["custom_id"].startswith("erased:") for m in markers if m["custom_id"])
     assert all(m["payload"] is None and m["session_id"] is None for m in markers)
     # Bob keeps everything.
@@ -238,6 +246,188 @@ async def test_erasure_leaves_nothing_of_the_person_in_any_table(
 
 async def _outbox_empty(db: asyncpg.Pool) -> bool:
     return await count(db, "SELECT count(*) FROM outbox") == 0
+
+
+# The erased events' dedupe keys, by the origins and event IDs a retry would bring.
+KEY_TIMES = """
+    SELECT k.receive_time FROM event_keys k
+    JOIN unnest($2::text[], $3::text[], $4::text[]) AS o(installation_id, custom_id, event_id)
+        ON k.event_key = profiles_ingest_event_key(o.installation_id, o.custom_id, o.event_id)
+    WHERE k.project_id = $1"""
+
+
+async def key_times(
+    db: asyncpg.Pool, project: TestProject, origins: list[tuple[str | None, str | None, str]]
+) -> list[datetime]:
+    installations, custom_ids, event_ids = (list(column) for column in zip(*origins, strict=True))
+    rows = await db.fetch(KEY_TIMES, project.project_id, installations, custom_ids, event_ids)
+    return [r["receive_time"] for r in rows]
+
+
+async def test_markers_name_no_installation_and_date_nothing_but_the_erasure(
+    services: tuple[Identity, Ingest],
+    db: asyncpg.Pool,
+    project: TestProject,
+    clock: FrozenClock,
+    database_url: str,
+) -> None:
+    # The audit's case: markers kept every installation ID in clear, among them a Countly
+    # device's, whose ID is the person's custom ID (Countly's SDK makes the user ID the device
+    # ID after login), and their receive time, which told when the person used each device.
+    identity, ingest = services
+    alice = f"alice-{uuid.uuid4().hex[:8]}"
+    phone = f"alice-iphone-{uuid.uuid4().hex[:4]}"
+    countly_device = alice
+    phone_batch = [
+        custom_event(phone, event_id=f"p-{i}", time=NOW - timedelta(minutes=30 - i))
+        for i in range(3)
+    ]
+    countly_batch = [
+        custom_event(countly_device, event_id=f"c-{i}", time=NOW - timedelta(minutes=20 - i))
+        for i in range(3)
+    ]
+    server_side = custom_event(None, custom_id=alice, event_id="srv-1")
+    for batch in (phone_batch, countly_batch):
+        assert [r.outcome for r in (await ingest.track(*batch)).results] == [ACCEPTED] * 3
+    await identity.identify(phone, alice)
+    profile = (await identity.identify(countly_device, alice)).profile_id
+    assert (await ingest.track(server_side)).results[0].outcome == ACCEPTED
+    clock.advance(timedelta(days=1))  # erased a day after the person used the devices
+
+    reply = await identity.delete(profile)
+
+    assert reply.deleted_event_count == 7
+    erased_at = reply.delete_time.ToDatetime(tzinfo=UTC)
+    assert erased_at == NOW + timedelta(days=1)
+    assert await leftovers(db, project, {alice, phone}) == []
+    markers = await db.fetch(
+        "SELECT * FROM events WHERE project_id = $1 AND profile_id IS NULL", project.project_id
+    )
+    assert sorted(m["event_id"] for m in markers) == sorted(
+        [*(e.event_id for e in phone_batch + countly_batch), "srv-1"]
+    )
+    assert {m["installation_id"] for m in markers} == {ERASED_ORIGIN, None}
+    (server_marker,) = [m["custom_id"] for m in markers if m["custom_id"] is not None]
+    assert server_marker.startswith("erased:")
+    # No time of the person's: each marker's times, and its dedupe key's, are the erasure's.
+    assert {(m["event_time"], m["receive_time"]) for m in markers} == {(erased_at, erased_at)}
+    origins = [
+        *((phone, None, e.event_id) for e in phone_batch),
+        *((countly_device, None, e.event_id) for e in countly_batch),
+        (None, server_marker, "srv-1"),
+    ]
+    assert await key_times(db, project, origins) == [erased_at] * 7
+
+    # Retried after the erasure, the events are refused as before and store nothing: the
+    # phone's are duplicates; the Countly device's too (or ERASED, its ID being a quarantined
+    # custom ID); the server-side one names the quarantined custom ID.
+    retried = await ingest.track(*phone_batch)
+    assert [r.outcome for r in retried.results] == [DUPLICATE] * 3
+    retried = await ingest.track(*countly_batch)
+    assert all(
+        r.outcome == DUPLICATE or (r.outcome == REJECTED and r.reason == "ERASED")
+        for r in retried.results
+    ), retried
+    retried = await ingest.track(server_side)
+    assert [(r.outcome, r.reason) for r in retried.results] == [(REJECTED, "ERASED")]
+    assert (
+        await count(db, "SELECT count(*) FROM events WHERE project_id = $1", project.project_id)
+        == 7
+    )
+
+    # Retention counts from the erasure: a project's sweep keeps the markers until its period
+    # after the erasure has passed, then removes them.
+    marker_count = "SELECT count(*) FROM events WHERE project_id = $1 AND profile_id IS NULL"
+    period = timedelta(days=RETENTION_DAYS)
+    await apply_retention(
+        database_url, project.project_id, "project", erased_at + period - timedelta(seconds=1)
+    )
+    assert await count(db, marker_count, project.project_id) == 7
+    await apply_retention(
+        database_url, project.project_id, "project", erased_at + period + timedelta(seconds=1)
+    )
+    assert await count(db, marker_count, project.project_id) == 0
+
+
+# Markers as erasures left them before 0060: the origin in clear (or a custom ID's keyed
+# marker), event and receive time the receipt's; each with its dedupe key.
+OLD_MARKERS = """
+    INSERT INTO events (project_id, installation_id, custom_id, event_id, profile_id, kind,
+                        event_time, receive_time, platform)
+    SELECT $1, m.installation_id, m.custom_id, m.event_id, NULL, 0, m.received, m.received, 0
+    FROM unnest($2::text[], $3::text[], $4::text[], $5::timestamptz[])
+         AS m(installation_id, custom_id, event_id, received)"""
+LIVE_EVENT = """
+    INSERT INTO events (project_id, installation_id, event_id, profile_id, kind, name,
+                        event_time, receive_time, platform, payload)
+    VALUES ($1, $2, 'live-1', $3, 1, 'purchase', $4, $4, 1, '{"name": "purchase"}')"""
+KEYS_OF_EVENTS = """
+    INSERT INTO event_keys (project_id, event_key, receive_time)
+    SELECT project_id, profiles_ingest_event_key(installation_id, custom_id, event_id),
+           receive_time
+    FROM events WHERE project_id = $1"""
+
+
+async def test_0060_rewrites_the_markers_erasures_left_before(
+    db: asyncpg.Pool, project: TestProject, database_url: str
+) -> None:
+    alice = f"alice-{uuid.uuid4().hex[:8]}"
+    phone, tablet, bob_phone = (
+        f"{who}-{uuid.uuid4().hex[:4]}" for who in ("alice-iphone-7731", "alice-ipad", "bob")
+    )
+    old_marker = "erased:" + "ab" * 32
+    origins: list[tuple[str | None, str | None, str]] = [
+        (phone, None, "p-1"),
+        (phone, None, "p-2"),
+        (tablet, None, "t-1"),
+        (alice, None, "c-1"),  # a Countly device: its ID is the custom ID
+        (None, old_marker, "srv-1"),
+    ]
+    received = [
+        NOW - timedelta(days=d, minutes=m) for d, m in ((3, 1), (3, 2), (2, 0), (1, 0), (1, 5))
+    ]
+    installations, custom_ids, event_ids = (list(column) for column in zip(*origins, strict=True))
+    await db.execute(
+        OLD_MARKERS, project.project_id, installations, custom_ids, event_ids, received
+    )
+    await db.execute(LIVE_EVENT, project.project_id, bob_phone, uuid.uuid4(), NOW)
+    await db.execute(KEYS_OF_EVENTS, project.project_id)
+    live_before = await db.fetchrow(
+        "SELECT * FROM events WHERE project_id = $1 AND profile_id IS NOT NULL",
+        project.project_id,
+    )
+    assert await leftovers(db, project, {alice, phone, tablet}) != []  # the audit's finding
+
+    conn = await asyncpg.connect(database_url)
+    try:
+        async with conn.transaction():
+            await conn.execute(MARKERS_0060.read_text())
+            migrated_at = await conn.fetchval("SELECT now()")
+    finally:
+        await conn.close()
+
+    assert await leftovers(db, project, {alice, phone, tablet}) == []
+    markers = await db.fetch(
+        "SELECT * FROM events WHERE project_id = $1 AND profile_id IS NULL ORDER BY event_seq",
+        project.project_id,
+    )
+    assert [(m["installation_id"], m["custom_id"], m["event_id"]) for m in markers] == [
+        (ERASED_ORIGIN, None, "p-1"),
+        (ERASED_ORIGIN, None, "p-2"),
+        (ERASED_ORIGIN, None, "t-1"),
+        (ERASED_ORIGIN, None, "c-1"),
+        (None, old_marker, "srv-1"),
+    ]
+    assert {(m["event_time"], m["receive_time"]) for m in markers} == {(migrated_at, migrated_at)}
+    # Their keys stay (a retry still finds them), dated like the markers.
+    assert await key_times(db, project, origins) == [migrated_at] * len(origins)
+    # Someone else's event, and its key, are untouched.
+    live_after = await db.fetchrow(
+        "SELECT * FROM events WHERE project_id = $1 AND profile_id IS NOT NULL",
+        project.project_id,
+    )
+    assert dict(live_after) == dict(live_before)
+    assert await key_times(db, project, [(bob_phone, None, "live-1")]) == [NOW]
 
 
 async def test_rejected_events_go_with_the_profile_they_arrived_for_after_a_logout(

@@ -7,6 +7,7 @@ import uuid
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
+import asyncpg
 import grpc
 import pytest
 from google.protobuf.duration_pb2 import Duration
@@ -57,7 +58,7 @@ async def services(
 
 
 async def test_an_export_holds_everything_ingested_for_the_profile(
-    services: tuple[Identity, Ingest],
+    services: tuple[Identity, Ingest], db: asyncpg.Pool
 ) -> None:
     identity, ingest = services
     phone, tablet = (f"inst-{tag}-{uuid.uuid4().hex[:8]}" for tag in "pt")
@@ -133,6 +134,10 @@ async def test_an_export_holds_everything_ingested_for_the_profile(
     assert sorted(s["sessionId"] for s in sessions) == ["erin-session", "erin2-session"]
     assert all(s["durationSeconds"] == 120 for s in sessions)
     assert [r["eventId"] for r in document["rejectedEvents"]] == ["bad-1"]
+    # The refusal's message as ingest keeps it: it may quote what was sent.
+    stored = await db.fetchval("SELECT message FROM rejected_events WHERE event_id = 'bad-1'")
+    assert "custom.name" in stored
+    assert document["rejectedEvents"][0]["message"] == stored
 
 
 async def test_an_empty_profile_exports_every_section(services: tuple[Identity, Ingest]) -> None:

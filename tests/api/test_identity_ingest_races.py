@@ -71,8 +71,11 @@ async def orphan_rows(db: asyncpg.Pool) -> dict[str, int]:
 
 
 async def events_by_profile(db: asyncpg.Pool, installation_id: str) -> dict[str | None, int]:
+    """The installation's events by profile, an erasure's markers under None: those no longer
+    name their installation (0060), so they are found by the event IDs `send` gives them."""
     rows = await db.fetch(
         "SELECT profile_id, count(*) AS n FROM events WHERE installation_id = $1"
+        " OR (profile_id IS NULL AND starts_with(event_id, $1 || '-'))"
         " GROUP BY profile_id",
         installation_id,
     )
@@ -80,11 +83,13 @@ async def events_by_profile(db: asyncpg.Pool, installation_id: str) -> dict[str 
 
 
 async def send(ingest: Ingest, installation_id: str, prefix: str, batches: int) -> list[str]:
-    """`batches` batches of 3 events, one after the other; returns the event IDs accepted."""
+    """`batches` batches of 3 events, one after the other; returns the event IDs accepted, each
+    starting with the installation ID (an erasure's marker keeps only the event ID)."""
     accepted = []
     for number in range(batches):
         events = [
-            custom_event(installation_id, event_id=f"{prefix}-{number}-{i}") for i in range(3)
+            custom_event(installation_id, event_id=f"{installation_id}-{prefix}-{number}-{i}")
+            for i in range(3)
         ]
         reply = await ingest.track(*events)
         assert {r.outcome for r in reply.results} == {ACCEPTED}, reply

@@ -134,8 +134,8 @@ class _ExportSectionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ExportS
     JSON form of the event's payload as sent (for example {"custom": {...}}), without IPs.
     """
     EXPORT_SECTION_REJECTED_EVENTS: _ExportSection.ValueType  # 8
-    """A JSON array of rejected events: {"eventId", "reason", "fieldPath", "receiveTime",
-    "rawPayload"}.
+    """A JSON array of rejected events: {"eventId", "reason", "fieldPath", "message",
+    "receiveTime", "rawPayload"}; `message` is the refusal's text, which may quote what was sent.
     """
     EXPORT_SECTION_SEGMENTS: _ExportSection.ValueType  # 9
     """One JSON object, what segments keeps about the profile as of its last handling of the
@@ -206,8 +206,8 @@ EXPORT_SECTION_EVENTS: ExportSection.ValueType  # 7
 JSON form of the event's payload as sent (for example {"custom": {...}}), without IPs.
 """
 EXPORT_SECTION_REJECTED_EVENTS: ExportSection.ValueType  # 8
-"""A JSON array of rejected events: {"eventId", "reason", "fieldPath", "receiveTime",
-"rawPayload"}.
+"""A JSON array of rejected events: {"eventId", "reason", "fieldPath", "message",
+"receiveTime", "rawPayload"}; `message` is the refusal's text, which may quote what was sent.
 """
 EXPORT_SECTION_SEGMENTS: ExportSection.ValueType  # 9
 """One JSON object, what segments keeps about the profile as of its last handling of the
@@ -338,8 +338,8 @@ class ResolvedProfile(_message.Message):
     created: _builtins.bool
     """True when this call created the profile (a new installation or custom ID)."""
     erased: _builtins.bool
-    """True when the key is a custom ID quarantined after an erasure: no profile; events naming
-    it are rejected as ERASED.
+    """True when the key is a custom ID quarantined after an erasure, or an installation ID
+    identity did not know that equals one: no profile; events naming it are rejected as ERASED.
     """
     identified: _builtins.bool
     """True when the profile has a custom ID."""

@@ -90,7 +90,9 @@ class IdentityServiceServicer:
     def ResolveProfiles(self, request, context):
         """Maps a batch of installation IDs and custom IDs to current profile IDs, in order: a new
         installation gets a new anonymous profile, a new custom ID a new identified profile, a
-        quarantined custom ID the answer `erased`. Called by ingest for every batch. Idempotent:
+        quarantined custom ID (or an installation ID identity does not know that equals one: a
+        Countly device logged in uses its user's ID as its device ID) the answer `erased`. Called by
+        ingest for every batch. Idempotent:
         the same keys give the same profiles until an Identify, Logout, merge or erasure moves them
         (see `link_version`). Roles: internal service credential, admin. Errors: INVALID_ARGUMENT
         for no keys or over 1,000 keys (BadRequest on `keys`); an invalid key fails alone in its
@@ -110,7 +112,9 @@ class IdentityServiceServicer:
         Returns OK only once the change is committed; a lost race is retried inside, then answered
         ABORTED with nothing changed. A retry with the same `request_id` returns the first answer.
         Roles: sdk, admin. Errors: INVALID_ARGUMENT (`installation_id`, `custom_id`, `request_id`);
-        FAILED_PRECONDITION (reason CUSTOM_ID_ERASED) while the custom ID is quarantined; ABORTED;
+        FAILED_PRECONDITION (reason CUSTOM_ID_ERASED) while the custom ID is quarantined, or when a
+        new installation ID equals a quarantined custom ID (ErrorInfo `field` `installation_id`);
+        ABORTED;
         UNAUTHENTICATED; PERMISSION_DENIED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

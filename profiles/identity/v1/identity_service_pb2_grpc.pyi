@@ -45,7 +45,9 @@ class IdentityServiceStub:
     ResolveProfiles: _grpc.UnaryUnaryMultiCallable[_identity_service_pb2.ResolveProfilesRequest, _identity_service_pb2.ResolveProfilesResponse]
     """Maps a batch of installation IDs and custom IDs to current profile IDs, in order: a new
     installation gets a new anonymous profile, a new custom ID a new identified profile, a
-    quarantined custom ID the answer `erased`. Called by ingest for every batch. Idempotent:
+    quarantined custom ID (or an installation ID identity does not know that equals one: a
+    Countly device logged in uses its user's ID as its device ID) the answer `erased`. Called by
+    ingest for every batch. Idempotent:
     the same keys give the same profiles until an Identify, Logout, merge or erasure moves them
     (see `link_version`). Roles: internal service credential, admin. Errors: INVALID_ARGUMENT
     for no keys or over 1,000 keys (BadRequest on `keys`); an invalid key fails alone in its
@@ -61,7 +63,9 @@ class IdentityServiceStub:
     Returns OK only once the change is committed; a lost race is retried inside, then answered
     ABORTED with nothing changed. A retry with the same `request_id` returns the first answer.
     Roles: sdk, admin. Errors: INVALID_ARGUMENT (`installation_id`, `custom_id`, `request_id`);
-    FAILED_PRECONDITION (reason CUSTOM_ID_ERASED) while the custom ID is quarantined; ABORTED;
+    FAILED_PRECONDITION (reason CUSTOM_ID_ERASED) while the custom ID is quarantined, or when a
+    new installation ID equals a quarantined custom ID (ErrorInfo `field` `installation_id`);
+    ABORTED;
     UNAUTHENTICATED; PERMISSION_DENIED.
     """
     Logout: _grpc.UnaryUnaryMultiCallable[_identity_service_pb2.LogoutRequest, _identity_service_pb2.LogoutResponse]
@@ -124,7 +128,9 @@ class IdentityServiceAsyncStub(IdentityServiceStub):
     ResolveProfiles: _aio.UnaryUnaryMultiCallable[_identity_service_pb2.ResolveProfilesRequest, _identity_service_pb2.ResolveProfilesResponse]  # type: ignore[assignment]
     """Maps a batch of installation IDs and custom IDs to current profile IDs, in order: a new
     installation gets a new anonymous profile, a new custom ID a new identified profile, a
-    quarantined custom ID the answer `erased`. Called by ingest for every batch. Idempotent:
+    quarantined custom ID (or an installation ID identity does not know that equals one: a
+    Countly device logged in uses its user's ID as its device ID) the answer `erased`. Called by
+    ingest for every batch. Idempotent:
     the same keys give the same profiles until an Identify, Logout, merge or erasure moves them
     (see `link_version`). Roles: internal service credential, admin. Errors: INVALID_ARGUMENT
     for no keys or over 1,000 keys (BadRequest on `keys`); an invalid key fails alone in its
@@ -140,7 +146,9 @@ class IdentityServiceAsyncStub(IdentityServiceStub):
     Returns OK only once the change is committed; a lost race is retried inside, then answered
     ABORTED with nothing changed. A retry with the same `request_id` returns the first answer.
     Roles: sdk, admin. Errors: INVALID_ARGUMENT (`installation_id`, `custom_id`, `request_id`);
-    FAILED_PRECONDITION (reason CUSTOM_ID_ERASED) while the custom ID is quarantined; ABORTED;
+    FAILED_PRECONDITION (reason CUSTOM_ID_ERASED) while the custom ID is quarantined, or when a
+    new installation ID equals a quarantined custom ID (ErrorInfo `field` `installation_id`);
+    ABORTED;
     UNAUTHENTICATED; PERMISSION_DENIED.
     """
     Logout: _aio.UnaryUnaryMultiCallable[_identity_service_pb2.LogoutRequest, _identity_service_pb2.LogoutResponse]  # type: ignore[assignment]
@@ -206,7 +214,9 @@ class IdentityServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_identity_service_pb2.ResolveProfilesResponse, _abc.Awaitable[_identity_service_pb2.ResolveProfilesResponse]]:
         """Maps a batch of installation IDs and custom IDs to current profile IDs, in order: a new
         installation gets a new anonymous profile, a new custom ID a new identified profile, a
-        quarantined custom ID the answer `erased`. Called by ingest for every batch. Idempotent:
+        quarantined custom ID (or an installation ID identity does not know that equals one: a
+        Countly device logged in uses its user's ID as its device ID) the answer `erased`. Called by
+        ingest for every batch. Idempotent:
         the same keys give the same profiles until an Identify, Logout, merge or erasure moves them
         (see `link_version`). Roles: internal service credential, admin. Errors: INVALID_ARGUMENT
         for no keys or over 1,000 keys (BadRequest on `keys`); an invalid key fails alone in its
@@ -228,7 +238,9 @@ class IdentityServiceServicer(metaclass=_abc_1.ABCMeta):
         Returns OK only once the change is committed; a lost race is retried inside, then answered
         ABORTED with nothing changed. A retry with the same `request_id` returns the first answer.
         Roles: sdk, admin. Errors: INVALID_ARGUMENT (`installation_id`, `custom_id`, `request_id`);
-        FAILED_PRECONDITION (reason CUSTOM_ID_ERASED) while the custom ID is quarantined; ABORTED;
+        FAILED_PRECONDITION (reason CUSTOM_ID_ERASED) while the custom ID is quarantined, or when a
+        new installation ID equals a quarantined custom ID (ErrorInfo `field` `installation_id`);
+        ABORTED;
         UNAUTHENTICATED; PERMISSION_DENIED.
         """
 

@@ -38,7 +38,8 @@ class IngestServiceStub:
     EVENT_ID_INVALID (empty or over 64 characters), ORIGIN_MISSING (neither installation_id nor
     custom_id), INSTALLATION_ID_INVALID (empty or over 128 characters), CUSTOM_ID_INVALID (over
     512 characters, whitespace-padded or a junk value such as "null"), ERASED (custom ID
-    quarantined after an erasure; kept without payload), PLATFORM_MISSING, EVENT_TIME_MISSING,
+    quarantined after an erasure, or an installation ID equal to one; kept without payload or
+    IDs), PLATFORM_MISSING, EVENT_TIME_MISSING,
     TIMESTAMP_INVALID (`event_time` or `send_time` outside years 1 to 9999, or nanos outside 0
     to 999,999,999), EVENT_TIME_IN_FUTURE (over 10 minutes ahead after skew correction),
     EVENT_TIME_TOO_OLD (over 30 days old; use ImportEvents), PAYLOAD_MISSING, SESSION_ID_INVALID (missing on a session
@@ -92,7 +93,8 @@ class IngestServiceServicer:
     EVENT_ID_INVALID (empty or over 64 characters), ORIGIN_MISSING (neither installation_id nor
     custom_id), INSTALLATION_ID_INVALID (empty or over 128 characters), CUSTOM_ID_INVALID (over
     512 characters, whitespace-padded or a junk value such as "null"), ERASED (custom ID
-    quarantined after an erasure; kept without payload), PLATFORM_MISSING, EVENT_TIME_MISSING,
+    quarantined after an erasure, or an installation ID equal to one; kept without payload or
+    IDs), PLATFORM_MISSING, EVENT_TIME_MISSING,
     TIMESTAMP_INVALID (`event_time` or `send_time` outside years 1 to 9999, or nanos outside 0
     to 999,999,999), EVENT_TIME_IN_FUTURE (over 10 minutes ahead after skew correction),
     EVENT_TIME_TOO_OLD (over 30 days old; use ImportEvents), PAYLOAD_MISSING, SESSION_ID_INVALID (missing on a session
@@ -202,7 +204,8 @@ class IngestService:
     EVENT_ID_INVALID (empty or over 64 characters), ORIGIN_MISSING (neither installation_id nor
     custom_id), INSTALLATION_ID_INVALID (empty or over 128 characters), CUSTOM_ID_INVALID (over
     512 characters, whitespace-padded or a junk value such as "null"), ERASED (custom ID
-    quarantined after an erasure; kept without payload), PLATFORM_MISSING, EVENT_TIME_MISSING,
+    quarantined after an erasure, or an installation ID equal to one; kept without payload or
+    IDs), PLATFORM_MISSING, EVENT_TIME_MISSING,
     TIMESTAMP_INVALID (`event_time` or `send_time` outside years 1 to 9999, or nanos outside 0
     to 999,999,999), EVENT_TIME_IN_FUTURE (over 10 minutes ahead after skew correction),
     EVENT_TIME_TOO_OLD (over 30 days old; use ImportEvents), PAYLOAD_MISSING, SESSION_ID_INVALID (missing on a session

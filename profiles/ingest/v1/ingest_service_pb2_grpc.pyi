@@ -39,7 +39,8 @@ class IngestServiceStub:
     EVENT_ID_INVALID (empty or over 64 characters), ORIGIN_MISSING (neither installation_id nor
     custom_id), INSTALLATION_ID_INVALID (empty or over 128 characters), CUSTOM_ID_INVALID (over
     512 characters, whitespace-padded or a junk value such as "null"), ERASED (custom ID
-    quarantined after an erasure; kept without payload), PLATFORM_MISSING, EVENT_TIME_MISSING,
+    quarantined after an erasure, or an installation ID equal to one; kept without payload or
+    IDs), PLATFORM_MISSING, EVENT_TIME_MISSING,
     TIMESTAMP_INVALID (`event_time` or `send_time` outside years 1 to 9999, or nanos outside 0
     to 999,999,999), EVENT_TIME_IN_FUTURE (over 10 minutes ahead after skew correction),
     EVENT_TIME_TOO_OLD (over 30 days old; use ImportEvents), PAYLOAD_MISSING, SESSION_ID_INVALID (missing on a session
@@ -108,7 +109,8 @@ class IngestServiceAsyncStub(IngestServiceStub):
     EVENT_ID_INVALID (empty or over 64 characters), ORIGIN_MISSING (neither installation_id nor
     custom_id), INSTALLATION_ID_INVALID (empty or over 128 characters), CUSTOM_ID_INVALID (over
     512 characters, whitespace-padded or a junk value such as "null"), ERASED (custom ID
-    quarantined after an erasure; kept without payload), PLATFORM_MISSING, EVENT_TIME_MISSING,
+    quarantined after an erasure, or an installation ID equal to one; kept without payload or
+    IDs), PLATFORM_MISSING, EVENT_TIME_MISSING,
     TIMESTAMP_INVALID (`event_time` or `send_time` outside years 1 to 9999, or nanos outside 0
     to 999,999,999), EVENT_TIME_IN_FUTURE (over 10 minutes ahead after skew correction),
     EVENT_TIME_TOO_OLD (over 30 days old; use ImportEvents), PAYLOAD_MISSING, SESSION_ID_INVALID (missing on a session
@@ -173,7 +175,8 @@ class IngestServiceServicer(metaclass=_abc_1.ABCMeta):
     EVENT_ID_INVALID (empty or over 64 characters), ORIGIN_MISSING (neither installation_id nor
     custom_id), INSTALLATION_ID_INVALID (empty or over 128 characters), CUSTOM_ID_INVALID (over
     512 characters, whitespace-padded or a junk value such as "null"), ERASED (custom ID
-    quarantined after an erasure; kept without payload), PLATFORM_MISSING, EVENT_TIME_MISSING,
+    quarantined after an erasure, or an installation ID equal to one; kept without payload or
+    IDs), PLATFORM_MISSING, EVENT_TIME_MISSING,
     TIMESTAMP_INVALID (`event_time` or `send_time` outside years 1 to 9999, or nanos outside 0
     to 999,999,999), EVENT_TIME_IN_FUTURE (over 10 minutes ahead after skew correction),
     EVENT_TIME_TOO_OLD (over 30 days old; use ImportEvents), PAYLOAD_MISSING, SESSION_ID_INVALID (missing on a session

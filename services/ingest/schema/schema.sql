@@ -672,45 +672,6 @@ AS $function$
     WHERE e.project_id = p_project AND e.profile_id = ANY(p_profile_ids) AND e.custom_id IS NOT NULL
 $function$;
 
--- ingest_profile_hooks' erasure of events, with the neutral kind named (the rule is unchanged):
--- Identity's erasure of the profiles' events; returns how many events were erased. Erased
--- events become bare dedupe markers: the origin (installation ID, or for a server-side event
--- the marker given for its custom ID: p_markers[i] for p_custom_ids[i]) and the event ID stay,
--- so an SDK retrying an old batch is answered DUPLICATE and stores nothing; everything else
--- goes. NOT NULL columns get neutral values: kind and platform 0 (EVENT_KIND_UNSPECIFIED,
--- PLATFORM_UNSPECIFIED), event_time the receive time (kept so markers can be pruned by age one
--- day). A custom ID erased before (quarantine over, then used and erased again) already left
--- markers with the same key: those events are simply dropped, the older marker keeps
--- deduplicating.
-CREATE OR REPLACE FUNCTION public.ingest_apply_event_erasure(p_project uuid, p_profile_ids uuid[], p_custom_ids text[], p_markers text[])
- RETURNS bigint
- LANGUAGE plpgsql
-AS $function$
-DECLARE
-    shadowed bigint;
-    stripped bigint;
-BEGIN
-    DELETE FROM events e
-    USING unnest(p_custom_ids, p_markers) AS m(custom_id, marker)
-    WHERE e.project_id = p_project AND e.profile_id = ANY(p_profile_ids)
-        AND e.custom_id = m.custom_id
-        AND EXISTS (
-            SELECT 1 FROM events o
-            WHERE o.project_id = p_project AND o.custom_id = m.marker AND o.event_id = e.event_id
-        );
-    GET DIAGNOSTICS shadowed = ROW_COUNT;
-    UPDATE events e SET
-        custom_id = CASE WHEN e.custom_id IS NULL THEN NULL ELSE (
-            SELECT m.marker FROM unnest(p_custom_ids, p_markers) AS m(custom_id, marker)
-            WHERE m.custom_id = e.custom_id
-        ) END,
-        profile_id = NULL, kind = ingest_read_event_kind('unspecified'), name = NULL, event_time = e.receive_time,
-        session_id = NULL, platform = 0, payload = NULL, imported = false
-    WHERE e.project_id = p_project AND e.profile_id = ANY(p_profile_ids);
-    GET DIAGNOSTICS stripped = ROW_COUNT;
-    RETURN shadowed + stripped;
-END $function$;
-
 -- READ CONTRACT (identity's ExportProfile), replacing 0016's body: the span of the profile's
 -- event times is the first and last event times ingest keeps beside its totals (0025), which
 -- retention never narrows; no longer min/max over the events still stored. Always one row (an
@@ -1681,20 +1642,6 @@ AS $function$
     WHERE project_id = p_project AND profile_id = p_source
 $function$;
 
--- Rejected events have no profile: those of the profile's installations and custom IDs.
-CREATE OR REPLACE FUNCTION public.ingest_read_export_rejected_events(p_project uuid, p_profile_ids uuid[], p_installation_ids text[], p_custom_ids text[])
- RETURNS TABLE(event_id text, reason text, field_path text, receive_time timestamp with time zone, payload jsonb)
- LANGUAGE sql
- STABLE
-AS $function$
-    SELECT r.event_id, r.reason, r.field_path, r.receive_time, r.payload FROM rejected_events r
-    WHERE r.project_id = p_project
-        AND (r.profile_id = ANY(p_profile_ids)
-             OR (r.profile_id IS NULL AND r.installation_id = ANY(p_installation_ids))
-             OR r.custom_id = ANY(p_custom_ids))
-    ORDER BY r.receive_time, r.rejected_seq
-$function$;
-
 -- 0038's function; the custom attributes of the asked profiles now with whether each is held
 -- and the event time of its latest change, in one order.
 CREATE OR REPLACE FUNCTION public.profiles_ingest_lock_batch_profiles(p_project uuid, p_profiles uuid[], p_event_profiles uuid[], p_event_kinds smallint[], p_event_times timestamp with time zone[], p_held_of uuid[], c_profiles uuid[], c_event_seqs bigint[], c_event_ids text[], c_installations text[], c_times timestamp with time zone[], c_payloads jsonb[])
@@ -1852,6 +1799,69 @@ AS $function$
          WHERE f.project_id = p_project AND f.profile_id = p_profile AND f.language IS NOT NULL
          ORDER BY f.last_seen DESC, f.installation_id
          LIMIT 1))
+$function$;
+
+-- Identity's erasure of the profiles' events; returns how many events were erased. Erased
+-- events become bare dedupe markers: the event ID stays, and for a server-side event the
+-- marker given for its custom ID (p_markers[i] for p_custom_ids[i]); an installation's event
+-- keeps 'erased:' as its origin. Everything else goes. NOT NULL columns get neutral values:
+-- kind and platform 0 (EVENT_KIND_UNSPECIFIED, PLATFORM_UNSPECIFIED), event time and receive
+-- time the erasure's (p_erase_time), as do the events' dedupe keys: an installation's key here
+-- (it stays the digest of the clear installation ID and event ID, so an SDK retrying an old
+-- batch is answered DUPLICATE and stores nothing), a custom ID's by the events' trigger, which
+-- replaces it by the marker's key (profiles_ingest_event_keys_follow). A custom ID erased
+-- before (quarantine over, then used and erased again) already left markers with the same
+-- key: those events are simply dropped, the older marker keeps deduplicating.
+CREATE OR REPLACE FUNCTION public.ingest_apply_event_erasure(p_project uuid, p_profile_ids uuid[], p_custom_ids text[], p_markers text[], p_erase_time timestamp with time zone)
+ RETURNS bigint
+ LANGUAGE plpgsql
+AS $function$
+DECLARE
+    shadowed bigint;
+    stripped bigint;
+BEGIN
+    UPDATE event_keys k SET receive_time = p_erase_time
+    FROM events e
+    WHERE e.project_id = p_project AND e.profile_id = ANY(p_profile_ids)
+        AND e.installation_id IS NOT NULL
+        AND k.project_id = p_project
+        AND k.event_key = profiles_ingest_event_key(e.installation_id, NULL, e.event_id);
+    DELETE FROM events e
+    USING unnest(p_custom_ids, p_markers) AS m(custom_id, marker)
+    WHERE e.project_id = p_project AND e.profile_id = ANY(p_profile_ids)
+        AND e.custom_id = m.custom_id
+        AND EXISTS (
+            SELECT 1 FROM events o
+            WHERE o.project_id = p_project AND o.custom_id = m.marker AND o.event_id = e.event_id
+        );
+    GET DIAGNOSTICS shadowed = ROW_COUNT;
+    UPDATE events e SET
+        installation_id = CASE WHEN e.installation_id IS NULL THEN NULL ELSE 'erased:' END,
+        custom_id = CASE WHEN e.custom_id IS NULL THEN NULL ELSE (
+            SELECT m.marker FROM unnest(p_custom_ids, p_markers) AS m(custom_id, marker)
+            WHERE m.custom_id = e.custom_id
+        ) END,
+        profile_id = NULL, kind = ingest_read_event_kind('unspecified'), name = NULL,
+        event_time = p_erase_time, receive_time = p_erase_time,
+        session_id = NULL, platform = 0, payload = NULL, imported = false
+    WHERE e.project_id = p_project AND e.profile_id = ANY(p_profile_ids);
+    GET DIAGNOSTICS stripped = ROW_COUNT;
+    RETURN shadowed + stripped;
+END $function$;
+
+-- Rejected events have no profile: those of the profile's installations and custom IDs.
+CREATE OR REPLACE FUNCTION public.ingest_read_export_rejected_events(p_project uuid, p_profile_ids uuid[], p_installation_ids text[], p_custom_ids text[])
+ RETURNS TABLE(event_id text, reason text, field_path text, receive_time timestamp with time zone, payload jsonb, message text)
+ LANGUAGE sql
+ STABLE
+AS $function$
+    SELECT r.event_id, r.reason, r.field_path, r.receive_time, r.payload, r.message
+    FROM rejected_events r
+    WHERE r.project_id = p_project
+        AND (r.profile_id = ANY(p_profile_ids)
+             OR (r.profile_id IS NULL AND r.installation_id = ANY(p_installation_ids))
+             OR r.custom_id = ANY(p_custom_ids))
+    ORDER BY r.receive_time, r.rejected_seq
 $function$;
 
 
