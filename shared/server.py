@@ -195,7 +195,9 @@ async def start_service(
     await migrate(settings.database_url)
     # One connection more than configured: the outbox relay holds one for LISTEN.
     pool = await create_pool(settings.database_url, max_size=settings.db_pool_size + 1)
-    bus = Bus.from_url(settings.redis_url, settings.redis_prefix)
+    bus = Bus.from_url(
+        settings.redis_url, settings.redis_prefix, retention_ms=settings.bus_retention_ms
+    )
     redis = bus.redis
     tenancy = TenancyRepository(pool)
     runtime = Runtime(name, settings, pool, redis, bus, clock or SystemClock(), tenancy)

@@ -15,6 +15,8 @@ from typing import Self
 SERVICE_NAMES = ("ingest", "identity", "segments", "query")
 DEFAULT_PORTS = {"ingest": 50051, "identity": 50052, "segments": 50053, "query": 50054}
 DEFAULT_METRICS_PORTS = {"ingest": 9451, "identity": 9452, "segments": 9453, "query": 9454}
+# A year at most: the bus retention is what bounds how long an erasure takes to reach the bus.
+BUS_RETENTION_MOST_HOURS = 8760
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +83,14 @@ SETTINGS: tuple[Setting, ...] = (
         "a bus entry a replica took and has not acked for this long is taken over by another"
         " replica of its service (how long a crashed replica's work waits); above the slowest"
         " handler",
+    ),
+    Setting(
+        "PROFILES_BUS_RETENTION_HOURS",
+        "168",
+        "bus messages and dead letters (Redis streams) older than this many hours are removed,"
+        " within a minute, by the services' outbox relays: how long an erased person's data"
+        " stays on the bus (segment changes stay as long as a project may read them); a"
+        " consumer stopped for longer loses messages (docs/running.md); 1 to 8760",
     ),
     Setting(
         "PROFILES_EVENTS_RETENTION_DAYS",
@@ -196,6 +206,7 @@ class Settings:
     max_concurrent_rpcs: int = 1000
     max_streams: int = 100
     claim_idle_seconds: float = 30.0
+    bus_retention_hours: int = 168
     edge_port: int = 8340
     edge_metrics_port: int = 9455
     edge_rate_limit: float = 500.0
@@ -250,6 +261,12 @@ class Settings:
             claim_idle_seconds=_decimal(
                 "PROFILES_CLAIM_IDLE_SECONDS", values["PROFILES_CLAIM_IDLE_SECONDS"]
             ),
+            bus_retention_hours=_whole(
+                "PROFILES_BUS_RETENTION_HOURS",
+                values["PROFILES_BUS_RETENTION_HOURS"],
+                least=1,
+                most=BUS_RETENTION_MOST_HOURS,
+            ),
             edge_port=_port("PROFILES_EDGE_PORT", values["PROFILES_EDGE_PORT"]),
             edge_metrics_port=_port(
                 "PROFILES_EDGE_METRICS_PORT", values["PROFILES_EDGE_METRICS_PORT"], off_allowed=True
@@ -296,6 +313,7 @@ class Settings:
             "PROFILES_MAX_CONCURRENT_RPCS": str(self.max_concurrent_rpcs),
             "PROFILES_MAX_STREAMS": str(self.max_streams),
             "PROFILES_CLAIM_IDLE_SECONDS": str(self.claim_idle_seconds),
+            "PROFILES_BUS_RETENTION_HOURS": str(self.bus_retention_hours),
             "PROFILES_EDGE_PORT": str(self.edge_port),
             "PROFILES_EDGE_METRICS_PORT": str(self.edge_metrics_port),
             "PROFILES_EDGE_RATE_LIMIT": str(self.edge_rate_limit),
@@ -314,6 +332,11 @@ class Settings:
             env[f"PROFILES_{upper}_METRICS_PORT"] = str(self.metrics_ports[name])
             env[f"PROFILES_{upper}_ADDRESS"] = self.addresses[name]
         return env
+
+    @property
+    def bus_retention_ms(self) -> int:
+        """The bus retention as shared.bus.Bus takes it."""
+        return self.bus_retention_hours * 3_600_000
 
     def with_changes(self, **changes: object) -> Settings:
         return replace(self, **changes)  # type: ignore[arg-type]
