@@ -18,6 +18,7 @@ from profiles.identity.v1 import identity_service_pb2 as pb
 from profiles.ingest.v1 import ingest_service_pb2 as ipb
 from shared.clock import FrozenClock
 from tests.conftest import eventually
+from tests.support.cells import cells_naming
 from tests.support.identity import (
     Identity,
     count,
@@ -47,20 +48,6 @@ TABLES = """
         )
     ORDER BY t.table_name"""
 
-# Text-like columns, read as text: where an ID can be written.
-TEXT_COLUMNS = """
-    SELECT c.table_name, c.column_name, c.data_type
-    FROM information_schema.columns c
-    JOIN information_schema.tables t
-        ON t.table_schema = c.table_schema AND t.table_name = c.table_name
-    WHERE c.table_schema = current_schema() AND t.table_type = 'BASE TABLE'
-        AND c.data_type IN ('text', 'character varying', 'jsonb', 'json', 'ARRAY', 'bytea')
-        AND NOT EXISTS (
-            SELECT 1 FROM pg_class pc
-            WHERE pc.oid = to_regclass(quote_ident(c.table_name)) AND pc.relispartition
-        )
-    ORDER BY c.table_name, c.column_name"""
-
 
 async def row_counts(db: asyncpg.Pool, project: TestProject) -> dict[str, int]:
     """Rows per table: the project's, or all of a table without project_id."""
@@ -72,22 +59,6 @@ async def row_counts(db: asyncpg.Pool, project: TestProject) -> dict[str, int]:
         )
         counts[name] = await count(db, f'SELECT count(*) FROM "{name}" {where}', *args)
     return counts
-
-
-async def cells_naming(db: asyncpg.Pool, value: str) -> dict[str, int]:
-    """How many cells of each table.column hold `value` (bytea read with its printable bytes)."""
-    found = {}
-    for column in await db.fetch(TEXT_COLUMNS):
-        table, name = column["table_name"], column["column_name"]
-        cell = (
-            f"encode(\"{name}\", 'escape')" if column["data_type"] == "bytea" else f'"{name}"::text'
-        )
-        hits = await count(
-            db, f'SELECT count(*) FROM "{table}" WHERE strpos({cell}, $1) > 0', value
-        )
-        if hits:
-            found[f"{table}.{name}"] = hits
-    return found
 
 
 @pytest.fixture

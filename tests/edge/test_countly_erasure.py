@@ -20,40 +20,10 @@ import pytest
 from tests.conftest import eventually
 from tests.edge.conftest import Edge
 from tests.edge.test_countly_sdk import Driver, driver, get, node, wait_for_names
+from tests.support.cells import cells_naming
 from tests.support.identity import Identity
 
 __all__ = ["driver", "node"]  # the fixtures, shared with the Countly SDK tests
-
-# Text-like columns of every table (partitions read through their partitioned table).
-TEXT_COLUMNS = """
-    SELECT c.table_name, c.column_name, c.data_type
-    FROM information_schema.columns c
-    JOIN information_schema.tables t
-        ON t.table_schema = c.table_schema AND t.table_name = c.table_name
-    WHERE c.table_schema = current_schema() AND t.table_type = 'BASE TABLE'
-        AND c.data_type IN ('text', 'character varying', 'jsonb', 'json', 'ARRAY', 'bytea')
-        AND NOT EXISTS (
-            SELECT 1 FROM pg_class pc
-            WHERE pc.oid = to_regclass(quote_ident(c.table_name)) AND pc.relispartition
-        )
-    ORDER BY c.table_name, c.column_name"""
-
-
-async def cells_naming(db: asyncpg.Pool, value: str) -> dict[str, int]:
-    """How many cells of each table.column hold `value` (bytea read with its printable bytes)."""
-    found = {}
-    for column in await db.fetch(TEXT_COLUMNS):
-        table, name = column["table_name"], column["column_name"]
-        cell = (
-            f"encode(\"{name}\", 'escape')" if column["data_type"] == "bytea" else f'"{name}"::text'
-        )
-        hits = await db.fetchval(
-            f'SELECT count(*) FROM "{table}" WHERE strpos({cell}, $1) > 0', value
-        )
-        if hits:
-            found[f"{table}.{name}"] = hits
-    return found
-
 
 async def settled_cells_naming(db: asyncpg.Pool, value: str) -> dict[str, int]:
     """cells_naming once the erasure's consequences have settled: the outbox relayed and two
