@@ -14,6 +14,7 @@ import pytest
 
 from profiles.common.v1 import types_pb2
 from profiles.query.v1 import query_service_pb2 as pb
+from tests.conftest import eventually
 from tests.support.identity import export_document, new_id
 from tests.support.query import (
     NOW,
@@ -149,7 +150,12 @@ async def test_a_merge_after_logouts_keeps_the_most_recently_seen_former_device(
     await log_in(suite, watch, "bob")
     profile = (await suite.get(profile_id=survivor)).profile
     assert (profile.summary.language, profile.summary.timezone) == ("fr", "Europe/Paris")
-    assert (await row_of(suite, survivor)).device_model == "Watch"
+
+    # The users table hears of the login from the bus: a moment later.
+    async def watch_listed() -> bool:
+        return (await row_of(suite, survivor)).device_model == "Watch"
+
+    await eventually(watch_listed)
     await suite.track(
         installation_update(
             watch, NOW - timedelta(hours=4), IOS, language="de", timezone="Europe/Berlin"
