@@ -25,6 +25,7 @@ from tests.support.identity import Identity
 
 __all__ = ["driver", "node"]  # the fixtures, shared with the Countly SDK tests
 
+
 async def settled_cells_naming(db: asyncpg.Pool, value: str) -> dict[str, int]:
     """cells_naming once the erasure's consequences have settled: the outbox relayed and two
     reads in a row alike (query's consumers remove their copies from the bus)."""
