@@ -9,8 +9,10 @@ and counted, and a `dropped` item takes their place in the stream. On MERGED_AWA
 moves to the survivor's channel.
 
 Redis may go away (an outage, a restart, or a connection it drops itself, such as a subscriber
-over its output buffer limit, which redis-py renews on its own): the stream stays open, the
-watch subscribes again (with backoff) once Redis answers, then re-reads the profile's version.
+over its output buffer limit, which redis-py renews on its own), or stop answering on a
+connection that stays open (a hung or stopped server, a partition that closes nothing: found by
+PINGs on the subscription, see PONG_TIMEOUT_S): the stream stays open, the watch subscribes
+again (with backoff) once Redis answers, then re-reads the profile's version.
 Notices published meanwhile are lost, so when the version moved past the last one the watch
 saw, a `dropped` item with no count tells the client to resync from GetProfile (the contract:
 nothing is missed after `started` unless a `dropped` item says so). A merge announced meanwhile
@@ -41,12 +43,25 @@ from services.query.repository import QueryRepository
 from shared.bus import REDIS_UNAVAILABLE, Backoff, Bus
 from shared.clock import Clock
 from shared.convert import timestamp_of
+from shared.notices import PUBLISH_TIMEOUT_S
 from shared.topics import profile_channel
 
 log = structlog.get_logger(__name__)
 
 BUFFER_SIZE = 256
 SUBSCRIBE_TIMEOUT_S = 5.0
+# A subscription Redis stopped answering without closing it looks like a quiet channel
+# (get_message returns None), while the publishers give their notices up (PUBLISH_TIMEOUT_S
+# without an answer). So the watch PINGs its subscription once it has heard nothing on it for
+# PING_INTERVAL_S (pub/sub answers in order with the messages), and takes a PING unanswered
+# after PONG_TIMEOUT_S for a lost connection. A PING goes out at most PING_INTERVAL_S into a
+# stall and is found unanswered PONG_TIMEOUT_S later: a stall long enough to make a publisher
+# drop a notice is noticed. (A notice's version skipping ahead tells nothing: some version
+# bumps publish no notice, such as an erasure renaming another profile's installations, and
+# ingest's and identity's notices travel on different connections, in no common order.)
+PING_INTERVAL_S = 1.0
+PONG_TIMEOUT_S = PUBLISH_TIMEOUT_S - PING_INTERVAL_S
+PING_MESSAGE = "profiles-watch-ping"
 
 MERGE_CAUSES = {
     types_pb2.IDENTITY_CHANGE_CAUSE_IDENTIFY: profile_pb2.IDENTITY_CHANGE_CAUSE_IDENTIFY,
@@ -65,6 +80,11 @@ TRANSITIONS = {
     types_pb2.MEMBERSHIP_CHANGE_ENTERED: live_pb2.SEGMENT_TRANSITION_ENTERED,
     types_pb2.MEMBERSHIP_CHANGE_LEFT: live_pb2.SEGMENT_TRANSITION_LEFT,
 }
+
+
+class SubscriptionStalled(TimeoutError):
+    """Redis left the watch's PING unanswered for PONG_TIMEOUT_S: the subscription is taken for
+    lost (a TimeoutError, so one of REDIS_UNAVAILABLE)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,6 +238,7 @@ class ProfileWatch:
 
     async def _read(self, state: _State, buffer: WatchBuffer) -> None:
         backoff = Backoff("watch_redis_unavailable", initial=0.1, maximum=5.0)
+        heartbeat = _Heartbeat(self._clock)
         # When the subscription was lost (renew it), and since when notices may have been lost
         # (resync once subscribed again).
         lost: datetime | None = None
@@ -226,22 +247,33 @@ class ProfileWatch:
             try:
                 if lost is not None:
                     await self._renew(state)
+                    heartbeat.reset()
                     gap, lost = gap or lost, None
                 if gap is not None:
                     if not await self._resync(state, buffer, gap):
                         return
                     gap = None
-                assert state.pubsub is not None
-                message = await state.pubsub.get_message(timeout=1.0)
+                pubsub = state.pubsub
+                assert pubsub is not None
+                # Bounded as a whole: redis-py re-dials a connection that failed inside these
+                # calls, which a hung Redis would hold for the client's socket timeout.
+                async with asyncio.timeout(PING_INTERVAL_S + SUBSCRIBE_TIMEOUT_S):
+                    message = await pubsub.get_message(timeout=await heartbeat.beat(pubsub))
+                    if message is None and heartbeat.overdue():
+                        # What a busy event loop left unread, else Redis is not answering.
+                        message = await pubsub.get_message(timeout=0)
+                        if message is None:
+                            raise SubscriptionStalled("the watch's PING went unanswered")
                 backoff.recovered()
             except REDIS_UNAVAILABLE as exc:
                 # Retried until Redis answers (the client may cancel meanwhile), at most
-                # `maximum` seconds apart.
-                lost = lost or self._clock.now()
+                # `maximum` seconds apart. Notices may have been lost since Redis last answered.
+                lost = lost or heartbeat.heard
                 await asyncio.sleep(backoff.failed(exc))
                 continue
             if message is None:
                 continue
+            heartbeat.answered(message)
             if message.get("type") == "subscribe":
                 channel = _text(message["channel"])
                 if channel == state.moving_to:
@@ -249,7 +281,9 @@ class ProfileWatch:
                 elif channel == state.channel_key:
                     # redis-py reconnected on its own and subscribed again (Redis dropped the
                     # connection, or restarted at once): notices may have been lost meanwhile.
+                    # A PING sent on the old connection has no answer to come.
                     gap = self._clock.now()
+                    heartbeat.reset()
                 continue
             if message.get("type") != "message":
                 continue
@@ -396,6 +430,44 @@ class ProfileWatch:
             change.update_time.CopyFrom(timestamp_of(found[1]))
             changes.append(change)
         return changes
+
+
+class _Heartbeat:
+    """The PINGs on one subscription (see PONG_TIMEOUT_S), and when Redis last answered on it."""
+
+    def __init__(self, clock: Clock) -> None:
+        self._clock = clock
+        self._loop = asyncio.get_running_loop()
+        self.reset()
+
+    def reset(self) -> None:
+        """A subscription just confirmed: Redis answered now, and no PING is awaited."""
+        self.heard = self._clock.now()
+        self._due = self._loop.time() + PING_INTERVAL_S
+        self._deadline: float | None = None
+
+    async def beat(self, pubsub: PubSub) -> float:
+        """Sends a PING when one is due; returns how long to wait for a message before checking
+        again (until the next PING is due, or the awaited one is overdue)."""
+        now = self._loop.time()
+        if self._deadline is None and now >= self._due:
+            await pubsub.ping(PING_MESSAGE)
+            self._deadline = now + PONG_TIMEOUT_S
+        until = self._due if self._deadline is None else self._deadline
+        return max(until - now, 0.0)
+
+    def answered(self, message: dict[str, Any]) -> None:
+        """Redis answered on the subscription (any message): the next PING is due once it has
+        been quiet for PING_INTERVAL_S. An awaited PING is answered by its PONG only (any
+        message before it was sent before it)."""
+        self.heard = self._clock.now()
+        if message.get("type") == "pong" and _text(message["data"]) == PING_MESSAGE:
+            self._deadline = None
+        if self._deadline is None:
+            self._due = self._loop.time() + PING_INTERVAL_S
+
+    def overdue(self) -> bool:
+        return self._deadline is not None and self._loop.time() >= self._deadline
 
 
 async def _close_when(closed: asyncio.Event, buffer: WatchBuffer) -> None:
