@@ -93,6 +93,7 @@ from profiles.segments.v1 import segments_service_pb2_grpc as segments_grpc
 from services.segments.change_stream import ChangeStream
 from services.segments.definitions import EVALUATION_BATCH
 from services.segments.definitions_repository import DefinitionsRepository
+from services.segments.filters import PlatformTest, SegmentDefinition
 from services.segments.model import ProfileActivity, SessionUpdate
 from services.segments.repository import SegmentsRepository
 from services.segments.service import SegmentsService
@@ -695,6 +696,11 @@ class LargeSegmentOutcome:
     bare_s: float  # the same members inserted by one bare statement
     bare_count: int
     delete_s: float  # DeleteSegment, right after (the sweep may be evaluating the new segment)
+    sweep_s: list[float]  # one evaluation's scans of such a segment just created, read only
+
+    @property
+    def sweep_median_s(self) -> float:
+        return statistics.median(self.sweep_s)
 
 
 async def outbox_drained(conn: asyncpg.Connection) -> None:
@@ -708,9 +714,16 @@ async def measure_large_segment(
 ) -> LargeSegmentOutcome:
     """Creates "all iOS users" through CreateSegment, timed to its answer and to the last of its
     entries leaving the outbox (the relay's drain), beside the bare insert of the same members;
-    then deletes it, so that the freshness part evaluates only the benchmark's segment."""
+    then deletes it, so that the freshness part evaluates only the benchmark's segment. Last,
+    times one sweep evaluation of such a segment just created (new_segment_sweep)."""
     conn = await asyncpg.connect(database_url)
     try:
+        # The members' statistics as autovacuum keeps them in service: they know the segments
+        # created before, never the one just created (taken for one member by the planner). The
+        # sweep evaluates a new segment at once (it settles), holding its row meanwhile: a plan
+        # that depends on the member count made DeleteSegment wait over 60 s (2026-12-07), or
+        # not, as autovacuum happened to analyze the table between the two creations or not.
+        await conn.execute("ANALYZE custom_segment_members")
         await conn.execute("CREATE TEMP TABLE bench_ios_members (profile_id uuid)")
         started = time.perf_counter()
         await conn.execute(BARE_IOS_MEMBERS, project_id)
@@ -738,7 +751,43 @@ async def measure_large_segment(
         raise BenchError(
             f"CreateSegment stored {created.segment.size} members, the bare SQL {bare_count}"
         )
-    return LargeSegmentOutcome(bare_count, create_s, announced_s, bare_s, bare_count, delete_s)
+    sweep_s = await new_segment_sweep(database_url, project_id, bare_count, SWEEP_REPEATS)
+    return LargeSegmentOutcome(
+        bare_count, create_s, announced_s, bare_s, bare_count, delete_s, sweep_s
+    )
+
+
+async def new_segment_sweep(
+    database_url: str, project_id: uuid.UUID, size: int, repeats: int
+) -> list[float]:
+    """Times the two scans of the sweep's first evaluation of "all iOS users" just created (what
+    a DeleteSegment or UpdateSegment right after its creation may wait for): the segment and its
+    members stored as CreateSegment stores them, then scanned, in one transaction rolled back, so
+    that no statistics know it and nothing is announced."""
+    pool = await create_pool(database_url, max_size=2)
+    repository = DefinitionsRepository(pool)
+    node = PlatformTest((types_pb2.PLATFORM_IOS,))
+    try:
+        sweep_s: list[float] = []
+        for run in range(repeats):
+            now = datetime.now(UTC)
+            segment_id = uuid.uuid4()
+            with contextlib.suppress(_RolledBack):
+                async with repository.transaction() as tx:
+                    definition = SegmentDefinition(f"iOS users, scanned {run}", "", node)
+                    members = await tx.insert_segment(project_id, segment_id, definition, now)
+                    if len(members) != size:
+                        raise BenchError(f"{len(members)} iOS users stored, {size} before")
+                    started = time.perf_counter()
+                    entered = await tx.entered(project_id, segment_id, node, now, EVALUATION_BATCH)
+                    left = await tx.left(project_id, segment_id, node, now, EVALUATION_BATCH)
+                    sweep_s.append(time.perf_counter() - started)
+                    if entered or left:
+                        raise BenchError(f"the sweep would move {len(entered) + len(left)}")
+                    raise _RolledBack
+    finally:
+        await pool.close()
+    return sweep_s
 
 
 async def measure_lag(
@@ -904,6 +953,12 @@ def print_large_segment(outcome: LargeSegmentOutcome, profiles: int) -> None:
         f" (x{outcome.create_s / outcome.bare_s:.1f} and"
         f" x{outcome.announced_s / outcome.bare_s:.1f}); DeleteSegment {outcome.delete_s:.3f} s"
     )
+    print(
+        "  one sweep evaluation of such a segment just created (entered + left scans, before"
+        " any statistics know it: what a DeleteSegment right after the creation may wait for)"
+        f" median {outcome.sweep_median_s:.3f} s"
+        f" (runs {' '.join(f'{s:.3f}' for s in outcome.sweep_s)})"
+    )
 
 
 def figures_of(
@@ -930,6 +985,8 @@ def figures_of(
         Figure("large_segment_create_s", large_segment.create_s, "s", "bare_member_insert_s",
                large_segment.bare_s),
         Figure("large_segment_announced_s", large_segment.announced_s, "s",
+               "bare_member_insert_s", large_segment.bare_s),
+        Figure("large_segment_sweep_s", large_segment.sweep_median_s, "s",
                "bare_member_insert_s", large_segment.bare_s),
         Figure("engagement_lag_p99_ms", s.p99_ms, "ms", "echo_p99_ms", e.p99_ms),
         Figure("engagement_lag_p50_ms", s.p50_ms, "ms", "echo_p50_ms", e.p50_ms),

@@ -201,10 +201,18 @@ FILL_MEMBERS = (
 # walk the primary key and fetch the heap at random (2.5-3.0 s at a million profiles against
 # 2.1 s for this sequential scan); each batch asks again for those not yet members, and the
 # candidates are locked in profile_id order anyway.
+# The member test is a lookup per profile (OFFSET 0 keeps PostgreSQL from turning NOT EXISTS into
+# an anti-join), so the scan is linear whatever the planner believes of the segment's size. As a
+# join, its plan hung on that belief, and a segment created since custom_segment_members was last
+# analyzed is absent from its statistics, taken for one member: the planner then kept the whole
+# member list as the inner side of a nested loop and every matching profile walked it to its own
+# row. A new segment of 66,667 members at 200,000 profiles compared 2.2 billion rows (over 60 s,
+# the segment locked by the evaluation meanwhile, DeleteSegment and UpdateSegment waiting);
+# tests/integration/test_segments_evaluation_work.py counts the rows.
 SELECT_ENTERED = (
     "SELECT p.profile_id " + LIVE_PROFILES + " AND {where} AND NOT EXISTS (SELECT 1"
     " FROM custom_segment_members m WHERE m.project_id = $1 AND m.segment_id = ${n}::uuid"
-    " AND m.profile_id = p.profile_id) LIMIT ${m}::int"
+    " AND m.profile_id = p.profile_id OFFSET 0) LIMIT ${m}::int"
 )
 # Members that no longer match, with why: erased (no profile row), merged away, or the filter.
 # The profile is looked up per member (LATERAL ... LIMIT 1 keeps the planner from hashing the
