@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import json
 import os
+import select
 import shlex
 import signal
 import sys
@@ -24,7 +25,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import IO, TYPE_CHECKING, Any, cast
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -41,6 +42,10 @@ Handler = Callable[[argparse.Namespace], int]
 # `profiles up` gives its services their grace period, then stops PostgreSQL (up to 30 s).
 DOWN_TIMEOUT_SECONDS = 120
 DOWN_POLL_SECONDS = 0.1
+RESTART_POLL_SECONDS = 0.2
+
+# Every process `profiles up` runs, as `serve` and `restart` name them.
+SUITE_NAMES = (*SERVICE_NAMES, "edge", "console")
 
 DESCRIPTION = """\
 Profiles: a gRPC microservice suite that keeps one real-time view of every customer.
@@ -59,7 +64,8 @@ child processes. Prints the endpoints and keys, then runs until Ctrl-C, SIGTERM 
 One `profiles up` per data directory: a second one refuses, naming the running one; what a
 killed one left running is stopped by `profiles down` or the next start. A service, or an
 embedded PostgreSQL or Redis, that dies is started again (after 0.5, 1, 2, 4 s); the fifth death
-within 60 s stops everything.
+within 60 s stops everything. `profiles restart SERVICE` restarts one service on request (no
+death: it does not count).
 
 Ports come from PROFILES_<SERVICE>_PORT and PROFILES_<SERVICE>_METRICS_PORT (0 turns a
 metrics server off); the defaults:
@@ -70,6 +76,7 @@ examples:
   profiles up
   PROFILES_QUERY_PORT=60054 profiles up --data-dir /tmp/profiles
   profiles status --data-dir /tmp/profiles
+  profiles restart query --data-dir /tmp/profiles
   profiles down --data-dir /tmp/profiles
   profiles keys --json
   profiles project create shop
@@ -79,12 +86,53 @@ examples:
   profiles import bench/sample_events.jsonl"""
 
 
+# How a shell reports a command killed by SIGPIPE (128 + 13), which is how Unix tools end when
+# the reader of their output is gone (`profiles status | head -1`).
+EXIT_OUTPUT_CLOSED = 128 + signal.SIGPIPE
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     try:
-        sys.exit(run(argv))
+        code: int | str | None
+        try:
+            code = run(argv)
+        except SystemExit as exited:  # argparse's (--help, a usage error)
+            code = exited.code
+        # Here, not at exit: a reader gone before the last buffered line is one more closed
+        # pipe, which the interpreter would report on its way out.
+        sys.stdout.flush()
     except KeyboardInterrupt:
         # Ctrl-C before a command set up its own handling (while modules load): no traceback.
         sys.exit(130)
+    except BrokenPipeError:
+        # Python ignores SIGPIPE (its sockets need that), so a closed stdout raises instead of
+        # ending the command quietly. Only a closed stdout or stderr is that case: a broken
+        # socket of a command's own stays an error.
+        closed = _closed_outputs()
+        if not closed:
+            raise
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        for stream in closed:
+            # So that the interpreter's own flush on the way out finds nothing to report.
+            os.dup2(devnull, stream.fileno())
+        sys.exit(EXIT_OUTPUT_CLOSED)
+    sys.exit(code)
+
+
+def _closed_outputs() -> list[IO[str]]:
+    """stdout and stderr, those of them whose reader is gone (a pipe or socket polls POLLERR
+    once its other end is closed)."""
+    closed = []
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            poller = select.poll()
+            poller.register(stream.fileno(), select.POLLOUT)
+            events = poller.poll(0)
+        except (OSError, ValueError):  # no file descriptor (replaced by a caller)
+            continue
+        if any(event & (select.POLLERR | select.POLLHUP) for _, event in events):
+            closed.append(stream)
+    return closed
 
 
 def run(argv: Sequence[str] | None = None) -> int:
@@ -128,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_up(commands)
     _add_status(commands)
+    _add_restart(commands)
     _add_down(commands)
     _add_serve(commands)
     _add_health(commands)
@@ -209,6 +258,88 @@ def _add_status(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     )
     status.add_argument("--json", action="store_true", help="print the record and health as JSON")
     status.set_defaults(handler=_status)
+
+
+def _add_restart(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    restart = commands.add_parser(
+        "restart",
+        parents=[_data_dir_option()],
+        help="restart one service of the suite running on the data directory",
+        description="Asks the `profiles up` of the data directory to restart SERVICE: it sends"
+        " the service SIGTERM (it drains its calls, as on shutdown), kills it if it has not"
+        " ended after PROFILES_SHUTDOWN_GRACE_SECONDS + 5 s (a hung or stopped process), and"
+        " starts it again at once. A restart asked for is no death: it does not count towards"
+        " the five deaths within 60 s that stop everything. Waits until the new process"
+        " serves; exits 0 then, 1 if no `profiles up` serves there or the service does not"
+        " serve again in time. The embedded PostgreSQL and Redis are not restarted this way"
+        " (`profiles status` says what to do about one that does not answer).",
+    )
+    restart.add_argument(
+        "service",
+        metavar="SERVICE",
+        choices=SUITE_NAMES,
+        help=f"the service to restart: {', '.join(SUITE_NAMES)}",
+    )
+    restart.set_defaults(handler=_restart)
+
+
+def _restart(args: argparse.Namespace) -> int:
+    from profiles_cli.suite import (
+        SERVING,
+        check_health,
+        find_leftovers,
+        live_record,
+        read_record,
+        request_restart,
+    )
+    from profiles_cli.up import KILL_AFTER_EXTRA_SECONDS, READY_TIMEOUT_SECONDS
+
+    settings = settings_from(args)
+    data_dir = settings.data_dir
+    name: str = args.service
+    record = live_record(data_dir)
+    if record is None:
+        why = _not_running(data_dir, find_leftovers(data_dir))
+        print(f"profiles restart: {why}", file=sys.stderr)
+        return 1
+    if record.state != "serving" or name not in record.services:
+        print(
+            f"profiles restart: the `profiles up` on {data_dir} (pid {record.pid}) is still"
+            " starting its services; try again once `profiles status` says it serves",
+            file=sys.stderr,
+        )
+        return 1
+    old_pid = record.services[name].pid
+    request_restart(data_dir, name)
+    print(
+        f"Asked `profiles up` (pid {record.pid}) to restart {name} (pid {old_pid}) ...", flush=True
+    )
+    # The stop may take the whole grace and the kill after it, then the start its own time.
+    wait_s = settings.shutdown_grace_seconds + KILL_AFTER_EXTRA_SECONDS + READY_TIMEOUT_SECONDS
+    deadline = time.monotonic() + wait_s
+    while True:
+        current = read_record(data_dir)
+        if current is None or not current.is_alive():
+            print(
+                f"profiles restart: `profiles up` (pid {record.pid}) stopped meanwhile; see its"
+                " terminal",
+                file=sys.stderr,
+            )
+            return 1
+        service = current.services[name]
+        started = service.pid not in (0, old_pid)
+        if started and check_health(service.health, service.address, timeout=1.0) == SERVING:
+            print(f"Restarted {name} (pid {service.pid}); it serves.")
+            return 0
+        if time.monotonic() > deadline:
+            state = f"pid {service.pid} does not serve" if started else "it did not stop"
+            print(
+                f"profiles restart: {name} is not serving again {wait_s:.0f} s after the request"
+                f" ({state}); see {service.log} and the terminal of `profiles up`",
+                file=sys.stderr,
+            )
+            return 1
+        time.sleep(RESTART_POLL_SECONDS)
 
 
 def _add_down(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -328,7 +459,15 @@ def _server_advice(
 ) -> str | None:
     """What to do about a server that does not answer (or was not checked); None when it
     answers."""
-    from profiles_cli.suite import SERVER_NAMES, SERVER_OK, SERVER_UNCHECKED, data_dir_flag
+    from profiles_cli.suite import (
+        PROCESS_RUNNING,
+        PROCESS_STOPPED,
+        SERVER_NAMES,
+        SERVER_OK,
+        SERVER_UNCHECKED,
+        data_dir_flag,
+        embedded_server_process,
+    )
 
     status, why = health
     name = SERVER_NAMES[key]
@@ -342,10 +481,27 @@ def _server_advice(
             " server given by URL: start it again (until then the services answer UNAVAILABLE)"
         )
     flag = data_dir_flag(data_dir)
+    restart_suite = f"restart the suite: `profiles down{flag}` and `profiles up{flag}`"
+    # `profiles up` notices only a server whose process ended; one that is stopped or hangs
+    # is left alone (restarting a PostgreSQL that is merely slow under load would cost more
+    # than it saves), so what to say depends on the process.
+    process, pid = embedded_server_process(data_dir, key)
+    if process == PROCESS_STOPPED:
+        return (
+            f"{name} does not answer ({why}): its process (pid {pid}) is stopped (SIGSTOP, or"
+            f" a debugger), which `profiles up` does not restart. `kill -CONT {pid}` (as its"
+            f" owner) resumes it; if it stays down, see {server.log}, then {restart_suite}"
+        )
+    if process == PROCESS_RUNNING:
+        return (
+            f"{name} does not answer ({why}), though its process (pid {pid}) runs: it hangs"
+            " or is overloaded, and `profiles up` restarts only a server whose process ended."
+            f" See {server.log}; if it stays so, {restart_suite}"
+        )
     return (
-        f"{name} does not answer ({why}); `profiles up` starts it again by itself within"
-        f" seconds (its terminal says so). If it stays down, see {server.log}, then restart the"
-        f" suite: `profiles down{flag}` and `profiles up{flag}`"
+        f"{name} does not answer ({why}): its process is gone, and `profiles up` starts it"
+        f" again by itself within seconds (its terminal says so). If it stays down, see"
+        f" {server.log}, then {restart_suite}"
     )
 
 
@@ -469,7 +625,7 @@ def _add_serve(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     serve.add_argument(
         "service",
-        choices=(*SERVICE_NAMES, "edge", "console"),
+        choices=SUITE_NAMES,
         help="the service to run (edge: the HTTP gateway for SDKs, a client of ingest and"
         " identity, which needs no database; console: the web console)",
     )

@@ -4,6 +4,9 @@
                          a command using its database meanwhile); there only while held
     <data dir>/up.json   its record: pid, each service's address, ports, health check and log;
                          where its PostgreSQL and Redis are (URLs without passwords)
+    <data dir>/restart/<service>
+                         `profiles restart <service>` asks the running `profiles up` to
+                         restart that service (an empty file; `profiles up` takes it away)
 
 The lock decides ownership: the kernel releases it when its holder dies, however it dies, so a
 second `profiles up` can tell a running owner (lock held: refuse) from a killed one (lock free,
@@ -38,6 +41,7 @@ HEALTH_HTTP: HealthKind = "http"  # GET /healthz answering 200
 
 RECORD_FILE = "up.json"
 LOCK_FILE = "up.lock"
+RESTART_DIR = "restart"
 SERVING = "SERVING"
 
 
@@ -134,6 +138,32 @@ def live_record(data_dir: Path) -> RunRecord | None:
     return record if record is not None and record.is_alive() else None
 
 
+def request_restart(data_dir: Path, service: str) -> None:
+    """Asks the `profiles up` of data_dir to restart `service` (it looks every round, 0.2 s).
+    A file rather than a signal: a signal `profiles up` did not expect would end it."""
+    directory = data_dir / RESTART_DIR
+    directory.mkdir(mode=0o700, exist_ok=True)
+    (directory / service).touch()
+
+
+def take_restart_request(data_dir: Path, service: str) -> bool:
+    """True once for each request to restart `service` (it is taken away)."""
+    try:
+        (data_dir / RESTART_DIR / service).unlink()
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def clear_restart_requests(data_dir: Path) -> None:
+    """Forgets requests no `profiles up` took (one made as the last one stopped): a start
+    restarts nothing it did not start."""
+    directory = data_dir / RESTART_DIR
+    with contextlib.suppress(FileNotFoundError):
+        for request in directory.iterdir():
+            request.unlink(missing_ok=True)
+
+
 def take_lock(data_dir: Path) -> IO[bytes] | None:
     """The open, locked lock file of data_dir, or None when another `profiles up` holds it.
 
@@ -225,6 +255,37 @@ async def server_health(
     keys = list(servers)
     answers = await asyncio.gather(*(check(key, servers[key]) for key in keys))
     return dict(zip(keys, answers, strict=True))
+
+
+# What the process of an embedded server is doing, as `profiles status` tells it apart: only a
+# server whose process is gone is started again by `profiles up`.
+PROCESS_GONE = "gone"
+PROCESS_STOPPED = "stopped"  # SIGSTOP (or a debugger): alive, answering nothing
+PROCESS_RUNNING = "running"
+
+
+def embedded_server_process(data_dir: Path, key: str) -> tuple[str, int]:
+    """What the process of data_dir's embedded PostgreSQL or Redis (`key`) is doing, and its
+    pid (0 when gone), found as `profiles up` finds it: by its pid file."""
+    from profiles_cli.datadir import DataDir
+    from shared.embedded import EmbeddedPostgres, EmbeddedRedis
+
+    directory = DataDir(data_dir)
+    server = EmbeddedPostgres(directory.postgres) if key == "postgres" else None
+    pid = (server or EmbeddedRedis(directory.redis)).pid()
+    if pid is None:
+        return PROCESS_GONE, 0
+    try:
+        status = psutil.Process(pid).status()
+    except psutil.NoSuchProcess:
+        return PROCESS_GONE, 0
+    except psutil.Error:  # not ours to read: it is there, and nothing says it is stopped
+        return PROCESS_RUNNING, pid
+    if status in (psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP):
+        return PROCESS_STOPPED, pid
+    if status in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD):
+        return PROCESS_GONE, 0
+    return PROCESS_RUNNING, pid
 
 
 def release_lock(lock: IO[bytes] | None) -> None:

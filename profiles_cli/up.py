@@ -6,7 +6,8 @@ are checked before anything starts (so a taken port costs nothing to undo), then
 Redis, migrations and the default project, then the services of `SUITE` as child processes, each
 in its own session so that a Ctrl-C in the terminal reaches only this supervisor, which stops the
 services before the databases they are still using. A service that dies meanwhile is started
-again with backoff; one that keeps dying stops everything. So is an embedded PostgreSQL or Redis
+again with backoff; one that keeps dying stops everything; one `profiles restart` names is
+stopped and started again on request, which is no death. So is an embedded PostgreSQL or Redis
 (on the same data directory and socket: the services reconnect on their own); a server given by
 URL is not ours to restart.
 """
@@ -52,6 +53,7 @@ from profiles_cli.suite import (
     ServerRecord,
     ServiceRecord,
     check_health,
+    clear_restart_requests,
     data_dir_flag,
     find_leftovers,
     live_record,
@@ -59,6 +61,7 @@ from profiles_cli.suite import (
     remove_record,
     stop_leftovers,
     take_lock,
+    take_restart_request,
     write_record,
 )
 from shared.db import create_pool, migrate
@@ -204,6 +207,11 @@ class Child:
     process: subprocess.Popen[bytes] | None = None
     restarts: Restarts = field(default_factory=Restarts)
     restart_at: float | None = None
+    # A restart `profiles restart` asked for, under way: the process was sent SIGTERM and is
+    # killed at kill_at if still running. Its end is no death: started again at once, not
+    # counted towards CRASH_LIMIT.
+    restart_requested: bool = False
+    kill_at: float | None = None
 
     @property
     def name(self) -> str:
@@ -546,6 +554,7 @@ class Supervisor:
 
     def _start_services(self, settings: Settings) -> None:
         self._env = {**os.environ, **settings.to_env()}
+        clear_restart_requests(self._data_dir.path)
         self._say("Starting " + ", ".join(spec.name for spec in SUITE) + " ...")
         for spec in SUITE:
             child = Child(spec, self._data_dir.logs / f"{spec.name}.log")
@@ -636,9 +645,19 @@ class Supervisor:
                     return 1
             now = time.monotonic()  # a server's restart may have taken seconds
             for child in self._children:
+                if take_restart_request(self._data_dir.path, child.name):
+                    self._begin_requested_restart(child, now)
                 if child.process is not None and child.process.poll() is not None:
-                    if not self._note_death(child, child.process.returncode, now):
+                    if child.restart_requested:
+                        self._restart_as_requested(child)
+                    elif not self._note_death(child, child.process.returncode, now):
                         return 1
+                elif child.kill_at is not None and now >= child.kill_at:
+                    # SIGTERM did not end it (a hung or stopped process): as on shutdown.
+                    child.kill_at = None
+                    self._error(f"{child.name} did not stop in time; killing it")
+                    assert child.process is not None
+                    child.process.kill()
                 elif child.restart_at is not None and now >= child.restart_at:
                     child.restart_at = None
                     self._spawn(child)
@@ -647,6 +666,40 @@ class Supervisor:
                     self._say(f"Restarted {child.name} (pid {child.process.pid}).")
         self._say("Stopping ...")
         return 0
+
+    def _begin_requested_restart(self, child: Child, now: float) -> None:
+        """`profiles restart <name>`: SIGTERM (the service drains as on shutdown), and a kill
+        after the same grace as on shutdown if it does not end; a service waiting to be started
+        again after a death is started at once."""
+        if child.restart_requested:
+            return  # one under way already does what was asked
+        if child.process is None:
+            child.restart_at = now
+            return
+        child.restart_requested = True
+        grace = self._settings.shutdown_grace_seconds + KILL_AFTER_EXTRA_SECONDS
+        child.kill_at = now + grace
+        self._say(
+            f"Restarting {child.name} (pid {child.process.pid}), as `profiles restart` asked."
+        )
+        child.process.send_signal(signal.SIGTERM)
+
+    def _restart_as_requested(self, child: Child) -> None:
+        """Starts a service that ended because `profiles restart` asked, at once; not counted
+        as a death (restarting it on purpose says nothing about it crashing)."""
+        assert child.process is not None
+        how = describe_exit(child.process.returncode)
+        child.process = None
+        child.restart_requested = False
+        child.kill_at = None
+        child.restart_at = None
+        _append_log_line(
+            child.log_path, {"event": "service_restart_requested", "how": how}, level="info"
+        )
+        self._spawn(child)
+        self._write_record()
+        assert child.process is not None
+        self._say(f"Restarted {child.name} (pid {child.process.pid}).")
 
     def _note_death(self, child: Child, code: int, now: float) -> bool:
         """Schedules the restart of a dead service; False when it died too often to go on."""
@@ -803,9 +856,9 @@ def _port_of(name: str, settings: Settings) -> int:
     return next(spec.port(settings) for spec in SUITE if spec.name == name)
 
 
-def _append_log_line(path: Path, entry: dict[str, object]) -> None:
+def _append_log_line(path: Path, entry: dict[str, object], level: str = "error") -> None:
     """One JSON line in a service's log, in the services' own format, from the supervisor."""
-    line = {"level": "error", "logger": "profiles_cli.up", **entry}
+    line = {"level": level, "logger": "profiles_cli.up", **entry}
     with contextlib.suppress(OSError), path.open("a") as log_file:
         log_file.write(json.dumps(line) + "\n")
 

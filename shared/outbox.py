@@ -12,11 +12,17 @@ of them. Order is kept within one relay's batch, not across relays.
 Every relay also trims its topics' streams by time every `trim_interval_s` (Bus.trim_expired): a
 stream nobody publishes to still loses its old entries, and with several relays a trim only
 finds less to do.
+
+What an operator watches: `profiles_outbox_backlog` (counted in PostgreSQL every
+`metrics_interval_s`, also while Redis is away, when it is the number that grows) and
+`profiles_outbox_redis_up` (whether this relay last reached Redis: a publish, or a PING when it
+had nothing to publish).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -81,7 +87,20 @@ COUNT_BACKLOG = "SELECT count(*) FROM outbox"
 # and the relay tries again later.
 REDIS_FAILURES: tuple[type[Exception], ...] = (RedisError, TimeoutError, SlotNotCoveredError)
 
+# A database that fails the backlog's count while Redis is away: left to the next round, which
+# meets it and backs off (a relay's round starts with the database).
+DATABASE_FAILURES: tuple[type[Exception], ...] = (
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    OSError,
+)
+
 OUTBOX_BACKLOG = Gauge("profiles_outbox_backlog", "Outbox rows waiting to be published.")
+OUTBOX_REDIS_UP = Gauge(
+    "profiles_outbox_redis_up",
+    "1 when this process's outbox relay last reached Redis (a publish, or a PING when it had"
+    " nothing to publish, every metrics interval), 0 when it last failed to.",
+)
 OUTBOX_PUBLISHED = Counter(
     "profiles_outbox_published_total", "Outbox rows published to the bus.", ["topic"]
 )
@@ -214,14 +233,25 @@ class OutboxRelay:
                     self._wake.clear()
                     published = await self.relay_batch()
                     db_backoff.recovered()
-                    if published:  # an empty round did not talk to Redis: no news about it
-                        redis_backoff.recovered()
-                    await self._update_metrics_if_due()
+                    if published:
+                        self._reached_redis(redis_backoff)
+                    if self._metrics_due():
+                        if not published:
+                            # An empty round did not talk to Redis: without a PING an idle
+                            # relay would report a Redis it has no news of.
+                            await self._ping_redis()
+                            self._reached_redis(redis_backoff)
+                        await self.update_metrics()
                     if published < self._batch_size:
                         await self._wait_for_rows()
                 except REDIS_FAILURES as exc:
-                    await sleep_unless(self._stop, redis_backoff.failed(exc))
-                except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+                    OUTBOX_REDIS_UP.set(0)
+                    delay = redis_backoff.failed(exc)
+                    # The backlog is counted in PostgreSQL, so it stays current while Redis is
+                    # away: its growth is what an operator alerts on (docs/running.md).
+                    await self._update_metrics_without_redis()
+                    await sleep_unless(self._stop, delay)
+                except DATABASE_FAILURES as exc:
                     await self._unlisten()
                     await sleep_unless(self._stop, db_backoff.failed(exc))
                 except Exception:
@@ -305,12 +335,30 @@ class OutboxRelay:
         async with self._pool.acquire() as conn:
             backlog = int(await conn.fetchval(COUNT_BACKLOG))
         OUTBOX_BACKLOG.set(backlog)
+        self._next_metrics = time.monotonic() + self._metrics_interval_s
         return backlog
 
-    async def _update_metrics_if_due(self) -> None:
-        if time.monotonic() >= self._next_metrics:
+    def _metrics_due(self) -> bool:
+        return time.monotonic() >= self._next_metrics
+
+    async def _update_metrics_without_redis(self) -> None:
+        """The backlog gauge, when due, in a round Redis failed; never raises what the database
+        raises (the next round meets it and backs off)."""
+        if not self._metrics_due():
+            return
+        with contextlib.suppress(*DATABASE_FAILURES):
             await self.update_metrics()
-            self._next_metrics = time.monotonic() + self._metrics_interval_s
+
+    async def _ping_redis(self) -> None:
+        """Raises what Redis raises, within the publish timeout (a stopped Redis never
+        answers)."""
+        async with asyncio.timeout(self._publish_timeout_s):
+            await self._bus.redis.ping()
+
+    @staticmethod
+    def _reached_redis(backoff: Backoff) -> None:
+        backoff.recovered()
+        OUTBOX_REDIS_UP.set(1)
 
     async def _trim_if_due(self) -> None:
         """Trims the streams by time when due. A failed trim is logged and tried again at the

@@ -62,6 +62,10 @@ MAX_QUERY_BYTES = 4096
 # Seconds an SDK is told to wait when the suite cannot take its data now.
 UNAVAILABLE_RETRY_AFTER = "2"
 
+# BackendError kinds that refuse the request itself (logged at info); the others ("unavailable")
+# are the suite's failures.
+CLIENT_FAULTS = frozenset({"unauthenticated", "forbidden", "rate_limited", "invalid"})
+
 Translate = Callable[[datetime, str], Translation]
 
 
@@ -80,17 +84,27 @@ class Answer:
     # Retry-After. 429 for Segment's and Countly's; PostHog's drop a 429 (posthog-js retries
     # only 5xx), so theirs is 503.
     rate_limited: tuple[int, Any] = (429, {"message": "Too many requests"})
+    # Ingest or identity unavailable: a 503 (with Retry-After), which every SDK retries.
+    unavailable: tuple[int, Any] = (503, {"message": "Try again later"})
 
 
 # What a key of another role is told, in every dialect.
 FORBIDDEN_MESSAGE = "This key may not send events: use the project's SDK key"
 
 
+def _segment_error(status: int, code: str, message: str) -> tuple[int, Any]:
+    """Segment's error body: segment-analytics-python reads `code` and `message` (and logs
+    "Unknown error" for a body without them); `success` is what the other SDKs see."""
+    return status, {"success": False, "code": code, "message": message}
+
+
 SEGMENT = Answer(
     ok=(200, {"success": True}),
-    invalid=lambda message: (400, {"success": False, "message": message}),
-    unauthenticated=(401, {"success": False, "message": "Invalid write key"}),
-    forbidden=(403, {"success": False, "message": FORBIDDEN_MESSAGE}),
+    invalid=lambda message: _segment_error(400, "invalid_request", message),
+    unauthenticated=_segment_error(401, "invalid_write_key", "Invalid write key"),
+    forbidden=_segment_error(403, "forbidden", FORBIDDEN_MESSAGE),
+    rate_limited=_segment_error(429, "rate_limited", "Too many requests"),
+    unavailable=_segment_error(503, "unavailable", "Try again later"),
 )
 
 
@@ -177,7 +191,11 @@ class Gateway:
                 result = await self.backend.execute(translation, key, dialect, received)
             except BackendError as exc:
                 outcome = exc.kind
-                log.info("edge_backend_failed", dialect=dialect, kind=exc.kind, code=exc.detail)
+                # A refusal of the request (its key, its rate, its content) is the client's
+                # business; anything else is the suite failing the SDK (an outage of ingest or
+                # identity): what an operator must see, a warning.
+                report = log.info if exc.kind in CLIENT_FAULTS else log.warning
+                report("edge_backend_failed", dialect=dialect, kind=exc.kind, code=exc.detail)
                 if exc.kind == "unauthenticated":
                     return self.refuse(request, dialect, outcome, *answer.unauthenticated)
                 if exc.kind == "forbidden":
@@ -188,9 +206,7 @@ class Gateway:
                 if exc.kind == "invalid":
                     return self.refuse(request, dialect, outcome, *answer.invalid(exc.detail))
                 headers = {"Retry-After": UNAVAILABLE_RETRY_AFTER}
-                return self.refuse(
-                    request, dialect, "unavailable", 503, {"message": "Try again later"}, headers
-                )
+                return self.refuse(request, dialect, "unavailable", *answer.unavailable, headers)
             EVENTS.labels(dialect, "accepted").inc(result.accepted)
             EVENTS.labels(dialect, "duplicate").inc(result.duplicate)
             EVENTS.labels(dialect, "rejected").inc(result.rejected)

@@ -20,7 +20,7 @@ from services.segments.model import (
     fold_sessions,
 )
 from services.segments.service import SegmentsService
-from shared.bus import sleep_unless
+from shared.bus import dependency_unavailable, sleep_unless
 from shared.clock import Clock
 
 log = structlog.get_logger(__name__)
@@ -191,8 +191,13 @@ class PeriodicWorker(abc.ABC):
         while not self._stop.is_set():
             try:
                 await self.tick()
-            except Exception:
-                log.exception(self.failure_event)
+            except Exception as exc:
+                if dependency_unavailable(exc):
+                    # An outage, not a fault: the next round retries it, and a traceback per
+                    # round would bury the log (the services' other paths warn alike).
+                    log.warning(self.failure_event, error=repr(exc))
+                else:
+                    log.exception(self.failure_event)
             await sleep_unless(self._stop, self._interval_s)
 
     async def stop(self) -> None:

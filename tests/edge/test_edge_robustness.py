@@ -211,14 +211,22 @@ async def test_a_gzip_body_without_its_trailer_is_refused_in_every_dialect(edge:
     reply = await send(f"{edge.url}/v1/batch", cut, {"Content-Encoding": "gzip"})
     assert (reply.status_code, reply.json()) == (
         400,
-        {"success": False, "message": "The compressed body is truncated"},
+        {
+            "success": False,
+            "code": "invalid_request",
+            "message": "The compressed body is truncated",
+        },
     )
     junk = await send(
         f"{edge.url}/v1/batch", gzip.compress(segment) + b"junk", {"Content-Encoding": "gzip"}
     )
     assert (junk.status_code, junk.json()) == (
         400,
-        {"success": False, "message": "The compressed body has bytes after its end"},
+        {
+            "success": False,
+            "code": "invalid_request",
+            "message": "The compressed body has bytes after its end",
+        },
     )
 
     posthog = json.dumps(

@@ -108,7 +108,11 @@ async def test_a_body_holding_no_events_is_refused_not_stored_as_nothing(edge: E
     for body in ({"writeKey": key, "batch": "x"}, {"writeKey": key, "nobatch": True}):
         reply = await send(f"{edge.url}/v1/batch", body)
         assert reply.status_code == 400, body
-        assert reply.json() == {"success": False, "message": "The body has no batch list"}
+        assert reply.json() == {
+            "success": False,
+            "code": "invalid_request",
+            "message": "The body has no batch list",
+        }
     for body in ({"api_key": key, "batch": "x"}, {"api_key": key}):
         reply = await send(f"{edge.url}/batch/", body)
         assert reply.status_code == 400, body
