@@ -20,13 +20,14 @@ Delivery is at least once: a consumer acks an entry only after its handler retur
 crashed consumer are claimed by another after `claim_idle_ms`, so handlers must be idempotent.
 The catalogue of real topics is shared/topics.py; this module is only the mechanism.
 
-Entries carry personal data (attribute values, custom and installation IDs), so streams are kept
-for a bounded time: `trim_expired` (run every minute by every outbox relay) removes the entries of
-a stream and of its dead-letter stream older than the retention (PROFILES_BUS_RETENTION_HOURS,
-7 days) by Redis's own clock, the clock entry IDs are made of. `maxlen` stays a size cap on
-every XADD. A consumer group stopped longer than the retention loses what was trimmed before it
-read it: the trim logs `bus_unread_entries_expired` and counts it, and a consumer acks (and
-counts) a pending entry it finds trimmed. docs/running.md says how to recover.
+Entries carry personal data (attribute values, custom and installation IDs), so streams are kept for
+a bounded time: `trim_expired` (run every minute by every outbox relay) removes the entries of a
+stream and of its dead-letter stream older than the retention (PROFILES_BUS_RETENTION_HOURS, 7 days)
+by Redis's own clock, the clock entry IDs are made of, and those of every other dead-letter stream
+under the prefix (found by SCAN: a topic renamed or removed since). `maxlen` stays a size cap on
+every XADD. A consumer group stopped longer than the retention loses what was trimmed before it read
+it: the trim logs `bus_unread_entries_expired` and counts it, and a consumer acks (and counts) a
+pending entry it finds trimmed. docs/running.md says how to recover.
 """
 
 from __future__ import annotations
@@ -64,6 +65,11 @@ DEFAULT_RETENTION_MS = 7 * 24 * 3_600_000
 # Most entries one approximate trim call frees (whole stream nodes): the first trim of a stream
 # that held a backlog frees it in steps that keep Redis responsive in between.
 TRIM_STEP_LIMIT = 10_000
+# Keys one SCAN call looks at, when trim_expired looks for dead-letter streams of topics it was
+# not given: a round trip per this many keys of the database.
+SCAN_COUNT = 1000
+# Characters special in a Redis glob pattern (SCAN MATCH), escaped in a prefix with a backslash.
+_GLOB_SPECIAL = re.compile(r"([*?\[\]\\^])")
 # Errors that mean "Redis is away for now": retried with backoff, never fatal. The built-in
 # TimeoutError is what asyncio.timeout() raises around a read that hangs on a dead connection;
 # the cluster ones are what a Redis Cluster answers while a failover moves slots to a replica.
@@ -452,14 +458,40 @@ class Bus:
 
     async def trim_expired(self, topics: Iterable[Topic]) -> int:
         """Removes the entries older than the retention (by Redis's clock) from the topics'
-        streams (kept at least `keep_at_least_ms`) and their dead-letter streams; returns how
-        many. Logs and counts the consumer groups that lose entries they had not read."""
+        streams (kept at least `keep_at_least_ms`) and their dead-letter streams, and from
+        every other dead-letter stream under the prefix; returns how many. Logs and counts the
+        consumer groups that lose entries they had not read."""
         removed = 0
+        known = set()
         for topic in topics:
+            known.add(topic.name)
             stream_retention = max(self.retention_ms, topic.keep_at_least_ms)
             removed += await self._trim_key(topic.name, "stream", stream_retention)
             removed += await self._trim_key(topic.name, "dead", self.retention_ms)
+        # A dead letter keeps the message it could not deliver (personal data, like any entry)
+        # whether or not its topic is still in the catalogue: a topic renamed or removed leaves
+        # a dead-letter stream no relay is given. Every dead-letter stream follows the bus
+        # retention, whatever its topic, so these are trimmed alike. (A topic's own stream is
+        # left to the relays that know it: one may keep it longer, keep_at_least_ms.)
+        for topic_name in await self.dead_letter_topics():
+            if topic_name not in known:
+                removed += await self._trim_key(topic_name, "dead", self.retention_ms)
         return removed
+
+    async def dead_letter_topics(self) -> list[str]:
+        """The topics that have a dead-letter stream under the prefix, in name order, found by
+        SCAN (on every node of a cluster): one pass over the database's keys, SCAN_COUNT a
+        call."""
+        escaped = _GLOB_SPECIAL.sub(r"\\\1", self.prefix)
+        pattern = escaped + ":{*}:dead"
+        topic_name = _TOPIC_NAME.pattern.removeprefix("^").removesuffix("$")
+        key_shape = re.compile(re.escape(self.prefix) + r":\{(" + topic_name + r")\}:dead")
+        names = set()
+        async for key in self.redis.scan_iter(match=pattern, count=SCAN_COUNT, _type="stream"):
+            found = key_shape.fullmatch(_text(key))
+            if found is not None:
+                names.add(found[1])
+        return sorted(names)
 
     async def _trim_key(self, topic_name: str, stream: str, retention_ms: int) -> int:
         key = self.stream_key(topic_name) if stream == "stream" else self.dead_key(topic_name)

@@ -17,6 +17,9 @@ DEFAULT_PORTS = {"ingest": 50051, "identity": 50052, "segments": 50053, "query":
 DEFAULT_METRICS_PORTS = {"ingest": 9451, "identity": 9452, "segments": 9453, "query": 9454}
 # A year at most: the bus retention is what bounds how long an erasure takes to reach the bus.
 BUS_RETENTION_MOST_HOURS = 8760
+# A day at most: the sweep bounds how long an erasure whose notice was lost takes to reach
+# segments' and query's tables.
+ERASURE_SWEEP_MOST_MINUTES = 1440
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +94,13 @@ SETTINGS: tuple[Setting, ...] = (
         " within a minute, by the services' outbox relays: how long an erased person's data"
         " stays on the bus (segment changes stay as long as a project may read them); a"
         " consumer stopped for longer loses messages (docs/running.md); 1 to 8760",
+    ),
+    Setting(
+        "PROFILES_ERASURE_SWEEP_MINUTES",
+        "10",
+        "segments and query: how often each purges what it still keeps of the profiles identity"
+        " erased (on start, then every this many minutes), for an erasure whose ProfileDeleted"
+        " it never handled (docs/identity.md); 1 to 1440",
     ),
     Setting(
         "PROFILES_EVENTS_RETENTION_DAYS",
@@ -207,6 +217,7 @@ class Settings:
     max_streams: int = 100
     claim_idle_seconds: float = 30.0
     bus_retention_hours: int = 168
+    erasure_sweep_minutes: int = 10
     edge_port: int = 8340
     edge_metrics_port: int = 9455
     edge_rate_limit: float = 500.0
@@ -267,6 +278,12 @@ class Settings:
                 least=1,
                 most=BUS_RETENTION_MOST_HOURS,
             ),
+            erasure_sweep_minutes=_whole(
+                "PROFILES_ERASURE_SWEEP_MINUTES",
+                values["PROFILES_ERASURE_SWEEP_MINUTES"],
+                least=1,
+                most=ERASURE_SWEEP_MOST_MINUTES,
+            ),
             edge_port=_port("PROFILES_EDGE_PORT", values["PROFILES_EDGE_PORT"]),
             edge_metrics_port=_port(
                 "PROFILES_EDGE_METRICS_PORT", values["PROFILES_EDGE_METRICS_PORT"], off_allowed=True
@@ -314,6 +331,7 @@ class Settings:
             "PROFILES_MAX_STREAMS": str(self.max_streams),
             "PROFILES_CLAIM_IDLE_SECONDS": str(self.claim_idle_seconds),
             "PROFILES_BUS_RETENTION_HOURS": str(self.bus_retention_hours),
+            "PROFILES_ERASURE_SWEEP_MINUTES": str(self.erasure_sweep_minutes),
             "PROFILES_EDGE_PORT": str(self.edge_port),
             "PROFILES_EDGE_METRICS_PORT": str(self.edge_metrics_port),
             "PROFILES_EDGE_RATE_LIMIT": str(self.edge_rate_limit),

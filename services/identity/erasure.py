@@ -11,14 +11,16 @@ from uuid import UUID
 
 import asyncpg
 
+from services.identity.errors import ConcurrentChange
 from services.identity.hooks import ProfileHooks
-from services.identity.model import ERASED_SIDE, Erasure
+from services.identity.model import ERASED_SIDE, Erasure, renamed_installation_id
 
-# The erased profile's installations, locked in installation_id order (as a merge moves them),
-# so an event being stored for any of them finishes or waits.
+# The erased profile's installations, and those of other profiles whose ID is one of its custom
+# IDs ($3; renamed below), locked in installation_id order (as a merge moves them), so an event
+# being stored for any of them finishes or waits.
 LOCK_INSTALLATIONS_OF_PROFILE = """
-    SELECT installation_id FROM installations
-    WHERE project_id = $1 AND profile_id = $2
+    SELECT installation_id, profile_id FROM installations
+    WHERE project_id = $1 AND (profile_id = $2 OR installation_id = ANY($3::text[]))
     ORDER BY installation_id
     FOR UPDATE"""
 
@@ -85,6 +87,87 @@ DELETE_INSTALLATIONS = """
 DELETE_PROFILES = """
     DELETE FROM profiles WHERE project_id = $1 AND profile_id = ANY($2::uuid[])"""
 
+# -- Another person's installation named by an erased custom ID --------------------------------
+# A Countly device's ID is its user's custom ID once they log in; when the device then switched
+# to another user (a device ID change with merge to the other user's ID, or a logout and
+# someone else's login under the same device ID), that installation belongs to the other
+# person. Erasing the first person renames it (a new random ID) wherever it is named, after
+# everything of the erased profiles went: the other person keeps their history and device
+# details, and nothing names the erased custom ID. A request under the old ID is then a new
+# installation, refused during the quarantine (ResolveProfiles answers `erased`).
+#
+# The profiles whose rows may name it ($3: its holders now, the profiles that left it, as
+# ingest keeps them, through its read contract) and, from them, every profile the installation
+# passed through: the other side of each recorded move of it (identity_changes naming it, both
+# ways: moves are recorded under the profile IDs of their time) and, since a merge moves a
+# profile's events and history to its survivor, the tombstones of each and the survivor of
+# each. Indexed probes; the set is as small as the installation's history. Moves whose side
+# was erased no longer name installations (REDACT_CHANGES): the path stops there, and what lay
+# beyond it is reached through ingest's rows of the profiles that left the installation.
+SELECT_FORMER_HOLDERS = """
+    SELECT DISTINCT profile_id FROM ingest_read_profile_former_installations()
+    WHERE project_id = $1 AND installation_id = ANY($2::text[])"""
+SELECT_RENAME_PROFILES = """
+    WITH RECURSIVE passed(profile_id) AS (
+        SELECT unnest($3::uuid[])
+        UNION
+        SELECT n.profile_id
+        FROM passed p
+        CROSS JOIN LATERAL (
+            SELECT c.source_profile_id FROM identity_changes c
+            WHERE c.project_id = $1 AND c.target_profile_id = p.profile_id
+                AND c.installation_ids && $2::text[]
+            UNION ALL
+            SELECT c.target_profile_id FROM identity_changes c
+            WHERE c.project_id = $1 AND c.source_profile_id = p.profile_id
+                AND c.installation_ids && $2::text[]
+            UNION ALL
+            SELECT t.profile_id FROM profiles t
+            WHERE t.project_id = $1 AND t.merged_into = p.profile_id
+            UNION ALL
+            SELECT s.merged_into FROM profiles s
+            WHERE s.project_id = $1 AND s.profile_id = p.profile_id AND s.merged_into IS NOT NULL
+        ) n(profile_id)
+    )
+    SELECT p.profile_id, p.merged_into IS NULL AS live
+    FROM passed x JOIN profiles p ON p.project_id = $1 AND p.profile_id = x.profile_id
+    ORDER BY p.profile_id"""
+
+# The installations get their new IDs; link_version rises, so a caller that kept the old link
+# notices. The history keeps each move, under the new ID.
+RENAME_INSTALLATIONS = """
+    UPDATE installations i SET installation_id = r.new_id, link_version = i.link_version + 1
+    FROM unnest($2::text[], $3::text[]) AS r(old_id, new_id)
+    WHERE i.project_id = $1 AND i.installation_id = r.old_id"""
+RENAME_IN_CHANGES = """
+    UPDATE identity_changes c
+    SET installation_ids = ARRAY(
+        SELECT coalesce(r.new_id, u.id)
+        FROM unnest(c.installation_ids) WITH ORDINALITY AS u(id, n)
+        LEFT JOIN unnest($3::text[], $4::text[]) AS r(old_id, new_id) ON r.old_id = u.id
+        ORDER BY u.n)
+    WHERE c.project_id = $1
+        AND (c.source_profile_id = ANY($2::uuid[]) OR c.target_profile_id = ANY($2::uuid[]))
+        AND c.installation_ids && $3::text[]"""
+# Ingest's rows (its write rule, 0062), by the live profiles holding them and by installation.
+RENAME_IN_INGEST = """
+    SELECT ingest_apply_installation_rename($1, $2::text[], $3::text[], $4::uuid[])"""
+# The live profiles' views change (their installations): their versions rise, under their
+# locks (profile_id order), taken before any of their rows is renamed. A merge that took one
+# of them meanwhile has moved its rows elsewhere: it is no longer live once locked, and the
+# erasure runs again (the caller compares what comes back).
+BUMP_RENAMED_PROFILES = """
+    WITH locked AS (
+        SELECT profile_id FROM profiles
+        WHERE project_id = $1 AND profile_id = ANY($2::uuid[]) AND merged_into IS NULL
+        ORDER BY profile_id
+        FOR UPDATE
+    )
+    UPDATE profiles p SET version = p.version + 1, update_time = $3
+    FROM locked
+    WHERE p.project_id = $1 AND p.profile_id = locked.profile_id
+    RETURNING p.profile_id"""
+
 # The project's secret for keyed hashes, created on first use; a concurrent creator waits on
 # the primary key and then keeps the first one (read again by SELECT_HMAC_KEY).
 SELECT_HMAC_KEY = "SELECT hmac_key FROM custom_id_hmac_keys WHERE project_id = $1"
@@ -145,7 +228,8 @@ class ErasureSteps:
         their times, so none tells when the person used a device), runs every owner's declared
         erase hook (their rows by profile, installation and custom ID), deletes their history,
         aliases, kept answers and waiting outbox rows, then the installations and the
-        profiles.
+        profiles; last, renames other profiles' installations whose ID is one of `custom_ids`
+        (locked with the profile's own, in one statement) wherever they are named.
 
         Bus entries already published cannot be removed per profile (EventsIngested batches
         mix profiles, and their outbox rows carry no profile_id): consumers skip erased profiles
@@ -155,9 +239,12 @@ class ErasureSteps:
         ]
         ids = [profile_id, *tombstones]
         installation_rows = await self._conn.fetch(
-            LOCK_INSTALLATIONS_OF_PROFILE, project_id, profile_id
+            LOCK_INSTALLATIONS_OF_PROFILE, project_id, profile_id, list(custom_ids)
         )
-        installation_ids = [r["installation_id"] for r in installation_rows]
+        installation_ids = [
+            r["installation_id"] for r in installation_rows if r["profile_id"] == profile_id
+        ]
+        others = [r for r in installation_rows if r["profile_id"] != profile_id]
         event_custom_ids = [
             r["custom_id"] for r in await self._conn.fetch(SELECT_EVENT_CUSTOM_IDS, project_id, ids)
         ]
@@ -175,11 +262,50 @@ class ErasureSteps:
         await self._conn.execute(DELETE_ALIASES, project_id, ids)
         await self._conn.execute(DELETE_INSTALLATIONS, project_id, profile_id)
         await self._conn.execute(DELETE_PROFILES, project_id, ids)
+        renamed: list[tuple[str, str]] = []
+        renamed_profile_ids: list[UUID] = []
+        if others:
+            renamed = [(r["installation_id"], renamed_installation_id()) for r in others]
+            renamed_profile_ids = await self._rename_installations(
+                project_id, renamed, [r["profile_id"] for r in others], now
+            )
         return Erasure(
             tombstone_profile_ids=tuple(sorted(tombstones)),
             installation_ids=tuple(installation_ids),
             event_count=int(event_count),
+            renamed_installations=tuple(renamed),
+            renamed_profile_ids=tuple(renamed_profile_ids),
         )
+
+    async def _rename_installations(
+        self,
+        project_id: UUID,
+        renamed: Sequence[tuple[str, str]],
+        holders: Sequence[UUID],
+        now: datetime,
+    ) -> list[UUID]:
+        """Renames other profiles' installations (locked; `holders`, their profiles) whose old
+        IDs are erased custom IDs, in identity's tables and ingest's; returns the live profiles
+        whose rows named them (their versions raised)."""
+        old_ids = [old for old, _ in renamed]
+        new_ids = [new for _, new in renamed]
+        former = [
+            r["profile_id"]
+            for r in await self._conn.fetch(SELECT_FORMER_HOLDERS, project_id, old_ids)
+        ]
+        passed = await self._conn.fetch(
+            SELECT_RENAME_PROFILES, project_id, old_ids, sorted({*holders, *former})
+        )
+        live = [r["profile_id"] for r in passed if r["live"]]
+        bumped = await self._conn.fetch(BUMP_RENAMED_PROFILES, project_id, live, now)
+        if len(bumped) != len(live):
+            raise ConcurrentChange("a profile holding a renamed installation was merged")
+        await self._conn.execute(RENAME_INSTALLATIONS, project_id, old_ids, new_ids)
+        await self._conn.execute(
+            RENAME_IN_CHANGES, project_id, [r["profile_id"] for r in passed], old_ids, new_ids
+        )
+        await self._conn.execute(RENAME_IN_INGEST, project_id, old_ids, new_ids, live)
+        return live
 
     async def quarantine(
         self, project_id: UUID, digests: Sequence[bytes], expire_time: datetime, now: datetime

@@ -13,9 +13,11 @@ from google.protobuf import json_format
 from profiles.common.v1 import types_pb2
 from services.identity.messages import history_entry
 from services.identity.model import (
+    ERASED_SIDE,
     EXPORT_CHUNK_BYTES,
     EXPORT_CHUNK_RECORDS,
     EXPORT_FORMAT_VERSION,
+    EXPORT_OTHER_PROFILE,
     ExportChunk,
     ExportSection,
     IdentityChange,
@@ -154,8 +156,19 @@ def installation_record(row: Row) -> dict[str, Any]:
 
 
 def history_record(change: IdentityChange) -> dict[str, Any]:
-    """The proto3 JSON form of profiles.common.v1.IdentityHistoryEntry."""
-    return json_format.MessageToDict(history_entry(change))
+    """The proto3 JSON form of profiles.common.v1.IdentityHistoryEntry, except that a side
+    that is not the exported person's (ERASED_SIDE, as ExportReader.changes reads it) reads
+    EXPORT_OTHER_PROFILE: a split on a shared device names the person who used it next (or
+    before), whose profile ID the exported person has no right to. Which side it was, the
+    kind and cause, the time and the device stay, so the person can follow their history."""
+    record = json_format.MessageToDict(history_entry(change))
+    for field, side in (
+        ("sourceProfileId", change.source_profile_id),
+        ("targetProfileId", change.target_profile_id),
+    ):
+        if side == ERASED_SIDE:
+            record[field] = EXPORT_OTHER_PROFILE
+    return record
 
 
 def session_record(row: Row) -> dict[str, Any]:

@@ -9,7 +9,13 @@ from uuid import UUID
 
 import asyncpg
 
-from services.identity.model import ChangeCause, ChangeKind, IdentityChange, Profile
+from services.identity.model import (
+    ERASED_SIDE,
+    ChangeCause,
+    ChangeKind,
+    IdentityChange,
+    Profile,
+)
 from services.identity.profile_rows import SELECT_PROFILES_AND_SURVIVORS, profile_from_row
 
 # -- ExportProfile (read in one REPEATABLE READ snapshot) ----------------------------------------
@@ -93,6 +99,10 @@ SELECT_EXPORT_ENGAGEMENT = "SELECT * FROM segments_read_export_engagement($1, $2
 SELECT_EXPORT_FUNNEL_PROGRESS = "SELECT * FROM segments_read_export_funnel_progress($1, $2, $3)"
 
 
+def _own_or_other(profile_id: UUID, own: set[UUID]) -> UUID:
+    return profile_id if profile_id in own else ERASED_SIDE
+
+
 class ExportReader:
     """The reads of one export, all in one snapshot."""
 
@@ -123,14 +133,18 @@ class ExportReader:
         return await self._conn.fetch(SELECT_EXPORT_INSTALLATIONS, project_id, profile_id)
 
     async def changes(self, project_id: UUID, profile_ids: Sequence[UUID]) -> list[IdentityChange]:
+        """The history of the exported profile (`profile_ids`: it and its tombstones). A side
+        that is none of them (a split's other person on a shared device, or a side erased
+        since) is ERASED_SIDE: the export names nobody else (export.history_record)."""
+        own = set(profile_ids)
         rows = await self._conn.fetch(SELECT_EXPORT_CHANGES, project_id, list(profile_ids))
         return [
             IdentityChange(
                 change_id=r["change_id"],
                 kind=ChangeKind(r["kind"]),
                 cause=ChangeCause(r["cause"]),
-                source_profile_id=r["source_profile_id"],
-                target_profile_id=r["target_profile_id"],
+                source_profile_id=_own_or_other(r["source_profile_id"], own),
+                target_profile_id=_own_or_other(r["target_profile_id"], own),
                 installation_ids=tuple(r["installation_ids"]),
                 change_time=r["change_time"],
                 alias_custom_id=r["alias_custom_id"],

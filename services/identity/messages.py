@@ -113,7 +113,11 @@ def profile_deleted(project_id: UUID, result: DeleteResult, erasure: Erasure) ->
         project_id=str(project_id),
         profile_id=str(result.profile_id),
         tombstone_profile_ids=[str(p) for p in erasure.tombstone_profile_ids],
-        installation_ids=list(erasure.installation_ids),
+        # Then each renamed installation's old ID (gone) and new ID: consumers recount both.
+        installation_ids=[
+            *erasure.installation_ids,
+            *(ids for pair in erasure.renamed_installations for ids in pair),
+        ],
         custom_id_quarantined=result.custom_id_quarantined,
         delete_time=timestamp_of(result.delete_time),
     )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import hmac
+import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
 from datetime import datetime, timedelta
@@ -369,6 +370,13 @@ class Erasure:
     installation_ids: tuple[str, ...]
     # Events turned into bare dedupe markers.
     event_count: int
+    # Other people's installations whose ID was one of the erased custom IDs (a Countly device
+    # that switched users keeps its previous user's ID as its installation ID), as (old ID,
+    # new ID): renamed, not unlinked, so their holders keep their history and device.
+    renamed_installations: tuple[tuple[str, str], ...] = ()
+    # The live profiles those installations' rows belong to (their holders now, and the
+    # profiles holding their earlier events): their versions were raised.
+    renamed_profile_ids: tuple[UUID, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -408,6 +416,19 @@ def event_marker(secret: bytes, custom_id: str) -> str:
     return EVENT_MARKER_PREFIX + hmac.new(key, custom_id.encode(), hashlib.sha256).hexdigest()
 
 
+# What an installation of another profile is renamed to when its ID is an erased custom ID:
+# random, so that nothing, not even the project's secret, links it to the erased ID (a keyed
+# hash would let whoever holds the secret confirm a guess for as long as the holder's history
+# is kept). The prefix tells an operator why the installation has such an ID; within the
+# 128 characters installation IDs may have.
+RENAMED_INSTALLATION_PREFIX = "renamed:"
+
+
+def renamed_installation_id() -> str:
+    """A new, random ID for an installation whose ID was an erased custom ID."""
+    return RENAMED_INSTALLATION_PREFIX + secrets.token_hex(16)
+
+
 def quarantine_end(now: datetime, quarantine_days: int) -> datetime | None:
     """When a custom ID erased now leaves quarantine; None when the project keeps no quarantine
     (setting identity.quarantine_days is 0)."""
@@ -434,6 +455,10 @@ class ExportSection(enum.Enum):
 
 
 EXPORT_FORMAT_VERSION = 1
+# What an export's identity history shows in place of a profile that is not the exported
+# person's (the other side of a split on a shared device: whoever logged in next, or the
+# person before them; a side erased since): another person's profile ID is theirs to know.
+EXPORT_OTHER_PROFILE = "another profile"
 # A chunk holds at most this many records, and at most about this many bytes of JSON (one
 # record larger than that, say an event with a long stack trace, still goes alone).
 EXPORT_CHUNK_RECORDS = 500

@@ -186,6 +186,50 @@ class IdentityService:
                 results.append(by_custom_id[custom_id])
         return results
 
+    async def look_up(
+        self, project_id: UUID, keys: Sequence[ProfileKey]
+    ) -> list[Resolution | InvalidArgument]:
+        """ResolveProfiles with `lookup_only`: each key's current profile, in order, read from
+        the database (a cached answer could predate an erasure), creating nothing. A key nobody
+        holds gets no profile, and `erased` when it is a quarantined custom ID or an unknown
+        installation ID equal to one (known installations are left alone, as `resolve` leaves
+        them). An invalid key gets its error. Raises KeysInvalid for 0 or over 1,000 keys."""
+        if not 1 <= len(keys) <= MAX_KEYS:
+            why = f"must hold 1 to {MAX_KEYS} keys"
+            raise KeysInvalid(f"keys {why}", [FieldViolation("keys", why, KeysInvalid.reason)])
+        needs_junk = any(k.custom_id is not None for k in keys)
+        batch = split_keys(keys, await self.extra_junk_custom_ids(project_id) if needs_junk else ())
+        known = (
+            await self._repository.find_installations(project_id, batch.installation_ids)
+            if batch.installation_ids
+            else {}
+        )
+        unknown = [i for i in batch.installation_ids if i not in known]
+        secret = await self._known_secret(project_id)
+        # The same HMAC for both: an installation ID is refused when it equals an erased custom ID.
+        erased = await self._quarantined(
+            project_id, secret, [*unknown, *batch.custom_ids], self._clock.now()
+        )
+        live = [c for c in batch.custom_ids if c not in erased]
+        holders = await self._repository.find_custom_id_holders(project_id, live) if live else {}
+        results: list[Resolution | InvalidArgument] = []
+        for index, (installation_id, custom_id) in enumerate(keys):
+            problem = batch.problems.get(index)
+            if problem is not None:
+                results.append(problem)
+            elif installation_id is not None:
+                found = known.get(installation_id)
+                if found is None:
+                    found = Resolution(None, erased=installation_id in erased)
+                results.append(found)
+            else:
+                assert custom_id is not None
+                holder = holders.get(custom_id)
+                results.append(
+                    Resolution(holder, erased=custom_id in erased, identified=holder is not None)
+                )
+        return results
+
     async def resolve_installations(
         self, project_id: UUID, installation_ids: Sequence[str], *, fresh: bool = False
     ) -> list[Resolution | InvalidArgument]:
@@ -830,7 +874,11 @@ class IdentityService:
                 lambda custom_id: event_marker(secret, custom_id),
                 now,
             )
-            changed = [profile.profile_id, *erasure.tombstone_profile_ids]
+            changed = [
+                profile.profile_id,
+                *erasure.tombstone_profile_ids,
+                *erasure.renamed_profile_ids,  # their renamed installations resolve anew
+            ]
             await self._announce_links(tx, project_id, changed)
             expire_time = quarantine_end(now, quarantine_days) if custom_ids else None
             if expire_time is not None:

@@ -1,5 +1,6 @@
 """Calls identity with the internal credential, on behalf of a project: ResolveProfiles for every
-batch, Identify and MergeProfiles for imported push tokens (ImportTokens)."""
+batch (and, looking up only, for the IDs of the events a batch refused before resolving them),
+Identify and MergeProfiles for imported push tokens (ImportTokens)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ log = structlog.get_logger(__name__)
 
 RESOLVE_TIMEOUT_S = 5.0
 CALL_TIMEOUT_S = 10.0
+# ResolveProfiles takes at most this many keys per call.
+MAX_KEYS_PER_CALL = 1000
 
 
 class OriginKey(NamedTuple):
@@ -92,6 +95,8 @@ class Resolver(Protocol):
         self, project_id: UUID, keys: Sequence[OriginKey], *, fresh: bool = False
     ) -> list[Resolution]: ...
 
+    async def find_erased(self, project_id: UUID, keys: Sequence[OriginKey]) -> set[OriginKey]: ...
+
     async def identify(
         self, project_id: UUID, installation_id: str, custom_id: str, request_id: str
     ) -> Identified: ...
@@ -142,6 +147,35 @@ class IdentityClient:
             else:
                 resolutions.append(Resolution(profile_id=UUID(result.profile_id)))
         return resolutions
+
+    async def find_erased(self, project_id: UUID, keys: Sequence[OriginKey]) -> set[OriginKey]:
+        """The keys identity answers `erased`: custom IDs in quarantine after an erasure, and
+        installation IDs it does not know that equal one. Asked with `lookup_only` (nothing is
+        created, the cache is read past), 1,000 keys per call; an invalid key is no erased one.
+        Raises IdentityUnavailable if identity cannot answer."""
+        erased: set[OriginKey] = set()
+        for start in range(0, len(keys), MAX_KEYS_PER_CALL):
+            chunk = keys[start : start + MAX_KEYS_PER_CALL]
+            request = identity_pb.ResolveProfilesRequest(lookup_only=True, fresh=True)
+            for key in chunk:
+                item = request.keys.add()
+                if key.custom:
+                    item.custom_id = key.value
+                else:
+                    item.installation_id = key.value
+            try:
+                reply = await self._stub.ResolveProfiles(
+                    request,
+                    metadata=((PROJECT_HEADER, str(project_id)),),
+                    timeout=RESOLVE_TIMEOUT_S,
+                )
+            except grpc.aio.AioRpcError as exc:
+                log.warning("find_erased_failed", code=exc.code().name, keys=len(chunk))
+                raise IdentityUnavailable("identity could not look the IDs up") from exc
+            if len(reply.results) != len(chunk):
+                raise IdentityUnavailable("identity answered a different number of keys")
+            erased.update(k for k, r in zip(chunk, reply.results, strict=True) if r.erased)
+        return erased
 
     async def identify(
         self, project_id: UUID, installation_id: str, custom_id: str, request_id: str

@@ -2,6 +2,9 @@
 
 Order of work for one batch (TrackEvents, one StreamEvents batch, ImportEvents):
 1. validate every event (pure; invalid ones become rejections with a reason and a field path);
+   when some are refused, identity is asked whether the IDs they carry are erased (nothing is
+   created), and those naming an erased custom ID in quarantine are kept bare, as identity's
+   ERASED refusals are;
 2. resolve the installations and custom IDs not known yet with one ResolveProfiles call,
    outside any transaction;
 3. one short transaction: insert the events (taking each installation's profile under a share
@@ -19,7 +22,7 @@ import random
 import uuid
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Literal, Protocol
 from uuid import UUID
@@ -47,6 +50,7 @@ from services.ingest.group_commit import GroupCommit
 from services.ingest.identity_client import OriginKey, Resolver
 from services.ingest.messages import events_ingested, serialized_profile_changes
 from services.ingest.model import Rejection
+from services.ingest.payloads import message_ids
 from services.ingest.repository import (
     BatchState,
     IngestRepository,
@@ -226,6 +230,10 @@ class IngestService:
             rejected.extend(some_rejected)
         for invalid in rejected:
             results[invalid.index] = _rejected_result(invalid, by_index[invalid.index])
+        if rejected:
+            # The answers stay the validation's (the client learns what was wrong with what it
+            # sent); what is kept must not name an erased person.
+            rejected = await self._without_erased_ids(project_id, rejected, by_index)
 
         valid = await self._resolve_countries(valid)
         # The installations of the batch reporting a push token (their accepted events' ones
@@ -322,6 +330,35 @@ class IngestService:
             codes = await self._countries.countries([e.client_ip or "" for e in with_ip])
         resolved = {e.index: with_country(e, code) for e, code in zip(with_ip, codes, strict=True)}
         return [resolved.get(e.index, e) for e in events]
+
+    async def _without_erased_ids(
+        self,
+        project_id: UUID,
+        rejected: Sequence[RejectedEvent],
+        by_index: Mapping[int, pb.Event],
+    ) -> list[RejectedEvent]:
+        """The events validation refused, as they are to be kept. Identity never saw them, so
+        its quarantine is asked here (ResolveProfiles looking up only: nothing is created, one
+        call per 1,000 IDs, only for batches with refused events): an event carrying an erased
+        custom ID still in quarantine, as its custom ID, as its installation ID (a Countly
+        device ID is its user's custom ID after a login) or in an untranslated SDK message, is
+        kept bare (_erased). When identity cannot answer, every event carrying an ID is kept
+        bare with its own reason (_unchecked): the refusal is still recorded and answered, and
+        nothing that might be an erased person's is kept in clear."""
+        carried = {r.index: _carried_ids(r, by_index[r.index]) for r in rejected}
+        keys = list(dict.fromkeys(key for ids in carried.values() for key, _ in ids))
+        if not keys:
+            return list(rejected)
+        try:
+            erased = await self._resolver.find_erased(project_id, keys)
+        except IdentityUnavailable:
+            log.warning("ingest_rejected_kept_bare", events=len(rejected))
+            return [_unchecked(r) if carried[r.index] else r for r in rejected]
+        kept = []
+        for refused in rejected:
+            where = next((path for key, path in carried[refused.index] if key in erased), None)
+            kept.append(refused if where is None else _erased(refused, where))
+        return kept
 
     async def _resolve(
         self,
@@ -632,6 +669,83 @@ class IngestService:
 
 def _rejected_result(rejected: RejectedEvent, event: pb.Event) -> EventResult:
     return EventResult(rejected.index, event.event_id, "rejected", None, rejected.rejection)
+
+
+def _carried_ids(rejected: RejectedEvent, event: pb.Event) -> list[tuple[OriginKey, str]]:
+    """The IDs a refused event's row would keep, each with the field it is in: its origin and
+    the strings of an untranslated message that may be IDs (payloads.message_ids). An
+    installation ID is looked up as one (an installation identity knows is left alone, as
+    ResolveProfiles leaves it); one too long for an installation, and a message's strings, as
+    custom IDs, since only the quarantine can name them. None for a row already bare."""
+    if rejected.rejection.reason == model.ERASED:
+        return []
+    ids: list[tuple[OriginKey, str]] = []
+    installation_id = ""
+    which = event.WhichOneof("origin")
+    if which == "installation_id":
+        installation_id = event.installation_id
+        if 1 <= len(installation_id) <= model.MAX_INSTALLATION_ID_LENGTH and not model.has_nul(
+            installation_id
+        ):
+            ids.append((OriginKey(False, installation_id), "installation_id"))
+        elif 1 <= len(installation_id) <= model.MAX_CUSTOM_ID_LENGTH:
+            ids.append((OriginKey(True, installation_id), "installation_id"))
+    elif which == "custom_id" and 1 <= len(event.custom_id) <= model.MAX_CUSTOM_ID_LENGTH:
+        ids.append((OriginKey(True, event.custom_id), "custom_id"))
+    ids.extend(
+        (OriginKey(True, text), "untranslated.message")
+        for text in message_ids(event)
+        if text != installation_id
+    )
+    return ids
+
+
+# What an erased row's message says was erased, by the field it names.
+_ERASED_FIELDS = {
+    "installation_id": "its installation ID is",
+    "custom_id": "its custom ID is",
+    "untranslated.message": "its message names",
+}
+
+
+def _erased(rejected: RejectedEvent, where: str) -> RejectedEvent:
+    """A refused event that names an erased custom ID, kept as identity's ERASED refusals are:
+    its event ID, reason ERASED and the field that named the ID, and no installation ID, custom
+    ID, payload or text the client chose. ERASED rather than the validation's reason: every
+    bare row is then an ERASED one (what the erasure documents, what ListRejectedEvents filters
+    on), and the event, had it been valid, would have been refused ERASED anyway. The
+    validation's reason (a code of the contract or the gateway's UPPER_SNAKE code, never the
+    client's text) stays in the message, so an operator still sees what was wrong with it."""
+    return replace(
+        rejected,
+        installation_id="",
+        custom_id="",
+        raw=None,
+        rejection=Rejection(
+            model.ERASED,
+            where,
+            f"refused as {rejected.rejection.reason} before identity was asked; kept bare:"
+            f" {_ERASED_FIELDS[where]} an erased custom ID",
+        ),
+    )
+
+
+def _unchecked(rejected: RejectedEvent) -> RejectedEvent:
+    """A refused event kept while identity could not say whether its IDs are erased: its reason
+    (not known to be ERASED), its field path up to the first map key (a key is the client's
+    text: an attribute name may be an ID), and no installation ID, custom ID or payload."""
+    return replace(
+        rejected,
+        installation_id="",
+        custom_id="",
+        raw=None,
+        rejection=Rejection(
+            rejected.rejection.reason,
+            rejected.rejection.field_path.split('["', 1)[0],
+            "kept without IDs or payload: identity could not be asked whether they name an"
+            " erased custom ID",
+        ),
+    )
 
 
 def _attribute_operations(

@@ -1,5 +1,6 @@
-"""Builds the query service for shared.server: servicer, and the bus consumers that keep its
-projection (the overview's rollups) up to date."""
+"""Builds the query service for shared.server: servicer, the bus consumers that keep its
+projection (the overview's rollups) up to date, and the erasure sweep that purges what a lost
+ProfileDeleted left in it."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import grpc
 from profiles.query.v1 import query_service_pb2 as pb
 from profiles.query.v1 import query_service_pb2_grpc as pb_grpc
 from services.query.consumers import on_message
+from services.query.erasure_sweep import ErasureSweepWorker
 from services.query.live import ProfileWatch
 from services.query.repository import QueryRepository
 from services.query.service import QueryService, RollupService
@@ -60,5 +62,13 @@ async def build(runtime: Runtime) -> ServiceDefinition:
     return ServiceDefinition(
         full_names=[SERVICE_NAME],
         register=register,
-        workers=[ConsumerWorker(c) for c in consumers],
+        workers=[
+            *(ConsumerWorker(c) for c in consumers),
+            # What a lost ProfileDeleted left behind, purged from identity's record of erasures.
+            ErasureSweepWorker(
+                repository,
+                rollups,
+                interval_s=runtime.settings.erasure_sweep_minutes * 60.0,
+            ),
+        ],
     )

@@ -21,6 +21,7 @@ from services.segments.consumers import (
 )
 from services.segments.definitions import DefinitionsService
 from services.segments.definitions_repository import DefinitionsRepository
+from services.segments.erasure_sweep import ErasureSweepWorker
 from services.segments.repository import SegmentsRepository
 from services.segments.service import SegmentsService
 from services.segments.servicer import SegmentsServicer
@@ -105,6 +106,12 @@ async def _build(
             SweepWorker(service, runtime.clock, interval_s=sweep_interval_s),
             EvaluationWorker(definitions, interval_s=evaluation_interval_s),
             ThresholdsWorker(service, interval_s=thresholds_interval_s),
+            # What a lost ProfileDeleted left behind, purged from identity's record of erasures.
+            ErasureSweepWorker(
+                repository,
+                service,
+                interval_s=runtime.settings.erasure_sweep_minutes * 60.0,
+            ),
             RecomputeOwner(service),
         ],
     )

@@ -280,6 +280,66 @@ SELECT_DISTRIBUTION = """
     SELECT segment, flag, profile_count FROM segments_read_distribution($1, $2::smallint, $3)"""
 
 
+# -- the erasure sweep (erasure_sweep.py) -----------------------------------------------------
+# Where the next sweep may start in identity's record of erasures (identity_read_erased_profiles,
+# 0061, ordered by the erasing transaction's ID): every transaction below the oldest one still
+# running has ended, so a sweep that read the record from its watermark on after taking this
+# has seen every erasure below it.
+SELECT_ERASURE_HORIZON = "SELECT pg_snapshot_xmin(pg_current_snapshot())::text"
+
+# A page of identity's record from a position on (its index, in its order; $2/$3 the last row
+# of the previous page, NULL for the first), each erased ID with whether segments still keeps
+# anything of it: a profile row not marked erased (a merged-away one too), a stored state, a
+# custom segment membership, or sessions (a batch handled after the erasure's hook dropped them,
+# while the profile was not marked erased yet). One primary-key (or by-profile index) probe per
+# table and row: LATERAL subqueries with LIMIT 1, since EXISTS in the select list may be
+# planned as a hash of the whole table, read at every sweep.
+SELECT_ERASED_PROFILES = """
+    SELECT e.position, e.project_id, e.profile_id,
+        p.found IS NOT NULL OR s.found IS NOT NULL OR m.found IS NOT NULL
+            OR x.found IS NOT NULL AS kept
+    FROM (
+        SELECT e.erase_position::text AS position, e.project_id, e.profile_id
+        FROM identity_read_erased_profiles() e
+        WHERE e.erase_position >= $1::text::xid8
+            AND ($2::uuid IS NULL
+                 OR (e.erase_position, e.project_id, e.profile_id)
+                    > ($1::text::xid8, $2::uuid, $3::uuid))
+        ORDER BY e.erase_position, e.project_id, e.profile_id
+        LIMIT $4
+    ) e
+    LEFT JOIN LATERAL (
+        SELECT true AS found FROM segment_profiles p
+        WHERE p.project_id = e.project_id AND p.profile_id = e.profile_id
+            AND p.erase_time IS NULL
+        LIMIT 1
+    ) p ON true
+    LEFT JOIN LATERAL (
+        SELECT true AS found FROM segment_states s
+        WHERE s.project_id = e.project_id AND s.profile_id = e.profile_id LIMIT 1
+    ) s ON true
+    LEFT JOIN LATERAL (
+        SELECT true AS found FROM custom_segment_members m
+        WHERE m.project_id = e.project_id AND m.profile_id = e.profile_id LIMIT 1
+    ) m ON true
+    LEFT JOIN LATERAL (
+        SELECT true AS found FROM segment_sessions x
+        WHERE x.project_id = e.project_id AND x.profile_id = e.profile_id LIMIT 1
+    ) x ON true
+    ORDER BY e.position::xid8, e.project_id, e.profile_id"""
+
+
+@dataclass(frozen=True, slots=True)
+class ErasedProfile:
+    """A profile ID identity erased (identity_read_erased_profiles) and whether segments still
+    keeps rows of it. `position` orders the record: the erasing transaction's ID."""
+
+    position: int
+    project_id: UUID
+    profile_id: UUID
+    kept: bool
+
+
 @dataclass(frozen=True, slots=True)
 class ProfileRow:
     profile_id: UUID
@@ -380,6 +440,27 @@ class SegmentsRepository:
             return await SegmentsTransaction(pooled_connection(conn)).histories(
                 project_id, profile_id, time_zone, recent_since
             )
+
+    async def erasure_horizon(self) -> int:
+        """Where the erasure sweep may start next time, if it reads the record now."""
+        return int(await self._pool.fetchval(SELECT_ERASURE_HORIZON))
+
+    async def erased_profiles(
+        self, position: int, after: ErasedProfile | None, limit: int
+    ) -> list[ErasedProfile]:
+        """At most `limit` rows of identity's record of erasures from `position` on, after
+        `after` (the previous page's last row), in the record's order."""
+        rows = await self._pool.fetch(
+            SELECT_ERASED_PROFILES,
+            str(after.position if after else position),
+            after.project_id if after else None,
+            after.profile_id if after else None,
+            limit,
+        )
+        return [
+            ErasedProfile(int(r["position"]), r["project_id"], r["profile_id"], r["kept"])
+            for r in rows
+        ]
 
     async def thresholds(self) -> list[ProjectThresholds]:
         """Every project that set a threshold or was recomputed, with both sets."""

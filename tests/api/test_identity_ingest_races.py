@@ -29,11 +29,11 @@ if TYPE_CHECKING:
 ACCEPTED = ipb.EVENT_OUTCOME_ACCEPTED
 
 # Every table holding profile rows, from the schema; the outbox is left out (a queued message
-# may name a profile merged away since).
+# may name a profile merged away since), and so is identity's record of erased profiles (0061).
 PROFILE_TABLES = """
     SELECT table_name FROM information_schema.columns
     WHERE table_schema = current_schema() AND column_name = 'profile_id'
-        AND table_name NOT IN ('profiles', 'outbox')
+        AND table_name NOT IN ('profiles', 'outbox', 'erased_profiles')
         AND table_name IN (SELECT table_name FROM information_schema.tables
                            WHERE table_schema = current_schema() AND table_type = 'BASE TABLE')"""
 

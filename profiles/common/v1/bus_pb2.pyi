@@ -699,7 +699,12 @@ class ProfileDeleted(_message.Message):
 
     @_builtins.property
     def installation_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """The installations that were unlinked; their next event starts a fresh anonymous profile."""
+        """The installations that were unlinked; their next event starts a fresh anonymous profile.
+        Then, for each installation of another profile whose ID was one of the erased custom IDs
+        (a shared device that went to someone else), renamed rather than unlinked: its old ID (no
+        longer known) and its new ID (the other person's installation now). Consumers recount or
+        drop what they kept by installation from identity's current state.
+        """
 
     @_builtins.property
     def delete_time(self) -> _timestamp_pb2.Timestamp:

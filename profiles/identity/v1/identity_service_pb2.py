@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n+profiles/identity/v1/identity_service.proto\x12\x14profiles.identity.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\"W\n\x16ResolveProfilesRequest\x12.\n\x04keys\x18\x01 \x03(\x0b\x32 .profiles.identity.v1.ProfileKey\x12\r\n\x05\x66resh\x18\x02 \x01(\x08\"C\n\nProfileKey\x12\x19\n\x0finstallation_id\x18\x01 \x01(\tH\x00\x12\x13\n\tcustom_id\x18\x02 \x01(\tH\x00\x42\x05\n\x03key\"Q\n\x17ResolveProfilesResponse\x12\x36\n\x07results\x18\x01 \x03(\x0b\x32%.profiles.identity.v1.ResolvedProfile\"\x94\x01\n\x0fResolvedProfile\x12\"\n\x06status\x18\x01 \x01(\x0b\x32\x12.google.rpc.Status\x12\x12\n\nprofile_id\x18\x02 \x01(\t\x12\x0f\n\x07\x63reated\x18\x03 \x01(\x08\x12\x0e\n\x06\x65rased\x18\x04 \x01(\x08\x12\x12\n\nidentified\x18\x05 \x01(\x08\x12\x14\n\x0clink_version\x18\x06 \x01(\x03\"Q\n\x0fIdentifyRequest\x12\x17\n\x0finstallation_id\x18\x01 \x01(\t\x12\x11\n\tcustom_id\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"\xc2\x01\n\x10IdentifyResponse\x12\x36\n\x07outcome\x18\x01 \x01(\x0e\x32%.profiles.identity.v1.IdentifyOutcome\x12\x12\n\nprofile_id\x18\x02 \x01(\t\x12\x19\n\x11merged_profile_id\x18\x03 \x01(\t\x12\x1b\n\x13previous_profile_id\x18\x04 \x01(\t\x12\x17\n\x0fprofile_created\x18\x05 \x01(\x08\x12\x11\n\tchange_id\x18\x06 \x01(\t\"V\n\rLogoutRequest\x12\x17\n\x0finstallation_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x18\n\x10unless_custom_id\x18\x03 \x01(\t\"\x8a\x01\n\x0eLogoutResponse\x12\x34\n\x07outcome\x18\x01 \x01(\x0e\x32#.profiles.identity.v1.LogoutOutcome\x12\x12\n\nprofile_id\x18\x02 \x01(\t\x12\x1b\n\x13previous_profile_id\x18\x03 \x01(\t\x12\x11\n\tchange_id\x18\x04 \x01(\t\"\x91\x01\n\x14MergeProfilesRequest\x12\x19\n\x11source_profile_id\x18\x01 \x01(\t\x12\x19\n\x11target_profile_id\x18\x02 \x01(\t\x12 \n\x18\x61llow_custom_id_conflict\x18\x03 \x01(\x08\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\r\n\x05\x65xact\x18\x05 \x01(\x08\"\xc1\x01\n\x15MergeProfilesResponse\x12\x19\n\x11target_profile_id\x18\x01 \x01(\t\x12\x19\n\x11source_profile_id\x18\x02 \x01(\t\x12\x16\n\x0e\x61lready_merged\x18\x03 \x01(\x08\x12\x17\n\x0f\x61lias_custom_id\x18\x04 \x01(\t\x12\x11\n\tchange_id\x18\x05 \x01(\t\x12.\n\nmerge_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"M\n\x14\x44\x65leteProfileRequest\x12\x12\n\nprofile_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\r\n\x05\x65xact\x18\x03 \x01(\x08\"\xf9\x01\n\x15\x44\x65leteProfileResponse\x12\x12\n\nprofile_id\x18\x01 \x01(\t\x12\x1d\n\x15\x63ustom_id_quarantined\x18\x02 \x01(\x08\x12:\n\x16quarantine_expire_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1b\n\x13\x64\x65leted_event_count\x18\x04 \x01(\x03\x12#\n\x1bunlinked_installation_count\x18\x05 \x01(\x05\x12/\n\x0b\x64\x65lete_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"*\n\x14\x45xportProfileRequest\x12\x12\n\nprofile_id\x18\x01 \x01(\t\"\xb8\x01\n\x15\x45xportProfileResponse\x12\x13\n\x0b\x63hunk_index\x18\x01 \x01(\x05\x12\x34\n\x07section\x18\x02 \x01(\x0e\x32#.profiles.identity.v1.ExportSection\x12\x1b\n\x13section_chunk_index\x18\x03 \x01(\x05\x12\x0c\n\x04json\x18\x04 \x01(\t\x12\x14\n\x0crecord_count\x18\x05 \x01(\x05\x12\x13\n\x0bsection_end\x18\x06 \x01(\x08*\xb6\x01\n\x0fIdentifyOutcome\x12 \n\x1cIDENTIFY_OUTCOME_UNSPECIFIED\x10\x00\x12\x1f\n\x1bIDENTIFY_OUTCOME_IDENTIFIED\x10\x01\x12\x1b\n\x17IDENTIFY_OUTCOME_MERGED\x10\x02\x12\'\n#IDENTIFY_OUTCOME_ALREADY_IDENTIFIED\x10\x03\x12\x1a\n\x16IDENTIFY_OUTCOME_MOVED\x10\x04*w\n\rLogoutOutcome\x12\x1e\n\x1aLOGOUT_OUTCOME_UNSPECIFIED\x10\x00\x12(\n$LOGOUT_OUTCOME_NEW_ANONYMOUS_PROFILE\x10\x01\x12\x1c\n\x18LOGOUT_OUTCOME_UNCHANGED\x10\x02*\x8f\x03\n\rExportSection\x12\x1e\n\x1a\x45XPORT_SECTION_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x45XPORT_SECTION_PROFILE\x10\x01\x12\x1d\n\x19\x45XPORT_SECTION_ATTRIBUTES\x10\x02\x12 \n\x1c\x45XPORT_SECTION_SUBSCRIPTIONS\x10\x03\x12 \n\x1c\x45XPORT_SECTION_INSTALLATIONS\x10\x04\x12#\n\x1f\x45XPORT_SECTION_IDENTITY_HISTORY\x10\x05\x12\x1b\n\x17\x45XPORT_SECTION_SESSIONS\x10\x06\x12\x19\n\x15\x45XPORT_SECTION_EVENTS\x10\x07\x12\"\n\x1e\x45XPORT_SECTION_REJECTED_EVENTS\x10\x08\x12\x1b\n\x17\x45XPORT_SECTION_SEGMENTS\x10\t\x12\x1d\n\x19\x45XPORT_SECTION_ENGAGEMENT\x10\n\x12\"\n\x1e\x45XPORT_SECTION_FUNNEL_PROGRESS\x10\x0b\x32\xfb\x04\n\x0fIdentityService\x12s\n\x0fResolveProfiles\x12,.profiles.identity.v1.ResolveProfilesRequest\x1a-.profiles.identity.v1.ResolveProfilesResponse\"\x03\x90\x02\x02\x12Y\n\x08Identify\x12%.profiles.identity.v1.IdentifyRequest\x1a&.profiles.identity.v1.IdentifyResponse\x12S\n\x06Logout\x12#.profiles.identity.v1.LogoutRequest\x1a$.profiles.identity.v1.LogoutResponse\x12h\n\rMergeProfiles\x12*.profiles.identity.v1.MergeProfilesRequest\x1a+.profiles.identity.v1.MergeProfilesResponse\x12h\n\rDeleteProfile\x12*.profiles.identity.v1.DeleteProfileRequest\x1a+.profiles.identity.v1.DeleteProfileResponse\x12o\n\rExportProfile\x12*.profiles.identity.v1.ExportProfileRequest\x1a+.profiles.identity.v1.ExportProfileResponse\"\x03\x90\x02\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n+profiles/identity/v1/identity_service.proto\x12\x14profiles.identity.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\"l\n\x16ResolveProfilesRequest\x12.\n\x04keys\x18\x01 \x03(\x0b\x32 .profiles.identity.v1.ProfileKey\x12\r\n\x05\x66resh\x18\x02 \x01(\x08\x12\x13\n\x0blookup_only\x18\x03 \x01(\x08\"C\n\nProfileKey\x12\x19\n\x0finstallation_id\x18\x01 \x01(\tH\x00\x12\x13\n\tcustom_id\x18\x02 \x01(\tH\x00\x42\x05\n\x03key\"Q\n\x17ResolveProfilesResponse\x12\x36\n\x07results\x18\x01 \x03(\x0b\x32%.profiles.identity.v1.ResolvedProfile\"\x94\x01\n\x0fResolvedProfile\x12\"\n\x06status\x18\x01 \x01(\x0b\x32\x12.google.rpc.Status\x12\x12\n\nprofile_id\x18\x02 \x01(\t\x12\x0f\n\x07\x63reated\x18\x03 \x01(\x08\x12\x0e\n\x06\x65rased\x18\x04 \x01(\x08\x12\x12\n\nidentified\x18\x05 \x01(\x08\x12\x14\n\x0clink_version\x18\x06 \x01(\x03\"Q\n\x0fIdentifyRequest\x12\x17\n\x0finstallation_id\x18\x01 \x01(\t\x12\x11\n\tcustom_id\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"\xc2\x01\n\x10IdentifyResponse\x12\x36\n\x07outcome\x18\x01 \x01(\x0e\x32%.profiles.identity.v1.IdentifyOutcome\x12\x12\n\nprofile_id\x18\x02 \x01(\t\x12\x19\n\x11merged_profile_id\x18\x03 \x01(\t\x12\x1b\n\x13previous_profile_id\x18\x04 \x01(\t\x12\x17\n\x0fprofile_created\x18\x05 \x01(\x08\x12\x11\n\tchange_id\x18\x06 \x01(\t\"V\n\rLogoutRequest\x12\x17\n\x0finstallation_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x18\n\x10unless_custom_id\x18\x03 \x01(\t\"\x8a\x01\n\x0eLogoutResponse\x12\x34\n\x07outcome\x18\x01 \x01(\x0e\x32#.profiles.identity.v1.LogoutOutcome\x12\x12\n\nprofile_id\x18\x02 \x01(\t\x12\x1b\n\x13previous_profile_id\x18\x03 \x01(\t\x12\x11\n\tchange_id\x18\x04 \x01(\t\"\x91\x01\n\x14MergeProfilesRequest\x12\x19\n\x11source_profile_id\x18\x01 \x01(\t\x12\x19\n\x11target_profile_id\x18\x02 \x01(\t\x12 \n\x18\x61llow_custom_id_conflict\x18\x03 \x01(\x08\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\r\n\x05\x65xact\x18\x05 \x01(\x08\"\xc1\x01\n\x15MergeProfilesResponse\x12\x19\n\x11target_profile_id\x18\x01 \x01(\t\x12\x19\n\x11source_profile_id\x18\x02 \x01(\t\x12\x16\n\x0e\x61lready_merged\x18\x03 \x01(\x08\x12\x17\n\x0f\x61lias_custom_id\x18\x04 \x01(\t\x12\x11\n\tchange_id\x18\x05 \x01(\t\x12.\n\nmerge_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"M\n\x14\x44\x65leteProfileRequest\x12\x12\n\nprofile_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\r\n\x05\x65xact\x18\x03 \x01(\x08\"\xf9\x01\n\x15\x44\x65leteProfileResponse\x12\x12\n\nprofile_id\x18\x01 \x01(\t\x12\x1d\n\x15\x63ustom_id_quarantined\x18\x02 \x01(\x08\x12:\n\x16quarantine_expire_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1b\n\x13\x64\x65leted_event_count\x18\x04 \x01(\x03\x12#\n\x1bunlinked_installation_count\x18\x05 \x01(\x05\x12/\n\x0b\x64\x65lete_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"*\n\x14\x45xportProfileRequest\x12\x12\n\nprofile_id\x18\x01 \x01(\t\"\xb8\x01\n\x15\x45xportProfileResponse\x12\x13\n\x0b\x63hunk_index\x18\x01 \x01(\x05\x12\x34\n\x07section\x18\x02 \x01(\x0e\x32#.profiles.identity.v1.ExportSection\x12\x1b\n\x13section_chunk_index\x18\x03 \x01(\x05\x12\x0c\n\x04json\x18\x04 \x01(\t\x12\x14\n\x0crecord_count\x18\x05 \x01(\x05\x12\x13\n\x0bsection_end\x18\x06 \x01(\x08*\xb6\x01\n\x0fIdentifyOutcome\x12 \n\x1cIDENTIFY_OUTCOME_UNSPECIFIED\x10\x00\x12\x1f\n\x1bIDENTIFY_OUTCOME_IDENTIFIED\x10\x01\x12\x1b\n\x17IDENTIFY_OUTCOME_MERGED\x10\x02\x12\'\n#IDENTIFY_OUTCOME_ALREADY_IDENTIFIED\x10\x03\x12\x1a\n\x16IDENTIFY_OUTCOME_MOVED\x10\x04*w\n\rLogoutOutcome\x12\x1e\n\x1aLOGOUT_OUTCOME_UNSPECIFIED\x10\x00\x12(\n$LOGOUT_OUTCOME_NEW_ANONYMOUS_PROFILE\x10\x01\x12\x1c\n\x18LOGOUT_OUTCOME_UNCHANGED\x10\x02*\x8f\x03\n\rExportSection\x12\x1e\n\x1a\x45XPORT_SECTION_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x45XPORT_SECTION_PROFILE\x10\x01\x12\x1d\n\x19\x45XPORT_SECTION_ATTRIBUTES\x10\x02\x12 \n\x1c\x45XPORT_SECTION_SUBSCRIPTIONS\x10\x03\x12 \n\x1c\x45XPORT_SECTION_INSTALLATIONS\x10\x04\x12#\n\x1f\x45XPORT_SECTION_IDENTITY_HISTORY\x10\x05\x12\x1b\n\x17\x45XPORT_SECTION_SESSIONS\x10\x06\x12\x19\n\x15\x45XPORT_SECTION_EVENTS\x10\x07\x12\"\n\x1e\x45XPORT_SECTION_REJECTED_EVENTS\x10\x08\x12\x1b\n\x17\x45XPORT_SECTION_SEGMENTS\x10\t\x12\x1d\n\x19\x45XPORT_SECTION_ENGAGEMENT\x10\n\x12\"\n\x1e\x45XPORT_SECTION_FUNNEL_PROGRESS\x10\x0b\x32\xfb\x04\n\x0fIdentityService\x12s\n\x0fResolveProfiles\x12,.profiles.identity.v1.ResolveProfilesRequest\x1a-.profiles.identity.v1.ResolveProfilesResponse\"\x03\x90\x02\x02\x12Y\n\x08Identify\x12%.profiles.identity.v1.IdentifyRequest\x1a&.profiles.identity.v1.IdentifyResponse\x12S\n\x06Logout\x12#.profiles.identity.v1.LogoutRequest\x1a$.profiles.identity.v1.LogoutResponse\x12h\n\rMergeProfiles\x12*.profiles.identity.v1.MergeProfilesRequest\x1a+.profiles.identity.v1.MergeProfilesResponse\x12h\n\rDeleteProfile\x12*.profiles.identity.v1.DeleteProfileRequest\x1a+.profiles.identity.v1.DeleteProfileResponse\x12o\n\rExportProfile\x12*.profiles.identity.v1.ExportProfileRequest\x1a+.profiles.identity.v1.ExportProfileResponse\"\x03\x90\x02\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,40 +37,40 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_IDENTITYSERVICE'].methods_by_name['ResolveProfiles']._serialized_options = b'\220\002\002'
   _globals['_IDENTITYSERVICE'].methods_by_name['ExportProfile']._loaded_options = None
   _globals['_IDENTITYSERVICE'].methods_by_name['ExportProfile']._serialized_options = b'\220\002\001'
-  _globals['_IDENTIFYOUTCOME']._serialized_start=1935
-  _globals['_IDENTIFYOUTCOME']._serialized_end=2117
-  _globals['_LOGOUTOUTCOME']._serialized_start=2119
-  _globals['_LOGOUTOUTCOME']._serialized_end=2238
-  _globals['_EXPORTSECTION']._serialized_start=2241
-  _globals['_EXPORTSECTION']._serialized_end=2640
+  _globals['_IDENTIFYOUTCOME']._serialized_start=1956
+  _globals['_IDENTIFYOUTCOME']._serialized_end=2138
+  _globals['_LOGOUTOUTCOME']._serialized_start=2140
+  _globals['_LOGOUTOUTCOME']._serialized_end=2259
+  _globals['_EXPORTSECTION']._serialized_start=2262
+  _globals['_EXPORTSECTION']._serialized_end=2661
   _globals['_RESOLVEPROFILESREQUEST']._serialized_start=127
-  _globals['_RESOLVEPROFILESREQUEST']._serialized_end=214
-  _globals['_PROFILEKEY']._serialized_start=216
-  _globals['_PROFILEKEY']._serialized_end=283
-  _globals['_RESOLVEPROFILESRESPONSE']._serialized_start=285
-  _globals['_RESOLVEPROFILESRESPONSE']._serialized_end=366
-  _globals['_RESOLVEDPROFILE']._serialized_start=369
-  _globals['_RESOLVEDPROFILE']._serialized_end=517
-  _globals['_IDENTIFYREQUEST']._serialized_start=519
-  _globals['_IDENTIFYREQUEST']._serialized_end=600
-  _globals['_IDENTIFYRESPONSE']._serialized_start=603
-  _globals['_IDENTIFYRESPONSE']._serialized_end=797
-  _globals['_LOGOUTREQUEST']._serialized_start=799
-  _globals['_LOGOUTREQUEST']._serialized_end=885
-  _globals['_LOGOUTRESPONSE']._serialized_start=888
-  _globals['_LOGOUTRESPONSE']._serialized_end=1026
-  _globals['_MERGEPROFILESREQUEST']._serialized_start=1029
-  _globals['_MERGEPROFILESREQUEST']._serialized_end=1174
-  _globals['_MERGEPROFILESRESPONSE']._serialized_start=1177
-  _globals['_MERGEPROFILESRESPONSE']._serialized_end=1370
-  _globals['_DELETEPROFILEREQUEST']._serialized_start=1372
-  _globals['_DELETEPROFILEREQUEST']._serialized_end=1449
-  _globals['_DELETEPROFILERESPONSE']._serialized_start=1452
-  _globals['_DELETEPROFILERESPONSE']._serialized_end=1701
-  _globals['_EXPORTPROFILEREQUEST']._serialized_start=1703
-  _globals['_EXPORTPROFILEREQUEST']._serialized_end=1745
-  _globals['_EXPORTPROFILERESPONSE']._serialized_start=1748
-  _globals['_EXPORTPROFILERESPONSE']._serialized_end=1932
-  _globals['_IDENTITYSERVICE']._serialized_start=2643
-  _globals['_IDENTITYSERVICE']._serialized_end=3278
+  _globals['_RESOLVEPROFILESREQUEST']._serialized_end=235
+  _globals['_PROFILEKEY']._serialized_start=237
+  _globals['_PROFILEKEY']._serialized_end=304
+  _globals['_RESOLVEPROFILESRESPONSE']._serialized_start=306
+  _globals['_RESOLVEPROFILESRESPONSE']._serialized_end=387
+  _globals['_RESOLVEDPROFILE']._serialized_start=390
+  _globals['_RESOLVEDPROFILE']._serialized_end=538
+  _globals['_IDENTIFYREQUEST']._serialized_start=540
+  _globals['_IDENTIFYREQUEST']._serialized_end=621
+  _globals['_IDENTIFYRESPONSE']._serialized_start=624
+  _globals['_IDENTIFYRESPONSE']._serialized_end=818
+  _globals['_LOGOUTREQUEST']._serialized_start=820
+  _globals['_LOGOUTREQUEST']._serialized_end=906
+  _globals['_LOGOUTRESPONSE']._serialized_start=909
+  _globals['_LOGOUTRESPONSE']._serialized_end=1047
+  _globals['_MERGEPROFILESREQUEST']._serialized_start=1050
+  _globals['_MERGEPROFILESREQUEST']._serialized_end=1195
+  _globals['_MERGEPROFILESRESPONSE']._serialized_start=1198
+  _globals['_MERGEPROFILESRESPONSE']._serialized_end=1391
+  _globals['_DELETEPROFILEREQUEST']._serialized_start=1393
+  _globals['_DELETEPROFILEREQUEST']._serialized_end=1470
+  _globals['_DELETEPROFILERESPONSE']._serialized_start=1473
+  _globals['_DELETEPROFILERESPONSE']._serialized_end=1722
+  _globals['_EXPORTPROFILEREQUEST']._serialized_start=1724
+  _globals['_EXPORTPROFILEREQUEST']._serialized_end=1766
+  _globals['_EXPORTPROFILERESPONSE']._serialized_start=1769
+  _globals['_EXPORTPROFILERESPONSE']._serialized_end=1953
+  _globals['_IDENTITYSERVICE']._serialized_start=2664
+  _globals['_IDENTITYSERVICE']._serialized_end=3299
 # @@protoc_insertion_point(module_scope)

@@ -122,7 +122,9 @@ class _ExportSectionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ExportS
     """
     EXPORT_SECTION_IDENTITY_HISTORY: _ExportSection.ValueType  # 5
     """A JSON array of identity history entries, in the proto3 JSON form of
-    profiles.common.v1.IdentityHistoryEntry, oldest first.
+    profiles.common.v1.IdentityHistoryEntry, oldest first, except that a `sourceProfileId` or
+    `targetProfileId` that is neither the profile nor one of its merged-away IDs (another
+    person on a shared device, or a side erased since) reads "another profile".
     """
     EXPORT_SECTION_SESSIONS: _ExportSection.ValueType  # 6
     """A JSON array of sessions: {"sessionId", "installationId", "platform", "country",
@@ -194,7 +196,9 @@ EXPORT_SECTION_INSTALLATIONS: ExportSection.ValueType  # 4
 """
 EXPORT_SECTION_IDENTITY_HISTORY: ExportSection.ValueType  # 5
 """A JSON array of identity history entries, in the proto3 JSON form of
-profiles.common.v1.IdentityHistoryEntry, oldest first.
+profiles.common.v1.IdentityHistoryEntry, oldest first, except that a `sourceProfileId` or
+`targetProfileId` that is neither the profile nor one of its merged-away IDs (another
+person on a shared device, or a side erased since) reads "another profile".
 """
 EXPORT_SECTION_SESSIONS: ExportSection.ValueType  # 6
 """A JSON array of sessions: {"sessionId", "installationId", "platform", "country",
@@ -245,11 +249,20 @@ class ResolveProfilesRequest(_message.Message):
 
     KEYS_FIELD_NUMBER: _builtins.int
     FRESH_FIELD_NUMBER: _builtins.int
+    LOOKUP_ONLY_FIELD_NUMBER: _builtins.int
     fresh: _builtins.bool
     """Read every key from the database, not from the replica's cache of answers. For a caller
     whose write found an answer no longer true (ingest, when an installation it resolved was
     erased before its events were stored): another replica's change reaches this replica's
     cache a few milliseconds after it commits, and a fresh read never waits for that.
+    """
+    lookup_only: _builtins.bool
+    """Look the keys up without creating anything, reading the database (as `fresh`): a key
+    nobody holds gets no profile (`profile_id` empty, `created` false), `erased` when it is a
+    quarantined custom ID or an installation ID identity does not know that equals one. No
+    side effect. Ingest asks so about the events it refused before resolving them (invalid
+    events, untranslatable SDK messages), to keep those naming an erased ID without their IDs
+    and payload. Defaults to false.
     """
     @_builtins.property
     def keys(self) -> _containers.RepeatedCompositeFieldContainer[Global___ProfileKey]:
@@ -260,10 +273,11 @@ class ResolveProfilesRequest(_message.Message):
         *,
         keys: _abc.Iterable[Global___ProfileKey] | None = ...,
         fresh: _builtins.bool = ...,
+        lookup_only: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["fresh", b"fresh", "keys", b"keys"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fresh", b"fresh", "keys", b"keys", "lookup_only", b"lookup_only"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -334,7 +348,9 @@ class ResolvedProfile(_message.Message):
     IDENTIFIED_FIELD_NUMBER: _builtins.int
     LINK_VERSION_FIELD_NUMBER: _builtins.int
     profile_id: _builtins.str
-    """The profile the key belongs to now (a UUID). Empty when `erased` or invalid."""
+    """The profile the key belongs to now (a UUID). Empty when `erased` or invalid, and with
+    `lookup_only` for a key nobody holds.
+    """
     created: _builtins.bool
     """True when this call created the profile (a new installation or custom ID)."""
     erased: _builtins.bool

@@ -94,9 +94,10 @@ class IdentityServiceServicer:
         Countly device logged in uses its user's ID as its device ID) the answer `erased`. Called by
         ingest for every batch. Idempotent:
         the same keys give the same profiles until an Identify, Logout, merge or erasure moves them
-        (see `link_version`). Roles: internal service credential, admin. Errors: INVALID_ARGUMENT
-        for no keys or over 1,000 keys (BadRequest on `keys`); an invalid key fails alone in its
-        result; UNAUTHENTICATED; PERMISSION_DENIED.
+        (see `link_version`). With `lookup_only`, nothing is created: ingest asks so whether the
+        IDs of events it refused before resolving them are erased. Roles: internal service
+        credential, admin. Errors: INVALID_ARGUMENT for no keys or over 1,000 keys (BadRequest on
+        `keys`); an invalid key fails alone in its result; UNAUTHENTICATED; PERMISSION_DENIED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -49,9 +49,10 @@ class IdentityServiceStub:
     Countly device logged in uses its user's ID as its device ID) the answer `erased`. Called by
     ingest for every batch. Idempotent:
     the same keys give the same profiles until an Identify, Logout, merge or erasure moves them
-    (see `link_version`). Roles: internal service credential, admin. Errors: INVALID_ARGUMENT
-    for no keys or over 1,000 keys (BadRequest on `keys`); an invalid key fails alone in its
-    result; UNAUTHENTICATED; PERMISSION_DENIED.
+    (see `link_version`). With `lookup_only`, nothing is created: ingest asks so whether the
+    IDs of events it refused before resolving them are erased. Roles: internal service
+    credential, admin. Errors: INVALID_ARGUMENT for no keys or over 1,000 keys (BadRequest on
+    `keys`); an invalid key fails alone in its result; UNAUTHENTICATED; PERMISSION_DENIED.
     """
     Identify: _grpc.UnaryUnaryMultiCallable[_identity_service_pb2.IdentifyRequest, _identity_service_pb2.IdentifyResponse]
     """Logs an installation in with a custom ID. A never-seen installation first gets an anonymous
@@ -132,9 +133,10 @@ class IdentityServiceAsyncStub(IdentityServiceStub):
     Countly device logged in uses its user's ID as its device ID) the answer `erased`. Called by
     ingest for every batch. Idempotent:
     the same keys give the same profiles until an Identify, Logout, merge or erasure moves them
-    (see `link_version`). Roles: internal service credential, admin. Errors: INVALID_ARGUMENT
-    for no keys or over 1,000 keys (BadRequest on `keys`); an invalid key fails alone in its
-    result; UNAUTHENTICATED; PERMISSION_DENIED.
+    (see `link_version`). With `lookup_only`, nothing is created: ingest asks so whether the
+    IDs of events it refused before resolving them are erased. Roles: internal service
+    credential, admin. Errors: INVALID_ARGUMENT for no keys or over 1,000 keys (BadRequest on
+    `keys`); an invalid key fails alone in its result; UNAUTHENTICATED; PERMISSION_DENIED.
     """
     Identify: _aio.UnaryUnaryMultiCallable[_identity_service_pb2.IdentifyRequest, _identity_service_pb2.IdentifyResponse]  # type: ignore[assignment]
     """Logs an installation in with a custom ID. A never-seen installation first gets an anonymous
@@ -218,9 +220,10 @@ class IdentityServiceServicer(metaclass=_abc_1.ABCMeta):
         Countly device logged in uses its user's ID as its device ID) the answer `erased`. Called by
         ingest for every batch. Idempotent:
         the same keys give the same profiles until an Identify, Logout, merge or erasure moves them
-        (see `link_version`). Roles: internal service credential, admin. Errors: INVALID_ARGUMENT
-        for no keys or over 1,000 keys (BadRequest on `keys`); an invalid key fails alone in its
-        result; UNAUTHENTICATED; PERMISSION_DENIED.
+        (see `link_version`). With `lookup_only`, nothing is created: ingest asks so whether the
+        IDs of events it refused before resolving them are erased. Roles: internal service
+        credential, admin. Errors: INVALID_ARGUMENT for no keys or over 1,000 keys (BadRequest on
+        `keys`); an invalid key fails alone in its result; UNAUTHENTICATED; PERMISSION_DENIED.
         """
 
     @_abc_1.abstractmethod

@@ -40,7 +40,8 @@ class IngestServiceStub:
     custom_id), INSTALLATION_ID_INVALID (empty or over 128 characters), CUSTOM_ID_INVALID (over
     512 characters, whitespace-padded or a junk value such as "null"), ERASED (custom ID
     quarantined after an erasure, or an installation ID equal to one; kept without payload or
-    IDs), PLATFORM_MISSING, EVENT_TIME_MISSING,
+    IDs; an event refused for another reason that names such an ID is answered with that reason
+    and kept as a bare ERASED row), PLATFORM_MISSING, EVENT_TIME_MISSING,
     TIMESTAMP_INVALID (`event_time` or `send_time` outside years 1 to 9999, or nanos outside 0
     to 999,999,999), EVENT_TIME_IN_FUTURE (over 10 minutes ahead after skew correction),
     EVENT_TIME_TOO_OLD (over 30 days old; use ImportEvents), PAYLOAD_MISSING, SESSION_ID_INVALID (missing on a session
@@ -110,7 +111,8 @@ class IngestServiceAsyncStub(IngestServiceStub):
     custom_id), INSTALLATION_ID_INVALID (empty or over 128 characters), CUSTOM_ID_INVALID (over
     512 characters, whitespace-padded or a junk value such as "null"), ERASED (custom ID
     quarantined after an erasure, or an installation ID equal to one; kept without payload or
-    IDs), PLATFORM_MISSING, EVENT_TIME_MISSING,
+    IDs; an event refused for another reason that names such an ID is answered with that reason
+    and kept as a bare ERASED row), PLATFORM_MISSING, EVENT_TIME_MISSING,
     TIMESTAMP_INVALID (`event_time` or `send_time` outside years 1 to 9999, or nanos outside 0
     to 999,999,999), EVENT_TIME_IN_FUTURE (over 10 minutes ahead after skew correction),
     EVENT_TIME_TOO_OLD (over 30 days old; use ImportEvents), PAYLOAD_MISSING, SESSION_ID_INVALID (missing on a session
@@ -176,7 +178,8 @@ class IngestServiceServicer(metaclass=_abc_1.ABCMeta):
     custom_id), INSTALLATION_ID_INVALID (empty or over 128 characters), CUSTOM_ID_INVALID (over
     512 characters, whitespace-padded or a junk value such as "null"), ERASED (custom ID
     quarantined after an erasure, or an installation ID equal to one; kept without payload or
-    IDs), PLATFORM_MISSING, EVENT_TIME_MISSING,
+    IDs; an event refused for another reason that names such an ID is answered with that reason
+    and kept as a bare ERASED row), PLATFORM_MISSING, EVENT_TIME_MISSING,
     TIMESTAMP_INVALID (`event_time` or `send_time` outside years 1 to 9999, or nanos outside 0
     to 999,999,999), EVENT_TIME_IN_FUTURE (over 10 minutes ahead after skew correction),
     EVENT_TIME_TOO_OLD (over 30 days old; use ImportEvents), PAYLOAD_MISSING, SESSION_ID_INVALID (missing on a session
