@@ -152,6 +152,10 @@ RENAME_IN_CHANGES = """
 # Ingest's rows (its write rule, 0062), by the live profiles holding them and by installation.
 RENAME_IN_INGEST = """
     SELECT ingest_apply_installation_rename($1, $2::text[], $3::text[], $4::uuid[])"""
+# Segments' session keys (its write rule, 0063), by every profile the installation passed
+# through: segments moves its rows when it handles a merge, so some may be under a tombstone.
+RENAME_IN_SEGMENTS = """
+    SELECT segments_apply_installation_rename($1, $2::text[], $3::text[], $4::uuid[])"""
 # The live profiles' views change (their installations): their versions rise, under their
 # locks (profile_id order), taken before any of their rows is renamed. A merge that took one
 # of them meanwhile has moved its rows elsewhere: it is no longer live once locked, and the
@@ -285,8 +289,8 @@ class ErasureSteps:
         now: datetime,
     ) -> list[UUID]:
         """Renames other profiles' installations (locked; `holders`, their profiles) whose old
-        IDs are erased custom IDs, in identity's tables and ingest's; returns the live profiles
-        whose rows named them (their versions raised)."""
+        IDs are erased custom IDs, in identity's tables, ingest's and segments'; returns the live
+        profiles whose rows named them (their versions raised)."""
         old_ids = [old for old, _ in renamed]
         new_ids = [new for _, new in renamed]
         former = [
@@ -305,6 +309,9 @@ class ErasureSteps:
             RENAME_IN_CHANGES, project_id, [r["profile_id"] for r in passed], old_ids, new_ids
         )
         await self._conn.execute(RENAME_IN_INGEST, project_id, old_ids, new_ids, live)
+        await self._conn.execute(
+            RENAME_IN_SEGMENTS, project_id, old_ids, new_ids, [r["profile_id"] for r in passed]
+        )
         return live
 
     async def quarantine(

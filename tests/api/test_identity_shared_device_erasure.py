@@ -275,6 +275,80 @@ async def test_every_later_holder_of_the_device_keeps_its_rows_under_the_new_id(
         assert [h["installationIds"] for h in switch] == [[renamed]]
 
 
+@pytest.fixture
+async def services_with_segments(
+    start_services: Any,
+    settings_for_test: Any,
+    project: TestProject,
+    database_url: str,
+    clock: FrozenClock,
+) -> tuple[Identity, Ingest]:
+    """Identity and ingest as above, and segments reading their bus (its session copy)."""
+    identity_channel, ingest_channel = await start_identity_and_ingest(
+        start_services, settings_for_test, clock
+    )
+    await start_services("segments", clock=clock)
+    return Identity(identity_channel, project), ingest_client(ingest_channel, project, database_url)
+
+
+async def _segment_sessions(db: asyncpg.Pool, profile_id: str) -> list[tuple[Any, ...]]:
+    return sorted(
+        tuple(r)
+        for r in await db.fetch(
+            "SELECT session_key, platform, start_time, start_known, duration_ms, ended"
+            " FROM segment_sessions WHERE profile_id = $1",
+            uuid.UUID(profile_id),
+        )
+    )
+
+
+async def test_segments_session_keys_of_the_renamed_installation_are_renamed(
+    services_with_segments: tuple[Identity, Ingest], db: asyncpg.Pool
+) -> None:
+    # Segments keys a session by its installation and session ID: Bob's sessions on the device
+    # under Alice's ID are keyed by her custom ID until the erasure renames them.
+    identity, ingest = services_with_segments
+    alice, bob = f"alice-cid-{_tag()}", f"bob-cid-{_tag()}"
+    bob_phone = f"inst-b-{_tag()}"
+    await ingest.track(custom_event(f"inst-a-{_tag()}", event_id="a-0"))
+    alice_profile = (await identity.identify(alice, alice)).profile_id
+    await person_events(ingest, alice, "ann")
+    await ingest.track(custom_event(bob_phone, event_id="b-0"))
+    bob_profile = (await identity.identify(bob_phone, bob)).profile_id
+    # Alice logs out (the device's anonymous profile has a session of its own, merged into Bob
+    # by his login on it), then Bob uses it under her ID.
+    await identity.logout(alice)
+    await person_events(ingest, alice, "between")
+    assert (await identity.identify(alice, bob)).profile_id == bob_profile
+    await person_events(ingest, alice, "ben")
+    keys = {f"i:{alice}:between-session", f"i:{alice}:ben-session"}
+
+    async def segments_has_bobs_sessions() -> bool:
+        return {r[0] for r in await _segment_sessions(db, bob_profile)} == keys
+
+    await eventually(segments_has_bobs_sessions)
+    await eventually(lambda: _outbox_empty(db))
+    before = await _segment_sessions(db, bob_profile)
+
+    await identity.delete(alice_profile)
+
+    await eventually(lambda: _outbox_empty(db))
+    assert await cells_naming(db, alice) == {}
+    (renamed,) = [
+        r["installation_id"]
+        for r in await db.fetch(
+            "SELECT installation_id FROM installations WHERE profile_id = $1",
+            uuid.UUID(bob_profile),
+        )
+        if r["installation_id"].startswith("renamed:")
+    ]
+    # Bob's session history in segments is whole: the same sessions under the new ID.
+    expected = sorted(
+        (f"i:{renamed}:{key.removeprefix(f'i:{alice}:')}", *rest) for key, *rest in before
+    )
+    assert await _segment_sessions(db, bob_profile) == expected
+
+
 async def test_an_export_names_no_other_person_on_a_shared_device(
     services: tuple[Identity, Ingest], clock: FrozenClock
 ) -> None:
