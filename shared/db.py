@@ -19,7 +19,8 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -219,22 +220,151 @@ async def _release_connection(conn: asyncpg.Connection) -> None:
     hold a dedicated connection or UNLISTEN before releasing (OutboxRelay)."""
 
 
-async def create_pool(database_url: str, *, max_size: int = 10) -> asyncpg.Pool:
-    """A pool whose connections decode json/jsonb to Python values."""
-    pool = await asyncpg.create_pool(
+@dataclass(frozen=True, slots=True)
+class DatabaseBounds:
+    """How long a service waits on PostgreSQL before it answers UNAVAILABLE (docs/running.md).
+
+    A server that hangs (stopped, frozen, cut off without a reset) answers nothing and closes
+    nothing, so without a bound a call waits for as long as the hang lasts. The waits for a
+    pooled connection are bounded everywhere; statements only while serving an RPC (see
+    bound_statements): background work (migrations, partition maintenance, sweeps, bus
+    handlers, the outbox relay) may legitimately run long, and has its own timeouts or none."""
+
+    # Waiting for a pooled connection, including making a new one (the server accepts the
+    # socket, then never answers). Also how long a released connection whose statement was cut
+    # waits for the server to confirm the cancel before it is dropped (inside a transaction,
+    # its ROLLBACK waits for that up to the statement's bound).
+    acquire_s: float = 5.0
+    # Each statement of a read RPC (the contract marks it free of side effects) whose client
+    # set no deadline: a read takes milliseconds, and the suite's own clients give a whole
+    # read 5 s (the console) or 10 s (profiles.client).
+    read_statement_s: float = 10.0
+    # Each statement of any other RPC whose client set no deadline: evaluating a segment or
+    # funnel over every live profile takes seconds at a few hundred thousand profiles, and the
+    # console gives those writes 120 s.
+    write_statement_s: float = 120.0
+
+
+DEFAULT_BOUNDS = DatabaseBounds()
+
+# The bound on each statement run from this context (seconds), unless the call passes its own
+# timeout: set by the server interceptor for the task serving an RPC, and so inherited by the
+# tasks it starts for it (a group commit). None (background work): no bound.
+_statement_timeout: ContextVar[float | None] = ContextVar(
+    "profiles_statement_timeout", default=None
+)
+
+
+def bound_statements(seconds: float | None) -> None:
+    """Bounds each statement run from now on in this context (None: no bound). A statement
+    cut by the bound raises asyncpg's TimeoutError (connection_lost holds for it): asyncpg
+    sends the server a cancel, and the transaction it was in rolls back."""
+    _statement_timeout.set(seconds)
+
+
+def _bounded(options: dict[str, Any]) -> dict[str, Any]:
+    """A call's keyword options, with the context's bound as its timeout if it gives none."""
+    if options.get("timeout") is None:
+        options["timeout"] = _statement_timeout.get()
+    return options
+
+
+class BoundedConnection(asyncpg.Connection):
+    """A connection whose statements take the context's bound when the call gives no timeout.
+
+    These are the calls the services make, and what a transaction runs (BEGIN, COMMIT and
+    ROLLBACK go through execute); the pool's fetch/execute come here too. Other calls (prepare,
+    copy) are not bounded. A cursor's bound applies to each of its fetches."""
+
+    __slots__ = ()
+
+    async def execute(self, query: str, *args: Any, **options: Any) -> str:
+        return await super().execute(query, *args, **_bounded(options))
+
+    async def executemany(self, command: str, args: Any, **options: Any) -> None:
+        await super().executemany(command, args, **_bounded(options))
+
+    async def fetch(self, query: str, *args: Any, **options: Any) -> Any:
+        return await super().fetch(query, *args, **_bounded(options))
+
+    async def fetchval(self, query: str, *args: Any, **options: Any) -> Any:
+        return await super().fetchval(query, *args, **_bounded(options))
+
+    async def fetchrow(self, query: str, *args: Any, **options: Any) -> Any:
+        return await super().fetchrow(query, *args, **_bounded(options))
+
+    async def fetchmany(self, query: str, args: Any, **options: Any) -> Any:
+        return await super().fetchmany(query, args, **_bounded(options))
+
+    def cursor(self, query: str, *args: Any, **options: Any) -> Any:
+        return super().cursor(query, *args, **_bounded(options))
+
+
+class NoConnectionInTime(ConnectionError):
+    """No pooled connection within the bound: all busy, or a server that does not answer."""
+
+
+class _Acquiring(asyncpg.pool.PoolAcquireContext):
+    """Pool.acquire's context (`async with` or `await`), its TimeoutError told apart: asyncpg
+    raises the plain one, which the outbox relay would take for Redis's."""
+
+    __slots__ = ()
+
+    async def __aenter__(self) -> Any:
+        try:
+            return await super().__aenter__()
+        except TimeoutError as exc:
+            raise NoConnectionInTime(self._waited()) from exc
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        try:
+            return (yield from super().__await__())
+        except TimeoutError as exc:
+            raise NoConnectionInTime(self._waited()) from exc
+
+    def _waited(self) -> str:
+        return f"no database connection within {self.timeout} s"
+
+
+class BoundedPool(asyncpg.Pool):
+    """A pool whose acquire (and so its own fetch, execute...) waits at most the bound."""
+
+    __slots__ = ("_acquire_s",)
+
+    def __init__(self, *args: Any, acquire_s: float, **kwargs: Any) -> None:
+        self._acquire_s = acquire_s
+        super().__init__(*args, **kwargs)
+
+    def acquire(self, *, timeout: float | None = None) -> Any:
+        return _Acquiring(self, self._acquire_s if timeout is None else timeout)
+
+
+async def create_pool(
+    database_url: str, *, max_size: int = 10, bounds: DatabaseBounds = DEFAULT_BOUNDS
+) -> asyncpg.Pool:
+    """A pool whose connections decode json/jsonb to Python values, and whose waits are
+    bounded: a connection within `bounds.acquire_s`, statements within the context's bound."""
+    pool = BoundedPool(
         database_url,
+        acquire_s=bounds.acquire_s,
         min_size=1,
         max_size=max_size,
+        max_queries=50_000,
+        max_inactive_connection_lifetime=300.0,
         init=_init_connection,
         reset=_release_connection,
+        loop=None,
+        connection_class=BoundedConnection,
+        record_class=asyncpg.Record,
     )
-    assert pool is not None
+    await pool
     return pool
 
 
 # Errors that say the database, or the way to it, is gone for now rather than that the request
 # is wrong: a terminated backend, a server shutting down or refusing connections, a full server,
-# a socket reset, the pool closing during shutdown. A retry (elsewhere, or later) may succeed.
+# a socket reset, the pool closing during shutdown, no pooled connection within the bound. A
+# retry (elsewhere, or later) may succeed.
 # Where asyncpg's modules are (its connect code raises the socket's own errors).
 ASYNCPG_PATH = os.path.dirname(asyncpg.__file__) + os.sep
 _LOST = (
@@ -243,7 +373,24 @@ _LOST = (
     asyncpg.exceptions.CrashShutdownError,
     asyncpg.exceptions.CannotConnectNowError,
     asyncpg.exceptions.TooManyConnectionsError,
-    ConnectionError,
+    ConnectionError,  # NoConnectionInTime among them
+)
+
+# The InternalClientError of an operation started on a connection whose server has just hung
+# up. Between two operations PostgreSQL sends a connection one message asyncpg does not expect:
+# the FATAL ErrorResponse it writes right before it closes the connection (the postmaster died,
+# a shutdown, pg_terminate_backend, an idle session timeout). asyncpg's protocol then waits for
+# a ReadyForQuery that never comes (its state 2, PROTOCOL_ERROR_CONSUME, in
+# asyncpg/protocol/coreproto.pyx), and learns that the socket closed only on a later turn of
+# the event loop; an operation started in between (a pooled connection's next statement, a
+# transaction's BEGIN) fails with "cannot switch to state 12; another operation (2) is in
+# progress" and asyncpg closes the connection. State "failed" is the one a closed socket
+# leaves. Our own bugs do not look like this: two operations at once on one connection fail
+# earlier with InterfaceError ("another operation is in progress"), and other protocol
+# faults name other states; those stay INTERNAL.
+_SERVER_HUNG_UP = re.compile(
+    r"^cannot switch to .+; "
+    r'(another operation \(2\) is in progress|protocol is in the "failed" state)$'
 )
 
 
@@ -267,10 +414,14 @@ def _lost(exc: BaseException) -> bool:
         return True
     # Connecting to a server that is down fails with whatever the socket answers: a Unix socket
     # the server removed on shutdown (FileNotFoundError), a host name that no longer resolves
-    # (socket.gaierror). Such errors are the database's only when asyncpg raised them; the
+    # (socket.gaierror). A server that hangs answers nothing, and asyncpg raises TimeoutError (an
+    # OSError too): a statement cut at its bound (bound_statements), a connect or a cancel the
+    # server never answered. Such errors are the database's only when asyncpg raised them; the
     # same error from other code is a bug.
     if isinstance(exc, OSError) and _raised_in_asyncpg(exc):
         return True
+    if isinstance(exc, asyncpg.exceptions.InternalClientError):
+        return _SERVER_HUNG_UP.match(str(exc)) is not None
     # asyncpg spells a closed connection or pool only in the message of an InterfaceError.
     return isinstance(exc, asyncpg.InterfaceError) and (
         "is closed" in str(exc) or "is closing" in str(exc)

@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import grpc
 import structlog
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, descriptor_pb2, descriptor_pool
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -29,7 +29,7 @@ from shared.auth import Authenticator, authorize, reset_current_caller, set_curr
 from shared.auth_policy import is_public
 from shared.bus import redis_unavailable
 from shared.contract_rules import STREAMS_ANSWERED_PER_MESSAGE, check_request, tolerant
-from shared.db import connection_lost
+from shared.db import DEFAULT_BOUNDS, DatabaseBounds, bound_statements, connection_lost
 from shared.metrics import RPC_SECONDS, RPC_TOTAL
 
 log = structlog.get_logger(__name__)
@@ -233,10 +233,39 @@ async def _checked(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
         yield request
 
 
+def _is_read(method: str) -> bool:
+    """True if the contract marks `method` (`/package.Service/Method`) free of side effects."""
+    try:
+        descriptor = descriptor_pool.Default().FindMethodByName(
+            method.lstrip("/").replace("/", ".")
+        )
+    except KeyError:  # not in the contract (a test's servicer under another name)
+        return False
+    return bool(
+        descriptor.GetOptions().idempotency_level == descriptor_pb2.MethodOptions.NO_SIDE_EFFECTS
+    )
+
+
+def statement_bound(default_s: float, context: grpc.aio.ServicerContext) -> float:
+    """The bound on each statement serving a call: the server's default for the method, or the
+    time left before the client's deadline when that is later. An earlier client deadline ends
+    the call itself (gRPC cancels it, and asyncpg cancels its statement), so the bound never
+    needs to be shorter, and a task the call started for work it shares with other calls (a
+    group commit) inherits no one caller's short deadline."""
+    remaining = context.time_remaining()
+    return default_s if remaining is None else max(default_s, remaining)
+
+
 class ServerInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, authenticator: Authenticator, streams: StreamGate) -> None:
+    def __init__(
+        self,
+        authenticator: Authenticator,
+        streams: StreamGate,
+        bounds: DatabaseBounds = DEFAULT_BOUNDS,
+    ) -> None:
         self._auth = authenticator
         self._streams = streams
+        self._bounds = bounds
         self._metrics = _CallMetrics()
         # Wrapped handlers per method, built once: the registered handler of a method never
         # changes while the server runs.
@@ -259,24 +288,27 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         return wrapped
 
     def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        bound_s = (
+            self._bounds.read_statement_s if _is_read(method) else self._bounds.write_statement_s
+        )
         # Undecodable bytes reach the wrapper as an Undecodable, so they are refused after
         # authentication, counted and logged like any other refusal (gRPC would answer UNKNOWN).
         deserializer = tolerant(handler.request_deserializer)
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                self._wrap_unary(method, handler.unary_unary, ONE),
+                self._wrap_unary(method, bound_s, handler.unary_unary, ONE),
                 request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
-                self._wrap_unary(method, handler.stream_unary, EACH),
+                self._wrap_unary(method, bound_s, handler.stream_unary, EACH),
                 request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                self._wrap_stream(method, handler.unary_stream, ONE),
+                self._wrap_stream(method, bound_s, handler.unary_stream, ONE),
                 request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
@@ -284,6 +316,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             # A stream answering each message with its own status answers a broken one itself.
             self._wrap_stream(
                 method,
+                bound_s,
                 handler.stream_stream,
                 SERVICER if method in STREAMS_ANSWERED_PER_MESSAGE else EACH,
             ),
@@ -291,7 +324,12 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             response_serializer=handler.response_serializer,
         )
 
-    async def _enter(self, method: str, context: grpc.aio.ServicerContext) -> object:
+    async def _enter(
+        self, method: str, bound_s: float, context: grpc.aio.ServicerContext
+    ) -> object:
+        # Every statement of the call, authentication's first; the call runs in a task of its
+        # own, so the bound ends with it (as outgoing_request_id does).
+        bound_statements(statement_bound(bound_s, context))
         metadata = context.invocation_metadata() or ()
         sent = next((v for k, v in metadata if k == REQUEST_ID_HEADER and isinstance(v, str)), "")
         request_id = sent[:MAX_REQUEST_ID_LENGTH] or new_request_id()
@@ -307,14 +345,14 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         return set_current_caller(caller)
 
     def _wrap_unary(
-        self, method: str, behavior: Callable[..., Any], requests: Requests
+        self, method: str, bound_s: float, behavior: Callable[..., Any], requests: Requests
     ) -> Callable[..., Any]:
         async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
             started = time.perf_counter()
             code = grpc.StatusCode.OK
             token = None
             try:
-                token = await self._enter(method, context)
+                token = await self._enter(method, bound_s, context)
                 request = _held_to_rules(request, requests)
                 return await behavior(request, context)
             except BaseException as exc:
@@ -326,7 +364,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         return wrapper
 
     def _wrap_stream(
-        self, method: str, behavior: Callable[..., Any], requests: Requests
+        self, method: str, bound_s: float, behavior: Callable[..., Any], requests: Requests
     ) -> Callable[..., Any]:
         async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             started = time.perf_counter()
@@ -334,7 +372,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             token = None
             entered = False
             try:
-                token = await self._enter(method, context)
+                token = await self._enter(method, bound_s, context)
                 request = _held_to_rules(request, requests)
                 if not self._streams.try_enter():
                     raise TooManyStreams("too many open streams on this server; retry later")
@@ -360,7 +398,10 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         if isinstance(exc, grpc.aio.AbortError):  # a status already set is left alone
             return context.code() or grpc.StatusCode.UNKNOWN
         if not isinstance(exc, errors.DomainError) and connection_lost(exc):
-            # Transient: the client helper retries safe RPCs on UNAVAILABLE.
+            # Transient: the client helper retries safe RPCs on UNAVAILABLE. Also a statement
+            # cut at the call's bound (shared/db.py): a hung server, or one too busy to answer
+            # in time; asyncpg cancelled it and its transaction rolls back (a cut COMMIT leaves
+            # the outcome unknown, as a connection lost during COMMIT does).
             log.warning("database_unavailable", error=type(exc).__name__)
             exc = DatabaseUnavailable("the database is unreachable for now; retry the call")
         elif not isinstance(exc, errors.DomainError) and redis_unavailable(exc):

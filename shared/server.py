@@ -24,7 +24,7 @@ from shared import diagnostics
 from shared.auth import Authenticator
 from shared.bus import Bus
 from shared.clock import Clock, SystemClock
-from shared.db import create_pool, migrate
+from shared.db import DEFAULT_BOUNDS, DatabaseBounds, create_pool, migrate
 from shared.interceptors import ServerInterceptor, StreamGate
 from shared.logging import configure_logging
 from shared.metrics import start_metrics_server
@@ -190,11 +190,15 @@ async def start_service(
     port: int | None = None,
     clock: Clock | None = None,
     metrics: bool = True,
+    bounds: DatabaseBounds = DEFAULT_BOUNDS,
 ) -> RunningService:
-    """Migrates, connects, builds the service and starts serving; returns once it is SERVING."""
+    """Migrates, connects, builds the service and starts serving; returns once it is SERVING.
+    `bounds`: how long its calls wait on the database (shared/db.py)."""
     await migrate(settings.database_url)
     # One connection more than configured: the outbox relay holds one for LISTEN.
-    pool = await create_pool(settings.database_url, max_size=settings.db_pool_size + 1)
+    pool = await create_pool(
+        settings.database_url, max_size=settings.db_pool_size + 1, bounds=bounds
+    )
     bus = Bus.from_url(
         settings.redis_url, settings.redis_prefix, retention_ms=settings.bus_retention_ms
     )
@@ -209,7 +213,7 @@ async def start_service(
         streams = StreamGate(settings.max_streams)
         server = grpc.aio.server(
             interceptors=[
-                ServerInterceptor(Authenticator(tenancy, settings.internal_token), streams)
+                ServerInterceptor(Authenticator(tenancy, settings.internal_token), streams, bounds)
             ],
             options=server_options(),
             maximum_concurrent_rpcs=settings.max_concurrent_rpcs,

@@ -58,6 +58,7 @@ from services.segments.model import (
 )
 from services.segments.repository import ProfileRow, SegmentsRepository, SegmentsTransaction
 from shared.clock import Clock
+from shared.db import bound_statements
 from shared.errors import FieldViolation
 from shared.tenancy import TenancyRepository
 
@@ -544,6 +545,10 @@ class SegmentsService:
         await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _recompute(self, run: RecomputeRun) -> None:
+        # A run outlives the RecomputeAll call that may have started it: background work, its
+        # statements not held to that call's bound (shared/db.py), as when a settings change
+        # starts it.
+        bound_statements(None)
         try:
             await self._recompute_phases(run)
         except asyncio.CancelledError:
