@@ -10,6 +10,7 @@ from __future__ import annotations
 import email.parser
 import email.policy
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import datetime
 from typing import Any
 from urllib.parse import parse_qsl
@@ -134,19 +135,44 @@ def countly_handler(gateway: Gateway, bulk: bool) -> Callable[[Request], Any]:
 # (`enrollToKeys`), sent as `method=ab&keys=[...]`. A queued request not answered 2xx with a
 # JSON `result` is resent forever and holds back everything queued after it, so these are
 # answered as Countly's server answers them; the suite has no A/B tests, so nothing is stored.
-# (The other methods, `rc`, `ab_fetch_variants`, `feedback`, `queue`..., are fetched directly:
-# a refusal costs only that answer. `ab_opt_out` is queued too, but to `/i`, which answers it.)
+# (`ab_opt_out` is queued too, but to `/i`, which answers it.)
 QUEUED_SDK_METHODS = frozenset({"ab"})
 
+# `/o/sdk` read methods the SDKs fetch directly, answered as Countly's server answers an app
+# that has none of what they ask for (the suite keeps no remote config, A/B experiments or
+# feedback widgets), once the app key is judged good. A refusal would cost the SDK's callback an
+# error (countly-sdk-nodejs: `err` set) and the page a console error on every load
+# (countly-sdk-web fetches its remote config at init when `remote_config` is set):
+# - `fetch_remote_config` (countly-sdk-nodejs, countly-sdk-web's default, the older mobile SDKs)
+#   and `rc` (countly-sdk-web's explicit RC API, the 23.x+ mobile SDKs): the remote config, an
+#   object of key -> value; `{}` is none, which the SDKs store as their (empty) config;
+# - `ab_fetch_variants` (mobile SDKs): an object of key -> variants; `{}` is none;
+# - `ab_fetch_experiments` (mobile SDKs): a list of experiments; `[]` is none;
+# - `feedback` (countly-sdk-web `get_available_feedback_widgets`, mobile SDKs): the widgets in
+#   `result`, which the SDKs read (`response.result || []`; a request without a truthy
+#   `result` is a failure to countly-sdk-web's check); `{"result": []}` is none.
+# Other methods (`ab_enroll_variant`, `queue`, anything unknown) are refused 400.
+EMPTY_SDK_READS: dict[str, Any] = {
+    "fetch_remote_config": {},
+    "rc": {},
+    "ab_fetch_variants": {},
+    "ab_fetch_experiments": [],
+    "feedback": {"result": []},
+}
 
-def sdk_read_answer(method: str) -> tuple[int, dict[str, Any]]:
+NO_SUCH_METHOD = "This server offers no such SDK method"
+
+
+def sdk_read_answer(method: str) -> tuple[int, Any]:
     """The status and JSON body `/o/sdk` answers for `method`, once its key is judged good for
-    a queued method (QUEUED_SDK_METHODS)."""
+    a queued method (QUEUED_SDK_METHODS) or a read of nothing (EMPTY_SDK_READS)."""
     if method == "sc":
         return 200, {}
     if method in QUEUED_SDK_METHODS:
         return COUNTLY.ok
-    return 400, {"result": "This server offers no such SDK method"}
+    if method in EMPTY_SDK_READS:
+        return 200, EMPTY_SDK_READS[method]
+    return 400, {"result": NO_SUCH_METHOD}
 
 
 def countly_sdk_read(gateway: Gateway) -> Callable[[Request], Any]:
@@ -155,10 +181,11 @@ def countly_sdk_read(gateway: Gateway) -> Callable[[Request], Any]:
     SDK behaviour settings, an empty object, which leaves the SDK's own settings as they are
     (a 404 would be a console error on every page). Methods the mobile SDKs queue
     (QUEUED_SDK_METHODS) are answered as `/i` answers a request with nothing to store: 200
-    {"result": "Success"} once the app key is judged good (401 otherwise, as on `/i`). Other
-    methods (remote config, feedback widgets...) are not offered: 400 {"result": ...},
-    Countly's shape of a refusal. Its parameters are read as `/i` reads them
-    (read_parameters), and an unreadable request refused as `/i` refuses it."""
+    {"result": "Success"}; remote config, A/B variants and feedback widgets (EMPTY_SDK_READS)
+    as an app with none; both once the app key is judged good (refused as on `/i` otherwise).
+    Other methods are not offered: 400 {"result": ...}, Countly's shape of a refusal. Its
+    parameters are read as `/i` reads them (read_parameters), and an unreadable request
+    refused as `/i` refuses it."""
 
     async def handle(request: Request) -> Response:
         try:
@@ -169,21 +196,25 @@ def countly_sdk_read(gateway: Gateway) -> Callable[[Request], Any]:
         # A JSON body's `method` may be any value: only text names a method.
         method = params.get("method")
         method = method if isinstance(method, str) else ""
-        if method not in QUEUED_SDK_METHODS:
-            status, answer = sdk_read_answer(method)
+        status, answer = sdk_read_answer(method)
+        if method not in QUEUED_SDK_METHODS and method not in EMPTY_SDK_READS:
             return JSONResponse(answer, status)
 
         async def read() -> tuple[str, Translate]:
             return countly.request_app_key(params), lambda now, ip: Translation()
 
-        return await gateway.run(request, countly.DIALECT, COUNTLY, read)
+        # The key is judged as on `/i` (an unknown one: 400 "App does not exist"); nothing is
+        # stored, and a good key gets the method's answer.
+        return await gateway.run(
+            request, countly.DIALECT, replace(COUNTLY, ok=(status, answer)), read
+        )
 
     return handle
 
 
 def countly_routes(gateway: Gateway) -> list[Route]:
-    """`/i` and `/i/bulk`; no state between requests (ingest keeps the sessions); `/o/sdk`'s
-    server config."""
+    """`/i` and `/i/bulk`; no state between requests (ingest keeps the sessions); `/o/sdk`, the
+    SDKs' reads."""
     methods = ["GET", "POST"]
     return [
         Route("/i", countly_handler(gateway, bulk=False), methods=methods),

@@ -166,7 +166,12 @@ EVENTS = [
         "hour": 19,
         "dow": 3,
     },
-    {"key": "[CLY]_view", "count": 1, "segmentation": {"name": "home"}, "timestamp": T0 - 4_000},
+    {
+        "key": "[CLY]_view",
+        "count": 1,
+        "segmentation": {"name": "home", "visit": 1},
+        "timestamp": T0 - 4_000,
+    },
 ]
 
 

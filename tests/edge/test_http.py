@@ -372,7 +372,7 @@ async def test_countly_web_s_server_config_request_is_answered_as_countly_does(
     answer = await asyncio.to_thread(requests.get, f"{edge.url}/o/sdk", params=query, timeout=10)
     assert (answer.status_code, answer.json()) == (200, {})
     other = await asyncio.to_thread(
-        requests.get, f"{edge.url}/o/sdk", params={**query, "method": "rc"}, timeout=10
+        requests.get, f"{edge.url}/o/sdk", params={**query, "method": "nope"}, timeout=10
     )
     assert other.status_code == 400
     assert "result" in other.json()

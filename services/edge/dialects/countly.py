@@ -126,6 +126,27 @@ _UNSUPPORTED_MODIFIERS = {
     "$max": "the contract has no maximum operation",
 }
 
+# Countly's views: the SDKs send a `[CLY]_view` event when a view starts (segmentation
+# `visit: 1`, with `name`, and `start`, `view`, `segment`... as each SDK has them) and another,
+# under the same event `id`, when it ends: `dur` (seconds on the view), `name`, no `visit`.
+# Countly's server counts only the `visit` ones as views (its drill stores those alone) and adds
+# the end's duration to the view. Contract events are immutable, so the end is an event of its
+# own, `cly_view_end` (name and duration kept, one per view), and `cly_view` is the view itself:
+# a timeline shows the view once with how long it lasted after it, and a funnel or a count on
+# `cly_view` counts views, not views twice. Any `[CLY]_view` without a (truthy) `visit` is an
+# end, as it is no view to Countly.
+VIEW_KEY = "[CLY]_view"
+VIEW_END_NAME = "cly_view_end"
+
+# The SDKs' internal events that are no user activity, read and not stored (they would count as
+# custom events): `[CLY]_orientation` (countly-sdk-web, the mobile SDKs: the screen's
+# orientation, sent on every page load before the session), `[CLY]_action` (countly-sdk-web's
+# click and scroll heatmap data: coordinates and page size). The other `[CLY]_` events are the
+# user's doing and kept as custom events: `[CLY]_view` (above), `[CLY]_star_rating` (a rating
+# given), `[CLY]_nps` and `[CLY]_survey` (a feedback widget answered or closed),
+# `[CLY]_push_action` (a push notification opened).
+SDK_INTERNAL_EVENTS = frozenset({"[CLY]_orientation", "[CLY]_action"})
+
 # Countly timestamps are milliseconds (every current SDK) or seconds (older SDKs and scripts):
 # a value above this is milliseconds (1e11 seconds is the year 5138).
 _MILLISECONDS_ABOVE = 100_000_000_000
@@ -723,7 +744,9 @@ def _events(request: _Request, output: _Output) -> None:
 def _one_event(request: _Request, output: _Output, index: int, item: Any) -> None:
     """A Countly event: `key` the name (normalized by names.normalize_name), `segmentation` the
     attributes (flattened, normalized), `count`, `sum` and `dur` attributes of those names
-    (they win over segmentation keys of the same name), `timestamp` the event time."""
+    (they win over segmentation keys of the same name), `timestamp` the event time. A view's
+    end (`[CLY]_view` without `visit`) is named `cly_view_end`; the SDKs' internal events
+    (SDK_INTERNAL_EVENTS) are counted and dropped."""
     position = output.next_position()
     if not isinstance(item, Mapping) or not isinstance(item.get("key"), str):
         output.message_count += 1
@@ -737,9 +760,16 @@ def _one_event(request: _Request, output: _Output, index: int, item: Any) -> Non
             )
         )
         return
+    if item["key"] in SDK_INTERNAL_EVENTS:
+        # Read (a message of the request, counted) and not stored. Its position stays taken, so
+        # the request's other events keep their IDs.
+        output.message_count += 1
+        return
     event_id = derived_id("event", request.device_id, request.stamp, position, item)
     name = normalize_name(item["key"])
     segmentation = item.get("segmentation")
+    if item["key"] == VIEW_KEY and not _view_visit(segmentation):
+        name = VIEW_END_NAME
     attributes = custom_attributes(
         segmentation if isinstance(segmentation, Mapping) else {}, skip_sdk_own=False
     )
@@ -769,6 +799,17 @@ def _one_event(request: _Request, output: _Output, index: int, item: Any) -> Non
     set_timestamp(event.event_time, _time(stamp) or request.time)
     output.message_count += 1
     output.event(event)
+
+
+def _view_visit(segmentation: Any) -> bool:
+    """Whether a `[CLY]_view`'s segmentation says it starts a view: `visit` set to a value that
+    is true in JavaScript, as Countly's server tests it (`1`, `"1"`, `true`...)."""
+    if not isinstance(segmentation, Mapping):
+        return False
+    visit = segmentation.get("visit")
+    if isinstance(visit, float) and math.isnan(visit):
+        return False
+    return visit not in (None, False, 0, "")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -169,6 +169,18 @@ async function main() {
         case "error":
             Countly.log_error(new TypeError(args[0]));
             break;
+        case "view":
+            Countly.track_view(args[0], args[1]);
+            break;
+        case "remote_config":
+            // Prints the callback's arguments: {"remote_config": {"error": ..., "config": ...}}.
+            await new Promise((resolve) => {
+                Countly.fetch_remote_config((error, config) => {
+                    say({ remote_config: { error: Boolean(error), config } });
+                    resolve();
+                });
+            });
+            break;
         case "change_id":
             Countly.change_id(args[0], args[1]);
             break;
