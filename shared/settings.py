@@ -132,6 +132,12 @@ SETTINGS: tuple[Setting, ...] = (
         "edge: requests per second allowed per SDK key; 0 turns it off",
     ),
     Setting("PROFILES_EDGE_RATE_BURST", "1000", "edge: requests an SDK key may burst above it"),
+    Setting(
+        "PROFILES_EDGE_POSTHOG_ASSET_URL",
+        "https://us-assets.i.posthog.com",
+        "edge: where `GET /static/...` (posthog-js's library and extensions) redirects; a host"
+        " of your own serves posthog-js's `dist/` files under `/static/` (docs/edge.md)",
+    ),
     Setting("PROFILES_CONSOLE_PORT", "8341", "HTTP port of the web console"),
     Setting(
         "PROFILES_CONSOLE_METRICS_PORT",
@@ -197,6 +203,15 @@ def _decimal(env: str, text: str) -> float:
     return number
 
 
+def _base_url(env: str, text: str) -> str:
+    """An http(s) URL that paths are appended to, without its trailing `/`."""
+    url = text.strip().rstrip("/")
+    scheme, _, rest = url.partition("://")
+    if scheme.lower() not in ("http", "https") or not rest or any(c.isspace() for c in url):
+        raise SettingInvalid(f"{env} must be an http(s) URL, not {text!r}")
+    return url
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     database_url: str = ""
@@ -222,6 +237,7 @@ class Settings:
     edge_metrics_port: int = 9455
     edge_rate_limit: float = 500.0
     edge_rate_burst: int = 1000
+    edge_posthog_asset_url: str = "https://us-assets.i.posthog.com"
     console_port: int = 8341
     console_metrics_port: int = 9456
     console_forwarded_allow_ips: str = "127.0.0.1"
@@ -292,6 +308,9 @@ class Settings:
                 "PROFILES_EDGE_RATE_LIMIT", values["PROFILES_EDGE_RATE_LIMIT"]
             ),
             edge_rate_burst=_whole("PROFILES_EDGE_RATE_BURST", values["PROFILES_EDGE_RATE_BURST"]),
+            edge_posthog_asset_url=_base_url(
+                "PROFILES_EDGE_POSTHOG_ASSET_URL", values["PROFILES_EDGE_POSTHOG_ASSET_URL"]
+            ),
             console_port=_port("PROFILES_CONSOLE_PORT", values["PROFILES_CONSOLE_PORT"]),
             events_retention_days=_whole(
                 "PROFILES_EVENTS_RETENTION_DAYS", values["PROFILES_EVENTS_RETENTION_DAYS"]
@@ -336,6 +355,7 @@ class Settings:
             "PROFILES_EDGE_METRICS_PORT": str(self.edge_metrics_port),
             "PROFILES_EDGE_RATE_LIMIT": str(self.edge_rate_limit),
             "PROFILES_EDGE_RATE_BURST": str(self.edge_rate_burst),
+            "PROFILES_EDGE_POSTHOG_ASSET_URL": self.edge_posthog_asset_url,
             "PROFILES_CONSOLE_PORT": str(self.console_port),
             "PROFILES_CONSOLE_METRICS_PORT": str(self.console_metrics_port),
             "PROFILES_CONSOLE_FORWARDED_ALLOW_IPS": self.console_forwarded_allow_ips,

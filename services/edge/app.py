@@ -12,7 +12,7 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
 from services.edge.backend import Backend
@@ -35,7 +35,7 @@ SEGMENT_TYPES = ("track", "identify", "alias", "page", "screen", "group")
 POSTHOG_PATHS = ("/batch/", "/capture/", "/e/", "/i/v0/e/")
 
 
-def routes(gateway: Gateway) -> list[Route]:
+def routes(gateway: Gateway, posthog_asset_url: str) -> list[Route]:
     """Every route of the edge, in one place."""
 
     async def healthz(request: Request) -> Response:
@@ -60,10 +60,20 @@ def routes(gateway: Gateway) -> list[Route]:
     async def posthog_flags(request: Request) -> Response:
         return JSONResponse(posthog.NO_FLAGS)
 
+    # posthog-js's snippet and its lazily loaded extensions (surveys.js, recorder.js...) load
+    # from `{api_host}/static/`: sent on to PostHog's asset host, as its reverse-proxy guides
+    # do, or to the operator's own (PROFILES_EDGE_POSTHOG_ASSET_URL).
+    async def posthog_static(request: Request) -> Response:
+        location = posthog.asset_location(
+            posthog_asset_url, request.path_params["path"], request.url.query
+        )
+        return RedirectResponse(location, status_code=302)
+
     table = [
         Route("/healthz", healthz, methods=["GET"]),
         Route("/array/{token}/config", posthog_config, methods=["GET"]),
         Route("/array/{token}/config.js", posthog_config_script, methods=["GET"]),
+        Route("/static/{path:path}", posthog_static, methods=["GET"]),
         *(
             Route(path, posthog_flags, methods=["GET", "POST"])
             for path in ("/flags/", "/flags", "/decide/", "/decide")
@@ -116,7 +126,8 @@ def create_app(settings: Settings) -> Starlette:
             max_age=86400,
         )
     ]
-    return Starlette(routes=routes(gateway), middleware=middleware, lifespan=lifespan)
+    table = routes(gateway, settings.edge_posthog_asset_url)
+    return Starlette(routes=table, middleware=middleware, lifespan=lifespan)
 
 
 def server(settings: Settings, port: int | None = None) -> uvicorn.Server:

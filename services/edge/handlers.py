@@ -48,6 +48,12 @@ UNTRANSLATED = Counter(
     "SDK messages a translator failed on (a bug: each is rejected and listed), by dialect",
     ["dialect"],
 )
+IGNORED = Counter(
+    "profiles_edge_messages_ignored_total",
+    "SDK messages dropped on purpose as the SDK's own, recording no user action"
+    " (docs/edge.md), by dialect",
+    ["dialect"],
+)
 LATENCY = Histogram(
     "profiles_edge_request_seconds",
     "HTTP request latency in seconds, by dialect",
@@ -185,6 +191,7 @@ class Gateway:
                 outcome = "invalid"
                 return self.refuse(request, dialect, outcome, *answer.invalid(exc.message))
             MESSAGES.labels(dialect).inc(translation.message_count)
+            IGNORED.labels(dialect).inc(translation.ignored)
             if translation.failures:
                 _log_failures(request, dialect, translation.failures)
             try:

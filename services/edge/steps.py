@@ -73,11 +73,13 @@ Step = Track | Identify | Logout | Reject
 class Translation:
     """The steps of one request, in order, and how many SDK messages it held (for metrics).
     `failures`: what the translator raised on messages it then rejected (see backstop.py),
-    for the handler to log and count."""
+    for the handler to log and count. `ignored`: messages dropped on purpose as the SDK's own
+    (PostHog's `$feature_flag_called`...), for the handler to count."""
 
     steps: Sequence[Step] = field(default_factory=tuple)
     message_count: int = 0
     failures: Sequence[Exception] = ()
+    ignored: int = 0
 
 
 class RequestInvalid(Exception):

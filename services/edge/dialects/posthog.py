@@ -17,8 +17,19 @@ contract. Pure: a parsed body in, steps out. The rule table is in docs/edge.md.
   land on the identified profile without the edge keeping any state.
 - `$set` and `$set_once`, at top level or in `properties`, set attributes (native where native,
   custom otherwise); `$unset` (a list of names) unsets them.
+- SDK-internal events (SDK_INTERNAL_EVENTS: flag calls, web vitals, heatmap data, opt-in
+  bookkeeping...) record no action of the user: dropped (counted in Translation.ignored), but
+  for the `$set` / `$set_once` / `$unset` they carry (posthog-js puts its initial person
+  properties on the first event it sends, whichever it is). `$groupidentify` describes a group,
+  not a person: dropped whole, making no profile (posthog-python's `group_identify()` sends it
+  under a new random distinct_id per call).
+- `$groups` (`{"company": "acme"}`, on every event after posthog-js's `group()`, or
+  posthog-python's `capture(groups=...)`) sets the person's custom attributes `group_<type>` =
+  key, as Segment's `group` sets `group_id`: once a day while unchanged (group_operations).
 - Every other event is a custom event, its name normalized (`$pageview` -> `pageview`,
   `$screen` -> `screen`, with `$current_url` as attribute `url` and `$screen_name` as label);
+  the autocapture events (`$autocapture`, `$rageclick`, `$dead_click`...) get what was clicked
+  as attributes (element_attributes) and its text as label;
   `$`-prefixed properties are PostHog's own: `$os` (the mobile SDKs' `$os_name`), `$lib` give
   the platform, `$app_version`, `$os_version`, `$device_model`, `$locale`, `$timezone`
   installation details, `$ip` the session's country (never stored); the rest are dropped.
@@ -34,10 +45,12 @@ contract. Pure: a parsed body in, steps out. The rule table is in docs/edge.md.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
+from urllib.parse import quote
 
 from profiles.common.v1 import types_pb2
 from profiles.ingest.v1 import ingest_service_pb2 as ingest_pb
@@ -74,6 +87,38 @@ ATTRIBUTE_ONLY_EVENTS = frozenset({"$set", "$set_once"})
 SDK_OWN_PROPERTIES = frozenset({"token", "distinct_id", "alias"})
 # What posthog-js sends as distinct_id and $session_id in cookieless mode.
 COOKIELESS_SENTINEL = "$posthog_cookieless"
+# Events PostHog's SDKs send about themselves, which record no action of the user (posthog-js
+# 1.449's source): stored as custom events they only inflated the Events counter. Dropped, but
+# for the attribute operations they may carry.
+SDK_INTERNAL_EVENTS = frozenset(
+    {
+        "$feature_flag_called",  # a flag was evaluated (posthog-js, posthog-python, posthog-node)
+        "$web_vitals",  # page performance metrics
+        "$$heatmap",  # heatmap data: pointer positions for PostHog's heatmaps
+        "$opt_in",  # opt_in_capturing()'s bookkeeping
+        "$snapshot",  # session recording data
+        "$$client_ingestion_warning",  # the SDK's own rate limiter dropped events
+        "$web_experiment_applied",  # the SDK applied a web experiment's variant
+        "$bot_pageview",  # a bot's page view (posthog-js's bot detection), not a person's
+        "$conversations_loaded",  # the conversations API or widget finished loading
+        "$conversations_widget_loaded",
+    }
+)
+# A group's own event (its properties in `$group_set`): no person's, and the contract has no
+# groups (as Segment's group traits, dropped).
+GROUP_IDENTIFY = "$groupidentify"
+# posthog-js's autocapture events: what was clicked (or changed, submitted, copied) is in
+# `$elements` / `$elements_chain`, `$el_text` and `$event_type`, all `$` properties.
+ELEMENT_EVENTS = frozenset(
+    {"$autocapture", "$rageclick", "$dead_click", "$dead_swipe", "$copy_autocapture"}
+)
+# The contract's limits (docs/ingest.md): attributes per event, string, URL and list lengths.
+MAX_ATTRIBUTES = 20
+MAX_STRING = 300
+MAX_URL = 2048
+MAX_LIST_ITEMS = 25
+# PostHog's own limit of group types per project; more in one event are ignored.
+MAX_GROUPS = 5
 
 
 def api_key_of(body: Any) -> str:
@@ -150,20 +195,30 @@ def translate(
     messages = messages_of(body)
     sent = query_sent or (parse_time(body.get("sent_at")) if isinstance(body, dict) else None)
     builder = StepBuilder(DIALECT)
+    ignored = 0
     for message in messages:
         with backstop(builder, message, id_key="uuid", installation_key="distinct_id"):
-            _translate(builder, message, now, sent, client_ip)
+            if _translate(builder, message, now, sent, client_ip) is IGNORED:
+                ignored += 1
     return Translation(
-        steps=builder.finish(), message_count=len(messages), failures=tuple(builder.failures)
+        steps=builder.finish(),
+        message_count=len(messages),
+        failures=tuple(builder.failures),
+        ignored=ignored,
     )
+
+
+# What _translate returns for a message it dropped as the SDK's own (SDK_INTERNAL_EVENTS,
+# GROUP_IDENTIFY), for the count of Translation.ignored.
+IGNORED = "ignored"
 
 
 def _translate(
     builder: StepBuilder, message: Any, now: datetime, sent: datetime | None, connection_ip: str
-) -> None:
+) -> str | None:
     if not isinstance(message, dict):
         builder.reject(rejection("MESSAGE_INVALID", "an event is not a JSON object", {}))
-        return
+        return None
     properties = message.get("properties")
     properties = properties if isinstance(properties, dict) else {}
     name_text = message.get("event")
@@ -187,20 +242,24 @@ def _translate(
 
     if not isinstance(name_text, str) or not name_text:
         refuse("NAME_UNUSABLE", "the event has no name")
-        return
+        return None
+    internal = name_text in SDK_INTERNAL_EVENTS
+    if name_text == GROUP_IDENTIFY or (internal and not _carries_operations(message, properties)):
+        # Nothing of the user's: no step at all, so no profile is made for it either.
+        return IGNORED
     if not distinct_id:
         refuse("ORIGIN_MISSING", "no distinct_id")
-        return
+        return None
     if name_text == "$merge_dangerously":
         # Two people's profiles joined on a client's say: only an operator merges identified
         # profiles (MergeProfiles), as for an alias between two custom IDs.
         refuse("ALIAS_REFUSED", "$merge_dangerously: only an operator merges profiles")
-        return
+        return None
     if COOKIELESS_SENTINEL in (distinct_id, text(properties.get("$session_id"))):
         # posthog-js's cookieless mode asks the server to make the visitor's IDs up; taken as
         # an ID, it would make every visitor of the site one installation and one session.
         refuse("COOKIELESS_UNSUPPORTED", "cookieless mode: the event carries no visitor ID")
-        return
+        return None
     event_time = parse_time(message.get("timestamp"))
     # The message's own time goes with the device's send time, for ingest's skew correction;
     # the edge's clock, when the message has no time, with none: it would shift it by the
@@ -209,7 +268,7 @@ def _translate(
     if event_time is None:
         if message.get("timestamp") is not None:
             refuse("TIMESTAMP_INVALID", "timestamp is not an ISO 8601 time")
-            return
+            return None
         event_time, send_time = now, None
     # posthog-js names the OS `$os`; the mobile SDKs (posthog-ios, posthog-android,
     # posthog-react-native, posthog-flutter) `$os_name`. A cross-platform library's name tells
@@ -228,7 +287,7 @@ def _translate(
         # new anonymous profile per event; it is kept, listed, on no profile. A device's
         # personless events (posthog-js's default before identify) are its installation's.
         refuse("PERSONLESS_EVENT", "$process_person_profile false: a server event of no one")
-        return
+        return None
 
     if name_text == "$identify":
         anonymous = identifier(properties.get("$anon_distinct_id")) or device_id or distinct_id
@@ -240,13 +299,13 @@ def _translate(
         alias = identifier(properties.get("alias"))
         if not alias:
             refuse("ALIAS_INVALID", "$create_alias without alias")
-            return
+            return None
         if identified:
             # posthog-js's alias() of a user already identified: a second custom ID for one
             # person, which a profile cannot hold (Identify would move the browser to a new
             # profile). Only an operator merges identified profiles, as for Segment's alias.
             refuse("ALIAS_REFUSED", "the distinct_id is already identified: alias refused")
-            return
+            return None
         installation_id, custom_id = distinct_id, alias
         builder.identify(distinct_id, alias, request_id)
         _identify_self(builder, alias, event_id, event_time, send_time)
@@ -254,7 +313,9 @@ def _translate(
         builder.identify(installation_id, custom_id, request_id)
 
     origin = Origin(installation_id, "", platform, event_time, send_time)
-    activity = name_text not in LOGIN_EVENTS and name_text not in ATTRIBUTE_ONLY_EVENTS
+    activity = (
+        name_text not in LOGIN_EVENTS and name_text not in ATTRIBUTE_ONLY_EVENTS and not internal
+    )
     session = NO_SESSION
     if activity:
         # Logins and $set calls often come from a server SDK on the user's behalf: they are not
@@ -280,7 +341,7 @@ def _translate(
                 found, unusable = trait_operations(source, kind)
                 if unusable:
                     refuse("PROPERTY_NAME_UNUSABLE", f"no usable name in {unusable[:5]}")
-                    return
+                    return None
                 operations.extend(found)
     unset = properties.get("$unset") or message.get("$unset")
     if isinstance(unset, list):
@@ -288,29 +349,169 @@ def _translate(
         operations.extend(found)
     if operations:
         builder.add(*attribute_events(derived_id("attrs", event_id), origin, operations))
+    groups = group_operations(properties.get("$groups"))
+    if groups:
+        # Every event after posthog-js's group() repeats them: stored once a day while
+        # unchanged, as installation details are (docs/edge.md).
+        day = event_time.date().isoformat()
+        content = [op.SerializeToString(deterministic=True).hex() for op in groups]
+        groups_id = derived_id("groups", installation_id, *content, day)
+        builder.add(*attribute_events(groups_id, origin, groups))
     if not activity:
-        return
+        return IGNORED if internal else None
 
     if name_text == "$exception":
         # posthog-js's exception autocapture (and captureException): a crash of the app.
         crash = event(event_id, origin, session)
         crash.crash.CopyFrom(exception_crash(properties))
         builder.add(crash)
-        return
+        return None
     name = normalize_name(name_text)
     if name is None:
         refuse("NAME_UNUSABLE", "the event name has no usable character")
-        return
+        return None
     attributes = custom_attributes(
         {k: v for k, v in properties.items() if k not in SDK_OWN_PROPERTIES}
     )
     if attributes.unusable:
         refuse("PROPERTY_NAME_UNUSABLE", f"no usable name in {attributes.unusable[:5]}")
-        return
+        return None
     if name_text == "$pageview" and isinstance(properties.get("$current_url"), str):
         attributes.values.setdefault("url", _url_value(properties["$current_url"]))
     label = text(properties.get("$screen_name")) if name_text == "$screen" else ""
+    if name_text in ELEMENT_EVENTS:
+        clicked = element_attributes(properties)
+        # The edge's own attributes never push an event over the contract's 20 (the user's
+        # own properties, data-ph-capture-attribute-*, win a name they share).
+        for key, value in clicked.items():
+            if key not in attributes.values and len(attributes.values) < MAX_ATTRIBUTES:
+                attributes.values[key] = value
+        if "text" in clicked:
+            label = clicked["text"].string_value
     builder.add(custom_event(event_id, origin, session, name, attributes.values, label))
+    return None
+
+
+def _carries_operations(message: Mapping[str, Any], properties: Mapping[str, Any]) -> bool:
+    """Whether a message sets or unsets person attributes (`$set`, `$set_once`, `$unset`, at
+    top level or in `properties`)."""
+    for source in (message, properties):
+        for key in ("$set", "$set_once", "$unset"):
+            value = source.get(key)
+            if isinstance(value, dict | list) and value:
+                return True
+    return False
+
+
+def group_operations(groups: Any) -> list[types_pb2.AttributeOperation]:
+    """The custom attributes `$groups` sets: `group_<type>` = the group's key for each of its
+    first MAX_GROUPS types (sorted), the name normalized as any property's (a type with no
+    usable character, or a key that is no text or number, is skipped: a hint, never a reason
+    to refuse the event)."""
+    if not isinstance(groups, dict):
+        return []
+    operations = []
+    for group_type in sorted(k for k in groups if isinstance(k, str))[:MAX_GROUPS]:
+        key = groups[group_type]
+        if isinstance(key, bool) or not isinstance(key, str | int | float):
+            continue
+        key_text = (key if isinstance(key, str) else json.dumps(key)).strip()[:MAX_STRING]
+        name = normalize_name(f"group_{group_type}") if normalize_name(group_type) else None
+        if name is None or not key_text:
+            continue
+        operation = types_pb2.AttributeOperation(
+            kind=types_pb2.ATTRIBUTE_OPERATION_KIND_SET, custom_attribute=name
+        )
+        operation.value.string_value = key_text
+        operations.append(operation)
+    return operations
+
+
+def element_attributes(properties: Mapping[str, Any]) -> dict[str, types_pb2.AttributeValue]:
+    """What an autocapture event says was clicked (changed, submitted...), as attributes within
+    the contract's limits, most telling first: `event_type` (`$event_type`: click, submit,
+    change...), `text` (`$el_text`), `tag`, `href` (a URL when absolute), `element_id`,
+    `classes` (a list) of the element (`$elements[0]`, else the first of `$elements_chain`,
+    which posthog-js sends alone when its config says `elementsChainAsString`), and `url`
+    (`$current_url`, the page)."""
+    element = _first_element(properties)
+    classes = element.get("classes")
+    if not isinstance(classes, list):
+        classes = text(element.get("attr__class")).split()
+    values: dict[str, types_pb2.AttributeValue] = {}
+
+    def put(name: str, value: Any) -> None:
+        found = text(value) if isinstance(value, str) else ""
+        if found:
+            values[name] = types_pb2.AttributeValue(string_value=found[:MAX_STRING])
+
+    put("event_type", properties.get("$event_type"))
+    put("text", properties.get("$el_text") or element.get("$el_text") or element.get("text"))
+    put("tag", element.get("tag_name"))
+    href = text(element.get("attr__href") or element.get("href"))
+    if href.startswith(("http://", "https://")) and len(href) <= MAX_URL and " " not in href:
+        values["href"] = _url_value(href)
+    else:
+        put("href", href)
+    put("element_id", element.get("attr__id"))
+    names = [c.strip()[:MAX_STRING] for c in classes if isinstance(c, str) and c.strip()]
+    if names:
+        values["classes"] = types_pb2.AttributeValue(
+            string_list_value=types_pb2.StringList(values=names[:MAX_LIST_ITEMS])
+        )
+    url = text(properties.get("$current_url"))
+    if url.startswith(("http://", "https://")) and len(url) <= MAX_URL and " " not in url:
+        values["url"] = _url_value(url)
+    return values
+
+
+def _first_element(properties: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The element an autocapture event names first (the one acted on): `$elements[0]`, else
+    the first of `$elements_chain` read as posthog-js writes it; {} when it says neither."""
+    elements = properties.get("$elements")
+    if isinstance(elements, list) and elements and isinstance(elements[0], dict):
+        return elements[0]
+    chain = properties.get("$elements_chain")
+    return chain_element(chain) if isinstance(chain, str) else {}
+
+
+# posthog-js's elements chain (getElementsChainString): elements separated by `;`, each
+# `tag.class1.class2:` then its attributes sorted by name, `name="value"` with `"` escaped as
+# `\"`, e.g. `button.buy.primary:attr__class="buy primary"nth-child="2"nth-of-type="1"text="Buy"`.
+_CHAIN_ATTRIBUTE = re.compile(r'([\w-]+)="((?:\\.|[^"\\])*)"')
+_CHAIN_ATTRIBUTE_START = re.compile(r'[\w-]+="')
+# What of a chain is read: its first element fits (text 400, href 2,048 characters).
+MAX_CHAIN_READ = 8192
+
+
+def chain_element(chain: str) -> dict[str, Any]:
+    """The first element of an elements chain as `$elements` holds one (`tag_name`, `classes`,
+    `attr__href`, `attr__id`, `text`...). Class names may hold `:` (Tailwind's `hover:...`),
+    so the tag and classes end at the first `:` that attributes follow. Linear in the chain's
+    length, which is cut to MAX_CHAIN_READ."""
+    chain = chain[:MAX_CHAIN_READ]
+    # The first element's tag and classes hold no `;` (nor quotes): a `:` past the first `;`
+    # is another element's.
+    head_end = chain.find(";")
+    start = -1
+    position = chain.find(":")
+    while position != -1 and (head_end == -1 or position < head_end):
+        if _CHAIN_ATTRIBUTE_START.match(chain, position + 1):
+            start = position
+            break
+        position = chain.find(":", position + 1)
+    if start == -1:
+        return {}
+    head = chain[:start].split(".")
+    element: dict[str, Any] = {"tag_name": head[0], "classes": [c for c in head[1:] if c]}
+    position = start + 1
+    while match := _CHAIN_ATTRIBUTE.match(chain, position):
+        name, value = match.group(1), match.group(2).replace('\\"', '"')
+        element.setdefault(name, value)
+        position = match.end()
+    if "attr__class" in element:
+        element["classes"] = text(element["attr__class"]).split()
+    return element
 
 
 def _identify_self(
@@ -443,9 +644,9 @@ def translate_push_subscription(
 
 def remote_config(token: str) -> dict[str, Any]:
     """posthog-js's remote config (`/array/<token>/config`, and as a script `config.js`), which
-    it asks for on every page load: what this edge offers. No feature flags (so posthog-js does
-    not ask `/flags/` too), no session recording, heatmaps, surveys or site apps; both gzip
-    encodings read."""
+    it asks for on every page load: what this edge offers. Autocapture on (the SDK's default);
+    no feature flags (so posthog-js does not ask `/flags/` too), no session recording,
+    heatmaps, surveys or site apps; both gzip encodings read."""
     return {
         "token": token,
         "supportedCompression": ["gzip", "gzip-js"],
@@ -455,6 +656,9 @@ def remote_config(token: str) -> dict[str, Any]:
         "surveys": False,
         "autocaptureExceptions": False,
         "captureDeadClicks": False,
+        # posthog-js autocaptures clicks only once the server says `autocapture_opt_out`
+        # false (Autocapture.isEnabled: no answer, or no key, keeps it off).
+        "autocapture_opt_out": False,
         "siteApps": [],
     }
 
@@ -467,6 +671,18 @@ def remote_config_script(token: str) -> str:
         "(function(){var w=window;w._POSTHOG_REMOTE_CONFIG=w._POSTHOG_REMOTE_CONFIG||{};"
         f"w._POSTHOG_REMOTE_CONFIG[{key}]={config};}})();"
     )
+
+
+# The longest `/static/` path and query sent on (posthog-js's are a few dozen characters).
+MAX_ASSET_PATH = 512
+
+
+def asset_location(asset_url: str, path: str, query: str) -> str:
+    """Where `GET /static/<path>?<query>` is redirected: the same path and query on the asset
+    host (posthog-js adds `?v=<version>`), the path percent-encoded again, both cut to
+    MAX_ASSET_PATH."""
+    location = f"{asset_url}/static/{quote(path[:MAX_ASSET_PATH], safe='/')}"
+    return f"{location}?{query[:MAX_ASSET_PATH]}" if query else location
 
 
 # What `/flags/` (and the older `/decide/`) answer: no flag is defined here.
