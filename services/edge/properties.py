@@ -6,28 +6,49 @@ own: $lib, $browser, $current_url...) are not attributes: a dialect takes what i
 installation details from them and drops the rest, so they never count against the contract's
 20 attributes per event. An event left with more than 20 attributes is rejected by ingest
 (TOO_MANY_ATTRIBUTES) and listed, never cut.
+
+Values keep the type they show: a string that is a date-time or a date (`time_of`) is a
+timestamp, one that is an absolute http(s) URL a URL (rules in docs/edge.md).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 from profiles.common.v1 import types_pb2
 from services.edge.names import flatten, normalize_name
+from shared.convert import timestamp_of
 
 MAX_LIST_ITEMS = 25
+# The contract's limits (types.proto, AttributeValue; ingest's TOO_MANY_ATTRIBUTES).
+MAX_STRING_LENGTH = 300
+MAX_URL_LENGTH = 2048
+MAX_EVENT_ATTRIBUTES = 20
+
+# What `time_of` takes for a time: RFC 3339's date-time (a `T`, minutes at least, a fraction of
+# up to 9 digits, an offset `Z`, `+01:00` or `+0100`) with the offset optional, or a bare date.
+# Strict on purpose: datetime.fromisoformat alone also reads "20240102" (an order number?),
+# "2024-W01" or "2024-01-02 03", which no SDK sends for a time.
+_TIME = re.compile(
+    r"\d{4}-\d{2}-\d{2}(?:[Tt]\d{2}:\d{2}(?::\d{2}(?:\.\d{1,9})?)?(?:[Zz]|[+-]\d{2}:?\d{2})?)?",
+    re.ASCII,
+)
 
 
 def attribute_value(value: Any) -> types_pb2.AttributeValue | None:
     """The attribute value of a JSON value; None for null (left out).
 
-    bool -> bool; number -> number; string -> URL when it is an absolute http(s) URL, else
-    string; list of scalars -> string list (items as text); anything else (a list holding
-    objects) -> its compact JSON text as a string."""
+    bool -> bool; number -> number; string -> timestamp when it is a date-time or a date
+    (`time_of`), URL when it is an absolute http(s) URL, else string; list of scalars ->
+    string list (items as text); anything else (a list holding objects) -> its compact JSON
+    text as a string."""
     if value is None:
         return None
     if isinstance(value, bool):
@@ -35,7 +56,10 @@ def attribute_value(value: Any) -> types_pb2.AttributeValue | None:
     if isinstance(value, int | float):
         return types_pb2.AttributeValue(number_value=_number(value))
     if isinstance(value, str):
-        if value.startswith(("http://", "https://")) and " " not in value:
+        moment = time_of(value)
+        if moment is not None:
+            return types_pb2.AttributeValue(timestamp_value=timestamp_of(moment))
+        if is_http_url(value):
             return types_pb2.AttributeValue(url_value=value)
         return types_pb2.AttributeValue(string_value=value)
     if isinstance(value, list) and all(
@@ -44,6 +68,68 @@ def attribute_value(value: Any) -> types_pb2.AttributeValue | None:
         items = [v if isinstance(v, str) else json.dumps(v) for v in value]
         return types_pb2.AttributeValue(string_list_value=types_pb2.StringList(values=items))
     return types_pb2.AttributeValue(string_value=json.dumps(value, separators=(",", ":")))
+
+
+def time_of(text: str) -> datetime | None:
+    """The UTC moment a string names, or None when it names none (it stays a string).
+
+    - A date-time with a `Z` or an offset: what JSON.stringify makes of a JavaScript Date
+      ("2024-01-02T03:04:05.000Z"), Python's isoformat() of an aware datetime, Java's and
+      Swift's ISO 8601 formatters. Taken as the moment it names.
+    - A date-time without one: what segment-analytics-python and posthog-python send for a
+      naive datetime ("2024-01-02T03:04:05"). Taken as UTC, the rule of the SDK messages' own
+      times (build.parse_time): nothing in the value says its zone, and a naive datetime in a
+      server is as often UTC as local.
+    - A bare date ("1990-05-17": Python's isoformat() of a date, a birthday): its midnight UTC,
+      so that it keeps its day in UTC and compares with other times.
+    Anything else is no time: a date-time with a space instead of the `T`, a week or ordinal
+    date, a leap second, a date that does not exist (2023-02-29), or one whose UTC moment is
+    outside years 1 to 9999 (no Timestamp holds it)."""
+    if len(text) > 40 or not _TIME.fullmatch(text):
+        return None
+    try:
+        # fromisoformat wants the upper-case `T` and `Z` (RFC 3339 allows both cases).
+        moment = datetime.fromisoformat(text.upper())
+    except ValueError:
+        return None
+    if moment.tzinfo is None:
+        return moment.replace(tzinfo=UTC)
+    try:
+        return moment.astimezone(UTC)
+    except OverflowError:  # "0001-01-01T00:00:00+01:00" is in year 0 in UTC
+        return None
+
+
+def is_http_url(text: str) -> bool:
+    """An absolute http(s) URL with a host, without white space or NUL: what ingest takes for
+    a URL value (under its 2,048 characters). "https://" alone or a URL with a tab is text."""
+    if not text.startswith(("http://", "https://")) or "\x00" in text:
+        return False
+    if any(c.isspace() for c in text):
+        return False
+    try:
+        return bool(urlsplit(text).hostname)
+    except ValueError:  # an invalid IPv6 host, "http://[::1"
+        return False
+
+
+def sdk_text_value(value: Any) -> types_pb2.AttributeValue | None:
+    """The attribute value of a text an SDK adds on its own, not the app (Segment's page and
+    campaign fields): a URL when it is an absolute http(s) URL, cut to 2,048 characters, else a
+    string cut to 300, NULs removed; never a time or a number (a page titled "2024-01-02" is a
+    title). None for anything but non-empty text. Cut rather than refused: ingest refuses an
+    event for a value over the contract's limits, and a long page title the app never wrote
+    must not cost it its event."""
+    if not isinstance(value, str):
+        return None
+    value = value.replace("\x00", "")
+    if not value:
+        return None
+    if is_http_url(value):
+        cut = value[:MAX_URL_LENGTH]
+        if is_http_url(cut):
+            return types_pb2.AttributeValue(url_value=cut)
+    return types_pb2.AttributeValue(string_value=value[:MAX_STRING_LENGTH])
 
 
 def _number(value: int | float) -> float:

@@ -24,7 +24,8 @@ from tests.support.browser import chromium, npm_package
 
 HERE = Path(__file__).parent / "browser"
 PAGE = b"""<!doctype html><html lang="en"><head><title>Shop</title></head>
-<body><h1>Shop</h1><script src="/sdk.js"></script></body></html>"""
+<body><h1>Shop</h1><button id="buy" class="btn primary">Buy now</button>
+<script src="/sdk.js"></script></body></html>"""
 
 
 @contextmanager
@@ -102,16 +103,35 @@ async def test_posthog_js_with_its_defaults_reaches_the_profile(edge: Edge, site
             posthog.identify("ph-browser-user", {{email: "ada@example.com"}});
         }}"""
     )
+    # Autocapture (on by default) starts once the remote config says `autocapture_opt_out`
+    # false: then a click on the button is an autocapture event.
+    await page.wait_for_function("() => posthog.autocapture && posthog.autocapture.isEnabled")
+    await page.click("#buy")
     profile = await stored_profile(edge, custom_id="ph-browser-user")
 
     async def complete() -> bool:
         found = await edge.profile(custom_id="ph-browser-user")
         names = await custom_names(edge, found.summary.profile_id)
-        return "button_clicked" in names and found.native_attributes.email == "ada@example.com"
+        return {"button_clicked", "autocapture"} <= set(
+            names
+        ) and found.native_attributes.email == "ada@example.com"
 
     await eventually(complete, within=30)
     final = await edge.profile(custom_id="ph-browser-user")
     assert final.summary.profile_id == profile.summary.profile_id
+    (click,) = [
+        e.custom
+        for e in await edge.events(final.summary.profile_id)
+        if e.custom.name == "autocapture"
+    ]
+    attributes = dict(click.attributes)
+    assert click.label == "Buy now"
+    assert attributes["text"].string_value == "Buy now"
+    assert attributes["event_type"].string_value == "click"
+    assert attributes["tag"].string_value == "button"
+    assert attributes["element_id"].string_value == "buy"
+    assert list(attributes["classes"].string_list_value.values) == ["btn", "primary"]
+    assert attributes["url"].url_value.startswith("http://127.0.0.1:")
     # The browser's installation is the web's (the user's own ID is one too: docs/edge.md).
     assert types_pb2.PLATFORM_WEB in [i.platform for i in final.installations]
     # Its remote config and flags were answered: nothing failed on the shop's page.
@@ -122,17 +142,39 @@ async def test_analytics_js_loads_its_settings_from_the_edge_and_sends_there(
     edge: Edge, site: Any
 ) -> None:
     page = await site(npm_package(HERE, "@segment/analytics-next/dist/umd/index.js"))
+    # The visitor came from a campaign: analytics.js reads the page's utm_ parameters.
+    landing = page.url + "pricing?utm_source=news&utm_medium=email&utm_campaign=spring"
+    await page.goto(landing)
     await page.evaluate(
         f"""async () => {{
             const [analytics] = await AnalyticsNext.AnalyticsBrowser.load(
                 {{writeKey: {json.dumps(edge.sdk_key)}, cdnURL: {json.dumps(edge.url)}}});
             await analytics.track("Course Clicked", {{title: "Intro"}});
-            await analytics.identify("ajs-browser-user", {{email: "grace@example.com"}});
+            await analytics.identify("ajs-browser-user", {{
+                email: "grace@example.com", createdAt: new Date(Date.UTC(2024, 0, 2, 3, 4, 5))}});
         }}"""
     )
     profile = await stored_profile(edge, custom_id="ajs-browser-user")
     assert profile.native_attributes.email == "grace@example.com"
-    assert "course_clicked" in await custom_names(edge, profile.summary.profile_id)
+    # A JavaScript Date, sent as JSON.stringify writes it, is a timestamp attribute.
+    (created,) = [a.value for a in profile.custom_attributes if a.name == "createdat"]
+    assert created.timestamp_value.ToJsonString() == "2024-01-02T03:04:05Z"
+    (clicked,) = [
+        e.custom
+        for e in await edge.events(profile.summary.profile_id)
+        if e.custom.name == "course_clicked"
+    ]
+    # The page and the campaign it happened on, beside the app's own `title`.
+    attributes = clicked.attributes
+    assert attributes["title"].string_value == "Intro"
+    assert attributes["page_url"].url_value == landing
+    assert attributes["page_path"].string_value == "/pricing"
+    assert attributes["page_title"].string_value == "Shop"
+    assert [attributes[f"utm_{k}"].string_value for k in ("source", "medium", "campaign")] == [
+        "news",
+        "email",
+        "spring",
+    ]
 
 
 async def posthog_page(edge: Edge, site: Any, **config: Any) -> Any:

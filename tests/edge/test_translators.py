@@ -149,7 +149,8 @@ def test_segment_page_and_screen_are_custom_events_labelled_with_their_name() ->
         ("page", "Pricing"),
         ("screen", "Home"),
     ]
-    assert customs[0].custom.attributes["url"].url_value == "https://x.io/p"
+    # A page call's `url` property is its page's URL: `page_url`, as on every other event.
+    assert customs[0].custom.attributes["page_url"].url_value == "https://x.io/p"
     assert customs[1].platform == types_pb2.PLATFORM_ANDROID
 
 

@@ -14,6 +14,12 @@ the contract. Pure: a parsed message in, steps out. The rule table is in docs/ed
 - `track` is a custom event; `page` and `screen` are the custom events `page` and `screen` with
   the page's name as label; `group` sets the custom attribute `group_id` (group traits are
   dropped: the contract has no accounts).
+- Each custom event carries where it happened and the campaign that brought the user:
+  `context.page` as `page_url`, `page_path`, `page_referrer`, `page_title`, `page_search`
+  (a `page` call's own `url`, `path`... properties are its page's, taken first), and
+  `context.campaign` as `utm_source`, `utm_medium`, `utm_campaign`, `utm_term`,
+  `utm_content`; a property of the same name wins, and they fill only the room the
+  properties leave in the event's 20 attributes.
 - `messageId` is the event ID; `timestamp` with `sentAt` gives skew correction; `context.app`,
   `context.os`, `context.device`, `context.locale` and `context.timezone` go to installation
   details; `context.ip` (or the connection's address) gives the session's country, never stored.
@@ -50,7 +56,7 @@ from services.edge.build import (
 )
 from services.edge.names import normalize_name
 from services.edge.platforms import platform_of
-from services.edge.properties import custom_attributes
+from services.edge.properties import MAX_EVENT_ATTRIBUTES, custom_attributes, sdk_text_value
 from services.edge.steps import RequestInvalid, Translation
 
 DIALECT = "segment"
@@ -61,6 +67,23 @@ _UUID = re.compile(
     r"[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}"
 )
 _SUMMARY_KEYS = ("type", "messageId", "event", "name", "anonymousId", "userId", "timestamp")
+# Segment's page fields (`context.page`; a page call's reserved properties) and campaign fields
+# (`context.campaign`, which analytics.js fills from the page's utm_ query parameters, utm_campaign
+# as `name`) as event attributes: (object, field, attribute), in the order they are kept while
+# the event has room (what segments are most often built on first).
+CONTEXT_ATTRIBUTES = (
+    ("page", "url", "page_url"),
+    ("page", "path", "page_path"),
+    ("page", "referrer", "page_referrer"),
+    ("campaign", "source", "utm_source"),
+    ("campaign", "medium", "utm_medium"),
+    ("campaign", "name", "utm_campaign"),
+    ("campaign", "term", "utm_term"),
+    ("campaign", "content", "utm_content"),
+    ("page", "title", "page_title"),
+    ("page", "search", "page_search"),
+)
+PAGE_FIELDS = frozenset(field for kind, field, _ in CONTEXT_ATTRIBUTES if kind == "page")
 
 
 def batch_of(body: Mapping[str, Any]) -> Sequence[Any]:
@@ -198,6 +221,16 @@ def _translate(
 
     properties = message.get("properties")
     properties = properties if isinstance(properties, dict) else {}
+    page = _get(context, "page")
+    page = page if isinstance(page, dict) else {}
+    if kind == "page":
+        # A page call's reserved properties (url, path, referrer, title, search: Segment's
+        # spec) describe its page, as context.page does (analytics.js sends both, alike): they
+        # are taken as its page fields, first, not also kept as `url`, `path`...; a page event
+        # then says `page_url` like any other event. A non-text one stays a property.
+        own = {k: v for k, v in properties.items() if k in PAGE_FIELDS and isinstance(v, str)}
+        page = {**page, **own}
+        properties = {k: v for k, v in properties.items() if k not in own}
     label = ""
     if kind == "track":
         raw_name = message.get("event")
@@ -212,7 +245,29 @@ def _translate(
     if attributes.unusable:
         refuse("PROPERTY_NAME_UNUSABLE", f"no usable name in {attributes.unusable[:5]}")
         return
+    campaign = _get(context, "campaign")
+    add_context_attributes(attributes.values, page, campaign if isinstance(campaign, dict) else {})
     builder.add(custom_event(event_id, origin, session, name, attributes.values, label))
+
+
+def add_context_attributes(
+    values: dict[str, types_pb2.AttributeValue],
+    page: Mapping[str, Any],
+    campaign: Mapping[str, Any],
+) -> None:
+    """Adds the page and campaign fields to an event's attributes (`values`, its properties'),
+    in CONTEXT_ATTRIBUTES' order: a property of the same name wins (the app said it), and they
+    stop where the event has 20 attributes, so that what the SDK adds on its own never makes
+    ingest reject the event (TOO_MANY_ATTRIBUTES). Text only, cut to the contract's limits
+    (properties.sdk_text_value); an empty field (analytics.js's `referrer: ""`) is left out."""
+    for kind, field, attribute in CONTEXT_ATTRIBUTES:
+        if len(values) >= MAX_EVENT_ATTRIBUTES:
+            return
+        if attribute in values:
+            continue
+        value = sdk_text_value((page if kind == "page" else campaign).get(field))
+        if value is not None:
+            values[attribute] = value
 
 
 def _alias(
