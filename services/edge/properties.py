@@ -132,6 +132,45 @@ def sdk_text_value(value: Any) -> types_pb2.AttributeValue | None:
     return types_pb2.AttributeValue(string_value=value[:MAX_STRING_LENGTH])
 
 
+# Where an event happened and which campaign brought the user, under one set of names whatever
+# the SDK (Segment's context.page and context.campaign, PostHog's $current_url, $pathname,
+# $referrer and utm_ properties: each dialect's table says which of its fields is which), so
+# that one segment filter or funnel step works for an app that sends from two SDKs. In the
+# order they are kept while the event has room (what segments are most often built on first).
+PAGE_CONTEXT_ATTRIBUTES = (
+    "page_url",
+    "page_path",
+    "page_referrer",
+    "utm_source",
+    "utm_medium",
+    "utm_campaign",
+    "utm_term",
+    "utm_content",
+    "page_title",
+    "page_search",
+)
+
+
+def add_page_context(
+    values: dict[str, types_pb2.AttributeValue], fields: Mapping[str, Any]
+) -> None:
+    """Adds an event's page and campaign fields (`fields`: attribute name in
+    PAGE_CONTEXT_ATTRIBUTES -> what the SDK sent) to its attributes (`values`, its
+    properties'), in PAGE_CONTEXT_ATTRIBUTES' order: a property of the same name wins (the app
+    said it), and they stop where the event has 20 attributes, so that what the SDK adds on its
+    own never makes ingest reject the event (TOO_MANY_ATTRIBUTES). Text only, cut to the
+    contract's limits (sdk_text_value); an empty field (analytics.js's `referrer: ""`) is left
+    out."""
+    for attribute in PAGE_CONTEXT_ATTRIBUTES:
+        if len(values) >= MAX_EVENT_ATTRIBUTES:
+            return
+        if attribute in values:
+            continue
+        value = sdk_text_value(fields.get(attribute))
+        if value is not None:
+            values[attribute] = value
+
+
 def _number(value: int | float) -> float:
     """The double of a JSON number. An integer past a double's range is infinite, like 1e400
     (Python's json reads that as inf): ingest rejects the event for it (VALUE_INVALID) and lists

@@ -112,18 +112,20 @@ async def test_posthog_js_with_its_defaults_reaches_the_profile(edge: Edge, site
     async def complete() -> bool:
         found = await edge.profile(custom_id="ph-browser-user")
         names = await custom_names(edge, found.summary.profile_id)
-        return {"button_clicked", "autocapture"} <= set(
+        return {"button_clicked", "autocapture", "pageview"} <= set(
             names
         ) and found.native_attributes.email == "ada@example.com"
 
     await eventually(complete, within=30)
     final = await edge.profile(custom_id="ph-browser-user")
     assert final.summary.profile_id == profile.summary.profile_id
-    (click,) = [
-        e.custom
-        for e in await edge.events(final.summary.profile_id)
-        if e.custom.name == "autocapture"
-    ]
+    events = await edge.events(final.summary.profile_id)
+    (click,) = [e.custom for e in events if e.custom.name == "autocapture"]
+    # posthog-js's own page view: its page and title as analytics.js's page call gives them.
+    pageview = next(e.custom for e in events if e.custom.name == "pageview")
+    assert pageview.attributes["page_url"].url_value.startswith("http://127.0.0.1:")
+    assert pageview.attributes["page_title"].string_value == "Shop"
+    assert not {"url", "title", "pathname", "current_url"} & set(pageview.attributes)
     attributes = dict(click.attributes)
     assert click.label == "Buy now"
     assert attributes["text"].string_value == "Buy now"
@@ -131,7 +133,10 @@ async def test_posthog_js_with_its_defaults_reaches_the_profile(edge: Edge, site
     assert attributes["tag"].string_value == "button"
     assert attributes["element_id"].string_value == "buy"
     assert list(attributes["classes"].string_list_value.values) == ["btn", "primary"]
-    assert attributes["url"].url_value.startswith("http://127.0.0.1:")
+    # The page, under the name every SDK's events give it (docs/edge.md).
+    assert attributes["page_url"].url_value.startswith("http://127.0.0.1:")
+    assert attributes["page_path"].string_value.startswith("/")
+    assert "url" not in attributes
     # The browser's installation is the web's (the user's own ID is one too: docs/edge.md).
     assert types_pb2.PLATFORM_WEB in [i.platform for i in final.installations]
     # Its remote config and flags were answered: nothing failed on the shop's page.

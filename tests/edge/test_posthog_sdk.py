@@ -80,7 +80,7 @@ async def test_anonymous_events_then_an_alias_land_on_one_identified_profile(edg
     pageview = next(
         e for e in await edge.events(profile.summary.profile_id) if e.custom.name == "pageview"
     )
-    assert pageview.custom.attributes["url"].url_value == "https://shop.example/"
+    assert pageview.custom.attributes["page_url"].url_value == "https://shop.example/"
     assert pageview.custom.attributes["plan"].string_value == "free"
 
 

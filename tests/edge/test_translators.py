@@ -293,8 +293,8 @@ def test_posthog_pageview_then_identify() -> None:
     assert pageview.event_id == "0190a5f7-2c4b-7000-8000-000000000001"
     assert pageview.platform == types_pb2.PLATFORM_WEB
     assert pageview.custom.name == "pageview"
-    assert pageview.custom.attributes["url"].url_value == "https://example.com/pricing"
-    assert set(pageview.custom.attributes) == {"url", "plan"}
+    assert pageview.custom.attributes["page_url"].url_value == "https://example.com/pricing"
+    assert set(pageview.custom.attributes) == {"page_url", "plan"}
     assert steps[1] == Identify("anon-1", "user-9", steps[1].request_id)  # type: ignore[union-attr]
     self_login = steps[2]
     assert isinstance(self_login, Identify)

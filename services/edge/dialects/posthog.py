@@ -27,7 +27,9 @@ contract. Pure: a parsed body in, steps out. The rule table is in docs/edge.md.
   posthog-python's `capture(groups=...)`) sets the person's custom attributes `group_<type>` =
   key, as Segment's `group` sets `group_id`: once a day while unchanged (group_operations).
 - Every other event is a custom event, its name normalized (`$pageview` -> `pageview`,
-  `$screen` -> `screen`, with `$current_url` as attribute `url` and `$screen_name` as label);
+  `$screen` -> `screen`, with `$screen_name` as label), with the page and campaign attributes
+  every dialect shares (page_fields: `$current_url` as `page_url`, `$pathname` as `page_path`,
+  `$referrer` as `page_referrer`, `utm_source`...; properties.add_page_context);
   the autocapture events (`$autocapture`, `$rageclick`, `$dead_click`...) get what was clicked
   as attributes (element_attributes) and its text as label;
   `$`-prefixed properties are PostHog's own: `$os` (the mobile SDKs' `$os_name`), `$lib` give
@@ -76,7 +78,7 @@ from services.edge.build import (
 )
 from services.edge.names import normalize_name
 from services.edge.platforms import platform_of
-from services.edge.properties import custom_attributes
+from services.edge.properties import add_page_context, custom_attributes
 from services.edge.steps import RequestInvalid, Translation
 
 DIALECT = "posthog"
@@ -112,6 +114,19 @@ GROUP_IDENTIFY = "$groupidentify"
 ELEMENT_EVENTS = frozenset(
     {"$autocapture", "$rageclick", "$dead_click", "$dead_swipe", "$copy_autocapture"}
 )
+# PostHog's page properties, as the shared page attributes (properties.add_page_context).
+# posthog-js puts `$current_url`, `$pathname` (and `$host`, dropped: no other SDK says it) on
+# every event, and `$referrer`, the session's document.referrer, `$direct` for none.
+PAGE_PROPERTIES = {
+    "$current_url": "page_url",
+    "$pathname": "page_path",
+    "$referrer": "page_referrer",
+    "$title": "page_title",
+}
+DIRECT_REFERRER = "$direct"
+# The UTM parameters posthog-js registers for the session (getCampaignParams; it also sends
+# gclid, fbclid... which stay ordinary properties): the shared campaign attributes' own names.
+CAMPAIGN_PROPERTIES = ("utm_source", "utm_medium", "utm_campaign", "utm_term", "utm_content")
 # The contract's limits (docs/ingest.md): attributes per event, string, URL and list lengths.
 MAX_ATTRIBUTES = 20
 MAX_STRING = 300
@@ -370,14 +385,13 @@ def _translate(
     if name is None:
         refuse("NAME_UNUSABLE", "the event name has no usable character")
         return None
+    page, taken = page_fields(name_text, properties)
     attributes = custom_attributes(
-        {k: v for k, v in properties.items() if k not in SDK_OWN_PROPERTIES}
+        {k: v for k, v in properties.items() if k not in SDK_OWN_PROPERTIES and k not in taken}
     )
     if attributes.unusable:
         refuse("PROPERTY_NAME_UNUSABLE", f"no usable name in {attributes.unusable[:5]}")
         return None
-    if name_text == "$pageview" and isinstance(properties.get("$current_url"), str):
-        attributes.values.setdefault("url", _url_value(properties["$current_url"]))
     label = text(properties.get("$screen_name")) if name_text == "$screen" else ""
     if name_text in ELEMENT_EVENTS:
         clicked = element_attributes(properties)
@@ -388,8 +402,34 @@ def _translate(
                 attributes.values[key] = value
         if "text" in clicked:
             label = clicked["text"].string_value
+    add_page_context(attributes.values, page)
     builder.add(custom_event(event_id, origin, session, name, attributes.values, label))
     return None
+
+
+def page_fields(event_name: str, properties: Mapping[str, Any]) -> tuple[dict[str, Any], set[str]]:
+    """An event's page and campaign fields under the names every dialect gives them
+    (properties.add_page_context: `page_url`...), and the properties they were taken from, which
+    are not also kept as attributes of their own. `$current_url`, `$pathname`, `$referrer`
+    (posthog-js's `$direct`, no referrer, is none) and `$title` (PAGE_PROPERTIES); the text
+    `utm_` properties (CAMPAIGN_PROPERTIES: posthog-js puts the landing page's UTM parameters on
+    every event of the session, as analytics.js puts them in `context.campaign`); and a
+    `$pageview`'s `title` (posthog-js's document.title), its page's title as a Segment page
+    call's own `title` is. A non-text one stays an ordinary property."""
+    fields: dict[str, Any] = {
+        attribute: properties.get(key) for key, attribute in PAGE_PROPERTIES.items()
+    }
+    if fields["page_referrer"] == DIRECT_REFERRER:
+        fields["page_referrer"] = None
+    taken: set[str] = set()
+    own = [*CAMPAIGN_PROPERTIES, *(("title",) if event_name == "$pageview" else ())]
+    for key in own:
+        value = properties.get(key)
+        if isinstance(value, str):
+            attribute = "page_title" if key == "title" else key
+            fields[attribute] = fields.get(attribute) or value
+            taken.add(key)
+    return fields, taken
 
 
 def _carries_operations(message: Mapping[str, Any], properties: Mapping[str, Any]) -> bool:
@@ -432,8 +472,8 @@ def element_attributes(properties: Mapping[str, Any]) -> dict[str, types_pb2.Att
     the contract's limits, most telling first: `event_type` (`$event_type`: click, submit,
     change...), `text` (`$el_text`), `tag`, `href` (a URL when absolute), `element_id`,
     `classes` (a list) of the element (`$elements[0]`, else the first of `$elements_chain`,
-    which posthog-js sends alone when its config says `elementsChainAsString`), and `url`
-    (`$current_url`, the page)."""
+    which posthog-js sends alone when its config says `elementsChainAsString`). The page is
+    `page_url`, as on every event (page_fields)."""
     element = _first_element(properties)
     classes = element.get("classes")
     if not isinstance(classes, list):
@@ -459,9 +499,6 @@ def element_attributes(properties: Mapping[str, Any]) -> dict[str, types_pb2.Att
         values["classes"] = types_pb2.AttributeValue(
             string_list_value=types_pb2.StringList(values=names[:MAX_LIST_ITEMS])
         )
-    url = text(properties.get("$current_url"))
-    if url.startswith(("http://", "https://")) and len(url) <= MAX_URL and " " not in url:
-        values["url"] = _url_value(url)
     return values
 
 

@@ -56,7 +56,7 @@ from services.edge.build import (
 )
 from services.edge.names import normalize_name
 from services.edge.platforms import platform_of
-from services.edge.properties import MAX_EVENT_ATTRIBUTES, custom_attributes, sdk_text_value
+from services.edge.properties import add_page_context, custom_attributes
 from services.edge.steps import RequestInvalid, Translation
 
 DIALECT = "segment"
@@ -69,19 +69,19 @@ _UUID = re.compile(
 _SUMMARY_KEYS = ("type", "messageId", "event", "name", "anonymousId", "userId", "timestamp")
 # Segment's page fields (`context.page`; a page call's reserved properties) and campaign fields
 # (`context.campaign`, which analytics.js fills from the page's utm_ query parameters, utm_campaign
-# as `name`) as event attributes: (object, field, attribute), in the order they are kept while
-# the event has room (what segments are most often built on first).
+# as `name`) as the shared page and campaign attributes (properties.add_page_context):
+# (object, field, attribute).
 CONTEXT_ATTRIBUTES = (
     ("page", "url", "page_url"),
     ("page", "path", "page_path"),
     ("page", "referrer", "page_referrer"),
+    ("page", "title", "page_title"),
+    ("page", "search", "page_search"),
     ("campaign", "source", "utm_source"),
     ("campaign", "medium", "utm_medium"),
     ("campaign", "name", "utm_campaign"),
     ("campaign", "term", "utm_term"),
     ("campaign", "content", "utm_content"),
-    ("page", "title", "page_title"),
-    ("page", "search", "page_search"),
 )
 PAGE_FIELDS = frozenset(field for kind, field, _ in CONTEXT_ATTRIBUTES if kind == "page")
 
@@ -256,18 +256,13 @@ def add_context_attributes(
     campaign: Mapping[str, Any],
 ) -> None:
     """Adds the page and campaign fields to an event's attributes (`values`, its properties'),
-    in CONTEXT_ATTRIBUTES' order: a property of the same name wins (the app said it), and they
-    stop where the event has 20 attributes, so that what the SDK adds on its own never makes
-    ingest reject the event (TOO_MANY_ATTRIBUTES). Text only, cut to the contract's limits
-    (properties.sdk_text_value); an empty field (analytics.js's `referrer: ""`) is left out."""
-    for kind, field, attribute in CONTEXT_ATTRIBUTES:
-        if len(values) >= MAX_EVENT_ATTRIBUTES:
-            return
-        if attribute in values:
-            continue
-        value = sdk_text_value((page if kind == "page" else campaign).get(field))
-        if value is not None:
-            values[attribute] = value
+    by the rule every dialect shares (properties.add_page_context: a property of the same name
+    wins, and they fill only the room the properties leave)."""
+    fields = {
+        attribute: (page if kind == "page" else campaign).get(field)
+        for kind, field, attribute in CONTEXT_ATTRIBUTES
+    }
+    add_page_context(values, fields)
 
 
 def _alias(
