@@ -15,7 +15,8 @@ import pytest
 from profiles.identity.v1 import identity_service_pb2 as pb
 from profiles.ingest.v1 import ingest_service_pb2 as ipb
 from profiles.ingest.v1 import ingest_service_pb2_grpc as ipb_grpc
-from services.identity.cache import ResolutionCache
+from services.identity.cache import ResolutionCache, links_payload
+from services.identity.link_listener import LINKS_CHANNEL, NOTIFY_LINKS
 from services.identity.repository import IdentityRepository
 from services.identity.service import IdentityService
 from shared.clock import FrozenClock, SystemClock
@@ -85,7 +86,11 @@ async def answered_from_cache(
     try:
         while (await answer(identity, installation_id)).profile_id != cached.profile_id:
             assert asyncio.get_running_loop().time() < deadline, "the replica never cached"
-            # Cache it (the row says decoy now, so this answer is the decoy's: drop it again).
+            # That answer was the decoy's, read from the row, and cached if the listener started
+            # meanwhile: dropped as identity drops a profile's entries (a link notification),
+            # else the loop would read the cached decoy for ever. Then cache the original.
+            dropped = links_payload(project.project_id, [decoy])
+            await db.execute(NOTIFY_LINKS, LINKS_CHANNEL, dropped)
             await relink(db, project, installation_id, original)
             await answer(identity, installation_id)
             await relink(db, project, installation_id, decoy)

@@ -178,7 +178,7 @@ async def test_an_admin_builds_a_segment_sees_its_members_and_deletes_it(
 
     created = page.locator("#created")
     await expect(created).to_contain_text(f"Segment “{name}” created: 2 profiles match it now.")
-    row = page.locator("table tbody tr", has_text=name)
+    row = page.locator("tr[id^='segment-']", has_text=name)
     await expect(row.locator("td.num")).to_have_text("2")
     await expect(row).to_contain_text("platform is Android")
     await created.get_by_role("link", name="2 profiles").click()
@@ -192,7 +192,7 @@ async def test_an_admin_builds_a_segment_sees_its_members_and_deletes_it(
     segment_id = page.url.split("/segments/")[1].split("/")[0]
     await page.get_by_role("button", name="Delete the segment").click()
     await expect(page.locator("#deleted")).to_have_text("The segment was deleted.")
-    await expect(page.locator("table tbody tr", has_text=name)).to_have_count(0)
+    await expect(page.locator("tr[id^='segment-']", has_text=name)).to_have_count(0)
     with pytest.raises(grpc.aio.AioRpcError) as gone:
         await segments_call(
             console_suite, "GetSegment", segments_pb.GetSegmentRequest(segment_id=segment_id)

@@ -73,7 +73,7 @@ async def test_an_admin_edits_a_segment_s_filter_and_sees_its_count_change(
 
     await sign_in(page, console_suite, "admin")
     await page.goto(console_suite.url + "/segments")
-    row = page.locator("table tbody tr", has_text=name)
+    row = page.locator("tr[id^='segment-']", has_text=name)
     await expect(row.locator("td.num")).to_have_text("2")
     await page.get_by_role("link", name=f"Edit the segment {name}").click()
     await expect(page.get_by_role("heading", level=1)).to_have_text(f"Edit the segment “{name}”")
@@ -104,7 +104,7 @@ async def test_an_admin_edits_a_segment_s_filter_and_sees_its_count_change(
     await expect(page.locator("#edited")).to_contain_text(
         f"Segment “{renamed}” saved: 3 profiles match it now."
     )
-    row = page.locator("table tbody tr", has_text=renamed)
+    row = page.locator("tr[id^='segment-']", has_text=renamed)
     await expect(row.locator("td.num")).to_have_text("3")
     await expect(row).to_contain_text(f"console_plan is {copper}")
     got = await admin_call(
