@@ -32,6 +32,7 @@ from services.query.overview_reads import OverviewReads
 from services.query.profile_reads import ProfileReads
 from services.query.rollup_writes import RollupWrites
 from services.query.timeline_reads import TimelineReads
+from shared.erasure_record import ErasedProfile, erased_profiles_page, erasure_horizon
 
 UNAVAILABLE: tuple[type[Exception], ...] = (
     asyncpg.CannotConnectNowError,
@@ -42,12 +43,7 @@ UNAVAILABLE: tuple[type[Exception], ...] = (
 )
 
 # -- the erasure sweep (erasure_sweep.py) -----------------------------------------------------
-# Where the next sweep may start in identity's record of erasures (identity_read_erased_profiles,
-# 0061, ordered by the erasing transaction's ID): every transaction below the oldest one still
-# running has ended, so a sweep that read the record from its watermark on after taking this
-# has seen every erasure below it.
-SELECT_ERASURE_HORIZON = "SELECT pg_snapshot_xmin(pg_current_snapshot())::text"
-
+# (The record's horizon and row shape: shared/erasure_record.py.)
 # A page of identity's record from a position on (its index, in its order; $2/$3 the last row
 # of the previous page, NULL for the first), each erased ID with whether query still holds its
 # row of query_profiles: a primary-key probe per row, as a LATERAL subquery (EXISTS in the
@@ -94,17 +90,6 @@ SELECT_INSTALLATION_KEYS = """
 
 
 @dataclass(frozen=True, slots=True)
-class ErasedProfile:
-    """A profile ID identity erased (identity_read_erased_profiles) and whether query still
-    holds its row. `position` orders the record: the erasing transaction's ID."""
-
-    position: int
-    project_id: UUID
-    profile_id: UUID
-    kept: bool
-
-
-@dataclass(frozen=True, slots=True)
 class InstallationKeys:
     """A page of a project's installation rows: the last key read (where the next page starts;
     None for an empty page) and the keys identity no longer knows."""
@@ -136,24 +121,16 @@ class QueryRepository:
 
     async def erasure_horizon(self) -> int:
         """Where the erasure sweep may start next time, if it reads the record now."""
-        return int(await self._pool.fetchval(SELECT_ERASURE_HORIZON))
+        return await erasure_horizon(self._pool)
 
     async def erased_profiles(
         self, position: int, after: ErasedProfile | None, limit: int
     ) -> list[ErasedProfile]:
         """At most `limit` rows of identity's record of erasures from `position` on, after
         `after` (the previous page's last row), in the record's order."""
-        rows = await self._pool.fetch(
-            SELECT_ERASED_PROFILES,
-            str(after.position if after else position),
-            after.project_id if after else None,
-            after.profile_id if after else None,
-            limit,
+        return await erased_profiles_page(
+            self._pool, SELECT_ERASED_PROFILES, position, after, limit
         )
-        return [
-            ErasedProfile(int(r["position"]), r["project_id"], r["profile_id"], r["kept"])
-            for r in rows
-        ]
 
     async def installation_keys(
         self, project_id: UUID, after_key: str, limit: int

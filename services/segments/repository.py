@@ -42,6 +42,7 @@ from services.segments.transactions import (
     pooled_connection,
     race_safe_transaction,
 )
+from shared.erasure_record import ErasedProfile, erased_profiles_page, erasure_horizon
 from shared.outbox import OutboxItem, enqueue_many
 from shared.topics import SEGMENT_CHANGES
 
@@ -281,12 +282,7 @@ SELECT_DISTRIBUTION = """
 
 
 # -- the erasure sweep (erasure_sweep.py) -----------------------------------------------------
-# Where the next sweep may start in identity's record of erasures (identity_read_erased_profiles,
-# 0061, ordered by the erasing transaction's ID): every transaction below the oldest one still
-# running has ended, so a sweep that read the record from its watermark on after taking this
-# has seen every erasure below it.
-SELECT_ERASURE_HORIZON = "SELECT pg_snapshot_xmin(pg_current_snapshot())::text"
-
+# (The record's horizon and row shape: shared/erasure_record.py.)
 # A page of identity's record from a position on (its index, in its order; $2/$3 the last row
 # of the previous page, NULL for the first), each erased ID with whether segments still keeps
 # anything of it: a profile row not marked erased (a merged-away one too), a stored state, a
@@ -327,17 +323,6 @@ SELECT_ERASED_PROFILES = """
         WHERE x.project_id = e.project_id AND x.profile_id = e.profile_id LIMIT 1
     ) x ON true
     ORDER BY e.position::xid8, e.project_id, e.profile_id"""
-
-
-@dataclass(frozen=True, slots=True)
-class ErasedProfile:
-    """A profile ID identity erased (identity_read_erased_profiles) and whether segments still
-    keeps rows of it. `position` orders the record: the erasing transaction's ID."""
-
-    position: int
-    project_id: UUID
-    profile_id: UUID
-    kept: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -443,24 +428,16 @@ class SegmentsRepository:
 
     async def erasure_horizon(self) -> int:
         """Where the erasure sweep may start next time, if it reads the record now."""
-        return int(await self._pool.fetchval(SELECT_ERASURE_HORIZON))
+        return await erasure_horizon(self._pool)
 
     async def erased_profiles(
         self, position: int, after: ErasedProfile | None, limit: int
     ) -> list[ErasedProfile]:
         """At most `limit` rows of identity's record of erasures from `position` on, after
         `after` (the previous page's last row), in the record's order."""
-        rows = await self._pool.fetch(
-            SELECT_ERASED_PROFILES,
-            str(after.position if after else position),
-            after.project_id if after else None,
-            after.profile_id if after else None,
-            limit,
+        return await erased_profiles_page(
+            self._pool, SELECT_ERASED_PROFILES, position, after, limit
         )
-        return [
-            ErasedProfile(int(r["position"]), r["project_id"], r["profile_id"], r["kept"])
-            for r in rows
-        ]
 
     async def thresholds(self) -> list[ProjectThresholds]:
         """Every project that set a threshold or was recomputed, with both sets."""
