@@ -86,6 +86,15 @@ ANNOUNCE_CHUNK = 5_000
 # Times UpdateSegment starts its recomputation again after a batch lost a deadlock, before
 # leaving it to the sweep.
 RECOMPUTE_ATTEMPTS = 3
+# A segment filled or re-evaluated by at least this many members, and by a tenth of the member
+# rows PostgreSQL's statistics know of, has custom_segment_members analyzed at once: autovacuum's
+# own rule (a tenth of the table changed), brought forward. Until then the planner takes a new
+# segment for one member, and every reader of members by segment (query's users table filtered by
+# it, the sweep's scans) plans for one row: a page of a 66,667-member segment read all of them
+# with their lookups and sorted them (docs/benchmarks.md, "A large segment's creation").
+# Smaller moves cannot mislead a plan by much.
+STATISTICS_MIN_MEMBERS_MOVED = 1_000
+STATISTICS_SHARE_MOVED = 0.1
 
 
 T = TypeVar("T")
@@ -228,6 +237,15 @@ class FunnelPreview:
     reached_profile_counts: tuple[int, ...]
 
 
+def member_statistics_stale(moved: int, rows_known: float) -> bool:
+    """Whether moving `moved` members (entered or left, in one creation or evaluation) leaves
+    the statistics of custom_segment_members, taken over `rows_known` rows (negative: never
+    analyzed), misleading enough to analyze it now."""
+    return moved >= STATISTICS_MIN_MEMBERS_MOVED and moved >= STATISTICS_SHARE_MOVED * max(
+        rows_known, 0.0
+    )
+
+
 class DefinitionsService:
     def __init__(self, repository: DefinitionsRepository, clock: Clock) -> None:
         self._repository = repository
@@ -272,6 +290,7 @@ class DefinitionsService:
             raise NameTaken("another segment has this display_name") from exc
         size = len(members)
         log.info("custom_segment_created", segment_id=str(segment_id), size=size)
+        await self._refresh_member_statistics(size)
         return CustomSegment(
             segment_id,
             definition.display_name,
@@ -364,6 +383,7 @@ class DefinitionsService:
                 project_id, update.segment_id, updated.filter, current.create_time, None
             )
             await self._recompute(ref, moves)
+            await self._refresh_member_statistics(moves.entered + moves.left)
         log.info(
             "custom_segment_updated",
             segment_id=str(update.segment_id),
@@ -488,7 +508,17 @@ class DefinitionsService:
         them, then checked again, so a profile an event just moved is not announced twice."""
         moves = Moves()
         await self._evaluate(ref, cause, changed, moves)
+        await self._refresh_member_statistics(moves.entered + moves.left)
         return moves.entered + moves.left
+
+    async def _refresh_member_statistics(self, moved: int) -> None:
+        """Analyzes custom_segment_members when `moved` members just entered or left a segment
+        in numbers its statistics would misjudge (member_statistics_stale)."""
+        if moved < STATISTICS_MIN_MEMBERS_MOVED:
+            return  # the common case, without reading the statistics
+        if member_statistics_stale(moved, await self._repository.member_rows_known()):
+            await self._repository.analyze_members()
+            log.info("custom_segment_members_analyzed", moved=moved)
 
     async def _evaluate(
         self,

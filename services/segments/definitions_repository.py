@@ -174,6 +174,11 @@ DELETE_MEMBERS = """
     WHERE project_id = $1 AND segment_id = $2 AND profile_id = ANY($3::uuid[])
     RETURNING profile_id"""
 
+# The member rows the planner's statistics of custom_segment_members were taken over (-1: never
+# analyzed), and their refresh (member_statistics_stale says when).
+MEMBER_ROWS_KNOWN = "SELECT reltuples FROM pg_class WHERE oid = 'custom_segment_members'::regclass"
+ANALYZE_MEMBERS = "ANALYZE custom_segment_members"
+
 # Templates completed with a compiled filter (filter_sql.compile_filter: fixed SQL text with
 # $n parameters only): {where} is the filter over `p`, {n} the number of the first parameter
 # after the filter's. The universe is the project's live profiles (merged-away ones point at
@@ -425,6 +430,12 @@ class DefinitionsRepository:
     async def segments(self, project_id: UUID, after_seq: int, limit: int) -> list[StoredSegment]:
         rows = await self._pool.fetch(LIST_SEGMENTS, project_id, after_seq, limit)
         return [_segment(r) for r in rows]
+
+    async def member_rows_known(self) -> float:
+        return float(await self._pool.fetchval(MEMBER_ROWS_KNOWN))
+
+    async def analyze_members(self) -> None:
+        await self._pool.execute(ANALYZE_MEMBERS)
 
     async def all_segments(self, project_id: UUID | None = None) -> list[SegmentRef]:
         if project_id is None:
