@@ -41,6 +41,9 @@ COUNTLY = Answer(
     invalid=lambda message: (400, {"result": message}),
     unauthenticated=(400, {"result": "App does not exist"}),
     forbidden=(403, {"result": FORBIDDEN_MESSAGE}),
+    # Countly's SDKs read `result` from every answer; they retry any status but 200.
+    rate_limited=(429, {"result": "Too many requests"}),
+    unavailable=(503, {"result": "Try again later"}),
 )
 
 

@@ -133,6 +133,7 @@ POSTHOG = Answer(
         "No project API key: send it as api_key, or as properties.token.",
     ),
     rate_limited=_posthog_error(503, "throttled_error", "rate_limited", "Too many requests"),
+    unavailable=_posthog_error(503, "server_error", "unavailable", "Try again later"),
 )
 
 
