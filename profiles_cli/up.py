@@ -347,6 +347,19 @@ def log_tail(path: Path, lines: int = 20) -> str:
         return ""
 
 
+def _print_unless_closed(text: str, stream: IO[str]) -> None:
+    """Prints a line; once the stream's reader is gone (`profiles up | head`), this and every
+    later line go nowhere, and the suite keeps running: the supervisor's lines tell what it
+    does, and a reader that stopped reading them asked for no stop (`profiles down` does that;
+    the log files keep what follows)."""
+    try:
+        print(text, file=stream, flush=True)
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())
+        os.close(devnull)
+
+
 class Supervisor:
     """Runs the suite until a signal (exit 0; Ctrl-C before it is up: 130), or until a service
     keeps dying (exit 1)."""
@@ -501,10 +514,10 @@ class Supervisor:
             raise Interrupted
 
     def _say(self, text: str = "") -> None:
-        print(text, file=self._out, flush=True)
+        _print_unless_closed(text, self._out)
 
     def _error(self, text: str) -> None:
-        print(f"profiles up: {text}", file=sys.stderr, flush=True)
+        _print_unless_closed(f"profiles up: {text}", sys.stderr)
 
     def _check_given_servers(self, settings: Settings) -> None:
         """PostgreSQL and Redis given by URL answer, before anything starts: a wrong URL costs
