@@ -110,11 +110,36 @@ SECRET_KEYS = frozenset(
 )
 
 
-def scrub(message: Any) -> Any:
-    """The message with every key of SECRET_KEYS (case-insensitive) removed at any depth; lists
-    and scalars are copied as they are. Push tokens (`context.device.token`) are secrets too."""
-    if isinstance(message, Mapping):
-        return {str(k): scrub(v) for k, v in message.items() if str(k).lower() not in SECRET_KEYS}
-    if isinstance(message, list):
-        return [scrub(v) for v in message]
-    return message
+def scrub(message: Any, secrets: frozenset[str] = SECRET_KEYS) -> Any:
+    """The message with every key of `secrets` (lower-case; compared case-insensitively)
+    removed at any depth; lists
+    and scalars are copied as they are. Push tokens (`context.device.token`) are secrets too.
+    Iterative: a message may nest as deep as the edge's JSON reader admits (1,000 levels), past
+    Python's recursion limit (a recursive copy raised RecursionError at about 900, and the
+    message was lost as a translation failure)."""
+    copy = _shell(message)
+    pending: list[tuple[Any, Any]] = [] if copy is message else [(message, copy)]
+    while pending:
+        source, target = pending.pop()
+        if isinstance(source, Mapping):
+            for key, value in source.items():
+                if str(key).lower() not in secrets:
+                    target[str(key)] = child = _shell(value)
+                    if child is not value:
+                        pending.append((value, child))
+        else:
+            for value in source:
+                child = _shell(value)
+                target.append(child)
+                if child is not value:
+                    pending.append((value, child))
+    return copy
+
+
+def _shell(value: Any) -> Any:
+    """An empty container of the value's kind, for scrub to fill; a scalar as it is."""
+    if isinstance(value, Mapping):
+        return {}
+    if isinstance(value, list):
+        return []
+    return value

@@ -10,12 +10,15 @@ import gzip
 import json
 import time
 import zlib
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 import requests
 import structlog
 
+from services.edge.backend import KEPT_MESSAGE_DEPTH
+from services.edge.dialects import countly, posthog, segment
 from services.edge.handlers import UNTRANSLATED
 from services.edge.limits import (
     MAX_DECOMPRESSED_BYTES,
@@ -28,12 +31,12 @@ from tests.conftest import eventually
 from tests.edge.conftest import Edge
 from tests.edge.test_http import send
 
-# A message nested this deep reaches a path no translator rule expects: json reads it (its
-# limit is near 1,000 levels), but a rejected message is cleaned of secrets recursively
-# (steps.scrub, countly._without_countly_secrets: two Python frames a level), which 600 levels
-# take past Python's recursion limit. A real input, not a patched translator; should that
-# recursion ever go, these tests fail (the reason is no longer TRANSLATION_FAILED) and need
-# another such input.
+# A message nested this deep once reached a path no translator rule expected: json reads it (its
+# limit is near 1,000 levels), but a rejected message was cleaned of secrets recursively, which
+# 600 levels took past Python's recursion limit. That copy is iterative now (steps.scrub), and
+# these messages are listed with their own reasons (test_deep_messages_are_listed_with_their_
+# reasons). No input is known to fail a translator any more, so the backstop's tests inject what
+# such a bug raises into the translator's per-message function (fail_on), for the same messages.
 DEPTH = 600
 DEEP_OBJECT = '{"k":' * DEPTH + '"leaf"' + "}" * DEPTH
 DEEP_LIST = "[" * DEPTH + '"leaf"' + "]" * DEPTH
@@ -63,6 +66,21 @@ def failures_logged(logs: list[dict[str, Any]]) -> list[tuple[str, int, str]]:
     ]
 
 
+def fail_on(
+    monkeypatch: pytest.MonkeyPatch, module: Any, name: str, marked: Callable[..., bool]
+) -> None:
+    """Makes `module.name` (a translator's per-message function) raise RecursionError, as the
+    recursive copy did, for the calls `marked` picks; the others run as they are."""
+    original = getattr(module, name)
+
+    def failing(*args: Any) -> Any:
+        if marked(*args):
+            raise RecursionError("maximum recursion depth exceeded (injected)")
+        return original(*args)
+
+    monkeypatch.setattr(module, name, failing)
+
+
 def form(url: str, data: bytes, headers: dict[str, str] | None = None) -> requests.Response:
     headers = {"Content-Type": "application/x-www-form-urlencoded", **(headers or {})}
     return requests.post(url, data=data, headers=headers, timeout=10)
@@ -72,8 +90,9 @@ def form(url: str, data: bytes, headers: dict[str, str] | None = None) -> reques
 
 
 async def test_segment_message_a_translator_fails_on_is_listed_and_its_batch_stored(
-    edge: Edge,
+    edge: Edge, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    fail_on(monkeypatch, segment, "_translate", lambda _, message, *rest: "properties" in message)
     body = (
         '{"writeKey": "KEY", "batch": ['
         '{"type": "track", "anonymousId": "backstop-1", "event": "First", "messageId": "bs-1"},'
@@ -105,8 +124,10 @@ async def test_segment_message_a_translator_fails_on_is_listed_and_its_batch_sto
 
 
 async def test_posthog_event_a_translator_fails_on_is_listed_and_its_batch_stored(
-    edge: Edge,
+    edge: Edge, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    fail_on(monkeypatch, posthog, "_translate", lambda _, message, *rest: "event" not in message)
+
     def event(name: str, n: int) -> str:
         return (
             f'{{"event": "{name}", "distinct_id": "ph-backstop",'
@@ -137,8 +158,12 @@ async def test_posthog_event_a_translator_fails_on_is_listed_and_its_batch_store
 
 
 async def test_countly_event_or_request_a_translator_fails_on_is_listed_and_the_rest_stored(
-    edge: Edge,
+    edge: Edge, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    fail_on(monkeypatch, countly, "_one_event", lambda *args: "segmentation" in args[-1])
+    fail_on(
+        monkeypatch, countly, "_translate_parts", lambda params, *rest: "user_details" in params
+    )
     device = "cly-backstop"
     stamp = int(time.time() * 1000)
     requests_json = (
@@ -172,6 +197,44 @@ async def test_countly_event_or_request_a_translator_fails_on_is_listed_and_the_
     ]
     assert {r.installation_id for r in rejected} == {device}
     assert failures_logged(logs) == [("countly", 2, "RecursionError")]
+
+
+async def test_deep_messages_are_listed_with_their_reasons(edge: Edge) -> None:
+    """The messages above, without a fault: each listed with the reason its content calls for,
+    its deep part kept as text past KEPT_MESSAGE_DEPTH, its secrets removed at every depth;
+    nothing logged as a translation failure."""
+    deep_secret = '{"k":' * DEPTH + '{"writeKey": "SECRET"}' + "}" * DEPTH
+    segment_body = (
+        f'{{"writeKey": "{edge.sdk_key}", "batch": ['
+        '{"type": "track", "anonymousId": "deep-1", "event": "First", "messageId": "dp-1"},'
+        '{"type": "screenview", "anonymousId": "deep-1", "messageId": "dp-2",'
+        f' "properties": {deep_secret}}}]}}'
+    )
+    nameless = (
+        '{"distinct_id": "ph-deep", "uuid": "0190a5f7-2c4b-7000-8000-0000000000d2",'
+        f' "properties": {{"deep": {DEEP_OBJECT}}}}}'
+    )
+    posthog_body = f'{{"api_key": "{edge.sdk_key}", "batch": [{nameless}]}}'
+    with structlog.testing.capture_logs() as logs:
+        segment_reply = await send(f"{edge.url}/v1/batch", segment_body.encode())
+        posthog_reply = await send(f"{edge.url}/batch/", posthog_body.encode())
+    assert segment_reply.status_code == posthog_reply.status_code == 200
+    await stored_names(edge, ["first"], installation_id="deep-1")
+
+    async def both_listed() -> bool:
+        return len(await edge.rejected()) == 2
+
+    await eventually(both_listed)
+    reasons = {r.event_id: r for r in await edge.rejected()}
+    assert reasons["dp-2"].reason == "MESSAGE_TYPE_UNKNOWN"
+    assert reasons["0190a5f7-2c4b-7000-8000-0000000000d2"].reason == "NAME_UNUSABLE"
+    assert "SECRET" not in reasons["dp-2"].raw_payload_json
+    node: Any = json.loads(reasons["dp-2"].raw_payload_json)["untranslated"]["message"]
+    for key in ["properties"] + ["k"] * (KEPT_MESSAGE_DEPTH - 1):
+        node = node[key]
+    assert isinstance(node, str)  # the part past the depth, as JSON text
+    assert node.startswith('{"k":{"k":')
+    assert failures_logged(logs) == []
 
 
 # --- 2. A compressed body cut short, or followed by junk, is refused ------------------------

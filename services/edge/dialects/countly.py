@@ -50,6 +50,7 @@ from services.edge.steps import (
     Step,
     Track,
     Translation,
+    scrub,
 )
 from shared.convert import set_timestamp
 
@@ -836,7 +837,7 @@ def _reject(
     event_id: str = "",
 ) -> Reject:
     kept = message if isinstance(message, Mapping) else {"message": message}
-    kept = _without_countly_secrets(kept)
+    kept = scrub(kept, _COUNTLY_SECRETS)
     event_id = event_id or derived_id("rejected", installation_id, kept)
     return rejection(reason, explanation, kept, event_id, installation_id)
 
@@ -853,18 +854,6 @@ def _refuse(request: _Request, output: _Output, reason: str, why: str, message: 
 def _reject_param(request: _Request, output: _Output, name: str, why: str) -> None:
     value = request.params.get(name.partition(".")[0])
     _refuse(request, output, PARAMETER_INVALID, f"{name}: {why}", {name: value})
-
-
-def _without_countly_secrets(message: Any) -> Any:
-    if isinstance(message, Mapping):
-        return {
-            str(k): _without_countly_secrets(v)
-            for k, v in message.items()
-            if str(k).lower() not in _COUNTLY_SECRETS
-        }
-    if isinstance(message, list):
-        return [_without_countly_secrets(v) for v in message]
-    return message
 
 
 def _json(value: Any) -> Any:
