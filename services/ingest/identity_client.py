@@ -80,12 +80,28 @@ def _reason_of_error(exc: grpc.aio.AioRpcError) -> str:
     return "" if status is None else _reason_of(status)
 
 
+def _violated_fields(exc: grpc.aio.AioRpcError) -> list[str]:
+    """The field paths of a refused call's BadRequest (at most 5), as identity named them."""
+    status = rpc_status.from_call(exc)
+    fields: list[str] = []
+    for detail in () if status is None else status.details:
+        request = error_details_pb2.BadRequest()
+        if detail.Unpack(request):
+            fields.extend(v.field for v in request.field_violations)
+    return fields[:5]
+
+
 def _reason_of(status: object) -> str:
     for detail in getattr(status, "details", ()):
         info = error_details_pb2.ErrorInfo()
         if detail.Unpack(info):
             return info.reason
     return ""
+
+
+class LookupRefused(Exception):
+    """Identity refused a whole lookup (find_erased) as malformed: ingest sent what the contract
+    forbids. Retrying would get the same answer, so the caller does without the answer."""
 
 
 class Resolver(Protocol):
@@ -152,7 +168,9 @@ class IdentityClient:
         """The keys identity answers `erased`: custom IDs in quarantine after an erasure, and
         installation IDs it does not know that equal one. Asked with `lookup_only` (nothing is
         created, the cache is read past), 1,000 keys per call; an invalid key is no erased one.
-        Raises IdentityUnavailable if identity cannot answer."""
+        Keys hold no U+0000 (identity refuses the whole call: STRING_UNSTORABLE). Raises
+        IdentityUnavailable if identity cannot answer, LookupRefused (logged as an error) if it
+        refuses the call as malformed."""
         erased: set[OriginKey] = set()
         for start in range(0, len(keys), MAX_KEYS_PER_CALL):
             chunk = keys[start : start + MAX_KEYS_PER_CALL]
@@ -170,6 +188,19 @@ class IdentityClient:
                     timeout=RESOLVE_TIMEOUT_S,
                 )
             except grpc.aio.AioRpcError as exc:
+                if exc.code() in REFUSALS:
+                    # Identity answers an invalid key per key; it refuses a whole call only
+                    # when the request breaks the contract (a key holding U+0000, 0 or over
+                    # 1,000 keys), which ingest never sends. An error of ours, not an outage:
+                    # logged as one, with the field paths identity named, never the keys.
+                    log.error(
+                        "find_erased_refused",
+                        code=exc.code().name,
+                        reason=_reason_of_error(exc),
+                        fields=_violated_fields(exc),
+                        keys=len(chunk),
+                    )
+                    raise LookupRefused("identity refused to look the IDs up") from exc
                 log.warning("find_erased_failed", code=exc.code().name, keys=len(chunk))
                 raise IdentityUnavailable("identity could not look the IDs up") from exc
             if len(reply.results) != len(chunk):

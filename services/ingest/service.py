@@ -47,10 +47,10 @@ from services.ingest.batch_groups import (
 )
 from services.ingest.errors import IdentityUnavailable, StorageUnavailable
 from services.ingest.group_commit import GroupCommit
-from services.ingest.identity_client import OriginKey, Resolver
+from services.ingest.identity_client import LookupRefused, OriginKey, Resolver
 from services.ingest.messages import events_ingested, serialized_profile_changes
 from services.ingest.model import Rejection
-from services.ingest.payloads import message_ids
+from services.ingest.payloads import message_ids, without_nul
 from services.ingest.repository import (
     BatchState,
     IngestRepository,
@@ -342,17 +342,22 @@ class IngestService:
         call per 1,000 IDs, only for batches with refused events): an event carrying an erased
         custom ID still in quarantine, as its custom ID, as its installation ID (a Countly
         device ID is its user's custom ID after a login) or in an untranslated SDK message, is
-        kept bare (_erased). When identity cannot answer, every event carrying an ID is kept
-        bare with its own reason (_unchecked): the refusal is still recorded and answered, and
-        nothing that might be an erased person's is kept in clear."""
+        kept bare (_erased). When identity cannot answer (or refuses the lookup, a bug of
+        ours), every event carrying an ID is kept bare with its own reason (_unchecked): the
+        refusal is still recorded and answered, and nothing that might be an erased person's
+        is kept in clear."""
         carried = {r.index: _carried_ids(r, by_index[r.index]) for r in rejected}
         keys = list(dict.fromkeys(key for ids in carried.values() for key, _ in ids))
         if not keys:
             return list(rejected)
         try:
             erased = await self._resolver.find_erased(project_id, keys)
-        except IdentityUnavailable:
-            log.warning("ingest_rejected_kept_bare", events=len(rejected))
+        except (IdentityUnavailable, LookupRefused) as exc:
+            # A refused lookup is an error of ours (the client logs it as one), not an outage;
+            # its rows are kept bare all the same, since nobody could tell whether an ID was
+            # erased, rather than failing the batch, which a retry would not mend.
+            cause = "lookup_refused" if isinstance(exc, LookupRefused) else "identity_unavailable"
+            log.warning("ingest_rejected_kept_bare", events=len(rejected), cause=cause)
             return [_unchecked(r) if carried[r.index] else r for r in rejected]
         kept = []
         for refused in rejected:
@@ -673,7 +678,10 @@ def _rejected_result(rejected: RejectedEvent, event: pb.Event) -> EventResult:
 
 def _carried_ids(rejected: RejectedEvent, event: pb.Event) -> list[tuple[OriginKey, str]]:
     """The IDs a refused event's row would keep, each with the field it is in: its origin and
-    the strings of an untranslated message that may be IDs (payloads.message_ids). An
+    the strings of an untranslated message that may be IDs (payloads.message_ids). Each is
+    looked up as the row keeps it, U+0000 replaced (validation.reject): an ID holding U+0000
+    names no stored custom ID, but its stored form may, and identity refuses a whole lookup
+    holding one (STRING_UNSTORABLE), which would leave every refused row of the batch bare. An
     installation ID is looked up as one (an installation identity knows is left alone, as
     ResolveProfiles leaves it); one too long for an installation, and a message's strings, as
     custom IDs, since only the quarantine can name them. None for a row already bare."""
@@ -683,18 +691,16 @@ def _carried_ids(rejected: RejectedEvent, event: pb.Event) -> list[tuple[OriginK
     installation_id = ""
     which = event.WhichOneof("origin")
     if which == "installation_id":
-        installation_id = event.installation_id
-        if 1 <= len(installation_id) <= model.MAX_INSTALLATION_ID_LENGTH and not model.has_nul(
-            installation_id
-        ):
+        installation_id = without_nul(event.installation_id)
+        if 1 <= len(installation_id) <= model.MAX_INSTALLATION_ID_LENGTH:
             ids.append((OriginKey(False, installation_id), "installation_id"))
         elif 1 <= len(installation_id) <= model.MAX_CUSTOM_ID_LENGTH:
             ids.append((OriginKey(True, installation_id), "installation_id"))
     elif which == "custom_id" and 1 <= len(event.custom_id) <= model.MAX_CUSTOM_ID_LENGTH:
-        ids.append((OriginKey(True, event.custom_id), "custom_id"))
+        ids.append((OriginKey(True, without_nul(event.custom_id)), "custom_id"))
     ids.extend(
         (OriginKey(True, text), "untranslated.message")
-        for text in message_ids(event)
+        for text in map(without_nul, message_ids(event))
         if text != installation_id
     )
     return ids
