@@ -155,11 +155,18 @@ class _StreamStream(grpc.aio.StreamStreamClientInterceptor):
         return await continuation(self._defaults.details(details, False), requests)
 
 
+# The longest key sent on: the suite's keys are 64 characters (`prf_`, a 16-digit key ID, `_`, a
+# 43-character secret). A longer one is no key it issued; sent on, a key of about 8 KB passes
+# gRPC's metadata limit and comes back RESOURCE_EXHAUSTED, which a client reads as "slow down".
+MAX_SENDABLE_KEY_LENGTH = 256
+
+
 def sendable_key(api_key: str) -> bool:
-    """Whether a gRPC header can carry the key: printable ASCII only (the metadata value rule).
-    No key the suite issues holds anything else, so a key that does is unknown; a call with it
-    would fail in the client before reaching a server, with no status to translate."""
-    return api_key.isascii() and api_key.isprintable()
+    """Whether a gRPC header can carry the key: printable ASCII only (the metadata value rule),
+    at most MAX_SENDABLE_KEY_LENGTH characters. No key the suite issues is anything else, so a
+    key that is is unknown; a call with it would fail before reaching a server's key check,
+    with no status saying so."""
+    return len(api_key) <= MAX_SENDABLE_KEY_LENGTH and api_key.isascii() and api_key.isprintable()
 
 
 def open_channel(
