@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import math
 import time
@@ -242,11 +243,36 @@ class AcknowledgedEvents:
             self._seen.popitem(last=False)
 
 
+# How long a key that sent (or was judged good) is taken as good by judge_key, and how many such
+# keys are remembered (the least recently noted forgotten first).
+SENT_LATELY_S = 60.0
+SENT_LATELY_KEYS = 10_000
+
+
+class KeysSentLately:
+    """The keys that sent through this edge lately, by a SHA-256 of each (no key is kept)."""
+
+    def __init__(self) -> None:
+        self._until: OrderedDict[bytes, float] = OrderedDict()
+
+    def note(self, api_key: str, now: float) -> None:
+        digest = hashlib.sha256(api_key.encode()).digest()
+        self._until[digest] = now + SENT_LATELY_S
+        self._until.move_to_end(digest)
+        while len(self._until) > SENT_LATELY_KEYS:
+            self._until.popitem(last=False)
+
+    def holds(self, api_key: str, now: float) -> bool:
+        until = self._until.get(hashlib.sha256(api_key.encode()).digest())
+        return until is not None and until > now
+
+
 class Backend:
     """Ingest and identity, as the edge calls them."""
 
     def __init__(self, ingest_address: str, identity_address: str) -> None:
         self.acknowledged = AcknowledgedEvents()
+        self._sent_lately = KeysSentLately()
         self._ingest_channel = _channel(ingest_address)
         self._identity_channel = _channel(identity_address)
         self._ingest = ingest_grpc.IngestServiceStub(self._ingest_channel)
@@ -324,7 +350,21 @@ class Backend:
         await self._track(pending, metadata, outcome)
         if not outcome.calls:
             await self._check_key(metadata)
+        self._sent_lately.note(api_key, time.monotonic())
         return outcome
+
+    async def judge_key(self, api_key: str) -> None:
+        """Raises BackendError unless the key may send, asking ingest (_check_key) unless it
+        sent through this edge within SENT_LATELY_S: a request whose translation is costly is
+        judged before it (Gateway.run), so that an unknown key buys no more than one call. A
+        key revoked since it sent is still refused, by the request's own calls."""
+        if not sendable_key(api_key):
+            raise BackendError("unauthenticated", "the key is no key the suite issues")
+        now = time.monotonic()
+        if self._sent_lately.holds(api_key, now):
+            return
+        await self._check_key((("authorization", f"Bearer {api_key}"),))
+        self._sent_lately.note(api_key, now)
 
     async def _check_key(self, metadata: tuple[tuple[str, str], ...]) -> None:
         """For a request with nothing to store (an empty batch, Countly's health check): its key
