@@ -16,7 +16,7 @@ import json
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -270,7 +270,14 @@ class KeysSentLately:
 class Backend:
     """Ingest and identity, as the edge calls them."""
 
-    def __init__(self, ingest_address: str, identity_address: str) -> None:
+    def __init__(
+        self,
+        ingest_address: str,
+        identity_address: str,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        # The clock of `received` and of the send times' advance (a test's own clock).
+        self._monotonic = monotonic
         self.acknowledged = AcknowledgedEvents()
         self._sent_lately = KeysSentLately()
         self._ingest_channel = _channel(ingest_address)
@@ -320,7 +327,7 @@ class Backend:
             raise BackendError("unauthenticated", "the key is no key the suite issues")
         metadata = (("authorization", f"Bearer {api_key}"),)
         outcome = Outcome(
-            api_key=api_key, received=time.monotonic() if received is None else received
+            api_key=api_key, received=self._monotonic() if received is None else received
         )
         pending: list[ingest_pb.Event] = []
         logins: list[Identify] = []
@@ -350,7 +357,7 @@ class Backend:
         await self._track(pending, metadata, outcome)
         if not outcome.calls:
             await self._check_key(metadata)
-        self._sent_lately.note(api_key, time.monotonic())
+        self._sent_lately.note(api_key, self._monotonic())
         return outcome
 
     async def judge_key(self, api_key: str) -> None:
@@ -360,7 +367,7 @@ class Backend:
         key revoked since it sent is still refused, by the request's own calls."""
         if not sendable_key(api_key):
             raise BackendError("unauthenticated", "the key is no key the suite issues")
-        now = time.monotonic()
+        now = self._monotonic()
         if self._sent_lately.holds(api_key, now):
             return
         await self._check_key((("authorization", f"Bearer {api_key}"),))
@@ -416,7 +423,7 @@ class Backend:
         outcome: Outcome,
     ) -> None:
         for batch in _batches(self.acknowledged.needed(outcome.api_key, events)):
-            _advance_send_times(batch, time.monotonic() - outcome.received)
+            _advance_send_times(batch, self._monotonic() - outcome.received)
             outcome.calls += 1
             try:
                 reply = await self._ingest.TrackEvents(

@@ -1,11 +1,9 @@
 """The edge's client layer (services/edge/backend.py) against stand-in stubs of ingest and
-identity, for what only timing shows: the skew correction of a request's events must be the
-one at the edge's arrival, not after the logins the edge ran first."""
+identity, on a clock of the test's: the skew correction of a request's events must be the one at
+the edge's arrival, not after the logins the edge ran first."""
 
 from __future__ import annotations
 
-import asyncio
-import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -20,9 +18,24 @@ LOGIN_SECONDS = 0.2
 SENT = datetime(2030, 1, 15, 12, 0, tzinfo=UTC)
 
 
+class ManualClock:
+    """A monotonic clock that moves only when told."""
+
+    def __init__(self) -> None:
+        self.now = 1_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 class SlowIdentity:
+    """A login that takes LOGIN_SECONDS on the clock."""
+
+    def __init__(self, clock: ManualClock) -> None:
+        self._clock = clock
+
     async def Identify(self, request: Any, **_: Any) -> identity_pb.IdentifyResponse:
-        await asyncio.sleep(LOGIN_SECONDS)
+        self._clock.now += LOGIN_SECONDS
         return identity_pb.IdentifyResponse()
 
 
@@ -36,10 +49,11 @@ class RecordingIngest:
 
 
 async def test_a_login_s_latency_is_not_added_to_the_request_s_events() -> None:
-    backend = Backend("127.0.0.1:1", "127.0.0.1:1")
+    clock = ManualClock()
+    backend = Backend("127.0.0.1:1", "127.0.0.1:1", monotonic=clock)
     ingest = RecordingIngest()
     backend._ingest = ingest  # type: ignore[assignment]
-    backend._identity = SlowIdentity()  # type: ignore[assignment]
+    backend._identity = SlowIdentity(clock)  # type: ignore[assignment]
     login = {
         "event": "$identify",
         "distinct_id": "user-1",
@@ -51,18 +65,17 @@ async def test_a_login_s_latency_is_not_added_to_the_request_s_events() -> None:
     no_send_time = posthog.translate(unsent, SENT)
     translation = posthog.translate({**unsent, "sent_at": SENT.isoformat()}, SENT)
     try:
-        received = time.monotonic()
-        await backend.execute(translation, "k", "posthog", received)
-        spent = time.monotonic() - received
+        await backend.execute(translation, "k", "posthog", clock())
         await backend.execute(no_send_time, "k", "posthog")
     finally:
         await backend.close()
     with_send_time, without = ingest.calls
-    # Ingest's receive time is later than the edge's by the logins' time at least: the send
-    # time moved as much, so that the correction (receive - send) is the one at the edge.
+    # Ingest's receive time is later than the edge's by the logins' time (two, one after the
+    # other: the device's, then the custom ID's own installation's): the send time moved as
+    # much, so that the correction (receive - send) is the one at the edge.
     for one in with_send_time.events:
         moved = one.send_time.ToDatetime(tzinfo=UTC) - SENT
-        assert timedelta(seconds=LOGIN_SECONDS) <= moved <= timedelta(seconds=spent)
+        assert moved == timedelta(seconds=2 * LOGIN_SECONDS)
     # An event sent without send time gets no correction, then or now.
     assert not [one for one in without.events if one.HasField("send_time")]
 
