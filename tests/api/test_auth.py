@@ -87,11 +87,10 @@ async def test_the_read_key_reaches_the_query_service(query, project) -> None:  
         await stub.GetProfile(
             query_pb.GetProfileRequest(), metadata=project.metadata("read"), timeout=5
         )
-    # Past authentication and authorization: the service itself answers.
-    assert raised.value.code() not in (
-        grpc.StatusCode.UNAUTHENTICATED,
-        grpc.StatusCode.PERMISSION_DENIED,
-    )
+    # Past authentication and authorization: the service itself answers, refusing a request
+    # with no lookup (the contract's INVALID_ARGUMENT for GetProfile).
+    assert raised.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert error_reason(raised.value) == "REQUEST_INVALID"
 
 
 async def test_the_sdk_key_cannot_read_profiles(query, project) -> None:  # type: ignore[no-untyped-def]

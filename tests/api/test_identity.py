@@ -82,6 +82,7 @@ async def test_an_invalid_key_fails_alone_and_the_others_resolve(identity: Ident
     assert results[5].identified
     assert all(not r.profile_id for r in results if r.status.code)
     reasons = {}
+    bad_requests: dict[int, list[list[str]]] = {}  # each key's BadRequest details, by field
     for index, result in enumerate(results):
         for detail in result.status.details:
             from google.rpc import error_details_pb2
@@ -91,7 +92,9 @@ async def test_an_invalid_key_fails_alone_and_the_others_resolve(identity: Ident
                 reasons[index] = info.reason
             bad = error_details_pb2.BadRequest()
             if detail.Unpack(bad):
-                assert [v.field for v in bad.field_violations] == [f"keys[{index}]"]
+                bad_requests.setdefault(index, []).append([v.field for v in bad.field_violations])
+    # Exactly one BadRequest per invalid key, naming that key's path, and none for a good one.
+    assert bad_requests == {i: [[f"keys[{i}]"]] for i in (1, 2, 3, 4, 6)}
     assert reasons == {
         1: "INSTALLATION_ID_INVALID",
         2: "CUSTOM_ID_INVALID",

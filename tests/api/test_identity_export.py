@@ -123,7 +123,8 @@ async def test_an_export_holds_everything_ingested_for_the_profile(
     assert set(installations) == {phone, tablet}
     assert installations[phone]["pushToken"] == "push-token-erin"
     assert installations[tablet]["appVersion"] == "9.9.9"
-    assert installations[phone]["platform"] is not None
+    # The latest event's platform (the session's end, iOS), not the earlier Android update's.
+    assert installations[phone]["platform"] == "PLATFORM_IOS"
     history = document["identityHistory"]
     assert [(h["kind"], h["cause"]) for h in history] == [
         ("IDENTITY_CHANGE_KIND_MERGE", "IDENTITY_CHANGE_CAUSE_IDENTIFY")

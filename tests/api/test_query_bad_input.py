@@ -491,7 +491,10 @@ async def test_ids_are_read_in_canonical_form_only_as_every_service_reads_them(
     ]
     for rpc, request in requests:
         answered = await suite.call(rpc, request(profile_id.upper()))  # either case
-        assert answered is not None
+        # The same profile, named in its canonical (lower-case) spelling.
+        assert profile_id == profile_id.lower() != profile_id.upper()
+        named = answered.profile.summary.profile_id if rpc == "GetProfile" else answered.profile_id
+        assert named == profile_id, rpc
         for text in spellings:
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 await suite.call(rpc, request(text))

@@ -59,6 +59,10 @@ def test_a_bare_date_is_its_midnight_utc(day: date) -> None:
     )
 
 
+FIRST_SECOND = int(datetime(1, 1, 1, tzinfo=UTC).timestamp())
+LAST_SECOND = int(datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC).timestamp())
+
+
 @given(st.text(alphabet="0123456789-:.+TtZz ", max_size=40) | st.text(max_size=40))
 def test_any_text_is_a_valid_timestamp_or_stays_text(text: str) -> None:
     # Never an exception (a message lost as TRANSLATION_FAILED), never a moment ingest would
@@ -66,7 +70,11 @@ def test_any_text_is_a_valid_timestamp_or_stays_text(text: str) -> None:
     value = attribute_value(text)
     assert value is not None
     if value.WhichOneof("value") == "timestamp_value":
-        assert 1 <= datetime_of(value.timestamp_value).year <= 9999
+        # What ingest checks of a Timestamp before it reads it (else VALUE_INVALID): nanos
+        # below a second, seconds from 0001-01-01 to 9999-12-31T23:59:59 UTC.
+        stamp = value.timestamp_value
+        assert 0 <= stamp.nanos < 1_000_000_000
+        assert FIRST_SECOND <= stamp.seconds <= LAST_SECOND
         assert time_of(text) == datetime_of(value.timestamp_value)
 
 
