@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import grpc
 import pytest
 
 from profiles.query.v1 import query_service_pb2 as query_pb
@@ -42,6 +43,16 @@ class Edge:
             query_pb.GetProfileRequest(**lookup), metadata=self.read()
         )
         return reply.profile
+
+    async def stored_profile(self, **lookup: str) -> Any | None:
+        """The profile, or None while it is not stored yet (NOT_FOUND); any other failure
+        raises, so that a poll on it fails with its cause, not a timeout."""
+        try:
+            return await self.profile(**lookup)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                return None
+            raise
 
     async def events(self, profile_id: str) -> list[Any]:
         reply = await self.query.ListEvents(

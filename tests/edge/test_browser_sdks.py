@@ -78,11 +78,8 @@ async def stored_profile(edge: Edge, **lookup: str) -> Any:
     found: dict[str, Any] = {}
 
     async def stored() -> bool:
-        try:
-            found["profile"] = await edge.profile(**lookup)
-        except Exception:  # NOT_FOUND until the SDK's request is stored
-            return False
-        return True
+        found["profile"] = await edge.stored_profile(**lookup)
+        return found["profile"] is not None  # None: not stored yet
 
     await eventually(stored, within=30)
     return found["profile"]
@@ -278,9 +275,8 @@ async def test_countly_web_stores_its_repeated_details_once(edge: Edge, site: An
         await page.evaluate(f"() => Countly.add_event({{key: 'Tap {tap}'}})")
 
         async def sent(tap: int = tap) -> bool:
-            try:
-                profile = await edge.profile(installation_id=device)
-            except Exception:  # NOT_FOUND until the first request is stored
+            profile = await edge.stored_profile(installation_id=device)
+            if profile is None:  # not stored yet
                 return False
             names = await custom_names(edge, profile.summary.profile_id)
             return f"tap_{tap}" in names

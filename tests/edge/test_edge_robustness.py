@@ -43,9 +43,8 @@ DEEP_LIST = "[" * DEPTH + '"leaf"' + "]" * DEPTH
 
 
 async def custom_names(edge: Edge, **lookup: str) -> list[str]:
-    try:
-        profile = await edge.profile(**lookup)
-    except Exception:  # not stored yet: NOT_FOUND
+    profile = await edge.stored_profile(**lookup)
+    if profile is None:  # not stored yet
         return []
     found = await edge.events(profile.summary.profile_id)
     return sorted(e.custom.name for e in found if e.HasField("custom"))

@@ -15,9 +15,8 @@ from tests.edge.test_http import send
 
 
 async def custom_names(edge: Edge, **lookup: str) -> list[str]:
-    try:
-        profile = await edge.profile(**lookup)
-    except Exception:  # not stored yet: NOT_FOUND
+    profile = await edge.stored_profile(**lookup)
+    if profile is None:  # not stored yet
         return []
     found = await edge.events(profile.summary.profile_id)
     return sorted(e.custom.name for e in found if e.HasField("custom"))
@@ -146,9 +145,8 @@ async def test_one_badly_formatted_trait_is_listed_alone_and_the_others_kept(edg
     assert reply.status_code == 200
 
     async def attributes(user: str) -> tuple[dict[str, str], dict[str, str]]:
-        try:
-            profile = await edge.profile(custom_id=user)
-        except Exception:
+        profile = await edge.stored_profile(custom_id=user)
+        if profile is None:  # not stored yet
             return {}, {}
         native = {
             name: getattr(profile.native_attributes, name)

@@ -55,9 +55,8 @@ async def stored_event(edge: Edge, installation_id: str, name: str) -> Any:
     found: dict[str, Any] = {}
 
     async def stored() -> bool:
-        try:
-            profile = await edge.profile(installation_id=installation_id)
-        except Exception:  # NOT_FOUND until the SDK's request is stored
+        profile = await edge.stored_profile(installation_id=installation_id)
+        if profile is None:  # not stored yet
             return False
         events = await edge.events(profile.summary.profile_id)
         found["event"] = next((e.custom for e in events if e.custom.name == name), None)

@@ -276,9 +276,8 @@ async def test_a_full_name_fills_the_first_and_last_names(edge: Edge) -> None:
     await flush(client)
 
     async def named() -> bool:
-        try:
-            profile = await edge.profile(custom_id="ph-name")
-        except Exception:  # NOT_FOUND until the alias is stored
+        profile = await edge.stored_profile(custom_id="ph-name")
+        if profile is None:  # not stored yet
             return False
         return bool(profile.native_attributes.first_name)
 
@@ -340,9 +339,8 @@ async def test_react_native_and_flutter_apps_before_login_are_their_devices(edge
         distinct_id = f"anon-{lib[-7:]}"
 
         async def stored(distinct_id: str = distinct_id) -> bool:
-            try:
-                found = await edge.profile(installation_id=distinct_id)
-            except Exception:
+            found = await edge.stored_profile(installation_id=distinct_id)
+            if found is None:  # not stored yet
                 return False
             return found.counters.event_count >= 3 and any(
                 i.app_version for i in found.installations

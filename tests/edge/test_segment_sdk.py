@@ -288,9 +288,8 @@ async def test_a_time_zone_ingest_refuses_costs_no_other_detail(edge: Edge) -> N
     await flush(client)
 
     async def stored() -> bool:
-        try:
-            profile = await edge.profile(installation_id="seg-zone")
-        except Exception:  # NOT_FOUND until the request is stored
+        profile = await edge.stored_profile(installation_id="seg-zone")
+        if profile is None:  # not stored yet
             return False
         return bool(profile.installations and profile.installations[0].app_version)
 
@@ -313,9 +312,8 @@ async def test_reserved_traits_name_and_company_as_the_spec_defines_them(edge: E
     await flush(client)
 
     async def named() -> bool:
-        try:
-            profile = await edge.profile(custom_id="seg-traits")
-        except Exception:  # NOT_FOUND until the request is stored
+        profile = await edge.stored_profile(custom_id="seg-traits")
+        if profile is None:  # not stored yet
             return False
         return bool(profile.native_attributes.first_name)
 
