@@ -27,8 +27,17 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from profiles.common.v1 import types_pb2
 from profiles.ingest.v1 import ingest_service_pb2 as ingest_pb
 from services.edge.names import flatten, normalize_name
-from services.edge.properties import attribute_value
+from services.edge.properties import (
+    MAX_EVENT_BYTES,
+    MAX_LIST_ITEMS,
+    MAX_OPERATIONS_PER_EVENT,
+    MAX_STRING_LENGTH,
+    MAX_URL_LENGTH,
+    attribute_value,
+    is_http_url,
+)
 from services.edge.steps import Identify, Reject, Step, Track, scrub
+from shared.contract_rules import MAX_TIMESTAMP_SECONDS, MIN_TIMESTAMP_SECONDS, NANOS
 from shared.convert import timestamp_of
 
 MAX_ID_LENGTH = 64
@@ -328,30 +337,87 @@ def phone_text(text: str) -> str:
     return "+" + digits[2:] if digits.startswith("00") else digits
 
 
+def refused_value(operation: types_pb2.AttributeOperation) -> bool:
+    """Whether ingest refuses the operation's value whatever the event holds (VALUE_INVALID,
+    docs/ingest.md's table): a string over 300 characters or holding U+0000 (a first or last
+    name also empty), a list over 25 items or with such an item, a URL over 2,048 characters or
+    without a scheme and host (the edge makes http(s) URLs only: another is taken as refused),
+    a number that is not finite, a time no Timestamp holds, no value at all. An unset has none
+    to refuse."""
+    if operation.kind == types_pb2.ATTRIBUTE_OPERATION_KIND_UNSET:
+        return False
+    value = operation.value
+    which = value.WhichOneof("value")
+    if which == "string_value":
+        minimum = 1 if operation.WhichOneof("attribute") == "native_attribute" else 0
+        return not _storable_text(value.string_value, minimum)
+    if which == "string_list_value":
+        items = value.string_list_value.values
+        return len(items) > MAX_LIST_ITEMS or not all(_storable_text(i) for i in items)
+    if which == "url_value":
+        url = value.url_value
+        return len(url) > MAX_URL_LENGTH or not is_http_url(url)
+    if which == "number_value":
+        return not math.isfinite(value.number_value)
+    if which == "timestamp_value":
+        stamp = value.timestamp_value
+        seconds_in_range = MIN_TIMESTAMP_SECONDS <= stamp.seconds <= MAX_TIMESTAMP_SECONDS
+        return not (seconds_in_range and 0 <= stamp.nanos < NANOS)
+    return which != "bool_value"
+
+
+def _storable_text(text: str, minimum: int = 0) -> bool:
+    return minimum <= len(text) <= MAX_STRING_LENGTH and "\x00" not in text
+
+
+def _travels_alone(operation: types_pb2.AttributeOperation) -> bool:
+    """Whether an operation goes in an event of its own: a value ingest refuses (refused_value),
+    or one it checks against a format the edge does not know (an email, a phone number...)."""
+    if refused_value(operation):
+        return True
+    return (
+        operation.native_attribute in CHECKED_NATIVES
+        and operation.kind != types_pb2.ATTRIBUTE_OPERATION_KIND_UNSET
+    )
+
+
 def attribute_events(
     event_id: str, origin: Origin, operations: list[types_pb2.AttributeOperation]
 ) -> list[ingest_pb.Event]:
-    """Attribute operations as events: each value ingest checks against a format (an email,
-    a phone number, a country...) in an event of its own, so that one badly formatted trait is
-    rejected and listed alone instead of taking the identify's other traits with it; the rest
-    in events of at most 20 operations (the contract's limit per event). IDs derived from
-    `event_id` after the first."""
-    checked: list[types_pb2.AttributeOperation] = []
-    rest: list[types_pb2.AttributeOperation] = []
+    """Attribute operations as events. Each operation ingest may refuse for its value travels
+    in an event of its own (_travels_alone: a string over the contract's 300 characters, a bad
+    email...), so that one bad trait is rejected and listed alone, with ingest's reason, instead
+    of taking the identify's other traits with it. The rest share events within the contract's
+    limits per event (20 operations, 32 KiB serialized), in their order. The first event has ID
+    `event_id`, the others IDs derived from it and their place: the same operations make the
+    same events, so a retried request stores nothing twice."""
+    shared: list[types_pb2.AttributeOperation] = []
+    alone: list[types_pb2.AttributeOperation] = []
     for operation in operations:
-        alone = (
-            operation.native_attribute in CHECKED_NATIVES
-            and operation.kind != types_pb2.ATTRIBUTE_OPERATION_KIND_UNSET
-        )
-        (checked if alone else rest).append(operation)
-    groups = [rest[start : start + 20] for start in range(0, len(rest), 20)]
-    groups.extend([operation] for operation in checked)
-    built = []
-    for index, group in enumerate(groups):
-        part_id = event_id if index == 0 else derived_id("attrs", event_id, index)
-        one = event(part_id, origin)
-        one.attribute_operations.operations.extend(group)
+        (alone if _travels_alone(operation) else shared).append(operation)
+    built: list[ingest_pb.Event] = []
+
+    def start() -> ingest_pb.Event:
+        index = len(built)
+        one = event(event_id if index == 0 else derived_id("attrs", event_id, index), origin)
         built.append(one)
+        return one
+
+    current: ingest_pb.Event | None = None
+    for operation in shared:
+        if current is None or len(current.attribute_operations.operations) >= (
+            MAX_OPERATIONS_PER_EVENT
+        ):
+            current = start()
+        held = current.attribute_operations.operations
+        held.append(operation)
+        if len(held) > 1 and current.ByteSize() > MAX_EVENT_BYTES:
+            # Valid values too large together (lists of 25 long strings): the next event.
+            del held[-1]
+            current = start()
+            current.attribute_operations.operations.append(operation)
+    for operation in alone:
+        start().attribute_operations.operations.append(operation)
     return built
 
 
