@@ -27,16 +27,15 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from profiles.common.v1 import types_pb2
 from profiles.ingest.v1 import ingest_service_pb2 as ingest_pb
 from services.edge.names import flatten, normalize_name
-from services.edge.properties import (
+from services.edge.properties import attribute_value, is_http_url
+from services.edge.steps import Identify, Reject, Step, Track, scrub
+from shared.contract_limits import (
     MAX_EVENT_BYTES,
     MAX_LIST_ITEMS,
     MAX_OPERATIONS_PER_EVENT,
     MAX_STRING_LENGTH,
     MAX_URL_LENGTH,
-    attribute_value,
-    is_http_url,
 )
-from services.edge.steps import Identify, Reject, Step, Track, scrub
 from shared.contract_rules import MAX_TIMESTAMP_SECONDS, MIN_TIMESTAMP_SECONDS, NANOS
 from shared.convert import timestamp_of
 
@@ -506,15 +505,16 @@ def text(value: object) -> str:
 class StepBuilder:
     """Collects a request's steps in order: events are appended to the current Track step;
     an Identify or Reject closes it. Starts each derived session once per request, updates each
-    installation's details once per request, and identifies each (installation, custom ID)
-    pair once per request."""
+    installation's details once per request, and logs an installation in with a custom ID unless
+    its latest login in the request already did."""
 
     dialect: str
     steps: list[Step] = field(default_factory=list)
     _events: list[ingest_pb.Event] = field(default_factory=list)
     _sessions: set[tuple[str, str]] = field(default_factory=set)
     _details: set[tuple[str, Details]] = field(default_factory=set)
-    _identified: set[tuple[str, str]] = field(default_factory=set)
+    # Each installation's custom ID as of its latest login in the request.
+    _identified: dict[str, str] = field(default_factory=dict)
     # Logins not placed yet, and the installations and custom IDs they and the current events
     # name: a login waits in front of the current events unless they share one.
     _logins: list[Identify] = field(default_factory=list)
@@ -542,14 +542,16 @@ class StepBuilder:
         request_id: str,
         then: Sequence[ingest_pb.Event] = (),
     ) -> None:
-        """Logs the installation in, once per pair per request. Events of that installation (or
-        custom ID) added before it are stored before the login; events of others may be stored
-        after it, so the logins of a batch of many users go out together, before its events,
-        and the client layer runs them concurrently (a login per user would otherwise wait for
-        the one before). `then`: events sent only if the login succeeds (Identify.then)."""
-        if (installation_id, custom_id) in self._identified:
+        """Logs the installation in, unless its latest login in the request was with the same
+        custom ID (an SDK's identified events each say who is logged in; a browser that switched
+        from A to B and back to A in one request is logged in three times). Events of that
+        installation (or custom ID) added before it are stored before the login; events of
+        others may be stored after it, so the logins of a batch of many users go out together,
+        before its events, and the client layer runs them concurrently (a login per user would
+        otherwise wait for the one before). `then`: events sent only if the login succeeds (Identify.then)."""
+        if self._identified.get(installation_id) == custom_id:
             return
-        self._identified.add((installation_id, custom_id))
+        self._identified[installation_id] = custom_id
         keys = (installation_id, custom_id)
         if any(k in self._origins or k in self._login_keys for k in keys):
             self._flush()

@@ -24,18 +24,12 @@ from urllib.parse import urlsplit
 
 from profiles.common.v1 import types_pb2
 from services.edge.names import flatten, normalize_name
+from shared.contract_limits import (
+    MAX_ATTRIBUTES_PER_EVENT,
+    MAX_STRING_LENGTH,
+    MAX_URL_LENGTH,
+)
 from shared.convert import timestamp_of
-
-# The contract's limits (types.proto's AttributeValue, ingest_service.proto's Event; the table
-# in docs/ingest.md). Their one definition is ingest's (services/ingest/model.py, MAX_*), which
-# the edge may not import (a client of the contract: pyproject's import-linter contracts): these
-# copy it once for the edge, and edge code takes them from here.
-MAX_STRING_LENGTH = 300
-MAX_URL_LENGTH = 2048
-MAX_LIST_ITEMS = 25
-MAX_EVENT_ATTRIBUTES = 20
-MAX_OPERATIONS_PER_EVENT = 20
-MAX_EVENT_BYTES = 32 * 1024
 
 # What `time_of` takes for a time: RFC 3339's date-time (a `T`, minutes at least, a fraction of
 # up to 9 digits, an offset `Z`, `+01:00` or `+0100`) with the offset optional, or a bare date.
@@ -167,7 +161,7 @@ def add_page_context(
     contract's limits (sdk_text_value); an empty field (analytics.js's `referrer: ""`) is left
     out."""
     for attribute in PAGE_CONTEXT_ATTRIBUTES:
-        if len(values) >= MAX_EVENT_ATTRIBUTES:
+        if len(values) >= MAX_ATTRIBUTES_PER_EVENT:
             return
         if attribute in values:
             continue

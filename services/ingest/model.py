@@ -19,6 +19,7 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from shared import contract_rules
+from shared.contract_limits import MAX_CUSTOM_ID_LENGTH, MAX_EMAIL_LENGTH, MAX_URL_LENGTH
 from shared.time_zones import is_time_zone
 
 # Rejection reasons: stable codes listed on IngestService in the contract.
@@ -58,26 +59,6 @@ UNTRANSLATED = "UNTRANSLATED"
 PLATFORM_INVALID = "PLATFORM_INVALID"
 PUSH_TOKEN_INVALID = "PUSH_TOKEN_INVALID"
 
-# Limits of the contract (ingest_service.proto and types.proto).
-MAX_EVENTS_PER_REQUEST = 1000
-MAX_REQUEST_BYTES = 4 * 1024 * 1024
-MAX_EVENT_BYTES = 32 * 1024
-MAX_EVENT_ID_LENGTH = 64
-MAX_INSTALLATION_ID_LENGTH = 128
-MAX_CUSTOM_ID_LENGTH = 512
-MAX_SESSION_ID_LENGTH = 64
-MAX_ATTRIBUTES_PER_EVENT = 20
-MAX_OPERATIONS_PER_EVENT = 20
-MAX_CUSTOM_ATTRIBUTES_PER_PROFILE = 50
-MAX_STRING_LENGTH = 300
-MAX_LABEL_LENGTH = 200
-MAX_URL_LENGTH = 2048
-MAX_LIST_ITEMS = 25
-MAX_EMAIL_LENGTH = 254
-MAX_VERSION_LENGTH = 64
-MAX_DEVICE_MODEL_LENGTH = 128
-MAX_PUSH_TOKEN_LENGTH = 4096
-MAX_TOKENS_PER_REQUEST = 1000
 # The oldest event time accepted at all, also by ImportEvents.
 OLDEST_EVENT_TIME = datetime(1900, 1, 1, tzinfo=UTC)
 

@@ -68,6 +68,7 @@ from services.ingest.validation import (
     validate_request,
     with_country,
 )
+from shared import contract_limits as limits
 from shared.clock import Clock
 from shared.convert import timestamp_of
 from shared.notices import LiveNotices
@@ -692,11 +693,11 @@ def _carried_ids(rejected: RejectedEvent, event: pb.Event) -> list[tuple[OriginK
     which = event.WhichOneof("origin")
     if which == "installation_id":
         installation_id = without_nul(event.installation_id)
-        if 1 <= len(installation_id) <= model.MAX_INSTALLATION_ID_LENGTH:
+        if 1 <= len(installation_id) <= limits.MAX_INSTALLATION_ID_LENGTH:
             ids.append((OriginKey(False, installation_id), "installation_id"))
-        elif 1 <= len(installation_id) <= model.MAX_CUSTOM_ID_LENGTH:
+        elif 1 <= len(installation_id) <= limits.MAX_CUSTOM_ID_LENGTH:
             ids.append((OriginKey(True, installation_id), "installation_id"))
-    elif which == "custom_id" and 1 <= len(event.custom_id) <= model.MAX_CUSTOM_ID_LENGTH:
+    elif which == "custom_id" and 1 <= len(event.custom_id) <= limits.MAX_CUSTOM_ID_LENGTH:
         ids.append((OriginKey(True, without_nul(event.custom_id)), "custom_id"))
     ids.extend(
         (OriginKey(True, text), "untranslated.message")
@@ -771,7 +772,7 @@ def _attribute_operations(
         # may still be changed or unset.
         after = model.custom_attributes_after(before, event.operations, event.event_time)
         names, held = model.held_names(before), model.held_names(after)
-        if held - names and len(held) > model.MAX_CUSTOM_ATTRIBUTES_PER_PROFILE:
+        if held - names and len(held) > limits.MAX_CUSTOM_ATTRIBUTES_PER_PROFILE:
             refused[event.index] = Rejection(
                 model.PROFILE_ATTRIBUTE_LIMIT,
                 "attribute_operations.operations",

@@ -29,6 +29,7 @@ from services.ingest import model
 from services.ingest.errors import BatchInvalid, RequestTooLarge, TooManyEvents
 from services.ingest.model import AttributeOperation, Invalid, Rejection, Value
 from services.ingest.payloads import raw_event, value_json, without_nul
+from shared import contract_limits as limits
 from shared.contract_rules import key_path
 from shared.convert import EPOCH
 from shared.errors import FieldViolation
@@ -119,10 +120,10 @@ ATTRIBUTE_CHANGE = types_pb2.EVENT_KIND_ATTRIBUTE_CHANGE
 SUBSCRIPTION_CHANGE = types_pb2.EVENT_KIND_SUBSCRIPTION_CHANGE
 INSTALLATION_UPDATE = types_pb2.EVENT_KIND_INSTALLATION_UPDATE
 CRASH = types_pb2.EVENT_KIND_CRASH
-MAX_EVENT_BYTES = model.MAX_EVENT_BYTES
-MAX_EVENT_ID_LENGTH = model.MAX_EVENT_ID_LENGTH
-MAX_SESSION_ID_LENGTH = model.MAX_SESSION_ID_LENGTH
-MAX_STRING_LENGTH = model.MAX_STRING_LENGTH
+MAX_EVENT_BYTES = limits.MAX_EVENT_BYTES
+MAX_EVENT_ID_LENGTH = limits.MAX_EVENT_ID_LENGTH
+MAX_SESSION_ID_LENGTH = limits.MAX_SESSION_ID_LENGTH
+MAX_STRING_LENGTH = limits.MAX_STRING_LENGTH
 SESSION_RULE_INACTIVITY = pb.SESSION_RULE_INACTIVITY
 
 
@@ -224,14 +225,14 @@ def validate_request(event_count: int, request_bytes: int, *, path: str = "event
             "the request has no events",
             [FieldViolation(path, "at least one event is required", "EVENTS_MISSING")],
         )
-    if event_count > model.MAX_EVENTS_PER_REQUEST:
+    if event_count > limits.MAX_EVENTS_PER_REQUEST:
         raise TooManyEvents(
-            f"the request has {event_count} events; at most {model.MAX_EVENTS_PER_REQUEST}",
+            f"the request has {event_count} events; at most {limits.MAX_EVENTS_PER_REQUEST}",
             [FieldViolation(path, "at most 1000 events per request", TooManyEvents.reason)],
         )
-    if request_bytes > model.MAX_REQUEST_BYTES:
+    if request_bytes > limits.MAX_REQUEST_BYTES:
         raise RequestTooLarge(
-            f"the request is {request_bytes} bytes; at most {model.MAX_REQUEST_BYTES}",
+            f"the request is {request_bytes} bytes; at most {limits.MAX_REQUEST_BYTES}",
             [FieldViolation(path, "at most 4 MiB per request", RequestTooLarge.reason)],
         )
 
@@ -309,10 +310,10 @@ def _attribute_value(value: types_pb2.AttributeValue, path: str) -> Value:
         return Value("url", value.url_value)
     if which == "string_list_value":
         items = list(value.string_list_value.values)
-        if len(items) > model.MAX_LIST_ITEMS:
+        if len(items) > limits.MAX_LIST_ITEMS:
             raise Invalid(model.VALUE_INVALID, path, f"{path} has over 25 items")
         for i, item in enumerate(items):
-            _text(item, f"{path}[{i}]", model.VALUE_INVALID, limit=model.MAX_STRING_LENGTH)
+            _text(item, f"{path}[{i}]", model.VALUE_INVALID, limit=limits.MAX_STRING_LENGTH)
         return Value("string_list", items)
     raise Invalid(model.VALUE_INVALID, path, f"{path} has no value")
 
@@ -323,8 +324,8 @@ def _checked_value_json(value: types_pb2.AttributeValue, key: str) -> dict[str, 
     which = value.WhichOneof("value")
     if which == "string_value":
         text = value.string_value
-        if len(text) > model.MAX_STRING_LENGTH or "\x00" in text:
-            _text(text, _attribute_path(key), model.VALUE_INVALID, limit=model.MAX_STRING_LENGTH)
+        if len(text) > limits.MAX_STRING_LENGTH or "\x00" in text:
+            _text(text, _attribute_path(key), model.VALUE_INVALID, limit=limits.MAX_STRING_LENGTH)
         return {which: text}
     if which == "number_value":
         number = value.number_value
@@ -363,10 +364,10 @@ def _custom(event: pb.Event, names: dict[str, str]) -> _Part:
             model.NAME_INVALID, "custom.name", "custom.name must match [a-zA-Z0-9_]{1,30}"
         )
     label = custom.label
-    if len(label) > model.MAX_LABEL_LENGTH or "\x00" in label:
-        _text(label, "custom.label", model.LABEL_INVALID, limit=model.MAX_LABEL_LENGTH)
+    if len(label) > limits.MAX_LABEL_LENGTH or "\x00" in label:
+        _text(label, "custom.label", model.LABEL_INVALID, limit=limits.MAX_LABEL_LENGTH)
     attributes = custom.attributes
-    if len(attributes) > model.MAX_ATTRIBUTES_PER_EVENT:
+    if len(attributes) > limits.MAX_ATTRIBUTES_PER_EVENT:
         raise Invalid(
             model.TOO_MANY_ATTRIBUTES, "custom.attributes", "at most 20 attributes per event"
         )
@@ -526,7 +527,7 @@ def _attribute_operations(
         raise Invalid(
             model.PAYLOAD_MISSING, "attribute_operations.operations", "at least one operation"
         )
-    if len(operations) > model.MAX_OPERATIONS_PER_EVENT:
+    if len(operations) > limits.MAX_OPERATIONS_PER_EVENT:
         raise Invalid(
             model.TOO_MANY_ATTRIBUTES,
             "attribute_operations.operations",
@@ -582,13 +583,13 @@ def _installation_update(
     present = {descriptor.name for descriptor, _ in update.ListFields()}
     values: dict[str, Any] = {}
     detail = bus_pb2.InstallationUpdateDetail()
-    limits = {
-        "app_version": model.MAX_VERSION_LENGTH,
-        "os_version": model.MAX_VERSION_LENGTH,
-        "device_model": model.MAX_DEVICE_MODEL_LENGTH,
-        "push_token": model.MAX_PUSH_TOKEN_LENGTH,
+    lengths = {
+        "app_version": limits.MAX_VERSION_LENGTH,
+        "os_version": limits.MAX_VERSION_LENGTH,
+        "device_model": limits.MAX_DEVICE_MODEL_LENGTH,
+        "push_token": limits.MAX_PUSH_TOKEN_LENGTH,
     }
-    for name, limit in limits.items():
+    for name, limit in lengths.items():
         if name in present:
             path = f"installation_update.{name}"
             values[name] = _text(getattr(update, name), path, model.VALUE_INVALID, limit=limit)
@@ -740,7 +741,7 @@ def _payload(event: pb.Event, which: str | None, names: dict[str, str]) -> _Part
     crash = event.crash
     _text(crash.name, "crash.name", model.NAME_INVALID, limit=300, minimum=1)
     _text(crash.reason, "crash.reason", model.VALUE_INVALID, limit=300)
-    _text(crash.stack_trace, "crash.stack_trace", model.VALUE_INVALID, limit=model.MAX_EVENT_BYTES)
+    _text(crash.stack_trace, "crash.stack_trace", model.VALUE_INVALID, limit=limits.MAX_EVENT_BYTES)
     detail = bus_pb2.CrashDetail(name=crash.name, reason=crash.reason, fatal=crash.fatal)
     payload = {"name": crash.name}
     if crash.reason:
@@ -759,14 +760,14 @@ def _origin(event: pb.Event) -> tuple[str | None, str | None]:
     if which == "installation_id":
         installation_id = event.installation_id
         if (
-            not 1 <= len(installation_id) <= model.MAX_INSTALLATION_ID_LENGTH
+            not 1 <= len(installation_id) <= limits.MAX_INSTALLATION_ID_LENGTH
             or "\x00" in installation_id
         ):
             _text(
                 installation_id,
                 "installation_id",
                 model.INSTALLATION_ID_INVALID,
-                limit=model.MAX_INSTALLATION_ID_LENGTH,
+                limit=limits.MAX_INSTALLATION_ID_LENGTH,
                 minimum=1,
             )
         return installation_id, None
@@ -1035,9 +1036,9 @@ def validate_token_request(token_count: int) -> None:
             "the request has no tokens",
             [FieldViolation("tokens", "at least one token is required", "TOKENS_MISSING")],
         )
-    if token_count > model.MAX_TOKENS_PER_REQUEST:
+    if token_count > limits.MAX_TOKENS_PER_REQUEST:
         raise TooManyEvents(
-            f"the request has {token_count} tokens; at most {model.MAX_TOKENS_PER_REQUEST}",
+            f"the request has {token_count} tokens; at most {limits.MAX_TOKENS_PER_REQUEST}",
             [FieldViolation("tokens", "at most 1000 tokens per request", "TOO_MANY_TOKENS")],
         )
 
@@ -1046,7 +1047,7 @@ def validate_token(index: int, token: pb.ImportedToken) -> ValidToken | Rejectio
     """Checks one imported token; the rejection's field path is relative to the token."""
     if token.platform not in TOKEN_PLATFORMS:
         return Rejection(model.PLATFORM_INVALID, "platform", "iOS, Android or Web is required")
-    if not 1 <= len(token.push_token) <= model.MAX_PUSH_TOKEN_LENGTH or model.has_nul(
+    if not 1 <= len(token.push_token) <= limits.MAX_PUSH_TOKEN_LENGTH or model.has_nul(
         token.push_token
     ):
         return Rejection(

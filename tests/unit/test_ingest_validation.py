@@ -29,6 +29,7 @@ from services.ingest.validation import (
     validate_request,
     validate_token,
 )
+from shared import contract_limits as limits
 
 NOW = datetime(2030, 6, 1, 12, 0, tzinfo=UTC)
 
@@ -289,11 +290,11 @@ def test_each_rule_accepts_its_boundary_and_rejects_just_past_it(
 def test_an_event_of_32_kib_is_accepted_and_one_byte_more_is_too_large() -> None:
     event = edited(_crash("Boom"))
     event.crash.stack_trace = "x"
-    padding = model.MAX_EVENT_BYTES - event.ByteSize()
+    padding = limits.MAX_EVENT_BYTES - event.ByteSize()
     event.crash.stack_trace = "x" * (1 + padding)
-    while event.ByteSize() > model.MAX_EVENT_BYTES:  # the length prefix may have grown
+    while event.ByteSize() > limits.MAX_EVENT_BYTES:  # the length prefix may have grown
         event.crash.stack_trace = event.crash.stack_trace[:-1]
-    assert event.ByteSize() == model.MAX_EVENT_BYTES
+    assert event.ByteSize() == limits.MAX_EVENT_BYTES
     assert reason(event) == ""
     event.crash.stack_trace += "x"
     assert reason(event) == model.EVENT_TOO_LARGE
@@ -399,9 +400,9 @@ def test_a_request_holds_1_to_1000_events(count: int, ok: bool) -> None:
 
 
 def test_a_request_holds_at_most_4_mib() -> None:
-    validate_request(1, model.MAX_REQUEST_BYTES)
+    validate_request(1, limits.MAX_REQUEST_BYTES)
     with pytest.raises(BatchInvalid) as raised:
-        validate_request(1, model.MAX_REQUEST_BYTES + 1)
+        validate_request(1, limits.MAX_REQUEST_BYTES + 1)
     assert raised.value.reason == "REQUEST_TOO_LARGE"
     assert [v.field for v in raised.value.violations] == ["events"]
 

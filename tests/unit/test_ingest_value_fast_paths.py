@@ -17,9 +17,10 @@ from services.ingest import model
 from services.ingest.model import Invalid
 from services.ingest.payloads import value_json
 from services.ingest.validation import RejectedEvent, ValidEvent, _attribute_value, validate_event
+from shared import contract_limits as limits
 
 NOW = datetime(2026, 12, 7, 12, 0, tzinfo=UTC)
-LIMIT = model.MAX_STRING_LENGTH
+LIMIT = limits.MAX_STRING_LENGTH
 
 
 def random_text(rng: random.Random) -> str:
