@@ -76,6 +76,8 @@ T = TypeVar("T")
 
 # A request_id is honoured this long (AIP-155: "within 24 hours").
 ANSWER_LIFETIME = timedelta(hours=24)
+# The answer kept for a Logout of an installation identity did not know (NOT_FOUND).
+NO_INSTALLATION = "no_installation"
 # A project's junk list is re-read at most this often; operational, so monotonic time.
 SETTINGS_CACHE_SECONDS = 5.0
 
@@ -607,6 +609,10 @@ class IdentityService:
                 project_id, installation_id, request_id, digest, unless_custom_id
             )
         )
+        if result is None:
+            raise InstallationNotFound(
+                "no such installation in this project", metadata={"field": "installation_id"}
+            )
         log.info("logged_out", outcome=result.outcome.value, profile_id=str(result.profile_id))
         return result
 
@@ -617,20 +623,31 @@ class IdentityService:
         request_id: str,
         digest: str,
         unless_custom_id: str,
-    ) -> LogoutResult:
+    ) -> LogoutResult | None:
+        """The Logout in one transaction; None: no such installation, an answer kept for the
+        request ID like any other. A retry must get it again, not log out the installation
+        created since: a Countly device's first session logs its ID out before it exists,
+        then logs it in; the same request resent would split the user's new device off."""
         now = self._clock.now()
         notices: list[bus_pb2.ProfileChanged] = []
         changed: list[UUID] = []
         async with self._repository.transaction() as tx:
             stored = await self._stored_answer(tx, project_id, "Logout", request_id, digest, now)
             if stored is not None:
-                return logout_result_from_json(stored)
+                return None if stored.get(NO_INSTALLATION) else logout_result_from_json(stored)
             link = await tx.lock_installation(project_id, installation_id)
             if link is None:
-                raise InstallationNotFound(
-                    "no such installation in this project",
-                    metadata={"field": "installation_id"},
-                )
+                if request_id:
+                    await tx.save_answer(
+                        project_id,
+                        "Logout",
+                        request_id,
+                        digest,
+                        {NO_INSTALLATION: True},
+                        now,
+                        now - ANSWER_LIFETIME,
+                    )
+                return None
             current = (await tx.lock_profiles(project_id, [link.profile_id])).get(link.profile_id)
             if current is None or current.merged_into is not None:
                 raise ConcurrentChange("the installation's profile changed during Logout")
