@@ -52,6 +52,7 @@ from services.edge.steps import (
     Translation,
     scrub,
 )
+from shared.contract_limits import MAX_STRING_LENGTH
 from shared.convert import set_timestamp
 
 DIALECT = "countly"
@@ -674,8 +675,8 @@ def _crash(request: _Request, output: _Output) -> None:
     event = _in_open_session(_event(request, output, "crash", crash))
     event.crash.CopyFrom(
         ingest_pb.Crash(
-            name=name.strip()[:300] or "crash",
-            reason=reason.strip()[:300],
+            name=name.strip()[:MAX_STRING_LENGTH] or "crash",
+            reason=reason.strip()[:MAX_STRING_LENGTH],
             stack_trace=error,
             fatal=not _flag(crash.get("_nonfatal")),
         )

@@ -80,6 +80,12 @@ from services.edge.names import normalize_name
 from services.edge.platforms import platform_of
 from services.edge.properties import add_page_context, custom_attributes
 from services.edge.steps import RequestInvalid, Translation
+from shared.contract_limits import (
+    MAX_ATTRIBUTES_PER_EVENT,
+    MAX_LIST_ITEMS,
+    MAX_STRING_LENGTH,
+    MAX_URL_LENGTH,
+)
 
 DIALECT = "posthog"
 MAX_REQUEST_BYTES = 5 * 1024 * 1024
@@ -127,11 +133,6 @@ DIRECT_REFERRER = "$direct"
 # The UTM parameters posthog-js registers for the session (getCampaignParams; it also sends
 # gclid, fbclid... which stay ordinary properties): the shared campaign attributes' own names.
 CAMPAIGN_PROPERTIES = ("utm_source", "utm_medium", "utm_campaign", "utm_term", "utm_content")
-# The contract's limits (docs/ingest.md): attributes per event, string, URL and list lengths.
-MAX_ATTRIBUTES = 20
-MAX_STRING = 300
-MAX_URL = 2048
-MAX_LIST_ITEMS = 25
 # PostHog's own limit of group types per project; more in one event are ignored.
 MAX_GROUPS = 5
 
@@ -398,7 +399,7 @@ def _translate(
         # The edge's own attributes never push an event over the contract's 20 (the user's
         # own properties, data-ph-capture-attribute-*, win a name they share).
         for key, value in clicked.items():
-            if key not in attributes.values and len(attributes.values) < MAX_ATTRIBUTES:
+            if key not in attributes.values and len(attributes.values) < MAX_ATTRIBUTES_PER_EVENT:
                 attributes.values[key] = value
         if "text" in clicked:
             label = clicked["text"].string_value
@@ -455,7 +456,7 @@ def group_operations(groups: Any) -> list[types_pb2.AttributeOperation]:
         key = groups[group_type]
         if isinstance(key, bool) or not isinstance(key, str | int | float):
             continue
-        key_text = (key if isinstance(key, str) else json.dumps(key)).strip()[:MAX_STRING]
+        key_text = (key if isinstance(key, str) else json.dumps(key)).strip()[:MAX_STRING_LENGTH]
         name = normalize_name(f"group_{group_type}") if normalize_name(group_type) else None
         if name is None or not key_text:
             continue
@@ -483,18 +484,18 @@ def element_attributes(properties: Mapping[str, Any]) -> dict[str, types_pb2.Att
     def put(name: str, value: Any) -> None:
         found = text(value) if isinstance(value, str) else ""
         if found:
-            values[name] = types_pb2.AttributeValue(string_value=found[:MAX_STRING])
+            values[name] = types_pb2.AttributeValue(string_value=found[:MAX_STRING_LENGTH])
 
     put("event_type", properties.get("$event_type"))
     put("text", properties.get("$el_text") or element.get("$el_text") or element.get("text"))
     put("tag", element.get("tag_name"))
     href = text(element.get("attr__href") or element.get("href"))
-    if href.startswith(("http://", "https://")) and len(href) <= MAX_URL and " " not in href:
+    if href.startswith(("http://", "https://")) and len(href) <= MAX_URL_LENGTH and " " not in href:
         values["href"] = _url_value(href)
     else:
         put("href", href)
     put("element_id", element.get("attr__id"))
-    names = [c.strip()[:MAX_STRING] for c in classes if isinstance(c, str) and c.strip()]
+    names = [c.strip()[:MAX_STRING_LENGTH] for c in classes if isinstance(c, str) and c.strip()]
     if names:
         values["classes"] = types_pb2.AttributeValue(
             string_list_value=types_pb2.StringList(values=names[:MAX_LIST_ITEMS])
