@@ -25,6 +25,7 @@ from profiles.query.v1 import query_service_pb2
 from profiles.segments.v1 import filters_pb2, funnels_pb2, segments_pb2
 from profiles.segments.v1 import segments_service_pb2 as segments_pb
 from shared.convert import set_timestamp
+from shared.names import normalize_name
 
 # The form's limits, the contract's: a tree holds at most 31 conditions, a funnel 2 to 10 steps.
 MAX_CONDITIONS = 31
@@ -441,7 +442,7 @@ def _condition(form: ConditionForm, i: int, bad: Refusals) -> filters_pb2.Condit
         test_count = condition.event_count
         if not form.event_name:
             bad.add(box + "event_name", "Type the custom event's name, such as purchase.")
-        test_count.event_name = form.event_name
+        test_count.event_name = stored_event_name(form.event_name)
         test_count.operator = OPERATORS[form.count_operator][0]
         test_count.count = _whole(form.count, box + "count", bad)
         test_count.within_last_days = _whole(form.count_days, box + "count_days", bad)
@@ -456,6 +457,20 @@ def _condition(form: ConditionForm, i: int, bad: Refusals) -> filters_pb2.Condit
         if not form.smart:
             bad.add(box + "smart", "Tick at least one smart segment or flag.")
     return condition
+
+
+# A name the contract takes as it is (its `^[a-zA-Z0-9_]{1,30}$`): sent unchanged.
+_CONTRACT_NAME = re.compile(r"[A-Za-z0-9_]{1,30}")
+
+
+def stored_event_name(typed: str) -> str:
+    """An event name as the edge stores the name an SDK sends ("Product Viewed" is stored as
+    product_viewed: shared.names), so that a name typed as the SDK sent it finds its events. A
+    contract name is kept as it is ("_internal", which ingest stores as sent); text of which
+    the rule keeps nothing is sent as typed, for the service to refuse in its words."""
+    if _CONTRACT_NAME.fullmatch(typed):
+        return typed
+    return normalize_name(typed) or typed
 
 
 def segment_request(
@@ -495,7 +510,7 @@ def funnel_request(
         box = f"s{i}-"
         if not typed.event_name:
             bad.add(box + "event_name", "Type the custom event's name, such as purchase.")
-        step = funnels_pb2.FunnelStep(event_name=typed.event_name)
+        step = funnels_pb2.FunnelStep(event_name=stored_event_name(typed.event_name))
         if typed.attribute_name:
             test = step.attribute_condition
             test.attribute_name = typed.attribute_name

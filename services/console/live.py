@@ -66,6 +66,9 @@ class _Watch:
     # The profile's version after the last item read: what a tab joining later is told as its
     # `started` version (items after it reach its queue).
     version: int = 0
+    # The profile the upstream stream follows now: the survivor once a merge moved it there
+    # (a tab joining later is told so by its `started`, and its page that it was merged away).
+    followed: str = ""
 
 
 class LiveHub:
@@ -99,6 +102,8 @@ class LiveHub:
             joined = query_pb.WatchProfileResponse()
             joined.CopyFrom(watch.started)
             joined.version = watch.version
+            if watch.followed:
+                joined.profile_id = watch.followed
             queue.put_nowait(joined)
         watch.subscribers.add(queue)
         watch.keys[key] += 1
@@ -143,6 +148,8 @@ class LiveHub:
                     watch.started = item
                 if item.version:
                     watch.version = item.version
+                if item.profile_id:
+                    watch.followed = item.profile_id
                 for queue in list(watch.subscribers):
                     try:
                         queue.put_nowait(item)

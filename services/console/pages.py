@@ -38,6 +38,7 @@ from starlette.responses import (
 
 from profiles.common.v1 import types_pb2
 from profiles.identity.v1 import identity_service_pb2 as identity_pb
+from profiles.query.v1 import profile_pb2 as profile_pb
 from profiles.query.v1 import query_service_pb2 as query_pb
 from profiles.query.v1 import timeline_pb2 as timeline_pb
 from profiles.segments.v1 import segments_service_pb2 as segments_pb
@@ -698,6 +699,19 @@ async def users_page(request: Request, session: ConsoleSession) -> Response:
             "id_prefix": id_prefix,
             "custom_id": custom_id,
             "email": email,
+            "tab_caption": present.TAB_CAPTIONS[tab],
+            "caption": present.users_caption(
+                segment=segment,
+                custom_segments={s.segment_id: s.display_name for s in segments},
+                platform=platform_name,
+                country=country,
+                language=language,
+                reach=reach,
+                id_prefix=id_prefix,
+                custom_id=custom_id,
+                email=email,
+                name=name,
+            ),
             "chips": present.filter_chips(
                 language=language,
                 country=country,
@@ -1976,8 +1990,7 @@ def live_item(item: Any) -> dict[str, Any] | None:
             "time": present.when(change.change_time),
         }
     if kind == "identity_change":
-        return {"kind": "identity", "title": present.identity_change(item.identity_change),
-                "time": present.when(item.publish_time)}  # fmt: skip
+        return identity_json(item.identity_change)
     if kind == "segment_change":
         change = item.segment_change
         verb = "Entered" if change.transition == 1 else "Left"
@@ -1987,6 +2000,61 @@ def live_item(item: Any) -> dict[str, Any] | None:
         return {"kind": "dropped", "title": dropped_title(item.dropped.dropped_count),
                 "time": present.when(item.publish_time)}  # fmt: skip
     return None
+
+
+def identity_json(change: Any) -> dict[str, Any]:
+    """A live merge or split as the timeline shows it after a reload: the timeline's event of
+    the change (its ID, time, title, profiles, installations and alias)."""
+    event = timeline_pb.TimelineEvent(
+        event_id=change.change_id,
+        kind=(
+            timeline_pb.TIMELINE_EVENT_KIND_MERGE
+            if change.kind == profile_pb.IDENTITY_CHANGE_KIND_MERGE
+            else timeline_pb.TIMELINE_EVENT_KIND_SPLIT
+        ),
+        # As the timeline names a split's installation (query's `identity_change_to_event`).
+        installation_id=(
+            change.installation_ids[0]
+            if change.kind == profile_pb.IDENTITY_CHANGE_KIND_SPLIT and change.installation_ids
+            else ""
+        ),
+        identity_change=change,
+    )
+    event.event_time.CopyFrom(change.change_time)
+    return {**event_json(event), "kind": "identity"}
+
+
+def identity_notice(change: Any, here: str) -> str:
+    """What a merge into this profile or a split of one of its installations leaves stale on
+    its page (the figures live items do not update), said beside a link to reload it."""
+    if change.kind == profile_pb.IDENTITY_CHANGE_KIND_MERGE:
+        return (
+            f"Profile {change.source_profile_id[:8]} was merged into this one: its devices,"
+            " sessions, counters and earlier events, and the merge history, show here after a"
+            " reload."
+        )
+    moved = "left this profile" if change.source_profile_id == here else "joined this profile"
+    return (
+        f"An installation {moved}: the devices, sessions, counters and split history as they"
+        " are now show after a reload."
+    )
+
+
+async def merged_into(console: Console, session: ConsoleSession, survivor: str) -> bytes:
+    """The end of a live feed whose profile was merged away: the survivor's ID and the name its
+    page is headed by (its short ID when the service cannot say), for the page's notice. The
+    upstream stream follows the survivor from there; the page shows no more of it as its own."""
+    survivor = canonical_uuid(survivor) or survivor
+    name = f"profile {survivor[:8]}"
+    with contextlib.suppress(ServiceDown, SignedOut, Forbidden):
+        reply = await _profile_or_none(console, session, survivor)
+        if reply is not None:
+            summary = reply.profile.summary
+            survivor = summary.profile_id
+            name = present.display_name(
+                summary.first_name, summary.last_name, summary.custom_id, summary.profile_id
+            )
+    return sse({"reason": "merged", "profile_id": survivor, "name": name}, event="ended")
 
 
 def dropped_title(count: int) -> str:
@@ -2141,6 +2209,8 @@ async def profile_live(request: Request, session: ConsoleSession) -> Response:
     await check()
     guard = SessionGuard(console, session, check)
 
+    here = canonical_uuid(profile_id)
+
     async def stream() -> AsyncIterator[bytes]:
         nonlocal version, received
         yield b"retry: 2000\n\n"
@@ -2157,6 +2227,11 @@ async def profile_live(request: Request, session: ConsoleSession) -> Response:
             while not early or not _opens_or_ends(early[-1]):
                 early.append(await queue.get())
             started = early[-1]
+            if not isinstance(started, Ended) and canonical_uuid(started.profile_id) != here:
+                # Merged away while the page was not following (the stream resolved the ID to
+                # its survivor): none of the survivor's items are this page's.
+                yield await merged_into(console, session, started.profile_id)
+                return
             # Nothing was written since the cursor's version: nothing to re-read.
             if received is not None and not isinstance(started, Ended):
                 if not version or started.version > version:
@@ -2201,11 +2276,21 @@ async def profile_live(request: Request, session: ConsoleSession) -> Response:
                 if isinstance(item, Ended):
                     yield sse({"reason": item.reason}, event="ended")
                     return
+                moved = item.profile_id and canonical_uuid(item.profile_id) != here
                 if item.WhichOneof("item") == "event":
                     item.event.CopyFrom(
                         await with_stack_trace(console, session, profile_id, item.event)
                     )
-                live = live_item(item)
+                live = None if moved and not _merged_away(item, here) else live_item(item)
+                if live is not None and live["kind"] == "identity" and not moved:
+                    live["notice"] = identity_notice(item.identity_change, here)
+                if moved:
+                    # This profile was merged away: its merge is its page's last item, and the
+                    # stream, which follows the survivor from here, ends for this page.
+                    if live is not None:
+                        yield sse(live, event_id=live_cursor(version, received))
+                    yield await merged_into(console, session, item.profile_id)
+                    return
                 if live is None:
                     continue
                 quiet_since = now
@@ -2246,6 +2331,17 @@ async def with_stack_trace(
     except (ServiceDown, BadInput, NotFound):
         return event
     return next((e for e in reply.events if e.event_id == event.event_id), event)
+
+
+def _merged_away(item: Any, here: str) -> bool:
+    """Whether a live item is the merge of the page's profile into another."""
+    if item.WhichOneof("item") != "identity_change":
+        return False
+    change = item.identity_change
+    return (
+        change.kind == profile_pb.IDENTITY_CHANGE_KIND_MERGE
+        and canonical_uuid(change.source_profile_id) == here
+    )
 
 
 def _opens_or_ends(item: Any) -> bool:

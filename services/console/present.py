@@ -500,6 +500,59 @@ def filter_chips(
     return chips
 
 
+# What the users table's caption starts with, by tab.
+TAB_CAPTIONS = {
+    "all": "Profiles",
+    "identified": "Identified profiles",
+    "anonymous": "Anonymous profiles",
+    "details": "Profiles with user details",
+}
+
+
+def users_caption(
+    *,
+    segment: str,
+    custom_segments: Mapping[str, str],
+    platform: str,
+    country: str,
+    language: str,
+    reach: str,
+    id_prefix: str,
+    custom_id: str,
+    email: str,
+    name: str,
+) -> list[tuple[str, str]]:
+    """Every filter of the users table in its caption's words, in the order of their boxes: a
+    (words, typed) pair each, `typed` being text people typed or named (a custom segment's name,
+    a start of a custom ID), which the template quotes, shortens and isolates ("" when none). A
+    custom segment the page could not name (the segments service not answering) reads by ID."""
+    parts: list[tuple[str, str]] = []
+    kind, _, rest = segment.partition(":")
+    if kind == "smart" and rest.isdigit() and int(rest) in SMART_SEGMENTS:
+        parts.append(("in the smart segment", SMART_SEGMENTS[int(rest)]))
+    elif kind == "flag" and rest.isdigit() and int(rest) in SMART_FLAGS:
+        parts.append(("with the predictive flag", SMART_FLAGS[int(rest)]))
+    elif kind == "custom" and rest:
+        parts.append(("in the custom segment", custom_segments.get(rest, rest)))
+    if platform in PLATFORM_NAMES:
+        parts.append((f"on {PLATFORM_NAMES[platform]}", ""))
+    if country:
+        parts.append((f"whose last session was in {country}", ""))
+    if language:
+        parts.append((f"whose language is {language}", ""))
+    if reach in REACH_LABELS:
+        parts.append((f"reachable by {REACH_LABELS[reach]}", ""))
+    if id_prefix:
+        parts.append((f"whose ID starts with {id_prefix}", ""))
+    if custom_id:
+        parts.append(("whose custom ID starts with", custom_id))
+    if email:
+        parts.append(("whose email starts with", email))
+    if name:
+        parts.append(("with a word of their name starting with", name))
+    return parts
+
+
 def platform(value: int) -> str:
     return PLATFORM_LABELS.get(value, "—")
 

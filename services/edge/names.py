@@ -3,7 +3,7 @@
 The contract names events and attributes `^[a-zA-Z0-9_]{1,30}$` (case-insensitive, stored
 lower-case). SDKs send free text: "Order Completed", "$current_url", "Größe", "plan.tier".
 
-`normalize_name`:
+`normalize_name` (in shared/names.py: the console reads the names operators type by it too):
 1. Unicode is decomposed (NFKD) and what is not ASCII is dropped ("Größe" -> "Groe",
    "café" -> "cafe").
 2. A leading `$` (the SDKs' own namespace) is dropped; every run of characters other than
@@ -24,29 +24,13 @@ distinct names are remembered (a pure function: the cache changes nothing but ti
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import re
-import unicodedata
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-MAX_NAME_LENGTH = 30
-_NOT_WORD = re.compile(r"[^a-zA-Z0-9]+")
-_KEPT = MAX_NAME_LENGTH - 7
+# The rule lives in shared/, as the console reads the names operators type by it too.
+from shared.names import MAX_NAME_LENGTH, normalize_name
 
-
-@functools.lru_cache(maxsize=8192)
-def normalize_name(text: str) -> str | None:
-    """The contract name for a free-text SDK name, or None when nothing usable is left."""
-    ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
-    name = _NOT_WORD.sub("_", ascii_text.removeprefix("$")).strip("_").lower()
-    if not name:
-        return None
-    if len(name) > MAX_NAME_LENGTH:
-        digest = hashlib.sha256(name.encode()).hexdigest()[:6]
-        name = f"{name[:_KEPT].rstrip('_')}_{digest}"
-    return name
+__all__ = ["MAX_NAME_LENGTH", "flatten", "normalize_name"]
 
 
 def flatten(properties: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:

@@ -127,6 +127,9 @@ function liveFeed(options) {
       } else if (reason === "gone") {
         source.close();
         say(options.gone || `${options.name} stopped.`);
+      } else if (reason === "merged" && options.onMerged) {
+        source.close();
+        options.onMerged(JSON.parse(message.data));
       } else if (reason === "forbidden") {
         source.close();
         say(`${options.name} stopped: this key may not read them.`);
@@ -152,6 +155,19 @@ function followProfile(box) {
     onOpen: () => { status.textContent = "Live updates connecting…"; },
     // Sent once the service follows the profile: from then on nothing is missed.
     onStarted: () => { status.textContent = "Live updates on."; },
+    // Merged into another profile: the feed ended (the survivor's items are not this page's),
+    // and the page says where the person is now.
+    onMerged: (survivor) => {
+      status.textContent = "Live updates stopped: this profile was merged into another.";
+      const notice = element("p", "This profile was merged into ", "notice");
+      notice.id = "merged-into";
+      const link = element("a");
+      link.append(element("bdi", survivor.name));
+      link.href = "/profiles/" + encodeURIComponent(survivor.profile_id);
+      notice.append(element("bdi", survivor.name), ": its events, devices and attributes are"
+        + " that profile's now, and this page shows it as it was before. Open ", link, ".");
+      liveNotice(notice);
+    },
     onItem: (item) => {
       // A new state, caused by an event the feed shows: it updates its card, not the feed.
       if (item.kind === "consent") { showSubscription(item); return; }
@@ -159,6 +175,15 @@ function followProfile(box) {
       if (item.event_id) {
         if (seen.has(item.event_id)) return;
         seen.add(item.event_id);
+      }
+      if (item.notice) {
+        // A merge into this profile or a split: what live items do not update is stale.
+        const notice = element("p", item.notice + " ", "notice");
+        notice.id = "reload-notice";
+        const again = element("a", "Reload this page");
+        again.href = window.location.pathname + window.location.search;
+        notice.append(again);
+        liveNotice(notice);
       }
       const entry = element("li", undefined, "new");
       if (item.event_id) entry.dataset.eventId = item.event_id;
@@ -174,6 +199,15 @@ function followProfile(box) {
       feed.prepend(entry);
     },
   });
+}
+
+// A notice at the head of the profile page, in its live region; it replaces an earlier one
+// of the same ID.
+function liveNotice(notice) {
+  const region = document.getElementById("live-notices");
+  if (!region) return;
+  const before = document.getElementById(notice.id);
+  if (before) before.replaceWith(notice); else region.append(notice);
 }
 
 // (name, value) pairs as the timeline lists them: none when there are none.
