@@ -7,14 +7,14 @@ Retry-After when the suite cannot take it (every Countly SDK keeps the request a
 
 from __future__ import annotations
 
-import email.parser
-import email.policy
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import datetime
 from typing import Any
 from urllib.parse import parse_qsl
 
+from python_multipart.exceptions import FormParserError
+from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -56,23 +56,95 @@ def _pairs(text: str) -> list[tuple[str, str]]:
         raise RequestInvalid("Too many parameters") from exc
 
 
+# What a multipart body may hold. python-multipart reads the body in one pass, each byte looked
+# at a bounded number of times, so the work is linear in the body (at most MAX_REQUEST_BYTES);
+# these limits refuse, early, the shapes no Countly SDK sends:
+# - MAX_PARTS, parts of any kind, named or not: countly-sdk-ios sends its dozen parameters as
+#   parts beside the picture, countly-sdk-android the picture alone (its parameters in the
+#   URL); MAX_PARAMETERS named fields plus a few files is more than any SDK sends, and a body of
+#   thousands of empty parts is refused before they are all read.
+# - MAX_PART_HEADER_BYTES, one header line of a part (name, colon and value): an SDK's longest
+#   is its Content-Disposition, a field name and a file name (~100 bytes); 4 KB leaves room for
+#   a long file name and refuses a header of thousands of parameters.
+# - MAX_PART_HEADERS, header lines of a part: the SDKs send at most three (Content-Disposition,
+#   Content-Type, Content-Transfer-Encoding).
+MAX_PARTS = MAX_PARAMETERS + 8
+MAX_PART_HEADER_BYTES = 4096
+MAX_PART_HEADERS = 8
+UNREADABLE_MULTIPART = "The multipart body is unreadable"
+
+
 def _multipart(data: bytes, content_type: str) -> dict[str, Any]:
-    """The text fields of a multipart form; file parts (the SDK's `user_picture`) are left
-    out: the contract takes a picture's URL, not its bytes."""
-    head = f"Content-Type: {content_type}\r\nMIME-Version: 1.0\r\n\r\n".encode()
-    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + data)
-    if not message.is_multipart():
-        raise RequestInvalid("The multipart body is unreadable")
+    """The text fields of a multipart form, by name, utf-8 (a bad byte replaced); file parts
+    (a `filename`, the SDK's picture) and parts without a name are left out: the contract takes
+    a picture's URL, not its bytes. A part is bytes whatever its Content-Type: a multipart/mixed
+    inside a form's part is not parsed (RFC 7578 has none), its bytes are the value of the
+    part's name, if it has one; nor is a Content-Transfer-Encoding applied (RFC 7578 deprecates
+    it; the SDKs send `binary` only). A body that is not a whole form (no boundary, text before
+    the first one, no closing one) or is over the limits above is unreadable."""
+    _, options = parse_options_header(content_type)
+    boundary = options.get(b"boundary", b"")
+    if not boundary:
+        raise RequestInvalid(UNREADABLE_MULTIPART)
     fields: dict[str, Any] = {}
-    for part in message.iter_parts():
-        name = part.get_param("name", header="content-disposition")
-        if not name or part.get_filename():
-            continue
+    parts = 0
+    name: list[bytes] = []  # of the part's current header line
+    text: list[bytes] = []  # its value
+    disposition = b""
+    value: list[bytes] = []  # the part's bytes
+    ended = False
+
+    def part_begin() -> None:
+        nonlocal parts, disposition
+        parts += 1
+        if parts > MAX_PARTS:
+            raise RequestInvalid(UNREADABLE_MULTIPART)
+        disposition = b""
+        value.clear()
+
+    def header_begin() -> None:
+        name.clear()
+        text.clear()
+
+    def header_end() -> None:
+        nonlocal disposition
+        if b"".join(name).lower() == b"content-disposition":
+            disposition = b"".join(text)
+
+    def part_end() -> None:
+        _, params = parse_options_header(disposition)
+        field = params.get(b"name", b"").decode("utf-8", "replace")
+        if not field or b"filename" in params:
+            return
         if len(fields) >= MAX_PARAMETERS:
             raise RequestInvalid("Too many parameters")
-        payload = part.get_payload(decode=True)
-        text = payload.decode("utf-8", "replace") if isinstance(payload, bytes) else ""
-        fields[str(name)] = text
+        fields[field] = b"".join(value).decode("utf-8", "replace")
+
+    def end() -> None:
+        nonlocal ended
+        ended = True
+
+    try:
+        parser = MultipartParser(
+            boundary,
+            {
+                "on_part_begin": part_begin,
+                "on_header_begin": header_begin,
+                "on_header_field": lambda chunk, start, stop: name.append(chunk[start:stop]),
+                "on_header_value": lambda chunk, start, stop: text.append(chunk[start:stop]),
+                "on_header_end": header_end,
+                "on_part_data": lambda chunk, start, stop: value.append(chunk[start:stop]),
+                "on_part_end": part_end,
+                "on_end": end,
+            },
+            max_header_count=MAX_PART_HEADERS,
+            max_header_size=MAX_PART_HEADER_BYTES,
+        )
+        parser.write(data)
+    except FormParserError as exc:
+        raise RequestInvalid(UNREADABLE_MULTIPART) from exc
+    if not ended:
+        raise RequestInvalid(UNREADABLE_MULTIPART)
     return fields
 
 
