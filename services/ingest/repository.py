@@ -304,15 +304,45 @@ MOVE_PUSH_TOKENS = """
 # Each names the profile its installation belongs to as it arrives (identity's links; NULL for
 # an installation identity does not know, and for a custom ID's), which the erasure and the export
 # go by: a logout later moves the installation, not what arrived before it (0047).
+#
+# A retry stores nothing twice (0064): a row with an event ID has a dedupe key (origin as kept,
+# event ID, reason and field path: profiles_ingest_rejected_key), claimed in event_keys in the
+# same statement as the events' keys are. ON CONFLICT DO NOTHING RETURNING says which keys are
+# new; a concurrent retry waits on the key and claims nothing. Only the first row of each
+# claimed key is stored (a batch, or a group of batches, may carry the same refusal twice), and
+# every row without an event ID, which has no identity. Keys are claimed in key order, so two
+# batches sharing some queue instead of deadlocking. ORDER BY ord keeps rejected_seq in request
+# order. Only batches with rejected events run this statement (insert_rejected_events).
 INSERT_REJECTED_EVENTS = """
+    WITH r AS (
+        SELECT r.*, profiles_ingest_rejected_key(r.installation_id, r.custom_id, r.event_id,
+                                                 r.reason, r.field_path) AS rejected_key
+        FROM unnest($3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[],
+                    $9::jsonb[])
+             WITH ORDINALITY AS r(reason, field_path, message, event_id, installation_id,
+                                  custom_id, payload, ord)
+    ),
+    claimed AS (
+        INSERT INTO event_keys (project_id, event_key, receive_time)
+        SELECT DISTINCT $1::uuid, rejected_key, $2::timestamptz
+        FROM r WHERE rejected_key IS NOT NULL
+        ORDER BY 2
+        ON CONFLICT DO NOTHING
+        RETURNING event_key
+    ),
+    kept AS (
+        SELECT DISTINCT ON (r.rejected_key) r.*
+        FROM r JOIN claimed c ON c.event_key = r.rejected_key
+        ORDER BY r.rejected_key, r.ord
+    )
     INSERT INTO rejected_events (project_id, receive_time, reason, field_path, message,
                                  event_id, installation_id, custom_id, payload, profile_id)
-    SELECT $1, $2, r.*,
+    SELECT $1, $2, k.reason, k.field_path, k.message, k.event_id, k.installation_id,
+           k.custom_id, k.payload,
            (SELECT i.profile_id FROM identity_read_installations() i
-            WHERE i.project_id = $1 AND i.installation_id = r.installation_id)
-    FROM unnest($3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[],
-                $9::jsonb[])
-         AS r(reason, field_path, message, event_id, installation_id, custom_id, payload)"""
+            WHERE i.project_id = $1 AND i.installation_id = k.installation_id)
+    FROM (SELECT * FROM kept UNION ALL SELECT * FROM r WHERE r.rejected_key IS NULL) k
+    ORDER BY k.ord"""
 
 # One attribute operation of an accepted event: profile, native, name, event time, event ID,
 # origin (model.event_origin), position in the event, kind, value ({"type", "value"}, None for

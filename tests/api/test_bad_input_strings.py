@@ -80,8 +80,8 @@ async def test_a_nul_or_a_malformed_time_in_any_request_is_invalid_argument_with
     await still_serving(contract_suite)
 
 
-def _event_with_nul(steps: Any) -> tuple[ingest_pb.Event, str]:
-    event = custom_event("inst-nul")
+def _event_with_nul(steps: Any, installation_id: str) -> tuple[ingest_pb.Event, str]:
+    event = custom_event(installation_id)
     path = put_nul(event, steps)
     return event, path
 
@@ -93,7 +93,8 @@ async def _batch_keeps_its_valid_events(
     events = [custom_event("inst-ok", event_id=f"{rpc_name}-valid-1")]
     paths = []
     for steps in string_paths(ingest_pb.Event.DESCRIPTOR):
-        event, path = _event_with_nul(steps)
+        # An installation per RPC: the same refused event sent again is one rejected row.
+        event, path = _event_with_nul(steps, f"inst-nul-{rpc_name}")
         events.append(event)
         paths.append(path)
     events.append(custom_event("inst-ok", event_id=f"{rpc_name}-valid-2"))

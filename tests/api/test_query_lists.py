@@ -320,7 +320,8 @@ async def test_rejected_events_page_and_filter(suite: Suite) -> None:
     no_payload = base_event(inst, NOW)
     no_platform = custom_event(inst)
     no_platform.platform = types_pb2.PLATFORM_UNSPECIFIED
-    reply = await suite.track(no_payload, no_platform, no_payload, custom_event(inst))
+    # Two events refused alike: distinct IDs (one event sent twice is one rejected row).
+    reply = await suite.track(no_payload, no_platform, base_event(inst, NOW), custom_event(inst))
     assert reply.rejected_count == 3
     everything = await pages(
         suite, "ListRejectedEvents", pb.ListRejectedEventsRequest(page_size=2), "rejected_events"
@@ -741,7 +742,10 @@ async def test_rejected_events_are_counted_by_reason_in_the_time_range(
     inst = new_id()
     no_platform = custom_event(inst)
     no_platform.platform = types_pb2.PLATFORM_UNSPECIFIED
-    sent = [base_event(inst, NOW)] * 3 + [no_platform] * 2
+    # Distinct events (one event sent twice is one rejected row).
+    no_platform_again = custom_event(inst)
+    no_platform_again.platform = types_pb2.PLATFORM_UNSPECIFIED
+    sent = [base_event(inst, NOW) for _ in range(3)] + [no_platform, no_platform_again]
     rng = random.Random(7)
     rng.shuffle(sent)
     await suite.track(*sent)
