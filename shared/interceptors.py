@@ -11,6 +11,7 @@ is logged once with the request id. CancelledError is never swallowed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import secrets
 import time
@@ -442,5 +443,9 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         self._metrics.observe(method, code, elapsed)
         log.info("rpc_finished", code=code.name, latency_ms=round(elapsed * 1000, 3))
         if token is not None:
-            reset_current_caller(token)
+            # A streaming call the client cancelled may be closed by gRPC from another context
+            # than the one its caller was set in (its generator finalized elsewhere): nothing to
+            # restore there, and the error would only be logged as a task's, never retrieved.
+            with contextlib.suppress(ValueError):
+                reset_current_caller(token)
         structlog.contextvars.unbind_contextvars("rpc", "request_id", "project_id")
