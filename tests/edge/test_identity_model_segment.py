@@ -22,7 +22,6 @@ older timestamps arriving after newer ones). Then every profile is read back thr
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import random
 import uuid
@@ -30,13 +29,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import grpc
 import pytest
 import requests
 
-from profiles.query.v1 import query_service_pb2 as query_pb
-from tests.conftest import eventually
 from tests.edge.conftest import Edge
+from tests.edge.landing_model import check
 
 # Six seeds in the suite (about 2 s each); 10 ran clean when the test was written.
 SEEDS = range(6)
@@ -173,80 +170,6 @@ async def send(edge: Edge, batches: list[list[dict[str, Any]]]) -> None:
                 }
                 url = f"{edge.url}/v1/batch"
             assert await asyncio.to_thread(post, http, url, body) == 200
-
-
-@dataclass(slots=True)
-class Observed:
-    """What query shows: every profile, the custom events on each, the profile of each
-    person the model names."""
-
-    profiles: dict[str, Any]  # profile ID -> ProfileRow
-    events: list[tuple[str, str]]  # (event ID, profile ID), one per stored custom event
-    person_profiles: dict[tuple[str, str], str]  # person -> profile ID ("" when not found)
-
-
-async def observe(edge: Edge, people: set[tuple[str, str]]) -> Observed:
-    reply = await edge.query.ListProfiles(
-        query_pb.ListProfilesRequest(page_size=500), metadata=edge.read()
-    )
-    profiles = {row.profile_id: row for row in reply.profiles}
-    events = [
-        (event.event_id, profile_id)
-        for profile_id in profiles
-        for event in await edge.events(profile_id)
-        if event.HasField("custom")
-    ]
-    person_profiles = {}
-    for kind, key in people:
-        lookup = {"custom_id": key} if kind == "user" else {"installation_id": key}
-        try:
-            person_profiles[kind, key] = (await edge.profile(**lookup)).summary.profile_id
-        except grpc.aio.AioRpcError:  # NOT_FOUND: not (yet) there
-            person_profiles[kind, key] = ""
-    return Observed(profiles, events, person_profiles)
-
-
-def discrepancies(model: Model, observed: Observed) -> list[str]:
-    """Everything where the edge's answer differs from the model's, in words."""
-    found = []
-    people = model.people()
-    by_person = observed.person_profiles
-    if len(set(by_person.values())) != len(people) or "" in by_person.values():
-        found.append(f"people -> profiles {by_person} (expected one profile each)")
-    if set(observed.profiles) != set(by_person.values()):
-        extra = set(observed.profiles) - set(by_person.values())
-        found.append(f"profiles {sorted(observed.profiles)}, extra {sorted(extra)}")
-    for (kind, key), profile_id in by_person.items():
-        row = observed.profiles.get(profile_id)
-        if row is None:
-            continue
-        expected_custom_id = key if kind == "user" else ""
-        if (row.custom_id, row.anonymous) != (expected_custom_id, kind == "anonymous"):
-            found.append(f"{kind} {key}: custom ID {row.custom_id!r}, anonymous {row.anonymous}")
-    stored: dict[str, list[str]] = {}
-    for event_id, profile_id in observed.events:
-        stored.setdefault(event_id, []).append(profile_id)
-    for event_id in model.events:
-        person = model.person_of(event_id)
-        expected = [by_person.get(person, "?")]
-        if stored.get(event_id) != expected:
-            found.append(f"event {event_id} of {person}: on {stored.get(event_id)}, not {expected}")
-    for event_id in set(stored) - set(model.events):
-        found.append(f"event {event_id} was never sent as an event")
-    return found
-
-
-async def check(edge: Edge, model: Model) -> None:
-    people = model.people()
-    latest: list[str] = ["nothing read"]
-
-    async def matches() -> bool:
-        latest[:] = discrepancies(model, await observe(edge, people))
-        return not latest
-
-    with contextlib.suppress(TimeoutError):  # then say what differs
-        await eventually(matches, within=20)
-    assert latest == [], "\n".join(latest)
 
 
 @pytest.mark.parametrize("seed", SEEDS)
