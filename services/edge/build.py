@@ -548,7 +548,8 @@ class StepBuilder:
         installation (or custom ID) added before it are stored before the login; events of
         others may be stored after it, so the logins of a batch of many users go out together,
         before its events, and the client layer runs them concurrently (a login per user would
-        otherwise wait for the one before). `then`: events sent only if the login succeeds (Identify.then)."""
+        otherwise wait for the one before). `then`: events sent only if the login succeeds
+        (Identify.then)."""
         if self._identified.get(installation_id) == custom_id:
             return
         self._identified[installation_id] = custom_id
