@@ -66,6 +66,7 @@ POLICY: dict[str, frozenset[str]] = {
     f"/{_QUERY}/GetActivity": _READ,
     f"/{_QUERY}/GetOverview": _READ,
     f"/{_QUERY}/ListRejectedEvents": _READ,
+    f"/{_QUERY}/ListEventNames": _READ,
     f"/{_QUERY}/WatchProfile": _READ,
     # Who the key is: every key may ask (it reads no profile data).
     f"/{_QUERY}/GetCaller": _ANY_KEY,

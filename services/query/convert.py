@@ -20,6 +20,7 @@ from profiles.query.v1 import overview_pb2, profile_pb2, timeline_pb2
 from profiles.query.v1 import query_service_pb2 as pb
 from services.query.errors import RequestInvalid
 from services.query.service import (
+    EventNamesQuery,
     EventsQuery,
     Lookup,
     ProfilesQuery,
@@ -31,6 +32,7 @@ from services.query.views import (
     BreakdownView,
     CrashView,
     DayView,
+    EventNameView,
     EventView,
     FunnelProgressView,
     IdentityChangeView,
@@ -58,6 +60,8 @@ MAX_REASONS = 20
 MAX_TOP_VALUES = 100
 DEFAULT_TOP_VALUES = 10
 MAX_ACTIVITY_DAYS = 366
+# GetOverview's trend: at most about a quarter of days (each day more reads more sessions).
+MAX_TREND_DAYS = 90
 # The days GetActivity counts: a day's bounds in any time zone (offsets are under a day), and the
 # day after the last, stay within the datetimes Python and the keyset bounds hold (years 1 to
 # 9999).
@@ -279,6 +283,28 @@ def events_query_from_proto(request: pb.ListEventsRequest) -> EventsQuery:
     )
 
 
+def event_names_query_from_proto(request: pb.ListEventNamesRequest) -> EventNamesQuery:
+    violations: list[FieldViolation] = []
+    if request.page_size < 0:
+        violations.append(_violation("page_size", "must not be negative"))
+    # A prefix of a name: a name's characters and length, in any case (names are stored
+    # lower-case, as ListEvents' `event_names` are matched).
+    if request.name_prefix and NAME_PATTERN.fullmatch(request.name_prefix) is None:
+        violations.append(_violation("name_prefix", "must match ^[a-zA-Z0-9_]{1,30}$"))
+    _raise_all(violations)
+    return EventNamesQuery(
+        page_size=request.page_size,
+        page_token=request.page_token,
+        name_prefix=request.name_prefix.lower(),
+    )
+
+
+def event_name_to_proto(view: EventNameView) -> pb.EventName:
+    message = pb.EventName(name=view.name, event_count=view.event_count)
+    set_time(message.last_seen_time, view.last_seen_time)
+    return message
+
+
 def sessions_query_from_proto(request: pb.ListSessionsRequest) -> SessionsQuery:
     violations: list[FieldViolation] = []
     profile_id = profile_id_of(request.profile_id)
@@ -435,6 +461,8 @@ def top_values_of(request: pb.GetOverviewRequest) -> int:
     violations = []
     if request.top_values < 0:
         violations.append(_violation("top_values", "must not be negative"))
+    if not 0 <= request.trend_days <= MAX_TREND_DAYS:
+        violations.append(_violation("trend_days", f"must be from 0 to {MAX_TREND_DAYS}"))
     if request.platform not in PLATFORM_NUMBERS:
         violations.append(_violation("platform", "is not a known value"))
     _raise_all(violations)
@@ -991,6 +1019,11 @@ def overview_to_proto(view: OverviewView) -> overview_pb2.Overview:
             entry.flags.add(flag=flag, profile_count=counts.get(flag, 0))
     for segment_id, name, size in view.segment_sizes:
         message.segment_sizes.add(segment_id=str(segment_id), display_name=name, profile_count=size)
+    for day in view.daily:
+        day_count = message.daily.add(
+            active_profile_count=day.active_count, new_profile_count=day.new_count
+        )
+        set_time(day_count.start_time, day.start)
     return message
 
 

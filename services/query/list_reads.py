@@ -1,5 +1,5 @@
 """The lists' reads: the users table (ListProfiles: query's projection, one sort index per
-order) and the rejected events (ListRejectedEvents)."""
+order), the rejected events (ListRejectedEvents) and the custom event names (ListEventNames)."""
 
 from __future__ import annotations
 
@@ -23,11 +23,31 @@ from services.query.paging import (
     POS_INFINITY,
 )
 from services.query.views import (
+    EventNameView,
     ProfileRowView,
     ReasonCounts,
     RejectedView,
     UsersTableFilters,
 )
+
+# -- event names ------------------------------------------------------------------------------
+
+# A page of the project's custom event names after $2 within [$3, $4) (the prefix's range, or
+# every name), in code point order, each with its count and latest event time. Shaped for
+# ingest's events_custom_by_project_name (0065): `name COLLATE "C"` and the kind's literal
+# (EventKind CUSTOM) match the index and its predicate, so the plan walks the index in name
+# order (merged across partitions), groups as it goes (no hash, no sort) and stops after the
+# LIMIT's last name, index-only. It reads every event of the names it lists: a common name's
+# million events are a million index entries read for one row (docs/query.md).
+SELECT_EVENT_NAMES = f"""
+    SELECT e.name COLLATE "C" AS name, count(*) AS event_count,
+           max(e.event_time) AS last_seen_time
+    FROM ingest_read_events() e
+    WHERE e.project_id = $1 AND e.kind = {types_pb2.EVENT_KIND_CUSTOM}
+      AND e.name COLLATE "C" > $2 AND e.name COLLATE "C" >= $3 AND e.name COLLATE "C" < $4
+    GROUP BY e.name COLLATE "C"
+    ORDER BY e.name COLLATE "C"
+    LIMIT $5"""
 
 # -- rejected events --------------------------------------------------------------------------
 
@@ -478,6 +498,17 @@ class ListReads:
     """The lists' statements, on the connection of QueryReads."""
 
     _conn: asyncpg.Connection
+
+    # -- event names
+
+    async def event_names(
+        self, project_id: UUID, *, after: str, prefix: str, limit: int
+    ) -> list[EventNameView]:
+        """Up to `limit` of the project's custom event names after `after` ("" for the first),
+        starting with `prefix` ("" for every name), in code point order."""
+        low, high = text_range(prefix) if prefix else ("", MAX_TEXT)
+        rows = await self._conn.fetch(SELECT_EVENT_NAMES, project_id, after, low, high, limit)
+        return [EventNameView(r["name"], r["event_count"], r["last_seen_time"]) for r in rows]
 
     # -- rejected events
 

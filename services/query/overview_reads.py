@@ -1,13 +1,15 @@
-"""The overview's read (GetOverview): query's rollup counters and segments' smart segment
-distribution, in one statement."""
+"""The overview's reads (GetOverview): query's rollup counters and segments' smart segment
+distribution, in one statement, and the daily trend of active and new profiles."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import date, datetime, timedelta
 from uuid import UUID
 
 import asyncpg
+
+from services.query.rollup import ACTIVE_DAY
 
 # GetOverview reads one project's and platform's counters: an index range of the primary key,
 # as many rows as distinct values (languages, countries, app versions...), whatever the number
@@ -32,6 +34,15 @@ SELECT_OVERVIEW = f"""
     SELECT 'custom', NULL, z.display_name, z.profile_count, NULL, NULL, z.segment_id,
            z.create_seq
     FROM segments_read_custom_segment_sizes($1) z"""
+
+
+# The daily trend: query's daily counters (0066) of one project and platform over days [$3, $4),
+# one range of the primary key, two rows a day at most (days with no profile may have no row or
+# a row of 0), whatever the number of profiles and sessions. The counters are moved by the
+# rollups' recounts, so they lag writes by the bus lag as the other counters do.
+SELECT_DAY_COUNTS = """
+    SELECT day, metric, count FROM query_day_counts
+    WHERE project_id = $1 AND platform = $2 AND day >= $3 AND day < $4"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,3 +77,16 @@ class OverviewReads:
                 sized.append((seq, segment_id, value, count))
         rows.segment_sizes.extend((s, name, count) for _, s, name, count in sorted(sized))
         return rows
+
+    async def daily_trend(
+        self, project_id: UUID, platform: int, first: date, days: int
+    ) -> list[tuple[int, int]]:
+        """(active, new) profiles of each of `days` UTC days from `first`, oldest first, zeros
+        included."""
+        counts = [[0, 0] for _ in range(days)]
+        end = first + timedelta(days=days)
+        for day, metric, count in await self._conn.fetch(
+            SELECT_DAY_COUNTS, project_id, platform, first, end
+        ):
+            counts[(day - first).days][0 if metric == ACTIVE_DAY else 1] = count
+        return [(active, new) for active, new in counts]

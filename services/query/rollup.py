@@ -29,6 +29,12 @@ REACHABLE = "reachable"  # value: channel
 LANGUAGE = "language"  # value: the code, "" when unknown
 REGION = "region"
 COUNTRY = "country"
+# Daily metrics (query_day_counts, 0066), value: the UTC day "YYYY-MM-DD". Active: profiles
+# that started a session that day (on a platform: a session on it); new: profiles whose first
+# event happened that day (on a platform: profiles with an installation of it).
+ACTIVE_DAY = "active_day"
+NEW_DAY = "new_day"
+DAY_METRICS = frozenset({ACTIVE_DAY, NEW_DAY})
 # Installation metrics.
 INSTALLS = "installs"
 PUSH_TOKENS = "push_tokens"
@@ -53,6 +59,11 @@ class ProfileFacts:
     country: str
     platforms: frozenset[int]
     has_session: bool
+    # "platform:YYYY-MM-DD" for each platform and UTC day the profile started a session on, over
+    # the last 100 days as of the recount (the trend shows at most 90).
+    session_days: frozenset[str] = frozenset()
+    # The UTC day "YYYY-MM-DD" of the profile's first event; "" when it has none.
+    first_seen_day: str = ""
 
     def counter_keys(self) -> list[CounterKey]:
         address = {"email": self.has_email, "sms": self.has_phone, "push": self.has_token}
@@ -77,7 +88,23 @@ class ProfileFacts:
             metrics.append((REACHABLE, "push"))
         metrics.extend(((LANGUAGE, self.language), (REGION, self.region), (COUNTRY, self.country)))
         platforms = {ALL_PLATFORMS, *self.platforms}
-        return [(p, metric, value) for p in sorted(platforms) for metric, value in metrics]
+        keys = [(p, metric, value) for p in sorted(platforms) for metric, value in metrics]
+        return keys + self.day_keys()
+
+    def day_keys(self) -> list[CounterKey]:
+        """The daily counters the profile adds to: once per day it was active (whatever the
+        number of sessions and platforms), once per platform it was active on that day, and its
+        first seen day on every platform it holds."""
+        days: set[CounterKey] = set()
+        for entry in self.session_days:
+            platform, _, day = entry.partition(":")
+            days.add((ALL_PLATFORMS, ACTIVE_DAY, day))
+            if int(platform) != ALL_PLATFORMS:
+                days.add((int(platform), ACTIVE_DAY, day))
+        if self.first_seen_day:
+            for p in {ALL_PLATFORMS, *self.platforms}:
+                days.add((p, NEW_DAY, self.first_seen_day))
+        return sorted(days)
 
 
 @dataclass(frozen=True, slots=True)

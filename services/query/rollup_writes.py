@@ -6,13 +6,13 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, date, datetime
 from uuid import UUID
 
 import asyncpg
 
 from profiles.common.v1 import types_pb2
-from services.query.rollup import CounterKey, InstallationFacts, ProfileFacts
+from services.query.rollup import DAY_METRICS, CounterKey, InstallationFacts, ProfileFacts
 from services.query.rows import text_or_empty
 
 # -- the rollups (query's projection, 0006) ---------------------------------------------------
@@ -30,6 +30,9 @@ from services.query.rows import text_or_empty
 # ingest's copies, as each was when it left: 0057), so a logged-out customer's row still shows
 # it; platforms (the per-platform counts) are those of the installations it holds. The
 # language is ingest's rule (ingest_read_profile_language), the one GetProfile shows.
+# The daily trend's facts (0066) come from the same two reads: the days the profile started a
+# session on, per platform, from 99 days before the recount's UTC day ({now}: its parameter) on,
+# and its first event time.
 PLATFORM_UNSPECIFIED = types_pb2.PLATFORM_UNSPECIFIED
 
 PROFILE_FACTS = (
@@ -47,7 +50,8 @@ PROFILE_FACTS = (
            coalesce(inst.device_model, former.device_model) AS device_model,
            coalesce(inst.device_platform, former.platform, 0) AS device_platform,
            ls.last_seen, coalesce(ss.session_count, 0) AS session_count,
-           coalesce(ss.time_spent_ms, 0) AS time_spent_ms, a.email
+           coalesce(ss.time_spent_ms, 0) AS time_spent_ms, a.email,
+           ls.first_seen, coalesce(ss.session_days, '{{}}') AS session_days
     FROM identity_read_profiles() p
     LEFT JOIN LATERAL (
         SELECT bool_or(a.name = 'email') AS has_email,
@@ -96,12 +100,18 @@ PROFILE_FACTS = (
         SELECT count(*) AS session_count,
                coalesce(sum(extract(epoch FROM s.duration) * 1000), 0)::bigint AS time_spent_ms,
                (array_agg(s.country ORDER BY s.start_time DESC)
-                    FILTER (WHERE coalesce(s.country, '') <> ''))[1] AS country
+                    FILTER (WHERE coalesce(s.country, '') <> ''))[1] AS country,
+               array_agg(DISTINCT s.platform || ':'
+                                  || to_char(s.start_time AT TIME ZONE 'UTC', 'YYYY-MM-DD'))
+                   FILTER (WHERE s.start_time >= (date_trunc('day', {now} AT TIME ZONE 'UTC')
+                                                  - interval '99 days') AT TIME ZONE 'UTC')
+                   AS session_days
         FROM ingest_read_sessions() s
         WHERE s.project_id = p.project_id AND s.profile_id = p.profile_id
     ) ss ON true
     LEFT JOIN LATERAL (
-        SELECT c.last_event_time AS last_seen FROM ingest_read_profile_event_counts() c
+        SELECT c.last_event_time AS last_seen, c.first_event_time AS first_seen
+        FROM ingest_read_profile_event_counts() c
         WHERE c.project_id = p.project_id AND c.profile_id = p.profile_id
     ) ls ON true
     WHERE p.project_id = $1 AND p.merged_into IS NULL {where}"""
@@ -109,7 +119,8 @@ PROFILE_FACTS = (
 
 PROFILE_FACT_COLUMNS = """identified, custom_id, has_email, has_phone, has_token,
     push_reachable, subscribed, language, region, country, platforms, first_name, last_name,
-    has_details, device_model, device_platform, last_seen, session_count, time_spent_ms, email"""
+    has_details, device_model, device_platform, last_seen, session_count, time_spent_ms, email,
+    first_seen, session_days"""
 
 
 def _set_from_excluded(columns: str) -> str:
@@ -132,7 +143,7 @@ SELECT_STORED_PROFILES = f"""
 # Recounts the touched profiles and stores the result in one statement: live ones are upserted,
 # the others (merged away, erased) deleted. Returns the recounted facts.
 RECOUNT_PROFILES = f"""
-    WITH f AS ({PROFILE_FACTS.format(where="AND p.profile_id = ANY($2::uuid[])")}),
+    WITH f AS ({PROFILE_FACTS.format(where="AND p.profile_id = ANY($2::uuid[])", now="$3")}),
     gone AS (
         DELETE FROM query_profiles q
         WHERE q.project_id = $1 AND q.profile_id = ANY($2::uuid[])
@@ -150,7 +161,7 @@ RECOUNT_PROFILES = f"""
 # A rebuild of one project's profile facts (bench, operators): the same recount over all of it.
 REBUILD_PROFILES = f"""
     INSERT INTO query_profiles (project_id, profile_id, {PROFILE_FACT_COLUMNS}, update_time)
-    SELECT $1, f.*, $2 FROM ({PROFILE_FACTS.format(where="")}) f"""
+    SELECT $1, f.*, $2 FROM ({PROFILE_FACTS.format(where="", now="$2")}) f"""
 
 # An installation known to identity but never seen by ingest has no details: platform 0. An
 # imported installation folded into the SDK installation that sent its token
@@ -204,10 +215,19 @@ MOVE_COUNTERS = """
     ON CONFLICT (project_id, platform, metric, value) DO UPDATE
         SET count = c.count + EXCLUDED.count"""
 
+# The daily counters (0066) move the same way; values are days.
+MOVE_DAY_COUNTS = """
+    INSERT INTO query_day_counts AS c (project_id, platform, day, metric, count)
+    SELECT $1, k.* FROM unnest($2::smallint[], $3::date[], $4::text[], $5::bigint[])
+        AS k(platform, day, metric, count)
+    ON CONFLICT (project_id, platform, day, metric) DO UPDATE
+        SET count = c.count + EXCLUDED.count"""
+
 DELETE_PROJECT_ROLLUPS = (
     "DELETE FROM query_profiles WHERE project_id = $1",
     "DELETE FROM query_installations WHERE project_id = $1",
     "DELETE FROM query_counters WHERE project_id = $1",
+    "DELETE FROM query_day_counts WHERE project_id = $1",
 )
 SELECT_ALL_PROFILE_FACTS = f"""
     SELECT profile_id, {PROFILE_FACT_COLUMNS} FROM query_profiles WHERE project_id = $1"""
@@ -229,6 +249,10 @@ def _profile_facts(r: asyncpg.Record) -> ProfileFacts:
         country=text_or_empty(r["country"]),
         platforms=frozenset(r["platforms"]),
         has_session=r["session_count"] > 0,
+        session_days=frozenset(r["session_days"]),
+        first_seen_day=r["first_seen"].astimezone(UTC).date().isoformat()
+        if r["first_seen"]
+        else "",
     )
 
 
@@ -282,16 +306,26 @@ class RollupWrites:
     async def move_counters(
         self, project_id: UUID, changes: Sequence[tuple[CounterKey, int]]
     ) -> None:
-        if not changes:
-            return
-        await self._conn.execute(
-            MOVE_COUNTERS,
-            project_id,
-            [k[0] for k, _ in changes],
-            [k[1] for k, _ in changes],
-            [k[2] for k, _ in changes],
-            [n for _, n in changes],
-        )
+        counters = [(k, n) for k, n in changes if k[1] not in DAY_METRICS]
+        days = [(k, n) for k, n in changes if k[1] in DAY_METRICS]
+        if counters:
+            await self._conn.execute(
+                MOVE_COUNTERS,
+                project_id,
+                [k[0] for k, _ in counters],
+                [k[1] for k, _ in counters],
+                [k[2] for k, _ in counters],
+                [n for _, n in counters],
+            )
+        if days:
+            await self._conn.execute(
+                MOVE_DAY_COUNTS,
+                project_id,
+                [k[0] for k, _ in days],
+                [date.fromisoformat(k[2]) for k, _ in days],
+                [k[1] for k, _ in days],
+                [n for _, n in days],
+            )
 
     async def rebuild(self, project_id: UUID, now: datetime) -> None:
         """Recounts every profile and installation of the project and its counters."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 from typing import Literal
 from uuid import UUID
 from zoneinfo import ZoneInfo
@@ -18,7 +18,9 @@ from services.query.paging import MAX_BIGINT, MAX_UUID, NEG_INFINITY, NIL_UUID, 
 from services.query.repository import QueryReads, QueryRepository
 from services.query.views import (
     BreakdownView,
+    DayCountView,
     DayView,
+    EventNameView,
     EventView,
     IdentityChangeView,
     OverviewView,
@@ -71,6 +73,8 @@ SESSIONS_TOKEN: paging.TokenShape = {
     "ms": paging.micros,
 }
 REJECTED_TOKEN: paging.TokenShape = {"t": paging.micros, "s": paging.int64, "ms": paging.int64}
+# ListEventNames' position: the last name listed.
+EVENT_NAMES_TOKEN: paging.TokenShape = {"n": paging.text}
 # ListProfiles' sort value per ProfileOrderBy (null for a profile never seen), then the ID.
 PROFILES_TOKEN: dict[int, paging.TokenShape] = {
     order_by: {"k": paging.nullable(parse), "p": paging.uuid}
@@ -146,6 +150,13 @@ class RejectedQuery:
     end: datetime | None = None
     include_reason_counts: bool = False
     profile_id: UUID | None = None  # only this profile's (or its survivor's); None for all
+
+
+@dataclass(frozen=True, slots=True)
+class EventNamesQuery:
+    page_size: int
+    page_token: str
+    name_prefix: str = ""  # lower-case, a contract name's characters; "" for every name
 
 
 @dataclass(frozen=True, slots=True)
@@ -486,6 +497,30 @@ class QueryService:
             )
         return Page(tuple(view for _, view in rows), token), counts
 
+    # -- ListEventNames ----------------------------------------------------------------------
+
+    async def list_event_names(
+        self, project_id: UUID, query: EventNamesQuery
+    ) -> Page[EventNameView]:
+        """A page of the project's custom event names in code point order, each with its
+        stored events' count and latest event time, read as of the call (no snapshot: a name
+        first stored while a client pages shows up if it sorts after its position). Keyset on
+        the name. Raises RequestInvalid (page size), PageTokenInvalid."""
+        size = paging.page_size(query.page_size)
+        bound_to = paging.fingerprint("event_names", project_id, query.name_prefix)
+        after = ""
+        if query.page_token:
+            after = paging.decode_token(query.page_token, bound_to, EVENT_NAMES_TOKEN)["n"]
+        async with self._repository.reads() as reads:
+            rows = await reads.event_names(
+                project_id, after=after, prefix=query.name_prefix, limit=size + 1
+            )
+        token = ""
+        if len(rows) > size:
+            rows = rows[:size]
+            token = paging.encode_token(bound_to, {"n": rows[-1].name})
+        return Page(tuple(rows), token)
+
     # -- ListProfiles ------------------------------------------------------------------------
 
     async def list_profiles(
@@ -581,14 +616,28 @@ class QueryService:
 
     # -- GetOverview -------------------------------------------------------------------------
 
-    async def overview(self, project_id: UUID, platform: int, top: int) -> OverviewView:
+    async def overview(
+        self, project_id: UUID, platform: int, top: int, trend_days: int = 0
+    ) -> OverviewView:
         """The userbase figures of the project (or one platform): the rollups' counters (as of
         the last message the projection handled), the smart segment distribution exact as of
         now, and every custom segment's size. Reads a few hundred rows at most, whatever the
-        number of profiles."""
+        number of profiles. With `trend_days`, also the active and new profiles of each of
+        the last `trend_days` UTC days, today included, from the daily counters (two rows a
+        day at most)."""
         as_of = self._clock.now()
+        daily: tuple[DayCountView, ...] = ()
         async with self._repository.reads() as reads:
             read = await reads.overview(project_id, platform, as_of)
+            if trend_days:
+                first = as_of.astimezone(UTC).date() - timedelta(days=trend_days - 1)
+                counts = await reads.daily_trend(project_id, platform, first, trend_days)
+                daily = tuple(
+                    DayCountView(
+                        datetime.combine(first + timedelta(days=n), time(), UTC), active, new
+                    )
+                    for n, (active, new) in enumerate(counts)
+                )
         rows, distribution = read.counters, read.distribution
         single: dict[str, int] = {}
         valued: dict[str, dict[str, int]] = {}
@@ -649,6 +698,7 @@ class QueryService:
             countries=by_value(rollup.COUNTRY),
             app_versions=_breakdown(versions, top, version_unknown),
             segment_sizes=tuple(read.segment_sizes),
+            daily=daily,
         )
 
     async def profile_version(self, project_id: UUID, profile_id: UUID) -> int | None:

@@ -92,8 +92,10 @@ class QueryServicer(pb_grpc.QueryServiceServicer):
     async def GetOverview(
         self, request: pb.GetOverviewRequest, context: grpc.aio.ServicerContext
     ) -> pb.GetOverviewResponse:
-        top = convert.top_values_of(request)
-        view = await self._service.overview(current_caller().project_id, request.platform, top)
+        top = convert.top_values_of(request)  # also checks trend_days
+        view = await self._service.overview(
+            current_caller().project_id, request.platform, top, request.trend_days
+        )
         return pb.GetOverviewResponse(overview=convert.overview_to_proto(view))
 
     async def ListRejectedEvents(
@@ -117,6 +119,16 @@ class QueryServicer(pb_grpc.QueryServiceServicer):
             )
             reply.reason_counts_are_lower_bounds = counts.at_least
         return reply
+
+    async def ListEventNames(
+        self, request: pb.ListEventNamesRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListEventNamesResponse:
+        query = convert.event_names_query_from_proto(request)
+        page = await self._service.list_event_names(current_caller().project_id, query)
+        return pb.ListEventNamesResponse(
+            event_names=[convert.event_name_to_proto(n) for n in page.items],
+            next_page_token=page.next_page_token,
+        )
 
     async def WatchProfile(
         self, request: pb.WatchProfileRequest, context: grpc.aio.ServicerContext

@@ -208,6 +208,16 @@ class ReasonCounts:
 
 
 @dataclass(frozen=True, slots=True)
+class EventNameView:
+    """One custom event name of a project with its stored events' count and latest event time
+    (ListEventNames)."""
+
+    name: str
+    event_count: int
+    last_seen_time: datetime
+
+
+@dataclass(frozen=True, slots=True)
 class TotalSize:
     """How many items a list's filters match, counted up to a limit: `at_least` when the
     count stopped there."""
@@ -286,6 +296,13 @@ class SubscriptionRateView:
 
 
 @dataclass(frozen=True, slots=True)
+class DayCountView:
+    start: datetime  # the day's midnight UTC
+    active_count: int
+    new_count: int
+
+
+@dataclass(frozen=True, slots=True)
 class OverviewView:
     platform: int
     as_of: datetime
@@ -305,3 +322,4 @@ class OverviewView:
     countries: BreakdownView
     app_versions: BreakdownView
     segment_sizes: tuple[tuple[UUID, str, int], ...] = field(default=())
+    daily: tuple[DayCountView, ...] = field(default=())  # oldest first

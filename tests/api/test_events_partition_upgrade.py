@@ -134,6 +134,8 @@ READ_PATH_OF_0042 = MIGRATIONS[42].read_text()
 READ_PATH_OF_0045 = MIGRATIONS[45].read_text()
 # Of 0052, the users table's email column (query's rows and recounts name it).
 READ_PATH_OF_0052 = MIGRATIONS[52].read_text()
+# Of 0066, the overview's daily counters and the facts they move by (query's recounts name them).
+READ_PATH_OF_0066 = MIGRATIONS[66].read_text()
 # Of 0057, the installations a profile left (identity's Logout keeps one, the profile view and
 # the recounts read the language and time zone rules over them); on 0045's time zone rule.
 READ_PATH_OF_0057 = MIGRATIONS[57].read_text()
@@ -161,6 +163,8 @@ UNDO_WRITE_PATH = """
     DROP FUNCTION ingest_apply_installation_left(uuid, uuid, text, timestamptz);
     DROP FUNCTION segments_fold_case(text);
     ALTER TABLE query_profiles DROP COLUMN email;
+    DROP TABLE query_day_counts;
+    ALTER TABLE query_profiles DROP COLUMN first_seen, DROP COLUMN session_days;
     ALTER TABLE rejected_events DROP COLUMN profile_id;
     DROP FUNCTION ingest_read_profile_time_zone(uuid, uuid);
     DROP TABLE profile_former_installations;
@@ -207,6 +211,7 @@ async def database_0023(
             await conn.execute(READ_PATH_OF_0042)
             await conn.execute(READ_PATH_OF_0045)
             await conn.execute(READ_PATH_OF_0052)
+            await conn.execute(READ_PATH_OF_0066)
             await conn.execute(READ_PATH_OF_0057)
             await conn.execute(READ_PATH_OF_0050)
         finally:

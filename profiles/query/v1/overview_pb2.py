@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from profiles.common.v1 import types_pb2 as profiles_dot_common_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n profiles/query/v1/overview.proto\x12\x11profiles.query.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1eprofiles/common/v1/types.proto\"\xc1\x06\n\x08Overview\x12.\n\x08platform\x18\x01 \x01(\x0e\x32\x1c.profiles.common.v1.Platform\x12.\n\nas_of_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rinstall_count\x18\x03 \x01(\x03\x12\x18\n\x10push_token_count\x18\x04 \x01(\x03\x12\x19\n\x11push_opt_in_count\x18\x05 \x01(\x03\x12\x18\n\x10push_opt_in_rate\x18\x06 \x01(\x01\x12#\n\x1bimported_unseen_token_count\x18\x07 \x01(\x03\x12?\n\x12subscription_rates\x18\x08 \x03(\x0b\x32#.profiles.query.v1.SubscriptionRate\x12\x38\n\x0f\x63hannel_reaches\x18\t \x03(\x0b\x32\x1f.profiles.query.v1.ChannelReach\x12 \n\x18identified_profile_count\x18\n \x01(\x03\x12\x1f\n\x17\x61nonymous_profile_count\x18\x0b \x01(\x03\x12!\n\x19sessionless_profile_count\x18\x0c \x01(\x03\x12<\n\x0esmart_segments\x18\r \x03(\x0b\x32$.profiles.query.v1.SmartSegmentCount\x12/\n\tplatforms\x18\x0e \x01(\x0b\x32\x1c.profiles.query.v1.Breakdown\x12/\n\tlanguages\x18\x0f \x01(\x0b\x32\x1c.profiles.query.v1.Breakdown\x12-\n\x07regions\x18\x10 \x01(\x0b\x32\x1c.profiles.query.v1.Breakdown\x12/\n\tcountries\x18\x11 \x01(\x0b\x32\x1c.profiles.query.v1.Breakdown\x12\x32\n\x0c\x61pp_versions\x18\x12 \x01(\x0b\x32\x1c.profiles.query.v1.Breakdown\x12\x35\n\rsegment_sizes\x18\x13 \x03(\x0b\x32\x1e.profiles.query.v1.SegmentSize\"\xd2\x01\n\x10SubscriptionRate\x12,\n\x07\x63hannel\x18\x01 \x01(\x0e\x32\x1b.profiles.common.v1.Channel\x12\x32\n\x04kind\x18\x02 \x01(\x0e\x32$.profiles.common.v1.SubscriptionKind\x12!\n\x19\x61\x64\x64ressable_profile_count\x18\x03 \x01(\x03\x12 \n\x18subscribed_profile_count\x18\x04 \x01(\x03\x12\x17\n\x0fsubscribed_rate\x18\x05 \x01(\x01\"]\n\x0c\x43hannelReach\x12,\n\x07\x63hannel\x18\x01 \x01(\x0e\x32\x1b.profiles.common.v1.Channel\x12\x1f\n\x17reachable_profile_count\x18\x02 \x01(\x03\"\x8a\x01\n\x11SmartSegmentCount\x12\x31\n\x07segment\x18\x01 \x01(\x0e\x32 .profiles.common.v1.SmartSegment\x12\x15\n\rprofile_count\x18\x02 \x01(\x03\x12+\n\x05\x66lags\x18\x03 \x03(\x0b\x32\x1c.profiles.query.v1.FlagCount\"V\n\tFlagCount\x12\x32\n\x04\x66lag\x18\x01 \x01(\x0e\x32$.profiles.common.v1.SmartSegmentFlag\x12\x15\n\rprofile_count\x18\x02 \x01(\x03\"j\n\tBreakdown\x12\x31\n\ntop_values\x18\x01 \x03(\x0b\x32\x1d.profiles.query.v1.ValueCount\x12\x13\n\x0bother_count\x18\x02 \x01(\x03\x12\x15\n\runknown_count\x18\x03 \x01(\x03\"Z\n\nValueCount\x12\r\n\x05value\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x03\x12.\n\x08platform\x18\x03 \x01(\x0e\x32\x1c.profiles.common.v1.Platform\"N\n\x0bSegmentSize\x12\x12\n\nsegment_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x15\n\rprofile_count\x18\x03 \x01(\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n profiles/query/v1/overview.proto\x12\x11profiles.query.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1eprofiles/common/v1/types.proto\"\xed\x06\n\x08Overview\x12.\n\x08platform\x18\x01 \x01(\x0e\x32\x1c.profiles.common.v1.Platform\x12.\n\nas_of_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rinstall_count\x18\x03 \x01(\x03\x12\x18\n\x10push_token_count\x18\x04 \x01(\x03\x12\x19\n\x11push_opt_in_count\x18\x05 \x01(\x03\x12\x18\n\x10push_opt_in_rate\x18\x06 \x01(\x01\x12#\n\x1bimported_unseen_token_count\x18\x07 \x01(\x03\x12?\n\x12subscription_rates\x18\x08 \x03(\x0b\x32#.profiles.query.v1.SubscriptionRate\x12\x38\n\x0f\x63hannel_reaches\x18\t \x03(\x0b\x32\x1f.profiles.query.v1.ChannelReach\x12 \n\x18identified_profile_count\x18\n \x01(\x03\x12\x1f\n\x17\x61nonymous_profile_count\x18\x0b \x01(\x03\x12!\n\x19sessionless_profile_count\x18\x0c \x01(\x03\x12<\n\x0esmart_segments\x18\r \x03(\x0b\x32$.profiles.query.v1.SmartSegmentCount\x12/\n\tplatforms\x18\x0e \x01(\x0b\x32\x1c.profiles.query.v1.Breakdown\x12/\n\tlanguages\x18\x0f \x01(\x0b\x32\x1c.profiles.query.v1.Breakdown\x12-\n\x07regions\x18\x10 \x01(\x0b\x32\x1c.profiles.query.v1.Breakdown\x12/\n\tcountries\x18\x11 \x01(\x0b\x32\x1c.profiles.query.v1.Breakdown\x12\x32\n\x0c\x61pp_versions\x18\x12 \x01(\x0b\x32\x1c.profiles.query.v1.Breakdown\x12\x35\n\rsegment_sizes\x18\x13 \x03(\x0b\x32\x1e.profiles.query.v1.SegmentSize\x12*\n\x05\x64\x61ily\x18\x14 \x03(\x0b\x32\x1b.profiles.query.v1.DayCount\"s\n\x08\x44\x61yCount\x12.\n\nstart_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1c\n\x14\x61\x63tive_profile_count\x18\x02 \x01(\x03\x12\x19\n\x11new_profile_count\x18\x03 \x01(\x03\"\xd2\x01\n\x10SubscriptionRate\x12,\n\x07\x63hannel\x18\x01 \x01(\x0e\x32\x1b.profiles.common.v1.Channel\x12\x32\n\x04kind\x18\x02 \x01(\x0e\x32$.profiles.common.v1.SubscriptionKind\x12!\n\x19\x61\x64\x64ressable_profile_count\x18\x03 \x01(\x03\x12 \n\x18subscribed_profile_count\x18\x04 \x01(\x03\x12\x17\n\x0fsubscribed_rate\x18\x05 \x01(\x01\"]\n\x0c\x43hannelReach\x12,\n\x07\x63hannel\x18\x01 \x01(\x0e\x32\x1b.profiles.common.v1.Channel\x12\x1f\n\x17reachable_profile_count\x18\x02 \x01(\x03\"\x8a\x01\n\x11SmartSegmentCount\x12\x31\n\x07segment\x18\x01 \x01(\x0e\x32 .profiles.common.v1.SmartSegment\x12\x15\n\rprofile_count\x18\x02 \x01(\x03\x12+\n\x05\x66lags\x18\x03 \x03(\x0b\x32\x1c.profiles.query.v1.FlagCount\"V\n\tFlagCount\x12\x32\n\x04\x66lag\x18\x01 \x01(\x0e\x32$.profiles.common.v1.SmartSegmentFlag\x12\x15\n\rprofile_count\x18\x02 \x01(\x03\"j\n\tBreakdown\x12\x31\n\ntop_values\x18\x01 \x03(\x0b\x32\x1d.profiles.query.v1.ValueCount\x12\x13\n\x0bother_count\x18\x02 \x01(\x03\x12\x15\n\runknown_count\x18\x03 \x01(\x03\"Z\n\nValueCount\x12\r\n\x05value\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x03\x12.\n\x08platform\x18\x03 \x01(\x0e\x32\x1c.profiles.common.v1.Platform\"N\n\x0bSegmentSize\x12\x12\n\nsegment_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x15\n\rprofile_count\x18\x03 \x01(\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,19 +34,21 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'profiles.query.v1.overview_
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_OVERVIEW']._serialized_start=121
-  _globals['_OVERVIEW']._serialized_end=954
-  _globals['_SUBSCRIPTIONRATE']._serialized_start=957
-  _globals['_SUBSCRIPTIONRATE']._serialized_end=1167
-  _globals['_CHANNELREACH']._serialized_start=1169
-  _globals['_CHANNELREACH']._serialized_end=1262
-  _globals['_SMARTSEGMENTCOUNT']._serialized_start=1265
-  _globals['_SMARTSEGMENTCOUNT']._serialized_end=1403
-  _globals['_FLAGCOUNT']._serialized_start=1405
-  _globals['_FLAGCOUNT']._serialized_end=1491
-  _globals['_BREAKDOWN']._serialized_start=1493
-  _globals['_BREAKDOWN']._serialized_end=1599
-  _globals['_VALUECOUNT']._serialized_start=1601
-  _globals['_VALUECOUNT']._serialized_end=1691
-  _globals['_SEGMENTSIZE']._serialized_start=1693
-  _globals['_SEGMENTSIZE']._serialized_end=1771
+  _globals['_OVERVIEW']._serialized_end=998
+  _globals['_DAYCOUNT']._serialized_start=1000
+  _globals['_DAYCOUNT']._serialized_end=1115
+  _globals['_SUBSCRIPTIONRATE']._serialized_start=1118
+  _globals['_SUBSCRIPTIONRATE']._serialized_end=1328
+  _globals['_CHANNELREACH']._serialized_start=1330
+  _globals['_CHANNELREACH']._serialized_end=1423
+  _globals['_SMARTSEGMENTCOUNT']._serialized_start=1426
+  _globals['_SMARTSEGMENTCOUNT']._serialized_end=1564
+  _globals['_FLAGCOUNT']._serialized_start=1566
+  _globals['_FLAGCOUNT']._serialized_end=1652
+  _globals['_BREAKDOWN']._serialized_start=1654
+  _globals['_BREAKDOWN']._serialized_end=1760
+  _globals['_VALUECOUNT']._serialized_start=1762
+  _globals['_VALUECOUNT']._serialized_end=1852
+  _globals['_SEGMENTSIZE']._serialized_start=1854
+  _globals['_SEGMENTSIZE']._serialized_end=1932
 # @@protoc_insertion_point(module_scope)

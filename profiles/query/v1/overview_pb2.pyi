@@ -48,6 +48,7 @@ class Overview(_message.Message):
     COUNTRIES_FIELD_NUMBER: _builtins.int
     APP_VERSIONS_FIELD_NUMBER: _builtins.int
     SEGMENT_SIZES_FIELD_NUMBER: _builtins.int
+    DAILY_FIELD_NUMBER: _builtins.int
     platform: _types_pb2.Platform.ValueType
     """The platform the figures are limited to; PLATFORM_UNSPECIFIED for all. With a platform,
     profile figures cover profiles with an installation of it, and installation figures its
@@ -116,6 +117,16 @@ class Overview(_message.Message):
     def segment_sizes(self) -> _containers.RepeatedCompositeFieldContainer[Global___SegmentSize]:
         """Every custom segment of the project with its size, oldest segment first."""
 
+    @_builtins.property
+    def daily(self) -> _containers.RepeatedCompositeFieldContainer[Global___DayCount]:
+        """The daily trend `GetOverviewRequest.trend_days` asks for: one entry per UTC day, oldest
+        first, the last being the day of `as_of_time` (still under way); every day is present,
+        with zeros when nothing happened. Empty when the request asked for no trend. From daily
+        counters kept by the rollups, like the other figures (they lag writes by the bus lag, and
+        cost two rows a day whatever the user base): merged-away and erased profiles never count,
+        a merged profile's sessions and first event count as its survivor's.
+        """
+
     def __init__(
         self,
         *,
@@ -138,14 +149,52 @@ class Overview(_message.Message):
         countries: Global___Breakdown | None = ...,
         app_versions: Global___Breakdown | None = ...,
         segment_sizes: _abc.Iterable[Global___SegmentSize] | None = ...,
+        daily: _abc.Iterable[Global___DayCount] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["app_versions", b"app_versions", "as_of_time", b"as_of_time", "countries", b"countries", "languages", b"languages", "platforms", b"platforms", "regions", b"regions"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["anonymous_profile_count", b"anonymous_profile_count", "app_versions", b"app_versions", "as_of_time", b"as_of_time", "channel_reaches", b"channel_reaches", "countries", b"countries", "identified_profile_count", b"identified_profile_count", "imported_unseen_token_count", b"imported_unseen_token_count", "install_count", b"install_count", "languages", b"languages", "platform", b"platform", "platforms", b"platforms", "push_opt_in_count", b"push_opt_in_count", "push_opt_in_rate", b"push_opt_in_rate", "push_token_count", b"push_token_count", "regions", b"regions", "segment_sizes", b"segment_sizes", "sessionless_profile_count", b"sessionless_profile_count", "smart_segments", b"smart_segments", "subscription_rates", b"subscription_rates"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["anonymous_profile_count", b"anonymous_profile_count", "app_versions", b"app_versions", "as_of_time", b"as_of_time", "channel_reaches", b"channel_reaches", "countries", b"countries", "daily", b"daily", "identified_profile_count", b"identified_profile_count", "imported_unseen_token_count", b"imported_unseen_token_count", "install_count", b"install_count", "languages", b"languages", "platform", b"platform", "platforms", b"platforms", "push_opt_in_count", b"push_opt_in_count", "push_opt_in_rate", b"push_opt_in_rate", "push_token_count", b"push_token_count", "regions", b"regions", "segment_sizes", b"segment_sizes", "sessionless_profile_count", b"sessionless_profile_count", "smart_segments", b"smart_segments", "subscription_rates", b"subscription_rates"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Overview: _TypeAlias = Overview  # noqa: Y015
+
+@_typing.final
+class DayCount(_message.Message):
+    """The profiles active and new on one UTC day."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    START_TIME_FIELD_NUMBER: _builtins.int
+    ACTIVE_PROFILE_COUNT_FIELD_NUMBER: _builtins.int
+    NEW_PROFILE_COUNT_FIELD_NUMBER: _builtins.int
+    active_profile_count: _builtins.int
+    """Profiles with at least one session starting that day (on the overview's platform, when
+    one is set), each counted once however many sessions it started.
+    """
+    new_profile_count: _builtins.int
+    """Profiles first seen that day: their earliest event of all time (the events of profiles
+    merged into them included, whatever retention removed since) happened that day. With a
+    platform, profiles with an installation of it, as the other profile figures.
+    """
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """The day's first instant, midnight UTC."""
+
+    def __init__(
+        self,
+        *,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        active_profile_count: _builtins.int = ...,
+        new_profile_count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["start_time", b"start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_profile_count", b"active_profile_count", "new_profile_count", b"new_profile_count", "start_time", b"start_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DayCount: _TypeAlias = DayCount  # noqa: Y015
 
 @_typing.final
 class SubscriptionRate(_message.Message):

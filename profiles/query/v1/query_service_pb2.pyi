@@ -768,21 +768,28 @@ class GetOverviewRequest(_message.Message):
 
     PLATFORM_FIELD_NUMBER: _builtins.int
     TOP_VALUES_FIELD_NUMBER: _builtins.int
+    TREND_DAYS_FIELD_NUMBER: _builtins.int
     platform: _types_pb2.Platform.ValueType
     """Limits the figures to one platform; PLATFORM_UNSPECIFIED (default) for all."""
     top_values: _builtins.int
     """How many values each breakdown lists: 0 means the default (10), above 100 is coerced to
     100, negative is INVALID_ARGUMENT.
     """
+    trend_days: _builtins.int
+    """How many UTC days of trend `Overview.daily` holds, today included: 0 (default) for none,
+    1 to 90 for that many; anything else is INVALID_ARGUMENT on `trend_days`. Each day costs
+    two counter rows at most.
+    """
     def __init__(
         self,
         *,
         platform: _types_pb2.Platform.ValueType = ...,
         top_values: _builtins.int = ...,
+        trend_days: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["platform", b"platform", "top_values", b"top_values"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["platform", b"platform", "top_values", b"top_values", "trend_days", b"trend_days"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -942,6 +949,105 @@ class RejectedReasonCount(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RejectedReasonCount: _TypeAlias = RejectedReasonCount  # noqa: Y015
+
+@_typing.final
+class ListEventNamesRequest(_message.Message):
+    """Asks for a page of the project's custom event names."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    NAME_PREFIX_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """The maximum number of names: 0 means the default (50), above 500 is coerced to 500,
+    negative is INVALID_ARGUMENT.
+    """
+    page_token: _builtins.str
+    """The `next_page_token` of a previous call with the same `name_prefix`, opaque; empty for the
+    first page.
+    """
+    name_prefix: _builtins.str
+    """Only names starting with this text, in any case ("Product_" finds product_viewed): 1 to 30
+    letters, digits or underscores, as the contract's names are (INVALID_ARGUMENT on
+    `name_prefix` otherwise). Empty for every name.
+    """
+    def __init__(
+        self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+        name_prefix: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name_prefix", b"name_prefix", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListEventNamesRequest: _TypeAlias = ListEventNamesRequest  # noqa: Y015
+
+@_typing.final
+class ListEventNamesResponse(_message.Message):
+    """A page of the project's custom event names."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENT_NAMES_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """The token for the next page, opaque; empty only when this is the last page."""
+    @_builtins.property
+    def event_names(self) -> _containers.RepeatedCompositeFieldContainer[Global___EventName]:
+        """The names, in code point order, each once."""
+
+    def __init__(
+        self,
+        *,
+        event_names: _abc.Iterable[Global___EventName] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event_names", b"event_names", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListEventNamesResponse: _TypeAlias = ListEventNamesResponse  # noqa: Y015
+
+@_typing.final
+class EventName(_message.Message):
+    """One custom event name of a project, as stored events carry it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    EVENT_COUNT_FIELD_NUMBER: _builtins.int
+    LAST_SEEN_TIME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The name, as stored: lower-case letters, digits and underscores, 1 to 30 of them."""
+    event_count: _builtins.int
+    """How many stored events of the project carry it (at least 1), as of the read."""
+    @_builtins.property
+    def last_seen_time(self) -> _timestamp_pb2.Timestamp:
+        """The latest event time among them (the time the event happened, as its SDK or backend
+        sent it, not when it arrived).
+        """
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        event_count: _builtins.int = ...,
+        last_seen_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["last_seen_time", b"last_seen_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event_count", b"event_count", "last_seen_time", b"last_seen_time", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EventName: _TypeAlias = EventName  # noqa: Y015
 
 @_typing.final
 class WatchProfileRequest(_message.Message):

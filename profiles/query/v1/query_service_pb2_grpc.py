@@ -27,7 +27,8 @@ if _version_not_supported:
 
 class QueryServiceStub:
     """Read-only views of the project's profiles: the profile view, timelines, the users table, the
-    userbase overview, rejected events and a live feed. Default port 50054.
+    userbase overview, rejected events, the custom event names and a live feed. Default port
+    50054.
 
     Every RPC but GetCaller needs a `read` or `admin` key; the project comes from the key: a missing
     or unknown key is UNAUTHENTICATED, an `sdk` key PERMISSION_DENIED (checked first), and an ID of
@@ -86,6 +87,11 @@ class QueryServiceStub:
                 request_serializer=profiles_dot_query_dot_v1_dot_query__service__pb2.ListRejectedEventsRequest.SerializeToString,
                 response_deserializer=profiles_dot_query_dot_v1_dot_query__service__pb2.ListRejectedEventsResponse.FromString,
                 _registered_method=True)
+        self.ListEventNames = channel.unary_unary(
+                '/profiles.query.v1.QueryService/ListEventNames',
+                request_serializer=profiles_dot_query_dot_v1_dot_query__service__pb2.ListEventNamesRequest.SerializeToString,
+                response_deserializer=profiles_dot_query_dot_v1_dot_query__service__pb2.ListEventNamesResponse.FromString,
+                _registered_method=True)
         self.WatchProfile = channel.unary_stream(
                 '/profiles.query.v1.QueryService/WatchProfile',
                 request_serializer=profiles_dot_query_dot_v1_dot_query__service__pb2.WatchProfileRequest.SerializeToString,
@@ -100,7 +106,8 @@ class QueryServiceStub:
 
 class QueryServiceServicer:
     """Read-only views of the project's profiles: the profile view, timelines, the users table, the
-    userbase overview, rejected events and a live feed. Default port 50054.
+    userbase overview, rejected events, the custom event names and a live feed. Default port
+    50054.
 
     Every RPC but GetCaller needs a `read` or `admin` key; the project comes from the key: a missing
     or unknown key is UNAUTHENTICATED, an `sdk` key PERMISSION_DENIED (checked first), and an ID of
@@ -192,8 +199,9 @@ class QueryServiceServicer:
 
     def GetOverview(self, request, context):
         """Returns the project's userbase figures, optionally for one platform, from rollups (its cost
-        does not grow with the number of profiles). Errors: INVALID_ARGUMENT (`top_values`
-        negative).
+        does not grow with the number of profiles), and with `trend_days` the active and new
+        profiles of each day. Errors: INVALID_ARGUMENT (`top_values` negative, `trend_days` outside
+        0 to 90).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -207,6 +215,23 @@ class QueryServiceServicer:
         at least, and `next_page_token` continues it. With `profile_id`, only the rejected events
         of that profile. Errors: INVALID_ARGUMENT (`page_size`, `page_token`, `reasons`, the time
         range, `profile_id`), NOT_FOUND (`profile_id` names no profile).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListEventNames(self, request, context):
+        """Lists the names of the project's custom events, in name order, each with how many stored
+        events carry it and the latest event time among them: what a client offers as the names a
+        segment condition or a funnel step may take. Names are the contract's (lower-case letters,
+        digits and underscores), compared in code point order ("_" after the digits, before the
+        letters). Read from the stored events as of the call (read-your-writes: an event TrackEvents
+        accepted counts at once); events retention removed or an erasure erased no longer count, so
+        a name whose events are all gone is not listed. Paging walks the names from your position:
+        a name first stored while you page shows up if it sorts after it. Cost: each page reads
+        every stored event of the names it lists (an index of custom events by name, not the
+        project's other events); keep `page_size` to what you show. Errors: INVALID_ARGUMENT
+        (`page_size`, `page_token`, `name_prefix`).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -285,6 +310,11 @@ def add_QueryServiceServicer_to_server(servicer, server):
                     request_deserializer=profiles_dot_query_dot_v1_dot_query__service__pb2.ListRejectedEventsRequest.FromString,
                     response_serializer=profiles_dot_query_dot_v1_dot_query__service__pb2.ListRejectedEventsResponse.SerializeToString,
             ),
+            'ListEventNames': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListEventNames,
+                    request_deserializer=profiles_dot_query_dot_v1_dot_query__service__pb2.ListEventNamesRequest.FromString,
+                    response_serializer=profiles_dot_query_dot_v1_dot_query__service__pb2.ListEventNamesResponse.SerializeToString,
+            ),
             'WatchProfile': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchProfile,
                     request_deserializer=profiles_dot_query_dot_v1_dot_query__service__pb2.WatchProfileRequest.FromString,
@@ -305,7 +335,8 @@ def add_QueryServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class QueryService:
     """Read-only views of the project's profiles: the profile view, timelines, the users table, the
-    userbase overview, rejected events and a live feed. Default port 50054.
+    userbase overview, rejected events, the custom event names and a live feed. Default port
+    50054.
 
     Every RPC but GetCaller needs a `read` or `admin` key; the project comes from the key: a missing
     or unknown key is UNAUTHENTICATED, an `sdk` key PERMISSION_DENIED (checked first), and an ID of
@@ -524,6 +555,33 @@ class QueryService:
             '/profiles.query.v1.QueryService/ListRejectedEvents',
             profiles_dot_query_dot_v1_dot_query__service__pb2.ListRejectedEventsRequest.SerializeToString,
             profiles_dot_query_dot_v1_dot_query__service__pb2.ListRejectedEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListEventNames(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/profiles.query.v1.QueryService/ListEventNames',
+            profiles_dot_query_dot_v1_dot_query__service__pb2.ListEventNamesRequest.SerializeToString,
+            profiles_dot_query_dot_v1_dot_query__service__pb2.ListEventNamesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -28,7 +28,8 @@ GRPC_VERSION: str
 
 class QueryServiceStub:
     """Read-only views of the project's profiles: the profile view, timelines, the users table, the
-    userbase overview, rejected events and a live feed. Default port 50054.
+    userbase overview, rejected events, the custom event names and a live feed. Default port
+    50054.
 
     Every RPC but GetCaller needs a `read` or `admin` key; the project comes from the key: a missing
     or unknown key is UNAUTHENTICATED, an `sdk` key PERMISSION_DENIED (checked first), and an ID of
@@ -100,8 +101,9 @@ class QueryServiceStub:
     """
     GetOverview: _grpc.UnaryUnaryMultiCallable[_query_service_pb2.GetOverviewRequest, _query_service_pb2.GetOverviewResponse]
     """Returns the project's userbase figures, optionally for one platform, from rollups (its cost
-    does not grow with the number of profiles). Errors: INVALID_ARGUMENT (`top_values`
-    negative).
+    does not grow with the number of profiles), and with `trend_days` the active and new
+    profiles of each day. Errors: INVALID_ARGUMENT (`top_values` negative, `trend_days` outside
+    0 to 90).
     """
     ListRejectedEvents: _grpc.UnaryUnaryMultiCallable[_query_service_pb2.ListRejectedEventsRequest, _query_service_pb2.ListRejectedEventsResponse]
     """Lists the events ingest rejected, newest first, with their reason and raw payload. Paging
@@ -111,6 +113,19 @@ class QueryServiceStub:
     at least, and `next_page_token` continues it. With `profile_id`, only the rejected events
     of that profile. Errors: INVALID_ARGUMENT (`page_size`, `page_token`, `reasons`, the time
     range, `profile_id`), NOT_FOUND (`profile_id` names no profile).
+    """
+    ListEventNames: _grpc.UnaryUnaryMultiCallable[_query_service_pb2.ListEventNamesRequest, _query_service_pb2.ListEventNamesResponse]
+    """Lists the names of the project's custom events, in name order, each with how many stored
+    events carry it and the latest event time among them: what a client offers as the names a
+    segment condition or a funnel step may take. Names are the contract's (lower-case letters,
+    digits and underscores), compared in code point order ("_" after the digits, before the
+    letters). Read from the stored events as of the call (read-your-writes: an event TrackEvents
+    accepted counts at once); events retention removed or an erasure erased no longer count, so
+    a name whose events are all gone is not listed. Paging walks the names from your position:
+    a name first stored while you page shows up if it sorts after it. Cost: each page reads
+    every stored event of the names it lists (an index of custom events by name, not the
+    project's other events); keep `page_size` to what you show. Errors: INVALID_ARGUMENT
+    (`page_size`, `page_token`, `name_prefix`).
     """
     WatchProfile: _grpc.UnaryStreamMultiCallable[_query_service_pb2.WatchProfileRequest, _query_service_pb2.WatchProfileResponse]
     """Streams one profile's changes live: new events, attribute and subscription changes, merges,
@@ -138,7 +153,8 @@ class QueryServiceStub:
 @_typing.type_check_only
 class QueryServiceAsyncStub(QueryServiceStub):
     """Read-only views of the project's profiles: the profile view, timelines, the users table, the
-    userbase overview, rejected events and a live feed. Default port 50054.
+    userbase overview, rejected events, the custom event names and a live feed. Default port
+    50054.
 
     Every RPC but GetCaller needs a `read` or `admin` key; the project comes from the key: a missing
     or unknown key is UNAUTHENTICATED, an `sdk` key PERMISSION_DENIED (checked first), and an ID of
@@ -207,8 +223,9 @@ class QueryServiceAsyncStub(QueryServiceStub):
     """
     GetOverview: _aio.UnaryUnaryMultiCallable[_query_service_pb2.GetOverviewRequest, _query_service_pb2.GetOverviewResponse]  # type: ignore[assignment]
     """Returns the project's userbase figures, optionally for one platform, from rollups (its cost
-    does not grow with the number of profiles). Errors: INVALID_ARGUMENT (`top_values`
-    negative).
+    does not grow with the number of profiles), and with `trend_days` the active and new
+    profiles of each day. Errors: INVALID_ARGUMENT (`top_values` negative, `trend_days` outside
+    0 to 90).
     """
     ListRejectedEvents: _aio.UnaryUnaryMultiCallable[_query_service_pb2.ListRejectedEventsRequest, _query_service_pb2.ListRejectedEventsResponse]  # type: ignore[assignment]
     """Lists the events ingest rejected, newest first, with their reason and raw payload. Paging
@@ -218,6 +235,19 @@ class QueryServiceAsyncStub(QueryServiceStub):
     at least, and `next_page_token` continues it. With `profile_id`, only the rejected events
     of that profile. Errors: INVALID_ARGUMENT (`page_size`, `page_token`, `reasons`, the time
     range, `profile_id`), NOT_FOUND (`profile_id` names no profile).
+    """
+    ListEventNames: _aio.UnaryUnaryMultiCallable[_query_service_pb2.ListEventNamesRequest, _query_service_pb2.ListEventNamesResponse]  # type: ignore[assignment]
+    """Lists the names of the project's custom events, in name order, each with how many stored
+    events carry it and the latest event time among them: what a client offers as the names a
+    segment condition or a funnel step may take. Names are the contract's (lower-case letters,
+    digits and underscores), compared in code point order ("_" after the digits, before the
+    letters). Read from the stored events as of the call (read-your-writes: an event TrackEvents
+    accepted counts at once); events retention removed or an erasure erased no longer count, so
+    a name whose events are all gone is not listed. Paging walks the names from your position:
+    a name first stored while you page shows up if it sorts after it. Cost: each page reads
+    every stored event of the names it lists (an index of custom events by name, not the
+    project's other events); keep `page_size` to what you show. Errors: INVALID_ARGUMENT
+    (`page_size`, `page_token`, `name_prefix`).
     """
     WatchProfile: _aio.UnaryStreamMultiCallable[_query_service_pb2.WatchProfileRequest, _query_service_pb2.WatchProfileResponse]  # type: ignore[assignment]
     """Streams one profile's changes live: new events, attribute and subscription changes, merges,
@@ -244,7 +274,8 @@ class QueryServiceAsyncStub(QueryServiceStub):
 
 class QueryServiceServicer(metaclass=_abc_1.ABCMeta):
     """Read-only views of the project's profiles: the profile view, timelines, the users table, the
-    userbase overview, rejected events and a live feed. Default port 50054.
+    userbase overview, rejected events, the custom event names and a live feed. Default port
+    50054.
 
     Every RPC but GetCaller needs a `read` or `admin` key; the project comes from the key: a missing
     or unknown key is UNAUTHENTICATED, an `sdk` key PERMISSION_DENIED (checked first), and an ID of
@@ -353,8 +384,9 @@ class QueryServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_query_service_pb2.GetOverviewResponse, _abc.Awaitable[_query_service_pb2.GetOverviewResponse]]:
         """Returns the project's userbase figures, optionally for one platform, from rollups (its cost
-        does not grow with the number of profiles). Errors: INVALID_ARGUMENT (`top_values`
-        negative).
+        does not grow with the number of profiles), and with `trend_days` the active and new
+        profiles of each day. Errors: INVALID_ARGUMENT (`top_values` negative, `trend_days` outside
+        0 to 90).
         """
 
     @_abc_1.abstractmethod
@@ -370,6 +402,25 @@ class QueryServiceServicer(metaclass=_abc_1.ABCMeta):
         at least, and `next_page_token` continues it. With `profile_id`, only the rejected events
         of that profile. Errors: INVALID_ARGUMENT (`page_size`, `page_token`, `reasons`, the time
         range, `profile_id`), NOT_FOUND (`profile_id` names no profile).
+        """
+
+    @_abc_1.abstractmethod
+    def ListEventNames(
+        self,
+        request: _query_service_pb2.ListEventNamesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_query_service_pb2.ListEventNamesResponse, _abc.Awaitable[_query_service_pb2.ListEventNamesResponse]]:
+        """Lists the names of the project's custom events, in name order, each with how many stored
+        events carry it and the latest event time among them: what a client offers as the names a
+        segment condition or a funnel step may take. Names are the contract's (lower-case letters,
+        digits and underscores), compared in code point order ("_" after the digits, before the
+        letters). Read from the stored events as of the call (read-your-writes: an event TrackEvents
+        accepted counts at once); events retention removed or an erasure erased no longer count, so
+        a name whose events are all gone is not listed. Paging walks the names from your position:
+        a name first stored while you page shows up if it sorts after it. Cost: each page reads
+        every stored event of the names it lists (an index of custom events by name, not the
+        project's other events); keep `page_size` to what you show. Errors: INVALID_ARGUMENT
+        (`page_size`, `page_token`, `name_prefix`).
         """
 
     @_abc_1.abstractmethod

@@ -35,6 +35,24 @@ RETURN lower((NORMALIZE(regexp_replace(NORMALIZE(regexp_replace(btrim(name), '\s
 -- The users table shows each profile's email beside its name (ProfileRow.email): seven people
 -- named "Ana Müller" are told apart by it. Recounted with the profile's other facts
 -- (rollup_writes.py); the rows there already are filled here from ingest's read contract.
+-- GetOverview's daily trend (trend_days): active profiles (a session started that UTC day) and
+-- new profiles (first seen that UTC day) per day. Counted live from sessions, a trend read
+-- every session its profiles started in the window (about 3 s for 1,000,000 sessions); kept
+-- here as counters instead, it reads one row per day and figure, whatever the user base.
+--
+-- The counters follow the rollups' rule (services/query/rollup.py): each profile's facts are
+-- stored beside it, and a recount moves the counters by (keys of the new facts) - (keys of the
+-- stored ones), so merges (both sides recounted: the survivor holds the sessions and the
+-- earliest first event), erasures (the row deleted) and late events (the profile recounted)
+-- keep them exact within the bus lag.
+--
+-- query_profiles.first_seen: the profile's earliest event time of all time (ingest's
+-- profile_event_counts, exact after retention). session_days: "platform:YYYY-MM-DD" for each
+-- platform and UTC day on which the profile started a session, from 99 days before the
+-- recount's day on: a trend shows at most 90 days, so every day it shows is in the facts of
+-- any recount made before the read, and the facts do not grow with a profile's history. A day
+-- older than that leaves the facts at the profile's next recount, so the counters of days
+-- over 99 days old fall below the truth; they are never read.
 CREATE TABLE query_profiles (
     project_id uuid NOT NULL,
     profile_id uuid NOT NULL,
@@ -61,6 +79,8 @@ CREATE TABLE query_profiles (
     search_name text COLLATE "C" GENERATED ALWAYS AS ((' '::text || NULLIF(query_name_fold(((COALESCE(first_name, ''::text) || ' '::text) || COALESCE(last_name, ''::text))), ''::text))) STORED,
     sort_name text COLLATE "C" GENERATED ALWAYS AS (query_name_fold(COALESCE(NULLIF(btrim(((COALESCE(first_name, ''::text) || ' '::text) || COALESCE(last_name, ''::text))), ''::text), custom_id))) STORED,
     email text,
+    first_seen timestamp with time zone,
+    session_days text[] NOT NULL DEFAULT '{}'::text[],
     CONSTRAINT query_profiles_pkey PRIMARY KEY (project_id, profile_id)
 );
 -- The users table's sort orders: keyset paging on (value, profile_id) in both directions; a
@@ -140,6 +160,19 @@ CREATE TABLE query_name_tails (
 -- the other side: whether one profile has a tail in the range (a page that walks its sort
 -- index checks the few rows that pass the rule), and the triggers' deletes.
 CREATE INDEX query_name_tails_by_tail ON query_name_tails USING btree (project_id, tail, profile_id);
+
+-- Per project, platform (0: all; otherwise active: sessions started on it, new: profiles with
+-- an installation of it), UTC day and metric ('active_day', 'new_day'): a count of profiles.
+-- Day leads metric so that a trend is one range of the key. Rows of days that leave the window
+-- stay (8 a day per project at most); nothing reads them.
+CREATE TABLE query_day_counts (
+    project_id uuid NOT NULL,
+    platform smallint NOT NULL,
+    day date NOT NULL,
+    metric text NOT NULL,
+    count bigint NOT NULL,
+    CONSTRAINT query_day_counts_pkey PRIMARY KEY (project_id, platform, day, metric)
+);
 
 
 -- ============================================================================================
