@@ -165,6 +165,7 @@ def templates() -> Jinja2Templates:
     )
     for name in (
         "when",
+        "ago",
         "span",
         "platform",
         "smart_segment",

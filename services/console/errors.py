@@ -16,7 +16,14 @@ class SignedOut(ConsoleError):
 
 
 class Forbidden(ConsoleError):
-    """The key's role may not make this call (PERMISSION_DENIED)."""
+    """The key's role may not make this call (PERMISSION_DENIED), or the console keeps an
+    action to a role: then `action` says what was refused ("erase a profile") and `roles`
+    which roles may do it, for the page to name."""
+
+    def __init__(self, message: str = "", action: str = "", roles: tuple[str, ...] = ()) -> None:
+        super().__init__(message or action)
+        self.action = action
+        self.roles = roles
 
 
 class NotFound(ConsoleError):

@@ -35,6 +35,7 @@ from starlette.responses import (
     Response,
     StreamingResponse,
 )
+from starlette.routing import Match, Route
 
 from profiles.common.v1 import types_pb2
 from profiles.identity.v1 import identity_service_pb2 as identity_pb
@@ -55,6 +56,8 @@ from services.console.errors import (
 from services.console.live import Ended, LiveHub
 from services.console.sessions import (
     COOKIE,
+    EXPIRED,
+    KEY_REFUSED,
     SIGNIN_CSRF_COOKIE,
     ConsoleSession,
     SessionStore,
@@ -86,6 +89,8 @@ FIRST_PAGE = "0"
 HEARTBEAT_SECONDS = 15.0
 # The profile's activity chart: this many days, ending today in the zone it counts days in.
 ACTIVITY_DAYS = 30
+# The overview's daily trend: active and new profiles per UTC day (GetOverview trend_days).
+TREND_DAYS = 30
 # The rejected events a profile page shows (the newest; a link lists them all).
 PROFILE_REJECTED_ROWS = 5
 # How often an open live feed re-reads its session (a sign-out in another tab ends it) and
@@ -146,6 +151,13 @@ def render(
     )
 
 
+def require_admin(session: ConsoleSession, action: str) -> None:
+    """Raises Forbidden, naming `action` and the role that may, unless the key is an admin's:
+    the console's own rule, checked before any call (a forged form never reaches a service)."""
+    if not session.admin:
+        raise Forbidden(action=action, roles=("admin",))
+
+
 def _secure(request: Request) -> bool:
     """Whether cookies are sent with Secure: the request came by https (directly, or through a
     proxy trusted to say so, see `app.server_config`), or the settings say to always."""
@@ -166,34 +178,80 @@ def signed_in(
 
     async def wrapped(request: Request) -> Response:
         console = console_of(request)
-        session = await console.sessions.get(request.cookies.get(COOKIE, ""), renew=renew)
+        cookie = request.cookies.get(COOKIE, "")
+        session = await console.sessions.get(cookie, renew=renew)
         if session is None:
-            target = request.url.path
-            if request.url.query:
-                target += "?" + request.url.query
-            return RedirectResponse("/signin?" + urlencode({"next": target}), status_code=303)
+            # A cookie without its session: expired, or ended by a live feed that found the
+            # key refused; the sign-in page says which, and leads back here.
+            why = await console.sessions.why_ended(cookie)
+            await console.sessions.delete(cookie)
+            return _to_sign_in(request, why)
         try:
             return await handler(request, session)
         except SignedOut:
             await console.sessions.delete(session.session_id)
-            response = RedirectResponse("/signin?expired=1", status_code=303)
-            response.delete_cookie(COOKIE, path="/")
-            return response
+            return _to_sign_in(request, KEY_REFUSED)
         except ServiceDown as down:
             return render(request, "problem.html", {"down": down}, session=session, status=503)
         except NotFound:
             return render(request, "problem.html", {"missing": True}, session=session, status=404)
-        except Forbidden:
-            return render(request, "problem.html", {"forbidden": True}, session=session, status=403)
+        except Forbidden as refused:
+            context = {"forbidden": refused, "roles_needed": _roles_needed(refused, session)}
+            return render(request, "problem.html", context, session=session, status=403)
         except BadInput as bad:
             return render(request, "problem.html", {"bad": bad}, session=session, status=400)
 
     return wrapped
 
 
+def _to_sign_in(request: Request, why: str) -> Response:
+    """A redirect to sign in, back to this page after (`next`), saying why the session ended
+    (`expired`: EXPIRED or KEY_REFUSED; "" when there was none), the cookie removed."""
+    target = request.url.path
+    if request.url.query:
+        target += "?" + request.url.query
+    query = {"next": target, **({"expired": why} if why else {})}
+    response = RedirectResponse("/signin?" + urlencode(query), status_code=303)
+    if why:
+        response.delete_cookie(COOKIE, path="/")
+    return response
+
+
+def _roles_needed(refused: Forbidden, session: ConsoleSession) -> tuple[str, ...]:
+    """The roles that may do what was refused: the console's rule's, or, for a service's
+    refusal of a read key, admin (the console knows no other role above read)."""
+    if refused.roles:
+        return refused.roles
+    return () if session.admin else ("admin",)
+
+
 async def no_such_page(request: Request, exc: Exception) -> Response:
-    """A path no route serves: the console's own page, not the framework's bare text."""
-    return render(request, "problem.html", {"unknown_page": True}, status=404)
+    """A path no route serves: the console's own page, not the framework's bare text. Signed
+    in, the page has the header (the pages, the search) and links the nearest page above the
+    address (`/profiles/<id>` for `/profiles/<id>/typo`); the session is only read, not renewed,
+    and a session store away leaves the page without the header rather than fail."""
+    session: ConsoleSession | None = None
+    cookie = request.cookies.get(COOKIE, "")
+    if cookie and hasattr(request.app.state, "console"):
+        try:
+            session = await console_of(request).sessions.get(cookie, renew=False)
+        except RedisError:
+            session = None
+    context = {"unknown_page": request.url.path, "nearest": _nearest_page(request)}
+    return render(request, "problem.html", context, session=session, status=404)
+
+
+def _nearest_page(request: Request) -> str:
+    """The longest parent of the request's path that a route serves to a GET ("" when none
+    but the overview): where someone who mistyped the end of an address meant to go."""
+    parts = request.url.path.rstrip("/").split("/")
+    for end in range(len(parts) - 1, 1, -1):
+        path = "/".join(parts[:end])
+        scope = {"type": "http", "path": path, "method": "GET", "root_path": ""}
+        for route in request.app.routes:
+            if isinstance(route, Route) and route.matches(scope)[0] == Match.FULL:
+                return path
+    return ""
 
 
 async def body_too_large(request: Request, exc: Exception) -> Response:
@@ -230,15 +288,29 @@ def _safe_next(target: str) -> str:
     return "/overview"
 
 
+# What the sign-in page says of a session that ended, by why (`expired`): any other value
+# reads as expired.
+SESSION_ENDED = {
+    EXPIRED: "Your session expired; sign in again.",
+    KEY_REFUSED: "The key you signed in with is no longer valid (revoked or unknown): sign in"
+    " again with a valid key.",
+}
+
+
 def _signin_page(
-    request: Request, target: str, *, expired: bool = False, error: str = "", status: int = 200
+    request: Request, target: str, *, expired: str = "", error: str = "", status: int = 200
 ) -> Response:
     """The sign-in form with a fresh CSRF token, set as a cookie only /signin reads."""
     token = new_token()
     response = render(
         request,
         "signin.html",
-        {"csrf_token": token, "next": target, "expired": expired, "error": error},
+        {
+            "csrf_token": token,
+            "next": target,
+            "ended": SESSION_ENDED.get(expired, SESSION_ENDED[EXPIRED] if expired else ""),
+            "error": error,
+        },
         status=status,
     )
     response.set_cookie(
@@ -253,8 +325,16 @@ def _signin_page(
 
 
 async def signin_form(request: Request) -> Response:
+    """The sign-in form; it says why a session ended, from `expired` or, without it, from the
+    cookie this browser still holds (a live feed's "Sign in again" link)."""
     target = _safe_next(request.query_params.get("next", "/overview"))
-    return _signin_page(request, target, expired="expired" in request.query_params)
+    why = request.query_params.get("expired", "")
+    cookie = request.cookies.get(COOKIE, "")
+    if not why and cookie:
+        console = console_of(request)
+        if await console.sessions.get(cookie, renew=False) is None:
+            why = await console.sessions.why_ended(cookie)
+    return _signin_page(request, target, expired=why)
 
 
 @dataclass(frozen=True, slots=True)
@@ -354,8 +434,7 @@ async def session_store_down(request: Request, exc: Exception) -> Response:
     """Redis, where sign-ins live, is away (restarting, loading, failing over) while a page
     reads or writes a session: the console's 503 page, to retry shortly, not a bare 500."""
     log.warning("console_session_store_unavailable", error=type(exc).__name__)
-    down = ServiceDown("session store", timed_out=False, detail="its Redis is not answering")
-    response = render(request, "problem.html", {"down": down}, status=503)
+    response = render(request, "problem.html", {"session_store_down": True}, status=503)
     response.headers["Retry-After"] = "2"
     return response
 
@@ -415,9 +494,37 @@ async def _overview_context(request: Request, session: ConsoleSession) -> dict[s
         session.key,
         "query",
         "GetOverview",
-        query_pb.GetOverviewRequest(platform=value, top_values=10),  # type: ignore[arg-type]
+        query_pb.GetOverviewRequest(
+            platform=value,  # type: ignore[arg-type]
+            top_values=10,
+            trend_days=TREND_DAYS,
+        ),
     )
     overview = reply.overview
+    # The last 30 UTC days, oldest first: a chart per figure, and their table.
+    trend = [
+        (
+            d.start_time.ToDatetime(tzinfo=UTC).date().isoformat(),
+            d.active_profile_count,
+            d.new_profile_count,
+        )
+        for d in overview.daily
+    ]
+    trend_charts = [
+        (
+            figure,
+            max((day[n] for day in trend), default=0),
+            present.bar_chart(
+                [
+                    (day[0][5:], day[n], f"{day[0]}: {present.count_of(day[n], noun)}")
+                    for day in trend
+                ],
+                width=600,
+                height=100,
+            ),
+        )
+        for n, figure, noun in ((1, "active", "active profile"), (2, "new", "new profile"))
+    ]
     smart = []
     for count in overview.smart_segments:
         flags = [(present.smart_flag(f.flag), f.profile_count) for f in count.flags]
@@ -454,6 +561,8 @@ async def _overview_context(request: Request, session: ConsoleSession) -> dict[s
         # table by all their sessions: a link would open a list of another size than its figure.
         "smart_linked": name == "all",
         "chart": chart,
+        "trend": trend,
+        "trend_charts": trend_charts,
         "notices": notices,
     }
 
@@ -482,6 +591,24 @@ def _page_number(text: str, trail_length: int) -> int:
     a number no smaller than the pages the trail leads back through, else the trail's."""
     number = int(text) if text.isdigit() and len(text) < 9 else 0
     return max(number, trail_length + 1)
+
+
+def _paging(params: Mapping[str, str]) -> tuple[str, list[str], int]:
+    """A paged list's page token, the trail of tokens that led to it, and its page number,
+    from its URL. A trail that cannot have led to the page is ignored (an altered or
+    hand-made link): any on the first page (no token), and one that does not start at the
+    first page (FIRST_PAGE, and only there) unless cut to TRAIL_LIMIT; the first page is
+    page 1 whatever `page` says."""
+    page_token = params.get("page_token", "")
+    if not page_token:
+        return "", [], 1
+    given = [t for t in params.get("trail", "").split(",") if t]
+    trail = given[-TRAIL_LIMIT:]
+    cut = len(given) > len(trail) or len(trail) == TRAIL_LIMIT
+    starts = cut or (bool(trail) and trail[0] == FIRST_PAGE)
+    if not starts or FIRST_PAGE in trail[1:] or page_token in trail:
+        trail = []
+    return page_token, trail, _page_number(params.get("page", ""), len(trail))
 
 
 def _segment_filter(value: str) -> dict[str, Any]:
@@ -589,9 +716,7 @@ async def users_page(request: Request, session: ConsoleSession) -> Response:
     platform_name, name = filters["platform"], filters["name"]
     language, country, reach = filters["language"], filters["country"], filters["reach"]
     id_prefix, custom_id, email = filters["id_prefix"], filters["custom_id"], filters["email"]
-    page_token = params.get("page_token", "")
-    trail = [t for t in params.get("trail", "").split(",") if t][-TRAIL_LIMIT:]
-    page_number = _page_number(params.get("page", ""), len(trail))
+    page_token, trail, page_number = _paging(params)
     request_fields = {
         "page_size": USERS_PAGE_SIZE,
         "include_total_size": True,
@@ -1372,8 +1497,7 @@ def _query_string(**parameters: str) -> str:
 
 @signed_in
 async def profile_export(request: Request, session: ConsoleSession) -> Response:
-    if not session.admin:
-        raise Forbidden
+    require_admin(session, "download a profile's data export")
     console = console_of(request)
     profile_id = request.path_params["profile_id"]
     chunks = console.backend.stream(
@@ -1476,8 +1600,7 @@ async def _erasure_page(
 
 @signed_in
 async def profile_erase_form(request: Request, session: ConsoleSession) -> Response:
-    if not session.admin:
-        raise Forbidden
+    require_admin(session, "erase a profile")
     profile_id = request.path_params["profile_id"]
     # The idempotency key travels with the form: a second click or a reload of the answer
     # returns the first erasure's answer instead of "no such profile".
@@ -1486,8 +1609,8 @@ async def profile_erase_form(request: Request, session: ConsoleSession) -> Respo
 
 @signed_in
 async def profile_erase(request: Request, session: ConsoleSession) -> Response:
-    if not session.admin:
-        raise Forbidden  # a read key never sees the form; a forged post gets 403 all the same
+    # A read key never sees the form; a forged post gets 403 all the same.
+    require_admin(session, "erase a profile")
     console = console_of(request)
     profile_id = request.path_params["profile_id"]
     form = await small_form(request)
@@ -1679,8 +1802,7 @@ def _merge_confirmation(
 @signed_in
 async def profile_merge_form(request: Request, session: ConsoleSession) -> Response:
     """Choosing the other profile (`other`, looked up `by`), then the confirmation."""
-    if not session.admin:
-        raise Forbidden
+    require_admin(session, "merge profiles")
     console = console_of(request)
     profile_id = request.path_params["profile_id"]
     params = request.query_params
@@ -1741,8 +1863,8 @@ async def profile_merge_form(request: Request, session: ConsoleSession) -> Respo
 async def profile_merge(request: Request, session: ConsoleSession) -> Response:
     """The confirmed merge: MergeProfiles of the other profile (`source`) into this one, then
     the survivor's page; each refusal of the contract is told on the form."""
-    if not session.admin:
-        raise Forbidden  # a read key never sees the form; a forged post gets 403 all the same
+    # A read key never sees the form; a forged post gets 403 all the same.
+    require_admin(session, "merge profiles")
     console = console_of(request)
     profile_id = request.path_params["profile_id"]
     form = await small_form(request)
@@ -2092,7 +2214,7 @@ def live_stream(handler: Handler) -> Callable[[Request], Coroutine[Any, Any, Res
         try:
             return await handler(request, session)
         except SignedOut:
-            await console.sessions.delete(session.session_id)
+            await console.sessions.end(session.session_id, KEY_REFUSED)
             return _ended_stream("signed_out")
         except (NotFound, BadInput):
             return _ended_stream("gone")
@@ -2138,7 +2260,7 @@ class SessionGuard:
         try:
             await self._check()
         except SignedOut:
-            await self._console.sessions.delete(self._session.session_id)
+            await self._console.sessions.end(self._session.session_id, KEY_REFUSED)
             return "signed_out"
         except Forbidden:
             return "forbidden"
@@ -2518,9 +2640,7 @@ async def funnel_profiles_page(request: Request, session: ConsoleSession) -> Res
     notices: list[str] = []
     choice = await _funnel_step_choice(request, session, notices)
     params = request.query_params
-    page_token = params.get("page_token", "")
-    trail = [t for t in params.get("trail", "").split(",") if t][-TRAIL_LIMIT:]
-    page_number = _page_number(params.get("page", ""), len(trail))
+    page_token, trail, page_number = _paging(params)
 
     async def listed(token: str) -> Any:
         return await console.backend.call(
@@ -2667,7 +2787,31 @@ LIMIT = {
 }
 
 
-def _definition_page(
+# The event names a segment or funnel form suggests (a <datalist> beside each event name box):
+# the first page of the project's custom event names, asked with the person's key as the form
+# renders. Query answers it from an index in a few milliseconds; a short deadline keeps a slow
+# or absent query from holding the form, which then works without suggestions.
+EVENT_NAME_SUGGESTIONS = 200
+EVENT_NAMES_TIMEOUT_SECONDS = 2.0
+
+
+async def _event_name_suggestions(request: Request, session: ConsoleSession) -> list[str]:
+    """The first EVENT_NAME_SUGGESTIONS of the project's custom event names, in name order;
+    none when the call fails (a refused key still signs the person out, as on every page)."""
+    try:
+        reply = await console_of(request).backend.call(
+            session.key,
+            "query",
+            "ListEventNames",
+            query_pb.ListEventNamesRequest(page_size=EVENT_NAME_SUGGESTIONS),
+            deadline_s=EVENT_NAMES_TIMEOUT_SECONDS,
+        )
+    except (ServiceDown, BadInput, Forbidden, NotFound):
+        return []
+    return [name.name for name in reply.event_names]
+
+
+async def _definition_page(
     request: Request,
     session: ConsoleSession,
     what: str,
@@ -2700,6 +2844,7 @@ def _definition_page(
         f"{what}_form.html",
         {
             "form": form,
+            "event_names": await _event_name_suggestions(request, session),
             "request_id": request_id,
             "refused": (refusals or definitions.Refusals()).boxes,
             "csrf_token": session.csrf_token,
@@ -2720,18 +2865,18 @@ def _definition_page(
 
 @signed_in
 async def segment_new_form(request: Request, session: ConsoleSession) -> Response:
-    if not session.admin:
-        raise Forbidden
-    return _definition_page(
+    require_admin(session, "define a segment")
+    return await _definition_page(
         request, session, "segment", definitions.SegmentForm(), str(uuid.uuid4())
     )
 
 
 @signed_in
 async def funnel_new_form(request: Request, session: ConsoleSession) -> Response:
-    if not session.admin:
-        raise Forbidden
-    return _definition_page(request, session, "funnel", definitions.FunnelForm(), str(uuid.uuid4()))
+    require_admin(session, "define a funnel")
+    return await _definition_page(
+        request, session, "funnel", definitions.FunnelForm(), str(uuid.uuid4())
+    )
 
 
 async def _definition_post(request: Request, session: ConsoleSession, what: str) -> Response:
@@ -2739,8 +2884,7 @@ async def _definition_post(request: Request, session: ConsoleSession, what: str)
     a preview (the form again, with what the service would create now: CreateSegment or
     CreateFunnel with validate_only, which stores nothing), or the definition created (the
     segments page) or refused (the form, each refusal beside its box)."""
-    if not session.admin:
-        raise Forbidden
+    require_admin(session, f"define a {what}")
     # No file; the fields of the largest form (31 conditions) are under Starlette's 1,000.
     posted = await request.form(max_files=0)
 
@@ -2758,17 +2902,17 @@ async def _definition_post(request: Request, session: ConsoleSession, what: str)
         rows = len(form.steps)
     if not tokens_match(session.csrf_token, str(posted.get("csrf_token", ""))):
         expired = definitions.Refusals({"": present.FORM_EXPIRED_KEPT})
-        return _definition_page(request, session, what, form, request_id, expired, status=403)
+        return await _definition_page(request, session, what, form, request_id, expired, status=403)
     if action == "add":
         form = definitions.add_condition(form) if what == "segment" else definitions.add_step(form)
-        return _definition_page(request, session, what, form, request_id)
+        return await _definition_page(request, session, what, form, request_id)
     if action.startswith("remove-") and action[7:].isdigit():
         index = int(action[7:])
         if what == "segment":
             form = definitions.remove_condition(form, index)
         else:
             form = definitions.remove_step(form, index)
-        return _definition_page(request, session, what, form, request_id)
+        return await _definition_page(request, session, what, form, request_id)
     built: Any
     if what == "segment":
         built, refusals = definitions.segment_request(form, request_id)
@@ -2776,7 +2920,7 @@ async def _definition_post(request: Request, session: ConsoleSession, what: str)
         built, refusals = definitions.funnel_request(form, request_id)
     previewing = action == "preview"
     if refusals:
-        return _definition_page(
+        return await _definition_page(
             request, session, what, form, request_id, refusals, status=400, previewing=previewing
         )
     method = "CreateSegment" if what == "segment" else "CreateFunnel"
@@ -2798,12 +2942,12 @@ async def _definition_post(request: Request, session: ConsoleSession, what: str)
             refusals = definitions.funnel_refusals(bad.violations, rows)
         if not refusals:
             refusals = definitions.Refusals({"": present.problem_text(bad)})
-        return _definition_page(
+        return await _definition_page(
             request, session, what, form, request_id, refusals, status=400, previewing=previewing
         )
     if previewing:
         preview = reply.segment if what == "segment" else reply.funnel
-        return _definition_page(request, session, what, form, request_id, preview=preview)
+        return await _definition_page(request, session, what, form, request_id, preview=preview)
     created = reply.segment.segment_id if what == "segment" else reply.funnel.funnel_id
     log.info("console_definition_created", kind=what, id=created)
     return RedirectResponse(f"/segments?created={what}:{created}", status_code=303)
@@ -2834,8 +2978,7 @@ async def _definition_edit(request: Request, session: ConsoleSession, what: str)
     beside its box). The form carries the etag of the definition it showed: a definition
     changed by someone else since is not overwritten. A filter (steps) the form cannot hold
     is shown, not edited, and never sent."""
-    if not session.admin:
-        raise Forbidden
+    require_admin(session, f"change a {what}")
     console = console_of(request)
     ident = request.path_params["ident"]
     try:
@@ -2848,13 +2991,13 @@ async def _definition_edit(request: Request, session: ConsoleSession, what: str)
     else:
         initial, editable = definitions.funnel_form_of(stored)
 
-    def page(form: Any, etag: str, **extra: Any) -> Response:
-        return _definition_page(
+    async def page(form: Any, etag: str, **extra: Any) -> Response:
+        return await _definition_page(
             request, session, what, form, "", editing=stored, editable=editable, etag=etag, **extra
         )
 
     if request.method == "GET":
-        return page(initial, stored.etag)
+        return await page(initial, stored.etag)
     # No file; the fields of the largest form (31 conditions) are under Starlette's 1,000.
     posted = await request.form(max_files=0)
 
@@ -2874,17 +3017,17 @@ async def _definition_edit(request: Request, session: ConsoleSession, what: str)
         form = definitions.keep_rows(form, initial)
     if not tokens_match(session.csrf_token, str(posted.get("csrf_token", ""))):
         expired = definitions.Refusals({"": present.FORM_EXPIRED_KEPT})
-        return page(form, etag, refusals=expired, status=403)
+        return await page(form, etag, refusals=expired, status=403)
     if action == "add" and editable:
         form = definitions.add_condition(form) if what == "segment" else definitions.add_step(form)
-        return page(form, etag)
+        return await page(form, etag)
     if action.startswith("remove-") and action[7:].isdigit() and editable:
         index = int(action[7:])
         if what == "segment":
             form = definitions.remove_condition(form, index)
         else:
             form = definitions.remove_step(form, index)
-        return page(form, etag)
+        return await page(form, etag)
     built: Any
     if what == "segment":
         built, refusals = definitions.segment_update_request(
@@ -2896,7 +3039,7 @@ async def _definition_edit(request: Request, session: ConsoleSession, what: str)
         )
     previewing = action == "preview"
     if refusals:
-        return page(form, etag, refusals=refusals, status=400, previewing=previewing)
+        return await page(form, etag, refusals=refusals, status=400, previewing=previewing)
     method = "UpdateSegment" if what == "segment" else "UpdateFunnel"
     # A preview is the same request, checked and counted by the service but not stored.
     built.validate_only = previewing
@@ -2907,7 +3050,7 @@ async def _definition_edit(request: Request, session: ConsoleSession, what: str)
     except BadInput as bad:
         if bad.reason == "ETAG_MISMATCH":
             changed = definitions.Refusals({"": CHANGED[what]})
-            return page(form, etag, refusals=changed, status=409, stale=True)
+            return await page(form, etag, refusals=changed, status=409, stale=True)
         if bad.reason == "DISPLAY_NAME_TAKEN":
             refusals = definitions.Refusals({"name": TAKEN[what]})
         elif what == "segment":
@@ -2918,12 +3061,12 @@ async def _definition_edit(request: Request, session: ConsoleSession, what: str)
             refusals = definitions.funnel_refusals(violations, rows)
         if not refusals:
             refusals = definitions.Refusals({"": present.problem_text(bad)})
-        return page(form, etag, refusals=refusals, status=400, previewing=previewing)
+        return await page(form, etag, refusals=refusals, status=400, previewing=previewing)
     if previewing:
         if what == "segment":
             moves = (reply.entered_profile_count, reply.left_profile_count)
-            return page(form, etag, preview=reply.segment, moves=moves)
-        return page(form, etag, preview=reply.funnel)
+            return await page(form, etag, preview=reply.segment, moves=moves)
+        return await page(form, etag, preview=reply.funnel)
     log.info("console_definition_updated", kind=what, id=ident)
     return RedirectResponse(f"/segments?edited={what}:{ident}", status_code=303)
 
@@ -2954,8 +3097,7 @@ async def _definition_named(
 
 
 async def _definition_delete(request: Request, session: ConsoleSession, what: str) -> Response:
-    if not session.admin:
-        raise Forbidden
+    require_admin(session, f"delete a {what}")
     console = console_of(request)
     ident = request.path_params["ident"]
     try:
@@ -3255,7 +3397,7 @@ async def segments_live(request: Request, session: ConsoleSession) -> Response:
         except StopAsyncIteration:
             yield sse({"reason": "closed"}, event="ended")
         except SignedOut:
-            await console.sessions.delete(session.session_id)
+            await console.sessions.end(session.session_id, KEY_REFUSED)
             yield sse({"reason": "signed_out"}, event="ended")
         except (ServiceDown, BadInput, NotFound):
             yield sse({"reason": "closed"}, event="ended")
@@ -3310,7 +3452,7 @@ async def rejected_page(request: Request, session: ConsoleSession) -> Response:
         if moment is not None:
             set_timestamp(getattr(listing, field), moment)
         elif text and refused is None:
-            refused = present.Refusal(box, "Not a date and time, such as 2026-12-06T16:58.")
+            refused = present.Refusal(box, present.NOT_A_TIME)
     reply = query_pb.ListRejectedEventsResponse()
     if refused is None:
         try:

@@ -65,6 +65,32 @@ def when(value: timestamp_pb2.Timestamp | datetime | None) -> str:
     return value.strftime(WHEN_FORMAT) if value else "—"
 
 
+def ago(value: timestamp_pb2.Timestamp | datetime | None, now: datetime | None = None) -> str:
+    """How long before `now` (the present by default) `value` was, in words beside its time in
+    UTC: "just now", "5 min ago", "3 h ago", "2 days ago", "4 months ago", "1 year ago"; "in
+    5 min" for a time ahead (a device's clock); "" when unset. console.js words it alike as
+    the page stays open."""
+    moment = ts(value) if isinstance(value, timestamp_pb2.Timestamp) else value
+    if moment is None:
+        return ""
+    seconds = int(((now or datetime.now(UTC)) - moment).total_seconds())
+    gap = abs(seconds)
+    if gap < 60:
+        return "just now"
+    minutes, hours, days = gap // 60, gap // 3600, gap // 86400
+    if minutes < 60:
+        words = f"{minutes} min"
+    elif hours < 48:
+        words = f"{hours} h"
+    elif days < 60:
+        words = count_of(days, "day")
+    elif days < 730:
+        words = count_of(days // 30, "month")
+    else:
+        words = count_of(days // 365, "year")
+    return f"{words} ago" if seconds > 0 else f"in {words}"
+
+
 def iso(value: timestamp_pb2.Timestamp) -> str:
     moment = ts(value)
     return moment.isoformat().replace("+00:00", "Z") if moment else ""
@@ -608,6 +634,8 @@ class UserRow:
     email: str  # "—" when none
     country: str  # ISO 3166-1 alpha-2, of the last session; "—" when unknown
     language: str  # ISO 639-1; "—" when unknown
+    last_seen_ago: str = ""  # "5 min ago" beside `last_seen`; "" when never seen
+    last_seen_iso: str = ""
 
 
 def segment_label(row: query_service_pb2.ProfileRow) -> str:
@@ -620,6 +648,7 @@ def segment_label(row: query_service_pb2.ProfileRow) -> str:
 
 def user_rows(rows: Iterable[query_service_pb2.ProfileRow]) -> list[UserRow]:
     found = []
+    now = datetime.now(UTC)
     for row in rows:
         segment = segment_label(row)
         name = display_name(row.first_name, row.last_name, row.custom_id, row.profile_id)
@@ -642,6 +671,8 @@ def user_rows(rows: Iterable[query_service_pb2.ProfileRow]) -> list[UserRow]:
                 email=row.email or "—",
                 country=row.country or "—",
                 language=row.language or "—",
+                last_seen_ago=ago(row.last_seen_time, now),
+                last_seen_iso=iso(row.last_seen_time),
             )
         )
     return found
@@ -767,8 +798,17 @@ def timeline_filter_words(
     return ", ".join(words)
 
 
-# What the timeline's day boxes say of a day they cannot read, or of a reversed range.
-NOT_A_DAY = "Not a day: write it as 2026-12-06 (year, month, day)."
+# What the timeline's day boxes say of a day they cannot read (only an altered link holds
+# one: a date box sends year-month-day, whatever order the browser's language shows), or of a
+# reversed range.
+NOT_A_DAY = (
+    "Not a day this box can read: pick one in the box (a link writes a day as"
+    " year-month-day, 2026-12-06)."
+)
+NOT_A_TIME = (
+    "Not a date and time this box can read: pick one in the box (a link writes it as"
+    " year-month-day, then the time in UTC: 2026-12-06T16:58)."
+)
 LAST_DAY_BEFORE_FIRST = "The last day is before the first: nothing can be in between."
 # A day as a date box and the timeline's `from` and `to` parameters write it.
 _DAY = re.compile(r"\d{4}-\d{2}-\d{2}")

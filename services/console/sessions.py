@@ -33,6 +33,12 @@ COOKIE = "profiles_console_session"
 SIGNIN_CSRF_COOKIE = "profiles_console_signin"
 # HKDF's label: the sealing key is for this purpose only (and a later format gets a new label).
 SEAL_INFO = b"profiles console session: sealed api key v1"
+# Why a session ended, as the sign-in page tells it: the key was refused (revoked or unknown),
+# or the session expired.
+KEY_REFUSED = "key"
+EXPIRED = "1"
+# How long an ended session's reason stays in its place: the person's next page reads it.
+ENDED_SECONDS = 24 * 3600
 NONCE_BYTES = 12  # AES-GCM's 96-bit nonce, random per write
 TAG_BYTES = 16
 
@@ -156,7 +162,7 @@ class SessionStore:
                 fields, _ = await pipe.execute()
         else:
             fields = await self._redis.hgetall(name)
-        if not fields:
+        if not fields or b"ended" in fields:
             return None
         left = self._seconds_left(_text(fields.get(b"created")))
         role, csrf = _text(fields.get(b"role")), _text(fields.get(b"csrf"))
@@ -189,6 +195,29 @@ class SessionStore:
         if not created.isdigit():
             return 0
         return int(created) + self._max_age - int(time.time())
+
+    async def end(self, session_id: str, why: str) -> None:
+        """Ends the session and leaves, for ENDED_SECONDS, why in its place (`why`: KEY_REFUSED):
+        a live feed that found the key revoked cannot reach the browser's cookie, and the
+        person's next page tells them so instead of a bare sign-in."""
+        if not session_id:
+            return
+        name = self._name(session_id)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.delete(name)
+            pipe.hset(name, "ended", why)
+            pipe.expire(name, ENDED_SECONDS)
+            await pipe.execute()
+
+    async def why_ended(self, session_id: str) -> str:
+        """Why a session that no longer holds ended: what `end` left (KEY_REFUSED), else
+        EXPIRED (its cookie outlived it: idle too long, or past its maximum age); "" for no
+        session ID (never signed in, or signed out: the cookie goes with the session)."""
+        if not session_id:
+            return ""
+        why = await self._redis.hget(self._name(session_id), "ended")
+        text = why.decode(errors="replace") if isinstance(why, bytes) else why
+        return text or EXPIRED
 
     async def delete(self, session_id: str) -> None:
         if session_id:

@@ -91,7 +91,10 @@ async def test_a_key_revoked_meanwhile_signs_the_person_out(
     async with asyncio.timeout(20):
         while "/signin" not in page.url:
             await page.goto(console_suite.url + "/users")
-    await expect(page.get_by_role("status")).to_contain_text("Your session ended")
+    await expect(page.get_by_role("status")).to_contain_text(
+        "The key you signed in with is no longer valid (revoked or unknown)"
+    )
+    assert "next=%2Fusers" in page.url
     assert COOKIE not in {c["name"] for c in await page.context.cookies()}
 
 

@@ -9,6 +9,41 @@ function element(tag, text, className) {
   return node;
 }
 
+// How long ago an ISO time was, worded as the server words it (present.ago): a page left open
+// keeps its "5 min ago" true, and a live item gets one.
+function ago(iso, now) {
+  const seconds = Math.trunc((now - Date.parse(iso)) / 1000);
+  const gap = Math.abs(seconds);
+  if (Number.isNaN(gap)) return "";
+  if (gap < 60) return "just now";
+  const minutes = Math.floor(gap / 60), hours = Math.floor(gap / 3600);
+  const days = Math.floor(gap / 86400);
+  const count = (n, noun) => `${n} ${noun}${n === 1 ? "" : "s"}`;
+  let words;
+  if (minutes < 60) words = `${minutes} min`;
+  else if (hours < 48) words = `${hours} h`;
+  else if (days < 60) words = count(days, "day");
+  else if (days < 730) words = count(Math.floor(days / 30), "month");
+  else words = count(Math.floor(days / 365), "year");
+  return seconds > 0 ? `${words} ago` : `in ${words}`;
+}
+
+// A <time class="ago"> for an ISO time, its time in UTC (`title`) as its tooltip.
+function agoElement(iso, title) {
+  const node = element("time", ago(iso, Date.now()), "ago");
+  node.dateTime = iso;
+  if (title) node.title = title;
+  return node;
+}
+
+function refreshAgo() {
+  const now = Date.now();
+  document.querySelectorAll("time.ago[datetime]").forEach((node) => {
+    const words = ago(node.dateTime, now);
+    if (words && node.textContent !== words) node.textContent = words;
+  });
+}
+
 function refreshOverview(box) {
   const every = Number(box.dataset.every || 10000);
   setInterval(async () => {
@@ -187,7 +222,9 @@ function followProfile(box) {
       }
       const entry = element("li", undefined, "new");
       if (item.event_id) entry.dataset.eventId = item.event_id;
-      entry.append(element("span", item.time, "time"), " ", element("strong", item.title));
+      const time = element("span", item.time, "time");
+      if (item.iso) time.append(" ", agoElement(item.iso, item.time));
+      entry.append(time, " ", element("strong", item.title));
       entry.append(...pairList(item.details, "details"));
       if (item.stack_trace) {
         // Collapsed as on the timeline; text only, never markup.
@@ -367,6 +404,7 @@ function showChosenKind(condition) {
 
 document.addEventListener("DOMContentLoaded", () => {
   document.querySelectorAll("[data-condition]").forEach(showChosenKind);
+  setInterval(refreshAgo, 30000);
   const overview = document.getElementById("overview");
   if (overview && overview.dataset.refresh) refreshOverview(overview);
   const live = document.getElementById("live");
