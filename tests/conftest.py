@@ -62,6 +62,15 @@ def scratch_base() -> str | None:
     return str(shm) if shm.is_dir() and os.access(shm, os.W_OK | os.X_OK) else None
 
 
+def server_scratch_dir(prefix: str) -> Path:
+    """A new directory for servers a test starts itself (PostgreSQL, Redis, `profiles up`):
+    right under /dev/shm where there is one (see scratch_base: a cluster's thousand files and
+    its fsyncs cost seconds on a disk), else right under /tmp. Never pytest's directory: as
+    root, PostgreSQL runs as another user that must pass through every parent, and each new
+    pytest session on the machine takes that permission away from pytest's base directory."""
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=scratch_base() or "/tmp"))
+
+
 @pytest.fixture(scope="session")
 def embedded_dir() -> Iterator[Path]:
     # Not under pytest's tmp_path: pytest prunes old base temp dirs, and a second pytest run

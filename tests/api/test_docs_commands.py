@@ -25,7 +25,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ from profiles_cli.suite import read_record
 from profiles_cli.up import SUITE
 from shared.settings import SETTINGS
 from tests.api.test_profiles_up import free_ports, processes_of, profiles_command
+from tests.conftest import server_scratch_dir
 
 ROOT = Path(__file__).resolve().parents[2]
 READY_LINE = "Profiles is up"
@@ -127,8 +127,7 @@ def readme_command_1() -> str:
 
 @pytest.fixture(scope="module")
 def running_suite() -> Iterator[RunningSuite]:
-    # As in test_profiles_up: right under /tmp, which the PostgreSQL user can pass through.
-    tmp_path = Path(tempfile.mkdtemp(prefix="profiles-docs-", dir="/tmp"))
+    tmp_path = server_scratch_dir("profiles-docs-")
     data_dir = tmp_path / "data"
     fresh = {k: v for k, v in os.environ.items() if not k.startswith("PROFILES_")}
     fresh["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{fresh.get('PATH', '')}"

@@ -11,7 +11,6 @@ import signal
 import socket
 import stat
 import sys
-import tempfile
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from profiles.query.v1 import query_service_pb2_grpc as query_grpc
 from profiles_cli.up import SUITE
 from shared.ports import free_ports
 from shared.settings import SERVICE_NAMES
+from tests.conftest import server_scratch_dir
 from tests.support.ingest import custom_event
 
 READY_LINE = "Profiles is up"
@@ -63,10 +63,7 @@ def assign_free_ports(env: dict[str, str]) -> dict[str, int]:
 
 @pytest.fixture
 def suite() -> Iterator[Suite]:
-    # Right under /tmp rather than in pytest's directory: as root, PostgreSQL runs as another user
-    # that must pass through every parent, and each new pytest session on the machine takes that
-    # permission away from pytest's base directory again.
-    tmp_path = Path(tempfile.mkdtemp(prefix="profiles-test-", dir="/tmp"))
+    tmp_path = server_scratch_dir("profiles-test-")
     data_dir = tmp_path / "data"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PROFILES_")}
     env["PROFILES_DATA_DIR"] = str(data_dir)

@@ -58,10 +58,18 @@ def shop(library: Path) -> Iterator[str]:
         server.server_close()
 
 
+@pytest.fixture(scope="module")
+async def browser() -> AsyncIterator[Any]:
+    """One Chromium for the module; each test's visitor gets a context of its own."""
+    async with chromium() as launched:
+        yield launched
+
+
 @pytest.fixture
-async def site(edge: Edge) -> AsyncIterator[Any]:
-    """`site(library)`: a new visitor's page of the shop with the library loaded."""
-    async with chromium() as browser, contextlib.AsyncExitStack() as stack:
+async def site(edge: Edge, browser: Any) -> AsyncIterator[Any]:
+    """`site(library)`: a new visitor's page of the shop with the library loaded (a fresh
+    browser context: no cookie, storage or cache of another test's visitor)."""
+    async with contextlib.AsyncExitStack() as stack:
         context = await browser.new_context()
         stack.push_async_callback(context.close)
 

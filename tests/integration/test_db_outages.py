@@ -8,7 +8,6 @@ import asyncio
 import os
 import shutil
 import signal
-import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -32,7 +31,7 @@ from shared.db import (
 )
 from shared.embedded import EmbeddedPostgres
 from shared.settings import Settings
-from tests.conftest import create_test_project, eventually
+from tests.conftest import create_test_project, eventually, server_scratch_dir
 from tests.support.bad_input import violations
 
 # Short bounds, so that a hang costs these tests a second (the defaults are several).
@@ -45,10 +44,9 @@ SOCKET_NAME = ".s.PGSQL.5432"
 
 @pytest.fixture(scope="module")
 def postgres() -> Iterator[EmbeddedPostgres]:
-    """A PostgreSQL of this module's own, which its tests freeze and whose backends they end.
-    Right under /tmp: as root, PostgreSQL runs as another user that must pass through every
-    parent directory (tests/integration/test_embedded.py)."""
-    directory = Path(tempfile.mkdtemp(prefix="profiles-outage-", dir="/tmp"))
+    """A PostgreSQL of this module's own, which its tests freeze and whose backends they end
+    (in tests/conftest.py's server_scratch_dir)."""
+    directory = server_scratch_dir("profiles-outage-")
     server = EmbeddedPostgres(directory / "pg", fast_unsafe=True)
     try:
         server.start()
@@ -174,7 +172,7 @@ class HangUpHeld:
 
 @pytest.fixture
 async def held(postgres: EmbeddedPostgres) -> AsyncIterator[HangUpHeld]:
-    directory = Path(tempfile.mkdtemp(prefix="profiles-relay-", dir="/tmp"))
+    directory = server_scratch_dir("profiles-relay-")
     relay = HangUpHeld(postgres.socket_dir / SOCKET_NAME, directory)
     await relay.start()
     try:

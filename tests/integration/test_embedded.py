@@ -6,7 +6,6 @@ import asyncio
 import os
 import shutil
 import signal
-import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from shared.embedded import EmbeddedPostgres, EmbeddedRedis
+from tests.conftest import server_scratch_dir
 
 
 def processes_mentioning(text: str) -> list[psutil.Process]:
@@ -47,10 +47,8 @@ async def wait_until_gone(pid: int) -> None:
 
 @pytest.fixture
 def work_dir() -> Iterator[Path]:
-    """A directory right under /tmp rather than pytest's: as root, PostgreSQL runs as another
-    user that must pass through every parent, and each new pytest session (another run on the
-    same machine) takes that permission away from its base directory again."""
-    path = Path(tempfile.mkdtemp(prefix="profiles-test-", dir="/tmp"))
+    """A directory of the test's own (tests/conftest.py, server_scratch_dir)."""
+    path = server_scratch_dir("profiles-test-")
     yield path
     shutil.rmtree(path, ignore_errors=True)
 
