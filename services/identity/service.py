@@ -769,6 +769,14 @@ class IdentityService:
                 for field, wanted in named:
                     survivor = found[wanted].profile_id
                     if survivor != wanted:
+                        # The same request, sent twice at once (a double-clicked form), may have
+                        # merged it after this transaction looked for its answer: that answer,
+                        # committed with the merge, is this one's too.
+                        again = await self._stored_answer(
+                            tx, project_id, "MergeProfiles", request_id, digest, now
+                        )
+                        if again is not None:
+                            return merge_result_from_json(again)
                         raise ProfileMerged(
                             f"profile {wanted} was merged into {survivor}; nothing was merged",
                             metadata={"field": field, "survivor": str(survivor)},

@@ -14,6 +14,7 @@ from redis.asyncio import Redis
 
 from profiles.common.v1 import bus_pb2, types_pb2
 from profiles.identity.v1 import identity_service_pb2 as pb
+from services.identity.service import IdentityService
 from shared.settings import Settings
 from tests.conftest import create_test_project, eventually
 from tests.support.identity import (
@@ -428,3 +429,32 @@ async def test_merges_splits_and_creations_are_published(
     assert identify.installation_id == other
     created = {m.profile_id for m in of_type(found, bus_pb2.ProfileCreated)}
     assert created == {known, anonymous, out.profile_id, identified.profile_id}
+
+
+async def test_an_exact_merge_sent_twice_at_once_answers_both_alike(
+    identity: Identity, db: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A form double-clicked: the twin request looks for its answer before the first commits,
+    then finds the source merged away. The answer, committed with the merge, is the twin's too
+    (it was refused PROFILE_MERGED: the console showed the merge form again, with an error).
+    The twin's first look is made to miss, as it does in that race."""
+    installation = new_id()
+    source = await identity.profile_of(installation)
+    target = await identity.profile_of_custom_id(f"twice-{new_id()}")
+    request_id = str(uuid.uuid4())
+    reply = await identity.merge(source, target, request_id=request_id, exact=True)
+
+    original = IdentityService._stored_answer
+    missed: list[str] = []
+
+    async def first_look_misses(self: IdentityService, tx: Any, *args: Any) -> Any:
+        if args[1] == "MergeProfiles" and not missed:
+            missed.append(args[2])
+            return None
+        return await original(self, tx, *args)
+
+    monkeypatch.setattr(IdentityService, "_stored_answer", first_look_misses)
+    twin = await identity.merge(source, target, request_id=request_id, exact=True)
+    assert missed == [request_id]
+    assert twin == reply
+    assert await count(db, "SELECT count(*) FROM identity_changes WHERE kind = 'merge'") == 1
