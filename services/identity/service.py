@@ -871,6 +871,13 @@ class IdentityService:
                 return delete_result_from_json(stored), None
             found = await tx.find_profiles(project_id, [profile_id])
             if profile_id not in found:
+                # As for MergeProfiles: the same request sent twice at once may have erased it
+                # after this transaction looked for its answer, committed with the erasure.
+                again = await self._stored_answer(
+                    tx, project_id, "DeleteProfile", request_id, digest, now
+                )
+                if again is not None:
+                    return delete_result_from_json(again), None
                 raise ProfileNotFound(
                     f"no profile {profile_id} in this project", metadata={"field": "profile_id"}
                 )

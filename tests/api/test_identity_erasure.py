@@ -17,6 +17,7 @@ from redis.asyncio import Redis
 from profiles.identity.v1 import identity_service_pb2 as pb
 from profiles.ingest.v1 import ingest_service_pb2 as ipb
 from profiles.ingest.v1 import ingest_service_pb2_grpc as ipb_grpc
+from services.identity.service import IdentityService
 from shared.clock import FrozenClock
 from tests.conftest import create_test_project, eventually
 from tests.support.identity import (
@@ -625,3 +626,31 @@ async def test_another_projects_key_cannot_delete_or_export_a_profile(
             await call
         assert refused.value.code() is grpc.StatusCode.NOT_FOUND
     assert await identity_only.profile_of_custom_id("dave-1") == profile
+
+
+async def test_an_erasure_sent_twice_at_once_answers_both_alike(
+    services: tuple[Identity, Ingest], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A double-clicked erase form: the twin looks for its answer before the first commits,
+    then finds no profile. The answer, committed with the erasure, is the twin's too (it was
+    refused NOT_FOUND). The twin's first look is made to miss, as it does in that race."""
+    identity, ingest = services
+    installation = f"inst-{uuid.uuid4().hex[:8]}"
+    await ingest.track(custom_event(installation, event_id="twice-1"))
+    profile = await identity.profile_of(installation)
+    request_id = str(uuid.uuid4())
+    reply = await identity.delete(profile, request_id, exact=True)
+
+    original = IdentityService._stored_answer
+    missed: list[str] = []
+
+    async def first_look_misses(self: IdentityService, tx: Any, *args: Any) -> Any:
+        if args[1] == "DeleteProfile" and not missed:
+            missed.append(args[2])
+            return None
+        return await original(self, tx, *args)
+
+    monkeypatch.setattr(IdentityService, "_stored_answer", first_look_misses)
+    twin = await identity.delete(profile, request_id, exact=True)
+    assert missed == [request_id]
+    assert twin == reply
