@@ -136,6 +136,8 @@ async def test_a_merge_brings_the_merged_profiles_rejected_events_along(suite: S
 @pytest.mark.parametrize(
     "profile_id",
     ["not-a-uuid", "{" + str(uuid.uuid4()) + "}", uuid.uuid4().hex, "x" * 40],
+    # Named, not shown: test IDs must be the same in every collecting process (pytest-xdist).
+    ids=["not-a-uuid", "braced-uuid", "bare-hex-uuid", "forty-x"],
 )
 async def test_a_malformed_profile_id_is_refused_with_its_field(
     suite: Suite, profile_id: str
