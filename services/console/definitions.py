@@ -859,6 +859,193 @@ def update_violations(
     return [(path.removeprefix(prefix), why) for path, why in violations]
 
 
+# -- the users table's filters as a new segment's conditions -----------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class UsersFilters:
+    """The users table's filters as its URL holds them, read (pages._users_filters): the tab,
+    the segment box (`smart:3`, `flag:1`, `custom:<ID>`), the platform's name, the codes and
+    the starts typed."""
+
+    tab: str = "all"
+    segment: str = ""
+    platform: str = "all"
+    country: str = ""
+    language: str = ""
+    reach: str = ""
+    id_prefix: str = ""
+    custom_id: str = ""
+    email: str = ""
+    name: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class FilterWords:
+    """One filter of the users table as the segment form names it: what it is (`label`, with
+    what was typed apart, `typed`, for the page to isolate and shorten), and how it was carried
+    over or why it was not (`how`)."""
+
+    label: str
+    typed: str = ""
+    how: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class FromUsers:
+    """The new-segment form filled from the users table's filters: the form, the filters
+    carried over as its conditions, and those no condition of the form expresses (named on
+    the page, never dropped without a word)."""
+
+    form: SegmentForm
+    carried: tuple[FilterWords, ...]
+    left: tuple[FilterWords, ...]
+
+
+# What the identity tabs and the boxes no segment condition expresses are, and why not.
+NO_CUSTOM_ID_CONDITION = "a segment has no condition on the custom ID"
+USERS_TABS_LEFT = {
+    "identified": "Identified profiles (with a custom ID)",
+    "anonymous": "Anonymous profiles (without a custom ID)",
+}
+USER_DETAILS = "With user details (a first or last name, an email or a phone number)"
+OWN_GROUP = (
+    "joined by OR, it needs a group of its own beside the other conditions, and this form"
+    " holds one group"
+)
+# The users table's reach filter (ListProfiles' reachable_channel) is the overview's rule: an
+# address for the channel and a marketing subscription on it, for email and SMS.
+REACH_ADDRESSES = {"email": "email", "sms": "phone"}
+REACH_HOW = {
+    "email": "an email marketing subscription, and the email set",
+    "sms": "an SMS marketing subscription, and the phone set",
+}
+
+
+def _exists(attribute: str) -> ConditionForm:
+    return ConditionForm(kind="attribute", attribute=attribute, operator="exists")
+
+
+def segment_form_from_users(
+    filters: UsersFilters, custom: segments_pb2.Segment | None = None
+) -> FromUsers:
+    """The new-segment form with conditions that match the profiles the users table lists
+    with `filters` (their evaluation reads the same facts the table's projection is made
+    of), and the filters it cannot hold. `custom` is the custom segment the table is
+    filtered by (GetSegment's; None when it no longer exists): its conditions are copied, as
+    the form can hold no "member of" condition.
+
+    Carried over: the smart segment or flag, the platform, the country of the last session,
+    the reach by email or SMS (the address set and a marketing subscription on the channel),
+    the start of the email (any case, as both compare emails), the user details tab (a
+    group of four "is set", alone, or implied by an email or phone condition), a custom
+    segment's conditions (a form it can hold, joined by AND or alone). Not: the identified
+    and anonymous tabs and the custom ID's start (a segment has no custom ID condition), the
+    profile ID's start, the name (a word of it, ignoring accents), the language (the table
+    takes the devices' language when the attribute is unset), the reach by push (tokens and
+    opt-in)."""
+    own: list[ConditionForm] = []
+    carried: list[FilterWords] = []
+    left: list[FilterWords] = []
+    # Groups joined by OR (the user details, a custom segment's OR): the form holds one group,
+    # so such a group is carried only when it is the whole filter.
+    alone: list[tuple[FilterWords, str, tuple[ConditionForm, ...]]] = []
+
+    kind, _, value = filters.segment.partition(":")
+    if kind in ("smart", "flag"):
+        label = "Smart segment" if kind == "smart" else "Predictive flag"
+        own.append(ConditionForm(kind="smart_segment", smart=(filters.segment,)))
+        carried.append(FilterWords(label, SMART_CHOICES.get(filters.segment, value)))
+    if filters.platform in PLATFORM_CHOICES:
+        own.append(ConditionForm(kind="platform", platforms=(filters.platform,)))
+        carried.append(FilterWords("Platform", PLATFORM_CHOICES[filters.platform][0]))
+    if filters.country:
+        own.append(ConditionForm(kind="country", countries=filters.country))
+        carried.append(FilterWords("Country of the last session", filters.country))
+    if filters.reach in REACH_ADDRESSES:
+        own.append(ConditionForm(kind="subscription", channel=filters.reach))
+        own.append(_exists(REACH_ADDRESSES[filters.reach]))
+        carried.append(
+            FilterWords("Reachable by", CHANNEL_CHOICES[filters.reach][0], REACH_HOW[filters.reach])
+        )
+    elif filters.reach:
+        why = "a segment has no condition on push tokens or on the devices' notification opt-in"
+        left.append(FilterWords("Reachable by", CHANNEL_CHOICES[filters.reach][0], why))
+    if filters.email:
+        own.append(
+            ConditionForm(
+                kind="attribute",
+                attribute="email",
+                operator="starts_with",
+                value=filters.email,
+                ignore_case=True,
+            )
+        )
+        carried.append(FilterWords("Email starting with", filters.email, "in any case"))
+
+    if filters.tab in USERS_TABS_LEFT:
+        left.append(FilterWords(USERS_TABS_LEFT[filters.tab], "", NO_CUSTOM_ID_CONDITION))
+    elif filters.tab == "details":
+        if filters.email or filters.reach in REACH_ADDRESSES:
+            # An email or a phone is set already: the profile has user details.
+            carried.append(FilterWords(USER_DETAILS, "", "implied by the email or phone set"))
+        else:
+            four = tuple(_exists(a) for a in ("first_name", "last_name", "email", "phone"))
+            how = "the first name, last name, email or phone is set"
+            alone.append((FilterWords(USER_DETAILS, "", how), "or", four))
+
+    if kind == "custom":
+        name = custom.display_name if custom is not None else value
+        label = "Member of the custom segment"
+        if custom is None:
+            left.append(FilterWords(label, name, "it no longer exists"))
+        else:
+            form, editable = segment_form_of(custom)
+            if not editable:
+                why = "its conditions have a shape this form cannot hold (defined through the API)"
+                left.append(FilterWords(label, name, why))
+            elif len(form.conditions) == 1 or form.join == "and":
+                if len(own) + len(form.conditions) > MAX_CONDITIONS:
+                    why = f"with the others, its conditions would be over {MAX_CONDITIONS}"
+                    left.append(FilterWords(label, name, why))
+                else:
+                    own.extend(form.conditions)
+                    how = f"its conditions, copied: a later change to “{name}” does not follow"
+                    carried.append(FilterWords(label, name, how))
+            else:
+                how = f"its conditions, copied: a later change to “{name}” does not follow"
+                alone.append((FilterWords(label, name, how), "or", form.conditions))
+
+    join = "and"
+    if alone and not own and len(alone) == 1:
+        words, join, conditions = alone[0]
+        own.extend(conditions)
+        carried.append(words)
+    else:
+        left += [replace(words, how=OWN_GROUP) for words, _, _ in alone]
+
+    if filters.language:
+        why = (
+            "a segment tests the language attribute only, where the table also takes the"
+            " language of the person's devices"
+        )
+        left.append(FilterWords("Language", filters.language, why))
+    if filters.name:
+        why = (
+            "a segment compares a first or last name from its start, not any word of the name"
+            " ignoring accents"
+        )
+        left.append(FilterWords("Name with a word starting with", filters.name, why))
+    if filters.custom_id:
+        label = "Custom ID starting with"
+        left.append(FilterWords(label, filters.custom_id, NO_CUSTOM_ID_CONDITION))
+    if filters.id_prefix:
+        why = "a segment has no condition on the profile ID"
+        left.append(FilterWords("Profile ID starting with", filters.id_prefix, why))
+    form = SegmentForm(join=join, conditions=tuple(own) or SegmentForm().conditions)
+    return FromUsers(form, tuple(carried), tuple(left))
+
+
 # -- the service's refusals, by box -----------------------------------------------------------
 
 _CONDITION_PATH = re.compile(

@@ -27,7 +27,7 @@ from urllib.parse import urlencode
 
 import structlog
 from redis.exceptions import RedisError
-from starlette.datastructures import FormData
+from starlette.datastructures import FormData, QueryParams
 from starlette.requests import Request
 from starlette.responses import (
     PlainTextResponse,
@@ -58,6 +58,8 @@ from services.console.sessions import (
     COOKIE,
     EXPIRED,
     KEY_REFUSED,
+    SIGNED_IN_AGAIN,
+    SIGNED_OUT,
     SIGNIN_CSRF_COOKIE,
     ConsoleSession,
     SessionStore,
@@ -78,8 +80,10 @@ TABS = {
     "anonymous": query_pb.PROFILE_IDENTITY_FILTER_ANONYMOUS,
     "details": query_pb.PROFILE_IDENTITY_FILTER_HAS_USER_DETAILS,
 }
-# The users table's rows per page.
+# The users table's rows per page, unless its filter form's `rows` chose another of
+# USERS_PAGE_SIZES (ListProfiles takes up to 500; 200 rows keep a page light).
 USERS_PAGE_SIZE = 50
+USERS_PAGE_SIZES = (25, 50, 100, 200)
 # The users table pages back through the page tokens that led to the page, kept in its URL
 # (`trail`, the first page's as FIRST_PAGE): the service's cursors only go forward. At most
 # this many (a token is about 110 characters; the server refuses request lines over 16 KB):
@@ -189,7 +193,8 @@ def signed_in(
         try:
             return await handler(request, session)
         except SignedOut:
-            await console.sessions.delete(session.session_id)
+            # Ended rather than deleted: a live feed of this session in another tab says why.
+            await console.sessions.end(session.session_id, KEY_REFUSED)
             return _to_sign_in(request, KEY_REFUSED)
         except ServiceDown as down:
             return render(request, "problem.html", {"down": down}, session=session, status=503)
@@ -294,6 +299,8 @@ SESSION_ENDED = {
     EXPIRED: "Your session expired; sign in again.",
     KEY_REFUSED: "The key you signed in with is no longer valid (revoked or unknown): sign in"
     " again with a valid key.",
+    SIGNED_OUT: "You signed out (in another tab or window); sign in again.",
+    SIGNED_IN_AGAIN: "You signed in again since, in another tab or window; sign in again here.",
 }
 
 
@@ -382,9 +389,16 @@ async def signin(request: Request) -> Response:
         return again("This is an SDK key; the console needs a read or admin key.", 403)
     except ServiceDown as down:
         return again(f"The {down.service} service is not answering; try again shortly.", 503)
-    # A new session ID at every sign-in (no fixation); the previous session of this browser ends.
-    await console.sessions.delete(request.cookies.get(COOKIE, ""))
+    # A new session ID at every sign-in (no fixation); the previous session of this browser
+    # ends, leaving the new one's role and project in its place: its live feeds, open in
+    # other tabs, say the person signed in again (with a key of another role, maybe).
+    cookie = request.cookies.get(COOKIE, "")
+    previous = await console.sessions.get(cookie, renew=False)
     session = await console.sessions.create(key, signed_in.role, signed_in.project_id)
+    if previous is not None:
+        await console.sessions.end(previous.session_id, SIGNED_IN_AGAIN, successor=session)
+    else:
+        await console.sessions.delete(cookie)
     log.info("console_signed_in", role=signed_in.role)
     response = RedirectResponse(target, status_code=303)
     response.set_cookie(
@@ -416,7 +430,9 @@ async def signout(request: Request) -> Response:
             # another site: nothing is removed without this session's own token, which the
             # page offers, so a person is one click from signing out.
             return render(request, "signout.html", {"csrf_token": session.csrf_token}, status=403)
-        await console.sessions.delete(session.session_id)
+        # Ended rather than deleted: its live feeds, open in other tabs, say the person
+        # signed out.
+        await console.sessions.end(session.session_id, SIGNED_OUT)
     response.delete_cookie(COOKIE, path="/")
     return response
 
@@ -480,10 +496,11 @@ def _code(
     return code
 
 
-def _platform(request: Request, notices: list[str]) -> tuple[str, int]:
-    name = _known(
-        request.query_params, "platform", present.PLATFORMS, "all", "showing all platforms", notices
-    )
+def _platform(
+    request: Request, notices: list[str], params: Mapping[str, str] | None = None
+) -> tuple[str, int]:
+    given = request.query_params if params is None else params
+    name = _known(given, "platform", present.PLATFORMS, "all", "showing all platforms", notices)
     return name, present.PLATFORMS[name]
 
 
@@ -593,11 +610,11 @@ def _page_number(text: str, trail_length: int) -> int:
     return max(number, trail_length + 1)
 
 
-def _paging(params: Mapping[str, str]) -> tuple[str, list[str], int]:
+def _paging(params: Mapping[str, str], first: str = FIRST_PAGE) -> tuple[str, list[str], int]:
     """A paged list's page token, the trail of tokens that led to it, and its page number,
     from its URL. A trail that cannot have led to the page is ignored (an altered or
     hand-made link): any on the first page (no token), and one that does not start at the
-    first page (FIRST_PAGE, and only there) unless cut to TRAIL_LIMIT; the first page is
+    first page (`first`, and only there) unless cut to TRAIL_LIMIT; the first page is
     page 1 whatever `page` says."""
     page_token = params.get("page_token", "")
     if not page_token:
@@ -605,10 +622,42 @@ def _paging(params: Mapping[str, str]) -> tuple[str, list[str], int]:
     given = [t for t in params.get("trail", "").split(",") if t]
     trail = given[-TRAIL_LIMIT:]
     cut = len(given) > len(trail) or len(trail) == TRAIL_LIMIT
-    starts = cut or (bool(trail) and trail[0] == FIRST_PAGE)
-    if not starts or FIRST_PAGE in trail[1:] or page_token in trail:
+    starts = cut or (bool(trail) and trail[0] == first)
+    if not starts or first in trail[1:] or page_token in trail:
         trail = []
     return page_token, trail, _page_number(params.get("page", ""), len(trail))
+
+
+def _users_page_size(given: str, notices: list[str]) -> int:
+    """The users table's rows per page from its URL's `rows`: one of USERS_PAGE_SIZES, else
+    USERS_PAGE_SIZE, and another value is named in `notices`."""
+    if given.strip() in {str(size) for size in USERS_PAGE_SIZES}:
+        return int(given)
+    if given:
+        choices = ", ".join(str(size) for size in USERS_PAGE_SIZES[:-1])
+        notices.append(
+            f"Unknown number of rows a page “{present.shorten(given)}”: showing"
+            f" {USERS_PAGE_SIZE} ({choices} or {USERS_PAGE_SIZES[-1]} may be chosen)."
+        )
+    return USERS_PAGE_SIZE
+
+
+def _users_trail_start(page_size: int) -> str:
+    """The users table's first page in its trail: FIRST_PAGE, followed by the page size when
+    it is not the default ("0.100"). A page token holds for any page size (it is a position),
+    but the pages a trail leads back through, and the page's number, are those of the size it
+    was made with: a trail of another size cannot have led to the page."""
+    return FIRST_PAGE if page_size == USERS_PAGE_SIZE else f"{FIRST_PAGE}.{page_size}"
+
+
+def _users_trail_size(trail: str) -> int:
+    """The page size a users table's trail was made with (its first entry's), or 0 when it
+    names none of USERS_PAGE_SIZES (cut to TRAIL_LIMIT, altered)."""
+    start = trail.split(",", 1)[0]
+    for size in USERS_PAGE_SIZES:
+        if start == _users_trail_start(size):
+            return size
+    return 0
 
 
 def _segment_filter(value: str) -> dict[str, Any]:
@@ -635,10 +684,13 @@ USERS_BOXES = {
 DEFAULT_ALL = ("tab", "platform")
 
 
-def _users_filters(request: Request, notices: list[str]) -> dict[str, Any]:
-    """The users table's filters and sort from its URL (what the page and its CSV share): the
-    values the page's links keep, and the ListProfiles fields they make (`request_fields`)."""
-    params = request.query_params
+def _users_filters(
+    request: Request, notices: list[str], params: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """The users table's filters and sort from its URL (what the page and its CSV share), or
+    from `params` (the new-segment form's copy of them): the values the page's links keep,
+    and the ListProfiles fields they make (`request_fields`)."""
+    params = request.query_params if params is None else params
     tab = _known(params, "tab", TABS, "all", "showing all profiles", notices)
     sort = _known(params, "sort", SORTS, "last_seen", "sorted by last seen", notices)
     order = _known(params, "order", ("asc", "desc"), "desc", "sorted descending", notices)
@@ -647,7 +699,7 @@ def _users_filters(request: Request, notices: list[str]) -> dict[str, Any]:
     if segment and not segment_fields:
         notices.append(f"Unknown segment “{present.shorten(segment)}”: showing every profile.")
         segment = ""
-    platform_name, platform_value = _platform(request, notices)
+    platform_name, platform_value = _platform(request, notices, params)
     # The filters an overview figure opens (its language, country or channel reach): shown as
     # chips, each with a link that lifts it.
     language = _code(params, "language", present.language_code, "showing every language", notices)
@@ -716,9 +768,16 @@ async def users_page(request: Request, session: ConsoleSession) -> Response:
     platform_name, name = filters["platform"], filters["name"]
     language, country, reach = filters["language"], filters["country"], filters["reach"]
     id_prefix, custom_id, email = filters["id_prefix"], filters["custom_id"], filters["email"]
-    page_token, trail, page_number = _paging(params)
+    rows = _users_page_size(params.get("rows", ""), notices)
+    first = _users_trail_start(rows)
+    page_token, trail, page_number = _paging(params, first)
+    # A link whose page size was changed by hand: its trail leads back through pages of
+    # another size (ignored above), and the rows before this one are counted in that size.
+    numbered_by = rows
+    if page_token and not trail:
+        numbered_by = _users_trail_size(params.get("trail", "")) or rows
     request_fields = {
-        "page_size": USERS_PAGE_SIZE,
+        "page_size": rows,
         "include_total_size": True,
         "page_token": page_token,
         **filters["request_fields"],
@@ -760,7 +819,7 @@ async def users_page(request: Request, session: ConsoleSession) -> Response:
         return query_pb.ListProfilesResponse()
 
     segments, reply = await both(list_segments(), list_profiles())
-    past_the_count = (page_number - 1) * USERS_PAGE_SIZE + len(reply.profiles) > reply.total_size
+    past_the_count = (page_number - 1) * numbered_by + len(reply.profiles) > reply.total_size
     if past_the_count and not reply.total_size_is_lower_bound:
         page_number = len(trail) + 1  # an edited `page`: the trail's number is the right one
 
@@ -778,6 +837,8 @@ async def users_page(request: Request, session: ConsoleSession) -> Response:
             "id": id_prefix,
             "custom_id": custom_id,
             "email": email,
+            # The page size, kept by every link of the page but the CSV's (whole, not paged).
+            "rows": "" if rows == USERS_PAGE_SIZE else str(rows),
         }
         state.update(changes)
         # "all" is the tab's and the platform's default; a typed filter "all" is kept.
@@ -790,14 +851,14 @@ async def users_page(request: Request, session: ConsoleSession) -> Response:
             return ""
         return link(
             page_token=reply.next_page_token,
-            trail=",".join([*trail, page_token or FIRST_PAGE][-TRAIL_LIMIT:]),
+            trail=",".join([*trail, page_token or first][-TRAIL_LIMIT:]),
             page=str(page_number + 1),
         )
 
     def previous_link() -> str:
         if not trail or refused is not None:
             return ""
-        token = "" if trail[-1] == FIRST_PAGE else trail[-1]
+        token = "" if trail[-1] == first else trail[-1]
         return link(page_token=token, trail=",".join(trail[:-1]), page=str(page_number - 1))
 
     def sort_link(column: str) -> str:
@@ -851,13 +912,20 @@ async def users_page(request: Request, session: ConsoleSession) -> Response:
             "first_page": link() if page_token else "",
             "shown": present.shown_rows(
                 page_number,
-                USERS_PAGE_SIZE,
+                numbered_by,
                 len(reply.profiles),
                 reply.total_size,
                 at_least=reply.total_size_is_lower_bound,
             ),
+            "page_size": rows,
+            "page_sizes": USERS_PAGE_SIZES,
             "link": link,
-            "csv_link": "/users.csv" + link().removeprefix("/users"),
+            "csv_link": "/users.csv" + link(rows="").removeprefix("/users"),
+            # "Save as segment" (admins): the new-segment form filled from these filters.
+            "segment_link": "/segments/new?"
+            + "&".join(
+                ["from=users", link(sort="", order="", rows="").removeprefix("/users?")]
+            ).rstrip("&"),
             "sort_link": sort_link,
             "segments": segments,
             "segments_down": segments_down,
@@ -2208,14 +2276,15 @@ def live_stream(handler: Handler) -> Callable[[Request], Coroutine[Any, Any, Res
 
     async def wrapped(request: Request) -> Response:
         console = console_of(request)
-        session = await console.sessions.get(request.cookies.get(COOKIE, ""))
+        cookie = request.cookies.get(COOKIE, "")
+        session = await console.sessions.get(cookie)
         if session is None:
-            return _ended_stream("signed_out")
+            return _ended_stream(await signed_out_item(console, cookie))
         try:
             return await handler(request, session)
         except SignedOut:
             await console.sessions.end(session.session_id, KEY_REFUSED)
-            return _ended_stream("signed_out")
+            return _ended_stream(await signed_out_item(console, cookie, session))
         except (NotFound, BadInput):
             return _ended_stream("gone")
         except Forbidden:
@@ -2226,12 +2295,50 @@ def live_stream(handler: Handler) -> Callable[[Request], Coroutine[Any, Any, Res
     return wrapped
 
 
-def _ended_stream(reason: str) -> Response:
+def _ended_stream(reason: str | dict[str, str]) -> Response:
+    item = reason if isinstance(reason, dict) else {"reason": reason}
     return StreamingResponse(
-        iter([b"retry: 2000\n\n", sse({"reason": reason}, event="ended")]),
+        iter([b"retry: 2000\n\n", sse(item, event="ended")]),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-store"},
     )
+
+
+# What a live feed's status line says after "Live updates stopped: " when its session ended,
+# by why (sessions.SessionEnding), as the sign-in page says it of a full page (SESSION_ENDED).
+LIVE_SIGNED_OUT = {
+    EXPIRED: "your session expired.",
+    KEY_REFUSED: "the key you signed in with is no longer valid (revoked or unknown).",
+    SIGNED_OUT: "you signed out in another tab or window.",
+}
+SIGN_IN_AGAIN = {"link": "Sign in again", "to": "signin"}
+
+
+def _a_role(role: str) -> str:
+    return f"an {role} key" if role[:1] in "aeiou" else f"a {role} key"
+
+
+async def signed_out_item(
+    console: Console, session_id: str, session: ConsoleSession | None = None
+) -> dict[str, str]:
+    """The `ended` item of a live feed whose session no longer holds: why (the reason its
+    end left in the store), what the page says, and the way on (`to`: sign in again, reload
+    the page with the session that replaced it, or open the overview of another project).
+    `session`, when the feed knows it, is the session as it was: signing in again with a
+    key of another role or project is told so."""
+    ending = await console.sessions.ending(session_id)
+    item = {"reason": "signed_out", "why": ending.why, **SIGN_IN_AGAIN}
+    if ending.why != SIGNED_IN_AGAIN:
+        item["text"] = LIVE_SIGNED_OUT.get(ending.why, "you are signed out.")
+        return item
+    text = "you signed in again in another tab or window"
+    if session is not None and ending.project_id and ending.project_id != session.project_id:
+        item |= {"text": text + ", with a key of another project.", "link": "Open the overview"}
+        item["to"] = "overview"
+        return item
+    if session is not None and ending.role and ending.role != session.role:
+        text += f", with {_a_role(ending.role)} (this page was opened with {_a_role(session.role)})"
+    return item | {"text": text + ".", "link": "Reload this page", "to": "here"}
 
 
 class SessionGuard:
@@ -2249,26 +2356,28 @@ class SessionGuard:
         self._check = check
         self._next_key_check = asyncio.get_running_loop().time() + KEY_CHECK_SECONDS
 
-    async def ended(self) -> str:
-        """Why the feed must end ("signed_out", "gone"), or "" while it may go on."""
-        if not await self._console.sessions.alive(self._session.session_id):
-            return "signed_out"
+    async def ended(self) -> dict[str, str] | None:
+        """The `ended` item of a feed that must end (its reason "signed_out", with why, or
+        "forbidden", "gone"), or None while it may go on."""
+        session_id = self._session.session_id
+        if not await self._console.sessions.alive(session_id):
+            return await signed_out_item(self._console, session_id, self._session)
         now = asyncio.get_running_loop().time()
         if now < self._next_key_check:
-            return ""
+            return None
         self._next_key_check = now + KEY_CHECK_SECONDS
         try:
             await self._check()
         except SignedOut:
-            await self._console.sessions.end(self._session.session_id, KEY_REFUSED)
-            return "signed_out"
+            await self._console.sessions.end(session_id, KEY_REFUSED)
+            return await signed_out_item(self._console, session_id, self._session)
         except Forbidden:
-            return "forbidden"
+            return {"reason": "forbidden"}
         except NotFound:
-            return "gone"
+            return {"reason": "gone"}
         except (ServiceDown, BadInput):
             pass  # a service slow for a moment: the next check tries again
-        return ""
+        return None
 
 
 def live_cursor(version: int, received: datetime | None) -> str:
@@ -2387,7 +2496,7 @@ async def profile_live(request: Request, session: ConsoleSession) -> Response:
                             item = await queue.get()
                 ended = await guard.ended()
                 if ended:
-                    yield sse({"reason": ended}, event="ended")
+                    yield sse(ended, event="ended")
                     return
                 now = asyncio.get_running_loop().time()
                 if item is None:
@@ -2827,6 +2936,8 @@ async def _definition_page(
     etag: str = "",
     moves: tuple[int, int] | None = None,
     stale: bool = False,
+    from_users: definitions.FromUsers | None = None,
+    users_query: str = "",
 ) -> Response:
     """The form as typed, with the service's refusals beside their boxes, or with what it
     would create now (`preview`: the Segment or Funnel a validate_only call answered). With
@@ -2857,17 +2968,90 @@ async def _definition_page(
             "etag": etag,
             "moves": moves,
             "stale": stale,
+            "from_users": from_users,
+            "users_query": users_query,
         },
         session=session,
         status=status,
     )
 
 
+# The most of a users table's query string a new-segment form posts back (hidden): its ten
+# filters, each far shorter.
+MAX_USERS_QUERY = 8192
+# The users table's parameters that "Save as segment" carries to the new-segment form: its
+# filters (not its sort, page or page size).
+USERS_FILTER_PARAMETERS = (
+    "tab",
+    "segment",
+    "platform",
+    "name",
+    "language",
+    "country",
+    "reach",
+    "id",
+    "custom_id",
+    "email",
+)
+
+
+async def _from_users(
+    request: Request, session: ConsoleSession, users_query: str
+) -> definitions.FromUsers:
+    """The new-segment form filled from the users table's filters in `users_query` (its query
+    string): the conditions carried over and the filters left, read as the users table reads
+    them. A custom segment filter is read with GetSegment, its conditions copied."""
+    params = QueryParams(users_query)
+    filters = _users_filters(request, [], params)
+    custom = None
+    kind, _, segment_id = filters["segment"].partition(":")
+    if kind == "custom":
+        try:
+            custom = await _definition_named(console_of(request), session, "segment", segment_id)
+        except (NotFound, BadInput):
+            custom = None  # deleted since (or never one): the form says it is not carried
+    return definitions.segment_form_from_users(
+        definitions.UsersFilters(
+            tab=filters["tab"],
+            segment=filters["segment"],
+            platform=filters["platform"],
+            country=filters["country"],
+            language=filters["language"],
+            reach=filters["reach"],
+            id_prefix=filters["id_prefix"],
+            custom_id=filters["custom_id"],
+            email=filters["email"],
+            name=filters["name"],
+        ),
+        custom,
+    )
+
+
+def users_filter_query(params: Mapping[str, str]) -> str:
+    """The users table's filters of `params` as a query string (see USERS_FILTER_PARAMETERS)."""
+    return urlencode({k: params[k] for k in USERS_FILTER_PARAMETERS if params.get(k)})
+
+
 @signed_in
 async def segment_new_form(request: Request, session: ConsoleSession) -> Response:
+    """The new-segment form; `from=users` (the users table's "Save as segment") fills it
+    with conditions equivalent to the table's filters, also given in the query string, and
+    names those it cannot carry over."""
     require_admin(session, "define a segment")
+    form = definitions.SegmentForm()
+    from_users, users_query = None, ""
+    if request.query_params.get("from") == "users":
+        users_query = users_filter_query(request.query_params)
+        from_users = await _from_users(request, session, users_query)
+        form = from_users.form
     return await _definition_page(
-        request, session, "segment", definitions.SegmentForm(), str(uuid.uuid4())
+        request,
+        session,
+        "segment",
+        form,
+        str(uuid.uuid4()),
+        from_users=from_users,
+        users_query=users_query,
     )
 
 
@@ -2900,19 +3084,41 @@ async def _definition_post(request: Request, session: ConsoleSession, what: str)
     else:
         form = definitions.read_funnel_form(get)
         rows = len(form.steps)
+    # A form filled from the users table (hidden: its filters' query string) goes on naming
+    # what was not carried over, whatever is added, removed or previewed.
+    users_query = ""
+    if what == "segment":
+        users_query = users_filter_query(
+            QueryParams(str(posted.get("from_users", ""))[:MAX_USERS_QUERY])
+        )
+    from_users = await _from_users(request, session, users_query) if users_query else None
+
+    async def page(form: Any, *args: Any, **kwargs: Any) -> Response:
+        return await _definition_page(
+            request,
+            session,
+            what,
+            form,
+            request_id,
+            *args,
+            from_users=from_users,
+            users_query=users_query,
+            **kwargs,
+        )
+
     if not tokens_match(session.csrf_token, str(posted.get("csrf_token", ""))):
         expired = definitions.Refusals({"": present.FORM_EXPIRED_KEPT})
-        return await _definition_page(request, session, what, form, request_id, expired, status=403)
+        return await page(form, expired, status=403)
     if action == "add":
         form = definitions.add_condition(form) if what == "segment" else definitions.add_step(form)
-        return await _definition_page(request, session, what, form, request_id)
+        return await page(form)
     if action.startswith("remove-") and action[7:].isdigit():
         index = int(action[7:])
         if what == "segment":
             form = definitions.remove_condition(form, index)
         else:
             form = definitions.remove_step(form, index)
-        return await _definition_page(request, session, what, form, request_id)
+        return await page(form)
     built: Any
     if what == "segment":
         built, refusals = definitions.segment_request(form, request_id)
@@ -2920,9 +3126,7 @@ async def _definition_post(request: Request, session: ConsoleSession, what: str)
         built, refusals = definitions.funnel_request(form, request_id)
     previewing = action == "preview"
     if refusals:
-        return await _definition_page(
-            request, session, what, form, request_id, refusals, status=400, previewing=previewing
-        )
+        return await page(form, refusals, status=400, previewing=previewing)
     method = "CreateSegment" if what == "segment" else "CreateFunnel"
     # A preview is the same request, checked and counted by the service but not stored: its
     # refusals are a creation's, told the same way. The request_id is kept for the creation.
@@ -2942,12 +3146,10 @@ async def _definition_post(request: Request, session: ConsoleSession, what: str)
             refusals = definitions.funnel_refusals(bad.violations, rows)
         if not refusals:
             refusals = definitions.Refusals({"": present.problem_text(bad)})
-        return await _definition_page(
-            request, session, what, form, request_id, refusals, status=400, previewing=previewing
-        )
+        return await page(form, refusals, status=400, previewing=previewing)
     if previewing:
         preview = reply.segment if what == "segment" else reply.funnel
-        return await _definition_page(request, session, what, form, request_id, preview=preview)
+        return await page(form, preview=preview)
     created = reply.segment.segment_id if what == "segment" else reply.funnel.funnel_id
     log.info("console_definition_created", kind=what, id=created)
     return RedirectResponse(f"/segments?created={what}:{created}", status_code=303)
@@ -3376,7 +3578,7 @@ async def segments_live(request: Request, session: ConsoleSession) -> Response:
                 done, _ = await asyncio.wait({pending}, timeout=wait)
                 ended = await guard.ended()
                 if ended:
-                    yield sse({"reason": ended}, event="ended")
+                    yield sse(ended, event="ended")
                     return
                 now = loop.time()
                 retry_in = people.retry_in(now)
@@ -3398,7 +3600,7 @@ async def segments_live(request: Request, session: ConsoleSession) -> Response:
             yield sse({"reason": "closed"}, event="ended")
         except SignedOut:
             await console.sessions.end(session.session_id, KEY_REFUSED)
-            yield sse({"reason": "signed_out"}, event="ended")
+            yield sse(await signed_out_item(console, session.session_id, session), event="ended")
         except (ServiceDown, BadInput, NotFound):
             yield sse({"reason": "closed"}, event="ended")
         finally:

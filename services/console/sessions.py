@@ -33,14 +33,27 @@ COOKIE = "profiles_console_session"
 SIGNIN_CSRF_COOKIE = "profiles_console_signin"
 # HKDF's label: the sealing key is for this purpose only (and a later format gets a new label).
 SEAL_INFO = b"profiles console session: sealed api key v1"
-# Why a session ended, as the sign-in page tells it: the key was refused (revoked or unknown),
-# or the session expired.
+# Why a session ended, as the sign-in page and the live feeds tell it: the key was refused
+# (revoked or unknown), the session expired, the person signed out, or signed in again in this
+# browser (another tab), which replaces its session, maybe with a key of another role.
 KEY_REFUSED = "key"
 EXPIRED = "1"
+SIGNED_OUT = "signed_out"
+SIGNED_IN_AGAIN = "again"
 # How long an ended session's reason stays in its place: the person's next page reads it.
 ENDED_SECONDS = 24 * 3600
 NONCE_BYTES = 12  # AES-GCM's 96-bit nonce, random per write
 TAG_BYTES = 16
+
+
+@dataclass(frozen=True, slots=True)
+class SessionEnding:
+    """Why a session no longer holds (`why`: one of the reasons above) and, when the person
+    signed in again, the new session's role and project."""
+
+    why: str
+    role: str = ""
+    project_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,10 +113,12 @@ def unseal(session_id: str, sealed: bytes, role: str, project_id: str) -> str | 
         return None
 
 
-def _text(value: bytes | None) -> str:
+def _text(value: bytes | str | None) -> str:
     """A Redis field as text; "" when missing or not UTF-8 (an altered record)."""
     if value is None:
         return ""
+    if isinstance(value, str):
+        return value
     try:
         return value.decode()
     except UnicodeDecodeError:
@@ -196,28 +211,42 @@ class SessionStore:
             return 0
         return int(created) + self._max_age - int(time.time())
 
-    async def end(self, session_id: str, why: str) -> None:
-        """Ends the session and leaves, for ENDED_SECONDS, why in its place (`why`: KEY_REFUSED):
-        a live feed that found the key revoked cannot reach the browser's cookie, and the
-        person's next page tells them so instead of a bare sign-in."""
+    async def end(
+        self, session_id: str, why: str, *, successor: ConsoleSession | None = None
+    ) -> None:
+        """Ends the session and leaves, for ENDED_SECONDS, why in its place (`why`: KEY_REFUSED,
+        SIGNED_OUT, or SIGNED_IN_AGAIN with the `successor` session's role and project): a live
+        feed of the session, in another tab, tells the person why it stopped, and a page
+        opened with a revoked key's cookie says so instead of a bare sign-in. The key, the CSRF
+        token and the sign-in time go at once; only the reason stays."""
         if not session_id:
             return
         name = self._name(session_id)
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.delete(name)
             pipe.hset(name, "ended", why)
+            if successor is not None:
+                pipe.hset(name, "role", successor.role)
+                pipe.hset(name, "project", successor.project_id)
             pipe.expire(name, ENDED_SECONDS)
             await pipe.execute()
 
-    async def why_ended(self, session_id: str) -> str:
-        """Why a session that no longer holds ended: what `end` left (KEY_REFUSED), else
-        EXPIRED (its cookie outlived it: idle too long, or past its maximum age); "" for no
-        session ID (never signed in, or signed out: the cookie goes with the session)."""
+    async def ending(self, session_id: str) -> SessionEnding:
+        """Why a session that no longer holds ended: what `end` left, else EXPIRED (its
+        cookie outlived it: idle too long, or past its maximum age); why "" for no session
+        ID (never signed in)."""
         if not session_id:
-            return ""
-        why = await self._redis.hget(self._name(session_id), "ended")
-        text = why.decode(errors="replace") if isinstance(why, bytes) else why
-        return text or EXPIRED
+            return SessionEnding("")
+        fields = await self._redis.hgetall(self._name(session_id))
+        return SessionEnding(
+            _text(fields.get(b"ended")) or EXPIRED,
+            _text(fields.get(b"role")),
+            _text(fields.get(b"project")),
+        )
+
+    async def why_ended(self, session_id: str) -> str:
+        """`ending`'s reason alone."""
+        return (await self.ending(session_id)).why
 
     async def delete(self, session_id: str) -> None:
         if session_id:

@@ -49,7 +49,7 @@ async def test_signing_out_in_another_tab_stops_an_open_live_feed(
     await expect(other.get_by_label("Project key")).to_be_visible()
     # The open tab's feed ends within seconds, and says how to go on.
     await expect(page.locator(STATUS)).to_contain_text(
-        "Live updates stopped: you are signed out.", timeout=10_000
+        "Live updates stopped: you signed out in another tab or window.", timeout=10_000
     )
     await expect(page.locator(STATUS).get_by_role("link", name="Sign in again")).to_be_visible()
     await track(
@@ -88,7 +88,10 @@ async def test_a_revoked_key_ends_the_live_streams_already_open(
     # The services cache a verified key for a few seconds.
     async with asyncio.timeout(30):
         ends = await asyncio.gather(end_of(profile_feed), end_of(segments_feed))
-    assert ends == [{"reason": "signed_out"}, {"reason": "signed_out"}]
+    # Both say why: the key is no longer valid (whichever feed found it first ended the
+    # session with that reason, which the other reads).
+    assert [(end["reason"], end["why"]) for end in ends] == [("signed_out", "key")] * 2
+    assert ends[0]["text"] == "the key you signed in with is no longer valid (revoked or unknown)."
     await profile_feed.aclose()
     await segments_feed.aclose()
 

@@ -153,12 +153,17 @@ function liveFeed(options) {
           "Refresh to try again", window.location.pathname);
     });
     source.addEventListener("ended", (message) => {
-      const reason = JSON.parse(message.data).reason;
+      const data = JSON.parse(message.data);
+      const reason = data.reason;
       if (reason === "signed_out") {
+        // Why, in the server's words (expired, signed out or in again in another tab, the key
+        // refused), and the way on: sign in again, reload with the new session, the overview.
         source.close();
         const here = window.location.pathname + window.location.search;
-        say(`${options.name} stopped: you are signed out. `, "Sign in again",
-            "/signin?next=" + encodeURIComponent(here));
+        const to = { here, overview: "/overview" }[data.to] ||
+          "/signin?next=" + encodeURIComponent(here);
+        say(`${options.name} stopped: ${data.text || "you are signed out."} `,
+            data.link || "Sign in again", to);
       } else if (reason === "gone") {
         source.close();
         say(options.gone || `${options.name} stopped.`);
@@ -402,7 +407,35 @@ function showChosenKind(condition) {
   update();
 }
 
+// A Copy button beside an ID (`data-copy`: the exact text; `data-copy-what`: what it is, for
+// the button's name). Only where the Clipboard API is (a secure context: https, or the
+// console on localhost): elsewhere, and without a script, there is no button and the ID stays
+// text to select. The button's status region, there from the start so that a screen reader
+// hears it change, says "Copied" (or that copying failed) and is emptied a little later.
+function copyButton(node) {
+  if (!navigator.clipboard || !window.isSecureContext) return;
+  const button = element("button", "Copy", "copy secondary");
+  button.type = "button";
+  button.setAttribute("aria-label", "Copy the " + node.dataset.copyWhat);
+  const status = element("span", "", "copy-status");
+  status.setAttribute("role", "status");
+  let clear = null;
+  button.addEventListener("click", async () => {
+    clearTimeout(clear);
+    status.textContent = "";
+    try {
+      await navigator.clipboard.writeText(node.dataset.copy);
+      status.textContent = "Copied";
+    } catch (error) {
+      status.textContent = "Not copied: select the text to copy it";
+    }
+    clear = setTimeout(() => { status.textContent = ""; }, 4000);
+  });
+  node.after(" ", button, " ", status);
+}
+
 document.addEventListener("DOMContentLoaded", () => {
+  document.querySelectorAll("[data-copy]").forEach(copyButton);
   document.querySelectorAll("[data-condition]").forEach(showChosenKind);
   setInterval(refreshAgo, 30000);
   const overview = document.getElementById("overview");
