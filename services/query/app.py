@@ -16,7 +16,7 @@ from services.query.consumers import on_message
 from services.query.erasure_sweep import ErasureSweepWorker
 from services.query.live import ProfileWatch
 from services.query.repository import QueryRepository
-from services.query.service import QueryService, RollupService
+from services.query.service import MARKER_MARGIN_HOURS, QueryService, RollupService
 from services.query.servicer import QueryServicer
 from shared.bus import Consumer, ConsumerWorker
 from shared.server import Runtime, ServiceDefinition
@@ -37,7 +37,11 @@ def consumer_name() -> str:
 async def build(runtime: Runtime) -> ServiceDefinition:
     repository = QueryRepository(runtime.pool)
     service = QueryService(repository, runtime.clock)
-    rollups = RollupService(repository, runtime.clock)
+    rollups = RollupService(
+        repository,
+        runtime.clock,
+        batch_marker_hours=runtime.settings.bus_retention_hours + MARKER_MARGIN_HOURS,
+    )
     watch = ProfileWatch(runtime.bus, repository, runtime.clock)
     servicer = QueryServicer(service, watch)
     name = consumer_name()

@@ -1,16 +1,20 @@
 """Bus handlers of query's projection: a decoded message in, the profiles and installations it
-touched recounted, return. Also the worker that runs a consumer beside the server."""
+touched recounted (and an EventsIngested's custom events added to the event name counts),
+return. Also the worker that runs a consumer beside the server."""
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterable
 from uuid import UUID
 
 import structlog
 from google.protobuf.message import Message
 
-from profiles.common.v1 import bus_pb2
+from profiles.common.v1 import bus_pb2, types_pb2
+from services.query.rollup import NamedEvent, NamedEvents
 from services.query.service import RollupService
+from shared.convert import datetime_of
 
 log = structlog.get_logger(__name__)
 
@@ -60,16 +64,47 @@ def touched(message: Message) -> tuple[list[UUID], list[str]]:
     return _uuids(p for p in profiles if p), [i for i in installations if i]
 
 
+def named_events(message: bus_pb2.EventsIngested) -> NamedEvents:
+    """The custom events of a stored batch, for the event name counts, under its batch ID (a
+    UUID ingest draws per batch; for a message without one, a UUID of its bytes, which every
+    delivery of it shares too)."""
+    events = []
+    for event in message.events:
+        if event.kind != types_pb2.EVENT_KIND_CUSTOM or not event.custom.name:
+            continue
+        try:
+            profile_id = UUID(event.profile_id)
+        except ValueError:
+            continue  # never sent by ingest; no profile to count it for
+        events.append(
+            NamedEvent(
+                profile_id,
+                event.custom.name,
+                datetime_of(event.event_time),
+                datetime_of(event.receive_time),
+                event.event_id,
+            )
+        )
+    try:
+        batch_id = UUID(message.batch_id)
+    except ValueError:
+        batch_id = uuid.uuid5(uuid.NAMESPACE_OID, message.SerializeToString().hex())
+    return NamedEvents(batch_id, tuple(events))
+
+
 async def on_message(
     rollups: RollupService, project_id: str, message: Message, entry_id: str
 ) -> None:
-    """Recounts what the message touched; a redelivery recounts again and moves nothing."""
+    """Recounts what the message touched; a redelivery recounts again and moves nothing, and
+    an EventsIngested's custom events are counted once whatever its deliveries."""
     profiles, installations = touched(message)
-    moved = await rollups.recount(UUID(project_id), profiles, installations)
+    names = named_events(message) if isinstance(message, bus_pb2.EventsIngested) else None
+    moved = await rollups.recount(UUID(project_id), profiles, installations, names)
     log.debug(
         "query_rollups_recounted",
         entry_id=entry_id,
         profiles=len(profiles),
         installations=len(installations),
+        custom_events=len(names.events) if names is not None else 0,
         counters_moved=moved,
     )

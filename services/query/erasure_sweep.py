@@ -7,12 +7,13 @@ Identity records every erased profile ID in the erasure's own transaction (0061,
 identity_read_erased_profiles). On start, then every PROFILES_ERASURE_SWEEP_MINUTES, the sweep
 reads that record from its watermark on and recounts, with RollupService.recount (what the
 ProfileDeleted handler does: one rule, written once), the erased profiles query still holds a
-row of: a recount finds them gone from identity, deletes their rows (and name tails) and moves
-the overview's counters down. ProfileDeleted also names the profile's installations, which
-identity keeps no trace of after the erasure; in a project where the sweep found such a profile,
-it recounts the installation rows identity no longer knows (only an erasure removes one), walked
-in key order. The installations go first: a sweep stopped midway finds the profiles still there
-next time, and walks again.
+row of (in query_profiles, or event name counts kept under the ID: a tombstone's too): a
+recount finds them gone from identity, deletes their rows (and name tails), moves the
+overview's counters down and takes their events out of ListEventNames' counts. ProfileDeleted
+also names the profile's installations, which identity keeps no trace of after the erasure; in
+a project where the sweep found such a profile, it recounts the installation rows identity no
+longer knows (only an erasure removes one), walked in key order. The installations go first:
+a sweep stopped midway finds the profiles still there next time, and walks again.
 
 The watermark lives in memory: a process starts from the beginning of the record (one pass over
 every erasure, probes of primary keys), later sweeps read only the erasures committed since (and

@@ -33,20 +33,17 @@ from services.query.views import (
 # -- event names ------------------------------------------------------------------------------
 
 # A page of the project's custom event names after $2 within [$3, $4) (the prefix's range, or
-# every name), in code point order, each with its count and latest event time. Shaped for
-# ingest's events_custom_by_project_name (0065): `name COLLATE "C"` and the kind's literal
-# (EventKind CUSTOM) match the index and its predicate, so the plan walks the index in name
-# order (merged across partitions), groups as it goes (no hash, no sort) and stops after the
-# LIMIT's last name, index-only. It reads every event of the names it lists: a common name's
-# million events are a million index entries read for one row (docs/query.md).
-SELECT_EVENT_NAMES = f"""
-    SELECT e.name COLLATE "C" AS name, count(*) AS event_count,
-           max(e.event_time) AS last_seen_time
-    FROM ingest_read_events() e
-    WHERE e.project_id = $1 AND e.kind = {types_pb2.EVENT_KIND_CUSTOM}
-      AND e.name COLLATE "C" > $2 AND e.name COLLATE "C" >= $3 AND e.name COLLATE "C" < $4
-    GROUP BY e.name COLLATE "C"
-    ORDER BY e.name COLLATE "C"
+# every name), in code point order (the column's collation, "C"), each with its count and
+# latest event time: one range of query_event_names' primary key (0067), stopping at the
+# LIMIT, so a page reads one row per name it lists, whatever their events. The counts are kept
+# by query's rollup consumer (rollup_writes.py, FOLD_EVENT_NAMES), as of the last message it
+# handled. A name whose counted events were all erased has no row (a count of 0 is not listed,
+# should one be met).
+SELECT_EVENT_NAMES = """
+    SELECT name, event_count, last_seen_time
+    FROM query_event_names
+    WHERE project_id = $1 AND name > $2 AND name >= $3 AND name < $4 AND event_count > 0
+    ORDER BY name
     LIMIT $5"""
 
 # -- rejected events --------------------------------------------------------------------------

@@ -46,10 +46,13 @@ UNAVAILABLE: tuple[type[Exception], ...] = (
 # (The record's horizon and row shape: shared/erasure_record.py.)
 # A page of identity's record from a position on (its index, in its order; $2/$3 the last row
 # of the previous page, NULL for the first), each erased ID with whether query still holds its
-# row of query_profiles: a primary-key probe per row, as a LATERAL subquery (EXISTS in the
-# select list may be planned as a hash of the whole table, read at every sweep).
+# row of query_profiles or event name counts under it (query_profile_event_names, 0067; a
+# tombstone has no query_profiles row but may have those): a primary-key probe per row and
+# table, as LATERAL subqueries (EXISTS in the select list may be planned as a hash of the whole
+# table, read at every sweep).
 SELECT_ERASED_PROFILES = """
-    SELECT e.position, e.project_id, e.profile_id, q.found IS NOT NULL AS kept
+    SELECT e.position, e.project_id, e.profile_id,
+           q.found IS NOT NULL OR n.found IS NOT NULL AS kept
     FROM (
         SELECT e.erase_position::text AS position, e.project_id, e.profile_id
         FROM identity_read_erased_profiles() e
@@ -65,6 +68,11 @@ SELECT_ERASED_PROFILES = """
         WHERE q.project_id = e.project_id AND q.profile_id = e.profile_id
         LIMIT 1
     ) q ON true
+    LEFT JOIN LATERAL (
+        SELECT true AS found FROM query_profile_event_names n
+        WHERE n.project_id = e.project_id AND n.profile_id = e.profile_id
+        LIMIT 1
+    ) n ON true
     ORDER BY e.position::xid8, e.project_id, e.profile_id"""
 
 # A page of the project's query_installations rows after a key, in key order (the primary key),

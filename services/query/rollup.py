@@ -1,5 +1,6 @@
 """The overview's rollups without I/O: which counters a profile's or an installation's facts
-add to, and how the counters move when the facts are recounted.
+add to, and how the counters move when the facts are recounted; and the custom events a
+message adds to ListEventNames' counts (NamedEvents).
 
 A counter is keyed by (platform, metric, value): platform 0 holds the whole project, platform P
 the profiles with an installation of P (profile metrics) or the installations of P
@@ -12,6 +13,8 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import datetime
+from uuid import UUID
 
 ALL_PLATFORMS = 0
 CHANNELS = ("email", "sms", "push")
@@ -149,3 +152,24 @@ def counter_changes(
         if facts is not None:
             delta.subtract(facts.counter_keys())
     return sorted((key, n) for key, n in delta.items() if n)
+
+
+@dataclass(frozen=True, slots=True)
+class NamedEvent:
+    """A stored custom event as ListEventNames counts it: the profile it was stored for, its
+    name and event time, and what identifies it (receive time, event ID)."""
+
+    profile_id: UUID
+    name: str
+    event_time: datetime
+    receive_time: datetime
+    event_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class NamedEvents:
+    """The custom events of one EventsIngested, folded into the event name counts once per
+    `batch_id` (the same in every delivery of the message); empty when it carries none."""
+
+    batch_id: UUID
+    events: tuple[NamedEvent, ...]

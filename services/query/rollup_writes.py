@@ -1,6 +1,7 @@
 """Query's projection writes (RollupWrites): the facts of profiles and installations recounted
 from the owners' read contracts when the bus says they changed, stored in query_profiles and
-query_installations (0006), and the query_counters they move."""
+query_installations (0006), and the query_counters they move; and the custom event name counts
+(0067) the events stream adds to and erasures take from."""
 
 from __future__ import annotations
 
@@ -12,7 +13,13 @@ from uuid import UUID
 import asyncpg
 
 from profiles.common.v1 import types_pb2
-from services.query.rollup import DAY_METRICS, CounterKey, InstallationFacts, ProfileFacts
+from services.query.rollup import (
+    DAY_METRICS,
+    CounterKey,
+    InstallationFacts,
+    NamedEvents,
+    ProfileFacts,
+)
 from services.query.rows import text_or_empty
 
 # -- the rollups (query's projection, 0006) ---------------------------------------------------
@@ -223,11 +230,163 @@ MOVE_DAY_COUNTS = """
     ON CONFLICT (project_id, platform, day, metric) DO UPDATE
         SET count = c.count + EXCLUDED.count"""
 
+# -- the custom event names (ListEventNames' counts, 0067) --------------------------------------
+
+CUSTOM = types_pb2.EVENT_KIND_CUSTOM
+
+# One EventsIngested folded into the counts, once: the marker of its batch ($2) is inserted
+# first, and only a delivery that inserted it adds anything (a redelivery, or a second relay of
+# the message, finds it and folds nothing); the project's markers older than $4 go (the bus
+# has trimmed their messages). The events 0067's backfill counted already are skipped (its
+# keys, probed only for events received up to its latest key: none once the upgrade's backlog
+# is handled). The batch's events are counted per profile and name, and the profiles identity
+# erased are left out (the caller holds each profile's recount lock, which ProfileDeleted's
+# purge takes too, so the purge comes wholly before or after this statement). Both probes are
+# LATERAL subqueries with a LIMIT, so each stays an index probe (a semi-join may be planned as a
+# read of the project's whole set). Then the counts per name; rows are upserted in key order
+# (names in code point order, as every writer of query_event_names locks them), one statement
+# for the whole message.
+FOLD_EVENT_NAMES = """
+    WITH marker AS (
+        INSERT INTO query_event_name_batches (project_id, batch_id, fold_time)
+        VALUES ($1, $2, $3)
+        ON CONFLICT (project_id, batch_id) DO NOTHING
+        RETURNING batch_id
+    ),
+    expired AS (
+        DELETE FROM query_event_name_batches WHERE project_id = $1 AND fold_time < $4
+    ),
+    named AS (
+        SELECT e.profile_id, e.name COLLATE "C" AS name, e.event_time
+        FROM unnest($5::uuid[], $6::text[], $7::timestamptz[], $8::timestamptz[], $9::text[])
+            AS e(profile_id, name, event_time, receive_time, event_id)
+        LEFT JOIN LATERAL (
+            SELECT true AS counted FROM query_event_names_backfilled b
+            WHERE e.receive_time <= (SELECT max(h.receive_time) FROM query_event_names_backfilled h
+                                     WHERE h.project_id = $1)
+              AND b.project_id = $1 AND b.receive_time = e.receive_time
+              AND b.event_id = e.event_id AND b.name = e.name AND b.event_time = e.event_time
+            LIMIT 1
+        ) k ON true
+        WHERE EXISTS (SELECT 1 FROM marker) AND k.counted IS NULL
+    ),
+    grouped AS (
+        SELECT n.profile_id, n.name, count(*) AS event_count, max(n.event_time) AS last_seen_time
+        FROM named n
+        GROUP BY n.profile_id, n.name
+    ),
+    folded AS (
+        SELECT g.profile_id, g.name, g.event_count, g.last_seen_time
+        FROM grouped g
+        LEFT JOIN LATERAL (
+            SELECT true AS erased FROM identity_read_erased_profiles() x
+            WHERE x.project_id = $1 AND x.profile_id = g.profile_id
+            LIMIT 1
+        ) x ON true
+        WHERE x.erased IS NULL
+    ),
+    per_profile AS (
+        INSERT INTO query_profile_event_names AS p (project_id, profile_id, name, event_count,
+                                                    last_seen_time)
+        SELECT $1, f.profile_id, f.name, f.event_count, f.last_seen_time
+        FROM folded f
+        ORDER BY f.profile_id, f.name
+        ON CONFLICT (project_id, profile_id, name) DO UPDATE SET
+            event_count = p.event_count + EXCLUDED.event_count,
+            last_seen_time = greatest(p.last_seen_time, EXCLUDED.last_seen_time)
+    )
+    INSERT INTO query_event_names AS n (project_id, name, event_count, last_seen_time)
+    SELECT $1, f.name, sum(f.event_count), max(f.last_seen_time)
+    FROM folded f
+    GROUP BY f.name
+    ORDER BY f.name
+    ON CONFLICT (project_id, name) DO UPDATE SET
+        event_count = n.event_count + EXCLUDED.event_count,
+        last_seen_time = greatest(n.last_seen_time, EXCLUDED.last_seen_time)"""
+
+# An erasure's part (ProfileDeleted, the erasure sweep): the per-profile rows of those of the
+# touched profiles identity erased (a probe of its record per profile) are deleted, and what
+# they held is returned per name, to be taken from the names' counts.
+PURGE_ERASED_PROFILE_EVENT_NAMES = """
+    WITH erased AS (
+        SELECT t.profile_id
+        FROM unnest($2::uuid[]) AS t(profile_id)
+        JOIN LATERAL (
+            SELECT true AS found FROM identity_read_erased_profiles() x
+            WHERE x.project_id = $1 AND x.profile_id = t.profile_id
+            LIMIT 1
+        ) x ON true
+    ),
+    gone AS (
+        DELETE FROM query_profile_event_names q
+        USING erased r
+        WHERE q.project_id = $1 AND q.profile_id = r.profile_id
+        RETURNING q.name, q.event_count, q.last_seen_time
+    )
+    SELECT g.name, sum(g.event_count)::bigint AS removed, max(g.last_seen_time) AS last_seen_time
+    FROM gone g
+    GROUP BY g.name
+    ORDER BY g.name"""
+
+# The names' rows locked in code point order, as the folds lock them, before they are lowered.
+LOCK_EVENT_NAMES = """
+    SELECT 1 FROM query_event_names
+    WHERE project_id = $1 AND name = ANY($2::text[])
+    ORDER BY name
+    FOR UPDATE"""
+
+# Each name loses the erased events ($3 per name). Its last seen time stays unless the erased
+# rows held it ($4: their latest); then it is the latest custom event of the name ingest still
+# stores (events_custom_by_project_name, 0065: one backward probe per month partition; events
+# stored but not yet folded are at most the fold's own times), else, when retention removed
+# all of them, the latest the per-profile rows keep (a walk of the project's rows: a rare case).
+LOWER_EVENT_NAMES = f"""
+    UPDATE query_event_names n SET
+        event_count = n.event_count - r.removed,
+        last_seen_time = CASE
+            WHEN r.last_seen_time < n.last_seen_time THEN n.last_seen_time
+            ELSE coalesce(
+                (SELECT max(e.event_time) FROM ingest_read_events() e
+                 WHERE e.project_id = $1 AND e.kind = {CUSTOM} AND e.name COLLATE "C" = r.name),
+                (SELECT max(p.last_seen_time) FROM query_profile_event_names p
+                 WHERE p.project_id = $1 AND p.name = r.name),
+                n.last_seen_time)
+            END
+    FROM unnest($2::text[], $3::bigint[], $4::timestamptz[]) AS r(name, removed, last_seen_time)
+    WHERE n.project_id = $1 AND n.name = r.name"""
+
+# A name no counted event carries any more is not listed.
+DROP_EMPTY_EVENT_NAMES = """
+    DELETE FROM query_event_names
+    WHERE project_id = $1 AND name = ANY($2::text[]) AND event_count <= 0"""
+
+# A rebuild of one project's counts (bench, operators) from the custom events stored now, as
+# 0067's backfill counts them: events retention removed are not counted again.
+REBUILD_EVENT_NAMES = f"""
+    WITH counted AS (
+        SELECT e.profile_id, e.name, count(*) AS event_count, max(e.event_time) AS last_seen_time
+        FROM ingest_read_events() e
+        WHERE e.project_id = $1 AND e.kind = {CUSTOM} AND e.profile_id IS NOT NULL
+          AND e.name IS NOT NULL
+        GROUP BY e.profile_id, e.name
+    ),
+    per_profile AS (
+        INSERT INTO query_profile_event_names (project_id, profile_id, name, event_count,
+                                               last_seen_time)
+        SELECT $1, c.profile_id, c.name, c.event_count, c.last_seen_time FROM counted c
+    )
+    INSERT INTO query_event_names (project_id, name, event_count, last_seen_time)
+    SELECT $1, c.name, sum(c.event_count), max(c.last_seen_time)
+    FROM counted c
+    GROUP BY c.name"""
+
 DELETE_PROJECT_ROLLUPS = (
     "DELETE FROM query_profiles WHERE project_id = $1",
     "DELETE FROM query_installations WHERE project_id = $1",
     "DELETE FROM query_counters WHERE project_id = $1",
     "DELETE FROM query_day_counts WHERE project_id = $1",
+    "DELETE FROM query_event_names WHERE project_id = $1",
+    "DELETE FROM query_profile_event_names WHERE project_id = $1",
 )
 SELECT_ALL_PROFILE_FACTS = f"""
     SELECT profile_id, {PROFILE_FACT_COLUMNS} FROM query_profiles WHERE project_id = $1"""
@@ -327,12 +486,55 @@ class RollupWrites:
                 [n for _, n in days],
             )
 
+    async def fold_event_names(
+        self, project_id: UUID, names: NamedEvents, now: datetime, keep_after: datetime
+    ) -> int:
+        """Adds the message's custom events to the event name counts unless its batch was
+        folded before; removes the project's batch markers older than `keep_after`. Returns
+        how many names' counts moved (0 for a batch folded before)."""
+        events = names.events
+        status = await self._conn.execute(
+            FOLD_EVENT_NAMES,
+            project_id,
+            names.batch_id,
+            now,
+            keep_after,
+            [e.profile_id for e in events],
+            [e.name for e in events],
+            [e.event_time for e in events],
+            [e.receive_time for e in events],
+            [e.event_id for e in events],
+        )
+        return int(status.rsplit(" ", 1)[-1])
+
+    async def purge_erased_event_names(self, project_id: UUID, profile_ids: Sequence[UUID]) -> int:
+        """Takes the events of those of `profile_ids` identity erased out of the event name
+        counts (a name left with none is no longer listed); returns how many names moved."""
+        rows = await self._conn.fetch(
+            PURGE_ERASED_PROFILE_EVENT_NAMES, project_id, list(profile_ids)
+        )
+        if not rows:
+            return 0
+        names = [r["name"] for r in rows]
+        await self._conn.execute(LOCK_EVENT_NAMES, project_id, names)
+        await self._conn.execute(
+            LOWER_EVENT_NAMES,
+            project_id,
+            names,
+            [r["removed"] for r in rows],
+            [r["last_seen_time"] for r in rows],
+        )
+        await self._conn.execute(DROP_EMPTY_EVENT_NAMES, project_id, names)
+        return len(names)
+
     async def rebuild(self, project_id: UUID, now: datetime) -> None:
-        """Recounts every profile and installation of the project and its counters."""
+        """Recounts every profile and installation of the project and its counters, and its
+        event name counts from the events stored now."""
         for statement in DELETE_PROJECT_ROLLUPS:
             await self._conn.execute(statement, project_id)
         await self._conn.execute(REBUILD_PROFILES, project_id, now)
         await self._conn.execute(REBUILD_INSTALLATIONS, project_id)
+        await self._conn.execute(REBUILD_EVENT_NAMES, project_id)
         totals: Counter[CounterKey] = Counter()
         for statement, facts_of in (
             (SELECT_ALL_PROFILE_FACTS, _profile_facts),

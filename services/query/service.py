@@ -16,6 +16,7 @@ from services.query import paging, rollup
 from services.query.errors import AmbiguousLookup, ProfileNotFound, SegmentNotFound
 from services.query.paging import MAX_BIGINT, MAX_UUID, NEG_INFINITY, NIL_UUID, POS_INFINITY
 from services.query.repository import QueryReads, QueryRepository
+from services.query.rollup import NamedEvents
 from services.query.views import (
     BreakdownView,
     DayCountView,
@@ -52,6 +53,12 @@ MAX_AMBIGUOUS_IDS = 10
 TOTAL_SIZE_LIMIT = 10_000
 # How many rejected events ListRejectedEvents(include_reason_counts) reads at most.
 REASON_COUNT_LIMIT = 100_000
+# How long ListEventNames' batch markers are kept (0067): the bus retention's default
+# (PROFILES_BUS_RETENTION_HOURS, after which no delivery of the message can come) and a day more
+# (clocks, the retention's rounds, a dead letter replayed near its end). app.py passes the
+# setting's value plus that day.
+MARKER_MARGIN_HOURS = 24
+DEFAULT_BATCH_MARKER_HOURS = 168 + MARKER_MARGIN_HOURS
 # ProfileIdentityFilter values whose size the rollups count.
 IDENTIFIED_ONLY = 1
 ANONYMOUS_ONLY = 2
@@ -503,9 +510,10 @@ class QueryService:
         self, project_id: UUID, query: EventNamesQuery
     ) -> Page[EventNameView]:
         """A page of the project's custom event names in code point order, each with its
-        stored events' count and latest event time, read as of the call (no snapshot: a name
-        first stored while a client pages shows up if it sorts after its position). Keyset on
-        the name. Raises RequestInvalid (page size), PageTokenInvalid."""
+        counted events' count and latest event time, from the counts query's rollup consumer
+        keeps (0067: as of the last message it handled, so it lags writes by the bus lag; no
+        snapshot: a name first counted while a client pages shows up if it sorts after its
+        position). Keyset on the name. Raises RequestInvalid (page size), PageTokenInvalid."""
         size = paging.page_size(query.page_size)
         bound_to = paging.fingerprint("event_names", project_id, query.name_prefix)
         after = ""
@@ -761,18 +769,36 @@ def _not_found() -> ProfileNotFound:
 
 class RollupService:
     """Keeps query's projection (0006) up to date: every bus message names the profiles and
-    installations it touched, and each is recounted from the source tables."""
+    installations it touched, and each is recounted from the source tables. EventsIngested's
+    custom events are also added to ListEventNames' counts (0067), once per message, and the
+    other messages (ProfileDeleted, through the erasure sweep too) take erased profiles' events
+    out of them."""
 
-    def __init__(self, repository: QueryRepository, clock: Clock) -> None:
+    def __init__(
+        self,
+        repository: QueryRepository,
+        clock: Clock,
+        *,
+        batch_marker_hours: int = DEFAULT_BATCH_MARKER_HOURS,
+    ) -> None:
         self._repository = repository
         self._clock = clock
+        self._batch_marker_age = timedelta(hours=batch_marker_hours)
 
     async def recount(
-        self, project_id: UUID, profile_ids: Iterable[UUID], installation_ids: Iterable[str]
+        self,
+        project_id: UUID,
+        profile_ids: Iterable[UUID],
+        installation_ids: Iterable[str],
+        names: NamedEvents | None = None,
     ) -> int:
         """Recounts the profiles and installations in one short transaction and moves the
         counters by the difference with the stored facts. Idempotent: a second recount of
-        unchanged data moves nothing. Returns how many counters moved."""
+        unchanged data moves nothing. With `names` (an EventsIngested's custom events), folds
+        them into the event name counts in the same transaction, unless that batch was folded
+        before; without, takes the events of those of the profiles identity erased out of
+        them (a second time, there is nothing left to take). Returns how many counters and
+        names moved."""
         profiles = sorted(set(profile_ids))
         installations = sorted(set(installation_ids))
         if not profiles and not installations:
@@ -780,16 +806,27 @@ class RollupService:
         keys = [f"p:{p}" for p in profiles] + [f"i:{i}" for i in installations]
         async with self._repository.rollup_writes() as writes:
             await writes.lock(project_id, keys)
+            now = self._clock.now()
             old_profiles = await writes.stored_profiles(project_id, profiles)
             old_installations = await writes.stored_installations(project_id, installations)
-            new_profiles = await writes.recount_profiles(project_id, profiles, self._clock.now())
+            new_profiles = await writes.recount_profiles(project_id, profiles, now)
             new_installations = await writes.recount_installations(project_id, installations)
             changes = rollup.counter_changes(
                 [*old_profiles.values(), *old_installations.values()],
                 [*new_profiles.values(), *new_installations.values()],
             )
             await writes.move_counters(project_id, changes)
-        return len(changes)
+            # Last: the names' rows, which every message of a common name updates, stay locked
+            # only for the end of the transaction.
+            moved = 0
+            if names is None:
+                if profiles:
+                    moved = await writes.purge_erased_event_names(project_id, profiles)
+            elif names.events:
+                moved = await writes.fold_event_names(
+                    project_id, names, now, now - self._batch_marker_age
+                )
+        return len(changes) + moved
 
     async def rebuild(self, project_id: UUID) -> None:
         """Recounts the whole project (bench loads, operators). Run it while no recount of the

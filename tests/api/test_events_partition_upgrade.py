@@ -136,6 +136,10 @@ READ_PATH_OF_0045 = MIGRATIONS[45].read_text()
 READ_PATH_OF_0052 = MIGRATIONS[52].read_text()
 # Of 0066, the overview's daily counters and the facts they move by (query's recounts name them).
 READ_PATH_OF_0066 = MIGRATIONS[66].read_text()
+# Of 0067, ListEventNames' counts (query's recounts fold into them and take erasures out), and
+# of 0061 identity's record of erasures, by which the folds leave erased profiles out.
+READ_PATH_OF_0067 = MIGRATIONS[67].read_text()
+READ_PATH_OF_0061 = MIGRATIONS[61].read_text()
 # Of 0057, the installations a profile left (identity's Logout keeps one, the profile view and
 # the recounts read the language and time zone rules over them); on 0045's time zone rule.
 READ_PATH_OF_0057 = MIGRATIONS[57].read_text()
@@ -163,6 +167,12 @@ UNDO_WRITE_PATH = """
     DROP FUNCTION ingest_apply_installation_left(uuid, uuid, text, timestamptz);
     DROP FUNCTION segments_fold_case(text);
     ALTER TABLE query_profiles DROP COLUMN email;
+    DROP TABLE query_event_names, query_profile_event_names, query_event_name_batches,
+               query_event_names_backfilled;
+    DROP TRIGGER profiles_erased ON profiles;
+    DROP FUNCTION identity_record_erased_profiles();
+    DROP FUNCTION identity_read_erased_profiles();
+    DROP TABLE erased_profiles;
     DROP TABLE query_day_counts;
     ALTER TABLE query_profiles DROP COLUMN first_seen, DROP COLUMN session_days;
     ALTER TABLE rejected_events DROP COLUMN profile_id;
@@ -212,6 +222,8 @@ async def database_0023(
             await conn.execute(READ_PATH_OF_0045)
             await conn.execute(READ_PATH_OF_0052)
             await conn.execute(READ_PATH_OF_0066)
+            await conn.execute(READ_PATH_OF_0061)
+            await conn.execute(READ_PATH_OF_0067)
             await conn.execute(READ_PATH_OF_0057)
             await conn.execute(READ_PATH_OF_0050)
         finally:

@@ -11,6 +11,7 @@ from profiles.query.v1 import query_service_pb2 as query_pb
 from profiles.query.v1 import query_service_pb2_grpc as query_grpc
 from tests.console.conftest import ConsoleSuite
 from tests.console.test_console_hardening import http_sign_in
+from tests.support.query import Suite
 
 
 async def project_event_names(console_suite: ConsoleSuite) -> list[str]:
@@ -30,9 +31,27 @@ def suggestions(html: str) -> list[str]:
     return re.findall(r'<option value="([^"]*)">', found.group(1))
 
 
+async def handled_by_query(console_suite: ConsoleSuite) -> None:
+    """ListEventNames reads counts query keeps from the events stream (they lag by the bus
+    lag): wait until its consumer group has handled every message the demo caused."""
+    settings = console_suite.settings
+    waiter = Suite(
+        query=None,  # type: ignore[arg-type]
+        ingest=None,  # type: ignore[arg-type]
+        identity=None,  # type: ignore[arg-type]
+        project=console_suite.project,
+        database_url=settings.database_url,
+        clock=None,  # type: ignore[arg-type]
+        redis_url=settings.redis_url,
+        redis_prefix=settings.redis_prefix,
+    )
+    await waiter.settle(within=60)
+
+
 async def test_segment_and_funnel_forms_suggest_the_projects_event_names(
     console_suite: ConsoleSuite,
 ) -> None:
+    await handled_by_query(console_suite)
     names = await project_event_names(console_suite)
     assert len(names) >= 2  # the demo sends several custom events
     base = console_suite.url

@@ -1027,7 +1027,10 @@ class EventName(_message.Message):
     name: _builtins.str
     """The name, as stored: lower-case letters, digits and underscores, 1 to 30 of them."""
     event_count: _builtins.int
-    """How many stored events of the project carry it (at least 1), as of the read."""
+    """How many events of the project carry it (at least 1): the custom events stored since the
+    project began, those retention removed since included, less those of erased profiles, as
+    of the last batch query handled.
+    """
     @_builtins.property
     def last_seen_time(self) -> _timestamp_pb2.Timestamp:
         """The latest event time among them (the time the event happened, as its SDK or backend

@@ -221,17 +221,20 @@ class QueryServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListEventNames(self, request, context):
-        """Lists the names of the project's custom events, in name order, each with how many stored
-        events carry it and the latest event time among them: what a client offers as the names a
+        """Lists the names of the project's custom events, in name order, each with how many events
+        carry it and the latest event time among them: what a client offers as the names a
         segment condition or a funnel step may take. Names are the contract's (lower-case letters,
         digits and underscores), compared in code point order ("_" after the digits, before the
-        letters). Read from the stored events as of the call (read-your-writes: an event TrackEvents
-        accepted counts at once); events retention removed or an erasure erased no longer count, so
-        a name whose events are all gone is not listed. Paging walks the names from your position:
-        a name first stored while you page shows up if it sorts after it. Cost: each page reads
-        every stored event of the names it lists (an index of custom events by name, not the
-        project's other events); keep `page_size` to what you show. Errors: INVALID_ARGUMENT
-        (`page_size`, `page_token`, `name_prefix`).
+        letters). Read from counts query keeps per name from the events stream, as GetOverview's
+        figures are, so they lag writes by the bus lag: an event TrackEvents accepted counts once
+        query has handled its batch, not at once (no read-your-writes). Each stored event counts
+        once, however often its batch is delivered. They count every custom event stored since the
+        project began: events retention removed still count, and keep their latest event time (as
+        a profile's event totals do). An erasure takes the erased profile's events out (once query
+        has handled it), and a name whose counted events were all erased is not listed. Paging
+        walks the names from your position: a name first counted while you page shows up if it
+        sorts after it. Cost: one stored row per name listed, whatever the number of its events.
+        Errors: INVALID_ARGUMENT (`page_size`, `page_token`, `name_prefix`).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
