@@ -15,6 +15,8 @@ from typing import Self
 SERVICE_NAMES = ("ingest", "identity", "segments", "query")
 DEFAULT_PORTS = {"ingest": 50051, "identity": 50052, "segments": 50053, "query": 50054}
 DEFAULT_METRICS_PORTS = {"ingest": 9451, "identity": 9452, "segments": 9453, "query": 9454}
+# How long the bus keeps a message (PROFILES_BUS_RETENTION_HOURS) unless told otherwise: a week.
+DEFAULT_BUS_RETENTION_HOURS = 168
 # A year at most: the bus retention is what bounds how long an erasure takes to reach the bus.
 BUS_RETENTION_MOST_HOURS = 8760
 # A day at most: the sweep bounds how long an erasure whose notice was lost takes to reach
@@ -231,7 +233,7 @@ class Settings:
     max_concurrent_rpcs: int = 1000
     max_streams: int = 100
     claim_idle_seconds: float = 30.0
-    bus_retention_hours: int = 168
+    bus_retention_hours: int = DEFAULT_BUS_RETENTION_HOURS
     erasure_sweep_minutes: int = 10
     edge_port: int = 8340
     edge_metrics_port: int = 9455

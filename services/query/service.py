@@ -38,6 +38,7 @@ from services.query.views import (
     UsersTableFilters,
 )
 from shared.clock import Clock
+from shared.settings import DEFAULT_BUS_RETENTION_HOURS
 from shared.time_zones import is_time_zone
 
 LookupKind = Literal["profile_id", "custom_id", "email", "phone", "installation_id"]
@@ -53,12 +54,11 @@ MAX_AMBIGUOUS_IDS = 10
 TOTAL_SIZE_LIMIT = 10_000
 # How many rejected events ListRejectedEvents(include_reason_counts) reads at most.
 REASON_COUNT_LIMIT = 100_000
-# How long ListEventNames' batch markers are kept (0067): the bus retention's default
-# (PROFILES_BUS_RETENTION_HOURS, after which no delivery of the message can come) and a day more
-# (clocks, the retention's rounds, a dead letter replayed near its end). app.py passes the
-# setting's value plus that day.
+# How long ListEventNames' batch markers are kept (0067): the bus retention (after which no
+# delivery of the message can come) and a day more (clocks, the retention's rounds, a dead letter
+# replayed near its end). app.py passes the setting's value plus that day.
 MARKER_MARGIN_HOURS = 24
-DEFAULT_BATCH_MARKER_HOURS = 168 + MARKER_MARGIN_HOURS
+DEFAULT_BATCH_MARKER_HOURS = DEFAULT_BUS_RETENTION_HOURS + MARKER_MARGIN_HOURS
 # ProfileIdentityFilter values whose size the rollups count.
 IDENTIFIED_ONLY = 1
 ANONYMOUS_ONLY = 2

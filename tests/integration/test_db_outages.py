@@ -5,6 +5,7 @@ no bus delivery spent), and a hung server costs a call a bounded wait, not the w
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
@@ -74,7 +75,7 @@ def _freeze(server: EmbeddedPostgres) -> None:
     HANG_GUARD_S at the latest, so that a wait that is not bounded ends (and its test fails)
     rather than hang the test."""
     for process in _processes(server):
-        os.kill(process.pid, signal.SIGSTOP)
+        _signal(process, signal.SIGSTOP)
     _GUARDS.append(asyncio.get_running_loop().call_later(HANG_GUARD_S, _resume, server))
 
 
@@ -82,7 +83,14 @@ def _resume(server: EmbeddedPostgres) -> None:
     while _GUARDS:
         _GUARDS.pop().cancel()
     for process in _processes(server):
-        os.kill(process.pid, signal.SIGCONT)
+        _signal(process, signal.SIGCONT)
+
+
+def _signal(process: psutil.Process, number: signal.Signals) -> None:
+    # A backend listed a moment ago may have ended since (a test's connection closing): it has
+    # nothing left to freeze or resume.
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(process.pid, number)
 
 
 def _url(socket_dir: Path, database: str) -> str:
