@@ -90,6 +90,12 @@ SETTINGS: tuple[Setting, ...] = (
         " handler",
     ),
     Setting(
+        "PROFILES_BUS_WAIT_SECONDS",
+        "2",
+        "how long a bus consumer's read waits for new entries before it looks again for work that"
+        " comes otherwise (entries handed back to its group, a dead replica's to claim); above 0",
+    ),
+    Setting(
         "PROFILES_BUS_RETENTION_HOURS",
         "168",
         "bus messages and dead letters (Redis streams) older than this many hours are removed,"
@@ -205,6 +211,14 @@ def _decimal(env: str, text: str) -> float:
     return number
 
 
+def _positive_decimal(env: str, text: str) -> float:
+    """A number setting above 0 (a wait of 0 would mean "forever" to Redis' BLOCK)."""
+    number = _decimal(env, text)
+    if number <= 0:
+        raise SettingInvalid(f"{env} must be a number above 0, not {text!r}")
+    return number
+
+
 def _base_url(env: str, text: str) -> str:
     """An http(s) URL that paths are appended to, without its trailing `/`."""
     url = text.strip().rstrip("/")
@@ -233,6 +247,7 @@ class Settings:
     max_concurrent_rpcs: int = 1000
     max_streams: int = 100
     claim_idle_seconds: float = 30.0
+    bus_wait_seconds: float = 2.0
     bus_retention_hours: int = DEFAULT_BUS_RETENTION_HOURS
     erasure_sweep_minutes: int = 10
     edge_port: int = 8340
@@ -289,6 +304,9 @@ class Settings:
             max_streams=_whole("PROFILES_MAX_STREAMS", values["PROFILES_MAX_STREAMS"], least=1),
             claim_idle_seconds=_decimal(
                 "PROFILES_CLAIM_IDLE_SECONDS", values["PROFILES_CLAIM_IDLE_SECONDS"]
+            ),
+            bus_wait_seconds=_positive_decimal(
+                "PROFILES_BUS_WAIT_SECONDS", values["PROFILES_BUS_WAIT_SECONDS"]
             ),
             bus_retention_hours=_whole(
                 "PROFILES_BUS_RETENTION_HOURS",
@@ -351,6 +369,7 @@ class Settings:
             "PROFILES_MAX_CONCURRENT_RPCS": str(self.max_concurrent_rpcs),
             "PROFILES_MAX_STREAMS": str(self.max_streams),
             "PROFILES_CLAIM_IDLE_SECONDS": str(self.claim_idle_seconds),
+            "PROFILES_BUS_WAIT_SECONDS": str(self.bus_wait_seconds),
             "PROFILES_BUS_RETENTION_HOURS": str(self.bus_retention_hours),
             "PROFILES_ERASURE_SWEEP_MINUTES": str(self.erasure_sweep_minutes),
             "PROFILES_EDGE_PORT": str(self.edge_port),

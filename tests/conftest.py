@@ -324,6 +324,9 @@ def settings_for_test(database_url: str, redis_url: str, redis_prefix: str) -> S
         internal_token=f"internal-{uuid.uuid4().hex}",
         db_pool_size=5,
         shutdown_grace_seconds=5.0,
+        # Entries handed back to a group (a replay, a dead letter) wait for the consumer's
+        # blocked read to end: seconds per test at the production default.
+        bus_wait_seconds=0.1,
     )
 
 

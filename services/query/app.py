@@ -55,6 +55,7 @@ async def build(runtime: Runtime) -> ServiceDefinition:
             # Handlers are short transactions: an entry idle this long belongs to a replica
             # that died (PROFILES_CLAIM_IDLE_SECONDS).
             claim_idle_ms=int(runtime.settings.claim_idle_seconds * 1000),
+            block_ms=max(1, round(runtime.settings.bus_wait_seconds * 1000)),
             handler_timeout_s=HANDLER_TIMEOUT_S,
         )
         for topic in (EVENTS, IDENTITY)

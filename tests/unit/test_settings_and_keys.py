@@ -90,6 +90,7 @@ def test_with_defaults_fills_every_known_setting() -> None:
         ("PROFILES_EDGE_PORT", "-5", "must be from 1 to 65535, not -5"),
         ("PROFILES_DB_POOL_SIZE", "0", "must be from 1, not 0"),
         ("PROFILES_CLAIM_IDLE_SECONDS", "soon", "must be a number, not 'soon'"),
+        ("PROFILES_BUS_WAIT_SECONDS", "0", "must be a number above 0, not '0'"),
         ("PROFILES_EDGE_RATE_LIMIT", "inf", "must be a number from 0"),
         ("PROFILES_CONSOLE_SECURE_COOKIES", "maybe", "must be true or false"),
     ],
