@@ -91,6 +91,17 @@ def server_scratch_dir(prefix: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=prefix, dir=scratch_base() or "/tmp"))
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Starts the linters in the background when this run includes their tests (they then
+    only collect the results)."""
+    if session.config.option.collectonly:
+        return
+    if any(item.nodeid.startswith("tests/unit/test_code_quality.py") for item in session.items):
+        from tests.unit.test_code_quality import start_checks
+
+        start_checks()
+
+
 @pytest.fixture(scope="session")
 def embedded_dir() -> Iterator[Path]:
     # Not under pytest's tmp_path: pytest prunes old base temp dirs, and a second pytest run
