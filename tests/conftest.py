@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import signal
 import tempfile
 import threading
 import time
@@ -89,6 +90,17 @@ def server_scratch_dir(prefix: str) -> Path:
     root, PostgreSQL runs as another user that must pass through every parent, and each new
     pytest session on the machine takes that permission away from pytest's base directory."""
     return Path(tempfile.mkdtemp(prefix=prefix, dir=scratch_base() or "/tmp"))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """A run stopped by SIGTERM (`kill`, a CI job's timeout) unwinds as Ctrl-C does: the session
+    fixtures' teardown then stops the embedded servers, which a terminated run used to leave."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
