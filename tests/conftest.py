@@ -9,6 +9,7 @@ tests never read PROFILES_DATABASE_URL, so they cannot drop the databases of a r
 from __future__ import annotations
 
 import asyncio
+import atexit
 import os
 import shutil
 import signal
@@ -93,8 +94,10 @@ def server_scratch_dir(prefix: str) -> Path:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """A run stopped by SIGTERM (`kill`, a CI job's timeout) unwinds as Ctrl-C does: the session
-    fixtures' teardown then stops the embedded servers, which a terminated run used to leave."""
+    """A run stopped by SIGTERM (`kill`, a CI job's timeout) unwinds as Ctrl-C does, so the
+    session's fixtures stop the embedded servers, which a terminated run used to leave. Those
+    fixtures also stop them at the interpreter's exit: an interrupt raised inside the teardown
+    (uvicorn raises the signal it caught again when its server ends) cuts the teardown short."""
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _interrupt)
 
@@ -119,6 +122,7 @@ def embedded_dir() -> Iterator[Path]:
     # Not under pytest's tmp_path: pytest prunes old base temp dirs, and a second pytest run
     # on the same machine would delete the data of this session's running servers.
     directory = Path(tempfile.mkdtemp(prefix="profiles-test-", dir=scratch_base()))
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)  # after the servers' stops
     yield directory
     shutil.rmtree(directory, ignore_errors=True)
 
@@ -132,6 +136,7 @@ def postgres_server_url(embedded_dir: Path) -> Iterator[str]:
     from shared.embedded import EmbeddedPostgres
 
     server = EmbeddedPostgres(embedded_dir / "pg", fast_unsafe=True)
+    atexit.register(server.stop)  # see pytest_configure
     try:
         yield server.start()
     finally:
@@ -147,6 +152,7 @@ def redis_url(embedded_dir: Path) -> Iterator[str]:
     from shared.embedded import EmbeddedRedis
 
     server = EmbeddedRedis(embedded_dir / "redis", persist=False)
+    atexit.register(server.stop)  # see pytest_configure
     try:
         yield server.start()
     finally:
@@ -167,6 +173,14 @@ async def template_database(postgres_server_url: str) -> AsyncIterator[str]:
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     finally:
         await admin.close()
+
+
+async def copy_strategy(admin: asyncpg.Connection) -> str:
+    """FILE_COPY where the server knows it (PostgreSQL 15 on): its copy and drop of the small
+    template cost the server about half the CPU of the default WAL_LOG (17 against 31 ms a copy,
+    8 against 17 to 40 ms a drop, measured on the embedded server), on every test."""
+    version = int(await admin.fetchval("SHOW server_version_num"))
+    return " STRATEGY FILE_COPY" if version >= 150000 else ""
 
 
 class DatabaseSupply:
@@ -249,7 +263,10 @@ class DatabaseSupply:
                     continue  # then look again: the queue may be full meanwhile
                 made: str | BaseException = f"t_{uuid.uuid4().hex}"
                 try:
-                    await admin.execute(f'CREATE DATABASE "{made}" TEMPLATE "{self._template}"')
+                    await admin.execute(
+                        f'CREATE DATABASE "{made}" TEMPLATE "{self._template}"'
+                        + await copy_strategy(admin)
+                    )
                 except Exception as exc:  # the next taker's failure, as it would have been inline
                     made = exc
                     await admin.close()  # a fresh connection for the next copy
@@ -305,6 +322,7 @@ def redis_cluster_url(embedded_dir: Path) -> Iterator[str]:
     from tests.support.redis_cluster import RedisClusterProcesses
 
     cluster = RedisClusterProcesses(embedded_dir / "redis-cluster")
+    atexit.register(cluster.stop)  # see pytest_configure
     try:
         yield cluster.start()
     finally:

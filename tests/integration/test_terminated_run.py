@@ -18,8 +18,17 @@ ROOT = Path(__file__).resolve().parents[2]
 HOLDING_TEST = """
 import pathlib, time
 
-def test_holds_redis(redis_url: str) -> None:
-    pathlib.Path({marker!r}).write_text(redis_url)
+import pytest
+
+@pytest.fixture(scope="session")
+def reraising(redis_url: str):
+    yield redis_url
+    # As uvicorn does with a signal it caught while serving: raised again when the server
+    # ends, here in the middle of the session's teardown.
+    raise KeyboardInterrupt
+
+def test_holds_redis(reraising: str) -> None:
+    pathlib.Path({marker!r}).write_text(reraising)
     time.sleep(120)
 """
 
@@ -33,7 +42,7 @@ def redis_servers_of(url: str) -> list[psutil.Process]:
     return found
 
 
-def test_a_run_stopped_with_sigterm_stops_its_embedded_redis() -> None:
+def test_a_run_stopped_with_sigterm_stops_its_embedded_redis_even_if_its_teardown_is_cut() -> None:
     scratch = server_scratch_dir("profiles-terminated-")
     marker = scratch / "url"
     (scratch / "test_hold.py").write_text(HOLDING_TEST.format(marker=str(marker)))
