@@ -21,7 +21,7 @@ import shlex
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
 from pathlib import Path
@@ -285,6 +285,8 @@ def _add_restart(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
 
 def _restart(args: argparse.Namespace) -> int:
     from profiles_cli.suite import (
+        KILL_AFTER_EXTRA_SECONDS,
+        READY_TIMEOUT_SECONDS,
         SERVING,
         check_health,
         find_leftovers,
@@ -292,7 +294,6 @@ def _restart(args: argparse.Namespace) -> int:
         read_record,
         request_restart,
     )
-    from profiles_cli.up import KILL_AFTER_EXTRA_SECONDS, READY_TIMEOUT_SECONDS
 
     settings = settings_from(args)
     data_dir = settings.data_dir
@@ -1072,7 +1073,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _serve_edge(settings: Settings) -> int:
     """The edge talks to ingest and identity only (PROFILES_INGEST_ADDRESS and
     PROFILES_IDENTITY_ADDRESS), never to PostgreSQL or Redis."""
-    from profiles_cli.up import port_is_free
+    from profiles_cli.preflight import port_is_free
     from services.edge.app import run
 
     if not port_is_free(settings.bind_address, settings.edge_port):
@@ -1091,7 +1092,7 @@ def _serve_console(settings: Settings) -> int:
     if not settings.redis_url:
         print("profiles serve: PROFILES_REDIS_URL must be set", file=sys.stderr)
         return 2
-    from profiles_cli.up import port_is_free
+    from profiles_cli.preflight import port_is_free
     from services.console.app import run_console
 
     if not port_is_free(settings.bind_address, settings.console_port):
@@ -1112,9 +1113,24 @@ def _serve_console(settings: Settings) -> int:
     return 0
 
 
+class _TopicNames:
+    """The bus topics' names as argparse choices, looked up only when a topic is checked or
+    listed: the topic catalogue imports the bus (Redis, structlog), which would cost every
+    `profiles` command a fifth of a second of CPU for a parser it does not use."""
+
+    def __contains__(self, name: object) -> bool:
+        from shared.topics import TOPICS
+
+        return name in TOPICS
+
+    def __iter__(self) -> Iterator[str]:
+        from shared.topics import TOPICS
+
+        return iter(sorted(TOPICS))
+
+
 def _add_dead_letters(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     from profiles_cli.dead_letters import HANDLER_REASONS
-    from shared.topics import TOPICS
 
     redis_options = argparse.ArgumentParser(add_help=False)
     redis_options.add_argument(
@@ -1149,7 +1165,10 @@ def _add_dead_letters(commands: argparse._SubParsersAction[argparse.ArgumentPars
         f" failed ({', '.join(HANDLER_REASONS)}); name other reasons with --reason (a message of"
         " an unknown kind, once an upgrade knows it).",
     )
-    replay.add_argument("topic", choices=sorted(TOPICS), help="the topic")
+    # A metavar, as argparse would otherwise spell the choices out while building the parser.
+    replay.add_argument(
+        "topic", choices=_TopicNames(), metavar="TOPIC", help="the topic: %(choices)s"
+    )
     replay.add_argument(
         "--reason",
         action="append",

@@ -11,9 +11,10 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from shared.bus import Bus, DeadLetter
-from shared.topics import TOPICS
+if TYPE_CHECKING:  # the bus loads Redis and structlog: not for every `profiles` command's parser
+    from shared.bus import Bus, DeadLetter
 
 # Replayed unless others are asked for: the handler failures. A message that could not be
 # decoded fails again the same way until the code that reads it changes.
@@ -29,6 +30,8 @@ class TopicSummary:
 
 async def summaries(bus: Bus) -> list[TopicSummary]:
     """Every topic's dead letters, counted by reason and consumer group."""
+    from shared.topics import TOPICS
+
     out = []
     for topic in TOPICS:
         letters = await bus.dead_letters(topic)

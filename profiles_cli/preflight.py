@@ -1,7 +1,8 @@
 """What a command checks before it touches anything: that its data directory can be used and,
 for the admin commands, already holds a suite's data; that the PostgreSQL and Redis it was
-pointed at answer. Each problem is one line that names the flag (or variable) to fix, raised as
-a domain error, so `profiles` prints it and exits non-zero instead of a traceback.
+pointed at answer; that a port a server would listen on is free. Each problem is one line that
+names the flag (or variable) to fix, raised as a domain error, so `profiles` prints it and exits
+non-zero instead of a traceback.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import difflib
 import os
+import socket
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -174,3 +176,19 @@ async def redis_problem(url: str) -> str | None:
 def _why(exc: BaseException) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text.removesuffix(".")
+
+
+def port_is_free(host: str, port: int) -> bool:
+    """True if a server could listen on host:port now (SO_REUSEADDR, as gRPC binds)."""
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        return False
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+        except OSError:
+            return False
+    return True

@@ -24,6 +24,7 @@ import http.client
 import json
 import os
 import shlex
+import time
 import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass, field
@@ -43,6 +44,12 @@ RECORD_FILE = "up.json"
 LOCK_FILE = "up.lock"
 RESTART_DIR = "restart"
 SERVING = "SERVING"
+
+# How long `profiles up` waits for a service it started to serve; and, on top of the services'
+# own grace period, for one it asked to stop before it kills it. Here, not in profiles_cli.up,
+# so that `profiles restart`, which waits as long, does not load what the supervisor needs.
+READY_TIMEOUT_SECONDS = 60.0
+KILL_AFTER_EXTRA_SECONDS = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -352,8 +359,7 @@ def stop_leftovers(data_dir: Path, leftovers: Leftovers) -> list[str]:
     for process in processes:
         with contextlib.suppress(psutil.Error):
             process.terminate()
-    _, alive = psutil.wait_procs(processes, timeout=LEFTOVER_STOP_SECONDS)
-    for process in alive:
+    for process in _running_after(processes, LEFTOVER_STOP_SECONDS):
         with contextlib.suppress(psutil.Error):
             process.kill()
     directory = DataDir(data_dir)
@@ -363,6 +369,25 @@ def stop_leftovers(data_dir: Path, leftovers: Leftovers) -> list[str]:
         EmbeddedPostgres(directory.postgres).stop()
     remove_record(data_dir)
     return leftovers.names()
+
+
+def _running_after(processes: list[psutil.Process], timeout: float) -> list[psutil.Process]:
+    """Those of processes (not our children) still running once all ended or timeout passed.
+    A zombie has ended: an orphan's new parent, init, reaps it when it gets to it, on some
+    machines seconds later (psutil.wait_procs would wait for that)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        running = [process for process in processes if _runs(process)]
+        if not running or time.monotonic() >= deadline:
+            return running
+        time.sleep(0.02)
+
+
+def _runs(process: psutil.Process) -> bool:
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def _orphaned_service(pid: int, name: str, data_dir: Path) -> psutil.Process | None:

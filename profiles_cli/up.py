@@ -3,9 +3,10 @@
 Order matters on the way up and, reversed, on the way down: the data directory's lock is taken
 first (one `profiles up` per data directory; what a killed one left running is stopped), ports
 are checked before anything starts (so a taken port costs nothing to undo), then PostgreSQL and
-Redis, migrations and the default project, then the services of `SUITE` as child processes, each
-in its own session so that a Ctrl-C in the terminal reaches only this supervisor, which stops the
-services before the databases they are still using. A service that dies meanwhile is started
+Redis, then the services of `SUITE` as child processes while the migrations run and the default
+project is made (a service waits for the migrations as it starts), each service in its own
+session so that a Ctrl-C in the terminal reaches only this supervisor, which stops the services
+before the databases they are still using. A service that dies meanwhile is started
 again with backoff; one that keeps dying stops everything; one `profiles restart` names is
 stopped and started again on request, which is no death. So is an embedded PostgreSQL or Redis
 (on the same data directory and socket: the services reconnect on their own); a server given by
@@ -39,6 +40,7 @@ from profiles_cli.preflight import (
     UnusableDataDir,
     check_postgres,
     check_redis,
+    port_is_free,
     prepare_data_dir,
     redact,
     unusable,
@@ -46,6 +48,8 @@ from profiles_cli.preflight import (
 from profiles_cli.suite import (
     HEALTH_GRPC,
     HEALTH_HTTP,
+    KILL_AFTER_EXTRA_SECONDS,
+    READY_TIMEOUT_SECONDS,
     SERVER_NAMES,
     SERVING,
     HealthKind,
@@ -71,16 +75,15 @@ from shared.settings import SERVICE_NAMES, SETTINGS, Settings
 from shared.tenancy import ROLES, ProjectNameTaken, TenancyRepository
 
 DEFAULT_PROJECT = "default"
-READY_TIMEOUT_SECONDS = 60.0
-# On top of the services' own grace period, before they are killed.
-KILL_AFTER_EXTRA_SECONDS = 5.0
-# A service (or embedded server) that dies is started again after 0.5 s, then 1, 2 and 4 s while
-# it keeps dying (never more than 8 s); the fifth death within a minute means restarting will not
-# help, so everything stops.
+# A service (or embedded server) that dies is started again after 0.5 s (by default:
+# PROFILES_RESTART_DELAY_SECONDS), then 1, 2 and 4 s while it keeps dying (never more than 8 s);
+# the fifth death within a minute means restarting will not help, so everything stops.
 RESTART_FIRST_DELAY_SECONDS = 0.5
 RESTART_MAX_DELAY_SECONDS = 8.0
 CRASH_LIMIT = 5
 CRASH_WINDOW_SECONDS = 60.0
+# How often the supervisor looks round once the suite serves, besides when a child ends (SIGCHLD).
+ROUND_SECONDS = 0.2
 _LOOPBACK_ALIASES = {"", "0.0.0.0", "::", "[::]"}
 
 
@@ -185,6 +188,7 @@ def taken_ports_advice(settings: Settings, taken: list[TakenPort], flags: str) -
 class Restarts:
     """When a service that died is started again (time is an argument: no clock inside)."""
 
+    first_delay: float = RESTART_FIRST_DELAY_SECONDS
     # Times of its deaths within the last CRASH_WINDOW_SECONDS.
     deaths: deque[float] = field(default_factory=deque)
 
@@ -196,7 +200,7 @@ class Restarts:
             self.deaths.popleft()
         if len(self.deaths) >= CRASH_LIMIT:
             return None
-        delay = RESTART_FIRST_DELAY_SECONDS * 2 ** (len(self.deaths) - 1)
+        delay = self.first_delay * 2 ** (len(self.deaths) - 1)
         return min(delay, RESTART_MAX_DELAY_SECONDS)
 
 
@@ -251,22 +255,6 @@ def bind_address_problem(host: str) -> str:
                 f" ({exc.strerror}); use 127.0.0.1, 0.0.0.0 or one of its own addresses"
             )
     return ""
-
-
-def port_is_free(host: str, port: int) -> bool:
-    """True if a server could listen on host:port now (SO_REUSEADDR, as gRPC binds)."""
-    try:
-        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM)
-    except socket.gaierror:
-        return False
-    family, kind, proto, _, address = infos[0]
-    with socket.socket(family, kind, proto) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(address)
-        except OSError:
-            return False
-    return True
 
 
 def suggest_port(host: str, taken: int) -> int:
@@ -370,6 +358,9 @@ class Supervisor:
         self._out = out
         self._stop = threading.Event()
         self._stop_signal: int | None = None  # the first SIGINT, SIGTERM or SIGHUP
+        # Set by a stop signal and, while supervising, by SIGCHLD: a child that ended (a
+        # service, Redis) is seen at once, not at the next look round.
+        self._wake = threading.Event()
         self._postgres: EmbeddedPostgres | None = None
         # True from the moment initdb may run on an empty directory until PostgreSQL has started
         # on the cluster it made: what an interrupted first start leaves there is removed.
@@ -444,14 +435,17 @@ class Supervisor:
             self._check_interrupted()  # a Ctrl-C during the checks above: start nothing
             self._check_given_servers(self._settings)
             settings = self._start_databases(self._settings)
-            new_keys = self._bootstrap(settings)
             settings = settings.with_changes(
                 internal_token=settings.internal_token or self._data_dir.internal_token()
             )
+            # The services before the migrations: each applies them too as it starts, under
+            # the same lock, so it waits for these rather than failing, and loads its code (a
+            # second of CPU or so) meanwhile instead of after them.
             self._start_services(settings)
+            new_keys = self._bootstrap(settings)
             self._wait_until_serving(settings)
             self._servers = [
-                Server(key, server, pid=server.pid() or 0)
+                Server(key, server, server.pid() or 0, self._restarts())
                 for key, server in (("postgres", self._postgres), ("redis", self._redis))
                 if server is not None
             ]
@@ -504,6 +498,7 @@ class Supervisor:
             if self._stop_signal is None:
                 self._stop_signal = signum
             self._stop.set()
+            self._wake.set()
 
         # SIGHUP too: a closed terminal must not leave the services (in their own sessions) behind.
         for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
@@ -570,10 +565,13 @@ class Supervisor:
         clear_restart_requests(self._data_dir.path)
         self._say("Starting " + ", ".join(spec.name for spec in SUITE) + " ...")
         for spec in SUITE:
-            child = Child(spec, self._data_dir.logs / f"{spec.name}.log")
+            child = Child(spec, self._data_dir.logs / f"{spec.name}.log", restarts=self._restarts())
             self._spawn(child)
             self._children.append(child)
         self._write_record()
+
+    def _restarts(self) -> Restarts:
+        return Restarts(self._settings.restart_delay_seconds)
 
     def _spawn(self, child: Child) -> None:
         with child.log_path.open("ab") as log_file:
@@ -648,7 +646,12 @@ class Supervisor:
                 )
 
     def _supervise(self) -> int:
-        while not self._stop.wait(0.2):
+        signal.signal(signal.SIGCHLD, lambda signum, frame: self._wake.set())
+        while not self._stop.is_set():
+            self._wake.wait(self._until_next_round())
+            self._wake.clear()
+            if self._stop.is_set():
+                break
             now = time.monotonic()
             # The servers first, so that a service started again in this round finds them. A
             # server's restart blocks the loop for as long as it takes (seconds; at most the
@@ -679,6 +682,16 @@ class Supervisor:
                     self._say(f"Restarted {child.name} (pid {child.process.pid}).")
         self._say("Stopping ...")
         return 0
+
+    def _until_next_round(self) -> float:
+        """Seconds until the next look round: ROUND_SECONDS for what sends no signal (restart
+        requests, PostgreSQL, which is not our child), less when a restart or a kill is due
+        sooner."""
+        due = [child.restart_at for child in self._children if child.restart_at is not None]
+        due += [child.kill_at for child in self._children if child.kill_at is not None]
+        due += [server.restart_at for server in self._servers if server.restart_at is not None]
+        now = time.monotonic()
+        return max(0.0, min([ROUND_SECONDS, *(at - now for at in due)]))
 
     def _begin_requested_restart(self, child: Child, now: float) -> None:
         """`profiles restart <name>`: SIGTERM (the service drains as on shutdown), and a kill

@@ -80,6 +80,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("PROFILES_DATA_DIR", "~/.profiles", "`profiles up`: embedded databases and keys"),
     Setting("PROFILES_DB_POOL_SIZE", "10", "most PostgreSQL connections per service process"),
     Setting("PROFILES_SHUTDOWN_GRACE_SECONDS", "10", "time in-flight calls get on shutdown"),
+    Setting(
+        "PROFILES_RESTART_DELAY_SECONDS",
+        "0.5",
+        "`profiles up`: a service (or its embedded PostgreSQL or Redis) that died is started"
+        " again after this long, twice as long after each further death within a minute (at"
+        " most 8 s); the fifth stops everything",
+    ),
     Setting("PROFILES_MAX_CONCURRENT_RPCS", "1000", "calls a server runs at once; more wait"),
     Setting("PROFILES_MAX_STREAMS", "100", "long-lived streams a server keeps open at once"),
     Setting(
@@ -244,6 +251,7 @@ class Settings:
     data_dir: Path = field(default_factory=lambda: Path("~/.profiles").expanduser())
     db_pool_size: int = 10
     shutdown_grace_seconds: float = 10.0
+    restart_delay_seconds: float = 0.5
     max_concurrent_rpcs: int = 1000
     max_streams: int = 100
     claim_idle_seconds: float = 30.0
@@ -297,6 +305,9 @@ class Settings:
             db_pool_size=_whole("PROFILES_DB_POOL_SIZE", values["PROFILES_DB_POOL_SIZE"], least=1),
             shutdown_grace_seconds=_decimal(
                 "PROFILES_SHUTDOWN_GRACE_SECONDS", values["PROFILES_SHUTDOWN_GRACE_SECONDS"]
+            ),
+            restart_delay_seconds=_decimal(
+                "PROFILES_RESTART_DELAY_SECONDS", values["PROFILES_RESTART_DELAY_SECONDS"]
             ),
             max_concurrent_rpcs=_whole(
                 "PROFILES_MAX_CONCURRENT_RPCS", values["PROFILES_MAX_CONCURRENT_RPCS"], least=1
@@ -366,6 +377,7 @@ class Settings:
             "PROFILES_DATA_DIR": str(self.data_dir),
             "PROFILES_DB_POOL_SIZE": str(self.db_pool_size),
             "PROFILES_SHUTDOWN_GRACE_SECONDS": str(self.shutdown_grace_seconds),
+            "PROFILES_RESTART_DELAY_SECONDS": str(self.restart_delay_seconds),
             "PROFILES_MAX_CONCURRENT_RPCS": str(self.max_concurrent_rpcs),
             "PROFILES_MAX_STREAMS": str(self.max_streams),
             "PROFILES_CLAIM_IDLE_SECONDS": str(self.claim_idle_seconds),

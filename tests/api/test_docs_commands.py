@@ -2,10 +2,11 @@
 
 One `profiles up` (README command 1, on a temporary data directory and free ports) serves every
 test here. The documents' ```bash blocks run in order, one document after the other, each command
-on its own (a variable one sets, `KEY=$(...)`, is kept for the later commands of its document),
-with only this rewriting: an address of a service on its default port (127.0.0.1:50054,
-localhost:9454, 127.0.0.1:8340 ...) becomes the address of that service in the running suite,
-and PROFILES_DATA_DIR names the suite's data directory. ```python blocks that use the client
+on its own (a variable one sets, `KEY=$(...)`, is kept for the later commands of its document,
+set once as in a terminal: its command does not run again before each of them), with only this
+rewriting: an address of a service on its default port (127.0.0.1:50054, localhost:9454,
+127.0.0.1:8340 ...) becomes the address of that service in the running suite, and
+PROFILES_DATA_DIR names the suite's data directory. ```python blocks that use the client
 helper run too. A command that exits non-zero fails the test, which names it.
 
 What runs: grpcurl, `profiles` commands (`profiles demo` among them, which feeds the suite),
@@ -38,6 +39,7 @@ from profiles_cli.up import SUITE
 from shared.settings import SETTINGS
 from tests.api.test_profiles_up import free_ports, processes_of, profiles_command
 from tests.conftest import server_scratch_dir
+from tests.support.bytecode import compile_project
 
 ROOT = Path(__file__).resolve().parents[2]
 READY_LINE = "Profiles is up"
@@ -127,6 +129,7 @@ def readme_command_1() -> str:
 
 @pytest.fixture(scope="module")
 def running_suite() -> Iterator[RunningSuite]:
+    compile_project()
     tmp_path = server_scratch_dir("profiles-docs-")
     data_dir = tmp_path / "data"
     fresh = {k: v for k, v in os.environ.items() if not k.startswith("PROFILES_")}
@@ -203,7 +206,8 @@ def run_shell(script: str, suite: RunningSuite) -> subprocess.CompletedProcess[s
 def test_the_commands_of_every_document_run_as_printed(
     document: Path, running_suite: RunningSuite
 ) -> None:
-    ran, skipped, failures, assignments = [], [], [], []
+    ran, skipped, failures = [], [], []
+    variables: dict[str, str] = {}  # what the document's `NAME=$(...)` commands set
     for block in code_blocks(document):
         where = f"{block.document}:{block.line}"
         if block.language == "python":
@@ -232,10 +236,16 @@ def test_the_commands_of_every_document_run_as_printed(
                 skipped.append((where, reason, command))
                 continue
             moved = on_suite(command, running_suite)
-            result = run_shell("\n".join([*assignments, moved]), running_suite)
+            known = [f"{name}={shlex.quote(value)}" for name, value in variables.items()]
+            assigned = command.split("=", 1)[0] if _ASSIGNMENT.match(command) else None
+            script = moved
+            if assigned is not None:
+                # The command as printed, then the value it set, for the later commands.
+                script = f'{moved}\ncode=$?\nprintf %s "${assigned}"\nexit $code'
+            result = run_shell("\n".join([*known, script]), running_suite)
             ran.append(f"{where} {command}")
-            if _ASSIGNMENT.match(command):
-                assignments.append(moved)
+            if assigned is not None and result.returncode == 0:
+                variables[assigned] = result.stdout
             if result.returncode != 0:
                 failures.append(
                     f"{where} `{moved}` exited {result.returncode}:\n"

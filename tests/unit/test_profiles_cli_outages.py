@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -86,6 +87,7 @@ def test_status_tells_a_hung_a_stopped_and_a_gone_embedded_server_apart(
     assert f"`profiles down {flag}` and `profiles up {flag}`" in hung
 
     os.kill(fake_redis.pid, signal.SIGSTOP)
+    stopped_by_now(fake_redis.pid)
     stopped = redis_advice(tmp_path, capsys)
     assert f"its process (pid {fake_redis.pid}) is stopped" in stopped
     assert f"`kill -CONT {fake_redis.pid}`" in stopped
@@ -96,6 +98,15 @@ def test_status_tells_a_hung_a_stopped_and_a_gone_embedded_server_apart(
     assert "its process is gone, and `profiles up` starts it again by itself" in gone
     for advice in (hung, stopped):
         assert "starts it again by itself" not in advice
+
+
+def stopped_by_now(pid: int) -> None:
+    """Waits until the kernel has stopped pid: SIGSTOP takes effect once the process is
+    scheduled, which on a busy machine is not at once."""
+    deadline = time.monotonic() + 30
+    while psutil.Process(pid).status() != psutil.STATUS_STOPPED:
+        assert time.monotonic() < deadline, "SIGSTOP did not stop the process"
+        time.sleep(0.01)
 
 
 @pytest.mark.parametrize("buffered", [True, False])

@@ -12,6 +12,13 @@ def test_a_service_that_keeps_dying_waits_longer_each_time_then_is_given_up() ->
     assert restarts.after_death(12.0) is None  # the fifth death within a minute
 
 
+def test_the_first_delay_is_a_setting_and_the_later_ones_double_it() -> None:
+    restarts = Restarts(first_delay=0.05)
+    delays = [restarts.after_death(now) for now in (0.0, 0.1, 0.2, 0.3)]
+    assert delays == [0.05, 0.1, 0.2, 0.4]
+    assert restarts.after_death(0.4) is None
+
+
 def test_deaths_older_than_the_window_are_forgotten() -> None:
     restarts = Restarts()
     for index in range(CRASH_LIMIT - 1):
