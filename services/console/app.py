@@ -250,8 +250,11 @@ def build_app(
     *,
     call_timeout: float = DEFAULT_CALL_TIMEOUT_SECONDS,
     max_watches: int = MAX_WATCHES,
+    live_checks: pages.LiveChecks | None = None,
 ) -> Guard:
-    """The console's ASGI app; Redis and the gRPC channels open and close with its lifespan."""
+    """The console's ASGI app; Redis and the gRPC channels open and close with its lifespan.
+    `live_checks`: how often live feeds check their session and key (pages' constants unless
+    set)."""
     backend = Backend(settings.addresses, call_timeout)
     hub = LiveHub(backend, max_watches)
 
@@ -265,6 +268,7 @@ def build_app(
             hub,
             templates(),
             secure_cookies=settings.console_secure_cookies,
+            live_checks=live_checks,
         )
         try:
             yield

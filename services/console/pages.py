@@ -101,6 +101,10 @@ PROFILE_REJECTED_ROWS = 5
 # re-tries its key with the services (a revoked key ends it).
 SESSION_CHECK_SECONDS = 2.0
 KEY_CHECK_SECONDS = 5.0
+# How long a segments feed waits before looking up again the people GetProfileRows did not
+# list: the users table lags writes by the bus (under a second normally), so a person whose
+# first events made them enter a segment is often not in it yet when the change arrives.
+PEOPLE_RETRY_SECONDS = 1.5
 # A reconnecting live feed re-reads the events received since its cursor less this margin
 # (the console's and the services' clocks, the time from receipt to storage); the page drops
 # what it already shows by event ID. Small: an event received within it before the page was
@@ -115,6 +119,17 @@ RESYNC_PAGES = 4
 SMALL_FORM_FIELDS = 20
 
 
+@dataclass(frozen=True, slots=True)
+class LiveChecks:
+    """How often an open live feed checks its session and key, and looks up again the people
+    its segments feed could not name: the constants above unless set (a test sets shorter
+    ones rather than sit through them)."""
+
+    session_seconds: float = SESSION_CHECK_SECONDS
+    key_seconds: float = KEY_CHECK_SECONDS
+    people_retry_seconds: float = PEOPLE_RETRY_SECONDS
+
+
 class Console:
     """What the handlers share: the backend, the session store, the live hub, templates."""
 
@@ -126,11 +141,13 @@ class Console:
         templates: Any,
         *,
         secure_cookies: bool = False,
+        live_checks: LiveChecks | None = None,
     ) -> None:
         self.backend = backend
         self.sessions = sessions
         self.hub = hub
         self.templates = templates
+        self.live_checks = live_checks or LiveChecks()
         # Cookies Secure whatever scheme the request came by (settings.console_secure_cookies:
         # TLS ends at a proxy whose forwarded headers the console does not read).
         self.secure_cookies = secure_cookies
@@ -2344,9 +2361,9 @@ async def signed_out_item(
 class SessionGuard:
     """Ends a live feed once its session does: signed out (in any tab), expired, or its key
     revoked. The session is re-read from the store at every check (every
-    SESSION_CHECK_SECONDS and before each delivery), the key re-tried with `check` (a cheap
-    call the feed's page needs) every KEY_CHECK_SECONDS: the upstream stream may run on another
-    tab's key, and a service does not refuse a stream already open."""
+    LiveChecks.session_seconds and before each delivery), the key re-tried with `check` (a
+    cheap call the feed's page needs) every LiveChecks.key_seconds: the upstream stream may run
+    on another tab's key, and a service does not refuse a stream already open."""
 
     def __init__(
         self, console: Console, session: ConsoleSession, check: Callable[[], Awaitable[Any]]
@@ -2354,7 +2371,8 @@ class SessionGuard:
         self._console = console
         self._session = session
         self._check = check
-        self._next_key_check = asyncio.get_running_loop().time() + KEY_CHECK_SECONDS
+        self._key_seconds = console.live_checks.key_seconds
+        self._next_key_check = asyncio.get_running_loop().time() + self._key_seconds
 
     async def ended(self) -> dict[str, str] | None:
         """The `ended` item of a feed that must end (its reason "signed_out", with why, or
@@ -2365,7 +2383,7 @@ class SessionGuard:
         now = asyncio.get_running_loop().time()
         if now < self._next_key_check:
             return None
-        self._next_key_check = now + KEY_CHECK_SECONDS
+        self._next_key_check = now + self._key_seconds
         try:
             await self._check()
         except SignedOut:
@@ -2492,7 +2510,7 @@ async def profile_live(request: Request, session: ConsoleSession) -> Response:
                     item = early.pop(0)
                 else:
                     with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(SESSION_CHECK_SECONDS):
+                        async with asyncio.timeout(console.live_checks.session_seconds):
                             item = await queue.get()
                 ended = await guard.ended()
                 if ended:
@@ -3346,10 +3364,6 @@ async def funnel_delete(request: Request, session: ConsoleSession) -> Response:
 # The people a segments feed has named, kept per feed up to this many (then forgotten at once:
 # a feed open for hours re-reads the people it shows again).
 FEED_PEOPLE_LIMIT = 2_000
-# How long a segments feed waits before looking up again the people GetProfileRows did not
-# list: the users table lags writes by the bus (under a second normally), so a person whose
-# first events made them enter a segment is often not in it yet when the change arrives.
-PEOPLE_RETRY_SECONDS = 1.5
 # GetProfile calls of one retry, for the people the users table still does not list (merged
 # away or erased since, or a table far behind): each reads a whole profile, so past this many
 # a row keeps the start of its ID.
@@ -3391,20 +3405,21 @@ class People:
     """The people a segments feed shows beside profile IDs. A batch's new IDs are read with
     one GetProfileRows call; the IDs it does not list show the start of the ID ("profile
     1a2b3c4d", marked as not in the users table yet) and are looked up once more after
-    PEOPLE_RETRY_SECONDS (`retry`): GetProfileRows again (the table caught up), then GetProfile
-    for those still missing, which tells a profile merged away since (and into whom) or erased
-    from one the table does not list yet (named from the profile itself). What the retry
-    learns goes to the page as an update of the rows it shows. Names and final states (merged,
-    erased) are kept; an anonymous person is asked again at their next change (they may have
-    been named since). When query cannot answer, a row keeps the start of its ID."""
+    LiveChecks.people_retry_seconds (`retry`): GetProfileRows again (the table caught up),
+    then GetProfile for those still missing, which tells a profile merged away since (and into
+    whom) or erased from one the table does not list yet (named from the profile itself). What
+    the retry learns goes to the page as an update of the rows it shows. Names and final states
+    (merged, erased) are kept; an anonymous person is asked again at their next change (they
+    may have been named since). When query cannot answer, a row keeps the start of its ID."""
 
     def __init__(self, console: Console, key: str) -> None:
         self._console = console
         self._key = key
+        self._retry_seconds = console.live_checks.people_retry_seconds
         self._known: dict[str, Person] = {}
         # The last batch's people that are not kept (anonymous, or not listed yet).
         self._batch: dict[str, Person] = {}
-        # IDs to look up again, in order, with when (each PEOPLE_RETRY_SECONDS after its row).
+        # IDs to look up again, in order, with when (each retry_seconds after its row).
         self._retry: dict[str, float] = {}
 
     async def learn(self, profile_ids: Iterable[str], now: float) -> None:
@@ -3423,7 +3438,7 @@ class People:
                 state="pending",
                 note="not in the users table yet",
             )
-            self._retry.setdefault(profile_id, now + PEOPLE_RETRY_SECONDS)
+            self._retry.setdefault(profile_id, now + self._retry_seconds)
 
     def of(self, profile_id: str) -> Person:
         return (
@@ -3571,7 +3586,7 @@ async def segments_live(request: Request, session: ConsoleSession) -> Response:
             while True:
                 if pending is None:
                     pending = asyncio.ensure_future(anext(changes))
-                wait = SESSION_CHECK_SECONDS
+                wait = console.live_checks.session_seconds
                 retry_in = people.retry_in(loop.time())
                 if retry_in is not None:
                     wait = max(0.0, min(wait, retry_in))

@@ -8,6 +8,7 @@ missing browser or axe-core fails instead of skipping.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import uuid
 from collections.abc import AsyncIterator
@@ -24,6 +25,7 @@ from profiles.query.v1 import query_service_pb2 as query_pb
 from profiles.query.v1 import query_service_pb2_grpc as query_grpc
 from profiles_cli.demo import run_demo
 from services.console.app import build_app
+from services.console.pages import LiveChecks
 from shared.settings import Settings
 from tests.conftest import TestProject, create_test_project, eventually, with_database
 from tests.support.browser import chromium, npm_package
@@ -31,6 +33,10 @@ from tests.support.serving import served
 
 HERE = Path(__file__).parent
 DEMO_USERS = 24
+# The suite's console checks an open live feed's session and key, and looks up again the people
+# its segments feed could not name, sooner than in production (2 s, 5 s, 1.5 s): the tests of
+# a feed ending (signed out, expired, key revoked) or naming a person wait for these checks.
+LIVE_CHECKS = LiveChecks(session_seconds=0.2, key_seconds=0.5, people_retry_seconds=0.3)
 
 
 @dataclass(slots=True)
@@ -83,7 +89,7 @@ async def console_suite(
             quiet=True,
         )
         await _wait_for_users_table(addresses["query"], project.keys["read"])
-        async with start_console(build_app(settings)) as url:
+        async with start_console(build_app(settings, live_checks=LIVE_CHECKS)) as url:
             yield ConsoleSuite(url, project, addresses, settings)
     finally:
         for handle in reversed(running):
@@ -120,9 +126,39 @@ def axe_source() -> str:
     return npm_package(HERE, "axe-core/axe.min.js").read_text()
 
 
+class FreshPages:
+    """Pages for the tests, each in a new browser context of its own (no cookie, storage or
+    permission passes from a test to the next), the next one opened while a test runs: opening
+    one takes a few tenths of a second, which every test used to wait for."""
+
+    def __init__(self, browser: Any) -> None:
+        self._browser = browser
+        self._next: asyncio.Task[Any] | None = None
+
+    async def _open(self) -> Any:
+        context = await self._browser.new_context(viewport={"width": 1280, "height": 900})
+        return await context.new_page()
+
+    async def take(self) -> Any:
+        ready = self._next or asyncio.ensure_future(self._open())
+        self._next = asyncio.ensure_future(self._open())
+        return await ready
+
+    async def close(self) -> None:
+        if self._next is not None:
+            page = await self._next
+            await page.context.close()
+
+
+@pytest.fixture(scope="package")
+async def fresh_pages(browser: Any) -> AsyncIterator[FreshPages]:
+    pages = FreshPages(browser)
+    yield pages
+    await pages.close()
+
+
 @pytest.fixture
-async def page(browser: Any) -> AsyncIterator[Any]:
-    context = await browser.new_context(viewport={"width": 1280, "height": 900})
-    page = await context.new_page()
+async def page(fresh_pages: FreshPages) -> AsyncIterator[Any]:
+    page = await fresh_pages.take()
     yield page
-    await context.close()
+    await page.context.close()

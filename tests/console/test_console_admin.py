@@ -51,7 +51,7 @@ async def test_an_admin_erases_a_profile_after_typing_its_custom_id(
     page: Any, console_suite: ConsoleSuite
 ) -> None:
     custom_id, profile_id = await new_identified_profile(console_suite, "erase-me")
-    await sign_in(page, console_suite, "admin")
+    await sign_in(page, console_suite, "admin", land=False)
     await page.goto(console_suite.url + f"/profiles/{profile_id}")
     # The export stays beside the new action.
     await expect(page.get_by_role("link", name="Export (GDPR)")).to_be_visible()
@@ -89,7 +89,7 @@ async def test_a_read_key_never_sees_the_erasure_and_is_refused_if_it_posts(
     page: Any, console_suite: ConsoleSuite
 ) -> None:
     _, profile_id = await new_identified_profile(console_suite, "keep-me")
-    await sign_in(page, console_suite, "read")
+    await sign_in(page, console_suite, "read", land=False)
     await page.goto(console_suite.url + f"/profiles/{profile_id}")
     await expect(page.get_by_role("heading", level=1)).to_be_visible()
     await expect(page.get_by_role("link", name="Delete this profile")).to_have_count(0)
@@ -108,7 +108,7 @@ async def test_a_read_key_never_sees_the_erasure_and_is_refused_if_it_posts(
 
 async def test_a_forged_erasure_form_erases_nothing(page: Any, console_suite: ConsoleSuite) -> None:
     custom_id, profile_id = await new_identified_profile(console_suite, "forged")
-    await sign_in(page, console_suite, "admin")
+    await sign_in(page, console_suite, "admin", land=False)
     posted = await page.request.post(
         console_suite.url + f"/profiles/{profile_id}/delete",
         form={"csrf_token": "guessed", "confirmation": custom_id},
@@ -154,7 +154,7 @@ async def test_an_admin_builds_a_segment_sees_its_members_and_deletes_it(
     plan = f"Gold{uuid.uuid4().hex[:6]}"
     await profiles_with_plan(console_suite, plan, 2)
     name = f"Gold plan on Android {uuid.uuid4().hex[:6]}"
-    await sign_in(page, console_suite, "admin")
+    await sign_in(page, console_suite, "admin", land=False)
     await page.goto(console_suite.url + "/segments")
     await page.get_by_role("link", name="New segment").click()
     await expect(page.get_by_role("heading", name="New segment")).to_be_visible()
@@ -204,7 +204,7 @@ async def test_a_refused_segment_condition_is_told_beside_its_box_with_the_input
     page: Any, console_suite: ConsoleSuite
 ) -> None:
     name = f"Refused {uuid.uuid4().hex[:6]}"
-    await sign_in(page, console_suite, "admin")
+    await sign_in(page, console_suite, "admin", land=False)
     await page.goto(console_suite.url + "/segments/new")
     await page.get_by_label("Name", exact=True).fill(name)
     await page.locator("#c0-custom_name").fill("not a name!")
@@ -247,7 +247,7 @@ async def test_a_refused_segment_condition_is_told_beside_its_box_with_the_input
 async def test_a_read_key_cannot_define_or_delete_segments_and_funnels(
     page: Any, console_suite: ConsoleSuite
 ) -> None:
-    await sign_in(page, console_suite, "read")
+    await sign_in(page, console_suite, "read", land=False)
     await page.goto(console_suite.url + "/segments")
     await expect(page.get_by_role("heading", name="Custom segments")).to_be_visible()
     await expect(page.get_by_role("link", name="New segment")).to_have_count(0)
@@ -285,7 +285,7 @@ async def test_an_admin_builds_a_funnel_with_a_step_condition_and_deletes_it(
         custom_event(small, name=bought, time=now - timedelta(minutes=2), amount=5),
     )
     name = f"Big buyers {suffix}"
-    await sign_in(page, console_suite, "admin")
+    await sign_in(page, console_suite, "admin", land=False)
     await page.goto(console_suite.url + "/segments")
     await page.get_by_role("link", name="New funnel").click()
     await page.get_by_label("Name", exact=True).fill(name)
@@ -326,7 +326,7 @@ async def test_a_refused_funnel_step_is_told_beside_its_box_with_the_input_kept(
     page: Any, console_suite: ConsoleSuite
 ) -> None:
     name = f"Refused funnel {uuid.uuid4().hex[:6]}"
-    await sign_in(page, console_suite, "admin")
+    await sign_in(page, console_suite, "admin", land=False)
     await page.goto(console_suite.url + "/funnels/new")
     await page.get_by_label("Name", exact=True).fill(name)
     await page.locator("#s0-event_name").fill("view_item")
@@ -360,7 +360,7 @@ async def test_an_admin_previews_a_segment_keeps_the_form_and_then_creates_it(
     plan = f"Silver{uuid.uuid4().hex[:6]}"
     await profiles_with_plan(console_suite, plan, 3)
     name = f"Silver preview {uuid.uuid4().hex[:6]}"
-    await sign_in(page, console_suite, "admin")
+    await sign_in(page, console_suite, "admin", land=False)
     await page.goto(console_suite.url + "/segments/new")
     await page.get_by_label("Name", exact=True).fill(name)
     await page.locator("#c0-custom_name").fill("console_plan")
@@ -422,7 +422,7 @@ async def test_an_admin_previews_a_funnel_s_step_counts_and_its_delete_page_gets
         custom_event(half, name=viewed, time=now - timedelta(minutes=3)),
     )
     name = f"Preview funnel {suffix}"
-    await sign_in(page, console_suite, "admin")
+    await sign_in(page, console_suite, "admin", land=False)
     await page.goto(console_suite.url + "/funnels/new")
     await page.get_by_label("Name", exact=True).fill(name)
     await page.locator("#s0-event_name").fill(viewed)
@@ -506,7 +506,7 @@ async def test_the_users_table_downloads_as_csv_with_its_filter_and_sort_every_p
         return (await query(console_suite, "ListProfiles", request)).total_size == len(names)
 
     await eventually(listed, within=30)
-    await sign_in(page, console_suite, "read")  # a read key is enough
+    await sign_in(page, console_suite, "read", land=False)  # a read key is enough
     await page.goto(console_suite.url + "/users?language=kw&sort=sessions&order=asc")
     shown = [
         (await link.get_attribute("href") or "").removeprefix("/profiles/")
@@ -543,7 +543,7 @@ async def test_the_users_table_downloads_as_csv_with_its_filter_and_sort_every_p
 async def test_a_refused_csv_filter_is_a_page_not_a_broken_download(
     page: Any, console_suite: ConsoleSuite
 ) -> None:
-    await sign_in(page, console_suite, "read")
+    await sign_in(page, console_suite, "read", land=False)
     refused = await page.request.get(console_suite.url + "/users.csv?name=" + "x" * 140)
     assert refused.status == 400
     assert "text/html" in refused.headers["content-type"]
@@ -581,7 +581,7 @@ async def test_an_erasure_confirmed_for_one_person_never_erases_whom_they_merged
 
         backend.call = merged_just_before_the_erasure
         local = ConsoleSuite(url, suite.project, suite.addresses, suite.settings)
-        await sign_in(page, local, "admin")
+        await sign_in(page, local, "admin", land=False)
         await page.goto(url + f"/profiles/{visitor}/delete")
         await page.get_by_label("To confirm, type delete").fill("delete")
         await page.get_by_role("button", name="Delete this profile permanently").click()

@@ -33,7 +33,7 @@ async def test_each_id_of_a_profile_has_a_copy_button_that_says_copied(
     installation = profile.installations[0].installation_id
     page = await new_page(browser, permissions=["clipboard-read", "clipboard-write"])
     try:
-        await sign_in(page, console_suite)
+        await sign_in(page, console_suite, land=False)
         await page.goto(f"{console_suite.url}/profiles/{summary.profile_id}")
         # The IDs stay text, whole, beside their buttons.
         await expect(page.locator("#identity")).to_have_text(summary.custom_id)
@@ -78,7 +78,7 @@ async def test_without_a_script_or_a_clipboard_there_is_no_copy_button(
     # No script: the page as the server writes it, the IDs as text.
     page = await new_page(browser, java_script_enabled=False)
     try:
-        await sign_in(page, console_suite)
+        await sign_in(page, console_suite, land=False)
         await page.goto(address)
         await expect(page.locator("#identity")).to_have_text(summary.custom_id)
         await expect(page.get_by_role("button", name="Copy", exact=False)).to_have_count(0)
@@ -89,7 +89,7 @@ async def test_without_a_script_or_a_clipboard_there_is_no_copy_button(
     page = await new_page(browser)
     try:
         await page.add_init_script("Object.defineProperty(navigator, 'clipboard', {value: null})")
-        await sign_in(page, console_suite)
+        await sign_in(page, console_suite, land=False)
         await page.goto(address)
         # The script ran (it follows the profile live), and added no button.
         await expect(page.locator("#live-status")).to_have_text("Live updates on.")
@@ -103,7 +103,7 @@ async def test_without_a_script_or_a_clipboard_there_is_no_copy_button(
         await page.add_init_script(
             "navigator.clipboard.writeText = () => Promise.reject(new Error('denied'))"
         )
-        await sign_in(page, console_suite)
+        await sign_in(page, console_suite, land=False)
         await page.goto(address)
         await page.get_by_role("button", name="Copy the custom ID").click()
         await expect(page.locator("#identity ~ .copy-status")).to_have_text(

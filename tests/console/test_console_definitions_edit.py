@@ -71,7 +71,7 @@ async def test_an_admin_edits_a_segment_s_filter_and_sees_its_count_change(
     segment = await new_segment(console_suite, name, plan_is(bronze))
     assert segment.size == 2
 
-    await sign_in(page, console_suite, "admin")
+    await sign_in(page, console_suite, "admin", land=False)
     await page.goto(console_suite.url + "/segments")
     row = page.locator("tr[id^='segment-']", has_text=name)
     await expect(row.locator("td.num")).to_have_text("2")
@@ -123,7 +123,7 @@ async def test_a_segment_changed_meanwhile_is_not_overwritten(
     plan = f"Zinc{uuid.uuid4().hex[:6]}"
     name = f"Zinc plan {uuid.uuid4().hex[:6]}"
     segment = await new_segment(console_suite, name, plan_is(plan))
-    await sign_in(page, console_suite, "admin")
+    await sign_in(page, console_suite, "admin", land=False)
     await page.goto(console_suite.url + f"/segments/{segment.segment_id}/edit")
     await expect(page.get_by_label("Name", exact=True)).to_have_value(name)
     # Someone else renames it after the page was shown.
@@ -164,7 +164,7 @@ async def test_a_filter_the_form_cannot_hold_is_kept_while_the_name_changes(
     nested.group.children.add().CopyFrom(plan_is("lead"))
     name = f"Nested {uuid.uuid4().hex[:6]}"
     segment = await new_segment(console_suite, name, nested)
-    await sign_in(page, console_suite, "admin")
+    await sign_in(page, console_suite, "admin", land=False)
     await page.goto(console_suite.url + f"/segments/{segment.segment_id}/edit")
     await expect(page.locator("#filter-kept")).to_contain_text("console_plan is tin")
     await expect(page.locator("#c0-kind")).to_have_count(0)
@@ -197,7 +197,7 @@ async def test_an_admin_edits_a_funnel_s_steps_and_window(
         ),
     )
     funnel_id = created.funnel.funnel_id
-    await sign_in(page, console_suite, "admin")
+    await sign_in(page, console_suite, "admin", land=False)
     await page.goto(console_suite.url + "/segments")
     await page.get_by_role("link", name=f"Edit the funnel {name}").click()
     await expect(page.get_by_role("heading", level=1)).to_have_text(f"Edit the funnel “{name}”")
@@ -232,7 +232,7 @@ async def test_a_read_key_cannot_edit_segments_and_funnels(
     page: Any, console_suite: ConsoleSuite
 ) -> None:
     segment = await new_segment(console_suite, f"Read only {uuid.uuid4().hex[:6]}", plan_is("x"))
-    await sign_in(page, console_suite, "read")
+    await sign_in(page, console_suite, "read", land=False)
     await page.goto(console_suite.url + "/segments")
     await expect(page.get_by_role("heading", name="Custom segments")).to_be_visible()
     await expect(page.get_by_role("link", name="Edit", exact=False)).to_have_count(0)
@@ -253,7 +253,7 @@ async def test_a_read_key_cannot_edit_segments_and_funnels(
 
 async def test_a_forged_edit_form_changes_nothing(page: Any, console_suite: ConsoleSuite) -> None:
     segment = await new_segment(console_suite, f"Forged {uuid.uuid4().hex[:6]}", plan_is("x"))
-    await sign_in(page, console_suite, "admin")
+    await sign_in(page, console_suite, "admin", land=False)
     posted = await page.request.post(
         console_suite.url + f"/segments/{segment.segment_id}/edit",
         form={"csrf_token": "forged", "name": "taken over", "action": "save"},

@@ -19,7 +19,7 @@ async def test_event_names_typed_as_sdks_send_them_are_stored_as_the_edge_stores
     page: Any, console_suite: ConsoleSuite
 ) -> None:
     suffix = uuid.uuid4().hex[:6]
-    await sign_in(page, console_suite, "admin")
+    await sign_in(page, console_suite, "admin", land=False)
     await page.goto(console_suite.url + "/funnels/new")
     await page.get_by_label("Name", exact=True).fill(f"Typed funnel {suffix}")
     await page.locator("#s0-event_name").fill("Product Viewed")

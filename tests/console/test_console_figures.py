@@ -85,7 +85,7 @@ async def test_each_overview_figure_opens_the_profiles_it_counts(
         return any(r.reachable_profile_count for r in reply.overview.channel_reaches)
 
     await eventually(reachable, within=30)
-    await sign_in(page, console_suite)
+    await sign_in(page, console_suite, land=False)
     everything = (await query(console_suite, "GetOverview", query_pb.GetOverviewRequest())).overview
     overview = console_suite.url + "/overview"
     language = everything.languages.top_values[0].value
@@ -139,7 +139,7 @@ async def test_the_users_table_pages_sorts_and_counts_by_language(
     # 53 people speaking a language no demo profile speaks: more than a page.
     language = "yo"
     await profiles_listed_by(console_suite, "LANGUAGE", language, language=language)
-    await sign_in(page, console_suite)
+    await sign_in(page, console_suite, land=False)
     await page.goto(console_suite.url + "/users?language=YO")
     shown, rows = page.locator("#shown"), page.locator("table.users tbody tr")
     await expect(shown).to_have_text("Profiles 1 to 50 of 53")
@@ -164,7 +164,7 @@ async def test_the_users_table_pages_sorts_and_counts_by_language(
 
 
 async def test_unknown_users_filters_are_named(page: Any, console_suite: ConsoleSuite) -> None:
-    await sign_in(page, console_suite)
+    await sign_in(page, console_suite, land=False)
     await page.goto(console_suite.url + "/users?language=french&country=France&reach=fax")
     notices = page.locator("main .notice")
     await expect(notices).to_have_text(
@@ -205,7 +205,7 @@ async def test_rejected_events_are_counted_by_reason_and_a_chip_filters_by_it(
     assert expected["EVENT_TIME_IN_FUTURE"] >= 2
     assert expected["EVENT_TIME_TOO_OLD"] >= 1
 
-    await sign_in(page, console_suite)
+    await sign_in(page, console_suite, land=False)
     await page.goto(console_suite.url + f"/rejected?start={start}&end={end}")
     chips = page.locator("#reason-chips li")
     total = sum(expected.values())
@@ -256,7 +256,7 @@ async def test_the_timeline_is_filtered_by_kind_and_name_across_its_pages(
         console_suite, installation, lambda p: p.counters.event_count >= 59, within=30
     )
     profile_id = profile.summary.profile_id
-    await sign_in(page, console_suite)
+    await sign_in(page, console_suite, land=False)
     await page.goto(console_suite.url + f"/profiles/{profile_id}")
     titles = page.locator("#timeline > li strong")
     await page.get_by_label("Kind").select_option("custom")
@@ -318,7 +318,7 @@ async def test_a_funnel_shows_each_step_s_conversion_and_drop_off(
         custom_event(first, name=paid, time=now - timedelta(minutes=1)),
         custom_event(second, name=opened, time=now - timedelta(minutes=2)),
     )
-    await sign_in(page, console_suite)
+    await sign_in(page, console_suite, land=False)
     table = page.locator("table.funnel-figures", has=page.locator(f"text={opened}"))
 
     async def counted() -> bool:  # the funnel reads events, stored as ingest answers

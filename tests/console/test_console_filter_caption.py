@@ -20,7 +20,7 @@ async def test_the_users_caption_names_every_filter_and_the_count_heads_the_tabl
     name = f"Gold plan {uuid.uuid4().hex[:6]}"
     segment = await new_segment(console_suite, name, plan_is("gold"))
     try:
-        await sign_in(page, console_suite)
+        await sign_in(page, console_suite, land=False)
         caption, top, bottom = (
             page.locator("#users-caption"),
             page.locator("#shown-top"),

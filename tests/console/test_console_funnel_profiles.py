@@ -82,7 +82,7 @@ async def test_each_funnel_count_opens_the_people_it_counts(
             custom_event(f"fp-extra{k}-{tag}", name=opened, time=now - timedelta(minutes=5))
         )
     await track(console_suite, *events)
-    await sign_in(page, console_suite)
+    await sign_in(page, console_suite, land=False)
     figures = page.locator("table.funnel-figures", has=page.locator(f"text={opened}"))
     total = 3 + EXTRA_PEOPLE
 

@@ -400,7 +400,7 @@ def test_a_custom_id_no_text_box_holds_is_confirmed_by_the_profile_id() -> None:
 async def test_a_profile_whose_custom_id_holds_a_line_break_can_be_erased(
     page: Any, console_suite: ConsoleSuite
 ) -> None:
-    await sign_in(page, console_suite, "admin")
+    await sign_in(page, console_suite, "admin", land=False)
     for line_break in ("\n", "\r"):
         custom_id = f"gdpr{line_break}block-{uuid.uuid4().hex[:6]}"
         async with open_channel(
@@ -443,7 +443,7 @@ async def test_a_session_id_with_url_characters_opens_its_own_session(
     profile = await stored_profile(
         console_suite, installation, lambda p: p.counters.session_count >= 1
     )
-    await sign_in(page, console_suite, "read")
+    await sign_in(page, console_suite, "read", land=False)
     await page.goto(console_suite.url + f"/profiles/{profile.summary.profile_id}")
     await page.locator("table.sessions tbody tr a").first.click()
     await expect(page.locator("table.sessions tr.selected")).to_have_count(1)
@@ -466,7 +466,7 @@ async def test_the_overview_s_automatic_refresh_does_not_keep_the_session_alive(
     page: Any, console_suite: ConsoleSuite
 ) -> None:
     await page.clock.install()  # the page's timers run on a clock this test moves forward
-    await sign_in(page, console_suite, "read")
+    await sign_in(page, console_suite, "read", land=False)
     digest = hashlib.sha256((await session_cookie(page)).encode()).hexdigest()
     name = f"{console_suite.settings.redis_prefix}:console:session:{digest}"
     redis = Redis.from_url(console_suite.settings.redis_url)

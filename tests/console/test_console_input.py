@@ -48,7 +48,7 @@ async def no_sideways_scroll(page: Any) -> None:
 async def test_an_over_long_name_filter_is_refused_beside_the_name_box(
     page: Any, console_suite: ConsoleSuite
 ) -> None:
-    await sign_in(page, console_suite)
+    await sign_in(page, console_suite, land=False)
     await page.goto(console_suite.url + "/users?name=" + "x" * 5000)
     name_box = page.get_by_label("Name", exact=True)
     await expect(page.locator("#name-error")).to_have_text(
@@ -71,7 +71,7 @@ async def test_an_over_long_name_filter_is_refused_beside_the_name_box(
 async def test_a_stale_page_link_of_the_users_table_says_only_so_and_offers_the_first_page(
     page: Any, console_suite: ConsoleSuite
 ) -> None:
-    await sign_in(page, console_suite)
+    await sign_in(page, console_suite, land=False)
     await page.goto(console_suite.url + "/users?tab=identified&page_token=altered&trail=0&page=2")
     alert = page.get_by_role("alert")
     await expect(alert).to_contain_text("This page link is out of date or was altered")
@@ -87,7 +87,7 @@ async def test_a_stale_page_link_of_the_users_table_says_only_so_and_offers_the_
 async def test_refused_rejected_filters_are_told_beside_their_box_with_the_form(
     page: Any, console_suite: ConsoleSuite
 ) -> None:
-    await sign_in(page, console_suite)
+    await sign_in(page, console_suite, land=False)
     cases = (
         ("start=2026-12-06T16:58&end=2026-12-06T16:57", "#end-error", "after the start"),
         ("reason=" + "A" * 65, "#reason-error", "1 to 64 characters"),
@@ -122,7 +122,7 @@ async def test_the_reason_box_offers_real_codes_and_reads_them_in_any_case(
         time=datetime.now(UTC) - timedelta(days=40),
     )
     assert await reject(console_suite, stale) == ["EVENT_TIME_TOO_OLD"]
-    await sign_in(page, console_suite)
+    await sign_in(page, console_suite, land=False)
     await page.goto(console_suite.url + "/rejected")
     reason = page.get_by_label("Reason")
     await expect(reason).to_have_attribute("placeholder", re.compile("EVENT_TIME_IN_FUTURE"))
@@ -142,7 +142,7 @@ async def test_a_search_that_cannot_match_says_no_match_with_a_hint(
     page: Any, console_suite: ConsoleSuite
 ) -> None:
     profile = await identified_profile(console_suite)
-    await sign_in(page, console_suite)
+    await sign_in(page, console_suite, land=False)
     status = page.locator("main p.found")
     for typed, shown, hint in (
         ("q" * 300, "No profile matches “" + "q" * 39 + "…”.", ""),
@@ -165,7 +165,7 @@ async def test_a_search_that_cannot_match_says_no_match_with_a_hint(
 async def test_a_profile_address_that_is_no_profile_says_no_such_profile_with_a_search(
     page: Any, console_suite: ConsoleSuite
 ) -> None:
-    await sign_in(page, console_suite)
+    await sign_in(page, console_suite, land=False)
     for path in ("/profiles/user-1", f"/profiles/{uuid.uuid4()}"):
         reply = await page.goto(console_suite.url + path)
         assert reply is not None
@@ -182,7 +182,7 @@ async def test_a_stale_events_page_link_keeps_the_profile_and_offers_the_first_p
 ) -> None:
     profile = await identified_profile(console_suite)
     profile_id = profile.summary.profile_id
-    await sign_in(page, console_suite)
+    await sign_in(page, console_suite, land=False)
     reply = await page.goto(console_suite.url + f"/profiles/{profile_id}?events_page=garbage")
     assert reply is not None
     await expect(page.locator("#identity")).to_be_visible()
@@ -201,7 +201,7 @@ async def test_a_stale_events_page_link_keeps_the_profile_and_offers_the_first_p
 async def test_an_unknown_url_parameter_is_named_not_silently_ignored(
     page: Any, console_suite: ConsoleSuite
 ) -> None:
-    await sign_in(page, console_suite)
+    await sign_in(page, console_suite, land=False)
     for path, notice in (
         ("/overview?platform=windows", "Unknown platform “windows”: showing all platforms."),
         ("/users?tab=foo", "Unknown tab “foo”: showing all profiles."),
@@ -239,7 +239,7 @@ async def test_subscription_words_stay_whole_on_a_laptop_screen(
         return sum(s.HasField("last_change_time") for s in profile.subscriptions) == 3
 
     profile = await stored_profile(console_suite, installation, changed_thrice, within=30)
-    await sign_in(page, console_suite)
+    await sign_in(page, console_suite, land=False)
     await page.set_viewport_size({"width": 1366, "height": 768})
     await page.goto(console_suite.url + f"/profiles/{profile.summary.profile_id}")
     table = page.locator("#subscriptions")

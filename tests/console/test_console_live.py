@@ -40,7 +40,7 @@ async def test_signing_out_in_another_tab_stops_an_open_live_feed(
     page: Any, console_suite: ConsoleSuite
 ) -> None:
     installation, profile_id = await fresh_profile(console_suite)
-    await sign_in(page, console_suite)
+    await sign_in(page, console_suite, land=False)
     await page.goto(console_suite.url + f"/profiles/{profile_id}")
     await expect(page.locator(STATUS)).to_have_text("Live updates on.")
     other = await page.context.new_page()
@@ -100,7 +100,7 @@ async def test_an_erased_profile_s_live_feed_says_it_is_gone(
     page: Any, console_suite: ConsoleSuite
 ) -> None:
     _, profile_id = await fresh_profile(console_suite)
-    await sign_in(page, console_suite)
+    await sign_in(page, console_suite, land=False)
     await page.goto(console_suite.url + f"/profiles/{profile_id}")
     await expect(page.locator(STATUS)).to_have_text("Live updates on.")
     async with open_channel(
@@ -130,10 +130,16 @@ async def test_a_live_feed_refused_while_query_restarts_retries_and_recovers(
         return await call(self, key, service, method, request)
 
     monkeypatch.setattr(Backend, "call", restarting)
+    # The page waits 1 s, then 2 s, before it opens its feed again: its clock is moved on by
+    # those instead of sitting through them.
+    await page.clock.install()
     async with start_console(build_app(console_suite.settings)) as url:
-        await sign_in(page, ConsoleSuite(url, *_rest(console_suite)))
+        await sign_in(page, ConsoleSuite(url, *_rest(console_suite)), land=False)
         await page.goto(url + f"/profiles/{profile_id}")
-        await expect(page.locator(STATUS)).to_contain_text("Live updates paused, retrying in")
+        await expect(page.locator(STATUS)).to_contain_text("Live updates paused, retrying in 1 s")
+        await page.clock.run_for(1000)
+        await expect(page.locator(STATUS)).to_contain_text("Live updates paused, retrying in 2 s")
+        await page.clock.run_for(2000)
         await expect(page.locator(STATUS)).to_have_text("Live updates on.", timeout=15_000)
         assert refusals == [0]
         await track(
@@ -151,7 +157,7 @@ async def test_a_reconnecting_feed_gets_an_event_older_than_the_newest_it_showed
     """A device that was offline sends late: an event stored while the feed was away, with an
     event time before the newest event the page shows, comes once after the reconnection."""
     installation, profile_id = await fresh_profile(console_suite)
-    await sign_in(page, console_suite)
+    await sign_in(page, console_suite, land=False)
     cookie = await session_cookie(page)
     path = f"/live/profiles/{profile_id}"
     shown = custom_event(installation, name="shown_before_the_gap", time=datetime.now(UTC))

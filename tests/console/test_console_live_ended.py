@@ -21,7 +21,8 @@ from tests.console.test_console_safety import session_cookie
 from tests.console.test_console_session_keys import record_name
 
 SHOTS = os.environ.get("PROFILES_CONSOLE_TEST_SHOTS", "")
-# A feed re-reads its session every 2 seconds: well within this.
+# A feed re-reads its session every 2 seconds (0.2 s in these tests: LIVE_CHECKS in
+# conftest.py): well within this.
 WITHIN_MS = 10_000
 
 
@@ -46,7 +47,7 @@ async def following(page: Any, suite: ConsoleSuite) -> str:
 async def test_an_expired_session_stops_the_feeds_saying_so(
     page: Any, console_suite: ConsoleSuite, redis: Redis
 ) -> None:
-    await sign_in(page, console_suite)
+    await sign_in(page, console_suite, land=False)
     path = await following(page, console_suite)
     segments = await page.context.new_page()
     await segments.goto(console_suite.url + "/segments")
@@ -72,7 +73,7 @@ async def test_an_expired_session_stops_the_feeds_saying_so(
 async def test_signing_out_in_another_tab_is_told_as_such(
     page: Any, console_suite: ConsoleSuite
 ) -> None:
-    await sign_in(page, console_suite)
+    await sign_in(page, console_suite, land=False)
     await following(page, console_suite)
     other = await page.context.new_page()
     await other.goto(console_suite.url + "/overview")
@@ -87,12 +88,12 @@ async def test_signing_out_in_another_tab_is_told_as_such(
 async def test_signing_in_again_with_another_role_offers_to_reload_with_it(
     page: Any, console_suite: ConsoleSuite
 ) -> None:
-    await sign_in(page, console_suite, "read")
+    await sign_in(page, console_suite, "read", land=False)
     path = await following(page, console_suite)
     await expect(page.get_by_role("link", name="Delete this profile")).to_have_count(0)
     # Another tab signs in with the admin key: this tab's read session is replaced.
     other = await page.context.new_page()
-    await sign_in(other, console_suite, "admin")
+    await sign_in(other, console_suite, "admin", land=False)
     await expect(page.locator(STATUS)).to_have_text(
         "Live updates stopped: you signed in again in another tab or window, with an admin key"
         " (this page was opened with a read key). Reload this page",
@@ -107,7 +108,7 @@ async def test_signing_in_again_with_another_role_offers_to_reload_with_it(
     await expect(page.locator(STATUS)).to_have_text("Live updates on.")
 
     # Signed in again with a key of the same role: no role to name.
-    await sign_in(other, console_suite, "admin")
+    await sign_in(other, console_suite, "admin", land=False)
     await expect(page.locator(STATUS)).to_have_text(
         "Live updates stopped: you signed in again in another tab or window. Reload this page",
         timeout=WITHIN_MS,

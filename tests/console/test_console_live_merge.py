@@ -32,7 +32,7 @@ async def test_a_login_merge_is_told_on_both_profiles_live_pages(
     anonymous = await stored_profile(console_suite, laptop)
     ada_id, anonymous_id = ada.summary.profile_id, anonymous.summary.profile_id
 
-    await sign_in(page, console_suite)
+    await sign_in(page, console_suite, land=False)
     await page.goto(console_suite.url + f"/profiles/{anonymous_id}")
     survivor = await page.context.new_page()
     await survivor.goto(console_suite.url + f"/profiles/{ada_id}")

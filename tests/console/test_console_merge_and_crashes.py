@@ -106,7 +106,7 @@ async def test_an_admin_merges_another_profile_and_the_survivor_holds_both_histo
     kept_name, moved_name = event_name("kept"), event_name("moved")
     custom_id, target = await identified(suite, "survivor", kept_name)
     installation, source = await anonymous(suite, moved_name)
-    await sign_in(page, suite, "admin")
+    await sign_in(page, suite, "admin", land=False)
 
     # Found by its installation ID: both profiles side by side before anything changes.
     await choose(page, suite, target, installation)
@@ -155,7 +155,7 @@ async def test_each_refusal_of_a_merge_is_told_on_the_form(
     suite = console_suite
     custom_id, target = await identified(suite, "refusing", event_name("one"))
     other_custom_id, other = await identified(suite, "other-person", event_name("two"))
-    await sign_in(page, suite, "admin")
+    await sign_in(page, suite, "admin", land=False)
     box_error = page.locator("#other-error")
 
     # The same profile, by its own custom ID.
@@ -288,7 +288,7 @@ async def test_a_login_merging_either_profile_away_just_before_the_merge_is_told
         backend.call = logged_in_just_before_the_merge
         try:
             local = ConsoleSuite(url, suite.project, suite.addresses, suite.settings)
-            await sign_in(page, local, "admin")
+            await sign_in(page, local, "admin", land=False)
 
             # The other profile (a visitor) logs in as a customer: merged into the customer's.
             _, target = await anonymous(suite, event_name("stays"))
@@ -353,7 +353,7 @@ async def test_a_merge_form_sent_twice_merges_once(page: Any, console_suite: Con
     suite = console_suite
     _, target = await identified(suite, "twice", event_name("kept"))
     _, source = await anonymous(suite, event_name("moved"))
-    await sign_in(page, suite, "admin")
+    await sign_in(page, suite, "admin", land=False)
     await choose(page, suite, target, source)
     form = page.locator("form.confirm")
     fields = {
@@ -382,7 +382,7 @@ async def test_a_read_key_sees_no_merge_and_is_refused(
     suite = console_suite
     _, target = await identified(suite, "read-target", event_name("one"))
     _, source = await anonymous(suite, event_name("two"))
-    await sign_in(page, suite, "read")
+    await sign_in(page, suite, "read", land=False)
     await page.goto(suite.url + f"/profiles/{target}")
     await expect(page.get_by_role("heading", level=1)).to_be_visible()
     await expect(page.get_by_role("link", name=MERGE_LINK)).to_have_count(0)
@@ -403,7 +403,7 @@ async def test_a_forged_merge_form_merges_nothing(page: Any, console_suite: Cons
     suite = console_suite
     _, target = await identified(suite, "forged-target", event_name("one"))
     _, source = await anonymous(suite, event_name("two"))
-    await sign_in(page, suite, "admin")
+    await sign_in(page, suite, "admin", land=False)
     posted = await page.request.post(
         suite.url + f"/profiles/{target}/merge",
         form={"csrf_token": "guessed", "request_id": str(uuid.uuid4()), "source": source},
@@ -437,7 +437,7 @@ async def test_the_last_crash_opens_that_crash_in_the_timeline(
         installation,
         lambda p: p.counters.crash_count == 2 and p.counters.last_crash.name == "LatestCrash",
     )
-    await sign_in(page, suite)
+    await sign_in(page, suite, land=False)
     await page.goto(suite.url + f"/profiles/{profile.summary.profile_id}")
     await expect(page.locator("#timeline > li", has_text="LatestCrash")).to_have_count(0)
 
@@ -479,7 +479,7 @@ async def test_the_crashes_tab_lists_only_the_profile_s_crashes(
     profile = await stored_profile(
         suite, installation, lambda p: p.counters.crash_count == 2 and p.counters.event_count >= 6
     )
-    await sign_in(page, suite)
+    await sign_in(page, suite, land=False)
     await page.goto(suite.url + f"/profiles/{profile.summary.profile_id}")
     await expect(page.locator("#timeline > li")).to_have_count(6)
 

@@ -68,7 +68,7 @@ async def test_the_short_id_the_users_table_shows_finds_the_profile(
     with_name = (await stored_profile(console_suite, named)).summary.profile_id
     for profile_id in (anonymous, with_name):
         await listed_in_users_table(console_suite, profile_id)
-    await sign_in(page, console_suite)
+    await sign_in(page, console_suite, land=False)
 
     # What the users table shows of each: "Anonymous 1a2b3c4d", and "profile 5e6f7a8b" under
     # a name without a custom ID.
@@ -174,7 +174,7 @@ async def test_one_profile_matches_a_new_segment_in_the_singular(
     )
     await stored_profile(console_suite, installation)
     name = f"Solo plan {uuid.uuid4().hex[:6]}"
-    await sign_in(page, console_suite, "admin")
+    await sign_in(page, console_suite, "admin", land=False)
     await page.goto(console_suite.url + "/segments/new")
     await page.get_by_label("Name", exact=True).fill(name)
     await page.locator("#c0-kind").select_option("attribute")
@@ -231,7 +231,7 @@ async def test_a_session_s_events_are_headed_by_when_it_started(
         console_suite, installation, lambda p: p.counters.session_count == 22
     )
     profile_id = profile.summary.profile_id
-    await sign_in(page, console_suite)
+    await sign_in(page, console_suite, land=False)
     await page.goto(console_suite.url + f"/profiles/{profile_id}")
     heading = page.locator("#events h2")
     # The newest session, clicked in the list.
@@ -274,7 +274,7 @@ def test_a_session_start_is_read_from_the_sessions_else_from_its_start_event() -
 async def test_the_live_segment_table_says_it_lists_the_changes_recorded_lately(
     page: Any, console_suite: ConsoleSuite
 ) -> None:
-    await sign_in(page, console_suite)
+    await sign_in(page, console_suite, land=False)
     await page.goto(console_suite.url + "/segments")
     await expect(page.locator("#segment-status")).to_have_text(
         "Live: the changes recorded in the last hour, then as they are recorded."
@@ -308,7 +308,7 @@ async def test_the_users_table_keeps_words_whole_and_scrolls_in_place_on_a_phone
     context = await browser.new_context(viewport={"width": 375, "height": 800})
     try:
         page = await context.new_page()
-        await sign_in(page, console_suite)
+        await sign_in(page, console_suite, land=False)
         await page.goto(console_suite.url + "/users")
         table = page.locator("table.users")
         await expect(table.locator("tbody tr").first).to_be_visible()

@@ -64,7 +64,7 @@ async def test_the_header_says_anonymous_or_identified_whatever_the_name(
         console_suite, logged_in, lambda p: p.summary.custom_id == custom_id
     )
 
-    await sign_in(page, console_suite)
+    await sign_in(page, console_suite, land=False)
     await page.goto(console_suite.url + f"/profiles/{named.summary.profile_id}")
     await expect(page.get_by_role("heading", level=1)).to_have_text("Nadia Roy")
     state = page.locator("#identity-state")
@@ -93,7 +93,7 @@ async def test_push_reads_as_device_opt_in_apart_from_the_recorded_choice(
     profile = await stored_profile(
         console_suite, phone, lambda p: len(p.installations) == 2, within=30
     )
-    await sign_in(page, console_suite)
+    await sign_in(page, console_suite, land=False)
     await page.goto(console_suite.url + f"/profiles/{profile.summary.profile_id}")
     devices = page.locator("#push-devices td")
     await expect(devices.nth(1)).to_have_text("Devices (notifications allowed)")
@@ -148,7 +148,7 @@ async def test_the_timeline_filters_by_days_hides_heartbeats_and_suggests_names(
         console_suite, installation, lambda p: p.counters.event_count >= 61, within=30
     )
     profile_id = profile.summary.profile_id
-    await sign_in(page, console_suite)
+    await sign_in(page, console_suite, land=False)
     await page.goto(console_suite.url + f"/profiles/{profile_id}")
     titles = page.locator("#timeline > li strong")
     await expect(titles.filter(has_text="Session heartbeat")).to_have_count(5)
@@ -217,7 +217,7 @@ async def test_a_rejected_row_opens_its_person_and_names_its_attribute(
         console_suite, custom_event(stranger, time=datetime.now(UTC) + timedelta(days=30))
     ) == ["EVENT_TIME_IN_FUTURE"]
 
-    await sign_in(page, console_suite)
+    await sign_in(page, console_suite, land=False)
     await page.goto(console_suite.url + f"/rejected?profile={profile_id}")
     email = page.locator("table.rejected tbody tr", has_text="EMAIL_INVALID")
     wrong = email.locator("td").nth(2)

@@ -43,7 +43,7 @@ async def test_a_profile_shows_its_rejected_events_and_opens_them_all(
     other = from_the_future(theirs, "someone_elses")
     assert await reject(console_suite, other) == ["EVENT_TIME_IN_FUTURE"]
 
-    await sign_in(page, console_suite)
+    await sign_in(page, console_suite, land=False)
     await page.goto(console_suite.url + f"/profiles/{profile_id}")
     section = page.locator("section#rejected")
     await expect(section.get_by_role("heading", name="Rejected events")).to_be_visible()
@@ -86,7 +86,7 @@ async def test_a_profile_with_nothing_rejected_has_no_section(
     page: Any, console_suite: ConsoleSuite
 ) -> None:
     _, profile_id = await new_profile(console_suite)
-    await sign_in(page, console_suite)
+    await sign_in(page, console_suite, land=False)
     await page.goto(console_suite.url + f"/profiles/{profile_id}")
     await expect(page.get_by_role("heading", name="Merges and splits")).to_be_visible()
     await expect(page.locator("section#rejected")).to_have_count(0)
@@ -95,7 +95,7 @@ async def test_a_profile_with_nothing_rejected_has_no_section(
 async def test_an_unknown_or_mistyped_profile_filter_is_told_beside_its_chip(
     page: Any, console_suite: ConsoleSuite
 ) -> None:
-    await sign_in(page, console_suite)
+    await sign_in(page, console_suite, land=False)
     for value, words in ((str(uuid.uuid4()), "No such profile"), ("nope", "A profile ID is")):
         await page.goto(console_suite.url + f"/rejected?profile={value}")
         await expect(page.locator("#profile-error")).to_contain_text(words)

@@ -51,7 +51,7 @@ async def test_the_timeline_tells_push_uninstall_origin_label_and_a_collapsed_st
     profile = await stored_profile(
         console_suite, installation, lambda p: p.counters.event_count >= 5
     )
-    await sign_in(page, console_suite)
+    await sign_in(page, console_suite, land=False)
     await page.goto(console_suite.url + f"/profiles/{profile.summary.profile_id}")
     timeline = page.locator("#timeline > li")
     registered = timeline.filter(has_text="Installation updated").filter(has_text="push token")
@@ -113,7 +113,7 @@ async def test_a_merged_away_profile_id_opens_its_survivor_which_says_so(
     target = (await stored_profile(console_suite, second)).summary.profile_id
     await merge(console_suite, source, target)
     await stored_profile(console_suite, first, lambda p: p.summary.profile_id == target)
-    await sign_in(page, console_suite)
+    await sign_in(page, console_suite, land=False)
 
     await page.goto(console_suite.url + f"/profiles/{source}")
     await expect(page).to_have_url(re.compile(f"/profiles/{target}\\?merged_from={source}$"))
@@ -173,7 +173,7 @@ async def test_an_imported_token_not_yet_seen_is_said_so_and_its_profile_has_no_
         return bool(answer.profile.installations)
 
     await eventually(stored, within=10)
-    await sign_in(page, console_suite)
+    await sign_in(page, console_suite, land=False)
     await page.goto(console_suite.url + f"/profiles/{found[0].summary.profile_id}")
     row = page.locator("table tbody tr", has_text="imported token")
     await expect(row.locator("td").last).to_have_text("imported, not seen yet")
@@ -208,7 +208,7 @@ async def test_a_phone_typed_with_spaces_dashes_or_brackets_finds_its_profile(
 async def test_the_overview_shows_subscription_rates_regions_and_what_push_reach_counts(
     page: Any, console_suite: ConsoleSuite
 ) -> None:
-    await sign_in(page, console_suite)
+    await sign_in(page, console_suite, land=False)
     await page.goto(console_suite.url + "/overview?platform=ios")
     await expect(page.locator("#reach-platform")).to_contain_text("reachable on any platform")
     reply = await query(
@@ -246,7 +246,7 @@ async def test_the_activity_chart_names_its_zone_and_lists_each_day_with_a_scale
     profile = await stored_profile(
         console_suite, installation, lambda p: p.counters.event_count >= 3
     )
-    await sign_in(page, console_suite)
+    await sign_in(page, console_suite, land=False)
     await page.goto(console_suite.url + f"/profiles/{profile.summary.profile_id}")
     await expect(page.locator("#activity-heading")).to_have_text(
         "Events per day, last 30 days (UTC)"
@@ -279,7 +279,7 @@ async def test_users_of_the_same_name_are_told_apart_and_user_details_is_a_tab(
         return len((await query(console_suite, "ListProfiles", request)).profiles) == 2
 
     await eventually(listed, within=30)
-    await sign_in(page, console_suite)
+    await sign_in(page, console_suite, land=False)
     await page.goto(console_suite.url + f"/users?name={surname}")
     rows = page.locator("table.users tbody tr")
     await expect(rows).to_have_count(2)
@@ -317,7 +317,7 @@ async def test_attribute_names_stay_whole_and_the_native_table_keeps_its_height(
         console_suite, installation, lambda p: len(p.custom_attributes) >= 6
     )
     await page.set_viewport_size({"width": 1024, "height": 900})
-    await sign_in(page, console_suite)
+    await sign_in(page, console_suite, land=False)
     await page.goto(console_suite.url + f"/profiles/{profile.summary.profile_id}")
     name = page.locator('#custom-attributes tr[data-attribute="preferred_delivery_window_0"] td')
     # One line: the name is not broken between its letters.

@@ -10,7 +10,7 @@ import re
 import socket
 import uuid
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
@@ -109,7 +109,7 @@ async def test_forged_sign_in_and_sign_out_forms_are_refused(
     assert forged.status == 403
     assert COOKIE not in {c["name"] for c in await page.context.cookies()}
 
-    await sign_in(page, console_suite)
+    await sign_in(page, console_suite, land=False)
     refused = await page.request.post(
         console_suite.url + "/signout", form={"csrf_token": "guessed"}, max_redirects=0
     )
@@ -142,7 +142,7 @@ async def test_a_down_or_slow_service_is_named_and_the_rest_keeps_working(
             start_console(build_app(slow, call_timeout=1.0)) as slow_url,
         ):
             for url, message in ((down_url, "unavailable"), (slow_url, "slow")):
-                await sign_in(page, ConsoleSuite(url, *_rest(console_suite)))
+                await sign_in(page, ConsoleSuite(url, *_rest(console_suite)), land=False)
                 await page.goto(url + "/segments")
                 await expect(page.get_by_role("heading", level=1)).to_have_text(
                     f"The segments service is {message}"
@@ -167,17 +167,33 @@ async def _answering_late(upstream: str, delay_s: float) -> AsyncIterator[str]:
     async def pipe(
         reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay: float
     ) -> None:
+        # Each chunk goes on `delay` after it was read, while the next ones are read: a chunk
+        # waiting behind the one before would add the delay again for every chunk of an
+        # answer (a new HTTP/2 connection's settings, then the answer's frames).
         loop = asyncio.get_running_loop()
-        try:
-            while chunk := await reader.read(65536):
-                if delay:
-                    due = loop.time() + delay
-                    await asyncio.sleep(max(0.0, due - loop.time()))
+        late: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+
+        async def deliver() -> None:
+            while True:
+                due, chunk = await late.get()
+                await asyncio.sleep(max(0.0, due - loop.time()))
+                if not chunk:
+                    return
                 writer.write(chunk)
                 await writer.drain()
+
+        delivering = asyncio.ensure_future(deliver())
+        try:
+            while chunk := await reader.read(65536):
+                late.put_nowait((loop.time() + delay, chunk))
+            late.put_nowait((loop.time() + delay, b""))
+            await delivering
         except (ConnectionError, asyncio.CancelledError):
             pass
         finally:
+            delivering.cancel()
+            with suppress(ConnectionError, asyncio.CancelledError):
+                await delivering  # its failure (the client gone) taken here, not logged
             writer.close()
 
     async def serve(client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
@@ -210,7 +226,7 @@ async def test_creating_a_segment_waits_for_the_service_beyond_a_page_s_deadline
             addresses={**console_suite.addresses, "segments": late}
         )
         async with start_console(build_app(settings, call_timeout=1.0)) as url:
-            await sign_in(page, ConsoleSuite(url, *_rest(console_suite)), "admin")
+            await sign_in(page, ConsoleSuite(url, *_rest(console_suite)), "admin", land=False)
             await page.goto(url + "/segments/new")
             await page.get_by_label("Name", exact=True).fill(name)
             await page.locator("#c0-custom_name").fill("plan")
@@ -263,7 +279,7 @@ async def test_leaving_the_segments_page_logs_no_error(
         # Stopping the console (leaving this block) waits for every request it serves to end.
         async with start_console(build_app(console_suite.settings)) as url:
             errors.attach()
-            await sign_in(page, ConsoleSuite(url, *_rest(console_suite)))
+            await sign_in(page, ConsoleSuite(url, *_rest(console_suite)), land=False)
             await page.goto(url + "/segments")
             await expect(page.locator("#segment-status")).to_contain_text("Live")
             await expect(page.locator("#segment-changes tbody tr").first).to_be_visible()
@@ -300,7 +316,7 @@ async def reconnect_and_follow(page: Any, console_suite: ConsoleSuite) -> None:
     once that event came, stores another: each must come exactly once."""
     profile = await identified_profile(console_suite)
     installation = profile.installations[0].installation_id
-    await sign_in(page, console_suite)
+    await sign_in(page, console_suite, land=False)
     cookie = await session_cookie(page)
     missed_time = datetime.now(UTC).replace(microsecond=0)
     missed = custom_event(installation, name="missed_while_away", time=missed_time)
@@ -334,7 +350,7 @@ async def test_one_upstream_watch_per_profile_and_a_cap_beyond_which_live_pauses
     profile = await identified_profile(console_suite)
     other = next(p for p in await _two_profiles(console_suite) if p != profile.summary.profile_id)
     async with start_console(app) as url:
-        await sign_in(page, ConsoleSuite(url, *_rest(console_suite)))
+        await sign_in(page, ConsoleSuite(url, *_rest(console_suite)), land=False)
         cookie = await session_cookie(page)
         path = f"/live/profiles/{profile.summary.profile_id}"
         first = sse_frames(url, path, cookie)

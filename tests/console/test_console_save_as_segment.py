@@ -127,7 +127,7 @@ async def test_a_filtered_table_saved_as_a_segment_lists_the_same_profiles(
         "order": "asc",
         "rows": "25",
     }
-    await sign_in(page, console_suite, "admin")
+    await sign_in(page, console_suite, "admin", land=False)
     await page.goto(console_suite.url + "/users?" + urlencode(filters))
     family = f"Crowd{tag}"
     expected = {f"Ana {family}", f"Ben {family}"}
@@ -242,7 +242,7 @@ async def test_filters_no_condition_expresses_are_named_on_the_form(
         "id": "dcae577b",
         "custom_id": "user-",
     }
-    await sign_in(page, console_suite, "admin")
+    await sign_in(page, console_suite, "admin", land=False)
     await page.goto(console_suite.url + "/segments/new?from=users&" + urlencode(filters))
     await expect(page.locator("#carried-over li")).to_have_text(["Platform “iOS”"])
     left = [
@@ -279,7 +279,7 @@ async def test_filters_no_condition_expresses_are_named_on_the_form(
 
 
 async def test_only_an_admin_sees_save_as_segment(page: Any, console_suite: ConsoleSuite) -> None:
-    await sign_in(page, console_suite, "read")
+    await sign_in(page, console_suite, "read", land=False)
     await page.goto(console_suite.url + "/users?platform=ios")
     await expect(page.locator("#shown")).to_be_visible()
     await expect(page.get_by_role("link", name="Save as segment")).to_have_count(0)

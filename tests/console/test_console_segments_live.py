@@ -88,7 +88,7 @@ async def test_a_new_segments_first_members_show_as_entries(
     name = f"French buyers {marker}"
     segment = await create_segment(console_suite, name, marker)
     assert segment.size == 2
-    await sign_in(page, console_suite)
+    await sign_in(page, console_suite, land=False)
     await page.goto(console_suite.url + f"/segments?segment=custom:{segment.segment_id}")
     # Its two members entered it at its creation, by its definition: two entries, and only
     # this segment's (the filter).
@@ -114,7 +114,7 @@ async def test_the_live_table_shows_the_segment_chosen_and_keeps_it_in_the_url(
     marker = f"m{uuid.uuid4().hex[:10]}"
     name = f"Filtered {marker}"
     segment = await create_segment(console_suite, name, marker)
-    await sign_in(page, console_suite)
+    await sign_in(page, console_suite, land=False)
     await page.goto(console_suite.url + "/segments")
     rows = page.locator(ROWS)
     # Every segment's changes: the demo's smart segment entries of the last hour among them.
@@ -196,7 +196,7 @@ async def test_merged_and_erased_people_say_so_instead_of_a_bare_id(
         return set(reply.missing_profile_ids) == {merged_id, erased_id}
 
     await eventually(gone_from_the_users_table, within=30)
-    await sign_in(page, console_suite)
+    await sign_in(page, console_suite, land=False)
     await page.goto(console_suite.url + f"/segments?segment=custom:{segment.segment_id}")
     merged = page.locator(f"{ROWS}[data-profile-id='{merged_id}']")
     erased = page.locator(f"{ROWS}[data-profile-id='{erased_id}']")
@@ -240,7 +240,7 @@ async def test_a_person_not_in_the_users_table_yet_is_named_once_it_is(
 
     monkeypatch.setattr(Backend, "call", table_behind)
     async with start_console(build_app(console_suite.settings)) as url:
-        await sign_in(page, ConsoleSuite(url, *_rest(console_suite)))
+        await sign_in(page, ConsoleSuite(url, *_rest(console_suite)), land=False)
         await page.goto(url + f"/segments?segment=custom:{segment.segment_id}")
         cell = person_cell(page.locator(ROWS).first)
         await expect(cell.locator(".person-note")).to_have_text(
@@ -275,7 +275,7 @@ async def test_each_funnel_shows_its_steps_and_conversion_window(
                 )
             )
             ids[name] = reply.funnel.funnel_id
-    await sign_in(page, console_suite)
+    await sign_in(page, console_suite, land=False)
     await page.goto(console_suite.url + "/segments")
     hour, long = (page.locator(f"#funnel-{ids[name]}-definition") for name in windows)
     await expect(hour).to_have_text(

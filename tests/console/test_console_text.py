@@ -48,7 +48,7 @@ async def test_the_activity_chart_ends_on_today_in_the_zone_it_counts_in(
     )
     profile = await stored_profile(console_suite, installation)
     assert profile.summary.timezone == zone, profile
-    await sign_in(page, console_suite)
+    await sign_in(page, console_suite, land=False)
     await page.goto(console_suite.url + f"/profiles/{profile.summary.profile_id}")
     await expect(page.locator("#activity-heading")).to_contain_text(f"({zone})")
     bars = page.locator("#activity svg.chart g > title")
@@ -98,7 +98,7 @@ async def test_a_right_to_left_override_in_a_name_does_not_turn_the_page_s_words
         return profile.summary.profile_id in {row.profile_id for row in rows}
 
     await eventually(listed, within=30)
-    await sign_in(page, console_suite)
+    await sign_in(page, console_suite, land=False)
     await page.goto(console_suite.url + "/users?name=zed")
     row = page.locator("table.users tbody tr", has_text="Hostile")
     await expect(row.locator(".marker")).to_have_text("details, no ID")
@@ -148,7 +148,7 @@ async def test_long_values_without_spaces_never_widen_a_page(
                 filter=attribute("motto", filters_pb2.OPERATOR_EQUALS, "m" * 250),
             )
         )
-    await sign_in(page, console_suite)
+    await sign_in(page, console_suite, land=False)
     for width in (375, 1440):
         await page.set_viewport_size({"width": width, "height": 900})
         for path in (
@@ -196,7 +196,9 @@ async def test_signing_out_after_signing_in_in_another_tab_still_signs_out(
 ) -> None:
     await sign_in(page, console_suite)
     other = await page.context.new_page()
-    await sign_in(other, console_suite)  # a new session: this tab's form holds the old token
+    await sign_in(
+        other, console_suite, land=False
+    )  # a new session: this tab's form holds the old token
     await page.get_by_role("button", name="Sign out").click()
     await expect(page.get_by_role("heading", level=1)).to_have_text("Sign out?")
     await page.get_by_role("button", name="Sign out").click()
@@ -211,7 +213,7 @@ async def test_a_bad_session_parameter_is_named_beside_the_timeline(
     installation = f"console-badsession-{uuid.uuid4().hex[:8]}"
     await track(console_suite, custom_event(installation, name="kept", time=datetime.now(UTC)))
     profile = await stored_profile(console_suite, installation)
-    await sign_in(page, console_suite)
+    await sign_in(page, console_suite, land=False)
     for bad in ("s" * 65, "%00"):
         response = await page.goto(
             console_suite.url + f"/profiles/{profile.summary.profile_id}?session={bad}"
@@ -228,7 +230,7 @@ async def test_a_bad_session_parameter_is_named_beside_the_timeline(
 async def test_a_utc_time_range_in_the_url_fills_the_rejected_events_boxes(
     page: Any, console_suite: ConsoleSuite
 ) -> None:
-    await sign_in(page, console_suite)
+    await sign_in(page, console_suite, land=False)
     await page.goto(
         console_suite.url + "/rejected?start=2026-12-01T10:30:00Z&end=2026-12-02T08:00:00%2B00:00"
     )
@@ -245,7 +247,7 @@ async def test_an_open_session_s_length_says_it_is_open(
     installation = f"console-open-{uuid.uuid4().hex[:8]}"
     await track(console_suite, session_start(installation, "open-1", datetime.now(UTC)))
     profile = await stored_profile(console_suite, installation)
-    await sign_in(page, console_suite)
+    await sign_in(page, console_suite, land=False)
     await page.goto(console_suite.url + f"/profiles/{profile.summary.profile_id}")
     length = page.locator("table.sessions tbody tr").first.locator("td").nth(1)
     await expect(length).to_contain_text("open, ")
@@ -258,7 +260,7 @@ async def test_a_channel_without_a_recorded_choice_says_so(
     installation = f"console-nochoice-{uuid.uuid4().hex[:8]}"
     await track(console_suite, custom_event(installation, name="arrived", time=datetime.now(UTC)))
     profile = await stored_profile(console_suite, installation)
-    await sign_in(page, console_suite)
+    await sign_in(page, console_suite, land=False)
     await page.goto(console_suite.url + f"/profiles/{profile.summary.profile_id}")
     row = page.locator("#subscriptions tr[data-subscription='SMS Marketing']")
     await expect(row.locator("td").nth(2)).to_have_text("no choice recorded")
@@ -273,7 +275,7 @@ def test_a_rate_over_no_installation_reads_a_dash() -> None:
 async def test_a_refused_name_search_says_what_was_wrong(
     page: Any, console_suite: ConsoleSuite
 ) -> None:
-    await sign_in(page, console_suite)
+    await sign_in(page, console_suite, land=False)
     await page.goto(console_suite.url + "/users?name=x%00")
     await expect(page.locator("#name-error")).to_contain_text("control characters")
     await page.goto(console_suite.url + "/users?name=" + "a" * 140)

@@ -240,7 +240,7 @@ async def test_every_filter_of_the_users_table_is_a_box_and_the_url_keeps_them(
     page: Any, console_suite: ConsoleSuite
 ) -> None:
     people = await add_people(console_suite, crew(tag := new_tag()), tag)
-    await sign_in(page, console_suite)
+    await sign_in(page, console_suite, land=False)
     await page.goto(console_suite.url + "/users")
     form = page.locator("form.users-filters")
     # Each filter by its box, then Filter: the URL holds it, the box keeps it.
@@ -318,7 +318,7 @@ async def test_each_row_shows_the_email_country_and_language_and_the_csv_has_the
     page: Any, console_suite: ConsoleSuite
 ) -> None:
     people = await add_people(console_suite, crew(tag := new_tag()), tag)
-    await sign_in(page, console_suite)
+    await sign_in(page, console_suite, land=False)
     await page.goto(console_suite.url + f"/users?name={family(tag)}&sort=name&order=asc")
     headers = await page.locator("table.users thead th").all_inner_texts()
     assert headers[-3:] == ["Email", "Country", "Language"]
