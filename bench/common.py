@@ -415,17 +415,19 @@ async def wait_serving(
     """Polls grpc.health.v1 Check until `service` is SERVING; raises if the process exits."""
     deadline = time.monotonic() + limit_s
     request = health_pb2.HealthCheckRequest(service=service)
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while True:
-            process.check_alive()
+    while True:
+        process.check_alive()
+        # A channel per attempt: a channel whose connection was refused (the process is still
+        # starting) waits out gRPC's reconnect backoff (1 s, 1.6 s, 2.6 s, ...) before it tries
+        # again, which would find the service seconds after it began serving.
+        async with grpc.aio.insecure_channel(address) as channel:
             with contextlib.suppress(grpc.aio.AioRpcError):
-                reply = await stub.Check(request, timeout=1.0)
+                reply = await health_pb2_grpc.HealthStub(channel).Check(request, timeout=1.0)
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:
                     return
-            if time.monotonic() > deadline:
-                raise BenchError(f"{process.label} not SERVING after {limit_s:.0f} s")
-            await asyncio.sleep(0.1)
+        if time.monotonic() > deadline:
+            raise BenchError(f"{process.label} not SERVING after {limit_s:.0f} s")
+        await asyncio.sleep(0.1)
 
 
 # --- load ------------------------------------------------------------------------------------

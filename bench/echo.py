@@ -79,7 +79,7 @@ class Sizes:
 QUICK = Sizes(rate=300, concurrency=8, duration_s=5.0, rounds=3, warmup_s=2.0, throughput_s=3.0)
 FULL = Sizes(rate=300, concurrency=8, duration_s=20, rounds=5, warmup_s=5.0, throughput_s=10.0)
 # Only checks that the bench runs end to end (the tests run it).
-SMOKE = Sizes(rate=100, concurrency=2, duration_s=0.5, rounds=1, warmup_s=0.2, throughput_s=0.5)
+SMOKE = Sizes(rate=100, concurrency=2, duration_s=0.2, rounds=1, warmup_s=0.1, throughput_s=0.2)
 
 
 @dataclass(frozen=True, slots=True)

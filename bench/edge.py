@@ -88,11 +88,13 @@ class Sizes:
     duration_s: float
     rounds: int
     warmup_s: float
+    templates: int = TEMPLATES  # distinct batches per client, translated before timing
 
 
 FULL = Sizes(clients=8, duration_s=20.0, rounds=5, warmup_s=5.0)
 QUICK = Sizes(clients=8, duration_s=6.0, rounds=3, warmup_s=2.0)
-SMOKE = Sizes(clients=2, duration_s=1.0, rounds=1, warmup_s=0.5)
+# Only checks that the bench runs end to end (the tests run it): a few batches per side.
+SMOKE = Sizes(clients=2, duration_s=0.3, rounds=1, warmup_s=0.1, templates=2)
 
 
 def message(rng: random.Random, now: datetime, users: range) -> dict[str, object]:
@@ -133,7 +135,9 @@ class Template:
     events: list[pb.Event]
 
 
-def make_templates(client: int, clients: int, seed: int = 7) -> list[Template]:
+def make_templates(
+    client: int, clients: int, count: int = TEMPLATES, seed: int = 7
+) -> list[Template]:
     """The batches of one client: each client sends for its own share of the installations, as
     a device, or a backend serving its own users, does (an installation's events come from one
     sender, not from several at once)."""
@@ -142,7 +146,7 @@ def make_templates(client: int, clients: int, seed: int = 7) -> list[Template]:
     users = range(client * share, (client + 1) * share)
     now = datetime.now(UTC)
     templates = []
-    for _ in range(TEMPLATES):
+    for _ in range(count):
         messages = [message(rng, now, users) for _ in range(BATCH_SIZE)]
         for one in messages:
             one["messageId"] = str(uuid.uuid4())
@@ -227,7 +231,7 @@ def edge_call(
         n = next(counter)
         client, connection = await pool.get()
         try:
-            template = templates[client][n % TEMPLATES]
+            template = templates[client][n % len(templates[client])]
             batch = [{**m, "messageId": f"e{n}-{i}"} for i, m in enumerate(template.messages)]
             body = json.dumps({"batch": batch, "sentAt": datetime.now(UTC).isoformat()}).encode()
             status = await connection.post("/v1/batch", body)
@@ -249,7 +253,7 @@ def grpc_call(
         n = next(counter)
         client, stub = await pool.get()
         try:
-            await send(n, stub, templates[client][n % TEMPLATES])
+            await send(n, stub, templates[client][n % len(templates[client])])
         finally:
             pool.put_nowait((client, stub))
 
@@ -284,7 +288,7 @@ async def measure(
     edge: ChildProcess,
     ingest: ChildProcess,
 ) -> Outcome:
-    templates = [make_templates(c, sizes.clients) for c in range(sizes.clients)]
+    templates = [make_templates(c, sizes.clients, sizes.templates) for c in range(sizes.clients)]
     pool: asyncio.Queue[tuple[int, Connection]] = asyncio.Queue(maxsize=sizes.clients)
     channels = [open_channel(ingest_address, api_key) for _ in range(sizes.clients)]
     stubs: asyncio.Queue[tuple[int, pb_grpc.IngestServiceStub]] = asyncio.Queue()
@@ -365,6 +369,7 @@ def main(argv: list[str] | None = None) -> int:
         duration_s=args.duration or base.duration_s,
         rounds=args.rounds or base.rounds,
         warmup_s=base.warmup_s,
+        templates=base.templates,
     )
     quick = args.quick or args.smoke
     configure_logging("warning")
@@ -379,11 +384,12 @@ def main(argv: list[str] | None = None) -> int:
         settings = settings.with_changes(
             edge_port=free_port(), edge_metrics_port=free_port(), edge_rate_limit=0.0
         )
+        # All three start at once: the edge's /healthz answers 200 once ingest and identity do.
         identity = start_service_process(stack, "identity", settings, work_dir)
         ingest = start_service_process(stack, "ingest", settings, work_dir)
+        edge = start_service_process(stack, "edge", settings, work_dir)
         asyncio.run(wait_serving(settings.addresses["identity"], identity))
         asyncio.run(wait_serving(settings.addresses["ingest"], ingest))
-        edge = start_service_process(stack, "edge", settings, work_dir)
         wait_http(f"http://127.0.0.1:{settings.edge_port}/healthz", edge, limit_s=30.0)
         print(f"started identity ({identity.pid}), ingest ({ingest.pid}), edge ({edge.pid})")
         outcome = asyncio.run(

@@ -126,7 +126,7 @@ FULL = Sizes(
 )
 # Only checks that the bench runs end to end (the tests run it).
 SMOKE = Sizes(
-    1_000, 2, stored_events=4, rate=20, concurrency=2, duration_s=0.5, rounds=1, warmup_s=0.2
+    1_000, 2, stored_events=4, rate=20, concurrency=2, duration_s=0.25, rounds=1, warmup_s=0.1
 )
 
 

@@ -120,23 +120,27 @@ EVENT_COLUMNS = (
 )
 
 
+# Distinct batches the clients send in turn (50,000 events), then again with fresh event IDs.
+POOL_BATCHES = 100
+
+
 @dataclass(frozen=True, slots=True)
 class Sizes:
     clients: int
     duration_s: float
     installations: int = INSTALLATIONS  # each sends one event in the warm-up
     batch_size: int = BATCH_SIZE  # events a load batch carries
+    pool_batches: int = POOL_BATCHES  # distinct load batches, built before timing
 
 
 QUICK = Sizes(clients=4, duration_s=15.0)
-# Only checks that the bench runs end to end (the tests run it).
-SMOKE = Sizes(clients=2, duration_s=1.0, installations=BATCH_SIZE)
+# Only checks that the bench runs end to end (the tests run it): building the full pool of
+# batches (50,000 events) took seconds, more than the one second of load sends.
+SMOKE = Sizes(clients=2, duration_s=1.0, installations=BATCH_SIZE, pool_batches=8)
 # PostgreSQL sends an idle backend's pending table counters 10 s after its last transaction.
 STATS_IDLE_FLUSH_S = 11.0
 # Passes of the raw COPY baseline; the fastest counts (raw_copy_rate).
 COPY_PASSES = 2
-# Distinct batches the clients send in turn (50,000 events), then again with fresh event IDs.
-POOL_BATCHES = 100
 SOAK_MINUTES = 15.0
 SOAK_WARMUP_MINUTES = 2.0
 SOAK_SAMPLE_S = 30.0
@@ -274,9 +278,9 @@ async def run_load(
     if on_warmed is not None:
         await on_warmed()
     # Batches are built ahead, so the clients measure the service, not protobuf building: a
-    # pool of POOL_BATCHES distinct batches, each sent again as new events once the pool has
+    # pool of distinct batches (POOL_BATCHES), each sent again as new events once the pool has
     # gone round (the installations, kinds and events' ages repeat, never the events).
-    pool = [traffic.batch() for _ in range(max(POOL_BATCHES, sizes.clients * 4))]
+    pool = [traffic.batch() for _ in range(max(sizes.pool_batches, sizes.clients * 4))]
     built = int(time.time())
     last_sent = [built] * len(pool)
     deadline = time.monotonic() + sizes.duration_s
@@ -597,6 +601,7 @@ def main(argv: list[str] | None = None) -> int:
         args.duration or base.duration_s,
         base.installations,
         args.batch_size or base.batch_size,
+        base.pool_batches,
     )
     with contextlib.ExitStack() as stack:
         address, key, database_url, ingest, identity = start_suite(stack, args)

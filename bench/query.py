@@ -108,7 +108,7 @@ class Sizes:
 QUICK = Sizes(10_000, 200_000, 100_000, 20_000, 500, 16, 4.0, 2, 1.0)
 FULL = Sizes(100_000, 2_000_000, 1_000_000, 200_000, 1000, 16, 10.0, 3, 3.0)
 # Only checks that the bench runs end to end (the tests run it).
-SMOKE = Sizes(200, 2_000, 1_000, 500, 50, 2, 0.3, 1, 0.1)
+SMOKE = Sizes(200, 2_000, 1_000, 500, 50, 2, 0.15, 1, 0.05)
 
 # --- bulk load -------------------------------------------------------------------------------
 # Profile n (1-based) has ID profile_uuid(n), installation "inst-n" on platform 1 + n % 3, one

@@ -1,5 +1,6 @@
 """Fixtures of the edge tests: ingest, identity and query started in-process on free ports, and
-the edge's real uvicorn server on a socket of its own, pointed at them."""
+the edge's real uvicorn server on a socket of its own, pointed at them; one Chromium for the
+browser SDK tests."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from services.edge.app import server as edge_server
 from services.edge.handlers import REQUESTS
 from shared.settings import Settings
 from tests.conftest import StartServices, TestProject, eventually
+from tests.support.browser import chromium
 
 
 @dataclass(slots=True)
@@ -93,15 +95,24 @@ async def serve_edge(settings: Settings) -> tuple[str, Callable[[], Awaitable[No
     return f"http://127.0.0.1:{port}", stop
 
 
+@pytest.fixture(scope="package")
+async def browser() -> AsyncIterator[Any]:
+    """One Chromium for the edge tests that drive the browser SDKs (test_browser_sdks.py,
+    test_countly_views_and_reads.py); each test's visitor gets a context of its own."""
+    async with chromium() as launched:
+        yield launched
+
+
 @pytest.fixture
 async def edge(
     start_services: StartServices, settings_for_test: Settings, project: TestProject
 ) -> AsyncIterator[Edge]:
-    identity = await start_services("identity")
+    # Query calls no other service: it starts beside identity, whose address ingest needs.
+    identity, query = await asyncio.gather(start_services("identity"), start_services("query"))
     settings = settings_for_test.with_changes(
         addresses={**settings_for_test.addresses, "identity": identity["identity"].address}
     )
-    rest = await start_services("ingest", "query", settings=settings)
+    rest = await start_services("ingest", settings=settings)
     ingest_port = int(rest["ingest"].address.rsplit(":", 1)[1])
     settings = settings.with_changes(
         addresses={**settings.addresses, "ingest": rest["ingest"].address}
@@ -125,7 +136,7 @@ async def edge(
             url=url,
             settings=settings,
             project=project,
-            query=query_grpc.QueryServiceStub(rest["query"].channel),
+            query=query_grpc.QueryServiceStub(query["query"].channel),
             restart_ingest=restart_ingest,
             stop_ingest=stop_ingest,
         )

@@ -94,21 +94,41 @@ def discrepancies(model: LandingModel, observed: Observed) -> list[str]:
     return found
 
 
+def misplaced_for_good(model: LandingModel, observed: Observed) -> bool:
+    """Whether an event is stored once, on the profile of another person of the model than its
+    own: no later write can move it. The tests check once every request was answered, and the
+    edge answers once ingest stored the events, and identity merged profiles (moving their
+    events), in the transactions that answered; GetProfile and ListEvents read those tables.
+    Only the users table (ListProfiles, query's projection) lags, which is why `check` waits:
+    until then an event may be missing, or seen twice through a profile merged since."""
+    current = set(observed.person_profiles.values()) - {""}
+    stored: dict[str, list[str]] = {}
+    for key, profile_id in observed.events:
+        stored.setdefault(key, []).append(profile_id)
+    for key in model.events:
+        on = stored.get(key, [])
+        expected = observed.person_profiles.get(model.person_of(key), "")
+        if len(on) == 1 and on[0] in current and on[0] != expected:
+            return True
+    return False
+
+
 async def check(
     edge: Edge,
     model: LandingModel,
     within: float = 20,
     event_key: Callable[[Any], str] = event_id_of,
 ) -> None:
-    """Waits (up to `within` seconds) for what query shows to match the model; then fails
-    saying every difference."""
+    """Waits (up to `within` seconds) for what query shows to match the model, or for an event
+    to be misplaced for good (no wait can mend it); then fails saying every difference."""
     people = model.people()
     latest: list[str] = ["nothing read"]
 
-    async def matches() -> bool:
-        latest[:] = discrepancies(model, await observe(edge, people, event_key))
-        return not latest
+    async def decided() -> bool:
+        observed = await observe(edge, people, event_key)
+        latest[:] = discrepancies(model, observed)
+        return not latest or misplaced_for_good(model, observed)
 
     with contextlib.suppress(TimeoutError):  # then say what differs
-        await eventually(matches, within=within)
+        await eventually(decided, within=within)
     assert latest == [], "\n".join(latest)

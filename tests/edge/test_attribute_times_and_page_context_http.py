@@ -61,7 +61,7 @@ def custom_event(events: list[Any], name: str) -> Any:
 
 
 async def test_segment_python_dates_and_the_page_context_are_stored_typed(edge: Edge) -> None:
-    client = Client(edge.sdk_key, host=edge.url, max_retries=20)
+    client = Client(edge.sdk_key, host=edge.url, max_retries=20, upload_interval=0.05)
     client.identify(
         anonymous_id="seg-dates",
         traits={

@@ -20,7 +20,7 @@ import pytest
 from profiles.common.v1 import types_pb2
 from tests.conftest import eventually
 from tests.edge.conftest import Edge, custom_names
-from tests.support.browser import chromium, npm_package
+from tests.support.browser import npm_package
 
 HERE = Path(__file__).parent / "browser"
 PAGE = b"""<!doctype html><html lang="en"><head><title>Shop</title></head>
@@ -58,13 +58,6 @@ def shop(library: Path) -> Iterator[str]:
         server.server_close()
 
 
-@pytest.fixture(scope="module")
-async def browser() -> AsyncIterator[Any]:
-    """One Chromium for the module; each test's visitor gets a context of its own."""
-    async with chromium() as launched:
-        yield launched
-
-
 @pytest.fixture
 async def site(edge: Edge, browser: Any) -> AsyncIterator[Any]:
     """`site(library)`: a new visitor's page of the shop with the library loaded (a fresh
@@ -80,6 +73,12 @@ async def site(edge: Edge, browser: Any) -> AsyncIterator[Any]:
             return page
 
         yield open_with
+
+
+# posthog-js batches what is captured and sends its queue every 3 s by default; its shortest
+# interval (250 ms, `request_queue_config`, as its config docs describe) sends the same batches
+# (gzip, several events a request) without the test sitting through the default interval.
+FLUSH_SOON = {"request_queue_config": {"flush_interval_ms": 250}}
 
 
 async def stored_profile(edge: Edge, **lookup: str) -> Any:
@@ -99,8 +98,8 @@ async def test_posthog_js_with_its_defaults_reaches_the_profile(edge: Edge, site
     page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
     # posthog-js's defaults (gzip, its remote config and flags asked on load), except the bot
     # filter that drops every event of an automated browser (navigator.webdriver), which its
-    # docs say to turn off in end-to-end tests.
-    init = {"api_host": edge.url, "opt_out_useragent_filter": True}
+    # docs say to turn off in end-to-end tests, and its queue's flush interval.
+    init = {"api_host": edge.url, "opt_out_useragent_filter": True, **FLUSH_SOON}
     await page.evaluate(
         f"""() => {{
             posthog.init({json.dumps(edge.sdk_key)}, {json.dumps(init)});
@@ -197,6 +196,7 @@ async def posthog_page(edge: Edge, site: Any, **config: Any) -> Any:
         "autocapture": False,
         "capture_pageview": False,
         "capture_pageleave": False,
+        **FLUSH_SOON,
         **config,
     }
     await page.evaluate(f"() => posthog.init({json.dumps(edge.sdk_key)}, {json.dumps(init)})")
@@ -259,13 +259,14 @@ async def test_posthog_js_bootstrapped_as_identified_reaches_that_user(
 async def countly_page(edge: Edge, site: Any, problems: list[str]) -> Any:
     page = await site(npm_package(HERE, "countly-sdk-web/lib/countly.js"))
     page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
-    # A short queue interval, so that each action goes in a request of its own, as it does
-    # on a real page with a person between two clicks; its bot filter off (it drops every
-    # request of a headless browser).
+    # A short queue interval (its loop; 500 ms by default), so that each action goes in a
+    # request of its own, as it does on a real page with a person between two clicks, without
+    # the test waiting a turn of the loop for each; its bot filter off (it drops every request
+    # of a headless browser).
     config = {
         "app_key": edge.sdk_key,
         "url": edge.url,
-        "interval": 200,
+        "interval": 50,
         "app_version": "3.1.0",
         "ignore_bots": False,
     }

@@ -24,7 +24,7 @@ from tests.conftest import eventually
 from tests.edge.conftest import Edge
 from tests.edge.test_browser_sdks import HERE, shop
 from tests.edge.test_countly_sdk import Driver, driver, node
-from tests.support.browser import chromium, npm_package
+from tests.support.browser import npm_package
 
 __all__ = ["driver", "node"]  # the fixtures, shared with the Countly SDK tests
 
@@ -43,8 +43,10 @@ async def custom_events(edge: Edge, **lookup: str) -> list[Any]:
     )
 
 
-async def events_once(edge: Edge, count: int, **lookup: str) -> list[Any]:
-    """The custom events of `lookup` once `count` of them are stored."""
+async def events_once(edge: Edge, count: int, *, quiet_s: float = 0.0, **lookup: str) -> list[Any]:
+    """The custom events of `lookup` once `count` of them are stored and, with `quiet_s`, that
+    long after (a live page's SDK may still send). Without: every request was answered, and
+    the edge answers once the events are stored, so nothing more can arrive."""
     found: dict[str, list[Any]] = {}
 
     async def arrived() -> bool:
@@ -52,7 +54,8 @@ async def events_once(edge: Edge, count: int, **lookup: str) -> list[Any]:
         return len(found["events"]) >= count
 
     await eventually(arrived, within=30)
-    await asyncio.sleep(0.5)  # nothing more arrives
+    if quiet_s:
+        await asyncio.sleep(quiet_s)  # nothing more arrives
     return await custom_events(edge, **lookup)
 
 
@@ -187,10 +190,11 @@ async def test_unknown_sdk_read_methods_are_still_refused(edge: Edge) -> None:
 
 
 @pytest.fixture
-async def page(edge: Edge) -> AsyncIterator[Any]:
-    """A shop's page (on its own origin) with countly-sdk-web loaded."""
+async def page(edge: Edge, browser: Any) -> AsyncIterator[Any]:
+    """A shop's page (on its own origin) with countly-sdk-web loaded, in a browser context of
+    its own."""
     library = npm_package(HERE, "countly-sdk-web/lib/countly.js")
-    async with chromium() as browser, contextlib.AsyncExitStack() as stack:
+    async with contextlib.AsyncExitStack() as stack:
         context = await browser.new_context()
         stack.push_async_callback(context.close)
         url = stack.enter_context(shop(library))
@@ -207,7 +211,7 @@ async def test_web_sdk_page_with_remote_config_and_widgets_shows_no_error(
     config = {
         "app_key": edge.sdk_key,
         "url": edge.url,
-        "interval": 200,
+        "interval": 50,  # its loop (500 ms by default): each call's request sent at once
         "ignore_bots": False,
         "remote_config": True,  # fetched at init, on every page load
     }
@@ -220,7 +224,7 @@ async def test_web_sdk_page_with_remote_config_and_widgets_shows_no_error(
     device = await page.evaluate("() => Countly.get_device_id()")
     await page.evaluate("() => { Countly.begin_session(); Countly.track_pageview('/home'); }")
     await page.evaluate("() => Countly.track_pageview('/cart')")  # ends /home
-    events = await events_once(edge, 3, installation_id=device)
+    events = await events_once(edge, 3, quiet_s=0.5, installation_id=device)
     assert [(e.name, e.attributes["name"].string_value) for e in events] == [
         ("cly_view", "/cart"),
         ("cly_view", "/home"),

@@ -72,7 +72,7 @@ async def assert_kept_and_listed_alone(
 async def test_segment_identify_keeps_name_and_email_beside_an_oversized_trait(
     edge: Edge,
 ) -> None:
-    client = Client(edge.sdk_key, host=edge.url, max_retries=20)
+    client = Client(edge.sdk_key, host=edge.url, max_retries=20, upload_interval=0.05)
     sent_at = datetime.now(UTC) - timedelta(minutes=1)
 
     async def send() -> None:

@@ -69,7 +69,7 @@ async def stored_event(edge: Edge, installation_id: str, name: str) -> Any:
 async def test_one_page_visit_from_posthog_and_segment_has_the_same_attributes(
     edge: Edge,
 ) -> None:
-    segment_client = Client(edge.sdk_key, host=edge.url, max_retries=20)
+    segment_client = Client(edge.sdk_key, host=edge.url, max_retries=20, upload_interval=0.05)
     segment_client.page(
         anonymous_id="cross-seg",
         name="Pricing",

@@ -25,9 +25,16 @@ from tests.edge.conftest import (
     flush,
 )
 
+# analytics-python's consumer collects a batch for `upload_interval` (0.5 s by default) before
+# it sends, and a flush waits for it: 50 ms sends what a test queued at once, as the PostHog
+# tests' flush_interval does.
+UPLOAD_INTERVAL_S = 0.05
+
 
 def sdk(edge: Edge, **options: Any) -> Client:
-    return Client(edge.sdk_key, host=edge.url, max_retries=20, **options)
+    return Client(
+        edge.sdk_key, host=edge.url, max_retries=20, upload_interval=UPLOAD_INTERVAL_S, **options
+    )
 
 
 def post(url: str, body: Any, **kwargs: Any) -> requests.Response:
@@ -230,7 +237,9 @@ async def test_a_derived_session_lasts_from_its_first_to_its_last_event(
 
 async def test_a_flush_whose_answer_was_lost_is_retried_and_stored_once(edge: Edge) -> None:
     async def send(url: str) -> None:
-        client = Client(edge.sdk_key, host=url, max_retries=20)
+        # The three messages make one batch, sent once the third is queued (upload_size)
+        # rather than when the consumer's batching interval ends.
+        client = Client(edge.sdk_key, host=url, max_retries=20, upload_size=3)
         for n in range(3):
             client.track(anonymous_id="anon-lost", event="Lost Answer", properties={"n": n})
         await flush(client)

@@ -102,6 +102,11 @@ function startProxy() {
     });
 }
 
+// The SDK's loop (its `interval`): each turn moves queued events into a request and sends at
+// most one request. Its default is 500 ms; a short loop sends a scenario's requests without the
+// test waiting a turn for each. The driver's own waits are counted in turns of it.
+const LOOP_MS = 50;
+
 function sleep(ms) {
     return new Promise((resolve) => setTimeout(resolve, ms));
 }
@@ -116,15 +121,15 @@ function pending() {
 async function flush(deadlineMs) {
     const until = realGetTime.call(new Date()) + deadlineMs;
     let quiet = 0;
-    // Empty three times in a row, over more than the SDK's 100 ms loop: a failed request is
-    // back in the queue by then.
+    // Empty three times in a row, over more than one turn of the SDK's loop: a failed request
+    // is back in the queue by then.
     while (quiet < 3) {
         if (realGetTime.call(new Date()) > until) {
             say({ done: false, pending: pending() });
             process.exit(2);
         }
         quiet = pending() === 0 ? quiet + 1 : 0;
-        await sleep(150);
+        await sleep(1.5 * LOOP_MS);
     }
 }
 
@@ -134,8 +139,10 @@ async function main() {
         app_key: scenario.app_key,
         url: `http://127.0.0.1:${proxy.address().port}`,
         storage_path: path.resolve(scenario.storage_path),
-        interval: 100,
-        fail_timeout: 1,
+        interval: LOOP_MS,
+        // Seconds before the SDK sends again after a failed request (default 60). Its clock
+        // counts whole seconds, so a fraction resends at the next second: 1 waited 1 to 2 s.
+        fail_timeout: 0.5,
         debug: Boolean(scenario.debug),
         app_version: "2.0.0",
         // POST (a urlencoded form) instead of GET for every request.
@@ -187,7 +194,7 @@ async function main() {
         case "advance":
             clockOffsetMs += args[0] * 1000;
             // The SDK's own heartbeat (every session_update seconds) sees the time passed.
-            await sleep(300);
+            await sleep(3 * LOOP_MS);
             break;
         case "flush":
             await flush(flushMs);
