@@ -107,10 +107,15 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
-    """Starts the linters in the background when this run includes their tests (they then
-    only collect the results)."""
+    """Compiles the project once, and starts the linters in the background when this run
+    includes their tests (they then only collect the results)."""
     if session.config.option.collectonly:
         return
+    # Every Python process the tests start (services, `profiles` commands, benches) reads the
+    # project's bytecode instead of compiling it again (tests/support/bytecode.py).
+    from tests.support.bytecode import compile_project
+
+    compile_project()
     if any(item.nodeid.startswith("tests/unit/test_code_quality.py") for item in session.items):
         from tests.unit.test_code_quality import start_checks
 
