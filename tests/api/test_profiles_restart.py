@@ -21,8 +21,8 @@ from tests.api.test_profiles_up import (
     processes_of,
     record_of,
     run_profiles,
+    running_up,
     server_pid,
-    start_profiles_up,
     stop,
 )
 from tests.api.test_profiles_up import suite as suite
@@ -33,14 +33,8 @@ async def quick_up(suite: Suite) -> AsyncIterator[asyncio.subprocess.Process]:
     """`profiles up` whose services get one second to drain before a kill (a hung service costs
     a restart that second and KILL_AFTER_EXTRA_SECONDS)."""
     suite.env["PROFILES_SHUTDOWN_GRACE_SECONDS"] = "1"
-    process = await start_profiles_up(suite)
-    yield process
-    if process.returncode is None:
-        try:
-            await stop(process)
-        except TimeoutError:
-            process.kill()
-            await process.wait()
+    async with running_up(suite) as process:
+        yield process
 
 
 async def restart(suite: Suite, name: str) -> int:
